@@ -1,0 +1,63 @@
+"""aimss_dask: an Active In-Memory Storage System inside Dask.
+
+Register the plugin once and the workers become in-memory stream stores::
+
+    from distributed import Client
+    import aimss_dask
+
+    client = Client()
+    client.register_plugin(aimss_dask.AIMSS())
+    s = aimss_dask.create_stream("events", partitions=4)
+"""
+
+from aimss_dask.config import AIMSSConfig
+from aimss_dask.errors import (
+    AIMSSError,
+    InvalidArgumentError,
+    InvalidOffsetError,
+    NotRegisteredError,
+    PartitionLostError,
+    PartitionOutOfRangeError,
+    ReadTimeoutError,
+    RecordNotSerializableError,
+    StreamExistsError,
+    StreamNotFoundError,
+    StreamSealedError,
+)
+from aimss_dask.plugin.scheduler import AIMSS
+from aimss_dask.stream.api import (
+    Stream,
+    create_stream,
+    destroy_stream,
+    get_stream,
+    read_from,
+    shuffle_streams,
+    status,
+    write_to,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AIMSS",
+    "AIMSSConfig",
+    "AIMSSError",
+    "InvalidArgumentError",
+    "InvalidOffsetError",
+    "NotRegisteredError",
+    "PartitionLostError",
+    "PartitionOutOfRangeError",
+    "ReadTimeoutError",
+    "RecordNotSerializableError",
+    "Stream",
+    "StreamExistsError",
+    "StreamNotFoundError",
+    "StreamSealedError",
+    "create_stream",
+    "destroy_stream",
+    "get_stream",
+    "read_from",
+    "shuffle_streams",
+    "status",
+    "write_to",
+]

@@ -1,0 +1,104 @@
+"""The exceptions aimss_dask raises.
+
+Each class subclasses the builtin that users already catch (``LookupError``,
+``ValueError``, ``RuntimeError``, ...), so ``except ValueError`` keeps working.
+Errors cross the wire as values (``error_to_wire``) and are re-raised with the
+same class on the caller's side (``raise_from_wire``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AIMSSError(Exception):
+    """Base class of every error aimss_dask raises on purpose."""
+
+
+class NotRegisteredError(AIMSSError, RuntimeError):
+    """No AIMSS plugin is registered on the cluster (or no cluster at all)."""
+
+
+class StreamNotFoundError(AIMSSError, LookupError):
+    """The named stream does not exist (never created, or destroyed)."""
+
+
+class StreamExistsError(AIMSSError, ValueError):
+    """``create_stream`` of a name that already exists."""
+
+
+class InvalidArgumentError(AIMSSError, ValueError):
+    """A bad argument: a partition count, a name, an option."""
+
+
+class PartitionOutOfRangeError(InvalidArgumentError):
+    """A partition number outside ``0 .. partitions - 1``."""
+
+
+class InvalidOffsetError(InvalidArgumentError):
+    """A negative offset, or one below what the log still retains."""
+
+
+class RecordNotSerializableError(AIMSSError, ValueError):
+    """A record that Dask cannot serialise."""
+
+
+class StreamSealedError(AIMSSError, RuntimeError):
+    """A write to a stream after ``seal()``."""
+
+
+class PartitionLostError(AIMSSError, RuntimeError):
+    """The worker that owned a partition left the cluster with its data."""
+
+
+class ReadTimeoutError(AIMSSError, TimeoutError):
+    """No new record arrived on an open partition within ``timeout``."""
+
+
+_BY_NAME: dict[str, type[AIMSSError]] = {
+    cls.__name__: cls
+    for cls in (
+        AIMSSError,
+        NotRegisteredError,
+        StreamNotFoundError,
+        StreamExistsError,
+        InvalidArgumentError,
+        PartitionOutOfRangeError,
+        InvalidOffsetError,
+        RecordNotSerializableError,
+        StreamSealedError,
+        PartitionLostError,
+        ReadTimeoutError,
+    )
+}
+
+
+def error_to_wire(exc: BaseException) -> dict[str, Any]:
+    """Encode an exception as a plain message for a Dask comm reply."""
+    name = type(exc).__name__ if type(exc).__name__ in _BY_NAME else "AIMSSError"
+    message = exc.args[0] if exc.args else repr(exc)
+    if name == "AIMSSError" and not isinstance(exc, AIMSSError):
+        message = f"{type(exc).__name__}: {message}"
+    return {"status": "aimss-error", "type": name, "message": str(message)}
+
+
+def raise_from_wire(reply: Any, op: str) -> Any:
+    """Return ``reply`` unless it encodes an error, which is raised instead.
+
+    ``None`` is what a Dask server answers for an unknown handler: it means the
+    AIMSS plugin is not registered where we sent ``op``.
+    """
+    if reply is None:
+        raise NotRegisteredError(
+            f"no AIMSS plugin answered {op!r}: register it first with "
+            "`client.register_plugin(aimss_dask.AIMSS())`"
+        )
+    if isinstance(reply, dict) and reply.get("status") == "aimss-error":
+        raise _BY_NAME.get(reply["type"], AIMSSError)(reply["message"])
+    if isinstance(reply, dict) and reply.get("status") == "uncaught-error":
+        # A bug on the remote side: Dask sends the exception itself.
+        exc = reply.get("exception")
+        if isinstance(exc, BaseException):
+            raise exc
+        raise AIMSSError(f"{op!r} failed remotely: {reply.get('text', reply)}")
+    return reply

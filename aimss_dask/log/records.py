@@ -1,0 +1,83 @@
+"""How a record becomes bytes and back, without pickling array data.
+
+We lean on Dask's own serialisation families: NumPy arrays travel as their
+buffer plus a small header, pandas objects as pickle protocol 5 with
+out-of-band buffers, anything else as (cloud)pickle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from distributed.protocol import Serialized, deserialize_bytes, serialize
+from distributed.protocol.serialize import serialize_bytelist
+
+from aimss_dask.errors import RecordNotSerializableError
+
+_SERIALIZERS = ("dask", "pickle")
+
+
+def encode(record: Any, stream: str = "?") -> tuple[Serialized, int]:
+    """Serialise ``record`` now (views, no copy of array data) and size it.
+
+    Serialising eagerly is what lets a bad record fail in the caller's
+    ``write`` with a clear error, instead of deep inside a comm later.
+    """
+    try:
+        header, frames = serialize(record, serializers=_SERIALIZERS, on_error="raise")
+    except Exception as e:
+        raise RecordNotSerializableError(
+            f"record of type {type(record).__name__} written to stream {stream!r} "
+            f"cannot be serialised ({type(e).__name__}: {e}); write NumPy arrays, "
+            "pandas objects, bytes or picklable objects"
+        ) from e
+    nbytes = sum(memoryview(f).nbytes for f in frames)
+    return Serialized(header, frames), nbytes
+
+
+def freeze(record: Any) -> Any:
+    """Return what the log stores for ``record``: arrays as read-only views.
+
+    Readers get the stored object without a copy, so a read-only view is what
+    keeps one reader's in-place edit from corrupting what others will read.
+    """
+    if isinstance(record, np.ndarray) and record.flags.writeable:
+        view = record.view()
+        view.flags.writeable = False
+        return view
+    return record
+
+
+def dump(records: Sequence[Any], path: str) -> list[tuple[int, int]]:
+    """Write records to one file; return the ``(start, length)`` of each."""
+    index: list[tuple[int, int]] = []
+    pos = 0
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        for rec in records:
+            frames = serialize_bytelist(rec, serializers=_SERIALIZERS)
+            n = 0
+            for fr in frames:
+                n += f.write(fr)
+            index.append((pos, n))
+            pos += n
+    # A crash half-way leaves only the .tmp: never a truncated segment file.
+    os.replace(tmp, path)
+    return index
+
+
+def load(path: str, index: Sequence[tuple[int, int]], first: int = 0) -> list[Any]:
+    """Read the records ``first..`` of a file written by :func:`dump`."""
+    if first >= len(index):
+        return []
+    start = index[first][0]
+    with open(path, "rb") as f:
+        f.seek(start)
+        buf = memoryview(f.read())
+    # Arrays come back as views into ``buf``: one read, no further copies.
+    return [
+        freeze(deserialize_bytes(buf[a - start : a - start + n])) for a, n in index[first:]
+    ]

@@ -1,0 +1,53 @@
+"""Segments and partition logs: the data structures, with no locking or I/O.
+
+A partition log is a list of segments; each segment is a run of records with
+dense offsets ``base, base + 1, ...``. A segment is *open* until it holds
+``segment_size`` bytes, then *sealed* and immutable, which is what makes it
+safe to spill, share between readers, and later replicate or sink.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False)
+class Segment:
+    """Records ``base .. base + len(sizes) - 1`` of one partition."""
+
+    base: int
+    seq: int  # store-wide creation order, used to pick what to spill first
+    records: list[Any] | None = field(default_factory=list)  # None once spilled
+    sizes: list[int] = field(default_factory=list)
+    nbytes: int = 0  # bytes of the records not yet trimmed
+    sealed: bool = False
+    path: str | None = None  # spill file, once spilled
+    index: list[tuple[int, int]] | None = None  # (start, length) of each record
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.sizes)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.records is not None
+
+
+@dataclass(eq=False)
+class PartitionLog:
+    """One partition's ordered log. ``start`` is the first offset still kept."""
+
+    segments: list[Segment] = field(default_factory=list)
+    start: int = 0
+    end: int = 0
+    sealed: bool = False
+
+    def segment_at(self, offset: int) -> int:
+        """Index in ``segments`` of the segment that holds ``offset``."""
+        bases = [s.base for s in self.segments]
+        return bisect_right(bases, offset) - 1
+
+    def retained_bytes(self) -> int:
+        return sum(s.nbytes for s in self.segments)

@@ -1,0 +1,402 @@
+"""The worker's log store: every partition log it owns, under one byte budget.
+
+Thread-safe: appends come from the event loop (pushed batches) and from task
+threads (local producers); reads from task threads (local consumers) and from
+the loop. Every method holds the store lock only for O(records) bookkeeping;
+disk reads and writes happen outside it, so the loop never waits on I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aimss_dask.errors import (
+    InvalidOffsetError,
+    PartitionOutOfRangeError,
+    StreamNotFoundError,
+    StreamSealedError,
+)
+from aimss_dask.log import records as rec
+from aimss_dask.log.segment import PartitionLog, Segment
+
+
+@dataclass(eq=False)
+class _StreamLogs:
+    epoch: int
+    partitions: dict[int, PartitionLog]
+
+
+class LogStore:
+    """Partition logs of one worker, kept within ``budget`` bytes of memory.
+
+    Past the budget, sealed segments spill to ``spill_dir`` and are read back
+    transparently. ``spill()`` does the disk writes; callers on the event loop
+    run it in a thread.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> s = LogStore(budget=2**20, spill_dir=tempfile.mkdtemp())
+    >>> s.open("temps", epoch=1, partitions=[0])
+    >>> s.append("temps", 1, 0, [b"a", b"b"], [1, 1])
+    0
+    >>> s.read("temps", 1, 0, start=1)[0]
+    [b'b']
+    """
+
+    def __init__(
+        self,
+        budget: int,
+        spill_dir: str,
+        segment_size: int = 4 * 2**20,
+        on_change: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.budget = budget
+        self.spill_dir = spill_dir
+        self.segment_size = segment_size
+        self._on_change = on_change
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._spill_lock = threading.Lock()
+        self._streams: dict[str, _StreamLogs] = {}
+        self._seq = itertools.count()
+        self._files = itertools.count()
+        self.memory_bytes = 0
+        self.spilled_bytes = 0
+        self.peak_memory = 0
+        self.closed = False
+
+    # -- streams -----------------------------------------------------------------
+
+    def open(self, name: str, epoch: int, partitions: Iterable[int]) -> None:
+        """Create empty logs for ``partitions`` of ``name`` (idempotent)."""
+        with self._lock:
+            logs = self._streams.get(name)
+            if logs is None or logs.epoch != epoch:
+                if logs is not None:
+                    self._drop_locked(name)
+                logs = self._streams[name] = _StreamLogs(epoch, {})
+            for p in partitions:
+                logs.partitions.setdefault(p, PartitionLog())
+
+    def _log(self, name: str, epoch: int | None, p: int) -> PartitionLog:
+        logs = self._streams.get(name)
+        if logs is None or (epoch is not None and logs.epoch != epoch):
+            raise StreamNotFoundError(
+                f"stream {name!r} has no log on this worker (destroyed, or never "
+                "created); create it with aimss_dask.create_stream"
+            )
+        try:
+            return logs.partitions[p]
+        except KeyError:
+            raise PartitionOutOfRangeError(
+                f"partition {p!r} of stream {name!r} is not held by this worker"
+            ) from None
+
+    def has(self, name: str) -> bool:
+        with self._lock:
+            return name in self._streams
+
+    def drop(self, name: str) -> bool:
+        """Free the memory and spill files of ``name``; False if unknown."""
+        with self._lock:
+            return self._drop_locked(name)
+
+    def _drop_locked(self, name: str) -> bool:
+        logs = self._streams.pop(name, None)
+        if logs is None:
+            return False
+        for log in logs.partitions.values():
+            for seg in log.segments:
+                self._free(seg)
+            log.segments.clear()
+            log.sealed = True
+        self._changed.notify_all()
+        return True
+
+    def _free(self, seg: Segment) -> None:
+        if seg.in_memory:
+            self.memory_bytes -= seg.nbytes
+        else:
+            self.spilled_bytes -= seg.nbytes
+            if seg.path:
+                _unlink(seg.path)
+        seg.nbytes = 0
+        seg.records = None
+        seg.path = None
+
+    # -- write ---------------------------------------------------------------------
+
+    def append(
+        self,
+        name: str,
+        epoch: int | None,
+        p: int,
+        records: Sequence[Any],
+        sizes: Sequence[int],
+    ) -> int:
+        """Append records (stored as given, arrays as read-only views).
+
+        Returns the offset of the first one.
+        """
+        with self._lock:
+            log = self._log(name, epoch, p)
+            if log.sealed:
+                raise StreamSealedError(
+                    f"stream {name!r} is sealed: partition {p} takes no more writes; "
+                    "create a new stream for new data"
+                )
+            first = log.end
+            seg = log.segments[-1] if log.segments else None
+            for r, n in zip(records, sizes):
+                if seg is None or seg.sealed or not seg.in_memory:
+                    seg = Segment(base=log.end, seq=next(self._seq))
+                    log.segments.append(seg)
+                assert seg.records is not None
+                seg.records.append(rec.freeze(r))
+                seg.sizes.append(n)
+                seg.nbytes += n
+                self.memory_bytes += n
+                log.end += 1
+                if seg.nbytes >= self.segment_size:
+                    seg.sealed = True
+            self.peak_memory = max(self.peak_memory, self.memory_bytes)
+            self._changed.notify_all()
+        if self._on_change is not None:
+            self._on_change(name, p)
+        return first
+
+    def seal(self, name: str, epoch: int | None, partitions: Iterable[int]) -> None:
+        """No more appends to these partitions; readers see the end."""
+        with self._lock:
+            for p in partitions:
+                log = self._log(name, epoch, p)
+                log.sealed = True
+                if log.segments:
+                    log.segments[-1].sealed = True
+            self._changed.notify_all()
+        if self._on_change is not None:
+            for p in partitions:
+                self._on_change(name, p)
+
+    # -- read ----------------------------------------------------------------------
+
+    def read(
+        self,
+        name: str,
+        epoch: int | None,
+        p: int,
+        start: int,
+        max_bytes: int | None = None,
+    ) -> tuple[list[Any], bool, int]:
+        """Records from ``start`` on, up to ``max_bytes`` (at least one).
+
+        Returns ``(records, sealed, end)``. Spilled segments are read back
+        from disk outside the lock.
+        """
+        if start < 0:
+            raise InvalidOffsetError(
+                f"offset {start!r} is negative; offsets start at 0"
+            )
+        plan: list[tuple[Segment, list[Any] | None, int, int]] = []
+        with self._lock:
+            log = self._log(name, epoch, p)
+            if start < log.start:
+                raise InvalidOffsetError(
+                    f"offset {start} of stream {name!r} partition {p} was trimmed; "
+                    f"the earliest offset still kept is {log.start}"
+                )
+            sealed, end = log.sealed, log.end
+            if start >= end:
+                return [], sealed, end
+            budget = max_bytes if max_bytes is not None else float("inf")
+            i = log.segment_at(start)
+            taken = 0
+            offset = start
+            while i < len(log.segments) and offset < end:
+                seg = log.segments[i]
+                lo = offset - seg.base
+                hi = lo
+                while hi < len(seg.sizes) and (taken == 0 or taken + seg.sizes[hi] <= budget):
+                    taken += seg.sizes[hi]
+                    hi += 1
+                if hi == lo:
+                    break
+                # A reference to the list, not a copy: records are immutable and
+                # a spill swaps the list out rather than emptying it.
+                plan.append((seg, seg.records, lo, hi))
+                offset = seg.base + hi
+                i += 1
+                if hi < len(seg.sizes):
+                    break
+        out: list[Any] = []
+        for seg, records, lo, hi in plan:
+            if records is not None:
+                out.extend(records[lo:hi])
+            else:
+                out.extend(self._load(name, seg, lo, hi))
+        return out, sealed, start + len(out)
+
+    def _load(self, name: str, seg: Segment, lo: int, hi: int) -> list[Any]:
+        path, index = seg.path, seg.index
+        try:
+            if path is None or index is None:
+                raise FileNotFoundError
+            return rec.load(path, index[:hi], first=lo)
+        except FileNotFoundError:
+            raise StreamNotFoundError(
+                f"stream {name!r} was destroyed while it was being read"
+            ) from None
+
+    def wait(self, name: str, epoch: int | None, p: int, offset: int, timeout: float | None) -> bool:
+        """Block (a task thread) until ``offset`` exists or the log is sealed."""
+        with self._lock:
+
+            def ready() -> bool:
+                logs = self._streams.get(name)
+                if logs is None or (epoch is not None and logs.epoch != epoch):
+                    return True  # destroyed: let the next read raise
+                log = logs.partitions.get(p)
+                return log is None or log.sealed or log.end > offset
+
+            return self._changed.wait_for(ready, timeout)
+
+    def bounds(self, name: str, epoch: int | None, p: int) -> tuple[int, int, bool]:
+        """``(start, end, sealed)`` of one partition log."""
+        with self._lock:
+            log = self._log(name, epoch, p)
+            return log.start, log.end, log.sealed
+
+    # -- retention -----------------------------------------------------------------
+
+    def trim(self, name: str, epoch: int | None, p: int, upto: int) -> int:
+        """Forget offsets below ``upto`` (everyone has read them); bytes freed."""
+        freed = 0
+        with self._lock:
+            log = self._log(name, epoch, p)
+            upto = min(upto, log.end)
+            if upto <= log.start:
+                return 0
+            keep: list[Segment] = []
+            for seg in log.segments:
+                if seg.end <= upto:
+                    freed += seg.nbytes
+                    self._free(seg)
+                    continue
+                if seg.base < upto and seg.in_memory:
+                    assert seg.records is not None
+                    # Copy-on-write: a reader may hold the old list.
+                    records = list(seg.records)
+                    for i in range(max(0, log.start - seg.base), upto - seg.base):
+                        records[i] = None
+                        seg.nbytes -= seg.sizes[i]
+                        self.memory_bytes -= seg.sizes[i]
+                        freed += seg.sizes[i]
+                    seg.records = records
+                keep.append(seg)
+            log.segments = keep
+            log.start = upto
+        return freed
+
+    # -- memory --------------------------------------------------------------------
+
+    @property
+    def over_budget(self) -> bool:
+        return self.memory_bytes > self.budget
+
+    def spill(self, target: int | None = None) -> int:
+        """Write sealed segments to disk, oldest first, until memory <= target.
+
+        ``target`` defaults to 90% of the budget, so a store that just crossed
+        the line does not spill one segment per append. Blocking: run it in a
+        thread from the event loop. Returns the bytes spilled.
+        """
+        target = int(self.budget * 0.9) if target is None else target
+        spilled = 0
+        with self._spill_lock:
+            while True:
+                with self._lock:
+                    if self.memory_bytes <= target:
+                        break
+                    victim = self._pick_victim()
+                    if victim is None:
+                        break
+                    name, seg = victim
+                    records = list(seg.records or [])
+                if not os.path.isdir(self.spill_dir):
+                    os.makedirs(self.spill_dir, exist_ok=True)
+                path = os.path.join(self.spill_dir, f"segment-{next(self._files)}.bin")
+                index = rec.dump(records, path)
+                with self._lock:
+                    logs = self._streams.get(name)
+                    if seg.records is None or logs is None:
+                        _unlink(path)  # trimmed or dropped meanwhile
+                        continue
+                    seg.path, seg.index = path, index
+                    seg.records = None
+                    self.memory_bytes -= seg.nbytes
+                    self.spilled_bytes += seg.nbytes
+                    spilled += seg.nbytes
+        return spilled
+
+    def _pick_victim(self) -> tuple[str, Segment] | None:
+        best: tuple[str, Segment] | None = None
+        for name, logs in self._streams.items():
+            for log in logs.partitions.values():
+                for seg in log.segments:
+                    if seg.in_memory and seg.nbytes > 0 and (best is None or seg.seq < best[1].seq):
+                        best = (name, seg)
+        if best is not None:
+            # Sealing the open segment is what makes the newest data spillable
+            # too; the next append opens a fresh segment.
+            best[1].sealed = True
+        return best
+
+    # -- inspection ----------------------------------------------------------------
+
+    def stream_stats(self, name: str) -> dict[int, dict[str, Any]]:
+        with self._lock:
+            logs = self._streams.get(name)
+            if logs is None:
+                return {}
+            return {
+                p: {
+                    "records": log.end,
+                    "start": log.start,
+                    "bytes": log.retained_bytes(),
+                    "spilled_bytes": sum(s.nbytes for s in log.segments if not s.in_memory),
+                    "sealed": log.sealed,
+                }
+                for p, log in logs.partitions.items()
+            }
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "budget": self.budget,
+                "memory_bytes": self.memory_bytes,
+                "spilled_bytes": self.spilled_bytes,
+                "peak_memory": self.peak_memory,
+                "streams": sorted(self._streams),
+            }
+
+    def close(self) -> None:
+        """Drop every log and remove the spill folder; safe to call twice."""
+        with self._lock:
+            for name in list(self._streams):
+                self._drop_locked(name)
+            self.closed = True
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,79 @@
+"""Where partitions live: pure functions over plain data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from aimss_dask.errors import NotRegisteredError
+
+
+def place_partitions(n: int, load: Mapping[str, int]) -> list[str]:
+    """Owners for ``n`` new partitions, balancing partitions per worker.
+
+    ``load`` maps each live worker to the partitions it already owns. Each new
+    partition goes to the least-loaded worker (ties broken by address, so the
+    result is deterministic); consecutive partitions thus land on different
+    workers, which spreads consumers too.
+
+    Examples
+    --------
+    >>> place_partitions(3, {"tcp://b": 0, "tcp://a": 0})
+    ['tcp://a', 'tcp://b', 'tcp://a']
+    >>> place_partitions(2, {"tcp://a": 5, "tcp://b": 0})
+    ['tcp://b', 'tcp://b']
+    """
+    if not load:
+        raise NotRegisteredError(
+            "the cluster has no workers to hold stream partitions; start workers "
+            "(or wait for them with client.wait_for_workers) before creating streams"
+        )
+    counts = dict(load)
+    owners: list[str] = []
+    for _ in range(n):
+        w = min(counts, key=lambda a: (counts[a], a))
+        owners.append(w)
+        counts[w] += 1
+    return owners
+
+
+def partition_for_key(key: object, partitions: int) -> int:
+    """The partition of a record key: a hash that is stable across processes.
+
+    Python's ``hash`` of a str changes per process, so we hash a canonical
+    byte encoding with BLAKE2 instead.
+    """
+    import hashlib
+
+    h = hashlib.blake2b(_key_bytes(key), digest_size=8).digest()
+    return int.from_bytes(h, "little") % partitions
+
+
+def _key_bytes(key: object) -> bytes:
+    if isinstance(key, bytes):
+        return b"b" + key
+    if isinstance(key, str):
+        return b"s" + key.encode()
+    if isinstance(key, bool):
+        return b"o" + bytes([key])
+    if isinstance(key, int):
+        return b"i" + str(key).encode()
+    if isinstance(key, float):
+        return b"f" + repr(key).encode()
+    if isinstance(key, tuple):
+        return b"t" + b"\x00".join(_key_bytes(k) for k in key)
+    from aimss_dask.errors import InvalidArgumentError
+
+    raise InvalidArgumentError(
+        f"record key {key!r} of type {type(key).__name__} has no stable hash; use "
+        "a str, bytes, int, float or a tuple of them"
+    )
+
+
+def owners_load(owners_by_stream: Sequence[Sequence[str]], workers: Sequence[str]) -> dict[str, int]:
+    """Partitions each live worker owns, from the owner lists of all streams."""
+    load = {w: 0 for w in workers}
+    for owners in owners_by_stream:
+        for w in owners:
+            if w in load:
+                load[w] += 1
+    return load

@@ -1,0 +1,369 @@
+"""``AIMSS``: the scheduler plugin that is the coordinator.
+
+It holds the stream metadata (:class:`CoordinatorState`), installs the worker
+plugin on every current and future worker, answers the ``aimss_*`` RPCs of
+clients and tasks, pins partition tasks to their owners in ``update_graph``,
+and cleans up after clients and workers that leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.pickle import dumps
+
+from aimss_dask.config import AIMSSConfig
+from aimss_dask.errors import ReadTimeoutError, error_to_wire, raise_from_wire
+from aimss_dask.plugin.state import CoordinatorState, StreamSpec
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+logger = logging.getLogger("aimss_dask")
+
+PLUGIN_NAME = "aimss"
+#: Tasks whose key is ``(PARTITION_TASK_PREFIX + token, stream, partition)`` run
+#: on the partition's owner; see :meth:`AIMSS.update_graph`.
+PARTITION_TASK_PREFIX = "aimss-partition-"
+
+
+def _replies(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Turn a handler's exceptions into error replies (never into a dead comm)."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return {"status": "OK", **(await method(*args, **kwargs) or {})}
+        except Exception as e:  # sent back as a value, re-raised by the caller
+            if not hasattr(e, "__module__") or "aimss_dask" not in type(e).__module__:
+                logger.exception("aimss handler %s failed", method.__name__)
+            return error_to_wire(e)
+
+    return wrapper
+
+
+class AIMSS(SchedulerPlugin):
+    """Turn a Dask cluster's workers into an in-memory stream store.
+
+    Parameters
+    ----------
+    memory_limit
+        Byte budget of each worker's log (int or ``"4GiB"``); default: the
+        ``aimss.memory-fraction`` of the worker's memory limit.
+    spill_directory
+        Node-local folder for spilled segments; default: the worker's local
+        directory.
+    replication
+        Copies of each partition; only 1 is supported so far.
+    **options
+        Any other key of the ``aimss:`` config block, with ``_`` for ``-``.
+
+    Examples
+    --------
+    >>> from distributed import Client, LocalCluster
+    >>> import aimss_dask
+    >>> client = Client(LocalCluster(n_workers=2))           # doctest: +SKIP
+    >>> client.register_plugin(aimss_dask.AIMSS(memory_limit="2GiB"))  # doctest: +SKIP
+    """
+
+    name = PLUGIN_NAME
+    # A second registration keeps the first (and its streams) intact.
+    idempotent = True
+
+    def __init__(
+        self,
+        memory_limit: int | str | None = None,
+        spill_directory: str | None = None,
+        replication: int | None = None,
+        **options: Any,
+    ) -> None:
+        self.overrides: dict[str, Any] = {
+            "memory_limit": memory_limit,
+            "spill_directory": spill_directory,
+            "replication": replication,
+            **options,
+        }
+        # Validate on the client, where a typo is easiest to see; each worker
+        # resolves the config again against its own Dask config.
+        AIMSSConfig.load(**self.overrides)
+        self.scheduler: Scheduler | None = None
+        self.state = CoordinatorState()
+        self._sealed_changed: asyncio.Condition | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"overrides": self.overrides}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state["overrides"])  # type: ignore[misc]
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self, scheduler: Scheduler) -> None:
+        from aimss_dask.plugin.worker import AIMSSWorker
+
+        self.scheduler = scheduler
+        self._sealed_changed = asyncio.Condition()
+        for op in _HANDLERS:
+            scheduler.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
+        await scheduler.register_worker_plugin(
+            None, dumps(AIMSSWorker(self.overrides)), name=PLUGIN_NAME, idempotent=True
+        )
+
+    async def close(self) -> None:
+        for t in list(self._background):
+            t.cancel()
+        self.state.clear()
+        if self.scheduler is not None:
+            for op in _HANDLERS:
+                self.scheduler.handlers.pop(f"aimss_{op}", None)
+
+    def restart(self, scheduler: Scheduler) -> None:
+        # Workers restart with empty logs: metadata of their streams is void.
+        try:
+            self.state.clear()
+        except Exception:
+            logger.exception("aimss: restart hook failed")
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        try:
+            lost = self.state.worker_lost(worker)
+            if lost:
+                logger.warning(
+                    "aimss: worker %s left; partitions of %s are lost", worker, lost
+                )
+        except Exception:
+            logger.exception("aimss: remove_worker hook failed")
+
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        try:
+            names = self.state.owned_by_client(client)
+            if names:
+                self._spawn(self._destroy_many(names))
+        except Exception:
+            logger.exception("aimss: remove_client hook failed")
+
+    def update_graph(self, scheduler: Scheduler, *, tasks: list[Any], **kwargs: Any) -> None:
+        """Pin partition tasks to the worker that owns their partition."""
+        try:
+            for key in tasks:
+                if not (
+                    isinstance(key, tuple)
+                    and len(key) == 3
+                    and isinstance(key[0], str)
+                    and key[0].startswith(PARTITION_TASK_PREFIX)
+                ):
+                    continue
+                spec = self.state.streams.get(key[1])
+                ts = scheduler.tasks.get(key)
+                if spec is None or ts is None or not 0 <= key[2] < spec.partitions:
+                    continue
+                ts.worker_restrictions = {spec.owners[key[2]]}
+                ts.loose_restrictions = False
+        except Exception:
+            logger.exception("aimss: update_graph hook failed")
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _workers(self) -> list[str]:
+        assert self.scheduler is not None
+        return list(self.scheduler.workers)
+
+    async def _broadcast(self, msg: dict[str, Any], workers: list[str] | None = None) -> dict[str, Any]:
+        assert self.scheduler is not None
+        live = set(self._workers())
+        targets = [w for w in (workers if workers is not None else live) if w in live]
+        if not targets:
+            return {}
+        replies = await self.scheduler.broadcast(msg=msg, workers=targets, on_error="return")
+        for addr, reply in replies.items():
+            if isinstance(reply, BaseException):
+                logger.warning("aimss: %s failed on %s: %r", msg["op"], addr, reply)
+            else:
+                raise_from_wire(reply, msg["op"])
+        return replies
+
+    def _creator(self, client: str | None, task: Any) -> str | None:
+        """The client a stream belongs to: the caller, or who wants the task."""
+        if client:
+            return client
+        assert self.scheduler is not None
+        ts = self.scheduler.tasks.get(task) if task is not None else None
+        if ts is not None and ts.who_wants:
+            return sorted(cs.client_key for cs in ts.who_wants)[0]
+        return None
+
+    def _wire(self, spec: StreamSpec) -> dict[str, Any]:
+        return {
+            "spec": spec.to_wire(),
+            "sealed": spec.name in self.state.sealed,
+            "lost": sorted(self.state.lost.get(spec.name, ())),
+        }
+
+    async def _destroy_many(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.state.streams:
+                try:
+                    await self._h_destroy(name=name)
+                except Exception:
+                    logger.exception("aimss: cleanup of stream %r failed", name)
+
+    # -- handlers (RPC ops "aimss_<name>") ---------------------------------------------
+
+    @_replies
+    async def _h_create(
+        self,
+        name: str,
+        partitions: int,
+        parent: str | None = None,
+        exist_ok: bool = False,
+        persist: bool = False,
+        client: str | None = None,
+        task: Any = None,
+    ) -> dict[str, Any]:
+        spec, created = self.state.create(
+            name,
+            partitions,
+            self._workers(),
+            parent=parent,
+            exist_ok=exist_ok,
+            persist=persist,
+            creator=self._creator(client, task),
+        )
+        if created:
+            by_owner: dict[str, list[int]] = {}
+            for p, w in enumerate(spec.owners):
+                by_owner.setdefault(w, []).append(p)
+            try:
+                for w, ps in by_owner.items():
+                    await self._broadcast(
+                        {"op": "aimss_open", "spec": spec.to_wire(), "partitions": ps}, [w]
+                    )
+            except Exception:
+                self.state.destroy(name)
+                await self._broadcast({"op": "aimss_drop", "name": name, "epoch": spec.epoch})
+                raise
+        return {**self._wire(spec), "created": created}
+
+    @_replies
+    async def _h_get(self, name: str) -> dict[str, Any]:
+        return self._wire(self.state.get(name))
+
+    @_replies
+    async def _h_seal(self, name: str) -> dict[str, Any]:
+        spec = self.state.get(name)
+        # 1. Every worker stops taking writes for the stream and pushes what it
+        #    has buffered; 2. only then do owners seal, so nothing written before
+        #    seal() is rejected.
+        msg = {"name": name, "epoch": spec.epoch}
+        await self._broadcast({"op": "aimss_seal_producers", **msg})
+        await self._broadcast({"op": "aimss_seal_partitions", **msg}, list(set(spec.owners)))
+        self.state.sealed.add(name)
+        assert self._sealed_changed is not None
+        async with self._sealed_changed:
+            self._sealed_changed.notify_all()
+        return self._wire(spec)
+
+    @_replies
+    async def _h_shuffle_wait(self, parent: str, timeout: float | None = None) -> dict[str, Any]:
+        self.state.get(parent)
+        assert self._sealed_changed is not None
+
+        def done() -> bool:
+            if parent not in self.state.streams:
+                return True
+            return all(c in self.state.sealed for c in self.state.children(parent))
+
+        async with self._sealed_changed:
+            try:
+                await asyncio.wait_for(self._sealed_changed.wait_for(done), timeout)
+            except asyncio.TimeoutError:
+                open_ = [c for c in self.state.children(parent) if c not in self.state.sealed]
+                raise ReadTimeoutError(
+                    f"shuffle_streams({parent!r}) timed out after {timeout}s; child "
+                    f"streams still open: {open_}"
+                ) from None
+        self.state.get(parent)  # destroyed while waiting: raise
+        return {"children": self.state.children(parent)}
+
+    @_replies
+    async def _h_destroy(self, name: str) -> dict[str, Any]:
+        removed = self.state.destroy(name)
+        for spec in removed:
+            await self._broadcast({"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch})
+        assert self._sealed_changed is not None
+        async with self._sealed_changed:
+            self._sealed_changed.notify_all()
+        return {"destroyed": [s.name for s in removed]}
+
+    @_replies
+    async def _h_offsets(self, name: str, group: str) -> dict[str, Any]:
+        return {"offsets": self.state.offsets(name, group)}
+
+    @_replies
+    async def _h_commit(self, name: str, group: str, offsets: list[list[int]]) -> dict[str, Any]:
+        return {"offsets": self.state.commit(name, group, {int(p): int(o) for p, o in offsets})}
+
+    @_replies
+    async def _h_info(self, name: str) -> dict[str, Any]:
+        spec = self.state.get(name)
+        replies = await self._broadcast(
+            {"op": "aimss_stream_stats", "name": name}, list(set(spec.owners))
+        )
+        records = [0] * spec.partitions
+        nbytes = [0] * spec.partitions
+        spilled = 0
+        for reply in replies.values():
+            if isinstance(reply, dict):
+                for p, st in reply.get("partitions", []):
+                    records[p] = st["records"]
+                    nbytes[p] = st["bytes"]
+                    spilled += st["spilled_bytes"]
+        return {
+            "info": {
+                "name": name,
+                "partitions": spec.partitions,
+                "owners": list(spec.owners),
+                "epoch": spec.epoch,
+                "parent": spec.parent,
+                "persist": spec.persist,
+                "sealed": name in self.state.sealed,
+                "lost": sorted(self.state.lost.get(name, ())),
+                "records": records,
+                "bytes": nbytes,
+                "spilled_bytes": spilled,
+                "groups": {g: list(o) for g, o in self.state.groups.get(name, {}).items()},
+            }
+        }
+
+    @_replies
+    async def _h_status(self) -> dict[str, Any]:
+        replies = await self._broadcast({"op": "aimss_worker_status"})
+        return {
+            "workers": {
+                addr: r["status"] for addr, r in replies.items() if isinstance(r, dict)
+            }
+        }
+
+
+_HANDLERS = (
+    "create",
+    "get",
+    "seal",
+    "shuffle_wait",
+    "destroy",
+    "offsets",
+    "commit",
+    "info",
+    "status",
+)

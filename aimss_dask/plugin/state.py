@@ -1,0 +1,198 @@
+"""The coordinator's metadata: streams, placement, seals, group offsets.
+
+Plain data and pure methods, no asyncio: the scheduler plugin wraps it, and
+the unit tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aimss_dask.errors import (
+    InvalidArgumentError,
+    InvalidOffsetError,
+    PartitionOutOfRangeError,
+    StreamExistsError,
+    StreamNotFoundError,
+)
+from aimss_dask.plugin.placement import owners_load, place_partitions
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What every process needs to know of a stream; never mutated.
+
+    ``epoch`` is unique per creation, so messages meant for a destroyed stream
+    are rejected by a new stream of the same name rather than applied to it.
+    """
+
+    name: str
+    partitions: int
+    owners: tuple[str, ...]
+    epoch: int
+    parent: str | None = None
+    persist: bool = False
+    creator: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["owners"] = list(self.owners)
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> StreamSpec:
+        return cls(**{**d, "owners": tuple(d["owners"])})
+
+
+def check_name(name: object, what: str = "stream name") -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(f"{what} {name!r} must be a non-empty str")
+    return name
+
+
+def check_partition(spec: StreamSpec, p: object) -> int:
+    if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < spec.partitions:
+        raise PartitionOutOfRangeError(
+            f"stream {spec.name!r} has {spec.partitions} partition(s); partition "
+            f"{p!r} is out of range (use 0 .. {spec.partitions - 1})"
+        )
+    return p
+
+
+@dataclass
+class CoordinatorState:
+    """All stream metadata of one cluster."""
+
+    streams: dict[str, StreamSpec] = field(default_factory=dict)
+    sealed: set[str] = field(default_factory=set)
+    groups: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    lost: dict[str, set[int]] = field(default_factory=dict)
+    _epochs: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def create(
+        self,
+        name: str,
+        partitions: int,
+        workers: Sequence[str],
+        *,
+        parent: str | None = None,
+        exist_ok: bool = False,
+        persist: bool = False,
+        creator: str | None = None,
+    ) -> tuple[StreamSpec, bool]:
+        """Create (or, with ``exist_ok``, find) a stream; ``(spec, created)``."""
+        check_name(name)
+        if not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1:
+            raise InvalidArgumentError(
+                f"partitions={partitions!r} for stream {name!r}: a stream needs at "
+                "least 1 partition"
+            )
+        if parent is not None:
+            check_name(parent, "parent stream name")
+            if parent == name:
+                raise InvalidArgumentError(f"stream {name!r} cannot be its own parent")
+            if parent not in self.streams:
+                raise StreamNotFoundError(
+                    f"parent stream {parent!r} of {name!r} does not exist; create "
+                    "the parent first"
+                )
+        old = self.streams.get(name)
+        if old is not None:
+            if not exist_ok:
+                raise StreamExistsError(
+                    f"stream {name!r} already exists with {old.partitions} "
+                    "partition(s); pass exist_ok=True to reuse it, or pick another name"
+                )
+            if old.partitions != partitions:
+                raise StreamExistsError(
+                    f"stream {name!r} already exists with {old.partitions} "
+                    f"partition(s), not {partitions}; use partitions={old.partitions} "
+                    "or another name"
+                )
+            return old, False
+        load = owners_load([s.owners for s in self.streams.values()], workers)
+        owners = place_partitions(partitions, load)
+        spec = StreamSpec(
+            name=name,
+            partitions=partitions,
+            owners=tuple(owners),
+            epoch=next(self._epochs),
+            parent=parent,
+            persist=persist,
+            creator=creator,
+        )
+        self.streams[name] = spec
+        return spec, True
+
+    def get(self, name: str) -> StreamSpec:
+        check_name(name)
+        try:
+            return self.streams[name]
+        except KeyError:
+            raise StreamNotFoundError(
+                f"stream {name!r} does not exist; create it with "
+                "aimss_dask.create_stream"
+            ) from None
+
+    def children(self, parent: str) -> list[str]:
+        return sorted(n for n, s in self.streams.items() if s.parent == parent)
+
+    def destroy(self, name: str) -> list[StreamSpec]:
+        """Forget ``name`` and its descendants; the specs removed (children first)."""
+        spec = self.get(name)
+        removed: list[StreamSpec] = []
+        for child in self.children(name):
+            removed.extend(self.destroy(child))
+        del self.streams[name]
+        self.sealed.discard(name)
+        self.groups.pop(name, None)
+        self.lost.pop(name, None)
+        removed.append(spec)
+        return removed
+
+    def offsets(self, name: str, group: str) -> list[int]:
+        spec = self.get(name)
+        check_name(group, "consumer group")
+        return list(self.groups.get(name, {}).get(group, [0] * spec.partitions))
+
+    def commit(self, name: str, group: str, offsets: dict[int, int]) -> list[int]:
+        """Record a group's progress; offsets only move forward (at-least-once)."""
+        spec = self.get(name)
+        check_name(group, "consumer group")
+        current = self.groups.setdefault(name, {}).setdefault(group, [0] * spec.partitions)
+        for p, off in offsets.items():
+            check_partition(spec, p)
+            if not isinstance(off, int) or off < 0:
+                raise InvalidOffsetError(
+                    f"offset {off!r} for group {group!r} on stream {name!r} must be "
+                    "a non-negative int"
+                )
+            current[p] = max(current[p], off)
+        return list(current)
+
+    def worker_lost(self, address: str) -> list[str]:
+        """Mark the partitions ``address`` owned as lost; names affected."""
+        hit = []
+        for name, spec in self.streams.items():
+            ps = {p for p, w in enumerate(spec.owners) if w == address}
+            if ps:
+                self.lost.setdefault(name, set()).update(ps)
+                hit.append(name)
+        return hit
+
+    def owned_by_client(self, client: str) -> list[str]:
+        """Non-persistent streams created by ``client``."""
+        return sorted(
+            n for n, s in self.streams.items() if s.creator == client and not s.persist
+        )
+
+    def clear(self) -> list[StreamSpec]:
+        specs = list(self.streams.values())
+        self.streams.clear()
+        self.sealed.clear()
+        self.groups.clear()
+        self.lost.clear()
+        return specs

@@ -1,0 +1,239 @@
+"""``AIMSSWorker``: the worker plugin, the application cache of one worker.
+
+It owns the worker's :class:`LogStore` and :class:`Producer`, and answers the
+``aimss_*`` RPCs that the coordinator, producers and remote readers send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol import to_serialize
+from distributed.utils import offload
+
+from aimss_dask.config import AIMSSConfig
+from aimss_dask.errors import AIMSSError, error_to_wire
+from aimss_dask.log.store import LogStore
+from aimss_dask.plugin.scheduler import PLUGIN_NAME, _replies
+from aimss_dask.plugin.state import StreamSpec
+from aimss_dask.stream.producer import Producer
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+logger = logging.getLogger("aimss_dask")
+
+#: How long one remote read may wait on the owner before it answers "nothing
+#: yet"; the reader then asks again. Keeps comms from idling for minutes.
+MAX_READ_WAIT = 5.0
+
+
+class AIMSSWorker(WorkerPlugin):
+    """Installed on every worker by :class:`aimss_dask.AIMSS`; not used directly."""
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, overrides: dict[str, Any]) -> None:
+        self.overrides = overrides
+        self.worker: Worker | None = None
+        self.config: AIMSSConfig | None = None
+        self.store: LogStore | None = None
+        self.producer: Producer | None = None
+        self._changed: asyncio.Event | None = None
+        self._waiters = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"overrides": self.overrides}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["overrides"])  # type: ignore[misc]
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def setup(self, worker: Worker) -> None:
+        self.worker = worker
+        self.config = AIMSSConfig.load(**self.overrides).resolve_for_worker(
+            worker.memory_manager.memory_limit, worker.local_directory
+        )
+        assert self.config.memory_limit is not None and self.config.spill_directory
+        self._changed = asyncio.Event()
+        self.store = LogStore(
+            budget=self.config.memory_limit,
+            spill_dir=self.config.spill_directory,
+            segment_size=self.config.segment_size,
+            on_change=self._on_change,
+        )
+        self.producer = Producer(
+            worker.loop,
+            worker.rpc,
+            batch_size=self.config.batch_size,
+            max_in_flight=self.config.max_in_flight,
+            linger=self.config.linger,
+            address=worker.address,
+            local=self.local_append,
+        )
+        for op in _HANDLERS:
+            worker.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
+
+    def teardown(self, worker: Worker) -> None:
+        try:
+            for op in _HANDLERS:
+                worker.handlers.pop(f"aimss_{op}", None)
+            if self.producer is not None:
+                self.producer.close()
+            if self.store is not None:
+                self.store.close()
+        except Exception:
+            logger.exception("aimss: worker teardown failed")
+
+    # -- local fast paths (task threads) ---------------------------------------------
+
+    def local_append(self, spec: StreamSpec, partition: int, record: Any, nbytes: int) -> None:
+        """A producer task on the owner: store without serialising or copying."""
+        assert self.store is not None
+        self.store.append(spec.name, spec.epoch, partition, [record], [nbytes])
+        if self.store.over_budget:
+            self.store.spill()  # we are in a task thread: blocking is fine
+
+    # -- change notification for remote readers waiting on the loop ---------------------
+
+    def _on_change(self, name: str, partition: int) -> None:
+        if self._waiters and self.worker is not None:
+            self.worker.loop.add_callback(self._bump)
+
+    def _bump(self) -> None:
+        assert self._changed is not None
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- handlers ------------------------------------------------------------------
+
+    @_replies
+    async def _h_open(self, spec: dict[str, Any], partitions: list[int]) -> None:
+        assert self.store is not None
+        s = StreamSpec.from_wire(spec)
+        self.store.open(s.name, s.epoch, partitions)
+
+    async def _h_append(self, items: list[list[Any]]) -> dict[str, Any]:
+        """Store pushed batches; answer only once memory is back within budget."""
+        assert self.store is not None
+        errors: dict[str, tuple[str, str]] = {}
+        try:
+            for name, epoch, partition, records, sizes in items:
+                if name in errors:
+                    continue
+                try:
+                    self.store.append(name, epoch, partition, records, sizes)
+                except AIMSSError as e:
+                    wire = error_to_wire(e)
+                    errors[name] = (wire["type"], wire["message"])
+            # Back-pressure: the producer waits for this reply, so spilling
+            # before answering is what keeps its bytes in flight bounded.
+            while self.store.over_budget:
+                if not await offload(self.store.spill):
+                    break
+        except Exception as e:
+            logger.exception("aimss: append failed")
+            return error_to_wire(e)
+        return {"status": "OK", "errors": errors}
+
+    @_replies
+    async def _h_read(
+        self,
+        name: str,
+        epoch: int,
+        partition: int,
+        start: int,
+        max_bytes: int | None = None,
+        wait: float | None = 0,
+    ) -> dict[str, Any]:
+        assert self.store is not None and self._changed is not None
+        wait = MAX_READ_WAIT if wait is None else min(wait, MAX_READ_WAIT)
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            ev = self._changed
+            lo, end, sealed = self.store.bounds(name, epoch, partition)
+            if end > start or sealed or start < lo:
+                break
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return {"records": [], "sealed": False, "end": end, "next": start}
+            self._waiters += 1
+            try:
+                await asyncio.wait_for(ev.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._waiters -= 1
+        max_bytes = max_bytes or (self.config.read_batch_size if self.config else None)
+        # Spilled segments mean disk reads: keep them off the event loop.
+        records, sealed, end = await offload(
+            self.store.read, name, epoch, partition, start, max_bytes
+        )
+        return {
+            "records": [to_serialize(r) for r in records],
+            "sealed": sealed and start + len(records) >= end,
+            "end": end,
+            "next": start + len(records),
+        }
+
+    @_replies
+    async def _h_seal_producers(self, name: str, epoch: int) -> None:
+        assert self.producer is not None
+        await self.producer.seal(name, epoch)
+
+    @_replies
+    async def _h_seal_partitions(self, name: str, epoch: int) -> None:
+        assert self.store is not None
+        parts = self.store.stream_stats(name)
+        if parts:
+            self.store.seal(name, epoch, list(parts))
+
+    @_replies
+    async def _h_drop(self, name: str, epoch: int) -> None:
+        assert self.store is not None and self.producer is not None
+        from aimss_dask.stream import api
+
+        api.forget(name)
+        self.producer.forget(name)
+        # Removing spill files is disk I/O: not on the loop.
+        await offload(self._drop, name, epoch)
+
+    def _drop(self, name: str, epoch: int) -> None:
+        assert self.store is not None
+        stats = self.store.stream_stats(name)
+        if stats:
+            try:
+                self.store.bounds(name, epoch, next(iter(stats)))
+            except AIMSSError:
+                return  # a newer stream of the same name: not ours to drop
+        self.store.drop(name)
+
+    @_replies
+    async def _h_stream_stats(self, name: str) -> dict[str, Any]:
+        assert self.store is not None
+        return {"partitions": sorted(self.store.stream_stats(name).items())}
+
+    @_replies
+    async def _h_worker_status(self) -> dict[str, Any]:
+        assert self.store is not None and self.producer is not None
+        st = self.store.stats()
+        st["producer_in_flight"] = self.producer.budget.statistics().used
+        st["spill_directory"] = self.store.spill_dir
+        return {"status": st}
+
+
+_HANDLERS = (
+    "open",
+    "append",
+    "read",
+    "seal_producers",
+    "seal_partitions",
+    "drop",
+    "stream_stats",
+    "worker_status",
+)

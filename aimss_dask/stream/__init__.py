@@ -1,0 +1,1 @@
+"""The stream API (client side and task side): write, read, seal, destroy."""

@@ -1,0 +1,359 @@
+"""The stream API of the AIMSS paper: create, write, read, seal, shuffle, destroy.
+
+Every function works from a client process and from inside a Dask task.
+
+=====================  =========================================
+Paper                  aimss_dask
+=====================  =========================================
+``CreateStream``       :func:`create_stream`
+``WriteTo``            :func:`write_to` / :meth:`Stream.write`
+``ReadFrom``           :func:`read_from` / :meth:`Stream.read`
+``ShuffleStream``      :meth:`Stream.seal`
+``ShuffleStreams``     :func:`shuffle_streams`
+``DestroyStream``      :func:`destroy_stream`
+=====================  =========================================
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from aimss_dask.errors import (
+    InvalidArgumentError,
+    InvalidOffsetError,
+    PartitionLostError,
+    StreamNotFoundError,
+)
+from aimss_dask.log.records import encode
+from aimss_dask.plugin.placement import partition_for_key
+from aimss_dask.plugin.scheduler import PARTITION_TASK_PREFIX
+from aimss_dask.plugin.state import StreamSpec, check_name, check_partition
+from aimss_dask.stream import reader
+from aimss_dask.stream.context import Endpoint, current
+
+# Per-process caches. Specs never change for a given epoch, so caching them is
+# safe; a stale one (destroyed elsewhere) is rejected by the owners by epoch.
+_specs: dict[str, StreamSpec] = {}
+_round_robin: dict[str, itertools.count] = {}
+_cache_lock = threading.Lock()
+
+
+def _remember(ep: Endpoint, reply: dict[str, Any]) -> StreamSpec:
+    spec = StreamSpec.from_wire(reply["spec"])
+    with _cache_lock:
+        _specs[spec.name] = spec
+    if reply.get("sealed"):
+        ep.producer.mark_sealed(spec.name, spec.epoch)
+    return spec
+
+
+def forget(name: str) -> None:
+    """Drop what this process cached about ``name`` (it was destroyed)."""
+    with _cache_lock:
+        _specs.pop(name, None)
+        _round_robin.pop(name, None)
+
+
+def _spec(ep: Endpoint, name: str, refresh: bool = False) -> StreamSpec:
+    check_name(name)
+    spec = None if refresh else _specs.get(name)
+    if spec is None:
+        spec = _remember(ep, ep.scheduler_op("get", name=name))
+    return spec
+
+
+class Stream:
+    """A handle on a named stream; cheap to create, pickle and send to tasks.
+
+    Examples
+    --------
+    >>> s = aimss_dask.create_stream("temps", partitions=4)   # doctest: +SKIP
+    >>> s.write(np.arange(3.0), key="station-7")             # doctest: +SKIP
+    >>> s.seal()                                             # doctest: +SKIP
+    >>> [x.sum() for x in s.read()]                          # doctest: +SKIP
+    [3.0]
+    """
+
+    def __init__(self, spec: StreamSpec) -> None:
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def partitions(self) -> int:
+        return self.spec.partitions
+
+    def __repr__(self) -> str:
+        return f"Stream({self.name!r}, partitions={self.partitions})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Stream, (self.spec,))
+
+    def write(self, record: Any, *, partition: int | None = None, key: Any = None) -> None:
+        """Append ``record``; see :func:`write_to`."""
+        _write(current("write_to"), self.spec, record, partition, key)
+
+    def read(
+        self,
+        *,
+        partition: int | None = None,
+        group: str | None = None,
+        start: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """Iterate records; see :func:`read_from`."""
+        return read_from(self.name, partition=partition, group=group, start=start, timeout=timeout)
+
+    def flush(self) -> None:
+        """Return once every record this process wrote to the stream is stored."""
+        ep = current("flush")
+        ep.call(ep.producer.flush, [self.name])
+
+    def seal(self) -> None:
+        """``ShuffleStream``: no more writes; readers see the end of each partition.
+
+        Everything written before ``seal()`` is called, by any task or client,
+        is stored first. A later write raises :class:`StreamSealedError`.
+        """
+        ep = current("seal")
+        ep.call(ep.producer.flush, [self.name])
+        _remember(ep, ep.scheduler_op("seal", name=self.name))
+
+    def info(self) -> dict[str, Any]:
+        """Placement, size and progress of the stream, as a plain dict.
+
+        Keys: ``name``, ``partitions``, ``owners``, ``sealed``, ``records``
+        and ``bytes`` (one entry per partition), ``spilled_bytes``, ``groups``
+        (committed offsets per consumer group), plus ``epoch``, ``parent``,
+        ``persist`` and ``lost``.
+        """
+        return _plain(current("info").scheduler_op("info", name=self.name)["info"])
+
+    def map_partitions(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Run ``func(records, *args, **kwargs)`` once per partition, on its owner.
+
+        ``records`` iterates the partition (as ``read(partition=p)``). The
+        coordinator pins each task to the worker that owns its partition, so
+        reads are local. Returns one ``Future`` per partition.
+
+        Examples
+        --------
+        >>> futs = s.map_partitions(lambda recs: sum(r.sum() for r in recs))  # doctest: +SKIP
+        >>> client.gather(futs)                                               # doctest: +SKIP
+        """
+        from distributed import get_client
+
+        client = get_client()
+        token = uuid.uuid4().hex
+        return [
+            client.submit(
+                _partition_task,
+                self.spec,
+                p,
+                func,
+                args,
+                kwargs,
+                key=(f"{PARTITION_TASK_PREFIX}{token}", self.name, p),
+                pure=False,
+            )
+            for p in range(self.partitions)
+        ]
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples from msgpack back to lists, so ``info()`` is plain JSON-like data."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _partition_task(
+    spec: StreamSpec, p: int, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    return func(read_from(spec.name, partition=p), *args, **kwargs)
+
+
+def create_stream(
+    name: str,
+    partitions: int = 1,
+    *,
+    parent: str | None = None,
+    exist_ok: bool = False,
+    persist: bool = False,
+) -> Stream:
+    """``CreateStream``: create a stream and place its partitions on workers.
+
+    Parameters
+    ----------
+    name
+        Cluster-wide unique name.
+    partitions
+        Number of partitions (>= 1), spread evenly over the workers.
+    parent
+        An existing stream this one hangs under (a shuffle's children);
+        :func:`shuffle_streams` waits for all children to be sealed, and
+        destroying the parent destroys them.
+    exist_ok
+        Return the existing stream of that name (same partition count) instead
+        of raising :class:`StreamExistsError`.
+    persist
+        Keep the stream when the client that created it disconnects.
+
+    Examples
+    --------
+    >>> s = aimss_dask.create_stream("events", partitions=8)  # doctest: +SKIP
+    """
+    ep = current("create_stream")
+    reply = ep.scheduler_op(
+        "create",
+        name=check_name(name),
+        partitions=partitions,
+        parent=parent,
+        exist_ok=bool(exist_ok),
+        persist=bool(persist),
+        **ep.owner_kwargs(),
+    )
+    if reply.get("created"):
+        forget(name)
+    return Stream(_remember(ep, reply))
+
+
+def get_stream(name: str) -> Stream:
+    """A handle on an existing stream; :class:`StreamNotFoundError` if none."""
+    ep = current("get_stream")
+    return Stream(_spec(ep, name, refresh=True))
+
+
+def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, key: Any) -> None:
+    if partition is not None:
+        p = check_partition(spec, partition)
+    elif key is not None:
+        p = partition_for_key(key, spec.partitions)
+    else:
+        with _cache_lock:
+            counter = _round_robin.setdefault(spec.name, itertools.count())
+        p = next(counter) % spec.partitions
+    ser, nbytes = encode(record, spec.name)
+    try:
+        ep.producer.write(spec, p, record, ser, nbytes)
+    except StreamNotFoundError:
+        forget(spec.name)
+        raise
+
+
+def write_to(name: str, record: Any, *, partition: int | None = None, key: Any = None) -> None:
+    """``WriteTo``: append ``record`` to stream ``name``.
+
+    The partition is ``partition`` if given, else a stable hash of ``key``,
+    else round-robin. Records are pushed to the owner in batches (call
+    :meth:`Stream.flush` to wait for them). AIMSS stores arrays without a
+    copy: do not modify an array after writing it.
+
+    Examples
+    --------
+    >>> aimss_dask.write_to("events", np.ones(1024), key="sensor-3")  # doctest: +SKIP
+    """
+    ep = current("write_to")
+    _write(ep, _spec(ep, name), record, partition, key)
+
+
+def read_from(
+    name: str,
+    *,
+    partition: int | None = None,
+    group: str | None = None,
+    start: int | None = None,
+    timeout: float | None = None,
+) -> Iterator[Any]:
+    """``ReadFrom``: iterate the records of a stream in offset order.
+
+    Parameters
+    ----------
+    partition
+        One partition, or ``None`` for all of them, one after the other.
+    group
+        A consumer group: reading starts at its committed offsets and commits
+        as it goes. A record counts as consumed once the next one is asked
+        for (at-least-once delivery).
+    start
+        Explicit first offset (overrides the group's).
+    timeout
+        On an open (unsealed) partition, the longest wait for the next record
+        before :class:`ReadTimeoutError`; ``None`` waits until it is sealed.
+
+    Examples
+    --------
+    >>> for rec in aimss_dask.read_from("events", group="trainer"):  # doctest: +SKIP
+    ...     process(rec)
+    """
+    ep = current("read_from")
+    check_name(name)
+    got = ep.scheduler_op("get", name=name)
+    spec = _remember(ep, got)
+    parts = [check_partition(spec, partition)] if partition is not None else list(range(spec.partitions))
+    if start is not None and (not isinstance(start, int) or isinstance(start, bool) or start < 0):
+        raise InvalidOffsetError(
+            f"start={start!r} for stream {name!r}: offsets are non-negative ints"
+        )
+    if timeout is not None and not timeout >= 0:
+        raise InvalidArgumentError(f"timeout={timeout!r} must be >= 0 seconds or None")
+    committer = None
+    if group is not None:
+        check_name(group, "consumer group")
+        committed = ep.scheduler_op("offsets", name=name, group=group)["offsets"]
+        starts = [committed[p] if start is None else start for p in parts]
+        committer = reader.GroupCommitter(ep, name, group)
+    else:
+        starts = [start or 0] * len(parts)
+    lost = set(got.get("lost", ()))
+    if lost & set(parts):
+        raise PartitionLostError(
+            f"partition(s) {sorted(lost & set(parts))} of stream {name!r} were lost "
+            "with their worker; destroy the stream and write it again"
+        )
+    max_bytes = ep.plugin.config.read_batch_size if ep.plugin and ep.plugin.config else None
+    return reader.read_records(ep, spec, parts, starts, timeout, max_bytes, committer)
+
+
+def shuffle_streams(parent: str, *, timeout: float | None = None) -> list[str]:
+    """``ShuffleStreams``: wait until every child stream of ``parent`` is sealed.
+
+    Returns the children's names. This is the shuffle barrier.
+
+    Examples
+    --------
+    >>> aimss_dask.shuffle_streams("join-1")  # doctest: +SKIP
+    ['join-1/left', 'join-1/right']
+    """
+    ep = current("shuffle_streams")
+    check_name(parent, "parent stream name")
+    return list(ep.scheduler_op("shuffle_wait", parent=parent, timeout=timeout)["children"])
+
+
+def destroy_stream(name: str) -> None:
+    """``DestroyStream``: free the stream's memory and spill files everywhere.
+
+    Child streams are destroyed with their parent.
+    """
+    ep = current("destroy_stream")
+    check_name(name)
+    try:
+        reply = ep.scheduler_op("destroy", name=name)
+    finally:
+        forget(name)
+    for n in reply.get("destroyed", []):
+        forget(n)
+        ep.producer.forget(n)
+
+
+def status() -> dict[str, dict[str, Any]]:
+    """Per worker: log memory, budget, peak, spilled bytes and the streams held."""
+    return _plain(current("status").scheduler_op("status")["workers"])

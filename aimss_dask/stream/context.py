@@ -1,0 +1,139 @@
+"""The sync bridge: where an API call runs and how it reaches the cluster.
+
+The stream API is blocking and works in two places: a client process (the
+user's script) and a task thread on a worker. ``current()`` builds an
+:class:`Endpoint` for either, with the event loop, the RPC pools and the
+process's producer; every remote call goes through ``Endpoint.call``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from distributed import default_client, get_worker
+from distributed.utils import sync
+
+from aimss_dask.config import AIMSSConfig
+from aimss_dask.errors import AIMSSError, NotRegisteredError, raise_from_wire
+from aimss_dask.plugin.scheduler import PLUGIN_NAME
+from aimss_dask.stream.producer import Producer
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from aimss_dask.plugin.worker import AIMSSWorker
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One process's view of the cluster: a client or a worker."""
+
+    loop: Any
+    scheduler: Any  # PooledRPCCall to the scheduler
+    rpc: Any  # ConnectionPool to workers
+    producer: Producer
+    address: str | None = None  # the worker's own address, in a task
+    plugin: AIMSSWorker | None = None
+    client_id: str | None = None
+    task_key: Any = None
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run coroutine function ``fn`` on the loop and wait for it."""
+        return sync(self.loop, fn, *args, **kwargs)
+
+    async def ask_scheduler(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        reply = await getattr(self.scheduler, f"aimss_{op}")(**kwargs)
+        return raise_from_wire(reply, f"aimss_{op}")
+
+    async def ask_worker(self, addr: str, op: str, **kwargs: Any) -> dict[str, Any]:
+        reply = await getattr(self.rpc(addr), f"aimss_{op}")(**kwargs)
+        return raise_from_wire(reply, f"aimss_{op}")
+
+    def scheduler_op(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        return self.call(self.ask_scheduler, op, **kwargs)
+
+    def owner_kwargs(self) -> dict[str, Any]:
+        """Who a new stream belongs to, for cleanup when that client leaves."""
+        return {"client": self.client_id, "task": self.task_key}
+
+
+_client_producers: weakref.WeakKeyDictionary[Client, Producer] = weakref.WeakKeyDictionary()
+_client_lock = threading.Lock()
+
+
+def _refuse_on_loop(fn: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise AIMSSError(
+        f"aimss_dask.{fn} blocks until the cluster answers, so it cannot run inside "
+        "a coroutine; call it from a task or a plain thread (e.g. loop.run_in_executor)"
+    )
+
+
+def current(fn: str = "call") -> Endpoint:
+    """The endpoint of the calling thread: a worker task's, else the client's."""
+    _refuse_on_loop(fn)
+    try:
+        worker = get_worker()
+    except ValueError:
+        worker = None
+    if worker is not None:
+        plugin = worker.plugins.get(PLUGIN_NAME)
+        if plugin is None or getattr(plugin, "producer", None) is None:
+            raise NotRegisteredError(
+                f"aimss_dask.{fn}: worker {worker.address} has no AIMSS plugin; call "
+                "`client.register_plugin(aimss_dask.AIMSS())` first"
+            )
+        try:
+            key = worker.get_current_task()
+        except Exception:
+            key = None
+        return Endpoint(
+            loop=worker.loop,
+            scheduler=worker.scheduler,
+            rpc=worker.rpc,
+            producer=plugin.producer,
+            address=worker.address,
+            plugin=plugin,
+            task_key=key,
+        )
+    try:
+        client = default_client()
+    except ValueError:
+        raise NotRegisteredError(
+            f"aimss_dask.{fn} needs a Dask cluster: create `client = "
+            "distributed.Client(...)` and `client.register_plugin(aimss_dask.AIMSS())`"
+        ) from None
+    if client.asynchronous:
+        raise AIMSSError(
+            f"aimss_dask.{fn} is a blocking API and the default client is "
+            "asynchronous; use a synchronous distributed.Client"
+        )
+    with _client_lock:
+        producer = _client_producers.get(client)
+        if producer is None:
+            cfg = AIMSSConfig.load()
+            producer = Producer(
+                client.loop,
+                client.rpc,
+                batch_size=cfg.batch_size,
+                max_in_flight=cfg.max_in_flight,
+                linger=cfg.linger,
+            )
+            _client_producers[client] = producer
+    return Endpoint(
+        loop=client.loop,
+        scheduler=client.scheduler,
+        rpc=client.rpc,
+        producer=producer,
+        client_id=client.id,
+    )
