@@ -1,0 +1,1 @@
+"""Storage brokers that drain streams to files (Zarr sinks). Not implemented yet."""

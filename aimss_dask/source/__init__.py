@@ -1,0 +1,1 @@
+"""Storage brokers that fill streams from files (prefetching sources). Not implemented yet."""
