@@ -1,0 +1,87 @@
+"""Shared fixtures of the integration tests: a real multi-process LocalCluster.
+
+``cluster`` is module-scoped (process startup costs ~2-3 s, so the tests of
+one module share it); ``client`` is per test and checks at teardown that the
+test left every worker's log empty: no stream, no memory, no spill file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import uuid
+
+import pytest
+from distributed import Client, LocalCluster
+
+import aimss_dask
+
+_names = itertools.count()
+
+
+def unique_name(prefix: str = "s") -> str:
+    """A stream name no other test (or earlier run) uses."""
+    return f"{prefix}-{next(_names)}-{uuid.uuid4().hex[:8]}"
+
+
+def make_cluster(n_workers: int = 2) -> LocalCluster:
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+    )
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(interval)
+
+
+def assert_workers_clean(status: dict) -> None:
+    """Every worker of ``aimss_dask.status()`` holds nothing at all."""
+    assert status, "status() reported no worker"
+    for addr, st in status.items():
+        assert st["streams"] == [], f"{addr} still holds streams {st['streams']}"
+        assert st["memory_bytes"] == 0, f"{addr} memory_bytes={st['memory_bytes']}"
+        assert st["spilled_bytes"] == 0, f"{addr} spilled_bytes={st['spilled_bytes']}"
+        spill = st.get("spill_directory")
+        if spill and os.path.isdir(spill):
+            assert os.listdir(spill) == [], f"{addr} left spill files {os.listdir(spill)}"
+
+
+def destroy_all_streams() -> None:
+    """Destroy every stream any worker still holds (children go with parents)."""
+    names = sorted({n for st in aimss_dask.status().values() for n in st["streams"]})
+    for name in names:
+        try:
+            aimss_dask.destroy_stream(name)
+        except aimss_dask.StreamNotFoundError:
+            pass  # a child already destroyed with its parent
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with make_cluster(2) as cl:
+        yield cl
+
+
+@pytest.fixture
+def client(cluster):
+    with Client(cluster) as c:
+        c.register_plugin(aimss_dask.AIMSS())
+        c.wait_for_workers(len(cluster.workers))
+        yield c
+        destroy_all_streams()
+        # destroy_stream returns once every worker dropped the logs and files.
+        status = aimss_dask.status()
+        assert set(status) == set(c.scheduler_info(n_workers=-1)["workers"])
+        assert_workers_clean(status)

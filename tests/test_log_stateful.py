@@ -1,0 +1,395 @@
+"""Stateful property test: ``LogStore`` against a model of plain lists.
+
+The model keeps, per stream, its epoch and per partition the list of every
+record ever appended (offset = list index), the first offset still kept, the
+sealed flag, and a little bookkeeping for spilled bytes (see ``_Part.slack``).
+Rules open, append, read, seal, spill, trim and drop; the invariants compare
+the store's byte counters and spill folder with the model after every step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from aimss_dask.errors import (
+    InvalidOffsetError,
+    PartitionOutOfRangeError,
+    StreamNotFoundError,
+    StreamSealedError,
+)
+from aimss_dask.log import records as rec
+from aimss_dask.log.store import LogStore
+
+NAMES = ("s0", "s1", "s2")
+PARTITIONS = (0, 1, 2, 3)  # a stream holds some of these; the others are "not held"
+EPOCHS = (1, 2)
+
+# -- records ---------------------------------------------------------------------
+
+_DTYPES = st.sampled_from(
+    ["bool", "int8", "uint16", "int64", "float32", "float64", "complex64", "U3", "S2"]
+)
+
+
+@st.composite
+def _arrays(draw: st.DrawFn) -> np.ndarray:
+    a = draw(
+        hnp.arrays(
+            _DTYPES.map(np.dtype),
+            hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3),
+        )
+    )
+    # Non-contiguous views too: the store keeps views, the spill must copy them right.
+    if a.ndim >= 2 and draw(st.booleans()):
+        a = a.T
+    elif a.ndim == 1 and a.size > 1 and draw(st.booleans()):
+        a = a[::2]
+    return a
+
+
+_objects = st.recursive(
+    st.none() | st.integers() | st.text(max_size=4) | st.floats(allow_nan=False),
+    lambda c: st.lists(c, max_size=3)
+    | st.tuples(c, c)
+    | st.dictionaries(st.text(max_size=2), c, max_size=2),
+    max_leaves=6,
+)
+
+RECORDS = st.one_of(_arrays(), st.binary(max_size=12), _objects)
+
+
+def same_record(got: Any, want: Any) -> bool:
+    """Equal value and type; arrays bit for bit (NaN included)."""
+    if isinstance(want, np.ndarray):
+        return (
+            isinstance(got, np.ndarray)
+            and got.dtype == want.dtype
+            and got.shape == want.shape
+            and got.tobytes() == want.tobytes()
+        )
+    return type(got) is type(want) and got == want
+
+
+def assert_same_records(got: list[Any], want: list[Any]) -> None:
+    assert len(got) == len(want), (len(got), len(want))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert same_record(g, w), f"record {i}: {g!r} != {w!r}"
+
+
+# -- model -----------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    records: list[Any] = field(default_factory=list)  # index = offset
+    sizes: list[int] = field(default_factory=list)
+    start: int = 0
+    sealed: bool = False
+    # Offsets below this may sit in a spill file (a spill ran after they came).
+    maybe_spilled_end: int = 0
+    # Bytes trimmed from records that may have been spilled. The store frees a
+    # spill file a whole segment at a time, so until the trim passes the end of
+    # that segment ``spilled_bytes`` may still count them; a bound, not a value.
+    slack: int = 0
+
+    @property
+    def end(self) -> int:
+        return len(self.records)
+
+    @property
+    def retained_bytes(self) -> int:
+        return sum(self.sizes[self.start :])
+
+
+@dataclass
+class _Stream:
+    epoch: int
+    parts: dict[int, _Part] = field(default_factory=dict)
+
+
+class LogStoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = tempfile.mkdtemp(prefix="aimss-test-log-")
+        self.spill_dir = os.path.join(self.tmp, "spill")
+        self.store: LogStore | None = None
+        self.model: dict[str, _Stream] = {}
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _part(self, name: str, p: int) -> _Part | None:
+        s = self.model.get(name)
+        return None if s is None else s.parts.get(p)
+
+    def _epoch_arg(self, name: str, which: str) -> int | None:
+        """``None`` (any epoch), the stream's epoch, or one that is stale."""
+        if which == "none":
+            return None
+        s = self.model.get(name)
+        current = s.epoch if s is not None else 1
+        return current if which == "current" else current + 100
+
+    def _expect_error(self, name: str, epoch: int | None, p: int) -> type[Exception] | None:
+        s = self.model.get(name)
+        if s is None or (epoch is not None and epoch != s.epoch):
+            return StreamNotFoundError
+        if p not in s.parts:
+            return PartitionOutOfRangeError
+        return None
+
+    def _segment_files(self) -> list[str]:
+        if not os.path.isdir(self.spill_dir):
+            return []
+        return sorted(f for f in os.listdir(self.spill_dir) if f.startswith("segment-"))
+
+    # -- rules ---------------------------------------------------------------------
+
+    @initialize(segment_size=st.integers(1, 48), budget=st.integers(1, 256))
+    def make_store(self, segment_size: int, budget: int) -> None:
+        self.store = LogStore(budget=budget, spill_dir=self.spill_dir, segment_size=segment_size)
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        epoch=st.sampled_from(EPOCHS),
+        partitions=st.sets(st.sampled_from(PARTITIONS), max_size=3),
+    )
+    def open(self, name: str, epoch: int, partitions: set[int]) -> None:
+        assert self.store is not None
+        self.store.open(name, epoch, sorted(partitions))
+        s = self.model.get(name)
+        if s is None or s.epoch != epoch:  # a new epoch replaces the old logs
+            s = self.model[name] = _Stream(epoch)
+        for p in partitions:
+            s.parts.setdefault(p, _Part())
+        assert self.store.has(name)
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        p=st.sampled_from(PARTITIONS),
+        epoch=st.sampled_from(["none", "current", "stale"]),
+        batch=st.lists(RECORDS, max_size=5),
+    )
+    def append(self, name: str, p: int, epoch: str, batch: list[Any]) -> None:
+        assert self.store is not None
+        e = self._epoch_arg(name, epoch)
+        sizes = [rec.encode(r)[1] for r in batch]
+        err = self._expect_error(name, e, p)
+        part = self._part(name, p)
+        if err is None and part is not None and part.sealed:
+            err = StreamSealedError
+        if err is not None:
+            before = self.store.bounds(name, None, p) if part is not None else None
+            with pytest.raises(err):
+                self.store.append(name, e, p, batch, sizes)
+            if part is not None:  # a refused write changes nothing
+                assert self.store.bounds(name, None, p) == before
+            return
+        assert part is not None
+        first = self.store.append(name, e, p, batch, sizes)
+        assert first == part.end
+        part.records.extend(batch)
+        part.sizes.extend(sizes)
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        p=st.sampled_from(PARTITIONS),
+        epoch=st.sampled_from(["none", "current", "stale"]),
+        start_back=st.integers(-2, 12),
+        max_bytes=st.none() | st.integers(0, 64),
+    )
+    def read(
+        self, name: str, p: int, epoch: str, start_back: int, max_bytes: int | None
+    ) -> None:
+        assert self.store is not None
+        e = self._epoch_arg(name, epoch)
+        part = self._part(name, p)
+        # Offsets around the interesting places: before start, inside, past end.
+        end = part.end if part is not None else 0
+        start = max(0, end - start_back) if start_back >= 0 else end - start_back - 1
+        err = self._expect_error(name, e, p)
+        if err is None and part is not None and start < part.start:
+            err = InvalidOffsetError
+        if err is not None:
+            with pytest.raises(err):
+                self.store.read(name, e, p, start, max_bytes)
+            return
+        assert part is not None
+        got, sealed, new_end = self.store.read(name, e, p, start, max_bytes)
+        assert sealed == part.sealed
+        if start >= part.end:
+            assert got == [] and new_end == part.end
+            return
+        # The model: records from ``start`` while they fit in ``max_bytes``, and
+        # always at least one.
+        want, taken = [], 0
+        for off in range(start, part.end):
+            n = part.sizes[off]
+            if want and max_bytes is not None and taken + n > max_bytes:
+                break
+            want.append(part.records[off])
+            taken += n
+        assert_same_records(got, want)
+        assert new_end == start + len(want)
+
+    @rule(name=st.sampled_from(NAMES), partitions=st.sets(st.sampled_from(PARTITIONS)))
+    def seal(self, name: str, partitions: set[int]) -> None:
+        assert self.store is not None
+        s = self.model.get(name)
+        if s is None:
+            with pytest.raises(StreamNotFoundError):
+                self.store.seal(name, None, sorted(partitions))
+            return
+        held = sorted(partitions & set(s.parts))
+        self.store.seal(name, s.epoch, held)
+        for p in held:
+            s.parts[p].sealed = True
+            assert self.store.bounds(name, None, p)[2] is True
+
+    @rule(target=st.none() | st.just(0) | st.integers(0, 300))
+    def spill(self, target: int | None) -> None:
+        assert self.store is not None
+        before = self.store.memory_bytes
+        spilled = self.store.spill(target)
+        after = self.store.memory_bytes
+        assert spilled == before - after
+        limit = int(self.store.budget * 0.9) if target is None else target
+        # Every in-memory segment holding bytes is spillable (the open one is
+        # sealed to make it so), so the target is always reached.
+        assert after <= limit
+        if target == 0:
+            assert after == 0
+        if os.path.isdir(self.spill_dir):  # nothing half-written is left behind
+            assert not [f for f in os.listdir(self.spill_dir) if f.endswith(".tmp")]
+        if spilled:
+            for s in self.model.values():
+                for part in s.parts.values():
+                    part.maybe_spilled_end = part.end
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        p=st.sampled_from(PARTITIONS),
+        upto_back=st.integers(-2, 10),
+    )
+    def trim(self, name: str, p: int, upto_back: int) -> None:
+        assert self.store is not None
+        part = self._part(name, p)
+        end = part.end if part is not None else 0
+        upto = max(0, end - upto_back) if upto_back >= 0 else end - upto_back
+        err = self._expect_error(name, None, p)
+        if err is not None:
+            with pytest.raises(err):
+                self.store.trim(name, None, p, upto)
+            return
+        assert part is not None
+        total_before = self.store.memory_bytes + self.store.spilled_bytes
+        freed = self.store.trim(name, None, p, upto)
+        assert freed == total_before - (self.store.memory_bytes + self.store.spilled_bytes)
+        new_start = max(part.start, min(upto, part.end))
+        for off in range(part.start, new_start):
+            if off < part.maybe_spilled_end:
+                part.slack += part.sizes[off]
+        part.start = new_start
+        if part.start == part.end:
+            part.slack = 0  # every segment is past ``upto``: all freed
+        assert self.store.bounds(name, None, p)[:2] == (part.start, part.end)
+        if part.start > 0:
+            with pytest.raises(InvalidOffsetError, match="was trimmed"):
+                self.store.read(name, None, p, part.start - 1)
+
+    @rule(name=st.sampled_from(NAMES))
+    def drop(self, name: str) -> None:
+        assert self.store is not None
+        assert self.store.drop(name) is (name in self.model)
+        self.model.pop(name, None)
+        assert not self.store.has(name)
+        with pytest.raises(StreamNotFoundError):
+            self.store.read(name, None, 0, 0)
+        with pytest.raises(StreamNotFoundError):
+            self.store.append(name, None, 0, [b"x"], [1])
+
+    @precondition(lambda self: self.store is not None)
+    @rule()
+    def drop_all(self) -> None:
+        assert self.store is not None
+        for name in list(self.model):
+            assert self.store.drop(name)
+        self.model.clear()
+        assert self.store.memory_bytes == 0
+        assert self.store.spilled_bytes == 0
+        assert self._segment_files() == []
+
+    # -- invariants ----------------------------------------------------------------
+
+    @invariant()
+    def byte_counters_match_model(self) -> None:
+        if self.store is None:
+            return
+        mem, spilled = self.store.memory_bytes, self.store.spilled_bytes
+        assert mem >= 0 and spilled >= 0
+        parts = [pt for s in self.model.values() for pt in s.parts.values()]
+        retained = sum(pt.retained_bytes for pt in parts)
+        slack = sum(pt.slack for pt in parts)
+        # Memory holds only records still kept; together with the spill files
+        # it holds all of them, plus at most the trimmed tails of spilled segments.
+        assert mem <= retained
+        assert retained <= mem + spilled <= retained + slack
+        assert self.store.peak_memory >= mem
+
+    @invariant()
+    def spill_files_match_counter(self) -> None:
+        if self.store is None:
+            return
+        # A spilled segment always holds > 0 bytes, so files exist iff bytes do.
+        assert bool(self._segment_files()) == (self.store.spilled_bytes > 0)
+
+    @invariant()
+    def stats_match_model(self) -> None:
+        if self.store is None:
+            return
+        assert self.store.stats()["streams"] == sorted(self.model)
+        for name, s in self.model.items():
+            stats = self.store.stream_stats(name)
+            assert set(stats) == set(s.parts)
+            for p, part in s.parts.items():
+                assert stats[p]["records"] == part.end
+                assert stats[p]["start"] == part.start
+                assert stats[p]["sealed"] == part.sealed
+
+    def teardown(self) -> None:
+        try:
+            if self.store is not None:
+                for name in list(self.model):
+                    self.store.drop(name)
+                assert self._segment_files() == []
+                assert self.store.memory_bytes == 0 and self.store.spilled_bytes == 0
+                self.store.close()
+                self.store.close()  # idempotent
+                assert not os.path.exists(self.spill_dir)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+LogStoreMachine.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+TestLogStore = LogStoreMachine.TestCase

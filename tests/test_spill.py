@@ -1,0 +1,138 @@
+"""Past the memory budget, data spills to disk and reads back identical.
+
+A real LocalCluster with worker processes and a small AIMSS budget; the
+worker's RSS is sampled while it stores 4x its budget.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+from distributed import Client, LocalCluster
+
+import aimss_dask
+
+BUDGET = 64 * 2**20
+RECORD = 2**20  # 1 MiB arrays
+LARGE = os.environ.get("AIMSS_TEST_LARGE") == "1"
+PER_WORKER = (2048 if LARGE else 256) * 2**20
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as c:
+        c.register_plugin(aimss_dask.AIMSS(memory_limit=BUDGET))
+        yield c
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+class _RSSSampler:
+    """Samples this worker's RSS every 20 ms in a thread, keeps the peak."""
+
+    def __init__(self) -> None:
+        self.peak = _rss()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, _rss())
+
+
+def _start_sampler(dask_worker) -> int:
+    dask_worker._aimss_test_sampler = _RSSSampler()
+    return _rss()
+
+
+def _stop_sampler(dask_worker) -> int:
+    s = dask_worker._aimss_test_sampler
+    s.stop.set()
+    s.thread.join()
+    return s.peak
+
+
+def _produce(name: str, seed: int, n: int) -> float:
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for i in range(n):
+        a = rng.random(RECORD // 8)
+        a[0] = seed * 100_000 + i
+        total += float(a.sum())
+        aimss_dask.write_to(name, a, key=(seed, i))
+    aimss_dask.get_stream(name).flush()
+    return total
+
+
+def _consume(records) -> tuple[int, float, list[float]]:
+    n, total, tags = 0, 0.0, []
+    for a in records:
+        assert not a.flags.writeable
+        n += 1
+        total += float(a.sum())
+        tags.append(float(a[0]))
+    return n, total, tags
+
+
+def test_spills_past_budget_and_reads_back_identical(client):
+    name = "spill-test"
+    stream = aimss_dask.create_stream(name, partitions=4)
+    base = client.run(_start_sampler)
+    producers = 8
+    per_producer = 2 * PER_WORKER // RECORD // producers
+    try:
+        sums = client.gather(
+            client.map(_produce, [name] * producers, range(producers), [per_producer] * producers, pure=False)
+        )
+        stream.seal()
+        info = stream.info()
+        st = aimss_dask.status()
+        results = client.gather(stream.map_partitions(_consume))
+        peaks = client.run(_stop_sampler)
+    finally:
+        aimss_dask.destroy_stream(name)
+
+    n = sum(r[0] for r in results)
+    assert n == producers * per_producer
+    tags = sorted(t for r in results for t in r[2])
+    assert tags == sorted(float(s * 100_000 + i) for s in range(producers) for i in range(per_producer))
+    assert sum(r[1] for r in results) == pytest.approx(sum(sums), rel=1e-12)
+
+    written = n * RECORD
+    print(
+        f"wrote {written >> 20} MiB, spilled {info['spilled_bytes'] >> 20} MiB; "
+        + "; ".join(
+            f"{a}: peak log {st[a]['peak_memory'] >> 20} MiB, RSS +{(peaks[a] - base[a]) >> 20} MiB"
+            for a in st
+        )
+    )
+    assert info["spilled_bytes"] > written // 2, info
+    for addr, ws in st.items():
+        # The log never holds more than its budget plus the batch in hand.
+        assert ws["peak_memory"] <= BUDGET + 8 * 2**20, (addr, ws)
+        assert ws["memory_bytes"] <= BUDGET, (addr, ws)
+        # RSS stays bounded: far below what the worker stored.
+        growth = peaks[addr] - base[addr]
+        assert growth < PER_WORKER * 0.75, (addr, growth / 2**20)
+
+    # Destroy freed memory and removed the spill files.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        st = aimss_dask.status()
+        if all(ws["memory_bytes"] == 0 and ws["spilled_bytes"] == 0 for ws in st.values()):
+            break
+        time.sleep(0.1)
+    for ws in st.values():
+        assert ws["memory_bytes"] == 0 and ws["spilled_bytes"] == 0
+        d = ws["spill_directory"]
+        assert not os.path.isdir(d) or os.listdir(d) == []
