@@ -60,6 +60,7 @@ class AIMSSConfig:
     linger: float = 0.005
     max_in_flight: int = 64 * 2**20
     read_batch_size: int = 16 * 2**20
+    transport: str = "auto"
 
     @classmethod
     def load(cls, **overrides: Any) -> AIMSSConfig:
@@ -97,7 +98,13 @@ class AIMSSConfig:
         if linger is None or linger < 0:
             raise InvalidArgumentError(f"aimss linger={d.get('linger')!r} must be >= 0")
         spill = d.get("spill_directory")
+        transport = d.get("transport", "auto")
+        if transport not in ("auto", "dask"):
+            raise InvalidArgumentError(
+                f"aimss transport={transport!r} is not one of 'auto', 'dask'"
+            )
         return cls(
+            transport=transport,
             memory_limit=_bytes("memory-limit", d.get("memory_limit"), allow_none=True),
             memory_fraction=frac,
             spill_directory=os.fspath(spill) if spill is not None else None,

@@ -154,6 +154,19 @@ class LogStoreMachine(RuleBasedStateMachine):
             return PartitionOutOfRangeError
         return None
 
+    def _held(self) -> list[tuple[str, int]]:
+        return sorted((n, p) for n, s in self.model.items() for p in s.parts)
+
+    def _pick(self, data: st.DataObject) -> tuple[str, int]:
+        """A held partition, most of the time; any name and partition otherwise."""
+        held = self._held()
+        if held and data.draw(st.integers(0, 9), label="held?") > 0:
+            return data.draw(st.sampled_from(held), label="partition")
+        return (
+            data.draw(st.sampled_from(NAMES), label="name"),
+            data.draw(st.sampled_from(PARTITIONS), label="p"),
+        )
+
     def _segment_files(self) -> list[str]:
         if not os.path.isdir(self.spill_dir):
             return []
@@ -164,11 +177,12 @@ class LogStoreMachine(RuleBasedStateMachine):
     @initialize(segment_size=st.integers(1, 48), budget=st.integers(1, 256))
     def make_store(self, segment_size: int, budget: int) -> None:
         self.store = LogStore(budget=budget, spill_dir=self.spill_dir, segment_size=segment_size)
+        self.open("s0", 1, {0, 1})
 
     @rule(
         name=st.sampled_from(NAMES),
         epoch=st.sampled_from(EPOCHS),
-        partitions=st.sets(st.sampled_from(PARTITIONS), max_size=3),
+        partitions=st.sets(st.sampled_from(PARTITIONS), min_size=1, max_size=3),
     )
     def open(self, name: str, epoch: int, partitions: set[int]) -> None:
         assert self.store is not None
@@ -181,13 +195,13 @@ class LogStoreMachine(RuleBasedStateMachine):
         assert self.store.has(name)
 
     @rule(
-        name=st.sampled_from(NAMES),
-        p=st.sampled_from(PARTITIONS),
-        epoch=st.sampled_from(["none", "current", "stale"]),
-        batch=st.lists(RECORDS, max_size=5),
+        data=st.data(),
+        epoch=st.sampled_from(["none", "current", "current", "stale"]),
+        batch=st.lists(RECORDS, max_size=6),
     )
-    def append(self, name: str, p: int, epoch: str, batch: list[Any]) -> None:
+    def append(self, data: st.DataObject, epoch: str, batch: list[Any]) -> None:
         assert self.store is not None
+        name, p = self._pick(data)
         e = self._epoch_arg(name, epoch)
         sizes = [rec.encode(r)[1] for r in batch]
         err = self._expect_error(name, e, p)
@@ -207,22 +221,18 @@ class LogStoreMachine(RuleBasedStateMachine):
         part.records.extend(batch)
         part.sizes.extend(sizes)
 
-    @rule(
-        name=st.sampled_from(NAMES),
-        p=st.sampled_from(PARTITIONS),
-        epoch=st.sampled_from(["none", "current", "stale"]),
-        start_back=st.integers(-2, 12),
-        max_bytes=st.none() | st.integers(0, 64),
-    )
-    def read(
-        self, name: str, p: int, epoch: str, start_back: int, max_bytes: int | None
+    # Writes are what every other rule needs: give them twice the weight.
+    append_more = rule(
+        data=st.data(),
+        epoch=st.sampled_from(["none", "current"]),
+        batch=st.lists(RECORDS, min_size=1, max_size=8),
+    )(lambda self, data, epoch, batch: self.append(data, epoch, batch))
+
+    def _check_read(
+        self, name: str, e: int | None, p: int, start: int, max_bytes: int | None
     ) -> None:
         assert self.store is not None
-        e = self._epoch_arg(name, epoch)
         part = self._part(name, p)
-        # Offsets around the interesting places: before start, inside, past end.
-        end = part.end if part is not None else 0
-        start = max(0, end - start_back) if start_back >= 0 else end - start_back - 1
         err = self._expect_error(name, e, p)
         if err is None and part is not None and start < part.start:
             err = InvalidOffsetError
@@ -238,7 +248,8 @@ class LogStoreMachine(RuleBasedStateMachine):
             return
         # The model: records from ``start`` while they fit in ``max_bytes``, and
         # always at least one.
-        want, taken = [], 0
+        want: list[Any] = []
+        taken = 0
         for off in range(start, part.end):
             n = part.sizes[off]
             if want and max_bytes is not None and taken + n > max_bytes:
@@ -248,13 +259,47 @@ class LogStoreMachine(RuleBasedStateMachine):
         assert_same_records(got, want)
         assert new_end == start + len(want)
 
-    @rule(name=st.sampled_from(NAMES), partitions=st.sets(st.sampled_from(PARTITIONS)))
-    def seal(self, name: str, partitions: set[int]) -> None:
+    def _check_all_contents(self) -> None:
+        """Every retained record of every partition reads back as appended."""
+        for name, s in self.model.items():
+            for p, part in s.parts.items():
+                self._check_read(name, s.epoch, p, part.start, None)
+
+    @rule(
+        data=st.data(),
+        epoch=st.sampled_from(["none", "current", "current", "stale"]),
+        start_back=st.integers(-2, 12),
+        max_bytes=st.none() | st.integers(0, 64),
+    )
+    def read(
+        self, data: st.DataObject, epoch: str, start_back: int, max_bytes: int | None
+    ) -> None:
+        name, p = self._pick(data)
+        e = self._epoch_arg(name, epoch)
+        part = self._part(name, p)
+        # Offsets around the interesting places: before start, inside, past end.
+        end = part.end if part is not None else 0
+        start = max(0, end - start_back) if start_back >= 0 else end - start_back - 1
+        self._check_read(name, e, p, start, max_bytes)
+        if part is not None and self._expect_error(name, e, p) is None:
+            # Reads are cheap: try every offset still kept with the same limit.
+            for off in range(part.start, part.end + 1):
+                self._check_read(name, e, p, off, max_bytes)
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        partitions=st.sets(st.sampled_from(PARTITIONS)),
+        now=st.integers(0, 2),
+    )
+    def seal(self, name: str, partitions: set[int], now: int) -> None:
         assert self.store is not None
+        if now:  # rarer than writes, or most runs would seal everything early
+            return
         s = self.model.get(name)
         if s is None:
-            with pytest.raises(StreamNotFoundError):
-                self.store.seal(name, None, sorted(partitions))
+            if partitions:  # (sealing no partition of anything is a no-op)
+                with pytest.raises(StreamNotFoundError):
+                    self.store.seal(name, None, sorted(partitions))
             return
         held = sorted(partitions & set(s.parts))
         self.store.seal(name, s.epoch, held)
@@ -262,18 +307,18 @@ class LogStoreMachine(RuleBasedStateMachine):
             s.parts[p].sealed = True
             assert self.store.bounds(name, None, p)[2] is True
 
-    @rule(target=st.none() | st.just(0) | st.integers(0, 300))
-    def spill(self, target: int | None) -> None:
+    @rule(goal=st.none() | st.just(0) | st.integers(0, 300))
+    def spill(self, goal: int | None) -> None:
         assert self.store is not None
         before = self.store.memory_bytes
-        spilled = self.store.spill(target)
+        spilled = self.store.spill(goal)
         after = self.store.memory_bytes
         assert spilled == before - after
-        limit = int(self.store.budget * 0.9) if target is None else target
+        limit = int(self.store.budget * 0.9) if goal is None else goal
         # Every in-memory segment holding bytes is spillable (the open one is
-        # sealed to make it so), so the target is always reached.
+        # sealed to make it so), so the goal is always reached.
         assert after <= limit
-        if target == 0:
+        if goal == 0:
             assert after == 0
         if os.path.isdir(self.spill_dir):  # nothing half-written is left behind
             assert not [f for f in os.listdir(self.spill_dir) if f.endswith(".tmp")]
@@ -281,14 +326,12 @@ class LogStoreMachine(RuleBasedStateMachine):
             for s in self.model.values():
                 for part in s.parts.values():
                     part.maybe_spilled_end = part.end
+        self._check_all_contents()  # spilled data reads back identical
 
-    @rule(
-        name=st.sampled_from(NAMES),
-        p=st.sampled_from(PARTITIONS),
-        upto_back=st.integers(-2, 10),
-    )
-    def trim(self, name: str, p: int, upto_back: int) -> None:
+    @rule(data=st.data(), upto_back=st.integers(-2, 10))
+    def trim(self, data: st.DataObject, upto_back: int) -> None:
         assert self.store is not None
+        name, p = self._pick(data)
         part = self._part(name, p)
         end = part.end if part is not None else 0
         upto = max(0, end - upto_back) if upto_back >= 0 else end - upto_back
@@ -312,10 +355,13 @@ class LogStoreMachine(RuleBasedStateMachine):
         if part.start > 0:
             with pytest.raises(InvalidOffsetError, match="was trimmed"):
                 self.store.read(name, None, p, part.start - 1)
+        self._check_all_contents()  # the rest is untouched
 
-    @rule(name=st.sampled_from(NAMES))
-    def drop(self, name: str) -> None:
+    @rule(name=st.sampled_from(NAMES), now=st.integers(0, 2))
+    def drop(self, name: str, now: int) -> None:
         assert self.store is not None
+        if now:  # rarer than writes
+            return
         assert self.store.drop(name) is (name in self.model)
         self.model.pop(name, None)
         assert not self.store.has(name)
@@ -325,9 +371,11 @@ class LogStoreMachine(RuleBasedStateMachine):
             self.store.append(name, None, 0, [b"x"], [1])
 
     @precondition(lambda self: self.store is not None)
-    @rule()
-    def drop_all(self) -> None:
+    @rule(now=st.integers(0, 4))
+    def drop_all(self, now: int) -> None:
         assert self.store is not None
+        if now:  # rare: it resets everything
+            return
         for name in list(self.model):
             assert self.store.drop(name)
         self.model.clear()

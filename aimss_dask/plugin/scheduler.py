@@ -266,12 +266,28 @@ class AIMSS(SchedulerPlugin):
         #    has buffered; 2. only then do owners seal, so nothing written before
         #    seal() is rejected.
         msg = {"name": name, "epoch": spec.epoch}
-        await self._broadcast({"op": "aimss_seal_producers", **msg})
+        replies = await self._broadcast({"op": "aimss_seal_producers", **msg})
         await self._broadcast({"op": "aimss_seal_partitions", **msg}, list(set(spec.owners)))
         self.state.sealed.add(name)
         assert self._sealed_changed is not None
         async with self._sealed_changed:
             self._sealed_changed.notify_all()
+        failures = {
+            addr: r["failure"]
+            for addr, r in replies.items()
+            if isinstance(r, dict) and r.get("failure")
+        }
+        if failures:
+            addr, (kind, message) = sorted(failures.items())[0]
+            raise_from_wire(
+                {
+                    "status": "aimss-error",
+                    "type": kind,
+                    "message": f"stream {name!r} is sealed, but writes from "
+                    f"{sorted(failures)} were not stored: {message}",
+                },
+                "aimss_seal",
+            )
         return self._wire(spec)
 
     @_replies

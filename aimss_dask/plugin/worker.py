@@ -19,6 +19,7 @@ from aimss_dask.errors import AIMSSError, error_to_wire
 from aimss_dask.log.store import LogStore
 from aimss_dask.plugin.scheduler import PLUGIN_NAME, _replies
 from aimss_dask.plugin.state import StreamSpec
+from aimss_dask.stream.dataplane import BufferPool, DataServer
 from aimss_dask.stream.producer import Producer
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ class AIMSSWorker(WorkerPlugin):
         self.config: AIMSSConfig | None = None
         self.store: LogStore | None = None
         self.producer: Producer | None = None
+        self.data_server: DataServer | None = None
+        self.pool: BufferPool | None = None
         self._changed: asyncio.Event | None = None
         self._waiters = 0
 
@@ -73,9 +76,15 @@ class AIMSSWorker(WorkerPlugin):
             batch_size=self.config.batch_size,
             max_in_flight=self.config.max_in_flight,
             linger=self.config.linger,
+            transport=self.config.transport,
             address=worker.address,
             local=self.local_append,
         )
+        if self.config.transport == "auto" and worker.address.startswith("tcp://"):
+            store = self.store
+            self.pool = BufferPool(lambda: max(0, store.budget - store.memory_bytes))
+            host = worker.address[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+            self.data_server = DataServer(host, self.store_batch, self.pool)
         for op in _HANDLERS:
             worker.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
 
@@ -83,10 +92,14 @@ class AIMSSWorker(WorkerPlugin):
         try:
             for op in _HANDLERS:
                 worker.handlers.pop(f"aimss_{op}", None)
+            if self.data_server is not None:
+                self.data_server.close()
             if self.producer is not None:
                 self.producer.close()
             if self.store is not None:
                 self.store.close()
+            if self.pool is not None:
+                self.pool.clear()
         except Exception:
             logger.exception("aimss: worker teardown failed")
 
@@ -98,6 +111,26 @@ class AIMSSWorker(WorkerPlugin):
         self.store.append(spec.name, spec.epoch, partition, [record], [nbytes])
         if self.store.over_budget:
             self.store.spill()  # we are in a task thread: blocking is fine
+
+    def store_batch(
+        self, groups: list[tuple[str, int, int, list[Any], list[int]]]
+    ) -> dict[str, tuple[str, str]]:
+        """Store a batch pushed over the data plane (its receiver thread)."""
+        assert self.store is not None
+        errors: dict[str, tuple[str, str]] = {}
+        for name, epoch, partition, records, sizes in groups:
+            if name in errors:
+                continue
+            try:
+                self.store.append(name, epoch, partition, records, sizes)
+            except AIMSSError as e:
+                wire = error_to_wire(e)
+                errors[name] = (wire["type"], wire["message"])
+        # Back-pressure: the producer waits for this answer, so spilling
+        # before answering is what keeps its bytes in flight bounded.
+        while self.store.over_budget and self.store.spill():
+            pass
+        return errors
 
     # -- change notification for remote readers waiting on the loop ---------------------
 
@@ -118,28 +151,18 @@ class AIMSSWorker(WorkerPlugin):
         s = StreamSpec.from_wire(spec)
         self.store.open(s.name, s.epoch, partitions)
 
+    @_replies
     async def _h_append(self, items: list[list[Any]]) -> dict[str, Any]:
-        """Store pushed batches; answer only once memory is back within budget."""
-        assert self.store is not None
-        errors: dict[str, tuple[str, str]] = {}
-        try:
-            for name, epoch, partition, records, sizes in items:
-                if name in errors:
-                    continue
-                try:
-                    self.store.append(name, epoch, partition, records, sizes)
-                except AIMSSError as e:
-                    wire = error_to_wire(e)
-                    errors[name] = (wire["type"], wire["message"])
-            # Back-pressure: the producer waits for this reply, so spilling
-            # before answering is what keeps its bytes in flight bounded.
-            while self.store.over_budget:
-                if not await offload(self.store.spill):
-                    break
-        except Exception as e:
-            logger.exception("aimss: append failed")
-            return error_to_wire(e)
-        return {"status": "OK", "errors": errors}
+        """Store batches pushed over Dask's comms (TLS and other transports)."""
+        # store_batch may spill to disk before it returns: not on the loop.
+        return {"errors": await offload(self.store_batch, items)}
+
+    @_replies
+    async def _h_data_address(self) -> dict[str, Any]:
+        if self.data_server is None:
+            return {"host": None, "port": None}
+        host, port = self.data_server.address
+        return {"host": host, "port": port}
 
     @_replies
     async def _h_read(
@@ -182,9 +205,12 @@ class AIMSSWorker(WorkerPlugin):
         }
 
     @_replies
-    async def _h_seal_producers(self, name: str, epoch: int) -> None:
+    async def _h_seal_producers(self, name: str, epoch: int) -> dict[str, Any]:
         assert self.producer is not None
         await self.producer.seal(name, epoch)
+        # Writes that failed before the seal are data the sealer believes
+        # stored: report them so seal() raises instead of losing them quietly.
+        return {"failure": self.producer.failure(name)}
 
     @_replies
     async def _h_seal_partitions(self, name: str, epoch: int) -> None:
@@ -223,12 +249,15 @@ class AIMSSWorker(WorkerPlugin):
         assert self.store is not None and self.producer is not None
         st = self.store.stats()
         st["producer_in_flight"] = self.producer.budget.statistics().used
+        if self.pool is not None:
+            st.update(self.pool.statistics())
         st["spill_directory"] = self.store.spill_dir
         return {"status": st}
 
 
 _HANDLERS = (
     "open",
+    "data_address",
     "append",
     "read",
     "seal_producers",

@@ -112,8 +112,7 @@ class Stream:
 
     def flush(self) -> None:
         """Return once every record this process wrote to the stream is stored."""
-        ep = current("flush")
-        ep.call(ep.producer.flush, [self.name])
+        current("flush").producer.flush_blocking([self.name])
 
     def seal(self) -> None:
         """``ShuffleStream``: no more writes; readers see the end of each partition.
@@ -122,7 +121,7 @@ class Stream:
         is stored first. A later write raises :class:`StreamSealedError`.
         """
         ep = current("seal")
-        ep.call(ep.producer.flush, [self.name])
+        ep.producer.flush_blocking([self.name])
         _remember(ep, ep.scheduler_op("seal", name=self.name))
 
     def info(self) -> dict[str, Any]:

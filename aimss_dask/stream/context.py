@@ -128,6 +128,7 @@ def current(fn: str = "call") -> Endpoint:
                 batch_size=cfg.batch_size,
                 max_in_flight=cfg.max_in_flight,
                 linger=cfg.linger,
+                transport=cfg.transport,
             )
             _client_producers[client] = producer
     return Endpoint(

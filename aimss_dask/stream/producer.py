@@ -1,29 +1,41 @@
 """The write path: batch records per owner and push them, with back-pressure.
 
 One ``Producer`` per process (worker or client). Writers are threads (task
-threads, the user's thread); the pushes run on the process's event loop, one
-batch in flight per owner so a producer's records keep their order.
+threads, the user's thread). Each owner gets a sender thread that pushes
+batches in order over one connection, up to ``PIPELINE`` of them unanswered,
+so a producer's records keep their order while the next batch is already on
+the wire. Plain ``tcp://`` clusters use the raw data plane
+(:mod:`aimss_dask.stream.dataplane`); others (TLS, UCX, in-process) use
+Dask's comms.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from distributed.core import ConnectionPool
 from distributed.protocol import Serialized
-from tornado.ioloop import IOLoop
+from distributed.utils import sync
 
 from aimss_dask.errors import PartitionLostError, StreamSealedError, raise_from_wire
 from aimss_dask.log.budget import ByteBudget
 from aimss_dask.plugin.state import StreamSpec
+from aimss_dask.stream import dataplane
+
+logger = logging.getLogger("aimss_dask")
 
 #: ``(spec, partition, record, nbytes)``: store a record on this very process.
 LocalAppend = Callable[[StreamSpec, int, Any, int], None]
+
+#: Batches one producer may have on the wire to one owner at once.
+PIPELINE = 4
 
 
 @dataclass(eq=False)
@@ -33,6 +45,19 @@ class _Item:
     partition: int
     record: Serialized
     nbytes: int
+
+
+@dataclass(eq=False)
+class _Link:
+    """What one producer process has queued for, and sent to, one owner."""
+
+    owner: str
+    pending: deque[_Item] = field(default_factory=deque)
+    pending_bytes: int = 0
+    written: int = 0
+    acked: int = 0
+    flush_now: bool = False
+    thread: threading.Thread | None = None
 
 
 class Producer:
@@ -45,12 +70,13 @@ class Producer:
 
     def __init__(
         self,
-        loop: IOLoop,
-        rpc: ConnectionPool,
+        loop: Any,
+        rpc: Any,
         *,
         batch_size: int,
         max_in_flight: int,
         linger: float,
+        transport: str = "auto",
         address: str | None = None,
         local: LocalAppend | None = None,
     ) -> None:
@@ -58,25 +84,20 @@ class Producer:
         self._rpc = rpc
         self._batch_size = batch_size
         self._linger = linger
+        self._transport = transport
         self._address = address
         self._local = local
         self.budget = ByteBudget(max_in_flight)
-        self._lock = threading.Lock()
-        self._pending: dict[str, deque[_Item]] = {}
-        self._pending_bytes: dict[str, int] = {}
-        self._written: dict[str, int] = {}
-        self._acked: dict[str, int] = {}
-        self._timers: set[str] = set()
-        self._senders: dict[str, asyncio.Task[None]] = {}
+        self._cond = threading.Condition()
+        self._links: dict[str, _Link] = {}
         self._errors: dict[str, Exception] = {}
         self._sealed: set[tuple[str, int]] = set()
-        self._progress: asyncio.Condition | None = None
         self.closed = False
 
-    # -- thread side ---------------------------------------------------------------
+    # -- writers (any thread but the event loop's) -----------------------------------------
 
     def _raise_pending(self, name: str) -> None:
-        with self._lock:
+        with self._cond:
             err = self._errors.pop(name, None)
         if err is not None:
             raise err
@@ -95,127 +116,244 @@ class Producer:
             self._local(spec, partition, record, nbytes)
             return
         self.budget.acquire(nbytes)
-        with self._lock:
-            q = self._pending.setdefault(owner, deque())
-            q.append(_Item(spec.name, spec.epoch, partition, ser, nbytes))
-            self._pending_bytes[owner] = self._pending_bytes.get(owner, 0) + nbytes
-            self._written[owner] = self._written.get(owner, 0) + 1
-            full = self._pending_bytes[owner] >= self._batch_size
-            if not full and owner in self._timers:
-                return  # a linger timer will push it
-            if not full:
-                self._timers.add(owner)
-        self._loop.add_callback(self._kick, owner, not full)
-
-    # -- loop side -----------------------------------------------------------------
-
-    def _kick(self, owner: str, linger: bool = False) -> None:
-        if linger and self._linger > 0:
-            self._loop.call_later(self._linger, self._kick, owner)
-            return
-        with self._lock:
-            self._timers.discard(owner)
-        if owner not in self._senders and not self.closed:
-            self._senders[owner] = asyncio.ensure_future(self._drain(owner))
-
-    async def _drain(self, owner: str) -> None:
-        try:
-            while True:
-                with self._lock:
-                    q = self._pending.get(owner)
-                    if not q:
-                        break
-                    batch: list[_Item] = []
-                    size = 0
-                    while q and (not batch or size + q[0].nbytes <= self._batch_size):
-                        item = q.popleft()
-                        batch.append(item)
-                        size += item.nbytes
-                    self._pending_bytes[owner] -= size
-                try:
-                    await self._send(owner, batch)
-                finally:
-                    self.budget.release(size)
-                    with self._lock:
-                        self._acked[owner] = self._acked.get(owner, 0) + len(batch)
-                    await self._notify()
-        finally:
-            self._senders.pop(owner, None)
-
-    async def _send(self, owner: str, batch: list[_Item]) -> None:
-        groups: list[list[Any]] = []
-        for it in batch:
-            if groups and groups[-1][:3] == [it.name, it.epoch, it.partition]:
-                groups[-1][3].append(it.record)
-                groups[-1][4].append(it.nbytes)
-            else:
-                groups.append([it.name, it.epoch, it.partition, [it.record], [it.nbytes]])
-        try:
-            reply = raise_from_wire(
-                await self._rpc(owner).aimss_append(items=groups), "aimss_append"
-            )
-        except Exception as e:
-            err: Exception = e
-            if isinstance(e, OSError):
-                err = PartitionLostError(
-                    f"owner {owner} of stream {batch[0].name!r} could not be reached "
-                    f"({e}); its partitions are lost"
+        with self._cond:
+            link = self._links.get(owner)
+            if link is None:
+                link = self._links[owner] = _Link(owner)
+            if link.thread is None:
+                link.thread = threading.Thread(
+                    target=self._run, args=(link,), name=f"aimss-push-{owner}", daemon=True
                 )
-            with self._lock:
-                for it in batch:
-                    self._errors.setdefault(it.name, err)
-            return
-        with self._lock:
-            for name, (kind, msg) in (reply.get("errors") or {}).items():
-                self._errors.setdefault(name, _rebuild(kind, msg))
+                link.thread.start()
+            link.pending.append(_Item(spec.name, spec.epoch, partition, ser, nbytes))
+            link.pending_bytes += nbytes
+            link.written += 1
+            self._cond.notify_all()
 
-    async def _notify(self) -> None:
-        if self._progress is None:
-            self._progress = asyncio.Condition()
-        async with self._progress:
-            self._progress.notify_all()
+    def flush_blocking(self, names: Iterable[str] | None = None, raise_errors: bool = True) -> None:
+        """Push everything written so far and wait until the owners stored it."""
+        with self._cond:
+            targets = {o: link.written for o, link in self._links.items()}
+            for link in self._links.values():
+                link.flush_now = True
+            self._cond.notify_all()
+            self._cond.wait_for(
+                lambda: self.closed
+                or all(self._links[o].acked >= n for o, n in targets.items())
+            )
+            if not raise_errors:
+                return
+            wanted = list(self._errors) if names is None else [n for n in names if n in self._errors]
+            errs = [self._errors.pop(n) for n in wanted]
+        if errs:
+            raise errs[0]
 
     async def flush(self, names: Iterable[str] | None = None, raise_errors: bool = True) -> None:
-        """Push everything written so far and wait until owners stored it."""
-        if self._progress is None:
-            self._progress = asyncio.Condition()
-        with self._lock:
-            targets = dict(self._written)
-        for owner in targets:
-            self._kick(owner)
+        """:meth:`flush_blocking` for the event loop (waits in a thread)."""
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.flush_blocking, list(names) if names else None, raise_errors)
+        )
 
-        def done() -> bool:
-            with self._lock:
-                return all(self._acked.get(o, 0) >= n for o, n in targets.items())
+    # -- sender threads -----------------------------------------------------------------
 
-        async with self._progress:
-            await self._progress.wait_for(done)
-        if raise_errors:
-            with self._lock:
-                wanted = list(self._errors) if names is None else [n for n in names if n in self._errors]
-                errs = [self._errors.pop(n) for n in wanted]
-            if errs:
-                raise errs[0]
+    def _next_batch(self, link: _Link) -> list[_Item] | None:
+        """Wait for a full batch, a flush or the linger time; None when closed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.closed or bool(link.pending))
+            if self.closed:
+                return None
+            if link.pending_bytes < self._batch_size and not link.flush_now and self._linger > 0:
+                self._cond.wait_for(
+                    lambda: self.closed or link.flush_now or link.pending_bytes >= self._batch_size,
+                    self._linger,
+                )
+            batch: list[_Item] = []
+            size = 0
+            q = link.pending
+            while q and (not batch or size + q[0].nbytes <= self._batch_size):
+                item = q.popleft()
+                batch.append(item)
+                size += item.nbytes
+            link.pending_bytes -= size
+            if not q:
+                link.flush_now = False
+            return batch
+
+    def _run(self, link: _Link) -> None:
+        conn: _Conn | None = None
+        while True:
+            batch = self._next_batch(link)
+            if batch is None:
+                break
+            try:
+                if conn is None or conn.broken:
+                    conn = self._open(link)
+                conn.send(batch)
+            except Exception as e:
+                self._settle(link, batch, None, _lost(link.owner, e))
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def _open(self, link: _Link) -> _Conn:
+        if self._transport != "dask" and link.owner.startswith("tcp://"):
+            reply = raise_from_wire(
+                sync(self._loop, self._rpc(link.owner).aimss_data_address), "aimss_data_address"
+            )
+            if reply.get("host"):
+                return _RawConn(self, link, (reply["host"], reply["port"]))
+        return _DaskConn(self, link)
+
+    def _settle(self, link: _Link, batch: list[_Item], reply: Any, error: Exception | None = None) -> None:
+        """A batch is stored (or failed): record errors, free its bytes."""
+        if error is None:
+            try:
+                reply = raise_from_wire(reply, "aimss_append")
+            except Exception as e:
+                error = e
+        with self._cond:
+            if error is not None:
+                for it in batch:
+                    self._errors.setdefault(it.name, error)
+            else:
+                for name, (kind, msg) in (reply.get("errors") or {}).items():
+                    self._errors.setdefault(name, _rebuild(kind, msg))
+            link.acked += len(batch)
+            self._cond.notify_all()
+        self.budget.release(sum(it.nbytes for it in batch))
+
+    # -- seals, errors, lifecycle ------------------------------------------------------------
 
     async def seal(self, name: str, epoch: int) -> None:
         """Refuse further writes to ``name`` here, then push what is buffered."""
         self.mark_sealed(name, epoch)
         await self.flush([name], raise_errors=False)
 
+    def failure(self, name: str) -> tuple[str, str] | None:
+        """``(error class, message)`` of a write to ``name`` that failed, if any."""
+        with self._cond:
+            e = self._errors.get(name)
+        return None if e is None else (type(e).__name__, str(e))
+
+    def mark_sealed(self, name: str, epoch: int) -> None:
+        with self._cond:
+            self._sealed.add((name, epoch))
+
     def forget(self, name: str) -> None:
         """The stream was destroyed: drop its errors and seal marks."""
-        with self._lock:
+        with self._cond:
             self._errors.pop(name, None)
             self._sealed = {s for s in self._sealed if s[0] != name}
 
-    def mark_sealed(self, name: str, epoch: int) -> None:
-        with self._lock:
-            self._sealed.add((name, epoch))
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+class _Conn:
+    broken = False
+
+    def send(self, batch: list[_Item]) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
-        self.closed = True
-        for t in self._senders.values():
-            t.cancel()
+        pass
+
+
+class _DaskConn(_Conn):
+    """One request per batch over Dask's comms (TLS and other transports)."""
+
+    def __init__(self, producer: Producer, link: _Link) -> None:
+        self.p = producer
+        self.link = link
+
+    def send(self, batch: list[_Item]) -> None:
+        reply = sync(self.p._loop, self.p._rpc(self.link.owner).aimss_append, items=_group(batch))
+        self.p._settle(self.link, batch, reply)
+
+
+class _RawConn(_Conn):
+    """The data plane: batches written back to back, answered in order."""
+
+    def __init__(self, producer: Producer, link: _Link, address: tuple[str, int]) -> None:
+        self.p = producer
+        self.link = link
+        self.sock = socket.create_connection(address)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.window = threading.Semaphore(PIPELINE)
+        self.inflight: deque[list[_Item]] = deque()
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._acks, name="aimss-push-acks", daemon=True)
+        self.reader.start()
+
+    def send(self, batch: list[_Item]) -> None:
+        self.window.acquire()
+        if self.broken:
+            raise ConnectionError("data connection broke")
+        with self.lock:
+            self.inflight.append(batch)
+        try:
+            dataplane.send_buffers(self.sock, dataplane.encode_batch(_group(batch)))
+        except Exception:
+            with self.lock:
+                # Not sent: the caller fails this batch; the ack reader the rest.
+                if self.inflight and self.inflight[-1] is batch:
+                    self.inflight.pop()
+            self.close()
+            raise
+
+    def _acks(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    if not self.inflight and self.broken:
+                        return
+                reply = dataplane.read_ack(self.sock)
+                with self.lock:
+                    batch = self.inflight.popleft()
+                self.p._settle(self.link, batch, reply)
+                self.window.release()
+        except Exception as e:
+            self.broken = True
+            with self.lock:
+                rest = list(self.inflight)
+                self.inflight.clear()
+            for batch in rest:
+                self.p._settle(self.link, batch, None, _lost(self.link.owner, e))
+            self.window.release(PIPELINE)
+
+    def close(self) -> None:
+        self.broken = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _lost(owner: str, e: Exception) -> Exception:
+    if isinstance(e, (OSError, ConnectionError, EOFError)):
+        return PartitionLostError(
+            f"owner {owner} could not be reached ({type(e).__name__}: {e}); the "
+            "records sent to it are lost"
+        )
+    return e
+
+
+def _group(batch: list[_Item]) -> list[tuple[str, int, int, list[Any], list[int]]]:
+    """Consecutive records of one partition travel as one group."""
+    groups: list[tuple[str, int, int, list[Any], list[int]]] = []
+    for it in batch:
+        g = groups[-1] if groups else None
+        if g is not None and (g[0], g[1], g[2]) == (it.name, it.epoch, it.partition):
+            g[3].append(it.record)
+            g[4].append(it.nbytes)
+        else:
+            groups.append((it.name, it.epoch, it.partition, [it.record], [it.nbytes]))
+    return groups
 
 
 def _rebuild(kind: str, message: str) -> Exception:

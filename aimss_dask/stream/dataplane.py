@@ -1,0 +1,258 @@
+"""The data plane: batches of records over plain TCP into pooled buffers.
+
+Dask's comms allocate a fresh buffer for every frame they receive, and on
+this kind of VM the first write to fresh pages costs more than the copy
+itself (see REFERENCE.md: TCP into a fresh buffer runs at ~1 GB/s, into a
+touched one at ~2.4 GB/s). Records pushed to an owner are kept in its log, so
+the owner receives them straight into buffers from a :class:`BufferPool`:
+memory the worker has already touched, handed back to the pool once no record
+(stored or being read) refers to it any more.
+
+Wire format of one batch, sender to owner::
+
+    !QQ (header bytes, payload bytes) | pickle(header) | payload frames ...
+
+where ``header`` is ``[[stream, epoch, partition, [(record header, [frame
+lengths])...], [record sizes]], ...]``. The owner answers each batch, in
+order, with ``!Q`` + ``pickle({"errors": {stream: (class, message)}})``.
+Only plain ``tcp://`` clusters use it; TLS or other transports keep Dask's
+comms (see :class:`aimss_dask.stream.producer.Producer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from distributed.protocol import deserialize
+from distributed.utils import ensure_memoryview
+
+logger = logging.getLogger("aimss_dask")
+
+_BATCH = struct.Struct("!QQ")
+_ACK = struct.Struct("!Q")
+#: Pool buffers are rounded up to this, so batches of varying size reuse them.
+_GRAIN = 2**20
+#: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
+_MAX_IOV = 512
+
+#: ``(groups) -> {stream: (error class, message)}``: store one decoded batch.
+BatchHandler = Callable[[list[tuple[str, int, int, list[Any], list[int]]]], dict[str, tuple[str, str]]]
+
+
+class BufferPool:
+    """Receive buffers that are reused once nothing refers to them.
+
+    A buffer is free when its only references are the pool's own: records
+    are NumPy views into it, so while one is stored in the log or held by a
+    reader, CPython's reference count says so. ``idle_limit`` bounds the bytes
+    of free buffers kept (the rest go back to the OS).
+    """
+
+    def __init__(self, idle_limit: Callable[[], int]) -> None:
+        self._buffers: list[np.ndarray] = []
+        self._idle_limit = idle_limit
+        self._lock = threading.Lock()
+        # The count of a buffer only the pool refers to, measured through the
+        # very code path take() uses (no other name may refer to the probe).
+        self._buffers.append(np.empty(1, dtype="u1"))
+        self._free_refs = self._refs(0)
+        self._buffers.clear()
+
+    def _refs(self, i: int) -> int:
+        return sys.getrefcount(self._buffers[i])
+
+    def take(self, n: int) -> np.ndarray:
+        """A buffer of at least ``n`` bytes, reused if one is free."""
+        with self._lock:
+            best = -1
+            idle = 0
+            for i in range(len(self._buffers)):
+                if self._refs(i) > self._free_refs:
+                    continue
+                size = self._buffers[i].nbytes
+                idle += size
+                if size >= n and (best < 0 or size < self._buffers[best].nbytes):
+                    best = i
+            if best >= 0:
+                buf = self._buffers[best]
+                idle -= buf.nbytes
+            else:
+                buf = np.empty(-(-max(n, 1) // _GRAIN) * _GRAIN, dtype="u1")
+                self._buffers.append(buf)
+            self._shrink(idle)
+            return buf
+
+    def _shrink(self, idle: int) -> None:
+        limit = self._idle_limit()
+        i = 0
+        while idle > limit and i < len(self._buffers):
+            if self._refs(i) <= self._free_refs:
+                idle -= self._buffers[i].nbytes
+                del self._buffers[i]
+            else:
+                i += 1
+
+    def statistics(self) -> dict[str, int]:
+        with self._lock:
+            total = sum(b.nbytes for b in self._buffers)
+            free = sum(
+                self._buffers[i].nbytes
+                for i in range(len(self._buffers))
+                if self._refs(i) <= self._free_refs
+            )
+        return {"pool_bytes": total, "pool_free_bytes": free}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buffers.clear()
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    n = view.nbytes
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise ConnectionError("peer closed the data connection mid-batch")
+        got += k
+
+
+def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_exact(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def send_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> None:
+    """``sendall`` for a list of buffers, zero-copy (scatter/gather)."""
+    views = [b for b in buffers if b.nbytes]
+    while views:
+        chunk = views[:_MAX_IOV]
+        sent = sock.sendmsg(chunk)
+        # Drop what went out; keep the unsent tail of a partly sent buffer.
+        while sent and views:
+            head = views[0]
+            if sent >= head.nbytes:
+                sent -= head.nbytes
+                views.pop(0)
+            else:
+                views[0] = head[sent:]
+                sent = 0
+
+
+def encode_batch(groups: Sequence[tuple[str, int, int, Sequence[Any], Sequence[int]]]) -> list[memoryview]:
+    """Header and frames of a batch; ``Serialized`` records, frames by reference."""
+    header: list[Any] = []
+    frames: list[memoryview] = []
+    for name, epoch, partition, records, sizes in groups:
+        recs = []
+        for ser in records:
+            fr = [ensure_memoryview(f) for f in ser.frames]
+            frames.extend(fr)
+            recs.append((ser.header, [f.nbytes for f in fr]))
+        header.append((name, epoch, partition, recs, list(sizes)))
+    head = pickle.dumps(header, protocol=5)
+    payload = sum(f.nbytes for f in frames)
+    return [memoryview(_BATCH.pack(len(head), payload)), memoryview(head), *frames]
+
+
+def read_ack(sock: socket.socket) -> dict[str, Any]:
+    (n,) = _ACK.unpack(_recv_bytes(sock, _ACK.size))
+    return pickle.loads(_recv_bytes(sock, n))
+
+
+class DataServer:
+    """A worker's listener for pushed batches: one thread per producer connection."""
+
+    def __init__(self, host: str, handler: BatchHandler, pool: BufferPool) -> None:
+        self._handler = handler
+        self._pool = pool
+        self._sock = socket.create_server((host, 0))
+        self.address: tuple[str, int] = self._sock.getsockname()[:2]
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, name="aimss-data-accept", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            threading.Thread(
+                target=self._serve, args=(conn,), name="aimss-data-recv", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while not self._closed:
+                head = conn.recv(_BATCH.size, socket.MSG_WAITALL)
+                if not head:
+                    return  # producer closed the connection between batches
+                if len(head) < _BATCH.size:
+                    head += _recv_bytes(conn, _BATCH.size - len(head))
+                hlen, plen = _BATCH.unpack(head)
+                header = pickle.loads(_recv_bytes(conn, hlen))
+                errors = self._receive(conn, header, plen)
+                reply = pickle.dumps({"errors": errors})
+                conn.sendall(_ACK.pack(len(reply)) + reply)
+        except (OSError, ConnectionError, EOFError) as e:
+            if not self._closed:
+                logger.info("aimss: data connection closed: %s", e)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _receive(self, conn: socket.socket, header: list[Any], plen: int) -> dict[str, tuple[str, str]]:
+        """Read one batch's payload into a pool buffer and store its records."""
+        view = memoryview(self._pool.take(plen))[:plen]
+        _recv_exact(conn, view)
+        groups = []
+        pos = 0
+        for name, epoch, partition, recs, sizes in header:
+            records = []
+            for rheader, lengths in recs:
+                frames = []
+                for n in lengths:
+                    frames.append(view[pos : pos + n])
+                    pos += n
+                records.append(deserialize(rheader, frames))
+            groups.append((name, epoch, partition, records, sizes))
+        try:
+            return self._handler(groups)
+        except Exception as e:  # a bug: answer anyway, so the producer never hangs
+            logger.exception("aimss: storing a pushed batch failed")
+            return {g[0]: ("AIMSSError", f"{type(e).__name__}: {e}") for g in groups}
+
+    def close(self) -> None:
+        """Stop accepting and drop every connection; safe to call twice."""
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()

@@ -1,0 +1,369 @@
+"""Every error case: the right class, the builtin base, a message naming the value.
+
+Each test first stores some records, makes the bad call(s), then reads
+everything back: a rejected call must leave the stored data intact.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+from conftest import make_cluster, unique_name, wait_until
+from distributed import Client
+
+import aimss_dask
+from aimss_dask.stream.context import current
+
+PARTS = 2
+PER_PARTITION = 5
+
+
+def fill(partitions: int = PARTS) -> tuple[aimss_dask.Stream, dict[int, list]]:
+    """A stream with a few records in every partition, all stored."""
+    s = aimss_dask.create_stream(unique_name("err"), partitions=partitions)
+    expected = {p: [("rec", p, i) for i in range(PER_PARTITION)] for p in range(partitions)}
+    for p, recs in expected.items():
+        for r in recs:
+            s.write(r, partition=p)
+    s.flush()
+    return s, expected
+
+
+def read_existing(s: aimss_dask.Stream, p: int) -> list:
+    """What partition ``p`` holds now, whether or not the stream is sealed."""
+    out = []
+    try:
+        for r in s.read(partition=p, timeout=0):
+            out.append(r)
+    except aimss_dask.ReadTimeoutError:
+        pass
+    return out
+
+
+def assert_intact(s: aimss_dask.Stream, expected: dict[int, list]) -> None:
+    assert s.info()["records"] == [len(expected[p]) for p in range(s.partitions)]
+    for p in range(s.partitions):
+        assert read_existing(s, p) == expected[p], f"partition {p} changed"
+
+
+def q(value) -> str:
+    """A regex matching ``value`` as the messages quote it (its repr)."""
+    return re.escape(repr(value))
+
+
+# -- task functions -----------------------------------------------------------------------------
+
+
+def _task_write(name: str, record, partition=None, key=None) -> None:
+    aimss_dask.write_to(name, record, partition=partition, key=key)
+
+
+def _task_write_lock(name: str) -> None:
+    aimss_dask.write_to(name, threading.Lock(), partition=0)
+
+
+def _task_plain() -> int:
+    return 1
+
+
+def _task_create(name: str) -> None:
+    aimss_dask.create_stream(name, partitions=1)
+
+
+# -- unknown streams ------------------------------------------------------------------------
+
+
+def test_unknown_stream_raises_lookup_error(client):
+    s, expected = fill()
+    missing = unique_name("missing")
+    calls = {
+        "get_stream": lambda: aimss_dask.get_stream(missing),
+        "write_to": lambda: aimss_dask.write_to(missing, b"x"),
+        "read_from": lambda: list(aimss_dask.read_from(missing)),
+        "destroy_stream": lambda: aimss_dask.destroy_stream(missing),
+        "shuffle_streams": lambda: aimss_dask.shuffle_streams(missing, timeout=1),
+        "create_stream(parent=)": lambda: aimss_dask.create_stream(unique_name(), 1, parent=missing),
+    }
+    for what, call in calls.items():
+        with pytest.raises(aimss_dask.StreamNotFoundError, match=q(missing)) as ei:
+            call()
+        assert isinstance(ei.value, LookupError), what
+    with pytest.raises(aimss_dask.StreamNotFoundError, match=q(missing)) as ei:
+        client.submit(_task_write, missing, b"x", pure=False).result()
+    assert isinstance(ei.value, LookupError)
+    assert_intact(s, expected)
+
+
+def test_destroyed_stream_is_unknown(client):
+    s, expected = fill()
+    other, other_expected = fill()
+    aimss_dask.destroy_stream(other.name)
+    for call in (
+        lambda: aimss_dask.get_stream(other.name),
+        lambda: other.info(),
+        lambda: list(other.read()),
+        lambda: aimss_dask.destroy_stream(other.name),
+        lambda: aimss_dask.write_to(other.name, b"late"),
+        # A write through a stale handle is pushed, rejected by the owner, and
+        # reported by the next flush (documented: errors surface at write/flush).
+        lambda: (other.write(b"late", partition=0), other.flush()),
+    ):
+        with pytest.raises(aimss_dask.StreamNotFoundError, match=q(other.name)) as ei:
+            call()
+        assert isinstance(ei.value, LookupError)
+    assert_intact(s, expected)
+
+
+def test_stale_write_error_does_not_leak_into_recreated_stream(client):
+    """A write to a destroyed stream must not fail writes to a new stream of that name."""
+    old = aimss_dask.create_stream(unique_name("reborn"), partitions=2)
+    aimss_dask.destroy_stream(old.name)
+    old.write(b"late", partition=0)  # through the stale handle: rejected by the owner
+    producer = current().producer
+    wait_until(lambda: producer.budget.statistics().used == 0, timeout=5, what="the stale write being pushed")
+
+    new = aimss_dask.create_stream(old.name, partitions=2)
+    assert new.spec.epoch != old.spec.epoch
+    new.write(b"new", partition=0)  # must not raise the old stream's error
+    new.flush()
+    new.seal()
+    assert list(new.read()) == [b"new"]
+
+
+# -- bad arguments ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("partitions", [0, -1, True, 1.5])
+def test_bad_partition_count(client, partitions):
+    s, expected = fill()
+    name = unique_name("badcount")
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=rf"partitions={q(partitions)}") as ei:
+        aimss_dask.create_stream(name, partitions=partitions)
+    assert isinstance(ei.value, ValueError)
+    with pytest.raises(aimss_dask.StreamNotFoundError):
+        aimss_dask.get_stream(name)  # nothing half-created
+    assert_intact(s, expected)
+
+
+@pytest.mark.parametrize("partition", [PARTS, -1, 99, True])
+def test_partition_out_of_range_on_write_and_read(client, partition):
+    s, expected = fill()
+    pattern = rf"partition {q(partition)} is out of range"
+    for call in (
+        lambda: s.write(b"x", partition=partition),
+        lambda: aimss_dask.write_to(s.name, b"x", partition=partition),
+        lambda: list(s.read(partition=partition)),
+        lambda: list(aimss_dask.read_from(s.name, partition=partition, group="g")),
+    ):
+        with pytest.raises(aimss_dask.PartitionOutOfRangeError, match=pattern) as ei:
+            call()
+        assert isinstance(ei.value, ValueError)
+    with pytest.raises(aimss_dask.PartitionOutOfRangeError, match=pattern) as ei:
+        client.submit(_task_write, s.name, b"x", partition, pure=False).result()
+    assert isinstance(ei.value, ValueError)
+    assert "g" not in s.info()["groups"]
+    assert_intact(s, expected)
+
+
+@pytest.mark.parametrize("start", [-1, -100, "3", 1.5])
+def test_bad_start_offset(client, start):
+    s, expected = fill()
+    for kwargs in ({}, {"partition": 0}, {"group": "g"}):
+        with pytest.raises(aimss_dask.InvalidOffsetError, match=rf"start={q(start)}") as ei:
+            list(s.read(start=start, **kwargs))
+        assert isinstance(ei.value, ValueError)
+    assert_intact(s, expected)
+
+
+def test_other_bad_read_arguments(client):
+    s, expected = fill()
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"timeout=-1\b") as ei:
+        list(s.read(timeout=-1))
+    assert isinstance(ei.value, ValueError)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"consumer group ''") as ei:
+        list(s.read(group=""))
+    assert isinstance(ei.value, ValueError)
+    assert_intact(s, expected)
+
+
+def test_bad_names_and_keys(client):
+    s, expected = fill()
+    for bad in ("", 123, None):
+        with pytest.raises(aimss_dask.InvalidArgumentError, match=rf"stream name {q(bad)}") as ei:
+            aimss_dask.create_stream(bad, partitions=1)
+        assert isinstance(ei.value, ValueError)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=re.escape("record key [1, 2]")) as ei:
+        s.write(b"x", key=[1, 2])
+    assert isinstance(ei.value, ValueError)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=rf"{q(s.name)} cannot be its own parent"):
+        aimss_dask.create_stream(s.name, partitions=1, parent=s.name, exist_ok=True)
+    assert_intact(s, expected)
+
+
+def test_shuffle_streams_rejects_negative_timeout(client):
+    """Like read_from, shuffle_streams must reject ``timeout < 0`` as a bad argument."""
+    parent = aimss_dask.create_stream(unique_name("parent"), partitions=1)
+    child = aimss_dask.create_stream(f"{parent.name}/c", partitions=1, parent=parent.name)
+    child.seal()
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"timeout=-1\b") as ei:
+        aimss_dask.shuffle_streams(parent.name, timeout=-1)
+    assert isinstance(ei.value, ValueError)
+
+
+# -- create_stream of an existing name -----------------------------------------------------------
+
+
+def test_create_existing_stream(client):
+    s, expected = fill()
+    with pytest.raises(aimss_dask.StreamExistsError, match=rf"{q(s.name)} already exists with 2 partition") as ei:
+        aimss_dask.create_stream(s.name, partitions=PARTS)
+    assert isinstance(ei.value, ValueError)
+    with pytest.raises(aimss_dask.StreamExistsError, match=rf"{q(s.name)} already exists .*not 3") as ei:
+        aimss_dask.create_stream(s.name, partitions=3, exist_ok=True)
+    assert isinstance(ei.value, ValueError)
+    assert_intact(s, expected)
+
+    same = aimss_dask.create_stream(s.name, partitions=PARTS, exist_ok=True)
+    assert same.spec == s.spec  # same owners, same epoch: the same stream
+    assert same.info()["records"] == [PER_PARTITION] * PARTS
+    same.write(("rec", 0, PER_PARTITION), partition=0)
+    same.flush()
+    expected[0].append(("rec", 0, PER_PARTITION))
+    assert_intact(s, expected)
+
+
+# -- records that cannot be serialised ----------------------------------------------------------------
+
+
+def _gen():
+    yield 1
+
+
+@pytest.mark.parametrize(
+    "make, type_name",
+    [(threading.Lock, "lock"), (_gen, "generator")],
+    ids=["lock", "generator"],
+)
+def test_unserialisable_record(client, make, type_name):
+    s, expected = fill()
+    for call in (
+        lambda: s.write(make(), partition=0),
+        lambda: aimss_dask.write_to(s.name, make()),
+        lambda: aimss_dask.write_to(s.name, [1, make()], key="k"),
+    ):
+        with pytest.raises(
+            aimss_dask.RecordNotSerializableError,
+            match=rf"record of type \w+ written to stream {q(s.name)} cannot be serialised",
+        ) as ei:
+            call()
+        assert isinstance(ei.value, ValueError)
+    with pytest.raises(aimss_dask.RecordNotSerializableError, match=rf"record of type {type_name} written"):
+        s.write(make(), partition=1)
+    # A good write right after still works and lands after the old records.
+    s.write(("rec", 1, PER_PARTITION), partition=1)
+    s.flush()
+    expected[1].append(("rec", 1, PER_PARTITION))
+    assert_intact(s, expected)
+
+
+def test_unserialisable_record_from_task(client):
+    s, expected = fill()
+    for w in set(s.spec.owners):  # on an owner and on a non-owner of partition 0
+        fut = client.submit(_task_write_lock, s.name, workers=[w], pure=False)
+        with pytest.raises(aimss_dask.RecordNotSerializableError, match=rf"type lock written to stream {q(s.name)}") as ei:
+            fut.result()
+        assert isinstance(ei.value, ValueError)
+    assert_intact(s, expected)
+
+
+# -- writes after seal ------------------------------------------------------------------------------
+
+
+def test_write_after_seal_from_client(client):
+    s, expected = fill()
+    s.seal()
+    for call in (
+        lambda: s.write(b"late", partition=0),
+        lambda: aimss_dask.write_to(s.name, b"late"),
+        lambda: aimss_dask.write_to(s.name, b"late", key="k"),
+    ):
+        with pytest.raises(aimss_dask.StreamSealedError, match=rf"stream {q(s.name)} is sealed") as ei:
+            call()
+        assert isinstance(ei.value, RuntimeError)
+    assert_intact(s, expected)
+    # The stream stays readable and sealed.
+    assert list(s.read()) == expected[0] + expected[1]
+    assert s.info()["sealed"] is True
+
+
+@pytest.mark.parametrize("partition", [0, 1])
+def test_write_after_seal_from_task(client, partition):
+    s, expected = fill()
+    s.seal()
+    for w in set(s.spec.owners):  # a local write on the owner, a pushed one elsewhere
+        fut = client.submit(_task_write, s.name, b"late", partition, workers=[w], pure=False)
+        with pytest.raises(aimss_dask.StreamSealedError, match=rf"stream {q(s.name)} is sealed") as ei:
+            fut.result()
+        assert isinstance(ei.value, RuntimeError)
+    assert_intact(s, expected)
+
+
+def test_write_after_seal_from_another_client_fails_at_flush(client, cluster):
+    """Another client learns of the seal from the owner: its flush() raises."""
+    s, expected = fill()
+    s.seal()
+    with Client(cluster, set_as_default=False) as c2, c2.as_current():
+        other = aimss_dask.get_stream(s.name)
+        with pytest.raises(aimss_dask.StreamSealedError, match=rf"stream {q(s.name)} is sealed") as ei:
+            other.write(b"late", partition=0)
+            other.flush()
+        assert isinstance(ei.value, RuntimeError)
+    assert_intact(s, expected)
+
+
+# -- no plugin ---------------------------------------------------------------------------------------
+
+
+REGISTER_HINT = re.escape("client.register_plugin(aimss_dask.AIMSS())")
+
+
+def test_not_registered():
+    name = unique_name("noplugin")
+    calls = {
+        "create_stream": lambda: aimss_dask.create_stream(name, partitions=1),
+        "get_stream": lambda: aimss_dask.get_stream(name),
+        "write_to": lambda: aimss_dask.write_to(name, b"x"),
+        "read_from": lambda: list(aimss_dask.read_from(name)),
+        "destroy_stream": lambda: aimss_dask.destroy_stream(name),
+        "shuffle_streams": lambda: aimss_dask.shuffle_streams(name, timeout=1),
+        "status": lambda: aimss_dask.status(),
+    }
+    with make_cluster(1) as cl:
+        # No client at all.
+        for what, call in calls.items():
+            with pytest.raises(aimss_dask.NotRegisteredError, match=r"needs a Dask cluster") as ei:
+                call()
+            assert isinstance(ei.value, RuntimeError), what
+            assert "register_plugin" in str(ei.value)
+        with Client(cl) as c:
+            # A cluster without the plugin: from the client ...
+            for what, call in calls.items():
+                with pytest.raises(aimss_dask.NotRegisteredError, match=REGISTER_HINT) as ei:
+                    call()
+                assert isinstance(ei.value, RuntimeError), what
+            # ... and from inside a task.
+            fut = c.submit(_task_create, name, pure=False)
+            with pytest.raises(aimss_dask.NotRegisteredError, match=rf"has no AIMSS plugin.*{REGISTER_HINT}") as ei:
+                fut.result()
+            assert isinstance(ei.value, RuntimeError)
+            assert c.submit(_task_plain, pure=False).result() == 1  # the cluster is unharmed
+
+            # Registering afterwards makes the same calls work.
+            c.register_plugin(aimss_dask.AIMSS())
+            s = aimss_dask.create_stream(name, partitions=1)
+            s.write(b"x")
+            s.seal()
+            assert list(s.read()) == [b"x"]
+            aimss_dask.destroy_stream(name)
