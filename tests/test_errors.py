@@ -204,12 +204,13 @@ def test_bad_names_and_keys(client):
 
 def test_shuffle_streams_rejects_negative_timeout(client):
     """Like read_from, shuffle_streams must reject ``timeout < 0`` as a bad argument."""
-    parent = aimss_dask.create_stream(unique_name("parent"), partitions=1)
-    child = aimss_dask.create_stream(f"{parent.name}/c", partitions=1, parent=parent.name)
+    s, expected = fill()
+    child = aimss_dask.create_stream(f"{s.name}/c", partitions=1, parent=s.name)
     child.seal()
     with pytest.raises(aimss_dask.InvalidArgumentError, match=r"timeout=-1\b") as ei:
-        aimss_dask.shuffle_streams(parent.name, timeout=-1)
+        aimss_dask.shuffle_streams(s.name, timeout=-1)
     assert isinstance(ei.value, ValueError)
+    assert_intact(s, expected)
 
 
 # -- create_stream of an existing name -----------------------------------------------------------

@@ -222,11 +222,13 @@ class LogStoreMachine(RuleBasedStateMachine):
         part.sizes.extend(sizes)
 
     # Writes are what every other rule needs: give them twice the weight.
-    append_more = rule(
+    @rule(
         data=st.data(),
         epoch=st.sampled_from(["none", "current"]),
         batch=st.lists(RECORDS, min_size=1, max_size=8),
-    )(lambda self, data, epoch, batch: self.append(data, epoch, batch))
+    )
+    def append_more(self, data: st.DataObject, epoch: str, batch: list[Any]) -> None:
+        self.append(data, epoch, batch)
 
     def _check_read(
         self, name: str, e: int | None, p: int, start: int, max_bytes: int | None

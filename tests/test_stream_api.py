@@ -6,6 +6,7 @@ import threading
 import time
 from collections import defaultdict
 
+import dask
 import numpy as np
 import pytest
 from conftest import assert_workers_clean, destroy_all_streams, make_cluster, unique_name, wait_until
@@ -272,6 +273,56 @@ def test_waiting_reader_gets_later_records_and_ends_at_seal(client):
     assert got == list(range(6))
 
 
+def test_remote_reader_waiting_on_a_destroyed_stream_fails_promptly(client):
+    """A reader blocked on an open partition learns at once that the stream is gone.
+
+    The local path (store.wait) is woken by the drop; the remote one must be too,
+    not only when its 5 s re-poll (MAX_READ_WAIT) comes round.
+    """
+    name = unique_name("gone")
+    s = aimss_dask.create_stream(name, partitions=2)
+    out: list = []
+    errors: list = []
+    t = threading.Thread(target=_threaded_reader, args=(name, 0, out, errors), daemon=True)
+    t.start()
+    time.sleep(0.2)  # let the reader block on the empty partition
+    assert t.is_alive()
+    t0 = time.monotonic()
+    aimss_dask.destroy_stream(name)
+    t.join(timeout=2.5)
+    waited = time.monotonic() - t0
+    still_blocked = t.is_alive()
+    t.join(timeout=10)  # let it finish either way, so it does not outlive the test
+    assert not still_blocked, f"remote reader still blocked {waited:.1f}s after destroy_stream"
+    assert len(errors) == 1 and isinstance(errors[0], aimss_dask.StreamNotFoundError)
+    assert s.name in str(errors[0])
+
+
+def test_seal_stores_what_another_client_wrote_before(client, cluster):
+    """seal(): "Everything written before seal() is called, by any task or client, is stored first."
+
+    A second client writes (buffered in its producer for up to ``linger``), then
+    the first client seals. A long linger makes the window deterministic.
+    """
+    name = unique_name("seal2")
+    s = aimss_dask.create_stream(name, partitions=2)
+    c2 = Client(cluster, set_as_default=False)
+    try:
+        # c2's producer is made (reading the config) on its first write.
+        with dask.config.set({"aimss.linger": "2s"}), c2.as_current():
+            for i in range(10):
+                aimss_dask.write_to(name, i, partition=0)
+        s.seal()  # from the first client
+        assert list(s.read(partition=0)) == list(range(10))
+    finally:
+        with c2.as_current():
+            try:
+                aimss_dask.get_stream(name).flush()
+            except aimss_dask.StreamSealedError:
+                pass  # the rejected writes are reported here
+        c2.close()
+
+
 # -- shuffle barrier ---------------------------------------------------------------------
 
 
@@ -357,6 +408,15 @@ def test_destroying_parent_wakes_a_waiting_shuffle(client):
     t.join(timeout=5)
     assert not t.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], aimss_dask.StreamNotFoundError)
+
+
+def test_shuffle_streams_timeout_zero_returns_when_all_children_sealed(client):
+    """timeout=0 means "do not wait": with every child sealed there is nothing to wait for."""
+    parent = unique_name("parent")
+    aimss_dask.create_stream(parent, partitions=1)
+    kid = aimss_dask.create_stream(f"{parent}/c", partitions=1, parent=parent)
+    kid.seal()
+    assert aimss_dask.shuffle_streams(parent, timeout=0) == [kid.name]
 
 
 # -- map_partitions placement -----------------------------------------------------------------

@@ -92,6 +92,7 @@ class Producer:
         self._links: dict[str, _Link] = {}
         self._errors: dict[str, Exception] = {}
         self._sealed: set[tuple[str, int]] = set()
+        self._data_addresses: dict[str, tuple[str | None, int | None]] = {}
         self.closed = False
 
     # -- writers (any thread but the event loop's) -----------------------------------------
@@ -199,11 +200,17 @@ class Producer:
 
     def _open(self, link: _Link) -> _Conn:
         if self._transport != "dask" and link.owner.startswith("tcp://"):
-            reply = raise_from_wire(
-                sync(self._loop, self._rpc(link.owner).aimss_data_address), "aimss_data_address"
-            )
-            if reply.get("host"):
-                return _RawConn(self, link, (reply["host"], reply["port"]))
+            # A worker's data address lives as long as the worker: ask once. A
+            # dead owner then fails fast (connection refused) on reconnect.
+            addr = self._data_addresses.get(link.owner)
+            if addr is None:
+                reply = raise_from_wire(
+                    sync(self._loop, _ask_data_address, self._rpc, link.owner),
+                    "aimss_data_address",
+                )
+                addr = self._data_addresses[link.owner] = (reply.get("host"), reply.get("port"))
+            if addr[0]:
+                return _RawConn(self, link, addr)
         return _DaskConn(self, link)
 
     def _settle(self, link: _Link, batch: list[_Item], reply: Any, error: Exception | None = None) -> None:
@@ -332,6 +339,12 @@ class _RawConn(_Conn):
         except OSError:
             pass
         self.sock.close()
+
+
+async def _ask_data_address(rpc: Any, owner: str) -> Any:
+    # Dask retries a refused connection for its whole connect timeout (30 s by
+    # default); an owner that does not answer in 10 s is as good as lost.
+    return await asyncio.wait_for(rpc(owner).aimss_data_address(), 10)
 
 
 def _lost(owner: str, e: Exception) -> Exception:

@@ -1,0 +1,130 @@
+"""The raw data plane: buffer pool reuse rules and batch framing, over real sockets."""
+
+from __future__ import annotations
+
+import gc
+import socket
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from aimss_dask.log.records import encode
+from aimss_dask.stream import dataplane
+from aimss_dask.stream.dataplane import BufferPool, DataServer
+
+
+def test_pool_reuses_a_buffer_only_when_nothing_refers_to_it():
+    pool = BufferPool(lambda: 1 << 30)
+    a = pool.take(1000)
+    view = np.frombuffer(memoryview(a)[:80], dtype="f8")  # a "record" in the log
+    ida = id(a)
+    del a
+    b = pool.take(1000)
+    assert id(b) != ida, "a buffer with a live record view was handed out again"
+    del view
+    gc.collect()
+    c = pool.take(1000)
+    assert id(c) == ida  # free again: reused, not a fresh allocation
+    del b, c
+    assert pool.statistics()["pool_bytes"] == 2 * 2**20
+
+
+def test_pool_keeps_idle_bytes_within_its_limit():
+    limit = [3 * 2**20]
+    pool = BufferPool(lambda: limit[0])
+    held = [pool.take(2**20) for _ in range(6)]
+    del held
+    limit[0] = 2**20
+    pool.take(10)
+    st = pool.statistics()
+    assert st["pool_bytes"] <= 2 * 2**20  # one in hand (now free again) plus at most 1 MiB idle
+
+
+def test_pool_prefers_the_smallest_free_buffer_that_fits():
+    pool = BufferPool(lambda: 1 << 30)
+    big = pool.take(8 * 2**20)
+    small = pool.take(2**20)
+    ids = {id(big): "big", id(small): "small"}
+    del big, small
+    assert ids[id(pool.take(100))] == "small"
+
+
+@pytest.fixture
+def server():
+    stored: list = []
+    lock = threading.Lock()
+
+    def handler(groups):
+        with lock:
+            if any(g[0] == "bad" for g in groups):
+                raise RuntimeError("boom")
+            stored.extend(groups)
+        return {g[0]: ("StreamSealedError", f"stream {g[0]!r} is sealed") for g in groups if g[0] == "sealed"}
+
+    srv = DataServer("127.0.0.1", handler, BufferPool(lambda: 1 << 30))
+    yield srv, stored
+    srv.close()
+
+
+def _batch(name, records, partition=0):
+    sers = [encode(r, name) for r in records]
+    return [(name, 1, partition, [s for s, _ in sers], [n for _, n in sers])]
+
+
+def test_batches_round_trip_in_order_with_answers(server):
+    srv, stored = server
+    sock = socket.create_connection(srv.address)
+    arrays = [np.arange(n, dtype="f8") for n in (0, 1, 1000, 300_000)]
+    df = pd.DataFrame({"a": pd.array([1, None], dtype="Int64"), "b": ["x", "y"]})
+    batches = [
+        _batch("s", arrays),
+        _batch("s", [df, b"raw", {"k": (1, 2)}], partition=3),
+        _batch("sealed", [np.ones(3)]),
+    ]
+    for b in batches:
+        dataplane.send_buffers(sock, dataplane.encode_batch(b))
+    answers = [dataplane.read_ack(sock) for _ in batches]
+    sock.close()
+    assert answers[0] == {"errors": {}} and answers[1] == {"errors": {}}
+    assert answers[2]["errors"]["sealed"][0] == "StreamSealedError"
+    assert [g[2] for g in stored] == [0, 3, 0]
+    for got, want in zip(stored[0][3], arrays):
+        np.testing.assert_array_equal(got, want)
+    pd.testing.assert_frame_equal(stored[1][3][0], df)
+    assert stored[1][3][1:] == [b"raw", {"k": (1, 2)}]
+    assert stored[0][4] == [a.nbytes for a in arrays]
+
+
+def test_more_frames_than_one_sendmsg_takes(server):
+    srv, stored = server
+    sock = socket.create_connection(srv.address)
+    records = [np.full(7, i, dtype="i2") for i in range(1500)]  # > IOV_MAX buffers
+    dataplane.send_buffers(sock, dataplane.encode_batch(_batch("many", records)))
+    assert dataplane.read_ack(sock) == {"errors": {}}
+    sock.close()
+    assert [int(r[0]) for r in stored[0][3]] == list(range(1500))
+
+
+def test_a_failing_store_is_answered_not_hung(server):
+    srv, _ = server
+    sock = socket.create_connection(srv.address)
+    sock.settimeout(10)
+    dataplane.send_buffers(sock, dataplane.encode_batch(_batch("bad", [np.ones(2)])))
+    ack = dataplane.read_ack(sock)
+    assert ack["errors"]["bad"][0] == "AIMSSError" and "boom" in ack["errors"]["bad"][1]
+    # The connection still works afterwards.
+    dataplane.send_buffers(sock, dataplane.encode_batch(_batch("ok", [np.ones(2)])))
+    assert dataplane.read_ack(sock) == {"errors": {}}
+    sock.close()
+
+
+def test_close_drops_open_connections(server):
+    srv, _ = server
+    sock = socket.create_connection(srv.address)
+    sock.settimeout(10)
+    srv.close()
+    srv.close()  # idempotent
+    assert sock.recv(1) == b""  # the server hung up
+    sock.close()

@@ -1,0 +1,299 @@
+"""Unit tests of the log store's promises one at a time, and of ``ByteBudget``."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from aimss_dask.errors import (
+    InvalidOffsetError,
+    PartitionOutOfRangeError,
+    StreamNotFoundError,
+    StreamSealedError,
+)
+from aimss_dask.log.budget import BudgetExhausted, BudgetStatistics, ByteBudget
+from aimss_dask.log.store import LogStore
+
+
+@pytest.fixture
+def spill_dir(tmp_path):
+    return str(tmp_path / "spill")
+
+
+@pytest.fixture
+def store(spill_dir):
+    s = LogStore(budget=2**20, spill_dir=spill_dir, segment_size=64)
+    s.open("a", 1, [0, 1])
+    yield s
+    s.close()
+
+
+def _segment_files(spill_dir: str) -> list[str]:
+    if not os.path.isdir(spill_dir):
+        return []
+    return [f for f in os.listdir(spill_dir) if f.startswith("segment-")]
+
+
+# -- zero copy and immutability ---------------------------------------------------
+
+
+def test_read_of_in_memory_array_is_zero_copy_and_read_only(store):
+    arr = np.arange(12, dtype="f8").reshape(3, 4)
+    store.append("a", 1, 0, [arr], [arr.nbytes])
+
+    (got,), _, _ = store.read("a", 1, 0, 0)
+    assert np.shares_memory(got, arr)
+    assert got.flags.writeable is False
+    with pytest.raises(ValueError, match="read-only"):
+        got[0, 0] = -1.0
+    # The writer's own array is left as it was: only the stored view is frozen.
+    assert arr.flags.writeable is True
+    # A second reader sees the very same buffer again.
+    (again,), _, _ = store.read("a", 1, 0, 0)
+    assert np.shares_memory(again, got)
+
+
+def test_already_read_only_array_is_stored_as_is(store):
+    arr = np.arange(5)
+    arr.flags.writeable = False
+    store.append("a", 1, 0, [arr], [arr.nbytes])
+    (got,), _, _ = store.read("a", 1, 0, 0)
+    assert got is arr
+
+
+def test_spilled_array_reads_back_equal_and_read_only(store, spill_dir):
+    arr = np.arange(20, dtype="i4")[::2]  # a non-contiguous view
+    store.append("a", 1, 0, [arr, b"tail"], [arr.nbytes, 4])
+    assert store.spill(0) == arr.nbytes + 4
+    assert store.memory_bytes == 0 and store.spilled_bytes == arr.nbytes + 4
+    assert _segment_files(spill_dir)
+
+    (got, tail), sealed, end = store.read("a", 1, 0, 0)
+    assert (sealed, end) == (False, 2)
+    assert got.dtype == arr.dtype and np.array_equal(got, arr)
+    assert not np.shares_memory(got, arr)
+    assert got.flags.writeable is False
+    assert tail == b"tail"
+
+
+# -- max_bytes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("segment_size", [1, 2**20])  # one segment per record, or one for all
+def test_read_max_bytes_takes_what_fits_and_at_least_one(spill_dir, segment_size):
+    s = LogStore(budget=2**20, spill_dir=spill_dir, segment_size=segment_size)
+    s.open("a", 1, [0])
+    s.append("a", 1, 0, [b"aaaa", b"bbbb", b"cccc"], [4, 4, 4])
+    assert s.read("a", 1, 0, 0, max_bytes=8) == ([b"aaaa", b"bbbb"], False, 2)
+    assert s.read("a", 1, 0, 0, max_bytes=11) == ([b"aaaa", b"bbbb"], False, 2)
+    assert s.read("a", 1, 0, 1, max_bytes=3) == ([b"bbbb"], False, 2)  # too big, yet one
+    assert s.read("a", 1, 0, 0, max_bytes=None) == ([b"aaaa", b"bbbb", b"cccc"], False, 3)
+    s.close()
+
+
+def test_read_max_bytes_is_not_exceeded_after_a_zero_byte_record(store):
+    # "Up to max_bytes (at least one)": the empty record alone fits in 5 bytes,
+    # so the 10-byte record after it must wait for the next read.
+    store.append("a", 1, 0, [b"", b"0123456789"], [0, 10])
+    got, _, end = store.read("a", 1, 0, 0, max_bytes=5)
+    assert got == [b""]
+    assert end == 1
+
+
+# -- trim, seal, errors -------------------------------------------------------------------
+
+
+def test_trim_of_spilled_segment_frees_its_file(store, spill_dir):
+    store.append("a", 1, 0, [b"x" * 10, b"y" * 10, b"z" * 10], [10, 10, 10])
+    store.spill(0)
+    assert store.spilled_bytes == 30 and len(_segment_files(spill_dir)) == 1
+
+    freed = store.trim("a", 1, 0, 1)
+    assert store.read("a", 1, 0, 1)[0] == [b"y" * 10, b"z" * 10]
+    with pytest.raises(InvalidOffsetError, match="earliest offset still kept is 1"):
+        store.read("a", 1, 0, 0)
+
+    freed += store.trim("a", 1, 0, 10)  # past the end: trims to the end
+    assert freed == 30
+    assert store.spilled_bytes == 0 and store.memory_bytes == 0
+    assert _segment_files(spill_dir) == []
+    assert store.bounds("a", 1, 0) == (3, 3, False)
+    assert store.trim("a", 1, 0, 2) == 0  # going back is a no-op
+    assert store.bounds("a", 1, 0) == (3, 3, False)
+
+
+def test_error_messages(store):
+    store.append("a", 1, 0, [b"x", b"y", b"z"], [1, 1, 1])
+    with pytest.raises(InvalidOffsetError, match="offset -1 is negative"):
+        store.read("a", 1, 0, -1)
+    store.trim("a", 1, 0, 2)
+    with pytest.raises(InvalidOffsetError, match=r"offset 1 of stream 'a' partition 0 was trimmed"):
+        store.read("a", 1, 0, 1)
+    with pytest.raises(PartitionOutOfRangeError, match="partition 5 of stream 'a' is not held"):
+        store.read("a", 1, 5, 0)
+    with pytest.raises(StreamNotFoundError, match="stream 'nope' has no log on this worker"):
+        store.append("nope", None, 0, [b"x"], [1])
+    with pytest.raises(StreamNotFoundError, match="stream 'a' has no log"):
+        store.read("a", 2, 0, 2)  # a stale (or future) epoch is another stream
+    store.seal("a", 1, [0])
+    with pytest.raises(StreamSealedError, match="stream 'a' is sealed: partition 0"):
+        store.append("a", 1, 0, [b"w"], [1])
+    # The other partition still takes writes.
+    assert store.append("a", 1, 1, [b"w"], [1]) == 0
+    assert store.read("a", 1, 0, 2) == ([b"z"], True, 3)
+
+
+def test_open_with_new_epoch_replaces_old_logs(store, spill_dir):
+    store.append("a", 1, 0, [b"old" * 4], [12])
+    store.spill(0)
+    assert _segment_files(spill_dir)
+    store.open("a", 2, [0])
+    assert _segment_files(spill_dir) == []
+    assert store.spilled_bytes == 0
+    assert store.bounds("a", 2, 0) == (0, 0, False)
+    with pytest.raises(StreamNotFoundError):
+        store.append("a", 1, 0, [b"stale"], [5])
+    # Re-opening with the same epoch keeps the data and adds partitions.
+    store.append("a", 2, 0, [b"new"], [3])
+    store.open("a", 2, [0, 3])
+    assert store.read("a", 2, 0, 0)[0] == [b"new"]
+    assert store.bounds("a", 2, 3) == (0, 0, False)
+
+
+def test_on_change_is_called_for_appends_and_seals(spill_dir):
+    seen: list[tuple[str, int]] = []
+    s = LogStore(budget=100, spill_dir=spill_dir, on_change=lambda n, p: seen.append((n, p)))
+    s.open("a", 1, [0, 1])
+    s.append("a", 1, 1, [b"x"], [1])
+    s.seal("a", 1, [0, 1])
+    assert seen == [("a", 1), ("a", 0), ("a", 1)]
+    s.close()
+
+
+def test_wait_wakes_on_append_from_another_thread(store):
+    result: list[bool] = []
+    waiting = threading.Thread(target=lambda: result.append(store.wait("a", 1, 0, 0, 30)))
+    waiting.start()
+    store.append("a", 1, 0, [b"x"], [1])
+    waiting.join(30)
+    assert not waiting.is_alive()
+    assert result == [True]
+    assert store.wait("a", 1, 0, 1, timeout=0.01) is False  # nothing at offset 1 yet
+    store.seal("a", 1, [0])
+    assert store.wait("a", 1, 0, 1, timeout=0) is True  # sealed: the reader sees the end
+
+
+def test_drop_and_close_remove_everything(spill_dir):
+    s = LogStore(budget=100, spill_dir=spill_dir, segment_size=4)
+    for name in ("a", "b"):
+        s.open(name, 1, [0, 1])
+        for p in (0, 1):
+            s.append(name, 1, p, [b"1234", b"5678", b"9"], [4, 4, 1])
+    s.spill(0)
+    assert len(_segment_files(spill_dir)) == 12
+    assert s.drop("a") is True
+    assert s.drop("a") is False
+    assert len(_segment_files(spill_dir)) == 6
+    assert s.spilled_bytes == 18 and s.memory_bytes == 0
+    s.close()
+    assert not os.path.exists(spill_dir)
+    assert s.stats()["streams"] == [] and s.spilled_bytes == 0
+    s.close()  # safe twice
+    assert s.closed
+
+
+def test_stats_and_peak(store):
+    store.append("a", 1, 0, [b"ab", b"cd"], [2, 2])
+    store.trim("a", 1, 0, 1)
+    stats = store.stats()
+    assert stats["memory_bytes"] == 2 and stats["peak_memory"] == 4
+    assert stats["streams"] == ["a"]
+    assert store.stream_stats("a")[0] == {
+        "records": 2,
+        "start": 1,
+        "bytes": 2,
+        "spilled_bytes": 0,
+        "sealed": False,
+    }
+    assert store.stream_stats("missing") == {}
+    assert store.over_budget is False
+
+
+# -- ByteBudget -------------------------------------------------------------------
+
+
+def test_budget_acquire_blocks_until_another_thread_releases():
+    b = ByteBudget(100)
+    assert b.acquire(80) is True
+    started, done = threading.Event(), threading.Event()
+
+    def take() -> None:
+        started.set()
+        assert b.acquire(50, timeout=30) is True
+        done.set()
+
+    t = threading.Thread(target=take)
+    t.start()
+    started.wait(30)
+    assert not done.wait(0.05)  # 80 + 50 > 100: it must be waiting
+    assert b.statistics().used == 80
+    b.release(80)
+    t.join(30)
+    assert done.is_set()
+    stats = b.statistics()
+    assert stats.used == 50
+    assert stats.peak == 80
+    assert stats.waits == 1
+    assert stats.waited_seconds > 0
+
+
+def test_budget_acquire_times_out_without_taking_anything():
+    b = ByteBudget(10)
+    b.acquire(6)
+    assert b.acquire(5, timeout=0.01) is False
+    stats = b.statistics()
+    assert stats.used == 6 and stats.waits == 1
+
+
+def test_budget_acquire_nowait_raises_when_full():
+    b = ByteBudget(100)
+    b.acquire_nowait(80)
+    with pytest.raises(BudgetExhausted, match="50 bytes do not fit: 80 of 100 in use"):
+        b.acquire_nowait(50)
+    assert b.statistics().used == 80  # the refused request took nothing
+    b.acquire_nowait(20)  # exactly full is fine
+    assert b.statistics().used == 100
+    assert b.statistics().waits == 0  # nowait never counts as a wait
+
+
+def test_budget_lets_an_oversize_request_through_when_empty():
+    b = ByteBudget(100)
+    assert b.acquire(1000, timeout=0) is True
+    assert b.statistics() == BudgetStatistics(
+        limit=100, used=1000, peak=1000, waits=0, waited_seconds=0.0
+    )
+    with pytest.raises(BudgetExhausted):
+        b.acquire_nowait(1)
+    b.release(1000)
+    b.acquire_nowait(1000)  # the nowait variant too
+    assert b.statistics().used == 1000
+
+
+def test_budget_release_clamps_and_statistics_is_a_snapshot():
+    b = ByteBudget(10)
+    b.acquire(4)
+    snap = b.statistics()
+    b.release(100)
+    assert b.statistics().used == 0
+    assert snap.used == 4  # a snapshot, not a live view
+    with pytest.raises(AttributeError):
+        snap.used = 0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_budget_limit_must_be_positive(limit):
+    with pytest.raises(ValueError, match=f"budget limit must be positive, got {limit}"):
+        ByteBudget(limit)
