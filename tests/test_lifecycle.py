@@ -1,0 +1,58 @@
+"""Restarting and closing the cluster leaves no AIMSS state behind."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+import aimss_dask
+
+
+def test_restart_forgets_streams_and_keeps_working():
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS(memory_limit="32MiB"))
+        s = aimss_dask.create_stream("before", partitions=2, persist=True)
+        for i in range(128):
+            s.write(np.full(2**17, i, dtype="f8"), partition=i % 2)  # 128 MiB: spills
+        s.flush()
+        old = aimss_dask.status()
+        spill_dirs = [w["spill_directory"] for w in old.values()]
+        assert sum(w["spilled_bytes"] for w in old.values()) > 0
+        assert any(os.listdir(d) for d in spill_dirs)
+
+        client.restart()
+
+        with pytest.raises(aimss_dask.StreamNotFoundError, match="'before'"):
+            aimss_dask.get_stream("before")
+        new = aimss_dask.status()
+        assert len(new) == 2 and set(new).isdisjoint(old)
+        assert all(w["streams"] == [] and w["memory_bytes"] == 0 for w in new.values())
+        # The old workers' spill files went with them.
+        assert not any(os.path.isdir(d) and os.listdir(d) for d in spill_dirs)
+        # The plugin reached the restarted workers: streams work again.
+        t = aimss_dask.create_stream("after", partitions=2)
+        t.write(b"hello", partition=1)
+        t.seal()
+        assert list(t.read()) == [b"hello"]
+        aimss_dask.destroy_stream("after")
+
+
+def test_worker_teardown_removes_its_spill_files():
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS(memory_limit="16MiB"))
+        s = aimss_dask.create_stream("spilly", partitions=1, persist=True)
+        for i in range(16):
+            s.write(np.full(2**18, i, dtype="f8"))
+        s.flush()
+        (st,) = aimss_dask.status().values()
+        d = st["spill_directory"]
+        assert st["spilled_bytes"] > 0 and os.listdir(d)
+        client.unregister_worker_plugin("aimss")
+        assert not os.path.isdir(d)
