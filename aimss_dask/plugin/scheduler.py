@@ -9,16 +9,16 @@ and cleans up after clients and workers that leave.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from aimss_dask.config import AIMSSConfig
-from aimss_dask.errors import ReadTimeoutError, error_to_wire, raise_from_wire
+from aimss_dask.errors import ReadTimeoutError, raise_from_wire
+from aimss_dask.plugin.rpc import replies
 from aimss_dask.plugin.state import CoordinatorState, StreamSpec
 
 if TYPE_CHECKING:
@@ -30,21 +30,6 @@ PLUGIN_NAME = "aimss"
 #: Tasks whose key is ``(PARTITION_TASK_PREFIX + token, stream, partition)`` run
 #: on the partition's owner; see :meth:`AIMSS.update_graph`.
 PARTITION_TASK_PREFIX = "aimss-partition-"
-
-
-def _replies(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Turn a handler's exceptions into error replies (never into a dead comm)."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return {"status": "OK", **(await method(*args, **kwargs) or {})}
-        except Exception as e:  # sent back as a value, re-raised by the caller
-            if not hasattr(e, "__module__") or "aimss_dask" not in type(e).__module__:
-                logger.exception("aimss handler %s failed", method.__name__)
-            return error_to_wire(e)
-
-    return wrapper
 
 
 class AIMSS(SchedulerPlugin):
@@ -220,7 +205,7 @@ class AIMSS(SchedulerPlugin):
 
     # -- handlers (RPC ops "aimss_<name>") ---------------------------------------------
 
-    @_replies
+    @replies
     async def _h_create(
         self,
         name: str,
@@ -255,11 +240,11 @@ class AIMSS(SchedulerPlugin):
                 raise
         return {**self._wire(spec), "created": created}
 
-    @_replies
+    @replies
     async def _h_get(self, name: str) -> dict[str, Any]:
         return self._wire(self.state.get(name))
 
-    @_replies
+    @replies
     async def _h_seal(self, name: str) -> dict[str, Any]:
         spec = self.state.get(name)
         # 1. Every worker stops taking writes for the stream and pushes what it
@@ -290,7 +275,7 @@ class AIMSS(SchedulerPlugin):
             )
         return self._wire(spec)
 
-    @_replies
+    @replies
     async def _h_shuffle_wait(self, parent: str, timeout: float | None = None) -> dict[str, Any]:
         self.state.get(parent)
         assert self._sealed_changed is not None
@@ -312,7 +297,7 @@ class AIMSS(SchedulerPlugin):
         self.state.get(parent)  # destroyed while waiting: raise
         return {"children": self.state.children(parent)}
 
-    @_replies
+    @replies
     async def _h_destroy(self, name: str) -> dict[str, Any]:
         removed = self.state.destroy(name)
         for spec in removed:
@@ -322,15 +307,15 @@ class AIMSS(SchedulerPlugin):
             self._sealed_changed.notify_all()
         return {"destroyed": [s.name for s in removed]}
 
-    @_replies
+    @replies
     async def _h_offsets(self, name: str, group: str) -> dict[str, Any]:
         return {"offsets": self.state.offsets(name, group)}
 
-    @_replies
+    @replies
     async def _h_commit(self, name: str, group: str, offsets: list[list[int]]) -> dict[str, Any]:
         return {"offsets": self.state.commit(name, group, {int(p): int(o) for p, o in offsets})}
 
-    @_replies
+    @replies
     async def _h_info(self, name: str) -> dict[str, Any]:
         spec = self.state.get(name)
         replies = await self._broadcast(
@@ -362,7 +347,12 @@ class AIMSS(SchedulerPlugin):
             }
         }
 
-    @_replies
+    @replies
+    async def _h_config(self) -> dict[str, Any]:
+        """The ``AIMSS(...)`` arguments, for the producers of client processes."""
+        return {"overrides": self.overrides}
+
+    @replies
     async def _h_status(self) -> dict[str, Any]:
         replies = await self._broadcast({"op": "aimss_worker_status"})
         return {
@@ -373,6 +363,7 @@ class AIMSS(SchedulerPlugin):
 
 
 _HANDLERS = (
+    "config",
     "create",
     "get",
     "seal",

@@ -17,7 +17,8 @@ from distributed.utils import offload
 from aimss_dask.config import AIMSSConfig
 from aimss_dask.errors import AIMSSError, error_to_wire
 from aimss_dask.log.store import LogStore
-from aimss_dask.plugin.scheduler import PLUGIN_NAME, _replies
+from aimss_dask.plugin.rpc import replies
+from aimss_dask.plugin.scheduler import PLUGIN_NAME
 from aimss_dask.plugin.state import StreamSpec
 from aimss_dask.stream.dataplane import BufferPool, DataServer
 from aimss_dask.stream.producer import Producer
@@ -145,26 +146,26 @@ class AIMSSWorker(WorkerPlugin):
 
     # -- handlers ------------------------------------------------------------------
 
-    @_replies
+    @replies
     async def _h_open(self, spec: dict[str, Any], partitions: list[int]) -> None:
         assert self.store is not None
         s = StreamSpec.from_wire(spec)
         self.store.open(s.name, s.epoch, partitions)
 
-    @_replies
+    @replies
     async def _h_append(self, items: list[list[Any]]) -> dict[str, Any]:
         """Store batches pushed over Dask's comms (TLS and other transports)."""
         # store_batch may spill to disk before it returns: not on the loop.
         return {"errors": await offload(self.store_batch, items)}
 
-    @_replies
+    @replies
     async def _h_data_address(self) -> dict[str, Any]:
         if self.data_server is None:
             return {"host": None, "port": None}
         host, port = self.data_server.address
         return {"host": host, "port": port}
 
-    @_replies
+    @replies
     async def _h_read(
         self,
         name: str,
@@ -204,7 +205,7 @@ class AIMSSWorker(WorkerPlugin):
             "next": start + len(records),
         }
 
-    @_replies
+    @replies
     async def _h_seal_producers(self, name: str, epoch: int) -> dict[str, Any]:
         assert self.producer is not None
         await self.producer.seal(name, epoch)
@@ -212,14 +213,14 @@ class AIMSSWorker(WorkerPlugin):
         # stored: report them so seal() raises instead of losing them quietly.
         return {"failure": self.producer.failure(name)}
 
-    @_replies
+    @replies
     async def _h_seal_partitions(self, name: str, epoch: int) -> None:
         assert self.store is not None
         parts = self.store.stream_stats(name)
         if parts:
             self.store.seal(name, epoch, list(parts))
 
-    @_replies
+    @replies
     async def _h_drop(self, name: str, epoch: int) -> None:
         assert self.store is not None and self.producer is not None
         from aimss_dask.stream import api
@@ -239,12 +240,12 @@ class AIMSSWorker(WorkerPlugin):
                 return  # a newer stream of the same name: not ours to drop
         self.store.drop(name)
 
-    @_replies
+    @replies
     async def _h_stream_stats(self, name: str) -> dict[str, Any]:
         assert self.store is not None
         return {"partitions": sorted(self.store.stream_stats(name).items())}
 
-    @_replies
+    @replies
     async def _h_worker_status(self) -> dict[str, Any]:
         assert self.store is not None and self.producer is not None
         st = self.store.stats()

@@ -121,7 +121,12 @@ def current(fn: str = "call") -> Endpoint:
     with _client_lock:
         producer = _client_producers.get(client)
         if producer is None:
-            cfg = AIMSSConfig.load()
+            # The same settings as the workers: this Dask config, overridden
+            # by the AIMSS(...) arguments the scheduler plugin was given.
+            reply = raise_from_wire(
+                sync(client.loop, client.scheduler.aimss_config), "aimss_config"
+            )
+            cfg = AIMSSConfig.load(**reply["overrides"])
             producer = Producer(
                 client.loop,
                 client.rpc,
