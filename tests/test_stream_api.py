@@ -499,6 +499,7 @@ def test_plugin_reaches_a_worker_added_later():
         assert owners.count(new_worker) == 2
         for p in range(4):
             s.write(np.full(3, p), partition=p)
+        s.flush()  # stored before the task's write: order across producers is by arrival
         c.submit(_write_records, name, ["task"], owners.index(new_worker), workers=[new_worker], pure=False).result()
         s.seal()
         p_new = owners.index(new_worker)

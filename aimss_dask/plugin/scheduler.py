@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,10 @@ class AIMSS(SchedulerPlugin):
         self.state = CoordinatorState()
         self._sealed_changed: asyncio.Condition | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # Client processes that write (they buffer records too), and the seals
+        # waiting for them to push: token -> (clients yet to answer, done, failures).
+        self._producer_clients: set[str] = set()
+        self._seal_waits: dict[str, tuple[set[str], asyncio.Event, dict[str, Any]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -127,6 +132,11 @@ class AIMSS(SchedulerPlugin):
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         try:
+            self._producer_clients.discard(client)
+            for pending, done, _ in self._seal_waits.values():
+                pending.discard(client)
+                if not pending:
+                    done.set()
             names = self.state.owned_by_client(client)
             if names:
                 self._spawn(self._destroy_many(names))
@@ -252,6 +262,7 @@ class AIMSS(SchedulerPlugin):
         #    seal() is rejected.
         msg = {"name": name, "epoch": spec.epoch}
         replies = await self._broadcast({"op": "aimss_seal_producers", **msg})
+        replies.update(await self._seal_clients(name, spec.epoch))
         await self._broadcast({"op": "aimss_seal_partitions", **msg}, list(set(spec.owners)))
         self.state.sealed.add(name)
         assert self._sealed_changed is not None
@@ -275,6 +286,49 @@ class AIMSS(SchedulerPlugin):
             )
         return self._wire(spec)
 
+    async def _seal_clients(self, name: str, epoch: int) -> dict[str, Any]:
+        """Have every writing client push what it buffered for ``name``."""
+        assert self.scheduler is not None
+        clients = {c for c in self._producer_clients if c in self.scheduler.client_comms}
+        if not clients:
+            return {}
+        token = uuid.uuid4().hex
+        done = asyncio.Event()
+        failures: dict[str, Any] = {}
+        self._seal_waits[token] = (set(clients), done, failures)
+        try:
+            for c in clients:
+                self.scheduler.client_comms[c].send(
+                    {"op": "aimss-seal-producers", "name": name, "epoch": epoch, "token": token}
+                )
+            try:
+                await asyncio.wait_for(done.wait(), SEAL_CLIENT_TIMEOUT)
+            except asyncio.TimeoutError:
+                pending = sorted(self._seal_waits[token][0])
+                logger.warning(
+                    "aimss: seal of %r went ahead without clients %s pushing their writes",
+                    name,
+                    pending,
+                )
+        finally:
+            del self._seal_waits[token]
+        return failures
+
+    @replies
+    async def _h_register_producer(self, client: str) -> None:
+        self._producer_clients.add(client)
+
+    @replies
+    async def _h_producers_sealed(self, token: str, client: str, failure: Any = None) -> None:
+        wait = self._seal_waits.get(token)
+        if wait is not None:
+            pending, done, failures = wait
+            pending.discard(client)
+            if failure:
+                failures[client] = {"failure": failure}
+            if not pending:
+                done.set()
+
     @replies
     async def _h_shuffle_wait(self, parent: str, timeout: float | None = None) -> dict[str, Any]:
         self.state.get(parent)
@@ -287,7 +341,8 @@ class AIMSS(SchedulerPlugin):
 
         async with self._sealed_changed:
             try:
-                await asyncio.wait_for(self._sealed_changed.wait_for(done), timeout)
+                if not done():  # wait_for(..., 0) would time out without looking
+                    await asyncio.wait_for(self._sealed_changed.wait_for(done), timeout)
             except asyncio.TimeoutError:
                 open_ = [c for c in self.state.children(parent) if c not in self.state.sealed]
                 raise ReadTimeoutError(
@@ -362,8 +417,13 @@ class AIMSS(SchedulerPlugin):
         }
 
 
+#: How long a seal waits for writing clients to push their buffered records.
+SEAL_CLIENT_TIMEOUT = 60.0
+
 _HANDLERS = (
     "config",
+    "register_producer",
+    "producers_sealed",
     "create",
     "get",
     "seal",

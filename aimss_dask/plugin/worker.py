@@ -211,7 +211,7 @@ class AIMSSWorker(WorkerPlugin):
         await self.producer.seal(name, epoch)
         # Writes that failed before the seal are data the sealer believes
         # stored: report them so seal() raises instead of losing them quietly.
-        return {"failure": self.producer.failure(name)}
+        return {"failure": self.producer.failure(name, epoch)}
 
     @replies
     async def _h_seal_partitions(self, name: str, epoch: int) -> None:
@@ -229,6 +229,9 @@ class AIMSSWorker(WorkerPlugin):
         self.producer.forget(name)
         # Removing spill files is disk I/O: not on the loop.
         await offload(self._drop, name, epoch)
+        # Remote readers waiting on the stream must find out now, not at
+        # their next poll.
+        self._bump()
 
     def _drop(self, name: str, epoch: int) -> None:
         assert self.store is not None

@@ -112,7 +112,7 @@ class Stream:
 
     def flush(self) -> None:
         """Return once every record this process wrote to the stream is stored."""
-        current("flush").producer.flush_blocking([self.name])
+        current("flush").producer.flush_blocking([self.name], epoch=self.spec.epoch)
 
     def seal(self) -> None:
         """``ShuffleStream``: no more writes; readers see the end of each partition.
@@ -121,7 +121,7 @@ class Stream:
         is stored first. A later write raises :class:`StreamSealedError`.
         """
         ep = current("seal")
-        ep.producer.flush_blocking([self.name])
+        ep.producer.flush_blocking([self.name], epoch=self.spec.epoch)
         _remember(ep, ep.scheduler_op("seal", name=self.name))
 
     def info(self) -> dict[str, Any]:
@@ -334,6 +334,8 @@ def shuffle_streams(parent: str, *, timeout: float | None = None) -> list[str]:
     """
     ep = current("shuffle_streams")
     check_name(parent, "parent stream name")
+    if timeout is not None and not timeout >= 0:
+        raise InvalidArgumentError(f"timeout={timeout!r} must be >= 0 seconds or None")
     return list(ep.scheduler_op("shuffle_wait", parent=parent, timeout=timeout)["children"])
 
 

@@ -9,6 +9,7 @@ process's producer; every remote call goes through ``Endpoint.call``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
@@ -136,6 +137,15 @@ def current(fn: str = "call") -> Endpoint:
                 transport=cfg.transport,
             )
             _client_producers[client] = producer
+            # Seals must also push what this client has buffered: the
+            # scheduler asks on the client's report stream.
+            client._stream_handlers["aimss-seal-producers"] = functools.partial(
+                _on_seal, client, producer
+            )
+            raise_from_wire(
+                sync(client.loop, client.scheduler.aimss_register_producer, client=client.id),
+                "aimss_register_producer",
+            )
     return Endpoint(
         loop=client.loop,
         scheduler=client.scheduler,
@@ -143,3 +153,23 @@ def current(fn: str = "call") -> Endpoint:
         producer=producer,
         client_id=client.id,
     )
+
+
+def _on_seal(client: Client, producer: Producer, name: str, epoch: int, token: str) -> None:
+    """Report-stream handler: push the sealed stream's records, then answer."""
+
+    async def seal_and_answer() -> None:
+        try:
+            await producer.seal(name, epoch)
+        finally:
+            await client.scheduler.aimss_producers_sealed(
+                token=token, client=client.id, failure=producer.failure(name, epoch)
+            )
+
+    # A task, not an await: the report stream must not stall behind a flush.
+    task = asyncio.ensure_future(seal_and_answer())
+    _seal_tasks.add(task)
+    task.add_done_callback(_seal_tasks.discard)
+
+
+_seal_tasks: set[asyncio.Task[None]] = set()

@@ -90,22 +90,29 @@ class Producer:
         self.budget = ByteBudget(max_in_flight)
         self._cond = threading.Condition()
         self._links: dict[str, _Link] = {}
-        self._errors: dict[str, Exception] = {}
+        # stream name -> (epoch, first error): a destroyed stream's errors must
+        # not surface on a new stream of the same name.
+        self._errors: dict[str, tuple[int, Exception]] = {}
         self._sealed: set[tuple[str, int]] = set()
         self._data_addresses: dict[str, tuple[str | None, int | None]] = {}
         self.closed = False
 
     # -- writers (any thread but the event loop's) -----------------------------------------
 
-    def _raise_pending(self, name: str) -> None:
-        with self._cond:
-            err = self._errors.pop(name, None)
-        if err is not None:
-            raise err
+    def _pop_error(self, name: str, epoch: int | None) -> Exception | None:
+        """The stream's pending error (caller holds the lock); stale ones dropped."""
+        entry = self._errors.get(name)
+        if entry is None or (epoch is not None and entry[0] > epoch):
+            return None  # none, or a newer stream's: not the caller's to take
+        del self._errors[name]
+        return entry[1] if epoch is None or entry[0] == epoch else None
 
     def write(self, spec: StreamSpec, partition: int, record: Any, ser: Serialized, nbytes: int) -> None:
         """Queue (or, on the owner itself, store) one serialised record."""
-        self._raise_pending(spec.name)
+        with self._cond:
+            err = self._pop_error(spec.name, spec.epoch)
+        if err is not None:
+            raise err
         if (spec.name, spec.epoch) in self._sealed:
             raise StreamSealedError(
                 f"stream {spec.name!r} is sealed and takes no more writes; create a "
@@ -131,8 +138,17 @@ class Producer:
             link.written += 1
             self._cond.notify_all()
 
-    def flush_blocking(self, names: Iterable[str] | None = None, raise_errors: bool = True) -> None:
-        """Push everything written so far and wait until the owners stored it."""
+    def flush_blocking(
+        self,
+        names: Iterable[str] | None = None,
+        raise_errors: bool = True,
+        epoch: int | None = None,
+    ) -> None:
+        """Push everything written so far and wait until the owners stored it.
+
+        Then raise the first error of a write to ``names`` (all streams if
+        None) that failed; with ``epoch``, only errors of that incarnation.
+        """
         with self._cond:
             targets = {o: link.written for o, link in self._links.items()}
             for link in self._links.values():
@@ -144,15 +160,20 @@ class Producer:
             )
             if not raise_errors:
                 return
-            wanted = list(self._errors) if names is None else [n for n in names if n in self._errors]
-            errs = [self._errors.pop(n) for n in wanted]
+            wanted = list(self._errors) if names is None else list(names)
+            errs = [e for n in wanted if (e := self._pop_error(n, epoch)) is not None]
         if errs:
             raise errs[0]
 
-    async def flush(self, names: Iterable[str] | None = None, raise_errors: bool = True) -> None:
+    async def flush(
+        self, names: Iterable[str] | None = None, raise_errors: bool = True, epoch: int | None = None
+    ) -> None:
         """:meth:`flush_blocking` for the event loop (waits in a thread)."""
         await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self.flush_blocking, list(names) if names else None, raise_errors)
+            None,
+            functools.partial(
+                self.flush_blocking, list(names) if names else None, raise_errors, epoch
+            ),
         )
 
     # -- sender threads -----------------------------------------------------------------
@@ -223,10 +244,11 @@ class Producer:
         with self._cond:
             if error is not None:
                 for it in batch:
-                    self._errors.setdefault(it.name, error)
+                    self._errors.setdefault(it.name, (it.epoch, error))
             else:
+                epochs = {it.name: it.epoch for it in batch}
                 for name, (kind, msg) in (reply.get("errors") or {}).items():
-                    self._errors.setdefault(name, _rebuild(kind, msg))
+                    self._errors.setdefault(name, (epochs.get(name, -1), _rebuild(kind, msg)))
             link.acked += len(batch)
             self._cond.notify_all()
         self.budget.release(sum(it.nbytes for it in batch))
@@ -238,11 +260,13 @@ class Producer:
         self.mark_sealed(name, epoch)
         await self.flush([name], raise_errors=False)
 
-    def failure(self, name: str) -> tuple[str, str] | None:
+    def failure(self, name: str, epoch: int) -> tuple[str, str] | None:
         """``(error class, message)`` of a write to ``name`` that failed, if any."""
         with self._cond:
-            e = self._errors.get(name)
-        return None if e is None else (type(e).__name__, str(e))
+            entry = self._errors.get(name)
+        if entry is None or entry[0] != epoch:
+            return None
+        return type(entry[1]).__name__, str(entry[1])
 
     def mark_sealed(self, name: str, epoch: int) -> None:
         with self._cond:
