@@ -82,6 +82,11 @@ def error_to_wire(exc: BaseException) -> dict[str, Any]:
     return {"status": "aimss-error", "type": name, "message": str(message)}
 
 
+def error_from_wire(kind: str, message: str) -> AIMSSError:
+    """The exception a ``(class name, message)`` pair stands for."""
+    return _BY_NAME.get(kind, AIMSSError)(message)
+
+
 def raise_from_wire(reply: Any, op: str) -> Any:
     """Return ``reply`` unless it encodes an error, which is raised instead.
 
@@ -94,7 +99,7 @@ def raise_from_wire(reply: Any, op: str) -> Any:
             "`client.register_plugin(aimss_dask.AIMSS())`"
         )
     if isinstance(reply, dict) and reply.get("status") == "aimss-error":
-        raise _BY_NAME.get(reply["type"], AIMSSError)(reply["message"])
+        raise error_from_wire(reply["type"], reply["message"])
     if isinstance(reply, dict) and reply.get("status") == "uncaught-error":
         # A bug on the remote side: Dask sends the exception itself.
         exc = reply.get("exception")

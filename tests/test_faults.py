@@ -50,6 +50,15 @@ def test_killed_owner_makes_writes_and_reads_fail_loudly(client):
     s.write(np.ones(4), partition=0)
     with pytest.raises(aimss_dask.PartitionLostError, match="could not be reached"):
         s.flush()
+    # A task still writing to the lost partition is refused at once, and a
+    # seal reports writes that never made it.
+    def write_lost():
+        with pytest.raises(aimss_dask.PartitionLostError, match="was lost with its worker"):
+            aimss_dask.write_to("doomed", np.ones(3), partition=0)
+        return True
+
+    assert client.submit(write_lost, pure=False).result()
+
     # The surviving partition is intact (still open: the read times out).
     got = []
     with pytest.raises(aimss_dask.ReadTimeoutError):

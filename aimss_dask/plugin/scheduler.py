@@ -18,7 +18,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from aimss_dask.config import AIMSSConfig
-from aimss_dask.errors import ReadTimeoutError, raise_from_wire
+from aimss_dask.errors import ReadTimeoutError, error_from_wire, raise_from_wire
 from aimss_dask.plugin.rpc import replies
 from aimss_dask.plugin.state import CoordinatorState, StreamSpec
 
@@ -127,6 +127,8 @@ class AIMSS(SchedulerPlugin):
                 logger.warning(
                     "aimss: worker %s left; partitions of %s are lost", worker, lost
                 )
+            # Producers everywhere stop queueing records for it at once.
+            self._spawn(self._broadcast({"op": "aimss_owner_lost", "address": worker}))
         except Exception:
             logger.exception("aimss: remove_worker hook failed")
 
@@ -275,14 +277,10 @@ class AIMSS(SchedulerPlugin):
         }
         if failures:
             addr, (kind, message) = sorted(failures.items())[0]
-            raise_from_wire(
-                {
-                    "status": "aimss-error",
-                    "type": kind,
-                    "message": f"stream {name!r} is sealed, but writes from "
-                    f"{sorted(failures)} were not stored: {message}",
-                },
-                "aimss_seal",
+            raise error_from_wire(
+                kind,
+                f"stream {name!r} is sealed, but writes from {sorted(failures)} were "
+                f"not stored: {message}",
             )
         return self._wire(spec)
 

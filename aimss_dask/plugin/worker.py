@@ -244,6 +244,11 @@ class AIMSSWorker(WorkerPlugin):
         self.store.drop(name)
 
     @replies
+    async def _h_owner_lost(self, address: str) -> None:
+        assert self.producer is not None
+        self.producer.owner_lost(address)
+
+    @replies
     async def _h_stream_stats(self, name: str) -> dict[str, Any]:
         assert self.store is not None
         return {"partitions": sorted(self.store.stream_stats(name).items())}
@@ -266,6 +271,7 @@ _HANDLERS = (
     "read",
     "seal_producers",
     "seal_partitions",
+    "owner_lost",
     "drop",
     "stream_stats",
     "worker_status",

@@ -48,6 +48,8 @@ def _remember(ep: Endpoint, reply: dict[str, Any]) -> StreamSpec:
         _specs[spec.name] = spec
     if reply.get("sealed"):
         ep.producer.mark_sealed(spec.name, spec.epoch)
+    for p in reply.get("lost", ()):
+        ep.producer.owner_lost(spec.owners[p])
     return spec
 
 

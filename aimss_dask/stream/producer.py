@@ -24,7 +24,12 @@ from typing import Any
 from distributed.protocol import Serialized
 from distributed.utils import sync
 
-from aimss_dask.errors import PartitionLostError, StreamSealedError, raise_from_wire
+from aimss_dask.errors import (
+    PartitionLostError,
+    StreamSealedError,
+    error_from_wire,
+    raise_from_wire,
+)
 from aimss_dask.log.budget import ByteBudget
 from aimss_dask.plugin.state import StreamSpec
 from aimss_dask.stream import dataplane
@@ -95,6 +100,7 @@ class Producer:
         self._errors: dict[str, tuple[int, Exception]] = {}
         self._sealed: set[tuple[str, int]] = set()
         self._data_addresses: dict[str, tuple[str | None, int | None]] = {}
+        self._dead: set[str] = set()
         self.closed = False
 
     # -- writers (any thread but the event loop's) -----------------------------------------
@@ -119,6 +125,11 @@ class Producer:
                 "new stream for new data"
             )
         owner = spec.owners[partition]
+        if owner in self._dead:
+            raise PartitionLostError(
+                f"partition {partition} of stream {spec.name!r} was lost with its "
+                f"worker {owner}; destroy the stream and write it again"
+            )
         if self._local is not None and owner == self._address:
             # Same process as the owner: no serialisation, no copy, no comm.
             self._local(spec, partition, record, nbytes)
@@ -248,7 +259,7 @@ class Producer:
             else:
                 epochs = {it.name: it.epoch for it in batch}
                 for name, (kind, msg) in (reply.get("errors") or {}).items():
-                    self._errors.setdefault(name, (epochs.get(name, -1), _rebuild(kind, msg)))
+                    self._errors.setdefault(name, (epochs.get(name, -1), error_from_wire(kind, msg)))
             link.acked += len(batch)
             self._cond.notify_all()
         self.budget.release(sum(it.nbytes for it in batch))
@@ -267,6 +278,20 @@ class Producer:
         if entry is None or entry[0] != epoch:
             return None
         return type(entry[1]).__name__, str(entry[1])
+
+    def owner_lost(self, owner: str) -> None:
+        """``owner`` left the cluster: fail what is queued for it, and later writes."""
+        with self._cond:
+            self._dead.add(owner)
+            link = self._links.get(owner)
+            batch = list(link.pending) if link else []
+            if link:
+                link.pending.clear()
+                link.pending_bytes = 0
+        if link and batch:
+            self._settle(link, batch, None, PartitionLostError(
+                f"worker {owner} left the cluster before it stored these records"
+            ))
 
     def mark_sealed(self, name: str, epoch: int) -> None:
         with self._cond:
@@ -391,11 +416,3 @@ def _group(batch: list[_Item]) -> list[tuple[str, int, int, list[Any], list[int]
         else:
             groups.append((it.name, it.epoch, it.partition, [it.record], [it.nbytes]))
     return groups
-
-
-def _rebuild(kind: str, message: str) -> Exception:
-    try:
-        raise_from_wire({"status": "aimss-error", "type": kind, "message": message}, "")
-    except Exception as e:
-        return e
-    raise AssertionError("unreachable")
