@@ -46,10 +46,9 @@ def test_killed_owner_makes_writes_and_reads_fail_loudly(client):
     # ... so reading it raises instead of returning a short stream,
     with pytest.raises(aimss_dask.PartitionLostError, match=r"partition\(s\) \[0\] of stream 'doomed'"):
         list(s.read(partition=0))
-    # writes pushed to the dead owner surface as errors, never as silence,
-    s.write(np.ones(4), partition=0)
-    with pytest.raises(aimss_dask.PartitionLostError, match="could not be reached"):
-        s.flush()
+    # and writes meant for the dead owner are refused, never silently dropped.
+    with pytest.raises(aimss_dask.PartitionLostError, match="was lost with its worker"):
+        s.write(np.ones(4), partition=0)
     # A task still writing to the lost partition is refused at once, and a
     # seal reports writes that never made it.
     def write_lost():
@@ -66,3 +65,20 @@ def test_killed_owner_makes_writes_and_reads_fail_loudly(client):
             got.append(r.tolist())
     assert got == [(np.arange(10) + 1).tolist()]
     aimss_dask.destroy_stream("doomed")
+
+
+def test_owner_killed_mid_push_fails_the_producer(client):
+    s = aimss_dask.create_stream("mid-push", partitions=2)
+    victim = s.spec.owners[0]
+    pids = client.run(os.getpid)
+    record = np.ones(2**17)  # 1 MiB
+    for _ in range(32):
+        s.write(record, partition=0)
+    s.flush()  # the data connection to the victim is up
+    os.kill(pids[victim], signal.SIGKILL)
+    with pytest.raises(aimss_dask.PartitionLostError, match="lost"):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            s.write(record, partition=0)
+            s.flush()
+    aimss_dask.destroy_stream("mid-push")
