@@ -68,6 +68,13 @@ class AIMSSConfig:
         raw = dict(dask.config.get("aimss", default={}) or {})
         merged: dict[str, Any] = {k.replace("-", "_"): v for k, v in raw.items()}
         known = {f.name for f in fields(cls)}
+        typos = sorted(k for k in raw if k.replace("-", "_") not in known)
+        if typos:
+            raise InvalidArgumentError(
+                f"unknown key(s) {typos} in the aimss: block of the Dask config "
+                f"(files or DASK_AIMSS__* variables); known keys: "
+                f"{sorted(k.replace('_', '-') for k in known)}"
+            )
         for k, v in overrides.items():
             if k not in known:
                 raise InvalidArgumentError(
@@ -75,12 +82,17 @@ class AIMSSConfig:
                 )
             if v is not None:
                 merged[k] = v
-        merged = {k: v for k, v in merged.items() if k in known}
         return cls._parse(merged)
 
     @classmethod
     def _parse(cls, d: dict[str, Any]) -> AIMSSConfig:
-        frac = float(d.get("memory_fraction", 0.5))
+        raw_frac = d.get("memory_fraction", 0.5)
+        try:
+            frac = float(raw_frac)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(
+                f"aimss memory-fraction={raw_frac!r} is not a number; give e.g. 0.5"
+            ) from None
         if not 0 < frac <= 1:
             raise InvalidArgumentError(
                 f"aimss memory-fraction={frac!r} must be in (0, 1]"
@@ -94,9 +106,19 @@ class AIMSSConfig:
             raise InvalidArgumentError(
                 f"aimss replication={replication!r} is not supported yet; use 1"
             )
-        linger = parse_timedelta(d.get("linger", 0.005), default="s")
+        raw_linger = d.get("linger", 0.005)
+        try:
+            if isinstance(raw_linger, (int, float)) and not isinstance(raw_linger, bool):
+                linger = float(raw_linger)
+            else:
+                linger = parse_timedelta(raw_linger, default="s")
+        except (TypeError, ValueError, KeyError):
+            raise InvalidArgumentError(
+                f"aimss linger={raw_linger!r} is not a duration; give seconds or a "
+                "string such as '5ms'"
+            ) from None
         if linger is None or linger < 0:
-            raise InvalidArgumentError(f"aimss linger={d.get('linger')!r} must be >= 0")
+            raise InvalidArgumentError(f"aimss linger={raw_linger!r} must be >= 0")
         spill = d.get("spill_directory")
         transport = d.get("transport", "auto")
         if transport not in ("auto", "dask"):

@@ -18,7 +18,7 @@ from typing import Any
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -440,6 +440,9 @@ LogStoreMachine.TestCase.settings = settings(
     max_examples=60,
     stateful_step_count=30,
     deadline=None,
+    # No "explain" phase: it re-runs the failing case many times over to name
+    # lines (mostly NumPy's repr), which doubles the time a failure takes.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 TestLogStore = LogStoreMachine.TestCase

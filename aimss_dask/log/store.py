@@ -223,7 +223,10 @@ class LogStore:
                 seg = log.segments[i]
                 lo = offset - seg.base
                 hi = lo
-                while hi < len(seg.sizes) and (taken == 0 or taken + seg.sizes[hi] <= budget):
+                # At least one record per read, even one larger than max_bytes.
+                while hi < len(seg.sizes) and (
+                    (not plan and hi == lo) or taken + seg.sizes[hi] <= budget
+                ):
                     taken += seg.sizes[hi]
                     hi += 1
                 if hi == lo:

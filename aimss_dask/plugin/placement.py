@@ -58,7 +58,9 @@ def _key_bytes(key: object) -> bytes:
     if isinstance(key, int):
         return b"i" + str(key).encode()
     if isinstance(key, float):
-        return b"f" + repr(key).encode()
+        # float.__repr__ of key + 0.0: -0.0 == 0.0, and np.float64(1.5) keys
+        # the same as 1.5 (NumPy 2's repr would say "np.float64(1.5)").
+        return b"f" + float.__repr__(float(key) + 0.0).encode()
     if isinstance(key, tuple):
         return b"t" + b"\x00".join(_key_bytes(k) for k in key)
     from aimss_dask.errors import InvalidArgumentError

@@ -162,14 +162,17 @@ class CoordinatorState:
         """Record a group's progress; offsets only move forward (at-least-once)."""
         spec = self.get(name)
         check_name(group, "consumer group")
-        current = self.groups.setdefault(name, {}).setdefault(group, [0] * spec.partitions)
+        # Check everything first: offsets never go back, so a half-applied
+        # commit could not be undone.
         for p, off in offsets.items():
             check_partition(spec, p)
-            if not isinstance(off, int) or off < 0:
+            if not isinstance(off, int) or isinstance(off, bool) or off < 0:
                 raise InvalidOffsetError(
                     f"offset {off!r} for group {group!r} on stream {name!r} must be "
                     "a non-negative int"
                 )
+        current = self.groups.setdefault(name, {}).setdefault(group, [0] * spec.partitions)
+        for p, off in offsets.items():
             current[p] = max(current[p], off)
         return list(current)
 

@@ -1,0 +1,210 @@
+"""``AIMSSConfig``: shipped defaults, Dask config / environment / argument overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import dask.config
+import psutil
+import pytest
+import yaml
+
+from aimss_dask import config as config_module
+from aimss_dask.config import AIMSSConfig
+from aimss_dask.errors import InvalidArgumentError
+
+GiB = 2**30
+MiB = 2**20
+
+
+@pytest.fixture(autouse=True)
+def _no_aimss_env(monkeypatch):
+    """Run each test without ``DASK_AIMSS__*`` variables from the outside."""
+    outside = [k for k in os.environ if k.startswith("DASK_AIMSS")]
+    for k in outside:
+        monkeypatch.delenv(k)
+    if outside:
+        dask.config.refresh()
+    yield
+    if outside:
+        monkeypatch.undo()
+        dask.config.refresh()
+
+
+def _shipped() -> dict:
+    with open(pathlib.Path(config_module.__file__).with_name("aimss.yaml")) as f:
+        return yaml.safe_load(f)["aimss"]
+
+
+def test_defaults_come_from_the_shipped_yaml():
+    shipped = _shipped()
+    assert dask.config.get("aimss") == shipped
+    cfg = AIMSSConfig.load()
+    assert cfg == AIMSSConfig(
+        memory_limit=None,
+        memory_fraction=0.5,
+        spill_directory=None,
+        replication=1,
+        segment_size=4 * MiB,
+        batch_size=4 * MiB,
+        linger=0.005,
+        max_in_flight=64 * MiB,
+        read_batch_size=16 * MiB,
+        transport="auto",
+    )
+    # The dataclass defaults and the YAML agree, so code that builds an
+    # AIMSSConfig() directly behaves like a deployment with no config at all.
+    assert cfg == AIMSSConfig()
+    # Every YAML key is a field (with ``-`` for ``_``).
+    assert {k.replace("-", "_") for k in shipped} == {f.name for f in dataclasses.fields(AIMSSConfig)}
+
+
+def test_dask_config_overrides_defaults():
+    with dask.config.set({"aimss.memory-limit": "1GiB", "aimss.segment-size": 1000}):
+        cfg = AIMSSConfig.load()
+    assert cfg.memory_limit == GiB
+    assert cfg.segment_size == 1000
+    assert cfg.batch_size == 4 * MiB  # untouched keys keep their defaults
+    assert AIMSSConfig.load().memory_limit is None  # the context ended
+
+
+def test_dask_config_underscore_spelling_works_too():
+    with dask.config.set({"aimss.memory_limit": "2GiB"}):
+        assert AIMSSConfig.load().memory_limit == 2 * GiB
+
+
+def test_environment_variable_overrides_defaults(monkeypatch):
+    monkeypatch.setenv("DASK_AIMSS__MEMORY_LIMIT", "3GiB")
+    monkeypatch.setenv("DASK_AIMSS__MEMORY_FRACTION", "0.25")
+    dask.config.refresh()  # Dask reads the environment here, not on every get
+    try:
+        cfg = AIMSSConfig.load()
+        assert cfg.memory_limit == 3 * GiB
+        assert cfg.memory_fraction == 0.25
+        assert cfg.segment_size == 4 * MiB  # defaults still fill the rest
+    finally:
+        monkeypatch.undo()
+        dask.config.refresh()
+    assert AIMSSConfig.load().memory_limit is None
+
+
+def test_arguments_beat_config():
+    with dask.config.set({"aimss.memory-limit": "1GiB", "aimss.linger": "1s"}):
+        cfg = AIMSSConfig.load(memory_limit="2GiB", linger=None)
+    assert cfg.memory_limit == 2 * GiB
+    assert cfg.linger == 1.0  # None means "not given", not "reset"
+
+
+def test_sizes_and_durations_parse():
+    cfg = AIMSSConfig.load(
+        memory_limit=12345,
+        segment_size="1 MiB",
+        batch_size="64kB",
+        max_in_flight="1GiB",
+        read_batch_size=2**20,
+        linger="20ms",
+        spill_directory=pathlib.Path("/tmp/x"),
+    )
+    assert cfg.memory_limit == 12345
+    assert cfg.segment_size == MiB
+    assert cfg.batch_size == 64_000
+    assert cfg.max_in_flight == GiB
+    assert cfg.read_batch_size == MiB
+    assert cfg.linger == pytest.approx(0.02)
+    assert cfg.spill_directory == "/tmp/x" and isinstance(cfg.spill_directory, str)
+    assert AIMSSConfig.load(linger=0).linger == 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.memory_limit = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"memory_limit": -5}, r"aimss memory-limit=-5 must be a positive size"),
+        ({"memory_limit": "-1GiB"}, r"aimss memory-limit='-1GiB' must be a positive size"),
+        ({"memory_limit": 0}, r"aimss memory-limit=0 must be a positive size"),
+        ({"memory_limit": "lots"}, r"aimss memory-limit='lots' is not a size; give a number"),
+        ({"segment_size": True}, r"aimss segment-size=True must be a positive size"),
+        ({"batch_size": [1]}, r"aimss batch-size=\[1\] is not a size"),
+        ({"max_in_flight": -1}, r"aimss max-in-flight=-1 must be a positive size"),
+        ({"read_batch_size": "0B"}, r"aimss read-batch-size='0B' must be a positive size"),
+        ({"memory_fraction": 0}, r"aimss memory-fraction=0\.0 must be in \(0, 1\]"),
+        ({"memory_fraction": 2}, r"aimss memory-fraction=2\.0 must be in \(0, 1\]"),
+        ({"memory_fraction": float("nan")}, r"aimss memory-fraction=nan must be in"),
+        ({"replication": 2}, r"aimss replication=2 is not supported yet; use 1"),
+        ({"replication": "1"}, r"aimss replication='1' must be an integer"),
+        ({"replication": True}, r"aimss replication=True must be an integer"),
+        ({"transport": "tcp"}, r"aimss transport='tcp' is not one of 'auto', 'dask'"),
+        ({"colour": "blue"}, r"unknown AIMSS option 'colour'; known options: \['batch_size'"),
+    ],
+)
+def test_bad_values_raise_invalid_argument(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        AIMSSConfig.load(**kwargs)
+    assert issubclass(InvalidArgumentError, ValueError)
+
+
+def test_transport_choices():
+    assert AIMSSConfig.load().transport == "auto"
+    assert AIMSSConfig.load(transport="dask").transport == "dask"
+    with dask.config.set({"aimss.transport": "dask"}):
+        assert AIMSSConfig.load().transport == "dask"
+
+
+def test_bad_value_from_dask_config_is_rejected_too():
+    with dask.config.set({"aimss.segment-size": "lots"}):
+        with pytest.raises(InvalidArgumentError, match="aimss segment-size='lots' is not a size"):
+            AIMSSConfig.load()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"memory_fraction": "half"},  # float() raises a bare ValueError today
+        {"linger": "soon"},  # parse_timedelta raises KeyError today
+        {"linger": -1},  # parse_timedelta cannot parse negative numbers: bare ValueError
+    ],
+    ids=["fraction-half", "linger-soon", "linger-negative"],
+)
+def test_unparsable_fraction_and_linger_raise_invalid_argument(kwargs):
+    (key, value), = kwargs.items()
+    option = key.replace("_", "-")
+    with pytest.raises(InvalidArgumentError, match=f"aimss {option}={value!r}"):
+        AIMSSConfig.load(**kwargs)
+
+
+# -- resolve_for_worker ----------------------------------------------------------------
+
+
+def test_resolve_for_worker_uses_fraction_of_worker_limit(tmp_path):
+    cfg = AIMSSConfig.load(memory_fraction=0.25)
+    r = cfg.resolve_for_worker(8 * GiB, str(tmp_path))
+    assert r.memory_limit == 2 * GiB
+    assert r.spill_directory == os.path.join(str(tmp_path), "aimss-spill")
+    assert r.memory_fraction == 0.25 and r.segment_size == cfg.segment_size
+    assert cfg.memory_limit is None and cfg.spill_directory is None  # a new object
+    assert AIMSSConfig.load().resolve_for_worker(8 * GiB, "/w").memory_limit == 4 * GiB
+
+
+def test_resolve_for_worker_keeps_explicit_settings(tmp_path):
+    cfg = AIMSSConfig.load(memory_limit="1GiB", spill_directory=str(tmp_path / "mine"))
+    r = cfg.resolve_for_worker(8 * GiB, "/elsewhere")
+    assert r.memory_limit == GiB
+    assert r.spill_directory == str(tmp_path / "mine")
+
+
+def test_resolve_for_worker_floor_and_no_worker_limit():
+    cfg = AIMSSConfig.load()
+    assert cfg.resolve_for_worker(2**20, "/w").memory_limit == 16 * MiB  # the floor
+    # Dask reports 0 or None for "no memory limit": use the machine's memory.
+    expected = max(int(psutil.virtual_memory().total * 0.5), 16 * MiB)
+    for no_limit in (None, 0):
+        assert cfg.resolve_for_worker(no_limit, "/w").memory_limit == expected
+
+
+def test_unknown_key_in_the_config_block_is_named():
+    with dask.config.set({"aimss.memory-limt": "1GiB"}):
+        with pytest.raises(InvalidArgumentError, match=r"unknown key\(s\) \['memory-limt'\]"):
+            AIMSSConfig.load()
