@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
@@ -128,7 +129,8 @@ class AIMSS(SchedulerPlugin):
                     "aimss: worker %s left; partitions of %s are lost", worker, lost
                 )
             # Producers everywhere stop queueing records for it at once.
-            self._spawn(self._broadcast({"op": "aimss_owner_lost", "address": worker}))
+            if scheduler.status == Status.running:
+                self._spawn(self._broadcast({"op": "aimss_owner_lost", "address": worker}))
         except Exception:
             logger.exception("aimss: remove_worker hook failed")
 
@@ -168,7 +170,14 @@ class AIMSS(SchedulerPlugin):
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Background work of a hook (cleanup, notices): worth a line in
+            # the log, never an "exception was never retrieved".
+            logger.info("aimss: background task failed: %r", task.exception())
 
     # -- helpers -------------------------------------------------------------------
 
