@@ -91,7 +91,7 @@ def run_demo(
     ok = got == producers * records and sum(p["tags"] for p in parts) == expected_tags
     print(f"\nrecords    {got} ({'all present' if ok else 'MISMATCH'})", file=out)
     print(f"bytes      {format_bytes(nbytes)}", file=out)
-    print(f"write      {t_write:.2f} s  ({nbytes / t_write / 1e9:.2f} GB/s)", file=out)
+    print(f"produce    {t_write:.2f} s  ({nbytes / t_write / 1e9:.2f} GB/s, generating + pushing)", file=out)
     print(f"end to end {elapsed:.2f} s  ({nbytes / elapsed / 1e9:.2f} GB/s)", file=out)
     print(f"spilled    {format_bytes(info['spilled_bytes'])}", file=out)
     for addr, ws in sorted(st.items()):

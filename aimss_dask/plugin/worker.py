@@ -49,6 +49,7 @@ class AIMSSWorker(WorkerPlugin):
         self.pool: BufferPool | None = None
         self._changed: asyncio.Event | None = None
         self._waiters = 0
+        self.setup_error: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -59,6 +60,15 @@ class AIMSSWorker(WorkerPlugin):
     # -- lifecycle -----------------------------------------------------------------
 
     def setup(self, worker: Worker) -> None:
+        try:
+            self._setup(worker)
+        except Exception as e:
+            # Not raised: a hook must not fail the worker. Calls on this
+            # worker then raise NotRegisteredError quoting this error.
+            self.setup_error = f"{type(e).__name__}: {e}"
+            logger.exception("aimss: worker plugin setup failed on %s", worker.address)
+
+    def _setup(self, worker: Worker) -> None:
         self.worker = worker
         self.config = AIMSSConfig.load(**self.overrides).resolve_for_worker(
             worker.memory_manager.memory_limit, worker.local_directory

@@ -90,9 +90,11 @@ def current(fn: str = "call") -> Endpoint:
     if worker is not None:
         plugin = worker.plugins.get(PLUGIN_NAME)
         if plugin is None or getattr(plugin, "producer", None) is None:
+            failed = getattr(plugin, "setup_error", None)
             raise NotRegisteredError(
-                f"aimss_dask.{fn}: worker {worker.address} has no AIMSS plugin; call "
-                "`client.register_plugin(aimss_dask.AIMSS())` first"
+                f"aimss_dask.{fn}: worker {worker.address} has no working AIMSS plugin"
+                + (f" (its setup failed: {failed})" if failed else "")
+                + "; call `client.register_plugin(aimss_dask.AIMSS())` first"
             )
         try:
             key = worker.get_current_task()
