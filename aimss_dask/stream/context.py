@@ -92,7 +92,7 @@ def current(fn: str = "call") -> Endpoint:
         if plugin is None or getattr(plugin, "producer", None) is None:
             failed = getattr(plugin, "setup_error", None)
             raise NotRegisteredError(
-                f"aimss_dask.{fn}: worker {worker.address} has no working AIMSS plugin"
+                f"aimss_dask.{fn}: worker {worker.address} has no AIMSS plugin"
                 + (f" (its setup failed: {failed})" if failed else "")
                 + "; call `client.register_plugin(aimss_dask.AIMSS())` first"
             )
