@@ -25,6 +25,7 @@ from aimss_dask.errors import (
     StreamSealedError,
 )
 from aimss_dask.plugin.scheduler import AIMSS
+from aimss_dask.shuffle import merge, shuffle
 from aimss_dask.stream.api import (
     Stream,
     create_stream,
@@ -56,7 +57,9 @@ __all__ = [
     "create_stream",
     "destroy_stream",
     "get_stream",
+    "merge",
     "read_from",
+    "shuffle",
     "shuffle_streams",
     "status",
     "write_to",

@@ -236,6 +236,7 @@ class AIMSS(SchedulerPlugin):
         persist: bool = False,
         client: str | None = None,
         task: Any = None,
+        colocate_with: str | None = None,
     ) -> dict[str, Any]:
         spec, created = self.state.create(
             name,
@@ -245,6 +246,7 @@ class AIMSS(SchedulerPlugin):
             exist_ok=exist_ok,
             persist=persist,
             creator=self._creator(client, task),
+            colocate_with=colocate_with,
         )
         if created:
             by_owner: dict[str, list[int]] = {}
@@ -370,6 +372,14 @@ class AIMSS(SchedulerPlugin):
         return {"destroyed": [s.name for s in removed]}
 
     @replies
+    async def _h_release(self, name: str, partition: int) -> dict[str, Any]:
+        """An operator's reader is done with a partition; destroy when all are."""
+        if self.state.release(name, partition):
+            await self._h_destroy(name=name)
+            return {"destroyed": True}
+        return {"destroyed": False}
+
+    @replies
     async def _h_offsets(self, name: str, group: str) -> dict[str, Any]:
         return {"offsets": self.state.offsets(name, group)}
 
@@ -436,6 +446,7 @@ _HANDLERS = (
     "seal",
     "shuffle_wait",
     "destroy",
+    "release",
     "offsets",
     "commit",
     "info",

@@ -70,6 +70,7 @@ class CoordinatorState:
     sealed: set[str] = field(default_factory=set)
     groups: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     lost: dict[str, set[int]] = field(default_factory=dict)
+    released: dict[str, set[int]] = field(default_factory=dict)
     _epochs: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def create(
@@ -82,6 +83,7 @@ class CoordinatorState:
         exist_ok: bool = False,
         persist: bool = False,
         creator: str | None = None,
+        colocate_with: str | None = None,
     ) -> tuple[StreamSpec, bool]:
         """Create (or, with ``exist_ok``, find) a stream; ``(spec, created)``."""
         check_name(name)
@@ -113,8 +115,18 @@ class CoordinatorState:
                     "or another name"
                 )
             return old, False
-        load = owners_load([s.owners for s in self.streams.values()], workers)
-        owners = place_partitions(partitions, load)
+        if colocate_with is not None:
+            # Partition p of both streams on one worker: a join reads both locally.
+            other = self.get(colocate_with)
+            if other.partitions != partitions:
+                raise InvalidArgumentError(
+                    f"stream {name!r} with {partitions} partition(s) cannot be "
+                    f"co-located with {colocate_with!r}, which has {other.partitions}"
+                )
+            owners = list(other.owners)
+        else:
+            load = owners_load([s.owners for s in self.streams.values()], workers)
+            owners = place_partitions(partitions, load)
         spec = StreamSpec(
             name=name,
             partitions=partitions,
@@ -150,6 +162,7 @@ class CoordinatorState:
         self.sealed.discard(name)
         self.groups.pop(name, None)
         self.lost.pop(name, None)
+        self.released.pop(name, None)
         removed.append(spec)
         return removed
 
@@ -176,6 +189,14 @@ class CoordinatorState:
             current[p] = max(current[p], off)
         return list(current)
 
+    def release(self, name: str, partition: int) -> bool:
+        """A reader is done with ``partition`` for good; True once all are."""
+        spec = self.get(name)
+        check_partition(spec, partition)
+        done = self.released.setdefault(name, set())
+        done.add(partition)
+        return len(done) == spec.partitions
+
     def worker_lost(self, address: str) -> list[str]:
         """Mark the partitions ``address`` owned as lost; names affected."""
         hit = []
@@ -198,4 +219,5 @@ class CoordinatorState:
         self.sealed.clear()
         self.groups.clear()
         self.lost.clear()
+        self.released.clear()
         return specs

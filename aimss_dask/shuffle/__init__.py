@@ -1,6 +1,10 @@
-"""Shuffle operators (DataFrame shuffle, hash join, Array rechunk) through streams.
+"""Shuffle operators through AIMSS streams: DataFrame shuffle and hash join.
 
-Not implemented yet: the push-based shuffle is the next piece of work built on
-the stream API (map tasks write shards into child streams, ``shuffle_streams``
-is the barrier, unpack tasks read their partition locally).
+Map tasks split their input and push shards into a stream's partitions while
+the map phase is still running; a seal task is the barrier; each output
+partition is read on the worker that owns it.
 """
+
+from aimss_dask.shuffle.dataframe import merge, shuffle
+
+__all__ = ["merge", "shuffle"]

@@ -227,6 +227,41 @@ def create_stream(
     return Stream(_remember(ep, reply))
 
 
+def create_colocated(name: str, like: str, *, exist_ok: bool = False) -> Stream:
+    """A stream whose partition ``p`` lives where partition ``p`` of ``like`` does.
+
+    Operators use it to join two streams partition by partition, locally.
+    """
+    ep = current("create_colocated")
+    like_spec = _spec(ep, like, refresh=True)
+    reply = ep.scheduler_op(
+        "create",
+        name=check_name(name),
+        partitions=like_spec.partitions,
+        exist_ok=bool(exist_ok),
+        colocate_with=like,
+        **ep.owner_kwargs(),
+    )
+    if reply.get("created"):
+        forget(name)
+    return Stream(_remember(ep, reply))
+
+
+def release_partition(name: str, partition: int) -> None:
+    """An operator is done with ``partition`` for good: free it now.
+
+    The owner drops the records at once (no need to wait for the rest); the
+    coordinator destroys the stream when every partition has been released.
+    """
+    ep = current("release_partition")
+    spec = _spec(ep, name)
+    check_partition(spec, partition)
+    if ep.plugin is not None and ep.plugin.store is not None and spec.owners[partition] == ep.address:
+        _, end, _ = ep.plugin.store.bounds(spec.name, spec.epoch, partition)
+        ep.plugin.store.trim(spec.name, spec.epoch, partition, end)
+    ep.scheduler_op("release", name=name, partition=partition)
+
+
 def get_stream(name: str) -> Stream:
     """A handle on an existing stream; :class:`StreamNotFoundError` if none."""
     ep = current("get_stream")

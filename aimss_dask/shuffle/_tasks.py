@@ -1,0 +1,71 @@
+"""The tasks of a push-based shuffle run: create, push, seal, read.
+
+A run is a stream (one per input side) whose partitions are the output
+partitions. Map tasks push their shards while the map phase is still running;
+the seal task is the barrier; each read task runs on the worker that owns its
+partition (the coordinator pins it), reads it locally, then releases it so the
+stream is freed as soon as its last partition is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from aimss_dask.shuffle import partitioning
+from aimss_dask.stream import api
+
+
+def create(names: list[str], npartitions: int) -> list[str]:
+    """Create the run's streams; a retried task finds them (``exist_ok``)."""
+    first = names[0]
+    api.create_stream(first, npartitions, exist_ok=True)
+    for other in names[1:]:
+        api.create_colocated(other, first, exist_ok=True)
+    return names
+
+
+def push(
+    df: pd.DataFrame,
+    names: list[str],
+    side: int,
+    on: list[str],
+    npartitions: int,
+    cast: dict[str, str] | None,
+) -> int:
+    """Split one input partition by key hash and push every shard; rows pushed."""
+    stream = api.get_stream(names[side])
+    index = partitioning.partition_index(df, on, npartitions, cast)
+    for j, shard in partitioning.split(df, index, npartitions):
+        stream.write(shard, partition=j)
+    stream.flush()
+    return len(df)
+
+
+def seal(names: list[str], *pushed: int) -> int:
+    """The barrier: every map task is done; seal so readers see the end."""
+    for name in names:
+        api.get_stream(name).seal()
+    return sum(pushed)
+
+
+def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataFrame:
+    """One output partition, read from the local log, then released."""
+    shards = list(api.read_from(name, partition=partition))
+    out = partitioning.combine(shards, meta)
+    api.release_partition(name, partition)
+    return out
+
+
+def join(
+    names: list[str],
+    partition: int,
+    metas: tuple[pd.DataFrame, pd.DataFrame],
+    merge_kwargs: dict[str, Any],
+    sealed: int,
+) -> pd.DataFrame:
+    """Hash join of one co-located partition pair."""
+    left = read(names[0], partition, metas[0], sealed)
+    right = read(names[1], partition, metas[1], sealed)
+    return left.merge(right, **merge_kwargs)
