@@ -38,6 +38,25 @@ def encode(record: Any, stream: str = "?") -> tuple[Serialized, int]:
     return Serialized(header, frames), nbytes
 
 
+def local_nbytes(record: Any) -> int | None:
+    """Size of a record that stays in this process, if it needs no checking.
+
+    Arrays, pandas objects and bytes always serialise, so a record stored on
+    its own owner skips ``encode`` (a pickle of every DataFrame shard).
+    """
+    if isinstance(record, np.ndarray) and record.dtype != object:
+        return int(record.nbytes)
+    if isinstance(record, (bytes, bytearray)):
+        return len(record)
+    import pandas as pd
+
+    if isinstance(record, (pd.DataFrame, pd.Series, pd.Index)):
+        from dask.sizeof import sizeof
+
+        return int(sizeof(record))
+    return None
+
+
 def freeze(record: Any) -> Any:
     """Return what the log stores for ``record``: arrays as read-only views.
 

@@ -85,6 +85,8 @@ class AIMSS(SchedulerPlugin):
         # Client processes that write (they buffer records too), and the seals
         # waiting for them to push: token -> (clients yet to answer, done, failures).
         self._producer_clients: set[str] = set()
+        # Partition tasks submitted before their stream exists: name -> keys.
+        self._pins: dict[str, list[Any]] = {}
         self._seal_waits: dict[str, tuple[set[str], asyncio.Event, dict[str, Any]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -128,8 +130,10 @@ class AIMSS(SchedulerPlugin):
                 logger.warning(
                     "aimss: worker %s left; partitions of %s are lost", worker, lost
                 )
-            # Producers everywhere stop queueing records for it at once.
-            if scheduler.status == Status.running:
+            # Producers everywhere stop queueing records for it at once. Not
+            # for expected departures (closing, retiring): their peers may be
+            # closing too, and producers find out on their next connect.
+            if scheduler.status == Status.running and not kwargs.get("expected"):
                 self._spawn(self._broadcast({"op": "aimss_owner_lost", "address": worker}))
         except Exception:
             logger.exception("aimss: remove_worker hook failed")
@@ -159,13 +163,26 @@ class AIMSS(SchedulerPlugin):
                 ):
                     continue
                 spec = self.state.streams.get(key[1])
-                ts = scheduler.tasks.get(key)
-                if spec is None or ts is None or not 0 <= key[2] < spec.partitions:
-                    continue
-                ts.worker_restrictions = {spec.owners[key[2]]}
-                ts.loose_restrictions = False
+                if spec is None:
+                    # An operator creates its stream inside the graph: pin the
+                    # task when the stream exists (it cannot run before that).
+                    self._pins.setdefault(key[1], []).append(key)
+                else:
+                    self._pin(key, spec)
+            if len(self._pins) > 1000:
+                self._pins = {
+                    n: ks for n, ks in self._pins.items() if any(k in scheduler.tasks for k in ks)
+                }
         except Exception:
             logger.exception("aimss: update_graph hook failed")
+
+    def _pin(self, key: Any, spec: StreamSpec) -> None:
+        assert self.scheduler is not None
+        ts = self.scheduler.tasks.get(key)
+        if ts is None or not 0 <= key[2] < spec.partitions or ts.state == "processing":
+            return
+        ts.worker_restrictions = {spec.owners[key[2]]}
+        ts.loose_restrictions = False
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -249,6 +266,8 @@ class AIMSS(SchedulerPlugin):
             colocate_with=colocate_with,
         )
         if created:
+            for key in self._pins.pop(name, []):
+                self._pin(key, spec)
             by_owner: dict[str, list[int]] = {}
             for p, w in enumerate(spec.owners):
                 by_owner.setdefault(w, []).append(p)

@@ -102,7 +102,9 @@ class AIMSSWorker(WorkerPlugin):
     def teardown(self, worker: Worker) -> None:
         try:
             for op in _HANDLERS:
-                worker.handlers.pop(f"aimss_{op}", None)
+                # Answer late messages (a closing cluster) instead of letting
+                # Dask log "no handler" tracebacks.
+                worker.handlers[f"aimss_{op}"] = _torn_down
             if self.data_server is not None:
                 self.data_server.close()
             if self.producer is not None:
@@ -272,6 +274,10 @@ class AIMSSWorker(WorkerPlugin):
             st.update(self.pool.statistics())
         st["spill_directory"] = self.store.spill_dir
         return {"status": st}
+
+
+async def _torn_down(**kwargs: Any) -> dict[str, Any]:
+    return error_to_wire(AIMSSError("the AIMSS plugin on this worker was torn down"))
 
 
 _HANDLERS = (

@@ -31,7 +31,9 @@ def partition_index(df: pd.DataFrame, on: list[str], npartitions: int, cast: dic
     keys = df[on]
     if cast:
         keys = keys.astype(cast)
-    return np.asarray(partitioning_index(keys, npartitions), dtype=np.int64)
+    # Dask returns the smallest int dtype that fits, which lets the stable
+    # argsort in split() use a radix sort: keep it.
+    return np.asarray(partitioning_index(keys, npartitions))
 
 
 def split(df: pd.DataFrame, index: np.ndarray, npartitions: int) -> list[tuple[int, pd.DataFrame]]:

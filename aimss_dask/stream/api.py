@@ -28,7 +28,6 @@ from aimss_dask.errors import (
     PartitionLostError,
     StreamNotFoundError,
 )
-from aimss_dask.log.records import encode
 from aimss_dask.plugin.placement import partition_for_key
 from aimss_dask.plugin.scheduler import PARTITION_TASK_PREFIX
 from aimss_dask.plugin.state import StreamSpec, check_name, check_partition
@@ -277,9 +276,8 @@ def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, k
         with _cache_lock:
             counter = _round_robin.setdefault(spec.name, itertools.count())
         p = next(counter) % spec.partitions
-    ser, nbytes = encode(record, spec.name)
     try:
-        ep.producer.write(spec, p, record, ser, nbytes)
+        ep.producer.write(spec, p, record)
     except StreamNotFoundError:
         forget(spec.name)
         raise

@@ -30,6 +30,7 @@ from aimss_dask.errors import (
     error_from_wire,
     raise_from_wire,
 )
+from aimss_dask.log import records
 from aimss_dask.log.budget import ByteBudget
 from aimss_dask.plugin.state import StreamSpec
 from aimss_dask.stream import dataplane
@@ -113,8 +114,8 @@ class Producer:
         del self._errors[name]
         return entry[1] if epoch is None or entry[0] == epoch else None
 
-    def write(self, spec: StreamSpec, partition: int, record: Any, ser: Serialized, nbytes: int) -> None:
-        """Queue (or, on the owner itself, store) one serialised record."""
+    def write(self, spec: StreamSpec, partition: int, record: Any) -> None:
+        """Queue (or, on the owner itself, store) one record."""
         with self._cond:
             err = self._pop_error(spec.name, spec.epoch)
         if err is not None:
@@ -132,8 +133,12 @@ class Producer:
             )
         if self._local is not None and owner == self._address:
             # Same process as the owner: no serialisation, no copy, no comm.
-            self._local(spec, partition, record, nbytes)
+            local = records.local_nbytes(record)
+            if local is None:
+                local = records.encode(record, spec.name)[1]  # still must serialise
+            self._local(spec, partition, record, local)
             return
+        ser, nbytes = records.encode(record, spec.name)
         self.budget.acquire(nbytes)
         with self._cond:
             link = self._links.get(owner)

@@ -1,0 +1,185 @@
+"""Benchmark of the push-based shuffle (issue: push-based shuffle).
+
+DataFrame shuffle of an int64 key + 6 float64 columns, 64 input and 64 output
+partitions, on a LocalCluster of 2 worker processes with 1 thread each:
+aimss against Dask's ``shuffle_method="tasks"`` and ``"p2p"``, interleaved,
+medians over ``--reps``. Optionally with 30% of rows on one key, and a merge
+of two frames (aimss against Dask's p2p merge).
+
+The input is generated and persisted first; the timed part is the shuffle
+plus ``len`` of every output partition. Reported: wall time, GB/s of input,
+peak RSS of each worker (sampled every 20 ms) and peak disk used under the
+workers' local directories.
+
+    python benchmarks/bench_shuffle.py --gib 1 --reps 3 [--skew] [--merge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+GiB = 2**30
+COLS = 6
+ROW_BYTES = 8 * (COLS + 1)
+
+
+def _make(i: int, rows: int, skew: bool, nkeys: int) -> pd.DataFrame:
+    rng = np.random.default_rng(i)
+    keys = rng.integers(0, nkeys, rows, dtype=np.int64)
+    if skew:
+        keys[rng.random(rows) < 0.3] = 42  # 30% of rows on one key
+    data = {"key": keys}
+    for c in range(COLS):
+        data[f"x{c}"] = rng.random(rows)
+    return pd.DataFrame(data)
+
+
+class _Sampler:
+    def __init__(self, local_dir: str) -> None:
+        import psutil
+
+        self.proc = psutil.Process()
+        self.dir = local_dir
+        self.rss = self.proc.memory_info().rss
+        self.disk = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.wait(0.02):
+            self.rss = max(self.rss, self.proc.memory_info().rss)
+            n += 1
+            if n % 10 == 0:
+                self.disk = max(self.disk, _du(self.dir))
+
+    def finish(self) -> tuple[int, int]:
+        self.stop.set()
+        self.thread.join()
+        return self.rss, max(self.disk, _du(self.dir))
+
+
+def _du(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _start(dask_worker: Any) -> None:
+    dask_worker._bench_sampler = _Sampler(dask_worker.local_directory)
+
+
+def _finish(dask_worker: Any) -> tuple[int, int]:
+    return dask_worker._bench_sampler.finish()
+
+
+def _count(df: pd.DataFrame) -> int:
+    return len(df)
+
+
+def run(args: argparse.Namespace) -> None:
+    import dask
+    import dask.dataframe as dd
+    from distributed import Client, LocalCluster, wait
+
+    import aimss_dask
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS(memory_limit=args.memory_limit))
+        nbytes = int(args.gib * GiB)
+        rows = nbytes // ROW_BYTES // args.partitions
+        ddf = dd.from_map(
+            _make, range(args.partitions), rows=rows, skew=args.skew, nkeys=10 * rows * args.partitions,
+            meta=_make(0, 0, False, 1),
+        ).persist()
+        wait(ddf)
+        total_rows = rows * args.partitions
+        other = None
+        if args.merge:
+            other = dd.from_map(
+                _make, range(1000, 1000 + args.partitions), rows=rows, skew=False,
+                nkeys=10 * rows * args.partitions, meta=_make(0, 0, False, 1),
+            ).persist()
+            wait(other)
+
+        def aimss_run() -> int:
+            if other is not None:
+                out = aimss_dask.merge(ddf, other, on="key", npartitions=args.partitions)
+            else:
+                out = aimss_dask.shuffle(ddf, "key", npartitions=args.partitions)
+            return int(out.map_partitions(_count, meta=(None, "i8")).sum().compute())
+
+        def dask_run(method: str) -> int:
+            with dask.config.set({"dataframe.shuffle.method": method}):
+                if other is not None:
+                    out = ddf.merge(other, on="key", npartitions=args.partitions, shuffle_method=method)
+                else:
+                    out = ddf.shuffle(on="key", npartitions=args.partitions, shuffle_method=method)
+                return int(out.map_partitions(_count, meta=(None, "i8")).sum().compute())
+
+        methods = {"aimss": aimss_run, "p2p": lambda: dask_run("p2p")}
+        if not args.merge and not args.no_tasks:
+            methods["tasks"] = lambda: dask_run("tasks")
+        results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": [], "disk": []} for m in methods}
+        for rep in range(args.reps + 1):  # the first round warms up
+            for name, fn in methods.items():
+                client.run(_start)
+                t0 = time.perf_counter()
+                got = fn()
+                dt = time.perf_counter() - t0
+                peaks = client.run(_finish)
+                if not args.merge:
+                    assert got == total_rows, (name, got, total_rows)
+                if rep == 0:
+                    continue
+                results[name]["t"].append(dt)
+                results[name]["rss"].append(max(r for r, _ in peaks.values()))
+                results[name]["disk"].append(sum(d for _, d in peaks.values()))
+                print(f"  rep {rep} {name:6s} {dt:7.2f} s  peak RSS/worker {max(r for r, _ in peaks.values()) / GiB:.2f} GiB", flush=True)
+
+        what = "merge of two" if args.merge else "shuffle of"
+        print(
+            f"\n{what} {args.gib:g} GiB ({total_rows} rows, {args.partitions} -> {args.partitions} partitions"
+            f"{', 30% on one key' if args.skew else ''}), medians of {args.reps}:"
+        )
+        med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
+        for m, r in med.items():
+            print(
+                f"{m:6s} {r['t']:7.2f} s  {nbytes / r['t'] / 1e9:6.3f} GB/s  "
+                f"peak RSS/worker {r['rss'] / GiB:5.2f} GiB  disk {r['disk'] / GiB:5.2f} GiB"
+            )
+        for m in med:
+            if m != "aimss":
+                print(f"aimss speed-up over {m}: {med[m]['t'] / med['aimss']['t']:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--partitions", type=int, default=64)
+    ap.add_argument("--skew", action="store_true")
+    ap.add_argument("--merge", action="store_true")
+    ap.add_argument("--no-tasks", action="store_true")
+    ap.add_argument("--memory-limit", default=None, help="AIMSS budget per worker, e.g. 1GiB")
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()
