@@ -85,8 +85,10 @@ class AIMSS(SchedulerPlugin):
         # Client processes that write (they buffer records too), and the seals
         # waiting for them to push: token -> (clients yet to answer, done, failures).
         self._producer_clients: set[str] = set()
-        # Partition tasks submitted before their stream exists: name -> keys.
+        # Partition tasks submitted before their stream exists: name -> keys;
+        # and the partitions that submitted tasks will read, per stream.
         self._pins: dict[str, list[Any]] = {}
+        self._readers: dict[str, set[int]] = {}
         self._seal_waits: dict[str, tuple[set[str], asyncio.Event, dict[str, Any]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -162,6 +164,7 @@ class AIMSS(SchedulerPlugin):
                     and key[0].startswith(PARTITION_TASK_PREFIX)
                 ):
                     continue
+                self._readers.setdefault(key[1], set()).add(key[2])
                 spec = self.state.streams.get(key[1])
                 if spec is None:
                     # An operator creates its stream inside the graph: pin the
@@ -169,9 +172,12 @@ class AIMSS(SchedulerPlugin):
                     self._pins.setdefault(key[1], []).append(key)
                 else:
                     self._pin(key, spec)
-            if len(self._pins) > 1000:
+            if len(self._pins) > 1000 or len(self._readers) > 1000:
                 self._pins = {
                     n: ks for n, ks in self._pins.items() if any(k in scheduler.tasks for k in ks)
+                }
+                self._readers = {
+                    n: ps for n, ps in self._readers.items() if n in self._pins or n in self.state.streams
                 }
         except Exception:
             logger.exception("aimss: update_graph hook failed")
@@ -254,6 +260,7 @@ class AIMSS(SchedulerPlugin):
         client: str | None = None,
         task: Any = None,
         colocate_with: str | None = None,
+        read_by: str | None = None,
     ) -> dict[str, Any]:
         spec, created = self.state.create(
             name,
@@ -266,6 +273,8 @@ class AIMSS(SchedulerPlugin):
             colocate_with=colocate_with,
         )
         if created:
+            if read_by is not None:
+                self.state.operator[name] = read_by
             for key in self._pins.pop(name, []):
                 self._pin(key, spec)
             by_owner: dict[str, list[int]] = {}
@@ -297,6 +306,13 @@ class AIMSS(SchedulerPlugin):
         replies.update(await self._seal_clients(name, spec.epoch))
         await self._broadcast({"op": "aimss_seal_partitions", **msg}, list(set(spec.owners)))
         self.state.sealed.add(name)
+        reader = self.state.operator.get(name)
+        if reader is not None:
+            # An operator's output partitions that no submitted task will
+            # read (a partial compute, out.partitions[0]): free them now.
+            unread = set(range(spec.partitions)) - self._readers.get(reader, set())
+            if unread:
+                await self._release(spec, sorted(unread))
         assert self._sealed_changed is not None
         async with self._sealed_changed:
             self._sealed_changed.notify_all()
@@ -393,10 +409,21 @@ class AIMSS(SchedulerPlugin):
     @replies
     async def _h_release(self, name: str, partition: int) -> dict[str, Any]:
         """An operator's reader is done with a partition; destroy when all are."""
-        if self.state.release(name, partition):
-            await self._h_destroy(name=name)
-            return {"destroyed": True}
-        return {"destroyed": False}
+        return {"destroyed": await self._release(self.state.get(name), [partition], trim=False)}
+
+    async def _release(self, spec: StreamSpec, partitions: list[int], trim: bool = True) -> bool:
+        if trim:
+            by_owner: dict[str, list[int]] = {}
+            for p in partitions:
+                by_owner.setdefault(spec.owners[p], []).append(p)
+            for w, ps in by_owner.items():
+                await self._broadcast(
+                    {"op": "aimss_trim", "name": spec.name, "epoch": spec.epoch, "partitions": ps}, [w]
+                )
+        if self.state.release(spec.name, partitions):
+            await self._h_destroy(name=spec.name)
+            return True
+        return False
 
     @replies
     async def _h_offsets(self, name: str, group: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ the unit tests drive it directly.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,6 +71,8 @@ class CoordinatorState:
     groups: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     lost: dict[str, set[int]] = field(default_factory=dict)
     released: dict[str, set[int]] = field(default_factory=dict)
+    # Operator streams: name -> the stream named in its read tasks' keys.
+    operator: dict[str, str] = field(default_factory=dict)
     _epochs: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def create(
@@ -163,6 +165,7 @@ class CoordinatorState:
         self.groups.pop(name, None)
         self.lost.pop(name, None)
         self.released.pop(name, None)
+        self.operator.pop(name, None)
         removed.append(spec)
         return removed
 
@@ -189,12 +192,13 @@ class CoordinatorState:
             current[p] = max(current[p], off)
         return list(current)
 
-    def release(self, name: str, partition: int) -> bool:
-        """A reader is done with ``partition`` for good; True once all are."""
+    def release(self, name: str, partitions: Iterable[int]) -> bool:
+        """Readers are done with ``partitions`` for good; True once all are."""
         spec = self.get(name)
-        check_partition(spec, partition)
+        for p in partitions:
+            check_partition(spec, p)
         done = self.released.setdefault(name, set())
-        done.add(partition)
+        done.update(partitions)
         return len(done) == spec.partitions
 
     def worker_lost(self, address: str) -> list[str]:
@@ -220,4 +224,5 @@ class CoordinatorState:
         self.groups.clear()
         self.lost.clear()
         self.released.clear()
+        self.operator.clear()
         return specs

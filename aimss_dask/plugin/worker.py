@@ -256,6 +256,18 @@ class AIMSSWorker(WorkerPlugin):
         self.store.drop(name)
 
     @replies
+    async def _h_trim(self, name: str, epoch: int, partitions: list[int]) -> None:
+        """Drop every record of these partitions (nobody will read them)."""
+        assert self.store is not None
+        await offload(self._trim_all, name, epoch, partitions)
+
+    def _trim_all(self, name: str, epoch: int, partitions: list[int]) -> None:
+        assert self.store is not None
+        for p in partitions:
+            _, end, _ = self.store.bounds(name, epoch, p)
+            self.store.trim(name, epoch, p, end)
+
+    @replies
     async def _h_owner_lost(self, address: str) -> None:
         assert self.producer is not None
         self.producer.owner_lost(address)
@@ -288,6 +300,7 @@ _HANDLERS = (
     "seal_producers",
     "seal_partitions",
     "owner_lost",
+    "trim",
     "drop",
     "stream_stats",
     "worker_status",

@@ -18,11 +18,11 @@ from aimss_dask.stream import api
 
 
 def create(names: list[str], npartitions: int) -> list[str]:
-    """Create the run's streams; a retried task finds them (``exist_ok``)."""
+    """Create the run's streams (the read tasks are keyed by ``names[0]``)."""
     first = names[0]
-    api.create_stream(first, npartitions, exist_ok=True)
+    api.create_operator_stream(first, npartitions, read_by=first)
     for other in names[1:]:
-        api.create_colocated(other, first, exist_ok=True)
+        api.create_operator_stream(other, npartitions, read_by=first, colocate_with=first)
     return names
 
 

@@ -144,10 +144,9 @@ def merge(
 
 
 def _common_dtype(a: Any, b: Any, lk: str, rk: str) -> str:
-    try:
-        common = np.result_type(a, b)
-    except TypeError:
-        common = np.dtype(object)
+    # pandas' own promotion: Int64 with int64 is Int64, which np.result_type
+    # (NumPy dtypes only) cannot tell.
+    common = pd.concat([pd.Series([], dtype=a), pd.Series([], dtype=b)]).dtype
     if common == object and not (a == object or b == object):
         raise InvalidArgumentError(
             f"join keys {lk!r} ({a}) and {rk!r} ({b}) have dtypes that cannot be "

@@ -226,21 +226,36 @@ def create_stream(
     return Stream(_remember(ep, reply))
 
 
-def create_colocated(name: str, like: str, *, exist_ok: bool = False) -> Stream:
-    """A stream whose partition ``p`` lives where partition ``p`` of ``like`` does.
+def create_operator_stream(
+    name: str,
+    partitions: int,
+    *,
+    read_by: str,
+    colocate_with: str | None = None,
+) -> Stream:
+    """A stream an operator (shuffle, join) fills and reads inside one graph.
 
-    Operators use it to join two streams partition by partition, locally.
+    Its partitions are read by pinned tasks whose keys name ``read_by``;
+    partitions no submitted task will read are freed at seal, and the stream
+    is destroyed once every partition is released. A sealed leftover of an
+    earlier run of the same graph (a partial compute) is replaced.
+    ``colocate_with`` puts partition ``p`` where that stream's partition
+    ``p`` lives, so a join reads both sides locally.
     """
-    ep = current("create_colocated")
-    like_spec = _spec(ep, like, refresh=True)
-    reply = ep.scheduler_op(
-        "create",
+    ep = current("create_operator_stream")
+    kwargs = dict(
         name=check_name(name),
-        partitions=like_spec.partitions,
-        exist_ok=bool(exist_ok),
-        colocate_with=like,
+        partitions=partitions,
+        exist_ok=True,
+        colocate_with=colocate_with,
+        read_by=read_by,
         **ep.owner_kwargs(),
     )
+    reply = ep.scheduler_op("create", **kwargs)
+    if not reply.get("created") and reply.get("sealed"):
+        ep.scheduler_op("destroy", name=name)
+        forget(name)
+        reply = ep.scheduler_op("create", **kwargs)
     if reply.get("created"):
         forget(name)
     return Stream(_remember(ep, reply))
