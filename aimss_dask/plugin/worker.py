@@ -32,6 +32,9 @@ logger = logging.getLogger("aimss_dask")
 #: yet"; the reader then asks again. Keeps comms from idling for minutes.
 MAX_READ_WAIT = 5.0
 
+#: Free scratch bytes a worker keeps for operators (at most a quarter of the budget).
+SCRATCH_IDLE = 256 * 2**20
+
 
 class AIMSSWorker(WorkerPlugin):
     """Installed on every worker by :class:`aimss_dask.AIMSS`; not used directly."""
@@ -50,6 +53,7 @@ class AIMSSWorker(WorkerPlugin):
         self._changed: asyncio.Event | None = None
         self._waiters = 0
         self.setup_error: str | None = None
+        self.scratch: BufferPool | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -91,6 +95,10 @@ class AIMSSWorker(WorkerPlugin):
             address=worker.address,
             local=self.local_append,
         )
+        store = self.store
+        # Scratch space for operators (a shuffle's sorted copy of its input):
+        # memory this worker has touched already, reused once unreferenced.
+        self.scratch = BufferPool(lambda: min(SCRATCH_IDLE, store.budget // 4))
         if self.config.transport == "auto" and worker.address.startswith("tcp://"):
             store = self.store
             self.pool = BufferPool(lambda: max(0, store.budget - store.memory_bytes))
@@ -113,6 +121,8 @@ class AIMSSWorker(WorkerPlugin):
                 self.store.close()
             if self.pool is not None:
                 self.pool.clear()
+            if self.scratch is not None:
+                self.scratch.clear()
         except Exception:
             logger.exception("aimss: worker teardown failed")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from aimss_dask.shuffle import partitioning
@@ -37,8 +38,17 @@ def push(
     """Split one input partition by key hash and push every shard; rows pushed."""
     stream = api.get_stream(names[side])
     index = partitioning.partition_index(df, on, npartitions, cast)
-    for j, shard in partitioning.split(df, index, npartitions):
-        stream.write(shard, partition=j)
+    if partitioning.packable(df):
+        here, alloc = _scratch()
+        shards = partitioning.split_packed(df, index, npartitions, alloc)
+        owners = stream.spec.owners
+        for j, shard in shards:
+            # A local shard would keep the whole scratch buffer busy from the
+            # log: give it its own memory. Remote ones are sent from the view.
+            stream.write(shard.copy() if owners[j] == here else shard, partition=j)
+    else:
+        for j, shard in partitioning.split(df, index, npartitions):
+            stream.write(shard, partition=j)
     # No flush: the seal pushes every worker's buffers and fails the run if
     # any push failed, and the next map task gets the CPU meanwhile.
     return len(df)
@@ -54,7 +64,10 @@ def seal(names: list[str], *pushed: int) -> int:
 def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataFrame:
     """One output partition, read from the local log, then released."""
     shards = list(api.read_from(name, partition=partition))
-    out = partitioning.combine(shards, meta)
+    if shards and isinstance(shards[0], np.ndarray):
+        out = partitioning.unpack(shards, meta, _scratch()[1])
+    else:
+        out = partitioning.combine(shards, meta)
     api.release_partition(name, partition)
     return out
 
@@ -70,3 +83,16 @@ def join(
     left = read(names[0], partition, metas[0], sealed)
     right = read(names[1], partition, metas[1], sealed)
     return left.merge(right, **merge_kwargs)
+
+
+def _scratch() -> tuple[str | None, partitioning.Alloc]:
+    """This worker's address and scratch allocator (plain NumPy elsewhere)."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return None, np.empty
+    plugin = worker.plugins.get("aimss")
+    scratch = getattr(plugin, "scratch", None)
+    return worker.address, (scratch.array if scratch is not None else np.empty)

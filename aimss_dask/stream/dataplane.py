@@ -100,6 +100,12 @@ class BufferPool:
             else:
                 i += 1
 
+    def array(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialised array on a pooled buffer (free again once unreferenced)."""
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape)) * dt.itemsize
+        return self.take(n)[:n].view(dt).reshape(shape)
+
     def statistics(self) -> dict[str, int]:
         with self._lock:
             total = sum(b.nbytes for b in self._buffers)

@@ -1,0 +1,81 @@
+"""Pure splitting and joining of partitions (no cluster)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aimss_dask.shuffle import partitioning as part
+
+
+def _frame(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(
+        {
+            "key": rng.integers(-5, 5, n),
+            "f": rng.random(n),
+            "t": pd.to_datetime(rng.integers(0, 10**18, n)),
+            "u": rng.integers(0, 2**63, n, dtype=np.uint64),
+            "d": pd.to_timedelta(rng.integers(0, 10**12, n)),
+        },
+        index=pd.Index(rng.integers(0, 10**9, n), name="row"),
+    )
+    df.loc[df.index[::7], "f"] = np.nan
+    return df
+
+
+def test_packable_only_for_8_byte_numpy_columns_and_index():
+    assert part.packable(_frame(0))
+    assert not part.packable(_frame(0).assign(s=pd.Series([], dtype="string")))
+    assert not part.packable(_frame(0).assign(b=pd.Series([], dtype=bool)))
+    assert not part.packable(_frame(0).assign(i=pd.Series([], dtype="Int64")))
+    assert not part.packable(_frame(0).set_index(["key", "u"]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 300), npartitions=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_packed_split_then_unpack_keeps_every_row_and_dtype(n, npartitions, seed):
+    df = _frame(n, seed)
+    index = part.partition_index(df, ["key"], npartitions)
+    packed = part.split_packed(df, index, npartitions)
+    plain = part.split(df, index, npartitions)
+    assert [j for j, _ in packed] == [j for j, _ in plain]
+    meta = df.iloc[:0]
+    for (_, shard), (_, want) in zip(packed, plain):
+        got = part.unpack([shard], meta)
+        pd.testing.assert_frame_equal(got, want)  # same rows, order, dtypes, index
+    # All shards of one output partition together, as the reader sees them.
+    if packed:
+        pd.testing.assert_frame_equal(
+            part.unpack([s for _, s in packed], meta),
+            pd.concat([s for _, s in plain]),
+        )
+
+
+def test_unpack_of_nothing_is_the_empty_meta():
+    meta = _frame(0)
+    assert part.unpack([], meta) is meta
+
+
+def test_unpacked_frames_own_their_memory():
+    df = _frame(50)
+    (j, shard), *_ = part.split_packed(df, part.partition_index(df, ["key"], 1), 1)
+    out = part.unpack([shard], df.iloc[:0])
+    assert not any(np.shares_memory(out[c].to_numpy(), shard) for c in out.columns)
+
+
+def test_split_keeps_each_keys_rows_together_and_in_input_order():
+    df = _frame(200)
+    idx = part.partition_index(df, ["key"], 4)
+    for j, shard in part.split(df, idx, 4):
+        assert (part.partition_index(shard, ["key"], 4) == j).all()
+        positions = [df.index.get_loc(i) for i in shard.index]
+        assert positions == sorted(positions)
+
+
+def test_check_columns_names_the_missing_one():
+    with pytest.raises(ValueError, match=r"\['nope'\] not in the frame"):
+        part.check_columns(["a", "b"], ["a", "nope"])
