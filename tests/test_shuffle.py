@@ -346,6 +346,7 @@ def test_read_tasks_run_on_partition_owners(client, op):
     else:
         right = dd.from_pandas(pd.DataFrame({"k": np.arange(97), "w": np.arange(97)}), npartitions=2)
         out = aimss_dask.merge(df, right, on="k", npartitions=n)
+    before = {w: st["reads"] for w, st in aimss_dask.status().items()}
     with get_task_stream(client) as ts:
         res = out.compute()
     assert len(res) == 800
@@ -355,8 +356,13 @@ def test_read_tasks_run_on_partition_owners(client, op):
         if isinstance(t["key"], tuple) and str(t["key"][0]).startswith(PARTITION_TASK_PREFIX)
     }
     assert sorted(ran) == list(range(n))
-    wrong = {p: (w, expected[p]) for p, w in ran.items() if w != expected[p]}
-    assert not wrong, f"partition: (ran on, owner) {wrong}"
+    # Every read task read its partition(s) from the log of the worker it ran
+    # on. (Owners may differ from the initial placement: the coordinator
+    # rebalances by size at the barrier, so the tasks report it themselves.)
+    after = {w: st["reads"] for w, st in aimss_dask.status().items()}
+    sides = 1 if op == "shuffle" else 2
+    assert sum(after[w]["remote"] - before[w]["remote"] for w in after) == 0
+    assert sum(after[w]["local"] - before[w]["local"] for w in after) == n * sides
     for name in helpers:
         aimss_dask.destroy_stream(name)
     assert_clean()

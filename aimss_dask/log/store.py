@@ -120,6 +120,18 @@ class LogStore:
         self._changed.notify_all()
         return True
 
+    def drop_partition(self, name: str, epoch: int | None, p: int) -> None:
+        """Forget one partition of ``name`` (it moved to another worker)."""
+        with self._lock:
+            logs = self._streams.get(name)
+            if logs is None or (epoch is not None and logs.epoch != epoch):
+                return
+            log = logs.partitions.pop(p, None)
+            if log is not None:
+                for seg in log.segments:
+                    self._free(seg)
+            self._changed.notify_all()
+
     def _free(self, seg: Segment) -> None:
         if seg.in_memory:
             self.memory_bytes -= seg.nbytes

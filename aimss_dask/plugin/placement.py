@@ -79,3 +79,37 @@ def owners_load(owners_by_stream: Sequence[Sequence[str]], workers: Sequence[str
             if w in load:
                 load[w] += 1
     return load
+
+
+def rebalance(
+    sizes: Sequence[int], owners: Sequence[str], workers: Sequence[str], slack: float = 1.1
+) -> list[str]:
+    """Owners for partitions of known ``sizes``, balanced, moving few bytes.
+
+    Largest partitions first: each stays with its current owner while that
+    owner's load stays within ``cap = max(largest, slack * mean)``; otherwise
+    it goes to the least-loaded worker. The result keeps every worker within
+    ``max(largest partition, slack * mean + largest partition moved)``, and a
+    placement that is already balanced is returned unchanged.
+
+    Examples
+    --------
+    >>> rebalance([60, 10, 10, 10, 10], ["a", "a", "a", "b", "b"], ["a", "b"])
+    ['a', 'b', 'b', 'b', 'b']
+    """
+    live = list(workers)
+    if not live:
+        return list(owners)
+    total = sum(sizes)
+    cap = max(max(sizes, default=0), slack * total / len(live))
+    load = {w: 0 for w in live}
+    out = list(owners)
+    for p in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        current = owners[p]
+        if current in load and load[current] + sizes[p] <= cap:
+            target = current
+        else:
+            target = min(live, key=lambda w: (load[w], w != current, w))
+        load[target] += sizes[p]
+        out[p] = target
+    return out

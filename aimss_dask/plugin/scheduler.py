@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import replace
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from distributed.protocol.pickle import dumps
 from aimss_dask.config import AIMSSConfig
 from aimss_dask.errors import ReadTimeoutError, error_from_wire, raise_from_wire
 from aimss_dask.plugin.rpc import replies
+from aimss_dask.plugin.placement import rebalance
 from aimss_dask.plugin.state import CoordinatorState, StreamSpec
 
 if TYPE_CHECKING:
@@ -88,7 +90,7 @@ class AIMSS(SchedulerPlugin):
         # Partition tasks submitted before their stream exists: name -> keys;
         # and the partitions that submitted tasks will read, per stream.
         self._pins: dict[str, list[Any]] = {}
-        self._readers: dict[str, set[int]] = {}
+        self._readers: dict[str, dict[int, Any]] = {}
         self._seal_waits: dict[str, tuple[set[str], asyncio.Event, dict[str, Any]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -164,7 +166,7 @@ class AIMSS(SchedulerPlugin):
                     and key[0].startswith(PARTITION_TASK_PREFIX)
                 ):
                     continue
-                self._readers.setdefault(key[1], set()).add(key[2])
+                self._readers.setdefault(key[1], {})[key[2]] = key
                 spec = self.state.streams.get(key[1])
                 if spec is None:
                     # An operator creates its stream inside the graph: pin the
@@ -310,9 +312,11 @@ class AIMSS(SchedulerPlugin):
         if reader is not None:
             # An operator's output partitions that no submitted task will
             # read (a partial compute, out.partitions[0]): free them now.
-            unread = set(range(spec.partitions)) - self._readers.get(reader, set())
+            unread = set(range(spec.partitions)) - set(self._readers.get(reader, {}))
             if unread:
                 await self._release(spec, sorted(unread))
+            if name in self.state.streams:
+                await self._rebalance(reader)
         assert self._sealed_changed is not None
         async with self._sealed_changed:
             self._sealed_changed.notify_all()
@@ -410,6 +414,59 @@ class AIMSS(SchedulerPlugin):
     async def _h_release(self, name: str, partition: int) -> dict[str, Any]:
         """An operator's reader is done with a partition; destroy when all are."""
         return {"destroyed": await self._release(self.state.get(name), [partition], trim=False)}
+
+    async def _rebalance(self, reader: str) -> None:
+        """Even out the bytes each worker holds for an operator's sealed streams.
+
+        Placement was fixed before any data existed; now the sizes are known
+        (a hot key makes one partition huge). Partitions move as a group (a
+        join's two sides stay together), and the read tasks, which cannot
+        have started, are pinned to the new owners.
+        """
+        group = sorted(n for n, r in self.state.operator.items() if r == reader)
+        if not group or not all(n in self.state.sealed for n in group):
+            return
+        specs = [self.state.get(n) for n in group]
+        owners = specs[0].owners
+        sizes = [0] * specs[0].partitions
+        for spec in specs:
+            replies = await self._broadcast(
+                {"op": "aimss_stream_stats", "name": spec.name}, list(set(spec.owners))
+            )
+            for r in replies.values():
+                if isinstance(r, dict):
+                    for p, st in r.get("partitions", []):
+                        sizes[p] += st["bytes"]
+        new = rebalance(sizes, owners, self._workers())
+        moves = [p for p in range(len(sizes)) if new[p] != owners[p] and sizes[p] > 0]
+        if not moves:
+            return
+        target = tuple(new[p] if p in moves else owners[p] for p in range(len(owners)))
+        for spec in specs:
+            moved = replace(spec, owners=target)
+            msg = {"spec": moved.to_wire()}
+            for w in sorted({target[p] for p in moves}):
+                await self._broadcast(
+                    {"op": "aimss_open", **msg, "partitions": [p for p in moves if target[p] == w]}, [w]
+                )
+            await asyncio.gather(
+                *(
+                    self._broadcast(
+                        {"op": "aimss_move", **msg, "partitions": [p for p in moves if owners[p] == w]}, [w]
+                    )
+                    for w in sorted({owners[p] for p in moves})
+                )
+            )
+            await self._broadcast(
+                {"op": "aimss_seal_partitions", "name": spec.name, "epoch": spec.epoch},
+                sorted({target[p] for p in moves}),
+            )
+            self.state.streams[spec.name] = moved
+        keys = self._readers.get(reader, {})
+        for p in moves:
+            if p in keys:
+                self._pin(keys[p], self.state.streams[reader])
+        logger.info("aimss: moved %d partition(s) of %s to balance sizes", len(moves), group)
 
     async def _release(self, spec: StreamSpec, partitions: list[int], trim: bool = True) -> bool:
         if trim:

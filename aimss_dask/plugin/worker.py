@@ -54,6 +54,8 @@ class AIMSSWorker(WorkerPlugin):
         self._waiters = 0
         self.setup_error: str | None = None
         self.scratch: BufferPool | None = None
+        # Partitions read by tasks here: from this worker's log, or remotely.
+        self.reads = {"local": 0, "remote": 0}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -266,6 +268,32 @@ class AIMSSWorker(WorkerPlugin):
         self.store.drop(name)
 
     @replies
+    async def _h_move(self, spec: dict[str, Any], partitions: list[int]) -> dict[str, Any]:
+        """Send these sealed partitions to their new owners in ``spec``, then drop them."""
+        assert self.store is not None and self.producer is not None
+        new = StreamSpec.from_wire(spec)
+        moved = await offload(self._send_partitions, new, partitions)
+        await self.producer.flush([new.name], epoch=new.epoch)
+        for p in partitions:
+            self.store.drop_partition(new.name, new.epoch, p)
+        return {"bytes": moved}
+
+    def _send_partitions(self, spec: StreamSpec, partitions: list[int]) -> int:
+        assert self.store is not None and self.producer is not None
+        moved = 0
+        for p in partitions:
+            offset = 0
+            while True:
+                records, _, _ = self.store.read(spec.name, spec.epoch, p, offset, 64 * 2**20)
+                if not records:
+                    break
+                for r in records:
+                    self.producer.write(spec, p, r, moving=True)
+                offset += len(records)
+            moved += offset
+        return moved
+
+    @replies
     async def _h_trim(self, name: str, epoch: int, partitions: list[int]) -> None:
         """Drop every record of these partitions (nobody will read them)."""
         assert self.store is not None
@@ -292,6 +320,7 @@ class AIMSSWorker(WorkerPlugin):
         assert self.store is not None and self.producer is not None
         st = self.store.stats()
         st["producer_in_flight"] = self.producer.budget.statistics().used
+        st["reads"] = dict(self.reads)
         if self.pool is not None:
             st.update(self.pool.statistics())
         st["spill_directory"] = self.store.spill_dir
@@ -311,6 +340,7 @@ _HANDLERS = (
     "seal_partitions",
     "owner_lost",
     "trim",
+    "move",
     "drop",
     "stream_stats",
     "worker_status",

@@ -114,13 +114,17 @@ class Producer:
         del self._errors[name]
         return entry[1] if epoch is None or entry[0] == epoch else None
 
-    def write(self, spec: StreamSpec, partition: int, record: Any) -> None:
-        """Queue (or, on the owner itself, store) one record."""
+    def write(self, spec: StreamSpec, partition: int, record: Any, *, moving: bool = False) -> None:
+        """Queue (or, on the owner itself, store) one record.
+
+        ``moving``: the coordinator is moving a sealed partition to a new
+        owner; its records are re-sent even though the stream is sealed.
+        """
         with self._cond:
             err = self._pop_error(spec.name, spec.epoch)
         if err is not None:
             raise err
-        if (spec.name, spec.epoch) in self._sealed:
+        if not moving and (spec.name, spec.epoch) in self._sealed:
             raise StreamSealedError(
                 f"stream {spec.name!r} is sealed and takes no more writes; create a "
                 "new stream for new data"

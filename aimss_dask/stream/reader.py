@@ -35,6 +35,8 @@ def iter_partition(
     """Yield ``(offset, record)`` from ``start`` until the sealed end."""
     owner = spec.owners[p]
     local = ep.plugin is not None and ep.plugin.store is not None and owner == ep.address
+    if ep.plugin is not None:
+        ep.plugin.reads["local" if local else "remote"] += 1
     offset = start
     while True:
         deadline = None if timeout is None else time.monotonic() + timeout
