@@ -65,7 +65,7 @@ def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataF
     """One output partition, read from the local log, then released."""
     shards = list(api.read_from(name, partition=partition))
     if shards and isinstance(shards[0], np.ndarray):
-        out = partitioning.unpack(shards, meta, _scratch()[1])
+        out = partitioning.unpack(shards, meta)
     else:
         out = partitioning.combine(shards, meta)
     api.release_partition(name, partition)

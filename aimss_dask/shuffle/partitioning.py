@@ -111,18 +111,36 @@ def split_packed(
     return [(j, ordered[bounds[j] : bounds[j + 1]]) for j in range(npartitions) if counts[j]]
 
 
-def unpack(shards: list[np.ndarray], meta: pd.DataFrame, alloc: Alloc = np.empty) -> pd.DataFrame:
-    """The output partition from packed shards, with ``meta``'s dtypes."""
+def unpack(shards: list[np.ndarray], meta: pd.DataFrame) -> pd.DataFrame:
+    """The output partition from packed shards, with ``meta``'s dtypes.
+
+    Columns are copied straight from the shards into one 2-D block per dtype,
+    the layout pandas keeps: one pass over the data, and the result owns its
+    memory (it no longer points into the log).
+    """
     if not shards:
         return meta
-    if len(shards) > 1:
-        packed = alloc((sum(len(s) for s in shards), shards[0].shape[1]), np.uint64)
-        np.concatenate(shards, out=packed)
-    else:
-        packed = shards[0]
+    rows = sum(len(s) for s in shards)
     k = meta.shape[1]
-    data = {col: packed[:, i].view(dt) for i, (col, dt) in enumerate(zip(meta.columns, meta.dtypes))}
-    index = pd.Index(packed[:, k].view(meta.index.dtype), name=meta.index.name)
-    # The constructor copies the strided columns into one block: the result
-    # owns its memory and no longer points into the log.
-    return pd.DataFrame(data, index=index, columns=meta.columns, copy=True)
+    groups: dict[np.dtype, list[int]] = {}
+    for i, dt in enumerate(meta.dtypes):
+        groups.setdefault(dt, []).append(i)
+    parts = []
+    for dt, cols in groups.items():
+        block = np.empty((len(cols), rows), dtype=np.uint64)
+        _fill(block, shards, cols)
+        parts.append(pd.DataFrame(block.view(dt).T, columns=meta.columns[cols], copy=False))
+    index = np.empty((1, rows), dtype=np.uint64)
+    _fill(index, shards, [k])
+    out = pd.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+    out.index = pd.Index(index[0].view(meta.index.dtype), name=meta.index.name)
+    return out[meta.columns] if len(parts) > 1 else out
+
+
+def _fill(block: np.ndarray, shards: list[np.ndarray], cols: list[int]) -> None:
+    off = 0
+    for s in shards:
+        n = len(s)
+        for r, c in enumerate(cols):
+            block[r, off : off + n] = s[:, c]
+        off += n
