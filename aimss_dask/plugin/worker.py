@@ -32,7 +32,7 @@ logger = logging.getLogger("aimss_dask")
 #: yet"; the reader then asks again. Keeps comms from idling for minutes.
 MAX_READ_WAIT = 5.0
 
-#: Free scratch bytes a worker keeps for operators (at most a quarter of the budget).
+#: Free scratch bytes a worker keeps for operators (at most an eighth of the budget).
 SCRATCH_IDLE = 256 * 2**20
 
 
@@ -100,10 +100,14 @@ class AIMSSWorker(WorkerPlugin):
         store = self.store
         # Scratch space for operators (a shuffle's sorted copy of its input):
         # memory this worker has touched already, reused once unreferenced.
-        self.scratch = BufferPool(lambda: min(SCRATCH_IDLE, store.budget // 4))
+        self.scratch = BufferPool(lambda: min(SCRATCH_IDLE, store.budget // 8))
         if self.config.transport == "auto" and worker.address.startswith("tcp://"):
             store = self.store
-            self.pool = BufferPool(lambda: max(0, store.budget - store.memory_bytes))
+            # Free receive buffers kept for reuse: never more than the budget
+            # has room for, and at most a quarter of it (RSS is the contract).
+            self.pool = BufferPool(
+                lambda: max(0, min(store.budget // 4, store.budget - store.memory_bytes))
+            )
             host = worker.address[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
             self.data_server = DataServer(host, self.store_batch, self.pool)
         for op in _HANDLERS:
