@@ -103,6 +103,48 @@ def run_demo(
     return {"ok": ok, "records": got, "bytes": nbytes, "seconds": elapsed}
 
 
+def _frame(i: int, rows: int) -> Any:
+    import pandas as pd
+
+    rng = np.random.default_rng(i)
+    return pd.DataFrame(
+        {"key": rng.integers(0, 1 << 40, rows), **{f"x{c}": rng.random(rows) for c in range(6)}}
+    )
+
+
+def _rows(df: Any) -> int:
+    return len(df)
+
+
+def run_shuffle_demo(client: Any, *, nbytes: int, partitions: int = 32, out: Any = sys.stdout) -> bool:
+    """Shuffle a generated frame with aimss and with Dask's p2p, side by side."""
+    import dask.dataframe as dd
+    from distributed import wait
+
+    import aimss_dask
+
+    rows = max(nbytes // 56 // partitions, 1)
+    df = dd.from_map(_frame, range(partitions), rows=rows, meta=_frame(0, 0)).persist()
+    wait(df)
+    print(
+        f"\nshuffle stage: {format_bytes(rows * partitions * 56)} ({rows * partitions} rows, "
+        f"{partitions} -> {partitions} partitions) by an int64 key",
+        file=out,
+    )
+    ok = True
+    for name, make in (
+        ("aimss", lambda: aimss_dask.shuffle(df, "key", npartitions=partitions)),
+        ("dask p2p", lambda: df.shuffle(on="key", npartitions=partitions, shuffle_method="p2p")),
+    ):
+        t0 = time.perf_counter()
+        n = int(make().map_partitions(_rows, meta=(None, "i8")).sum().compute())
+        dt = time.perf_counter() - t0
+        ok &= n == rows * partitions
+        print(f"  {name:9s} {dt:6.2f} s  ({rows * partitions * 56 / dt / 1e9:.2f} GB/s)", file=out)
+    del df
+    return ok
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aimss-dask", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--records", type=int, default=64, help="records per producer")
     demo.add_argument("--record-size", default="1MiB")
     demo.add_argument("--partitions", type=int, default=None)
+    demo.add_argument(
+        "--shuffle-size", default="256MiB", help="input of the shuffle stage; 0 skips it"
+    )
     args = parser.parse_args(argv)
 
     from distributed import Client, LocalCluster
@@ -123,15 +168,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_bytes=parse_bytes(args.record_size),
         partitions=args.partitions,
     )
+    shuffle_bytes = parse_bytes(args.shuffle_size)
+
+    def stages(client: Any) -> bool:
+        ok = bool(run_demo(client, **kwargs)["ok"])
+        if shuffle_bytes:
+            ok &= run_shuffle_demo(client, nbytes=shuffle_bytes)
+        return ok
+
     if args.scheduler:
         with Client(args.scheduler) as client:
-            result = run_demo(client, **kwargs)
+            ok = stages(client)
     else:
         with LocalCluster(
             n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster, Client(cluster) as client:
-            result = run_demo(client, **kwargs)
-    return 0 if result["ok"] else 1
+            ok = stages(client)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

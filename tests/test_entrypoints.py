@@ -27,16 +27,21 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_runs_on_a_builtin_local_cluster():
-    r = _cli("demo", "--producers", "3", "--records", "10", "--record-size", "64KiB")
+    r = _cli(
+        "demo", "--producers", "3", "--records", "10", "--record-size", "64KiB", "--shuffle-size", "4MiB"
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "records    30 (all present)" in r.stdout
-    assert "throughput" in r.stdout or "GB/s" in r.stdout
+    assert "GB/s" in r.stdout
     assert r.stdout.count("peak log memory") == 2  # one line per worker
+    # The shuffle stage: aimss and Dask's p2p side by side.
+    assert "shuffle stage:" in r.stdout
+    assert "  aimss " in r.stdout and "  dask p2p " in r.stdout
 
 
 def test_demo_on_an_existing_cluster():
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cl:
-        r = _cli("demo", "--scheduler", cl.scheduler_address, "--producers", "2", "--records", "5", "--record-size", "8KiB")
+        r = _cli("demo", "--scheduler", cl.scheduler_address, "--producers", "2", "--records", "5", "--record-size", "8KiB", "--shuffle-size", "0")
         assert r.returncode == 0, r.stdout + r.stderr
         assert "records    10 (all present)" in r.stdout
         with Client(cl) as c:
