@@ -91,6 +91,8 @@ class AIMSS(SchedulerPlugin):
         # and the partitions that submitted tasks will read, per stream.
         self._pins: dict[str, list[Any]] = {}
         self._readers: dict[str, dict[int, Any]] = {}
+        # Operator runs in flight: reader stream -> its barrier and create keys.
+        self._runs: dict[str, dict[str, Any]] = {}
         self._seal_waits: dict[str, tuple[set[str], asyncio.Event, dict[str, Any]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -139,6 +141,8 @@ class AIMSS(SchedulerPlugin):
             # closing too, and producers find out on their next connect.
             if scheduler.status == Status.running and not kwargs.get("expected"):
                 self._spawn(self._broadcast({"op": "aimss_owner_lost", "address": worker}))
+            if scheduler.status == Status.running:
+                self._restart_runs(scheduler, kwargs.get("stimulus_id", "aimss-worker-lost"))
         except Exception:
             logger.exception("aimss: remove_worker hook failed")
 
@@ -183,6 +187,41 @@ class AIMSS(SchedulerPlugin):
                 }
         except Exception:
             logger.exception("aimss: update_graph hook failed")
+
+    def _restart_runs(self, scheduler: Scheduler, stimulus_id: str) -> None:
+        """Run again, from a clean slate, every operator run still in flight.
+
+        A lost worker takes partitions and unsent pushes with it; the run's
+        streams are forgotten at once (the re-run creates fresh ones, with a
+        new epoch, so late messages of the old run are rejected) and its
+        tasks, from stream creation through the barrier to the reads, are
+        released so the scheduler computes them again.
+        """
+        for reader, run in list(self._runs.items()):
+            barrier = scheduler.tasks.get(run["barrier"])
+            if barrier is None:
+                del self._runs[reader]
+                continue
+            recs: dict[Any, str] = {}
+            for ts in (*barrier.dependents, barrier, *barrier.dependencies):
+                if ts.state == "erred":
+                    recs = {}
+                    break
+                recs[ts.key] = "released"
+            create = scheduler.tasks.get(run["create"])
+            if not recs:
+                continue
+            if create is not None:
+                recs[create.key] = "released"
+            for name in [n for n, r in self.state.operator.items() if r == reader]:
+                if name in self.state.streams:
+                    for spec in self.state.destroy(name):
+                        self._spawn(
+                            self._broadcast({"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch})
+                        )
+            logger.warning("aimss: restarting operator run %s after losing a worker", reader)
+            scheduler.transitions(recs, stimulus_id=stimulus_id)
+            scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
 
     def _pin(self, key: Any, spec: StreamSpec) -> None:
         assert self.scheduler is not None
@@ -263,6 +302,7 @@ class AIMSS(SchedulerPlugin):
         task: Any = None,
         colocate_with: str | None = None,
         read_by: str | None = None,
+        barrier: Any = None,
     ) -> dict[str, Any]:
         spec, created = self.state.create(
             name,
@@ -277,6 +317,11 @@ class AIMSS(SchedulerPlugin):
         if created:
             if read_by is not None:
                 self.state.operator[name] = read_by
+                if barrier is not None:
+                    self._runs[read_by] = {"barrier": barrier, "create": task}
+                # A re-run (after a lost worker) pins the same read tasks again.
+                for key in self._readers.get(read_by, {}).values():
+                    self._pin(key, spec)
             for key in self._pins.pop(name, []):
                 self._pin(key, spec)
             by_owner: dict[str, list[int]] = {}

@@ -18,15 +18,40 @@ from aimss_dask.shuffle import partitioning
 from aimss_dask.stream import api
 
 
-def create(names: list[str], npartitions: int) -> list[str]:
+def create(names: list[str], npartitions: int, barrier: str) -> list[str]:
     """Create the run's streams (the read tasks are keyed by ``names[0]``)."""
     first = names[0]
-    api.create_operator_stream(first, npartitions, read_by=first)
+    api.create_operator_stream(first, npartitions, read_by=first, barrier=barrier)
     for other in names[1:]:
-        api.create_operator_stream(other, npartitions, read_by=first, colocate_with=first)
+        api.create_operator_stream(
+            other, npartitions, read_by=first, colocate_with=first, barrier=barrier
+        )
     return names
 
 
+def _restartable(func: Any) -> Any:
+    """A task of a run: a lost worker restarts the run, so wait for that.
+
+    ``Reschedule`` hands the task back to the scheduler instead of failing
+    the whole computation; the coordinator's restart releases it anyway.
+    """
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from distributed import Reschedule
+
+        from aimss_dask.errors import PartitionLostError
+
+        try:
+            return func(*args, **kwargs)
+        except PartitionLostError as e:
+            raise Reschedule() from e
+
+    return wrapper
+
+
+@_restartable
 def push(
     df: pd.DataFrame,
     names: list[str],
@@ -54,6 +79,7 @@ def push(
     return len(df)
 
 
+@_restartable
 def seal(names: list[str], *pushed: int) -> int:
     """The barrier: every map task is done; seal so readers see the end."""
     for name in names:
@@ -61,6 +87,7 @@ def seal(names: list[str], *pushed: int) -> int:
     return sum(pushed)
 
 
+@_restartable
 def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataFrame:
     """One output partition, read from the local log, then released."""
     shards = list(api.read_from(name, partition=partition))

@@ -32,7 +32,10 @@ def _run(
     """Delayed create / push / seal of one shuffle run over ``frames``."""
     token = uuid.uuid4().hex[:16]
     names = [f"aimss-shuffle-{token}-{i}" for i in range(len(frames))]
-    created = dask.delayed(_tasks.create, pure=False)(names, npartitions, dask_key_name=f"aimss-create-{token}")
+    barrier = f"aimss-seal-{token}"
+    created = dask.delayed(_tasks.create, pure=False)(
+        names, npartitions, barrier, dask_key_name=f"aimss-create-{token}"
+    )
     pushed = []
     for side, (frame, on, cast) in enumerate(zip(frames, ons, casts)):
         for i, part in enumerate(frame.to_delayed()):
@@ -42,7 +45,7 @@ def _run(
                     dask_key_name=(f"aimss-push-{token}", side, i),
                 )
             )
-    sealed = dask.delayed(_tasks.seal, pure=False)(names, *pushed, dask_key_name=f"aimss-seal-{token}")
+    sealed = dask.delayed(_tasks.seal, pure=False)(names, *pushed, dask_key_name=barrier)
     return names, token, sealed, pushed
 
 

@@ -232,6 +232,7 @@ def create_operator_stream(
     *,
     read_by: str,
     colocate_with: str | None = None,
+    barrier: Any = None,
 ) -> Stream:
     """A stream an operator (shuffle, join) fills and reads inside one graph.
 
@@ -240,7 +241,9 @@ def create_operator_stream(
     is destroyed once every partition is released. A sealed leftover of an
     earlier run of the same graph (a partial compute) is replaced.
     ``colocate_with`` puts partition ``p`` where that stream's partition
-    ``p`` lives, so a join reads both sides locally.
+    ``p`` lives, so a join reads both sides locally. ``barrier`` is the key
+    of the run's seal task: if a worker is lost mid-run, the coordinator
+    restarts the run from the task that calls this function.
     """
     ep = current("create_operator_stream")
     kwargs = dict(
@@ -249,6 +252,7 @@ def create_operator_stream(
         exist_ok=True,
         colocate_with=colocate_with,
         read_by=read_by,
+        barrier=barrier,
         **ep.owner_kwargs(),
     )
     reply = ep.scheduler_op("create", **kwargs)
