@@ -25,7 +25,7 @@ from aimss_dask.errors import (
     StreamSealedError,
 )
 from aimss_dask.plugin.scheduler import AIMSS
-from aimss_dask.shuffle import merge, shuffle
+from aimss_dask.shuffle import merge, rechunk, shuffle
 from aimss_dask.stream.api import (
     Stream,
     create_stream,
@@ -59,6 +59,7 @@ __all__ = [
     "get_stream",
     "merge",
     "read_from",
+    "rechunk",
     "shuffle",
     "shuffle_streams",
     "status",

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import replace
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
@@ -91,6 +92,8 @@ class AIMSS(SchedulerPlugin):
         # and the partitions that submitted tasks will read, per stream.
         self._pins: dict[str, list[Any]] = {}
         self._readers: dict[str, dict[int, Any]] = {}
+        # Array output chunks (prefix + token, *index) by prefix + token.
+        self._chunk_pins: dict[str, list[Any]] = {}
         # Operator runs in flight: reader stream -> its barrier and create keys.
         self._runs: dict[str, dict[str, Any]] = {}
         self._seal_waits: dict[str, tuple[set[str], asyncio.Event, dict[str, Any]]] = {}
@@ -162,13 +165,25 @@ class AIMSS(SchedulerPlugin):
     def update_graph(self, scheduler: Scheduler, *, tasks: list[Any], **kwargs: Any) -> None:
         """Pin partition tasks to the worker that owns their partition."""
         try:
+            fused: list[Any] = []
+            operator_graph = False
             for key in tasks:
+                name = key[0] if isinstance(key, tuple) and key else key
+                if isinstance(name, str) and name.startswith("aimss-"):
+                    operator_graph = True
                 if not (
                     isinstance(key, tuple)
-                    and len(key) == 3
+                    and len(key) >= 2
                     and isinstance(key[0], str)
                     and key[0].startswith(PARTITION_TASK_PREFIX)
                 ):
+                    fused.append(key)
+                    continue
+                if not isinstance(key[1], str):
+                    if not self._pin_fused(scheduler, key):
+                        # An array operator's output chunk (prefix + token,
+                        # *index): stream and partition come with the grid.
+                        self._chunk_pins.setdefault(key[0], []).append(key)
                     continue
                 self._readers.setdefault(key[1], {})[key[2]] = key
                 spec = self.state.streams.get(key[1])
@@ -178,6 +193,12 @@ class AIMSS(SchedulerPlugin):
                     self._pins.setdefault(key[1], []).append(key)
                 else:
                     self._pin(key, spec)
+            if operator_graph:
+                # Dask may fuse an array operator's read task into its
+                # dependent under another key (y.sum(), or the final chunk of
+                # a compute): find those by what they run.
+                for key in fused:
+                    self._pin_fused(scheduler, key)
             if len(self._pins) > 1000 or len(self._readers) > 1000:
                 self._pins = {
                     n: ks for n, ks in self._pins.items() if any(k in scheduler.tasks for k in ks)
@@ -187,6 +208,16 @@ class AIMSS(SchedulerPlugin):
                 }
         except Exception:
             logger.exception("aimss: update_graph hook failed")
+
+    def _pin_fused(self, scheduler: Scheduler, key: Any) -> bool:
+        ts = scheduler.tasks.get(key)
+        found = _partition_reads(ts.run_spec) if ts is not None else []
+        for stream, p in found:
+            self._readers.setdefault(stream, {})[p] = key
+            spec = self.state.streams.get(stream)
+            if spec is not None:
+                self._pin_partition(key, spec, p)
+        return bool(found)
 
     def _restart_runs(self, scheduler: Scheduler, stimulus_id: str) -> None:
         """Run again, from a clean slate, every operator run still in flight.
@@ -224,11 +255,20 @@ class AIMSS(SchedulerPlugin):
             scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
 
     def _pin(self, key: Any, spec: StreamSpec) -> None:
+        if isinstance(key, tuple) and len(key) == 3 and isinstance(key[1], str) and isinstance(key[2], int):
+            self._pin_partition(key, spec, key[2])
+        else:
+            # An array chunk key: its partition is remembered by the readers.
+            for p, k in self._readers.get(spec.name, {}).items():
+                if k == key:
+                    self._pin_partition(key, spec, p)
+
+    def _pin_partition(self, key: Any, spec: StreamSpec, p: int) -> None:
         assert self.scheduler is not None
         ts = self.scheduler.tasks.get(key)
-        if ts is None or not 0 <= key[2] < spec.partitions or ts.state == "processing":
+        if ts is None or not 0 <= p < spec.partitions or ts.state == "processing":
             return
-        ts.worker_restrictions = {spec.owners[key[2]]}
+        ts.worker_restrictions = {spec.owners[p]}
         ts.loose_restrictions = False
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -303,6 +343,8 @@ class AIMSS(SchedulerPlugin):
         colocate_with: str | None = None,
         read_by: str | None = None,
         barrier: Any = None,
+        chunk_tasks: str | None = None,
+        grid: list[int] | None = None,
     ) -> dict[str, Any]:
         spec, created = self.state.create(
             name,
@@ -324,6 +366,14 @@ class AIMSS(SchedulerPlugin):
                     self._pin(key, spec)
             for key in self._pins.pop(name, []):
                 self._pin(key, spec)
+            if chunk_tasks is not None and grid:
+                # Array chunks become ordinary (prefix, stream, partition) readers.
+                for key in self._chunk_pins.pop(chunk_tasks, []):
+                    p = int(np.ravel_multi_index(key[1:], tuple(grid)))
+                    self._readers.setdefault(name, {})[p] = key
+            if read_by is not None or chunk_tasks is not None:
+                for p, key in self._readers.get(name, {}).items():
+                    self._pin_partition(key, spec, p)
             by_owner: dict[str, list[int]] = {}
             for p, w in enumerate(spec.owners):
                 by_owner.setdefault(w, []).append(p)
@@ -580,6 +630,40 @@ class AIMSS(SchedulerPlugin):
                 addr: r["status"] for addr, r in replies.items() if isinstance(r, dict)
             }
         }
+
+
+def _partition_reads(spec: Any, depth: int = 0) -> list[tuple[str, int]]:
+    """``(stream, partition)`` of every operator read inside a task spec.
+
+    Dask may fuse a read task into its dependent under a new key; the read
+    is still in there, with its stream name and partition as literal args.
+    """
+    from dask._task_spec import DataNode, Task
+
+    if depth > 8 or spec is None:
+        return []
+    if isinstance(spec, Task):
+        if getattr(spec.func, "__name__", "") == "read_block" and len(spec.args) >= 2:
+            stream, p = (_literal(a) for a in spec.args[:2])
+            if isinstance(stream, str) and isinstance(p, int):
+                return [(stream, p)]
+        found: list[tuple[str, int]] = []
+        for a in (*spec.args, *spec.kwargs.values()):
+            found.extend(_partition_reads(a, depth + 1))
+        return found
+    if isinstance(spec, DataNode):
+        return _partition_reads(spec.value, depth + 1)
+    if isinstance(spec, dict):
+        return [r for v in spec.values() for r in _partition_reads(v, depth + 1)]
+    if isinstance(spec, (list, tuple)):
+        return [r for v in spec for r in _partition_reads(v, depth + 1)]
+    return []
+
+
+def _literal(node: Any) -> Any:
+    from dask._task_spec import DataNode
+
+    return node.value if isinstance(node, DataNode) else node
 
 
 #: How long a seal waits for writing clients to push their buffered records.

@@ -18,10 +18,22 @@ from aimss_dask.shuffle import partitioning
 from aimss_dask.stream import api
 
 
-def create(names: list[str], npartitions: int, barrier: str) -> list[str]:
-    """Create the run's streams (the read tasks are keyed by ``names[0]``)."""
+def create(
+    names: list[str],
+    npartitions: int,
+    barrier: str,
+    chunk_tasks: str | None = None,
+    grid: tuple[int, ...] | None = None,
+) -> list[str]:
+    """Create the run's streams (the read tasks are keyed by ``names[0]``).
+
+    An array run's read tasks are its output chunks, keyed ``(chunk_tasks,
+    *index)`` over ``grid``.
+    """
     first = names[0]
-    api.create_operator_stream(first, npartitions, read_by=first, barrier=barrier)
+    api.create_operator_stream(
+        first, npartitions, read_by=first, barrier=barrier, chunk_tasks=chunk_tasks, grid=grid
+    )
     for other in names[1:]:
         api.create_operator_stream(
             other, npartitions, read_by=first, colocate_with=first, barrier=barrier
@@ -123,3 +135,45 @@ def _scratch() -> tuple[str | None, partitioning.Alloc]:
     plugin = worker.plugins.get("aimss")
     scratch = getattr(plugin, "scratch", None)
     return worker.address, (scratch.array if scratch is not None else np.empty)
+
+
+# -- Array rechunk: the same run, with array pieces for records ------------------------
+
+
+@_restartable
+def push_block(
+    block: np.ndarray,
+    names: list[str],
+    index: tuple[int, ...],
+    in_chunks: tuple[tuple[int, ...], ...],
+    out_chunks: tuple[tuple[int, ...], ...],
+) -> int:
+    """Cut one input block along the output grid; push each piece to its chunk."""
+    stream = api.get_stream(names[0])
+    grid = tuple(len(c) for c in out_chunks)
+    for out_index, src, dst in partitioning.block_pieces(index, in_chunks, out_chunks):
+        piece = np.ascontiguousarray(block[src])
+        if piece is block:
+            piece = block.copy()  # the log must not share the caller's block
+        p = int(np.ravel_multi_index(out_index, grid))
+        stream.write((dst, piece), partition=p)
+    return int(block.size)
+
+
+@_restartable
+def read_block(name: str, partition: int, shape: tuple[int, ...], dtype: Any, sealed: int) -> np.ndarray:
+    """One output chunk, assembled from its pieces in the local log."""
+    out = np.empty(shape, dtype=dtype)
+    filled = 0
+    for dst, piece in api.read_from(name, partition=partition):
+        out[tuple(slice(a, b) for a, b in dst)] = piece
+        filled += piece.size
+    api.release_partition(name, partition)
+    if filled != out.size:
+        from aimss_dask.errors import AIMSSError
+
+        raise AIMSSError(
+            f"rechunk output chunk {partition} of {name!r} got {filled} of {out.size} "
+            "elements; this is a bug, please report it"
+        )
+    return out

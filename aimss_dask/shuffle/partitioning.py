@@ -144,3 +144,43 @@ def _fill(block: np.ndarray, shards: list[np.ndarray], cols: list[int]) -> None:
         for r, c in enumerate(cols):
             block[r, off : off + n] = s[:, c]
         off += n
+
+
+# -- Array rechunk: which part of an input block goes to which output chunk ----------
+
+
+def _bounds(chunks: Sequence[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
+
+
+def block_pieces(
+    index: Sequence[int],
+    in_chunks: Sequence[Sequence[int]],
+    out_chunks: Sequence[Sequence[int]],
+) -> list[tuple[tuple[int, ...], tuple[slice, ...], tuple[tuple[int, int], ...]]]:
+    """``(output chunk index, slice of the block, (start, stop) in the chunk)``.
+
+    Every element of the input block lands in exactly one output chunk.
+    """
+    per_axis = []
+    for a, i in enumerate(index):
+        ib = _bounds(in_chunks[a])
+        ob = _bounds(out_chunks[a])
+        lo, hi = ib[i], ib[i + 1]
+        first = int(np.searchsorted(ob, lo, side="right")) - 1
+        axis = []
+        j = first
+        while j < len(ob) - 1 and ob[j] < hi:
+            s, e = max(lo, ob[j]), min(hi, ob[j + 1])
+            if e > s:
+                axis.append((j, slice(int(s - lo), int(e - lo)), (int(s - ob[j]), int(e - ob[j]))))
+            j += 1
+        if not axis:  # an empty block (a zero-length chunk): nothing to send
+            return []
+        per_axis.append(axis)
+    import itertools
+
+    return [
+        (tuple(j for j, _, _ in combo), tuple(s for _, s, _ in combo), tuple(d for _, _, d in combo))
+        for combo in itertools.product(*per_axis)
+    ]

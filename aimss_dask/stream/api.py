@@ -233,6 +233,8 @@ def create_operator_stream(
     read_by: str,
     colocate_with: str | None = None,
     barrier: Any = None,
+    chunk_tasks: str | None = None,
+    grid: tuple[int, ...] | None = None,
 ) -> Stream:
     """A stream an operator (shuffle, join) fills and reads inside one graph.
 
@@ -253,6 +255,8 @@ def create_operator_stream(
         colocate_with=colocate_with,
         read_by=read_by,
         barrier=barrier,
+        chunk_tasks=chunk_tasks,
+        grid=list(grid) if grid else None,
         **ep.owner_kwargs(),
     )
     reply = ep.scheduler_op("create", **kwargs)

@@ -1,0 +1,71 @@
+"""``rechunk`` of Dask Arrays through AIMSS streams: the shuffle's other face."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask._task_spec import Task, TaskRef
+from dask.highlevelgraph import HighLevelGraph
+
+from aimss_dask.errors import InvalidArgumentError
+from aimss_dask.plugin.scheduler import PARTITION_TASK_PREFIX
+from aimss_dask.shuffle import _tasks
+
+
+def rechunk(x: da.Array, chunks: Any) -> da.Array:
+    """Change the chunking of ``x``, pushing pieces through AIMSS streams.
+
+    Each input block is cut along the new chunk grid and its pieces pushed to
+    the worker that owns their output chunk while the input is still being
+    computed; each output chunk is then assembled from local memory.
+
+    Examples
+    --------
+    >>> y = aimss_dask.rechunk(x, (x.shape[0], 256))  # row chunks to column chunks  # doctest: +SKIP
+    """
+    if not isinstance(x, da.Array):
+        raise InvalidArgumentError(f"rechunk needs a dask.array.Array, got {type(x).__name__}")
+    if x.ndim == 0:
+        raise InvalidArgumentError("rechunk of a 0-d array: there is nothing to rechunk")
+    try:
+        new = da.core.normalize_chunks(chunks, x.shape, dtype=x.dtype, previous_chunks=x.chunks)
+    except (ValueError, TypeError) as e:
+        raise InvalidArgumentError(
+            f"chunks={chunks!r} do not fit an array of shape {x.shape}: {e}"
+        ) from None
+    if any(sum(c) != s for c, s in zip(new, x.shape)) or len(new) != x.ndim:
+        raise InvalidArgumentError(f"chunks={chunks!r} do not add up to the shape {x.shape}")
+    if new == x.chunks:
+        return x
+    grid = tuple(len(c) for c in new)
+    token = uuid.uuid4().hex[:16]
+    name = f"aimss-rechunk-{token}-0"
+    barrier = f"aimss-seal-{token}"
+    out_name = f"{PARTITION_TASK_PREFIX}{token}"
+    created = dask.delayed(_tasks.create, pure=False)(
+        [name], int(np.prod(grid)), barrier, out_name, grid, dask_key_name=f"aimss-create-{token}"
+    )
+    blocks = x.to_delayed()
+    pushed = [
+        dask.delayed(_tasks.push_block, pure=False)(
+            blocks[idx], created, idx, x.chunks, new, dask_key_name=(f"aimss-push-{token}", *idx)
+        )
+        for idx in np.ndindex(*blocks.shape)
+    ]
+    sealed = dask.delayed(_tasks.seal, pure=False)([name], *pushed, dask_key_name=barrier)
+    # The output chunks are the read tasks themselves, keyed
+    # (PARTITION_TASK_PREFIX + token, *chunk index): the coordinator pins each
+    # to the owner of partition ravel(index) of the run's stream.
+    graph: dict[Any, Any] = {}
+    for idx in np.ndindex(*grid):
+        p = int(np.ravel_multi_index(idx, grid))
+        shape = tuple(new[a][i] for a, i in enumerate(idx))
+        graph[(out_name, *idx)] = Task(
+            (out_name, *idx), _tasks.read_block, name, p, shape, x.dtype, TaskRef(sealed.key)
+        )
+    hlg = HighLevelGraph.from_collections(out_name, graph, dependencies=[sealed])
+    return da.Array(hlg, out_name, new, dtype=x.dtype, meta=np.empty((0,) * x.ndim, x.dtype))
