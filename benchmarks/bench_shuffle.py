@@ -12,6 +12,11 @@ peak RSS of each worker (sampled every 20 ms) and peak disk used under the
 workers' local directories.
 
     python benchmarks/bench_shuffle.py --gib 1 --reps 3 [--skew] [--merge]
+    python benchmarks/bench_shuffle.py --rechunk --gib 2 --reps 3
+
+``--rechunk``: a float64 array of ``--gib`` from row chunks to column
+chunks (64 x 64 chunks), aimss against Dask's p2p rechunk with
+``distributed.p2p.storage.disk`` true and false.
 """
 
 from __future__ import annotations
@@ -91,6 +96,76 @@ def _count(df: pd.DataFrame) -> int:
     return len(df)
 
 
+def _rechunk_run(args: argparse.Namespace, client: Any) -> None:
+    import dask
+    import dask.array as da
+    from distributed import wait
+
+    import aimss_dask
+
+    nbytes = int(args.gib * GiB)
+    side = int((nbytes // 8) ** 0.5)
+    side -= side % args.partitions
+    step = side // args.partitions
+    x = da.random.default_rng(0).random((side, side), chunks=(step, side)).persist()
+    wait(x)
+    target = (side, step)
+
+    def total(y: Any) -> float:
+        return float(y.sum().compute())
+
+    def p2p(disk: bool) -> float:
+        with dask.config.set({"array.rechunk.method": "p2p", "distributed.p2p.storage.disk": disk}):
+            return total(x.rechunk(target, method="p2p"))
+
+    methods = {
+        "aimss": lambda: total(aimss_dask.rechunk(x, target)),
+        "p2p-disk": lambda: p2p(True),
+        "p2p-mem": lambda: p2p(False),
+    }
+    _measure(args, client, methods, side * side * 8, None,
+             f"rechunk of {side * side * 8 / GiB:.2f} GiB float64 ({side}x{side}), "
+             f"{args.partitions} row chunks -> {args.partitions} column chunks")
+
+
+def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nbytes: int, expect: Any, title: str) -> None:
+    results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": [], "disk": []} for m in methods}
+    first: Any = None
+    for rep in range(args.reps + 1):  # the first round warms up
+        for name, fn in methods.items():
+            client.run(_start)
+            t0 = time.perf_counter()
+            got = fn()
+            dt = time.perf_counter() - t0
+            peaks = client.run(_finish)
+            first = got if first is None else first
+            assert got == pytest_approx(first), (name, got, first)
+            if rep == 0:
+                continue
+            results[name]["t"].append(dt)
+            results[name]["rss"].append(max(r for r, _ in peaks.values()))
+            results[name]["disk"].append(sum(d for _, d in peaks.values()))
+            print(f"  rep {rep} {name:8s} {dt:7.2f} s  peak RSS/worker {max(r for r, _ in peaks.values()) / GiB:.2f} GiB", flush=True)
+    print(f"\n{title}, medians of {args.reps}:")
+    med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
+    for m, r in med.items():
+        print(
+            f"{m:8s} {r['t']:7.2f} s  {nbytes / r['t'] / 1e9:6.3f} GB/s  "
+            f"peak RSS/worker {r['rss'] / GiB:5.2f} GiB  disk {r['disk'] / GiB:5.2f} GiB"
+        )
+    for m in med:
+        if m != "aimss":
+            print(f"aimss speed-up over {m}: {med[m]['t'] / med['aimss']['t']:.2f}x")
+
+
+def pytest_approx(x: Any) -> Any:
+    class _Approx:
+        def __eq__(self, other: Any) -> bool:
+            return abs(other - x) <= 1e-9 * max(abs(x), 1.0)
+
+    return _Approx()
+
+
 def run(args: argparse.Namespace) -> None:
     import dask
     import dask.dataframe as dd
@@ -102,6 +177,9 @@ def run(args: argparse.Namespace) -> None:
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster, Client(cluster) as client:
         client.register_plugin(aimss_dask.AIMSS(memory_limit=args.memory_limit))
+        if args.rechunk:
+            _rechunk_run(args, client)
+            return
         nbytes = int(args.gib * GiB)
         rows = nbytes // ROW_BYTES // args.partitions
         ddf = dd.from_map(
@@ -176,6 +254,7 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=64)
     ap.add_argument("--skew", action="store_true")
     ap.add_argument("--merge", action="store_true")
+    ap.add_argument("--rechunk", action="store_true")
     ap.add_argument("--no-tasks", action="store_true")
     ap.add_argument("--memory-limit", default=None, help="AIMSS budget per worker, e.g. 1GiB")
     run(ap.parse_args())

@@ -48,6 +48,21 @@ def local_nbytes(record: Any) -> int | None:
         return int(record.nbytes)
     if isinstance(record, (bytes, bytearray)):
         return len(record)
+    if isinstance(record, tuple) and len(record) <= 8:
+        # An operator's (coordinates, array piece): small plain parts plus
+        # known records, sized without pickling the piece.
+        total = 0
+        for part in record:
+            if isinstance(part, (int, float, str, type(None))) or (
+                isinstance(part, tuple) and all(isinstance(v, (int, tuple)) for v in part)
+            ):
+                total += 64
+                continue
+            n = local_nbytes(part)
+            if n is None:
+                return None
+            total += n
+        return total
     import pandas as pd
 
     if isinstance(record, pd.DataFrame):
