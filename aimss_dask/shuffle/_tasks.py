@@ -151,10 +151,18 @@ def push_block(
     """Cut one input block along the output grid; push each piece to its chunk."""
     stream = api.get_stream(names[0])
     grid = tuple(len(c) for c in out_chunks)
-    for out_index, src, dst in partitioning.block_pieces(index, in_chunks, out_chunks):
-        piece = np.ascontiguousarray(block[src])
-        if piece is block:
-            piece = block.copy()  # the log must not share the caller's block
+    pieces = partitioning.block_pieces(index, in_chunks, out_chunks)
+    # Every piece is copied (contiguous, and the log must not share the
+    # caller's block) into one scratch buffer: memory this worker touched
+    # before, reused once the pieces are sent or read.
+    _, alloc = _scratch()
+    flat = alloc((int(block.size),), block.dtype)
+    pos = 0
+    for out_index, src, dst in pieces:
+        view = block[src]
+        piece = flat[pos : pos + view.size].reshape(view.shape)
+        np.copyto(piece, view)
+        pos += view.size
         p = int(np.ravel_multi_index(out_index, grid))
         stream.write((dst, piece), partition=p)
     return int(block.size)
