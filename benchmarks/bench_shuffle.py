@@ -123,12 +123,16 @@ def _rechunk_run(args: argparse.Namespace, client: Any) -> None:
         "p2p-disk": lambda: p2p(True),
         "p2p-mem": lambda: p2p(False),
     }
-    _measure(args, client, methods, side * side * 8, None,
+    _measure(args, client, methods, side * side * 8,
              f"rechunk of {side * side * 8 / GiB:.2f} GiB float64 ({side}x{side}), "
              f"{args.partitions} row chunks -> {args.partitions} column chunks")
 
 
-def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nbytes: int, expect: Any, title: str) -> None:
+def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nbytes: int, title: str) -> Any:
+    """Run every method ``reps`` times after a warm-up round, interleaved; print medians.
+
+    Every method must return the same result (a row count, a sum); it is returned.
+    """
     results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": [], "disk": []} for m in methods}
     first: Any = None
     for rep in range(args.reps + 1):  # the first round warms up
@@ -139,7 +143,7 @@ def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nby
             dt = time.perf_counter() - t0
             peaks = client.run(_finish)
             first = got if first is None else first
-            assert got == pytest_approx(first), (name, got, first)
+            assert got == _approx(first), (name, got, first)
             if rep == 0:
                 continue
             results[name]["t"].append(dt)
@@ -156,9 +160,10 @@ def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nby
     for m in med:
         if m != "aimss":
             print(f"aimss speed-up over {m}: {med[m]['t'] / med['aimss']['t']:.2f}x")
+    return first
 
 
-def pytest_approx(x: Any) -> Any:
+def _approx(x: Any) -> Any:
     class _Approx:
         def __eq__(self, other: Any) -> bool:
             return abs(other - x) <= 1e-9 * max(abs(x), 1.0)
@@ -214,37 +219,14 @@ def run(args: argparse.Namespace) -> None:
         methods = {"aimss": aimss_run, "p2p": lambda: dask_run("p2p")}
         if not args.merge and not args.no_tasks:
             methods["tasks"] = lambda: dask_run("tasks")
-        results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": [], "disk": []} for m in methods}
-        for rep in range(args.reps + 1):  # the first round warms up
-            for name, fn in methods.items():
-                client.run(_start)
-                t0 = time.perf_counter()
-                got = fn()
-                dt = time.perf_counter() - t0
-                peaks = client.run(_finish)
-                if not args.merge:
-                    assert got == total_rows, (name, got, total_rows)
-                if rep == 0:
-                    continue
-                results[name]["t"].append(dt)
-                results[name]["rss"].append(max(r for r, _ in peaks.values()))
-                results[name]["disk"].append(sum(d for _, d in peaks.values()))
-                print(f"  rep {rep} {name:6s} {dt:7.2f} s  peak RSS/worker {max(r for r, _ in peaks.values()) / GiB:.2f} GiB", flush=True)
-
         what = "merge of two" if args.merge else "shuffle of"
-        print(
-            f"\n{what} {args.gib:g} GiB ({total_rows} rows, {args.partitions} -> {args.partitions} partitions"
-            f"{', 30% on one key' if args.skew else ''}), medians of {args.reps}:"
+        first = _measure(
+            args, client, methods, nbytes,
+            f"{what} {args.gib:g} GiB ({total_rows} rows, {args.partitions} -> {args.partitions} "
+            f"partitions{', 30% on one key' if args.skew else ''})",
         )
-        med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
-        for m, r in med.items():
-            print(
-                f"{m:6s} {r['t']:7.2f} s  {nbytes / r['t'] / 1e9:6.3f} GB/s  "
-                f"peak RSS/worker {r['rss'] / GiB:5.2f} GiB  disk {r['disk'] / GiB:5.2f} GiB"
-            )
-        for m in med:
-            if m != "aimss":
-                print(f"aimss speed-up over {m}: {med[m]['t'] / med['aimss']['t']:.2f}x")
+        if not args.merge:
+            assert first == total_rows, (first, total_rows)
 
 
 def main() -> None:
