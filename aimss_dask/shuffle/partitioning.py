@@ -27,8 +27,25 @@ def check_columns(columns: Sequence[str], on: str | Sequence[str], what: str = "
     return keys
 
 
+#: Fibonacci hashing's multiplier (2**64 / golden ratio).
+_FIB = np.uint64(0x9E3779B97F4A7C15)
+
+
 def partition_index(df: pd.DataFrame, on: list[str], npartitions: int, cast: dict[str, str] | None = None) -> np.ndarray:
-    """The output partition of every row: Dask's own hash, so results match Dask's."""
+    """The output partition of every row.
+
+    One 8-byte integer key column takes a multiplicative (Fibonacci) hash,
+    about a tenth of the cost of pandas' hashing; anything else uses Dask's
+    own ``partitioning_index``. Both sides of a join take the same branch:
+    they have the same key columns and, after ``cast``, the same dtypes.
+    """
+    if len(on) == 1 and not cast:
+        col = df[on[0]]
+        dt = col.dtype
+        if isinstance(dt, np.dtype) and dt.kind in "iu" and dt.itemsize == 8:
+            h = (col.to_numpy().view(np.uint64) * _FIB) >> np.uint64(32)
+            small = np.int8 if npartitions <= 127 else np.int16 if npartitions <= 32767 else np.int64
+            return (h % np.uint64(npartitions)).astype(small)
     keys = df[on]
     if cast:
         keys = keys.astype(cast)
