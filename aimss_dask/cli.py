@@ -141,7 +141,6 @@ def run_shuffle_demo(client: Any, *, nbytes: int, partitions: int = 32, out: Any
         dt = time.perf_counter() - t0
         ok &= n == rows * partitions
         print(f"  {name:9s} {dt:6.2f} s  ({rows * partitions * 56 / dt / 1e9:.2f} GB/s)", file=out)
-    del df
     return ok
 
 

@@ -107,7 +107,7 @@ def bench_local(reps: int, total: int) -> list[dict[str, float]]:
         }
         row["ratio_vs_copyto"] = row["aimss_gbs"] / row["copyto_gbs"]
         rows.append(row)
-        del records, dest
+        records = dest = None  # free them before the next size
     return rows
 
 
