@@ -290,12 +290,15 @@ class LogStore:
 
     # -- retention -----------------------------------------------------------------
 
-    def trim(self, name: str, epoch: int | None, p: int, upto: int) -> int:
-        """Forget offsets below ``upto`` (everyone has read them); bytes freed."""
+    def trim(self, name: str, epoch: int | None, p: int, upto: int | None = None) -> int:
+        """Forget offsets below ``upto`` (everyone has read them); bytes freed.
+
+        ``upto=None``: every record written so far.
+        """
         freed = 0
         with self._lock:
             log = self._log(name, epoch, p)
-            upto = min(upto, log.end)
+            upto = log.end if upto is None else min(upto, log.end)
             if upto <= log.start:
                 return 0
             keep: list[Segment] = []

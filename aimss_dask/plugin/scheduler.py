@@ -88,9 +88,7 @@ class AIMSS(SchedulerPlugin):
         # Client processes that write (they buffer records too), and the seals
         # waiting for them to push: token -> (clients yet to answer, done, failures).
         self._producer_clients: set[str] = set()
-        # Partition tasks submitted before their stream exists: name -> keys;
-        # and the partitions that submitted tasks will read, per stream.
-        self._pins: dict[str, list[Any]] = {}
+        # The tasks that will read each stream: name -> partition -> key.
         self._readers: dict[str, dict[int, Any]] = {}
         # Array output chunks (prefix + token, *index) by prefix + token.
         self._chunk_pins: dict[str, list[Any]] = {}
@@ -187,24 +185,21 @@ class AIMSS(SchedulerPlugin):
                     continue
                 self._readers.setdefault(key[1], {})[key[2]] = key
                 spec = self.state.streams.get(key[1])
-                if spec is None:
-                    # An operator creates its stream inside the graph: pin the
-                    # task when the stream exists (it cannot run before that).
-                    self._pins.setdefault(key[1], []).append(key)
-                else:
-                    self._pin(key, spec)
+                # An operator creates its stream inside the graph: then the
+                # task is pinned when the stream exists (it cannot run before).
+                if spec is not None:
+                    self._pin_partition(key, spec, key[2])
             if operator_graph:
                 # Dask may fuse an array operator's read task into its
                 # dependent under another key (y.sum(), or the final chunk of
                 # a compute): find those by what they run.
                 for key in fused:
                     self._pin_fused(scheduler, key)
-            if len(self._pins) > 1000 or len(self._readers) > 1000:
-                self._pins = {
-                    n: ks for n, ks in self._pins.items() if any(k in scheduler.tasks for k in ks)
-                }
+            if len(self._readers) > 1000:
                 self._readers = {
-                    n: ps for n, ps in self._readers.items() if n in self._pins or n in self.state.streams
+                    n: ks
+                    for n, ks in self._readers.items()
+                    if n in self.state.streams or any(k in scheduler.tasks for k in ks.values())
                 }
         except Exception:
             logger.exception("aimss: update_graph hook failed")
@@ -253,15 +248,6 @@ class AIMSS(SchedulerPlugin):
             logger.warning("aimss: restarting operator run %s after losing a worker", reader)
             scheduler.transitions(recs, stimulus_id=stimulus_id)
             scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
-
-    def _pin(self, key: Any, spec: StreamSpec) -> None:
-        if isinstance(key, tuple) and len(key) == 3 and isinstance(key[1], str) and isinstance(key[2], int):
-            self._pin_partition(key, spec, key[2])
-        else:
-            # An array chunk key: its partition is remembered by the readers.
-            for p, k in self._readers.get(spec.name, {}).items():
-                if k == key:
-                    self._pin_partition(key, spec, p)
 
     def _pin_partition(self, key: Any, spec: StreamSpec, p: int) -> None:
         assert self.scheduler is not None
@@ -361,19 +347,16 @@ class AIMSS(SchedulerPlugin):
                 self.state.operator[name] = read_by
                 if barrier is not None:
                     self._runs[read_by] = {"barrier": barrier, "create": task}
-                # A re-run (after a lost worker) pins the same read tasks again.
-                for key in self._readers.get(read_by, {}).values():
-                    self._pin(key, spec)
-            for key in self._pins.pop(name, []):
-                self._pin(key, spec)
             if chunk_tasks is not None and grid:
                 # Array chunks become ordinary (prefix, stream, partition) readers.
                 for key in self._chunk_pins.pop(chunk_tasks, []):
                     p = int(np.ravel_multi_index(key[1:], tuple(grid)))
                     self._readers.setdefault(name, {})[p] = key
-            if read_by is not None or chunk_tasks is not None:
-                for p, key in self._readers.get(name, {}).items():
-                    self._pin_partition(key, spec, p)
+            # Read tasks submitted before the stream existed, or pinned to the
+            # owners of a run that restarted. (A join's second stream is
+            # co-located with the first, whose creation pinned its readers.)
+            for p, key in self._readers.get(name, {}).items():
+                self._pin_partition(key, spec, p)
             by_owner: dict[str, list[int]] = {}
             for p, w in enumerate(spec.owners):
                 by_owner.setdefault(w, []).append(p)
@@ -560,7 +543,7 @@ class AIMSS(SchedulerPlugin):
         keys = self._readers.get(reader, {})
         for p in moves:
             if p in keys:
-                self._pin(keys[p], self.state.streams[reader])
+                self._pin_partition(keys[p], self.state.streams[reader], p)
         logger.info("aimss: moved %d partition(s) of %s to balance sizes", len(moves), group)
 
     async def _release(self, spec: StreamSpec, partitions: list[int], trim: bool = True) -> bool:

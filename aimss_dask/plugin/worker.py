@@ -301,13 +301,8 @@ class AIMSSWorker(WorkerPlugin):
     async def _h_trim(self, name: str, epoch: int, partitions: list[int]) -> None:
         """Drop every record of these partitions (nobody will read them)."""
         assert self.store is not None
-        await offload(self._trim_all, name, epoch, partitions)
-
-    def _trim_all(self, name: str, epoch: int, partitions: list[int]) -> None:
-        assert self.store is not None
-        for p in partitions:
-            _, end, _ = self.store.bounds(name, epoch, p)
-            self.store.trim(name, epoch, p, end)
+        store = self.store
+        await offload(lambda: [store.trim(name, epoch, p) for p in partitions])
 
     @replies
     async def _h_owner_lost(self, address: str) -> None:

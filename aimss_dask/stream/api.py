@@ -279,8 +279,7 @@ def release_partition(name: str, partition: int) -> None:
     spec = _spec(ep, name)
     check_partition(spec, partition)
     if ep.plugin is not None and ep.plugin.store is not None and spec.owners[partition] == ep.address:
-        _, end, _ = ep.plugin.store.bounds(spec.name, spec.epoch, partition)
-        ep.plugin.store.trim(spec.name, spec.epoch, partition, end)
+        ep.plugin.store.trim(spec.name, spec.epoch, partition)
     ep.scheduler_op("release", name=name, partition=partition)
 
 
@@ -322,6 +321,11 @@ def write_to(name: str, record: Any, *, partition: int | None = None, key: Any =
     _write(ep, _spec(ep, name), record, partition, key)
 
 
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout >= 0:
+        raise InvalidArgumentError(f"timeout={timeout!r} must be >= 0 seconds or None")
+
+
 def read_from(
     name: str,
     *,
@@ -360,8 +364,7 @@ def read_from(
         raise InvalidOffsetError(
             f"start={start!r} for stream {name!r}: offsets are non-negative ints"
         )
-    if timeout is not None and not timeout >= 0:
-        raise InvalidArgumentError(f"timeout={timeout!r} must be >= 0 seconds or None")
+    _check_timeout(timeout)
     committer = None
     if group is not None:
         check_name(group, "consumer group")
@@ -392,8 +395,7 @@ def shuffle_streams(parent: str, *, timeout: float | None = None) -> list[str]:
     """
     ep = current("shuffle_streams")
     check_name(parent, "parent stream name")
-    if timeout is not None and not timeout >= 0:
-        raise InvalidArgumentError(f"timeout={timeout!r} must be >= 0 seconds or None")
+    _check_timeout(timeout)
     return list(ep.scheduler_op("shuffle_wait", parent=parent, timeout=timeout)["children"])
 
 
