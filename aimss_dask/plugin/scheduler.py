@@ -508,13 +508,8 @@ class AIMSS(SchedulerPlugin):
         owners = specs[0].owners
         sizes = [0] * specs[0].partitions
         for spec in specs:
-            replies = await self._broadcast(
-                {"op": "aimss_stream_stats", "name": spec.name}, list(set(spec.owners))
-            )
-            for r in replies.values():
-                if isinstance(r, dict):
-                    for p, st in r.get("partitions", []):
-                        sizes[p] += st["bytes"]
+            for p, st in (await self._partition_stats(spec)).items():
+                sizes[p] += st["bytes"]
         new = rebalance(sizes, owners, self._workers())
         moves = [p for p in range(len(sizes)) if new[p] != owners[p] and sizes[p] > 0]
         if not moves:
@@ -546,6 +541,18 @@ class AIMSS(SchedulerPlugin):
                 self._pin_partition(keys[p], self.state.streams[reader], p)
         logger.info("aimss: moved %d partition(s) of %s to balance sizes", len(moves), group)
 
+    async def _partition_stats(self, spec: StreamSpec) -> dict[int, dict[str, Any]]:
+        """Each partition's counts, as its owner reports them (absent if lost)."""
+        replies = await self._broadcast(
+            {"op": "aimss_stream_stats", "name": spec.name}, list(set(spec.owners))
+        )
+        return {
+            p: st
+            for r in replies.values()
+            if isinstance(r, dict)
+            for p, st in r.get("partitions", [])
+        }
+
     async def _release(self, spec: StreamSpec, partitions: list[int], trim: bool = True) -> bool:
         if trim:
             by_owner: dict[str, list[int]] = {}
@@ -571,18 +578,13 @@ class AIMSS(SchedulerPlugin):
     @replies
     async def _h_info(self, name: str) -> dict[str, Any]:
         spec = self.state.get(name)
-        replies = await self._broadcast(
-            {"op": "aimss_stream_stats", "name": name}, list(set(spec.owners))
-        )
         records = [0] * spec.partitions
         nbytes = [0] * spec.partitions
         spilled = 0
-        for reply in replies.values():
-            if isinstance(reply, dict):
-                for p, st in reply.get("partitions", []):
-                    records[p] = st["records"]
-                    nbytes[p] = st["bytes"]
-                    spilled += st["spilled_bytes"]
+        for p, st in (await self._partition_stats(spec)).items():
+            records[p] = st["records"]
+            nbytes[p] = st["bytes"]
+            spilled += st["spilled_bytes"]
         return {
             "info": {
                 "name": name,
