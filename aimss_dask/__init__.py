@@ -20,12 +20,16 @@ from aimss_dask.errors import (
     PartitionOutOfRangeError,
     ReadTimeoutError,
     RecordNotSerializableError,
+    SinkError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
     StreamExistsError,
     StreamNotFoundError,
     StreamSealedError,
 )
 from aimss_dask.plugin.scheduler import AIMSS
 from aimss_dask.shuffle import merge, rechunk, shuffle
+from aimss_dask.sink.array import to_zarr
 from aimss_dask.stream.api import (
     Stream,
     create_stream,
@@ -50,6 +54,9 @@ __all__ = [
     "PartitionOutOfRangeError",
     "ReadTimeoutError",
     "RecordNotSerializableError",
+    "SinkError",
+    "StoreNotFoundError",
+    "StoreReadOnlyError",
     "Stream",
     "StreamExistsError",
     "StreamNotFoundError",
@@ -63,5 +70,6 @@ __all__ = [
     "shuffle",
     "shuffle_streams",
     "status",
+    "to_zarr",
     "write_to",
 ]

@@ -55,6 +55,18 @@ class ReadTimeoutError(AIMSSError, TimeoutError):
     """No new record arrived on an open partition within ``timeout``."""
 
 
+class StoreNotFoundError(AIMSSError, FileNotFoundError):
+    """A Zarr store or array to read from does not exist."""
+
+
+class StoreReadOnlyError(AIMSSError, PermissionError):
+    """A Zarr store to write to is read-only."""
+
+
+class SinkError(AIMSSError, RuntimeError):
+    """A sink failed to make data durable (a failed write, a lost writer)."""
+
+
 _BY_NAME: dict[str, type[AIMSSError]] = {
     cls.__name__: cls
     for cls in (
@@ -69,6 +81,9 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         StreamSealedError,
         PartitionLostError,
         ReadTimeoutError,
+        StoreNotFoundError,
+        StoreReadOnlyError,
+        SinkError,
     )
 }
 

@@ -22,14 +22,14 @@ chunks (64 x 64 chunks), aimss against Dask's p2p rechunk with
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import threading
 import time
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from _common import finish as _finish
+from _common import start as _start
 
 GiB = 2**30
 COLS = 6
@@ -45,51 +45,6 @@ def _make(i: int, rows: int, skew: bool, nkeys: int) -> pd.DataFrame:
     for c in range(COLS):
         data[f"x{c}"] = rng.random(rows)
     return pd.DataFrame(data)
-
-
-class _Sampler:
-    def __init__(self, local_dir: str) -> None:
-        import psutil
-
-        self.proc = psutil.Process()
-        self.dir = local_dir
-        self.rss = self.proc.memory_info().rss
-        self.disk = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self) -> None:
-        n = 0
-        while not self.stop.wait(0.02):
-            self.rss = max(self.rss, self.proc.memory_info().rss)
-            n += 1
-            if n % 10 == 0:
-                self.disk = max(self.disk, _du(self.dir))
-
-    def finish(self) -> tuple[int, int]:
-        self.stop.set()
-        self.thread.join()
-        return self.rss, max(self.disk, _du(self.dir))
-
-
-def _du(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(root, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total
-
-
-def _start(dask_worker: Any) -> None:
-    dask_worker._bench_sampler = _Sampler(dask_worker.local_directory)
-
-
-def _finish(dask_worker: Any) -> tuple[int, int]:
-    return dask_worker._bench_sampler.finish()
 
 
 def _count(df: pd.DataFrame) -> int:

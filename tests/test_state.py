@@ -396,3 +396,21 @@ def test_partition_for_key_rejects_keys_without_a_stable_hash(key):
 def test_partition_for_key_names_the_bad_key():
     with pytest.raises(InvalidArgumentError, match=r"record key \{'a': 1\} of type dict"):
         partition_for_key({"a": 1}, 4)
+
+
+def test_place_partitions_follows_live_preferences_only():
+    load = {"tcp://a": 0, "tcp://b": 0}
+    # Preferred live workers are kept even when that unbalances counts;
+    # unknown (lost) workers and None fall back to the least loaded.
+    assert place_partitions(4, load, ["tcp://b", "tcp://b", None, "tcp://gone"]) == [
+        "tcp://b",
+        "tcp://b",
+        "tcp://a",
+        "tcp://a",
+    ]
+    assert place_partitions(2, load, ["tcp://a"]) == ["tcp://a", "tcp://b"]
+
+
+def test_create_places_partitions_with_their_main_input(state):
+    spec, _ = state.create("s", 3, W, prefer=["tcp://w3", None, "tcp://w3"])
+    assert spec.owners[0] == spec.owners[2] == "tcp://w3"

@@ -7,8 +7,14 @@ from collections.abc import Mapping, Sequence
 from aimss_dask.errors import NotRegisteredError
 
 
-def place_partitions(n: int, load: Mapping[str, int]) -> list[str]:
+def place_partitions(
+    n: int, load: Mapping[str, int], prefer: Sequence[str | None] | None = None
+) -> list[str]:
     """Owners for ``n`` new partitions, balancing partitions per worker.
+
+    ``prefer[p]``, where it names a live worker, places partition ``p`` there
+    instead: the worker that already holds most of its input, so the
+    operator filling it appends locally instead of sending over the network.
 
     ``load`` maps each live worker to the partitions it already owns. Each new
     partition goes to the least-loaded worker (ties broken by address, so the
@@ -29,8 +35,10 @@ def place_partitions(n: int, load: Mapping[str, int]) -> list[str]:
         )
     counts = dict(load)
     owners: list[str] = []
-    for _ in range(n):
-        w = min(counts, key=lambda a: (counts[a], a))
+    for p in range(n):
+        w = prefer[p] if prefer is not None and p < len(prefer) else None
+        if w not in counts:
+            w = min(counts, key=lambda a: (counts[a], a))
         owners.append(w)
         counts[w] += 1
     return owners

@@ -331,6 +331,7 @@ class AIMSS(SchedulerPlugin):
         barrier: Any = None,
         chunk_tasks: str | None = None,
         grid: list[int] | None = None,
+        prefer: list[Any] | None = None,
     ) -> dict[str, Any]:
         spec, created = self.state.create(
             name,
@@ -341,6 +342,7 @@ class AIMSS(SchedulerPlugin):
             persist=persist,
             creator=self._creator(client, task),
             colocate_with=colocate_with,
+            prefer=self._holders(prefer) if prefer else None,
         )
         if created:
             if read_by is not None:
@@ -370,6 +372,16 @@ class AIMSS(SchedulerPlugin):
                 await self._broadcast({"op": "aimss_drop", "name": name, "epoch": spec.epoch})
                 raise
         return {**self._wire(spec), "created": created}
+
+    def _holders(self, keys: list[Any]) -> list[str | None]:
+        """The worker holding each task result (``None`` where none is in memory)."""
+        assert self.scheduler is not None
+        out: list[str | None] = []
+        for key in keys:
+            ts = self.scheduler.tasks.get(_as_key(key))
+            holders = sorted(ws.address for ws in ts.who_has) if ts is not None and ts.who_has else []
+            out.append(holders[0] if holders else None)
+        return out
 
     @replies
     async def _h_get(self, name: str) -> dict[str, Any]:
@@ -615,6 +627,11 @@ class AIMSS(SchedulerPlugin):
                 addr: r["status"] for addr, r in replies.items() if isinstance(r, dict)
             }
         }
+
+
+def _as_key(key: Any) -> Any:
+    """A Dask key back from the wire, where msgpack turned its tuples into lists."""
+    return tuple(_as_key(k) for k in key) if isinstance(key, (list, tuple)) else key
 
 
 def _partition_reads(spec: Any, depth: int = 0) -> list[tuple[str, int]]:

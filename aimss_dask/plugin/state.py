@@ -86,6 +86,7 @@ class CoordinatorState:
         persist: bool = False,
         creator: str | None = None,
         colocate_with: str | None = None,
+        prefer: Sequence[str | None] | None = None,
     ) -> tuple[StreamSpec, bool]:
         """Create (or, with ``exist_ok``, find) a stream; ``(spec, created)``."""
         check_name(name)
@@ -128,7 +129,7 @@ class CoordinatorState:
             owners = list(other.owners)
         else:
             load = owners_load([s.owners for s in self.streams.values()], workers)
-            owners = place_partitions(partitions, load)
+            owners = place_partitions(partitions, load, prefer)
         spec = StreamSpec(
             name=name,
             partitions=partitions,

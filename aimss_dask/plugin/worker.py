@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -56,6 +57,8 @@ class AIMSSWorker(WorkerPlugin):
         self.scratch: BufferPool | None = None
         # Partitions read by tasks here: from this worker's log, or remotely.
         self.reads = {"local": 0, "remote": 0}
+        self._sink_writer: Any = None
+        self._sink_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -129,8 +132,32 @@ class AIMSSWorker(WorkerPlugin):
                 self.pool.clear()
             if self.scratch is not None:
                 self.scratch.clear()
+            if self._sink_writer is not None:
+                self._sink_writer.close()
         except Exception:
             logger.exception("aimss: worker teardown failed")
+
+    # -- sinks -------------------------------------------------------------------------
+
+    @property
+    def sink_writer(self) -> Any:
+        """This worker's write-behind writer, made on first use (task threads call this)."""
+        with self._sink_lock:
+            if self._sink_writer is None:
+                from aimss_dask.sink.writer import WriteBehind
+
+                assert self.store is not None
+                # Regions waiting for the disk are memory outside the log:
+                # a quarter of the budget, so log + queue stay near the budget.
+                self._sink_writer = WriteBehind(max(64 * 2**20, self.store.budget // 4))
+            return self._sink_writer
+
+    @replies
+    async def _h_sink_flush(self, run: str) -> dict[str, Any]:
+        """Wait until every region of sink run ``run`` queued here is written."""
+        if self._sink_writer is None:
+            return {"written": [], "bytes": 0, "errors": []}
+        return await offload(self._sink_writer.flush, run)
 
     # -- local fast paths (task threads) ---------------------------------------------
 
@@ -323,6 +350,8 @@ class AIMSSWorker(WorkerPlugin):
         if self.pool is not None:
             st.update(self.pool.statistics())
         st["spill_directory"] = self.store.spill_dir
+        if self._sink_writer is not None:
+            st.update({f"sink_{k}": v for k, v in self._sink_writer.statistics().items()})
         return {"status": st}
 
 
@@ -343,4 +372,5 @@ _HANDLERS = (
     "drop",
     "stream_stats",
     "worker_status",
+    "sink_flush",
 )

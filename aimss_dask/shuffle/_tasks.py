@@ -24,15 +24,17 @@ def create(
     barrier: str,
     chunk_tasks: str | None = None,
     grid: tuple[int, ...] | None = None,
+    prefer: list[Any] | None = None,
 ) -> list[str]:
     """Create the run's streams (the read tasks are keyed by ``names[0]``).
 
     An array run's read tasks are its output chunks, keyed ``(chunk_tasks,
-    *index)`` over ``grid``.
+    *index)`` over ``grid``. ``prefer``: see ``create_operator_stream``.
     """
     first = names[0]
     api.create_operator_stream(
-        first, npartitions, read_by=first, barrier=barrier, chunk_tasks=chunk_tasks, grid=grid
+        first, npartitions, read_by=first, barrier=barrier, chunk_tasks=chunk_tasks, grid=grid,
+        prefer=prefer,
     )
     for other in names[1:]:
         api.create_operator_stream(
@@ -152,18 +154,25 @@ def push_block(
     stream = api.get_stream(names[0])
     grid = tuple(len(c) for c in out_chunks)
     pieces = partitioning.block_pieces(index, in_chunks, out_chunks)
-    # Every piece is copied (contiguous, and the log must not share the
-    # caller's block) into one scratch buffer: memory this worker touched
-    # before, reused once the pieces are sent or read.
-    _, alloc = _scratch()
-    flat = alloc((int(block.size),), block.dtype)
+    # Pieces that are not contiguous (column slices) are copied into one
+    # scratch buffer: memory this worker touched before, reused once the
+    # pieces are sent or read.
+    strided = sum(int(np.prod([s.stop - s.start for s in src])) for _, src, _ in pieces
+                  if not block[src].flags.c_contiguous)
+    flat = _scratch()[1]((strided,), block.dtype) if strided else None
     pos = 0
     for out_index, src, dst in pieces:
         view = block[src]
+        p = int(np.ravel_multi_index(out_index, grid))
+        if view.flags.c_contiguous:
+            # Rows of a C-ordered block: send (or store) the view itself. Dask
+            # never modifies a task's input, so sharing it is safe.
+            stream.write((dst, view), partition=p)
+            continue
+        assert flat is not None
         piece = flat[pos : pos + view.size].reshape(view.shape)
         np.copyto(piece, view)
         pos += view.size
-        p = int(np.ravel_multi_index(out_index, grid))
         stream.write((dst, piece), partition=p)
     return int(block.size)
 

@@ -13,7 +13,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from aimss_dask.errors import InvalidArgumentError
 from aimss_dask.plugin.scheduler import PARTITION_TASK_PREFIX
-from aimss_dask.shuffle import _tasks
+from aimss_dask.shuffle import _tasks, partitioning
 
 
 def rechunk(x: da.Array, chunks: Any) -> da.Array:
@@ -41,15 +41,31 @@ def rechunk(x: da.Array, chunks: Any) -> da.Array:
         raise InvalidArgumentError(f"chunks={chunks!r} do not add up to the shape {x.shape}")
     if new == x.chunks:
         return x
+    hlg, out_name = push_run(x, new, _tasks.read_block, x.dtype)
+    return da.Array(hlg, out_name, new, dtype=x.dtype, meta=np.empty((0,) * x.ndim, x.dtype))
+
+
+def push_run(
+    x: da.Array, new: tuple[tuple[int, ...], ...], final: Any, *args: Any
+) -> tuple[HighLevelGraph, str]:
+    """The graph of a push run from ``x``'s chunks to the grid ``new``.
+
+    Returns the graph and the name of its output tasks, one per chunk of
+    ``new``, keyed ``(name, *index)``: each calls ``final(stream, partition,
+    shape, *args, sealed)`` on the worker that owns the chunk's partition
+    (the coordinator pins it), after the barrier. ``rechunk`` reads the chunk
+    back; ``to_zarr`` writes it to its shard.
+    """
     grid = tuple(len(c) for c in new)
     token = uuid.uuid4().hex[:16]
     name = f"aimss-rechunk-{token}-0"
     barrier = f"aimss-seal-{token}"
     out_name = f"{PARTITION_TASK_PREFIX}{token}"
-    created = dask.delayed(_tasks.create, pure=False)(
-        [name], int(np.prod(grid)), barrier, out_name, grid, dask_key_name=f"aimss-create-{token}"
-    )
     blocks = x.to_delayed()
+    created = dask.delayed(_tasks.create, pure=False)(
+        [name], int(np.prod(grid)), barrier, out_name, grid, _main_inputs(blocks, x.chunks, new),
+        dask_key_name=f"aimss-create-{token}",
+    )
     pushed = [
         dask.delayed(_tasks.push_block, pure=False)(
             blocks[idx], created, idx, x.chunks, new, dask_key_name=(f"aimss-push-{token}", *idx)
@@ -57,15 +73,32 @@ def rechunk(x: da.Array, chunks: Any) -> da.Array:
         for idx in np.ndindex(*blocks.shape)
     ]
     sealed = dask.delayed(_tasks.seal, pure=False)([name], *pushed, dask_key_name=barrier)
-    # The output chunks are the read tasks themselves, keyed
-    # (PARTITION_TASK_PREFIX + token, *chunk index): the coordinator pins each
-    # to the owner of partition ravel(index) of the run's stream.
+    # The output tasks are keyed (PARTITION_TASK_PREFIX + token, *chunk
+    # index): the coordinator pins each to the owner of partition
+    # ravel(index) of the run's stream.
     graph: dict[Any, Any] = {}
     for idx in np.ndindex(*grid):
         p = int(np.ravel_multi_index(idx, grid))
         shape = tuple(new[a][i] for a, i in enumerate(idx))
         graph[(out_name, *idx)] = Task(
-            (out_name, *idx), _tasks.read_block, name, p, shape, x.dtype, TaskRef(sealed.key)
+            (out_name, *idx), final, name, p, shape, *args, TaskRef(sealed.key)
         )
-    hlg = HighLevelGraph.from_collections(out_name, graph, dependencies=[sealed])
-    return da.Array(hlg, out_name, new, dtype=x.dtype, meta=np.empty((0,) * x.ndim, x.dtype))
+    return HighLevelGraph.from_collections(out_name, graph, dependencies=[sealed]), out_name
+
+
+def _main_inputs(blocks: np.ndarray, old: tuple[tuple[int, ...], ...], new: tuple[tuple[int, ...], ...]) -> list[Any]:
+    """For each output chunk, the key of the input block that gives it most elements.
+
+    Where that block is already in memory (a persisted array), the
+    coordinator places the chunk's partition with it: most pieces are then
+    appended locally instead of crossing the network.
+    """
+    grid = tuple(len(c) for c in new)
+    best: list[tuple[int, Any]] = [(-1, None)] * int(np.prod(grid))
+    for idx in np.ndindex(*blocks.shape):
+        for out_index, src, _ in partitioning.block_pieces(idx, old, new):
+            p = int(np.ravel_multi_index(out_index, grid))
+            size = int(np.prod([sl.stop - sl.start for sl in src]))
+            if size > best[p][0]:
+                best[p] = (size, blocks[idx].key)
+    return [key for _, key in best]

@@ -135,6 +135,39 @@ class Stream:
         """
         return _plain(current("info").scheduler_op("info", name=self.name)["info"])
 
+    def to_zarr(
+        self,
+        store: Any,
+        *,
+        component: str | None = None,
+        axis: int = 0,
+        chunks: Any = None,
+    ) -> Any:
+        """Drain this stream into a Zarr array that grows along ``axis``; a :class:`Sink`.
+
+        See :func:`aimss_dask.sink.stream_sink.stream_to_zarr`.
+        """
+        from aimss_dask.sink.stream_sink import stream_to_zarr
+
+        return stream_to_zarr(self, store, component=component, axis=axis, chunks=chunks)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int | None = None,
+        epochs: int = 1,
+        group: str | None = None,
+    ) -> Iterator[Any]:
+        """Sample-level batches in the style of a training loader.
+
+        See :func:`aimss_dask.source.loader.batches`.
+        """
+        from aimss_dask.source.loader import batches
+
+        return batches(self, batch_size, shuffle=shuffle, seed=seed, epochs=epochs, group=group)
+
     def map_partitions(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``func(records, *args, **kwargs)`` once per partition, on its owner.
 
@@ -235,6 +268,7 @@ def create_operator_stream(
     barrier: Any = None,
     chunk_tasks: str | None = None,
     grid: tuple[int, ...] | None = None,
+    prefer: list[Any] | None = None,
 ) -> Stream:
     """A stream an operator (shuffle, join) fills and reads inside one graph.
 
@@ -245,7 +279,9 @@ def create_operator_stream(
     ``colocate_with`` puts partition ``p`` where that stream's partition
     ``p`` lives, so a join reads both sides locally. ``barrier`` is the key
     of the run's seal task: if a worker is lost mid-run, the coordinator
-    restarts the run from the task that calls this function.
+    restarts the run from the task that calls this function. ``prefer[p]``
+    is the key of the task whose result is most of partition ``p``'s input:
+    where that result is in memory, the partition is placed with it.
     """
     ep = current("create_operator_stream")
     kwargs = dict(
@@ -257,6 +293,7 @@ def create_operator_stream(
         barrier=barrier,
         chunk_tasks=chunk_tasks,
         grid=list(grid) if grid else None,
+        prefer=prefer,
         **ep.owner_kwargs(),
     )
     reply = ep.scheduler_op("create", **kwargs)

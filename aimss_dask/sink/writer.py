@@ -1,0 +1,138 @@
+"""Write-behind: a worker's background writer of Zarr regions.
+
+A sink task hands an assembled region (a whole number of Zarr shards or
+chunks) to :class:`WriteBehind` and returns at once; a writer thread
+compresses and stores it while the worker's task thread computes the next
+block. Bytes waiting to be written are bounded (``max_bytes``): past it the
+task waits, which is the sink's back-pressure. ``flush(sink)`` waits for
+every region of one sink run and reports what was written and what failed,
+so the run's last task can fail loudly instead of losing data quietly.
+
+Pure threads, no asyncio: the worker plugin calls ``flush`` through
+``offload`` and tasks call ``submit`` from their own thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ZarrTarget:
+    """Where a sink run writes: enough to open the array on any worker.
+
+    ``run`` identifies one run (one ``to_zarr`` call), so two runs into the
+    same array never mix their bookkeeping.
+    """
+
+    store: Any
+    path: str
+    zarr_format: int
+    run: str
+    storage_options: dict[str, Any] | None = None
+
+    def open(self) -> Any:
+        import zarr
+
+        kwargs = {"storage_options": self.storage_options} if self.storage_options else {}
+        return zarr.open_array(
+            self.store, path=self.path, mode="r+", zarr_format=self.zarr_format, **kwargs
+        )
+
+
+@dataclass
+class _Run:
+    pending: set[Future[None]] = field(default_factory=set)
+    written: list[int] = field(default_factory=list)
+    nbytes: int = 0
+    errors: list[str] = field(default_factory=list)
+    array: Any = None
+
+
+class WriteBehind:
+    """Background writer of one worker; one thread, a byte-bounded queue.
+
+    One thread is enough: Zarr's codecs and file writes release the GIL, and
+    the worker's task thread is the other consumer of this core.
+
+    Examples
+    --------
+    >>> wb = WriteBehind(max_bytes=2**28)                  # doctest: +SKIP
+    >>> wb.submit(target, (slice(0, 1024), slice(None)), block, rid=0)  # doctest: +SKIP
+    >>> wb.flush(target.run)                                # doctest: +SKIP
+    {'written': [0], 'bytes': 8388608, 'errors': []}
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(1, int(max_bytes))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimss-sink")
+        self._cond = threading.Condition()
+        self._queued = 0
+        self._runs: dict[str, _Run] = {}
+        self.peak_queued = 0
+
+    def submit(
+        self, target: ZarrTarget, region: tuple[slice, ...], data: np.ndarray, rid: int
+    ) -> None:
+        """Queue ``array[region] = data`` (region number ``rid`` of the run).
+
+        Waits while the queue is full: the caller is a task thread, and
+        waiting is the back-pressure that keeps the queue in its bound.
+        """
+        n = int(data.nbytes)
+        with self._cond:
+            # A region larger than the whole bound still goes through alone.
+            while self._queued and self._queued + n > self.max_bytes:
+                self._cond.wait()
+            self._queued += n
+            self.peak_queued = max(self.peak_queued, self._queued)
+            run = self._runs.setdefault(target.run, _Run())
+            fut = self._pool.submit(self._write, target, run, region, data)
+            run.pending.add(fut)
+        fut.add_done_callback(lambda f: self._done(run, f, n, rid))
+
+    def _write(self, target: ZarrTarget, run: _Run, region: tuple[slice, ...], data: np.ndarray) -> None:
+        if run.array is None:
+            # One handle per run and worker: the shape of a to_zarr target is
+            # fixed for the run, so a cached handle cannot go stale.
+            run.array = target.open()
+        run.array[region] = data
+
+    def _done(self, run: _Run, fut: Future[None], n: int, rid: int) -> None:
+        with self._cond:
+            self._queued -= n
+            run.pending.discard(fut)
+            exc = fut.exception()
+            if exc is None:
+                run.written.append(rid)
+                run.nbytes += n
+            else:
+                run.errors.append(f"{type(exc).__name__}: {exc}")
+            self._cond.notify_all()
+
+    def flush(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for every queued region of ``run_id``; report and forget the run."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: not self._runs.get(run_id, _Run()).pending, timeout)
+            run = self._runs.pop(run_id, _Run())
+        errors = list(run.errors)
+        if not ok:
+            errors.append(f"writes still pending after {timeout} s")
+        return {"written": run.written, "bytes": run.nbytes, "errors": errors}
+
+    def discard(self, run_id: str) -> None:
+        """Forget a run's bookkeeping (its queued writes still complete)."""
+        with self._cond:
+            self._runs.pop(run_id, None)
+
+    def statistics(self) -> dict[str, int]:
+        with self._cond:
+            return {"queued_bytes": self._queued, "peak_queued_bytes": self.peak_queued}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)

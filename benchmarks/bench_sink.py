@@ -1,0 +1,184 @@
+"""Benchmark of ``aimss_dask.to_zarr`` (issue: storage brokers, Zarr sinks).
+
+A float64 array of ``--gib`` (``--cols`` columns, row blocks) is generated and
+persisted on a LocalCluster of 2 worker processes with 1 thread each; the
+timed part is the write, from the call until the data is in the store. Every
+method of a case runs in the same run, interleaved, after a warm-up round;
+medians over ``--reps``. Reported: wall time, GB/s, peak RSS of each worker.
+
+Cases (``--cases``):
+- ``aligned``: Dask blocks of 1024 rows, Zarr chunks of 1024 rows.
+- ``misaligned``: Dask blocks of 1000 rows, Zarr chunks of 1024 rows.
+- ``sharded``: Dask blocks of 1024 rows, Zarr chunks of 256 rows in shards
+  of 4096 rows.
+
+Methods:
+- ``aimss``: ``aimss_dask.to_zarr``.
+- ``dask``: ``dask.array.to_zarr`` as a user would run it correctly: without
+  a lock where the blocks are aligned with the chunks (or shards), and with
+  ``mode="w"`` (which takes Dask's cluster-wide lock) otherwise.
+- ``dask-rechunk``: (misaligned and sharded) ``x.rechunk(unit).to_zarr()``,
+  the other correct way to write misaligned blocks with Dask.
+- ``plain``: the same bytes written by the same tasks with ``ndarray.tofile``,
+  one file per block: the disk's limit.
+
+Each case runs with ``--codecs`` ``none`` (uncompressed) and ``default``
+(Zarr's default, zstd).
+
+    python benchmarks/bench_sink.py --gib 2 --reps 3
+    python benchmarks/bench_sink.py --gib 0.25 --reps 1 --cases misaligned --codecs none
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from _common import GiB
+from _common import finish as _finish
+from _common import start as _start
+
+UNIT_ROWS = 1024
+
+
+def _tofile(block: np.ndarray, directory: str, block_id: Any = None) -> np.ndarray:
+    block.tofile(os.path.join(directory, "-".join(map(str, block_id))))
+    return np.zeros((1,) * block.ndim, dtype=np.int64)
+
+
+def _check(path: str, x: Any, rows: int) -> None:
+    """Spot-check the written array against the input (a chunk edge and the end)."""
+    import zarr
+
+    z = zarr.open_array(path, mode="r")
+    assert z.shape == x.shape, (z.shape, x.shape)
+    for lo in (UNIT_ROWS - 7, rows // 2 - 3, rows - 9):
+        sl = slice(max(lo, 0), min(lo + 16, rows))
+        got, want = z[sl], x[sl].compute()
+        assert np.array_equal(got, want), f"{path}: rows {sl} differ"
+
+
+def run(args: argparse.Namespace) -> None:
+    import dask.array as da
+    from distributed import Client, LocalCluster, wait
+
+    import aimss_dask
+
+    root = tempfile.mkdtemp(prefix="aimss-bench-sink-", dir=args.dir)
+    cols = args.cols
+    rows = int(args.gib * GiB) // (8 * cols)
+    rows -= rows % 4096
+    nbytes = rows * cols * 8
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS(memory_limit=args.memory_limit))
+        summary: list[str] = []
+        for case in args.cases.split(","):
+            block_rows = 1000 if case == "misaligned" else UNIT_ROWS
+            x = da.random.default_rng(1).random((rows, cols), chunks=(block_rows, cols)).persist()
+            wait(x)
+            if case == "sharded":
+                zchunks, shards = (256, cols), (4096, cols)
+            else:
+                zchunks, shards = (UNIT_ROWS, cols), None
+            unit = shards or zchunks
+            for codec in args.codecs.split(","):
+                ckw: dict[str, Any] = {"compressors": None} if codec == "none" else {}
+                zkw: dict[str, Any] = dict(chunks=zchunks, **ckw)
+                if shards:
+                    zkw["shards"] = shards
+
+                def aimss_run(path: str) -> None:
+                    aimss_dask.to_zarr(x, path, **zkw)
+
+                def dask_run(path: str) -> None:
+                    # mode="w" takes Dask's lock: needed for correctness when
+                    # blocks and chunks (or shards) are not aligned.
+                    da.to_zarr(x, path, mode="a" if case == "aligned" else "w", **zkw)
+
+                def dask_rechunk_run(path: str) -> None:
+                    da.to_zarr(x.rechunk(unit), path, mode="a", **zkw)
+
+                def plain_run(path: str) -> None:
+                    os.makedirs(path)
+                    x.map_blocks(
+                        _tofile, path, dtype=np.int64, chunks=tuple((1,) * len(c) for c in x.chunks)
+                    ).sum().compute()
+
+                methods = {"aimss": aimss_run, "dask": dask_run}
+                if case != "aligned":
+                    methods["dask-rechunk"] = dask_rechunk_run
+                methods["plain"] = plain_run
+                title = (
+                    f"{case}, codec {codec}: {nbytes / GiB:.2f} GiB float64 ({rows}x{cols}), "
+                    f"blocks of {block_rows} rows, zarr chunks {zchunks}"
+                    + (f" shards {shards}" if shards else "")
+                )
+                print(f"\n== {title}", flush=True)
+                med = _measure(args, client, methods, root, x, rows)
+                for m, r in med.items():
+                    print(
+                        f"{m:13s} {r['t']:7.2f} s  {nbytes / r['t'] / 1e9:6.3f} GB/s  "
+                        f"peak RSS/worker {r['rss'] / GiB:5.2f} GiB"
+                    )
+                peers = [m for m in med if m.startswith("dask")]
+                best = min(peers, key=lambda m: med[m]["t"])
+                line = (
+                    f"{case:10s} {codec:7s} aimss {nbytes / med['aimss']['t'] / 1e9:5.2f} GB/s; "
+                    + ", ".join(f"{m} {nbytes / med[m]['t'] / 1e9:5.2f}" for m in peers)
+                    + f"; plain {nbytes / med['plain']['t'] / 1e9:5.2f} GB/s; "
+                    f"aimss vs best dask ({best}) {med[best]['t'] / med['aimss']['t']:.2f}x, "
+                    f"aimss / plain {med['plain']['t'] / med['aimss']['t']:.0%}"
+                )
+                print(line, flush=True)
+                summary.append(line)
+        print("\nSummary (medians of %d):" % args.reps)
+        print("\n".join(summary))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _measure(
+    args: argparse.Namespace, client: Any, methods: dict[str, Any], root: str, x: Any, rows: int
+) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": []} for m in methods}
+    for rep in range(args.reps + 1):  # the first round warms up
+        for name, fn in methods.items():
+            path = os.path.join(root, f"{name}-{rep}.zarr")
+            client.run(_start)
+            t0 = time.perf_counter()
+            fn(path)
+            dt = time.perf_counter() - t0
+            peaks = client.run(_finish)
+            if name != "plain":
+                _check(path, x, rows)
+            shutil.rmtree(path, ignore_errors=True)
+            if rep == 0:
+                continue
+            rss = max(r for r, _ in peaks.values())
+            results[name]["t"].append(dt)
+            results[name]["rss"].append(rss)
+            print(f"  rep {rep} {name:13s} {dt:7.2f} s  peak RSS/worker {rss / GiB:.2f} GiB", flush=True)
+    return {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gib", type=float, default=2.0)
+    ap.add_argument("--cols", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cases", default="aligned,misaligned,sharded")
+    ap.add_argument("--codecs", default="none,default")
+    ap.add_argument("--dir", default=None, help="where the arrays are written (default: $TMPDIR)")
+    ap.add_argument("--memory-limit", default=None, help="AIMSS budget per worker, e.g. 1GiB")
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""``aimss_dask.to_zarr`` against NumPy and plain ``zarr.open_array``, on a real cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from distributed import Client, LocalCluster
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import aimss_dask
+from aimss_dask.sink.array import _aligned
+
+from conftest import assert_workers_clean as _clean
+
+
+def assert_workers_clean() -> None:
+    _clean(aimss_dask.status())
+
+
+@st.composite
+def chunking(draw, shape):
+    out = []
+    for n in shape:
+        cuts = sorted(draw(st.sets(st.integers(1, max(n - 1, 1)), max_size=3))) if n > 1 else []
+        bounds = [0, *[c for c in cuts if 0 < c < n], n]
+        out.append(tuple(b - a for a, b in zip(bounds, bounds[1:]) if b > a) or (n,))
+    return tuple(out)
+
+
+@st.composite
+def case(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 12), min_size=ndim, max_size=ndim)))
+    dtype = draw(st.sampled_from(["f8", "i4", "u1", "bool", "c8", "f4"]))
+    zchunks = tuple(draw(st.integers(1, n)) for n in shape)
+    shards = None
+    if draw(st.booleans()):
+        shards = tuple(c * draw(st.integers(1, 3)) for c in zchunks)
+    return shape, dtype, draw(chunking(shape)), zchunks, shards
+
+
+def _data(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random(shape) * 100).astype(dtype)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case())
+def test_to_zarr_equals_numpy(client, tmp_path_factory, c):
+    shape, dtype, chunks, zchunks, shards = c
+    data = _data(shape, dtype)
+    path = str(tmp_path_factory.mktemp("z") / "a.zarr")
+    aimss_dask.to_zarr(da.from_array(data, chunks=chunks), path, chunks=zchunks, shards=shards)
+    z = zarr.open_array(path, mode="r")
+    assert z.shape == shape and z.dtype == data.dtype
+    assert z.chunks == zchunks
+    assert (z.shards if shards else None) == shards
+    np.testing.assert_array_equal(z[...], data)
+    assert_workers_clean()
+
+
+@pytest.mark.parametrize(
+    "blocks, zchunks, shards, aligned",
+    [
+        ((1000, 64), (1024, 64), None, False),  # misaligned rows: the push path
+        ((2048, 32), (1024, 64), None, False),  # misaligned columns
+        ((2048, 64), (1024, 64), None, True),  # each block is two whole chunks
+        ((1024, 64), (256, 64), (4096, 64), False),  # four blocks per shard
+        ((4096, 64), (256, 32), (4096, 64), True),  # one block per shard
+    ],
+)
+def test_paths_and_units(client, tmp_path, blocks, zchunks, shards, aligned):
+    unit = shards or zchunks
+    assert _aligned(da.zeros((10_000, 64), chunks=blocks).chunks, unit) is aligned
+    x = da.random.default_rng(3).random((10_000, 64), chunks=blocks)
+    want = x.compute()
+    path = str(tmp_path / "a.zarr")
+    aimss_dask.to_zarr(x, path, chunks=zchunks, shards=shards)
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], want)
+    assert_workers_clean()
+
+
+def test_misaligned_write_pushes_then_writes_on_owners(client, tmp_path):
+    """Each unit is written once, by the worker that owns its partition."""
+    x = da.arange(12_000, chunks=1000).reshape(12_000, 1).rechunk((1000, 1))
+    path = str(tmp_path / "a.zarr")
+    delayed = aimss_dask.to_zarr(x, path, chunks=(1024, 1), compute=False)
+    assert not os.path.exists(os.path.join(path, "c"))  # nothing written yet
+    assert delayed.compute() == 12_000 * 8
+    np.testing.assert_array_equal(zarr.open_array(path)[:, 0], np.arange(12_000))
+    assert_workers_clean()
+
+
+def test_zarr_v2_and_irregular_chunks(client, tmp_path):
+    data = _data((37, 11), "f8")
+    x = da.from_array(data, chunks=((5, 20, 12), (3, 8)))
+    path = str(tmp_path / "v2.zarr")
+    aimss_dask.to_zarr(x, path, chunks=(8, 4), zarr_format=2, compressors=None)
+    z = zarr.open_array(path, mode="r")
+    assert z.metadata.zarr_format == 2
+    np.testing.assert_array_equal(z[:], data)
+
+
+def test_default_chunks_follow_the_first_block(client, tmp_path):
+    x = da.ones((100, 7), chunks=(30, 7))
+    path = str(tmp_path / "a.zarr")
+    aimss_dask.to_zarr(x, path)
+    z = zarr.open_array(path)
+    assert z.chunks == (30, 7)
+    assert z[:].sum() == 700
+
+
+def test_component_and_fsspec_url(client, tmp_path):
+    data = _data((50, 3), "i4")
+    aimss_dask.to_zarr(da.from_array(data, chunks=7), f"file://{tmp_path}/g.zarr", component="inner/a", chunks=(8, 3),
+        storage_options={"auto_mkdir": True},
+    )
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "g.zarr"), path="inner/a")[:], data)
+
+
+def test_existing_array_is_written_into(client, tmp_path):
+    path = str(tmp_path / "a.zarr")
+    zarr.create_array(path, shape=(40, 4), chunks=(10, 4), dtype="f8", attributes={"keep": 1})
+    data = _data((40, 4), "f8")
+    aimss_dask.to_zarr(da.from_array(data, chunks=(7, 4)), path)
+    z = zarr.open_array(path)
+    np.testing.assert_array_equal(z[:], data)
+    assert z.attrs["keep"] == 1
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, kwargs, match",
+    [
+        ((41, 4), "f8", {}, r"shape \(40, 4\).*x has shape \(41, 4\)"),
+        ((40, 4), "i4", {}, r"dtype float64.*dtype int32"),
+        ((40, 4), "f8", {"chunks": (5, 4)}, r"chunks=\(5, 4\) differ.*\(10, 4\)"),
+        ((40, 4), "f8", {"compressors": None}, r"\['compressors'\] apply to a new array"),
+    ],
+)
+def test_mismatch_with_existing_array_overwrites_nothing(client, tmp_path, shape, dtype, kwargs, match):
+    path = str(tmp_path / "a.zarr")
+    old = _data((40, 4), "f8", seed=9)
+    zarr.create_array(path, shape=(40, 4), chunks=(10, 4), dtype="f8")[:] = old
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=match):
+        aimss_dask.to_zarr(da.zeros(shape, dtype=dtype, chunks=10), path, **kwargs)
+    np.testing.assert_array_equal(zarr.open_array(path)[:], old)
+    assert_workers_clean()
+
+
+def test_overwrite_replaces_an_array_of_another_shape(client, tmp_path):
+    path = str(tmp_path / "a.zarr")
+    zarr.create_array(path, shape=(3,), chunks=(3,), dtype="i1")
+    aimss_dask.to_zarr(da.arange(10, chunks=4), path, overwrite=True)
+    np.testing.assert_array_equal(zarr.open_array(path)[:], np.arange(10))
+
+
+def test_bad_inputs_raise_clear_errors(client, tmp_path):
+    x = da.ones((10, 10), chunks=5)
+    with pytest.raises(aimss_dask.StoreReadOnlyError, match="read-only"):
+        zarr.create_array(str(tmp_path / "ro.zarr"), shape=(10, 10), dtype="f8")
+        aimss_dask.to_zarr(x, zarr.storage.LocalStore(str(tmp_path / "ro.zarr"), read_only=True))
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="MemoryStore"):
+        aimss_dask.to_zarr(x, zarr.storage.MemoryStore())
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="zarr_format=4"):
+        aimss_dask.to_zarr(x, str(tmp_path / "a.zarr"), zarr_format=4)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="need zarr_format=3"):
+        aimss_dask.to_zarr(x, str(tmp_path / "a.zarr"), shards=(10, 10), zarr_format=2)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"\(5,\) is not a shape for a 2-d"):
+        aimss_dask.to_zarr(x, str(tmp_path / "a.zarr"), chunks=(5,))
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="shards="):
+        aimss_dask.to_zarr(x, str(tmp_path / "b.zarr"), chunks=(3, 3), shards=(5, 5))
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="dask.array.Array"):
+        aimss_dask.to_zarr(np.ones(3), str(tmp_path / "c.zarr"))
+    assert not os.path.exists(tmp_path / "a.zarr")
+    assert_workers_clean()
+
+
+def test_a_failing_write_fails_the_run_loudly(client, tmp_path):
+    """A write error on a worker is raised by to_zarr, naming the worker."""
+    path = tmp_path / "a.zarr"
+    aimss_dask.to_zarr(da.ones((20, 4), chunks=(5, 4)), str(path))
+    # Replace the array's metadata by garbage after the check on the client:
+    # the workers' writes then fail when they open the array.
+    x = da.ones((20, 4), chunks=(5, 4)).map_blocks(_corrupt_then, str(path), dtype="f8", meta=np.empty((0, 0)))
+    with pytest.raises(aimss_dask.SinkError, match="to_zarr into .* failed"):
+        aimss_dask.to_zarr(x, str(path))
+    assert_workers_clean()
+
+
+def _corrupt_then(block, path):
+    with open(os.path.join(path, "zarr.json"), "w") as f:
+        f.write("{not json")
+    return block
+
+
+def test_writes_go_through_a_bounded_queue(tmp_path):
+    """A sink larger than the write-behind bound completes; the queue stays in it."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
+        client.register_plugin(aimss_dask.AIMSS(memory_limit="64MiB"))  # queue bound: 64 MiB
+        x = da.random.default_rng(0).random((64 * 1024, 512), chunks=(1000, 512))  # 256 MiB
+        path = str(tmp_path / "big.zarr")
+        aimss_dask.to_zarr(x, path, chunks=(1024, 512), compressors=None)
+        st = aimss_dask.status()
+        for addr, s in st.items():
+            assert s["sink_peak_queued_bytes"] <= 64 * 2**20 + 4 * 2**20, (addr, s)
+            assert s["sink_queued_bytes"] == 0
+        assert any(s["sink_peak_queued_bytes"] > 0 for s in st.values())
+        z = zarr.open_array(path)
+        np.testing.assert_array_equal(z[-5000:], x[-5000:].compute())
+        _clean(st)
+
+
+def test_worker_killed_mid_write_still_writes_everything(tmp_path):
+    """SIGKILL a worker during a misaligned write: the run restarts and completes."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        x = da.arange(40 * 1000, chunks=1000).map_blocks(_slow, dtype=np.int64)
+        path = str(tmp_path / "a.zarr")
+        fut = client.compute(aimss_dask.to_zarr(x, path, chunks=(1024,), compute=False))
+        # Kill a worker once the run is underway.
+        import time
+
+        time.sleep(1.0)
+        victim = sorted(client.scheduler_info()["workers"])[0]
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        fut.result(timeout=120)
+        np.testing.assert_array_equal(zarr.open_array(path)[:], np.arange(40_000))
+
+
+def _slow(block):
+    import time
+
+    time.sleep(0.05)
+    return block
+
+
+def test_local_scheduler_without_a_cluster(tmp_path):
+    """Without distributed, the blocks are written synchronously (aligned only)."""
+    with dask.config.set(scheduler="sync"):
+        x = da.arange(20, chunks=5)
+        aimss_dask.to_zarr(x, str(tmp_path / "a.zarr"), chunks=(5,))
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"))[:], np.arange(20))
