@@ -26,9 +26,10 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_demo_runs_on_a_builtin_local_cluster():
+def test_demo_runs_on_a_builtin_local_cluster(tmp_path):
     r = _cli(
-        "demo", "--producers", "3", "--records", "10", "--record-size", "64KiB", "--shuffle-size", "4MiB"
+        "demo", "--producers", "3", "--records", "10", "--record-size", "64KiB", "--shuffle-size", "4MiB",
+        "--sink-size", "4MiB", "--sink-dir", str(tmp_path),
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "records    30 (all present)" in r.stdout
@@ -37,11 +38,15 @@ def test_demo_runs_on_a_builtin_local_cluster():
     # The shuffle stage: aimss and Dask's p2p side by side.
     assert "shuffle stage:" in r.stdout
     assert "  aimss " in r.stdout and "  dask p2p " in r.stdout
+    # The sink stage: both writes read back identical, and nothing is left on disk.
+    assert "sink stage:" in r.stdout and "  dask lock " in r.stdout
+    assert r.stdout.count("read back: identical sum") == 2
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_on_an_existing_cluster():
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cl:
-        r = _cli("demo", "--scheduler", cl.scheduler_address, "--producers", "2", "--records", "5", "--record-size", "8KiB", "--shuffle-size", "0")
+        r = _cli("demo", "--scheduler", cl.scheduler_address, "--producers", "2", "--records", "5", "--record-size", "8KiB", "--shuffle-size", "0", "--sink-size", "0")
         assert r.returncode == 0, r.stdout + r.stderr
         assert "records    10 (all present)" in r.stdout
         with Client(cl) as c:
