@@ -94,6 +94,9 @@ class AIMSS(SchedulerPlugin):
         self._chunk_pins: dict[str, list[Any]] = {}
         # Operator runs in flight: reader stream -> its barrier and create keys.
         self._runs: dict[str, dict[str, Any]] = {}
+        # Operator runs whose partitions must stay where they were placed
+        # (a sink writes each unit where it completes): never rebalanced.
+        self._fixed: set[str] = set()
         self._seal_waits: dict[str, tuple[set[str], asyncio.Event, dict[str, Any]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -227,6 +230,7 @@ class AIMSS(SchedulerPlugin):
             barrier = scheduler.tasks.get(run["barrier"])
             if barrier is None:
                 del self._runs[reader]
+                self._fixed.discard(reader)
                 continue
             recs: dict[Any, str] = {}
             for ts in (*barrier.dependents, barrier, *barrier.dependencies):
@@ -332,6 +336,7 @@ class AIMSS(SchedulerPlugin):
         chunk_tasks: str | None = None,
         grid: list[int] | None = None,
         prefer: list[Any] | None = None,
+        balance: bool = True,
     ) -> dict[str, Any]:
         spec, created = self.state.create(
             name,
@@ -349,6 +354,8 @@ class AIMSS(SchedulerPlugin):
                 self.state.operator[name] = read_by
                 if barrier is not None:
                     self._runs[read_by] = {"barrier": barrier, "create": task}
+                if not balance:
+                    self._fixed.add(read_by)
             if chunk_tasks is not None and grid:
                 # Array chunks become ordinary (prefix, stream, partition) readers.
                 for key in self._chunk_pins.pop(chunk_tasks, []):
@@ -405,7 +412,7 @@ class AIMSS(SchedulerPlugin):
             unread = set(range(spec.partitions)) - set(self._readers.get(reader, {}))
             if unread:
                 await self._release(spec, sorted(unread))
-            if name in self.state.streams:
+            if name in self.state.streams and reader not in self._fixed:
                 await self._rebalance(reader)
         assert self._sealed_changed is not None
         async with self._sealed_changed:

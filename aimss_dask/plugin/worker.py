@@ -59,6 +59,8 @@ class AIMSSWorker(WorkerPlugin):
         self.reads = {"local": 0, "remote": 0}
         self._sink_writer: Any = None
         self._sink_lock = threading.Lock()
+        # Stream name -> UnitAssembler of a to_zarr run whose units live here.
+        self.assemblers: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -153,6 +155,18 @@ class AIMSSWorker(WorkerPlugin):
             return self._sink_writer
 
     @replies
+    async def _h_sink_attach(self, name: str, epoch: int, partitions: list[int], **run: Any) -> None:
+        """Write a to_zarr run's units held here as soon as each is complete."""
+        from aimss_dask.sink.array import attach
+
+        self.assemblers[name] = attach(self, name, epoch, partitions, **run)
+
+    def _notify_sinks(self, name: str, partition: int, records: list[Any]) -> None:
+        asm = self.assemblers.get(name)
+        if asm is not None:
+            asm.on_append(partition, records)
+
+    @replies
     async def _h_sink_flush(self, run: str) -> dict[str, Any]:
         """Wait until every region of sink run ``run`` queued here is written."""
         if self._sink_writer is None:
@@ -165,6 +179,7 @@ class AIMSSWorker(WorkerPlugin):
         """A producer task on the owner: store without serialising or copying."""
         assert self.store is not None
         self.store.append(spec.name, spec.epoch, partition, [record], [nbytes])
+        self._notify_sinks(spec.name, partition, [record])
         if self.store.over_budget:
             self.store.spill()  # we are in a task thread: blocking is fine
 
@@ -179,6 +194,7 @@ class AIMSSWorker(WorkerPlugin):
                 continue
             try:
                 self.store.append(name, epoch, partition, records, sizes)
+                self._notify_sinks(name, partition, records)
             except AIMSSError as e:
                 wire = error_to_wire(e)
                 errors[name] = (wire["type"], wire["message"])
@@ -282,6 +298,7 @@ class AIMSSWorker(WorkerPlugin):
 
         api.forget(name)
         self.producer.forget(name)
+        self.assemblers.pop(name, None)
         # Removing spill files is disk I/O: not on the loop.
         await offload(self._drop, name, epoch)
         # Remote readers waiting on the stream must find out now, not at
@@ -373,4 +390,5 @@ _HANDLERS = (
     "stream_stats",
     "worker_status",
     "sink_flush",
+    "sink_attach",
 )

@@ -46,7 +46,12 @@ def rechunk(x: da.Array, chunks: Any) -> da.Array:
 
 
 def push_run(
-    x: da.Array, new: tuple[tuple[int, ...], ...], final: Any, *args: Any
+    x: da.Array,
+    new: tuple[tuple[int, ...], ...],
+    final: Any,
+    *args: Any,
+    create: Any = _tasks.create,
+    create_args: tuple[Any, ...] = (),
 ) -> tuple[HighLevelGraph, str]:
     """The graph of a push run from ``x``'s chunks to the grid ``new``.
 
@@ -54,7 +59,8 @@ def push_run(
     ``new``, keyed ``(name, *index)``: each calls ``final(stream, partition,
     shape, *args, sealed)`` on the worker that owns the chunk's partition
     (the coordinator pins it), after the barrier. ``rechunk`` reads the chunk
-    back; ``to_zarr`` writes it to its shard.
+    back; ``to_zarr`` writes it to its shard. ``create(names, npartitions,
+    barrier, name, grid, prefer, *create_args)`` makes the run's stream.
     """
     grid = tuple(len(c) for c in new)
     token = uuid.uuid4().hex[:16]
@@ -62,9 +68,9 @@ def push_run(
     barrier = f"aimss-seal-{token}"
     out_name = f"{PARTITION_TASK_PREFIX}{token}"
     blocks = x.to_delayed()
-    created = dask.delayed(_tasks.create, pure=False)(
+    created = dask.delayed(create, pure=False)(
         [name], int(np.prod(grid)), barrier, out_name, grid, _main_inputs(blocks, x.chunks, new),
-        dask_key_name=f"aimss-create-{token}",
+        *create_args, dask_key_name=f"aimss-create-{token}",
     )
     pushed = [
         dask.delayed(_tasks.push_block, pure=False)(

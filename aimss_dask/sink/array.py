@@ -22,6 +22,7 @@ run, checks that every region was written exactly as planned, and raises
 from __future__ import annotations
 
 import os
+import pickle
 import uuid
 from typing import Any
 
@@ -39,6 +40,7 @@ from aimss_dask.errors import (
 )
 from aimss_dask.shuffle import _tasks as shuffle_tasks
 from aimss_dask.shuffle.array import push_run
+from aimss_dask.sink.assembler import UnitAssembler, assemble, unit_region
 from aimss_dask.sink.writer import ZarrTarget
 
 
@@ -259,7 +261,9 @@ def _write_collection(x: da.Array, unit: tuple[int, ...], target: ZarrTarget) ->
         )
         return written, _flat(written.__dask_keys__())
     new = da.core.normalize_chunks(unit, x.shape, dtype=x.dtype)
-    hlg, out_name = push_run(x, new, _write_unit, x.dtype, new, target)
+    hlg, out_name = push_run(
+        x, new, _write_unit, x.dtype, new, target, create=_create, create_args=(target, new, x.dtype)
+    )
     keys = [(out_name, *i) for i in np.ndindex(*(len(c) for c in new))]
     return _Collection(hlg, keys), keys
 
@@ -327,6 +331,71 @@ def _write_block(block: np.ndarray, target: ZarrTarget, block_info: Any = None) 
     return out
 
 
+def _create(
+    names: list[str],
+    npartitions: int,
+    barrier: str,
+    chunk_tasks: str,
+    grid: tuple[int, ...],
+    prefer: list[Any],
+    target: ZarrTarget,
+    chunks: tuple[tuple[int, ...], ...],
+    dtype: Any,
+) -> list[str]:
+    """Create the run's stream, then have each owner write its units as they complete.
+
+    Partitions stay where they were placed (next to their main input): a
+    unit may be written before the barrier, so it must not move at seal.
+    """
+    from aimss_dask.stream import api
+    from aimss_dask.stream.context import current
+
+    shuffle_tasks.create(names, npartitions, barrier, chunk_tasks, grid, prefer, balance=False)
+    spec = api.get_stream(names[0]).spec
+    by_owner: dict[str, list[int]] = {}
+    for p, w in enumerate(spec.owners):
+        by_owner.setdefault(w, []).append(p)
+    ep = current("to_zarr")
+    run = pickle.dumps((target, chunks, np.dtype(dtype)))
+    for w, ps in sorted(by_owner.items()):
+        ep.call(ep.ask_worker, w, "sink_attach", name=spec.name, epoch=spec.epoch, partitions=ps, run=run)
+    return names
+
+
+def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes) -> UnitAssembler:
+    """The owner's side of :func:`_create`: an assembler that queues complete units."""
+    target, chunks, dtype = pickle.loads(run)
+    grid = tuple(len(c) for c in chunks)
+    expected = {
+        p: int(np.prod([c[i] for c, i in zip(chunks, np.unravel_index(p, grid))])) for p in partitions
+    }
+
+    def ready(p: int) -> None:
+        # On the appending thread: queue only. Its bytes are in the log
+        # (under the budget) until the job reads them, so it holds none.
+        plugin.sink_writer.submit_job(target, p, 0, lambda array: _unit_job(plugin, asm, name, p, array))
+
+    def _unit_job(plugin: Any, asm: UnitAssembler, name: str, p: int, array: Any) -> int:
+        try:
+            records, _, _ = plugin.store.read(name, epoch, p, 0, None)
+            shape = tuple(c[i] for c, i in zip(chunks, np.unravel_index(p, grid)))
+            out = plugin.scratch.array(shape, dtype)
+            if assemble(records, out) != out.size:
+                raise SinkError(f"unit {p} of {name!r} is incomplete; this is a bug, please report it")
+            del records
+            array[unit_region(p, chunks)] = out
+        except Exception as e:
+            asm.done(p, f"{type(e).__name__}: {e}")
+            if plugin.assemblers.get(name) is not asm:
+                return 0  # a run that restarted (or was dropped): the new run rewrites the unit
+            raise
+        asm.done(p)
+        return int(out.nbytes)
+
+    asm = UnitAssembler(epoch, expected, ready)
+    return asm
+
+
 @shuffle_tasks._restartable
 def _write_unit(
     name: str,
@@ -337,28 +406,35 @@ def _write_unit(
     target: ZarrTarget,
     sealed: int,
 ) -> str:
-    """A misaligned run's unit: assemble it from the local log, queue it, release it."""
+    """After the barrier: wait for the unit's write-behind, then free the partition.
+
+    A unit that was not written as it completed (an empty unit, or a
+    partition that is not where the assembler expected it) is assembled
+    from the local log here and queued.
+    """
+    from distributed import get_worker
+
     from aimss_dask.stream import api
 
+    worker = get_worker()
+    plugin = worker.plugins.get("aimss")
+    asm = getattr(plugin, "assemblers", {}).get(name)
+    if asm is not None and not asm.start(partition):
+        error = asm.wait(partition)
+        if error is not None:
+            raise SinkError(f"to_zarr could not write unit {partition} on {worker.address}: {error}")
+        api.release_partition(name, partition)
+        return str(worker.address)
     _, alloc = shuffle_tasks._scratch()
-    size = int(np.prod(shape))
-    # Scratch memory: touched before, reused once the writer lets go of it.
-    out = alloc((size,), np.dtype(dtype)).reshape(shape)
-    filled = 0
-    for dst, piece in api.read_from(name, partition=partition):
-        out[tuple(slice(a, b) for a, b in dst)] = piece
-        filled += piece.size
+    out = alloc((int(np.prod(shape)),), np.dtype(dtype)).reshape(shape)
+    filled = assemble(api.read_from(name, partition=partition), out)
     api.release_partition(name, partition)
     if filled != out.size:
         raise SinkError(
             f"to_zarr unit {partition} of {name!r} got {filled} of {out.size} elements; "
             "this is a bug, please report it"
         )
-    index = np.unravel_index(partition, tuple(len(c) for c in new))
-    region = tuple(
-        slice(int(sum(c[:i])), int(sum(c[:i])) + s) for c, i, s in zip(new, index, shape)
-    )
-    return _queue(target, region, out, partition)
+    return _queue(target, unit_region(partition, new), out, partition)
 
 
 def finish(target: ZarrTarget, nregions: int, written: list[Any]) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,7 @@ class ZarrTarget:
 
 @dataclass
 class _Run:
-    pending: set[Future[None]] = field(default_factory=set)
+    pending: set[Future[int]] = field(default_factory=set)
     written: list[int] = field(default_factory=list)
     nbytes: int = 0
     errors: list[str] = field(default_factory=list)
@@ -84,33 +85,47 @@ class WriteBehind:
         Waits while the queue is full: the caller is a task thread, and
         waiting is the back-pressure that keeps the queue in its bound.
         """
-        n = int(data.nbytes)
+        def job(array: Any) -> int:
+            array[region] = data
+            return int(data.nbytes)
+
+        self.submit_job(target, rid, int(data.nbytes), job)
+
+    def submit_job(
+        self, target: ZarrTarget, rid: int, nbytes: int, job: Callable[[Any], int]
+    ) -> None:
+        """Queue ``job(array) -> bytes written`` as region ``rid``; ``nbytes`` it holds meanwhile.
+
+        A job whose data is still counted elsewhere (in the log) passes
+        ``nbytes=0`` and never waits.
+        """
+        n = int(nbytes)
         with self._cond:
             # A region larger than the whole bound still goes through alone.
-            while self._queued and self._queued + n > self.max_bytes:
+            while n and self._queued and self._queued + n > self.max_bytes:
                 self._cond.wait()
             self._queued += n
             self.peak_queued = max(self.peak_queued, self._queued)
             run = self._runs.setdefault(target.run, _Run())
-            fut = self._pool.submit(self._write, target, run, region, data)
+            fut = self._pool.submit(self._write, target, run, job)
             run.pending.add(fut)
         fut.add_done_callback(lambda f: self._done(run, f, n, rid))
 
-    def _write(self, target: ZarrTarget, run: _Run, region: tuple[slice, ...], data: np.ndarray) -> None:
+    def _write(self, target: ZarrTarget, run: _Run, job: Callable[[Any], int]) -> int:
         if run.array is None:
             # One handle per run and worker: the shape of a to_zarr target is
             # fixed for the run, so a cached handle cannot go stale.
             run.array = target.open()
-        run.array[region] = data
+        return job(run.array)
 
-    def _done(self, run: _Run, fut: Future[None], n: int, rid: int) -> None:
+    def _done(self, run: _Run, fut: Future[int], n: int, rid: int) -> None:
         with self._cond:
             self._queued -= n
             run.pending.discard(fut)
             exc = fut.exception()
             if exc is None:
                 run.written.append(rid)
-                run.nbytes += n
+                run.nbytes += int(fut.result() or 0)
             else:
                 run.errors.append(f"{type(exc).__name__}: {exc}")
             self._cond.notify_all()

@@ -269,6 +269,7 @@ def create_operator_stream(
     chunk_tasks: str | None = None,
     grid: tuple[int, ...] | None = None,
     prefer: list[Any] | None = None,
+    balance: bool = True,
 ) -> Stream:
     """A stream an operator (shuffle, join) fills and reads inside one graph.
 
@@ -282,6 +283,7 @@ def create_operator_stream(
     restarts the run from the task that calls this function. ``prefer[p]``
     is the key of the task whose result is most of partition ``p``'s input:
     where that result is in memory, the partition is placed with it.
+    ``balance=False``: never move partitions at seal to even out sizes.
     """
     ep = current("create_operator_stream")
     kwargs = dict(
@@ -294,6 +296,7 @@ def create_operator_stream(
         chunk_tasks=chunk_tasks,
         grid=list(grid) if grid else None,
         prefer=prefer,
+        balance=balance,
         **ep.owner_kwargs(),
     )
     reply = ep.scheduler_op("create", **kwargs)
