@@ -30,6 +30,7 @@ from aimss_dask.errors import (
 from aimss_dask.plugin.scheduler import AIMSS
 from aimss_dask.shuffle import merge, rechunk, shuffle
 from aimss_dask.sink.array import to_zarr
+from aimss_dask.sink.stream_sink import Sink
 from aimss_dask.stream.api import (
     Stream,
     create_stream,
@@ -54,6 +55,7 @@ __all__ = [
     "PartitionOutOfRangeError",
     "ReadTimeoutError",
     "RecordNotSerializableError",
+    "Sink",
     "SinkError",
     "StoreNotFoundError",
     "StoreReadOnlyError",

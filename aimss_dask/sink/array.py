@@ -373,9 +373,9 @@ def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes
     def ready(p: int) -> None:
         # On the appending thread: queue only. Its bytes are in the log
         # (under the budget) until the job reads them, so it holds none.
-        plugin.sink_writer.submit_job(target, p, 0, lambda array: _unit_job(plugin, asm, name, p, array))
+        plugin.sink_writer.submit_job(target, p, 0, lambda put: _unit_job(plugin, asm, name, p, put))
 
-    def _unit_job(plugin: Any, asm: UnitAssembler, name: str, p: int, array: Any) -> int:
+    def _unit_job(plugin: Any, asm: UnitAssembler, name: str, p: int, put: Any) -> int:
         try:
             records, _, _ = plugin.store.read(name, epoch, p, 0, None)
             shape = tuple(c[i] for c, i in zip(chunks, np.unravel_index(p, grid)))
@@ -383,14 +383,14 @@ def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes
             if assemble(records, out) != out.size:
                 raise SinkError(f"unit {p} of {name!r} is incomplete; this is a bug, please report it")
             del records
-            array[unit_region(p, chunks)] = out
+            nbytes = put(unit_region(p, chunks), out)
         except Exception as e:
             asm.done(p, f"{type(e).__name__}: {e}")
             if plugin.assemblers.get(name) is not asm:
                 return 0  # a run that restarted (or was dropped): the new run rewrites the unit
             raise
         asm.done(p)
-        return int(out.nbytes)
+        return int(nbytes)
 
     asm = UnitAssembler(epoch, expected, ready)
     return asm

@@ -15,8 +15,8 @@ Pure threads, no asyncio: the worker plugin calls ``flush`` through
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,7 @@ class _Run:
     written: list[int] = field(default_factory=list)
     nbytes: int = 0
     errors: list[str] = field(default_factory=list)
-    array: Any = None
+    put: Any = None
 
 
 class WriteBehind:
@@ -80,21 +80,22 @@ class WriteBehind:
     def submit(
         self, target: ZarrTarget, region: tuple[slice, ...], data: np.ndarray, rid: int
     ) -> None:
-        """Queue ``array[region] = data`` (region number ``rid`` of the run).
+        """Queue ``array[region] = data``, a whole number of units (region ``rid`` of the run).
 
         Waits while the queue is full: the caller is a task thread, and
         waiting is the back-pressure that keeps the queue in its bound.
         """
-        def job(array: Any) -> int:
-            array[region] = data
-            return int(data.nbytes)
+        def job(put: Any) -> int:
+            return put(region, data)
 
         self.submit_job(target, rid, int(data.nbytes), job)
 
     def submit_job(
-        self, target: ZarrTarget, rid: int, nbytes: int, job: Callable[[Any], int]
+        self, target: ZarrTarget, rid: int, nbytes: int, job: Callable[[Callable[[tuple[slice, ...], np.ndarray], int]], int]
     ) -> None:
-        """Queue ``job(array) -> bytes written`` as region ``rid``; ``nbytes`` it holds meanwhile.
+        """Queue ``job(put) -> bytes written`` as region ``rid``; ``nbytes`` it holds meanwhile.
+
+        ``put(region, data) -> bytes`` stores a region made of whole units.
 
         A job whose data is still counted elsewhere (in the log) passes
         ``nbytes=0`` and never waits.
@@ -111,12 +112,12 @@ class WriteBehind:
             run.pending.add(fut)
         fut.add_done_callback(lambda f: self._done(run, f, n, rid))
 
-    def _write(self, target: ZarrTarget, run: _Run, job: Callable[[Any], int]) -> int:
-        if run.array is None:
+    def _write(self, target: ZarrTarget, run: _Run, job: Callable[[Callable[[tuple[slice, ...], np.ndarray], int]], int]) -> int:
+        if run.put is None:
             # One handle per run and worker: the shape of a to_zarr target is
             # fixed for the run, so a cached handle cannot go stale.
-            run.array = target.open()
-        return job(run.array)
+            run.put = _putter(target.open())
+        return job(run.put)
 
     def _done(self, run: _Run, fut: Future[int], n: int, rid: int) -> None:
         with self._cond:
@@ -151,3 +152,18 @@ class WriteBehind:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+def _putter(array: Any) -> Callable[[tuple[slice, ...], np.ndarray], int]:
+    """How to store whole units of ``array``: direct chunk files where the layout allows."""
+    from aimss_dask.sink.direct import direct_writer
+
+    direct = direct_writer(array)
+    if direct is not None:
+        return direct
+
+    def put(region: tuple[slice, ...], data: np.ndarray) -> int:
+        array[region] = data
+        return int(data.nbytes)
+
+    return put
