@@ -5,6 +5,8 @@ persisted on a LocalCluster of 2 worker processes with 1 thread each; the
 timed part is the write, from the call until the data is in the store. Every
 method of a case runs in the same run, interleaved, after a warm-up round;
 medians over ``--reps``. Reported: wall time, GB/s, peak RSS of each worker.
+Writes are buffered (no fsync, as Zarr does); the page cache is synced before
+each method so none pays for another's writeback.
 
 Cases (``--cases``):
 - ``aligned``: Dask blocks of 1024 rows, Zarr chunks of 1024 rows.
@@ -151,6 +153,9 @@ def _measure(
     for rep in range(args.reps + 1):  # the first round warms up
         for name, fn in methods.items():
             path = os.path.join(root, f"{name}-{rep}.zarr")
+            # Start every method with no dirty pages waiting for the disk:
+            # otherwise a method pays for the writeback of the one before.
+            os.sync()
             client.run(_start)
             t0 = time.perf_counter()
             fn(path)
