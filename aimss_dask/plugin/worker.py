@@ -124,6 +124,9 @@ class AIMSSWorker(WorkerPlugin):
                 # Answer late messages (a closing cluster) instead of letting
                 # Dask log "no handler" tracebacks.
                 worker.handlers[f"aimss_{op}"] = _torn_down
+            from aimss_dask.source import broker
+
+            broker.stop_all(self)
             if self.data_server is not None:
                 self.data_server.close()
             if self.producer is not None:
@@ -299,11 +302,41 @@ class AIMSSWorker(WorkerPlugin):
         api.forget(name)
         self.producer.forget(name)
         self.assemblers.pop(name, None)
+        # Brokers first, so none appends to the stream while it is dropped.
+        from aimss_dask.source import broker
+
+        broker.stop(self, name, epoch)
         # Removing spill files is disk I/O: not on the loop.
         await offload(self._drop, name, epoch)
         # Remote readers waiting on the stream must find out now, not at
         # their next poll.
         self._bump()
+
+    # -- Zarr sources: the brokers live in aimss_dask.source.broker ------------------
+
+    @replies
+    async def _h_source_start(self, spec: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+        from aimss_dask.source import broker
+
+        return {"run": await broker.start(self, spec, source)}
+
+    @replies
+    async def _h_source_take(self, name: str, epoch: int, takes: list[list[Any]]) -> dict[str, Any]:
+        from aimss_dask.source import broker
+
+        return await broker.take(self, name, epoch, takes)
+
+    @replies
+    async def _h_source_control(self, name: str, epoch: int, action: str, **kwargs: Any) -> dict[str, Any]:
+        from aimss_dask.source import broker
+
+        return await broker.control(self, name, epoch, action, **kwargs)
+
+    @replies
+    async def _h_source_status(self, name: str | None = None) -> dict[str, Any]:
+        from aimss_dask.source import broker
+
+        return await broker.status(self, name)
 
     def _drop(self, name: str, epoch: int) -> None:
         assert self.store is not None
@@ -391,4 +424,8 @@ _HANDLERS = (
     "worker_status",
     "sink_flush",
     "sink_attach",
+    "source_start",
+    "source_take",
+    "source_control",
+    "source_status",
 )

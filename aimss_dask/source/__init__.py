@@ -1,1 +1,10 @@
-"""Storage brokers that fill streams from files (prefetching sources). Not implemented yet."""
+"""Storage brokers that fill streams from files (prefetching sources).
+
+:func:`from_zarr` makes a stream of a Zarr array's slabs that brokers on the
+owner workers read ahead of the consumers; :meth:`aimss_dask.Stream.batches`
+(:mod:`aimss_dask.source.loader`) reads it like a training data loader.
+"""
+
+from aimss_dask.source.zarr_source import from_zarr
+
+__all__ = ["from_zarr"]

@@ -1,0 +1,340 @@
+"""Zarr sources (``from_zarr``) and the training loader (``Stream.batches``).
+
+Pure layout planning is property-tested without a cluster; the rest runs on
+the module-scoped multi-process LocalCluster of conftest, with small arrays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import zarr
+from conftest import unique_name, wait_until
+from distributed import Client
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import aimss_dask
+from aimss_dask.source import from_zarr
+from aimss_dask.source.layout import SourceLayout, batch_plan, epoch_order, plan_take
+from aimss_dask.source.loader import _count
+
+DTYPES = ["b1", "i1", "u2", "i4", "i8", "f4", "f8", "c8"]
+
+
+def _write(path: str, x: np.ndarray, chunks: tuple[int, ...]) -> str:
+    a = zarr.create_array(store=path, shape=x.shape, chunks=chunks, dtype=x.dtype)
+    if x.size:
+        a[...] = x
+    return path
+
+
+def _array(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random(shape) * 100).astype(dtype)
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return str(tmp_path)
+
+
+def _worker_runs(dask_worker, name=None):
+    from aimss_dask.source import broker
+
+    runs = broker.runs(dask_worker.plugins["aimss"])
+    return {n: r.status() for n, r in runs.items() if name is None or n == name}
+
+
+async def _live_broker_tasks(name, dask_worker=None):
+    prefix = f"aimss-source-{name}-"
+    return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(prefix) and not t.done()]
+
+
+def _runs(client, name):
+    """Per worker, the broker status of ``name`` (absent where no run)."""
+    return {w: r[name] for w, r in client.run(_worker_runs, name=name).items() if name in r}
+
+
+# -- pure planning ---------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 60),
+    slab=st.integers(1, 9),
+    parts=st.integers(1, 4),
+    data=st.data(),
+)
+def test_plan_take_gives_exactly_the_requested_samples(rows, slab, parts, data):
+    lay = SourceLayout(rows, slab, parts)
+    x = np.arange(rows) * 10
+    # Slabs as the brokers store them: by (partition, offset).
+    logs = {lay.location(k): x[slice(*lay.slab_bounds(k))] for k in range(lay.slabs)}
+    assert sum(lay.records(p) for p in range(parts)) == lay.slabs
+    samples = np.array(data.draw(st.lists(st.integers(0, rows - 1), min_size=1, max_size=20, unique=True)))
+    if data.draw(st.booleans()):
+        a = data.draw(st.integers(0, rows - 1))
+        samples = np.arange(a, data.draw(st.integers(a + 1, rows)))
+    out = np.empty(len(samples), dtype=x.dtype)
+    for t in plan_take(lay, samples):
+        assert 0 <= t.offset < lay.records(t.partition)
+        rec = logs[(t.partition, t.offset)]
+        out[t.positions] = rec[t.rows]
+    assert (out == x[samples]).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), bs=st.integers(1, 12), epochs=st.integers(1, 3), start=st.integers(0, 130))
+def test_batch_plan_every_sample_once_per_epoch(rows, bs, epochs, start):
+    stop = epochs * rows
+    start = min(start, stop)
+    plan = list(batch_plan(rows, bs, start, stop))
+    assert len(plan) == _count(rows, bs, start, stop)
+    seen: dict[int, list[int]] = {}
+    pos = start
+    for e, i, j in plan:
+        assert e * rows + i == pos and 0 < j - i <= bs and j <= rows
+        pos = e * rows + j
+        seen.setdefault(e, []).extend(epoch_order(rows, e, 7, True)[i:j].tolist())
+    assert pos == stop
+    for e, got in seen.items():
+        if e > start // rows or start % rows == 0:
+            assert sorted(got) == list(range(rows))
+
+
+def test_records_consumed_counts_whole_slabs_only():
+    lay = SourceLayout(rows=10, slab_rows=4, partitions=2)  # slabs [0,4) [4,8) [8,10)
+    assert lay.records_consumed(0) == [0, 0]
+    assert lay.records_consumed(3) == [0, 0]
+    assert lay.records_consumed(4) == [1, 0]
+    assert lay.records_consumed(8) == [1, 1]
+    assert lay.records_consumed(10) == [2, 1] == [lay.records(0), lay.records(1)]
+
+
+# -- round trip ----------------------------------------------------------------------------
+
+
+@st.composite
+def zarr_case(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = (draw(st.integers(0, 30)), *draw(st.lists(st.integers(1, 4), min_size=ndim - 1, max_size=ndim - 1)))
+    chunks = tuple(draw(st.integers(1, max(n, 1))) for n in shape)
+    dtype = draw(st.sampled_from(DTYPES))
+    parts = draw(st.one_of(st.none(), st.integers(1, 3)))
+    batch = draw(st.integers(1, 12))
+    return shape, chunks, dtype, parts, batch
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=zarr_case())
+def test_round_trip_equals_numpy(client, case):
+    shape, chunks, dtype, parts, batch = case
+    x = _array(shape, dtype)
+    with tempfile.TemporaryDirectory() as d:
+        s = from_zarr(_write(os.path.join(d, "x.zarr"), x, chunks), partitions=parts, name=unique_name("rt"))
+        try:
+            lay = SourceLayout(shape[0], chunks[0], s.partitions)
+            by_part = [list(s.read(partition=p)) for p in range(s.partitions)]
+            slabs = [by_part[p][o] for p, o in map(lay.location, range(lay.slabs))]
+            got = np.concatenate(slabs) if slabs else np.empty(shape, dtype)
+            assert got.dtype == x.dtype and got.shape == x.shape
+            np.testing.assert_array_equal(got, x)
+            bs = list(s.batches(batch))
+            assert all(len(b) == batch for b in bs[:-1]) and len(bs) == -(-shape[0] // batch)
+            got = np.concatenate(bs) if bs else np.empty(shape, dtype)
+            assert got.dtype == x.dtype
+            np.testing.assert_array_equal(got, x)
+        finally:
+            aimss_dask.destroy_stream(s.name)
+
+
+# -- the loader ----------------------------------------------------------------------------
+
+
+def test_batches_sequential_epochs_and_last_batch(client, tmp):
+    x = _array((50, 3), "f8")
+    s = from_zarr(_write(os.path.join(tmp, "x.zarr"), x, (8, 3)))
+    try:
+        it = s.batches(16, epochs=2)
+        assert len(it) == 8
+        bs = list(it)
+        assert [len(b) for b in bs] == [16, 16, 16, 2] * 2
+        np.testing.assert_array_equal(np.concatenate(bs), np.concatenate([x, x]))
+        assert it.position == 100
+        bs[0][:] = -1  # batches are the caller's to modify
+    finally:
+        aimss_dask.destroy_stream(s.name)
+
+
+def test_batches_shuffle_exactly_once_per_epoch_and_reproducible(client, tmp):
+    x = np.arange(70 * 2, dtype="i8").reshape(70, 2)
+    s = from_zarr(_write(os.path.join(tmp, "x.zarr"), x, (9, 2)), partitions=3)
+    try:
+        first = list(s.batches(16, shuffle=True, seed=5, epochs=3))
+        assert [len(b) for b in first] == [16, 16, 16, 16, 6] * 3
+        epochs = [np.concatenate(first[i * 5 : (i + 1) * 5]) for i in range(3)]
+        for e in epochs:
+            np.testing.assert_array_equal(np.sort(e[:, 0]), x[:, 0])  # every sample exactly once
+            np.testing.assert_array_equal(e[:, 1], e[:, 0] + 1)  # whole samples, not mixed rows
+        assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+        again = list(s.batches(16, shuffle=True, seed=5, epochs=3))
+        assert all(np.array_equal(a, b) for a, b in zip(first, again))
+        other = np.concatenate(list(s.batches(16, shuffle=True, seed=6)))
+        assert not np.array_equal(other, epochs[0])
+    finally:
+        aimss_dask.destroy_stream(s.name)
+
+
+def test_resume_from_group_offsets(client, tmp):
+    x = np.arange(40, dtype="f4").reshape(40, 1)
+    path = _write(os.path.join(tmp, "x.zarr"), x, (8, 1))
+    # Sequential, one epoch: the brokers trim behind the group as it goes.
+    s = from_zarr(path)
+    try:
+        it = s.batches(6, group="g")
+        head = [next(it) for _ in range(3)]
+        it.close()  # batch 3 was returned but never followed by a next(): not committed
+        assert it.position == 12
+        info = s.info()
+        assert info["groups"]["g#position"][0] == 12
+        assert info["groups"]["g"] == [1, 0]  # slab 0 done (partition 0, offset 0)
+        rest = list(s.batches(6, group="g"))
+        np.testing.assert_array_equal(rest[0], head[2])
+        np.testing.assert_array_equal(np.concatenate(head[:2] + rest), x)
+        assert list(s.batches(6, group="g")) == []  # that group has read everything
+    finally:
+        aimss_dask.destroy_stream(s.name)
+    # Shuffled over two epochs: resume mid-way replays the same permutation.
+    s = from_zarr(path)
+    try:
+        full = list(s.batches(6, shuffle=True, seed=3, epochs=2))
+        it = s.batches(6, shuffle=True, seed=3, epochs=2, group="h")
+        head = [next(it) for _ in range(9)]  # 7 batches per epoch: into epoch 2
+        it.close()
+        rest = list(s.batches(6, shuffle=True, seed=3, epochs=2, group="h"))
+        assert len(head) - 1 + len(rest) == len(full) == 14
+        for a, b in zip(head[:-1] + rest, full):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(aimss_dask.InvalidArgumentError, match="needs a seed"):
+            s.batches(6, shuffle=True, group="h")
+    finally:
+        aimss_dask.destroy_stream(s.name)
+
+
+def test_prefetch_window_is_bounded_and_slides(client, tmp):
+    slab_rows, cols, window = 4, 256, 3
+    x = _array((48 * slab_rows, cols), "f8")  # 48 slabs of 8 KiB, 24 per partition
+    slab_bytes = slab_rows * cols * 8
+    s = from_zarr(_write(os.path.join(tmp, "x.zarr"), x, (slab_rows, cols)), partitions=2, prefetch=window)
+    try:
+        # Before anyone reads, the brokers fill the first window and stop.
+        wait_until(lambda: sum(st["end"] for r in _runs(client, s.name).values() for _, st in r["parts"]) == 2 * window)
+        time.sleep(0.3)
+        assert s.info()["records"] == [window, window]
+        got, most = [], [0, 0]
+        for i, b in enumerate(s.batches(slab_rows)):  # one slab per batch
+            got.append(b)
+            time.sleep(0.01)  # "compute": the brokers keep up
+            if i % 6 == 0:
+                info = s.info()
+                most = [max(m, n) for m, n in zip(most, info["bytes"])]
+        np.testing.assert_array_equal(np.concatenate(got), x)
+        assert max(most) <= window * slab_bytes
+        runs = _runs(client, s.name)
+        for r in runs.values():
+            for _, st in r["parts"]:
+                assert st["end"] == st["records"] == 24  # the window slid to the end
+                assert st["peak"] <= window, st
+        # Everything read is trimmed; the brokers then have nothing left to do.
+        wait_until(lambda: sum(s.info()["bytes"]) == 0, what="trim behind the loader")
+        wait_until(lambda: not any(client.run(_live_broker_tasks, s.name).values()), what="brokers done")
+    finally:
+        aimss_dask.destroy_stream(s.name)
+
+
+def test_plain_reads_are_not_stuck_behind_a_small_window(client, tmp):
+    x = _array((40, 2), "i4")
+    s = from_zarr(_write(os.path.join(tmp, "x.zarr"), x, (2, 2)), partitions=2, prefetch=1)
+    try:
+        # No group: nothing ever commits, yet a reader at the end of the window
+        # gets the next record.
+        got = list(s.read(partition=0, timeout=30))
+        assert len(got) == 10
+        got = list(s.read(partition=1, group="r", timeout=30))
+        assert len(got) == 10
+    finally:
+        aimss_dask.destroy_stream(s.name)
+
+
+# -- errors and lifecycle ----------------------------------------------------------------------
+
+
+def test_missing_path_raises_before_any_stream(client, tmp):
+    before = aimss_dask.status()
+    missing = os.path.join(tmp, "nope.zarr")
+    with pytest.raises(aimss_dask.StoreNotFoundError, match=re.escape(missing)) as e:
+        from_zarr(missing, name=unique_name("missing"))
+    assert isinstance(e.value, FileNotFoundError)
+    group = zarr.open_group(os.path.join(tmp, "g.zarr"), mode="w")
+    group.create_array("x", shape=(4,), chunks=(2,), dtype="i8")
+    with pytest.raises(aimss_dask.StoreNotFoundError, match="component 'y'"):
+        from_zarr(os.path.join(tmp, "g.zarr"), component="y")
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"is a group.*\['x'\]"):
+        from_zarr(os.path.join(tmp, "g.zarr"))
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="prefetch=0"):
+        from_zarr(os.path.join(tmp, "g.zarr"), component="x", prefetch=0)
+    after = aimss_dask.status()
+    assert [st["streams"] for st in after.values()] == [st["streams"] for st in before.values()]
+    s = from_zarr(group, component="x")  # a group object with a component works
+    try:
+        with pytest.raises(aimss_dask.InvalidArgumentError, match="batch_size=0"):
+            s.batches(0)
+        np.testing.assert_array_equal(np.concatenate(list(s.batches(3))), np.zeros(4, "i8"))
+    finally:
+        aimss_dask.destroy_stream(s.name)
+    plain = aimss_dask.create_stream(unique_name("plain"))
+    try:
+        with pytest.raises(aimss_dask.StreamNotFoundError, match="not a Zarr source"):
+            plain.batches(2)
+    finally:
+        aimss_dask.destroy_stream(plain.name)
+
+
+def test_brokers_stop_after_destroy_and_when_the_client_leaves(client, cluster, tmp):
+    x = _array((64, 8), "f4")
+    path = _write(os.path.join(tmp, "x.zarr"), x, (2, 8))
+    s = from_zarr(path, partitions=2, prefetch=1)  # 16 slabs per partition: brokers wait
+    wait_until(lambda: sum(len(v) for v in client.run(_live_broker_tasks, s.name).values()) == 2)
+    aimss_dask.destroy_stream(s.name)
+    assert not any(client.run(_live_broker_tasks, s.name).values())
+    assert not any(client.run(_worker_runs).values())
+    with pytest.raises(aimss_dask.StreamNotFoundError):
+        s.batches(4)
+
+    with Client(cluster) as other, other.as_current():
+        s2 = from_zarr(path, partitions=2, prefetch=1)
+        wait_until(lambda: sum(len(v) for v in client.run(_live_broker_tasks, s2.name).values()) == 2)
+    # The creating client left: its stream is destroyed and its brokers stop.
+    wait_until(lambda: not any(client.run(_live_broker_tasks, s2.name).values()), what="brokers stop")
+    wait_until(lambda: not any(client.run(_worker_runs).values()), what="runs forgotten")
+
+
+def test_store_removed_while_loading_raises_on_read(client, tmp):
+    import shutil
+
+    x = _array((40, 4), "f8")
+    path = _write(os.path.join(tmp, "x.zarr"), x, (2, 4))
+    s = from_zarr(path, partitions=1, prefetch=1)
+    try:
+        shutil.rmtree(path)
+        with pytest.raises(aimss_dask.StoreNotFoundError, match=re.escape(path)):
+            list(s.batches(4))
+    finally:
+        aimss_dask.destroy_stream(s.name)
