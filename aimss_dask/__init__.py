@@ -31,6 +31,7 @@ from aimss_dask.plugin.scheduler import AIMSS
 from aimss_dask.shuffle import merge, rechunk, shuffle
 from aimss_dask.sink.array import to_zarr
 from aimss_dask.sink.stream_sink import Sink
+from aimss_dask.source import from_zarr
 from aimss_dask.stream.api import (
     Stream,
     create_stream,
@@ -65,6 +66,7 @@ __all__ = [
     "StreamSealedError",
     "create_stream",
     "destroy_stream",
+    "from_zarr",
     "get_stream",
     "merge",
     "read_from",
