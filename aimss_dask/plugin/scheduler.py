@@ -195,9 +195,12 @@ class AIMSS(SchedulerPlugin):
             if operator_graph:
                 # Dask may fuse an array operator's read task into its
                 # dependent under another key (y.sum(), or the final chunk of
-                # a compute): find those by what they run.
+                # a compute): find those by what they run. Our own map,
+                # create and seal tasks never hold a read: skip them.
                 for key in fused:
-                    self._pin_fused(scheduler, key)
+                    name = key[0] if isinstance(key, tuple) and key else key
+                    if not (isinstance(name, str) and name.startswith(_NO_READS)):
+                        self._pin_fused(scheduler, key)
             if len(self._readers) > 1000:
                 self._readers = {
                     n: ks
@@ -665,8 +668,23 @@ def _partition_reads(spec: Any, depth: int = 0) -> list[tuple[str, int]]:
     if isinstance(spec, dict):
         return [r for v in spec.values() for r in _partition_reads(v, depth + 1)]
     if isinstance(spec, (list, tuple)):
-        return [r for v in spec for r in _partition_reads(v, depth + 1)]
+        return [
+            r for v in spec if isinstance(v, _NESTED) for r in _partition_reads(v, depth + 1)
+        ]
     return []
+
+
+def _nested() -> tuple[type, ...]:
+    from dask._task_spec import GraphNode
+
+    return (GraphNode, dict, list, tuple)
+
+
+#: What a task spec may hold a read inside (not ints, strs, arrays, ...).
+_NESTED = _nested()
+
+#: Keys of our own tasks that never hold a partition read.
+_NO_READS = ("aimss-push-", "aimss-create-", "aimss-seal-")
 
 
 def _literal(node: Any) -> Any:

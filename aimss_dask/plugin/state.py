@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from aimss_dask.errors import (
@@ -38,9 +38,16 @@ class StreamSpec:
     creator: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["owners"] = list(self.owners)
-        return d
+        # Not dataclasses.asdict: its deep copy is slow for thousands of owners.
+        return {
+            "name": self.name,
+            "partitions": self.partitions,
+            "owners": list(self.owners),
+            "epoch": self.epoch,
+            "parent": self.parent,
+            "persist": self.persist,
+            "creator": self.creator,
+        }
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> StreamSpec:

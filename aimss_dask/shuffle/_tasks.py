@@ -76,7 +76,7 @@ def push(
     cast: dict[str, str] | None,
 ) -> int:
     """Split one input partition by key hash and push every shard; rows pushed."""
-    stream = api.get_stream(names[side])
+    stream = api.operator_stream(names[side])
     index = partitioning.partition_index(df, on, npartitions, cast)
     if partitioning.packable(df):
         here, alloc = _scratch()
@@ -144,37 +144,34 @@ def _scratch() -> tuple[str | None, partitioning.Alloc]:
 
 
 @_restartable
-def push_block(
+def push_pieces(
     block: np.ndarray,
     names: list[str],
-    index: tuple[int, ...],
-    in_chunks: tuple[tuple[int, ...], ...],
-    out_chunks: tuple[tuple[int, ...], ...],
+    pieces: list[tuple[int, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]],
 ) -> int:
-    """Cut one input block along the output grid; push each piece to its chunk."""
-    stream = api.get_stream(names[0])
-    grid = tuple(len(c) for c in out_chunks)
-    pieces = partitioning.block_pieces(index, in_chunks, out_chunks)
+    """Push each piece of one input block to its output chunk's partition.
+
+    ``pieces``: ``(partition, (start, stop) per axis in the block, (start,
+    stop) per axis in the chunk)``, cut on the client.
+    """
+    stream = api.operator_stream(names[0])
+    cuts = [(p, tuple(slice(a, b) for a, b in src), dst) for p, src, dst in pieces]
     # Pieces that are not contiguous (column slices) are copied into one
     # scratch buffer: memory this worker touched before, reused once the
-    # pieces are sent or read.
-    strided = sum(int(np.prod([s.stop - s.start for s in src])) for _, src, _ in pieces
-                  if not block[src].flags.c_contiguous)
+    # pieces are sent or read. Row slices of a C-ordered block are sent (or
+    # stored) as views: Dask never modifies a task's input.
+    strided = sum(block[src].size for _, src, _ in cuts if not block[src].flags.c_contiguous)
     flat = _scratch()[1]((strided,), block.dtype) if strided else None
     pos = 0
-    for out_index, src, dst in pieces:
+    for p, src, dst in cuts:
         view = block[src]
-        p = int(np.ravel_multi_index(out_index, grid))
-        if view.flags.c_contiguous:
-            # Rows of a C-ordered block: send (or store) the view itself. Dask
-            # never modifies a task's input, so sharing it is safe.
-            stream.write((dst, view), partition=p)
-            continue
-        assert flat is not None
-        piece = flat[pos : pos + view.size].reshape(view.shape)
-        np.copyto(piece, view)
-        pos += view.size
-        stream.write((dst, piece), partition=p)
+        if not view.flags.c_contiguous:
+            assert flat is not None
+            piece = flat[pos : pos + view.size].reshape(view.shape)
+            np.copyto(piece, view)
+            pos += view.size
+            view = piece
+        stream.write((dst, view), partition=p)
     return int(block.size)
 
 

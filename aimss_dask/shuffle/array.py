@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 from dask._task_spec import Task, TaskRef
@@ -52,59 +51,79 @@ def push_run(
     *args: Any,
     create: Any = _tasks.create,
     create_args: tuple[Any, ...] = (),
+    per_task: Any = None,
 ) -> tuple[HighLevelGraph, str]:
     """The graph of a push run from ``x``'s chunks to the grid ``new``.
 
     Returns the graph and the name of its output tasks, one per chunk of
     ``new``, keyed ``(name, *index)``: each calls ``final(stream, partition,
-    shape, *args, sealed)`` on the worker that owns the chunk's partition
-    (the coordinator pins it), after the barrier. ``rechunk`` reads the chunk
-    back; ``to_zarr`` writes it to its shard. ``create(names, npartitions,
-    barrier, name, grid, prefer, *create_args)`` makes the run's stream.
+    shape, *args, *per_task(index), sealed)`` on the worker that owns the
+    chunk's partition (the coordinator pins it), after the barrier.
+    ``rechunk`` reads the chunk back; ``to_zarr`` writes it to its shard.
+    ``create(names, npartitions, barrier, name, grid, prefer, *create_args)``
+    makes the run's stream.
+
+    Each map task gets only its own pieces, cut on the client, so no task
+    carries (or the scheduler scans) the chunk tuples of whole arrays.
     """
     grid = tuple(len(c) for c in new)
     token = uuid.uuid4().hex[:16]
     name = f"aimss-rechunk-{token}-0"
     barrier = f"aimss-seal-{token}"
     out_name = f"{PARTITION_TASK_PREFIX}{token}"
+    create_key = f"aimss-create-{token}"
     blocks = x.to_delayed()
-    created = dask.delayed(create, pure=False)(
-        [name], int(np.prod(grid)), barrier, out_name, grid, _main_inputs(blocks, x.chunks, new),
-        *create_args, dask_key_name=f"aimss-create-{token}",
-    )
-    pushed = [
-        dask.delayed(_tasks.push_block, pure=False)(
-            blocks[idx], created, idx, x.chunks, new, dask_key_name=(f"aimss-push-{token}", *idx)
+    pieces = {idx: _pieces(idx, x.chunks, new, grid) for idx in np.ndindex(*blocks.shape)}
+    graph: dict[Any, Any] = {
+        create_key: Task(
+            create_key, create, [name], int(np.prod(grid)), barrier, out_name, grid,
+            _main_inputs(blocks, pieces, grid), *create_args,
         )
-        for idx in np.ndindex(*blocks.shape)
-    ]
-    sealed = dask.delayed(_tasks.seal, pure=False)([name], *pushed, dask_key_name=barrier)
+    }
+    push_keys = []
+    for idx in np.ndindex(*blocks.shape):
+        key = (f"aimss-push-{token}", *idx)
+        graph[key] = Task(key, _tasks.push_pieces, TaskRef(blocks[idx].key), TaskRef(create_key), pieces[idx])
+        push_keys.append(key)
+    graph[barrier] = Task(barrier, _tasks.seal, [name], *(TaskRef(k) for k in push_keys))
     # The output tasks are keyed (PARTITION_TASK_PREFIX + token, *chunk
     # index): the coordinator pins each to the owner of partition
     # ravel(index) of the run's stream.
-    graph: dict[Any, Any] = {}
     for idx in np.ndindex(*grid):
         p = int(np.ravel_multi_index(idx, grid))
         shape = tuple(new[a][i] for a, i in enumerate(idx))
+        extra = per_task(idx) if per_task is not None else ()
         graph[(out_name, *idx)] = Task(
-            (out_name, *idx), final, name, p, shape, *args, TaskRef(sealed.key)
+            (out_name, *idx), final, name, p, shape, *args, *extra, TaskRef(barrier)
         )
-    return HighLevelGraph.from_collections(out_name, graph, dependencies=[sealed]), out_name
+    deps = [blocks.flat[0]] if blocks.size else []
+    return HighLevelGraph.from_collections(out_name, graph, dependencies=deps), out_name
 
 
-def _main_inputs(blocks: np.ndarray, old: tuple[tuple[int, ...], ...], new: tuple[tuple[int, ...], ...]) -> list[Any]:
+Pieces = list[tuple[int, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]]
+
+
+def _pieces(
+    idx: tuple[int, ...], old: tuple[tuple[int, ...], ...], new: tuple[tuple[int, ...], ...], grid: tuple[int, ...]
+) -> Pieces:
+    """Block ``idx``'s pieces: ``(output partition, (start, stop) in the block, ... in the chunk)``."""
+    return [
+        (int(np.ravel_multi_index(out_index, grid)), tuple((s.start, s.stop) for s in src), dst)
+        for out_index, src, dst in partitioning.block_pieces(idx, old, new)
+    ]
+
+
+def _main_inputs(blocks: np.ndarray, pieces: dict[tuple[int, ...], Pieces], grid: tuple[int, ...]) -> list[Any]:
     """For each output chunk, the key of the input block that gives it most elements.
 
     Where that block is already in memory (a persisted array), the
     coordinator places the chunk's partition with it: most pieces are then
     appended locally instead of crossing the network.
     """
-    grid = tuple(len(c) for c in new)
     best: list[tuple[int, Any]] = [(-1, None)] * int(np.prod(grid))
-    for idx in np.ndindex(*blocks.shape):
-        for out_index, src, _ in partitioning.block_pieces(idx, old, new):
-            p = int(np.ravel_multi_index(out_index, grid))
-            size = int(np.prod([sl.stop - sl.start for sl in src]))
+    for idx, ps in pieces.items():
+        for p, src, _ in ps:
+            size = int(np.prod([b - a for a, b in src]))
             if size > best[p][0]:
                 best[p] = (size, blocks[idx].key)
     return [key for _, key in best]

@@ -262,7 +262,8 @@ def _write_collection(x: da.Array, unit: tuple[int, ...], target: ZarrTarget) ->
         return written, _flat(written.__dask_keys__())
     new = da.core.normalize_chunks(unit, x.shape, dtype=x.dtype)
     hlg, out_name = push_run(
-        x, new, _write_unit, x.dtype, new, target, create=_create, create_args=(target, new, x.dtype)
+        x, new, _write_unit, x.dtype, target, create=_create, create_args=(target, new, x.dtype),
+        per_task=lambda idx: (unit_region(int(np.ravel_multi_index(idx, tuple(len(c) for c in new))), new),),
     )
     keys = [(out_name, *i) for i in np.ndindex(*(len(c) for c in new))]
     return _Collection(hlg, keys), keys
@@ -402,8 +403,8 @@ def _write_unit(
     partition: int,
     shape: tuple[int, ...],
     dtype: Any,
-    new: tuple[tuple[int, ...], ...],
     target: ZarrTarget,
+    region: tuple[slice, ...],
     sealed: int,
 ) -> str:
     """After the barrier: wait for the unit's write-behind, then free the partition.
@@ -434,7 +435,7 @@ def _write_unit(
             f"to_zarr unit {partition} of {name!r} got {filled} of {out.size} elements; "
             "this is a bug, please report it"
         )
-    return _queue(target, unit_region(partition, new), out, partition)
+    return _queue(target, region, out, partition)
 
 
 def finish(target: ZarrTarget, nregions: int, written: list[Any]) -> int:

@@ -323,6 +323,16 @@ def release_partition(name: str, partition: int) -> None:
     ep.scheduler_op("release", name=name, partition=partition)
 
 
+def operator_stream(name: str) -> Stream:
+    """:func:`get_stream` for an operator's own map tasks: this process's cached spec.
+
+    Hundreds of map tasks of one run would otherwise each ask the
+    coordinator. The cache is dropped when the stream is (re)created or
+    destroyed, so a restarted run never sees a stale epoch.
+    """
+    return Stream(_spec(current("get_stream"), name))
+
+
 def get_stream(name: str) -> Stream:
     """A handle on an existing stream; :class:`StreamNotFoundError` if none."""
     ep = current("get_stream")
