@@ -21,8 +21,9 @@ Methods:
   ``mode="w"`` (which takes Dask's cluster-wide lock) otherwise.
 - ``dask-rechunk``: (misaligned and sharded) ``x.rechunk(unit).to_zarr()``,
   the other correct way to write misaligned blocks with Dask.
-- ``plain``: the same bytes written by the same tasks with ``ndarray.tofile``,
-  one file per block: the disk's limit.
+- ``plain``: the same bytes written with plain file writes, one file per
+  block, by one task per worker that writes the blocks it holds back to back:
+  the disk's limit for two writers.
 
 Each case runs with ``--codecs`` ``none`` (uncompressed) and ``default``
 (Zarr's default, zstd).
@@ -49,9 +50,12 @@ from _common import start as _start
 UNIT_ROWS = 1024
 
 
-def _tofile(block: np.ndarray, directory: str, block_id: Any = None) -> np.ndarray:
-    block.tofile(os.path.join(directory, "-".join(map(str, block_id))))
-    return np.zeros((1,) * block.ndim, dtype=np.int64)
+def _write_files(directory: str, names: list[str], blocks: list[np.ndarray]) -> int:
+    """One worker's blocks, one file each, written back to back: the disk's limit."""
+    for name, block in zip(names, blocks):
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+    return sum(b.nbytes for b in blocks)
 
 
 def _check(path: str, x: Any, rows: int) -> None:
@@ -109,10 +113,22 @@ def run(args: argparse.Namespace) -> None:
                     da.to_zarr(x.rechunk(unit), path, mode="a", **zkw)
 
                 def plain_run(path: str) -> None:
+                    # One task per worker writes the blocks it already holds,
+                    # back to back: no scheduling between files, no transfer.
                     os.makedirs(path)
-                    x.map_blocks(
-                        _tofile, path, dtype=np.int64, chunks=tuple((1,) * len(c) for c in x.chunks)
-                    ).sum().compute()
+                    futures = client.futures_of(x)
+                    who = client.who_has(futures)
+                    mine: dict[str, list[Any]] = {}
+                    for f in futures:
+                        mine.setdefault(sorted(who[f.key])[0], []).append(f)
+                    done = [
+                        client.submit(
+                            _write_files, path, ["-".join(map(str, f.key[1:])) for f in fs], fs,
+                            workers=[w], pure=False,
+                        )
+                        for w, fs in mine.items()
+                    ]
+                    assert sum(client.gather(done)) == nbytes
 
                 methods = {"aimss": aimss_run, "dask": dask_run}
                 if case != "aligned":
