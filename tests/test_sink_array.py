@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aimss_dask
-from aimss_dask.sink.array import _aligned
+from aimss_dask.sink._array_run import aligned as _aligned
 
 from conftest import assert_workers_clean as _clean
 

@@ -94,9 +94,10 @@ class AIMSS(SchedulerPlugin):
         self._chunk_pins: dict[str, list[Any]] = {}
         # Operator runs in flight: reader stream -> its barrier and create keys.
         self._runs: dict[str, dict[str, Any]] = {}
-        # Operator runs whose partitions must stay where they were placed
-        # (a sink writes each unit where it completes): never rebalanced.
-        self._fixed: set[str] = set()
+        # Operator runs drained by a sink (to_zarr), which writes each unit
+        # where it completes and frees it: their partitions never move and
+        # are not freed at seal for want of read tasks.
+        self._sinks: set[str] = set()
         self._seal_waits: dict[str, tuple[set[str], asyncio.Event, dict[str, Any]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -233,7 +234,7 @@ class AIMSS(SchedulerPlugin):
             barrier = scheduler.tasks.get(run["barrier"])
             if barrier is None:
                 del self._runs[reader]
-                self._fixed.discard(reader)
+                self._sinks.discard(reader)
                 continue
             recs: dict[Any, str] = {}
             for ts in (*barrier.dependents, barrier, *barrier.dependencies):
@@ -339,7 +340,7 @@ class AIMSS(SchedulerPlugin):
         chunk_tasks: str | None = None,
         grid: list[int] | None = None,
         prefer: list[Any] | None = None,
-        balance: bool = True,
+        sink: bool = False,
     ) -> dict[str, Any]:
         spec, created = self.state.create(
             name,
@@ -357,8 +358,8 @@ class AIMSS(SchedulerPlugin):
                 self.state.operator[name] = read_by
                 if barrier is not None:
                     self._runs[read_by] = {"barrier": barrier, "create": task}
-                if not balance:
-                    self._fixed.add(read_by)
+                if sink:
+                    self._sinks.add(read_by)
             if chunk_tasks is not None and grid:
                 # Array chunks become ordinary (prefix, stream, partition) readers.
                 for key in self._chunk_pins.pop(chunk_tasks, []):
@@ -413,9 +414,9 @@ class AIMSS(SchedulerPlugin):
             # An operator's output partitions that no submitted task will
             # read (a partial compute, out.partitions[0]): free them now.
             unread = set(range(spec.partitions)) - set(self._readers.get(reader, {}))
-            if unread:
+            if unread and reader not in self._sinks:
                 await self._release(spec, sorted(unread))
-            if name in self.state.streams and reader not in self._fixed:
+            if name in self.state.streams and reader not in self._sinks:
                 await self._rebalance(reader)
         assert self._sealed_changed is not None
         async with self._sealed_changed:

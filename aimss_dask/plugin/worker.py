@@ -160,7 +160,7 @@ class AIMSSWorker(WorkerPlugin):
     @replies
     async def _h_sink_attach(self, name: str, epoch: int, partitions: list[int], **run: Any) -> None:
         """Write a to_zarr run's units held here as soon as each is complete."""
-        from aimss_dask.sink.array import attach
+        from aimss_dask.sink._array_run import attach
 
         self.assemblers[name] = attach(self, name, epoch, partitions, **run)
 

@@ -25,7 +25,7 @@ def create(
     chunk_tasks: str | None = None,
     grid: tuple[int, ...] | None = None,
     prefer: list[Any] | None = None,
-    balance: bool = True,
+    sink: bool = False,
 ) -> list[str]:
     """Create the run's streams (the read tasks are keyed by ``names[0]``).
 
@@ -35,7 +35,7 @@ def create(
     first = names[0]
     api.create_operator_stream(
         first, npartitions, read_by=first, barrier=barrier, chunk_tasks=chunk_tasks, grid=grid,
-        prefer=prefer, balance=balance,
+        prefer=prefer, sink=sink,
     )
     for other in names[1:]:
         api.create_operator_stream(

@@ -22,25 +22,19 @@ run, checks that every region was written exactly as planned, and raises
 from __future__ import annotations
 
 import os
-import pickle
 import uuid
 from typing import Any
 
 import dask.array as da
 import numpy as np
-from dask._task_spec import List, Task, TaskRef
 from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
 
 from aimss_dask.errors import (
     InvalidArgumentError,
-    SinkError,
     StoreNotFoundError,
     StoreReadOnlyError,
 )
-from aimss_dask.shuffle import _tasks as shuffle_tasks
-from aimss_dask.shuffle.array import push_run
-from aimss_dask.sink.assembler import UnitAssembler, assemble, unit_region
+from aimss_dask.sink._array_run import write_graph
 from aimss_dask.sink.writer import ZarrTarget
 
 
@@ -115,10 +109,7 @@ def to_zarr(
     unit = tuple(arr.shards or arr.chunks) if zarr_format == 3 else tuple(arr.chunks)
     run = f"aimss-sink-{uuid.uuid4().hex[:16]}"
     target = ZarrTarget(store, path, zarr_format, run, storage_options or None)
-    written, keys = _write_collection(x, unit, target)
-    finish_key = f"aimss-sink-finish-{target.run[len('aimss-sink-'):]}"
-    task = Task(finish_key, finish, target, len(keys), List(*(TaskRef(k) for k in keys)))
-    hlg = HighLevelGraph.from_collections(finish_key, {finish_key: task}, dependencies=[written])
+    hlg, finish_key = write_graph(x, unit, target)
     out = Delayed(finish_key, hlg)
     if compute:
         out.compute()
@@ -238,241 +229,4 @@ def _shape(value: Any, ndim: int) -> tuple[int, ...]:
         raise InvalidArgumentError(f"{value!r} is not a shape for a {ndim}-d array: give {ndim} positive ints")
     return out
 
-
-def _aligned(x_chunks: tuple[tuple[int, ...], ...], unit: tuple[int, ...]) -> bool:
-    """Whether every block of ``x`` is a whole number of units (its edges are unit edges)."""
-    for c, u in zip(x_chunks, unit):
-        edges = np.cumsum(c)[:-1]
-        if np.any(edges % u):
-            return False
-    return True
-
-
-def _write_collection(x: da.Array, unit: tuple[int, ...], target: ZarrTarget) -> tuple[Any, list[Any]]:
-    """The write tasks of a run, as a Dask collection, and their keys (region order)."""
-    if _aligned(x.chunks, unit):
-        written = x.map_blocks(
-            _write_block,
-            target,
-            dtype=object,
-            chunks=tuple((1,) * len(c) for c in x.chunks),
-            meta=np.empty((0,) * x.ndim, dtype=object),
-            name=f"aimss-sink-write-{target.run[len('aimss-sink-'):]}",
-        )
-        return written, _flat(written.__dask_keys__())
-    new = da.core.normalize_chunks(unit, x.shape, dtype=x.dtype)
-    hlg, out_name = push_run(
-        x, new, _write_unit, x.dtype, target, create=_create, create_args=(target, new, x.dtype),
-        per_task=lambda idx: (unit_region(int(np.ravel_multi_index(idx, tuple(len(c) for c in new))), new),),
-    )
-    keys = [(out_name, *i) for i in np.ndindex(*(len(c) for c in new))]
-    return _Collection(hlg, keys), keys
-
-
-class _Collection:
-    """The minimal Dask collection protocol around a graph (for ``from_collections``)."""
-
-    def __init__(self, hlg: HighLevelGraph, keys: list[Any]) -> None:
-        self._hlg = hlg
-        self._keys = keys
-
-    def __dask_graph__(self) -> HighLevelGraph:
-        return self._hlg
-
-    def __dask_layers__(self) -> tuple[str, ...]:
-        return tuple(self._hlg.layers)
-
-    def __dask_keys__(self) -> list[Any]:
-        return self._keys
-
-
-def _flat(keys: Any) -> list[Any]:
-    out: list[Any] = []
-    stack = [keys]
-    while stack:
-        k = stack.pop()
-        if isinstance(k, list):
-            stack.extend(reversed(k))
-        else:
-            out.append(k)
-    return out
-
-
-# -- tasks -----------------------------------------------------------------------------
-
-
-def _queue(target: ZarrTarget, region: tuple[slice, ...], data: np.ndarray, rid: int) -> str:
-    """Hand a region to this worker's write-behind queue; this worker's address."""
-    from distributed import get_worker
-
-    try:
-        worker = get_worker()
-    except ValueError:
-        # Not on a distributed worker (a local scheduler): write now.
-        target.open()[region] = data
-        return "local"
-    plugin = worker.plugins.get("aimss")
-    if plugin is None or getattr(plugin, "store", None) is None:
-        raise SinkError(
-            "aimss_dask.to_zarr runs on workers with the AIMSS plugin: "
-            "client.register_plugin(aimss_dask.AIMSS()) first"
-        )
-    plugin.sink_writer.submit(target, region, data, rid)
-    return worker.address
-
-
-def _write_block(block: np.ndarray, target: ZarrTarget, block_info: Any = None) -> np.ndarray:
-    """An aligned block: queue it whole (it is a whole number of units)."""
-    info = block_info[0]
-    region = tuple(slice(a, b) for a, b in info["array-location"])
-    rid = int(np.ravel_multi_index(info["chunk-location"], info["num-chunks"]))
-    addr = _queue(target, region, block, rid)
-    out = np.empty((1,) * block.ndim, dtype=object)
-    out.flat[0] = addr
-    return out
-
-
-def _create(
-    names: list[str],
-    npartitions: int,
-    barrier: str,
-    chunk_tasks: str,
-    grid: tuple[int, ...],
-    prefer: list[Any],
-    target: ZarrTarget,
-    chunks: tuple[tuple[int, ...], ...],
-    dtype: Any,
-) -> list[str]:
-    """Create the run's stream, then have each owner write its units as they complete.
-
-    Partitions stay where they were placed (next to their main input): a
-    unit may be written before the barrier, so it must not move at seal.
-    """
-    from aimss_dask.stream import api
-    from aimss_dask.stream.context import current
-
-    shuffle_tasks.create(names, npartitions, barrier, chunk_tasks, grid, prefer, balance=False)
-    spec = api.get_stream(names[0]).spec
-    by_owner: dict[str, list[int]] = {}
-    for p, w in enumerate(spec.owners):
-        by_owner.setdefault(w, []).append(p)
-    ep = current("to_zarr")
-    run = pickle.dumps((target, chunks, np.dtype(dtype)))
-    for w, ps in sorted(by_owner.items()):
-        ep.call(ep.ask_worker, w, "sink_attach", name=spec.name, epoch=spec.epoch, partitions=ps, run=run)
-    return names
-
-
-def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes) -> UnitAssembler:
-    """The owner's side of :func:`_create`: an assembler that queues complete units."""
-    target, chunks, dtype = pickle.loads(run)
-    grid = tuple(len(c) for c in chunks)
-    expected = {
-        p: int(np.prod([c[i] for c, i in zip(chunks, np.unravel_index(p, grid))])) for p in partitions
-    }
-
-    def ready(p: int) -> None:
-        # On the appending thread: queue only. Its bytes are in the log
-        # (under the budget) until the job reads them, so it holds none.
-        plugin.sink_writer.submit_job(target, p, 0, lambda put: _unit_job(plugin, asm, name, p, put))
-
-    def _unit_job(plugin: Any, asm: UnitAssembler, name: str, p: int, put: Any) -> int:
-        try:
-            records, _, _ = plugin.store.read(name, epoch, p, 0, None)
-            shape = tuple(c[i] for c, i in zip(chunks, np.unravel_index(p, grid)))
-            out = plugin.scratch.array(shape, dtype)
-            if assemble(records, out) != out.size:
-                raise SinkError(f"unit {p} of {name!r} is incomplete; this is a bug, please report it")
-            del records
-            nbytes = put(unit_region(p, chunks), out)
-        except Exception as e:
-            asm.done(p, f"{type(e).__name__}: {e}")
-            if plugin.assemblers.get(name) is not asm:
-                return 0  # a run that restarted (or was dropped): the new run rewrites the unit
-            raise
-        asm.done(p)
-        return int(nbytes)
-
-    asm = UnitAssembler(epoch, expected, ready)
-    return asm
-
-
-@shuffle_tasks._restartable
-def _write_unit(
-    name: str,
-    partition: int,
-    shape: tuple[int, ...],
-    dtype: Any,
-    target: ZarrTarget,
-    region: tuple[slice, ...],
-    sealed: int,
-) -> str:
-    """After the barrier: wait for the unit's write-behind, then free the partition.
-
-    A unit that was not written as it completed (an empty unit, or a
-    partition that is not where the assembler expected it) is assembled
-    from the local log here and queued.
-    """
-    from distributed import get_worker
-
-    from aimss_dask.stream import api
-
-    worker = get_worker()
-    plugin = worker.plugins.get("aimss")
-    asm = getattr(plugin, "assemblers", {}).get(name)
-    if asm is not None and not asm.start(partition):
-        error = asm.wait(partition)
-        if error is not None:
-            raise SinkError(f"to_zarr could not write unit {partition} on {worker.address}: {error}")
-        api.release_partition(name, partition)
-        return str(worker.address)
-    _, alloc = shuffle_tasks._scratch()
-    out = alloc((int(np.prod(shape)),), np.dtype(dtype)).reshape(shape)
-    filled = assemble(api.read_from(name, partition=partition), out)
-    api.release_partition(name, partition)
-    if filled != out.size:
-        raise SinkError(
-            f"to_zarr unit {partition} of {name!r} got {filled} of {out.size} elements; "
-            "this is a bug, please report it"
-        )
-    return _queue(target, region, out, partition)
-
-
-def finish(target: ZarrTarget, nregions: int, written: list[Any]) -> int:
-    """The run's last task: wait for every writer, check every region landed; bytes written."""
-    from aimss_dask.stream.context import current
-
-    addresses: set[str] = set()
-    for w in written:  # an address (a unit task) or a 1-element array of one (a block task)
-        addresses.update([w] if isinstance(w, str) else np.asarray(w, dtype=object).ravel().tolist())
-    addresses.discard("local")
-    if not addresses:  # written synchronously by a local scheduler
-        return 0
-    ep = current("to_zarr")
-    done: list[int] = []
-    errors: list[str] = []
-    nbytes = 0
-    for addr in sorted(addresses):
-        try:
-            reply = ep.call(ep.ask_worker, addr, "sink_flush", run=target.run)
-        except Exception as e:  # a writer lost with its queue
-            errors.append(f"{addr}: {type(e).__name__}: {e}")
-            continue
-        done.extend(reply["written"])
-        nbytes += reply["bytes"]
-        errors.extend(f"{addr}: {m}" for m in reply["errors"])
-    if errors:
-        raise SinkError(
-            f"to_zarr into {target.store!r} (component {target.path!r}) failed: "
-            + "; ".join(errors[:5])
-            + ("" if len(errors) <= 5 else f" (and {len(errors) - 5} more)")
-            + ". Regions already written are complete; fix the cause and write again."
-        )
-    if sorted(set(done)) != list(range(nregions)):
-        missing = sorted(set(range(nregions)) - set(done))
-        raise SinkError(
-            f"to_zarr into {target.store!r}: regions {missing[:10]} were never written "
-            f"({len(missing)} of {nregions}); write again"
-        )
-    return nbytes
 

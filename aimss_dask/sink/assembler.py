@@ -4,9 +4,9 @@ In a misaligned ``to_zarr``, each unit (a Zarr shard or chunk) is one
 partition of the run's stream, filled with ``(region, piece)`` records pushed
 by the map tasks. The owner counts the elements that arrive for each of its
 units; the moment a unit is complete (long before the map phase ends, for
-most units), its assembly and write are queued on the worker's write-behind
-thread. The unit's task after the barrier then only waits for that write and
-frees the partition.
+most units), its assembly, write and release are queued on the worker's
+write-behind thread. No task waits for a unit: the run's last task waits for
+the writers.
 
 Counting happens on whatever thread appended (a data-plane receiver or a task
 thread), so it is a few integer operations under a lock; the heavy work runs
@@ -26,8 +26,7 @@ class UnitAssembler:
     """Completion tracking for one sink run's units on one worker.
 
     ``ready(p)`` is called once, when unit ``p`` has received all of its
-    ``expected[p]`` elements. ``done(p, error)`` records that its write
-    finished; :meth:`wait` blocks until then.
+    ``expected[p]`` elements (on the thread whose append completed it).
 
     Examples
     --------
@@ -43,47 +42,24 @@ class UnitAssembler:
         self.expected = dict(expected)
         self.got = {p: 0 for p in expected}
         self._ready = ready
-        self._cond = threading.Condition()
-        self._done: dict[int, str | None] = {}
-        self._started: set[int] = set()
+        self._lock = threading.Lock()
 
     def on_append(self, p: int, records: Iterable[Any]) -> None:
         n = 0
         for rec in records:
             n += int(rec[1].size)
-        with self._cond:
+        with self._lock:
             if p not in self.got:
                 return
             self.got[p] += n
-            complete = self.got[p] == self.expected[p] and p not in self._started
-            if complete:
-                self._started.add(p)
+            complete = self.got[p] == self.expected[p]
         if complete:
             self._ready(p)
 
-    def start(self, p: int) -> bool:
-        """Claim unit ``p`` for a write; False if its write was already started."""
-        with self._cond:
-            if p in self._started:
-                return False
-            self._started.add(p)
-            return True
-
-    def done(self, p: int, error: str | None = None) -> None:
-        with self._cond:
-            self._done[p] = error
-            self._cond.notify_all()
-
-    def wait(self, p: int, timeout: float | None = None) -> str | None:
-        """Wait for unit ``p``'s write; its error message, or None if it landed."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: p in self._done, timeout):
-                return f"unit {p} was not written within {timeout} s"
-            return self._done[p]
-
-    def complete(self, p: int) -> bool:
-        with self._cond:
-            return self.got.get(p) == self.expected.get(p)
+    def incomplete(self) -> list[int]:
+        """Units still waiting for pieces."""
+        with self._lock:
+            return [p for p, n in self.got.items() if n != self.expected[p]]
 
 
 def assemble(records: Iterable[Any], out: np.ndarray) -> int:

@@ -269,7 +269,7 @@ def create_operator_stream(
     chunk_tasks: str | None = None,
     grid: tuple[int, ...] | None = None,
     prefer: list[Any] | None = None,
-    balance: bool = True,
+    sink: bool = False,
 ) -> Stream:
     """A stream an operator (shuffle, join) fills and reads inside one graph.
 
@@ -283,7 +283,9 @@ def create_operator_stream(
     restarts the run from the task that calls this function. ``prefer[p]``
     is the key of the task whose result is most of partition ``p``'s input:
     where that result is in memory, the partition is placed with it.
-    ``balance=False``: never move partitions at seal to even out sizes.
+    ``sink=True``: a sink drains the partitions itself (writing each where
+    it completes): they never move at seal, and are not freed for want of
+    read tasks.
     """
     ep = current("create_operator_stream")
     kwargs = dict(
@@ -296,7 +298,7 @@ def create_operator_stream(
         chunk_tasks=chunk_tasks,
         grid=list(grid) if grid else None,
         prefer=prefer,
-        balance=balance,
+        sink=sink,
         **ep.owner_kwargs(),
     )
     reply = ep.scheduler_op("create", **kwargs)

@@ -1,0 +1,355 @@
+"""The graph and the tasks of one ``to_zarr`` run.
+
+Two shapes of run, chosen by whether every block of the input is a whole
+number of units (Zarr shards, or chunks when unsharded):
+
+- **Aligned**: each block is queued whole on its worker's write-behind
+  thread. Blocks still to be computed get one task each, fused by Dask with
+  their own computation; blocks already in memory (a persisted array) are
+  grouped by the worker that holds them, so a few tasks write many blocks
+  and Dask's per-task cost (about 3 ms here) does not dominate the write.
+- **Misaligned**: a push run. Map tasks cut their blocks along the unit grid
+  and push the pieces into a stream whose partition ``p`` is unit ``p``,
+  placed on the worker that holds most of its input. The owner counts what
+  arrives and writes each unit on its write-behind thread the moment it is
+  complete, then frees it (:mod:`aimss_dask.sink.assembler`); there are no
+  per-unit tasks. The barrier seals the stream (every push has landed).
+
+Either way a last task waits for the writers (``aimss_sink_flush`` on every
+worker involved), checks that every non-empty region was written, destroys
+the run's stream, and raises :class:`SinkError` otherwise. A lost worker in a
+misaligned run restarts the run (the coordinator's operator-run restart); in
+an aligned run Dask recomputes the lost write tasks.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask._task_spec import List, Task, TaskRef
+from dask.highlevelgraph import HighLevelGraph
+
+from aimss_dask.errors import SinkError
+from aimss_dask.shuffle import _tasks as shuffle_tasks
+from aimss_dask.shuffle.array import _main_inputs, _pieces
+from aimss_dask.sink.assembler import UnitAssembler, assemble, unit_region
+from aimss_dask.sink.writer import ZarrTarget
+
+#: Bytes of in-memory blocks one grouped task writes or pushes.
+GROUP_BYTES = 64 * 2**20
+
+
+def aligned(x_chunks: tuple[tuple[int, ...], ...], unit: tuple[int, ...]) -> bool:
+    """Whether every block of ``x`` is a whole number of units (its edges are unit edges)."""
+    for c, u in zip(x_chunks, unit):
+        edges = np.cumsum(c)[:-1]
+        if np.any(edges % u):
+            return False
+    return True
+
+
+def write_graph(x: da.Array, unit: tuple[int, ...], target: ZarrTarget) -> tuple[HighLevelGraph, str]:
+    """The run's graph and the key of its last task (which returns the bytes written)."""
+    token = target.run[len("aimss-sink-") :]
+    finish_key = f"aimss-sink-finish-{token}"
+    groups = _held_groups(x)
+    if aligned(x.chunks, unit):
+        graph, dep, keys, expected = _aligned_graph(x, target, token, groups)
+        graph[finish_key] = Task(
+            finish_key, finish, target, expected, None, List(*(TaskRef(k) for k in keys))
+        )
+    else:
+        graph, dep, barrier, expected, name = _push_graph(x, unit, target, token, groups)
+        graph[finish_key] = Task(finish_key, finish, target, expected, name, List(TaskRef(barrier)))
+    return HighLevelGraph.from_collections(finish_key, graph, dependencies=[dep]), finish_key
+
+
+def _block_keys(x: da.Array) -> dict[tuple[int, ...], Any]:
+    keys = np.empty(x.numblocks, dtype=object)
+    for idx in np.ndindex(*x.numblocks):
+        keys[idx] = (x.name, *idx)
+    return {idx: keys[idx] for idx in np.ndindex(*x.numblocks)}
+
+
+def _held_groups(x: da.Array) -> list[list[tuple[int, ...]]] | None:
+    """Blocks already in the cluster's memory, grouped by the worker that holds them.
+
+    ``None`` when ``x`` is not persisted (its blocks are yet to be computed).
+    Each group is at most :data:`GROUP_BYTES` of consecutive blocks.
+    """
+    try:
+        from distributed import default_client
+
+        client = default_client()
+        futures = client.futures_of(x)
+    except (ValueError, ImportError):
+        return None
+    keys = _block_keys(x)
+    if not futures or {f.key for f in futures} != set(keys.values()):
+        return None
+    who = client.who_has(futures)
+    itemsize = x.dtype.itemsize
+    by_worker: dict[str, list[list[tuple[int, ...]]]] = {}
+    size: dict[str, int] = {}
+    for idx, key in keys.items():
+        holders = sorted(who.get(key, ()))
+        if not holders:
+            return None
+        w = holders[0]
+        nbytes = int(np.prod([c[i] for c, i in zip(x.chunks, idx)])) * itemsize
+        groups = by_worker.setdefault(w, [[]])
+        if groups[-1] and size.get(w, 0) + nbytes > GROUP_BYTES:
+            groups.append([])
+            size[w] = 0
+        groups[-1].append(idx)
+        size[w] = size.get(w, 0) + nbytes
+    return [g for gs in by_worker.values() for g in gs if g]
+
+
+def _aligned_graph(
+    x: da.Array, target: ZarrTarget, token: str, groups: list[list[tuple[int, ...]]] | None
+) -> tuple[dict[Any, Any], Any, list[Any], list[int]]:
+    bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int).tolist() for c in x.chunks]
+
+    def region(idx: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(b[i], b[i + 1]) for b, i in zip(bounds, idx))
+
+    def rid(idx: tuple[int, ...]) -> int:
+        return int(np.ravel_multi_index(idx, x.numblocks))
+
+    expected = [rid(idx) for idx in np.ndindex(*x.numblocks)]
+    if groups is None:
+        written = x.map_blocks(
+            _write_block,
+            target,
+            dtype=object,
+            chunks=tuple((1,) * len(c) for c in x.chunks),
+            meta=np.empty((0,) * x.ndim, dtype=object),
+            name=f"aimss-sink-write-{token}",
+        )
+        return {}, written, _flat(written.__dask_keys__()), expected
+    keys = _block_keys(x)
+    graph: dict[Any, Any] = {}
+    for i, group in enumerate(groups):
+        key = (f"aimss-sink-write-{token}", i)
+        regions = [(region(idx), rid(idx)) for idx in group]
+        graph[key] = Task(key, _write_blocks, target, regions, List(*(TaskRef(keys[idx]) for idx in group)))
+    return graph, x, list(graph), expected
+
+
+def _push_graph(
+    x: da.Array, unit: tuple[int, ...], target: ZarrTarget, token: str,
+    groups: list[list[tuple[int, ...]]] | None,
+) -> tuple[dict[Any, Any], Any, str, list[int], str]:
+    new = da.core.normalize_chunks(unit, x.shape, dtype=x.dtype)
+    grid = tuple(len(c) for c in new)
+    name = f"aimss-sink-{token}"
+    barrier = f"aimss-seal-{token}"
+    create_key = f"aimss-create-{token}"
+    keys = _block_keys(x)
+    blocks = np.empty(x.numblocks, dtype=object)
+    for idx, key in keys.items():
+        blocks[idx] = _Keyed(key)
+    pieces = {idx: _pieces(idx, x.chunks, new, grid) for idx in keys}
+    graph: dict[Any, Any] = {
+        create_key: Task(
+            create_key, _create, [name], int(np.prod(grid)), barrier,
+            _main_inputs(blocks, pieces, grid), target, new, x.dtype,
+        )
+    }
+    push_keys = []
+    for i, group in enumerate(groups if groups is not None else [[idx] for idx in keys]):
+        key = (f"aimss-push-{token}", i)
+        graph[key] = Task(
+            key, _push_blocks, TaskRef(create_key), [pieces[idx] for idx in group],
+            List(*(TaskRef(keys[idx]) for idx in group)),
+        )
+        push_keys.append(key)
+    graph[barrier] = Task(barrier, shuffle_tasks.seal, [name], *(TaskRef(k) for k in push_keys))
+    expected = [
+        p for p, idx in enumerate(np.ndindex(*grid)) if all(c[i] for c, i in zip(new, idx))
+    ]
+    return graph, x, barrier, expected, name
+
+
+class _Keyed:
+    """Stands for a block in :func:`_main_inputs`, which only needs its ``key``."""
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+
+
+def _flat(keys: Any) -> list[Any]:
+    out: list[Any] = []
+    stack = [keys]
+    while stack:
+        k = stack.pop()
+        if isinstance(k, list):
+            stack.extend(reversed(k))
+        else:
+            out.append(k)
+    return out
+
+
+# -- tasks -----------------------------------------------------------------------------
+
+
+def _plugin() -> tuple[Any, Any]:
+    """This worker and its AIMSS plugin, or ``(None, None)`` off a distributed worker."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return None, None
+    plugin = worker.plugins.get("aimss")
+    if plugin is None or getattr(plugin, "store", None) is None:
+        raise SinkError(
+            "aimss_dask.to_zarr runs on workers with the AIMSS plugin: "
+            "client.register_plugin(aimss_dask.AIMSS()) first"
+        )
+    return worker, plugin
+
+
+def _queue(target: ZarrTarget, region: tuple[slice, ...], data: np.ndarray, rid: int) -> str:
+    """Hand a region to this worker's write-behind queue; this worker's address."""
+    worker, plugin = _plugin()
+    if worker is None:  # a local scheduler: write now
+        target.open()[region] = data
+        return "local"
+    plugin.sink_writer.submit(target, region, data, rid)
+    return str(worker.address)
+
+
+def _write_block(block: np.ndarray, target: ZarrTarget, block_info: Any = None) -> np.ndarray:
+    """An aligned block still to be computed: queue it whole (it is whole units)."""
+    info = block_info[0]
+    region = tuple(slice(a, b) for a, b in info["array-location"])
+    rid = int(np.ravel_multi_index(info["chunk-location"], info["num-chunks"]))
+    out = np.empty((1,) * block.ndim, dtype=object)
+    out.flat[0] = _queue(target, region, block, rid)
+    return out
+
+
+def _write_blocks(target: ZarrTarget, regions: list[tuple[tuple[slice, ...], int]], blocks: list[np.ndarray]) -> str:
+    """Aligned blocks this worker holds: queue each whole."""
+    addr = "local"
+    for (region, rid), block in zip(regions, blocks):
+        addr = _queue(target, region, block, rid)
+    return addr
+
+
+@shuffle_tasks._restartable
+def _push_blocks(names: list[str], pieces: list[Any], blocks: list[np.ndarray]) -> int:
+    """Push the pieces of these blocks to their units' owners."""
+    return sum(shuffle_tasks.push_pieces(b, names, ps) for b, ps in zip(blocks, pieces))
+
+
+def _create(
+    names: list[str],
+    npartitions: int,
+    barrier: str,
+    prefer: list[Any],
+    target: ZarrTarget,
+    chunks: tuple[tuple[int, ...], ...],
+    dtype: Any,
+) -> list[str]:
+    """Create the run's stream, then have each owner write its units as they complete.
+
+    The stream is a sink's: partitions stay where they were placed (next to
+    their main input) and are not freed at seal; the owners drain them.
+    """
+    from aimss_dask.stream import api
+    from aimss_dask.stream.context import current
+
+    shuffle_tasks.create(names, npartitions, barrier, None, None, prefer, sink=True)
+    spec = api.get_stream(names[0]).spec
+    by_owner: dict[str, list[int]] = {}
+    for p, w in enumerate(spec.owners):
+        by_owner.setdefault(w, []).append(p)
+    ep = current("to_zarr")
+    run = pickle.dumps((target, chunks, np.dtype(dtype)))
+    for w, ps in sorted(by_owner.items()):
+        ep.call(ep.ask_worker, w, "sink_attach", name=spec.name, epoch=spec.epoch, partitions=ps, run=run)
+    return names
+
+
+def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes) -> UnitAssembler:
+    """The owner's side of :func:`_create`: an assembler that writes complete units."""
+    target, chunks, dtype = pickle.loads(run)
+    grid = tuple(len(c) for c in chunks)
+    shapes = {p: tuple(c[i] for c, i in zip(chunks, np.unravel_index(p, grid))) for p in partitions}
+    # Empty units (a zero-length axis) have nothing to write.
+    expected = {p: int(np.prod(s)) for p, s in shapes.items() if int(np.prod(s))}
+
+    def ready(p: int) -> None:
+        # On the appending thread: queue only. Its bytes are in the log
+        # (under the budget) until the job reads them, so it holds none.
+        plugin.sink_writer.submit_job(target, p, 0, lambda put: _unit_job(p, put))
+
+    def _unit_job(p: int, put: Any) -> int:
+        try:
+            records, _, _ = plugin.store.read(name, epoch, p, 0, None)
+            out = plugin.scratch.array(shapes[p], dtype)
+            if assemble(records, out) != out.size:
+                raise SinkError(f"unit {p} of {name!r} is incomplete; this is a bug, please report it")
+            del records
+            nbytes = put(unit_region(p, chunks), out)
+            plugin.store.trim(name, epoch, p)  # durable: free its memory now
+        except Exception:
+            if plugin.assemblers.get(name) is not asm:
+                return 0  # a run that restarted (or was dropped): the new run rewrites it
+            raise
+        return int(nbytes)
+
+    asm = UnitAssembler(epoch, expected, ready)
+    return asm
+
+
+@shuffle_tasks._restartable
+def finish(target: ZarrTarget, expected: list[int], stream: str | None, written: list[Any]) -> int:
+    """The run's last task: wait for every writer, check every region landed; bytes written."""
+    from aimss_dask.stream import api
+    from aimss_dask.stream.context import current
+
+    addresses: set[str] = set()
+    if stream is not None:
+        addresses.update(api.get_stream(stream).spec.owners)
+    else:
+        for w in written:  # an address, or a 1-element array of one (a fused block task)
+            addresses.update([w] if isinstance(w, str) else np.asarray(w, dtype=object).ravel().tolist())
+    addresses.discard("local")
+    if not addresses:  # written synchronously by a local scheduler
+        return 0
+    ep = current("to_zarr")
+    done: list[int] = []
+    errors: list[str] = []
+    nbytes = 0
+    for addr in sorted(addresses):
+        try:
+            reply = ep.call(ep.ask_worker, addr, "sink_flush", run=target.run)
+        except Exception as e:  # a writer lost with its queue
+            errors.append(f"{addr}: {type(e).__name__}: {e}")
+            continue
+        done.extend(reply["written"])
+        nbytes += reply["bytes"]
+        errors.extend(f"{addr}: {m}" for m in reply["errors"])
+    if stream is not None:
+        api.destroy_stream(stream)
+    if errors:
+        raise SinkError(
+            f"to_zarr into {target.store!r} (component {target.path!r}) failed: "
+            + "; ".join(errors[:5])
+            + ("" if len(errors) <= 5 else f" (and {len(errors) - 5} more)")
+            + ". Regions already written are complete; fix the cause and write again."
+        )
+    missing = sorted(set(expected) - set(done))
+    if missing:
+        raise SinkError(
+            f"to_zarr into {target.store!r}: regions {missing[:10]} were never written "
+            f"({len(missing)} of {len(expected)}); this is a bug, please report it"
+        )
+    return nbytes
