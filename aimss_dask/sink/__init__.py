@@ -1,1 +1,1 @@
-"""Storage brokers that drain streams to files (Zarr sinks). Not implemented yet."""
+"""Storage brokers that drain data to Zarr: ``to_zarr`` for arrays, ``Stream.to_zarr`` for streams."""

@@ -2,21 +2,13 @@
 
 The unit of writing is the Zarr shard (the chunk when the array is not
 sharded). Every unit has exactly one writer and is written whole, so there
-are no locks and no read-modify-write of partial chunks:
-
-- **Aligned input** (every Dask chunk is a whole number of units): the task
-  that computes a block hands it to its worker's write-behind queue and
-  returns; Dask fuses that task with the block's own computation, so the
-  data is written where it is produced and never moves.
-- **Misaligned input**: a push run (the machinery of :func:`aimss_dask.rechunk`)
-  cuts each block along the unit grid while the input is still being
-  computed and pushes the pieces to the worker that owns the unit; after the
-  barrier that worker assembles the unit in memory it has touched before and
-  queues it for writing.
-
-A last task waits until every worker's queue has written its regions of the
-run, checks that every region was written exactly as planned, and raises
-:class:`SinkError` otherwise.
+are no locks and no read-modify-write of partial chunks. Where the store is
+a local directory and the codecs are the common ones, units are written as
+the very bytes Zarr would write, without Zarr's general write path
+(:mod:`aimss_dask.sink.direct`). The run itself (aligned blocks written where
+they are; misaligned ones pushed to the unit's owner, which writes each unit
+as soon as it is complete) is built in :mod:`aimss_dask.sink._array_run`.
+This module checks the arguments and the target array.
 """
 
 from __future__ import annotations
