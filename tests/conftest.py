@@ -13,6 +13,7 @@ import time
 import uuid
 
 import pytest
+from hypothesis import strategies as hst
 from distributed import Client, LocalCluster
 
 import aimss_dask
@@ -56,6 +57,17 @@ def assert_workers_clean(status: dict) -> None:
         spill = st.get("spill_directory")
         if spill and os.path.isdir(spill):
             assert os.listdir(spill) == [], f"{addr} left spill files {os.listdir(spill)}"
+
+
+@hst.composite
+def chunking(draw, shape, max_cuts=4):
+    """A hypothesis Dask chunking of ``shape``: up to ``max_cuts`` cuts per axis."""
+    out = []
+    for n in shape:
+        cuts = sorted(draw(hst.sets(hst.integers(1, max(n - 1, 1)), max_size=max_cuts))) if n > 1 else []
+        bounds = [0, *[c for c in cuts if 0 < c < n], n]
+        out.append(tuple(b - a for a, b in zip(bounds, bounds[1:]) if b > a) or (n,))
+    return tuple(out)
 
 
 def destroy_all_streams() -> None:

@@ -12,20 +12,11 @@ import aimss_dask
 from aimss_dask.shuffle.partitioning import block_pieces
 
 from conftest import assert_workers_clean as _clean
+from conftest import chunking
 
 
 def assert_workers_clean() -> None:
     _clean(aimss_dask.status())
-
-
-@st.composite
-def chunking(draw, shape):
-    out = []
-    for n in shape:
-        cuts = sorted(draw(st.sets(st.integers(1, max(n - 1, 1)), max_size=4))) if n > 1 else []
-        bounds = [0, *[c for c in cuts if 0 < c < n], n]
-        out.append(tuple(b - a for a, b in zip(bounds, bounds[1:]) if b > a) or (n,))
-    return tuple(out)
 
 
 @st.composite

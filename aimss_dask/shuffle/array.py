@@ -49,19 +49,13 @@ def push_run(
     new: tuple[tuple[int, ...], ...],
     final: Any,
     *args: Any,
-    create: Any = _tasks.create,
-    create_args: tuple[Any, ...] = (),
-    per_task: Any = None,
 ) -> tuple[HighLevelGraph, str]:
     """The graph of a push run from ``x``'s chunks to the grid ``new``.
 
     Returns the graph and the name of its output tasks, one per chunk of
     ``new``, keyed ``(name, *index)``: each calls ``final(stream, partition,
-    shape, *args, *per_task(index), sealed)`` on the worker that owns the
+    shape, *args, sealed)`` on the worker that owns the
     chunk's partition (the coordinator pins it), after the barrier.
-    ``rechunk`` reads the chunk back; ``to_zarr`` writes it to its shard.
-    ``create(names, npartitions, barrier, name, grid, prefer, *create_args)``
-    makes the run's stream.
 
     Each map task gets only its own pieces, cut on the client, so no task
     carries (or the scheduler scans) the chunk tuples of whole arrays.
@@ -76,8 +70,8 @@ def push_run(
     pieces = {idx: _pieces(idx, x.chunks, new, grid) for idx in np.ndindex(*blocks.shape)}
     graph: dict[Any, Any] = {
         create_key: Task(
-            create_key, create, [name], int(np.prod(grid)), barrier, out_name, grid,
-            _main_inputs(blocks, pieces, grid), *create_args,
+            create_key, _tasks.create, [name], int(np.prod(grid)), barrier, out_name, grid,
+            _main_inputs(blocks, pieces, grid),
         )
     }
     push_keys = []
@@ -92,9 +86,8 @@ def push_run(
     for idx in np.ndindex(*grid):
         p = int(np.ravel_multi_index(idx, grid))
         shape = tuple(new[a][i] for a, i in enumerate(idx))
-        extra = per_task(idx) if per_task is not None else ()
         graph[(out_name, *idx)] = Task(
-            (out_name, *idx), final, name, p, shape, *args, *extra, TaskRef(barrier)
+            (out_name, *idx), final, name, p, shape, *args, TaskRef(barrier)
         )
     deps = [blocks.flat[0]] if blocks.size else []
     return HighLevelGraph.from_collections(out_name, graph, dependencies=deps), out_name

@@ -68,10 +68,7 @@ def write_graph(x: da.Array, unit: tuple[int, ...], target: ZarrTarget) -> tuple
 
 
 def _block_keys(x: da.Array) -> dict[tuple[int, ...], Any]:
-    keys = np.empty(x.numblocks, dtype=object)
-    for idx in np.ndindex(*x.numblocks):
-        keys[idx] = (x.name, *idx)
-    return {idx: keys[idx] for idx in np.ndindex(*x.numblocks)}
+    return {idx: (x.name, *idx) for idx in np.ndindex(*x.numblocks)}
 
 
 def _held_groups(x: da.Array) -> list[list[tuple[int, ...]]] | None:

@@ -56,11 +56,6 @@ class UnitAssembler:
         if complete:
             self._ready(p)
 
-    def incomplete(self) -> list[int]:
-        """Units still waiting for pieces."""
-        with self._lock:
-            return [p for p, n in self.got.items() if n != self.expected[p]]
-
 
 def assemble(records: Iterable[Any], out: np.ndarray) -> int:
     """Copy ``(region, piece)`` records into ``out``; the elements copied."""

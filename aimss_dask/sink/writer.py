@@ -141,11 +141,6 @@ class WriteBehind:
             errors.append(f"writes still pending after {timeout} s")
         return {"written": run.written, "bytes": run.nbytes, "errors": errors}
 
-    def discard(self, run_id: str) -> None:
-        """Forget a run's bookkeeping (its queued writes still complete)."""
-        with self._cond:
-            self._runs.pop(run_id, None)
-
     def statistics(self) -> dict[str, int]:
         with self._cond:
             return {"queued_bytes": self._queued, "peak_queued_bytes": self.peak_queued}
