@@ -259,6 +259,36 @@ def test_prefetch_window_is_bounded_and_slides(client, tmp):
         aimss_dask.destroy_stream(s.name)
 
 
+async def _take_on_owner(name, epoch, takes, dask_worker=None):
+    from aimss_dask.source import broker
+
+    reply = await broker.take(dask_worker.plugins["aimss"], name, epoch, takes)
+    return [None if p is None else np.asarray(getattr(p, "data", p)) for p in reply["parts"]]
+
+
+def test_take_ahead_of_the_broker_reads_early_and_only_once(client, tmp):
+    # A shuffled loader's first batches want records from all over a
+    # partition: a take for a record the broker has not reached reads it at
+    # once, and the broker later appends that very read (no second read).
+    x = _array((40 * 4, 8), "f8")  # 40 slabs of 4 rows, one partition
+    s = from_zarr(_write(os.path.join(tmp, "x.zarr"), x, (4, 8)), partitions=1, prefetch=1)
+    try:
+        wait_until(lambda: [st["end"] for r in _runs(client, s.name).values() for _, st in r["parts"]] == [1])
+        (owner,) = _runs(client, s.name)
+        epoch = _runs(client, s.name)[owner]["epoch"]
+        parts = client.run(_take_on_owner, s.name, epoch, [[0, 35, [1, 3]], [0, 20, [0, 4]]], workers=[owner])[owner]
+        np.testing.assert_array_equal(parts[0], x[35 * 4 + 1 : 35 * 4 + 3])
+        np.testing.assert_array_equal(parts[1], x[20 * 4 : 21 * 4])
+        (st,) = [st for r in _runs(client, s.name).values() for _, st in r["parts"]]
+        assert st["early_reads"] == 2, st  # slabs 20 and 35, read for the take
+        np.testing.assert_array_equal(np.concatenate(list(s.batches(4))), x)  # in order, all of it
+        (st,) = [st for r in _runs(client, s.name).values() for _, st in r["parts"]]
+        assert st["end"] == 40 and st["early"] == 0
+        assert st["reads"] == 40, st  # each slab once: the broker appended the early reads
+    finally:
+        aimss_dask.destroy_stream(s.name)
+
+
 def test_plain_reads_are_not_stuck_behind_a_small_window(client, tmp):
     x = _array((40, 2), "i4")
     s = from_zarr(_write(os.path.join(tmp, "x.zarr"), x, (2, 2)), partitions=2, prefetch=1)

@@ -31,6 +31,17 @@ A loader that needs every record again and again (a shuffle, or several
 epochs) switches the run to *retain*: the brokers read the whole array and
 trim nothing; past the budget the log spills to local disk as usual.
 
+Early reads
+-----------
+A take for a record the broker has not started reading (a shuffled loader's
+first batches want records from all over the array) reads it at once, on a
+pool of its own, instead of waiting for the in-order read to get there; the
+brokers of the run pause their read-ahead meanwhile, so the reads a consumer
+waits for get the CPU first. The broker appends that very read when it
+reaches the offset (each slab is read once). Early reads held outside the log
+are bounded like the windows (``PREFETCH_FRACTION`` of the budget); past it a
+take waits for the in-order read as before.
+
 A broker stops when its partition is read and either retained or trimmed to
 the end, when the stream is dropped (``stop``: destroy, or its client left)
 and at plugin teardown.
@@ -47,7 +58,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -75,6 +86,9 @@ PREFETCH_FRACTION = 0.25
 READS_IN_FLIGHT = 2
 #: Threads of the process-wide pool that runs Zarr reads and log appends.
 READ_THREADS = 4
+#: Threads of the pool that runs reads a take is waiting for, so that they do
+#: not queue behind the brokers' read-ahead.
+EARLY_THREADS = 2
 #: How often an idle broker looks again (parked readers, a due poll).
 TICK = 0.05
 #: Coordinator polls for committed offsets: first interval and back-off cap.
@@ -84,6 +98,7 @@ PRIVATE_PREFIX = "loader-"
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_early_pool: ThreadPoolExecutor | None = None
 
 # The runs of each worker plugin. Kept here (not on the plugin) so the worker
 # plugin stays a thin coordinator; weak, so a torn-down plugin is freed.
@@ -96,6 +111,14 @@ def _executor() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="aimss-source")
         return _pool
+
+
+def _early_executor() -> ThreadPoolExecutor:
+    global _early_pool
+    with _pool_lock:
+        if _early_pool is None:
+            _early_pool = ThreadPoolExecutor(EARLY_THREADS, thread_name_prefix="aimss-source-early")
+        return _early_pool
 
 
 def runs(plugin: Any) -> dict[str, SourceRun]:
@@ -116,6 +139,12 @@ class _Part:
     demand: int = 0  # a take waits for offsets below this
     peak: int = 0  # most records held at once (end - start)
     sealed: bool = False
+    issued: int = 0  # the broker's in-order reads cover offsets below this
+    reads: int = 0  # slabs read from the store (each once, early or in order)
+    early_reads: int = 0  # of which a take started early
+    # Reads a take started ahead of the broker (offset >= issued), kept until
+    # the broker reaches them and appends them in order.
+    early: dict[int, asyncio.Future[np.ndarray]] = field(default_factory=dict)
 
 
 class SourceRun:
@@ -135,6 +164,9 @@ class SourceRun:
         wanted = source.get("prefetch")
         window = cap if wanted is None else max(1, min(int(wanted), cap))
         self.parts = {p: _Part(p, self.layout.records(p), window) for p in parts}
+        # Early reads held at once on this worker (outside the log until the
+        # broker appends them): bounded like the prefetch windows.
+        self.early_cap = max(READS_IN_FLIGHT, int(budget * PREFETCH_FRACTION) // slab)
         self.retain = False
         self.loaders: set[str] = set()
         # Offsets of every consumer known here (polled groups and attached
@@ -167,6 +199,10 @@ class SourceRun:
         self.stopped = True
         for t in self.tasks:
             t.cancel()
+        for st in self.parts.values():
+            for f in st.early.values():
+                f.cancel()
+            st.early.clear()
         self._pulse()
 
     def _pulse(self) -> None:
@@ -198,11 +234,22 @@ class SourceRun:
             while not self.stopped:
                 await self._trim(st)
                 target = self._target(st)
+                if self._early_busy() and st.end not in st.early:
+                    # A take waits for early reads: they get the CPU first.
+                    target = min(target, st.end + len(inflight))
                 while st.end + len(inflight) < target and len(inflight) < READS_IN_FLIGHT:
-                    inflight.append(loop.run_in_executor(pool, self._read, st.p, st.end + len(inflight)))
+                    o = st.end + len(inflight)
+                    # A take may have read this slab already: no second read.
+                    early = st.early.get(o)
+                    if early is None:
+                        early = loop.run_in_executor(pool, self._read, st.p, o)
+                        st.reads += 1
+                    inflight.append(early)
+                    st.issued = max(st.issued, o + 1)
                 if inflight:
                     data = await inflight[0]
                     inflight.popleft()
+                    st.early.pop(st.end, None)
                     # local_append spills when the log is over budget: a thread.
                     await loop.run_in_executor(pool, self._append, st.p, data)
                     st.end += 1
@@ -350,27 +397,59 @@ class SourceRun:
             wanted.append((st, offset))
             # Demand first for every record, so all partitions read at once.
             st.demand = max(st.demand, offset + 1)
+        self._start_early(wanted)
         self._pulse()
+        ahead: dict[tuple[int, int], np.ndarray] = {}
         for st, offset in wanted:
+            early = st.early.get(offset)
+            if early is not None and st.end <= offset:
+                # asyncio.shield: a cancelled take must not cancel the read
+                # the broker will append.
+                ahead[(st.p, offset)] = await asyncio.shield(early)
+                continue
             while st.end <= offset:
                 self._check()
                 await self._appended.wait()
         self._check()
-        return await asyncio.get_running_loop().run_in_executor(_executor(), self._take, takes)
+        return await asyncio.get_running_loop().run_in_executor(_executor(), self._take, takes, ahead)
 
-    def _take(self, takes: list[list[Any]]) -> dict[str, Any]:
+    def _early_busy(self) -> bool:
+        return any(not f.done() for st in self.parts.values() for f in st.early.values())
+
+    def _start_early(self, wanted: list[tuple[_Part, int]]) -> None:
+        """Read now the records a take wants that the broker has not started on.
+
+        A shuffled loader's first batches want records from all over the
+        partition; waiting for the broker's in-order read to reach them
+        would cost a cold start of about the whole array's read time.
+        """
+        loop = asyncio.get_running_loop()
+        held = sum(len(st.early) for st in self.parts.values())
+        for st, offset in wanted:
+            if offset < st.issued or offset in st.early or held >= self.early_cap:
+                continue
+            st.early[offset] = fut = loop.run_in_executor(_early_executor(), self._read, st.p, offset)
+            fut.add_done_callback(lambda _: self._pulse())  # paused brokers go on
+            st.reads += 1
+            st.early_reads += 1
+            held += 1
+
+    def _take(self, takes: list[list[Any]], ahead: dict[tuple[int, int], np.ndarray]) -> dict[str, Any]:
         """``parts``: a view per row range; scattered rows gathered into one array.
 
         One reply array for all scattered rows instead of one per record:
         a shuffled batch touches many records for a few rows each, and each
-        array on the wire has a fixed cost.
+        array on the wire has a fixed cost. ``ahead`` holds records read
+        early, not yet in the log.
         """
         store = self.plugin.store
         parts: list[Any] = []
         gathered: list[tuple[np.ndarray, np.ndarray]] = []
         for p, offset, rows in takes:
             # Spilled records are read back from disk here: in a thread.
-            (record,), _, _ = store.read(self.spec.name, self.spec.epoch, p, offset, 1)
+            record = ahead.get((p, offset))
+            if record is None:
+                (record,), _, _ = store.read(self.spec.name, self.spec.epoch, p, offset, 1)
             if isinstance(rows, (list, tuple)):
                 parts.append(to_serialize(record[rows[0] : rows[1]]))  # a view: no copy here
             else:
@@ -448,6 +527,9 @@ class SourceRun:
                         "window": st.window,
                         "demand": st.demand,
                         "peak": st.peak,
+                        "reads": st.reads,
+                        "early": len(st.early),
+                        "early_reads": st.early_reads,
                         "sealed": st.sealed,
                     },
                 ]
