@@ -5,8 +5,10 @@ persisted on a LocalCluster of 2 worker processes with 1 thread each; the
 timed part is the write, from the call until the data is in the store. Every
 method of a case runs in the same run, interleaved, after a warm-up round;
 medians over ``--reps``. Reported: wall time, GB/s, peak RSS of each worker.
-Writes are buffered (no fsync, as Zarr does); the page cache is synced before
-each method so none pays for another's writeback.
+Writes are buffered (no fsync, as Zarr does). So that no method pays for
+another's leftovers, the page cache is synced before each method, free memory
+is touched first (``_common.prefault``), and a round's outputs are deleted
+only after the round, then the file system settles (``_common.settle``).
 
 Cases (``--cases``):
 - ``aligned``: Dask blocks of 1024 rows, Zarr chunks of 1024 rows.
@@ -45,6 +47,7 @@ from typing import Any
 import numpy as np
 from _common import GiB
 from _common import finish as _finish
+from _common import prefault, settle
 from _common import start as _start
 
 UNIT_ROWS = 1024
@@ -167,11 +170,19 @@ def _measure(
 ) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": []} for m in methods}
     for rep in range(args.reps + 1):  # the first round warms up
+        # A round's outputs are deleted together after the round, and the file
+        # system settles before the next: see _common.settle.
+        os.sync()
+        settle(root)
+        paths = []
         for name, fn in methods.items():
             path = os.path.join(root, f"{name}-{rep}.zarr")
-            # Start every method with no dirty pages waiting for the disk:
-            # otherwise a method pays for the writeback of the one before.
+            paths.append(path)
+            # Start every method with no dirty pages waiting for the disk
+            # (otherwise a method pays for the writeback of the one before),
+            # and with backed free pages for its page cache.
             os.sync()
+            prefault(int(args.gib * GiB) + GiB)
             client.run(_start)
             t0 = time.perf_counter()
             fn(path)
@@ -179,13 +190,14 @@ def _measure(
             peaks = client.run(_finish)
             if name != "plain":
                 _check(path, x, rows)
-            shutil.rmtree(path, ignore_errors=True)
             if rep == 0:
                 continue
             rss = max(r for r, _ in peaks.values())
             results[name]["t"].append(dt)
             results[name]["rss"].append(rss)
             print(f"  rep {rep} {name:13s} {dt:7.2f} s  peak RSS/worker {rss / GiB:.2f} GiB", flush=True)
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
     return {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
 
 
