@@ -97,28 +97,21 @@ POLL_MIN, POLL_MAX = 0.25, 4.0
 PRIVATE_PREFIX = "loader-"
 
 _pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_early_pool: ThreadPoolExecutor | None = None
+_pools: dict[bool, ThreadPoolExecutor] = {}
 
 # The runs of each worker plugin. Kept here (not on the plugin) so the worker
 # plugin stays a thin coordinator; weak, so a torn-down plugin is freed.
 _runs: weakref.WeakKeyDictionary[Any, dict[str, SourceRun]] = weakref.WeakKeyDictionary()
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _pool
+def _executor(early: bool = False) -> ThreadPoolExecutor:
+    """The process-wide pool of reads and appends, or (``early``) of reads a take waits for."""
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="aimss-source")
-        return _pool
-
-
-def _early_executor() -> ThreadPoolExecutor:
-    global _early_pool
-    with _pool_lock:
-        if _early_pool is None:
-            _early_pool = ThreadPoolExecutor(EARLY_THREADS, thread_name_prefix="aimss-source-early")
-        return _early_pool
+        pool = _pools.get(early)
+        if pool is None:
+            threads, prefix = (EARLY_THREADS, "aimss-source-early") if early else (READ_THREADS, "aimss-source")
+            pool = _pools[early] = ThreadPoolExecutor(threads, thread_name_prefix=prefix)
+        return pool
 
 
 def runs(plugin: Any) -> dict[str, SourceRun]:
@@ -428,7 +421,7 @@ class SourceRun:
         for st, offset in wanted:
             if offset < st.issued or offset in st.early or held >= self.early_cap:
                 continue
-            st.early[offset] = fut = loop.run_in_executor(_early_executor(), self._read, st.p, offset)
+            st.early[offset] = fut = loop.run_in_executor(_executor(early=True), self._read, st.p, offset)
             fut.add_done_callback(lambda _: self._pulse())  # paused brokers go on
             st.reads += 1
             st.early_reads += 1
