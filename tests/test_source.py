@@ -62,6 +62,11 @@ def _runs(client, name):
     return {w: r[name] for w, r in client.run(_worker_runs, name=name).items() if name in r}
 
 
+def _part_states(client, name):
+    """The broker state of every partition of ``name``, over all workers."""
+    return [st for r in _runs(client, name).values() for _, st in r["parts"]]
+
+
 # -- pure planning ---------------------------------------------------------------------
 
 
@@ -235,7 +240,7 @@ def test_prefetch_window_is_bounded_and_slides(client, tmp):
     s = from_zarr(_write(os.path.join(tmp, "x.zarr"), x, (slab_rows, cols)), partitions=2, prefetch=window)
     try:
         # Before anyone reads, the brokers fill the first window and stop.
-        wait_until(lambda: sum(st["end"] for r in _runs(client, s.name).values() for _, st in r["parts"]) == 2 * window)
+        wait_until(lambda: sum(st["end"] for st in _part_states(client, s.name)) == 2 * window)
         time.sleep(0.3)
         assert s.info()["records"] == [window, window]
         got, most = [], [0, 0]
@@ -273,16 +278,16 @@ def test_take_ahead_of_the_broker_reads_early_and_only_once(client, tmp):
     x = _array((40 * 4, 8), "f8")  # 40 slabs of 4 rows, one partition
     s = from_zarr(_write(os.path.join(tmp, "x.zarr"), x, (4, 8)), partitions=1, prefetch=1)
     try:
-        wait_until(lambda: [st["end"] for r in _runs(client, s.name).values() for _, st in r["parts"]] == [1])
+        wait_until(lambda: [st["end"] for st in _part_states(client, s.name)] == [1])
         (owner,) = _runs(client, s.name)
         epoch = _runs(client, s.name)[owner]["epoch"]
         parts = client.run(_take_on_owner, s.name, epoch, [[0, 35, [1, 3]], [0, 20, [0, 4]]], workers=[owner])[owner]
         np.testing.assert_array_equal(parts[0], x[35 * 4 + 1 : 35 * 4 + 3])
         np.testing.assert_array_equal(parts[1], x[20 * 4 : 21 * 4])
-        (st,) = [st for r in _runs(client, s.name).values() for _, st in r["parts"]]
+        (st,) = _part_states(client, s.name)
         assert st["early_reads"] == 2, st  # slabs 20 and 35, read for the take
         np.testing.assert_array_equal(np.concatenate(list(s.batches(4))), x)  # in order, all of it
-        (st,) = [st for r in _runs(client, s.name).values() for _, st in r["parts"]]
+        (st,) = _part_states(client, s.name)
         assert st["end"] == 40 and st["early"] == 0
         assert st["reads"] == 40, st  # each slab once: the broker appended the early reads
     finally:
