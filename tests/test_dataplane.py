@@ -42,6 +42,23 @@ def test_pool_keeps_idle_bytes_within_its_limit():
     assert st["pool_bytes"] <= 2 * 2**20  # one in hand (now free again) plus at most 1 MiB idle
 
 
+def test_pool_releases_idle_buffers_but_keeps_those_in_use():
+    pool = BufferPool(lambda: 1 << 30)
+    held = pool.take(3 * 2**20)
+    record = np.frombuffer(memoryview(held)[:64], dtype="u8")  # still in a log
+    del held
+    pool.take(2**20)  # free again at once
+    assert pool.statistics()["pool_bytes"] == 4 * 2**20
+    assert pool.release_idle() == 2**20
+    st = pool.statistics()
+    assert st == {"pool_bytes": 3 * 2**20, "pool_free_bytes": 0}
+    assert record.sum() >= 0  # the record's memory is intact and still usable
+    del record
+    gc.collect()
+    assert pool.release_idle() == 3 * 2**20
+    assert pool.statistics()["pool_bytes"] == 0
+
+
 def test_pool_prefers_the_smallest_free_buffer_that_fits():
     pool = BufferPool(lambda: 1 << 30)
     big = pool.take(8 * 2**20)

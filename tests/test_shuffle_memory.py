@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import dask.dataframe as dd
 import numpy as np
@@ -96,6 +97,13 @@ def test_shuffle_larger_than_the_budget_spills_and_frees():
             assert w["streams"] == [] and w["memory_bytes"] == 0 and w["spilled_bytes"] == 0
             d = w["spill_directory"]
             assert not os.path.isdir(d) or os.listdir(d) == []
+        # Idle receive buffers go back to the OS with the last stream (the
+        # drop finishes on the worker just after the stream is forgotten).
+        deadline = time.monotonic() + 10
+        while any(w.get("pool_bytes", 0) for w in st.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            st = aimss_dask.status()
+        assert all(w.get("pool_bytes", 0) == 0 for w in st.values()), [(w.get("pool_bytes"), w.get("pool_free_bytes")) for w in st.values()]
 
 
 def dask_bytes(s: str) -> int:

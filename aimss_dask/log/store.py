@@ -103,6 +103,12 @@ class LogStore:
         with self._lock:
             return name in self._streams
 
+    @property
+    def empty(self) -> bool:
+        """No stream is open on this worker."""
+        with self._lock:
+            return not self._streams
+
     def drop(self, name: str) -> bool:
         """Free the memory and spill files of ``name``; False if unknown."""
         with self._lock:

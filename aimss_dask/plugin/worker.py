@@ -347,6 +347,12 @@ class AIMSSWorker(WorkerPlugin):
             except AIMSSError:
                 return  # a newer stream of the same name: not ours to drop
         self.store.drop(name)
+        if self.store.empty:
+            # The last stream is gone: idle receive and scratch buffers are
+            # memory nobody uses until the next run; give it back.
+            for pool in (self.pool, self.scratch):
+                if pool is not None:
+                    pool.release_idle()
 
     @replies
     async def _h_move(self, spec: dict[str, Any], partitions: list[int]) -> dict[str, Any]:

@@ -110,6 +110,9 @@ def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataF
         out = partitioning.unpack(shards, meta)
     else:
         out = partitioning.combine(shards, meta)
+    # Views into receive buffers: let go of them before the release, which
+    # may drop the stream and hand idle buffers back to the OS.
+    del shards
     api.release_partition(name, partition)
     return out
 
@@ -183,6 +186,7 @@ def read_block(name: str, partition: int, shape: tuple[int, ...], dtype: Any, se
     for dst, piece in api.read_from(name, partition=partition):
         out[tuple(slice(a, b) for a, b in dst)] = piece
         filled += piece.size
+        del piece  # a view into a receive buffer: see read()
     api.release_partition(name, partition)
     if filled != out.size:
         from aimss_dask.errors import AIMSSError

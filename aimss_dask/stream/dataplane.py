@@ -106,6 +106,19 @@ class BufferPool:
         n = int(np.prod(shape)) * dt.itemsize
         return self.take(n)[:n].view(dt).reshape(shape)
 
+    def release_idle(self) -> int:
+        """Give every free buffer back to the OS; the bytes released.
+
+        Reuse only pays while data flows: once no stream is open, idle
+        buffers are RSS nobody is using (and the next run, or another
+        library's work, would be charged for them).
+        """
+        with self._lock:
+            keep = [i for i in range(len(self._buffers)) if self._refs(i) > self._free_refs]
+            freed = sum(b.nbytes for b in self._buffers) - sum(self._buffers[i].nbytes for i in keep)
+            self._buffers[:] = [self._buffers[i] for i in keep]
+        return freed
+
     def statistics(self) -> dict[str, int]:
         with self._lock:
             total = sum(b.nbytes for b in self._buffers)
