@@ -145,3 +145,34 @@ def test_close_drops_open_connections(server):
     srv.close()  # idempotent
     assert sock.recv(1) == b""  # the server hung up
     sock.close()
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_records_pin_the_receive_buffer_only_when_stored_as_views(copies):
+    stored: list = []
+    pool = BufferPool(lambda: 1 << 30)
+    asked: list[int] = []
+
+    def own_copies(n: int) -> bool:
+        asked.append(n)
+        return copies
+
+    srv = DataServer("127.0.0.1", lambda groups: stored.extend(groups) or {}, pool, own_copies)
+    try:
+        sock = socket.create_connection(srv.address)
+        arrays = [np.arange(1000, dtype="f8") * i for i in range(4)]
+        df = pd.DataFrame({"a": [1.5, 2.5], "b": ["x", "y"]})
+        dataplane.send_buffers(sock, dataplane.encode_batch(_batch("s", [*arrays, df])))
+        assert dataplane.read_ack(sock) == {"errors": {}}
+        sock.close()
+    finally:
+        srv.close()
+    assert asked and asked[0] > sum(a.nbytes for a in arrays)
+    for got, want in zip(stored[0][3], arrays):
+        np.testing.assert_array_equal(got, want)
+    pd.testing.assert_frame_equal(stored[0][3][-1], df)
+    gc.collect()
+    st = pool.statistics()
+    # Stored copies leave the buffer free for the next batch; stored views
+    # keep it in use for as long as any record of the batch lives.
+    assert (st["pool_free_bytes"] == st["pool_bytes"] > 0) == copies, st

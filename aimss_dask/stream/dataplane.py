@@ -191,9 +191,18 @@ def read_ack(sock: socket.socket) -> dict[str, Any]:
 class DataServer:
     """A worker's listener for pushed batches: one thread per producer connection."""
 
-    def __init__(self, host: str, handler: BatchHandler, pool: BufferPool) -> None:
+    def __init__(
+        self,
+        host: str,
+        handler: BatchHandler,
+        pool: BufferPool,
+        own_copies: Callable[[int], bool] | None = None,
+    ) -> None:
         self._handler = handler
         self._pool = pool
+        # Asked per batch (with its payload size): store records as copies
+        # of their own instead of views into the shared receive buffer.
+        self._own_copies = own_copies
         self._sock = socket.create_server((host, 0))
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._conns: set[socket.socket] = set()
@@ -243,6 +252,11 @@ class DataServer:
         """Read one batch's payload into a pool buffer and store its records."""
         view = memoryview(self._pool.take(plen))[:plen]
         _recv_exact(conn, view)
+        # A view pins its whole receive buffer: once the log may spill, a
+        # spilled record would free nothing while any other record of its
+        # batch stays in memory. Then each record gets memory of its own
+        # (one copy), and the buffer is free again as soon as we return.
+        copy = self._own_copies is not None and self._own_copies(plen)
         groups = []
         pos = 0
         for name, epoch, partition, recs, sizes in header:
@@ -250,7 +264,8 @@ class DataServer:
             for rheader, lengths in recs:
                 frames = []
                 for n in lengths:
-                    frames.append(view[pos : pos + n])
+                    frame = view[pos : pos + n]
+                    frames.append(memoryview(bytearray(frame)) if copy else frame)
                     pos += n
                 records.append(deserialize(rheader, frames))
             groups.append((name, epoch, partition, records, sizes))
