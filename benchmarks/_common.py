@@ -96,8 +96,10 @@ def prefault(nbytes: int) -> None:
     del warm
 
 
-def start(dask_worker: Any) -> None:
+def start(dask_worker: Any) -> int:
+    """Start sampling; returns the worker's RSS now (what earlier methods left)."""
     dask_worker._bench_sampler = Sampler(dask_worker.local_directory)
+    return int(dask_worker._bench_sampler.rss)
 
 
 def finish(dask_worker: Any) -> tuple[int, int]:

@@ -8,7 +8,8 @@ of two frames (aimss against Dask's p2p merge).
 
 The input is generated and persisted first; the timed part is the shuffle
 plus ``len`` of every output partition. Reported: wall time, GB/s of input,
-peak RSS of each worker (sampled every 20 ms) and peak disk used under the
+peak RSS of each worker (sampled every 20 ms; with the RSS it started from,
+which is what the methods before it left behind) and peak disk used under the
 workers' local directories.
 
     python benchmarks/bench_shuffle.py --gib 1 --reps 3 [--skew] [--merge]
@@ -88,11 +89,13 @@ def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nby
 
     Every method must return the same result (a row count, a sum); it is returned.
     """
-    results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": [], "disk": []} for m in methods}
+    # "rss0": RSS when the method starts, i.e. what the methods before it left
+    # behind; a method's peak includes it.
+    results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": [], "rss0": [], "disk": []} for m in methods}
     first: Any = None
     for rep in range(args.reps + 1):  # the first round warms up
         for name, fn in methods.items():
-            client.run(_start)
+            starts = client.run(_start)
             t0 = time.perf_counter()
             got = fn()
             dt = time.perf_counter() - t0
@@ -103,6 +106,7 @@ def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nby
                 continue
             results[name]["t"].append(dt)
             results[name]["rss"].append(max(r for r, _ in peaks.values()))
+            results[name]["rss0"].append(max(starts.values()))
             results[name]["disk"].append(sum(d for _, d in peaks.values()))
             print(f"  rep {rep} {name:8s} {dt:7.2f} s  peak RSS/worker {max(r for r, _ in peaks.values()) / GiB:.2f} GiB", flush=True)
     print(f"\n{title}, medians of {args.reps}:")
@@ -110,7 +114,8 @@ def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nby
     for m, r in med.items():
         print(
             f"{m:8s} {r['t']:7.2f} s  {nbytes / r['t'] / 1e9:6.3f} GB/s  "
-            f"peak RSS/worker {r['rss'] / GiB:5.2f} GiB  disk {r['disk'] / GiB:5.2f} GiB"
+            f"peak RSS/worker {r['rss'] / GiB:5.2f} GiB (at start {r['rss0'] / GiB:5.2f})  "
+            f"disk {r['disk'] / GiB:5.2f} GiB"
         )
     for m in med:
         if m != "aimss":
