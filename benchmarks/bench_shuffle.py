@@ -104,11 +104,12 @@ def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nby
             assert got == _approx(first), (name, got, first)
             if rep == 0:
                 continue
+            rss = max(r for r, _ in peaks.values())
             results[name]["t"].append(dt)
-            results[name]["rss"].append(max(r for r, _ in peaks.values()))
+            results[name]["rss"].append(rss)
             results[name]["rss0"].append(max(starts.values()))
             results[name]["disk"].append(sum(d for _, d in peaks.values()))
-            print(f"  rep {rep} {name:8s} {dt:7.2f} s  peak RSS/worker {max(r for r, _ in peaks.values()) / GiB:.2f} GiB", flush=True)
+            print(f"  rep {rep} {name:8s} {dt:7.2f} s  peak RSS/worker {rss / GiB:.2f} GiB", flush=True)
     print(f"\n{title}, medians of {args.reps}:")
     med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
     for m, r in med.items():

@@ -90,15 +90,28 @@ class BufferPool:
             self._shrink(idle)
             return buf
 
-    def _shrink(self, idle: int) -> None:
-        limit = self._idle_limit()
+    def _shrink(self, idle: int, limit: int | None = None) -> int:
+        """Drop free buffers until at most ``limit`` (default: the pool's own)
+        of the ``idle`` bytes remain; the bytes dropped. Hold the lock."""
+        limit = self._idle_limit() if limit is None else limit
+        dropped = 0
         i = 0
-        while idle > limit and i < len(self._buffers):
+        while idle - dropped > limit and i < len(self._buffers):
             if self._refs(i) <= self._free_refs:
-                idle -= self._buffers[i].nbytes
+                dropped += self._buffers[i].nbytes
                 del self._buffers[i]
             else:
                 i += 1
+        return dropped
+
+    def _idle_bytes(self) -> int:
+        # Indexing, not iterating: a loop variable would be one more
+        # reference and make every buffer look in use. Hold the lock.
+        return sum(
+            self._buffers[i].nbytes
+            for i in range(len(self._buffers))
+            if self._refs(i) <= self._free_refs
+        )
 
     def array(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An uninitialised array on a pooled buffer (free again once unreferenced)."""
@@ -114,19 +127,12 @@ class BufferPool:
         library's work, would be charged for them).
         """
         with self._lock:
-            keep = [i for i in range(len(self._buffers)) if self._refs(i) > self._free_refs]
-            freed = sum(b.nbytes for b in self._buffers) - sum(self._buffers[i].nbytes for i in keep)
-            self._buffers[:] = [self._buffers[i] for i in keep]
-        return freed
+            return self._shrink(self._idle_bytes(), 0)
 
     def statistics(self) -> dict[str, int]:
         with self._lock:
             total = sum(b.nbytes for b in self._buffers)
-            free = sum(
-                self._buffers[i].nbytes
-                for i in range(len(self._buffers))
-                if self._refs(i) <= self._free_refs
-            )
+            free = self._idle_bytes()
         return {"pool_bytes": total, "pool_free_bytes": free}
 
     def clear(self) -> None:
