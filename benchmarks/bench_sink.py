@@ -3,12 +3,14 @@
 A float64 array of ``--gib`` (``--cols`` columns, row blocks) is generated and
 persisted on a LocalCluster of 2 worker processes with 1 thread each; the
 timed part is the write, from the call until the data is in the store. Every
-method of a case runs in the same run, interleaved, after a warm-up round;
-medians over ``--reps``. Reported: wall time, GB/s, peak RSS of each worker.
-Writes are buffered (no fsync, as Zarr does). So that no method pays for
-another's leftovers, the page cache is synced before each method, free memory
-is touched first (``_common.prefault``), and a round's outputs are deleted
-only after the round, then the file system settles (``_common.settle``).
+method of a case runs in the same run, interleaved (each round starts with
+the next method), after a warm-up round; medians over ``--reps``. Reported:
+wall time, GB/s, peak RSS of each worker, and the CPU time the workers used
+(user + system, summed over both). Writes are buffered (no fsync, as Zarr
+does). So that no method pays for another's leftovers, the page cache is
+synced before each method, free memory is touched first
+(``_common.prefault``), and a round's outputs are deleted only after the
+round, then the file system settles (``_common.settle``).
 
 Cases (``--cases``):
 - ``aligned``: Dask blocks of 1024 rows, Zarr chunks of 1024 rows.
@@ -47,7 +49,7 @@ from typing import Any
 import numpy as np
 from _common import GiB
 from _common import finish as _finish
-from _common import prefault, settle
+from _common import cpu_seconds, prefault, settle
 from _common import start as _start
 
 UNIT_ROWS = 1024
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> None:
                 for m, r in med.items():
                     print(
                         f"{m:13s} {r['t']:7.2f} s  {nbytes / r['t'] / 1e9:6.3f} GB/s  "
-                        f"peak RSS/worker {r['rss'] / GiB:5.2f} GiB"
+                        f"worker CPU {r['cpu']:6.2f} s  peak RSS/worker {r['rss'] / GiB:5.2f} GiB"
                     )
                 peers = [m for m in med if m.startswith("dask")]
                 best = min(peers, key=lambda m: med[m]["t"])
@@ -156,7 +158,8 @@ def run(args: argparse.Namespace) -> None:
                     + ", ".join(f"{m} {nbytes / med[m]['t'] / 1e9:5.2f}" for m in peers)
                     + f"; plain {nbytes / med['plain']['t'] / 1e9:5.2f} GB/s; "
                     f"aimss vs best dask ({best}) {med[best]['t'] / med['aimss']['t']:.2f}x, "
-                    f"aimss / plain {med['plain']['t'] / med['aimss']['t']:.0%}"
+                    f"aimss / plain {med['plain']['t'] / med['aimss']['t']:.0%} "
+                    f"(worker CPU {med['aimss']['cpu']:.2f} s vs plain {med['plain']['cpu']:.2f} s)"
                 )
                 print(line, flush=True)
                 summary.append(line)
@@ -168,14 +171,18 @@ def run(args: argparse.Namespace) -> None:
 def _measure(
     args: argparse.Namespace, client: Any, methods: dict[str, Any], root: str, x: Any, rows: int
 ) -> dict[str, dict[str, float]]:
-    results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": []} for m in methods}
+    results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": [], "cpu": []} for m in methods}
+    names = list(methods)
     for rep in range(args.reps + 1):  # the first round warms up
         # A round's outputs are deleted together after the round, and the file
         # system settles before the next: see _common.settle.
         os.sync()
         settle(root)
         paths = []
-        for name, fn in methods.items():
+        # Each round starts with another method, so that none always runs
+        # first after the settle (or always right after the heaviest one).
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            fn = methods[name]
             path = os.path.join(root, f"{name}-{rep}.zarr")
             paths.append(path)
             # Start every method with no dirty pages waiting for the disk
@@ -184,9 +191,11 @@ def _measure(
             os.sync()
             prefault(int(args.gib * GiB) + GiB)
             client.run(_start)
+            cpu0 = client.run(cpu_seconds)
             t0 = time.perf_counter()
             fn(path)
             dt = time.perf_counter() - t0
+            cpu = sum(client.run(cpu_seconds).values()) - sum(cpu0.values())
             peaks = client.run(_finish)
             if name != "plain":
                 _check(path, x, rows)
@@ -195,7 +204,11 @@ def _measure(
             rss = max(r for r, _ in peaks.values())
             results[name]["t"].append(dt)
             results[name]["rss"].append(rss)
-            print(f"  rep {rep} {name:13s} {dt:7.2f} s  peak RSS/worker {rss / GiB:.2f} GiB", flush=True)
+            results[name]["cpu"].append(cpu)
+            print(
+                f"  rep {rep} {name:13s} {dt:7.2f} s  worker CPU {cpu:6.2f} s  peak RSS/worker {rss / GiB:.2f} GiB",
+                flush=True,
+            )
         for path in paths:
             shutil.rmtree(path, ignore_errors=True)
     return {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}

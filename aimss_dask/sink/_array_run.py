@@ -35,7 +35,7 @@ from dask.highlevelgraph import HighLevelGraph
 from aimss_dask.errors import SinkError
 from aimss_dask.shuffle import _tasks as shuffle_tasks
 from aimss_dask.shuffle.array import _main_inputs, _pieces
-from aimss_dask.sink.assembler import UnitAssembler, assemble, unit_region
+from aimss_dask.sink.assembler import UnitAssembler, assemble, row_slabs, unit_region
 from aimss_dask.sink.writer import ZarrTarget
 
 #: Bytes of in-memory blocks one grouped task writes or pushes.
@@ -290,11 +290,16 @@ def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes
     def _unit_job(p: int, put: Any) -> int:
         try:
             records, _, _ = plugin.store.read(name, epoch, p, 0, None)
-            out = plugin.scratch.array(shapes[p], dtype)
-            if assemble(records, out) != out.size:
-                raise SinkError(f"unit {p} of {name!r} is incomplete; this is a bug, please report it")
+            # Pieces cut along the first axis only are written as they are;
+            # anything else is assembled into one array first.
+            out = row_slabs(records, shapes[p], dtype)
+            if out is None:
+                out = plugin.scratch.array(shapes[p], dtype)
+                if assemble(records, out) != out.size:
+                    raise SinkError(f"unit {p} of {name!r} is incomplete; this is a bug, please report it")
             del records
             nbytes = put(unit_region(p, chunks), out)
+            del out  # views into the log's records: let them go before the trim
             plugin.store.trim(name, epoch, p)  # durable: free its memory now
         except Exception:
             if plugin.assemblers.get(name) is not asm:

@@ -66,6 +66,78 @@ def assemble(records: Iterable[Any], out: np.ndarray) -> int:
     return filled
 
 
+class RowSlabs:
+    """A unit's data as row slabs, not yet copied into one array.
+
+    Each slab spans every axis but the first whole, and the slabs follow each
+    other along the first axis. That is how a unit arrives when the input's
+    blocks are cut along the first axis only (time steps, samples): its bytes
+    in C order are the slabs' bytes one after the other, so a chunk can be
+    written straight from them, with no assembly copy
+    (:mod:`aimss_dask.sink.direct`).
+
+    Examples
+    --------
+    >>> s = RowSlabs((4, 2), np.dtype("f8"), [0, 1], [np.zeros((1, 2)), np.ones((3, 2))])
+    >>> [p.shape for p in s.parts(0, 2)]
+    [(1, 2), (1, 2)]
+    >>> s.materialize()[:, 0].tolist()
+    [0.0, 1.0, 1.0, 1.0]
+    """
+
+    def __init__(
+        self, shape: tuple[int, ...], dtype: np.dtype, starts: list[int], arrays: list[np.ndarray]
+    ) -> None:
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+        self.nbytes = self.size * self.dtype.itemsize
+        self._starts = list(starts)
+        self._arrays = list(arrays)
+
+    def parts(self, a: int, b: int) -> list[np.ndarray]:
+        """Views that cover rows ``[a, b)``, in order."""
+        out = []
+        for start, arr in zip(self._starts, self._arrays):
+            lo, hi = max(a, start), min(b, start + arr.shape[0])
+            if lo < hi:
+                out.append(arr[lo - start : hi - start])
+        return out
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows ``[a, b)`` as one array (a view when they lie in one slab)."""
+        parts = self.parts(a, b)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def materialize(self) -> np.ndarray:
+        return self.rows(0, self.shape[0])
+
+
+def row_slabs(records: Iterable[Any], shape: tuple[int, ...], dtype: np.dtype) -> RowSlabs | None:
+    """``(region, piece)`` records as :class:`RowSlabs`, or None if they are not row slabs.
+
+    None also when the pieces do not tile the unit exactly (a gap or an
+    overlap): the caller then assembles, and its element count catches it.
+    """
+    got = []
+    for dst, piece in records:
+        if any((lo, hi) != (0, n) for (lo, hi), n in zip(dst[1:], shape[1:])):
+            return None
+        if piece.dtype != dtype or not piece.flags.c_contiguous:
+            return None
+        got.append((dst[0][0], dst[0][1], piece))
+    got.sort(key=lambda t: t[0])
+    row = 0
+    for lo, hi, _ in got:
+        if lo != row:
+            return None
+        row = hi
+    if row != (shape[0] if shape else 0) or not shape:
+        return None
+    return RowSlabs(shape, dtype, [g[0] for g in got], [g[2] for g in got])
+
+
 def unit_region(p: int, chunks: tuple[tuple[int, ...], ...]) -> tuple[slice, ...]:
     """The region of the array that unit ``p`` (row-major over ``chunks``) covers.
 

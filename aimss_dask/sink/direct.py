@@ -28,12 +28,21 @@ from typing import Any
 
 import numpy as np
 
+from aimss_dask.sink.assembler import RowSlabs
+
+#: What a region is written from: an array, or a unit's row slabs.
+Data = np.ndarray | RowSlabs
+
+#: Stores whole units: ``put(region, data) -> bytes written``.
+Put = Callable[[tuple[slice, ...], Data], int]
+
 MAX_UINT_64 = np.uint64(2**64 - 1)
 
-Encoder = Callable[[np.ndarray], Any]
+#: A chunk's parts (in C order) to the buffers that store it.
+Encoder = Callable[[list[np.ndarray]], list[Any]]
 
 
-def direct_writer(array: Any) -> Callable[[tuple[slice, ...], np.ndarray], int] | None:
+def direct_writer(array: Any) -> Put | None:
     """A function that writes whole-unit regions of ``array``, or None if unsupported."""
     try:
         return _build(array)
@@ -41,7 +50,7 @@ def direct_writer(array: Any) -> Callable[[tuple[slice, ...], np.ndarray], int] 
         return None
 
 
-def _build(array: Any) -> Callable[[tuple[slice, ...], np.ndarray], int] | None:
+def _build(array: Any) -> Put | None:
     import zarr
 
     if not isinstance(array.store, zarr.storage.LocalStore):
@@ -100,15 +109,21 @@ def _compressor_v2(compressor: Any) -> Encoder | None:
     return None
 
 
-def _raw(chunk: np.ndarray) -> Any:
-    return memoryview(np.ascontiguousarray(chunk)).cast("B")
+def _raw(parts: list[np.ndarray]) -> list[Any]:
+    # Uncompressed: the chunk's bytes are its parts' bytes in order, so the
+    # parts are written as they are (no concatenation copy).
+    return [memoryview(np.ascontiguousarray(p)).cast("B") for p in parts]
 
 
 def _zstd(level: int, checksum: bool) -> Encoder:
     from numcodecs import Zstd
 
     codec = Zstd(level=level, checksum=checksum)
-    return lambda chunk: codec.encode(np.ascontiguousarray(chunk))
+    return lambda parts: [codec.encode(np.ascontiguousarray(_joined(parts)))]
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _put(path: str, parts: list[Any], made: set[str]) -> None:
@@ -124,14 +139,35 @@ def _put(path: str, parts: list[Any], made: set[str]) -> None:
     os.replace(tmp, path)
 
 
-def _full_chunk(data: np.ndarray, sel: tuple[slice, ...], shape: tuple[int, ...], fill: Any) -> np.ndarray:
-    """The chunk at ``sel`` of ``data``, padded with ``fill`` to the full chunk ``shape``."""
-    part = data[sel]
+def _chunk(data: Data, sel: tuple[slice, ...], shape: tuple[int, ...], fill: Any) -> list[np.ndarray]:
+    """The chunk at ``sel`` of ``data`` as parts in C order, padded with ``fill`` to ``shape``.
+
+    From :class:`RowSlabs`, a full chunk that spans every axis but the first
+    whole is the slabs' own rows: views, no copy.
+    """
+    if isinstance(data, RowSlabs):
+        rows = sel[0]
+        whole = all(s.start == 0 and s.stop == n for s, n in zip(sel[1:], data.shape[1:]))
+        if whole and tuple(s.stop - s.start for s in sel) == shape:  # no padding either
+            return data.parts(rows.start, rows.stop)
+        part = data.rows(rows.start, rows.stop)[(slice(None), *sel[1:])]
+    else:
+        part = data[sel]
     if part.shape == shape:
-        return part
+        return [part]
     out = np.full(shape, fill, dtype=data.dtype)
     out[tuple(slice(0, n) for n in part.shape)] = part
-    return out
+    return [out]
+
+
+def _nbytes(sel: tuple[slice, ...], dtype: np.dtype) -> int:
+    return int(np.prod([s.stop - s.start for s in sel])) * dtype.itemsize
+
+
+def _as_data(data: Any, dtype: np.dtype) -> Data:
+    if isinstance(data, RowSlabs):
+        return data if data.dtype == dtype else data.materialize().astype(dtype)
+    return np.asarray(data, dtype=dtype)
 
 
 class _ChunkWriter:
@@ -143,11 +179,11 @@ class _ChunkWriter:
         self.dtype, self.fill, self.encode = dtype, fill, encode
         self.made: set[str] = set()
 
-    def __call__(self, region: tuple[slice, ...], data: np.ndarray) -> int:
+    def __call__(self, region: tuple[slice, ...], data: Data) -> int:
         starts = [r.start for r in region]
         if any(s % c for s, c in zip(starts, self.chunks)):
             raise ValueError(f"region {region} does not start on a chunk edge")
-        data = np.asarray(data, dtype=self.dtype)
+        data = _as_data(data, self.dtype)
         ranges = [range(s // c, -(-(r.stop) // c)) for s, r, c in zip(starts, region, self.chunks)]
         written = 0
         for coords in itertools.product(*ranges):
@@ -158,9 +194,9 @@ class _ChunkWriter:
             if any(i * c + (sl.stop - sl.start) < min((i + 1) * c, n)
                    for i, c, sl, n in zip(coords, self.chunks, sel, self.shape)):
                 raise ValueError(f"region {region} holds only part of chunk {coords}")
-            chunk = _full_chunk(data, sel, self.chunks, self.fill)
-            _put(os.path.join(self.root, self.key(coords)), [self.encode(chunk)], self.made)
-            written += data[sel].nbytes
+            parts = self.encode(_chunk(data, sel, self.chunks, self.fill))
+            _put(os.path.join(self.root, self.key(coords)), parts, self.made)
+            written += _nbytes(sel, self.dtype)
         return written
 
 
@@ -175,13 +211,13 @@ class _ShardWriter:
         self.per_shard = tuple(s // c for s, c in zip(shards, inner))
         self.made: set[str] = set()
 
-    def __call__(self, region: tuple[slice, ...], data: np.ndarray) -> int:
+    def __call__(self, region: tuple[slice, ...], data: Data) -> int:
         import google_crc32c
 
         starts = [r.start for r in region]
         if any(s % c for s, c in zip(starts, self.shards)):
             raise ValueError(f"region {region} does not start on a shard edge")
-        data = np.asarray(data, dtype=self.dtype)
+        data = _as_data(data, self.dtype)
         shard_ranges = [range(s // c, -(-(r.stop) // c)) for s, r, c in zip(starts, region, self.shards)]
         written = 0
         for scoords in itertools.product(*shard_ranges):
@@ -197,12 +233,12 @@ class _ShardWriter:
                 sel = tuple(slice(l, min(l + c, n - s)) for l, c, n, s in zip(lo, self.inner, self.shape, starts))
                 if any(sl.stop > r.stop - s for sl, r, s in zip(sel, region, starts)):
                     raise ValueError(f"region {region} holds only part of shard {scoords}")
-                enc = self.encode(_full_chunk(data, sel, self.inner, self.fill))
-                nbytes = memoryview(enc).nbytes
+                enc = self.encode(_chunk(data, sel, self.inner, self.fill))
+                nbytes = sum(memoryview(e).nbytes for e in enc)
                 index[icoords] = (offset, nbytes)
-                pieces.append(enc)
+                pieces.extend(enc)
                 offset += nbytes
-                written += data[sel].nbytes
+                written += _nbytes(sel, self.dtype)
             if not pieces:
                 continue
             index_size = index.nbytes + 4

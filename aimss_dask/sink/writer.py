@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from aimss_dask.sink.direct import Put
+
 
 @dataclass(frozen=True)
 class ZarrTarget:
@@ -91,7 +93,7 @@ class WriteBehind:
         self.submit_job(target, rid, int(data.nbytes), job)
 
     def submit_job(
-        self, target: ZarrTarget, rid: int, nbytes: int, job: Callable[[Callable[[tuple[slice, ...], np.ndarray], int]], int]
+        self, target: ZarrTarget, rid: int, nbytes: int, job: Callable[[Put], int]
     ) -> None:
         """Queue ``job(put) -> bytes written`` as region ``rid``; ``nbytes`` it holds meanwhile.
 
@@ -112,7 +114,7 @@ class WriteBehind:
             run.pending.add(fut)
         fut.add_done_callback(lambda f: self._done(run, f, n, rid))
 
-    def _write(self, target: ZarrTarget, run: _Run, job: Callable[[Callable[[tuple[slice, ...], np.ndarray], int]], int]) -> int:
+    def _write(self, target: ZarrTarget, run: _Run, job: Callable[[Put], int]) -> int:
         if run.put is None:
             # One handle per run and worker: the shape of a to_zarr target is
             # fixed for the run, so a cached handle cannot go stale.
@@ -149,15 +151,18 @@ class WriteBehind:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
 
-def _putter(array: Any) -> Callable[[tuple[slice, ...], np.ndarray], int]:
+def _putter(array: Any) -> Put:
     """How to store whole units of ``array``: direct chunk files where the layout allows."""
+    from aimss_dask.sink.assembler import RowSlabs
     from aimss_dask.sink.direct import direct_writer
 
     direct = direct_writer(array)
     if direct is not None:
         return direct
 
-    def put(region: tuple[slice, ...], data: np.ndarray) -> int:
+    def put(region: tuple[slice, ...], data: Any) -> int:
+        if isinstance(data, RowSlabs):
+            data = data.materialize()
         array[region] = data
         return int(data.nbytes)
 
