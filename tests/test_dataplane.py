@@ -59,6 +59,20 @@ def test_pool_releases_idle_buffers_but_keeps_those_in_use():
     assert pool.statistics()["pool_bytes"] == 0
 
 
+def test_pool_trim_keeps_only_its_idle_limit_of_free_buffers():
+    limit = [8 * 2**20]
+    pool = BufferPool(lambda: limit[0])
+    a, b, c = pool.take(4 * 2**20), pool.take(4 * 2**20), pool.take(4 * 2**20)
+    del a, b  # freed after their last take: nothing trimmed them
+    assert pool.statistics() == {"pool_bytes": 12 * 2**20, "pool_free_bytes": 8 * 2**20}
+    assert pool.trim() == 0  # within the limit
+    limit[0] = 2**20
+    assert pool.trim() == 8 * 2**20
+    assert pool.statistics() == {"pool_bytes": 4 * 2**20, "pool_free_bytes": 0}
+    c[:] = 1  # the buffer in use is untouched
+    assert int(c.sum()) == 4 * 2**20
+
+
 def test_pool_prefers_the_smallest_free_buffer_that_fits():
     pool = BufferPool(lambda: 1 << 30)
     big = pool.take(8 * 2**20)

@@ -34,7 +34,13 @@ def _make(i: int) -> pd.DataFrame:
 
 
 def _summary(df: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({"rows": [len(df)], "keys": [int(df["key"].sum())]})
+    from distributed import get_worker
+
+    try:  # the scratch the map phase left behind, seen from a read's output
+        scratch = get_worker().plugins["aimss"].scratch.statistics()["pool_free_bytes"]
+    except ValueError:  # the meta, computed on the client
+        scratch = 0
+    return pd.DataFrame({"rows": [len(df)], "keys": [int(df["key"].sum())], "scratch": [scratch]})
 
 
 class _Peak:
@@ -88,6 +94,9 @@ def test_shuffle_larger_than_the_budget_spills_and_frees():
         # It spilled (peak log memory is the budget, not the data) ...
         budget = next(iter(st.values()))["budget"]
         assert all(w["peak_memory"] <= budget + 16 * 2**20 for w in st.values()), st
+        # Once the reads start, free scratch beyond the pool's idle limit
+        # (an eighth of the budget) has gone back to the OS.
+        assert int(got["scratch"].max()) <= budget // 8, got["scratch"].max()
         # ... no worker was restarted and none came near its Dask memory limit ...
         assert set(client.scheduler_info()["workers"]) == workers_before
         for addr, peak in peaks.items():

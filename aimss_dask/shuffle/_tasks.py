@@ -105,6 +105,7 @@ def seal(names: list[str], *pushed: int) -> int:
 @_restartable
 def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataFrame:
     """One output partition, read from the local log, then released."""
+    _map_phase_over()
     shards = list(api.read_from(name, partition=partition))
     if shards and isinstance(shards[0], np.ndarray):
         out = partitioning.unpack(shards, meta)
@@ -128,6 +129,24 @@ def join(
     left = read(names[0], partition, metas[0], sealed)
     right = read(names[1], partition, metas[1], sealed)
     return left.merge(right, **merge_kwargs)
+
+
+def _map_phase_over() -> None:
+    """A read task runs after the barrier: no push needs scratch any more.
+
+    The sorted copies of the last inputs were still referenced by shards in
+    flight when their push ended, so nothing trimmed the pool since; trim it
+    now, before the reads take memory of their own.
+    """
+    from distributed import get_worker
+
+    try:
+        plugin = get_worker().plugins.get("aimss")
+    except ValueError:
+        return
+    scratch = getattr(plugin, "scratch", None)
+    if scratch is not None:
+        scratch.trim()
 
 
 def _scratch() -> tuple[str | None, partitioning.Alloc]:
@@ -181,6 +200,7 @@ def push_pieces(
 @_restartable
 def read_block(name: str, partition: int, shape: tuple[int, ...], dtype: Any, sealed: int) -> np.ndarray:
     """One output chunk, assembled from its pieces in the local log."""
+    _map_phase_over()
     out = np.empty(shape, dtype=dtype)
     filled = 0
     for dst, piece in api.read_from(name, partition=partition):

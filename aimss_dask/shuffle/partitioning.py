@@ -123,9 +123,25 @@ def split_packed(
     ordered = alloc((len(df), k + 1), np.uint64)
     for i in range(k):
         ordered[:, i] = np.take(df.iloc[:, i].to_numpy().view(np.uint64), order)
-    ordered[:, k] = np.take(np.asarray(df.index).view(np.uint64), order)
+    _take_index(df.index, order, ordered[:, k])
     bounds = np.concatenate([[0], np.cumsum(counts)])
     return [(j, ordered[bounds[j] : bounds[j + 1]]) for j in range(npartitions) if counts[j]]
+
+
+def _take_index(index: pd.Index, order: np.ndarray, out: np.ndarray) -> None:
+    """``index[order]`` into the uint64 column ``out``.
+
+    A RangeIndex is computed from its start and step: ``np.asarray`` of one
+    builds its whole int64 array and caches it on the index, which belongs
+    to the input partition. For a persisted input that is 8 bytes a row held
+    for as long as the input lives (300 MiB a worker at 4 GiB of input).
+    """
+    if isinstance(index, pd.RangeIndex):
+        values = out.view(np.int64)
+        np.multiply(order, index.step, out=values)
+        values += index.start
+    else:
+        np.take(np.asarray(index).view(np.uint64), order, out=out)
 
 
 def unpack(shards: list[np.ndarray], meta: pd.DataFrame) -> pd.DataFrame:

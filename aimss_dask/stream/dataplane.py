@@ -119,6 +119,15 @@ class BufferPool:
         n = int(np.prod(shape)) * dt.itemsize
         return self.take(n)[:n].view(dt).reshape(shape)
 
+    def trim(self) -> int:
+        """Give free buffers beyond the idle limit back to the OS; the bytes released.
+
+        ``take`` does this as it goes; call it when takes have stopped for a
+        while (an operator's map phase is over) but buffers freed since.
+        """
+        with self._lock:
+            return self._shrink(self._idle_bytes())
+
     def release_idle(self) -> int:
         """Give every free buffer back to the OS; the bytes released.
 
