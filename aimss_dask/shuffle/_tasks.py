@@ -82,10 +82,14 @@ def push(
         here, alloc = _scratch()
         shards = partitioning.split_packed(df, index, npartitions, alloc)
         owners = stream.spec.owners
+        tight = _memory_tight()
         for j, shard in shards:
             # A local shard would keep the whole scratch buffer busy from the
-            # log: give it its own memory. Remote ones are sent from the view.
-            stream.write(shard.copy() if owners[j] == here else shard, partition=j)
+            # log: give it its own memory. Remote ones are sent from the view,
+            # which pins the buffer (the whole sorted input) until the last of
+            # them is sent; once memory is tight, they get their own too, so
+            # the buffer is free when this task ends.
+            stream.write(shard.copy() if tight or owners[j] == here else shard, partition=j)
     else:
         for j, shard in partitioning.split(df, index, npartitions):
             stream.write(shard, partition=j)
@@ -147,6 +151,18 @@ def _map_phase_over() -> None:
     scratch = getattr(plugin, "scratch", None)
     if scratch is not None:
         scratch.trim()
+
+
+def _memory_tight() -> bool:
+    """Whether this worker's log holds half its budget or more (the data plane's
+    threshold for storing records as their own copies, too)."""
+    from distributed import get_worker
+
+    try:
+        store = getattr(get_worker().plugins.get("aimss"), "store", None)
+    except ValueError:
+        return False
+    return store is not None and store.memory_bytes >= store.budget // 2
 
 
 def _scratch() -> tuple[str | None, partitioning.Alloc]:
