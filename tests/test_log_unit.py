@@ -79,6 +79,25 @@ def test_spilled_array_reads_back_equal_and_read_only(store, spill_dir):
     assert tail == b"tail"
 
 
+def test_make_room_spills_other_partitions_so_a_whole_read_fits(spill_dir):
+    s = LogStore(budget=1000, spill_dir=spill_dir, segment_size=100)
+    s.open("a", 1, [0, 1, 2])
+    for p in (0, 1, 2):  # 300 bytes each, in segments of 100
+        s.append("a", 1, p, [bytes(100)] * 3, [100] * 3)
+    s.spill(800)  # the oldest segment (partition 0's first) is on disk
+    assert (s.memory_bytes, s.spilled_bytes) == (800, 100)
+    # Reading partition 0 loads its 100 spilled bytes and builds 300 of
+    # output: 400 beyond the log, so the log may keep 600.
+    assert s.make_room("a", 1, 0) == 200
+    assert s.memory_bytes == 600
+    stats = s.stream_stats("a")
+    assert stats[0]["spilled_bytes"] == 100  # its own segments stayed put
+    assert stats[1]["spilled_bytes"] == 200 and stats[2]["spilled_bytes"] == 0
+    assert s.make_room("a", 1, 2) == 0  # 300 to build: 600 + 300 fits
+    assert [len(s.read("a", 1, p, 0)[0]) for p in (0, 1, 2)] == [3, 3, 3]
+    assert s.make_room("gone", None, 0) == 0
+
+
 # -- max_bytes ----------------------------------------------------------------------
 
 

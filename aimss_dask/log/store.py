@@ -334,7 +334,27 @@ class LogStore:
     def over_budget(self) -> bool:
         return self.memory_bytes > self.budget
 
-    def spill(self, target: int | None = None) -> int:
+    def make_room(self, name: str, epoch: int | None, p: int) -> int:
+        """Before partition ``p`` is read whole: spill others so the read fits the budget.
+
+        Reading a partition brings its spilled records back into memory, and
+        its reader builds an output as large as the partition; neither is in
+        ``memory_bytes``. Other partitions' segments spill (oldest first)
+        until the log, the loaded records and that output fit in the budget
+        together; ``p``'s own segments stay (the reader needs them now).
+        Blocking, like :meth:`spill`. Returns the bytes spilled.
+        """
+        with self._lock:
+            logs = self._streams.get(name)
+            log = logs.partitions.get(p) if logs is not None and (epoch is None or logs.epoch == epoch) else None
+            if log is None:
+                return 0
+            loading = sum(s.nbytes for s in log.segments if not s.in_memory)
+            need = loading + log.retained_bytes()
+            keep = set(map(id, log.segments))
+        return self.spill(max(0, self.budget - need), keep=keep)
+
+    def spill(self, target: int | None = None, keep: set[int] | None = None) -> int:
         """Write sealed segments to disk, oldest first, until memory <= target.
 
         ``target`` defaults to 90% of the budget, so a store that just crossed
@@ -348,7 +368,7 @@ class LogStore:
                 with self._lock:
                     if self.memory_bytes <= target:
                         break
-                    victim = self._pick_victim()
+                    victim = self._pick_victim(keep)
                     if victim is None:
                         break
                     name, seg = victim
@@ -369,11 +389,13 @@ class LogStore:
                     spilled += seg.nbytes
         return spilled
 
-    def _pick_victim(self) -> tuple[str, Segment] | None:
+    def _pick_victim(self, keep: set[int] | None = None) -> tuple[str, Segment] | None:
         best: tuple[str, Segment] | None = None
         for name, logs in self._streams.items():
             for log in logs.partitions.values():
                 for seg in log.segments:
+                    if keep and id(seg) in keep:
+                        continue
                     if seg.in_memory and seg.nbytes > 0 and (best is None or seg.seq < best[1].seq):
                         best = (name, seg)
         if best is not None:

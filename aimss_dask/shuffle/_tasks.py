@@ -109,7 +109,7 @@ def seal(names: list[str], *pushed: int) -> int:
 @_restartable
 def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataFrame:
     """One output partition, read from the local log, then released."""
-    _map_phase_over()
+    _before_read(name, partition)
     shards = list(api.read_from(name, partition=partition))
     if shards and isinstance(shards[0], np.ndarray):
         out = partitioning.unpack(shards, meta)
@@ -135,12 +135,15 @@ def join(
     return left.merge(right, **merge_kwargs)
 
 
-def _map_phase_over() -> None:
-    """A read task runs after the barrier: no push needs scratch any more.
+def _before_read(name: str, partition: int) -> None:
+    """Make room for reading ``partition`` whole, within the worker's budget.
 
-    The sorted copies of the last inputs were still referenced by shards in
-    flight when their push ended, so nothing trimmed the pool since; trim it
-    now, before the reads take memory of their own.
+    A read task runs after the barrier, so no push needs scratch any more:
+    the sorted copies of the last inputs were still referenced by shards in
+    flight when their push ended, and nothing trimmed the pool since. Then
+    the read loads the partition's spilled records and builds an output as
+    large as the partition: other partitions spill first, so that the log
+    and the read fit in the budget together.
     """
     from distributed import get_worker
 
@@ -151,6 +154,9 @@ def _map_phase_over() -> None:
     scratch = getattr(plugin, "scratch", None)
     if scratch is not None:
         scratch.trim()
+    store = getattr(plugin, "store", None)
+    if store is not None:
+        store.make_room(name, None, partition)
 
 
 def _memory_tight() -> bool:
@@ -216,7 +222,7 @@ def push_pieces(
 @_restartable
 def read_block(name: str, partition: int, shape: tuple[int, ...], dtype: Any, sealed: int) -> np.ndarray:
     """One output chunk, assembled from its pieces in the local log."""
-    _map_phase_over()
+    _before_read(name, partition)
     out = np.empty(shape, dtype=dtype)
     filled = 0
     for dst, piece in api.read_from(name, partition=partition):
