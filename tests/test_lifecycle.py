@@ -56,3 +56,33 @@ def test_worker_teardown_removes_its_spill_files():
         assert st["spilled_bytes"] > 0 and os.listdir(d)
         client.unregister_worker_plugin("aimss")
         assert not os.path.isdir(d)
+
+
+@pytest.mark.parametrize(
+    "reply, level",
+    [
+        (OSError("in <TCP (closed)>: Stream is closed"), "INFO"),  # CommClosedError is one
+        (RuntimeError("handler raised"), "WARNING"),
+    ],
+)
+def test_a_broadcast_to_a_worker_that_is_leaving_too_is_not_a_warning(caplog, reply, level):
+    """At a cluster's shutdown, telling a closing peer that a worker left fails:
+    that is expected (info); any other failure of a broadcast stays a warning."""
+    import asyncio
+    import logging
+
+    from aimss_dask.plugin.scheduler import AIMSS
+
+    class _Scheduler:
+        workers = {"tcp://a:1": None}
+
+        async def broadcast(self, msg, workers, on_error):
+            assert on_error == "return"
+            return {w: reply for w in workers}
+
+    plugin = AIMSS()
+    plugin.scheduler = _Scheduler()
+    with caplog.at_level(logging.INFO, logger="aimss_dask"):
+        asyncio.run(plugin._broadcast({"op": "aimss_owner_lost", "address": "tcp://b:2"}))
+    [record] = [r for r in caplog.records if "aimss_owner_lost failed" in r.getMessage()]
+    assert record.levelname == level

@@ -292,7 +292,10 @@ class AIMSS(SchedulerPlugin):
         replies = await self.scheduler.broadcast(msg=msg, workers=targets, on_error="return")
         for addr, reply in replies.items():
             if isinstance(reply, BaseException):
-                logger.warning("aimss: %s failed on %s: %r", msg["op"], addr, reply)
+                # A closed comm (an OSError) means that worker is leaving
+                # too (a cluster shutting down): its removal cleans up.
+                log = logger.info if isinstance(reply, OSError) else logger.warning
+                log("aimss: %s failed on %s: %r", msg["op"], addr, reply)
             else:
                 raise_from_wire(reply, msg["op"])
         return replies
