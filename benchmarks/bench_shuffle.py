@@ -9,8 +9,9 @@ of two frames (aimss against Dask's p2p merge).
 The input is generated and persisted first; the timed part is the shuffle
 plus ``len`` of every output partition. Reported: wall time, GB/s of input,
 peak RSS of each worker (sampled every 20 ms; with the RSS it started from,
-which is what the methods before it left behind) and peak disk used under the
-workers' local directories.
+which is what the methods before it left behind), peak disk used under the
+workers' local directories, and the CPU time the workers used (user +
+system, summed over both; steadier than wall time on a noisy VM).
 
     python benchmarks/bench_shuffle.py --gib 1 --reps 3 [--skew] [--merge]
     python benchmarks/bench_shuffle.py --rechunk --gib 2 --reps 3
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from _common import cpu_seconds
 from _common import finish as _finish
 from _common import start as _start
 
@@ -91,14 +93,16 @@ def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nby
     """
     # "rss0": RSS when the method starts, i.e. what the methods before it left
     # behind; a method's peak includes it.
-    results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": [], "rss0": [], "disk": []} for m in methods}
+    results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": [], "rss0": [], "disk": [], "cpu": []} for m in methods}
     first: Any = None
     for rep in range(args.reps + 1):  # the first round warms up
         for name, fn in methods.items():
             starts = client.run(_start)
+            cpu0 = client.run(cpu_seconds)
             t0 = time.perf_counter()
             got = fn()
             dt = time.perf_counter() - t0
+            cpu = sum(client.run(cpu_seconds).values()) - sum(cpu0.values())
             peaks = client.run(_finish)
             first = got if first is None else first
             assert got == _approx(first), (name, got, first)
@@ -109,12 +113,16 @@ def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nby
             results[name]["rss"].append(rss)
             results[name]["rss0"].append(max(starts.values()))
             results[name]["disk"].append(sum(d for _, d in peaks.values()))
-            print(f"  rep {rep} {name:8s} {dt:7.2f} s  peak RSS/worker {rss / GiB:.2f} GiB", flush=True)
+            results[name]["cpu"].append(cpu)
+            print(
+                f"  rep {rep} {name:8s} {dt:7.2f} s  worker CPU {cpu:6.2f} s  peak RSS/worker {rss / GiB:.2f} GiB",
+                flush=True,
+            )
     print(f"\n{title}, medians of {args.reps}:")
     med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
     for m, r in med.items():
         print(
-            f"{m:8s} {r['t']:7.2f} s  {nbytes / r['t'] / 1e9:6.3f} GB/s  "
+            f"{m:8s} {r['t']:7.2f} s  {nbytes / r['t'] / 1e9:6.3f} GB/s  worker CPU {r['cpu']:6.2f} s  "
             f"peak RSS/worker {r['rss'] / GiB:5.2f} GiB (at start {r['rss0'] / GiB:5.2f})  "
             f"disk {r['disk'] / GiB:5.2f} GiB"
         )
