@@ -11,7 +11,10 @@ plus ``len`` of every output partition. Reported: wall time, GB/s of input,
 peak RSS of each worker (sampled every 20 ms; with the RSS it started from,
 which is what the methods before it left behind), peak disk used under the
 workers' local directories, and the CPU time the workers used (user +
-system, summed over both; steadier than wall time on a noisy VM).
+system, summed over both; steadier than wall time on a noisy VM). Before each
+method, free memory is touched and freed (``_common.prefault``): this VM hands
+free pages back to its host, and without it the method that allocates the
+most fresh memory pays several times more for it, at random.
 
     python benchmarks/bench_shuffle.py --gib 1 --reps 3 [--skew] [--merge]
     python benchmarks/bench_shuffle.py --rechunk --gib 2 --reps 3
@@ -30,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from _common import cpu_seconds
+from _common import cpu_seconds, prefault
 from _common import finish as _finish
 from _common import start as _start
 
@@ -97,6 +100,9 @@ def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nby
     first: Any = None
     for rep in range(args.reps + 1):  # the first round warms up
         for name, fn in methods.items():
+            # Backed free pages for whatever the method allocates: see
+            # _common.prefault (this VM hands free pages back to its host).
+            prefault(args.prefault)
             starts = client.run(_start)
             cpu0 = client.run(cpu_seconds)
             t0 = time.perf_counter()
@@ -208,7 +214,14 @@ def main() -> None:
     ap.add_argument("--rechunk", action="store_true")
     ap.add_argument("--no-tasks", action="store_true")
     ap.add_argument("--memory-limit", default=None, help="AIMSS budget per worker, e.g. 1GiB")
-    run(ap.parse_args())
+    ap.add_argument(
+        "--prefault-gib", type=float, default=None,
+        help="memory touched and freed before each method (default: 3 x --gib + 1, at most 16)",
+    )
+    args = ap.parse_args()
+    gib = args.prefault_gib if args.prefault_gib is not None else min(3 * args.gib + 1, 16)
+    args.prefault = int(gib * GiB)
+    run(args)
 
 
 if __name__ == "__main__":
