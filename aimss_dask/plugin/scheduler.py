@@ -143,8 +143,9 @@ class AIMSS(SchedulerPlugin):
                 )
             # Producers everywhere stop queueing records for it at once. Not
             # for expected departures (closing, retiring): their peers may be
-            # closing too, and producers find out on their next connect.
-            if scheduler.status == Status.running and not kwargs.get("expected"):
+            # closing too, and producers find out on their next connect. Nor
+            # when it held no partition: no producer writes to it.
+            if scheduler.status == Status.running and not kwargs.get("expected") and lost:
                 self._spawn(self._broadcast({"op": "aimss_owner_lost", "address": worker}))
             if scheduler.status == Status.running:
                 self._restart_runs(scheduler, kwargs.get("stimulus_id", "aimss-worker-lost"))
