@@ -98,6 +98,15 @@ def test_make_room_spills_other_partitions_so_a_whole_read_fits(spill_dir):
     assert s.make_room("gone", None, 0) == 0
 
 
+def test_tight_from_half_the_budget_on(spill_dir):
+    s = LogStore(budget=1000, spill_dir=spill_dir)
+    s.open("a", 1, [0])
+    s.append("a", 1, 0, [bytes(400)], [400])
+    assert not s.tight() and not s.tight(100) and s.tight(101)
+    s.append("a", 1, 0, [bytes(101)], [101])
+    assert s.tight()
+
+
 # -- max_bytes ----------------------------------------------------------------------
 
 

@@ -51,3 +51,6 @@ class PartitionLog:
 
     def retained_bytes(self) -> int:
         return sum(s.nbytes for s in self.segments)
+
+    def spilled_bytes(self) -> int:
+        return sum(s.nbytes for s in self.segments if not s.in_memory)

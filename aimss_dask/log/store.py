@@ -334,6 +334,16 @@ class LogStore:
     def over_budget(self) -> bool:
         return self.memory_bytes > self.budget
 
+    def tight(self, extra: int = 0) -> bool:
+        """Whether the log (plus ``extra`` bytes about to come) is past half its budget.
+
+        From there on the log may spill soon, so data meant for it gets
+        memory of its own rather than staying a view into a shared buffer
+        (one spilled view would free nothing). Read without the lock: a
+        hint, and a stale answer costs one copy or one pinned buffer.
+        """
+        return self.memory_bytes + extra > self.budget // 2
+
     def make_room(self, name: str, epoch: int | None, p: int) -> int:
         """Before partition ``p`` is read whole: spill others so the read fits the budget.
 
@@ -345,12 +355,11 @@ class LogStore:
         Blocking, like :meth:`spill`. Returns the bytes spilled.
         """
         with self._lock:
-            logs = self._streams.get(name)
-            log = logs.partitions.get(p) if logs is not None and (epoch is None or logs.epoch == epoch) else None
-            if log is None:
-                return 0
-            loading = sum(s.nbytes for s in log.segments if not s.in_memory)
-            need = loading + log.retained_bytes()
+            try:
+                log = self._log(name, epoch, p)
+            except (StreamNotFoundError, PartitionOutOfRangeError):
+                return 0  # not (or no longer) here: the read itself will say so
+            need = log.spilled_bytes() + log.retained_bytes()
             keep = set(map(id, log.segments))
         return self.spill(max(0, self.budget - need), keep=keep)
 
@@ -416,7 +425,7 @@ class LogStore:
                     "records": log.end,
                     "start": log.start,
                     "bytes": log.retained_bytes(),
-                    "spilled_bytes": sum(s.nbytes for s in log.segments if not s.in_memory),
+                    "spilled_bytes": log.spilled_bytes(),
                     "sealed": log.sealed,
                 }
                 for p, log in logs.partitions.items()

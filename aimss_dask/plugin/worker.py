@@ -116,10 +116,7 @@ class AIMSSWorker(WorkerPlugin):
             host = worker.address[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
             # Views into receive buffers are only safe while nothing spills:
             # from half the budget on, records are stored as their own copies.
-            self.data_server = DataServer(
-                host, self.store_batch, self.pool,
-                own_copies=lambda n: store.memory_bytes + n > store.budget // 2,
-            )
+            self.data_server = DataServer(host, self.store_batch, self.pool, own_copies=store.tight)
         for op in _HANDLERS:
             worker.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
 

@@ -145,12 +145,7 @@ def _before_read(name: str, partition: int) -> None:
     large as the partition: other partitions spill first, so that the log
     and the read fit in the budget together.
     """
-    from distributed import get_worker
-
-    try:
-        plugin = get_worker().plugins.get("aimss")
-    except ValueError:
-        return
+    _, plugin = _here()
     scratch = getattr(plugin, "scratch", None)
     if scratch is not None:
         scratch.trim()
@@ -160,28 +155,28 @@ def _before_read(name: str, partition: int) -> None:
 
 
 def _memory_tight() -> bool:
-    """Whether this worker's log holds half its budget or more (the data plane's
-    threshold for storing records as their own copies, too)."""
-    from distributed import get_worker
-
-    try:
-        store = getattr(get_worker().plugins.get("aimss"), "store", None)
-    except ValueError:
-        return False
-    return store is not None and store.memory_bytes >= store.budget // 2
+    """Whether this worker's log is past half its budget (:meth:`LogStore.tight`,
+    the data plane's threshold for storing records as their own copies, too)."""
+    store = getattr(_here()[1], "store", None)
+    return store is not None and store.tight()
 
 
 def _scratch() -> tuple[str | None, partitioning.Alloc]:
     """This worker's address and scratch allocator (plain NumPy elsewhere)."""
+    address, plugin = _here()
+    scratch = getattr(plugin, "scratch", None)
+    return address, (scratch.array if scratch is not None else np.empty)
+
+
+def _here() -> tuple[str | None, Any]:
+    """This worker's address and AIMSS plugin (``(None, None)`` off a worker)."""
     from distributed import get_worker
 
     try:
         worker = get_worker()
     except ValueError:
-        return None, np.empty
-    plugin = worker.plugins.get("aimss")
-    scratch = getattr(plugin, "scratch", None)
-    return worker.address, (scratch.array if scratch is not None else np.empty)
+        return None, None
+    return worker.address, worker.plugins.get("aimss")
 
 
 # -- Array rechunk: the same run, with array pieces for records ------------------------

@@ -107,11 +107,15 @@ class RowSlabs:
 
     def rows(self, a: int, b: int) -> np.ndarray:
         """Rows ``[a, b)`` as one array (a view when they lie in one slab)."""
-        parts = self.parts(a, b)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return joined(self.parts(a, b))
 
     def materialize(self) -> np.ndarray:
         return self.rows(0, self.shape[0])
+
+
+def joined(parts: list[np.ndarray]) -> np.ndarray:
+    """Consecutive row parts as one array: the part itself when there is one."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def row_slabs(records: Iterable[Any], shape: tuple[int, ...], dtype: np.dtype) -> RowSlabs | None:

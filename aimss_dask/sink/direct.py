@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from aimss_dask.sink.assembler import RowSlabs
+from aimss_dask.sink.assembler import RowSlabs, joined
 
 #: What a region is written from: an array, or a unit's row slabs.
 Data = np.ndarray | RowSlabs
@@ -119,11 +119,7 @@ def _zstd(level: int, checksum: bool) -> Encoder:
     from numcodecs import Zstd
 
     codec = Zstd(level=level, checksum=checksum)
-    return lambda parts: [codec.encode(np.ascontiguousarray(_joined(parts)))]
-
-
-def _joined(parts: list[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return lambda parts: [codec.encode(np.ascontiguousarray(joined(parts)))]
 
 
 def _put(path: str, parts: list[Any], made: set[str]) -> None:
