@@ -21,7 +21,7 @@ from aimss_dask.errors import (
     StreamExistsError,
     StreamNotFoundError,
 )
-from aimss_dask.plugin.placement import owners_load, partition_for_key, place_partitions
+from aimss_dask.plugin.placement import owners_load, partition_for_key, place_partitions, rebalance
 from aimss_dask.plugin.state import CoordinatorState, StreamSpec
 
 W = ["tcp://w1", "tcp://w2", "tcp://w3"]
@@ -411,6 +411,41 @@ def test_place_partitions_follows_live_preferences_only():
     assert place_partitions(2, load, ["tcp://a"]) == ["tcp://a", "tcp://b"]
 
 
+def test_place_partitions_caps_what_one_worker_takes_by_preference():
+    # A rechunk from row to column chunks: every input block feeds every
+    # chunk equally, so every partition names the same worker.
+    load = {"tcp://a": 0, "tcp://b": 0}
+    owners = place_partitions(64, load, ["tcp://a"] * 64)
+    assert owners.count("tcp://a") == 35 and owners.count("tcp://b") == 29
+    assert owners[:35] == ["tcp://a"] * 35  # the first ones keep their preference
+    # Balanced within the barrier's slack: nothing moves once sizes are known.
+    assert rebalance([100] * 64, owners, list(load)) == owners
+    # Few partitions: the cap is never below an even share.
+    assert place_partitions(3, load, ["tcp://b"] * 3) == ["tcp://b", "tcp://b", "tcp://a"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(load=LOADS, n=st.integers(0, 40), data=st.data())
+def test_place_partitions_never_lets_preferences_pile_up(load, n, data):
+    workers = sorted(load)
+    prefer = data.draw(st.lists(st.sampled_from([*workers, None]), min_size=n, max_size=n))
+    owners = place_partitions(n, load, prefer)
+    cap = max(-(-n // len(load)), int(1.1 * n / len(load)))
+    # A preference is only overridden once its worker has taken its cap
+    # (some of those it may have got as the least loaded, too).
+    for p, (o, q) in enumerate(zip(owners, prefer)):
+        if q is not None and o != q:
+            assert sum(1 for o2, q2 in zip(owners[:p], prefer[:p]) if o2 == q2 == q) >= cap
+    # Preferences bound how many partitions one worker gets, whatever they say.
+    final = dict(load)
+    for w in owners:
+        final[w] += 1
+    for w in workers:
+        if not any(q == w for q in prefer):
+            assert final[w] - min(final.values()) <= 1 or final[w] == load[w]
+
+
 def test_create_places_partitions_with_their_main_input(state):
-    spec, _ = state.create("s", 3, W, prefer=["tcp://w3", None, "tcp://w3"])
+    spec, _ = state.create("s", 6, W, prefer=["tcp://w3", None, "tcp://w3", None, None, None])
     assert spec.owners[0] == spec.owners[2] == "tcp://w3"
+    assert sorted(spec.owners) == sorted(W * 2)

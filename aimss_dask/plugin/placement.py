@@ -6,6 +6,10 @@ from collections.abc import Mapping, Sequence
 
 from aimss_dask.errors import NotRegisteredError
 
+#: How far above the mean a worker's share may be before placement spreads
+#: (partitions) or the barrier moves (bytes) partitions elsewhere.
+SLACK = 1.1
+
 
 def place_partitions(
     n: int, load: Mapping[str, int], prefer: Sequence[str | None] | None = None
@@ -15,6 +19,11 @@ def place_partitions(
     ``prefer[p]``, where it names a live worker, places partition ``p`` there
     instead: the worker that already holds most of its input, so the
     operator filling it appends locally instead of sending over the network.
+    A worker takes at most ``max(ceil(n / workers), SLACK * n / workers)`` of
+    the ``n`` by preference (when every partition prefers one worker, as in
+    a rechunk whose input blocks all feed every chunk equally, the rest
+    spread out instead of being moved at the barrier); the others go
+    to the least loaded.
 
     ``load`` maps each live worker to the partitions it already owns. Each new
     partition goes to the least-loaded worker (ties broken by address, so the
@@ -34,10 +43,14 @@ def place_partitions(
             "(or wait for them with client.wait_for_workers) before creating streams"
         )
     counts = dict(load)
+    cap = max(-(-n // len(counts)), int(SLACK * n / len(counts)))
+    preferred = dict.fromkeys(counts, 0)
     owners: list[str] = []
     for p in range(n):
         w = prefer[p] if prefer is not None and p < len(prefer) else None
-        if w not in counts:
+        if w in preferred and preferred[w] < cap:
+            preferred[w] += 1
+        else:
             w = min(counts, key=lambda a: (counts[a], a))
         owners.append(w)
         counts[w] += 1
@@ -90,7 +103,7 @@ def owners_load(owners_by_stream: Sequence[Sequence[str]], workers: Sequence[str
 
 
 def rebalance(
-    sizes: Sequence[int], owners: Sequence[str], workers: Sequence[str], slack: float = 1.1
+    sizes: Sequence[int], owners: Sequence[str], workers: Sequence[str], slack: float = SLACK
 ) -> list[str]:
     """Owners for partitions of known ``sizes``, balanced, moving few bytes.
 
