@@ -78,3 +78,53 @@ def test_chunks_that_do_not_fit_the_shape(client, chunks):
 def test_rechunk_to_the_same_chunks_is_a_no_op(client):
     x = da.ones((10, 4), chunks=(5, 2))
     assert aimss_dask.rechunk(x, (5, 2)) is x
+
+
+
+
+def _inspect_pieces(name: str, partition: int, shape, rows: int, sealed: int) -> tuple[str, list[tuple[int, bool]]]:
+    """A push run's final task: this worker, and for each piece of its chunk,
+    the input block it came from and whether it shares that block's memory."""
+    from distributed import get_worker
+
+    from aimss_dask.stream import api
+
+    worker = get_worker()
+    store = worker.plugins["aimss"].store
+    blocks = {k[1]: v for k, v in worker.data.items() if isinstance(k, tuple) and k[0] == "inp-rechunk"}
+    records, _, _ = store.read(name, None, partition, 0)
+    out = []
+    for dst, piece in records:
+        i = dst[0][0] // rows
+        out.append((i, i in blocks and bool(np.shares_memory(piece, blocks[i]))))
+    del records, piece
+    api.release_partition(name, partition)
+    return worker.address, out
+
+
+def test_pieces_for_the_local_chunk_are_kept_as_views_of_the_block(client):
+    """Row to column chunks: every piece is strided. Pieces pushed on the
+    worker that owns their chunk are stored as views of the block (no scratch
+    copy, no fresh pages); the others crossed the network and share nothing."""
+    from distributed import get_task_stream, wait
+
+    from aimss_dask.shuffle.array import push_run
+
+    # Pieces of 48 KB: the few bytes by which a record's size differs on
+    # the wire and in memory must not make the barrier move partitions.
+    rows = 8
+    a = np.arange(64 * 6000, dtype="f8").reshape(64, 6000)
+    x = da.from_array(a, chunks=(rows, 6000), name="inp-rechunk").persist()
+    wait(x)
+    new = ((64,), (750,) * 8)
+    graph, out = push_run(x, new, _inspect_pieces, rows)
+    with get_task_stream() as ts:
+        results = client.get(dict(graph), [(out, 0, j) for j in range(8)])
+    # Where each block's push ran (work stealing may move one off its block).
+    pushed = {t["key"][1]: t["worker"] for t in ts.data if str(t["key"][0]).startswith("aimss-push-")}
+    assert sorted(pushed) == list(range(8))
+    pieces = [(pushed[i] == owner, shared) for owner, chunk in results for i, shared in chunk]
+    assert len(pieces) == 8 * 8  # every piece of every block, each stored once
+    assert [shared for local, shared in pieces] == [local for local, shared in pieces], results
+    assert 0 < sum(shared for _, shared in pieces) < len(pieces)  # some crossed, some did not
+    np.testing.assert_array_equal(aimss_dask.rechunk(x, new).compute(), a)
