@@ -77,9 +77,9 @@ def push(
 ) -> int:
     """Split one input partition by key hash and push every shard; rows pushed."""
     stream = api.operator_stream(names[side])
-    index = partitioning.partition_index(df, on, npartitions, cast)
+    here, alloc = _scratch()
+    index = partitioning.partition_index(df, on, npartitions, cast, alloc)
     if partitioning.packable(df):
-        here, alloc = _scratch()
         shards = partitioning.split_packed(df, index, npartitions, alloc)
         owners = stream.spec.owners
         tight = _memory_tight()

@@ -27,25 +27,39 @@ def check_columns(columns: Sequence[str], on: str | Sequence[str], what: str = "
     return keys
 
 
+#: ``(shape, dtype) -> uninitialised array``: np.empty, or a worker's scratch pool.
+Alloc = Callable[[tuple[int, ...], Any], np.ndarray]
+
 #: Fibonacci hashing's multiplier (2**64 / golden ratio).
 _FIB = np.uint64(0x9E3779B97F4A7C15)
 
 
-def partition_index(df: pd.DataFrame, on: list[str], npartitions: int, cast: dict[str, str] | None = None) -> np.ndarray:
+def partition_index(
+    df: pd.DataFrame,
+    on: list[str],
+    npartitions: int,
+    cast: dict[str, str] | None = None,
+    alloc: Alloc | None = None,
+) -> np.ndarray:
     """The output partition of every row.
 
     One 8-byte integer key column takes a multiplicative (Fibonacci) hash,
-    about a tenth of the cost of pandas' hashing; anything else uses Dask's
-    own ``partitioning_index``. Both sides of a join take the same branch:
-    they have the same key columns and, after ``cast``, the same dtypes.
+    about a tenth of the cost of pandas' hashing, computed in place in one
+    buffer from ``alloc`` (a worker's scratch pool; see :func:`split_packed`);
+    anything else uses Dask's own ``partitioning_index``. Both sides of a
+    join take the same branch: they have the same key columns and, after
+    ``cast``, the same dtypes.
     """
     if len(on) == 1 and not cast:
         col = df[on[0]]
         dt = col.dtype
         if isinstance(dt, np.dtype) and dt.kind in "iu" and dt.itemsize == 8:
-            h = (col.to_numpy().view(np.uint64) * _FIB) >> np.uint64(32)
+            h = (alloc or np.empty)((len(col),), np.uint64)
+            np.multiply(col.to_numpy().view(np.uint64), _FIB, out=h)
+            np.right_shift(h, np.uint64(32), out=h)
+            np.remainder(h, np.uint64(npartitions), out=h)
             small = np.int8 if npartitions <= 127 else np.int16 if npartitions <= 32767 else np.int64
-            return (h % np.uint64(npartitions)).astype(small)
+            return h.astype(small)
     keys = df[on]
     if cast:
         keys = keys.astype(cast)
@@ -102,9 +116,6 @@ def packable(meta: pd.DataFrame) -> bool:
     return all(isinstance(d, np.dtype) and d.kind in "iufMm" and d.itemsize == 8 for d in dtypes)
 
 
-Alloc = Callable[[tuple[int, ...], Any], np.ndarray]
-
-
 def split_packed(
     df: pd.DataFrame, index: np.ndarray, npartitions: int, alloc: Alloc = np.empty
 ) -> list[tuple[int, np.ndarray]]:
@@ -118,30 +129,40 @@ def split_packed(
     k = df.shape[1]
     counts = np.bincount(index, minlength=npartitions)
     order = np.argsort(index, kind="stable")
-    # Gather each column straight into its place in the row-packed output:
-    # one fresh allocation (fresh pages are slow here), no packed copy first.
-    ordered = alloc((len(df), k + 1), np.uint64)
+    # Pack the rows first (a sequential copy per column), then gather whole
+    # 8-byte-column rows: one random access per row instead of one per value,
+    # 2-3x faster than gathering column by column. Both buffers come from
+    # ``alloc``: under Dask's MALLOC_TRIM_THRESHOLD_ every temporary NumPy
+    # array is new pages, and 4 KiB faults cost more than the gather.
+    # ``mode="clip"`` (``order`` is in range) lets ``take`` write into
+    # ``out`` unbuffered.
+    n = len(df)
+    packed = alloc((n, k + 1), np.uint64)
     for i in range(k):
-        ordered[:, i] = np.take(df.iloc[:, i].to_numpy().view(np.uint64), order)
-    _take_index(df.index, order, ordered[:, k])
+        packed[:, i] = df.iloc[:, i].to_numpy().view(np.uint64)
+    ranged = isinstance(df.index, pd.RangeIndex)
+    if not ranged:
+        packed[:, k] = np.asarray(df.index).view(np.uint64)
+    ordered = alloc((n, k + 1), np.uint64)
+    np.take(packed, order, axis=0, out=ordered, mode="clip")
+    del packed
+    if ranged:
+        _take_range(df.index, order, ordered[:, k])
     bounds = np.concatenate([[0], np.cumsum(counts)])
     return [(j, ordered[bounds[j] : bounds[j + 1]]) for j in range(npartitions) if counts[j]]
 
 
-def _take_index(index: pd.Index, order: np.ndarray, out: np.ndarray) -> None:
-    """``index[order]`` into the uint64 column ``out``.
+def _take_range(index: pd.RangeIndex, order: np.ndarray, out: np.ndarray) -> None:
+    """``index[order]`` into the uint64 column ``out``, computed from start and step.
 
-    A RangeIndex is computed from its start and step: ``np.asarray`` of one
-    builds its whole int64 array and caches it on the index, which belongs
-    to the input partition. For a persisted input that is 8 bytes a row held
-    for as long as the input lives (300 MiB a worker at 4 GiB of input).
+    ``np.asarray`` of a RangeIndex builds its whole int64 array and caches
+    it on the index, which belongs to the input partition. For a persisted
+    input that is 8 bytes a row held for as long as the input lives (300 MiB
+    a worker at 4 GiB of input).
     """
-    if isinstance(index, pd.RangeIndex):
-        values = out.view(np.int64)
-        np.multiply(order, index.step, out=values)
-        values += index.start
-    else:
-        np.take(np.asarray(index).view(np.uint64), order, out=out)
+    values = out.view(np.int64)
+    np.multiply(order, index.step, out=values)
+    values += index.start
 
 
 def unpack(shards: list[np.ndarray], meta: pd.DataFrame) -> pd.DataFrame:
