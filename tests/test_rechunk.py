@@ -102,10 +102,23 @@ def _inspect_pieces(name: str, partition: int, shape, rows: int, sealed: int) ->
     return worker.address, out
 
 
-def test_pieces_for_the_local_chunk_are_kept_as_views_of_the_block(client):
+def _force_tight(on: bool) -> None:
+    """On a worker: make the shuffle tasks see a log past half its budget (or undo it)."""
+    import importlib
+
+    tasks = importlib.import_module("aimss_dask.shuffle._tasks")
+    if not hasattr(tasks, "_real_memory_tight"):
+        tasks._real_memory_tight = tasks._memory_tight
+    tasks._memory_tight = (lambda: True) if on else tasks._real_memory_tight
+
+
+@pytest.mark.parametrize("tight", [False, True], ids=["room", "tight"])
+def test_pieces_for_the_local_chunk_are_kept_as_views_of_the_block(client, tight):
     """Row to column chunks: every piece is strided. Pieces pushed on the
     worker that owns their chunk are stored as views of the block (no scratch
-    copy, no fresh pages); the others crossed the network and share nothing."""
+    copy, no fresh pages); the others crossed the network and share nothing.
+    Once the log is tight, local pieces are copies: a view would keep the
+    whole block alive while the log counts only the piece."""
     from distributed import get_task_stream, wait
 
     from aimss_dask.shuffle.array import push_run
@@ -118,13 +131,20 @@ def test_pieces_for_the_local_chunk_are_kept_as_views_of_the_block(client):
     wait(x)
     new = ((64,), (750,) * 8)
     graph, out = push_run(x, new, _inspect_pieces, rows)
-    with get_task_stream() as ts:
-        results = client.get(dict(graph), [(out, 0, j) for j in range(8)])
+    client.run(_force_tight, tight)
+    try:
+        with get_task_stream() as ts:
+            results = client.get(dict(graph), [(out, 0, j) for j in range(8)])
+    finally:
+        client.run(_force_tight, False)
     # Where each block's push ran (work stealing may move one off its block).
     pushed = {t["key"][1]: t["worker"] for t in ts.data if str(t["key"][0]).startswith("aimss-push-")}
     assert sorted(pushed) == list(range(8))
     pieces = [(pushed[i] == owner, shared) for owner, chunk in results for i, shared in chunk]
     assert len(pieces) == 8 * 8  # every piece of every block, each stored once
-    assert [shared for local, shared in pieces] == [local for local, shared in pieces], results
-    assert 0 < sum(shared for _, shared in pieces) < len(pieces)  # some crossed, some did not
+    assert 0 < sum(local for local, _ in pieces) < len(pieces)  # some crossed, some did not
+    if tight:
+        assert not any(shared for _, shared in pieces), results
+    else:
+        assert [shared for local, shared in pieces] == [local for local, _ in pieces], results
     np.testing.assert_array_equal(aimss_dask.rechunk(x, new).compute(), a)

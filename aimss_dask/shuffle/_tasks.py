@@ -196,28 +196,29 @@ def push_pieces(
     stream = api.operator_stream(names[0])
     here = _here()[0]
     owners = stream.spec.owners
-    # A piece for this worker's own partition is stored as a view of the
-    # block, copied once when its chunk is assembled: no scratch, no fresh
-    # pages. The view keeps the block alive, which costs nothing while Dask
-    # holds it anyway (a persisted input); once the log is tight, local
-    # pieces get their own memory too, so the block can go.
-    local_views = not _memory_tight()
-    cuts = [
-        (p, tuple(slice(a, b) for a, b in src), dst, local_views and owners[p] == here)
-        for p, src, dst in pieces
-    ]
-    # Other pieces that are not contiguous (column slices) are copied into
-    # one scratch buffer: memory this worker touched before, reused once the
-    # pieces are sent or read. Row slices of a C-ordered block are sent (or
-    # stored) as views: Dask never modifies a task's input.
+    # A piece for this worker's own partition stays in the log until its
+    # chunk is assembled. As a view of the block it needs no copy and no
+    # fresh pages; the view keeps the whole block alive, which costs nothing
+    # while Dask holds it anyway (a persisted input). Once the log is tight,
+    # a local piece gets memory of its own, exactly what the log counts, so
+    # the block can go.
+    tight = _memory_tight()
+    cuts = [(p, tuple(slice(a, b) for a, b in src), dst, owners[p] == here) for p, src, dst in pieces]
+    # Pieces for other workers that are not contiguous (column slices) are
+    # copied into one scratch buffer: memory this worker touched before,
+    # free again once they are sent. Row slices of a C-ordered block are
+    # sent as views: Dask never modifies a task's input.
     strided = sum(
-        block[src].size for _, src, _, view in cuts if not view and not block[src].flags.c_contiguous
+        block[src].size for _, src, _, local in cuts if not local and not block[src].flags.c_contiguous
     )
     flat = _scratch()[1]((strided,), block.dtype) if strided else None
     pos = 0
-    for p, src, dst, keep_view in cuts:
+    for p, src, dst, local in cuts:
         view = block[src]
-        if not keep_view and not view.flags.c_contiguous:
+        if local:
+            if tight:
+                view = view.copy()
+        elif not view.flags.c_contiguous:
             assert flat is not None
             piece = flat[pos : pos + view.size].reshape(view.shape)
             np.copyto(piece, view)
