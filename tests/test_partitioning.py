@@ -36,11 +36,11 @@ def test_packable_only_for_8_byte_numpy_columns_and_index():
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(0, 300), npartitions=st.integers(1, 20), seed=st.integers(0, 2**16))
-def test_packed_split_then_unpack_keeps_every_row_and_dtype(n, npartitions, seed):
+@given(n=st.integers(0, 300), npartitions=st.integers(1, 20), seed=st.integers(0, 2**16), lean=st.booleans())
+def test_packed_split_then_unpack_keeps_every_row_and_dtype(n, npartitions, seed, lean):
     df = _frame(n, seed)
     index = part.partition_index(df, ["key"], npartitions)
-    packed = part.split_packed(df, index, npartitions)
+    packed = part.split_packed(df, index, npartitions, lean=lean)
     plain = part.split(df, index, npartitions)
     assert [j for j, _ in packed] == [j for j, _ in plain]
     meta = df.iloc[:0]
@@ -55,9 +55,12 @@ def test_packed_split_then_unpack_keeps_every_row_and_dtype(n, npartitions, seed
         )
 
 
-def test_split_takes_its_temporaries_from_the_allocator_it_is_given():
-    """A worker passes its scratch pool: the hash and both row buffers come
-    from there (touched pages), and the result is the same as with NumPy's."""
+@pytest.mark.parametrize("lean", [False, True], ids=["packed", "lean"])
+def test_split_takes_its_temporaries_from_the_allocator_it_is_given(lean):
+    """A worker passes its scratch pool: the hash and the row buffers come
+    from there (touched pages), and the result is the same as with NumPy's.
+    ``lean`` (tight memory) gathers through one column instead of a packed
+    copy of the input: one partition's rows of scratch, not two."""
     from aimss_dask.stream.dataplane import BufferPool
 
     df = _frame(5000, seed=3)
@@ -71,14 +74,16 @@ def test_split_takes_its_temporaries_from_the_allocator_it_is_given():
     index = part.partition_index(df, ["key"], 9, None, alloc)
     np.testing.assert_array_equal(index, part.partition_index(df, ["key"], 9))
     assert asked == [((5000,), np.uint64)]
-    pooled = part.split_packed(df, index, 9, alloc)
-    assert asked[1:] == [((5000, 6), np.uint64)] * 2  # packed rows, then gathered rows
+    pooled = part.split_packed(df, index, 9, alloc, lean=lean)
+    rows = ((5000, 6), np.uint64)
+    # packed: packed rows, then gathered rows; lean: gathered rows and a column
+    assert asked[1:] == ([rows, ((5000,), np.uint64)] if lean else [rows, rows])
     plain = part.split_packed(df, index, 9)
     assert [j for j, _ in pooled] == [j for j, _ in plain]
     for (_, a), (_, b) in zip(pooled, plain):
         np.testing.assert_array_equal(a, b)
-    # The packed copy went back to the pool; the gathered rows are the shards.
-    assert pool.statistics()["pool_free_bytes"] >= 5000 * 6 * 8
+    # The temporary went back to the pool; the gathered rows are the shards.
+    assert pool.statistics()["pool_free_bytes"] >= (5000 * 8 if lean else 5000 * 6 * 8)
 
 
 def test_unpack_of_nothing_is_the_empty_meta():

@@ -156,11 +156,18 @@ def ranked(n: int, seed: int = 0) -> pd.DataFrame:
     [pd.RangeIndex(12), pd.RangeIndex(7, 43, 3), pd.RangeIndex(50, 26, -2), pd.Index(np.arange(12) ** 2 - 40)],
     ids=["range", "range-start-step", "range-negative-step", "int64"],
 )
-def test_packed_split_carries_the_index_without_materialising_a_range_index(index):
+@pytest.mark.parametrize("lean", [False, True], ids=["packed", "lean"])
+def test_packed_split_carries_the_index_without_materialising_a_range_index(index, lean):
     from aimss_dask.shuffle.partitioning import split_packed, unpack
 
+    # A new index object per test: the parametrised one is shared, and the
+    # comparison at the end of an earlier test caches its values.
+    if isinstance(index, pd.RangeIndex):
+        index = pd.RangeIndex(index.start, index.stop, index.step)
+    else:
+        index = pd.Index(np.asarray(index))
     df = pd.DataFrame({"k": np.arange(12) % 5, "x": np.linspace(0, 1, 12)}, index=index)
-    shards = split_packed(df, (np.arange(12) * 7) % 3, 3)
+    shards = split_packed(df, (np.arange(12) * 7) % 3, 3, lean=lean)
     # np.asarray(RangeIndex) would cache 8 bytes a row on the input's index,
     # held as long as a persisted input lives. (Checked first: comparing
     # frames below materialises it.)

@@ -80,9 +80,9 @@ def push(
     here, alloc = _scratch()
     index = partitioning.partition_index(df, on, npartitions, cast, alloc)
     if partitioning.packable(df):
-        shards = partitioning.split_packed(df, index, npartitions, alloc)
-        owners = stream.spec.owners
         tight = _memory_tight()
+        shards = partitioning.split_packed(df, index, npartitions, alloc, lean=tight)
+        owners = stream.spec.owners
         for j, shard in shards:
             # A local shard would keep the whole scratch buffer busy from the
             # log: give it its own memory. Remote ones are sent from the view,
