@@ -86,6 +86,26 @@ def test_split_takes_its_temporaries_from_the_allocator_it_is_given(lean):
     assert pool.statistics()["pool_free_bytes"] >= (5000 * 8 if lean else 5000 * 6 * 8)
 
 
+def test_packed_output_takes_shards_one_by_one_and_refuses_what_does_not_fit():
+    df = _frame(300, seed=5)
+    index = part.partition_index(df, ["key"], 4)
+    shards = [s for _, s in part.split_packed(df, index, 4)]
+    meta = df.iloc[:0]
+    out = part.PackedOutput(meta, sum(len(s) for s in shards))
+    assert not out.add(shards[0][:, :-1])  # another layout
+    assert not out.add(shards[0].view(np.int64))  # another dtype
+    assert not out.add(df)  # not a packed shard at all
+    for s in shards:
+        assert out.add(s)
+    assert not out.add(shards[0][:1])  # one row too many
+    assert out.filled == 300
+    pd.testing.assert_frame_equal(out.frame(), part.unpack(shards, meta))
+    # A partial fill gives the rows so far.
+    partial = part.PackedOutput(meta, 300)
+    assert partial.add(shards[1])
+    pd.testing.assert_frame_equal(partial.frame(), part.unpack([shards[1]], meta))
+
+
 def test_unpack_of_nothing_is_the_empty_meta():
     meta = _frame(0)
     assert part.unpack([], meta) is meta

@@ -109,7 +109,7 @@ def _force_tight(on: bool) -> None:
     tasks = importlib.import_module("aimss_dask.shuffle._tasks")
     if not hasattr(tasks, "_real_memory_tight"):
         tasks._real_memory_tight = tasks._memory_tight
-    tasks._memory_tight = (lambda: True) if on else tasks._real_memory_tight
+    tasks._memory_tight = (lambda extra=0: True) if on else tasks._real_memory_tight
 
 
 @pytest.mark.parametrize("tight", [False, True], ids=["room", "tight"])

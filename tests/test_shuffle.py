@@ -391,6 +391,9 @@ def test_read_tasks_run_on_partition_owners(client, op):
     sides = 1 if op == "shuffle" else 2
     assert sum(after[w]["remote"] - before[w]["remote"] for w in after) == 0
     assert sum(after[w]["local"] - before[w]["local"] for w in after) == n * sides
+    # Packed frames: every read filled its output batch by batch, sized from
+    # the log's byte count (which must therefore be exact, pushed or local).
+    assert sum(after[w]["streamed"] - before[w]["streamed"] for w in after) == n * sides
     for name in helpers:
         aimss_dask.destroy_stream(name)
     assert_clean()

@@ -56,7 +56,9 @@ class AIMSSWorker(WorkerPlugin):
         self.setup_error: str | None = None
         self.scratch: BufferPool | None = None
         # Partitions read by tasks here: from this worker's log, or remotely.
-        self.reads = {"local": 0, "remote": 0}
+        # Partition reads from this worker's log / another's; "streamed": shuffle
+        # reads that filled their output batch by batch (shuffle._tasks.read).
+        self.reads = {"local": 0, "remote": 0, "streamed": 0}
         self._sink_writer: Any = None
         self._sink_lock = threading.Lock()
         # Stream name -> UnitAssembler of a to_zarr run whose units live here.

@@ -81,7 +81,12 @@ def push(
     index = partitioning.partition_index(df, on, npartitions, cast, alloc)
     if partitioning.packable(df):
         tight = _memory_tight()
-        shards = partitioning.split_packed(df, index, npartitions, alloc, lean=tight)
+        # The packed gather needs two copies of the input's rows in scratch,
+        # the lean one one: lean whenever both would not fit beside the log
+        # in half the budget.
+        rows_bytes = len(df) * (df.shape[1] + 1) * 8
+        lean = _memory_tight(2 * rows_bytes)
+        shards = partitioning.split_packed(df, index, npartitions, alloc, lean=lean)
         owners = stream.spec.owners
         for j, shard in shards:
             # A local shard would keep the whole scratch buffer busy from the
@@ -110,16 +115,53 @@ def seal(names: list[str], *pushed: int) -> int:
 def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataFrame:
     """One output partition, read from the local log, then released."""
     _before_read(name, partition)
-    shards = list(api.read_from(name, partition=partition))
-    if shards and isinstance(shards[0], np.ndarray):
-        out = partitioning.unpack(shards, meta)
+    rows = _packed_rows(name, partition, meta)
+    if rows:
+        # Fill an output of the known size batch by batch: the read holds the
+        # output and one batch of shards (loaded back from spill files, or
+        # views into receive buffers), not the whole partition besides.
+        filling = partitioning.PackedOutput(meta, rows)
+        rest = [shard for shard in api.read_from(name, partition=partition) if not filling.add(shard)]
+        if rest or filling.filled != rows:
+            # Not what the log's byte count promised (shards of another
+            # layout): the rows so far, then the rest.
+            parts = [filling.frame(), *(partitioning.unpack([r], meta) if isinstance(r, np.ndarray) else r for r in rest)]
+            out = partitioning.combine(parts, meta)
+        else:
+            out = filling.frame()
+            _here()[1].reads["streamed"] += 1
+        del rest, filling
     else:
-        out = partitioning.combine(shards, meta)
-    # Views into receive buffers: let go of them before the release, which
-    # may drop the stream and hand idle buffers back to the OS.
-    del shards
+        shards = list(api.read_from(name, partition=partition))
+        if shards and isinstance(shards[0], np.ndarray):
+            out = partitioning.unpack(shards, meta)
+        else:
+            out = partitioning.combine(shards, meta)
+        # Views into receive buffers: let go of them before the release, which
+        # may drop the stream and hand idle buffers back to the OS.
+        del shards
     api.release_partition(name, partition)
     return out
+
+
+def _packed_rows(name: str, partition: int, meta: pd.DataFrame) -> int | None:
+    """Rows of a sealed local partition of packed shards, from its byte count.
+
+    A packed shard is ``rows x (columns + 1)`` uint64 values and the log
+    counts exactly its buffer, so the sum is known before anything is
+    loaded. ``None`` where that does not hold (not packable, not local,
+    not sealed, or a count that is not a whole number of rows).
+    """
+    if not partitioning.packable(meta):
+        return None
+    store = getattr(_here()[1], "store", None)
+    if store is None:
+        return None
+    stats = store.stream_stats(name).get(partition)
+    width = (meta.shape[1] + 1) * 8
+    if stats is None or not stats["sealed"] or stats["start"] or stats["bytes"] % width:
+        return None
+    return stats["bytes"] // width
 
 
 def join(
@@ -154,11 +196,12 @@ def _before_read(name: str, partition: int) -> None:
         store.make_room(name, None, partition)
 
 
-def _memory_tight() -> bool:
-    """Whether this worker's log is past half its budget (:meth:`LogStore.tight`,
-    the data plane's threshold for storing records as their own copies, too)."""
+def _memory_tight(extra: int = 0) -> bool:
+    """Whether this worker's log (plus ``extra`` bytes) is past half its budget
+    (:meth:`LogStore.tight`, the data plane's threshold for storing records
+    as their own copies, too)."""
     store = getattr(_here()[1], "store", None)
-    return store is not None and store.tight()
+    return store is not None and store.tight(extra)
 
 
 def _scratch() -> tuple[str | None, partitioning.Alloc]:

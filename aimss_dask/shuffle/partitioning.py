@@ -187,30 +187,61 @@ def unpack(shards: list[np.ndarray], meta: pd.DataFrame) -> pd.DataFrame:
     """
     if not shards:
         return meta
-    rows = sum(len(s) for s in shards)
-    k = meta.shape[1]
-    groups: dict[np.dtype, list[int]] = {}
-    for i, dt in enumerate(meta.dtypes):
-        groups.setdefault(dt, []).append(i)
-    parts = []
-    for dt, cols in groups.items():
-        block = np.empty((len(cols), rows), dtype=np.uint64)
-        _fill(block, shards, cols)
-        parts.append(pd.DataFrame(block.view(dt).T, columns=meta.columns[cols], copy=False))
-    index = np.empty((1, rows), dtype=np.uint64)
-    _fill(index, shards, [k])
-    out = pd.concat(parts, axis=1) if len(parts) > 1 else parts[0]
-    out.index = pd.Index(index[0].view(meta.index.dtype), name=meta.index.name)
-    return out[meta.columns] if len(parts) > 1 else out
-
-
-def _fill(block: np.ndarray, shards: list[np.ndarray], cols: list[int]) -> None:
-    off = 0
+    out = PackedOutput(meta, sum(len(s) for s in shards))
     for s in shards:
-        n = len(s)
-        for r, c in enumerate(cols):
-            block[r, off : off + n] = s[:, c]
-        off += n
+        out.add(s)
+    return out.frame()
+
+
+class PackedOutput:
+    """An output partition filled shard by shard, for ``rows`` rows at most.
+
+    A reader that knows the partition's size up front adds each shard as it
+    arrives and lets it go: the read then holds the output plus one batch
+    of shards, not the whole partition twice.
+    """
+
+    def __init__(self, meta: pd.DataFrame, rows: int) -> None:
+        self.meta = meta
+        self.k = meta.shape[1]
+        self.rows = rows
+        self.filled = 0
+        groups: dict[np.dtype, list[int]] = {}
+        for i, dt in enumerate(meta.dtypes):
+            groups.setdefault(dt, []).append(i)
+        self._blocks = [(dt, cols, np.empty((len(cols), rows), dtype=np.uint64)) for dt, cols in groups.items()]
+        self._index = np.empty((1, rows), dtype=np.uint64)
+
+    def add(self, shard: Any) -> bool:
+        """Copy ``shard`` in; False (and nothing copied) if it is not a packed
+        shard of this layout or does not fit."""
+        if not (
+            isinstance(shard, np.ndarray)
+            and shard.dtype == np.uint64
+            and shard.ndim == 2
+            and shard.shape[1] == self.k + 1
+            and self.filled + len(shard) <= self.rows
+        ):
+            return False
+        lo, hi = self.filled, self.filled + len(shard)
+        for _, cols, block in self._blocks:
+            for r, c in enumerate(cols):
+                block[r, lo:hi] = shard[:, c]
+        self._index[0, lo:hi] = shard[:, self.k]
+        self.filled = hi
+        return True
+
+    def frame(self) -> pd.DataFrame:
+        """The rows added so far, as a DataFrame with ``meta``'s dtypes."""
+        n = self.filled
+        meta = self.meta
+        parts = [
+            pd.DataFrame(block[:, :n].view(dt).T, columns=meta.columns[cols], copy=False)
+            for dt, cols, block in self._blocks
+        ]
+        out = pd.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+        out.index = pd.Index(self._index[0, :n].view(meta.index.dtype), name=meta.index.name)
+        return out[meta.columns] if len(parts) > 1 else out
 
 
 # -- Array rechunk: which part of an input block goes to which output chunk ----------
