@@ -100,6 +100,8 @@ def test_packed_output_takes_shards_one_by_one_and_refuses_what_does_not_fit():
     assert not out.add(shards[0][:1])  # one row too many
     assert out.filled == 300
     pd.testing.assert_frame_equal(out.frame(), part.unpack(shards, meta))
+    with pytest.raises(ValueError, match="not a packed shard"):
+        part.unpack([shards[0], shards[1][:, :-1]], meta)  # never dropped in silence
     # A partial fill gives the rows so far.
     partial = part.PackedOutput(meta, 300)
     assert partial.add(shards[1])

@@ -189,7 +189,11 @@ def unpack(shards: list[np.ndarray], meta: pd.DataFrame) -> pd.DataFrame:
         return meta
     out = PackedOutput(meta, sum(len(s) for s in shards))
     for s in shards:
-        out.add(s)
+        if not out.add(s):
+            raise ValueError(
+                f"a shard of shape {getattr(s, 'shape', None)} and dtype {getattr(s, 'dtype', type(s))} "
+                f"is not a packed shard of a frame with {out.k} columns; this is a bug, please report it"
+            )
     return out.frame()
 
 
