@@ -131,7 +131,11 @@ class WriteBehind:
                 run.nbytes += int(fut.result() or 0)
             else:
                 run.errors.append(f"{type(exc).__name__}: {exc}")
-            self._cond.notify_all()
+            # Waiters: submitters waiting for room (only freed bytes help them)
+            # and flush (only the run's last write). Waking them for every
+            # chunk cost a GIL hand-off per chunk on the writer thread.
+            if n or not run.pending:
+                self._cond.notify_all()
 
     def flush(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait for every queued region of ``run_id``; report and forget the run."""
