@@ -94,6 +94,9 @@ def test_make_room_spills_other_partitions_so_a_whole_read_fits(spill_dir):
     assert stats[0]["spilled_bytes"] == 100  # its own segments stayed put
     assert stats[1]["spilled_bytes"] == 200 and stats[2]["spilled_bytes"] == 0
     assert s.make_room("a", 1, 2) == 0  # 300 to build: 600 + 300 fits
+    # One partition's stats, without the others': the same figures.
+    assert [s.partition_stats("a", p) for p in (0, 1, 2)] == [stats[p] for p in (0, 1, 2)]
+    assert s.partition_stats("a", 3) is None and s.partition_stats("gone", 0) is None
     assert [len(s.read("a", 1, p, 0)[0]) for p in (0, 1, 2)] == [3, 3, 3]
     assert s.make_room("gone", None, 0) == 0
 

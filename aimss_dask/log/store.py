@@ -420,16 +420,14 @@ class LogStore:
             logs = self._streams.get(name)
             if logs is None:
                 return {}
-            return {
-                p: {
-                    "records": log.end,
-                    "start": log.start,
-                    "bytes": log.retained_bytes(),
-                    "spilled_bytes": log.spilled_bytes(),
-                    "sealed": log.sealed,
-                }
-                for p, log in logs.partitions.items()
-            }
+            return {p: _log_stats(log) for p, log in logs.partitions.items()}
+
+    def partition_stats(self, name: str, p: int) -> dict[str, Any] | None:
+        """:meth:`stream_stats` of one partition; None if it is not held here."""
+        with self._lock:
+            logs = self._streams.get(name)
+            log = logs.partitions.get(p) if logs is not None else None
+            return None if log is None else _log_stats(log)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -455,3 +453,13 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _log_stats(log: PartitionLog) -> dict[str, Any]:
+    return {
+        "records": log.end,
+        "start": log.start,
+        "bytes": log.retained_bytes(),
+        "spilled_bytes": log.spilled_bytes(),
+        "sealed": log.sealed,
+    }

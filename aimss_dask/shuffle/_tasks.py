@@ -115,49 +115,42 @@ def seal(names: list[str], *pushed: int) -> int:
 def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataFrame:
     """One output partition, read from the local log, then released."""
     _before_read(name, partition)
-    rows = _packed_rows(name, partition, meta)
-    if rows:
-        # Fill an output of the known size batch by batch: the read holds the
-        # output and one batch of shards (loaded back from spill files, or
-        # views into receive buffers), not the whole partition besides.
-        filling = partitioning.PackedOutput(meta, rows)
-        rest = [shard for shard in api.read_from(name, partition=partition) if not filling.add(shard)]
-        if rest or filling.filled != rows:
-            # Not what the log's byte count promised (shards of another
-            # layout): the rows so far, then the rest.
-            parts = [filling.frame(), *(partitioning.unpack([r], meta) if isinstance(r, np.ndarray) else r for r in rest)]
-            out = partitioning.combine(parts, meta)
-        else:
-            out = filling.frame()
-            _here()[1].reads["streamed"] += 1
-        del rest, filling
+    plugin = _here()[1]
+    rows = _packed_rows(getattr(plugin, "store", None), name, partition, meta)
+    # With the size known, fill the output batch by batch: the read holds the
+    # output and one batch of shards (loaded back from spill files, or views
+    # into receive buffers), not the whole partition besides. Shards that do
+    # not fit what the log's byte count promised are kept aside.
+    filling = partitioning.PackedOutput(meta, rows) if rows else None
+    rest = [s for s in api.read_from(name, partition=partition) if filling is None or not filling.add(s)]
+    if filling is not None and not rest and filling.filled == rows:
+        out = filling.frame()
+        plugin.reads["streamed"] += 1
+    elif filling is None and rest and isinstance(rest[0], np.ndarray):
+        out = partitioning.unpack(rest, meta)
     else:
-        shards = list(api.read_from(name, partition=partition))
-        if shards and isinstance(shards[0], np.ndarray):
-            out = partitioning.unpack(shards, meta)
-        else:
-            out = partitioning.combine(shards, meta)
-        # Views into receive buffers: let go of them before the release, which
-        # may drop the stream and hand idle buffers back to the OS.
-        del shards
+        head = [filling.frame()] if filling is not None and filling.filled else []
+        out = partitioning.combine(
+            head + [partitioning.unpack([r], meta) if isinstance(r, np.ndarray) else r for r in rest], meta
+        )
+    # Views into receive buffers: let go of them before the release, which
+    # may drop the stream and hand idle buffers back to the OS.
+    del rest, filling
     api.release_partition(name, partition)
     return out
 
 
-def _packed_rows(name: str, partition: int, meta: pd.DataFrame) -> int | None:
-    """Rows of a sealed local partition of packed shards, from its byte count.
+def _packed_rows(store: Any, name: str, partition: int, meta: pd.DataFrame) -> int | None:
+    """Rows of a sealed partition of packed shards in ``store``, from its byte count.
 
     A packed shard is ``rows x (columns + 1)`` uint64 values and the log
     counts exactly its buffer, so the sum is known before anything is
     loaded. ``None`` where that does not hold (not packable, not local,
     not sealed, or a count that is not a whole number of rows).
     """
-    if not partitioning.packable(meta):
+    if store is None or not partitioning.packable(meta):
         return None
-    store = getattr(_here()[1], "store", None)
-    if store is None:
-        return None
-    stats = store.stream_stats(name).get(partition)
+    stats = store.partition_stats(name, partition)
     width = (meta.shape[1] + 1) * 8
     if stats is None or not stats["sealed"] or stats["start"] or stats["bytes"] % width:
         return None
