@@ -319,6 +319,23 @@ def test_shuffle_streams_are_gone_after_compute(client):
     assert sorted(k[2] for k in keys if str(k[0]).startswith(PARTITION_TASK_PREFIX)) == list(range(6))
 
 
+def test_push_tasks_read_a_persisted_partition_where_it_is(client):
+    """A persisted frame's partitions reach Dask as ``Alias`` tasks of the
+    persisted keys; the push tasks must depend on the persisted keys
+    themselves, so no alias task can drag a partition to another worker."""
+    df = ddf(ranked(400), 4).persist()
+    held = {f.key for f in client.futures_of(df)}
+    out = aimss_dask.shuffle(df, "k", npartitions=3)
+    graph = dict(out.__dask_graph__())
+    pushes = [t for k, t in graph.items() if isinstance(k, tuple) and str(k[0]).startswith("aimss-push-")]
+    assert len(pushes) == 4
+    inputs = [set(t.dependencies) & held for t in pushes]
+    assert all(len(i) == 1 for i in inputs), inputs
+    assert set().union(*inputs) == held
+    got = out.compute()
+    pd.testing.assert_frame_equal(sort_all(got), sort_all(df.compute()))
+
+
 def test_shuffle_can_be_computed_twice(client):
     df = ddf(ranked(300), 3)
     out = aimss_dask.shuffle(df, "k", npartitions=4)

@@ -23,6 +23,37 @@ def _npartitions(n: int | None, default: int) -> int:
     return int(n)
 
 
+def _partitions(frame: dd.DataFrame) -> list[Any]:
+    """``frame``'s partitions as Delayed objects named by the keys that hold them.
+
+    A persisted dask-expr frame hands out its partitions as ``Alias`` tasks of
+    the persisted keys. An alias is a task of its own, and the scheduler may
+    run it on the worker that is not holding the data (it costs nothing to
+    compute, so an idle worker looks best): the whole input partition is then
+    copied there, and both copies stay until the push ends. Measured: 3 of 32
+    64 MiB partitions per worker in a 4 GiB shuffle. Depending on the target
+    key instead lets the push run where its input already is.
+    """
+    from dask._task_spec import Alias
+    from dask.delayed import Delayed
+
+    out = []
+    flat: dict[int, dict[Any, Any]] = {}  # the parts share one graph: flatten it once
+    for part in frame.to_delayed():
+        hlg = part.__dask_graph__()
+        graph = flat.get(id(hlg))
+        if graph is None:
+            graph = flat[id(hlg)] = dict(hlg)
+        key = part.key
+        for _ in range(8):  # a chain of aliases, never a cycle
+            node = graph.get(key)
+            if not isinstance(node, Alias) or node.target == key or node.target not in graph:
+                break
+            key = node.target
+        out.append(part if key == part.key else Delayed(key, graph))
+    return out
+
+
 def _run(
     frames: Sequence[dd.DataFrame],
     ons: Sequence[list[str]],
@@ -38,7 +69,7 @@ def _run(
     )
     pushed = []
     for side, (frame, on, cast) in enumerate(zip(frames, ons, casts)):
-        for i, part in enumerate(frame.to_delayed()):
+        for i, part in enumerate(_partitions(frame)):
             pushed.append(
                 dask.delayed(_tasks.push, pure=False)(
                     part, created, side, on, npartitions, cast,
