@@ -328,3 +328,42 @@ def test_budget_release_clamps_and_statistics_is_a_snapshot():
 def test_budget_limit_must_be_positive(limit):
     with pytest.raises(ValueError, match=f"budget limit must be positive, got {limit}"):
         ByteBudget(limit)
+
+
+# -- spill files ---------------------------------------------------------------------
+
+
+def _root(a: np.ndarray) -> object:
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a
+
+
+def test_a_reload_reads_only_the_records_asked_for_into_one_buffer(tmp_path):
+    """Loading records ``lo..hi`` of a spill file reads exactly their bytes,
+    and the arrays are views into that one buffer (no per-array copy)."""
+    from aimss_dask.log import records as rec
+
+    path = str(tmp_path / "seg")
+    arrays = [np.full(1000, i, dtype="f8") for i in range(6)]
+    index = rec.dump([*arrays, b"tail", {"k": 1}], path)
+    got = rec.load(path, index[:4], first=1)
+    assert [int(a[0]) for a in got] == [1, 2, 3]
+    roots = {id(_root(a)) for a in got}
+    assert len(roots) == 1
+    buf = _root(got[0])
+    assert isinstance(buf, bytearray)
+    assert len(buf) == index[3][0] + index[3][1] - index[1][0]
+    assert not any(a.flags.writeable for a in got)  # the log's records are read-only
+    assert rec.load(path, index, first=6) == [b"tail", {"k": 1}]
+
+
+def test_a_truncated_spill_file_is_an_error_not_garbage(tmp_path):
+    from aimss_dask.log import records as rec
+
+    path = str(tmp_path / "seg")
+    index = rec.dump([np.arange(100.0), np.arange(100.0)], path)
+    with open(path, "r+b") as f:
+        f.truncate(index[1][0] + 10)
+    with pytest.raises(OSError, match="truncated"):
+        rec.load(path, index, first=1)

@@ -117,10 +117,19 @@ def load(path: str, index: Sequence[tuple[int, int]], first: int = 0) -> list[An
     if first >= len(index):
         return []
     start = index[first][0]
+    end = index[-1][0] + index[-1][1]
+    # Only the records asked for (a batch that ends inside a segment must not
+    # read the rest of the file), into writable memory: NumPy's deserializer
+    # copies an array whose buffer is read-only, as ``bytes`` from ``read()``
+    # is, and that copy doubled a reload's memory and its memcpy.
+    buf = bytearray(end - start)
     with open(path, "rb") as f:
         f.seek(start)
-        buf = memoryview(f.read())
+        got = f.readinto(buf)
+    if got != len(buf):
+        raise OSError(f"spill file {path} holds {start + got} bytes, its index says {end}: it was truncated")
+    view = memoryview(buf)
     # Arrays come back as views into ``buf``: one read, no further copies.
     return [
-        freeze(deserialize_bytes(buf[a - start : a - start + n])) for a, n in index[first:]
+        freeze(deserialize_bytes(view[a - start : a - start + n])) for a, n in index[first:]
     ]
