@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -252,7 +254,16 @@ class PackedOutput:
 
 
 def _bounds(chunks: Sequence[int]) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
+    # Called for every block with the same chunks: computing the cumulative
+    # sum each time made planning a 500-block run take 90 ms on the client.
+    return _bounds_of(chunks if isinstance(chunks, tuple) else tuple(chunks))
+
+
+@functools.lru_cache(maxsize=32)
+def _bounds_of(chunks: tuple[int, ...]) -> np.ndarray:
+    out = np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
+    out.flags.writeable = False  # shared between callers
+    return out
 
 
 def block_pieces(
