@@ -136,3 +136,44 @@ def test_a_region_that_splits_a_unit_is_refused(tmp_path):
         w((slice(2, 6),), np.zeros(4))
     with pytest.raises(ValueError, match="only part of chunk"):
         w((slice(0, 6),), np.zeros(6))
+
+
+@pytest.mark.parametrize(
+    "shape, chunks, shards, fmt, sep",
+    [
+        ((10, 6), (4, 3), None, 3, "/"),  # v3 default keys c/i/j: a directory per row of chunks
+        ((10, 6), (2, 3), (4, 6), 3, "/"),  # sharded: one per row of shards
+        ((10, 6), (4, 3), None, 2, "."),  # v2 keys i.j: no directories
+    ],
+)
+def test_prepare_makes_every_directory_the_writes_need_and_no_more(tmp_path, monkeypatch, shape, chunks, shards, fmt, sep):
+    """Directories made ahead (at attach) are exactly those of the units' files,
+    and the writes that follow make none of their own."""
+    import os
+
+    from aimss_dask.sink import direct
+
+    path = str(tmp_path / "a.zarr")
+    z = zarr.create_array(path, shape=shape, chunks=chunks, shards=shards, zarr_format=fmt, dtype="f8")
+    w = direct_writer(z)
+    unit = shards or chunks
+    regions = [
+        tuple(slice(i, min(i + u, n)) for i, u, n in zip(idx, unit, shape))
+        for idx in itertools.product(*(range(0, n, u) for n, u in zip(shape, unit)))
+    ]
+    made = w.prepare(regions)
+    dirs = sorted(os.path.relpath(r, path) for r, _, _ in os.walk(path) if r != path)
+    if sep == "/":
+        rows = -(-shape[0] // unit[0])
+        assert made == rows
+        assert dirs == ["c", *(f"c/{i}" for i in range(rows))]
+    else:
+        assert made == 1 and dirs == []  # the array's own directory, which exists
+    calls = []
+    real = os.makedirs
+    monkeypatch.setattr(direct.os, "makedirs", lambda *a, **k: (calls.append(a), real(*a, **k)))
+    x = np.arange(np.prod(shape), dtype="f8").reshape(shape)
+    for region in regions:
+        w(region, x[region])
+    assert calls == []
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[...], x)

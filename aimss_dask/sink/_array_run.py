@@ -308,6 +308,8 @@ def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes
         return int(nbytes)
 
     asm = UnitAssembler(epoch, expected, ready)
+    if expected:  # units will be written here (and flushed): make their directories now
+        plugin.sink_writer.prepare(target, lambda: [unit_region(p, chunks) for p in sorted(expected)])
     return asm
 
 

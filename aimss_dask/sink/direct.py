@@ -122,12 +122,27 @@ def _zstd(level: int, checksum: bool) -> Encoder:
     return lambda parts: [codec.encode(np.ascontiguousarray(joined(parts)))]
 
 
-def _put(path: str, parts: list[Any], made: set[str]) -> None:
-    """Write ``parts`` to ``path`` atomically (a reader never sees half a chunk)."""
+def _parent(path: str, made: set[str]) -> None:
+    """Make ``path``'s directory once per writer (Zarr v3 keys ``c/i/j`` need one per row)."""
     parent = os.path.dirname(path)
     if parent not in made:
         os.makedirs(parent, exist_ok=True)
         made.add(parent)
+
+
+def _prepare(root: str, key: Any, unit: tuple[int, ...], regions: list[tuple[slice, ...]], made: set[str]) -> int:
+    """Make the directories that the files of ``regions`` (whole units) go in; how many distinct ones."""
+    before = len(made)
+    for region in regions:
+        ranges = [range(r.start // u, -(-r.stop // u)) for r, u in zip(region, unit)]
+        for coords in itertools.product(*ranges):
+            _parent(os.path.join(root, key(coords)), made)
+    return len(made) - before
+
+
+def _put(path: str, parts: list[Any], made: set[str]) -> None:
+    """Write ``parts`` to ``path`` atomically (a reader never sees half a chunk)."""
+    _parent(path, made)
     tmp = f"{path}.{uuid.uuid4().hex}.partial"
     with open(tmp, "wb") as f:
         for part in parts:
@@ -175,6 +190,10 @@ class _ChunkWriter:
         self.dtype, self.fill, self.encode = dtype, fill, encode
         self.made: set[str] = set()
 
+    def prepare(self, regions: list[tuple[slice, ...]]) -> int:
+        """Make the directories of these regions' chunk files ahead of the writes."""
+        return _prepare(self.root, self.key, self.chunks, regions, self.made)
+
     def __call__(self, region: tuple[slice, ...], data: Data) -> int:
         starts = [r.start for r in region]
         if any(s % c for s, c in zip(starts, self.chunks)):
@@ -206,6 +225,10 @@ class _ShardWriter:
         self.at_start = at_start
         self.per_shard = tuple(s // c for s, c in zip(shards, inner))
         self.made: set[str] = set()
+
+    def prepare(self, regions: list[tuple[slice, ...]]) -> int:
+        """Make the directories of these regions' shard files ahead of the writes."""
+        return _prepare(self.root, self.key, self.shards, regions, self.made)
 
     def __call__(self, region: tuple[slice, ...], data: Data) -> int:
         import google_crc32c

@@ -14,6 +14,7 @@ Pure threads, no asyncio: the worker plugin calls ``flush`` through
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from aimss_dask.sink.direct import Put
+
+logger = logging.getLogger("aimss_dask")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,32 @@ class WriteBehind:
             fut = self._pool.submit(self._write, target, run, job)
             run.pending.add(fut)
         fut.add_done_callback(lambda f: self._done(run, f, n, rid))
+
+    def prepare(self, target: ZarrTarget, regions: Callable[[], list[tuple[slice, ...]]]) -> None:
+        """Queue the creation of the directories that ``regions()``' files go in.
+
+        ``regions`` is called on the writer thread: the caller may be the
+        event loop, and planning hundreds of units there would block it.
+
+        Queued before a run's first unit is complete, it runs while the
+        writer would otherwise wait, instead of one ``mkdir`` before each
+        unit's write. Best effort: a failure here is left to the write
+        itself, which makes any directory still missing and reports errors.
+        """
+        with self._cond:
+            run = self._runs.setdefault(target.run, _Run())
+
+        def job() -> None:
+            try:
+                if run.put is None:
+                    run.put = _putter(target.open())
+                prepare = getattr(run.put, "prepare", None)
+                if prepare is not None:
+                    prepare(regions())
+            except Exception:
+                logger.debug("aimss: making the directories of %s ahead failed", target.run, exc_info=True)
+
+        self._pool.submit(job)
 
     def _write(self, target: ZarrTarget, run: _Run, job: Callable[[Put], int]) -> int:
         if run.put is None:
