@@ -84,7 +84,7 @@ def push(
         # The packed gather needs two copies of the input's rows in scratch,
         # the lean one one: lean whenever both would not fit beside the log
         # in half the budget.
-        rows_bytes = len(df) * (df.shape[1] + 1) * 8
+        rows_bytes = len(df) * partitioning.packed_row_bytes(df)
         lean = _memory_tight(2 * rows_bytes)
         shards = partitioning.split_packed(df, index, npartitions, alloc, lean=lean)
         owners = stream.spec.owners
@@ -151,7 +151,7 @@ def _packed_rows(store: Any, name: str, partition: int, meta: pd.DataFrame) -> i
     if store is None or not partitioning.packable(meta):
         return None
     stats = store.partition_stats(name, partition)
-    width = (meta.shape[1] + 1) * 8
+    width = partitioning.packed_row_bytes(meta)
     if stats is None or not stats["sealed"] or stats["start"] or stats["bytes"] % width:
         return None
     return stats["bytes"] // width

@@ -41,6 +41,9 @@ def _partitions(frame: dd.DataFrame) -> list[Any]:
     flat: dict[int, dict[Any, Any]] = {}  # the parts share one graph: flatten it once
     for part in frame.to_delayed():
         hlg = part.__dask_graph__()
+        if not isinstance(hlg.get(part.key), Alias):
+            out.append(part)  # a frame still to compute: its graph is not flattened twice
+            continue
         graph = flat.get(id(hlg))
         if graph is None:
             graph = flat[id(hlg)] = dict(hlg)

@@ -35,6 +35,7 @@ from dask.highlevelgraph import HighLevelGraph
 from aimss_dask.errors import SinkError
 from aimss_dask.shuffle import _tasks as shuffle_tasks
 from aimss_dask.shuffle.array import _main_inputs, _pieces
+from aimss_dask.shuffle.partitioning import chunk_bounds
 from aimss_dask.sink.assembler import UnitAssembler, assemble, row_slabs, unit_region
 from aimss_dask.sink.writer import ZarrTarget
 
@@ -109,7 +110,7 @@ def _held_groups(x: da.Array) -> list[list[tuple[int, ...]]] | None:
 def _aligned_graph(
     x: da.Array, target: ZarrTarget, token: str, groups: list[list[tuple[int, ...]]] | None
 ) -> tuple[dict[Any, Any], Any, list[Any], list[int]]:
-    bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int).tolist() for c in x.chunks]
+    bounds = [chunk_bounds(c).tolist() for c in x.chunks]
 
     def region(idx: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(slice(b[i], b[i + 1]) for b, i in zip(bounds, idx))

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from aimss_dask.shuffle.partitioning import chunk_bounds
+
 
 class UnitAssembler:
     """Completion tracking for one sink run's units on one worker.
@@ -149,6 +151,5 @@ def unit_region(p: int, chunks: tuple[tuple[int, ...], ...]) -> tuple[slice, ...
     (slice(2, 4, None), slice(3, 6, None))
     """
     index = np.unravel_index(p, tuple(len(c) for c in chunks))
-    return tuple(
-        slice(int(sum(c[:i])), int(sum(c[:i])) + c[i]) for c, i in zip(chunks, index)
-    )
+    bounds = [chunk_bounds(c) for c in chunks]
+    return tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, index))

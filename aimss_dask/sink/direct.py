@@ -130,12 +130,16 @@ def _parent(path: str, made: set[str]) -> None:
         made.add(parent)
 
 
+def _units(region: tuple[slice, ...], unit: tuple[int, ...]) -> Any:
+    """The grid coordinates of the units (chunks or shards) that ``region`` touches."""
+    return itertools.product(*(range(r.start // u, -(-r.stop // u)) for r, u in zip(region, unit)))
+
+
 def _prepare(root: str, key: Any, unit: tuple[int, ...], regions: list[tuple[slice, ...]], made: set[str]) -> int:
     """Make the directories that the files of ``regions`` (whole units) go in; how many distinct ones."""
     before = len(made)
     for region in regions:
-        ranges = [range(r.start // u, -(-r.stop // u)) for r, u in zip(region, unit)]
-        for coords in itertools.product(*ranges):
+        for coords in _units(region, unit):
             _parent(os.path.join(root, key(coords)), made)
     return len(made) - before
 
@@ -199,9 +203,8 @@ class _ChunkWriter:
         if any(s % c for s, c in zip(starts, self.chunks)):
             raise ValueError(f"region {region} does not start on a chunk edge")
         data = _as_data(data, self.dtype)
-        ranges = [range(s // c, -(-(r.stop) // c)) for s, r, c in zip(starts, region, self.chunks)]
         written = 0
-        for coords in itertools.product(*ranges):
+        for coords in _units(region, self.chunks):
             sel = tuple(
                 slice(i * c - s, min((i + 1) * c, r.stop) - s)
                 for i, c, s, r in zip(coords, self.chunks, starts, region)
@@ -237,9 +240,8 @@ class _ShardWriter:
         if any(s % c for s, c in zip(starts, self.shards)):
             raise ValueError(f"region {region} does not start on a shard edge")
         data = _as_data(data, self.dtype)
-        shard_ranges = [range(s // c, -(-(r.stop) // c)) for s, r, c in zip(starts, region, self.shards)]
         written = 0
-        for scoords in itertools.product(*shard_ranges):
+        for scoords in _units(region, self.shards):
             origin = [i * c - s for i, c, s in zip(scoords, self.shards, starts)]
             pieces: list[Any] = []
             index = np.full((*self.per_shard, 2), MAX_UINT_64, dtype="<u8")
