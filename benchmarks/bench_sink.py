@@ -28,6 +28,11 @@ Methods:
 - ``plain``: the same bytes written with plain file writes, one file per
   block, by one task per worker that writes the blocks it holds back to back:
   the disk's limit for two writers.
+- ``plain-dirs``: as ``plain``, but each block's file goes in the directory
+  of the row of units (chunks or shards) it starts in, the way Zarr v3's
+  default keys (``c/i/j``) put one directory per row: what that layout
+  costs the file system, which every Zarr v3 writer pays and ``plain`` does
+  not.
 
 Each case runs with ``--codecs`` ``none`` (uncompressed) and ``default``
 (Zarr's default, zstd).
@@ -61,6 +66,13 @@ def _write_files(directory: str, names: list[str], blocks: list[np.ndarray]) -> 
         with open(os.path.join(directory, name), "wb") as f:
             f.write(memoryview(np.ascontiguousarray(block)).cast("B"))
     return sum(b.nbytes for b in blocks)
+
+
+def _write_files_in_dirs(directory: str, names: list[str], blocks: list[np.ndarray]) -> int:
+    """Like :func:`_write_files`, but ``names`` are ``"dir/file"``: the directory made first."""
+    for name in {os.path.dirname(n) for n in names}:
+        os.makedirs(os.path.join(directory, name), exist_ok=True)
+    return _write_files(directory, names, blocks)
 
 
 def _check(path: str, x: Any, rows: int) -> None:
@@ -117,19 +129,27 @@ def run(args: argparse.Namespace) -> None:
                 def dask_rechunk_run(path: str) -> None:
                     da.to_zarr(x.rechunk(unit), path, mode="a", **zkw)
 
-                def plain_run(path: str) -> None:
+                def plain_run(path: str, dirs: bool = False) -> None:
                     # One task per worker writes the blocks it already holds,
                     # back to back: no scheduling between files, no transfer.
+                    # With dirs, each block's file goes in the directory of
+                    # the row of units it starts in, as Zarr v3's keys
+                    # (c/i/j) need: what that layout costs the file system.
                     os.makedirs(path)
                     futures = client.futures_of(x)
                     who = client.who_has(futures)
                     mine: dict[str, list[Any]] = {}
                     for f in futures:
                         mine.setdefault(sorted(who[f.key])[0], []).append(f)
+
+                    def name(key: Any) -> str:
+                        flat = "-".join(map(str, key[1:]))
+                        return f"c/{key[1] * block_rows // unit[0]}/{flat}" if dirs else flat
+
                     done = [
                         client.submit(
-                            _write_files, path, ["-".join(map(str, f.key[1:])) for f in fs], fs,
-                            workers=[w], pure=False,
+                            _write_files_in_dirs if dirs else _write_files,
+                            path, [name(f.key) for f in fs], fs, workers=[w], pure=False,
                         )
                         for w, fs in mine.items()
                     ]
@@ -139,6 +159,7 @@ def run(args: argparse.Namespace) -> None:
                 if case != "aligned":
                     methods["dask-rechunk"] = dask_rechunk_run
                 methods["plain"] = plain_run
+                methods["plain-dirs"] = lambda path: plain_run(path, dirs=True)
                 title = (
                     f"{case}, codec {codec}: {nbytes / GiB:.2f} GiB float64 ({rows}x{cols}), "
                     f"blocks of {block_rows} rows, zarr chunks {zchunks}"
@@ -152,6 +173,7 @@ def run(args: argparse.Namespace) -> None:
                         f"worker CPU {r['cpu']:6.2f} s  peak RSS/worker {r['rss'] / GiB:5.2f} GiB"
                     )
                 peers = [m for m in med if m.startswith("dask")]
+                layout = med["plain-dirs"]["t"]
                 best = min(peers, key=lambda m: med[m]["t"])
                 line = (
                     f"{case:10s} {codec:7s} aimss {nbytes / med['aimss']['t'] / 1e9:5.2f} GB/s; "
@@ -159,6 +181,8 @@ def run(args: argparse.Namespace) -> None:
                     + f"; plain {nbytes / med['plain']['t'] / 1e9:5.2f} GB/s; "
                     f"aimss vs best dask ({best}) {med[best]['t'] / med['aimss']['t']:.2f}x, "
                     f"aimss / plain {med['plain']['t'] / med['aimss']['t']:.0%} "
+                    f"(/ plain-dirs {layout / med['aimss']['t']:.0%}; plain-dirs / plain "
+                    f"{med['plain']['t'] / layout:.0%}) "
                     f"(worker CPU {med['aimss']['cpu']:.2f} s vs plain {med['plain']['cpu']:.2f} s)"
                 )
                 print(line, flush=True)
@@ -197,7 +221,7 @@ def _measure(
             dt = time.perf_counter() - t0
             cpu = sum(client.run(cpu_seconds).values()) - sum(cpu0.values())
             peaks = client.run(_finish)
-            if name != "plain":
+            if not name.startswith("plain"):
                 _check(path, x, rows)
             if rep == 0:
                 continue

@@ -177,3 +177,24 @@ def test_prepare_makes_every_directory_the_writes_need_and_no_more(tmp_path, mon
         w(region, x[region])
     assert calls == []
     np.testing.assert_array_equal(zarr.open_array(path, mode="r")[...], x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=4), min_size=1, max_size=3),
+    st.data(),
+)
+def test_unit_regions_match_the_units_cut_one_by_one(chunks, data):
+    """The owner's vectorised lookup gives every unit the region its chunks span,
+    zero-length chunks included, for any subset of units in any order."""
+    from aimss_dask.sink.assembler import unit_regions
+
+    chunks = tuple(tuple(c) for c in chunks)
+    units = list(itertools.product(*(range(len(c)) for c in chunks)))
+    want = {}
+    for p, idx in enumerate(units):
+        want[p] = tuple(slice(sum(c[:i]), sum(c[: i + 1])) for c, i in zip(chunks, idx))
+    asked = data.draw(st.lists(st.sampled_from(sorted(want)), unique=True))
+    got = unit_regions(asked, chunks)
+    assert list(got) == asked
+    assert got == {p: want[p] for p in asked}

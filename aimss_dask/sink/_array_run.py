@@ -24,6 +24,7 @@ an aligned run Dask recomputes the lost write tasks.
 
 from __future__ import annotations
 
+import math
 import pickle
 from typing import Any
 
@@ -36,7 +37,7 @@ from aimss_dask.errors import SinkError
 from aimss_dask.shuffle import _tasks as shuffle_tasks
 from aimss_dask.shuffle.array import _main_inputs, _pieces
 from aimss_dask.shuffle.partitioning import chunk_bounds
-from aimss_dask.sink.assembler import UnitAssembler, assemble, row_slabs, unit_region
+from aimss_dask.sink.assembler import UnitAssembler, assemble, row_slabs, unit_regions
 from aimss_dask.sink.writer import ZarrTarget
 
 #: Bytes of in-memory blocks one grouped task writes or pushes.
@@ -278,10 +279,12 @@ def _create(
 def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes) -> UnitAssembler:
     """The owner's side of :func:`_create`: an assembler that writes complete units."""
     target, chunks, dtype = pickle.loads(run)
-    grid = tuple(len(c) for c in chunks)
-    shapes = {p: tuple(c[i] for c, i in zip(chunks, np.unravel_index(p, grid))) for p in partitions}
+    # Runs on the event loop: one vectorised lookup for all units, not a
+    # NumPy call per unit (hundreds of units per owner).
+    regions = unit_regions(partitions, chunks)
+    shapes = {p: tuple(r.stop - r.start for r in region) for p, region in regions.items()}
     # Empty units (a zero-length axis) have nothing to write.
-    expected = {p: int(np.prod(s)) for p, s in shapes.items() if int(np.prod(s))}
+    expected = {p: math.prod(s) for p, s in shapes.items() if math.prod(s)}
 
     def ready(p: int) -> None:
         # On the appending thread: queue only. Its bytes are in the log
@@ -299,7 +302,7 @@ def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes
                 if assemble(records, out) != out.size:
                     raise SinkError(f"unit {p} of {name!r} is incomplete; this is a bug, please report it")
             del records
-            nbytes = put(unit_region(p, chunks), out)
+            nbytes = put(regions[p], out)
             del out  # views into the log's records: let them go before the trim
             plugin.store.trim(name, epoch, p)  # durable: free its memory now
         except Exception:
@@ -310,7 +313,7 @@ def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes
 
     asm = UnitAssembler(epoch, expected, ready)
     if expected:  # units will be written here (and flushed): make their directories now
-        plugin.sink_writer.prepare(target, lambda: [unit_region(p, chunks) for p in sorted(expected)])
+        plugin.sink_writer.prepare(target, lambda: [regions[p] for p in sorted(expected)])
     return asm
 
 

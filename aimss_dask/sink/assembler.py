@@ -15,6 +15,7 @@ on the writer thread.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -93,7 +94,7 @@ class RowSlabs:
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.ndim = len(self.shape)
-        self.size = int(np.prod(self.shape))
+        self.size = math.prod(self.shape)
         self.nbytes = self.size * self.dtype.itemsize
         self._starts = list(starts)
         self._arrays = list(arrays)
@@ -150,6 +151,23 @@ def unit_region(p: int, chunks: tuple[tuple[int, ...], ...]) -> tuple[slice, ...
     >>> unit_region(3, ((2, 2), (3, 3)))
     (slice(2, 4, None), slice(3, 6, None))
     """
-    index = np.unravel_index(p, tuple(len(c) for c in chunks))
-    bounds = [chunk_bounds(c) for c in chunks]
-    return tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, index))
+    return unit_regions([p], chunks)[p]
+
+
+def unit_regions(partitions: Iterable[int], chunks: tuple[tuple[int, ...], ...]) -> dict[int, tuple[slice, ...]]:
+    """:func:`unit_region` of many units at once (one index computation for all).
+
+    An owner looks up each of its units' regions when it attaches and again
+    for every unit it writes; per unit, NumPy's scalar calls cost more than
+    the lookup itself.
+
+    >>> unit_regions([0, 3], ((2, 2), (3, 3)))[3]
+    (slice(2, 4, None), slice(3, 6, None))
+    """
+    ps = np.fromiter(partitions, dtype=np.int64)
+    index = np.unravel_index(ps, tuple(len(c) for c in chunks))
+    lo = [chunk_bounds(c)[i].tolist() for c, i in zip(chunks, index)]
+    hi = [chunk_bounds(c)[i + 1].tolist() for c, i in zip(chunks, index)]
+    return {
+        p: tuple(slice(a[k], b[k]) for a, b in zip(lo, hi)) for k, p in enumerate(ps.tolist())
+    }

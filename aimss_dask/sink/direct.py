@@ -21,6 +21,7 @@ Zarr's own path. The tests read every layout back with ``zarr.open_array``.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -144,10 +145,16 @@ def _prepare(root: str, key: Any, unit: tuple[int, ...], regions: list[tuple[sli
     return len(made) - before
 
 
+#: Temporary names: unique to this process (and host) once, then a counter.
+#: A fresh ``uuid4`` per chunk cost a ``getrandom`` call per file.
+_TMP_PREFIX = uuid.uuid4().hex
+_tmp_count = itertools.count()
+
+
 def _put(path: str, parts: list[Any], made: set[str]) -> None:
     """Write ``parts`` to ``path`` atomically (a reader never sees half a chunk)."""
     _parent(path, made)
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    tmp = f"{path}.{_TMP_PREFIX}-{os.getpid()}-{next(_tmp_count)}.partial"
     with open(tmp, "wb") as f:
         for part in parts:
             f.write(part)
@@ -176,7 +183,7 @@ def _chunk(data: Data, sel: tuple[slice, ...], shape: tuple[int, ...], fill: Any
 
 
 def _nbytes(sel: tuple[slice, ...], dtype: np.dtype) -> int:
-    return int(np.prod([s.stop - s.start for s in sel])) * dtype.itemsize
+    return math.prod(s.stop - s.start for s in sel) * dtype.itemsize
 
 
 def _as_data(data: Any, dtype: np.dtype) -> Data:
