@@ -145,21 +145,12 @@ def row_slabs(records: Iterable[Any], shape: tuple[int, ...], dtype: np.dtype) -
     return RowSlabs(shape, dtype, [g[0] for g in got], [g[2] for g in got])
 
 
-def unit_region(p: int, chunks: tuple[tuple[int, ...], ...]) -> tuple[slice, ...]:
-    """The region of the array that unit ``p`` (row-major over ``chunks``) covers.
-
-    >>> unit_region(3, ((2, 2), (3, 3)))
-    (slice(2, 4, None), slice(3, 6, None))
-    """
-    return unit_regions([p], chunks)[p]
-
-
 def unit_regions(partitions: Iterable[int], chunks: tuple[tuple[int, ...], ...]) -> dict[int, tuple[slice, ...]]:
-    """:func:`unit_region` of many units at once (one index computation for all).
+    """The region of the array that each unit ``p`` (row-major over ``chunks``) covers.
 
-    An owner looks up each of its units' regions when it attaches and again
-    for every unit it writes; per unit, NumPy's scalar calls cost more than
-    the lookup itself.
+    One index computation for all: an owner looks up its units' regions once,
+    when it attaches, and keeps them for the writes; NumPy's scalar calls per
+    unit cost more than the lookup itself.
 
     >>> unit_regions([0, 3], ((2, 2), (3, 3)))[3]
     (slice(2, 4, None), slice(3, 6, None))
