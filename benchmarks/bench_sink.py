@@ -35,7 +35,9 @@ Methods:
   not.
 
 Each case runs with ``--codecs`` ``none`` (uncompressed) and ``default``
-(Zarr's default, zstd).
+(Zarr's default, zstd). Its title says what fraction of the rows must cross
+to another worker, given where Dask placed the persisted blocks: the least
+any writer with one writer per unit moves, and what ``plain`` never moves.
 
     python benchmarks/bench_sink.py --gib 2 --reps 3
     python benchmarks/bench_sink.py --gib 0.25 --reps 1 --cases misaligned --codecs none
@@ -73,6 +75,25 @@ def _write_files_in_dirs(directory: str, names: list[str], blocks: list[np.ndarr
     for name in {os.path.dirname(n) for n in names}:
         os.makedirs(os.path.join(directory, name), exist_ok=True)
     return _write_files(directory, names, blocks)
+
+
+def _crossing(client: Any, x: Any, block_rows: int, unit_rows: int) -> float:
+    """The fraction of rows held by another worker than the one holding most of their unit.
+
+    Those rows must move before their unit can be written by one writer: the
+    least any correct writer of ``x`` moves, given where Dask placed the blocks.
+    """
+    who = client.who_has(client.futures_of(x))
+    workers = sorted({w for holders in who.values() for w in holders})
+    rows = sum(x.chunks[0])
+    holder = np.empty(rows, dtype=np.int64)
+    for key, holders in who.items():
+        holder[key[1] * block_rows : (key[1] + 1) * block_rows] = workers.index(sorted(holders)[0])
+    moved = 0
+    for lo in range(0, rows, unit_rows):
+        counts = np.bincount(holder[lo : lo + unit_rows], minlength=len(workers))
+        moved += int(counts.sum() - counts.max())
+    return moved / rows
 
 
 def _check(path: str, x: Any, rows: int) -> None:
@@ -164,6 +185,7 @@ def run(args: argparse.Namespace) -> None:
                     f"{case}, codec {codec}: {nbytes / GiB:.2f} GiB float64 ({rows}x{cols}), "
                     f"blocks of {block_rows} rows, zarr chunks {zchunks}"
                     + (f" shards {shards}" if shards else "")
+                    + f"; {_crossing(client, x, block_rows, unit[0]):.1%} of the rows must cross workers"
                 )
                 print(f"\n== {title}", flush=True)
                 med = _measure(args, client, methods, root, x, rows)
