@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import threading
 import time
 from typing import Any
@@ -55,31 +54,38 @@ def du(path: str) -> int:
     return total
 
 
-def settle(where: str, *, quiet_us: float = 150.0, timeout: float = 15.0) -> float:
-    """Wait until the file system under ``where`` creates directories at its normal speed.
+#: How long ext4 without a journal (this VM's root file system: no jbd2
+#: entry for it) keeps skipping freed inodes when it allocates one:
+#: ``recently_deleted()`` in fs/ext4/ialloc.c passes over every inode freed
+#: in the last 60 s (360 s while its inode-table block is dirty), rescanning
+#: them for each new file or directory. Right after a benchmark deletes a
+#: round's few thousand files, every file or directory created costs
+#: ~0.5 ms instead of ~30 us, for a minute.
+RECENTLY_DELETED_S = 61.0
 
-    On this VM (ext4 mounted with ``discard``), for a second or more after a
-    large delete every directory or file creation costs up to ~1 ms of system
-    CPU instead of ~50 us. A benchmark that deletes one method's output and
-    starts the next would charge the next method for it, and most of all the
-    methods that create more files. Call this after deleting outputs, before
-    timing anything; it returns the seconds waited.
+_last_removal = [time.monotonic()]  # whatever ran before us may have deleted files
+
+
+def remove(paths: list[str]) -> None:
+    """Delete ``paths`` and write the inode tables back (so the 60 s window applies)."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+    _last_removal[0] = time.monotonic()
+
+
+def settle(wait_s: float = RECENTLY_DELETED_S) -> float:
+    """Wait until the last :func:`remove` (or the start) is ``wait_s`` old; the seconds waited.
+
+    Call it before timing methods that create files: otherwise each pays for
+    the inodes the previous round freed (see :data:`RECENTLY_DELETED_S`), and
+    the more files a method creates, the more it pays.
     """
-    t0 = time.perf_counter()
-    probe = tempfile.mkdtemp(prefix="settle-", dir=where)
-    try:
-        n = 0
-        while time.perf_counter() - t0 < timeout:
-            t = time.perf_counter()
-            for _ in range(20):
-                os.mkdir(os.path.join(probe, str(n)))
-                n += 1
-            if (time.perf_counter() - t) / 20 * 1e6 < quiet_us:
-                break
-            time.sleep(0.1)
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
-    return time.perf_counter() - t0
+    os.sync()
+    left = wait_s - (time.monotonic() - _last_removal[0])
+    if left > 0:
+        time.sleep(left)
+    return max(left, 0.0)
 
 
 def prefault(nbytes: int) -> None:

@@ -8,9 +8,12 @@ the next method), after a warm-up round; medians over ``--reps``. Reported:
 wall time, GB/s, peak RSS of each worker, and the CPU time the workers used
 (user + system, summed over both). Writes are buffered (no fsync, as Zarr
 does). So that no method pays for another's leftovers, the page cache is
-synced before each method, free memory is touched first
-(``_common.prefault``), and a round's outputs are deleted only after the
-round, then the file system settles (``_common.settle``).
+synced before each method and free memory is touched first
+(``_common.prefault``). Outputs are kept until a case's last round and
+deleted together, and the next case starts a minute later
+(``_common.settle``): on this VM's file system, files created within a
+minute of a large delete cost ~15x more. Without room on disk for every
+round's output, each round's is deleted after it, and the next waits.
 
 Cases (``--cases``):
 - ``aligned``: Dask blocks of 1024 rows, Zarr chunks of 1024 rows.
@@ -56,7 +59,7 @@ from typing import Any
 import numpy as np
 from _common import GiB
 from _common import finish as _finish
-from _common import cpu_seconds, prefault, settle
+from _common import cpu_seconds, prefault, remove, settle
 from _common import start as _start
 
 UNIT_ROWS = 1024
@@ -219,14 +222,18 @@ def _measure(
 ) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": [], "cpu": []} for m in methods}
     names = list(methods)
+    # Keep every round's output until the end if the disk has room for it
+    # (compressed output is smaller; count it whole), else delete per round.
+    need = (args.reps + 1) * len(names) * args.gib * GiB * 1.05 + 4 * GiB
+    keep = shutil.disk_usage(root).free > need
+    paths: list[str] = []
     for rep in range(args.reps + 1):  # the first round warms up
-        # A round's outputs are deleted together after the round, and the file
-        # system settles before the next: see _common.settle.
-        os.sync()
-        settle(root)
-        paths = []
+        if rep == 0 or not keep:
+            waited = settle(args.settle)
+            if waited > 1:
+                print(f"  (waited {waited:.0f} s for the file system to forget deleted inodes)", flush=True)
         # Each round starts with another method, so that none always runs
-        # first after the settle (or always right after the heaviest one).
+        # first (or always right after the heaviest one).
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
             fn = methods[name]
             path = os.path.join(root, f"{name}-{rep}.zarr")
@@ -255,8 +262,10 @@ def _measure(
                 f"  rep {rep} {name:13s} {dt:7.2f} s  worker CPU {cpu:6.2f} s  peak RSS/worker {rss / GiB:.2f} GiB",
                 flush=True,
             )
-        for path in paths:
-            shutil.rmtree(path, ignore_errors=True)
+        if not keep:
+            remove(paths)
+            paths = []
+    remove(paths)
     return {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
 
 
@@ -269,6 +278,10 @@ def main() -> None:
     ap.add_argument("--codecs", default="none,default")
     ap.add_argument("--dir", default=None, help="where the arrays are written (default: $TMPDIR)")
     ap.add_argument("--memory-limit", default=None, help="AIMSS budget per worker, e.g. 1GiB")
+    ap.add_argument(
+        "--settle", type=float, default=61.0,
+        help="seconds between deleting outputs and timing new writes (0: no wait); see _common.settle",
+    )
     run(ap.parse_args())
 
 
