@@ -313,7 +313,7 @@ def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes
 
     asm = UnitAssembler(epoch, expected, ready)
     if expected:  # units will be written here (and flushed): make their directories now
-        plugin.sink_writer.prepare(target, lambda: [regions[p] for p in sorted(expected)])
+        plugin.sink_writer.prepare(target, [regions[p] for p in sorted(expected)])
     return asm
 
 

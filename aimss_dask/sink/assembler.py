@@ -157,8 +157,9 @@ def unit_regions(partitions: Iterable[int], chunks: tuple[tuple[int, ...], ...])
     """
     ps = np.fromiter(partitions, dtype=np.int64)
     index = np.unravel_index(ps, tuple(len(c) for c in chunks))
-    lo = [chunk_bounds(c)[i].tolist() for c, i in zip(chunks, index)]
-    hi = [chunk_bounds(c)[i + 1].tolist() for c, i in zip(chunks, index)]
+    bounds = [chunk_bounds(c) for c in chunks]
+    lo = [b[i].tolist() for b, i in zip(bounds, index)]
+    hi = [b[i + 1].tolist() for b, i in zip(bounds, index)]
     return {
         p: tuple(slice(a[k], b[k]) for a, b in zip(lo, hi)) for k, p in enumerate(ps.tolist())
     }

@@ -117,11 +117,8 @@ class WriteBehind:
             run.pending.add(fut)
         fut.add_done_callback(lambda f: self._done(run, f, n, rid))
 
-    def prepare(self, target: ZarrTarget, regions: Callable[[], list[tuple[slice, ...]]]) -> None:
-        """Queue the creation of the directories that ``regions()``' files go in.
-
-        ``regions`` is called on the writer thread: the caller may be the
-        event loop, and planning hundreds of units there would block it.
+    def prepare(self, target: ZarrTarget, regions: list[tuple[slice, ...]]) -> None:
+        """Queue the creation of the directories that ``regions``' files go in.
 
         Queued before a run's first unit is complete, it runs while the
         writer would otherwise wait, instead of one ``mkdir`` before each
@@ -133,22 +130,16 @@ class WriteBehind:
 
         def job() -> None:
             try:
-                if run.put is None:
-                    run.put = _putter(target.open())
-                prepare = getattr(run.put, "prepare", None)
+                prepare = getattr(_run_put(target, run), "prepare", None)
                 if prepare is not None:
-                    prepare(regions())
+                    prepare(regions)
             except Exception:
                 logger.debug("aimss: making the directories of %s ahead failed", target.run, exc_info=True)
 
         self._pool.submit(job)
 
     def _write(self, target: ZarrTarget, run: _Run, job: Callable[[Put], int]) -> int:
-        if run.put is None:
-            # One handle per run and worker: the shape of a to_zarr target is
-            # fixed for the run, so a cached handle cannot go stale.
-            run.put = _putter(target.open())
-        return job(run.put)
+        return job(_run_put(target, run))
 
     def _done(self, run: _Run, fut: Future[int], n: int, rid: int) -> None:
         with self._cond:
@@ -182,6 +173,17 @@ class WriteBehind:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+def _run_put(target: ZarrTarget, run: _Run) -> Put:
+    """The run's writer of whole units, opened on first use (on the writer thread).
+
+    One handle per run and worker: the shape of a to_zarr target is fixed
+    for the run, so a cached handle cannot go stale.
+    """
+    if run.put is None:
+        run.put = _putter(target.open())
+    return run.put
 
 
 def _putter(array: Any) -> Put:
