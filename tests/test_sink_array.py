@@ -34,7 +34,25 @@ def case(draw):
     shards = None
     if draw(st.booleans()):
         shards = tuple(c * draw(st.integers(1, 3)) for c in zchunks)
-    return shape, dtype, draw(chunking(shape, max_cuts=3)), zchunks, shards
+    # Uncompressed: blocks cut along the first axis only are written in place.
+    raw = draw(st.booleans())
+    return shape, dtype, draw(chunking(shape, max_cuts=3)), zchunks, shards, raw
+
+
+def _partials(path):
+    """Partial chunk files left under ``path``."""
+    return [f for _, _, fs in os.walk(path) for f in fs if f.endswith(".partial")]
+
+
+def _kind(delayed):
+    """Which run a to_zarr graph is: each block written whole, rows in place, or pushed."""
+    names = {k[0] if isinstance(k, tuple) else k for k in delayed.dask}
+    kinds = {
+        kind for kind, prefix in (("aligned", "aimss-sink-write-"), ("rows", "aimss-sink-rows-"), ("push", "aimss-push-"))
+        if any(str(n).startswith(prefix) for n in names)
+    }
+    assert len(kinds) == 1, names
+    return kinds.pop()
 
 
 def _data(shape, dtype, seed=0):
@@ -45,10 +63,12 @@ def _data(shape, dtype, seed=0):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case())
 def test_to_zarr_equals_numpy(client, tmp_path_factory, c):
-    shape, dtype, chunks, zchunks, shards = c
+    shape, dtype, chunks, zchunks, shards, raw = c
     data = _data(shape, dtype)
     path = str(tmp_path_factory.mktemp("z") / "a.zarr")
-    aimss_dask.to_zarr(da.from_array(data, chunks=chunks), path, chunks=zchunks, shards=shards)
+    kw = {"compressors": None} if raw else {}
+    aimss_dask.to_zarr(da.from_array(data, chunks=chunks), path, chunks=zchunks, shards=shards, **kw)
+    assert not _partials(path)
     z = zarr.open_array(path, mode="r")
     assert z.shape == shape and z.dtype == data.dtype
     assert z.chunks == zchunks
@@ -57,25 +77,54 @@ def test_to_zarr_equals_numpy(client, tmp_path_factory, c):
     assert_workers_clean()
 
 
+@pytest.mark.parametrize("persist", [False, True])
 @pytest.mark.parametrize(
-    "blocks, zchunks, shards, aligned",
+    "blocks, zchunks, shards, raw, kind",
     [
-        ((1000, 64), (1024, 64), None, False),  # misaligned rows: the push path
-        ((2048, 32), (1024, 64), None, False),  # misaligned columns
-        ((2048, 64), (1024, 64), None, True),  # each block is two whole chunks
-        ((1024, 64), (256, 64), (4096, 64), False),  # four blocks per shard
-        ((4096, 64), (256, 32), (4096, 64), True),  # one block per shard
+        ((1000, 64), (1024, 64), None, False, "push"),  # misaligned rows, compressed
+        ((1000, 64), (1024, 64), None, True, "rows"),  # ... uncompressed: written in place
+        ((1000, 32), (1024, 32), None, True, "rows"),  # ... two chunks across, edge padding
+        ((2048, 32), (1024, 64), None, False, "push"),  # misaligned columns
+        ((2048, 32), (1024, 64), None, True, "push"),  # ... even uncompressed
+        ((2048, 64), (1024, 64), None, False, "aligned"),  # each block is two whole chunks
+        ((1024, 64), (256, 64), (4096, 64), False, "push"),  # four blocks per shard
+        ((1000, 64), (256, 64), (4096, 64), True, "push"),  # sharded: never in place
+        ((4096, 64), (256, 32), (4096, 64), False, "aligned"),  # one block per shard
     ],
 )
-def test_paths_and_units(client, tmp_path, blocks, zchunks, shards, aligned):
+def test_paths_and_units(client, tmp_path, blocks, zchunks, shards, raw, kind, persist):
     unit = shards or zchunks
-    assert _aligned(da.zeros((10_000, 64), chunks=blocks).chunks, unit) is aligned
-    x = da.random.default_rng(3).random((10_000, 64), chunks=blocks)
+    assert _aligned(da.zeros((10_000, 70), chunks=blocks).chunks, unit) is (kind == "aligned")
+    x = da.random.default_rng(3).random((10_000, 70), chunks=blocks)
     want = x.compute()
+    if persist:  # blocks in memory: grouped by the worker that holds them
+        x = x.persist()
     path = str(tmp_path / "a.zarr")
-    aimss_dask.to_zarr(x, path, chunks=zchunks, shards=shards)
+    kw = {"compressors": None} if raw else {}
+    delayed = aimss_dask.to_zarr(x, path, chunks=zchunks, shards=shards, compute=False, **kw)
+    assert _kind(delayed) == kind
+    assert delayed.compute() == want.nbytes
     np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], want)
+    assert not _partials(path)
     assert_workers_clean()
+
+
+def test_rows_in_place_move_nothing_between_workers(tmp_path):
+    """A rows run creates no stream: no worker's log ever holds a byte of it,
+    where a push run of the same blocks (compressed) goes through the logs."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        x = da.random.default_rng(5).random((20_000, 16), chunks=(999, 16)).persist()
+        want = x.compute()
+        delayed = aimss_dask.to_zarr(x, str(tmp_path / "rows.zarr"), chunks=(1024, 16), compressors=None, compute=False)
+        assert _kind(delayed) == "rows"
+        delayed.compute()
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "rows.zarr"))[:], want)
+        assert [s["peak_memory"] for s in aimss_dask.status().values()] == [0, 0]
+        aimss_dask.to_zarr(x, str(tmp_path / "push.zarr"), chunks=(1024, 16))
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "push.zarr"))[:], want)
+        assert all(s["peak_memory"] > 0 for s in aimss_dask.status().values())
+        _clean(aimss_dask.status())
 
 
 def test_misaligned_write_pushes_then_writes_on_owners(client, tmp_path):
@@ -196,9 +245,10 @@ def test_writes_stay_in_their_memory_bounds(tmp_path):
     and the log (misaligned pieces) stay in their bounds, and the data lands."""
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
         client.register_plugin(aimss_dask.AIMSS(memory_limit="64MiB"))  # queue bound: 64 MiB
-        for blocks in ((1024, 512), (1000, 512)):
+        # Aligned, rows written in place, and pushed (columns misaligned).
+        for blocks in ((1024, 512), (1000, 512), (1024, 256)):
             x = da.random.default_rng(0).random((64 * 1024, 512), chunks=blocks)  # 256 MiB
-            path = str(tmp_path / f"{blocks[0]}.zarr")
+            path = str(tmp_path / f"{blocks[0]}-{blocks[1]}.zarr")
             aimss_dask.to_zarr(x, path, chunks=(1024, 512), compressors=None)
             z = zarr.open_array(path)
             np.testing.assert_array_equal(z[-5000:], x[-5000:].compute())
@@ -229,6 +279,52 @@ def test_worker_killed_mid_write_still_writes_everything(tmp_path):
         os.kill(pid, signal.SIGKILL)
         fut.result(timeout=120)
         np.testing.assert_array_equal(zarr.open_array(path)[:], np.arange(40_000))
+
+
+def test_worker_killed_mid_rows_run_still_writes_everything(tmp_path):
+    """SIGKILL a worker while rows are written in place: Dask recomputes its
+    blocks elsewhere, their rows are written again (the same bytes at the same
+    offsets), and every chunk gets its key once, whole."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        x = da.arange(40 * 1000, chunks=1000).map_blocks(_slow, dtype=np.int64)
+        path = str(tmp_path / "a.zarr")
+        delayed = aimss_dask.to_zarr(x, path, chunks=(1024,), compressors=None, compute=False)
+        assert _kind(delayed) == "rows"
+        fut = client.compute(delayed)
+        import time
+
+        time.sleep(1.0)
+        victim = sorted(client.scheduler_info()["workers"])[0]
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        assert fut.result(timeout=120) == 40_000 * 8
+        np.testing.assert_array_equal(zarr.open_array(path)[:], np.arange(40_000))
+        assert not _partials(path)
+
+
+def test_a_failed_rows_run_changes_no_chunk_and_leaves_no_partial_file(client, tmp_path):
+    """A block that fails after others were written in place: to_zarr raises
+    its error, the array keeps its old data, and no partial file is left."""
+    path = str(tmp_path / "a.zarr")
+    old = np.arange(30_000, dtype="f8")
+    zarr.create_array(path, shape=old.shape, chunks=(1024,), dtype="f8", compressors=None)[:] = old
+    x = da.ones(30_000, chunks=1000).map_blocks(_fail_block, 20, dtype="f8")
+    with pytest.raises(ValueError, match="block 20 fails"):
+        aimss_dask.to_zarr(x, path)
+    np.testing.assert_array_equal(zarr.open_array(path)[:], old)
+    assert not _partials(path)
+    assert_workers_clean()
+
+
+def _fail_block(block, bad, block_info=None):
+    import time
+
+    i = block_info[0]["chunk-location"][0]
+    if i == bad:
+        time.sleep(0.5)  # let the others write first
+        raise ValueError(f"block {bad} fails")
+    return block
 
 
 def _slow(block):

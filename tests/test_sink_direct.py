@@ -198,3 +198,138 @@ def test_unit_regions_match_the_units_cut_one_by_one(chunks, data):
     got = unit_regions(asked, chunks)
     assert list(got) == asked
     assert got == {p: want[p] for p in asked}
+
+
+def _chunk_files(path):
+    """Every chunk file under ``path`` (relative name -> bytes); metadata left out."""
+    import os
+
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            if f not in ("zarr.json", ".zarray", ".zattrs", ".zgroup"):
+                with open(os.path.join(root, f), "rb") as fh:
+                    out[os.path.relpath(os.path.join(root, f), path)] = fh.read()
+    return out
+
+
+@st.composite
+def row_layout(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 11), min_size=ndim, max_size=ndim)))
+    chunks = tuple(draw(st.integers(1, n)) for n in shape)
+    fmt = draw(st.sampled_from([2, 3]))
+    dtype = draw(st.sampled_from(["f8", "i2", "u1", "bool", "c8"]))
+    fill = draw(st.sampled_from([0, 1, 7]))
+    # Where each chunk's rows are cut into pieces, and which of two writers writes each.
+    cuts = draw(st.lists(st.integers(1, 10), max_size=3))
+    seed = draw(st.integers(0, 2**16))
+    return shape, chunks, fmt, dtype, fill, cuts, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(row_layout())
+def test_rows_written_in_place_are_the_bytes_zarr_writes(tmp_path_factory, case):
+    """Pieces of rows from two writers, in any order, then a commit: every chunk
+    file is byte for byte the file Zarr writes for the same data, edge padding
+    (with the fill value) included, and no partial file is left."""
+    shape, chunks, fmt, dtype, fill, cuts, seed = case
+    rng = np.random.default_rng(seed)
+    x = (rng.random(shape) * 100).astype(dtype)
+    kwargs = dict(shape=shape, chunks=chunks, zarr_format=fmt, dtype=dtype, fill_value=fill, compressors=None)
+    ref = str(tmp_path_factory.mktemp("ref") / "a.zarr")
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        zarr.create_array(ref, **kwargs)[...] = x
+    path = str(tmp_path_factory.mktemp("rows") / "a.zarr")
+    z = zarr.create_array(path, **kwargs)
+    writers = [direct_writer(z), direct_writer(zarr.open_array(path, mode="r+"))]
+    assert all(w.raw for w in writers)
+    grid = [range(-(-n // c)) for n, c in zip(shape, chunks)]
+    jobs = []
+    for coords in itertools.product(*grid):
+        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, chunks, shape))
+        rows = region[0].stop - region[0].start
+        edges = sorted({0, rows, *(c for c in cuts if c < rows)})
+        for lo, hi in zip(edges, edges[1:]):
+            piece = x[(slice(region[0].start + lo, region[0].start + hi), *region[1:])]
+            jobs.append((int(rng.integers(2)), coords, [((lo, hi), piece)]))
+    for j in rng.permutation(len(jobs)):
+        w, coords, pieces = jobs[j]
+        assert writers[w].write_rows(coords, pieces, "run1") == pieces[0][1].nbytes
+    units = list(itertools.product(*grid))
+    writers[0].commit(units, "run1")
+    assert _chunk_files(path) == _chunk_files(ref)
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[...], x)
+
+
+def test_adjacent_rows_of_one_job_take_one_write(tmp_path, monkeypatch):
+    from aimss_dask.sink import direct
+
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(10, 3), chunks=(8, 3), dtype="f8", compressors=None)
+    x = np.arange(30, dtype="f8").reshape(10, 3)
+    calls = []
+    real = direct.os.pwritev
+    monkeypatch.setattr(direct.os, "pwritev", lambda fd, bufs, off: (calls.append((len(bufs), off)), real(fd, bufs, off))[1])
+    w = direct_writer(z)
+    # Rows 5..8 and 0..3 of chunk 0 (not adjacent: two writes), then rows 3..5 alone.
+    assert w.write_rows((0, 0), [((5, 8), x[5:8]), ((0, 3), x[0:3])], "r") == 6 * 3 * 8
+    assert calls == [(1, 0), (1, 5 * 3 * 8)]
+    calls.clear()
+    w.write_rows((0, 0), [((3, 5), x[3:5])], "r")
+    # Chunk 1 holds rows 8..10 of the array: its data then the padding, one write.
+    w.write_rows((1, 0), [((0, 2), x[8:10])], "r")
+    assert calls == [(1, 3 * 3 * 8), (2, 0)]
+    w.commit([(0, 0), (1, 0)], "r")
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"))[...], x)
+
+
+def test_a_discarded_run_changes_no_chunk(tmp_path):
+    path = str(tmp_path / "a.zarr")
+    z = zarr.create_array(path, shape=(8,), chunks=(4,), dtype="i4", compressors=None)
+    z[...] = np.arange(8)
+    before = _chunk_files(path)
+    w = direct_writer(z)
+    w.write_rows((0,), [((0, 2), np.full(2, -1, "i4"))], "bad")
+    assert any(k.endswith(".bad.partial") for k in _chunk_files(path))
+    w.discard([(0,), (1,)], "bad")  # chunk 1 has no partial file: nothing to do
+    assert _chunk_files(path) == before
+    np.testing.assert_array_equal(zarr.open_array(path)[...], np.arange(8))
+
+
+def test_rows_that_do_not_fit_their_chunk_are_refused(tmp_path):
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(10, 4), chunks=(8, 4), dtype="f8", compressors=None)
+    w = direct_writer(z)
+    with pytest.raises(ValueError, match=r"rows \(6, 9\) of chunk \(0, 0\) \(extent \(8, 4\)\)"):
+        w.write_rows((0, 0), [((6, 9), np.zeros((3, 4)))], "r")
+    with pytest.raises(ValueError, match=r"cannot hold data of shape \(2, 3\)"):
+        w.write_rows((1, 0), [((0, 2), np.zeros((2, 3)))], "r")
+    zc = zarr.create_array(str(tmp_path / "c.zarr"), shape=(8,), chunks=(4,), dtype="f8")
+    with pytest.raises(ValueError, match="compress"):
+        direct_writer(zc).write_rows((0,), [((0, 4), np.zeros(4))], "r")
+    assert not _chunk_files(str(tmp_path / "a.zarr"))
+
+
+def test_pwrite_all_survives_short_writes_and_many_buffers(tmp_path, monkeypatch):
+    import os
+
+    from aimss_dask.sink import direct
+
+    real = os.pwritev
+    asked = []
+
+    def short(fd, bufs, off):
+        # The kernel may write less than asked (here: half of it, a prefix),
+        # and takes at most IOV_MAX buffers.
+        asked.append(len(bufs))
+        data = b"".join(bytes(b) for b in bufs)
+        return real(fd, [data[: max(1, len(data) // 2)]], off)
+
+    monkeypatch.setattr(direct.os, "pwritev", short)
+    bufs = [memoryview(bytes([i % 251]) * (1 + i % 3)) for i in range(3000)]
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        direct._pwrite_all(fd, bufs, 5)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"\0" * 5 + b"".join(bytes(b) for b in bufs)
+    assert max(asked) <= direct._IOV_MAX and len(asked) > 3

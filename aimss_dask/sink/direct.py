@@ -161,6 +161,61 @@ def _put(path: str, parts: list[Any], made: set[str]) -> None:
     os.replace(tmp, path)
 
 
+def _partial(path: str, token: str) -> str:
+    """The file a run's rows of the chunk at ``path`` are written into before :meth:`_ChunkWriter.commit`."""
+    return f"{path}.{token}.partial"
+
+
+#: Most buffers one ``pwritev`` takes (Linux: 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+
+
+def _pwrite_all(fd: int, parts: list[memoryview], offset: int) -> None:
+    """Write ``parts`` back to back from ``offset``, however short each ``pwritev`` falls."""
+    todo = [p for p in parts if p.nbytes]
+    while todo:
+        n = os.pwritev(fd, todo[:_IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(f"pwritev wrote {n} bytes at offset {offset}")
+        offset += n
+        while todo and n >= todo[0].nbytes:
+            n -= todo[0].nbytes
+            todo.pop(0)
+        if n:
+            todo[0] = todo[0][n:]
+
+
+def remove_partials(array: Any, token: str) -> int:
+    """Delete the partial chunk files run ``token`` left in ``array`` (a local store); how many.
+
+    For a run that failed before its commit, once its writers stopped.
+    """
+    w = direct_writer(array)
+    if not isinstance(w, _ChunkWriter):
+        return 0
+    suffix = f".{token}.partial"
+    n = 0
+    for root, _, files in os.walk(w.root):
+        for f in files:
+            if f.endswith(suffix):
+                try:
+                    os.unlink(os.path.join(root, f))
+                    n += 1
+                except FileNotFoundError:
+                    pass
+    return n
+
+
+def writes_raw_chunks(array: Any) -> bool:
+    """Whether direct writes store ``array``'s chunks as their bytes, unsharded, uncompressed.
+
+    Only then can rows of a chunk be written in place
+    (:meth:`_ChunkWriter.write_rows`).
+    """
+    w = direct_writer(array)
+    return isinstance(w, _ChunkWriter) and w.raw
+
+
 def _chunk(data: Data, sel: tuple[slice, ...], shape: tuple[int, ...], fill: Any) -> list[np.ndarray]:
     """The chunk at ``sel`` of ``data`` as parts in C order, padded with ``fill`` to ``shape``.
 
@@ -204,6 +259,88 @@ class _ChunkWriter:
     def prepare(self, regions: list[tuple[slice, ...]]) -> int:
         """Make the directories of these regions' chunk files ahead of the writes."""
         return _prepare(self.root, self.key, self.chunks, regions, self.made)
+
+    @property
+    def raw(self) -> bool:
+        """Whether a chunk's file is its elements' bytes in C order (uncompressed)."""
+        return self.encode is _raw
+
+    def write_rows(
+        self, coords: tuple[int, ...], pieces: list[tuple[tuple[int, int], np.ndarray]], token: str
+    ) -> int:
+        """Write row ranges ``[lo, hi)`` of chunk ``coords`` into the run's partial file of it.
+
+        Each piece is ``((lo, hi), data)``, ``data`` spanning the chunk whole
+        on every axis but the first, as far as the array goes. In an
+        uncompressed chunk those rows are one byte range of the file, so
+        several writers (processes of one host) fill one chunk without moving
+        its rows between them, and none reads or rewrites another's bytes.
+        Pieces that follow each other are written by one ``pwritev``. The
+        file keeps its partial name until :meth:`commit` (a reader never sees
+        a half-written chunk). Padding past the array's edge is written with
+        the fill value, as Zarr does. Writing the same rows again writes the
+        same bytes: a recomputed task is harmless. Returns the array bytes
+        written (padding excluded).
+
+        >>> w.write_rows((3, 0), [((0, 24), a[3072:3096]), ((24, 1024), b[:1000])], run)  # doctest: +SKIP
+        8388608
+        """
+        if not self.raw:
+            raise ValueError("write_rows needs uncompressed chunks; this array's codecs compress them")
+        ext = self._extent(coords)
+        row_bytes = math.prod(self.chunks[1:]) * self.dtype.itemsize
+        runs: list[tuple[int, list[memoryview]]] = []  # (offset, buffers) of adjacent pieces
+        end = -1
+        written = 0
+        for (lo, hi), data in sorted(pieces, key=lambda t: t[0][0]):
+            data = np.asarray(data, dtype=self.dtype)
+            if data.shape != (hi - lo, *ext[1:]) or not 0 <= lo < hi <= ext[0]:
+                raise ValueError(
+                    f"rows {(lo, hi)} of chunk {coords} (extent {ext}) cannot hold data of shape {data.shape}"
+                )
+            if ext[1:] != self.chunks[1:]:  # an edge chunk on a later axis: pad each row
+                padded = np.full((hi - lo, *self.chunks[1:]), self.fill, dtype=self.dtype)
+                padded[(slice(None), *(slice(0, n) for n in ext[1:]))] = data
+                buf = padded
+            else:
+                buf = np.ascontiguousarray(data)
+            bufs = [memoryview(buf).cast("B")]
+            if hi == ext[0] < self.chunks[0]:  # the array's last rows: pad the chunk's end
+                tail = np.full((self.chunks[0] - ext[0], *self.chunks[1:]), self.fill, dtype=self.dtype)
+                bufs.append(memoryview(tail).cast("B"))
+            if lo * row_bytes == end:
+                runs[-1][1].extend(bufs)
+            else:
+                runs.append((lo * row_bytes, bufs))
+            end = hi * row_bytes
+            written += data.nbytes
+        path = os.path.join(self.root, self.key(coords))
+        _parent(path, self.made)
+        fd = os.open(_partial(path, token), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            for offset, bufs in runs:
+                _pwrite_all(fd, bufs, offset)
+        finally:
+            os.close(fd)
+        return int(written)
+
+    def commit(self, coords: list[tuple[int, ...]], token: str) -> None:
+        """Give each chunk's partial file (see :meth:`write_rows`) its Zarr key, atomically."""
+        for c in coords:
+            path = os.path.join(self.root, self.key(c))
+            os.replace(_partial(path, token), path)
+
+    def discard(self, coords: list[tuple[int, ...]], token: str) -> None:
+        """Remove what a failed run left in partial files; the chunks themselves stay as they were."""
+        for c in coords:
+            try:
+                os.unlink(_partial(os.path.join(self.root, self.key(c)), token))
+            except FileNotFoundError:
+                pass
+
+    def _extent(self, coords: tuple[int, ...]) -> tuple[int, ...]:
+        """Chunk ``coords``'s shape inside the array (smaller than a chunk at the edges)."""
+        return tuple(min(c, n - i * c) for i, c, n in zip(coords, self.chunks, self.shape))
 
     def __call__(self, region: tuple[slice, ...], data: Data) -> int:
         starts = [r.start for r in region]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,7 @@ class WriteBehind:
         self._cond = threading.Condition()
         self._queued = 0
         self._runs: dict[str, _Run] = {}
+        self._aborted: dict[str, None] = {}  # runs whose writes are refused, oldest first
         self.peak_queued = 0
 
     def submit(
@@ -107,9 +108,13 @@ class WriteBehind:
         """
         n = int(nbytes)
         with self._cond:
+            if target.run in self._aborted:
+                return
             # A region larger than the whole bound still goes through alone.
             while n and self._queued and self._queued + n > self.max_bytes:
                 self._cond.wait()
+            if target.run in self._aborted:
+                return
             self._queued += n
             self.peak_queued = max(self.peak_queued, self._queued)
             run = self._runs.setdefault(target.run, _Run())
@@ -139,14 +144,17 @@ class WriteBehind:
         self._pool.submit(job)
 
     def _write(self, target: ZarrTarget, run: _Run, job: Callable[[Put], int]) -> int:
+        if target.run in self._aborted:
+            return 0
         return job(_run_put(target, run))
 
     def _done(self, run: _Run, fut: Future[int], n: int, rid: int) -> None:
         with self._cond:
             self._queued -= n
             run.pending.discard(fut)
-            exc = fut.exception()
-            if exc is None:
+            if fut.cancelled():  # dropped by abort()
+                pass
+            elif (exc := fut.exception()) is None:
                 run.written.append(rid)
                 run.nbytes += int(fut.result() or 0)
             else:
@@ -166,6 +174,23 @@ class WriteBehind:
         if not ok:
             errors.append(f"writes still pending after {timeout} s")
         return {"written": run.written, "bytes": run.nbytes, "errors": errors}
+
+    def abort(self, run_id: str, timeout: float | None = None) -> int:
+        """Drop ``run_id``'s queued writes, wait for the one being written, refuse any later one.
+
+        For a run that failed: once this returns, nothing more of it is
+        written here, so what it left on disk can be removed. Returns how
+        many queued writes were dropped.
+        """
+        with self._cond:
+            self._aborted[run_id] = None
+            while len(self._aborted) > 1000:  # a bound on what failed runs leave here
+                del self._aborted[next(iter(self._aborted))]
+            run = self._runs.pop(run_id, None)
+            pending = list(run.pending) if run is not None else []
+        dropped = sum(f.cancel() for f in pending)
+        wait(pending, timeout)
+        return dropped
 
     def statistics(self) -> dict[str, int]:
         with self._cond:
