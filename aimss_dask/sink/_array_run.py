@@ -1,14 +1,22 @@
 """The graph and the tasks of one ``to_zarr`` run.
 
-Two shapes of run, chosen by whether every block of the input is a whole
-number of units (Zarr shards, or chunks when unsharded):
+Three shapes of run, chosen by how the input's blocks meet the units (Zarr
+shards, or chunks when unsharded):
 
-- **Aligned**: each block is queued whole on its worker's write-behind
-  thread. Blocks still to be computed get one task each, fused by Dask with
-  their own computation; blocks already in memory (a persisted array) are
-  grouped by the worker that holds them, so a few tasks write many blocks
-  and Dask's per-task cost (about 3 ms here) does not dominate the write.
-- **Misaligned**: a push run. Map tasks cut their blocks along the unit grid
+- **Aligned**: every block is a whole number of units, written whole where
+  it is. Blocks still to be computed get one task each, fused by Dask with
+  their own computation, and are queued on the worker's write-behind thread
+  (the write overlaps the next block's computation); blocks already in
+  memory (a persisted array) are grouped by the worker that holds them, so
+  a few tasks write many blocks and Dask's per-task cost (about 3 ms here)
+  does not dominate, and written at once (there is nothing to overlap).
+- **Rows in place**: unsharded, uncompressed chunks, blocks cut along the
+  first axis only, every worker on one host. A block's rows of a chunk are
+  one byte range of the chunk's file, so the worker holding the block writes
+  them there itself; nothing moves between workers. Each chunk is written
+  into a partial file named for the run, and the last task gives every
+  chunk its key once every piece is written (:func:`finish_rows`).
+- **Push**: anything else. Map tasks cut their blocks along the unit grid
   and push the pieces into a stream whose partition ``p`` is unit ``p``,
   placed on the worker that holds most of its input. The owner counts what
   arrives and writes each unit on its write-behind thread the moment it is
@@ -16,12 +24,11 @@ number of units (Zarr shards, or chunks when unsharded):
   per-unit tasks. The barrier seals the stream (every push has landed).
 
 Either way a last task waits for the writers (``aimss_sink_flush`` on every
-worker involved), checks that every non-empty region was written, destroys
-the run's stream, and raises :class:`SinkError` otherwise. A lost worker in a
-misaligned run restarts the run (the coordinator's operator-run restart); in
-an aligned run Dask recomputes the lost write tasks.
+worker involved), checks that every region was written, and raises
+:class:`SinkError` otherwise. A lost worker in a push run restarts the run
+(the coordinator's operator-run restart); in the other runs Dask recomputes
+the lost write tasks, which write the same bytes again.
 """
-
 from __future__ import annotations
 
 import itertools
@@ -193,6 +200,9 @@ def _rows_graph(
     bounds = [chunk_bounds(c).tolist() for c in x.chunks]
     graph: dict[Any, Any] = {}
     n = 0
+    # Blocks yet to be computed: write behind, overlapping the next block's
+    # computation. Blocks in memory: write now, there is nothing to overlap.
+    behind = groups is None
     groups, ref = _inputs(x, groups)
     for i, group in enumerate(groups):
         by_chunk: dict[tuple[int, ...], list[Any]] = {}
@@ -204,7 +214,9 @@ def _rows_graph(
             jobs.append((n, coords, pieces))
             n += 1
         key = (f"aimss-sink-rows-{token}", i)
-        graph[key] = Task(key, _write_rows, target, _Jobs(jobs), List(*(ref(idx) for idx in group)))
+        graph[key] = Task(
+            key, _write_rows, target, _Jobs(jobs), List(*(ref(idx) for idx in group)), behind
+        )
     grid = tuple(-(-s // u) for s, u in zip(x.shape, unit))
     return graph, x, list(graph), n, grid
 
@@ -325,13 +337,16 @@ def _plugin() -> tuple[Any, Any]:
     return worker, plugin
 
 
-def _queue(target: ZarrTarget, region: tuple[slice, ...], data: np.ndarray, rid: int) -> str:
-    """Hand a region to this worker's write-behind queue; this worker's address."""
+def _queue(target: ZarrTarget, region: tuple[slice, ...], data: np.ndarray, rid: int, behind: bool = True) -> str:
+    """Write a region (behind, or now); this worker's address."""
     worker, plugin = _plugin()
     if worker is None:  # a local scheduler: write now
         target.open()[region] = data
         return "local"
-    plugin.sink_writer.submit(target, region, data, rid)
+    if behind:
+        plugin.sink_writer.submit(target, region, data, rid)
+    else:
+        plugin.sink_writer.write_now(target, rid, lambda put: put(region, data))
     return str(worker.address)
 
 
@@ -346,15 +361,19 @@ def _write_block(block: np.ndarray, target: ZarrTarget, block_info: Any = None) 
 
 
 def _write_blocks(target: ZarrTarget, regions: list[tuple[tuple[slice, ...], int]], blocks: list[np.ndarray]) -> str:
-    """Aligned blocks this worker holds: queue each whole."""
+    """Aligned blocks this worker holds in memory: write each whole, now (nothing to overlap)."""
     addr = "local"
     for (region, rid), block in zip(regions, blocks):
-        addr = _queue(target, region, block, rid)
+        addr = _queue(target, region, block, rid, behind=False)
     return addr
 
 
-def _write_rows(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray]) -> str:
-    """Queue each job (this task's pieces of one chunk) for writing in place in the chunk's file."""
+def _write_rows(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray], behind: bool = True) -> str:
+    """Write each job (this task's pieces of one chunk) in place in the chunk's file.
+
+    ``behind``: queue the jobs on the write-behind thread; else write them
+    on this thread, now.
+    """
     worker, plugin = _plugin()
     token = target.run
     if worker is None:  # a local scheduler: write now
@@ -370,7 +389,10 @@ def _write_rows(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray]) -> st
                 raise SinkError(_NOT_RAW)
             return int(put.write_rows(coords, parts, token))
 
-        plugin.sink_writer.submit_job(target, jid, sum(int(p.nbytes) for _, p in parts), job)
+        if behind:
+            plugin.sink_writer.submit_job(target, jid, sum(int(p.nbytes) for _, p in parts), job)
+        else:
+            plugin.sink_writer.write_now(target, jid, job)
     return str(worker.address)
 
 

@@ -1,14 +1,17 @@
 """``to_zarr`` for Dask Arrays: shard-aligned, one writer per shard, write-behind.
 
 The unit of writing is the Zarr shard (the chunk when the array is not
-sharded). Every unit has exactly one writer and is written whole, so there
-are no locks and no read-modify-write of partial chunks. Where the store is
-a local directory and the codecs are the common ones, units are written as
-the very bytes Zarr would write, without Zarr's general write path
-(:mod:`aimss_dask.sink.direct`). The run itself (aligned blocks written where
-they are; misaligned ones pushed to the unit's owner, which writes each unit
-as soon as it is complete) is built in :mod:`aimss_dask.sink._array_run`.
-This module checks the arguments and the target array.
+sharded). Every unit is written whole by one writer, or, for uncompressed
+chunks whose rows come from blocks on several workers of one host, in
+disjoint byte ranges of one file that only becomes the chunk once every
+range is in; either way there are no locks and no read-modify-write of
+partial chunks. Where the store is a local directory and the codecs are the
+common ones, units are written as the very bytes Zarr would write, without
+Zarr's general write path (:mod:`aimss_dask.sink.direct`). The run itself
+(aligned blocks written where they are; rows written in place; other blocks
+pushed to the unit's owner, which writes each unit as soon as it is
+complete) is built in :mod:`aimss_dask.sink._array_run`. This module checks
+the arguments and the target array.
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ def to_zarr(
         ``x``'s shape and dtype, and its data outside ``x`` is kept.
     compute
         ``False`` returns a ``Delayed`` that does the writing when computed.
+        If a run into uncompressed chunks fails (a block's computation
+        raised), ``compute=True`` removes the partial chunk files it wrote;
+        after a failed ``compute=False`` run, files ending in
+        ``.aimss-sink-<run>.partial`` may remain next to the chunks. Zarr
+        never reads them; delete them at will.
     storage_options
         For an fsspec URL: passed to fsspec (e.g. ``{"auto_mkdir": True}``
         for ``file://``).

@@ -1,0 +1,65 @@
+"""The write-behind writer's bookkeeping: queued and immediate writes, flush, abort."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import zarr
+
+from aimss_dask.sink.writer import WriteBehind, ZarrTarget
+
+
+@pytest.fixture
+def target(tmp_path):
+    path = str(tmp_path / "a.zarr")
+    zarr.create_array(path, shape=(8,), chunks=(4,), dtype="f8")
+    return ZarrTarget(path, "", 3, "aimss-sink-test")
+
+
+def test_queued_and_immediate_writes_are_reported_by_flush(target):
+    wb = WriteBehind(max_bytes=2**20)
+    try:
+        wb.submit_job(target, 0, 10, lambda put: 10)
+        assert wb.write_now(target, 1, lambda put: 5) == 5
+        wb.submit_job(target, 2, 0, lambda put: (_ for _ in ()).throw(OSError("disk full")))
+        report = wb.flush(target.run)
+        assert sorted(report["written"]) == [0, 1]
+        assert report["bytes"] == 15
+        assert report["errors"] == ["OSError: disk full"]
+        assert wb.statistics()["queued_bytes"] == 0
+        with pytest.raises(OSError, match="read-only"):  # an immediate write raises in the caller
+            wb.write_now(target, 3, lambda put: (_ for _ in ()).throw(OSError("read-only")))
+    finally:
+        wb.close()
+
+
+def test_abort_drops_queued_writes_and_refuses_later_ones(target):
+    wb = WriteBehind(max_bytes=2**20)
+    started, release = threading.Event(), threading.Event()
+    ran = []
+
+    def blocking(put):
+        started.set()
+        release.wait(10)
+        ran.append("first")
+        return 1
+
+    try:
+        wb.submit_job(target, 0, 100, blocking)
+        started.wait(10)
+        wb.submit_job(target, 1, 100, lambda put: ran.append("queued") or 1)
+        threading.Timer(0.2, release.set).start()
+        assert wb.abort(target.run, timeout=10) == 1  # the queued one; the running one finished
+        assert ran == ["first"]
+        wb.submit_job(target, 2, 100, lambda put: ran.append("late") or 1)
+        assert wb.write_now(target, 3, lambda put: ran.append("now") or 1) == 0
+        assert wb.flush(target.run)["written"] == []
+        assert ran == ["first"]
+        assert wb.statistics()["queued_bytes"] == 0
+        # Another run is not affected.
+        other = ZarrTarget(target.store, "", 3, "aimss-sink-other")
+        wb.submit_job(other, 0, 1, lambda put: 1)
+        assert wb.flush(other.run)["written"] == [0]
+    finally:
+        wb.close()
