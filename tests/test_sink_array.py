@@ -88,7 +88,8 @@ def test_to_zarr_equals_numpy(client, tmp_path_factory, c):
         ((2048, 32), (1024, 64), None, True, "push"),  # ... even uncompressed
         ((2048, 64), (1024, 64), None, False, "aligned"),  # each block is two whole chunks
         ((1024, 64), (256, 64), (4096, 64), False, "push"),  # four blocks per shard
-        ((1000, 64), (256, 64), (4096, 64), True, "push"),  # sharded: never in place
+        ((1000, 64), (256, 64), (4096, 64), True, "rows"),  # shards of full-width chunks: in place
+        ((1000, 64), (256, 32), (4096, 64), True, "push"),  # ... of narrower chunks: pushed
         ((4096, 64), (256, 32), (4096, 64), False, "aligned"),  # one block per shard
     ],
 )

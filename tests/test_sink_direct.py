@@ -221,22 +221,30 @@ def row_layout(draw):
     fmt = draw(st.sampled_from([2, 3]))
     dtype = draw(st.sampled_from(["f8", "i2", "u1", "bool", "c8"]))
     fill = draw(st.sampled_from([0, 1, 7]))
-    # Where each chunk's rows are cut into pieces, and which of two writers writes each.
-    cuts = draw(st.lists(st.integers(1, 10), max_size=3))
+    # Shards of inner chunks that span them whole on every axis but the first.
+    shards = None
+    if fmt == 3 and draw(st.booleans()):
+        shards = (chunks[0] * draw(st.integers(1, 4)), *chunks[1:])
+    # Where each unit's rows are cut into pieces, and which of two writers writes each.
+    cuts = draw(st.lists(st.integers(1, 30), max_size=3))
     seed = draw(st.integers(0, 2**16))
-    return shape, chunks, fmt, dtype, fill, cuts, seed
+    return shape, chunks, shards, fmt, dtype, fill, cuts, seed
 
 
 @settings(max_examples=60, deadline=None)
 @given(row_layout())
 def test_rows_written_in_place_are_the_bytes_zarr_writes(tmp_path_factory, case):
     """Pieces of rows from two writers, in any order, then a commit: every chunk
-    file is byte for byte the file Zarr writes for the same data, edge padding
-    (with the fill value) included, and no partial file is left."""
-    shape, chunks, fmt, dtype, fill, cuts, seed = case
+    (or shard) file is byte for byte the file Zarr writes for the same data,
+    edge padding (with the fill value) and shard index included, and no
+    partial file is left."""
+    shape, chunks, shards, fmt, dtype, fill, cuts, seed = case
     rng = np.random.default_rng(seed)
     x = (rng.random(shape) * 100).astype(dtype)
     kwargs = dict(shape=shape, chunks=chunks, zarr_format=fmt, dtype=dtype, fill_value=fill, compressors=None)
+    if shards:
+        kwargs["shards"] = shards
+    unit = shards or chunks
     ref = str(tmp_path_factory.mktemp("ref") / "a.zarr")
     with zarr.config.set({"array.write_empty_chunks": True}):
         zarr.create_array(ref, **kwargs)[...] = x
@@ -244,10 +252,10 @@ def test_rows_written_in_place_are_the_bytes_zarr_writes(tmp_path_factory, case)
     z = zarr.create_array(path, **kwargs)
     writers = [direct_writer(z), direct_writer(zarr.open_array(path, mode="r+"))]
     assert all(w.raw for w in writers)
-    grid = [range(-(-n // c)) for n, c in zip(shape, chunks)]
+    grid = [range(-(-n // c)) for n, c in zip(shape, unit)]
     jobs = []
     for coords in itertools.product(*grid):
-        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, chunks, shape))
+        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, unit, shape))
         rows = region[0].stop - region[0].start
         edges = sorted({0, rows, *(c for c in cuts if c < rows)})
         for lo, hi in zip(edges, edges[1:]):
@@ -299,7 +307,7 @@ def test_a_discarded_run_changes_no_chunk(tmp_path):
 def test_rows_that_do_not_fit_their_chunk_are_refused(tmp_path):
     z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(10, 4), chunks=(8, 4), dtype="f8", compressors=None)
     w = direct_writer(z)
-    with pytest.raises(ValueError, match=r"rows \(6, 9\) of chunk \(0, 0\) \(extent \(8, 4\)\)"):
+    with pytest.raises(ValueError, match=r"rows \(6, 9\) of unit \(0, 0\) \(extent \(8, 4\)\)"):
         w.write_rows((0, 0), [((6, 9), np.zeros((3, 4)))], "r")
     with pytest.raises(ValueError, match=r"cannot hold data of shape \(2, 3\)"):
         w.write_rows((1, 0), [((0, 2), np.zeros((2, 3)))], "r")
@@ -333,3 +341,27 @@ def test_pwrite_all_survives_short_writes_and_many_buffers(tmp_path, monkeypatch
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"\0" * 5 + b"".join(bytes(b) for b in bufs)
     assert max(asked) <= direct._IOV_MAX and len(asked) > 3
+
+
+def test_shard_rows_in_place_with_the_index_at_the_start(tmp_path):
+    import json
+
+    path = tmp_path / "a.zarr"
+    zarr.create_array(str(path), shape=(19, 3), dtype="i4", chunks=(4, 3), shards=(12, 3), compressors=None)
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["codecs"][0]["configuration"]["index_location"] = "start"
+    (path / "zarr.json").write_text(json.dumps(meta))
+    z = zarr.open_array(str(path), mode="r+")
+    w = direct_writer(z)
+    assert w.raw
+    x = np.arange(19 * 3, dtype="i4").reshape(19, 3)
+    w.write_rows((1, 0), [((5, 7), x[17:19]), ((0, 5), x[12:17])], "r")
+    w.write_rows((0, 0), [((3, 12), x[3:12])], "r")
+    w.write_rows((0, 0), [((0, 3), x[0:3])], "r")
+    w.commit([(0, 0), (1, 0)], "r")
+    np.testing.assert_array_equal(zarr.open_array(str(path))[...], x)
+
+
+def test_shards_of_narrower_chunks_are_not_written_in_place(tmp_path):
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(8, 6), chunks=(2, 3), shards=(4, 6), dtype="f8", compressors=None)
+    assert not direct_writer(z).raw

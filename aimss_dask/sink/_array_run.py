@@ -10,12 +10,13 @@ shards, or chunks when unsharded):
   memory (a persisted array) are grouped by the worker that holds them, so
   a few tasks write many blocks and Dask's per-task cost (about 3 ms here)
   does not dominate, and written at once (there is nothing to overlap).
-- **Rows in place**: unsharded, uncompressed chunks, blocks cut along the
-  first axis only, every worker on one host. A block's rows of a chunk are
-  one byte range of the chunk's file, so the worker holding the block writes
-  them there itself; nothing moves between workers. Each chunk is written
-  into a partial file named for the run, and the last task gives every
-  chunk its key once every piece is written (:func:`finish_rows`).
+- **Rows in place**: uncompressed chunks (or shards of uncompressed chunks
+  as wide as the shard), blocks cut along the first axis only, every worker
+  on one host. A block's rows of a unit are one byte range of the unit's
+  file, so the worker holding the block writes them there itself; nothing
+  moves between workers. Each unit is written into a partial file named for
+  the run, and the last task gives every unit its key once every piece is
+  written (:func:`finish_rows`).
 - **Push**: anything else. Map tasks cut their blocks along the unit grid
   and push the pieces into a stream whose partition ``p`` is unit ``p``,
   placed on the worker that holds most of its input. The owner counts what
@@ -69,8 +70,8 @@ def write_graph(
 ) -> tuple[HighLevelGraph, str]:
     """The run's graph and the key of its last task (which returns the bytes written).
 
-    ``raw``: the target's chunks are stored uncompressed and unsharded by
-    the direct writer, so rows of a chunk can be written in place.
+    ``raw``: the direct writer can write rows of the target's units in
+    place (uncompressed chunks, or shards of uncompressed full-width chunks).
     """
     token = target.run[len("aimss-sink-") :]
     finish_key = f"aimss-sink-finish-{token}"
@@ -184,11 +185,11 @@ def _rows_graph(
     x: da.Array, unit: tuple[int, ...], target: ZarrTarget, token: str,
     groups: list[list[tuple[int, ...]]] | None,
 ) -> tuple[dict[Any, Any], Any, list[Any], int, tuple[int, ...]]:
-    """Blocks cut along the first axis only, into uncompressed chunks: rows written in place.
+    """Blocks cut along the first axis only, into uncompressed units: rows written in place.
 
-    Each piece of a block (the rows it gives one chunk) is one byte range of
-    that chunk's file, so the worker holding the block writes it there
-    itself (:meth:`~aimss_dask.sink.direct._ChunkWriter.write_rows`): no
+    Each piece of a block (the rows it gives one unit) is one byte range of
+    that unit's file, so the worker holding the block writes it there
+    itself (:meth:`~aimss_dask.sink.direct._RowsInPlace.write_rows`): no
     row crosses workers, which is all a push run would move. A task's
     pieces of one chunk are one write job (one ``open``, adjacent rows in one
     ``pwritev``). The chunks get their Zarr keys at the end

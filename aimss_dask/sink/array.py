@@ -2,8 +2,8 @@
 
 The unit of writing is the Zarr shard (the chunk when the array is not
 sharded). Every unit is written whole by one writer, or, for uncompressed
-chunks whose rows come from blocks on several workers of one host, in
-disjoint byte ranges of one file that only becomes the chunk once every
+units whose rows come from blocks on several workers of one host, in
+disjoint byte ranges of one file that only becomes the unit once every
 range is in; either way there are no locks and no read-modify-write of
 partial chunks. Where the store is a local directory and the codecs are the
 common ones, units are written as the very bytes Zarr would write, without

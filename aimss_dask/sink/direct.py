@@ -162,7 +162,7 @@ def _put(path: str, parts: list[Any], made: set[str]) -> None:
 
 
 def _partial(path: str, token: str) -> str:
-    """The file a run's rows of the chunk at ``path`` are written into before :meth:`_ChunkWriter.commit`."""
+    """The file a run's rows of the chunk at ``path`` are written into before :meth:`_RowsInPlace.commit`."""
     return f"{path}.{token}.partial"
 
 
@@ -185,13 +185,20 @@ def _pwrite_all(fd: int, parts: list[memoryview], offset: int) -> None:
             todo[0] = todo[0][n:]
 
 
+def google_crc32c_value(data: bytes) -> int:
+    """CRC32C of ``data``, as Zarr's sharding index checksum."""
+    import google_crc32c
+
+    return int(google_crc32c.value(data))
+
+
 def remove_partials(array: Any, token: str) -> int:
     """Delete the partial chunk files run ``token`` left in ``array`` (a local store); how many.
 
     For a run that failed before its commit, once its writers stopped.
     """
     w = direct_writer(array)
-    if not isinstance(w, _ChunkWriter):
+    if not isinstance(w, _RowsInPlace):
         return 0
     suffix = f".{token}.partial"
     n = 0
@@ -207,13 +214,13 @@ def remove_partials(array: Any, token: str) -> int:
 
 
 def writes_raw_chunks(array: Any) -> bool:
-    """Whether direct writes store ``array``'s chunks as their bytes, unsharded, uncompressed.
+    """Whether rows of ``array``'s units can be written in place (:meth:`_RowsInPlace.write_rows`).
 
-    Only then can rows of a chunk be written in place
-    (:meth:`_ChunkWriter.write_rows`).
+    Uncompressed chunks; for a sharded array, uncompressed inner chunks that
+    span the shard whole on every axis but the first.
     """
     w = direct_writer(array)
-    return isinstance(w, _ChunkWriter) and w.raw
+    return isinstance(w, _RowsInPlace) and w.raw
 
 
 def _chunk(data: Data, sel: tuple[slice, ...], shape: tuple[int, ...], fill: Any) -> list[np.ndarray]:
@@ -247,73 +254,86 @@ def _as_data(data: Any, dtype: np.dtype) -> Data:
     return np.asarray(data, dtype=dtype)
 
 
-class _ChunkWriter:
-    """Writes regions made of whole chunks, one file per chunk."""
+class _RowsInPlace:
+    """Rows of a unit's file written in place, by several writers, then committed.
 
-    def __init__(self, root: str, key: Any, chunks: tuple[int, ...], shape: tuple[int, ...],
-                 dtype: np.dtype, fill: Any, encode: Encoder) -> None:
-        self.root, self.key, self.chunks, self.shape = root, key, chunks, tuple(shape)
-        self.dtype, self.fill, self.encode = dtype, fill, encode
-        self.made: set[str] = set()
+    In an uncompressed chunk (or a shard of uncompressed chunks that span
+    it whole on every axis but the first) the rows ``[lo, hi)`` of the unit
+    are one byte range of its file. Subclasses say where the unit's rows
+    start, how far its padded rows go and what else the file holds
+    (:meth:`_layout`).
+    """
 
-    def prepare(self, regions: list[tuple[slice, ...]]) -> int:
-        """Make the directories of these regions' chunk files ahead of the writes."""
-        return _prepare(self.root, self.key, self.chunks, regions, self.made)
+    root: str
+    key: Any
+    unit: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fill: Any
+    made: set[str]
+    raw: bool
 
-    @property
-    def raw(self) -> bool:
-        """Whether a chunk's file is its elements' bytes in C order (uncompressed)."""
-        return self.encode is _raw
+    def _layout(self, coords: tuple[int, ...]) -> tuple[tuple[int, ...], int, int, bytes | None, bytes | None]:
+        """``(extent in the array, byte offset of row 0, rows stored, bytes before row 0, bytes after the last row)``."""
+        raise NotImplementedError
 
     def write_rows(
         self, coords: tuple[int, ...], pieces: list[tuple[tuple[int, int], np.ndarray]], token: str
     ) -> int:
-        """Write row ranges ``[lo, hi)`` of chunk ``coords`` into the run's partial file of it.
+        """Write row ranges ``[lo, hi)`` of unit ``coords`` into the run's partial file of it.
 
-        Each piece is ``((lo, hi), data)``, ``data`` spanning the chunk whole
-        on every axis but the first, as far as the array goes. In an
-        uncompressed chunk those rows are one byte range of the file, so
-        several writers (processes of one host) fill one chunk without moving
-        its rows between them, and none reads or rewrites another's bytes.
-        Pieces that follow each other are written by one ``pwritev``. The
-        file keeps its partial name until :meth:`commit` (a reader never sees
-        a half-written chunk). Padding past the array's edge is written with
-        the fill value, as Zarr does. Writing the same rows again writes the
-        same bytes: a recomputed task is harmless. Returns the array bytes
-        written (padding excluded).
+        Each piece is ``((lo, hi), data)``, ``data`` spanning the unit whole
+        on every axis but the first, as far as the array goes. Those rows are
+        one byte range of the file, so several writers (processes of one
+        host) fill one unit without moving its rows between them, and none
+        reads or rewrites another's bytes. Pieces that follow each other are
+        written by one ``pwritev``. The file keeps its partial name until
+        :meth:`commit` (a reader never sees a half-written unit). Padding past
+        the array's edge is written with the fill value, and a shard's index
+        by the piece that holds its first (index at the start) or last rows,
+        as Zarr writes them. Writing the same rows again writes the same
+        bytes: a recomputed task is harmless. Returns the array bytes written
+        (padding excluded).
 
         >>> w.write_rows((3, 0), [((0, 24), a[3072:3096]), ((24, 1024), b[:1000])], run)  # doctest: +SKIP
-        8388608
+        4194304
         """
         if not self.raw:
-            raise ValueError("write_rows needs uncompressed chunks; this array's codecs compress them")
-        ext = self._extent(coords)
-        row_bytes = math.prod(self.chunks[1:]) * self.dtype.itemsize
-        runs: list[tuple[int, list[memoryview]]] = []  # (offset, buffers) of adjacent pieces
+            raise ValueError("write_rows needs uncompressed units; this array's codecs compress them")
+        ext, base, end_rows, head, tail = self._layout(coords)
+        row_shape = tuple(self.unit[1:])
+        row_bytes = math.prod(row_shape) * self.dtype.itemsize
+        runs: list[tuple[int, list[Any]]] = []  # (offset, buffers) of adjacent pieces
         end = -1
         written = 0
         for (lo, hi), data in sorted(pieces, key=lambda t: t[0][0]):
             data = np.asarray(data, dtype=self.dtype)
             if data.shape != (hi - lo, *ext[1:]) or not 0 <= lo < hi <= ext[0]:
                 raise ValueError(
-                    f"rows {(lo, hi)} of chunk {coords} (extent {ext}) cannot hold data of shape {data.shape}"
+                    f"rows {(lo, hi)} of unit {coords} (extent {ext}) cannot hold data of shape {data.shape}"
                 )
-            if ext[1:] != self.chunks[1:]:  # an edge chunk on a later axis: pad each row
-                padded = np.full((hi - lo, *self.chunks[1:]), self.fill, dtype=self.dtype)
+            if ext[1:] != row_shape:  # an edge unit on a later axis: pad each row
+                padded = np.full((hi - lo, *row_shape), self.fill, dtype=self.dtype)
                 padded[(slice(None), *(slice(0, n) for n in ext[1:]))] = data
                 buf = padded
             else:
                 buf = np.ascontiguousarray(data)
-            bufs = [memoryview(buf).cast("B")]
-            if hi == ext[0] < self.chunks[0]:  # the array's last rows: pad the chunk's end
-                tail = np.full((self.chunks[0] - ext[0], *self.chunks[1:]), self.fill, dtype=self.dtype)
-                bufs.append(memoryview(tail).cast("B"))
-            if lo * row_bytes == end:
+            bufs: list[Any] = [memoryview(buf).cast("B")]
+            if hi == ext[0]:  # the unit's last rows: its padding, then what follows them
+                if end_rows > ext[0]:
+                    tail_rows = np.full((end_rows - ext[0], *row_shape), self.fill, dtype=self.dtype)
+                    bufs.append(memoryview(tail_rows).cast("B"))
+                if tail is not None:
+                    bufs.append(memoryview(tail))
+            offset = base + lo * row_bytes
+            if offset == end:
                 runs[-1][1].extend(bufs)
             else:
-                runs.append((lo * row_bytes, bufs))
-            end = hi * row_bytes
+                runs.append((offset, bufs))
+            end = base + hi * row_bytes
             written += data.nbytes
+        if head is not None and any(lo == 0 for (lo, _), _ in pieces):
+            runs.insert(0, (0, [memoryview(head)]))
         path = os.path.join(self.root, self.key(coords))
         _parent(path, self.made)
         fd = os.open(_partial(path, token), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -325,13 +345,13 @@ class _ChunkWriter:
         return int(written)
 
     def commit(self, coords: list[tuple[int, ...]], token: str) -> None:
-        """Give each chunk's partial file (see :meth:`write_rows`) its Zarr key, atomically."""
+        """Give each unit's partial file (see :meth:`write_rows`) its Zarr key, atomically."""
         for c in coords:
             path = os.path.join(self.root, self.key(c))
             os.replace(_partial(path, token), path)
 
     def discard(self, coords: list[tuple[int, ...]], token: str) -> None:
-        """Remove what a failed run left in partial files; the chunks themselves stay as they were."""
+        """Remove what a failed run left in partial files; the units themselves stay as they were."""
         for c in coords:
             try:
                 os.unlink(_partial(os.path.join(self.root, self.key(c)), token))
@@ -339,8 +359,32 @@ class _ChunkWriter:
                 pass
 
     def _extent(self, coords: tuple[int, ...]) -> tuple[int, ...]:
-        """Chunk ``coords``'s shape inside the array (smaller than a chunk at the edges)."""
-        return tuple(min(c, n - i * c) for i, c, n in zip(coords, self.chunks, self.shape))
+        """Unit ``coords``'s shape inside the array (smaller than a unit at the edges)."""
+        return tuple(min(u, n - i * u) for i, u, n in zip(coords, self.unit, self.shape))
+
+
+class _ChunkWriter(_RowsInPlace):
+    """Writes regions made of whole chunks, one file per chunk."""
+
+    def __init__(self, root: str, key: Any, chunks: tuple[int, ...], shape: tuple[int, ...],
+                 dtype: np.dtype, fill: Any, encode: Encoder) -> None:
+        self.root, self.key, self.chunks, self.shape = root, key, chunks, tuple(shape)
+        self.unit = chunks
+        self.dtype, self.fill, self.encode = dtype, fill, encode
+        self.made: set[str] = set()
+
+    def prepare(self, regions: list[tuple[slice, ...]]) -> int:
+        """Make the directories of these regions' chunk files ahead of the writes."""
+        return _prepare(self.root, self.key, self.chunks, regions, self.made)
+
+    @property
+    def raw(self) -> bool:
+        """Whether rows can be written in place: a chunk's file is its elements' bytes in C order."""
+        return self.encode is _raw
+
+    def _layout(self, coords: tuple[int, ...]) -> tuple[tuple[int, ...], int, int, bytes | None, bytes | None]:
+        ext = self._extent(coords)
+        return ext, 0, self.chunks[0], None, None
 
     def __call__(self, region: tuple[slice, ...], data: Data) -> int:
         starts = [r.start for r in region]
@@ -362,7 +406,7 @@ class _ChunkWriter:
         return written
 
 
-class _ShardWriter:
+class _ShardWriter(_RowsInPlace):
     """Writes regions made of whole shards: inner chunks then the index, as Zarr does."""
 
     def __init__(self, root: str, key: Any, shards: tuple[int, ...], inner: tuple[int, ...],
@@ -371,7 +415,30 @@ class _ShardWriter:
         self.shape, self.dtype, self.fill, self.encode = tuple(shape), dtype, fill, encode
         self.at_start = at_start
         self.per_shard = tuple(s // c for s, c in zip(shards, inner))
+        self.unit = shards
         self.made: set[str] = set()
+
+    @property
+    def raw(self) -> bool:
+        """Whether rows can be written in place: uncompressed inner chunks spanning the shard
+        on every axis but the first, so the shard's rows follow each other in its file."""
+        return self.encode is _raw and self.inner[1:] == self.shards[1:]
+
+    def _layout(self, coords: tuple[int, ...]) -> tuple[tuple[int, ...], int, int, bytes | None, bytes | None]:
+        # The inner chunks that reach into the array are stored, in order,
+        # each padded to its full shape; the index says where each one is.
+        ext = self._extent(coords)
+        stored = -(-ext[0] // self.inner[0])
+        chunk_bytes = math.prod(self.inner) * self.dtype.itemsize
+        index = np.full((*self.per_shard, 2), MAX_UINT_64, dtype="<u8")
+        base = index.nbytes + 4 if self.at_start else 0
+        for i in range(stored):
+            index[(i, *(0 for _ in self.per_shard[1:]))] = (base + i * chunk_bytes, chunk_bytes)
+        raw = index.tobytes()
+        index_bytes = raw + np.uint32(google_crc32c_value(raw)).tobytes()
+        if self.at_start:
+            return ext, base, stored * self.inner[0], index_bytes, None
+        return ext, 0, stored * self.inner[0], None, index_bytes
 
     def prepare(self, regions: list[tuple[slice, ...]]) -> int:
         """Make the directories of these regions' shard files ahead of the writes."""
