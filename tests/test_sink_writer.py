@@ -63,3 +63,30 @@ def test_abort_drops_queued_writes_and_refuses_later_ones(target):
         assert wb.flush(other.run)["written"] == [0]
     finally:
         wb.close()
+
+
+def test_abort_waits_for_a_write_under_way_on_a_task_thread(target):
+    """A task writing now when the run is aborted finishes first: nothing of
+    the run is written after abort() returns."""
+    wb = WriteBehind(max_bytes=2**20)
+    started = threading.Event()
+    log = []
+
+    def slow(put):
+        started.set()
+        import time
+
+        time.sleep(0.3)
+        log.append("written")
+        return 1
+
+    try:
+        t = threading.Thread(target=wb.write_now, args=(target, 0, slow))
+        t.start()
+        started.wait(10)
+        wb.abort(target.run, timeout=10)
+        log.append("aborted")
+        t.join(10)
+        assert log == ["written", "aborted"]
+    finally:
+        wb.close()

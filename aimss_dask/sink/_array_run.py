@@ -24,12 +24,13 @@ shards, or chunks when unsharded):
   complete, then frees it (:mod:`aimss_dask.sink.assembler`); there are no
   per-unit tasks. The barrier seals the stream (every push has landed).
 
-Either way a last task waits for the writers (``aimss_sink_flush`` on every
+In every shape a last task waits for the writers (``aimss_sink_flush`` on every
 worker involved), checks that every region was written, and raises
 :class:`SinkError` otherwise. A lost worker in a push run restarts the run
 (the coordinator's operator-run restart); in the other runs Dask recomputes
 the lost write tasks, which write the same bytes again.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -191,12 +192,12 @@ def _rows_graph(
     that unit's file, so the worker holding the block writes it there
     itself (:meth:`~aimss_dask.sink.direct._RowsInPlace.write_rows`): no
     row crosses workers, which is all a push run would move. A task's
-    pieces of one chunk are one write job (one ``open``, adjacent rows in one
-    ``pwritev``). The chunks get their Zarr keys at the end
+    pieces of one unit are one write job (one ``open``, adjacent rows in one
+    ``pwritev``). The units get their Zarr keys at the end
     (:func:`finish_rows`), once every writer has written every piece.
 
     Returns the graph, its dependency, the write tasks' keys, the number of
-    jobs (their ids are ``range(n)``) and the grid of chunks.
+    jobs (their ids are ``range(n)``) and the grid of units.
     """
     bounds = [chunk_bounds(c).tolist() for c in x.chunks]
     graph: dict[Any, Any] = {}
@@ -242,10 +243,10 @@ class _Jobs:
 def _row_pieces(
     idx: tuple[int, ...], bounds: list[list[int]], unit: tuple[int, ...]
 ) -> list[tuple[tuple[int, ...], tuple[slice, ...], tuple[int, int]]]:
-    """Block ``idx``'s pieces: ``(chunk coords, slices of the block, (lo, hi) rows of the chunk)``.
+    """Block ``idx``'s pieces: ``(unit coords, slices of the block, (lo, hi) rows of the unit)``.
 
-    The block's edges on every axis but the first are chunk edges (the
-    caller checked), so each piece spans its chunk whole on those axes.
+    The block's edges on every axis but the first are unit edges (the
+    caller checked), so each piece spans its unit whole on those axes.
     Plain integer arithmetic: NumPy calls per block made planning a
     500-block run take 30 ms.
     """
@@ -370,7 +371,7 @@ def _write_blocks(target: ZarrTarget, regions: list[tuple[tuple[slice, ...], int
 
 
 def _write_rows(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray], behind: bool = True) -> str:
-    """Write each job (this task's pieces of one chunk) in place in the chunk's file.
+    """Write each job (this task's pieces of one unit) in place in the unit's file.
 
     ``behind``: queue the jobs on the write-behind thread; else write them
     on this thread, now.
@@ -510,11 +511,11 @@ def finish(target: ZarrTarget, expected: list[int], stream: str | None, written:
 
 
 def finish_rows(target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: list[str]) -> int:
-    """The last task of a rows run: wait for every writer, then give every chunk its key.
+    """The last task of a rows run: wait for every writer, then give every unit its key.
 
-    Only when all ``njobs`` jobs are written does any chunk of ``grid`` get
-    its key, so a failed run changes no chunk of the array; its partial
-    files are removed.
+    Only when all ``njobs`` jobs are written does any unit of ``grid`` get
+    its key, so a run whose writes fail changes no unit of the array; its
+    partial files are removed.
     """
     expected = list(range(njobs))
     units = list(np.ndindex(*grid))

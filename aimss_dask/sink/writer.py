@@ -58,6 +58,7 @@ class _Run:
     nbytes: int = 0
     errors: list[str] = field(default_factory=list)
     put: Any = None
+    active: int = 0  # write_now calls under way
 
 
 class WriteBehind:
@@ -135,7 +136,14 @@ class WriteBehind:
             if target.run in self._aborted:
                 return 0
             run = self._runs.setdefault(target.run, _Run())
-        n = int(job(_run_put(target, run)) or 0)
+            run.active += 1
+        try:
+            n = int(job(_run_put(target, run)) or 0)
+        finally:
+            with self._cond:
+                run.active -= 1
+                if not run.active:
+                    self._cond.notify_all()  # an abort may wait for it
         with self._cond:
             run.written.append(rid)
             run.nbytes += n
@@ -198,8 +206,8 @@ class WriteBehind:
         """Drop ``run_id``'s queued writes, wait for the one being written, refuse any later one.
 
         For a run that failed: once this returns, nothing more of it is
-        written here, so what it left on disk can be removed. Returns how
-        many queued writes were dropped.
+        written here (queued, or by a task writing now), so what it left on
+        disk can be removed. Returns how many queued writes were dropped.
         """
         with self._cond:
             self._aborted[run_id] = None
@@ -209,6 +217,9 @@ class WriteBehind:
             pending = list(run.pending) if run is not None else []
         dropped = sum(f.cancel() for f in pending)
         wait(pending, timeout)
+        if run is not None:
+            with self._cond:
+                self._cond.wait_for(lambda: not run.active, timeout)
         return dropped
 
     def statistics(self) -> dict[str, int]:
