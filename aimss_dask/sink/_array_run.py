@@ -405,10 +405,10 @@ _NOT_RAW = (
 
 
 def _rows_writer(target: ZarrTarget) -> Any:
-    from aimss_dask.sink.direct import direct_writer
+    from aimss_dask.sink.direct import rows_writer
 
-    writer = direct_writer(target.open())
-    if not getattr(writer, "raw", False):
+    writer = rows_writer(target.open())
+    if writer is None:
         raise SinkError(_NOT_RAW)
     return writer
 
@@ -518,17 +518,16 @@ def finish_rows(target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: 
     partial files are removed.
     """
     expected = list(range(njobs))
-    units = list(np.ndindex(*grid))
     addresses = set(written) - {"local"}
     done, nbytes, errors = _flush(target, addresses) if addresses else (list(expected), 0, [])
     writer = None
     try:
         writer = _rows_writer(target)
         _raise_for(target, errors, expected, done, "No chunk of the array was changed")
-        writer.commit(units, target.run)
+        writer.commit(list(np.ndindex(*grid)), target.run)
     except Exception:
         if writer is not None:
-            writer.discard(units, target.run)
+            writer.discard(target.run)
         raise
     return nbytes
 

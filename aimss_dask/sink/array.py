@@ -30,7 +30,7 @@ from aimss_dask.errors import (
     StoreReadOnlyError,
 )
 from aimss_dask.sink._array_run import abort, write_graph
-from aimss_dask.sink.direct import writes_raw_chunks
+from aimss_dask.sink.direct import rows_writer
 from aimss_dask.sink.writer import ZarrTarget
 
 
@@ -110,7 +110,7 @@ def to_zarr(
     unit = tuple(arr.shards or arr.chunks) if zarr_format == 3 else tuple(arr.chunks)
     run = f"aimss-sink-{uuid.uuid4().hex[:16]}"
     target = ZarrTarget(store, path, zarr_format, run, storage_options or None)
-    hlg, finish_key = write_graph(x, unit, target, raw=writes_raw_chunks(arr))
+    hlg, finish_key = write_graph(x, unit, target, raw=rows_writer(arr) is not None)
     out = Delayed(finish_key, hlg)
     if compute:
         try:

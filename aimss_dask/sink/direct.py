@@ -185,42 +185,23 @@ def _pwrite_all(fd: int, parts: list[memoryview], offset: int) -> None:
             todo[0] = todo[0][n:]
 
 
-def google_crc32c_value(data: bytes) -> int:
-    """CRC32C of ``data``, as Zarr's sharding index checksum."""
-    import google_crc32c
-
-    return int(google_crc32c.value(data))
-
-
-def remove_partials(array: Any, token: str) -> int:
-    """Delete the partial chunk files run ``token`` left in ``array`` (a local store); how many.
-
-    For a run that failed before its commit, once its writers stopped.
-    """
-    w = direct_writer(array)
-    if not isinstance(w, _RowsInPlace):
-        return 0
-    suffix = f".{token}.partial"
-    n = 0
-    for root, _, files in os.walk(w.root):
-        for f in files:
-            if f.endswith(suffix):
-                try:
-                    os.unlink(os.path.join(root, f))
-                    n += 1
-                except FileNotFoundError:
-                    pass
-    return n
-
-
-def writes_raw_chunks(array: Any) -> bool:
-    """Whether rows of ``array``'s units can be written in place (:meth:`_RowsInPlace.write_rows`).
+def rows_writer(array: Any) -> _RowsInPlace | None:
+    """The writer of rows of ``array``'s units in place (:meth:`_RowsInPlace.write_rows`), or None.
 
     Uncompressed chunks; for a sharded array, uncompressed inner chunks that
     span the shard whole on every axis but the first.
     """
     w = direct_writer(array)
-    return isinstance(w, _RowsInPlace) and w.raw
+    return w if isinstance(w, _RowsInPlace) and w.raw else None
+
+
+def remove_partials(array: Any, token: str) -> int:
+    """Delete the partial files run ``token`` left in ``array`` (a local store); how many.
+
+    For a run that failed before its commit, once its writers stopped.
+    """
+    w = direct_writer(array)
+    return w.discard(token) if isinstance(w, _RowsInPlace) else 0
 
 
 def _chunk(data: Data, sel: tuple[slice, ...], shape: tuple[int, ...], fill: Any) -> list[np.ndarray]:
@@ -350,13 +331,22 @@ class _RowsInPlace:
             path = os.path.join(self.root, self.key(c))
             os.replace(_partial(path, token), path)
 
-    def discard(self, coords: list[tuple[int, ...]], token: str) -> None:
-        """Remove what a failed run left in partial files; the units themselves stay as they were."""
-        for c in coords:
-            try:
-                os.unlink(_partial(os.path.join(self.root, self.key(c)), token))
-            except FileNotFoundError:
-                pass
+    def discard(self, token: str) -> int:
+        """Remove the partial files run ``token`` left; the units themselves stay as they were.
+
+        Returns how many were removed.
+        """
+        suffix = _partial("", token)
+        n = 0
+        for root, _, files in os.walk(self.root):
+            for f in files:
+                if f.endswith(suffix):
+                    try:
+                        os.unlink(os.path.join(root, f))
+                        n += 1
+                    except FileNotFoundError:
+                        pass
+        return n
 
     def _extent(self, coords: tuple[int, ...]) -> tuple[int, ...]:
         """Unit ``coords``'s shape inside the array (smaller than a unit at the edges)."""
@@ -415,6 +405,7 @@ class _ShardWriter(_RowsInPlace):
         self.shape, self.dtype, self.fill, self.encode = tuple(shape), dtype, fill, encode
         self.at_start = at_start
         self.per_shard = tuple(s // c for s, c in zip(shards, inner))
+        self.index_size = math.prod(self.per_shard) * 16 + 4  # (offset, nbytes) per chunk, CRC32C
         self.unit = shards
         self.made: set[str] = set()
 
@@ -431,22 +422,28 @@ class _ShardWriter(_RowsInPlace):
         stored = -(-ext[0] // self.inner[0])
         chunk_bytes = math.prod(self.inner) * self.dtype.itemsize
         index = np.full((*self.per_shard, 2), MAX_UINT_64, dtype="<u8")
-        base = index.nbytes + 4 if self.at_start else 0
         for i in range(stored):
-            index[(i, *(0 for _ in self.per_shard[1:]))] = (base + i * chunk_bytes, chunk_bytes)
-        raw = index.tobytes()
-        index_bytes = raw + np.uint32(google_crc32c_value(raw)).tobytes()
+            index[(i, *(0 for _ in self.per_shard[1:]))] = (i * chunk_bytes, chunk_bytes)
+        index_bytes = self._index_bytes(index)
         if self.at_start:
-            return ext, base, stored * self.inner[0], index_bytes, None
+            return ext, self.index_size, stored * self.inner[0], index_bytes, None
         return ext, 0, stored * self.inner[0], None, index_bytes
+
+    def _index_bytes(self, index: np.ndarray) -> bytes:
+        """The shard's index as stored: offsets past the index itself when it comes first, then its CRC32C."""
+        import google_crc32c
+
+        if self.at_start:
+            used = index[..., 0] != MAX_UINT_64
+            index[..., 0][used] += np.uint64(self.index_size)
+        raw = index.tobytes()
+        return raw + np.uint32(google_crc32c.value(raw)).tobytes()
 
     def prepare(self, regions: list[tuple[slice, ...]]) -> int:
         """Make the directories of these regions' shard files ahead of the writes."""
         return _prepare(self.root, self.key, self.shards, regions, self.made)
 
     def __call__(self, region: tuple[slice, ...], data: Data) -> int:
-        import google_crc32c
-
         starts = [r.start for r in region]
         if any(s % c for s, c in zip(starts, self.shards)):
             raise ValueError(f"region {region} does not start on a shard edge")
@@ -473,12 +470,7 @@ class _ShardWriter(_RowsInPlace):
                 written += _nbytes(sel, self.dtype)
             if not pieces:
                 continue
-            index_size = index.nbytes + 4
-            if self.at_start:
-                used = index[..., 0] != MAX_UINT_64
-                index[..., 0][used] += np.uint64(index_size)
-            raw = index.tobytes()
-            index_bytes = raw + np.uint32(google_crc32c.value(raw)).tobytes()
+            index_bytes = self._index_bytes(index)
             parts = [index_bytes, *pieces] if self.at_start else [*pieces, index_bytes]
             _put(os.path.join(self.root, self.key(scoords)), parts, self.made)
         return written
