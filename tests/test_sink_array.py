@@ -45,12 +45,14 @@ def _partials(path):
 
 
 def _kind(delayed):
-    """Which run a to_zarr graph is: each block written whole, rows in place, or pushed."""
+    """Which run a to_zarr graph is: each block written whole, rows in place,
+    inner chunks appended in place, or pushed."""
     names = {k[0] if isinstance(k, tuple) else k for k in delayed.dask}
-    kinds = {
-        kind for kind, prefix in (("aligned", "aimss-sink-write-"), ("rows", "aimss-sink-rows-"), ("push", "aimss-push-"))
-        if any(str(n).startswith(prefix) for n in names)
-    }
+    prefixes = (
+        ("aligned", "aimss-sink-write-"), ("rows", "aimss-sink-rows-"),
+        ("chunks", "aimss-sink-chunks-"), ("push", "aimss-push-"),
+    )
+    kinds = {kind for kind, prefix in prefixes if any(str(n).startswith(prefix) for n in names)}
     assert len(kinds) == 1, names
     return kinds.pop()
 
@@ -87,9 +89,12 @@ def test_to_zarr_equals_numpy(client, tmp_path_factory, c):
         ((2048, 32), (1024, 64), None, False, "push"),  # misaligned columns
         ((2048, 32), (1024, 64), None, True, "push"),  # ... even uncompressed
         ((2048, 64), (1024, 64), None, False, "aligned"),  # each block is two whole chunks
-        ((1024, 64), (256, 64), (4096, 64), False, "push"),  # four blocks per shard
+        ((1024, 64), (256, 64), (4096, 64), False, "chunks"),  # four blocks per shard: chunks appended
+        ((1024, 32), (256, 32), (4096, 64), False, "chunks"),  # ... two shards across, edge chunks
+        ((1000, 64), (256, 64), (4096, 64), False, "push"),  # blocks that cut inner chunks: pushed
         ((1000, 64), (256, 64), (4096, 64), True, "rows"),  # shards of full-width chunks: in place
-        ((1000, 64), (256, 32), (4096, 64), True, "push"),  # ... of narrower chunks: pushed
+        ((1000, 64), (256, 32), (4096, 64), True, "push"),  # ... of narrower chunks, cut: pushed
+        ((1024, 64), (256, 32), (4096, 64), True, "chunks"),  # ... not cut: appended
         ((4096, 64), (256, 32), (4096, 64), False, "aligned"),  # one block per shard
     ],
 )
@@ -282,16 +287,26 @@ def test_worker_killed_mid_write_still_writes_everything(tmp_path):
         np.testing.assert_array_equal(zarr.open_array(path)[:], np.arange(40_000))
 
 
-def test_worker_killed_mid_rows_run_still_writes_everything(tmp_path):
-    """SIGKILL a worker while rows are written in place: Dask recomputes its
-    blocks elsewhere, their rows are written again (the same bytes at the same
-    offsets), and every chunk gets its key once, whole."""
+#: (blocks, to_zarr arguments) of a rows run and of a chunks run of a 1-d array.
+IN_PLACE = {
+    "rows": (1000, dict(chunks=(1024,), compressors=None)),
+    "chunks": (1024, dict(chunks=(256,), shards=(4096,))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(IN_PLACE))
+def test_worker_killed_mid_rows_run_still_writes_everything(tmp_path, kind):
+    """SIGKILL a worker while rows are written (or chunks appended) in place:
+    Dask recomputes its blocks elsewhere, they are written again (rows: the
+    same bytes at the same offsets; chunks: appended again, and only the
+    surviving task's copy is indexed), and every unit gets its key once, whole."""
+    blocks, kwargs = IN_PLACE[kind]
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
         client.register_plugin(aimss_dask.AIMSS())
-        x = da.arange(40 * 1000, chunks=1000).map_blocks(_slow, dtype=np.int64)
+        x = da.arange(40 * 1000, chunks=blocks).map_blocks(_slow, dtype=np.int64)
         path = str(tmp_path / "a.zarr")
-        delayed = aimss_dask.to_zarr(x, path, chunks=(1024,), compressors=None, compute=False)
-        assert _kind(delayed) == "rows"
+        delayed = aimss_dask.to_zarr(x, path, compute=False, **kwargs)
+        assert _kind(delayed) == kind
         fut = client.compute(delayed)
         import time
 
@@ -304,13 +319,16 @@ def test_worker_killed_mid_rows_run_still_writes_everything(tmp_path):
         assert not _partials(path)
 
 
-def test_a_failed_rows_run_changes_no_chunk_and_leaves_no_partial_file(client, tmp_path):
+@pytest.mark.parametrize("kind", sorted(IN_PLACE))
+def test_a_failed_rows_run_changes_no_chunk_and_leaves_no_partial_file(client, tmp_path, kind):
     """A block that fails after others were written in place: to_zarr raises
     its error, the array keeps its old data, and no partial file is left."""
+    blocks, kwargs = IN_PLACE[kind]
     path = str(tmp_path / "a.zarr")
     old = np.arange(30_000, dtype="f8")
-    zarr.create_array(path, shape=old.shape, chunks=(1024,), dtype="f8", compressors=None)[:] = old
-    x = da.ones(30_000, chunks=1000).map_blocks(_fail_block, 20, dtype="f8")
+    zarr.create_array(path, shape=old.shape, dtype="f8", **kwargs)[:] = old
+    x = da.ones(30_000, chunks=blocks).map_blocks(_fail_block, 20, dtype="f8")
+    assert _kind(aimss_dask.to_zarr(x, path, compute=False)) == kind
     with pytest.raises(ValueError, match="block 20 fails"):
         aimss_dask.to_zarr(x, path)
     np.testing.assert_array_equal(zarr.open_array(path)[:], old)

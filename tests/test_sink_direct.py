@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -365,3 +366,142 @@ def test_shard_rows_in_place_with_the_index_at_the_start(tmp_path):
 def test_shards_of_narrower_chunks_are_not_written_in_place(tmp_path):
     z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(8, 6), chunks=(2, 3), shards=(4, 6), dtype="f8", compressors=None)
     assert not direct_writer(z).raw
+
+
+def _shard_meta_index_at_start(path):
+    import json
+
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["codecs"][0]["configuration"]["index_location"] = "start"
+    (path / "zarr.json").write_text(json.dumps(meta))
+
+
+@st.composite
+def chunk_layout(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 11), min_size=ndim, max_size=ndim)))
+    inner = tuple(draw(st.integers(1, n)) for n in shape)
+    shards = tuple(c * draw(st.integers(1, 3)) for c in inner)
+    dtype = draw(st.sampled_from(["f8", "i2", "u1", "bool", "c8"]))
+    fill = draw(st.sampled_from([0, 1, 7]))
+    compressed = draw(st.booleans())
+    at_start = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    return shape, inner, shards, dtype, fill, compressed, at_start, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(chunk_layout())
+def test_inner_chunks_appended_by_two_writers_read_back_identical(tmp_path_factory, case):
+    """Whole inner chunks of each shard appended in random jobs by two writers,
+    in any order, then each shard's index from their entries and a commit:
+    Zarr reads back the data, the partial names are gone, and every stored
+    chunk decodes to what Zarr itself would store."""
+    shape, inner, shards, dtype, fill, compressed, at_start, seed = case
+    rng = np.random.default_rng(seed)
+    x = (rng.random(shape) * 100).astype(dtype)
+    base = tmp_path_factory.mktemp("app")
+    path = base / "a.zarr"
+    kwargs = dict(shape=shape, chunks=inner, shards=shards, dtype=dtype, fill_value=fill)
+    if not compressed:
+        kwargs["compressors"] = None
+    zarr.create_array(str(path), **kwargs)
+    if at_start:
+        _shard_meta_index_at_start(path)
+    writers = [direct_writer(zarr.open_array(str(path), mode="r+")) for _ in range(2)]
+    per_shard = tuple(s // c for s, c in zip(shards, inner))
+    jobs = []
+    for scoords in itertools.product(*(range(-(-n // s)) for n, s in zip(shape, shards))):
+        chunks = []
+        for icoords in itertools.product(*(range(p) for p in per_shard)):
+            start = [s * u + i * c for s, u, i, c in zip(scoords, shards, icoords, inner)]
+            if any(a >= n for a, n in zip(start, shape)):
+                continue
+            chunks.append((icoords, x[tuple(slice(a, min(a + c, n)) for a, c, n in zip(start, inner, shape))]))
+        order = rng.permutation(len(chunks))
+        cuts = sorted(set(rng.integers(0, len(chunks) + 1, size=2).tolist()) | {0, len(chunks)})
+        for a, b in zip(cuts, cuts[1:]):
+            jobs.append((int(rng.integers(2)), scoords, [chunks[i] for i in order[a:b]]))
+    entries: dict = {}
+    for j in rng.permutation(len(jobs)):
+        w, scoords, chunks = jobs[j]
+        got = writers[w].append_chunks(scoords, chunks, "run1")
+        assert sorted(e[0] for e in got) == sorted(int(np.ravel_multi_index(i, per_shard)) for i, _ in chunks)
+        entries.setdefault(scoords, []).extend(got)
+    writers[1].close_shards(entries, "run1")
+    writers[0].commit(list(entries), "run1")
+    assert not [k for k in _chunk_files(str(path)) if k.endswith(".partial")]
+    np.testing.assert_array_equal(zarr.open_array(str(path), mode="r")[...], x)
+
+
+def _append_many(path, worker, n, barrier):
+    """One process's appends of ``n`` single-chunk jobs to shard (0,): entries."""
+    w = direct_writer(zarr.open_array(path, mode="r+"))
+    x = np.arange(2 * n * 16, dtype="f8").reshape(-1, 4)
+    out = []
+    barrier.wait()
+    for k in range(worker, 2 * n, 2):
+        out.extend(w.append_chunks((0, 0), [((k, 0), x[k * 4:(k + 1) * 4])], "mp"))
+    return out
+
+
+def test_appends_from_two_processes_never_interleave(tmp_path):
+    """Two worker processes append one shard's chunks at the same time:
+    every chunk lands whole at the offset its writer was told."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    path = str(tmp_path / "a.zarr")
+    n = 2048
+    zarr.create_array(path, shape=(4 * 2 * n, 4), chunks=(4, 4), shards=(4 * 2 * n, 4), dtype="f8")
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as m, ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        barrier = m.Barrier(2)
+        futs = [pool.submit(_append_many, path, i, n, barrier) for i in range(2)]
+        entries = [e for f in futs for e in f.result()]
+    assert len(entries) == 2 * n
+    spans = sorted((off, off + nb) for _, off, nb in entries)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two chunks overlap
+    w = direct_writer(zarr.open_array(path, mode="r+"))
+    w.close_shards({(0, 0): entries}, "mp")
+    w.commit([(0, 0)], "mp")
+    want = np.arange(2 * n * 16, dtype="f8").reshape(-1, 4)
+    np.testing.assert_array_equal(zarr.open_array(path)[...], want)
+
+
+def test_an_incomplete_or_doubled_shard_is_refused_and_discarded(tmp_path):
+    path = str(tmp_path / "a.zarr")
+    z = zarr.create_array(path, shape=(10,), chunks=(2,), shards=(6,), dtype="i4")
+    z[...] = np.arange(10)
+    before = _chunk_files(path)
+    w = direct_writer(z)
+    x = np.full(10, -1, "i4")
+    ents = w.append_chunks((0,), [((0,), x[0:2]), ((2,), x[4:6])], "bad")
+    with pytest.raises(ValueError, match=r"shard \(0,\) got 2 of its 3 inner chunks"):
+        w.close_shards({(0,): ents}, "bad")
+    with pytest.raises(ValueError, match="appended twice"):
+        w.close_shards({(0,): ents + ents[:1]}, "bad")
+    with pytest.raises(ValueError, match=r"inner chunk \(1,\) of shard \(1,\) \(extent \(2,\)\) cannot hold"):
+        w.append_chunks((1,), [((1,), x[:1])], "bad")
+    with pytest.raises(ValueError, match=r"inner chunk \(3,\) is not in a shard of \(3,\) chunks"):
+        w.append_chunks((0,), [((3,), x[:2])], "bad")
+    assert w.discard("bad") == 1
+    assert _chunk_files(path) == before
+    np.testing.assert_array_equal(zarr.open_array(path)[...], np.arange(10))
+
+
+def test_a_shard_with_its_index_first_is_reserved_once(tmp_path, monkeypatch):
+    """Index at the start: the first writer makes room for the index; a
+    writer that finds the file made appends after it, and no private file is left."""
+    path = tmp_path / "a.zarr"
+    zarr.create_array(str(path), shape=(12,), chunks=(2,), shards=(12,), dtype="i4")
+    _shard_meta_index_at_start(path)
+    ws = [direct_writer(zarr.open_array(str(path), mode="r+")) for _ in range(2)]
+    x = np.arange(12, dtype="i4")
+    ents = ws[0].append_chunks((0,), [((5,), x[10:12])], "r") + ws[1].append_chunks((0,), [((0,), x[0:2])], "r")
+    assert min(off for _, off, _ in ents) == ws[0].index_size
+    ents += ws[1].append_chunks((0,), [((i,), x[2 * i:2 * i + 2]) for i in (3, 1, 2, 4)], "r")
+    assert sorted(os.listdir(path / "c")) == ["0.r.partial"]
+    ws[0].close_shards({(0,): ents}, "r")
+    ws[0].commit([(0,)], "r")
+    np.testing.assert_array_equal(zarr.open_array(str(path))[...], x)

@@ -1,6 +1,6 @@
 """The graph and the tasks of one ``to_zarr`` run.
 
-Three shapes of run, chosen by how the input's blocks meet the units (Zarr
+Four shapes of run, chosen by how the input's blocks meet the units (Zarr
 shards, or chunks when unsharded):
 
 - **Aligned**: every block is a whole number of units, written whole where
@@ -17,6 +17,15 @@ shards, or chunks when unsharded):
   moves between workers. Each unit is written into a partial file named for
   the run, and the last task gives every unit its key once every piece is
   written (:func:`finish_rows`).
+- **Chunks appended in place**: a sharded array whose blocks are whole
+  inner chunks of shards they do not fill (1024-row blocks, 256-row chunks
+  in 4096-row shards), compressed or not, every worker on one host. The
+  worker holding a block encodes its inner chunks and appends them to
+  their shard's partial file (one ``O_APPEND`` write per task and shard,
+  atomic against the other writers); the tasks return where the chunks
+  landed, and the last task writes each shard's index from that, then
+  gives the shards their keys (:func:`finish_rows`). Nothing moves between
+  workers but those few entries.
 - **Push**: anything else. Map tasks cut their blocks along the unit grid
   and push the pieces into a stream whose partition ``p`` is unit ``p``,
   placed on the worker that holds most of its input. The owner counts what
@@ -28,7 +37,8 @@ In every shape a last task waits for the writers (``aimss_sink_flush`` on every
 worker involved), checks that every region was written, and raises
 :class:`SinkError` otherwise. A lost worker in a push run restarts the run
 (the coordinator's operator-run restart); in the other runs Dask recomputes
-the lost write tasks, which write the same bytes again.
+the lost write tasks, which write the same bytes again (rows) or append
+their chunks again (chunks; only the surviving task's copy is indexed).
 """
 
 from __future__ import annotations
@@ -67,12 +77,15 @@ def aligned(x_chunks: tuple[tuple[int, ...], ...], unit: tuple[int, ...]) -> boo
 
 
 def write_graph(
-    x: da.Array, unit: tuple[int, ...], target: ZarrTarget, raw: bool = False
+    x: da.Array, unit: tuple[int, ...], target: ZarrTarget, raw: bool = False,
+    inner: tuple[int, ...] | None = None,
 ) -> tuple[HighLevelGraph, str]:
     """The run's graph and the key of its last task (which returns the bytes written).
 
     ``raw``: the direct writer can write rows of the target's units in
     place (uncompressed chunks, or shards of uncompressed full-width chunks).
+    ``inner``: the inner chunk shape, where the direct writer can append
+    whole inner chunks to the target's shards.
     """
     token = target.run[len("aimss-sink-") :]
     finish_key = f"aimss-sink-finish-{token}"
@@ -84,6 +97,11 @@ def write_graph(
         )
     elif raw and aligned(x.chunks[1:], unit[1:]) and _one_host():
         graph, dep, keys, njobs, grid = _rows_graph(x, unit, target, token, groups)
+        graph[finish_key] = Task(
+            finish_key, finish_rows, target, njobs, grid, List(*(TaskRef(k) for k in keys))
+        )
+    elif inner is not None and aligned(x.chunks, inner) and _one_host():
+        graph, dep, keys, njobs, grid = _chunks_graph(x, unit, inner, target, token, groups)
         graph[finish_key] = Task(
             finish_key, finish_rows, target, njobs, grid, List(*(TaskRef(k) for k in keys))
         )
@@ -221,6 +239,63 @@ def _rows_graph(
         )
     grid = tuple(-(-s // u) for s, u in zip(x.shape, unit))
     return graph, x, list(graph), n, grid
+
+
+def _chunks_graph(
+    x: da.Array, unit: tuple[int, ...], inner: tuple[int, ...], target: ZarrTarget, token: str,
+    groups: list[list[tuple[int, ...]]] | None,
+) -> tuple[dict[Any, Any], Any, list[Any], int, tuple[int, ...]]:
+    """Blocks made of whole inner chunks of shards they do not fill: chunks appended in place.
+
+    Each block's inner chunks are encoded by the worker that holds the
+    block and appended to their shards' files
+    (:meth:`~aimss_dask.sink.direct._ShardWriter.append_chunks`), where a
+    push run would move the block's rows to the shard's owner first. A
+    task's chunks of one shard are one job (one append); the tasks return
+    where their chunks landed, and the last task writes each shard's index
+    from that before it gives the shards their keys (:func:`finish_rows`).
+
+    Returns what :func:`_rows_graph` returns.
+    """
+    bounds = [chunk_bounds(c).tolist() for c in x.chunks]
+    per_shard = tuple(u // c for u, c in zip(unit, inner))
+    graph: dict[Any, Any] = {}
+    n = 0
+    groups, ref = _inputs(x, groups)
+    for i, group in enumerate(groups):
+        by_shard: dict[tuple[int, ...], list[Any]] = {}
+        for j, idx in enumerate(group):
+            for scoords, icoords, src in _inner_chunks(idx, bounds, inner, per_shard):
+                by_shard.setdefault(scoords, []).append((j, src, icoords))
+        jobs = []
+        for scoords, chunks in by_shard.items():
+            jobs.append((n, scoords, chunks))
+            n += 1
+        key = (f"aimss-sink-chunks-{token}", i)
+        graph[key] = Task(key, _append_chunks, target, _Jobs(jobs), List(*(ref(idx) for idx in group)))
+    grid = tuple(-(-s // u) for s, u in zip(x.shape, unit))
+    return graph, x, list(graph), n, grid
+
+
+def _inner_chunks(
+    idx: tuple[int, ...], bounds: list[list[int]], inner: tuple[int, ...], per_shard: tuple[int, ...]
+) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[slice, ...]]]:
+    """Block ``idx``'s inner chunks: ``(shard coords, inner coords in the shard, slices of the block)``.
+
+    The block's edges are inner-chunk edges (the caller checked), so each
+    inner chunk it touches lies in it whole (as far as the array goes).
+    """
+    per_axis: list[list[tuple[int, int, slice]]] = []
+    for d, (b, c) in enumerate(zip(bounds, inner)):
+        s, e = b[idx[d]], b[idx[d] + 1]
+        per_axis.append([
+            (k // per_shard[d], k % per_shard[d], slice(k * c - s, min(e, (k + 1) * c) - s))
+            for k in range(s // c, -(-e // c))
+        ])
+    return [
+        (tuple(a[0] for a in combo), tuple(a[1] for a in combo), tuple(a[2] for a in combo))
+        for combo in itertools.product(*per_axis)
+    ]
 
 
 class _Jobs:
@@ -398,10 +473,52 @@ def _write_rows(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray], behin
     return str(worker.address)
 
 
+def _append_chunks(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray]) -> tuple[str, list[Any]]:
+    """Append each job's inner chunks to its shard's file, now; where they landed.
+
+    Now, on the task's thread, not behind: the entries are the task's
+    result, which is how the last task learns them (and a recomputed task's
+    result replaces the lost one's). Returns this worker's address and
+    ``(shard coords, entries)`` per job.
+    """
+    worker, plugin = _plugin()
+    token = target.run
+    out: list[Any] = []
+    for jid, scoords, chunks in jobs.jobs:
+        parts = [(icoords, blocks[j][src]) for j, src, icoords in chunks]
+
+        def job(put: Any, scoords: Any = scoords, parts: Any = parts) -> int:
+            if not hasattr(put, "append_chunks"):
+                raise SinkError(_NOT_SHARDS)
+            out.append((scoords, put.append_chunks(scoords, parts, token)))
+            return sum(int(p.nbytes) for _, p in parts)
+
+        if worker is None:  # a local scheduler
+            job(_units_writer(target))
+        else:
+            plugin.sink_writer.write_now(target, jid, job)
+    return ("local" if worker is None else str(worker.address)), out
+
+
+_NOT_SHARDS = (
+    "this worker cannot append the array's inner chunks to its shards, though the client "
+    "found it could (different Zarr versions on client and workers?)"
+)
+
 _NOT_RAW = (
     "this worker cannot write the array's chunks uncompressed in place, though the client "
     "found it could (different Zarr versions on client and workers?)"
 )
+
+
+def _units_writer(target: ZarrTarget) -> Any:
+    """The target's shard writer that appends whole inner chunks."""
+    from aimss_dask.sink.direct import shard_appender
+
+    writer = shard_appender(target.open())
+    if writer is None:
+        raise SinkError(_NOT_SHARDS)
+    return writer
 
 
 def _rows_writer(target: ZarrTarget) -> Any:
@@ -510,20 +627,35 @@ def finish(target: ZarrTarget, expected: list[int], stream: str | None, written:
     return nbytes
 
 
-def finish_rows(target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: list[str]) -> int:
-    """The last task of a rows run: wait for every writer, then give every unit its key.
+def finish_rows(target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: list[Any]) -> int:
+    """The last task of a rows (or chunks) run: wait for every writer, then give every unit its key.
+
+    ``written`` is each task's result: its worker's address (rows), or the
+    address and where its chunks landed in which shards (chunks appended
+    in place), from which each shard's index is written first.
 
     Only when all ``njobs`` jobs are written does any unit of ``grid`` get
     its key, so a run whose writes fail changes no unit of the array; its
     partial files are removed.
     """
     expected = list(range(njobs))
-    addresses = set(written) - {"local"}
+    addresses: set[str] = set()
+    entries: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
+    for w in written:
+        if isinstance(w, str):
+            addresses.add(w)
+        else:
+            addresses.add(w[0])
+            for scoords, ents in w[1]:
+                entries.setdefault(tuple(scoords), []).extend(ents)
+    addresses.discard("local")
     done, nbytes, errors = _flush(target, addresses) if addresses else (list(expected), 0, [])
     writer = None
     try:
-        writer = _rows_writer(target)
+        writer = _units_writer(target) if entries else _rows_writer(target)
         _raise_for(target, errors, expected, done, "No chunk of the array was changed")
+        if entries:
+            writer.close_shards(entries, target.run)
         writer.commit(list(np.ndindex(*grid)), target.run)
     except Exception:
         if writer is not None:

@@ -30,7 +30,7 @@ from aimss_dask.errors import (
     StoreReadOnlyError,
 )
 from aimss_dask.sink._array_run import abort, write_graph
-from aimss_dask.sink.direct import rows_writer
+from aimss_dask.sink.direct import rows_writer, shard_appender
 from aimss_dask.sink.writer import ZarrTarget
 
 
@@ -68,9 +68,10 @@ def to_zarr(
         ``x``'s shape and dtype, and its data outside ``x`` is kept.
     compute
         ``False`` returns a ``Delayed`` that does the writing when computed.
-        If a run into uncompressed chunks fails (a block's computation
-        raised), ``compute=True`` removes the partial chunk files it wrote;
-        after a failed ``compute=False`` run, files ending in
+        If a run that writes in place fails (a block's computation raised;
+        uncompressed chunks, or shards whose blocks hold whole inner
+        chunks), ``compute=True`` removes the partial files it wrote; after
+        a failed ``compute=False`` run, files ending in
         ``.aimss-sink-<run>.partial`` may remain next to the chunks. Zarr
         never reads them; delete them at will.
     storage_options
@@ -110,7 +111,11 @@ def to_zarr(
     unit = tuple(arr.shards or arr.chunks) if zarr_format == 3 else tuple(arr.chunks)
     run = f"aimss-sink-{uuid.uuid4().hex[:16]}"
     target = ZarrTarget(store, path, zarr_format, run, storage_options or None)
-    hlg, finish_key = write_graph(x, unit, target, raw=rows_writer(arr) is not None)
+    appender = shard_appender(arr)
+    hlg, finish_key = write_graph(
+        x, unit, target, raw=rows_writer(arr) is not None,
+        inner=appender.inner if appender is not None else None,
+    )
     out = Delayed(finish_key, hlg)
     if compute:
         try:

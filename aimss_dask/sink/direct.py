@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from aimss_dask.sink.assembler import RowSlabs, joined
+from aimss_dask.sink.zstd_into import Arena, arena, zstd_into
 
 #: What a region is written from: an array, or a unit's row slabs.
 Data = np.ndarray | RowSlabs
@@ -39,8 +40,10 @@ Put = Callable[[tuple[slice, ...], Data], int]
 
 MAX_UINT_64 = np.uint64(2**64 - 1)
 
-#: A chunk's parts (in C order) to the buffers that store it.
-Encoder = Callable[[list[np.ndarray]], list[Any]]
+#: A chunk's parts (in C order) to the buffers that store it. Buffers may
+#: live in the arena: valid until its next ``reset``, so each unit's writer
+#: resets the thread's arena before it encodes and writes before the next.
+Encoder = Callable[[list[np.ndarray], Arena], list[Any]]
 
 
 def direct_writer(array: Any) -> Put | None:
@@ -110,17 +113,20 @@ def _compressor_v2(compressor: Any) -> Encoder | None:
     return None
 
 
-def _raw(parts: list[np.ndarray]) -> list[Any]:
+def _raw(parts: list[np.ndarray], into: Arena | None = None) -> list[Any]:
     # Uncompressed: the chunk's bytes are its parts' bytes in order, so the
     # parts are written as they are (no concatenation copy).
     return [memoryview(np.ascontiguousarray(p)).cast("B") for p in parts]
 
 
 def _zstd(level: int, checksum: bool) -> Encoder:
+    into = zstd_into(level, checksum)
+    if into is not None:  # the same frames, into reused memory
+        return into
     from numcodecs import Zstd
 
     codec = Zstd(level=level, checksum=checksum)
-    return lambda parts: [codec.encode(np.ascontiguousarray(joined(parts)))]
+    return lambda parts, _: [codec.encode(np.ascontiguousarray(joined(parts)))]
 
 
 def _parent(path: str, made: set[str]) -> None:
@@ -193,6 +199,15 @@ def rows_writer(array: Any) -> _RowsInPlace | None:
     """
     w = direct_writer(array)
     return w if isinstance(w, _RowsInPlace) and w.raw else None
+
+
+def shard_appender(array: Any) -> _ShardWriter | None:
+    """The writer that appends whole inner chunks of ``array``'s shards (:meth:`_ShardWriter.append_chunks`), or None.
+
+    Any codecs the direct writer supports, compressed or not.
+    """
+    w = direct_writer(array)
+    return w if isinstance(w, _ShardWriter) else None
 
 
 def remove_partials(array: Any, token: str) -> int:
@@ -390,7 +405,9 @@ class _ChunkWriter(_RowsInPlace):
             if any(i * c + (sl.stop - sl.start) < min((i + 1) * c, n)
                    for i, c, sl, n in zip(coords, self.chunks, sel, self.shape)):
                 raise ValueError(f"region {region} holds only part of chunk {coords}")
-            parts = self.encode(_chunk(data, sel, self.chunks, self.fill))
+            into = arena()
+            into.reset()
+            parts = self.encode(_chunk(data, sel, self.chunks, self.fill), into)
             _put(os.path.join(self.root, self.key(coords)), parts, self.made)
             written += _nbytes(sel, self.dtype)
         return written
@@ -429,11 +446,15 @@ class _ShardWriter(_RowsInPlace):
             return ext, self.index_size, stored * self.inner[0], index_bytes, None
         return ext, 0, stored * self.inner[0], None, index_bytes
 
-    def _index_bytes(self, index: np.ndarray) -> bytes:
-        """The shard's index as stored: offsets past the index itself when it comes first, then its CRC32C."""
+    def _index_bytes(self, index: np.ndarray, absolute: bool = False) -> bytes:
+        """The shard's index as stored, then its CRC32C.
+
+        Offsets are of the chunks' bytes; when the index comes first they are
+        moved past it, unless they are ``absolute`` (file offsets already).
+        """
         import google_crc32c
 
-        if self.at_start:
+        if self.at_start and not absolute:
             used = index[..., 0] != MAX_UINT_64
             index[..., 0][used] += np.uint64(self.index_size)
         raw = index.tobytes()
@@ -454,6 +475,8 @@ class _ShardWriter(_RowsInPlace):
             pieces: list[Any] = []
             index = np.full((*self.per_shard, 2), MAX_UINT_64, dtype="<u8")
             offset = 0
+            into = arena()
+            into.reset()
             for icoords in itertools.product(*(range(n) for n in self.per_shard)):
                 lo = [o + j * c for o, j, c in zip(origin, icoords, self.inner)]
                 absolute = [s + l for s, l in zip(starts, lo)]
@@ -462,7 +485,7 @@ class _ShardWriter(_RowsInPlace):
                 sel = tuple(slice(l, min(l + c, n - s)) for l, c, n, s in zip(lo, self.inner, self.shape, starts))
                 if any(sl.stop > r.stop - s for sl, r, s in zip(sel, region, starts)):
                     raise ValueError(f"region {region} holds only part of shard {scoords}")
-                enc = self.encode(_chunk(data, sel, self.inner, self.fill))
+                enc = self.encode(_chunk(data, sel, self.inner, self.fill), into)
                 nbytes = sum(memoryview(e).nbytes for e in enc)
                 index[icoords] = (offset, nbytes)
                 pieces.extend(enc)
@@ -474,3 +497,125 @@ class _ShardWriter(_RowsInPlace):
             parts = [index_bytes, *pieces] if self.at_start else [*pieces, index_bytes]
             _put(os.path.join(self.root, self.key(scoords)), parts, self.made)
         return written
+
+    def append_chunks(
+        self, scoords: tuple[int, ...], chunks: list[tuple[tuple[int, ...], np.ndarray]], token: str
+    ) -> list[tuple[int, int, int]]:
+        """Encode whole inner chunks of shard ``scoords`` and append them to the run's partial file of it.
+
+        Each chunk is ``(inner coords in the shard, data)``, ``data`` as far
+        as the array goes (padded here with the fill value). A compressed
+        chunk's size is known only once it is encoded, so writers that fill
+        one shard cannot agree on offsets ahead; instead each appends its
+        chunks with one ``O_APPEND`` write, which POSIX makes atomic against
+        the other writers of the file (processes of one host), and learns
+        where they landed. No byte moves between workers and none is read
+        back. The index is written last, from every writer's entries
+        (:meth:`close_shards`); until :meth:`commit` the file keeps its
+        partial name. A recomputed task appends its chunks again: the
+        earlier copy is never indexed, so it costs space, not correctness.
+
+        Returns ``(flat inner index, file offset, nbytes)`` per chunk.
+
+        >>> w.append_chunks((2, 0), [((0, 0), a[8192:8448]), ((1, 0), a[8448:8704])], run)  # doctest: +SKIP
+        [(0, 0, 1986512), (1, 1986512, 1986871)]
+        """
+        bufs: list[Any] = []
+        sizes: list[tuple[int, int]] = []
+        into = arena()
+        into.reset()
+        for icoords, data in chunks:
+            if any(not 0 <= i < n for i, n in zip(icoords, self.per_shard)) or len(icoords) != len(self.per_shard):
+                raise ValueError(f"inner chunk {icoords} is not in a shard of {self.per_shard} chunks")
+            start = [s * u + i * c for s, u, i, c in zip(scoords, self.shards, icoords, self.inner)]
+            ext = tuple(min(c, n - a) for c, n, a in zip(self.inner, self.shape, start))
+            data = np.asarray(data, dtype=self.dtype)
+            if data.shape != ext or min(ext) <= 0:
+                raise ValueError(
+                    f"inner chunk {icoords} of shard {scoords} (extent {ext}) cannot hold data of shape {data.shape}"
+                )
+            whole = tuple(slice(0, n) for n in ext)
+            enc = [memoryview(e).cast("B") for e in self.encode(_chunk(data, whole, self.inner, self.fill), into)]
+            sizes.append((int(np.ravel_multi_index(icoords, self.per_shard)), sum(e.nbytes for e in enc)))
+            bufs.extend(enc)
+        if not sizes:
+            return []
+        total = sum(n for _, n in sizes)
+        if len(bufs) > _IOV_MAX:  # one write, or another writer's chunks could land in between
+            bufs = [b"".join(bufs)]
+        path = os.path.join(self.root, self.key(scoords))
+        _parent(path, self.made)
+        partial = _partial(path, token)
+        if self.at_start:
+            self._reserve_index(path, token)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+        try:
+            n = os.writev(fd, bufs)
+            if n != total:  # a full disk: the run fails, nothing is committed
+                raise OSError(f"appending {total} bytes to {partial!r} wrote {n}")
+            # This descriptor's own position: the end of this write, whatever
+            # the other writers of the file appended since.
+            offset = os.lseek(fd, 0, os.SEEK_CUR) - total
+        finally:
+            os.close(fd)
+        out = []
+        for flat, nbytes in sizes:
+            out.append((flat, offset, nbytes))
+            offset += nbytes
+        return out
+
+    def _reserve_index(self, path: str, token: str) -> None:
+        """Make the run's partial file of a shard whose index comes first: room for the index, then appends.
+
+        Made whole under a private name and linked into place, so no writer
+        ever appends to a file whose room is not there yet.
+        """
+        partial = _partial(path, token)
+        if os.path.exists(partial):
+            return
+        tmp = _partial(f"{path}.{_TMP_PREFIX}-{os.getpid()}-{next(_tmp_count)}", token)
+        with open(tmp, "wb") as f:
+            f.write(bytes(self.index_size))
+        try:
+            os.link(tmp, partial)
+        except FileExistsError:
+            pass  # another writer made it first
+        finally:
+            os.unlink(tmp)
+
+    def close_shards(self, entries: dict[tuple[int, ...], list[tuple[int, int, int]]], token: str) -> None:
+        """Write the index of each shard whose chunks were appended (:meth:`append_chunks`).
+
+        ``entries`` holds every writer's entries of each shard; every inner
+        chunk that reaches into the array must be there exactly once. Call
+        once every append is done: an index at the end is appended after
+        the last chunk.
+        """
+        for scoords, ents in entries.items():
+            index = np.full((*self.per_shard, 2), MAX_UINT_64, dtype="<u8")
+            flat = index.reshape(-1, 2)
+            for i, offset, nbytes in ents:
+                if flat[i, 0] != MAX_UINT_64:
+                    raise ValueError(f"inner chunk {i} of shard {scoords} was appended twice in one run")
+                flat[i] = (offset, nbytes)
+            if (flat[:, 0] != MAX_UINT_64).sum() != self._stored(scoords):
+                raise ValueError(
+                    f"shard {scoords} got {len(ents)} of its {self._stored(scoords)} inner chunks; this is a bug"
+                )
+            data = self._index_bytes(index, absolute=True)
+            partial = _partial(os.path.join(self.root, self.key(scoords)), token)
+            if self.at_start:
+                fd = os.open(partial, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    _pwrite_all(fd, [memoryview(data)], 0)
+                finally:
+                    os.close(fd)
+            else:
+                with open(partial, "ab") as f:
+                    f.write(data)
+
+    def _stored(self, scoords: tuple[int, ...]) -> int:
+        """How many inner chunks of shard ``scoords`` reach into the array (are stored)."""
+        return math.prod(
+            -(-min(u, n - s * u) // c) for s, u, c, n in zip(scoords, self.shards, self.inner, self.shape)
+        )
