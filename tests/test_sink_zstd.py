@@ -130,3 +130,21 @@ def test_a_zstd_error_is_raised_not_written():
     })()
     with pytest.raises(RuntimeError, match="zstd: .*too small"):
         monkey([np.ones(1000)], a)
+
+
+def test_row_parts_are_joined_in_the_arena():
+    """A chunk made of several row parts (a push run's pieces) compresses to
+    the frame of the joined chunk, and the join takes no fresh buffer."""
+    rng = np.random.default_rng(7)
+    x = rng.random((1024, 33))
+    parts = [x[:100], x[100:101], x[101:1000], x[1000:]]
+    enc = zi.zstd_into(0, False)
+    a = zi.Arena()
+    a.take(10 * x.nbytes)  # room enough: the join and the frame come from here
+    a.reset()
+    before = a._buf.ctypes.data
+    [frame] = enc(parts, a)
+    assert bytes(frame) == Zstd().encode(x)
+    assert a._buf.ctypes.data == before  # not outgrown: the join and the frame are in it
+    at = np.frombuffer(frame, dtype=np.uint8).ctypes.data
+    assert before + x.nbytes <= at < before + a._buf.nbytes  # the frame follows the join

@@ -120,7 +120,7 @@ class ZstdInto:
         return ctx
 
     def __call__(self, parts: list[np.ndarray], into: Arena) -> list[memoryview]:
-        src = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        src = _joined(parts, into)
         lib = self._lib
         bound = int(lib.ZSTD_compressBound(src.nbytes))
         out = into.take(bound)
@@ -128,6 +128,17 @@ class ZstdInto:
         _check(lib, n)
         into.untake(bound - n)
         return [memoryview(out[:n])]
+
+
+def _joined(parts: list[np.ndarray], into: Arena) -> np.ndarray:
+    """A chunk's row parts as one C-contiguous array; joined in the arena, not a fresh buffer."""
+    if len(parts) == 1:
+        return np.ascontiguousarray(parts[0])
+    first = parts[0]
+    shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+    out = into.take(int(np.prod(shape)) * first.dtype.itemsize).view(first.dtype).reshape(shape)
+    np.concatenate(parts, out=out)
+    return out
 
 
 def _check(lib: Any, code: int) -> None:
