@@ -359,3 +359,52 @@ def test_local_scheduler_without_a_cluster(tmp_path):
         x = da.arange(20, chunks=5)
         aimss_dask.to_zarr(x, str(tmp_path / "a.zarr"), chunks=(5,))
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"))[:], np.arange(20))
+
+
+def test_blocks_in_memory_make_one_task_per_worker_thread(client, tmp_path):
+    """A persisted array is written by one task per thread of each worker that
+    holds blocks, each task taking only blocks its worker holds."""
+    from aimss_dask.sink._array_run import _held_groups, _split
+
+    from distributed import wait
+
+    x = da.random.default_rng(2).random((40_000, 8), chunks=(1000, 8)).persist()
+    wait(x)
+    groups = _held_groups(x)
+    who = client.who_has(client.futures_of(x))
+    nthreads = client.nthreads()
+    holders = {next(iter(who[(x.name, *idx)])) for g in groups for idx in g}
+    assert len(groups) == sum(nthreads[w] for w in holders)
+    for g in groups:
+        assert len({next(iter(who[(x.name, *idx)])) for idx in g}) == 1
+    assert sorted(idx for g in groups for idx in g) == [(i, 0) for i in range(40)]
+    # Runs of about equal bytes, in order, never more than asked.
+    assert _split([((i,), 10) for i in range(10)], 3) == [[(0,), (1,), (2,), (3,)], [(4,), (5,), (6,)], [(7,), (8,), (9,)]]
+    assert _split([((0,), 5), ((1,), 100), ((2,), 5)], 2) == [[(0,), (1,)], [(2,)]]
+    assert _split([((0,), 1)], 4) == [[(0,)]]
+    path = str(tmp_path / "a.zarr")
+    delayed = aimss_dask.to_zarr(x, path, chunks=(1024, 8), compressors=None, compute=False)
+    assert len([k for k in delayed.dask if "aimss-sink-rows" in str(k)]) == len(groups)
+    delayed.compute()
+    np.testing.assert_array_equal(zarr.open_array(path)[:], x.compute())
+
+
+def test_jobs_table_gives_back_every_piece():
+    """A task's jobs packed into one table of integers come back as they went
+    in: ids in order, each job's pieces with their block, slices and place."""
+    import pickle
+
+    from aimss_dask.sink._array_run import _Jobs
+
+    by_unit = {
+        (3, 0): [(0, ((0, 0), (24, 64)), (1000, 1024)), (1, ((0, 0), (1000, 64)), (0, 1000))],
+        (4, 1): [(1, ((1000, 64), (1024, 128)), (0, 24))],
+    }
+    jobs, nxt = _Jobs.pack(by_unit, 7, 2, 2)
+    assert nxt == 9
+    back = list(pickle.loads(pickle.dumps(jobs)))
+    assert back == [
+        (7, (3, 0), [(0, (slice(0, 24), slice(0, 64)), (1000, 1024)), (1, (slice(0, 1000), slice(0, 64)), (0, 1000))]),
+        (8, (4, 1), [(1, (slice(1000, 1024), slice(64, 128)), (0, 24))]),
+    ]
+    assert list(_Jobs.pack({}, 0, 2, 2)[0]) == []

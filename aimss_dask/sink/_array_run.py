@@ -63,9 +63,6 @@ from aimss_dask.sink.writer import ZarrTarget
 
 logger = logging.getLogger("aimss_dask")
 
-#: Bytes of in-memory blocks one grouped task writes or pushes.
-GROUP_BYTES = 64 * 2**20
-
 
 def aligned(x_chunks: tuple[tuple[int, ...], ...], unit: tuple[int, ...]) -> bool:
     """Whether every block of ``x`` is a whole number of units (its edges are unit edges)."""
@@ -127,7 +124,11 @@ def _held_groups(x: da.Array) -> list[list[tuple[int, ...]]] | None:
     """Blocks already in the cluster's memory, grouped by the worker that holds them.
 
     ``None`` when ``x`` is not persisted (its blocks are yet to be computed).
-    Each group is at most :data:`GROUP_BYTES` of consecutive blocks.
+    A worker's blocks make one group per thread of it (consecutive blocks,
+    about equal bytes), so that every thread writes and Dask's cost per task
+    (about 3 ms here, plus a gap before the next) is paid a few times per
+    worker, not once per block or per 64 MiB (which cost 10% of an
+    uncompressed 2 GiB write).
     """
     try:
         from distributed import default_client
@@ -140,22 +141,36 @@ def _held_groups(x: da.Array) -> list[list[tuple[int, ...]]] | None:
     if not futures or {f.key for f in futures} != set(keys.values()):
         return None
     who = client.who_has(futures)
+    try:
+        info = client.scheduler_info()["workers"]
+    except Exception:
+        info = {}
     itemsize = x.dtype.itemsize
-    by_worker: dict[str, list[list[tuple[int, ...]]]] = {}
-    size: dict[str, int] = {}
+    held: dict[str, list[tuple[tuple[int, ...], int]]] = {}
     for idx, key in keys.items():
         holders = sorted(who.get(key, ()))
         if not holders:
             return None
-        w = holders[0]
         nbytes = math.prod(c[i] for c, i in zip(x.chunks, idx)) * itemsize
-        groups = by_worker.setdefault(w, [[]])
-        if groups[-1] and size.get(w, 0) + nbytes > GROUP_BYTES:
-            groups.append([])
-            size[w] = 0
-        groups[-1].append(idx)
-        size[w] = size.get(w, 0) + nbytes
-    return [g for gs in by_worker.values() for g in gs if g]
+        held.setdefault(holders[0], []).append((idx, nbytes))
+    groups: list[list[tuple[int, ...]]] = []
+    for w, blocks in held.items():
+        groups.extend(_split(blocks, int(info.get(w, {}).get("nthreads", 1) or 1)))
+    return groups
+
+
+def _split(blocks: list[tuple[tuple[int, ...], int]], k: int) -> list[list[tuple[int, ...]]]:
+    """``(block, nbytes)`` in order, cut into at most ``k`` runs of about equal bytes."""
+    total = sum(n for _, n in blocks)
+    out: list[list[tuple[int, ...]]] = [[]]
+    done = 0
+    for idx, n in blocks:
+        # Start the next run once this one has its share of the bytes.
+        if out[-1] and len(out) < k and done >= total * len(out) / k:
+            out.append([])
+        out[-1].append(idx)
+        done += n
+    return out
 
 
 def _aligned_graph(
@@ -229,14 +244,9 @@ def _rows_graph(
         for j, idx in enumerate(group):
             for coords, src, rows in _row_pieces(idx, bounds, unit):
                 by_chunk.setdefault(coords, []).append((j, src, rows))
-        jobs = []
-        for coords, pieces in by_chunk.items():
-            jobs.append((n, coords, pieces))
-            n += 1
+        jobs, n = _Jobs.pack(by_chunk, n, x.ndim, 2)
         key = (f"aimss-sink-rows-{token}", i)
-        graph[key] = Task(
-            key, _write_rows, target, _Jobs(jobs), List(*(ref(idx) for idx in group)), behind
-        )
+        graph[key] = Task(key, _write_rows, target, jobs, List(*(ref(idx) for idx in group)), behind)
     grid = tuple(-(-s // u) for s, u in zip(x.shape, unit))
     return graph, x, list(graph), n, grid
 
@@ -267,74 +277,117 @@ def _chunks_graph(
         for j, idx in enumerate(group):
             for scoords, icoords, src in _inner_chunks(idx, bounds, inner, per_shard):
                 by_shard.setdefault(scoords, []).append((j, src, icoords))
-        jobs = []
-        for scoords, chunks in by_shard.items():
-            jobs.append((n, scoords, chunks))
-            n += 1
+        jobs, n = _Jobs.pack(by_shard, n, x.ndim, x.ndim)
         key = (f"aimss-sink-chunks-{token}", i)
-        graph[key] = Task(key, _append_chunks, target, _Jobs(jobs), List(*(ref(idx) for idx in group)))
+        graph[key] = Task(key, _append_chunks, target, jobs, List(*(ref(idx) for idx in group)))
     grid = tuple(-(-s // u) for s, u in zip(x.shape, unit))
     return graph, x, list(graph), n, grid
 
 
 def _inner_chunks(
     idx: tuple[int, ...], bounds: list[list[int]], inner: tuple[int, ...], per_shard: tuple[int, ...]
-) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[slice, ...]]]:
-    """Block ``idx``'s inner chunks: ``(shard coords, inner coords in the shard, slices of the block)``.
+) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """Block ``idx``'s inner chunks: ``(shard coords, inner coords in the shard, (starts, stops) in the block)``.
 
     The block's edges are inner-chunk edges (the caller checked), so each
     inner chunk it touches lies in it whole (as far as the array goes).
     """
-    per_axis: list[list[tuple[int, int, slice]]] = []
+    per_axis: list[list[tuple[int, int, int, int]]] = []
     for d, (b, c) in enumerate(zip(bounds, inner)):
         s, e = b[idx[d]], b[idx[d] + 1]
         per_axis.append([
-            (k // per_shard[d], k % per_shard[d], slice(k * c - s, min(e, (k + 1) * c) - s))
+            (k // per_shard[d], k % per_shard[d], k * c - s, min(e, (k + 1) * c) - s)
             for k in range(s // c, -(-e // c))
         ])
     return [
-        (tuple(a[0] for a in combo), tuple(a[1] for a in combo), tuple(a[2] for a in combo))
+        (
+            tuple(a[0] for a in combo), tuple(a[1] for a in combo),
+            (tuple(a[2] for a in combo), tuple(a[3] for a in combo)),
+        )
         for combo in itertools.product(*per_axis)
     ]
 
 
 class _Jobs:
-    """A rows task's jobs, as one opaque argument.
+    """A task's write jobs, as one table of integers: one opaque argument, few objects.
 
-    The scheduler plugin looks inside every task's lists and tuples for
-    fused partition reads; a thousand pieces' tuples of slices made that
-    13 ms of scheduler time per run. There is nothing to find in here.
+    One row per piece: ``jid, j, *unit coords, *sub, *starts, *stops``, where
+    ``j`` is the block (of the task's blocks) the piece is cut from,
+    ``starts``/``stops`` where in the block, and ``sub`` where in the unit
+    (``(lo, hi)`` rows, or an inner chunk's coordinates). The rows of one job
+    follow each other.
+
+    Why a table: a thousand pieces as tuples of slices were ~6000 objects
+    kept by the client, the scheduler and each worker for the whole run
+    (every few runs they tipped a full garbage collection, 50-100 ms, into
+    the write), and the scheduler plugin's walk of every task's lists and
+    tuples for fused partition reads took 13 ms. There is nothing to find
+    in here.
     """
 
-    __slots__ = ("jobs",)
+    __slots__ = ("table", "ndim", "nsub")
 
-    def __init__(self, jobs: list[Any]) -> None:
-        self.jobs = jobs
+    def __init__(self, table: np.ndarray, ndim: int, nsub: int) -> None:
+        self.table, self.ndim, self.nsub = table, ndim, nsub
+
+    @classmethod
+    def pack(
+        cls, by_unit: dict[tuple[int, ...], list[Any]], first: int, ndim: int, nsub: int
+    ) -> tuple[_Jobs, int]:
+        """One job per unit of ``by_unit`` (``coords -> [(j, (starts, stops), sub)]``), ids from ``first``.
+
+        Returns the jobs and the next free id.
+        """
+        flat: list[int] = []
+        jid = first
+        for coords, pieces in by_unit.items():
+            for j, (starts, stops), sub in pieces:
+                flat += (jid, j, *coords, *sub, *starts, *stops)
+            jid += 1
+        width = 2 + 3 * ndim + nsub
+        return cls(np.array(flat, dtype=np.int64).reshape(-1, width), ndim, nsub), jid
+
+    def __iter__(self) -> Any:
+        """``(jid, unit coords, [(j, slices of the block, sub)])`` per job."""
+        nd, ns = self.ndim, self.nsub
+        rows = self.table.tolist()
+        k = 0
+        while k < len(rows):
+            jid = rows[k][0]
+            end = k
+            while end < len(rows) and rows[end][0] == jid:
+                end += 1
+            pieces = [
+                (r[1], tuple(map(slice, r[2 + nd + ns : 2 + 2 * nd + ns], r[2 + 2 * nd + ns :])), tuple(r[2 + nd : 2 + nd + ns]))
+                for r in rows[k:end]
+            ]
+            yield jid, tuple(rows[k][2 : 2 + nd]), pieces
+            k = end
 
     def __reduce__(self) -> Any:
-        return (_Jobs, (self.jobs,))
+        return (_Jobs, (self.table, self.ndim, self.nsub))
 
 
 def _row_pieces(
     idx: tuple[int, ...], bounds: list[list[int]], unit: tuple[int, ...]
-) -> list[tuple[tuple[int, ...], tuple[slice, ...], tuple[int, int]]]:
-    """Block ``idx``'s pieces: ``(unit coords, slices of the block, (lo, hi) rows of the unit)``.
+) -> list[tuple[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]], tuple[int, int]]]:
+    """Block ``idx``'s pieces: ``(unit coords, (starts, stops) in the block, (lo, hi) rows of the unit)``.
 
     The block's edges on every axis but the first are unit edges (the
     caller checked), so each piece spans its unit whole on those axes.
     Plain integer arithmetic: NumPy calls per block made planning a
     500-block run take 30 ms.
     """
-    per_axis: list[list[tuple[int, slice, Any]]] = []
+    per_axis: list[list[tuple[int, int, int, Any]]] = []
     for d, (b, u) in enumerate(zip(bounds, unit)):
         s, e = b[idx[d]], b[idx[d] + 1]
         cuts = []
         for k in range(s // u, -(-e // u)):
             lo, hi = max(s, k * u), min(e, (k + 1) * u)
-            cuts.append((k, slice(lo - s, hi - s), (lo - k * u, hi - k * u)))
+            cuts.append((k, lo - s, hi - s, (lo - k * u, hi - k * u)))
         per_axis.append(cuts)
     return [
-        (tuple(c[0] for c in combo), tuple(c[1] for c in combo), combo[0][2])
+        (tuple(c[0] for c in combo), (tuple(c[1] for c in combo), tuple(c[2] for c in combo)), combo[0][3])
         for combo in itertools.product(*per_axis)
     ]
 
@@ -455,10 +508,10 @@ def _write_rows(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray], behin
     token = target.run
     if worker is None:  # a local scheduler: write now
         writer = _rows_writer(target)
-        for _, coords, pieces in jobs.jobs:
+        for _, coords, pieces in jobs:
             writer.write_rows(coords, [(rows, blocks[j][src]) for j, src, rows in pieces], token)
         return "local"
-    for jid, coords, pieces in jobs.jobs:
+    for jid, coords, pieces in jobs:
         parts = [(rows, blocks[j][src]) for j, src, rows in pieces]
 
         def job(put: Any, coords: Any = coords, parts: Any = parts) -> int:
@@ -484,7 +537,7 @@ def _append_chunks(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray]) ->
     worker, plugin = _plugin()
     token = target.run
     out: list[Any] = []
-    for jid, scoords, chunks in jobs.jobs:
+    for jid, scoords, chunks in jobs:
         parts = [(icoords, blocks[j][src]) for j, src, icoords in chunks]
 
         def job(put: Any, scoords: Any = scoords, parts: Any = parts) -> int:
