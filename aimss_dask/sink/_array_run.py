@@ -707,9 +707,13 @@ def finish_rows(target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: 
     try:
         writer = _units_writer(target) if entries else _rows_writer(target)
         _raise_for(target, errors, expected, done, "No chunk of the array was changed")
+        units = list(np.ndindex(*grid))
         if entries:
+            if len(entries) != len(units):  # every shard holds a chunk, so every one had an append
+                missing = sorted(set(units) - set(entries))[:5]
+                raise SinkError(f"to_zarr: no chunk of shards {missing} was written; this is a bug, please report it")
             writer.close_shards(entries, target.run)
-        writer.commit(list(np.ndindex(*grid)), target.run)
+        writer.commit(units, target.run)
     except Exception:
         if writer is not None:
             writer.discard(target.run)
