@@ -289,8 +289,8 @@ def test_worker_killed_mid_write_still_writes_everything(tmp_path):
 
 #: (blocks, to_zarr arguments) of a rows run and of a chunks run of a 1-d array.
 IN_PLACE = {
-    "rows": (1000, dict(chunks=(1024,), compressors=None)),
-    "chunks": (1024, dict(chunks=(256,), shards=(4096,))),
+    "rows": (1000, {"chunks": (1024,), "compressors": None}),
+    "chunks": (1024, {"chunks": (256,), "shards": (4096,)}),
 }
 
 
@@ -364,9 +364,9 @@ def test_local_scheduler_without_a_cluster(tmp_path):
 def test_blocks_in_memory_make_one_task_per_worker_thread(client, tmp_path):
     """A persisted array is written by one task per thread of each worker that
     holds blocks, each task taking only blocks its worker holds."""
-    from aimss_dask.sink._array_run import _held_groups, _split
-
     from distributed import wait
+
+    from aimss_dask.sink._array_run import _held_groups, _split
 
     x = da.random.default_rng(2).random((40_000, 8), chunks=(1000, 8)).persist()
     wait(x)

@@ -141,10 +141,7 @@ def _held_groups(x: da.Array) -> list[list[tuple[int, ...]]] | None:
     if not futures or {f.key for f in futures} != set(keys.values()):
         return None
     who = client.who_has(futures)
-    try:
-        info = client.scheduler_info()["workers"]
-    except Exception:
-        info = {}
+    info = client.scheduler_info().get("workers", {})
     itemsize = x.dtype.itemsize
     held: dict[str, list[tuple[tuple[int, ...], int]]] = {}
     for idx, key in keys.items():
@@ -325,7 +322,7 @@ class _Jobs:
     in here.
     """
 
-    __slots__ = ("table", "ndim", "nsub")
+    __slots__ = ("ndim", "nsub", "table")
 
     def __init__(self, table: np.ndarray, ndim: int, nsub: int) -> None:
         self.table, self.ndim, self.nsub = table, ndim, nsub
