@@ -63,11 +63,20 @@ def test_direct_writes_read_back_identical(tmp_path_factory, case):
     z = zarr.create_array(path, shape=shape, chunks=chunks, shards=shards, zarr_format=fmt, dtype=dtype, **kwargs)
     _write_units(z, x, shards or chunks, cuts)
     np.testing.assert_array_equal(zarr.open_array(path, mode="r")[...], x)
-    # The very files Zarr writes (zstd frames included: ours come from zstd_into).
+    # The very chunks Zarr writes (zstd frames included: ours come from
+    # zstd_into). In a shard Zarr lays chunks out in Morton order and we in C
+    # order, so shards are compared chunk by chunk through their indexes.
     ref = str(tmp_path_factory.mktemp("ref") / "a.zarr")
     with zarr.config.set({"array.write_empty_chunks": True}):
         zarr.create_array(ref, shape=shape, chunks=chunks, shards=shards, zarr_format=fmt, dtype=dtype, **kwargs)[...] = x
-    assert _chunk_files(path) == _chunk_files(ref)
+    ours, theirs = _chunk_files(path), _chunk_files(ref)
+    if shards is None:
+        assert ours == theirs
+    else:
+        size = direct_writer(z).index_size
+        assert set(ours) == set(theirs)
+        for name in ours:
+            assert _shard_chunks(ours[name], size, False) == _shard_chunks(theirs[name], size, False)
 
 
 def test_row_slabs_are_written_without_a_copy(tmp_path, monkeypatch):
@@ -437,6 +446,26 @@ def test_inner_chunks_appended_by_two_writers_read_back_identical(tmp_path_facto
     writers[0].commit(list(entries), "run1")
     assert not [k for k in _chunk_files(str(path)) if k.endswith(".partial")]
     np.testing.assert_array_equal(zarr.open_array(str(path), mode="r")[...], x)
+    # Every stored chunk is the very frame Zarr stores (edge padding included),
+    # though the chunks lie in the file in another order.
+    ref = base / "ref.zarr"
+    zarr.create_array(str(ref), **kwargs)
+    if at_start:
+        _shard_meta_index_at_start(ref)
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        zarr.open_array(str(ref), mode="r+")[...] = x
+    ours, theirs = _chunk_files(str(path)), _chunk_files(str(ref))
+    assert set(ours) == set(theirs)
+    size = writers[0].index_size
+    for name in ours:
+        assert _shard_chunks(ours[name], size, at_start) == _shard_chunks(theirs[name], size, at_start)
+
+
+def _shard_chunks(data, index_size, at_start):
+    """A shard file's chunks, by position in the shard, as stored (``None``: absent)."""
+    raw = data[:index_size] if at_start else data[-index_size:]
+    index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+    return [None if o == 2**64 - 1 else data[o : o + n] for o, n in index.tolist()]
 
 
 def _append_many(path, worker, n, barrier):
@@ -484,8 +513,15 @@ def test_an_incomplete_or_doubled_shard_is_refused_and_discarded(tmp_path):
     ents = w.append_chunks((0,), [((0,), x[0:2]), ((2,), x[4:6])], "bad")
     with pytest.raises(ValueError, match=r"shard \(0,\) got 2 of its 3 inner chunks"):
         w.close_shards({(0,): ents}, "bad")
+    again = w.append_chunks((0,), [((0,), x[0:2])], "bad")  # chunk 0 once more, elsewhere
     with pytest.raises(ValueError, match="appended twice"):
-        w.close_shards({(0,): ents + ents[:1]}, "bad")
+        w.close_shards({(0,): ents + again}, "bad")
+    # Entries that overlap (appends that were not atomic) or run past the file.
+    (i, off, nb), rest = ents[0], ents[1:]
+    with pytest.raises(ValueError, match="overlaps another.*not atomic"):
+        w.close_shards({(0,): [(i, off, nb), (1, off + 1, nb), *rest]}, "bad")
+    with pytest.raises(ValueError, match="file's end"):
+        w.close_shards({(0,): [(i, off, nb), (1, 10**6, nb), *rest]}, "bad")
     with pytest.raises(ValueError, match=r"inner chunk \(1,\) of shard \(1,\) \(extent \(2,\)\) cannot hold"):
         w.append_chunks((1,), [((1,), x[:1])], "bad")
     with pytest.raises(ValueError, match=r"inner chunk \(3,\) is not in a shard of \(3,\) chunks"):

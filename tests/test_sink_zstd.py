@@ -127,6 +127,7 @@ def test_a_zstd_error_is_raised_not_written():
         "ZSTD_createCCtx": enc._lib.ZSTD_createCCtx,
         "ZSTD_CCtx_setParameter": enc._lib.ZSTD_CCtx_setParameter,
         "ZSTD_freeCCtx": enc._lib.ZSTD_freeCCtx,
+        "ZSTD_sizeof_CCtx": enc._lib.ZSTD_sizeof_CCtx,
     })()
     with pytest.raises(RuntimeError, match="zstd: .*too small"):
         monkey([np.ones(1000)], a)
@@ -148,3 +149,19 @@ def test_row_parts_are_joined_in_the_arena():
     assert a._buf.ctypes.data == before  # not outgrown: the join and the frame are in it
     at = np.frombuffer(frame, dtype=np.uint8).ctypes.data
     assert before + x.nbytes <= at < before + a._buf.nbytes  # the frame follows the join
+
+
+def test_a_large_context_is_not_kept(monkeypatch):
+    """A context past the cap (high levels hold tens of MiB) is freed after
+    use; a small one is kept for the thread's next chunk."""
+    x = np.random.default_rng(3).random(100_000)
+    small = zi.zstd_into(0, False)
+    a = zi.Arena()
+    small([x], a)
+    kept = small._local.ctx
+    small([x], a)
+    assert small._local.ctx is kept
+    monkeypatch.setattr(zi, "KEEP_CONTEXT_BYTES", 1)
+    [frame] = small([x], a)
+    assert small._local.ctx is None
+    assert bytes(frame) == Zstd().encode(x)

@@ -100,7 +100,7 @@ def write_graph(
     elif inner is not None and aligned(x.chunks, inner) and _one_host():
         graph, dep, keys, njobs, grid = _chunks_graph(x, unit, inner, target, token, groups)
         graph[finish_key] = Task(
-            finish_key, finish_rows, target, njobs, grid, List(*(TaskRef(k) for k in keys))
+            finish_key, finish_rows, target, njobs, grid, List(*(TaskRef(k) for k in keys)), "chunks"
         )
     else:
         graph, dep, barrier, expected, name = _push_graph(x, unit, target, token, groups)
@@ -677,12 +677,17 @@ def finish(target: ZarrTarget, expected: list[int], stream: str | None, written:
     return nbytes
 
 
-def finish_rows(target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: list[Any]) -> int:
+def finish_rows(
+    target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: list[Any], kind: str = "rows"
+) -> int:
     """The last task of a rows (or chunks) run: wait for every writer, then give every unit its key.
 
-    ``written`` is each task's result: its worker's address (rows), or the
-    address and where its chunks landed in which shards (chunks appended
-    in place), from which each shard's index is written first.
+    ``written`` is each task's result: its worker's address (``kind``
+    "rows"), or the address and where its chunks landed in which shards
+    ("chunks": appended in place), from which each shard's index is written
+    first. Writes in place are safe on one host only (checked when the
+    graph was built); a run whose writers turn out to span hosts (a
+    cluster that grew) fails here instead of committing.
 
     Only when all ``njobs`` jobs are written does any unit of ``grid`` get
     its key, so a run whose writes fail changes no unit of the array; its
@@ -702,8 +707,15 @@ def finish_rows(target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: 
     done, nbytes, errors = _flush(target, addresses) if addresses else (list(expected), 0, [])
     writer = None
     try:
-        writer = _units_writer(target) if entries else _rows_writer(target)
+        writer = _units_writer(target) if kind == "chunks" else _rows_writer(target)
         _raise_for(target, errors, expected, done, "No chunk of the array was changed")
+        hosts = _hosts(addresses)
+        if len(hosts) > 1:
+            raise SinkError(
+                f"to_zarr into {target.store!r}: chunks were written in place from several hosts "
+                f"{sorted(hosts)}, which is safe on one host only (the cluster grew during the run). "
+                "No chunk of the array was changed; write again."
+            )
         units = list(np.ndindex(*grid))
         if entries:
             if len(entries) != len(units):  # every shard holds a chunk, so every one had an append
@@ -716,6 +728,12 @@ def finish_rows(target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: 
             writer.discard(target.run)
         raise
     return nbytes
+
+
+def _hosts(addresses: set[str]) -> set[str]:
+    from distributed.comm import get_address_host
+
+    return {get_address_host(a) for a in addresses}
 
 
 def abort(array: Any, target: ZarrTarget) -> None:

@@ -175,6 +175,9 @@ def _partial(path: str, token: str) -> str:
 #: Most buffers one ``pwritev`` takes (Linux: 1024).
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 
+#: Most bytes one append writes (Linux writes at most ~2 GiB per call).
+_APPEND_MAX = 2**30
+
 
 def _pwrite_all(fd: int, parts: list[memoryview], offset: int) -> None:
     """Write ``parts`` back to back from ``offset``, however short each ``pwritev`` falls."""
@@ -409,6 +412,8 @@ class _ChunkWriter(_RowsInPlace):
             into.reset()
             parts = self.encode(_chunk(data, sel, self.chunks, self.fill), into)
             _put(os.path.join(self.root, self.key(coords)), parts, self.made)
+            del parts
+            into.reset()  # written: a large arena goes now
             written += _nbytes(sel, self.dtype)
         return written
 
@@ -496,6 +501,8 @@ class _ShardWriter(_RowsInPlace):
             index_bytes = self._index_bytes(index)
             parts = [index_bytes, *pieces] if self.at_start else [*pieces, index_bytes]
             _put(os.path.join(self.root, self.key(scoords)), parts, self.made)
+            del parts, pieces
+            into.reset()  # written: a large arena goes now
         return written
 
     def append_chunks(
@@ -507,9 +514,10 @@ class _ShardWriter(_RowsInPlace):
         as the array goes (padded here with the fill value). A compressed
         chunk's size is known only once it is encoded, so writers that fill
         one shard cannot agree on offsets ahead; instead each appends its
-        chunks with one ``O_APPEND`` write, which POSIX makes atomic against
-        the other writers of the file (processes of one host), and learns
-        where they landed. No byte moves between workers and none is read
+        chunks with one ``O_APPEND`` write (more only past a ``writev``'s
+        limits, each of whole chunks), which POSIX makes atomic against the
+        other writers of the file (processes of one host), and learns where
+        they landed. No byte moves between workers and none is read
         back. The index is written last, from every writer's entries
         (:meth:`close_shards`); until :meth:`commit` the file keeps its
         partial name. A recomputed task appends its chunks again: the
@@ -520,8 +528,7 @@ class _ShardWriter(_RowsInPlace):
         >>> w.append_chunks((2, 0), [((0, 0), a[8192:8448]), ((1, 0), a[8448:8704])], run)  # doctest: +SKIP
         [(0, 0, 1986512), (1, 1986512, 1986871)]
         """
-        bufs: list[Any] = []
-        sizes: list[tuple[int, int]] = []
+        encoded: list[tuple[int, list[Any], int]] = []  # (flat index, buffers, nbytes) per chunk
         into = arena()
         into.reset()
         for icoords, data in chunks:
@@ -536,32 +543,50 @@ class _ShardWriter(_RowsInPlace):
                 )
             whole = tuple(slice(0, n) for n in ext)
             enc = [memoryview(e).cast("B") for e in self.encode(_chunk(data, whole, self.inner, self.fill), into)]
-            sizes.append((int(np.ravel_multi_index(icoords, self.per_shard)), sum(e.nbytes for e in enc)))
-            bufs.extend(enc)
-        if not sizes:
+            nbytes = sum(e.nbytes for e in enc)
+            if nbytes > _APPEND_MAX:
+                raise ValueError(
+                    f"inner chunk {icoords} of shard {scoords} is {nbytes} bytes encoded, more than one "
+                    f"append writes ({_APPEND_MAX}); use smaller inner chunks"
+                )
+            if len(enc) > _IOV_MAX:
+                enc = [memoryview(b"".join(enc))]
+            encoded.append((int(np.ravel_multi_index(icoords, self.per_shard)), enc, nbytes))
+        if not encoded:
             return []
-        total = sum(n for _, n in sizes)
-        if len(bufs) > _IOV_MAX:  # one write, or another writer's chunks could land in between
-            bufs = [b"".join(bufs)]
         path = os.path.join(self.root, self.key(scoords))
         _parent(path, self.made)
         partial = _partial(path, token)
         if self.at_start:
             self._reserve_index(path, token)
+        out: list[tuple[int, int, int]] = []
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
         try:
-            n = os.writev(fd, bufs)
-            if n != total:  # a full disk: the run fails, nothing is committed
-                raise OSError(f"appending {total} bytes to {partial!r} wrote {n}")
-            # This descriptor's own position: the end of this write, whatever
-            # the other writers of the file appended since.
-            offset = os.lseek(fd, 0, os.SEEK_CUR) - total
+            # Each append is whole chunks, so another writer's appends may
+            # fall between two of them but never inside a chunk. Batches stay
+            # within what one writev takes (buffers, and Linux's ~2 GiB).
+            k = 0
+            while k < len(encoded):
+                end, nbufs, total = k, 0, 0
+                while end < len(encoded) and (end == k or (
+                    nbufs + len(encoded[end][1]) <= _IOV_MAX and total + encoded[end][2] <= _APPEND_MAX
+                )):
+                    nbufs += len(encoded[end][1])
+                    total += encoded[end][2]
+                    end += 1
+                n = os.writev(fd, [b for _, bufs, _ in encoded[k:end] for b in bufs])
+                if n != total:  # a full disk: the run fails, nothing is committed
+                    raise OSError(f"appending {total} bytes to {partial!r} wrote {n}")
+                # This descriptor's own position: the end of this write,
+                # whatever the other writers of the file appended since.
+                offset = os.lseek(fd, 0, os.SEEK_CUR) - total
+                for flat, _, nbytes in encoded[k:end]:
+                    out.append((flat, offset, nbytes))
+                    offset += nbytes
+                k = end
         finally:
             os.close(fd)
-        out = []
-        for flat, nbytes in sizes:
-            out.append((flat, offset, nbytes))
-            offset += nbytes
+            into.reset()  # let a large arena go now, not at this thread's next unit
         return out
 
     def _reserve_index(self, path: str, token: str) -> None:
@@ -592,6 +617,8 @@ class _ShardWriter(_RowsInPlace):
         the last chunk.
         """
         for scoords, ents in entries.items():
+            partial = _partial(os.path.join(self.root, self.key(scoords)), token)
+            self._check_spans(scoords, ents, os.stat(partial).st_size)
             index = np.full((*self.per_shard, 2), MAX_UINT_64, dtype="<u8")
             flat = index.reshape(-1, 2)
             for i, offset, nbytes in ents:
@@ -603,7 +630,6 @@ class _ShardWriter(_RowsInPlace):
                     f"shard {scoords} got {len(ents)} of its {self._stored(scoords)} inner chunks; this is a bug"
                 )
             data = self._index_bytes(index, absolute=True)
-            partial = _partial(os.path.join(self.root, self.key(scoords)), token)
             if self.at_start:
                 fd = os.open(partial, os.O_WRONLY | os.O_CLOEXEC)
                 try:
@@ -613,6 +639,22 @@ class _ShardWriter(_RowsInPlace):
             else:
                 with open(partial, "ab") as f:
                     f.write(data)
+
+    def _check_spans(self, scoords: tuple[int, ...], ents: list[tuple[int, int, int]], size: int) -> None:
+        """Refuse chunks that overlap, reach past the file or into the index's room.
+
+        Appends are atomic on a local file system; where they are not (a
+        shared file system across hosts), chunks would overlap silently.
+        """
+        low = self.index_size if self.at_start else 0
+        end = low
+        for offset, nbytes in sorted((o, n) for _, o, n in ents):
+            if offset < end or offset + nbytes > size:
+                raise ValueError(
+                    f"shard {scoords}: a chunk at bytes [{offset}, {offset + nbytes}) overlaps another, "
+                    f"the index's room or the file's end ({size}); appends were not atomic"
+                )
+            end = offset + nbytes
 
     def _stored(self, scoords: tuple[int, ...]) -> int:
         """How many inner chunks of shard ``scoords`` reach into the array (are stored)."""

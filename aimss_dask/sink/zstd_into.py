@@ -34,9 +34,13 @@ logger = logging.getLogger("aimss_dask")
 _C_COMPRESSION_LEVEL = 100
 _C_CHECKSUM_FLAG = 201
 
-#: An arena larger than this is not kept once its unit is written: one huge
-#: shard must not pin its size in every writer thread for good.
+#: An arena larger than this is let go at its next reset (writers reset once
+#: a unit is written): one huge shard must not pin its size in every writer
+#: thread for good.
 KEEP_BYTES = 64 * 2**20
+
+#: A thread's compression context larger than this is freed after each use.
+KEEP_CONTEXT_BYTES = 16 * 2**20
 
 
 class Arena:
@@ -119,12 +123,20 @@ class ZstdInto:
             ctx = self._local.ctx = _Context(self._lib, self.level, self.checksum)
         return ctx
 
+    def _keep_or_free(self) -> None:
+        # High levels' contexts hold tens of MiB (81 MiB at level 19 for
+        # 8 MiB chunks) that Dask does not see: keep only a small one.
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is not None and self._lib.ZSTD_sizeof_CCtx(ctx.ptr) > KEEP_CONTEXT_BYTES:
+            self._local.ctx = None
+
     def __call__(self, parts: list[np.ndarray], into: Arena) -> list[memoryview]:
         src = _joined(parts, into)
         lib = self._lib
         bound = int(lib.ZSTD_compressBound(src.nbytes))
         out = into.take(bound)
         n = lib.ZSTD_compress2(self._ctx().ptr, out.ctypes.data, bound, src.ctypes.data, src.nbytes)
+        self._keep_or_free()
         _check(lib, n)
         into.untake(bound - n)
         return [memoryview(out[:n])]
@@ -163,6 +175,8 @@ def _load() -> Any:
     lib.ZSTD_compress2.argtypes = [p, p, size_t, p, size_t]
     lib.ZSTD_isError.restype = ctypes.c_uint
     lib.ZSTD_isError.argtypes = [size_t]
+    lib.ZSTD_sizeof_CCtx.restype = size_t
+    lib.ZSTD_sizeof_CCtx.argtypes = [p]
     lib.ZSTD_getErrorName.restype = ctypes.c_char_p
     lib.ZSTD_getErrorName.argtypes = [size_t]
     return lib
