@@ -442,8 +442,8 @@ def test_inner_chunks_appended_by_two_writers_read_back_identical(tmp_path_facto
         got = writers[w].append_chunks(scoords, chunks, "run1")
         assert sorted(e[0] for e in got) == sorted(int(np.ravel_multi_index(i, per_shard)) for i, _ in chunks)
         entries.setdefault(scoords, []).extend(got)
-    writers[1].close_shards(entries, "run1")
-    writers[0].commit(list(entries), "run1")
+    sealed = writers[1].close_shards(entries, "run1")
+    writers[0].commit(list(entries), sealed)
     assert not [k for k in _chunk_files(str(path)) if k.endswith(".partial")]
     np.testing.assert_array_equal(zarr.open_array(str(path), mode="r")[...], x)
     # Every stored chunk is the very frame Zarr stores (edge padding included),
@@ -497,8 +497,7 @@ def test_appends_from_two_processes_never_interleave(tmp_path):
     spans = sorted((off, off + nb) for _, off, nb in entries)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two chunks overlap
     w = direct_writer(zarr.open_array(path, mode="r+"))
-    w.close_shards({(0, 0): entries}, "mp")
-    w.commit([(0, 0)], "mp")
+    w.commit([(0, 0)], w.close_shards({(0, 0): entries}, "mp"))
     want = np.arange(2 * n * 16, dtype="f8").reshape(-1, 4)
     np.testing.assert_array_equal(zarr.open_array(path)[...], want)
 
@@ -543,6 +542,27 @@ def test_a_shard_with_its_index_first_is_reserved_once(tmp_path, monkeypatch):
     assert min(off for _, off, _ in ents) == ws[0].index_size
     ents += ws[1].append_chunks((0,), [((i,), x[2 * i:2 * i + 2]) for i in (3, 1, 2, 4)], "r")
     assert sorted(os.listdir(path / "c")) == ["0.r.partial"]
-    ws[0].close_shards({(0,): ents}, "r")
-    ws[0].commit([(0,)], "r")
+    ws[0].commit([(0,)], ws[0].close_shards({(0,): ents}, "r"))
     np.testing.assert_array_equal(zarr.open_array(str(path))[...], x)
+
+
+@pytest.mark.parametrize("at_start", [False, True])
+def test_a_late_append_never_reaches_a_sealed_shard(tmp_path, at_start):
+    """A writer Dask gave up on appends after the shard was sealed: its bytes
+    go to a new partial file that is never committed, the shard stays
+    readable, and discard removes the stray."""
+    path = tmp_path / "a.zarr"
+    zarr.create_array(str(path), shape=(8,), chunks=(2,), shards=(8,), dtype="i4")
+    if at_start:
+        _shard_meta_index_at_start(path)
+    w = direct_writer(zarr.open_array(str(path), mode="r+"))
+    x = np.arange(8, dtype="i4")
+    ents = w.append_chunks((0,), [((i,), x[2 * i : 2 * i + 2]) for i in range(4)], "r")
+    ents += w.append_chunks((0,), [((0,), x[:2])], "r")[:0]  # a recomputed task's dead copy
+    sealed = w.close_shards({(0,): ents}, "r")
+    w.append_chunks((0,), [((1,), np.full(2, -9, "i4"))], "r")  # too late
+    w.commit([(0,)], sealed)
+    np.testing.assert_array_equal(zarr.open_array(str(path))[...], x)
+    assert sorted(os.listdir(path / "c")) == ["0", "0.r.partial"]
+    assert w.discard("r") == 1
+    assert sorted(os.listdir(path / "c")) == ["0"]

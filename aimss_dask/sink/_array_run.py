@@ -721,8 +721,11 @@ def finish_rows(
             if len(entries) != len(units):  # every shard holds a chunk, so every one had an append
                 missing = sorted(set(units) - set(entries))[:5]
                 raise SinkError(f"to_zarr: no chunk of shards {missing} was written; this is a bug, please report it")
-            writer.close_shards(entries, target.run)
-        writer.commit(units, target.run)
+            sealed = writer.close_shards(entries, target.run)
+            writer.commit(units, sealed)
+            writer.discard(target.run)  # partial files of late appends, if any: never committed
+        else:
+            writer.commit(units, target.run)
     except Exception:
         if writer is not None:
             writer.discard(target.run)

@@ -175,6 +175,9 @@ def _partial(path: str, token: str) -> str:
 #: Most buffers one ``pwritev`` takes (Linux: 1024).
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 
+#: Marks the partial files of shards whose index is being written (:meth:`_ShardWriter.close_shards`).
+_SEALED = "-sealed"
+
 #: Most bytes one append writes (Linux writes at most ~2 GiB per call).
 _APPEND_MAX = 2**30
 
@@ -354,11 +357,11 @@ class _RowsInPlace:
 
         Returns how many were removed.
         """
-        suffix = _partial("", token)
+        suffixes = (_partial("", token), _partial("", f"{token}{_SEALED}"))
         n = 0
         for root, _, files in os.walk(self.root):
             for f in files:
-                if f.endswith(suffix):
+                if f.endswith(suffixes):
                     try:
                         os.unlink(os.path.join(root, f))
                         n += 1
@@ -608,17 +611,20 @@ class _ShardWriter(_RowsInPlace):
         finally:
             os.unlink(tmp)
 
-    def close_shards(self, entries: dict[tuple[int, ...], list[tuple[int, int, int]]], token: str) -> None:
-        """Write the index of each shard whose chunks were appended (:meth:`append_chunks`).
+    def close_shards(self, entries: dict[tuple[int, ...], list[tuple[int, int, int]]], token: str) -> str:
+        """Seal each shard whose chunks were appended (:meth:`append_chunks`) and write its index.
 
         ``entries`` holds every writer's entries of each shard; every inner
         chunk that reaches into the array must be there exactly once. Call
-        once every append is done: an index at the end is appended after
-        the last chunk.
+        once every append is done. Each partial file is first renamed to a
+        sealed name, so that a late append (from a task Dask gave up on and
+        ran again elsewhere) makes a new partial file, never committed,
+        instead of landing after the index. The index goes right after the
+        last indexed chunk (or in the room at the start) and the file is cut
+        there. Returns the token to :meth:`commit` the sealed files with.
         """
+        sealed_token = f"{token}{_SEALED}"
         for scoords, ents in entries.items():
-            partial = _partial(os.path.join(self.root, self.key(scoords)), token)
-            self._check_spans(scoords, ents, os.stat(partial).st_size)
             index = np.full((*self.per_shard, 2), MAX_UINT_64, dtype="<u8")
             flat = index.reshape(-1, 2)
             for i, offset, nbytes in ents:
@@ -630,15 +636,23 @@ class _ShardWriter(_RowsInPlace):
                     f"shard {scoords} got {len(ents)} of its {self._stored(scoords)} inner chunks; this is a bug"
                 )
             data = self._index_bytes(index, absolute=True)
-            if self.at_start:
-                fd = os.open(partial, os.O_WRONLY | os.O_CLOEXEC)
-                try:
+            path = os.path.join(self.root, self.key(scoords))
+            sealed = _partial(path, sealed_token)
+            if not os.path.exists(sealed):  # else sealed by an earlier attempt: never replace it
+                os.replace(_partial(path, token), sealed)
+            fd = os.open(sealed, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                self._check_spans(scoords, ents, os.fstat(fd).st_size)
+                end = max(o + n for _, o, n in ents)
+                if self.at_start:
                     _pwrite_all(fd, [memoryview(data)], 0)
-                finally:
-                    os.close(fd)
-            else:
-                with open(partial, "ab") as f:
-                    f.write(data)
+                    os.ftruncate(fd, end)
+                else:
+                    _pwrite_all(fd, [memoryview(data)], end)
+                    os.ftruncate(fd, end + len(data))
+            finally:
+                os.close(fd)
+        return sealed_token
 
     def _check_spans(self, scoords: tuple[int, ...], ents: list[tuple[int, int, int]], size: int) -> None:
         """Refuse chunks that overlap, reach past the file or into the index's room.
