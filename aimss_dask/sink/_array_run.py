@@ -92,15 +92,10 @@ def write_graph(
         graph[finish_key] = Task(
             finish_key, finish, target, expected, None, List(*(TaskRef(k) for k in keys))
         )
-    elif raw and aligned(x.chunks[1:], unit[1:]) and _one_host():
-        graph, dep, keys, njobs, grid = _rows_graph(x, unit, target, token, groups)
+    elif (kind := _in_place_kind(x, unit, raw, inner)) is not None and _one_host():
+        graph, dep, keys, njobs, grid = _in_place_graph(x, unit, inner, kind, target, token, groups)
         graph[finish_key] = Task(
-            finish_key, finish_rows, target, njobs, grid, List(*(TaskRef(k) for k in keys))
-        )
-    elif inner is not None and aligned(x.chunks, inner) and _one_host():
-        graph, dep, keys, njobs, grid = _chunks_graph(x, unit, inner, target, token, groups)
-        graph[finish_key] = Task(
-            finish_key, finish_rows, target, njobs, grid, List(*(TaskRef(k) for k in keys)), "chunks"
+            finish_key, finish_rows, target, njobs, grid, List(*(TaskRef(k) for k in keys)), kind
         )
     else:
         graph, dep, barrier, expected, name = _push_graph(x, unit, target, token, groups)
@@ -212,71 +207,75 @@ def _one_host() -> bool:
     return len({w.get("host") for w in workers.values()}) <= 1
 
 
-def _rows_graph(
-    x: da.Array, unit: tuple[int, ...], target: ZarrTarget, token: str,
-    groups: list[list[tuple[int, ...]]] | None,
-) -> tuple[dict[Any, Any], Any, list[Any], int, tuple[int, ...]]:
-    """Blocks cut along the first axis only, into uncompressed units: rows written in place.
+def _in_place_kind(
+    x: da.Array, unit: tuple[int, ...], raw: bool, inner: tuple[int, ...] | None
+) -> str | None:
+    """How ``x``'s blocks can be written in place: ``"rows"``, ``"chunks"``, or None.
 
-    Each piece of a block (the rows it gives one unit) is one byte range of
-    that unit's file, so the worker holding the block writes it there
-    itself (:meth:`~aimss_dask.sink.direct._RowsInPlace.write_rows`): no
-    row crosses workers, which is all a push run would move. A task's
-    pieces of one unit are one write job (one ``open``, adjacent rows in one
-    ``pwritev``). The units get their Zarr keys at the end
-    (:func:`finish_rows`), once every writer has written every piece.
+    ``"rows"``: blocks cut along the first axis only, into units whose rows
+    can be written in place (``raw``). ``"chunks"``: blocks made of whole
+    inner chunks (of shape ``inner``) of the shards.
+    """
+    if raw and aligned(x.chunks[1:], unit[1:]):
+        return "rows"
+    if inner is not None and aligned(x.chunks, inner):
+        return "chunks"
+    return None
+
+
+def _in_place_graph(
+    x: da.Array, unit: tuple[int, ...], inner: tuple[int, ...] | None, kind: str,
+    target: ZarrTarget, token: str, groups: list[list[tuple[int, ...]]] | None,
+) -> tuple[dict[Any, Any], Any, list[Any], int, tuple[int, ...]]:
+    """Blocks written in place where they are held: nothing moves between workers.
+
+    ``"rows"``: each piece of a block (the rows it gives one unit) is one
+    byte range of that unit's file, so the worker holding the block writes
+    it there itself (:meth:`~aimss_dask.sink.direct._RowsInPlace.write_rows`);
+    a task's pieces of one unit are one write job (one ``open``, adjacent
+    rows in one ``pwritev``).
+
+    ``"chunks"``: each block's inner chunks are encoded by the worker that
+    holds the block and appended to their shards' files
+    (:meth:`~aimss_dask.sink.direct._ShardWriter.append_chunks`); a task's
+    chunks of one shard are one job (one append), and the tasks return where
+    their chunks landed, from which the last task writes each shard's index.
+
+    Either way the units get their Zarr keys at the end
+    (:func:`finish_rows`), once every writer has written every piece; a push
+    run would have moved the blocks' rows to each unit's owner first.
 
     Returns the graph, its dependency, the write tasks' keys, the number of
     jobs (their ids are ``range(n)``) and the grid of units.
     """
     bounds = [chunk_bounds(c).tolist() for c in x.chunks]
-    graph: dict[Any, Any] = {}
-    n = 0
-    # Blocks yet to be computed: write behind, overlapping the next block's
-    # computation. Blocks in memory: write now, there is nothing to overlap.
-    behind = groups is None
-    groups, ref = _inputs(x, groups)
-    for i, group in enumerate(groups):
-        by_chunk: dict[tuple[int, ...], list[Any]] = {}
-        for j, idx in enumerate(group):
-            for coords, src, rows in _row_pieces(idx, bounds, unit):
-                by_chunk.setdefault(coords, []).append((j, src, rows))
-        jobs, n = _Jobs.pack(by_chunk, n, x.ndim, 2)
-        key = (f"aimss-sink-rows-{token}", i)
-        graph[key] = Task(key, _write_rows, target, jobs, List(*(ref(idx) for idx in group)), behind)
-    grid = tuple(-(-s // u) for s, u in zip(x.shape, unit))
-    return graph, x, list(graph), n, grid
+    if kind == "rows":
+        # Blocks yet to be computed: write behind, overlapping the next
+        # block's computation. Blocks in memory: write now, there is
+        # nothing to overlap.
+        func, extra, nsub = _write_rows, (groups is None,), 2
 
+        def pieces_of(idx: tuple[int, ...]) -> Any:
+            return _row_pieces(idx, bounds, unit)
+    else:
+        assert inner is not None
+        per_shard = tuple(u // c for u, c in zip(unit, inner))
+        func, extra, nsub = _append_chunks, (), x.ndim
 
-def _chunks_graph(
-    x: da.Array, unit: tuple[int, ...], inner: tuple[int, ...], target: ZarrTarget, token: str,
-    groups: list[list[tuple[int, ...]]] | None,
-) -> tuple[dict[Any, Any], Any, list[Any], int, tuple[int, ...]]:
-    """Blocks made of whole inner chunks of shards they do not fill: chunks appended in place.
+        def pieces_of(idx: tuple[int, ...]) -> Any:
+            return _inner_chunks(idx, bounds, inner, per_shard)
 
-    Each block's inner chunks are encoded by the worker that holds the
-    block and appended to their shards' files
-    (:meth:`~aimss_dask.sink.direct._ShardWriter.append_chunks`), where a
-    push run would move the block's rows to the shard's owner first. A
-    task's chunks of one shard are one job (one append); the tasks return
-    where their chunks landed, and the last task writes each shard's index
-    from that before it gives the shards their keys (:func:`finish_rows`).
-
-    Returns what :func:`_rows_graph` returns.
-    """
-    bounds = [chunk_bounds(c).tolist() for c in x.chunks]
-    per_shard = tuple(u // c for u, c in zip(unit, inner))
     graph: dict[Any, Any] = {}
     n = 0
     groups, ref = _inputs(x, groups)
     for i, group in enumerate(groups):
-        by_shard: dict[tuple[int, ...], list[Any]] = {}
+        by_unit: dict[tuple[int, ...], list[Any]] = {}
         for j, idx in enumerate(group):
-            for scoords, icoords, src in _inner_chunks(idx, bounds, inner, per_shard):
-                by_shard.setdefault(scoords, []).append((j, src, icoords))
-        jobs, n = _Jobs.pack(by_shard, n, x.ndim, x.ndim)
-        key = (f"aimss-sink-chunks-{token}", i)
-        graph[key] = Task(key, _append_chunks, target, jobs, List(*(ref(idx) for idx in group)))
+            for coords, src, sub in pieces_of(idx):
+                by_unit.setdefault(coords, []).append((j, src, sub))
+        jobs, n = _Jobs.pack(by_unit, n, x.ndim, nsub)
+        key = (f"aimss-sink-{kind}-{token}", i)
+        graph[key] = Task(key, func, target, jobs, List(*(ref(idx) for idx in group)), *extra)
     grid = tuple(-(-s // u) for s, u in zip(x.shape, unit))
     return graph, x, list(graph), n, grid
 
@@ -284,7 +283,7 @@ def _chunks_graph(
 def _inner_chunks(
     idx: tuple[int, ...], bounds: list[list[int]], inner: tuple[int, ...], per_shard: tuple[int, ...]
 ) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]]]:
-    """Block ``idx``'s inner chunks: ``(shard coords, inner coords in the shard, (starts, stops) in the block)``.
+    """Block ``idx``'s inner chunks: ``(shard coords, (starts, stops) in the block, inner coords in the shard)``.
 
     The block's edges are inner-chunk edges (the caller checked), so each
     inner chunk it touches lies in it whole (as far as the array goes).
@@ -298,8 +297,9 @@ def _inner_chunks(
         ])
     return [
         (
-            tuple(a[0] for a in combo), tuple(a[1] for a in combo),
+            tuple(a[0] for a in combo),
             (tuple(a[2] for a in combo), tuple(a[3] for a in combo)),
+            tuple(a[1] for a in combo),
         )
         for combo in itertools.product(*per_axis)
     ]
@@ -504,7 +504,7 @@ def _write_rows(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray], behin
     worker, plugin = _plugin()
     token = target.run
     if worker is None:  # a local scheduler: write now
-        writer = _rows_writer(target)
+        writer = _in_place_writer(target, "rows")
         for _, coords, pieces in jobs:
             writer.write_rows(coords, [(rows, blocks[j][src]) for j, src, rows in pieces], token)
         return "local"
@@ -544,7 +544,7 @@ def _append_chunks(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray]) ->
             return sum(int(p.nbytes) for _, p in parts)
 
         if worker is None:  # a local scheduler
-            job(_units_writer(target))
+            job(_in_place_writer(target, "chunks"))
         else:
             plugin.sink_writer.write_now(target, jid, job)
     return ("local" if worker is None else str(worker.address)), out
@@ -561,22 +561,14 @@ _NOT_RAW = (
 )
 
 
-def _units_writer(target: ZarrTarget) -> Any:
-    """The target's shard writer that appends whole inner chunks."""
-    from aimss_dask.sink.direct import shard_appender
+def _in_place_writer(target: ZarrTarget, kind: str) -> Any:
+    """The target's writer of rows in place (``kind`` "rows") or of appended inner chunks ("chunks")."""
+    from aimss_dask.sink.direct import rows_writer, shard_appender
 
-    writer = shard_appender(target.open())
+    find, refusal = (rows_writer, _NOT_RAW) if kind == "rows" else (shard_appender, _NOT_SHARDS)
+    writer = find(target.open())
     if writer is None:
-        raise SinkError(_NOT_SHARDS)
-    return writer
-
-
-def _rows_writer(target: ZarrTarget) -> Any:
-    from aimss_dask.sink.direct import rows_writer
-
-    writer = rows_writer(target.open())
-    if writer is None:
-        raise SinkError(_NOT_RAW)
+        raise SinkError(refusal)
     return writer
 
 
@@ -707,7 +699,7 @@ def finish_rows(
     done, nbytes, errors = _flush(target, addresses) if addresses else (list(expected), 0, [])
     writer = None
     try:
-        writer = _units_writer(target) if kind == "chunks" else _rows_writer(target)
+        writer = _in_place_writer(target, kind)
         _raise_for(target, errors, expected, done, "No chunk of the array was changed")
         hosts = _hosts(addresses)
         if len(hosts) > 1:
@@ -717,7 +709,7 @@ def finish_rows(
                 "No chunk of the array was changed; write again."
             )
         units = list(np.ndindex(*grid))
-        if entries:
+        if kind == "chunks":
             if len(entries) != len(units):  # every shard holds a chunk, so every one had an append
                 missing = sorted(set(units) - set(entries))[:5]
                 raise SinkError(f"to_zarr: no chunk of shards {missing} was written; this is a bug, please report it")

@@ -157,10 +157,15 @@ _TMP_PREFIX = uuid.uuid4().hex
 _tmp_count = itertools.count()
 
 
+def _private(path: str) -> str:
+    """A name next to ``path`` that no other writer (process or call) uses."""
+    return f"{path}.{_TMP_PREFIX}-{os.getpid()}-{next(_tmp_count)}"
+
+
 def _put(path: str, parts: list[Any], made: set[str]) -> None:
     """Write ``parts`` to ``path`` atomically (a reader never sees half a chunk)."""
     _parent(path, made)
-    tmp = f"{path}.{_TMP_PREFIX}-{os.getpid()}-{next(_tmp_count)}.partial"
+    tmp = f"{_private(path)}.partial"
     with open(tmp, "wb") as f:
         for part in parts:
             f.write(part)
@@ -601,7 +606,7 @@ class _ShardWriter(_RowsInPlace):
         partial = _partial(path, token)
         if os.path.exists(partial):
             return
-        tmp = _partial(f"{path}.{_TMP_PREFIX}-{os.getpid()}-{next(_tmp_count)}", token)
+        tmp = _partial(_private(path), token)
         with open(tmp, "wb") as f:
             f.write(bytes(self.index_size))
         try:
