@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aimss_dask.errors import SinkError
+from aimss_dask.sink import direct
 from aimss_dask.sink.assembler import RowSlabs, row_slabs
 from aimss_dask.sink.direct import direct_writer
 
@@ -532,7 +537,13 @@ def test_an_incomplete_or_doubled_shard_is_refused_and_discarded(tmp_path):
 
 def test_a_shard_with_its_index_first_is_reserved_once(tmp_path, monkeypatch):
     """Index at the start: the first writer makes room for the index; a
-    writer that finds the file made appends after it, and no private file is left."""
+    writer that finds the file made appends after it, and no private file is
+    left. No hard link is needed (some FUSE and SMB mounts have none)."""
+
+    def no_links(*args, **kwargs):
+        raise PermissionError("this file system has no hard links")
+
+    monkeypatch.setattr(os, "link", no_links)
     path = tmp_path / "a.zarr"
     zarr.create_array(str(path), shape=(12,), chunks=(2,), shards=(12,), dtype="i4")
     _shard_meta_index_at_start(path)
@@ -566,3 +577,59 @@ def test_a_late_append_never_reaches_a_sealed_shard(tmp_path, at_start):
     assert sorted(os.listdir(path / "c")) == ["0", "0.r.partial"]
     assert w.discard("r") == 1
     assert sorted(os.listdir(path / "c")) == ["0"]
+
+
+@pytest.mark.parametrize("at_start", [False, True])
+def test_an_append_opened_before_the_seal_is_refused_after_it(tmp_path, monkeypatch, at_start):
+    """A writer Dask gave up on opened the shard's file, then stalled while
+    the run sealed and committed the shard: when it goes on, its append is
+    refused (the file it holds is no longer the partial file), nothing lands
+    after the index, and no stray file is made."""
+    path = tmp_path / "a.zarr"
+    zarr.create_array(str(path), shape=(8,), chunks=(2,), shards=(8,), dtype="i4")
+    if at_start:
+        _shard_meta_index_at_start(path)
+    w = direct_writer(zarr.open_array(str(path), mode="r+"))
+    x = np.arange(8, dtype="i4")
+    ents = w.append_chunks((0,), [((i,), x[2 * i : 2 * i + 2]) for i in range(4)], "r")
+    real = fcntl.flock
+
+    class Stall:
+        """fcntl whose first shared lock comes only after the shard was sealed and committed."""
+
+        LOCK_SH, LOCK_EX = fcntl.LOCK_SH, fcntl.LOCK_EX
+        stalled = False
+
+        def flock(self, fd, op):
+            if op == self.LOCK_SH and not self.stalled:
+                self.stalled = True
+                w.commit([(0,)], w.close_shards({(0,): ents}, "r"))
+            real(fd, op)
+
+    monkeypatch.setattr(direct, "fcntl", Stall())
+    with pytest.raises(SinkError, match=r"shard \(0,\) .* was sealed before this append"):
+        w.append_chunks((0,), [((1,), np.full(2, -9, "i4"))], "r")
+    assert sorted(os.listdir(path / "c")) == ["0"]
+    np.testing.assert_array_equal(zarr.open_array(str(path))[...], x)
+
+
+def test_the_seal_waits_for_an_append_under_way(tmp_path):
+    """An append that got its lock before the seal ends before the index is
+    written: the seal waits for it, and its bytes (never indexed) are cut."""
+    path = tmp_path / "a.zarr"
+    zarr.create_array(str(path), shape=(8,), chunks=(2,), shards=(8,), dtype="i4")
+    w = direct_writer(zarr.open_array(str(path), mode="r+"))
+    x = np.arange(8, dtype="i4")
+    ents = w.append_chunks((0,), [((i,), x[2 * i : 2 * i + 2]) for i in range(4)], "r")
+    partial = os.path.join(str(path), "c", "0.r.partial")
+    fd = w._open_for_append(partial, (0,))  # a late writer, mid-append
+    sealer = threading.Thread(target=lambda: w.commit([(0,)], w.close_shards({(0,): ents}, "r")))
+    sealer.start()
+    time.sleep(0.3)
+    assert sealer.is_alive(), "the seal did not wait for the append under way"
+    os.write(fd, b"late bytes after the chunks")
+    os.close(fd)
+    sealer.join(10)
+    assert not sealer.is_alive()
+    assert sorted(os.listdir(path / "c")) == ["0"]
+    np.testing.assert_array_equal(zarr.open_array(str(path))[...], x)

@@ -29,8 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from aimss_dask.errors import SinkError
 from aimss_dask.sink.assembler import RowSlabs, joined
 from aimss_dask.sink.zstd_into import Arena, arena, zstd_into
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no appends in place (see shard_appender)
+    fcntl = None  # type: ignore[assignment]
 
 #: What a region is written from: an array, or a unit's row slabs.
 Data = np.ndarray | RowSlabs
@@ -218,7 +224,7 @@ def shard_appender(array: Any) -> _ShardWriter | None:
     Any codecs the direct writer supports, compressed or not.
     """
     w = direct_writer(array)
-    return w if isinstance(w, _ShardWriter) else None
+    return w if isinstance(w, _ShardWriter) and fcntl is not None else None
 
 
 def remove_partials(array: Any, token: str) -> int:
@@ -565,10 +571,8 @@ class _ShardWriter(_RowsInPlace):
         path = os.path.join(self.root, self.key(scoords))
         _parent(path, self.made)
         partial = _partial(path, token)
-        if self.at_start:
-            self._reserve_index(path, token)
         out: list[tuple[int, int, int]] = []
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+        fd = self._open_for_append(partial, scoords)
         try:
             # Each append is whole chunks, so another writer's appends may
             # fall between two of them but never inside a chunk. Batches stay
@@ -597,24 +601,42 @@ class _ShardWriter(_RowsInPlace):
             into.reset()  # let a large arena go now, not at this thread's next unit
         return out
 
-    def _reserve_index(self, path: str, token: str) -> None:
-        """Make the run's partial file of a shard whose index comes first: room for the index, then appends.
+    def _open_for_append(self, partial: str, scoords: tuple[int, ...]) -> int:
+        """Open the run's partial file of shard ``scoords`` to append to, holding a shared lock until it is closed.
 
-        Made whole under a private name and linked into place, so no writer
-        ever appends to a file whose room is not there yet.
+        The lock and the check after it make an append and the shard's seal
+        (:meth:`close_shards`) exclusive: an append that began before the
+        seal ends before the index is written, and one that would begin
+        after it (a task Dask gave up on, still running on a worker it
+        declared dead) is refused, even with the file opened before the
+        seal, instead of landing after the index. Where the index comes
+        first, its room is made here, under an exclusive lock, before any
+        chunk is appended (no hard links needed).
         """
-        partial = _partial(path, token)
-        if os.path.exists(partial):
-            return
-        tmp = _partial(_private(path), token)
-        with open(tmp, "wb") as f:
-            f.write(bytes(self.index_size))
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
         try:
-            os.link(tmp, partial)
-        except FileExistsError:
-            pass  # another writer made it first
-        finally:
-            os.unlink(tmp)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if self.at_start and os.fstat(fd).st_size < self.index_size:
+                # Converting a flock is not atomic (the shared lock goes
+                # first), so the size is checked again under the exclusive one.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_size < self.index_size:
+                    os.ftruncate(fd, self.index_size)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            mine = os.fstat(fd)
+            try:
+                named = os.stat(partial)
+            except FileNotFoundError:
+                named = None
+            if named is None or (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
+                raise SinkError(
+                    f"shard {scoords} of this to_zarr run was sealed before this append: the task is a stale "
+                    "copy of one Dask already ran again elsewhere; its chunks were not written"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def close_shards(self, entries: dict[tuple[int, ...], list[tuple[int, int, int]]], token: str) -> str:
         """Seal each shard whose chunks were appended (:meth:`append_chunks`) and write its index.
@@ -622,11 +644,13 @@ class _ShardWriter(_RowsInPlace):
         ``entries`` holds every writer's entries of each shard; every inner
         chunk that reaches into the array must be there exactly once. Call
         once every append is done. Each partial file is first renamed to a
-        sealed name, so that a late append (from a task Dask gave up on and
-        ran again elsewhere) makes a new partial file, never committed,
-        instead of landing after the index. The index goes right after the
-        last indexed chunk (or in the room at the start) and the file is cut
-        there. Returns the token to :meth:`commit` the sealed files with.
+        sealed name, then locked exclusively: a late append (from a task
+        Dask gave up on and ran again elsewhere) either ended before the
+        lock or is refused after it (:meth:`_open_for_append`); one that
+        opens the partial name anew makes a new partial file, never
+        committed. None lands after the index. The index goes right after
+        the last indexed chunk (or in the room at the start) and the file is
+        cut there. Returns the token to :meth:`commit` the sealed files with.
         """
         sealed_token = f"{token}{_SEALED}"
         for scoords, ents in entries.items():
@@ -647,6 +671,9 @@ class _ShardWriter(_RowsInPlace):
                 os.replace(_partial(path, token), sealed)
             fd = os.open(sealed, os.O_WRONLY | os.O_CLOEXEC)
             try:
+                # Appends that got their lock before the seal end first; any
+                # later one sees the name gone and refuses (_open_for_append).
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 self._check_spans(scoords, ents, os.fstat(fd).st_size)
                 end = max(o + n for _, o, n in ents)
                 if self.at_start:
