@@ -184,6 +184,12 @@ def run(args: argparse.Namespace) -> None:
                     methods["dask-rechunk"] = dask_rechunk_run
                 methods["plain"] = plain_run
                 methods["plain-dirs"] = lambda path: plain_run(path, dirs=True)
+                # A case keeps at least one Dask method (aligned has only one).
+                skipped = [
+                    m for m in sorted(args.skip)
+                    if m in methods and (not m.startswith("dask") or sum(k.startswith("dask") for k in methods) > 1)
+                    and methods.pop(m)
+                ]
                 title = (
                     f"{case}, codec {codec}: {nbytes / GiB:.2f} GiB float64 ({rows}x{cols}), "
                     f"blocks of {block_rows} rows, zarr chunks {zchunks}"
@@ -198,18 +204,23 @@ def run(args: argparse.Namespace) -> None:
                         f"worker CPU {r['cpu']:6.2f} s  peak RSS/worker {r['rss'] / GiB:5.2f} GiB"
                     )
                 peers = [m for m in med if m.startswith("dask")]
-                layout = med["plain-dirs"]["t"]
                 best = min(peers, key=lambda m: med[m]["t"])
                 line = (
                     f"{case:10s} {codec:7s} aimss {nbytes / med['aimss']['t'] / 1e9:5.2f} GB/s; "
                     + ", ".join(f"{m} {nbytes / med[m]['t'] / 1e9:5.2f}" for m in peers)
                     + f"; plain {nbytes / med['plain']['t'] / 1e9:5.2f} GB/s; "
-                    f"aimss vs best dask ({best}) {med[best]['t'] / med['aimss']['t']:.2f}x, "
+                    f"aimss vs best dask run ({best}) {med[best]['t'] / med['aimss']['t']:.2f}x, "
                     f"aimss / plain {med['plain']['t'] / med['aimss']['t']:.0%} "
-                    f"(/ plain-dirs {layout / med['aimss']['t']:.0%}; plain-dirs / plain "
-                    f"{med['plain']['t'] / layout:.0%}) "
-                    f"(worker CPU {med['aimss']['cpu']:.2f} s vs plain {med['plain']['cpu']:.2f} s)"
                 )
+                if "plain-dirs" in med:
+                    layout = med["plain-dirs"]["t"]
+                    line += (
+                        f"(/ plain-dirs {layout / med['aimss']['t']:.0%}; plain-dirs / plain "
+                        f"{med['plain']['t'] / layout:.0%}) "
+                    )
+                line += f"(worker CPU {med['aimss']['cpu']:.2f} s vs plain {med['plain']['cpu']:.2f} s)"
+                if skipped:
+                    line += f" [not run: {', '.join(skipped)}]"
                 print(line, flush=True)
                 summary.append(line)
         print("\nSummary (medians of %d):" % args.reps)
@@ -269,6 +280,10 @@ def _measure(
     return {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
 
 
+#: Methods a run may leave out (aimss and plain are always run).
+SKIPPABLE = ("dask", "dask-rechunk", "plain-dirs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=2.0)
@@ -282,7 +297,18 @@ def main() -> None:
         "--settle", type=float, default=61.0,
         help="seconds between deleting outputs and timing new writes (0: no wait); see _common.settle",
     )
-    run(ap.parse_args())
+    ap.add_argument(
+        "--skip", default="",
+        help="methods not to run, comma-separated, from " + ", ".join(SKIPPABLE)
+        + " (for a quicker confirming run: Dask's locked path takes 10-18 s per repetition); "
+        "a case keeps its only Dask method",
+    )
+    args = ap.parse_args()
+    skip = {m for m in args.skip.split(",") if m}
+    if skip - set(SKIPPABLE):
+        ap.error(f"--skip {args.skip!r}: can skip only {', '.join(SKIPPABLE)}")
+    args.skip = skip
+    run(args)
 
 
 if __name__ == "__main__":
