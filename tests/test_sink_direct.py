@@ -557,18 +557,23 @@ def test_a_shard_with_its_index_first_is_reserved_once(tmp_path, monkeypatch):
     np.testing.assert_array_equal(zarr.open_array(str(path))[...], x)
 
 
-@pytest.mark.parametrize("at_start", [False, True])
-def test_a_late_append_never_reaches_a_sealed_shard(tmp_path, at_start):
-    """A writer Dask gave up on appends after the shard was sealed: its bytes
-    go to a new partial file that is never committed, the shard stays
-    readable, and discard removes the stray."""
+def _one_appended_shard(tmp_path, at_start):
+    """An array of one shard of four 2-element chunks, every chunk appended by run "r", not yet sealed."""
     path = tmp_path / "a.zarr"
     zarr.create_array(str(path), shape=(8,), chunks=(2,), shards=(8,), dtype="i4")
     if at_start:
         _shard_meta_index_at_start(path)
     w = direct_writer(zarr.open_array(str(path), mode="r+"))
     x = np.arange(8, dtype="i4")
-    ents = w.append_chunks((0,), [((i,), x[2 * i : 2 * i + 2]) for i in range(4)], "r")
+    return path, w, x, w.append_chunks((0,), [((i,), x[2 * i : 2 * i + 2]) for i in range(4)], "r")
+
+
+@pytest.mark.parametrize("at_start", [False, True])
+def test_a_late_append_never_reaches_a_sealed_shard(tmp_path, at_start):
+    """A writer Dask gave up on appends after the shard was sealed: its bytes
+    go to a new partial file that is never committed, the shard stays
+    readable, and discard removes the stray."""
+    path, w, x, ents = _one_appended_shard(tmp_path, at_start)
     ents += w.append_chunks((0,), [((0,), x[:2])], "r")[:0]  # a recomputed task's dead copy
     sealed = w.close_shards({(0,): ents}, "r")
     w.append_chunks((0,), [((1,), np.full(2, -9, "i4"))], "r")  # too late
@@ -585,13 +590,7 @@ def test_an_append_opened_before_the_seal_is_refused_after_it(tmp_path, monkeypa
     the run sealed and committed the shard: when it goes on, its append is
     refused (the file it holds is no longer the partial file), nothing lands
     after the index, and no stray file is made."""
-    path = tmp_path / "a.zarr"
-    zarr.create_array(str(path), shape=(8,), chunks=(2,), shards=(8,), dtype="i4")
-    if at_start:
-        _shard_meta_index_at_start(path)
-    w = direct_writer(zarr.open_array(str(path), mode="r+"))
-    x = np.arange(8, dtype="i4")
-    ents = w.append_chunks((0,), [((i,), x[2 * i : 2 * i + 2]) for i in range(4)], "r")
+    path, w, x, ents = _one_appended_shard(tmp_path, at_start)
     real = fcntl.flock
 
     class Stall:
@@ -616,11 +615,7 @@ def test_an_append_opened_before_the_seal_is_refused_after_it(tmp_path, monkeypa
 def test_the_seal_waits_for_an_append_under_way(tmp_path):
     """An append that got its lock before the seal ends before the index is
     written: the seal waits for it, and its bytes (never indexed) are cut."""
-    path = tmp_path / "a.zarr"
-    zarr.create_array(str(path), shape=(8,), chunks=(2,), shards=(8,), dtype="i4")
-    w = direct_writer(zarr.open_array(str(path), mode="r+"))
-    x = np.arange(8, dtype="i4")
-    ents = w.append_chunks((0,), [((i,), x[2 * i : 2 * i + 2]) for i in range(4)], "r")
+    path, w, x, ents = _one_appended_shard(tmp_path, at_start=False)
     partial = os.path.join(str(path), "c", "0.r.partial")
     fd = w._open_for_append(partial, (0,))  # a late writer, mid-append
     sealer = threading.Thread(target=lambda: w.commit([(0,)], w.close_shards({(0,): ents}, "r")))
