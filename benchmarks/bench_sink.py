@@ -184,12 +184,12 @@ def run(args: argparse.Namespace) -> None:
                     methods["dask-rechunk"] = dask_rechunk_run
                 methods["plain"] = plain_run
                 methods["plain-dirs"] = lambda path: plain_run(path, dirs=True)
-                # A case keeps at least one Dask method (aligned has only one).
-                skipped = [
-                    m for m in sorted(args.skip)
-                    if m in methods and (not m.startswith("dask") or sum(k.startswith("dask") for k in methods) > 1)
-                    and methods.pop(m)
-                ]
+                skipped = []
+                for m in sorted(args.skip):
+                    peers_left = sum(k.startswith("dask") for k in methods)
+                    if m in methods and (not m.startswith("dask") or peers_left > 1):  # keep one Dask method
+                        del methods[m]
+                        skipped.append(m)
                 title = (
                     f"{case}, codec {codec}: {nbytes / GiB:.2f} GiB float64 ({rows}x{cols}), "
                     f"blocks of {block_rows} rows, zarr chunks {zchunks}"
