@@ -18,7 +18,7 @@ import aimss_dask
 from aimss_dask.sink._array_run import aligned as _aligned
 
 from conftest import assert_workers_clean as _clean
-from conftest import chunking
+from conftest import chunking, wait_until
 
 
 def assert_workers_clean() -> None:
@@ -296,10 +296,11 @@ IN_PLACE = {
 
 @pytest.mark.parametrize("kind", sorted(IN_PLACE))
 def test_worker_killed_mid_rows_run_still_writes_everything(tmp_path, kind):
-    """SIGKILL a worker while rows are written (or chunks appended) in place:
-    Dask recomputes its blocks elsewhere, they are written again (rows: the
-    same bytes at the same offsets; chunks: appended again, and only the
-    surviving task's copy is indexed), and every unit gets its key once, whole."""
+    """SIGKILL a worker that has written blocks in place, before the run's
+    last task: Dask runs its write tasks again elsewhere, they are written
+    again (rows: the same bytes at the same offsets; chunks: appended again,
+    and only the surviving task's copy is indexed), and every unit gets its
+    key once, whole."""
     blocks, kwargs = IN_PLACE[kind]
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
         client.register_plugin(aimss_dask.AIMSS())
@@ -308,15 +309,50 @@ def test_worker_killed_mid_rows_run_still_writes_everything(tmp_path, kind):
         delayed = aimss_dask.to_zarr(x, path, compute=False, **kwargs)
         assert _kind(delayed) == kind
         fut = client.compute(delayed)
-        import time
-
-        time.sleep(1.0)
-        victim = sorted(client.scheduler_info()["workers"])[0]
+        prefix = f"aimss-sink-{kind}-"
+        # Wait until a worker holds a finished write task (its bytes are on disk).
+        held = wait_until(
+            lambda: client.run_on_scheduler(_write_tasks_held, prefix), timeout=30, interval=0.01,
+            what="a finished write task",
+        )
+        victim, keys = sorted(held.items())[0]
         pid = client.run(os.getpid, workers=[victim])[victim]
         os.kill(pid, signal.SIGKILL)
         assert fut.result(timeout=120) == 40_000 * 8
         np.testing.assert_array_equal(zarr.open_array(path)[:], np.arange(40_000))
         assert not _partials(path)
+        # The victim's finished writes were done again ...
+        assert max(client.run_on_scheduler(_times_in_memory, keys)) >= 2
+    if kind == "chunks":  # ... and the first copies are dead bytes, never indexed
+        assert _unindexed_bytes(path, per_shard=4096 // 256) > 0
+
+
+def _write_tasks_held(prefix, dask_scheduler=None):
+    """The finished write tasks of a run (keys starting ``prefix``) by the worker holding them."""
+    out: dict[str, list[str]] = {}
+    for ts in dask_scheduler.tasks.values():
+        if isinstance(ts.key, tuple) and str(ts.key[0]).startswith(prefix) and ts.state == "memory":
+            for ws in ts.who_has:
+                out.setdefault(ws.address, []).append(repr(ts.key))
+    return out
+
+
+def _times_in_memory(keys, dask_scheduler=None):
+    """How many times each task (``repr`` of its key) reached memory."""
+    by_repr = {repr(k): k for k in dask_scheduler.tasks}
+    return [sum(1 for t in dask_scheduler.story(by_repr[k]) if t[2] == "memory") for k in keys]
+
+
+def _unindexed_bytes(path, per_shard):
+    """Bytes of the shard files of a 1-d sharded array (index at the end) that no index entry points at."""
+    dead = 0
+    for root, _, files in os.walk(os.path.join(path, "c")):
+        for f in files:
+            data = open(os.path.join(root, f), "rb").read()
+            index = np.frombuffer(data[-(16 * per_shard + 4) : -4], dtype="<u8").reshape(-1, 2)
+            used = index[index[:, 0] != np.uint64(2**64 - 1), 1].sum()
+            dead += len(data) - (16 * per_shard + 4) - int(used)
+    return dead
 
 
 @pytest.mark.parametrize("kind", sorted(IN_PLACE))
