@@ -282,27 +282,37 @@ def _in_place_graph(
 
 def _inner_chunks(
     idx: tuple[int, ...], bounds: list[list[int]], inner: tuple[int, ...], per_shard: tuple[int, ...]
-) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]]]:
+) -> list[tuple[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]], tuple[int, ...]]]:
     """Block ``idx``'s inner chunks: ``(shard coords, (starts, stops) in the block, inner coords in the shard)``.
 
     The block's edges are inner-chunk edges (the caller checked), so each
     inner chunk it touches lies in it whole (as far as the array goes).
     """
-    per_axis: list[list[tuple[int, int, int, int]]] = []
-    for d, (b, c) in enumerate(zip(bounds, inner)):
-        s, e = b[idx[d]], b[idx[d] + 1]
-        per_axis.append([
-            (k // per_shard[d], k % per_shard[d], k * c - s, min(e, (k + 1) * c) - s)
-            for k in range(s // c, -(-e // c))
-        ])
+    per_axis = [_cuts(b[i], b[i + 1], c) for b, i, c in zip(bounds, idx, inner)]
     return [
         (
-            tuple(a[0] for a in combo),
-            (tuple(a[2] for a in combo), tuple(a[3] for a in combo)),
-            tuple(a[1] for a in combo),
+            tuple(a[0] // n for a, n in zip(combo, per_shard)),
+            (tuple(a[1] for a in combo), tuple(a[2] for a in combo)),
+            tuple(a[0] % n for a, n in zip(combo, per_shard)),
         )
         for combo in itertools.product(*per_axis)
     ]
+
+
+def _cuts(s: int, e: int, u: int) -> list[tuple[int, int, int, int, int]]:
+    """How the grid of step ``u`` cuts ``[s, e)``, per cell ``k`` it touches.
+
+    Each cut is ``(k, start, stop)`` counted from ``s``, then ``(lo, hi)``
+    counted from the cell's start.
+
+    Plain integer arithmetic: NumPy calls per block made planning a
+    500-block run take 30 ms.
+    """
+    out = []
+    for k in range(s // u, -(-e // u)):
+        lo, hi = max(s, k * u), min(e, (k + 1) * u)
+        out.append((k, lo - s, hi - s, lo - k * u, hi - k * u))
+    return out
 
 
 class _Jobs:
@@ -372,19 +382,10 @@ def _row_pieces(
 
     The block's edges on every axis but the first are unit edges (the
     caller checked), so each piece spans its unit whole on those axes.
-    Plain integer arithmetic: NumPy calls per block made planning a
-    500-block run take 30 ms.
     """
-    per_axis: list[list[tuple[int, int, int, Any]]] = []
-    for d, (b, u) in enumerate(zip(bounds, unit)):
-        s, e = b[idx[d]], b[idx[d] + 1]
-        cuts = []
-        for k in range(s // u, -(-e // u)):
-            lo, hi = max(s, k * u), min(e, (k + 1) * u)
-            cuts.append((k, lo - s, hi - s, (lo - k * u, hi - k * u)))
-        per_axis.append(cuts)
+    per_axis = [_cuts(b[i], b[i + 1], u) for b, i, u in zip(bounds, idx, unit)]
     return [
-        (tuple(c[0] for c in combo), (tuple(c[1] for c in combo), tuple(c[2] for c in combo)), combo[0][3])
+        (tuple(c[0] for c in combo), (tuple(c[1] for c in combo), tuple(c[2] for c in combo)), combo[0][3:])
         for combo in itertools.product(*per_axis)
     ]
 
@@ -563,10 +564,10 @@ _NOT_RAW = (
 
 def _in_place_writer(target: ZarrTarget, kind: str) -> Any:
     """The target's writer of rows in place (``kind`` "rows") or of appended inner chunks ("chunks")."""
-    from aimss_dask.sink.direct import rows_writer, shard_appender
+    from aimss_dask.sink.direct import in_place_writers
 
-    find, refusal = (rows_writer, _NOT_RAW) if kind == "rows" else (shard_appender, _NOT_SHARDS)
-    writer = find(target.open())
+    rows, appender = in_place_writers(target.open())
+    writer, refusal = (rows, _NOT_RAW) if kind == "rows" else (appender, _NOT_SHARDS)
     if writer is None:
         raise SinkError(refusal)
     return writer

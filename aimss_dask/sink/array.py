@@ -30,7 +30,7 @@ from aimss_dask.errors import (
     StoreReadOnlyError,
 )
 from aimss_dask.sink._array_run import abort, write_graph
-from aimss_dask.sink.direct import rows_writer, shard_appender
+from aimss_dask.sink.direct import in_place_writers
 from aimss_dask.sink.writer import ZarrTarget
 
 
@@ -111,10 +111,9 @@ def to_zarr(
     unit = tuple(arr.shards or arr.chunks) if zarr_format == 3 else tuple(arr.chunks)
     run = f"aimss-sink-{uuid.uuid4().hex[:16]}"
     target = ZarrTarget(store, path, zarr_format, run, storage_options or None)
-    appender = shard_appender(arr)
+    rows, appender = in_place_writers(arr)
     hlg, finish_key = write_graph(
-        x, unit, target, raw=rows_writer(arr) is not None,
-        inner=appender.inner if appender is not None else None,
+        x, unit, target, raw=rows is not None, inner=appender.inner if appender is not None else None,
     )
     out = Delayed(finish_key, hlg)
     if compute:

@@ -116,9 +116,21 @@ class RowSlabs:
         return self.rows(0, self.shape[0])
 
 
-def joined(parts: list[np.ndarray]) -> np.ndarray:
-    """Consecutive row parts as one array: the part itself when there is one."""
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+def joined(parts: list[np.ndarray], into: Any = None) -> np.ndarray:
+    """Consecutive row parts as one array: the part itself when there is one.
+
+    ``into``: an :class:`~aimss_dask.sink.zstd_into.Arena` to join them in,
+    instead of a fresh buffer.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    if into is None:
+        return np.concatenate(parts)
+    first = parts[0]
+    shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+    out = into.take(math.prod(shape) * first.dtype.itemsize).view(first.dtype).reshape(shape)
+    np.concatenate(parts, out=out)
+    return out
 
 
 def row_slabs(records: Iterable[Any], shape: tuple[int, ...], dtype: np.dtype) -> RowSlabs | None:

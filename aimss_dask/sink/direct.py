@@ -35,7 +35,7 @@ from aimss_dask.sink.zstd_into import Arena, arena, zstd_into
 
 try:
     import fcntl
-except ImportError:  # not POSIX: no appends in place (see shard_appender)
+except ImportError:  # not POSIX: no appends in place (see in_place_writers)
     fcntl = None  # type: ignore[assignment]
 
 #: What a region is written from: an array, or a unit's row slabs.
@@ -208,23 +208,20 @@ def _pwrite_all(fd: int, parts: list[memoryview], offset: int) -> None:
             todo[0] = todo[0][n:]
 
 
-def rows_writer(array: Any) -> _RowsInPlace | None:
-    """The writer of rows of ``array``'s units in place (:meth:`_RowsInPlace.write_rows`), or None.
+def in_place_writers(array: Any) -> tuple[_RowsInPlace | None, _ShardWriter | None]:
+    """``array``'s writers in place, each None where ``array`` does not allow it.
 
-    Uncompressed chunks; for a sharded array, uncompressed inner chunks that
-    span the shard whole on every axis but the first.
+    First, the writer of rows of its units in place
+    (:meth:`_RowsInPlace.write_rows`): uncompressed chunks, or, for a sharded
+    array, uncompressed inner chunks that span the shard whole on every axis
+    but the first. Second, the writer that appends whole inner chunks to its
+    shards (:meth:`_ShardWriter.append_chunks`): any codecs the direct writer
+    supports, compressed or not, on a POSIX system.
     """
     w = direct_writer(array)
-    return w if isinstance(w, _RowsInPlace) and w.raw else None
-
-
-def shard_appender(array: Any) -> _ShardWriter | None:
-    """The writer that appends whole inner chunks of ``array``'s shards (:meth:`_ShardWriter.append_chunks`), or None.
-
-    Any codecs the direct writer supports, compressed or not.
-    """
-    w = direct_writer(array)
-    return w if isinstance(w, _ShardWriter) and fcntl is not None else None
+    rows = w if isinstance(w, _RowsInPlace) and w.raw else None
+    appender = w if isinstance(w, _ShardWriter) and fcntl is not None else None
+    return rows, appender
 
 
 def remove_partials(array: Any, token: str) -> int:

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from aimss_dask.sink.assembler import joined
+
 logger = logging.getLogger("aimss_dask")
 
 #: zstd's parameter ids (zstd.h, stable API).
@@ -131,7 +133,7 @@ class ZstdInto:
             self._local.ctx = None
 
     def __call__(self, parts: list[np.ndarray], into: Arena) -> list[memoryview]:
-        src = _joined(parts, into)
+        src = np.ascontiguousarray(joined(parts, into))  # row parts joined in the arena
         lib = self._lib
         bound = int(lib.ZSTD_compressBound(src.nbytes))
         out = into.take(bound)
@@ -140,17 +142,6 @@ class ZstdInto:
         _check(lib, n)
         into.untake(bound - n)
         return [memoryview(out[:n])]
-
-
-def _joined(parts: list[np.ndarray], into: Arena) -> np.ndarray:
-    """A chunk's row parts as one C-contiguous array; joined in the arena, not a fresh buffer."""
-    if len(parts) == 1:
-        return np.ascontiguousarray(parts[0])
-    first = parts[0]
-    shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
-    out = into.take(int(np.prod(shape)) * first.dtype.itemsize).view(first.dtype).reshape(shape)
-    np.concatenate(parts, out=out)
-    return out
 
 
 def _check(lib: Any, code: int) -> None:
