@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
+import distributed
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
 import aimss_dask
+from aimss_dask import cli
 from aimss_dask.power import gpu
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -26,11 +29,19 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_demo_runs_on_a_builtin_local_cluster(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One small real demo on a built-in LocalCluster, shared by the tests that read its output."""
+    sink_dir = tmp_path_factory.mktemp("sink")
     r = _cli(
         "demo", "--producers", "3", "--records", "10", "--record-size", "64KiB", "--shuffle-size", "4MiB",
-        "--sink-size", "4MiB", "--sink-dir", str(tmp_path),
+        "--sink-size", "4MiB", "--sink-dir", str(sink_dir), "--partitions", "3",
     )
+    return r, sink_dir
+
+
+def test_demo_runs_on_a_builtin_local_cluster(demo_run):
+    r, sink_dir = demo_run
     assert r.returncode == 0, r.stdout + r.stderr
     assert "records    30 (all present)" in r.stdout
     assert "GB/s" in r.stdout
@@ -41,7 +52,119 @@ def test_demo_runs_on_a_builtin_local_cluster(tmp_path):
     # The sink stage: both writes read back identical, and nothing is left on disk.
     assert "sink stage:" in r.stdout and "  dask lock " in r.stdout
     assert r.stdout.count("read back: identical sum") == 2
-    assert list(tmp_path.iterdir()) == []
+    assert list(sink_dir.iterdir()) == []
+
+
+def test_partitions_reach_the_shuffle(demo_run):
+    r, _ = demo_run
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 partitions on 2 workers" in r.stdout  # the stream stage
+    assert "(74880 rows, 32 -> 3 partitions)" in r.stdout
+    # Counted from the computed output, one line per method: 3 partitions, no row lost.
+    made = re.findall(r"^  (aimss|dask p2p) .* (\d+) output partitions, (\d+) rows: verified$", r.stdout, re.M)
+    assert made == [("aimss", "3", "74880"), ("dask p2p", "3", "74880")]
+
+
+def test_demo_ends_with_a_summary(demo_run):
+    r, _ = demo_run
+    assert r.returncode == 0, r.stdout + r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    t = r"\d+\.\d\d s"
+    assert re.fullmatch(
+        rf"summary: stream: 30 records in {t}; "
+        rf"shuffle: aimss {t} vs Dask p2p {t}, aimss \d+\.\dx (faster|slower); "
+        rf"sink: aimss {t} vs Dask to_zarr {t}, aimss \d+\.\dx (faster|slower); "
+        r"all outputs verified",
+        last,
+    ), last
+
+
+def test_demo_output_has_no_dask_shuffle_warnings(demo_run):
+    r, _ = demo_run
+    assert r.returncode == 0, r.stdout + r.stderr
+    noisy = [
+        line for line in (r.stdout + r.stderr).splitlines()
+        if "distributed.shuffle" in line or "WARNING" in line
+    ]
+    assert noisy == []
+
+
+def test_summary_names_what_failed():
+    stream = {"ok": True, "records": 30, "seconds": 0.5}
+    shuffle = cli.Comparison("shuffle", "Dask p2p", 1.0, 2.5, failed=("dask p2p",))
+    sink = cli.Comparison("sink", "Dask to_zarr", 2.0, 0.5, failed=())
+    line, ok = cli.summary(stream, [shuffle, sink])
+    assert not ok
+    assert line == (
+        "summary: stream: 30 records in 0.50 s; "
+        "shuffle: aimss 1.00 s vs Dask p2p 2.50 s, aimss 2.5x faster; "
+        "sink: aimss 2.00 s vs Dask to_zarr 0.50 s, aimss 4.0x slower; "
+        "verification FAILED: shuffle (dask p2p)"
+    )
+    line, ok = cli.summary({**stream, "ok": False}, [])
+    assert not ok and line.endswith("verification FAILED: stream (records lost or changed)")
+
+
+def _help(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main([*args, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_is_plain_text_and_describes_the_demo(capsys):
+    top = _help(capsys)
+    demo = _help(capsys, "demo")
+    for text in (top, demo):
+        assert "``" not in text  # RST markup is for the docs, not the terminal
+    assert "aimss-dask demo --help" in top
+    flat = " ".join(demo.split())
+    for what in ("stream", "aimss_dask.shuffle", "p2p shuffle", "aimss_dask.to_zarr", "dask.array.to_zarr", "verif"):
+        assert what in flat, what
+    # Every option has help; the sized and counted ones give their default.
+    options = dict(re.findall(r"^  (--[\w-]+)(.*?)(?=^  -|\Z)", demo, re.M | re.S))
+    for opt in ("--scheduler", "--workers", "--producers", "--records", "--record-size", "--partitions",
+                "--shuffle-size", "--sink-size", "--sink-dir"):
+        assert "default" in options[opt], (opt, options[opt])
+    assert "(default: 1MiB)" in " ".join(options["--record-size"].split())
+    assert "shuffle" in options["--partitions"]  # it applies to both stages
+
+
+def test_version_prints_the_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"aimss-dask {aimss_dask.__version__}"
+
+
+def _no_cluster(*args, **kwargs):
+    raise AssertionError("a bad value reached the cluster")
+
+
+@pytest.mark.parametrize(
+    "option, value, why",
+    [
+        ("--record-size", "banana", "is not a size"),
+        ("--shuffle-size", "lots", "is not a size"),
+        ("--record-size", "4", "at least 8"),
+        ("--sink-dir", "/nonexistent", "does not exist"),
+        ("--sink-dir", __file__, "is not a directory"),
+        ("--workers", "0", "at least 1"),
+        ("--producers", "two", "is not a whole number"),
+        ("--partitions", "0", "at least 1"),
+    ],
+)
+def test_bad_values_are_usage_errors(monkeypatch, capsys, option, value, why):
+    # Refused before any cluster starts: starting one fails the test at once.
+    monkeypatch.setattr(distributed, "LocalCluster", _no_cluster)
+    monkeypatch.setattr(distributed, "Client", _no_cluster)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: aimss-dask demo")
+    assert f"argument {option}: {value!r} " in err and why in err, err
+    assert "Traceback" not in err
 
 
 def test_demo_on_an_existing_cluster():
