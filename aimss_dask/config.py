@@ -13,7 +13,7 @@ from typing import Any
 
 import dask.config
 import yaml
-from dask.utils import parse_bytes, parse_timedelta
+from dask.utils import format_bytes, parse_bytes, parse_timedelta
 
 from aimss_dask.errors import InvalidArgumentError
 
@@ -26,19 +26,114 @@ with open(_YAML) as _f:
 dask.config.update_defaults(_DEFAULTS)
 
 
+def _bad(key: str, message: str) -> InvalidArgumentError:
+    """An error about option ``key`` (``-`` spelling); ``load`` adds where it was set."""
+    err = InvalidArgumentError(message)
+    err.aimss_key = key.replace("-", "_")  # type: ignore[attr-defined]
+    return err
+
+
 def _bytes(key: str, value: Any, *, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     try:
         n = parse_bytes(value) if isinstance(value, str) else int(value)
     except (TypeError, ValueError) as e:
-        raise InvalidArgumentError(
+        raise _bad(
+            key,
             f"aimss {key}={value!r} is not a size; give a number of bytes or a "
-            "string such as '4GiB'"
+            "string such as '4GiB'",
         ) from e
     if isinstance(value, bool) or n <= 0:
-        raise InvalidArgumentError(f"aimss {key}={value!r} must be a positive size")
+        raise _bad(key, f"aimss {key}={value!r} must be a positive size")
     return n
+
+
+#: Dask's worker memory thresholds, as fractions of the worker's memory limit.
+#: Past ``target`` Dask spills task data, past ``spill`` it spills by process
+#: memory, past ``pause`` the worker stops running tasks, past ``terminate``
+#: the nanny kills it. The log lives in process memory that Dask cannot
+#: spill, so it must stay below the first of them that is enabled.
+MEMORY_THRESHOLDS = ("target", "spill", "pause", "terminate")
+
+#: AIMSS memory per byte of log budget: the log, plus its buffers beside it
+#: (operator scratch takes up to an eighth of the budget) and a margin.
+#: With Dask's defaults (target 0.6) this makes the default memory-fraction,
+#: 0.5, the largest budget that fits.
+OVERHEAD = 1.2
+
+
+def dask_memory_thresholds() -> dict[str, float | bool]:
+    """This process's ``distributed.worker.memory.*`` fractions (False: disabled)."""
+    out: dict[str, float | bool] = {}
+    for name in MEMORY_THRESHOLDS:
+        value = dask.config.get(f"distributed.worker.memory.{name}", default=False)
+        out[name] = False if value in (None, False) else float(value)
+    return out
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """Whether a log budget fits a worker, and the largest one that does.
+
+    The rule: a worker's log may hold at most ``reference × f / 1.2`` bytes,
+    where ``reference`` is the worker's Dask memory limit (the machine's
+    memory when it has none), ``f`` the lowest enabled Dask memory threshold
+    (``distributed.worker.memory.target``, 0.6, by default; 0.95 with every
+    threshold disabled), and 1.2 covers AIMSS's buffers beside the log. With
+    Dask's defaults that is half the worker's memory limit.
+
+    Examples
+    --------
+    >>> c = BudgetCheck.of(2**30, 2**30, {"target": 0.6, "spill": 0.7})
+    >>> c.fits, c.largest, c.bound
+    (False, 536870912, 'distributed.worker.memory.target=0.6')
+    """
+
+    requested: int
+    largest: int
+    reference: int  # the worker's memory limit, or the machine's memory
+    bound: str  # the threshold that sets ``largest``
+    no_limit: bool = False  # the worker has no Dask memory limit
+
+    @classmethod
+    def of(
+        cls,
+        requested: int,
+        worker_memory_limit: int | None,
+        thresholds: dict[str, float | bool],
+    ) -> BudgetCheck:
+        no_limit = not worker_memory_limit
+        reference = int(worker_memory_limit or _system_memory())
+        enabled = [(float(v), k) for k, v in thresholds.items() if v not in (False, None) and float(v) > 0]
+        if enabled:
+            frac, name = min(enabled)
+            bound = f"distributed.worker.memory.{name}={frac:g}"
+        else:
+            frac, bound = 0.95, "95% (every Dask memory threshold is disabled)"
+        # round(): 0.6 / 1.2 is a hair under 0.5 in floating point, and the
+        # default fraction's budget must fit exactly.
+        return cls(requested, int(round(reference * frac / OVERHEAD)), reference, bound, no_limit)
+
+    @property
+    def fits(self) -> bool:
+        return self.requested <= self.largest
+
+    def explain(self, where: str) -> str:
+        """Why the budget does not fit ``where`` (a worker address), with the fix."""
+        whose = (
+            f"the machine's memory ({format_bytes(self.reference)}; the worker has no "
+            "Dask memory limit)"
+            if self.no_limit
+            else f"its Dask memory limit ({format_bytes(self.reference)})"
+        )
+        return (
+            f"an AIMSS log budget of {self.requested} bytes ({format_bytes(self.requested)}) "
+            f"does not fit worker {where}: the log and AIMSS's buffers beside it "
+            f"({OVERHEAD:g}x the budget) must stay below {self.bound} of {whose}, "
+            f"so the largest budget that fits is {self.largest} bytes "
+            f"({format_bytes(self.largest)})"
+        )
 
 
 @dataclass(frozen=True)
@@ -82,7 +177,16 @@ class AIMSSConfig:
                 )
             if v is not None:
                 merged[k] = v
-        return cls._parse(merged)
+        try:
+            return cls._parse(merged)
+        except InvalidArgumentError as e:
+            key = getattr(e, "aimss_key", None)
+            var = _env_variable(key, merged.get(key)) if key else None
+            if var is None or overrides.get(key) is not None:
+                raise
+            raise InvalidArgumentError(
+                f"{e} (set by the environment variable {var}; fix or unset it)"
+            ) from None
 
     @classmethod
     def _parse(cls, d: dict[str, Any]) -> AIMSSConfig:
@@ -90,21 +194,18 @@ class AIMSSConfig:
         try:
             frac = float(raw_frac)
         except (TypeError, ValueError):
-            raise InvalidArgumentError(
-                f"aimss memory-fraction={raw_frac!r} is not a number; give e.g. 0.5"
+            raise _bad(
+                "memory-fraction",
+                f"aimss memory-fraction={raw_frac!r} is not a number; give e.g. 0.5",
             ) from None
         if not 0 < frac <= 1:
-            raise InvalidArgumentError(
-                f"aimss memory-fraction={frac!r} must be in (0, 1]"
-            )
+            raise _bad("memory-fraction", f"aimss memory-fraction={frac!r} must be in (0, 1]")
         replication = d.get("replication", 1)
         if not isinstance(replication, int) or isinstance(replication, bool):
-            raise InvalidArgumentError(
-                f"aimss replication={replication!r} must be an integer"
-            )
+            raise _bad("replication", f"aimss replication={replication!r} must be an integer")
         if replication != 1:
-            raise InvalidArgumentError(
-                f"aimss replication={replication!r} is not supported yet; use 1"
+            raise _bad(
+                "replication", f"aimss replication={replication!r} is not supported yet; use 1"
             )
         raw_linger = d.get("linger", 0.005)
         try:
@@ -113,18 +214,17 @@ class AIMSSConfig:
             else:
                 linger = parse_timedelta(raw_linger, default="s")
         except (TypeError, ValueError, KeyError):
-            raise InvalidArgumentError(
+            raise _bad(
+                "linger",
                 f"aimss linger={raw_linger!r} is not a duration; give seconds or a "
-                "string such as '5ms'"
+                "string such as '5ms'",
             ) from None
         if linger is None or linger < 0:
-            raise InvalidArgumentError(f"aimss linger={raw_linger!r} must be >= 0")
+            raise _bad("linger", f"aimss linger={raw_linger!r} must be >= 0")
         spill = d.get("spill_directory")
         transport = d.get("transport", "auto")
         if transport not in ("auto", "dask"):
-            raise InvalidArgumentError(
-                f"aimss transport={transport!r} is not one of 'auto', 'dask'"
-            )
+            raise _bad("transport", f"aimss transport={transport!r} is not one of 'auto', 'dask'")
         return cls(
             transport=transport,
             memory_limit=_bytes("memory-limit", d.get("memory_limit"), allow_none=True),
@@ -139,16 +239,48 @@ class AIMSSConfig:
             or 0,
         )
 
+    def requested_budget(self, worker_memory_limit: int | None) -> int:
+        """The log budget asked for on a worker with this Dask memory limit."""
+        if self.memory_limit is not None:
+            return self.memory_limit
+        base = worker_memory_limit or _system_memory()
+        return max(int(base * self.memory_fraction), 16 * 2**20)
+
+    def check_budget(
+        self,
+        worker_memory_limit: int | None,
+        thresholds: dict[str, float | bool] | None = None,
+    ) -> BudgetCheck:
+        """Whether this budget fits a worker; see :class:`BudgetCheck` for the rule."""
+        return BudgetCheck.of(
+            self.requested_budget(worker_memory_limit),
+            worker_memory_limit,
+            dask_memory_thresholds() if thresholds is None else thresholds,
+        )
+
     def resolve_for_worker(
-        self, worker_memory_limit: int | None, local_directory: str
+        self,
+        worker_memory_limit: int | None,
+        local_directory: str,
+        thresholds: dict[str, float | bool] | None = None,
     ) -> AIMSSConfig:
-        """Fill the worker-dependent defaults: the byte budget and spill folder."""
-        limit = self.memory_limit
-        if limit is None:
-            base = worker_memory_limit or _system_memory()
-            limit = max(int(base * self.memory_fraction), 16 * 2**20)
+        """Fill the worker-dependent defaults: the byte budget and spill folder.
+
+        A budget the worker cannot hold (:meth:`check_budget`) is clamped to
+        the largest that fits; the caller warns.
+        """
+        check = self.check_budget(worker_memory_limit, thresholds)
         spill = self.spill_directory or os.path.join(local_directory, "aimss-spill")
-        return replace(self, memory_limit=limit, spill_directory=spill)
+        return replace(
+            self, memory_limit=min(check.requested, check.largest), spill_directory=spill
+        )
+
+
+def _env_variable(key: str, value: Any) -> str | None:
+    """The ``DASK_AIMSS__*`` variable that set ``key`` to ``value``, if one did."""
+    var = f"DASK_AIMSS__{key.upper()}"
+    env = dask.config.collect_env({var: os.environ[var]}) if var in os.environ else {}
+    return var if env.get("aimss", {}).get(key) == value else None
 
 
 def _system_memory() -> int:

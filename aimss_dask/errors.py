@@ -31,6 +31,14 @@ class InvalidArgumentError(AIMSSError, ValueError):
     """A bad argument: a partition count, a name, an option."""
 
 
+class InvalidTypeError(AIMSSError, TypeError):
+    """An argument of the wrong type: ``partitions="4"``, ``timeout="1s"``, ``start=1.5``.
+
+    A ``TypeError``, as Python raises for a wrong type; not a ``ValueError``
+    like :class:`InvalidArgumentError`, which is for a wrong value.
+    """
+
+
 class PartitionOutOfRangeError(InvalidArgumentError):
     """A partition number outside ``0 .. partitions - 1``."""
 
@@ -67,6 +75,10 @@ class SinkError(AIMSSError, RuntimeError):
     """A sink failed to make data durable (a failed write, a lost writer)."""
 
 
+class SpillCorruptionError(AIMSSError, OSError):
+    """A spilled segment read back from disk is not what the log wrote there."""
+
+
 _BY_NAME: dict[str, type[AIMSSError]] = {
     cls.__name__: cls
     for cls in (
@@ -75,6 +87,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         StreamNotFoundError,
         StreamExistsError,
         InvalidArgumentError,
+        InvalidTypeError,
         PartitionOutOfRangeError,
         InvalidOffsetError,
         RecordNotSerializableError,
@@ -84,6 +97,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         StoreNotFoundError,
         StoreReadOnlyError,
         SinkError,
+        SpillCorruptionError,
     )
 }
 

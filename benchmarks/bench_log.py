@@ -37,7 +37,7 @@ MiB = 2**20
 def _log_append_read(records: list[np.ndarray]) -> float:
     from aimss_dask.log.store import LogStore
 
-    store = LogStore(budget=2**40, spill_dir=tempfile.mkdtemp(prefix="aimss-bench-"))
+    store = LogStore(budget=2**40, spill_root=tempfile.mkdtemp(prefix="aimss-bench-"))
     store.open("s", 1, [0])
     sizes = [r.nbytes for r in records]
     t0 = time.perf_counter()

@@ -197,7 +197,11 @@ def test_resolve_for_worker_keeps_explicit_settings(tmp_path):
 
 def test_resolve_for_worker_floor_and_no_worker_limit():
     cfg = AIMSSConfig.load()
-    assert cfg.resolve_for_worker(2**20, "/w").memory_limit == 16 * MiB  # the floor
+    # The floor, where the worker can hold it: 25% of 40 MiB is below 16 MiB.
+    quarter = AIMSSConfig.load(memory_fraction=0.25)
+    assert quarter.resolve_for_worker(40 * MiB, "/w", DEFAULTS).memory_limit == 16 * MiB
+    # A worker too small for the floor gets what fits (half of 2 MiB).
+    assert cfg.resolve_for_worker(2 * MiB, "/w", DEFAULTS).memory_limit == MiB
     # Dask reports 0 or None for "no memory limit": use the machine's memory.
     expected = max(int(psutil.virtual_memory().total * 0.5), 16 * MiB)
     for no_limit in (None, 0):
@@ -208,3 +212,84 @@ def test_unknown_key_in_the_config_block_is_named():
     with dask.config.set({"aimss.memory-limt": "1GiB"}):
         with pytest.raises(InvalidArgumentError, match=r"unknown key\(s\) \['memory-limt'\]"):
             AIMSSConfig.load()
+
+
+# -- the budget a worker can hold --------------------------------------------------------
+
+DEFAULTS = {"target": 0.6, "spill": 0.7, "pause": 0.8, "terminate": 0.95}
+
+
+def test_budget_check_uses_the_lowest_enabled_dask_threshold():
+    c = AIMSSConfig.load(memory_limit="64GiB").check_budget(16 * GiB, DEFAULTS)
+    assert not c.fits
+    assert c.largest == round(16 * GiB * 0.6 / 1.2) and c.bound == "distributed.worker.memory.target=0.6"
+    msg = c.explain("tcp://w:1")
+    assert "68719476736 bytes (64.00 GiB)" in msg and "tcp://w:1" in msg
+    assert "16.00 GiB" in msg and f"{round(16 * GiB * 0.6 / 1.2)} bytes" in msg
+    # target disabled: the next threshold (spill) bounds it
+    c = AIMSSConfig.load(memory_limit="9GiB").check_budget(16 * GiB, {**DEFAULTS, "target": False})
+    assert c.fits and c.largest == round(16 * GiB * 0.7 / 1.2)
+    # every threshold disabled: 95% of the limit
+    off = dict.fromkeys(DEFAULTS, False)
+    c = AIMSSConfig.load(memory_limit="13GiB").check_budget(16 * GiB, off)
+    assert not c.fits and c.largest == round(16 * GiB * 0.95 / 1.2) and "disabled" in c.bound
+    # the default fraction (0.5) is the largest that fits under Dask's defaults
+    assert AIMSSConfig.load().check_budget(16 * GiB, DEFAULTS).fits
+    assert not AIMSSConfig.load(memory_fraction=0.51).check_budget(16 * GiB, DEFAULTS).fits
+
+
+def test_budget_check_reads_dask_config_thresholds():
+    with dask.config.set({"distributed.worker.memory.target": False,
+                          "distributed.worker.memory.spill": 0.4}):
+        c = AIMSSConfig.load(memory_limit="1GiB").check_budget(2 * GiB)
+    assert c.largest == round(2 * GiB * 0.4 / 1.2) and "spill=0.4" in c.bound
+
+
+def test_budget_check_without_a_worker_limit_uses_the_machine():
+    total = psutil.virtual_memory().total
+    c = AIMSSConfig.load(memory_limit=total).check_budget(None, DEFAULTS)
+    assert not c.fits and c.largest == int(total * 0.5) and c.no_limit
+    assert "machine's memory" in c.explain("tcp://w:1")
+
+
+def test_resolve_for_worker_clamps_a_budget_that_does_not_fit():
+    r = AIMSSConfig.load(memory_limit="64GiB").resolve_for_worker(GiB, "/w", DEFAULTS)
+    assert r.memory_limit == GiB // 2
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "match"),
+    [
+        ("DASK_AIMSS__MEMORY_LIMIT", "banana", r"aimss memory-limit='banana' is not a size"),
+        ("DASK_AIMSS__LINGER", "soon", r"aimss linger='soon' is not a duration"),
+        ("DASK_AIMSS__TRANSPORT", "carrier-pigeon", r"aimss transport='carrier-pigeon'"),
+        ("DASK_AIMSS__MEMORY_FRACTION", "2", r"aimss memory-fraction=2\.0 must be in"),
+    ],
+)
+def test_a_bad_environment_variable_is_named(monkeypatch, var, value, match):
+    monkeypatch.setenv(var, value)
+    key = var[len("DASK_AIMSS__"):].lower().replace("_", "-")
+    with dask.config.set({f"aimss.{key}": dask.config.collect_env({var: value})["aimss"][key.replace("-", "_")]}):
+        with pytest.raises(InvalidArgumentError, match=match) as e:
+            AIMSSConfig.load()
+        assert f"set by the environment variable {var}" in str(e.value)
+        # An argument overrides the variable: then the variable is not blamed.
+        if key == "memory-limit":
+            with pytest.raises(InvalidArgumentError) as e2:
+                AIMSSConfig.load(memory_limit="lots")
+            assert var not in str(e2.value)
+
+
+def test_a_bad_value_set_in_the_environment_of_a_fresh_process_is_named(tmp_path):
+    """The real path: Dask reads DASK_AIMSS__* when it is imported."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DASK_AIMSS__SEGMENT_SIZE": "huge"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import aimss_dask; aimss_dask.AIMSSConfig.load()"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 1
+    assert "aimss segment-size='huge' is not a size" in out.stderr
+    assert "set by the environment variable DASK_AIMSS__SEGMENT_SIZE" in out.stderr

@@ -168,15 +168,15 @@ class LogStoreMachine(RuleBasedStateMachine):
         )
 
     def _segment_files(self) -> list[str]:
-        if not os.path.isdir(self.spill_dir):
-            return []
-        return sorted(f for f in os.listdir(self.spill_dir) if f.startswith("segment-"))
+        return sorted(
+            f for _, _, files in os.walk(self.spill_dir) for f in files if f.startswith("segment-")
+        )
 
     # -- rules ---------------------------------------------------------------------
 
     @initialize(segment_size=st.integers(1, 48), budget=st.integers(1, 256))
     def make_store(self, segment_size: int, budget: int) -> None:
-        self.store = LogStore(budget=budget, spill_dir=self.spill_dir, segment_size=segment_size)
+        self.store = LogStore(budget=budget, spill_root=self.spill_dir, segment_size=segment_size)
         self.open("s0", 1, {0, 1})
 
     @rule(
@@ -322,8 +322,8 @@ class LogStoreMachine(RuleBasedStateMachine):
         assert after <= limit
         if goal == 0:
             assert after == 0
-        if os.path.isdir(self.spill_dir):  # nothing half-written is left behind
-            assert not [f for f in os.listdir(self.spill_dir) if f.endswith(".tmp")]
+        # nothing half-written is left behind
+        assert not [f for _, _, fs in os.walk(self.spill_dir) for f in fs if f.endswith(".tmp")]
         if spilled:
             for s in self.model.values():
                 for part in s.parts.values():

@@ -12,9 +12,11 @@ from aimss_dask.errors import (
     InvalidOffsetError,
     PartitionOutOfRangeError,
     StreamNotFoundError,
+    SpillCorruptionError,
     StreamSealedError,
 )
 from aimss_dask.log.budget import BudgetExhausted, BudgetStatistics, ByteBudget
+from aimss_dask.log import spillfile
 from aimss_dask.log.store import LogStore
 
 
@@ -25,16 +27,15 @@ def spill_dir(tmp_path):
 
 @pytest.fixture
 def store(spill_dir):
-    s = LogStore(budget=2**20, spill_dir=spill_dir, segment_size=64)
+    s = LogStore(budget=2**20, spill_root=spill_dir, segment_size=64)
     s.open("a", 1, [0, 1])
     yield s
     s.close()
 
 
-def _segment_files(spill_dir: str) -> list[str]:
-    if not os.path.isdir(spill_dir):
-        return []
-    return [f for f in os.listdir(spill_dir) if f.startswith("segment-")]
+def _segment_files(spill_root: str) -> list[str]:
+    """Segment files in every store's own folder under ``spill_root``."""
+    return [f for _, _, files in os.walk(spill_root) for f in files if f.startswith("segment-")]
 
 
 # -- zero copy and immutability ---------------------------------------------------
@@ -80,7 +81,7 @@ def test_spilled_array_reads_back_equal_and_read_only(store, spill_dir):
 
 
 def test_make_room_spills_other_partitions_so_a_whole_read_fits(spill_dir):
-    s = LogStore(budget=1000, spill_dir=spill_dir, segment_size=100)
+    s = LogStore(budget=1000, spill_root=spill_dir, segment_size=100)
     s.open("a", 1, [0, 1, 2])
     for p in (0, 1, 2):  # 300 bytes each, in segments of 100
         s.append("a", 1, p, [bytes(100)] * 3, [100] * 3)
@@ -102,7 +103,7 @@ def test_make_room_spills_other_partitions_so_a_whole_read_fits(spill_dir):
 
 
 def test_tight_from_half_the_budget_on(spill_dir):
-    s = LogStore(budget=1000, spill_dir=spill_dir)
+    s = LogStore(budget=1000, spill_root=spill_dir)
     s.open("a", 1, [0])
     s.append("a", 1, 0, [bytes(400)], [400])
     assert not s.tight() and not s.tight(100) and s.tight(101)
@@ -115,7 +116,7 @@ def test_tight_from_half_the_budget_on(spill_dir):
 
 @pytest.mark.parametrize("segment_size", [1, 2**20])  # one segment per record, or one for all
 def test_read_max_bytes_takes_what_fits_and_at_least_one(spill_dir, segment_size):
-    s = LogStore(budget=2**20, spill_dir=spill_dir, segment_size=segment_size)
+    s = LogStore(budget=2**20, spill_root=spill_dir, segment_size=segment_size)
     s.open("a", 1, [0])
     s.append("a", 1, 0, [b"aaaa", b"bbbb", b"cccc"], [4, 4, 4])
     assert s.read("a", 1, 0, 0, max_bytes=8) == ([b"aaaa", b"bbbb"], False, 2)
@@ -196,7 +197,7 @@ def test_open_with_new_epoch_replaces_old_logs(store, spill_dir):
 
 def test_on_change_is_called_for_appends_and_seals(spill_dir):
     seen: list[tuple[str, int]] = []
-    s = LogStore(budget=100, spill_dir=spill_dir, on_change=lambda n, p: seen.append((n, p)))
+    s = LogStore(budget=100, spill_root=spill_dir, on_change=lambda n, p: seen.append((n, p)))
     s.open("a", 1, [0, 1])
     s.append("a", 1, 1, [b"x"], [1])
     s.seal("a", 1, [0, 1])
@@ -218,7 +219,7 @@ def test_wait_wakes_on_append_from_another_thread(store):
 
 
 def test_drop_and_close_remove_everything(spill_dir):
-    s = LogStore(budget=100, spill_dir=spill_dir, segment_size=4)
+    s = LogStore(budget=100, spill_root=spill_dir, segment_size=4)
     for name in ("a", "b"):
         s.open(name, 1, [0, 1])
         for p in (0, 1):
@@ -339,31 +340,146 @@ def _root(a: np.ndarray) -> object:
     return a
 
 
+SEG = spillfile.SegmentId("s", 3, 1, 100)
+
+
 def test_a_reload_reads_only_the_records_asked_for_into_one_buffer(tmp_path):
     """Loading records ``lo..hi`` of a spill file reads exactly their bytes,
     and the arrays are views into that one buffer (no per-array copy)."""
-    from aimss_dask.log import records as rec
-
     path = str(tmp_path / "seg")
     arrays = [np.full(1000, i, dtype="f8") for i in range(6)]
-    index = rec.dump([*arrays, b"tail", {"k": 1}], path)
-    got = rec.load(path, index[:4], first=1)
+    index = spillfile.dump([*arrays, b"tail", {"k": 1}], path, SEG)
+    got = spillfile.load(path, SEG, index, 1, 4)
     assert [int(a[0]) for a in got] == [1, 2, 3]
     roots = {id(_root(a)) for a in got}
     assert len(roots) == 1
     buf = _root(got[0])
     assert isinstance(buf, bytearray)
-    assert len(buf) == index[3][0] + index[3][1] - index[1][0]
+    assert len(buf) == index.spans[3][0] + index.spans[3][1] - index.spans[1][0]
     assert not any(a.flags.writeable for a in got)  # the log's records are read-only
-    assert rec.load(path, index, first=6) == [b"tail", {"k": 1}]
+    assert spillfile.load(path, SEG, index, 6, 8) == [b"tail", {"k": 1}]
+    assert not os.path.exists(path + ".tmp")
 
 
 def test_a_truncated_spill_file_is_an_error_not_garbage(tmp_path):
-    from aimss_dask.log import records as rec
+    path = str(tmp_path / "seg")
+    index = spillfile.dump([np.arange(100.0), np.arange(100.0)], path, SEG)
+    with open(path, "r+b") as f:
+        f.truncate(index.data_start + index.spans[1][0] + 10)
+    with pytest.raises(SpillCorruptionError, match="truncated"):
+        spillfile.load(path, SEG, index, 1, 2)
+
+
+def test_a_flipped_bit_in_a_spill_file_is_an_error_not_data(tmp_path):
+    path = str(tmp_path / "seg")
+    index = spillfile.dump([np.arange(100.0), np.arange(100.0)], path, SEG)
+    with open(path, "r+b") as f:
+        f.seek(index.data_start + index.spans[1][0] + index.spans[1][1] - 3)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+    assert np.array_equal(spillfile.load(path, SEG, index, 0, 1)[0], np.arange(100.0))
+    with pytest.raises(SpillCorruptionError, match=r"offset 101 of stream 's'.*crc32"):
+        spillfile.load(path, SEG, index, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        spillfile.SegmentId("t", 3, 1, 100),  # another stream
+        spillfile.SegmentId("s", 4, 1, 100),  # a newer epoch
+        spillfile.SegmentId("s", 3, 0, 100),  # another partition
+        spillfile.SegmentId("s", 3, 1, 0),  # other offsets
+    ],
+)
+def test_a_spill_file_of_other_records_is_refused(tmp_path, other):
+    """The file two workers sharing a folder could both write: the same name,
+    the same size, other records. Its header gives it away."""
+    path = str(tmp_path / "seg")
+    records = [np.full(10, 7.0), np.full(10, 8.0)]
+    index = spillfile.dump(records, path, SEG)
+    theirs = spillfile.dump([np.full(10, 1.0), np.full(10, 2.0)], str(tmp_path / "x"), other)
+    os.replace(str(tmp_path / "x"), path)
+    assert theirs.spans == index.spans  # only the header tells them apart
+    with pytest.raises(SpillCorruptionError, match="not stream 's' epoch 3 partition 1"):
+        spillfile.load(path, SEG, index, 0, 2)
+
+
+def test_a_file_that_is_no_segment_is_refused(tmp_path):
+    path = str(tmp_path / "seg")
+    index = spillfile.dump([b"abc"], path, SEG)
+    with open(path, "wb") as f:
+        f.write(b"user data, not ours")
+    with pytest.raises(SpillCorruptionError, match="bad magic"):
+        spillfile.load(path, SEG, index, 0, 1)
+
+
+def test_a_failed_spill_write_leaves_no_file(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("no")
 
     path = str(tmp_path / "seg")
-    index = rec.dump([np.arange(100.0), np.arange(100.0)], path)
-    with open(path, "r+b") as f:
-        f.truncate(index[1][0] + 10)
-    with pytest.raises(OSError, match="truncated"):
-        rec.load(path, index, first=1)
+    with pytest.raises(Exception):
+        spillfile.dump([b"a", Unpicklable()], path, SEG)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_store_refuses_a_spill_file_changed_on_disk(store):
+    """Through the store: a corrupted segment is an error on read, never data."""
+    store.append("a", 1, 0, [np.arange(50.0), np.arange(50.0) + 1], [400, 400])
+    store.spill(0)
+    assert sorted(os.listdir(store.spill_dir)) == ["segment-0.bin", "segment-1.bin"]
+    with open(os.path.join(store.spill_dir, "segment-1.bin"), "r+b") as f:  # offset 1
+        f.seek(-8, os.SEEK_END)
+        f.write(np.float64(-1.0).tobytes())
+    assert np.array_equal(store.read("a", 1, 0, 0, max_bytes=400)[0][0], np.arange(50.0))
+    with pytest.raises(SpillCorruptionError, match="stream 'a' epoch 1 partition 0"):
+        store.read("a", 1, 0, 1)
+
+
+def test_stores_sharing_a_spill_root_use_folders_of_their_own(tmp_path):
+    """Two stores (two workers on one host) given one folder never share a file,
+    and each reads back exactly its own records."""
+    root = str(tmp_path / "scratch")
+    os.makedirs(root)
+    with open(os.path.join(root, "user.txt"), "w") as f:
+        f.write("mine")
+    a = LogStore(budget=100, spill_root=root, segment_size=10)
+    b = LogStore(budget=100, spill_root=root, segment_size=10)
+    assert a.spill_dir != b.spill_dir
+    assert os.path.dirname(a.spill_dir) == os.path.dirname(b.spill_dir) == root
+    for s, tag in ((a, b"A"), (b, b"B")):
+        s.open("s", 1, [0])
+        s.append("s", 1, 0, [tag * 10 for _ in range(20)], [10] * 20)
+        s.spill(0)
+    assert {f for f in os.listdir(a.spill_dir)} == {f for f in os.listdir(b.spill_dir)}  # same names
+    assert a.read("s", 1, 0, 0)[0] == [b"A" * 10] * 20
+    assert b.read("s", 1, 0, 0)[0] == [b"B" * 10] * 20
+    a.close()
+    b.close()
+    # Each removed its own folder and nothing else; the root was not ours.
+    assert os.listdir(root) == ["user.txt"]
+
+
+def test_close_leaves_a_file_it_did_not_write(tmp_path):
+    root = str(tmp_path / "scratch")
+    s = LogStore(budget=100, spill_root=root, segment_size=10)
+    s.open("s", 1, [0])
+    s.append("s", 1, 0, [b"x" * 10] * 20, [10] * 20)
+    s.spill(0)
+    stray = os.path.join(s.spill_dir, "notes.txt")
+    with open(stray, "w") as f:
+        f.write("someone else's")
+    s.close()
+    assert open(stray).read() == "someone else's"
+    assert _segment_files(root) == []
+
+
+def test_prepare_spill_dir_names_an_unusable_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    s = LogStore(budget=100, spill_root=str(blocker / "spill"))
+    with pytest.raises(OSError, match="a-file"):
+        s.prepare_spill_dir()
+    assert blocker.read_text() == "not a folder"

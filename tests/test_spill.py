@@ -136,3 +136,57 @@ def test_spills_past_budget_and_reads_back_identical(client):
         assert ws["memory_bytes"] == 0 and ws["spilled_bytes"] == 0
         d = ws["spill_directory"]
         assert not os.path.isdir(d) or os.listdir(d) == []
+
+
+# -- several workers, one spill_directory ----------------------------------------------
+
+
+def _write_tagged(name: str, partition: int, n: int) -> int:
+    for i in range(n):
+        aimss_dask.write_to(name, np.full(64 * 1024 // 8, partition * 10_000 + i, dtype="i8"), partition=partition)
+    return n
+
+
+def _tags(records) -> list[int]:
+    out = []
+    for r in records:
+        assert np.all(r == r[0]), "a record came back mixed"
+        out.append(int(r[0]))
+    return out
+
+
+def _spill_files(dask_worker) -> list[str]:
+    d = dask_worker.plugins["aimss"].store.spill_dir
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def test_workers_sharing_a_spill_directory_read_back_exactly_their_own_records(tmp_path):
+    """The README's HPC set-up: every worker of a node given one folder. Each
+    spills into a folder of its own, every partition reads back exactly its
+    records, and a user's file in the folder survives the cluster."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "results.csv").write_text("the user's own data\n")
+    parts, per_part = 6, 96  # 36 MiB of 64 KiB records on 3 workers of 4 MiB budgets
+    with LocalCluster(
+        n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as c:
+        c.register_plugin(
+            aimss_dask.AIMSS(memory_limit="4MiB", segment_size="256KiB", spill_directory=str(scratch))
+        )
+        stream = aimss_dask.create_stream("tagged", partitions=parts)
+        c.gather(c.map(_write_tagged, ["tagged"] * parts, range(parts), [per_part] * parts))
+        stream.seal()
+        st = aimss_dask.status()
+        dirs = [w["spill_directory"] for w in st.values()]
+        assert len(set(dirs)) == 3 and all(os.path.dirname(d) == str(scratch) for d in dirs)
+        assert all(w["spilled_bytes"] > 0 for w in st.values())
+        files = c.run(_spill_files)
+        # The same file names on every worker: only their folders keep them apart.
+        assert len(set.intersection(*(set(f) for f in files.values()))) > 0
+        got = c.gather(stream.map_partitions(_tags))
+        assert got == [[p * 10_000 + i for i in range(per_part)] for p in range(parts)]
+        aimss_dask.destroy_stream("tagged")
+    # Shut down: each worker removed its own folder and nothing else.
+    assert sorted(os.listdir(scratch)) == ["results.csv"]
+    assert (scratch / "results.csv").read_text() == "the user's own data\n"

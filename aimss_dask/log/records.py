@@ -7,17 +7,15 @@ out-of-band buffers, anything else as (cloud)pickle.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from distributed.protocol import Serialized, deserialize_bytes, serialize
-from distributed.protocol.serialize import serialize_bytelist
+from distributed.protocol import Serialized, serialize
 
 from aimss_dask.errors import RecordNotSerializableError
 
-_SERIALIZERS = ("dask", "pickle")
+#: Dask serialiser families every record goes through (arrays without pickling).
+SERIALIZERS = ("dask", "pickle")
 
 
 def encode(record: Any, stream: str = "?") -> tuple[Serialized, int]:
@@ -27,7 +25,7 @@ def encode(record: Any, stream: str = "?") -> tuple[Serialized, int]:
     ``write`` with a clear error, instead of deep inside a comm later.
     """
     try:
-        header, frames = serialize(record, serializers=_SERIALIZERS, on_error="raise")
+        header, frames = serialize(record, serializers=SERIALIZERS, on_error="raise")
     except Exception as e:
         raise RecordNotSerializableError(
             f"record of type {type(record).__name__} written to stream {stream!r} "
@@ -93,43 +91,3 @@ def freeze(record: Any) -> Any:
         return view
     return record
 
-
-def dump(records: Sequence[Any], path: str) -> list[tuple[int, int]]:
-    """Write records to one file; return the ``(start, length)`` of each."""
-    index: list[tuple[int, int]] = []
-    pos = 0
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        for rec in records:
-            frames = serialize_bytelist(rec, serializers=_SERIALIZERS)
-            n = 0
-            for fr in frames:
-                n += f.write(fr)
-            index.append((pos, n))
-            pos += n
-    # A crash half-way leaves only the .tmp: never a truncated segment file.
-    os.replace(tmp, path)
-    return index
-
-
-def load(path: str, index: Sequence[tuple[int, int]], first: int = 0) -> list[Any]:
-    """Read the records ``first..`` of a file written by :func:`dump`."""
-    if first >= len(index):
-        return []
-    start = index[first][0]
-    end = index[-1][0] + index[-1][1]
-    # Only the records asked for (a batch that ends inside a segment must not
-    # read the rest of the file), into writable memory: NumPy's deserializer
-    # copies an array whose buffer is read-only, as ``bytes`` from ``read()``
-    # is, and that copy doubled a reload's memory and its memcpy.
-    buf = bytearray(end - start)
-    with open(path, "rb") as f:
-        f.seek(start)
-        got = f.readinto(buf)
-    if got != len(buf):
-        raise OSError(f"spill file {path} holds {start + got} bytes, its index says {end}: it was truncated")
-    view = memoryview(buf)
-    # Arrays come back as views into ``buf``: one read, no further copies.
-    return [
-        freeze(deserialize_bytes(view[a - start : a - start + n])) for a, n in index[first:]
-    ]

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aimss_dask.log.spillfile import SegmentId, SpillIndex
 
 
 @dataclass(eq=False)
@@ -24,7 +27,8 @@ class Segment:
     nbytes: int = 0  # bytes of the records not yet trimmed
     sealed: bool = False
     path: str | None = None  # spill file, once spilled
-    index: list[tuple[int, int]] | None = None  # (start, length) of each record
+    index: SpillIndex | None = None  # where each record lies in it, and its checksum
+    spilled_as: SegmentId | None = None  # what the file must say it holds
 
     @property
     def end(self) -> int:

@@ -9,9 +9,12 @@ disk reads and writes happen outside it, so the loop never waits on I/O.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
-import shutil
+import re
+import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +26,10 @@ from aimss_dask.errors import (
     StreamSealedError,
 )
 from aimss_dask.log import records as rec
+from aimss_dask.log import spillfile
 from aimss_dask.log.segment import PartitionLog, Segment
+
+logger = logging.getLogger("aimss_dask")
 
 
 @dataclass(eq=False)
@@ -35,14 +41,20 @@ class _StreamLogs:
 class LogStore:
     """Partition logs of one worker, kept within ``budget`` bytes of memory.
 
-    Past the budget, sealed segments spill to ``spill_dir`` and are read back
-    transparently. ``spill()`` does the disk writes; callers on the event loop
-    run it in a thread.
+    Past the budget, sealed segments spill to disk and are read back
+    transparently, verified. ``spill()`` does the disk writes; callers on the
+    event loop run it in a thread.
+
+    ``spill_root`` may be shared by many workers (and hosts, on a shared file
+    system): each store spills into a folder of its own that it creates
+    inside it (``spill_dir``), named after the host, the process and a random
+    suffix, and removes only the files it wrote there. A ``spill_root`` that
+    did not exist is created and, if empty at :meth:`close`, removed.
 
     Examples
     --------
     >>> import tempfile
-    >>> s = LogStore(budget=2**20, spill_dir=tempfile.mkdtemp())
+    >>> s = LogStore(budget=2**20, spill_root=tempfile.mkdtemp())
     >>> s.open("temps", epoch=1, partitions=[0])
     >>> s.append("temps", 1, 0, [b"a", b"b"], [1, 1])
     0
@@ -53,12 +65,16 @@ class LogStore:
     def __init__(
         self,
         budget: int,
-        spill_dir: str,
+        spill_root: str,
         segment_size: int = 4 * 2**20,
         on_change: Callable[[str, int], None] | None = None,
     ) -> None:
         self.budget = budget
-        self.spill_dir = spill_dir
+        self.spill_root = os.path.abspath(spill_root)
+        #: This store's own folder inside ``spill_root``; made on first use.
+        self.spill_dir = os.path.join(self.spill_root, _own_folder_name())
+        self._spill_dir_made = False
+        self._made_root = False
         self.segment_size = segment_size
         self._on_change = on_change
         self._lock = threading.RLock()
@@ -265,11 +281,11 @@ class LogStore:
         return out, sealed, start + len(out)
 
     def _load(self, name: str, seg: Segment, lo: int, hi: int) -> list[Any]:
-        path, index = seg.path, seg.index
+        path, index, spilled_as = seg.path, seg.index, seg.spilled_as
         try:
-            if path is None or index is None:
+            if path is None or index is None or spilled_as is None:
                 raise FileNotFoundError
-            return rec.load(path, index[:hi], first=lo)
+            return spillfile.load(path, spilled_as, index, lo, hi)
         except FileNotFoundError:
             raise StreamNotFoundError(
                 f"stream {name!r} was destroyed while it was being read"
@@ -373,40 +389,65 @@ class LogStore:
         target = int(self.budget * 0.9) if target is None else target
         spilled = 0
         with self._spill_lock:
-            while True:
+            while not self.closed:
                 with self._lock:
                     if self.memory_bytes <= target:
                         break
                     victim = self._pick_victim(keep)
                     if victim is None:
                         break
-                    name, seg = victim
+                    seg_id, seg = victim
                     records = list(seg.records or [])
-                if not os.path.isdir(self.spill_dir):
-                    os.makedirs(self.spill_dir, exist_ok=True)
+                self._make_spill_dir()
                 path = os.path.join(self.spill_dir, f"segment-{next(self._files)}.bin")
-                index = rec.dump(records, path)
+                index = spillfile.dump(records, path, seg_id)
                 with self._lock:
-                    logs = self._streams.get(name)
+                    logs = self._streams.get(seg_id.stream)
                     if seg.records is None or logs is None:
                         _unlink(path)  # trimmed or dropped meanwhile
                         continue
-                    seg.path, seg.index = path, index
+                    seg.path, seg.index, seg.spilled_as = path, index, seg_id
                     seg.records = None
                     self.memory_bytes -= seg.nbytes
                     self.spilled_bytes += seg.nbytes
                     spilled += seg.nbytes
         return spilled
 
-    def _pick_victim(self, keep: set[int] | None = None) -> tuple[str, Segment] | None:
-        best: tuple[str, Segment] | None = None
+    def prepare_spill_dir(self) -> str:
+        """Create this store's spill folder now, so a bad ``spill_root`` fails early.
+
+        Raises ``OSError`` (with the path) when the folder cannot be created.
+        Returns the folder.
+        """
+        with self._spill_lock:
+            self._make_spill_dir()
+        return self.spill_dir
+
+    def _make_spill_dir(self) -> None:
+        """Called with the spill lock held."""
+        if self._spill_dir_made:
+            return
+        if not os.path.isdir(self.spill_root):
+            try:
+                os.makedirs(self.spill_root)
+                self._made_root = True
+            except FileExistsError:
+                pass  # another worker made it first: not ours to remove
+        # Exclusive: a folder of that name that exists is not ours, whoever made it.
+        os.mkdir(self.spill_dir)
+        self._spill_dir_made = True
+
+    def _pick_victim(
+        self, keep: set[int] | None = None
+    ) -> tuple[spillfile.SegmentId, Segment] | None:
+        best: tuple[spillfile.SegmentId, Segment] | None = None
         for name, logs in self._streams.items():
-            for log in logs.partitions.values():
+            for p, log in logs.partitions.items():
                 for seg in log.segments:
                     if keep and id(seg) in keep:
                         continue
                     if seg.in_memory and seg.nbytes > 0 and (best is None or seg.seq < best[1].seq):
-                        best = (name, seg)
+                        best = (spillfile.SegmentId(name, logs.epoch, p, seg.base), seg)
         if best is not None:
             # Sealing the open segment is what makes the newest data spillable
             # too; the next append opens a fresh segment.
@@ -440,12 +481,23 @@ class LogStore:
             }
 
     def close(self) -> None:
-        """Drop every log and remove the spill folder; safe to call twice."""
+        """Drop every log and remove the spill files; safe to call twice.
+
+        Only what this store created goes: its segment files, then its own
+        folder and the ``spill_root`` it made, each only if empty. A file
+        someone else put there keeps the folder (and the file) in place.
+        """
         with self._lock:
+            self.closed = True
             for name in list(self._streams):
                 self._drop_locked(name)
-            self.closed = True
-        shutil.rmtree(self.spill_dir, ignore_errors=True)
+        with self._spill_lock:  # a spill under way finishes (and is dropped) first
+            if self._spill_dir_made:
+                _rmdir_if_empty(self.spill_dir, warn=True)
+                self._spill_dir_made = False
+            if self._made_root:
+                _rmdir_if_empty(self.spill_root, warn=False)
+                self._made_root = False
 
 
 def _unlink(path: str) -> None:
@@ -453,6 +505,25 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _own_folder_name() -> str:
+    """A spill folder name no other worker, run or host picks."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "host"
+    return f"aimss-{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _rmdir_if_empty(path: str, *, warn: bool) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if warn:
+            logger.warning(
+                "aimss: left spill folder %s in place: it holds files aimss did not "
+                "write (%s)", path, e.strerror,
+            )
 
 
 def _log_stats(log: PartitionLog) -> dict[str, Any]:

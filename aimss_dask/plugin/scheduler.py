@@ -16,12 +16,18 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from dask.utils import format_bytes
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
-from aimss_dask.config import AIMSSConfig
-from aimss_dask.errors import ReadTimeoutError, error_from_wire, raise_from_wire
+from aimss_dask.config import AIMSSConfig, dask_memory_thresholds
+from aimss_dask.errors import (
+    InvalidArgumentError,
+    ReadTimeoutError,
+    error_from_wire,
+    raise_from_wire,
+)
 from aimss_dask.plugin.rpc import replies
 from aimss_dask.plugin.placement import rebalance
 from aimss_dask.plugin.state import CoordinatorState, StreamSpec
@@ -35,6 +41,8 @@ PLUGIN_NAME = "aimss"
 #: Tasks whose key is ``(PARTITION_TASK_PREFIX + token, stream, partition)`` run
 #: on the partition's owner; see :meth:`AIMSS.update_graph`.
 PARTITION_TASK_PREFIX = "aimss-partition-"
+#: Scheduler metadata key set while the plugin is registered.
+REGISTERED_KEY = "aimss-registered"
 
 
 class AIMSS(SchedulerPlugin):
@@ -111,12 +119,51 @@ class AIMSS(SchedulerPlugin):
     async def start(self, scheduler: Scheduler) -> None:
         from aimss_dask.plugin.worker import AIMSSWorker
 
+        # Before anything is installed: a refused registration leaves the
+        # cluster as it was (Dask adds the plugin only if start succeeds).
+        self._check_budget_fits(scheduler)
         self.scheduler = scheduler
         self._sealed_changed = asyncio.Condition()
         for op in _HANDLERS:
             scheduler.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
         await scheduler.register_worker_plugin(
             None, dumps(AIMSSWorker(self.overrides)), name=PLUGIN_NAME, idempotent=True
+        )
+        # How a client asks whether AIMSS is here without calling a handler
+        # that may not exist (Dask logs a traceback for an unknown handler).
+        scheduler.set_metadata(keys=[REGISTERED_KEY], value=True)
+
+    def _check_budget_fits(self, scheduler: Scheduler) -> None:
+        """Refuse a log budget that a current worker cannot hold.
+
+        Raises :class:`InvalidArgumentError` naming the worker, both sizes
+        and the largest budget that fits every worker. Workers that join
+        later clamp instead (see :class:`AIMSSWorker`).
+        """
+        cfg = AIMSSConfig.load(**self.overrides)
+        thresholds = dask_memory_thresholds()
+        misfits = []
+        for ws in scheduler.workers.values():
+            if not ws.memory_limit:
+                continue  # no Dask limit: the worker checks against its own machine
+            check = cfg.check_budget(ws.memory_limit, thresholds)
+            if not check.fits:
+                misfits.append((check.largest, ws.address, check))
+        if not misfits:
+            return
+        largest, address, check = min(misfits, key=lambda m: (m[0], m[1]))
+        given = (
+            f"memory_limit={self.overrides['memory_limit']!r}"
+            if cfg.memory_limit is not None
+            else f"memory-fraction={cfg.memory_fraction:g} of each worker's limit"
+        )
+        raise InvalidArgumentError(
+            f"AIMSS({given}) refused: {check.explain(address)}"
+            + (f" (and {len(misfits) - 1} more worker(s) like it)" if len(misfits) > 1 else "")
+            + f". Give memory_limit={format_bytes(largest).replace(' ', '')!r} or less "
+            "(a budget every worker holds), or leave memory_limit unset to use "
+            "memory-fraction of each worker's limit; past its budget the log "
+            "spills to disk"
         )
 
     async def close(self) -> None:
@@ -126,6 +173,7 @@ class AIMSS(SchedulerPlugin):
         if self.scheduler is not None:
             for op in _HANDLERS:
                 self.scheduler.handlers.pop(f"aimss_{op}", None)
+            self.scheduler.task_metadata.pop(REGISTERED_KEY, None)
 
     def restart(self, scheduler: Scheduler) -> None:
         # Workers restart with empty logs: metadata of their streams is void.

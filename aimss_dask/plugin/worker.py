@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import to_serialize
+from dask.utils import format_bytes
 from distributed.utils import offload
 
 from aimss_dask.config import AIMSSConfig
@@ -54,6 +55,7 @@ class AIMSSWorker(WorkerPlugin):
         self._changed: asyncio.Event | None = None
         self._waiters = 0
         self.setup_error: str | None = None
+        self.budget_warning: str | None = None
         self.scratch: BufferPool | None = None
         # Partitions read by tasks here: from this worker's log, or remotely.
         # Partition reads from this worker's log / another's; "streamed": shuffle
@@ -83,17 +85,29 @@ class AIMSSWorker(WorkerPlugin):
 
     def _setup(self, worker: Worker) -> None:
         self.worker = worker
-        self.config = AIMSSConfig.load(**self.overrides).resolve_for_worker(
-            worker.memory_manager.memory_limit, worker.local_directory
-        )
+        requested = AIMSSConfig.load(**self.overrides)
+        limit = worker.memory_manager.memory_limit
+        check = requested.check_budget(limit)
+        if not check.fits:
+            # A worker that joined after registration (which refuses such a
+            # budget for the workers it sees) or reads another Dask config:
+            # refusing would leave it without a log, so clamp, loudly.
+            self.budget_warning = (
+                f"{check.explain(worker.address)}; using {format_bytes(check.largest)}"
+            )
+            logger.warning("aimss: %s", self.budget_warning)
+        self.config = requested.resolve_for_worker(limit, worker.local_directory)
         assert self.config.memory_limit is not None and self.config.spill_directory
         self._changed = asyncio.Event()
         self.store = LogStore(
             budget=self.config.memory_limit,
-            spill_dir=self.config.spill_directory,
+            spill_root=self.config.spill_directory,
             segment_size=self.config.segment_size,
             on_change=self._on_change,
         )
+        # Now, not at the first spill: a folder that cannot be made fails
+        # here, by name, before any record is accepted.
+        self.store.prepare_spill_dir()
         self.producer = Producer(
             worker.loop,
             worker.rpc,
@@ -410,6 +424,8 @@ class AIMSSWorker(WorkerPlugin):
         if self.pool is not None:
             st.update(self.pool.statistics())
         st["spill_directory"] = self.store.spill_dir
+        if self.budget_warning is not None:
+            st["budget_warning"] = self.budget_warning
         if self._sink_writer is not None:
             st.update({f"sink_{k}": v for k, v in self._sink_writer.statistics().items()})
         return {"status": st}

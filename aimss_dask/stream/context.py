@@ -21,7 +21,7 @@ from distributed.utils import sync
 
 from aimss_dask.config import AIMSSConfig
 from aimss_dask.errors import AIMSSError, NotRegisteredError, raise_from_wire
-from aimss_dask.plugin.scheduler import PLUGIN_NAME
+from aimss_dask.plugin.scheduler import PLUGIN_NAME, REGISTERED_KEY
 from aimss_dask.stream.producer import Producer
 
 if TYPE_CHECKING:
@@ -126,6 +126,12 @@ def current(fn: str = "call") -> Endpoint:
         if producer is None:
             # The same settings as the workers: this Dask config, overridden
             # by the AIMSS(...) arguments the scheduler plugin was given.
+            if not client.get_metadata([REGISTERED_KEY], default=False):
+                raise NotRegisteredError(
+                    f"aimss_dask.{fn}: the cluster at {client.scheduler.address} has "
+                    "no AIMSS plugin; call `client.register_plugin(aimss_dask.AIMSS())` "
+                    "first"
+                )
             reply = raise_from_wire(
                 sync(client.loop, client.scheduler.aimss_config), "aimss_config"
             )
