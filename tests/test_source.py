@@ -321,7 +321,7 @@ def test_missing_path_raises_before_any_stream(client, tmp):
     group.create_array("x", shape=(4,), chunks=(2,), dtype="i8")
     with pytest.raises(aimss_dask.StoreNotFoundError, match="component 'y'"):
         from_zarr(os.path.join(tmp, "g.zarr"), component="y")
-    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"is a group.*\['x'\]"):
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"is a group.*\(arrays: 'x'\)"):
         from_zarr(os.path.join(tmp, "g.zarr"))
     with pytest.raises(aimss_dask.InvalidArgumentError, match="prefetch=0"):
         from_zarr(os.path.join(tmp, "g.zarr"), component="x", prefetch=0)
@@ -340,6 +340,50 @@ def test_missing_path_raises_before_any_stream(client, tmp):
             plain.batches(2)
     finally:
         aimss_dask.destroy_stream(plain.name)
+
+
+def test_group_error_lists_nested_arrays_and_how_to_open_them(client, tmp):
+    """A group names every array under it, at any depth, as ``component=`` takes them."""
+    path = os.path.join(tmp, "nested.zarr")
+    root = zarr.open_group(path, mode="w")
+    grp = root.create_group("grp")
+    grp.create_array("arr", shape=(6,), chunks=(3,), dtype="f8")[:] = np.arange(6.0)
+    grp.create_group("empty")
+    before = aimss_dask.status()
+    cases = [
+        # (store, component, arrays as component= takes them with that store, path hint)
+        (path, None, ["grp/arr"], f"{path}/grp/arr"),
+        (path, "grp", ["grp/arr"], f"{path}/grp/arr"),
+        (f"{path}/grp", None, ["arr"], f"{path}/grp/arr"),
+        (root, None, ["grp/arr"], None),
+        (root["grp"], None, ["arr"], None),
+    ]
+    for store, component, arrays, hint in cases:
+        with pytest.raises(aimss_dask.InvalidArgumentError, match="is a group, not an array") as e:
+            from_zarr(store, component=component)
+        msg = str(e.value)
+        assert f"(arrays: {', '.join(map(repr, arrays))})" in msg, msg
+        assert f"component={arrays[0]!r}" in msg, msg
+        assert (f"or its path {hint!r}" in msg) if hint else ("or its path" not in msg), msg
+        # ... and what the message says to pass opens the array.
+        s = from_zarr(store, component=arrays[0])
+        try:
+            np.testing.assert_array_equal(np.concatenate(list(s.read())), np.arange(6.0))
+        finally:
+            aimss_dask.destroy_stream(s.name)
+        if hint:
+            s = from_zarr(hint)
+            aimss_dask.destroy_stream(s.name)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"grp/empty' is a group with no array under it"):
+        from_zarr(path, component="grp/empty")
+    with pytest.raises(aimss_dask.InvalidTypeError, match=r"component=3 is an int, not a str") as e:
+        from_zarr(path, component=3)
+    assert isinstance(e.value, TypeError)
+    for arg in ("partitions", "prefetch"):
+        with pytest.raises(aimss_dask.InvalidTypeError, match=rf"{arg}='2' is a str, not an int; give an int >= 1"):
+            from_zarr(path, component="grp/arr", **{arg: "2"})
+    after = aimss_dask.status()
+    assert [st["streams"] for st in after.values()] == [st["streams"] for st in before.values()]
 
 
 def test_brokers_stop_after_destroy_and_when_the_client_leaves(client, cluster, tmp):

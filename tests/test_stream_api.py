@@ -199,6 +199,20 @@ def test_explicit_start_offset(client):
     assert list(s.read(start=9)) == [9]
 
 
+def test_numpy_integers_are_ints_for_counts_partitions_offsets_and_timeouts(client):
+    """Counts and indexes computed with NumPy (``np.int64``) are ints, not a wrong type."""
+    name = unique_name("npint")
+    s = aimss_dask.create_stream(name, partitions=np.int64(2))
+    assert s.partitions == 2 and type(s.info()["partitions"]) is int
+    for i in range(4):
+        s.write(i, partition=np.int64(1))
+        aimss_dask.write_to(name, -i, partition=np.uint8(0))
+    s.seal()
+    assert list(s.read(partition=np.int32(1), start=np.int64(2), timeout=np.float32(5))) == [2, 3]
+    assert list(aimss_dask.read_from(name, partition=np.int64(0), start=np.int64(3))) == [-3]
+    assert aimss_dask.shuffle_streams(name, timeout=np.float64(0)) == []
+
+
 def test_read_open_partition_times_out_after_existing_records(client):
     name = unique_name("timeout")
     s = aimss_dask.create_stream(name, partitions=2)

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from distributed.protocol.pickle import dumps
 
-from aimss_dask.errors import InvalidArgumentError, StoreNotFoundError
+from aimss_dask.errors import InvalidArgumentError, InvalidTypeError, StoreNotFoundError
 from aimss_dask.plugin.state import StreamSpec
 from aimss_dask.source.layout import SourceLayout
-from aimss_dask.stream.api import Stream, create_stream, destroy_stream
+from aimss_dask.stream.api import Stream, check_int_arg, create_stream, destroy_stream, type_name
 from aimss_dask.stream.context import Endpoint, current
 
 
@@ -90,8 +90,10 @@ def from_zarr(
             "at least one dimension"
         )
     for arg, value in (("partitions", partitions), ("prefetch", prefetch)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and check_int_arg(value, arg, f"give an int >= 1 for {where}, or None") < 1:
             raise InvalidArgumentError(f"{arg}={value!r} for {where}: give an int >= 1, or None")
+    partitions = None if partitions is None else int(partitions)
+    prefetch = None if prefetch is None else int(prefetch)
     ep = current("from_zarr")
     shape = tuple(int(n) for n in arr.shape)
     slab_rows = max(1, int(arr.chunks[0]))
@@ -132,7 +134,12 @@ def open_array(store: Any, component: str | None) -> tuple[Any, str, str | None]
     import zarr
     from zarr.errors import NodeTypeValidationError
 
-    if component is not None and (not isinstance(component, str) or not component):
+    if component is not None and not isinstance(component, str):
+        raise InvalidTypeError(
+            f"component={component!r} is {type_name(component)}, not a str; give the path "
+            "of the array inside the store, e.g. component='grp/arr', or None"
+        )
+    if component == "":
         raise InvalidArgumentError(f"component={component!r} must be a non-empty str or None")
     if isinstance(store, zarr.Array):
         if component is not None:
@@ -141,9 +148,11 @@ def open_array(store: Any, component: str | None) -> tuple[Any, str, str | None]
                 "itself, or its group with the component"
             )
         return store, f"Zarr array {store.store_path}", _local_root(store)
+    # What the caller passed: a group error names arrays the way they would pass them.
+    given_store, given_component = store, component
     if isinstance(store, zarr.Group):
         if component is None:
-            raise InvalidArgumentError(_group_message(f"Zarr group {store.store_path}", store))
+            raise InvalidArgumentError(_group_message(f"Zarr group {store.store_path}", store, store, None))
         store_path = store.store_path
         store, component = store_path.store, "/".join(x for x in (store_path.path, component) if x)
     if isinstance(store, os.PathLike):
@@ -160,7 +169,7 @@ def open_array(store: Any, component: str | None) -> tuple[Any, str, str | None]
         arr = zarr.open_array(store=store, path=component or "", mode="r")
     except NodeTypeValidationError:
         group = zarr.open_group(store=store, path=component or "", mode="r")
-        raise InvalidArgumentError(_group_message(where, group)) from None
+        raise InvalidArgumentError(_group_message(where, group, given_store, given_component)) from None
     except FileNotFoundError as e:  # zarr's ArrayNotFoundError is one
         raise StoreNotFoundError(
             f"no array in {where} ({e}); check the path and the component"
@@ -174,12 +183,33 @@ def _local_root(arr: Any) -> str | None:
     return str(arr.store.root) if isinstance(arr.store, LocalStore) else None
 
 
-def _group_message(where: str, group: Any) -> str:
-    arrays = sorted(group.array_keys())
-    return (
-        f"{where} is a group, not an array; pass component= the array to stream "
-        f"(arrays there: {arrays})"
+#: Arrays a group error lists by name; a larger hierarchy is summarised.
+_LISTED_ARRAYS = 10
+
+
+def _group_message(where: str, group: Any, store: Any, component: str | None) -> str:
+    """Why a group cannot be streamed, and the arrays under it that can.
+
+    Arrays are searched at every depth (``grp/arr`` too, not only direct
+    children) and named as ``component=`` takes them with ``store``, as the
+    caller passed it: ``component``, the group's own path, comes first.
+    """
+    import zarr
+
+    prefix = f"{component}/" if component else ""
+    arrays = sorted(
+        f"{prefix}{path}" for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)
     )
+    if not arrays:
+        return f"{where} is a group with no array under it; from_zarr streams an array: check the path"
+    shown = ", ".join(repr(a) for a in arrays[:_LISTED_ARRAYS])
+    if len(arrays) > _LISTED_ARRAYS:
+        shown += f", ... ({len(arrays) - _LISTED_ARRAYS} more)"
+    how = f"pass component= one of the arrays under it, e.g. component={arrays[0]!r}"
+    if isinstance(store, (str, os.PathLike)):
+        # A path names an array as well: the store's path joined with the component.
+        how += f", or its path {os.fspath(store).rstrip('/') + '/' + arrays[0]!r}"
+    return f"{where} is a group, not an array; {how} (arrays: {shown})"
 
 
 def _default_name(arr: Any) -> str:

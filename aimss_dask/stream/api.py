@@ -17,6 +17,8 @@ Paper                  aimss_dask
 from __future__ import annotations
 
 import itertools
+import numbers
+import operator
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +27,7 @@ from typing import Any
 from aimss_dask.errors import (
     InvalidArgumentError,
     InvalidOffsetError,
+    InvalidTypeError,
     PartitionLostError,
     StreamNotFoundError,
 )
@@ -52,6 +55,44 @@ def _remember(ep: Endpoint, reply: dict[str, Any]) -> StreamSpec:
     return spec
 
 
+def type_name(value: object) -> str:
+    """``value``'s type for a message: "an int", "a str", "None"."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
+def check_int_arg(value: object, what: str, fix: str) -> int:
+    """``value`` as a plain int, or :class:`InvalidTypeError` naming its type.
+
+    NumPy integers pass (``operator.index``); ``bool`` does not, though it
+    is an int: ``partitions=True`` is a mistake, not a request for 1.
+    """
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise InvalidTypeError(f"{what}={value!r} is {type_name(value)}, not an int; {fix}")
+
+
+def check_str_arg(value: object, what: str = "stream name") -> str:
+    """A name: :class:`InvalidTypeError` if not a str, then ``check_name``'s rules."""
+    if not isinstance(value, str):
+        raise InvalidTypeError(f"{what} {value!r} is {type_name(value)}, not a str; give a non-empty str")
+    return check_name(value, what)
+
+
+def _check_partition(spec: StreamSpec, partition: object) -> int:
+    p = check_int_arg(
+        partition,
+        "partition",
+        f"give a partition number 0 .. {spec.partitions - 1} of stream {spec.name!r}, or None",
+    )
+    return check_partition(spec, p)
+
+
 def forget(name: str) -> None:
     """Drop what this process cached about ``name`` (it was destroyed)."""
     with _cache_lock:
@@ -60,7 +101,7 @@ def forget(name: str) -> None:
 
 
 def _spec(ep: Endpoint, name: str, refresh: bool = False) -> StreamSpec:
-    check_name(name)
+    check_str_arg(name)
     spec = None if refresh else _specs.get(name)
     if spec is None:
         spec = _remember(ep, ep.scheduler_op("get", name=name))
@@ -229,7 +270,10 @@ def create_stream(
     name
         Cluster-wide unique name.
     partitions
-        Number of partitions (>= 1), spread evenly over the workers.
+        Number of partitions, an int >= 1 (NumPy integers too), spread
+        evenly over the workers. Another type (``"4"``, ``2.5``, ``True``)
+        raises :class:`InvalidTypeError`, a ``TypeError``; a value below 1,
+        :class:`InvalidArgumentError`.
     parent
         An existing stream this one hangs under (a shuffle's children);
         :func:`shuffle_streams` waits for all children to be sealed, and
@@ -244,10 +288,16 @@ def create_stream(
     --------
     >>> s = aimss_dask.create_stream("events", partitions=8)  # doctest: +SKIP
     """
+    check_str_arg(name)
+    partitions = check_int_arg(
+        partitions, "partitions", f"give stream {name!r} a number of partitions, an int >= 1"
+    )
+    if parent is not None:
+        check_str_arg(parent, "parent stream name")
     ep = current("create_stream")
     reply = ep.scheduler_op(
         "create",
-        name=check_name(name),
+        name=name,
         partitions=partitions,
         parent=parent,
         exist_ok=bool(exist_ok),
@@ -343,7 +393,7 @@ def get_stream(name: str) -> Stream:
 
 def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, key: Any) -> None:
     if partition is not None:
-        p = check_partition(spec, partition)
+        p = _check_partition(spec, partition)
     elif key is not None:
         p = partition_for_key(key, spec.partitions)
     else:
@@ -373,9 +423,18 @@ def write_to(name: str, record: Any, *, partition: int | None = None, key: Any =
     _write(ep, _spec(ep, name), record, partition, key)
 
 
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout >= 0:
+def _check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    # numbers.Real takes NumPy scalars too; bool is refused like everywhere else.
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
+        raise InvalidTypeError(
+            f"timeout={timeout!r} is {type_name(timeout)}, not a number; give seconds "
+            "as an int or float >= 0, or None to wait without a limit"
+        )
+    if not timeout >= 0:  # NaN fails this too
         raise InvalidArgumentError(f"timeout={timeout!r} must be >= 0 seconds or None")
+    return float(timeout)
 
 
 def read_from(
@@ -407,19 +466,20 @@ def read_from(
     >>> for rec in aimss_dask.read_from("events", group="trainer"):  # doctest: +SKIP
     ...     process(rec)
     """
+    check_str_arg(name)
+    if start is not None:
+        start = check_int_arg(start, "start", f"give an offset of stream {name!r}, an int >= 0, or None")
+        if start < 0:
+            raise InvalidOffsetError(f"start={start!r} for stream {name!r}: offsets are non-negative ints")
+    timeout = _check_timeout(timeout)
+    if group is not None:
+        check_str_arg(group, "consumer group")
     ep = current("read_from")
-    check_name(name)
     got = ep.scheduler_op("get", name=name)
     spec = _remember(ep, got)
-    parts = [check_partition(spec, partition)] if partition is not None else list(range(spec.partitions))
-    if start is not None and (not isinstance(start, int) or isinstance(start, bool) or start < 0):
-        raise InvalidOffsetError(
-            f"start={start!r} for stream {name!r}: offsets are non-negative ints"
-        )
-    _check_timeout(timeout)
+    parts = [_check_partition(spec, partition)] if partition is not None else list(range(spec.partitions))
     committer = None
     if group is not None:
-        check_name(group, "consumer group")
         committed = ep.scheduler_op("offsets", name=name, group=group)["offsets"]
         starts = [committed[p] if start is None else start for p in parts]
         committer = reader.GroupCommitter(ep, name, group)
@@ -445,9 +505,9 @@ def shuffle_streams(parent: str, *, timeout: float | None = None) -> list[str]:
     >>> aimss_dask.shuffle_streams("join-1")  # doctest: +SKIP
     ['join-1/left', 'join-1/right']
     """
+    check_str_arg(parent, "parent stream name")
+    timeout = _check_timeout(timeout)
     ep = current("shuffle_streams")
-    check_name(parent, "parent stream name")
-    _check_timeout(timeout)
     return list(ep.scheduler_op("shuffle_wait", parent=parent, timeout=timeout)["children"])
 
 
@@ -456,8 +516,8 @@ def destroy_stream(name: str) -> None:
 
     Child streams are destroyed with their parent.
     """
+    check_str_arg(name)
     ep = current("destroy_stream")
-    check_name(name)
     try:
         reply = ep.scheduler_op("destroy", name=name)
     finally:
