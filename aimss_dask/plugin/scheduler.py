@@ -129,9 +129,32 @@ class AIMSS(SchedulerPlugin):
         await scheduler.register_worker_plugin(
             None, dumps(AIMSSWorker(self.overrides)), name=PLUGIN_NAME, idempotent=True
         )
+        failed = await self._setup_failures(scheduler)
+        if failed:
+            # Undo, so that a corrected registration starts from a clean slate.
+            await scheduler.unregister_worker_plugin(None, PLUGIN_NAME)
+            for op in _HANDLERS:
+                scheduler.handlers.pop(f"aimss_{op}", None)
+            addr, why = sorted(failed.items())[0]
+            raise InvalidArgumentError(
+                f"AIMSS could not start on {len(failed)} of {len(scheduler.workers)} "
+                f"worker(s); on {addr}: {why}. Nothing was registered: fix the "
+                "setting (a spill_directory every worker can create folders in) "
+                "and register again"
+            )
         # How a client asks whether AIMSS is here without calling a handler
         # that may not exist (Dask logs a traceback for an unknown handler).
         scheduler.set_metadata(keys=[REGISTERED_KEY], value=True)
+
+    @staticmethod
+    async def _setup_failures(scheduler: Scheduler) -> dict[str, str]:
+        """Workers whose worker plugin setup failed, with why."""
+        replies = await scheduler.broadcast(msg={"op": "aimss_setup_status"}, on_error="return")
+        return {
+            addr: r["error"]
+            for addr, r in replies.items()
+            if isinstance(r, dict) and r.get("error")
+        }
 
     def _check_budget_fits(self, scheduler: Scheduler) -> None:
         """Refuse a log budget that a current worker cannot hold.

@@ -75,6 +75,8 @@ class AIMSSWorker(WorkerPlugin):
     # -- lifecycle -----------------------------------------------------------------
 
     def setup(self, worker: Worker) -> None:
+        # First, so the coordinator can ask how setup went even when it failed.
+        worker.handlers["aimss_setup_status"] = self._h_setup_status
         try:
             self._setup(worker)
         except Exception as e:
@@ -159,6 +161,11 @@ class AIMSSWorker(WorkerPlugin):
                 self._sink_writer.close()
         except Exception:
             logger.exception("aimss: worker teardown failed")
+
+    @replies
+    async def _h_setup_status(self) -> dict[str, Any]:
+        """``{"error": None}``, or why setup failed on this worker."""
+        return {"error": self.setup_error}
 
     # -- sinks -------------------------------------------------------------------------
 
@@ -436,6 +443,7 @@ async def _torn_down(**kwargs: Any) -> dict[str, Any]:
 
 
 _HANDLERS = (
+    "setup_status",
     "open",
     "data_address",
     "append",

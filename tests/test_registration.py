@@ -1,8 +1,9 @@
-"""A log budget a worker cannot hold is refused at registration, or clamped.
+"""What registration refuses: a log budget a worker cannot hold (clamped on
+workers that join later), and a spill folder a worker cannot make.
 
-Real worker processes with a 1 GiB Dask memory limit. The rule (config.py,
-``BudgetCheck``): with Dask's default thresholds a worker's log may hold at
-most half its memory limit.
+Real worker processes with a 1 GiB Dask memory limit. The budget rule
+(config.py, ``BudgetCheck``): with Dask's default thresholds a worker's log
+may hold at most half its memory limit.
 """
 
 from __future__ import annotations
@@ -100,3 +101,25 @@ def test_a_worker_that_joins_later_clamps_and_is_not_killed():
         got = client.gather(stream.map_partitions(_check))
         assert got == [list(range(n)), [100_000 + i for i in range(n)]]
         aimss_dask.destroy_stream("big")
+
+
+def test_a_spill_directory_workers_cannot_use_is_refused_at_registration(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the user's file\n")
+    with _cluster(2) as cluster, Client(cluster) as client:
+        with pytest.raises(InvalidArgumentError) as e:
+            client.register_plugin(aimss_dask.AIMSS(spill_directory=str(blocker / "spill")))
+        msg = str(e.value)
+        assert "could not start on 2 of 2 worker(s)" in msg
+        assert str(blocker) in msg and "Nothing was registered" in msg
+        assert blocker.read_text() == "the user's file\n"
+        # Undone everywhere: no worker keeps a half-set-up plugin.
+        assert set(client.run(lambda dask_worker: "aimss" in dask_worker.plugins).values()) == {False}
+        with pytest.raises(NotRegisteredError):
+            aimss_dask.create_stream("s")
+        # A corrected registration works.
+        client.register_plugin(aimss_dask.AIMSS(spill_directory=str(tmp_path / "spill")))
+        s = aimss_dask.create_stream("s", partitions=2)
+        s.write(np.arange(3))
+        s.seal()
+        assert sum(len(r) for r in client.gather(s.map_partitions(list))) == 1
