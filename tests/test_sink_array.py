@@ -225,6 +225,7 @@ def test_bad_inputs_raise_clear_errors(client, tmp_path):
     with pytest.raises(aimss_dask.InvalidArgumentError, match="dask.array.Array"):
         aimss_dask.to_zarr(np.ones(3), str(tmp_path / "c.zarr"))
     assert not os.path.exists(tmp_path / "a.zarr")
+    assert not os.path.exists(tmp_path / "b.zarr")  # the invalid shards made no folder
     assert_workers_clean()
 
 
@@ -444,3 +445,124 @@ def test_jobs_table_gives_back_every_piece():
         (8, (4, 1), [(1, (slice(1000, 1024), slice(64, 128)), (0, 24))]),
     ]
     assert list(_Jobs.pack({}, 0, 2, 2)[0]) == []
+
+
+# -- clear errors, and nothing created or deleted that should not be (issue 17, items 4 and 7) --
+
+
+def test_s3_url_without_s3fs_names_the_package(client, tmp_path, monkeypatch):
+    """fsspec's ImportError for a protocol is translated: the message names the
+    package to install, not overwrite=True. s3fs is not installed in the test
+    environment; the ``None`` in ``sys.modules`` keeps it so where it is."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    monkeypatch.chdir(tmp_path)
+    x = da.ones(10, chunks=5)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"needs the package 's3fs' for s3:// URLs.*pip install s3fs \(or pip install 'aimss-dask\[s3\]'\)") as info:
+        aimss_dask.to_zarr(x, "s3://bucket/out.zarr")
+    assert "overwrite" not in str(info.value)
+    assert isinstance(info.value.__cause__, ImportError)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="fsspec knows no protocol 'nosuchproto'"):
+        aimss_dask.to_zarr(x, "nosuchproto://bucket/out.zarr")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_at_the_path_is_named_and_kept(client, tmp_path, overwrite):
+    path = tmp_path / "out.zarr"
+    path.write_text("not a store")
+    x = da.ones(10, chunks=5)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=rf"{path}' is a file, not a folder.*Give another path"):
+        aimss_dask.to_zarr(x, str(path), overwrite=overwrite)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=rf"{path}' is a file, not a folder"):
+        aimss_dask.to_zarr(x, str(path), component="a/b", dims=("k",))
+    assert path.read_text() == "not a store"
+
+
+def test_overwrite_never_deletes_a_folder_zarr_did_not_write(client, tmp_path):
+    """Zarr's overwrite clears the target folder: one holding files but no Zarr
+    array or group is refused, and its files stay."""
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"overwrite=True would delete the contents of .*mydata.*\['notes.txt'\] but no Zarr array or group"):
+        aimss_dask.to_zarr(da.ones(10, chunks=5), str(folder), overwrite=True)
+    assert (folder / "notes.txt").read_text() == "precious"
+    assert os.listdir(folder) == ["notes.txt"]
+    # A Zarr array there is replaced, as asked.
+    aimss_dask.to_zarr(da.ones(10, chunks=5), str(tmp_path / "z.zarr"))
+    aimss_dask.to_zarr(da.zeros(4, chunks=2), str(tmp_path / "z.zarr"), overwrite=True)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "z.zarr"))[:], np.zeros(4))
+
+
+def _mount_read_only(folder) -> bool:
+    """A read-only tmpfs on ``folder``, where this process may mount (root with CAP_SYS_ADMIN)."""
+    import subprocess
+
+    folder.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("how", ["mount", "simulated"])
+def test_a_read_only_file_system_raises_store_read_only(client, tmp_path, monkeypatch, how):
+    """Tests run as root, for whom chmod does not make a folder read-only.
+    ``mount``: a real read-only tmpfs (skipped where this process may not
+    mount). ``simulated``: ``Path.mkdir`` under the folder raises EROFS, as
+    the kernel does, where Zarr's LocalStore creates the store's folder (and
+    os.access says yes, as it does for root on a chmod-ed folder)."""
+    import errno
+    import pathlib
+    import subprocess
+
+    ro = tmp_path / "ro"
+    if how == "mount":
+        if not _mount_read_only(ro):
+            pytest.skip("cannot mount a read-only tmpfs here")
+    else:
+        ro.mkdir()
+        real_mkdir = pathlib.Path.mkdir
+
+        def mkdir(self, *args, **kwargs):
+            if str(self).startswith(str(ro)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    try:
+        target = str(ro / "out.zarr")
+        x = da.ones(10, chunks=5)
+        with pytest.raises(aimss_dask.StoreReadOnlyError, match=rf"cannot write '{target}'.*(Read-only file system|not writable).*this user can write"):
+            aimss_dask.to_zarr(x, target)
+        with pytest.raises(aimss_dask.StoreReadOnlyError, match=rf"{ro}"):
+            aimss_dask.to_zarr(x, target, dims=("k",))
+        assert os.listdir(ro) == []
+    finally:
+        if how == "mount":
+            subprocess.run(["umount", str(ro)], check=True, timeout=30)
+    assert_workers_clean()
+
+
+def test_invalid_shards_create_no_folder(client, tmp_path):
+    """Every argument is checked (by a rehearsal in memory) before the store's
+    folder is made: nothing is left behind, at any depth."""
+    x = da.ones((10, 10), chunks=5)
+    root = tmp_path / "new.zarr"
+    for kwargs in (
+        {"chunks": (3, 3), "shards": (5, 5)},
+        {"component": "g/a", "chunks": (3, 3), "shards": (5, 5)},
+        {"component": "g/a", "compressors": "not-a-codec"},
+        {"dims": ("a", "b"), "chunks": (3, 3), "shards": (5, 5)},
+    ):
+        with pytest.raises(aimss_dask.InvalidArgumentError):
+            aimss_dask.to_zarr(x, str(root), **kwargs)
+        assert not root.exists(), kwargs
+    # Inside an existing store, the array's folder is not made either.
+    zarr.create_group(str(root))
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="shards="):
+        aimss_dask.to_zarr(x, str(root), component="a", chunks=(3, 3), shards=(5, 5))
+    assert sorted(os.listdir(root)) == ["zarr.json"]

@@ -23,6 +23,7 @@ from aimss_dask.errors import (
     StreamNotFoundError,
 )
 from aimss_dask.sink import _stream_plan as plan
+from aimss_dask.sink import _xarray as xr_sink
 from aimss_dask.sink._stream_plan import Committed, Position, Template
 from aimss_dask.sink._stream_tasks import (
     OwnerJob,
@@ -57,11 +58,22 @@ class SinkRun:
         existing: tuple[Template, int, Committed] | None,
         client: Any,
         ep: Any,
+        *,
+        dims: tuple[str, ...] | None = None,
+        named: bool = False,
+        zarr_format: int = 3,
+        groups: tuple[str, ...] = (),
     ) -> None:
         self.spec = spec
         self.target = target
         self._axis = axis
         self._chunks = chunks
+        # An xarray variable (see stream_to_zarr): its dims (None: xarray's
+        # defaults, once the rank is known) and the groups consolidated at the end.
+        self._dims = dims
+        self._named = named
+        self._zarr_format = zarr_format
+        self._groups = groups
         self._client = client
         self._ep = ep
         n = spec.partitions
@@ -438,6 +450,14 @@ class SinkRun:
             run=self.target.run,
             stream=self.spec.name,
         )
+        kwargs: dict[str, Any] = {"attributes": {"aimss": committed.to_doc()}}
+        if self._named:
+            what = f"the records of stream {self.spec.name!r} ({template.describe()})"
+            if self._dims is not None:
+                dims = xr_sink.check_dims(self._dims, template.ndim, what)
+            else:
+                dims = xr_sink.default_dims(template.ndim)
+            kwargs = xr_sink.dims_kwargs(dims, self._zarr_format, kwargs, self.target.where)
         try:
             arr = zarr.create_array(
                 self.target.store,
@@ -445,7 +465,8 @@ class SinkRun:
                 shape=template.array_shape(0),
                 chunks=chunk_shape,
                 dtype=np.dtype(template.dtype),
-                attributes={"aimss": committed.to_doc()},
+                zarr_format=self._zarr_format,
+                **kwargs,
             )
         except zarr.errors.ContainsArrayError as e:
             raise SinkError(
@@ -463,7 +484,8 @@ class SinkRun:
         ends = tuple((s, 0) for s in self._scan)
         rems = list(self._avail)
         if c.complete and not any(rems):
-            return  # a replay of a completed sink: nothing to do
+            self._consolidate()  # a replay of a completed sink: nothing else to do
+            return
         self._activate()
         if any(rems):
             jobs = {
@@ -499,7 +521,12 @@ class SinkRun:
         with self.lock:
             self._pos = list(ends)
             self._avail = [0] * self.spec.partitions
+        self._consolidate()
         self._final_trim()
+
+    def _consolidate(self) -> None:
+        """The groups' consolidated metadata, once the array has its final shape."""
+        xr_sink.consolidate(self.target.store, self._groups, None)
 
     def _final_trim(self) -> None:
         from distributed import wait

@@ -101,6 +101,8 @@ from typing import Any
 
 from aimss_dask.errors import InvalidArgumentError, StoreReadOnlyError
 from aimss_dask.sink import _stream_plan as plan
+from aimss_dask.sink import _xarray as xr_sink
+from aimss_dask.sink.array import check_fsspec_protocol
 from aimss_dask.sink._stream_driver import SinkRun
 from aimss_dask.sink._stream_plan import Committed, Template
 from aimss_dask.sink._stream_tasks import Target
@@ -115,6 +117,9 @@ def stream_to_zarr(
     component: str | None = None,
     axis: int = 0,
     chunks: Any = None,
+    dims: Any = None,
+    name: str | None = None,
+    zarr_format: int = 3,
 ) -> Sink:
     """Drain ``stream`` into a Zarr array growing along ``axis``; returns a running :class:`Sink`.
 
@@ -134,6 +139,19 @@ def stream_to_zarr(
         Rows per chunk along ``axis`` (an int), or one entry per axis (``None``
         for the full extent). Default: about 8 MiB of rows, at least one
         record's. An existing array keeps its own chunks.
+    dims, name
+        Write the array as an xarray variable, as :func:`aimss_dask.to_zarr`
+        does for a plain array: one dimension name per axis in ``dims``
+        (default ``dim_0, ...`` when only ``name`` is given; v3
+        ``dimension_names``, v2 ``_ARRAY_DIMENSIONS``), at
+        ``component/name`` (with neither, ``"data"`` in a group at the
+        store's root). The groups the sink creates get consolidated metadata
+        once the sink completes (a growing array would make it stale before);
+        until then ``xarray.open_zarr(..., consolidated=False)`` reads the
+        array as far as it is durable. An existing array must have these
+        dimension names.
+    zarr_format
+        3 (the default) or 2, for a new array.
 
     Examples
     --------
@@ -143,6 +161,10 @@ def stream_to_zarr(
     >>> s.seal(); sink.wait()                                  # doctest: +SKIP
     >>> zarr.open_array("frames.zarr").shape                   # doctest: +SKIP
     (64000, 32)
+    >>> sink = stream_to_zarr(s, "named.zarr", dims=("t", "x"), name="frames")  # doctest: +SKIP
+    >>> s.seal(); sink.wait()                                  # doctest: +SKIP
+    >>> xarray.open_zarr("named.zarr").frames.dims             # doctest: +SKIP
+    ('t', 'x')
     """
     from distributed import get_client
 
@@ -154,12 +176,25 @@ def stream_to_zarr(
     chunks = plan.check_chunks_arg(chunks)
     if component is not None and not isinstance(component, str):
         raise InvalidArgumentError(f"component={component!r} must be a str path inside the store, or None")
+    if zarr_format not in (2, 3):
+        raise InvalidArgumentError(f"zarr_format={zarr_format!r}: use 3 (the default) or 2")
     component = (component or "").strip("/") or None
+    named = dims is not None or name is not None
+    if dims is not None:
+        dims = xr_sink.check_dims(dims, None, f"stream {stream.name!r}")
+    if named:
+        component = xr_sink.variable_path(component, name)
     store = _check_store(store)
     spec = _remember(ep, ep.scheduler_op("get", name=stream.name))
     target = Target(store, component, uuid.uuid4().hex, _where(store, component))
-    existing = _inspect(target, spec.partitions, axis, chunks)
-    return Sink(SinkRun(spec, target, axis, chunks, existing, get_client(), ep))
+    groups = tuple(xr_sink.groups_to_consolidate(store, component or "", None, target.where)) if named else ()
+    existing = _inspect(target, spec.partitions, axis, chunks, dims)
+    return Sink(
+        SinkRun(
+            spec, target, axis, chunks, existing, get_client(), ep,
+            dims=dims, named=named, zarr_format=zarr_format, groups=groups,
+        )
+    )
 
 
 def _where(store: Any, component: str | None) -> str:
@@ -175,6 +210,7 @@ def _check_store(store: Any) -> Any:
         store = os.fspath(store)
     if isinstance(store, str):
         if "://" in store:
+            check_fsspec_protocol(store)
             return store
         # Absolute: the workers need not share this process's directory.
         store = os.path.abspath(store)
@@ -199,7 +235,7 @@ def _check_store(store: Any) -> Any:
 
 
 def _inspect(
-    target: Target, partitions: int, axis: int, chunks: Any
+    target: Target, partitions: int, axis: int, chunks: Any, dims: tuple[str, ...] | None = None
 ) -> tuple[Template, int, Committed] | None:
     """``(template, chunk_rows, committed)`` of an existing array; None if there is none.
 
@@ -217,6 +253,11 @@ def _inspect(
             f"{target.where} is a group, not an array; give a component path for the array"
         ) from e
     where = target.where
+    if dims is not None and xr_sink.dims_of(arr) != dims:
+        raise InvalidArgumentError(
+            f"{where} exists with dimension names {xr_sink.dims_of(arr)}, not dims={dims}; "
+            "leave dims out, give the array's, or sink into a new array"
+        )
     ax = plan.normalize_axis(axis, arr.ndim, f"{where} (shape {arr.shape})")
     template = Template.of(arr.dtype, arr.shape, ax)
     unit = arr.shards or arr.chunks
