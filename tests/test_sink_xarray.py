@@ -1,10 +1,10 @@
 """Zarr output that xarray (and tensorstore) open: ``aimss_dask.to_zarr`` of xarray
 objects, ``dims=``/``name=`` on plain Dask arrays, and the streaming sink with ``dims=``.
 
-Everything runs on the real multi-process cluster of ``conftest.py``. xarray's
-fallback warning when a store has no consolidated metadata is a
-``RuntimeWarning``; :func:`_open` turns it into an error, so a test fails if
-the output is not consolidated the way xarray reads it first.
+Everything runs on the real multi-process cluster of ``conftest.py``.
+:func:`_open` turns every warning of ``xarray.open_zarr`` into an error (its
+fallback warning, a ``RuntimeWarning``, says a store has no consolidated
+metadata), so a test fails if the output is not what xarray reads first.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ xr = pytest.importorskip("xarray")
 
 
 def _open(path: str, **kwargs) -> "xr.Dataset":
-    """``xarray.open_zarr`` that fails on its warning about missing consolidated metadata."""
+    """``xarray.open_zarr`` that fails on any warning (such as its fallback warning
+    when a store has no consolidated metadata)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
+        warnings.simplefilter("error")
         return xr.open_zarr(path, **kwargs)
 
 
@@ -118,6 +119,25 @@ def test_existing_group_needs_overwrite_and_overwrite_replaces_it(client, tmp_pa
     assert list(_open(path).data_vars) == ["n"]
     aimss_dask.to_zarr(ds, path, overwrite=True)
     xr.testing.assert_identical(_open(path).compute(), ds.compute())
+
+
+def test_encoding_is_xarrays_and_an_opened_dataset_writes_again(client, tmp_path):
+    """encoding= (packing floats into int16 with a scale factor) is applied by
+    the AIMSS writers exactly as xarray would; a dataset opened from Zarr (its
+    encoding carries chunks and packing) is written again, identical; and an
+    fsspec URL with storage_options takes a group."""
+    ds = _dataset()
+    enc = {"t": {"dtype": "int16", "scale_factor": 0.001, "_FillValue": -9999, "compressors": None}}
+    p = str(tmp_path / "packed.zarr")
+    aimss_dask.to_zarr(ds, p, encoding=enc)
+    assert zarr.open_array(p, path="t").dtype == np.dtype("int16")
+    packed = _open(p)
+    np.testing.assert_allclose(packed["t"].values, ds["t"].values, atol=0.0005)
+    q = f"file://{tmp_path}/deep/again.zarr"
+    aimss_dask.to_zarr(packed, q, component="g", storage_options={"auto_mkdir": True})
+    again = _open(str(tmp_path / "deep" / "again.zarr"), group="g")
+    assert zarr.open_array(str(tmp_path / "deep" / "again.zarr"), path="g/t").dtype == np.dtype("int16")
+    xr.testing.assert_identical(again.compute(), packed.compute())
 
 
 @pytest.mark.parametrize("driver, zarr_format", [("zarr3", 3), ("zarr", 2)])
