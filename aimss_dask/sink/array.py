@@ -11,7 +11,10 @@ Zarr's general write path (:mod:`aimss_dask.sink.direct`). The run itself
 (aligned blocks written where they are; rows written in place; other blocks
 pushed to the unit's owner, which writes each unit as soon as it is
 complete) is built in :mod:`aimss_dask.sink._array_run`. This module checks
-the arguments and the target array.
+the arguments and the target (before anything is created: a refused call
+leaves nothing behind), and writes xarray objects as the group xarray
+writes, each Dask-backed variable by one such run
+(:mod:`aimss_dask.sink._xarray`).
 """
 
 from __future__ import annotations
