@@ -75,6 +75,10 @@ class SinkError(AIMSSError, RuntimeError):
     """A sink failed to make data durable (a failed write, a lost writer)."""
 
 
+class MissingDependencyError(AIMSSError, ImportError):
+    """An optional package a call needs is not installed (``s3fs`` for ``s3://``)."""
+
+
 class SpillCorruptionError(AIMSSError, OSError):
     """A spilled segment read back from disk is not what the log wrote there."""
 
@@ -97,6 +101,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         StoreNotFoundError,
         StoreReadOnlyError,
         SinkError,
+        MissingDependencyError,
         SpillCorruptionError,
     )
 }

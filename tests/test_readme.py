@@ -123,6 +123,13 @@ CHECKS: dict[str, str] = {
             np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], expected)
         assert zarr.open_array("sharded.zarr", mode="r").shards == (4096, 512)
     """,
+    "For xarray: Datasets, DataArrays and named dimensions": """
+        back = xr.open_zarr("ds.zarr")
+        xr.testing.assert_identical(back.compute(), ds.compute())
+        named = xr.open_zarr("named.zarr")
+        assert named["temp"].dims == ("time", "x")
+        np.testing.assert_array_equal(named["temp"].values, x.compute())
+    """,
     "Streaming sink: a stream drained into a growing array, exactly once": """
         # The attributes as the README describes them (section "Streaming sink").
         sim = zarr.open_array("sim.zarr", mode="r")

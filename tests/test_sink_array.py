@@ -459,10 +459,10 @@ def test_s3_url_without_s3fs_names_the_package(client, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "s3fs", None)
     monkeypatch.chdir(tmp_path)
     x = da.ones(10, chunks=5)
-    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"needs the package 's3fs' for s3:// URLs.*pip install s3fs \(or pip install 'aimss-dask\[s3\]'\)") as info:
+    with pytest.raises(aimss_dask.MissingDependencyError, match=r"needs the package 's3fs' for s3:// URLs.*pip install s3fs \(or pip install 'aimss-dask\[s3\]'\)") as info:
         aimss_dask.to_zarr(x, "s3://bucket/out.zarr")
     assert "overwrite" not in str(info.value)
-    assert isinstance(info.value.__cause__, ImportError)
+    assert isinstance(info.value, ImportError) and isinstance(info.value.__cause__, ImportError)
     with pytest.raises(aimss_dask.InvalidArgumentError, match="fsspec knows no protocol 'nosuchproto'"):
         aimss_dask.to_zarr(x, "nosuchproto://bucket/out.zarr")
     assert os.listdir(tmp_path) == []

@@ -272,7 +272,7 @@ def _frames(s, n):
 def test_streaming_sink_writes_dimension_names(client, tmp_path, zarr_format):
     path = str(tmp_path / "frames.zarr")
     s = create_stream(unique_name("xr"), partitions=1)
-    sink = stream_to_zarr(s, path, component="frames", dims=("t", "x"), chunks=4, zarr_format=zarr_format)
+    sink = s.to_zarr(path, component="frames", dims=("t", "x"), chunks=4, zarr_format=zarr_format)
     _frames(s, 7)  # 21 rows: whole chunks and a tail; zeros among them
     s.seal()
     sink.wait(timeout=60)
@@ -291,7 +291,7 @@ def test_streaming_sink_writes_dimension_names(client, tmp_path, zarr_format):
 def test_streaming_sink_default_variable_and_bad_dims(client, tmp_path):
     path = str(tmp_path / "frames.zarr")
     s = create_stream(unique_name("xr"), partitions=1)
-    sink = stream_to_zarr(s, path, name="f")  # xarray's default dims
+    sink = s.to_zarr(path, name="f")  # xarray's default dims
     _frames(s, 2)
     s.seal()
     sink.wait(timeout=60)

@@ -33,6 +33,7 @@ from dask.delayed import Delayed
 from aimss_dask.errors import (
     AIMSSError,
     InvalidArgumentError,
+    MissingDependencyError,
     SinkError,
     StoreNotFoundError,
     StoreReadOnlyError,
@@ -348,7 +349,7 @@ def check_fsspec_protocol(url: str) -> None:
                 known_implementations.get(protocol, {}).get("class", protocol)
             ).split(".")[0]
             extra = f" (or pip install 'aimss-dask[{_EXTRAS[protocol]}]')" if protocol in _EXTRAS else ""
-            raise InvalidArgumentError(
+            raise MissingDependencyError(
                 f"store {url!r} needs the package {missing!r} for {protocol}:// URLs, and it is not "
                 f"installed: pip install {missing}{extra}"
             ) from e

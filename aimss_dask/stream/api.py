@@ -183,14 +183,32 @@ class Stream:
         component: str | None = None,
         axis: int = 0,
         chunks: Any = None,
+        dims: Any = None,
+        name: str | None = None,
+        zarr_format: int = 3,
     ) -> Any:
         """Drain this stream into a Zarr array that grows along ``axis``; a :class:`Sink`.
 
-        See :func:`aimss_dask.sink.stream_sink.stream_to_zarr`.
+        ``dims=`` (and ``name=``) make the output an xarray variable that
+        ``xarray.open_zarr`` opens. See
+        :func:`aimss_dask.sink.stream_sink.stream_to_zarr`.
+
+        Examples
+        --------
+        >>> sink = stream.to_zarr("sim.zarr", chunks=(4096, 512), dims=("time", "x"))  # doctest: +SKIP
         """
         from aimss_dask.sink.stream_sink import stream_to_zarr
 
-        return stream_to_zarr(self, store, component=component, axis=axis, chunks=chunks)
+        return stream_to_zarr(
+            self,
+            store,
+            component=component,
+            axis=axis,
+            chunks=chunks,
+            dims=dims,
+            name=name,
+            zarr_format=zarr_format,
+        )
 
     def batches(
         self,
