@@ -11,9 +11,9 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
+from dask.utils import format_bytes
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import to_serialize
-from dask.utils import format_bytes
 from distributed.utils import offload
 
 from aimss_dask.config import AIMSSConfig
