@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from aimss_dask.core.specs import partition_for_key
 from aimss_dask.errors import NotRegisteredError
+
+__all__ = ["SLACK", "owners_load", "partition_for_key", "place_partitions", "rebalance"]
 
 #: How far above the mean a worker's share may be before placement spreads
 #: (partitions) or the barrier moves (bytes) partitions elsewhere.
@@ -55,41 +58,6 @@ def place_partitions(
         owners.append(w)
         counts[w] += 1
     return owners
-
-
-def partition_for_key(key: object, partitions: int) -> int:
-    """The partition of a record key: a hash that is stable across processes.
-
-    Python's ``hash`` of a str changes per process, so we hash a canonical
-    byte encoding with BLAKE2 instead.
-    """
-    import hashlib
-
-    h = hashlib.blake2b(_key_bytes(key), digest_size=8).digest()
-    return int.from_bytes(h, "little") % partitions
-
-
-def _key_bytes(key: object) -> bytes:
-    if isinstance(key, bytes):
-        return b"b" + key
-    if isinstance(key, str):
-        return b"s" + key.encode()
-    if isinstance(key, bool):
-        return b"o" + bytes([key])
-    if isinstance(key, int):
-        return b"i" + str(key).encode()
-    if isinstance(key, float):
-        # float.__repr__ of key + 0.0: -0.0 == 0.0, and np.float64(1.5) keys
-        # the same as 1.5 (NumPy 2's repr would say "np.float64(1.5)").
-        return b"f" + float.__repr__(float(key) + 0.0).encode()
-    if isinstance(key, tuple):
-        return b"t" + b"\x00".join(_key_bytes(k) for k in key)
-    from aimss_dask.errors import InvalidArgumentError
-
-    raise InvalidArgumentError(
-        f"record key {key!r} of type {type(key).__name__} has no stable hash; use "
-        "a str, bytes, int, float or a tuple of them"
-    )
 
 
 def owners_load(owners_by_stream: Sequence[Sequence[str]], workers: Sequence[str]) -> dict[str, int]:

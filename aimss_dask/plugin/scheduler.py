@@ -22,6 +22,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from aimss_dask.config import AIMSSConfig, dask_memory_thresholds
+from aimss_dask.core.names import PARTITION_TASK_PREFIX, PLUGIN_NAME, REGISTERED_KEY
 from aimss_dask.errors import (
     InvalidArgumentError,
     ReadTimeoutError,
@@ -37,12 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("aimss_dask")
 
-PLUGIN_NAME = "aimss"
-#: Tasks whose key is ``(PARTITION_TASK_PREFIX + token, stream, partition)`` run
-#: on the partition's owner; see :meth:`AIMSS.update_graph`.
-PARTITION_TASK_PREFIX = "aimss-partition-"
-#: Scheduler metadata key set while the plugin is registered.
-REGISTERED_KEY = "aimss-registered"
 
 
 class AIMSS(SchedulerPlugin):

@@ -9,64 +9,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from aimss_dask.core.specs import StreamSpec, check_name, check_partition
 from aimss_dask.errors import (
     InvalidArgumentError,
     InvalidOffsetError,
-    PartitionOutOfRangeError,
     StreamExistsError,
     StreamNotFoundError,
 )
 from aimss_dask.plugin.placement import owners_load, place_partitions
 
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """What every process needs to know of a stream; never mutated.
-
-    ``epoch`` is unique per creation, so messages meant for a destroyed stream
-    are rejected by a new stream of the same name rather than applied to it.
-    """
-
-    name: str
-    partitions: int
-    owners: tuple[str, ...]
-    epoch: int
-    parent: str | None = None
-    persist: bool = False
-    creator: str | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        # Not dataclasses.asdict: its deep copy is slow for thousands of owners.
-        return {
-            "name": self.name,
-            "partitions": self.partitions,
-            "owners": list(self.owners),
-            "epoch": self.epoch,
-            "parent": self.parent,
-            "persist": self.persist,
-            "creator": self.creator,
-        }
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> StreamSpec:
-        return cls(**{**d, "owners": tuple(d["owners"])})
-
-
-def check_name(name: object, what: str = "stream name") -> str:
-    if not isinstance(name, str) or not name:
-        raise InvalidArgumentError(f"{what} {name!r} must be a non-empty str")
-    return name
-
-
-def check_partition(spec: StreamSpec, p: object) -> int:
-    if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < spec.partitions:
-        raise PartitionOutOfRangeError(
-            f"stream {spec.name!r} has {spec.partitions} partition(s); partition "
-            f"{p!r} is out of range (use 0 .. {spec.partitions - 1})"
-        )
-    return p
+__all__ = ["CoordinatorState", "StreamSpec", "check_name", "check_partition"]
 
 
 @dataclass

@@ -17,11 +17,11 @@ from distributed.protocol import to_serialize
 from distributed.utils import offload
 
 from aimss_dask.config import AIMSSConfig
+from aimss_dask.core.names import PLUGIN_NAME
+from aimss_dask.core.specs import StreamSpec
 from aimss_dask.errors import AIMSSError, error_to_wire
 from aimss_dask.log.store import LogStore
 from aimss_dask.plugin.rpc import replies
-from aimss_dask.plugin.scheduler import PLUGIN_NAME
-from aimss_dask.plugin.state import StreamSpec
 from aimss_dask.stream.dataplane import BufferPool, DataServer
 from aimss_dask.stream.producer import Producer
 

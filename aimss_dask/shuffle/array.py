@@ -10,8 +10,8 @@ import numpy as np
 from dask._task_spec import Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph
 
+from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.errors import InvalidArgumentError
-from aimss_dask.plugin.scheduler import PARTITION_TASK_PREFIX
 from aimss_dask.shuffle import _tasks, partitioning
 
 

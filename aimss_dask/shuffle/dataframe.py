@@ -11,8 +11,8 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
+from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.errors import InvalidArgumentError
-from aimss_dask.plugin.scheduler import PARTITION_TASK_PREFIX
 from aimss_dask.shuffle import _tasks, partitioning
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from aimss_dask.core.names import PLUGIN_NAME
 from aimss_dask.errors import SinkError, StreamNotFoundError
 from aimss_dask.sink._stream_plan import Position, Template, advance, cut
 
@@ -94,8 +95,6 @@ class OwnerReport:
 
 def _local_log(stream: str, epoch: int, p: int) -> Any:
     from distributed import get_worker
-
-    from aimss_dask.plugin.scheduler import PLUGIN_NAME
 
     worker = get_worker()
     plugin = worker.plugins.get(PLUGIN_NAME)

@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 from distributed.protocol import to_serialize
 
+from aimss_dask.core.specs import StreamSpec
 from aimss_dask.errors import (
     AIMSSError,
     InvalidArgumentError,
@@ -72,7 +73,6 @@ from aimss_dask.errors import (
     StoreNotFoundError,
     StreamNotFoundError,
 )
-from aimss_dask.plugin.state import StreamSpec
 from aimss_dask.source.layout import POSITION_SUFFIX, SourceLayout
 
 logger = logging.getLogger("aimss_dask")

@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 from distributed.protocol import to_serialize
 
+from aimss_dask.core.specs import check_name
 from aimss_dask.errors import AIMSSError, InvalidArgumentError, PartitionLostError
-from aimss_dask.plugin.state import check_name
 from aimss_dask.source.broker import PRIVATE_PREFIX
 from aimss_dask.source.layout import (
     POSITION_SUFFIX,

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from distributed.protocol.pickle import dumps
 
+from aimss_dask.core.specs import StreamSpec
 from aimss_dask.errors import InvalidArgumentError, InvalidTypeError, StoreNotFoundError
-from aimss_dask.plugin.state import StreamSpec
 from aimss_dask.source.layout import SourceLayout
 from aimss_dask.stream.api import Stream, check_int_arg, create_stream, destroy_stream, type_name
 from aimss_dask.stream.context import Endpoint, current

@@ -24,6 +24,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from aimss_dask.core.names import PARTITION_TASK_PREFIX
+from aimss_dask.core.specs import StreamSpec, check_name, check_partition, partition_for_key
 from aimss_dask.errors import (
     InvalidArgumentError,
     InvalidOffsetError,
@@ -31,9 +33,6 @@ from aimss_dask.errors import (
     PartitionLostError,
     StreamNotFoundError,
 )
-from aimss_dask.plugin.placement import partition_for_key
-from aimss_dask.plugin.scheduler import PARTITION_TASK_PREFIX
-from aimss_dask.plugin.state import StreamSpec, check_name, check_partition
 from aimss_dask.stream import reader
 from aimss_dask.stream.context import Endpoint, current
 

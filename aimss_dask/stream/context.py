@@ -20,8 +20,8 @@ from distributed import default_client, get_worker
 from distributed.utils import sync
 
 from aimss_dask.config import AIMSSConfig
+from aimss_dask.core.names import PLUGIN_NAME, REGISTERED_KEY
 from aimss_dask.errors import AIMSSError, NotRegisteredError, raise_from_wire
-from aimss_dask.plugin.scheduler import PLUGIN_NAME, REGISTERED_KEY
 from aimss_dask.stream.producer import Producer
 
 if TYPE_CHECKING:

@@ -24,6 +24,7 @@ from typing import Any
 from distributed.protocol import Serialized
 from distributed.utils import sync
 
+from aimss_dask.core.specs import StreamSpec
 from aimss_dask.errors import (
     PartitionLostError,
     StreamSealedError,
@@ -32,7 +33,6 @@ from aimss_dask.errors import (
 )
 from aimss_dask.log import records
 from aimss_dask.log.budget import ByteBudget
-from aimss_dask.plugin.state import StreamSpec
 from aimss_dask.stream import dataplane
 
 logger = logging.getLogger("aimss_dask")

@@ -6,8 +6,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from aimss_dask.core.specs import StreamSpec
 from aimss_dask.errors import PartitionLostError, ReadTimeoutError
-from aimss_dask.plugin.state import StreamSpec
 from aimss_dask.stream.context import Endpoint
 
 #: Group offsets are sent to the coordinator at most this often while reading
