@@ -22,6 +22,7 @@ from aimss_dask.core.specs import StreamSpec
 from aimss_dask.errors import AIMSSError, error_to_wire
 from aimss_dask.log.store import LogStore
 from aimss_dask.plugin.rpc import replies
+from aimss_dask.stream import speccache
 from aimss_dask.stream.dataplane import BufferPool, DataServer
 from aimss_dask.stream.producer import Producer
 
@@ -322,9 +323,7 @@ class AIMSSWorker(WorkerPlugin):
     @replies
     async def _h_drop(self, name: str, epoch: int) -> None:
         assert self.store is not None and self.producer is not None
-        from aimss_dask.stream import api
-
-        api.forget(name)
+        speccache.forget(name)
         self.producer.forget(name)
         self.assemblers.pop(name, None)
         # Brokers first, so none appends to the stream while it is dropped.

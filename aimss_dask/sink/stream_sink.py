@@ -106,6 +106,7 @@ from aimss_dask.sink.array import check_fsspec_protocol
 from aimss_dask.sink._stream_driver import SinkRun
 from aimss_dask.sink._stream_plan import Committed, Template
 from aimss_dask.sink._stream_tasks import Target
+from aimss_dask.stream.extensions import register_extension
 
 __all__ = ["Sink", "stream_to_zarr"]
 
@@ -168,7 +169,7 @@ def stream_to_zarr(
     """
     from distributed import get_client
 
-    from aimss_dask.stream.api import _remember
+    from aimss_dask.stream.api import remember
     from aimss_dask.stream.context import current
 
     ep = current("to_zarr")
@@ -185,7 +186,7 @@ def stream_to_zarr(
     if named:
         component = xr_sink.variable_path(component, name)
     store = _check_store(store)
-    spec = _remember(ep, ep.scheduler_op("get", name=stream.name))
+    spec = remember(ep, ep.scheduler_op("get", name=stream.name))
     target = Target(store, component, uuid.uuid4().hex, _where(store, component))
     groups = tuple(xr_sink.groups_to_consolidate(store, component or "", None, target.where)) if named else ()
     existing = _inspect(target, spec.partitions, axis, chunks, dims)
@@ -371,3 +372,6 @@ class Sink:
         info = self.info()
         return f"<Sink {self._run.spec.name!r} -> {self._run.target.where}: {info['state']}, {info['rows']} rows>"
 
+
+
+register_extension("to_zarr", stream_to_zarr)

@@ -61,6 +61,7 @@ from aimss_dask.source.layout import (
 )
 from aimss_dask.source.zarr_source import SourceInfo, describe
 from aimss_dask.stream.context import Endpoint, current
+from aimss_dask.stream.extensions import register_extension
 
 logger = logging.getLogger("aimss_dask")
 
@@ -562,3 +563,6 @@ def _rows_wire(t: Take) -> Any:
     if isinstance(t.positions, slice):
         return [int(t.rows[0]), int(t.rows[-1]) + 1]
     return to_serialize(np.ascontiguousarray(t.rows))
+
+
+register_extension("batches", batches)

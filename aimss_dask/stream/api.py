@@ -16,10 +16,8 @@ Paper                  aimss_dask
 
 from __future__ import annotations
 
-import itertools
 import numbers
 import operator
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,20 +31,18 @@ from aimss_dask.errors import (
     PartitionLostError,
     StreamNotFoundError,
 )
-from aimss_dask.stream import reader
+from aimss_dask.stream import reader, speccache
 from aimss_dask.stream.context import Endpoint, current
+from aimss_dask.stream.extensions import Extension
 
-# Per-process caches. Specs never change for a given epoch, so caching them is
-# safe; a stale one (destroyed elsewhere) is rejected by the owners by epoch.
-_specs: dict[str, StreamSpec] = {}
-_round_robin: dict[str, itertools.count] = {}
-_cache_lock = threading.Lock()
+#: Drop what this process cached about a stream (kept here for callers of the API).
+forget = speccache.forget
 
 
-def _remember(ep: Endpoint, reply: dict[str, Any]) -> StreamSpec:
+def remember(ep: Endpoint, reply: dict[str, Any]) -> StreamSpec:
+    """Cache the spec of a coordinator's stream reply, and what it says of seals and losses."""
     spec = StreamSpec.from_wire(reply["spec"])
-    with _cache_lock:
-        _specs[spec.name] = spec
+    speccache.remember(spec)
     if reply.get("sealed"):
         ep.producer.mark_sealed(spec.name, spec.epoch)
     for p in reply.get("lost", ()):
@@ -92,18 +88,11 @@ def _check_partition(spec: StreamSpec, partition: object) -> int:
     return check_partition(spec, p)
 
 
-def forget(name: str) -> None:
-    """Drop what this process cached about ``name`` (it was destroyed)."""
-    with _cache_lock:
-        _specs.pop(name, None)
-        _round_robin.pop(name, None)
-
-
 def _spec(ep: Endpoint, name: str, refresh: bool = False) -> StreamSpec:
     check_str_arg(name)
-    spec = None if refresh else _specs.get(name)
+    spec = None if refresh else speccache.get(name)
     if spec is None:
-        spec = _remember(ep, ep.scheduler_op("get", name=name))
+        spec = remember(ep, ep.scheduler_op("get", name=name))
     return spec
 
 
@@ -163,7 +152,7 @@ class Stream:
         """
         ep = current("seal")
         ep.producer.flush_blocking([self.name], epoch=self.spec.epoch)
-        _remember(ep, ep.scheduler_op("seal", name=self.name))
+        remember(ep, ep.scheduler_op("seal", name=self.name))
 
     def info(self) -> dict[str, Any]:
         """Placement, size and progress of the stream, as a plain dict.
@@ -175,56 +164,12 @@ class Stream:
         """
         return _plain(current("info").scheduler_op("info", name=self.name)["info"])
 
-    def to_zarr(
-        self,
-        store: Any,
-        *,
-        component: str | None = None,
-        axis: int = 0,
-        chunks: Any = None,
-        dims: Any = None,
-        name: str | None = None,
-        zarr_format: int = 3,
-    ) -> Any:
-        """Drain this stream into a Zarr array that grows along ``axis``; a :class:`Sink`.
-
-        ``dims=`` (and ``name=``) make the output an xarray variable that
-        ``xarray.open_zarr`` opens. See
-        :func:`aimss_dask.sink.stream_sink.stream_to_zarr`.
-
-        Examples
-        --------
-        >>> sink = stream.to_zarr("sim.zarr", chunks=(4096, 512), dims=("time", "x"))  # doctest: +SKIP
-        """
-        from aimss_dask.sink.stream_sink import stream_to_zarr
-
-        return stream_to_zarr(
-            self,
-            store,
-            component=component,
-            axis=axis,
-            chunks=chunks,
-            dims=dims,
-            name=name,
-            zarr_format=zarr_format,
-        )
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int | None = None,
-        epochs: int = 1,
-        group: str | None = None,
-    ) -> Iterator[Any]:
-        """Sample-level batches in the style of a training loader.
-
-        See :func:`aimss_dask.source.loader.batches`.
-        """
-        from aimss_dask.source.loader import batches
-
-        return batches(self, batch_size, shuffle=shuffle, seed=seed, epochs=epochs, group=group)
+    # Operators provide these (no import edge from the core to them):
+    # ``to_zarr(store, *, component, axis, chunks, dims, name, zarr_format) -> Sink``
+    # is aimss_dask.sink.stream_sink.stream_to_zarr; ``batches(batch_size, *,
+    # shuffle, seed, epochs, group)`` is aimss_dask.source.loader.batches.
+    to_zarr = Extension("to_zarr", provider="aimss_dask.sink.stream_sink.stream_to_zarr")
+    batches = Extension("batches", provider="aimss_dask.source.loader.batches")
 
     def map_partitions(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``func(records, *args, **kwargs)`` once per partition, on its owner.
@@ -323,7 +268,7 @@ def create_stream(
     )
     if reply.get("created"):
         forget(name)
-    return Stream(_remember(ep, reply))
+    return Stream(remember(ep, reply))
 
 
 def create_operator_stream(
@@ -375,7 +320,7 @@ def create_operator_stream(
         reply = ep.scheduler_op("create", **kwargs)
     if reply.get("created"):
         forget(name)
-    return Stream(_remember(ep, reply))
+    return Stream(remember(ep, reply))
 
 
 def release_partition(name: str, partition: int) -> None:
@@ -414,9 +359,7 @@ def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, k
     elif key is not None:
         p = partition_for_key(key, spec.partitions)
     else:
-        with _cache_lock:
-            counter = _round_robin.setdefault(spec.name, itertools.count())
-        p = next(counter) % spec.partitions
+        p = speccache.next_partition(spec)
     try:
         ep.producer.write(spec, p, record)
     except StreamNotFoundError:
@@ -493,7 +436,7 @@ def read_from(
         check_str_arg(group, "consumer group")
     ep = current("read_from")
     got = ep.scheduler_op("get", name=name)
-    spec = _remember(ep, got)
+    spec = remember(ep, got)
     parts = [_check_partition(spec, partition)] if partition is not None else list(range(spec.partitions))
     committer = None
     if group is not None:
