@@ -13,15 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
 from distributed.diagnostics.plugin import WorkerPlugin
-from distributed.protocol import to_serialize
+from distributed.protocol import pickle, to_serialize
 from distributed.utils import offload
 
 from aimss_dask.config import AIMSSConfig
 from aimss_dask.core.names import PLUGIN_NAME
 from aimss_dask.core.specs import StreamSpec
-from aimss_dask.errors import AIMSSError, error_to_wire
+from aimss_dask.errors import AIMSSError, InvalidArgumentError, error_to_wire
 from aimss_dask.log.store import LogStore
 from aimss_dask.plugin.rpc import replies
+from aimss_dask.plugin.runs import RunFactory, RunManager
 from aimss_dask.stream import speccache
 from aimss_dask.stream.dataplane import BufferPool, DataServer
 from aimss_dask.stream.producer import Producer
@@ -66,6 +67,8 @@ class AIMSSWorker(WorkerPlugin):
         self._sink_lock = threading.Lock()
         # Stream name -> UnitAssembler of a to_zarr run whose units live here.
         self.assemblers: dict[str, Any] = {}
+        # Operators' run objects on this worker, and resources they share.
+        self.runs = RunManager()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -148,6 +151,7 @@ class AIMSSWorker(WorkerPlugin):
             from aimss_dask.source import broker
 
             broker.stop_all(self)
+            self.runs.close_all()
             if self.data_server is not None:
                 self.data_server.close()
             if self.producer is not None:
@@ -194,6 +198,7 @@ class AIMSSWorker(WorkerPlugin):
         asm = self.assemblers.get(name)
         if asm is not None:
             asm.on_append(partition, records)
+        self.runs.on_append(name, partition, records)
 
     @replies
     async def _h_sink_flush(self, run: str) -> dict[str, Any]:
@@ -324,6 +329,7 @@ class AIMSSWorker(WorkerPlugin):
     async def _h_drop(self, name: str, epoch: int) -> None:
         assert self.store is not None and self.producer is not None
         speccache.forget(name)
+        self.runs.stop(name, epoch)
         self.producer.forget(name)
         self.assemblers.pop(name, None)
         # Brokers first, so none appends to the stream while it is dropped.
@@ -335,6 +341,37 @@ class AIMSSWorker(WorkerPlugin):
         # Remote readers waiting on the stream must find out now, not at
         # their next poll.
         self._bump()
+
+    # -- runs: operators' worker-side objects (plugin/runs.py) -------------------------
+
+    @replies
+    async def _h_run_start(self, factory: bytes) -> dict[str, Any]:
+        """Build a run from its pickled factory (which imports its operator) and hold it."""
+        made = pickle.loads(factory)
+        if not isinstance(made, RunFactory):
+            raise InvalidArgumentError(
+                f"aimss_run_start got a {type(made).__name__}, which has no make_run(host)"
+            )
+        run = self.runs.start(made.make_run(self))
+        return {"name": run.name, "epoch": run.epoch, "started": await run.start()}
+
+    @replies
+    async def _h_run_call(
+        self,
+        name: str,
+        operation: str,
+        epoch: int | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """``operation`` of the run of stream ``name`` held here.
+
+        Not ``op``: Dask's messages name their handler with that key.
+        """
+        return await self.runs.require(name, epoch).call(operation, **(kwargs or {}))
+
+    @replies
+    async def _h_run_stop(self, name: str, epoch: int | None = None) -> dict[str, Any]:
+        return {"stopped": self.runs.stop(name, epoch)}
 
     # -- Zarr sources: the brokers live in aimss_dask.source.broker ------------------
 
@@ -432,6 +469,7 @@ class AIMSSWorker(WorkerPlugin):
         st["spill_directory"] = self.store.spill_dir
         if self.budget_warning is not None:
             st["budget_warning"] = self.budget_warning
+        st["runs"] = self.runs.progress()
         if self._sink_writer is not None:
             st.update({f"sink_{k}": v for k, v in self._sink_writer.statistics().items()})
         return {"status": st}
@@ -456,6 +494,9 @@ _HANDLERS = (
     "stream_stats",
     "worker_status",
     "sink_flush",
+    "run_start",
+    "run_call",
+    "run_stop",
     "sink_attach",
     "source_start",
     "source_take",

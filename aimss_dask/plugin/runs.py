@@ -1,0 +1,212 @@
+"""The worker side of runs: one manager of every operator's run object.
+
+An operator that keeps state on a worker (a sink assembling units from the
+records that arrive, a source's brokers reading ahead) does so in a
+:class:`Run`. The worker plugin knows this interface, never an operator:
+a run is started from a *factory* that travels pickled (``make_run(host)``),
+and unpickling it imports the operator's module by reference, the way
+distributed's P2P builds its runs from their specs. Per-worker resources that
+several runs share (a write-behind queue) live here too, made on first use
+and closed with the worker.
+
+Examples
+--------
+>>> class Count(Run):
+...     def __init__(self):
+...         super().__init__("s", 1)
+...         self.n = 0
+...     def on_append(self, partition, records):
+...         self.n += len(records)
+>>> m = RunManager()
+>>> run = m.start(Count())
+>>> m.on_append("s", 0, [b"a", b"b"])
+>>> run.n
+2
+>>> m.stop("s")
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from aimss_dask.errors import InvalidArgumentError, StreamNotFoundError
+
+logger = logging.getLogger("aimss_dask")
+
+T = TypeVar("T")
+
+
+class Run:
+    """Worker-side state of one operator run on one stream (``name``, ``epoch``).
+
+    Hooks, all optional:
+
+    - :meth:`on_append`: records just stored in a partition of the run's
+      stream on this worker (called on the appending thread: keep it cheap);
+    - :meth:`start`: on the event loop, once the manager holds the run;
+    - :meth:`call`: an operator RPC (``aimss_run_call``) on the event loop;
+    - :meth:`progress`: a plain-data snapshot, from any thread;
+    - :meth:`close`: the stream was dropped or the worker closes; idempotent.
+    """
+
+    def __init__(self, name: str, epoch: int) -> None:
+        self.name = name
+        self.epoch = epoch
+
+    def on_append(self, partition: int, records: list[Any]) -> None:
+        pass
+
+    async def start(self) -> Any:
+        return None
+
+    async def call(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        raise InvalidArgumentError(
+            f"run of stream {self.name!r} ({type(self).__name__}) has no operation {op!r}"
+        )
+
+    def progress(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+@runtime_checkable
+class RunFactory(Protocol):
+    """What ``aimss_run_start`` receives (pickled): it builds the run on a worker."""
+
+    def make_run(self, host: Any) -> Run: ...
+
+
+class RunManager:
+    """Every run object of one worker, keyed by stream name, plus shared resources.
+
+    Thread-safe: appends arrive on data-plane threads and task threads, the
+    rest on the event loop. The append hook costs one dict lookup when the
+    stream has no run, which is the common case.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, Run] = {}
+        self._shared: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    # -- runs ----------------------------------------------------------------------
+
+    def start(self, run: Run) -> Run:
+        """Hold ``run``; an older run of the same stream is closed and replaced.
+
+        A run of an *older* epoch than the one held is refused (a late message
+        of a restarted run): :class:`StreamNotFoundError`.
+        """
+        with self._lock:
+            old = self._runs.get(run.name)
+            if old is not None and old.epoch > run.epoch:
+                raise StreamNotFoundError(
+                    f"a run of stream {run.name!r} epoch {run.epoch} arrived after epoch "
+                    f"{old.epoch} started: the stream was re-created meanwhile"
+                )
+            self._runs[run.name] = run
+        if old is not None and old is not run:
+            _close(old)
+        return run
+
+    def get(self, name: str, epoch: int | None = None) -> Run | None:
+        """The run of stream ``name`` (of ``epoch``, if given), or None."""
+        run = self._runs.get(name)
+        if run is None or (epoch is not None and run.epoch != epoch):
+            return None
+        return run
+
+    def require(self, name: str, epoch: int | None = None) -> Run:
+        """:meth:`get`, or :class:`StreamNotFoundError` naming the stream."""
+        run = self.get(name, epoch)
+        if run is None:
+            raise StreamNotFoundError(
+                f"no run of stream {name!r}"
+                + (f" epoch {epoch}" if epoch is not None else "")
+                + " on this worker (never started here, or stopped)"
+            )
+        return run
+
+    def on_append(self, name: str, partition: int, records: list[Any]) -> None:
+        run = self._runs.get(name)
+        if run is not None:
+            try:
+                run.on_append(partition, records)
+            except Exception:
+                # The records are stored; a run that fails to look at them
+                # reports it through its own state, never through the append.
+                logger.exception("aimss: run of stream %r failed on append", name)
+
+    def stop(self, name: str, epoch: int | None = None) -> bool:
+        """Close and forget the run of ``name`` (only of ``epoch``, if given)."""
+        with self._lock:
+            run = self._runs.get(name)
+            if run is None or (epoch is not None and run.epoch != epoch):
+                return False
+            del self._runs[name]
+        _close(run)
+        return True
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._runs)
+
+    def progress(self) -> dict[str, dict[str, Any]]:
+        """``{stream: {"kind", "epoch", **run.progress()}}`` of every run here."""
+        with self._lock:
+            runs = list(self._runs.values())
+        out: dict[str, dict[str, Any]] = {}
+        for run in runs:
+            try:
+                snap = run.progress()
+            except Exception as e:  # a status view must not fail with one run
+                snap = {"error": f"{type(e).__name__}: {e}"}
+            out[run.name] = {"kind": type(run).__name__, "epoch": run.epoch, **snap}
+        return out
+
+    # -- per-worker resources --------------------------------------------------------
+
+    def shared(self, key: str, factory: Callable[[], T]) -> T:
+        """The worker's one ``key`` resource, made by ``factory`` on first use.
+
+        It is closed (``close()``, if it has one) when the manager closes.
+        """
+        with self._lock:
+            got = self._shared.get(key)
+            if got is None:
+                got = self._shared[key] = factory()
+            return got
+
+    def peek_shared(self, key: str) -> Any:
+        """The ``key`` resource if it was made, without making it."""
+        return self._shared.get(key)
+
+    def close_all(self) -> None:
+        """Close every run, then every shared resource; safe to call twice."""
+        with self._lock:
+            runs = list(self._runs.values())
+            self._runs.clear()
+            shared = list(self._shared.values())
+            self._shared.clear()
+        for run in runs:
+            _close(run)
+        for res in shared:
+            close = getattr(res, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    logger.exception("aimss: closing a shared worker resource failed")
+
+
+def _close(run: Run) -> None:
+    try:
+        run.close()
+    except Exception:
+        logger.exception("aimss: closing the run of stream %r failed", run.name)

@@ -1,0 +1,157 @@
+"""The worker side of runs: the manager, and runs started over the wire."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from distributed.protocol.pickle import dumps
+
+import aimss_dask
+from aimss_dask.errors import InvalidArgumentError, StreamNotFoundError, raise_from_wire
+from aimss_dask.plugin.runs import Run, RunManager
+
+
+class Counting(Run):
+    """A toy run: counts the records appended to its stream, per partition."""
+
+    def __init__(self, name: str, epoch: int) -> None:
+        super().__init__(name, epoch)
+        self.counts: dict[int, int] = {}
+        self.closed = 0
+        self.lock = threading.Lock()
+
+    def on_append(self, partition: int, records: list[Any]) -> None:
+        with self.lock:
+            self.counts[partition] = self.counts.get(partition, 0) + len(records)
+
+    async def call(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        if op == "counts":
+            return {"counts": sorted(self.counts.items())}
+        return await super().call(op, **kwargs)
+
+    def progress(self) -> dict[str, Any]:
+        return {"records": sum(self.counts.values())}
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@dataclass(frozen=True)
+class CountingFactory:
+    name: str
+    epoch: int
+
+    def make_run(self, host: Any) -> Run:
+        assert host.store is not None  # the worker plugin is the host
+        return Counting(self.name, self.epoch)
+
+
+# -- the manager, in process ---------------------------------------------------------
+
+
+def test_a_newer_epoch_replaces_and_an_older_one_is_refused():
+    m = RunManager()
+    first = m.start(Counting("s", 1))
+    second = m.start(Counting("s", 2))
+    assert first.closed == 1 and m.get("s") is second
+    with pytest.raises(StreamNotFoundError, match="epoch 1 arrived after epoch 2"):
+        m.start(Counting("s", 1))
+    assert m.get("s") is second and second.closed == 0
+    assert m.get("s", epoch=1) is None
+    assert not m.stop("s", epoch=1) and m.stop("s", epoch=2) and second.closed == 1
+    assert m.names() == []
+
+
+def test_appends_reach_only_the_run_of_their_stream_and_failures_stay_there(caplog):
+    m = RunManager()
+    a = m.start(Counting("a", 1))
+
+    class Broken(Run):
+        def on_append(self, partition, records):
+            raise RuntimeError("boom")
+
+        def progress(self):
+            raise RuntimeError("no view")
+
+    m.start(Broken("b", 1))
+    m.on_append("a", 0, [1, 2])
+    m.on_append("b", 0, [1])  # logged, not raised: the records are stored anyway
+    m.on_append("c", 0, [1])  # no run: nothing
+    assert a.counts == {0: 2}
+    assert "failed on append" in caplog.text
+    prog = m.progress()
+    assert prog["a"] == {"kind": "Counting", "epoch": 1, "records": 2}
+    assert prog["b"]["error"] == "RuntimeError: no view"
+
+
+def test_shared_resources_are_made_once_and_closed_with_the_runs():
+    m = RunManager()
+    made = []
+
+    class Res:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    def make():
+        made.append(Res())
+        return made[-1]
+
+    assert m.peek_shared("w") is None
+    r = m.shared("w", make)
+    assert m.shared("w", make) is r and len(made) == 1
+    run = m.start(Counting("s", 1))
+    m.close_all()
+    assert r.closed and run.closed == 1 and m.names() == [] and m.peek_shared("w") is None
+    m.close_all()  # twice is fine
+    assert run.closed == 1
+
+
+def test_unknown_operation_is_a_clear_error():
+    import asyncio
+
+    with pytest.raises(InvalidArgumentError, match="run of stream 's' \\(Counting\\) has no operation 'fly'"):
+        asyncio.run(Counting("s", 1).call("fly"))
+
+
+# -- over the wire, on real workers --------------------------------------------------
+
+
+def _ask(client: Client, addr: str, handler: str, **kwargs: Any) -> dict[str, Any]:
+    reply = client.sync(getattr(client.rpc(addr), f"aimss_{handler}"), **kwargs)
+    return raise_from_wire(reply, handler)
+
+
+def test_a_run_started_over_the_wire_sees_its_streams_appends_and_dies_with_it():
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS(memory_limit="256MiB"))
+        s = aimss_dask.create_stream("counted", partitions=2)
+        owners = s.spec.owners
+        for addr in set(owners):
+            got = _ask(client, addr, "run_start", factory=dumps(CountingFactory("counted", s.spec.epoch)))
+            assert got["name"] == "counted" and got["epoch"] == s.spec.epoch
+        for i in range(10):
+            s.write(np.full(4, i), partition=i % 2)
+        s.flush()
+        for p, addr in enumerate(owners):
+            counts = dict(_ask(client, addr, "run_call", name="counted", operation="counts")["counts"])
+            assert counts[p] == 5
+        status = aimss_dask.status()
+        assert all(status[a]["runs"]["counted"]["records"] >= 5 for a in set(owners))
+        # Not a run: a clear error, over the wire too.
+        with pytest.raises(StreamNotFoundError, match="no run of stream 'other'"):
+            _ask(client, owners[0], "run_call", name="other", operation="counts")
+        with pytest.raises(InvalidArgumentError, match="has no make_run"):
+            _ask(client, owners[0], "run_start", factory=dumps(42))
+        # Destroying the stream stops its runs everywhere.
+        aimss_dask.destroy_stream("counted")
+        for addr in set(owners):
+            assert aimss_dask.status()[addr]["runs"] == {}
