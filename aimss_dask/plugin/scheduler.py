@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Awaitable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 from dask.utils import format_bytes
@@ -220,7 +220,10 @@ class AIMSS(SchedulerPlugin):
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         try:
-            self._producer_clients.discard(client)
+            if client in self._producer_clients:
+                self._producer_clients.discard(client)
+                # Distributed keeps a topic's subscribers after they leave.
+                scheduler.unsubscribe_topic(SEAL_PRODUCERS_TOPIC, client)
             for pending, done, _ in self._seal_waits.values():
                 pending.discard(client)
                 if not pending:
@@ -523,10 +526,15 @@ class AIMSS(SchedulerPlugin):
         failures: dict[str, Any] = {}
         self._seal_waits[token] = (set(clients), done, failures)
         try:
-            for c in clients:
-                self.scheduler.client_comms[c].send(
-                    {"op": "aimss-seal-producers", "name": name, "epoch": epoch, "token": token}
-                )
+            # One event to the topic's subscribers (the writing clients); each
+            # answers only if it is named in ``clients``.
+            event: SealProducersEvent = {
+                "name": name,
+                "epoch": int(epoch),
+                "token": token,
+                "clients": sorted(clients),
+            }
+            self.scheduler.log_event(SEAL_PRODUCERS_TOPIC, event)
             try:
                 await asyncio.wait_for(done.wait(), SEAL_CLIENT_TIMEOUT)
             except asyncio.TimeoutError:
@@ -542,7 +550,13 @@ class AIMSS(SchedulerPlugin):
 
     @replies
     async def _h_register_producer(self, client: str) -> None:
+        assert self.scheduler is not None
         self._producer_clients.add(client)
+        # The client subscribes itself too, but on its batched stream, which
+        # may arrive after this reply and after a seal it makes right away:
+        # subscribing it here means the first seal does not wait
+        # SEAL_CLIENT_TIMEOUT for an answer to an event it never got.
+        self.scheduler.subscribe_topic(SEAL_PRODUCERS_TOPIC, client)
 
     @replies
     async def _h_producers_sealed(self, token: str, client: str, failure: Any = None) -> None:
@@ -773,6 +787,21 @@ def _literal(node: Any) -> Any:
 
 #: How long a seal waits for writing clients to push their buffered records.
 SEAL_CLIENT_TIMEOUT = 60.0
+
+#: The event topic of seals that writing clients must push for (also defined,
+#: equal, in ``stream.context``, which does not import plugin/).
+SEAL_PRODUCERS_TOPIC = "aimss-seal-producers"
+
+
+class SealProducersEvent(TypedDict):
+    """The message of a seal event: push ``name`` (epoch ``epoch``), then answer
+    ``aimss_producers_sealed(token=...)``; only the ``clients`` named do."""
+
+    name: str
+    epoch: int
+    token: str
+    clients: list[str]
+
 
 _HANDLERS = (
     "config",

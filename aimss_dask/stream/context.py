@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
@@ -27,9 +28,17 @@ from aimss_dask.stream.producer import Producer
 if TYPE_CHECKING:
     from distributed import Client
 
+    from aimss_dask.plugin.scheduler import SealProducersEvent
     from aimss_dask.plugin.worker import AIMSSWorker
 
 T = TypeVar("T")
+
+logger = logging.getLogger("aimss_dask")
+
+#: The event topic on which the scheduler asks writing clients to push before
+#: a seal. Equal to ``plugin.scheduler.SEAL_PRODUCERS_TOPIC`` (a test checks):
+#: stream/ does not import plugin/, and core/names.py is the place for both.
+SEAL_PRODUCERS_TOPIC = "aimss-seal-producers"
 
 
 @dataclass(eq=False)
@@ -146,9 +155,12 @@ def current(fn: str = "call") -> Endpoint:
             )
             _client_producers[client] = producer
             # Seals must also push what this client has buffered: the
-            # scheduler asks on the client's report stream.
-            client._stream_handlers["aimss-seal-producers"] = functools.partial(
-                _on_seal, client, producer
+            # scheduler asks with an event on SEAL_PRODUCERS_TOPIC. The handler
+            # is set before registering, and registering subscribes this
+            # client on the scheduler at once: the subscribe message sent here
+            # travels on the batched stream and may land after the first seal.
+            client.subscribe_topic(
+                SEAL_PRODUCERS_TOPIC, functools.partial(_on_seal, client, producer)
             )
             raise_from_wire(
                 sync(client.loop, client.scheduler.aimss_register_producer, client=client.id),
@@ -163,8 +175,22 @@ def current(fn: str = "call") -> Endpoint:
     )
 
 
-def _on_seal(client: Client, producer: Producer, name: str, epoch: int, token: str) -> None:
-    """Report-stream handler: push the sealed stream's records, then answer."""
+def _on_seal(
+    client: Client, producer: Producer, event: tuple[float, SealProducersEvent]
+) -> None:
+    """Topic handler: push the sealed stream's records, then answer.
+
+    ``event`` is ``(timestamp, msg)``. Every subscriber of the topic gets
+    every seal event, so one that does not name this client is not its own.
+    """
+    try:
+        _, msg = event
+        if client.id not in msg["clients"]:
+            return
+        name, epoch, token = msg["name"], msg["epoch"], msg["token"]
+    except Exception:
+        logger.exception("aimss: malformed %s event %r", SEAL_PRODUCERS_TOPIC, event)
+        return
 
     async def seal_and_answer() -> None:
         try:
@@ -174,7 +200,8 @@ def _on_seal(client: Client, producer: Producer, name: str, epoch: int, token: s
                 token=token, client=client.id, failure=producer.failure(name, epoch)
             )
 
-    # A task, not an await: the report stream must not stall behind a flush.
+    # A task, not an await: the client awaits an awaitable handler on its
+    # report stream, which must not stall behind a flush.
     task = asyncio.ensure_future(seal_and_answer())
     _seal_tasks.add(task)
     task.add_done_callback(_seal_tasks.discard)
