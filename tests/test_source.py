@@ -417,3 +417,61 @@ def test_store_removed_while_loading_raises_on_read(client, tmp):
             list(s.batches(4))
     finally:
         aimss_dask.destroy_stream(s.name)
+
+
+def test_the_store_counts_threads_parked_in_wait(tmp):
+    """``LogStore.waiting``: the public count the brokers read as "a reader waits".
+
+    It replaced ``threading.Condition._waiters``: only a thread that blocks
+    counts, and it stops counting when it returns.
+    """
+    import threading
+
+    from aimss_dask.log.store import LogStore
+
+    store = LogStore(budget=2**20, spill_root=os.path.join(tmp, "spill"))
+    try:
+        store.open("w", 1, [0])
+        store.append("w", 1, 0, [b"x"], [1])
+        assert store.wait("w", 1, 0, 0, timeout=5) is True  # ready: never parked
+        assert store.waiting == 0
+        assert store.wait("w", 1, 0, 1, timeout=0.01) is False  # timed out
+        assert store.waiting == 0
+
+        results: list[bool] = []
+        readers = [
+            threading.Thread(target=lambda: results.append(store.wait("w", 1, 0, 1, timeout=30)))
+            for _ in range(2)
+        ]
+        for t in readers:
+            t.start()
+        wait_until(lambda: store.waiting == 2, what="two parked readers")
+        store.append("w", 1, 0, [b"y"], [1])
+        for t in readers:
+            t.join(timeout=10)
+        assert results == [True, True]
+        assert store.waiting == 0
+    finally:
+        store.close()
+
+
+def _read_in_task(name: str, p: int) -> tuple[str, int]:
+    from distributed import get_worker
+
+    return get_worker().address, len(list(aimss_dask.get_stream(name).read(partition=p, timeout=30)))
+
+
+def test_a_task_reading_on_the_owner_is_not_stuck_behind_a_small_window(client, tmp):
+    """As above, with the reader a task thread parked in the owner's ``LogStore.wait``.
+
+    The broker sees it through ``LogStore.waiting`` (it read
+    ``threading.Condition._waiters`` before).
+    """
+    x = _array((40, 2), "i4")
+    s = from_zarr(_write(os.path.join(tmp, "x.zarr"), x, (2, 2)), partitions=1, prefetch=1)
+    try:
+        (owner,) = s.info()["owners"]
+        fut = client.submit(_read_in_task, s.name, 0, workers=[owner], allow_other_workers=False, pure=False)
+        assert fut.result(timeout=60) == (owner, 20)
+    finally:
+        aimss_dask.destroy_stream(s.name)

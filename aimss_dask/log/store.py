@@ -79,6 +79,8 @@ class LogStore:
         self._on_change = on_change
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+        # Task threads parked in wait(); see the ``waiting`` property.
+        self._waiting = 0
         self._spill_lock = threading.Lock()
         self._streams: dict[str, _StreamLogs] = {}
         self._seq = itertools.count()
@@ -302,7 +304,22 @@ class LogStore:
                 log = logs.partitions.get(p)
                 return log is None or log.sealed or log.end > offset
 
-            return self._changed.wait_for(ready, timeout)
+            if ready():
+                return True  # not parked: ``waiting`` counts only blocked threads
+            self._waiting += 1
+            try:
+                return self._changed.wait_for(ready, timeout)
+            finally:
+                self._waiting -= 1
+
+    @property
+    def waiting(self) -> int:
+        """How many threads are blocked in :meth:`wait` now.
+
+        A snapshot read without the lock (an int, so never torn): a hint for
+        callers such as the source broker, which must not block on the lock.
+        """
+        return self._waiting
 
     def bounds(self, name: str, epoch: int | None, p: int) -> tuple[int, int, bool]:
         """``(start, end, sealed)`` of one partition log."""

@@ -534,14 +534,14 @@ class SourceRun:
 def _readers_parked(plugin: Any) -> bool:
     """Is a reader waiting for new records on this worker?
 
-    Remote readers parked in ``aimss_read`` are counted by the plugin, task
-    threads parked in ``LogStore.wait`` sit on the store's condition. Both
-    are private counters, used only as a hint (see ``SourceRun._observe``).
+    Remote readers parked in ``aimss_read`` are counted by our worker plugin,
+    task threads parked in ``LogStore.wait`` by the store (``waiting``). Both
+    are read without a lock, used only as a hint (see ``SourceRun._observe``).
     """
     if getattr(plugin, "_waiters", 0):
         return True
-    cond = getattr(plugin.store, "_changed", None)
-    return bool(getattr(cond, "_waiters", None))
+    store = plugin.store  # None once the plugin has closed
+    return store is not None and store.waiting > 0
 
 
 # -- what the worker plugin's handlers call ------------------------------------------
