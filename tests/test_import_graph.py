@@ -37,8 +37,6 @@ CORE_TO_OPERATOR_BASELINE: set[tuple[str, str]] = {
     ("aimss_dask.plugin.worker", "aimss_dask.sink"),
     ("aimss_dask.plugin.worker", "aimss_dask.sink._array_run"),
     ("aimss_dask.plugin.worker", "aimss_dask.sink.writer"),
-    ("aimss_dask.plugin.worker", "aimss_dask.source"),
-    ("aimss_dask.plugin.worker", "aimss_dask.source.broker"),
 }
 
 

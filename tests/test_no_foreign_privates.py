@@ -93,10 +93,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("shuffle/array.py", IMPORT, "dask._task_spec"): "to become the public dask.task_spec",
     ("shuffle/dataframe.py", IMPORT, "dask._task_spec"): "to become the public dask.task_spec",
     ("sink/_array_run.py", IMPORT, "dask._task_spec"): "to become the public dask.task_spec",
-    ("source/broker.py", "plugin", "_waiters"): (
-        "our own AIMSSWorker's count of parked remote readers; the name is also "
-        "threading.Condition's"
-    ),
     ("stream/producer.py", "self.p", "_loop"): "our own Producer's loop; the name is also Client's",
 }
 

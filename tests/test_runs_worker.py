@@ -67,6 +67,14 @@ def test_a_newer_epoch_replaces_and_an_older_one_is_refused():
     assert m.names() == []
 
 
+def test_a_repeated_start_keeps_the_run_there_and_a_drop_ends_older_epochs():
+    m = RunManager()
+    first = m.start(Counting("s", 3))
+    assert m.start(Counting("s", 3)) is first and first.closed == 0
+    assert not m.stop("s", epoch=2)  # dropping an older epoch leaves the newer run
+    assert m.stop("s", epoch=4) and first.closed == 1  # a newer drop ends it
+
+
 def test_appends_reach_only_the_run_of_their_stream_and_failures_stay_there(caplog):
     m = RunManager()
     a = m.start(Counting("a", 1))

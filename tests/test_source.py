@@ -46,10 +46,14 @@ def tmp(tmp_path):
 
 
 def _worker_runs(dask_worker, name=None):
-    from aimss_dask.source import broker
+    from aimss_dask.source.broker import SourceRun
 
-    runs = broker.runs(dask_worker.plugins["aimss"])
-    return {n: r.status() for n, r in runs.items() if name is None or n == name}
+    runs = dask_worker.plugins["aimss"].runs
+    return {
+        n: r.status()
+        for n in runs.names()
+        if isinstance(r := runs.get(n), SourceRun) and (name is None or n == name)
+    }
 
 
 async def _live_broker_tasks(name, dask_worker=None):
@@ -265,9 +269,8 @@ def test_prefetch_window_is_bounded_and_slides(client, tmp):
 
 
 async def _take_on_owner(name, epoch, takes, dask_worker=None):
-    from aimss_dask.source import broker
-
-    reply = await broker.take(dask_worker.plugins["aimss"], name, epoch, takes)
+    run = dask_worker.plugins["aimss"].runs.require(name, epoch)
+    reply = await run.call("take", takes=takes)
     return [None if p is None else np.asarray(getattr(p, "data", p)) for p in reply["parts"]]
 
 

@@ -98,10 +98,13 @@ class RunManager:
     # -- runs ----------------------------------------------------------------------
 
     def start(self, run: Run) -> Run:
-        """Hold ``run``; an older run of the same stream is closed and replaced.
+        """Hold ``run`` and return the run held: ``run``, or the one already there.
 
-        A run of an *older* epoch than the one held is refused (a late message
-        of a restarted run): :class:`StreamNotFoundError`.
+        An older run of the same stream is closed and replaced. One of the
+        same epoch and type is kept (a repeated start is idempotent) and
+        ``run``, never started, is dropped. A run of an *older* epoch than
+        the one held is refused (a late message of a restarted run):
+        :class:`StreamNotFoundError`.
         """
         with self._lock:
             old = self._runs.get(run.name)
@@ -110,6 +113,8 @@ class RunManager:
                     f"a run of stream {run.name!r} epoch {run.epoch} arrived after epoch "
                     f"{old.epoch} started: the stream was re-created meanwhile"
                 )
+            if old is not None and old.epoch == run.epoch and type(old) is type(run):
+                return old
             self._runs[run.name] = run
         if old is not None and old is not run:
             _close(old)
@@ -144,10 +149,14 @@ class RunManager:
                 logger.exception("aimss: run of stream %r failed on append", name)
 
     def stop(self, name: str, epoch: int | None = None) -> bool:
-        """Close and forget the run of ``name`` (only of ``epoch``, if given)."""
+        """Close and forget the run of ``name`` (only of ``epoch`` or older, if given).
+
+        Older too: dropping a stream's epoch ends whatever ran on its
+        predecessors; a newer run of the name is left alone.
+        """
         with self._lock:
             run = self._runs.get(name)
-            if run is None or (epoch is not None and run.epoch != epoch):
+            if run is None or (epoch is not None and run.epoch > epoch):
                 return False
             del self._runs[name]
         _close(run)

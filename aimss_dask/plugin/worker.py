@@ -148,9 +148,6 @@ class AIMSSWorker(WorkerPlugin):
                 # Answer late messages (a closing cluster) instead of letting
                 # Dask log "no handler" tracebacks.
                 worker.handlers[f"aimss_{op}"] = _torn_down
-            from aimss_dask.source import broker
-
-            broker.stop_all(self)
             self.runs.close_all()
             if self.data_server is not None:
                 self.data_server.close()
@@ -239,6 +236,11 @@ class AIMSSWorker(WorkerPlugin):
         return errors
 
     # -- change notification for remote readers waiting on the loop ---------------------
+
+    @property
+    def remote_readers_waiting(self) -> int:
+        """Remote reads parked here until records arrive (a hint, read without a lock)."""
+        return self._waiters
 
     def _on_change(self, name: str, partition: int) -> None:
         if self._waiters and self.worker is not None:
@@ -329,13 +331,10 @@ class AIMSSWorker(WorkerPlugin):
     async def _h_drop(self, name: str, epoch: int) -> None:
         assert self.store is not None and self.producer is not None
         speccache.forget(name)
+        # Runs first (a source's brokers), so none appends while it is dropped.
         self.runs.stop(name, epoch)
         self.producer.forget(name)
         self.assemblers.pop(name, None)
-        # Brokers first, so none appends to the stream while it is dropped.
-        from aimss_dask.source import broker
-
-        broker.stop(self, name, epoch)
         # Removing spill files is disk I/O: not on the loop.
         await offload(self._drop, name, epoch)
         # Remote readers waiting on the stream must find out now, not at
@@ -352,8 +351,11 @@ class AIMSSWorker(WorkerPlugin):
             raise InvalidArgumentError(
                 f"aimss_run_start got a {type(made).__name__}, which has no make_run(host)"
             )
-        run = self.runs.start(made.make_run(self))
-        return {"name": run.name, "epoch": run.epoch, "started": await run.start()}
+        new = made.make_run(self)
+        run = self.runs.start(new)
+        # A repeated start (same epoch) keeps the run that is there, running.
+        started = await run.start() if run is new else None
+        return {"name": run.name, "epoch": run.epoch, "started": started}
 
     @replies
     async def _h_run_call(
@@ -372,32 +374,6 @@ class AIMSSWorker(WorkerPlugin):
     @replies
     async def _h_run_stop(self, name: str, epoch: int | None = None) -> dict[str, Any]:
         return {"stopped": self.runs.stop(name, epoch)}
-
-    # -- Zarr sources: the brokers live in aimss_dask.source.broker ------------------
-
-    @replies
-    async def _h_source_start(self, spec: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
-        from aimss_dask.source import broker
-
-        return {"run": await broker.start(self, spec, source)}
-
-    @replies
-    async def _h_source_take(self, name: str, epoch: int, takes: list[list[Any]]) -> dict[str, Any]:
-        from aimss_dask.source import broker
-
-        return await broker.take(self, name, epoch, takes)
-
-    @replies
-    async def _h_source_control(self, name: str, epoch: int, action: str, **kwargs: Any) -> dict[str, Any]:
-        from aimss_dask.source import broker
-
-        return await broker.control(self, name, epoch, action, **kwargs)
-
-    @replies
-    async def _h_source_status(self, name: str | None = None) -> dict[str, Any]:
-        from aimss_dask.source import broker
-
-        return await broker.status(self, name)
 
     def _drop(self, name: str, epoch: int) -> None:
         assert self.store is not None
@@ -498,8 +474,4 @@ _HANDLERS = (
     "run_call",
     "run_stop",
     "sink_attach",
-    "source_start",
-    "source_take",
-    "source_control",
-    "source_status",
 )

@@ -55,7 +55,6 @@ import os
 import pickle
 import threading
 import time
-import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,6 +72,7 @@ from aimss_dask.errors import (
     StoreNotFoundError,
     StreamNotFoundError,
 )
+from aimss_dask.plugin.runs import Run
 from aimss_dask.source.layout import POSITION_SUFFIX, SourceLayout
 
 logger = logging.getLogger("aimss_dask")
@@ -99,10 +99,6 @@ PRIVATE_PREFIX = "loader-"
 _pool_lock = threading.Lock()
 _pools: dict[bool, ThreadPoolExecutor] = {}
 
-# The runs of each worker plugin. Kept here (not on the plugin) so the worker
-# plugin stays a thin coordinator; weak, so a torn-down plugin is freed.
-_runs: weakref.WeakKeyDictionary[Any, dict[str, SourceRun]] = weakref.WeakKeyDictionary()
-
 
 def _executor(early: bool = False) -> ThreadPoolExecutor:
     """The process-wide pool of reads and appends, or (``early``) of reads a take waits for."""
@@ -112,11 +108,6 @@ def _executor(early: bool = False) -> ThreadPoolExecutor:
             threads, prefix = (EARLY_THREADS, "aimss-source-early") if early else (READ_THREADS, "aimss-source")
             pool = _pools[early] = ThreadPoolExecutor(threads, thread_name_prefix=prefix)
         return pool
-
-
-def runs(plugin: Any) -> dict[str, SourceRun]:
-    """The source runs of one worker plugin, by stream name."""
-    return _runs.setdefault(plugin, {})
 
 
 @dataclass(eq=False)
@@ -140,10 +131,15 @@ class _Part:
     early: dict[int, asyncio.Future[np.ndarray]] = field(default_factory=dict)
 
 
-class SourceRun:
-    """The brokers of one source stream on one worker."""
+class SourceRun(Run):
+    """The brokers of one source stream on one worker: a run (``plugin/runs.py``).
+
+    Its operations (``aimss_run_call``): ``take`` (samples for a loader),
+    ``control`` (attach, advance, detach a loader) and ``status``.
+    """
 
     def __init__(self, plugin: Any, spec: StreamSpec, source: dict[str, Any], parts: list[int]) -> None:
+        super().__init__(spec.name, spec.epoch)
         self.plugin = plugin
         self.spec = spec
         self.source = source
@@ -178,7 +174,8 @@ class SourceRun:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> dict[str, Any]:
+        """Start a broker per partition held here (on the event loop); the run's status."""
         for st in self.parts.values():
             if st.n == 0:
                 self._seal(st)  # an empty partition: nothing to read, ever
@@ -186,6 +183,32 @@ class SourceRun:
                 task = asyncio.ensure_future(self._fill(st))
                 task.set_name(f"aimss-source-{self.spec.name}-{st.p}")
                 self.tasks.append(task)
+        return self.status()
+
+    async def call(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        if op == "take":
+            return await self.take(kwargs["takes"])
+        if op == "control":
+            return self.control(
+                kwargs["action"], kwargs.get("key"), kwargs.get("mode"), kwargs.get("offsets")
+            )
+        if op == "status":
+            return {"run": self.status()}
+        return await super().call(op, **kwargs)
+
+    def progress(self) -> dict[str, Any]:
+        parts = self.parts.values()
+        return {
+            "partitions": len(self.parts),
+            "records": sum(st.end for st in parts),
+            "of": sum(st.n for st in parts),
+            "reads": sum(st.reads for st in parts),
+            "loaders": len(self.loaders),
+            "error": None if self.error is None else repr(self.error),
+        }
+
+    def close(self) -> None:
+        self.stop()
 
     def stop(self) -> None:
         """Cancel the brokers and wake every waiting take; idempotent."""
@@ -538,77 +561,25 @@ def _readers_parked(plugin: Any) -> bool:
     task threads parked in ``LogStore.wait`` by the store (``waiting``). Both
     are read without a lock, used only as a hint (see ``SourceRun._observe``).
     """
-    if getattr(plugin, "_waiters", 0):
+    if plugin.remote_readers_waiting:
         return True
     store = plugin.store  # None once the plugin has closed
     return store is not None and store.waiting > 0
 
 
-# -- what the worker plugin's handlers call ------------------------------------------
+# -- how a source run is started on its owners ----------------------------------------
 
 
-async def start(plugin: Any, spec: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
-    """Start the brokers of this worker's partitions of a new source stream."""
-    s = StreamSpec.from_wire(spec)
-    mine = runs(plugin)
-    old = mine.get(s.name)
-    if old is not None:
-        if old.spec.epoch == s.epoch:
-            return old.status()  # a repeated start: idempotent
-        old.stop()
-    if not plugin.store.has(s.name):
-        raise StreamNotFoundError(f"stream {s.name!r} has no log on this worker; it was destroyed")
-    parts = [p for p, w in enumerate(s.owners) if w == plugin.worker.address]
-    run = SourceRun(plugin, s, source, parts)
-    mine[s.name] = run
-    run.start()
-    return run.status()
+@dataclass(frozen=True)
+class SourceFactory:
+    """What ``aimss_run_start`` gets for a source (pickled: it imports this module)."""
 
+    spec: dict[str, Any]  # StreamSpec.to_wire()
+    source: dict[str, Any]  # the array's description, see zarr_source.from_zarr
 
-def _run(plugin: Any, name: str, epoch: int | None) -> SourceRun:
-    run = runs(plugin).get(name)
-    if run is None or (epoch is not None and run.spec.epoch != epoch):
-        raise StreamNotFoundError(
-            f"stream {name!r} is not a Zarr source on this worker (destroyed, or not "
-            "made by aimss_dask.source.from_zarr)"
-        )
-    return run
-
-
-async def take(plugin: Any, name: str, epoch: int, takes: list[list[Any]]) -> dict[str, Any]:
-    return await _run(plugin, name, epoch).take(takes)
-
-
-async def control(
-    plugin: Any,
-    name: str,
-    epoch: int,
-    action: str,
-    key: str | None = None,
-    mode: str | None = None,
-    offsets: list[int] | None = None,
-) -> dict[str, Any]:
-    return _run(plugin, name, epoch).control(action, key, mode, offsets)
-
-
-async def status(plugin: Any, name: str | None = None) -> dict[str, Any]:
-    mine = runs(plugin)
-    if name is not None:
-        return {"run": _run(plugin, name, None).status()}
-    return {"runs": {n: r.status() for n, r in mine.items()}}
-
-
-def stop(plugin: Any, name: str, epoch: int | None = None) -> None:
-    """Stop the brokers of ``name`` (of ``epoch`` or older); the stream is dropped."""
-    mine = _runs.get(plugin)
-    run = mine.get(name) if mine else None
-    if run is not None and (epoch is None or run.spec.epoch <= epoch):
-        del mine[name]
-        run.stop()
-
-
-def stop_all(plugin: Any) -> None:
-    """Stop every broker of ``plugin`` (teardown)."""
-    mine = _runs.pop(plugin, None) or {}
-    for run in mine.values():
-        run.stop()
+    def make_run(self, plugin: Any) -> SourceRun:
+        s = StreamSpec.from_wire(self.spec)
+        if not plugin.store.has(s.name):
+            raise StreamNotFoundError(f"stream {s.name!r} has no log on this worker; it was destroyed")
+        parts = [p for p, w in enumerate(s.owners) if w == plugin.worker.address]
+        return SourceRun(plugin, s, self.source, parts)

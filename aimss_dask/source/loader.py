@@ -2,7 +2,7 @@
 
 The loader runs in the consumer's process (a client or a task). A background
 thread fetches the next batches while the consumer computes on the current
-one; each batch is one ``aimss_source_take`` per owner worker, answered with
+one; each batch is one ``take`` (``aimss_run_call``) per owner worker, answered with
 only the requested rows of the requested slabs (a shuffled batch never moves
 whole slabs), then assembled into one NumPy array.
 
@@ -49,7 +49,7 @@ import numpy as np
 from distributed.protocol import to_serialize
 
 from aimss_dask.core.specs import check_name
-from aimss_dask.errors import AIMSSError, InvalidArgumentError, PartitionLostError
+from aimss_dask.errors import AIMSSError, InvalidArgumentError, PartitionLostError, StreamNotFoundError
 from aimss_dask.source.broker import PRIVATE_PREFIX
 from aimss_dask.source.layout import (
     POSITION_SUFFIX,
@@ -196,9 +196,7 @@ class BatchIterator(Iterator[np.ndarray]):
         return list(
             await asyncio.gather(
                 *(
-                    ep.ask_worker(
-                        w, "source_control", name=spec.name, epoch=spec.epoch, action=op, key=self._key, **kwargs
-                    )
+                    ask_source(ep, w, spec, "control", action=op, key=self._key, **kwargs)
                     for w in sorted(set(spec.owners))
                 )
             )
@@ -369,9 +367,7 @@ class _Committer:
         # Straight to the brokers too, so the window slides now, not at their next poll.
         await asyncio.gather(
             *(
-                ep.ask_worker(
-                    w, "source_control", name=spec.name, epoch=spec.epoch, action="advance", key=self.key, offsets=recs
-                )
+                ask_source(ep, w, spec, "control", action="advance", key=self.key, offsets=recs)
                 for w in sorted(set(spec.owners))
             )
         )
@@ -506,12 +502,8 @@ class _Fetcher:
         async def ask() -> list[Any]:
             replies = await asyncio.gather(
                 *(
-                    self.ep.ask_worker(
-                        w,
-                        "source_take",
-                        name=spec.name,
-                        epoch=spec.epoch,
-                        takes=[[t.partition, t.offset, _rows_wire(t)] for t in ts],
+                    ask_source(
+                        self.ep, w, spec, "take", takes=[[t.partition, t.offset, _rows_wire(t)] for t in ts]
                     )
                     for w, ts in by_owner.items()
                 )
@@ -556,6 +548,19 @@ def _unpack(takes: list[Take], reply: dict[str, Any]) -> Iterator[np.ndarray]:
             part = gathered[i : i + len(t.rows)]
             i += len(t.rows)
         yield part
+
+
+async def ask_source(ep: Endpoint, worker: str, spec: Any, operation: str, **kwargs: Any) -> dict[str, Any]:
+    """``operation`` of the source run of ``spec`` on ``worker`` (see ``SourceRun.call``)."""
+    try:
+        return await ep.ask_worker(
+            worker, "run_call", name=spec.name, epoch=spec.epoch, operation=operation, kwargs=kwargs
+        )
+    except StreamNotFoundError:
+        raise StreamNotFoundError(
+            f"stream {spec.name!r} is not a Zarr source on worker {worker} (destroyed, or "
+            "not made by aimss_dask.from_zarr)"
+        ) from None
 
 
 def _rows_wire(t: Take) -> Any:

@@ -21,6 +21,7 @@ from distributed.protocol.pickle import dumps
 
 from aimss_dask.core.specs import StreamSpec
 from aimss_dask.errors import InvalidArgumentError, InvalidTypeError, StoreNotFoundError
+from aimss_dask.source.broker import SourceFactory
 from aimss_dask.source.layout import SourceLayout
 from aimss_dask.stream.api import Stream, check_int_arg, create_stream, destroy_stream, type_name
 from aimss_dask.stream.context import Endpoint, current
@@ -220,11 +221,9 @@ def _default_name(arr: Any) -> str:
 
 
 async def _start(ep: Endpoint, spec: StreamSpec, source: dict[str, Any]) -> None:
+    factory = dumps(SourceFactory(spec.to_wire(), source))
     await asyncio.gather(
-        *(
-            ep.ask_worker(w, "source_start", spec=spec.to_wire(), source=source)
-            for w in sorted(set(spec.owners))
-        )
+        *(ep.ask_worker(w, "run_start", factory=factory) for w in sorted(set(spec.owners)))
     )
 
 
@@ -240,7 +239,7 @@ class SourceInfo:
 
 
 def describe(spec: StreamSpec, runs: list[dict[str, Any]]) -> SourceInfo:
-    """A source's layout and windows from its owners' run status (``aimss_source_status``)."""
+    """A source's layout and windows from its owners' run status (``SourceRun.status``)."""
     for r in runs:
         if r["epoch"] != spec.epoch:
             raise InvalidArgumentError(
