@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aimss_dask
-from aimss_dask.shuffle.partitioning import block_pieces
+from aimss_dask.ops.pieces import block_pieces
 
 from conftest import assert_workers_clean as _clean
 from conftest import chunking
@@ -103,13 +103,13 @@ def _inspect_pieces(name: str, partition: int, shape, rows: int, sealed: int) ->
 
 
 def _force_tight(on: bool) -> None:
-    """On a worker: make the shuffle tasks see a log past half its budget (or undo it)."""
+    """On a worker: make the push tasks see a log past half its budget (or undo it)."""
     import importlib
 
-    tasks = importlib.import_module("aimss_dask.shuffle._tasks")
-    if not hasattr(tasks, "_real_memory_tight"):
-        tasks._real_memory_tight = tasks._memory_tight
-    tasks._memory_tight = (lambda extra=0: True) if on else tasks._real_memory_tight
+    local = importlib.import_module("aimss_dask.ops.local")
+    if not hasattr(local, "_real_memory_tight"):
+        local._real_memory_tight = local.memory_tight
+    local.memory_tight = (lambda extra=0: True) if on else local._real_memory_tight
 
 
 @pytest.mark.parametrize("tight", [False, True], ids=["room", "tight"])

@@ -1,10 +1,12 @@
-"""The tasks of a push-based shuffle run: create, push, seal, read.
+"""The shuffle's own tasks of a push-based run: push, read (and join), read_block.
 
 A run is a stream (one per input side) whose partitions are the output
 partitions. Map tasks push their shards while the map phase is still running;
 the seal task is the barrier; each read task runs on the worker that owns its
 partition (the coordinator pins it), reads it locally, then releases it so the
-stream is freed as soon as its last partition is read.
+stream is freed as soon as its last partition is read. The tasks every push
+run shares (create, seal, and the rechunk's ``push_pieces``) are in
+:mod:`aimss_dask.ops.pushrun`.
 """
 
 from __future__ import annotations
@@ -14,59 +16,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from aimss_dask.ops import local
+from aimss_dask.ops.pushrun import restartable
 from aimss_dask.shuffle import partitioning
 from aimss_dask.stream import api
 
 
-def create(
-    names: list[str],
-    npartitions: int,
-    barrier: str,
-    chunk_tasks: str | None = None,
-    grid: tuple[int, ...] | None = None,
-    prefer: list[Any] | None = None,
-    sink: bool = False,
-) -> list[str]:
-    """Create the run's streams (the read tasks are keyed by ``names[0]``).
-
-    An array run's read tasks are its output chunks, keyed ``(chunk_tasks,
-    *index)`` over ``grid``. ``prefer``: see ``create_operator_stream``.
-    """
-    first = names[0]
-    api.create_operator_stream(
-        first, npartitions, read_by=first, barrier=barrier, chunk_tasks=chunk_tasks, grid=grid,
-        prefer=prefer, sink=sink,
-    )
-    for other in names[1:]:
-        api.create_operator_stream(
-            other, npartitions, read_by=first, colocate_with=first, barrier=barrier
-        )
-    return names
-
-
-def _restartable(func: Any) -> Any:
-    """A task of a run: a lost worker restarts the run, so wait for that.
-
-    ``Reschedule`` hands the task back to the scheduler instead of failing
-    the whole computation; the coordinator's restart releases it anyway.
-    """
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from distributed import Reschedule
-
-        from aimss_dask.errors import PartitionLostError
-
-        try:
-            return func(*args, **kwargs)
-        except PartitionLostError as e:
-            raise Reschedule() from e
-
-    return wrapper
-
-
-@_restartable
+@restartable
 def push(
     df: pd.DataFrame,
     names: list[str],
@@ -77,15 +33,15 @@ def push(
 ) -> int:
     """Split one input partition by key hash and push every shard; rows pushed."""
     stream = api.operator_stream(names[side])
-    here, alloc = _scratch()
+    here, alloc = local.scratch()
     index = partitioning.partition_index(df, on, npartitions, cast, alloc)
     if partitioning.packable(df):
-        tight = _memory_tight()
+        tight = local.memory_tight()
         # The packed gather needs two copies of the input's rows in scratch,
         # the lean one one: lean whenever both would not fit beside the log
         # in half the budget.
         rows_bytes = len(df) * partitioning.packed_row_bytes(df)
-        lean = _memory_tight(2 * rows_bytes)
+        lean = local.memory_tight(2 * rows_bytes)
         shards = partitioning.split_packed(df, index, npartitions, alloc, lean=lean)
         owners = stream.spec.owners
         for j, shard in shards:
@@ -103,19 +59,11 @@ def push(
     return len(df)
 
 
-@_restartable
-def seal(names: list[str], *pushed: int) -> int:
-    """The barrier: every map task is done; seal so readers see the end."""
-    for name in names:
-        api.get_stream(name).seal()
-    return sum(pushed)
-
-
-@_restartable
+@restartable
 def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataFrame:
     """One output partition, read from the local log, then released."""
     _before_read(name, partition)
-    plugin = _here()[1]
+    plugin = local.here()[1]
     rows = _packed_rows(getattr(plugin, "store", None), name, partition, meta)
     # With the size known, fill the output batch by batch: the read holds the
     # output and one batch of shards (loaded back from spill files, or views
@@ -180,7 +128,7 @@ def _before_read(name: str, partition: int) -> None:
     large as the partition: other partitions spill first, so that the log
     and the read fit in the budget together.
     """
-    _, plugin = _here()
+    _, plugin = local.here()
     scratch = getattr(plugin, "scratch", None)
     if scratch is not None:
         scratch.trim()
@@ -189,82 +137,10 @@ def _before_read(name: str, partition: int) -> None:
         store.make_room(name, None, partition)
 
 
-def _memory_tight(extra: int = 0) -> bool:
-    """Whether this worker's log (plus ``extra`` bytes) is past half its budget
-    (:meth:`LogStore.tight`, the data plane's threshold for storing records
-    as their own copies, too)."""
-    store = getattr(_here()[1], "store", None)
-    return store is not None and store.tight(extra)
-
-
-def _scratch() -> tuple[str | None, partitioning.Alloc]:
-    """This worker's address and scratch allocator (plain NumPy elsewhere)."""
-    address, plugin = _here()
-    scratch = getattr(plugin, "scratch", None)
-    return address, (scratch.array if scratch is not None else np.empty)
-
-
-def _here() -> tuple[str | None, Any]:
-    """This worker's address and AIMSS plugin (``(None, None)`` off a worker)."""
-    from distributed import get_worker
-
-    try:
-        worker = get_worker()
-    except ValueError:
-        return None, None
-    return worker.address, worker.plugins.get("aimss")
-
-
 # -- Array rechunk: the same run, with array pieces for records ------------------------
 
 
-@_restartable
-def push_pieces(
-    block: np.ndarray,
-    names: list[str],
-    pieces: list[tuple[int, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]],
-) -> int:
-    """Push each piece of one input block to its output chunk's partition.
-
-    ``pieces``: ``(partition, (start, stop) per axis in the block, (start,
-    stop) per axis in the chunk)``, cut on the client.
-    """
-    stream = api.operator_stream(names[0])
-    here = _here()[0]
-    owners = stream.spec.owners
-    # A piece for this worker's own partition stays in the log until its
-    # chunk is assembled. As a view of the block it needs no copy and no
-    # fresh pages; the view keeps the whole block alive, which costs nothing
-    # while Dask holds it anyway (a persisted input). Once the log is tight,
-    # a local piece gets memory of its own, exactly what the log counts, so
-    # the block can go.
-    tight = _memory_tight()
-    cuts = [(p, tuple(slice(a, b) for a, b in src), dst, owners[p] == here) for p, src, dst in pieces]
-    # Pieces for other workers that are not contiguous (column slices) are
-    # copied into one scratch buffer: memory this worker touched before,
-    # free again once they are sent. Row slices of a C-ordered block are
-    # sent as views: Dask never modifies a task's input.
-    strided = sum(
-        block[src].size for _, src, _, local in cuts if not local and not block[src].flags.c_contiguous
-    )
-    flat = _scratch()[1]((strided,), block.dtype) if strided else None
-    pos = 0
-    for p, src, dst, local in cuts:
-        view = block[src]
-        if local:
-            if tight:
-                view = view.copy()
-        elif not view.flags.c_contiguous:
-            assert flat is not None
-            piece = flat[pos : pos + view.size].reshape(view.shape)
-            np.copyto(piece, view)
-            pos += view.size
-            view = piece
-        stream.write((dst, view), partition=p)
-    return int(block.size)
-
-
-@_restartable
+@restartable
 def read_block(name: str, partition: int, shape: tuple[int, ...], dtype: Any, sealed: int) -> np.ndarray:
     """One output chunk, assembled from its pieces in the local log."""
     _before_read(name, partition)

@@ -12,7 +12,9 @@ from dask.highlevelgraph import HighLevelGraph
 
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.errors import InvalidArgumentError
-from aimss_dask.shuffle import _tasks, partitioning
+from aimss_dask.ops import pushrun
+from aimss_dask.ops.pieces import main_inputs, partition_pieces
+from aimss_dask.shuffle import _tasks
 
 
 def rechunk(x: da.Array, chunks: Any) -> da.Array:
@@ -67,19 +69,19 @@ def push_run(
     out_name = f"{PARTITION_TASK_PREFIX}{token}"
     create_key = f"aimss-create-{token}"
     blocks = x.to_delayed()
-    pieces = {idx: _pieces(idx, x.chunks, new, grid) for idx in np.ndindex(*blocks.shape)}
+    pieces = {idx: partition_pieces(idx, x.chunks, new, grid) for idx in np.ndindex(*blocks.shape)}
     graph: dict[Any, Any] = {
         create_key: Task(
-            create_key, _tasks.create, [name], int(np.prod(grid)), barrier, out_name, grid,
-            _main_inputs(blocks, pieces, grid),
+            create_key, pushrun.create, [name], int(np.prod(grid)), barrier, out_name, grid,
+            main_inputs(blocks, pieces, grid),
         )
     }
     push_keys = []
     for idx in np.ndindex(*blocks.shape):
         key = (f"aimss-push-{token}", *idx)
-        graph[key] = Task(key, _tasks.push_pieces, TaskRef(blocks[idx].key), TaskRef(create_key), pieces[idx])
+        graph[key] = Task(key, pushrun.push_pieces, TaskRef(blocks[idx].key), TaskRef(create_key), pieces[idx])
         push_keys.append(key)
-    graph[barrier] = Task(barrier, _tasks.seal, [name], *(TaskRef(k) for k in push_keys))
+    graph[barrier] = Task(barrier, pushrun.seal, [name], *(TaskRef(k) for k in push_keys))
     # The output tasks are keyed (PARTITION_TASK_PREFIX + token, *chunk
     # index): the coordinator pins each to the owner of partition
     # ravel(index) of the run's stream.
@@ -91,32 +93,3 @@ def push_run(
         )
     deps = [blocks.flat[0]] if blocks.size else []
     return HighLevelGraph.from_collections(out_name, graph, dependencies=deps), out_name
-
-
-Pieces = list[tuple[int, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]]
-
-
-def _pieces(
-    idx: tuple[int, ...], old: tuple[tuple[int, ...], ...], new: tuple[tuple[int, ...], ...], grid: tuple[int, ...]
-) -> Pieces:
-    """Block ``idx``'s pieces: ``(output partition, (start, stop) in the block, ... in the chunk)``."""
-    return [
-        (int(np.ravel_multi_index(out_index, grid)), tuple((s.start, s.stop) for s in src), dst)
-        for out_index, src, dst in partitioning.block_pieces(idx, old, new)
-    ]
-
-
-def _main_inputs(blocks: np.ndarray, pieces: dict[tuple[int, ...], Pieces], grid: tuple[int, ...]) -> list[Any]:
-    """For each output chunk, the key of the input block that gives it most elements.
-
-    Where that block is already in memory (a persisted array), the
-    coordinator places the chunk's partition with it: most pieces are then
-    appended locally instead of crossing the network.
-    """
-    best: list[tuple[int, Any]] = [(-1, None)] * int(np.prod(grid))
-    for idx, ps in pieces.items():
-        for p, src, _ in ps:
-            size = int(np.prod([b - a for a, b in src]))
-            if size > best[p][0]:
-                best[p] = (size, blocks[idx].key)
-    return [key for _, key in best]

@@ -13,6 +13,7 @@ import pandas as pd
 
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.errors import InvalidArgumentError
+from aimss_dask.ops import pushrun
 from aimss_dask.shuffle import _tasks, partitioning
 
 
@@ -67,7 +68,7 @@ def _run(
     token = uuid.uuid4().hex[:16]
     names = [f"aimss-shuffle-{token}-{i}" for i in range(len(frames))]
     barrier = f"aimss-seal-{token}"
-    created = dask.delayed(_tasks.create, pure=False)(
+    created = dask.delayed(pushrun.create, pure=False)(
         names, npartitions, barrier, dask_key_name=f"aimss-create-{token}"
     )
     pushed = []
@@ -79,7 +80,7 @@ def _run(
                     dask_key_name=(f"aimss-push-{token}", side, i),
                 )
             )
-    sealed = dask.delayed(_tasks.seal, pure=False)(names, *pushed, dask_key_name=barrier)
+    sealed = dask.delayed(pushrun.seal, pure=False)(names, *pushed, dask_key_name=barrier)
     return names, token, sealed, pushed
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,7 @@ from dask.dataframe.dispatch import concat
 from dask.dataframe.shuffle import partitioning_index
 
 from aimss_dask.errors import InvalidArgumentError
+from aimss_dask.ops.local import Alloc
 
 
 def check_columns(columns: Sequence[str], on: str | Sequence[str], what: str = "on") -> list[str]:
@@ -27,9 +27,6 @@ def check_columns(columns: Sequence[str], on: str | Sequence[str], what: str = "
         )
     return keys
 
-
-#: ``(shape, dtype) -> uninitialised array``: np.empty, or a worker's scratch pool.
-Alloc = Callable[[tuple[int, ...], Any], np.ndarray]
 
 #: Fibonacci hashing's multiplier (2**64 / golden ratio).
 _FIB = np.uint64(0x9E3779B97F4A7C15)
@@ -252,57 +249,3 @@ class PackedOutput:
         out = pd.concat(parts, axis=1) if len(parts) > 1 else parts[0]
         out.index = pd.Index(self._index[0, :n].view(meta.index.dtype), name=meta.index.name)
         return out[meta.columns] if len(parts) > 1 else out
-
-
-# -- Array rechunk: which part of an input block goes to which output chunk ----------
-
-
-def chunk_bounds(chunks: Sequence[int]) -> np.ndarray:
-    """The edges of an axis's chunks, ``[0, c0, c0 + c1, ...]`` (read-only, cached).
-
-    >>> chunk_bounds((2, 3, 1)).tolist()
-    [0, 2, 5, 6]
-    """
-    # Called for every block or unit with the same chunks: computing the
-    # cumulative sum each time made planning a 500-block run take 90 ms.
-    return _bounds_of(chunks if isinstance(chunks, tuple) else tuple(chunks))
-
-
-@functools.lru_cache(maxsize=32)
-def _bounds_of(chunks: tuple[int, ...]) -> np.ndarray:
-    out = np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
-    out.flags.writeable = False  # shared between callers
-    return out
-
-
-def block_pieces(
-    index: Sequence[int],
-    in_chunks: Sequence[Sequence[int]],
-    out_chunks: Sequence[Sequence[int]],
-) -> list[tuple[tuple[int, ...], tuple[slice, ...], tuple[tuple[int, int], ...]]]:
-    """``(output chunk index, slice of the block, (start, stop) in the chunk)``.
-
-    Every element of the input block lands in exactly one output chunk.
-    """
-    per_axis = []
-    for a, i in enumerate(index):
-        ib = chunk_bounds(in_chunks[a])
-        ob = chunk_bounds(out_chunks[a])
-        lo, hi = ib[i], ib[i + 1]
-        first = int(np.searchsorted(ob, lo, side="right")) - 1
-        axis = []
-        j = first
-        while j < len(ob) - 1 and ob[j] < hi:
-            s, e = max(lo, ob[j]), min(hi, ob[j + 1])
-            if e > s:
-                axis.append((j, slice(int(s - lo), int(e - lo)), (int(s - ob[j]), int(e - ob[j]))))
-            j += 1
-        if not axis:  # an empty block (a zero-length chunk): nothing to send
-            return []
-        per_axis.append(axis)
-    import itertools
-
-    return [
-        (tuple(j for j, _, _ in combo), tuple(s for _, s, _ in combo), tuple(d for _, _, d in combo))
-        for combo in itertools.product(*per_axis)
-    ]

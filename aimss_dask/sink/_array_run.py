@@ -55,9 +55,8 @@ from dask._task_spec import List, Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph
 
 from aimss_dask.errors import SinkError
-from aimss_dask.shuffle import _tasks as shuffle_tasks
-from aimss_dask.shuffle.array import _main_inputs, _pieces
-from aimss_dask.shuffle.partitioning import chunk_bounds
+from aimss_dask.ops import pushrun
+from aimss_dask.ops.pieces import chunk_bounds, main_inputs, partition_pieces
 from aimss_dask.sink.assembler import UnitAssembler, assemble, row_slabs, unit_regions
 from aimss_dask.sink.writer import ZarrTarget
 
@@ -403,11 +402,11 @@ def _push_graph(
     blocks = np.empty(x.numblocks, dtype=object)
     for idx, key in keys.items():
         blocks[idx] = _Keyed(key)
-    pieces = {idx: _pieces(idx, x.chunks, new, grid) for idx in keys}
+    pieces = {idx: partition_pieces(idx, x.chunks, new, grid) for idx in keys}
     graph: dict[Any, Any] = {
         create_key: Task(
             create_key, _create, [name], int(np.prod(grid)), barrier,
-            _main_inputs(blocks, pieces, grid), target, new, x.dtype,
+            main_inputs(blocks, pieces, grid), target, new, x.dtype,
         )
     }
     push_keys = []
@@ -419,7 +418,7 @@ def _push_graph(
             List(*(ref(idx) for idx in group)),
         )
         push_keys.append(key)
-    graph[barrier] = Task(barrier, shuffle_tasks.seal, [name], *(TaskRef(k) for k in push_keys))
+    graph[barrier] = Task(barrier, pushrun.seal, [name], *(TaskRef(k) for k in push_keys))
     expected = [
         p for p, idx in enumerate(np.ndindex(*grid)) if all(c[i] for c, i in zip(new, idx))
     ]
@@ -427,7 +426,7 @@ def _push_graph(
 
 
 class _Keyed:
-    """Stands for a block in :func:`_main_inputs`, which only needs its ``key``."""
+    """Stands for a block in :func:`~aimss_dask.ops.pieces.main_inputs`, which only needs its ``key``."""
 
     def __init__(self, key: Any) -> None:
         self.key = key
@@ -573,10 +572,10 @@ def _in_place_writer(target: ZarrTarget, kind: str) -> Any:
     return writer
 
 
-@shuffle_tasks._restartable
+@pushrun.restartable
 def _push_blocks(names: list[str], pieces: list[Any], blocks: list[np.ndarray]) -> int:
     """Push the pieces of these blocks to their units' owners."""
-    return sum(shuffle_tasks.push_pieces(b, names, ps) for b, ps in zip(blocks, pieces))
+    return sum(pushrun.push_pieces(b, names, ps) for b, ps in zip(blocks, pieces))
 
 
 def _create(
@@ -596,7 +595,7 @@ def _create(
     from aimss_dask.stream import api
     from aimss_dask.stream.context import current
 
-    shuffle_tasks.create(names, npartitions, barrier, None, None, prefer, sink=True)
+    pushrun.create(names, npartitions, barrier, None, None, prefer, sink=True)
     spec = api.get_stream(names[0]).spec
     by_owner: dict[str, list[int]] = {}
     for p, w in enumerate(spec.owners):
@@ -649,7 +648,7 @@ def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes
     return asm
 
 
-@shuffle_tasks._restartable
+@pushrun.restartable
 def finish(target: ZarrTarget, expected: list[int], stream: str | None, written: list[Any]) -> int:
     """The run's last task: wait for every writer, check every region landed; bytes written."""
     from aimss_dask.stream import api

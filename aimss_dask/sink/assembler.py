@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from aimss_dask.shuffle.partitioning import chunk_bounds
+from aimss_dask.ops.pieces import chunk_bounds
 
 
 class UnitAssembler:

@@ -1,0 +1,125 @@
+"""The task bodies every push run shares: create its streams, push array pieces, seal.
+
+A push run is a stream (one per input side) whose partitions are the
+output partitions (a shuffle's, a rechunk's chunks, a sink's units). A
+create task makes the streams, map tasks push into them while the map phase
+is still running, and the seal task is the barrier. The operators build
+their graphs from these tasks and add their own pushes and outputs.
+
+Every task of a run is :func:`restartable`: a lost worker restarts the run.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from aimss_dask.ops import local
+from aimss_dask.ops.pieces import Pieces
+from aimss_dask.stream import api
+
+
+def create(
+    names: list[str],
+    npartitions: int,
+    barrier: str,
+    chunk_tasks: str | None = None,
+    grid: tuple[int, ...] | None = None,
+    prefer: list[Any] | None = None,
+    sink: bool = False,
+) -> list[str]:
+    """Create the run's streams (the read tasks are keyed by ``names[0]``).
+
+    An array run's read tasks are its output chunks, keyed ``(chunk_tasks,
+    *index)`` over ``grid``. ``prefer``: see ``create_operator_stream``.
+    """
+    first = names[0]
+    api.create_operator_stream(
+        first, npartitions, read_by=first, barrier=barrier, chunk_tasks=chunk_tasks, grid=grid,
+        prefer=prefer, sink=sink,
+    )
+    for other in names[1:]:
+        api.create_operator_stream(
+            other, npartitions, read_by=first, colocate_with=first, barrier=barrier
+        )
+    return names
+
+
+def restartable(func: Any) -> Any:
+    """A task of a run: a lost worker restarts the run, so wait for that.
+
+    ``Reschedule`` hands the task back to the scheduler instead of failing
+    the whole computation; the coordinator's restart releases it anyway.
+
+    Examples
+    --------
+    >>> @restartable
+    ... def push(block, names):  # a PartitionLostError becomes a Reschedule
+    ...     ...
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from distributed import Reschedule
+
+        from aimss_dask.errors import PartitionLostError
+
+        try:
+            return func(*args, **kwargs)
+        except PartitionLostError as e:
+            raise Reschedule() from e
+
+    return wrapper
+
+
+@restartable
+def seal(names: list[str], *pushed: int) -> int:
+    """The barrier: every map task is done; seal so readers see the end."""
+    for name in names:
+        api.get_stream(name).seal()
+    return sum(pushed)
+
+
+@restartable
+def push_pieces(block: np.ndarray, names: list[str], pieces: Pieces) -> int:
+    """Push each piece of one input block to its output chunk's partition.
+
+    ``pieces``: ``(partition, (start, stop) per axis in the block, (start,
+    stop) per axis in the chunk)``, cut on the client
+    (:func:`aimss_dask.ops.pieces.partition_pieces`).
+    """
+    stream = api.operator_stream(names[0])
+    here = local.here()[0]
+    owners = stream.spec.owners
+    # A piece for this worker's own partition stays in the log until its
+    # chunk is assembled. As a view of the block it needs no copy and no
+    # fresh pages; the view keeps the whole block alive, which costs nothing
+    # while Dask holds it anyway (a persisted input). Once the log is tight,
+    # a local piece gets memory of its own, exactly what the log counts, so
+    # the block can go.
+    tight = local.memory_tight()
+    cuts = [(p, tuple(slice(a, b) for a, b in src), dst, owners[p] == here) for p, src, dst in pieces]
+    # Pieces for other workers that are not contiguous (column slices) are
+    # copied into one scratch buffer: memory this worker touched before,
+    # free again once they are sent. Row slices of a C-ordered block are
+    # sent as views: Dask never modifies a task's input.
+    strided = sum(
+        block[src].size for _, src, _, is_local in cuts if not is_local and not block[src].flags.c_contiguous
+    )
+    flat = local.scratch()[1]((strided,), block.dtype) if strided else None
+    pos = 0
+    for p, src, dst, is_local in cuts:
+        view = block[src]
+        if is_local:
+            if tight:
+                view = view.copy()
+        elif not view.flags.c_contiguous:
+            assert flat is not None
+            piece = flat[pos : pos + view.size].reshape(view.shape)
+            np.copyto(piece, view)
+            pos += view.size
+            view = piece
+        stream.write((dst, view), partition=p)
+    return int(block.size)
