@@ -31,13 +31,8 @@ CYCLE_BASELINE: set[str] = set()
 CORE = ("aimss_dask.plugin", "aimss_dask.stream")
 OPERATORS = ("aimss_dask.shuffle", "aimss_dask.sink", "aimss_dask.source")
 
-#: Core-to-operator edges today, (importer, imported module): the worker
-#: plugin still hosts the sink's and the source's worker-side state.
-CORE_TO_OPERATOR_BASELINE: set[tuple[str, str]] = {
-    ("aimss_dask.plugin.worker", "aimss_dask.sink"),
-    ("aimss_dask.plugin.worker", "aimss_dask.sink._array_run"),
-    ("aimss_dask.plugin.worker", "aimss_dask.sink.writer"),
-}
+#: Core-to-operator edges: none, and it stays so.
+CORE_TO_OPERATOR_BASELINE: set[tuple[str, str]] = set()
 
 
 def _module_name(path: pathlib.Path) -> str:

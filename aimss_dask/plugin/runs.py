@@ -196,6 +196,17 @@ class RunManager:
         """The ``key`` resource if it was made, without making it."""
         return self._shared.get(key)
 
+    def shared_statistics(self) -> dict[str, Any]:
+        """``{f"{key}_{stat}": value}`` of every shared resource with ``statistics()``."""
+        with self._lock:
+            shared = list(self._shared.items())
+        out: dict[str, Any] = {}
+        for key, res in shared:
+            stats = getattr(res, "statistics", None)
+            if stats is not None:
+                out.update({f"{key}_{k}": v for k, v in stats().items()})
+        return out
+
     def close_all(self) -> None:
         """Close every run, then every shared resource; safe to call twice."""
         with self._lock:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
@@ -63,10 +62,6 @@ class AIMSSWorker(WorkerPlugin):
         # Partition reads from this worker's log / another's; "streamed": shuffle
         # reads that filled their output batch by batch (shuffle._tasks.read).
         self.reads = {"local": 0, "remote": 0, "streamed": 0}
-        self._sink_writer: Any = None
-        self._sink_lock = threading.Lock()
-        # Stream name -> UnitAssembler of a to_zarr run whose units live here.
-        self.assemblers: dict[str, Any] = {}
         # Operators' run objects on this worker, and resources they share.
         self.runs = RunManager()
 
@@ -159,8 +154,6 @@ class AIMSSWorker(WorkerPlugin):
                 self.pool.clear()
             if self.scratch is not None:
                 self.scratch.clear()
-            if self._sink_writer is not None:
-                self._sink_writer.close()
         except Exception:
             logger.exception("aimss: worker teardown failed")
 
@@ -169,48 +162,13 @@ class AIMSSWorker(WorkerPlugin):
         """``{"error": None}``, or why setup failed on this worker."""
         return {"error": self.setup_error}
 
-    # -- sinks -------------------------------------------------------------------------
-
-    @property
-    def sink_writer(self) -> Any:
-        """This worker's write-behind writer, made on first use (task threads call this)."""
-        with self._sink_lock:
-            if self._sink_writer is None:
-                from aimss_dask.sink.writer import WriteBehind
-
-                assert self.store is not None
-                # Regions waiting for the disk are memory outside the log:
-                # a quarter of the budget, so log + queue stay near the budget.
-                self._sink_writer = WriteBehind(max(64 * 2**20, self.store.budget // 4))
-            return self._sink_writer
-
-    @replies
-    async def _h_sink_attach(self, name: str, epoch: int, partitions: list[int], **run: Any) -> None:
-        """Write a to_zarr run's units held here as soon as each is complete."""
-        from aimss_dask.sink._array_run import attach
-
-        self.assemblers[name] = attach(self, name, epoch, partitions, **run)
-
-    def _notify_sinks(self, name: str, partition: int, records: list[Any]) -> None:
-        asm = self.assemblers.get(name)
-        if asm is not None:
-            asm.on_append(partition, records)
-        self.runs.on_append(name, partition, records)
-
-    @replies
-    async def _h_sink_flush(self, run: str) -> dict[str, Any]:
-        """Wait until every region of sink run ``run`` queued here is written."""
-        if self._sink_writer is None:
-            return {"written": [], "bytes": 0, "errors": []}
-        return await offload(self._sink_writer.flush, run)
-
     # -- local fast paths (task threads) ---------------------------------------------
 
     def local_append(self, spec: StreamSpec, partition: int, record: Any, nbytes: int) -> None:
         """A producer task on the owner: store without serialising or copying."""
         assert self.store is not None
         self.store.append(spec.name, spec.epoch, partition, [record], [nbytes])
-        self._notify_sinks(spec.name, partition, [record])
+        self.runs.on_append(spec.name, partition, [record])
         if self.store.over_budget:
             self.store.spill()  # we are in a task thread: blocking is fine
 
@@ -225,7 +183,7 @@ class AIMSSWorker(WorkerPlugin):
                 continue
             try:
                 self.store.append(name, epoch, partition, records, sizes)
-                self._notify_sinks(name, partition, records)
+                self.runs.on_append(name, partition, records)
             except AIMSSError as e:
                 wire = error_to_wire(e)
                 errors[name] = (wire["type"], wire["message"])
@@ -334,7 +292,6 @@ class AIMSSWorker(WorkerPlugin):
         # Runs first (a source's brokers), so none appends while it is dropped.
         self.runs.stop(name, epoch)
         self.producer.forget(name)
-        self.assemblers.pop(name, None)
         # Removing spill files is disk I/O: not on the loop.
         await offload(self._drop, name, epoch)
         # Remote readers waiting on the stream must find out now, not at
@@ -373,7 +330,8 @@ class AIMSSWorker(WorkerPlugin):
 
     @replies
     async def _h_run_stop(self, name: str, epoch: int | None = None) -> dict[str, Any]:
-        return {"stopped": self.runs.stop(name, epoch)}
+        # Closing may wait for writes under way (a sink's): not on the loop.
+        return {"stopped": await offload(self.runs.stop, name, epoch)}
 
     def _drop(self, name: str, epoch: int) -> None:
         assert self.store is not None
@@ -446,8 +404,7 @@ class AIMSSWorker(WorkerPlugin):
         if self.budget_warning is not None:
             st["budget_warning"] = self.budget_warning
         st["runs"] = self.runs.progress()
-        if self._sink_writer is not None:
-            st.update({f"sink_{k}": v for k, v in self._sink_writer.statistics().items()})
+        st.update(self.runs.shared_statistics())
         return {"status": st}
 
 
@@ -469,9 +426,7 @@ _HANDLERS = (
     "drop",
     "stream_stats",
     "worker_status",
-    "sink_flush",
     "run_start",
     "run_call",
     "run_stop",
-    "sink_attach",
 )

@@ -33,7 +33,7 @@ shards, or chunks when unsharded):
   complete, then frees it (:mod:`aimss_dask.sink.assembler`); there are no
   per-unit tasks. The barrier seals the stream (every push has landed).
 
-In every shape a last task waits for the writers (``aimss_sink_flush`` on every
+In every shape a last task waits for the writers (``flush`` of its ``WriteRun`` on every
 worker involved), checks that every region was written, and raises
 :class:`SinkError` otherwise. A lost worker in a push run restarts the run
 (the coordinator's operator-run restart); in the other runs Dask recomputes
@@ -47,6 +47,7 @@ import itertools
 import logging
 import math
 import pickle
+from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -54,11 +55,13 @@ import numpy as np
 from dask._task_spec import List, Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph
 
-from aimss_dask.errors import SinkError
+from aimss_dask.core.names import PLUGIN_NAME
+from aimss_dask.errors import SinkError, StreamNotFoundError
 from aimss_dask.ops import pushrun
 from aimss_dask.ops.pieces import chunk_bounds, main_inputs, partition_pieces
+from aimss_dask.plugin.runs import Run
 from aimss_dask.sink.assembler import UnitAssembler, assemble, row_slabs, unit_regions
-from aimss_dask.sink.writer import ZarrTarget
+from aimss_dask.sink.writer import SHARED_KEY, WriteRun, ZarrTarget, writer_for
 
 logger = logging.getLogger("aimss_dask")
 
@@ -471,9 +474,9 @@ def _queue(target: ZarrTarget, region: tuple[slice, ...], data: np.ndarray, rid:
         target.open()[region] = data
         return "local"
     if behind:
-        plugin.sink_writer.submit(target, region, data, rid)
+        writer_for(plugin, target).submit(target, region, data, rid)
     else:
-        plugin.sink_writer.write_now(target, rid, lambda put: put(region, data))
+        writer_for(plugin, target).write_now(target, rid, lambda put: put(region, data))
     return str(worker.address)
 
 
@@ -517,9 +520,9 @@ def _write_rows(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray], behin
             return int(put.write_rows(coords, parts, token))
 
         if behind:
-            plugin.sink_writer.submit_job(target, jid, sum(int(p.nbytes) for _, p in parts), job)
+            writer_for(plugin, target).submit_job(target, jid, sum(int(p.nbytes) for _, p in parts), job)
         else:
-            plugin.sink_writer.write_now(target, jid, job)
+            writer_for(plugin, target).write_now(target, jid, job)
     return str(worker.address)
 
 
@@ -546,7 +549,7 @@ def _append_chunks(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray]) ->
         if worker is None:  # a local scheduler
             job(_in_place_writer(target, "chunks"))
         else:
-            plugin.sink_writer.write_now(target, jid, job)
+            writer_for(plugin, target).write_now(target, jid, job)
     return ("local" if worker is None else str(worker.address)), out
 
 
@@ -601,15 +604,48 @@ def _create(
     for p, w in enumerate(spec.owners):
         by_owner.setdefault(w, []).append(p)
     ep = current("to_zarr")
-    run = pickle.dumps((target, chunks, np.dtype(dtype)))
     for w, ps in sorted(by_owner.items()):
-        ep.call(ep.ask_worker, w, "sink_attach", name=spec.name, epoch=spec.epoch, partitions=ps, run=run)
+        factory = pickle.dumps(AssemblerFactory(spec.name, spec.epoch, ps, target, chunks, np.dtype(dtype)))
+        ep.call(ep.ask_worker, w, "run_start", factory=factory)
     return names
 
 
-def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes) -> UnitAssembler:
+@dataclass(frozen=True)
+class AssemblerFactory:
+    """What ``aimss_run_start`` gets for a push run's owner (pickled: it imports this module)."""
+
+    name: str
+    epoch: int
+    partitions: list[int]
+    target: ZarrTarget
+    chunks: Any
+    dtype: np.dtype
+
+    def make_run(self, plugin: Any) -> AssemblerRun:
+        run = AssemblerRun(self.name, self.epoch)
+        run.assembler = attach(plugin, run, self.partitions, self.target, self.chunks, self.dtype)
+        return run
+
+
+class AssemblerRun(Run):
+    """A push run's owner: writes each unit held here once all its pieces arrived."""
+
+    assembler: UnitAssembler
+
+    def on_append(self, partition: int, records: list[Any]) -> None:
+        self.assembler.on_append(partition, records)
+
+
+def attach(
+    plugin: Any,
+    owner: AssemblerRun,
+    partitions: list[int],
+    target: ZarrTarget,
+    chunks: Any,
+    dtype: np.dtype,
+) -> UnitAssembler:
     """The owner's side of :func:`_create`: an assembler that writes complete units."""
-    target, chunks, dtype = pickle.loads(run)
+    name, epoch = owner.name, owner.epoch
     # Runs on the event loop: one vectorised lookup for all units, not a
     # NumPy call per unit (hundreds of units per owner).
     regions = unit_regions(partitions, chunks)
@@ -620,7 +656,7 @@ def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes
     def ready(p: int) -> None:
         # On the appending thread: queue only. Its bytes are in the log
         # (under the budget) until the job reads them, so it holds none.
-        plugin.sink_writer.submit_job(target, p, 0, lambda put: _unit_job(p, put))
+        writer_for(plugin, target).submit_job(target, p, 0, lambda put: _unit_job(p, put))
 
     def _unit_job(p: int, put: Any) -> int:
         try:
@@ -637,14 +673,14 @@ def attach(plugin: Any, name: str, epoch: int, partitions: list[int], run: bytes
             del out  # views into the log's records: let them go before the trim
             plugin.store.trim(name, epoch, p)  # durable: free its memory now
         except Exception:
-            if plugin.assemblers.get(name) is not asm:
+            if plugin.runs.get(name) is not owner:
                 return 0  # a run that restarted (or was dropped): the new run rewrites it
             raise
         return int(nbytes)
 
     asm = UnitAssembler(epoch, expected, ready)
     if expected:  # units will be written here (and flushed): make their directories now
-        plugin.sink_writer.prepare(target, [regions[p] for p in sorted(expected)])
+        writer_for(plugin, target).prepare(target, [regions[p] for p in sorted(expected)])
     return asm
 
 
@@ -757,11 +793,15 @@ async def _abort_run(run: str, dask_worker: Any = None) -> int:
     """On a worker: drop the run's queued writes and refuse later ones (off the event loop)."""
     import asyncio
 
-    plugin = dask_worker.plugins.get("aimss") if dask_worker is not None else None
-    writer = getattr(plugin, "_sink_writer", None)
+    plugin = dask_worker.plugins.get(PLUGIN_NAME) if dask_worker is not None else None
+    writer = plugin.runs.peek_shared(SHARED_KEY) if plugin is not None else None
     if writer is None:
         return 0
-    return await asyncio.get_running_loop().run_in_executor(None, writer.abort, run)
+    # The queue, not only its WriteRun: a worker with no write of the run yet
+    # must refuse any that comes later too.
+    dropped = await asyncio.get_running_loop().run_in_executor(None, writer.abort, run)
+    await asyncio.get_running_loop().run_in_executor(None, plugin.runs.stop, WriteRun.key(run))
+    return dropped
 
 
 def _flush(target: ZarrTarget, addresses: set[str]) -> tuple[list[int], int, list[str]]:
@@ -774,10 +814,17 @@ def _flush(target: ZarrTarget, addresses: set[str]) -> tuple[list[int], int, lis
     nbytes = 0
     for addr in sorted(addresses):
         try:
-            reply = ep.call(ep.ask_worker, addr, "sink_flush", run=target.run)
+            reply = ep.call(ep.ask_worker, addr, "run_call", name=WriteRun.key(target.run), operation="flush")
+        except StreamNotFoundError:
+            continue  # no WriteRun there: this run wrote nothing on that worker
         except Exception as e:  # a writer lost with its queue
             errors.append(f"{addr}: {type(e).__name__}: {e}")
             continue
+        try:
+            # Flushed: the worker forgets the run (a late write is refused).
+            ep.call(ep.ask_worker, addr, "run_stop", name=WriteRun.key(target.run))
+        except Exception:  # leaving: its runs go with it
+            pass
         done.extend(reply["written"])
         nbytes += reply["bytes"]
         errors.extend(f"{addr}: {m}" for m in reply["errors"])

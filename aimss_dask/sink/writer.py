@@ -8,8 +8,10 @@ task waits, which is the sink's back-pressure. ``flush(sink)`` waits for
 every region of one sink run and reports what was written and what failed,
 so the run's last task can fail loudly instead of losing data quietly.
 
-Pure threads, no asyncio: the worker plugin calls ``flush`` through
-``offload`` and tasks call ``submit`` from their own thread.
+Pure threads: tasks call ``submit`` from their own thread. On a worker the
+queue is one of its shared resources (``plugin.runs.shared``), and each
+to_zarr run that writes there is a :class:`WriteRun` (its ``flush`` runs
+through ``offload``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from distributed.utils import offload
 
+from aimss_dask.plugin.runs import Run
 from aimss_dask.sink.direct import Put
 
 logger = logging.getLogger("aimss_dask")
@@ -222,6 +226,14 @@ class WriteBehind:
                 self._cond.wait_for(lambda: not run.active, timeout)
         return dropped
 
+    def run_progress(self, run_id: str) -> dict[str, int]:
+        """Regions of ``run_id`` queued and written so far, and their bytes."""
+        with self._cond:
+            run = self._runs.get(run_id)
+            if run is None:
+                return {"queued": 0, "written": 0, "bytes": 0}
+            return {"queued": len(run.pending), "written": len(run.written), "bytes": run.nbytes}
+
     def statistics(self) -> dict[str, int]:
         with self._cond:
             return {"queued_bytes": self._queued, "peak_queued_bytes": self.peak_queued}
@@ -257,3 +269,58 @@ def _putter(array: Any) -> Put:
         return int(data.nbytes)
 
     return put
+
+
+# -- on a worker: the shared queue, and one run per to_zarr run -----------------------
+
+#: Key of the worker's write-behind queue among its shared resources; its
+#: statistics show in ``aimss_dask.status()`` as ``sink_*``.
+SHARED_KEY = "sink"
+
+
+def write_behind(plugin: Any) -> WriteBehind:
+    """The worker's write-behind queue, made on first use.
+
+    Regions waiting for the disk are memory outside the log: a quarter of
+    the budget, so log + queue stay near the budget.
+    """
+    store = plugin.store
+    return plugin.runs.shared(SHARED_KEY, lambda: WriteBehind(max(64 * 2**20, store.budget // 4)))
+
+
+class WriteRun(Run):
+    """What one to_zarr run writes on one worker; held as :meth:`key` of the run's id.
+
+    Operation ``flush`` waits for the run's queued regions and reports them
+    (then forgets them); stopping the run drops what is still queued and
+    refuses later writes, as :meth:`WriteBehind.abort` does.
+    """
+
+    def __init__(self, run_id: str, writer: WriteBehind) -> None:
+        super().__init__(self.key(run_id), 0)
+        self.run_id = run_id
+        self.writer = writer
+
+    @staticmethod
+    def key(run_id: str) -> str:
+        """Its name among the worker's runs: apart from the run's stream (a push
+        run's stream bears the run's id, and has a run of its own)."""
+        return f"{run_id}/writes"
+
+    async def call(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        if op == "flush":
+            return await offload(self.writer.flush, self.run_id)
+        return await super().call(op, **kwargs)
+
+    def progress(self) -> dict[str, Any]:
+        return self.writer.run_progress(self.run_id)
+
+    def close(self) -> None:
+        self.writer.abort(self.run_id)
+
+
+def writer_for(plugin: Any, target: ZarrTarget) -> WriteBehind:
+    """The worker's queue, with ``target``'s run registered as a :class:`WriteRun` (any thread)."""
+    writer = write_behind(plugin)
+    plugin.runs.start(WriteRun(target.run, writer))  # the run already there, after the first
+    return writer
