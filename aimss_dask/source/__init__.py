@@ -9,4 +9,4 @@ owner workers read ahead of the consumers; :meth:`aimss_dask.Stream.batches`
 from aimss_dask.source import loader as loader
 from aimss_dask.source.zarr_source import from_zarr
 
-__all__ = ["from_zarr"]
+__all__ = ["from_zarr", "loader"]
