@@ -13,6 +13,7 @@ Register the plugin once and the workers become in-memory stream stores::
 from aimss_dask.config import AIMSSConfig
 from aimss_dask.errors import (
     AIMSSError,
+    DuplicateOriginError,
     InvalidArgumentError,
     InvalidOffsetError,
     InvalidTypeError,
@@ -52,6 +53,7 @@ __all__ = [
     "AIMSS",
     "AIMSSConfig",
     "AIMSSError",
+    "DuplicateOriginError",
     "InvalidArgumentError",
     "InvalidOffsetError",
     "InvalidTypeError",

@@ -83,6 +83,19 @@ class SpillCorruptionError(AIMSSError, OSError):
     """A spilled segment read back from disk is not what the log wrote there."""
 
 
+class DuplicateOriginError(AIMSSError, RuntimeError):
+    """Two different groups of records carry the same origin.
+
+    An input wrote twice to one partition within one attempt under the same
+    ``Origin`` (``seq`` not advanced). The owner keeps the first copy of each
+    origin, so a re-run of that input would have both its writes dropped
+    while the first attempt may have delivered only one: data would be lost
+    on a retry, silently. The write is refused instead (and so is every later
+    copy of that origin). Give each group its own ``Origin.seq``, or write
+    one group per partition.
+    """
+
+
 _BY_NAME: dict[str, type[AIMSSError]] = {
     cls.__name__: cls
     for cls in (
@@ -103,6 +116,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         SinkError,
         MissingDependencyError,
         SpillCorruptionError,
+        DuplicateOriginError,
     )
 }
 

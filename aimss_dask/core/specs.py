@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aimss_dask.errors import InvalidArgumentError, PartitionOutOfRangeError
+from aimss_dask.errors import InvalidTypeError
 
 
 @dataclass(frozen=True)
@@ -90,3 +91,88 @@ def _key_bytes(key: object) -> bytes:
         f"record key {key!r} of type {type(key).__name__} has no stable hash; use "
         "a str, bytes, int, float or a tuple of them"
     )
+
+
+#: The largest attempt an :class:`Origin` may carry: the dedup filter stores
+#: ``attempt + 1`` in a signed 64-bit slot (0 meaning "no copy yet").
+MAX_ATTEMPT = 2**63 - 2
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a group of records comes from: which input, which execution of it.
+
+    A run's producer tasks tag what they write with an origin so that the
+    owner can drop a second copy of the same input (issue 18, item 2). The
+    rule, applied per stream, epoch and partition by
+    :class:`aimss_dask.plugin.dedup.OriginFilter`:
+
+        **a second copy of the same input is dropped; first commit wins.**
+
+    Two groups are copies of each other when they carry the same ``input``
+    and ``seq`` and go to the same partition; the first one to reach the
+    owner is stored, whichever ``attempt`` it belongs to, and a copy from any
+    other attempt is dropped whole (a push task re-run by Dask, a speculative
+    second execution). Partitions are independent: each one keeps the first
+    copy it receives, so a re-run that finishes an interrupted push fills in
+    only the partitions the first attempt did not reach. That relies on what
+    every operator guarantees: an input writes the same records to a
+    partition whichever attempt runs it. A second group with the same origin
+    from the *same* attempt is not a copy but a second write: the filter
+    raises :class:`~aimss_dask.errors.DuplicateOriginError` rather than
+    guess (plan risk 9).
+
+    Parameters
+    ----------
+    input
+        The input's id within the stream of the run: the input partition's
+        index (shuffle; per side for merge), the input block's flat index
+        (rechunk, zarr push). Dense ids ``0 .. inputs - 1`` keep the filter
+        small.
+    attempt
+        The execution of that input: Dask's ``run_id`` of the producer task
+        (new at each dispatch), so a re-run or a speculative copy differs.
+    seq
+        The position of the group among what this execution writes to the
+        partition; 0 when it writes one group per partition (every operator
+        today). Groups with different ``seq`` are different data.
+
+    Examples
+    --------
+    >>> a = Origin(input=3, attempt=17)
+    >>> a == Origin(3, 17, 0), a.seq
+    (True, 0)
+    >>> Origin(input=-1, attempt=0)
+    Traceback (most recent call last):
+    ...
+    aimss_dask.errors.InvalidArgumentError: origin input -1 must be >= 0 (the input's index in its run)
+    """
+
+    input: int
+    attempt: int
+    seq: int = 0
+
+    def __post_init__(self) -> None:
+        # Checked here, once per group on the producer, so that the owner's
+        # hot path can trust the three fields (they index arrays there). The
+        # common case first: it halves the cost of making an Origin.
+        i, a, s = self.input, self.attempt, self.seq
+        if type(i) is int and type(a) is int and type(s) is int:
+            if i >= 0 and s >= 0 and 0 <= a <= MAX_ATTEMPT:
+                return
+        for field, value, hint in (
+            ("input", self.input, "the input's index in its run"),
+            ("attempt", self.attempt, "the producer task's run id"),
+            ("seq", self.seq, "the group's position among the attempt's writes"),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidTypeError(
+                    f"origin {field} {value!r} must be an int ({hint}), not "
+                    f"{type(value).__name__}"
+                )
+            if value < 0:
+                raise InvalidArgumentError(f"origin {field} {value} must be >= 0 ({hint})")
+        if self.attempt > MAX_ATTEMPT:
+            raise InvalidArgumentError(
+                f"origin attempt {self.attempt} is too large: at most {MAX_ATTEMPT}"
+            )
