@@ -23,6 +23,10 @@ class StreamNotFoundError(AIMSSError, LookupError):
     """The named stream does not exist (never created, or destroyed)."""
 
 
+class RunNotFoundError(AIMSSError, LookupError):
+    """No run of that id is registered (never registered, or forgotten after it finished)."""
+
+
 class StreamExistsError(AIMSSError, ValueError):
     """``create_stream`` of a name that already exists."""
 
@@ -102,6 +106,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         AIMSSError,
         NotRegisteredError,
         StreamNotFoundError,
+        RunNotFoundError,
         StreamExistsError,
         InvalidArgumentError,
         InvalidTypeError,

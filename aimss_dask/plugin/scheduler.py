@@ -31,6 +31,7 @@ from aimss_dask.errors import (
 )
 from aimss_dask.plugin.rpc import replies
 from aimss_dask.plugin.placement import rebalance
+from aimss_dask.plugin.registry import RunRegistry
 from aimss_dask.plugin.state import CoordinatorState, StreamSpec
 
 if TYPE_CHECKING:
@@ -102,6 +103,8 @@ class AIMSS(SchedulerPlugin):
         # are not freed at seal for want of read tasks.
         self._sinks: set[str] = set()
         self._seal_waits: dict[str, tuple[set[str], asyncio.Event, dict[str, Any]]] = {}
+        # Every operator run, once operators register (issue 18 step 4.1): read-only so far.
+        self.runs = RunRegistry()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -188,6 +191,7 @@ class AIMSS(SchedulerPlugin):
         for t in list(self._background):
             t.cancel()
         self.state.clear()
+        self.runs.clear()
         if self.scheduler is not None:
             for op in _HANDLERS:
                 self.scheduler.handlers.pop(f"aimss_{op}", None)
@@ -197,6 +201,7 @@ class AIMSS(SchedulerPlugin):
         # Workers restart with empty logs: metadata of their streams is void.
         try:
             self.state.clear()
+            self.runs.clear()
         except Exception:
             logger.exception("aimss: restart hook failed")
 
@@ -722,6 +727,11 @@ class AIMSS(SchedulerPlugin):
         return {"overrides": self.overrides}
 
     @replies
+    async def _h_runs(self) -> dict[str, Any]:
+        """Every run the registry lists, as plain data; no fan-out to workers."""
+        return {"runs": self.runs.snapshot()}
+
+    @replies
     async def _h_status(self) -> dict[str, Any]:
         replies = await self._broadcast({"op": "aimss_worker_status"})
         return {
@@ -817,4 +827,5 @@ _HANDLERS = (
     "commit",
     "info",
     "status",
+    "runs",
 )
