@@ -80,7 +80,7 @@ def _stored(name: str) -> list[int]:
 
 
 def test_the_topic_names_agree() -> None:
-    # stream/ does not import plugin/, so each side spells the topic.
+    # Both sides take it from core.names.
     assert context.SEAL_PRODUCERS_TOPIC == scheduler_plugin.SEAL_PRODUCERS_TOPIC
 
 

@@ -11,3 +11,7 @@ PARTITION_TASK_PREFIX = "aimss-partition-"
 
 #: Scheduler metadata key set while the plugin is registered.
 REGISTERED_KEY = "aimss-registered"
+
+#: The event topic on which the coordinator asks writing client processes to
+#: push what they buffer before a seal (``log_event`` / ``subscribe_topic``).
+SEAL_PRODUCERS_TOPIC = "aimss-seal-producers"

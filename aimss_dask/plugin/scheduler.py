@@ -22,7 +22,12 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from aimss_dask.config import AIMSSConfig, dask_memory_thresholds
-from aimss_dask.core.names import PARTITION_TASK_PREFIX, PLUGIN_NAME, REGISTERED_KEY
+from aimss_dask.core.names import (
+    PARTITION_TASK_PREFIX,
+    PLUGIN_NAME,
+    REGISTERED_KEY,
+    SEAL_PRODUCERS_TOPIC,
+)
 from aimss_dask.errors import (
     InvalidArgumentError,
     ReadTimeoutError,
@@ -800,9 +805,6 @@ SEAL_CLIENT_TIMEOUT = 60.0
 
 #: The event topic of seals that writing clients must push for (also defined,
 #: equal, in ``stream.context``, which does not import plugin/).
-SEAL_PRODUCERS_TOPIC = "aimss-seal-producers"
-
-
 class SealProducersEvent(TypedDict):
     """The message of a seal event: push ``name`` (epoch ``epoch``), then answer
     ``aimss_producers_sealed(token=...)``; only the ``clients`` named do."""

@@ -21,7 +21,7 @@ from distributed import default_client, get_worker
 from distributed.utils import sync
 
 from aimss_dask.config import AIMSSConfig
-from aimss_dask.core.names import PLUGIN_NAME, REGISTERED_KEY
+from aimss_dask.core.names import PLUGIN_NAME, REGISTERED_KEY, SEAL_PRODUCERS_TOPIC
 from aimss_dask.errors import AIMSSError, NotRegisteredError, raise_from_wire
 from aimss_dask.stream.producer import Producer
 
@@ -34,11 +34,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 logger = logging.getLogger("aimss_dask")
-
-#: The event topic on which the scheduler asks writing clients to push before
-#: a seal. Equal to ``plugin.scheduler.SEAL_PRODUCERS_TOPIC`` (a test checks):
-#: stream/ does not import plugin/, and core/names.py is the place for both.
-SEAL_PRODUCERS_TOPIC = "aimss-seal-producers"
 
 
 @dataclass(eq=False)
