@@ -803,8 +803,6 @@ def _literal(node: Any) -> Any:
 #: How long a seal waits for writing clients to push their buffered records.
 SEAL_CLIENT_TIMEOUT = 60.0
 
-#: The event topic of seals that writing clients must push for (also defined,
-#: equal, in ``stream.context``, which does not import plugin/).
 class SealProducersEvent(TypedDict):
     """The message of a seal event: push ``name`` (epoch ``epoch``), then answer
     ``aimss_producers_sealed(token=...)``; only the ``clients`` named do."""
