@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from aimss_dask.core.names import PLUGIN_NAME
+
 #: ``(shape, dtype) -> uninitialised array``: np.empty, or a worker's scratch pool.
 Alloc = Callable[[tuple[int, ...], Any], np.ndarray]
 
@@ -39,4 +41,4 @@ def here() -> tuple[str | None, Any]:
         worker = get_worker()
     except ValueError:
         return None, None
-    return worker.address, worker.plugins.get("aimss")
+    return worker.address, worker.plugins.get(PLUGIN_NAME)

@@ -458,7 +458,7 @@ def _plugin() -> tuple[Any, Any]:
         worker = get_worker()
     except ValueError:
         return None, None
-    plugin = worker.plugins.get("aimss")
+    plugin = worker.plugins.get(PLUGIN_NAME)
     if plugin is None or getattr(plugin, "store", None) is None:
         raise SinkError(
             "aimss_dask.to_zarr runs on workers with the AIMSS plugin: "
