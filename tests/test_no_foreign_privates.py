@@ -86,13 +86,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "pandas BlockManager fast path, a measured win (a tenth of a shuffle's map "
         "CPU); the plan keeps it, isolated in a _compat module with a fallback"
     ),
-    ("shuffle/dataframe.py", "df", "_meta"): "dask DataFrame meta; to become dask.dataframe.utils.make_meta",
-    ("shuffle/dataframe.py", "left", "_meta"): "as above",
-    ("shuffle/dataframe.py", "right", "_meta"): "as above",
-    ("plugin/scheduler.py", IMPORT, "dask._task_spec"): "to become the public dask.task_spec",
-    ("shuffle/array.py", IMPORT, "dask._task_spec"): "to become the public dask.task_spec",
-    ("shuffle/dataframe.py", IMPORT, "dask._task_spec"): "to become the public dask.task_spec",
-    ("sink/_array_run.py", IMPORT, "dask._task_spec"): "to become the public dask.task_spec",
     ("stream/producer.py", "self.p", "_loop"): "our own Producer's loop; the name is also Client's",
 }
 

@@ -757,7 +757,7 @@ def _partition_reads(spec: Any, depth: int = 0) -> list[tuple[str, int]]:
     Dask may fuse a read task into its dependent under a new key; the read
     is still in there, with its stream name and partition as literal args.
     """
-    from dask._task_spec import DataNode, Task
+    from dask.task_spec import DataNode, Task
 
     if depth > 8 or spec is None:
         return []
@@ -782,7 +782,7 @@ def _partition_reads(spec: Any, depth: int = 0) -> list[tuple[str, int]]:
 
 
 def _nested() -> tuple[type, ...]:
-    from dask._task_spec import GraphNode
+    from dask.task_spec import GraphNode
 
     return (GraphNode, dict, list, tuple)
 
@@ -795,7 +795,7 @@ _NO_READS = ("aimss-push-", "aimss-create-", "aimss-seal-")
 
 
 def _literal(node: Any) -> Any:
-    from dask._task_spec import DataNode
+    from dask.task_spec import DataNode
 
     return node.value if isinstance(node, DataNode) else node
 

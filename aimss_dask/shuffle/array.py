@@ -7,7 +7,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-from dask._task_spec import Task, TaskRef
+from dask.task_spec import Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph
 
 from aimss_dask.core.names import PARTITION_TASK_PREFIX

@@ -10,6 +10,7 @@ import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+from dask.dataframe.utils import make_meta
 
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.errors import InvalidArgumentError
@@ -35,7 +36,7 @@ def _partitions(frame: dd.DataFrame) -> list[Any]:
     64 MiB partitions per worker in a 4 GiB shuffle. Depending on the target
     key instead lets the push run where its input already is.
     """
-    from dask._task_spec import Alias
+    from dask.task_spec import Alias
     from dask.delayed import Delayed
 
     out = []
@@ -102,7 +103,7 @@ def shuffle(df: dd.DataFrame, on: str | Sequence[str], npartitions: int | None =
         )
     keys = partitioning.check_columns(list(df.columns), on)
     n = _npartitions(npartitions, df.npartitions)
-    meta = df._meta
+    meta = make_meta(df)
     (name,), token, sealed, _ = _run([df], [keys], n, [None])
     parts = [
         dask.delayed(_tasks.read, pure=False)(
@@ -159,8 +160,9 @@ def merge(
     # dtype first (int64 and float64 hash differently).
     lcast: dict[str, str] = {}
     rcast: dict[str, str] = {}
+    lmeta, rmeta = make_meta(left), make_meta(right)
     for lk, rk in zip(lkeys, rkeys):
-        ld, rd = left._meta[lk].dtype, right._meta[rk].dtype
+        ld, rd = lmeta[lk].dtype, rmeta[rk].dtype
         if ld != rd:
             common = _common_dtype(ld, rd, lk, rk)
             lcast[lk] = rcast[rk] = common
@@ -169,11 +171,11 @@ def merge(
         kwargs["on"] = lkeys
     else:
         kwargs["left_on"], kwargs["right_on"] = lkeys, rkeys
-    meta = left._meta.merge(right._meta, **kwargs)
+    meta = lmeta.merge(rmeta, **kwargs)
     names, token, sealed, _ = _run([left, right], [lkeys, rkeys], n, [lcast or None, rcast or None])
     parts = [
         dask.delayed(_tasks.join, pure=False)(
-            names, j, (left._meta, right._meta), kwargs, sealed,
+            names, j, (lmeta, rmeta), kwargs, sealed,
             dask_key_name=(f"{PARTITION_TASK_PREFIX}{token}", names[0], j),
         )
         for j in range(n)
