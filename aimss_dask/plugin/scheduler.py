@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("aimss_dask")
 
 
-
 class AIMSS(SchedulerPlugin):
     """Turn a Dask cluster's workers into an in-memory stream store.
 
@@ -802,6 +801,7 @@ def _literal(node: Any) -> Any:
 
 #: How long a seal waits for writing clients to push their buffered records.
 SEAL_CLIENT_TIMEOUT = 60.0
+
 
 class SealProducersEvent(TypedDict):
     """The message of a seal event: push ``name`` (epoch ``epoch``), then answer

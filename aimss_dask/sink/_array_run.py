@@ -473,10 +473,11 @@ def _queue(target: ZarrTarget, region: tuple[slice, ...], data: np.ndarray, rid:
     if worker is None:  # a local scheduler: write now
         target.open()[region] = data
         return "local"
+    wb = writer_for(plugin, target)
     if behind:
-        writer_for(plugin, target).submit(target, region, data, rid)
+        wb.submit(target, region, data, rid)
     else:
-        writer_for(plugin, target).write_now(target, rid, lambda put: put(region, data))
+        wb.write_now(target, rid, lambda put: put(region, data))
     return str(worker.address)
 
 
@@ -511,6 +512,7 @@ def _write_rows(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray], behin
         for _, coords, pieces in jobs:
             writer.write_rows(coords, [(rows, blocks[j][src]) for j, src, rows in pieces], token)
         return "local"
+    wb = writer_for(plugin, target)
     for jid, coords, pieces in jobs:
         parts = [(rows, blocks[j][src]) for j, src, rows in pieces]
 
@@ -520,9 +522,9 @@ def _write_rows(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray], behin
             return int(put.write_rows(coords, parts, token))
 
         if behind:
-            writer_for(plugin, target).submit_job(target, jid, sum(int(p.nbytes) for _, p in parts), job)
+            wb.submit_job(target, jid, sum(int(p.nbytes) for _, p in parts), job)
         else:
-            writer_for(plugin, target).write_now(target, jid, job)
+            wb.write_now(target, jid, job)
     return str(worker.address)
 
 
@@ -536,6 +538,7 @@ def _append_chunks(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray]) ->
     """
     worker, plugin = _plugin()
     token = target.run
+    wb = writer_for(plugin, target) if worker is not None else None
     out: list[Any] = []
     for jid, scoords, chunks in jobs:
         parts = [(icoords, blocks[j][src]) for j, src, icoords in chunks]
@@ -546,10 +549,10 @@ def _append_chunks(target: ZarrTarget, jobs: _Jobs, blocks: list[np.ndarray]) ->
             out.append((scoords, put.append_chunks(scoords, parts, token)))
             return sum(int(p.nbytes) for _, p in parts)
 
-        if worker is None:  # a local scheduler
+        if wb is None:  # a local scheduler
             job(_in_place_writer(target, "chunks"))
         else:
-            writer_for(plugin, target).write_now(target, jid, job)
+            wb.write_now(target, jid, job)
     return ("local" if worker is None else str(worker.address)), out
 
 
@@ -646,6 +649,8 @@ def attach(
 ) -> UnitAssembler:
     """The owner's side of :func:`_create`: an assembler that writes complete units."""
     name, epoch = owner.name, owner.epoch
+    # Registers the run's WriteRun here now, once, not per unit on the appending thread.
+    wb = writer_for(plugin, target)
     # Runs on the event loop: one vectorised lookup for all units, not a
     # NumPy call per unit (hundreds of units per owner).
     regions = unit_regions(partitions, chunks)
@@ -656,7 +661,7 @@ def attach(
     def ready(p: int) -> None:
         # On the appending thread: queue only. Its bytes are in the log
         # (under the budget) until the job reads them, so it holds none.
-        writer_for(plugin, target).submit_job(target, p, 0, lambda put: _unit_job(p, put))
+        wb.submit_job(target, p, 0, lambda put: _unit_job(p, put))
 
     def _unit_job(p: int, put: Any) -> int:
         try:
@@ -680,7 +685,7 @@ def attach(
 
     asm = UnitAssembler(epoch, expected, ready)
     if expected:  # units will be written here (and flushed): make their directories now
-        writer_for(plugin, target).prepare(target, [regions[p] for p in sorted(expected)])
+        wb.prepare(target, [regions[p] for p in sorted(expected)])
     return asm
 
 

@@ -373,5 +373,4 @@ class Sink:
         return f"<Sink {self._run.spec.name!r} -> {self._run.target.where}: {info['state']}, {info['rows']} rows>"
 
 
-
 register_extension("to_zarr", stream_to_zarr)

@@ -35,10 +35,6 @@ from aimss_dask.stream import reader, speccache
 from aimss_dask.stream.context import Endpoint, current
 from aimss_dask.stream.extensions import Extension
 
-#: Drop what this process cached about a stream (kept here for callers of the API).
-forget = speccache.forget
-
-
 def remember(ep: Endpoint, reply: dict[str, Any]) -> StreamSpec:
     """Cache the spec of a coordinator's stream reply, and what it says of seals and losses."""
     spec = StreamSpec.from_wire(reply["spec"])
@@ -267,7 +263,7 @@ def create_stream(
         **ep.owner_kwargs(),
     )
     if reply.get("created"):
-        forget(name)
+        speccache.forget(name)
     return Stream(remember(ep, reply))
 
 
@@ -316,10 +312,10 @@ def create_operator_stream(
     reply = ep.scheduler_op("create", **kwargs)
     if not reply.get("created") and reply.get("sealed"):
         ep.scheduler_op("destroy", name=name)
-        forget(name)
+        speccache.forget(name)
         reply = ep.scheduler_op("create", **kwargs)
     if reply.get("created"):
-        forget(name)
+        speccache.forget(name)
     return Stream(remember(ep, reply))
 
 
@@ -363,7 +359,7 @@ def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, k
     try:
         ep.producer.write(spec, p, record)
     except StreamNotFoundError:
-        forget(spec.name)
+        speccache.forget(spec.name)
         raise
 
 
@@ -481,9 +477,9 @@ def destroy_stream(name: str) -> None:
     try:
         reply = ep.scheduler_op("destroy", name=name)
     finally:
-        forget(name)
+        speccache.forget(name)
     for n in reply.get("destroyed", []):
-        forget(n)
+        speccache.forget(n)
         ep.producer.forget(n)
 
 
