@@ -18,8 +18,9 @@ from distributed import get_task_stream
 
 import aimss_dask
 from aimss_dask.plugin.placement import place_partitions
-from aimss_dask.plugin.scheduler import PARTITION_TASK_PREFIX
-from aimss_dask.stream.api import create_operator_stream
+from aimss_dask.core.names import PARTITION_TASK_PREFIX
+from aimss_dask.core.runs import RunSpec
+from aimss_dask.stream.runs import register_run
 
 NA = "<NA>"  # what a missing key value becomes in key sets (NaN != NaN in a set)
 
@@ -367,9 +368,10 @@ def test_shuffle_partial_compute_leaves_no_stream(client):
 
 def _skew_placement(client) -> tuple[list[str], dict[str, int]]:
     """Two helper streams on one worker, so new partitions are not placed 0,1,0,1."""
-    first = aimss_dask.create_stream(unique_name("helper"), 1)
-    name = unique_name("helper")
-    second = create_operator_stream(name, 1, read_by=name, colocate_with=first.name)
+    # A run's streams are placed together: both land on one worker.
+    first, second = register_run(
+        RunSpec(run_id=unique_name("helper"), streams=(unique_name("helper"), unique_name("helper"))), 1
+    ).streams
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     load = {w: 0 for w in workers}
     for s in (first, second):

@@ -9,7 +9,7 @@ from distributed import get_task_stream
 
 import aimss_dask
 from aimss_dask.plugin.placement import place_partitions, rebalance
-from aimss_dask.plugin.scheduler import PARTITION_TASK_PREFIX
+from aimss_dask.core.names import PARTITION_TASK_PREFIX
 
 
 def test_rebalance_keeps_balanced_placements_and_bounds_the_hot_worker():

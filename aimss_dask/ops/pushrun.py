@@ -16,35 +16,20 @@ from typing import Any
 
 import numpy as np
 
+from aimss_dask.core.runs import RunSpec
 from aimss_dask.ops import local
 from aimss_dask.ops.pieces import Pieces
 from aimss_dask.stream import api
+from aimss_dask.stream.runs import register_run
 
 
-def create(
-    names: list[str],
-    npartitions: int,
-    barrier: str,
-    chunk_tasks: str | None = None,
-    grid: tuple[int, ...] | None = None,
-    prefer: list[Any] | None = None,
-    sink: bool = False,
-) -> list[str]:
-    """Create the run's streams (the read tasks are keyed by ``names[0]``).
+def create(spec: RunSpec, npartitions: int, prefer: list[Any] | None = None) -> list[str]:
+    """The create task: register the run, which creates its streams; their names.
 
-    An array run's read tasks are its output chunks, keyed ``(chunk_tasks,
-    *index)`` over ``grid``. ``prefer``: see ``create_operator_stream``.
+    ``prefer[p]``: the key of the task whose result is most of partition
+    ``p``'s input (see :func:`aimss_dask.stream.runs.register_run`).
     """
-    first = names[0]
-    api.create_operator_stream(
-        first, npartitions, read_by=first, barrier=barrier, chunk_tasks=chunk_tasks, grid=grid,
-        prefer=prefer, sink=sink,
-    )
-    for other in names[1:]:
-        api.create_operator_stream(
-            other, npartitions, read_by=first, colocate_with=first, barrier=barrier
-        )
-    return names
+    return [s.name for s in register_run(spec, npartitions, prefer).streams]
 
 
 def restartable(func: Any) -> Any:

@@ -188,6 +188,10 @@ class RunRegistry:
             )
         return rec
 
+    def find(self, run_id: str) -> RunRecord | None:
+        """The record of ``run_id``, or None."""
+        return self._runs.get(run_id)
+
     def for_stream(self, name: str) -> RunRecord | None:
         """The unfinished run that owns stream ``name``, if any."""
         run_id = self._owner.get(name)
@@ -291,6 +295,23 @@ class RunRegistry:
             rec.version = self._bump()
             out.append((rec, action, message))
         return out
+
+    def unfinished(self) -> list[RunRecord]:
+        """Every run not finished, by run id."""
+        return [self._runs[r] for r in sorted(self._runs) if not self._runs[r].finished]
+
+    def restart(self, run_id: str, epoch: int) -> bool:
+        """The coordinator restarts ``run_id``'s ``epoch``: RESTARTING until registered again.
+
+        False if that epoch is stale, finished or already restarting.
+        """
+        rec = self.get(run_id)
+        if rec.epoch != epoch or rec.finished or rec.state is RunState.RESTARTING:
+            return False
+        rec.state = RunState.RESTARTING
+        rec.sealed.clear()
+        rec.version = self._bump()
+        return True
 
     def owned_by_client(self, client: str) -> list[str]:
         """Ids of the unfinished runs ``client`` registered (to close when it leaves)."""

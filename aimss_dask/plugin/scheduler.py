@@ -15,7 +15,6 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypedDict
 
-import numpy as np
 from dask.utils import format_bytes
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -23,11 +22,11 @@ from distributed.protocol.pickle import dumps
 
 from aimss_dask.config import AIMSSConfig, dask_memory_thresholds
 from aimss_dask.core.names import (
-    PARTITION_TASK_PREFIX,
     PLUGIN_NAME,
     REGISTERED_KEY,
     SEAL_PRODUCERS_TOPIC,
 )
+from aimss_dask.core.runs import OnLoss, OnSeal, RunSpec, RunState
 from aimss_dask.errors import (
     InvalidArgumentError,
     ReadTimeoutError,
@@ -35,8 +34,9 @@ from aimss_dask.errors import (
     raise_from_wire,
 )
 from aimss_dask.plugin.rpc import replies
+from aimss_dask.plugin.pinning import Pinner
 from aimss_dask.plugin.placement import rebalance
-from aimss_dask.plugin.registry import RunRegistry
+from aimss_dask.plugin.registry import RunRecord, RunRegistry
 from aimss_dask.plugin.state import CoordinatorState, StreamSpec
 
 if TYPE_CHECKING:
@@ -96,19 +96,10 @@ class AIMSS(SchedulerPlugin):
         # Client processes that write (they buffer records too), and the seals
         # waiting for them to push: token -> (clients yet to answer, done, failures).
         self._producer_clients: set[str] = set()
-        # The tasks that will read each stream: name -> partition -> key.
-        self._readers: dict[str, dict[int, Any]] = {}
-        # Array output chunks (prefix + token, *index) by prefix + token.
-        self._chunk_pins: dict[str, list[Any]] = {}
-        # Operator runs in flight: reader stream -> its barrier and create keys.
-        self._runs: dict[str, dict[str, Any]] = {}
-        # Operator runs drained by a sink (to_zarr), which writes each unit
-        # where it completes and frees it: their partitions never move and
-        # are not freed at seal for want of read tasks.
-        self._sinks: set[str] = set()
         self._seal_waits: dict[str, tuple[set[str], asyncio.Event, dict[str, Any]]] = {}
-        # Every operator run, once operators register (issue 18 step 4.1): read-only so far.
+        # Every operator run: its spec, policies, state and progress.
         self.runs = RunRegistry()
+        self.pinner: Pinner | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -125,6 +116,7 @@ class AIMSS(SchedulerPlugin):
         # cluster as it was (Dask adds the plugin only if start succeeds).
         self._check_budget_fits(scheduler)
         self.scheduler = scheduler
+        self.pinner = Pinner(scheduler, self.state.streams, self._spec_of_run)
         self._sealed_changed = asyncio.Condition()
         for op in _HANDLERS:
             scheduler.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
@@ -196,6 +188,8 @@ class AIMSS(SchedulerPlugin):
             t.cancel()
         self.state.clear()
         self.runs.clear()
+        if self.pinner is not None:
+            self.pinner.clear()
         if self.scheduler is not None:
             for op in _HANDLERS:
                 self.scheduler.handlers.pop(f"aimss_{op}", None)
@@ -206,12 +200,15 @@ class AIMSS(SchedulerPlugin):
         try:
             self.state.clear()
             self.runs.clear()
+            if self.pinner is not None:
+                self.pinner.clear()
         except Exception:
             logger.exception("aimss: restart hook failed")
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         try:
             lost = self.state.worker_lost(worker)
+            lost_parts = {n: {p for p, w in enumerate(self.state.streams[n].owners) if w == worker} for n in lost}
             if lost:
                 logger.warning(
                     "aimss: worker %s left; partitions of %s are lost", worker, lost
@@ -224,6 +221,15 @@ class AIMSS(SchedulerPlugin):
                 self._spawn(self._broadcast({"op": "aimss_owner_lost", "address": worker}))
             if scheduler.status == Status.running:
                 self._restart_runs(scheduler, kwargs.get("stimulus_id", "aimss-worker-lost"))
+            # Runs that cannot recover what was lost (a loader or a streaming
+            # sink on a user's stream) fail, named; they raise too.
+            for rec, action, _ in self.runs.on_worker_lost(worker, lost_parts):
+                if action is OnLoss.RESTART:  # nothing left to run again: see _restart_runs
+                    self.runs.finish(rec.run_id, rec.epoch, RunState.FAILED, (
+                        "PartitionLostError",
+                        f"run {rec.run_id!r} lost partitions with worker {worker} after its "
+                        "graph was done; it cannot run again",
+                    ))
         except Exception:
             logger.exception("aimss: remove_worker hook failed")
 
@@ -240,87 +246,42 @@ class AIMSS(SchedulerPlugin):
             names = self.state.owned_by_client(client)
             if names:
                 self._spawn(self._destroy_many(names))
+            for run_id in self.runs.owned_by_client(client):
+                rec = self.runs.get(run_id)
+                self.runs.finish(run_id, rec.epoch, RunState.CLOSED)
         except Exception:
             logger.exception("aimss: remove_client hook failed")
 
     def update_graph(self, scheduler: Scheduler, *, tasks: list[Any], **kwargs: Any) -> None:
         """Pin partition tasks to the worker that owns their partition."""
         try:
-            fused: list[Any] = []
-            operator_graph = False
-            for key in tasks:
-                name = key[0] if isinstance(key, tuple) and key else key
-                if isinstance(name, str) and name.startswith("aimss-"):
-                    operator_graph = True
-                if not (
-                    isinstance(key, tuple)
-                    and len(key) >= 2
-                    and isinstance(key[0], str)
-                    and key[0].startswith(PARTITION_TASK_PREFIX)
-                ):
-                    fused.append(key)
-                    continue
-                if not isinstance(key[1], str):
-                    if not self._pin_fused(scheduler, key):
-                        # An array operator's output chunk (prefix + token,
-                        # *index): stream and partition come with the grid.
-                        self._chunk_pins.setdefault(key[0], []).append(key)
-                    continue
-                self._readers.setdefault(key[1], {})[key[2]] = key
-                spec = self.state.streams.get(key[1])
-                # An operator creates its stream inside the graph: then the
-                # task is pinned when the stream exists (it cannot run before).
-                if spec is not None:
-                    self._pin_partition(key, spec, key[2])
-            if operator_graph:
-                # Dask may fuse an array operator's read task into its
-                # dependent under another key (y.sum(), or the final chunk of
-                # a compute): find those by what they run. Our own map,
-                # create and seal tasks never hold a read: skip them. So do
-                # keys already in memory (a persisted input's blocks): they
-                # were looked at in the graph that made them, and walking
-                # their specs again cost ~15 ms of scheduler time per
-                # 500-block input.
-                for key in fused:
-                    name = key[0] if isinstance(key, tuple) and key else key
-                    if isinstance(name, str) and name.startswith(_NO_READS):
-                        continue
-                    ts = scheduler.tasks.get(key)
-                    if ts is not None and ts.state != "memory":
-                        self._pin_fused(scheduler, key)
-            if len(self._readers) > 1000:
-                self._readers = {
-                    n: ks
-                    for n, ks in self._readers.items()
-                    if n in self.state.streams or any(k in scheduler.tasks for k in ks.values())
-                }
+            if self.pinner is not None:
+                self.pinner.update_graph(tasks)
         except Exception:
             logger.exception("aimss: update_graph hook failed")
 
-    def _pin_fused(self, scheduler: Scheduler, key: Any) -> bool:
-        ts = scheduler.tasks.get(key)
-        found = _partition_reads(ts.run_spec) if ts is not None else []
-        for stream, p in found:
-            self._readers.setdefault(stream, {})[p] = key
-            spec = self.state.streams.get(stream)
-            if spec is not None:
-                self._pin_partition(key, spec, p)
-        return bool(found)
+    def _spec_of_run(self, run_id: str) -> RunSpec | None:
+        rec = self.runs.find(run_id)
+        return None if rec is None else rec.spec
 
     def _restart_runs(self, scheduler: Scheduler, stimulus_id: str) -> None:
-        """Run again, from a clean slate, every operator run still in flight.
+        """Run again, from a clean slate, every restartable run still in flight.
 
         A lost worker takes partitions and unsent pushes with it; the run's
         streams are forgotten at once (the re-run creates fresh ones, with a
         new epoch, so late messages of the old run are rejected) and its
         tasks, from stream creation through the barrier to the reads, are
-        released so the scheduler computes them again.
+        released so the scheduler computes them again. Every such run, not
+        only those that had partitions there: a push task that ran on the
+        lost worker is computed again, and until records carry their origin
+        a second push would duplicate rows.
         """
-        for reader, run in list(self._runs.items()):
-            barrier = scheduler.tasks.get(run["barrier"])
+        for rec in self.runs.unfinished():
+            spec = rec.spec
+            if spec.on_loss is not OnLoss.RESTART or rec.state is RunState.RESTARTING:
+                continue
+            barrier = scheduler.tasks.get(spec.barrier) if spec.barrier is not None else None
             if barrier is None:
-                del self._runs[reader]
-                self._sinks.discard(reader)
                 continue
             recs: dict[Any, str] = {}
             for ts in (*barrier.dependents, barrier, *barrier.dependencies):
@@ -328,28 +289,19 @@ class AIMSS(SchedulerPlugin):
                     recs = {}
                     break
                 recs[ts.key] = "released"
-            create = scheduler.tasks.get(run["create"])
             if not recs:
                 continue
+            create = scheduler.tasks.get(spec.create) if spec.create is not None else None
             if create is not None:
                 recs[create.key] = "released"
-            for name in [n for n, r in self.state.operator.items() if r == reader]:
+            self.runs.restart(rec.run_id, rec.epoch)
+            for name in spec.streams:
                 if name in self.state.streams:
-                    for spec in self.state.destroy(name):
-                        self._spawn(
-                            self._broadcast({"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch})
-                        )
-            logger.warning("aimss: restarting operator run %s after losing a worker", reader)
+                    for s in self.state.destroy(name):
+                        self._spawn(self._broadcast({"op": "aimss_drop", "name": s.name, "epoch": s.epoch}))
+            logger.warning("aimss: restarting %s run %s after losing a worker", rec.kind, rec.run_id)
             scheduler.transitions(recs, stimulus_id=stimulus_id)
             scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
-
-    def _pin_partition(self, key: Any, spec: StreamSpec, p: int) -> None:
-        assert self.scheduler is not None
-        ts = self.scheduler.tasks.get(key)
-        if ts is None or not 0 <= p < spec.partitions or ts.state == "processing":
-            return
-        ts.worker_restrictions = {spec.owners[p]}
-        ts.loose_restrictions = False
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -407,7 +359,7 @@ class AIMSS(SchedulerPlugin):
         for name in names:
             if name in self.state.streams:
                 try:
-                    await self._h_destroy(name=name)
+                    await self._destroy(name)
                 except Exception:
                     logger.exception("aimss: cleanup of stream %r failed", name)
 
@@ -423,13 +375,6 @@ class AIMSS(SchedulerPlugin):
         persist: bool = False,
         client: str | None = None,
         task: Any = None,
-        colocate_with: str | None = None,
-        read_by: str | None = None,
-        barrier: Any = None,
-        chunk_tasks: str | None = None,
-        grid: list[int] | None = None,
-        prefer: list[Any] | None = None,
-        sink: bool = False,
     ) -> dict[str, Any]:
         spec, created = self.state.create(
             name,
@@ -439,39 +384,125 @@ class AIMSS(SchedulerPlugin):
             exist_ok=exist_ok,
             persist=persist,
             creator=self._creator(client, task),
-            colocate_with=colocate_with,
-            prefer=self._holders(prefer) if prefer else None,
         )
         if created:
-            if read_by is not None:
-                self.state.operator[name] = read_by
-                if barrier is not None:
-                    self._runs[read_by] = {"barrier": barrier, "create": task}
-                if sink:
-                    self._sinks.add(read_by)
-            if chunk_tasks is not None and grid:
-                # Array chunks become ordinary (prefix, stream, partition) readers.
-                for key in self._chunk_pins.pop(chunk_tasks, []):
-                    p = int(np.ravel_multi_index(key[1:], tuple(grid)))
-                    self._readers.setdefault(name, {})[p] = key
-            # Read tasks submitted before the stream existed, or pinned to the
-            # owners of a run that restarted. (A join's second stream is
-            # co-located with the first, whose creation pinned its readers.)
-            for p, key in self._readers.get(name, {}).items():
-                self._pin_partition(key, spec, p)
-            by_owner: dict[str, list[int]] = {}
-            for p, w in enumerate(spec.owners):
-                by_owner.setdefault(w, []).append(p)
-            try:
-                for w, ps in by_owner.items():
-                    await self._broadcast(
-                        {"op": "aimss_open", "spec": spec.to_wire(), "partitions": ps}, [w]
-                    )
-            except Exception:
-                self.state.destroy(name)
-                await self._broadcast({"op": "aimss_drop", "name": name, "epoch": spec.epoch})
-                raise
+            await self._open(spec)
         return {**self._wire(spec), "created": created}
+
+    async def _open(self, spec: StreamSpec) -> None:
+        """Open a new stream's partitions on their owners and pin its known readers."""
+        assert self.pinner is not None
+        # Read tasks submitted before the stream existed, or pinned to the
+        # owners of a run that restarted.
+        self.pinner.repin([spec.name])
+        by_owner: dict[str, list[int]] = {}
+        for p, w in enumerate(spec.owners):
+            by_owner.setdefault(w, []).append(p)
+        try:
+            for w, ps in by_owner.items():
+                await self._broadcast({"op": "aimss_open", "spec": spec.to_wire(), "partitions": ps}, [w])
+        except Exception:
+            self.state.destroy(spec.name)
+            await self._broadcast({"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch})
+            raise
+
+    @replies
+    async def _h_run_register(
+        self,
+        run: dict[str, Any],
+        partitions: int | None = None,
+        prefer: list[Any] | None = None,
+        client: str | None = None,
+        task: Any = None,
+    ) -> dict[str, Any]:
+        """Register a run (its spec's wire form) and create the streams it owns.
+
+        Its streams get ``partitions`` partitions each, all placed like the
+        first (a join reads both sides locally); ``prefer[p]`` is the key of
+        the task whose result is most of partition ``p``'s input, placed
+        with it where it is in memory. The same run registered again while
+        its streams are open (its create task ran twice) gets them back; a
+        sealed leftover of an earlier compute of the same graph is replaced.
+        """
+        assert self.pinner is not None
+        view = RunSpec.view_from_wire(run)
+        if view.streams and (not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1):
+            raise InvalidArgumentError(
+                f"run {view.run_id!r} owns streams {list(view.streams)}: give partitions= "
+                f"(a positive int), not {partitions!r}"
+            )
+        rec = self.runs.find(view.run_id)
+        open_ = [self.state.streams.get(n) for n in view.streams]
+        if (
+            rec is not None
+            and not rec.finished
+            and rec.state is not RunState.RESTARTING
+            and all(s is not None and s.name not in self.state.sealed for s in open_)
+        ):
+            return self._run_reply(rec, created=False)
+        for name in view.streams:
+            if name in self.state.streams:
+                await self._destroy(name)
+        rec = self.runs.register(run, client=self._creator(client, task))
+        created: list[str] = []
+        try:
+            holders = self._holders(prefer) if prefer else None
+            for i, name in enumerate(view.streams):
+                assert partitions is not None
+                spec, _ = self.state.create(
+                    name,
+                    partitions,
+                    self._workers(),
+                    creator=rec.client,
+                    colocate_with=view.streams[0] if i else None,
+                    prefer=None if i else holders,
+                )
+                created.append(name)
+                await self._open(spec)
+            self.pinner.run_registered(rec.spec)
+        except Exception as e:
+            self.runs.finish(view.run_id, rec.epoch, RunState.FAILED, (type(e).__name__, str(e)))
+            for name in created:
+                if name in self.state.streams:
+                    await self._destroy(name)
+            raise
+        return self._run_reply(rec, created=True)
+
+    def _run_reply(self, rec: RunRecord, created: bool) -> dict[str, Any]:
+        return {
+            "run_id": rec.run_id,
+            "epoch": rec.epoch,
+            "created": created,
+            "streams": [self._wire(self.state.streams[n]) for n in rec.spec.streams],
+        }
+
+    @replies
+    async def _h_run_report(
+        self,
+        run_id: str,
+        epoch: int,
+        who: str | None = None,
+        state: str | None = None,
+        progress: dict[str, Any] | None = None,
+        error: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """A report on a run from where it runs (a worker, a client's driver thread)."""
+        return {"applied": self.runs.update(run_id, epoch, who, state=state, progress=progress, error=error)}
+
+    @replies
+    async def _h_run_finish(
+        self, run_id: str, epoch: int | None = None, state: str = "done", error: list[str] | None = None
+    ) -> dict[str, Any]:
+        """End a run's epoch (DONE, FAILED with ``error``, or CLOSED); its streams stay as they are.
+
+        ``epoch`` None: the registered one; an unknown run is not an error then.
+        """
+        if epoch is None:
+            rec = self.runs.find(run_id)
+            if rec is None:
+                return {"finished": False}
+            epoch = rec.epoch
+        return {"finished": self.runs.finish(run_id, epoch, state, error)}
 
     def _holders(self, keys: list[Any]) -> list[str | None]:
         """The worker holding each task result (``None`` where none is in memory)."""
@@ -498,15 +529,9 @@ class AIMSS(SchedulerPlugin):
         replies.update(await self._seal_clients(name, spec.epoch))
         await self._broadcast({"op": "aimss_seal_partitions", **msg}, list(set(spec.owners)))
         self.state.sealed.add(name)
-        reader = self.state.operator.get(name)
-        if reader is not None:
-            # An operator's output partitions that no submitted task will
-            # read (a partial compute, out.partitions[0]): free them now.
-            unread = set(range(spec.partitions)) - set(self._readers.get(reader, {}))
-            if unread and reader not in self._sinks:
-                await self._release(spec, sorted(unread))
-            if name in self.state.streams and reader not in self._sinks:
-                await self._rebalance(reader)
+        action = self.runs.on_seal(name)
+        if action is not None:
+            await self._run_sealed(name, spec, *action)
         assert self._sealed_changed is not None
         async with self._sealed_changed:
             self._sealed_changed.notify_all()
@@ -601,22 +626,48 @@ class AIMSS(SchedulerPlugin):
         self.state.get(parent)  # destroyed while waiting: raise
         return {"children": self.state.children(parent)}
 
+    async def _run_sealed(self, name: str, spec: StreamSpec, on_seal: OnSeal, free_unread: bool) -> None:
+        """Stream ``name`` of a run is sealed: apply its run's seal policy."""
+        rec = self.runs.for_stream(name)
+        assert rec is not None and self.pinner is not None
+        out = rec.spec.outputs
+        if free_unread and out is not None:
+            # Output partitions that no submitted task will read (a partial
+            # compute, out.partitions[0]): free them now.
+            unread = set(range(spec.partitions)) - self.pinner.read(out.stream)
+            if unread:
+                await self._release(spec, sorted(unread))
+        if on_seal is OnSeal.REBALANCE and name in self.state.streams:
+            await self._rebalance(rec)
+
     @replies
     async def _h_destroy(self, name: str) -> dict[str, Any]:
+        return {"destroyed": await self._destroy(name)}
+
+    async def _destroy(self, name: str) -> list[str]:
+        """Forget ``name`` (and its children) everywhere; a run whose streams are all gone is done."""
         removed = self.state.destroy(name)
         for spec in removed:
             await self._broadcast({"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch})
+        for spec in removed:
+            rec = self.runs.for_stream(spec.name)
+            if (
+                rec is not None
+                and rec.state is not RunState.RESTARTING
+                and not any(n in self.state.streams for n in rec.spec.streams)
+            ):
+                self.runs.finish(rec.run_id, rec.epoch, RunState.DONE)
         assert self._sealed_changed is not None
         async with self._sealed_changed:
             self._sealed_changed.notify_all()
-        return {"destroyed": [s.name for s in removed]}
+        return [s.name for s in removed]
 
     @replies
     async def _h_release(self, name: str, partition: int) -> dict[str, Any]:
         """An operator's reader is done with a partition; destroy when all are."""
         return {"destroyed": await self._release(self.state.get(name), [partition], trim=False)}
 
-    async def _rebalance(self, reader: str) -> None:
+    async def _rebalance(self, rec: RunRecord) -> None:
         """Even out the bytes each worker holds for an operator's sealed streams.
 
         Placement was fixed before any data existed; now the sizes are known
@@ -624,7 +675,8 @@ class AIMSS(SchedulerPlugin):
         join's two sides stay together), and the read tasks, which cannot
         have started, are pinned to the new owners.
         """
-        group = sorted(n for n, r in self.state.operator.items() if r == reader)
+        assert self.pinner is not None
+        group = sorted(rec.spec.streams)
         if not group or not all(n in self.state.sealed for n in group):
             return
         specs = [self.state.get(n) for n in group]
@@ -658,10 +710,7 @@ class AIMSS(SchedulerPlugin):
                 sorted({target[p] for p in moves}),
             )
             self.state.streams[spec.name] = moved
-        keys = self._readers.get(reader, {})
-        for p in moves:
-            if p in keys:
-                self._pin_partition(keys[p], self.state.streams[reader], p)
+        self.pinner.repin(group, moves)
         logger.info("aimss: moved %d partition(s) of %s to balance sizes", len(moves), group)
 
     async def _partition_stats(self, spec: StreamSpec) -> dict[int, dict[str, Any]]:
@@ -686,7 +735,7 @@ class AIMSS(SchedulerPlugin):
                     {"op": "aimss_trim", "name": spec.name, "epoch": spec.epoch, "partitions": ps}, [w]
                 )
         if self.state.release(spec.name, partitions):
-            await self._h_destroy(name=spec.name)
+            await self._destroy(spec.name)
             return True
         return False
 
@@ -750,55 +799,6 @@ def _as_key(key: Any) -> Any:
     return tuple(_as_key(k) for k in key) if isinstance(key, (list, tuple)) else key
 
 
-def _partition_reads(spec: Any, depth: int = 0) -> list[tuple[str, int]]:
-    """``(stream, partition)`` of every operator read inside a task spec.
-
-    Dask may fuse a read task into its dependent under a new key; the read
-    is still in there, with its stream name and partition as literal args.
-    """
-    from dask.task_spec import DataNode, Task
-
-    if depth > 8 or spec is None:
-        return []
-    if isinstance(spec, Task):
-        if getattr(spec.func, "__name__", "") == "read_block" and len(spec.args) >= 2:
-            stream, p = (_literal(a) for a in spec.args[:2])
-            if isinstance(stream, str) and isinstance(p, int):
-                return [(stream, p)]
-        found: list[tuple[str, int]] = []
-        for a in (*spec.args, *spec.kwargs.values()):
-            found.extend(_partition_reads(a, depth + 1))
-        return found
-    if isinstance(spec, DataNode):
-        return _partition_reads(spec.value, depth + 1)
-    if isinstance(spec, dict):
-        return [r for v in spec.values() for r in _partition_reads(v, depth + 1)]
-    if isinstance(spec, (list, tuple)):
-        return [
-            r for v in spec if isinstance(v, _NESTED) for r in _partition_reads(v, depth + 1)
-        ]
-    return []
-
-
-def _nested() -> tuple[type, ...]:
-    from dask.task_spec import GraphNode
-
-    return (GraphNode, dict, list, tuple)
-
-
-#: What a task spec may hold a read inside (not ints, strs, arrays, ...).
-_NESTED = _nested()
-
-#: Keys of our own tasks that never hold a partition read.
-_NO_READS = ("aimss-push-", "aimss-create-", "aimss-seal-")
-
-
-def _literal(node: Any) -> Any:
-    from dask.task_spec import DataNode
-
-    return node.value if isinstance(node, DataNode) else node
-
-
 #: How long a seal waits for writing clients to push their buffered records.
 SEAL_CLIENT_TIMEOUT = 60.0
 
@@ -828,4 +828,7 @@ _HANDLERS = (
     "info",
     "status",
     "runs",
+    "run_register",
+    "run_report",
+    "run_finish",
 )

@@ -31,8 +31,6 @@ class CoordinatorState:
     groups: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     lost: dict[str, set[int]] = field(default_factory=dict)
     released: dict[str, set[int]] = field(default_factory=dict)
-    # Operator streams: name -> the stream named in its read tasks' keys.
-    operator: dict[str, str] = field(default_factory=dict)
     _epochs: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def create(
@@ -126,7 +124,6 @@ class CoordinatorState:
         self.groups.pop(name, None)
         self.lost.pop(name, None)
         self.released.pop(name, None)
-        self.operator.pop(name, None)
         removed.append(spec)
         return removed
 
@@ -185,5 +182,4 @@ class CoordinatorState:
         self.groups.clear()
         self.lost.clear()
         self.released.clear()
-        self.operator.clear()
         return specs

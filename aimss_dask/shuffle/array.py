@@ -10,11 +10,11 @@ import numpy as np
 from dask.task_spec import Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph
 
-from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.errors import InvalidArgumentError
 from aimss_dask.ops import pushrun
 from aimss_dask.ops.pieces import main_inputs, partition_pieces
 from aimss_dask.shuffle import _tasks
+from aimss_dask.shuffle.specs import RechunkSpec, push_spec
 
 
 def rechunk(x: da.Array, chunks: Any) -> da.Array:
@@ -65,15 +65,15 @@ def push_run(
     grid = tuple(len(c) for c in new)
     token = uuid.uuid4().hex[:16]
     name = f"aimss-rechunk-{token}-0"
-    barrier = f"aimss-seal-{token}"
-    out_name = f"{PARTITION_TASK_PREFIX}{token}"
-    create_key = f"aimss-create-{token}"
+    spec = push_spec(RechunkSpec, token, [name], grid)
+    barrier = spec.barrier
+    out_name = spec.output_key()[0]
+    create_key = spec.create
     blocks = x.to_delayed()
     pieces = {idx: partition_pieces(idx, x.chunks, new, grid) for idx in np.ndindex(*blocks.shape)}
     graph: dict[Any, Any] = {
         create_key: Task(
-            create_key, pushrun.create, [name], int(np.prod(grid)), barrier, out_name, grid,
-            main_inputs(blocks, pieces, grid),
+            create_key, pushrun.create, spec, int(np.prod(grid)), main_inputs(blocks, pieces, grid),
         )
     }
     push_keys = []

@@ -16,6 +16,7 @@ from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.errors import InvalidArgumentError
 from aimss_dask.ops import pushrun
 from aimss_dask.shuffle import _tasks, partitioning
+from aimss_dask.shuffle.specs import MergeSpec, ShuffleSpec, push_spec
 
 
 def _npartitions(n: int | None, default: int) -> int:
@@ -68,10 +69,9 @@ def _run(
     """Delayed create / push / seal of one shuffle run over ``frames``."""
     token = uuid.uuid4().hex[:16]
     names = [f"aimss-shuffle-{token}-{i}" for i in range(len(frames))]
-    barrier = f"aimss-seal-{token}"
-    created = dask.delayed(pushrun.create, pure=False)(
-        names, npartitions, barrier, dask_key_name=f"aimss-create-{token}"
-    )
+    spec = push_spec(MergeSpec if len(frames) > 1 else ShuffleSpec, token, names)
+    barrier = spec.barrier
+    created = dask.delayed(pushrun.create, pure=False)(spec, npartitions, dask_key_name=spec.create)
     pushed = []
     for side, (frame, on, cast) in enumerate(zip(frames, ons, casts)):
         for i, part in enumerate(_partitions(frame)):

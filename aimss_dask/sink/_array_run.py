@@ -60,6 +60,9 @@ from aimss_dask.errors import SinkError, StreamNotFoundError
 from aimss_dask.ops import pushrun
 from aimss_dask.ops.pieces import chunk_bounds, main_inputs, partition_pieces
 from aimss_dask.plugin.runs import Run
+from aimss_dask.core.runs import OnLoss
+from aimss_dask.sink.specs import ZarrWriteSpec, push_write_spec
+from aimss_dask.stream.runs import finish_run, register_run
 from aimss_dask.sink.assembler import UnitAssembler, assemble, row_slabs, unit_regions
 from aimss_dask.sink.writer import SHARED_KEY, WriteRun, ZarrTarget, writer_for
 
@@ -88,16 +91,24 @@ def write_graph(
     """
     token = target.run[len("aimss-sink-") :]
     finish_key = f"aimss-sink-finish-{token}"
+    # Writes where the blocks are register their run from a task of their
+    # own (a push run's create task registers it): writes need not wait for it.
+    begin_key = f"aimss-create-{token}"
+    begin = Task(begin_key, _begin, ZarrWriteSpec(run_id=token, on_loss=OnLoss.RERUN, target=target.describe()))
     groups = _held_groups(x)
     if aligned(x.chunks, unit):
         graph, dep, keys, expected = _aligned_graph(x, target, token, groups)
+        graph[begin_key] = begin
         graph[finish_key] = Task(
-            finish_key, finish, target, expected, None, List(*(TaskRef(k) for k in keys))
+            finish_key, finish, target, expected, None, List(*(TaskRef(k) for k in keys)),
+            TaskRef(begin_key), token,
         )
     elif (kind := _in_place_kind(x, unit, raw, inner)) is not None and _one_host():
         graph, dep, keys, njobs, grid = _in_place_graph(x, unit, inner, kind, target, token, groups)
+        graph[begin_key] = begin
         graph[finish_key] = Task(
-            finish_key, finish_rows, target, njobs, grid, List(*(TaskRef(k) for k in keys)), kind
+            finish_key, finish_rows, target, njobs, grid, List(*(TaskRef(k) for k in keys)), kind,
+            TaskRef(begin_key), token,
         )
     else:
         graph, dep, barrier, expected, name = _push_graph(x, unit, target, token, groups)
@@ -406,9 +417,10 @@ def _push_graph(
     for idx, key in keys.items():
         blocks[idx] = _Keyed(key)
     pieces = {idx: partition_pieces(idx, x.chunks, new, grid) for idx in keys}
+    spec = push_write_spec(token, name, target.describe())
     graph: dict[Any, Any] = {
         create_key: Task(
-            create_key, _create, [name], int(np.prod(grid)), barrier,
+            create_key, _create, spec, int(np.prod(grid)),
             main_inputs(blocks, pieces, grid), target, new, x.dtype,
         )
     }
@@ -585,9 +597,8 @@ def _push_blocks(names: list[str], pieces: list[Any], blocks: list[np.ndarray]) 
 
 
 def _create(
-    names: list[str],
+    spec: ZarrWriteSpec,
     npartitions: int,
-    barrier: str,
     prefer: list[Any],
     target: ZarrTarget,
     chunks: tuple[tuple[int, ...], ...],
@@ -601,14 +612,14 @@ def _create(
     from aimss_dask.stream import api
     from aimss_dask.stream.context import current
 
-    pushrun.create(names, npartitions, barrier, None, None, prefer, sink=True)
-    spec = api.get_stream(names[0]).spec
+    names = pushrun.create(spec, npartitions, prefer)
+    stream = api.operator_stream(names[0]).spec
     by_owner: dict[str, list[int]] = {}
-    for p, w in enumerate(spec.owners):
+    for p, w in enumerate(stream.owners):
         by_owner.setdefault(w, []).append(p)
     ep = current("to_zarr")
     for w, ps in sorted(by_owner.items()):
-        factory = pickle.dumps(AssemblerFactory(spec.name, spec.epoch, ps, target, chunks, np.dtype(dtype)))
+        factory = pickle.dumps(AssemblerFactory(stream.name, stream.epoch, ps, target, chunks, np.dtype(dtype)))
         ep.call(ep.ask_worker, w, "run_start", factory=factory)
     return names
 
@@ -690,8 +701,31 @@ def attach(
 
 
 @pushrun.restartable
-def finish(target: ZarrTarget, expected: list[int], stream: str | None, written: list[Any]) -> int:
-    """The run's last task: wait for every writer, check every region landed; bytes written."""
+def _begin(spec: ZarrWriteSpec) -> int | None:
+    """Register a run whose writes need no stream; its epoch (None: no cluster to register with)."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except ValueError:
+        return None  # a local scheduler
+    return register_run(spec).epoch
+
+
+def _end(run_id: str, epoch: int | None) -> None:
+    if epoch is not None:
+        finish_run(run_id, epoch)
+
+
+def finish(
+    target: ZarrTarget, expected: list[int], stream: str | None, written: list[Any],
+    begun: int | None = None, run_id: str = "",
+) -> int:
+    """The run's last task: wait for every writer, check every region landed; bytes written.
+
+    ``begun``: the epoch the run was registered under by :func:`_begin`
+    (a push run's ends when its stream is destroyed).
+    """
     from aimss_dask.stream import api
 
     addresses: set[str] = set()
@@ -702,16 +736,19 @@ def finish(target: ZarrTarget, expected: list[int], stream: str | None, written:
             addresses.update([w] if isinstance(w, str) else np.asarray(w, dtype=object).ravel().tolist())
     addresses.discard("local")
     if not addresses:  # written synchronously by a local scheduler
+        _end(run_id, begun)
         return 0
     done, nbytes, errors = _flush(target, addresses)
     if stream is not None:
         api.destroy_stream(stream)
     _raise_for(target, errors, expected, done, "Regions already written are complete")
+    _end(run_id, begun)
     return nbytes
 
 
 def finish_rows(
-    target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: list[Any], kind: str = "rows"
+    target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: list[Any], kind: str = "rows",
+    begun: int | None = None, run_id: str = "",
 ) -> int:
     """The last task of a rows (or chunks) run: wait for every writer, then give every unit its key.
 
@@ -763,6 +800,7 @@ def finish_rows(
         if writer is not None:
             writer.discard(target.run)
         raise
+    _end(run_id, begun)
     return nbytes
 
 
@@ -772,7 +810,7 @@ def _hosts(addresses: set[str]) -> set[str]:
     return {get_address_host(a) for a in addresses}
 
 
-def abort(array: Any, target: ZarrTarget) -> None:
+def abort(array: Any, target: ZarrTarget, error: BaseException | None = None) -> None:
     """After a failed run: stop its writers everywhere, then remove its partial chunk files.
 
     A rows run that fails before its last task (a block's computation
@@ -789,6 +827,8 @@ def abort(array: Any, target: ZarrTarget) -> None:
             default_client().run(_abort_run, target.run)
         except ValueError:  # no cluster: a local scheduler's writes are done
             pass
+        else:
+            finish_run(target.run[len("aimss-sink-") :], None, "failed", error)
         remove_partials(array, target.run)
     except Exception:
         logger.warning("aimss: cleaning up after the failed run %s failed", target.run, exc_info=True)

@@ -284,9 +284,9 @@ def _run(writes: list[_Write], compute: bool) -> Delayed | None:
         return writes[0].delayed if len(writes) == 1 else dask.delayed(sum)([w.delayed for w in writes])
     try:
         dask.compute(*[w.delayed for w in writes])
-    except BaseException:
+    except BaseException as e:
         for w in writes:
-            abort(w.array, w.target)
+            abort(w.array, w.target, e)
         raise
     return None
 

@@ -46,6 +46,11 @@ class ZarrTarget:
     run: str
     storage_options: dict[str, Any] | None = None
 
+    def describe(self) -> str:
+        """Where, for people (status views): the store as text, and the path."""
+        store = self.store if isinstance(self.store, str) else type(self.store).__name__
+        return f"{store}:{self.path}" if self.path else str(store)
+
     def open(self) -> Any:
         import zarr
 

@@ -267,58 +267,6 @@ def create_stream(
     return Stream(remember(ep, reply))
 
 
-def create_operator_stream(
-    name: str,
-    partitions: int,
-    *,
-    read_by: str,
-    colocate_with: str | None = None,
-    barrier: Any = None,
-    chunk_tasks: str | None = None,
-    grid: tuple[int, ...] | None = None,
-    prefer: list[Any] | None = None,
-    sink: bool = False,
-) -> Stream:
-    """A stream an operator (shuffle, join) fills and reads inside one graph.
-
-    Its partitions are read by pinned tasks whose keys name ``read_by``;
-    partitions no submitted task will read are freed at seal, and the stream
-    is destroyed once every partition is released. A sealed leftover of an
-    earlier run of the same graph (a partial compute) is replaced.
-    ``colocate_with`` puts partition ``p`` where that stream's partition
-    ``p`` lives, so a join reads both sides locally. ``barrier`` is the key
-    of the run's seal task: if a worker is lost mid-run, the coordinator
-    restarts the run from the task that calls this function. ``prefer[p]``
-    is the key of the task whose result is most of partition ``p``'s input:
-    where that result is in memory, the partition is placed with it.
-    ``sink=True``: a sink drains the partitions itself (writing each where
-    it completes): they never move at seal, and are not freed for want of
-    read tasks.
-    """
-    ep = current("create_operator_stream")
-    kwargs = dict(
-        name=check_name(name),
-        partitions=partitions,
-        exist_ok=True,
-        colocate_with=colocate_with,
-        read_by=read_by,
-        barrier=barrier,
-        chunk_tasks=chunk_tasks,
-        grid=list(grid) if grid else None,
-        prefer=prefer,
-        sink=sink,
-        **ep.owner_kwargs(),
-    )
-    reply = ep.scheduler_op("create", **kwargs)
-    if not reply.get("created") and reply.get("sealed"):
-        ep.scheduler_op("destroy", name=name)
-        speccache.forget(name)
-        reply = ep.scheduler_op("create", **kwargs)
-    if reply.get("created"):
-        speccache.forget(name)
-    return Stream(remember(ep, reply))
-
-
 def release_partition(name: str, partition: int) -> None:
     """An operator is done with ``partition`` for good: free it now.
 

@@ -1,0 +1,200 @@
+"""Which worker runs each output task: partition reads pinned to their owners.
+
+An output task of a run (or of ``Stream.map_partitions``) reads one
+partition, and must run on the worker that owns it. Its key says which:
+``(PARTITION_TASK_PREFIX + token, stream, p)``, or ``(PARTITION_TASK_PREFIX +
+run_id, *chunk index)`` for a run whose :class:`~aimss_dask.core.runs.OutputMap`
+has a grid (a rechunk's chunks), resolved once the run is registered. Dask
+may also fuse a read into a task under another key; those are found by what
+they run (:func:`partition_reads`).
+
+The :class:`Pinner` remembers every read task by stream and partition, so
+that a stream created (or re-created by a restart) after its readers were
+submitted, or a partition moved by a rebalance, gets its readers pinned too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from aimss_dask.core.names import PARTITION_TASK_PREFIX
+from aimss_dask.core.runs import RunSpec
+from aimss_dask.core.specs import StreamSpec
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+logger = logging.getLogger("aimss_dask")
+
+#: Keys of our own tasks that never hold a partition read.
+NO_READS = ("aimss-push-", "aimss-create-", "aimss-seal-")
+
+#: Past this many streams remembered, forget those whose streams and tasks are gone.
+_PRUNE_AT = 1000
+
+
+class Pinner:
+    """Pins partition reads to the owners of their partitions.
+
+    ``streams`` is the coordinator's name -> :class:`StreamSpec` (read only);
+    ``spec_of_run`` finds a registered run's spec by id (None if unknown).
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        streams: dict[str, StreamSpec],
+        spec_of_run: Callable[[str], RunSpec | None],
+    ) -> None:
+        self.scheduler = scheduler
+        self.streams = streams
+        self.spec_of_run = spec_of_run
+        #: stream -> partition -> the key of the task that reads it.
+        self.readers: dict[str, dict[int, Any]] = {}
+        #: Chunk keys of runs not registered yet, by their key prefix (``key[0]``).
+        self.pending: dict[str, list[Any]] = {}
+
+    def update_graph(self, tasks: Iterable[Any]) -> None:
+        """Remember and pin the read tasks among ``tasks`` (new keys of a graph)."""
+        others: list[Any] = []
+        operator_graph = False
+        for key in tasks:
+            name = key[0] if isinstance(key, tuple) and key else key
+            if isinstance(name, str) and name.startswith("aimss-"):
+                operator_graph = True
+            if not (isinstance(key, tuple) and len(key) >= 2 and isinstance(name, str)
+                    and name.startswith(PARTITION_TASK_PREFIX)):
+                others.append(key)
+            elif isinstance(key[1], str):
+                self.reader(key[1], key[2], key)
+            elif not self._pin_fused(key):
+                self._chunk(key)
+        if operator_graph:
+            # Dask may fuse an array operator's read task into its dependent
+            # under another key (y.sum(), or the final chunk of a compute):
+            # find those by what they run. Our own push, create and seal
+            # tasks never hold a read: skip them. So do keys already in
+            # memory (a persisted input's blocks): they were looked at in the
+            # graph that made them, and walking their specs again cost ~15 ms
+            # of scheduler time per 500-block input.
+            for key in others:
+                name = key[0] if isinstance(key, tuple) and key else key
+                if isinstance(name, str) and name.startswith(NO_READS):
+                    continue
+                ts = self.scheduler.tasks.get(key)
+                if ts is not None and ts.state != "memory":
+                    self._pin_fused(key)
+        if len(self.readers) > _PRUNE_AT:
+            tasks_ = self.scheduler.tasks
+            self.readers = {
+                n: ks for n, ks in self.readers.items()
+                if n in self.streams or any(k in tasks_ for k in ks.values())
+            }
+
+    def reader(self, stream: str, p: int, key: Any) -> None:
+        """``key`` reads partition ``p`` of ``stream``: remember it, and pin it if the stream exists."""
+        self.readers.setdefault(stream, {})[p] = key
+        spec = self.streams.get(stream)
+        # An operator creates its stream inside the graph: then the task is
+        # pinned when the stream exists (it cannot run before).
+        if spec is not None:
+            self.pin(key, spec, p)
+
+    def run_registered(self, run: RunSpec) -> None:
+        """``run`` is registered and its streams exist: resolve and pin its readers."""
+        prefix = run.output_key()[0]
+        for key in self.pending.pop(prefix, []):
+            found = run.output_partition(key)
+            if found is not None:
+                self.readers.setdefault(found[0], {})[found[1]] = key
+        self.repin(run.streams)
+
+    def repin(self, streams: Iterable[str], partitions: Iterable[int] | None = None) -> None:
+        """Pin the known readers of ``streams`` (only of ``partitions``, if given) to today's owners."""
+        only = None if partitions is None else set(partitions)
+        for name in streams:
+            spec = self.streams.get(name)
+            if spec is None:
+                continue
+            for p, key in self.readers.get(name, {}).items():
+                if only is None or p in only:
+                    self.pin(key, spec, p)
+
+    def read(self, stream: str) -> set[int]:
+        """Partitions of ``stream`` that a submitted task reads."""
+        return set(self.readers.get(stream, {}))
+
+    def pin(self, key: Any, spec: StreamSpec, p: int) -> None:
+        ts = self.scheduler.tasks.get(key)
+        # A running task keeps its worker: it read the partition there already.
+        if ts is None or not 0 <= p < spec.partitions or ts.state == "processing":
+            return
+        self.scheduler.set_restrictions({key: spec.owners[p]})
+
+    def clear(self) -> None:
+        self.readers.clear()
+        self.pending.clear()
+
+    # -- internals ------------------------------------------------------------------
+
+    def _chunk(self, key: tuple[Any, ...]) -> None:
+        """An array run's output chunk: pin it now if its run is known, else when it registers."""
+        run = self.spec_of_run(key[0][len(PARTITION_TASK_PREFIX):])
+        found = None if run is None else run.output_partition(key)
+        if found is None:
+            self.pending.setdefault(key[0], []).append(key)
+        else:
+            self.reader(found[0], found[1], key)
+
+    def _pin_fused(self, key: Any) -> bool:
+        ts = self.scheduler.tasks.get(key)
+        found = partition_reads(ts.run_spec) if ts is not None else []
+        for stream, p in found:
+            self.reader(stream, p, key)
+        return bool(found)
+
+
+def partition_reads(spec: Any, depth: int = 0) -> list[tuple[str, int]]:
+    """``(stream, partition)`` of every operator read inside a task spec.
+
+    Dask may fuse a read task into its dependent under a new key; the read
+    is still in there, with its stream name and partition as literal args.
+    """
+    from dask.task_spec import DataNode, Task
+
+    if depth > 8 or spec is None:
+        return []
+    if isinstance(spec, Task):
+        if getattr(spec.func, "__name__", "") == "read_block" and len(spec.args) >= 2:
+            stream, p = (_literal(a) for a in spec.args[:2])
+            if isinstance(stream, str) and isinstance(p, int):
+                return [(stream, p)]
+        found: list[tuple[str, int]] = []
+        for a in (*spec.args, *spec.kwargs.values()):
+            found.extend(partition_reads(a, depth + 1))
+        return found
+    if isinstance(spec, DataNode):
+        return partition_reads(spec.value, depth + 1)
+    if isinstance(spec, dict):
+        return [r for v in spec.values() for r in partition_reads(v, depth + 1)]
+    if isinstance(spec, (list, tuple)):
+        return [r for v in spec if isinstance(v, _NESTED) for r in partition_reads(v, depth + 1)]
+    return []
+
+
+def _nested() -> tuple[type, ...]:
+    from dask.task_spec import GraphNode
+
+    return (GraphNode, dict, list, tuple)
+
+
+#: What a task spec may hold a read inside (not ints, strs, arrays, ...).
+_NESTED = _nested()
+
+
+def _literal(node: Any) -> Any:
+    from dask.task_spec import DataNode
+
+    return node.value if isinstance(node, DataNode) else node

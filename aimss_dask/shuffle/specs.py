@@ -1,0 +1,50 @@
+"""The run specs of the shuffle operators: shuffle, merge and rechunk.
+
+All three are push runs: map tasks push while the map phase runs, the seal
+task is the barrier, and each output partition is read on its owner. At
+seal the bytes per worker are evened out and partitions no submitted task
+reads are freed; a lost worker restarts the run.
+
+Examples
+--------
+>>> spec = push_spec(ShuffleSpec, "abc", ["aimss-shuffle-abc-0"])
+>>> spec.kind, spec.barrier, spec.output_partition(spec.output_key("aimss-shuffle-abc-0", 2))
+('shuffle', 'aimss-seal-abc', ('aimss-shuffle-abc-0', 2))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aimss_dask.core.runs import OnLoss, OnSeal, OutputMap, RunSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShuffleSpec(RunSpec, kind="shuffle"):
+    """A DataFrame shuffle: one stream, output frames keyed ``(prefix, stream, p)``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeSpec(RunSpec, kind="merge"):
+    """A hash join: one stream per side, co-located, read together by each output task."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RechunkSpec(RunSpec, kind="rechunk"):
+    """An array rechunk: one stream, output chunks keyed ``(prefix, *index)`` over the grid."""
+
+
+def push_spec(
+    cls: type[RunSpec], token: str, names: list[str], grid: tuple[int, ...] | None = None
+) -> RunSpec:
+    """The spec of a push run ``token`` over streams ``names`` (the first is read by its outputs)."""
+    return cls(
+        run_id=token,
+        streams=tuple(names),
+        create=f"aimss-create-{token}",
+        barrier=f"aimss-seal-{token}",
+        outputs=OutputMap(names[0], grid),
+        on_seal=OnSeal.REBALANCE,
+        free_unread=True,
+        on_loss=OnLoss.RESTART,
+    )

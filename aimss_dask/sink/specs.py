@@ -1,0 +1,43 @@
+"""The run specs of the sinks: ``to_zarr`` of an array, and the streaming sink.
+
+Examples
+--------
+>>> spec = push_write_spec("abc", "aimss-sink-abc")
+>>> spec.kind, spec.on_seal.value, spec.free_unread
+('to_zarr', 'keep', False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aimss_dask.core.runs import OnLoss, OnSeal, RunSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZarrWriteSpec(RunSpec, kind="to_zarr"):
+    """``to_zarr`` of a Dask Array (every path); ``target`` is the run's array, for status."""
+
+    target: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamSinkSpec(RunSpec, kind="zarr-sink"):
+    """A streaming sink: drains a user's stream into a Zarr array; ``target`` as above."""
+
+    target: str = ""
+
+
+def push_write_spec(token: str, name: str, target: str = "") -> ZarrWriteSpec:
+    """A ``to_zarr`` push run over stream ``name``: its owners write each unit where it
+    completes, so partitions never move at seal nor are freed for want of read tasks."""
+    return ZarrWriteSpec(
+        run_id=token,
+        streams=(name,),
+        create=f"aimss-create-{token}",
+        barrier=f"aimss-seal-{token}",
+        on_seal=OnSeal.KEEP,
+        free_unread=False,
+        on_loss=OnLoss.RESTART,
+        target=target,
+    )

@@ -1,0 +1,90 @@
+"""The run interface as operators call it: register a run, report on it, finish it.
+
+An operator describes each run with a frozen :class:`~aimss_dask.core.runs.RunSpec`
+and registers it here, from a client or from a task of its graph (a push
+run's create task). Registering creates the streams the run owns, all with
+one placement, and pins the run's output tasks to their partitions' owners.
+What the run does at seal and when a worker leaves follows the spec's
+policies, on the coordinator.
+
+Examples
+--------
+>>> handle = register_run(spec, partitions=8)        # doctest: +SKIP
+>>> [s.name for s in handle.streams]                  # doctest: +SKIP
+['aimss-shuffle-abc-0']
+>>> finish_run(handle.run_id, handle.epoch)           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aimss_dask.core.runs import RunSpec, RunState
+from aimss_dask.errors import InvalidTypeError
+from aimss_dask.stream import speccache
+from aimss_dask.stream.api import Stream, remember
+from aimss_dask.stream.context import current
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """A registered run: its id, the epoch it was registered under, and its streams."""
+
+    run_id: str
+    epoch: int
+    streams: tuple[Stream, ...]
+    created: bool
+
+
+def register_run(spec: RunSpec, partitions: int | None = None, prefer: list[Any] | None = None) -> RunHandle:
+    """Register ``spec`` with the coordinator and create the streams it owns.
+
+    ``partitions``: of each stream the run owns (required if it owns any).
+    ``prefer[p]``: the key of the task whose result is most of partition
+    ``p``'s input; where that result is in memory, the partition is placed
+    with it. A run registered again while its streams are open gets the
+    same streams back (``created`` False).
+    """
+    if not isinstance(spec, RunSpec):
+        raise InvalidTypeError(f"register_run takes a RunSpec, not {type(spec).__name__}")
+    ep = current("register_run")
+    reply = ep.scheduler_op(
+        "run_register", run=spec.to_wire(), partitions=partitions, prefer=prefer, **ep.owner_kwargs()
+    )
+    if reply["created"]:
+        for name in spec.streams:
+            speccache.forget(name)
+    streams = tuple(Stream(remember(ep, s)) for s in reply["streams"])
+    return RunHandle(reply["run_id"], int(reply["epoch"]), streams, bool(reply["created"]))
+
+
+def report_run(
+    run_id: str, epoch: int, *, state: RunState | str | None = None, progress: Mapping[str, Any] | None = None
+) -> bool:
+    """Tell the coordinator how a run does from here (a driver thread); False if stale."""
+    ep = current("report_run")
+    who = ep.client_id or ep.address
+    reply = ep.scheduler_op(
+        "run_report", run_id=run_id, epoch=int(epoch), who=who,
+        state=None if state is None else RunState(state).value,
+        progress=None if progress is None else dict(progress),
+    )
+    return bool(reply["applied"])
+
+
+def finish_run(
+    run_id: str, epoch: int | None, state: RunState | str = RunState.DONE, error: BaseException | None = None
+) -> bool:
+    """End a run's epoch: DONE, FAILED (with ``error``) or CLOSED; False if already over.
+
+    ``epoch`` None: whichever epoch is registered (a client cleaning up
+    after a failed compute, which never learnt it).
+    """
+    ep = current("finish_run")
+    reply = ep.scheduler_op(
+        "run_finish", run_id=run_id, epoch=None if epoch is None else int(epoch), state=RunState(state).value,
+        error=None if error is None else [type(error).__name__, str(error)],
+    )
+    return bool(reply["finished"])
