@@ -134,6 +134,7 @@ class RunWire(TypedDict):
     on_loss: str
     start_on_owners: bool
     watch_appends: bool
+    inputs: int
     kind: str
     payload: bytes
 
@@ -151,7 +152,10 @@ class RunSpec:
     ``free_unread`` (free partitions no submitted output reads) and
     ``on_loss`` are the policies. ``start_on_owners``: build the worker-side
     run on the owners at registration; ``watch_appends``: owners push append
-    counts (a streaming sink). A subclass's own ``__post_init__`` must call
+    counts (a streaming sink). ``inputs``: how many inputs (ids ``0 ..
+    inputs-1``) push into each of its streams, whose records carry their
+    :class:`~aimss_dask.core.specs.Origin`; owners then drop a second copy of
+    an input (0: records carry no origin, nothing is dropped). A subclass's own ``__post_init__`` must call
     ``super().__post_init__()``, which checks and normalises these fields.
 
     Examples
@@ -176,6 +180,7 @@ class RunSpec:
     on_loss: OnLoss = OnLoss.FAIL
     start_on_owners: bool = False
     watch_appends: bool = False
+    inputs: int = 0
     kind: ClassVar[str] = "run"
 
     def __init_subclass__(cls, *, kind: str | None = None, **kwargs: Any) -> None:
@@ -216,6 +221,10 @@ class RunSpec:
             raise InvalidArgumentError(
                 f"run {self.run_id!r} lists {both} in both streams and reads; a stream it "
                 "owns belongs in streams only"
+            )
+        if not isinstance(self.inputs, int) or isinstance(self.inputs, bool) or self.inputs < 0:
+            raise InvalidArgumentError(
+                f"inputs={self.inputs!r} of run {self.run_id!r} must be an int >= 0 (0: no origins)"
             )
         if self.outputs is not None and self.outputs.stream not in self.streams:
             raise InvalidArgumentError(
@@ -298,6 +307,7 @@ class RunSpec:
             "on_loss": self.on_loss.value,
             "start_on_owners": self.start_on_owners,
             "watch_appends": self.watch_appends,
+            "inputs": self.inputs,
             "kind": self.kind,
             # By reference to the class: unpickling imports the operator's
             # module, which is how operators "register" on a worker.

@@ -389,8 +389,12 @@ class AIMSS(SchedulerPlugin):
             await self._open(spec)
         return {**self._wire(spec), "created": created}
 
-    async def _open(self, spec: StreamSpec) -> None:
-        """Open a new stream's partitions on their owners and pin its known readers."""
+    async def _open(self, spec: StreamSpec, inputs: int = 0) -> None:
+        """Open a new stream's partitions on their owners and pin its known readers.
+
+        ``inputs`` > 0: records carry their origin, and owners drop a second
+        copy of an input (see :mod:`aimss_dask.plugin.dedup`).
+        """
         assert self.pinner is not None
         # Read tasks submitted before the stream existed, or pinned to the
         # owners of a run that restarted.
@@ -400,7 +404,9 @@ class AIMSS(SchedulerPlugin):
             by_owner.setdefault(w, []).append(p)
         try:
             for w, ps in by_owner.items():
-                await self._broadcast({"op": "aimss_open", "spec": spec.to_wire(), "partitions": ps}, [w])
+                await self._broadcast(
+                    {"op": "aimss_open", "spec": spec.to_wire(), "partitions": ps, "inputs": inputs}, [w]
+                )
         except Exception:
             self.state.destroy(spec.name)
             await self._broadcast({"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch})
@@ -458,7 +464,7 @@ class AIMSS(SchedulerPlugin):
                     prefer=None if i else holders,
                 )
                 created.append(name)
-                await self._open(spec)
+                await self._open(spec, view.inputs)
             self.pinner.run_registered(rec.spec)
         except Exception as e:
             self.runs.finish(view.run_id, rec.epoch, RunState.FAILED, (type(e).__name__, str(e)))

@@ -212,7 +212,8 @@ class AIMSSWorker(WorkerPlugin):
     # -- handlers ------------------------------------------------------------------
 
     @replies
-    async def _h_open(self, spec: dict[str, Any], partitions: list[int]) -> None:
+    async def _h_open(self, spec: dict[str, Any], partitions: list[int], inputs: int = 0) -> None:
+        """Open partitions of a stream here; ``inputs`` > 0: its records carry origins."""
         assert self.store is not None
         s = StreamSpec.from_wire(spec)
         self.store.open(s.name, s.epoch, partitions)
