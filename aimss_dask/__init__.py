@@ -38,6 +38,7 @@ from aimss_dask.sink.array import to_zarr
 from aimss_dask.sink.stream_sink import Sink
 from aimss_dask.source import from_zarr
 from aimss_dask.stream.api import (
+    ClusterStatus,
     Stream,
     create_stream,
     destroy_stream,
@@ -54,6 +55,7 @@ __all__ = [
     "AIMSS",
     "AIMSSConfig",
     "AIMSSError",
+    "ClusterStatus",
     "DuplicateOriginError",
     "InvalidArgumentError",
     "InvalidOffsetError",

@@ -93,7 +93,7 @@ def test_appends_reach_only_the_run_of_their_stream_and_failures_stay_there(capl
     assert a.counts == {0: 2}
     assert "failed on append" in caplog.text
     prog = m.progress()
-    assert prog["a"] == {"kind": "Counting", "epoch": 1, "records": 2}
+    assert prog["a"] == {"kind": "Counting", "epoch": 1, "run_id": None, "records": 2}
     assert prog["b"]["error"] == "RuntimeError: no view"
 
 

@@ -51,7 +51,12 @@ class Run:
     - :meth:`call`: an operator RPC (``aimss_run_call``) on the event loop;
     - :meth:`progress`: a plain-data snapshot, from any thread;
     - :meth:`close`: the stream was dropped or the worker closes; idempotent.
+
+    ``run_id``: the id its run is registered under, where that is not the
+    run that owns stream ``name`` (the coordinator finds that one by name).
     """
+
+    run_id: str | None = None
 
     def __init__(self, name: str, epoch: int) -> None:
         self.name = name
@@ -167,7 +172,7 @@ class RunManager:
             return sorted(self._runs)
 
     def progress(self) -> dict[str, dict[str, Any]]:
-        """``{stream: {"kind", "epoch", **run.progress()}}`` of every run here."""
+        """``{stream: {"kind", "epoch", "run_id", **run.progress()}}`` of every run here."""
         with self._lock:
             runs = list(self._runs.values())
         out: dict[str, dict[str, Any]] = {}
@@ -176,7 +181,7 @@ class RunManager:
                 snap = run.progress()
             except Exception as e:  # a status view must not fail with one run
                 snap = {"error": f"{type(e).__name__}: {e}"}
-            out[run.name] = {"kind": type(run).__name__, "epoch": run.epoch, **snap}
+            out[run.name] = {"kind": type(run).__name__, "epoch": run.epoch, "run_id": run.run_id, **snap}
         return out
 
     # -- per-worker resources --------------------------------------------------------

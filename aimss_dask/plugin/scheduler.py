@@ -29,10 +29,12 @@ from aimss_dask.core.names import (
 from aimss_dask.core.runs import OnLoss, OnSeal, RunSpec, RunState
 from aimss_dask.errors import (
     InvalidArgumentError,
+    StreamExistsError,
     ReadTimeoutError,
     error_from_wire,
     raise_from_wire,
 )
+from aimss_dask.plugin import progress
 from aimss_dask.plugin.rpc import replies
 from aimss_dask.plugin.pinning import Pinner
 from aimss_dask.plugin.placement import rebalance
@@ -343,9 +345,17 @@ class AIMSS(SchedulerPlugin):
         if client:
             return client
         assert self.scheduler is not None
-        ts = self.scheduler.tasks.get(task) if task is not None else None
-        if ts is not None and ts.who_wants:
-            return sorted(cs.client_key for cs in ts.who_wants)[0]
+        ts = self.scheduler.tasks.get(_as_key(task)) if task is not None else None
+        # A run's create task is rarely wanted itself: the client wants the
+        # outputs downstream of it. The nearest wanted dependent says whose.
+        seen: set[Any] = set()
+        frontier = [ts] if ts is not None else []
+        while frontier and len(seen) < _CREATOR_SEARCH:
+            wanted = sorted(cs.client_key for t in frontier for cs in (t.who_wants or ()))
+            if wanted:
+                return wanted[0]
+            seen.update(t.key for t in frontier)
+            frontier = [d for t in frontier for d in t.dependents if d.key not in seen]
         return None
 
     def _wire(self, spec: StreamSpec) -> dict[str, Any]:
@@ -447,8 +457,15 @@ class AIMSS(SchedulerPlugin):
         ):
             return self._run_reply(rec, created=False)
         for name in view.streams:
-            if name in self.state.streams:
-                await self._destroy(name)
+            if name not in self.state.streams:
+                continue
+            if rec is None or name not in rec.spec.streams:
+                # Never replace a stream this run did not make (a user's).
+                raise StreamExistsError(
+                    f"stream {name!r} of {run.get('kind', 'run')} run {view.run_id!r} "
+                    "already exists and is not this run's; destroy it first or use another name"
+                )
+            await self._destroy(name)  # a leftover of this run: a cancelled compute
         rec = self.runs.register(run, client=self._creator(client, task))
         created: list[str] = []
         try:
@@ -787,8 +804,10 @@ class AIMSS(SchedulerPlugin):
 
     @replies
     async def _h_runs(self) -> dict[str, Any]:
-        """Every run the registry lists, as plain data; no fan-out to workers."""
-        return {"runs": self.runs.snapshot()}
+        """Every run and stream, with progress from the workers' last heartbeats; no fan-out."""
+        assert self.scheduler is not None
+        beats = {a: ws.metrics.get(progress.METRIC) for a, ws in self.scheduler.workers.items()}
+        return progress.overview(self.runs, self.state.streams, self.state.sealed, self.state.lost, beats)
 
     @replies
     async def _h_status(self) -> dict[str, Any]:
@@ -804,6 +823,9 @@ def _as_key(key: Any) -> Any:
     """A Dask key back from the wire, where msgpack turned its tuples into lists."""
     return tuple(_as_key(k) for k in key) if isinstance(key, (list, tuple)) else key
 
+
+#: Tasks looked at, at most, to find which client a run's create task works for.
+_CREATOR_SEARCH = 20_000
 
 #: How long a seal waits for writing clients to push their buffered records.
 SEAL_CLIENT_TIMEOUT = 60.0

@@ -20,6 +20,7 @@ from aimss_dask.core.names import PLUGIN_NAME
 from aimss_dask.core.specs import StreamSpec
 from aimss_dask.errors import AIMSSError, InvalidArgumentError, error_to_wire
 from aimss_dask.log.store import LogStore
+from aimss_dask.plugin import progress
 from aimss_dask.plugin.rpc import replies
 from aimss_dask.plugin.runs import RunFactory, RunManager
 from aimss_dask.stream import speccache
@@ -136,9 +137,12 @@ class AIMSSWorker(WorkerPlugin):
             self.data_server = DataServer(host, self.store_batch, self.pool, own_copies=store.tight)
         for op in _HANDLERS:
             worker.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
+        # Progress rides the heartbeats: the coordinator never polls for it.
+        worker.metrics[progress.METRIC] = lambda _worker: progress.heartbeat(self)
 
     def teardown(self, worker: Worker) -> None:
         try:
+            worker.metrics.pop(progress.METRIC, None)
             for op in _HANDLERS:
                 # Answer late messages (a closing cluster) instead of letting
                 # Dask log "no handler" tracebacks.

@@ -94,21 +94,21 @@ def write_graph(
     # Writes where the blocks are register their run from a task of their
     # own (a push run's create task registers it): writes need not wait for it.
     begin_key = f"aimss-create-{token}"
-    begin = Task(begin_key, _begin, ZarrWriteSpec(run_id=token, on_loss=OnLoss.RERUN, target=target.describe()))
+    begin = Task(begin_key, _begin, ZarrWriteSpec(run_id=target.run, on_loss=OnLoss.RERUN, target=target.describe()))
     groups = _held_groups(x)
     if aligned(x.chunks, unit):
         graph, dep, keys, expected = _aligned_graph(x, target, token, groups)
         graph[begin_key] = begin
         graph[finish_key] = Task(
             finish_key, finish, target, expected, None, List(*(TaskRef(k) for k in keys)),
-            TaskRef(begin_key), token,
+            TaskRef(begin_key), target.run,
         )
     elif (kind := _in_place_kind(x, unit, raw, inner)) is not None and _one_host():
         graph, dep, keys, njobs, grid = _in_place_graph(x, unit, inner, kind, target, token, groups)
         graph[begin_key] = begin
         graph[finish_key] = Task(
             finish_key, finish_rows, target, njobs, grid, List(*(TaskRef(k) for k in keys)), kind,
-            TaskRef(begin_key), token,
+            TaskRef(begin_key), target.run,
         )
     else:
         graph, dep, barrier, expected, name = _push_graph(x, unit, target, token, groups)
@@ -828,7 +828,7 @@ def abort(array: Any, target: ZarrTarget, error: BaseException | None = None) ->
         except ValueError:  # no cluster: a local scheduler's writes are done
             pass
         else:
-            finish_run(target.run[len("aimss-sink-") :], None, "failed", error)
+            finish_run(target.run, None, "failed", error)
         remove_partials(array, target.run)
     except Exception:
         logger.warning("aimss: cleaning up after the failed run %s failed", target.run, exc_info=True)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from aimss_dask.core.runs import OnLoss
 from aimss_dask.errors import (
     AIMSSError,
     InvalidArgumentError,
@@ -25,6 +27,8 @@ from aimss_dask.errors import (
 from aimss_dask.sink import _stream_plan as plan
 from aimss_dask.sink import _xarray as xr_sink
 from aimss_dask.sink._stream_plan import Committed, Position, Template
+from aimss_dask.sink.specs import StreamSinkSpec
+from aimss_dask.stream import runs as run_api
 from aimss_dask.sink._stream_tasks import (
     OwnerJob,
     OwnerReport,
@@ -41,6 +45,8 @@ logger = logging.getLogger("aimss_dask")
 IDLE_POLL = (0.02, 0.5)
 #: How often a driver waiting on its tasks checks that their owners are alive.
 LOST_CHECK = 1.0
+#: Least time between two progress reports to the coordinator.
+REPORT_EVERY = 0.5
 #: How long a failed round waits for its other tasks before cutting the array
 #: back (a task still writing must not land after the cut).
 FAIL_GRACE = 30.0
@@ -97,6 +103,9 @@ class SinkRun:
         self.error: BaseException | None = None
         self._rounds = 0
         self._chunks_written = 0
+        self._run: run_api.RunHandle | None = None
+        self._reported = 0.0
+        self._last_report: dict[str, Any] | None = None
 
     def info(self) -> dict[str, Any]:
         """See :meth:`Sink.info`."""
@@ -128,12 +137,56 @@ class SinkRun:
     def main(self) -> None:
         try:
             self._set(state="running")
+            self._register()
             if self._loop():
                 self._set(state="done")
         except BaseException as e:  # noqa: BLE001 -- reported by wait()
             self._set(state="failed", error=_translate(e, self._resume_hint()))
             if not isinstance(e, AIMSSError):
                 logger.warning("aimss: sink of %r failed: %r", self.spec.name, e)
+        self._end()
+
+    # -- the run as the coordinator lists it -----------------------------------------------
+
+    def _register(self) -> None:
+        """List this sink with the coordinator: a run that reads the stream and fails if it is lost."""
+        spec = StreamSinkSpec(
+            run_id=f"zarr-sink-{self.target.run}", reads=(self.spec.name,), on_loss=OnLoss.FAIL,
+            target=self.target.where,
+        )
+        self._run = run_api.register_run(spec, ep=self._ep)
+        self._report()
+
+    def _progress(self) -> dict[str, Any]:
+        info = self.info()
+        return {k: info[k] for k in ("rows", "chunks_written", "rounds", "pending_rows", "complete")}
+
+    def _report(self, throttle: bool = False) -> None:
+        """Progress to the coordinator: after rounds (pushed when it changes, never polled)."""
+        now = time.monotonic()
+        if throttle and now - self._reported < REPORT_EVERY:
+            return
+        progress = self._progress()
+        if throttle and progress == self._last_report:
+            return
+        self._reported, self._last_report = now, progress
+        if self._run is not None:
+            try:
+                run_api.report_run(
+                    self._run.run_id, self._run.epoch, state="running", progress=progress, ep=self._ep
+                )
+            except Exception as e:  # a status view must never stop a sink
+                logger.debug("aimss: progress of sink %r not reported: %r", self.spec.name, e)
+
+    def _end(self) -> None:
+        if self._run is None or self._client_closed():
+            return  # never listed, or its client is gone (the coordinator closed the run)
+        try:
+            self._report()
+            state = {"done": "done", "closed": "closed"}.get(self._state, "failed")
+            run_api.finish_run(self._run.run_id, self._run.epoch, state, self.error if state == "failed" else None, ep=self._ep)
+        except Exception as e:
+            logger.debug("aimss: end of sink %r not reported: %r", self.spec.name, e)
 
     def _resume_hint(self) -> str:
         c = self._committed
@@ -203,11 +256,13 @@ class SinkRun:
             jobs = self._plan(info)
             if jobs:
                 self._round(jobs)
+                self._report(throttle=True)
                 idle = IDLE_POLL[0]
                 continue
             if all(self._complete) and all(a < self._chunk_rows or self._template is None for a in self._avail):
                 self._finish()
                 return True
+            self._report(throttle=True)  # what the last rounds did, once they are over
             self.stop.wait(idle)
             idle = min(idle * 2, IDLE_POLL[1])
 

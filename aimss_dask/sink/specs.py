@@ -3,8 +3,8 @@
 Examples
 --------
 >>> spec = push_write_spec("abc", "aimss-sink-abc")
->>> spec.kind, spec.on_seal.value, spec.free_unread
-('to_zarr', 'keep', False)
+>>> spec.kind, spec.run_id, spec.on_seal.value, spec.free_unread
+('to_zarr', 'aimss-sink-abc', 'keep', False)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def push_write_spec(token: str, name: str, target: str = "") -> ZarrWriteSpec:
     """A ``to_zarr`` push run over stream ``name``: its owners write each unit where it
     completes, so partitions never move at seal nor are freed for want of read tasks."""
     return ZarrWriteSpec(
-        run_id=token,
+        run_id=name,  # the stream bears the run's id (ZarrTarget.run), as its writes on workers do
         streams=(name,),
         create=f"aimss-create-{token}",
         barrier=f"aimss-seal-{token}",

@@ -38,6 +38,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Iterator
@@ -59,8 +60,10 @@ from aimss_dask.source.layout import (
     plan_take,
     position_group,
 )
+from aimss_dask.source.specs import LoaderSpec, OnLoss
 from aimss_dask.source.zarr_source import SourceInfo, describe
 from aimss_dask.stream.context import Endpoint, current
+from aimss_dask.stream.runs import register_run
 from aimss_dask.stream.extensions import register_extension
 
 logger = logging.getLogger("aimss_dask")
@@ -72,6 +75,8 @@ PREFETCH_BATCHES = 4
 FETCHES_IN_FLIGHT = 3
 #: How often blocked threads look at the stop flag.
 _POLL = 0.1
+#: Least time between two progress reports of a loader to the coordinator.
+REPORT_EVERY = 0.5
 _END = object()
 
 
@@ -189,6 +194,10 @@ class BatchIterator(Iterator[np.ndarray]):
             raise
         self._pending: int | None = None
         self._fetcher = _Fetcher(ep, info, batch_size, shuffle, seed, start, stop, self.windowed, self._committer)
+        self._stop = stop
+        self._batches = 0
+        self._reported = 0.0
+        self._run = _listed(ep, spec.name, self._key, group)
         self._closed = False
 
     async def _control_async(self, op: str, **kwargs: Any) -> list[dict[str, Any]]:
@@ -224,10 +233,45 @@ class BatchIterator(Iterator[np.ndarray]):
             self.close()
             raise StopIteration
         if isinstance(item, BaseException):
-            self.close()
+            self._close("failed", item)
             raise item
         self._pending, batch = item
+        self._batches += 1
+        now = time.monotonic()
+        if now - self._reported >= REPORT_EVERY:
+            self._reported = now
+            self._report()
         return batch
+
+    def _progress(self) -> dict[str, Any]:
+        return {"position": self.position, "of": self._stop, "batches": self._batches, "len": self._len}
+
+    def _report(self, state: str = "running", error: BaseException | None = None) -> None:
+        """Progress (or the end) to the coordinator, without waiting: the training loop never stalls on it."""
+        if self._run is None:
+            return
+        ep, (run_id, epoch), progress = self._ep, self._run, self._progress()
+        who = ep.client_id or ep.address
+
+        async def send() -> None:
+            try:
+                if state in ("done", "closed", "failed"):
+                    await ep.ask_scheduler("run_report", run_id=run_id, epoch=epoch, who=who, progress=progress)
+                    await ep.ask_scheduler(
+                        "run_finish", run_id=run_id, epoch=epoch, state=state,
+                        error=None if error is None else [type(error).__name__, str(error)],
+                    )
+                else:
+                    await ep.ask_scheduler(
+                        "run_report", run_id=run_id, epoch=epoch, who=who, state=state, progress=progress
+                    )
+            except Exception as e:  # a status view must never break iteration
+                logger.debug("aimss: loader progress not reported: %r", e)
+
+        try:
+            ep.loop.add_callback(send)
+        except Exception:
+            pass  # the loop is closed: so is the cluster connection
 
     def close(self) -> None:
         """Stop prefetching, send the pending commits, release the brokers; idempotent.
@@ -235,10 +279,14 @@ class BatchIterator(Iterator[np.ndarray]):
         The last batch returned is not committed (the consumer may not have
         finished it): a new iterator of the same group starts with it.
         """
+        self._close("done" if self.position >= self._stop else "closed")
+
+    def _close(self, state: str, error: BaseException | None = None) -> None:
         if self._closed:
             return
         self._closed = True
         self._fetcher.stop()
+        self._report(state, error)
         try:
             self._committer.flush()
         finally:
@@ -267,6 +315,17 @@ class BatchIterator(Iterator[np.ndarray]):
                     self._ep.loop.add_callback(_quietly, self._control_async, "detach")
                 except Exception:
                     pass  # the loop is closed: so is the cluster connection
+
+
+def _listed(ep: Endpoint, stream: str, key: str, group: str | None) -> tuple[str, int] | None:
+    """Register the loader as a run reading ``stream``, for ``status()``; None if that fails."""
+    spec = LoaderSpec(run_id=f"loader-{uuid.uuid4().hex[:16]}", reads=(stream,), on_loss=OnLoss.FAIL, group=group)
+    try:
+        handle = register_run(spec, ep=ep)
+    except Exception as e:  # listing is for people: iteration goes on without it
+        logger.debug("aimss: loader of %r not listed: %r", stream, e)
+        return None
+    return handle.run_id, handle.epoch
 
 
 async def _quietly(fn: Any, *args: Any) -> None:

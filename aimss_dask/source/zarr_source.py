@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 from distributed.protocol.pickle import dumps
 
-from aimss_dask.core.specs import StreamSpec
+from aimss_dask.core.specs import StreamSpec, check_name
 from aimss_dask.errors import InvalidArgumentError, InvalidTypeError, StoreNotFoundError
 from aimss_dask.source.broker import SourceFactory
 from aimss_dask.source.layout import SourceLayout
-from aimss_dask.stream.api import Stream, check_int_arg, create_stream, destroy_stream, type_name
+from aimss_dask.source.specs import OnLoss, ZarrSourceSpec
+from aimss_dask.stream.api import Stream, check_int_arg, destroy_stream, type_name
+from aimss_dask.stream.runs import register_run
 from aimss_dask.stream.context import Endpoint, current
 
 
@@ -114,7 +116,11 @@ def from_zarr(
         "prefetch": prefetch,
         "local_root": local_root,
     }
-    stream = create_stream(name or _default_name(arr), partitions)
+    name = check_name(name or _default_name(arr))
+    run = ZarrSourceSpec(
+        run_id=f"zarr-source-{uuid.uuid4().hex[:16]}", streams=(name,), on_loss=OnLoss.FAIL, target=where
+    )
+    (stream,) = register_run(run, partitions).streams
     try:
         ep.call(_start, ep, stream.spec, source)
     except BaseException:

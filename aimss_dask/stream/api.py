@@ -431,6 +431,43 @@ def destroy_stream(name: str) -> None:
         ep.producer.forget(n)
 
 
-def status() -> dict[str, dict[str, Any]]:
-    """Per worker: log memory, budget, peak, spilled bytes and the streams held."""
-    return _plain(current("status").scheduler_op("status")["workers"])
+class ClusterStatus(dict[str, dict[str, Any]]):
+    """What :func:`status` returns: worker address -> that worker's stats, plus
+    ``runs`` and ``streams``, every run and stream of the cluster.
+
+    Each run: ``run_id``, ``kind`` (shuffle, merge, rechunk, to_zarr,
+    zarr-sink, zarr-source, loader), ``state``, owning ``client``,
+    ``streams`` it owns and ``reads``, their ``partitions``, ``memory_bytes``
+    and ``disk_bytes`` held, ``progress`` per worker (or client), ``started``
+    (Unix time), ``epoch`` and ``error``. Each stream: ``name``,
+    ``partitions``, ``owners``, ``client``, ``sealed``, ``lost``, ``run``
+    (the run that owns it, if any), ``records``, ``memory_bytes``,
+    ``disk_bytes``. Worker-side figures are those of the workers' last
+    heartbeats (about a second old at most).
+    """
+
+    def __init__(self, workers: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
+                 streams: list[dict[str, Any]]) -> None:
+        super().__init__(workers)
+        self.runs = runs
+        self.streams = streams
+
+    def run(self, kind: str) -> list[dict[str, Any]]:
+        """The runs of one ``kind``, oldest first."""
+        return [r for r in self.runs if r["kind"] == kind]
+
+
+def status() -> ClusterStatus:
+    """Per worker: log memory, budget, peak, spilled bytes and the streams held;
+    and ``.runs`` / ``.streams``: every run and stream of the cluster.
+
+    Examples
+    --------
+    >>> st = aimss_dask.status()                                   # doctest: +SKIP
+    >>> [(r["kind"], r["state"]) for r in st.runs]                 # doctest: +SKIP
+    [('shuffle', 'running'), ('loader', 'running')]
+    """
+    ep = current("status")
+    workers = _plain(ep.scheduler_op("status")["workers"])
+    overview = _plain(ep.scheduler_op("runs"))
+    return ClusterStatus(workers, overview["runs"], overview["streams"])

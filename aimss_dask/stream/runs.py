@@ -25,7 +25,7 @@ from aimss_dask.core.runs import RunSpec, RunState
 from aimss_dask.errors import InvalidTypeError
 from aimss_dask.stream import speccache
 from aimss_dask.stream.api import Stream, remember
-from aimss_dask.stream.context import current
+from aimss_dask.stream.context import Endpoint, current
 
 
 @dataclass(frozen=True)
@@ -38,18 +38,21 @@ class RunHandle:
     created: bool
 
 
-def register_run(spec: RunSpec, partitions: int | None = None, prefer: list[Any] | None = None) -> RunHandle:
+def register_run(
+    spec: RunSpec, partitions: int | None = None, prefer: list[Any] | None = None, *, ep: Endpoint | None = None
+) -> RunHandle:
     """Register ``spec`` with the coordinator and create the streams it owns.
 
     ``partitions``: of each stream the run owns (required if it owns any).
     ``prefer[p]``: the key of the task whose result is most of partition
     ``p``'s input; where that result is in memory, the partition is placed
     with it. A run registered again while its streams are open gets the
-    same streams back (``created`` False).
+    same streams back (``created`` False). ``ep``: the endpoint to use (a
+    driver thread's), else this process's.
     """
     if not isinstance(spec, RunSpec):
         raise InvalidTypeError(f"register_run takes a RunSpec, not {type(spec).__name__}")
-    ep = current("register_run")
+    ep = ep or current("register_run")
     reply = ep.scheduler_op(
         "run_register", run=spec.to_wire(), partitions=partitions, prefer=prefer, **ep.owner_kwargs()
     )
@@ -61,10 +64,11 @@ def register_run(spec: RunSpec, partitions: int | None = None, prefer: list[Any]
 
 
 def report_run(
-    run_id: str, epoch: int, *, state: RunState | str | None = None, progress: Mapping[str, Any] | None = None
+    run_id: str, epoch: int, *, state: RunState | str | None = None,
+    progress: Mapping[str, Any] | None = None, ep: Endpoint | None = None,
 ) -> bool:
     """Tell the coordinator how a run does from here (a driver thread); False if stale."""
-    ep = current("report_run")
+    ep = ep or current("report_run")
     who = ep.client_id or ep.address
     reply = ep.scheduler_op(
         "run_report", run_id=run_id, epoch=int(epoch), who=who,
@@ -75,14 +79,15 @@ def report_run(
 
 
 def finish_run(
-    run_id: str, epoch: int | None, state: RunState | str = RunState.DONE, error: BaseException | None = None
+    run_id: str, epoch: int | None, state: RunState | str = RunState.DONE,
+    error: BaseException | None = None, *, ep: Endpoint | None = None,
 ) -> bool:
     """End a run's epoch: DONE, FAILED (with ``error``) or CLOSED; False if already over.
 
     ``epoch`` None: whichever epoch is registered (a client cleaning up
     after a failed compute, which never learnt it).
     """
-    ep = current("finish_run")
+    ep = ep or current("finish_run")
     reply = ep.scheduler_op(
         "run_finish", run_id=run_id, epoch=None if epoch is None else int(epoch), state=RunState(state).value,
         error=None if error is None else [type(error).__name__, str(error)],
