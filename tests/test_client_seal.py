@@ -19,7 +19,7 @@ from conftest import assert_workers_clean, unique_name, wait_until
 from distributed import Client
 
 import aimss_dask
-from aimss_dask.plugin import scheduler as scheduler_plugin
+from aimss_dask.plugin import sealing as sealing
 from aimss_dask.stream import context
 
 N = 200
@@ -35,7 +35,7 @@ FAST = 5.0
 @pytest.fixture
 def short_seal_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     # The scheduler runs in this process (LocalCluster), so this is its value.
-    monkeypatch.setattr(scheduler_plugin, "SEAL_CLIENT_TIMEOUT", TIMEOUT)
+    monkeypatch.setattr(sealing, "SEAL_CLIENT_TIMEOUT", TIMEOUT)
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def _stored(name: str) -> list[int]:
 
 def test_the_topic_names_agree() -> None:
     # Both sides take it from core.names.
-    assert context.SEAL_PRODUCERS_TOPIC == scheduler_plugin.SEAL_PRODUCERS_TOPIC
+    assert context.SEAL_PRODUCERS_TOPIC == sealing.SEAL_PRODUCERS_TOPIC
 
 
 def test_first_write_then_seal_stores_every_record_quickly(cluster, short_seal_timeout) -> None:

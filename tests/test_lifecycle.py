@@ -71,7 +71,7 @@ def test_a_broadcast_to_a_worker_that_is_leaving_too_is_not_a_warning(caplog, re
     import asyncio
     import logging
 
-    from aimss_dask.plugin.scheduler import AIMSS
+    from aimss_dask.plugin.cluster import ClusterOps
 
     class _Scheduler:
         workers = {"tcp://a:1": None}
@@ -80,9 +80,9 @@ def test_a_broadcast_to_a_worker_that_is_leaving_too_is_not_a_warning(caplog, re
             assert on_error == "return"
             return {w: reply for w in workers}
 
-    plugin = AIMSS()
-    plugin.scheduler = _Scheduler()
+    ops = ClusterOps()
+    ops.scheduler = _Scheduler()
     with caplog.at_level(logging.INFO, logger="aimss_dask"):
-        asyncio.run(plugin._broadcast({"op": "aimss_owner_lost", "address": "tcp://b:2"}))
+        asyncio.run(ops.broadcast({"op": "aimss_owner_lost", "address": "tcp://b:2"}))
     [record] = [r for r in caplog.records if "aimss_owner_lost failed" in r.getMessage()]
     assert record.levelname == level

@@ -15,3 +15,10 @@ REGISTERED_KEY = "aimss-registered"
 #: The event topic on which the coordinator asks writing client processes to
 #: push what they buffer before a seal (``log_event`` / ``subscribe_topic``).
 SEAL_PRODUCERS_TOPIC = "aimss-seal-producers"
+
+#: The attribute (set to True) that marks a function as a partition read:
+#: its first two arguments are the stream name and the partition, and it must
+#: run on that partition's owner. The coordinator finds such calls inside the
+#: tasks that depend on a run's barrier (Dask may fuse a read into them) and
+#: pins those tasks; see ``plugin/pinning.py``.
+PARTITION_READ = "__aimss_partition_read__"

@@ -5,8 +5,14 @@ partition, and must run on the worker that owns it. Its key says which:
 ``(PARTITION_TASK_PREFIX + token, stream, p)``, or ``(PARTITION_TASK_PREFIX +
 run_id, *chunk index)`` for a run whose :class:`~aimss_dask.core.runs.OutputMap`
 has a grid (a rechunk's chunks), resolved once the run is registered. Dask
-may also fuse a read into a task under another key; those are found by what
-they run (:func:`partition_reads`).
+may also fuse a read into a task under another key (``y.sum()``): such a
+task still depends on the run's barrier, and the read inside it is a call of
+a function marked with :data:`~aimss_dask.core.names.PARTITION_READ`
+(``(stream, partition, ...)`` as its first arguments), so the barrier's
+dependents are searched for them (:func:`partition_reads`) -- never the
+whole graph, and never by key or function name. A read that still runs
+elsewhere (it started before a rebalance moved its partition) hands itself
+back to the scheduler with ``Reschedule``; see the operators' read tasks.
 
 The :class:`Pinner` remembers every read task by stream and partition, so
 that a stream created (or re-created by a restart) after its readers were
@@ -19,7 +25,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from aimss_dask.core.names import PARTITION_TASK_PREFIX
+from aimss_dask.core.names import PARTITION_READ, PARTITION_TASK_PREFIX
 from aimss_dask.core.runs import RunSpec
 from aimss_dask.core.specs import StreamSpec
 
@@ -27,9 +33,6 @@ if TYPE_CHECKING:
     from distributed import Scheduler
 
 logger = logging.getLogger("aimss_dask")
-
-#: Keys of our own tasks that never hold a partition read.
-NO_READS = ("aimss-push-", "aimss-create-", "aimss-seal-")
 
 #: Past this many streams remembered, forget those whose streams and tasks are gone.
 _PRUNE_AT = 1000
@@ -39,7 +42,8 @@ class Pinner:
     """Pins partition reads to the owners of their partitions.
 
     ``streams`` is the coordinator's name -> :class:`StreamSpec` (read only);
-    ``spec_of_run`` finds a registered run's spec by id (None if unknown).
+    ``spec_of_run`` finds a registered run's spec by id (None if unknown);
+    ``live_runs`` lists the specs of the runs not finished.
     """
 
     def __init__(
@@ -47,10 +51,12 @@ class Pinner:
         scheduler: Scheduler,
         streams: dict[str, StreamSpec],
         spec_of_run: Callable[[str], RunSpec | None],
+        live_runs: Callable[[], Iterable[RunSpec]] = tuple,
     ) -> None:
         self.scheduler = scheduler
         self.streams = streams
         self.spec_of_run = spec_of_run
+        self.live_runs = live_runs
         #: stream -> partition -> the key of the task that reads it.
         self.readers: dict[str, dict[int, Any]] = {}
         #: Chunk keys of runs not registered yet, by their key prefix (``key[0]``).
@@ -58,34 +64,20 @@ class Pinner:
 
     def update_graph(self, tasks: Iterable[Any]) -> None:
         """Remember and pin the read tasks among ``tasks`` (new keys of a graph)."""
-        others: list[Any] = []
-        operator_graph = False
+        new = set()
         for key in tasks:
             name = key[0] if isinstance(key, tuple) and key else key
-            if isinstance(name, str) and name.startswith("aimss-"):
-                operator_graph = True
             if not (isinstance(key, tuple) and len(key) >= 2 and isinstance(name, str)
                     and name.startswith(PARTITION_TASK_PREFIX)):
-                others.append(key)
+                new.add(key)
             elif isinstance(key[1], str):
                 self.reader(key[1], key[2], key)
-            elif not self._pin_fused(key):
+            else:
                 self._chunk(key)
-        if operator_graph:
-            # Dask may fuse an array operator's read task into its dependent
-            # under another key (y.sum(), or the final chunk of a compute):
-            # find those by what they run. Our own push, create and seal
-            # tasks never hold a read: skip them. So do keys already in
-            # memory (a persisted input's blocks): they were looked at in the
-            # graph that made them, and walking their specs again cost ~15 ms
-            # of scheduler time per 500-block input.
-            for key in others:
-                name = key[0] if isinstance(key, tuple) and key else key
-                if isinstance(name, str) and name.startswith(NO_READS):
-                    continue
-                ts = self.scheduler.tasks.get(key)
-                if ts is not None and ts.state != "memory":
-                    self._pin_fused(key)
+        # Reads fused into other tasks, in a graph of a run registered already.
+        if new:
+            for run in self.live_runs():
+                self._fused_reads(run, new)
         if len(self.readers) > _PRUNE_AT:
             tasks_ = self.scheduler.tasks
             self.readers = {
@@ -109,6 +101,7 @@ class Pinner:
             found = run.output_partition(key)
             if found is not None:
                 self.readers.setdefault(found[0], {})[found[1]] = key
+        self._fused_reads(run, None)
         self.repin(run.streams)
 
     def repin(self, streams: Iterable[str], partitions: Iterable[int] | None = None) -> None:
@@ -148,26 +141,46 @@ class Pinner:
         else:
             self.reader(found[0], found[1], key)
 
-    def _pin_fused(self, key: Any) -> bool:
-        ts = self.scheduler.tasks.get(key)
-        found = partition_reads(ts.run_spec) if ts is not None else []
-        for stream, p in found:
-            self.reader(stream, p, key)
-        return bool(found)
+    def _after_barrier(self, run: RunSpec) -> list[Any]:
+        """The tasks that may hold ``run``'s reads: its barrier's dependents.
+
+        Dask may have fused the barrier itself with a read (one output
+        chunk of a small array): then the tasks that come right after the
+        run's pushes (its create task's dependents) stand for it.
+        """
+        tasks = self.scheduler.tasks
+        barrier = tasks.get(run.barrier) if run.barrier is not None else None
+        if barrier is not None:
+            return list(barrier.dependents)
+        create = tasks.get(run.create) if run.create is not None else None
+        if create is None:
+            return []
+        return list({d for push in create.dependents for d in push.dependents})
+
+    def _fused_reads(self, run: RunSpec, only: set[Any] | None) -> None:
+        """Remember the reads of ``run``'s streams inside its barrier's dependents (of ``only``)."""
+        mine = set(run.streams)
+        for dep in self._after_barrier(run):
+            if (only is not None and dep.key not in only) or dep.state == "memory":
+                continue
+            for stream, p in partition_reads(dep.run_spec):
+                if stream in mine:
+                    self.readers.setdefault(stream, {})[p] = dep.key
 
 
 def partition_reads(spec: Any, depth: int = 0) -> list[tuple[str, int]]:
-    """``(stream, partition)`` of every operator read inside a task spec.
+    """``(stream, partition)`` of every partition read inside a task spec.
 
     Dask may fuse a read task into its dependent under a new key; the read
-    is still in there, with its stream name and partition as literal args.
+    is still in there: a call of a function marked ``PARTITION_READ``, with
+    its stream name and partition as literal first arguments.
     """
     from dask.task_spec import DataNode, Task
 
     if depth > 8 or spec is None:
         return []
     if isinstance(spec, Task):
-        if getattr(spec.func, "__name__", "") == "read_block" and len(spec.args) >= 2:
+        if getattr(spec.func, PARTITION_READ, False) and len(spec.args) >= 2:
             stream, p = (_literal(a) for a in spec.args[:2])
             if isinstance(stream, str) and isinstance(p, int):
                 return [(stream, p)]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from aimss_dask.core.names import PARTITION_READ
 from aimss_dask.ops import local
 from aimss_dask.ops.pushrun import restartable
 from aimss_dask.shuffle import partitioning
@@ -159,3 +160,9 @@ def read_block(name: str, partition: int, shape: tuple[int, ...], dtype: Any, se
             "elements; this is a bug, please report it"
         )
     return out
+
+
+# The coordinator pins tasks that call these to the partition's owner, even
+# where Dask fused the call into another task (plugin/pinning.py).
+setattr(read_block, PARTITION_READ, True)
+setattr(read, PARTITION_READ, True)

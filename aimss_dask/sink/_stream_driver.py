@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -103,9 +102,14 @@ class SinkRun:
         self.error: BaseException | None = None
         self._rounds = 0
         self._chunks_written = 0
-        self._run: run_api.RunHandle | None = None
-        self._reported = 0.0
-        self._last_report: dict[str, Any] | None = None
+        # The sink as the coordinator lists it: reads the stream, fails if it is lost.
+        self.listed = run_api.ListedRun(
+            StreamSinkSpec(
+                run_id=f"zarr-sink-{target.run}", reads=(spec.name,), on_loss=OnLoss.FAIL, target=target.where
+            ),
+            ep,
+            REPORT_EVERY,
+        )
 
     def info(self) -> dict[str, Any]:
         """See :meth:`Sink.info`."""
@@ -137,56 +141,20 @@ class SinkRun:
     def main(self) -> None:
         try:
             self._set(state="running")
-            self._register()
+            self.listed.start(self._progress())
             if self._loop():
                 self._set(state="done")
         except BaseException as e:  # noqa: BLE001 -- reported by wait()
             self._set(state="failed", error=_translate(e, self._resume_hint()))
             if not isinstance(e, AIMSSError):
                 logger.warning("aimss: sink of %r failed: %r", self.spec.name, e)
-        self._end()
-
-    # -- the run as the coordinator lists it -----------------------------------------------
-
-    def _register(self) -> None:
-        """List this sink with the coordinator: a run that reads the stream and fails if it is lost."""
-        spec = StreamSinkSpec(
-            run_id=f"zarr-sink-{self.target.run}", reads=(self.spec.name,), on_loss=OnLoss.FAIL,
-            target=self.target.where,
-        )
-        self._run = run_api.register_run(spec, ep=self._ep)
-        self._report()
+        if not self._client_closed():  # else the coordinator closed the run with its client
+            state = {"done": "done", "closed": "closed"}.get(self._state, "failed")
+            self.listed.end(state, self.error if state == "failed" else None, self._progress())
 
     def _progress(self) -> dict[str, Any]:
         info = self.info()
         return {k: info[k] for k in ("rows", "chunks_written", "rounds", "pending_rows", "complete")}
-
-    def _report(self, throttle: bool = False) -> None:
-        """Progress to the coordinator: after rounds (pushed when it changes, never polled)."""
-        now = time.monotonic()
-        if throttle and now - self._reported < REPORT_EVERY:
-            return
-        progress = self._progress()
-        if throttle and progress == self._last_report:
-            return
-        self._reported, self._last_report = now, progress
-        if self._run is not None:
-            try:
-                run_api.report_run(
-                    self._run.run_id, self._run.epoch, state="running", progress=progress, ep=self._ep
-                )
-            except Exception as e:  # a status view must never stop a sink
-                logger.debug("aimss: progress of sink %r not reported: %r", self.spec.name, e)
-
-    def _end(self) -> None:
-        if self._run is None or self._client_closed():
-            return  # never listed, or its client is gone (the coordinator closed the run)
-        try:
-            self._report()
-            state = {"done": "done", "closed": "closed"}.get(self._state, "failed")
-            run_api.finish_run(self._run.run_id, self._run.epoch, state, self.error if state == "failed" else None, ep=self._ep)
-        except Exception as e:
-            logger.debug("aimss: end of sink %r not reported: %r", self.spec.name, e)
 
     def _resume_hint(self) -> str:
         c = self._committed
@@ -256,13 +224,13 @@ class SinkRun:
             jobs = self._plan(info)
             if jobs:
                 self._round(jobs)
-                self._report(throttle=True)
+                self.listed.report(self._progress())
                 idle = IDLE_POLL[0]
                 continue
             if all(self._complete) and all(a < self._chunk_rows or self._template is None for a in self._avail):
                 self._finish()
                 return True
-            self._report(throttle=True)  # what the last rounds did, once they are over
+            self.listed.report(self._progress())  # what the last rounds did, once they are over
             self.stop.wait(idle)
             idle = min(idle * 2, IDLE_POLL[1])
 
@@ -379,7 +347,12 @@ class SinkRun:
                     if p in results:
                         continue
                     if f.status == "error":
-                        f.result()  # raises the task's exception
+                        try:
+                            f.result()  # raises the task's exception
+                        except StreamNotFoundError:
+                            # Destroyed between the look at the stream and the task: say so.
+                            self._stream_info()
+                            raise
                     if f.status in ("cancelled", "lost") or self._client_closed():
                         raise SinkError(
                             f"the sink of stream {self.spec.name!r} lost its tasks (its client closed?)"

@@ -28,7 +28,7 @@ from aimss_dask.stream.producer import Producer
 if TYPE_CHECKING:
     from distributed import Client
 
-    from aimss_dask.plugin.scheduler import SealProducersEvent
+    from aimss_dask.plugin.sealing import SealProducersEvent
     from aimss_dask.plugin.worker import AIMSSWorker
 
 T = TypeVar("T")

@@ -17,6 +17,8 @@ Examples
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,8 @@ from aimss_dask.errors import InvalidTypeError
 from aimss_dask.stream import speccache
 from aimss_dask.stream.api import Stream, remember
 from aimss_dask.stream.context import Endpoint, current
+
+logger = logging.getLogger("aimss_dask")
 
 
 @dataclass(frozen=True)
@@ -93,3 +97,54 @@ def finish_run(
         error=None if error is None else [type(error).__name__, str(error)],
     )
     return bool(reply["finished"])
+
+
+class ListedRun:
+    """A run driven from a client (a sink's driver thread) as the coordinator lists it.
+
+    Registered at :meth:`start`, reported when its progress changed (at most
+    every ``every`` seconds, or at once with ``force``), finished at
+    :meth:`end`. Listing is for people: a failure to report is logged at
+    debug level and never stops the run.
+
+    Examples
+    --------
+    >>> listed = ListedRun(spec, ep)                       # doctest: +SKIP
+    >>> listed.start({"rows": 0}); listed.report({"rows": 64})  # doctest: +SKIP
+    >>> listed.end("done", None, {"rows": 64})             # doctest: +SKIP
+    """
+
+    def __init__(self, spec: RunSpec, ep: Endpoint, every: float = 0.5) -> None:
+        self.spec = spec
+        self.ep = ep
+        self.every = every
+        self.handle: RunHandle | None = None
+        self._sent_at = 0.0
+        self._sent: Mapping[str, Any] | None = None
+
+    def start(self, progress: Mapping[str, Any]) -> None:
+        try:
+            self.handle = register_run(self.spec, ep=self.ep)
+        except Exception as e:
+            logger.debug("aimss: run %r not listed: %r", self.spec.run_id, e)
+            return
+        self.report(progress, force=True)
+
+    def report(self, progress: Mapping[str, Any], force: bool = False) -> None:
+        now = time.monotonic()
+        if self.handle is None or (not force and (now - self._sent_at < self.every or progress == self._sent)):
+            return
+        self._sent_at, self._sent = now, dict(progress)
+        try:
+            report_run(self.handle.run_id, self.handle.epoch, state="running", progress=progress, ep=self.ep)
+        except Exception as e:
+            logger.debug("aimss: progress of run %r not reported: %r", self.spec.run_id, e)
+
+    def end(self, state: RunState | str, error: BaseException | None, progress: Mapping[str, Any]) -> None:
+        if self.handle is None:
+            return
+        self.report(progress, force=True)
+        try:
+            finish_run(self.handle.run_id, self.handle.epoch, state, error, ep=self.ep)
+        except Exception as e:
+            logger.debug("aimss: end of run %r not reported: %r", self.spec.run_id, e)

@@ -1,0 +1,104 @@
+"""The coordinator's means on the cluster: broadcasts, background work, who holds and wants what.
+
+Everything here goes through the scheduler's public surface
+(``Scheduler.broadcast``, ``scheduler.tasks``, ``scheduler.workers``); the
+handlers of the coordinator use it instead of the scheduler directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from aimss_dask.errors import raise_from_wire
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+logger = logging.getLogger("aimss_dask")
+
+#: Tasks looked at, at most, to find which client a run's create task works for.
+_CREATOR_SEARCH = 20_000
+
+
+class ClusterOps:
+    """Broadcast to workers, run background work of hooks, look up task holders and owners.
+
+    ``scheduler`` is set by the plugin's ``start``; nothing here is usable before.
+    """
+
+    def __init__(self) -> None:
+        self.scheduler: Scheduler | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def cancel_background(self) -> None:
+        for t in list(self._background):
+            t.cancel()
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Background work of a hook (cleanup, notices): worth a line in
+            # the log, never an "exception was never retrieved".
+            logger.info("aimss: background task failed: %r", task.exception())
+
+    def workers(self) -> list[str]:
+        assert self.scheduler is not None
+        return list(self.scheduler.workers)
+
+    async def broadcast(self, msg: dict[str, Any], workers: list[str] | None = None) -> dict[str, Any]:
+        assert self.scheduler is not None
+        live = set(self.workers())
+        targets = [w for w in (workers if workers is not None else live) if w in live]
+        if not targets:
+            return {}
+        replies = await self.scheduler.broadcast(msg=msg, workers=targets, on_error="return")
+        for addr, reply in replies.items():
+            if isinstance(reply, BaseException):
+                # A closed comm (an OSError) means that worker is leaving
+                # too (a cluster shutting down): its removal cleans up.
+                log = logger.info if isinstance(reply, OSError) else logger.warning
+                log("aimss: %s failed on %s: %r", msg["op"], addr, reply)
+            else:
+                raise_from_wire(reply, msg["op"])
+        return replies
+
+    def creator(self, client: str | None, task: Any) -> str | None:
+        """The client a stream belongs to: the caller, or who wants the task."""
+        if client:
+            return client
+        assert self.scheduler is not None
+        ts = self.scheduler.tasks.get(as_key(task)) if task is not None else None
+        # A run's create task is rarely wanted itself: the client wants the
+        # outputs downstream of it. The nearest wanted dependent says whose.
+        seen: set[Any] = set()
+        frontier = [ts] if ts is not None else []
+        while frontier and len(seen) < _CREATOR_SEARCH:
+            wanted = sorted(cs.client_key for t in frontier for cs in (t.who_wants or ()))
+            if wanted:
+                return wanted[0]
+            seen.update(t.key for t in frontier)
+            frontier = [d for t in frontier for d in t.dependents if d.key not in seen]
+        return None
+
+    def holders(self, keys: list[Any]) -> list[str | None]:
+        """The worker holding each task result (``None`` where none is in memory)."""
+        assert self.scheduler is not None
+        out: list[str | None] = []
+        for key in keys:
+            ts = self.scheduler.tasks.get(as_key(key))
+            holders = sorted(ws.address for ws in ts.who_has) if ts is not None and ts.who_has else []
+            out.append(holders[0] if holders else None)
+        return out
+
+
+def as_key(key: Any) -> Any:
+    """A Dask key back from the wire, where msgpack turned its tuples into lists."""
+    return tuple(as_key(k) for k in key) if isinstance(key, (list, tuple)) else key

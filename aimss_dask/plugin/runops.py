@@ -1,0 +1,255 @@
+"""The coordinator's run handlers: register, report, finish; seal and loss policies.
+
+An operator registers a :class:`~aimss_dask.core.runs.RunSpec` here (the
+streams it owns are created then, all placed like the first), and the
+registry (:class:`~aimss_dask.plugin.registry.RunRegistry`) keeps its state.
+At seal and when a worker leaves, the spec's policies say what to do; these
+handlers do it: rebalance the bytes per worker, free partitions no task will
+read, or restart the run from its create task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from aimss_dask.core.runs import OnLoss, OnSeal, RunSpec, RunState
+from aimss_dask.errors import InvalidArgumentError, StreamExistsError
+from aimss_dask.plugin import progress
+from aimss_dask.plugin.cluster import ClusterOps
+from aimss_dask.plugin.placement import rebalance
+from aimss_dask.plugin.registry import RunRecord
+from aimss_dask.plugin.rpc import replies
+from aimss_dask.plugin.state import StreamSpec
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+    from aimss_dask.plugin.scheduler import AIMSS
+
+logger = logging.getLogger("aimss_dask")
+
+
+class RunHandlers:
+    """The ``aimss_run_*`` RPCs and the run policies of one coordinator ``coord``."""
+
+    def __init__(self, coord: AIMSS, ops: ClusterOps) -> None:
+        self.coord = coord
+        self.ops = ops
+
+    def spec_of_run(self, run_id: str) -> RunSpec | None:
+        rec = self.coord.runs.find(run_id)
+        return None if rec is None else rec.spec
+
+    def restart_runs(self, scheduler: Scheduler, stimulus_id: str) -> None:
+        """Run again, from a clean slate, every restartable run still in flight.
+
+        A lost worker takes partitions and unsent pushes with it; the run's
+        streams are forgotten at once (the re-run creates fresh ones, with a
+        new epoch, so late messages of the old run are rejected) and its
+        tasks, from stream creation through the barrier to the reads, are
+        released so the scheduler computes them again. Every such run, not
+        only those that had partitions there: a push task that ran on the
+        lost worker is computed again, and until records carry their origin
+        a second push would duplicate rows.
+        """
+        for rec in self.coord.runs.unfinished():
+            spec = rec.spec
+            if spec.on_loss is not OnLoss.RESTART or rec.state is RunState.RESTARTING:
+                continue
+            barrier = scheduler.tasks.get(spec.barrier) if spec.barrier is not None else None
+            if barrier is None:
+                continue
+            recs: dict[Any, str] = {}
+            for ts in (*barrier.dependents, barrier, *barrier.dependencies):
+                if ts.state == "erred":
+                    recs = {}
+                    break
+                recs[ts.key] = "released"
+            if not recs:
+                continue
+            create = scheduler.tasks.get(spec.create) if spec.create is not None else None
+            if create is not None:
+                recs[create.key] = "released"
+            self.coord.runs.restart(rec.run_id, rec.epoch)
+            for name in spec.streams:
+                if name in self.coord.state.streams:
+                    for s in self.coord.state.destroy(name):
+                        self.ops.spawn(self.ops.broadcast({"op": "aimss_drop", "name": s.name, "epoch": s.epoch}))
+            logger.warning("aimss: restarting %s run %s after losing a worker", rec.kind, rec.run_id)
+            scheduler.transitions(recs, stimulus_id=stimulus_id)
+            scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
+
+    @replies
+    async def _h_run_register(
+        self,
+        run: dict[str, Any],
+        partitions: int | None = None,
+        prefer: list[Any] | None = None,
+        client: str | None = None,
+        task: Any = None,
+    ) -> dict[str, Any]:
+        """Register a run (its spec's wire form) and create the streams it owns.
+
+        Its streams get ``partitions`` partitions each, all placed like the
+        first (a join reads both sides locally); ``prefer[p]`` is the key of
+        the task whose result is most of partition ``p``'s input, placed
+        with it where it is in memory. The same run registered again while
+        its streams are open (its create task ran twice) gets them back; a
+        sealed leftover of an earlier compute of the same graph is replaced.
+        """
+        assert self.coord.pinner is not None
+        view = RunSpec.view_from_wire(run)
+        if view.streams and (not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1):
+            raise InvalidArgumentError(
+                f"run {view.run_id!r} owns streams {list(view.streams)}: give partitions= "
+                f"(a positive int), not {partitions!r}"
+            )
+        rec = self.coord.runs.find(view.run_id)
+        open_ = [self.coord.state.streams.get(n) for n in view.streams]
+        if (
+            rec is not None
+            and not rec.finished
+            and rec.state is not RunState.RESTARTING
+            and all(s is not None and s.name not in self.coord.state.sealed for s in open_)
+        ):
+            return self._reply(rec, created=False)
+        for name in view.streams:
+            if name not in self.coord.state.streams:
+                continue
+            if rec is None or name not in rec.spec.streams:
+                # Never replace a stream this run did not make (a user's).
+                raise StreamExistsError(
+                    f"stream {name!r} of {run.get('kind', 'run')} run {view.run_id!r} "
+                    "already exists and is not this run's; destroy it first or use another name"
+                )
+            await self.coord.stream_ops.destroy(name)  # a leftover of this run: a cancelled compute
+        rec = self.coord.runs.register(run, client=self.ops.creator(client, task))
+        created: list[str] = []
+        try:
+            holders = self.ops.holders(prefer) if prefer else None
+            for i, name in enumerate(view.streams):
+                assert partitions is not None
+                spec, _ = self.coord.state.create(
+                    name,
+                    partitions,
+                    self.ops.workers(),
+                    creator=rec.client,
+                    colocate_with=view.streams[0] if i else None,
+                    prefer=None if i else holders,
+                )
+                created.append(name)
+                await self.coord.stream_ops.open(spec, view.inputs)
+            self.coord.pinner.run_registered(rec.spec)
+        except Exception as e:
+            self.coord.runs.finish(view.run_id, rec.epoch, RunState.FAILED, (type(e).__name__, str(e)))
+            for name in created:
+                if name in self.coord.state.streams:
+                    await self.coord.stream_ops.destroy(name)
+            raise
+        return self._reply(rec, created=True)
+
+    def _reply(self, rec: RunRecord, created: bool) -> dict[str, Any]:
+        return {
+            "run_id": rec.run_id,
+            "epoch": rec.epoch,
+            "created": created,
+            "streams": [self.coord.stream_ops.wire(self.coord.state.streams[n]) for n in rec.spec.streams],
+        }
+
+    @replies
+    async def _h_run_report(
+        self,
+        run_id: str,
+        epoch: int,
+        who: str | None = None,
+        state: str | None = None,
+        progress: dict[str, Any] | None = None,
+        error: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """A report on a run from where it runs (a worker, a client's driver thread)."""
+        return {"applied": self.coord.runs.update(run_id, epoch, who, state=state, progress=progress, error=error)}
+
+    @replies
+    async def _h_run_finish(
+        self, run_id: str, epoch: int | None = None, state: str = "done", error: list[str] | None = None
+    ) -> dict[str, Any]:
+        """End a run's epoch (DONE, FAILED with ``error``, or CLOSED); its streams stay as they are.
+
+        ``epoch`` None: the registered one; an unknown run is not an error then.
+        """
+        if epoch is None:
+            rec = self.coord.runs.find(run_id)
+            if rec is None:
+                return {"finished": False}
+            epoch = rec.epoch
+        return {"finished": self.coord.runs.finish(run_id, epoch, state, error)}
+
+    async def run_sealed(self, name: str, spec: StreamSpec, on_seal: OnSeal, free_unread: bool) -> None:
+        """Stream ``name`` of a run is sealed: apply its run's seal policy."""
+        rec = self.coord.runs.for_stream(name)
+        assert rec is not None and self.coord.pinner is not None
+        out = rec.spec.outputs
+        if free_unread and out is not None:
+            # Output partitions that no submitted task will read (a partial
+            # compute, out.partitions[0]): free them now.
+            unread = set(range(spec.partitions)) - self.coord.pinner.read(out.stream)
+            if unread:
+                await self.coord.stream_ops.release(spec, sorted(unread))
+        if on_seal is OnSeal.REBALANCE and name in self.coord.state.streams:
+            await self.rebalance(rec)
+
+    async def rebalance(self, rec: RunRecord) -> None:
+        """Even out the bytes each worker holds for an operator's sealed streams.
+
+        Placement was fixed before any data existed; now the sizes are known
+        (a hot key makes one partition huge). Partitions move as a group (a
+        join's two sides stay together), and the read tasks, which cannot
+        have started, are pinned to the new owners.
+        """
+        assert self.coord.pinner is not None
+        group = sorted(rec.spec.streams)
+        if not group or not all(n in self.coord.state.sealed for n in group):
+            return
+        specs = [self.coord.state.get(n) for n in group]
+        owners = specs[0].owners
+        sizes = [0] * specs[0].partitions
+        for spec in specs:
+            for p, st in (await self.coord.stream_ops.partition_stats(spec)).items():
+                sizes[p] += st["bytes"]
+        new = rebalance(sizes, owners, self.ops.workers())
+        moves = [p for p in range(len(sizes)) if new[p] != owners[p] and sizes[p] > 0]
+        if not moves:
+            return
+        target = tuple(new[p] if p in moves else owners[p] for p in range(len(owners)))
+        for spec in specs:
+            moved = replace(spec, owners=target)
+            msg = {"spec": moved.to_wire()}
+            for w in sorted({target[p] for p in moves}):
+                await self.ops.broadcast(
+                    {"op": "aimss_open", **msg, "partitions": [p for p in moves if target[p] == w]}, [w]
+                )
+            await asyncio.gather(
+                *(
+                    self.ops.broadcast(
+                        {"op": "aimss_move", **msg, "partitions": [p for p in moves if owners[p] == w]}, [w]
+                    )
+                    for w in sorted({owners[p] for p in moves})
+                )
+            )
+            await self.ops.broadcast(
+                {"op": "aimss_seal_partitions", "name": spec.name, "epoch": spec.epoch},
+                sorted({target[p] for p in moves}),
+            )
+            self.coord.state.streams[spec.name] = moved
+        self.coord.pinner.repin(group, moves)
+        logger.info("aimss: moved %d partition(s) of %s to balance sizes", len(moves), group)
+
+    @replies
+    async def _h_runs(self) -> dict[str, Any]:
+        """Every run and stream, with progress from the workers' last heartbeats; no fan-out."""
+        assert self.ops.scheduler is not None
+        beats = {a: ws.metrics.get(progress.METRIC) for a, ws in self.ops.scheduler.workers.items()}
+        return progress.overview(self.coord.runs, self.coord.state.streams, self.coord.state.sealed, self.coord.state.lost, beats)

@@ -1,0 +1,111 @@
+"""Seals that wait for writing clients: they push what they buffered first.
+
+A client process that writes buffers records like a worker does. Before a
+stream is sealed, the coordinator publishes one event on
+:data:`~aimss_dask.core.names.SEAL_PRODUCERS_TOPIC`; each writing client named
+in it pushes its records for the stream and answers
+``aimss_producers_sealed``. Only then do the owners seal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any, TypedDict
+
+from aimss_dask.core.names import SEAL_PRODUCERS_TOPIC
+from aimss_dask.plugin.cluster import ClusterOps
+from aimss_dask.plugin.rpc import replies
+
+logger = logging.getLogger("aimss_dask")
+
+#: How long a seal waits for writing clients to push their buffered records.
+SEAL_CLIENT_TIMEOUT = 60.0
+
+
+class SealProducersEvent(TypedDict):
+    """The message of a seal event: push ``name`` (epoch ``epoch``), then answer
+    ``aimss_producers_sealed(token=...)``; only the ``clients`` named do."""
+
+    name: str
+    epoch: int
+    token: str
+    clients: list[str]
+
+
+class ClientSeals:
+    """The writing clients, and the seals waiting for them to push."""
+
+    def __init__(self, ops: ClusterOps) -> None:
+        self.ops = ops
+        # Client processes that write (they buffer records too).
+        self.producer_clients: set[str] = set()
+        # Seals waiting for clients: token -> (clients yet to answer, done, failures).
+        self.waits: dict[str, tuple[set[str], asyncio.Event, dict[str, Any]]] = {}
+
+    def client_left(self, client: str) -> None:
+        """``client`` is gone: no seal waits for it any more."""
+        assert self.ops.scheduler is not None
+        if client in self.producer_clients:
+            self.producer_clients.discard(client)
+            # Distributed keeps a topic's subscribers after they leave.
+            self.ops.scheduler.unsubscribe_topic(SEAL_PRODUCERS_TOPIC, client)
+        for pending, done, _ in self.waits.values():
+            pending.discard(client)
+            if not pending:
+                done.set()
+
+    async def seal_clients(self, name: str, epoch: int) -> dict[str, Any]:
+        """Have every writing client push what it buffered for ``name``."""
+        assert self.ops.scheduler is not None
+        clients = {c for c in self.producer_clients if c in self.ops.scheduler.client_comms}
+        if not clients:
+            return {}
+        token = uuid.uuid4().hex
+        done = asyncio.Event()
+        failures: dict[str, Any] = {}
+        self.waits[token] = (set(clients), done, failures)
+        try:
+            # One event to the topic's subscribers (the writing clients); each
+            # answers only if it is named in ``clients``.
+            event: SealProducersEvent = {
+                "name": name,
+                "epoch": int(epoch),
+                "token": token,
+                "clients": sorted(clients),
+            }
+            self.ops.scheduler.log_event(SEAL_PRODUCERS_TOPIC, event)
+            try:
+                await asyncio.wait_for(done.wait(), SEAL_CLIENT_TIMEOUT)
+            except asyncio.TimeoutError:
+                pending = sorted(self.waits[token][0])
+                logger.warning(
+                    "aimss: seal of %r went ahead without clients %s pushing their writes",
+                    name,
+                    pending,
+                )
+        finally:
+            del self.waits[token]
+        return failures
+
+    @replies
+    async def _h_register_producer(self, client: str) -> None:
+        assert self.ops.scheduler is not None
+        self.producer_clients.add(client)
+        # The client subscribes itself too, but on its batched stream, which
+        # may arrive after this reply and after a seal it makes right away:
+        # subscribing it here means the first seal does not wait
+        # SEAL_CLIENT_TIMEOUT for an answer to an event it never got.
+        self.ops.scheduler.subscribe_topic(SEAL_PRODUCERS_TOPIC, client)
+
+    @replies
+    async def _h_producers_sealed(self, token: str, client: str, failure: Any = None) -> None:
+        wait = self.waits.get(token)
+        if wait is not None:
+            pending, done, failures = wait
+            pending.discard(client)
+            if failure:
+                failures[client] = {"failure": failure}
+            if not pending:
+                done.set()

@@ -1,0 +1,244 @@
+"""The coordinator's stream handlers: create, seal, destroy, release, offsets, info.
+
+Streams are the coordinator's metadata (:class:`CoordinatorState`); these
+handlers keep the owners in step with it, and hand a run's streams to the
+run handlers at seal (:mod:`aimss_dask.plugin.runops`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aimss_dask.core.runs import RunState
+from aimss_dask.errors import ReadTimeoutError, error_from_wire
+from aimss_dask.plugin.cluster import ClusterOps
+from aimss_dask.plugin.rpc import replies
+from aimss_dask.plugin.state import StreamSpec
+
+if TYPE_CHECKING:
+    from aimss_dask.plugin.scheduler import AIMSS
+
+logger = logging.getLogger("aimss_dask")
+
+
+class StreamHandlers:
+    """The ``aimss_*`` stream RPCs of one coordinator ``coord``."""
+
+    def __init__(self, coord: AIMSS, ops: ClusterOps) -> None:
+        self.coord = coord
+        self.ops = ops
+        # Woken whenever a stream is sealed or destroyed (shuffle_wait).
+        self.sealed_changed: asyncio.Condition | None = None
+
+    def start(self) -> None:
+        self.sealed_changed = asyncio.Condition()
+
+    @replies
+    async def _h_create(
+        self,
+        name: str,
+        partitions: int,
+        parent: str | None = None,
+        exist_ok: bool = False,
+        persist: bool = False,
+        client: str | None = None,
+        task: Any = None,
+    ) -> dict[str, Any]:
+        spec, created = self.coord.state.create(
+            name,
+            partitions,
+            self.ops.workers(),
+            parent=parent,
+            exist_ok=exist_ok,
+            persist=persist,
+            creator=self.ops.creator(client, task),
+        )
+        if created:
+            await self.open(spec)
+        return {**self.wire(spec), "created": created}
+
+    async def open(self, spec: StreamSpec, inputs: int = 0) -> None:
+        """Open a new stream's partitions on their owners and pin its known readers.
+
+        ``inputs`` > 0: records carry their origin, and owners drop a second
+        copy of an input (see :mod:`aimss_dask.plugin.dedup`).
+        """
+        assert self.coord.pinner is not None
+        # Read tasks submitted before the stream existed, or pinned to the
+        # owners of a run that restarted.
+        self.coord.pinner.repin([spec.name])
+        by_owner: dict[str, list[int]] = {}
+        for p, w in enumerate(spec.owners):
+            by_owner.setdefault(w, []).append(p)
+        try:
+            for w, ps in by_owner.items():
+                await self.ops.broadcast(
+                    {"op": "aimss_open", "spec": spec.to_wire(), "partitions": ps, "inputs": inputs}, [w]
+                )
+        except Exception:
+            self.coord.state.destroy(spec.name)
+            await self.ops.broadcast({"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch})
+            raise
+
+    def wire(self, spec: StreamSpec) -> dict[str, Any]:
+        return {
+            "spec": spec.to_wire(),
+            "sealed": spec.name in self.coord.state.sealed,
+            "lost": sorted(self.coord.state.lost.get(spec.name, ())),
+        }
+
+    async def destroy_many(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.coord.state.streams:
+                try:
+                    await self.destroy(name)
+                except Exception:
+                    logger.exception("aimss: cleanup of stream %r failed", name)
+
+    @replies
+    async def _h_get(self, name: str) -> dict[str, Any]:
+        return self.wire(self.coord.state.get(name))
+
+    @replies
+    async def _h_seal(self, name: str) -> dict[str, Any]:
+        spec = self.coord.state.get(name)
+        # 1. Every worker stops taking writes for the stream and pushes what it
+        #    has buffered; 2. only then do owners seal, so nothing written before
+        #    seal() is rejected.
+        msg = {"name": name, "epoch": spec.epoch}
+        replies = await self.ops.broadcast({"op": "aimss_seal_producers", **msg})
+        replies.update(await self.coord.seals.seal_clients(name, spec.epoch))
+        await self.ops.broadcast({"op": "aimss_seal_partitions", **msg}, list(set(spec.owners)))
+        self.coord.state.sealed.add(name)
+        action = self.coord.runs.on_seal(name)
+        if action is not None:
+            await self.coord.run_ops.run_sealed(name, spec, *action)
+        assert self.sealed_changed is not None
+        async with self.sealed_changed:
+            self.sealed_changed.notify_all()
+        failures = {
+            addr: r["failure"]
+            for addr, r in replies.items()
+            if isinstance(r, dict) and r.get("failure")
+        }
+        if failures:
+            addr, (kind, message) = sorted(failures.items())[0]
+            raise error_from_wire(
+                kind,
+                f"stream {name!r} is sealed, but writes from {sorted(failures)} were "
+                f"not stored: {message}",
+            )
+        return self.wire(spec)
+
+    @replies
+    async def _h_shuffle_wait(self, parent: str, timeout: float | None = None) -> dict[str, Any]:
+        self.coord.state.get(parent)
+        assert self.sealed_changed is not None
+
+        def done() -> bool:
+            if parent not in self.coord.state.streams:
+                return True
+            return all(c in self.coord.state.sealed for c in self.coord.state.children(parent))
+
+        async with self.sealed_changed:
+            try:
+                if not done():  # wait_for(..., 0) would time out without looking
+                    await asyncio.wait_for(self.sealed_changed.wait_for(done), timeout)
+            except asyncio.TimeoutError:
+                open_ = [c for c in self.coord.state.children(parent) if c not in self.coord.state.sealed]
+                raise ReadTimeoutError(
+                    f"shuffle_streams({parent!r}) timed out after {timeout}s; child "
+                    f"streams still open: {open_}"
+                ) from None
+        self.coord.state.get(parent)  # destroyed while waiting: raise
+        return {"children": self.coord.state.children(parent)}
+
+    @replies
+    async def _h_destroy(self, name: str) -> dict[str, Any]:
+        return {"destroyed": await self.destroy(name)}
+
+    async def destroy(self, name: str) -> list[str]:
+        """Forget ``name`` (and its children) everywhere; a run whose streams are all gone is done."""
+        removed = self.coord.state.destroy(name)
+        for spec in removed:
+            await self.ops.broadcast({"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch})
+        for spec in removed:
+            rec = self.coord.runs.for_stream(spec.name)
+            if (
+                rec is not None
+                and rec.state is not RunState.RESTARTING
+                and not any(n in self.coord.state.streams for n in rec.spec.streams)
+            ):
+                self.coord.runs.finish(rec.run_id, rec.epoch, RunState.DONE)
+        assert self.sealed_changed is not None
+        async with self.sealed_changed:
+            self.sealed_changed.notify_all()
+        return [s.name for s in removed]
+
+    @replies
+    async def _h_release(self, name: str, partition: int) -> dict[str, Any]:
+        """An operator's reader is done with a partition; destroy when all are."""
+        return {"destroyed": await self.release(self.coord.state.get(name), [partition], trim=False)}
+
+    async def partition_stats(self, spec: StreamSpec) -> dict[int, dict[str, Any]]:
+        """Each partition's counts, as its owner reports them (absent if lost)."""
+        replies = await self.ops.broadcast(
+            {"op": "aimss_stream_stats", "name": spec.name}, list(set(spec.owners))
+        )
+        return {
+            p: st
+            for r in replies.values()
+            if isinstance(r, dict)
+            for p, st in r.get("partitions", [])
+        }
+
+    async def release(self, spec: StreamSpec, partitions: list[int], trim: bool = True) -> bool:
+        if trim:
+            by_owner: dict[str, list[int]] = {}
+            for p in partitions:
+                by_owner.setdefault(spec.owners[p], []).append(p)
+            for w, ps in by_owner.items():
+                await self.ops.broadcast(
+                    {"op": "aimss_trim", "name": spec.name, "epoch": spec.epoch, "partitions": ps}, [w]
+                )
+        if self.coord.state.release(spec.name, partitions):
+            await self.destroy(spec.name)
+            return True
+        return False
+
+    @replies
+    async def _h_offsets(self, name: str, group: str) -> dict[str, Any]:
+        return {"offsets": self.coord.state.offsets(name, group)}
+
+    @replies
+    async def _h_commit(self, name: str, group: str, offsets: list[list[int]]) -> dict[str, Any]:
+        return {"offsets": self.coord.state.commit(name, group, {int(p): int(o) for p, o in offsets})}
+
+    @replies
+    async def _h_info(self, name: str) -> dict[str, Any]:
+        spec = self.coord.state.get(name)
+        records = [0] * spec.partitions
+        nbytes = [0] * spec.partitions
+        spilled = 0
+        for p, st in (await self.partition_stats(spec)).items():
+            records[p] = st["records"]
+            nbytes[p] = st["bytes"]
+            spilled += st["spilled_bytes"]
+        return {
+            "info": {
+                "name": name,
+                "partitions": spec.partitions,
+                "owners": list(spec.owners),
+                "epoch": spec.epoch,
+                "parent": spec.parent,
+                "persist": spec.persist,
+                "sealed": name in self.coord.state.sealed,
+                "lost": sorted(self.coord.state.lost.get(name, ())),
+                "records": records,
+                "bytes": nbytes,
+                "spilled_bytes": spilled,
+                "groups": {g: list(o) for g, o in self.coord.state.groups.get(name, {}).items()},
+            }
+        }
