@@ -99,9 +99,9 @@ def server():
     srv.close()
 
 
-def _batch(name, records, partition=0):
+def _batch(name, records, partition=0, origin=None):
     sers = [encode(r, name) for r in records]
-    return [(name, 1, partition, [s for s, _ in sers], [n for _, n in sers])]
+    return [(name, 1, partition, [s for s, _ in sers], [n for _, n in sers], origin)]
 
 
 def test_batches_round_trip_in_order_with_answers(server):
@@ -190,3 +190,37 @@ def test_records_pin_the_receive_buffer_only_when_stored_as_views(copies):
     # Stored copies leave the buffer free for the next batch; stored views
     # keep it in use for as long as any record of the batch lives.
     assert (st["pool_free_bytes"] == st["pool_bytes"] > 0) == copies, st
+
+
+def test_origins_travel_with_their_groups(server):
+    """Each group's origin, an ``(input, attempt, seq)`` tuple or None, reaches the owner as sent."""
+    srv, stored = server
+    sock = socket.create_connection(srv.address)
+    batch = [
+        *_batch("o", [np.ones(2)], partition=0, origin=(3, 17, 0)),
+        *_batch("o", [np.zeros(2)], partition=1, origin=None),
+        *_batch("o", [np.ones(1)], partition=1, origin=(2**40, 2**62, 5)),
+    ]
+    dataplane.send_buffers(sock, dataplane.encode_batch(batch))
+    assert dataplane.read_ack(sock) == {"errors": {}}
+    sock.close()
+    assert [(g[2], g[5]) for g in stored] == [(0, (3, 17, 0)), (1, None), (1, (2**40, 2**62, 5))]
+    np.testing.assert_array_equal(stored[1][3][0], np.zeros(2))
+
+
+def test_records_with_an_origin_never_share_a_group():
+    """Plain records of one partition are grouped; one with an origin is a group of its own,
+    so that a second write under the same origin reaches the owner's filter as a group."""
+    from aimss_dask.core.specs import Origin
+    from aimss_dask.stream.producer import _group, _Item
+
+    o = Origin(4, attempt=9)
+
+    def item(p, origin=None):
+        ser, n = encode(np.ones(1), "s")
+        return _Item("s", 1, p, ser, n, origin)
+
+    groups = _group([item(0), item(0), item(0, o), item(0, o), item(0), item(0), item(1, o), item(1)])
+    assert [(g[2], len(g[3]), g[5]) for g in groups] == [
+        (0, 2, None), (0, 1, (4, 9, 0)), (0, 1, (4, 9, 0)), (0, 2, None), (1, 1, (4, 9, 0)), (1, 1, None),
+    ]

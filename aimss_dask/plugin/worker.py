@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
@@ -17,14 +18,15 @@ from distributed.utils import offload
 
 from aimss_dask.config import AIMSSConfig
 from aimss_dask.core.names import PLUGIN_NAME
-from aimss_dask.core.specs import StreamSpec
+from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.errors import AIMSSError, InvalidArgumentError, error_to_wire
 from aimss_dask.log.store import LogStore
+from aimss_dask.plugin.dedup import OriginFilter
 from aimss_dask.plugin import progress
 from aimss_dask.plugin.rpc import replies
 from aimss_dask.plugin.runs import RunFactory, RunManager
 from aimss_dask.stream import speccache
-from aimss_dask.stream.dataplane import BufferPool, DataServer
+from aimss_dask.stream.dataplane import BufferPool, DataServer, Group
 from aimss_dask.stream.producer import Producer
 
 if TYPE_CHECKING:
@@ -61,8 +63,17 @@ class AIMSSWorker(WorkerPlugin):
         self.scratch: BufferPool | None = None
         # Partitions read by tasks here: from this worker's log, or remotely.
         # Partition reads from this worker's log / another's; "streamed": shuffle
-        # reads that filled their output batch by batch (shuffle._tasks.read).
-        self.reads = {"local": 0, "remote": 0, "streamed": 0}
+        # reads that filled their output batch by batch (shuffle._tasks.read);
+        # "duplicates": groups of records this owner dropped as a second copy
+        # of an input (another attempt's copy was stored first; plan §2.8).
+        # Kept here, in status()'s "reads", because the filter forgets a
+        # stream at its seal and a run's count must outlive that.
+        self.reads = {"local": 0, "remote": 0, "streamed": 0, "duplicates": 0}
+        # Drops a second copy of an input before it reaches the log, for the
+        # streams opened with inputs (runs whose records carry their origin).
+        self.origins = OriginFilter()
+        # Drops are counted from receiver and task threads at once (rare: a lock).
+        self._duplicates_lock = threading.Lock()
         # Operators' run objects on this worker, and resources they share.
         self.runs = RunManager()
 
@@ -168,24 +179,41 @@ class AIMSSWorker(WorkerPlugin):
 
     # -- local fast paths (task threads) ---------------------------------------------
 
-    def local_append(self, spec: StreamSpec, partition: int, record: Any, nbytes: int) -> None:
-        """A producer task on the owner: store without serialising or copying."""
+    def local_append(
+        self, spec: StreamSpec, partition: int, record: Any, nbytes: int, origin: Origin | None = None
+    ) -> None:
+        """A producer task on the owner: store without serialising or copying.
+
+        ``origin``: see :meth:`store_batch`; a second copy is dropped here too.
+        """
         assert self.store is not None
+        if origin is not None and not self._admit(spec.name, spec.epoch, partition, origin):
+            return
         self.store.append(spec.name, spec.epoch, partition, [record], [nbytes])
         self.runs.on_append(spec.name, partition, [record])
         if self.store.over_budget:
             self.store.spill()  # we are in a task thread: blocking is fine
 
-    def store_batch(
-        self, groups: list[tuple[str, int, int, list[Any], list[int]]]
-    ) -> dict[str, tuple[str, str]]:
-        """Store a batch pushed over the data plane (its receiver thread)."""
+    def store_batch(self, groups: list[Group]) -> dict[str, tuple[str, str]]:
+        """Store a batch pushed over the data plane (its receiver thread) or comms.
+
+        A group with an origin (``(input, attempt, seq)``: a run's push task
+        wrote it) goes through :class:`OriginFilter` first: a second copy of
+        an input is dropped whole and counted in ``reads["duplicates"]``, and
+        a second write by the attempt that was kept fails its stream with
+        :class:`~aimss_dask.errors.DuplicateOriginError`. Groups without one
+        are stored as they come.
+        """
         assert self.store is not None
         errors: dict[str, tuple[str, str]] = {}
-        for name, epoch, partition, records, sizes in groups:
+        for name, epoch, partition, records, sizes, origin in groups:
             if name in errors:
                 continue
             try:
+                # The filter checks the fields (Origin's constructor): they
+                # came over the network, and index its arrays.
+                if origin is not None and not self._admit(name, epoch, partition, Origin(*origin)):
+                    continue
                 self.store.append(name, epoch, partition, records, sizes)
                 self.runs.on_append(name, partition, records)
             except AIMSSError as e:
@@ -196,6 +224,14 @@ class AIMSSWorker(WorkerPlugin):
         while self.store.over_budget and self.store.spill():
             pass
         return errors
+
+    def _admit(self, name: str, epoch: int, partition: int, origin: Origin) -> bool:
+        """Whether to append a group with ``origin`` (False: a duplicate, counted)."""
+        if self.origins.admit(name, epoch, partition, origin):
+            return True
+        with self._duplicates_lock:
+            self.reads["duplicates"] += 1
+        return False
 
     # -- change notification for remote readers waiting on the loop ---------------------
 
@@ -217,9 +253,17 @@ class AIMSSWorker(WorkerPlugin):
 
     @replies
     async def _h_open(self, spec: dict[str, Any], partitions: list[int], inputs: int = 0) -> None:
-        """Open partitions of a stream here; ``inputs`` > 0: its records carry origins."""
+        """Open partitions of a stream here; ``inputs`` > 0: its records carry origins.
+
+        Then a second copy of an input is dropped here (``inputs`` presizes
+        the filter: input ids ``0 .. inputs - 1``). Tracked before the logs
+        open, so no group can be appended unfiltered in between. Repeated
+        opens (more partitions) keep the filter's state.
+        """
         assert self.store is not None
         s = StreamSpec.from_wire(spec)
+        if inputs:
+            self.origins.track(s.name, s.epoch, inputs)
         self.store.open(s.name, s.epoch, partitions)
 
     @replies
@@ -289,11 +333,16 @@ class AIMSSWorker(WorkerPlugin):
         parts = self.store.stream_stats(name)
         if parts:
             self.store.seal(name, epoch, list(parts))
+        # No push after a seal (the store refuses it), and moves carry no
+        # origin: the filter's state is of no more use (plan §2.8).
+        self.origins.forget(name, epoch)
 
     @replies
     async def _h_drop(self, name: str, epoch: int) -> None:
         assert self.store is not None and self.producer is not None
         speccache.forget(name)
+        # Only this epoch's state or older: a late drop leaves a new stream's.
+        self.origins.forget(name, epoch)
         # Runs first (a source's brokers), so none appends while it is dropped.
         self.runs.stop(name, epoch)
         self.producer.forget(name)

@@ -13,7 +13,9 @@ Wire format of one batch, sender to owner::
     !QQ (header bytes, payload bytes) | pickle(header) | payload frames ...
 
 where ``header`` is ``[[stream, epoch, partition, [(record header, [frame
-lengths])...], [record sizes]], ...]``. The owner answers each batch, in
+lengths])...], [record sizes], origin], ...]``: one entry per group, and
+``origin`` the group's ``(input, attempt, seq)`` tuple or ``None`` (a plain
+write; see :class:`~aimss_dask.core.specs.Origin`). The owner answers each batch, in
 order, with ``!Q`` + ``pickle({"errors": {stream: (class, message)}})``.
 Only plain ``tcp://`` clusters use it; TLS or other transports keep Dask's
 comms (see :class:`aimss_dask.stream.producer.Producer`).
@@ -43,8 +45,14 @@ _GRAIN = 2**20
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
 _MAX_IOV = 512
 
+#: One group of a batch: ``(stream, epoch, partition, records, record sizes,
+#: origin)``, ``origin`` an ``(input, attempt, seq)`` tuple or ``None``. The
+#: origin goes as a plain tuple, not an ``Origin``: pickling a dataclass names
+#: its class in every header, and the owner checks the fields anyway.
+Group = tuple[str, int, int, list[Any], list[int], tuple[int, int, int] | None]
+
 #: ``(groups) -> {stream: (error class, message)}``: store one decoded batch.
-BatchHandler = Callable[[list[tuple[str, int, int, list[Any], list[int]]]], dict[str, tuple[str, str]]]
+BatchHandler = Callable[[list[Group]], dict[str, tuple[str, str]]]
 
 
 class BufferPool:
@@ -182,17 +190,17 @@ def send_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> None:
                 sent = 0
 
 
-def encode_batch(groups: Sequence[tuple[str, int, int, Sequence[Any], Sequence[int]]]) -> list[memoryview]:
+def encode_batch(groups: Sequence[Group]) -> list[memoryview]:
     """Header and frames of a batch; ``Serialized`` records, frames by reference."""
     header: list[Any] = []
     frames: list[memoryview] = []
-    for name, epoch, partition, records, sizes in groups:
+    for name, epoch, partition, records, sizes, origin in groups:
         recs = []
         for ser in records:
             fr = [ensure_memoryview(f) for f in ser.frames]
             frames.extend(fr)
             recs.append((ser.header, [f.nbytes for f in fr]))
-        header.append((name, epoch, partition, recs, list(sizes)))
+        header.append((name, epoch, partition, recs, list(sizes), origin))
     head = pickle.dumps(header, protocol=5)
     payload = sum(f.nbytes for f in frames)
     return [memoryview(_BATCH.pack(len(head), payload)), memoryview(head), *frames]
@@ -274,7 +282,7 @@ class DataServer:
         copy = self._own_copies is not None and self._own_copies(plen)
         groups = []
         pos = 0
-        for name, epoch, partition, recs, sizes in header:
+        for name, epoch, partition, recs, sizes, origin in header:
             records = []
             for rheader, lengths in recs:
                 frames = []
@@ -283,7 +291,7 @@ class DataServer:
                     frames.append(memoryview(bytearray(frame)) if copy else frame)
                     pos += n
                 records.append(deserialize(rheader, frames))
-            groups.append((name, epoch, partition, records, sizes))
+            groups.append((name, epoch, partition, records, sizes, origin))
         try:
             return self._handler(groups)
         except Exception as e:  # a bug: answer anyway, so the producer never hangs

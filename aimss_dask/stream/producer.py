@@ -7,6 +7,11 @@ so a producer's records keep their order while the next batch is already on
 the wire. Plain ``tcp://`` clusters use the raw data plane
 (:mod:`aimss_dask.stream.dataplane`); others (TLS, UCX, in-process) use
 Dask's comms.
+
+A write may carry an :class:`~aimss_dask.core.specs.Origin` (a run's push
+task tags what it writes with its input and attempt, plan §2.8): it travels
+with its group to the owner, which drops a second copy of an input. Plain
+writes carry none and pay nothing for the feature but one ``None`` per group.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 from distributed.protocol import Serialized
 from distributed.utils import sync
 
-from aimss_dask.core.specs import StreamSpec
+from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.errors import (
     PartitionLostError,
     StreamSealedError,
@@ -37,8 +42,8 @@ from aimss_dask.stream import dataplane
 
 logger = logging.getLogger("aimss_dask")
 
-#: ``(spec, partition, record, nbytes)``: store a record on this very process.
-LocalAppend = Callable[[StreamSpec, int, Any, int], None]
+#: ``(spec, partition, record, nbytes, origin)``: store a record on this very process.
+LocalAppend = Callable[[StreamSpec, int, Any, int, Origin | None], None]
 
 #: Batches one producer may have on the wire to one owner at once.
 PIPELINE = 4
@@ -51,6 +56,7 @@ class _Item:
     partition: int
     record: Serialized
     nbytes: int
+    origin: Origin | None = None
 
 
 @dataclass(eq=False)
@@ -114,11 +120,22 @@ class Producer:
         del self._errors[name]
         return entry[1] if epoch is None or entry[0] == epoch else None
 
-    def write(self, spec: StreamSpec, partition: int, record: Any, *, moving: bool = False) -> None:
+    def write(
+        self,
+        spec: StreamSpec,
+        partition: int,
+        record: Any,
+        *,
+        moving: bool = False,
+        origin: Origin | None = None,
+    ) -> None:
         """Queue (or, on the owner itself, store) one record.
 
         ``moving``: the coordinator is moving a sealed partition to a new
         owner; its records are re-sent even though the stream is sealed.
+        ``origin``: the input and attempt the record comes from (a run's push
+        task); the owner drops it if another attempt's copy of that origin is
+        already stored there. ``None`` (a plain write): always stored.
         """
         with self._cond:
             err = self._pop_error(spec.name, spec.epoch)
@@ -140,7 +157,7 @@ class Producer:
             local = records.local_nbytes(record)
             if local is None:
                 local = records.encode(record, spec.name)[1]  # still must serialise
-            self._local(spec, partition, record, local)
+            self._local(spec, partition, record, local, origin)
             return
         ser, nbytes = records.encode(record, spec.name)
         self.budget.acquire(nbytes)
@@ -153,7 +170,7 @@ class Producer:
                     target=self._run, args=(link,), name=f"aimss-push-{owner}", daemon=True
                 )
                 link.thread.start()
-            link.pending.append(_Item(spec.name, spec.epoch, partition, ser, nbytes))
+            link.pending.append(_Item(spec.name, spec.epoch, partition, ser, nbytes, origin))
             link.pending_bytes += nbytes
             link.written += 1
             self._cond.notify_all()
@@ -414,14 +431,28 @@ def _lost(owner: str, e: Exception) -> Exception:
     return e
 
 
-def _group(batch: list[_Item]) -> list[tuple[str, int, int, list[Any], list[int]]]:
-    """Consecutive records of one partition travel as one group."""
-    groups: list[tuple[str, int, int, list[Any], list[int]]] = []
+def _group(batch: list[_Item]) -> list[dataplane.Group]:
+    """Consecutive plain records of one partition travel as one group.
+
+    A record with an origin travels as a group of its own, the origin as a
+    plain ``(input, attempt, seq)`` tuple (see :data:`dataplane.Group`). An
+    origin names one write (every operator writes one record per input and
+    partition; ``seq`` numbers any further ones), so a record with the same
+    origin as the one before it is a second write, which the owner must see
+    as a group of its own to refuse it, however the records were batched.
+    """
+    groups: list[dataplane.Group] = []
     for it in batch:
+        o = it.origin
+        if o is not None:
+            groups.append(
+                (it.name, it.epoch, it.partition, [it.record], [it.nbytes], (o.input, o.attempt, o.seq))
+            )
+            continue
         g = groups[-1] if groups else None
-        if g is not None and (g[0], g[1], g[2]) == (it.name, it.epoch, it.partition):
+        if g is not None and g[5] is None and (g[0], g[1], g[2]) == (it.name, it.epoch, it.partition):
             g[3].append(it.record)
             g[4].append(it.nbytes)
         else:
-            groups.append((it.name, it.epoch, it.partition, [it.record], [it.nbytes]))
+            groups.append((it.name, it.epoch, it.partition, [it.record], [it.nbytes], None))
     return groups
