@@ -16,10 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from aimss_dask._compat import task_attempt
 from aimss_dask.core.runs import RunSpec
+from aimss_dask.core.specs import Origin
+from aimss_dask.errors import DuplicateOriginError, StreamNotFoundError
 from aimss_dask.ops import local
 from aimss_dask.ops.pieces import Pieces
-from aimss_dask.stream import api
+from aimss_dask.stream import api, speccache
+from aimss_dask.stream.context import current
 from aimss_dask.stream.runs import register_run
 
 
@@ -67,17 +71,68 @@ def seal(names: list[str], *pushed: int) -> int:
     return sum(pushed)
 
 
+class RunWriter:
+    """The writes of one input of a push run, tagged with where they come from.
+
+    Each record carries the :class:`~aimss_dask.core.specs.Origin` ``(input_id,
+    attempt)``, ``attempt`` being Dask's execution id of the task
+    (:func:`aimss_dask._compat.task_attempt`): when Dask runs the input's
+    push twice, the owners keep the first copy of each partition's record
+    and drop the other (plan §2.8). Outside a Dask task there is no attempt,
+    and records go without an origin (kept, at-least-once).
+
+    Dedup rests on one record per (input, partition) (plan risk 9): a second
+    write to a partition raises here, in the task, before anything is sent,
+    so that no future change to an operator can have a re-run drop data.
+
+    Examples
+    --------
+    >>> w = RunWriter("aimss-shuffle-abc-0", input_id=3)  # doctest: +SKIP
+    >>> for p, shard in shards:                          # doctest: +SKIP
+    ...     w.write(shard, p)
+    """
+
+    __slots__ = ("spec", "origin", "_producer", "_written")
+
+    def __init__(self, name: str, input_id: int | None) -> None:
+        self.spec = api.operator_stream(name).spec
+        self._producer = current("write_to").producer
+        attempt = task_attempt() if input_id is not None else None
+        self.origin = None if attempt is None else Origin(input_id, attempt)
+        self._written: set[int] = set()
+
+    def write(self, record: Any, partition: int) -> None:
+        """Write ``record`` (this input's only one) to ``partition``."""
+        if partition in self._written:
+            raise DuplicateOriginError(
+                f"input {self.origin.input if self.origin else '?'} of stream "
+                f"{self.spec.name!r} wrote partition {partition} twice; a push run writes one "
+                "record per input and partition, or the owners would drop the second as a copy"
+            )
+        self._written.add(partition)
+        try:
+            self._producer.write(self.spec, partition, record, origin=self.origin)
+        except StreamNotFoundError:
+            # A stale cached spec (the run restarted): ask again next time.
+            speccache.forget(self.spec.name)
+            raise
+
+
 @restartable
-def push_pieces(block: np.ndarray, names: list[str], pieces: Pieces) -> int:
+def push_pieces(
+    block: np.ndarray, names: list[str], pieces: Pieces, input_id: int | None = None
+) -> int:
     """Push each piece of one input block to its output chunk's partition.
 
     ``pieces``: ``(partition, (start, stop) per axis in the block, (start,
     stop) per axis in the chunk)``, cut on the client
-    (:func:`aimss_dask.ops.pieces.partition_pieces`).
+    (:func:`aimss_dask.ops.pieces.partition_pieces`). ``input_id``: the block's
+    flat index in its array, the pieces' origin (see :class:`RunWriter`);
+    ``None``: no origin.
     """
-    stream = api.operator_stream(names[0])
+    writer = RunWriter(names[0], input_id)
     here = local.here()[0]
-    owners = stream.spec.owners
+    owners = writer.spec.owners
     # A piece for this worker's own partition stays in the log until its
     # chunk is assembled. As a view of the block it needs no copy and no
     # fresh pages; the view keeps the whole block alive, which costs nothing
@@ -106,5 +161,5 @@ def push_pieces(block: np.ndarray, names: list[str], pieces: Pieces) -> int:
             np.copyto(piece, view)
             pos += view.size
             view = piece
-        stream.write((dst, view), partition=p)
+        writer.write((dst, view), p)
     return int(block.size)

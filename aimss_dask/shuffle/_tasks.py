@@ -18,7 +18,7 @@ import pandas as pd
 
 from aimss_dask.core.names import PARTITION_READ
 from aimss_dask.ops import local
-from aimss_dask.ops.pushrun import restartable
+from aimss_dask.ops.pushrun import RunWriter, restartable
 from aimss_dask.shuffle import partitioning
 from aimss_dask.stream import api
 
@@ -31,9 +31,15 @@ def push(
     on: list[str],
     npartitions: int,
     cast: dict[str, str] | None,
+    input_id: int | None = None,
 ) -> int:
-    """Split one input partition by key hash and push every shard; rows pushed."""
-    stream = api.operator_stream(names[side])
+    """Split one input partition by key hash and push every shard; rows pushed.
+
+    ``input_id``: the input partition's index within its side, the shards'
+    origin: a second execution of this push is dropped by the owners
+    (:class:`~aimss_dask.ops.pushrun.RunWriter`). ``None``: no origin.
+    """
+    writer = RunWriter(names[side], input_id)
     here, alloc = local.scratch()
     index = partitioning.partition_index(df, on, npartitions, cast, alloc)
     if partitioning.packable(df):
@@ -44,17 +50,17 @@ def push(
         rows_bytes = len(df) * partitioning.packed_row_bytes(df)
         lean = local.memory_tight(2 * rows_bytes)
         shards = partitioning.split_packed(df, index, npartitions, alloc, lean=lean)
-        owners = stream.spec.owners
+        owners = writer.spec.owners
         for j, shard in shards:
             # A local shard would keep the whole scratch buffer busy from the
             # log: give it its own memory. Remote ones are sent from the view,
             # which pins the buffer (the whole sorted input) until the last of
             # them is sent; once memory is tight, they get their own too, so
             # the buffer is free when this task ends.
-            stream.write(shard.copy() if tight or owners[j] == here else shard, partition=j)
+            writer.write(shard.copy() if tight or owners[j] == here else shard, j)
     else:
         for j, shard in partitioning.split(df, index, npartitions):
-            stream.write(shard, partition=j)
+            writer.write(shard, j)
     # No flush: the seal pushes every worker's buffers and fails the run if
     # any push failed, and the next map task gets the CPU meanwhile.
     return len(df)

@@ -65,11 +65,12 @@ def push_run(
     grid = tuple(len(c) for c in new)
     token = uuid.uuid4().hex[:16]
     name = f"aimss-rechunk-{token}-0"
-    spec = push_spec(RechunkSpec, token, [name], grid)
+    blocks = x.to_delayed()
+    # Each push tags its pieces with its block's flat index: the run's inputs.
+    spec = push_spec(RechunkSpec, token, [name], grid, inputs=int(blocks.size))
     barrier = spec.barrier
     out_name = spec.output_key()[0]
     create_key = spec.create
-    blocks = x.to_delayed()
     pieces = {idx: partition_pieces(idx, x.chunks, new, grid) for idx in np.ndindex(*blocks.shape)}
     graph: dict[Any, Any] = {
         create_key: Task(
@@ -77,9 +78,11 @@ def push_run(
         )
     }
     push_keys = []
-    for idx in np.ndindex(*blocks.shape):
+    for flat, idx in enumerate(np.ndindex(*blocks.shape)):
         key = (f"aimss-push-{token}", *idx)
-        graph[key] = Task(key, pushrun.push_pieces, TaskRef(blocks[idx].key), TaskRef(create_key), pieces[idx])
+        graph[key] = Task(
+            key, pushrun.push_pieces, TaskRef(blocks[idx].key), TaskRef(create_key), pieces[idx], flat
+        )
         push_keys.append(key)
     graph[barrier] = Task(barrier, pushrun.seal, [name], *(TaskRef(k) for k in push_keys))
     # The output tasks are keyed (PARTITION_TASK_PREFIX + token, *chunk

@@ -66,18 +66,27 @@ def _run(
     npartitions: int,
     casts: Sequence[dict[str, str] | None],
 ) -> tuple[list[str], str, Any, list[Any]]:
-    """Delayed create / push / seal of one shuffle run over ``frames``."""
+    """Delayed create / push / seal of one shuffle run over ``frames``.
+
+    Each push tags its shards with its input partition's index within its
+    side (each side pushes into its own stream), so the run declares the
+    larger side's partition count as its ``inputs``.
+    """
     token = uuid.uuid4().hex[:16]
     names = [f"aimss-shuffle-{token}-{i}" for i in range(len(frames))]
-    spec = push_spec(MergeSpec if len(frames) > 1 else ShuffleSpec, token, names)
+    parts = [_partitions(frame) for frame in frames]
+    spec = push_spec(
+        MergeSpec if len(frames) > 1 else ShuffleSpec, token, names,
+        inputs=max((len(p) for p in parts), default=0),
+    )
     barrier = spec.barrier
     created = dask.delayed(pushrun.create, pure=False)(spec, npartitions, dask_key_name=spec.create)
     pushed = []
-    for side, (frame, on, cast) in enumerate(zip(frames, ons, casts)):
-        for i, part in enumerate(_partitions(frame)):
+    for side, (sides, on, cast) in enumerate(zip(parts, ons, casts)):
+        for i, part in enumerate(sides):
             pushed.append(
                 dask.delayed(_tasks.push, pure=False)(
-                    part, created, side, on, npartitions, cast,
+                    part, created, side, on, npartitions, cast, i,
                     dask_key_name=(f"aimss-push-{token}", side, i),
                 )
             )

@@ -35,9 +35,20 @@ class RechunkSpec(RunSpec, kind="rechunk"):
 
 
 def push_spec(
-    cls: type[RunSpec], token: str, names: list[str], grid: tuple[int, ...] | None = None
+    cls: type[RunSpec],
+    token: str,
+    names: list[str],
+    grid: tuple[int, ...] | None = None,
+    inputs: int = 0,
 ) -> RunSpec:
-    """The spec of a push run ``token`` over streams ``names`` (the first is read by its outputs)."""
+    """The spec of a push run ``token`` over streams ``names`` (the first is read by its outputs).
+
+    ``inputs``: how many inputs push into each stream (input partitions of a
+    shuffle; of the larger side of a merge, whose sides number their
+    partitions each from 0 into their own stream; input blocks of a
+    rechunk). Their records then carry their origin, and the owners drop a
+    second copy of an input (plan §2.8). 0: no origins.
+    """
     return cls(
         run_id=token,
         streams=tuple(names),
@@ -47,4 +58,5 @@ def push_spec(
         on_seal=OnSeal.REBALANCE,
         free_unread=True,
         on_loss=OnLoss.RESTART,
+        inputs=inputs,
     )

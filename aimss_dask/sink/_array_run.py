@@ -417,7 +417,9 @@ def _push_graph(
     for idx, key in keys.items():
         blocks[idx] = _Keyed(key)
     pieces = {idx: partition_pieces(idx, x.chunks, new, grid) for idx in keys}
-    spec = push_write_spec(token, name, target.describe())
+    # Each block's pieces carry its flat index as their origin (a task
+    # pushes several blocks, so not the task's index): the run's inputs.
+    spec = push_write_spec(token, name, target.describe(), inputs=math.prod(x.numblocks))
     graph: dict[Any, Any] = {
         create_key: Task(
             create_key, _create, spec, int(np.prod(grid)),
@@ -431,6 +433,7 @@ def _push_graph(
         graph[key] = Task(
             key, _push_blocks, TaskRef(create_key), [pieces[idx] for idx in group],
             List(*(ref(idx) for idx in group)),
+            [int(np.ravel_multi_index(idx, x.numblocks)) for idx in group],
         )
         push_keys.append(key)
     graph[barrier] = Task(barrier, pushrun.seal, [name], *(TaskRef(k) for k in push_keys))
@@ -591,9 +594,15 @@ def _in_place_writer(target: ZarrTarget, kind: str) -> Any:
 
 
 @pushrun.restartable
-def _push_blocks(names: list[str], pieces: list[Any], blocks: list[np.ndarray]) -> int:
-    """Push the pieces of these blocks to their units' owners."""
-    return sum(pushrun.push_pieces(b, names, ps) for b, ps in zip(blocks, pieces))
+def _push_blocks(
+    names: list[str], pieces: list[Any], blocks: list[np.ndarray], inputs: list[int] | None = None
+) -> int:
+    """Push the pieces of these blocks to their units' owners.
+
+    ``inputs[i]``: block ``i``'s flat index in the array, its pieces' origin.
+    """
+    ids = inputs if inputs is not None else [None] * len(blocks)
+    return sum(pushrun.push_pieces(b, names, ps, i) for b, ps, i in zip(blocks, pieces, ids))
 
 
 def _create(

@@ -28,9 +28,13 @@ class StreamSinkSpec(RunSpec, kind="zarr-sink"):
     target: str = ""
 
 
-def push_write_spec(token: str, name: str, target: str = "") -> ZarrWriteSpec:
+def push_write_spec(token: str, name: str, target: str = "", inputs: int = 0) -> ZarrWriteSpec:
     """A ``to_zarr`` push run over stream ``name``: its owners write each unit where it
-    completes, so partitions never move at seal nor are freed for want of read tasks."""
+    completes, so partitions never move at seal nor are freed for want of read tasks.
+
+    ``inputs``: the number of input blocks, whose flat indices are the
+    pieces' origins (the owners drop a second copy of a block's pieces,
+    plan §2.8); 0: no origins."""
     return ZarrWriteSpec(
         run_id=name,  # the stream bears the run's id (ZarrTarget.run), as its writes on workers do
         streams=(name,),
@@ -40,4 +44,5 @@ def push_write_spec(token: str, name: str, target: str = "") -> ZarrWriteSpec:
         free_unread=False,
         on_loss=OnLoss.RESTART,
         target=target,
+        inputs=inputs,
     )
