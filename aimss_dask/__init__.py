@@ -10,8 +10,20 @@ Register the plugin once and the workers become in-memory stream stores::
     s = aimss_dask.create_stream("events", partitions=4)
 """
 
-from aimss_dask.config import AIMSSConfig
-from aimss_dask.errors import (
+from aimss_dask.api.streams import (
+    ClusterStatus,
+    Stream,
+    create_stream,
+    destroy_stream,
+    get_stream,
+    read_from,
+    shuffle_streams,
+    status,
+    write_to,
+)
+from aimss_dask.coordinator.plugin import AIMSS
+from aimss_dask.core.config import AIMSSConfig
+from aimss_dask.core.errors import (
     AIMSSError,
     DuplicateOriginError,
     InvalidArgumentError,
@@ -32,22 +44,10 @@ from aimss_dask.errors import (
     StreamNotFoundError,
     StreamSealedError,
 )
-from aimss_dask.plugin.scheduler import AIMSS
 from aimss_dask.shuffle import merge, rechunk, shuffle
 from aimss_dask.sink.array import to_zarr
 from aimss_dask.sink.stream_sink import Sink
 from aimss_dask.source import from_zarr
-from aimss_dask.stream.api import (
-    ClusterStatus,
-    Stream,
-    create_stream,
-    destroy_stream,
-    get_stream,
-    read_from,
-    shuffle_streams,
-    status,
-    write_to,
-)
 
 __version__ = "0.1.0"
 

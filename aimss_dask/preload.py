@@ -16,8 +16,8 @@ from typing import Any
 from distributed import Scheduler, Worker
 from distributed.protocol.pickle import dumps
 
+from aimss_dask.coordinator.plugin import AIMSS
 from aimss_dask.core.names import PLUGIN_NAME
-from aimss_dask.plugin.scheduler import AIMSS
 
 logger = logging.getLogger("aimss_dask")
 

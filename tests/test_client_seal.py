@@ -19,8 +19,8 @@ from conftest import assert_workers_clean, unique_name, wait_until
 from distributed import Client
 
 import aimss_dask
-from aimss_dask.plugin import sealing as sealing
-from aimss_dask.stream import context
+from aimss_dask.api import context
+from aimss_dask.coordinator import sealing
 
 N = 200
 #: A linger far longer than the test: records stay buffered in the client's

@@ -11,9 +11,9 @@ import psutil
 import pytest
 import yaml
 
-from aimss_dask import config as config_module
-from aimss_dask.config import AIMSSConfig
-from aimss_dask.errors import InvalidArgumentError
+from aimss_dask.core import config as config_module
+from aimss_dask.core.config import AIMSSConfig
+from aimss_dask.core.errors import InvalidArgumentError
 
 GiB = 2**30
 MiB = 2**20
@@ -34,7 +34,7 @@ def _no_aimss_env(monkeypatch):
 
 
 def _shipped() -> dict:
-    with open(pathlib.Path(config_module.__file__).with_name("aimss.yaml")) as f:
+    with open(pathlib.Path(config_module.__file__).parent.parent / "aimss.yaml") as f:
         return yaml.safe_load(f)["aimss"]
 
 

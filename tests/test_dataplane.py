@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from aimss_dask.log.records import encode
-from aimss_dask.stream import dataplane
-from aimss_dask.stream.dataplane import BufferPool, DataServer
+from aimss_dask.transport import dataplane
+from aimss_dask.transport.dataplane import BufferPool, DataServer
 
 
 def test_pool_reuses_a_buffer_only_when_nothing_refers_to_it():
@@ -212,7 +212,7 @@ def test_records_with_an_origin_never_share_a_group():
     """Plain records of one partition are grouped; one with an origin is a group of its own,
     so that a second write under the same origin reaches the owner's filter as a group."""
     from aimss_dask.core.specs import Origin
-    from aimss_dask.stream.producer import _group, _Item
+    from aimss_dask.transport.producer import _group, _Item
 
     o = Origin(4, attempt=9)
 

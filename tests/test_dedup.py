@@ -30,10 +30,10 @@ from hypothesis.stateful import (
 
 import aimss_dask
 import aimss_dask.core.specs
-import aimss_dask.plugin.dedup
+import aimss_dask.node.dedup
+from aimss_dask.core.errors import DuplicateOriginError, error_from_wire, error_to_wire
 from aimss_dask.core.specs import MAX_ATTEMPT, Origin
-from aimss_dask.errors import DuplicateOriginError, error_from_wire, error_to_wire
-from aimss_dask.plugin.dedup import OriginFilter
+from aimss_dask.node.dedup import OriginFilter
 
 
 def tracked(inputs: int = 0, stream: str = "s", epoch: int = 1) -> OriginFilter:
@@ -90,7 +90,7 @@ def test_duplicate_origin_error_is_public_and_crosses_the_wire():
     assert type(back) is DuplicateOriginError and str(back) == "input 1 twice"
 
 
-@pytest.mark.parametrize("module", [aimss_dask.core.specs, aimss_dask.plugin.dedup])
+@pytest.mark.parametrize("module", [aimss_dask.core.specs, aimss_dask.node.dedup])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

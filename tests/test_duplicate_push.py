@@ -28,9 +28,9 @@ from dask.task_spec import Task, TaskRef
 from distributed import Client, wait
 
 import aimss_dask
+from aimss_dask.core.errors import DuplicateOriginError
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.core.specs import Origin
-from aimss_dask.errors import DuplicateOriginError
 from aimss_dask.ops.pushrun import RunWriter
 from aimss_dask.shuffle import _tasks, partitioning
 from aimss_dask.shuffle.dataframe import _run
@@ -276,7 +276,7 @@ def test_a_zarr_push_run_twice_writes_the_array_once(client, tmp_path, persist):
 
 
 def _write_with_origins(name: str) -> None:
-    from aimss_dask.stream.context import current
+    from aimss_dask.api.context import current
 
     spec = aimss_dask.get_stream(name).spec
     producer = current().producer

@@ -14,7 +14,7 @@ from conftest import make_cluster, unique_name, wait_until
 from distributed import Client
 
 import aimss_dask
-from aimss_dask.stream.context import current
+from aimss_dask.api.context import current
 
 PARTS = 2
 PER_PARTITION = 5
@@ -281,10 +281,10 @@ def test_offsets_timeouts_and_names_of_the_wrong_type(client):
 def test_invalid_type_error_crosses_the_wire():
     """A coordinator or owner that raises it must re-raise it as itself on the caller's side."""
     exc = aimss_dask.InvalidTypeError("partitions='4' is a str, not an int")
-    wire = aimss_dask.errors.error_to_wire(exc)
+    wire = aimss_dask.core.errors.error_to_wire(exc)
     assert wire["type"] == "InvalidTypeError"
     with pytest.raises(aimss_dask.InvalidTypeError, match=re.escape(exc.args[0])) as ei:
-        aimss_dask.errors.raise_from_wire(wire, "create")
+        aimss_dask.core.errors.raise_from_wire(wire, "create")
     assert isinstance(ei.value, TypeError)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import aimss_dask
+from aimss_dask.api.extensions import Extension, register_extension
 from aimss_dask.sink.stream_sink import stream_to_zarr
 from aimss_dask.source.loader import batches
-from aimss_dask.stream.extensions import Extension, register_extension
 
 
 def test_stream_methods_are_the_operators_functions():
@@ -37,8 +37,8 @@ def test_any_import_of_the_package_fills_both():
     import sys
 
     code = (
-        "import aimss_dask.stream.api\n"
-        "from aimss_dask.stream import extensions\n"
+        "import aimss_dask.api.streams\n"
+        "from aimss_dask.api import extensions\n"
         "assert {'to_zarr', 'batches'} <= set(extensions._registry), extensions._registry\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

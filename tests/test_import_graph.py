@@ -27,8 +27,15 @@ PACKAGE = "aimss_dask"
 #: Modules that are in an import cycle today: none, and it stays so.
 CYCLE_BASELINE: set[str] = set()
 
-#: The core: the plugins and the stream API every operator builds on.
-CORE = ("aimss_dask.plugin", "aimss_dask.stream")
+#: The core: the layers every operator builds on.
+CORE = (
+    "aimss_dask.core",
+    "aimss_dask.log",
+    "aimss_dask.transport",
+    "aimss_dask.coordinator",
+    "aimss_dask.node",
+    "aimss_dask.api",
+)
 OPERATORS = ("aimss_dask.shuffle", "aimss_dask.sink", "aimss_dask.source")
 
 #: Core-to-operator edges: none, and it stays so.
@@ -168,12 +175,12 @@ def test_the_graph_sees_lazy_imports_and_packages():
     # A top-level import.
     assert "aimss_dask.log.records" in g["aimss_dask.log.store"]
     # An import inside a function.
-    assert "aimss_dask.plugin.worker" in g["aimss_dask.plugin.scheduler"]
+    assert "aimss_dask.node.plugin" in g["aimss_dask.coordinator.plugin"]
     # The leaf imports nothing of ours but errors.
     for m in ("aimss_dask.core", "aimss_dask.core.names", "aimss_dask.core.specs"):
-        assert g[m] <= {"aimss_dask.errors"}, (m, g[m])
+        assert g[m] <= {"aimss_dask.core.errors"}, (m, g[m])
     # Package semantics: importing aimss_dask.log.records runs aimss_dask.log first.
-    assert "aimss_dask.log" in g["aimss_dask.plugin.worker"]
+    assert "aimss_dask.log" in g["aimss_dask.node.plugin"]
     # TYPE_CHECKING imports are no edges (log.segment only types with spillfile).
     assert "aimss_dask.log.spillfile" not in g["aimss_dask.log.segment"]
 
@@ -204,3 +211,40 @@ def test_the_core_imports_no_new_operator():
     assert not new, f"the plugins or the stream API import an operator: {new}"
     gone = sorted(CORE_TO_OPERATOR_BASELINE - edges)
     assert not gone, f"gone, remove from CORE_TO_OPERATOR_BASELINE: {gone}"
+
+
+#: What each layer may import besides itself (edges to a package's own
+#: modules are free). Operators build on everything below them, never on
+#: each other; nothing below the operators imports one.
+LAYERS: dict[str, set[str]] = {
+    "core": set(),
+    "log": {"core"},
+    "transport": {"core", "log"},
+    "node": {"core", "log", "transport"},
+    # The coordinator installs the worker plugin on every worker.
+    "coordinator": {"core", "transport", "node"},
+    "api": {"core", "transport"},
+    "ops": {"core", "transport", "api", "_compat"},
+    "shuffle": {"core", "api", "ops", "node", "_compat"},
+    "sink": {"core", "api", "ops", "node", "_compat"},
+    "source": {"core", "api", "ops", "node", "_compat"},
+}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    g = graph()
+    wrong = sorted(
+        (a, b)
+        for a, targets in g.items()
+        for b in targets
+        if _layer(a) in LAYERS and _layer(b) != _layer(a) and _layer(b) not in LAYERS[_layer(a)]
+    )
+    assert not wrong, f"imports across layers that the architecture forbids: {wrong}"
+    # The rule is checked: every layer named exists, and a forbidden edge is caught.
+    assert {_layer(m) for m in g} >= set(LAYERS)
+    assert "aimss_dask.shuffle" not in {b for a, ts in g.items() if _layer(a) == "sink" for b in ts}

@@ -71,7 +71,7 @@ def test_a_broadcast_to_a_worker_that_is_leaving_too_is_not_a_warning(caplog, re
     import asyncio
     import logging
 
-    from aimss_dask.plugin.cluster import ClusterOps
+    from aimss_dask.coordinator.cluster import ClusterOps
 
     class _Scheduler:
         workers = {"tcp://a:1": None}

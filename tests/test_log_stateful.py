@@ -28,7 +28,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from aimss_dask.errors import (
+from aimss_dask.core.errors import (
     InvalidOffsetError,
     PartitionOutOfRangeError,
     StreamNotFoundError,

@@ -8,15 +8,15 @@ import threading
 import numpy as np
 import pytest
 
-from aimss_dask.errors import (
+from aimss_dask.core.errors import (
     InvalidOffsetError,
     PartitionOutOfRangeError,
-    StreamNotFoundError,
     SpillCorruptionError,
+    StreamNotFoundError,
     StreamSealedError,
 )
-from aimss_dask.log.budget import BudgetExhausted, BudgetStatistics, ByteBudget
 from aimss_dask.log import spillfile
+from aimss_dask.log.budget import BudgetExhausted, BudgetStatistics, ByteBudget
 from aimss_dask.log.store import LogStore
 
 

@@ -86,7 +86,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "pandas BlockManager fast path, a measured win (a tenth of a shuffle's map "
         "CPU); the plan keeps it, isolated in a _compat module with a fallback"
     ),
-    ("stream/producer.py", "self.p", "_loop"): "our own Producer's loop; the name is also Client's",
+    ("transport/producer.py", "self.p", "_loop"): "our own Producer's loop; the name is also Client's",
 }
 
 

@@ -61,7 +61,7 @@ def test_split_takes_its_temporaries_from_the_allocator_it_is_given(lean):
     from there (touched pages), and the result is the same as with NumPy's.
     ``lean`` (tight memory) gathers through one column instead of a packed
     copy of the input: one partition's rows of scratch, not two."""
-    from aimss_dask.stream.dataplane import BufferPool
+    from aimss_dask.transport.dataplane import BufferPool
 
     df = _frame(5000, seed=3)
     pool = BufferPool(lambda: 1 << 30)

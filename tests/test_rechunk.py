@@ -5,14 +5,13 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 import pytest
+from conftest import assert_workers_clean as _clean
+from conftest import chunking
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aimss_dask
 from aimss_dask.ops.pieces import block_pieces
-
-from conftest import assert_workers_clean as _clean
-from conftest import chunking
 
 
 def assert_workers_clean() -> None:
@@ -87,7 +86,7 @@ def _inspect_pieces(name: str, partition: int, shape, rows: int, sealed: int) ->
     the input block it came from and whether it shares that block's memory."""
     from distributed import get_worker
 
-    from aimss_dask.stream import api
+    from aimss_dask.api import streams as api
 
     worker = get_worker()
     store = worker.plugins["aimss"].store

@@ -1,4 +1,4 @@
-"""The run spec (``core/runs.py``) and the coordinator's run registry (``plugin/registry.py``).
+"""The run spec (``core/runs.py``) and the coordinator's run registry (``coordinator/registry.py``).
 
 Unit tests of every hook, policy and method; a hypothesis state machine of the
 registry's invariants; one real multi-process cluster answering ``aimss_runs``.
@@ -17,6 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from aimss_dask.coordinator.registry import RunRecord, RunRegistry
+from aimss_dask.core.errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    RunNotFoundError,
+    error_from_wire,
+)
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.core.runs import (
     FINISHED,
@@ -27,13 +34,6 @@ from aimss_dask.core.runs import (
     RunSpec,
     RunState,
 )
-from aimss_dask.errors import (
-    InvalidArgumentError,
-    InvalidTypeError,
-    RunNotFoundError,
-    error_from_wire,
-)
-from aimss_dask.plugin.registry import RunRecord, RunRegistry
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -586,10 +586,10 @@ test_registry_invariants = RegistryMachine.TestCase
 
 
 def test_the_docstring_examples_hold():
+    import aimss_dask.coordinator.registry
     import aimss_dask.core.runs
-    import aimss_dask.plugin.registry
 
-    for module in (aimss_dask.core.runs, aimss_dask.plugin.registry):
+    for module in (aimss_dask.core.runs, aimss_dask.coordinator.registry):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 

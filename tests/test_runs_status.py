@@ -8,24 +8,20 @@ query to the workers for it); each ends in a final state.
 
 from __future__ import annotations
 
-import os
-import threading
 
-import dask
 import dask.array as da
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from conftest import unique_name, wait_until
 from distributed import Client, Event, LocalCluster
 
 import aimss_dask
+from aimss_dask.api.runs import register_run
+from aimss_dask.core.errors import StreamExistsError
 from aimss_dask.core.runs import RunSpec
-from aimss_dask.errors import StreamExistsError
-from aimss_dask.stream.runs import register_run
-
-from conftest import unique_name, wait_until
 
 
 @pytest.fixture(scope="module")

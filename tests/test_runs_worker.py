@@ -12,8 +12,12 @@ from distributed import Client, LocalCluster
 from distributed.protocol.pickle import dumps
 
 import aimss_dask
-from aimss_dask.errors import InvalidArgumentError, StreamNotFoundError, raise_from_wire
-from aimss_dask.plugin.runs import Run, RunManager
+from aimss_dask.core.errors import (
+    InvalidArgumentError,
+    StreamNotFoundError,
+    raise_from_wire,
+)
+from aimss_dask.node.runs import Run, RunManager
 
 
 class Counting(Run):

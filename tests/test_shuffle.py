@@ -17,10 +17,10 @@ from conftest import assert_workers_clean, unique_name
 from distributed import get_task_stream
 
 import aimss_dask
-from aimss_dask.plugin.placement import place_partitions
+from aimss_dask.api.runs import register_run
+from aimss_dask.coordinator.placement import place_partitions
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.core.runs import RunSpec
-from aimss_dask.stream.runs import register_run
 
 NA = "<NA>"  # what a missing key value becomes in key sets (NaN != NaN in a set)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import dask.dataframe as dd
 from distributed import get_task_stream
 
 import aimss_dask
-from aimss_dask.plugin.placement import place_partitions, rebalance
+from aimss_dask.coordinator.placement import place_partitions, rebalance
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 
 

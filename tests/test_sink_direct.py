@@ -14,7 +14,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aimss_dask.errors import SinkError
+from aimss_dask.core.errors import SinkError
 from aimss_dask.sink import direct
 from aimss_dask.sink.assembler import RowSlabs, row_slabs
 from aimss_dask.sink.direct import direct_writer

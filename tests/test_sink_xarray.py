@@ -19,15 +19,14 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
-
-import aimss_dask
-from aimss_dask.errors import InvalidArgumentError
-from aimss_dask.sink import _xarray as xr_sink
-from aimss_dask.sink.stream_sink import stream_to_zarr
-from aimss_dask.stream.api import create_stream, destroy_stream
-
 from conftest import assert_workers_clean as _clean
 from conftest import unique_name
+
+import aimss_dask
+from aimss_dask.api.streams import create_stream, destroy_stream
+from aimss_dask.core.errors import InvalidArgumentError
+from aimss_dask.sink import _xarray as xr_sink
+from aimss_dask.sink.stream_sink import stream_to_zarr
 
 xr = pytest.importorskip("xarray")
 

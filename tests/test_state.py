@@ -13,7 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aimss_dask.errors import (
+from aimss_dask.coordinator.placement import (
+    owners_load,
+    partition_for_key,
+    place_partitions,
+    rebalance,
+)
+from aimss_dask.coordinator.state import CoordinatorState, StreamSpec
+from aimss_dask.core.errors import (
     InvalidArgumentError,
     InvalidOffsetError,
     NotRegisteredError,
@@ -21,8 +28,6 @@ from aimss_dask.errors import (
     StreamExistsError,
     StreamNotFoundError,
 )
-from aimss_dask.plugin.placement import owners_load, partition_for_key, place_partitions, rebalance
-from aimss_dask.plugin.state import CoordinatorState, StreamSpec
 
 W = ["tcp://w1", "tcp://w2", "tcp://w3"]
 
@@ -356,7 +361,7 @@ def test_partition_for_key_is_stable_across_processes():
     here = [partition_for_key(k, parts) for k in FIXED_KEYS]
     code = (
         "import json, sys\n"
-        "from aimss_dask.plugin.placement import partition_for_key\n"
+        "from aimss_dask.coordinator.placement import partition_for_key\n"
         f"keys = {FIXED_KEYS!r}\n"
         f"print(json.dumps([partition_for_key(k, {parts}) for k in keys]))\n"
     )

@@ -9,11 +9,17 @@ from collections import defaultdict
 import dask
 import numpy as np
 import pytest
-from conftest import assert_workers_clean, destroy_all_streams, make_cluster, unique_name, wait_until
+from conftest import (
+    assert_workers_clean,
+    destroy_all_streams,
+    make_cluster,
+    unique_name,
+    wait_until,
+)
 from distributed import Client, get_worker
 
 import aimss_dask
-from aimss_dask.plugin.placement import partition_for_key
+from aimss_dask.coordinator.placement import partition_for_key
 
 N_PARTITIONS = 4
 

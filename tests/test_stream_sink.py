@@ -22,16 +22,20 @@ import threading
 import numpy as np
 import pytest
 import zarr
+from conftest import make_cluster, unique_name, wait_until
 from distributed import Client
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aimss_dask
-from aimss_dask.errors import InvalidArgumentError, PartitionLostError, SinkError, StoreReadOnlyError
+from aimss_dask.api.streams import create_stream, destroy_stream
+from aimss_dask.core.errors import (
+    InvalidArgumentError,
+    PartitionLostError,
+    SinkError,
+    StoreReadOnlyError,
+)
 from aimss_dask.sink import _stream_plan as plan
-from aimss_dask.stream.api import create_stream, destroy_stream
-
-from conftest import make_cluster, unique_name, wait_until
 
 C = 8  # rows per chunk in the cluster tests: records of 1-5 rows straddle chunks
 

@@ -20,5 +20,9 @@ SEAL_PRODUCERS_TOPIC = "aimss-seal-producers"
 #: its first two arguments are the stream name and the partition, and it must
 #: run on that partition's owner. The coordinator finds such calls inside the
 #: tasks that depend on a run's barrier (Dask may fuse a read into them) and
-#: pins those tasks; see ``plugin/pinning.py``.
+#: pins those tasks; see ``coordinator/pinning.py``.
 PARTITION_READ = "__aimss_partition_read__"
+
+#: The key of AIMSS's heartbeat payload under ``worker.metrics`` (and so
+#: ``WorkerState.metrics`` on the scheduler).
+HEARTBEAT_METRIC = "aimss"

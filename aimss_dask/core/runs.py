@@ -31,9 +31,9 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, ClassVar, TypedDict, final
 
+from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.core.specs import check_name
-from aimss_dask.errors import InvalidArgumentError
 
 #: A Dask task key: a str, or a tuple of a str and ints/strs.
 Key = Hashable
@@ -51,7 +51,7 @@ class OnLoss(str, Enum):
     """When a worker holding a run's partitions leaves: ``RESTART`` (forget its
     streams, release create..barrier..outputs, Dask runs it again under a new
     epoch), ``RERUN`` (nothing to undo: Dask recomputes the lost tasks), or
-    ``FAIL`` (:class:`~aimss_dask.errors.PartitionLostError`)."""
+    ``FAIL`` (:class:`~aimss_dask.core.errors.PartitionLostError`)."""
 
     RESTART = "restart"
     RERUN = "rerun"
@@ -276,7 +276,7 @@ class RunSpec:
 
         None when none of those partitions is in a stream the run owns or
         reads; else ``(on_loss, message)``, the message (for
-        :class:`~aimss_dask.errors.PartitionLostError`) only with ``FAIL``.
+        :class:`~aimss_dask.core.errors.PartitionLostError`) only with ``FAIL``.
         """
         hit = {name: sorted(lost[name]) for name in (*self.streams, *self.reads) if lost.get(name)}
         if not hit:

@@ -10,8 +10,11 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from aimss_dask.errors import InvalidArgumentError, PartitionOutOfRangeError
-from aimss_dask.errors import InvalidTypeError
+from aimss_dask.core.errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    PartitionOutOfRangeError,
+)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ class Origin:
     A run's producer tasks tag what they write with an origin so that the
     owner can drop a second copy of the same input (issue 18, item 2). The
     rule, applied per stream, epoch and partition by
-    :class:`aimss_dask.plugin.dedup.OriginFilter`:
+    :class:`aimss_dask.node.dedup.OriginFilter`:
 
         **a second copy of the same input is dropped; first commit wins.**
 
@@ -119,7 +122,7 @@ class Origin:
     every operator guarantees: an input writes the same records to a
     partition whichever attempt runs it. A second group with the same origin
     from the *same* attempt is not a copy but a second write: the filter
-    raises :class:`~aimss_dask.errors.DuplicateOriginError` rather than
+    raises :class:`~aimss_dask.core.errors.DuplicateOriginError` rather than
     guess (plan risk 9).
 
     Parameters
@@ -145,7 +148,7 @@ class Origin:
     >>> Origin(input=-1, attempt=0)
     Traceback (most recent call last):
     ...
-    aimss_dask.errors.InvalidArgumentError: origin input -1 must be >= 0 (the input's index in its run)
+    aimss_dask.core.errors.InvalidArgumentError: origin input -1 must be >= 0 (the input's index in its run)
     """
 
     input: int

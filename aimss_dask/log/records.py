@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from distributed.protocol import Serialized, serialize
 
-from aimss_dask.errors import RecordNotSerializableError
+from aimss_dask.core.errors import RecordNotSerializableError
 
 #: Dask serialiser families every record goes through (arrays without pickling).
 SERIALIZERS = ("dask", "pickle")

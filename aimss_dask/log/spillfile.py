@@ -25,7 +25,7 @@ import numpy as np
 from distributed.protocol import deserialize_bytes
 from distributed.protocol.serialize import serialize_bytelist
 
-from aimss_dask.errors import SpillCorruptionError
+from aimss_dask.core.errors import SpillCorruptionError
 from aimss_dask.log.records import SERIALIZERS, freeze
 
 MAGIC = b"AIMSSEG1"

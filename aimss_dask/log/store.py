@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aimss_dask.errors import (
+from aimss_dask.core.errors import (
     InvalidOffsetError,
     PartitionOutOfRangeError,
     StreamNotFoundError,

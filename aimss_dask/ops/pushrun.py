@@ -17,21 +17,22 @@ from typing import Any
 import numpy as np
 
 from aimss_dask._compat import task_attempt
+from aimss_dask.api import streams as api
+from aimss_dask.api.context import current
+from aimss_dask.api.runs import register_run
+from aimss_dask.core.errors import DuplicateOriginError, StreamNotFoundError
 from aimss_dask.core.runs import RunSpec
 from aimss_dask.core.specs import Origin
-from aimss_dask.errors import DuplicateOriginError, StreamNotFoundError
 from aimss_dask.ops import local
 from aimss_dask.ops.pieces import Pieces
-from aimss_dask.stream import api, speccache
-from aimss_dask.stream.context import current
-from aimss_dask.stream.runs import register_run
+from aimss_dask.transport import speccache
 
 
 def create(spec: RunSpec, npartitions: int, prefer: list[Any] | None = None) -> list[str]:
     """The create task: register the run, which creates its streams; their names.
 
     ``prefer[p]``: the key of the task whose result is most of partition
-    ``p``'s input (see :func:`aimss_dask.stream.runs.register_run`).
+    ``p``'s input (see :func:`aimss_dask.api.runs.register_run`).
     """
     return [s.name for s in register_run(spec, npartitions, prefer).streams]
 
@@ -53,7 +54,7 @@ def restartable(func: Any) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from distributed import Reschedule
 
-        from aimss_dask.errors import PartitionLostError
+        from aimss_dask.core.errors import PartitionLostError
 
         try:
             return func(*args, **kwargs)

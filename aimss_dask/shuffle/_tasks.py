@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from aimss_dask.api import streams as api
 from aimss_dask.core.names import PARTITION_READ
 from aimss_dask.ops import local
 from aimss_dask.ops.pushrun import RunWriter, restartable
 from aimss_dask.shuffle import partitioning
-from aimss_dask.stream import api
 
 
 @restartable
@@ -159,7 +159,7 @@ def read_block(name: str, partition: int, shape: tuple[int, ...], dtype: Any, se
         del piece  # a view into a receive buffer: see read()
     api.release_partition(name, partition)
     if filled != out.size:
-        from aimss_dask.errors import AIMSSError
+        from aimss_dask.core.errors import AIMSSError
 
         raise AIMSSError(
             f"rechunk output chunk {partition} of {name!r} got {filled} of {out.size} "
@@ -169,6 +169,6 @@ def read_block(name: str, partition: int, shape: tuple[int, ...], dtype: Any, se
 
 
 # The coordinator pins tasks that call these to the partition's owner, even
-# where Dask fused the call into another task (plugin/pinning.py).
+# where Dask fused the call into another task (coordinator/pinning.py).
 setattr(read_block, PARTITION_READ, True)
 setattr(read, PARTITION_READ, True)

@@ -7,10 +7,10 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-from dask.task_spec import Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph
+from dask.task_spec import Task, TaskRef
 
-from aimss_dask.errors import InvalidArgumentError
+from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.ops import pushrun
 from aimss_dask.ops.pieces import main_inputs, partition_pieces
 from aimss_dask.shuffle import _tasks

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 from dask.dataframe.utils import make_meta
 
+from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
-from aimss_dask.errors import InvalidArgumentError
 from aimss_dask.ops import pushrun
 from aimss_dask.shuffle import _tasks, partitioning
 from aimss_dask.shuffle.specs import MergeSpec, ShuffleSpec, push_spec
@@ -37,8 +37,8 @@ def _partitions(frame: dd.DataFrame) -> list[Any]:
     64 MiB partitions per worker in a 4 GiB shuffle. Depending on the target
     key instead lets the push run where its input already is.
     """
-    from dask.task_spec import Alias
     from dask.delayed import Delayed
+    from dask.task_spec import Alias
 
     out = []
     flat: dict[int, dict[Any, Any]] = {}  # the parts share one graph: flatten it once

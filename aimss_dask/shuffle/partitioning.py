@@ -10,7 +10,7 @@ import pandas as pd
 from dask.dataframe.dispatch import concat
 from dask.dataframe.shuffle import partitioning_index
 
-from aimss_dask.errors import InvalidArgumentError
+from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.ops.local import Alloc
 
 

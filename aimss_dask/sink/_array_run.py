@@ -52,18 +52,18 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-from dask.task_spec import List, Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph
+from dask.task_spec import List, Task, TaskRef
 
+from aimss_dask.api.runs import finish_run, register_run
+from aimss_dask.core.errors import SinkError, StreamNotFoundError
 from aimss_dask.core.names import PLUGIN_NAME
-from aimss_dask.errors import SinkError, StreamNotFoundError
+from aimss_dask.core.runs import OnLoss
+from aimss_dask.node.runs import Run
 from aimss_dask.ops import pushrun
 from aimss_dask.ops.pieces import chunk_bounds, main_inputs, partition_pieces
-from aimss_dask.plugin.runs import Run
-from aimss_dask.core.runs import OnLoss
-from aimss_dask.sink.specs import ZarrWriteSpec, push_write_spec
-from aimss_dask.stream.runs import finish_run, register_run
 from aimss_dask.sink.assembler import UnitAssembler, assemble, row_slabs, unit_regions
+from aimss_dask.sink.specs import ZarrWriteSpec, push_write_spec
 from aimss_dask.sink.writer import SHARED_KEY, WriteRun, ZarrTarget, writer_for
 
 logger = logging.getLogger("aimss_dask")
@@ -618,8 +618,8 @@ def _create(
     The stream is a sink's: partitions stay where they were placed (next to
     their main input) and are not freed at seal; the owners drain them.
     """
-    from aimss_dask.stream import api
-    from aimss_dask.stream.context import current
+    from aimss_dask.api import streams as api
+    from aimss_dask.api.context import current
 
     names = pushrun.create(spec, npartitions, prefer)
     stream = api.operator_stream(names[0]).spec
@@ -735,7 +735,7 @@ def finish(
     ``begun``: the epoch the run was registered under by :func:`_begin`
     (a push run's ends when its stream is destroyed).
     """
-    from aimss_dask.stream import api
+    from aimss_dask.api import streams as api
 
     addresses: set[str] = set()
     if stream is not None:
@@ -860,7 +860,7 @@ async def _abort_run(run: str, dask_worker: Any = None) -> int:
 
 def _flush(target: ZarrTarget, addresses: set[str]) -> tuple[list[int], int, list[str]]:
     """Wait for the run's writers on ``addresses``: regions written, bytes, errors."""
-    from aimss_dask.stream.context import current
+    from aimss_dask.api.context import current
 
     ep = current("to_zarr")
     done: list[int] = []

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from aimss_dask.core.runs import OnLoss
-from aimss_dask.errors import (
+from aimss_dask.api import runs as run_api
+from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
     PartitionLostError,
@@ -23,11 +23,10 @@ from aimss_dask.errors import (
     StoreReadOnlyError,
     StreamNotFoundError,
 )
+from aimss_dask.core.runs import OnLoss
 from aimss_dask.sink import _stream_plan as plan
 from aimss_dask.sink import _xarray as xr_sink
 from aimss_dask.sink._stream_plan import Committed, Position, Template
-from aimss_dask.sink.specs import StreamSinkSpec
-from aimss_dask.stream import runs as run_api
 from aimss_dask.sink._stream_tasks import (
     OwnerJob,
     OwnerReport,
@@ -36,6 +35,7 @@ from aimss_dask.sink._stream_tasks import (
     take_rows,
     trim_only,
 )
+from aimss_dask.sink.specs import StreamSinkSpec
 
 logger = logging.getLogger("aimss_dask")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from aimss_dask.errors import InvalidArgumentError
+from aimss_dask.core.errors import InvalidArgumentError
 
 #: Version of the ``aimss`` attribute document; bumped if its meaning changes.
 DOC_VERSION = 1

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from aimss_dask.core.errors import SinkError, StreamNotFoundError
 from aimss_dask.core.names import PLUGIN_NAME
-from aimss_dask.errors import SinkError, StreamNotFoundError
 from aimss_dask.sink._stream_plan import Position, Template, advance, cut
 
 #: Bytes of records fetched from the log per read (references, not copies,
@@ -175,7 +175,7 @@ def _check(job: OwnerJob, template: Template | None, offset: int, record: Any) -
 
 
 def _scan(store: Any, job: OwnerJob, position: Position) -> OwnerReport:
-    from aimss_dask.errors import InvalidArgumentError
+    from aimss_dask.core.errors import InvalidArgumentError
 
     template = job.template
     first_rows = 0

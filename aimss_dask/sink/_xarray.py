@@ -33,7 +33,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from aimss_dask.errors import InvalidArgumentError
+from aimss_dask.core.errors import InvalidArgumentError
 
 #: In-memory (NumPy) variables up to this size are written by the client
 #: directly with Zarr, as ``xarray.Dataset.to_zarr`` does (coordinates,

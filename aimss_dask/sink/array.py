@@ -30,7 +30,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
-from aimss_dask.errors import (
+from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
     MissingDependencyError,

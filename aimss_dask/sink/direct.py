@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from aimss_dask.errors import SinkError
+from aimss_dask.core.errors import SinkError
 from aimss_dask.sink.assembler import RowSlabs, joined
 from aimss_dask.sink.zstd_into import Arena, arena, zstd_into
 

@@ -99,14 +99,14 @@ import threading
 import uuid
 from typing import Any
 
-from aimss_dask.errors import InvalidArgumentError, StoreReadOnlyError
+from aimss_dask.api.extensions import register_extension
+from aimss_dask.core.errors import InvalidArgumentError, StoreReadOnlyError
 from aimss_dask.sink import _stream_plan as plan
 from aimss_dask.sink import _xarray as xr_sink
-from aimss_dask.sink.array import check_fsspec_protocol
 from aimss_dask.sink._stream_driver import SinkRun
 from aimss_dask.sink._stream_plan import Committed, Template
 from aimss_dask.sink._stream_tasks import Target
-from aimss_dask.stream.extensions import register_extension
+from aimss_dask.sink.array import check_fsspec_protocol
 
 __all__ = ["Sink", "stream_to_zarr"]
 
@@ -169,8 +169,8 @@ def stream_to_zarr(
     """
     from distributed import get_client
 
-    from aimss_dask.stream.api import remember
-    from aimss_dask.stream.context import current
+    from aimss_dask.api.context import current
+    from aimss_dask.api.streams import remember
 
     ep = current("to_zarr")
     axis = plan.check_axis_arg(axis)

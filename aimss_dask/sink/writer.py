@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from distributed.utils import offload
 
-from aimss_dask.plugin.runs import Run
+from aimss_dask.node.runs import Run
 from aimss_dask.sink.direct import Put
 
 logger = logging.getLogger("aimss_dask")

@@ -5,7 +5,7 @@ owner workers read ahead of the consumers; :meth:`aimss_dask.Stream.batches`
 (:mod:`aimss_dask.source.loader`) reads it like a training data loader.
 """
 
-# The loader provides Stream.batches when it is imported (stream/extensions.py).
+# The loader provides Stream.batches when it is imported (api/extensions.py).
 from aimss_dask.source import loader as loader
 from aimss_dask.source.zarr_source import from_zarr
 

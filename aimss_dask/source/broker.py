@@ -63,8 +63,7 @@ from typing import Any
 import numpy as np
 from distributed.protocol import to_serialize
 
-from aimss_dask.core.specs import StreamSpec
-from aimss_dask.errors import (
+from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
     InvalidOffsetError,
@@ -72,7 +71,8 @@ from aimss_dask.errors import (
     StoreNotFoundError,
     StreamNotFoundError,
 )
-from aimss_dask.plugin.runs import Run
+from aimss_dask.core.specs import StreamSpec
+from aimss_dask.node.runs import Run
 from aimss_dask.source.layout import POSITION_SUFFIX, SourceLayout
 
 logger = logging.getLogger("aimss_dask")
@@ -132,7 +132,7 @@ class _Part:
 
 
 class SourceRun(Run):
-    """The brokers of one source stream on one worker: a run (``plugin/runs.py``).
+    """The brokers of one source stream on one worker: a run (``node/runs.py``).
 
     Its operations (``aimss_run_call``): ``take`` (samples for a loader),
     ``control`` (attach, advance, detach a loader) and ``status``.

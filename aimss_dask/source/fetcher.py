@@ -21,10 +21,16 @@ from typing import Any
 import numpy as np
 from distributed.protocol import to_serialize
 
-from aimss_dask.errors import AIMSSError, PartitionLostError, StreamNotFoundError
-from aimss_dask.source.layout import Take, batch_plan, epoch_order, plan_take, position_group
+from aimss_dask.api.context import Endpoint
+from aimss_dask.core.errors import AIMSSError, PartitionLostError, StreamNotFoundError
+from aimss_dask.source.layout import (
+    Take,
+    batch_plan,
+    epoch_order,
+    plan_take,
+    position_group,
+)
 from aimss_dask.source.zarr_source import SourceInfo
-from aimss_dask.stream.context import Endpoint
 
 logger = logging.getLogger("aimss_dask")
 

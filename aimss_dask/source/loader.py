@@ -43,16 +43,16 @@ from typing import Any
 
 import numpy as np
 
+from aimss_dask.api.context import Endpoint, current
+from aimss_dask.api.extensions import register_extension
+from aimss_dask.api.runs import register_run
+from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.specs import check_name
-from aimss_dask.errors import InvalidArgumentError
 from aimss_dask.source.broker import PRIVATE_PREFIX
+from aimss_dask.source.fetcher import END, Committer, Fetcher, ask_source
 from aimss_dask.source.layout import POSITION_SUFFIX, position_group
 from aimss_dask.source.specs import LoaderSpec, OnLoss
-from aimss_dask.source.fetcher import END, Committer, Fetcher, ask_source
 from aimss_dask.source.zarr_source import describe
-from aimss_dask.stream.context import Endpoint, current
-from aimss_dask.stream.runs import register_run
-from aimss_dask.stream.extensions import register_extension
 
 logger = logging.getLogger("aimss_dask")
 

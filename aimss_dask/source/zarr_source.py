@@ -19,14 +19,18 @@ from typing import Any
 import numpy as np
 from distributed.protocol.pickle import dumps
 
+from aimss_dask.api.context import Endpoint, current
+from aimss_dask.api.runs import register_run
+from aimss_dask.api.streams import Stream, check_int_arg, destroy_stream, type_name
+from aimss_dask.core.errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    StoreNotFoundError,
+)
 from aimss_dask.core.specs import StreamSpec, check_name
-from aimss_dask.errors import InvalidArgumentError, InvalidTypeError, StoreNotFoundError
 from aimss_dask.source.broker import SourceFactory
 from aimss_dask.source.layout import SourceLayout
 from aimss_dask.source.specs import OnLoss, ZarrSourceSpec
-from aimss_dask.stream.api import Stream, check_int_arg, destroy_stream, type_name
-from aimss_dask.stream.runs import register_run
-from aimss_dask.stream.context import Endpoint, current
 
 
 def from_zarr(

@@ -23,11 +23,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aimss_dask.api.context import Endpoint, current
+from aimss_dask.api.streams import Stream, remember
+from aimss_dask.core.errors import InvalidTypeError
 from aimss_dask.core.runs import RunSpec, RunState
-from aimss_dask.errors import InvalidTypeError
-from aimss_dask.stream import speccache
-from aimss_dask.stream.api import Stream, remember
-from aimss_dask.stream.context import Endpoint, current
+from aimss_dask.transport import speccache
 
 logger = logging.getLogger("aimss_dask")
 

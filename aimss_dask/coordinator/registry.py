@@ -26,9 +26,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from aimss_dask.core.errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    RunNotFoundError,
+)
 from aimss_dask.core.runs import FINISHED, OnLoss, OnSeal, RunSpec, RunState
 from aimss_dask.core.specs import check_name
-from aimss_dask.errors import InvalidArgumentError, InvalidTypeError, RunNotFoundError
 
 #: Live states in the order a run goes through them; a report never moves it back.
 _RANK = {RunState.REGISTERED: 0, RunState.RUNNING: 1, RunState.SEALED: 2}

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aimss_dask.errors import AIMSSError, error_to_wire
+from aimss_dask.core.errors import AIMSSError, error_to_wire
 
 logger = logging.getLogger("aimss_dask")
 

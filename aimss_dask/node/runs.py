@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from aimss_dask.errors import InvalidArgumentError, StreamNotFoundError
+from aimss_dask.core.errors import InvalidArgumentError, StreamNotFoundError
 
 logger = logging.getLogger("aimss_dask")
 

@@ -19,7 +19,7 @@ which attempt delivered each ``(input, seq)`` first:
 - partitions are independent: a re-run that completes an interrupted push
   fills in exactly the partitions the first attempt had not reached;
 - a second group from the *same* attempt with the same origin is a second
-  write, not a copy: it raises :class:`~aimss_dask.errors.DuplicateOriginError`
+  write, not a copy: it raises :class:`~aimss_dask.core.errors.DuplicateOriginError`
   (plan, risk 9), and so does every later copy of that origin.
 
 Why raise rather than keep: the filter has no way to know whether the first
@@ -74,8 +74,12 @@ import sys
 import threading
 from array import array
 
+from aimss_dask.core.errors import (
+    DuplicateOriginError,
+    InvalidArgumentError,
+    InvalidTypeError,
+)
 from aimss_dask.core.specs import Origin
-from aimss_dask.errors import DuplicateOriginError, InvalidArgumentError, InvalidTypeError
 
 __all__ = ["OriginFilter"]
 
@@ -224,7 +228,7 @@ class OriginFilter:
         >>> f.admit("s", 1, 0, Origin(5, attempt=1))
         Traceback (most recent call last):
         ...
-        aimss_dask.errors.DuplicateOriginError: stream 's' (epoch 1), partition 0: input 5, attempt 1 wrote a second group with the same origin (seq 0); ...
+        aimss_dask.core.errors.DuplicateOriginError: stream 's' (epoch 1), partition 0: input 5, attempt 1 wrote a second group with the same origin (seq 0); ...
         """
         if origin is None:
             return True
@@ -309,7 +313,7 @@ class OriginFilter:
 
         ``kept``: origins admitted (first copies); ``dropped``: copies
         dropped; ``conflicts``: groups refused with
-        :class:`~aimss_dask.errors.DuplicateOriginError`; ``partitions``:
+        :class:`~aimss_dask.core.errors.DuplicateOriginError`; ``partitions``:
         partitions with state here; ``nbytes``: about what the state takes.
         O(streams + partitions): not for the append path.
 

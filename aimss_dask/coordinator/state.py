@@ -10,14 +10,14 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from aimss_dask.core.specs import StreamSpec, check_name, check_partition
-from aimss_dask.errors import (
+from aimss_dask.coordinator.placement import owners_load, place_partitions
+from aimss_dask.core.errors import (
     InvalidArgumentError,
     InvalidOffsetError,
     StreamExistsError,
     StreamNotFoundError,
 )
-from aimss_dask.plugin.placement import owners_load, place_partitions
+from aimss_dask.core.specs import StreamSpec, check_name, check_partition
 
 __all__ = ["CoordinatorState", "StreamSpec", "check_name", "check_partition"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from aimss_dask.core.errors import NotRegisteredError
 from aimss_dask.core.specs import partition_for_key
-from aimss_dask.errors import NotRegisteredError
 
 __all__ = ["SLACK", "owners_load", "partition_for_key", "place_partitions", "rebalance"]
 

@@ -15,9 +15,10 @@ import dask.config
 import yaml
 from dask.utils import format_bytes, parse_bytes, parse_timedelta
 
-from aimss_dask.errors import InvalidArgumentError
+from aimss_dask.core.errors import InvalidArgumentError
 
-_YAML = os.path.join(os.path.dirname(__file__), "aimss.yaml")
+# The defaults live at the package's root, where Dask's own config files do.
+_YAML = os.path.join(os.path.dirname(os.path.dirname(__file__)), "aimss.yaml")
 
 with open(_YAML) as _f:
     _DEFAULTS: dict[str, Any] = yaml.safe_load(_f)

@@ -3,10 +3,10 @@
 It holds the stream metadata (:class:`CoordinatorState`) and the registry of
 runs (:class:`RunRegistry`), installs the worker plugin on every current and
 future worker, answers the ``aimss_*`` RPCs of clients and tasks (stream
-handlers in :mod:`~aimss_dask.plugin.streams`, run handlers in
-:mod:`~aimss_dask.plugin.runops`, client seals in
-:mod:`~aimss_dask.plugin.sealing`), pins partition tasks to their owners in
-``update_graph`` (:mod:`~aimss_dask.plugin.pinning`), and cleans up after
+handlers in :mod:`~aimss_dask.coordinator.streams`, run handlers in
+:mod:`~aimss_dask.coordinator.runs`, client seals in
+:mod:`~aimss_dask.coordinator.sealing`), pins partition tasks to their owners in
+``update_graph`` (:mod:`~aimss_dask.coordinator.pinning`), and cleans up after
 clients and workers that leave.
 """
 
@@ -20,18 +20,22 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
-from aimss_dask.config import AIMSSConfig, dask_memory_thresholds
+from aimss_dask.coordinator.cluster import ClusterOps
+from aimss_dask.coordinator.pinning import Pinner
+from aimss_dask.coordinator.registry import RunRegistry
+from aimss_dask.coordinator.runs import RunHandlers
+from aimss_dask.coordinator.sealing import (
+    SEAL_CLIENT_TIMEOUT,
+    ClientSeals,
+    SealProducersEvent,
+)
+from aimss_dask.coordinator.state import CoordinatorState
+from aimss_dask.coordinator.streams import StreamHandlers
+from aimss_dask.core.config import AIMSSConfig, dask_memory_thresholds
+from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.names import PLUGIN_NAME, REGISTERED_KEY
 from aimss_dask.core.runs import OnLoss, RunState
-from aimss_dask.errors import InvalidArgumentError
-from aimss_dask.plugin.cluster import ClusterOps
-from aimss_dask.plugin.pinning import Pinner
-from aimss_dask.plugin.registry import RunRegistry
-from aimss_dask.plugin.rpc import replies
-from aimss_dask.plugin.runops import RunHandlers
-from aimss_dask.plugin.sealing import SEAL_CLIENT_TIMEOUT, ClientSeals, SealProducersEvent
-from aimss_dask.plugin.state import CoordinatorState
-from aimss_dask.plugin.streams import StreamHandlers
+from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -111,7 +115,7 @@ class AIMSS(SchedulerPlugin):
         return out
 
     async def start(self, scheduler: Scheduler) -> None:
-        from aimss_dask.plugin.worker import AIMSSWorker
+        from aimss_dask.node.plugin import AIMSSWorker
 
         # Before anything is installed: a refused registration leaves the
         # cluster as it was (Dask adds the plugin only if start succeeds).

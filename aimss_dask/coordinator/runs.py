@@ -2,7 +2,7 @@
 
 An operator registers a :class:`~aimss_dask.core.runs.RunSpec` here (the
 streams it owns are created then, all placed like the first), and the
-registry (:class:`~aimss_dask.plugin.registry.RunRegistry`) keeps its state.
+registry (:class:`~aimss_dask.coordinator.registry.RunRegistry`) keeps its state.
 At seal and when a worker leaves, the spec's policies say what to do; these
 handlers do it: rebalance the bytes per worker, free partitions no task will
 read, or restart the run from its create task.
@@ -15,19 +15,20 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from aimss_dask.coordinator import overview
+from aimss_dask.coordinator.cluster import ClusterOps
+from aimss_dask.coordinator.placement import rebalance
+from aimss_dask.coordinator.registry import RunRecord
+from aimss_dask.coordinator.state import StreamSpec
+from aimss_dask.core.errors import InvalidArgumentError, StreamExistsError
+from aimss_dask.core.names import HEARTBEAT_METRIC
 from aimss_dask.core.runs import OnLoss, OnSeal, RunSpec, RunState
-from aimss_dask.errors import InvalidArgumentError, StreamExistsError
-from aimss_dask.plugin import progress
-from aimss_dask.plugin.cluster import ClusterOps
-from aimss_dask.plugin.placement import rebalance
-from aimss_dask.plugin.registry import RunRecord
-from aimss_dask.plugin.rpc import replies
-from aimss_dask.plugin.state import StreamSpec
+from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
     from distributed import Scheduler
 
-    from aimss_dask.plugin.scheduler import AIMSS
+    from aimss_dask.coordinator.plugin import AIMSS
 
 logger = logging.getLogger("aimss_dask")
 
@@ -251,5 +252,5 @@ class RunHandlers:
     async def _h_runs(self) -> dict[str, Any]:
         """Every run and stream, with progress from the workers' last heartbeats; no fan-out."""
         assert self.ops.scheduler is not None
-        beats = {a: ws.metrics.get(progress.METRIC) for a, ws in self.ops.scheduler.workers.items()}
-        return progress.overview(self.coord.runs, self.coord.state.streams, self.coord.state.sealed, self.coord.state.lost, beats)
+        beats = {a: ws.metrics.get(HEARTBEAT_METRIC) for a, ws in self.ops.scheduler.workers.items()}
+        return overview.overview(self.coord.runs, self.coord.state.streams, self.coord.state.sealed, self.coord.state.lost, beats)

@@ -21,7 +21,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from aimss_dask.errors import NotRegisteredError
+from aimss_dask.core.errors import NotRegisteredError
 
 _registry: dict[str, Callable[..., Any]] = {}
 

@@ -1,17 +1,8 @@
-"""What a worker tells the coordinator about its runs and streams, on each heartbeat.
+"""Every run and stream of the cluster, from the registry and the workers' heartbeats.
 
-The worker plugin adds :func:`heartbeat` to the worker's ``metrics`` (a
-public parameter of ``distributed.Worker``): Dask calls it for every
-heartbeat and the scheduler keeps the latest answer in
-``scheduler.workers[address].metrics["aimss"]``. ``status()`` and
-``aimss_runs`` read it there: no query fans out to the workers, and a worker
-that stops answering just stops updating its line.
-
-Payload (plain data, msgpack-able)::
-
-    {"runs": [[name, run_id or None, epoch, kind, {progress}], ...],
-     "streams": {name: [records, memory bytes, disk bytes]},
-     "time": <worker's clock>}
+Each worker's last heartbeat (:mod:`aimss_dask.node.heartbeat`) is in
+``scheduler.workers[address].metrics[HEARTBEAT_METRIC]``; ``aimss_runs`` and
+``status()`` read it there, so no query fans out to the workers.
 
 Examples
 --------
@@ -27,31 +18,6 @@ from collections.abc import Mapping
 from typing import Any
 
 logger = logging.getLogger("aimss_dask")
-
-#: The key under ``worker.metrics`` (and so ``WorkerState.metrics``).
-METRIC = "aimss"
-
-
-def heartbeat(plugin: Any) -> dict[str, Any]:
-    """The payload of one heartbeat of ``plugin`` (an ``AIMSSWorker``); cheap, any thread."""
-    import time
-
-    store = plugin.store
-    streams: dict[str, list[int]] = {}
-    if store is not None:
-        for name in store.stats()["streams"]:
-            records = nbytes = spilled = 0
-            for st in store.stream_stats(name).values():
-                records += int(st["records"])
-                nbytes += int(st["bytes"])
-                spilled += int(st["spilled_bytes"])
-            streams[name] = [records, nbytes - spilled, spilled]
-    runs = [
-        [name, p.pop("run_id", None), p.pop("epoch", 0), p.pop("kind", ""), p]
-        for name, p in plugin.runs.progress().items()
-    ]
-    return {"runs": runs, "streams": streams, "time": time.time()}
-
 
 def fold(payloads: Mapping[str, Any]) -> dict[str, Any]:
     """The heartbeats of every worker (address -> payload) as cluster-wide totals.
@@ -78,7 +44,7 @@ def overview(registry: Any, streams: Mapping[str, Any], sealed: set[str], lost: 
              beats: Mapping[str, Any]) -> dict[str, Any]:
     """Every run and stream of the cluster, as plain data: what ``aimss_runs`` answers.
 
-    ``registry``: the coordinator's :class:`~aimss_dask.plugin.registry.RunRegistry`;
+    ``registry``: the coordinator's :class:`~aimss_dask.coordinator.registry.RunRegistry`;
     ``streams``: name -> :class:`~aimss_dask.core.specs.StreamSpec`;
     ``beats``: address -> the latest :func:`heartbeat` of that worker. The
     heartbeats are applied to the registry as reports of their workers

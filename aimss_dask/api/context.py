@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from distributed import default_client, get_worker
 from distributed.utils import sync
 
-from aimss_dask.config import AIMSSConfig
+from aimss_dask.core.config import AIMSSConfig
+from aimss_dask.core.errors import AIMSSError, NotRegisteredError, raise_from_wire
 from aimss_dask.core.names import PLUGIN_NAME, REGISTERED_KEY, SEAL_PRODUCERS_TOPIC
-from aimss_dask.errors import AIMSSError, NotRegisteredError, raise_from_wire
-from aimss_dask.stream.producer import Producer
+from aimss_dask.transport.producer import Producer
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from aimss_dask.plugin.sealing import SealProducersEvent
-    from aimss_dask.plugin.worker import AIMSSWorker
+    from aimss_dask.coordinator.sealing import SealProducersEvent
+    from aimss_dask.node.plugin import AIMSSWorker
 
 T = TypeVar("T")
 

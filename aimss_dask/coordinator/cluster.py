@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from aimss_dask.errors import raise_from_wire
+from aimss_dask.core.errors import raise_from_wire
 
 if TYPE_CHECKING:
     from distributed import Scheduler

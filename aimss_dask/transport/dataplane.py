@@ -18,7 +18,7 @@ lengths])...], [record sizes], origin], ...]``: one entry per group, and
 write; see :class:`~aimss_dask.core.specs.Origin`). The owner answers each batch, in
 order, with ``!Q`` + ``pickle({"errors": {stream: (class, message)}})``.
 Only plain ``tcp://`` clusters use it; TLS or other transports keep Dask's
-comms (see :class:`aimss_dask.stream.producer.Producer`).
+comms (see :class:`aimss_dask.transport.producer.Producer`).
 """
 
 from __future__ import annotations

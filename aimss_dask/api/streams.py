@@ -22,18 +22,25 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from aimss_dask.core.names import PARTITION_TASK_PREFIX
-from aimss_dask.core.specs import StreamSpec, check_name, check_partition, partition_for_key
-from aimss_dask.errors import (
+from aimss_dask.api import reader
+from aimss_dask.api.context import Endpoint, current
+from aimss_dask.api.extensions import Extension
+from aimss_dask.core.errors import (
     InvalidArgumentError,
     InvalidOffsetError,
     InvalidTypeError,
     PartitionLostError,
     StreamNotFoundError,
 )
-from aimss_dask.stream import reader, speccache
-from aimss_dask.stream.context import Endpoint, current
-from aimss_dask.stream.extensions import Extension
+from aimss_dask.core.names import PARTITION_TASK_PREFIX
+from aimss_dask.core.specs import (
+    StreamSpec,
+    check_name,
+    check_partition,
+    partition_for_key,
+)
+from aimss_dask.transport import speccache
+
 
 def remember(ep: Endpoint, reply: dict[str, Any]) -> StreamSpec:
     """Cache the spec of a coordinator's stream reply, and what it says of seals and losses."""

@@ -5,7 +5,7 @@ threads, the user's thread). Each owner gets a sender thread that pushes
 batches in order over one connection, up to ``PIPELINE`` of them unanswered,
 so a producer's records keep their order while the next batch is already on
 the wire. Plain ``tcp://`` clusters use the raw data plane
-(:mod:`aimss_dask.stream.dataplane`); others (TLS, UCX, in-process) use
+(:mod:`aimss_dask.transport.dataplane`); others (TLS, UCX, in-process) use
 Dask's comms.
 
 A write may carry an :class:`~aimss_dask.core.specs.Origin` (a run's push
@@ -29,16 +29,16 @@ from typing import Any
 from distributed.protocol import Serialized
 from distributed.utils import sync
 
-from aimss_dask.core.specs import Origin, StreamSpec
-from aimss_dask.errors import (
+from aimss_dask.core.errors import (
     PartitionLostError,
     StreamSealedError,
     error_from_wire,
     raise_from_wire,
 )
+from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.log import records
 from aimss_dask.log.budget import ByteBudget
-from aimss_dask.stream import dataplane
+from aimss_dask.transport import dataplane
 
 logger = logging.getLogger("aimss_dask")
 

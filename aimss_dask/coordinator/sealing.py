@@ -14,9 +14,9 @@ import logging
 import uuid
 from typing import Any, TypedDict
 
+from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.core.names import SEAL_PRODUCERS_TOPIC
-from aimss_dask.plugin.cluster import ClusterOps
-from aimss_dask.plugin.rpc import replies
+from aimss_dask.transport.rpc import replies
 
 logger = logging.getLogger("aimss_dask")
 

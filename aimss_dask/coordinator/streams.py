@@ -2,7 +2,7 @@
 
 Streams are the coordinator's metadata (:class:`CoordinatorState`); these
 handlers keep the owners in step with it, and hand a run's streams to the
-run handlers at seal (:mod:`aimss_dask.plugin.runops`).
+run handlers at seal (:mod:`aimss_dask.coordinator.runs`).
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from aimss_dask.coordinator.cluster import ClusterOps
+from aimss_dask.coordinator.state import StreamSpec
+from aimss_dask.core.errors import ReadTimeoutError, error_from_wire
 from aimss_dask.core.runs import RunState
-from aimss_dask.errors import ReadTimeoutError, error_from_wire
-from aimss_dask.plugin.cluster import ClusterOps
-from aimss_dask.plugin.rpc import replies
-from aimss_dask.plugin.state import StreamSpec
+from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
-    from aimss_dask.plugin.scheduler import AIMSS
+    from aimss_dask.coordinator.plugin import AIMSS
 
 logger = logging.getLogger("aimss_dask")
 
@@ -63,7 +63,7 @@ class StreamHandlers:
         """Open a new stream's partitions on their owners and pin its known readers.
 
         ``inputs`` > 0: records carry their origin, and owners drop a second
-        copy of an input (see :mod:`aimss_dask.plugin.dedup`).
+        copy of an input (see :mod:`aimss_dask.node.dedup`).
         """
         assert self.coord.pinner is not None
         # Read tasks submitted before the stream existed, or pinned to the

@@ -16,18 +16,18 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import pickle, to_serialize
 from distributed.utils import offload
 
-from aimss_dask.config import AIMSSConfig
-from aimss_dask.core.names import PLUGIN_NAME
+from aimss_dask.core.config import AIMSSConfig
+from aimss_dask.core.errors import AIMSSError, InvalidArgumentError, error_to_wire
+from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME
 from aimss_dask.core.specs import Origin, StreamSpec
-from aimss_dask.errors import AIMSSError, InvalidArgumentError, error_to_wire
 from aimss_dask.log.store import LogStore
-from aimss_dask.plugin.dedup import OriginFilter
-from aimss_dask.plugin import progress
-from aimss_dask.plugin.rpc import replies
-from aimss_dask.plugin.runs import RunFactory, RunManager
-from aimss_dask.stream import speccache
-from aimss_dask.stream.dataplane import BufferPool, DataServer, Group
-from aimss_dask.stream.producer import Producer
+from aimss_dask.node import heartbeat
+from aimss_dask.node.dedup import OriginFilter
+from aimss_dask.node.runs import RunFactory, RunManager
+from aimss_dask.transport import speccache
+from aimss_dask.transport.dataplane import BufferPool, DataServer, Group
+from aimss_dask.transport.producer import Producer
+from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -149,11 +149,11 @@ class AIMSSWorker(WorkerPlugin):
         for op in _HANDLERS:
             worker.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
         # Progress rides the heartbeats: the coordinator never polls for it.
-        worker.metrics[progress.METRIC] = lambda _worker: progress.heartbeat(self)
+        worker.metrics[HEARTBEAT_METRIC] = lambda _worker: heartbeat.heartbeat(self)
 
     def teardown(self, worker: Worker) -> None:
         try:
-            worker.metrics.pop(progress.METRIC, None)
+            worker.metrics.pop(HEARTBEAT_METRIC, None)
             for op in _HANDLERS:
                 # Answer late messages (a closing cluster) instead of letting
                 # Dask log "no handler" tracebacks.
@@ -201,7 +201,7 @@ class AIMSSWorker(WorkerPlugin):
         wrote it) goes through :class:`OriginFilter` first: a second copy of
         an input is dropped whole and counted in ``reads["duplicates"]``, and
         a second write by the attempt that was kept fails its stream with
-        :class:`~aimss_dask.errors.DuplicateOriginError`. Groups without one
+        :class:`~aimss_dask.core.errors.DuplicateOriginError`. Groups without one
         are stored as they come.
         """
         assert self.store is not None
@@ -352,7 +352,7 @@ class AIMSSWorker(WorkerPlugin):
         # their next poll.
         self._bump()
 
-    # -- runs: operators' worker-side objects (plugin/runs.py) -------------------------
+    # -- runs: operators' worker-side objects (node/runs.py) -------------------------
 
     @replies
     async def _h_run_start(self, factory: bytes) -> dict[str, Any]:

@@ -6,9 +6,9 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from aimss_dask.api.context import Endpoint
+from aimss_dask.core.errors import PartitionLostError, ReadTimeoutError
 from aimss_dask.core.specs import StreamSpec
-from aimss_dask.errors import PartitionLostError, ReadTimeoutError
-from aimss_dask.stream.context import Endpoint
 
 #: Group offsets are sent to the coordinator at most this often while reading
 #: (and always when a partition ends or the iterator is closed). Delivery is

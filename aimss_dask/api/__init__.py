@@ -1,0 +1,1 @@
+"""The public API of streams and runs, for clients and tasks."""

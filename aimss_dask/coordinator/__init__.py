@@ -1,0 +1,1 @@
+"""The coordinator: the scheduler plugin, stream metadata, the registry of runs, pinning."""

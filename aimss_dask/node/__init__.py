@@ -1,0 +1,1 @@
+"""The node: the worker plugin, its log of streams, its run objects, the dedup of inputs."""

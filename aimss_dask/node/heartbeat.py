@@ -1,0 +1,40 @@
+"""What a worker tells the coordinator about its runs and streams, on each heartbeat.
+
+The worker plugin adds :func:`heartbeat` to the worker's ``metrics`` (a
+public parameter of ``distributed.Worker``): Dask calls it for every
+heartbeat and the scheduler keeps the latest answer in
+``scheduler.workers[address].metrics[HEARTBEAT_METRIC]``, where the
+coordinator reads it (:mod:`aimss_dask.coordinator.overview`): no query fans
+out to the workers, and a worker that stops answering stops updating its line.
+
+Payload (plain data, msgpack-able)::
+
+    {"runs": [[name, run_id or None, epoch, kind, {progress}], ...],
+     "streams": {name: [records, memory bytes, disk bytes]},
+     "time": <worker's clock>}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def heartbeat(plugin: Any) -> dict[str, Any]:
+    """The payload of one heartbeat of ``plugin`` (an ``AIMSSWorker``); cheap, any thread."""
+    import time
+
+    store = plugin.store
+    streams: dict[str, list[int]] = {}
+    if store is not None:
+        for name in store.stats()["streams"]:
+            records = nbytes = spilled = 0
+            for st in store.stream_stats(name).values():
+                records += int(st["records"])
+                nbytes += int(st["bytes"])
+                spilled += int(st["spilled_bytes"])
+            streams[name] = [records, nbytes - spilled, spilled]
+    runs = [
+        [name, p.pop("run_id", None), p.pop("epoch", 0), p.pop("kind", ""), p]
+        for name, p in plugin.runs.progress().items()
+    ]
+    return {"runs": runs, "streams": streams, "time": time.time()}

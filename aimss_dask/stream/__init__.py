@@ -1,1 +1,0 @@
-"""The stream API (client side and task side): write, read, seal, destroy."""
