@@ -10,15 +10,14 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from conftest import assert_workers_clean as _clean
+from conftest import chunking, wait_until
 from distributed import Client, LocalCluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aimss_dask
-from aimss_dask.sink._array_run import aligned as _aligned
-
-from conftest import assert_workers_clean as _clean
-from conftest import chunking, wait_until
+from aimss_dask.sink.plan import aligned as _aligned
 
 
 def assert_workers_clean() -> None:
@@ -403,7 +402,8 @@ def test_blocks_in_memory_make_one_task_per_worker_thread(client, tmp_path):
     holds blocks, each task taking only blocks its worker holds."""
     from distributed import wait
 
-    from aimss_dask.sink._array_run import _held_groups, _split
+    from aimss_dask.sink.graphs import held_groups as _held_groups
+    from aimss_dask.sink.plan import split_by_bytes as _split
 
     x = da.random.default_rng(2).random((40_000, 8), chunks=(1000, 8)).persist()
     wait(x)
@@ -431,7 +431,7 @@ def test_jobs_table_gives_back_every_piece():
     in: ids in order, each job's pieces with their block, slices and place."""
     import pickle
 
-    from aimss_dask.sink._array_run import _Jobs
+    from aimss_dask.sink.plan import Jobs as _Jobs
 
     by_unit = {
         (3, 0): [(0, ((0, 0), (24, 64)), (1000, 1024)), (1, ((0, 0), (1000, 64)), (0, 1000))],

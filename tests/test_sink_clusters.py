@@ -11,13 +11,12 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from conftest import assert_workers_clean
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, wait
+from test_sink_array import _kind, _partials
 
 import aimss_dask
-from aimss_dask.sink import _array_run
-
-from conftest import assert_workers_clean
-from test_sink_array import _kind, _partials
+from aimss_dask.sink import graphs
 
 #: (blocks, to_zarr arguments, run) for each way of writing in place, and a push run.
 LAYOUTS = {
@@ -122,7 +121,7 @@ def test_writes_in_place_from_two_hosts_are_refused_at_the_commit(two_hosts, tmp
     aimss_dask.to_zarr(da.from_array(old, chunks=4096), path, **kw)
     before = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(path) for f in fs}
 
-    monkeypatch.setattr(_array_run, "_one_host", lambda: True)
+    monkeypatch.setattr(graphs, "one_host", lambda: True)
     x = _spread(two_hosts, -old, blocks[0])
     delayed = aimss_dask.to_zarr(x, path, compute=False)  # into the array as it is
     assert _kind(delayed) == layout

@@ -10,7 +10,7 @@ common ones, units are written as the very bytes Zarr would write, without
 Zarr's general write path (:mod:`aimss_dask.sink.direct`). The run itself
 (aligned blocks written where they are; rows written in place; other blocks
 pushed to the unit's owner, which writes each unit as soon as it is
-complete) is built in :mod:`aimss_dask.sink._array_run`. This module checks
+complete) is built in :mod:`aimss_dask.sink.graphs`. This module checks
 the arguments and the target (before anything is created: a refused call
 leaves nothing behind), and writes xarray objects as the group xarray
 writes, each Dask-backed variable by one such run
@@ -39,8 +39,9 @@ from aimss_dask.core.errors import (
     StoreReadOnlyError,
 )
 from aimss_dask.sink import _xarray as xr_sink
-from aimss_dask.sink._array_run import abort, write_graph
 from aimss_dask.sink.direct import in_place_writers
+from aimss_dask.sink.graphs import write_graph
+from aimss_dask.sink.tasks import abort
 from aimss_dask.sink.writer import ZarrTarget
 
 #: fsspec protocols whose package an extra of aimss-dask installs.

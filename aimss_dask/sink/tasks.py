@@ -1,0 +1,355 @@
+"""The tasks of a ``to_zarr`` run: write blocks, push pieces, finish, abort.
+
+They run on workers (or, for :func:`abort`, on the client); the graph that
+wires them is built in :mod:`.graphs`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from aimss_dask.api.runs import finish_run, register_run
+from aimss_dask.core.errors import SinkError, StreamNotFoundError
+from aimss_dask.core.names import PLUGIN_NAME
+from aimss_dask.ops import pushrun
+from aimss_dask.sink.plan import Jobs
+from aimss_dask.sink.specs import ZarrWriteSpec
+from aimss_dask.sink.writer import SHARED_KEY, WriteRun, ZarrTarget, writer_for
+
+logger = logging.getLogger("aimss_dask")
+
+
+def _plugin() -> tuple[Any, Any]:
+    """This worker and its AIMSS plugin, or ``(None, None)`` off a distributed worker."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return None, None
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if plugin is None or getattr(plugin, "store", None) is None:
+        raise SinkError(
+            "aimss_dask.to_zarr runs on workers with the AIMSS plugin: "
+            "client.register_plugin(aimss_dask.AIMSS()) first"
+        )
+    return worker, plugin
+
+
+def _queue(target: ZarrTarget, region: tuple[slice, ...], data: np.ndarray, rid: int, behind: bool = True) -> str:
+    """Write a region (behind, or now); this worker's address."""
+    worker, plugin = _plugin()
+    if worker is None:  # a local scheduler: write now
+        target.open()[region] = data
+        return "local"
+    wb = writer_for(plugin, target)
+    if behind:
+        wb.submit(target, region, data, rid)
+    else:
+        wb.write_now(target, rid, lambda put: put(region, data))
+    return str(worker.address)
+
+
+def write_block(block: np.ndarray, target: ZarrTarget, block_info: Any = None) -> np.ndarray:
+    """An aligned block still to be computed: queue it whole (it is whole units)."""
+    info = block_info[0]
+    region = tuple(slice(a, b) for a, b in info["array-location"])
+    rid = int(np.ravel_multi_index(info["chunk-location"], info["num-chunks"]))
+    out = np.empty((1,) * block.ndim, dtype=object)
+    out.flat[0] = _queue(target, region, block, rid)
+    return out
+
+
+def write_blocks(target: ZarrTarget, regions: list[tuple[tuple[slice, ...], int]], blocks: list[np.ndarray]) -> str:
+    """Aligned blocks this worker holds in memory: write each whole, now (nothing to overlap)."""
+    addr = "local"
+    for (region, rid), block in zip(regions, blocks):
+        addr = _queue(target, region, block, rid, behind=False)
+    return addr
+
+
+def write_rows(target: ZarrTarget, jobs: Jobs, blocks: list[np.ndarray], behind: bool = True) -> str:
+    """Write each job (this task's pieces of one unit) in place in the unit's file.
+
+    ``behind``: queue the jobs on the write-behind thread; else write them
+    on this thread, now.
+    """
+    worker, plugin = _plugin()
+    token = target.run
+    if worker is None:  # a local scheduler: write now
+        writer = _in_place_writer(target, "rows")
+        for _, coords, pieces in jobs:
+            writer.write_rows(coords, [(rows, blocks[j][src]) for j, src, rows in pieces], token)
+        return "local"
+    wb = writer_for(plugin, target)
+    for jid, coords, pieces in jobs:
+        parts = [(rows, blocks[j][src]) for j, src, rows in pieces]
+
+        def job(put: Any, coords: Any = coords, parts: Any = parts) -> int:
+            if not hasattr(put, "write_rows"):
+                raise SinkError(_NOT_RAW)
+            return int(put.write_rows(coords, parts, token))
+
+        if behind:
+            wb.submit_job(target, jid, sum(int(p.nbytes) for _, p in parts), job)
+        else:
+            wb.write_now(target, jid, job)
+    return str(worker.address)
+
+
+def append_chunks(target: ZarrTarget, jobs: Jobs, blocks: list[np.ndarray]) -> tuple[str, list[Any]]:
+    """Append each job's inner chunks to its shard's file, now; where they landed.
+
+    Now, on the task's thread, not behind: the entries are the task's
+    result, which is how the last task learns them (and a recomputed task's
+    result replaces the lost one's). Returns this worker's address and
+    ``(shard coords, entries)`` per job.
+    """
+    worker, plugin = _plugin()
+    token = target.run
+    wb = writer_for(plugin, target) if worker is not None else None
+    out: list[Any] = []
+    for jid, scoords, chunks in jobs:
+        parts = [(icoords, blocks[j][src]) for j, src, icoords in chunks]
+
+        def job(put: Any, scoords: Any = scoords, parts: Any = parts) -> int:
+            if not hasattr(put, "append_chunks"):
+                raise SinkError(_NOT_SHARDS)
+            out.append((scoords, put.append_chunks(scoords, parts, token)))
+            return sum(int(p.nbytes) for _, p in parts)
+
+        if wb is None:  # a local scheduler
+            job(_in_place_writer(target, "chunks"))
+        else:
+            wb.write_now(target, jid, job)
+    return ("local" if worker is None else str(worker.address)), out
+
+
+_NOT_SHARDS = (
+    "this worker cannot append the array's inner chunks to its shards, though the client "
+    "found it could (different Zarr versions on client and workers?)"
+)
+
+
+_NOT_RAW = (
+    "this worker cannot write the array's chunks uncompressed in place, though the client "
+    "found it could (different Zarr versions on client and workers?)"
+)
+
+
+def _in_place_writer(target: ZarrTarget, kind: str) -> Any:
+    """The target's writer of rows in place (``kind`` "rows") or of appended inner chunks ("chunks")."""
+    from aimss_dask.sink.direct import in_place_writers
+
+    rows, appender = in_place_writers(target.open())
+    writer, refusal = (rows, _NOT_RAW) if kind == "rows" else (appender, _NOT_SHARDS)
+    if writer is None:
+        raise SinkError(refusal)
+    return writer
+
+
+@pushrun.restartable
+def push_blocks(
+    names: list[str], pieces: list[Any], blocks: list[np.ndarray], inputs: list[int] | None = None
+) -> int:
+    """Push the pieces of these blocks to their units' owners.
+
+    ``inputs[i]``: block ``i``'s flat index in the array, its pieces' origin.
+    """
+    ids = inputs if inputs is not None else [None] * len(blocks)
+    return sum(pushrun.push_pieces(b, names, ps, i) for b, ps, i in zip(blocks, pieces, ids))
+
+
+@pushrun.restartable
+def begin(spec: ZarrWriteSpec) -> int | None:
+    """Register a run whose writes need no stream; its epoch (None: no cluster to register with)."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except ValueError:
+        return None  # a local scheduler
+    return register_run(spec).epoch
+
+
+def _end(run_id: str, epoch: int | None) -> None:
+    if epoch is not None:
+        finish_run(run_id, epoch)
+
+
+def finish(
+    target: ZarrTarget, expected: list[int], stream: str | None, written: list[Any],
+    begun: int | None = None, run_id: str = "",
+) -> int:
+    """The run's last task: wait for every writer, check every region landed; bytes written.
+
+    ``begun``: the epoch the run was registered under by :func:`begin`
+    (a push run's ends when its stream is destroyed).
+    """
+    from aimss_dask.api import streams as api
+
+    addresses: set[str] = set()
+    if stream is not None:
+        addresses.update(api.get_stream(stream).spec.owners)
+    else:
+        for w in written:  # an address, or a 1-element array of one (a fused block task)
+            addresses.update([w] if isinstance(w, str) else np.asarray(w, dtype=object).ravel().tolist())
+    addresses.discard("local")
+    if not addresses:  # written synchronously by a local scheduler
+        _end(run_id, begun)
+        return 0
+    done, nbytes, errors = _flush(target, addresses)
+    if stream is not None:
+        api.destroy_stream(stream)
+    _raise_for(target, errors, expected, done, "Regions already written are complete")
+    _end(run_id, begun)
+    return nbytes
+
+
+def finish_rows(
+    target: ZarrTarget, njobs: int, grid: tuple[int, ...], written: list[Any], kind: str = "rows",
+    begun: int | None = None, run_id: str = "",
+) -> int:
+    """The last task of a rows (or chunks) run: wait for every writer, then give every unit its key.
+
+    ``written`` is each task's result: its worker's address (``kind``
+    "rows"), or the address and where its chunks landed in which shards
+    ("chunks": appended in place), from which each shard's index is written
+    first. Writes in place are safe on one host only (checked when the
+    graph was built); a run whose writers turn out to span hosts (a
+    cluster that grew) fails here instead of committing.
+
+    Only when all ``njobs`` jobs are written does any unit of ``grid`` get
+    its key, so a run whose writes fail changes no unit of the array; its
+    partial files are removed.
+    """
+    expected = list(range(njobs))
+    addresses: set[str] = set()
+    entries: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
+    for w in written:
+        if isinstance(w, str):
+            addresses.add(w)
+        else:
+            addresses.add(w[0])
+            for scoords, ents in w[1]:
+                entries.setdefault(tuple(scoords), []).extend(ents)
+    addresses.discard("local")
+    done, nbytes, errors = _flush(target, addresses) if addresses else (list(expected), 0, [])
+    writer = None
+    try:
+        writer = _in_place_writer(target, kind)
+        _raise_for(target, errors, expected, done, "No chunk of the array was changed")
+        hosts = _hosts(addresses)
+        if len(hosts) > 1:
+            raise SinkError(
+                f"to_zarr into {target.store!r}: chunks were written in place from several hosts "
+                f"{sorted(hosts)}, which is safe on one host only (the cluster grew during the run). "
+                "No chunk of the array was changed; write again."
+            )
+        units = list(np.ndindex(*grid))
+        if kind == "chunks":
+            if len(entries) != len(units):  # every shard holds a chunk, so every one had an append
+                missing = sorted(set(units) - set(entries))[:5]
+                raise SinkError(f"to_zarr: no chunk of shards {missing} was written; this is a bug, please report it")
+            sealed = writer.close_shards(entries, target.run)
+            writer.commit(units, sealed)
+            writer.discard(target.run)  # partial files of late appends, if any: never committed
+        else:
+            writer.commit(units, target.run)
+    except Exception:
+        if writer is not None:
+            writer.discard(target.run)
+        raise
+    _end(run_id, begun)
+    return nbytes
+
+
+def _hosts(addresses: set[str]) -> set[str]:
+    from distributed.comm import get_address_host
+
+    return {get_address_host(a) for a in addresses}
+
+
+def abort(array: Any, target: ZarrTarget, error: BaseException | None = None) -> None:
+    """After a failed run: stop its writers everywhere, then remove its partial chunk files.
+
+    A rows run that fails before its last task (a block's computation
+    raised) would otherwise leave its partial files next to the chunks:
+    never read, but clutter. The writers stop first, so that none writes a
+    partial file after the sweep. Best effort: it never hides the failure.
+    """
+    from aimss_dask.sink.direct import remove_partials
+
+    try:
+        try:
+            from distributed import default_client
+
+            default_client().run(_abort_run, target.run)
+        except ValueError:  # no cluster: a local scheduler's writes are done
+            pass
+        else:
+            finish_run(target.run, None, "failed", error)
+        remove_partials(array, target.run)
+    except Exception:
+        logger.warning("aimss: cleaning up after the failed run %s failed", target.run, exc_info=True)
+
+
+async def _abort_run(run: str, dask_worker: Any = None) -> int:
+    """On a worker: drop the run's queued writes and refuse later ones (off the event loop)."""
+    import asyncio
+
+    plugin = dask_worker.plugins.get(PLUGIN_NAME) if dask_worker is not None else None
+    writer = plugin.runs.peek_shared(SHARED_KEY) if plugin is not None else None
+    if writer is None:
+        return 0
+    # The queue, not only its WriteRun: a worker with no write of the run yet
+    # must refuse any that comes later too.
+    dropped = await asyncio.get_running_loop().run_in_executor(None, writer.abort, run)
+    await asyncio.get_running_loop().run_in_executor(None, plugin.runs.stop, WriteRun.key(run))
+    return dropped
+
+
+def _flush(target: ZarrTarget, addresses: set[str]) -> tuple[list[int], int, list[str]]:
+    """Wait for the run's writers on ``addresses``: regions written, bytes, errors."""
+    from aimss_dask.api.context import current
+
+    ep = current("to_zarr")
+    done: list[int] = []
+    errors: list[str] = []
+    nbytes = 0
+    for addr in sorted(addresses):
+        try:
+            reply = ep.call(ep.ask_worker, addr, "run_call", name=WriteRun.key(target.run), operation="flush")
+        except StreamNotFoundError:
+            continue  # no WriteRun there: this run wrote nothing on that worker
+        except Exception as e:  # a writer lost with its queue
+            errors.append(f"{addr}: {type(e).__name__}: {e}")
+            continue
+        try:
+            # Flushed: the worker forgets the run (a late write is refused).
+            ep.call(ep.ask_worker, addr, "run_stop", name=WriteRun.key(target.run))
+        except Exception:  # leaving: its runs go with it
+            pass
+        done.extend(reply["written"])
+        nbytes += reply["bytes"]
+        errors.extend(f"{addr}: {m}" for m in reply["errors"])
+    return done, nbytes, errors
+
+
+def _raise_for(target: ZarrTarget, errors: list[str], expected: list[int], done: list[int], kept: str) -> None:
+    if errors:
+        raise SinkError(
+            f"to_zarr into {target.store!r} (component {target.path!r}) failed: "
+            + "; ".join(errors[:5])
+            + ("" if len(errors) <= 5 else f" (and {len(errors) - 5} more)")
+            + f". {kept}; fix the cause and write again."
+        )
+    missing = sorted(set(expected) - set(done))
+    if missing:
+        raise SinkError(
+            f"to_zarr into {target.store!r}: regions {missing[:10]} were never written "
+            f"({len(missing)} of {len(expected)}); this is a bug, please report it"
+        )
