@@ -6,7 +6,9 @@ so that a change in that library breaks one small function, found by name.
 
 from __future__ import annotations
 
-__all__ = ["task_attempt"]
+from typing import Any
+
+__all__ = ["frame_blocks", "task_attempt"]
 
 
 def task_attempt() -> int | None:
@@ -47,3 +49,25 @@ def task_attempt() -> int | None:
     if type(run_id) is not int or run_id < 0:
         return None
     return run_id
+
+
+def frame_blocks(frame: Any) -> list[Any] | None:
+    """The arrays that hold a pandas DataFrame's columns, one per block; None if unknown.
+
+    The log counts a record's bytes on every append, and dask's ``sizeof``
+    of a DataFrame builds a Series per column per call: a tenth of a
+    shuffle's map CPU, measured. The block manager (``DataFrame._mgr``)
+    gives the buffers directly. Nothing documented does: ``memory_usage``
+    builds Series too. Any other layout (a future pandas) gives None, and
+    the caller falls back to ``sizeof``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> [b.shape for b in frame_blocks(pd.DataFrame({"a": [1, 2], "b": [3, 4]}))]
+    [(2, 2)]
+    """
+    try:
+        return [b.values for b in frame._mgr.blocks]
+    except Exception:
+        return None

@@ -13,8 +13,8 @@ import time
 import uuid
 
 import pytest
-from hypothesis import strategies as hst
 from distributed import Client, LocalCluster
+from hypothesis import strategies as hst
 
 import aimss_dask
 

@@ -82,9 +82,9 @@ IMPORT = "<import>"
 #: Known uses, (file relative to aimss_dask/, object as written, attribute or
 #: module) -> why it is here. Remove an entry with the use it describes.
 ALLOWED: dict[tuple[str, str, str], str] = {
-    ("log/records.py", "record", "_mgr"): (
+    ("_compat.py", "frame", "_mgr"): (
         "pandas BlockManager fast path, a measured win (a tenth of a shuffle's map "
-        "CPU); the plan keeps it, isolated in a _compat module with a fallback"
+        "CPU), isolated in _compat.frame_blocks with a fallback"
     ),
     ("transport/producer.py", "self.p", "_loop"): "our own Producer's loop; the name is also Client's",
 }

@@ -8,7 +8,6 @@ query to the workers for it); each ends in a final state.
 
 from __future__ import annotations
 
-
 import dask.array as da
 import dask.dataframe as dd
 import numpy as np

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aimss_dask.core.errors import SinkError
-from aimss_dask.sink import direct
+from aimss_dask.sink import shards
 from aimss_dask.sink.assembler import RowSlabs, row_slabs
 from aimss_dask.sink.direct import direct_writer
 
@@ -86,14 +86,14 @@ def test_direct_writes_read_back_identical(tmp_path_factory, case):
 
 def test_row_slabs_are_written_without_a_copy(tmp_path, monkeypatch):
     """Uncompressed: the file is the slabs' bytes in order, each slab handed to write() as is."""
-    from aimss_dask.sink import direct
+    from aimss_dask.sink import chunkfiles
 
     x = np.arange(8 * 3, dtype="f8").reshape(8, 3)
     z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(8, 3), chunks=(8, 3), dtype="f8", compressors=None)
     slabs = _slabs(x, [3, 5])
     written = []
-    real = direct._put
-    monkeypatch.setattr(direct, "_put", lambda path, parts, made: (written.append(parts), real(path, parts, made)))
+    real = chunkfiles.put_file
+    monkeypatch.setattr(chunkfiles, "put_file", lambda path, parts, made: (written.append(parts), real(path, parts, made)))
     direct_writer(z)((slice(0, 8), slice(0, 3)), slabs)
     [parts] = written
     assert [np.frombuffer(p, "f8").size for p in parts] == [9, 6, 9]
@@ -171,7 +171,7 @@ def test_prepare_makes_every_directory_the_writes_need_and_no_more(tmp_path, mon
     and the writes that follow make none of their own."""
     import os
 
-    from aimss_dask.sink import direct
+    from aimss_dask.sink import chunkfiles
 
     path = str(tmp_path / "a.zarr")
     z = zarr.create_array(path, shape=shape, chunks=chunks, shards=shards, zarr_format=fmt, dtype="f8")
@@ -191,7 +191,7 @@ def test_prepare_makes_every_directory_the_writes_need_and_no_more(tmp_path, mon
         assert made == 1 and dirs == []  # the array's own directory, which exists
     calls = []
     real = os.makedirs
-    monkeypatch.setattr(direct.os, "makedirs", lambda *a, **k: (calls.append(a), real(*a, **k)))
+    monkeypatch.setattr(chunkfiles.os, "makedirs", lambda *a, **k: (calls.append(a), real(*a, **k)))
     x = np.arange(np.prod(shape), dtype="f8").reshape(shape)
     for region in regions:
         w(region, x[region])
@@ -291,13 +291,13 @@ def test_rows_written_in_place_are_the_bytes_zarr_writes(tmp_path_factory, case)
 
 
 def test_adjacent_rows_of_one_job_take_one_write(tmp_path, monkeypatch):
-    from aimss_dask.sink import direct
+    from aimss_dask.sink import chunkfiles
 
     z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(10, 3), chunks=(8, 3), dtype="f8", compressors=None)
     x = np.arange(30, dtype="f8").reshape(10, 3)
     calls = []
-    real = direct.os.pwritev
-    monkeypatch.setattr(direct.os, "pwritev", lambda fd, bufs, off: (calls.append((len(bufs), off)), real(fd, bufs, off))[1])
+    real = chunkfiles.os.pwritev
+    monkeypatch.setattr(chunkfiles.os, "pwritev", lambda fd, bufs, off: (calls.append((len(bufs), off)), real(fd, bufs, off))[1])
     w = direct_writer(z)
     # Rows 5..8 and 0..3 of chunk 0 (not adjacent: two writes), then rows 3..5 alone.
     assert w.write_rows((0, 0), [((5, 8), x[5:8]), ((0, 3), x[0:3])], "r") == 6 * 3 * 8
@@ -340,7 +340,7 @@ def test_rows_that_do_not_fit_their_chunk_are_refused(tmp_path):
 def test_pwrite_all_survives_short_writes_and_many_buffers(tmp_path, monkeypatch):
     import os
 
-    from aimss_dask.sink import direct
+    from aimss_dask.sink import chunkfiles
 
     real = os.pwritev
     asked = []
@@ -352,15 +352,15 @@ def test_pwrite_all_survives_short_writes_and_many_buffers(tmp_path, monkeypatch
         data = b"".join(bytes(b) for b in bufs)
         return real(fd, [data[: max(1, len(data) // 2)]], off)
 
-    monkeypatch.setattr(direct.os, "pwritev", short)
+    monkeypatch.setattr(chunkfiles.os, "pwritev", short)
     bufs = [memoryview(bytes([i % 251]) * (1 + i % 3)) for i in range(3000)]
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
     try:
-        direct._pwrite_all(fd, bufs, 5)
+        chunkfiles.pwrite_all(fd, bufs, 5)
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"\0" * 5 + b"".join(bytes(b) for b in bufs)
-    assert max(asked) <= direct._IOV_MAX and len(asked) > 3
+    assert max(asked) <= chunkfiles.IOV_MAX and len(asked) > 3
 
 
 def test_shard_rows_in_place_with_the_index_at_the_start(tmp_path):
@@ -605,7 +605,7 @@ def test_an_append_opened_before_the_seal_is_refused_after_it(tmp_path, monkeypa
                 w.commit([(0,)], w.close_shards({(0,): ents}, "r"))
             real(fd, op)
 
-    monkeypatch.setattr(direct, "fcntl", Stall())
+    monkeypatch.setattr(shards, "fcntl", Stall())
     with pytest.raises(SinkError, match=r"shard \(0,\) .* was sealed before this append"):
         w.append_chunks((0,), [((1,), np.full(2, -9, "i4"))], "r")
     assert sorted(os.listdir(path / "c")) == ["0"]

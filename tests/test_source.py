@@ -258,9 +258,9 @@ def test_prefetch_window_is_bounded_and_slides(client, tmp):
         assert max(most) <= window * slab_bytes
         runs = _runs(client, s.name)
         for r in runs.values():
-            for _, st in r["parts"]:
-                assert st["end"] == st["records"] == 24  # the window slid to the end
-                assert st["peak"] <= window, st
+            for _, part in r["parts"]:
+                assert part["end"] == part["records"] == 24  # the window slid to the end
+                assert part["peak"] <= window, part
         # Everything read is trimmed; the brokers then have nothing left to do.
         wait_until(lambda: sum(s.info()["bytes"]) == 0, what="trim behind the loader")
         wait_until(lambda: not any(client.run(_live_broker_tasks, s.name).values()), what="brokers done")

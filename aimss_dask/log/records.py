@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from distributed.protocol import Serialized, serialize
 
+from aimss_dask._compat import frame_blocks
 from aimss_dask.core.errors import RecordNotSerializableError
 
 #: Dask serialiser families every record goes through (arrays without pickling).
@@ -64,14 +65,10 @@ def local_nbytes(record: Any) -> int | None:
     import pandas as pd
 
     if isinstance(record, pd.DataFrame):
-        try:
-            # The blocks' buffers, straight from the block manager: dask's
-            # sizeof builds Series per call, a tenth of a shuffle's map CPU.
-            blocks = record._mgr.blocks
-            if all(getattr(b.values, "dtype", None) != object for b in blocks):
-                return int(sum(b.values.nbytes for b in blocks) + record.index.nbytes)
-        except Exception:  # another pandas layout: fall back to sizeof
-            pass
+        # The blocks' buffers: dask's sizeof builds Series per call.
+        values = frame_blocks(record)
+        if values is not None and all(getattr(v, "dtype", None) != object for v in values):
+            return int(sum(v.nbytes for v in values) + record.index.nbytes)
     if isinstance(record, (pd.DataFrame, pd.Series, pd.Index)):
         from dask.sizeof import sizeof
 

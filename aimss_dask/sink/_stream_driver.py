@@ -36,6 +36,7 @@ from aimss_dask.sink._stream_tasks import (
     trim_only,
 )
 from aimss_dask.sink.specs import StreamSinkSpec
+from aimss_dask.sink.units import unit_writer, whole_region
 
 logger = logging.getLogger("aimss_dask")
 
@@ -534,9 +535,10 @@ class SinkRun:
             tail = np.concatenate([parts[p] for p in sorted(parts)], axis=self._template.axis)
             total = int(tail.shape[self._template.axis])
             self._arr.resize(self._template.array_shape(c.rows + total))
-            region = (slice(None),) * self._template.axis + (slice(c.rows, c.rows + total),)
-            # Fenced like the owners' writes.
-            self.target.open_fenced()[region] = tail
+            # Fenced like the owners' writes; the tail ends at the array's edge,
+            # so it is whole units too.
+            region = whole_region(tail.shape, self._template.axis, c.rows, total)
+            unit_writer(self.target.open_fenced())(region, tail)
         else:
             total = 0
         runs = plan.tail_runs(self._pos, rems, c.rows)

@@ -18,6 +18,7 @@ import numpy as np
 from aimss_dask.core.errors import SinkError, StreamNotFoundError
 from aimss_dask.core.names import PLUGIN_NAME
 from aimss_dask.sink._stream_plan import Position, Template, advance, cut
+from aimss_dask.sink.units import unit_writer, whole_region
 
 #: Bytes of records fetched from the log per read (references, not copies,
 #: unless a segment was spilled to disk).
@@ -137,10 +138,6 @@ def _rows(records: Sequence[Any], pieces: Sequence[tuple[int, int, int]], axis: 
     return np.concatenate([piece(*pc) for pc in pieces], axis=axis)
 
 
-def _region(axis: int, ndim: int, start: int, n: int) -> tuple[slice, ...]:
-    return (slice(None),) * axis + (slice(start, start + n),) + (slice(None),) * (ndim - axis - 1)
-
-
 def _write(store: Any, job: OwnerJob) -> Position:
     assert job.target is not None
     o, r = job.position
@@ -153,7 +150,9 @@ def _write(store: Any, job: OwnerJob) -> Position:
         # The stream may have been destroyed meanwhile (its client died):
         # then this task is a leftover and must not write.
         store.bounds(job.stream, job.epoch, job.p)
-        arr[_region(job.axis, block.ndim, job.start + k * job.chunk_rows, block.shape[job.axis])] = block
+        start = job.start + k * job.chunk_rows
+        # Whole chunks (or the array's edge): one unit, written once.
+        unit_writer(arr)(whole_region(block.shape, job.axis, start, block.shape[job.axis]), block)
     return advance(job.position, lengths, job.nrows)
 
 

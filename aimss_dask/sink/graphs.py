@@ -213,13 +213,13 @@ def _in_place_graph(
 
     ``"rows"``: each piece of a block (the rows it gives one unit) is one
     byte range of that unit's file, so the worker holding the block writes
-    it there itself (:meth:`~aimss_dask.sink.direct._RowsInPlace.write_rows`);
+    it there itself (:meth:`~aimss_dask.sink.chunkfiles.RowsInPlace.write_rows`);
     a task's pieces of one unit are one write job (one ``open``, adjacent
     rows in one ``pwritev``).
 
     ``"chunks"``: each block's inner chunks are encoded by the worker that
     holds the block and appended to their shards' files
-    (:meth:`~aimss_dask.sink.direct._ShardWriter.append_chunks`); a task's
+    (:meth:`~aimss_dask.sink.shards.ShardWriter.append_chunks`); a task's
     chunks of one shard are one job (one append), and the tasks return where
     their chunks landed, from which the last task writes each shard's index.
 

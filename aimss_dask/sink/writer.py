@@ -27,7 +27,7 @@ import numpy as np
 from distributed.utils import offload
 
 from aimss_dask.node.runs import Run
-from aimss_dask.sink.direct import Put
+from aimss_dask.sink.units import UnitWriter, unit_writer
 
 logger = logging.getLogger("aimss_dask")
 
@@ -107,7 +107,7 @@ class WriteBehind:
         self.submit_job(target, rid, int(data.nbytes), job)
 
     def submit_job(
-        self, target: ZarrTarget, rid: int, nbytes: int, job: Callable[[Put], int]
+        self, target: ZarrTarget, rid: int, nbytes: int, job: Callable[[UnitWriter], int]
     ) -> None:
         """Queue ``job(put) -> bytes written`` as region ``rid``; ``nbytes`` it holds meanwhile.
 
@@ -132,7 +132,7 @@ class WriteBehind:
             run.pending.add(fut)
         fut.add_done_callback(lambda f: self._done(run, f, n, rid))
 
-    def write_now(self, target: ZarrTarget, rid: int, job: Callable[[Put], int]) -> int:
+    def write_now(self, target: ZarrTarget, rid: int, job: Callable[[UnitWriter], int]) -> int:
         """Run ``job(put) -> bytes written`` on the calling thread, as region ``rid`` of the run.
 
         For blocks already in memory (a persisted input) there is no
@@ -171,15 +171,13 @@ class WriteBehind:
 
         def job() -> None:
             try:
-                prepare = getattr(_run_put(target, run), "prepare", None)
-                if prepare is not None:
-                    prepare(regions)
+                _run_put(target, run).prepare(regions)
             except Exception:
                 logger.debug("aimss: making the directories of %s ahead failed", target.run, exc_info=True)
 
         self._pool.submit(job)
 
-    def _write(self, target: ZarrTarget, run: _Run, job: Callable[[Put], int]) -> int:
+    def _write(self, target: ZarrTarget, run: _Run, job: Callable[[UnitWriter], int]) -> int:
         if target.run in self._aborted:
             return 0
         return job(_run_put(target, run))
@@ -247,33 +245,15 @@ class WriteBehind:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
 
-def _run_put(target: ZarrTarget, run: _Run) -> Put:
+def _run_put(target: ZarrTarget, run: _Run) -> UnitWriter:
     """The run's writer of whole units, opened on first use (on the writer thread).
 
     One handle per run and worker: the shape of a to_zarr target is fixed
     for the run, so a cached handle cannot go stale.
     """
     if run.put is None:
-        run.put = _putter(target.open())
+        run.put = unit_writer(target.open())
     return run.put
-
-
-def _putter(array: Any) -> Put:
-    """How to store whole units of ``array``: direct chunk files where the layout allows."""
-    from aimss_dask.sink.assembler import RowSlabs
-    from aimss_dask.sink.direct import direct_writer
-
-    direct = direct_writer(array)
-    if direct is not None:
-        return direct
-
-    def put(region: tuple[slice, ...], data: Any) -> int:
-        if isinstance(data, RowSlabs):
-            data = data.materialize()
-        array[region] = data
-        return int(data.nbytes)
-
-    return put
 
 
 # -- on a worker: the shared queue, and one run per to_zarr run -----------------------
