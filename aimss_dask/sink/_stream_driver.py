@@ -1,7 +1,9 @@
-"""The driver of a streaming Zarr sink: rounds, commits, failures (one thread).
+"""The driver of a streaming Zarr sink: plans rounds, keeps what is durable (one thread).
 
 :class:`SinkRun` is the mutable run behind a :class:`~aimss_dask.sink.stream_sink.Sink`;
-the design is described in :mod:`aimss_dask.sink.stream_sink`.
+the design is described in :mod:`aimss_dask.sink.stream_sink`. Its array's
+metadata is written by :mod:`~aimss_dask.sink._stream_array`, its tasks on
+the owners run through :mod:`~aimss_dask.sink._stream_owners`.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from aimss_dask.core.errors import (
     SinkError,
     StoreNotFoundError,
     StoreReadOnlyError,
-    StreamNotFoundError,
 )
 from aimss_dask.core.runs import OnLoss
 from aimss_dask.sink import _stream_plan as plan
 from aimss_dask.sink import _xarray as xr_sink
+from aimss_dask.sink._stream_array import SinkArray
+from aimss_dask.sink._stream_owners import Owners
 from aimss_dask.sink._stream_plan import Committed, Position, Template
 from aimss_dask.sink._stream_tasks import (
     OwnerJob,
@@ -33,27 +36,24 @@ from aimss_dask.sink._stream_tasks import (
     Target,
     owner_step,
     take_rows,
-    trim_only,
 )
 from aimss_dask.sink.specs import StreamSinkSpec
-from aimss_dask.sink.units import unit_writer, whole_region
 
 logger = logging.getLogger("aimss_dask")
 
 #: Poll interval of an idle driver: doubles from the first to the second
 #: while nothing arrives, back to the first as soon as something does.
 IDLE_POLL = (0.02, 0.5)
-#: How often a driver waiting on its tasks checks that their owners are alive.
-LOST_CHECK = 1.0
 #: Least time between two progress reports to the coordinator.
 REPORT_EVERY = 0.5
-#: How long a failed round waits for its other tasks before cutting the array
-#: back (a task still writing must not land after the cut).
-FAIL_GRACE = 30.0
 
 
 class SinkRun:
-    """State and rounds of one sink run; :meth:`main` is its thread's body."""
+    """State and rounds of one sink run; :meth:`main` is its thread's body.
+
+    It plans each round and keeps what is durable; the array's metadata is
+    :class:`SinkArray`'s, the tasks on the owners are :class:`Owners`'.
+    """
 
     def __init__(
         self,
@@ -80,8 +80,10 @@ class SinkRun:
         self._named = named
         self._zarr_format = zarr_format
         self._groups = groups
-        self._client = client
-        self._ep = ep
+        self._array = SinkArray(target, spec.name)
+        self._owners = Owners(
+            spec, target.run, client, ep, self._check_lost, lambda: self._array.truncate(self._committed)
+        )
         n = spec.partitions
         self._template: Template | None = None
         self._chunk_rows = 0
@@ -96,7 +98,6 @@ class SinkRun:
         self._complete = [False] * n
         self._trimmed = [0] * n
         self._seen = [(0, 0)] * n  # (records, rows) scanned per partition
-        self._arr: Any = None
         self.lock = threading.Lock()
         self.stop = threading.Event()  # set by Sink.close()
         self._state = "starting"
@@ -149,7 +150,7 @@ class SinkRun:
             self._set(state="failed", error=_translate(e, self._resume_hint()))
             if not isinstance(e, AIMSSError):
                 logger.warning("aimss: sink of %r failed: %r", self.spec.name, e)
-        if not self._client_closed():  # else the coordinator closed the run with its client
+        if not self._owners.client_closed():  # else the coordinator closed the run with its client
             state = {"done": "done", "closed": "closed"}.get(self._state, "failed")
             self.listed.end(state, self.error if state == "failed" else None, self._progress())
 
@@ -167,46 +168,13 @@ class SinkRun:
         )
 
     def _activate(self) -> None:
-        """Take over an existing array, right before this sink's first write to it.
+        """Take over the array before this sink's first write (see :meth:`SinkArray.activate`)."""
+        if self._committed is not None and not self._array.active:
+            self._set(committed=self._array.activate(self._committed))
 
-        Not earlier: a sink that fails on its first records (another dtype,
-        another shape) leaves the array exactly as it was. The run fence
-        first, so a leftover writer stops; then cut back whatever a failed
-        round left past the committed rows.
-        """
-        if self._arr is not None or self._committed is None:
-            return  # active already, or the array does not exist yet
-        self._arr = self.target.open()
-        self._commit(replace_run=True)
-        self._truncate()
-
-    def _truncate(self) -> None:
-        c = self._committed
-        if self._arr is None or c is None:
-            return
-        ax = c.axis
-        if self._arr.shape[ax] != c.rows:
-            shape = list(self._arr.shape)
-            shape[ax] = c.rows
-            self._arr.resize(tuple(shape))
-
-    def _commit(self, *, replace_run: bool = False, **changes: Any) -> None:
-        """Write the ``aimss`` attribute: one metadata write, by the driver only."""
-        assert self._committed is not None and self._arr is not None
-        if not replace_run:
-            fresh = self.target.open(mode="r").attrs.get("aimss")
-            run = fresh.get("run") if isinstance(fresh, dict) else None
-            if run != self.target.run:
-                raise SinkError(
-                    f"another sink (run {run!r}) took over {self.target.where}; this one "
-                    "stops without committing. Run one sink per array at a time"
-                )
-        new = replace(self._committed, run=self.target.run, stream=self.spec.name, **changes)
-        self._arr.update_attributes({"aimss": new.to_doc()})
-        self._set(committed=new)
-
-    def _client_closed(self) -> bool:
-        return self._client.status not in ("running", "connecting", "newly-created")
+    def _commit(self, **changes: Any) -> None:
+        assert self._committed is not None
+        self._set(committed=self._array.commit(self._committed, **changes))
 
     def _loop(self) -> bool:
         """Rounds until complete (True) or stopped (False)."""
@@ -219,9 +187,9 @@ class SinkRun:
                 )
                 self._set(state="closed", error=closed)
                 return False
-            if self._client_closed():
+            if self._owners.client_closed():
                 raise SinkError(f"the client of the sink of stream {self.spec.name!r} closed")
-            info = self._stream_info()
+            info = self._owners.info()
             jobs = self._plan(info)
             if jobs:
                 self._round(jobs)
@@ -235,19 +203,7 @@ class SinkRun:
             self.stop.wait(idle)
             idle = min(idle * 2, IDLE_POLL[1])
 
-    def _stream_info(self) -> dict[str, Any]:
-        try:
-            info = self._ep.scheduler_op("info", name=self.spec.name)["info"]
-        except StreamNotFoundError as e:
-            raise SinkError(f"stream {self.spec.name!r} was destroyed while its sink was running") from e
-        if info["epoch"] != self.spec.epoch:
-            raise SinkError(
-                f"stream {self.spec.name!r} was destroyed and created again while its sink was running"
-            )
-        self._check_lost(info["lost"])
-        return info
-
-    def _check_lost(self, lost: Any, involved: Any = ()) -> None:
+    def _check_lost(self, lost: Any, involved: Any) -> None:
         """Raise if a lost partition still matters: it has rows not yet durable, or a task."""
         needed = sorted(
             p for p in lost or () if p in involved or not (self._complete[p] and self._avail[p] == 0)
@@ -314,93 +270,6 @@ class SinkRun:
             )
         return jobs
 
-    def _submit(self, fn: Any, job: OwnerJob, kind: str) -> Any:
-        owner = self.spec.owners[job.p]
-        return self._client.submit(
-            fn,
-            job,
-            key=(f"zarr-sink-{kind}-{self.target.run[:12]}", self._rounds, job.p),
-            workers=[owner],
-            allow_other_workers=False,
-            pure=False,
-        )
-
-    def _get(self) -> dict[str, Any]:
-        try:
-            return self._ep.scheduler_op("get", name=self.spec.name)
-        except StreamNotFoundError as e:
-            raise SinkError(f"stream {self.spec.name!r} was destroyed while its sink was running") from e
-
-    def _gather(self, futures: dict[int, Any]) -> dict[int, Any]:
-        """Results of pinned tasks; on any failure, wait for the rest and cut back.
-
-        Never an unbounded wait: a result held by a worker that just died is
-        rescheduled on that (gone) worker and would never come back, so every
-        wait is short and followed by a look at the lost partitions.
-        """
-        from distributed import wait
-
-        results: dict[int, Any] = {}
-        try:
-            while True:
-                progress = False
-                for p, f in futures.items():
-                    if p in results:
-                        continue
-                    if f.status == "error":
-                        try:
-                            f.result()  # raises the task's exception
-                        except StreamNotFoundError:
-                            # Destroyed between the look at the stream and the task: say so.
-                            self._stream_info()
-                            raise
-                    if f.status in ("cancelled", "lost") or self._client_closed():
-                        raise SinkError(
-                            f"the sink of stream {self.spec.name!r} lost its tasks (its client closed?)"
-                        )
-                    if f.status == "finished":
-                        try:
-                            results[p] = f.result(timeout=LOST_CHECK)
-                            progress = True
-                        except TimeoutError:
-                            pass
-                if len(results) == len(futures):
-                    return results
-                pending = [f for p, f in futures.items() if p not in results and f.status == "pending"]
-                if pending and not progress:
-                    try:
-                        wait(pending, timeout=LOST_CHECK, return_when="FIRST_COMPLETED")
-                        progress = True
-                    except TimeoutError:
-                        pass
-                    except Exception:
-                        pass  # cancelled futures: seen at the top of the loop
-                if not progress:
-                    self._check_lost(self._get().get("lost"), involved=futures)
-        except BaseException:
-            self._abort(futures)
-            raise
-
-    def _abort(self, futures: dict[int, Any]) -> None:
-        """Let the round's other tasks end, then cut the array back to the commit."""
-        from distributed import wait
-
-        try:
-            lost = set(self._get().get("lost", ()))
-        except Exception:
-            lost = set(futures)
-        alive = [f for p, f in futures.items() if p not in lost]
-        for p in lost & set(futures):
-            futures[p].cancel()  # pinned to a dead worker: would wait forever
-        try:
-            wait(alive, timeout=FAIL_GRACE)
-        except Exception:
-            pass
-        try:
-            self._truncate()
-        except Exception as e:
-            logger.warning("aimss: sink could not cut %s back after a failure: %r", self.target.where, e)
-
     def _round(self, jobs: dict[int, tuple[OwnerJob, plan.Slot | None]]) -> None:
         slots = [s for _, s in jobs.values() if s is not None]
         c = self._committed
@@ -408,9 +277,11 @@ class SinkRun:
             assert c is not None and self._template is not None
             self._activate()
             new_rows = max(s.start + s.nchunks * self._chunk_rows for s in slots)
-            self._arr.resize(self._template.array_shape(new_rows))
-        futures = {p: self._submit(owner_step, job, "round") for p, (job, _) in jobs.items()}
-        reports: dict[int, OwnerReport] = self._gather(futures)
+            self._array.resize(self._template, new_rows)
+        futures = {
+            p: self._owners.submit(owner_step, job, "round", self._rounds) for p, (job, _) in jobs.items()
+        }
+        reports: dict[int, OwnerReport] = self._owners.gather(futures)
         del futures
         self._rounds += 1
         runs = []
@@ -461,8 +332,6 @@ class SinkRun:
 
     def _learn(self, templates: dict[int, tuple[Template, int]]) -> None:
         """The first records are here: check they agree, then create the array."""
-        import zarr
-
         first = min(templates)
         template, first_rows = templates[first]
         for p, (t, _) in sorted(templates.items()):
@@ -487,22 +356,7 @@ class SinkRun:
             else:
                 dims = xr_sink.default_dims(template.ndim)
             kwargs = xr_sink.dims_kwargs(dims, self._zarr_format, kwargs, self.target.where)
-        try:
-            arr = zarr.create_array(
-                self.target.store,
-                name=self.target.path,
-                shape=template.array_shape(0),
-                chunks=chunk_shape,
-                dtype=np.dtype(template.dtype),
-                zarr_format=self._zarr_format,
-                **kwargs,
-            )
-        except zarr.errors.ContainsArrayError as e:
-            raise SinkError(
-                f"{self.target.where} was created by someone else while the sink started; "
-                "run one sink per array at a time"
-            ) from e
-        self._arr = arr
+        self._array.create(template, chunk_shape, self._zarr_format, kwargs)
         self._set(template=template, chunk_rows=chunk_rows, committed=committed)
 
     def _finish(self) -> None:
@@ -531,14 +385,11 @@ class SinkRun:
                 for p, n in enumerate(rems)
                 if n > 0
             }
-            parts = self._gather({p: self._submit(take_rows, j, "tail") for p, j in jobs.items()})
+            parts = self._owners.gather(
+                {p: self._owners.submit(take_rows, j, "tail", self._rounds) for p, j in jobs.items()}
+            )
             tail = np.concatenate([parts[p] for p in sorted(parts)], axis=self._template.axis)
-            total = int(tail.shape[self._template.axis])
-            self._arr.resize(self._template.array_shape(c.rows + total))
-            # Fenced like the owners' writes; the tail ends at the array's edge,
-            # so it is whole units too.
-            region = whole_region(tail.shape, self._template.axis, c.rows, total)
-            unit_writer(self.target.open_fenced())(region, tail)
+            total = self._array.write_tail(self._template, c.rows, tail)
         else:
             total = 0
         runs = plan.tail_runs(self._pos, rems, c.rows)
@@ -555,31 +406,19 @@ class SinkRun:
         self._final_trim()
 
     def _consolidate(self) -> None:
-        """The groups' consolidated metadata, once the array has its final shape."""
-        xr_sink.consolidate(self.target.store, self._groups, None)
+        self._array.consolidate(self._groups)
 
     def _final_trim(self) -> None:
-        from distributed import wait
-
         try:
-            info = self._ep.scheduler_op("info", name=self.spec.name)["info"]
+            info = self._owners.info()
             trim = self._trim_targets(info)
-            futs = [
-                self._client.submit(
-                    trim_only,
-                    self.spec.name,
-                    self.spec.epoch,
-                    p,
-                    trim[p],
-                    workers=[self.spec.owners[p]],
-                    allow_other_workers=False,
-                    pure=False,
-                )
-                for p in range(self.spec.partitions)
-                if trim[p] > self._trimmed[p] and p not in info["lost"]
-            ]
-            # Bounded: an owner that dies now must not keep this thread.
-            wait(futs, timeout=FAIL_GRACE)
+            self._owners.trim(
+                {
+                    p: trim[p]
+                    for p in range(self.spec.partitions)
+                    if trim[p] > self._trimmed[p] and p not in info["lost"]
+                }
+            )
         except Exception as e:  # the data is durable: trimming is only memory
             logger.info("aimss: final trim of %r skipped: %r", self.spec.name, e)
 
