@@ -102,6 +102,27 @@ def test_make_room_spills_other_partitions_so_a_whole_read_fits(spill_dir):
     assert s.make_room("gone", None, 0) == 0
 
 
+def test_totals_sum_the_partition_stats_of_each_stream(spill_dir):
+    """What a heartbeat carries: per stream, records and bytes in memory and spilled."""
+    s = LogStore(budget=1000, spill_root=spill_dir, segment_size=100)
+    s.open("a", 1, [0, 1])
+    s.open("b", 1, [0])
+    for p in (0, 1):
+        s.append("a", 1, p, [bytes(100)] * 3, [100] * 3)
+    s.append("b", 1, 0, [bytes(50)], [50])
+    s.spill(500)  # some of a's segments go to disk
+    s.trim("a", 1, 1, 1)
+    totals = s.totals()
+    assert set(totals) == {"a", "b"}
+    for name, (records, memory, spilled) in totals.items():
+        parts = s.stream_stats(name).values()
+        assert records == sum(st["records"] for st in parts)
+        assert spilled == sum(st["spilled_bytes"] for st in parts)
+        assert memory == sum(st["bytes"] - st["spilled_bytes"] for st in parts)
+    assert totals["a"][2] > 0 and totals["b"] == (1, 50, 0)
+    assert sum(m for _, m, _ in totals.values()) == s.memory_bytes
+
+
 def test_tight_from_half_the_budget_on(spill_dir):
     s = LogStore(budget=1000, spill_root=spill_dir)
     s.open("a", 1, [0])

@@ -26,13 +26,7 @@ def heartbeat(plugin: Any) -> dict[str, Any]:
     store = plugin.store
     streams: dict[str, list[int]] = {}
     if store is not None:
-        for name in store.stats()["streams"]:
-            records = nbytes = spilled = 0
-            for st in store.stream_stats(name).values():
-                records += int(st["records"])
-                nbytes += int(st["bytes"])
-                spilled += int(st["spilled_bytes"])
-            streams[name] = [records, nbytes - spilled, spilled]
+        streams = {name: list(t) for name, t in store.totals().items()}
     runs = [
         [name, p.pop("run_id", None), p.pop("epoch", 0), p.pop("kind", ""), p]
         for name, p in plugin.runs.progress().items()
