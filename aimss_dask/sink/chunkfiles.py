@@ -266,6 +266,13 @@ class RowsInPlace:
                         pass
         return n
 
+    def _aligned_starts(self, region: tuple[slice, ...], what: str) -> list[int]:
+        """``region``'s first index on each axis; raises unless each is on a unit's edge."""
+        starts = [r.start for r in region]
+        if any(s % c for s, c in zip(starts, self.unit)):
+            raise ValueError(f"region {region} does not start on a {what} edge")
+        return starts
+
     def _extent(self, coords: tuple[int, ...]) -> tuple[int, ...]:
         """Unit ``coords``'s shape inside the array (smaller than a unit at the edges)."""
         return tuple(min(u, n - i * u) for i, u, n in zip(coords, self.unit, self.shape))
@@ -295,9 +302,7 @@ class ChunkWriter(RowsInPlace):
         return ext, 0, self.chunks[0], None, None
 
     def __call__(self, region: tuple[slice, ...], data: Data) -> int:
-        starts = [r.start for r in region]
-        if any(s % c for s, c in zip(starts, self.chunks)):
-            raise ValueError(f"region {region} does not start on a chunk edge")
+        starts = self._aligned_starts(region, "chunk")
         data = as_data(data, self.dtype)
         written = 0
         for coords in unit_coords(region, self.chunks):

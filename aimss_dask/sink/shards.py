@@ -92,9 +92,7 @@ class ShardWriter(RowsInPlace):
         return prepare_units(self.root, self.key, self.shards, regions, self.made)
 
     def __call__(self, region: tuple[slice, ...], data: Data) -> int:
-        starts = [r.start for r in region]
-        if any(s % c for s, c in zip(starts, self.shards)):
-            raise ValueError(f"region {region} does not start on a shard edge")
+        starts = self._aligned_starts(region, "shard")
         data = as_data(data, self.dtype)
         written = 0
         for scoords in unit_coords(region, self.shards):
