@@ -41,7 +41,7 @@ __all__ = ["Data", "direct_writer", "in_place_writers", "remove_partials"]
 
 
 def direct_writer(array: Any) -> ChunkWriter | ShardWriter | None:
-    """A function that writes whole-unit regions of ``array``, or None if unsupported."""
+    """The direct writer of whole-unit regions of ``array`` (a ``UnitWriter``), or None if unsupported."""
     try:
         return _build(array)
     except Exception:  # an unexpected Zarr version or layout: use Zarr's own path
