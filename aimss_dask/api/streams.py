@@ -49,7 +49,7 @@ def remember(ep: Endpoint, reply: dict[str, Any]) -> StreamSpec:
     if reply.get("sealed"):
         ep.producer.mark_sealed(spec.name, spec.epoch)
     for p in reply.get("lost", ()):
-        ep.producer.owner_lost(spec.owners[p])
+        ep.producer.owner_lost(spec.owners[p], spec.epoch)
     return spec
 
 

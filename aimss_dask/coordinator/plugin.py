@@ -225,7 +225,11 @@ class AIMSS(SchedulerPlugin):
             # closing too, and producers find out on their next connect. Nor
             # when it held no partition: no producer writes to it.
             if scheduler.status == Status.running and not kwargs.get("expected") and lost:
-                self.ops.spawn(self.ops.broadcast({"op": "aimss_owner_lost", "address": worker}))
+                # Only streams made so far lost partitions there: a worker that
+                # comes back at the same address serves later streams.
+                self.ops.spawn(self.ops.broadcast(
+                    {"op": "aimss_owner_lost", "address": worker, "epoch": self.state.last_epoch}
+                ))
             if scheduler.status == Status.running:
                 self.run_ops.restart_runs(scheduler, kwargs.get("stimulus_id", "aimss-worker-lost"))
             # Runs that cannot recover what was lost (a loader or a streaming

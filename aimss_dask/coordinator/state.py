@@ -6,7 +6,6 @@ the unit tests drive it directly.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +30,13 @@ class CoordinatorState:
     groups: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     lost: dict[str, set[int]] = field(default_factory=dict)
     released: dict[str, set[int]] = field(default_factory=dict)
-    _epochs: itertools.count = field(default_factory=lambda: itertools.count(1))
+    #: Epoch of the newest stream made here. Epochs grow across every stream
+    #: of the cluster, so "streams made before X" is "epoch <= last_epoch at X".
+    last_epoch: int = 0
+
+    def _next_epoch(self) -> int:
+        self.last_epoch += 1
+        return self.last_epoch
 
     def create(
         self,
@@ -92,7 +97,7 @@ class CoordinatorState:
             name=name,
             partitions=partitions,
             owners=tuple(owners),
-            epoch=next(self._epochs),
+            epoch=self._next_epoch(),
             parent=parent,
             persist=persist,
             creator=creator,

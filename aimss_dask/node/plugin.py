@@ -437,9 +437,9 @@ class AIMSSWorker(WorkerPlugin):
         await offload(lambda: [store.trim(name, epoch, p) for p in partitions])
 
     @replies
-    async def _h_owner_lost(self, address: str) -> None:
+    async def _h_owner_lost(self, address: str, epoch: int) -> None:
         assert self.producer is not None
-        self.producer.owner_lost(address)
+        self.producer.owner_lost(address, epoch)
 
     @replies
     async def _h_stream_stats(self, name: str) -> dict[str, Any]:

@@ -70,6 +70,9 @@ class _Link:
     acked: int = 0
     flush_now: bool = False
     thread: threading.Thread | None = None
+    #: Bumped when the owner is lost: the sender drops its connection, since
+    #: a worker back at the same address is another process.
+    generation: int = 0
 
 
 class Producer:
@@ -107,7 +110,10 @@ class Producer:
         self._errors: dict[str, tuple[int, Exception]] = {}
         self._sealed: set[tuple[str, int]] = set()
         self._data_addresses: dict[str, tuple[str | None, int | None]] = {}
-        self._dead: set[str] = set()
+        # owner -> the newest stream epoch that lost partitions with it. Epochs
+        # grow cluster-wide: streams made later (on a worker that came back
+        # at the same address) write there as to any worker.
+        self._dead: dict[str, int] = {}
         self.closed = False
 
     # -- writers (any thread but the event loop's) -----------------------------------------
@@ -147,7 +153,7 @@ class Producer:
                 "new stream for new data"
             )
         owner = spec.owners[partition]
-        if owner in self._dead:
+        if spec.epoch <= self._dead.get(owner, 0):
             raise PartitionLostError(
                 f"partition {partition} of stream {spec.name!r} was lost with its "
                 f"worker {owner}; destroy the stream and write it again"
@@ -240,12 +246,17 @@ class Producer:
 
     def _run(self, link: _Link) -> None:
         conn: _Conn | None = None
+        generation = link.generation
         while True:
             batch = self._next_batch(link)
             if batch is None:
                 break
             try:
+                if conn is not None and generation != link.generation:
+                    conn.close()  # to a process that is gone
+                    conn = None
                 if conn is None or conn.broken:
+                    generation = link.generation
                     conn = self._open(link)
                 conn.send(batch)
             except Exception as e:
@@ -305,15 +316,24 @@ class Producer:
             return None
         return type(entry[1]).__name__, str(entry[1])
 
-    def owner_lost(self, owner: str) -> None:
-        """``owner`` left the cluster: fail what is queued for it, and later writes."""
+    def owner_lost(self, owner: str, epoch: int) -> None:
+        """``owner`` left the cluster: streams up to ``epoch`` lost their partitions there.
+
+        Their records queued for it fail, and so do later writes to them.
+        Streams made later may be placed on a worker that came back at the
+        same address (a nanny restart on a fixed port): that is another
+        process, so its data address is asked again and the connection
+        to the old one dropped.
+        """
         with self._cond:
-            self._dead.add(owner)
+            self._dead[owner] = max(epoch, self._dead.get(owner, 0))
+            self._data_addresses.pop(owner, None)
             link = self._links.get(owner)
-            batch = list(link.pending) if link else []
+            batch = [it for it in link.pending if it.epoch <= epoch] if link else []
             if link:
-                link.pending.clear()
-                link.pending_bytes = 0
+                link.generation += 1
+                link.pending = deque(it for it in link.pending if it.epoch > epoch)
+                link.pending_bytes = sum(it.nbytes for it in link.pending)
         if link and batch:
             self._settle(link, batch, None, PartitionLostError(
                 f"worker {owner} left the cluster before it stored these records"
