@@ -98,6 +98,9 @@ def test_a_worker_back_at_the_same_address_serves_new_streams(fixed_port_cluster
     for p in range(2):
         for v in range(3):
             new.write(np.full(4, 100 * p + v), partition=p)
+            # Looking at the old stream again says its partition is lost
+            # again: that must not touch the new stream's traffic there.
+            get_stream(old.name)
     sent = client.submit(_write_from_task, new.name, new.spec.owners.index(fixed), [7, 8], workers=[other], pure=False)
     assert sent.result() == 2
     new.flush()

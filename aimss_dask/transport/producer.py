@@ -323,10 +323,14 @@ class Producer:
         Streams made later may be placed on a worker that came back at the
         same address (a nanny restart on a fixed port): that is another
         process, so its data address is asked again and the connection
-        to the old one dropped.
+        to the old one dropped. Only news does that: a stream reply repeats
+        an old loss each time it is fetched, and dropping the connection
+        then would fail the new process's in-flight batches.
         """
         with self._cond:
-            self._dead[owner] = max(epoch, self._dead.get(owner, 0))
+            if epoch <= self._dead.get(owner, 0):
+                return
+            self._dead[owner] = epoch
             self._data_addresses.pop(owner, None)
             link = self._links.get(owner)
             batch = [it for it in link.pending if it.epoch <= epoch] if link else []
