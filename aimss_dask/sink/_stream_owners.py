@@ -50,10 +50,7 @@ class Owners:
 
     def info(self) -> dict[str, Any]:
         """The stream's info; raises if it is gone, re-created, or lost a partition that matters."""
-        try:
-            info = self.ep.scheduler_op("info", name=self.spec.name)["info"]
-        except StreamNotFoundError as e:
-            raise SinkError(f"stream {self.spec.name!r} was destroyed while its sink was running") from e
+        info = self._ask("info")["info"]
         if info["epoch"] != self.spec.epoch:
             raise SinkError(
                 f"stream {self.spec.name!r} was destroyed and created again while its sink was running"
@@ -61,9 +58,10 @@ class Owners:
         self._check_lost(info["lost"], ())
         return info
 
-    def _get(self) -> dict[str, Any]:
+    def _ask(self, op: str) -> dict[str, Any]:
+        """The coordinator's answer to ``op`` about the stream; a named error once it is destroyed."""
         try:
-            return self.ep.scheduler_op("get", name=self.spec.name)
+            return self.ep.scheduler_op(op, name=self.spec.name)
         except StreamNotFoundError as e:
             raise SinkError(f"stream {self.spec.name!r} was destroyed while its sink was running") from e
 
@@ -123,7 +121,7 @@ class Owners:
                     except Exception:
                         pass  # cancelled futures: seen at the top of the loop
                 if not progress:
-                    self._check_lost(self._get().get("lost"), futures)
+                    self._check_lost(self._ask("get").get("lost"), futures)
         except BaseException:
             self._abort(futures)
             raise
@@ -133,7 +131,7 @@ class Owners:
         from distributed import wait
 
         try:
-            lost = set(self._get().get("lost", ()))
+            lost = set(self._ask("get").get("lost", ()))
         except Exception:
             lost = set(futures)
         alive = [f for p, f in futures.items() if p not in lost]
