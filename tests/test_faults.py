@@ -47,8 +47,10 @@ def test_killed_owner_makes_writes_and_reads_fail_loudly(client):
     with pytest.raises(aimss_dask.PartitionLostError, match=r"partition\(s\) \[0\] of stream 'doomed'"):
         list(s.read(partition=0))
     # and writes meant for the dead owner are refused, never silently dropped.
-    with pytest.raises(aimss_dask.PartitionLostError, match="was lost with its worker"):
+    with pytest.raises(aimss_dask.PartitionLostError, match="was lost with its worker") as lost:
         s.write(np.ones(4), partition=0)
+    # The error names what is gone: offsets 0 on of the open partition 0.
+    assert lost.value.lost == {0: (0, None)}
     # A task still writing to the lost partition is refused at once, and a
     # seal reports writes that never made it.
     def write_lost():
@@ -82,3 +84,55 @@ def test_owner_killed_mid_push_fails_the_producer(client):
             s.write(record, partition=0)
             s.flush()
     aimss_dask.destroy_stream("mid-push")
+
+
+def _sum_records(records) -> int:
+    return int(sum(int(r.sum()) for r in records))
+
+
+def test_readers_of_a_lost_partition_fail_named_instead_of_waiting_forever(client):
+    """map_partitions pinned to an owner that dies: a named error, never a hang; the seal says so too."""
+    s = aimss_dask.create_stream("pinned", partitions=2)
+    victim, survivor = s.spec.owners
+    for p in range(2):
+        s.write(np.full(10, p + 1), partition=p)
+    s.flush()
+    # Open stream: both readers run on their owners and wait for the end.
+    futs = s.map_partitions(_sum_records)
+    assert _wait_for(lambda: all(f.status == "pending" for f in futs)) and time.sleep(0.5) is None
+    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+    assert _wait_for(lambda: s.info()["lost"] == [0])
+
+    # The reader of partition 0 was pinned to the dead worker: it runs
+    # elsewhere and names the offsets lost (open partition: 0 on).
+    with pytest.raises(aimss_dask.PartitionLostError) as lost:
+        futs[0].result(timeout=60)
+    assert lost.value.lost == {0: (0, None)}
+    # Seal seals the survivor (its reader ends) but does not pass for a success.
+    with pytest.raises(aimss_dask.PartitionLostError, match="partition 0") as sealed:
+        s.seal()
+    assert sealed.value.lost == {0: (0, None)}
+    assert futs[1].result(timeout=60) == 20
+    info = s.info()
+    assert info["records"] == [None, 1]  # unknown, not a quiet 0
+    assert info["lost_offsets"] == {0: [0, None]}
+    # Readers submitted after the loss fail at once, too.
+    with pytest.raises(aimss_dask.PartitionLostError):
+        s.map_partitions(_sum_records)[0].result(timeout=60)
+    aimss_dask.destroy_stream("pinned")
+
+
+def test_a_sealed_partition_lost_names_its_exact_offsets(client):
+    s = aimss_dask.create_stream("sealed-lost", partitions=2)
+    victim = s.spec.owners[0]
+    for i in range(7):
+        s.write(np.arange(3), partition=0)
+    s.write(np.arange(3), partition=1)
+    s.seal()
+    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+    assert _wait_for(lambda: s.info()["lost"] == [0])
+    with pytest.raises(aimss_dask.PartitionLostError, match=r"0-6") as lost:
+        list(s.read(partition=0))
+    assert lost.value.lost == {0: (0, 7)}
+    assert [r.tolist() for r in s.read(partition=1)] == [[0, 1, 2]]
+    aimss_dask.destroy_stream("sealed-lost")

@@ -86,3 +86,34 @@ def test_a_broadcast_to_a_worker_that_is_leaving_too_is_not_a_warning(caplog, re
         asyncio.run(ops.broadcast({"op": "aimss_owner_lost", "address": "tcp://b:2"}))
     [record] = [r for r in caplog.records if "aimss_owner_lost failed" in r.getMessage()]
     assert record.levelname == level
+
+
+def _slow_frame(i: int):
+    import time
+
+    import pandas as pd
+
+    if i >= 4:
+        time.sleep(6)  # the graph is cancelled before
+    return pd.DataFrame({"key": np.arange(1000) + i * 1000, "v": np.ones(1000)})
+
+
+def test_a_cancelled_shuffle_frees_its_streams():
+    """Its graph gone, a run's streams go too: nothing waits in the workers' memory."""
+    import dask.dataframe as dd
+    from conftest import make_cluster, wait_until
+
+    with make_cluster(2) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        df = dd.from_map(_slow_frame, range(8), meta=_slow_frame(0).iloc[:0])
+        fut = client.compute(aimss_dask.shuffle(df, "key", npartitions=4))
+        wait_until(lambda: any(w["memory_bytes"] for w in aimss_dask.status().values()), timeout=60,
+                   what="the shuffle pushing")
+        assert aimss_dask.status().streams, "the run's stream should exist while it runs"
+        fut.cancel()
+        wait_until(
+            lambda: not aimss_dask.status().streams
+            and all(not w["streams"] and not w["memory_bytes"] for w in aimss_dask.status().values()),
+            timeout=30, what="the cancelled run's streams freed",
+        )
+        assert [r["state"] for r in aimss_dask.status().runs] == ["closed"]

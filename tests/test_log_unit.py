@@ -114,13 +114,17 @@ def test_totals_sum_the_partition_stats_of_each_stream(spill_dir):
     s.trim("a", 1, 1, 1)
     totals = s.totals()
     assert set(totals) == {"a", "b"}
-    for name, (records, memory, spilled) in totals.items():
-        parts = s.stream_stats(name).values()
+    for name, (records, memory, spilled, epoch, bounds) in totals.items():
+        stats = s.stream_stats(name)
+        parts = stats.values()
         assert records == sum(st["records"] for st in parts)
         assert spilled == sum(st["spilled_bytes"] for st in parts)
         assert memory == sum(st["bytes"] - st["spilled_bytes"] for st in parts)
-    assert totals["a"][2] > 0 and totals["b"] == (1, 50, 0)
-    assert sum(m for _, m, _ in totals.values()) == s.memory_bytes
+        assert epoch == 1
+        assert sorted(bounds) == sorted((p, st["start"], st["records"]) for p, st in stats.items())
+    assert totals["a"][2] > 0 and totals["b"][:3] == (1, 50, 0)
+    assert sorted(totals["a"][4]) == [(0, 0, 3), (1, 1, 3)]  # partition 1 trimmed below offset 1
+    assert sum(t[1] for t in totals.values()) == s.memory_bytes
 
 
 def test_tight_from_half_the_budget_on(spill_dir):

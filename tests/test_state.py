@@ -255,12 +255,31 @@ def test_worker_lost_marks_owned_partitions(state):
     a, _ = state.create("a", 3, W[:2])  # w1, w2, w1
     state.create("b", 1, W[:2])  # w2
     assert state.worker_lost("tcp://w1") == ["a"]
-    assert state.lost == {"a": {0, 2}}
+    # Nothing reported yet, open: everything from offset 0 on.
+    assert state.lost == {"a": {0: (0, None), 2: (0, None)}}
     assert sorted(state.worker_lost("tcp://w2")) == ["a", "b"]
-    assert state.lost == {"a": {0, 1, 2}, "b": {0}}
+    assert {n: set(ps) for n, ps in state.lost.items()} == {"a": {0, 1, 2}, "b": {0}}
     assert state.worker_lost("tcp://unknown") == []
-    assert state.lost == {"a": {0, 1, 2}, "b": {0}}
+    assert {n: set(ps) for n, ps in state.lost.items()} == {"a": {0, 1, 2}, "b": {0}}
     assert a.owners == ("tcp://w1", "tcp://w2", "tcp://w1")  # specs are not mutated
+
+
+def test_lost_offsets_come_from_the_owners_reports(state):
+    """An open partition's end is unknown (None); a sealed one's is the one reported at seal."""
+    a, _ = state.create("a", 2, W[:2])  # w1, w2
+    b, _ = state.create("b", 1, W[:1])  # w1
+    state.note_bounds("a", a.epoch, [(0, 0, 5), (1, 0, 9)])
+    state.note_bounds("a", a.epoch, [(0, 2, 4)])  # late, out of order: offsets only grow
+    state.note_bounds("a", a.epoch + 99, [(0, 0, 1000)])  # another stream of that name: ignored
+    state.note_bounds("b", b.epoch, [(0, 3, 12), (7, 0, 1)])  # no partition 7: ignored
+    state.sealed.add("b")
+    state.worker_lost("tcp://w1")
+    assert state.lost == {"a": {0: (2, None)}, "b": {0: (3, 12)}}
+    state.note_bounds("a", a.epoch, [(0, 0, 50)])  # a lost partition's range is frozen
+    assert state.lost["a"] == {0: (2, None)}
+    assert state.bounds["a"][0] == (2, 5)
+    state.destroy("a")
+    assert "a" not in state.bounds and "a" not in state.lost
 
 
 def test_owned_by_client_excludes_persist_and_others(state):

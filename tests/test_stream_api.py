@@ -561,14 +561,14 @@ def test_info_and_status(client):
     workers = set(client.scheduler_info()["workers"])
     assert set(info) == {
         "name", "partitions", "owners", "epoch", "parent", "persist", "sealed",
-        "lost", "records", "bytes", "spilled_bytes", "groups",
+        "lost", "lost_offsets", "records", "bytes", "spilled_bytes", "groups",
     }
     assert info["name"] == name
     assert info["partitions"] == 2
     assert isinstance(info["owners"], list) and set(info["owners"]) == workers
     assert info["owners"] == list(s.spec.owners)
     assert info["sealed"] is False and info["persist"] is False and info["parent"] is None
-    assert info["lost"] == [] and info["records"] == [0, 0] and info["bytes"] == [0, 0]
+    assert info["lost"] == [] and info["lost_offsets"] == {} and info["records"] == [0, 0] and info["bytes"] == [0, 0]
     assert info["spilled_bytes"] == 0 and info["groups"] == {}
 
     for _ in range(3):

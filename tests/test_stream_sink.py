@@ -500,3 +500,57 @@ def _exists(name):
         return True
     except aimss_dask.StreamNotFoundError:
         return False
+
+
+def _count_fsyncs(dask_worker=None, reset: bool = True) -> list[str]:
+    """Install (once) a recorder of the files :mod:`aimss_dask.sink.durable` syncs; what it recorded."""
+    from aimss_dask.sink import durable
+
+    if not hasattr(durable, "_test_synced"):
+        real = durable.fsync_file
+        durable._test_synced = []
+
+        def recording(path):
+            durable._test_synced.append(os.path.realpath(path))
+            real(path)
+
+        durable.fsync_file = recording
+    out = list(durable._test_synced)
+    if reset:
+        durable._test_synced.clear()
+    return out
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_durable_sink_syncs_every_chunk_before_committing_it(client, tmp_path, durable):
+    path = str(tmp_path / "d.zarr")
+    client.run(_count_fsyncs)
+    _count_fsyncs()
+    s = create_stream(unique_name("durable"), partitions=2)
+    sink = s.to_zarr(path, chunks=C, durable=durable)
+    _write(s, 2, 0, 10)
+    s.seal()
+    sink.wait(timeout=30)
+    _verify(path, 2, 10)
+    synced = set(_count_fsyncs()).union(*client.run(_count_fsyncs).values())
+    root = os.path.realpath(path)
+    chunks = {
+        os.path.realpath(os.path.join(d, f))
+        for d, _, fs in os.walk(os.path.join(root, "c")) for f in fs
+    }
+    assert chunks, "the sink wrote no chunk file"
+    if durable:
+        # Every chunk the commit covers is on disk, and so is the commit itself.
+        assert chunks <= synced, f"not synced: {sorted(chunks - synced)[:3]}"
+        assert os.path.join(root, "zarr.json") in synced
+    else:
+        assert not synced & (chunks | {os.path.join(root, "zarr.json")})
+    destroy_stream(s.name)
+
+
+def test_durable_must_be_a_bool(client, tmp_path):
+    s = create_stream(unique_name("durable-arg"), partitions=1)
+    with pytest.raises(InvalidArgumentError, match="durable='yes' must be True or False"):
+        s.to_zarr(str(tmp_path / "x.zarr"), durable="yes")
+    assert not os.path.exists(tmp_path / "x.zarr")
+    destroy_stream(s.name)

@@ -47,3 +47,22 @@ def test_transport_delivers_everything_in_order(transport):
         if transport == "auto":
             assert any(w["pool_bytes"] > 0 for w in st.values())
         aimss_dask.destroy_stream("t")
+
+
+def test_spec_tracking_notes_the_first_epoch_used_and_nests():
+    """A task body records the specs it used; a body inside another reports to both."""
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.transport import speccache
+
+    a1 = StreamSpec(name="a", partitions=1, owners=("w",), epoch=1)
+    a2 = StreamSpec(name="a", partitions=1, owners=("w",), epoch=2)
+    b = StreamSpec(name="b", partitions=1, owners=("w",), epoch=5)
+    speccache.used(a1)  # outside any task: not recorded anywhere
+    with speccache.tracking() as outer:
+        speccache.used(a1)
+        with speccache.tracking() as inner:
+            speccache.used(b)
+            speccache.used(a2)
+        speccache.used(a2)  # the first epoch seen is the one the task wrote to
+    assert inner == {"b": 5, "a": 2}
+    assert outer == {"a": 1, "b": 5}

@@ -67,7 +67,8 @@ def iter_partition(
                 except OSError as e:
                     raise PartitionLostError(
                         f"owner {owner} of stream {spec.name!r} partition {p} could not "
-                        f"be reached ({e}); the partition is lost"
+                        f"be reached ({e}); the partition is lost from offset {offset} on",
+                        {p: (offset, None)},
                     ) from e
                 records, sealed = list(reply["records"]), reply["sealed"]
                 if records or sealed:

@@ -31,6 +31,7 @@ from aimss_dask.core.errors import (
     InvalidTypeError,
     PartitionLostError,
     StreamNotFoundError,
+    lost_ranges,
 )
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.core.specs import (
@@ -50,7 +51,7 @@ def remember(ep: Endpoint, reply: dict[str, Any]) -> StreamSpec:
         ep.producer.mark_sealed(spec.name, spec.epoch)
     for p in reply.get("lost", ()):
         ep.producer.owner_lost(spec.owners[p], spec.epoch)
-    return spec
+    return speccache.used(spec)
 
 
 def type_name(value: object) -> str:
@@ -96,7 +97,7 @@ def _spec(ep: Endpoint, name: str, refresh: bool = False) -> StreamSpec:
     spec = None if refresh else speccache.get(name)
     if spec is None:
         spec = remember(ep, ep.scheduler_op("get", name=name))
-    return spec
+    return speccache.used(spec)
 
 
 class Stream:
@@ -316,6 +317,17 @@ def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, k
     except StreamNotFoundError:
         speccache.forget(spec.name)
         raise
+    except PartitionLostError as e:
+        if e.lost:
+            raise
+        # Name the offsets the coordinator knows were lost with the owner.
+        ranges = lost_ranges(ep.scheduler_op("get", name=spec.name).get("lost_offsets"))
+        raise PartitionLostError(str(e), {p: ranges.get(p, (0, None))}) from None
+
+
+def _ranges_text(lost: dict[int, tuple[int, int | None]]) -> str:
+    """``"2: 0-119, 5: 40 on"``."""
+    return ", ".join(f"{p}: {a}-{b - 1}" if b is not None else f"{p}: {a} on" for p, (a, b) in sorted(lost.items()))
 
 
 def write_to(name: str, record: Any, *, partition: int | None = None, key: Any = None) -> None:
@@ -396,11 +408,13 @@ def read_from(
         committer = reader.GroupCommitter(ep, name, group)
     else:
         starts = [start or 0] * len(parts)
-    lost = set(got.get("lost", ()))
-    if lost & set(parts):
+    ranges = lost_ranges(got.get("lost_offsets"))
+    hit = {p: ranges.get(p, (0, None)) for p in parts if p in set(got.get("lost", ()))}
+    if hit:
         raise PartitionLostError(
-            f"partition(s) {sorted(lost & set(parts))} of stream {name!r} were lost "
-            "with their worker; destroy the stream and write it again"
+            f"partition(s) {sorted(hit)} of stream {name!r} were lost with their worker "
+            f"(offsets {_ranges_text(hit)}); destroy the stream and write it again",
+            hit,
         )
     max_bytes = ep.plugin.config.read_batch_size if ep.plugin and ep.plugin.config else None
     return reader.read_records(ep, spec, parts, starts, timeout, max_bytes, committer)

@@ -30,7 +30,7 @@ def fold(payloads: Mapping[str, Any]) -> dict[str, Any]:
     for addr, beat in sorted(payloads.items()):
         if not isinstance(beat, Mapping):
             continue
-        for name, (records, mem, disk) in beat.get("streams", {}).items():
+        for name, (records, mem, disk, *_) in beat.get("streams", {}).items():
             st = streams.setdefault(name, {"records": 0, "memory_bytes": 0, "disk_bytes": 0, "workers": {}})
             st["records"] += records
             st["memory_bytes"] += mem
@@ -40,12 +40,18 @@ def fold(payloads: Mapping[str, Any]) -> dict[str, Any]:
     return {"streams": streams, "runs": runs}
 
 
-def overview(registry: Any, streams: Mapping[str, Any], sealed: set[str], lost: Mapping[str, set[int]],
-             beats: Mapping[str, Any]) -> dict[str, Any]:
+def overview(
+    registry: Any,
+    streams: Mapping[str, Any],
+    sealed: set[str],
+    lost: Mapping[str, Mapping[int, tuple[int, int | None]]],
+    beats: Mapping[str, Any],
+) -> dict[str, Any]:
     """Every run and stream of the cluster, as plain data: what ``aimss_runs`` answers.
 
     ``registry``: the coordinator's :class:`~aimss_dask.coordinator.registry.RunRegistry`;
     ``streams``: name -> :class:`~aimss_dask.core.specs.StreamSpec`;
+    ``lost``: name -> lost partition -> ``(first, end)`` offsets;
     ``beats``: address -> the latest :func:`heartbeat` of that worker. The
     heartbeats are applied to the registry as reports of their workers
     (moving a run that holds records to RUNNING), then listed: each run
@@ -90,6 +96,7 @@ def overview(registry: Any, streams: Mapping[str, Any], sealed: set[str], lost: 
             "persist": spec.persist,
             "sealed": name in sealed,
             "lost": sorted(lost.get(name, ())),
+            "lost_offsets": {p: list(r) for p, r in sorted(lost.get(name, {}).items())},
             "run": None if owner is None else owner.run_id,
             "records": t.get("records", 0),
             "memory_bytes": t.get("memory_bytes", 0),

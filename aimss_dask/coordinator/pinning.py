@@ -22,7 +22,7 @@ submitted, or a partition moved by a rebalance, gets its readers pinned too.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.core.names import PARTITION_READ, PARTITION_TASK_PREFIX
@@ -115,16 +115,49 @@ class Pinner:
                 if only is None or p in only:
                     self.pin(key, spec, p)
 
-    def read(self, stream: str) -> set[int]:
-        """Partitions of ``stream`` that a submitted task reads."""
-        return set(self.readers.get(stream, {}))
+    def read(self, stream: str, states: Collection[str] | None = None) -> set[int]:
+        """Partitions of ``stream`` that a submitted task reads.
+
+        ``states``: only tasks the scheduler has in one of these states
+        (those still to run); None: every task remembered.
+        """
+        readers = self.readers.get(stream, {})
+        if states is None:
+            return set(readers)
+        tasks = self.scheduler.tasks
+        return {p for p, key in readers.items() if key in tasks and tasks[key].state in states}
 
     def pin(self, key: Any, spec: StreamSpec, p: int) -> None:
         ts = self.scheduler.tasks.get(key)
         # A running task keeps its worker: it read the partition there already.
         if ts is None or not 0 <= p < spec.partitions or ts.state == "processing":
             return
-        self.scheduler.set_restrictions({key: spec.owners[p]})
+        owner = spec.owners[p]
+        # An owner that is gone took the partition along: the reader runs
+        # anywhere and raises PartitionLostError, instead of waiting forever.
+        self.scheduler.set_restrictions({key: owner if owner in self.scheduler.workers else None})
+
+    def unpin_lost(self, lost: Mapping[str, Collection[int]], stimulus_id: str) -> list[Any]:
+        """Free the readers of lost partitions to run anywhere; their keys.
+
+        They were pinned to a worker that is gone, and would wait for it
+        forever (``no-worker``). Anywhere, they read the coordinator's word
+        that the partition is lost and raise ``PartitionLostError``, naming
+        the offsets, to whoever waits on them.
+        """
+        keys = [
+            key
+            for name, ps in lost.items()
+            for p, key in self.readers.get(name, {}).items()
+            if p in ps and key in self.scheduler.tasks
+        ]
+        if not keys:
+            return []
+        self.scheduler.set_restrictions({key: None for key in keys})
+        stuck = {k: "processing" for k in keys if self.scheduler.tasks[k].state == "no-worker"}
+        if stuck:
+            self.scheduler.transitions(stuck, stimulus_id=stimulus_id)
+        return keys
 
     def clear(self) -> None:
         self.readers.clear()

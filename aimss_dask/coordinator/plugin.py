@@ -19,6 +19,7 @@ from dask.utils import format_bytes
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
+from tornado.ioloop import PeriodicCallback
 
 from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.pinning import Pinner
@@ -33,7 +34,7 @@ from aimss_dask.coordinator.state import CoordinatorState
 from aimss_dask.coordinator.streams import StreamHandlers
 from aimss_dask.core.config import AIMSSConfig, dask_memory_thresholds
 from aimss_dask.core.errors import InvalidArgumentError
-from aimss_dask.core.names import PLUGIN_NAME, REGISTERED_KEY
+from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME, REGISTERED_KEY
 from aimss_dask.core.runs import OnLoss, RunState
 from aimss_dask.transport.rpc import replies
 
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
 __all__ = ["AIMSS", "SEAL_CLIENT_TIMEOUT", "SealProducersEvent"]
 
 logger = logging.getLogger("aimss_dask")
+
+#: How often the coordinator takes the workers' reported offsets (ms); about
+#: Dask's heartbeat interval on a small cluster.
+BOUNDS_INTERVAL_MS = 500
 
 
 class AIMSS(SchedulerPlugin):
@@ -90,6 +95,7 @@ class AIMSS(SchedulerPlugin):
         # resolves the config again against its own Dask config.
         AIMSSConfig.load(**self.overrides)
         self.scheduler: Scheduler | None = None
+        self._bounds_pc: PeriodicCallback | None = None
         self.state = CoordinatorState()
         # Every operator run: its spec, policies, state and progress.
         self.runs = RunRegistry()
@@ -147,6 +153,25 @@ class AIMSS(SchedulerPlugin):
         # How a client asks whether AIMSS is here without calling a handler
         # that may not exist (Dask logs a traceback for an unknown handler).
         scheduler.set_metadata(keys=[REGISTERED_KEY], value=True)
+        # A dead worker's last heartbeat is gone with it by the time
+        # remove_worker runs: keep the offsets each one reported, so that a
+        # loss names the offsets it took.
+        self._bounds_pc = PeriodicCallback(self._note_bounds, BOUNDS_INTERVAL_MS)
+        self._bounds_pc.start()
+
+    def _note_bounds(self) -> None:
+        """Take the partition offsets of every worker's latest heartbeat into the state."""
+        try:
+            assert self.scheduler is not None
+            for ws in self.scheduler.workers.values():
+                beat = ws.metrics.get(HEARTBEAT_METRIC)
+                if not isinstance(beat, dict):
+                    continue
+                for name, entry in beat.get("streams", {}).items():
+                    if len(entry) >= 5:
+                        self.state.note_bounds(name, entry[3], entry[4])
+        except Exception:
+            logger.exception("aimss: noting heartbeat offsets failed")
 
     @staticmethod
     async def _setup_failures(scheduler: Scheduler) -> dict[str, str]:
@@ -192,6 +217,8 @@ class AIMSS(SchedulerPlugin):
         )
 
     async def close(self) -> None:
+        if self._bounds_pc is not None:
+            self._bounds_pc.stop()
         self.ops.cancel_background()
         self.state.clear()
         self.runs.clear()
@@ -230,8 +257,15 @@ class AIMSS(SchedulerPlugin):
                 self.ops.spawn(self.ops.broadcast(
                     {"op": "aimss_owner_lost", "address": worker, "epoch": self.state.last_epoch}
                 ))
+            stimulus_id = kwargs.get("stimulus_id", "aimss-worker-lost")
             if scheduler.status == Status.running:
-                self.run_ops.restart_runs(scheduler, kwargs.get("stimulus_id", "aimss-worker-lost"))
+                self.run_ops.restart_runs(scheduler, stimulus_id)
+            # Readers of lost partitions that no restart re-creates (a user's
+            # stream's map_partitions) must not wait for the dead worker.
+            if self.pinner is not None:
+                self.pinner.unpin_lost(
+                    {n: ps for n, ps in lost_parts.items() if n in self.state.streams}, stimulus_id
+                )
             # Runs that cannot recover what was lost (a loader or a streaming
             # sink on a user's stream) fail, named; they raise too.
             for rec, action, _ in self.runs.on_worker_lost(worker, lost_parts):
@@ -255,6 +289,29 @@ class AIMSS(SchedulerPlugin):
                 self.runs.finish(run_id, rec.epoch, RunState.CLOSED)
         except Exception:
             logger.exception("aimss: remove_client hook failed")
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        """A run's create task forgotten: its graph is gone, and so must its streams be.
+
+        The streams of a run are freed as their partitions are read; a graph
+        that stops before (cancelled, its futures released, or a restarted
+        run whose last create ran after the result was in) would leave them
+        in the workers' memory for good. O(1) per transition.
+        """
+        if finish != "forgotten":
+            return
+        try:
+            rec = self.runs.for_create(key)
+            if rec is None:
+                return
+            names = [n for n in rec.spec.streams if n in self.state.streams]
+            if names:
+                logger.info("aimss: the graph of %s run %s is gone; freeing %s", rec.kind, rec.run_id, names)
+                self.ops.spawn(self.stream_ops.destroy_many(names))
+            if not rec.finished:
+                self.runs.finish(rec.run_id, rec.epoch, RunState.CLOSED)
+        except Exception:
+            logger.exception("aimss: transition hook failed")
 
     def update_graph(self, scheduler: Scheduler, *, tasks: list[Any], **kwargs: Any) -> None:
         """Pin partition tasks to the worker that owns their partition."""

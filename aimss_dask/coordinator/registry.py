@@ -22,7 +22,7 @@ The rules it keeps:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -128,6 +128,9 @@ class RunRegistry:
         self._runs: dict[str, RunRecord] = {}
         # stream -> id of its unfinished owner run (RESTARTING ones keep theirs).
         self._owner: dict[str, str] = {}
+        # A run's create task key -> its run id: the scheduler's word that a
+        # graph is gone comes by key (see AIMSS.transition).
+        self._by_create: dict[Any, str] = {}
         # Finished run ids, oldest first: the history that keep_finished bounds.
         self._finished: dict[str, None] = {}
         # Neither counter restarts with clear(): a message from before it stays stale.
@@ -179,7 +182,14 @@ class RunRegistry:
         self._runs[view.run_id] = rec
         for name in view.streams:
             self._owner[name] = view.run_id
+        if view.create is not None:
+            self._by_create[view.create] = view.run_id
         return rec
+
+    def for_create(self, key: Any) -> RunRecord | None:
+        """The listed run whose create task has key ``key``, if any."""
+        run_id = self._by_create.get(key)
+        return None if run_id is None else self._runs.get(run_id)
 
     def get(self, run_id: str) -> RunRecord:
         """The record of ``run_id``; :class:`RunNotFoundError` if none."""
@@ -271,7 +281,7 @@ class RunRegistry:
         return rec.spec.seal_action(stream)
 
     def on_worker_lost(
-        self, address: str, lost: Mapping[str, set[int]]
+        self, address: str, lost: Mapping[str, Collection[int]]
     ) -> list[tuple[RunRecord, OnLoss, str | None]]:
         """Worker ``address`` left with partitions ``lost`` (stream -> partitions).
 
@@ -304,13 +314,20 @@ class RunRegistry:
         """Every run not finished, by run id."""
         return [self._runs[r] for r in sorted(self._runs) if not self._runs[r].finished]
 
-    def restart(self, run_id: str, epoch: int) -> bool:
+    def restartable(self) -> list[RunRecord]:
+        """Every run not finished, and every DONE one (Dask may lose its outputs), by run id."""
+        return [rec for r in sorted(self._runs) if (rec := self._runs[r]).state is RunState.DONE or not rec.finished]
+
+    def restart(self, run_id: str, epoch: int, *, done: bool = False) -> bool:
         """The coordinator restarts ``run_id``'s ``epoch``: RESTARTING until registered again.
 
         False if that epoch is stale, finished or already restarting.
+        ``done``: a DONE run may restart too (Dask lost outputs of it that
+        its graph must compute again, and its streams are gone).
         """
         rec = self.get(run_id)
-        if rec.epoch != epoch or rec.finished or rec.state is RunState.RESTARTING:
+        again = done and rec.state is RunState.DONE
+        if rec.epoch != epoch or (rec.finished and not again) or rec.state is RunState.RESTARTING:
             return False
         rec.state = RunState.RESTARTING
         rec.sealed.clear()
@@ -330,6 +347,7 @@ class RunRegistry:
         """Forget every run (the cluster restarted); epochs keep growing."""
         self._runs.clear()
         self._owner.clear()
+        self._by_create.clear()
         self._finished.clear()
 
     # -- internals ------------------------------------------------------------------
@@ -352,7 +370,9 @@ class RunRegistry:
         while len(self._finished) > self.keep_finished:
             oldest = next(iter(self._finished))
             del self._finished[oldest]
-            self._runs.pop(oldest, None)
+            gone = self._runs.pop(oldest, None)
+            if gone is not None and self._by_create.get(gone.spec.create) == oldest:
+                del self._by_create[gone.spec.create]
 
 
 def _view(spec: RunSpec | Mapping[str, Any]) -> tuple[RunSpec, str, bytes | None]:

@@ -20,7 +20,11 @@ from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.placement import rebalance
 from aimss_dask.coordinator.registry import RunRecord
 from aimss_dask.coordinator.state import StreamSpec
-from aimss_dask.core.errors import InvalidArgumentError, StreamExistsError
+from aimss_dask.core.errors import (
+    InvalidArgumentError,
+    PartitionLostError,
+    StreamExistsError,
+)
 from aimss_dask.core.names import HEARTBEAT_METRIC
 from aimss_dask.core.runs import OnLoss, OnSeal, RunSpec, RunState
 from aimss_dask.transport.rpc import replies
@@ -31,6 +35,9 @@ if TYPE_CHECKING:
     from aimss_dask.coordinator.plugin import AIMSS
 
 logger = logging.getLogger("aimss_dask")
+
+#: Scheduler states of a task that is to be computed (again).
+_WANTED = frozenset({"waiting", "processing", "no-worker", "queued"})
 
 
 class RunHandlers:
@@ -56,12 +63,14 @@ class RunHandlers:
         lost worker is computed again, and until records carry their origin
         a second push would duplicate rows.
         """
-        for rec in self.coord.runs.unfinished():
+        for rec in self.coord.runs.restartable():
             spec = rec.spec
             if spec.on_loss is not OnLoss.RESTART or rec.state is RunState.RESTARTING:
                 continue
             barrier = scheduler.tasks.get(spec.barrier) if spec.barrier is not None else None
             if barrier is None:
+                continue
+            if rec.finished and not self._outputs_lost(barrier, spec):
                 continue
             recs: dict[Any, str] = {}
             for ts in (*barrier.dependents, barrier, *barrier.dependencies):
@@ -74,7 +83,7 @@ class RunHandlers:
             create = scheduler.tasks.get(spec.create) if spec.create is not None else None
             if create is not None:
                 recs[create.key] = "released"
-            self.coord.runs.restart(rec.run_id, rec.epoch)
+            self.coord.runs.restart(rec.run_id, rec.epoch, done=True)
             for name in spec.streams:
                 if name in self.coord.state.streams:
                     for s in self.coord.state.destroy(name):
@@ -82,6 +91,17 @@ class RunHandlers:
             logger.warning("aimss: restarting %s run %s after losing a worker", rec.kind, rec.run_id)
             scheduler.transitions(recs, stimulus_id=stimulus_id)
             scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
+
+    def _outputs_lost(self, barrier: Any, spec: RunSpec) -> bool:
+        """A finished run must run again: Dask lost outputs it will compute again.
+
+        Its streams were freed once read; a lost output (or the barrier
+        itself) is waiting to be computed again, and its reads need the
+        streams back, so the run starts over from its create task.
+        """
+        if any(n in self.coord.state.streams for n in spec.streams):
+            return False
+        return any(ts.state in _WANTED for ts in (barrier, *barrier.dependents))
 
     @replies
     async def _h_run_register(
@@ -153,6 +173,14 @@ class RunHandlers:
         return self._reply(rec, created=True)
 
     def _reply(self, rec: RunRecord, created: bool) -> dict[str, Any]:
+        gone = [n for n in rec.spec.streams if n not in self.coord.state.streams]
+        if gone:
+            # A worker left while the streams were opened, and the run
+            # restarted under this task (which Dask computes again).
+            raise PartitionLostError(
+                f"{rec.kind} run {rec.run_id!r} lost a worker while it registered (streams "
+                f"{gone} are gone); it restarts"
+            )
         return {
             "run_id": rec.run_id,
             "epoch": rec.epoch,
@@ -195,8 +223,9 @@ class RunHandlers:
         out = rec.spec.outputs
         if free_unread and out is not None:
             # Output partitions that no submitted task will read (a partial
-            # compute, out.partitions[0]): free them now.
-            unread = set(range(spec.partitions)) - self.coord.pinner.read(out.stream)
+            # compute, out.partitions[0]; outputs in memory already, when a
+            # finished run ran again for the few Dask lost): free them now.
+            unread = set(range(spec.partitions)) - self.coord.pinner.read(out.stream, _WANTED)
             if unread:
                 await self.coord.stream_ops.release(spec, sorted(unread))
         if on_seal is OnSeal.REBALANCE and name in self.coord.state.streams:

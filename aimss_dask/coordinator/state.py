@@ -28,7 +28,13 @@ class CoordinatorState:
     streams: dict[str, StreamSpec] = field(default_factory=dict)
     sealed: set[str] = field(default_factory=set)
     groups: dict[str, dict[str, list[int]]] = field(default_factory=dict)
-    lost: dict[str, set[int]] = field(default_factory=dict)
+    #: name -> lost partition -> ``(first, end)``: the offsets its owner held
+    #: when it died; ``end`` None where the partition was open (records written
+    #: after the owner's last heartbeat are unknown). See :meth:`worker_lost`.
+    lost: dict[str, dict[int, tuple[int, int | None]]] = field(default_factory=dict)
+    #: name -> partition -> ``(start, end)`` its owner last reported: exact at
+    #: seal (:meth:`note_bounds` from the seal replies), else from heartbeats.
+    bounds: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
     released: dict[str, set[int]] = field(default_factory=dict)
     #: Epoch of the newest stream made here. Epochs grow across every stream
     #: of the cluster, so "streams made before X" is "epoch <= last_epoch at X".
@@ -128,6 +134,7 @@ class CoordinatorState:
         self.sealed.discard(name)
         self.groups.pop(name, None)
         self.lost.pop(name, None)
+        self.bounds.pop(name, None)
         self.released.pop(name, None)
         removed.append(spec)
         return removed
@@ -164,14 +171,42 @@ class CoordinatorState:
         done.update(partitions)
         return len(done) == spec.partitions
 
+    def note_bounds(self, name: str, epoch: int, bounds: Iterable[Sequence[int]]) -> None:
+        """An owner reports ``(partition, start, end)`` of its logs of stream ``name`` at ``epoch``.
+
+        Stale reports (an older stream of that name, a partition lost
+        already) are ignored; offsets only grow.
+        """
+        spec = self.streams.get(name)
+        if spec is None or spec.epoch != epoch:
+            return
+        known = self.bounds.setdefault(name, {})
+        gone = self.lost.get(name, {})
+        for p, start, end in bounds:
+            if 0 <= p < spec.partitions and p not in gone:
+                old = known.get(p, (0, 0))
+                known[p] = (max(old[0], start), max(old[1], end))
+
     def worker_lost(self, address: str) -> list[str]:
-        """Mark the partitions ``address`` owned as lost; names affected."""
+        """Mark the partitions ``address`` owned as lost, with their offsets; names affected.
+
+        A sealed partition's range is exact (its end was reported at seal);
+        an open one's end is None: records may have arrived after the
+        owner's last report.
+        """
         hit = []
         for name, spec in self.streams.items():
-            ps = {p for p, w in enumerate(spec.owners) if w == address}
-            if ps:
-                self.lost.setdefault(name, set()).update(ps)
-                hit.append(name)
+            ps = [p for p, w in enumerate(spec.owners) if w == address]
+            if not ps:
+                continue
+            known = self.bounds.get(name, {})
+            sealed = name in self.sealed
+            lost = self.lost.setdefault(name, {})
+            for p in ps:
+                if p not in lost:
+                    start, end = known.get(p, (0, 0))
+                    lost[p] = (start, end if sealed else None)
+            hit.append(name)
         return hit
 
     def owned_by_client(self, client: str) -> list[str]:
@@ -186,5 +221,6 @@ class CoordinatorState:
         self.sealed.clear()
         self.groups.clear()
         self.lost.clear()
+        self.bounds.clear()
         self.released.clear()
         return specs

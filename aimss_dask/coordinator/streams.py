@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.state import StreamSpec
-from aimss_dask.core.errors import ReadTimeoutError, error_from_wire
+from aimss_dask.core.errors import PartitionLostError, ReadTimeoutError, error_from_wire
 from aimss_dask.core.runs import RunState
 from aimss_dask.transport.rpc import replies
 
@@ -21,6 +21,21 @@ if TYPE_CHECKING:
     from aimss_dask.coordinator.plugin import AIMSS
 
 logger = logging.getLogger("aimss_dask")
+
+
+def lost_wire(lost: dict[int, tuple[int, int | None]]) -> list[list[int | None]]:
+    """``[[partition, first, end], ...]``: lost offset ranges as a reply carries them."""
+    return [[p, a, b] for p, (a, b) in sorted(lost.items())]
+
+
+def describe_lost(lost: dict[int, tuple[int, int | None]]) -> str:
+    """``"partition 2 (offsets 0-119), partition 5 (offsets 40 on)"``, for messages."""
+    return ", ".join(
+        f"partition {p} (offsets {a}-{b - 1})" if b is not None and b > a
+        else f"partition {p} (no record)" if b is not None
+        else f"partition {p} (offsets {a} on)"
+        for p, (a, b) in sorted(lost.items())
+    )
 
 
 class StreamHandlers:
@@ -83,10 +98,12 @@ class StreamHandlers:
             raise
 
     def wire(self, spec: StreamSpec) -> dict[str, Any]:
+        lost = self.coord.state.lost.get(spec.name, {})
         return {
             "spec": spec.to_wire(),
             "sealed": spec.name in self.coord.state.sealed,
-            "lost": sorted(self.coord.state.lost.get(spec.name, ())),
+            "lost": sorted(lost),
+            "lost_offsets": lost_wire(lost),
         }
 
     async def destroy_many(self, names: list[str]) -> None:
@@ -110,7 +127,10 @@ class StreamHandlers:
         msg = {"name": name, "epoch": spec.epoch}
         replies = await self.ops.broadcast({"op": "aimss_seal_producers", **msg})
         replies.update(await self.coord.seals.seal_clients(name, spec.epoch))
-        await self.ops.broadcast({"op": "aimss_seal_partitions", **msg}, list(set(spec.owners)))
+        sealed = await self.ops.broadcast({"op": "aimss_seal_partitions", **msg}, list(set(spec.owners)))
+        for r in sealed.values():
+            if isinstance(r, dict):
+                self.coord.state.note_bounds(name, spec.epoch, r.get("bounds", ()))
         self.coord.state.sealed.add(name)
         action = self.coord.runs.on_seal(name)
         if action is not None:
@@ -129,6 +149,17 @@ class StreamHandlers:
                 kind,
                 f"stream {name!r} is sealed, but writes from {sorted(failures)} were "
                 f"not stored: {message}",
+                lost_wire(self.coord.state.lost.get(name, {})),
+            )
+        lost = self.coord.state.lost.get(name, {})
+        if lost:
+            # Sealed all the same (readers of the other partitions can end),
+            # but the data is not all there: never a quiet success.
+            raise PartitionLostError(
+                f"stream {name!r} is sealed, but {describe_lost(lost)} were lost with their "
+                "owner(s) and are not in it; write them again to a new stream, or read the "
+                "partitions that survive",
+                lost,
             )
         return self.wire(spec)
 
@@ -219,10 +250,14 @@ class StreamHandlers:
     @replies
     async def _h_info(self, name: str) -> dict[str, Any]:
         spec = self.coord.state.get(name)
-        records = [0] * spec.partitions
-        nbytes = [0] * spec.partitions
+        lost = self.coord.state.lost.get(name, {})
+        # A lost partition's count is unknown (None), never a quiet 0.
+        records: list[int | None] = [None if p in lost else 0 for p in range(spec.partitions)]
+        nbytes: list[int | None] = list(records)
         spilled = 0
         for p, st in (await self.partition_stats(spec)).items():
+            if p in lost:
+                continue  # a worker back at the old address: not this data
             records[p] = st["records"]
             nbytes[p] = st["bytes"]
             spilled += st["spilled_bytes"]
@@ -235,7 +270,8 @@ class StreamHandlers:
                 "parent": spec.parent,
                 "persist": spec.persist,
                 "sealed": name in self.coord.state.sealed,
-                "lost": sorted(self.coord.state.lost.get(name, ())),
+                "lost": sorted(lost),
+                "lost_offsets": {p: [a, b] for p, (a, b) in sorted(lost.items())},
                 "records": records,
                 "bytes": nbytes,
                 "spilled_bytes": spilled,

@@ -8,6 +8,7 @@ same class on the caller's side (``raise_from_wire``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -60,7 +61,31 @@ class StreamSealedError(AIMSSError, RuntimeError):
 
 
 class PartitionLostError(AIMSSError, RuntimeError):
-    """The worker that owned a partition left the cluster with its data."""
+    """The worker that owned a partition left the cluster with its data.
+
+    ``lost``: ``{partition: (first_offset, end_offset)}``, the offsets that
+    are gone, as far as the coordinator knows them. ``end_offset`` is None
+    for a partition that was open: everything from ``first_offset`` on is
+    lost, including records written after its owner's last report. Empty
+    where the error names no range (a write's owner unreachable before the
+    coordinator heard of the loss).
+
+    Examples
+    --------
+    >>> e = PartitionLostError("partition 2 of 's' was lost", lost={2: (0, 120)})
+    >>> e.lost
+    {2: (0, 120)}
+    """
+
+    def __init__(self, message: str = "", lost: Mapping[int, tuple[int, int | None]] | None = None) -> None:
+        super().__init__(message)
+        self.lost: dict[int, tuple[int, int | None]] = {
+            int(p): (int(r[0]), None if r[1] is None else int(r[1])) for p, r in (lost or {}).items()
+        }
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle their args only: keep the ranges across processes.
+        return (type(self), (self.args[0] if self.args else "", self.lost))
 
 
 class ReadTimeoutError(AIMSSError, TimeoutError):
@@ -132,12 +157,26 @@ def error_to_wire(exc: BaseException) -> dict[str, Any]:
     message = exc.args[0] if exc.args else repr(exc)
     if name == "AIMSSError" and not isinstance(exc, AIMSSError):
         message = f"{type(exc).__name__}: {message}"
-    return {"status": "aimss-error", "type": name, "message": str(message)}
+    out = {"status": "aimss-error", "type": name, "message": str(message)}
+    if isinstance(exc, PartitionLostError) and exc.lost:
+        out["lost"] = [[p, a, b] for p, (a, b) in sorted(exc.lost.items())]
+    return out
 
 
-def error_from_wire(kind: str, message: str) -> AIMSSError:
-    """The exception a ``(class name, message)`` pair stands for."""
-    return _BY_NAME.get(kind, AIMSSError)(message)
+def error_from_wire(kind: str, message: str, lost: Any = None) -> AIMSSError:
+    """The exception a ``(class name, message)`` pair stands for.
+
+    ``lost``: ``[[partition, first, end], ...]`` of a :class:`PartitionLostError`.
+    """
+    cls = _BY_NAME.get(kind, AIMSSError)
+    if cls is PartitionLostError:
+        return PartitionLostError(message, lost_ranges(lost))
+    return cls(message)
+
+
+def lost_ranges(wire: Any) -> dict[int, tuple[int, int | None]]:
+    """``{partition: (first, end)}`` from its wire form ``[[partition, first, end], ...]``."""
+    return {int(p): (int(a), None if b is None else int(b)) for p, a, b in (wire or ())}
 
 
 def raise_from_wire(reply: Any, op: str) -> Any:
@@ -152,7 +191,7 @@ def raise_from_wire(reply: Any, op: str) -> Any:
             "`client.register_plugin(aimss_dask.AIMSS())`"
         )
     if isinstance(reply, dict) and reply.get("status") == "aimss-error":
-        raise error_from_wire(reply["type"], reply["message"])
+        raise error_from_wire(reply["type"], reply["message"], reply.get("lost"))
     if isinstance(reply, dict) and reply.get("status") == "uncaught-error":
         # A bug on the remote side: Dask sends the exception itself.
         exc = reply.get("exception")

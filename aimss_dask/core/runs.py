@@ -26,7 +26,7 @@ Examples
 from __future__ import annotations
 
 import pickle
-from collections.abc import Hashable, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, ClassVar, TypedDict, final
@@ -270,7 +270,7 @@ class RunSpec:
 
     @final
     def loss_action(
-        self, lost: Mapping[str, set[int]], address: str | None = None
+        self, lost: Mapping[str, Collection[int]], address: str | None = None
     ) -> tuple[OnLoss, str | None] | None:
         """What losing ``lost`` (stream -> partitions) does to this run.
 

@@ -487,11 +487,13 @@ class LogStore:
             log = logs.partitions.get(p) if logs is not None else None
             return None if log is None else _log_stats(log)
 
-    def totals(self) -> dict[str, tuple[int, int, int]]:
-        """Per stream held here: ``(records, bytes in memory, bytes spilled)``, in one pass.
+    def totals(self) -> dict[str, tuple[int, int, int, int, list[tuple[int, int, int]]]]:
+        """Per stream held here: ``(records, bytes in memory, bytes spilled, epoch, bounds)``, in one pass.
 
-        What a heartbeat carries: one lock and no per-partition dicts, so
-        thousands of streams cost the worker's event loop little. The sums of
+        ``bounds``: ``(partition, start, end)`` of each partition log, what
+        the coordinator names as lost if this worker dies. What a heartbeat
+        carries: one lock and no per-partition dicts, so thousands of streams
+        cost the worker's event loop little. The sums of
         ``PartitionLog.retained_bytes``/``spilled_bytes``, in one walk of the
         segments (calling both walks them twice: 3.7x the time).
         """
@@ -499,14 +501,16 @@ class LogStore:
             out = {}
             for name, logs in self._streams.items():
                 records = memory = spilled = 0
-                for log in logs.partitions.values():
+                bounds = []
+                for p, log in logs.partitions.items():
                     records += log.end
+                    bounds.append((p, log.start, log.end))
                     for seg in log.segments:
                         if seg.in_memory:
                             memory += seg.nbytes
                         else:
                             spilled += seg.nbytes
-                out[name] = (records, memory, spilled)
+                out[name] = (records, memory, spilled, logs.epoch, bounds)
             return out
 
     def stats(self) -> dict[str, Any]:

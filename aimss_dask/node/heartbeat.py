@@ -10,7 +10,7 @@ out to the workers, and a worker that stops answering stops updating its line.
 Payload (plain data, msgpack-able)::
 
     {"runs": [[name, run_id or None, epoch, kind, {progress}], ...],
-     "streams": {name: [records, memory bytes, disk bytes]},
+     "streams": {name: [records, memory bytes, disk bytes, epoch, [[p, start, end], ...]]},
      "time": <worker's clock>}
 """
 

@@ -328,7 +328,12 @@ class AIMSSWorker(WorkerPlugin):
         return {"failure": self.producer.failure(name, epoch)}
 
     @replies
-    async def _h_seal_partitions(self, name: str, epoch: int) -> None:
+    async def _h_seal_partitions(self, name: str, epoch: int) -> dict[str, Any]:
+        """Seal the partitions of ``name`` held here; their ``[[p, start, end], ...]``.
+
+        The coordinator keeps those ends: they are what it names as lost if
+        this worker dies.
+        """
         assert self.store is not None
         parts = self.store.stream_stats(name)
         if parts:
@@ -336,6 +341,7 @@ class AIMSSWorker(WorkerPlugin):
         # No push after a seal (the store refuses it), and moves carry no
         # origin: the filter's state is of no more use (plan §2.8).
         self.origins.forget(name, epoch)
+        return {"bounds": [[p, st["start"], st["records"]] for p, st in sorted(parts.items())]}
 
     @replies
     async def _h_drop(self, name: str, epoch: int) -> None:

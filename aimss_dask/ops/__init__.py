@@ -4,8 +4,10 @@
   pieces along an output grid (chunk bounds, pieces per output partition,
   the main input of each output chunk).
 - :mod:`aimss_dask.ops.pushrun`: the task bodies of a push run (create the
-  run's streams, push array pieces, seal at the barrier) and the
-  :func:`~aimss_dask.ops.pushrun.restartable` wrapper.
+  run's streams, push array pieces, seal at the barrier) and the wrappers
+  that carry a task through a restart of its run
+  (:func:`~aimss_dask.ops.pushrun.restartable`,
+  :func:`~aimss_dask.ops.pushrun.rerun_on_restart`).
 - :mod:`aimss_dask.ops.local`: what a task body finds on the worker it runs
   on (address, scratch allocator, how tight the log's budget is).
 

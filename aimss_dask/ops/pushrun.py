@@ -6,7 +6,10 @@ create task makes the streams, map tasks push into them while the map phase
 is still running, and the seal task is the barrier. The operators build
 their graphs from these tasks and add their own pushes and outputs.
 
-Every task of a run is :func:`restartable`: a lost worker restarts the run.
+Every task of a run survives a restart of the run (a lost worker): the
+tasks that write run again in place against the new streams
+(:func:`rerun_on_restart`), the others go back to the scheduler
+(:func:`restartable`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,101 @@ from aimss_dask.ops.pieces import Pieces
 from aimss_dask.transport import speccache
 
 
+def restartable(func: Any) -> Any:
+    """A task of a run that waits on others (a seal, a read): a restart hands it back.
+
+    When its run restarts under it (the coordinator made a newer stream of
+    a name it used, or dropped the old one), ``Reschedule`` hands the task
+    back to the scheduler, which runs it once the new run's tasks before it
+    are done; the coordinator's restart releases it anyway. A lost
+    partition first waits a moment for that restart (the coordinator may
+    hear of the loss after this task did). A stream sealed, gone or lost
+    for any other reason (destroyed by its user, a run that does not
+    restart) is the error it says, never a reschedule loop.
+
+    Examples
+    --------
+    >>> @restartable
+    ... def seal(names, *pushed):  # a PartitionLostError becomes a Reschedule
+    ...     ...
+    """
+    return _on_restart(func, rerun=False)
+
+
+def rerun_on_restart(func: Any) -> Any:
+    """A task of a run that writes (create, push): when the run restarts under it, run again here.
+
+    Like :func:`restartable`, but once the newer streams exist the task runs
+    its body again, in place, against them: its writes carry their origin,
+    so the owners keep one copy of each input. Not ``Reschedule``: Dask may
+    already count this very execution as the restarted task's (a task
+    cancelled while it ran and then sent to the same worker again waits for
+    it), and a reschedule from there can leave the scheduler waiting on a
+    worker that forgot the task.
+    """
+    return _on_restart(func, rerun=True)
+
+
+#: Seconds a task that lost a partition waits for the coordinator to restart its run.
+RESTART_WAIT = 30.0
+#: Most times one execution runs its body again (each needs a newer run: a kill).
+MAX_RERUNS = 10
+
+
+def _on_restart(func: Any, rerun: bool) -> Any:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from distributed import Reschedule
+
+        from aimss_dask.core.errors import PartitionLostError, StreamSealedError
+
+        for _ in range(MAX_RERUNS):
+            with speccache.tracking() as used:
+                try:
+                    return func(*args, **kwargs)
+                except (PartitionLostError, StreamSealedError, StreamNotFoundError) as e:
+                    lost = isinstance(e, PartitionLostError)
+                    news = _restarted(used, wait=RESTART_WAIT if lost else 0.0)
+                    if news == "same" or (news == "gone" and not lost and not used):
+                        raise
+                    # Newer streams: run against them. None used yet and lost:
+                    # a create whose streams a restart took while it registered.
+                    if rerun and (news == "newer" or not used):
+                        continue
+                    raise Reschedule() from e
+        raise AssertionError(f"{func.__name__} ran {MAX_RERUNS} times, each under a run restarted again")
+
+    return wrapper
+
+
+def _restarted(used: dict[str, int], wait: float) -> str:
+    """What became of the streams a task used: ``"newer"``, ``"gone"`` or ``"same"``.
+
+    ``"newer"``: the coordinator made a newer stream of one of those names
+    (its run restarted); ``"gone"``: one is dropped (a restart in progress,
+    or destroyed), or the task failed before it used any; ``"same"``: all
+    are still the ones used, after ``wait`` seconds of asking. Forgets the
+    cached specs, so that a next attempt looks them up.
+    """
+    import time
+
+    if not used:
+        return "gone"
+    deadline = time.monotonic() + wait
+    while True:
+        for name, epoch in used.items():
+            speccache.forget(name)
+            try:
+                if api.get_stream(name).spec.epoch > epoch:
+                    return "newer"
+            except StreamNotFoundError:
+                return "gone"
+        if time.monotonic() >= deadline:
+            return "same"
+        time.sleep(0.1)
+
+
+@rerun_on_restart
 def create(spec: RunSpec, npartitions: int, prefer: list[Any] | None = None) -> list[str]:
     """The create task: register the run, which creates its streams; their names.
 
@@ -35,33 +133,6 @@ def create(spec: RunSpec, npartitions: int, prefer: list[Any] | None = None) -> 
     ``p``'s input (see :func:`aimss_dask.api.runs.register_run`).
     """
     return [s.name for s in register_run(spec, npartitions, prefer).streams]
-
-
-def restartable(func: Any) -> Any:
-    """A task of a run: a lost worker restarts the run, so wait for that.
-
-    ``Reschedule`` hands the task back to the scheduler instead of failing
-    the whole computation; the coordinator's restart releases it anyway.
-
-    Examples
-    --------
-    >>> @restartable
-    ... def push(block, names):  # a PartitionLostError becomes a Reschedule
-    ...     ...
-    """
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from distributed import Reschedule
-
-        from aimss_dask.core.errors import PartitionLostError
-
-        try:
-            return func(*args, **kwargs)
-        except PartitionLostError as e:
-            raise Reschedule() from e
-
-    return wrapper
 
 
 @restartable
@@ -119,7 +190,7 @@ class RunWriter:
             raise
 
 
-@restartable
+@rerun_on_restart
 def push_pieces(
     block: np.ndarray, names: list[str], pieces: Pieces, input_id: int | None = None
 ) -> int:

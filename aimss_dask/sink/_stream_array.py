@@ -17,6 +17,7 @@ from aimss_dask.core.errors import SinkError
 from aimss_dask.sink import _xarray as xr_sink
 from aimss_dask.sink._stream_plan import Committed, Template
 from aimss_dask.sink._stream_tasks import Target
+from aimss_dask.sink.durable import sync_metadata, sync_units
 from aimss_dask.sink.units import unit_writer, whole_region
 
 
@@ -76,6 +77,9 @@ class SinkArray:
                 )
         new = replace(committed, run=self.target.run, stream=self.stream, **changes)
         self._arr.update_attributes({"aimss": new.to_doc()})
+        if self.target.durable:
+            # The owners synced the chunks this covers before they reported.
+            sync_metadata(self._arr)
         return new
 
     def resize(self, template: Template, rows: int) -> None:
@@ -116,7 +120,10 @@ class SinkArray:
         total = int(tail.shape[template.axis])
         self.resize(template, start + total)
         region = whole_region(tail.shape, template.axis, start, total)
-        unit_writer(self.target.open_fenced())(region, tail)
+        arr = self.target.open_fenced()
+        unit_writer(arr)(region, tail)
+        if self.target.durable:
+            sync_units(arr, [region])
         return total
 
     def consolidate(self, groups: tuple[str, ...]) -> None:

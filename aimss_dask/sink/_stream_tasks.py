@@ -18,6 +18,7 @@ import numpy as np
 from aimss_dask.core.errors import SinkError, StreamNotFoundError
 from aimss_dask.core.names import PLUGIN_NAME
 from aimss_dask.sink._stream_plan import Position, Template, advance, cut
+from aimss_dask.sink.durable import sync_units
 from aimss_dask.sink.units import unit_writer, whole_region
 
 #: Bytes of records fetched from the log per read (references, not copies,
@@ -33,6 +34,8 @@ class Target:
     path: str | None
     run: str
     where: str
+    #: fsync what is written before it is committed (:mod:`aimss_dask.sink.durable`).
+    durable: bool = True
 
     def open(self, mode: str = "r+") -> Any:
         import zarr
@@ -152,7 +155,11 @@ def _write(store: Any, job: OwnerJob) -> Position:
         store.bounds(job.stream, job.epoch, job.p)
         start = job.start + k * job.chunk_rows
         # Whole chunks (or the array's edge): one unit, written once.
-        unit_writer(arr)(whole_region(block.shape, job.axis, start, block.shape[job.axis]), block)
+        region = whole_region(block.shape, job.axis, start, block.shape[job.axis])
+        unit_writer(arr)(region, block)
+        if job.target.durable:
+            # On disk before the driver commits offsets that cover it.
+            sync_units(arr, [region])
     return advance(job.position, lengths, job.nrows)
 
 

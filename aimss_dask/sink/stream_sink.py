@@ -121,6 +121,7 @@ def stream_to_zarr(
     dims: Any = None,
     name: str | None = None,
     zarr_format: int = 3,
+    durable: bool = True,
 ) -> Sink:
     """Drain ``stream`` into a Zarr array growing along ``axis``; returns a running :class:`Sink`.
 
@@ -153,6 +154,13 @@ def stream_to_zarr(
         dimension names.
     zarr_format
         3 (the default) or 2, for a new array.
+    durable
+        ``True`` (the default): offsets are committed only once the chunks
+        they cover, and then the commit itself, are on disk (``fsync`` of
+        files and folders on a file system; an object store's write is
+        durable when it completes), so a crash of the node loses nothing
+        that was committed. ``False``: committed once written (a crash of
+        the node may lose the last rounds; a crash of a process does not).
 
     Examples
     --------
@@ -187,7 +195,9 @@ def stream_to_zarr(
         component = xr_sink.variable_path(component, name)
     store = _check_store(store)
     spec = remember(ep, ep.scheduler_op("get", name=stream.name))
-    target = Target(store, component, uuid.uuid4().hex, _where(store, component))
+    if not isinstance(durable, bool):
+        raise InvalidArgumentError(f"durable={durable!r} must be True or False")
+    target = Target(store, component, uuid.uuid4().hex, _where(store, component), durable)
     groups = tuple(xr_sink.groups_to_consolidate(store, component or "", None, target.where)) if named else ()
     existing = _inspect(target, spec.partitions, axis, chunks, dims)
     return Sink(

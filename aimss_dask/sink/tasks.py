@@ -151,7 +151,7 @@ def _in_place_writer(target: ZarrTarget, kind: str) -> Any:
     return writer
 
 
-@pushrun.restartable
+@pushrun.rerun_on_restart
 def push_blocks(
     names: list[str], pieces: list[Any], blocks: list[np.ndarray], inputs: list[int] | None = None
 ) -> int:

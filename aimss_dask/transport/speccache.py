@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from aimss_dask.core.specs import StreamSpec
 
 _specs: dict[str, StreamSpec] = {}
 _round_robin: dict[str, itertools.count] = {}
 _lock = threading.Lock()
+# The specs a task looked up, by thread: see tracking().
+_tls = threading.local()
 
 
 def remember(spec: StreamSpec) -> None:
@@ -41,3 +45,30 @@ def forget(name: str) -> None:
     with _lock:
         _specs.pop(name, None)
         _round_robin.pop(name, None)
+
+
+@contextmanager
+def tracking() -> Iterator[dict[str, int]]:
+    """Collect ``{name: epoch}`` of every spec this thread looks up (:func:`used`) meanwhile.
+
+    A run's task wraps its body in this, so that when a write or read fails
+    it can tell whether the spec it used was superseded by a restart.
+    """
+    used: dict[str, int] = {}
+    outer = getattr(_tls, "used", None)
+    _tls.used = used
+    try:
+        yield used
+    finally:
+        _tls.used = outer
+        if outer is not None:  # a task body inside another: the outer one used them too
+            for name, epoch in used.items():
+                outer.setdefault(name, epoch)
+
+
+def used(spec: StreamSpec) -> StreamSpec:
+    """Note that this thread uses ``spec`` (the first epoch seen wins); returns it."""
+    seen = getattr(_tls, "used", None)
+    if seen is not None:
+        seen.setdefault(spec.name, spec.epoch)
+    return spec

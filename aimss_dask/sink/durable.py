@@ -1,0 +1,106 @@
+"""Making written units and metadata durable: fsync on a file system, nothing more elsewhere.
+
+A write that returned is in the operating system's cache, not on disk: a
+crash of the node (not only of the process) can take it. A sink that
+records "rows up to here are stored" must say so only once they are on
+disk. On a local or parallel file system (Zarr's ``LocalStore``) that means
+``fsync`` of each unit file and of the folder that holds its name (the
+rename that put it there is an entry of that folder). On an object store, a
+completed ``PUT`` is durable already, and these functions do nothing.
+
+Every writer syncs the files it wrote itself: on a parallel file system an
+``fsync`` from another client would not flush this one's cache.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from aimss_dask.sink.chunkfiles import unit_coords
+
+
+def fsync_file(path: str) -> None:
+    """Flush ``path``'s data to disk (opened read-only: fsync flushes the file, not the handle)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Flush ``path``'s entries (new names, renames) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # not POSIX (folders cannot be opened): rename is as durable as it gets
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _root(array: Any) -> str | None:
+    """The folder of ``array`` on a file system, or None (an object store, memory)."""
+    import zarr
+
+    if not isinstance(array.store, zarr.storage.LocalStore):
+        return None
+    root = str(array.store.root)
+    return os.path.join(root, array.path) if array.path else root
+
+
+def sync_units(array: Any, regions: Iterable[tuple[slice, ...]]) -> int:
+    """Make the unit files (chunks, or shards) under ``regions`` of ``array`` durable; files synced.
+
+    Units that hold only the fill value may have no file (Zarr skips them):
+    nothing to sync. Each folder is synced once, after its files.
+
+    Examples
+    --------
+    >>> import numpy as np, zarr, tempfile
+    >>> z = zarr.create_array(tempfile.mkdtemp(), shape=(4, 2), chunks=(2, 2), dtype="f8")
+    >>> z[:] = 1.0
+    >>> sync_units(z, [(slice(0, 4), slice(0, 2))])
+    2
+    """
+    root = _root(array)
+    if root is None:
+        return 0
+    unit = tuple(array.shards or array.chunks)
+    encode = array.metadata.encode_chunk_key
+    folders: set[str] = set()
+    synced = 0
+    for region in regions:
+        for coords in unit_coords(region, unit):
+            path = os.path.join(root, encode(coords))
+            try:
+                fsync_file(path)
+            except FileNotFoundError:
+                continue  # an empty unit: Zarr wrote no file
+            synced += 1
+            folders.add(os.path.dirname(path))
+    for folder in sorted(folders):
+        fsync_dir(folder)
+    return synced
+
+
+def sync_metadata(array: Any) -> bool:
+    """Make ``array``'s metadata (shape, attributes) durable; False where there is no file to sync.
+
+    Zarr writes the metadata document aside and renames it into place (an
+    atomic replace, so a reader never sees half of it); this flushes the
+    document and the rename.
+    """
+    root = _root(array)
+    if root is None:
+        return False
+    names = ("zarr.json",) if array.metadata.zarr_format == 3 else (".zarray", ".zattrs")
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            fsync_file(path)
+    fsync_dir(root)
+    return True
