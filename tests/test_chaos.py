@@ -27,8 +27,8 @@ from distributed.chaos import KillWorker
 import aimss_dask
 
 LARGE = os.environ.get("AIMSS_TEST_LARGE") == "1"
-SHUFFLES = int(os.environ.get("AIMSS_CHAOS_SHUFFLES", 50 if LARGE else 3))
-RECHUNKS = int(os.environ.get("AIMSS_CHAOS_RECHUNKS", 30 if LARGE else 2))
+SHUFFLES = int(os.environ.get("AIMSS_CHAOS_SHUFFLES", 50 if LARGE else 2))
+RECHUNKS = int(os.environ.get("AIMSS_CHAOS_RECHUNKS", 30 if LARGE else 1))
 PARTS = 16
 ROWS = 40_000
 RUN_TIMEOUT = 120  # s: a run that takes longer has hung
