@@ -31,6 +31,7 @@ from aimss_dask.core.errors import (
     InvalidTypeError,
     PartitionLostError,
     StreamNotFoundError,
+    describe_lost,
     lost_ranges,
 )
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
@@ -325,11 +326,6 @@ def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, k
         raise PartitionLostError(str(e), {p: ranges.get(p, (0, None))}) from None
 
 
-def _ranges_text(lost: dict[int, tuple[int, int | None]]) -> str:
-    """``"2: 0-119, 5: 40 on"``."""
-    return ", ".join(f"{p}: {a}-{b - 1}" if b is not None else f"{p}: {a} on" for p, (a, b) in sorted(lost.items()))
-
-
 def write_to(name: str, record: Any, *, partition: int | None = None, key: Any = None) -> None:
     """``WriteTo``: append ``record`` to stream ``name``.
 
@@ -409,11 +405,11 @@ def read_from(
     else:
         starts = [start or 0] * len(parts)
     ranges = lost_ranges(got.get("lost_offsets"))
-    hit = {p: ranges.get(p, (0, None)) for p in parts if p in set(got.get("lost", ()))}
+    hit = {p: ranges[p] for p in parts if p in ranges}
     if hit:
         raise PartitionLostError(
             f"partition(s) {sorted(hit)} of stream {name!r} were lost with their worker "
-            f"(offsets {_ranges_text(hit)}); destroy the stream and write it again",
+            f"({describe_lost(hit)}); destroy the stream and write it again",
             hit,
         )
     max_bytes = ep.plugin.config.read_batch_size if ep.plugin and ep.plugin.config else None

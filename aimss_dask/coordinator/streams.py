@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.state import StreamSpec
-from aimss_dask.core.errors import PartitionLostError, ReadTimeoutError, error_from_wire
+from aimss_dask.core.errors import (
+    PartitionLostError,
+    ReadTimeoutError,
+    describe_lost,
+    error_from_wire,
+    lost_to_wire,
+)
 from aimss_dask.core.runs import RunState
 from aimss_dask.transport.rpc import replies
 
@@ -21,21 +27,6 @@ if TYPE_CHECKING:
     from aimss_dask.coordinator.plugin import AIMSS
 
 logger = logging.getLogger("aimss_dask")
-
-
-def lost_wire(lost: dict[int, tuple[int, int | None]]) -> list[list[int | None]]:
-    """``[[partition, first, end], ...]``: lost offset ranges as a reply carries them."""
-    return [[p, a, b] for p, (a, b) in sorted(lost.items())]
-
-
-def describe_lost(lost: dict[int, tuple[int, int | None]]) -> str:
-    """``"partition 2 (offsets 0-119), partition 5 (offsets 40 on)"``, for messages."""
-    return ", ".join(
-        f"partition {p} (offsets {a}-{b - 1})" if b is not None and b > a
-        else f"partition {p} (no record)" if b is not None
-        else f"partition {p} (offsets {a} on)"
-        for p, (a, b) in sorted(lost.items())
-    )
 
 
 class StreamHandlers:
@@ -103,7 +94,7 @@ class StreamHandlers:
             "spec": spec.to_wire(),
             "sealed": spec.name in self.coord.state.sealed,
             "lost": sorted(lost),
-            "lost_offsets": lost_wire(lost),
+            "lost_offsets": lost_to_wire(lost),
         }
 
     async def destroy_many(self, names: list[str]) -> None:
@@ -149,7 +140,7 @@ class StreamHandlers:
                 kind,
                 f"stream {name!r} is sealed, but writes from {sorted(failures)} were "
                 f"not stored: {message}",
-                lost_wire(self.coord.state.lost.get(name, {})),
+                lost_to_wire(self.coord.state.lost.get(name, {})),
             )
         lost = self.coord.state.lost.get(name, {})
         if lost:

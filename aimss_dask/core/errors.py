@@ -159,7 +159,7 @@ def error_to_wire(exc: BaseException) -> dict[str, Any]:
         message = f"{type(exc).__name__}: {message}"
     out = {"status": "aimss-error", "type": name, "message": str(message)}
     if isinstance(exc, PartitionLostError) and exc.lost:
-        out["lost"] = [[p, a, b] for p, (a, b) in sorted(exc.lost.items())]
+        out["lost"] = lost_to_wire(exc.lost)
     return out
 
 
@@ -177,6 +177,25 @@ def error_from_wire(kind: str, message: str, lost: Any = None) -> AIMSSError:
 def lost_ranges(wire: Any) -> dict[int, tuple[int, int | None]]:
     """``{partition: (first, end)}`` from its wire form ``[[partition, first, end], ...]``."""
     return {int(p): (int(a), None if b is None else int(b)) for p, a, b in (wire or ())}
+
+
+def lost_to_wire(lost: Mapping[int, tuple[int, int | None]]) -> list[list[int | None]]:
+    """``[[partition, first, end], ...]``: the wire form :func:`lost_ranges` reads."""
+    return [[p, a, b] for p, (a, b) in sorted(lost.items())]
+
+
+def describe_lost(lost: Mapping[int, tuple[int, int | None]]) -> str:
+    """Lost offset ranges, for messages.
+
+    >>> describe_lost({2: (0, 120), 5: (40, None), 7: (3, 3)})
+    'partition 2 (offsets 0-119), partition 5 (offsets 40 on), partition 7 (no record)'
+    """
+    return ", ".join(
+        f"partition {p} (offsets {a}-{b - 1})" if b is not None and b > a
+        else f"partition {p} (no record)" if b is not None
+        else f"partition {p} (offsets {a} on)"
+        for p, (a, b) in sorted(lost.items())
+    )
 
 
 def raise_from_wire(reply: Any, op: str) -> Any:

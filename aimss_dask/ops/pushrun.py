@@ -15,6 +15,7 @@ tasks that write run again in place against the new streams
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,12 @@ from aimss_dask._compat import task_attempt
 from aimss_dask.api import streams as api
 from aimss_dask.api.context import current
 from aimss_dask.api.runs import register_run
-from aimss_dask.core.errors import DuplicateOriginError, StreamNotFoundError
+from aimss_dask.core.errors import (
+    DuplicateOriginError,
+    PartitionLostError,
+    StreamNotFoundError,
+    StreamSealedError,
+)
 from aimss_dask.core.runs import RunSpec
 from aimss_dask.core.specs import Origin
 from aimss_dask.ops import local
@@ -77,8 +83,6 @@ def _on_restart(func: Any, rerun: bool) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from distributed import Reschedule
 
-        from aimss_dask.core.errors import PartitionLostError, StreamSealedError
-
         for _ in range(MAX_RERUNS):
             with speccache.tracking() as used:
                 try:
@@ -107,8 +111,6 @@ def _restarted(used: dict[str, int], wait: float) -> str:
     are still the ones used, after ``wait`` seconds of asking. Forgets the
     cached specs, so that a next attempt looks them up.
     """
-    import time
-
     if not used:
         return "gone"
     deadline = time.monotonic() + wait

@@ -145,6 +145,8 @@ def _write(store: Any, job: OwnerJob) -> Position:
     assert job.target is not None
     o, r = job.position
     records, lengths = _records(store, job, o, r + job.nrows)
+    arr = None
+    written = []
     for k, pieces in enumerate(cut(job.position, lengths, job.nrows, job.chunk_rows)):
         block = _rows(records, pieces, job.axis)
         # Opened per chunk: a fresh shape (the driver resized before this
@@ -157,9 +159,11 @@ def _write(store: Any, job: OwnerJob) -> Position:
         # Whole chunks (or the array's edge): one unit, written once.
         region = whole_region(block.shape, job.axis, start, block.shape[job.axis])
         unit_writer(arr)(region, block)
-        if job.target.durable:
-            # On disk before the driver commits offsets that cover it.
-            sync_units(arr, [region])
+        written.append(region)
+    if job.target.durable and arr is not None:
+        # On disk before the driver commits offsets that cover them; each
+        # folder synced once for the round.
+        sync_units(arr, written)
     return advance(job.position, lengths, job.nrows)
 
 
