@@ -7,8 +7,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from aimss_dask.api.context import Endpoint
-from aimss_dask.core.errors import PartitionLostError, ReadTimeoutError
+from aimss_dask.core.errors import AIMSSError, PartitionLostError, ReadTimeoutError
 from aimss_dask.core.specs import StreamSpec
+from aimss_dask.transport import speccache
 
 #: Group offsets are sent to the coordinator at most this often while reading
 #: (and always when a partition ends or the iterator is closed). Delivery is
@@ -32,54 +33,103 @@ def iter_partition(
     timeout: float | None,
     max_bytes: int | None,
 ) -> Iterator[tuple[int, Any]]:
-    """Yield ``(offset, record)`` from ``start`` until the sealed end."""
+    """Yield ``(offset, record)`` from ``start`` until the sealed end.
+
+    A partition that moves meanwhile (its owner retired) is followed to its
+    new owner, from the same offset.
+    """
     owner = spec.owners[p]
-    local = ep.plugin is not None and ep.plugin.store is not None and owner == ep.address
     if ep.plugin is not None:
-        ep.plugin.reads["local" if local else "remote"] += 1
+        ep.plugin.reads["local" if _is_local(ep, owner) else "remote"] += 1
     offset = start
     while True:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if local:
-                assert ep.plugin is not None and ep.plugin.store is not None
-                store = ep.plugin.store
-                records, sealed, _ = store.read(spec.name, spec.epoch, p, offset, max_bytes)
-                if records or sealed:
-                    break
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not store.wait(spec.name, spec.epoch, p, offset, left):
-                    raise _timed_out(spec, p, offset, timeout)
-            else:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    reply = ep.call(
-                        ep.ask_worker,
-                        owner,
-                        "read",
-                        name=spec.name,
-                        epoch=spec.epoch,
-                        partition=p,
-                        start=offset,
-                        max_bytes=max_bytes,
-                        wait=left,
-                    )
-                except OSError as e:
-                    raise PartitionLostError(
-                        f"owner {owner} of stream {spec.name!r} partition {p} could not "
-                        f"be reached ({e}); the partition is lost from offset {offset} on",
-                        {p: (offset, None)},
-                    ) from e
-                records, sealed = list(reply["records"]), reply["sealed"]
-                if records or sealed:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise _timed_out(spec, p, offset, timeout)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                records, sealed = _fetch(ep, spec, owner, p, offset, left, max_bytes)
+            except (OSError, AIMSSError) as e:
+                moved = _moved_to(ep, spec, p, owner, e)
+                if moved is None:
+                    if isinstance(e, OSError):
+                        raise PartitionLostError(
+                            f"owner {owner} of stream {spec.name!r} partition {p} could not "
+                            f"be reached ({e}); the partition is lost from offset {offset} on",
+                            {p: (offset, None)},
+                        ) from e
+                    raise
+                owner = moved
+                continue
+            if records or sealed:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _timed_out(spec, p, offset, timeout)
         for r in records:
             yield offset, r
             offset += 1
         if sealed and not records:
             return
+
+
+def _is_local(ep: Endpoint, owner: str) -> bool:
+    return ep.plugin is not None and ep.plugin.store is not None and owner == ep.address
+
+
+def _fetch(
+    ep: Endpoint, spec: StreamSpec, owner: str, p: int, offset: int, wait: float | None, max_bytes: int | None
+) -> tuple[list[Any], bool]:
+    """One batch from ``offset``: ``(records, sealed)``; waits up to ``wait`` s (None: a while) for one."""
+    if _is_local(ep, owner):
+        assert ep.plugin is not None and ep.plugin.store is not None
+        store = ep.plugin.store
+        records, sealed, _ = store.read(spec.name, spec.epoch, p, offset, max_bytes)
+        if not records and not sealed:
+            store.wait(spec.name, spec.epoch, p, offset, wait)
+            records, sealed, _ = store.read(spec.name, spec.epoch, p, offset, max_bytes)
+        return records, sealed
+    reply = ep.call(
+        ep.ask_worker,
+        owner,
+        "read",
+        name=spec.name,
+        epoch=spec.epoch,
+        partition=p,
+        start=offset,
+        max_bytes=max_bytes,
+        wait=wait,
+    )
+    return list(reply["records"]), reply["sealed"]
+
+
+#: Longest a reader waits for the coordinator to name a partition's new
+#: owner when the old one stopped serving it (a retirement under way), s.
+MOVE_WAIT = 30.0
+
+
+def _moved_to(ep: Endpoint, spec: StreamSpec, p: int, owner: str, error: BaseException) -> str | None:
+    """The new owner of partition ``p``, if it moved off ``owner``; None (the ``error`` stands) if not.
+
+    The old owner may stop answering (it closes) a moment before the
+    coordinator switches the owner: ask again for up to :data:`MOVE_WAIT`
+    seconds, until the partition has a new owner, or is lost, or gone.
+    """
+    if isinstance(error, (PartitionLostError, ReadTimeoutError)):
+        return None
+    deadline = time.monotonic() + MOVE_WAIT
+    while True:
+        try:
+            got = ep.scheduler_op("get", name=spec.name)
+        except AIMSSError:
+            return None
+        now = StreamSpec.from_wire(got["spec"])
+        if now.epoch != spec.epoch or p in got.get("lost", ()) or not got.get("sealed"):
+            return None
+        if now.owners[p] != owner:
+            speccache.remember(now)
+            return now.owners[p]
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
 
 
 class GroupCommitter:

@@ -12,12 +12,17 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from distributed.core import Status
+
 from aimss_dask.core.errors import raise_from_wire
 
 if TYPE_CHECKING:
     from distributed import Scheduler
 
 logger = logging.getLogger("aimss_dask")
+
+#: Worker states in which a worker stays in the cluster (a paused one resumes).
+_STAYING = frozenset({Status.running, Status.paused})
 
 #: Tasks looked at, at most, to find which client a run's create task works for.
 _CREATOR_SEARCH = 20_000
@@ -53,6 +58,11 @@ class ClusterOps:
         assert self.scheduler is not None
         return list(self.scheduler.workers)
 
+    def running(self) -> list[str]:
+        """Workers that take new partitions: running or paused, not retiring or closing."""
+        assert self.scheduler is not None
+        return [a for a, ws in self.scheduler.workers.items() if ws.status in _STAYING]
+
     async def broadcast(self, msg: dict[str, Any], workers: list[str] | None = None) -> dict[str, Any]:
         assert self.scheduler is not None
         live = set(self.workers())
@@ -69,6 +79,24 @@ class ClusterOps:
             else:
                 raise_from_wire(reply, msg["op"])
         return replies
+
+    async def ask(self, worker: str, msg: dict[str, Any]) -> Any:
+        """``msg`` to ``worker`` even if the scheduler no longer lists it (it is closing); its reply.
+
+        Raises what the worker raised, or the comm's error.
+        """
+        assert self.scheduler is not None
+        replies = await self.scheduler.broadcast(msg=msg, workers=[worker], on_error="raise")
+        return raise_from_wire(replies[worker], msg["op"])
+
+    def tell(self, worker: str, msg: dict[str, Any]) -> bool:
+        """``msg`` on the scheduler's ordered stream to ``worker``; False if it has none."""
+        assert self.scheduler is not None
+        comm = self.scheduler.stream_comms.get(worker)
+        if comm is None:
+            return False
+        comm.send(msg)
+        return True
 
     def creator(self, client: str | None, task: Any) -> str | None:
         """The client a stream belongs to: the caller, or who wants the task."""

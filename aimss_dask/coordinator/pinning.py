@@ -104,9 +104,17 @@ class Pinner:
         self._fused_reads(run, None)
         self.repin(run.streams)
 
-    def repin(self, streams: Iterable[str], partitions: Iterable[int] | None = None) -> None:
-        """Pin the known readers of ``streams`` (only of ``partitions``, if given) to today's owners."""
+    def repin(
+        self, streams: Iterable[str], partitions: Iterable[int] | None = None, stimulus_id: str | None = None
+    ) -> None:
+        """Pin the known readers of ``streams`` (only of ``partitions``, if given) to today's owners.
+
+        ``stimulus_id``: the partitions moved off a worker that no longer
+        runs tasks (retiring); readers that waited for it (``no-worker``)
+        are scheduled on the new owners now.
+        """
         only = None if partitions is None else set(partitions)
+        stuck = {}
         for name in streams:
             spec = self.streams.get(name)
             if spec is None:
@@ -114,6 +122,11 @@ class Pinner:
             for p, key in self.readers.get(name, {}).items():
                 if only is None or p in only:
                     self.pin(key, spec, p)
+                    ts = self.scheduler.tasks.get(key)
+                    if stimulus_id is not None and ts is not None and ts.state == "no-worker":
+                        stuck[key] = "processing"
+        if stuck:
+            self.scheduler.transitions(stuck, stimulus_id=stimulus_id)
 
     def read(self, stream: str, states: Collection[str] | None = None) -> set[int]:
         """Partitions of ``stream`` that a submitted task reads.

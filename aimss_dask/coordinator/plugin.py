@@ -24,6 +24,7 @@ from tornado.ioloop import PeriodicCallback
 from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.pinning import Pinner
 from aimss_dask.coordinator.registry import RunRegistry
+from aimss_dask.coordinator.retire import Evacuations
 from aimss_dask.coordinator.runs import RunHandlers
 from aimss_dask.coordinator.sealing import (
     SEAL_CLIENT_TIMEOUT,
@@ -104,6 +105,7 @@ class AIMSS(SchedulerPlugin):
         self.seals = ClientSeals(self.ops)
         self.stream_ops = StreamHandlers(self, self.ops)
         self.run_ops = RunHandlers(self, self.ops)
+        self.evacuations = Evacuations(self, self.ops)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -239,7 +241,47 @@ class AIMSS(SchedulerPlugin):
         except Exception:
             logger.exception("aimss: restart hook failed")
 
-    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+    def log_event(self, topic: str, msg: Any) -> None:
+        """A worker Dask is retiring (``closing_gracefully``): move its partitions away now.
+
+        Dask logs every worker status change as an event under the
+        worker's address; retirement (``retire_workers``, adaptive
+        scale-down, a dask-jobqueue worker's lifetime) starts with this one.
+        """
+        try:
+            if (
+                isinstance(msg, dict)
+                and msg.get("action") == "worker-status-change"
+                and msg.get("status") == Status.closing_gracefully.name
+                and isinstance(topic, str)
+            ):
+                self.evacuations.begin(topic)
+        except Exception:
+            logger.exception("aimss: log_event hook failed")
+
+    def valid_workers_downscaling(self, scheduler: Scheduler, workers: list[Any]) -> list[Any]:
+        """Scale down only workers whose partitions can move: none that owns a partition being written."""
+        try:
+            return self.evacuations.keep(workers)
+        except Exception:
+            logger.exception("aimss: valid_workers_downscaling hook failed")
+            return workers
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> Any:
+        if worker in self.evacuations.pending or worker in self.evacuations.moved:
+            # Retiring: its partitions are on their way to other workers
+            # (the worker finishes sending them as it closes). What did not
+            # arrive is lost, named, once the moves are over.
+            return self._remove_after_moves(scheduler, worker, kwargs)
+        self._worker_gone(scheduler, worker, kwargs)
+        return None
+
+    async def _remove_after_moves(self, scheduler: Scheduler, worker: str, kwargs: dict[str, Any]) -> None:
+        await self.evacuations.wait(worker)
+        self._worker_gone(scheduler, worker, kwargs)
+
+    def _worker_gone(self, scheduler: Scheduler, worker: str, kwargs: dict[str, Any]) -> None:
+        """``worker`` left: name what it took, restart the runs that need it, free its readers."""
         try:
             lost = self.state.worker_lost(worker)
             lost_parts = {n: {p for p, w in enumerate(self.state.streams[n].owners) if w == worker} for n in lost}

@@ -156,7 +156,7 @@ class RunHandlers:
                 spec, _ = self.coord.state.create(
                     name,
                     partitions,
-                    self.ops.workers(),
+                    self.ops.running(),
                     creator=rec.client,
                     colocate_with=view.streams[0] if i else None,
                     prefer=None if i else holders,
@@ -249,7 +249,7 @@ class RunHandlers:
         for spec in specs:
             for p, st in (await self.coord.stream_ops.partition_stats(spec)).items():
                 sizes[p] += st["bytes"]
-        new = rebalance(sizes, owners, self.ops.workers())
+        new = rebalance(sizes, owners, self.ops.running())
         moves = [p for p in range(len(sizes)) if new[p] != owners[p] and sizes[p] > 0]
         if not moves:
             return

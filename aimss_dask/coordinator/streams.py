@@ -55,7 +55,7 @@ class StreamHandlers:
         spec, created = self.coord.state.create(
             name,
             partitions,
-            self.ops.workers(),
+            self.ops.running(),
             parent=parent,
             exist_ok=exist_ok,
             persist=persist,

@@ -15,7 +15,7 @@ import re
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,8 +92,15 @@ class LogStore:
 
     # -- streams -----------------------------------------------------------------
 
-    def open(self, name: str, epoch: int, partitions: Iterable[int]) -> None:
-        """Create empty logs for ``partitions`` of ``name`` (idempotent)."""
+    def open(
+        self, name: str, epoch: int, partitions: Iterable[int], starts: Mapping[int, int] | None = None
+    ) -> None:
+        """Create empty logs for ``partitions`` of ``name`` (idempotent).
+
+        ``starts[p]``: the first offset of a new log of ``p`` (a partition
+        moved here from a worker that had trimmed its head), so that every
+        record keeps its offset; 0 where not given.
+        """
         with self._lock:
             logs = self._streams.get(name)
             if logs is None or logs.epoch != epoch:
@@ -101,7 +108,9 @@ class LogStore:
                     self._drop_locked(name)
                 logs = self._streams[name] = _StreamLogs(epoch, {})
             for p in partitions:
-                logs.partitions.setdefault(p, PartitionLog())
+                if p not in logs.partitions:
+                    first = (starts or {}).get(p, 0)
+                    logs.partitions[p] = PartitionLog(start=first, end=first)
 
     def _log(self, name: str, epoch: int | None, p: int) -> PartitionLog:
         logs = self._streams.get(name)

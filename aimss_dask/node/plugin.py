@@ -41,6 +41,9 @@ MAX_READ_WAIT = 5.0
 #: Free scratch bytes a worker keeps for operators (at most an eighth of the budget).
 SCRATCH_IDLE = 256 * 2**20
 
+#: Longest a closing worker waits for its partition moves to finish (s).
+MOVE_TIMEOUT = 600.0
+
 
 class AIMSSWorker(WorkerPlugin):
     """Installed on every worker by :class:`aimss_dask.AIMSS`; not used directly."""
@@ -76,6 +79,10 @@ class AIMSSWorker(WorkerPlugin):
         self._duplicates_lock = threading.Lock()
         # Operators' run objects on this worker, and resources they share.
         self.runs = RunManager()
+        # Partition moves under way (a retirement's, a rebalance's).
+        self._moves: set[asyncio.Future[Any]] = set()
+        # Set while the coordinator moves this (retiring) worker's partitions.
+        self._retiring: asyncio.Event | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -88,6 +95,9 @@ class AIMSSWorker(WorkerPlugin):
     def setup(self, worker: Worker) -> None:
         # First, so the coordinator can ask how setup went even when it failed.
         worker.handlers["aimss_setup_status"] = self._h_setup_status
+        # On the scheduler's ordered stream, so that it comes before the
+        # "close" of a retirement; an unknown op there would break the stream.
+        worker.stream_handlers["aimss_retiring"] = self._s_retiring
         try:
             self._setup(worker)
         except Exception as e:
@@ -151,8 +161,9 @@ class AIMSSWorker(WorkerPlugin):
         # Progress rides the heartbeats: the coordinator never polls for it.
         worker.metrics[HEARTBEAT_METRIC] = lambda _worker: heartbeat.heartbeat(self)
 
-    def teardown(self, worker: Worker) -> None:
+    async def teardown(self, worker: Worker) -> None:
         try:
+            await self._finish_moves()
             worker.metrics.pop(HEARTBEAT_METRIC, None)
             for op in _HANDLERS:
                 # Answer late messages (a closing cluster) instead of letting
@@ -171,6 +182,34 @@ class AIMSSWorker(WorkerPlugin):
                 self.scratch.clear()
         except Exception:
             logger.exception("aimss: worker teardown failed")
+
+    async def _finish_moves(self) -> None:
+        """A retiring worker hands its partitions over before it goes.
+
+        Dask may close it before the coordinator's moves are done: wait for
+        the coordinator to say it is over (``aimss_retired``), then for the
+        moves still under way.
+        """
+        try:
+            if self._retiring is not None:
+                await asyncio.wait_for(self._retiring.wait(), MOVE_TIMEOUT)
+            if self._moves:
+                _, late = await asyncio.wait(set(self._moves), timeout=MOVE_TIMEOUT)
+                if late:
+                    logger.warning("aimss: closing with %d partition move(s) unfinished", len(late))
+        except asyncio.TimeoutError:
+            logger.warning("aimss: closing before the coordinator moved this worker's partitions away")
+
+    def _s_retiring(self, **kwargs: Any) -> None:
+        """The coordinator moves this worker's partitions away: closing waits for that."""
+        if self._retiring is None or self._retiring.is_set():
+            self._retiring = asyncio.Event()
+
+    @replies
+    async def _h_retired(self) -> None:
+        """The coordinator is done moving this worker's partitions away."""
+        if self._retiring is not None:
+            self._retiring.set()
 
     @replies
     async def _h_setup_status(self) -> dict[str, Any]:
@@ -252,19 +291,27 @@ class AIMSSWorker(WorkerPlugin):
     # -- handlers ------------------------------------------------------------------
 
     @replies
-    async def _h_open(self, spec: dict[str, Any], partitions: list[int], inputs: int = 0) -> None:
+    async def _h_open(
+        self,
+        spec: dict[str, Any],
+        partitions: list[int],
+        inputs: int = 0,
+        starts: list[list[int]] | None = None,
+    ) -> None:
         """Open partitions of a stream here; ``inputs`` > 0: its records carry origins.
 
         Then a second copy of an input is dropped here (``inputs`` presizes
         the filter: input ids ``0 .. inputs - 1``). Tracked before the logs
         open, so no group can be appended unfiltered in between. Repeated
-        opens (more partitions) keep the filter's state.
+        opens (more partitions) keep the filter's state. ``starts``:
+        ``[[p, first offset], ...]`` of partitions moved here whose head was
+        trimmed where they were.
         """
         assert self.store is not None
         s = StreamSpec.from_wire(spec)
         if inputs:
             self.origins.track(s.name, s.epoch, inputs)
-        self.store.open(s.name, s.epoch, partitions)
+        self.store.open(s.name, s.epoch, partitions, {int(p): int(o) for p, o in starts or ()})
 
     @replies
     async def _h_append(self, items: list[list[Any]]) -> dict[str, Any]:
@@ -328,14 +375,16 @@ class AIMSSWorker(WorkerPlugin):
         return {"failure": self.producer.failure(name, epoch)}
 
     @replies
-    async def _h_seal_partitions(self, name: str, epoch: int) -> dict[str, Any]:
-        """Seal the partitions of ``name`` held here; their ``[[p, start, end], ...]``.
+    async def _h_seal_partitions(self, name: str, epoch: int, partitions: list[int] | None = None) -> dict[str, Any]:
+        """Seal the partitions of ``name`` held here (only ``partitions``, if given); their ``[[p, start, end], ...]``.
 
         The coordinator keeps those ends: they are what it names as lost if
         this worker dies.
         """
         assert self.store is not None
         parts = self.store.stream_stats(name)
+        if partitions is not None:
+            parts = {p: st for p, st in parts.items() if p in partitions}
         if parts:
             self.store.seal(name, epoch, list(parts))
         # No push after a seal (the store refuses it), and moves carry no
@@ -344,8 +393,13 @@ class AIMSSWorker(WorkerPlugin):
         return {"bounds": [[p, st["start"], st["records"]] for p, st in sorted(parts.items())]}
 
     @replies
-    async def _h_drop(self, name: str, epoch: int) -> None:
+    async def _h_drop(self, name: str, epoch: int, partitions: list[int] | None = None) -> None:
+        """Free stream ``name`` at ``epoch`` here; only ``partitions`` of it, if given (a failed move's)."""
         assert self.store is not None and self.producer is not None
+        if partitions is not None:
+            for p in partitions:
+                self.store.drop_partition(name, epoch, p)
+            return
         speccache.forget(name)
         # Only this epoch's state or older: a late drop leaves a new stream's.
         self.origins.forget(name, epoch)
@@ -410,21 +464,46 @@ class AIMSSWorker(WorkerPlugin):
                     pool.release_idle()
 
     @replies
-    async def _h_move(self, spec: dict[str, Any], partitions: list[int]) -> dict[str, Any]:
-        """Send these sealed partitions to their new owners in ``spec``, then drop them."""
+    async def _h_move(self, spec: dict[str, Any], partitions: list[int], drop: bool = True) -> dict[str, Any]:
+        """Send these sealed partitions to their new owners in ``spec``, then drop them.
+
+        Each from its first kept offset: the new owner opened it there.
+        Returns the records sent and ``ends``, ``[[p, end offset], ...]``, of
+        the partitions sent (one already gone, read and released meanwhile,
+        is not listed). ``drop=False``: keep serving them here until the
+        coordinator has switched their readers (and drops them with
+        ``aimss_drop``). A worker that is closing finishes its moves first
+        (see :meth:`teardown`).
+        """
         assert self.store is not None and self.producer is not None
         new = StreamSpec.from_wire(spec)
-        moved = await offload(self._send_partitions, new, partitions)
-        await self.producer.flush([new.name], epoch=new.epoch)
-        for p in partitions:
-            self.store.drop_partition(new.name, new.epoch, p)
-        return {"bytes": moved}
+        task = asyncio.ensure_future(self._move(new, partitions, drop))
+        self._moves.add(task)
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._moves.discard(task)
+            else:
+                task.add_done_callback(self._moves.discard)
 
-    def _send_partitions(self, spec: StreamSpec, partitions: list[int]) -> int:
+    async def _move(self, spec: StreamSpec, partitions: list[int], drop: bool) -> dict[str, Any]:
+        assert self.store is not None and self.producer is not None
+        moved, ends = await offload(self._send_partitions, spec, partitions)
+        await self.producer.flush([spec.name], epoch=spec.epoch)
+        for p, _ in ends if drop else ():
+            self.store.drop_partition(spec.name, spec.epoch, p)
+        return {"records": moved, "ends": ends}
+
+    def _send_partitions(self, spec: StreamSpec, partitions: list[int]) -> tuple[int, list[list[int]]]:
         assert self.store is not None and self.producer is not None
         moved = 0
+        ends: list[list[int]] = []
         for p in partitions:
-            offset = 0
+            try:
+                offset = self.store.bounds(spec.name, spec.epoch, p)[0]
+            except AIMSSError:
+                continue  # read and released since the coordinator looked
             while True:
                 records, _, _ = self.store.read(spec.name, spec.epoch, p, offset, 64 * 2**20)
                 if not records:
@@ -432,8 +511,9 @@ class AIMSSWorker(WorkerPlugin):
                 for r in records:
                     self.producer.write(spec, p, r, moving=True)
                 offset += len(records)
-            moved += offset
-        return moved
+                moved += len(records)
+            ends.append([p, offset])
+        return moved, ends
 
     @replies
     async def _h_trim(self, name: str, epoch: int, partitions: list[int]) -> None:
@@ -483,6 +563,7 @@ _HANDLERS = (
     "owner_lost",
     "trim",
     "move",
+    "retired",
     "drop",
     "stream_stats",
     "worker_status",

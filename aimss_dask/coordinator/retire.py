@@ -1,0 +1,285 @@
+"""Graceful retirement: a worker that leaves on purpose hands its partitions over first.
+
+Dask marks a worker it is about to retire ``closing_gracefully``
+(``client.retire_workers``, adaptive scale-down, a dask-jobqueue worker at
+the end of its lifetime all go through ``Scheduler.retire_workers``) and
+logs that change as an event, which the coordinator hears in its
+``log_event`` hook. It then moves every sealed partition the worker owns to
+the running workers, verifies that each arrived whole, switches the owners
+and pins the readers there. Dask may remove the worker before the moves are
+done: the coordinator's ``remove_worker`` hook waits for them, and the
+worker's teardown finishes the moves under way before it closes.
+
+An open partition (its producers still write) cannot move without losing
+the records in flight: it stays, and is lost, named, when the worker goes.
+Adaptive scale-down does not pick a worker that owns one (see
+:meth:`Evacuations.keep`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from aimss_dask.coordinator.cluster import ClusterOps
+from aimss_dask.coordinator.placement import place_partitions
+from aimss_dask.core.runs import OnLoss
+from aimss_dask.core.specs import StreamSpec
+
+if TYPE_CHECKING:
+    from aimss_dask.coordinator.plugin import AIMSS
+
+logger = logging.getLogger("aimss_dask")
+
+#: Longest wait for a moved partition's records to arrive once its old owner
+#: stopped answering, without any progress (s).
+ARRIVAL_TIMEOUT = 30.0
+#: Longest ``remove_worker`` waits for a retiring worker's moves (s).
+EVACUATE_TIMEOUT = 600.0
+
+
+class Evacuations:
+    """The retirements under way: worker address -> the task moving its partitions away."""
+
+    def __init__(self, coord: AIMSS, ops: ClusterOps) -> None:
+        self.coord = coord
+        self.ops = ops
+        self.pending: dict[str, asyncio.Task[int]] = {}
+        #: worker -> ``(streams, partitions)`` moved off it, until it is gone.
+        self.moved: dict[str, list[tuple[list[str], list[int]]]] = {}
+
+    def owned(self, worker: str) -> dict[str, list[int]]:
+        """Stream name -> the partitions ``worker`` owns."""
+        out = {}
+        for name, spec in self.coord.state.streams.items():
+            ps = [p for p, w in enumerate(spec.owners) if w == worker]
+            if ps:
+                out[name] = ps
+        return out
+
+    def begin(self, worker: str) -> None:
+        """``worker`` is closing gracefully: move its partitions away, in the background."""
+        if worker in self.pending or not self._groups(worker):
+            return
+        # Before Dask's "close" on the same stream: the worker's teardown
+        # waits for the moves (see AIMSSWorker._finish_moves).
+        if not self.ops.tell(worker, {"op": "aimss_retiring"}):
+            return
+        task = asyncio.ensure_future(self._evacuate(worker))
+        self.pending[worker] = task
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[int]) -> None:
+        # A retirement called off (Dask found nowhere for its keys) leaves
+        # the moved partitions where they are now: as good a place as any.
+        for w, t in list(self.pending.items()):
+            if t is task:
+                del self.pending[w]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("aimss: moving a retiring worker's partitions failed: %r", task.exception())
+
+    async def wait(self, worker: str) -> None:
+        """Until ``worker``'s partitions have moved (or could not); never raises.
+
+        Then pins their readers to the new owners once more: those that
+        were running on ``worker`` kept it (a running task is not moved)
+        and Dask has just handed them back.
+        """
+        task = self.pending.pop(worker, None)
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), EVACUATE_TIMEOUT)
+            except BaseException:  # its failure is logged by _done; the loss is named next
+                pass
+        assert self.coord.pinner is not None
+        for group, done in self.moved.pop(worker, []):
+            self.coord.pinner.repin(group, done, stimulus_id="aimss-retired")
+
+    def keep(self, workers: list[Any]) -> list[Any]:
+        """Of the workers Dask would close to scale down, those it may: none that owns an open partition.
+
+        Sealed partitions move before a worker goes; an open one cannot, so
+        its owner stays until the stream is sealed. ``workers``: Dask's
+        ``WorkerState`` objects.
+        """
+        state = self.coord.state
+        busy = {
+            w
+            for name, spec in state.streams.items()
+            if name not in state.sealed or self._restarts(name)
+            for p, w in enumerate(spec.owners)
+            if p not in state.lost.get(name, {})
+        }
+        return [ws for ws in workers if ws.address not in busy]
+
+    def _restarts(self, name: str) -> bool:
+        """Stream ``name`` belongs to a run in flight that runs again when a worker leaves.
+
+        Such a run starts over once the worker is gone (see
+        :meth:`~aimss_dask.coordinator.runs.RunHandlers.restart_runs`), so
+        moving its partitions first would be wasted.
+        """
+        rec = self.coord.runs.for_stream(name)
+        return rec is not None and not rec.finished and rec.spec.on_loss is OnLoss.RESTART
+
+    async def _evacuate(self, worker: str) -> int:
+        """Move every sealed partition of ``worker`` to running workers; partitions moved."""
+        started = time.monotonic()
+        moved = 0
+        left_open: list[str] = []
+        try:
+            for group in self._groups(worker):
+                if not all(n in self.coord.state.sealed for n in group):
+                    left_open.extend(group)
+                    continue
+                moved += await self._move_group(worker, group)
+        finally:
+            try:
+                await self.ops.ask(worker, {"op": "aimss_retired"})
+            except Exception as e:  # gone already: nothing waits any more
+                logger.info("aimss: could not tell %s its moves are done: %r", worker, e)
+        if left_open:
+            logger.warning(
+                "aimss: retiring worker %s owns partitions of open streams %s; they cannot move "
+                "while written and are lost when it leaves (seal streams before scaling down)",
+                worker,
+                left_open,
+            )
+        logger.info(
+            "aimss: moved %d partition(s) off retiring worker %s in %.2fs", moved, worker, time.monotonic() - started
+        )
+        return moved
+
+    def _groups(self, worker: str) -> list[list[str]]:
+        """The streams ``worker`` owns partitions of, in groups that move together.
+
+        The streams of one run (a join's two sides) are placed alike so
+        that a read finds both sides locally: they move alike too.
+        """
+        seen: set[str] = set()
+        groups = []
+        for name in sorted(self.owned(worker)):
+            if name in seen or self._restarts(name):
+                continue
+            rec = self.coord.runs.for_stream(name)
+            group = sorted(n for n in rec.spec.streams if n in self.coord.state.streams) if rec else [name]
+            if name not in group:
+                group = [name]
+            seen.update(group)
+            groups.append(group)
+        return groups
+
+    async def _move_group(self, worker: str, group: list[str]) -> int:
+        state = self.coord.state
+        specs = [state.streams[n] for n in group]
+        lead = specs[0]
+        parts = [p for p, w in enumerate(lead.owners) if w == worker and p not in state.lost.get(lead.name, {})]
+        targets = [w for w in self.ops.running() if w != worker and w not in self.pending]
+        if not parts:
+            return 0
+        if not targets:
+            logger.warning("aimss: no running worker can take the partitions of %s from %s", group, worker)
+            return 0
+        load = dict.fromkeys(targets, 0)
+        for spec in state.streams.values():
+            for w in spec.owners:
+                if w in load:
+                    load[w] += 1
+        new = dict(zip(parts, place_partitions(len(parts), load)))
+        owners = tuple(new.get(p, w) for p, w in enumerate(lead.owners))
+        arrived: set[int] = set(parts)
+        for spec in specs:
+            arrived &= await self._move(worker, spec, replace(spec, owners=owners), parts)
+        done = sorted(arrived)
+        for spec in specs:
+            current = state.streams.get(spec.name)
+            if current is None or current.epoch != spec.epoch:
+                continue  # destroyed meanwhile
+            # Partitions that did not arrive whole stay with the old owner.
+            state.streams[spec.name] = replace(
+                current, owners=tuple(owners[p] if p in arrived else w for p, w in enumerate(current.owners))
+            )
+        assert self.coord.pinner is not None
+        self.coord.pinner.repin(group, done, stimulus_id="aimss-retire")
+        if done:
+            self.moved.setdefault(worker, []).append((group, done))
+            # Readers now go to the new owners: the old copies can go.
+            for spec in specs:
+                try:
+                    await self.ops.ask(
+                        worker, {"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch, "partitions": done}
+                    )
+                except Exception as e:  # closed already, and its log with it
+                    logger.info("aimss: dropping moved partitions on %s: %r", worker, e)
+        return len(done)
+
+    async def _move(self, worker: str, spec: StreamSpec, moved: StreamSpec, parts: list[int]) -> set[int]:
+        """Move ``parts`` of ``spec`` from ``worker`` as ``moved`` says; those that arrived whole and sealed."""
+        stats = await self.ops.ask(worker, {"op": "aimss_stream_stats", "name": spec.name})
+        held = {p: st for p, st in stats.get("partitions", []) if p in parts}
+        if not held:
+            return set()
+        msg = {"spec": moved.to_wire()}
+        by_target: dict[str, list[int]] = {}
+        for p in held:
+            by_target.setdefault(moved.owners[p], []).append(p)
+        for w, ps in by_target.items():
+            await self.ops.broadcast(
+                {"op": "aimss_open", **msg, "partitions": ps, "starts": [[p, held[p]["start"]] for p in ps]}, [w]
+            )
+        try:
+            await self.ops.ask(worker, {"op": "aimss_move", **msg, "partitions": sorted(held), "drop": False})
+        except Exception as e:  # the worker keeps moving while it closes; the targets tell
+            logger.info("aimss: move of %s from %s: %r; checking its new owners", spec.name, worker, e)
+        ends = {p: held[p]["records"] for p in held}
+        arrived = await self._arrived(moved, by_target, ends)
+        for w, ps in by_target.items():
+            partial = [p for p in ps if p not in arrived]
+            if partial:
+                # Not whole: the old owner's copy stays the one; free this one.
+                await self.ops.broadcast(
+                    {"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch, "partitions": partial}, [w]
+                )
+            whole = [p for p in ps if p in arrived]
+            if whole:
+                # Only these: others of the stream may still be arriving here
+                # from another retiring worker.
+                await self.ops.broadcast(
+                    {"op": "aimss_seal_partitions", "name": spec.name, "epoch": spec.epoch, "partitions": whole}, [w]
+                )
+        return arrived
+
+    async def _arrived(self, spec: StreamSpec, by_target: dict[str, list[int]], ends: dict[int, int]) -> set[int]:
+        """Partitions whose new owner holds every record up to ``ends[p]``.
+
+        Asked again while records still arrive (the old owner may be
+        finishing the move as it closes), until none did for
+        :data:`ARRIVAL_TIMEOUT`.
+        """
+        last: dict[int, int] = {}
+        quiet_since = time.monotonic()
+        while True:
+            have: dict[int, int] = {}
+            for w, ps in by_target.items():
+                replies = await self.ops.broadcast({"op": "aimss_stream_stats", "name": spec.name}, [w])
+                for p, st in replies.get(w, {}).get("partitions", []):
+                    if p in ps:
+                        have[p] = st["records"]
+            done = {p for p, end in ends.items() if have.get(p) == end}
+            if len(done) == len(ends):
+                return done
+            if have != last:
+                last, quiet_since = have, time.monotonic()
+            elif time.monotonic() - quiet_since > ARRIVAL_TIMEOUT:
+                missing = sorted(set(ends) - done)
+                logger.warning(
+                    "aimss: partitions %s of %s did not arrive whole at their new owners; they stay "
+                    "with the retiring worker",
+                    missing,
+                    spec.name,
+                )
+                return done
+            await asyncio.sleep(0.05)
