@@ -141,3 +141,37 @@ def test_a_moved_partition_keeps_its_offsets():
     # A repeated open keeps what is there.
     store.open("s", 1, [1], {1: 0})
     assert store.bounds("s", 1, 1) == (7, 9, False)
+
+
+def test_cluster_scale_down_keeps_every_sealed_record():
+    with LocalCluster(
+        n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as c:
+        c.register_plugin(aimss_dask.AIMSS())
+        name = unique_name("scale")
+        s = _fill(name, partitions=6, per=5)
+        s.seal()
+        cluster.scale(1)
+        wait_until(lambda: len(c.scheduler_info()["workers"]) == 1, timeout=60, what="scale(1)")
+        (last,) = c.scheduler_info()["workers"]
+        info = s.info()
+        assert info["owners"] == [last] * 6 and info["lost"] == []
+        for p in range(6):
+            assert _values(s.read(partition=p)) == [p * 1000 + i for i in range(5)]
+
+
+def test_a_worker_closing_gracefully_at_the_end_of_its_lifetime_hands_over(client):
+    # What a dask-jobqueue worker does when its --lifetime is up.
+    name = unique_name("lifetime")
+    s = _fill(name, partitions=3, per=4)
+    s.seal()
+    victim = s.info()["owners"][2]
+
+    async def close_gracefully(dask_worker) -> None:
+        await dask_worker.close_gracefully(reason="lifetime")
+
+    client.run(close_gracefully, workers=[victim], wait=False)
+    wait_until(lambda: victim not in client.scheduler_info()["workers"], timeout=30, what="the worker to leave")
+    wait_until(lambda: victim not in s.info()["owners"], timeout=10, what="the new owner")
+    assert s.info()["lost"] == []
+    assert _values(s.read(partition=2)) == [2000 + i for i in range(4)]

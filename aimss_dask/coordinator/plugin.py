@@ -116,7 +116,7 @@ class AIMSS(SchedulerPlugin):
     def _handlers(self) -> dict[str, Any]:
         """RPC op -> handler: ``_h_<op>`` of this plugin and of its handler objects."""
         out: dict[str, Any] = {}
-        for owner in (self, self.stream_ops, self.run_ops, self.seals):
+        for owner in (self, self.stream_ops, self.run_ops, self.seals, self.evacuations):
             for attr in dir(type(owner)):
                 if attr.startswith("_h_"):
                     out[attr[3:]] = getattr(owner, attr)

@@ -14,6 +14,10 @@ An open partition (its producers still write) cannot move without losing
 the records in flight: it stays, and is lost, named, when the worker goes.
 Adaptive scale-down does not pick a worker that owns one (see
 :meth:`Evacuations.keep`).
+
+A worker closed without a retirement (a cluster manager closing its
+nanny: ``LocalCluster.scale`` down) asks for the same moves from its
+teardown (``aimss_evacuate``), within the time its nanny gives it.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from distributed.core import Status
+
 from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.placement import place_partitions
 from aimss_dask.core.runs import OnLoss
 from aimss_dask.core.specs import StreamSpec
+from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
     from aimss_dask.coordinator.plugin import AIMSS
@@ -50,6 +57,7 @@ class Evacuations:
         self.pending: dict[str, asyncio.Task[int]] = {}
         #: worker -> ``(streams, partitions)`` moved off it, until it is gone.
         self.moved: dict[str, list[tuple[list[str], list[int]]]] = {}
+        self._one_at_a_time: asyncio.Lock | None = None
 
     def owned(self, worker: str) -> dict[str, list[int]]:
         """Stream name -> the partitions ``worker`` owns."""
@@ -71,6 +79,26 @@ class Evacuations:
         task = asyncio.ensure_future(self._evacuate(worker))
         self.pending[worker] = task
         task.add_done_callback(self._done)
+
+    @replies
+    async def _h_evacuate(self, worker: str) -> dict[str, Any]:
+        """A worker closes without Dask retiring it (a cluster manager closing its nanny): move its partitions now.
+
+        Answers once they are moved (or could not be): the worker's teardown
+        waits for this before it lets go of its log. Nothing moves while the
+        whole cluster is shutting down.
+        """
+        assert self.ops.scheduler is not None
+        if self.ops.scheduler.status != Status.running:
+            return {"moved": 0}
+        # Another worker's partitions may be on their way here: once they
+        # are, they are this worker's to hand on.
+        others = [t for w, t in self.pending.items() if w != worker]
+        if others:
+            await asyncio.wait(others)
+        self.begin(worker)
+        task = self.pending.get(worker)
+        return {"moved": 0 if task is None else await asyncio.shield(task)}
 
     def _done(self, task: asyncio.Task[int]) -> None:
         # A retirement called off (Dask found nowhere for its keys) leaves
@@ -127,6 +155,15 @@ class Evacuations:
 
     async def _evacuate(self, worker: str) -> int:
         """Move every sealed partition of ``worker`` to running workers; partitions moved."""
+        if self._one_at_a_time is None:
+            self._one_at_a_time = asyncio.Lock()
+        # One retirement at a time: a worker that starts to close while
+        # another's partitions move to it hands them on once they are there,
+        # instead of closing under them.
+        async with self._one_at_a_time:
+            return await self._evacuate_now(worker)
+
+    async def _evacuate_now(self, worker: str) -> int:
         started = time.monotonic()
         moved = 0
         left_open: list[str] = []

@@ -12,6 +12,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
+from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import pickle, to_serialize
 from distributed.utils import offload
@@ -193,12 +194,25 @@ class AIMSSWorker(WorkerPlugin):
         try:
             if self._retiring is not None:
                 await asyncio.wait_for(self._retiring.wait(), MOVE_TIMEOUT)
+            elif self._closing() and self.store is not None and not self.store.empty:
+                # Closed without a retirement (a cluster manager closing the
+                # nanny): ask for the moves ourselves.
+                reply = await asyncio.wait_for(
+                    self.worker.scheduler.aimss_evacuate(worker=self.worker.address), MOVE_TIMEOUT
+                )
+                logger.info("aimss: handed partitions over before closing: %s", reply)
             if self._moves:
                 _, late = await asyncio.wait(set(self._moves), timeout=MOVE_TIMEOUT)
                 if late:
                     logger.warning("aimss: closing with %d partition move(s) unfinished", len(late))
         except asyncio.TimeoutError:
             logger.warning("aimss: closing before the coordinator moved this worker's partitions away")
+        except Exception as e:  # the scheduler is gone too: nothing to hand over to
+            logger.info("aimss: could not hand partitions over before closing: %r", e)
+
+    def _closing(self) -> bool:
+        """The worker is closing (not only this plugin being removed)."""
+        return self.worker is not None and self.worker.status in (Status.closing, Status.closing_gracefully)
 
     def _s_retiring(self, **kwargs: Any) -> None:
         """The coordinator moves this worker's partitions away: closing waits for that."""
