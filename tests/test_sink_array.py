@@ -566,3 +566,81 @@ def test_invalid_shards_create_no_folder(client, tmp_path):
     with pytest.raises(aimss_dask.InvalidArgumentError, match="shards="):
         aimss_dask.to_zarr(x, str(root), component="a", chunks=(3, 3), shards=(5, 5))
     assert sorted(os.listdir(root)) == ["zarr.json"]
+
+
+def _count_fsyncs(dask_worker=None, reset: bool = True) -> list[str]:
+    """Install (once) a recorder of the files :mod:`aimss_dask.sink.durable` syncs; what it recorded."""
+    from aimss_dask.sink import durable
+
+    if not hasattr(durable, "_test_synced"):
+        real = durable.fsync_file
+        durable._test_synced = []
+
+        def recording(path):
+            durable._test_synced.append(os.path.realpath(path))
+            real(path)
+
+        durable.fsync_file = recording
+    out = list(durable._test_synced)
+    if reset:
+        durable._test_synced.clear()
+    return out
+
+
+@pytest.mark.parametrize(
+    "blocks, zchunks, shards, raw, kind, durable",
+    [
+        ((1000, 64), (1024, 64), None, False, "push", True),
+        ((2048, 64), (1024, 64), None, False, "aligned", True),
+        ((1000, 64), (1024, 64), None, True, "rows", True),
+        ((1024, 64), (256, 64), (4096, 64), False, "chunks", True),
+        ((1000, 64), (1024, 64), None, False, "push", False),
+        ((1000, 64), (1024, 64), None, True, "rows", False),
+    ],
+)
+def test_durable_to_zarr_syncs_every_unit_it_wrote(client, tmp_path, blocks, zchunks, shards, raw, kind, durable):
+    """``durable=True``: every unit file, and the metadata, synced before the run returns; else none."""
+    client.run(_count_fsyncs)
+    _count_fsyncs()
+    x = da.random.default_rng(5).random((6000, 64), chunks=blocks)
+    path = str(tmp_path / "d.zarr")
+    kw = {"compressors": None} if raw else {}
+    delayed = aimss_dask.to_zarr(x, path, chunks=zchunks, shards=shards, compute=False, durable=durable, **kw)
+    assert _kind(delayed) == kind
+    delayed.compute()
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], x.compute())
+    synced = set(_count_fsyncs()).union(*client.run(_count_fsyncs).values())
+    root = os.path.realpath(path)
+    units = {os.path.realpath(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(root, "c")) for f in fs}
+    assert units, "no unit file written"
+    meta = os.path.join(root, "zarr.json")
+    if durable:
+        assert units <= synced, f"not synced: {sorted(units - synced)[:3]}"
+        assert meta in synced
+    else:
+        assert not synced & (units | {meta})
+
+
+def test_durable_to_zarr_of_a_dataset_syncs_its_coordinates(client, tmp_path):
+    xr = pytest.importorskip("xarray")
+    client.run(_count_fsyncs)
+    _count_fsyncs()
+    ds = xr.Dataset(
+        {"t": (("time", "x"), da.ones((100, 8), chunks=(25, 8)))}, coords={"time": np.arange(100)}
+    )
+    path = str(tmp_path / "ds.zarr")
+    aimss_dask.to_zarr(ds, path, durable=True)
+    synced = set(_count_fsyncs()).union(*client.run(_count_fsyncs).values())
+    root = os.path.realpath(path)
+    files = {
+        os.path.realpath(os.path.join(d, f))
+        for d, _, fs in os.walk(root) for f in fs if f != "zarr.json" or d != root
+    }
+    assert files <= synced, f"not synced: {sorted(files - synced)[:3]}"
+    xr.testing.assert_identical(xr.open_zarr(path).load(), ds.load())
+
+
+def test_durable_must_be_a_bool(client, tmp_path):
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="durable='yes' must be True or False"):
+        aimss_dask.to_zarr(da.ones(4, chunks=2), str(tmp_path / "x.zarr"), durable="yes")
+    assert not os.path.exists(tmp_path / "x.zarr")

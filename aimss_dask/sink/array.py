@@ -40,6 +40,7 @@ from aimss_dask.core.errors import (
 )
 from aimss_dask.sink import _xarray as xr_sink
 from aimss_dask.sink.direct import in_place_writers
+from aimss_dask.sink.durable import sync_metadata, sync_units
 from aimss_dask.sink.graphs import write_graph
 from aimss_dask.sink.tasks import abort
 from aimss_dask.sink.writer import ZarrTarget
@@ -61,6 +62,7 @@ def to_zarr(
     storage_options: dict[str, Any] | None = None,
     dims: Any = None,
     name: str | None = None,
+    durable: bool = False,
     **array_kwargs: Any,
 ) -> Delayed | None:
     """Write ``x`` to Zarr, each shard (or chunk) of each array by exactly one writer.
@@ -117,6 +119,14 @@ def to_zarr(
         names its variable (default: its own name, else ``"data"``).
         Without ``dims`` and ``name``, a plain array is written bare, as it
         always was.
+    durable
+        ``True``: the run's last task returns only once every unit file it
+        wrote, their folders and the metadata are on disk (``fsync``; each
+        writer syncs its own files), so a crash of the node right after
+        cannot take them. ``False`` (the default, as Zarr and
+        ``dask.array.to_zarr``): written files may still sit in the
+        operating system's cache. Nothing to do on an object store, where a
+        completed write is durable.
     **array_kwargs
         Passed to :func:`zarr.create_array` for a new array: ``compressors``
         (``None`` for uncompressed), ``filters``, ``fill_value``,
@@ -150,12 +160,14 @@ def to_zarr(
     """
     if zarr_format not in (2, 3):
         raise InvalidArgumentError(f"zarr_format={zarr_format!r}: use 3 (the default) or 2")
+    if not isinstance(durable, bool):
+        raise InvalidArgumentError(f"durable={durable!r} must be True or False")
     if shards is not None and zarr_format == 2:
         raise InvalidArgumentError(f"shards={shards!r} need zarr_format=3; Zarr v2 has no shards")
     if xr_sink.is_xarray(x):
         return _xarray_to_zarr(
             x, store, component, chunks, shards, zarr_format, bool(overwrite), compute,
-            storage_options, dims, name, array_kwargs,
+            storage_options, dims, name, array_kwargs, durable,
         )
     if not isinstance(x, da.Array):
         raise InvalidArgumentError(
@@ -180,9 +192,10 @@ def to_zarr(
     _check_local_target(store, path, bool(overwrite), where)
     groups = xr_sink.groups_to_consolidate(store, path, storage_options, where) if named else []
     write = _plan(
-        x, store, path, chunks, shards, zarr_format, bool(overwrite), array_kwargs, storage_options, dims
+        x, store, path, chunks, shards, zarr_format, bool(overwrite), array_kwargs, storage_options, dims,
+        durable,
     )
-    _consolidate(store, groups, storage_options, where)
+    _consolidate(store, groups, storage_options, where, durable)
     return _run([write], compute)
 
 
@@ -199,6 +212,7 @@ def _xarray_to_zarr(
     dims: Any,
     name: str | None,
     array_kwargs: dict[str, Any],
+    durable: bool = False,
 ) -> Delayed | None:
     """``to_zarr`` of a DataArray or Dataset: xarray writes the group, AIMSS the Dask variables."""
     if dims is not None:
@@ -232,17 +246,30 @@ def _xarray_to_zarr(
     groups = [group, *xr_sink.groups_to_consolidate(store, group, storage_options, where)]
     try:
         xr_sink.write_metadata(prepared, store, group, overwrite, zarr_format, storage_options)
+        if durable:
+            _sync_in_memory(store, group, storage_options, {vname for vname, _ in prepared.arrays})
     except OSError as e:
         raise _os_error(e, where) from e
     except (ValueError, TypeError) as e:
         raise InvalidArgumentError(f"xarray cannot create the group at {where}: {e}") from e
     writes = [
         _plan(data, store, posixpath.join(group, vname) if group else vname, None, None,
-              zarr_format, False, {}, storage_options, None)
+              zarr_format, False, {}, storage_options, None, durable)
         for vname, data in prepared.arrays
     ]
-    _consolidate(store, groups, storage_options, where)
+    _consolidate(store, groups, storage_options, where, durable)
     return _run(writes, compute)
+
+
+def _sync_in_memory(store: Any, group: str, storage_options: dict[str, Any] | None, dask_vars: set[str]) -> None:
+    """fsync the variables xarray wrote from memory here (coordinates): the Dask ones are the writers'."""
+    node = xr_sink.open_node(store, group, storage_options)
+    if node is None:
+        return
+    for vname, arr in node.arrays():
+        if vname not in dask_vars:
+            sync_units(arr, [tuple(slice(0, n) for n in arr.shape)])
+            sync_metadata(arr)
 
 
 class _Write(NamedTuple):
@@ -264,14 +291,17 @@ def _plan(
     array_kwargs: dict[str, Any],
     storage_options: dict[str, Any] | None,
     dims: tuple[str, ...] | None,
+    durable: bool = False,
 ) -> _Write:
     """Open or create the array at ``path``, and build the graph that writes ``x`` into it."""
     if storage_options:
         array_kwargs = {**array_kwargs, "storage_options": storage_options}
     arr = _open_or_create(x, store, path, chunks, shards, zarr_format, overwrite, array_kwargs, dims)
+    if durable:
+        sync_metadata(arr)  # written here, by this process: synced here
     unit = tuple(arr.shards or arr.chunks) if zarr_format == 3 else tuple(arr.chunks)
     run = f"aimss-sink-{uuid.uuid4().hex[:16]}"
-    target = ZarrTarget(store, path, zarr_format, run, storage_options or None)
+    target = ZarrTarget(store, path, zarr_format, run, storage_options or None, durable)
     rows, appender = in_place_writers(arr)
     hlg, finish_key = write_graph(
         x, unit, target, raw=rows is not None, inner=appender.inner if appender is not None else None,
@@ -292,9 +322,15 @@ def _run(writes: list[_Write], compute: bool) -> Delayed | None:
     return None
 
 
-def _consolidate(store: Any, groups: list[str], storage_options: dict[str, Any] | None, where: str) -> None:
+def _consolidate(
+    store: Any, groups: list[str], storage_options: dict[str, Any] | None, where: str, durable: bool = False
+) -> None:
     try:
         xr_sink.consolidate(store, groups, storage_options)
+        for group in groups if durable else ():
+            node = xr_sink.open_node(store, group, storage_options)
+            if node is not None:
+                sync_metadata(node)
     except OSError as e:
         raise _os_error(e, where) from e
 

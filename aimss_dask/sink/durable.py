@@ -88,7 +88,7 @@ def sync_units(array: Any, regions: Iterable[tuple[slice, ...]]) -> int:
 
 
 def sync_metadata(array: Any) -> bool:
-    """Make ``array``'s metadata (shape, attributes) durable; False where there is no file to sync.
+    """Make ``array``'s (or a group's) metadata durable; False where there is no file to sync.
 
     Zarr writes the metadata document aside and renames it into place (an
     atomic replace, so a reader never sees half of it); this flushes the
@@ -97,7 +97,7 @@ def sync_metadata(array: Any) -> bool:
     root = _root(array)
     if root is None:
         return False
-    names = ("zarr.json",) if array.metadata.zarr_format == 3 else (".zarray", ".zattrs")
+    names = ("zarr.json",) if array.metadata.zarr_format == 3 else (".zarray", ".zgroup", ".zattrs", ".zmetadata")
     for name in names:
         path = os.path.join(root, name)
         if os.path.exists(path):

@@ -15,6 +15,7 @@ from aimss_dask.api.runs import finish_run, register_run
 from aimss_dask.core.errors import SinkError, StreamNotFoundError
 from aimss_dask.core.names import PLUGIN_NAME
 from aimss_dask.ops import pushrun
+from aimss_dask.sink.durable import sync_metadata, sync_units
 from aimss_dask.sink.plan import Jobs
 from aimss_dask.sink.specs import ZarrWriteSpec
 from aimss_dask.sink.writer import SHARED_KEY, WriteRun, ZarrTarget, writer_for
@@ -199,6 +200,8 @@ def finish(
             addresses.update([w] if isinstance(w, str) else np.asarray(w, dtype=object).ravel().tolist())
     addresses.discard("local")
     if not addresses:  # written synchronously by a local scheduler
+        if target.durable:
+            _sync_all(target)
         _end(run_id, begun)
         return 0
     done, nbytes, errors = _flush(target, addresses)
@@ -263,8 +266,19 @@ def finish_rows(
         if writer is not None:
             writer.discard(target.run)
         raise
+    if target.durable:
+        # In place runs on one host only: syncing here flushes what every
+        # writer there wrote (one page cache), and the renames of the commit.
+        _sync_all(target)
     _end(run_id, begun)
     return nbytes
+
+
+def _sync_all(target: ZarrTarget) -> None:
+    """fsync every unit file of the target array and its metadata (written from this host)."""
+    array = target.open()
+    sync_units(array, [tuple(slice(0, n) for n in array.shape)])
+    sync_metadata(array)
 
 
 def _hosts(addresses: set[str]) -> set[str]:
@@ -322,7 +336,10 @@ def _flush(target: ZarrTarget, addresses: set[str]) -> tuple[list[int], int, lis
     nbytes = 0
     for addr in sorted(addresses):
         try:
-            reply = ep.call(ep.ask_worker, addr, "run_call", name=WriteRun.key(target.run), operation="flush")
+            reply = ep.call(
+                ep.ask_worker, addr, "run_call", name=WriteRun.key(target.run), operation="flush",
+                kwargs={"durable": target.durable},
+            )
         except StreamNotFoundError:
             continue  # no WriteRun there: this run wrote nothing on that worker
         except Exception as e:  # a writer lost with its queue

@@ -27,6 +27,7 @@ import numpy as np
 from distributed.utils import offload
 
 from aimss_dask.node.runs import Run
+from aimss_dask.sink.durable import sync_units
 from aimss_dask.sink.units import UnitWriter, unit_writer
 
 logger = logging.getLogger("aimss_dask")
@@ -45,6 +46,9 @@ class ZarrTarget:
     zarr_format: int
     run: str
     storage_options: dict[str, Any] | None = None
+    #: Each writer fsyncs the units it wrote before its run's flush answers
+    #: (:mod:`aimss_dask.sink.durable`).
+    durable: bool = False
 
     def describe(self) -> str:
         """Where, for people (status views): the store as text, and the path."""
@@ -68,6 +72,8 @@ class _Run:
     errors: list[str] = field(default_factory=list)
     put: Any = None
     active: int = 0  # write_now calls under way
+    array: Any = None  # the open array, for durable runs
+    regions: list[tuple[slice, ...]] = field(default_factory=list)  # written, for durable runs
 
 
 class WriteBehind:
@@ -199,15 +205,25 @@ class WriteBehind:
             if n or not run.pending:
                 self._cond.notify_all()
 
-    def flush(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for every queued region of ``run_id``; report and forget the run."""
+    def flush(self, run_id: str, timeout: float | None = None, durable: bool = False) -> dict[str, Any]:
+        """Wait for every queued region of ``run_id``; report and forget the run.
+
+        ``durable``: then fsync the unit files written here (and their
+        folders) before answering; ``synced`` says how many.
+        """
         with self._cond:
             ok = self._cond.wait_for(lambda: not self._runs.get(run_id, _Run()).pending, timeout)
             run = self._runs.pop(run_id, _Run())
         errors = list(run.errors)
         if not ok:
             errors.append(f"writes still pending after {timeout} s")
-        return {"written": run.written, "bytes": run.nbytes, "errors": errors}
+        synced = 0
+        if durable and run.array is not None and not errors:
+            try:
+                synced = sync_units(run.array, run.regions)
+            except OSError as e:
+                errors.append(f"fsync failed: {e}")
+        return {"written": run.written, "bytes": run.nbytes, "errors": errors, "synced": synced}
 
     def abort(self, run_id: str, timeout: float | None = None) -> int:
         """Drop ``run_id``'s queued writes, wait for the one being written, refuse any later one.
@@ -252,8 +268,29 @@ def _run_put(target: ZarrTarget, run: _Run) -> UnitWriter:
     for the run, so a cached handle cannot go stale.
     """
     if run.put is None:
-        run.put = unit_writer(target.open())
+        array = target.open()
+        put = unit_writer(array)
+        if target.durable:
+            run.array = array
+            put = _Recording(put, run.regions)
+        run.put = put
     return run.put
+
+
+class _Recording:
+    """A unit writer that notes the regions it stored (a durable run syncs them at flush)."""
+
+    def __init__(self, put: UnitWriter, regions: list[tuple[slice, ...]]) -> None:
+        self._put = put
+        self._regions = regions
+
+    def __call__(self, region: tuple[slice, ...], data: Any) -> int:
+        n = self._put(region, data)
+        self._regions.append(region)  # list.append: safe from the writer and task threads
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._put, name)
 
 
 # -- on a worker: the shared queue, and one run per to_zarr run -----------------------
@@ -294,7 +331,7 @@ class WriteRun(Run):
 
     async def call(self, op: str, **kwargs: Any) -> dict[str, Any]:
         if op == "flush":
-            return await offload(self.writer.flush, self.run_id)
+            return await offload(self.writer.flush, self.run_id, None, bool(kwargs.get("durable")))
         return await super().call(op, **kwargs)
 
     def progress(self) -> dict[str, Any]:
