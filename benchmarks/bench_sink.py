@@ -23,6 +23,9 @@ Cases (``--cases``):
 
 Methods:
 - ``aimss``: ``aimss_dask.to_zarr``.
+- ``aimss-durable``: ``aimss_dask.to_zarr(..., durable=True)``: every unit
+  file fsynced (by its writer) before the run returns; its ratio to
+  ``aimss`` is the cost of that.
 - ``dask``: ``dask.array.to_zarr`` as a user would run it correctly: without
   a lock where the blocks are aligned with the chunks (or shards), and with
   ``mode="w"`` (which takes Dask's cluster-wide lock) otherwise.
@@ -179,7 +182,10 @@ def run(args: argparse.Namespace) -> None:
                     ]
                     assert sum(client.gather(done)) == nbytes
 
-                methods = {"aimss": aimss_run, "dask": dask_run}
+                def aimss_durable_run(path: str) -> None:
+                    aimss_dask.to_zarr(x, path, durable=True, **zkw)
+
+                methods = {"aimss": aimss_run, "aimss-durable": aimss_durable_run, "dask": dask_run}
                 if case != "aligned":
                     methods["dask-rechunk"] = dask_rechunk_run
                 methods["plain"] = plain_run
@@ -219,6 +225,8 @@ def run(args: argparse.Namespace) -> None:
                         f"{med['plain']['t'] / layout:.0%}) "
                     )
                 line += f"(worker CPU {med['aimss']['cpu']:.2f} s vs plain {med['plain']['cpu']:.2f} s)"
+                if "aimss-durable" in med:
+                    line += f"; durable=True costs {med['aimss-durable']['t'] / med['aimss']['t']:.2f}x"
                 if skipped:
                     line += f" [not run: {', '.join(skipped)}]"
                 print(line, flush=True)
@@ -281,7 +289,7 @@ def _measure(
 
 
 #: Methods a run may leave out (aimss and plain are always run).
-SKIPPABLE = ("dask", "dask-rechunk", "plain-dirs")
+SKIPPABLE = ("dask", "dask-rechunk", "plain-dirs", "aimss-durable")
 
 
 def main() -> None:
