@@ -12,7 +12,8 @@ synced before each method and free memory is touched first
 (``_common.prefault``). Outputs are kept until a case's last round and
 deleted together, and the next case starts a minute later
 (``_common.settle``): on this VM's file system, files created within a
-minute of a large delete cost ~15x more. Without room on disk for every
+minute of a large delete cost ~15x more. ``--cold`` does neither (a
+user's first run). Without room on disk for every
 round's output, each round's is deleted after it, and the next waits.
 
 Cases (``--cases``):
@@ -34,6 +35,9 @@ Methods:
 - ``plain``: the same bytes written with plain file writes, one file per
   block, by one task per worker that writes the blocks it holds back to back:
   the disk's limit for two writers.
+- ``plain-durable``: as ``plain``, each file fsynced: the disk's limit for
+  writes that are on disk when they return, what ``aimss-durable`` is
+  measured against.
 - ``plain-dirs``: as ``plain``, but each block's file goes in the directory
   of the row of units (chunks or shards) it starts in, the way Zarr v3's
   default keys (``c/i/j``) put one directory per row: what that layout
@@ -68,11 +72,24 @@ from _common import start as _start
 UNIT_ROWS = 1024
 
 
-def _write_files(directory: str, names: list[str], blocks: list[np.ndarray]) -> int:
-    """One worker's blocks, one file each, written back to back: the disk's limit."""
+def _write_files(directory: str, names: list[str], blocks: list[np.ndarray], sync: bool = False) -> int:
+    """One worker's blocks, one file each, written back to back: the disk's limit.
+
+    ``sync``: each file fsynced after its write, and the folder at the end:
+    the limit for writes that must be on disk when the call returns.
+    """
     for name, block in zip(names, blocks):
         with open(os.path.join(directory, name), "wb") as f:
             f.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+    if sync:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return sum(b.nbytes for b in blocks)
 
 
@@ -156,7 +173,7 @@ def run(args: argparse.Namespace) -> None:
                 def dask_rechunk_run(path: str) -> None:
                     da.to_zarr(x.rechunk(unit), path, mode="a", **zkw)
 
-                def plain_run(path: str, dirs: bool = False) -> None:
+                def plain_run(path: str, dirs: bool = False, sync: bool = False) -> None:
                     # One task per worker writes the blocks it already holds,
                     # back to back: no scheduling between files, no transfer.
                     # With dirs, each block's file goes in the directory of
@@ -176,7 +193,8 @@ def run(args: argparse.Namespace) -> None:
                     done = [
                         client.submit(
                             _write_files_in_dirs if dirs else _write_files,
-                            path, [name(f.key) for f in fs], fs, workers=[w], pure=False,
+                            path, [name(f.key) for f in fs], fs, *((True,) if sync else ()),
+                            workers=[w], pure=False,
                         )
                         for w, fs in mine.items()
                     ]
@@ -190,6 +208,7 @@ def run(args: argparse.Namespace) -> None:
                     methods["dask-rechunk"] = dask_rechunk_run
                 methods["plain"] = plain_run
                 methods["plain-dirs"] = lambda path: plain_run(path, dirs=True)
+                methods["plain-durable"] = lambda path: plain_run(path, sync=True)
                 skipped = []
                 for m in sorted(args.skip):
                     peers_left = sum(k.startswith("dask") for k in methods)
@@ -227,6 +246,11 @@ def run(args: argparse.Namespace) -> None:
                 line += f"(worker CPU {med['aimss']['cpu']:.2f} s vs plain {med['plain']['cpu']:.2f} s)"
                 if "aimss-durable" in med:
                     line += f"; durable=True costs {med['aimss-durable']['t'] / med['aimss']['t']:.2f}x"
+                    if "plain-durable" in med:
+                        line += (
+                            f" (aimss-durable / plain-durable "
+                            f"{med['plain-durable']['t'] / med['aimss-durable']['t']:.0%})"
+                        )
                 if skipped:
                     line += f" [not run: {', '.join(skipped)}]"
                 print(line, flush=True)
@@ -247,7 +271,7 @@ def _measure(
     keep = shutil.disk_usage(root).free > need
     paths: list[str] = []
     for rep in range(args.reps + 1):  # the first round warms up
-        if rep == 0 or not keep:
+        if (rep == 0 or not keep) and not args.cold:
             waited = settle(args.settle)
             if waited > 1:
                 print(f"  (waited {waited:.0f} s for the file system to forget deleted inodes)", flush=True)
@@ -261,7 +285,8 @@ def _measure(
             # (otherwise a method pays for the writeback of the one before),
             # and with backed free pages for its page cache.
             os.sync()
-            prefault(int(args.gib * GiB) + GiB)
+            if not args.cold:
+                prefault(int(args.gib * GiB) + GiB)
             client.run(_start)
             cpu0 = client.run(cpu_seconds)
             t0 = time.perf_counter()
@@ -289,7 +314,7 @@ def _measure(
 
 
 #: Methods a run may leave out (aimss and plain are always run).
-SKIPPABLE = ("dask", "dask-rechunk", "plain-dirs", "aimss-durable")
+SKIPPABLE = ("dask", "dask-rechunk", "plain-dirs", "aimss-durable", "plain-durable")
 
 
 def main() -> None:
@@ -304,6 +329,10 @@ def main() -> None:
     ap.add_argument(
         "--settle", type=float, default=61.0,
         help="seconds between deleting outputs and timing new writes (0: no wait); see _common.settle",
+    )
+    ap.add_argument(
+        "--cold", action="store_true",
+        help="a user's first run: no prefaulted memory, no wait for the file system after deletes",
     )
     ap.add_argument(
         "--skip", default="",
