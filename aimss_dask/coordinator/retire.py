@@ -120,7 +120,7 @@ class Evacuations:
         if task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(task), EVACUATE_TIMEOUT)
-            except BaseException:  # its failure is logged by _done; the loss is named next
+            except (Exception, asyncio.CancelledError):  # logged by _done; the loss is named next
                 pass
         assert self.coord.pinner is not None
         for group, done in self.moved.pop(worker, []):
