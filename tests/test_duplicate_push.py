@@ -14,6 +14,7 @@ in the ``dask`` transport test, Dask's comms.
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any
 
 import dask.array as da
@@ -31,6 +32,7 @@ import aimss_dask
 from aimss_dask.core.errors import DuplicateOriginError
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.core.specs import Origin
+from aimss_dask.ops import pushrun
 from aimss_dask.ops.pushrun import RunWriter
 from aimss_dask.shuffle import _tasks, partitioning
 from aimss_dask.shuffle.dataframe import _run
@@ -170,6 +172,27 @@ def test_a_push_computed_again_after_the_seal_is_a_late_copy(client):
     pd.testing.assert_frame_equal(_sorted(got), _sorted(pdf))
     assert _duplicates() == before  # nothing was even sent
     assert_workers_clean(aimss_dask.status())
+
+
+def test_a_seal_never_seals_a_stream_newer_than_its_create_made(client):
+    """A seal still running from before a restart must not end the new run's stream.
+
+    It did: it looked the stream up by name, sealed the restarted run's
+    empty stream, and the new pushes then met a sealed stream.
+    """
+    from distributed import Reschedule
+
+    name = unique_name("seal-epoch")
+    s = aimss_dask.create_stream(name, partitions=2)
+    made = s.spec.epoch
+    stale = pushrun.StreamName(name, made - 1)
+    assert pickle.loads(pickle.dumps(stale)).epoch == made - 1
+    with pytest.raises(Reschedule):
+        pushrun.seal([stale], 1, 2)
+    assert not s.info()["sealed"]
+    assert pushrun.seal([pushrun.StreamName(name, made)], 1, 2) == 3
+    assert s.info()["sealed"]
+    aimss_dask.destroy_stream(name)
 
 
 def test_a_merge_push_run_twice_equals_pandas(client):

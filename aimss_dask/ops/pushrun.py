@@ -128,12 +128,14 @@ def _sealed_now(used: dict[str, int]) -> set[str]:
 def _late_copy(func: Any, sealed: set[str], args: Any, kwargs: Any) -> Any:
     """Run a push again without writing to ``sealed``: its output is there already.
 
-    A run's streams are sealed by its barrier, which waited for a result of
-    every push task: so another execution of this very task wrote all its
-    records before the seal (an execution Dask had handed back, still
-    running, or one whose result was lost with a worker, computed again).
-    This one is a late copy; what it would write is stored, and its result
-    is the same. The owners would drop the records anyway (their origin).
+    A run's streams are sealed by its barrier only, and only the streams
+    its own create task made (:func:`seal` checks the epoch); the barrier
+    waited for a result of every push task: so another execution of this
+    very task wrote all its records into this stream before the seal (an
+    execution Dask had handed back, still running, or one whose result was
+    lost with a worker, computed again). This one is a late copy; what it
+    would write is stored, and its result is the same. The owners would
+    drop the records anyway (their origin).
     """
     _late.sealed = sealed
     try:
@@ -167,21 +169,53 @@ def _restarted(used: dict[str, int], wait: float) -> str:
         time.sleep(0.1)
 
 
+class StreamName(str):
+    """A stream's name, with the epoch of the stream its create task made.
+
+    What a create task returns: the pushes use it as the name, and the seal
+    seals that very stream, never a newer one of the same name (a run
+    restarted while an older execution of its seal was still running).
+    """
+
+    epoch: int
+
+    def __new__(cls, name: str, epoch: int) -> StreamName:
+        out = super().__new__(cls, name)
+        out.epoch = int(epoch)
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return StreamName, (str(self), self.epoch)
+
+
 @rerun_on_restart
-def create(spec: RunSpec, npartitions: int, prefer: list[Any] | None = None) -> list[str]:
-    """The create task: register the run, which creates its streams; their names.
+def create(spec: RunSpec, npartitions: int, prefer: list[Any] | None = None) -> list[StreamName]:
+    """The create task: register the run, which creates its streams; their names, with their epoch.
 
     ``prefer[p]``: the key of the task whose result is most of partition
     ``p``'s input (see :func:`aimss_dask.api.runs.register_run`).
     """
-    return [s.name for s in register_run(spec, npartitions, prefer).streams]
+    return [StreamName(s.name, s.spec.epoch) for s in register_run(spec, npartitions, prefer).streams]
 
 
 @restartable
 def seal(names: list[str], *pushed: int) -> int:
-    """The barrier: every map task is done; seal so readers see the end."""
-    for name in names:
-        api.get_stream(name).seal()
+    """The barrier: every map task is done; seal so readers see the end.
+
+    ``names``: the create task's result. A stream made after it (the run
+    restarted under this execution) is not this seal's to seal: it hands
+    the task back to the scheduler, which runs it after the new run's
+    pushes. Sealing it would end that run's stream before its pushes wrote.
+    """
+    from distributed import Reschedule
+
+    streams = [api.get_stream(name) for name in names]
+    for name, stream in zip(names, streams):
+        made = getattr(name, "epoch", None)
+        if made is not None and stream.spec.epoch != made:
+            raise Reschedule()
+    for stream in streams:
+        stream.seal()
     return sum(pushed)
 
 

@@ -84,7 +84,7 @@ def push_run(
             key, pushrun.push_pieces, TaskRef(blocks[idx].key), TaskRef(create_key), pieces[idx], flat
         )
         push_keys.append(key)
-    graph[barrier] = Task(barrier, pushrun.seal, [name], *(TaskRef(k) for k in push_keys))
+    graph[barrier] = Task(barrier, pushrun.seal, TaskRef(create_key), *(TaskRef(k) for k in push_keys))
     # The output tasks are keyed (PARTITION_TASK_PREFIX + token, *chunk
     # index): the coordinator pins each to the owner of partition
     # ravel(index) of the run's stream.

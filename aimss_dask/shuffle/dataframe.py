@@ -90,7 +90,7 @@ def _run(
                     dask_key_name=(f"aimss-push-{token}", side, i),
                 )
             )
-    sealed = dask.delayed(pushrun.seal, pure=False)(names, *pushed, dask_key_name=barrier)
+    sealed = dask.delayed(pushrun.seal, pure=False)(created, *pushed, dask_key_name=barrier)
     return names, token, sealed, pushed
 
 

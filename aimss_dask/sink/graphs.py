@@ -295,7 +295,7 @@ def _push_graph(
             [int(np.ravel_multi_index(idx, x.numblocks)) for idx in group],
         )
         push_keys.append(key)
-    graph[barrier] = Task(barrier, pushrun.seal, [name], *(TaskRef(k) for k in push_keys))
+    graph[barrier] = Task(barrier, pushrun.seal, TaskRef(create_key), *(TaskRef(k) for k in push_keys))
     expected = [
         p for p, idx in enumerate(np.ndindex(*grid)) if all(c[i] for c, i in zip(new, idx))
     ]
