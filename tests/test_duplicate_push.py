@@ -190,7 +190,15 @@ def test_a_seal_never_seals_a_stream_newer_than_its_create_made(client):
     with pytest.raises(Reschedule):
         pushrun.seal([stale], 1, 2)
     assert not s.info()["sealed"]
-    assert pushrun.seal([pushrun.StreamName(name, made)], 1, 2) == 3
+    # A push whose result came from an execution that wrote to an older
+    # stream of the run: not sealed either (the coordinator computes it again).
+    old_push = pushrun.Pushed(5, {name: made - 1}, ("aimss-push-x", 0, 1))
+    assert pickle.loads(pickle.dumps(old_push)).epochs == {name: made - 1}
+    with pytest.raises(Reschedule):
+        pushrun.seal([pushrun.StreamName(name, made)], 1, old_push)
+    assert not s.info()["sealed"]
+    ok = pushrun.Pushed(5, {name: made}, ("aimss-push-x", 0, 1))
+    assert pushrun.seal([pushrun.StreamName(name, made)], 1, 2, ok) == 8
     assert s.info()["sealed"]
     aimss_dask.destroy_stream(name)
 

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator import overview
-from aimss_dask.coordinator.cluster import ClusterOps
+from aimss_dask.coordinator.cluster import ClusterOps, as_key
 from aimss_dask.coordinator.placement import rebalance
 from aimss_dask.coordinator.registry import RunRecord
 from aimss_dask.coordinator.state import StreamSpec
@@ -187,6 +187,30 @@ class RunHandlers:
             "created": created,
             "streams": [self.coord.stream_ops.wire(self.coord.state.streams[n]) for n in rec.spec.streams],
         }
+
+    @replies
+    async def _h_run_stale(self, stream: str, keys: list[Any], create: bool = False) -> dict[str, Any]:
+        """A seal found results that are not its run's (see ``pushrun.seal``): compute them again.
+
+        ``keys``: push tasks whose result came from an execution that wrote
+        to an older stream of the run; ``create``: the create task's result
+        names older streams. Each, if in memory, is released; Dask computes
+        it again for the seal that waits on it.
+        """
+        assert self.ops.scheduler is not None
+        rec = self.coord.runs.for_stream(stream)
+        wanted = [as_key(k) for k in keys]
+        if create and rec is not None and rec.spec.create is not None:
+            wanted.append(rec.spec.create)
+        tasks = self.ops.scheduler.tasks
+        recs = {k: "released" for k in wanted if k in tasks and tasks[k].state == "memory"}
+        if recs:
+            logger.warning(
+                "aimss: %d result(s) of run %s came from before its restart; computing them again",
+                len(recs), rec.run_id if rec is not None else stream,
+            )
+            self.ops.scheduler.transitions(recs, stimulus_id="aimss-run-stale")
+        return {"released": len(recs)}
 
     @replies
     async def _h_run_report(

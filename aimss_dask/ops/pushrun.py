@@ -87,14 +87,15 @@ def _on_restart(func: Any, rerun: bool) -> Any:
         for _ in range(MAX_RERUNS):
             with speccache.tracking() as used:
                 try:
-                    return func(*args, **kwargs)
+                    out = func(*args, **kwargs)
+                    return _pushed(out, used) if rerun else out
                 except (PartitionLostError, StreamSealedError, StreamNotFoundError) as e:
                     lost = isinstance(e, PartitionLostError)
                     news = _restarted(used, wait=RESTART_WAIT if lost else 0.0)
                     if rerun and news == "same" and isinstance(e, StreamSealedError):
                         sealed = _sealed_now(used)
                         if sealed:
-                            return _late_copy(func, sealed, args, kwargs)
+                            return _pushed(_late_copy(func, sealed, args, kwargs), used)
                     if news == "same" or (news == "gone" and not lost and not used):
                         raise
                     # Newer streams: run against them. None used yet and lost:
@@ -105,6 +106,41 @@ def _on_restart(func: Any, rerun: bool) -> Any:
         raise AssertionError(f"{func.__name__} ran {MAX_RERUNS} times, each under a run restarted again")
 
     return wrapper
+
+
+class Pushed(int):
+    """What a push task returns: its count, with the streams (and epochs) it wrote to and its key.
+
+    The seal checks the epochs: a push whose result comes from an execution
+    that wrote to an older stream of the run (it ran on while the run
+    restarted, and Dask took its result for the new run's) did not write
+    to the stream the seal is about to end (see :func:`seal`).
+    """
+
+    epochs: dict[str, int]
+    key: Any
+
+    def __new__(cls, n: int, epochs: dict[str, int], key: Any) -> Pushed:
+        out = super().__new__(cls, n)
+        out.epochs = dict(epochs)
+        out.key = key
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Pushed, (int(self), self.epochs, self.key)
+
+
+def _pushed(out: Any, used: dict[str, int]) -> Any:
+    """A push's count as :class:`Pushed`; anything else (a create's names) as it is."""
+    if not isinstance(out, int) or isinstance(out, bool) or not used:
+        return out
+    try:
+        from distributed import get_worker
+
+        key = get_worker().get_current_task()
+    except ValueError:
+        return out  # not in a Dask task: nothing will check it
+    return Pushed(out, used, key)
 
 
 #: Per task thread: the streams a late copy of a push skips (see _late_copy).
@@ -202,18 +238,32 @@ def create(spec: RunSpec, npartitions: int, prefer: list[Any] | None = None) -> 
 def seal(names: list[str], *pushed: int) -> int:
     """The barrier: every map task is done; seal so readers see the end.
 
-    ``names``: the create task's result. A stream made after it (the run
-    restarted under this execution) is not this seal's to seal: it hands
-    the task back to the scheduler, which runs it after the new run's
-    pushes. Sealing it would end that run's stream before its pushes wrote.
+    ``names``: the create task's result; ``pushed``: the pushes' results
+    (:class:`Pushed`). A stream made after the create's (the run
+    restarted under this execution), or a push that wrote to an older
+    stream, means a result that is not this run's: the coordinator has
+    those tasks computed again (``aimss_run_stale``), and the seal hands
+    itself back to the scheduler, to run after them. Sealing would end the
+    stream without all its records.
     """
     from distributed import Reschedule
 
     streams = [api.get_stream(name) for name in names]
-    for name, stream in zip(names, streams):
-        made = getattr(name, "epoch", None)
-        if made is not None and stream.spec.epoch != made:
-            raise Reschedule()
+    now = {s.name: s.spec.epoch for s in streams}
+    # A result that is not this run's: the create's (its streams were made
+    # before a restart) or a push's (it wrote to an older stream). Dask
+    # took it from an execution that ran on across the restart. Those
+    # tasks run again, and this seal after them.
+    stale_create = any(getattr(n, "epoch", now[str(n)]) != now[str(n)] for n in names)
+    stale = [
+        p.key for p in pushed if isinstance(p, Pushed) and any(p.epochs.get(n, e) != e for n, e in now.items())
+    ]
+    if stale_create or stale:
+        current("get_stream").scheduler_op(
+            "run_stale", stream=str(names[0]), keys=[list(k) if isinstance(k, tuple) else k for k in stale],
+            create=stale_create,
+        )
+        raise Reschedule()
     for stream in streams:
         stream.seal()
     return sum(pushed)
