@@ -144,36 +144,6 @@ def test_a_shuffle_push_run_twice_keeps_one_copy_of_each_shard(client, after):
     assert_workers_clean(aimss_dask.status())
 
 
-def test_a_push_computed_again_after_the_seal_is_a_late_copy(client):
-    """A push that runs after its stream was sealed (its result lost and computed again).
-
-    The seal waited for a result of every push, so the records are stored:
-    the late copy writes nothing, returns what the push returns, and the
-    readers see every row once. It used to fail with StreamSealedError.
-    """
-    pdf = _frame()
-    df = dd.from_pandas(pdf, npartitions=4)
-    n = 3
-    graph, barrier, out = _shuffle_graph([df], ["k"], n)
-    late = []
-    for k in [k for k in graph if _is_push(k)]:
-        t = graph[k]
-        copy = (f"{k[0]}-late", *k[1:])
-        graph[copy] = Task(copy, _then, t.func, TaskRef(barrier), *t.args, n_after=1, **t.kwargs)
-        late.append(copy)
-    # The reads wait for the late copies: the stream is there, sealed, meanwhile.
-    for key in out:
-        t = graph[key]
-        graph[key] = Task(key, _then, t.func, *(TaskRef(c) for c in late), *t.args, n_after=len(late))
-    before = _duplicates()
-    results = _get(client, graph, late + out)
-    assert results[: len(late)] == [len(df.partitions[i].compute()) for i in range(4)]
-    got = pd.concat(results[len(late):])
-    pd.testing.assert_frame_equal(_sorted(got), _sorted(pdf))
-    assert _duplicates() == before  # nothing was even sent
-    assert_workers_clean(aimss_dask.status())
-
-
 def test_a_seal_never_seals_a_stream_newer_than_its_create_made(client):
     """A seal still running from before a restart must not end the new run's stream.
 

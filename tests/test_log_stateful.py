@@ -186,8 +186,13 @@ class LogStoreMachine(RuleBasedStateMachine):
     )
     def open(self, name: str, epoch: int, partitions: set[int]) -> None:
         assert self.store is not None
-        self.store.open(name, epoch, sorted(partitions))
         s = self.model.get(name)
+        if s is not None and s.epoch > epoch:
+            # A late open of an older stream of the name: refused, nothing changes.
+            with pytest.raises(StreamNotFoundError, match="replaced here by a newer one"):
+                self.store.open(name, epoch, sorted(partitions))
+            return
+        self.store.open(name, epoch, sorted(partitions))
         if s is None or s.epoch != epoch:  # a new epoch replaces the old logs
             s = self.model[name] = _Stream(epoch)
         for p in partitions:

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 from distributed.core import Status
 
 from aimss_dask.coordinator.cluster import ClusterOps
+from aimss_dask.coordinator.moves import copy_group, drop_copies
 from aimss_dask.coordinator.placement import place_partitions
 from aimss_dask.core.runs import OnLoss
-from aimss_dask.core.specs import StreamSpec
 from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("aimss_dask")
 
-#: Longest wait for a moved partition's records to arrive once its old owner
-#: stopped answering, without any progress (s).
-ARRIVAL_TIMEOUT = 30.0
 #: Longest ``remove_worker`` waits for a retiring worker's moves (s).
 EVACUATE_TIMEOUT = 600.0
 
@@ -227,9 +224,10 @@ class Evacuations:
                     load[w] += 1
         new = dict(zip(parts, place_partitions(len(parts), load)))
         owners = tuple(new.get(p, w) for p, w in enumerate(lead.owners))
-        arrived: set[int] = set(parts)
-        for spec in specs:
-            arrived &= await self._move(worker, spec, replace(spec, owners=owners), parts)
+        streams = state.streams
+        arrived = await copy_group(
+            self.ops, specs, owners, parts, alive=lambda: all(streams.get(s.name) is s for s in specs)
+        )
         done = sorted(arrived)
         for spec in specs:
             current = state.streams.get(spec.name)
@@ -245,78 +243,5 @@ class Evacuations:
             self.moved.setdefault(worker, []).append((group, done))
             # Readers now go to the new owners: the old copies can go.
             for spec in specs:
-                try:
-                    await self.ops.ask(
-                        worker, {"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch, "partitions": done}
-                    )
-                except Exception as e:  # closed already, and its log with it
-                    logger.info("aimss: dropping moved partitions on %s: %r", worker, e)
+                await drop_copies(self.ops, worker, spec, done)
         return len(done)
-
-    async def _move(self, worker: str, spec: StreamSpec, moved: StreamSpec, parts: list[int]) -> set[int]:
-        """Move ``parts`` of ``spec`` from ``worker`` as ``moved`` says; those that arrived whole and sealed."""
-        stats = await self.ops.ask(worker, {"op": "aimss_stream_stats", "name": spec.name})
-        held = {p: st for p, st in stats.get("partitions", []) if p in parts}
-        if not held:
-            return set()
-        msg = {"spec": moved.to_wire()}
-        by_target: dict[str, list[int]] = {}
-        for p in held:
-            by_target.setdefault(moved.owners[p], []).append(p)
-        for w, ps in by_target.items():
-            await self.ops.broadcast(
-                {"op": "aimss_open", **msg, "partitions": ps, "starts": [[p, held[p]["start"]] for p in ps]}, [w]
-            )
-        try:
-            await self.ops.ask(worker, {"op": "aimss_move", **msg, "partitions": sorted(held), "drop": False})
-        except Exception as e:  # the worker keeps moving while it closes; the targets tell
-            logger.info("aimss: move of %s from %s: %r; checking its new owners", spec.name, worker, e)
-        ends = {p: held[p]["records"] for p in held}
-        arrived = await self._arrived(moved, by_target, ends)
-        for w, ps in by_target.items():
-            partial = [p for p in ps if p not in arrived]
-            if partial:
-                # Not whole: the old owner's copy stays the one; free this one.
-                await self.ops.broadcast(
-                    {"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch, "partitions": partial}, [w]
-                )
-            whole = [p for p in ps if p in arrived]
-            if whole:
-                # Only these: others of the stream may still be arriving here
-                # from another retiring worker.
-                await self.ops.broadcast(
-                    {"op": "aimss_seal_partitions", "name": spec.name, "epoch": spec.epoch, "partitions": whole}, [w]
-                )
-        return arrived
-
-    async def _arrived(self, spec: StreamSpec, by_target: dict[str, list[int]], ends: dict[int, int]) -> set[int]:
-        """Partitions whose new owner holds every record up to ``ends[p]``.
-
-        Asked again while records still arrive (the old owner may be
-        finishing the move as it closes), until none did for
-        :data:`ARRIVAL_TIMEOUT`.
-        """
-        last: dict[int, int] = {}
-        quiet_since = time.monotonic()
-        while True:
-            have: dict[int, int] = {}
-            for w, ps in by_target.items():
-                replies = await self.ops.broadcast({"op": "aimss_stream_stats", "name": spec.name}, [w])
-                for p, st in replies.get(w, {}).get("partitions", []):
-                    if p in ps:
-                        have[p] = st["records"]
-            done = {p for p, end in ends.items() if have.get(p) == end}
-            if len(done) == len(ends):
-                return done
-            if have != last:
-                last, quiet_since = have, time.monotonic()
-            elif time.monotonic() - quiet_since > ARRIVAL_TIMEOUT:
-                missing = sorted(set(ends) - done)
-                logger.warning(
-                    "aimss: partitions %s of %s did not arrive whole at their new owners; they stay "
-                    "with the retiring worker",
-                    missing,
-                    spec.name,
-                )
-                return done
-            await asyncio.sleep(0.05)

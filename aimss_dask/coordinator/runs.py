@@ -10,13 +10,13 @@ read, or restart the run from its create task.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator import overview
 from aimss_dask.coordinator.cluster import ClusterOps, as_key
+from aimss_dask.coordinator.moves import copy_group, drop_copies
 from aimss_dask.coordinator.placement import rebalance
 from aimss_dask.coordinator.registry import RunRecord
 from aimss_dask.coordinator.state import StreamSpec
@@ -278,28 +278,24 @@ class RunHandlers:
         if not moves:
             return
         target = tuple(new[p] if p in moves else owners[p] for p in range(len(owners)))
+        # Each partition moves only once it arrived whole (checked at its new
+        # owner); one that did not stays where it is, still whole there.
+        streams = self.coord.state.streams
+        arrived = await copy_group(
+            self.ops, specs, target, moves, listed_only=True,
+            alive=lambda: all(streams.get(s.name) is s for s in specs),
+        )
+        if not arrived:
+            return
+        final = tuple(target[p] if p in arrived else owners[p] for p in range(len(owners)))
         for spec in specs:
-            moved = replace(spec, owners=target)
-            msg = {"spec": moved.to_wire()}
-            for w in sorted({target[p] for p in moves}):
-                await self.ops.broadcast(
-                    {"op": "aimss_open", **msg, "partitions": [p for p in moves if target[p] == w]}, [w]
-                )
-            await asyncio.gather(
-                *(
-                    self.ops.broadcast(
-                        {"op": "aimss_move", **msg, "partitions": [p for p in moves if owners[p] == w]}, [w]
-                    )
-                    for w in sorted({owners[p] for p in moves})
-                )
-            )
-            await self.ops.broadcast(
-                {"op": "aimss_seal_partitions", "name": spec.name, "epoch": spec.epoch},
-                sorted({target[p] for p in moves}),
-            )
-            self.coord.state.streams[spec.name] = moved
-        self.coord.pinner.repin(group, moves)
-        logger.info("aimss: moved %d partition(s) of %s to balance sizes", len(moves), group)
+            if self.coord.state.streams.get(spec.name) is spec:
+                self.coord.state.streams[spec.name] = replace(spec, owners=final)
+        self.coord.pinner.repin(group, sorted(arrived))
+        for spec in specs:
+            for w in sorted({owners[p] for p in arrived}):
+                await drop_copies(self.ops, w, spec, sorted(p for p in arrived if owners[p] == w))
+        logger.info("aimss: moved %d partition(s) of %s to balance sizes", len(arrived), group)
 
     @replies
     async def _h_runs(self) -> dict[str, Any]:

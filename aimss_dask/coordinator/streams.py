@@ -16,6 +16,7 @@ from aimss_dask.coordinator.state import StreamSpec
 from aimss_dask.core.errors import (
     PartitionLostError,
     ReadTimeoutError,
+    StreamNotFoundError,
     describe_lost,
     error_from_wire,
     lost_to_wire,
@@ -122,6 +123,12 @@ class StreamHandlers:
         for r in sealed.values():
             if isinstance(r, dict):
                 self.coord.state.note_bounds(name, spec.epoch, r.get("bounds", ()))
+        if self.coord.state.streams.get(name) is not spec:
+            # Destroyed while it was sealed (its run restarted, with a new
+            # stream of this name): the new one is not sealed.
+            raise StreamNotFoundError(
+                f"stream {name!r} (epoch {spec.epoch}) was destroyed while it was sealed"
+            )
         self.coord.state.sealed.add(name)
         action = self.coord.runs.on_seal(name)
         if action is not None:

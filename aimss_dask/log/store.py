@@ -99,10 +99,18 @@ class LogStore:
 
         ``starts[p]``: the first offset of a new log of ``p`` (a partition
         moved here from a worker that had trimmed its head), so that every
-        record keeps its offset; 0 where not given.
+        record keeps its offset; 0 where not given. An older epoch than the
+        stream held here raises :class:`StreamNotFoundError`.
         """
         with self._lock:
             logs = self._streams.get(name)
+            if logs is not None and logs.epoch > epoch:
+                # A late message about an older stream of this name (epochs
+                # only grow): it must not replace the newer one's logs.
+                raise StreamNotFoundError(
+                    f"stream {name!r} at epoch {epoch} was replaced here by a newer one "
+                    f"(epoch {logs.epoch})"
+                )
             if logs is None or logs.epoch != epoch:
                 if logs is not None:
                     self._drop_locked(name)

@@ -15,7 +15,6 @@ tasks that write run again in place against the new streams
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from typing import Any
 
@@ -92,10 +91,6 @@ def _on_restart(func: Any, rerun: bool) -> Any:
                 except (PartitionLostError, StreamSealedError, StreamNotFoundError) as e:
                     lost = isinstance(e, PartitionLostError)
                     news = _restarted(used, wait=RESTART_WAIT if lost else 0.0)
-                    if rerun and news == "same" and isinstance(e, StreamSealedError):
-                        sealed = _sealed_now(used)
-                        if sealed:
-                            return _pushed(_late_copy(func, sealed, args, kwargs), used)
                     if news == "same" or (news == "gone" and not lost and not used):
                         raise
                     # Newer streams: run against them. None used yet and lost:
@@ -141,43 +136,6 @@ def _pushed(out: Any, used: dict[str, int]) -> Any:
     except ValueError:
         return out  # not in a Dask task: nothing will check it
     return Pushed(out, used, key)
-
-
-#: Per task thread: the streams a late copy of a push skips (see _late_copy).
-_late = threading.local()
-
-
-def _sealed_now(used: dict[str, int]) -> set[str]:
-    """Of the streams a task used, those the coordinator has sealed at the epoch it used."""
-    ep = current("get_stream")
-    out = set()
-    for name, epoch in used.items():
-        try:
-            got = ep.scheduler_op("get", name=name)
-        except StreamNotFoundError:
-            continue
-        if got.get("sealed") and got["spec"]["epoch"] == epoch:
-            out.add(name)
-    return out
-
-
-def _late_copy(func: Any, sealed: set[str], args: Any, kwargs: Any) -> Any:
-    """Run a push again without writing to ``sealed``: its output is there already.
-
-    A run's streams are sealed by its barrier only, and only the streams
-    its own create task made (:func:`seal` checks the epoch); the barrier
-    waited for a result of every push task: so another execution of this
-    very task wrote all its records into this stream before the seal (an
-    execution Dask had handed back, still running, or one whose result was
-    lost with a worker, computed again). This one is a late copy; what it
-    would write is stored, and its result is the same. The owners would
-    drop the records anyway (their origin).
-    """
-    _late.sealed = sealed
-    try:
-        return func(*args, **kwargs)
-    finally:
-        _late.sealed = frozenset()
 
 
 def _restarted(used: dict[str, int], wait: float) -> str:
@@ -301,8 +259,6 @@ class RunWriter:
 
     def write(self, record: Any, partition: int) -> None:
         """Write ``record`` (this input's only one) to ``partition``."""
-        if self.spec.name in getattr(_late, "sealed", ()):
-            return  # a late copy of a push: stored already (see _late_copy)
         if partition in self._written:
             raise DuplicateOriginError(
                 f"input {self.origin.input if self.origin else '?'} of stream "
