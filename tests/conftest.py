@@ -97,3 +97,28 @@ def client(cluster):
         status = aimss_dask.status()
         assert set(status) == set(c.scheduler_info(n_workers=-1)["workers"])
         assert_workers_clean(status)
+
+
+def count_fsyncs(dask_worker=None, reset: bool = True) -> list[str]:
+    """Install (once) a recorder of the files :mod:`aimss_dask.sink.durable` syncs; what it recorded.
+
+    Run it on the workers (``client.run(count_fsyncs)``) and here; the
+    recorder then lists every file each process fsynced since the last call.
+    """
+    import os
+
+    from aimss_dask.sink import durable
+
+    if not hasattr(durable, "_test_synced"):
+        real = durable.fsync_file
+        durable._test_synced = []
+
+        def recording(path):
+            durable._test_synced.append(os.path.realpath(path))
+            real(path)
+
+        durable.fsync_file = recording
+    out = list(durable._test_synced)
+    if reset:
+        durable._test_synced.clear()
+    return out

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import unique_name, wait_until
 from distributed import Client, Event, LocalCluster, get_worker
 
 import aimss_dask
 from aimss_dask.log.store import LogStore
-from tests.conftest import unique_name, wait_until
 
 
 @pytest.fixture

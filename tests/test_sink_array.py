@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import assert_workers_clean as _clean
-from conftest import chunking, wait_until
+from conftest import chunking, count_fsyncs, wait_until
 from distributed import Client, LocalCluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -568,25 +568,6 @@ def test_invalid_shards_create_no_folder(client, tmp_path):
     assert sorted(os.listdir(root)) == ["zarr.json"]
 
 
-def _count_fsyncs(dask_worker=None, reset: bool = True) -> list[str]:
-    """Install (once) a recorder of the files :mod:`aimss_dask.sink.durable` syncs; what it recorded."""
-    from aimss_dask.sink import durable
-
-    if not hasattr(durable, "_test_synced"):
-        real = durable.fsync_file
-        durable._test_synced = []
-
-        def recording(path):
-            durable._test_synced.append(os.path.realpath(path))
-            real(path)
-
-        durable.fsync_file = recording
-    out = list(durable._test_synced)
-    if reset:
-        durable._test_synced.clear()
-    return out
-
-
 @pytest.mark.parametrize(
     "blocks, zchunks, shards, raw, kind, durable",
     [
@@ -600,8 +581,8 @@ def _count_fsyncs(dask_worker=None, reset: bool = True) -> list[str]:
 )
 def test_durable_to_zarr_syncs_every_unit_it_wrote(client, tmp_path, blocks, zchunks, shards, raw, kind, durable):
     """``durable=True``: every unit file, and the metadata, synced before the run returns; else none."""
-    client.run(_count_fsyncs)
-    _count_fsyncs()
+    client.run(count_fsyncs)
+    count_fsyncs()
     x = da.random.default_rng(5).random((6000, 64), chunks=blocks)
     path = str(tmp_path / "d.zarr")
     kw = {"compressors": None} if raw else {}
@@ -609,7 +590,7 @@ def test_durable_to_zarr_syncs_every_unit_it_wrote(client, tmp_path, blocks, zch
     assert _kind(delayed) == kind
     delayed.compute()
     np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], x.compute())
-    synced = set(_count_fsyncs()).union(*client.run(_count_fsyncs).values())
+    synced = set(count_fsyncs()).union(*client.run(count_fsyncs).values())
     root = os.path.realpath(path)
     units = {os.path.realpath(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(root, "c")) for f in fs}
     assert units, "no unit file written"
@@ -623,14 +604,14 @@ def test_durable_to_zarr_syncs_every_unit_it_wrote(client, tmp_path, blocks, zch
 
 def test_durable_to_zarr_of_a_dataset_syncs_its_coordinates(client, tmp_path):
     xr = pytest.importorskip("xarray")
-    client.run(_count_fsyncs)
-    _count_fsyncs()
+    client.run(count_fsyncs)
+    count_fsyncs()
     ds = xr.Dataset(
         {"t": (("time", "x"), da.ones((100, 8), chunks=(25, 8)))}, coords={"time": np.arange(100)}
     )
     path = str(tmp_path / "ds.zarr")
     aimss_dask.to_zarr(ds, path, durable=True)
-    synced = set(_count_fsyncs()).union(*client.run(_count_fsyncs).values())
+    synced = set(count_fsyncs()).union(*client.run(count_fsyncs).values())
     root = os.path.realpath(path)
     files = {
         os.path.realpath(os.path.join(d, f))

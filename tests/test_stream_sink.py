@@ -22,7 +22,7 @@ import threading
 import numpy as np
 import pytest
 import zarr
-from conftest import make_cluster, unique_name, wait_until
+from conftest import count_fsyncs, make_cluster, unique_name, wait_until
 from distributed import Client
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -502,37 +502,18 @@ def _exists(name):
         return False
 
 
-def _count_fsyncs(dask_worker=None, reset: bool = True) -> list[str]:
-    """Install (once) a recorder of the files :mod:`aimss_dask.sink.durable` syncs; what it recorded."""
-    from aimss_dask.sink import durable
-
-    if not hasattr(durable, "_test_synced"):
-        real = durable.fsync_file
-        durable._test_synced = []
-
-        def recording(path):
-            durable._test_synced.append(os.path.realpath(path))
-            real(path)
-
-        durable.fsync_file = recording
-    out = list(durable._test_synced)
-    if reset:
-        durable._test_synced.clear()
-    return out
-
-
 @pytest.mark.parametrize("durable", [True, False])
 def test_a_durable_sink_syncs_every_chunk_before_committing_it(client, tmp_path, durable):
     path = str(tmp_path / "d.zarr")
-    client.run(_count_fsyncs)
-    _count_fsyncs()
+    client.run(count_fsyncs)
+    count_fsyncs()
     s = create_stream(unique_name("durable"), partitions=2)
     sink = s.to_zarr(path, chunks=C, durable=durable)
     _write(s, 2, 0, 10)
     s.seal()
     sink.wait(timeout=30)
     _verify(path, 2, 10)
-    synced = set(_count_fsyncs()).union(*client.run(_count_fsyncs).values())
+    synced = set(count_fsyncs()).union(*client.run(count_fsyncs).values())
     root = os.path.realpath(path)
     chunks = {
         os.path.realpath(os.path.join(d, f))
