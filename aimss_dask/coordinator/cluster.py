@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("aimss_dask")
 
-#: Worker states of a worker on its way out.
-_LEAVING = frozenset({Status.closing_gracefully, Status.closing, Status.closed})
+#: Worker states in which a worker takes new partitions (a paused one resumes).
+_STAYING = frozenset({Status.running, Status.paused})
 
 #: Tasks looked at, at most, to find which client a run's create task works for.
 _CREATOR_SEARCH = 20_000
@@ -59,13 +59,14 @@ class ClusterOps:
         return list(self.scheduler.workers)
 
     def running(self) -> list[str]:
-        """Workers that take new partitions: all but those leaving (retiring, closing).
+        """Workers that take new partitions: running or paused.
 
-        A worker that has just joined (``init``) or is paused stays, and
-        takes partitions like the others.
+        Not one that is leaving (retiring, closing), nor one that has just
+        joined (``init``): its plugins, AIMSS's among them, are installed
+        before it reports ``running``, and an open sent to it earlier fails.
         """
         assert self.scheduler is not None
-        return [a for a, ws in self.scheduler.workers.items() if ws.status not in _LEAVING]
+        return [a for a, ws in self.scheduler.workers.items() if ws.status in _STAYING]
 
     async def broadcast(self, msg: dict[str, Any], workers: list[str] | None = None) -> dict[str, Any]:
         assert self.scheduler is not None

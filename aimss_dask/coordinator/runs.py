@@ -24,6 +24,7 @@ from aimss_dask.core.errors import (
     InvalidArgumentError,
     PartitionLostError,
     StreamExistsError,
+    StreamNotFoundError,
 )
 from aimss_dask.core.names import HEARTBEAT_METRIC
 from aimss_dask.core.runs import OnLoss, OnSeal, RunSpec, RunState
@@ -121,8 +122,18 @@ class RunHandlers:
         its streams are open (its create task ran twice) gets them back; a
         sealed leftover of an earlier compute of the same graph is replaced.
         """
-        assert self.coord.pinner is not None
+        assert self.coord.pinner is not None and self.ops.scheduler is not None
         view = RunSpec.view_from_wire(run)
+        if task is not None and view.create is not None and as_key(task) == view.create:
+            ts = self.ops.scheduler.tasks.get(view.create)
+            if ts is None or ts.state != "processing":
+                # An execution of the create task that Dask gave up on (its
+                # graph released, or the task handed back) still running: the
+                # streams it made would be nobody's, in memory for good.
+                raise StreamNotFoundError(
+                    f"{run.get('kind', 'run')} run {view.run_id!r}: its create task is no longer "
+                    f"wanted ({'forgotten' if ts is None else ts.state}); nothing was created"
+                )
         if view.streams and (not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1):
             raise InvalidArgumentError(
                 f"run {view.run_id!r} owns streams {list(view.streams)}: give partitions= "
