@@ -348,3 +348,25 @@ def test_an_input_writing_a_partition_twice_is_refused_in_its_task(client):
     message = client.submit(_write_twice, name, pure=False).result()
     assert "wrote partition 0 twice" in message
     aimss_dask.destroy_stream(name)
+
+
+def test_a_create_that_dask_no_longer_wants_registers_nothing(client):
+    """An execution of a create task that Dask gave up on must not leave streams behind.
+
+    (A finished run restarted for a lost output, then not wanted any more:
+    its create ran on and registered a stream nobody freed.)
+    """
+    from aimss_dask.api.context import current
+    from aimss_dask.core.runs import RunSpec
+
+    name = unique_name("orphan")
+    spec = RunSpec(run_id=name, streams=(name,), create=f"aimss-create-{name}")
+    ep = current("test")
+    with pytest.raises(aimss_dask.StreamNotFoundError, match="no longer wanted"):
+        ep.scheduler_op("run_register", run=spec.to_wire(), partitions=2, task=spec.create)
+    with pytest.raises(aimss_dask.StreamNotFoundError):
+        aimss_dask.get_stream(name)
+    # The client's own registrations (no task) are not affected.
+    reply = ep.scheduler_op("run_register", run=spec.to_wire(), partitions=2)
+    assert reply["created"]
+    aimss_dask.destroy_stream(name)
