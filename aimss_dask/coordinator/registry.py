@@ -294,8 +294,9 @@ class RunRegistry:
         """
         out: list[tuple[RunRecord, OnLoss, str | None]] = []
         for run_id in sorted(self._runs):
-            rec = self._runs[run_id]
-            if rec.finished or rec.state is RunState.RESTARTING:
+            # A run failed below may push the oldest finished ones out.
+            rec = self._runs.get(run_id)
+            if rec is None or rec.finished or rec.state is RunState.RESTARTING:
                 continue
             hit = rec.spec.loss_action(lost, address)
             if hit is None:
