@@ -508,3 +508,15 @@ def test_prepare_spill_dir_names_an_unusable_folder(tmp_path):
     with pytest.raises(OSError, match="a-file"):
         s.prepare_spill_dir()
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_late_open_of_a_destroyed_stream_leaves_nothing():
+    store = LogStore(budget=2**20, spill_root="/tmp", segment_size=2**16)
+    store.open("s", 3, [0])
+    store.tombstone("s", 3)
+    store.drop("s")
+    with pytest.raises(StreamNotFoundError, match="was destroyed"):
+        store.open("s", 3, [0])
+    assert not store.has("s")
+    store.open("s", 4, [0])  # a new stream of the name
+    assert store.has("s")

@@ -175,3 +175,4 @@ def test_a_worker_closing_gracefully_at_the_end_of_its_lifetime_hands_over(clien
     wait_until(lambda: victim not in s.info()["owners"], timeout=10, what="the new owner")
     assert s.info()["lost"] == []
     assert _values(s.read(partition=2)) == [2000 + i for i in range(4)]
+

@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,9 @@ from aimss_dask.log import spillfile
 from aimss_dask.log.segment import PartitionLog, Segment
 
 logger = logging.getLogger("aimss_dask")
+
+#: Destroyed stream names a store remembers, to refuse late opens of them.
+TOMBSTONES = 10_000
 
 
 @dataclass(eq=False)
@@ -83,6 +87,8 @@ class LogStore:
         self._waiting = 0
         self._spill_lock = threading.Lock()
         self._streams: dict[str, _StreamLogs] = {}
+        # name -> newest epoch destroyed here (see tombstone()).
+        self._dropped: OrderedDict[str, int] = OrderedDict()
         self._seq = itertools.count()
         self._files = itertools.count()
         self.memory_bytes = 0
@@ -104,6 +110,10 @@ class LogStore:
         """
         with self._lock:
             logs = self._streams.get(name)
+            if epoch <= self._dropped.get(name, 0):
+                # A late open of a stream destroyed here already: it would
+                # leave logs nobody drops.
+                raise StreamNotFoundError(f"stream {name!r} at epoch {epoch} was destroyed")
             if logs is not None and logs.epoch > epoch:
                 # A late message about an older stream of this name (epochs
                 # only grow): it must not replace the newer one's logs.
@@ -133,6 +143,17 @@ class LogStore:
             raise PartitionOutOfRangeError(
                 f"partition {p!r} of stream {name!r} is not held by this worker"
             ) from None
+
+    def tombstone(self, name: str, epoch: int) -> None:
+        """Stream ``name`` up to ``epoch`` is destroyed: refuse a late :meth:`open` of it.
+
+        Epochs only grow, so a new stream of the name always opens. The
+        most recent :data:`TOMBSTONES` names are remembered.
+        """
+        with self._lock:
+            self._dropped[name] = max(epoch, self._dropped.pop(name, 0))
+            while len(self._dropped) > TOMBSTONES:
+                self._dropped.popitem(last=False)
 
     def has(self, name: str) -> bool:
         with self._lock:

@@ -415,6 +415,9 @@ class AIMSSWorker(WorkerPlugin):
                 self.store.drop_partition(name, epoch, p)
             return
         speccache.forget(name)
+        # First: a late open of this stream (a retry, an execution Dask gave
+        # up on) must not bring back logs that nothing would drop again.
+        self.store.tombstone(name, epoch)
         # Only this epoch's state or older: a late drop leaves a new stream's.
         self.origins.forget(name, epoch)
         # Runs first (a source's brokers), so none appends while it is dropped.
