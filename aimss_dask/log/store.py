@@ -133,9 +133,11 @@ class LogStore:
     def _log(self, name: str, epoch: int | None, p: int) -> PartitionLog:
         logs = self._streams.get(name)
         if logs is None or (epoch is not None and logs.epoch != epoch):
+            held = "none" if logs is None else f"epoch {logs.epoch}"
             raise StreamNotFoundError(
                 f"stream {name!r} has no log on this worker (destroyed, or never "
-                "created); create it with aimss_dask.create_stream"
+                f"created; asked for epoch {epoch}, held: {held}); create it with "
+                "aimss_dask.create_stream"
             )
         try:
             return logs.partitions[p]
