@@ -157,7 +157,7 @@ class Stream:
         """
         ep = current("seal")
         ep.producer.flush_blocking([self.name], epoch=self.spec.epoch)
-        remember(ep, ep.scheduler_op("seal", name=self.name))
+        remember(ep, ep.scheduler_op("seal", name=self.name, epoch=self.spec.epoch))
 
     def info(self) -> dict[str, Any]:
         """Placement, size and progress of the stream, as a plain dict.

@@ -23,6 +23,7 @@ from tornado.ioloop import PeriodicCallback
 
 from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.pinning import Pinner
+from aimss_dask.coordinator.recovery import Recoveries
 from aimss_dask.coordinator.registry import RunRegistry
 from aimss_dask.coordinator.retire import Evacuations
 from aimss_dask.coordinator.runs import RunHandlers
@@ -106,6 +107,7 @@ class AIMSS(SchedulerPlugin):
         self.stream_ops = StreamHandlers(self, self.ops)
         self.run_ops = RunHandlers(self, self.ops)
         self.evacuations = Evacuations(self, self.ops)
+        self.recoveries = Recoveries(self, self.ops)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -224,6 +226,7 @@ class AIMSS(SchedulerPlugin):
         self.ops.cancel_background()
         self.state.clear()
         self.runs.clear()
+        self.recoveries.clear()
         if self.pinner is not None:
             self.pinner.clear()
         if self.scheduler is not None:
@@ -236,6 +239,7 @@ class AIMSS(SchedulerPlugin):
         try:
             self.state.clear()
             self.runs.clear()
+            self.recoveries.clear()
             if self.pinner is not None:
                 self.pinner.clear()
         except Exception:
@@ -301,17 +305,23 @@ class AIMSS(SchedulerPlugin):
                 ))
             stimulus_id = kwargs.get("stimulus_id", "aimss-worker-lost")
             if scheduler.status == Status.running:
-                self.run_ops.restart_runs(scheduler, stimulus_id)
+                self.run_ops.restart_runs(scheduler, stimulus_id, worker, lost_parts)
             # Readers of lost partitions that no restart re-creates (a user's
             # stream's map_partitions) must not wait for the dead worker.
+            # Those of a run that recovers are pinned to the new owners.
             if self.pinner is not None:
                 self.pinner.unpin_lost(
-                    {n: ps for n, ps in lost_parts.items() if n in self.state.streams}, stimulus_id
+                    {
+                        n: ps
+                        for n, ps in lost_parts.items()
+                        if n in self.state.streams and n not in self.recoveries.recovering
+                    },
+                    stimulus_id,
                 )
             # Runs that cannot recover what was lost (a loader or a streaming
             # sink on a user's stream) fail, named; they raise too.
             for rec, action, _ in self.runs.on_worker_lost(worker, lost_parts):
-                if action is OnLoss.RESTART:  # nothing left to run again: see _restart_runs
+                if action is OnLoss.RESTART:  # nothing left to run again: see restart_runs
                     self.runs.finish(rec.run_id, rec.epoch, RunState.FAILED, (
                         "PartitionLostError",
                         f"run {rec.run_id!r} lost partitions with worker {worker} after its "
@@ -333,13 +343,21 @@ class AIMSS(SchedulerPlugin):
             logger.exception("aimss: remove_client hook failed")
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        """A run's create task forgotten: its graph is gone, and so must its streams be.
+        """A run's push task finished (noted: where), or its create task forgotten (its streams freed).
 
         The streams of a run are freed as their partitions are read; a graph
         that stops before (cancelled, its futures released, or a restarted
         run whose last create ran after the result was in) would leave them
-        in the workers' memory for good. O(1) per transition.
+        in the workers' memory for good. Where a push finished is what a
+        recovery needs (:mod:`~aimss_dask.coordinator.recovery`). O(1) per
+        transition.
         """
+        if finish == "memory" and start == "processing":
+            try:
+                self.recoveries.task_finished(key, kwargs.get("worker"))
+            except Exception:
+                logger.exception("aimss: transition hook failed")
+            return
         if finish != "forgotten":
             return
         try:

@@ -148,7 +148,7 @@ class Evacuations:
         moving its partitions first would be wasted.
         """
         rec = self.coord.runs.for_stream(name)
-        return rec is not None and not rec.finished and rec.spec.on_loss is OnLoss.RESTART
+        return rec is not None and not rec.finished and rec.spec.on_loss in (OnLoss.RESTART, OnLoss.RECOVER)
 
     async def _evacuate(self, worker: str) -> int:
         """Move every sealed partition of ``worker`` to running workers; partitions moved."""

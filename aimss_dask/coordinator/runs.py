@@ -11,6 +11,7 @@ read, or restart the run from its create task.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -52,46 +53,62 @@ class RunHandlers:
         rec = self.coord.runs.find(run_id)
         return None if rec is None else rec.spec
 
-    def restart_runs(self, scheduler: Scheduler, stimulus_id: str) -> None:
-        """Run again, from a clean slate, every restartable run still in flight.
+    def restart_runs(
+        self,
+        scheduler: Scheduler,
+        stimulus_id: str,
+        worker: str | None = None,
+        lost: Mapping[str, Collection[int]] | None = None,
+    ) -> None:
+        """After losing ``worker`` (``lost``: its partitions, by stream): recover or restart the runs in flight.
+
+        A run that recovers (:mod:`~aimss_dask.coordinator.recovery`) and
+        whose streams are still being written keeps what survived. Any
+        other restartable run starts again from a clean slate
+        (:meth:`restart`), every one, not only those that had partitions
+        there: a push task that ran on the lost worker is computed again.
+        """
+        for rec in self.coord.runs.restartable():
+            spec = rec.spec
+            if spec.on_loss not in (OnLoss.RESTART, OnLoss.RECOVER) or rec.state is RunState.RESTARTING:
+                continue
+            if worker is not None and self.coord.recoveries.eligible(rec):
+                self.coord.recoveries.keep(rec, worker, lost or {}, stimulus_id)
+                continue
+            self.restart(rec, scheduler, stimulus_id)
+
+    def restart(self, rec: RunRecord, scheduler: Scheduler, stimulus_id: str) -> None:
+        """Run ``rec`` again from a clean slate, if it is still in flight (or lost outputs of it).
 
         A lost worker takes partitions and unsent pushes with it; the run's
         streams are forgotten at once (the re-run creates fresh ones, with a
         new epoch, so late messages of the old run are rejected) and its
         tasks, from stream creation through the barrier to the reads, are
-        released so the scheduler computes them again. Every such run, not
-        only those that had partitions there: a push task that ran on the
-        lost worker is computed again, and until records carry their origin
-        a second push would duplicate rows.
+        released so the scheduler computes them again.
         """
-        for rec in self.coord.runs.restartable():
-            spec = rec.spec
-            if spec.on_loss is not OnLoss.RESTART or rec.state is RunState.RESTARTING:
-                continue
-            barrier = scheduler.tasks.get(spec.barrier) if spec.barrier is not None else None
-            if barrier is None:
-                continue
-            if rec.finished and not self._outputs_lost(barrier, spec):
-                continue
-            recs: dict[Any, str] = {}
-            for ts in (*barrier.dependents, barrier, *barrier.dependencies):
-                if ts.state == "erred":
-                    recs = {}
-                    break
-                recs[ts.key] = "released"
-            if not recs:
-                continue
-            create = scheduler.tasks.get(spec.create) if spec.create is not None else None
-            if create is not None:
-                recs[create.key] = "released"
-            self.coord.runs.restart(rec.run_id, rec.epoch, done=True)
-            for name in spec.streams:
-                if name in self.coord.state.streams:
-                    for s in self.coord.state.destroy(name):
-                        self.ops.spawn(self.ops.broadcast({"op": "aimss_drop", "name": s.name, "epoch": s.epoch}))
-            logger.warning("aimss: restarting %s run %s after losing a worker", rec.kind, rec.run_id)
-            scheduler.transitions(recs, stimulus_id=stimulus_id)
-            scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
+        spec = rec.spec
+        barrier = scheduler.tasks.get(spec.barrier) if spec.barrier is not None else None
+        if barrier is None:
+            return
+        if rec.finished and not self._outputs_lost(barrier, spec):
+            return
+        recs: dict[Any, str] = {}
+        for ts in (*barrier.dependents, barrier, *barrier.dependencies):
+            if ts.state == "erred":
+                return
+            recs[ts.key] = "released"
+        create = scheduler.tasks.get(spec.create) if spec.create is not None else None
+        if create is not None:
+            recs[create.key] = "released"
+        if not self.coord.runs.restart(rec.run_id, rec.epoch, done=True):
+            return
+        for name in spec.streams:
+            if name in self.coord.state.streams:
+                for s in self.coord.state.destroy(name):
+                    self.ops.spawn(self.ops.broadcast({"op": "aimss_drop", "name": s.name, "epoch": s.epoch}))
+        logger.warning("aimss: restarting %s run %s after losing a worker", rec.kind, rec.run_id)
+        scheduler.transitions(recs, stimulus_id=stimulus_id)
+        scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
 
     def _outputs_lost(self, barrier: Any, spec: RunSpec) -> bool:
         """A finished run must run again: Dask lost outputs it will compute again.
@@ -175,6 +192,7 @@ class RunHandlers:
                 created.append(name)
                 await self.coord.stream_ops.open(spec, view.inputs)
             self.coord.pinner.run_registered(rec.spec)
+            self.coord.recoveries.watch(rec)
         except Exception as e:
             self.coord.runs.finish(view.run_id, rec.epoch, RunState.FAILED, (type(e).__name__, str(e)))
             for name in created:

@@ -178,7 +178,7 @@ class CoordinatorState:
         already) are ignored; offsets only grow.
         """
         spec = self.streams.get(name)
-        if spec is None or spec.epoch != epoch:
+        if spec is None or not spec.answers(epoch):
             return
         known = self.bounds.setdefault(name, {})
         gone = self.lost.get(name, {})
@@ -208,6 +208,47 @@ class CoordinatorState:
                     lost[p] = (start, end if sealed else None)
             hit.append(name)
         return hit
+
+    def recovered(self, name: str, partitions: Sequence[int], owners: Sequence[str]) -> StreamSpec:
+        """Stream ``name`` under a new epoch, its lost ``partitions`` placed on ``owners`` (one each).
+
+        Not applied: :meth:`commit_recovery` does, once the workers hold it.
+
+        Examples
+        --------
+        >>> st = CoordinatorState()
+        >>> s, _ = st.create("s", 2, ["a", "b"])
+        >>> _ = st.worker_lost("b")
+        >>> new = st.recovered("s", [1], ["c"])
+        >>> (new.owners, new.epoch > s.epoch, new.first_epoch == s.epoch)
+        (('a', 'c'), True, True)
+        >>> st.commit_recovery(s, new), st.lost, st.get("s") is new
+        (True, {}, True)
+        """
+        spec = self.get(name)
+        owners_now = list(spec.owners)
+        for p, w in zip(partitions, owners, strict=True):
+            check_partition(spec, p)
+            owners_now[p] = w
+        return spec.recovered(self._next_epoch(), tuple(owners_now))
+
+    def commit_recovery(self, old: StreamSpec, new: StreamSpec) -> bool:
+        """Replace ``old`` by its recovery ``new``: the partitions that moved are no longer lost.
+
+        False (nothing changed) if ``old`` is no longer the stream of its
+        name (destroyed, or recovered again meanwhile).
+        """
+        if self.streams.get(old.name) is not old:
+            return False
+        self.streams[old.name] = new
+        moved = {p for p in range(new.partitions) if new.owners[p] != old.owners[p]}
+        lost = self.lost.get(old.name, {})
+        for p in moved:
+            lost.pop(p, None)
+            self.bounds.get(old.name, {}).pop(p, None)
+        if not lost:
+            self.lost.pop(old.name, None)
+        return True
 
     def owned_by_client(self, client: str) -> list[str]:
         """Non-persistent streams created by ``client``."""

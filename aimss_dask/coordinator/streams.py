@@ -38,6 +38,8 @@ class StreamHandlers:
         self.ops = ops
         # Woken whenever a stream is sealed or destroyed (shuffle_wait).
         self.sealed_changed: asyncio.Condition | None = None
+        #: Streams a seal is under way for (a recovery waits for the next loss).
+        self.sealing: set[str] = set()
 
     def start(self) -> None:
         self.sealed_changed = asyncio.Condition()
@@ -111,8 +113,28 @@ class StreamHandlers:
         return self.wire(self.coord.state.get(name))
 
     @replies
-    async def _h_seal(self, name: str) -> dict[str, Any]:
+    async def _h_seal(self, name: str, epoch: int | None = None) -> dict[str, Any]:
+        """Seal stream ``name``; with ``epoch``, only if it is still the stream of that epoch."""
         spec = self.coord.state.get(name)
+        if epoch is not None and spec.epoch != epoch:
+            # The caller's stream was replaced (destroyed and created again,
+            # or recovered under a new epoch with partitions it has not
+            # filled): sealing the new one would end it without its records.
+            raise StreamNotFoundError(
+                f"stream {name!r} at epoch {epoch} is now epoch {spec.epoch}; seal with its new handle"
+            )
+        if name in self.coord.recoveries.recovering:
+            raise PartitionLostError(
+                f"stream {name!r} is re-creating partitions lost with a worker; seal it once that is done",
+                self.coord.state.lost.get(name, {}),
+            )
+        self.sealing.add(name)
+        try:
+            return await self._seal(name, spec)
+        finally:
+            self.sealing.discard(name)
+
+    async def _seal(self, name: str, spec: StreamSpec) -> dict[str, Any]:
         # 1. Every worker stops taking writes for the stream and pushes what it
         #    has buffered; 2. only then do owners seal, so nothing written before
         #    seal() is rejected.

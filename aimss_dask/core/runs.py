@@ -50,10 +50,14 @@ class OnSeal(str, Enum):
 class OnLoss(str, Enum):
     """When a worker holding a run's partitions leaves: ``RESTART`` (forget its
     streams, release create..barrier..outputs, Dask runs it again under a new
-    epoch), ``RERUN`` (nothing to undo: Dask recomputes the lost tasks), or
-    ``FAIL`` (:class:`~aimss_dask.core.errors.PartitionLostError`)."""
+    epoch), ``RECOVER`` (while its streams are written: keep the partitions
+    that survive, re-create the lost ones and run again the pushes that fed
+    them, see :mod:`aimss_dask.coordinator.recovery`; once sealed, as
+    ``RESTART``), ``RERUN`` (nothing to undo: Dask recomputes the lost tasks),
+    or ``FAIL`` (:class:`~aimss_dask.core.errors.PartitionLostError`)."""
 
     RESTART = "restart"
+    RECOVER = "recover"
     RERUN = "rerun"
     FAIL = "fail"
 

@@ -7,7 +7,7 @@ operators all import this without importing each other.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aimss_dask.core.errors import (
@@ -23,6 +23,17 @@ class StreamSpec:
 
     ``epoch`` is unique per creation, so messages meant for a destroyed stream
     are rejected by a new stream of the same name rather than applied to it.
+    ``since`` (0: ``epoch`` itself) is the epoch the stream was created at
+    when a run's recovery re-created lost partitions under a newer epoch
+    (:meth:`recovered`): the partitions that survived keep their records,
+    and owners take writes tagged with any epoch from ``since`` to ``epoch``.
+
+    Examples
+    --------
+    >>> s = StreamSpec("s", 2, ("a", "b"), epoch=3)
+    >>> r = s.recovered(5, ("a", "c"))
+    >>> (r.epoch, r.first_epoch, r.owners), StreamSpec.from_wire(r.to_wire()) == r
+    ((5, 3, ('a', 'c')), True)
     """
 
     name: str
@@ -32,6 +43,20 @@ class StreamSpec:
     parent: str | None = None
     persist: bool = False
     creator: str | None = None
+    since: int = 0
+
+    @property
+    def first_epoch(self) -> int:
+        """The epoch the stream was created at (older than ``epoch`` once recovered)."""
+        return self.since or self.epoch
+
+    def answers(self, epoch: int) -> bool:
+        """Whether a message tagged ``epoch`` is about this stream (its epoch, or an older one it continues)."""
+        return self.first_epoch <= epoch <= self.epoch
+
+    def recovered(self, epoch: int, owners: tuple[str, ...]) -> StreamSpec:
+        """This stream under a newer ``epoch``, with lost partitions re-created on ``owners``."""
+        return replace(self, epoch=epoch, owners=tuple(owners), since=self.first_epoch)
 
     def to_wire(self) -> dict[str, Any]:
         # Not dataclasses.asdict: its deep copy is slow for thousands of owners.
@@ -43,6 +68,7 @@ class StreamSpec:
             "parent": self.parent,
             "persist": self.persist,
             "creator": self.creator,
+            "since": self.since,
         }
 
     @classmethod

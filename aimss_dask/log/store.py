@@ -40,6 +40,13 @@ TOMBSTONES = 10_000
 class _StreamLogs:
     epoch: int
     partitions: dict[int, PartitionLog]
+    #: The oldest epoch these logs answer to (a run's recovery re-created
+    #: lost partitions under a newer epoch: see :meth:`LogStore.open`).
+    since: int = 0
+
+    def answers(self, epoch: int | None) -> bool:
+        """Whether a message about ``epoch`` (None: any) is about these logs."""
+        return epoch is None or (self.since or self.epoch) <= epoch <= self.epoch
 
 
 class LogStore:
@@ -99,7 +106,12 @@ class LogStore:
     # -- streams -----------------------------------------------------------------
 
     def open(
-        self, name: str, epoch: int, partitions: Iterable[int], starts: Mapping[int, int] | None = None
+        self,
+        name: str,
+        epoch: int,
+        partitions: Iterable[int],
+        starts: Mapping[int, int] | None = None,
+        since: int | None = None,
     ) -> None:
         """Create empty logs for ``partitions`` of ``name`` (idempotent).
 
@@ -107,24 +119,35 @@ class LogStore:
         moved here from a worker that had trimmed its head), so that every
         record keeps its offset; 0 where not given. An older epoch than the
         stream held here raises :class:`StreamNotFoundError`.
+
+        ``since``: the stream was created at epoch ``since`` and recovered
+        under ``epoch`` (a run re-created partitions that were lost): logs
+        held here of an epoch from ``since`` on are kept, with their records,
+        and answer to both epochs from now on (a write tagged with the older
+        one is still in flight). ``partitions`` may then be empty.
         """
+        first = epoch if since is None else since
         with self._lock:
             logs = self._streams.get(name)
-            if epoch <= self._dropped.get(name, 0):
+            if first <= self._dropped.get(name, 0):
                 # A late open of a stream destroyed here already: it would
                 # leave logs nobody drops.
                 raise StreamNotFoundError(f"stream {name!r} at epoch {epoch} was destroyed")
-            if logs is not None and logs.epoch > epoch:
+            if logs is not None and first <= logs.epoch < epoch:
+                logs.epoch, logs.since = epoch, first
+            if logs is not None and logs.answers(epoch):
+                pass  # more partitions of the stream held here
+            elif logs is not None and logs.epoch > epoch:
                 # A late message about an older stream of this name (epochs
                 # only grow): it must not replace the newer one's logs.
                 raise StreamNotFoundError(
                     f"stream {name!r} at epoch {epoch} was replaced here by a newer one "
                     f"(epoch {logs.epoch})"
                 )
-            if logs is None or logs.epoch != epoch:
+            else:
                 if logs is not None:
                     self._drop_locked(name)
-                logs = self._streams[name] = _StreamLogs(epoch, {})
+                logs = self._streams[name] = _StreamLogs(epoch, {}, first)
             for p in partitions:
                 if p not in logs.partitions:
                     first = (starts or {}).get(p, 0)
@@ -132,7 +155,7 @@ class LogStore:
 
     def _log(self, name: str, epoch: int | None, p: int) -> PartitionLog:
         logs = self._streams.get(name)
-        if logs is None or (epoch is not None and logs.epoch != epoch):
+        if logs is None or not logs.answers(epoch):
             held = "none" if logs is None else f"epoch {logs.epoch}"
             raise StreamNotFoundError(
                 f"stream {name!r} has no log on this worker (destroyed, or never "
@@ -188,7 +211,7 @@ class LogStore:
         """Forget one partition of ``name`` (it moved to another worker)."""
         with self._lock:
             logs = self._streams.get(name)
-            if logs is None or (epoch is not None and logs.epoch != epoch):
+            if logs is None or not logs.answers(epoch):
                 return
             log = logs.partitions.pop(p, None)
             if log is not None:
@@ -339,7 +362,7 @@ class LogStore:
 
             def ready() -> bool:
                 logs = self._streams.get(name)
-                if logs is None or (epoch is not None and logs.epoch != epoch):
+                if logs is None or not logs.answers(epoch):
                     return True  # destroyed: let the next read raise
                 log = logs.partitions.get(p)
                 return log is None or log.sealed or log.end > offset

@@ -140,10 +140,12 @@ class _Partition:
 class _Stream:
     """The filter's state for one tracked stream (one epoch)."""
 
-    __slots__ = ("epoch", "inputs", "parts", "kept", "dropped", "conflicts")
+    __slots__ = ("epoch", "since", "inputs", "parts", "kept", "dropped", "conflicts")
 
-    def __init__(self, epoch: int, inputs: int) -> None:
+    def __init__(self, epoch: int, inputs: int, since: int) -> None:
         self.epoch = epoch
+        #: The oldest epoch this state answers to (see :meth:`OriginFilter.track`).
+        self.since = since
         self.inputs = inputs
         self.parts: dict[int, _Partition] = {}
         self.kept = 0
@@ -174,7 +176,7 @@ class OriginFilter:
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
 
-    def track(self, stream: str, epoch: int, inputs: int = 0) -> bool:
+    def track(self, stream: str, epoch: int, inputs: int = 0, since: int | None = None) -> bool:
         """Filter ``stream`` at ``epoch`` from now on; returns whether state was (re)made.
 
         Call it when the stream's logs are opened here, before its first
@@ -184,11 +186,19 @@ class OriginFilter:
         partitions); a newer epoch replaces the state (the name was destroyed
         and created again); an older one is a stale message and is ignored.
 
+        ``since``: the stream was created at ``since`` and recovered under
+        ``epoch`` (its lost partitions re-created): state of an epoch from
+        ``since`` on is kept, so the copies the surviving partitions hold
+        still win, and groups tagged with either epoch are filtered alike.
+
         Examples
         --------
         >>> f = OriginFilter()
         >>> f.track("s", 1), f.track("s", 1), f.track("s", 0), f.track("s", 2)
         (True, False, False, True)
+        >>> _ = f.admit("s", 2, 0, Origin(1, attempt=5))
+        >>> f.track("s", 4, since=2), f.admit("s", 2, 0, Origin(1, attempt=6))
+        (False, False)
         """
         if not isinstance(inputs, int) or isinstance(inputs, bool):
             raise InvalidTypeError(
@@ -198,11 +208,15 @@ class OriginFilter:
             raise InvalidArgumentError(
                 f"inputs {inputs} of stream {stream!r} must be >= 0 (0: not known)"
             )
+        first = epoch if since is None else since
         with self._lock:
             st = self._streams.get(stream)
+            if st is not None and first <= st.epoch < epoch:
+                st.epoch, st.since = epoch, first
+                return False
             if st is not None and st.epoch >= epoch:
                 return False
-            self._streams[stream] = _Stream(epoch, min(inputs, _MAX_PRESIZE))
+            self._streams[stream] = _Stream(epoch, min(inputs, _MAX_PRESIZE), first)
             return True
 
     def admit(self, stream: str, epoch: int, partition: int, origin: Origin | None) -> bool:
@@ -234,7 +248,7 @@ class OriginFilter:
             return True
         with self._lock:
             st = self._streams.get(stream)
-            if st is None or st.epoch != epoch:
+            if st is None or not st.since <= epoch <= st.epoch:
                 if st is not None and st.epoch < epoch:
                     # The store now holds a newer stream of that name: the
                     # older state can never be used again.
@@ -285,9 +299,9 @@ class OriginFilter:
     def forget(self, stream: str, epoch: int | None = None) -> bool:
         """Free ``stream``'s state (dropped, or sealed: no pushes after a seal).
 
-        With ``epoch``, only if the state is of that epoch or older, so a late
-        drop of a destroyed stream leaves its successor alone. Returns whether
-        anything was freed.
+        With ``epoch``, only if the state is of that epoch or older (or of a
+        recovery of it), so a late drop of a destroyed stream leaves its
+        successor alone. Returns whether anything was freed.
 
         Examples
         --------
@@ -298,7 +312,7 @@ class OriginFilter:
         """
         with self._lock:
             st = self._streams.get(stream)
-            if st is None or (epoch is not None and st.epoch > epoch):
+            if st is None or (epoch is not None and st.since > epoch):
                 return False
             del self._streams[stream]
             return True

@@ -381,6 +381,27 @@ class AIMSSWorker(WorkerPlugin):
         }
 
     @replies
+    async def _h_recover(
+        self, spec: dict[str, Any], since: int, partitions: list[int] | None = None, inputs: int = 0
+    ) -> dict[str, Any]:
+        """Stream ``spec`` continues, recovered, under a newer epoch (see :mod:`aimss_dask.coordinator.recovery`).
+
+        Logs and filter state held here of an epoch from ``since`` on are
+        kept and answer to the new epoch too; ``partitions``: lost ones
+        re-created here, empty. Every process forgets the spec it cached.
+        Returns whether this worker holds the stream.
+        """
+        assert self.store is not None
+        s = StreamSpec.from_wire(spec)
+        speccache.forget(s.name)
+        if not partitions and not self.store.has(s.name):
+            return {"held": False}
+        if inputs:
+            self.origins.track(s.name, s.epoch, inputs, since=since)
+        self.store.open(s.name, s.epoch, partitions or [], since=since)
+        return {"held": True}
+
+    @replies
     async def _h_seal_producers(self, name: str, epoch: int) -> dict[str, Any]:
         assert self.producer is not None
         await self.producer.seal(name, epoch)
@@ -572,6 +593,7 @@ async def _torn_down(**kwargs: Any) -> dict[str, Any]:
 _HANDLERS = (
     "setup_status",
     "open",
+    "recover",
     "data_address",
     "append",
     "read",

@@ -15,6 +15,7 @@ tasks that write run again in place against the new streams
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from typing import Any
 
@@ -77,15 +78,27 @@ RESTART_WAIT = 30.0
 #: Most times one execution runs its body again (each needs a newer run: a kill).
 MAX_RERUNS = 10
 
+#: An execution's n-th run of its body writes as attempt ``run_id + n * RERUN_STRIDE``:
+#: the owners of partitions that survived a recovery still hold the copies
+#: its first run sent, under its first attempt (a second group from one
+#: attempt would be refused as a second write). Dask's run ids, from one
+#: counter per scheduler, stay far below the stride.
+RERUN_STRIDE = 1 << 40
+
+# Which run of its body the task on this thread is in (see RERUN_STRIDE).
+_body = threading.local()
+
 
 def _on_restart(func: Any, rerun: bool) -> Any:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from distributed import Reschedule
 
-        for _ in range(MAX_RERUNS):
+        outer = getattr(_body, "run", 0)
+        for i in range(MAX_RERUNS):
             with speccache.tracking() as used:
                 try:
+                    _body.run = i
                     out = func(*args, **kwargs)
                     return _pushed(out, used) if rerun else out
                 except (PartitionLostError, StreamSealedError, StreamNotFoundError) as e:
@@ -98,6 +111,8 @@ def _on_restart(func: Any, rerun: bool) -> Any:
                     if rerun and (news == "newer" or not used):
                         continue
                     raise Reschedule() from e
+                finally:
+                    _body.run = outer
         raise AssertionError(f"{func.__name__} ran {MAX_RERUNS} times, each under a run restarted again")
 
     return wrapper
@@ -212,7 +227,10 @@ def seal(names: list[str], *pushed: int) -> int:
     # before a restart) or a push's (it wrote to an older stream). Dask
     # took it from an execution that ran on across the restart. Those
     # tasks run again, and this seal after them.
-    stale_create = any(getattr(n, "epoch", now[str(n)]) != now[str(n)] for n in names)
+    # The create's streams may have been recovered since (a newer epoch that
+    # continues them: see aimss_dask.coordinator.recovery), not replaced.
+    first = {s.name: s.spec.first_epoch for s in streams}
+    stale_create = any(not first[str(n)] <= getattr(n, "epoch", now[str(n)]) <= now[str(n)] for n in names)
     stale = [
         p.key for p in pushed if isinstance(p, Pushed) and any(p.epochs.get(n, e) != e for n, e in now.items())
     ]
@@ -254,6 +272,8 @@ class RunWriter:
         self.spec = api.operator_stream(name).spec
         self._producer = current("write_to").producer
         attempt = task_attempt() if input_id is not None else None
+        if attempt is not None:
+            attempt += getattr(_body, "run", 0) * RERUN_STRIDE
         self.origin = None if attempt is None else Origin(input_id, attempt)
         self._written: set[int] = set()
 

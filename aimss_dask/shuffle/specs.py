@@ -57,6 +57,6 @@ def push_spec(
         outputs=OutputMap(names[0], grid),
         on_seal=OnSeal.REBALANCE,
         free_unread=True,
-        on_loss=OnLoss.RESTART,
+        on_loss=OnLoss.RECOVER,
         inputs=inputs,
     )

@@ -1,0 +1,186 @@
+"""Recovery that keeps what survived: a run in its map phase re-creates only the partitions it lost.
+
+A run whose policy is :attr:`~aimss_dask.core.runs.OnLoss.RECOVER` (a
+shuffle, a merge, a rechunk) and whose streams are still being written
+when a worker dies does not start over:
+
+- Partitions that survive keep their records. Each stream continues under
+  a new epoch (:meth:`~aimss_dask.core.specs.StreamSpec.recovered`): owners
+  take writes tagged with the old epoch or the new one, and their filters
+  still know which inputs they hold (:mod:`aimss_dask.node.dedup`).
+- The lost partitions are opened, empty, on running workers.
+- The pushes that could have written to them run again: every push task
+  in memory once partitions were lost; only the ones that finished on the
+  dead worker when none was (their records still in its send buffers died
+  with it). Owners drop the copies they already hold, first copy wins.
+  Pushes still running, or that finish at the old epoch afterwards, are
+  found stale at the seal (``aimss_run_stale``) and run again then.
+
+Anything else (a stream already sealed or being sealed, a recovery that
+fails) falls back to restarting the run from its create task
+(:meth:`~aimss_dask.coordinator.runs.RunHandlers.restart`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING, Any
+
+from aimss_dask.coordinator.cluster import ClusterOps
+from aimss_dask.coordinator.placement import owners_load, place_partitions
+from aimss_dask.coordinator.registry import RunRecord
+from aimss_dask.core.runs import OnLoss, RunState
+
+if TYPE_CHECKING:
+    from aimss_dask.coordinator.plugin import AIMSS
+
+logger = logging.getLogger("aimss_dask")
+
+#: Scheduler states of a barrier whose seal has not ended the stream yet.
+_BEFORE_SEAL = frozenset({"waiting", "no-worker", "queued", "processing", "released"})
+
+
+class Recoveries:
+    """Which worker finished each push of a run, and the recoveries under way, of one coordinator ``coord``."""
+
+    def __init__(self, coord: AIMSS, ops: ClusterOps) -> None:
+        self.coord = coord
+        self.ops = ops
+        #: Streams whose lost partitions are being re-created: not sealable.
+        self.recovering: set[str] = set()
+        # push key -> run id, for the runs that recover (see watch()).
+        self._push_of: dict[Any, str] = {}
+        # run id -> worker -> keys of its pushes that finished there.
+        self._ran_on: dict[str, dict[str, set[Any]]] = {}
+
+    # -- bookkeeping (hooks: O(1)) ------------------------------------------------------
+
+    def watch(self, rec: RunRecord) -> None:
+        """``rec`` registered: note its push tasks (the barrier's dependencies but the create)."""
+        scheduler = self.ops.scheduler
+        spec = rec.spec
+        if scheduler is None or spec.on_loss is not OnLoss.RECOVER or spec.barrier is None:
+            return
+        self._prune()
+        barrier = scheduler.tasks.get(spec.barrier)
+        if barrier is None:
+            return
+        for ts in barrier.dependencies:
+            if ts.key != spec.create:
+                self._push_of[ts.key] = rec.run_id
+        self._ran_on.setdefault(rec.run_id, {})
+
+    def task_finished(self, key: Any, worker: str | None) -> None:
+        """The scheduler's ``processing -> memory`` of ``key`` on ``worker``."""
+        run_id = self._push_of.get(key)
+        if run_id is not None and worker is not None:
+            self._ran_on.setdefault(run_id, {}).setdefault(worker, set()).add(key)
+
+    def _prune(self) -> None:
+        """Forget the pushes of runs that are over (called as runs register: bounded by the runs in flight)."""
+        over = [r for r in self._ran_on if (rec := self.coord.runs.find(r)) is None or rec.finished]
+        if not over:
+            return
+        gone = set(over)
+        for r in over:
+            del self._ran_on[r]
+        self._push_of = {k: r for k, r in self._push_of.items() if r not in gone}
+
+    # -- a worker left ------------------------------------------------------------------
+
+    def eligible(self, rec: RunRecord) -> bool:
+        """``rec`` keeps what survives a loss: its policy says so, and its streams are still being written."""
+        scheduler = self.ops.scheduler
+        spec = rec.spec
+        if scheduler is None or spec.on_loss is not OnLoss.RECOVER or rec.finished:
+            return False
+        if rec.state is RunState.RESTARTING or not spec.streams or spec.barrier is None:
+            return False
+        state = self.coord.state
+        busy = self.recovering | self.coord.stream_ops.sealing
+        if any(n not in state.streams or n in state.sealed or n in busy for n in spec.streams):
+            return False
+        barrier = scheduler.tasks.get(spec.barrier)
+        return barrier is not None and barrier.state in _BEFORE_SEAL
+
+    def keep(self, rec: RunRecord, worker: str, lost: Mapping[str, Collection[int]], stimulus_id: str) -> None:
+        """Recover ``rec`` from the loss of ``worker`` (``lost``: its partitions there, by stream)."""
+        ran_there = self._ran_on.get(rec.run_id, {}).pop(worker, set())
+        hit = {n: set(lost[n]) for n in rec.spec.streams if lost.get(n)}
+        if not hit:
+            # Nothing it owned was there; what that worker's pushes had not
+            # sent yet died with it: those run again (Dask reruns the ones
+            # whose result was only there by itself).
+            self._rerun_pushes(rec, only=ran_there, stimulus_id=stimulus_id)
+            return
+        self.recovering.update(rec.spec.streams)
+        self.ops.spawn(self._recover(rec, hit, stimulus_id))
+
+    async def _recover(self, rec: RunRecord, hit: dict[str, set[int]], stimulus_id: str) -> None:
+        state = self.coord.state
+        names = list(rec.spec.streams)
+        olds = [state.streams[n] for n in names]
+        # Streams of a run are placed alike (a join reads both sides on one
+        # worker): their lost partitions are the same.
+        parts = sorted(set().union(*hit.values()))
+        try:
+            load = owners_load([s.owners for s in state.streams.values()], self.ops.running())
+            placed = place_partitions(len(parts), load)
+            news = [state.recovered(o.name, parts, placed) for o in olds]
+            for new in news:
+                msg = {"op": "aimss_recover", "spec": new.to_wire(), "since": new.first_epoch, "inputs": rec.spec.inputs}
+                # Everyone: holders of surviving partitions answer to the new
+                # epoch too, and every process forgets the spec it cached.
+                await self.ops.broadcast(msg)
+                by_owner: dict[str, list[int]] = {}
+                for p in parts:
+                    by_owner.setdefault(new.owners[p], []).append(p)
+                for w, ps in by_owner.items():
+                    await self.ops.ask(w, {**msg, "partitions": ps})
+            if not all(state.streams.get(o.name) is o for o in olds):
+                # Destroyed meanwhile (its run restarted, its graph released):
+                # their drops of the old epoch took these logs too.
+                return
+            for old, new in zip(olds, news):
+                state.commit_recovery(old, new)
+        except Exception as e:
+            logger.warning("aimss: recovery of %s run %s failed (%r); restarting it", rec.kind, rec.run_id, e)
+            self.recovering.difference_update(names)
+            if self.ops.scheduler is not None and all(state.streams.get(o.name) is o for o in olds):
+                self.coord.run_ops.restart(rec, self.ops.scheduler, stimulus_id)
+            return
+        finally:
+            self.recovering.difference_update(names)
+        assert self.coord.pinner is not None
+        self.coord.pinner.repin(names)
+        logger.warning(
+            "aimss: %s run %s keeps what survived; partitions %s re-created on %s",
+            rec.kind, rec.run_id, parts, sorted(set(placed)),
+        )
+        # Every push may have written to a lost partition.
+        self._rerun_pushes(rec, only=None, stimulus_id=stimulus_id)
+
+    def _rerun_pushes(self, rec: RunRecord, only: Collection[Any] | None, stimulus_id: str) -> None:
+        """Release ``rec``'s pushes in memory (only those in ``only``, if given); Dask runs them again."""
+        scheduler = self.ops.scheduler
+        spec = rec.spec
+        if scheduler is None or spec.barrier is None:
+            return
+        barrier = scheduler.tasks.get(spec.barrier)
+        if barrier is None:
+            return
+        recs = {
+            ts.key: "released"
+            for ts in barrier.dependencies
+            if ts.key != spec.create and ts.state == "memory" and (only is None or ts.key in only)
+        }
+        if recs:
+            logger.info("aimss: %d push(es) of %s run %s run again", len(recs), rec.kind, rec.run_id)
+            scheduler.transitions(recs, stimulus_id=stimulus_id)
+            scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
+
+    def clear(self) -> None:
+        self.recovering.clear()
+        self._push_of.clear()
+        self._ran_on.clear()
