@@ -24,6 +24,9 @@ logger = logging.getLogger("aimss_dask")
 #: Worker states in which a worker takes new partitions (a paused one resumes).
 _STAYING = frozenset({Status.running, Status.paused})
 
+#: The topic of AIMSS's events in Dask's event log: recoveries, restarts.
+EVENT_TOPIC = "aimss"
+
 #: Tasks looked at, at most, to find which client a run's create task works for.
 _CREATOR_SEARCH = 20_000
 
@@ -93,6 +96,11 @@ class ClusterOps:
         assert self.scheduler is not None
         replies = await self.scheduler.broadcast(msg=msg, workers=[worker], on_error="raise")
         return raise_from_wire(replies[worker], msg["op"])
+
+    def event(self, msg: dict[str, Any]) -> None:
+        """Log ``msg`` in Dask's event log under topic :data:`EVENT_TOPIC` (``client.get_events("aimss")``)."""
+        assert self.scheduler is not None
+        self.scheduler.log_event(EVENT_TOPIC, msg)
 
     def tell(self, worker: str, msg: dict[str, Any]) -> bool:
         """``msg`` on the scheduler's ordered stream to ``worker``; False if it has none."""

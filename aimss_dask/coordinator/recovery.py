@@ -158,6 +158,7 @@ class Recoveries:
             "aimss: %s run %s keeps what survived; partitions %s re-created on %s",
             rec.kind, rec.run_id, parts, sorted(set(placed)),
         )
+        self.ops.event({"action": "run-recovered", "run": rec.run_id, "kind": rec.kind, "partitions": parts})
         # Every push may have written to a lost partition.
         self._rerun_pushes(rec, only=None, stimulus_id=stimulus_id)
 

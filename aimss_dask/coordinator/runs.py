@@ -107,6 +107,7 @@ class RunHandlers:
                 for s in self.coord.state.destroy(name):
                     self.ops.spawn(self.ops.broadcast({"op": "aimss_drop", "name": s.name, "epoch": s.epoch}))
         logger.warning("aimss: restarting %s run %s after losing a worker", rec.kind, rec.run_id)
+        self.ops.event({"action": "run-restarted", "run": rec.run_id, "kind": rec.kind})
         scheduler.transitions(recs, stimulus_id=stimulus_id)
         scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
 

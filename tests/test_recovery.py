@@ -1,0 +1,189 @@
+"""A run in its map phase that loses a worker keeps what survived (``OnLoss.RECOVER``).
+
+Unit tests of the pieces (a recovered stream's logs and filters answer to
+both epochs; the coordinator's new spec), then real clusters with a worker
+process SIGKILLed while a shuffle, a merge and a rechunk push.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import dask
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import assert_workers_clean
+from distributed import Client, LocalCluster
+
+import aimss_dask
+from aimss_dask.coordinator.state import CoordinatorState
+from aimss_dask.core.errors import StreamNotFoundError
+from aimss_dask.core.specs import Origin
+from aimss_dask.log.store import LogStore
+from aimss_dask.node.dedup import OriginFilter
+
+# -- units --------------------------------------------------------------------------------
+
+
+def test_a_recovered_stream_keeps_its_logs_and_answers_to_both_epochs(tmp_path):
+    store = LogStore(budget=2**20, spill_root=str(tmp_path), segment_size=2**16)
+    store.open("s", 3, [0, 1])
+    store.append("s", 3, 0, [b"kept"], [4])
+    store.open("s", 5, [], since=3)  # recovered: nothing re-created here
+    assert store.read("s", 5, 0, 0, 2**20)[0] == [b"kept"]
+    store.append("s", 3, 0, [b"late"], [4])  # a push tagged with the old epoch, still in flight
+    store.append("s", 5, 1, [b"new"], [3])
+    assert store.read("s", 3, 0, 0, 2**20)[0] == [b"kept", b"late"]
+    store.open("s", 5, [2], since=3)  # a lost partition re-created here
+    assert store.bounds("s", 5, 2) == (0, 0, False)
+    with pytest.raises(StreamNotFoundError, match="replaced here by a newer one"):
+        store.open("s", 2, [0])  # older than what the recovery continues
+    # A drop of the old epoch (the run restarted after all) frees all of it.
+    store.drop_partition("s", 3, 1)
+    assert 1 not in store.stream_stats("s")
+    store.close()
+
+
+def test_a_recovery_of_a_destroyed_stream_opens_nothing(tmp_path):
+    store = LogStore(budget=2**20, spill_root=str(tmp_path), segment_size=2**16)
+    store.open("s", 3, [0])
+    store.tombstone("s", 3)
+    store.drop("s")
+    with pytest.raises(StreamNotFoundError, match="destroyed"):
+        store.open("s", 5, [1], since=3)
+    assert not store.has("s")
+    store.close()
+
+
+def test_a_recovered_filter_still_drops_copies_of_what_survived():
+    f = OriginFilter()
+    f.track("s", 3, inputs=4)
+    assert f.admit("s", 3, 0, Origin(1, attempt=10))
+    f.track("s", 5, inputs=4, since=3)
+    # A re-run of input 1, under the new epoch or the old: a copy.
+    assert not f.admit("s", 5, 0, Origin(1, attempt=11))
+    assert not f.admit("s", 3, 0, Origin(1, attempt=12))
+    assert f.admit("s", 5, 1, Origin(1, attempt=11))  # a re-created partition
+    assert not f.forget("s", 2)
+    assert f.forget("s", 3)  # the old epoch's drop frees the recovered state
+
+
+def test_recovery_replaces_only_the_lost_partitions():
+    st = CoordinatorState()
+    a, _ = st.create("a", 4, ["w1", "w2"])
+    b, _ = st.create("b", 4, ["w1", "w2"], colocate_with="a")
+    st.worker_lost("w2")
+    lost = sorted(st.lost["a"])
+    new_a = st.recovered("a", lost, ["w3"] * len(lost))
+    assert [new_a.owners[p] for p in lost] == ["w3"] * len(lost)
+    assert all(new_a.owners[p] == a.owners[p] for p in range(4) if p not in lost)
+    assert new_a.first_epoch == a.epoch and new_a.epoch > st.get("b").epoch
+    assert st.commit_recovery(a, new_a)
+    assert "a" not in st.lost and sorted(st.lost["b"]) == lost
+    assert not st.commit_recovery(a, new_a)  # a stale recovery changes nothing
+    st.note_bounds("a", a.epoch, [(0, 0, 7)])  # an owner's report under the old epoch counts
+    assert st.bounds["a"][0] == (0, 7)
+
+
+# -- real clusters ------------------------------------------------------------------------
+
+PARTS = 24
+ROWS = 20_000
+
+
+def _slow_frame(i: int) -> pd.DataFrame:
+    time.sleep(0.15)  # a map phase long enough to kill a worker in it
+    rng = np.random.default_rng(i)
+    return pd.DataFrame({"key": rng.integers(0, 1 << 40, ROWS), "v": rng.random(ROWS)})
+
+
+def _slow_block(x: np.ndarray) -> np.ndarray:
+    time.sleep(0.15)
+    return x + 0
+
+
+def _kill_an_owner_while_pushing(client: Client) -> str:
+    """SIGKILL a worker that holds records of a stream being written; its address."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = aimss_dask.status()
+        holders = sorted(a for a, w in st.items() if w["memory_bytes"] > 0)
+        if len(holders) >= 2:
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail("the run never started pushing")
+    victim = holders[-1]
+    os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+    return victim
+
+
+def _events(client: Client) -> list[dict]:
+    return [msg for _, msg in client.get_events("aimss")]
+
+
+@pytest.fixture
+def cluster3():
+    with LocalCluster(
+        n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        yield client
+
+
+@pytest.mark.parametrize("op", ["shuffle", "merge"])
+def test_a_shuffle_that_loses_a_worker_keeps_what_survived(cluster3, op):
+    client = cluster3
+    meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
+    df = dd.from_map(_slow_frame, range(PARTS), meta=meta)
+    want = pd.concat([_slow_frame(i) for i in range(PARTS)])
+    if op == "shuffle":
+        out = aimss_dask.shuffle(df, "key", npartitions=PARTS)
+        rows, keys = len(want), int(want["key"].sum())
+    else:
+        right = df[["key"]].assign(w=1.0)
+        out = aimss_dask.merge(df, right, on="key", npartitions=PARTS)
+        rows, keys = len(want), int(want["key"].sum())  # keys are unique: one match each
+    fut = client.compute(out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]})))
+    _kill_an_owner_while_pushing(client)
+    got = fut.result(timeout=240)
+    assert int(got["n"].sum()) == rows
+    assert sum(int(k) for k in got["k"]) == keys
+    events = _events(client)
+    assert any(e.get("action") == "run-recovered" for e in events), events
+    assert not any(e.get("action") == "run-restarted" for e in events), events
+    # The survivors kept their partitions: the pushes that ran again sent
+    # them copies, which they dropped.
+    st = aimss_dask.status()
+    assert sum(w["reads"]["duplicates"] for w in st.values()) > 0, st
+    _wait_clean()
+
+
+def test_a_rechunk_that_loses_a_worker_keeps_what_survived(cluster3):
+    client = cluster3
+    a = np.arange(240 * 240, dtype="f8").reshape(240, 240)
+    x = da.from_array(a, chunks=(20, 240)).map_blocks(_slow_block)
+    y = aimss_dask.rechunk(x, (240, 20))
+    with dask.config.set({"optimization.fuse.active": False}):
+        fut = client.compute(y)
+    _kill_an_owner_while_pushing(client)
+    np.testing.assert_array_equal(fut.result(timeout=240), a)
+    events = _events(client)
+    assert any(e.get("action") == "run-recovered" for e in events), events
+    _wait_clean()
+
+
+def _wait_clean() -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            assert_workers_clean(aimss_dask.status())
+            return
+        except AssertionError:
+            time.sleep(0.1)
+    assert_workers_clean(aimss_dask.status())
