@@ -44,7 +44,11 @@ def _check_partition(df: pd.DataFrame, npartitions: int) -> pd.DataFrame:
 
 
 def _killer(client: Client, stop: threading.Event, rng: random.Random, kills: list[str], within: float) -> None:
-    """SIGKILL one random worker at a random time within ``within`` seconds, once per run."""
+    """SIGKILL one random worker at a random time within ``within`` seconds, once per run.
+
+    Callers give half a run's undisturbed time (timed cold, once): later,
+    warm runs are faster, and a kill after the result proves nothing.
+    """
     time.sleep(rng.uniform(0.02, within))
     if stop.is_set():
         return
@@ -156,7 +160,7 @@ def test_chaos_shuffles_and_rechunks_finish_exactly(chaos_cluster):
             def want(got: np.ndarray) -> None:
                 np.testing.assert_array_equal(got, x, err_msg=f"run {i}")
 
-        kills = _run_with_a_kill(client, make, want, rng, took[kind])
+        kills = _run_with_a_kill(client, make, want, rng, took[kind] / 2)
         total_kills += len(kills)
         try:
             wait_until(lambda: _clean(client), timeout=60)
