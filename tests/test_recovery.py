@@ -107,13 +107,20 @@ def _slow_block(x: np.ndarray) -> np.ndarray:
     return x + 0
 
 
-def _kill_an_owner_while_pushing(client: Client) -> str:
-    """SIGKILL a worker that holds records of a stream being written; its address."""
+def _pushes_done(dask_scheduler) -> int:
+    return sum(
+        1 for k, ts in dask_scheduler.tasks.items()
+        if isinstance(k, tuple) and str(k[0]).startswith("aimss-push-") and ts.state == "memory"
+    )
+
+
+def _kill_an_owner_while_pushing(client: Client, pushes: int) -> str:
+    """SIGKILL a worker that holds records once a third of the ``pushes`` are done; its address."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         st = aimss_dask.status()
         holders = sorted(a for a, w in st.items() if w["memory_bytes"] > 0)
-        if len(holders) >= 2:
+        if len(holders) >= 2 and client.run_on_scheduler(_pushes_done) >= pushes // 3:
             break
         time.sleep(0.02)
     else:
@@ -150,13 +157,16 @@ def test_a_shuffle_that_loses_a_worker_keeps_what_survived(cluster3, op):
         out = aimss_dask.merge(df, right, on="key", npartitions=PARTS)
         rows, keys = len(want), int(want["key"].sum())  # keys are unique: one match each
     fut = client.compute(out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]})))
-    _kill_an_owner_while_pushing(client)
+    _kill_an_owner_while_pushing(client, PARTS * (1 if op == "shuffle" else 2))
     got = fut.result(timeout=240)
     assert int(got["n"].sum()) == rows
     assert sum(int(k) for k in got["k"]) == keys
     events = _events(client)
-    assert any(e.get("action") == "run-recovered" for e in events), events
+    recovered = [e for e in events if e.get("action") == "run-recovered"]
+    assert recovered, events
     assert not any(e.get("action") == "run-restarted" for e in events), events
+    # Pushes done on the workers that stayed wrote only the re-created partitions.
+    assert sum(e["pushes_refill"] for e in recovered) > 0, recovered
     # The survivors kept their partitions: the pushes that ran again sent
     # them copies, which they dropped.
     st = aimss_dask.status()
@@ -171,7 +181,7 @@ def test_a_rechunk_that_loses_a_worker_keeps_what_survived(cluster3):
     y = aimss_dask.rechunk(x, (240, 20))
     with dask.config.set({"optimization.fuse.active": False}):
         fut = client.compute(y)
-    _kill_an_owner_while_pushing(client)
+    _kill_an_owner_while_pushing(client, 12)
     np.testing.assert_array_equal(fut.result(timeout=240), a)
     events = _events(client)
     assert any(e.get("action") == "run-recovered" for e in events), events

@@ -15,6 +15,11 @@ when a worker dies does not start over:
   with it). Owners drop the copies they already hold, first copy wins.
   Pushes still running, or that finish at the old epoch afterwards, are
   found stale at the seal (``aimss_run_stale``) and run again then.
+- A push that finished on a worker that is still there sent its records
+  to the surviving partitions already (or they are in that worker's send
+  buffers, and a write that fails there fails the seal): it runs again
+  for the re-created partitions only (``aimss_run_refill``). One that ever
+  finished on the dead worker writes everything again.
 
 Anything else (a stream already sealed or being sealed, a recovery that
 fails) falls back to restarting the run from its create task
@@ -53,6 +58,8 @@ class Recoveries:
         self._push_of: dict[Any, str] = {}
         # run id -> worker -> keys of its pushes that finished there.
         self._ran_on: dict[str, dict[str, set[Any]]] = {}
+        # push key -> the only partitions its next execution must write.
+        self._refill: dict[Any, set[int]] = {}
 
     # -- bookkeeping (hooks: O(1)) ------------------------------------------------------
 
@@ -86,6 +93,21 @@ class Recoveries:
         for r in over:
             del self._ran_on[r]
         self._push_of = {k: r for k, r in self._push_of.items() if r not in gone}
+        self._refill = {k: ps for k, ps in self._refill.items() if k in self._push_of}
+
+    def refill(self, key: Any, stream: str, epoch: int) -> list[int] | None:
+        """The partitions push ``key`` must write to ``stream`` at ``epoch``: all (None), or those a recovery re-created.
+
+        Asked once per execution, which consumes the answer: any later
+        execution writes everything. An execution that holds an older
+        ``epoch`` than the stream's writes everything (and is found stale
+        at the seal).
+        """
+        spec = self.coord.state.streams.get(stream)
+        if spec is None or spec.epoch != epoch or self._push_of.get(key) is None:
+            return None
+        ps = self._refill.pop(key, None)
+        return None if ps is None else sorted(ps)
 
     # -- a worker left ------------------------------------------------------------------
 
@@ -112,12 +134,12 @@ class Recoveries:
             # Nothing it owned was there; what that worker's pushes had not
             # sent yet died with it: those run again (Dask reruns the ones
             # whose result was only there by itself).
-            self._rerun_pushes(rec, only=ran_there, stimulus_id=stimulus_id)
+            self._rerun_pushes(rec, stimulus_id, only=ran_there, full=ran_there)
             return
         self.recovering.update(rec.spec.streams)
-        self.ops.spawn(self._recover(rec, hit, stimulus_id))
+        self.ops.spawn(self._recover(rec, hit, ran_there, stimulus_id))
 
-    async def _recover(self, rec: RunRecord, hit: dict[str, set[int]], stimulus_id: str) -> None:
+    async def _recover(self, rec: RunRecord, hit: dict[str, set[int]], ran_there: set[Any], stimulus_id: str) -> None:
         state = self.coord.state
         names = list(rec.spec.streams)
         olds = [state.streams[n] for n in names]
@@ -158,30 +180,58 @@ class Recoveries:
             "aimss: %s run %s keeps what survived; partitions %s re-created on %s",
             rec.kind, rec.run_id, parts, sorted(set(placed)),
         )
-        self.ops.event({"action": "run-recovered", "run": rec.run_id, "kind": rec.kind, "partitions": parts})
         # Every push may have written to a lost partition.
-        self._rerun_pushes(rec, only=None, stimulus_id=stimulus_id)
+        again = self._rerun_pushes(rec, stimulus_id, full=ran_there, parts=set(parts))
+        self.ops.event({
+            "action": "run-recovered", "run": rec.run_id, "kind": rec.kind, "partitions": parts,
+            "pushes_rerun": len(again), "pushes_refill": sum(k not in ran_there for k in again),
+        })
 
-    def _rerun_pushes(self, rec: RunRecord, only: Collection[Any] | None, stimulus_id: str) -> None:
-        """Release ``rec``'s pushes in memory (only those in ``only``, if given); Dask runs them again."""
+    def _rerun_pushes(
+        self,
+        rec: RunRecord,
+        stimulus_id: str,
+        only: Collection[Any] | None = None,
+        full: Collection[Any] = (),
+        parts: set[int] | None = None,
+    ) -> list[Any]:
+        """Release ``rec``'s pushes in memory (only those in ``only``, if given); Dask runs them again. Their keys.
+
+        Those in ``full`` write everything again; the others only
+        ``parts`` (re-created partitions), and so do pushes yet to run again
+        that a recovery before this one released.
+        """
         scheduler = self.ops.scheduler
         spec = rec.spec
         if scheduler is None or spec.barrier is None:
-            return
+            return []
         barrier = scheduler.tasks.get(spec.barrier)
         if barrier is None:
-            return
-        recs = {
-            ts.key: "released"
-            for ts in barrier.dependencies
-            if ts.key != spec.create and ts.state == "memory" and (only is None or ts.key in only)
-        }
+            return []
+        recs = {}
+        for ts in barrier.dependencies:
+            key = ts.key
+            if key == spec.create:
+                continue
+            if key in full:
+                self._refill.pop(key, None)
+            elif parts is not None and ts.state == "memory":
+                self._refill[key] = set(parts)
+            elif parts is not None and key in self._refill:
+                # Yet to ask (or to run again): the writes of its execution
+                # before the first recovery are lost here too. One that
+                # asked already writes to the older epoch: stale at the seal.
+                self._refill[key] |= parts
+            if ts.state == "memory" and (only is None or key in only):
+                recs[key] = "released"
         if recs:
             logger.info("aimss: %d push(es) of %s run %s run again", len(recs), rec.kind, rec.run_id)
             scheduler.transitions(recs, stimulus_id=stimulus_id)
             scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
+        return list(recs)
 
     def clear(self) -> None:
         self.recovering.clear()
         self._push_of.clear()
         self._ran_on.clear()
+        self._refill.clear()

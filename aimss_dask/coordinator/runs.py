@@ -219,6 +219,11 @@ class RunHandlers:
         }
 
     @replies
+    async def _h_run_refill(self, key: Any, stream: str, epoch: int) -> dict[str, Any]:
+        """Which partitions of ``stream`` push ``key`` writes in this execution (see :mod:`~aimss_dask.coordinator.recovery`)."""
+        return {"partitions": self.coord.recoveries.refill(as_key(key), stream, epoch)}
+
+    @replies
     async def _h_run_stale(self, stream: str, keys: list[Any], create: bool = False) -> dict[str, Any]:
         """A seal found results that are not its run's (see ``pushrun.seal``): compute them again.
 

@@ -139,7 +139,8 @@ class StreamHandlers:
         #    has buffered; 2. only then do owners seal, so nothing written before
         #    seal() is rejected.
         msg = {"name": name, "epoch": spec.epoch}
-        replies = await self.ops.broadcast({"op": "aimss_seal_producers", **msg})
+        since = {"since": spec.first_epoch} if spec.since else {}
+        replies = await self.ops.broadcast({"op": "aimss_seal_producers", **msg, **since})
         replies.update(await self.coord.seals.seal_clients(name, spec.epoch))
         sealed = await self.ops.broadcast({"op": "aimss_seal_partitions", **msg}, list(set(spec.owners)))
         for r in sealed.values():

@@ -402,12 +402,12 @@ class AIMSSWorker(WorkerPlugin):
         return {"held": True}
 
     @replies
-    async def _h_seal_producers(self, name: str, epoch: int) -> dict[str, Any]:
+    async def _h_seal_producers(self, name: str, epoch: int, since: int | None = None) -> dict[str, Any]:
         assert self.producer is not None
         await self.producer.seal(name, epoch)
         # Writes that failed before the seal are data the sealer believes
         # stored: report them so seal() raises instead of losing them quietly.
-        return {"failure": self.producer.failure(name, epoch)}
+        return {"failure": self.producer.failure(name, epoch, since)}
 
     @replies
     async def _h_seal_partitions(self, name: str, epoch: int, partitions: list[int] | None = None) -> dict[str, Any]:

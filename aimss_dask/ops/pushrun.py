@@ -32,7 +32,7 @@ from aimss_dask.core.errors import (
     StreamSealedError,
 )
 from aimss_dask.core.runs import RunSpec
-from aimss_dask.core.specs import Origin
+from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.ops import local
 from aimss_dask.ops.pieces import Pieces
 from aimss_dask.transport import speccache
@@ -266,7 +266,7 @@ class RunWriter:
     ...     w.write(shard, p)
     """
 
-    __slots__ = ("spec", "origin", "_producer", "_written")
+    __slots__ = ("spec", "origin", "_producer", "_written", "_only")
 
     def __init__(self, name: str, input_id: int | None) -> None:
         self.spec = api.operator_stream(name).spec
@@ -276,6 +276,9 @@ class RunWriter:
             attempt += getattr(_body, "run", 0) * RERUN_STRIDE
         self.origin = None if attempt is None else Origin(input_id, attempt)
         self._written: set[int] = set()
+        # The stream was recovered: this execution may owe only the
+        # partitions the recovery re-created (aimss_dask.coordinator.recovery).
+        self._only = _refill(self.spec) if self.spec.since and self.origin is not None else None
 
     def write(self, record: Any, partition: int) -> None:
         """Write ``record`` (this input's only one) to ``partition``."""
@@ -286,12 +289,29 @@ class RunWriter:
                 "record per input and partition, or the owners would drop the second as a copy"
             )
         self._written.add(partition)
+        if self._only is not None and partition not in self._only:
+            return  # the survivors hold this input's records already
         try:
             self._producer.write(self.spec, partition, record, origin=self.origin)
         except StreamNotFoundError:
             # A stale cached spec (the run restarted): ask again next time.
             speccache.forget(self.spec.name)
             raise
+
+
+def _refill(spec: StreamSpec) -> frozenset[int] | None:
+    """The partitions of recovered ``spec`` the push running here must write; None: all of them."""
+    from distributed import get_worker
+
+    try:
+        key = get_worker().get_current_task()
+    except ValueError:
+        return None  # not in a Dask task
+    reply = current("write_to").scheduler_op(
+        "run_refill", key=list(key) if isinstance(key, tuple) else key, stream=spec.name, epoch=spec.epoch
+    )
+    ps = reply.get("partitions")
+    return None if ps is None else frozenset(ps)
 
 
 @rerun_on_restart

@@ -108,6 +108,9 @@ class Producer:
         # stream name -> (epoch, first error): a destroyed stream's errors must
         # not surface on a new stream of the same name.
         self._errors: dict[str, tuple[int, Exception]] = {}
+        # stream name -> owner -> (epoch, first error): what failed, kept for
+        # the seal of a recovered stream (see failure()).
+        self._failed: dict[str, dict[str, tuple[int, Exception]]] = {}
         self._sealed: set[tuple[str, int]] = set()
         self._data_addresses: dict[str, tuple[str | None, int | None]] = {}
         # owner -> the newest stream epoch that lost partitions with it. Epochs
@@ -293,10 +296,13 @@ class Producer:
             if error is not None:
                 for it in batch:
                     self._errors.setdefault(it.name, (it.epoch, error))
+                    self._failed.setdefault(it.name, {}).setdefault(link.owner, (it.epoch, error))
             else:
                 epochs = {it.name: it.epoch for it in batch}
                 for name, (kind, msg) in (reply.get("errors") or {}).items():
-                    self._errors.setdefault(name, (epochs.get(name, -1), error_from_wire(kind, msg)))
+                    err = error_from_wire(kind, msg)
+                    self._errors.setdefault(name, (epochs.get(name, -1), err))
+                    self._failed.setdefault(name, {}).setdefault(link.owner, (epochs.get(name, -1), err))
             link.acked += len(batch)
             self._cond.notify_all()
         self.budget.release(sum(it.nbytes for it in batch))
@@ -308,13 +314,26 @@ class Producer:
         self.mark_sealed(name, epoch)
         await self.flush([name], raise_errors=False)
 
-    def failure(self, name: str, epoch: int) -> tuple[str, str] | None:
-        """``(error class, message)`` of a write to ``name`` that failed, if any."""
+    def failure(self, name: str, epoch: int, since: int | None = None) -> tuple[str, str] | None:
+        """``(error class, message)`` of a write to ``name`` that failed, if any.
+
+        ``since``: the stream was recovered (created at ``since``, now at
+        ``epoch``): a write tagged with an older epoch counts too, unless it
+        went to an owner that was lost since (its partitions were re-created
+        and written again). The writes of a push that finished before the
+        recovery are not sent again to the partitions that survived: one of
+        them that failed must fail the seal.
+        """
         with self._cond:
             entry = self._errors.get(name)
-        if entry is None or entry[0] != epoch:
-            return None
-        return type(entry[1]).__name__, str(entry[1])
+            if entry is not None and entry[0] == epoch:
+                return type(entry[1]).__name__, str(entry[1])
+            if since is None:
+                return None
+            for owner, (ep, err) in sorted(self._failed.get(name, {}).items()):
+                if since <= ep < epoch and ep > self._dead.get(owner, 0):
+                    return type(err).__name__, str(err)
+        return None
 
     def owner_lost(self, owner: str, epoch: int) -> None:
         """``owner`` left the cluster: streams up to ``epoch`` lost their partitions there.
@@ -351,6 +370,7 @@ class Producer:
         """The stream was destroyed: drop its errors and seal marks."""
         with self._cond:
             self._errors.pop(name, None)
+            self._failed.pop(name, None)
             self._sealed = {s for s in self._sealed if s[0] != name}
 
     def close(self) -> None:
