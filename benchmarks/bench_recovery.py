@@ -8,7 +8,11 @@ count. Methods, interleaved (each round starts with the next), after a
 warm-up round, medians over ``--reps``:
 
 - ``aimss``: ``aimss_dask.shuffle``, ``replication=1`` (the only factor so
-  far): a run that loses a worker starts over from its inputs;
+  far): a run that loses a worker in its map phase keeps the partitions
+  that survive, re-creates the lost ones, and runs again the pushes that
+  fed them, writing only the re-created partitions where the push had
+  finished on a worker that stayed (``OnLoss.RECOVER``); each kill's line
+  says what the coordinator did (its events in Dask's log);
 - ``p2p``: ``df.shuffle(shuffle_method="p2p")``, which restarts likewise;
 - each ``+kill``: the same, with one worker SIGKILLed once half of the map
   tasks are done (``aimss-push-*`` / ``shuffle-transfer-*`` in memory, seen
@@ -77,6 +81,23 @@ def _killer(client: Any, prefixes: tuple[str, ...], at: int, stop: threading.Eve
         time.sleep(0.01)
 
 
+def _what_recovery_did(client: Any, since: float) -> str:
+    """The coordinator's recoveries and restarts since ``since`` (``time.perf_counter``), in words."""
+    wall = time.time() - (time.perf_counter() - since)
+    out = []
+    for t, msg in client.get_events("aimss"):
+        if t < wall or not isinstance(msg, dict):
+            continue
+        if msg.get("action") == "run-recovered":
+            out.append(
+                f"recovered {len(msg['partitions'])} partitions, {msg['pushes_refill']} pushes refilled, "
+                f"{msg['pushes_rerun'] - msg['pushes_refill']} rerun whole"
+            )
+        elif msg.get("action") == "run-restarted":
+            out.append("restarted")
+    return "  (" + "; ".join(out or ["no recovery event"]) + ")"
+
+
 def run(args: argparse.Namespace) -> None:
     import dask
     import dask.dataframe as dd
@@ -133,10 +154,11 @@ def run(args: argparse.Namespace) -> None:
                     t.join()
                 assert got == total, f"{kind}: {got} rows, not {total}"
                 name = kind + ("+kill" if kill else "")
+                did = _what_recovery_did(client, t0) if kill and kind == "aimss" else ""
                 if kill and not killed:
                     print(f"  rep {rep} {name:11s} {dt:7.2f} s  (ended before the kill: not counted)", flush=True)
                     continue
-                print(f"  rep {rep} {name:11s} {dt:7.2f} s" + ("  (warm-up)" if rep == 0 else ""), flush=True)
+                print(f"  rep {rep} {name:11s} {dt:7.2f} s" + ("  (warm-up)" if rep == 0 else "") + did, flush=True)
                 if rep:
                     times.setdefault(name, []).append(dt)
         med = {m: statistics.median(v) for m, v in times.items()}

@@ -70,7 +70,7 @@ def msgpack_trip(obj, use_list: bool = True):
 
 def test_policies_are_str_enums_with_wire_values():
     assert [m.value for m in OnSeal] == ["keep", "rebalance"]
-    assert [m.value for m in OnLoss] == ["restart", "rerun", "fail"]
+    assert [m.value for m in OnLoss] == ["restart", "recover", "rerun", "fail"]
     assert isinstance(RunState.DONE, str) and RunState("sealed") is RunState.SEALED
     assert FINISHED == {RunState.DONE, RunState.FAILED, RunState.CLOSED}
 
