@@ -197,3 +197,35 @@ def _wait_clean() -> None:
         except AssertionError:
             time.sleep(0.1)
     assert_workers_clean(aimss_dask.status())
+
+
+def test_two_kills_in_a_row_each_recovered():
+    """A second owner dies after the first loss was recovered: the stream recovers again."""
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
+        n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
+        parts = 40
+        df = dd.from_map(_slow_frame, range(parts), meta=meta)
+        want = pd.concat([_slow_frame(i) for i in range(parts)])
+        out = aimss_dask.shuffle(df, "key", npartitions=parts)
+        fut = client.compute(out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]})))
+        first = _kill_an_owner_while_pushing(client, parts)
+        deadline = time.monotonic() + 60
+        while not any(e.get("action") == "run-recovered" for e in _events(client)):
+            assert time.monotonic() < deadline, "the first loss was never recovered"
+            time.sleep(0.02)
+        # The second victim: another worker, one that owns re-created partitions if it can.
+        recovered = next(e for e in _events(client) if e.get("action") == "run-recovered")
+        owners = {a for a, w in aimss_dask.status().items() if w["streams"]} - {first}
+        assert owners, "no owner left to kill"
+        second = sorted(owners)[0]
+        os.kill(client.run(os.getpid, workers=[second])[second], signal.SIGKILL)
+        got = fut.result(timeout=240)
+        assert int(got["n"].sum()) == len(want)
+        assert sum(int(k) for k in got["k"]) == int(want["key"].sum())
+        events = _events(client)
+        assert recovered["partitions"], events
+        assert sum(e.get("action") in ("run-recovered", "run-restarted") for e in events) >= 2, events
+        _wait_clean()

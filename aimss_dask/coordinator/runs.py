@@ -63,10 +63,12 @@ class RunHandlers:
         """After losing ``worker`` (``lost``: its partitions, by stream): recover or restart the runs in flight.
 
         A run that recovers (:mod:`~aimss_dask.coordinator.recovery`) and
-        whose streams are still being written keeps what survived. Any
-        other restartable run starts again from a clean slate
-        (:meth:`restart`), every one, not only those that had partitions
-        there: a push task that ran on the lost worker is computed again.
+        whose streams are still being written keeps what survived; one
+        whose streams are sealed goes on untouched if the loss took nothing
+        it still needs (:meth:`_untouched`). Any other restartable run
+        starts again from a clean slate (:meth:`restart`), even without a
+        partition there: a push task that ran on the lost worker is
+        computed again.
         """
         for rec in self.coord.runs.restartable():
             spec = rec.spec
@@ -75,7 +77,37 @@ class RunHandlers:
             if worker is not None and self.coord.recoveries.eligible(rec):
                 self.coord.recoveries.keep(rec, worker, lost or {}, stimulus_id)
                 continue
+            if worker is not None and not rec.finished and self._untouched(rec, scheduler, lost or {}):
+                continue
             self.restart(rec, scheduler, stimulus_id)
+
+    def _untouched(self, rec: RunRecord, scheduler: Scheduler, lost: Mapping[str, Collection[int]]) -> bool:
+        """A run past its barrier that a lost worker took nothing from that it still needs.
+
+        Its streams are sealed (every push was stored before: the seal
+        flushed every producer) and none of their partitions were there;
+        Dask keeps the barrier's result; and no output Dask computes again
+        reads a partition that was freed once read. Then the outputs that
+        were on that worker simply run again, reading surviving partitions.
+        """
+        spec = rec.spec
+        state = self.coord.state
+        if spec.on_loss is not OnLoss.RECOVER or spec.barrier is None:
+            return False
+        if any(
+            n not in state.sealed or n in self.coord.stream_ops.sealing or lost.get(n) or n in state.lost
+            for n in spec.streams
+        ):
+            return False
+        barrier = scheduler.tasks.get(spec.barrier)
+        if barrier is None or barrier.state != "memory":
+            return False
+        for ts in barrier.dependents:
+            if ts.state in _WANTED:
+                where = spec.output_partition(ts.key)
+                if where is None or where[1] in state.released.get(where[0], ()):
+                    return False
+        return True
 
     def restart(self, rec: RunRecord, scheduler: Scheduler, stimulus_id: str) -> None:
         """Run ``rec`` again from a clean slate, if it is still in flight (or lost outputs of it).
