@@ -90,8 +90,8 @@ def _what_recovery_did(client: Any, since: float) -> str:
             continue
         if msg.get("action") == "run-recovered":
             out.append(
-                f"recovered {len(msg['partitions'])} partitions, {msg['pushes_refill']} pushes refilled, "
-                f"{msg['pushes_rerun'] - msg['pushes_refill']} rerun whole"
+                f"recovered {len(msg['partitions'])} partitions; {msg['pushes_refill']} finished pushes "
+                f"re-sent only those, {msg['pushes_rerun'] - msg['pushes_refill']} re-sent everything"
             )
         elif msg.get("action") == "run-restarted":
             out.append("restarted")
