@@ -229,3 +229,53 @@ def test_two_kills_in_a_row_each_recovered():
         assert recovered["partitions"], events
         assert sum(e.get("action") in ("run-recovered", "run-restarted") for e in events) >= 2, events
         _wait_clean()
+
+
+# -- a run past its barrier: restart only when the loss took what it needs ----------------
+
+
+class _Task:
+    """What the coordinator reads of a scheduler task: its key, state and dependents."""
+
+    def __init__(self, key, state, dependents=()):
+        self.key, self.state, self.dependents = key, state, list(dependents)
+
+
+def _sealed_run(barrier_state="memory", output_state="waiting"):
+    from types import SimpleNamespace
+
+    from aimss_dask.coordinator.cluster import ClusterOps
+    from aimss_dask.coordinator.runs import RunHandlers
+    from aimss_dask.shuffle.specs import ShuffleSpec, push_spec
+
+    spec = push_spec(ShuffleSpec, "tok", ["s-0"])
+    state = CoordinatorState()
+    state.create("s-0", 2, ["w1", "w2"])
+    state.sealed.add("s-0")
+    coord = SimpleNamespace(state=state, stream_ops=SimpleNamespace(sealing=set()))
+    outputs = [_Task(spec.output_key("s-0", p), output_state) for p in range(2)]
+    scheduler = SimpleNamespace(tasks={spec.barrier: _Task(spec.barrier, barrier_state, outputs)})
+    return RunHandlers(coord, ClusterOps()), SimpleNamespace(spec=spec), scheduler, coord
+
+
+def test_a_sealed_run_goes_on_when_the_loss_took_nothing_it_needs():
+    handlers, rec, scheduler, _ = _sealed_run()
+    assert handlers._untouched(rec, scheduler, {})
+
+
+def test_a_sealed_run_restarts_when_the_loss_took_what_it_needs():
+    handlers, rec, scheduler, coord = _sealed_run()
+    assert not handlers._untouched(rec, scheduler, {"s-0": {1}})  # a partition of it
+    coord.state.released["s-0"] = {0}  # an output read partition 0, which was freed ...
+    assert not handlers._untouched(rec, scheduler, {})  # ... and must be computed again
+    coord.state.released.clear()
+    coord.stream_ops.sealing.add("s-0")  # a seal under way: it waits on every producer
+    assert not handlers._untouched(rec, scheduler, {})
+    coord.stream_ops.sealing.clear()
+    coord.state.sealed.clear()  # still being written: for recovery, not for this
+    assert not handlers._untouched(rec, scheduler, {})
+    handlers, rec, scheduler, _ = _sealed_run(barrier_state="waiting")  # Dask lost the barrier's result
+    assert not handlers._untouched(rec, scheduler, {})
+    handlers, rec, scheduler, coord = _sealed_run(output_state="memory")
+    coord.state.released["s-0"] = {0, 1}  # outputs done and kept: nothing to compute again
+    assert handlers._untouched(rec, scheduler, {})

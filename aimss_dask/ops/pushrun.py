@@ -73,7 +73,7 @@ def rerun_on_restart(func: Any) -> Any:
     return _on_restart(func, rerun=True)
 
 
-#: Seconds a task that lost a partition waits for the coordinator to restart its run.
+#: Seconds a task that lost a partition (or found no log) waits for the coordinator to restart or recover its run.
 RESTART_WAIT = 30.0
 #: Most times one execution runs its body again (each needs a newer run: a kill).
 MAX_RERUNS = 10
@@ -103,7 +103,12 @@ def _on_restart(func: Any, rerun: bool) -> Any:
                     return _pushed(out, used) if rerun else out
                 except (PartitionLostError, StreamSealedError, StreamNotFoundError) as e:
                     lost = isinstance(e, PartitionLostError)
-                    news = _restarted(used, wait=RESTART_WAIT if lost else 0.0)
+                    # An owner without the log asked for may know of a newer
+                    # stream than the coordinator has made public yet (a
+                    # restart or a recovery under way): wait for it too. A
+                    # sealed stream is final.
+                    wait = 0.0 if isinstance(e, StreamSealedError) else RESTART_WAIT
+                    news = _restarted(used, wait=wait)
                     if news == "same" or (news == "gone" and not lost and not used):
                         raise
                     # Newer streams: run against them. None used yet and lost:
