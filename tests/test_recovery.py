@@ -30,6 +30,15 @@ from aimss_dask.node.dedup import OriginFilter
 # -- units --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("module", ["aimss_dask.coordinator.state", "aimss_dask.transport.speccache"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_a_recovered_stream_keeps_its_logs_and_answers_to_both_epochs(tmp_path):
     store = LogStore(budget=2**20, spill_root=str(tmp_path), segment_size=2**16)
     store.open("s", 3, [0, 1])

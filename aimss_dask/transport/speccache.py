@@ -23,9 +23,22 @@ _tls = threading.local()
 
 
 def remember(spec: StreamSpec) -> None:
-    """Cache ``spec`` (the newest epoch of its name wins)."""
+    """Cache ``spec`` (the newest epoch of its name wins).
+
+    A lookup that was answered before a restart or a recovery, and
+    remembered after it, must not put the older epoch back.
+
+    Examples
+    --------
+    >>> new, old = StreamSpec("doc-s", 1, ("a",), epoch=5), StreamSpec("doc-s", 1, ("a",), epoch=4)
+    >>> remember(new); remember(old); get("doc-s").epoch
+    5
+    >>> forget("doc-s")
+    """
     with _lock:
-        _specs[spec.name] = spec
+        held = _specs.get(spec.name)
+        if held is None or held.epoch <= spec.epoch:
+            _specs[spec.name] = spec
 
 
 def get(name: str) -> StreamSpec | None:
