@@ -147,7 +147,11 @@ class Stream:
 
     def flush(self) -> None:
         """Return once every record this process wrote to the stream is stored."""
-        current("flush").producer.flush_blocking([self.name], epoch=self.spec.epoch)
+        ep = current("flush")
+        try:
+            ep.producer.flush_blocking([self.name], epoch=self.spec.epoch)
+        except PartitionLostError as e:
+            raise _named_loss(ep, self.name, e) from None
 
     def seal(self) -> None:
         """``ShuffleStream``: no more writes; readers see the end of each partition.
@@ -319,11 +323,23 @@ def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, k
         speccache.forget(spec.name)
         raise
     except PartitionLostError as e:
-        if e.lost:
-            raise
-        # Name the offsets the coordinator knows were lost with the owner.
-        ranges = lost_ranges(ep.scheduler_op("get", name=spec.name).get("lost_offsets"))
-        raise PartitionLostError(str(e), {p: ranges.get(p, (0, None))}) from None
+        raise _named_loss(ep, spec.name, e, p) from None
+
+
+def _named_loss(ep: Endpoint, name: str, e: PartitionLostError, partition: int | None = None) -> PartitionLostError:
+    """``e`` with ``.lost`` filled from the coordinator, if the producer could not name the offsets.
+
+    A producer that learned of the loss by a failed send (a client's, which
+    no broadcast reaches) knows the owner, not the offsets; the coordinator
+    does. ``partition``: the one written to; None: every lost partition of
+    the stream (a flush).
+    """
+    if e.lost:
+        return e
+    ranges = lost_ranges(ep.scheduler_op("get", name=name).get("lost_offsets"))
+    if partition is not None:
+        ranges = {partition: ranges.get(partition, (0, None))}
+    return PartitionLostError(str(e), ranges)
 
 
 def write_to(name: str, record: Any, *, partition: int | None = None, key: Any = None) -> None:
