@@ -97,6 +97,12 @@ class ClusterOps:
         replies = await self.scheduler.broadcast(msg=msg, workers=[worker], on_error="raise")
         return raise_from_wire(replies[worker], msg["op"])
 
+    def release(self, recs: dict[Any, str], stimulus_id: str) -> None:
+        """Send ``recs`` (key -> ``"released"``) to the scheduler: Dask computes those tasks again."""
+        assert self.scheduler is not None
+        self.scheduler.transitions(recs, stimulus_id=stimulus_id)
+        self.scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
+
     def event(self, msg: dict[str, Any]) -> None:
         """Log ``msg`` in Dask's event log under topic :data:`EVENT_TOPIC` (``client.get_events("aimss")``)."""
         assert self.scheduler is not None

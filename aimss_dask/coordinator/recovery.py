@@ -168,7 +168,6 @@ class Recoveries:
                 state.commit_recovery(old, new)
         except Exception as e:
             logger.warning("aimss: recovery of %s run %s failed (%r); restarting it", rec.kind, rec.run_id, e)
-            self.recovering.difference_update(names)
             if self.ops.scheduler is not None and all(state.streams.get(o.name) is o for o in olds):
                 self.coord.run_ops.restart(rec, self.ops.scheduler, stimulus_id)
             return
@@ -226,8 +225,7 @@ class Recoveries:
                 recs[key] = "released"
         if recs:
             logger.info("aimss: %d push(es) of %s run %s run again", len(recs), rec.kind, rec.run_id)
-            scheduler.transitions(recs, stimulus_id=stimulus_id)
-            scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
+            self.ops.release(recs, stimulus_id)
         return list(recs)
 
     def clear(self) -> None:

@@ -33,7 +33,7 @@ from distributed.core import Status
 from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.moves import copy_group, drop_copies
 from aimss_dask.coordinator.placement import place_partitions
-from aimss_dask.core.runs import OnLoss
+from aimss_dask.core.runs import RUNS_AGAIN
 from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ class Evacuations:
         moving its partitions first would be wasted.
         """
         rec = self.coord.runs.for_stream(name)
-        return rec is not None and not rec.finished and rec.spec.on_loss in (OnLoss.RESTART, OnLoss.RECOVER)
+        return rec is not None and not rec.finished and rec.spec.on_loss in RUNS_AGAIN
 
     async def _evacuate(self, worker: str) -> int:
         """Move every sealed partition of ``worker`` to running workers; partitions moved."""

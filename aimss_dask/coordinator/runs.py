@@ -28,7 +28,7 @@ from aimss_dask.core.errors import (
     StreamNotFoundError,
 )
 from aimss_dask.core.names import HEARTBEAT_METRIC
-from aimss_dask.core.runs import OnLoss, OnSeal, RunSpec, RunState
+from aimss_dask.core.runs import RUNS_AGAIN, OnLoss, OnSeal, RunSpec, RunState
 from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class RunHandlers:
         """
         for rec in self.coord.runs.restartable():
             spec = rec.spec
-            if spec.on_loss not in (OnLoss.RESTART, OnLoss.RECOVER) or rec.state is RunState.RESTARTING:
+            if spec.on_loss not in RUNS_AGAIN or rec.state is RunState.RESTARTING:
                 continue
             if worker is not None and self.coord.recoveries.eligible(rec):
                 self.coord.recoveries.keep(rec, worker, lost or {}, stimulus_id)
@@ -140,8 +140,7 @@ class RunHandlers:
                     self.ops.spawn(self.ops.broadcast({"op": "aimss_drop", "name": s.name, "epoch": s.epoch}))
         logger.warning("aimss: restarting %s run %s after losing a worker", rec.kind, rec.run_id)
         self.ops.event({"action": "run-restarted", "run": rec.run_id, "kind": rec.kind})
-        scheduler.transitions(recs, stimulus_id=stimulus_id)
-        scheduler.stimulus_queue_slots_maybe_opened(stimulus_id=stimulus_id)
+        self.ops.release(recs, stimulus_id)
 
     def _outputs_lost(self, barrier: Any, spec: RunSpec) -> bool:
         """A finished run must run again: Dask lost outputs it will compute again.

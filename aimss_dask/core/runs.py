@@ -74,6 +74,9 @@ class RunState(str, Enum):
     CLOSED = "closed"
 
 
+#: Loss policies under which a run runs again (all of it, or what was lost).
+RUNS_AGAIN = frozenset({OnLoss.RESTART, OnLoss.RECOVER})
+
 #: States a run (of one epoch) never leaves.
 FINISHED = frozenset({RunState.DONE, RunState.FAILED, RunState.CLOSED})
 

@@ -40,13 +40,14 @@ TOMBSTONES = 10_000
 class _StreamLogs:
     epoch: int
     partitions: dict[int, PartitionLog]
-    #: The oldest epoch these logs answer to (a run's recovery re-created
-    #: lost partitions under a newer epoch: see :meth:`LogStore.open`).
-    since: int = 0
+    #: The oldest epoch these logs answer to: ``epoch`` itself, unless a
+    #: run's recovery re-created lost partitions under a newer epoch (see
+    #: :meth:`LogStore.open`).
+    since: int
 
     def answers(self, epoch: int | None) -> bool:
         """Whether a message about ``epoch`` (None: any) is about these logs."""
-        return epoch is None or (self.since or self.epoch) <= epoch <= self.epoch
+        return epoch is None or self.since <= epoch <= self.epoch
 
 
 class LogStore:
