@@ -133,7 +133,7 @@ def test_sizes_and_durations_parse():
         ({"memory_fraction": 0}, r"aimss memory-fraction=0\.0 must be in \(0, 1\]"),
         ({"memory_fraction": 2}, r"aimss memory-fraction=2\.0 must be in \(0, 1\]"),
         ({"memory_fraction": float("nan")}, r"aimss memory-fraction=nan must be in"),
-        ({"replication": 2}, r"aimss replication=2 is not supported yet; use 1"),
+        ({"replication": 0}, r"aimss replication=0 must be >= 1"),
         ({"replication": "1"}, r"aimss replication='1' must be an integer"),
         ({"replication": True}, r"aimss replication=True must be an integer"),
         ({"transport": "tcp"}, r"aimss transport='tcp' is not one of 'auto', 'dask'"),

@@ -147,6 +147,7 @@ def current(fn: str = "call") -> Endpoint:
                 max_in_flight=cfg.max_in_flight,
                 linger=cfg.linger,
                 transport=cfg.transport,
+                resolve=functools.partial(_resolve, client),
             )
             _client_producers[client] = producer
             # Seals must also push what this client has buffered: the
@@ -168,6 +169,11 @@ def current(fn: str = "call") -> Endpoint:
         producer=producer,
         client_id=client.id,
     )
+
+
+def _resolve(client: Client, name: str) -> dict[str, Any]:
+    """The coordinator's reply about stream ``name`` (the producer's failover asks, from its thread)."""
+    return sync(client.loop, client.scheduler.aimss_get, name=name)
 
 
 def _on_seal(

@@ -109,11 +109,13 @@ MOVE_WAIT = 30.0
 def _moved_to(ep: Endpoint, spec: StreamSpec, p: int, owner: str, error: BaseException) -> str | None:
     """The new owner of partition ``p``, if it moved off ``owner``; None (the ``error`` stands) if not.
 
-    The old owner may stop answering (it closes) a moment before the
-    coordinator switches the owner: ask again for up to :data:`MOVE_WAIT`
+    It moved when a retirement handed a sealed partition over, or when a
+    replica took over from an owner that died. The old owner may stop
+    answering (it closes, it died) a moment before the coordinator switches
+    the owner: ask again for up to :data:`MOVE_WAIT`
     seconds, until the partition has a new owner, or is lost, or gone.
     """
-    if isinstance(error, (PartitionLostError, ReadTimeoutError)):
+    if isinstance(error, ReadTimeoutError) or (isinstance(error, PartitionLostError) and not spec.replicas):
         return None
     deadline = time.monotonic() + MOVE_WAIT
     while True:
@@ -122,7 +124,13 @@ def _moved_to(ep: Endpoint, spec: StreamSpec, p: int, owner: str, error: BaseExc
         except AIMSSError:
             return None
         now = StreamSpec.from_wire(got["spec"])
-        if now.epoch != spec.epoch or p in got.get("lost", ()) or not got.get("sealed"):
+        if p in got.get("lost", ()):
+            return None
+        if now.replicas:
+            # A replica took over from a dead owner: same records, same offsets.
+            if now.first_epoch != spec.first_epoch or spec.epoch < got.get("recreated", 0):
+                return None
+        elif now.epoch != spec.epoch or not got.get("sealed"):
             return None
         if now.owners[p] != owner:
             speccache.remember(now)

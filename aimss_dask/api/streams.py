@@ -233,6 +233,7 @@ def create_stream(
     parent: str | None = None,
     exist_ok: bool = False,
     persist: bool = False,
+    replication: int | None = None,
 ) -> Stream:
     """``CreateStream``: create a stream and place its partitions on workers.
 
@@ -254,10 +255,21 @@ def create_stream(
         of raising :class:`StreamExistsError`.
     persist
         Keep the stream when the client that created it disconnects.
+    replication
+        Copies of each partition, its owner's included, each on another
+        worker (another host where there is one); default: the
+        ``aimss.replication`` config (1). With 2 or more, ``flush()`` and
+        ``seal()`` return once every copy holds the records, readers see a
+        record only once every copy holds it, and the death of a worker
+        loses nothing: a replica takes its partitions over, consumer groups
+        go on from their offsets, and writers send again what the dead
+        owner had not stored. More copies than workers is an
+        :class:`InvalidArgumentError`.
 
     Examples
     --------
     >>> s = aimss_dask.create_stream("events", partitions=8)  # doctest: +SKIP
+    >>> safe = aimss_dask.create_stream("results", 4, replication=2)  # doctest: +SKIP
     """
     check_str_arg(name)
     partitions = check_int_arg(
@@ -265,6 +277,11 @@ def create_stream(
     )
     if parent is not None:
         check_str_arg(parent, "parent stream name")
+    if replication is not None:
+        replication = check_int_arg(
+            replication, "replication",
+            f"give stream {name!r} a number of copies of each partition, an int >= 1",
+        )
     ep = current("create_stream")
     reply = ep.scheduler_op(
         "create",
@@ -273,6 +290,7 @@ def create_stream(
         parent=parent,
         exist_ok=bool(exist_ok),
         persist=bool(persist),
+        replication=replication,
         **ep.owner_kwargs(),
     )
     if reply.get("created"):
@@ -474,8 +492,10 @@ class ClusterStatus(dict[str, dict[str, Any]]):
     and ``disk_bytes`` held, ``progress`` per worker (or client), ``started``
     (Unix time), ``epoch`` and ``error``. Each stream: ``name``,
     ``partitions``, ``owners``, ``client``, ``sealed``, ``lost``, ``run``
-    (the run that owns it, if any), ``records``, ``memory_bytes``,
-    ``disk_bytes``. Worker-side figures are those of the workers' last
+    (the run that owns it, if any), ``records``, ``replication`` (copies
+    asked for), ``under_replicated`` (partitions holding fewer copies, while
+    too few workers are left), ``memory_bytes`` and ``disk_bytes`` (of every
+    copy). Worker-side figures are those of the workers' last
     heartbeats (about a second old at most).
     """
 

@@ -71,6 +71,11 @@ class ClusterOps:
         assert self.scheduler is not None
         return [a for a, ws in self.scheduler.workers.items() if ws.status in _STAYING]
 
+    def hosts(self) -> dict[str, str]:
+        """Each worker's host (where replicas of one partition should not share one)."""
+        assert self.scheduler is not None
+        return {a: ws.host for a, ws in self.scheduler.workers.items()}
+
     async def broadcast(self, msg: dict[str, Any], workers: list[str] | None = None) -> dict[str, Any]:
         assert self.scheduler is not None
         live = set(self.workers())

@@ -30,12 +30,14 @@ def fold(payloads: Mapping[str, Any]) -> dict[str, Any]:
     for addr, beat in sorted(payloads.items()):
         if not isinstance(beat, Mapping):
             continue
-        for name, (records, mem, disk, *_) in beat.get("streams", {}).items():
+        for name, (records, mem, disk, *rest) in beat.get("streams", {}).items():
             st = streams.setdefault(name, {"records": 0, "memory_bytes": 0, "disk_bytes": 0, "workers": {}})
             st["records"] += records
             st["memory_bytes"] += mem
             st["disk_bytes"] += disk
             st["workers"][addr] = [records, mem, disk]
+            if len(rest) > 1:
+                st.setdefault("bounds", {})[addr] = rest[1]
         runs[addr] = list(beat.get("runs", []))
     return {"streams": streams, "runs": runs}
 
@@ -87,6 +89,16 @@ def overview(
         spec = streams[name]
         t = totals.get(name, {})
         owner = registry.for_stream(name)
+        records = t.get("records", 0)
+        if spec.replicas:
+            # Replicas report the records they hold too: count each
+            # partition once, as its owner reports it.
+            records = sum(
+                end
+                for addr, bounds in t.get("bounds", {}).items()
+                for p, _start, end in bounds
+                if 0 <= p < spec.partitions and spec.owners[p] == addr
+            )
         listed.append({
             "name": name,
             "partitions": spec.partitions,
@@ -98,7 +110,12 @@ def overview(
             "lost": sorted(lost.get(name, ())),
             "lost_offsets": {p: list(r) for p, r in sorted(lost.get(name, {}).items())},
             "run": None if owner is None else owner.run_id,
-            "records": t.get("records", 0),
+            "records": records,
+            "replication": spec.replication,
+            "under_replicated": [
+                p for p in range(spec.partitions)
+                if spec.replicas and len(spec.holders(p)) < spec.replication and p not in lost.get(name, {})
+            ],
             "memory_bytes": t.get("memory_bytes", 0),
             "disk_bytes": t.get("disk_bytes", 0),
         })

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from aimss_dask.core.errors import NotRegisteredError
+from aimss_dask.core.errors import InvalidArgumentError, NotRegisteredError
 from aimss_dask.core.specs import partition_for_key
 
-__all__ = ["SLACK", "owners_load", "partition_for_key", "place_partitions", "rebalance"]
+__all__ = [
+    "SLACK",
+    "add_replicas",
+    "owners_load",
+    "partition_for_key",
+    "place_partitions",
+    "place_replicas",
+    "rebalance",
+]
 
 #: How far above the mean a worker's share may be before placement spreads
 #: (partitions) or the barrier moves (bytes) partitions elsewhere.
@@ -58,6 +66,66 @@ def place_partitions(
         owners.append(w)
         counts[w] += 1
     return owners
+
+
+def place_replicas(
+    owners: Sequence[str],
+    copies: int,
+    load: Mapping[str, int],
+    host_of: Mapping[str, str] | None = None,
+) -> list[tuple[str, ...]]:
+    """``copies - 1`` replicas for each partition, never on its owner, spread over hosts.
+
+    Each replica goes to the least-loaded live worker that does not hold the
+    partition yet, preferring a host that holds no copy of it: a host that
+    goes down (power, network) then takes one copy, not all. ``load`` counts
+    partitions and replicas a worker holds already; ``host_of`` maps a
+    worker to its host (default: each worker its own host). Raises
+    :class:`~aimss_dask.core.errors.InvalidArgumentError` when there are fewer
+    workers than copies.
+
+    Examples
+    --------
+    >>> place_replicas(["a", "b"], 2, {"a": 1, "b": 1, "c": 0})
+    [('c',), ('a',)]
+    >>> place_replicas(["a"], 2, {"a": 0, "b": 0, "c": 0}, {"a": "h1", "b": "h1", "c": "h2"})
+    [('c',)]
+    """
+    if copies > len(load):
+        raise InvalidArgumentError(
+            f"replication={copies} needs at least {copies} workers, and the cluster has "
+            f"{len(load)}; use replication <= {len(load)} or add workers"
+        )
+    counts = dict(load)
+    return [tuple(add_replicas([owner], copies - 1, counts, host_of)) for owner in owners]
+
+
+def add_replicas(
+    held: Sequence[str], need: int, load: dict[str, int], host_of: Mapping[str, str] | None = None
+) -> list[str]:
+    """Up to ``need`` more workers for a partition ``held`` by some already; ``load`` is updated.
+
+    Least loaded first, preferring a host that holds no copy yet; fewer
+    than ``need`` when the cluster has too few workers left.
+
+    Examples
+    --------
+    >>> add_replicas(["a"], 1, {"a": 0, "b": 3, "c": 1})
+    ['c']
+    """
+    hosts = host_of or {}
+    have = list(held)
+    added: list[str] = []
+    for _ in range(need):
+        free = [a for a in load if a not in have]
+        if not free:
+            break
+        used = {hosts.get(w, w) for w in have}
+        w = min(free, key=lambda a: (hosts.get(a, a) in used, load[a], a))
+        have.append(w)
+        added.append(w)
+        load[w] += 1
+    return added
 
 
 def owners_load(owners_by_stream: Sequence[Sequence[str]], workers: Sequence[str]) -> dict[str, int]:

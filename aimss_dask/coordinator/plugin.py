@@ -25,6 +25,7 @@ from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.pinning import Pinner
 from aimss_dask.coordinator.recovery import Recoveries
 from aimss_dask.coordinator.registry import RunRegistry
+from aimss_dask.coordinator.replicas import Promotions
 from aimss_dask.coordinator.retire import Evacuations
 from aimss_dask.coordinator.runs import RunHandlers
 from aimss_dask.coordinator.sealing import (
@@ -64,7 +65,8 @@ class AIMSS(SchedulerPlugin):
         Node-local folder for spilled segments; default: the worker's local
         directory.
     replication
-        Copies of each partition; only 1 is supported so far.
+        Default copies of each partition of a user's stream (its owner's
+        included); ``create_stream(replication=...)`` overrides it.
     **options
         Any other key of the ``aimss:`` config block, with ``_`` for ``-``.
 
@@ -95,7 +97,7 @@ class AIMSS(SchedulerPlugin):
         }
         # Validate on the client, where a typo is easiest to see; each worker
         # resolves the config again against its own Dask config.
-        AIMSSConfig.load(**self.overrides)
+        self.config = AIMSSConfig.load(**self.overrides)
         self.scheduler: Scheduler | None = None
         self._bounds_pc: PeriodicCallback | None = None
         self.state = CoordinatorState()
@@ -108,6 +110,7 @@ class AIMSS(SchedulerPlugin):
         self.run_ops = RunHandlers(self, self.ops)
         self.evacuations = Evacuations(self, self.ops)
         self.recoveries = Recoveries(self, self.ops)
+        self.promotions = Promotions(self, self.ops)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -227,6 +230,7 @@ class AIMSS(SchedulerPlugin):
         self.state.clear()
         self.runs.clear()
         self.recoveries.clear()
+        self.promotions.clear()
         if self.pinner is not None:
             self.pinner.clear()
         if self.scheduler is not None:
@@ -240,6 +244,7 @@ class AIMSS(SchedulerPlugin):
             self.state.clear()
             self.runs.clear()
             self.recoveries.clear()
+            self.promotions.clear()
             if self.pinner is not None:
                 self.pinner.clear()
         except Exception:
@@ -287,8 +292,14 @@ class AIMSS(SchedulerPlugin):
     def _worker_gone(self, scheduler: Scheduler, worker: str, kwargs: dict[str, Any]) -> None:
         """``worker`` left: name what it took, restart the runs that need it, free its readers."""
         try:
-            lost = self.state.worker_lost(worker)
-            lost_parts = {n: {p for p, w in enumerate(self.state.streams[n].owners) if w == worker} for n in lost}
+            # Replicas take over what it owned (and new copies are placed)
+            # before anything is named lost: only partitions with no copy left are.
+            kept = self.promotions.on_worker_lost(worker) if scheduler.status == Status.running else {}
+            lost = self.state.worker_lost(worker, keep=kept)
+            lost_parts = {
+                n: {p for p, w in enumerate(self.state.streams[n].owners) if w == worker and p not in kept.get(n, ())}
+                for n in lost
+            }
             if lost:
                 logger.warning(
                     "aimss: worker %s left; partitions of %s are lost", worker, lost

@@ -6,10 +6,15 @@ the unit tests drive it directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from aimss_dask.coordinator.placement import owners_load, place_partitions
+from aimss_dask.coordinator.placement import (
+    add_replicas,
+    owners_load,
+    place_partitions,
+    place_replicas,
+)
 from aimss_dask.core.errors import (
     InvalidArgumentError,
     InvalidOffsetError,
@@ -36,6 +41,9 @@ class CoordinatorState:
     #: seal (:meth:`note_bounds` from the seal replies), else from heartbeats.
     bounds: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
     released: dict[str, set[int]] = field(default_factory=dict)
+    #: name -> the epoch at which a recovery last re-created lost partitions,
+    #: empty (a seal tagged with an older epoch would end them unfilled).
+    recreated: dict[str, int] = field(default_factory=dict)
     #: Epoch of the newest stream made here. Epochs grow across every stream
     #: of the cluster, so "streams made before X" is "epoch <= last_epoch at X".
     last_epoch: int = 0
@@ -56,8 +64,17 @@ class CoordinatorState:
         creator: str | None = None,
         colocate_with: str | None = None,
         prefer: Sequence[str | None] | None = None,
+        replication: int | None = None,
+        default_replication: int = 1,
+        host_of: Mapping[str, str] | None = None,
     ) -> tuple[StreamSpec, bool]:
-        """Create (or, with ``exist_ok``, find) a stream; ``(spec, created)``."""
+        """Create (or, with ``exist_ok``, find) a stream; ``(spec, created)``.
+
+        ``replication`` copies of each partition (None:
+        ``default_replication``; see :func:`place_replicas`, ``host_of`` maps
+        workers to their hosts). An existing stream found with ``exist_ok``
+        must have as many as a ``replication`` given.
+        """
         check_name(name)
         if not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1:
             raise InvalidArgumentError(
@@ -86,7 +103,25 @@ class CoordinatorState:
                     f"partition(s), not {partitions}; use partitions={old.partitions} "
                     "or another name"
                 )
+            if replication is not None and old.replication != replication:
+                raise StreamExistsError(
+                    f"stream {name!r} already exists with replication={old.replication}, "
+                    f"not {replication}; use replication={old.replication} or another name"
+                )
             return old, False
+        if replication is None:
+            replication = default_replication
+        if not isinstance(replication, int) or isinstance(replication, bool) or replication < 1:
+            raise InvalidArgumentError(
+                f"replication={replication!r} for stream {name!r} must be an int >= 1 "
+                "(the copies of each partition, its owner's included)"
+            )
+        if replication > 1 and replication > len(workers):
+            raise InvalidArgumentError(
+                f"replication={replication} for stream {name!r} needs {replication} workers, "
+                f"and the cluster has {len(workers)}; use replication <= {len(workers)} or "
+                "add workers"
+            )
         if colocate_with is not None:
             # Partition p of both streams on one worker: a join reads both locally.
             other = self.get(colocate_with)
@@ -99,6 +134,11 @@ class CoordinatorState:
         else:
             load = owners_load([s.owners for s in self.streams.values()], workers)
             owners = place_partitions(partitions, load, prefer)
+        replicas: tuple[tuple[str, ...], ...] = ()
+        if replication > 1:
+            held = [s.owners for s in self.streams.values()] + [owners]
+            held += [r for s in self.streams.values() for r in s.replicas]
+            replicas = tuple(place_replicas(owners, replication, owners_load(held, workers), host_of))
         spec = StreamSpec(
             name=name,
             partitions=partitions,
@@ -107,6 +147,8 @@ class CoordinatorState:
             parent=parent,
             persist=persist,
             creator=creator,
+            replicas=replicas,
+            replication=replication,
         )
         self.streams[name] = spec
         return spec, True
@@ -136,6 +178,7 @@ class CoordinatorState:
         self.lost.pop(name, None)
         self.bounds.pop(name, None)
         self.released.pop(name, None)
+        self.recreated.pop(name, None)
         removed.append(spec)
         return removed
 
@@ -187,16 +230,78 @@ class CoordinatorState:
                 old = known.get(p, (0, 0))
                 known[p] = (max(old[0], start), max(old[1], end))
 
-    def worker_lost(self, address: str) -> list[str]:
+    def promote(
+        self, address: str, workers: Sequence[str], host_of: Mapping[str, str] | None = None
+    ) -> list[tuple[StreamSpec, StreamSpec]]:
+        """Replicated streams that held a copy on ``address``, and what each becomes without it.
+
+        Where ``address`` owned a partition, a surviving replica owns it
+        now; where it held a copy, another of ``workers`` is placed to hold
+        one (re-replication), while enough are left. A partition whose only
+        copy was there stays on ``address``: :meth:`worker_lost` names it
+        lost. Not applied: :meth:`commit_promotion` does, once the workers
+        hold it.
+
+        Examples
+        --------
+        >>> st = CoordinatorState()
+        >>> s, _ = st.create("s", 2, ["a", "b", "c"], replication=2)
+        >>> s.owners, s.replicas
+        (('a', 'b'), (('c',), ('a',)))
+        >>> [(new.owners, new.replicas) for _, new in st.promote("a", ["b", "c"])]
+        [(('c', 'b'), (('b',), ('c',)))]
+        """
+        out = []
+        for spec in self.streams.values():
+            if not spec.replicas or not any(address in spec.holders(p) for p in range(spec.partitions)):
+                continue
+            held = [[w for w in spec.holders(p) if w != address] for p in range(spec.partitions)]
+            load = owners_load(
+                [s.owners for s in self.streams.values()] + [r for s in self.streams.values() for r in s.replicas],
+                workers,
+            )
+            owners = list(spec.owners)
+            replicas = []
+            for p, copies in enumerate(held):
+                if not copies:
+                    replicas.append(())  # the only copy died: lost
+                    continue
+                if owners[p] == address:
+                    owners[p] = copies[0]
+                rest = [w for w in copies if w != owners[p]]
+                rest += add_replicas(copies, spec.replication - len(copies), load, host_of)
+                replicas.append(tuple(rest))
+            out.append((spec, spec.recovered(self._next_epoch(), tuple(owners), tuple(replicas))))
+        return out
+
+    def same_records(self, name: str, epoch: int) -> bool:
+        """Whether stream ``name`` at ``epoch`` holds every record written to it as of that older ``epoch``.
+
+        True when only owners or replicas changed since (a promotion), not
+        when a recovery re-created partitions empty.
+        """
+        spec = self.get(name)
+        return spec.first_epoch <= epoch <= spec.epoch and epoch >= self.recreated.get(name, 0)
+
+    def commit_promotion(self, old: StreamSpec, new: StreamSpec) -> bool:
+        """Replace ``old`` by ``new`` from :meth:`promote`; False if ``old`` is gone (destroyed, replaced)."""
+        if self.streams.get(old.name) is not old:
+            return False
+        self.streams[old.name] = new
+        return True
+
+    def worker_lost(self, address: str, keep: Mapping[str, Iterable[int]] | None = None) -> list[str]:
         """Mark the partitions ``address`` owned as lost, with their offsets; names affected.
 
         A sealed partition's range is exact (its end was reported at seal);
         an open one's end is None: records may have arrived after the
-        owner's last report.
+        owner's last report. ``keep``: partitions by stream that a replica
+        takes over (:meth:`promote`), not lost.
         """
         hit = []
         for name, spec in self.streams.items():
-            ps = [p for p, w in enumerate(spec.owners) if w == address]
+            kept = set((keep or {}).get(name, ()))
+            ps = [p for p, w in enumerate(spec.owners) if w == address and p not in kept]
             if not ps:
                 continue
             known = self.bounds.get(name, {})
@@ -241,6 +346,7 @@ class CoordinatorState:
         if self.streams.get(old.name) is not old:
             return False
         self.streams[old.name] = new
+        self.recreated[old.name] = new.epoch
         moved = {p for p in range(new.partitions) if new.owners[p] != old.owners[p]}
         lost = self.lost.get(old.name, {})
         for p in moved:
@@ -264,4 +370,5 @@ class CoordinatorState:
         self.lost.clear()
         self.bounds.clear()
         self.released.clear()
+        self.recreated.clear()
         return specs

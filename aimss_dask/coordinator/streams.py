@@ -54,6 +54,7 @@ class StreamHandlers:
         persist: bool = False,
         client: str | None = None,
         task: Any = None,
+        replication: int | None = None,
     ) -> dict[str, Any]:
         spec, created = self.coord.state.create(
             name,
@@ -63,6 +64,9 @@ class StreamHandlers:
             exist_ok=exist_ok,
             persist=persist,
             creator=self.ops.creator(client, task),
+            replication=replication,
+            default_replication=self.coord.config.replication,
+            host_of=self.ops.hosts(),
         )
         if created:
             await self.open(spec)
@@ -79,8 +83,9 @@ class StreamHandlers:
         # owners of a run that restarted.
         self.coord.pinner.repin([spec.name])
         by_owner: dict[str, list[int]] = {}
-        for p, w in enumerate(spec.owners):
-            by_owner.setdefault(w, []).append(p)
+        for p in range(spec.partitions):
+            for w in spec.holders(p):  # replicas too
+                by_owner.setdefault(w, []).append(p)
         try:
             for w, ps in by_owner.items():
                 await self.ops.broadcast(
@@ -98,6 +103,9 @@ class StreamHandlers:
             "sealed": spec.name in self.coord.state.sealed,
             "lost": sorted(lost),
             "lost_offsets": lost_to_wire(lost),
+            # Readers of an older epoch follow a partition to a new owner
+            # only if no recovery re-created partitions (empty) since.
+            "recreated": self.coord.state.recreated.get(spec.name, 0),
         }
 
     async def destroy_many(self, names: list[str]) -> None:
@@ -115,7 +123,11 @@ class StreamHandlers:
     @replies
     async def _h_seal(self, name: str, epoch: int | None = None) -> dict[str, Any]:
         """Seal stream ``name``; with ``epoch``, only if it is still the stream of that epoch."""
+        # A replica taking over from a dead owner: seal the stream it owns.
+        await self.coord.promotions.settled(name)
         spec = self.coord.state.get(name)
+        if epoch is not None and spec.epoch != epoch and self.coord.state.same_records(name, epoch):
+            epoch = spec.epoch  # only owners changed (a promotion): every partition has its records
         if epoch is not None and spec.epoch != epoch:
             # The caller's stream was replaced (destroyed and created again,
             # or recovered under a new epoch with partitions it has not
@@ -142,10 +154,13 @@ class StreamHandlers:
         since = {"since": spec.first_epoch} if spec.since else {}
         replies = await self.ops.broadcast({"op": "aimss_seal_producers", **msg, **since})
         replies.update(await self.coord.seals.seal_clients(name, spec.epoch))
-        sealed = await self.ops.broadcast({"op": "aimss_seal_partitions", **msg}, list(set(spec.owners)))
-        for r in sealed.values():
+        holders = {w for p in range(spec.partitions) for w in spec.holders(p)}
+        sealed = await self.ops.broadcast({"op": "aimss_seal_partitions", **msg}, sorted(holders))
+        for addr, r in sealed.items():
             if isinstance(r, dict):
-                self.coord.state.note_bounds(name, spec.epoch, r.get("bounds", ()))
+                # Each partition's end as its owner reports it (a replica's is the same).
+                bounds = [b for b in r.get("bounds", ()) if spec.owners[b[0]] == addr]
+                self.coord.state.note_bounds(name, spec.epoch, bounds)
         if self.coord.state.streams.get(name) is not spec:
             # Destroyed while it was sealed (its run restarted, with a new
             # stream of this name): the new one is not sealed.
@@ -250,7 +265,8 @@ class StreamHandlers:
         if trim:
             by_owner: dict[str, list[int]] = {}
             for p in partitions:
-                by_owner.setdefault(spec.owners[p], []).append(p)
+                for w in spec.holders(p):
+                    by_owner.setdefault(w, []).append(p)
             for w, ps in by_owner.items():
                 await self.ops.broadcast(
                     {"op": "aimss_trim", "name": spec.name, "epoch": spec.epoch, "partitions": ps}, [w]
@@ -287,6 +303,8 @@ class StreamHandlers:
                 "name": name,
                 "partitions": spec.partitions,
                 "owners": list(spec.owners),
+                "replicas": [list(spec.replicas_of(p)) for p in range(spec.partitions)],
+                "replication": spec.replication,
                 "epoch": spec.epoch,
                 "parent": spec.parent,
                 "persist": spec.persist,

@@ -204,9 +204,10 @@ class AIMSSConfig:
         replication = d.get("replication", 1)
         if not isinstance(replication, int) or isinstance(replication, bool):
             raise _bad("replication", f"aimss replication={replication!r} must be an integer")
-        if replication != 1:
+        if replication < 1:
             raise _bad(
-                "replication", f"aimss replication={replication!r} is not supported yet; use 1"
+                "replication",
+                f"aimss replication={replication!r} must be >= 1 (the copies of each partition)",
             )
         raw_linger = d.get("linger", 0.005)
         try:

@@ -112,6 +112,10 @@ class SpillCorruptionError(AIMSSError, OSError):
     """A spilled segment read back from disk is not what the log wrote there."""
 
 
+class ReplicaGapError(AIMSSError, RuntimeError):
+    """A copy of a partition was sent from an offset past the replica's end (it missed records)."""
+
+
 class DuplicateOriginError(AIMSSError, RuntimeError):
     """Two different groups of records carry the same origin.
 
@@ -147,6 +151,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         MissingDependencyError,
         SpillCorruptionError,
         DuplicateOriginError,
+        ReplicaGapError,
     )
 }
 

@@ -24,16 +24,24 @@ class StreamSpec:
     ``epoch`` is unique per creation, so messages meant for a destroyed stream
     are rejected by a new stream of the same name rather than applied to it.
     ``since`` (0: ``epoch`` itself) is the epoch the stream was created at
-    when a run's recovery re-created lost partitions under a newer epoch
+    when a run's recovery re-created lost partitions, or a replica took
+    over a partition whose owner died, under a newer epoch
     (:meth:`recovered`): the partitions that survived keep their records,
     and owners take writes tagged with any epoch from ``since`` to ``epoch``.
 
+    ``replicas[p]``: the workers that hold a copy of partition ``p`` besides
+    its owner (empty for a stream with one copy). The owner forwards what
+    it stores to them, in its own order, and answers a writer only once
+    every copy is stored (see :mod:`aimss_dask.node.replication`).
+
     Examples
     --------
-    >>> s = StreamSpec("s", 2, ("a", "b"), epoch=3)
-    >>> r = s.recovered(5, ("a", "c"))
-    >>> (r.epoch, r.first_epoch, r.owners), StreamSpec.from_wire(r.to_wire()) == r
-    ((5, 3, ('a', 'c')), True)
+    >>> s = StreamSpec("s", 2, ("a", "b"), epoch=3, replicas=(("b",), ("a",)), replication=2)
+    >>> r = s.recovered(5, ("a", "c"), (("c",), ()))
+    >>> (r.epoch, r.first_epoch, r.owners, r.replication), StreamSpec.from_wire(r.to_wire()) == r
+    ((5, 3, ('a', 'c'), 2), True)
+    >>> s.holders(1), r.replicas_of(1)
+    (('b', 'a'), ())
     """
 
     name: str
@@ -44,6 +52,18 @@ class StreamSpec:
     persist: bool = False
     creator: str | None = None
     since: int = 0
+    replicas: tuple[tuple[str, ...], ...] = ()
+    #: Copies of each partition the stream was made with (its owner's
+    #: included); ``replicas`` may hold fewer while workers are missing.
+    replication: int = 1
+
+    def replicas_of(self, p: int) -> tuple[str, ...]:
+        """The live copies of partition ``p`` other than its owner's."""
+        return self.replicas[p] if self.replicas else ()
+
+    def holders(self, p: int) -> tuple[str, ...]:
+        """Every worker that holds partition ``p``: its owner first, then its replicas."""
+        return (self.owners[p], *self.replicas_of(p))
 
     @property
     def first_epoch(self) -> int:
@@ -54,9 +74,20 @@ class StreamSpec:
         """Whether a message tagged ``epoch`` is about this stream (its epoch, or an older one it continues)."""
         return self.first_epoch <= epoch <= self.epoch
 
-    def recovered(self, epoch: int, owners: tuple[str, ...]) -> StreamSpec:
-        """This stream under a newer ``epoch``, with lost partitions re-created on ``owners``."""
-        return replace(self, epoch=epoch, owners=tuple(owners), since=self.first_epoch)
+    def recovered(
+        self,
+        epoch: int,
+        owners: tuple[str, ...],
+        replicas: tuple[tuple[str, ...], ...] | None = None,
+    ) -> StreamSpec:
+        """This stream under a newer ``epoch``, with partitions now on ``owners`` (and ``replicas``)."""
+        return replace(
+            self,
+            epoch=epoch,
+            owners=tuple(owners),
+            since=self.first_epoch,
+            replicas=self.replicas if replicas is None else tuple(tuple(r) for r in replicas),
+        )
 
     def to_wire(self) -> dict[str, Any]:
         # Not dataclasses.asdict: its deep copy is slow for thousands of owners.
@@ -69,11 +100,19 @@ class StreamSpec:
             "persist": self.persist,
             "creator": self.creator,
             "since": self.since,
+            "replicas": [list(r) for r in self.replicas],
+            "replication": self.replication,
         }
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> StreamSpec:
-        return cls(**{**d, "owners": tuple(d["owners"])})
+        return cls(
+            **{
+                **d,
+                "owners": tuple(d["owners"]),
+                "replicas": tuple(tuple(r) for r in d.get("replicas") or ()),
+            }
+        )
 
 
 def check_name(name: object, what: str = "stream name") -> str:

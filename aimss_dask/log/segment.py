@@ -41,12 +41,23 @@ class Segment:
 
 @dataclass(eq=False)
 class PartitionLog:
-    """One partition's ordered log. ``start`` is the first offset still kept."""
+    """One partition's ordered log. ``start`` is the first offset still kept.
+
+    ``committed``: where readers stop, for a partition whose records are
+    copied to replicas: the end of what every copy holds (Kafka's high
+    watermark). None: readers see every record up to ``end``.
+    """
 
     segments: list[Segment] = field(default_factory=list)
     start: int = 0
     end: int = 0
     sealed: bool = False
+    committed: int | None = None
+
+    @property
+    def visible(self) -> int:
+        """The end of what readers may see."""
+        return self.end if self.committed is None else self.committed
 
     def segment_at(self, offset: int) -> int:
         """Index in ``segments`` of the segment that holds ``offset``."""

@@ -23,6 +23,7 @@ from typing import Any
 from aimss_dask.core.errors import (
     InvalidOffsetError,
     PartitionOutOfRangeError,
+    ReplicaGapError,
     StreamNotFoundError,
     StreamSealedError,
 )
@@ -272,12 +273,107 @@ class LogStore:
             self._on_change(name, p)
         return first
 
+    def append_at(
+        self,
+        name: str,
+        epoch: int | None,
+        p: int,
+        at: int,
+        records: Sequence[Any],
+        sizes: Sequence[int],
+    ) -> int:
+        """A replica's copy: append records that are at offsets ``at ..`` on the owner.
+
+        Records this log holds already (a copy sent again) are skipped, so
+        every copy keeps each record at its owner's offset. Returns how many
+        were appended. Raises :class:`ReplicaGapError` if ``at`` is past this
+        log's end: the owner must send what is missing first.
+        """
+        with self._lock:
+            log = self._log(name, epoch, p)
+            skip = log.end - at
+            if skip < 0:
+                raise ReplicaGapError(
+                    f"the copy of stream {name!r} partition {p} here ends at offset "
+                    f"{log.end}; records from {at} cannot follow it"
+                )
+            if skip >= len(records):
+                return 0
+            self.append(name, epoch, p, records[skip:], sizes[skip:])
+            return len(records) - skip
+
+    def rebase(self, name: str, epoch: int | None, p: int, start: int) -> None:
+        """An empty log of ``p`` starts at ``start`` instead (a replica of a trimmed partition).
+
+        Raises :class:`InvalidOffsetError` if the log holds records: they
+        would lose their offsets.
+        """
+        with self._lock:
+            log = self._log(name, epoch, p)
+            if log.end == start:
+                return
+            if log.end != log.start or start < log.end:
+                raise InvalidOffsetError(
+                    f"cannot start stream {name!r} partition {p} at offset {start}: its log "
+                    f"here holds offsets {log.start} to {log.end}"
+                )
+            log.start = log.end = start
+
+    def truncate(self, name: str, epoch: int | None, p: int, end: int) -> int:
+        """Forget records from offset ``end`` on: a replica ahead of the copy that became owner.
+
+        Those records were never on every copy, so no reader saw them (and
+        their writers were not answered: they send them again). Returns how
+        many were dropped.
+        """
+        with self._lock:
+            log = self._log(name, epoch, p)
+            if end >= log.end:
+                return 0
+            if end < log.start:
+                raise InvalidOffsetError(
+                    f"cannot cut stream {name!r} partition {p} at {end}: it starts at {log.start}"
+                )
+            dropped = log.end - end
+            keep: list[Segment] = []
+            for seg in log.segments:
+                if seg.base >= end:
+                    self._free(seg)
+                    continue
+                if seg.end > end:
+                    if not seg.in_memory:
+                        # Spilled segments are immutable files: read the kept
+                        # head back into memory as a segment of its own.
+                        head = self._load(name, seg, 0, end - seg.base)
+                        sizes = seg.sizes[: end - seg.base]
+                        self._free(seg)
+                        seg = Segment(base=seg.base, seq=next(self._seq), records=head, sizes=sizes)
+                        seg.nbytes = sum(sizes)
+                        self.memory_bytes += seg.nbytes
+                    else:
+                        assert seg.records is not None
+                        n = end - seg.base
+                        cut = sum(seg.sizes[n:])
+                        seg.records = seg.records[:n]
+                        seg.sizes = seg.sizes[:n]
+                        seg.nbytes -= cut
+                        self.memory_bytes -= cut
+                keep.append(seg)
+            log.segments = keep
+            log.end = end
+            if log.committed is not None:
+                log.committed = min(log.committed, end)
+            return dropped
+
     def seal(self, name: str, epoch: int | None, partitions: Iterable[int]) -> None:
         """No more appends to these partitions; readers see the end."""
         with self._lock:
             for p in partitions:
                 log = self._log(name, epoch, p)
                 log.sealed = True
+                # A seal follows the writers' flushes, which waited for every
+                # copy: readers see it all.
+                log.committed = None
                 if log.segments:
                     log.segments[-1].sealed = True
             self._changed.notify_all()
@@ -294,11 +390,14 @@ class LogStore:
         p: int,
         start: int,
         max_bytes: int | None = None,
+        upto: int | None = None,
     ) -> tuple[list[Any], bool, int]:
         """Records from ``start`` on, up to ``max_bytes`` (at least one).
 
         Returns ``(records, sealed, end)``. Spilled segments are read back
-        from disk outside the lock.
+        from disk outside the lock. ``upto``: read records stored up to that
+        offset, whether readers may see them yet or not (an owner copying
+        its log to a replica); by default, only what they may see.
         """
         if start < 0:
             raise InvalidOffsetError(
@@ -312,7 +411,7 @@ class LogStore:
                     f"offset {start} of stream {name!r} partition {p} was trimmed; "
                     f"the earliest offset still kept is {log.start}"
                 )
-            sealed, end = log.sealed, log.end
+            sealed, end = log.sealed, log.visible if upto is None else min(upto, log.end)
             if start >= end:
                 return [], sealed, end
             budget = max_bytes if max_bytes is not None else float("inf")
@@ -324,7 +423,8 @@ class LogStore:
                 lo = offset - seg.base
                 hi = lo
                 # At least one record per read, even one larger than max_bytes.
-                while hi < len(seg.sizes) and (
+                stop = min(len(seg.sizes), end - seg.base)  # readers stop at what every copy holds
+                while hi < stop and (
                     (not plan and hi == lo) or taken + seg.sizes[hi] <= budget
                 ):
                     taken += seg.sizes[hi]
@@ -336,7 +436,7 @@ class LogStore:
                 plan.append((seg, seg.records, lo, hi))
                 offset = seg.base + hi
                 i += 1
-                if hi < len(seg.sizes):
+                if hi < stop:
                     break
         out: list[Any] = []
         for seg, records, lo, hi in plan:
@@ -366,7 +466,7 @@ class LogStore:
                 if logs is None or not logs.answers(epoch):
                     return True  # destroyed: let the next read raise
                 log = logs.partitions.get(p)
-                return log is None or log.sealed or log.end > offset
+                return log is None or log.sealed or log.visible > offset
 
             if ready():
                 return True  # not parked: ``waiting`` counts only blocked threads
@@ -386,10 +486,44 @@ class LogStore:
         return self._waiting
 
     def bounds(self, name: str, epoch: int | None, p: int) -> tuple[int, int, bool]:
-        """``(start, end, sealed)`` of one partition log."""
+        """``(start, end, sealed)`` of one partition log; ``end`` of what readers may see."""
         with self._lock:
             log = self._log(name, epoch, p)
-            return log.start, log.end, log.sealed
+            return log.start, log.visible, log.sealed
+
+    def held(self, name: str, epoch: int | None, p: int) -> int:
+        """The end of every record stored in one partition log, seen by readers or not yet."""
+        with self._lock:
+            return self._log(name, epoch, p).end
+
+    def hold_back(self, name: str, epoch: int | None, partitions: Iterable[int]) -> None:
+        """Readers of these partitions see records only once :meth:`commit` says every copy holds them."""
+        with self._lock:
+            for p in partitions:
+                log = self._log(name, epoch, p)
+                if log.committed is None and not log.sealed:
+                    log.committed = log.end
+
+    def commit(self, name: str, epoch: int | None, p: int, upto: int | None) -> None:
+        """Every copy holds partition ``p`` up to ``upto``: readers may see that far.
+
+        ``None``: readers see every record stored here from now on (no copy
+        left to wait for). Never moves back.
+        """
+        with self._lock:
+            logs = self._streams.get(name)
+            log = logs.partitions.get(p) if logs is not None and logs.answers(epoch) else None
+            if log is None:
+                return  # dropped meanwhile
+            if upto is None:
+                log.committed = None
+            elif log.committed is not None and upto > log.committed:
+                log.committed = min(upto, log.end)
+            else:
+                return
+            self._changed.notify_all()
+        if self._on_change is not None:
+            self._on_change(name, p)
 
     # -- retention -----------------------------------------------------------------
 
@@ -567,8 +701,8 @@ class LogStore:
                 records = memory = spilled = 0
                 bounds = []
                 for p, log in logs.partitions.items():
-                    records += log.end
-                    bounds.append((p, log.start, log.end))
+                    records += log.visible
+                    bounds.append((p, log.start, log.visible))
                     for seg in log.segments:
                         if seg.in_memory:
                             memory += seg.nbytes
@@ -635,7 +769,7 @@ def _rmdir_if_empty(path: str, *, warn: bool) -> None:
 
 def _log_stats(log: PartitionLog) -> dict[str, Any]:
     return {
-        "records": log.end,
+        "records": log.visible,
         "start": log.start,
         "bytes": log.retained_bytes(),
         "spilled_bytes": log.spilled_bytes(),

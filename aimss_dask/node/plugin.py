@@ -15,7 +15,7 @@ from dask.utils import format_bytes
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import pickle, to_serialize
-from distributed.utils import offload
+from distributed.utils import offload, sync
 
 from aimss_dask.core.config import AIMSSConfig
 from aimss_dask.core.errors import AIMSSError, InvalidArgumentError, error_to_wire
@@ -24,7 +24,9 @@ from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.log.store import LogStore
 from aimss_dask.node import heartbeat
 from aimss_dask.node.dedup import OriginFilter
+from aimss_dask.node.replication import Replicator
 from aimss_dask.node.runs import RunFactory, RunManager
+from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import speccache
 from aimss_dask.transport.dataplane import BufferPool, DataServer, Group
 from aimss_dask.transport.producer import Producer
@@ -76,6 +78,11 @@ class AIMSSWorker(WorkerPlugin):
         # Drops a second copy of an input before it reaches the log, for the
         # streams opened with inputs (runs whose records carry their origin).
         self.origins = OriginFilter()
+        # What writers of replicated streams stored here (they send again
+        # what an owner that died did not answer), and the copies of the
+        # partitions owned here on other workers.
+        self.writers = WriterSeqs()
+        self.replicator: Replicator | None = None
         # Drops are counted from receiver and task threads at once (rare: a lock).
         self._duplicates_lock = threading.Lock()
         # Operators' run objects on this worker, and resources they share.
@@ -132,6 +139,14 @@ class AIMSSWorker(WorkerPlugin):
         # Now, not at the first spill: a folder that cannot be made fails
         # here, by name, before any record is accepted.
         self.store.prepare_spill_dir()
+        self.replicator = Replicator(
+            self.store,
+            loop=worker.loop,
+            rpc=worker.rpc,
+            address=worker.address,
+            batch_size=self.config.batch_size,
+            data_plane=self.config.transport == "auto",
+        )
         self.producer = Producer(
             worker.loop,
             worker.rpc,
@@ -141,6 +156,8 @@ class AIMSSWorker(WorkerPlugin):
             transport=self.config.transport,
             address=worker.address,
             local=self.local_append,
+            local_wait=self.replicator.wait_all,
+            resolve=self._resolve,
         )
         store = self.store
         # Scratch space for operators (a shuffle's sorted copy of its input):
@@ -171,6 +188,8 @@ class AIMSSWorker(WorkerPlugin):
                 # Dask log "no handler" tracebacks.
                 worker.handlers[f"aimss_{op}"] = _torn_down
             self.runs.close_all()
+            if self.replicator is not None:
+                self.replicator.close()
             if self.data_server is not None:
                 self.data_server.close()
             if self.producer is not None:
@@ -239,10 +258,18 @@ class AIMSSWorker(WorkerPlugin):
 
         ``origin``: see :meth:`store_batch`; a second copy is dropped here too.
         """
-        assert self.store is not None
-        if origin is not None and not self._admit(spec.name, spec.epoch, partition, origin):
-            return
-        self.store.append(spec.name, spec.epoch, partition, [record], [nbytes])
+        assert self.store is not None and self.replicator is not None
+        if self.replicator.tracks(spec.name):
+            with self.replicator.append_lock:
+                if origin is not None and not self._admit(spec.name, spec.epoch, partition, origin):
+                    return
+                first = self.store.append(spec.name, spec.epoch, partition, [record], [nbytes])
+                o = None if origin is None else (origin.input, origin.attempt, origin.seq)
+                self.replicator.shipped(spec.name, partition, first, [record], [nbytes], o)
+        else:
+            if origin is not None and not self._admit(spec.name, spec.epoch, partition, origin):
+                return
+            self.store.append(spec.name, spec.epoch, partition, [record], [nbytes])
         self.runs.on_append(spec.name, partition, [record])
         if self.store.over_budget:
             self.store.spill()  # we are in a task thread: blocking is fine
@@ -256,13 +283,31 @@ class AIMSSWorker(WorkerPlugin):
         a second write by the attempt that was kept fails its stream with
         :class:`~aimss_dask.core.errors.DuplicateOriginError`. Groups without one
         are stored as they come.
+
+        Groups of replicated streams (see :data:`~aimss_dask.transport.dataplane.Group`):
+        records a writer sends again are dropped (:mod:`aimss_dask.node.writers`);
+        a copy from the partition's owner (``at`` given) lands at its owner's
+        offsets; and a batch for partitions owned here is answered only once
+        every replica holds it (:mod:`aimss_dask.node.replication`).
         """
-        assert self.store is not None
+        assert self.store is not None and self.replicator is not None
         errors: dict[str, tuple[str, str]] = {}
-        for name, epoch, partition, records, sizes, origin in groups:
+        waits: list[tuple[str, int, int, int]] = []
+        for group in groups:
+            name, epoch, partition, records, sizes, origin = group[:6]
+            writer = group[6] if len(group) > 6 else None
+            at = group[7] if len(group) > 7 else None
             if name in errors:
                 continue
             try:
+                if at is not None:
+                    self._store_copy(name, epoch, partition, records, sizes, origin, writer, at)
+                    continue
+                if writer is not None or self.replicator.tracks(name):
+                    end = self._store_replicated(name, epoch, partition, records, sizes, origin, writer)
+                    if end is not None:
+                        waits.append((name, epoch, partition, end))
+                    continue
                 # The filter checks the fields (Origin's constructor): they
                 # came over the network, and index its arrays.
                 if origin is not None and not self._admit(name, epoch, partition, Origin(*origin)):
@@ -276,7 +321,78 @@ class AIMSSWorker(WorkerPlugin):
         # before answering is what keeps its bytes in flight bounded.
         while self.store.over_budget and self.store.spill():
             pass
+        for name, epoch, partition, end in waits:
+            if name not in errors and not self.replicator.wait(name, epoch, partition, end):
+                errors[name] = (
+                    "AIMSSError",
+                    f"the replicas of stream {name!r} partition {partition} did not confirm "
+                    f"records up to offset {end} in time",
+                )
         return errors
+
+    def _store_replicated(
+        self,
+        name: str,
+        epoch: int,
+        partition: int,
+        records: list[Any],
+        sizes: list[int],
+        origin: tuple[int, int, int] | None,
+        writer: tuple[int, int] | None,
+    ) -> int | None:
+        """Append a group to a replicated partition owned here and queue it for the replicas.
+
+        Returns the end offset the writer's answer must wait for; None if
+        the whole group was stored already (a writer's second send, a
+        second copy of an input).
+        """
+        assert self.store is not None and self.replicator is not None
+        with self.replicator.append_lock:
+            self.store.held(name, epoch, partition)  # a stale epoch raises before any state changes
+            if writer is not None:
+                skip = self.writers.admit(name, partition, (int(writer[0]), int(writer[1])), len(records))
+                if skip:
+                    with self._duplicates_lock:
+                        self.reads["duplicates"] += 1
+                    records, sizes = records[skip:], sizes[skip:]
+                    writer = (writer[0], writer[1] + skip)
+                if not records:
+                    return None
+            if origin is not None and not self._admit(name, epoch, partition, Origin(*origin)):
+                return None
+            first = self.store.append(name, epoch, partition, records, sizes)
+            self.replicator.shipped(name, partition, first, records, sizes, origin, writer)
+        self.runs.on_append(name, partition, records)
+        return first + len(records)
+
+    def _store_copy(
+        self,
+        name: str,
+        epoch: int,
+        partition: int,
+        records: list[Any],
+        sizes: list[int],
+        origin: tuple[int, int, int] | None,
+        writer: tuple[int, int] | None,
+        at: int,
+    ) -> None:
+        """A replica here: append the owner's copy at its offsets, and learn what its filters learned."""
+        assert self.store is not None and self.replicator is not None
+        with self.replicator.append_lock:
+            held = self.store.held(name, epoch, partition)
+            skip = held - at
+            if 0 <= skip < len(records):
+                # The owner's filters passed these: the same filters here
+                # must hold the same state, so that this copy, if it becomes
+                # the owner, drops what the old one would have.
+                if writer is not None:
+                    self.writers.admit(name, partition, (int(writer[0]), int(writer[1] + skip)), len(records) - skip)
+                if origin is not None and not self.origins.admit(name, epoch, partition, Origin(*origin)):
+                    logger.warning(
+                        "aimss: the copy of %r partition %d here disagrees with its owner on origin %s",
+                        name, partition, origin,
+                    )
+            self.store.append_at(name, epoch, partition, int(at), records, sizes)
 
     def _admit(self, name: str, epoch: int, partition: int, origin: Origin) -> bool:
         """Whether to append a group with ``origin`` (False: a duplicate, counted)."""
@@ -285,6 +401,16 @@ class AIMSSWorker(WorkerPlugin):
         with self._duplicates_lock:
             self.reads["duplicates"] += 1
         return False
+
+    def _resolve(self, name: str) -> dict[str, Any]:
+        """The coordinator's reply about stream ``name`` now (a sender thread of the producer asks)."""
+        assert self.worker is not None
+        worker = self.worker
+
+        async def ask() -> Any:
+            return await worker.scheduler.aimss_get(name=name)
+
+        return sync(worker.loop, ask)
 
     # -- change notification for remote readers waiting on the loop ---------------------
 
@@ -326,6 +452,11 @@ class AIMSSWorker(WorkerPlugin):
         if inputs:
             self.origins.track(s.name, s.epoch, inputs)
         self.store.open(s.name, s.epoch, partitions, {int(p): int(o) for p, o in starts or ()})
+        if s.replicas and self.replicator is not None and self.worker is not None:
+            # The coordinator opened the replicas before it returns the
+            # stream to anyone: they start in sync, empty like this log.
+            if any(s.owners[p] == self.worker.address for p in partitions):
+                self.replicator.configure(s, fresh=True)
 
     @replies
     async def _h_append(self, items: list[list[Any]]) -> dict[str, Any]:
@@ -399,7 +530,24 @@ class AIMSSWorker(WorkerPlugin):
         if inputs:
             self.origins.track(s.name, s.epoch, inputs, since=since)
         self.store.open(s.name, s.epoch, partitions or [], since=since)
+        if self.replicator is not None and (s.replicas or self.replicator.tracks(s.name)):
+            # A replica here may own its partition now (its owner died), and
+            # partitions owned here may have new replicas to catch up.
+            self.replicator.configure(s)
         return {"held": True}
+
+    @replies
+    async def _h_replica_start(self, name: str, epoch: int, partition: int, start: int) -> None:
+        """The empty copy here of a partition whose owner trimmed its head starts where the owner's log does."""
+        assert self.store is not None
+        self.store.rebase(name, epoch, partition, start)
+
+    @replies
+    async def _h_truncate(self, name: str, epoch: int, partition: int, end: int) -> dict[str, Any]:
+        """The copy here holds records the new owner lacks (no reader saw them): forget them."""
+        assert self.store is not None
+        store = self.store
+        return {"dropped": await offload(store.truncate, name, epoch, partition, end)}
 
     @replies
     async def _h_seal_producers(self, name: str, epoch: int, since: int | None = None) -> dict[str, Any]:
@@ -422,6 +570,8 @@ class AIMSSWorker(WorkerPlugin):
             parts = {p: st for p, st in parts.items() if p in partitions}
         if parts:
             self.store.seal(name, epoch, list(parts))
+        if self.replicator is not None:
+            self.replicator.forget(name, list(parts))
         # No push after a seal (the store refuses it), and moves carry no
         # origin: the filter's state is of no more use (plan §2.8).
         self.origins.forget(name, epoch)
@@ -441,6 +591,9 @@ class AIMSSWorker(WorkerPlugin):
         self.store.tombstone(name, epoch)
         # Only this epoch's state or older: a late drop leaves a new stream's.
         self.origins.forget(name, epoch)
+        if self.replicator is not None:
+            self.replicator.forget(name)
+        self.writers.forget(name)
         # Runs first (a source's brokers), so none appends while it is dropped.
         self.runs.stop(name, epoch)
         self.producer.forget(name)
@@ -581,6 +734,8 @@ class AIMSSWorker(WorkerPlugin):
         st["spill_directory"] = self.store.spill_dir
         if self.budget_warning is not None:
             st["budget_warning"] = self.budget_warning
+        if self.replicator is not None:
+            st.update(self.replicator.stats)
         st["runs"] = self.runs.progress()
         st.update(self.runs.shared_statistics())
         return {"status": st}
@@ -594,6 +749,8 @@ _HANDLERS = (
     "setup_status",
     "open",
     "recover",
+    "replica_start",
+    "truncate",
     "data_address",
     "append",
     "read",

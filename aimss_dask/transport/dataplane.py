@@ -13,9 +13,10 @@ Wire format of one batch, sender to owner::
     !QQ (header bytes, payload bytes) | pickle(header) | payload frames ...
 
 where ``header`` is ``[[stream, epoch, partition, [(record header, [frame
-lengths])...], [record sizes], origin], ...]``: one entry per group, and
-``origin`` the group's ``(input, attempt, seq)`` tuple or ``None`` (a plain
-write; see :class:`~aimss_dask.core.specs.Origin`). The owner answers each batch, in
+lengths])...], [record sizes], origin, (writer, at)], ...]``: one entry per
+group, ``origin`` the group's ``(input, attempt, seq)`` tuple or ``None`` (a
+plain write; see :class:`~aimss_dask.core.specs.Origin`), and the two
+optional last fields those of a replicated stream (see :data:`Group`). The owner answers each batch, in
 order, with ``!Q`` + ``pickle({"errors": {stream: (class, message)}})``.
 Only plain ``tcp://`` clusters use it; TLS or other transports keep Dask's
 comms (see :class:`aimss_dask.transport.producer.Producer`).
@@ -46,10 +47,15 @@ _GRAIN = 2**20
 _MAX_IOV = 512
 
 #: One group of a batch: ``(stream, epoch, partition, records, record sizes,
-#: origin)``, ``origin`` an ``(input, attempt, seq)`` tuple or ``None``. The
-#: origin goes as a plain tuple, not an ``Origin``: pickling a dataclass names
-#: its class in every header, and the owner checks the fields anyway.
-Group = tuple[str, int, int, list[Any], list[int], tuple[int, int, int] | None]
+#: origin[, writer[, at]])``, ``origin`` an ``(input, attempt, seq)`` tuple or
+#: ``None``. The origin goes as a plain tuple, not an ``Origin``: pickling a
+#: dataclass names its class in every header, and the owner checks the fields
+#: anyway. Only groups of replicated streams carry the last two:
+#: ``writer``, ``(producer id, sequence number of the first record)``, lets an
+#: owner drop records a writer sends again after their first owner died
+#: (:mod:`aimss_dask.node.writers`); ``at``, the offset of the first record on
+#: the owner, marks a copy the owner sends to a replica.
+Group = tuple[Any, ...]
 
 #: ``(groups) -> {stream: (error class, message)}``: store one decoded batch.
 BatchHandler = Callable[[list[Group]], dict[str, tuple[str, str]]]
@@ -194,13 +200,13 @@ def encode_batch(groups: Sequence[Group]) -> list[memoryview]:
     """Header and frames of a batch; ``Serialized`` records, frames by reference."""
     header: list[Any] = []
     frames: list[memoryview] = []
-    for name, epoch, partition, records, sizes, origin in groups:
+    for name, epoch, partition, records, sizes, origin, *rest in groups:
         recs = []
         for ser in records:
             fr = [ensure_memoryview(f) for f in ser.frames]
             frames.extend(fr)
             recs.append((ser.header, [f.nbytes for f in fr]))
-        header.append((name, epoch, partition, recs, list(sizes), origin))
+        header.append((name, epoch, partition, recs, list(sizes), origin, *rest))
     head = pickle.dumps(header, protocol=5)
     payload = sum(f.nbytes for f in frames)
     return [memoryview(_BATCH.pack(len(head), payload)), memoryview(head), *frames]
@@ -282,7 +288,7 @@ class DataServer:
         copy = self._own_copies is not None and self._own_copies(plen)
         groups = []
         pos = 0
-        for name, epoch, partition, recs, sizes, origin in header:
+        for name, epoch, partition, recs, sizes, origin, *rest in header:
             records = []
             for rheader, lengths in recs:
                 frames = []
@@ -291,7 +297,7 @@ class DataServer:
                     frames.append(memoryview(bytearray(frame)) if copy else frame)
                     pos += n
                 records.append(deserialize(rheader, frames))
-            groups.append((name, epoch, partition, records, sizes, origin))
+            groups.append((name, epoch, partition, records, sizes, origin, *rest))
         try:
             return self._handler(groups)
         except Exception as e:  # a bug: answer anyway, so the producer never hangs

@@ -12,6 +12,12 @@ A write may carry an :class:`~aimss_dask.core.specs.Origin` (a run's push
 task tags what it writes with its input and attempt, plan §2.8): it travels
 with its group to the owner, which drops a second copy of an input. Plain
 writes carry none and pay nothing for the feature but one ``None`` per group.
+
+Writes to a replicated stream also carry this producer's id and a sequence
+number per partition. When the owner dies before it answers, the producer
+does not fail them: it asks the coordinator which replica took over and
+sends them again there (in their order, ahead of newer writes), and the new
+owner drops those it holds already (:mod:`aimss_dask.node.writers`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -48,6 +56,17 @@ LocalAppend = Callable[[StreamSpec, int, Any, int, Origin | None], None]
 #: Batches one producer may have on the wire to one owner at once.
 PIPELINE = 4
 
+#: How long writes to a replicated partition whose owner died wait for the
+#: coordinator to name the replica that takes over (s).
+FAILOVER_TIMEOUT = 60.0
+
+#: ``(stream name) -> the coordinator's reply about it`` (``aimss_get``): a blocking call.
+Resolve = Callable[[str], dict[str, Any]]
+
+#: ``(stream names or None) -> None``: block until what was stored on this
+#: very process is on every copy.
+LocalWait = Callable[[list[str] | None], None]
+
 
 @dataclass(eq=False)
 class _Item:
@@ -57,6 +76,10 @@ class _Item:
     record: Serialized
     nbytes: int
     origin: Origin | None = None
+    #: Sequence number within (this producer, stream, partition): replicated streams only.
+    seq: int | None = None
+    #: Sent again to the replica that took over from a dead owner.
+    rerouted: bool = False
 
 
 @dataclass(eq=False)
@@ -94,6 +117,8 @@ class Producer:
         transport: str = "auto",
         address: str | None = None,
         local: LocalAppend | None = None,
+        local_wait: LocalWait | None = None,
+        resolve: Resolve | None = None,
     ) -> None:
         self._loop = loop
         self._rpc = rpc
@@ -117,6 +142,20 @@ class Producer:
         # grow cluster-wide: streams made later (on a worker that came back
         # at the same address) write there as to any worker.
         self._dead: dict[str, int] = {}
+        self._local_wait = local_wait
+        self._resolve = resolve
+        #: This producer's id in the writer tags of replicated streams.
+        self.id = random.getrandbits(62)
+        # (stream, partition) -> the next sequence number of a replicated write.
+        self._seq: dict[tuple[str, int], int] = {}
+        # stream -> the newest spec learned after an owner died (writes with
+        # an older handle go to the owner it names).
+        self._routes: dict[str, StreamSpec] = {}
+        # Writes to replicated partitions whose owner died, waiting for the
+        # one that takes over, and how many such are not settled yet.
+        self._orphans: list[tuple[str, _Item]] = []
+        self._rerouting = 0
+        self._rerouter: threading.Thread | None = None
         self.closed = False
 
     # -- writers (any thread but the event loop's) -----------------------------------------
@@ -156,7 +195,13 @@ class Producer:
                 "new stream for new data"
             )
         owner = spec.owners[partition]
-        if spec.epoch <= self._dead.get(owner, 0):
+        if spec.replicas:
+            route = self._routes.get(spec.name)
+            if route is not None and route.epoch > spec.epoch and route.first_epoch == spec.first_epoch:
+                owner = route.owners[partition]  # a replica took over from a dead owner
+            if spec.epoch <= self._dead.get(owner, 0):
+                owner = self._route(spec, partition)
+        if spec.epoch <= self._dead.get(owner, 0) and not spec.replicas:
             raise PartitionLostError(
                 f"partition {partition} of stream {spec.name!r} was lost with its "
                 f"worker {owner}; destroy the stream and write it again"
@@ -179,7 +224,11 @@ class Producer:
                     target=self._run, args=(link,), name=f"aimss-push-{owner}", daemon=True
                 )
                 link.thread.start()
-            link.pending.append(_Item(spec.name, spec.epoch, partition, ser, nbytes, origin))
+            seq = None
+            if spec.replicas:
+                seq = self._seq.get((spec.name, partition), 0)
+                self._seq[(spec.name, partition)] = seq + 1
+            link.pending.append(_Item(spec.name, spec.epoch, partition, ser, nbytes, origin, seq))
             link.pending_bytes += nbytes
             link.written += 1
             self._cond.notify_all()
@@ -202,8 +251,14 @@ class Producer:
             self._cond.notify_all()
             self._cond.wait_for(
                 lambda: self.closed
-                or all(self._links[o].acked >= n for o, n in targets.items())
+                or (
+                    all(self._links[o].acked >= n for o, n in targets.items())
+                    and not self._rerouting
+                )
             )
+        if self._local_wait is not None and not self.closed:
+            self._local_wait(list(names) if names is not None else None)
+        with self._cond:
             if not raise_errors:
                 return
             wanted = list(self._errors) if names is None else list(names)
@@ -263,7 +318,7 @@ class Producer:
                     conn = self._open(link)
                 conn.send(batch)
             except Exception as e:
-                self._settle(link, batch, None, _lost(link.owner, e))
+                self._settle(link, batch, None, _lost(link.owner, e), failover=True)
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -277,7 +332,7 @@ class Producer:
             addr = self._data_addresses.get(link.owner)
             if addr is None:
                 reply = raise_from_wire(
-                    sync(self._loop, _ask_data_address, self._rpc, link.owner),
+                    sync(self._loop, ask_data_address, self._rpc, link.owner),
                     "aimss_data_address",
                 )
                 addr = self._data_addresses[link.owner] = (reply.get("host"), reply.get("port"))
@@ -285,16 +340,38 @@ class Producer:
                 return _RawConn(self, link, addr)
         return _DaskConn(self, link)
 
-    def _settle(self, link: _Link, batch: list[_Item], reply: Any, error: Exception | None = None) -> None:
-        """A batch is stored (or failed): record errors, free its bytes."""
+    def _settle(
+        self,
+        link: _Link,
+        batch: list[_Item],
+        reply: Any,
+        error: Exception | None = None,
+        failover: bool = False,
+    ) -> None:
+        """A batch is stored (or failed): record errors, free its bytes.
+
+        ``failover``: the owner could not be reached; writes to replicated
+        partitions wait for the replica that takes over instead of failing.
+        """
         if error is None:
             try:
                 reply = raise_from_wire(reply, "aimss_append")
             except Exception as e:
                 error = e
         with self._cond:
+            moved = [it for it in batch if it.seq is not None] if failover and not self.closed else []
+            if moved:
+                self._orphans.extend((link.owner, it) for it in moved)
+                self._rerouting += sum(1 for it in moved if not it.rerouted)
+                if self._rerouter is None:
+                    self._rerouter = threading.Thread(target=self._reroute, name="aimss-push-failover", daemon=True)
+                    self._rerouter.start()
+                kept = {id(it) for it in moved}
+                batch_failed = [it for it in batch if id(it) not in kept]
+            else:
+                batch_failed = batch
             if error is not None:
-                for it in batch:
+                for it in batch_failed:
                     self._errors.setdefault(it.name, (it.epoch, error))
                     self._failed.setdefault(it.name, {}).setdefault(link.owner, (it.epoch, error))
             else:
@@ -305,7 +382,122 @@ class Producer:
                     self._failed.setdefault(name, {}).setdefault(link.owner, (epochs.get(name, -1), err))
             link.acked += len(batch)
             self._cond.notify_all()
-        self.budget.release(sum(it.nbytes for it in batch))
+        self.budget.release(sum(it.nbytes for it in batch_failed))
+        self._settled_moved(batch_failed)
+
+    def _settled_moved(self, batch: list[_Item]) -> None:
+        """Items sent again after a failover are settled: flushes stop waiting for them."""
+        n = sum(1 for it in batch if it.rerouted)
+        if n:
+            with self._cond:
+                self._rerouting -= n
+                self._cond.notify_all()
+
+    # -- failover of replicated partitions --------------------------------------------------
+
+    def _reroute(self) -> None:
+        """Send writes whose owner died to the replica that took over, in their order.
+
+        Asks the coordinator (``resolve``) until the stream names another
+        owner for the partition, or says the partition is lost (no copy
+        survived: the writes fail as before), or ``FAILOVER_TIMEOUT`` passes.
+        """
+        deadline: dict[str, float] = {}
+        while True:
+            with self._cond:
+                if self.closed or not self._orphans:
+                    self._rerouter = None
+                    return
+                orphans, self._orphans = self._orphans, []
+            names = sorted({it.name for _, it in orphans})
+            left: list[tuple[str, _Item]] = []
+            for name in names:
+                mine = [(o, it) for o, it in orphans if it.name == name]
+                spec, lost = self._ask_spec(name)
+                first = deadline.setdefault(name, time.monotonic() + FAILOVER_TIMEOUT)
+                for dead, it in mine:
+                    p = it.partition
+                    if spec is not None and p not in lost and spec.owners[p] != dead and it.epoch >= spec.first_epoch:
+                        self._resend(spec, it)
+                    elif spec is None or p in lost or it.epoch < (spec.first_epoch if spec else 0) or time.monotonic() > first:
+                        self._fail_moved(dead, it, spec, lost)
+                    else:
+                        left.append((dead, it))
+            with self._cond:
+                self._orphans = left + self._orphans
+                if left:
+                    self._cond.wait(0.1)
+
+    def _ask_spec(self, name: str) -> tuple[StreamSpec | None, set[int]]:
+        if self._resolve is None:
+            return None, set()
+        try:
+            reply = raise_from_wire(self._resolve(name), "aimss_get")
+        except Exception as e:
+            logger.info("aimss: could not ask where stream %r lives now: %r", name, e)
+            return None, set()
+        spec = StreamSpec.from_wire(reply["spec"])
+        with self._cond:
+            old = self._routes.get(name)
+            if old is None or spec.epoch > old.epoch:
+                self._routes[name] = spec
+        return spec, set(reply.get("lost") or ())
+
+    def _resend(self, spec: StreamSpec, it: _Item) -> None:
+        """Queue ``it`` first for the partition's new owner (its older records go before newer ones)."""
+        owner = spec.owners[it.partition]
+        with self._cond:
+            if not it.rerouted:
+                it.rerouted = True
+            link = self._links.get(owner)
+            if link is None:
+                link = self._links[owner] = _Link(owner)
+            if link.thread is None:
+                link.thread = threading.Thread(
+                    target=self._run, args=(link,), name=f"aimss-push-{owner}", daemon=True
+                )
+                link.thread.start()
+            # Ahead of what was written since for that partition, behind
+            # other resent items (they are older).
+            i = next((j for j, q in enumerate(link.pending) if not q.rerouted), len(link.pending))
+            link.pending.insert(i, it)
+            link.pending_bytes += it.nbytes
+            link.written += 1
+            link.flush_now = True
+            self._cond.notify_all()
+
+    def _fail_moved(self, dead: str, it: _Item, spec: StreamSpec | None, lost: set[int]) -> None:
+        err = PartitionLostError(
+            f"partition {it.partition} of stream {it.name!r}: its owner {dead} died before it "
+            "stored these records, and no replica took over"
+            + (" in time" if spec is not None and it.partition not in lost else "")
+        )
+        with self._cond:
+            self._errors.setdefault(it.name, (it.epoch, err))
+            self._failed.setdefault(it.name, {}).setdefault(dead, (it.epoch, err))
+            self._rerouting -= 1
+            self._cond.notify_all()
+        self.budget.release(it.nbytes)
+
+    def _route(self, spec: StreamSpec, partition: int) -> str:
+        """The live owner of ``partition`` of a replicated ``spec`` whose owner there died.
+
+        Blocks (a writer's thread) until the coordinator names the replica
+        that took over, for at most ``FAILOVER_TIMEOUT``; the dead owner if
+        none does (the write then fails there, named).
+        """
+        dead = spec.owners[partition]
+        deadline = time.monotonic() + FAILOVER_TIMEOUT
+        while not self.closed:
+            new, lost = self._ask_spec(spec.name)
+            if new is None or partition in lost or new.first_epoch != spec.first_epoch:
+                return dead
+            if new.owners[partition] != dead:
+                return new.owners[partition]
+            if time.monotonic() > deadline:
+                return dead
+            time.sleep(0.1)
+        return dead
 
     # -- seals, errors, lifecycle ------------------------------------------------------------
 
@@ -360,7 +552,7 @@ class Producer:
         if link and batch:
             self._settle(link, batch, None, PartitionLostError(
                 f"worker {owner} left the cluster before it stored these records"
-            ))
+            ), failover=True)
 
     def mark_sealed(self, name: str, epoch: int) -> None:
         with self._cond:
@@ -371,6 +563,9 @@ class Producer:
         with self._cond:
             self._errors.pop(name, None)
             self._failed.pop(name, None)
+            self._routes.pop(name, None)
+            for key in [k for k in self._seq if k[0] == name]:
+                del self._seq[key]
             self._sealed = {s for s in self._sealed if s[0] != name}
 
     def close(self) -> None:
@@ -397,7 +592,7 @@ class _DaskConn(_Conn):
         self.link = link
 
     def send(self, batch: list[_Item]) -> None:
-        reply = sync(self.p._loop, self.p._rpc(self.link.owner).aimss_append, items=_group(batch))
+        reply = sync(self.p._loop, self.p._rpc(self.link.owner).aimss_append, items=_group(batch, self.p.id))
         self.p._settle(self.link, batch, reply)
 
 
@@ -422,7 +617,7 @@ class _RawConn(_Conn):
         with self.lock:
             self.inflight.append(batch)
         try:
-            dataplane.send_buffers(self.sock, dataplane.encode_batch(_group(batch)))
+            dataplane.send_buffers(self.sock, dataplane.encode_batch(_group(batch, self.p.id)))
         except Exception:
             with self.lock:
                 # Not sent: the caller fails this batch; the ack reader the rest.
@@ -448,7 +643,7 @@ class _RawConn(_Conn):
                 rest = list(self.inflight)
                 self.inflight.clear()
             for batch in rest:
-                self.p._settle(self.link, batch, None, _lost(self.link.owner, e))
+                self.p._settle(self.link, batch, None, _lost(self.link.owner, e), failover=True)
             self.window.release(PIPELINE)
 
     def close(self) -> None:
@@ -460,7 +655,8 @@ class _RawConn(_Conn):
         self.sock.close()
 
 
-async def _ask_data_address(rpc: Any, owner: str) -> Any:
+async def ask_data_address(rpc: Any, owner: str) -> Any:
+    """``{"host", "port"}`` of ``owner``'s data plane (None, None: it has none)."""
     # Dask retries a refused connection for its whole connect timeout (30 s by
     # default); an owner that does not answer in 10 s is as good as lost.
     return await asyncio.wait_for(rpc(owner).aimss_data_address(), 10)
@@ -475,7 +671,7 @@ def _lost(owner: str, e: Exception) -> Exception:
     return e
 
 
-def _group(batch: list[_Item]) -> list[dataplane.Group]:
+def _group(batch: list[_Item], producer_id: int = 0) -> list[dataplane.Group]:
     """Consecutive plain records of one partition travel as one group.
 
     A record with an origin travels as a group of its own, the origin as a
@@ -484,19 +680,27 @@ def _group(batch: list[_Item]) -> list[dataplane.Group]:
     partition; ``seq`` numbers any further ones), so a record with the same
     origin as the one before it is a second write, which the owner must see
     as a group of its own to refuse it, however the records were batched.
+    Records of a replicated stream carry ``(producer_id, sequence number)``
+    of the group's first record; a group holds consecutive numbers only.
     """
     groups: list[dataplane.Group] = []
     for it in batch:
         o = it.origin
         if o is not None:
-            groups.append(
-                (it.name, it.epoch, it.partition, [it.record], [it.nbytes], (o.input, o.attempt, o.seq))
-            )
+            g = (it.name, it.epoch, it.partition, [it.record], [it.nbytes], (o.input, o.attempt, o.seq))
+            groups.append(g if it.seq is None else (*g, (producer_id, it.seq)))
             continue
         g = groups[-1] if groups else None
-        if g is not None and g[5] is None and (g[0], g[1], g[2]) == (it.name, it.epoch, it.partition):
+        if (
+            g is not None
+            and g[5] is None
+            and (g[0], g[1], g[2]) == (it.name, it.epoch, it.partition)
+            and (it.seq is None if len(g) == 6 else it.seq == g[6][1] + len(g[3]))
+        ):
             g[3].append(it.record)
             g[4].append(it.nbytes)
-        else:
+        elif it.seq is None:
             groups.append((it.name, it.epoch, it.partition, [it.record], [it.nbytes], None))
+        else:
+            groups.append((it.name, it.epoch, it.partition, [it.record], [it.nbytes], None, (producer_id, it.seq)))
     return groups

@@ -1,0 +1,443 @@
+"""Copies of partitions on other workers: an owner forwards what it stores, in its order.
+
+Replication (issue 19, item 1) is log shipping from the owner, as in Kafka:
+
+- The owner appends a group to its log, then queues it for every replica of
+  the partition, under one lock (:attr:`Replicator.append_lock`), so the
+  queue has the log's order.
+- One sender thread per replica worker pushes its queue, in order, over the
+  data plane (Dask's comms where there is none), batched like a producer's
+  writes. The replica appends each group exactly at the offset it has on
+  the owner (:meth:`~aimss_dask.log.store.LogStore.append_at`): every copy
+  holds the same record at the same offset, so consumer groups' offsets
+  mean the same on any copy.
+- Readers on the owner see a record only once every replica in sync holds
+  it (:meth:`~aimss_dask.log.store.LogStore.commit`, Kafka's high
+  watermark), and the owner answers a writer's batch only then: ``flush()``
+  and ``seal()`` return with every copy stored (``acks=all``).
+- Replica traffic has the back-pressure of pushes: the owner's answer to a
+  writer waits for it, and a replica spills what it receives like any log.
+
+A replica that joins late (placed after a worker died, or left behind by a
+promotion) first catches up from the owner's log (a *sync*) and counts for
+the watermark only once it has: live writes are not held up by a copy being
+rebuilt. A replica that cannot be reached is dropped from its partitions
+here; the coordinator, which sees the worker leave, places another.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed.utils import sync
+
+from aimss_dask.core.errors import AIMSSError, raise_from_wire
+from aimss_dask.core.specs import StreamSpec
+from aimss_dask.log import records as rec
+from aimss_dask.log.store import LogStore
+from aimss_dask.transport import dataplane
+from aimss_dask.transport.producer import ask_data_address
+
+logger = logging.getLogger("aimss_dask")
+
+#: Longest an owner waits for its replicas before it answers a writer with an error (s).
+ACK_TIMEOUT = 120.0
+
+#: Bytes of one catch-up read from the owner's log.
+SYNC_CHUNK = 16 * 2**20
+
+
+@dataclass(eq=False)
+class _Part:
+    """A partition owned here that has replicas."""
+
+    name: str
+    epoch: int
+    p: int
+    #: Replicas that hold everything up to the offset given (they count for the watermark).
+    insync: dict[str, int] = field(default_factory=dict)
+    #: Replicas catching up (a sync is queued for each).
+    joining: set[str] = field(default_factory=set)
+
+    def has(self, dest: str) -> bool:
+        return dest in self.insync or dest in self.joining
+
+
+@dataclass(eq=False)
+class _Ship:
+    part: _Part
+    at: int
+    records: list[Any]
+    sizes: list[int]
+    origin: tuple[int, int, int] | None
+    writer: tuple[int, int] | None
+
+
+@dataclass(eq=False)
+class _Sync:
+    part: _Part
+
+
+@dataclass(eq=False)
+class _Dest:
+    address: str
+    queue: deque[_Ship | _Sync] = field(default_factory=deque)
+    thread: threading.Thread | None = None
+
+
+class Replicator:
+    """The replicas of the partitions one worker owns: forwards, catches up, keeps the watermark.
+
+    ``store``: the owner's log. ``loop`` and ``rpc``: the worker's, to reach
+    replicas over Dask's comms where the data plane is not used.
+    """
+
+    def __init__(
+        self,
+        store: LogStore,
+        *,
+        loop: Any,
+        rpc: Any,
+        address: str,
+        batch_size: int,
+        data_plane: bool,
+    ) -> None:
+        self.store = store
+        self._loop = loop
+        self._rpc = rpc
+        self.address = address
+        self._batch_size = batch_size
+        self._data_plane = data_plane
+        #: Held around an append to a replicated partition and its queueing,
+        #: so queues keep the log's order.
+        self.append_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._parts: dict[tuple[str, int], _Part] = {}
+        self._names: dict[str, int] = {}  # stream -> partitions tracked here
+        self._dests: dict[str, _Dest] = {}
+        self.closed = False
+        #: Counters for status(): groups and records sent, catch-ups done.
+        self.stats = {"replica_records_sent": 0, "replica_syncs": 0, "replicas_dropped": 0}
+
+    # -- configuration (the event loop) ---------------------------------------------------
+
+    def tracks(self, name: str) -> bool:
+        """Whether partitions of ``name`` owned here have replicas (a dict lookup)."""
+        return name in self._names
+
+    def configure(self, spec: StreamSpec, fresh: bool = False) -> None:
+        """The partitions of ``spec`` owned here and their replicas, as the coordinator placed them.
+
+        ``fresh``: a new stream, whose replicas were opened empty before
+        this owner: they are in sync from the start. Otherwise replicas new
+        to a partition catch up first. Replicas no longer listed are
+        dropped; a partition left without any shows every record to readers.
+        """
+        with self.append_lock, self._cond:
+            for p in range(spec.partitions):
+                key = (spec.name, p)
+                part = self._parts.get(key)
+                mine = spec.owners[p] == self.address
+                want = set(spec.replicas_of(p)) if mine else set()
+                if not want:
+                    if part is not None:
+                        self._untrack(key)
+                        self.store.commit(spec.name, None, p, None)
+                    continue
+                if part is None:
+                    part = self._parts[key] = _Part(spec.name, spec.epoch, p)
+                    self._names[spec.name] = self._names.get(spec.name, 0) + 1
+                    self.store.hold_back(spec.name, spec.epoch, [p])
+                part.epoch = max(part.epoch, spec.epoch)
+                for dest in list(part.insync) + list(part.joining):
+                    if dest not in want:
+                        part.insync.pop(dest, None)
+                        part.joining.discard(dest)
+                for dest in want - set(part.insync) - part.joining:
+                    if fresh:
+                        part.insync[dest] = self.store.bounds(spec.name, spec.epoch, p)[0]
+                    else:
+                        part.joining.add(dest)
+                        self._queue(dest).append(_Sync(part))
+                self._advance(part)
+            self._cond.notify_all()
+
+    def forget(self, name: str, partitions: list[int] | None = None) -> None:
+        """Partitions of ``name`` (None: all) were sealed or dropped here: nothing more to send."""
+        with self.append_lock, self._cond:
+            keys = [k for k in self._parts if k[0] == name and (partitions is None or k[1] in partitions)]
+            parts = {id(self._parts[k]) for k in keys}
+            for key in keys:
+                self._untrack(key)
+            for d in self._dests.values():
+                d.queue = deque(e for e in d.queue if id(e.part) not in parts)
+
+    def _untrack(self, key: tuple[str, int]) -> None:
+        del self._parts[key]
+        n = self._names[key[0]] - 1
+        if n:
+            self._names[key[0]] = n
+        else:
+            del self._names[key[0]]
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    # -- appends (receiver and task threads, under append_lock) ------------------------------
+
+    def shipped(
+        self,
+        name: str,
+        p: int,
+        first: int,
+        records: list[Any],
+        sizes: list[int],
+        origin: tuple[int, int, int] | None = None,
+        writer: tuple[int, int] | None = None,
+    ) -> None:
+        """``records`` were appended at ``first``: queue them for the partition's replicas.
+
+        Call with :attr:`append_lock` held since before the append.
+        """
+        part = self._parts.get((name, p))
+        if part is None or not records:
+            return
+        with self._cond:
+            ship = _Ship(part, first, list(records), list(sizes), origin, writer)
+            dests = list(part.insync) + list(part.joining)
+            for dest in dests:
+                self._queue(dest).append(ship)
+            if not part.insync:
+                self._advance(part)
+            self._cond.notify_all()
+
+    def wait(self, name: str, epoch: int | None, p: int, end: int) -> bool:
+        """Block until readers of ``p`` may see up to ``end`` (every copy holds it); False on timeout."""
+        return self.store.wait(name, epoch, p, end - 1, ACK_TIMEOUT)
+
+    def wait_all(self, names: list[str] | None = None) -> None:
+        """Block until every record stored here so far in partitions of ``names`` (None: all) is on every copy."""
+        with self._cond:
+            todo = [
+                (part.name, part.epoch, part.p)
+                for part in self._parts.values()
+                if names is None or part.name in names
+            ]
+        for name, epoch, p in todo:
+            try:
+                end = self.store.held(name, epoch, p)
+            except AIMSSError:
+                continue  # dropped meanwhile
+            self.wait(name, epoch, p, end)
+
+    # -- senders (one thread per replica worker) -------------------------------------------
+
+    def _queue(self, dest: str) -> deque[_Ship | _Sync]:
+        """``dest``'s queue, its sender started (hold ``_cond``)."""
+        d = self._dests.get(dest)
+        if d is None:
+            d = self._dests[dest] = _Dest(dest)
+        if d.thread is None:
+            d.thread = threading.Thread(
+                target=self._run, args=(d,), name=f"aimss-replicate-{dest}", daemon=True
+            )
+            d.thread.start()
+        return d.queue
+
+    def _advance(self, part: _Part) -> None:
+        """Readers may see what every replica in sync holds (hold ``_cond``)."""
+        try:
+            held = self.store.held(part.name, part.epoch, part.p)
+        except AIMSSError:
+            return
+        upto = min([held, *part.insync.values()])
+        self.store.commit(part.name, part.epoch, part.p, upto)
+
+    def _next(self, d: _Dest) -> list[_Ship] | _Sync | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.closed or bool(d.queue))
+            if self.closed:
+                return None
+            if isinstance(d.queue[0], _Sync):
+                return d.queue.popleft()  # type: ignore[return-value]
+            batch: list[_Ship] = []
+            size = 0
+            while d.queue and isinstance(d.queue[0], _Ship) and (
+                not batch or size + sum(d.queue[0].sizes) <= self._batch_size
+            ):
+                ship = d.queue.popleft()
+                assert isinstance(ship, _Ship)
+                batch.append(ship)
+                size += sum(ship.sizes)
+            return batch
+
+    def _run(self, d: _Dest) -> None:
+        conn: socket.socket | None = None
+        try:
+            while True:
+                work = self._next(d)
+                if work is None:
+                    return
+                if isinstance(work, _Sync):
+                    try:
+                        conn = self._sync(d, work.part, conn)
+                    except AIMSSError as e:  # about this stream only (dropped there, say)
+                        logger.warning(
+                            "aimss: catching up replica %s of %r partition %d failed (%s); "
+                            "it no longer counts as a copy", d.address, work.part.name, work.part.p, e,
+                        )
+                        with self._cond:
+                            self._drop(work.part, d.address)
+                else:
+                    conn = self._send(d, [s for s in work if s.part.has(d.address)], conn)
+        except Exception as e:
+            self._lost(d, e)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _send(self, d: _Dest, ships: list[_Ship], conn: socket.socket | None) -> socket.socket | None:
+        """Send groups to ``d``; the replicas that hold them count up to their end."""
+        if not ships:
+            return conn
+        groups = []
+        for s in ships:
+            sers = [rec.encode(r, s.part.name)[0] for r in s.records]
+            groups.append((s.part.name, s.part.epoch, s.part.p, sers, s.sizes, s.origin, s.writer, s.at))
+        reply, conn = self._transmit(d, groups, conn)
+        errors = reply.get("errors") or {}
+        with self._cond:
+            for s in ships:
+                part = s.part
+                err = errors.get(part.name)
+                if err is None:
+                    if d.address in part.insync:
+                        part.insync[d.address] = max(part.insync[d.address], s.at + len(s.records))
+                    self._advance(part)
+                elif err[0] == "ReplicaGapError" and part.has(d.address) and self._parts.get((part.name, part.p)) is part:
+                    # It missed records (a copy it dropped): catch up again.
+                    if d.address in part.insync:
+                        del part.insync[d.address]
+                        part.joining.add(d.address)
+                        d.queue.appendleft(_Sync(part))
+                        self._advance(part)
+                elif part.has(d.address):
+                    logger.warning(
+                        "aimss: replica %s refused partition %d of %r (%s: %s); it no longer counts as a copy",
+                        d.address, part.p, part.name, *err,
+                    )
+                    self._drop(part, d.address)
+            self.stats["replica_records_sent"] += sum(len(s.records) for s in ships)
+            self._cond.notify_all()
+        return conn
+
+    def _sync(self, d: _Dest, part: _Part, conn: socket.socket | None) -> socket.socket | None:
+        """Bring replica ``d`` of ``part`` up to what this owner holds, then count it."""
+        name, p = part.name, part.p
+        theirs = self._replica_end(d.address, name, p)
+        if theirs is None:
+            with self._cond:
+                self._drop(part, d.address)
+            return conn
+        # What we hold now; queued ships (already past it or not) follow.
+        with self.append_lock:
+            try:
+                start, held = self.store.bounds(name, part.epoch, p)[0], self.store.held(name, part.epoch, p)
+                sealed = self.store.bounds(name, part.epoch, p)[2]
+            except AIMSSError:
+                return conn
+        if theirs > held:
+            # It holds records the owner that died copied to it but not to
+            # us; no reader saw them (they were not on every copy).
+            self._ask(d.address, "aimss_truncate", name=name, epoch=part.epoch, partition=p, end=held)
+            theirs = held
+        if theirs < start:
+            # This owner trimmed records every reader had passed: the copy
+            # starts where this log starts (refused unless it is empty).
+            self._ask(d.address, "aimss_replica_start", name=name, epoch=part.epoch, partition=p, start=start)
+            theirs = start
+        offset = theirs
+        while offset < held:
+            records, _, _ = self.store.read(name, part.epoch, p, offset, SYNC_CHUNK, upto=held)
+            if not records:
+                break
+            sizes = [rec.encode(r, name)[1] for r in records]
+            ship = _Ship(part, offset, records, sizes, None, None)
+            conn = self._send_plain(d, ship, conn)
+            offset += len(records)
+        if sealed:
+            self._ask(d.address, "aimss_seal_partitions", name=name, epoch=part.epoch, partitions=[p])
+        with self._cond:
+            if d.address in part.joining:
+                part.joining.discard(d.address)
+                part.insync[d.address] = held
+                self._advance(part)
+            self.stats["replica_syncs"] += 1
+            self._cond.notify_all()
+        return conn
+
+    def _send_plain(self, d: _Dest, ship: _Ship, conn: socket.socket | None) -> socket.socket | None:
+        sers = [rec.encode(r, ship.part.name)[0] for r in ship.records]
+        group = (ship.part.name, ship.part.epoch, ship.part.p, sers, ship.sizes, None, None, ship.at)
+        reply, conn = self._transmit(d, [group], conn)
+        err = (reply.get("errors") or {}).get(ship.part.name)
+        if err is not None:
+            raise AIMSSError(f"replica {d.address} refused a catch-up copy: {err[0]}: {err[1]}")
+        with self._cond:
+            self.stats["replica_records_sent"] += len(ship.records)
+        return conn
+
+    def _transmit(self, d: _Dest, groups: list[Any], conn: socket.socket | None) -> tuple[dict[str, Any], socket.socket | None]:
+        if self._data_plane and d.address.startswith("tcp://"):
+            if conn is None:
+                addr = raise_from_wire(
+                    sync(self._loop, ask_data_address, self._rpc, d.address), "aimss_data_address"
+                )
+                if addr.get("host"):
+                    conn = socket.create_connection((addr["host"], addr["port"]))
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if conn is not None:
+                dataplane.send_buffers(conn, dataplane.encode_batch(groups))
+                return dataplane.read_ack(conn), conn
+        reply = sync(self._loop, lambda: self._rpc(d.address).aimss_append(items=groups))
+        return raise_from_wire(reply, "aimss_append"), conn
+
+    def _replica_end(self, dest: str, name: str, p: int) -> int | None:
+        """The end of ``dest``'s copy of partition ``p`` of ``name``; None if it holds none."""
+        reply = self._ask(dest, "aimss_stream_stats", name=name)
+        for q, st in (reply or {}).get("partitions", []):
+            if q == p:
+                return int(st["records"])
+        return None
+
+    def _ask(self, dest: str, op: str, **kwargs: Any) -> Any:
+        async def call() -> Any:
+            return await getattr(self._rpc(dest), op)(**kwargs)
+
+        return raise_from_wire(sync(self._loop, call), op)
+
+    def _drop(self, part: _Part, dest: str) -> None:
+        """``dest`` no longer holds a copy of ``part`` (hold ``_cond``)."""
+        part.insync.pop(dest, None)
+        part.joining.discard(dest)
+        self.stats["replicas_dropped"] += 1
+        self._advance(part)
+
+    def _lost(self, d: _Dest, e: Exception) -> None:
+        """Replica worker ``d`` cannot be reached: it holds no copy of anything any more."""
+        if not self.closed:
+            logger.warning("aimss: replica %s is unreachable (%r); copies there no longer count", d.address, e)
+        with self._cond:
+            if self._dests.get(d.address) is d:
+                del self._dests[d.address]
+            for part in self._parts.values():
+                if part.has(d.address):
+                    self._drop(part, d.address)
+            self._cond.notify_all()
