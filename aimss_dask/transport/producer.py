@@ -201,6 +201,8 @@ class Producer:
                 owner = route.owners[partition]  # a replica took over from a dead owner
             if spec.epoch <= self._dead.get(owner, 0):
                 owner = self._route(spec, partition)
+            if owner != spec.owners[partition]:
+                self._behind_resent(spec.owners[partition], spec.name, partition)
         if spec.epoch <= self._dead.get(owner, 0) and not spec.replicas:
             raise PartitionLostError(
                 f"partition {partition} of stream {spec.name!r} was lost with its "
@@ -478,6 +480,38 @@ class Producer:
             self._rerouting -= 1
             self._cond.notify_all()
         self.budget.release(it.nbytes)
+
+    def _behind_resent(self, dead: str, name: str, partition: int) -> None:
+        """Before a write goes to the owner that took over: older writes of the partition go first.
+
+        What is still queued for (or on the wire to) the dead owner fails
+        there and is sent again; a newer write must not overtake it, or the
+        partition's order would differ from the writer's.
+        """
+        with self._cond:
+            link = self._links.get(dead)
+            if link is not None:
+                stuck = [it for it in link.pending if it.name == name and it.partition == partition and it.seq is not None]
+                if stuck:
+                    ids = {id(it) for it in stuck}
+                    link.pending = deque(it for it in link.pending if id(it) not in ids)
+                    link.pending_bytes -= sum(it.nbytes for it in stuck)
+                    link.acked += len(stuck)
+                    self._orphans.extend((dead, it) for it in stuck)
+                    self._rerouting += sum(1 for it in stuck if not it.rerouted)
+                    if self._rerouter is None:
+                        self._rerouter = threading.Thread(target=self._reroute, name="aimss-push-failover", daemon=True)
+                        self._rerouter.start()
+            deadline = time.monotonic() + FAILOVER_TIMEOUT
+
+            def older_pending() -> bool:
+                if any(it.name == name and it.partition == partition for _, it in self._orphans):
+                    return True
+                lk = self._links.get(dead)
+                return lk is not None and lk.acked < lk.written  # in flight to the dead owner
+
+            while not self.closed and older_pending() and time.monotonic() < deadline:
+                self._cond.wait(0.05)
 
     def _route(self, spec: StreamSpec, partition: int) -> str:
         """The live owner of ``partition`` of a replicated ``spec`` whose owner there died.
