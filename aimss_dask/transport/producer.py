@@ -410,7 +410,9 @@ class Producer:
                 if self.closed or not self._orphans:
                     self._rerouter = None
                     return
-                orphans, self._orphans = self._orphans, []
+                # Left in place while resolved: a newer write of their
+                # partition waits behind them (_behind_resent).
+                orphans = list(self._orphans)
             names = sorted({it.name for _, it in orphans})
             left: list[tuple[str, _Item]] = []
             for name in names:
@@ -426,7 +428,9 @@ class Producer:
                     else:
                         left.append((dead, it))
             with self._cond:
-                self._orphans = left + self._orphans
+                taken = {id(o) for o in orphans}
+                self._orphans = left + [o for o in self._orphans if id(o) not in taken]
+                self._cond.notify_all()
                 if left:
                     self._cond.wait(0.1)
 
