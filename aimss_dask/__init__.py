@@ -43,6 +43,7 @@ from aimss_dask.core.errors import (
     StreamExistsError,
     StreamNotFoundError,
     StreamSealedError,
+    WriteOrderError,
 )
 from aimss_dask.shuffle import merge, rechunk, shuffle
 from aimss_dask.sink.array import to_zarr
@@ -76,6 +77,7 @@ __all__ = [
     "StreamExistsError",
     "StreamNotFoundError",
     "StreamSealedError",
+    "WriteOrderError",
     "create_stream",
     "destroy_stream",
     "from_zarr",

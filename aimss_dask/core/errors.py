@@ -116,6 +116,17 @@ class ReplicaGapError(AIMSSError, RuntimeError):
     """A copy of a partition was sent from an offset past the replica's end (it missed records)."""
 
 
+class WriteOrderError(AIMSSError, RuntimeError):
+    """Records of a writer reached a replicated partition's owner out of order.
+
+    Writes to a replicated stream carry their writer's sequence numbers so
+    that an owner drops a record the writer sends again after a failover. A
+    batch that skips numbers would make the records in between look stored
+    when they are not, so it is refused whole, and the writer is told,
+    rather than losing them silently.
+    """
+
+
 class DuplicateOriginError(AIMSSError, RuntimeError):
     """Two different groups of records carry the same origin.
 
@@ -152,6 +163,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         SpillCorruptionError,
         DuplicateOriginError,
         ReplicaGapError,
+        WriteOrderError,
     )
 }
 

@@ -146,6 +146,7 @@ class AIMSSWorker(WorkerPlugin):
             address=worker.address,
             batch_size=self.config.batch_size,
             data_plane=self.config.transport == "auto",
+            writers=self.writers,
         )
         self.producer = Producer(
             worker.loop,
@@ -386,7 +387,9 @@ class AIMSSWorker(WorkerPlugin):
                 # must hold the same state, so that this copy, if it becomes
                 # the owner, drops what the old one would have.
                 if writer is not None:
-                    self.writers.admit(name, partition, (int(writer[0]), int(writer[1] + skip)), len(records) - skip)
+                    self.writers.admit(
+                        name, partition, (int(writer[0]), int(writer[1] + skip)), len(records) - skip, strict=False
+                    )
                 if origin is not None and not self.origins.admit(name, epoch, partition, Origin(*origin)):
                     logger.warning(
                         "aimss: the copy of %r partition %d here disagrees with its owner on origin %s",
@@ -541,6 +544,13 @@ class AIMSSWorker(WorkerPlugin):
         """The empty copy here of a partition whose owner trimmed its head starts where the owner's log does."""
         assert self.store is not None
         self.store.rebase(name, epoch, partition, start)
+
+    @replies
+    async def _h_replica_writers(self, name: str, partition: int, table: list[tuple[int, int]]) -> None:
+        """What the owner's writer filter knew when this copy caught up (its copies carried no writer tags)."""
+        assert self.replicator is not None
+        with self.replicator.append_lock:
+            self.writers.merge(name, partition, dict(table))
 
     @replies
     async def _h_truncate(self, name: str, epoch: int, partition: int, end: int) -> dict[str, Any]:
@@ -750,6 +760,7 @@ _HANDLERS = (
     "open",
     "recover",
     "replica_start",
+    "replica_writers",
     "truncate",
     "data_address",
     "append",

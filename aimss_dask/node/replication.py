@@ -40,6 +40,7 @@ from aimss_dask.core.errors import AIMSSError, raise_from_wire
 from aimss_dask.core.specs import StreamSpec
 from aimss_dask.log import records as rec
 from aimss_dask.log.store import LogStore
+from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import dataplane
 from aimss_dask.transport.producer import ask_data_address
 
@@ -93,8 +94,10 @@ class _Dest:
 class Replicator:
     """The replicas of the partitions one worker owns: forwards, catches up, keeps the watermark.
 
-    ``store``: the owner's log. ``loop`` and ``rpc``: the worker's, to reach
-    replicas over Dask's comms where the data plane is not used.
+    ``store``: the owner's log. ``writers``: its filter of writers' sequence
+    numbers, handed to a copy that catches up. ``loop`` and ``rpc``: the
+    worker's, to reach replicas over Dask's comms where the data plane is
+    not used.
     """
 
     def __init__(
@@ -106,8 +109,10 @@ class Replicator:
         address: str,
         batch_size: int,
         data_plane: bool,
+        writers: WriterSeqs | None = None,
     ) -> None:
         self.store = store
+        self._writers = writers
         self._loop = loop
         self._rpc = rpc
         self.address = address
@@ -353,6 +358,7 @@ class Replicator:
                 sealed = self.store.bounds(name, part.epoch, p)[2]
             except AIMSSError:
                 return conn
+            table = self._writers.table(name, p) if self._writers is not None else {}
         if theirs > held:
             # It holds records the owner that died copied to it but not to
             # us; no reader saw them (they were not on every copy).
@@ -372,6 +378,10 @@ class Replicator:
             ship = _Ship(part, offset, records, sizes, None, None)
             conn = self._send_plain(d, ship, conn)
             offset += len(records)
+        if table:
+            # The catch-up copies carry no writer tags: without this, the
+            # copy, become owner, would store a writer's re-sent records twice.
+            self._ask(d.address, "aimss_replica_writers", name=name, partition=p, table=sorted(table.items()))
         if sealed:
             self._ask(d.address, "aimss_seal_partitions", name=name, epoch=part.epoch, partitions=[p])
         with self._cond:

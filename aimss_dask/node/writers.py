@@ -10,11 +10,14 @@ records below it are stored already and are dropped. Replicas apply the same
 rule to the copies they receive, so a replica that becomes owner knows what
 it holds.
 
-Plain data, no lock: callers hold the lock that orders appends to a
+A batch that skips numbers is refused (records would be lost silently
+otherwise). Plain data, no lock: callers hold the lock that orders appends to a
 replicated partition (:class:`aimss_dask.node.replication.Replicator`).
 """
 
 from __future__ import annotations
+
+from aimss_dask.core.errors import WriteOrderError
 
 
 class WriterSeqs:
@@ -23,27 +26,55 @@ class WriterSeqs:
     Examples
     --------
     >>> w = WriterSeqs()
-    >>> w.admit("s", 0, (7, 0), 3), w.admit("s", 0, (7, 1), 3), w.admit("s", 0, (7, 5), 1)
+    >>> w.admit("s", 0, (7, 0), 3), w.admit("s", 0, (7, 1), 3), w.admit("s", 0, (7, 4), 2)
     (0, 2, 0)
     >>> w.admit("s", 0, (7, 0), 6)  # all six are stored already
     6
+    >>> w.admit("s", 0, (7, 9), 1)  # 6 to 8 never arrived
+    Traceback (most recent call last):
+    ...
+    aimss_dask.core.errors.WriteOrderError: writer 7 sent records of 's' partition 0 from sequence number 9, but the next one stored here is 6: ...
     """
 
     def __init__(self) -> None:
         self._next: dict[str, dict[int, dict[int, int]]] = {}
 
-    def admit(self, name: str, partition: int, writer: tuple[int, int], n: int) -> int:
+    def admit(
+        self, name: str, partition: int, writer: tuple[int, int], n: int, strict: bool = True
+    ) -> int:
         """``n`` records from ``writer`` = ``(id, first sequence number)``: how many at the head to drop.
 
-        A gap (a number past the next expected) is accepted: records in
-        between failed where they were sent, and their writer was told.
+        A writer seen before must go on from the next number: a gap would
+        make the records in between look stored, so ``strict`` refuses it
+        (:class:`~aimss_dask.core.errors.WriteOrderError`) and nothing
+        changes. A copy from the owner passes ``strict=False``: the owner
+        checked already. A writer not seen here (a new one, or a log this
+        worker re-created empty) starts anywhere.
         """
         wid, first = writer
         seqs = self._next.setdefault(name, {}).setdefault(partition, {})
-        expected = seqs.get(wid, 0)
+        expected = seqs.get(wid)
+        if strict and expected is not None and first > expected:
+            raise WriteOrderError(
+                f"writer {wid} sent records of {name!r} partition {partition} from sequence "
+                f"number {first}, but the next one stored here is {expected}: the records in "
+                "between did not arrive, so these are refused; this is a bug in aimss_dask, "
+                "please report it"
+            )
+        expected = expected or 0
         skip = min(n, max(0, expected - first))
         seqs[wid] = max(expected, first + n)
         return skip
+
+    def table(self, name: str, partition: int) -> dict[int, int]:
+        """Writer id -> next sequence number, for a copy that catches up."""
+        return dict(self._next.get(name, {}).get(partition, {}))
+
+    def merge(self, name: str, partition: int, table: dict[int, int]) -> None:
+        """Learn an owner's :meth:`table` (the numbers only grow)."""
+        seqs = self._next.setdefault(name, {}).setdefault(partition, {})
+        for wid, nxt in table.items():
+            seqs[int(wid)] = max(seqs.get(int(wid), 0), int(nxt))
 
     def forget(self, name: str) -> None:
         self._next.pop(name, None)

@@ -203,6 +203,8 @@ class Producer:
                 owner = self._route(spec, partition)
             if owner != spec.owners[partition]:
                 self._behind_resent(spec.owners[partition], spec.name, partition)
+            elif self._orphans:
+                self._behind_resent(None, spec.name, partition)  # a handle that names the new owner
         if spec.epoch <= self._dead.get(owner, 0) and not spec.replicas:
             raise PartitionLostError(
                 f"partition {partition} of stream {spec.name!r} was lost with its "
@@ -411,12 +413,23 @@ class Producer:
                     self._rerouter = None
                     return
                 # Left in place while resolved: a newer write of their
-                # partition waits behind them (_behind_resent).
-                orphans = list(self._orphans)
+                # partition waits behind them (_behind_resent). Batches still
+                # on the wire to a dead owner may be older than its orphans
+                # (a pipelined connection fails them in another thread): its
+                # orphans wait until they have joined them.
+                orphans = [o for o in self._orphans if not self._in_flight(o[0])]
+                if not orphans:
+                    self._cond.wait(0.05)
+                    continue
             names = sorted({it.name for _, it in orphans})
             left: list[tuple[str, _Item]] = []
             for name in names:
-                mine = [(o, it) for o, it in orphans if it.name == name]
+                # In the writer's order: the new owner drops a number it has
+                # passed, and refuses one past the next it expects.
+                mine = sorted(
+                    ((o, it) for o, it in orphans if it.name == name),
+                    key=lambda o: (o[1].partition, o[1].seq or 0),
+                )
                 spec, lost = self._ask_spec(name)
                 first = deadline.setdefault(name, time.monotonic() + FAILOVER_TIMEOUT)
                 for dead, it in mine:
@@ -433,6 +446,11 @@ class Producer:
                 self._cond.notify_all()
                 if left:
                     self._cond.wait(0.1)
+
+    def _in_flight(self, owner: str) -> int:
+        """Writes sent to ``owner`` and not settled yet (hold ``_cond``)."""
+        link = self._links.get(owner)
+        return link.written - link.acked - len(link.pending) if link is not None else 0
 
     def _ask_spec(self, name: str) -> tuple[StreamSpec | None, set[int]]:
         if self._resolve is None:
@@ -485,15 +503,17 @@ class Producer:
             self._cond.notify_all()
         self.budget.release(it.nbytes)
 
-    def _behind_resent(self, dead: str, name: str, partition: int) -> None:
+    def _behind_resent(self, dead: str | None, name: str, partition: int) -> None:
         """Before a write goes to the owner that took over: older writes of the partition go first.
 
         What is still queued for (or on the wire to) the dead owner fails
         there and is sent again; a newer write must not overtake it, or the
-        partition's order would differ from the writer's.
+        partition's order would differ from the writer's. ``dead`` None: the
+        writer's handle names the new owner already; only the writes
+        waiting to be sent again are waited for.
         """
         with self._cond:
-            link = self._links.get(dead)
+            link = self._links.get(dead) if dead is not None else None
             if link is not None:
                 stuck = [it for it in link.pending if it.name == name and it.partition == partition and it.seq is not None]
                 if stuck:
@@ -511,7 +531,7 @@ class Producer:
             def older_pending() -> bool:
                 if any(it.name == name and it.partition == partition for _, it in self._orphans):
                     return True
-                lk = self._links.get(dead)
+                lk = self._links.get(dead) if dead is not None else None
                 return lk is not None and lk.acked < lk.written  # in flight to the dead owner
 
             while not self.closed and older_pending() and time.monotonic() < deadline:
