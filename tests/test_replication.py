@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -95,3 +96,126 @@ def test_a_replica_takes_over_from_a_killed_owner_and_loses_nothing(cluster3):
     assert sorted(int(r[0]) for r in aimss_dask.read_from("rep-kill")) == list(range(600))
     assert any(e.get("action") == "replicas-promoted" for _, e in client.get_events("aimss"))
     aimss_dask.destroy_stream("rep-kill")
+
+
+def test_a_copy_catching_up_is_not_promoted_and_one_in_sync_is():
+    st = CoordinatorState()
+    s, _ = st.create("s", 1, ["a", "b", "c"], replication=2)
+    assert s.replicas == (("b",),)
+    _, new = st.promote("b", ["a", "c"])[0]  # the replica died: c is placed, catching up
+    assert new.replicas == (("c",),) and not st.in_sync("s", 0, "c")
+    st.commit_promotion(s, new)
+    # A word from an older owner epoch, or an older word, changes nothing.
+    st.replica_state("s", s.epoch, 0, "c", 5, True)
+    assert not st.in_sync("s", 0, "c")
+    st.replica_state("s", new.epoch, 0, "c", 7, True)
+    st.replica_state("s", new.epoch, 0, "c", 6, False)  # overtaken on the wire
+    assert st.in_sync("s", 0, "c")
+    assert [n.owners for _, n in st.promote("a", ["c"])] == [("c",)]  # a plan, not applied
+    # Its owner dropped the copy: it is not promoted any more (lost, named).
+    st.replica_state("s", new.epoch, 0, "c", 8, False)
+    assert [n.owners for _, n in st.promote("a", ["c"])] == [("a",)]
+
+
+def _kill(client: Client, address: str) -> None:
+    os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
+
+
+def _wait(predicate, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster4():
+    with LocalCluster(n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        yield client
+
+
+def test_a_killed_replica_is_replaced_and_the_new_copy_takes_over_from_the_owner(cluster4):
+    client = cluster4
+    s = aimss_dask.create_stream("rep-twice", 2, replication=2)
+    for i in range(400):
+        s.write(np.full(100, i), partition=i % 2)
+    s.flush()
+    owner, (replica,) = s.spec.owners[0], s.spec.replicas[0]
+    syncs = sum(w.get("replica_syncs", 0) for w in aimss_dask.status().values())
+    _kill(client, replica)
+    # Another worker gets a copy, catches up from the owner's log, and only
+    # then may take over.
+    info = _wait(
+        lambda: (i := s.info())["in_sync"][0] and replica not in i["replicas"][0] and i,
+        "a new copy of partition 0 in sync",
+    )
+    (new_copy,) = info["in_sync"][0]
+    assert new_copy not in (owner, replica) and info["owners"][0] == owner
+    assert sum(w.get("replica_syncs", 0) for w in aimss_dask.status().values()) > syncs
+    for i in range(400, 600):
+        s.write(np.full(100, i), partition=i % 2)
+    s.flush()
+    _kill(client, owner)  # the second kill: the copy made after the first takes over
+    for i in range(600, 700):
+        s.write(np.full(100, i), partition=i % 2)
+    s.flush()
+    s.seal()
+    after = s.info()
+    assert after["lost"] == [] and after["owners"][0] == new_copy
+    assert after["records"] == [350, 350]
+    assert sorted(int(r[0]) for r in aimss_dask.read_from("rep-twice")) == list(range(700))
+    aimss_dask.destroy_stream("rep-twice")
+
+
+def test_an_owner_killed_while_its_new_copy_catches_up_is_lost_loudly_or_taken_over_whole(cluster4):
+    """Whichever the kill lands on, never a copy shorter than what was written."""
+    client = cluster4
+    _wait(lambda: len(client.scheduler_info()["workers"]) == 4, "4 workers")
+    s = aimss_dask.create_stream("rep-race", 1, replication=2)
+    for i in range(64):
+        s.write(np.full(2**17, i), partition=0)  # 1 MiB each: the catch-up takes a while
+    s.flush()
+    owner, (replica,) = s.spec.owners[0], s.spec.replicas[0]
+    _kill(client, replica)
+    _wait(lambda: replica not in s.info()["replicas"][0], "a new copy placed")
+    _kill(client, owner)
+    info = _wait(lambda: (i := s.info())["owners"][0] != owner or i["lost"], "the owner's loss handled")
+    if info["lost"]:
+        with pytest.raises(aimss_dask.PartitionLostError) as e:
+            list(aimss_dask.read_from("rep-race", partition=0, timeout=5))
+        assert 0 in e.value.lost
+    else:
+        got = []
+        with pytest.raises(aimss_dask.ReadTimeoutError):
+            for r in aimss_dask.read_from("rep-race", partition=0, timeout=3):
+                got.append(int(r[0]))
+        assert got == list(range(64))
+    aimss_dask.destroy_stream("rep-race")
+
+
+def test_fewer_workers_than_copies_is_a_warning_and_a_status_flag(cluster3):
+    client = cluster3
+    _wait(lambda: len(client.scheduler_info()["workers"]) == 3, "3 workers")
+    s = aimss_dask.create_stream("rep-short", 2, replication=3)
+    for i in range(20):
+        s.write(i, partition=i % 2)
+    s.flush()
+    _kill(client, s.spec.replicas[0][0])
+    _wait(
+        lambda: any(e.get("action") == "under-replicated" and e.get("stream") == "rep-short"
+                    for _, e in client.get_events("aimss")),
+        "the under-replicated event",
+    )
+    (entry,) = [x for x in aimss_dask.status().streams if x["name"] == "rep-short"]
+    assert entry["under_replicated"] == [0, 1] and entry["replication"] == 3
+    # Nothing fails: the stream takes writes and reads as before.
+    s.write(20, partition=0)
+    s.flush()
+    s.seal()
+    assert sorted(aimss_dask.read_from("rep-short")) == list(range(21))
+    aimss_dask.destroy_stream("rep-short")

@@ -169,7 +169,11 @@ class Stream:
         Keys: ``name``, ``partitions``, ``owners``, ``sealed``, ``records``
         and ``bytes`` (one entry per partition), ``spilled_bytes``, ``groups``
         (committed offsets per consumer group), plus ``epoch``, ``parent``,
-        ``persist`` and ``lost``.
+        ``persist`` and ``lost``. Replication: ``replication`` (copies asked
+        for), ``replicas`` (per partition, the workers holding a copy other
+        than its owner) and ``in_sync`` (those of them that hold every record
+        readers may have seen, and so may take over if the owner dies; a copy
+        placed after a loss joins once it has caught up).
         """
         return _plain(current("info").scheduler_op("info", name=self.name)["info"])
 

@@ -98,9 +98,8 @@ class Promotions:
         short = sorted(p for p in range(new.partitions) if len(new.holders(p)) < old.replication)
         logger.warning(
             "aimss: stream %r lost the copies on %s; partitions %s now owned by a replica, new copies placed on %s",
-            old.name, worker, took, sorted({w for p in range(new.partitions) for w in new.replicas_of(p)} - {
-                w for p in range(old.partitions) for w in old.holders(p)
-            }),
+            old.name, worker, took,
+            sorted({w for p in range(new.partitions) for w in new.replicas_of(p) if w not in old.holders(p)}),
         )
         self.ops.event({"action": "replicas-promoted", "stream": old.name, "worker": worker, "partitions": took})
         if short:

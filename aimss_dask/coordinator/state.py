@@ -44,6 +44,12 @@ class CoordinatorState:
     #: name -> the epoch at which a recovery last re-created lost partitions,
     #: empty (a seal tagged with an older epoch would end them unfilled).
     recreated: dict[str, int] = field(default_factory=dict)
+    #: ``(name, partition, replica)`` -> ``(epoch, seq, in_sync)``: the newest
+    #: word on a copy that is not, or was not, known to hold every record
+    #: readers may have seen (placed and catching up, or dropped by its
+    #: owner). Such a copy is never promoted. No entry: in sync (placed with
+    #: its stream, empty). See :meth:`replica_state`.
+    replica_marks: dict[tuple[str, int, str], tuple[int, int, bool]] = field(default_factory=dict)
     #: Epoch of the newest stream made here. Epochs grow across every stream
     #: of the cluster, so "streams made before X" is "epoch <= last_epoch at X".
     last_epoch: int = 0
@@ -179,6 +185,7 @@ class CoordinatorState:
         self.bounds.pop(name, None)
         self.released.pop(name, None)
         self.recreated.pop(name, None)
+        self.replica_marks = {k: v for k, v in self.replica_marks.items() if k[0] != name}
         removed.append(spec)
         return removed
 
@@ -250,6 +257,17 @@ class CoordinatorState:
         (('a', 'b'), (('c',), ('a',)))
         >>> [(new.owners, new.replicas) for _, new in st.promote("a", ["b", "c"])]
         [(('c', 'b'), (('b',), ('c',)))]
+
+        A copy still catching up (or dropped by its owner) is not promoted:
+
+        >>> st = CoordinatorState()
+        >>> s, _ = st.create("s", 1, ["a", "b", "c"], replication=2)
+        >>> _, new = st.promote("b", ["a", "c"])[0]  # its replica died: c is placed
+        >>> (new.owners, new.replicas, st.in_sync("s", 0, "c"))
+        (('a',), (('c',),), False)
+        >>> _ = st.commit_promotion(s, new)
+        >>> [n.owners for _, n in st.promote("a", ["c"])]  # a dies before c caught up: lost
+        [('a',)]
         """
         out = []
         for spec in self.streams.values():
@@ -262,17 +280,43 @@ class CoordinatorState:
             )
             owners = list(spec.owners)
             replicas = []
+            epoch = self._next_epoch()
             for p, copies in enumerate(held):
-                if not copies:
-                    replicas.append(())  # the only copy died: lost
-                    continue
                 if owners[p] == address:
-                    owners[p] = copies[0]
+                    fit = [w for w in copies if self.in_sync(spec.name, p, w)]
+                    if not fit:
+                        # No copy holds every record readers may have seen:
+                        # lost (named), not silently shorter.
+                        replicas.append(tuple(copies))
+                        continue
+                    owners[p] = fit[0]
                 rest = [w for w in copies if w != owners[p]]
-                rest += add_replicas(copies, spec.replication - len(copies), load, host_of)
-                replicas.append(tuple(rest))
-            out.append((spec, spec.recovered(self._next_epoch(), tuple(owners), tuple(replicas))))
+                new = add_replicas(copies, spec.replication - len(copies), load, host_of)
+                for w in new:
+                    self.replica_marks[(spec.name, p, w)] = (epoch, -1, False)
+                replicas.append(tuple(rest + new))
+            out.append((spec, spec.recovered(epoch, tuple(owners), tuple(replicas))))
         return out
+
+    def in_sync(self, name: str, p: int, replica: str) -> bool:
+        """Whether ``replica``'s copy of partition ``p`` of ``name`` may take over (see :attr:`replica_marks`)."""
+        mark = self.replica_marks.get((name, p, replica))
+        return mark is None or mark[2]
+
+    def replica_state(self, name: str, epoch: int, p: int, replica: str, seq: int, in_sync: bool) -> None:
+        """The owner of partition ``p`` (at ``epoch``) says whether ``replica`` holds all it holds.
+
+        ``seq`` orders one owner's reports; a newer epoch's owner outranks
+        an older one. Older words than the newest known are ignored (reports
+        race over separate connections).
+        """
+        spec = self.streams.get(name)
+        if spec is None or not spec.answers(epoch) or not 0 <= p < spec.partitions:
+            return
+        key = (name, p, replica)
+        old = self.replica_marks.get(key)
+        if old is None or (epoch, seq) > old[:2]:
+            self.replica_marks[key] = (epoch, seq, in_sync)
 
     def same_records(self, name: str, epoch: int) -> bool:
         """Whether stream ``name`` at ``epoch`` holds every record written to it as of that older ``epoch``.
@@ -348,6 +392,13 @@ class CoordinatorState:
         self.streams[old.name] = new
         self.recreated[old.name] = new.epoch
         moved = {p for p in range(new.partitions) if new.owners[p] != old.owners[p]}
+        for p in moved:
+            # The copies hold what the dead owner had: they catch up (and cut
+            # back) from the re-created log before they count.
+            for w in new.replicas_of(p):
+                key = (old.name, p, w)
+                if self.replica_marks.get(key, (0, -1))[:2] < (new.epoch, -1):
+                    self.replica_marks[key] = (new.epoch, -1, False)
         lost = self.lost.get(old.name, {})
         for p in moved:
             lost.pop(p, None)

@@ -285,6 +285,19 @@ class StreamHandlers:
         return {"offsets": self.coord.state.commit(name, group, {int(p): int(o) for p, o in offsets})}
 
     @replies
+    async def _h_replica_state(
+        self, name: str, epoch: int, partition: int, replica: str, seq: int, in_sync: bool
+    ) -> dict[str, Any]:
+        """An owner says whether a replica holds what it holds (:meth:`CoordinatorState.replica_state`).
+
+        An owner that drops a copy waits for this answer before it lets
+        readers see past that copy's end: a copy that may miss records
+        readers saw is never promoted.
+        """
+        self.coord.state.replica_state(name, epoch, partition, replica, seq, in_sync)
+        return {}
+
+    @replies
     async def _h_info(self, name: str) -> dict[str, Any]:
         spec = self.coord.state.get(name)
         lost = self.coord.state.lost.get(name, {})
@@ -304,6 +317,11 @@ class StreamHandlers:
                 "partitions": spec.partitions,
                 "owners": list(spec.owners),
                 "replicas": [list(spec.replicas_of(p)) for p in range(spec.partitions)],
+                # The copies that may take over (Kafka's ISR): not those catching up.
+                "in_sync": [
+                    [w for w in spec.replicas_of(p) if self.coord.state.in_sync(name, p, w)]
+                    for p in range(spec.partitions)
+                ],
                 "replication": spec.replication,
                 "epoch": spec.epoch,
                 "parent": spec.parent,

@@ -147,6 +147,7 @@ class AIMSSWorker(WorkerPlugin):
             batch_size=self.config.batch_size,
             data_plane=self.config.transport == "auto",
             writers=self.writers,
+            tell=self._tell_replica_state,
         )
         self.producer = Producer(
             worker.loop,
@@ -404,6 +405,11 @@ class AIMSSWorker(WorkerPlugin):
         with self._duplicates_lock:
             self.reads["duplicates"] += 1
         return False
+
+    async def _tell_replica_state(self, msg: dict[str, Any]) -> Any:
+        """The replicator's word to the coordinator on a copy (which may take over)."""
+        assert self.worker is not None
+        return await self.worker.scheduler.aimss_replica_state(**msg)
 
     def _resolve(self, name: str) -> dict[str, Any]:
         """The coordinator's reply about stream ``name`` now (a sender thread of the producer asks)."""

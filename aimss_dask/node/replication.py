@@ -30,8 +30,10 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from distributed.utils import sync
@@ -49,6 +51,9 @@ logger = logging.getLogger("aimss_dask")
 #: Longest an owner waits for its replicas before it answers a writer with an error (s).
 ACK_TIMEOUT = 120.0
 
+#: Tries to tell the coordinator a copy fell behind (backing off up to 5 s between).
+REPORT_TRIES = 12
+
 #: Bytes of one catch-up read from the owner's log.
 SYNC_CHUNK = 16 * 2**20
 
@@ -64,6 +69,9 @@ class _Part:
     insync: dict[str, int] = field(default_factory=dict)
     #: Replicas catching up (a sync is queued for each).
     joining: set[str] = field(default_factory=set)
+    #: Replicas dropped while in sync, with the end they held: they bound the
+    #: watermark until the coordinator knows not to promote them.
+    dropping: dict[str, int] = field(default_factory=dict)
 
     def has(self, dest: str) -> bool:
         return dest in self.insync or dest in self.joining
@@ -95,7 +103,10 @@ class Replicator:
     """The replicas of the partitions one worker owns: forwards, catches up, keeps the watermark.
 
     ``store``: the owner's log. ``writers``: its filter of writers' sequence
-    numbers, handed to a copy that catches up. ``loop`` and ``rpc``: the
+    numbers, handed to a copy that catches up. ``tell``: sends the
+    coordinator a ``replica_state`` message (which copies may take over;
+    None: nobody is told, and a dropped copy stops counting at once).
+    ``loop`` and ``rpc``: the
     worker's, to reach replicas over Dask's comms where the data plane is
     not used.
     """
@@ -110,9 +121,14 @@ class Replicator:
         batch_size: int,
         data_plane: bool,
         writers: WriterSeqs | None = None,
+        tell: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
     ) -> None:
         self.store = store
         self._writers = writers
+        self._tell = tell
+        # Words for the coordinator on which copies may take over, oldest first.
+        self._reports: list[tuple[_Part, str, bool, int, int]] = []
+        self._report_seq = 0
         self._loop = loop
         self._rpc = rpc
         self.address = address
@@ -159,10 +175,12 @@ class Replicator:
                     self._names[spec.name] = self._names.get(spec.name, 0) + 1
                     self.store.hold_back(spec.name, spec.epoch, [p])
                 part.epoch = max(part.epoch, spec.epoch)
-                for dest in list(part.insync) + list(part.joining):
+                for dest in list(part.insync) + list(part.joining) + list(part.dropping):
                     if dest not in want:
+                        # The coordinator no longer lists it: it cannot take over.
                         part.insync.pop(dest, None)
                         part.joining.discard(dest)
+                        part.dropping.pop(dest, None)
                 for dest in want - set(part.insync) - part.joining:
                     if fresh:
                         part.insync[dest] = self.store.bounds(spec.name, spec.epoch, p)[0]
@@ -262,7 +280,7 @@ class Replicator:
             held = self.store.held(part.name, part.epoch, part.p)
         except AIMSSError:
             return
-        upto = min([held, *part.insync.values()])
+        upto = min([held, *part.insync.values(), *part.dropping.values()])
         self.store.commit(part.name, part.epoch, part.p, upto)
 
     def _next(self, d: _Dest) -> list[_Ship] | _Sync | None:
@@ -302,11 +320,15 @@ class Replicator:
                             self._drop(work.part, d.address)
                 else:
                     conn = self._send(d, [s for s in work if s.part.has(d.address)], conn)
+                if self._reports:
+                    self._send_reports()
         except Exception as e:
             self._lost(d, e)
         finally:
             if conn is not None:
                 conn.close()
+            if self._reports:
+                self._send_reports()
 
     def _send(self, d: _Dest, ships: list[_Ship], conn: socket.socket | None) -> socket.socket | None:
         """Send groups to ``d``; the replicas that hold them count up to their end."""
@@ -329,7 +351,7 @@ class Replicator:
                 elif err[0] == "ReplicaGapError" and part.has(d.address) and self._parts.get((part.name, part.p)) is part:
                     # It missed records (a copy it dropped): catch up again.
                     if d.address in part.insync:
-                        del part.insync[d.address]
+                        self._out_of_sync(part, d.address)
                         part.joining.add(d.address)
                         d.queue.appendleft(_Sync(part))
                         self._advance(part)
@@ -345,7 +367,7 @@ class Replicator:
 
     def _sync(self, d: _Dest, part: _Part, conn: socket.socket | None) -> socket.socket | None:
         """Bring replica ``d`` of ``part`` up to what this owner holds, then count it."""
-        name, p = part.name, part.p
+        name, p, epoch = part.name, part.p, part.epoch
         theirs = self._replica_end(d.address, name, p)
         if theirs is None:
             with self._cond:
@@ -388,6 +410,7 @@ class Replicator:
             if d.address in part.joining:
                 part.joining.discard(d.address)
                 part.insync[d.address] = held
+                self._note(part, d.address, True, epoch)
                 self._advance(part)
             self.stats["replica_syncs"] += 1
             self._cond.notify_all()
@@ -435,10 +458,68 @@ class Replicator:
 
     def _drop(self, part: _Part, dest: str) -> None:
         """``dest`` no longer holds a copy of ``part`` (hold ``_cond``)."""
-        part.insync.pop(dest, None)
+        self._out_of_sync(part, dest)
         part.joining.discard(dest)
         self.stats["replicas_dropped"] += 1
         self._advance(part)
+
+    def _out_of_sync(self, part: _Part, dest: str) -> None:
+        """``dest`` stops counting as a copy in sync (hold ``_cond``).
+
+        Readers may already have seen up to its end, and the coordinator
+        could promote it: until the coordinator knows it is behind, the
+        watermark stays at its end (Kafka shrinks its ISR the same way).
+        """
+        end = part.insync.pop(dest, None)
+        if end is None or self._tell is None:
+            return
+        part.dropping[dest] = min(end, part.dropping.get(dest, end))
+        self._note(part, dest, False, part.epoch)
+
+    def _note(self, part: _Part, dest: str, in_sync: bool, epoch: int) -> None:
+        """Queue a word for the coordinator on ``dest``'s copy of ``part`` (hold ``_cond``)."""
+        if self._tell is None:
+            return
+        self._report_seq += 1
+        self._reports.append((part, dest, in_sync, epoch, self._report_seq))
+
+    def _send_reports(self) -> None:
+        """Tell the coordinator what :meth:`_note` queued (a sender thread, no lock held).
+
+        A copy marked out of sync stops bounding the watermark once the
+        coordinator has the word; if it cannot be told, the watermark
+        stays (writers' answers wait, then fail): never a promotable copy
+        behind what readers saw.
+        """
+        assert self._tell is not None
+        tell = self._tell
+        while True:
+            with self._cond:
+                if not self._reports:
+                    return
+                part, dest, in_sync, epoch, seq = self._reports.pop(0)
+            msg = {"name": part.name, "epoch": epoch, "partition": part.p, "replica": dest,
+                   "seq": seq, "in_sync": in_sync}
+            told = False
+            for attempt in range(REPORT_TRIES):
+                try:
+                    raise_from_wire(sync(self._loop, tell, msg), "aimss_replica_state")
+                    told = True
+                    break
+                except Exception as e:
+                    if self.closed or attempt == REPORT_TRIES - 1:
+                        logger.warning(
+                            "aimss: could not tell the coordinator that the copy of %r partition %d "
+                            "on %s is %s (%r)", part.name, part.p, dest,
+                            "in sync" if in_sync else "behind", e,
+                        )
+                        break
+                    time.sleep(min(2.0**attempt * 0.1, 5.0))
+            if told and not in_sync:
+                with self._cond:
+                    part.dropping.pop(dest, None)
+                    self._advance(part)
+                    self._cond.notify_all()
 
     def _lost(self, d: _Dest, e: Exception) -> None:
         """Replica worker ``d`` cannot be reached: it holds no copy of anything any more."""
