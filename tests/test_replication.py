@@ -184,7 +184,11 @@ def test_an_owner_killed_while_its_new_copy_catches_up_is_lost_loudly_or_taken_o
     _kill(client, replica)
     _wait(lambda: replica not in s.info()["replicas"][0], "a new copy placed")
     _kill(client, owner)
-    info = _wait(lambda: (i := s.info())["owners"][0] != owner or i["lost"], "the owner's loss handled")
+    def handled():
+        i = s.info()
+        return i if i["owners"][0] != owner or i["lost"] else None
+
+    info = _wait(handled, "the owner's loss handled")
     if info["lost"]:
         with pytest.raises(aimss_dask.PartitionLostError) as e:
             list(aimss_dask.read_from("rep-race", partition=0, timeout=5))
