@@ -55,6 +55,20 @@ def test_a_copy_lands_at_its_owners_offsets_and_refuses_a_gap(tmp_path):
     assert s.read("s", 1, 0, 0)[0] == [b"a", b"b"]
 
 
+def _kill(client: Client, address: str) -> None:
+    os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
+
+
+def _wait(predicate, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @pytest.fixture(scope="module")
 def cluster3():
     with LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
@@ -98,6 +112,29 @@ def test_a_replica_takes_over_from_a_killed_owner_and_loses_nothing(cluster3):
     aimss_dask.destroy_stream("rep-kill")
 
 
+def test_fewer_workers_than_copies_is_a_warning_and_a_status_flag(cluster3):
+    client = cluster3
+    _wait(lambda: len(client.scheduler_info()["workers"]) == 3, "3 workers")
+    s = aimss_dask.create_stream("rep-short", 2, replication=3)
+    for i in range(20):
+        s.write(i, partition=i % 2)
+    s.flush()
+    _kill(client, s.spec.replicas[0][0])
+    _wait(
+        lambda: any(e.get("action") == "under-replicated" and e.get("stream") == "rep-short"
+                    for _, e in client.get_events("aimss")),
+        "the under-replicated event",
+    )
+    (entry,) = [x for x in aimss_dask.status().streams if x["name"] == "rep-short"]
+    assert entry["under_replicated"] == [0, 1] and entry["replication"] == 3
+    # Nothing fails: the stream takes writes and reads as before.
+    s.write(20, partition=0)
+    s.flush()
+    s.seal()
+    assert sorted(aimss_dask.read_from("rep-short")) == list(range(21))
+    aimss_dask.destroy_stream("rep-short")
+
+
 def test_a_copy_catching_up_is_not_promoted_and_one_in_sync_is():
     st = CoordinatorState()
     s, _ = st.create("s", 1, ["a", "b", "c"], replication=2)
@@ -117,20 +154,7 @@ def test_a_copy_catching_up_is_not_promoted_and_one_in_sync_is():
     assert [n.owners for _, n in st.promote("a", ["c"])] == [("a",)]
 
 
-def _kill(client: Client, address: str) -> None:
-    os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
-
-
-def _wait(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
+# Its tests come after those of cluster3: aimss_dask calls go to the newest client.
 @pytest.fixture(scope="module")
 def cluster4():
     with LocalCluster(n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
@@ -200,26 +224,3 @@ def test_an_owner_killed_while_its_new_copy_catches_up_is_lost_loudly_or_taken_o
                 got.append(int(r[0]))
         assert got == list(range(64))
     aimss_dask.destroy_stream("rep-race")
-
-
-def test_fewer_workers_than_copies_is_a_warning_and_a_status_flag(cluster3):
-    client = cluster3
-    _wait(lambda: len(client.scheduler_info()["workers"]) == 3, "3 workers")
-    s = aimss_dask.create_stream("rep-short", 2, replication=3)
-    for i in range(20):
-        s.write(i, partition=i % 2)
-    s.flush()
-    _kill(client, s.spec.replicas[0][0])
-    _wait(
-        lambda: any(e.get("action") == "under-replicated" and e.get("stream") == "rep-short"
-                    for _, e in client.get_events("aimss")),
-        "the under-replicated event",
-    )
-    (entry,) = [x for x in aimss_dask.status().streams if x["name"] == "rep-short"]
-    assert entry["under_replicated"] == [0, 1] and entry["replication"] == 3
-    # Nothing fails: the stream takes writes and reads as before.
-    s.write(20, partition=0)
-    s.flush()
-    s.seal()
-    assert sorted(aimss_dask.read_from("rep-short")) == list(range(21))
-    aimss_dask.destroy_stream("rep-short")

@@ -417,7 +417,7 @@ class Producer:
                 # on the wire to a dead owner may be older than its orphans
                 # (a pipelined connection fails them in another thread): its
                 # orphans wait until they have joined them.
-                orphans = [o for o in self._orphans if not self._in_flight(o[0])]
+                orphans = [o for o in self._orphans if self._in_flight(o[0]) <= 0]
                 if not orphans:
                     self._cond.wait(0.05)
                     continue
@@ -670,19 +670,25 @@ class _RawConn(_Conn):
 
     def send(self, batch: list[_Item]) -> None:
         self.window.acquire()
-        if self.broken:
-            raise ConnectionError("data connection broke")
         with self.lock:
+            # Checked with the append, under the lock the ack reader takes to
+            # fail what is in flight: a batch is settled by one of us, once.
+            if self.broken:
+                raise ConnectionError("data connection broke")
             self.inflight.append(batch)
         try:
             dataplane.send_buffers(self.sock, dataplane.encode_batch(_group(batch, self.p.id)))
         except Exception:
             with self.lock:
-                # Not sent: the caller fails this batch; the ack reader the rest.
-                if self.inflight and self.inflight[-1] is batch:
+                # Not sent: the caller fails this batch; the ack reader the
+                # rest, and this one too if it got to it first (settling a
+                # batch twice would count its records twice).
+                mine = bool(self.inflight) and self.inflight[-1] is batch
+                if mine:
                     self.inflight.pop()
             self.close()
-            raise
+            if mine:
+                raise
 
     def _acks(self) -> None:
         try:
@@ -696,8 +702,8 @@ class _RawConn(_Conn):
                 self.p._settle(self.link, batch, reply)
                 self.window.release()
         except Exception as e:
-            self.broken = True
             with self.lock:
+                self.broken = True
                 rest = list(self.inflight)
                 self.inflight.clear()
             for batch in rest:
