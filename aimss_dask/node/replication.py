@@ -32,8 +32,8 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from distributed.utils import sync
