@@ -220,14 +220,7 @@ class Producer:
         ser, nbytes = records.encode(record, spec.name)
         self.budget.acquire(nbytes)
         with self._cond:
-            link = self._links.get(owner)
-            if link is None:
-                link = self._links[owner] = _Link(owner)
-            if link.thread is None:
-                link.thread = threading.Thread(
-                    target=self._run, args=(link,), name=f"aimss-push-{owner}", daemon=True
-                )
-                link.thread.start()
+            link = self._link(owner)
             seq = None
             if spec.replicas:
                 seq = self._seq.get((spec.name, partition), 0)
@@ -282,6 +275,18 @@ class Producer:
         )
 
     # -- sender threads -----------------------------------------------------------------
+
+    def _link(self, owner: str) -> _Link:
+        """The link to ``owner``, its sender thread started (hold ``_cond``)."""
+        link = self._links.get(owner)
+        if link is None:
+            link = self._links[owner] = _Link(owner)
+        if link.thread is None:
+            link.thread = threading.Thread(
+                target=self._run, args=(link,), name=f"aimss-push-{owner}", daemon=True
+            )
+            link.thread.start()
+        return link
 
     def _next_batch(self, link: _Link) -> list[_Item] | None:
         """Wait for a full batch, a flush or the linger time; None when closed."""
@@ -365,11 +370,7 @@ class Producer:
         with self._cond:
             moved = [it for it in batch if it.seq is not None] if failover and not self.closed else []
             if moved:
-                self._orphans.extend((link.owner, it) for it in moved)
-                self._rerouting += sum(1 for it in moved if not it.rerouted)
-                if self._rerouter is None:
-                    self._rerouter = threading.Thread(target=self._reroute, name="aimss-push-failover", daemon=True)
-                    self._rerouter.start()
+                self._orphan(link.owner, moved)
                 kept = {id(it) for it in moved}
                 batch_failed = [it for it in batch if id(it) not in kept]
             else:
@@ -398,6 +399,14 @@ class Producer:
                 self._cond.notify_all()
 
     # -- failover of replicated partitions --------------------------------------------------
+
+    def _orphan(self, dead: str, items: list[_Item]) -> None:
+        """``items`` sent (or queued) to ``dead`` wait for the owner that takes over (hold ``_cond``)."""
+        self._orphans.extend((dead, it) for it in items)
+        self._rerouting += sum(1 for it in items if not it.rerouted)
+        if self._rerouter is None:
+            self._rerouter = threading.Thread(target=self._reroute, name="aimss-push-failover", daemon=True)
+            self._rerouter.start()
 
     def _reroute(self) -> None:
         """Send writes whose owner died to the replica that took over, in their order.
@@ -473,14 +482,7 @@ class Producer:
         with self._cond:
             if not it.rerouted:
                 it.rerouted = True
-            link = self._links.get(owner)
-            if link is None:
-                link = self._links[owner] = _Link(owner)
-            if link.thread is None:
-                link.thread = threading.Thread(
-                    target=self._run, args=(link,), name=f"aimss-push-{owner}", daemon=True
-                )
-                link.thread.start()
+            link = self._link(owner)
             # Ahead of what was written since for that partition, behind
             # other resent items (they are older).
             i = next((j for j, q in enumerate(link.pending) if not q.rerouted), len(link.pending))
@@ -521,11 +523,7 @@ class Producer:
                     link.pending = deque(it for it in link.pending if id(it) not in ids)
                     link.pending_bytes -= sum(it.nbytes for it in stuck)
                     link.acked += len(stuck)
-                    self._orphans.extend((dead, it) for it in stuck)
-                    self._rerouting += sum(1 for it in stuck if not it.rerouted)
-                    if self._rerouter is None:
-                        self._rerouter = threading.Thread(target=self._reroute, name="aimss-push-failover", daemon=True)
-                        self._rerouter.start()
+                    self._orphan(dead, stuck)
             deadline = time.monotonic() + FAILOVER_TIMEOUT
 
             def older_pending() -> bool:
