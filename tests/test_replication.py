@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from conftest import make_cluster, wait_until
+from distributed import Client
 
 import aimss_dask
 from aimss_dask.coordinator.placement import place_replicas
@@ -59,20 +59,9 @@ def _kill(client: Client, address: str) -> None:
     os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
 
 
-def _wait(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def cluster3():
-    with LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with make_cluster(3) as cluster, Client(cluster) as client:
         client.register_plugin(aimss_dask.AIMSS())
         yield client
 
@@ -114,16 +103,16 @@ def test_a_replica_takes_over_from_a_killed_owner_and_loses_nothing(cluster3):
 
 def test_fewer_workers_than_copies_is_a_warning_and_a_status_flag(cluster3):
     client = cluster3
-    _wait(lambda: len(client.scheduler_info()["workers"]) == 3, "3 workers")
+    wait_until(lambda: len(client.scheduler_info()["workers"]) == 3, timeout=30, what="3 workers")
     s = aimss_dask.create_stream("rep-short", 2, replication=3)
     for i in range(20):
         s.write(i, partition=i % 2)
     s.flush()
     _kill(client, s.spec.replicas[0][0])
-    _wait(
+    wait_until(
         lambda: any(e.get("action") == "under-replicated" and e.get("stream") == "rep-short"
                     for _, e in client.get_events("aimss")),
-        "the under-replicated event",
+        timeout=30, what="the under-replicated event",
     )
     (entry,) = [x for x in aimss_dask.status().streams if x["name"] == "rep-short"]
     assert entry["under_replicated"] == [0, 1] and entry["replication"] == 3
@@ -157,8 +146,7 @@ def test_a_copy_catching_up_is_not_promoted_and_one_in_sync_is():
 # Its tests come after those of cluster3: aimss_dask calls go to the newest client.
 @pytest.fixture(scope="module")
 def cluster4():
-    with LocalCluster(n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with make_cluster(4) as cluster, Client(cluster) as client:
         client.register_plugin(aimss_dask.AIMSS())
         yield client
 
@@ -174,9 +162,9 @@ def test_a_killed_replica_is_replaced_and_the_new_copy_takes_over_from_the_owner
     _kill(client, replica)
     # Another worker gets a copy, catches up from the owner's log, and only
     # then may take over.
-    info = _wait(
+    info = wait_until(
         lambda: (i := s.info())["in_sync"][0] and replica not in i["replicas"][0] and i,
-        "a new copy of partition 0 in sync",
+        timeout=30, what="a new copy of partition 0 in sync",
     )
     (new_copy,) = info["in_sync"][0]
     assert new_copy not in (owner, replica) and info["owners"][0] == owner
@@ -199,20 +187,20 @@ def test_a_killed_replica_is_replaced_and_the_new_copy_takes_over_from_the_owner
 def test_an_owner_killed_while_its_new_copy_catches_up_is_lost_loudly_or_taken_over_whole(cluster4):
     """Whichever the kill lands on, never a copy shorter than what was written."""
     client = cluster4
-    _wait(lambda: len(client.scheduler_info()["workers"]) == 4, "4 workers")
+    wait_until(lambda: len(client.scheduler_info()["workers"]) == 4, timeout=30, what="4 workers")
     s = aimss_dask.create_stream("rep-race", 1, replication=2)
     for i in range(64):
         s.write(np.full(2**17, i), partition=0)  # 1 MiB each: the catch-up takes a while
     s.flush()
     owner, (replica,) = s.spec.owners[0], s.spec.replicas[0]
     _kill(client, replica)
-    _wait(lambda: replica not in s.info()["replicas"][0], "a new copy placed")
+    wait_until(lambda: replica not in s.info()["replicas"][0], timeout=30, what="a new copy placed")
     _kill(client, owner)
     def handled():
         i = s.info()
         return i if i["owners"][0] != owner or i["lost"] else None
 
-    info = _wait(handled, "the owner's loss handled")
+    info = wait_until(handled, timeout=30, what="the owner's loss handled")
     if info["lost"]:
         with pytest.raises(aimss_dask.PartitionLostError) as e:
             list(aimss_dask.read_from("rep-race", partition=0, timeout=5))
