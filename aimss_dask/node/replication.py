@@ -106,9 +106,8 @@ class Replicator:
     numbers, handed to a copy that catches up. ``tell``: sends the
     coordinator a ``replica_state`` message (which copies may take over;
     None: nobody is told, and a dropped copy stops counting at once).
-    ``loop`` and ``rpc``: the
-    worker's, to reach replicas over Dask's comms where the data plane is
-    not used.
+    ``loop`` and ``rpc``: the worker's, to reach replicas over Dask's comms
+    where the data plane is not used.
     """
 
     def __init__(
