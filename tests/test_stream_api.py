@@ -562,7 +562,7 @@ def test_info_and_status(client):
     assert set(info) == {
         "name", "partitions", "owners", "epoch", "parent", "persist", "sealed",
         "lost", "lost_offsets", "records", "bytes", "spilled_bytes", "groups",
-        "replicas", "replication",
+        "replicas", "in_sync", "replication",
     }
     assert info["name"] == name
     assert info["partitions"] == 2
