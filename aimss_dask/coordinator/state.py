@@ -142,9 +142,7 @@ class CoordinatorState:
             owners = place_partitions(partitions, load, prefer)
         replicas: tuple[tuple[str, ...], ...] = ()
         if replication > 1:
-            held = [s.owners for s in self.streams.values()] + [owners]
-            held += [r for s in self.streams.values() for r in s.replicas]
-            replicas = tuple(place_replicas(owners, replication, owners_load(held, workers), host_of))
+            replicas = tuple(place_replicas(owners, replication, self._copies_load(workers, owners), host_of))
         spec = StreamSpec(
             name=name,
             partitions=partitions,
@@ -274,10 +272,7 @@ class CoordinatorState:
             if not spec.replicas or not any(address in spec.holders(p) for p in range(spec.partitions)):
                 continue
             held = [[w for w in spec.holders(p) if w != address] for p in range(spec.partitions)]
-            load = owners_load(
-                [s.owners for s in self.streams.values()] + [r for s in self.streams.values() for r in s.replicas],
-                workers,
-            )
+            load = self._copies_load(workers)
             owners = list(spec.owners)
             replicas = []
             epoch = self._next_epoch()
@@ -297,6 +292,12 @@ class CoordinatorState:
                 replicas.append(tuple(rest + new))
             out.append((spec, spec.recovered(epoch, tuple(owners), tuple(replicas))))
         return out
+
+    def _copies_load(self, workers: Sequence[str], *more: Sequence[str]) -> dict[str, int]:
+        """Partitions each of ``workers`` holds, owned or copied, over every stream (and ``more`` owner lists)."""
+        held = [s.owners for s in self.streams.values()] + list(more)
+        held += [r for s in self.streams.values() for r in s.replicas]
+        return owners_load(held, workers)
 
     def in_sync(self, name: str, p: int, replica: str) -> bool:
         """Whether ``replica``'s copy of partition ``p`` of ``name`` may take over (see :attr:`replica_marks`)."""
