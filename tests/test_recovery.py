@@ -197,6 +197,53 @@ def test_a_rechunk_that_loses_a_worker_keeps_what_survived(cluster3):
     _wait_clean()
 
 
+@pytest.mark.parametrize("op", ["shuffle", "rechunk"])
+def test_a_replicated_run_that_loses_an_owner_re_creates_nothing(cluster3, op):
+    """With replication 2, copies take over: no partition is re-created, no finished push elsewhere runs again."""
+    client = cluster3
+    if op == "shuffle":
+        meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
+        df = dd.from_map(_slow_frame, range(PARTS), meta=meta)
+        want = pd.concat([_slow_frame(i) for i in range(PARTS)])
+        out = aimss_dask.shuffle(df, "key", npartitions=PARTS, replication=2)
+        fut = client.compute(out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]})))
+        pushes = PARTS
+    else:
+        a = np.arange(240 * 240, dtype="f8").reshape(240, 240)
+        y = aimss_dask.rechunk(da.from_array(a, chunks=(20, 240)).map_blocks(_slow_block), (240, 20), replication=2)
+        with dask.config.set({"optimization.fuse.active": False}):
+            fut = client.compute(y)
+        pushes = 12
+    victim = _kill_an_owner_while_pushing(client, pushes)
+    got = fut.result(timeout=240)
+    if op == "shuffle":
+        assert int(got["n"].sum()) == len(want)
+        assert sum(int(k) for k in got["k"]) == int(want["key"].sum())
+    else:
+        np.testing.assert_array_equal(got, a)
+    events = _events(client)
+    promoted = [e for e in events if e.get("action") == "replicas-promoted" and e["worker"] == victim]
+    assert promoted and all(e["partitions"] for e in promoted), events
+    # Nothing re-created, nothing restarted; and the pushes that finished on
+    # the workers that stayed were not found stale (their epoch is older,
+    # their records all there): only the victim's own pushes ran again.
+    for bad in ("run-recovered", "run-restarted", "run-stale"):
+        assert not any(e.get("action") == bad for e in events), (bad, events)
+    kept = [e for e in events if e.get("action") == "run-kept" and e["worker"] == victim]
+    assert len(kept) == 1 and kept[0]["pushes_rerun"] < pushes, events
+    _wait_clean()
+
+
+def test_an_explicit_replication_the_cluster_cannot_hold_is_a_clear_error(cluster3):
+    df = dd.from_pandas(pd.DataFrame({"key": range(10)}), npartitions=2)
+    out = aimss_dask.shuffle(df, "key", npartitions=2, replication=4)
+    with pytest.raises(Exception, match=r"replication=4 .* needs 4 workers, and the cluster has 3"):
+        out.compute()
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"replication='2' is not an int"):
+        aimss_dask.shuffle(df, "key", replication="2")
+    _wait_clean()
+
+
 def _wait_clean() -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -15,6 +15,7 @@ import aimss_dask
 from aimss_dask.coordinator.placement import place_replicas
 from aimss_dask.coordinator.state import CoordinatorState
 from aimss_dask.core.errors import InvalidArgumentError, ReplicaGapError
+from aimss_dask.core.runs import RunSpec
 from aimss_dask.log.store import LogStore
 
 
@@ -53,6 +54,25 @@ def test_a_copy_lands_at_its_owners_offsets_and_refuses_a_gap(tmp_path):
         s.append_at("s", 1, 0, 5, [b"x"], [1])
     assert s.truncate("s", 1, 0, 2) == 1
     assert s.read("s", 1, 0, 0)[0] == [b"a", b"b"]
+
+
+def test_a_run_spec_carries_its_replication_and_refuses_a_bad_one():
+    spec = RunSpec(run_id="r", streams=("r-0",), replication=2)
+    assert RunSpec.view_from_wire(spec.to_wire()).replication == 2
+    assert RunSpec(run_id="r").replication is None  # the aimss.replication default
+    for bad in (0, True, 1.5):
+        with pytest.raises(InvalidArgumentError, match=rf"replication={bad!r} of run 'r' must be an int >= 1"):
+            RunSpec(run_id="r", replication=bad)
+
+
+def test_the_sides_of_a_join_keep_their_copies_together():
+    st = CoordinatorState()
+    a, _ = st.create("a", 6, ["w1", "w2", "w3"], replication=2)
+    b, _ = st.create("b", 6, ["w1", "w2", "w3"], replication=2, colocate_with="a")
+    assert (b.owners, b.replicas) == (a.owners, a.replicas)
+    # A promotion then hands both sides of a partition to one worker.
+    plans = dict((old.name, new) for old, new in st.promote("w1", ["w2", "w3"]))
+    assert plans["a"].owners == plans["b"].owners
 
 
 def _kill(client: Client, address: str) -> None:

@@ -65,8 +65,10 @@ class AIMSS(SchedulerPlugin):
         Node-local folder for spilled segments; default: the worker's local
         directory.
     replication
-        Default copies of each partition of a user's stream (its owner's
-        included); ``create_stream(replication=...)`` overrides it.
+        Default copies of each partition of a user's stream, a shuffle, a
+        join or a rechunk (its owner's included; runs cap it at the running
+        workers); ``create_stream(replication=...)`` and
+        ``shuffle(..., replication=...)`` override it.
     **options
         Any other key of the ``aimss:`` config block, with ``_`` for ``-``.
 

@@ -131,10 +131,14 @@ class Recoveries:
         ran_there = self._ran_on.get(rec.run_id, {}).pop(worker, set())
         hit = {n: set(lost[n]) for n in rec.spec.streams if lost.get(n)}
         if not hit:
-            # Nothing it owned was there; what that worker's pushes had not
-            # sent yet died with it: those run again (Dask reruns the ones
-            # whose result was only there by itself).
-            self._rerun_pushes(rec, stimulus_id, only=ran_there, full=ran_there)
+            # Nothing it owned is lost (none there, or copies took over);
+            # what that worker's pushes had not sent yet died with it: those
+            # run again (Dask reruns the ones whose result was only there).
+            again = self._rerun_pushes(rec, stimulus_id, only=ran_there, full=ran_there)
+            self.ops.event({
+                "action": "run-kept", "run": rec.run_id, "kind": rec.kind, "worker": worker,
+                "pushes_rerun": len(again),
+            })
             return
         self.recovering.update(rec.spec.streams)
         self.ops.spawn(self._recover(rec, hit, ran_there, stimulus_id))

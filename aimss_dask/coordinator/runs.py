@@ -211,15 +211,23 @@ class RunHandlers:
         created: list[str] = []
         try:
             holders = self.ops.holders(prefer) if prefer else None
+            running = self.ops.running()
+            copies = view.replication
+            if copies is None:
+                # The default never fails a run on a small cluster: at most
+                # one copy per worker (a factor asked for explicitly must fit).
+                copies = max(1, min(self.coord.config.replication, len(running)))
             for i, name in enumerate(view.streams):
                 assert partitions is not None
                 spec, _ = self.coord.state.create(
                     name,
                     partitions,
-                    self.ops.running(),
+                    running,
                     creator=rec.client,
                     colocate_with=view.streams[0] if i else None,
                     prefer=None if i else holders,
+                    replication=copies,
+                    host_of=self.ops.hosts(),
                 )
                 created.append(name)
                 await self.coord.stream_ops.open(spec, view.inputs)
@@ -255,16 +263,28 @@ class RunHandlers:
         return {"partitions": self.coord.recoveries.refill(as_key(key), stream, epoch)}
 
     @replies
-    async def _h_run_stale(self, stream: str, keys: list[Any], create: bool = False) -> dict[str, Any]:
-        """A seal found results that are not its run's (see ``pushrun.seal``): compute them again.
+    async def _h_run_stale(
+        self, stream: str, keys: list[Any], epochs: list[dict[str, int]] | None = None, create: bool = False
+    ) -> dict[str, Any]:
+        """A seal found results that may not be its run's (see ``pushrun.seal``): compute the stale ones again.
 
         ``keys``: push tasks whose result came from an execution that wrote
-        to an older stream of the run; ``create``: the create task's result
-        names older streams. Each, if in memory, is released; Dask computes
-        it again for the seal that waits on it.
+        to an older epoch of the run's streams (``epochs``: the epoch of each
+        stream it wrote, per key); ``create``: the create task's result names
+        older streams. A push whose older epochs all hold every record it
+        wrote (a replica took over since, nothing was re-created) is not
+        stale. Each stale one, if in memory, is released; Dask computes it
+        again for the seal that waits on it. Returns ``stale``: how many
+        keys were, and ``released``.
         """
         assert self.ops.scheduler is not None
         rec = self.coord.runs.for_stream(stream)
+        state = self.coord.state
+        if epochs is not None:
+            keys = [
+                k for k, used in zip(keys, epochs)
+                if not all(n in state.streams and state.same_records(n, e) for n, e in used.items())
+            ]
         wanted = [as_key(k) for k in keys]
         if create and rec is not None and rec.spec.create is not None:
             wanted.append(rec.spec.create)
@@ -276,7 +296,8 @@ class RunHandlers:
                 len(recs), rec.run_id if rec is not None else stream,
             )
             self.ops.scheduler.transitions(recs, stimulus_id="aimss-run-stale")
-        return {"released": len(recs)}
+            self.ops.event({"action": "run-stale", "run": rec.run_id if rec is not None else stream, "released": len(recs)})
+        return {"released": len(recs), "stale": len(keys)}
 
     @replies
     async def _h_run_report(
@@ -334,6 +355,11 @@ class RunHandlers:
         if not group or not all(n in self.coord.state.sealed for n in group):
             return
         specs = [self.coord.state.get(n) for n in group]
+        if any(s.replicas for s in specs):
+            # A move would have to carry every copy along (an owner's
+            # replica set is placed off the owner's host): replicated
+            # streams stay where they were placed.
+            return
         owners = specs[0].owners
         sizes = [0] * specs[0].partitions
         for spec in specs:

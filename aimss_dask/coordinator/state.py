@@ -141,7 +141,10 @@ class CoordinatorState:
             load = owners_load([s.owners for s in self.streams.values()], workers)
             owners = place_partitions(partitions, load, prefer)
         replicas: tuple[tuple[str, ...], ...] = ()
-        if replication > 1:
+        if colocate_with is not None and replication > 1 and self.get(colocate_with).replication == replication:
+            # Copies co-located too: a promotion hands both sides to one worker.
+            replicas = self.get(colocate_with).replicas
+        elif replication > 1:
             replicas = tuple(place_replicas(owners, replication, self._copies_load(workers, owners), host_of))
         spec = StreamSpec(
             name=name,

@@ -162,7 +162,11 @@ class RunSpec:
     counts (a streaming sink). ``inputs``: how many inputs (ids ``0 ..
     inputs-1``) push into each of its streams, whose records carry their
     :class:`~aimss_dask.core.specs.Origin`; owners then drop a second copy of
-    an input (0: records carry no origin, nothing is dropped). A subclass's own ``__post_init__`` must call
+    an input (0: records carry no origin, nothing is dropped).
+    ``replication``: copies of each partition of its streams (None: the
+    ``aimss.replication`` default, as many as there are running workers at
+    most); with 2 or more, a lost worker's partitions are taken over by
+    their copies instead of being computed again. A subclass's own ``__post_init__`` must call
     ``super().__post_init__()``, which checks and normalises these fields.
 
     Examples
@@ -188,6 +192,7 @@ class RunSpec:
     start_on_owners: bool = False
     watch_appends: bool = False
     inputs: int = 0
+    replication: int | None = None
     kind: ClassVar[str] = "run"
 
     def __init_subclass__(cls, *, kind: str | None = None, **kwargs: Any) -> None:
@@ -232,6 +237,12 @@ class RunSpec:
         if not isinstance(self.inputs, int) or isinstance(self.inputs, bool) or self.inputs < 0:
             raise InvalidArgumentError(
                 f"inputs={self.inputs!r} of run {self.run_id!r} must be an int >= 0 (0: no origins)"
+            )
+        r = self.replication
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
+            raise InvalidArgumentError(
+                f"replication={r!r} of run {self.run_id!r} must be an int >= 1, or None for "
+                "the aimss.replication default"
             )
         if self.outputs is not None and self.outputs.stream not in self.streams:
             raise InvalidArgumentError(
@@ -315,6 +326,7 @@ class RunSpec:
             "start_on_owners": self.start_on_owners,
             "watch_appends": self.watch_appends,
             "inputs": self.inputs,
+            "replication": self.replication,
             "kind": self.kind,
             # By reference to the class: unpickling imports the operator's
             # module, which is how operators "register" on a worker.

@@ -236,15 +236,17 @@ def seal(names: list[str], *pushed: int) -> int:
     # continues them: see aimss_dask.coordinator.recovery), not replaced.
     first = {s.name: s.spec.first_epoch for s in streams}
     stale_create = any(not first[str(n)] <= getattr(n, "epoch", now[str(n)]) <= now[str(n)] for n in names)
-    stale = [
-        p.key for p in pushed if isinstance(p, Pushed) and any(p.epochs.get(n, e) != e for n, e in now.items())
-    ]
-    if stale_create or stale:
-        current("get_stream").scheduler_op(
-            "run_stale", stream=str(names[0]), keys=[list(k) if isinstance(k, tuple) else k for k in stale],
-            create=stale_create,
+    older = [p for p in pushed if isinstance(p, Pushed) and any(p.epochs.get(n, e) != e for n, e in now.items())]
+    if stale_create or older:
+        # The coordinator tells which older epochs still hold every record
+        # (only owners changed: a replica took over); the others are stale.
+        got = current("get_stream").scheduler_op(
+            "run_stale", stream=str(names[0]),
+            keys=[list(p.key) if isinstance(p.key, tuple) else p.key for p in older],
+            epochs=[dict(p.epochs) for p in older], create=stale_create,
         )
-        raise Reschedule()
+        if stale_create or got.get("stale", len(older)):
+            raise Reschedule()
     for stream in streams:
         stream.seal()
     return sum(pushed)

@@ -17,12 +17,14 @@ from aimss_dask.shuffle import _tasks
 from aimss_dask.shuffle.specs import RechunkSpec, push_spec
 
 
-def rechunk(x: da.Array, chunks: Any) -> da.Array:
+def rechunk(x: da.Array, chunks: Any, *, replication: int | None = None) -> da.Array:
     """Change the chunking of ``x``, pushing pieces through AIMSS streams.
 
     Each input block is cut along the new chunk grid and its pieces pushed to
     the worker that owns their output chunk while the input is still being
     computed; each output chunk is then assembled from local memory.
+    ``replication``: copies of each output partition (None: the
+    ``aimss.replication`` default, capped at the running workers).
 
     Examples
     --------
@@ -42,7 +44,7 @@ def rechunk(x: da.Array, chunks: Any) -> da.Array:
         raise InvalidArgumentError(f"chunks={chunks!r} do not add up to the shape {x.shape}")
     if new == x.chunks:
         return x
-    hlg, out_name = push_run(x, new, _tasks.read_block, x.dtype)
+    hlg, out_name = push_run(x, new, _tasks.read_block, x.dtype, replication=replication)
     return da.Array(hlg, out_name, new, dtype=x.dtype, meta=np.empty((0,) * x.ndim, x.dtype))
 
 
@@ -51,6 +53,7 @@ def push_run(
     new: tuple[tuple[int, ...], ...],
     final: Any,
     *args: Any,
+    replication: int | None = None,
 ) -> tuple[HighLevelGraph, str]:
     """The graph of a push run from ``x``'s chunks to the grid ``new``.
 
@@ -67,7 +70,7 @@ def push_run(
     name = f"aimss-rechunk-{token}-0"
     blocks = x.to_delayed()
     # Each push tags its pieces with its block's flat index: the run's inputs.
-    spec = push_spec(RechunkSpec, token, [name], grid, inputs=int(blocks.size))
+    spec = push_spec(RechunkSpec, token, [name], grid, inputs=int(blocks.size), replication=replication)
     barrier = spec.barrier
     out_name = spec.output_key()[0]
     create_key = spec.create

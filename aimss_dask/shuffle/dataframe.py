@@ -65,6 +65,7 @@ def _run(
     ons: Sequence[list[str]],
     npartitions: int,
     casts: Sequence[dict[str, str] | None],
+    replication: int | None = None,
 ) -> tuple[list[str], str, Any, list[Any]]:
     """Delayed create / push / seal of one shuffle run over ``frames``.
 
@@ -77,7 +78,7 @@ def _run(
     parts = [_partitions(frame) for frame in frames]
     spec = push_spec(
         MergeSpec if len(frames) > 1 else ShuffleSpec, token, names,
-        inputs=max((len(p) for p in parts), default=0),
+        inputs=max((len(p) for p in parts), default=0), replication=replication,
     )
     barrier = spec.barrier
     created = dask.delayed(pushrun.create, pure=False)(spec, npartitions, dask_key_name=spec.create)
@@ -94,7 +95,13 @@ def _run(
     return names, token, sealed, pushed
 
 
-def shuffle(df: dd.DataFrame, on: str | Sequence[str], npartitions: int | None = None) -> dd.DataFrame:
+def shuffle(
+    df: dd.DataFrame,
+    on: str | Sequence[str],
+    npartitions: int | None = None,
+    *,
+    replication: int | None = None,
+) -> dd.DataFrame:
     """Repartition ``df`` by the hash of ``on``, pushing shards through AIMSS.
 
     The same contract as ``df.shuffle(on=...)``: every key lands in exactly one
@@ -102,9 +109,15 @@ def shuffle(df: dd.DataFrame, on: str | Sequence[str], npartitions: int | None =
     Map tasks push their shards into a stream while the map phase runs; each
     output partition is then read locally on the worker that holds it.
 
+    ``replication``: copies of each output partition, on as many workers
+    (None: the ``aimss.replication`` default, capped at the running
+    workers). With 2, a worker lost mid-shuffle costs only its own unsent
+    pushes: its partitions are taken over by their copies.
+
     Examples
     --------
     >>> out = aimss_dask.shuffle(df, on="id", npartitions=64)  # doctest: +SKIP
+    >>> safe = aimss_dask.shuffle(df, on="id", replication=2)  # doctest: +SKIP
     """
     if not isinstance(df, dd.DataFrame):
         raise InvalidArgumentError(
@@ -113,7 +126,7 @@ def shuffle(df: dd.DataFrame, on: str | Sequence[str], npartitions: int | None =
     keys = partitioning.check_columns(list(df.columns), on)
     n = _npartitions(npartitions, df.npartitions)
     meta = make_meta(df)
-    (name,), token, sealed, _ = _run([df], [keys], n, [None])
+    (name,), token, sealed, _ = _run([df], [keys], n, [None], replication)
     parts = [
         dask.delayed(_tasks.read, pure=False)(
             name, j, meta, sealed, dask_key_name=(f"{PARTITION_TASK_PREFIX}{token}", name, j)
@@ -136,12 +149,14 @@ def merge(
     right_on: str | Sequence[str] | None = None,
     npartitions: int | None = None,
     suffixes: tuple[str, str] = ("_x", "_y"),
+    replication: int | None = None,
 ) -> dd.DataFrame:
     """Hash join of two Dask DataFrames, co-partitioned through AIMSS streams.
 
     Both sides are pushed into streams whose partition ``p`` lives on one
     worker, which then joins them with ``pandas.merge``. The result equals
-    ``pandas.merge(left, right, ...)`` up to row order.
+    ``pandas.merge(left, right, ...)`` up to row order. ``replication``:
+    copies of each partition of both sides, as for :func:`shuffle`.
 
     Examples
     --------
@@ -181,7 +196,9 @@ def merge(
     else:
         kwargs["left_on"], kwargs["right_on"] = lkeys, rkeys
     meta = lmeta.merge(rmeta, **kwargs)
-    names, token, sealed, _ = _run([left, right], [lkeys, rkeys], n, [lcast or None, rcast or None])
+    names, token, sealed, _ = _run(
+        [left, right], [lkeys, rkeys], n, [lcast or None, rcast or None], replication
+    )
     parts = [
         dask.delayed(_tasks.join, pure=False)(
             names, j, (lmeta, rmeta), kwargs, sealed,

@@ -14,8 +14,10 @@ Examples
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
+from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.runs import OnLoss, OnSeal, OutputMap, RunSpec
 
 
@@ -40,6 +42,7 @@ def push_spec(
     names: list[str],
     grid: tuple[int, ...] | None = None,
     inputs: int = 0,
+    replication: int | None = None,
 ) -> RunSpec:
     """The spec of a push run ``token`` over streams ``names`` (the first is read by its outputs).
 
@@ -47,8 +50,19 @@ def push_spec(
     shuffle; of the larger side of a merge, whose sides number their
     partitions each from 0 into their own stream; input blocks of a
     rechunk). Their records then carry their origin, and the owners drop a
-    second copy of an input (plan §2.8). 0: no origins.
+    second copy of an input (plan §2.8). 0: no origins. ``replication``:
+    copies of each partition (None: the ``aimss.replication`` default).
     """
+    if replication is not None:
+        try:
+            if isinstance(replication, bool):
+                raise TypeError
+            replication = operator.index(replication)
+        except TypeError:
+            raise InvalidArgumentError(
+                f"replication={replication!r} is not an int; give the copies of each "
+                "partition (an int >= 1), or None for the aimss.replication default"
+            ) from None
     return cls(
         run_id=token,
         streams=tuple(names),
@@ -59,4 +73,5 @@ def push_spec(
         free_unread=True,
         on_loss=OnLoss.RECOVER,
         inputs=inputs,
+        replication=replication,
     )

@@ -45,4 +45,7 @@ def push_write_spec(token: str, name: str, target: str = "", inputs: int = 0) ->
         on_loss=OnLoss.RESTART,
         target=target,
         inputs=inputs,
+        # One copy: a lost worker restarts the write (its units are rewritten
+        # whole), so copies of the pieces would cost memory and buy nothing.
+        replication=1,
     )

@@ -122,7 +122,10 @@ def from_zarr(
     }
     name = check_name(name or _default_name(arr))
     run = ZarrSourceSpec(
-        run_id=f"zarr-source-{uuid.uuid4().hex[:16]}", streams=(name,), on_loss=OnLoss.FAIL, target=where
+        run_id=f"zarr-source-{uuid.uuid4().hex[:16]}", streams=(name,), on_loss=OnLoss.FAIL, target=where,
+        # One copy until the source's reader threads follow a promotion (a
+        # lost partition fails the source, named, as its policy says).
+        replication=1,
     )
     (stream,) = register_run(run, partitions).streams
     try:
