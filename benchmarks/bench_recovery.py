@@ -1,4 +1,31 @@
-"""Benchmark of recovery (issue: fault tolerance), part (2): a shuffle that loses a worker.
+"""Benchmark of recovery (issue: fault tolerance): streams that lose an owner, and a shuffle that loses a worker.
+
+Part (1), ``--part streams``: a replicated stream that loses an owner.
+
+``--stream-gib`` of 1 MiB records in 4 partitions per worker, on a
+LocalCluster of ``--workers`` nanny processes, ``replication=2``, written by
+tasks on the workers. A consumer group ``g`` has consumed (committed) 75%
+of every partition. Then one worker is SIGKILLed (its nanny restarts it),
+and a consumer of ``g`` on a partition the victim owned asks for its next
+record. Measured from the kill:
+
+- ``next record``: until that consumer has its next record;
+- ``readable``: until no partition is owned by the dead worker;
+- ``redundant``: until every partition has its copies again, in sync;
+- ``MB sent``: what the owners sent to build the new copies.
+
+Then every record the group had not committed is read back and checked
+(none lost, none twice). Methods, interleaved, a fresh cluster each:
+``offsets`` (``aimss.recovery: offsets``: a new copy gets only what the
+group has not passed), ``full`` (every record), and ``dask``: the same
+records as a persisted Dask collection (one 1 MiB NumPy block per future),
+which Dask recomputes after the same kill (``next record``: one lost block
+back; ``readable``: all of them; Dask keeps no copies: no ``redundant``).
+Memory is not prefaulted; the first round is reported apart.
+
+    python benchmarks/bench_recovery.py --part streams --stream-gib 4 --workers 4 --reps 3
+
+Part (2), ``--part operators``: a shuffle that loses a worker.
 
 A DataFrame shuffle (int64 key + 6 float64 columns, ``--partitions`` in and
 out) on a LocalCluster of ``--workers`` nanny processes with 1 thread each;
@@ -32,7 +59,7 @@ Memory is not prefaulted and nothing waits for the file system: every
 round is what a user sees. The warm-up round (rep 0, not in the medians) is
 a user's first run on a fresh cluster, and is printed apart.
 
-    python benchmarks/bench_recovery.py --gib 2 --workers 4 --reps 3
+    python benchmarks/bench_recovery.py --part operators --gib 2 --workers 4 --reps 3
 """
 
 from __future__ import annotations
@@ -110,7 +137,7 @@ def _what_recovery_did(client: Any, since: float) -> str:
     return "  (" + "; ".join(out or ["no recovery event"]) + ")"
 
 
-def run(args: argparse.Namespace) -> None:
+def run_operators(args: argparse.Namespace) -> None:
     import dask
     import dask.dataframe as dd
     from distributed import Client, LocalCluster, wait
@@ -200,14 +227,175 @@ def run(args: argparse.Namespace) -> None:
         ratio("p2p", "aimss", "")
 
 
+# -- part (1): streams ------------------------------------------------------------------
+
+RECORD = 2**20
+PER_WORKER = 4
+
+
+def _block(p: int, i: int) -> np.ndarray:
+    """Record ``i`` of partition ``p``: 1 MiB, its first two values tag it."""
+    out = np.empty(RECORD // 8, dtype=np.int64)
+    out[0], out[1] = p, i
+    return out
+
+
+def _write_partition(name: str, p: int, n: int) -> int:
+    import aimss_dask
+
+    s = aimss_dask.get_stream(name)
+    for i in range(n):
+        s.write(_block(p, i), partition=p)
+    s.flush()
+    return n
+
+
+def _consume(name: str, p: int, n: int) -> int:
+    """Read ``n + 1`` records of partition ``p`` in group ``g``: ``n`` are committed."""
+    import aimss_dask
+
+    it = aimss_dask.read_from(name, partition=p, group="g", timeout=60)
+    for _ in range(n + 1):
+        next(it)
+    it.close()
+    return n
+
+
+def _check_rest(name: str, p: int, first: int, n: int) -> int:
+    """Read the rest of partition ``p`` in group ``g``: records ``first .. n-1``, each once, in order."""
+    import aimss_dask
+
+    want = first
+    it = aimss_dask.read_from(name, partition=p, group="g", timeout=60)
+    while want < n:
+        r = next(it)
+        assert (int(r[0]), int(r[1])) == (p, want), f"partition {p}: got {(int(r[0]), int(r[1]))}, want {(p, want)}"
+        want += 1
+    it.close()
+    return want - first
+
+
+def _sync_bytes() -> int:
+    import aimss_dask
+
+    return sum(w.get("replica_sync_bytes", 0) for w in aimss_dask.status().values())
+
+
+def _streams_round(args: argparse.Namespace, mode: str) -> dict[str, float]:
+    import dask
+    from distributed import Client, LocalCluster, wait
+
+    import aimss_dask
+
+    parts = args.workers * PER_WORKER
+    n = max(4, int(args.stream_gib * GiB / RECORD) // parts)
+    done = (3 * n) // 4
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
+        n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        out: dict[str, float] = {}
+        pids = client.run(os.getpid)
+        victim = sorted(pids)[-1]
+        if mode == "dask":
+            futs = [client.submit(_block, p, i, pure=False) for p in range(parts) for i in range(n)]
+            wait(futs)
+            lost = [f for f, w in zip(futs, client.who_has(futs).values()) if victim in w]
+            t0 = time.perf_counter()
+            os.kill(pids[victim], signal.SIGKILL)
+            first = lost[len(lost) // 2]
+            while first.status == "finished":  # the scheduler has not seen the loss yet
+                time.sleep(0.001)
+            b = first.result(timeout=300)
+            out["next record"] = time.perf_counter() - t0
+            assert b.shape == (RECORD // 8,)
+            wait(futs, timeout=600)
+            out["readable"] = time.perf_counter() - t0
+            out["MB sent"] = len(lost) * RECORD / 1e6  # computed again
+            return out
+        client.register_plugin(aimss_dask.AIMSS(replication=2, recovery=mode))
+        name = "bench-recovery"
+        s = aimss_dask.create_stream(name, parts)
+        owners = s.spec.owners
+        wait([client.submit(_write_partition, name, p, n, workers=[owners[p]], pure=False) for p in range(parts)])
+        wait([client.submit(_consume, name, p, done, workers=[owners[p]], pure=False) for p in range(parts)])
+        mine = [p for p in range(parts) if owners[p] == victim]
+        it = aimss_dask.read_from(name, partition=mine[0], group="g", timeout=300)
+        sent = _sync_bytes()
+        t0 = time.perf_counter()
+        os.kill(pids[victim], signal.SIGKILL)
+        r = next(it)
+        out["next record"] = time.perf_counter() - t0
+        assert (int(r[0]), int(r[1])) == (mine[0], done), (int(r[0]), int(r[1]))
+        it.close()  # commits nothing new: that record is read again below
+        while True:
+            info = s.info()
+            assert not info["lost"], info["lost"]
+            if "readable" not in out and victim not in info["owners"]:
+                out["readable"] = time.perf_counter() - t0
+            if all(len(c) == 1 and victim not in c for c in info["in_sync"]):
+                out["redundant"] = time.perf_counter() - t0
+                break
+            assert time.perf_counter() - t0 < 600, "redundancy never restored"
+            time.sleep(0.005)
+        out["MB sent"] = (_sync_bytes() - sent) / 1e6
+        client.wait_for_workers(args.workers, timeout=120)
+        now = s.info()["owners"]
+        got = client.gather([
+            client.submit(_check_rest, name, p, done, n, workers=[now[p]], pure=False) for p in range(parts)
+        ])
+        assert sum(got) == parts * (n - done), f"read back {sum(got)} records, not {parts * (n - done)}"
+        aimss_dask.destroy_stream(name)
+        return out
+
+
+def run_streams(args: argparse.Namespace) -> None:
+    parts = args.workers * PER_WORKER
+    n = max(4, int(args.stream_gib * GiB / RECORD) // parts)
+    print(
+        f"stream of {parts * n * RECORD / GiB:g} GiB ({parts} partitions of {n} 1 MiB records, replication 2) "
+        f"on {args.workers} workers; group g committed {(3 * n) // 4} of each; one owner SIGKILLed",
+        flush=True,
+    )
+    modes = ["offsets", "full", "dask"]
+    results: dict[str, list[dict[str, float]]] = {}
+    for rep in range(args.reps + 1):  # the first round: a user's first run
+        order = modes[rep % len(modes):] + modes[: rep % len(modes)]
+        for mode in order:
+            got = _streams_round(args, mode)
+            line = "  ".join(f"{k} {v:7.2f}{'' if k == 'MB sent' else ' s'}" for k, v in got.items())
+            print(f"  rep {rep} {mode:8s} {line}" + ("  (first run)" if rep == 0 else ""), flush=True)
+            if rep:
+                results.setdefault(mode, []).append(got)
+    print(f"\nmedians of {args.reps} (after the first round):")
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
+    for m, v in med.items():
+        print(f"  {m:8s} " + "  ".join(f"{k} {x:7.2f}{'' if k == 'MB sent' else ' s'}" for k, x in v.items()))
+    o, f = med.get("offsets"), med.get("full")
+    if o and f:
+        print(
+            f"full / offsets: next record {f['next record'] / o['next record']:.2f}x (target >= 4x), "
+            f"redundant {f['redundant'] / o['redundant']:.2f}x, MB sent {f['MB sent'] / max(o['MB sent'], 1e-9):.2f}x "
+            "(unconsumed: 25%)"
+        )
+    if o and "dask" in med:
+        print(f"dask / offsets: next record {med['dask']['next record'] / o['next record']:.2f}x, "
+              f"readable {med['dask']['readable'] / o['readable']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gib", type=float, default=0.5)
+    ap.add_argument("--part", choices=["streams", "operators", "both"], default="both")
+    ap.add_argument("--stream-gib", type=float, default=4.0, help="part (1): bytes of the stream")
+    ap.add_argument("--gib", type=float, default=2.0, help="part (2): bytes shuffled")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--partitions", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--memory-limit", default=None, help="AIMSS budget per worker, e.g. 1GiB")
-    run(ap.parse_args())
+    args = ap.parse_args()
+    if args.part in ("streams", "both"):
+        run_streams(args)
+    if args.part in ("operators", "both"):
+        run_operators(args)
 
 
 if __name__ == "__main__":

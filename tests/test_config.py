@@ -47,6 +47,8 @@ def test_defaults_come_from_the_shipped_yaml():
         memory_fraction=0.5,
         spill_directory=None,
         replication=1,
+        recovery="offsets",
+        recovery_rate=512 * MiB,
         segment_size=4 * MiB,
         batch_size=4 * MiB,
         linger=0.005,
@@ -137,6 +139,8 @@ def test_sizes_and_durations_parse():
         ({"replication": "1"}, r"aimss replication='1' must be an integer"),
         ({"replication": True}, r"aimss replication=True must be an integer"),
         ({"transport": "tcp"}, r"aimss transport='tcp' is not one of 'auto', 'dask'"),
+        ({"recovery": "fast"}, r"aimss recovery='fast' is not one of 'offsets' \(copy only"),
+        ({"recovery_rate": 0}, r"aimss recovery-rate=0 must be a positive size"),
         ({"colour": "blue"}, r"unknown AIMSS option 'colour'; known options: \['batch_size'"),
     ],
 )
@@ -144,6 +148,13 @@ def test_bad_values_raise_invalid_argument(kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
         AIMSSConfig.load(**kwargs)
     assert issubclass(InvalidArgumentError, ValueError)
+
+
+def test_recovery_rate_may_be_unbounded():
+    assert AIMSSConfig.load(recovery="full").recovery == "full"
+    with dask.config.set({"aimss.recovery-rate": None}):
+        assert AIMSSConfig.load().recovery_rate is None
+    assert AIMSSConfig.load(recovery_rate="1GiB").recovery_rate == 2**30
 
 
 def test_transport_choices():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -239,3 +240,61 @@ def test_an_owner_killed_while_its_new_copy_catches_up_is_lost_loudly_or_taken_o
                 got.append(int(r[0]))
         assert got == list(range(64))
     aimss_dask.destroy_stream("rep-race")
+
+
+def test_a_new_copy_starts_where_the_consumer_groups_stand(cluster4):
+    """``aimss.recovery: offsets``: records every group committed past are not copied; the groups go on."""
+    client = cluster4
+    wait_until(lambda: _running(client) == 4, timeout=30, what="4 workers running")
+    s = aimss_dask.create_stream("rep-offsets", 1, replication=2)
+    for i in range(400):
+        s.write(np.full(1000, i), partition=0)
+    s.flush()
+    for group, upto in (("g", 300), ("h", 200)):
+        it = aimss_dask.read_from("rep-offsets", partition=0, group=group, timeout=5)
+        assert [int(next(it)[0]) for _ in range(upto + 1)] == list(range(upto + 1))
+        it.close()  # commits `upto` (the last one read is not committed)
+
+    def counters() -> tuple[int, int]:
+        st = aimss_dask.status().values()
+        return (sum(w.get("replica_sync_records_skipped", 0) for w in st),
+                sum(w.get("replica_sync_bytes", 0) for w in st))
+
+    skipped, moved = counters()
+    owner, (replica,) = s.spec.owners[0], s.spec.replicas[0]
+    _kill(client, replica)
+    wait_until(
+        lambda: (i := s.info())["in_sync"][0] and replica not in i["replicas"][0],
+        timeout=30, what="a new copy of partition 0 in sync",
+    )
+    skipped2, moved2 = counters()
+    # The lower group stands at 200: only records 200..399 were sent.
+    assert skipped2 - skipped == 200
+    assert 200 * 8000 <= moved2 - moved < 201 * 8000 + 4096
+    _kill(client, owner)  # the new copy, which holds 200..399, takes over
+    for group, upto in (("g", 300), ("h", 200)):
+        got = []
+        with pytest.raises(aimss_dask.ReadTimeoutError):
+            for r in aimss_dask.read_from("rep-offsets", partition=0, group=group, timeout=3):
+                got.append(int(r[0]))
+        assert got == list(range(upto, 400)), group
+    # Below what every group passed, the new owner says so: never a silent gap.
+    with pytest.raises(aimss_dask.InvalidOffsetError, match="was trimmed; the earliest offset still kept is 200"):
+        next(aimss_dask.read_from("rep-offsets", partition=0, start=0, timeout=5))
+    aimss_dask.destroy_stream("rep-offsets")
+
+
+def test_catch_ups_are_paced_to_the_recovery_rate(tmp_path):
+    from aimss_dask.node.replication import Replicator
+
+    store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    r = Replicator(store, loop=None, rpc=None, address="a", batch_size=2**20, data_plane=False, rate=100 * 2**20)
+    t0 = time.monotonic()
+    for _ in range(4):
+        r._pace(10 * 2**20)  # 40 MiB at 100 MiB/s: the last chunk waits for 0.3 s of the budget
+    assert 0.28 <= time.monotonic() - t0 < 2.0
+    free = Replicator(store, loop=None, rpc=None, address="a", batch_size=2**20, data_plane=False)
+    t0 = time.monotonic()
+    for _ in range(4):
+        free._pace(10 * 2**20)
+    assert time.monotonic() - t0 < 0.05

@@ -195,6 +195,26 @@ class CoordinatorState:
         check_name(group, "consumer group")
         return list(self.groups.get(name, {}).get(group, [0] * spec.partitions))
 
+    def consumed(self, name: str, p: int) -> int:
+        """The lowest offset any consumer group of ``name`` has committed in partition ``p``.
+
+        A new copy is built from there (``aimss.recovery: offsets``): every
+        group has passed the records before it. 0 for a stream without
+        groups: nobody is known to have read anything.
+
+        Examples
+        --------
+        >>> st = CoordinatorState()
+        >>> _ = st.create("s", 2, ["a"])
+        >>> st.consumed("s", 0)
+        0
+        >>> _ = st.commit("s", "g1", {0: 70, 1: 5}); _ = st.commit("s", "g2", {0: 40})
+        >>> st.consumed("s", 0), st.consumed("s", 1)
+        (40, 0)
+        """
+        check_partition(self.get(name), p)
+        return min((offs[p] for offs in self.groups.get(name, {}).values()), default=0)
+
     def commit(self, name: str, group: str, offsets: dict[int, int]) -> list[int]:
         """Record a group's progress; offsets only move forward (at-least-once)."""
         spec = self.get(name)

@@ -285,6 +285,11 @@ class StreamHandlers:
         return {"offsets": self.coord.state.commit(name, group, {int(p): int(o) for p, o in offsets})}
 
     @replies
+    async def _h_consumed(self, name: str, partition: int) -> dict[str, Any]:
+        """Where a new copy of a partition starts: see :meth:`CoordinatorState.consumed`."""
+        return {"offset": self.coord.state.consumed(name, partition)}
+
+    @replies
     async def _h_replica_state(
         self, name: str, epoch: int, partition: int, replica: str, seq: int, in_sync: bool
     ) -> dict[str, Any]:

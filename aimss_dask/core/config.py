@@ -151,6 +151,8 @@ class AIMSSConfig:
     memory_fraction: float = 0.5
     spill_directory: str | None = None
     replication: int = 1
+    recovery: str = "offsets"
+    recovery_rate: int | None = 512 * 2**20
     segment_size: int = 4 * 2**20
     batch_size: int = 4 * 2**20
     linger: float = 0.005
@@ -224,6 +226,13 @@ class AIMSSConfig:
         if linger is None or linger < 0:
             raise _bad("linger", f"aimss linger={raw_linger!r} must be >= 0")
         spill = d.get("spill_directory")
+        recovery = d.get("recovery", "offsets")
+        if recovery not in ("offsets", "full"):
+            raise _bad(
+                "recovery",
+                f"aimss recovery={recovery!r} is not one of 'offsets' (copy only what a consumer "
+                "group has not passed), 'full' (copy every record)",
+            )
         transport = d.get("transport", "auto")
         if transport not in ("auto", "dask"):
             raise _bad("transport", f"aimss transport={transport!r} is not one of 'auto', 'dask'")
@@ -233,6 +242,8 @@ class AIMSSConfig:
             memory_fraction=frac,
             spill_directory=os.fspath(spill) if spill is not None else None,
             replication=replication,
+            recovery=recovery,
+            recovery_rate=_bytes("recovery-rate", d.get("recovery_rate", "512MiB"), allow_none=True),
             segment_size=_bytes("segment-size", d.get("segment_size", "4MiB")) or 0,
             batch_size=_bytes("batch-size", d.get("batch_size", "4MiB")) or 0,
             linger=float(linger),

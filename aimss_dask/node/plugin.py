@@ -18,7 +18,7 @@ from distributed.protocol import pickle, to_serialize
 from distributed.utils import offload, sync
 
 from aimss_dask.core.config import AIMSSConfig
-from aimss_dask.core.errors import AIMSSError, InvalidArgumentError, error_to_wire
+from aimss_dask.core.errors import AIMSSError, InvalidArgumentError, error_to_wire, raise_from_wire
 from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME
 from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.log.store import LogStore
@@ -148,6 +148,8 @@ class AIMSSWorker(WorkerPlugin):
             data_plane=self.config.transport == "auto",
             writers=self.writers,
             tell=self._tell_replica_state,
+            consumed=self._consumed if self.config.recovery == "offsets" else None,
+            rate=self.config.recovery_rate,
         )
         self.producer = Producer(
             worker.loop,
@@ -410,6 +412,16 @@ class AIMSSWorker(WorkerPlugin):
         """The replicator's word to the coordinator on a copy (which may take over)."""
         assert self.worker is not None
         return await self.worker.scheduler.aimss_replica_state(**msg)
+
+    def _consumed(self, name: str, p: int) -> int:
+        """The lowest offset a consumer group committed in partition ``p`` of ``name`` (a replicator thread asks)."""
+        assert self.worker is not None
+        worker = self.worker
+
+        async def ask() -> Any:
+            return await worker.scheduler.aimss_consumed(name=name, partition=p)
+
+        return int(raise_from_wire(sync(worker.loop, ask), "aimss_consumed")["offset"])
 
     def _resolve(self, name: str) -> dict[str, Any]:
         """The coordinator's reply about stream ``name`` now (a sender thread of the producer asks)."""

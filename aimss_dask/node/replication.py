@@ -107,7 +107,11 @@ class Replicator:
     coordinator a ``replica_state`` message (which copies may take over;
     None: nobody is told, and a dropped copy stops counting at once).
     ``loop`` and ``rpc``: the worker's, to reach replicas over Dask's comms
-    where the data plane is not used.
+    where the data plane is not used. ``consumed(name, p)``: the lowest
+    offset a consumer group committed in a partition; a catch-up starts
+    there (``aimss.recovery: offsets``; None: from the log's start, ``full``).
+    ``rate``: bytes per second all catch-ups from here send together (None:
+    no bound), so rebuilding a copy leaves room for live pushes.
     """
 
     def __init__(
@@ -121,8 +125,14 @@ class Replicator:
         data_plane: bool,
         writers: WriterSeqs | None = None,
         tell: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
+        consumed: Callable[[str, int], int] | None = None,
+        rate: int | None = None,
     ) -> None:
         self.store = store
+        self._consumed = consumed
+        self._rate = rate
+        self._rate_lock = threading.Lock()
+        self._rate_free = 0.0  # when the paced catch-up traffic may send next (time.monotonic)
         self._writers = writers
         self._tell = tell
         # Words for the coordinator on which copies may take over, oldest first.
@@ -142,7 +152,10 @@ class Replicator:
         self._dests: dict[str, _Dest] = {}
         self.closed = False
         #: Counters for status(): groups and records sent, catch-ups done.
-        self.stats = {"replica_records_sent": 0, "replica_syncs": 0, "replicas_dropped": 0}
+        self.stats = {
+            "replica_records_sent": 0, "replica_syncs": 0, "replicas_dropped": 0,
+            "replica_sync_bytes": 0, "replica_sync_records_skipped": 0,
+        }
 
     # -- configuration (the event loop) ---------------------------------------------------
 
@@ -385,20 +398,30 @@ class Replicator:
             # us; no reader saw them (they were not on every copy).
             self._ask(d.address, "aimss_truncate", name=name, epoch=part.epoch, partition=p, end=held)
             theirs = held
-        if theirs < start:
-            # This owner trimmed records every reader had passed: the copy
-            # starts where this log starts (refused unless it is empty).
-            self._ask(d.address, "aimss_replica_start", name=name, epoch=part.epoch, partition=p, start=start)
-            theirs = start
+        floor = start
+        if theirs < start or (theirs == 0 and self._consumed is not None):
+            # An empty copy starts where this log starts (this owner trimmed
+            # records every reader had passed), or past what every consumer
+            # group has committed: nobody reads those records again.
+            consumed = self._group_floor(name, p) if theirs == 0 else 0
+            floor = min(max(start, consumed), held)
+            if floor > theirs:
+                self._ask(d.address, "aimss_replica_start", name=name, epoch=part.epoch, partition=p, start=floor)
+                with self._cond:
+                    self.stats["replica_sync_records_skipped"] += floor - max(theirs, start)
+                theirs = floor
         offset = theirs
         while offset < held:
             records, _, _ = self.store.read(name, part.epoch, p, offset, SYNC_CHUNK, upto=held)
             if not records:
                 break
             sizes = [rec.encode(r, name)[1] for r in records]
+            self._pace(sum(sizes))
             ship = _Ship(part, offset, records, sizes, None, None)
             conn = self._send_plain(d, ship, conn)
             offset += len(records)
+            with self._cond:
+                self.stats["replica_sync_bytes"] += sum(sizes)
         if table:
             # The catch-up copies carry no writer tags: without this, the
             # copy, become owner, would store a writer's re-sent records twice.
@@ -414,6 +437,27 @@ class Replicator:
             self.stats["replica_syncs"] += 1
             self._cond.notify_all()
         return conn
+
+    def _group_floor(self, name: str, p: int) -> int:
+        """Where consumer groups stand in partition ``p`` of ``name`` (0 if unknown: copy everything)."""
+        if self._consumed is None:
+            return 0
+        try:
+            return int(self._consumed(name, p))
+        except Exception as e:  # the coordinator is away: the safe choice is everything
+            logger.info("aimss: no consumer offsets for %r partition %d (%r); copying all of it", name, p, e)
+            return 0
+
+    def _pace(self, nbytes: int) -> None:
+        """Wait for this catch-up chunk's turn under :attr:`_rate` (shared by every sender thread)."""
+        if not self._rate:
+            return
+        with self._rate_lock:
+            now = time.monotonic()
+            start = max(self._rate_free, now)
+            self._rate_free = start + nbytes / self._rate
+        if start > now:
+            time.sleep(start - now)
 
     def _send_plain(self, d: _Dest, ship: _Ship, conn: socket.socket | None) -> socket.socket | None:
         sers = [rec.encode(r, ship.part.name)[0] for r in ship.records]
