@@ -298,3 +298,44 @@ def test_catch_ups_are_paced_to_the_recovery_rate(tmp_path):
     for _ in range(4):
         free._pace(10 * 2**20)
     assert time.monotonic() - t0 < 0.05
+
+
+def test_retiring_a_worker_of_a_replicated_stream_hands_over_to_its_copies(cluster4):
+    """Open or sealed, a replicated stream loses nothing when a worker retires; its copies are rebuilt."""
+    client = cluster4
+    wait_until(lambda: _running(client) == 4, timeout=30, what="4 workers running")
+    s = aimss_dask.create_stream("rep-retire", 4, replication=2)
+    done = aimss_dask.create_stream("rep-retire-sealed", 4, replication=2)
+    for i in range(200):
+        s.write(np.full(100, i), partition=i % 4)
+        done.write(np.full(100, i), partition=i % 4)
+    s.flush()
+    done.seal()
+    leaving = s.spec.owners[0]
+    # Scale-down may take this worker (its partitions have copies elsewhere),
+    # but never it together with every other holder of one of its partitions.
+    close = client.run_on_scheduler(
+        lambda dask_scheduler: [
+            ws.address for ws in dask_scheduler.plugins["aimss"].valid_workers_downscaling(
+                dask_scheduler, list(dask_scheduler.workers.values()))
+        ]
+    )
+    assert len(close) < 4
+    for p in range(4):
+        assert {s.spec.owners[p], *s.spec.replicas[p]} - set(close)
+    client.retire_workers([leaving])
+    wait_until(lambda: leaving not in client.scheduler_info()["workers"], timeout=30, what="the worker gone")
+    for i in range(200, 240):
+        s.write(np.full(100, i), partition=i % 4)
+    s.seal()
+    for stream in (s, done):
+        info = wait_until(
+            lambda: (i := stream.info())["in_sync"] and all(len(c) == 1 for c in i["in_sync"]) and i,
+            timeout=30, what=f"{stream.name}: every partition copied again",
+        )
+        assert info["lost"] == [] and leaving not in info["owners"]
+        assert all(leaving not in c for c in info["replicas"])
+    assert sorted(int(r[0]) for r in aimss_dask.read_from("rep-retire")) == list(range(240))
+    assert sorted(int(r[0]) for r in aimss_dask.read_from("rep-retire-sealed")) == list(range(200))
+    aimss_dask.destroy_stream("rep-retire")
+    aimss_dask.destroy_stream("rep-retire-sealed")

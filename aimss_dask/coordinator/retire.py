@@ -15,6 +15,11 @@ the records in flight: it stays, and is lost, named, when the worker goes.
 Adaptive scale-down does not pick a worker that owns one (see
 :meth:`Evacuations.keep`).
 
+A replicated stream does not move: when the worker goes, a copy in sync
+takes over each partition it owned, open or sealed, and another worker
+gets a new copy (:mod:`~aimss_dask.coordinator.replicas`). Scale-down never
+picks at once every worker that holds a copy in sync of one partition.
+
 A worker closed without a retirement (a cluster manager closing its
 nanny: ``LocalCluster.scale`` down) asks for the same moves from its
 teardown (``aimss_evacuate``), within the time its nanny gives it.
@@ -134,11 +139,34 @@ class Evacuations:
         busy = {
             w
             for name, spec in state.streams.items()
-            if name not in state.sealed or self._restarts(name)
+            if not spec.replicas and (name not in state.sealed or self._restarts(name))
             for p, w in enumerate(spec.owners)
             if p not in state.lost.get(name, {})
         }
-        return [ws for ws in workers if ws.address not in busy]
+        out = []
+        leaving: set[str] = set()
+        for ws in workers:
+            if ws.address in busy:
+                continue
+            trial = leaving | {ws.address}
+            if self._copies_stay(ws.address, trial):
+                out.append(ws)
+                leaving = trial
+        return out
+
+    def _copies_stay(self, worker: str, leaving: set[str]) -> bool:
+        """Every replicated partition ``worker`` holds keeps a copy in sync off ``leaving``."""
+        state = self.coord.state
+        for name, spec in state.streams.items():
+            if not spec.replicas:
+                continue
+            for p in range(spec.partitions):
+                holders = spec.holders(p)
+                if worker in holders and p not in state.lost.get(name, {}) and not any(
+                    w not in leaving and state.in_sync(name, p, w) for w in holders
+                ):
+                    return False
+        return True
 
     def _restarts(self, name: str) -> bool:
         """Stream ``name`` belongs to a run in flight that runs again when a worker leaves.
@@ -196,8 +224,8 @@ class Evacuations:
         seen: set[str] = set()
         groups = []
         for name in sorted(self.owned(worker)):
-            if name in seen or self._restarts(name):
-                continue
+            if name in seen or self._restarts(name) or self.coord.state.streams[name].replicas:
+                continue  # a replicated stream's copies take over when the worker goes
             rec = self.coord.runs.for_stream(name)
             group = sorted(n for n in rec.spec.streams if n in self.coord.state.streams) if rec else [name]
             if name not in group:
