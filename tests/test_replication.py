@@ -129,14 +129,14 @@ def test_a_replica_takes_over_from_a_killed_owner_and_loses_nothing(cluster3):
     aimss_dask.destroy_stream("rep-kill")
 
 
-def test_fewer_workers_than_copies_is_a_warning_and_a_status_flag(cluster3):
+def test_fewer_workers_than_copies_is_a_warning_and_a_status_flag_until_one_joins(cluster3):
     client = cluster3
     wait_until(lambda: _running(client) == 3, timeout=30, what="3 workers running")
     s = aimss_dask.create_stream("rep-short", 2, replication=3)
     for i in range(20):
         s.write(i, partition=i % 2)
     s.flush()
-    _kill(client, s.spec.replicas[0][0])
+    client.cluster.scale(2)  # one leaves for good: 2 workers for 3 copies
     wait_until(
         lambda: any(e.get("action") == "under-replicated" and e.get("stream") == "rep-short"
                     for _, e in client.get_events("aimss")),
@@ -147,6 +147,22 @@ def test_fewer_workers_than_copies_is_a_warning_and_a_status_flag(cluster3):
     # Nothing fails: the stream takes writes and reads as before.
     s.write(20, partition=0)
     s.flush()
+    # A worker joins: each partition gets its third copy back, caught up.
+    client.cluster.scale(3)
+    wait_until(
+        lambda: all(len(c) == 2 for c in s.info()["in_sync"]), timeout=30, what="a third copy of each partition",
+    )
+    (entry,) = [x for x in aimss_dask.status().streams if x["name"] == "rep-short"]
+    assert entry["under_replicated"] == []
+    assert any(e.get("action") == "replicas-added" and e.get("stream") == "rep-short"
+               for _, e in client.get_events("aimss"))
+    # The new copy is whole: both other holders die at once, and it takes over.
+    info = s.info()
+    (new,) = set(info["in_sync"][0]) - set(s.spec.holders(0))
+    for w in {info["owners"][0], *info["in_sync"][0]} - {new}:
+        _kill(client, w)
+    wait_until(lambda: (i := s.info())["owners"] == [new, new] or i["lost"], timeout=30, what="the new copy owns all")
+    assert s.info()["lost"] == []
     s.seal()
     assert sorted(aimss_dask.read_from("rep-short")) == list(range(21))
     aimss_dask.destroy_stream("rep-short")

@@ -27,6 +27,9 @@ _STAYING = frozenset({Status.running, Status.paused})
 #: The topic of AIMSS's events in Dask's event log: recoveries, restarts.
 EVENT_TOPIC = "aimss"
 
+#: How often a message on its way checks that its worker is still listed (s).
+GONE_POLL = 0.05
+
 #: Tasks looked at, at most, to find which client a run's create task works for.
 _CREATOR_SEARCH = 20_000
 
@@ -82,7 +85,7 @@ class ClusterOps:
         targets = [w for w in (workers if workers is not None else live) if w in live]
         if not targets:
             return {}
-        replies = await self.scheduler.broadcast(msg=msg, workers=targets, on_error="return")
+        replies = dict(zip(targets, await asyncio.gather(*(self._until_gone(w, msg) for w in targets))))
         for addr, reply in replies.items():
             if isinstance(reply, BaseException):
                 # A closed comm (an OSError) means that worker is leaving
@@ -92,6 +95,23 @@ class ClusterOps:
             else:
                 raise_from_wire(reply, msg["op"])
         return replies
+
+    async def _until_gone(self, worker: str, msg: dict[str, Any]) -> Any:
+        """``msg`` to ``worker``: its reply, or an ``OSError`` once the scheduler no longer lists it.
+
+        A worker killed a moment ago is listed until the scheduler notices,
+        and connecting to it retries for Dask's whole connect timeout: a
+        promotion must not wait that long for a worker already gone.
+        """
+        assert self.scheduler is not None
+        task = asyncio.ensure_future(self.scheduler.broadcast(msg=msg, workers=[worker], on_error="return"))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=GONE_POLL)
+            if done:
+                return task.result()[worker]
+            if worker not in self.scheduler.workers:
+                task.cancel()
+                return OSError(f"worker {worker} left while {msg['op']} was on its way")
 
     async def ask(self, worker: str, msg: dict[str, Any]) -> Any:
         """``msg`` to ``worker`` even if the scheduler no longer lists it (it is closing); its reply.

@@ -253,11 +253,12 @@ class AIMSS(SchedulerPlugin):
             logger.exception("aimss: restart hook failed")
 
     def log_event(self, topic: str, msg: Any) -> None:
-        """A worker Dask is retiring (``closing_gracefully``): move its partitions away now.
+        """A worker Dask is retiring (``closing_gracefully``): move its partitions away now; one running: copy to it.
 
         Dask logs every worker status change as an event under the
         worker's address; retirement (``retire_workers``, adaptive
-        scale-down, a dask-jobqueue worker's lifetime) starts with this one.
+        scale-down, a dask-jobqueue worker's lifetime) starts with this one,
+        and a worker that starts (or restarts) reaches ``running`` with one.
         """
         try:
             if (
@@ -267,6 +268,16 @@ class AIMSS(SchedulerPlugin):
                 and isinstance(topic, str)
             ):
                 self.evacuations.begin(topic)
+            elif (
+                isinstance(msg, dict)
+                and msg.get("action") == "worker-status-change"
+                and msg.get("status") == Status.running.name
+                and self.scheduler is not None
+                and self.scheduler.status == Status.running
+            ):
+                # A worker joined (or a nanny's came back): partitions left
+                # short of copies by an earlier loss get them back.
+                self.promotions.fill()
         except Exception:
             logger.exception("aimss: log_event hook failed")
 

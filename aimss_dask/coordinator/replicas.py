@@ -43,19 +43,38 @@ class Promotions:
         self.ops = ops
         #: stream -> set once its promotion is applied (or given up).
         self.pending: dict[str, asyncio.Event] = {}
+        #: stream -> the spec its last planned promotion makes (until applied):
+        #: a second loss plans from it, and applies after it.
+        self.planned: dict[str, StreamSpec] = {}
 
     def on_worker_lost(self, worker: str) -> dict[str, set[int]]:
         """Plan and start the promotions for ``worker``'s copies; the partitions a replica takes over, by stream."""
         state = self.coord.state
-        plans = state.promote(worker, [w for w in self.ops.running() if w != worker], self.ops.hosts())
+        plans = state.promote(
+            worker, [w for w in self.ops.running() if w != worker], self.ops.hosts(), planned=self.planned
+        )
         kept: dict[str, set[int]] = {}
         for old, new in plans:
             took = {p for p in range(old.partitions) if old.owners[p] == worker and new.owners[p] != worker}
             if took:
                 kept[old.name] = took
-            self.pending[old.name] = asyncio.Event()
-            self.ops.spawn(self._apply(worker, old, new))
+            self._start(worker, old, new)
         return kept
+
+    def _start(self, worker: str | None, old: StreamSpec, new: StreamSpec) -> None:
+        """Apply ``old -> new`` in the background, after the promotion of that stream under way, if any."""
+        before = self.pending.get(old.name)
+        self.pending[old.name] = asyncio.Event()
+        self.planned[old.name] = new
+        self.ops.spawn(self._apply(worker, old, new, before))
+
+    def fill(self) -> int:
+        """Place new copies of partitions left short by an earlier loss (a worker joined); streams changed."""
+        state = self.coord.state
+        plans = state.fill(self.ops.running(), self.ops.hosts(), skip=self.pending)
+        for old, new in plans:
+            self._start(None, old, new)
+        return len(plans)
 
     async def settled(self, name: str) -> None:
         """Wait until no promotion of ``name`` is under way."""
@@ -63,9 +82,19 @@ class Promotions:
         if ev is not None:
             await ev.wait()
 
-    async def _apply(self, worker: str, old: StreamSpec, new: StreamSpec) -> None:
+    async def _apply(
+        self, worker: str | None, old: StreamSpec, new: StreamSpec, before: asyncio.Event | None = None
+    ) -> None:
+        """Open the new copies, then switch every process to ``new``; ``worker``: the one lost (None: copies added).
+
+        ``before``: set once the promotion of the same stream planned
+        before this one is over; this one starts from its spec.
+        """
         state = self.coord.state
+        mine = self.pending[old.name]
         try:
+            if before is not None:
+                await before.wait()
             rec = self.coord.runs.for_stream(old.name)
             inputs = rec.spec.inputs if rec is not None and not rec.finished else 0
             msg = {"op": "aimss_recover", "spec": new.to_wire(), "since": new.first_epoch, "inputs": inputs}
@@ -76,7 +105,12 @@ class Promotions:
                     if w not in old.holders(p):
                         fresh.setdefault(w, []).append(p)
             for w, ps in fresh.items():
-                await self.ops.ask(w, {**msg, "partitions": ps})
+                try:
+                    await self.ops.ask(w, {**msg, "partitions": ps})
+                except Exception as e:
+                    # Gone too (a host lost): that copy never counts as in
+                    # sync, and its worker's removal places another.
+                    logger.info("aimss: no new copy of %r on %s (%r)", old.name, w, e)
             # Then everyone: holders answer to the new epoch (a replica that
             # owns its partition now starts forwarding), and every process
             # forgets the spec it cached.
@@ -84,22 +118,32 @@ class Promotions:
             if not state.commit_promotion(old, new):
                 return  # destroyed meanwhile: its drop took these logs too
         except Exception as e:
+            if worker is None:
+                # The stream goes on with the copies it had; a later join tries again.
+                logger.warning("aimss: new copies of stream %r could not be placed (%r)", old.name, e)
+                return
             logger.warning("aimss: replicas of stream %r could not take over (%r); its partitions there are lost", old.name, e)
             if state.streams.get(old.name) is old:
                 state.worker_lost(worker)
             return
         finally:
-            ev = self.pending.pop(old.name, None)
-            if ev is not None:
-                ev.set()
+            if self.pending.get(old.name) is mine:
+                del self.pending[old.name]
+            if self.planned.get(old.name) is new:
+                del self.planned[old.name]
+            mine.set()
         assert self.coord.pinner is not None
+        placed = sorted({w for p in range(new.partitions) for w in new.replicas_of(p) if w not in old.holders(p)})
+        if worker is None:
+            logger.info("aimss: stream %r gets new copies on %s", old.name, placed)
+            self.ops.event({"action": "replicas-added", "stream": old.name, "workers": placed})
+            return
         self.coord.pinner.repin([new.name])
         took = sorted(p for p in range(old.partitions) if old.owners[p] == worker and new.owners[p] != worker)
         short = sorted(p for p in range(new.partitions) if len(new.holders(p)) < old.replication)
         logger.warning(
             "aimss: stream %r lost the copies on %s; partitions %s now owned by a replica, new copies placed on %s",
-            old.name, worker, took,
-            sorted({w for p in range(new.partitions) for w in new.replicas_of(p) if w not in old.holders(p)}),
+            old.name, worker, took, placed,
         )
         self.ops.event({"action": "replicas-promoted", "stream": old.name, "worker": worker, "partitions": took})
         if short:
@@ -124,3 +168,4 @@ class Promotions:
         for ev in self.pending.values():
             ev.set()
         self.pending.clear()
+        self.planned.clear()

@@ -259,7 +259,11 @@ class CoordinatorState:
                 known[p] = (max(old[0], start), max(old[1], end))
 
     def promote(
-        self, address: str, workers: Sequence[str], host_of: Mapping[str, str] | None = None
+        self,
+        address: str,
+        workers: Sequence[str],
+        host_of: Mapping[str, str] | None = None,
+        planned: Mapping[str, StreamSpec] | None = None,
     ) -> list[tuple[StreamSpec, StreamSpec]]:
         """Replicated streams that held a copy on ``address``, and what each becomes without it.
 
@@ -268,7 +272,8 @@ class CoordinatorState:
         one (re-replication), while enough are left. A partition whose only
         copy was there stays on ``address``: :meth:`worker_lost` names it
         lost. Not applied: :meth:`commit_promotion` does, once the workers
-        hold it.
+        hold it. ``planned``: specs of promotions not applied yet (a worker
+        lost while another's loss is handled): plans start from them.
 
         Examples
         --------
@@ -291,7 +296,9 @@ class CoordinatorState:
         [('a',)]
         """
         out = []
-        for spec in self.streams.values():
+        live = set(workers)
+        for name in list(self.streams):
+            spec = (planned or {}).get(name) or self.streams[name]
             if not spec.replicas or not any(address in spec.holders(p) for p in range(spec.partitions)):
                 continue
             held = [[w for w in spec.holders(p) if w != address] for p in range(spec.partitions)]
@@ -301,7 +308,7 @@ class CoordinatorState:
             epoch = self._next_epoch()
             for p, copies in enumerate(held):
                 if owners[p] == address:
-                    fit = [w for w in copies if self.in_sync(spec.name, p, w)]
+                    fit = [w for w in copies if w in live and self.in_sync(spec.name, p, w)]
                     if not fit:
                         # No copy holds every record readers may have seen:
                         # lost (named), not silently shorter.
@@ -314,6 +321,51 @@ class CoordinatorState:
                     self.replica_marks[(spec.name, p, w)] = (epoch, -1, False)
                 replicas.append(tuple(rest + new))
             out.append((spec, spec.recovered(epoch, tuple(owners), tuple(replicas))))
+        return out
+
+    def fill(
+        self, workers: Sequence[str], host_of: Mapping[str, str] | None = None, skip: Iterable[str] = ()
+    ) -> list[tuple[StreamSpec, StreamSpec]]:
+        """Replicated streams with partitions short of copies, and what each becomes with new ones on ``workers``.
+
+        A worker joined (or came back): partitions left with fewer copies
+        than their factor by an earlier loss get them back. Lost partitions
+        and streams in ``skip`` (a promotion under way) are left alone. Not
+        applied: :meth:`commit_promotion` does, once the workers hold them.
+
+        Examples
+        --------
+        >>> st = CoordinatorState()
+        >>> s, _ = st.create("s", 2, ["a", "b"], replication=2)
+        >>> _, short = st.promote("b", ["a"])[0]
+        >>> _ = st.commit_promotion(s, short)
+        >>> short.owners, short.replicas
+        (('a', 'a'), ((), ()))
+        >>> [(new.owners, new.replicas) for _, new in st.fill(["a", "c"])]
+        [(('a', 'a'), (('c',), ('c',)))]
+        """
+        out = []
+        skipped = set(skip)
+        for spec in list(self.streams.values()):
+            if not spec.replicas or spec.name in skipped:
+                continue
+            lost = self.lost.get(spec.name, {})
+            short = [p for p in range(spec.partitions) if p not in lost and len(spec.holders(p)) < spec.replication]
+            if not short:
+                continue
+            load = self._copies_load(workers)
+            epoch = None
+            replicas = list(spec.replicas)
+            for p in short:
+                new = add_replicas(spec.holders(p), spec.replication - len(spec.holders(p)), load, host_of)
+                if not new:
+                    continue
+                epoch = self._next_epoch() if epoch is None else epoch
+                for w in new:
+                    self.replica_marks[(spec.name, p, w)] = (epoch, -1, False)
+                replicas[p] = (*replicas[p], *new)
+            if epoch is not None:
+                out.append((spec, spec.recovered(epoch, spec.owners, tuple(replicas))))
         return out
 
     def _copies_load(self, workers: Sequence[str], *more: Sequence[str]) -> dict[str, int]:
