@@ -66,6 +66,24 @@ def test_a_run_spec_carries_its_replication_and_refuses_a_bad_one():
             RunSpec(run_id="r", replication=bad)
 
 
+def test_a_second_loss_plans_from_the_promotion_not_yet_applied():
+    st = CoordinatorState()
+    s, _ = st.create("s", 1, ["a", "b", "c"], replication=3)
+    assert (s.owners, s.replicas) == (("a",), (("b", "c"),))
+    ((_, first),) = st.promote("a", ["b", "c"])
+    assert first.owners == ("b",)
+    # b dies before the first promotion is applied: the plan starts from it.
+    ((base, second),) = st.promote("b", ["c"], planned={"s": first})
+    assert base is first and second.owners == ("c",) and second.replicas == ((),)
+    assert st.commit_promotion(s, first) and st.commit_promotion(first, second)
+    assert st.get("s").owners == ("c",)
+    # A dead worker still listed is never the one that takes over.
+    st2 = CoordinatorState()
+    st2.create("s", 1, ["a", "b", "c"], replication=3)
+    ((_, new),) = st2.promote("a", ["c"])
+    assert new.owners == ("c",)
+
+
 def test_the_sides_of_a_join_keep_their_copies_together():
     st = CoordinatorState()
     a, _ = st.create("a", 6, ["w1", "w2", "w3"], replication=2)

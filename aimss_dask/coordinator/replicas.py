@@ -117,6 +117,10 @@ class Promotions:
             await self.ops.broadcast(msg)
             if not state.commit_promotion(old, new):
                 return  # destroyed meanwhile: its drop took these logs too
+            if worker is not None and worker in new.owners:
+                # Planned after another loss not yet applied, with no copy in
+                # sync left: lost, named, as the loss itself would have.
+                state.worker_lost(worker)
         except Exception as e:
             if worker is None:
                 # The stream goes on with the copies it had; a later join tries again.
