@@ -12,8 +12,10 @@ what is killed) and checks every stream against a model after each step:
 - sealing a stream with a lost partition raises, and still seals the rest.
 
 Streams are plain user streams with one copy (``replication=1``): what dies
-with a worker is lost, and must be said, never skipped. CI runs a few
-examples; ``AIMSS_TEST_LARGE=1`` runs more.
+with a worker is lost, and must be said, never skipped. The same machine
+with two copies of every partition (:class:`ReplicatedKillMachine`) waits
+after each kill until the copies are whole again, and then nothing may be
+lost at all. CI runs a few examples; ``AIMSS_TEST_LARGE=1`` runs more.
 """
 
 from __future__ import annotations
@@ -147,12 +149,44 @@ class KillMachine(RuleBasedStateMachine):
             assert info["records"][p] == len(want)
 
 
-KillMachine.TestCase.settings = settings(
-    max_examples=6 if LARGE else 3,
-    stateful_step_count=14 if LARGE else 8,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+class ReplicatedKillMachine(KillMachine):
+    """Every stream has two copies: a kill loses nothing, and the copies are rebuilt before the next."""
+
+    @rule(partitions=st.integers(1, 4))
+    def create(self, partitions: int) -> None:
+        name = f"s{len(self.streams)}"
+        self.streams[name] = _Model(aimss_dask.create_stream(name, partitions=partitions, replication=2))
+
+    @precondition(lambda self: self.kills < MAX_KILLS and self.streams)
+    @rule(data=st.data())
+    def kill(self, data: st.DataObject) -> None:
+        live = sorted(self.client.scheduler_info()["workers"])
+        victim = data.draw(st.sampled_from(live))
+        pid = self.client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        self.kills += 1
+        event(f"kill {self.kills}")
+        wait_until(lambda: victim not in self.client.scheduler_info()["workers"], timeout=60, what="the kill seen")
+        wait_until(lambda: len(self.client.scheduler_info()["workers"]) == WORKERS, timeout=60, what="a new worker")
+        for model in self.streams.values():
+            # A copy took over whatever the victim owned, and the nanny's new
+            # worker (or another) holds a fresh copy, caught up, before the next kill.
+            info = wait_until(
+                lambda m=model: (i := m.stream.info())["lost"] == [] and victim not in i["owners"]
+                and all(len(c) == 1 and victim not in c for c in i["in_sync"]) and i,
+                timeout=60, what=f"{model.stream.name}: whole again",
+            )
+            assert info["lost"] == []
+
+
+for machine in (KillMachine, ReplicatedKillMachine):
+    machine.TestCase.settings = settings(
+        max_examples=6 if LARGE else 3,
+        stateful_step_count=14 if LARGE else 8,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 
 
 TestKills = pytest.mark.slow(KillMachine.TestCase)
+TestReplicatedKills = pytest.mark.slow(ReplicatedKillMachine.TestCase)

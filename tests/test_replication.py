@@ -84,6 +84,19 @@ def test_a_second_loss_plans_from_the_promotion_not_yet_applied():
     assert new.owners == ("c",)
 
 
+def test_an_owner_that_applied_a_promotion_first_is_heard():
+    """An empty new copy catches up before the coordinator commits the promotion: its report counts."""
+    st = CoordinatorState()
+    s, _ = st.create("s", 1, ["a", "b", "c"], replication=2)
+    ((old, new),) = st.promote("b", ["a", "c"])
+    (copy,) = new.replicas[0]
+    assert not st.in_sync("s", 0, copy)
+    st.replica_state("s", new.epoch, 0, copy, 0, True)  # the owner, already at the new epoch
+    assert st.commit_promotion(old, new) and st.in_sync("s", 0, copy)
+    st.replica_state("s", s.first_epoch - 1, 0, copy, 1, False)  # an older stream of that name: ignored
+    assert st.in_sync("s", 0, copy)
+
+
 def test_the_sides_of_a_join_keep_their_copies_together():
     st = CoordinatorState()
     a, _ = st.create("a", 6, ["w1", "w2", "w3"], replication=2)

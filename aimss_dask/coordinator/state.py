@@ -387,7 +387,10 @@ class CoordinatorState:
         race over separate connections).
         """
         spec = self.streams.get(name)
-        if spec is None or not spec.answers(epoch) or not 0 <= p < spec.partitions:
+        # A newer epoch than the stream's: the owner applied a promotion the
+        # coordinator has not committed yet (an empty copy catches up at
+        # once); its word counts then, or that copy would never count.
+        if spec is None or epoch < spec.first_epoch or not 0 <= p < spec.partitions:
             return
         key = (name, p, replica)
         old = self.replica_marks.get(key)
