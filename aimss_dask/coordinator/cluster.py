@@ -68,8 +68,10 @@ class ClusterOps:
         """Workers that take new partitions: running or paused.
 
         Not one that is leaving (retiring, closing), nor one that has just
-        joined (``init``): its plugins, AIMSS's among them, are installed
-        before it reports ``running``, and an open sent to it earlier fails.
+        joined (``init``): an open sent before its plugins are installed
+        fails. Dask reports ``running`` as it starts installing them; AIMSS's
+        setup is synchronous, so it is done before the worker handles any
+        message sent in answer to that report.
         """
         assert self.scheduler is not None
         return [a for a, ws in self.scheduler.workers.items() if ws.status in _STAYING]

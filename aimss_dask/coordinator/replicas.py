@@ -64,9 +64,9 @@ class Promotions:
     def _start(self, worker: str | None, old: StreamSpec, new: StreamSpec) -> None:
         """Apply ``old -> new`` in the background, after the promotion of that stream under way, if any."""
         before = self.pending.get(old.name)
-        self.pending[old.name] = asyncio.Event()
+        mine = self.pending[old.name] = asyncio.Event()
         self.planned[old.name] = new
-        self.ops.spawn(self._apply(worker, old, new, before))
+        self.ops.spawn(self._apply(worker, old, new, mine, before))
 
     def fill(self) -> int:
         """Place new copies of partitions left short by an earlier loss (a worker joined); streams changed."""
@@ -83,15 +83,19 @@ class Promotions:
             await ev.wait()
 
     async def _apply(
-        self, worker: str | None, old: StreamSpec, new: StreamSpec, before: asyncio.Event | None = None
+        self,
+        worker: str | None,
+        old: StreamSpec,
+        new: StreamSpec,
+        mine: asyncio.Event,
+        before: asyncio.Event | None = None,
     ) -> None:
         """Open the new copies, then switch every process to ``new``; ``worker``: the one lost (None: copies added).
 
-        ``before``: set once the promotion of the same stream planned
-        before this one is over; this one starts from its spec.
+        ``mine`` is set once this is over; ``before``, once the promotion of
+        the same stream planned before this one is (this one starts from its spec).
         """
         state = self.coord.state
-        mine = self.pending[old.name]
         try:
             if before is not None:
                 await before.wait()

@@ -154,8 +154,21 @@ class StreamHandlers:
         since = {"since": spec.first_epoch} if spec.since else {}
         replies = await self.ops.broadcast({"op": "aimss_seal_producers", **msg, **since})
         replies.update(await self.coord.seals.seal_clients(name, spec.epoch))
-        holders = {w for p in range(spec.partitions) for w in spec.holders(p)}
-        sealed = await self.ops.broadcast({"op": "aimss_seal_partitions", **msg}, sorted(holders))
+        # Owners and copies in sync; a copy still catching up is sealed by
+        # its owner once it holds everything (sealed empty now, it would
+        # refuse the rest).
+        state = self.coord.state
+        holders: dict[str, list[int]] = {}
+        for p in range(spec.partitions):
+            for w in spec.holders(p):
+                if w == spec.owners[p] or state.in_sync(name, p, w):
+                    holders.setdefault(w, []).append(p)
+        sealed: dict[str, Any] = {}
+        for part in await asyncio.gather(*(
+            self.ops.broadcast({"op": "aimss_seal_partitions", **msg, "partitions": ps}, [w])
+            for w, ps in sorted(holders.items())
+        )):
+            sealed.update(part)
         for addr, r in sealed.items():
             if isinstance(r, dict):
                 # Each partition's end as its owner reports it (a replica's is the same).

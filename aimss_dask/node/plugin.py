@@ -18,7 +18,12 @@ from distributed.protocol import pickle, to_serialize
 from distributed.utils import offload, sync
 
 from aimss_dask.core.config import AIMSSConfig
-from aimss_dask.core.errors import AIMSSError, InvalidArgumentError, error_to_wire, raise_from_wire
+from aimss_dask.core.errors import (
+    AIMSSError,
+    InvalidArgumentError,
+    error_to_wire,
+    raise_from_wire,
+)
 from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME
 from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.log.store import LogStore

@@ -72,6 +72,8 @@ class _Part:
     #: Replicas dropped while in sync, with the end they held: they bound the
     #: watermark until the coordinator knows not to promote them.
     dropping: dict[str, int] = field(default_factory=dict)
+    #: Sealed here while copies were still catching up: forgotten once they have.
+    closing: bool = False
 
     def has(self, dest: str) -> bool:
         return dest in self.insync or dest in self.joining
@@ -206,8 +208,15 @@ class Replicator:
         """Partitions of ``name`` (None: all) were sealed or dropped here: nothing more to send."""
         with self.append_lock, self._cond:
             keys = [k for k in self._parts if k[0] == name and (partitions is None or k[1] in partitions)]
-            parts = {id(self._parts[k]) for k in keys}
+            parts = set()
             for key in keys:
+                part = self._parts[key]
+                if part.joining:
+                    # Copies still catching up (placed after a loss) finish,
+                    # and their sync seals them: a seal must not leave them short.
+                    part.closing = True
+                    continue
+                parts.add(id(part))
                 self._untrack(key)
             for d in self._dests.values():
                 d.queue = deque(e for e in d.queue if id(e.part) not in parts)
@@ -434,6 +443,7 @@ class Replicator:
                 part.insync[d.address] = held
                 self._note(part, d.address, True, epoch)
                 self._advance(part)
+                self._closed_if_done(part)
             self.stats["replica_syncs"] += 1
             self._cond.notify_all()
         return conn
@@ -505,6 +515,13 @@ class Replicator:
         part.joining.discard(dest)
         self.stats["replicas_dropped"] += 1
         self._advance(part)
+        self._closed_if_done(part)
+
+    def _closed_if_done(self, part: _Part) -> None:
+        """Forget a partition sealed here once no copy of it is catching up (hold ``_cond``)."""
+        key = (part.name, part.p)
+        if part.closing and not part.joining and self._parts.get(key) is part:
+            self._untrack(key)
 
     def _out_of_sync(self, part: _Part, dest: str) -> None:
         """``dest`` stops counting as a copy in sync (hold ``_cond``).
