@@ -96,6 +96,11 @@ class Promotions:
         the same stream planned before this one is (this one starts from its spec).
         """
         state = self.coord.state
+        fresh: dict[str, list[int]] = {}  # worker -> partitions it gets a new copy of
+        for p in range(new.partitions):
+            for w in new.replicas_of(p):
+                if w not in old.holders(p):
+                    fresh.setdefault(w, []).append(p)
         try:
             if before is not None:
                 await before.wait()
@@ -103,11 +108,6 @@ class Promotions:
             inputs = rec.spec.inputs if rec is not None and not rec.finished else 0
             msg = {"op": "aimss_recover", "spec": new.to_wire(), "since": new.first_epoch, "inputs": inputs}
             # New copies first, empty, so that their owner's catch-up finds them.
-            fresh: dict[str, list[int]] = {}
-            for p in range(new.partitions):
-                for w in new.replicas_of(p):
-                    if w not in old.holders(p):
-                        fresh.setdefault(w, []).append(p)
             for w, ps in fresh.items():
                 try:
                     await self.ops.ask(w, {**msg, "partitions": ps})
@@ -141,7 +141,7 @@ class Promotions:
                 del self.planned[old.name]
             mine.set()
         assert self.coord.pinner is not None
-        placed = sorted({w for p in range(new.partitions) for w in new.replicas_of(p) if w not in old.holders(p)})
+        placed = sorted(fresh)
         if worker is None:
             logger.info("aimss: stream %r gets new copies on %s", old.name, placed)
             self.ops.event({"action": "replicas-added", "stream": old.name, "workers": placed})

@@ -128,9 +128,9 @@ class CoordinatorState:
                 f"and the cluster has {len(workers)}; use replication <= {len(workers)} or "
                 "add workers"
             )
-        if colocate_with is not None:
+        other = self.get(colocate_with) if colocate_with is not None else None
+        if other is not None:
             # Partition p of both streams on one worker: a join reads both locally.
-            other = self.get(colocate_with)
             if other.partitions != partitions:
                 raise InvalidArgumentError(
                     f"stream {name!r} with {partitions} partition(s) cannot be "
@@ -141,9 +141,9 @@ class CoordinatorState:
             load = owners_load([s.owners for s in self.streams.values()], workers)
             owners = place_partitions(partitions, load, prefer)
         replicas: tuple[tuple[str, ...], ...] = ()
-        if colocate_with is not None and replication > 1 and self.get(colocate_with).replication == replication:
+        if other is not None and replication > 1 and other.replication == replication:
             # Copies co-located too: a promotion hands both sides to one worker.
-            replicas = self.get(colocate_with).replicas
+            replicas = other.replicas
         elif replication > 1:
             replicas = tuple(place_replicas(owners, replication, self._copies_load(workers, owners), host_of))
         spec = StreamSpec(

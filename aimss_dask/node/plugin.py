@@ -418,25 +418,23 @@ class AIMSSWorker(WorkerPlugin):
         assert self.worker is not None
         return await self.worker.scheduler.aimss_replica_state(**msg)
 
-    def _consumed(self, name: str, p: int) -> int:
-        """The lowest offset a consumer group committed in partition ``p`` of ``name`` (a replicator thread asks)."""
+    def _from_thread(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        """The coordinator's reply to ``aimss_<op>``, asked from a thread of this worker (not its loop)."""
         assert self.worker is not None
         worker = self.worker
 
         async def ask() -> Any:
-            return await worker.scheduler.aimss_consumed(name=name, partition=p)
+            return await getattr(worker.scheduler, f"aimss_{op}")(**kwargs)
 
-        return int(raise_from_wire(sync(worker.loop, ask), "aimss_consumed")["offset"])
+        return sync(worker.loop, ask)
+
+    def _consumed(self, name: str, p: int) -> int:
+        """The lowest offset a consumer group committed in partition ``p`` of ``name`` (a replicator thread asks)."""
+        return int(raise_from_wire(self._from_thread("consumed", name=name, partition=p), "aimss_consumed")["offset"])
 
     def _resolve(self, name: str) -> dict[str, Any]:
         """The coordinator's reply about stream ``name`` now (a sender thread of the producer asks)."""
-        assert self.worker is not None
-        worker = self.worker
-
-        async def ask() -> Any:
-            return await worker.scheduler.aimss_get(name=name)
-
-        return sync(worker.loop, ask)
+        return self._from_thread("get", name=name)
 
     # -- change notification for remote readers waiting on the loop ---------------------
 
