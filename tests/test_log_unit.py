@@ -454,7 +454,7 @@ def test_the_store_refuses_a_spill_file_changed_on_disk(store):
     """Through the store: a corrupted segment is an error on read, never data."""
     store.append("a", 1, 0, [np.arange(50.0), np.arange(50.0) + 1], [400, 400])
     store.spill(0)
-    assert sorted(os.listdir(store.spill_dir)) == ["segment-0.bin", "segment-1.bin"]
+    assert sorted(os.listdir(store.spill_dir)) == ["owner.json", "segment-0.bin", "segment-1.bin"]
     with open(os.path.join(store.spill_dir, "segment-1.bin"), "r+b") as f:  # offset 1
         f.seek(-8, os.SEEK_END)
         f.write(np.float64(-1.0).tobytes())

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
+from conftest import spill_files
 from distributed import Client, LocalCluster
 
 import aimss_dask
@@ -105,7 +106,7 @@ def test_shuffle_larger_than_the_budget_spills_and_frees():
         for w in st.values():
             assert w["streams"] == [] and w["memory_bytes"] == 0 and w["spilled_bytes"] == 0
             d = w["spill_directory"]
-            assert not os.path.isdir(d) or os.listdir(d) == []
+            assert spill_files(d) == []
         # Idle receive buffers go back to the OS with the last stream (the
         # drop finishes on the worker just after the stream is forgotten).
         deadline = time.monotonic() + 10

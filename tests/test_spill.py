@@ -13,6 +13,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+from conftest import spill_files
 from distributed import Client, LocalCluster
 
 import aimss_dask
@@ -135,7 +136,7 @@ def test_spills_past_budget_and_reads_back_identical(client):
     for ws in st.values():
         assert ws["memory_bytes"] == 0 and ws["spilled_bytes"] == 0
         d = ws["spill_directory"]
-        assert not os.path.isdir(d) or os.listdir(d) == []
+        assert spill_files(d) == []
 
 
 # -- several workers, one spill_directory ----------------------------------------------

@@ -16,6 +16,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
+from distributed.comm import get_address_host
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
@@ -28,6 +29,7 @@ from aimss_dask.coordinator.registry import RunRegistry
 from aimss_dask.coordinator.replicas import Promotions
 from aimss_dask.coordinator.retire import Evacuations
 from aimss_dask.coordinator.runs import RunHandlers
+from aimss_dask.coordinator.salvage import Salvages
 from aimss_dask.coordinator.sealing import (
     SEAL_CLIENT_TIMEOUT,
     ClientSeals,
@@ -113,6 +115,7 @@ class AIMSS(SchedulerPlugin):
         self.evacuations = Evacuations(self, self.ops)
         self.recoveries = Recoveries(self, self.ops)
         self.promotions = Promotions(self, self.ops)
+        self.salvages = Salvages(self, self.ops)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -247,6 +250,7 @@ class AIMSS(SchedulerPlugin):
             self.runs.clear()
             self.recoveries.clear()
             self.promotions.clear()
+            self.salvages.clear()
             if self.pinner is not None:
                 self.pinner.clear()
         except Exception:
@@ -276,8 +280,12 @@ class AIMSS(SchedulerPlugin):
                 and self.scheduler.status == Status.running
             ):
                 # A worker joined (or a nanny's came back): partitions left
-                # short of copies by an earlier loss get them back.
+                # short of copies by an earlier loss get them back, and
+                # spill files a worker that died on its host left behind
+                # give back what they hold.
                 self.promotions.fill()
+                if isinstance(topic, str):
+                    self.salvages.on_worker_running(topic)
         except Exception:
             logger.exception("aimss: log_event hook failed")
 
@@ -330,6 +338,9 @@ class AIMSS(SchedulerPlugin):
             stimulus_id = kwargs.get("stimulus_id", "aimss-worker-lost")
             if scheduler.status == Status.running:
                 self.run_ops.restart_runs(scheduler, stimulus_id, worker, lost_parts)
+                if not kwargs.get("expected"):
+                    # Killed: its spill files are still on its node.
+                    self.salvages.on_worker_lost(worker, get_address_host(worker))
             # Readers of lost partitions that no restart re-creates (a user's
             # stream's map_partitions) must not wait for the dead worker.
             # Those of a run that recovers are pinned to the new owners.

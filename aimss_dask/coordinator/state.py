@@ -50,6 +50,9 @@ class CoordinatorState:
     #: owner). Such a copy is never promoted. No entry: in sync (placed with
     #: its stream, empty). See :meth:`replica_state`.
     replica_marks: dict[tuple[str, int, str], tuple[int, int, bool]] = field(default_factory=dict)
+    #: name -> partitions rebuilt from a dead owner's spill files only in
+    #: part: readable up to their entry in :attr:`lost` (see :meth:`commit_salvage`).
+    salvaged: dict[str, set[int]] = field(default_factory=dict)
     #: Epoch of the newest stream made here. Epochs grow across every stream
     #: of the cluster, so "streams made before X" is "epoch <= last_epoch at X".
     last_epoch: int = 0
@@ -57,6 +60,10 @@ class CoordinatorState:
     def _next_epoch(self) -> int:
         self.last_epoch += 1
         return self.last_epoch
+
+    def next_epoch(self) -> int:
+        """A new epoch, newer than every stream's (for a spec not applied yet)."""
+        return self._next_epoch()
 
     def create(
         self,
@@ -186,6 +193,7 @@ class CoordinatorState:
         self.bounds.pop(name, None)
         self.released.pop(name, None)
         self.recreated.pop(name, None)
+        self.salvaged.pop(name, None)
         self.replica_marks = {k: v for k, v in self.replica_marks.items() if k[0] != name}
         removed.append(spec)
         return removed
@@ -430,9 +438,15 @@ class CoordinatorState:
             known = self.bounds.get(name, {})
             sealed = name in self.sealed
             lost = self.lost.setdefault(name, {})
+            partial = self.salvaged.get(name, set())
             for p in ps:
-                if p not in lost:
-                    start, end = known.get(p, (0, 0))
+                start, end = known.get(p, (0, 0))
+                if p in partial:
+                    # Rebuilt in part from spill files, and lost again: what
+                    # it held goes with what it had lost already.
+                    partial.discard(p)
+                    lost[p] = (min(start, lost[p][0]), lost[p][1])
+                elif p not in lost:
                     lost[p] = (start, end if sealed else None)
             hit.append(name)
         return hit
@@ -486,6 +500,45 @@ class CoordinatorState:
             self.lost.pop(old.name, None)
         return True
 
+    def commit_salvage(self, old: StreamSpec, new: StreamSpec, got: Mapping[int, tuple[int, int]]) -> bool:
+        """Replace ``old`` by ``new``, whose lost partitions ``got`` were rebuilt from spill files: ``{p: (start, end)}``.
+
+        A partition rebuilt up to the end it had when its owner died is no
+        longer lost; one rebuilt in part stays lost from ``end`` on (and
+        readable below it: :attr:`salvaged`). False (nothing changed) if
+        ``old`` is no longer the stream of its name.
+
+        Examples
+        --------
+        >>> st = CoordinatorState()
+        >>> s, _ = st.create("s", 2, ["a", "b"])
+        >>> st.note_bounds("s", s.epoch, [(0, 0, 10), (1, 0, 50)]); st.sealed.add("s")
+        >>> st.worker_lost("a"), st.worker_lost("b"), st.lost["s"]
+        (['s'], ['s'], {0: (0, 10), 1: (0, 50)})
+        >>> new = s.recovered(st.next_epoch(), ("c", "c"))
+        >>> st.commit_salvage(s, new, {0: (0, 10), 1: (20, 30)})
+        True
+        >>> st.lost["s"], st.salvaged["s"], st.bounds["s"][1]
+        ({1: (30, 50)}, {1}, (20, 30))
+        """
+        if self.streams.get(old.name) is not old:
+            return False
+        self.streams[old.name] = new
+        lost = self.lost.get(old.name, {})
+        bounds = self.bounds.setdefault(old.name, {})
+        for p, (start, end) in got.items():
+            last = lost.get(p, (start, end))[1]
+            bounds[p] = (start, end)
+            if last is not None and end >= last:
+                lost.pop(p, None)
+                self.salvaged.get(old.name, set()).discard(p)
+            else:
+                lost[p] = (end, last)
+                self.salvaged.setdefault(old.name, set()).add(p)
+        if not lost:
+            self.lost.pop(old.name, None)
+        return True
+
     def owned_by_client(self, client: str) -> list[str]:
         """Non-persistent streams created by ``client``."""
         return sorted(
@@ -501,4 +554,5 @@ class CoordinatorState:
         self.bounds.clear()
         self.released.clear()
         self.recreated.clear()
+        self.salvaged.clear()
         return specs

@@ -103,6 +103,9 @@ class StreamHandlers:
             "sealed": spec.name in self.coord.state.sealed,
             "lost": sorted(lost),
             "lost_offsets": lost_to_wire(lost),
+            # Rebuilt in part from a dead owner's spill files: readable
+            # below their lost range.
+            "salvaged": sorted(self.coord.state.salvaged.get(spec.name, ())),
             # Readers of an older epoch follow a partition to a new owner
             # only if no recovery re-created partitions (empty) since.
             "recreated": self.coord.state.recreated.get(spec.name, 0),

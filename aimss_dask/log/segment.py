@@ -53,6 +53,12 @@ class PartitionLog:
     end: int = 0
     sealed: bool = False
     committed: int | None = None
+    #: ``(end, last)``: records from ``end`` on were lost with a worker that
+    #: died (``last`` exclusive, None: unknown). A log rebuilt from that
+    #: worker's spill files stops where they stop; readers that reach its
+    #: end, and writers, get ``PartitionLostError`` naming the range, never
+    #: a quiet end of the partition.
+    gap: tuple[int, int | None] | None = None
 
     @property
     def visible(self) -> int:

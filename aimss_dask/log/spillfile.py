@@ -5,7 +5,11 @@ A spill file is one sealed segment::
     b"AIMSSEG1" | header length (u32, little-endian) | header (JSON) | records
 
 The header names what the file holds: stream, epoch, partition, the offset of
-its first record, the number of records, their bytes and a CRC32C of each.
+its first record, the number of records, their bytes, and the length and a
+CRC32C of each. A file is complete in itself: a worker that takes over the
+spill folder of one that died (:mod:`aimss_dask.log.salvage`) rebuilds its
+index from the header (:func:`read_index`) and checks every record
+(:func:`verify`) before the log trusts it.
 The log keeps the same facts in memory, so a read compares what it expects
 with what the file says, then checks the checksum of every record it returns.
 A file of another worker, another partition or an older epoch, a truncated
@@ -109,6 +113,7 @@ def dump(records: Sequence[Any], path: str, seg: SegmentId) -> SpillIndex:
             "nbytes": pos,
             "checksum": CHECKSUM,
             "crcs": crcs,
+            "lengths": [n for _, n in spans],
         }
     ).encode()
     tmp = path + ".tmp"
@@ -168,6 +173,74 @@ def load(path: str, seg: SegmentId, index: SpillIndex, first: int, stop: int) ->
         # Arrays come back as views into ``buf``: one read, no further copies.
         out.append(freeze(deserialize_bytes(piece)))
     return out
+
+
+def read_index(path: str) -> tuple[SegmentId, SpillIndex]:
+    """What the spill file at ``path`` says it holds, and where each record lies, from its header alone.
+
+    Raises :class:`SpillCorruptionError` when the file is not a complete
+    segment file of this format: bad magic, an unreadable or inconsistent
+    header, or fewer bytes than the header lists (a truncated file).
+    """
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(_PREFIX)
+            if len(prefix) != _PREFIX or prefix[: len(MAGIC)] != MAGIC:
+                raise ValueError("bad magic")
+            (hlen,) = _LEN.unpack(prefix[len(MAGIC) :])
+            h = json.loads(f.read(hlen))
+            size = os.fstat(f.fileno()).st_size
+        seg = SegmentId(str(h["stream"]), int(h["epoch"]), int(h["partition"]), int(h["base"]))
+        lengths = [int(n) for n in h["lengths"]]
+        crcs = tuple(int(c) for c in h["crcs"])
+        if h.get("checksum") != CHECKSUM or len(lengths) != int(h["count"]) or len(crcs) != len(lengths):
+            raise ValueError("inconsistent header")
+        if sum(lengths) != int(h["nbytes"]) or min(lengths, default=0) < 0:
+            raise ValueError("inconsistent header")
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpillCorruptionError(f"{path} is not a readable AIMSS segment file ({e})") from None
+    spans, pos = [], 0
+    for n in lengths:
+        spans.append((pos, n))
+        pos += n
+    index = SpillIndex(_PREFIX + hlen, tuple(spans), crcs)
+    if size != index.data_start + pos:
+        raise SpillCorruptionError(
+            f"spill file {path} of {_what(seg)} holds {size} bytes where its header lists "
+            f"{index.data_start + pos}: it was cut short or appended to"
+        )
+    return seg, index
+
+
+def verify(path: str, seg: SegmentId, index: SpillIndex, chunk: int = 16 * 2**20) -> None:
+    """Check every record of the spill file at ``path`` against its checksum, without decoding it.
+
+    Raises :class:`SpillCorruptionError` naming the first record that fails.
+    Reads the file once, ``chunk`` bytes at a time (a record larger than
+    that is read whole).
+    """
+    with open(path, "rb") as f:
+        _check_header(f, path, seg, index)
+        f.seek(index.data_start)
+        i = 0
+        while i < len(index.spans):
+            j, n = i, 0
+            while j < len(index.spans) and (j == i or n + index.spans[j][1] <= chunk):
+                n += index.spans[j][1]
+                j += 1
+            buf = f.read(n)
+            if len(buf) != n:
+                raise SpillCorruptionError(f"spill file {path} of {_what(seg)} was truncated")
+            view, pos = memoryview(buf), 0
+            for k in range(i, j):
+                ln = index.spans[k][1]
+                if _crc(view[pos : pos + ln]) != index.crcs[k]:
+                    raise SpillCorruptionError(
+                        f"spill file {path}: record at offset {seg.base + k} of {_what(seg)} "
+                        f"fails its {CHECKSUM} check"
+                    )
+                pos += ln
+            i = j
 
 
 def _check_header(f: Any, path: str, seg: SegmentId, index: SpillIndex) -> None:

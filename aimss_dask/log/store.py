@@ -22,13 +22,14 @@ from typing import Any
 
 from aimss_dask.core.errors import (
     InvalidOffsetError,
+    PartitionLostError,
     PartitionOutOfRangeError,
     ReplicaGapError,
     StreamNotFoundError,
     StreamSealedError,
 )
 from aimss_dask.log import records as rec
-from aimss_dask.log import spillfile
+from aimss_dask.log import salvage, spillfile
 from aimss_dask.log.segment import PartitionLog, Segment
 
 logger = logging.getLogger("aimss_dask")
@@ -81,8 +82,12 @@ class LogStore:
         spill_root: str,
         segment_size: int = 4 * 2**20,
         on_change: Callable[[str, int], None] | None = None,
+        owner: Mapping[str, Any] | None = None,
     ) -> None:
         self.budget = budget
+        #: Written into the spill folder (:data:`~aimss_dask.log.salvage.OWNER_FILE`):
+        #: a worker that takes over after this one died finds its files by it.
+        self.owner = dict(owner or {})
         self.spill_root = os.path.abspath(spill_root)
         #: This store's own folder inside ``spill_root``; made on first use.
         self.spill_dir = os.path.join(self.spill_root, _own_folder_name())
@@ -248,6 +253,8 @@ class LogStore:
         """
         with self._lock:
             log = self._log(name, epoch, p)
+            if log.gap is not None:
+                raise _gap_error(name, p, log.gap)
             if log.sealed:
                 raise StreamSealedError(
                     f"stream {name!r} is sealed: partition {p} takes no more writes; "
@@ -381,6 +388,69 @@ class LogStore:
             for p in partitions:
                 self._on_change(name, p)
 
+    def adopt(
+        self,
+        name: str,
+        epoch: int | None,
+        p: int,
+        start: int,
+        files: Sequence[salvage.Found],
+        upto: int | None,
+    ) -> int:
+        """Rebuild the empty log of ``p`` from spill files of a worker that died (checked: :mod:`~aimss_dask.log.salvage`).
+
+        The files move into this store's folder (a rename: the spill root
+        is one folder) and become its spilled segments, read back and
+        checked like its own. The log keeps offsets ``start`` to the end of
+        the last file, sealed. ``upto``: where the partition ended when its
+        worker died (None: not known); records from the end of the files to
+        there died with it (:attr:`~aimss_dask.log.segment.PartitionLog.gap`).
+        Returns the end. Raises :class:`InvalidOffsetError` if the log
+        holds records or the files are not consecutive.
+        """
+        if any(b.seg.base != a.end for a, b in zip(files, files[1:])) or (files and not files[0].seg.base <= start < files[0].end):
+            raise InvalidOffsetError(
+                f"spill files of stream {name!r} partition {p} do not hold offsets {start} on without a hole"
+            )
+        with self._spill_lock:
+            self._make_spill_dir()
+            moved = []
+            try:
+                for f in files:
+                    dest = os.path.join(self.spill_dir, f"segment-{next(self._files)}.bin")
+                    os.rename(f.path, dest)
+                    moved.append((dest, f))
+            except OSError:
+                for dest, f in moved:  # put back what moved: the folder stays as it was
+                    os.rename(dest, f.path)
+                raise
+        with self._lock:
+            log = self._log(name, epoch, p)
+            if log.segments or log.end != log.start:
+                for dest, _ in moved:
+                    _unlink(dest)
+                raise InvalidOffsetError(
+                    f"cannot rebuild stream {name!r} partition {p} here: its log holds offsets {log.start} to {log.end}"
+                )
+            for dest, f in moved:
+                sizes = [n for _, n in f.index.spans]
+                seg = Segment(
+                    base=f.seg.base, seq=next(self._seq), records=None, sizes=sizes, nbytes=sum(sizes),
+                    sealed=True, path=dest, index=f.index, spilled_as=f.seg,
+                )
+                log.segments.append(seg)
+                self.spilled_bytes += seg.nbytes
+            log.start = start
+            log.end = files[-1].end if files else start
+            log.sealed = True
+            log.committed = None
+            log.gap = None if upto is not None and upto <= log.end else (log.end, upto)
+            self._changed.notify_all()
+            end = log.end
+        if self._on_change is not None:
+            self._on_change(name, p)
+        return end
+
     # -- read ----------------------------------------------------------------------
 
     def read(
@@ -412,6 +482,8 @@ class LogStore:
                     f"the earliest offset still kept is {log.start}"
                 )
             sealed, end = log.sealed, log.visible if upto is None else min(upto, log.end)
+            if start >= end and log.gap is not None:
+                raise _gap_error(name, p, log.gap)
             if start >= end:
                 return [], sealed, end
             budget = max_bytes if max_bytes is not None else float("inf")
@@ -651,6 +723,7 @@ class LogStore:
         # Exclusive: a folder of that name that exists is not ours, whoever made it.
         os.mkdir(self.spill_dir)
         self._spill_dir_made = True
+        salvage.write_owner(self.spill_dir, self.owner)
 
     def _pick_victim(
         self, keep: set[int] | None = None
@@ -734,11 +807,22 @@ class LogStore:
                 self._drop_locked(name)
         with self._spill_lock:  # a spill under way finishes (and is dropped) first
             if self._spill_dir_made:
+                salvage.remove_owner(self.spill_dir)
                 _rmdir_if_empty(self.spill_dir, warn=True)
                 self._spill_dir_made = False
             if self._made_root:
                 _rmdir_if_empty(self.spill_root, warn=False)
                 self._made_root = False
+
+
+def _gap_error(name: str, p: int, gap: tuple[int, int | None]) -> PartitionLostError:
+    last = "its end" if gap[1] is None else f"offset {gap[1] - 1}"
+    return PartitionLostError(
+        f"records of stream {name!r} partition {p} from offset {gap[0]} to {last} were "
+        "lost with their worker (only the part before was recovered from its spill "
+        "files); write them again to a new stream",
+        {p: gap},
+    )
 
 
 def _unlink(path: str) -> None:

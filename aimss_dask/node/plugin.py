@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from aimss_dask.node import heartbeat
 from aimss_dask.node.dedup import OriginFilter
 from aimss_dask.node.replication import Replicator
 from aimss_dask.node.runs import RunFactory, RunManager
+from aimss_dask.node.salvager import take_over
 from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import speccache
 from aimss_dask.transport.dataplane import BufferPool, DataServer, Group
@@ -132,7 +134,10 @@ class AIMSSWorker(WorkerPlugin):
                 f"{check.explain(worker.address)}; using {format_bytes(check.largest)}"
             )
             logger.warning("aimss: %s", self.budget_warning)
-        self.config = requested.resolve_for_worker(limit, worker.local_directory)
+        # Dask's scratch space, not the worker's own folder in it: Dask
+        # removes that folder once its process is gone, and with it the
+        # spill files a worker taking over from a dead one would read.
+        self.config = requested.resolve_for_worker(limit, os.path.dirname(worker.local_directory))
         assert self.config.memory_limit is not None and self.config.spill_directory
         self._changed = asyncio.Event()
         self.store = LogStore(
@@ -140,6 +145,7 @@ class AIMSSWorker(WorkerPlugin):
             spill_root=self.config.spill_directory,
             segment_size=self.config.segment_size,
             on_change=self._on_change,
+            owner={"worker": worker.address, "name": str(worker.name)},
         )
         # Now, not at the first spill: a folder that cannot be made fails
         # here, by name, before any record is accepted.
@@ -745,6 +751,12 @@ class AIMSSWorker(WorkerPlugin):
         await offload(lambda: [store.trim(name, epoch, p) for p in partitions])
 
     @replies
+    async def _h_salvage(self, dead: str, streams: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rebuild lost partitions from the spill files ``dead`` left on this node (see :mod:`aimss_dask.node.salvager`)."""
+        assert self.store is not None
+        return await offload(take_over, self.store, dead, streams)
+
+    @replies
     async def _h_owner_lost(self, address: str, epoch: int) -> None:
         assert self.producer is not None
         self.producer.owner_lost(address, epoch)
@@ -778,6 +790,7 @@ async def _torn_down(**kwargs: Any) -> dict[str, Any]:
 
 _HANDLERS = (
     "setup_status",
+    "salvage",
     "open",
     "recover",
     "replica_start",

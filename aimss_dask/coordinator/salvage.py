@@ -1,0 +1,155 @@
+"""Partitions with no copy left, rebuilt from the spill files their dead owner left on its node (issue 19, item 4.1).
+
+A worker that is killed leaves its spill folder behind. When it owned the
+only copy of a partition (``replication=1``), a worker on the same host
+takes those files over (:mod:`aimss_dask.log.salvage`): at once if one
+runs there (a node with several workers), else the first that starts
+there (a nanny restarting the one that died). The coordinator decides what
+it takes:
+
+- only partitions of streams no run is writing (a run that keeps what
+  survived re-runs the pushes that wrote the lost partitions instead:
+  :mod:`~aimss_dask.coordinator.recovery`), and with no copy left;
+- from the first offset a consumer still needs on (``aimss.recovery:
+  offsets``: the lowest committed offset of the stream's consumer groups,
+  and never below what the owner still held); ``full``: from where the
+  owner's log started;
+- whatever it gets back, the stream goes on under a new epoch with that
+  worker as the partition's owner. A partition rebuilt up to its end is no
+  longer lost; one whose tail was still in memory when its owner died
+  stays lost from the end of the files on, by offsets, and readers that
+  reach that point (and writers) get ``PartitionLostError`` naming them.
+
+One attempt per dead worker: the files it does not need are removed with
+its folder afterwards. Event ``partitions-salvaged`` (topic ``"aimss"``)
+says what came back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aimss_dask.coordinator.cluster import ClusterOps
+
+if TYPE_CHECKING:
+    from aimss_dask.coordinator.plugin import AIMSS
+
+logger = logging.getLogger("aimss_dask")
+
+#: Dead workers remembered while no worker runs on their host (the oldest go first).
+MAX_WAITING = 1024
+
+
+class Salvages:
+    """Dead workers whose spill files may still give back lost partitions, of one coordinator ``coord``."""
+
+    def __init__(self, coord: AIMSS, ops: ClusterOps) -> None:
+        self.coord = coord
+        self.ops = ops
+        #: dead worker -> its host, until a worker there took its files over.
+        self.waiting: dict[str, str] = {}
+
+    def on_worker_lost(self, worker: str, host: str | None) -> None:
+        """``worker`` (on ``host``) died; its partitions are marked lost already.
+
+        Even with nothing to rebuild, a worker on that host is asked once:
+        it removes the folder the dead one left.
+        """
+        if host is None:
+            return
+        self.waiting[worker] = host
+        while len(self.waiting) > MAX_WAITING:
+            del self.waiting[next(iter(self.waiting))]
+        self.ops.spawn(self._try(worker))
+
+    def on_worker_running(self, address: str) -> None:
+        """``address`` started (or came back): it may take over the files of a worker that died on its host."""
+        host = self.ops.hosts().get(address)
+        for dead, h in list(self.waiting.items()):
+            if h == host:
+                self.ops.spawn(self._try(dead, address))
+
+    def _wanted(self, dead: str) -> dict[str, list[list[Any]]]:
+        """``{stream: [[partition, first offset needed, end or None], ...]}`` that ``dead`` took along and files may give back."""
+        state = self.coord.state
+        offsets = self.coord.config.recovery == "offsets"
+        out: dict[str, list[list[Any]]] = {}
+        for name, lost in state.lost.items():
+            spec = state.streams.get(name)
+            if spec is None or spec.replicas or name in self.coord.recoveries.recovering:
+                continue
+            if self.coord.runs.for_stream(name) is not None:
+                continue  # a run's: it re-runs what wrote the partition (recovery), or restarts
+            parts = []
+            for p, (first, end) in sorted(lost.items()):
+                if spec.owners[p] != dead or p in state.salvaged.get(name, ()):
+                    continue
+                need = max(first, state.consumed(name, p)) if offsets else first
+                if end is not None and need >= end:
+                    continue  # every group read it all: nothing to bring back
+                parts.append([p, need, end])
+            if parts:
+                out[name] = parts
+        return out
+
+    async def _try(self, dead: str, worker: str | None = None) -> None:
+        """Ask ``worker`` (None: one running on ``dead``'s host) to rebuild what ``dead`` took along."""
+        host = self.waiting.get(dead)
+        if host is None:
+            return
+        if worker is None:
+            hosts = self.ops.hosts()
+            here = [w for w in self.ops.running() if w != dead and hosts.get(w) == host]
+            if not here:
+                return  # the next worker to start on that host tries
+            worker = here[0]
+        wanted = self._wanted(dead)
+        del self.waiting[dead]  # one attempt: the worker removes the files it leaves
+        state = self.coord.state
+        olds = {name: state.streams[name] for name in wanted}
+        news = {}
+        msg_streams = []
+        for name, parts in wanted.items():
+            old = olds[name]
+            owners = list(old.owners)
+            for p, _, _ in parts:
+                owners[p] = worker
+            news[name] = new = old.recovered(state.next_epoch(), tuple(owners))
+            msg_streams.append({
+                "spec": new.to_wire(), "epochs": [old.first_epoch, old.epoch], "parts": parts,
+            })
+        try:
+            reply = await self.ops.ask(worker, {"op": "aimss_salvage", "dead": dead, "streams": msg_streams})
+        except Exception as e:
+            logger.warning("aimss: %s could not take over the spill files of %s (%r)", worker, dead, e)
+            return
+        for name, got in (reply or {}).get("streams", {}).items():
+            old, new = olds.get(name), news.get(name)
+            if old is None or new is None or not got:
+                continue
+            rebuilt = {int(p): (int(a), int(b)) for p, a, b in got}
+            # Only the partitions it rebuilt move to it; the others stay lost where they were.
+            owners = tuple(worker if p in rebuilt else o for p, o in enumerate(old.owners))
+            new = old.recovered(new.epoch, owners)
+            if not state.commit_salvage(old, new, rebuilt):
+                # Destroyed (or changed) meanwhile: free what it opened.
+                await self.ops.broadcast({"op": "aimss_drop", "name": name, "epoch": new.epoch}, [worker])
+                continue
+            # Every process forgets the spec it cached; holders answer to the new epoch.
+            await self.ops.broadcast({"op": "aimss_recover", "spec": new.to_wire(), "since": new.first_epoch})
+            assert self.coord.pinner is not None
+            self.coord.pinner.repin([name])
+            still = {p: state.lost[name][p] for p in rebuilt if p in state.lost.get(name, {})}
+            logger.warning(
+                "aimss: stream %r partitions %s rebuilt on %s from the spill files of %s%s",
+                name, sorted(rebuilt), worker, dead, f"; still lost: {still}" if still else "",
+            )
+            self.ops.event({
+                "action": "partitions-salvaged", "stream": name, "worker": worker, "dead": dead,
+                "partitions": {p: list(r) for p, r in sorted(rebuilt.items())},
+                "lost": {p: list(r) for p, r in sorted(still.items())},
+            })
+
+    def clear(self) -> None:
+        self.waiting.clear()

@@ -1,0 +1,307 @@
+"""Single copy (issue 19, item 4.1): a partition whose owner was killed comes back from the spill files it left.
+
+Unit tests of the pure parts (which folders are a dead worker's, which
+files chain, what a rebuilt log answers), then real worker processes
+SIGKILLed: a sibling on the node rebuilds the partition at once, and a
+lone worker's nanny brings back a worker that does it as it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+import aimss_dask
+from aimss_dask.core.errors import (
+    InvalidOffsetError,
+    PartitionLostError,
+    SpillCorruptionError,
+)
+from aimss_dask.log import salvage, spillfile
+from aimss_dask.log.store import LogStore
+
+MiB = 2**20
+
+
+# -- spill files read back by another process -----------------------------------------
+
+
+def test_a_spill_file_rebuilds_its_own_index_and_every_record_is_checked(tmp_path):
+    seg = spillfile.SegmentId("s", 4, 2, 30)
+    records = [np.arange(n, dtype="f8") for n in (3, 0, 1000)] + [b"tail"]
+    path = str(tmp_path / "segment-0.bin")
+    written = spillfile.dump(records, path, seg)
+    got_seg, index = spillfile.read_index(path)
+    assert got_seg == seg and index == written
+    spillfile.verify(path, seg, index, chunk=64)  # several reads, records split across none
+    out = spillfile.load(path, seg, index, 0, 4)
+    assert [np.array_equal(a, b) for a, b in zip(out[:3], records[:3])] == [True] * 3 and out[3] == b"tail"
+    # One flipped bit in the third record: named by its offset.
+    with open(path, "r+b") as f:
+        f.seek(index.data_start + index.spans[2][0] + 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(SpillCorruptionError, match="offset 32"):
+        spillfile.verify(path, seg, index)
+    # Cut short: the header no longer matches the size.
+    with open(path, "r+b") as f:
+        f.truncate(index.data_start + 10)
+    with pytest.raises(SpillCorruptionError, match="cut short"):
+        spillfile.read_index(path)
+    (tmp_path / "junk.bin").write_bytes(b"not a segment")
+    with pytest.raises(SpillCorruptionError, match="not a readable"):
+        spillfile.read_index(str(tmp_path / "junk.bin"))
+
+
+def _folder(root, name: str, owner: dict | None) -> str:
+    folder = os.path.join(root, name)
+    os.mkdir(folder)
+    if owner is not None:
+        with open(os.path.join(folder, salvage.OWNER_FILE), "w") as f:
+            json.dump(owner, f)
+    return folder
+
+
+def test_only_folders_of_that_worker_on_this_host_whose_process_is_gone_are_orphans(tmp_path):
+    host = socket.gethostname()
+    dead, live = 999_999_991, os.getpid() + 0  # the test's own pid never counts as dead
+    w = "tcp://127.0.0.1:4000"
+    mine = _folder(tmp_path, "a", {"host": host, "pid": dead, "worker": w})
+    _folder(tmp_path, "b", {"host": host, "pid": live, "worker": w})  # a live process: never
+    _folder(tmp_path, "c", {"host": host, "pid": dead, "worker": "tcp://127.0.0.1:4001"})  # another worker
+    _folder(tmp_path, "d", {"host": host + "-other", "pid": dead, "worker": w})  # another node's
+    _folder(tmp_path, "e", None)  # not a store's folder
+    (tmp_path / "f").write_text("a file, not a folder")
+    assert salvage.orphans(str(tmp_path), w, alive=lambda pid: pid != dead) == [mine]
+    assert salvage.orphans(str(tmp_path / "missing"), w) == []
+
+
+def _found(tmp_path, seg: spillfile.SegmentId, n: int) -> salvage.Found:
+    path = str(tmp_path / f"segment-{seg.epoch}{seg.partition}{seg.base}.bin")
+    index = spillfile.dump([np.full(4, seg.base + i) for i in range(n)], path, seg)
+    return salvage.Found(path, seg, index)
+
+
+def test_a_chain_starts_at_the_offset_needed_and_stops_at_a_hole_or_a_bad_file(tmp_path):
+    files = [_found(tmp_path, spillfile.SegmentId("s", 5, 0, b), 10) for b in (0, 10, 20, 40)]
+    other = _found(tmp_path, spillfile.SegmentId("s", 5, 1, 0), 10)
+    older = _found(tmp_path, spillfile.SegmentId("s", 2, 0, 30), 10)  # another stream of the name
+    found = salvage.scan(str(tmp_path))
+    assert sorted(f.path for f in found) == sorted(f.path for f in [*files, other, older])
+    got = salvage.chain(found, "s", 0, (4, 6), need=13)
+    assert [f.seg.base for f in got] == [10, 20]  # 30-39 was in memory: a hole
+    assert salvage.chain(found, "s", 0, (4, 6), need=35) == []
+    assert [f.seg.base for f in salvage.chain(found, "s", 0, (2, 6), need=25)] == [20, 30, 40]
+    # A flipped bit in the second file: the chain ends before it.
+    with open(files[1].path, "r+b") as f:
+        f.seek(-1, 2)
+        b = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert [f.seg.base for f in salvage.verified(salvage.chain(found, "s", 0, (4, 6), need=0))] == [0]
+
+
+def test_a_rebuilt_log_reads_to_its_end_then_names_what_is_lost(tmp_path):
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    files = [_found(dead, spillfile.SegmentId("s", 5, 0, b), 10) for b in (0, 10)]
+    (dead / "notes.txt").write_text("someone else's")
+    store = LogStore(budget=MiB, spill_root=str(tmp_path / "root"), owner={"worker": "me"})
+    store.open("s", 7, [0], starts={0: 4}, since=5)
+    assert store.adopt("s", 7, 0, 4, files, upto=26) == 20
+    # The files moved into this store's own folder; they count as spilled.
+    assert not any(os.path.exists(f.path) for f in files)
+    assert sorted(os.listdir(store.spill_dir)) == [salvage.OWNER_FILE, "segment-0.bin", "segment-1.bin"]
+    assert store.stats()["spilled_bytes"] > 0 and store.memory_bytes == 0
+    got, sealed, end = store.read("s", 7, 0, 4, max_bytes=10**9)
+    assert [int(r[0]) for r in got] == list(range(4, 20)) and sealed and end == 20
+    with pytest.raises(InvalidOffsetError, match="trimmed"):
+        store.read("s", 7, 0, 3)
+    # At its end: the records that died with the worker, by offsets, never a quiet end.
+    with pytest.raises(PartitionLostError, match="20 to offset 25") as lost:
+        store.read("s", 7, 0, 20)
+    assert lost.value.lost == {0: (20, 26)}
+    with pytest.raises(PartitionLostError):
+        store.append("s", 7, 0, [b"x"], [1])
+    # Rebuilt up to the end the owner had: no gap.
+    store.open("t", 7, [0])
+    more = [_found(dead, spillfile.SegmentId("t", 7, 0, 0), 3)]
+    store.adopt("t", 7, 0, 0, more, upto=3)
+    assert store.read("t", 7, 0, 3) == ([], True, 3)
+    # The dead folder goes, but not a file aimss did not write.
+    assert not salvage.discard(str(dead)) and os.listdir(dead) == ["notes.txt"]
+    store.close()
+    assert not os.path.exists(store.spill_dir)
+
+
+# -- real workers killed ---------------------------------------------------------------
+
+
+def _wait_for(cond, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _record(i: int) -> np.ndarray:
+    a = np.full(MiB // 8, float(i))
+    a[-1] = -i
+    return a
+
+
+def _salvaged(client: Client, name: str) -> list[dict]:
+    """The ``partitions-salvaged`` events of stream ``name``, ranges as lists (msgpack may give tuples)."""
+    return [
+        {**e, "partitions": {p: list(r) for p, r in e["partitions"].items()}, "lost": {p: list(r) for p, r in e["lost"].items()}}
+        for _, e in client.get_events("aimss")
+        if e.get("action") == "partitions-salvaged" and e["stream"] == name
+    ]
+
+
+def _spill_all(dask_worker) -> int:
+    return dask_worker.plugins["aimss"].store.spill(0)
+
+
+def _folders(root) -> list[str]:
+    return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+
+
+def _owners(root) -> list[str]:
+    """The workers whose spill folders are in ``root``."""
+    out = []
+    for n in _folders(root):
+        with open(os.path.join(root, n, salvage.OWNER_FILE)) as f:
+            out.append(json.load(f)["worker"])
+    return sorted(out)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="1GiB"
+    ) as cluster, Client(cluster) as c:
+        c.register_plugin(aimss_dask.AIMSS(memory_limit="16MiB", segment_size="1MiB", spill_directory=str(tmp_path)))
+        yield c, tmp_path
+
+
+def test_killed_owner_partition_comes_back_from_its_spill_files_from_the_consumers_offset(pair):
+    client, root = pair
+    n = 48
+    s = aimss_dask.create_stream("kept", partitions=2)
+    victim = s.spec.owners[0]
+    for i in range(n):
+        s.write(_record(i), partition=0)
+    s.write(_record(-1), partition=1)
+    s.seal()
+    it = s.read(partition=0, group="g")
+    assert [int(next(it)[0]) for _ in range(11)] == list(range(11))
+    it.close()  # commits 10: the 11th was handed out, not yet consumed
+    assert aimss_dask.get_stream("kept").info()["groups"]["g"][0] == 10
+    assert victim in _owners(root)
+    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+    assert _wait_for(lambda: _salvaged(client, "kept"))
+    (ev,) = _salvaged(client, "kept")
+    _, end = ev["partitions"][0]
+    # Most of the partition was on disk; what was still in memory (the
+    # newest ~14 MiB) died with the worker, and is named by offsets.
+    assert 10 < end < n - 4, ev
+    assert ev["lost"] == {0: [end, n]}
+    info = s.info()
+    assert info["lost_offsets"] == {0: [end, n]} and info["owners"][0] != victim
+    # The group goes on from its committed offset, exactly, to the gap ...
+    got = []
+    with pytest.raises(PartitionLostError) as lost:
+        for r in s.read(partition=0, group="g"):
+            got.append(r)
+    assert [int(r[0]) for r in got] == list(range(10, end))
+    assert all(np.array_equal(r, _record(i)) for i, r in zip(range(10, end), got))
+    assert lost.value.lost == {0: (end, n)}
+    # ... records every group had passed were not brought back (offsets first),
+    with pytest.raises(InvalidOffsetError, match="trimmed"):
+        list(s.read(partition=0, start=0))
+    # and the other partition never noticed.
+    assert [int(r[0]) for r in s.read(partition=1)] == [-1]
+    # The dead worker's folder is gone; the live workers' are not.
+    assert victim not in _owners(root)
+    assert set(_owners(root)) == set(client.scheduler_info()["workers"])
+    aimss_dask.destroy_stream("kept")
+
+
+def test_a_partition_wholly_on_disk_comes_back_whole_and_takes_no_new_writes(pair):
+    client, root = pair
+    s = aimss_dask.create_stream("whole", partitions=1)
+    victim = s.spec.owners[0]
+    for i in range(12):
+        s.write(_record(i), partition=0)
+    s.seal()
+    assert client.run(_spill_all, workers=[victim])[victim] > 0
+    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+    assert _wait_for(lambda: _salvaged(client, "whole"))
+    (ev,) = _salvaged(client, "whole")
+    assert ev["partitions"] == {0: [0, 12]} and ev["lost"] == {}
+    info = s.info()
+    assert info["lost"] == [] and info["records"] == [12]
+    got = list(s.read())
+    assert len(got) == 12 and all(np.array_equal(r, _record(i)) for i, r in enumerate(got))
+    with pytest.raises(aimss_dask.StreamSealedError):
+        s.write(_record(99), partition=0)
+        s.flush()
+    aimss_dask.destroy_stream("whole")
+
+
+def test_an_open_partition_comes_back_up_to_its_spilled_end_and_refuses_writes(pair):
+    client, _ = pair
+    s = aimss_dask.create_stream("open", partitions=1)
+    victim = s.spec.owners[0]
+    for i in range(8):
+        s.write(_record(i), partition=0)
+    s.flush()
+    client.run(_spill_all, workers=[victim])
+    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+    assert _wait_for(lambda: _salvaged(client, "open"))
+    (ev,) = _salvaged(client, "open")
+    # Open: records may have arrived after the last report; the end is unknown.
+    assert ev["partitions"] == {0: [0, 8]} and ev["lost"] == {0: [8, None]}
+    got = []
+    with pytest.raises(PartitionLostError) as lost:
+        for r in s.read(partition=0):
+            got.append(int(r[0]))
+    assert got == list(range(8)) and lost.value.lost == {0: (8, None)}
+    with pytest.raises(PartitionLostError):
+        s.write(_record(8), partition=0)
+        s.flush()
+    with pytest.raises(PartitionLostError, match="8 on"):
+        s.seal()
+    aimss_dask.destroy_stream("open")
+
+
+def test_a_lone_worker_restarted_by_its_nanny_takes_back_its_own_spill_files(tmp_path):
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="1GiB"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS(memory_limit="16MiB", segment_size="1MiB", spill_directory=str(tmp_path)))
+        s = aimss_dask.create_stream("alone", partitions=2)
+        for i in range(6):
+            s.write(_record(i), partition=i % 2)
+        s.seal()
+        (victim,) = s.spec.owners[:1]
+        client.run(_spill_all)
+        os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+        # No other worker on the node: the restarted one does it as it starts.
+        assert _wait_for(lambda: _salvaged(client, "alone"), timeout=90)
+        (ev,) = _salvaged(client, "alone")
+        assert ev["partitions"] == {0: [0, 3], 1: [0, 3]} and ev["lost"] == {}
+        assert [int(r[0]) for r in s.read()] == [0, 2, 4, 1, 3, 5]
+        assert _owners(tmp_path) == list(client.scheduler_info()["workers"])  # the new worker's own
+        aimss_dask.destroy_stream("alone")
