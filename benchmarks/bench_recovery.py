@@ -25,6 +25,18 @@ Memory is not prefaulted; the first round is reported apart.
 
     python benchmarks/bench_recovery.py --part streams --stream-gib 4 --workers 4 --reps 3
 
+Part (1b), ``--part single``: the same stream with one copy and a small
+budget (``--single-budget``), so that most of it is on disk when the owner
+is SIGKILLed; a worker on the node takes over its spill files (issue 19,
+item 4.1). ``next record``: until the consumer on the victim's first
+partition, asking again while it is lost, has its next record;
+``readable``: until the partitions are rebuilt; ``MB read``: what was read
+back and checked; ``MB lost``: what was still in memory, named lost (each
+partition is then read back up to its lost range and checked). ``offsets``
+against ``full``, interleaved, a fresh cluster each; no prefaulting.
+
+    python benchmarks/bench_recovery.py --part single --stream-gib 4 --workers 4 --reps 3
+
 Part (2), ``--part operators``: a shuffle that loses a worker.
 
 A DataFrame shuffle (int64 key + 6 float64 columns, ``--partitions`` in and
@@ -365,6 +377,103 @@ def _streams_round(args: argparse.Namespace, mode: str) -> dict[str, float]:
         return out
 
 
+def _salvage_events(client: Any, name: str) -> list[dict[str, Any]]:
+    return [m for _, m in client.get_events("aimss") if isinstance(m, dict)
+            and m.get("action") == "partitions-salvaged" and m.get("stream") == name]
+
+
+def _single_round(args: argparse.Namespace, mode: str) -> dict[str, float]:
+    """Part (1b): one copy; the victim's partitions come back from its spill files."""
+    import dask
+    from distributed import Client, LocalCluster, wait
+
+    import aimss_dask
+
+    parts = args.workers * PER_WORKER
+    n = max(4, int(args.stream_gib * GiB / RECORD) // parts)
+    done = (3 * n) // 4
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
+        n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        out: dict[str, float] = {}
+        pids = client.run(os.getpid)
+        victim = sorted(pids)[-1]
+        client.register_plugin(aimss_dask.AIMSS(replication=1, recovery=mode, memory_limit=args.single_budget))
+        name = "bench-salvage"
+        s = aimss_dask.create_stream(name, parts)
+        owners = s.spec.owners
+        mine = [p for p in range(parts) if owners[p] == victim]
+        # Partitions are written one after the other on each worker: the
+        # first ones are on disk by the end, the newest records in memory.
+        for p in sorted(range(parts), key=lambda p: p not in mine):
+            client.submit(_write_partition, name, p, n, workers=[owners[p]], pure=False).result()
+        s.seal()
+        wait([client.submit(_consume, name, p, done, workers=[owners[p]], pure=False) for p in range(parts)])
+        t0 = time.perf_counter()
+        os.kill(pids[victim], signal.SIGKILL)
+        while True:  # a consumer of the victim's first partition asks until it gets its next record
+            try:
+                it = aimss_dask.read_from(name, partition=mine[0], group="g", timeout=300)
+                r = next(it)
+                break
+            except aimss_dask.PartitionLostError as e:
+                assert time.perf_counter() - t0 < 600, f"never came back: {e}"
+                time.sleep(0.005)
+        out["next record"] = time.perf_counter() - t0
+        assert (int(r[0]), int(r[1])) == (mine[0], done), (int(r[0]), int(r[1]))
+        it.close()
+        while not _salvage_events(client, name):
+            assert time.perf_counter() - t0 < 600, "no partition came back"
+            time.sleep(0.005)
+        out["readable"] = time.perf_counter() - t0
+        (ev,) = _salvage_events(client, name)
+        out["MB read"] = ev["bytes"] / 1e6
+        lost = {int(p): r for p, r in s.info()["lost_offsets"].items()}
+        out["MB lost"] = sum(b - a for a, b in lost.values()) * RECORD / 1e6
+        client.wait_for_workers(args.workers, timeout=120)
+        now = s.info()["owners"]
+        ends = {p: (lost[p][0] if p in lost else n) for p in range(parts)}
+
+        def check(p: int) -> int:
+            try:
+                return _check_rest(name, p, done, ends[p])
+            except aimss_dask.PartitionLostError:
+                return -1
+
+        got = client.gather([client.submit(check, p, workers=[now[p]], pure=False) for p in range(parts)])
+        assert got == [ends[p] - done for p in range(parts)], (got, ends)
+        aimss_dask.destroy_stream(name)
+        return out
+
+
+def run_single(args: argparse.Namespace) -> None:
+    parts = args.workers * PER_WORKER
+    n = max(4, int(args.stream_gib * GiB / RECORD) // parts)
+    print(
+        f"stream of {parts * n * RECORD / GiB:g} GiB ({parts} partitions of {n} 1 MiB records, ONE copy, "
+        f"budget {args.single_budget} per worker: the rest spills) on {args.workers} workers; group g "
+        f"committed {(3 * n) // 4} of each; one owner SIGKILLed, its spill files taken over",
+        flush=True,
+    )
+    modes = ["offsets", "full"]
+    results: dict[str, list[dict[str, float]]] = {}
+    for rep in range(args.reps + 1):
+        for mode in modes[rep % 2:] + modes[: rep % 2]:
+            got = _single_round(args, mode)
+            line = "  ".join(f"{k} {v:7.2f}{'' if k.startswith('MB') else ' s'}" for k, v in got.items())
+            print(f"  rep {rep} {mode:8s} {line}" + ("  (first run)" if rep == 0 else ""), flush=True)
+            if rep:
+                results.setdefault(mode, []).append(got)
+    print(f"\nmedians of {args.reps} (after the first round):")
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
+    for m, v in med.items():
+        print(f"  {m:8s} " + "  ".join(f"{k} {x:7.2f}{'' if k.startswith('MB') else ' s'}" for k, x in v.items()))
+    o, f = med.get("offsets"), med.get("full")
+    if o and f:
+        print(f"full / offsets: next record {f['next record'] / o['next record']:.2f}x, "
+              f"MB read {f['MB read'] / max(o['MB read'], 1e-9):.2f}x (unconsumed: 25%)")
+
+
 def run_streams(args: argparse.Namespace) -> None:
     parts = args.workers * PER_WORKER
     n = max(4, int(args.stream_gib * GiB / RECORD) // parts)
@@ -401,16 +510,19 @@ def run_streams(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["streams", "operators", "both"], default="both")
+    ap.add_argument("--part", choices=["streams", "single", "operators", "both"], default="both")
     ap.add_argument("--stream-gib", type=float, default=4.0, help="part (1): bytes of the stream")
     ap.add_argument("--gib", type=float, default=2.0, help="part (2): bytes shuffled")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--partitions", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--memory-limit", default=None, help="AIMSS budget per worker, e.g. 1GiB")
+    ap.add_argument("--single-budget", default="128MiB", help="part (1b): AIMSS budget per worker")
     args = ap.parse_args()
     if args.part in ("streams", "both"):
         run_streams(args)
+    if args.part == "single":
+        run_single(args)
     if args.part in ("operators", "both"):
         run_operators(args)
 

@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -82,6 +84,22 @@ def test_only_folders_of_that_worker_on_this_host_whose_process_is_gone_are_orph
     (tmp_path / "f").write_text("a file, not a folder")
     assert salvage.orphans(str(tmp_path), w, alive=lambda pid: pid != dead) == [mine]
     assert salvage.orphans(str(tmp_path / "missing"), w) == []
+
+
+def test_a_killed_process_not_yet_reaped_by_its_parent_is_dead():
+    """A nanny reaps its killed worker a moment later: the zombie's files are free at once."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert salvage.pid_alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while salvage.pid_alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not salvage.pid_alive(child.pid)
+        assert child.poll() is not None  # reaped only now
+    finally:
+        child.kill()
+        child.wait()
 
 
 def _found(tmp_path, seg: spillfile.SegmentId, n: int) -> salvage.Found:

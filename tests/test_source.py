@@ -478,3 +478,46 @@ def test_a_task_reading_on_the_owner_is_not_stuck_behind_a_small_window(client, 
         assert fut.result(timeout=60) == (owner, 20)
     finally:
         aimss_dask.destroy_stream(s.name)
+
+
+def test_a_killed_owner_fails_the_loader_by_name_and_leaves_the_survivors_clean(tmp):
+    """A source keeps one copy (``OnLoss.FAIL``): a worker killed mid-epoch is a named error, never a hang."""
+    import signal
+    import threading
+
+    from conftest import assert_workers_clean
+    from distributed import LocalCluster
+
+    x = _array((512, 256), "f8")  # 1 MiB in 128 slabs: the brokers are still reading at the kill
+    path = _write(os.path.join(tmp, "x.zarr"), x, (4, 256))
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as c:
+        c.register_plugin(aimss_dask.AIMSS())
+        s = from_zarr(path, partitions=2, prefetch=1)
+        it = s.batches(8)
+        np.testing.assert_array_equal(next(it), x[:8])
+        victim = s.spec.owners[1]
+        os.kill(c.run(os.getpid)[victim], signal.SIGKILL)
+        got: list = []
+
+        def drain() -> None:
+            try:
+                for b in it:
+                    got.append(b)
+            except Exception as e:  # what the loader raised
+                got.append(e)
+
+        t = threading.Thread(target=drain, daemon=True)
+        t.start()
+        t.join(120)
+        assert not t.is_alive(), "the loader hung after its broker's worker died"
+        err = got[-1]
+        assert isinstance(err, aimss_dask.PartitionLostError), err
+        assert s.name in str(err)
+        # Every batch it did hand out is exact.
+        for i, b in enumerate(got[:-1], start=1):
+            np.testing.assert_array_equal(b, x[8 * i : 8 * (i + 1)])
+        aimss_dask.destroy_stream(s.name)
+        wait_until(lambda: not any(c.run(_worker_runs).values()), what="runs forgotten")
+        assert_workers_clean(aimss_dask.status())

@@ -22,7 +22,8 @@ it takes:
 
 One attempt per dead worker: the files it does not need are removed with
 its folder afterwards. Event ``partitions-salvaged`` (topic ``"aimss"``)
-says what came back.
+says what came back: the partitions and their offsets, what stays lost,
+and the bytes read back and checked.
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ class Salvages:
 
     async def _try(self, dead: str, worker: str | None = None) -> None:
         """Ask ``worker`` (None: one running on ``dead``'s host) to rebuild what ``dead`` took along."""
+        try:
+            await self._take_over(dead, worker)
+        except Exception:
+            logger.exception("aimss: rebuilding the partitions of %s from its spill files failed", dead)
+
+    async def _take_over(self, dead: str, worker: str | None) -> None:
         host = self.waiting.get(dead)
         if host is None:
             return
@@ -124,11 +131,15 @@ class Salvages:
         except Exception as e:
             logger.warning("aimss: %s could not take over the spill files of %s (%r)", worker, dead, e)
             return
+        logger.info(
+            "aimss: %s took over %d spill folder(s) of %s; rebuilt %s",
+            worker, (reply or {}).get("folders", 0), dead, sorted((reply or {}).get("streams", {})),
+        )
         for name, got in (reply or {}).get("streams", {}).items():
             old, new = olds.get(name), news.get(name)
             if old is None or new is None or not got:
                 continue
-            rebuilt = {int(p): (int(a), int(b)) for p, a, b in got}
+            rebuilt = {int(p): (int(a), int(b)) for p, a, b, _ in got}
             # Only the partitions it rebuilt move to it; the others stay lost where they were.
             owners = tuple(worker if p in rebuilt else o for p, o in enumerate(old.owners))
             new = old.recovered(new.epoch, owners)
@@ -149,6 +160,7 @@ class Salvages:
                 "action": "partitions-salvaged", "stream": name, "worker": worker, "dead": dead,
                 "partitions": {p: list(r) for p, r in sorted(rebuilt.items())},
                 "lost": {p: list(r) for p, r in sorted(still.items())},
+                "bytes": sum(int(g[3]) for g in got),
             })
 
     def clear(self) -> None:

@@ -38,6 +38,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from aimss_dask.core.errors import SpillCorruptionError
 from aimss_dask.log import spillfile
 
@@ -81,14 +83,17 @@ def remove_owner(folder: str) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this host (one we may not signal counts)."""
+    """Whether a process ``pid`` runs on this host (one we may not look at counts).
+
+    A zombie does not: a worker killed a moment ago stays one until its
+    nanny reaps it, and its files are already free to take over.
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 def orphans(root: str, worker: str, alive: Any = pid_alive) -> list[str]:

@@ -26,8 +26,8 @@ def take_over(store: LogStore, dead: str, streams: Sequence[dict[str, Any]]) -> 
     this worker as the owner of the partitions asked for, "epochs": [first,
     last] that files may carry, "parts": [[partition, first offset needed,
     end or None], ...]}``. Returns ``{"streams": {name: [[partition, start,
-    end], ...]}, "folders": n}``: only partitions that got at least one
-    record back, opened here under the new epoch and sealed.
+    end, bytes read back], ...]}, "folders": n}``: only partitions that got
+    at least one record back, opened here under the new epoch and sealed.
     """
     folders = salvage.orphans(store.spill_root, dead)
     found = [f for folder in folders for f in salvage.scan(folder)]
@@ -45,7 +45,7 @@ def take_over(store: LogStore, dead: str, streams: Sequence[dict[str, Any]]) -> 
             except Exception as e:  # another partition may still come back
                 logger.warning("aimss: could not rebuild stream %r partition %d from %s's spill files: %r", spec.name, p, dead, e)
                 continue
-            out.setdefault(spec.name, []).append([p, need, got])
+            out.setdefault(spec.name, []).append([p, need, got, sum(f.index.nbytes for f in files)])
     for folder in folders:
         salvage.discard(folder)
     return {"streams": out, "folders": len(folders)}
