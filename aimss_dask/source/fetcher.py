@@ -317,6 +317,15 @@ async def ask_source(ep: Endpoint, worker: str, spec: Any, operation: str, **kwa
             f"stream {spec.name!r} is not a Zarr source on worker {worker} (destroyed, or "
             "not made by aimss_dask.from_zarr)"
         ) from None
+    except AIMSSError:
+        raise  # StoreNotFoundError is an OSError too, but no comm failure
+    except OSError as e:
+        # Every call of a loader (takes, acks, windows) names the loss alike.
+        parts = [p for p, w in enumerate(spec.owners) if w == worker]
+        raise PartitionLostError(
+            f"worker {worker}, owner of partitions {parts} of stream {spec.name!r}, could not "
+            f"be reached ({e}); they are lost: destroy the stream and create the source again"
+        ) from e
 
 
 def _rows_wire(t: Take) -> Any:
