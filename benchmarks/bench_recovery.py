@@ -78,11 +78,13 @@ a user's first run on a fresh cluster, and is printed apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -306,21 +308,35 @@ def _sync_bytes() -> int:
     return sum(w.get("replica_sync_bytes", 0) for w in aimss_dask.status().values())
 
 
-def _streams_round(args: argparse.Namespace, mode: str) -> dict[str, float]:
-    import dask
-    from distributed import Client, LocalCluster, wait
-
-    import aimss_dask
-
+def _stream_shape(args: argparse.Namespace) -> tuple[int, int, int]:
+    """Partitions, records per partition, and how many of them group ``g`` commits (75%)."""
     parts = args.workers * PER_WORKER
     n = max(4, int(args.stream_gib * GiB / RECORD) // parts)
-    done = (3 * n) // 4
+    return parts, n, (3 * n) // 4
+
+
+@contextlib.contextmanager
+def _nanny_cluster(args: argparse.Namespace) -> Iterator[tuple[Any, dict[str, int], str]]:
+    """A fresh LocalCluster of nanny workers: ``(client, worker pids, the worker to kill)``."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    # A nanny that dies more than once must not be given up on.
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
         n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster, Client(cluster) as client:
-        out: dict[str, float] = {}
         pids = client.run(os.getpid)
-        victim = sorted(pids)[-1]
+        yield client, pids, sorted(pids)[-1]
+
+
+def _streams_round(args: argparse.Namespace, mode: str) -> dict[str, float]:
+    from distributed import wait
+
+    import aimss_dask
+
+    parts, n, done = _stream_shape(args)
+    with _nanny_cluster(args) as (client, pids, victim):
+        out: dict[str, float] = {}
         if mode == "dask":
             futs = [client.submit(_block, p, i, pure=False) for p in range(parts) for i in range(n)]
             wait(futs)
@@ -385,20 +401,13 @@ def _salvage_events(client: Any, name: str) -> list[dict[str, Any]]:
 
 def _single_round(args: argparse.Namespace, mode: str) -> dict[str, float]:
     """Part (1b): one copy; the victim's partitions come back from its spill files."""
-    import dask
-    from distributed import Client, LocalCluster, wait
+    from distributed import wait
 
     import aimss_dask
 
-    parts = args.workers * PER_WORKER
-    n = max(4, int(args.stream_gib * GiB / RECORD) // parts)
-    done = (3 * n) // 4
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
-        n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
+    parts, n, done = _stream_shape(args)
+    with _nanny_cluster(args) as (client, pids, victim):
         out: dict[str, float] = {}
-        pids = client.run(os.getpid)
-        victim = sorted(pids)[-1]
         client.register_plugin(aimss_dask.AIMSS(replication=1, recovery=mode, memory_limit=args.single_budget))
         name = "bench-salvage"
         s = aimss_dask.create_stream(name, parts)
@@ -459,12 +468,11 @@ def _single_round(args: argparse.Namespace, mode: str) -> dict[str, float]:
 
 
 def run_single(args: argparse.Namespace) -> None:
-    parts = args.workers * PER_WORKER
-    n = max(4, int(args.stream_gib * GiB / RECORD) // parts)
+    parts, n, done = _stream_shape(args)
     print(
         f"stream of {parts * n * RECORD / GiB:g} GiB ({parts} partitions of {n} 1 MiB records, ONE copy, "
         f"budget {args.single_budget} per worker: the rest spills) on {args.workers} workers; group g "
-        f"committed {(3 * n) // 4} of each; one owner SIGKILLed, its spill files taken over",
+        f"committed {done} of each; one owner SIGKILLed, its spill files taken over",
         flush=True,
     )
     modes = ["offsets", "full"]
@@ -487,11 +495,10 @@ def run_single(args: argparse.Namespace) -> None:
 
 
 def run_streams(args: argparse.Namespace) -> None:
-    parts = args.workers * PER_WORKER
-    n = max(4, int(args.stream_gib * GiB / RECORD) // parts)
+    parts, n, done = _stream_shape(args)
     print(
         f"stream of {parts * n * RECORD / GiB:g} GiB ({parts} partitions of {n} 1 MiB records, replication 2) "
-        f"on {args.workers} workers; group g committed {(3 * n) // 4} of each; one owner SIGKILLed",
+        f"on {args.workers} workers; group g committed {done} of each; one owner SIGKILLed",
         flush=True,
     )
     modes = ["offsets", "full", "dask"]

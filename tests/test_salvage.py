@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import wait_until
 from distributed import Client, LocalCluster
 
 import aimss_dask
@@ -163,15 +164,6 @@ def test_a_rebuilt_log_reads_to_its_end_then_names_what_is_lost(tmp_path):
 # -- real workers killed ---------------------------------------------------------------
 
 
-def _wait_for(cond, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _record(i: int) -> np.ndarray:
     a = np.full(MiB // 8, float(i))
     a[-1] = -i
@@ -185,6 +177,14 @@ def _salvaged(client: Client, name: str) -> list[dict]:
         for _, e in client.get_events("aimss")
         if e.get("action") == "partitions-salvaged" and e["stream"] == name
     ]
+
+
+def _kill_and_salvage(client: Client, victim: str, name: str, timeout: float = 60) -> dict:
+    """SIGKILL ``victim``; the one ``partitions-salvaged`` event of stream ``name`` that follows."""
+    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+    wait_until(lambda: _salvaged(client, name), timeout=timeout, what=f"partitions of {name!r} rebuilt")
+    (ev,) = _salvaged(client, name)
+    return ev
 
 
 def _spill_all(dask_worker) -> int:
@@ -227,9 +227,7 @@ def test_killed_owner_partition_comes_back_from_its_spill_files_from_the_consume
     it.close()  # commits 10: the 11th was handed out, not yet consumed
     assert aimss_dask.get_stream("kept").info()["groups"]["g"][0] == 10
     assert victim in _owners(root)
-    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
-    assert _wait_for(lambda: _salvaged(client, "kept"))
-    (ev,) = _salvaged(client, "kept")
+    ev = _kill_and_salvage(client, victim, "kept")
     _, end = ev["partitions"][0]
     # Most of the partition was on disk; what was still in memory (the
     # newest ~14 MiB) died with the worker, and is named by offsets.
@@ -264,9 +262,7 @@ def test_a_partition_wholly_on_disk_comes_back_whole_and_takes_no_new_writes(pai
         s.write(_record(i), partition=0)
     s.seal()
     assert client.run(_spill_all, workers=[victim])[victim] > 0
-    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
-    assert _wait_for(lambda: _salvaged(client, "whole"))
-    (ev,) = _salvaged(client, "whole")
+    ev = _kill_and_salvage(client, victim, "whole")
     assert ev["partitions"] == {0: [0, 12]} and ev["lost"] == {}
     info = s.info()
     assert info["lost"] == [] and info["records"] == [12]
@@ -286,9 +282,7 @@ def test_an_open_partition_comes_back_up_to_its_spilled_end_and_refuses_writes(p
         s.write(_record(i), partition=0)
     s.flush()
     client.run(_spill_all, workers=[victim])
-    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
-    assert _wait_for(lambda: _salvaged(client, "open"))
-    (ev,) = _salvaged(client, "open")
+    ev = _kill_and_salvage(client, victim, "open")
     # Open: records may have arrived after the last report; the end is unknown.
     assert ev["partitions"] == {0: [0, 8]} and ev["lost"] == {0: [8, None]}
     got = []
@@ -313,12 +307,10 @@ def test_a_lone_worker_restarted_by_its_nanny_takes_back_its_own_spill_files(tmp
         for i in range(6):
             s.write(_record(i), partition=i % 2)
         s.seal()
-        (victim,) = s.spec.owners[:1]
+        victim = s.spec.owners[0]
         client.run(_spill_all)
-        os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
         # No other worker on the node: the restarted one does it as it starts.
-        assert _wait_for(lambda: _salvaged(client, "alone"), timeout=90)
-        (ev,) = _salvaged(client, "alone")
+        ev = _kill_and_salvage(client, victim, "alone", timeout=90)
         assert ev["partitions"] == {0: [0, 3], 1: [0, 3]} and ev["lost"] == {}
         assert [int(r[0]) for r in s.read()] == [0, 2, 4, 1, 3, 5]
         assert _owners(tmp_path) == list(client.scheduler_info()["workers"])  # the new worker's own

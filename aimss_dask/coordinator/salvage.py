@@ -115,16 +115,17 @@ class Salvages:
         del self.waiting[dead]  # one attempt: the worker removes the files it leaves
         state = self.coord.state
         olds = {name: state.streams[name] for name in wanted}
-        news = {}
+        # Each stream's new epoch, under which the worker opens what it rebuilds.
+        epochs = {name: state.next_epoch() for name in wanted}
         msg_streams = []
         for name, parts in wanted.items():
             old = olds[name]
-            owners = list(old.owners)
-            for p, _, _ in parts:
-                owners[p] = worker
-            news[name] = new = old.recovered(state.next_epoch(), tuple(owners))
+            asked = {p for p, _, _ in parts}
+            owners = tuple(worker if p in asked else o for p, o in enumerate(old.owners))
             msg_streams.append({
-                "spec": new.to_wire(), "epochs": [old.first_epoch, old.epoch], "parts": parts,
+                "spec": old.recovered(epochs[name], owners).to_wire(),
+                "epochs": [old.first_epoch, old.epoch],
+                "parts": parts,
             })
         try:
             reply = await self.ops.ask(worker, {"op": "aimss_salvage", "dead": dead, "streams": msg_streams})
@@ -136,13 +137,13 @@ class Salvages:
             worker, (reply or {}).get("folders", 0), dead, sorted((reply or {}).get("streams", {})),
         )
         for name, got in (reply or {}).get("streams", {}).items():
-            old, new = olds.get(name), news.get(name)
-            if old is None or new is None or not got:
+            old = olds.get(name)
+            if old is None or not got:
                 continue
             rebuilt = {int(p): (int(a), int(b)) for p, a, b, _ in got}
             # Only the partitions it rebuilt move to it; the others stay lost where they were.
             owners = tuple(worker if p in rebuilt else o for p, o in enumerate(old.owners))
-            new = old.recovered(new.epoch, owners)
+            new = old.recovered(epochs[name], owners)
             if not state.commit_salvage(old, new, rebuilt):
                 # Destroyed (or changed) meanwhile: free what it opened.
                 await self.ops.broadcast({"op": "aimss_drop", "name": name, "epoch": new.epoch}, [worker])

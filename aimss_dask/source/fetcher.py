@@ -281,15 +281,7 @@ class Fetcher:
                 parts = fut.result(timeout=_POLL)
                 break
             except FutureTimeout:
-                continue
-            except AIMSSError:
-                raise  # StoreNotFoundError is an OSError too, but no comm failure
-            except OSError as e:
-                raise PartitionLostError(
-                    f"an owner of stream {self.info.spec.name!r} could not be reached "
-                    f"({e}); its partitions are lost: destroy the stream and create the "
-                    "source again"
-                ) from e
+                continue  # a comm failure arrives as PartitionLostError (ask_source)
         batch = np.empty((n, *self.info.shape[1:]), dtype=self.info.dtype)
         for t, part in zip(takes, parts):
             batch[t.positions] = part
