@@ -257,7 +257,7 @@ class AIMSS(SchedulerPlugin):
             logger.exception("aimss: restart hook failed")
 
     def log_event(self, topic: str, msg: Any) -> None:
-        """A worker Dask is retiring (``closing_gracefully``): move its partitions away now; one running: copy to it.
+        """A worker Dask is retiring (``closing_gracefully``): move its partitions away now; one running: copy to it; one closing: noted.
 
         Dask logs every worker status change as an event under the
         worker's address; retirement (``retire_workers``, adaptive
@@ -265,27 +265,21 @@ class AIMSS(SchedulerPlugin):
         and a worker that starts (or restarts) reaches ``running`` with one.
         """
         try:
-            if (
-                isinstance(msg, dict)
-                and msg.get("action") == "worker-status-change"
-                and msg.get("status") == Status.closing_gracefully.name
-                and isinstance(topic, str)
-            ):
+            if not (isinstance(msg, dict) and msg.get("action") == "worker-status-change" and isinstance(topic, str)):
+                return
+            status = msg.get("status")
+            if status == Status.closing_gracefully.name:
                 self.evacuations.begin(topic)
-            elif (
-                isinstance(msg, dict)
-                and msg.get("action") == "worker-status-change"
-                and msg.get("status") == Status.running.name
-                and self.scheduler is not None
-                and self.scheduler.status == Status.running
-            ):
+            elif status == Status.closing.name:
+                # It closes its own store (and spill folder): nothing to take over when it goes.
+                self.salvages.closing(topic)
+            elif status == Status.running.name and self.scheduler is not None and self.scheduler.status == Status.running:
                 # A worker joined (or a nanny's came back): partitions left
                 # short of copies by an earlier loss get them back, and
                 # spill files a worker that died on its host left behind
                 # give back what they hold.
                 self.promotions.fill()
-                if isinstance(topic, str):
-                    self.salvages.on_worker_running(topic)
+                self.salvages.on_worker_running(topic)
         except Exception:
             logger.exception("aimss: log_event hook failed")
 
@@ -338,9 +332,9 @@ class AIMSS(SchedulerPlugin):
             stimulus_id = kwargs.get("stimulus_id", "aimss-worker-lost")
             if scheduler.status == Status.running:
                 self.run_ops.restart_runs(scheduler, stimulus_id, worker, lost_parts)
-                if not kwargs.get("expected"):
-                    # Killed: its spill files are still on its node.
-                    self.salvages.on_worker_lost(worker, get_address_host(worker))
+            # Killed (not expected, not closing): its spill files are still on its node.
+            killed = scheduler.status == Status.running and not kwargs.get("expected")
+            self.salvages.on_worker_lost(worker, get_address_host(worker) if killed else None)
             # Readers of lost partitions that no restart re-creates (a user's
             # stream's map_partitions) must not wait for the dead worker.
             # Those of a run that recovers are pinned to the new owners.

@@ -50,13 +50,22 @@ class Salvages:
         self.ops = ops
         #: dead worker -> its host, until a worker there took its files over.
         self.waiting: dict[str, str] = {}
+        #: Workers that said they are closing: they remove their own folders.
+        self._closing: set[str] = set()
+
+    def closing(self, worker: str) -> None:
+        """``worker`` is closing (not killed): its leaving is no loss of files."""
+        self._closing.add(worker)
 
     def on_worker_lost(self, worker: str, host: str | None) -> None:
-        """``worker`` (on ``host``) died; its partitions are marked lost already.
+        """``worker`` left; killed on ``host`` (None: it left on purpose); its partitions are marked lost already.
 
         Even with nothing to rebuild, a worker on that host is asked once:
         it removes the folder the dead one left.
         """
+        if worker in self._closing:
+            self._closing.discard(worker)
+            return
         if host is None:
             return
         self.waiting[worker] = host
@@ -166,3 +175,4 @@ class Salvages:
 
     def clear(self) -> None:
         self.waiting.clear()
+        self._closing.clear()
