@@ -470,6 +470,30 @@ def _single_round(args: argparse.Namespace, mode: str) -> dict[str, float]:
         return out
 
 
+def _interleaved(args: argparse.Namespace, modes: list[str], round_: Any) -> dict[str, dict[str, float]]:
+    """``round_(args, mode)`` for every mode, ``--reps`` + 1 times, rotating the order; each figure's median.
+
+    The first round (a user's first run on a fresh cluster) is printed but
+    not in the medians. Figures whose name starts with ``MB`` are megabytes,
+    the others seconds.
+    """
+    def line(got: dict[str, float]) -> str:
+        return "  ".join(f"{k} {v:7.2f}{'' if k.startswith('MB') else ' s'}" for k, v in got.items())
+
+    results: dict[str, list[dict[str, float]]] = {}
+    for rep in range(args.reps + 1):
+        for mode in modes[rep % len(modes):] + modes[: rep % len(modes)]:
+            got = round_(args, mode)
+            print(f"  rep {rep} {mode:8s} {line(got)}" + ("  (first run)" if rep == 0 else ""), flush=True)
+            if rep:
+                results.setdefault(mode, []).append(got)
+    print(f"\nmedians of {args.reps} (after the first round):")
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
+    for m, v in med.items():
+        print(f"  {m:8s} {line(v)}")
+    return med
+
+
 def run_single(args: argparse.Namespace) -> None:
     parts, n, done = _stream_shape(args)
     print(
@@ -478,19 +502,7 @@ def run_single(args: argparse.Namespace) -> None:
         f"committed {done} of each; one owner SIGKILLed, its spill files taken over",
         flush=True,
     )
-    modes = ["offsets", "full"]
-    results: dict[str, list[dict[str, float]]] = {}
-    for rep in range(args.reps + 1):
-        for mode in modes[rep % 2:] + modes[: rep % 2]:
-            got = _single_round(args, mode)
-            line = "  ".join(f"{k} {v:7.2f}{'' if k.startswith('MB') else ' s'}" for k, v in got.items())
-            print(f"  rep {rep} {mode:8s} {line}" + ("  (first run)" if rep == 0 else ""), flush=True)
-            if rep:
-                results.setdefault(mode, []).append(got)
-    print(f"\nmedians of {args.reps} (after the first round):")
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
-    for m, v in med.items():
-        print(f"  {m:8s} " + "  ".join(f"{k} {x:7.2f}{'' if k.startswith('MB') else ' s'}" for k, x in v.items()))
+    med = _interleaved(args, ["offsets", "full"], _single_round)
     o, f = med.get("offsets"), med.get("full")
     if o and f:
         print(f"full / offsets: next record {f['next record'] / o['next record']:.2f}x, "
@@ -504,20 +516,7 @@ def run_streams(args: argparse.Namespace) -> None:
         f"on {args.workers} workers; group g committed {done} of each; one owner SIGKILLed",
         flush=True,
     )
-    modes = ["offsets", "full", "dask"]
-    results: dict[str, list[dict[str, float]]] = {}
-    for rep in range(args.reps + 1):  # the first round: a user's first run
-        order = modes[rep % len(modes):] + modes[: rep % len(modes)]
-        for mode in order:
-            got = _streams_round(args, mode)
-            line = "  ".join(f"{k} {v:7.2f}{'' if k == 'MB sent' else ' s'}" for k, v in got.items())
-            print(f"  rep {rep} {mode:8s} {line}" + ("  (first run)" if rep == 0 else ""), flush=True)
-            if rep:
-                results.setdefault(mode, []).append(got)
-    print(f"\nmedians of {args.reps} (after the first round):")
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
-    for m, v in med.items():
-        print(f"  {m:8s} " + "  ".join(f"{k} {x:7.2f}{'' if k == 'MB sent' else ' s'}" for k, x in v.items()))
+    med = _interleaved(args, ["offsets", "full", "dask"], _streams_round)
     o, f = med.get("offsets"), med.get("full")
     if o and f:
         print(
