@@ -3,9 +3,11 @@ and a replica that takes over from an owner SIGKILLed mid-stream loses nothing."
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from distributed import Client
 
 import aimss_dask
 from aimss_dask.coordinator.placement import place_replicas
+from aimss_dask.coordinator.replicas import Promotions
 from aimss_dask.coordinator.state import CoordinatorState
 from aimss_dask.core.errors import InvalidArgumentError, ReplicaGapError
 from aimss_dask.core.runs import RunSpec
@@ -105,6 +108,57 @@ def test_the_sides_of_a_join_keep_their_copies_together():
     # A promotion then hands both sides of a partition to one worker.
     plans = dict((old.name, new) for old, new in st.promote("w1", ["w2", "w3"]))
     assert plans["a"].owners == plans["b"].owners
+
+
+class _FakeOps:
+    """The cluster as :class:`Promotions` sees it: who runs, and what it was asked (pure logic, no comms)."""
+
+    def __init__(self, running: list[str]) -> None:
+        self.workers = running
+        self.asked: list[tuple[str, list[int]]] = []
+        self.tasks: list[asyncio.Task] = []
+
+    def running(self) -> list[str]:
+        return list(self.workers)
+
+    def hosts(self) -> dict[str, str]:
+        return {w: w for w in self.workers}
+
+    def spawn(self, coro) -> None:
+        self.tasks.append(asyncio.ensure_future(coro))
+
+    async def ask(self, worker: str, msg: dict) -> None:
+        self.asked.append((worker, msg["partitions"]))
+
+    async def broadcast(self, msg: dict) -> dict:
+        await asyncio.sleep(0)
+        return {}
+
+    def event(self, msg: dict) -> None:
+        pass
+
+
+def test_a_worker_that_joins_while_a_promotion_is_under_way_still_gets_its_copies():
+    """Its own fill skips the stream (pending); the promotion fills it once applied, not at the next join."""
+    st = CoordinatorState()
+    st.create("s", 1, ["a", "b"], replication=2)
+    ops = _FakeOps(["b"])  # a was killed; c, its nanny's new worker, is not running yet
+    coord = SimpleNamespace(
+        state=st, runs=SimpleNamespace(for_stream=lambda name: None), pinner=SimpleNamespace(repin=lambda names: None)
+    )
+    promotions = Promotions(coord, ops)
+
+    async def scenario() -> None:
+        assert promotions.on_worker_lost("a") == {"s": {0}}
+        ops.workers.append("c")  # c reaches running before the promotion is applied
+        assert promotions.fill() == 0  # skipped: under way
+        while ops.tasks:
+            await ops.tasks.pop(0)
+
+    asyncio.run(scenario())
+    spec = st.get("s")
+    assert spec.owners == ("b",) and spec.replicas == (("c",),)
+    assert ops.asked == [("c", [0])]
 
 
 def _kill(client: Client, address: str) -> None:

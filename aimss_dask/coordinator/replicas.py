@@ -140,6 +140,11 @@ class Promotions:
             if self.planned.get(old.name) is new:
                 del self.planned[old.name]
             mine.set()
+        if worker is not None:
+            # A worker that joined while this was under way was skipped by
+            # its own fill (this stream was pending): partitions left short
+            # here get their copies now, not at the next join.
+            self.fill()
         assert self.coord.pinner is not None
         placed = sorted(fresh)
         if worker is None:
