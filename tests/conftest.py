@@ -11,6 +11,7 @@ import itertools
 import os
 import time
 import uuid
+from typing import Any
 
 import pytest
 from distributed import Client, LocalCluster
@@ -26,12 +27,14 @@ def unique_name(prefix: str = "s") -> str:
     return f"{prefix}-{next(_names)}-{uuid.uuid4().hex[:8]}"
 
 
-def make_cluster(n_workers: int = 2) -> LocalCluster:
+def make_cluster(n_workers: int = 2, **kwargs: Any) -> LocalCluster:
+    """Nanny workers of one thread each (``kwargs``: more for ``LocalCluster``, e.g. ``security``)."""
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=1,
         processes=True,
         dashboard_address=":0",
+        **kwargs,
     )
 
 

@@ -87,19 +87,32 @@ def _stuck(client: Client) -> str:
         return f"(no report: {e!r})"
 
 
-def _shuffle():
+def _shuffle(replication: int = 1):
     df = dd.from_map(_frame, range(PARTS), meta=_frame(0).iloc[:0])
-    out = aimss_dask.shuffle(df, "key", npartitions=PARTS)
+    out = aimss_dask.shuffle(df, "key", npartitions=PARTS, replication=replication)
     return out.map_partitions(_check_partition, PARTS, meta=pd.DataFrame({"rows": [0], "keys": [0]}))
 
 
-def _rechunk(x: np.ndarray):
-    return aimss_dask.rechunk(da.from_array(x, chunks=(250, 1000)), (2000, 125))
+def _rechunk(x: np.ndarray, replication: int = 1):
+    return aimss_dask.rechunk(da.from_array(x, chunks=(250, 1000)), (2000, 125), replication=replication)
 
 
-def _clean(client: Client) -> bool:
+def _spill_folders(client: Client) -> set[str]:
+    """Every folder in the workers' spill roots (other clusters' included)."""
+    roots = {os.path.dirname(w["spill_directory"]) for w in aimss_dask.status().values() if w.get("spill_directory")}
+    return {os.path.join(r, n) for r in roots if os.path.isdir(r) for n in os.listdir(r)}
+
+
+def _clean(client: Client, before: set[str] = frozenset()) -> bool:
+    """No stream, no log memory, and no new spill folder but the live workers' own (dead ones' were taken over).
+
+    ``before``: the folders there before the test (other tests' clusters).
+    """
     st = aimss_dask.status()
-    return bool(st) and all(not w["streams"] and w["memory_bytes"] == 0 for w in st.values())
+    if not st or any(w["streams"] or w["memory_bytes"] for w in st.values()):
+        return False
+    own = {w["spill_directory"] for w in st.values() if w.get("spill_directory")}
+    return _spill_folders(client) - before <= own
 
 
 def _allow_failures(n: int, dask_scheduler=None) -> None:
@@ -111,7 +124,9 @@ def chaos_cluster():
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
         n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster, Client(cluster) as client:
-        client.register_plugin(aimss_dask.AIMSS())
+        # A small log budget: the runs spill, so that killed workers leave
+        # spill folders behind, which must not outlive them.
+        client.register_plugin(aimss_dask.AIMSS(memory_limit="4MiB", segment_size="256KiB"))
         yield client
 
 
@@ -134,16 +149,19 @@ def _run_with_a_kill(client: Client, make, want, rng: random.Random, within: flo
 
 
 @pytest.mark.slow
-def test_chaos_shuffles_and_rechunks_finish_exactly(chaos_cluster):
+@pytest.mark.parametrize("replication", [1, 2])
+def test_chaos_shuffles_and_rechunks_finish_exactly(chaos_cluster, replication):
+    """With one copy, runs re-create what a kill took; with two, copies take over."""
     client = chaos_cluster
     rng = random.Random(int(os.environ.get("AIMSS_CHAOS_SEED", "0")) or None)
     frames = pd.concat([_frame(i) for i in range(PARTS)])
     want_rows, want_keys = len(frames), int(frames["key"].sum() % (1 << 61))
     x = np.arange(2000 * 1000, dtype="float64").reshape(2000, 1000)
+    before = _spill_folders(client)
     total_kills = 0
     # How long each kind takes undisturbed: kills land within that time.
     took = {}
-    for kind, make in (("shuffle", _shuffle), ("rechunk", lambda: _rechunk(x))):
+    for kind, make in (("shuffle", lambda: _shuffle(replication)), ("rechunk", lambda: _rechunk(x, replication))):
         t0 = time.monotonic()
         client.compute(make()).result(timeout=RUN_TIMEOUT)
         took[kind] = time.monotonic() - t0
@@ -152,14 +170,15 @@ def test_chaos_shuffles_and_rechunks_finish_exactly(chaos_cluster):
     for i, kind in enumerate(order):
         wait_until(lambda: len(client.scheduler_info()["workers"]) == 3, timeout=60, what="3 workers back")
         if kind == "shuffle":
-            make = _shuffle
+            def make():
+                return _shuffle(replication)
 
             def want(got: pd.DataFrame) -> None:
                 assert int(got["rows"].sum()) == want_rows, f"run {i}: rows {got['rows'].sum()} != {want_rows}"
                 assert int(got["keys"].sum()) % (1 << 61) == want_keys, f"run {i}: key sum differs"
         else:
             def make():
-                return _rechunk(x)
+                return _rechunk(x, replication)
 
             def want(got: np.ndarray) -> None:
                 np.testing.assert_array_equal(got, x, err_msg=f"run {i}")
@@ -167,7 +186,7 @@ def test_chaos_shuffles_and_rechunks_finish_exactly(chaos_cluster):
         kills = _run_with_a_kill(client, make, want, rng, took[kind] / 2)
         total_kills += len(kills)
         try:
-            wait_until(lambda: _clean(client), timeout=60)
+            wait_until(lambda: _clean(client, before), timeout=60)
         except AssertionError:
             st = aimss_dask.status()
             pytest.fail(

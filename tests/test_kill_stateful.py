@@ -1,7 +1,7 @@
 """A stateful test: streams written, sealed and read while worker processes are SIGKILLed.
 
 Hypothesis drives a real ``LocalCluster`` (nanny processes, which restart
-what is killed) and checks every stream against a model after each step:
+what is killed; a worker may also join) and checks every stream against a model after each step:
 
 - a partition whose owner lives holds exactly the records written to it, in
   order;
@@ -36,6 +36,7 @@ import aimss_dask
 LARGE = os.environ.get("AIMSS_TEST_LARGE") == "1"
 WORKERS = 3
 MAX_KILLS = 2
+MAX_JOINS = 1
 
 
 class _Model:
@@ -60,6 +61,7 @@ class KillMachine(RuleBasedStateMachine):
         self.streams: dict[str, _Model] = {}
         self.next_value = 0
         self.kills = 0
+        self.size = WORKERS  # workers the cluster should have: kills are replaced, joins add one
 
     def teardown(self) -> None:
         self.client.close()
@@ -71,6 +73,14 @@ class KillMachine(RuleBasedStateMachine):
     def create(self, partitions: int) -> None:
         name = f"s{len(self.streams)}"
         self.streams[name] = _Model(aimss_dask.create_stream(name, partitions=partitions))
+
+    @precondition(lambda self: self.size < WORKERS + MAX_JOINS)
+    @rule()
+    def join(self) -> None:
+        """A worker joins: streams made before keep their placement; later ones may use it."""
+        self.size += 1
+        self.cluster.scale(self.size)
+        wait_until(lambda: len(self.client.scheduler_info()["workers"]) == self.size, timeout=60, what="a joined worker")
 
     @precondition(lambda self: any(not m.sealed for m in self.streams.values()))
     @rule(data=st.data(), n=st.integers(1, 5))
@@ -121,7 +131,7 @@ class KillMachine(RuleBasedStateMachine):
                 model.lost_sealed |= gone - model.lost
             model.lost |= gone
         # The nanny brings a new process back: later streams are placed on it.
-        wait_until(lambda: len(self.client.scheduler_info()["workers"]) == WORKERS, timeout=60, what="a new worker")
+        wait_until(lambda: len(self.client.scheduler_info()["workers"]) == self.size, timeout=60, what="a new worker")
 
     @precondition(lambda self: self.streams)
     @rule(data=st.data())
@@ -167,7 +177,7 @@ class ReplicatedKillMachine(KillMachine):
         self.kills += 1
         event(f"kill {self.kills}")
         wait_until(lambda: victim not in self.client.scheduler_info()["workers"], timeout=60, what="the kill seen")
-        wait_until(lambda: len(self.client.scheduler_info()["workers"]) == WORKERS, timeout=60, what="a new worker")
+        wait_until(lambda: len(self.client.scheduler_info()["workers"]) == self.size, timeout=60, what="a new worker")
         for model in self.streams.values():
             # A copy took over whatever the victim owned, and the nanny's new
             # worker (or another) holds a fresh copy, caught up, before the next kill.

@@ -200,7 +200,22 @@ def test_a_rechunk_that_loses_a_worker_keeps_what_survived(cluster3):
 @pytest.mark.parametrize("op", ["shuffle", "merge", "rechunk"])
 def test_a_replicated_run_that_loses_an_owner_re_creates_nothing(cluster3, op):
     """With replication 2, copies take over: no partition is re-created, no finished push elsewhere runs again."""
-    client = cluster3
+    _replicated_run_loses_an_owner(cluster3, op)
+
+
+def test_a_replicated_shuffle_on_a_tls_cluster_loses_an_owner():
+    """TLS: pushes and copies travel over Dask's comms; a kill still re-creates nothing."""
+    from distributed.security import Security
+
+    sec = Security.temporary()
+    with LocalCluster(
+        n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0", security=sec
+    ) as cluster, Client(cluster, security=sec) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        _replicated_run_loses_an_owner(client, "shuffle")
+
+
+def _replicated_run_loses_an_owner(client: Client, op: str) -> None:
     if op == "shuffle":
         meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
         df = dd.from_map(_slow_frame, range(PARTS), meta=meta)

@@ -180,7 +180,22 @@ def cluster3():
 
 
 def test_a_replica_takes_over_from_a_killed_owner_and_loses_nothing(cluster3):
-    client = cluster3
+    _replica_takes_over(cluster3)
+
+
+def test_a_replica_takes_over_on_a_tls_cluster():
+    """TLS: every copy travels over Dask's comms (the raw data plane is plain TCP), and a kill loses nothing."""
+    from distributed.security import Security
+
+    sec = Security.temporary()
+    with make_cluster(3, security=sec) as cluster, Client(cluster, security=sec) as client:
+        assert all(a.startswith("tls://") for a in client.scheduler_info()["workers"])
+        client.register_plugin(aimss_dask.AIMSS())
+        _replica_takes_over(client)
+
+
+def _replica_takes_over(client: Client) -> None:
+    """A replicated stream's owner is SIGKILLed mid-stream: writers, a consumer group and readers lose nothing."""
     s = aimss_dask.create_stream("rep-kill", 3, replication=2)
     assert all(s.spec.owners[p] not in s.spec.replicas[p] for p in range(3))
     for i in range(300):

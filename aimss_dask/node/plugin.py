@@ -305,6 +305,13 @@ class AIMSSWorker(WorkerPlugin):
         offsets; and a batch for partitions owned here is answered only once
         every replica holds it (:mod:`aimss_dask.node.replication`).
         """
+        errors, waits = self._store_groups(groups)
+        return self._confirm_copies(errors, waits)
+
+    def _store_groups(
+        self, groups: list[Group]
+    ) -> tuple[dict[str, tuple[str, str]], list[tuple[str, int, int, int]]]:
+        """Store ``groups`` (see :meth:`store_batch`); errors by stream, and the ends replicas must confirm."""
         assert self.store is not None and self.replicator is not None
         errors: dict[str, tuple[str, str]] = {}
         waits: list[tuple[str, int, int, int]] = []
@@ -336,6 +343,13 @@ class AIMSSWorker(WorkerPlugin):
         # before answering is what keeps its bytes in flight bounded.
         while self.store.over_budget and self.store.spill():
             pass
+        return errors, waits
+
+    def _confirm_copies(
+        self, errors: dict[str, tuple[str, str]], waits: list[tuple[str, int, int, int]]
+    ) -> dict[str, tuple[str, str]]:
+        """Wait until the replicas hold what :meth:`_store_groups` stored; ``errors`` with those that did not."""
+        assert self.replicator is not None
         for name, epoch, partition, end in waits:
             if name not in errors and not self.replicator.wait(name, epoch, partition, end):
                 errors[name] = (
@@ -491,8 +505,15 @@ class AIMSSWorker(WorkerPlugin):
     @replies
     async def _h_append(self, items: list[list[Any]]) -> dict[str, Any]:
         """Store batches pushed over Dask's comms (TLS and other transports)."""
-        # store_batch may spill to disk before it returns: not on the loop.
-        return {"errors": await offload(self.store_batch, items)}
+        # Storing may spill to disk before it returns: not on the loop.
+        errors, waits = await offload(self._store_groups, items)
+        if waits:
+            # Waiting for the replicas must not hold Dask's one offload
+            # thread: the copies this worker holds for other owners arrive
+            # through it, and owners waiting on each other in a ring would
+            # deadlock.
+            errors = await asyncio.get_running_loop().run_in_executor(None, self._confirm_copies, errors, waits)
+        return {"errors": errors}
 
     @replies
     async def _h_data_address(self) -> dict[str, Any]:
@@ -717,7 +738,10 @@ class AIMSSWorker(WorkerPlugin):
 
     async def _move(self, spec: StreamSpec, partitions: list[int], drop: bool) -> dict[str, Any]:
         assert self.store is not None and self.producer is not None
-        moved, ends = await offload(self._send_partitions, spec, partitions)
+        # Sending waits for the new owners' answers (back-pressure): not on
+        # Dask's one offload thread, which their answers to this worker's
+        # peers may need (two workers retiring at once over TLS).
+        moved, ends = await asyncio.get_running_loop().run_in_executor(None, self._send_partitions, spec, partitions)
         await self.producer.flush([spec.name], epoch=spec.epoch)
         for p, _ in ends if drop else ():
             self.store.drop_partition(spec.name, spec.epoch, p)

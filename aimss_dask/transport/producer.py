@@ -148,6 +148,10 @@ class Producer:
         self.id = random.getrandbits(62)
         # (stream, partition) -> the next sequence number of a replicated write.
         self._seq: dict[tuple[str, int], int] = {}
+        # (stream, partition) -> the owner this producer last queued a
+        # replicated write for: when the owner changes, older writes still
+        # on their way to that one go first.
+        self._sent_to: dict[tuple[str, int], str] = {}
         # stream -> the newest spec learned after an owner died (writes with
         # an older handle go to the owner it names).
         self._routes: dict[str, StreamSpec] = {}
@@ -201,7 +205,13 @@ class Producer:
                 owner = route.owners[partition]  # a replica took over from a dead owner
             if spec.epoch <= self._dead.get(owner, 0):
                 owner = self._route(spec, partition)
-            if owner != spec.owners[partition]:
+            before = self._sent_to.get((spec.name, partition), spec.owners[partition])
+            if owner != before:
+                # The owner changed since this producer's last write there:
+                # what is queued for, or still on the wire to, the one before
+                # (a request over Dask's comms may take long to fail) goes first.
+                self._behind_resent(before, spec.name, partition)
+            elif owner != spec.owners[partition]:
                 self._behind_resent(spec.owners[partition], spec.name, partition)
             elif self._orphans:
                 self._behind_resent(None, spec.name, partition)  # a handle that names the new owner
@@ -212,6 +222,9 @@ class Producer:
             )
         if self._local is not None and owner == self._address:
             # Same process as the owner: no serialisation, no copy, no comm.
+            if spec.replicas:
+                with self._cond:
+                    self._sent_to[(spec.name, partition)] = owner
             local = records.local_nbytes(record)
             if local is None:
                 local = records.encode(record, spec.name)[1]  # still must serialise
@@ -225,6 +238,7 @@ class Producer:
             if spec.replicas:
                 seq = self._seq.get((spec.name, partition), 0)
                 self._seq[(spec.name, partition)] = seq + 1
+                self._sent_to[(spec.name, partition)] = owner
             link.pending.append(_Item(spec.name, spec.epoch, partition, ser, nbytes, origin, seq))
             link.pending_bytes += nbytes
             link.written += 1
@@ -622,6 +636,8 @@ class Producer:
             self._routes.pop(name, None)
             for key in [k for k in self._seq if k[0] == name]:
                 del self._seq[key]
+            for key in [k for k in self._sent_to if k[0] == name]:
+                del self._sent_to[key]
             self._sealed = {s for s in self._sealed if s[0] != name}
 
     def close(self) -> None:
