@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import make_cluster, wait_until
-from distributed import Client
+from distributed import Client, wait
 
 import aimss_dask
 from aimss_dask.coordinator.placement import place_replicas
@@ -113,10 +113,11 @@ def test_the_sides_of_a_join_keep_their_copies_together():
 class _FakeOps:
     """The cluster as :class:`Promotions` sees it: who runs, and what it was asked (pure logic, no comms)."""
 
-    def __init__(self, running: list[str]) -> None:
+    def __init__(self, running: list[str], failing_broadcasts: int = 0) -> None:
         self.workers = running
         self.asked: list[tuple[str, list[int]]] = []
         self.tasks: list[asyncio.Task] = []
+        self.failing = failing_broadcasts
 
     def running(self) -> list[str]:
         return list(self.workers)
@@ -132,6 +133,9 @@ class _FakeOps:
 
     async def broadcast(self, msg: dict) -> dict:
         await asyncio.sleep(0)
+        if self.failing:
+            self.failing -= 1
+            raise OSError("the broadcast failed")
         return {}
 
     def event(self, msg: dict) -> None:
@@ -143,10 +147,7 @@ def test_a_worker_that_joins_while_a_promotion_is_under_way_still_gets_its_copie
     st = CoordinatorState()
     st.create("s", 1, ["a", "b"], replication=2)
     ops = _FakeOps(["b"])  # a was killed; c, its nanny's new worker, is not running yet
-    coord = SimpleNamespace(
-        state=st, runs=SimpleNamespace(for_stream=lambda name: None), pinner=SimpleNamespace(repin=lambda names: None)
-    )
-    promotions = Promotions(coord, ops)
+    promotions = Promotions(_fake_coordinator(st), ops)
 
     async def scenario() -> None:
         assert promotions.on_worker_lost("a") == {"s": {0}}
@@ -159,6 +160,33 @@ def test_a_worker_that_joins_while_a_promotion_is_under_way_still_gets_its_copie
     spec = st.get("s")
     assert spec.owners == ("b",) and spec.replicas == (("c",),)
     assert ops.asked == [("c", [0])]
+
+
+def _fake_coordinator(st: CoordinatorState) -> SimpleNamespace:
+    return SimpleNamespace(
+        state=st, runs=SimpleNamespace(for_stream=lambda name: None), pinner=SimpleNamespace(repin=lambda names: None)
+    )
+
+
+def test_a_promotion_planned_from_one_that_failed_is_planned_again():
+    """Two losses in a row; the first promotion fails: the second still hands over or names every partition."""
+    st = CoordinatorState()
+    s, _ = st.create("s", 2, ["a", "b", "c"], replication=3)
+    assert s.owners == ("a", "b")
+    ops = _FakeOps(["b", "c"], failing_broadcasts=1)
+    promotions = Promotions(_fake_coordinator(st), ops)
+
+    async def scenario() -> None:
+        promotions.on_worker_lost("a")
+        ops.workers.remove("b")
+        promotions.on_worker_lost("b")  # planned from a's promotion, not applied yet
+        while ops.tasks:
+            await ops.tasks.pop(0)
+
+    asyncio.run(scenario())
+    # a's promotion failed: what a owned is lost, named; b's partition went to c.
+    assert sorted(st.lost["s"]) == [0]
+    assert st.get("s").owners[1] == "c"
 
 
 def _kill(client: Client, address: str) -> None:
@@ -227,6 +255,37 @@ def _replica_takes_over(client: Client) -> None:
     assert sorted(int(r[0]) for r in aimss_dask.read_from("rep-kill")) == list(range(600))
     assert any(e.get("action") == "replicas-promoted" for _, e in client.get_events("aimss"))
     aimss_dask.destroy_stream("rep-kill")
+
+
+def _sorted_ints(records) -> list[int]:
+    return sorted(int(r) for r in records)
+
+
+def test_a_reader_running_on_a_killed_owner_moves_to_the_replica_that_takes_over(cluster3):
+    """Dask sends the reader back to ``no-worker`` (pinned to the dead owner); the promotion schedules it again."""
+    client = cluster3
+    wait_until(lambda: _running(client) == 3, timeout=30, what="3 workers running")
+    s = aimss_dask.create_stream("rep-readers", 3, replication=2)
+    for i in range(30):
+        s.write(i, partition=i % 3)
+    s.flush()
+    futs = s.map_partitions(_sorted_ints)  # each reads its partition until the seal
+    victim = s.spec.owners[0]
+
+    def running_there(dask_scheduler, key=futs[0].key, where=victim) -> bool:
+        ts = dask_scheduler.tasks.get(key)
+        return ts is not None and ts.processing_on is not None and ts.processing_on.address == where
+
+    wait_until(lambda: client.run_on_scheduler(running_there), timeout=30, what="the reader of partition 0 running")
+    _kill(client, victim)
+    wait_until(lambda: victim not in s.info()["owners"], timeout=30, what="a replica owning partition 0")
+    for i in range(30, 60):
+        s.write(i, partition=i % 3)
+    s.seal()
+    wait(futs, timeout=60)  # a reader left in no-worker never runs again: TimeoutError
+    got = client.gather(futs)
+    assert got == [list(range(p, 60, 3)) for p in range(3)]
+    aimss_dask.destroy_stream("rep-readers")
 
 
 def test_fewer_workers_than_copies_is_a_warning_and_a_status_flag_until_one_joins(cluster3):

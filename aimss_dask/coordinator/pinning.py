@@ -22,6 +22,7 @@ submitted, or a partition moved by a rebalance, gets its readers pinned too.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -109,10 +110,12 @@ class Pinner:
     ) -> None:
         """Pin the known readers of ``streams`` (only of ``partitions``, if given) to today's owners.
 
-        ``stimulus_id``: the partitions moved off a worker that no longer
-        runs tasks (retiring); readers that waited for it (``no-worker``)
-        are scheduled on the new owners now.
+        Readers that waited for the old owner (``no-worker``: it left, or
+        no longer runs tasks while it retires) are scheduled on the new
+        owners now; Dask looks at such tasks again only when a worker joins.
         """
+        if stimulus_id is None:
+            stimulus_id = f"aimss-repin-{time.time()}"
         only = None if partitions is None else set(partitions)
         stuck = {}
         for name in streams:
@@ -123,7 +126,7 @@ class Pinner:
                 if only is None or p in only:
                     self.pin(key, spec, p)
                     ts = self.scheduler.tasks.get(key)
-                    if stimulus_id is not None and ts is not None and ts.state == "no-worker":
+                    if ts is not None and ts.state == "no-worker":
                         stuck[key] = "processing"
         if stuck:
             self.scheduler.transitions(stuck, stimulus_id=stimulus_id)

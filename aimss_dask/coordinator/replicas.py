@@ -68,6 +68,13 @@ class Promotions:
         self.planned[old.name] = new
         self.ops.spawn(self._apply(worker, old, new, mine, before))
 
+    def _replan(self, worker: str, name: str) -> None:
+        """Plan the loss of ``worker`` again for stream ``name``, from its committed spec."""
+        planned = {n: s for n, s in self.planned.items() if n != name}
+        running = [w for w in self.ops.running() if w != worker]
+        for old, new in self.coord.state.promote(worker, running, self.ops.hosts(), planned=planned, names=[name]):
+            self._start(worker, old, new)
+
     def fill(self) -> int:
         """Place new copies of partitions left short by an earlier loss (a worker joined); streams changed."""
         state = self.coord.state
@@ -120,7 +127,12 @@ class Promotions:
             # forgets the spec it cached.
             await self.ops.broadcast(msg)
             if not state.commit_promotion(old, new):
-                return  # destroyed meanwhile: its drop took these logs too
+                if worker is not None and before is not None and old.name in state.streams:
+                    # Planned from a promotion that did not apply: planned
+                    # again from what holds, or ``worker``'s partitions
+                    # would be neither taken over nor named lost.
+                    self._replan(worker, old.name)
+                return  # else destroyed meanwhile: its drop took these logs too
             if worker is not None and worker in new.owners:
                 # Planned after another loss not yet applied, with no copy in
                 # sync left: lost, named, as the loss itself would have.

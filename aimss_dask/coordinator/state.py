@@ -272,6 +272,7 @@ class CoordinatorState:
         workers: Sequence[str],
         host_of: Mapping[str, str] | None = None,
         planned: Mapping[str, StreamSpec] | None = None,
+        names: Iterable[str] | None = None,
     ) -> list[tuple[StreamSpec, StreamSpec]]:
         """Replicated streams that held a copy on ``address``, and what each becomes without it.
 
@@ -282,6 +283,7 @@ class CoordinatorState:
         lost. Not applied: :meth:`commit_promotion` does, once the workers
         hold it. ``planned``: specs of promotions not applied yet (a worker
         lost while another's loss is handled): plans start from them.
+        ``names``: only these streams (None: all).
 
         Examples
         --------
@@ -305,7 +307,7 @@ class CoordinatorState:
         """
         out = []
         live = set(workers)
-        for name in list(self.streams):
+        for name in list(self.streams) if names is None else [n for n in names if n in self.streams]:
             spec = (planned or {}).get(name) or self.streams[name]
             if not spec.replicas or not any(address in spec.holders(p) for p in range(spec.partitions)):
                 continue
