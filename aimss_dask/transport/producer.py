@@ -539,12 +539,15 @@ class Producer:
                     link.acked += len(stuck)
                     self._orphan(dead, stuck)
             deadline = time.monotonic() + FAILOVER_TIMEOUT
+            # Only what was written to it so far: later writes of other
+            # streams to a live old owner must not keep this one waiting.
+            sent = link.written if link is not None else 0
 
             def older_pending() -> bool:
                 if any(it.name == name and it.partition == partition for _, it in self._orphans):
                     return True
                 lk = self._links.get(dead) if dead is not None else None
-                return lk is not None and lk.acked < lk.written  # in flight to the dead owner
+                return lk is not None and lk.acked < sent  # in flight to the old owner
 
             while not self.closed and older_pending() and time.monotonic() < deadline:
                 self._cond.wait(0.05)
