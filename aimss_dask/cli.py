@@ -305,7 +305,23 @@ def _quiet_dask_logs() -> Iterator[None]:
 _DESCRIPTION = """\
 aimss-dask: an in-memory stream store built into Dask.
 
-Run "aimss-dask demo --help" to see what the demo runs and its options."""
+Run "aimss-dask demo --help" to see what the demo runs and its options,
+and "aimss-dask clean-spill --help" to find (and remove) the spill files
+of workers that died on this host."""
+
+_CLEAN_DESCRIPTION = """\
+List the spill folders that AIMSS workers on this host left behind when
+their process died (killed, or out of memory), with their size; with
+--remove, remove them.
+
+A folder is listed only if the note AIMSS writes in it (owner.json) names
+this host and a process that no longer runs. Only the files AIMSS writes
+(segment-N.bin and the note) are removed, then the folder if it is empty;
+anything else keeps it, and it is reported.
+
+While the cluster that saw a worker die still runs, a worker that starts
+on this host takes that worker's files over (its partitions come back
+from them): remove only when no such cluster is left."""
 
 _DEMO_DESCRIPTION = """\
 Run three stages on a Dask cluster (a built-in LocalCluster unless
@@ -436,13 +452,77 @@ def _parser() -> argparse.ArgumentParser:
         help="sink stage: an existing, writable directory in which it makes and then removes "
         "a temporary folder (default: the system's temporary directory)",
     )
+    clean = sub.add_parser(
+        "clean-spill",
+        help="list (and with --remove, remove) spill folders that dead workers left on this host",
+        description=_CLEAN_DESCRIPTION,
+        formatter_class=raw,
+    )
+    clean.add_argument(
+        "--directory", type=_existing_dir, default=None, metavar="DIR",
+        help="the spill root: the aimss spill-directory setting if set, else aimss-spill "
+        "in Dask's scratch space (default: %s)" % _default_spill_root(),
+    )
+    clean.add_argument("--remove", action="store_true", help="remove what is listed (default: only list)")
     return parser
+
+
+def _default_spill_root() -> str:
+    """Where workers of this configuration spill: see ``AIMSSConfig.resolve_for_worker``."""
+    import tempfile
+
+    import dask
+
+    from aimss_dask.core.config import AIMSSConfig
+
+    configured = AIMSSConfig.load().spill_directory
+    if configured:
+        return configured
+    tmp = dask.config.get("temporary-directory", None) or tempfile.gettempdir()
+    return os.path.join(tmp, "dask-scratch-space", "aimss-spill")
+
+
+def _existing_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory; give the spill root workers use")
+    return text
+
+
+def clean_spill(root: str, remove: bool, out: Any = None) -> int:
+    """List (or remove) the spill folders dead workers left in ``root``; how many were left in place."""
+    from aimss_dask.log import salvage
+
+    out = out or sys.stdout
+    found = salvage.left_behind(root)
+    if not found:
+        print(f"no spill folder of a dead worker in {root}", file=out)
+        return 0
+    kept = 0
+    for folder, owner in found:
+        size = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+        what = f"{folder}  {format_bytes(size)}  (worker {owner.get('worker')}, pid {owner.get('pid')})"
+        if not remove:
+            print(what, file=out)
+        elif salvage.discard(folder):
+            print(f"removed {what}", file=out)
+        else:
+            kept += 1
+            print(f"kept {folder}: it holds files aimss did not write", file=out)
+    if not remove:
+        print(f"{len(found)} folder(s); run again with --remove to remove them", file=out)
+    return kept
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Every value is checked here, so a bad one is a usage error (exit 2)
     # before any cluster starts.
     args = _parser().parse_args(argv)
+    if args.command == "clean-spill":
+        root = args.directory or _default_spill_root()
+        if not os.path.isdir(root):
+            print(f"no spill root at {root}: nothing to clean")
+            return 0
+        return 1 if clean_spill(root, args.remove) else 0
 
     from distributed import Client, LocalCluster
 

@@ -19,9 +19,11 @@ import time
 import numpy as np
 import pytest
 from conftest import wait_until
+from dask.utils import format_bytes
 from distributed import Client, LocalCluster
 
 import aimss_dask
+from aimss_dask import cli
 from aimss_dask.core.errors import (
     InvalidOffsetError,
     PartitionLostError,
@@ -85,6 +87,49 @@ def test_only_folders_of_that_worker_on_this_host_whose_process_is_gone_are_orph
     (tmp_path / "f").write_text("a file, not a folder")
     assert salvage.orphans(str(tmp_path), w, alive=lambda pid: pid != dead) == [mine]
     assert salvage.orphans(str(tmp_path / "missing"), w) == []
+
+
+def test_clean_spill_lists_then_removes_only_what_dead_workers_on_this_host_left(tmp_path, capsys):
+    """``aimss-dask clean-spill``: lists by default; ``--remove`` removes only aimss's files of dead processes."""
+    host = socket.gethostname()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = child.pid  # a process that ran here and is gone
+    gone = _folder(tmp_path, "gone", {"host": host, "pid": dead, "worker": "tcp://127.0.0.1:4000"})
+    with open(os.path.join(gone, "segment-0.bin"), "wb") as f:
+        f.write(b"x" * 1000)
+    odd = _folder(tmp_path, "odd", {"host": host, "pid": dead, "worker": "tcp://127.0.0.1:4001"})
+    with open(os.path.join(odd, "segment-3.bin"), "wb") as f:
+        f.write(b"y")
+    with open(os.path.join(odd, "notes.txt"), "w") as f:
+        f.write("the user's")
+    live = _folder(tmp_path, "live", {"host": host, "pid": os.getppid(), "worker": "tcp://127.0.0.1:4002"})
+    with open(os.path.join(live, "segment-0.bin"), "wb") as f:
+        f.write(b"z")
+    other = _folder(tmp_path, "other", {"host": host + "-other", "pid": dead, "worker": "tcp://127.0.0.1:4003"})
+    plain = _folder(tmp_path, "plain", None)
+
+    assert cli.main(["clean-spill", "--directory", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    size = format_bytes(sum(os.path.getsize(os.path.join(gone, n)) for n in os.listdir(gone)))
+    assert f"{gone}  {size}  (worker tcp://127.0.0.1:4000, pid {dead})" in out
+    assert odd in out and "2 folder(s); run again with --remove" in out
+    assert live not in out and other not in out and plain not in out
+    assert os.path.exists(os.path.join(gone, "segment-0.bin"))  # listing removes nothing
+
+    assert cli.main(["clean-spill", "--directory", str(tmp_path), "--remove"]) == 1  # one kept
+    out = capsys.readouterr().out
+    assert f"removed {gone}" in out and f"kept {odd}: it holds files aimss did not write" in out
+    assert not os.path.exists(gone)
+    assert os.listdir(odd) == ["notes.txt"]
+    assert sorted(os.listdir(live)) == [salvage.OWNER_FILE, "segment-0.bin"]
+    assert os.path.isdir(other) and os.path.isdir(plain)
+    assert cli.main(["clean-spill", "--directory", str(tmp_path)]) == 0
+    assert "no spill folder of a dead worker" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["clean-spill", "--directory", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def test_a_killed_process_not_yet_reaped_by_its_parent_is_dead():

@@ -101,6 +101,15 @@ def orphans(root: str, worker: str, alive: Any = pid_alive) -> list[str]:
 
     ``alive(pid)``: whether a process runs (a parameter for tests).
     """
+    return [folder for folder, owner in left_behind(root, alive) if owner.get("worker") == worker]
+
+
+def left_behind(root: str, alive: Any = pid_alive) -> list[tuple[str, dict[str, Any]]]:
+    """Folders in ``root`` that a store on this host made, whose process is gone, with what :data:`OWNER_FILE` says.
+
+    A folder without that file (not a store's, or not finished), of another
+    host, or of a process that runs is never listed.
+    """
     try:
         names = sorted(os.listdir(root))
     except OSError:
@@ -114,12 +123,12 @@ def orphans(root: str, worker: str, alive: Any = pid_alive) -> list[str]:
                 owner = json.loads(f.read(65536))
         except (OSError, ValueError):
             continue  # not a store's folder, or not finished: not ours to read
-        if not isinstance(owner, dict) or owner.get("worker") != worker or owner.get("host") != host:
+        if not isinstance(owner, dict) or owner.get("host") != host:
             continue
         pid = owner.get("pid")
         if not isinstance(pid, int) or pid == os.getpid() or alive(pid):
             continue
-        out.append(folder)
+        out.append((folder, owner))
     return out
 
 
