@@ -477,6 +477,52 @@ def test_catch_ups_are_paced_to_the_recovery_rate(tmp_path):
     assert time.monotonic() - t0 < 0.05
 
 
+def test_a_replica_that_has_not_heard_of_the_new_epoch_yet_is_sent_again_not_dropped(tmp_path, monkeypatch):
+    """After a loss every worker learns the new epoch at once: a replica that hears after its owner refuses a while."""
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.node import replication
+    from aimss_dask.node.replication import Replicator
+
+    class Flaky(Replicator):
+        refusals = 3
+
+        def _transmit(self, d, groups, conn):
+            self.sent.append([g[7] for g in groups])
+            if self.refusals:
+                self.refusals -= 1
+                return {"errors": {"s": ("StreamNotFoundError", "asked for epoch 2, held: epoch 1")}}, conn
+            return {"errors": {}}, conn
+
+    store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    spec = StreamSpec(name="s", partitions=1, owners=("a",), epoch=2, since=1, replicas=(("b",),), replication=2)
+    store.open("s", 2, [0])
+
+    def run(r: Replicator) -> bool:
+        r.sent = []
+        r.configure(spec, fresh=True)
+        for i in range(3):
+            with r.append_lock:
+                first = store.append("s", 2, 0, [i], [8])
+                r.shipped("s", 0, first, [i], [8])
+        return r.wait("s", 2, 0, store.held("s", 2, 0))
+
+    r = Flaky(store, loop=None, rpc=None, address="a", batch_size=2**20, data_plane=False)
+    assert run(r)  # every copy confirmed, in order, after the refusals
+    assert r.stats["replicas_dropped"] == 0 and r._parts[("s", 0)].insync == {"b": 3}
+    sent = [at for batch in r.sent for at in batch]
+    assert sent[-3:] == [0, 1, 2] and sorted(set(sent)) == [0, 1, 2]
+    r.close()
+    # A replica that keeps refusing (the stream was dropped there) stops counting after the grace.
+    monkeypatch.setattr(replication, "NEW_EPOCH_GRACE", 0.1)
+    store = LogStore(budget=2**20, spill_root=str(tmp_path / "2"))  # run() reads this one now
+    store.open("s", 2, [0])
+    r = Flaky(store, loop=None, rpc=None, address="a", batch_size=2**20, data_plane=False)
+    r.refusals = 10**6
+    assert run(r)  # readers see the records once the copy no longer counts
+    assert r.stats["replicas_dropped"] == 1 and not r._parts[("s", 0)].has("b")
+    r.close()
+
+
 def test_retiring_a_worker_of_a_replicated_stream_hands_over_to_its_copies(cluster4):
     """Open or sealed, a replicated stream loses nothing when a worker retires; its copies are rebuilt."""
     client = cluster4

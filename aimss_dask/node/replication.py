@@ -57,6 +57,11 @@ REPORT_TRIES = 12
 #: Bytes of one catch-up read from the owner's log.
 SYNC_CHUNK = 16 * 2**20
 
+#: How long a replica may refuse copies as of a stream it does not know before
+#: it stops counting as a copy (s): after a loss, the coordinator tells every
+#: worker of the stream's new epoch at once, and an owner may hear first.
+NEW_EPOCH_GRACE = 10.0
+
 
 @dataclass(eq=False)
 class _Part:
@@ -152,6 +157,9 @@ class Replicator:
         self._parts: dict[tuple[str, int], _Part] = {}
         self._names: dict[str, int] = {}  # stream -> partitions tracked here
         self._dests: dict[str, _Dest] = {}
+        # (stream, partition, replica) -> when the replica first refused copies
+        # as a stream it does not know (see NEW_EPOCH_GRACE).
+        self._refused: dict[tuple[str, int, str], float] = {}
         self.closed = False
         #: Counters for status(): groups and records sent, catch-ups done.
         self.stats = {
@@ -223,6 +231,8 @@ class Replicator:
 
     def _untrack(self, key: tuple[str, int]) -> None:
         del self._parts[key]
+        for k in [k for k in self._refused if k[:2] == key]:
+            del self._refused[k]
         n = self._names[key[0]] - 1
         if n:
             self._names[key[0]] = n
@@ -361,14 +371,26 @@ class Replicator:
             groups.append((s.part.name, s.part.epoch, s.part.p, sers, s.sizes, s.origin, s.writer, s.at))
         reply, conn = self._transmit(d, groups, conn)
         errors = reply.get("errors") or {}
+        again: list[_Ship] = []
         with self._cond:
             for s in ships:
                 part = s.part
                 err = errors.get(part.name)
+                key = (part.name, part.p, d.address)
                 if err is None:
+                    self._refused.pop(key, None)
                     if d.address in part.insync:
                         part.insync[d.address] = max(part.insync[d.address], s.at + len(s.records))
                     self._advance(part)
+                elif (
+                    err[0] == "StreamNotFoundError" and part.has(d.address)
+                    and self._parts.get((part.name, part.p)) is part
+                    and time.monotonic() - self._refused.setdefault(key, time.monotonic()) < NEW_EPOCH_GRACE
+                ):
+                    # The replica has not heard of the stream's new epoch yet
+                    # (the coordinator tells every worker at once, and this
+                    # owner heard first): send again shortly, in order.
+                    again.append(s)
                 elif err[0] == "ReplicaGapError" and part.has(d.address) and self._parts.get((part.name, part.p)) is part:
                     # It missed records (a copy it dropped): catch up again.
                     if d.address in part.insync:
@@ -382,8 +404,12 @@ class Replicator:
                         d.address, part.p, part.name, *err,
                     )
                     self._drop(part, d.address)
-            self.stats["replica_records_sent"] += sum(len(s.records) for s in ships)
+            if again:
+                d.queue.extendleft(reversed(again))
+            self.stats["replica_records_sent"] += sum(len(s.records) for s in ships) - sum(len(s.records) for s in again)
             self._cond.notify_all()
+        if again:
+            time.sleep(0.02)
         return conn
 
     def _sync(self, d: _Dest, part: _Part, conn: socket.socket | None) -> socket.socket | None:
@@ -511,6 +537,7 @@ class Replicator:
 
     def _drop(self, part: _Part, dest: str) -> None:
         """``dest`` no longer holds a copy of ``part`` (hold ``_cond``)."""
+        self._refused.pop((part.name, part.p, dest), None)
         self._out_of_sync(part, dest)
         part.joining.discard(dest)
         self.stats["replicas_dropped"] += 1
