@@ -261,14 +261,20 @@ def _sorted_ints(records) -> list[int]:
     return sorted(int(r) for r in records)
 
 
+def _stream_of_ints(client: Client, name: str, partitions: int, n: int, replication: int) -> aimss_dask.Stream:
+    """Once 3 workers run: ``name`` holding ``0..n-1``, record ``i`` in partition ``i % partitions``, stored."""
+    wait_until(lambda: _running(client) == 3, timeout=30, what="3 workers running")
+    s = aimss_dask.create_stream(name, partitions, replication=replication)
+    for i in range(n):
+        s.write(i, partition=i % partitions)
+    s.flush()
+    return s
+
+
 def test_a_reader_running_on_a_killed_owner_moves_to_the_replica_that_takes_over(cluster3):
     """Dask sends the reader back to ``no-worker`` (pinned to the dead owner); the promotion schedules it again."""
     client = cluster3
-    wait_until(lambda: _running(client) == 3, timeout=30, what="3 workers running")
-    s = aimss_dask.create_stream("rep-readers", 3, replication=2)
-    for i in range(30):
-        s.write(i, partition=i % 3)
-    s.flush()
+    s = _stream_of_ints(client, "rep-readers", 3, 30, replication=2)
     futs = s.map_partitions(_sorted_ints)  # each reads its partition until the seal
     victim = s.spec.owners[0]
 
@@ -290,11 +296,7 @@ def test_a_reader_running_on_a_killed_owner_moves_to_the_replica_that_takes_over
 
 def test_fewer_workers_than_copies_is_a_warning_and_a_status_flag_until_one_joins(cluster3):
     client = cluster3
-    wait_until(lambda: _running(client) == 3, timeout=30, what="3 workers running")
-    s = aimss_dask.create_stream("rep-short", 2, replication=3)
-    for i in range(20):
-        s.write(i, partition=i % 2)
-    s.flush()
+    s = _stream_of_ints(client, "rep-short", 2, 20, replication=3)
     client.cluster.scale(2)  # one leaves for good: 2 workers for 3 copies
     wait_until(
         lambda: any(e.get("action") == "under-replicated" and e.get("stream") == "rep-short"
