@@ -460,8 +460,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     clean.add_argument(
         "--directory", type=_existing_dir, default=None, metavar="DIR",
-        help="the spill root: the aimss spill-directory setting if set, else aimss-spill "
-        "in Dask's scratch space (default: %s)" % _default_spill_root(),
+        help="the spill root workers use (default: the aimss spill-directory setting if set, else "
+        "aimss-spill in Dask's scratch space, <temporary-directory>/dask-scratch-space/aimss-spill)",
     )
     clean.add_argument("--remove", action="store_true", help="remove what is listed (default: only list)")
     return parser
