@@ -149,6 +149,7 @@ def _run_with_a_kill(client: Client, make, want, rng: random.Random, within: flo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800 if LARGE else 300)  # the issue's 80 runs take about 5 minutes
 @pytest.mark.parametrize("replication", [1, 2])
 def test_chaos_shuffles_and_rechunks_finish_exactly(chaos_cluster, replication):
     """With one copy, runs re-create what a kill took; with two, copies take over."""

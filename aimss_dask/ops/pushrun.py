@@ -102,6 +102,12 @@ def _on_restart(func: Any, rerun: bool) -> Any:
                     out = func(*args, **kwargs)
                     return _pushed(out, used) if rerun else out
                 except (PartitionLostError, StreamSealedError, StreamNotFoundError) as e:
+                    if rerun and isinstance(e, StreamSealedError) and _sealed_after_us(used):
+                        # Dask runs a push again whose result died with a
+                        # worker after the seal; the seal waited for every
+                        # push of the streams it used, so its records are in
+                        # (copies took over what the worker owned).
+                        return _pushed(0, used)
                     lost = isinstance(e, PartitionLostError)
                     # An owner without the log asked for may know of a newer
                     # stream than the coordinator has made public yet (a
@@ -156,6 +162,25 @@ def _pushed(out: Any, used: dict[str, int]) -> Any:
     except ValueError:
         return out  # not in a Dask task: nothing will check it
     return Pushed(out, used, key)
+
+
+def _sealed_after_us(used: dict[str, int]) -> bool:
+    """Whether every stream a task used is still the one it used, or continues it (a replica took over).
+
+    Not a restart's new stream: that one starts a new line of epochs, and
+    the task runs again against it.
+    """
+    if not used:
+        return False
+    for name, epoch in used.items():
+        speccache.forget(name)
+        try:
+            spec = api.get_stream(name).spec
+        except StreamNotFoundError:
+            return False
+        if not spec.first_epoch <= epoch <= spec.epoch:
+            return False
+    return True
 
 
 def _restarted(used: dict[str, int], wait: float) -> str:
