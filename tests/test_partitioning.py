@@ -55,6 +55,27 @@ def test_packed_split_then_unpack_keeps_every_row_and_dtype(n, npartitions, seed
         )
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 300), npartitions=st.integers(1, 20), seed=st.integers(0, 2**16),
+    only=st.sets(st.integers(0, 25)), ranged=st.booleans(),
+)
+def test_a_split_for_some_partitions_gives_exactly_their_shards(n, npartitions, seed, only, ranged):
+    """A push run again for the partitions a recovery re-created splits
+    only their rows: the same shards, row for row, as a whole split's."""
+    df = _frame(n, seed)
+    if ranged:
+        df = df.reset_index(drop=True)
+    index = part.partition_index(df, ["key"], npartitions)
+    whole = dict(part.split_packed(df, index, npartitions))
+    some = part.split_packed(df, index, npartitions, only=only)
+    assert [j for j, _ in some] == sorted(j for j in whole if j in only)
+    for j, shard in some:
+        np.testing.assert_array_equal(shard, whole[j])
+    plain = part.split(df, index, npartitions, only=only)
+    assert [j for j, _ in plain] == [j for j, _ in some]
+
+
 @pytest.mark.parametrize("lean", [False, True], ids=["packed", "lean"])
 def test_split_takes_its_temporaries_from_the_allocator_it_is_given(lean):
     """A worker passes its scratch pool: the hash and the row buffers come

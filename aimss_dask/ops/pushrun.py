@@ -312,6 +312,14 @@ class RunWriter:
         # partitions the recovery re-created (aimss_dask.coordinator.recovery).
         self._only = _refill(self.spec) if self.spec.since and self.origin is not None else None
 
+    @property
+    def only(self) -> frozenset[int] | None:
+        """The partitions this execution must write (a push run again after a recovery); None: all.
+
+        Writes to the others are dropped: a push can skip building them.
+        """
+        return self._only
+
     def write(self, record: Any, partition: int) -> None:
         """Write ``record`` (this input's only one) to ``partition``."""
         if partition in self._written:
@@ -368,7 +376,12 @@ def push_pieces(
     # a local piece gets memory of its own, exactly what the log counts, so
     # the block can go.
     tight = local.memory_tight()
-    cuts = [(p, tuple(slice(a, b) for a, b in src), dst, owners[p] == here) for p, src, dst in pieces]
+    only = writer.only
+    cuts = [
+        (p, tuple(slice(a, b) for a, b in src), dst, owners[p] == here)
+        for p, src, dst in pieces
+        if only is None or p in only
+    ]
     # Pieces for other workers that are not contiguous (column slices) are
     # copied into one scratch buffer: memory this worker touched before,
     # free again once they are sent. Row slices of a C-ordered block are

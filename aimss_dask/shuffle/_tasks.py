@@ -49,7 +49,7 @@ def push(
         # in half the budget.
         rows_bytes = len(df) * partitioning.packed_row_bytes(df)
         lean = local.memory_tight(2 * rows_bytes)
-        shards = partitioning.split_packed(df, index, npartitions, alloc, lean=lean)
+        shards = partitioning.split_packed(df, index, npartitions, alloc, lean=lean, only=writer.only)
         owners = writer.spec.owners
         for j, shard in shards:
             # A local shard would keep the whole scratch buffer busy from the
@@ -59,7 +59,7 @@ def push(
             # the buffer is free when this task ends.
             writer.write(shard.copy() if tight or owners[j] == here else shard, j)
     else:
-        for j, shard in partitioning.split(df, index, npartitions):
+        for j, shard in partitioning.split(df, index, npartitions, only=writer.only):
             writer.write(shard, j)
     # No flush: the seal pushes every worker's buffers and fails the run if
     # any push failed, and the next map task gets the CPU meanwhile.

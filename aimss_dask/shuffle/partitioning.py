@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,13 +66,16 @@ def partition_index(
     return np.asarray(partitioning_index(keys, npartitions))
 
 
-def split(df: pd.DataFrame, index: np.ndarray, npartitions: int) -> list[tuple[int, pd.DataFrame]]:
+def split(
+    df: pd.DataFrame, index: np.ndarray, npartitions: int, only: Collection[int] | None = None
+) -> list[tuple[int, pd.DataFrame]]:
     """``[(partition, rows of df for it), ...]`` for the non-empty partitions.
 
     One stable sort, then one ``take`` per shard: every row is copied once,
     and every shard owns its memory. Slices of one big copy would keep all of
     it alive while any shard of it sits in the log, twice what the log counts.
-    Each shard keeps the input's row order.
+    Each shard keeps the input's row order. ``only``: the partitions wanted
+    (None: all).
     """
     if len(df) == 0:
         return []
@@ -82,7 +85,7 @@ def split(df: pd.DataFrame, index: np.ndarray, npartitions: int) -> list[tuple[i
     return [
         (j, df.take(order[bounds[j] : bounds[j + 1]]))
         for j in range(npartitions)
-        if counts[j]
+        if counts[j] and (only is None or j in only)
     ]
 
 
@@ -120,7 +123,12 @@ def packed_row_bytes(meta: pd.DataFrame) -> int:
 
 
 def split_packed(
-    df: pd.DataFrame, index: np.ndarray, npartitions: int, alloc: Alloc = np.empty, lean: bool = False
+    df: pd.DataFrame,
+    index: np.ndarray,
+    npartitions: int,
+    alloc: Alloc = np.empty,
+    lean: bool = False,
+    only: Collection[int] | None = None,
 ) -> list[tuple[int, np.ndarray]]:
     """Like :func:`split`, each shard a contiguous ``(rows, k + 1)`` uint64 array.
 
@@ -129,13 +137,25 @@ def split_packed(
     ``lean``: gather column by column through one column of scratch instead
     of through a packed copy of the whole input: about half the scratch
     (one partition's rows, not two), at about twice the gather's cost. For
-    workers whose memory is tight.
+    workers whose memory is tight. ``only``: the partitions wanted (None:
+    all); only their rows are gathered.
     """
     if len(df) == 0:
         return []
     k = df.shape[1]
     counts = np.bincount(index, minlength=npartitions)
     order = np.argsort(index, kind="stable")
+    if only is not None:
+        # A push run again for a few re-created partitions: gather their
+        # rows alone, column by column (packing every row first would cost
+        # more than the gather it saves).
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        wanted = [j for j in range(npartitions) if j in only and counts[j]]
+        order = np.concatenate([order[bounds[j] : bounds[j + 1]] for j in wanted]) if wanted else order[:0]
+        kept = np.zeros_like(counts)
+        kept[wanted] = counts[wanted]
+        counts = kept
+        lean = True
     # Pack the rows first (a sequential copy per column), then gather whole
     # 8-byte-column rows: one random access per row instead of one per value,
     # 2-3x faster than gathering column by column. Both buffers come from
@@ -143,7 +163,9 @@ def split_packed(
     # array is new pages, and 4 KiB faults cost more than the gather.
     # ``mode="clip"`` (``order`` is in range) lets ``take`` write into
     # ``out`` unbuffered.
-    n = len(df)
+    n = len(order)
+    if not n:
+        return []
     ranged = isinstance(df.index, pd.RangeIndex)
     columns = [df.iloc[:, i].to_numpy().view(np.uint64) for i in range(k)]
     if not ranged:
@@ -156,7 +178,7 @@ def split_packed(
             ordered[:, i] = column
         del column
     else:
-        packed = alloc((n, k + 1), np.uint64)
+        packed = alloc((len(df), k + 1), np.uint64)
         for i, values in enumerate(columns):
             packed[:, i] = values
         ordered = alloc((n, k + 1), np.uint64)
