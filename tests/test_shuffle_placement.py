@@ -22,6 +22,21 @@ def test_rebalance_keeps_balanced_placements_and_bounds_the_hot_worker():
     assert sum(o != n for o, n in zip(owners, new)) < 32  # moves a few, not half
 
 
+def test_rebalance_moves_only_what_pays_for_its_move():
+    """The reads wait for the moves: a worker that joined an even placement
+    (a nanny's restart after a kill) would take a quarter of the bytes to
+    shorten the busiest worker's reads by a twelfth, and gets nothing."""
+    owners = ["a", "b", "c"] * 20
+    sizes = [10] * 60
+    assert rebalance(sizes, owners, ["a", "b", "c", "d"]) == owners
+    # A hot worker is relieved all the same, joined worker or not.
+    hot = [200] + [10] * 59
+    new = rebalance(hot, owners, ["a", "b", "c", "d"])
+    load = {w: sum(s for s, o in zip(hot, new) if o == w) for w in "abcd"}
+    assert max(load.values()) < sum(s for s, o in zip(hot, owners) if o == "a")
+    assert load["d"] > 0
+
+
 def test_skewed_keys_are_balanced_across_workers(client):
     n = 64
     rng = np.random.default_rng(1)
