@@ -26,7 +26,7 @@ import signal
 import numpy as np
 import pytest
 from conftest import wait_until
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Status
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
@@ -81,6 +81,12 @@ class KillMachine(RuleBasedStateMachine):
         self.size += 1
         self.cluster.scale(self.size)
         wait_until(lambda: len(self.client.scheduler_info()["workers"]) == self.size, timeout=60, what="a joined worker")
+        # The new worker registers before its nanny hears it started: a kill
+        # in between fails the nanny's start for good (Dask's, not ours to test).
+        wait_until(
+            lambda: all(n.status == Status.running for n in self.cluster.workers.values()),
+            timeout=60, what="the joined worker's nanny running",
+        )
 
     @precondition(lambda self: any(not m.sealed for m in self.streams.values()))
     @rule(data=st.data(), n=st.integers(1, 5))
