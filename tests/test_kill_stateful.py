@@ -81,8 +81,9 @@ class KillMachine(RuleBasedStateMachine):
         self.size += 1
         self.cluster.scale(self.size)
         wait_until(lambda: len(self.client.scheduler_info()["workers"]) == self.size, timeout=60, what="a joined worker")
-        # The new worker registers before its nanny hears it started: a kill
-        # in between fails the nanny's start for good (Dask's, not ours to test).
+        # The scheduler lists the new worker before its nanny has finished
+        # starting it: wait for the nanny too, so that a kill never lands in
+        # the middle of a start (what Dask does then is not what this checks).
         wait_until(
             lambda: all(n.status == Status.running for n in self.cluster.workers.values()),
             timeout=60, what="the joined worker's nanny running",
