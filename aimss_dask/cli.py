@@ -468,18 +468,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _default_spill_root() -> str:
-    """Where workers of this configuration spill: see ``AIMSSConfig.resolve_for_worker``."""
+    """Where workers of this configuration spill, with Dask's default local directory."""
     import tempfile
 
     import dask
 
     from aimss_dask.core.config import AIMSSConfig
 
-    configured = AIMSSConfig.load().spill_directory
-    if configured:
-        return configured
     tmp = dask.config.get("temporary-directory", None) or tempfile.gettempdir()
-    return os.path.join(tmp, "dask-scratch-space", "aimss-spill")
+    return AIMSSConfig.load().spill_root(os.path.join(tmp, "dask-scratch-space"))
 
 
 def _existing_dir(text: str) -> str:

@@ -271,6 +271,14 @@ class AIMSSConfig:
             dask_memory_thresholds() if thresholds is None else thresholds,
         )
 
+    def spill_root(self, local_directory: str) -> str:
+        """The folder a worker whose Dask local directory is ``local_directory`` spills under.
+
+        >>> AIMSSConfig().spill_root("/scratch/w1")
+        '/scratch/w1/aimss-spill'
+        """
+        return self.spill_directory or os.path.join(local_directory, "aimss-spill")
+
     def resolve_for_worker(
         self,
         worker_memory_limit: int | None,
@@ -283,9 +291,10 @@ class AIMSSConfig:
         the largest that fits; the caller warns.
         """
         check = self.check_budget(worker_memory_limit, thresholds)
-        spill = self.spill_directory or os.path.join(local_directory, "aimss-spill")
         return replace(
-            self, memory_limit=min(check.requested, check.largest), spill_directory=spill
+            self,
+            memory_limit=min(check.requested, check.largest),
+            spill_directory=self.spill_root(local_directory),
         )
 
 
