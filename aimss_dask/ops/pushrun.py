@@ -173,14 +173,19 @@ def _sealed_after_us(used: dict[str, int]) -> bool:
     if not used:
         return False
     for name, epoch in used.items():
-        speccache.forget(name)
-        try:
-            spec = api.get_stream(name).spec
-        except StreamNotFoundError:
-            return False
-        if not spec.first_epoch <= epoch <= spec.epoch:
+        spec = _spec_now(name)
+        if spec is None or not spec.first_epoch <= epoch <= spec.epoch:
             return False
     return True
+
+
+def _spec_now(name: str) -> StreamSpec | None:
+    """Stream ``name``'s spec as the coordinator has it now (the cached one forgotten); None if it has none."""
+    speccache.forget(name)
+    try:
+        return api.get_stream(name).spec
+    except StreamNotFoundError:
+        return None
 
 
 def _restarted(used: dict[str, int], wait: float) -> str:
@@ -197,12 +202,11 @@ def _restarted(used: dict[str, int], wait: float) -> str:
     deadline = time.monotonic() + wait
     while True:
         for name, epoch in used.items():
-            speccache.forget(name)
-            try:
-                if api.get_stream(name).spec.epoch > epoch:
-                    return "newer"
-            except StreamNotFoundError:
+            spec = _spec_now(name)
+            if spec is None:
                 return "gone"
+            if spec.epoch > epoch:
+                return "newer"
         if time.monotonic() >= deadline:
             return "same"
         time.sleep(0.1)
