@@ -169,7 +169,7 @@ def rebalance(
             target = min(live, key=lambda w: (load[w], w != current, w))
         load[target] += sizes[p]
         out[p] = target
-    return out if _pays_off(sizes, owners, out) else list(owners)
+    return out if _pays_off(sizes, owners, out, max(load.values())) else list(owners)
 
 
 #: Bytes a move must take off the busiest worker's reads per byte that one
@@ -179,24 +179,24 @@ def rebalance(
 MOVE_COST = 0.5
 
 
-def _pays_off(sizes: Sequence[int], owners: Sequence[str], new: Sequence[str]) -> bool:
+def _pays_off(sizes: Sequence[int], owners: Sequence[str], new: Sequence[str], busiest: int) -> bool:
     """Whether moving to ``new`` shortens the reads by more than the moves take.
+
+    ``busiest``: the bytes ``new`` leaves on its most loaded worker.
 
     A skewed placement gains about a byte per byte moved; a worker that
     joined an even placement of ``n`` workers gains only ``1/n`` of what
     it receives, and is left out (the peers do not use it either).
     """
     before: dict[str, int] = {}
-    after: dict[str, int] = {}
     into: dict[str, int] = {}
     out_of: dict[str, int] = {}
     for size, old, now in zip(sizes, owners, new):
         before[old] = before.get(old, 0) + size
-        after[now] = after.get(now, 0) + size
         if old != now:
             into[now] = into.get(now, 0) + size
             out_of[old] = out_of.get(old, 0) + size
     if not into:
         return False
-    gain = max(before.values()) - max(after.values())
+    gain = max(before.values()) - busiest
     return gain >= MOVE_COST * max(*into.values(), *out_of.values())
