@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
 import time
+import traceback
 
 import dask
 import dask.array as da
@@ -81,8 +83,23 @@ def _stuck(client: Client) -> str:
         return {str(k): (ts.state, getattr(ts, "run_id", None)) for k, ts in dask_worker.state.tasks.items()
                 if ts.state != "memory" or "aimss" in str(k)}
 
+    def stacks() -> str:
+        # Where aimss threads wait: what a hang's report needs most.
+        frames = sys._current_frames()
+        out = []
+        for t in threading.enumerate():
+            f = frames.get(t.ident)
+            stack = "".join(traceback.format_stack(f)) if f is not None else ""
+            if "aimss_dask" in stack:
+                out.append(f"--- {t.name}\n{stack}")
+        return "\n".join(out)
+
     try:
-        return f"scheduler: {client.run_on_scheduler(on_scheduler)}\nworkers: {client.run(on_worker)}\naimss: {aimss_dask.status().runs}"
+        return (
+            f"scheduler: {client.run_on_scheduler(on_scheduler)}\nworkers: {client.run(on_worker)}\n"
+            f"aimss: {aimss_dask.status().runs}\n"
+            + "\n".join(f"=== threads of {w}:\n{s}" for w, s in client.run(stacks).items())
+        )
     except Exception as e:  # the report must not hide the hang
         return f"(no report: {e!r})"
 

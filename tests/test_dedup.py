@@ -31,6 +31,7 @@ from hypothesis.stateful import (
 import aimss_dask
 import aimss_dask.core.specs
 import aimss_dask.node.dedup
+import aimss_dask.node.writers
 from aimss_dask.core.errors import DuplicateOriginError, error_from_wire, error_to_wire
 from aimss_dask.core.specs import MAX_ATTEMPT, Origin
 from aimss_dask.node.dedup import OriginFilter
@@ -90,7 +91,7 @@ def test_duplicate_origin_error_is_public_and_crosses_the_wire():
     assert type(back) is DuplicateOriginError and str(back) == "input 1 twice"
 
 
-@pytest.mark.parametrize("module", [aimss_dask.core.specs, aimss_dask.node.dedup])
+@pytest.mark.parametrize("module", [aimss_dask.core.specs, aimss_dask.node.dedup, aimss_dask.node.writers])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -329,6 +329,44 @@ def test_fewer_workers_than_copies_is_a_warning_and_a_status_flag_until_one_join
     aimss_dask.destroy_stream("rep-short")
 
 
+def _write_ints(name: str, values: list[int], partitions: int) -> int:
+    """A task: write ``values`` to ``name`` (value ``i`` to partition ``i % partitions``) and flush."""
+    s = aimss_dask.get_stream(name)
+    for i in values:
+        s.write(i, partition=i % partitions)
+    s.flush()
+    return len(values)
+
+
+async def _drop_late(name: str, epoch: int, dask_worker=None) -> None:
+    """The coordinator's drop of ``name`` at ``epoch``, arriving at this worker only now."""
+    await dask_worker.handlers["aimss_drop"](name=name, epoch=epoch)
+
+
+def test_a_late_drop_of_an_old_stream_leaves_the_new_one_of_its_name_whole(cluster3):
+    """A restarted run makes its stream again under the same name, and the old one's drop travels
+    on another connection: it may reach a worker after that worker wrote to the new one. The new
+    stream's copies and its writers' numbering must not be reset: the owners would then drop the
+    records that follow as ones they already hold."""
+    client = cluster3
+    old = _stream_of_ints(client, "late-drop", 3, 30, replication=2)
+    aimss_dask.destroy_stream("late-drop")
+    new = aimss_dask.create_stream("late-drop", 3, replication=2)
+    assert new.spec.epoch > old.spec.epoch
+    writer = new.spec.owners[0]
+    first = client.submit(_write_ints, "late-drop", list(range(30)), 3, workers=[writer], pure=False)
+    assert first.result(timeout=60) == 30
+    client.run(_drop_late, "late-drop", old.spec.epoch, workers=[writer])
+    second = client.submit(_write_ints, "late-drop", list(range(30, 60)), 3, workers=[writer], pure=False)
+    assert second.result(timeout=60) == 30
+    new.seal()
+    info = new.info()
+    assert info["records"] == [20, 20, 20] and info["lost"] == []
+    assert all(len(c) == 1 for c in info["in_sync"]), info["in_sync"]  # the copies still count
+    assert _sorted_ints(aimss_dask.read_from("late-drop")) == list(range(60))
+    aimss_dask.destroy_stream("late-drop")
+
+
 def test_a_copy_catching_up_is_not_promoted_and_one_in_sync_is():
     st = CoordinatorState()
     s, _ = st.create("s", 1, ["a", "b", "c"], replication=2)

@@ -484,9 +484,9 @@ def destroy_stream(name: str) -> None:
         reply = ep.scheduler_op("destroy", name=name)
     finally:
         speccache.forget(name)
-    for n in reply.get("destroyed", []):
+    for n, epoch in zip(reply.get("destroyed", []), reply.get("epochs", [])):
         speccache.forget(n)
-        ep.producer.forget(n)
+        ep.producer.forget(n, epoch)
 
 
 class ClusterStatus(dict[str, dict[str, Any]]):

@@ -240,10 +240,14 @@ class StreamHandlers:
 
     @replies
     async def _h_destroy(self, name: str) -> dict[str, Any]:
-        return {"destroyed": await self.destroy(name)}
+        removed = await self.destroy(name)
+        return {"destroyed": [s.name for s in removed], "epochs": [s.epoch for s in removed]}
 
-    async def destroy(self, name: str) -> list[str]:
-        """Forget ``name`` (and its children) everywhere; a run whose streams are all gone is done."""
+    async def destroy(self, name: str) -> list[StreamSpec]:
+        """Forget ``name`` (and its children) everywhere; a run whose streams are all gone is done.
+
+        Returns the specs destroyed.
+        """
         removed = self.coord.state.destroy(name)
         for spec in removed:
             await self.ops.broadcast({"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch})
@@ -258,7 +262,7 @@ class StreamHandlers:
         assert self.sealed_changed is not None
         async with self.sealed_changed:
             self.sealed_changed.notify_all()
-        return [s.name for s in removed]
+        return removed
 
     @replies
     async def _h_release(self, name: str, partition: int) -> dict[str, Any]:

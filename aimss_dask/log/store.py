@@ -160,7 +160,7 @@ class LogStore:
                     first = (starts or {}).get(p, 0)
                     logs.partitions[p] = PartitionLog(start=first, end=first)
 
-    def _log(self, name: str, epoch: int | None, p: int) -> PartitionLog:
+    def _logs(self, name: str, epoch: int | None) -> _StreamLogs:
         logs = self._streams.get(name)
         if logs is None or not logs.answers(epoch):
             held = "none" if logs is None else f"epoch {logs.epoch}"
@@ -169,6 +169,10 @@ class LogStore:
                 f"created; asked for epoch {epoch}, held: {held}); create it with "
                 "aimss_dask.create_stream"
             )
+        return logs
+
+    def _log(self, name: str, epoch: int | None, p: int) -> PartitionLog:
+        logs = self._logs(name, epoch)
         try:
             return logs.partitions[p]
         except KeyError:
@@ -562,6 +566,11 @@ class LogStore:
         with self._lock:
             log = self._log(name, epoch, p)
             return log.start, log.visible, log.sealed
+
+    def since(self, name: str, epoch: int | None) -> int:
+        """The first epoch of the line of stream ``name`` that answers to ``epoch`` (a stale one raises)."""
+        with self._lock:
+            return self._logs(name, epoch).since
 
     def held(self, name: str, epoch: int | None, p: int) -> int:
         """The end of every record stored in one partition log, seen by readers or not yet."""

@@ -379,7 +379,8 @@ class AIMSSWorker(WorkerPlugin):
         with self.replicator.append_lock:
             self.store.held(name, epoch, partition)  # a stale epoch raises before any state changes
             if writer is not None:
-                skip = self.writers.admit(name, partition, (int(writer[0]), int(writer[1])), len(records))
+                since = self.store.since(name, epoch)
+                skip = self.writers.admit(name, since, partition, (int(writer[0]), int(writer[1])), len(records))
                 if skip:
                     with self._duplicates_lock:
                         self.reads["duplicates"] += 1
@@ -416,7 +417,8 @@ class AIMSSWorker(WorkerPlugin):
                 # the owner, drops what the old one would have.
                 if writer is not None:
                     self.writers.admit(
-                        name, partition, (int(writer[0]), int(writer[1] + skip)), len(records) - skip, strict=False
+                        name, self.store.since(name, epoch), partition,
+                        (int(writer[0]), int(writer[1] + skip)), len(records) - skip, strict=False,
                     )
                 if origin is not None and not self.origins.admit(name, epoch, partition, Origin(*origin)):
                     logger.warning(
@@ -594,11 +596,11 @@ class AIMSSWorker(WorkerPlugin):
         self.store.rebase(name, epoch, partition, start)
 
     @replies
-    async def _h_replica_writers(self, name: str, partition: int, table: list[tuple[int, int]]) -> None:
+    async def _h_replica_writers(self, name: str, epoch: int, partition: int, table: list[tuple[int, int]]) -> None:
         """What the owner's writer filter knew when this copy caught up (its copies carried no writer tags)."""
-        assert self.replicator is not None
+        assert self.replicator is not None and self.store is not None
         with self.replicator.append_lock:
-            self.writers.merge(name, partition, dict(table))
+            self.writers.merge(name, self.store.since(name, epoch), partition, dict(table))
 
     @replies
     async def _h_truncate(self, name: str, epoch: int, partition: int, end: int) -> dict[str, Any]:
@@ -650,11 +652,11 @@ class AIMSSWorker(WorkerPlugin):
         # Only this epoch's state or older: a late drop leaves a new stream's.
         self.origins.forget(name, epoch)
         if self.replicator is not None:
-            self.replicator.forget(name)
-        self.writers.forget(name)
+            self.replicator.forget(name, epoch=epoch)
+        self.writers.forget(name, epoch)
         # Runs first (a source's brokers), so none appends while it is dropped.
         self.runs.stop(name, epoch)
-        self.producer.forget(name)
+        self.producer.forget(name, epoch)
         # Removing spill files is disk I/O: not on the loop.
         await offload(self._drop, name, epoch)
         # Remote readers waiting on the stream must find out now, not at

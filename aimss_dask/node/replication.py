@@ -212,10 +212,17 @@ class Replicator:
                 self._advance(part)
             self._cond.notify_all()
 
-    def forget(self, name: str, partitions: list[int] | None = None) -> None:
-        """Partitions of ``name`` (None: all) were sealed or dropped here: nothing more to send."""
+    def forget(self, name: str, partitions: list[int] | None = None, epoch: int | None = None) -> None:
+        """Partitions of ``name`` (None: all) were sealed or dropped here: nothing more to send.
+
+        ``epoch``: the stream up to that epoch was destroyed; a newer one of
+        the name (its run restarted before this late word) is kept.
+        """
         with self.append_lock, self._cond:
-            keys = [k for k in self._parts if k[0] == name and (partitions is None or k[1] in partitions)]
+            keys = [
+                k for k, part in self._parts.items()
+                if k[0] == name and (partitions is None or k[1] in partitions) and (epoch is None or part.epoch <= epoch)
+            ]
             parts = set()
             for key in keys:
                 part = self._parts[key]
@@ -425,9 +432,10 @@ class Replicator:
             try:
                 start, held = self.store.bounds(name, part.epoch, p)[0], self.store.held(name, part.epoch, p)
                 sealed = self.store.bounds(name, part.epoch, p)[2]
+                since = self.store.since(name, part.epoch)
             except AIMSSError:
                 return conn
-            table = self._writers.table(name, p) if self._writers is not None else {}
+            table = self._writers.table(name, since, p) if self._writers is not None else {}
         if theirs > held:
             # It holds records the owner that died copied to it but not to
             # us; no reader saw them (they were not on every copy).
@@ -460,7 +468,10 @@ class Replicator:
         if table:
             # The catch-up copies carry no writer tags: without this, the
             # copy, become owner, would store a writer's re-sent records twice.
-            self._ask(d.address, "aimss_replica_writers", name=name, partition=p, table=sorted(table.items()))
+            self._ask(
+                d.address, "aimss_replica_writers", name=name, epoch=part.epoch, partition=p,
+                table=sorted(table.items()),
+            )
         if sealed:
             self._ask(d.address, "aimss_seal_partitions", name=name, epoch=part.epoch, partitions=[p])
         with self._cond:

@@ -26,21 +26,36 @@ class WriterSeqs:
     Examples
     --------
     >>> w = WriterSeqs()
-    >>> w.admit("s", 0, (7, 0), 3), w.admit("s", 0, (7, 1), 3), w.admit("s", 0, (7, 4), 2)
+    >>> w.admit("s", 1, 0, (7, 0), 3), w.admit("s", 1, 0, (7, 1), 3), w.admit("s", 1, 0, (7, 4), 2)
     (0, 2, 0)
-    >>> w.admit("s", 0, (7, 0), 6)  # all six are stored already
+    >>> w.admit("s", 1, 0, (7, 0), 6)  # all six are stored already
     6
-    >>> w.admit("s", 0, (7, 9), 1)  # 6 to 8 never arrived
+    >>> w.admit("s", 5, 0, (7, 0), 2)  # a new stream of the name (first epoch 5) counts anew
+    0
+    >>> w.admit("s", 5, 0, (7, 9), 1)  # 2 to 8 never arrived
     Traceback (most recent call last):
     ...
-    aimss_dask.core.errors.WriteOrderError: writer 7 sent records of 's' partition 0 from sequence number 9, but the next one stored here is 6: ...
+    aimss_dask.core.errors.WriteOrderError: writer 7 sent records of 's' partition 0 from sequence number 9, but the next one stored here is 2: ...
     """
 
     def __init__(self) -> None:
-        self._next: dict[str, dict[int, dict[int, int]]] = {}
+        # (stream, its first epoch) -> partition -> writer id -> next number.
+        # Keyed by the line of epochs: a stream made again under the same
+        # name (its run restarted) numbers from 0, and a late drop of the
+        # old one must not reset the new one's numbers.
+        self._next: dict[tuple[str, int], dict[int, dict[int, int]]] = {}
+
+    def _seqs(self, name: str, since: int, partition: int) -> dict[int, int]:
+        line = self._next.get((name, since))
+        if line is None:
+            # A newer line replaces older ones of the name (the log did too).
+            for key in [k for k in self._next if k[0] == name and k[1] < since]:
+                del self._next[key]
+            line = self._next[(name, since)] = {}
+        return line.setdefault(partition, {})
 
     def admit(
-        self, name: str, partition: int, writer: tuple[int, int], n: int, strict: bool = True
+        self, name: str, since: int, partition: int, writer: tuple[int, int], n: int, strict: bool = True
     ) -> int:
         """``n`` records from ``writer`` = ``(id, first sequence number)``: how many at the head to drop.
 
@@ -52,7 +67,7 @@ class WriterSeqs:
         worker re-created empty) starts anywhere.
         """
         wid, first = writer
-        seqs = self._next.setdefault(name, {}).setdefault(partition, {})
+        seqs = self._seqs(name, since, partition)
         expected = seqs.get(wid)
         if strict and expected is not None and first > expected:
             raise WriteOrderError(
@@ -66,15 +81,17 @@ class WriterSeqs:
         seqs[wid] = max(expected, first + n)
         return skip
 
-    def table(self, name: str, partition: int) -> dict[int, int]:
+    def table(self, name: str, since: int, partition: int) -> dict[int, int]:
         """Writer id -> next sequence number, for a copy that catches up."""
-        return dict(self._next.get(name, {}).get(partition, {}))
+        return dict(self._next.get((name, since), {}).get(partition, {}))
 
-    def merge(self, name: str, partition: int, table: dict[int, int]) -> None:
+    def merge(self, name: str, since: int, partition: int, table: dict[int, int]) -> None:
         """Learn an owner's :meth:`table` (the numbers only grow)."""
-        seqs = self._next.setdefault(name, {}).setdefault(partition, {})
+        seqs = self._seqs(name, since, partition)
         for wid, nxt in table.items():
             seqs[int(wid)] = max(seqs.get(int(wid), 0), int(nxt))
 
-    def forget(self, name: str) -> None:
-        self._next.pop(name, None)
+    def forget(self, name: str, epoch: int) -> None:
+        """Stream ``name`` up to ``epoch`` was destroyed; a newer one of the name keeps its numbers."""
+        for key in [k for k in self._next if k[0] == name and k[1] <= epoch]:
+            del self._next[key]

@@ -39,6 +39,7 @@ from distributed.utils import sync
 
 from aimss_dask.core.errors import (
     PartitionLostError,
+    StreamNotFoundError,
     StreamSealedError,
     error_from_wire,
     raise_from_wire,
@@ -146,12 +147,14 @@ class Producer:
         self._resolve = resolve
         #: This producer's id in the writer tags of replicated streams.
         self.id = random.getrandbits(62)
-        # (stream, partition) -> the next sequence number of a replicated write.
-        self._seq: dict[tuple[str, int], int] = {}
-        # (stream, partition) -> the owner this producer last queued a
+        # (stream, its first epoch, partition) -> the next sequence number of
+        # a replicated write. A stream made again under the same name (its
+        # run restarted) starts a new line of epochs, and its numbers at 0.
+        self._seq: dict[tuple[str, int, int], int] = {}
+        # (stream, its first epoch, partition) -> the owner this producer last queued a
         # replicated write for: when the owner changes, older writes still
         # on their way to that one go first.
-        self._sent_to: dict[tuple[str, int], str] = {}
+        self._sent_to: dict[tuple[str, int, int], str] = {}
         # stream -> the newest spec learned after an owner died (writes with
         # an older handle go to the owner it names).
         self._routes: dict[str, StreamSpec] = {}
@@ -205,7 +208,8 @@ class Producer:
                 owner = route.owners[partition]  # a replica took over from a dead owner
             if spec.epoch <= self._dead.get(owner, 0):
                 owner = self._route(spec, partition)
-            before = self._sent_to.get((spec.name, partition), spec.owners[partition])
+            line = (spec.name, spec.first_epoch, partition)
+            before = self._sent_to.get(line, spec.owners[partition])
             if owner != before:
                 # The owner changed since this producer's last write there:
                 # what is queued for, or still on the wire to, the one before
@@ -224,7 +228,7 @@ class Producer:
             # Same process as the owner: no serialisation, no copy, no comm.
             if spec.replicas:
                 with self._cond:
-                    self._sent_to[(spec.name, partition)] = owner
+                    self._sent_to[(spec.name, spec.first_epoch, partition)] = owner
             local = records.local_nbytes(record)
             if local is None:
                 local = records.encode(record, spec.name)[1]  # still must serialise
@@ -236,9 +240,10 @@ class Producer:
             link = self._link(owner)
             seq = None
             if spec.replicas:
-                seq = self._seq.get((spec.name, partition), 0)
-                self._seq[(spec.name, partition)] = seq + 1
-                self._sent_to[(spec.name, partition)] = owner
+                line = (spec.name, spec.first_epoch, partition)
+                seq = self._seq.get(line, 0)
+                self._seq[line] = seq + 1
+                self._sent_to[line] = owner
             link.pending.append(_Item(spec.name, spec.epoch, partition, ser, nbytes, origin, seq))
             link.pending_bytes += nbytes
             link.written += 1
@@ -453,13 +458,18 @@ class Producer:
                     ((o, it) for o, it in orphans if it.name == name),
                     key=lambda o: (o[1].partition, o[1].seq or 0),
                 )
-                spec, lost = self._ask_spec(name)
+                spec, lost, unsure = self._ask_spec(name)
                 first = deadline.setdefault(name, time.monotonic() + FAILOVER_TIMEOUT)
+                late = time.monotonic() > first
                 for dead, it in mine:
                     p = it.partition
                     if spec is not None and p not in lost and spec.owners[p] != dead and it.epoch >= spec.first_epoch:
                         self._resend(spec, it)
-                    elif spec is None or p in lost or it.epoch < (spec.first_epoch if spec else 0) or time.monotonic() > first:
+                    elif unsure and not late:
+                        # The coordinator did not answer (busy with the very
+                        # loss this waits on): ask again, not a lost write.
+                        left.append((dead, it))
+                    elif spec is None or p in lost or it.epoch < spec.first_epoch or late:
                         self._fail_moved(dead, it, spec, lost)
                     else:
                         left.append((dead, it))
@@ -475,20 +485,28 @@ class Producer:
         link = self._links.get(owner)
         return link.written - link.acked - len(link.pending) if link is not None else 0
 
-    def _ask_spec(self, name: str) -> tuple[StreamSpec | None, set[int]]:
+    def _ask_spec(self, name: str) -> tuple[StreamSpec | None, set[int], bool]:
+        """Stream ``name`` as the coordinator has it now, its lost partitions, and whether it failed to say.
+
+        ``(None, set(), False)``: the stream is gone (or nobody to ask);
+        ``(None, set(), True)``: the question failed (a comm error, a
+        timeout): the answer is unknown, not "lost".
+        """
         if self._resolve is None:
-            return None, set()
+            return None, set(), False
         try:
             reply = raise_from_wire(self._resolve(name), "aimss_get")
+        except StreamNotFoundError:
+            return None, set(), False
         except Exception as e:
             logger.info("aimss: could not ask where stream %r lives now: %r", name, e)
-            return None, set()
+            return None, set(), True
         spec = StreamSpec.from_wire(reply["spec"])
         with self._cond:
             old = self._routes.get(name)
             if old is None or spec.epoch > old.epoch:
                 self._routes[name] = spec
-        return spec, set(reply.get("lost") or ())
+        return spec, set(reply.get("lost") or ()), False
 
     def _resend(self, spec: StreamSpec, it: _Item) -> None:
         """Queue ``it`` first for the partition's new owner (its older records go before newer ones)."""
@@ -562,10 +580,13 @@ class Producer:
         dead = spec.owners[partition]
         deadline = time.monotonic() + FAILOVER_TIMEOUT
         while not self.closed:
-            new, lost = self._ask_spec(spec.name)
-            if new is None or partition in lost or new.first_epoch != spec.first_epoch:
+            new, lost, unsure = self._ask_spec(spec.name)
+            if new is None:
+                if not unsure:  # gone; else the coordinator did not answer: ask again
+                    return dead
+            elif partition in lost or new.first_epoch != spec.first_epoch:
                 return dead
-            if new.owners[partition] != dead:
+            elif new.owners[partition] != dead:
                 return new.owners[partition]
             if time.monotonic() > deadline:
                 return dead
@@ -631,17 +652,25 @@ class Producer:
         with self._cond:
             self._sealed.add((name, epoch))
 
-    def forget(self, name: str) -> None:
-        """The stream was destroyed: drop its errors and seal marks."""
+    def forget(self, name: str, epoch: int) -> None:
+        """Stream ``name`` up to ``epoch`` was destroyed: drop its errors, seal marks and numbering.
+
+        A newer stream of the name (its run restarted, and its writes may
+        come before this late word) keeps its own.
+        """
         with self._cond:
-            self._errors.pop(name, None)
-            self._failed.pop(name, None)
-            self._routes.pop(name, None)
-            for key in [k for k in self._seq if k[0] == name]:
+            if name in self._errors and self._errors[name][0] <= epoch:
+                del self._errors[name]
+            failed = {o: e for o, e in self._failed.pop(name, {}).items() if e[0] > epoch}
+            if failed:
+                self._failed[name] = failed
+            if name in self._routes and self._routes[name].epoch <= epoch:
+                del self._routes[name]
+            for key in [k for k in self._seq if k[0] == name and k[1] <= epoch]:
                 del self._seq[key]
-            for key in [k for k in self._sent_to if k[0] == name]:
+            for key in [k for k in self._sent_to if k[0] == name and k[1] <= epoch]:
                 del self._sent_to[key]
-            self._sealed = {s for s in self._sealed if s[0] != name}
+            self._sealed = {s for s in self._sealed if s[0] != name or s[1] > epoch}
 
     def close(self) -> None:
         with self._cond:
