@@ -238,9 +238,14 @@ def _replica_takes_over(client: Client) -> None:
     it.close()  # the 61st is not committed (at-least-once): read again below
     victim = s.spec.owners[0]
     os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+    t0 = time.monotonic()
     for i in range(300, 600):
         s.write(np.full(1000, i), partition=i % 3)
     s.flush()
+    # Not Dask's connect timeout (30 s): over Dask's comms (TLS), a request
+    # to the dead owner is given up once the scheduler knows of the loss.
+    took = time.monotonic() - t0
+    assert took < 20, f"the writes after the kill took {took:.1f} s to be stored"
     rest = []
     try:
         for r in aimss_dask.read_from("rep-kill", partition=0, group="g", timeout=3):

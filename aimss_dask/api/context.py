@@ -22,13 +22,18 @@ from distributed.utils import sync
 
 from aimss_dask.core.config import AIMSSConfig
 from aimss_dask.core.errors import AIMSSError, NotRegisteredError, raise_from_wire
-from aimss_dask.core.names import PLUGIN_NAME, REGISTERED_KEY, SEAL_PRODUCERS_TOPIC
+from aimss_dask.core.names import (
+    OWNER_LOST_TOPIC,
+    PLUGIN_NAME,
+    REGISTERED_KEY,
+    SEAL_PRODUCERS_TOPIC,
+)
 from aimss_dask.transport.producer import Producer
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from aimss_dask.coordinator.sealing import SealProducersEvent
+    from aimss_dask.coordinator.sealing import OwnerLostEvent, SealProducersEvent
     from aimss_dask.node.plugin import AIMSSWorker
 
 T = TypeVar("T")
@@ -158,6 +163,9 @@ def current(fn: str = "call") -> Endpoint:
             client.subscribe_topic(
                 SEAL_PRODUCERS_TOPIC, functools.partial(_on_seal, client, producer)
             )
+            # A worker holding partitions died: requests on their way to it
+            # are given up now, not after Dask's connect timeout.
+            client.subscribe_topic(OWNER_LOST_TOPIC, functools.partial(_on_owner_lost, producer))
             raise_from_wire(
                 sync(client.loop, client.scheduler.aimss_register_producer, client=client.id),
                 "aimss_register_producer",
@@ -209,3 +217,12 @@ def _on_seal(
 
 
 _seal_tasks: set[asyncio.Task[None]] = set()
+
+
+def _on_owner_lost(producer: Producer, event: tuple[float, OwnerLostEvent]) -> None:
+    """Topic handler: ``event``'s worker died; see :meth:`Producer.owner_lost`."""
+    try:
+        _, msg = event
+        producer.owner_lost(str(msg["address"]), int(msg["epoch"]))
+    except Exception:
+        logger.exception("aimss: could not act on %s event %r", OWNER_LOST_TOPIC, event)

@@ -319,16 +319,20 @@ class AIMSS(SchedulerPlugin):
                 logger.warning(
                     "aimss: worker %s left; partitions of %s are lost", worker, lost
                 )
-            # Producers everywhere stop queueing records for it at once. Not
-            # for expected departures (closing, retiring): their peers may be
-            # closing too, and producers find out on their next connect. Nor
-            # when it held no partition: no producer writes to it.
-            if scheduler.status == Status.running and not kwargs.get("expected") and lost:
+            # Producers everywhere stop queueing records for it at once, and
+            # give up requests on their way to it (Dask's comms would retry
+            # the dead address for their connect timeout). Not for expected
+            # departures (closing, retiring): their peers may be closing too,
+            # and producers find out on their next connect. Nor when it held
+            # no partition (lost, or taken over by a copy): no producer
+            # writes to it.
+            if scheduler.status == Status.running and not kwargs.get("expected") and (lost or kept):
                 # Only streams made so far lost partitions there: a worker that
                 # comes back at the same address serves later streams.
                 self.ops.spawn(self.ops.broadcast(
                     {"op": "aimss_owner_lost", "address": worker, "epoch": self.state.last_epoch}
                 ))
+                self.seals.owner_lost(worker, self.state.last_epoch)
             stimulus_id = kwargs.get("stimulus_id", "aimss-worker-lost")
             if scheduler.status == Status.running:
                 self.run_ops.restart_runs(scheduler, stimulus_id, worker, lost_parts)

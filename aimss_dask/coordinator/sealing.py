@@ -5,6 +5,10 @@ stream is sealed, the coordinator publishes one event on
 :data:`~aimss_dask.core.names.SEAL_PRODUCERS_TOPIC`; each writing client named
 in it pushes its records for the stream and answers
 ``aimss_producers_sealed``. Only then do the owners seal.
+
+Writing clients also hear, on :data:`~aimss_dask.core.names.OWNER_LOST_TOPIC`,
+that a worker holding partitions died, as workers do: their requests on their
+way to it are given up at once.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import uuid
 from typing import Any, TypedDict
 
 from aimss_dask.coordinator.cluster import ClusterOps
-from aimss_dask.core.names import SEAL_PRODUCERS_TOPIC
+from aimss_dask.core.names import OWNER_LOST_TOPIC, SEAL_PRODUCERS_TOPIC
 from aimss_dask.transport.rpc import replies
 
 logger = logging.getLogger("aimss_dask")
@@ -34,6 +38,17 @@ class SealProducersEvent(TypedDict):
     clients: list[str]
 
 
+class OwnerLostEvent(TypedDict):
+    """The message of an owner-lost event: ``address`` died; streams up to ``epoch`` had partitions there."""
+
+    address: str
+    epoch: int
+
+
+#: The topics a writing client is subscribed to.
+_TOPICS = (SEAL_PRODUCERS_TOPIC, OWNER_LOST_TOPIC)
+
+
 class ClientSeals:
     """The writing clients, and the seals waiting for them to push."""
 
@@ -50,11 +65,19 @@ class ClientSeals:
         if client in self.producer_clients:
             self.producer_clients.discard(client)
             # Distributed keeps a topic's subscribers after they leave.
-            self.ops.scheduler.unsubscribe_topic(SEAL_PRODUCERS_TOPIC, client)
+            for topic in _TOPICS:
+                self.ops.scheduler.unsubscribe_topic(topic, client)
         for pending, done, _ in self.waits.values():
             pending.discard(client)
             if not pending:
                 done.set()
+
+    def owner_lost(self, worker: str, epoch: int) -> None:
+        """Tell the writing clients that ``worker`` died, losing (or handing to copies) streams up to ``epoch``."""
+        assert self.ops.scheduler is not None
+        if self.producer_clients:
+            event: OwnerLostEvent = {"address": worker, "epoch": int(epoch)}
+            self.ops.scheduler.log_event(OWNER_LOST_TOPIC, event)
 
     async def seal_clients(self, name: str, epoch: int) -> dict[str, Any]:
         """Have every writing client push what it buffered for ``name``."""
@@ -97,7 +120,8 @@ class ClientSeals:
         # may arrive after this reply and after a seal it makes right away:
         # subscribing it here means the first seal does not wait
         # SEAL_CLIENT_TIMEOUT for an answer to an event it never got.
-        self.ops.scheduler.subscribe_topic(SEAL_PRODUCERS_TOPIC, client)
+        for topic in _TOPICS:
+            self.ops.scheduler.subscribe_topic(topic, client)
 
     @replies
     async def _h_producers_sealed(self, token: str, client: str, failure: Any = None) -> None:

@@ -16,6 +16,10 @@ REGISTERED_KEY = "aimss-registered"
 #: push what they buffer before a seal (``log_event`` / ``subscribe_topic``).
 SEAL_PRODUCERS_TOPIC = "aimss-seal-producers"
 
+#: The event topic on which the coordinator tells writing client processes
+#: that a worker holding partitions left (workers hear it as ``aimss_owner_lost``).
+OWNER_LOST_TOPIC = "aimss-owner-lost"
+
 #: The attribute (set to True) that marks a function as a partition read:
 #: its first two arguments are the stream name and the partition, and it must
 #: run on that partition's owner. The coordinator finds such calls inside the

@@ -97,6 +97,9 @@ class _Link:
     #: Bumped when the owner is lost: the sender drops its connection, since
     #: a worker back at the same address is another process.
     generation: int = 0
+    #: A request over Dask's comms on its way: the newest stream epoch in it,
+    #: and what cancels it (on the event loop).
+    aborts: tuple[int, Callable[[], Any]] | None = None
 
 
 class Producer:
@@ -639,6 +642,10 @@ class Producer:
             self._data_addresses.pop(owner, None)
             link = self._links.get(owner)
             batch = [it for it in link.pending if it.epoch <= epoch] if link else []
+            if link and link.aborts is not None and link.aborts[0] <= epoch:
+                # Dask's connect retries a refused address until its connect
+                # timeout (30 s by default): the scheduler knows sooner.
+                self._loop.add_callback(link.aborts[1])
             if link:
                 link.generation += 1
                 link.pending = deque(it for it in link.pending if it.epoch > epoch)
@@ -696,8 +703,28 @@ class _DaskConn(_Conn):
         self.link = link
 
     def send(self, batch: list[_Item]) -> None:
-        reply = sync(self.p._loop, self.p._rpc(self.link.owner).aimss_append, items=_group(batch, self.p.id))
-        self.p._settle(self.link, batch, reply)
+        link, owner = self.link, self.link.owner
+        newest = max(it.epoch for it in batch)
+        items = _group(batch, self.p.id)
+
+        async def call() -> Any:
+            task = asyncio.current_task()
+            assert task is not None
+            link.aborts = (newest, task.cancel)
+            try:
+                if newest <= self.p._dead.get(owner, 0):
+                    # Taken from the queue just before the news came.
+                    raise ConnectionError(f"worker {owner} left the cluster")
+                return await self.p._rpc(owner).aimss_append(items=items)
+            except asyncio.CancelledError:
+                # Producer.owner_lost: the batch fails over like any other
+                # whose owner could not be reached.
+                raise ConnectionError(f"worker {owner} left the cluster before it answered") from None
+            finally:
+                link.aborts = None
+
+        reply = sync(self.p._loop, call)
+        self.p._settle(link, batch, reply)
 
 
 class _RawConn(_Conn):
