@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import socket
 import threading
-import time
 
 import numpy as np
 import pandas as pd
@@ -150,51 +149,6 @@ def test_a_failing_store_is_answered_not_hung(server):
     dataplane.send_buffers(sock, dataplane.encode_batch(_batch("ok", [np.ones(2)])))
     assert dataplane.read_ack(sock) == {"errors": {}}
     sock.close()
-
-
-def test_answers_that_wait_go_out_in_order_while_the_next_batches_are_stored():
-    """A batch whose answer waits (its copies on their way) does not stop the connection: the next
-    ones are stored meanwhile, at most UNANSWERED wait, and every answer keeps its batch's place."""
-    stored: list[str] = []
-    release = {name: threading.Event() for name in ("a", "c")}
-
-    def handler(groups):
-        name = groups[0][0]
-        stored.append(name)
-        if name not in release:
-            return {name: ("StreamSealedError", "sealed")} if name == "e" else {}
-
-        def confirmed():
-            assert release[name].wait(10)
-            return {name: ("AIMSSError", f"{name} confirmed late")}
-
-        return confirmed
-
-    srv = DataServer("127.0.0.1", handler, BufferPool(lambda: 1 << 30))
-    try:
-        sock = socket.create_connection(srv.address)
-        sock.settimeout(10)
-        for name in "abcde":
-            dataplane.send_buffers(sock, dataplane.encode_batch(_batch(name, [np.ones(2)])))
-        # "a" and "c" wait; "b" is stored meanwhile, then "c" fills the
-        # window (UNANSWERED = 2): "d" waits for "a" to be answered.
-        wait_until = time.monotonic() + 10
-        while stored != ["a", "b", "c"] and time.monotonic() < wait_until:
-            time.sleep(0.01)
-        assert stored == ["a", "b", "c"] and dataplane.UNANSWERED == 2
-        release["c"].set()  # out of order: "a" must still be answered first
-        time.sleep(0.1)
-        assert stored == ["a", "b", "c"]
-        release["a"].set()
-        answers = [dataplane.read_ack(sock)["errors"] for _ in "abcde"]
-        assert answers == [
-            {"a": ("AIMSSError", "a confirmed late")}, {}, {"c": ("AIMSSError", "c confirmed late")},
-            {}, {"e": ("StreamSealedError", "sealed")},
-        ]
-        assert stored == list("abcde")
-        sock.close()
-    finally:
-        srv.close()
 
 
 def test_close_drops_open_connections(server):

@@ -7,11 +7,9 @@ It owns the worker's :class:`LogStore` and :class:`Producer`, and answers the
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
@@ -37,7 +35,7 @@ from aimss_dask.node.runs import RunFactory, RunManager
 from aimss_dask.node.salvager import take_over
 from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import speccache
-from aimss_dask.transport.dataplane import BufferPool, DataServer, Errors, Group
+from aimss_dask.transport.dataplane import BufferPool, DataServer, Group
 from aimss_dask.transport.producer import Producer
 from aimss_dask.transport.rpc import replies
 
@@ -291,8 +289,8 @@ class AIMSSWorker(WorkerPlugin):
         if self.store.over_budget:
             self.store.spill()  # we are in a task thread: blocking is fine
 
-    def store_batch(self, groups: list[Group]) -> Errors | Callable[[], Errors]:
-        """Store a batch pushed over the data plane (its receiver thread); its errors, or what waits for them.
+    def store_batch(self, groups: list[Group]) -> dict[str, tuple[str, str]]:
+        """Store a batch pushed over the data plane (its receiver thread) or comms.
 
         A group with an origin (``(input, attempt, seq)``: a run's push task
         wrote it) goes through :class:`OriginFilter` first: a second copy of
@@ -305,16 +303,10 @@ class AIMSSWorker(WorkerPlugin):
         records a writer sends again are dropped (:mod:`aimss_dask.node.writers`);
         a copy from the partition's owner (``at`` given) lands at its owner's
         offsets; and a batch for partitions owned here is answered only once
-        every replica holds it (:mod:`aimss_dask.node.replication`): the
-        answer is then a callable that waits for that, which the data plane
-        calls off its receiving thread.
+        every replica holds it (:mod:`aimss_dask.node.replication`).
         """
         errors, waits = self._store_groups(groups)
-        if not waits:
-            return errors
-        # Answered once the copies are confirmed, by the data plane's
-        # answering thread: the next batch is stored meanwhile.
-        return functools.partial(self._confirm_copies, errors, waits)
+        return self._confirm_copies(errors, waits)
 
     def _store_groups(
         self, groups: list[Group]

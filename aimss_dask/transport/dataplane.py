@@ -30,7 +30,6 @@ import socket
 import struct
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,17 +57,8 @@ _MAX_IOV = 512
 #: the owner, marks a copy the owner sends to a replica.
 Group = tuple[Any, ...]
 
-#: ``{stream: (error class, message)}``: the answer to one batch.
-Errors = dict[str, tuple[str, str]]
-
-#: ``(groups) -> errors``: store one decoded batch. Or a callable that blocks
-#: until the answer is known (replicas confirming): it is called off the
-#: receiving thread, which goes on with the connection's next batch.
-BatchHandler = Callable[[list[Group]], "Errors | Callable[[], Errors]"]
-
-#: Batches of one connection stored but not answered yet (their copies on the
-#: way), at most: each pins its records in memory until answered.
-UNANSWERED = 2
+#: ``(groups) -> {stream: (error class, message)}``: store one decoded batch.
+BatchHandler = Callable[[list[Group]], dict[str, tuple[str, str]]]
 
 
 class BufferPool:
@@ -267,7 +257,6 @@ class DataServer:
             ).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        answers = _Answers(conn)
         try:
             while not self._closed:
                 head = conn.recv(_BATCH.size, socket.MSG_WAITALL)
@@ -277,17 +266,18 @@ class DataServer:
                     head += _recv_bytes(conn, _BATCH.size - len(head))
                 hlen, plen = _BATCH.unpack(head)
                 header = pickle.loads(_recv_bytes(conn, hlen))
-                answers.put(self._receive(conn, header, plen))
+                errors = self._receive(conn, header, plen)
+                reply = pickle.dumps({"errors": errors})
+                conn.sendall(_ACK.pack(len(reply)) + reply)
         except (OSError, ConnectionError, EOFError) as e:
             if not self._closed:
                 logger.info("aimss: data connection closed: %s", e)
         finally:
-            answers.close()
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
 
-    def _receive(self, conn: socket.socket, header: list[Any], plen: int) -> Errors | Callable[[], Errors]:
+    def _receive(self, conn: socket.socket, header: list[Any], plen: int) -> dict[str, tuple[str, str]]:
         """Read one batch's payload into a pool buffer and store its records."""
         view = memoryview(self._pool.take(plen))[:plen]
         _recv_exact(conn, view)
@@ -308,24 +298,11 @@ class DataServer:
                     pos += n
                 records.append(deserialize(rheader, frames))
             groups.append((name, epoch, partition, records, sizes, origin, *rest))
-        def failed(e: Exception) -> Errors:  # a bug: answer anyway, so the producer never hangs
+        try:
+            return self._handler(groups)
+        except Exception as e:  # a bug: answer anyway, so the producer never hangs
             logger.exception("aimss: storing a pushed batch failed")
             return {g[0]: ("AIMSSError", f"{type(e).__name__}: {e}") for g in groups}
-
-        try:
-            answer = self._handler(groups)
-        except Exception as e:
-            return failed(e)
-        if not callable(answer):
-            return answer
-
-        def later() -> Errors:
-            try:
-                return answer()
-            except Exception as e:
-                return failed(e)
-
-        return later
 
     def close(self) -> None:
         """Stop accepting and drop every connection; safe to call twice."""
@@ -342,69 +319,3 @@ class DataServer:
             except OSError:
                 pass
             c.close()
-
-
-class _Answers:
-    """The answers to one connection's batches, sent in the batches' order.
-
-    An answer known at once goes out from the receiving thread, unless
-    earlier ones still wait; one that waits (replicas confirming the
-    batch) is sent by a thread of its own meanwhile, so the next batch is
-    received and stored while the copies travel. At most
-    :data:`UNANSWERED` wait: the receiving thread then waits too.
-    """
-
-    def __init__(self, conn: socket.socket) -> None:
-        self._conn = conn
-        self._cond = threading.Condition()
-        self._queue: deque[Errors | Callable[[], Errors]] = deque()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def put(self, answer: Errors | Callable[[], Errors]) -> None:
-        with self._cond:
-            if not self._queue and not callable(answer):
-                # Nothing before it unanswered: the sender thread is idle,
-                # and only this (receiving) thread queues.
-                direct = True
-            else:
-                direct = False
-                self._cond.wait_for(lambda: self._closed or len(self._queue) < UNANSWERED)
-                if self._closed:
-                    raise ConnectionError("the data connection closed")
-                self._queue.append(answer)
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="aimss-data-answers", daemon=True)
-                    self._thread.start()
-                self._cond.notify_all()
-        if direct:
-            self._send(answer)  # type: ignore[arg-type]
-
-    def _send(self, errors: Errors) -> None:
-        reply = pickle.dumps({"errors": errors})
-        self._conn.sendall(_ACK.pack(len(reply)) + reply)
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._closed or self._queue)
-                    if self._closed:
-                        return
-                    answer = self._queue[0]
-                self._send(answer() if callable(answer) else answer)
-                with self._cond:
-                    self._queue.popleft()
-                    self._cond.notify_all()
-        except OSError as e:
-            logger.info("aimss: data connection closed while answering: %s", e)
-            try:
-                self._conn.shutdown(socket.SHUT_RDWR)  # the receiving thread stops too
-            except OSError:
-                pass
-            self.close()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
