@@ -341,6 +341,11 @@ class Producer:
             if batch is None:
                 break
             try:
+                if max(it.epoch for it in batch) <= self._dead.get(link.owner, 0):
+                    # Taken from the queue just before the owner was reported
+                    # lost: no connection to it (asking a dead worker for its
+                    # data address, Dask's connect retries for its timeout).
+                    raise ConnectionError(f"worker {link.owner} left the cluster")
                 if conn is not None and generation != link.generation:
                     conn.close()  # to a process that is gone
                     conn = None
