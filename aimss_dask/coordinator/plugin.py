@@ -327,9 +327,8 @@ class AIMSS(SchedulerPlugin):
             # no partition: no producer writes to it. When copies took over
             # all it owned, only producers that write over Dask's comms need
             # the word: the data plane fails over at once on its own, and
-            # telling its producers too made a replicated shuffle that loses
-            # a worker slower (about 13 s against 16-18 s for 2 GiB on 4
-            # workers; why is not known yet).
+            # telling its producers too made replicated runs that lose a
+            # worker markedly slower (why is not known yet).
             over_comms = self.config.transport == "dask" or not worker.startswith("tcp://")
             if scheduler.status == Status.running and not kwargs.get("expected") and (lost or (kept and over_comms)):
                 # Only streams made so far lost partitions there: a worker that
