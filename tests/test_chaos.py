@@ -8,13 +8,13 @@ issue's 50 shuffles and 30 rechunks.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import random
 import signal
-import sys
+import tempfile
 import threading
 import time
-import traceback
 
 import dask
 import dask.array as da
@@ -85,14 +85,11 @@ def _stuck(client: Client) -> str:
 
     def stacks() -> str:
         # Where aimss threads wait: what a hang's report needs most.
-        frames = sys._current_frames()
-        out = []
-        for t in threading.enumerate():
-            f = frames.get(t.ident)
-            stack = "".join(traceback.format_stack(f)) if f is not None else ""
-            if "aimss_dask" in stack:
-                out.append(f"--- {t.name}\n{stack}")
-        return "\n".join(out)
+        with tempfile.TemporaryFile("w+") as f:
+            faulthandler.dump_traceback(f, all_threads=True)
+            f.seek(0)
+            threads = f.read().split("\n\n")
+        return "\n\n".join(t for t in threads if "aimss_dask" in t)
 
     try:
         return (

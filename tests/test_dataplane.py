@@ -151,6 +151,13 @@ def test_a_failing_store_is_answered_not_hung(server):
     sock.close()
 
 
+def test_only_plain_tcp_addresses_use_the_data_plane():
+    assert dataplane.carries("auto", "tcp://127.0.0.1:4000")
+    assert not dataplane.carries("auto", "tls://127.0.0.1:4000")
+    assert not dataplane.carries("auto", "ucx://10.0.0.1:4000")
+    assert not dataplane.carries("dask", "tcp://127.0.0.1:4000")
+
+
 def test_close_drops_open_connections(server):
     srv, _ = server
     sock = socket.create_connection(srv.address)

@@ -41,6 +41,7 @@ from aimss_dask.core.config import AIMSSConfig, dask_memory_thresholds
 from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME, REGISTERED_KEY
 from aimss_dask.core.runs import OnLoss, RunState
+from aimss_dask.transport import dataplane
 from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
@@ -329,7 +330,7 @@ class AIMSS(SchedulerPlugin):
             # the word: the data plane fails over at once on its own, and
             # telling its producers too made replicated runs that lose a
             # worker markedly slower (why is not known yet).
-            over_comms = self.config.transport == "dask" or not worker.startswith("tcp://")
+            over_comms = not dataplane.carries(self.config.transport, worker)
             if scheduler.status == Status.running and not kwargs.get("expected") and (lost or (kept and over_comms)):
                 # Only streams made so far lost partitions there: a worker that
                 # comes back at the same address serves later streams.

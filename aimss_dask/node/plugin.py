@@ -34,7 +34,7 @@ from aimss_dask.node.replication import Replicator
 from aimss_dask.node.runs import RunFactory, RunManager
 from aimss_dask.node.salvager import take_over
 from aimss_dask.node.writers import WriterSeqs
-from aimss_dask.transport import speccache
+from aimss_dask.transport import dataplane, speccache
 from aimss_dask.transport.dataplane import BufferPool, DataServer, Group
 from aimss_dask.transport.producer import Producer
 from aimss_dask.transport.rpc import replies
@@ -178,7 +178,7 @@ class AIMSSWorker(WorkerPlugin):
         # Scratch space for operators (a shuffle's sorted copy of its input):
         # memory this worker has touched already, reused once unreferenced.
         self.scratch = BufferPool(lambda: min(SCRATCH_IDLE, store.budget // 8))
-        if self.config.transport == "auto" and worker.address.startswith("tcp://"):
+        if dataplane.carries(self.config.transport, worker.address):
             store = self.store
             # Free receive buffers kept for reuse: never more than the budget
             # has room for, and at most a quarter of it (RSS is the contract).

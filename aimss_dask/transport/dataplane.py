@@ -61,6 +61,18 @@ Group = tuple[Any, ...]
 BatchHandler = Callable[[list[Group]], dict[str, tuple[str, str]]]
 
 
+def carries(transport: str, address: str) -> bool:
+    """Whether pushes to the worker at ``address`` travel over the data plane, ``aimss.transport`` being ``transport``.
+
+    Plain TCP only: TLS and other comms go over Dask's; ``"dask"`` turns
+    the data plane off.
+
+    >>> carries("auto", "tcp://10.0.0.1:8786"), carries("auto", "tls://h:1"), carries("dask", "tcp://h:1")
+    (True, False, False)
+    """
+    return transport != "dask" and address.startswith("tcp://")
+
+
 class BufferPool:
     """Receive buffers that are reused once nothing refers to them.
 

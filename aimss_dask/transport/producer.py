@@ -362,7 +362,7 @@ class Producer:
             conn.close()
 
     def _open(self, link: _Link) -> _Conn:
-        if self._transport != "dask" and link.owner.startswith("tcp://"):
+        if dataplane.carries(self._transport, link.owner):
             # A worker's data address lives as long as the worker: ask once. A
             # dead owner then fails fast (connection refused) on reconnect.
             addr = self._data_addresses.get(link.owner)
@@ -718,7 +718,8 @@ class _DaskConn(_Conn):
             link.aborts = (newest, task.cancel)
             try:
                 if newest <= self.p._dead.get(owner, 0):
-                    # Taken from the queue just before the news came.
+                    # The news came (on this loop) after the sender thread
+                    # looked: with it, owner_lost found nothing to cancel.
                     raise ConnectionError(f"worker {owner} left the cluster")
                 return await self.p._rpc(owner).aimss_append(items=items)
             except asyncio.CancelledError:
