@@ -61,12 +61,15 @@ warm-up round, medians over ``--reps``:
   it). Each kill's line says what the coordinator did (its events);
 - ``p2p``: ``df.shuffle(shuffle_method="p2p")``, which restarts likewise;
 - each ``+kill``: the same, with one worker SIGKILLed once half of the map
-  tasks are done (``aimss-push-*`` / ``shuffle-transfer-*`` in memory, seen
-  from the scheduler every 10 ms). Its nanny restarts it; the persisted
+  tasks are done (``aimss-push-*`` / ``shuffle-transfer-*`` in memory),
+  killed from the scheduler's transition hook at that very transition (a
+  scheduler plugin: nothing polls during the run). Its nanny restarts it; the persisted
   input partitions it held are computed again, for every method alike.
   The next round waits for every worker to be back.
 
-Reported: wall time per method, and the ratios the issue sets targets for:
+Reported: wall time per method, with the CPU seconds the whole machine was
+busy meanwhile (every process; ``psutil``): what a kill adds in work, which
+is time where cores are few. And the ratios the issue sets targets for:
 aimss with a kill against aimss without one (target: at most 1.3x), P2P
 with a kill against aimss with one (target: at least 3x), and the cost of
 the copies without a kill (``aimss-r2 / aimss``, target: under 1.25x).
@@ -84,13 +87,14 @@ import contextlib
 import os
 import signal
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 GiB = 2**30
 COLS = 6
@@ -109,26 +113,50 @@ def _count(df: pd.DataFrame) -> int:
     return len(df)
 
 
-def _maps_done(dask_scheduler: Any, prefixes: tuple[str, ...]) -> int:
-    """Map tasks (by key prefix) in memory: done, and the barrier not yet run."""
-    n = 0
-    for key, ts in dask_scheduler.tasks.items():
-        name = key[0] if isinstance(key, tuple) else key
-        if isinstance(name, str) and name.startswith(prefixes) and ts.state == "memory":
-            n += 1
-    return n
+class _KillAt(SchedulerPlugin):
+    """A scheduler plugin that SIGKILLs ``pid`` once ``at`` map tasks (by key prefix) reached memory.
 
+    It counts in the scheduler's ``transition`` hook and kills from there, so
+    the kill lands at the very transition, and nothing polls the scheduler
+    while the timed run goes (a poll every few ms loads a small machine, and
+    only the ``+kill`` runs would pay for it).
+    """
 
-def _killer(client: Any, prefixes: tuple[str, ...], at: int, stop: threading.Event, killed: list[str]) -> None:
-    """SIGKILL one worker once ``at`` map tasks are done (or never, if the run ends first)."""
-    pids = client.run(os.getpid)
-    victim = sorted(pids)[-1]
-    while not stop.is_set():
-        if client.run_on_scheduler(_maps_done, prefixes=prefixes) >= at:
-            os.kill(pids[victim], signal.SIGKILL)
-            killed.append(victim)
+    name = "bench-recovery-kill-at"
+
+    def __init__(self, prefixes: tuple[str, ...], at: int, pid: int) -> None:
+        self.prefixes, self.at, self.pid = prefixes, at, pid
+        self.done = 0
+        self.killed = False
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if self.killed or finish != "memory":
             return
-        time.sleep(0.01)
+        name = key[0] if isinstance(key, tuple) else key
+        if isinstance(name, str) and name.startswith(self.prefixes):
+            self.done += 1
+            if self.done >= self.at:
+                self.killed = True
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (every process: workers, nannies, scheduler, client)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def _arm(dask_scheduler: Any, prefixes: tuple[str, ...], at: int, pid: int) -> None:
+    dask_scheduler.add_plugin(_KillAt(prefixes, at, pid), name=_KillAt.name)
+
+
+def _disarm(dask_scheduler: Any) -> bool:
+    """Remove the plugin; whether it killed."""
+    plugin = dask_scheduler.plugins.get(_KillAt.name)
+    if plugin is None:
+        return False
+    dask_scheduler.remove_plugin(name=_KillAt.name)
+    return bool(plugin.killed)
 
 
 def _what_recovery_did(client: Any, since: float) -> str:
@@ -194,6 +222,7 @@ def run_operators(args: argparse.Namespace) -> None:
         }
         methods = [(k, kill) for k in kinds for kill in (False, True)]
         times: dict[str, list[float]] = {}
+        cpus: dict[str, list[float]] = {}
         first: dict[str, float] = {}
         print(
             f"shuffle of {nbytes / GiB:g} GiB ({total} rows, {args.partitions} -> {args.partitions} "
@@ -206,34 +235,37 @@ def run_operators(args: argparse.Namespace) -> None:
                 fn, prefixes = kinds[kind]
                 client.wait_for_workers(args.workers, timeout=120)
                 wait(ddf)  # inputs lost with an earlier kill are back
-                stop, killed = threading.Event(), []
-                t = threading.Thread(
-                    target=_killer, args=(client, prefixes, args.partitions // 2, stop, killed), daemon=True
-                ) if kill else None
-                t0 = time.perf_counter()
-                if t is not None:
-                    t.start()
+                if kill:
+                    pids = client.run(os.getpid)
+                    victim = pids[sorted(pids)[-1]]
+                    client.run_on_scheduler(_arm, prefixes=prefixes, at=args.partitions // 2, pid=victim)
+                t0, c0 = time.perf_counter(), _busy_cpu_s()
                 got = fn()
-                dt = time.perf_counter() - t0
-                stop.set()
-                if t is not None:
-                    t.join()
+                dt, cpu = time.perf_counter() - t0, _busy_cpu_s() - c0
+                killed = kill and client.run_on_scheduler(_disarm)
                 assert got == total, f"{kind}: {got} rows, not {total}"
                 name = kind + ("+kill" if kill else "")
                 did = _what_recovery_did(client, t0) if kill and kind.startswith("aimss") else ""
                 if kill and not killed:
-                    print(f"  rep {rep} {name:11s} {dt:7.2f} s  (ended before the kill: not counted)", flush=True)
+                    print(f"  rep {rep} {name:13s} {dt:7.2f} s  (ended before the kill: not counted)", flush=True)
                     continue
-                print(f"  rep {rep} {name:11s} {dt:7.2f} s" + ("  (warm-up)" if rep == 0 else "") + did, flush=True)
+                print(
+                    f"  rep {rep} {name:13s} {dt:7.2f} s  {cpu:6.1f} CPU-s" + ("  (warm-up)" if rep == 0 else "") + did,
+                    flush=True,
+                )
                 if rep:
                     times.setdefault(name, []).append(dt)
+                    cpus.setdefault(name, []).append(cpu)
                 else:
                     first[name] = dt
         med = {m: statistics.median(v) for m, v in times.items()}
         print(f"\nmedians of {args.reps} (first run on the fresh cluster, rep 0, apart):")
         for m, v in med.items():
             cold = f"{first[m]:7.2f} s" if m in first else "      -"
-            print(f"{m:12s} {v:7.2f} s  ({len(times[m])} runs)   first run {cold}")
+            print(
+                f"{m:13s} {v:7.2f} s  ({len(times[m])} runs)  {statistics.median(cpus[m]):6.1f} CPU-s"
+                f"   first run {cold}"
+            )
 
         def ratio(a: str, b: str, target: str) -> None:
             if a in med and b in med:
