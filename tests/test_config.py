@@ -304,3 +304,53 @@ def test_a_bad_value_set_in_the_environment_of_a_fresh_process_is_named(tmp_path
     assert out.returncode == 1
     assert "aimss segment-size='huge' is not a size" in out.stderr
     assert "set by the environment variable DASK_AIMSS__SEGMENT_SIZE" in out.stderr
+
+
+def test_speculation_defaults_and_overrides_merge_key_by_key():
+    from aimss_dask.core.config import SpeculationConfig
+
+    spec = AIMSSConfig.load().speculation
+    assert spec == SpeculationConfig(
+        enabled=True, quantile=0.75, multiplier=2.0, min_runtime=1.0, max_fraction=0.25, interval=0.5
+    )
+    with dask.config.set({"aimss.speculation.multiplier": 3, "aimss.speculation.interval": "2s"}):
+        spec = AIMSSConfig.load(speculation={"min_runtime": "250ms"}).speculation
+    # The argument's key goes over the config's; the config's other keys stay.
+    assert (spec.multiplier, spec.interval, spec.min_runtime, spec.quantile) == (3.0, 2.0, 0.25, 0.75)
+    assert AIMSSConfig.load(speculation={"enabled": False}).speculation.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("speculation", "match"),
+    [
+        ({"quantile": 0}, r"aimss speculation\.quantile=0 must be in \(0, 1\]"),
+        ({"quantile": 1.5}, r"aimss speculation\.quantile=1\.5 must be in \(0, 1\]"),
+        ({"multiplier": 0.9}, r"aimss speculation\.multiplier=0\.9 must be in \[1, inf\]"),
+        ({"multiplier": "x"}, r"aimss speculation\.multiplier='x' is not a number"),
+        ({"max-fraction": -0.1}, r"aimss speculation\.max-fraction=-0\.1 must be in \[0, 1\]"),
+        ({"min-runtime": -1}, r"aimss speculation\.min-runtime=-1 is not a non-negative duration"),
+        ({"interval": 0}, r"aimss speculation\.interval=0 is not a positive duration"),
+        ({"interval": "soon"}, r"aimss speculation\.interval='soon' is not a positive duration"),
+        ({"enabled": "yes"}, r"aimss speculation\.enabled='yes' must be true or false"),
+        ({"speed": 2}, r"unknown key\(s\) \['speed'\] in aimss speculation; known keys: \['enabled'"),
+        (5, r"aimss speculation=5 must be a mapping"),
+    ],
+)
+def test_bad_speculation_options_raise_invalid_argument(speculation, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        AIMSSConfig.load(speculation=speculation)
+
+
+def test_a_bad_nested_option_from_the_environment_names_its_variable(monkeypatch):
+    monkeypatch.setenv("DASK_AIMSS__SPECULATION__MULTIPLIER", "0.5")
+    dask.config.refresh()
+    try:
+        with pytest.raises(InvalidArgumentError, match=r"set by the environment variable DASK_AIMSS__SPECULATION__MULTIPLIER"):
+            AIMSSConfig.load()
+        # Given as an argument instead, the error does not blame the environment.
+        with pytest.raises(InvalidArgumentError) as info:
+            AIMSSConfig.load(speculation={"multiplier": 0.7})
+        assert "environment" not in str(info.value)
+    finally:
+        monkeypatch.delenv("DASK_AIMSS__SPECULATION__MULTIPLIER")
+        dask.config.refresh()

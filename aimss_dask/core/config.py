@@ -137,6 +137,105 @@ class BudgetCheck:
         )
 
 
+def _number(key: str, value: Any, low: float, high: float, *, low_open: bool = False, what: str = "") -> float:
+    """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``), or a clear error."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        x = float(value)
+    except (TypeError, ValueError):
+        raise _bad(key, f"aimss {key}={value!r} is not a number; {what}") from None
+    if not (low < x if low_open else low <= x) or x > high or x != x:
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise _bad(key, f"aimss {key}={value!r} must be in {span}; {what}")
+    return x
+
+
+def _duration(key: str, value: Any, *, positive: bool) -> float:
+    """Seconds from a number or a string such as ``'500ms'``, or a clear error."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        x = float(value) if isinstance(value, (int, float)) else parse_timedelta(value, default="s")
+    except (TypeError, ValueError, KeyError):
+        x = None
+    if x is None or x < 0 or (positive and x == 0) or x != x:
+        raise _bad(
+            key,
+            f"aimss {key}={value!r} is not a {'positive' if positive else 'non-negative'} duration; "
+            "give seconds or a string such as '500ms'",
+        )
+    return float(x)
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """``aimss.speculation``: which tasks and consumers are stragglers, and how many copies may run.
+
+    A task of a task group is a straggler once ``quantile`` of the group's
+    tasks are done and it has run longer than ``multiplier`` times their
+    median and at least ``min_runtime`` seconds (Spark's rule); a stream
+    consumer, or an operator task that reports progress, is one when its
+    estimated time left is ``multiplier`` times the median of its peers' and
+    its rate is below theirs (LATE's rule). Stragglers are always reported;
+    ``enabled`` lets AIMSS run copies of them (AIMSS operators, and tasks
+    marked idempotent), at most ``max_fraction`` of the cluster's threads at
+    once. The rules run every ``interval`` seconds.
+
+    Examples
+    --------
+    >>> AIMSSConfig.load(speculation={"multiplier": 3}).speculation.multiplier
+    3.0
+    """
+
+    enabled: bool = True
+    quantile: float = 0.75
+    multiplier: float = 2.0
+    min_runtime: float = 1.0
+    max_fraction: float = 0.25
+    interval: float = 0.5
+
+    @classmethod
+    def parse(cls, raw: Any) -> SpeculationConfig:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise _bad(
+                "speculation",
+                f"aimss speculation={raw!r} must be a mapping of options such as "
+                "{'enabled': True, 'multiplier': 2}",
+            )
+        d = {str(k).replace("-", "_"): v for k, v in raw.items()}
+        known = {f.name for f in fields(cls)}
+        typos = sorted(k for k in d if k not in known)
+        if typos:
+            raise _bad(
+                "speculation",
+                f"unknown key(s) {typos} in aimss speculation; known keys: "
+                f"{sorted(k.replace('_', '-') for k in known)}",
+            )
+        enabled = d.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise _bad("speculation", f"aimss speculation.enabled={enabled!r} must be true or false")
+        return cls(
+            enabled=enabled,
+            quantile=_number(
+                "speculation.quantile", d.get("quantile", 0.75), 0.0, 1.0, low_open=True,
+                what="the fraction of a task group that must be done before its stragglers are judged",
+            ),
+            multiplier=_number(
+                "speculation.multiplier", d.get("multiplier", 2.0), 1.0, float("inf"),
+                what="how many times the median a task may run before it is a straggler (>= 1)",
+            ),
+            min_runtime=_duration("speculation.min-runtime", d.get("min_runtime", 1.0), positive=False),
+            max_fraction=_number(
+                "speculation.max-fraction", d.get("max_fraction", 0.25), 0.0, 1.0,
+                what="the share of the cluster's threads that may run copies",
+            ),
+            interval=_duration("speculation.interval", d.get("interval", 0.5), positive=True),
+        )
+
+
 @dataclass(frozen=True)
 class AIMSSConfig:
     """Settings of one AIMSS deployment; every size is in bytes.
@@ -159,6 +258,7 @@ class AIMSSConfig:
     max_in_flight: int = 64 * 2**20
     read_batch_size: int = 16 * 2**20
     transport: str = "auto"
+    speculation: SpeculationConfig = SpeculationConfig()
 
     @classmethod
     def load(cls, **overrides: Any) -> AIMSSConfig:
@@ -178,14 +278,18 @@ class AIMSSConfig:
                 raise InvalidArgumentError(
                     f"unknown AIMSS option {k!r}; known options: {sorted(known)}"
                 )
-            if v is not None:
-                merged[k] = v
+            if v is None:
+                continue
+            if k == "speculation" and isinstance(v, dict) and isinstance(merged.get(k), dict):
+                # Options given here go over the configured ones, key by key.
+                v = {**merged[k], **{str(o).replace("_", "-"): x for o, x in v.items()}}
+            merged[k] = v
         try:
             return cls._parse(merged)
         except InvalidArgumentError as e:
             key = getattr(e, "aimss_key", None)
-            var = _env_variable(key, merged.get(key)) if key else None
-            if var is None or overrides.get(key) is not None:
+            var = _env_variable(key, merged) if key else None
+            if var is None or overrides.get(key.split(".")[0]) is not None:
                 raise
             raise InvalidArgumentError(
                 f"{e} (set by the environment variable {var}; fix or unset it)"
@@ -250,6 +354,7 @@ class AIMSSConfig:
             max_in_flight=_bytes("max-in-flight", d.get("max_in_flight", "64MiB")) or 0,
             read_batch_size=_bytes("read-batch-size", d.get("read_batch_size", "16MiB"))
             or 0,
+            speculation=SpeculationConfig.parse(d.get("speculation")),
         )
 
     def requested_budget(self, worker_memory_limit: int | None) -> int:
@@ -298,11 +403,23 @@ class AIMSSConfig:
         )
 
 
-def _env_variable(key: str, value: Any) -> str | None:
-    """The ``DASK_AIMSS__*`` variable that set ``key`` to ``value``, if one did."""
-    var = f"DASK_AIMSS__{key.upper()}"
-    env = dask.config.collect_env({var: os.environ[var]}) if var in os.environ else {}
-    return var if env.get("aimss", {}).get(key) == value else None
+def _env_variable(key: str, merged: dict[str, Any]) -> str | None:
+    """The ``DASK_AIMSS__*`` variable that set ``key`` (``a.b`` for a nested one) to its value in ``merged``."""
+    path = key.split(".")
+    var = "DASK_AIMSS__" + "__".join(part.upper() for part in path)
+    if var not in os.environ:
+        return None
+    value: Any = merged
+    for part in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part, value.get(part.replace("_", "-")))
+    env: Any = dask.config.collect_env({var: os.environ[var]}).get("aimss", {})
+    for part in path:
+        if not isinstance(env, dict):
+            return None
+        env = env.get(part, env.get(part.replace("_", "-")))
+    return var if env == value else None
 
 
 def _system_memory() -> int:

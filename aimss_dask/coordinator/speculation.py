@@ -1,0 +1,266 @@
+"""Which tasks and consumers are stragglers, which workers are slow, where copies go: pure functions.
+
+Two rules, both from the literature (see ``aimss.speculation`` in the config):
+
+- :func:`quantile_rule`, Spark's: once ``quantile`` of a task group is
+  done, a running task of the group that has run longer than ``multiplier``
+  times the median duration of the finished ones (and at least
+  ``min_runtime``) is a straggler.
+- :func:`late_rule`, LATE's (OSDI'08): for work that reports progress (a
+  stream consumer's committed offsets, an operator task's rows), the
+  estimated time left is ``left / rate``. A straggler is slower than the
+  ``SLOW_RATE_QUANTILE`` of its peers' rates and has more than
+  ``multiplier`` times their median time left; the longest time left first.
+
+:func:`slow_workers` tells slow *workers* (several stragglers, or finished
+tasks far slower than the same group's elsewhere) from slow *tasks*, and
+:func:`place_copies` puts copies on free, fast workers under the cap.
+Everything here is plain data in, plain data out: the coordinator
+(:mod:`~aimss_dask.coordinator.stragglers`) gathers the data and acts.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "SLOW_RATE_QUANTILE",
+    "SLOW_WORKER_STRAGGLERS",
+    "Progress",
+    "Running",
+    "Straggler",
+    "WorkerView",
+    "copy_cap",
+    "late_rule",
+    "place_copies",
+    "quantile_rule",
+    "slow_workers",
+]
+
+#: LATE's SlowTaskThreshold: only work whose rate is below this quantile of
+#: its peers' rates can be a straggler.
+SLOW_RATE_QUANTILE = 0.25
+
+#: Distinct stragglers seen on one worker (within the caller's window) that
+#: make it a slow worker.
+SLOW_WORKER_STRAGGLERS = 2
+
+
+@dataclass(frozen=True)
+class Running:
+    """A task that runs now: its key, worker and seconds it has run."""
+
+    key: str
+    worker: str
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Work that reports progress: ``done`` and ``left`` in its own units, ``rate`` in units per second.
+
+    ``rate`` None: ``done / elapsed`` (the average since it started).
+
+    >>> Progress("c", "w", elapsed=10, done=50, left=150).time_left
+    30.0
+    """
+
+    key: str
+    worker: str
+    elapsed: float
+    done: float
+    left: float
+    rate: float | None = None
+
+    @property
+    def speed(self) -> float:
+        if self.rate is not None:
+            return max(self.rate, 0.0)
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def time_left(self) -> float:
+        if self.left <= 0:
+            return 0.0
+        speed = self.speed
+        return self.left / speed if speed > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class Straggler:
+    """One straggler: what, where, how long it ran, which rule fired and its bound.
+
+    ``bound``: the elapsed time the quantile rule allowed, or the time left
+    the LATE rule allowed; ``estimate``: the straggler's own time left
+    (LATE), else None.
+    """
+
+    key: str
+    worker: str
+    elapsed: float
+    rule: str
+    bound: float
+    estimate: float | None = None
+
+
+def quantile_rule(
+    done: Sequence[float],
+    total: int,
+    running: Iterable[Running],
+    *,
+    quantile: float,
+    multiplier: float,
+    min_runtime: float,
+) -> list[Straggler]:
+    """Spark's rule over one task group; longest-running first.
+
+    ``done``: durations of the group's finished tasks; ``total``: tasks in
+    the group. Nothing is a straggler before ``ceil(quantile * total)``
+    tasks are done; then one that has run longer than ``max(min_runtime,
+    multiplier * median(done))``.
+
+    >>> quantile_rule([1.0, 1.0, 1.2], 4, [Running("t3", "w2", 5.0)], quantile=0.75, multiplier=2, min_runtime=0)
+    [Straggler(key='t3', worker='w2', elapsed=5.0, rule='quantile', bound=2.0, estimate=None)]
+    """
+    if total <= 0 or not done or len(done) < max(1, math.ceil(quantile * total - 1e-9)):
+        return []
+    bound = max(min_runtime, multiplier * statistics.median(done))
+    out = [Straggler(r.key, r.worker, r.elapsed, "quantile", bound) for r in running if r.elapsed > bound]
+    return sorted(out, key=lambda s: (-s.elapsed, s.key))
+
+
+def late_rule(peers: Sequence[Progress], *, multiplier: float, min_runtime: float) -> list[Straggler]:
+    """LATE's rule over peers (the consumers of one group, or one operator's tasks); longest time left first.
+
+    A straggler has run at least ``min_runtime``, has work left, a rate
+    strictly below the ``SLOW_RATE_QUANTILE`` of the peers' rates, and a
+    time left strictly above ``multiplier`` times the peers' median: with
+    equal rates nothing is a straggler. Work that has not started (nothing
+    done yet) is waiting, not slow: it is not judged.
+
+    >>> peers = [Progress(f"c{i}", f"w{i}", 10, 90, 10) for i in range(3)] + [Progress("c3", "w3", 10, 10, 90)]
+    >>> [s.key for s in late_rule(peers, multiplier=2, min_runtime=1)]
+    ['c3']
+    """
+    judged = [p for p in peers if p.elapsed >= min_runtime and p.done > 0]
+    if len(judged) < 2:
+        return []
+    speeds = sorted(p.speed for p in judged)
+    slow_below = _quantile(speeds, SLOW_RATE_QUANTILE)
+    bound = multiplier * statistics.median(p.time_left for p in judged)
+    out = [
+        Straggler(p.key, p.worker, p.elapsed, "late", bound, p.time_left)
+        for p in judged
+        if p.left > 0 and p.speed < slow_below and p.time_left > bound
+    ]
+    return sorted(out, key=lambda s: (-(s.estimate or 0.0), s.key))
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ascending values, interpolated linearly."""
+    if not sorted_values:
+        return math.nan
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def slow_workers(
+    stragglers_seen: Mapping[str, int],
+    durations: Mapping[str, Mapping[str, Sequence[float]]],
+    *,
+    multiplier: float,
+) -> set[str]:
+    """Workers that are slow, not just one of their tasks.
+
+    ``stragglers_seen``: worker -> distinct stragglers flagged there lately;
+    ``SLOW_WORKER_STRAGGLERS`` of them make it slow. ``durations``: task
+    group -> worker -> durations of the group's finished tasks there; a
+    worker whose median over at least two tasks of a group exceeds
+    ``multiplier`` times the median of the same group's tasks on the other
+    workers is slow (with one thread per worker, it never runs two
+    stragglers at once).
+
+    >>> sorted(slow_workers({}, {"g": {"a": [1, 1], "b": [1, 1], "c": [4, 5]}}, multiplier=2))
+    ['c']
+    """
+    slow = {w for w, n in stragglers_seen.items() if n >= SLOW_WORKER_STRAGGLERS}
+    for by_worker in durations.values():
+        for worker, mine in by_worker.items():
+            if len(mine) < 2 or worker in slow:
+                continue
+            others = [d for w, ds in by_worker.items() if w != worker for d in ds]
+            if others and statistics.median(mine) > multiplier * statistics.median(others):
+                slow.add(worker)
+    return slow
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """What placement needs to know of a worker: threads, threads busy, log bytes free."""
+
+    threads: int
+    busy: int
+    free_bytes: int
+
+
+def copy_cap(threads: int, max_fraction: float) -> int:
+    """Copies that may run at once: ``floor(max_fraction * threads)``.
+
+    >>> copy_cap(4, 0.25), copy_cap(3, 0.25), copy_cap(100, 0.1)
+    (1, 0, 10)
+    """
+    return math.floor(max_fraction * threads + 1e-9)
+
+
+def place_copies(
+    stragglers: Sequence[Straggler],
+    workers: Mapping[str, WorkerView],
+    *,
+    slow: Iterable[str],
+    running_copies: int,
+    max_fraction: float,
+    need_bytes: Mapping[str, int] | None = None,
+) -> dict[str, str]:
+    """Straggler key -> worker for its copy, in the order given, under the cap.
+
+    At most ``copy_cap(all threads, max_fraction) - running_copies`` new
+    copies. A copy never goes to its straggler's worker, to a ``slow``
+    worker, or to one with fewer free log bytes than ``need_bytes[key]``
+    (0 if not given); among the others, to the one with the most free
+    threads, then the most free bytes, then the lowest address. A worker
+    takes at most as many copies as it has free threads (at least one).
+
+    >>> ws = {"a": WorkerView(1, 1, 10), "b": WorkerView(1, 0, 10), "c": WorkerView(1, 0, 10)}
+    >>> place_copies([Straggler("t", "a", 9, "quantile", 2)], ws, slow={"c"}, running_copies=0, max_fraction=0.5)
+    {'t': 'b'}
+    """
+    slow = set(slow)
+    need = need_bytes or {}
+    room = copy_cap(sum(w.threads for w in workers.values()), max_fraction) - running_copies
+    taken: dict[str, int] = {}
+    out: dict[str, str] = {}
+    for s in stragglers:
+        if room <= 0:
+            break
+        if s.key in out:
+            continue
+        best: tuple[int, int, str] | None = None
+        for addr, w in workers.items():
+            if addr == s.worker or addr in slow or w.free_bytes < need.get(s.key, 0):
+                continue
+            if taken.get(addr, 0) >= max(w.threads - w.busy, 1):
+                continue
+            rank = (-(w.threads - w.busy - taken.get(addr, 0)), -w.free_bytes, addr)
+            if best is None or rank < best:
+                best = rank
+        if best is None:
+            continue
+        out[s.key] = best[2]
+        taken[best[2]] = taken.get(best[2], 0) + 1
+        room -= 1
+    return out

@@ -1,0 +1,182 @@
+"""The straggler rules and the placement of copies (:mod:`aimss_dask.coordinator.speculation`): examples and invariants."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aimss_dask.coordinator import speculation as sp
+from aimss_dask.coordinator.speculation import (
+    Progress,
+    Running,
+    Straggler,
+    WorkerView,
+    copy_cap,
+    late_rule,
+    place_copies,
+    quantile_rule,
+    slow_workers,
+)
+
+durations = st.floats(min_value=0.01, max_value=100, allow_nan=False)
+addresses = st.sampled_from([f"tcp://10.0.0.{i}:1" for i in range(6)])
+
+
+def test_the_examples_in_the_docstrings_hold():
+    result = doctest.testmod(sp)
+    assert result.attempted >= 6 and result.failed == 0
+
+
+def test_quantile_rule_waits_for_the_quantile_then_flags_past_multiplier_times_the_median():
+    running = [Running("slow", "w3", 7.0), Running("fine", "w1", 1.5)]
+    # 2 of 4 done: below the 0.75 quantile, nothing is judged however long it ran.
+    assert quantile_rule([1.0, 1.0], 4, running, quantile=0.75, multiplier=2, min_runtime=0) == []
+    got = quantile_rule([1.0, 1.0, 1.0], 4, running, quantile=0.75, multiplier=2, min_runtime=0)
+    assert [(s.key, s.worker, s.rule, s.bound) for s in got] == [("slow", "w3", "quantile", 2.0)]
+    # min_runtime raises the bound where the median is short.
+    assert quantile_rule([1.0, 1.0, 1.0], 4, running, quantile=0.75, multiplier=2, min_runtime=8) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    d=durations,
+    n_done=st.integers(1, 30),
+    n_running=st.integers(0, 10),
+    quantile=st.floats(0.05, 1.0),
+    multiplier=st.floats(1.0, 5.0),
+    min_runtime=st.floats(0, 5),
+)
+def test_equal_durations_never_make_a_straggler(d, n_done, n_running, quantile, multiplier, min_runtime):
+    # Tasks that all take d: one still running has run at most d.
+    running = [Running(f"r{i}", "w", d) for i in range(n_running)]
+    assert quantile_rule([d] * n_done, n_done + n_running, running,
+                         quantile=quantile, multiplier=multiplier, min_runtime=min_runtime) == []
+    peers = [Progress(f"c{i}", f"w{i}", elapsed=d, done=d, left=d) for i in range(n_done)]
+    assert late_rule(peers, multiplier=multiplier, min_runtime=min_runtime) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    done=st.lists(durations, max_size=40),
+    running=st.lists(durations, max_size=10),
+    extra=st.integers(0, 40),
+    quantile=st.floats(0.05, 1.0),
+    multiplier=st.floats(1.0, 5.0),
+    min_runtime=st.floats(0, 5),
+)
+def test_quantile_rule_never_fires_before_the_quantile_and_only_past_its_bound(
+    done, running, extra, quantile, multiplier, min_runtime
+):
+    total = len(done) + len(running) + extra
+    tasks = [Running(f"r{i}", "w", e) for i, e in enumerate(running)]
+    got = quantile_rule(done, total, tasks, quantile=quantile, multiplier=multiplier, min_runtime=min_runtime)
+    if len(done) < quantile * total - 1e-6:
+        assert got == []
+    for s in got:
+        assert s.elapsed > s.bound >= min_runtime
+        assert s.bound >= multiplier * min(done)
+    assert [s.elapsed for s in got] == sorted((s.elapsed for s in got), reverse=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    peers=st.lists(
+        st.tuples(st.floats(0, 100), st.floats(0, 1000), st.floats(0, 1000)), min_size=0, max_size=12
+    ),
+    multiplier=st.floats(1.0, 5.0),
+    min_runtime=st.floats(0, 5),
+)
+def test_late_rule_flags_only_slow_work_with_much_time_left(peers, multiplier, min_runtime):
+    work = [Progress(f"c{i}", f"w{i}", e, d, left) for i, (e, d, left) in enumerate(peers)]
+    got = late_rule(work, multiplier=multiplier, min_runtime=min_runtime)
+    by_key = {p.key: p for p in work}
+    judged = [p for p in work if p.elapsed >= min_runtime and p.done > 0]
+    for s in got:
+        p = by_key[s.key]
+        assert p.elapsed >= min_runtime and p.done > 0 and p.left > 0
+        # Slower than most peers: at least one judged peer is strictly faster.
+        assert any(q.speed > p.speed for q in judged)
+        assert s.estimate == p.time_left > s.bound
+    estimates = [s.estimate for s in got]
+    assert estimates == sorted(estimates, reverse=True)
+
+
+def test_late_rule_ignores_work_that_has_not_started():
+    peers = [Progress(f"c{i}", f"w{i}", 10, 50, 50) for i in range(3)] + [Progress("idle", "w9", 10, 0, 100)]
+    assert late_rule(peers, multiplier=2, min_runtime=1) == []
+
+
+def test_slow_workers_from_stragglers_or_from_finished_durations():
+    assert slow_workers({"a": 2, "b": 1}, {}, multiplier=2) == {"a"}
+    groups = {"g": {"a": [1.0, 1.1], "b": [0.9, 1.0], "c": [3.0, 3.5]}}
+    assert slow_workers({}, groups, multiplier=2) == {"c"}
+    # One slow task is not a slow worker.
+    assert slow_workers({}, {"g": {"a": [1.0, 1.0], "c": [5.0]}}, multiplier=2) == set()
+
+
+def test_copy_cap_is_a_floor_of_the_fraction_of_threads():
+    assert [copy_cap(n, 0.25) for n in (1, 3, 4, 8, 9)] == [0, 0, 1, 2, 2]
+    assert copy_cap(10, 0.0) == 0 and copy_cap(10, 1.0) == 10
+
+
+stragglers_st = st.lists(
+    st.builds(Straggler, key=st.text("abcdefgh", min_size=1, max_size=3), worker=addresses,
+              elapsed=durations, rule=st.just("quantile"), bound=durations),
+    max_size=12,
+    unique_by=lambda s: s.key,  # a task runs on one worker
+)
+workers_st = st.dictionaries(
+    addresses,
+    st.builds(lambda t, b, f: WorkerView(t, min(b, t), f), st.integers(1, 4), st.integers(0, 4),
+              st.integers(0, 2**30)),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stragglers=stragglers_st,
+    workers=workers_st,
+    slow=st.sets(addresses, max_size=3),
+    running_copies=st.integers(0, 4),
+    max_fraction=st.floats(0, 1),
+    need=st.integers(0, 2**30),
+)
+def test_copies_stay_under_the_cap_and_off_stragglers_and_slow_workers(
+    stragglers, workers, slow, running_copies, max_fraction, need
+):
+    got = place_copies(
+        stragglers, workers, slow=slow, running_copies=running_copies, max_fraction=max_fraction,
+        need_bytes={s.key: need for s in stragglers},
+    )
+    cap = copy_cap(sum(w.threads for w in workers.values()), max_fraction)
+    assert len(got) <= max(cap - running_copies, 0)
+    owner = {s.key: s.worker for s in stragglers}
+    for key, dest in got.items():
+        assert dest in workers
+        assert dest != owner[key]
+        assert dest not in slow
+        assert workers[dest].free_bytes >= need
+    # No worker takes more copies than its free threads (or one, when none is free).
+    for dest in set(got.values()):
+        w = workers[dest]
+        assert list(got.values()).count(dest) <= max(w.threads - w.busy, 1)
+
+
+def test_copies_prefer_free_threads_then_free_memory():
+    ws = {
+        "busy": WorkerView(2, 2, 100),
+        "free-small": WorkerView(2, 0, 10),
+        "free-big": WorkerView(2, 0, 50),
+        "half": WorkerView(2, 1, 500),
+    }
+    s = [Straggler("t1", "x", 9, "quantile", 2), Straggler("t2", "x", 8, "quantile", 2)]
+    got = place_copies(s, ws, slow=(), running_copies=0, max_fraction=1.0)
+    # The second copy goes where most threads are still free once the first is placed.
+    assert got == {"t1": "free-big", "t2": "free-small"}
+    # No room under the cap: no copy at all.
+    assert place_copies(s, ws, slow=(), running_copies=8, max_fraction=1.0) == {}
+    assert math.isinf(Progress("c", "w", 5, 1, 1, rate=0).time_left)
