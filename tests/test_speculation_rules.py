@@ -180,3 +180,86 @@ def test_copies_prefer_free_threads_then_free_memory():
     # No room under the cap: no copy at all.
     assert place_copies(s, ws, slow=(), running_copies=8, max_fraction=1.0) == {}
     assert math.isinf(Progress("c", "w", 5, 1, 1, rate=0).time_left)
+
+
+# -- the coordinator's tracker over a stand-in scheduler (plain objects) ----------------------
+
+
+class _Group:
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self.size = name, size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class _Task:
+    def __init__(self, key, group, ws=None) -> None:
+        self.key, self.group, self.processing_on = key, group, ws
+        self.state = "processing" if ws is not None else "memory"
+
+
+class _Worker:
+    def __init__(self, address: str) -> None:
+        self.address, self.executing, self.last_seen = address, {}, 0.0
+
+
+class _Scheduler:
+    def __init__(self, workers) -> None:
+        self.workers = {w.address: w for w in workers}
+        self.tasks: dict = {}
+        self.events: list = []
+
+    def log_event(self, topic, msg) -> None:
+        self.events.append((topic, msg))
+
+
+def _tracker():
+    import time
+
+    from aimss_dask.coordinator.state import CoordinatorState
+    from aimss_dask.coordinator.stragglers import Stragglers
+    from aimss_dask.core.config import SpeculationConfig
+
+    a, b = _Worker("a"), _Worker("b")
+    sched = _Scheduler([a, b])
+    tracker = Stragglers(CoordinatorState(), SpeculationConfig(min_runtime=0.0))
+    tracker.scheduler = sched
+    g = _Group("work-abc", 4)
+    for i in range(3):
+        sched.tasks[("work-abc", i)] = _Task(("work-abc", i), g)
+        tracker.task_ended(("work-abc", i), "processing", "memory", {
+            "worker": "a", "startstops": [{"action": "compute", "start": 10.0, "stop": 11.0}],
+        })
+    a.last_seen = b.last_seen = time.time()
+    return tracker, sched, g, a, b
+
+
+def test_the_tracker_flags_a_long_running_task_once_and_closes_its_report():
+    from aimss_dask.core.names import STRAGGLER_TOPIC
+
+    tracker, sched, g, a, b = _tracker()
+    slow = sched.tasks[("work-abc", 3)] = _Task(("work-abc", 3), g, b)
+    b.executing = {slow: 5.0}
+    tracker.check()
+    tracker.check()  # seen again: not a second report
+    flagged = [m for t, m in sched.events if t == STRAGGLER_TOPIC and m["action"] == "straggler"]
+    assert len(flagged) == 1
+    r = flagged[0]
+    assert (r["key"], r["group"], r["worker"], r["rule"], r["bound"], r["outcome"]) == (
+        "('work-abc', 3)", "work-abc", "b", "quantile", 2.0, "running",
+    )
+    assert r["elapsed"] >= 5.0
+    assert [x["key"] for x in tracker.summary()["tasks"]] == ["('work-abc', 3)"]
+    tracker.task_ended(("work-abc", 3), "processing", "memory", {"worker": "b", "startstops": []})
+    assert sched.events[-1][1]["outcome"] == "finished" and tracker.summary()["tasks"] == []
+
+
+def test_the_tracker_ignores_what_a_heartbeat_listed_but_has_ended_since():
+    tracker, sched, g, a, b = _tracker()
+    done = sched.tasks[("work-abc", 3)] = _Task(("work-abc", 3), g)  # finished: state "memory"
+    b.executing = {done: 5.0}  # the last heartbeat still lists it
+    moved = _Task(("work-abc", 4), g, a)  # now processing on another worker
+    b.executing[moved] = 5.0
+    tracker.check()
+    assert sched.events == [] and tracker.summary()["tasks"] == []

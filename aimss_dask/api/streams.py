@@ -504,13 +504,21 @@ class ClusterStatus(dict[str, dict[str, Any]]):
     too few workers are left), ``memory_bytes`` and ``disk_bytes`` (of every
     copy). Worker-side figures are those of the workers' last
     heartbeats (about a second old at most).
+
+    ``stragglers``: ``tasks`` and stream ``consumers`` found slow and still
+    running, ``slow_workers``, and the recent ``reports`` (each also an
+    event on the ``aimss-straggler`` topic): ``kind`` (task or consumer),
+    ``key``, ``group``, ``worker``, ``elapsed`` seconds, the ``rule`` that
+    fired (``quantile`` or ``late``) with its ``bound``, ``estimate`` (time
+    left, LATE), ``copy`` and ``outcome``.
     """
 
     def __init__(self, workers: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
-                 streams: list[dict[str, Any]]) -> None:
+                 streams: list[dict[str, Any]], stragglers: dict[str, Any] | None = None) -> None:
         super().__init__(workers)
         self.runs = runs
         self.streams = streams
+        self.stragglers = stragglers or {"tasks": [], "consumers": [], "slow_workers": [], "reports": []}
 
     def run(self, kind: str) -> list[dict[str, Any]]:
         """The runs of one ``kind``, oldest first."""
@@ -530,4 +538,4 @@ def status() -> ClusterStatus:
     ep = current("status")
     workers = _plain(ep.scheduler_op("status")["workers"])
     overview = _plain(ep.scheduler_op("runs"))
-    return ClusterStatus(workers, overview["runs"], overview["streams"])
+    return ClusterStatus(workers, overview["runs"], overview["streams"], overview.get("stragglers"))

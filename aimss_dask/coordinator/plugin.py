@@ -36,6 +36,7 @@ from aimss_dask.coordinator.sealing import (
     SealProducersEvent,
 )
 from aimss_dask.coordinator.state import CoordinatorState
+from aimss_dask.coordinator.stragglers import Stragglers
 from aimss_dask.coordinator.streams import StreamHandlers
 from aimss_dask.core.config import AIMSSConfig, dask_memory_thresholds
 from aimss_dask.core.errors import InvalidArgumentError
@@ -117,6 +118,8 @@ class AIMSS(SchedulerPlugin):
         self.recoveries = Recoveries(self, self.ops)
         self.promotions = Promotions(self, self.ops)
         self.salvages = Salvages(self, self.ops)
+        self.stragglers = Stragglers(self.state, self.config.speculation)
+        self._stragglers_pc: PeriodicCallback | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -171,6 +174,9 @@ class AIMSS(SchedulerPlugin):
         # loss names the offsets it took.
         self._bounds_pc = PeriodicCallback(self._note_bounds, BOUNDS_INTERVAL_MS)
         self._bounds_pc.start()
+        self.stragglers.scheduler = scheduler
+        self._stragglers_pc = PeriodicCallback(self.stragglers.check, self.config.speculation.interval * 1000)
+        self._stragglers_pc.start()
 
     def _note_bounds(self) -> None:
         """Take the partition offsets of every worker's latest heartbeat into the state."""
@@ -232,6 +238,9 @@ class AIMSS(SchedulerPlugin):
     async def close(self) -> None:
         if self._bounds_pc is not None:
             self._bounds_pc.stop()
+        if self._stragglers_pc is not None:
+            self._stragglers_pc.stop()
+        self.stragglers.clear()
         self.ops.cancel_background()
         self.state.clear()
         self.runs.clear()
@@ -252,6 +261,7 @@ class AIMSS(SchedulerPlugin):
             self.recoveries.clear()
             self.promotions.clear()
             self.salvages.clear()
+            self.stragglers.clear()
             if self.pinner is not None:
                 self.pinner.clear()
         except Exception:
@@ -383,6 +393,9 @@ class AIMSS(SchedulerPlugin):
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """A run's push task finished (noted: where), or its create task forgotten (its streams freed).
 
+        Every task that leaves ``processing`` is noted for straggler
+        detection (its duration; a flagged one's report closes).
+
         The streams of a run are freed as their partitions are read; a graph
         that stops before (cancelled, its futures released, or a restarted
         run whose last create ran after the result was in) would leave them
@@ -390,6 +403,11 @@ class AIMSS(SchedulerPlugin):
         recovery needs (:mod:`~aimss_dask.coordinator.recovery`). O(1) per
         transition.
         """
+        if start == "processing":
+            try:
+                self.stragglers.task_ended(key, start, finish, kwargs)
+            except Exception:
+                logger.exception("aimss: transition hook failed")
         if finish == "memory" and start == "processing":
             try:
                 self.recoveries.task_finished(key, kwargs.get("worker"))

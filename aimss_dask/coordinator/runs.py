@@ -394,4 +394,6 @@ class RunHandlers:
         """Every run and stream, with progress from the workers' last heartbeats; no fan-out."""
         assert self.ops.scheduler is not None
         beats = {a: ws.metrics.get(HEARTBEAT_METRIC) for a, ws in self.ops.scheduler.workers.items()}
-        return overview.overview(self.coord.runs, self.coord.state.streams, self.coord.state.sealed, self.coord.state.lost, beats)
+        out = overview.overview(self.coord.runs, self.coord.state.streams, self.coord.state.sealed, self.coord.state.lost, beats)
+        out["stragglers"] = self.coord.stragglers.summary()
+        return out

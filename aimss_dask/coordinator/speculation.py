@@ -181,20 +181,23 @@ def slow_workers(
     ``SLOW_WORKER_STRAGGLERS`` of them make it slow. ``durations``: task
     group -> worker -> durations of the group's finished tasks there; a
     worker whose median over at least two tasks of a group exceeds
-    ``multiplier`` times the median of the same group's tasks on the other
-    workers is slow (with one thread per worker, it never runs two
-    stragglers at once).
+    ``multiplier`` times the group's median over every worker is slow (with
+    one thread per worker, it never runs two stragglers at once). The
+    group's median is taken once, over all workers, so that this stays
+    linear in the durations: a slow worker finishes few of a group's tasks
+    and moves that median little.
 
     >>> sorted(slow_workers({}, {"g": {"a": [1, 1], "b": [1, 1], "c": [4, 5]}}, multiplier=2))
     ['c']
     """
     slow = {w for w, n in stragglers_seen.items() if n >= SLOW_WORKER_STRAGGLERS}
     for by_worker in durations.values():
+        every = [d for ds in by_worker.values() for d in ds]
+        if not every:
+            continue
+        bound = multiplier * statistics.median(every)
         for worker, mine in by_worker.items():
-            if len(mine) < 2 or worker in slow:
-                continue
-            others = [d for w, ds in by_worker.items() if w != worker for d in ds]
-            if others and statistics.median(mine) > multiplier * statistics.median(others):
+            if len(mine) >= 2 and worker not in slow and statistics.median(mine) > bound:
                 slow.add(worker)
     return slow
 

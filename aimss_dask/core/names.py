@@ -20,6 +20,10 @@ SEAL_PRODUCERS_TOPIC = "aimss-seal-producers"
 #: that a worker holding partitions left (workers hear it as ``aimss_owner_lost``).
 OWNER_LOST_TOPIC = "aimss-owner-lost"
 
+#: The event topic of straggler reports: a task or consumer found slow, a
+#: slow worker, and how each straggler ended (``client.subscribe_topic``).
+STRAGGLER_TOPIC = "aimss-straggler"
+
 #: The attribute (set to True) that marks a function as a partition read:
 #: its first two arguments are the stream name and the partition, and it must
 #: run on that partition's owner. The coordinator finds such calls inside the

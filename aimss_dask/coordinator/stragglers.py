@@ -1,0 +1,346 @@
+"""Stragglers, found from what the scheduler and the coordinator see, and reported.
+
+What it watches:
+
+- every task group's finished durations (per worker too), noted in the
+  scheduler's ``transition`` hook in O(1) from the ``compute`` start and
+  stop the worker reports. Dask's ``TaskPrefix.duration_average`` is not
+  used: long tasks reset it, and a prefix spans runs;
+- the tasks running now and for how long: each worker's heartbeat carries
+  them (``WorkerState.executing``), to which the time since that heartbeat
+  is added; those that ended since are left out;
+- every consumer group's committed offset per partition, sampled at each
+  check, against the partition's end as its owner last reported: a rate
+  (records per second over ``RATE_WINDOW``) and the records left.
+
+A periodic callback (``aimss.speculation.interval``), never the hooks,
+applies the pure rules of :mod:`~aimss_dask.coordinator.speculation`:
+Spark's quantile rule to the tasks of each group, LATE's time-left rule to
+the consumers of each group of each stream, and tells slow workers from
+slow tasks. Each new straggler, and its end, is an event on the
+``aimss-straggler`` topic (``client.subscribe_topic``), a line in the log
+and an entry of ``aimss_dask.status().stragglers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any
+
+from aimss_dask.coordinator.speculation import (
+    Progress,
+    Running,
+    Straggler,
+    late_rule,
+    quantile_rule,
+    slow_workers,
+)
+from aimss_dask.core.config import SpeculationConfig
+from aimss_dask.core.names import STRAGGLER_TOPIC
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+    from aimss_dask.coordinator.state import CoordinatorState
+
+logger = logging.getLogger("aimss_dask")
+
+#: Task groups whose durations are kept (the most recently finished ones).
+MAX_GROUPS = 512
+
+#: Durations kept per group, and per group and worker.
+MAX_DURATIONS = 4096
+MAX_PER_WORKER = 64
+
+#: Seconds of committed offsets a consumer's rate is taken over.
+RATE_WINDOW = 10.0
+
+#: Commits a consumer must have made before it is judged: a rate from fewer
+#: rests on one commit interval (``aimss_dask.api.reader.COMMIT_INTERVAL``),
+#: and consumers that started a moment apart look far apart.
+MIN_COMMITS = 3
+
+#: Seconds during which a straggler seen on a worker counts toward calling it slow.
+SLOW_WINDOW = 120.0
+
+#: Task groups, the most recently finished, whose durations per worker can make a worker slow.
+SLOW_GROUPS = 16
+
+#: Reports kept for ``status()``.
+MAX_REPORTS = 200
+
+
+class _Group:
+    """The finished durations of one task group, in all and per worker."""
+
+    __slots__ = ("durations", "by_worker")
+
+    def __init__(self) -> None:
+        self.durations: deque[float] = deque(maxlen=MAX_DURATIONS)
+        self.by_worker: dict[str, deque[float]] = {}
+
+    def add(self, worker: str | None, seconds: float) -> None:
+        self.durations.append(seconds)
+        if worker is not None:
+            mine = self.by_worker.get(worker)
+            if mine is None:
+                mine = self.by_worker[worker] = deque(maxlen=MAX_PER_WORKER)
+            mine.append(seconds)
+
+
+def _compute_seconds(startstops: Any) -> float | None:
+    """The ``compute`` time of a finished task from the worker's ``startstops``."""
+    if not startstops:
+        return None
+    total = 0.0
+    seen = False
+    for ss in startstops:
+        if isinstance(ss, dict) and ss.get("action") == "compute":
+            total += float(ss["stop"]) - float(ss["start"])
+            seen = True
+    return total if seen else None
+
+
+def key_text(key: Any) -> str:
+    """A task key as text for reports: ``('x', 0, 3)`` -> ``"('x', 0, 3)"``, ``'y'`` -> ``'y'``."""
+    return key if isinstance(key, str) else str(key)
+
+
+class Stragglers:
+    """The coordinator's straggler detection: hooks note, :meth:`check` judges and reports.
+
+    ``state``: the coordinator's stream metadata (consumer groups, partition
+    bounds, owners). ``config``: ``aimss.speculation``. ``log_event``: how a
+    report reaches Dask's event log (``Scheduler.log_event``).
+    """
+
+    def __init__(self, state: CoordinatorState, config: SpeculationConfig) -> None:
+        self.state = state
+        self.config = config
+        self.scheduler: Scheduler | None = None
+        self._groups: OrderedDict[str, _Group] = OrderedDict()
+        #: Flagged and still running: key -> its report.
+        self.current: dict[Any, dict[str, Any]] = {}
+        #: Consumers flagged and still behind: consumer id -> its report.
+        self.consumers: dict[str, dict[str, Any]] = {}
+        self.slow: dict[str, dict[str, Any]] = {}
+        self.reports: deque[dict[str, Any]] = deque(maxlen=MAX_REPORTS)
+        self._seen: deque[tuple[float, str, str]] = deque()  # (when, worker, straggler id)
+        # (stream, group, partition) -> [(when, committed offset)], oldest first.
+        self._offsets: dict[tuple[str, str, int], deque[tuple[float, int]]] = {}
+        self._started: dict[tuple[str, str, int], float] = {}
+        self._commits: dict[tuple[str, str, int], int] = {}
+        self._changed: dict[tuple[str, str, int], float] = {}  # when its offset last moved
+        self.checks = 0
+
+    # -- hooks (O(1)) ----------------------------------------------------------------------
+
+    def task_ended(self, key: Any, start: str, finish: str, kwargs: dict[str, Any]) -> None:
+        """A task left ``processing``: note its duration if it finished; close its report if flagged."""
+        if start != "processing":
+            return
+        if finish == "memory":
+            seconds = _compute_seconds(kwargs.get("startstops"))
+            ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
+            if seconds is not None and ts is not None:
+                name = ts.group.name
+                g = self._groups.get(name)
+                if g is None:
+                    g = self._groups[name] = _Group()
+                    if len(self._groups) > MAX_GROUPS:
+                        self._groups.popitem(last=False)
+                else:
+                    self._groups.move_to_end(name)
+                g.add(kwargs.get("worker"), seconds)
+        report = self.current.pop(key, None)
+        if report is not None:
+            self._report({**report, "outcome": "finished" if finish == "memory" else finish, "ended": time.time()})
+
+    def clear(self) -> None:
+        self._groups.clear()
+        self.current.clear()
+        self.consumers.clear()
+        self.slow.clear()
+        self._seen.clear()
+        self._offsets.clear()
+        self._started.clear()
+        self._commits.clear()
+        self._changed.clear()
+
+    # -- the periodic check -----------------------------------------------------------------
+
+    def check(self) -> None:
+        """Apply the rules to what runs now; report what is new (a periodic callback)."""
+        try:
+            if self.scheduler is None:
+                return
+            now = time.time()
+            self.checks += 1
+            found = self._task_stragglers(now) + self._consumer_stragglers(now)
+            self._note_slow_workers(now, found)
+        except Exception:
+            logger.exception("aimss: straggler check failed")
+
+    def _task_stragglers(self, now: float) -> list[Straggler]:
+        assert self.scheduler is not None
+        cfg = self.config
+        running: dict[str, list[Running]] = {}
+        tasks: dict[str, Any] = {}
+        for ws in self.scheduler.workers.values():
+            since_beat = max(now - ws.last_seen, 0.0)
+            for ts, elapsed in ws.executing.items():
+                # The heartbeat's list is as old as the heartbeat: a task that
+                # ended since (or moved) is no longer running there.
+                if ts.state != "processing" or ts.processing_on is not ws:
+                    continue
+                text = key_text(ts.key)
+                tasks[text] = ts
+                running.setdefault(ts.group.name, []).append(Running(text, ws.address, float(elapsed) + since_beat))
+        found: list[Straggler] = []
+        for name, rs in running.items():
+            g = self._groups.get(name)
+            if g is None or not g.durations:
+                continue
+            total = len(tasks[rs[0].key].group)
+            for s in quantile_rule(
+                list(g.durations), total, rs,
+                quantile=cfg.quantile, multiplier=cfg.multiplier, min_runtime=cfg.min_runtime,
+            ):
+                found.append(s)
+                key = tasks[s.key].key
+                if key not in self.current:
+                    report = {
+                        "action": "straggler", "kind": "task", "key": s.key, "group": name,
+                        "worker": s.worker, "elapsed": round(s.elapsed, 3), "rule": s.rule,
+                        "bound": round(s.bound, 3), "estimate": None, "copy": None,
+                        "outcome": "running", "found": now,
+                    }
+                    self.current[key] = report
+                    self._report(report)
+                else:
+                    self.current[key]["elapsed"] = round(s.elapsed, 3)
+        return found
+
+    def _consumer_stragglers(self, now: float) -> list[Straggler]:
+        cfg = self.config
+        peers: dict[tuple[str, str], list[Progress]] = {}
+        live: set[tuple[str, str, int]] = set()
+        for name, groups in self.state.groups.items():
+            spec = self.state.streams.get(name)
+            if spec is None:
+                continue
+            bounds = self.state.bounds.get(name, {})
+            for group, offsets in groups.items():
+                for p, off in enumerate(offsets):
+                    k = (name, group, p)
+                    live.add(k)
+                    hist = self._offsets.get(k)
+                    if hist is None:
+                        hist = self._offsets[k] = deque()
+                    if hist and hist[-1][1] != off:
+                        self._commits[k] = self._commits.get(k, 0) + 1
+                        self._changed[k] = now
+                    if not hist or hist[-1][1] != off or now - hist[-1][0] >= 1.0:
+                        hist.append((now, off))
+                    while len(hist) > 2 and now - hist[1][0] >= RATE_WINDOW:
+                        hist.popleft()
+                    if off > 0 and k not in self._started:
+                        self._started[k] = hist[0][0] if hist[0][1] == 0 else now
+                    end = bounds.get(p, (0, off))[1]
+                    done = end <= off
+                    # A consumer that is done is a peer however few commits
+                    # it made (a fast one may finish within a few).
+                    if k not in self._started or (self._commits.get(k, 0) < MIN_COMMITS and not done):
+                        continue
+                    first_t, first_off = hist[0]
+                    # One that is done: its rate while it consumed, not one
+                    # that falls the longer it has nothing left.
+                    until = self._changed.get(k, now) if done else now
+                    rate = (off - first_off) / (until - first_t) if until - first_t > 0 else None
+                    peers.setdefault((name, group), []).append(Progress(
+                        f"{name}/{group}/{p}", spec.owners[p], now - self._started[k], float(off),
+                        float(max(end - off, 0)), rate,
+                    ))
+        for k in [k for k in self._offsets if k not in live]:
+            del self._offsets[k]
+            self._started.pop(k, None)
+            self._commits.pop(k, None)
+            self._changed.pop(k, None)
+        found: list[Straggler] = []
+        flagged: set[str] = set()
+        for (name, group), work in peers.items():
+            for s in late_rule(work, multiplier=cfg.multiplier, min_runtime=cfg.min_runtime):
+                found.append(s)
+                flagged.add(s.key)
+                if s.key not in self.consumers:
+                    report = {
+                        "action": "straggler", "kind": "consumer", "key": s.key, "stream": name,
+                        "group": group, "worker": s.worker, "elapsed": round(s.elapsed, 3), "rule": s.rule,
+                        "bound": round(s.bound, 3), "estimate": round(s.estimate or 0.0, 3), "copy": None,
+                        "outcome": "running", "found": now,
+                    }
+                    self.consumers[s.key] = report
+                    self._report(report)
+        for cid in [c for c in self.consumers if c not in flagged]:
+            # Caught up with its peers (or done): the report closes.
+            report = self.consumers.pop(cid)
+            gone = report["stream"] not in self.state.streams
+            self._report({**report, "outcome": "stream destroyed" if gone else "caught up", "ended": now})
+        return found
+
+    def _note_slow_workers(self, now: float, found: list[Straggler]) -> None:
+        seen_ids = {(w, k) for _, w, k in self._seen}
+        for s in found:
+            if (s.worker, s.key) not in seen_ids:
+                self._seen.append((now, s.worker, s.key))
+        while self._seen and now - self._seen[0][0] > SLOW_WINDOW:
+            self._seen.popleft()
+        counts: dict[str, int] = {}
+        for _, w, _ in self._seen:
+            counts[w] = counts.get(w, 0) + 1
+        recent = list(self._groups.items())[-SLOW_GROUPS:]
+        durations = {name: {w: list(ds) for w, ds in g.by_worker.items()} for name, g in recent}
+        assert self.scheduler is not None
+        slow = slow_workers(counts, durations, multiplier=self.config.multiplier) & set(self.scheduler.workers)
+        for w in slow - set(self.slow):
+            report = {
+                "action": "slow-worker", "worker": w, "stragglers": counts.get(w, 0),
+                "why": (
+                    f"{counts[w]} stragglers in {SLOW_WINDOW:g} s" if counts.get(w, 0) >= 2
+                    else f"its tasks of a group take over {self.config.multiplier:g}x the others' median"
+                ),
+                "found": now,
+            }
+            self.slow[w] = report
+            self._report(report)
+        for w in set(self.slow) - slow:
+            del self.slow[w]
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def _report(self, report: dict[str, Any]) -> None:
+        self.reports.append(report)
+        if report["action"] == "slow-worker":
+            logger.warning("aimss: worker %s is slow (%s)", report["worker"], report["why"])
+        elif report["outcome"] == "running":
+            what = "task" if report["kind"] == "task" else "consumer"
+            logger.warning(
+                "aimss: %s %s on %s is a straggler: %.1f s running (%s rule: %s %.1f s)",
+                what, report["key"], report["worker"], report["elapsed"], report["rule"],
+                "time left over" if report["rule"] == "late" else "bound", report["bound"],
+            )
+        else:
+            logger.info("aimss: straggler %s on %s: %s", report["key"], report["worker"], report["outcome"])
+        if self.scheduler is not None:
+            self.scheduler.log_event(STRAGGLER_TOPIC, dict(report))
+
+    def summary(self) -> dict[str, Any]:
+        """For ``status()``: stragglers running now, consumers behind, slow workers, recent reports."""
+        return {
+            "tasks": [dict(r) for r in self.current.values()],
+            "consumers": [dict(r) for r in self.consumers.values()],
+            "slow_workers": sorted(self.slow),
+            "reports": [dict(r) for r in self.reports],
+        }

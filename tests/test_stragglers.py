@@ -1,0 +1,129 @@
+"""Straggler detection on a real cluster with one worker made slow on purpose.
+
+The tasks sleep, six times longer on the slow worker: the coordinator must
+report them (``aimss-straggler`` events, ``status().stragglers``, the log),
+flag the worker as slow, report consumers of a stream that fall behind their
+group's peers, and report nothing at all when every worker is equally fast.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import unique_name, wait_until
+from distributed import Client, LocalCluster, get_worker
+
+import aimss_dask
+from aimss_dask.core.names import STRAGGLER_TOPIC
+
+BASE = 0.25
+SLOW = 6
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0") as cl:
+        yield cl
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster) as c:
+        # Short tasks: judge them after 0.2 s, and look often.
+        c.register_plugin(aimss_dask.AIMSS(speculation={"min_runtime": 0.2, "interval": "100ms"}))
+        c.wait_for_workers(3)
+        yield c
+
+
+def _work(i: int, slow: str | None, tag: str) -> int:
+    time.sleep(BASE * (SLOW if get_worker().address == slow else 1))
+    return i
+
+
+def _reports(client: Client, since: float) -> list[dict[str, Any]]:
+    return [msg for t, msg in client.get_events(STRAGGLER_TOPIC) if t >= since and isinstance(msg, dict)]
+
+
+def test_a_slow_workers_tasks_are_reported_and_the_worker_flagged(client):
+    slow = sorted(client.scheduler_info()["workers"])[-1]
+    t0 = time.time()
+    for round_ in range(2):  # two groups: two stragglers on the slow worker
+        tag = unique_name("slowtask")
+        futs = client.map(_work, range(12), slow=slow, tag=tag, key=[f"{tag}-{i}" for i in range(12)])
+        assert client.gather(futs) == list(range(12))
+    wait_until(lambda: any(r["action"] == "slow-worker" for r in _reports(client, t0)), timeout=10)
+    reports = _reports(client, t0)
+    found = [r for r in reports if r["action"] == "straggler" and r["outcome"] == "running"]
+    assert found, reports
+    for r in found:
+        assert r["kind"] == "task" and r["worker"] == slow and r["rule"] == "quantile"
+        # Past 2x the median of a group whose other tasks took BASE, and its own
+        # elapsed time is known from heartbeats, so below its full duration.
+        assert r["bound"] == pytest.approx(2 * BASE, rel=0.4)
+        assert r["bound"] < r["elapsed"] <= BASE * SLOW + 1.0
+        assert r["copy"] is None  # ordinary tasks not marked idempotent are never copied
+    ended = {r["key"]: r["outcome"] for r in reports if r["action"] == "straggler" and r["outcome"] != "running"}
+    assert {r["key"] for r in found} <= set(ended) and set(ended.values()) == {"finished"}
+    slow_reports = [r for r in reports if r["action"] == "slow-worker"]
+    assert [r["worker"] for r in slow_reports] == [slow]
+    st = aimss_dask.status().stragglers
+    assert st["slow_workers"] == [slow]
+    assert st["tasks"] == []  # all finished
+    assert {r["key"] for r in st["reports"] if r["action"] == "straggler"} >= {r["key"] for r in found}
+
+
+def test_equally_fast_workers_report_nothing(client):
+    t0 = time.time()
+    tag = unique_name("even")
+    futs = client.map(_work, range(12), slow=None, tag=tag, key=[f"{tag}-{i}" for i in range(12)])
+    assert client.gather(futs) == list(range(12))
+    time.sleep(0.5)  # a few more checks
+    assert [r for r in _reports(client, t0) if r["action"] == "straggler"] == []
+
+
+def _write(name: str, p: int, n: int) -> int:
+    stream = aimss_dask.get_stream(name)
+    for i in range(n):
+        stream.write(np.full(16, i, dtype=np.int64), partition=p)
+    stream.flush()
+    return n
+
+
+def test_a_consumer_far_behind_its_groups_peers_is_reported(client):
+    name = unique_name("consumed")
+    n = 150
+    stream = aimss_dask.create_stream(name, partitions=4)
+    assert sum(client.gather(client.map(_write, [name] * 4, range(4), [n] * 4))) == 4 * n
+    stream.seal()
+    t0 = time.time()
+    got: dict[int, int] = {}
+
+    def consume(p: int, pause: float) -> None:
+        k = 0
+        for rec in stream.read(partition=p, group="g"):
+            assert int(rec[0]) == k
+            k += 1
+            time.sleep(pause)
+        got[p] = k
+
+    threads = [
+        threading.Thread(target=consume, args=(p, 0.05 if p == 3 else 0.01), daemon=True) for p in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == {p: n for p in range(4)}
+    wait_until(lambda: any(r.get("outcome") == "caught up" for r in _reports(client, t0)), timeout=10)
+    reports = [r for r in _reports(client, t0) if r["action"] == "straggler"]
+    flagged = [r for r in reports if r["outcome"] == "running"]
+    assert [r["key"] for r in flagged] == [f"{name}/g/3"], reports
+    r = flagged[0]
+    assert r["kind"] == "consumer" and r["rule"] == "late" and r["stream"] == name and r["group"] == "g"
+    assert r["worker"] == stream.spec.owners[3]
+    assert r["estimate"] > r["bound"] >= 0  # 0 once its peers are done
+    aimss_dask.destroy_stream(name)
