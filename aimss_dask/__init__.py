@@ -10,6 +10,7 @@ Register the plugin once and the workers become in-memory stream stores::
     s = aimss_dask.create_stream("events", partitions=4)
 """
 
+from aimss_dask.api.speculative import speculative
 from aimss_dask.api.streams import (
     ClusterStatus,
     Stream,
@@ -87,6 +88,7 @@ __all__ = [
     "rechunk",
     "shuffle",
     "shuffle_streams",
+    "speculative",
     "status",
     "to_zarr",
     "write_to",

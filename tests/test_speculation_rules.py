@@ -194,14 +194,17 @@ class _Group:
 
 
 class _Task:
-    def __init__(self, key, group, ws=None) -> None:
+    def __init__(self, key, group, ws=None, func=None) -> None:
         self.key, self.group, self.processing_on = key, group, ws
         self.state = "processing" if ws is not None else "memory"
+        self.run_spec = type("Spec", (), {"func": func})()
 
 
 class _Worker:
     def __init__(self, address: str) -> None:
         self.address, self.executing, self.last_seen = address, {}, 0.0
+        self.nthreads, self.processing, self.memory_limit, self.nbytes = 2, set(), 0, 0
+        self.status = type("Status", (), {"name": "running"})()
 
 
 class _Scheduler:
@@ -214,7 +217,7 @@ class _Scheduler:
         self.events.append((topic, msg))
 
 
-def _tracker():
+def _tracker(enabled: bool = True, told: list | None = None):
     import time
 
     from aimss_dask.coordinator.state import CoordinatorState
@@ -223,7 +226,8 @@ def _tracker():
 
     a, b = _Worker("a"), _Worker("b")
     sched = _Scheduler([a, b])
-    tracker = Stragglers(CoordinatorState(), SpeculationConfig(min_runtime=0.0))
+    tell = None if told is None else (lambda w, msg: told.append((w, msg)) or True)
+    tracker = Stragglers(CoordinatorState(), SpeculationConfig(min_runtime=0.0, enabled=enabled), tell=tell)
     tracker.scheduler = sched
     g = _Group("work-abc", 4)
     for i in range(3):
@@ -263,3 +267,25 @@ def test_the_tracker_ignores_what_a_heartbeat_listed_but_has_ended_since():
     b.executing[moved] = 5.0
     tracker.check()
     assert sched.events == [] and tracker.summary()["tasks"] == []
+
+
+def test_only_marked_stragglers_get_a_copy_and_only_when_enabled():
+    import aimss_dask
+
+    marked = aimss_dask.speculative(lambda: None)
+    for enabled, func, copies in [(True, marked, 1), (False, marked, 0), (True, lambda: None, 0)]:
+        told: list = []
+        tracker, sched, g, a, b = _tracker(enabled=enabled, told=told)
+        slow = sched.tasks[("work-abc", 3)] = _Task(("work-abc", 3), g, b, func=func)
+        b.executing = {slow: 5.0}
+        tracker.check()
+        tracker.check()  # asked once, not again
+        assert len(told) == copies, (enabled, func)
+        if copies:
+            # To the straggler's worker, naming the other worker for the copy.
+            assert told == [("b", {"op": "aimss_speculate", "key": "('work-abc', 3)", "dest": "a"})]
+            assert [m["action"] for _, m in sched.events].count("copy") == 1
+            tracker.copy_outcome("('work-abc', 3)", "copy won", "a")
+            tracker.task_ended(("work-abc", 3), "processing", "memory", {"worker": "b", "startstops": []})
+            last = sched.events[-1][1]
+            assert (last["outcome"], last["copy"]) == ("copy won", "a") and tracker.copies == {}

@@ -33,8 +33,9 @@ def cluster():
 @pytest.fixture(scope="module")
 def client(cluster):
     with Client(cluster) as c:
-        # Short tasks: judge them after 0.2 s, and look often.
-        c.register_plugin(aimss_dask.AIMSS(speculation={"min_runtime": 0.2, "interval": "100ms"}))
+        # Short tasks: judge them after 0.2 s, and look often; one copy at a
+        # time on 3 threads (the default, a quarter of them, rounds to none).
+        c.register_plugin(aimss_dask.AIMSS(speculation={"min_runtime": 0.2, "interval": "100ms", "max_fraction": 0.34}))
         c.wait_for_workers(3)
         yield c
 
@@ -42,6 +43,14 @@ def client(cluster):
 def _work(i: int, slow: str | None, tag: str) -> int:
     time.sleep(BASE * (SLOW if get_worker().address == slow else 1))
     return i
+
+
+@aimss_dask.speculative
+def _marked(i: int, slow: str, tag: str) -> tuple[int, str]:
+    """Idempotent for the test's purpose: the same number, wherever it runs; says where it ran."""
+    here = get_worker().address
+    time.sleep(BASE * (4 * SLOW if here == slow else 1))  # slow enough that a copy started late still wins
+    return i, here
 
 
 def _reports(client: Client, since: float) -> list[dict[str, Any]]:
@@ -127,3 +136,36 @@ def test_a_consumer_far_behind_its_groups_peers_is_reported(client):
     assert r["worker"] == stream.spec.owners[3]
     assert r["estimate"] > r["bound"] >= 0  # 0 once its peers are done
     aimss_dask.destroy_stream(name)
+
+
+def test_a_straggling_call_of_a_speculative_function_is_won_by_its_copy(client):
+    slow = sorted(client.scheduler_info()["workers"])[-1]
+    t0 = time.time()
+    tag = unique_name("marked")
+    futs = client.map(_marked, range(12), slow=slow, tag=tag, key=[f"{tag}-{i}" for i in range(12)])
+    got = client.gather(futs)
+    assert [i for i, _ in got] == list(range(12))
+    wait_until(lambda: any(r.get("outcome") == "copy won" for r in _reports(client, t0)), timeout=10)
+    reports = _reports(client, t0)
+    copies = [r for r in reports if r["action"] == "copy"]
+    assert copies, reports
+    # Every copy ran off the slow worker.
+    assert all(r["worker"] == slow and r["dest"] != slow for r in copies)
+    won = [r for r in reports if r["action"] == "straggler" and r["outcome"] == "copy won"]
+    assert won
+    # The task's result came from its copy: computed on the copy's worker.
+    by_key = {f"{tag}-{i}": where for i, where in got}
+    for r in won:
+        assert r["copy"] != slow and by_key[r["key"]] == r["copy"]
+    # Nothing is left behind: no copy task, no straggler running.
+    st = aimss_dask.status().stragglers
+    assert st["tasks"] == []
+    wait_until(lambda: not any(str(k).startswith("aimss-copy-") for k in client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.tasks))), timeout=10)
+
+
+def test_speculative_marks_a_function_and_calls_it_plainly_outside_a_task():
+    f = aimss_dask.speculative(lambda x: x + 1)
+    assert f(1) == 2 and aimss_dask.speculative(f) is f
+    with pytest.raises(TypeError, match="needs a function, not int 3"):
+        aimss_dask.speculative(3)

@@ -118,7 +118,7 @@ class AIMSS(SchedulerPlugin):
         self.recoveries = Recoveries(self, self.ops)
         self.promotions = Promotions(self, self.ops)
         self.salvages = Salvages(self, self.ops)
-        self.stragglers = Stragglers(self.state, self.config.speculation)
+        self.stragglers = Stragglers(self.state, self.config.speculation, tell=self.ops.tell)
         self._stragglers_pc: PeriodicCallback | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -441,6 +441,11 @@ class AIMSS(SchedulerPlugin):
     async def _h_config(self) -> dict[str, Any]:
         """The ``AIMSS(...)`` arguments, for the producers of client processes."""
         return {"overrides": self.overrides}
+
+    @replies
+    async def _h_copy_outcome(self, key: str, outcome: str, worker: str = "") -> None:
+        """A straggler's call says how the race with its copy ended."""
+        self.stragglers.copy_outcome(key, outcome, worker)
 
     @replies
     async def _h_status(self) -> dict[str, Any]:

@@ -27,18 +27,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator.speculation import (
     Progress,
     Running,
     Straggler,
+    WorkerView,
     late_rule,
+    place_copies,
     quantile_rule,
     slow_workers,
 )
 from aimss_dask.core.config import SpeculationConfig
-from aimss_dask.core.names import STRAGGLER_TOPIC
+from aimss_dask.core.names import SPECULATIVE, STRAGGLER_TOPIC, key_text
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -103,22 +106,27 @@ def _compute_seconds(startstops: Any) -> float | None:
     return total if seen else None
 
 
-def key_text(key: Any) -> str:
-    """A task key as text for reports: ``('x', 0, 3)`` -> ``"('x', 0, 3)"``, ``'y'`` -> ``'y'``."""
-    return key if isinstance(key, str) else str(key)
-
-
 class Stragglers:
     """The coordinator's straggler detection: hooks note, :meth:`check` judges and reports.
 
     ``state``: the coordinator's stream metadata (consumer groups, partition
-    bounds, owners). ``config``: ``aimss.speculation``. ``log_event``: how a
-    report reaches Dask's event log (``Scheduler.log_event``).
+    bounds, owners). ``config``: ``aimss.speculation``. ``tell(worker,
+    msg)``: a message on the scheduler's stream to a worker, for copies.
+    Reports reach Dask's event log through ``scheduler.log_event``.
     """
 
-    def __init__(self, state: CoordinatorState, config: SpeculationConfig) -> None:
+    def __init__(
+        self,
+        state: CoordinatorState,
+        config: SpeculationConfig,
+        tell: Callable[[str, dict[str, Any]], bool] | None = None,
+    ) -> None:
         self.state = state
         self.config = config
+        # Sends a message on the scheduler's stream to a worker (ClusterOps.tell).
+        self._tell = tell
+        #: Copies asked for and not yet over: key text -> where, since when, how it ended.
+        self.copies: dict[str, dict[str, Any]] = {}
         self.scheduler: Scheduler | None = None
         self._groups: OrderedDict[str, _Group] = OrderedDict()
         #: Flagged and still running: key -> its report.
@@ -134,6 +142,7 @@ class Stragglers:
         self._commits: dict[tuple[str, str, int], int] = {}
         self._changed: dict[tuple[str, str, int], float] = {}  # when its offset last moved
         self.checks = 0
+        self._running: dict[str, Any] = {}  # key text -> TaskState, of the last check
 
     # -- hooks (O(1)) ----------------------------------------------------------------------
 
@@ -155,8 +164,20 @@ class Stragglers:
                     self._groups.move_to_end(name)
                 g.add(kwargs.get("worker"), seconds)
         report = self.current.pop(key, None)
+        copy = self.copies.pop(key_text(key), None) if self.copies else None
         if report is not None:
-            self._report({**report, "outcome": "finished" if finish == "memory" else finish, "ended": time.time()})
+            outcome = "finished" if finish == "memory" else finish
+            if copy is not None:
+                outcome = copy.get("outcome") or ("original won" if finish == "memory" else outcome)
+            self._report({**report, "outcome": outcome, "ended": time.time()})
+
+    def copy_outcome(self, key: str, outcome: str, worker: str) -> None:
+        """How the race between a straggler and its copy ended, from the straggler's call."""
+        copy = self.copies.get(key)
+        if copy is not None:
+            copy["outcome"] = outcome
+            if worker:
+                copy["ran_on"] = worker
 
     def clear(self) -> None:
         self._groups.clear()
@@ -164,6 +185,7 @@ class Stragglers:
         self.consumers.clear()
         self.slow.clear()
         self._seen.clear()
+        self.copies.clear()
         self._offsets.clear()
         self._started.clear()
         self._commits.clear()
@@ -178,7 +200,9 @@ class Stragglers:
                 return
             now = time.time()
             self.checks += 1
-            found = self._task_stragglers(now) + self._consumer_stragglers(now)
+            tasks = self._task_stragglers(now)
+            self._speculate(tasks)
+            found = tasks + self._consumer_stragglers(now)
             self._note_slow_workers(now, found)
         except Exception:
             logger.exception("aimss: straggler check failed")
@@ -198,6 +222,7 @@ class Stragglers:
                 text = key_text(ts.key)
                 tasks[text] = ts
                 running.setdefault(ts.group.name, []).append(Running(text, ws.address, float(elapsed) + since_beat))
+        self._running = tasks
         found: list[Straggler] = []
         for name, rs in running.items():
             g = self._groups.get(name)
@@ -222,6 +247,42 @@ class Stragglers:
                 else:
                     self.current[key]["elapsed"] = round(s.elapsed, 3)
         return found
+
+    def _speculate(self, found: list[Straggler]) -> None:
+        """Copies of straggling tasks of functions declared idempotent, on fast workers, under the cap."""
+        if not self.config.enabled or self._tell is None or not found:
+            return
+        assert self.scheduler is not None
+        marked = [
+            s for s in found
+            if s.key not in self.copies and getattr(getattr(self._running[s.key].run_spec, "func", None), SPECULATIVE, False)
+        ]
+        if not marked:
+            return
+        views = {
+            addr: WorkerView(
+                ws.nthreads, min(len(ws.processing), ws.nthreads),
+                max(ws.memory_limit - ws.nbytes, 0) if ws.memory_limit else 2**62,
+            )
+            for addr, ws in self.scheduler.workers.items()
+            if ws.status.name == "running"
+        }
+        placed = place_copies(
+            marked, views, slow=self.slow, running_copies=len(self.copies), max_fraction=self.config.max_fraction,
+        )
+        now = time.time()
+        for s in marked:
+            dest = placed.get(s.key)
+            if dest is None or not self._tell(s.worker, {"op": "aimss_speculate", "key": s.key, "dest": dest}):
+                continue
+            self.copies[s.key] = {"worker": s.worker, "dest": dest, "since": now, "outcome": None}
+            report = self.current.get(self._running[s.key].key)
+            if report is not None:
+                report["copy"] = dest
+            self._report({
+                "action": "copy", "key": s.key, "worker": s.worker, "dest": dest,
+                "elapsed": round(s.elapsed, 3), "rule": s.rule, "found": now,
+            })
 
     def _consumer_stragglers(self, now: float) -> list[Straggler]:
         cfg = self.config
@@ -324,6 +385,11 @@ class Stragglers:
         self.reports.append(report)
         if report["action"] == "slow-worker":
             logger.warning("aimss: worker %s is slow (%s)", report["worker"], report["why"])
+        elif report["action"] == "copy":
+            logger.warning(
+                "aimss: a copy of straggler %s (on %s, %.1f s running) starts on %s",
+                report["key"], report["worker"], report["elapsed"], report["dest"],
+            )
         elif report["outcome"] == "running":
             what = "task" if report["kind"] == "task" else "consumer"
             logger.warning(

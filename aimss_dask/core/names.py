@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 #: Name of the scheduler and worker plugins (``worker.plugins[PLUGIN_NAME]``).
 PLUGIN_NAME = "aimss"
 
@@ -34,3 +36,20 @@ PARTITION_READ = "__aimss_partition_read__"
 #: The key of AIMSS's heartbeat payload under ``worker.metrics`` (and so
 #: ``WorkerState.metrics`` on the scheduler).
 HEARTBEAT_METRIC = "aimss"
+
+#: The attribute (set to True) of a function the user declared idempotent
+#: (:func:`aimss_dask.speculative`): a straggling call of it may get a copy on
+#: another worker, and the first result wins.
+SPECULATIVE = "__aimss_speculative__"
+
+#: Prefix of the key of a straggler's copy: ``COPY_TASK_PREFIX + key_text(key)``.
+COPY_TASK_PREFIX = "aimss-copy-"
+
+
+def key_text(key: Any) -> str:
+    """A task key as text, the same in every process (messages turn tuples into lists).
+
+    >>> key_text(("x", 0, 3)), key_text("y")
+    ("('x', 0, 3)", 'y')
+    """
+    return key if isinstance(key, str) else str(tuple(key) if isinstance(key, list) else key)

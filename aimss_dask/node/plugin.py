@@ -29,6 +29,7 @@ from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME
 from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.log.store import LogStore
 from aimss_dask.node import heartbeat
+from aimss_dask.node.copies import CopyMailbox
 from aimss_dask.node.dedup import OriginFilter
 from aimss_dask.node.replication import Replicator
 from aimss_dask.node.runs import RunFactory, RunManager
@@ -98,6 +99,8 @@ class AIMSSWorker(WorkerPlugin):
         self._moves: set[asyncio.Future[Any]] = set()
         # Set while the coordinator moves this (retiring) worker's partitions.
         self._retiring: asyncio.Event | None = None
+        # Where copies of straggling speculative tasks here should run.
+        self.copies = CopyMailbox()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -113,6 +116,7 @@ class AIMSSWorker(WorkerPlugin):
         # On the scheduler's ordered stream, so that it comes before the
         # "close" of a retirement; an unknown op there would break the stream.
         worker.stream_handlers["aimss_retiring"] = self._s_retiring
+        worker.stream_handlers["aimss_speculate"] = self._s_speculate
         try:
             self._setup(worker)
         except Exception as e:
@@ -252,6 +256,11 @@ class AIMSSWorker(WorkerPlugin):
         """The coordinator moves this worker's partitions away: closing waits for that."""
         if self._retiring is None or self._retiring.is_set():
             self._retiring = asyncio.Event()
+
+    def _s_speculate(self, key: str = "", dest: str = "", **kwargs: Any) -> None:
+        """Run a copy of straggling task ``key`` (text) on ``dest``: its call takes this from the mailbox."""
+        if key and dest:
+            self.copies.put(key, dest)
 
     @replies
     async def _h_retired(self) -> None:

@@ -1,0 +1,191 @@
+"""Idempotent functions whose straggling calls may run twice: :func:`speculative`.
+
+Dask keeps one worker per task (``processing_on``), and a task's result can
+only come from that worker. So a copy is a *twin*: when the coordinator
+finds a call of a marked function straggling, it tells the straggler's
+worker where a copy should go; the call (still running there) submits the
+same function with the same arguments to that worker under the key
+``aimss-copy-<key>`` and waits for whichever finishes first: its own
+computation, which runs in a thread beside it, or the twin. The first
+result is the task's result, fed back through the original task. The
+loser is cancelled if it is the twin; if it is the original computation,
+it runs to its end in its thread and its result is dropped (Python cannot
+stop a thread), which is why only functions declared idempotent, with no
+side effects a second run would repeat, are ever copied.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import threading
+from typing import Any, Callable
+
+from aimss_dask.core.names import COPY_TASK_PREFIX, PLUGIN_NAME, SPECULATIVE, key_text
+
+logger = logging.getLogger("aimss_dask")
+
+#: How often a running call looks for the coordinator's word to copy it (s).
+POLL = 0.05
+
+
+class Speculative:
+    """A function declared idempotent: see :func:`speculative`."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        if not callable(func):
+            raise TypeError(
+                f"aimss_dask.speculative needs a function, not {type(func).__name__} {func!r}"
+            )
+        self.func = func
+        functools.update_wrapper(self, func)
+        setattr(self, SPECULATIVE, True)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        place = _in_a_task()
+        if place is None:
+            return self.func(*args, **kwargs)
+        return _race(self.func, args, kwargs, *place)
+
+    def __repr__(self) -> str:
+        return f"speculative({self.func!r})"
+
+
+def speculative(func: Callable[..., Any]) -> Speculative:
+    """Declare ``func`` idempotent: a straggling call of it may get a copy on another worker.
+
+    Dask never runs a task twice on purpose, because most tasks have side
+    effects. Mark the functions that have none, and AIMSS may run a copy
+    of a call that straggles (see ``aimss.speculation``): the first of the
+    two to finish gives the result. Calls outside a Dask task, or on a
+    cluster without AIMSS, are plain calls.
+
+    Examples
+    --------
+    >>> import aimss_dask
+    >>> @aimss_dask.speculative
+    ... def simulate(seed):
+    ...     return seed * 2
+    >>> simulate(21)
+    42
+    >>> futures = client.map(simulate, range(100))   # doctest: +SKIP
+    """
+    if isinstance(func, Speculative):
+        return func
+    return Speculative(func)
+
+
+def _in_a_task() -> tuple[Any, Any, Any] | None:
+    """``(worker, key, AIMSS worker plugin)`` when running as a Dask task on an AIMSS worker."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+        key = worker.get_current_task()
+    except ValueError:
+        return None
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if plugin is None or getattr(plugin, "copies", None) is None:
+        return None
+    return worker, key, plugin
+
+
+def _apply(func: Callable[..., Any], packed: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+    args, kwargs = packed
+    return func(*args, **kwargs)
+
+
+def _race(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], worker: Any, key: Any, plugin: Any) -> Any:
+    text = key_text(key)
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def original() -> None:
+        # The call sees the task's context as in the task's own thread:
+        # get_worker() (a context variable, copied below) and the worker's
+        # get_current_task() (by thread).
+        ident = threading.get_ident()
+        with worker.active_threads_lock:
+            worker.active_threads[ident] = key
+        try:
+            box["value"] = func(*args, **kwargs)
+        except BaseException as e:
+            box["error"] = e
+        finally:
+            with worker.active_threads_lock:
+                worker.active_threads.pop(ident, None)
+            box["finished"] = True
+            done.set()
+
+    ctx = contextvars.copy_context()
+    threading.Thread(target=ctx.run, args=(original,), name=f"aimss-original-{text}"[:64], daemon=True).start()
+    twin: Any = None
+    while not done.wait(POLL):
+        if twin is None:
+            dest = plugin.copies.take(text)
+            if dest is not None:
+                twin = _launch(func, args, kwargs, text, dest)
+                if twin is not None:
+                    twin.add_done_callback(lambda _f: done.set())
+    plugin.copies.forget(text)
+    if box.get("finished") or twin is None:
+        if twin is not None:
+            twin.cancel()
+            _tell(text, "original won", worker.address)
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+    # The twin ended first.
+    if twin.status == "finished":
+        try:
+            value = twin.result()
+        except Exception as e:  # lost on the way: the original goes on
+            logger.warning("aimss: the copy of %s finished but its result could not be fetched (%s)", text, e)
+        else:
+            _tell(text, "copy won", twin_worker(twin) or "")
+            twin.release()
+            return value
+    else:
+        _tell(text, f"copy {twin.status}", "")
+    done.wait()  # the copy failed: the original's result, then
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _launch(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], text: str, dest: str) -> Any:
+    """Start the copy of this call on ``dest``: the arguments go to it directly; its future, or None."""
+    from distributed import get_client
+
+    try:
+        client = get_client()
+        [packed] = client.scatter([(args, kwargs)], workers=[dest], direct=True, hash=False)
+        return client.submit(
+            _apply, func, packed, key=COPY_TASK_PREFIX + text, workers=[dest],
+            allow_other_workers=False, pure=False,
+        )
+    except Exception as e:
+        logger.warning("aimss: could not start a copy of %s on %s (%s); the original goes on", text, dest, e)
+        _tell(text, f"copy not started: {type(e).__name__}: {e}", dest)
+        return None
+
+
+def twin_worker(future: Any) -> str | None:
+    """Where a finished copy ran (the scheduler's word), if known."""
+    try:
+        who = future.client.who_has([future])
+        holders = who.get(future.key) or []
+        return holders[0] if holders else None
+    except Exception:
+        return None
+
+
+def _tell(text: str, outcome: str, where: str) -> None:
+    """The coordinator learns how the race ended (reports it when the task ends)."""
+    from aimss_dask.api.context import current
+
+    try:
+        current("speculative").scheduler_op("copy_outcome", key=text, outcome=outcome, worker=where)
+    except Exception as e:
+        logger.warning("aimss: could not tell the coordinator how the copy of %s ended (%s)", text, e)
