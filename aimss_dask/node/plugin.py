@@ -25,7 +25,7 @@ from aimss_dask.core.errors import (
     error_to_wire,
     raise_from_wire,
 )
-from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME
+from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME, key_text
 from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.log.store import LogStore
 from aimss_dask.node import heartbeat
@@ -259,7 +259,9 @@ class AIMSSWorker(WorkerPlugin):
 
     def _s_speculate(self, key: str = "", dest: str = "", **kwargs: Any) -> None:
         """Run a copy of straggling task ``key`` (text) on ``dest``: its call takes this from the mailbox."""
-        if key and dest:
+        # Only for a task running here now: a word that arrives after the
+        # call ended must not start a copy of a later run of the same key.
+        if key and dest and self.worker is not None and any(key_text(k) == key for k in self.worker.active_keys):
             self.copies.put(key, dest)
 
     @replies
