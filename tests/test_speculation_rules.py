@@ -289,3 +289,16 @@ def test_only_marked_stragglers_get_a_copy_and_only_when_enabled():
             tracker.task_ended(("work-abc", 3), "processing", "memory", {"worker": "b", "startstops": []})
             last = sched.events[-1][1]
             assert (last["outcome"], last["copy"]) == ("copy won", "a") and tracker.copies == {}
+
+
+def test_with_every_thread_busy_a_copy_goes_where_a_thread_frees_soonest():
+    ws = {
+        "late": WorkerView(1, 1, 100, free_in=0.9),
+        "soon": WorkerView(1, 1, 10, free_in=0.1),
+        "never": WorkerView(1, 1, 500, free_in=math.inf),
+    }
+    s = [Straggler("t", "x", 9, "quantile", 2)]
+    assert place_copies(s, ws, slow=(), running_copies=0, max_fraction=1.0) == {"t": "soon"}
+    # A free thread comes first, however soon another frees.
+    ws["idle"] = WorkerView(1, 0, 1, free_in=0.0)
+    assert place_copies(s, ws, slow=(), running_copies=0, max_fraction=1.0) == {"t": "idle"}

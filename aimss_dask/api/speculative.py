@@ -29,6 +29,9 @@ logger = logging.getLogger("aimss_dask")
 #: How often a running call looks for the coordinator's word to copy it (s).
 POLL = 0.05
 
+#: Dask priority of a copy (higher runs first): ahead of everything queued.
+COPY_PRIORITY = 2**30
+
 
 class Speculative:
     """A function declared idempotent: see :func:`speculative`."""
@@ -161,9 +164,11 @@ def _launch(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
     try:
         client = get_client()
         [packed] = client.scatter([(args, kwargs)], workers=[dest], direct=True, hash=False)
+        # First in the destination's queue: a copy that waits behind the
+        # tasks already there starts too late to win.
         return client.submit(
             _apply, func, packed, key=COPY_TASK_PREFIX + text, workers=[dest],
-            allow_other_workers=False, pure=False,
+            allow_other_workers=False, pure=False, priority=COPY_PRIORITY,
         )
     except Exception as e:
         logger.warning("aimss: could not start a copy of %s on %s (%s); the original goes on", text, dest, e)

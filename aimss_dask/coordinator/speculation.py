@@ -204,11 +204,16 @@ def slow_workers(
 
 @dataclass(frozen=True)
 class WorkerView:
-    """What placement needs to know of a worker: threads, threads busy, log bytes free."""
+    """What placement needs to know of a worker: threads, threads busy, bytes free.
+
+    ``free_in``: seconds until one of its threads is expected to be free
+    (its running tasks' typical time left); 0 when one is free now.
+    """
 
     threads: int
     busy: int
     free_bytes: int
+    free_in: float = 0.0
 
 
 def copy_cap(threads: int, max_fraction: float) -> int:
@@ -234,9 +239,11 @@ def place_copies(
     At most ``copy_cap(all threads, max_fraction) - running_copies`` new
     copies. A copy never goes to its straggler's worker, to a ``slow``
     worker, or to one with fewer free log bytes than ``need_bytes[key]``
-    (0 if not given); among the others, to the one with the most free
-    threads, then the most free bytes, then the lowest address. A worker
-    takes at most as many copies as it has free threads (at least one).
+    (0 if not given); among the others, to one with a free thread (the
+    most free threads first), else to the one expected to free a thread
+    soonest (``free_in``: a copy waits for a thread, first in line), then
+    the most free bytes, then the lowest address. A worker takes at most as
+    many copies as it has free threads (at least one).
 
     >>> ws = {"a": WorkerView(1, 1, 10), "b": WorkerView(1, 0, 10), "c": WorkerView(1, 0, 10)}
     >>> place_copies([Straggler("t", "a", 9, "quantile", 2)], ws, slow={"c"}, running_copies=0, max_fraction=0.5)
@@ -252,18 +259,19 @@ def place_copies(
             break
         if s.key in out:
             continue
-        best: tuple[int, int, str] | None = None
+        best: tuple[float, int, int, str] | None = None
         for addr, w in workers.items():
             if addr == s.worker or addr in slow or w.free_bytes < need.get(s.key, 0):
                 continue
             if taken.get(addr, 0) >= max(w.threads - w.busy, 1):
                 continue
-            rank = (-(w.threads - w.busy - taken.get(addr, 0)), -w.free_bytes, addr)
+            free = w.threads - w.busy - taken.get(addr, 0)
+            rank = (0.0 if free > 0 else w.free_in, -free, -w.free_bytes, addr)
             if best is None or rank < best:
                 best = rank
         if best is None:
             continue
-        out[s.key] = best[2]
-        taken[best[2]] = taken.get(best[2], 0) + 1
+        out[s.key] = best[3]
+        taken[best[3]] = taken.get(best[3], 0) + 1
         room -= 1
     return out

@@ -25,6 +25,7 @@ and an entry of ``aimss_dask.status().stragglers``.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -263,6 +264,7 @@ class Stragglers:
             addr: WorkerView(
                 ws.nthreads, min(len(ws.processing), ws.nthreads),
                 max(ws.memory_limit - ws.nbytes, 0) if ws.memory_limit else 2**62,
+                self._free_in(ws),
             )
             for addr, ws in self.scheduler.workers.items()
             if ws.status.name == "running"
@@ -283,6 +285,19 @@ class Stragglers:
                 "action": "copy", "key": s.key, "worker": s.worker, "dest": dest,
                 "elapsed": round(s.elapsed, 3), "rule": s.rule, "found": now,
             })
+
+    def _free_in(self, ws: Any) -> float:
+        """Seconds until ``ws`` should have a free thread: its running tasks' shortest typical time left."""
+        running = [(ts, e) for ts, e in ws.executing.items() if ts.state == "processing" and ts.processing_on is ws]
+        if len(running) < ws.nthreads:
+            return 0.0
+        left = []
+        for ts, elapsed in running:
+            g = self._groups.get(ts.group.name)
+            if g is None or not g.durations:
+                continue
+            left.append(max(statistics.median(g.durations) - float(elapsed), 0.0))
+        return min(left) if left else float("inf")
 
     def _consumer_stragglers(self, now: float) -> list[Straggler]:
         cfg = self.config
