@@ -302,3 +302,15 @@ def test_with_every_thread_busy_a_copy_goes_where_a_thread_frees_soonest():
     # A free thread comes first, however soon another frees.
     ws["idle"] = WorkerView(1, 0, 1, free_in=0.0)
     assert place_copies(s, ws, slow=(), running_copies=0, max_fraction=1.0) == {"t": "idle"}
+
+
+def test_on_a_worker_found_slow_a_task_past_the_median_is_a_straggler():
+    tracker, sched, g, a, b = _tracker()
+    on_b = sched.tasks[("work-abc", 3)] = _Task(("work-abc", 3), g, b)
+    b.executing = {on_b: 1.6}  # past 1.5x the median (1 s), not past 2x
+    tracker.check()
+    assert tracker.summary()["tasks"] == []
+    tracker.slow["b"] = {"action": "slow-worker", "worker": "b"}
+    tracker.check()
+    [r] = tracker.summary()["tasks"]
+    assert (r["worker"], r["rule"], r["bound"]) == ("b", "slow worker", 1.5)

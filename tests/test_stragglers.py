@@ -68,11 +68,14 @@ def test_a_slow_workers_tasks_are_reported_and_the_worker_flagged(client):
     reports = _reports(client, t0)
     found = [r for r in reports if r["action"] == "straggler" and r["outcome"] == "running"]
     assert found, reports
+    assert found[0]["rule"] == "quantile"
     for r in found:
-        assert r["kind"] == "task" and r["worker"] == slow and r["rule"] == "quantile"
-        # Past 2x the median of a group whose other tasks took BASE, and its own
-        # elapsed time is known from heartbeats, so below its full duration.
-        assert r["bound"] == pytest.approx(2 * BASE, rel=0.4)
+        assert r["kind"] == "task" and r["worker"] == slow
+        # Past 2x the median of a group whose other tasks took BASE (1.5x once
+        # the worker is found slow), and its own elapsed time is known from
+        # heartbeats, so below its full duration.
+        assert r["rule"] in ("quantile", "slow worker")
+        assert r["bound"] == pytest.approx((2 if r["rule"] == "quantile" else 1.5) * BASE, rel=0.4)
         assert r["bound"] < r["elapsed"] <= BASE * SLOW + 1.0
         assert r["copy"] is None  # ordinary tasks not marked idempotent are never copied
     ended = {r["key"]: r["outcome"] for r in reports if r["action"] == "straggler" and r["outcome"] != "running"}

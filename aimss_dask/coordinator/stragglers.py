@@ -15,9 +15,10 @@ What it watches:
 
 A periodic callback (``aimss.speculation.interval``), never the hooks,
 applies the pure rules of :mod:`~aimss_dask.coordinator.speculation`:
-Spark's quantile rule to the tasks of each group, LATE's time-left rule to
-the consumers of each group of each stream, and tells slow workers from
-slow tasks. Each new straggler, and its end, is an event on the
+Spark's quantile rule to the tasks of each group (halfway between 1x and
+``multiplier`` x the median for tasks on a worker already found slow: rule
+``slow worker``), LATE's time-left rule to the consumers of each group of each
+stream, and tells slow workers from slow tasks. Each new straggler, and its end, is an event on the
 ``aimss-straggler`` topic (``client.subscribe_topic``), a line in the log
 and an entry of ``aimss_dask.status().stragglers``.
 """
@@ -29,6 +30,7 @@ import statistics
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator.speculation import (
@@ -230,10 +232,22 @@ class Stragglers:
             if g is None or not g.durations:
                 continue
             total = len(tasks[rs[0].key].group)
-            for s in quantile_rule(
-                list(g.durations), total, rs,
+            durations = list(g.durations)
+            # On a worker already found slow, a task well past the group's
+            # median will most likely be slow too: it is judged halfway
+            # between 1x and multiplier x, so its copy starts sooner.
+            on_slow = [r for r in rs if r.worker in self.slow]
+            judged = quantile_rule(
+                durations, total, [r for r in rs if r.worker not in self.slow],
                 quantile=cfg.quantile, multiplier=cfg.multiplier, min_runtime=cfg.min_runtime,
-            ):
+            ) + [
+                replace(s, rule="slow worker")
+                for s in quantile_rule(
+                    durations, total, on_slow, quantile=cfg.quantile, multiplier=(1.0 + cfg.multiplier) / 2,
+                    min_runtime=cfg.min_runtime,
+                )
+            ]
+            for s in judged:
                 found.append(s)
                 key = tasks[s.key].key
                 if key not in self.current:
