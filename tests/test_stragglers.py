@@ -53,6 +53,19 @@ def _marked(i: int, slow: str, tag: str) -> tuple[int, str]:
     return i, here
 
 
+@aimss_dask.speculative
+def _fails_elsewhere(i: int, slow: str, tag: str) -> int:
+    """Succeeds only on the slow worker: its copy, which runs elsewhere, fails."""
+    here = get_worker().address
+    if here != slow:
+        time.sleep(BASE)
+        if "-copy-" in str(get_worker().get_current_task()):
+            raise RuntimeError("copies fail here")
+        return i
+    time.sleep(BASE * 2 * SLOW)
+    return i
+
+
 def _reports(client: Client, since: float) -> list[dict[str, Any]]:
     return [msg for t, msg in client.get_events(STRAGGLER_TOPIC) if t >= since and isinstance(msg, dict)]
 
@@ -172,3 +185,17 @@ def test_speculative_marks_a_function_and_calls_it_plainly_outside_a_task():
     assert f(1) == 2 and aimss_dask.speculative(f) is f
     with pytest.raises(TypeError, match="needs a function, not int 3"):
         aimss_dask.speculative(3)
+
+
+def test_a_failed_copy_leaves_the_result_to_the_original(client):
+    slow = sorted(client.scheduler_info()["workers"])[-1]
+    t0 = time.time()
+    tag = unique_name("fails")
+    futs = client.map(_fails_elsewhere, range(12), slow=slow, tag=tag, key=[f"{tag}-{i}" for i in range(12)])
+    assert client.gather(futs) == list(range(12))
+    wait_until(lambda: any(
+        r["action"] == "straggler" and r["outcome"] not in ("running",) and r.get("copy")
+        for r in _reports(client, t0)
+    ), timeout=10)
+    ended = [r for r in _reports(client, t0) if r["action"] == "straggler" and r.get("copy") and r["outcome"] != "running"]
+    assert ended and all(r["outcome"] == "copy error" for r in ended), ended

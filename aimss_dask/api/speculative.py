@@ -102,7 +102,8 @@ def _apply(func: Callable[..., Any], packed: tuple[tuple[Any, ...], dict[str, An
 def _race(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], worker: Any, key: Any, plugin: Any) -> Any:
     text = key_text(key)
     box: dict[str, Any] = {}
-    done = threading.Event()
+    finished = threading.Event()  # the call's own body ended
+    done = threading.Event()  # it or the copy ended
 
     def original() -> None:
         # The call sees the task's context as in the task's own thread:
@@ -118,7 +119,7 @@ def _race(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
         finally:
             with worker.active_threads_lock:
                 worker.active_threads.pop(ident, None)
-            box["finished"] = True
+            finished.set()
             done.set()
 
     ctx = contextvars.copy_context()
@@ -132,7 +133,7 @@ def _race(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
                 if twin is not None:
                     twin.add_done_callback(lambda _f: done.set())
     plugin.copies.forget(text)
-    if box.get("finished") or twin is None:
+    if finished.is_set() or twin is None:
         if twin is not None:
             twin.cancel()
             _tell(text, "original won", worker.address)
@@ -145,13 +146,14 @@ def _race(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
             value = twin.result()
         except Exception as e:  # lost on the way: the original goes on
             logger.warning("aimss: the copy of %s finished but its result could not be fetched (%s)", text, e)
+            _tell(text, f"copy lost: {type(e).__name__}", "")
         else:
             _tell(text, "copy won", twin_worker(twin) or "")
             twin.release()
             return value
     else:
         _tell(text, f"copy {twin.status}", "")
-    done.wait()  # the copy failed: the original's result, then
+    finished.wait()  # the copy failed: the call's own result, then
     if "error" in box:
         raise box["error"]
     return box["value"]
