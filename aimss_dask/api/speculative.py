@@ -148,7 +148,7 @@ def _race(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
             logger.warning("aimss: the copy of %s finished but its result could not be fetched (%s)", text, e)
             _tell(text, f"copy lost: {type(e).__name__}", "")
         else:
-            _tell(text, "copy won", twin_worker(twin) or "")
+            _tell(text, "copy won", _twin_worker(twin) or "")
             twin.release()
             return value
     else:
@@ -178,7 +178,7 @@ def _launch(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
         return None
 
 
-def twin_worker(future: Any) -> str | None:
+def _twin_worker(future: Any) -> str | None:
     """Where a finished copy ran (the scheduler's word), if known."""
     try:
         who = future.client.who_has([future])

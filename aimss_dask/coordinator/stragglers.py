@@ -96,6 +96,48 @@ class _Group:
             mine.append(seconds)
 
 
+class _Consumer:
+    """What one consumer (stream, group, partition) has committed, as sampled at each check."""
+
+    __slots__ = ("hist", "started", "commits", "changed")
+
+    def __init__(self) -> None:
+        self.hist: deque[tuple[float, int]] = deque()  # (when, committed offset), oldest first
+        self.started: float | None = None  # when it was first seen consuming
+        self.commits = 0  # offset moves seen
+        self.changed: float | None = None  # when its offset last moved
+
+    def observe(self, now: float, off: int) -> None:
+        hist = self.hist
+        if hist and hist[-1][1] != off:
+            self.commits += 1
+            self.changed = now
+        if not hist or hist[-1][1] != off or now - hist[-1][0] >= 1.0:
+            hist.append((now, off))
+        while len(hist) > 2 and now - hist[1][0] >= RATE_WINDOW:
+            hist.popleft()
+        if off > 0 and self.started is None:
+            self.started = hist[0][0] if hist[0][1] == 0 else now
+
+    def rate(self, now: float, off: int, done: bool) -> float | None:
+        """Records per second over the window; for one that is done, over the time it consumed.
+
+        Not a rate that falls the longer it has had nothing left.
+        """
+        first_t, first_off = self.hist[0]
+        until = (self.changed or now) if done else now
+        return (off - first_off) / (until - first_t) if until - first_t > 0 else None
+
+
+def _running_on(ws: Any) -> list[tuple[Any, float]]:
+    """``(task, seconds it had run)`` of the tasks ``ws``'s last heartbeat listed that still run there.
+
+    The heartbeat's list is as old as the heartbeat: a task that ended
+    since (or moved) is no longer running there.
+    """
+    return [(ts, e) for ts, e in ws.executing.items() if ts.state == "processing" and ts.processing_on is ws]
+
+
 def _compute_seconds(startstops: Any) -> float | None:
     """The ``compute`` time of a finished task from the worker's ``startstops``."""
     if not startstops:
@@ -139,11 +181,7 @@ class Stragglers:
         self.slow: dict[str, dict[str, Any]] = {}
         self.reports: deque[dict[str, Any]] = deque(maxlen=MAX_REPORTS)
         self._seen: deque[tuple[float, str, str]] = deque()  # (when, worker, straggler id)
-        # (stream, group, partition) -> [(when, committed offset)], oldest first.
-        self._offsets: dict[tuple[str, str, int], deque[tuple[float, int]]] = {}
-        self._started: dict[tuple[str, str, int], float] = {}
-        self._commits: dict[tuple[str, str, int], int] = {}
-        self._changed: dict[tuple[str, str, int], float] = {}  # when its offset last moved
+        self._consumed: dict[tuple[str, str, int], _Consumer] = {}  # (stream, group, partition) -> it
         self.checks = 0
         self._running: dict[str, Any] = {}  # key text -> TaskState, of the last check
 
@@ -189,10 +227,7 @@ class Stragglers:
         self.slow.clear()
         self._seen.clear()
         self.copies.clear()
-        self._offsets.clear()
-        self._started.clear()
-        self._commits.clear()
-        self._changed.clear()
+        self._consumed.clear()
 
     # -- the periodic check -----------------------------------------------------------------
 
@@ -217,11 +252,7 @@ class Stragglers:
         tasks: dict[str, Any] = {}
         for ws in self.scheduler.workers.values():
             since_beat = max(now - ws.last_seen, 0.0)
-            for ts, elapsed in ws.executing.items():
-                # The heartbeat's list is as old as the heartbeat: a task that
-                # ended since (or moved) is no longer running there.
-                if ts.state != "processing" or ts.processing_on is not ws:
-                    continue
+            for ts, elapsed in _running_on(ws):
                 text = key_text(ts.key)
                 tasks[text] = ts
                 running.setdefault(ts.group.name, []).append(Running(text, ws.address, float(elapsed) + since_beat))
@@ -302,7 +333,7 @@ class Stragglers:
 
     def _free_in(self, ws: Any) -> float:
         """Seconds until ``ws`` should have a free thread: its running tasks' shortest typical time left."""
-        running = [(ts, e) for ts, e in ws.executing.items() if ts.state == "processing" and ts.processing_on is ws]
+        running = _running_on(ws)
         if len(running) < ws.nthreads:
             return 0.0
         left = []
@@ -326,38 +357,22 @@ class Stragglers:
                 for p, off in enumerate(offsets):
                     k = (name, group, p)
                     live.add(k)
-                    hist = self._offsets.get(k)
-                    if hist is None:
-                        hist = self._offsets[k] = deque()
-                    if hist and hist[-1][1] != off:
-                        self._commits[k] = self._commits.get(k, 0) + 1
-                        self._changed[k] = now
-                    if not hist or hist[-1][1] != off or now - hist[-1][0] >= 1.0:
-                        hist.append((now, off))
-                    while len(hist) > 2 and now - hist[1][0] >= RATE_WINDOW:
-                        hist.popleft()
-                    if off > 0 and k not in self._started:
-                        self._started[k] = hist[0][0] if hist[0][1] == 0 else now
+                    c = self._consumed.get(k)
+                    if c is None:
+                        c = self._consumed[k] = _Consumer()
+                    c.observe(now, off)
                     end = bounds.get(p, (0, off))[1]
                     done = end <= off
                     # A consumer that is done is a peer however few commits
                     # it made (a fast one may finish within a few).
-                    if k not in self._started or (self._commits.get(k, 0) < MIN_COMMITS and not done):
+                    if c.started is None or (c.commits < MIN_COMMITS and not done):
                         continue
-                    first_t, first_off = hist[0]
-                    # One that is done: its rate while it consumed, not one
-                    # that falls the longer it has nothing left.
-                    until = self._changed.get(k, now) if done else now
-                    rate = (off - first_off) / (until - first_t) if until - first_t > 0 else None
                     peers.setdefault((name, group), []).append(Progress(
-                        f"{name}/{group}/{p}", spec.owners[p], now - self._started[k], float(off),
-                        float(max(end - off, 0)), rate,
+                        f"{name}/{group}/{p}", spec.owners[p], now - c.started, float(off),
+                        float(max(end - off, 0)), c.rate(now, off, done),
                     ))
-        for k in [k for k in self._offsets if k not in live]:
-            del self._offsets[k]
-            self._started.pop(k, None)
-            self._commits.pop(k, None)
-            self._changed.pop(k, None)
+        for k in [k for k in self._consumed if k not in live]:
+            del self._consumed[k]
         found: list[Straggler] = []
         flagged: set[str] = set()
         for (name, group), work in peers.items():
