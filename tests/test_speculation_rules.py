@@ -5,11 +5,13 @@ from __future__ import annotations
 import doctest
 import math
 
+from dask.task_spec import Task
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aimss_dask.coordinator import speculation as sp
 from aimss_dask.coordinator.speculation import (
+    RECENT_GROUPS,
     Progress,
     Running,
     Straggler,
@@ -19,6 +21,7 @@ from aimss_dask.coordinator.speculation import (
     place_copies,
     quantile_rule,
     slow_workers,
+    slowness,
 )
 
 durations = st.floats(min_value=0.01, max_value=100, allow_nan=False)
@@ -115,6 +118,28 @@ def test_slow_workers_from_stragglers_or_from_finished_durations():
     assert slow_workers({}, groups, multiplier=2) == {"c"}
     # One slow task is not a slow worker.
     assert slow_workers({}, {"g": {"a": [1.0, 1.0], "c": [5.0]}}, multiplier=2) == set()
+    # Tasks of milliseconds are noise, however far apart.
+    tiny = {"g": {"a": [0.001, 0.001], "b": [0.001, 0.001], "c": [0.008, 0.009]}}
+    assert slow_workers({}, tiny, multiplier=2) == {"c"}
+    assert slow_workers({}, tiny, multiplier=2, floor=0.1) == set()
+
+
+def test_slowness_weighs_time_spent_in_a_workers_recent_groups():
+    # Slow where it spent its time (reads of 1 s against 0.4 s), normal in a
+    # short group: time-weighted, it is slow; one group's ratio alone says little.
+    groups = {
+        "reads": {"a": [0.4, 0.4], "b": [0.4, 0.4], "c": [1.0, 1.2, 1.0]},
+        "small": {"a": [0.2, 0.2], "b": [0.2, 0.2], "c": [0.2, 0.2]},
+    }
+    got = slowness(groups)
+    assert got["c"] > 2 > got["a"]
+    assert slow_workers({}, groups, multiplier=2) == {"c"}
+    # Only a worker's RECENT_GROUPS newest groups count (newest first): a
+    # worker fast long ago and slow now is slow.
+    old = {f"old{i}": {"a": [1.0, 1.0], "b": [1.0, 1.0], "c": [1.0, 1.0]} for i in range(10)}
+    new = {f"new{i}": {"a": [1.0, 1.0], "b": [1.0, 1.0], "c": [3.0, 3.0]} for i in range(RECENT_GROUPS)}
+    assert slowness({**new, **old})["c"] > 2
+    assert slowness({**old, **new})["c"] < 2
 
 
 def test_copy_cap_is_a_floor_of_the_fraction_of_threads():
@@ -197,7 +222,7 @@ class _Task:
     def __init__(self, key, group, ws=None, func=None) -> None:
         self.key, self.group, self.processing_on = key, group, ws
         self.state = "processing" if ws is not None else "memory"
-        self.run_spec = type("Spec", (), {"func": func})()
+        self.run_spec = Task(key, func) if func is not None else None
 
 
 class _Worker:
@@ -314,3 +339,26 @@ def test_on_a_worker_found_slow_a_task_past_the_median_is_a_straggler():
     tracker.check()
     [r] = tracker.summary()["tasks"]
     assert (r["worker"], r["rule"], r["bound"]) == ("b", "slow worker", 1.5)
+
+
+def test_a_marked_call_is_found_inside_a_fused_task():
+    import aimss_dask
+    from aimss_dask.coordinator.stragglers import calls_marked
+    from aimss_dask.shuffle import _tasks
+
+    marked = aimss_dask.speculative(len)
+    assert calls_marked(Task("k", marked, [1]))
+    # Dask fused the push with the task that made its input: the call is an argument.
+    fused = Task("k", sum, [Task("inner", _tasks.push, Task("input", list, [1]), ["s"], 0, ["a"], 4, None)])
+    assert calls_marked(fused)
+    assert not calls_marked(Task("k", sum, [Task("inner", len, [1])]))
+    assert not calls_marked(None)
+
+
+def test_new_partitions_avoid_slow_workers_only_when_speculation_is_on():
+    for enabled, expect in [(True, ["a"]), (False, ["a", "b"])]:
+        tracker, *_ = _tracker(enabled=enabled, told=[])
+        tracker.slow = {"b": {"seen": 0.0}}
+        assert tracker.avoid(["a", "b"]) == expect
+        # Never none at all: a cluster of slow workers still places its partitions.
+        assert tracker.avoid(["b"]) == ["b"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import sys
 import threading
 from typing import Any, Callable
 
@@ -31,6 +32,17 @@ POLL = 0.05
 
 #: Dask priority of a copy (higher runs first): ahead of everything queued.
 COPY_PRIORITY = 2**30
+
+# The call racing on this thread: the key of the task it stands for (the
+# original's, also in its twin) and, in the original, the event set once the
+# twin has won. A speculative function called inside one is a plain call.
+_RACE: contextvars.ContextVar[tuple[Any, threading.Event | None] | None] = contextvars.ContextVar(
+    "aimss_race", default=None
+)
+
+
+class RaceLost(Exception):
+    """Raised in a racing call's own body by :func:`check_race` once its copy has won."""
 
 
 class Speculative:
@@ -46,13 +58,22 @@ class Speculative:
         setattr(self, SPECULATIVE, True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        place = _in_a_task()
+        place = _in_a_task() if _RACE.get() is None else None
         if place is None:
             return self.func(*args, **kwargs)
-        return _race(self.func, args, kwargs, *place)
+        return _race(self, args, kwargs, *place)
 
     def __repr__(self) -> str:
         return f"speculative({self.func!r})"
+
+    def __reduce__(self) -> Any:
+        # A module-level speculative function (a decorator's result) travels
+        # by name, like the function it stands for; any other with its function.
+        module = sys.modules.get(getattr(self, "__module__", ""))
+        name = getattr(self, "__qualname__", "")
+        if module is not None and "." not in name and getattr(module, name, None) is self:
+            return name
+        return (Speculative, (self.func,))
 
 
 def speculative(func: Callable[..., Any]) -> Speculative:
@@ -94,21 +115,69 @@ def _in_a_task() -> tuple[Any, Any, Any] | None:
     return worker, key, plugin
 
 
-def _apply(func: Callable[..., Any], packed: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+def task_key() -> Any:
+    """The key of the Dask task this call stands for: the straggler's own in its copy.
+
+    ``Worker.get_current_task()`` gives a copy's own key
+    (``aimss-copy-...``); what the call reports about itself (an
+    operator's push names its task to the coordinator) is the original's.
+    Raises ``ValueError`` outside a Dask task, like ``get_worker``.
+    """
+    race = _RACE.get()
+    if race is not None:
+        return race[0]
+    from distributed import get_worker
+
+    return get_worker().get_current_task()
+
+
+def check_race() -> None:
+    """Raise :class:`RaceLost` in a call's own body once its copy has won.
+
+    Python cannot stop the losing body's thread; a body that calls this
+    between steps (an operator's push, before each write) stops early
+    instead of running to its end for nothing. Elsewhere, a no-op.
+    """
+    race = _RACE.get()
+    if race is not None and race[1] is not None and race[1].is_set():
+        raise RaceLost("the copy of this call finished first")
+
+
+class _Of:
+    """The straggler's key, as a copy's argument: never read by Dask as a reference to a task."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _Of, (self.key,)
+
+
+def _apply(spec: Speculative, packed: tuple[tuple[Any, ...], dict[str, Any]], of: _Of) -> Any:
+    """A copy's body: the marked function on the arguments, standing for task ``of``."""
     args, kwargs = packed
-    return func(*args, **kwargs)
+    token = _RACE.set((of.key, None))
+    try:
+        return spec.func(*args, **kwargs)
+    finally:
+        _RACE.reset(token)
 
 
-def _race(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], worker: Any, key: Any, plugin: Any) -> Any:
+def _race(spec: Speculative, args: tuple[Any, ...], kwargs: dict[str, Any], worker: Any, key: Any, plugin: Any) -> Any:
+    func = spec.func
     text = key_text(key)
     box: dict[str, Any] = {}
     finished = threading.Event()  # the call's own body ended
     done = threading.Event()  # it or the copy ended
+    lost = threading.Event()  # the copy won: the body may stop (check_race)
 
     def original() -> None:
         # The call sees the task's context as in the task's own thread:
         # get_worker() (a context variable, copied below) and the worker's
         # get_current_task() (by thread).
+        _RACE.set((key, lost))
         ident = threading.get_ident()
         with worker.active_threads_lock:
             worker.active_threads[ident] = key
@@ -129,7 +198,7 @@ def _race(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
         if twin is None:
             dest = plugin.copies.take(text)
             if dest is not None:
-                twin = _launch(func, args, kwargs, text, dest)
+                twin = _launch(spec, args, kwargs, key, dest)
                 if twin is not None:
                     twin.add_done_callback(lambda _f: done.set())
     plugin.copies.forget(text)
@@ -148,6 +217,7 @@ def _race(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
             logger.warning("aimss: the copy of %s finished but its result could not be fetched (%s)", text, e)
             _tell(text, f"copy lost: {type(e).__name__}", "")
         else:
+            lost.set()
             _tell(text, "copy won", _twin_worker(twin) or "")
             twin.release()
             return value
@@ -159,17 +229,18 @@ def _race(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
     return box["value"]
 
 
-def _launch(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], text: str, dest: str) -> Any:
+def _launch(spec: Speculative, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any, dest: str) -> Any:
     """Start the copy of this call on ``dest``: the arguments go to it directly; its future, or None."""
     from distributed import get_client
 
+    text = key_text(key)
     try:
         client = get_client()
         [packed] = client.scatter([(args, kwargs)], workers=[dest], direct=True, hash=False)
         # First in the destination's queue: a copy that waits behind the
         # tasks already there starts too late to win.
         return client.submit(
-            _apply, func, packed, key=COPY_TASK_PREFIX + text, workers=[dest],
+            _apply, spec, packed, _Of(key), key=COPY_TASK_PREFIX + text, workers=[dest],
             allow_other_workers=False, pure=False, priority=COPY_PRIORITY,
         )
     except Exception as e:

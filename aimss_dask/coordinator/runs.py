@@ -211,7 +211,15 @@ class RunHandlers:
         created: list[str] = []
         try:
             holders = self.ops.holders(prefer) if prefer else None
-            running = self.ops.running()
+            everyone = self.ops.running()
+            running = self.coord.stragglers.avoid(everyone)
+            if view.replication is not None and view.replication > len(running):
+                running = everyone  # the copies asked for need the slow workers too
+            if len(running) < len(everyone):
+                logger.info(
+                    "aimss: %s run %s places its partitions off slow worker(s) %s",
+                    rec.kind, rec.run_id, sorted(set(everyone) - set(running)),
+                )
             copies = view.replication
             if copies is None:
                 # The default never fails a run on a small cluster: at most
@@ -365,7 +373,8 @@ class RunHandlers:
         for spec in specs:
             for p, st in (await self.coord.stream_ops.partition_stats(spec)).items():
                 sizes[p] += st["bytes"]
-        new = rebalance(sizes, owners, self.ops.running())
+        # Never onto a worker found slow: it holds little because it is slow.
+        new = rebalance(sizes, owners, self.coord.stragglers.avoid(self.ops.running()))
         moves = [p for p in range(len(sizes)) if new[p] != owners[p] and sizes[p] > 0]
         if not moves:
             return

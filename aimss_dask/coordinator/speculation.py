@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "RECENT_GROUPS",
     "SLOW_RATE_QUANTILE",
     "SLOW_WORKER_STRAGGLERS",
     "Progress",
@@ -38,6 +39,7 @@ __all__ = [
     "place_copies",
     "quantile_rule",
     "slow_workers",
+    "slowness",
 ]
 
 #: LATE's SlowTaskThreshold: only work whose rate is below this quantile of
@@ -174,32 +176,64 @@ def slow_workers(
     durations: Mapping[str, Mapping[str, Sequence[float]]],
     *,
     multiplier: float,
+    floor: float = 0.0,
 ) -> set[str]:
     """Workers that are slow, not just one of their tasks.
 
     ``stragglers_seen``: worker -> distinct stragglers flagged there lately;
     ``SLOW_WORKER_STRAGGLERS`` of them make it slow. ``durations``: task
-    group -> worker -> durations of the group's finished tasks there; a
-    worker whose median over at least two tasks of a group exceeds
-    ``multiplier`` times the group's median over every worker is slow (with
-    one thread per worker, it never runs two stragglers at once). The
-    group's median is taken once, over all workers, so that this stays
-    linear in the durations: a slow worker finishes few of a group's tasks
-    and moves that median little.
+    group -> worker -> durations of the group's finished tasks there,
+    newest group first; a worker whose :func:`slowness` exceeds
+    ``multiplier`` is slow: its recent tasks took that much longer, in all,
+    than the same groups' tasks typically take (with one thread per worker,
+    it never runs two stragglers at once).
 
     >>> sorted(slow_workers({}, {"g": {"a": [1, 1], "b": [1, 1], "c": [4, 5]}}, multiplier=2))
     ['c']
     """
     slow = {w for w, n in stragglers_seen.items() if n >= SLOW_WORKER_STRAGGLERS}
+    slow.update(w for w, x in slowness(durations, floor).items() if x > multiplier)
+    return slow
+
+
+#: Task groups, a worker's most recent ones, that :func:`slowness` weighs: a
+#: worker slowed down (or sped up) shows it within a few groups, not after
+#: its whole history is replaced.
+RECENT_GROUPS = 4
+
+
+def slowness(durations: Mapping[str, Mapping[str, Sequence[float]]], floor: float = 0.0) -> dict[str, float]:
+    """Worker -> how much longer its tasks took than the same groups' typical task, time-weighted.
+
+    ``durations``: task group -> worker -> durations of the group's
+    finished tasks there, newest group first. Over the ``RECENT_GROUPS``
+    newest groups where a worker ran at least two tasks: the time it spent
+    over ``tasks x the group's median`` (over all workers), so the groups
+    where it spent its time weigh the most. A group counts only where its
+    median or the worker's exceeds ``floor`` seconds: tasks of milliseconds
+    differ by scheduling noise, on a busy machine many times over, and say
+    nothing of the worker.
+
+    >>> slowness({"g": {"a": [1, 1], "c": [3, 3]}, "tiny": {"a": [.001, .001], "c": [.004, .004]}}, floor=.1)
+    {'a': 0.5, 'c': 1.5}
+    """
+    spent: dict[str, float] = {}
+    typical: dict[str, float] = {}
+    groups: dict[str, int] = {}
     for by_worker in durations.values():
         every = [d for ds in by_worker.values() for d in ds]
         if not every:
             continue
-        bound = multiplier * statistics.median(every)
+        median = statistics.median(every)
         for worker, mine in by_worker.items():
-            if len(mine) >= 2 and worker not in slow and statistics.median(mine) > bound:
-                slow.add(worker)
-    return slow
+            if len(mine) < 2 or groups.get(worker, 0) >= RECENT_GROUPS or median <= 0:
+                continue
+            if max(statistics.median(mine), median) <= floor:
+                continue
+            groups[worker] = groups.get(worker, 0) + 1
+            spent[worker] = spent.get(worker, 0.0) + sum(mine)
+            typical[worker] = typical.get(worker, 0.0) + len(mine) * median
+    return {w: spent[w] / typical[w] for w in spent}
 
 
 @dataclass(frozen=True)

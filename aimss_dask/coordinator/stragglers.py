@@ -42,6 +42,7 @@ from aimss_dask.coordinator.speculation import (
     place_copies,
     quantile_rule,
     slow_workers,
+    slowness,
 )
 from aimss_dask.core.config import SpeculationConfig
 from aimss_dask.core.names import SPECULATIVE, STRAGGLER_TOPIC, key_text
@@ -72,7 +73,11 @@ MIN_COMMITS = 3
 SLOW_WINDOW = 120.0
 
 #: Task groups, the most recently finished, whose durations per worker can make a worker slow.
-SLOW_GROUPS = 16
+SLOW_GROUPS = 32
+
+#: Fraction of ``min-runtime`` a worker's median duration in a group must
+#: exceed for that group to make it slow: shorter tasks differ by noise.
+SLOW_FLOOR = 0.1
 
 #: Reports kept for ``status()``.
 MAX_REPORTS = 200
@@ -136,6 +141,31 @@ def _running_on(ws: Any) -> list[tuple[Any, float]]:
     since (or moved) is no longer running there.
     """
     return [(ts, e) for ts, e in ws.executing.items() if ts.state == "processing" and ts.processing_on is ws]
+
+
+def calls_marked(spec: Any, depth: int = 0) -> bool:
+    """Whether task spec ``spec`` calls a function marked speculative, even fused into another task.
+
+    A speculative function (:func:`aimss_dask.speculative`, an operator's
+    push) races a copy only from inside its call, so a task qualifies when
+    that call is in it anywhere: Dask may have fused the push with the task
+    that made its input.
+    """
+    from dask.task_spec import DataNode, Task
+
+    if depth > 8 or spec is None:
+        return False
+    if isinstance(spec, Task):
+        if getattr(spec.func, SPECULATIVE, False):
+            return True
+        return any(calls_marked(a, depth + 1) for a in (*spec.args, *spec.kwargs.values()))
+    if isinstance(spec, DataNode):
+        return calls_marked(spec.value, depth + 1)
+    if isinstance(spec, dict):
+        return any(calls_marked(v, depth + 1) for v in spec.values())
+    if isinstance(spec, (list, tuple)):
+        return any(calls_marked(v, depth + 1) for v in spec if isinstance(v, (Task, DataNode, dict, list, tuple)))
+    return False
 
 
 def _compute_seconds(startstops: Any) -> float | None:
@@ -299,10 +329,7 @@ class Stragglers:
         if not self.config.enabled or self._tell is None or not found:
             return
         assert self.scheduler is not None
-        marked = [
-            s for s in found
-            if s.key not in self.copies and getattr(getattr(self._running[s.key].run_spec, "func", None), SPECULATIVE, False)
-        ]
+        marked = [s for s in found if s.key not in self.copies and calls_marked(self._running[s.key].run_spec)]
         if not marked:
             return
         views = {
@@ -405,23 +432,38 @@ class Stragglers:
         counts: dict[str, int] = {}
         for _, w, _ in self._seen:
             counts[w] = counts.get(w, 0) + 1
-        recent = list(self._groups.items())[-SLOW_GROUPS:]
+        recent = list(self._groups.items())[-SLOW_GROUPS:][::-1]  # newest first
         durations = {name: {w: list(ds) for w, ds in g.by_worker.items()} for name, g in recent}
         assert self.scheduler is not None
-        slow = slow_workers(counts, durations, multiplier=self.config.multiplier) & set(self.scheduler.workers)
+        floor = SLOW_FLOOR * self.config.min_runtime
+        slow = slow_workers(counts, durations, multiplier=self.config.multiplier, floor=floor) & set(self.scheduler.workers)
+        for w in slow & set(self.slow):
+            self.slow[w]["seen"] = now
         for w in slow - set(self.slow):
             report = {
                 "action": "slow-worker", "worker": w, "stragglers": counts.get(w, 0),
                 "why": (
                     f"{counts[w]} stragglers in {SLOW_WINDOW:g} s" if counts.get(w, 0) >= 2
-                    else f"its tasks of a group take over {self.config.multiplier:g}x the others' median"
+                    else f"its tasks take over {self.config.multiplier:g}x the same groups' median"
                 ),
                 "found": now,
             }
-            self.slow[w] = report
+            self.slow[w] = {**report, "seen": now}
             self._report(report)
+        # A slow worker stays flagged until its recent tasks show it is fast
+        # again: typically under halfway between 1x and multiplier x (a
+        # margin, or a worker near the bound would flip at every check and
+        # runs placed meanwhile would land on it), or for SLOW_WINDOW without
+        # any sign either way, or until it leaves.
+        now_slow = slowness(durations, floor)
+        fast_again = (1.0 + self.config.multiplier) / 2
         for w in set(self.slow) - slow:
-            del self.slow[w]
+            if (
+                now_slow.get(w, fast_again) < fast_again
+                or now - self.slow[w]["seen"] > SLOW_WINDOW
+                or w not in self.scheduler.workers
+            ):
+                del self.slow[w]
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -445,6 +487,18 @@ class Stragglers:
             logger.info("aimss: straggler %s on %s: %s", report["key"], report["worker"], report["outcome"])
         if self.scheduler is not None:
             self.scheduler.log_event(STRAGGLER_TOPIC, dict(report))
+
+    def avoid(self, workers: list[str]) -> list[str]:
+        """``workers`` without the slow ones, where speculation is on and a fast one remains.
+
+        Where new work is placed (a run's partitions): a worker found slow
+        would make every reader of what it owns wait, and no copy can take
+        a partition's reads elsewhere.
+        """
+        if not self.config.enabled or not self.slow:
+            return workers
+        fast = [w for w in workers if w not in self.slow]
+        return fast or workers
 
     def summary(self) -> dict[str, Any]:
         """For ``status()``: stragglers running now, consumers behind, slow workers, recent reports."""

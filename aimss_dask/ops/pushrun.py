@@ -25,6 +25,7 @@ from aimss_dask._compat import task_attempt
 from aimss_dask.api import streams as api
 from aimss_dask.api.context import current
 from aimss_dask.api.runs import register_run
+from aimss_dask.api.speculative import Speculative, check_race, speculative, task_key
 from aimss_dask.core.errors import (
     DuplicateOriginError,
     PartitionLostError,
@@ -71,6 +72,20 @@ def rerun_on_restart(func: Any) -> Any:
     worker that forgot the task.
     """
     return _on_restart(func, rerun=True)
+
+
+def copyable(func: Any) -> Speculative:
+    """A push task: :func:`rerun_on_restart`, and a straggling execution may get a copy.
+
+    A push's writes carry their origin ``(input, attempt)`` and a copy is
+    another attempt, so the owners keep the first copy of each partition's
+    record and drop the other (first commit wins): the run's output stays
+    exactly-once, and no user has to declare anything. The coordinator
+    starts a copy only under ``aimss.speculation`` (on by default); see
+    :func:`aimss_dask.speculative` for the race, and :class:`RunWriter` for
+    how the losing execution stops at its next write.
+    """
+    return speculative(rerun_on_restart(func))
 
 
 #: Seconds a task that lost a partition (or found no log) waits for the coordinator to restart or recover its run.
@@ -156,9 +171,7 @@ def _pushed(out: Any, used: dict[str, int]) -> Any:
     if not isinstance(out, int) or isinstance(out, bool) or not used:
         return out
     try:
-        from distributed import get_worker
-
-        key = get_worker().get_current_task()
+        key = task_key()  # a copy's result stands for the straggler's
     except ValueError:
         return out  # not in a Dask task: nothing will check it
     return Pushed(out, used, key)
@@ -325,7 +338,13 @@ class RunWriter:
         return self._only
 
     def write(self, record: Any, partition: int) -> None:
-        """Write ``record`` (this input's only one) to ``partition``."""
+        """Write ``record`` (this input's only one) to ``partition``.
+
+        An execution whose copy has already finished stops here
+        (:class:`~aimss_dask.api.speculative.RaceLost`): the owners would drop
+        what it still sends.
+        """
+        check_race()
         if partition in self._written:
             raise DuplicateOriginError(
                 f"input {self.origin.input if self.origin else '?'} of stream "
@@ -345,10 +364,8 @@ class RunWriter:
 
 def _refill(spec: StreamSpec) -> frozenset[int] | None:
     """The partitions of recovered ``spec`` the push running here must write; None: all of them."""
-    from distributed import get_worker
-
     try:
-        key = get_worker().get_current_task()
+        key = task_key()
     except ValueError:
         return None  # not in a Dask task
     reply = current("write_to").scheduler_op(
@@ -358,7 +375,7 @@ def _refill(spec: StreamSpec) -> frozenset[int] | None:
     return None if ps is None else frozenset(ps)
 
 
-@rerun_on_restart
+@copyable
 def push_pieces(
     block: np.ndarray, names: list[str], pieces: Pieces, input_id: int | None = None
 ) -> int:

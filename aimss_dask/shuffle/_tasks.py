@@ -19,11 +19,11 @@ import pandas as pd
 from aimss_dask.api import streams as api
 from aimss_dask.core.names import PARTITION_READ
 from aimss_dask.ops import local
-from aimss_dask.ops.pushrun import RunWriter, rerun_on_restart, restartable
+from aimss_dask.ops.pushrun import RunWriter, copyable, restartable
 from aimss_dask.shuffle import partitioning
 
 
-@rerun_on_restart
+@copyable
 def push(
     df: pd.DataFrame,
     names: list[str],

@@ -152,7 +152,7 @@ def _in_place_writer(target: ZarrTarget, kind: str) -> Any:
     return writer
 
 
-@pushrun.rerun_on_restart
+@pushrun.copyable
 def push_blocks(
     names: list[str], pieces: list[Any], blocks: list[np.ndarray], inputs: list[int] | None = None
 ) -> int:

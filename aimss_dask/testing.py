@@ -1,0 +1,66 @@
+"""Helpers for tests and benchmarks of AIMSS on a real cluster: a worker made slow on purpose.
+
+Not part of the user API (like ``distributed.utils_test``); the test suite
+and ``benchmarks/`` share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+from aimss_dask.core.errors import InvalidArgumentError
+
+
+@contextlib.contextmanager
+def throttled(pid: int, share: float, period: float = 0.04) -> Iterator[None]:
+    """Let process ``pid`` run only ``share`` of the time: a node ``1 / share`` times slower.
+
+    A CPU-share limit without cgroups: the process is stopped
+    (``SIGSTOP``) for ``(1 - share) * period`` of every ``period`` seconds
+    and continued (``SIGCONT``) for the rest. Everything in it slows down
+    alike -- its tasks, its event loop, its comms -- as on a node with a
+    slow CPU, and the time Dask measures for its tasks grows with it. The
+    process is always left running on exit.
+
+    Examples
+    --------
+    >>> import os
+    >>> pid = client.run(os.getpid, workers=[slow])[slow]  # doctest: +SKIP
+    >>> with throttled(pid, share=0.25):                    # doctest: +SKIP
+    ...     result = df.compute()                           # 4x slower on `slow`
+    """
+    if not 0 < share <= 1:
+        raise InvalidArgumentError(f"share={share!r} must be in (0, 1]: the fraction of time the process runs")
+    if not period > 0:
+        raise InvalidArgumentError(f"period={period!r} must be a positive number of seconds")
+    stop = threading.Event()
+    on, off = share * period, (1 - share) * period
+
+    def cycle() -> None:
+        try:
+            while not stop.is_set():
+                if off > 0:
+                    os.kill(pid, signal.SIGSTOP)
+                    stop.wait(off)
+                os.kill(pid, signal.SIGCONT)
+                stop.wait(on)
+        except ProcessLookupError:
+            return  # the process ended (killed by a test): nothing to slow down
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    t = threading.Thread(target=cycle, name=f"aimss-throttle-{pid}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+

@@ -1,0 +1,133 @@
+"""Copies of AIMSS operators' straggling pushes, on a real cluster with one worker throttled.
+
+The slow worker runs a fortieth of the time (``aimss_dask.testing.throttled``,
+a CPU-share limit): its pushes straggle, the coordinator starts copies on
+fast workers, the first copy of each record to reach its owner wins, and the
+outputs are exactly-once: a shuffle has every row once, a rechunk and a Zarr
+array equal the input. Once found slow, the worker gets no partitions of the
+runs that follow.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import dask
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from conftest import wait_until
+from distributed import Client, LocalCluster, futures_of, wait
+
+import aimss_dask
+from aimss_dask.core.names import STRAGGLER_TOPIC
+from aimss_dask.testing import throttled
+
+#: The slow worker's share of time: 40x slower than the others. Pushes are
+#: short, and the scheduler sees a task running only from its worker's
+#: heartbeats: slow enough that one is seen before it ends.
+SHARE = 0.025
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0") as cl:
+        yield cl
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster) as c:
+        # Short pushes: judge them after 0.2 s, once half of them are done,
+        # and look often; one copy at a time on 3 threads.
+        c.register_plugin(aimss_dask.AIMSS(speculation={
+            "min_runtime": 0.2, "interval": "100ms", "max_fraction": 0.34, "quantile": 0.5,
+        }))
+        c.wait_for_workers(3)
+        yield c
+
+
+@pytest.fixture
+def slow(client):
+    """The throttled worker's address; throttle it with ``throttled(pid(slow), SHARE)``."""
+    return sorted(client.scheduler_info()["workers"])[-1]
+
+
+def _pid(client: Client, worker: str) -> int:
+    return client.run(os.getpid, workers=[worker])[worker]
+
+
+def _events(client: Client, since: float) -> list[dict[str, Any]]:
+    return [m for t, m in client.get_events(STRAGGLER_TOPIC) if t >= since and isinstance(m, dict)]
+
+
+def _push_copies(client: Client, since: float) -> list[dict[str, Any]]:
+    return [m for m in _events(client, since) if m["action"] == "copy" and "aimss-push-" in m["key"]]
+
+
+def _part(i: int, n: int) -> pd.DataFrame:
+    rng = np.random.default_rng(i)
+    return pd.DataFrame({"id": np.arange(i * n, (i + 1) * n), "k": rng.integers(0, 500, n), "v": rng.random(n)})
+
+
+def _frame(nparts: int = 18, rows: int = 150_000) -> dd.DataFrame:
+    return dd.from_delayed([dask.delayed(_part)(i, rows) for i in range(nparts)], meta=_part(0, 1))
+
+
+def test_a_shuffles_straggling_pushes_get_copies_and_every_row_arrives_once(client, slow):
+    # The inputs on the slow worker: it surely runs pushes of its own (Dask
+    # steals queued ones for the others, never the running one).
+    df = client.persist(_frame(), workers=[slow])
+    wait(df)
+    want = pd.concat([_part(i, 150_000) for i in range(18)]).sort_values("id").reset_index(drop=True)
+    t0 = time.time()
+    with throttled(_pid(client, slow), SHARE):
+        got = aimss_dask.shuffle(df, on="k").compute()
+    got = got.sort_values("id").reset_index(drop=True)
+    # Exactly once: every row, none twice, each in the partition of its key.
+    assert got["id"].is_unique and len(got) == len(want)
+    pd.testing.assert_frame_equal(got, want)
+    copies = _push_copies(client, t0)
+    assert copies, _events(client, t0)
+    assert all(c["worker"] == slow and c["dest"] != slow for c in copies)
+    # Each copied push's report closes with who won.
+    wait_until(lambda: all(
+        any(r["action"] == "straggler" and r["key"] == c["key"] and r["outcome"] != "running"
+            for r in _events(client, t0))
+        for c in copies
+    ), timeout=10, what="the copied pushes' outcomes")
+    ends = [r for r in _events(client, t0) if r["action"] == "straggler" and r["key"] in {c["key"] for c in copies}
+            and r["outcome"] != "running"]
+    assert {r["outcome"] for r in ends} <= {"copy won", "original won"}, ends
+
+
+def test_a_slow_worker_owns_no_partition_of_the_next_run(client, slow):
+    wait_until(lambda: slow in aimss_dask.status().stragglers["slow_workers"], timeout=20,
+               what="the throttled worker flagged slow")
+    df = _frame(nparts=6, rows=10_000).persist()
+    with throttled(_pid(client, slow), SHARE):
+        out = aimss_dask.shuffle(df, on="k", npartitions=6).persist()
+        wait(out)
+    # Each output partition is read where its partition lives (pinned to its owner).
+    where = client.who_has(futures_of(out))
+    assert len(where) == 6 and all(ws and slow not in ws for ws in where.values()), where
+    assert len(out.compute()) == 60_000
+
+
+def test_a_rechunk_and_a_zarr_write_with_copied_pushes_equal_their_input(client, slow, tmp_path):
+    x = da.random.default_rng(7).random((9600, 2400), chunks=(800, 2400)).persist()
+    wait(x)
+    want = x.compute()
+    t0 = time.time()
+    with throttled(_pid(client, slow), SHARE):
+        y = aimss_dask.rechunk(x, (9600, 200)).compute()
+        path = str(tmp_path / "a.zarr")
+        aimss_dask.to_zarr(x, path, chunks=(1000, 2400))
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], want)
+    assert _push_copies(client, t0), _events(client, t0)
