@@ -1,4 +1,6 @@
-"""Benchmark of speculation (issue: stragglers), part ``tasks``: ordinary tasks with one slow worker.
+"""Benchmark of speculation (issue: stragglers): ordinary tasks, and a shuffle, with one slow worker.
+
+Part ``tasks`` (``--part tasks``):
 
 A LocalCluster of ``--workers`` nanny processes (1 thread each) with AIMSS
 at its default ``aimss.speculation`` settings runs ``--tasks`` calls of one
@@ -18,25 +20,50 @@ each with the slow worker (``slow``) and without one (``even``: every worker
 normal; the overhead, and no copy may start). Reported: wall time, copies
 started and won, and the ratio plain / speculative.
 
-The issue's workloads (a shuffle, a ``to_zarr``, a stream consumer: work
-pinned to workers, where a slow worker holds a fixed share) need copies of
-AIMSS operators' tasks, which are not built yet; Dask's dynamic scheduling
-already gives a slow worker fewer ordinary tasks, so copies here shorten
-only the tail.
+Dask's dynamic scheduling already gives a slow worker fewer ordinary tasks,
+so copies here shorten only the tail.
 
-    python benchmarks/bench_stragglers.py --tasks 24 --seconds 1.2 --factor 4 --reps 3
+    python benchmarks/bench_stragglers.py --part tasks --tasks 24 --seconds 1.2 --factor 4 --reps 3
+
+Part ``shuffle`` (``--part shuffle``): a ``--gib`` GiB DataFrame shuffle
+(``--partitions`` input partitions of int64 id, int64 key, float64 value,
+persisted first) on two LocalClusters of ``--workers`` nanny processes side
+by side: one with AIMSS at its defaults (``spec-on``), one with
+``aimss.speculation.enabled: false`` (``spec-off``, where Dask's P2P shuffle,
+``p2p``, runs too). The slow worker is slow for real: it runs only
+``--share`` of the time (``aimss_dask.testing.throttled``, SIGSTOP/SIGCONT, a
+CPU-share limit: its tasks, event loop and data plane all slow down).
+Methods interleaved, a warm-up run of each first (not counted: it is also
+when the coordinator first finds the worker slow; printed apart), then the
+same with no slow worker (``even``: the overhead). Reported: wall time,
+push copies started, medians and ratios.
+
+With speculation on, AIMSS copies straggling pushes (the first copy of each
+record wins at its owner) and places no partition of a run on a worker found
+slow, so the output phase never waits for it; off, the slow worker keeps its
+share of the partitions. On a machine with fewer cores than workers, the
+slow worker's lost CPU goes to the others, so the slowdown it causes (and
+what speculation can win back) is smaller than ``1 / share``: the time with
+no slow worker bounds the gain.
+
+    python benchmarks/bench_stragglers.py --part shuffle --gib 1 --reps 3
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
+import pandas as pd
 from distributed import get_worker
 
 import aimss_dask
+from aimss_dask.testing import throttled
 
 
 def _work(i: int, slow: str | None, seconds: float, factor: float) -> int:
@@ -61,13 +88,23 @@ def _copies(client: Any, since: float) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("tasks", "shuffle", "all"), default="all")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--tasks", type=int, default=24)
     ap.add_argument("--seconds", type=float, default=1.2, help="a task's time on a normal worker")
-    ap.add_argument("--factor", type=float, default=4.0, help="how much slower the slow worker is")
+    ap.add_argument("--factor", type=float, default=4.0, help="how much slower the slow worker is (tasks)")
+    ap.add_argument("--gib", type=float, default=1.0, help="shuffle input size")
+    ap.add_argument("--partitions", type=int, default=32, help="shuffle input partitions")
+    ap.add_argument("--share", type=float, default=0.25, help="the slow worker's share of time (shuffle)")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
+    if args.part in ("tasks", "all"):
+        tasks(args)
+    if args.part in ("shuffle", "all"):
+        shuffle(args)
 
+
+def tasks(args: argparse.Namespace) -> None:
     from distributed import Client, LocalCluster
 
     with LocalCluster(
@@ -114,5 +151,82 @@ def main() -> None:
                 print(f"plain / speculative ({setting}): {a / b:.2f}x")
 
 
+def _make(i: int, rows: int) -> pd.DataFrame:
+    rng = np.random.default_rng(i)
+    return pd.DataFrame({"id": np.arange(i * rows, (i + 1) * rows), "k": rng.integers(0, 100_000, rows), "v": rng.random(rows)})
+
+
+def _push_copies(client: Any, since: float) -> int:
+    return sum(
+        1 for t, m in client.get_events("aimss-straggler")
+        if t >= since and isinstance(m, dict) and m.get("action") == "copy" and "aimss-push-" in str(m.get("key"))
+    )
+
+
+def shuffle(args: argparse.Namespace) -> None:
+    import dask
+    import dask.dataframe as dd
+    from distributed import Client, LocalCluster, wait
+
+    rows = int(args.gib * 2**30) // 24 // args.partitions
+    kw: dict[str, Any] = dict(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    with LocalCluster(**kw) as ca, Client(ca) as on, LocalCluster(**kw) as cb, Client(cb) as off:
+        on.register_plugin(aimss_dask.AIMSS())
+        off.register_plugin(aimss_dask.AIMSS(speculation={"enabled": False}))
+        frames, pids = {}, {}
+        for name, client in (("on", on), ("off", off)):
+            df = dd.from_delayed([dask.delayed(_make)(i, rows) for i in range(args.partitions)], meta=_make(0, 1))
+            frames[name] = client.persist(df)
+            wait(frames[name])
+            slow = sorted(client.scheduler_info()["workers"])[0]
+            pids[name] = client.run(os.getpid, workers=[slow])[slow]
+        want = rows * args.partitions
+
+        def run(method: str) -> int:
+            if method == "p2p":
+                out = frames["off"].shuffle(on="k", shuffle_method="p2p")
+            else:
+                out = aimss_dask.shuffle(frames["on" if method == "spec-on" else "off"], on="k")
+            return int(out.map_partitions(len).compute().sum())
+
+        clients = {"spec-on": on, "spec-off": off, "p2p": off}
+        methods = ["spec-on", "spec-off", "p2p"]
+        print(
+            f"\nshuffle of {args.gib:g} GiB ({args.partitions} partitions) on {args.workers} workers "
+            f"(x 2 clusters); the slow worker runs {args.share:g} of the time", flush=True,
+        )
+        times: dict[str, list[float]] = {}
+        copies: dict[str, list[int]] = {}
+        for setting in ("slow", "even"):
+            for rep in range(args.reps + 1):
+                order = methods[rep % len(methods):] + methods[: rep % len(methods)]
+                for method in order:
+                    client = clients[method]
+                    pid = pids["on" if method == "spec-on" else "off"]
+                    t0, w0 = time.perf_counter(), time.time()
+                    with throttled(pid, args.share) if setting == "slow" else nullcontext():
+                        n = run(method)
+                    dt = time.perf_counter() - t0
+                    assert n == want, (method, n, want)
+                    time.sleep(0.5)  # copies' reports reach the event log
+                    c = _push_copies(client, w0)
+                    name = f"{method}/{setting}"
+                    print(f"  {name:14s} rep {rep} {dt:6.2f} s  push copies {c}" + ("  (warm-up)" if rep == 0 else ""),
+                          flush=True)
+                    if rep:
+                        times.setdefault(name, []).append(dt)
+                        copies.setdefault(name, []).append(c)
+        med = {m: statistics.median(v) for m, v in times.items()}
+        print(f"\nmedians of {args.reps} (after a warm-up of each):")
+        for m, v in med.items():
+            print(f"{m:14s} {v:6.2f} s  push copies per run: {copies[m]}")
+        print(f"spec-off / spec-on (slow): {med['spec-off/slow'] / med['spec-on/slow']:.2f}x (target >= 1.5x)")
+        print(f"p2p / spec-on (slow): {med['p2p/slow'] / med['spec-on/slow']:.2f}x")
+        print(f"spec-on / spec-off (even): {med['spec-on/even'] / med['spec-off/even']:.2f}x (overhead: target < 1.05x)")
+        print(f"slow / even, spec-on: {med['spec-on/slow'] / med['spec-on/even']:.2f}x; "
+              f"spec-off: {med['spec-off/slow'] / med['spec-off/even']:.2f}x")
+
+
 if __name__ == "__main__":
     main()
+
