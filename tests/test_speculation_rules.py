@@ -113,7 +113,10 @@ def test_late_rule_ignores_work_that_has_not_started():
 
 
 def test_slow_workers_from_stragglers_or_from_finished_durations():
-    assert slow_workers({"a": 2, "b": 1}, {}, multiplier=2) == {"a"}
+    assert slow_workers({"a": 2, "b": 1}, {}, multiplier=2, workers=["a", "b", "c", "d"]) == {"a"}
+    assert slow_workers({"a": 2}, {}, multiplier=2, workers=["a", "b", "c"]) == {"a"}
+    # Stragglers on most workers: a group's spread, not one slow worker.
+    assert slow_workers({"a": 2, "b": 2, "c": 1}, {}, multiplier=2, workers=["a", "b", "c"]) == set()
     groups = {"g": {"a": [1.0, 1.1], "b": [0.9, 1.0], "c": [3.0, 3.5]}}
     assert slow_workers({}, groups, multiplier=2) == {"c"}
     # One slow task is not a slow worker.

@@ -177,11 +177,15 @@ def slow_workers(
     *,
     multiplier: float,
     floor: float = 0.0,
+    workers: Iterable[str] = (),
 ) -> set[str]:
     """Workers that are slow, not just one of their tasks.
 
     ``stragglers_seen``: worker -> distinct stragglers flagged there lately;
-    ``SLOW_WORKER_STRAGGLERS`` of them make it slow. ``durations``: task
+    ``SLOW_WORKER_STRAGGLERS`` of them make it slow, if that is more than
+    twice the median over ``workers`` (and those seen), none counting zero:
+    stragglers spread over many workers are a group's spread of durations,
+    not a slow worker. ``durations``: task
     group -> worker -> durations of the group's finished tasks there,
     newest group first; a worker whose :func:`slowness` exceeds
     ``multiplier`` is slow: its recent tasks took that much longer, in all,
@@ -191,7 +195,9 @@ def slow_workers(
     >>> sorted(slow_workers({}, {"g": {"a": [1, 1], "b": [1, 1], "c": [4, 5]}}, multiplier=2))
     ['c']
     """
-    slow = {w for w, n in stragglers_seen.items() if n >= SLOW_WORKER_STRAGGLERS}
+    everyone = set(workers) | set(stragglers_seen)
+    typical = statistics.median(stragglers_seen.get(w, 0) for w in everyone) if everyone else 0
+    slow = {w for w, n in stragglers_seen.items() if n >= SLOW_WORKER_STRAGGLERS and n > 2 * typical}
     slow.update(w for w, x in slowness(durations, floor).items() if x > multiplier)
     return slow
 

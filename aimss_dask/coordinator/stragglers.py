@@ -436,7 +436,9 @@ class Stragglers:
         durations = {name: {w: list(ds) for w, ds in g.by_worker.items()} for name, g in recent}
         assert self.scheduler is not None
         floor = SLOW_FLOOR * self.config.min_runtime
-        slow = slow_workers(counts, durations, multiplier=self.config.multiplier, floor=floor) & set(self.scheduler.workers)
+        slow = slow_workers(
+            counts, durations, multiplier=self.config.multiplier, floor=floor, workers=self.scheduler.workers
+        ) & set(self.scheduler.workers)
         for w in slow & set(self.slow):
             self.slow[w]["seen"] = now
         for w in slow - set(self.slow):
