@@ -1,4 +1,4 @@
-"""Benchmark of speculation (issue: stragglers): ordinary tasks, and a shuffle, with one slow worker.
+"""Benchmark of speculation (issue: stragglers): ordinary tasks, a shuffle and a to_zarr, with one slow worker.
 
 Part ``tasks`` (``--part tasks``):
 
@@ -51,6 +51,16 @@ share 0.15 makes the slow worker about 4x slower than the others (not
 win back.
 
     python benchmarks/bench_stragglers.py --part shuffle --gib 1 --share 0.15 --reps 3
+
+Part ``zarr`` (``--part zarr``): the same comparison for a ``--zarr-gib`` GiB
+float64 array (``--partitions`` persisted row blocks) written to Zarr with
+chunks of 1.5 blocks, so that no unit matches a block: ``aimss_dask.to_zarr``
+(its push run: pieces go to each unit's owner, which writes the unit once
+complete) against plain Dask (``x.rechunk(chunks).to_zarr(path)``). Each run
+writes a new array in a temporary folder this benchmark made, checks a
+sample of it against the input, and deletes it.
+
+    python benchmarks/bench_stragglers.py --part zarr --zarr-gib 2 --share 0.15 --reps 3
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -93,13 +103,14 @@ def _copies(client: Any, since: float) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("tasks", "shuffle", "all"), default="all")
+    ap.add_argument("--part", choices=("tasks", "shuffle", "zarr", "all"), default="all")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--tasks", type=int, default=24)
     ap.add_argument("--seconds", type=float, default=1.2, help="a task's time on a normal worker")
     ap.add_argument("--factor", type=float, default=4.0, help="how much slower the slow worker is (tasks)")
     ap.add_argument("--gib", type=float, default=1.0, help="shuffle input size")
-    ap.add_argument("--partitions", type=int, default=32, help="shuffle input partitions")
+    ap.add_argument("--zarr-gib", type=float, default=2.0, help="to_zarr array size")
+    ap.add_argument("--partitions", type=int, default=32, help="shuffle input partitions, to_zarr input blocks")
     ap.add_argument("--share", type=float, default=0.15, help="the slow worker's share of time (shuffle)")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
@@ -107,6 +118,8 @@ def main() -> None:
         tasks(args)
     if args.part in ("shuffle", "all"):
         shuffle(args)
+    if args.part in ("zarr", "all"):
+        zarr(args)
 
 
 def tasks(args: argparse.Namespace) -> None:
@@ -176,69 +189,134 @@ def _speculation(dask_scheduler: Any, enabled: bool) -> None:
     stragglers.config = replace(stragglers.config, enabled=enabled)
 
 
+def _interleave(
+    client: Any, slow: str, pid: int, methods: list[str], run: Callable[[str], None], args: argparse.Namespace,
+    baseline: str,
+) -> None:
+    """Run ``methods`` interleaved, with no slow worker then with one; print runs, medians, ratios.
+
+    ``run(method)`` does one run and checks its result; ``baseline``: the
+    method that is not AIMSS (plain Dask).
+    """
+
+    def known() -> str:
+        return "  (slow worker known)" if slow in aimss_dask.status().stragglers["slow_workers"] else ""
+
+    times: dict[str, list[float]] = {}
+    copies: dict[str, list[int]] = {}
+    # No slow worker first (the overhead, before any worker is found
+    # slow), then the slow worker.
+    for setting in ("even", "slow"):
+        for rep in range(args.reps + 1):
+            order = methods[rep % len(methods):] + methods[: rep % len(methods)]
+            for method in order:
+                flag = known()
+                t0, w0 = time.perf_counter(), time.time()
+                with throttled(pid, args.share) if setting == "slow" else nullcontext():
+                    run(method)
+                dt = time.perf_counter() - t0
+                time.sleep(0.5)  # copies' reports reach the event log
+                c = _push_copies(client, w0)
+                name = f"{method}/{setting}"
+                print(f"  {name:14s} rep {rep} {dt:6.2f} s  push copies {c}" + flag
+                      + ("  (warm-up)" if rep == 0 else ""), flush=True)
+                if rep:
+                    times.setdefault(name, []).append(dt)
+                    copies.setdefault(name, []).append(c)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"\nmedians of {args.reps} (after a warm-up of each):")
+    for m, v in med.items():
+        print(f"{m:14s} {v:6.2f} s  push copies per run: {copies[m]}")
+    print(f"spec-off / spec-on (slow): {med['spec-off/slow'] / med['spec-on/slow']:.2f}x (target >= 1.5x)")
+    print(f"{baseline} / spec-on (slow): {med[baseline + '/slow'] / med['spec-on/slow']:.2f}x")
+    print(f"spec-on / spec-off (even): {med['spec-on/even'] / med['spec-off/even']:.2f}x (overhead: target < 1.05x)")
+    print(f"slow / even, spec-on: {med['spec-on/slow'] / med['spec-on/even']:.2f}x; "
+          f"spec-off: {med['spec-off/slow'] / med['spec-off/even']:.2f}x")
+
+
+def _cluster(args: argparse.Namespace) -> Any:
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+
+
+def _slow_worker(client: Any) -> tuple[str, int]:
+    """The worker to slow down (the first by address) and its process id."""
+    slow = sorted(client.scheduler_info()["workers"])[0]
+    return slow, client.run(os.getpid, workers=[slow])[slow]
+
+
 def shuffle(args: argparse.Namespace) -> None:
     import dask
     import dask.dataframe as dd
-    from distributed import Client, LocalCluster, wait
+    from distributed import Client, wait
 
     rows = int(args.gib * 2**30) // 24 // args.partitions
-    kw: dict[str, Any] = dict(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0")
-    methods = ["spec-on", "spec-off", "p2p"]
-    with LocalCluster(**kw) as cluster, Client(cluster) as client:
+    with _cluster(args) as cluster, Client(cluster) as client:
         client.register_plugin(aimss_dask.AIMSS())
         df = dd.from_delayed([dask.delayed(_make)(i, rows) for i in range(args.partitions)], meta=_make(0, 1))
         frame = client.persist(df)
         wait(frame)
-        slow = sorted(client.scheduler_info()["workers"])[0]
-        pid = client.run(os.getpid, workers=[slow])[slow]
-        want = rows * args.partitions
+        slow, pid = _slow_worker(client)
 
-        def run(method: str) -> int:
+        def run(method: str) -> None:
             if method == "p2p":
                 out = frame.shuffle(on="k", shuffle_method="p2p")
             else:
                 client.run_on_scheduler(_speculation, enabled=method == "spec-on")
                 out = aimss_dask.shuffle(frame, on="k")
-            return int(out.map_partitions(len).compute().sum())
-
-        def known() -> str:
-            return "  (slow worker known)" if slow in aimss_dask.status().stragglers["slow_workers"] else ""
+            n = int(out.map_partitions(len).compute().sum())
+            assert n == rows * args.partitions, (method, n)
 
         print(
             f"\nshuffle of {args.gib:g} GiB ({args.partitions} partitions) on {args.workers} workers "
             f"(one slow: it runs {args.share:g} of the time)", flush=True,
         )
-        times: dict[str, list[float]] = {}
-        copies: dict[str, list[int]] = {}
-        # No slow worker first (the overhead, before any worker is found
-        # slow), then the slow worker.
-        for setting in ("even", "slow"):
-            for rep in range(args.reps + 1):
-                order = methods[rep % len(methods):] + methods[: rep % len(methods)]
-                for method in order:
-                    flag = known()
-                    t0, w0 = time.perf_counter(), time.time()
-                    with throttled(pid, args.share) if setting == "slow" else nullcontext():
-                        n = run(method)
-                    dt = time.perf_counter() - t0
-                    assert n == want, (method, n, want)
-                    time.sleep(0.5)  # copies' reports reach the event log
-                    c = _push_copies(client, w0)
-                    name = f"{method}/{setting}"
-                    print(f"  {name:14s} rep {rep} {dt:6.2f} s  push copies {c}" + flag
-                          + ("  (warm-up)" if rep == 0 else ""), flush=True)
-                    if rep:
-                        times.setdefault(name, []).append(dt)
-                        copies.setdefault(name, []).append(c)
-        med = {m: statistics.median(v) for m, v in times.items()}
-        print(f"\nmedians of {args.reps} (after a warm-up of each):")
-        for m, v in med.items():
-            print(f"{m:14s} {v:6.2f} s  push copies per run: {copies[m]}")
-        print(f"spec-off / spec-on (slow): {med['spec-off/slow'] / med['spec-on/slow']:.2f}x (target >= 1.5x)")
-        print(f"p2p / spec-on (slow): {med['p2p/slow'] / med['spec-on/slow']:.2f}x")
-        print(f"spec-on / spec-off (even): {med['spec-on/even'] / med['spec-off/even']:.2f}x (overhead: target < 1.05x)")
-        print(f"slow / even, spec-on: {med['spec-on/slow'] / med['spec-on/even']:.2f}x; "
-              f"spec-off: {med['spec-off/slow'] / med['spec-off/even']:.2f}x")
+        _interleave(client, slow, pid, ["spec-on", "spec-off", "p2p"], run, args, baseline="p2p")
+
+
+def zarr(args: argparse.Namespace) -> None:
+    import shutil
+    import tempfile
+
+    import dask.array as da
+    from distributed import Client, wait
+
+    cols = 1024
+    rows = int(args.zarr_gib * 2**30) // 8 // cols
+    block = -(-rows // args.partitions)
+    # Zarr chunks of 1.5 input blocks: the units do not match the blocks, so
+    # aimss pushes pieces to each unit's owner, and plain Dask rechunks first.
+    zchunks = (block * 3 // 2, cols)
+    root = tempfile.mkdtemp(prefix="aimss-bench-zarr-")
+    try:
+        with _cluster(args) as cluster, Client(cluster) as client:
+            client.register_plugin(aimss_dask.AIMSS())
+            x = da.random.default_rng(1).random((rows, cols), chunks=(block, cols)).persist()
+            wait(x)
+            want = float(x[::997].sum().compute())
+            slow, pid = _slow_worker(client)
+            runs = iter(range(10**6))
+
+            def run(method: str) -> None:
+                path = os.path.join(root, f"{method}-{next(runs)}.zarr")
+                if method == "dask":
+                    x.rechunk(zchunks).to_zarr(path)
+                else:
+                    client.run_on_scheduler(_speculation, enabled=method == "spec-on")
+                    aimss_dask.to_zarr(x, path, chunks=zchunks)
+                got = float(da.from_zarr(path)[::997].sum().compute())
+                shutil.rmtree(path)  # this run's own array
+                assert got == want, (method, got, want)
+
+            print(
+                f"\nto_zarr of {args.zarr_gib:g} GiB ({args.partitions} blocks, Zarr chunks of "
+                f"{zchunks[0]} rows) on {args.workers} workers (one slow: it runs {args.share:g} of the time)",
+                flush=True,
+            )
+            _interleave(client, slow, pid, ["spec-on", "spec-off", "dask"], run, args, baseline="dask")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # the folder this benchmark made
 
 
 if __name__ == "__main__":
