@@ -120,7 +120,8 @@ def test_a_slow_worker_owns_no_partition_of_the_next_run(client, slow):
 
 
 def test_a_rechunk_and_a_zarr_write_with_copied_pushes_equal_their_input(client, slow, tmp_path):
-    x = da.random.default_rng(7).random((9600, 2400), chunks=(800, 2400)).persist()
+    # The blocks on the slow worker: it surely runs pushes of its own.
+    x = client.persist(da.random.default_rng(7).random((9600, 2400), chunks=(800, 2400)), workers=[slow])
     wait(x)
     want = x.compute()
     t0 = time.time()

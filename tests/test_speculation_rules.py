@@ -365,3 +365,21 @@ def test_new_partitions_avoid_slow_workers_only_when_speculation_is_on():
         assert tracker.avoid(["a", "b"]) == expect
         # Never none at all: a cluster of slow workers still places its partitions.
         assert tracker.avoid(["b"]) == ["b"]
+
+
+def test_only_tasks_annotated_speculative_are_wrapped_and_they_compute_the_same():
+    from aimss_dask.coordinator.stragglers import calls_marked, mark_annotated
+
+    class _TS:
+        def __init__(self, spec):
+            self.run_spec = spec
+
+    tasks = {k: _TS(Task(k, sum, [1, 2])) for k in ("a", "b", "c")}
+    scheduler = type("Scheduler", (), {"tasks": tasks})()
+    assert mark_annotated(scheduler, {"aimss_speculative": {"a": True, "b": False}, "other": {"c": 1}}) == 1
+    assert calls_marked(tasks["a"].run_spec) and not calls_marked(tasks["b"].run_spec)
+    assert not calls_marked(tasks["c"].run_spec)
+    assert tasks["a"].run_spec({}) == 3 and tasks["a"].run_spec.key == "a"
+    # Marking again changes nothing; no annotations at all, nothing.
+    assert mark_annotated(scheduler, {"aimss_speculative": {"a": True}}) == 0
+    assert mark_annotated(scheduler, None) == 0

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import dask
 import numpy as np
 import pytest
 from conftest import unique_name, wait_until
@@ -50,6 +51,13 @@ def _marked(i: int, slow: str, tag: str) -> tuple[int, str]:
     """Idempotent for the test's purpose: the same number, wherever it runs; says where it ran."""
     here = get_worker().address
     time.sleep(BASE * (4 * SLOW if here == slow else 1))  # slow enough that a copy started late still wins
+    return i, here
+
+
+def _annotated(i: int, slow: str, tag: str) -> tuple[int, str]:
+    """``_marked``'s body, not declared speculative: its graph is annotated instead."""
+    here = get_worker().address
+    time.sleep(BASE * (4 * SLOW if here == slow else 1))
     return i, here
 
 
@@ -178,6 +186,29 @@ def test_a_straggling_call_of_a_speculative_function_is_won_by_its_copy(client):
     assert st["tasks"] == []
     wait_until(lambda: not any(str(k).startswith("aimss-copy-") for k in client.run_on_scheduler(
         lambda dask_scheduler: list(dask_scheduler.tasks))), timeout=10)
+
+
+def test_tasks_annotated_speculative_get_copies_like_a_declared_function(client):
+    slow = sorted(client.scheduler_info()["workers"])[-1]
+    t0 = time.time()
+    tag = unique_name("annotated")
+    with dask.annotate(aimss_speculative=True):
+        futs = client.map(_annotated, range(12), slow=slow, tag=tag, key=[f"{tag}-{i}" for i in range(12)])
+    got = client.gather(futs)
+    assert [i for i, _ in got] == list(range(12))
+    wait_until(lambda: any(r.get("outcome") == "copy won" for r in _reports(client, t0)), timeout=10)
+    won = [r for r in _reports(client, t0) if r["action"] == "straggler" and r["outcome"] == "copy won"]
+    by_key = {f"{tag}-{i}": where for i, where in got}
+    assert won and all(r["copy"] != slow and by_key[r["key"]] == r["copy"] for r in won)
+    # The same function without the annotation is never copied.
+    t1 = time.time()
+    tag = unique_name("plain")
+    futs = client.map(_annotated, range(12), slow=slow, tag=tag, key=[f"{tag}-{i}" for i in range(12)])
+    assert [i for i, _ in client.gather(futs)] == list(range(12))
+    time.sleep(0.5)
+    reports = _reports(client, t1)
+    assert any(r["action"] == "straggler" for r in reports), reports  # found, reported...
+    assert not [r for r in reports if r["action"] == "copy"]  # ...never copied
 
 
 def test_speculative_marks_a_function_and_calls_it_plainly_outside_a_task():

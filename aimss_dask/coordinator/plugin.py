@@ -36,7 +36,7 @@ from aimss_dask.coordinator.sealing import (
     SealProducersEvent,
 )
 from aimss_dask.coordinator.state import CoordinatorState
-from aimss_dask.coordinator.stragglers import Stragglers
+from aimss_dask.coordinator.stragglers import Stragglers, mark_annotated
 from aimss_dask.coordinator.streams import StreamHandlers
 from aimss_dask.core.config import AIMSSConfig, dask_memory_thresholds
 from aimss_dask.core.errors import InvalidArgumentError
@@ -430,12 +430,16 @@ class AIMSS(SchedulerPlugin):
             logger.exception("aimss: transition hook failed")
 
     def update_graph(self, scheduler: Scheduler, *, tasks: list[Any], **kwargs: Any) -> None:
-        """Pin partition tasks to the worker that owns their partition."""
+        """Pin partition tasks to the worker that owns their partition; wrap the tasks annotated speculative."""
         try:
             if self.pinner is not None:
                 self.pinner.update_graph(tasks)
         except Exception:
             logger.exception("aimss: update_graph hook failed")
+        try:
+            mark_annotated(scheduler, kwargs.get("annotations"))
+        except Exception:
+            logger.exception("aimss: update_graph hook failed to mark speculative tasks")
 
     @replies
     async def _h_config(self) -> dict[str, Any]:

@@ -45,7 +45,13 @@ from aimss_dask.coordinator.speculation import (
     slowness,
 )
 from aimss_dask.core.config import SpeculationConfig
-from aimss_dask.core.names import SPECULATIVE, STRAGGLER_TOPIC, key_text
+from aimss_dask.core.names import (
+    SPECULATIVE,
+    SPECULATIVE_ANNOTATION,
+    STRAGGLER_TOPIC,
+    key_text,
+)
+from aimss_dask.core.race import Speculative
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -166,6 +172,29 @@ def calls_marked(spec: Any, depth: int = 0) -> bool:
     if isinstance(spec, (list, tuple)):
         return any(calls_marked(v, depth + 1) for v in spec if isinstance(v, (Task, DataNode, dict, list, tuple)))
     return False
+
+
+def mark_annotated(scheduler: Any, annotations: dict[str, dict[Any, Any]] | None) -> int:
+    """Make the tasks annotated ``aimss_speculative`` calls of speculative functions; how many.
+
+    Called from the ``update_graph`` hook, before Dask sends any of them to
+    a worker: each such task's function is wrapped in
+    :class:`~aimss_dask.core.race.Speculative`, so that a straggling call of
+    it can race a copy, exactly like a function declared with
+    :func:`aimss_dask.speculative`. Tasks not annotated are never touched.
+    """
+    from dask.task_spec import Task
+
+    marked = (annotations or {}).get(SPECULATIVE_ANNOTATION) or {}
+    n = 0
+    for key, value in marked.items():
+        ts = scheduler.tasks.get(key) if value else None
+        spec = getattr(ts, "run_spec", None)
+        if not isinstance(spec, Task) or getattr(spec.func, SPECULATIVE, False):
+            continue
+        ts.run_spec = Task(spec.key, Speculative(spec.func), *spec.args, **spec.kwargs)
+        n += 1
+    return n
 
 
 def _compute_seconds(startstops: Any) -> float | None:

@@ -42,6 +42,11 @@ HEARTBEAT_METRIC = "aimss"
 #: another worker, and the first result wins.
 SPECULATIVE = "__aimss_speculative__"
 
+#: The Dask annotation that declares a graph's tasks idempotent, like
+#: :func:`aimss_dask.speculative` does a function:
+#: ``with dask.annotate(aimss_speculative=True): ...``.
+SPECULATIVE_ANNOTATION = "aimss_speculative"
+
 #: Prefix of the key of a straggler's copy: ``COPY_TASK_PREFIX + key_text(key)``.
 COPY_TASK_PREFIX = "aimss-copy-"
 

@@ -3,7 +3,7 @@
 The coordinator sends ``aimss_speculate`` on the scheduler's ordered stream
 (key as text, destination worker); the straggling call of a function marked
 with :func:`aimss_dask.speculative`, which checks here while it runs, takes
-its destination and starts the copy (:mod:`aimss_dask.api.speculative`).
+its destination and starts the copy (:mod:`aimss_dask.core.race`).
 """
 
 from __future__ import annotations

@@ -25,13 +25,14 @@ from aimss_dask._compat import task_attempt
 from aimss_dask.api import streams as api
 from aimss_dask.api.context import current
 from aimss_dask.api.runs import register_run
-from aimss_dask.api.speculative import Speculative, check_race, speculative, task_key
+from aimss_dask.api.speculative import speculative
 from aimss_dask.core.errors import (
     DuplicateOriginError,
     PartitionLostError,
     StreamNotFoundError,
     StreamSealedError,
 )
+from aimss_dask.core.race import Speculative, check_race, task_key
 from aimss_dask.core.runs import RunSpec
 from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.ops import local
@@ -341,7 +342,7 @@ class RunWriter:
         """Write ``record`` (this input's only one) to ``partition``.
 
         An execution whose copy has already finished stops here
-        (:class:`~aimss_dask.api.speculative.RaceLost`): the owners would drop
+        (:class:`~aimss_dask.core.race.RaceLost`): the owners would drop
         what it still sends.
         """
         check_race()
