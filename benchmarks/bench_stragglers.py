@@ -159,10 +159,7 @@ def tasks(args: argparse.Namespace) -> None:
                 if rep:
                     times.setdefault(name, []).append(dt)
                     copies.setdefault(name, []).append(c)
-        med = {m: statistics.median(v) for m, v in times.items()}
-        print(f"\nmedians of {args.reps}:")
-        for m, v in med.items():
-            print(f"{m:17s} {v:6.2f} s  copies started/won per run: {copies[m]}")
+        med = _medians(times, copies, "copies started/won per run")
         for setting in ("slow", "even"):
             a, b = med.get(f"plain/{setting}"), med.get(f"speculative/{setting}")
             if a and b:
@@ -187,6 +184,15 @@ def _speculation(dask_scheduler: Any, enabled: bool) -> None:
 
     stragglers = dask_scheduler.plugins[PLUGIN_NAME].stragglers
     stragglers.config = replace(stragglers.config, enabled=enabled)
+
+
+def _medians(times: dict[str, list[float]], copies: dict[str, list[Any]], what: str) -> dict[str, float]:
+    """Print each method's median time (runs after its warm-up) and its copies per run; the medians."""
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"\nmedians of {len(next(iter(times.values())))} (after a warm-up of each):")
+    for m, v in med.items():
+        print(f"{m:17s} {v:6.2f} s  {what}: {copies[m]}")
+    return med
 
 
 def _interleave(
@@ -223,10 +229,7 @@ def _interleave(
                 if rep:
                     times.setdefault(name, []).append(dt)
                     copies.setdefault(name, []).append(c)
-    med = {m: statistics.median(v) for m, v in times.items()}
-    print(f"\nmedians of {args.reps} (after a warm-up of each):")
-    for m, v in med.items():
-        print(f"{m:14s} {v:6.2f} s  push copies per run: {copies[m]}")
+    med = _medians(times, copies, "push copies per run")
     print(f"spec-off / spec-on (slow): {med['spec-off/slow'] / med['spec-on/slow']:.2f}x (target >= 1.5x)")
     print(f"{baseline} / spec-on (slow): {med[baseline + '/slow'] / med['spec-on/slow']:.2f}x")
     print(f"spec-on / spec-off (even): {med['spec-on/even'] / med['spec-off/even']:.2f}x (overhead: target < 1.05x)")

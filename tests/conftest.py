@@ -7,10 +7,12 @@ test left every worker's log empty: no stream, no memory, no spill file.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -36,6 +38,19 @@ def make_cluster(n_workers: int = 2, **kwargs: Any) -> LocalCluster:
         dashboard_address=":0",
         **kwargs,
     )
+
+
+@contextlib.contextmanager
+def speculation_client(**speculation: Any) -> Iterator[Client]:
+    """A client of 3 one-thread nanny workers with AIMSS under ``aimss.speculation`` overrides.
+
+    The straggler tests' cluster: tasks there are short, so the tests judge
+    them sooner than the defaults would (``min_runtime`` and friends).
+    """
+    with make_cluster(3) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS(speculation=speculation))
+        client.wait_for_workers(3)
+        yield client
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from conftest import wait_until
-from distributed import Client, LocalCluster, futures_of, wait
+from conftest import speculation_client, wait_until
+from distributed import Client, futures_of, wait
 
 import aimss_dask
 from aimss_dask.core.names import STRAGGLER_TOPIC
@@ -35,20 +35,10 @@ SHARE = 0.025
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0") as cl:
-        yield cl
-
-
-@pytest.fixture(scope="module")
-def client(cluster):
-    with Client(cluster) as c:
-        # Short pushes: judge them after 0.2 s, once half of them are done,
-        # and look often; one copy at a time on 3 threads.
-        c.register_plugin(aimss_dask.AIMSS(speculation={
-            "min_runtime": 0.2, "interval": "100ms", "max_fraction": 0.34, "quantile": 0.5,
-        }))
-        c.wait_for_workers(3)
+def client():
+    # Short pushes: judge them after 0.2 s, once half of them are done,
+    # and look often; one copy at a time on 3 threads.
+    with speculation_client(min_runtime=0.2, interval="100ms", max_fraction=0.34, quantile=0.5) as c:
         yield c
 
 

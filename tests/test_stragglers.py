@@ -15,8 +15,8 @@ from typing import Any
 import dask
 import numpy as np
 import pytest
-from conftest import unique_name, wait_until
-from distributed import Client, LocalCluster, get_worker
+from conftest import speculation_client, unique_name, wait_until
+from distributed import Client, get_worker
 
 import aimss_dask
 from aimss_dask.core.names import STRAGGLER_TOPIC
@@ -26,18 +26,10 @@ SLOW = 6
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0") as cl:
-        yield cl
-
-
-@pytest.fixture(scope="module")
-def client(cluster):
-    with Client(cluster) as c:
-        # Short tasks: judge them after 0.2 s, and look often; one copy at a
-        # time on 3 threads (the default, a quarter of them, rounds to none).
-        c.register_plugin(aimss_dask.AIMSS(speculation={"min_runtime": 0.2, "interval": "100ms", "max_fraction": 0.34}))
-        c.wait_for_workers(3)
+def client():
+    # Short tasks: judge them after 0.2 s, and look often; one copy at a
+    # time on 3 threads (the default, a quarter of them, rounds to none).
+    with speculation_client(min_runtime=0.2, interval="100ms", max_fraction=0.34) as c:
         yield c
 
 
