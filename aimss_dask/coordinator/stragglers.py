@@ -470,12 +470,14 @@ class Stragglers:
         ) & set(self.scheduler.workers)
         for w in slow & set(self.slow):
             self.slow[w]["seen"] = now
+        now_slow = slowness(durations, floor)
         for w in slow - set(self.slow):
+            x = now_slow.get(w, 0.0)
             report = {
                 "action": "slow-worker", "worker": w, "stragglers": counts.get(w, 0),
                 "why": (
-                    f"{counts[w]} stragglers in {SLOW_WINDOW:g} s" if counts.get(w, 0) >= 2
-                    else f"its tasks take over {self.config.multiplier:g}x the same groups' median"
+                    f"its recent tasks took {x:.1f}x the same groups' typical time" if x > self.config.multiplier
+                    else f"{counts.get(w, 0)} stragglers in {SLOW_WINDOW:g} s, more than most workers"
                 ),
                 "found": now,
             }
@@ -486,7 +488,6 @@ class Stragglers:
         # margin, or a worker near the bound would flip at every check and
         # runs placed meanwhile would land on it), or for SLOW_WINDOW without
         # any sign either way, or until it leaves.
-        now_slow = slowness(durations, floor)
         fast_again = (1.0 + self.config.multiplier) / 2
         for w in set(self.slow) - slow:
             if (
