@@ -313,7 +313,7 @@ def test_only_marked_stragglers_get_a_copy_and_only_when_enabled():
             # To the straggler's worker, naming the other worker for the copy.
             assert told == [("b", {"op": "aimss_speculate", "key": "('work-abc', 3)", "dest": "a"})]
             assert [m["action"] for _, m in sched.events].count("copy") == 1
-            tracker.copy_outcome("('work-abc', 3)", "copy won", "a")
+            tracker.copy_outcome("('work-abc', 3)", "copy won")
             tracker.task_ended(("work-abc", 3), "processing", "memory", {"worker": "b", "startstops": []})
             last = sched.events[-1][1]
             assert (last["outcome"], last["copy"]) == ("copy won", "a") and tracker.copies == {}

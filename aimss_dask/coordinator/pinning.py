@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.core.names import PARTITION_READ, PARTITION_TASK_PREFIX
@@ -217,33 +217,50 @@ class Pinner:
                     self.readers.setdefault(stream, {})[p] = dep.key
 
 
-def partition_reads(spec: Any, depth: int = 0) -> list[tuple[str, int]]:
+def partition_reads(spec: Any) -> list[tuple[str, int]]:
     """``(stream, partition)`` of every partition read inside a task spec.
 
     Dask may fuse a read task into its dependent under a new key; the read
     is still in there: a call of a function marked ``PARTITION_READ``, with
     its stream name and partition as literal first arguments.
     """
+    return [read for call in calls_in(spec, leaf=_read_of) if (read := _read_of(call)) is not None]
+
+
+def _read_of(call: Any) -> tuple[str, int] | None:
+    """``(stream, partition)`` if ``call`` is a partition read with literal ones; else None."""
+    if getattr(call.func, PARTITION_READ, False) and len(call.args) >= 2:
+        stream, p = (_literal(a) for a in call.args[:2])
+        if isinstance(stream, str) and isinstance(p, int):
+            return stream, p
+    return None
+
+
+def calls_in(spec: Any, leaf: Callable[[Any], Any] = lambda call: False, depth: int = 0) -> Iterator[Any]:
+    """Every call (``dask.task_spec.Task``) inside a task spec, even those fused into another task.
+
+    Its arguments are searched too (a fused task holds the calls it
+    replaced), down to a depth of 8, except a call for which ``leaf(call)``
+    is true: the caller found what it looks for there.
+    """
     from dask.task_spec import DataNode, Task
 
     if depth > 8 or spec is None:
-        return []
+        return
     if isinstance(spec, Task):
-        if getattr(spec.func, PARTITION_READ, False) and len(spec.args) >= 2:
-            stream, p = (_literal(a) for a in spec.args[:2])
-            if isinstance(stream, str) and isinstance(p, int):
-                return [(stream, p)]
-        found: list[tuple[str, int]] = []
-        for a in (*spec.args, *spec.kwargs.values()):
-            found.extend(partition_reads(a, depth + 1))
-        return found
-    if isinstance(spec, DataNode):
-        return partition_reads(spec.value, depth + 1)
-    if isinstance(spec, dict):
-        return [r for v in spec.values() for r in partition_reads(v, depth + 1)]
-    if isinstance(spec, (list, tuple)):
-        return [r for v in spec if isinstance(v, _NESTED) for r in partition_reads(v, depth + 1)]
-    return []
+        yield spec
+        if not leaf(spec):
+            for a in (*spec.args, *spec.kwargs.values()):
+                yield from calls_in(a, leaf, depth + 1)
+    elif isinstance(spec, DataNode):
+        yield from calls_in(spec.value, leaf, depth + 1)
+    elif isinstance(spec, dict):
+        for v in spec.values():
+            yield from calls_in(v, leaf, depth + 1)
+    elif isinstance(spec, (list, tuple)):
+        for v in spec:
+            if isinstance(v, _NESTED):
+                yield from calls_in(v, leaf, depth + 1)
 
 
 def _nested() -> tuple[type, ...]:

@@ -447,9 +447,9 @@ class AIMSS(SchedulerPlugin):
         return {"overrides": self.overrides}
 
     @replies
-    async def _h_copy_outcome(self, key: str, outcome: str, worker: str = "") -> None:
+    async def _h_copy_outcome(self, key: str, outcome: str) -> None:
         """A straggler's call says how the race with its copy ended."""
-        self.stragglers.copy_outcome(key, outcome, worker)
+        self.stragglers.copy_outcome(key, outcome)
 
     @replies
     async def _h_status(self) -> dict[str, Any]:

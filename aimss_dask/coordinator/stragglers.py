@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from aimss_dask.coordinator.pinning import calls_in
 from aimss_dask.coordinator.speculation import (
     Progress,
     Running,
@@ -149,7 +150,7 @@ def _running_on(ws: Any) -> list[tuple[Any, float]]:
     return [(ts, e) for ts, e in ws.executing.items() if ts.state == "processing" and ts.processing_on is ws]
 
 
-def calls_marked(spec: Any, depth: int = 0) -> bool:
+def calls_marked(spec: Any) -> bool:
     """Whether task spec ``spec`` calls a function marked speculative, even fused into another task.
 
     A speculative function (:func:`aimss_dask.speculative`, an operator's
@@ -157,21 +158,7 @@ def calls_marked(spec: Any, depth: int = 0) -> bool:
     that call is in it anywhere: Dask may have fused the push with the task
     that made its input.
     """
-    from dask.task_spec import DataNode, Task
-
-    if depth > 8 or spec is None:
-        return False
-    if isinstance(spec, Task):
-        if getattr(spec.func, SPECULATIVE, False):
-            return True
-        return any(calls_marked(a, depth + 1) for a in (*spec.args, *spec.kwargs.values()))
-    if isinstance(spec, DataNode):
-        return calls_marked(spec.value, depth + 1)
-    if isinstance(spec, dict):
-        return any(calls_marked(v, depth + 1) for v in spec.values())
-    if isinstance(spec, (list, tuple)):
-        return any(calls_marked(v, depth + 1) for v in spec if isinstance(v, (Task, DataNode, dict, list, tuple)))
-    return False
+    return any(getattr(call.func, SPECULATIVE, False) for call in calls_in(spec))
 
 
 def mark_annotated(scheduler: Any, annotations: dict[str, dict[Any, Any]] | None) -> int:
@@ -271,13 +258,11 @@ class Stragglers:
                 outcome = copy.get("outcome") or ("original won" if finish == "memory" else outcome)
             self._report({**report, "outcome": outcome, "ended": time.time()})
 
-    def copy_outcome(self, key: str, outcome: str, worker: str) -> None:
+    def copy_outcome(self, key: str, outcome: str) -> None:
         """How the race between a straggler and its copy ended, from the straggler's call."""
         copy = self.copies.get(key)
         if copy is not None:
             copy["outcome"] = outcome
-            if worker:
-                copy["ran_on"] = worker
 
     def clear(self) -> None:
         self._groups.clear()

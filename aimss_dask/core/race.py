@@ -188,7 +188,7 @@ def _race(spec: Speculative, args: tuple[Any, ...], kwargs: dict[str, Any], work
     if finished.is_set() or twin is None:
         if twin is not None:
             twin.cancel()
-            _tell(worker, text, "original won", worker.address)
+            _tell(worker, text, "original won")
         if "error" in box:
             raise box["error"]
         return box["value"]
@@ -198,14 +198,14 @@ def _race(spec: Speculative, args: tuple[Any, ...], kwargs: dict[str, Any], work
             value = twin.result()
         except Exception as e:  # lost on the way: the original goes on
             logger.warning("aimss: the copy of %s finished but its result could not be fetched (%s)", text, e)
-            _tell(worker, text, f"copy lost: {type(e).__name__}", "")
+            _tell(worker, text, f"copy lost: {type(e).__name__}")
         else:
             lost.set()
-            _tell(worker, text, "copy won", _twin_worker(twin) or "")
+            _tell(worker, text, "copy won")
             twin.release()
             return value
     else:
-        _tell(worker, text, f"copy {twin.status}", "")
+        _tell(worker, text, f"copy {twin.status}")
     finished.wait()  # the copy failed: the call's own result, then
     if "error" in box:
         raise box["error"]
@@ -228,25 +228,19 @@ def _launch(spec: Speculative, args: tuple[Any, ...], kwargs: dict[str, Any], wo
         )
     except Exception as e:
         logger.warning("aimss: could not start a copy of %s on %s (%s); the original goes on", text, dest, e)
-        _tell(worker, text, f"copy not started: {type(e).__name__}: {e}", dest)
+        _tell(worker, text, f"copy not started: {type(e).__name__}: {e}")
         return None
 
 
-def _twin_worker(future: Any) -> str | None:
-    """Where a finished copy ran (the scheduler's word), if known."""
-    try:
-        who = future.client.who_has([future])
-        holders = who.get(future.key) or []
-        return holders[0] if holders else None
-    except Exception:
-        return None
+def _tell(worker: Any, text: str, outcome: str) -> None:
+    """The coordinator learns how the race ended (reports it when the task ends).
 
-
-def _tell(worker: Any, text: str, outcome: str, where: str) -> None:
-    """The coordinator learns how the race ended (reports it when the task ends)."""
+    Where the copy ran is the destination the coordinator chose: the copy
+    is restricted to it.
+    """
     from distributed.utils import sync
 
     try:
-        sync(worker.loop, worker.scheduler.aimss_copy_outcome, key=text, outcome=outcome, worker=where)
+        sync(worker.loop, worker.scheduler.aimss_copy_outcome, key=text, outcome=outcome)
     except Exception as e:
         logger.warning("aimss: could not tell the coordinator how the copy of %s ended (%s)", text, e)
