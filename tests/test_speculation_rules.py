@@ -22,6 +22,7 @@ from aimss_dask.coordinator.speculation import (
     quantile_rule,
     slow_workers,
     slowness,
+    split_point,
 )
 
 durations = st.floats(min_value=0.01, max_value=100, allow_nan=False)
@@ -96,7 +97,8 @@ def test_late_rule_flags_only_slow_work_with_much_time_left(peers, multiplier, m
     work = [Progress(f"c{i}", f"w{i}", e, d, left) for i, (e, d, left) in enumerate(peers)]
     got = late_rule(work, multiplier=multiplier, min_runtime=min_runtime)
     by_key = {p.key: p for p in work}
-    judged = [p for p in work if p.elapsed >= min_runtime and p.done > 0]
+    # Finished peers count however briefly they ran.
+    judged = [p for p in work if p.done > 0 and (p.elapsed >= min_runtime or p.left <= 0)]
     for s in got:
         p = by_key[s.key]
         assert p.elapsed >= min_runtime and p.done > 0 and p.left > 0
@@ -105,6 +107,50 @@ def test_late_rule_flags_only_slow_work_with_much_time_left(peers, multiplier, m
         assert s.estimate == p.time_left > s.bound
     estimates = [s.estimate for s in got]
     assert estimates == sorted(estimates, reverse=True)
+
+
+def test_late_rule_judges_the_one_left_behind_against_peers_that_finished_quickly():
+    peers = [Progress(f"c{i}", f"w{i}", 0.2, 300, 0) for i in range(4)] + [Progress("slow", "w9", 2.0, 40, 260)]
+    got = late_rule(peers, multiplier=2, min_runtime=1.0)
+    assert [s.key for s in got] == ["slow"]
+    # ... but the one behind must itself have run min_runtime.
+    young = [Progress(f"c{i}", f"w{i}", 0.2, 300, 0) for i in range(4)] + [Progress("slow", "w9", 0.5, 10, 290)]
+    assert late_rule(young, multiplier=2, min_runtime=1.0) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    offset=st.integers(0, 10**6),
+    n=st.integers(1, 10**5),
+    rate=st.floats(0.01, 1e4),
+    ratio=st.floats(1.01, 100),
+    startup=st.floats(0, 10),
+)
+def test_a_split_leaves_the_consumer_its_share_and_not_a_record_more(offset, n, rate, ratio, startup):
+    helper = rate * ratio
+    got = split_point(offset, offset + n, rate, helper, startup)
+    tol = 1e-6 * (1 + n / rate)
+    if got is None:
+        # Handing over would not save time: the consumer, alone, ends about
+        # when a helper could start.
+        assert (n - 1) / rate < startup + 1 / helper + tol
+        return
+    k = got - offset
+    assert 0 <= k < n
+    # Both finish together, up to one record: the consumer keeps at least its
+    # share (its part takes no less than the helper's) ...
+    assert k / rate >= (n - k) / helper + startup - tol
+    # ... and one record fewer would leave it finishing first.
+    assert (k - 1) / rate < (n - k + 1) / helper + startup + tol
+
+
+def test_no_split_where_the_helper_would_be_no_faster_or_nothing_is_left():
+    assert split_point(0, 100, rate=5.0, helper_rate=5.0) is None
+    assert split_point(0, 100, rate=5.0, helper_rate=1.0) is None
+    assert split_point(100, 100, rate=1.0, helper_rate=10.0) is None
+    assert split_point(100, 90, rate=1.0, helper_rate=10.0) is None
+    # A consumer that has stopped keeps nothing.
+    assert split_point(40, 100, rate=0.0, helper_rate=10.0) == 40
 
 
 def test_late_rule_ignores_work_that_has_not_started():
@@ -383,3 +429,116 @@ def test_only_tasks_annotated_speculative_are_wrapped_and_they_compute_the_same(
     # Marking again changes nothing; no annotations at all, nothing.
     assert mark_annotated(scheduler, {"aimss_speculative": {"a": True}}) == 0
     assert mark_annotated(scheduler, None) == 0
+
+
+# -- takeovers of consumers' ranges (Stream.map_records), over the stand-in scheduler ----------
+
+
+def _consumers(enabled: bool = True):
+    """A tracker with stream "s" (4 sealed partitions of 100 records, owners b, a, a, b) and group "g"."""
+    tracker, sched, g, a, b = _tracker(enabled=enabled, told=[])
+    state = tracker.state
+    spec, _ = state.create("s", 4, ["b", "a", "a", "b"])
+    state.note_bounds("s", spec.epoch, [(p, 0, 100) for p in range(4)])
+    state.sealed.add("s")
+    return tracker, sched
+
+
+def _progress(tracker, p: int, offset: int, elapsed: float, *, worker: str, done: bool = False, stop=None):
+    tracker.state.commit("s", "g", {p: offset})
+    return tracker.consumer_progress(
+        "s", "g", p, offset, start=0, elapsed=elapsed, stop=stop, done=done, worker=worker
+    )
+
+
+def _copies(sched) -> list[dict]:
+    from aimss_dask.core.names import STRAGGLER_TOPIC
+
+    return [m for t, m in sched.events if t == STRAGGLER_TOPIC and m["action"] == "copy"]
+
+
+def _taken_over():
+    """Consumer 0 (on b) far behind two finished peers, told to hand over; the tracker, scheduler, answer."""
+    tracker, sched = _consumers()
+    assert _progress(tracker, 1, 100, 1.0, worker="a", done=True) == {}
+    assert _progress(tracker, 2, 100, 1.0, worker="a", done=True) == {}
+    assert _progress(tracker, 0, 10, 5.0, worker="b") == {}
+    tracker.check()
+    order = tracker.orders[("s", "g", 0)]
+    assert order["dest"] == "a" and order["rule"] == "late"
+    got = _progress(tracker, 0, 12, 6.0, worker="b")
+    want = split_point(12, 100, order["rate"], order["helper_rate"], 0.5)
+    assert want is not None and got["split"] == want and got["dest"] == "a"
+    assert got["key"][1:] == ["s", 0, want] and got["key"][0].startswith("aimss-takeover-")
+    [copy] = _copies(sched)
+    assert (copy["kind"], copy["key"], copy["worker"], copy["dest"], copy["range"]) == (
+        "consumer", "s/g/0", "b", "a", [want, None],
+    )
+    assert tracker.summary()["takeovers"] == [{"consumer": "s/g/0", "dest": "a", "range": [want, None]}]
+    # Its own range now ends at the split: its time left is counted to there.
+    assert tracker.ranges[("s", "g", 0)]["stop"] is None
+    _progress(tracker, 0, 13, 6.5, worker="b", stop=want)
+    assert tracker.ranges[("s", "g", 0)]["stop"] == want
+    return tracker, sched, got
+
+
+def test_a_consumer_far_behind_is_told_at_its_next_report_where_to_stop_and_where_its_helper_runs():
+    _taken_over()
+
+
+def test_the_cap_counts_running_helpers_and_frees_when_they_end():
+    tracker, sched, got = _taken_over()
+    helper = _Task(tuple(got["key"]), _Group("aimss-takeover", 1), sched.workers["a"])
+    sched.tasks[helper.key] = helper
+    # Another consumer falls behind: 4 threads, max-fraction 0.25, one helper runs: no room.
+    _progress(tracker, 3, 5, 5.0, worker="b")
+    tracker.check()
+    assert ("s", "g", 3) not in tracker.orders
+    helper.state = "memory"
+    tracker.check()  # the helper is over: it leaves the cap, and the next one gets its place
+    assert tracker.summary()["takeovers"] == [] and tracker.orders[("s", "g", 3)]["dest"] == "a"
+
+
+def test_an_order_the_consumer_never_collects_expires():
+    import time
+
+    from aimss_dask.coordinator import stragglers
+
+    tracker, sched = _consumers()
+    _progress(tracker, 1, 100, 1.0, worker="a", done=True)
+    _progress(tracker, 2, 100, 1.0, worker="a", done=True)
+    _progress(tracker, 0, 10, 5.0, worker="b")
+    tracker.check()
+    k = ("s", "g", 0)
+    first = tracker.orders[k]["since"]
+    tracker.check()
+    assert tracker.orders[k]["since"] == first  # one order at a time
+    tracker.orders[k]["since"] -= stragglers.ORDER_TTL + 1
+    tracker.check()
+    # The stale order is gone; the consumer, still behind, gets a fresh one.
+    assert tracker.orders[k]["since"] > time.time() - stragglers.ORDER_TTL
+
+
+def test_a_consumer_that_starts_on_a_slow_worker_hands_everything_over_at_once():
+    for enabled in (True, False):
+        tracker, sched = _consumers(enabled=enabled)
+        tracker.slow = {"b": {"seen": 0.0}}
+        got = _progress(tracker, 0, 0, 0.0, worker="b")
+        if not enabled:
+            assert got == {} and _copies(sched) == []
+            continue
+        assert got["split"] == 0 and got["dest"] == "a"
+        assert _copies(sched)[0]["rule"] == "slow worker"
+        # On a fast worker, or once it has started, no such order.
+        assert _progress(tracker, 1, 0, 0.0, worker="a") == {}
+        assert _progress(tracker, 3, 7, 1.0, worker="b") == {}
+
+
+def test_a_consumer_that_has_nothing_worth_handing_over_gets_no_helper():
+    tracker, sched = _consumers()
+    _progress(tracker, 1, 100, 1.0, worker="a", done=True)
+    _progress(tracker, 2, 100, 1.0, worker="a", done=True)
+    # Far behind by rate, but one record left: it ends before a helper could start.
+    _progress(tracker, 0, 99, 99.0, worker="b")
+    tracker.check()
+    assert tracker.orders == {} and _copies(sched) == []

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from aimss_dask.api import reader
+from aimss_dask.api.consume import map_records
 from aimss_dask.api.context import Endpoint, current
 from aimss_dask.api.extensions import Extension
 from aimss_dask.core.errors import (
@@ -213,6 +214,35 @@ class Stream:
             )
             for p in range(self.partitions)
         ]
+
+
+    def map_records(
+        self, func: Callable[..., Any], *args: Any, group: str | None = None, **kwargs: Any
+    ) -> list[Any]:
+        """Apply ``func(record, *args, **kwargs)`` to every record; one ``Future`` per partition.
+
+        Each partition's consumer runs on the partition's owner and reads
+        until the stream is sealed; its future resolves to the list of
+        ``func``'s results, in offset order. ``group``: a consumer group to
+        resume from (its committed offsets) and commit to, at-least-once
+        across crashes; without one, every record from offset 0.
+
+        A consumer that falls far behind its peers (a slow worker, costlier
+        records) hands the rest of its range to a helper on a fast worker,
+        when ``aimss.speculation`` is on: the coordinator picks the split from
+        the consumers' rates. Each record is still consumed once, and the
+        results keep their order. ``func`` should not depend on which worker
+        it runs on.
+
+        Examples
+        --------
+        >>> futs = s.map_records(lambda rec: float(rec.sum()))  # doctest: +SKIP
+        >>> [len(r) for r in client.gather(futs)]                # doctest: +SKIP
+        [1000, 1000]
+        """
+        if group is not None:
+            check_str_arg(group, "consumer group")
+        return map_records(self.spec, func, args, kwargs, group, read_from)
 
 
 def _plain(obj: Any) -> Any:
@@ -506,11 +536,14 @@ class ClusterStatus(dict[str, dict[str, Any]]):
     heartbeats (about a second old at most).
 
     ``stragglers``: ``tasks`` and stream ``consumers`` found slow and still
-    running, ``slow_workers``, and the recent ``reports`` (each also an
-    event on the ``aimss-straggler`` topic): ``kind`` (task or consumer),
-    ``key``, ``group``, ``worker``, ``elapsed`` seconds, the ``rule`` that
-    fired (``quantile`` or ``late``) with its ``bound``, ``estimate`` (time
-    left, LATE), ``copy`` and ``outcome``.
+    running, ``slow_workers``, the ``takeovers`` running (helpers of
+    ``Stream.map_records`` consumers: ``consumer``, ``dest``, ``range``), and
+    the recent ``reports`` (each also an event on the ``aimss-straggler``
+    topic): ``kind`` (task or consumer), ``key``, ``group``, ``worker``,
+    ``elapsed`` seconds, the ``rule`` that fired (``quantile``, ``late`` or
+    ``slow worker``) with its ``bound``, ``estimate`` (time left, LATE),
+    ``copy`` (where a copy or helper runs; a helper's report has the
+    ``range`` it took over) and ``outcome``.
     """
 
     def __init__(self, workers: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
@@ -518,7 +551,9 @@ class ClusterStatus(dict[str, dict[str, Any]]):
         super().__init__(workers)
         self.runs = runs
         self.streams = streams
-        self.stragglers = stragglers or {"tasks": [], "consumers": [], "slow_workers": [], "reports": []}
+        self.stragglers = stragglers or {
+            "tasks": [], "consumers": [], "slow_workers": [], "takeovers": [], "reports": [],
+        }
 
     def run(self, kind: str) -> list[dict[str, Any]]:
         """The runs of one ``kind``, oldest first."""

@@ -14,7 +14,9 @@ Two rules, both from the literature (see ``aimss.speculation`` in the config):
 
 :func:`slow_workers` tells slow *workers* (several stragglers, or finished
 tasks far slower than the same group's elsewhere) from slow *tasks*, and
-:func:`place_copies` puts copies on free, fast workers under the cap.
+:func:`place_copies` puts copies on free, fast workers under the cap, and
+:func:`split_point` says where a slow consumer hands the rest of its range
+to a helper.
 Everything here is plain data in, plain data out: the coordinator
 (:mod:`~aimss_dask.coordinator.stragglers`) gathers the data and acts.
 """
@@ -40,6 +42,7 @@ __all__ = [
     "quantile_rule",
     "slow_workers",
     "slowness",
+    "split_point",
 ]
 
 #: LATE's SlowTaskThreshold: only work whose rate is below this quantile of
@@ -147,7 +150,10 @@ def late_rule(peers: Sequence[Progress], *, multiplier: float, min_runtime: floa
     >>> [s.key for s in late_rule(peers, multiplier=2, min_runtime=1)]
     ['c3']
     """
-    judged = [p for p in peers if p.elapsed >= min_runtime and p.done > 0]
+    # Finished peers count however briefly they ran: consumers of a few
+    # records each may all finish before ``min_runtime``, but the one left
+    # behind is judged against them.
+    judged = [p for p in peers if p.done > 0 and (p.elapsed >= min_runtime or p.left <= 0)]
     if len(judged) < 2:
         return []
     speeds = sorted(p.speed for p in judged)
@@ -240,6 +246,34 @@ def slowness(durations: Mapping[str, Mapping[str, Sequence[float]]], floor: floa
             spent[worker] = spent.get(worker, 0.0) + sum(mine)
             typical[worker] = typical.get(worker, 0.0) + len(mine) * median
     return {w: spent[w] / typical[w] for w in spent}
+
+
+def split_point(offset: int, end: int, rate: float, helper_rate: float, startup: float = 0.0) -> int | None:
+    """Where a consumer at ``offset`` of a range ending at ``end`` stops and a helper takes over, or None.
+
+    The consumer goes on at ``rate`` records per second; the helper, which
+    starts ``startup`` seconds from now, reads the rest at ``helper_rate``.
+    The split is where both are expected to finish together: the consumer
+    keeps ``k`` records with ``k / rate = (n - k) / helper_rate + startup``
+    (``n = end - offset``), rounded up so that it never keeps less than its
+    share. None where handing over would not save time: nothing is left,
+    the helper is no faster, or its share would be empty. A consumer that
+    has stopped (``rate`` 0) keeps nothing.
+
+    >>> split_point(100, 1100, rate=1.0, helper_rate=4.0)
+    300
+    >>> split_point(0, 10, rate=4.0, helper_rate=4.0) is None
+    True
+    """
+    n = end - offset
+    if n <= 0 or helper_rate <= 0 or helper_rate <= rate:
+        return None
+    if rate <= 0:
+        return offset
+    k = math.ceil((n / helper_rate + max(startup, 0.0)) / (1.0 / rate + 1.0 / helper_rate) - 1e-9)
+    if k >= n:
+        return None
+    return offset + k
 
 
 @dataclass(frozen=True)

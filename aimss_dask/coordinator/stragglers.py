@@ -10,7 +10,8 @@ What it watches:
   them (``WorkerState.executing``), to which the time since that heartbeat
   is added; those that ended since are left out;
 - every consumer group's committed offset per partition, sampled at each
-  check, against the partition's end as its owner last reported: a rate
+  check, against the partition's end as its owner last reported (or the end
+  of the consumer's own range, once it handed the rest over): a rate
   (records per second over ``RATE_WINDOW``) and the records left.
 
 A periodic callback (``aimss.speculation.interval``), never the hooks,
@@ -21,6 +22,15 @@ Spark's quantile rule to the tasks of each group (halfway between 1x and
 stream, and tells slow workers from slow tasks. Each new straggler, and its end, is an event on the
 ``aimss-straggler`` topic (``client.subscribe_topic``), a line in the log
 and an entry of ``aimss_dask.status().stragglers``.
+
+What it does about them, with speculation on: a copy of a straggling task
+whose function is declared idempotent (an AIMSS operator's push, a function
+marked :func:`~aimss_dask.speculative`), and, for a straggling consumer
+that can split its range (``Stream.map_records``), a *takeover*: at its
+next progress report the consumer is told to stop at a split point
+(:func:`~aimss_dask.coordinator.speculation.split_point`) and to start a
+helper on a fast worker that consumes the rest. Copies and helpers together
+stay under ``max-fraction`` of the cluster's threads.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import replace
@@ -44,12 +55,14 @@ from aimss_dask.coordinator.speculation import (
     quantile_rule,
     slow_workers,
     slowness,
+    split_point,
 )
 from aimss_dask.core.config import SpeculationConfig
 from aimss_dask.core.names import (
     SPECULATIVE,
     SPECULATIVE_ANNOTATION,
     STRAGGLER_TOPIC,
+    TAKEOVER_TASK_PREFIX,
     key_text,
 )
 from aimss_dask.core.race import Speculative
@@ -86,6 +99,25 @@ SLOW_GROUPS = 32
 #: exceed for that group to make it slow: shorter tasks differ by noise.
 SLOW_FLOOR = 0.1
 
+#: Seconds a takeover's helper is expected to need before its first record
+#: (a task submitted from a task, then a remote read): the split leaves the
+#: helper that much less.
+TAKEOVER_STARTUP = 0.5
+
+#: Seconds a helper's task may take to appear on the scheduler after its
+#: consumer was told to start it; past that, it never will (the consumer
+#: ended first) and no longer counts against the cap.
+TAKEOVER_APPEAR = 30.0
+
+#: Seconds a takeover decided for a consumer waits for the consumer's next
+#: progress report; past that it is dropped (the consumer has stopped
+#: reporting: it waits for its helpers, or it is gone).
+ORDER_TTL = 5.0
+
+#: Seconds without a progress report after which a consumer that can split
+#: its range is forgotten (its task ended without saying so).
+RANGE_STALE = 300.0
+
 #: Reports kept for ``status()``.
 MAX_REPORTS = 200
 
@@ -106,6 +138,20 @@ class _Group:
             if mine is None:
                 mine = self.by_worker[worker] = deque(maxlen=MAX_PER_WORKER)
             mine.append(seconds)
+
+
+def _reported(cid: str, worker: str, r: dict[str, Any], end: int, now: float) -> Progress:
+    """The progress of a consumer that reports its own (``Stragglers.ranges``), as of ``now``.
+
+    ``end``: its partition's end as last known; its own range may end sooner.
+    """
+    consumed = float(max(r["offset"] - r["start"], 0))
+    if r["done"]:
+        return Progress(cid, worker, r["elapsed"], consumed, 0.0, consumed / r["elapsed"] if r["elapsed"] > 0 else None)
+    if r["stop"] is not None:
+        end = min(end, r["stop"])
+    elapsed = r["elapsed"] + max(now - r["seen"], 0.0)
+    return Progress(cid, worker, elapsed, consumed, float(max(end - r["offset"], 0)))
 
 
 class _Consumer:
@@ -230,6 +276,14 @@ class Stragglers:
         self._consumed: dict[tuple[str, str, int], _Consumer] = {}  # (stream, group, partition) -> it
         self.checks = 0
         self._running: dict[str, Any] = {}  # key text -> TaskState, of the last check
+        #: Consumers that can hand the rest of their range over (``map_records``):
+        #: (stream, group, partition) -> the end of their own range (None: the
+        #: partition's end) and when they last reported.
+        self.ranges: dict[tuple[str, str, int], dict[str, Any]] = {}
+        #: Takeovers decided and not yet told: consumer -> helper's worker and the rates.
+        self.orders: dict[tuple[str, str, int], dict[str, Any]] = {}
+        #: Helpers told to start and not yet over: key text -> what they took over.
+        self.takeovers: dict[str, dict[str, Any]] = {}
 
     # -- hooks (O(1)) ----------------------------------------------------------------------
 
@@ -272,6 +326,9 @@ class Stragglers:
         self._seen.clear()
         self.copies.clear()
         self._consumed.clear()
+        self.ranges.clear()
+        self.orders.clear()
+        self.takeovers.clear()
 
     # -- the periodic check -----------------------------------------------------------------
 
@@ -284,6 +341,7 @@ class Stragglers:
             self.checks += 1
             tasks = self._task_stragglers(now)
             self._speculate(tasks)
+            self._end_takeovers(now)
             found = tasks + self._consumer_stragglers(now)
             self._note_slow_workers(now, found)
         except Exception:
@@ -346,17 +404,9 @@ class Stragglers:
         marked = [s for s in found if s.key not in self.copies and calls_marked(self._running[s.key].run_spec)]
         if not marked:
             return
-        views = {
-            addr: WorkerView(
-                ws.nthreads, min(len(ws.processing), ws.nthreads),
-                max(ws.memory_limit - ws.nbytes, 0) if ws.memory_limit else 2**62,
-                self._free_in(ws),
-            )
-            for addr, ws in self.scheduler.workers.items()
-            if ws.status.name == "running"
-        }
         placed = place_copies(
-            marked, views, slow=self.slow, running_copies=len(self.copies), max_fraction=self.config.max_fraction,
+            marked, self._views(), slow=self.slow, running_copies=self._copies_running(),
+            max_fraction=self.config.max_fraction,
         )
         now = time.time()
         for s in marked:
@@ -371,6 +421,23 @@ class Stragglers:
                 "action": "copy", "key": s.key, "worker": s.worker, "dest": dest,
                 "elapsed": round(s.elapsed, 3), "rule": s.rule, "found": now,
             })
+
+    def _views(self) -> dict[str, WorkerView]:
+        """What placement needs of each running worker."""
+        assert self.scheduler is not None
+        return {
+            addr: WorkerView(
+                ws.nthreads, min(len(ws.processing), ws.nthreads),
+                max(ws.memory_limit - ws.nbytes, 0) if ws.memory_limit else 2**62,
+                self._free_in(ws),
+            )
+            for addr, ws in self.scheduler.workers.items()
+            if ws.status.name == "running"
+        }
+
+    def _copies_running(self) -> int:
+        """Copies and takeover helpers under way or decided: what counts against the cap."""
+        return len(self.copies) + len(self.takeovers) + len(self.orders)
 
     def _free_in(self, ws: Any) -> float:
         """Seconds until ``ws`` should have a free thread: its running tasks' shortest typical time left."""
@@ -388,6 +455,7 @@ class Stragglers:
     def _consumer_stragglers(self, now: float) -> list[Straggler]:
         cfg = self.config
         peers: dict[tuple[str, str], list[Progress]] = {}
+        ids: dict[str, tuple[str, str, int]] = {}
         live: set[tuple[str, str, int]] = set()
         for name, groups in self.state.groups.items():
             spec = self.state.streams.get(name)
@@ -398,26 +466,40 @@ class Stragglers:
                 for p, off in enumerate(offsets):
                     k = (name, group, p)
                     live.add(k)
+                    cid = f"{name}/{group}/{p}"
+                    end = bounds.get(p, (0, off))[1]
+                    mine = self.ranges.get(k)
+                    if mine is not None:
+                        # A consumer that reports its own progress: exact,
+                        # even for one that finished between two checks.
+                        ids[cid] = k
+                        peers.setdefault((name, group), []).append(
+                            _reported(cid, mine["worker"] or spec.owners[p], mine, end, now)
+                        )
+                        continue
                     c = self._consumed.get(k)
                     if c is None:
                         c = self._consumed[k] = _Consumer()
                     c.observe(now, off)
-                    end = bounds.get(p, (0, off))[1]
                     done = end <= off
                     # A consumer that is done is a peer however few commits
                     # it made (a fast one may finish within a few).
                     if c.started is None or (c.commits < MIN_COMMITS and not done):
                         continue
                     peers.setdefault((name, group), []).append(Progress(
-                        f"{name}/{group}/{p}", spec.owners[p], now - c.started, float(off),
+                        cid, spec.owners[p], now - c.started, float(off),
                         float(max(end - off, 0)), c.rate(now, off, done),
                     ))
         for k in [k for k in self._consumed if k not in live]:
             del self._consumed[k]
+        for k in [k for k, r in self.ranges.items() if k not in live or now - r["seen"] > RANGE_STALE]:
+            del self.ranges[k]
+            self.orders.pop(k, None)
         found: list[Straggler] = []
         flagged: set[str] = set()
         for (name, group), work in peers.items():
-            for s in late_rule(work, multiplier=cfg.multiplier, min_runtime=cfg.min_runtime):
+            late = late_rule(work, multiplier=cfg.multiplier, min_runtime=cfg.min_runtime)
+            for s in late:
                 found.append(s)
                 flagged.add(s.key)
                 if s.key not in self.consumers:
@@ -429,12 +511,156 @@ class Stragglers:
                     }
                     self.consumers[s.key] = report
                     self._report(report)
+            self._take_over(late, work, ids, now)
         for cid in [c for c in self.consumers if c not in flagged]:
             # Caught up with its peers (or done): the report closes.
             report = self.consumers.pop(cid)
             gone = report["stream"] not in self.state.streams
-            self._report({**report, "outcome": "stream destroyed" if gone else "caught up", "ended": now})
+            outcome = (
+                "stream destroyed" if gone
+                else f"helper took over from offset {report['takeover'][0]}" if report.get("takeover")
+                else "caught up"
+            )
+            self._report({**report, "outcome": outcome, "ended": now})
         return found
+
+    # -- takeovers of consumers' ranges -------------------------------------------------------
+
+    def _take_over(
+        self, late: list[Straggler], work: list[Progress], ids: dict[str, tuple[str, str, int]], now: float
+    ) -> None:
+        """Decide helpers for straggling consumers that can split their range, under the cap.
+
+        The decision waits in :attr:`orders` for the consumer's next progress
+        report (:meth:`consumer_progress`), which alone knows its exact
+        offset; one not taken within ``ORDER_TTL`` is dropped (the consumer
+        is waiting for its helpers, or gone), so that it holds no place
+        under the cap. A consumer whose split would leave its helper nothing
+        worth starting gets none.
+        """
+        for k in [k for k, o in self.orders.items() if now - o["since"] > ORDER_TTL]:
+            del self.orders[k]
+        if not self.config.enabled or self.scheduler is None:
+            return
+        speeds = {p.key: p.speed for p in work}
+        able = []
+        for s in late:
+            k = ids[s.key]
+            r = self.ranges.get(k)
+            others = [v for c, v in speeds.items() if c != s.key and v > 0]
+            if r is None or k in self.orders or r["done"] or not others:
+                continue
+            helper_rate = statistics.median(others)
+            if split_point(r["offset"], self._range_end(k, r["stop"]), speeds[s.key], helper_rate,
+                           TAKEOVER_STARTUP) is None:
+                continue
+            able.append((s, k, helper_rate))
+        if not able:
+            return
+        placed = place_copies(
+            [s for s, _, _ in able], self._views(), slow=self.slow, running_copies=self._copies_running(),
+            max_fraction=self.config.max_fraction,
+        )
+        for s, k, helper_rate in able:
+            dest = placed.get(s.key)
+            if dest is not None:
+                self.orders[k] = {
+                    "dest": dest, "rate": speeds[s.key], "helper_rate": helper_rate, "rule": "late",
+                    "cid": s.key, "worker": s.worker, "elapsed": s.elapsed, "since": now,
+                }
+
+    def _range_end(self, k: tuple[str, str, int], stop: int | None) -> int:
+        """Where consumer ``k``'s own range ends as far as known: its stop, else its partition's end."""
+        name, _, p = k
+        end = self.state.bounds.get(name, {}).get(p, (0, 0))[1]
+        return end if stop is None else min(end, stop)
+
+    def _on_slow_worker(self, k: tuple[str, str, int], cid: str, worker: str, now: float) -> dict[str, Any] | None:
+        """An order for a consumer that starts on a worker found slow: hand everything over, if a place is free."""
+        placed = place_copies(
+            [Straggler(cid, worker, 0.0, "slow worker", 0.0)], self._views(), slow=self.slow,
+            running_copies=self._copies_running(), max_fraction=self.config.max_fraction,
+        )
+        dest = placed.get(cid)
+        if dest is None:
+            return None
+        # It would go at no speed at all, compared with the helper's.
+        return {
+            "dest": dest, "rate": 0.0, "helper_rate": 1.0, "rule": "slow worker",
+            "cid": cid, "worker": worker, "elapsed": 0.0, "since": now,
+        }
+
+    def consumer_progress(
+        self,
+        name: str,
+        group: str,
+        partition: int,
+        offset: int,
+        *,
+        start: int,
+        elapsed: float,
+        stop: int | None,
+        done: bool,
+        worker: str | None = None,
+    ) -> dict[str, Any]:
+        """A consumer that can split its range reports (from its task): a takeover order, or ``{}``.
+
+        ``offset``: the next record it will consume (it consumes nothing until
+        the answer comes, so a split at or past it is exact); ``start``: where
+        it started, ``elapsed`` seconds ago; ``stop``: the end of its own
+        range, None for the partition's end; ``done``: it has finished (its
+        rate stays, for its peers); ``worker``: where it runs. A consumer
+        that starts on a worker found slow hands its whole range over at
+        once, where a place is free under the cap (LATE: no work on a slow
+        node). The answer, when a takeover was decided: ``split`` (the
+        consumer stops there), ``dest`` (the helper's worker) and ``key``
+        (the helper task's key, which the coordinator follows).
+        """
+        k = (name, group, partition)
+        now = time.time()
+        self.ranges[k] = {
+            "stop": stop, "seen": now, "start": start, "offset": offset, "elapsed": elapsed, "done": done,
+            "worker": worker,
+        }
+        if done or not self.config.enabled:
+            self.orders.pop(k, None)
+            return {}
+        cid = f"{name}/{group}/{partition}"
+        order = self.orders.pop(k, None)
+        if order is None and offset == start and stop is None and worker in self.slow:
+            order = self._on_slow_worker(k, cid, worker, now)
+        if order is None:
+            return {}
+        split = split_point(offset, self._range_end(k, stop), order["rate"], order["helper_rate"], TAKEOVER_STARTUP)
+        if split is None:
+            return {}
+        key = (f"{TAKEOVER_TASK_PREFIX}{uuid.uuid4().hex}", name, partition, split)
+        self.takeovers[key_text(key)] = {
+            "key": key, "cid": cid, "dest": order["dest"], "range": [split, stop], "since": now, "seen": False,
+        }
+        report = self.consumers.get(cid)
+        if report is not None:
+            report["copy"] = order["dest"]
+            report["takeover"] = [split, stop]
+        self._report({
+            "action": "copy", "kind": "consumer", "key": cid, "worker": order["worker"],
+            "dest": order["dest"], "elapsed": round(order["elapsed"], 3), "rule": order["rule"],
+            "range": [split, stop], "found": now,
+        })
+        return {"split": split, "dest": order["dest"], "key": list(key)}
+
+    def _end_takeovers(self, now: float) -> None:
+        """Forget helpers that are over (or never started): they no longer count against the cap."""
+        assert self.scheduler is not None
+        for text, t in list(self.takeovers.items()):
+            ts = self.scheduler.tasks.get(t["key"])
+            if ts is not None:
+                t["seen"] = True
+                if ts.state not in ("memory", "erred", "forgotten", "released"):
+                    continue
+            elif not t["seen"] and now - t["since"] < TAKEOVER_APPEAR:
+                continue
+            del self.takeovers[text]
 
     def _note_slow_workers(self, now: float, found: list[Straggler]) -> None:
         seen_ids = {(w, k) for _, w, k in self._seen}
@@ -518,10 +744,13 @@ class Stragglers:
         return fast or workers
 
     def summary(self) -> dict[str, Any]:
-        """For ``status()``: stragglers running now, consumers behind, slow workers, recent reports."""
+        """For ``status()``: stragglers running now, consumers behind, slow workers, helpers running, recent reports."""
         return {
             "tasks": [dict(r) for r in self.current.values()],
             "consumers": [dict(r) for r in self.consumers.values()],
             "slow_workers": sorted(self.slow),
+            "takeovers": [
+                {"consumer": t["cid"], "dest": t["dest"], "range": list(t["range"])} for t in self.takeovers.values()
+            ],
             "reports": [dict(r) for r in self.reports],
         }

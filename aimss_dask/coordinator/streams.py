@@ -305,6 +305,30 @@ class StreamHandlers:
         return {"offsets": self.coord.state.commit(name, group, {int(p): int(o) for p, o in offsets})}
 
     @replies
+    async def _h_consume_progress(
+        self,
+        name: str,
+        group: str,
+        partition: int,
+        offset: int,
+        start: int,
+        elapsed: float,
+        stop: int | None = None,
+        done: bool = False,
+        worker: str | None = None,
+    ) -> dict[str, Any]:
+        """A consumer of ``Stream.map_records`` commits ``offset`` and learns whether to hand over.
+
+        See :meth:`~aimss_dask.coordinator.stragglers.Stragglers.consumer_progress`.
+        """
+        offsets = self.coord.state.commit(name, group, {int(partition): int(offset)})
+        order = self.coord.stragglers.consumer_progress(
+            name, group, int(partition), int(offset), start=int(start), elapsed=float(elapsed),
+            stop=None if stop is None else int(stop), done=bool(done), worker=worker,
+        )
+        return {"offsets": offsets, **order}
+
+    @replies
     async def _h_consumed(self, name: str, partition: int) -> dict[str, Any]:
         """Where a new copy of a partition starts: see :meth:`CoordinatorState.consumed`."""
         return {"offset": self.coord.state.consumed(name, partition)}

@@ -47,6 +47,15 @@ SPECULATIVE = "__aimss_speculative__"
 #: ``with dask.annotate(aimss_speculative=True): ...``.
 SPECULATIVE_ANNOTATION = "aimss_speculative"
 
+#: Consumer group of a ``Stream.map_records`` call made without one:
+#: ``MAP_GROUP_PREFIX + token``.
+MAP_GROUP_PREFIX = "aimss-map-"
+
+#: Prefix of the key of a helper that takes over the rest of a slow
+#: consumer's range (``Stream.map_records``):
+#: ``(TAKEOVER_TASK_PREFIX + token, stream, partition, first offset)``.
+TAKEOVER_TASK_PREFIX = "aimss-takeover-"
+
 #: Prefix of the key of a straggler's copy: ``COPY_TASK_PREFIX + key_text(key)``.
 COPY_TASK_PREFIX = "aimss-copy-"
 
