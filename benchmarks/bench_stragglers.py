@@ -61,6 +61,20 @@ writes a new array in a temporary folder this benchmark made, checks a
 sample of it against the input, and deletes it.
 
     python benchmarks/bench_stragglers.py --part zarr --zarr-gib 2 --share 0.15 --reps 3
+
+Part ``consumers`` (``--part consumers``): a stream of ``--stream-partitions``
+partitions of ``--records`` records each (1 KiB arrays), written once and
+sealed, consumed by one consumer per partition doing ``--work-ms`` ms of CPU
+per record (a busy loop on the thread's CPU clock: fixed work, which the
+slow worker's CPU share stretches): ``Stream.map_records`` with speculation
+on (a consumer that falls behind hands the rest of its range to a helper on
+a fast worker, and one that starts on a worker found slow hands all of it)
+and off (each partition's consumer on its owner, to the end), against plain
+Dask: the same records as one list per partition in Dask's memory,
+``client.map`` of a function that does the same work on each list. Reported
+per run: consumer helpers started.
+
+    python benchmarks/bench_stragglers.py --part consumers --records 1000 --work-ms 2 --share 0.15 --reps 3
 """
 
 from __future__ import annotations
@@ -103,7 +117,7 @@ def _copies(client: Any, since: float) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("tasks", "shuffle", "zarr", "all"), default="all")
+    ap.add_argument("--part", choices=("tasks", "shuffle", "zarr", "consumers", "all"), default="all")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--tasks", type=int, default=24)
     ap.add_argument("--seconds", type=float, default=1.2, help="a task's time on a normal worker")
@@ -112,6 +126,9 @@ def main() -> None:
     ap.add_argument("--zarr-gib", type=float, default=2.0, help="to_zarr array size")
     ap.add_argument("--partitions", type=int, default=32, help="shuffle input partitions, to_zarr input blocks")
     ap.add_argument("--share", type=float, default=0.15, help="the slow worker's share of time (shuffle)")
+    ap.add_argument("--stream-partitions", type=int, default=8, help="consumers: stream partitions")
+    ap.add_argument("--records", type=int, default=1000, help="consumers: records per partition")
+    ap.add_argument("--work-ms", type=float, default=2.0, help="consumers: CPU ms per record")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     if args.part in ("tasks", "all"):
@@ -120,6 +137,8 @@ def main() -> None:
         shuffle(args)
     if args.part in ("zarr", "all"):
         zarr(args)
+    if args.part in ("consumers", "all"):
+        consumers(args)
 
 
 def tasks(args: argparse.Namespace) -> None:
@@ -195,14 +214,22 @@ def _medians(times: dict[str, list[float]], copies: dict[str, list[Any]], what: 
     return med
 
 
+def _consumer_helpers(client: Any, since: float) -> int:
+    return sum(
+        1 for t, m in client.get_events("aimss-straggler")
+        if t >= since and isinstance(m, dict) and m.get("action") == "copy" and m.get("kind") == "consumer"
+    )
+
+
 def _interleave(
     client: Any, slow: str, pid: int, methods: list[str], run: Callable[[str], None], args: argparse.Namespace,
-    baseline: str,
+    baseline: str, copies_of: Callable[[Any, float], int] = _push_copies, what: str = "push copies",
 ) -> None:
     """Run ``methods`` interleaved, with no slow worker then with one; print runs, medians, ratios.
 
     ``run(method)`` does one run and checks its result; ``baseline``: the
-    method that is not AIMSS (plain Dask).
+    method that is not AIMSS (plain Dask); ``copies_of(client, since)``:
+    the copies a run started, reported as ``what``.
     """
 
     def known() -> str:
@@ -222,14 +249,14 @@ def _interleave(
                     run(method)
                 dt = time.perf_counter() - t0
                 time.sleep(0.5)  # copies' reports reach the event log
-                c = _push_copies(client, w0)
+                c = copies_of(client, w0)
                 name = f"{method}/{setting}"
-                print(f"  {name:14s} rep {rep} {dt:6.2f} s  push copies {c}" + flag
+                print(f"  {name:14s} rep {rep} {dt:6.2f} s  {what} {c}" + flag
                       + ("  (warm-up)" if rep == 0 else ""), flush=True)
                 if rep:
                     times.setdefault(name, []).append(dt)
                     copies.setdefault(name, []).append(c)
-    med = _medians(times, copies, "push copies per run")
+    med = _medians(times, copies, f"{what} per run")
     print(f"spec-off / spec-on (slow): {med['spec-off/slow'] / med['spec-on/slow']:.2f}x (target >= 1.5x)")
     print(f"{baseline} / spec-on (slow): {med[baseline + '/slow'] / med['spec-on/slow']:.2f}x")
     print(f"spec-on / spec-off (even): {med['spec-on/even'] / med['spec-off/even']:.2f}x (overhead: target < 1.05x)")
@@ -320,6 +347,63 @@ def zarr(args: argparse.Namespace) -> None:
             _interleave(client, slow, pid, ["spec-on", "spec-off", "dask"], run, args, baseline="dask")
     finally:
         shutil.rmtree(root, ignore_errors=True)  # the folder this benchmark made
+
+
+def _busy(record: np.ndarray, ms: float) -> float:
+    """``ms`` of this thread's CPU time, then a result that depends on the record."""
+    end = time.thread_time() + ms / 1000
+    while time.thread_time() < end:
+        pass
+    return float(record.sum())
+
+
+def _busy_list(records: list[np.ndarray], ms: float) -> list[float]:
+    return [_busy(r, ms) for r in records]
+
+
+def _records(p: int, n: int) -> list[np.ndarray]:
+    return [np.full(128, p * 1_000_003 + i, dtype=np.float64) for i in range(n)]
+
+
+def consumers(args: argparse.Namespace) -> None:
+    from distributed import Client, wait
+
+    nparts = args.stream_partitions
+    want = [[float(r.sum()) for r in _records(p, args.records)] for p in range(nparts)]
+    with _cluster(args) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        name = f"bench-consumers-{os.getpid()}"
+        stream = aimss_dask.create_stream(name, partitions=nparts)
+        for p in range(nparts):
+            for r in _records(p, args.records):
+                stream.write(r, partition=p)
+        stream.seal()
+        # Plain Dask's copy of the same records: one list per partition,
+        # spread over the workers as the stream's partitions are.
+        lists = [
+            client.scatter([_records(p, args.records)], workers=[o])[0]
+            for p, o in enumerate(stream.info()["owners"])
+        ]
+        wait(lists)
+        slow, pid = _slow_worker(client)
+
+        def run(method: str) -> None:
+            if method == "dask":
+                futs = client.map(_busy_list, lists, ms=args.work_ms, pure=False)
+            else:
+                client.run_on_scheduler(_speculation, enabled=method == "spec-on")
+                futs = stream.map_records(_busy, args.work_ms)
+            got = client.gather(futs)
+            assert got == want, method
+
+        print(
+            f"\nconsumers: {nparts} partitions x {args.records} records, {args.work_ms:g} ms of CPU each, on "
+            f"{args.workers} workers (one slow: it runs {args.share:g} of the time; owners: "
+            f"{sum(o == slow for o in stream.info()['owners'])} partitions on it)", flush=True,
+        )
+        _interleave(client, slow, pid, ["spec-on", "spec-off", "dask"], run, args, baseline="dask",
+                    copies_of=_consumer_helpers, what="consumer helpers")
+        aimss_dask.destroy_stream(name)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import math
+import statistics
 
 from dask.task_spec import Task
 from hypothesis import given, settings
@@ -102,8 +103,10 @@ def test_late_rule_flags_only_slow_work_with_much_time_left(peers, multiplier, m
     for s in got:
         p = by_key[s.key]
         assert p.elapsed >= min_runtime and p.done > 0 and p.left > 0
-        # Slower than most peers: at least one judged peer is strictly faster.
+        # Slower than most peers: at least one judged peer is strictly faster,
+        # and the peers' median rate is over multiplier times its own.
         assert any(q.speed > p.speed for q in judged)
+        assert p.speed * multiplier < statistics.median(q.speed for q in judged)
         assert s.estimate == p.time_left > s.bound
     estimates = [s.estimate for s in got]
     assert estimates == sorted(estimates, reverse=True)
@@ -151,6 +154,15 @@ def test_no_split_where_the_helper_would_be_no_faster_or_nothing_is_left():
     assert split_point(100, 90, rate=1.0, helper_rate=10.0) is None
     # A consumer that has stopped keeps nothing.
     assert split_point(40, 100, rate=0.0, helper_rate=10.0) == 40
+
+
+def test_late_rule_ignores_rates_that_differ_by_noise_once_most_peers_are_done():
+    done = [Progress(f"c{i}", f"w{i}", 10.0, 1000, 0) for i in range(5)]
+    # 1.5x slower than its finished peers, with the median time left 0: noise, not a straggler.
+    assert late_rule(done + [Progress("late", "w9", 10.0, 667, 333)], multiplier=2, min_runtime=1) == []
+    assert [s.key for s in late_rule(done + [Progress("late", "w9", 10.0, 300, 700)], multiplier=2, min_runtime=1)] == [
+        "late"
+    ]
 
 
 def test_late_rule_ignores_work_that_has_not_started():

@@ -141,9 +141,11 @@ def late_rule(peers: Sequence[Progress], *, multiplier: float, min_runtime: floa
     """LATE's rule over peers (the consumers of one group, or one operator's tasks); longest time left first.
 
     A straggler has run at least ``min_runtime``, has work left, a rate
-    strictly below the ``SLOW_RATE_QUANTILE`` of the peers' rates, and a
-    time left strictly above ``multiplier`` times the peers' median: with
-    equal rates nothing is a straggler. Work that has not started (nothing
+    strictly below the ``SLOW_RATE_QUANTILE`` of the peers' rates and below
+    their median over ``multiplier``, and a time left strictly above
+    ``multiplier`` times the peers' median: with equal rates nothing is a
+    straggler, and rates that differ by noise neither (once most peers are
+    done their median time left is 0, and only the rate tells). Work that has not started (nothing
     done yet) is waiting, not slow: it is not judged.
 
     >>> peers = [Progress(f"c{i}", f"w{i}", 10, 90, 10) for i in range(3)] + [Progress("c3", "w3", 10, 10, 90)]
@@ -157,7 +159,7 @@ def late_rule(peers: Sequence[Progress], *, multiplier: float, min_runtime: floa
     if len(judged) < 2:
         return []
     speeds = sorted(p.speed for p in judged)
-    slow_below = _quantile(speeds, SLOW_RATE_QUANTILE)
+    slow_below = min(_quantile(speeds, SLOW_RATE_QUANTILE), statistics.median(speeds) / multiplier)
     bound = multiplier * statistics.median(p.time_left for p in judged)
     out = [
         Straggler(p.key, p.worker, p.elapsed, "late", bound, p.time_left)
