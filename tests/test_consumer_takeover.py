@@ -80,6 +80,8 @@ def test_equally_fast_consumers_get_no_helper(client):
     assert copies == []
     # Without a group of its own, a call reads from offset 0 again.
     assert client.gather(stream.map_records(_work)) == got
+    # ... and the groups those calls made for themselves are gone once they are done.
+    assert stream.info()["groups"] == {}
     aimss_dask.destroy_stream(name)
 
 

@@ -43,6 +43,8 @@ class ClusterOps:
     def __init__(self) -> None:
         self.scheduler: Scheduler | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        #: Events logged, by action (``run-recovered``, ...): running totals for the metrics.
+        self.event_counts: dict[str, int] = {}
 
     def cancel_background(self) -> None:
         for t in list(self._background):
@@ -133,6 +135,8 @@ class ClusterOps:
     def event(self, msg: dict[str, Any]) -> None:
         """Log ``msg`` in Dask's event log under topic :data:`EVENT_TOPIC` (``client.get_events("aimss")``)."""
         assert self.scheduler is not None
+        action = str(msg.get("action", "other"))
+        self.event_counts[action] = self.event_counts.get(action, 0) + 1
         self.scheduler.log_event(EVENT_TOPIC, msg)
 
     def tell(self, worker: str, msg: dict[str, Any]) -> bool:

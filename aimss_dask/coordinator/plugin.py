@@ -23,6 +23,7 @@ from distributed.protocol.pickle import dumps
 from tornado.ioloop import PeriodicCallback
 
 from aimss_dask.coordinator.cluster import ClusterOps
+from aimss_dask.coordinator.metrics import coordinator_metrics
 from aimss_dask.coordinator.pinning import Pinner
 from aimss_dask.coordinator.recovery import Recoveries
 from aimss_dask.coordinator.registry import RunRegistry
@@ -38,8 +39,10 @@ from aimss_dask.coordinator.sealing import (
 from aimss_dask.coordinator.state import CoordinatorState
 from aimss_dask.coordinator.stragglers import Stragglers, mark_annotated
 from aimss_dask.coordinator.streams import StreamHandlers
+from aimss_dask.core import metrics
 from aimss_dask.core.config import AIMSSConfig, dask_memory_thresholds
 from aimss_dask.core.errors import InvalidArgumentError
+from aimss_dask.core.metrics import Metric
 from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME, REGISTERED_KEY
 from aimss_dask.core.runs import OnLoss, RunState
 from aimss_dask.transport import dataplane
@@ -177,6 +180,8 @@ class AIMSS(SchedulerPlugin):
         self.stragglers.scheduler = scheduler
         self._stragglers_pc = PeriodicCallback(self.stragglers.check, self.config.speculation.interval * 1000)
         self._stragglers_pc.start()
+        # aimss_ metrics on the scheduler's /metrics (where prometheus_client is installed).
+        metrics.expose(self._metrics)
 
     def _note_bounds(self) -> None:
         """Take the partition offsets of every worker's latest heartbeat into the state."""
@@ -235,7 +240,11 @@ class AIMSS(SchedulerPlugin):
             "spills to disk"
         )
 
+    def _metrics(self) -> list[Metric]:
+        return coordinator_metrics(self)
+
     async def close(self) -> None:
+        metrics.withdraw(self._metrics)
         if self._bounds_pc is not None:
             self._bounds_pc.stop()
         if self._stragglers_pc is not None:

@@ -339,6 +339,18 @@ class RunRegistry:
         """Ids of the unfinished runs ``client`` registered (to close when it leaves)."""
         return sorted(r.run_id for r in self._runs.values() if r.client == client and not r.finished)
 
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Listed runs by (kind, state), for the metrics.
+
+        >>> reg = RunRegistry(); _ = reg.register(RunSpec(run_id="a")); reg.counts()
+        {('run', 'registered'): 1}
+        """
+        out: dict[tuple[str, str], int] = {}
+        for r in self._runs.values():
+            k = (r.kind, r.state.value)
+            out[k] = out.get(k, 0) + 1
+        return out
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Every listed run once, as plain data, oldest first."""
         recs = sorted(self._runs.values(), key=lambda r: (r.started, r.run_id))

@@ -241,6 +241,12 @@ class CoordinatorState:
             current[p] = max(current[p], off)
         return list(current)
 
+    def forget_group(self, name: str, group: str) -> None:
+        """Drop consumer group ``group`` of stream ``name`` (one a call made for itself and is done with)."""
+        groups = self.groups.get(name)
+        if groups is not None:
+            groups.pop(group, None)
+
     def release(self, name: str, partitions: Iterable[int]) -> bool:
         """Readers are done with ``partitions`` for good; True once all are."""
         spec = self.get(name)

@@ -276,6 +276,8 @@ class Stragglers:
         self._consumed: dict[tuple[str, str, int], _Consumer] = {}  # (stream, group, partition) -> it
         self.checks = 0
         self._running: dict[str, Any] = {}  # key text -> TaskState, of the last check
+        #: Reports made, by (action, kind): running totals for the metrics (never cleared).
+        self.counts: dict[tuple[str, str], int] = {}
         #: Consumers that can hand the rest of their range over (``map_records``):
         #: (stream, group, partition) -> the end of their own range (None: the
         #: partition's end) and when they last reported.
@@ -712,6 +714,10 @@ class Stragglers:
 
     def _report(self, report: dict[str, Any]) -> None:
         self.reports.append(report)
+        if report["action"] != "straggler" or report.get("outcome") == "running":
+            # New ones only (a straggler's report comes again when it ends).
+            what = (report["action"], report.get("kind") or "worker")
+            self.counts[what] = self.counts.get(what, 0) + 1
         if report["action"] == "slow-worker":
             logger.warning("aimss: worker %s is slow (%s)", report["worker"], report["why"])
         elif report["action"] == "copy":

@@ -21,6 +21,7 @@ from aimss_dask.core.errors import (
     error_from_wire,
     lost_to_wire,
 )
+from aimss_dask.core.names import MAP_GROUP_PREFIX
 from aimss_dask.core.runs import RunState
 from aimss_dask.transport.rpc import replies
 
@@ -322,10 +323,17 @@ class StreamHandlers:
         See :meth:`~aimss_dask.coordinator.stragglers.Stragglers.consumer_progress`.
         """
         offsets = self.coord.state.commit(name, group, {int(partition): int(offset)})
-        order = self.coord.stragglers.consumer_progress(
+        stragglers = self.coord.stragglers
+        order = stragglers.consumer_progress(
             name, group, int(partition), int(offset), start=int(start), elapsed=float(elapsed),
             stop=None if stop is None else int(stop), done=bool(done), worker=worker,
         )
+        if done and group.startswith(MAP_GROUP_PREFIX):
+            # The group a map_records call made for itself: forgotten once
+            # every partition's consumer is done, or calls would pile groups up.
+            ranges = [stragglers.ranges.get((name, group, p)) for p in range(len(offsets))]
+            if all(r is not None and r["done"] for r in ranges):
+                self.coord.state.forget_group(name, group)
         return {"offsets": offsets, **order}
 
     @replies

@@ -108,6 +108,12 @@ class LogStore:
         self.memory_bytes = 0
         self.spilled_bytes = 0
         self.peak_memory = 0
+        #: Running totals for the metrics: records and bytes appended (every
+        #: copy held here, a replica's included), read (a replica's catch-up
+        #: included), and bytes ever written to spill files.
+        self.appended = [0, 0]
+        self.served = [0, 0]
+        self.spilled_total = 0
         self.closed = False
 
     # -- streams -----------------------------------------------------------------
@@ -279,6 +285,8 @@ class LogStore:
                 if seg.nbytes >= self.segment_size:
                     seg.sealed = True
             self.peak_memory = max(self.peak_memory, self.memory_bytes)
+            self.appended[0] += len(records)
+            self.appended[1] += sum(sizes)
             self._changed.notify_all()
         if self._on_change is not None:
             self._on_change(name, p)
@@ -514,6 +522,8 @@ class LogStore:
                 i += 1
                 if hi < stop:
                     break
+            self.served[0] += offset - start
+            self.served[1] += taken
         out: list[Any] = []
         for seg, records, lo, hi in plan:
             if records is not None:
@@ -706,6 +716,7 @@ class LogStore:
                     seg.records = None
                     self.memory_bytes -= seg.nbytes
                     self.spilled_bytes += seg.nbytes
+                    self.spilled_total += seg.nbytes
                     spilled += seg.nbytes
         return spilled
 

@@ -15,9 +15,16 @@ from typing import TYPE_CHECKING, Any
 from dask.utils import format_bytes
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
-from distributed.protocol import pickle, to_serialize
+from distributed.protocol import (
+    Serialize,
+    Serialized,
+    deserialize,
+    pickle,
+    to_serialize,
+)
 from distributed.utils import offload, sync
 
+from aimss_dask.core import metrics
 from aimss_dask.core.config import AIMSSConfig
 from aimss_dask.core.errors import (
     AIMSSError,
@@ -25,12 +32,14 @@ from aimss_dask.core.errors import (
     error_to_wire,
     raise_from_wire,
 )
+from aimss_dask.core.metrics import Metric
 from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME, key_text
 from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.log.store import LogStore
 from aimss_dask.node import heartbeat
 from aimss_dask.node.copies import CopyMailbox
 from aimss_dask.node.dedup import OriginFilter
+from aimss_dask.node.metrics import worker_metrics
 from aimss_dask.node.replication import Replicator
 from aimss_dask.node.runs import RunFactory, RunManager
 from aimss_dask.node.salvager import take_over
@@ -197,11 +206,17 @@ class AIMSSWorker(WorkerPlugin):
             worker.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
         # Progress rides the heartbeats: the coordinator never polls for it.
         worker.metrics[HEARTBEAT_METRIC] = lambda _worker: heartbeat.heartbeat(self)
+        # aimss_ metrics on the worker's /metrics (where prometheus_client is installed).
+        metrics.expose(self._metrics)
+
+    def _metrics(self) -> list[Metric]:
+        return worker_metrics(self)
 
     async def teardown(self, worker: Worker) -> None:
         try:
             await self._finish_moves()
             worker.metrics.pop(HEARTBEAT_METRIC, None)
+            metrics.withdraw(self._metrics)
             for op in _HANDLERS:
                 # Answer late messages (a closing cluster) instead of letting
                 # Dask log "no handler" tracebacks.
@@ -328,6 +343,7 @@ class AIMSSWorker(WorkerPlugin):
         waits: list[tuple[str, int, int, int]] = []
         for group in groups:
             name, epoch, partition, records, sizes, origin = group[:6]
+            records = _as_sent(records)
             writer = group[6] if len(group) > 6 else None
             at = group[7] if len(group) > 7 else None
             if name in errors:
@@ -819,6 +835,21 @@ class AIMSSWorker(WorkerPlugin):
         st["runs"] = self.runs.progress()
         st.update(self.runs.shared_statistics())
         return {"status": st}
+
+
+def _as_sent(records: list[Any]) -> list[Any]:
+    """Records as their writer wrote them.
+
+    A comm that does not serialise (in-process clusters' ``inproc://``)
+    hands the wrapped, serialised records over as they are: stored like
+    that, readers would get the wrappers instead of their records.
+    """
+    if not any(type(r) is Serialized or type(r) is Serialize for r in records):
+        return records
+    return [
+        deserialize(r.header, r.frames) if type(r) is Serialized else r.data if type(r) is Serialize else r
+        for r in records
+    ]
 
 
 async def _torn_down(**kwargs: Any) -> dict[str, Any]:

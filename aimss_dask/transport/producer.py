@@ -45,6 +45,7 @@ from aimss_dask.core.errors import (
     raise_from_wire,
 )
 from aimss_dask.core.specs import Origin, StreamSpec
+from aimss_dask.core.stats import Histogram
 from aimss_dask.log import records
 from aimss_dask.log.budget import ByteBudget
 from aimss_dask.transport import dataplane
@@ -81,6 +82,8 @@ class _Item:
     seq: int | None = None
     #: Sent again to the replica that took over from a dead owner.
     rerouted: bool = False
+    #: ``time.monotonic()`` at ``write``: the push latency runs from there to the owner's answer.
+    created: float = 0.0
 
 
 @dataclass(eq=False)
@@ -167,6 +170,13 @@ class Producer:
         self._rerouting = 0
         self._rerouter: threading.Thread | None = None
         self.closed = False
+        #: What this process wrote and its owners stored, for the metrics:
+        #: ``{"remote" | "local": [records, bytes]}`` (local: appended in this
+        #: very process, the owner's own writes).
+        self.stored: dict[str, list[int]] = {"remote": [0, 0], "local": [0, 0]}
+        self._stored_lock = threading.Lock()
+        #: Seconds from ``write`` to the owner's answer, per batch (its oldest record).
+        self.latency = Histogram()
 
     # -- writers (any thread but the event loop's) -----------------------------------------
 
@@ -236,6 +246,10 @@ class Producer:
             if local is None:
                 local = records.encode(record, spec.name)[1]  # still must serialise
             self._local(spec, partition, record, local, origin)
+            with self._stored_lock:
+                counts = self.stored["local"]
+                counts[0] += 1
+                counts[1] += local
             return
         ser, nbytes = records.encode(record, spec.name)
         self.budget.acquire(nbytes)
@@ -247,7 +261,9 @@ class Producer:
                 seq = self._seq.get(line, 0)
                 self._seq[line] = seq + 1
                 self._sent_to[line] = owner
-            link.pending.append(_Item(spec.name, spec.epoch, partition, ser, nbytes, origin, seq))
+            link.pending.append(
+                _Item(spec.name, spec.epoch, partition, ser, nbytes, origin, seq, created=time.monotonic())
+            )
             link.pending_bytes += nbytes
             link.written += 1
             self._cond.notify_all()
@@ -414,6 +430,12 @@ class Producer:
                     self._failed.setdefault(name, {}).setdefault(link.owner, (epochs.get(name, -1), err))
             link.acked += len(batch)
             self._cond.notify_all()
+        if error is None:
+            self.latency.observe(time.monotonic() - batch[0].created)
+            with self._stored_lock:
+                counts = self.stored["remote"]
+                counts[0] += len(batch)
+                counts[1] += sum(it.nbytes for it in batch)
         self.budget.release(sum(it.nbytes for it in batch_failed))
         self._settled_moved(batch_failed)
 
