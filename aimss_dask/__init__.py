@@ -22,6 +22,7 @@ from aimss_dask.api.streams import (
     status,
     write_to,
 )
+from aimss_dask.api.tracing import Trace, trace
 from aimss_dask.coordinator.plugin import AIMSS
 from aimss_dask.core.config import AIMSSConfig
 from aimss_dask.core.errors import (
@@ -78,6 +79,7 @@ __all__ = [
     "StreamExistsError",
     "StreamNotFoundError",
     "StreamSealedError",
+    "Trace",
     "WriteOrderError",
     "create_stream",
     "destroy_stream",
@@ -88,6 +90,7 @@ __all__ = [
     "rechunk",
     "shuffle",
     "shuffle_streams",
+    "trace",
     "speculative",
     "status",
     "to_zarr",

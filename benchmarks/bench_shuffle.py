@@ -22,12 +22,22 @@ most fresh memory pays several times more for it, at random.
 ``--rechunk``: a float64 array of ``--gib`` from row chunks to column
 chunks (64 x 64 chunks), aimss against Dask's p2p rechunk with
 ``distributed.p2p.storage.disk`` true and false.
+
+``--trace``: one more method, ``aimss+tr``, the aimss shuffle inside
+``aimss_dask.trace`` (a new folder under a temporary folder this benchmark
+made and removes at the end); reported: the overhead of tracing (its
+median over aimss's) and the trace's size.
+
+    python benchmarks/bench_shuffle.py --gib 1 --reps 5 --trace --no-tasks
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -98,8 +108,13 @@ def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nby
     # behind; a method's peak includes it.
     results: dict[str, dict[str, list[float]]] = {m: {"t": [], "rss": [], "rss0": [], "disk": [], "cpu": []} for m in methods}
     first: Any = None
+    names = list(methods)
     for rep in range(args.reps + 1):  # the first round warms up
-        for name, fn in methods.items():
+        # Reversed every other round: without prefaulting, a method that runs
+        # after one that freed much memory pays for faulting it back in, so
+        # no method may always follow the same one.
+        for name in names if rep % 2 == 0 else names[::-1]:
+            fn = methods[name]
             # Backed free pages for whatever the method allocates: see
             # _common.prefault (this VM hands free pages back to its host).
             prefault(args.prefault)
@@ -133,7 +148,9 @@ def _measure(args: argparse.Namespace, client: Any, methods: dict[str, Any], nby
             f"disk {r['disk'] / GiB:5.2f} GiB"
         )
     for m in med:
-        if m != "aimss":
+        if m == "aimss+tr":
+            print(f"tracing overhead: {med[m]['t'] / med['aimss']['t']:.3f}x (target < 1.05x)")
+        elif m != "aimss":
             print(f"aimss speed-up over {m}: {med[m]['t'] / med['aimss']['t']:.2f}x")
     return first
 
@@ -192,6 +209,17 @@ def run(args: argparse.Namespace) -> None:
                 return int(out.map_partitions(_count, meta=(None, "i8")).sum().compute())
 
         methods = {"aimss": aimss_run, "p2p": lambda: dask_run("p2p")}
+        traces: list[int] = []
+        if args.trace:
+            root = tempfile.mkdtemp(prefix="aimss-bench-trace-")
+
+            def traced_run() -> int:
+                with aimss_dask.trace(os.path.join(root, f"run-{len(traces)}")) as t:
+                    n = aimss_run()
+                traces.append(sum(os.path.getsize(f) for f in t.files))
+                return n
+
+            methods["aimss+tr"] = traced_run
         if not args.merge and not args.no_tasks:
             methods["tasks"] = lambda: dask_run("tasks")
         what = "merge of two" if args.merge else "shuffle of"
@@ -202,6 +230,9 @@ def run(args: argparse.Namespace) -> None:
         )
         if not args.merge:
             assert first == total_rows, (first, total_rows)
+        if args.trace:
+            shutil.rmtree(root)  # the folder this benchmark made, and only that
+            print(f"trace size per run: {statistics.median(traces) / 2**20:.2f} MiB (gzip)")
 
 
 def main() -> None:
@@ -213,6 +244,7 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true")
     ap.add_argument("--rechunk", action="store_true")
     ap.add_argument("--no-tasks", action="store_true")
+    ap.add_argument("--trace", action="store_true", help="also time the aimss shuffle under aimss_dask.trace")
     ap.add_argument("--memory-limit", default=None, help="AIMSS budget per worker, e.g. 1GiB")
     ap.add_argument(
         "--prefault-gib", type=float, default=None,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from distributed.core import Status
 
+from aimss_dask.core import trace
 from aimss_dask.core.errors import raise_from_wire
 
 if TYPE_CHECKING:
@@ -137,6 +139,8 @@ class ClusterOps:
         assert self.scheduler is not None
         action = str(msg.get("action", "other"))
         self.event_counts[action] = self.event_counts.get(action, 0) + 1
+        # Recoveries and the like, in the scheduler's trace (when tracing).
+        trace.complete(action, time.time(), 0.0, **{k: v for k, v in msg.items() if k != "action"})
         self.scheduler.log_event(EVENT_TOPIC, msg)
 
     def tell(self, worker: str, msg: dict[str, Any]) -> bool:

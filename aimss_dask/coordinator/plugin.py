@@ -20,6 +20,7 @@ from distributed.comm import get_address_host
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
+from distributed.utils import offload
 from tornado.ioloop import PeriodicCallback
 
 from aimss_dask.coordinator.cluster import ClusterOps
@@ -39,7 +40,7 @@ from aimss_dask.coordinator.sealing import (
 from aimss_dask.coordinator.state import CoordinatorState
 from aimss_dask.coordinator.stragglers import Stragglers, mark_annotated
 from aimss_dask.coordinator.streams import StreamHandlers
-from aimss_dask.core import metrics
+from aimss_dask.core import metrics, trace
 from aimss_dask.core.config import AIMSSConfig, dask_memory_thresholds
 from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.metrics import Metric
@@ -123,6 +124,8 @@ class AIMSS(SchedulerPlugin):
         self.salvages = Salvages(self, self.ops)
         self.stragglers = Stragglers(self.state, self.config.speculation, tell=self.ops.tell)
         self._stragglers_pc: PeriodicCallback | None = None
+        # The scheduler's process is traced (aimss_dask.trace) on this plugin's word.
+        self._tracing = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -245,6 +248,9 @@ class AIMSS(SchedulerPlugin):
 
     async def close(self) -> None:
         metrics.withdraw(self._metrics)
+        if self._tracing:
+            self._tracing = False
+            trace.stop()
         if self._bounds_pc is not None:
             self._bounds_pc.stop()
         if self._stragglers_pc is not None:
@@ -454,6 +460,24 @@ class AIMSS(SchedulerPlugin):
     async def _h_config(self) -> dict[str, Any]:
         """The ``AIMSS(...)`` arguments, for the producers of client processes."""
         return {"overrides": self.overrides}
+
+    @replies
+    async def _h_trace(self, folder: str | None = None, compress: bool = True) -> dict[str, Any]:
+        """Start (``folder``) or stop (None) tracing on every worker and here; the trace files.
+
+        A worker that joins while a trace runs is not traced.
+        """
+        replies = await self.ops.broadcast({"op": "aimss_trace", "folder": folder, "compress": compress})
+        files = [r["file"] for r in replies.values() if isinstance(r, dict) and r.get("file")]
+        if folder is not None and not self._tracing:
+            self._tracing = True
+            files.append(await offload(trace.start, folder, compress=compress))
+        elif folder is None and self._tracing:
+            self._tracing = False
+            stopped = await offload(trace.stop)
+            if stopped:
+                files.append(stopped)
+        return {"files": sorted(set(files))}
 
     @replies
     async def _h_copy_outcome(self, key: str, outcome: str) -> None:

@@ -14,12 +14,14 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aimss_dask.core import trace
 from aimss_dask.core.errors import (
     InvalidOffsetError,
     PartitionLostError,
@@ -525,11 +527,17 @@ class LogStore:
             self.served[0] += offset - start
             self.served[1] += taken
         out: list[Any] = []
+        t0 = time.time() if trace.on() else 0.0
+        disk = 0
         for seg, records, lo, hi in plan:
             if records is not None:
                 out.extend(records[lo:hi])
             else:
                 out.extend(self._load(name, seg, lo, hi))
+                disk += hi - lo
+        if t0:
+            trace.complete("read", t0, time.time() - t0, stream=name, partition=p, offset=start,
+                           records=len(out), bytes=taken, from_disk=disk)
         return out, sealed, start + len(out)
 
     def _load(self, name: str, seg: Segment, lo: int, hi: int) -> list[Any]:
@@ -706,7 +714,10 @@ class LogStore:
                     records = list(seg.records or [])
                 self._make_spill_dir()
                 path = os.path.join(self.spill_dir, f"segment-{next(self._files)}.bin")
+                t0 = time.time()
                 index = spillfile.dump(records, path, seg_id)
+                trace.complete("spill", t0, time.time() - t0, stream=seg_id.stream, partition=seg_id.partition,
+                               records=len(records), bytes=seg.nbytes)
                 with self._lock:
                     logs = self._streams.get(seg_id.stream)
                     if seg.records is None or logs is None:

@@ -24,7 +24,7 @@ from distributed.protocol import (
 )
 from distributed.utils import offload, sync
 
-from aimss_dask.core import metrics
+from aimss_dask.core import metrics, trace
 from aimss_dask.core.config import AIMSSConfig
 from aimss_dask.core.errors import (
     AIMSSError,
@@ -110,6 +110,8 @@ class AIMSSWorker(WorkerPlugin):
         self._retiring: asyncio.Event | None = None
         # Where copies of straggling speculative tasks here should run.
         self.copies = CopyMailbox()
+        # This worker started its process's trace (aimss_dask.trace).
+        self._tracing = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -222,6 +224,9 @@ class AIMSSWorker(WorkerPlugin):
                 # Dask log "no handler" tracebacks.
                 worker.handlers[f"aimss_{op}"] = _torn_down
             self.runs.close_all()
+            if self._tracing:
+                self._tracing = False
+                trace.stop()
             if self.replicator is not None:
                 self.replicator.close()
             if self.data_server is not None:
@@ -361,7 +366,12 @@ class AIMSSWorker(WorkerPlugin):
                 # came over the network, and index its arrays.
                 if origin is not None and not self._admit(name, epoch, partition, Origin(*origin)):
                     continue
-                self.store.append(name, epoch, partition, records, sizes)
+                if trace.on():
+                    with trace.span("append", stream=name, partition=partition, records=len(records),
+                                    bytes=sum(sizes)):
+                        self.store.append(name, epoch, partition, records, sizes)
+                else:
+                    self.store.append(name, epoch, partition, records, sizes)
                 self.runs.on_append(name, partition, records)
             except AIMSSError as e:
                 wire = error_to_wire(e)
@@ -609,7 +619,8 @@ class AIMSSWorker(WorkerPlugin):
             return {"held": False}
         if inputs:
             self.origins.track(s.name, s.epoch, inputs, since=since)
-        self.store.open(s.name, s.epoch, partitions or [], since=since)
+        with trace.span("recover", stream=s.name, epoch=s.epoch, recreated=sorted(partitions or [])):
+            self.store.open(s.name, s.epoch, partitions or [], since=since)
         if self.replicator is not None and (s.replicas or self.replicator.tracks(s.name)):
             # A replica here may own its partition now (its owner died), and
             # partitions owned here may have new replicas to catch up.
@@ -656,7 +667,9 @@ class AIMSSWorker(WorkerPlugin):
         if partitions is not None:
             parts = {p: st for p, st in parts.items() if p in partitions}
         if parts:
-            self.store.seal(name, epoch, list(parts))
+            with trace.span("seal", stream=name, partitions=sorted(parts),
+                            records=sum(st["records"] for st in parts.values())):
+                self.store.seal(name, epoch, list(parts))
         if self.replicator is not None:
             self.replicator.forget(name, list(parts))
         # No push after a seal (the store refuses it), and moves carry no
@@ -815,6 +828,20 @@ class AIMSSWorker(WorkerPlugin):
         self.producer.owner_lost(address, epoch)
 
     @replies
+    async def _h_trace(self, folder: str | None = None, compress: bool = True) -> dict[str, Any]:
+        """Start tracing this worker's process into ``folder``, or stop (None); the trace file's path."""
+        if folder is not None:
+            if self._tracing:
+                return {"file": None}  # on already for this worker
+            path = await offload(trace.start, folder, compress=compress)
+            self._tracing = True
+            return {"file": path}
+        if not self._tracing:
+            return {"file": None}
+        self._tracing = False
+        return {"file": await offload(trace.stop)}
+
+    @replies
     async def _h_stream_stats(self, name: str) -> dict[str, Any]:
         assert self.store is not None
         return {"partitions": sorted(self.store.stream_stats(name).items())}
@@ -876,6 +903,7 @@ _HANDLERS = (
     "drop",
     "stream_stats",
     "worker_status",
+    "trace",
     "run_start",
     "run_call",
     "run_stop",

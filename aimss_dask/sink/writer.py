@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from distributed.utils import offload
 
+from aimss_dask.core import trace
 from aimss_dask.node.runs import Run
 from aimss_dask.sink.durable import sync_units
 from aimss_dask.sink.units import UnitWriter, unit_writer
@@ -186,7 +187,12 @@ class WriteBehind:
     def _write(self, target: ZarrTarget, run: _Run, job: Callable[[UnitWriter], int]) -> int:
         if target.run in self._aborted:
             return 0
-        return job(_run_put(target, run))
+        if not trace.on():
+            return job(_run_put(target, run))
+        with trace.span("sink-write", run=target.run, store=target.describe()) as args:
+            n = job(_run_put(target, run))
+            args["bytes"] = n
+        return n
 
     def _done(self, run: _Run, fut: Future[int], n: int, rid: int) -> None:
         with self._cond:

@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 from distributed.protocol import to_serialize
 
+from aimss_dask.core import trace
 from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
@@ -374,7 +375,10 @@ class SourceRun(Run):
                 # Zarr reads a missing chunk as its fill value: without this
                 # check a removed store would stream zeros.
                 raise FileNotFoundError(f"{root!r} no longer exists")
-            return np.ascontiguousarray(self._open()[lo:hi])
+            with trace.span("source-read", stream=self.spec.name, partition=p, rows=[lo, hi]) as args:
+                data = np.ascontiguousarray(self._open()[lo:hi])
+                args["bytes"] = data.nbytes
+            return data
         except FileNotFoundError as e:
             raise StoreNotFoundError(
                 f"rows {lo}..{hi - 1} of {self.where} could not be read for stream "

@@ -37,6 +37,7 @@ from typing import Any
 from distributed.protocol import Serialized
 from distributed.utils import sync
 
+from aimss_dask.core import trace
 from aimss_dask.core.errors import (
     PartitionLostError,
     StreamNotFoundError,
@@ -431,7 +432,14 @@ class Producer:
             link.acked += len(batch)
             self._cond.notify_all()
         if error is None:
-            self.latency.observe(time.monotonic() - batch[0].created)
+            took = time.monotonic() - batch[0].created
+            self.latency.observe(took)
+            if trace.on():
+                first = batch[0]
+                trace.complete(
+                    "push", time.time() - took, took, owner=link.owner, stream=first.name,
+                    partition=first.partition, records=len(batch), bytes=sum(it.nbytes for it in batch),
+                )
             with self._stored_lock:
                 counts = self.stored["remote"]
                 counts[0] += len(batch)
