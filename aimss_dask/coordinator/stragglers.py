@@ -577,7 +577,7 @@ class Stragglers:
         end = self.state.bounds.get(name, {}).get(p, (0, 0))[1]
         return end if stop is None else min(end, stop)
 
-    def _on_slow_worker(self, k: tuple[str, str, int], cid: str, worker: str, now: float) -> dict[str, Any] | None:
+    def _on_slow_worker(self, cid: str, worker: str, now: float) -> dict[str, Any] | None:
         """An order for a consumer that starts on a worker found slow: hand everything over, if a place is free."""
         placed = place_copies(
             [Straggler(cid, worker, 0.0, "slow worker", 0.0)], self._views(), slow=self.slow,
@@ -630,7 +630,7 @@ class Stragglers:
         cid = f"{name}/{group}/{partition}"
         order = self.orders.pop(k, None)
         if order is None and offset == start and stop is None and worker in self.slow:
-            order = self._on_slow_worker(k, cid, worker, now)
+            order = self._on_slow_worker(cid, worker, now)
         if order is None:
             return {}
         split = split_point(offset, self._range_end(k, stop), order["rate"], order["helper_rate"], TAKEOVER_STARTUP)

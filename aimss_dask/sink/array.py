@@ -30,6 +30,8 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
+from aimss_dask.api.progress import compute as progress_compute
+from aimss_dask.api.progress import wanted as progress_wanted
 from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
@@ -63,6 +65,7 @@ def to_zarr(
     dims: Any = None,
     name: str | None = None,
     durable: bool = False,
+    progress: bool | None = None,
     **array_kwargs: Any,
 ) -> Delayed | None:
     """Write ``x`` to Zarr, each shard (or chunk) of each array by exactly one writer.
@@ -127,6 +130,10 @@ def to_zarr(
         ``dask.array.to_zarr``): written files may still sit in the
         operating system's cache. Nothing to do on an object store, where a
         completed write is durable.
+    progress
+        With ``compute=True``, Dask's progress bar while it writes: ``None``
+        where someone watches (a terminal on stderr, a notebook), ``True``
+        always, ``False`` never.
     **array_kwargs
         Passed to :func:`zarr.create_array` for a new array: ``compressors``
         (``None`` for uncompressed), ``filters``, ``fill_value``,
@@ -164,10 +171,11 @@ def to_zarr(
         raise InvalidArgumentError(f"durable={durable!r} must be True or False")
     if shards is not None and zarr_format == 2:
         raise InvalidArgumentError(f"shards={shards!r} need zarr_format=3; Zarr v2 has no shards")
+    progress_wanted(progress)  # a bad value is refused before anything is written
     if xr_sink.is_xarray(x):
         return _xarray_to_zarr(
             x, store, component, chunks, shards, zarr_format, bool(overwrite), compute,
-            storage_options, dims, name, array_kwargs, durable,
+            storage_options, dims, name, array_kwargs, durable, progress,
         )
     if not isinstance(x, da.Array):
         raise InvalidArgumentError(
@@ -196,7 +204,7 @@ def to_zarr(
         durable,
     )
     _consolidate(store, groups, storage_options, where, durable)
-    return _run([write], compute)
+    return _run([write], compute, progress)
 
 
 def _xarray_to_zarr(
@@ -213,6 +221,7 @@ def _xarray_to_zarr(
     name: str | None,
     array_kwargs: dict[str, Any],
     durable: bool = False,
+    progress: bool | None = None,
 ) -> Delayed | None:
     """``to_zarr`` of a DataArray or Dataset: xarray writes the group, AIMSS the Dask variables."""
     if dims is not None:
@@ -258,7 +267,7 @@ def _xarray_to_zarr(
         for vname, data in prepared.arrays
     ]
     _consolidate(store, groups, storage_options, where, durable)
-    return _run(writes, compute)
+    return _run(writes, compute, progress)
 
 
 def _sync_in_memory(store: Any, group: str, storage_options: dict[str, Any] | None, dask_vars: set[str]) -> None:
@@ -309,12 +318,12 @@ def _plan(
     return _Write(Delayed(finish_key, hlg), arr, target)
 
 
-def _run(writes: list[_Write], compute: bool) -> Delayed | None:
+def _run(writes: list[_Write], compute: bool, progress: bool | None = None) -> Delayed | None:
     """Compute the runs together (or return one Delayed doing it): bytes written in all."""
     if not compute:
         return writes[0].delayed if len(writes) == 1 else dask.delayed(sum)([w.delayed for w in writes])
     try:
-        dask.compute(*[w.delayed for w in writes])
+        progress_compute(*[w.delayed for w in writes], progress=progress)
     except BaseException as e:
         for w in writes:
             abort(w.array, w.target, e)

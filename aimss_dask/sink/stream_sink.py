@@ -96,10 +96,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
 from aimss_dask.api.extensions import register_extension
+from aimss_dask.api.progress import Bar
+from aimss_dask.api.progress import wanted as progress_wanted
 from aimss_dask.core.errors import InvalidArgumentError, StoreReadOnlyError
 from aimss_dask.sink import _stream_plan as plan
 from aimss_dask.sink import _xarray as xr_sink
@@ -329,15 +332,20 @@ class Sink:
 
     # -- public ------------------------------------------------------------------------
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None, *, progress: bool | None = None) -> None:
         """Block until the stream is sealed and all of it is durable in the array.
 
         Raises what stopped the sink: :class:`PartitionLostError` (a worker
         died with a partition), :class:`InvalidArgumentError` (a record that
         does not fit), :class:`SinkError` (a failed write, a closed sink or
         client); ``TimeoutError`` if it is still running after ``timeout``.
+        ``progress``: the durable rows as a bar on stderr (``None``: where
+        someone watches, a terminal or a notebook).
         """
-        self._thread.join(timeout)
+        if progress_wanted(progress):
+            self._wait_showing(timeout)
+        else:
+            self._thread.join(timeout)
         if self._thread.is_alive():
             info = self.info()
             raise TimeoutError(
@@ -346,6 +354,19 @@ class Sink:
             )
         if self._run.error is not None:
             raise self._run.error
+
+    def _wait_showing(self, timeout: float | None) -> None:
+        bar = Bar(None, f"sink of {self._run.spec.name}", "rows")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while self._thread.is_alive():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._thread.join(0.2 if left is None else min(0.2, left))
+                bar.update(int(self.info()["rows"]))
+        finally:
+            bar.close(int(self.info()["rows"]))
 
     def info(self) -> dict[str, Any]:
         """Progress as a plain dict.

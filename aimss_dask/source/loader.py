@@ -45,6 +45,8 @@ import numpy as np
 
 from aimss_dask.api.context import Endpoint, current
 from aimss_dask.api.extensions import register_extension
+from aimss_dask.api.progress import Bar
+from aimss_dask.api.progress import wanted as progress_wanted
 from aimss_dask.api.runs import register_run
 from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.specs import check_name
@@ -68,6 +70,7 @@ def batches(
     seed: int | None = None,
     epochs: int = 1,
     group: str | None = None,
+    progress: bool | None = None,
 ) -> BatchIterator:
     """Iterate ``stream``, a Zarr source, in batches of ``batch_size`` samples.
 
@@ -93,6 +96,9 @@ def batches(
     group
         Consumer group: start where the group's last iterator stopped, and
         commit progress as batches are consumed (see the module docstring).
+    progress
+        A bar of batches on stderr: ``None`` where someone watches (a
+        terminal, a notebook), ``True`` always, ``False`` never.
 
     Examples
     --------
@@ -121,7 +127,10 @@ def batches(
                 "replay the same permutation; pass seed=<int>"
             )
         seed = int(np.random.SeedSequence().entropy)
-    return BatchIterator(stream, batch_size, bool(shuffle), seed, epochs, group)
+    show = progress_wanted(progress)
+    it = BatchIterator(stream, batch_size, bool(shuffle), seed, epochs, group)
+    it.bar = Bar(len(it), f"batches of {stream.name}", "batches", show=show)
+    return it
 
 
 class BatchIterator(Iterator[np.ndarray]):
@@ -141,6 +150,7 @@ class BatchIterator(Iterator[np.ndarray]):
         group: str | None,
     ) -> None:
         self._closed = True  # until fully set up: close() has nothing to undo
+        self.bar: Bar | None = None  # set by batches()
         ep = current("batches")
         self._ep = ep
         self._spec = spec = stream.spec
@@ -217,6 +227,8 @@ class BatchIterator(Iterator[np.ndarray]):
             raise item
         self._pending, batch = item
         self._batches += 1
+        if self.bar is not None:
+            self.bar.update(self._batches)
         now = time.monotonic()
         if now - self._reported >= REPORT_EVERY:
             self._reported = now
@@ -266,6 +278,8 @@ class BatchIterator(Iterator[np.ndarray]):
             return
         self._closed = True
         self._fetcher.stop()
+        if self.bar is not None:
+            self.bar.close()
         self._report(state, error)
         try:
             self._committer.flush()
