@@ -658,7 +658,8 @@ class Stragglers:
             ts = self.scheduler.tasks.get(t["key"])
             if ts is not None:
                 t["seen"] = True
-                if ts.state not in ("memory", "erred", "forgotten", "released"):
+                # Not "released": a task submitted a moment ago passes through it.
+                if ts.state not in ("memory", "erred", "forgotten"):
                     continue
             elif not t["seen"] and now - t["since"] < TAKEOVER_APPEAR:
                 continue
