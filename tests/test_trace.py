@@ -104,6 +104,28 @@ def test_dftracers_own_reader_counts_every_event(client, tmp_path):
         assert int(out.stdout.split()[-1]) == len(_events(f)) > 0
 
 
+def test_a_worker_that_joins_during_a_trace_is_traced_too(client, tmp_path):
+    from conftest import wait_until
+
+    cluster = client.cluster
+    before = set(client.scheduler_info()["workers"])
+    with aimss_dask.trace(tmp_path / "joined", compress=False) as t:
+        cluster.scale(len(before) + 1)
+        client.wait_for_workers(len(before) + 1)
+        [new] = set(client.scheduler_info()["workers"]) - before
+        pid = client.run(os.getpid, workers=[new])[new]
+        wait_until(lambda: any(d.endswith(f"-{pid}") for d in os.listdir(tmp_path / "joined")), timeout=20,
+                   what="the new worker's trace folder")
+        s = aimss_dask.create_stream("joined", partitions=3)
+        for i in range(30):
+            s.write(i)
+        s.seal()
+    mine = [f for f in t.files if os.path.basename(os.path.dirname(f)).endswith(f"-{pid}")]
+    assert len(mine) == 1 and any(e["name"] == "append" for e in _events(mine[0]))
+    cluster.scale(len(before))
+    wait_until(lambda: len(client.scheduler_info()["workers"]) == len(before), timeout=30, what="scaled back")
+
+
 def test_a_second_trace_into_the_same_folder_keeps_the_first(client, tmp_path):
     with aimss_dask.trace(tmp_path, compress=False) as first:
         aimss_dask.create_stream("one", partitions=1).seal()

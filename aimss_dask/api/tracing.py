@@ -34,7 +34,7 @@ def trace(path: str | os.PathLike[str], *, compress: bool = True) -> Iterator[Tr
     missing; nothing there is overwritten or deleted): JSON lines of
     Chrome-trace complete events, ``.pfw.gz`` (``compress=False``:
     ``.pfw``), which DFTracer's tools and Perfetto read. A worker that joins
-    during the trace is not traced.
+    during the trace is traced from its setup on.
 
     Examples
     --------

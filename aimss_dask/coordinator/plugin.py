@@ -44,7 +44,7 @@ from aimss_dask.core import metrics, trace
 from aimss_dask.core.config import AIMSSConfig, dask_memory_thresholds
 from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.metrics import Metric
-from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME, REGISTERED_KEY
+from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME, REGISTERED_KEY, TRACE_KEY
 from aimss_dask.core.runs import OnLoss, RunState
 from aimss_dask.transport import dataplane
 from aimss_dask.transport.rpc import replies
@@ -267,6 +267,7 @@ class AIMSS(SchedulerPlugin):
             for op in self._handlers():
                 self.scheduler.handlers.pop(f"aimss_{op}", None)
             self.scheduler.task_metadata.pop(REGISTERED_KEY, None)
+            self.scheduler.task_metadata.pop(TRACE_KEY, None)
 
     def restart(self, scheduler: Scheduler) -> None:
         # Workers restart with empty logs: metadata of their streams is void.
@@ -465,8 +466,12 @@ class AIMSS(SchedulerPlugin):
     async def _h_trace(self, folder: str | None = None, compress: bool = True) -> dict[str, Any]:
         """Start (``folder``) or stop (None) tracing on every worker and here; the trace files.
 
-        A worker that joins while a trace runs is not traced.
+        A worker that joins while a trace runs starts tracing at its setup
+        (it reads the trace's folder from the scheduler's metadata).
         """
+        # Workers that join meanwhile look here at their setup.
+        assert self.scheduler is not None
+        self.scheduler.set_metadata(keys=[TRACE_KEY], value=None if folder is None else [folder, compress])
         replies = await self.ops.broadcast({"op": "aimss_trace", "folder": folder, "compress": compress})
         files = [r["file"] for r in replies.values() if isinstance(r, dict) and r.get("file")]
         if folder is not None and not self._tracing:

@@ -11,6 +11,9 @@ PLUGIN_NAME = "aimss"
 #: on the partition's owner; see ``AIMSS.update_graph``.
 PARTITION_TASK_PREFIX = "aimss-partition-"
 
+#: Scheduler metadata key holding ``[folder, compress]`` while a trace runs.
+TRACE_KEY = "aimss-trace"
+
 #: Scheduler metadata key set while the plugin is registered.
 REGISTERED_KEY = "aimss-registered"
 

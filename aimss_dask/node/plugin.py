@@ -33,7 +33,7 @@ from aimss_dask.core.errors import (
     raise_from_wire,
 )
 from aimss_dask.core.metrics import Metric
-from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME, key_text
+from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME, TRACE_KEY, key_text
 from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.log.store import LogStore
 from aimss_dask.node import heartbeat
@@ -210,6 +210,17 @@ class AIMSSWorker(WorkerPlugin):
         worker.metrics[HEARTBEAT_METRIC] = lambda _worker: heartbeat.heartbeat(self)
         # aimss_ metrics on the worker's /metrics (where prometheus_client is installed).
         metrics.expose(self._metrics)
+        # A worker that joins while a trace runs is traced too.
+        worker.loop.add_callback(self._join_trace)
+
+    async def _join_trace(self) -> None:
+        try:
+            assert self.worker is not None
+            on = await self.worker.scheduler.get_metadata(keys=[TRACE_KEY], default=None)
+            if on and not self._tracing:
+                await self._h_trace(folder=on[0], compress=bool(on[1]))
+        except Exception as e:  # never fail a worker for its trace
+            logger.info("aimss: could not join the trace under way: %r", e)
 
     def _metrics(self) -> list[Metric]:
         return worker_metrics(self)
