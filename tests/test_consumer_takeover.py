@@ -123,3 +123,25 @@ def test_map_records_refuses_what_is_not_a_function_and_a_bad_group_name(client)
     with pytest.raises((TypeError, AIMSSError), match="consumer group"):
         stream.map_records(_work, group=3)
     aimss_dask.destroy_stream(name)
+
+
+def test_a_consumer_whose_worker_is_killed_runs_again_and_every_record_is_consumed(client):
+    # Last in this module: it kills a worker (its nanny starts a new one).
+    import signal
+
+    name = f"killed-{time.time_ns()}"
+    stream = aimss_dask.create_stream(name, partitions=3, replication=2)
+    n = 3 * RECORDS  # per partition: consumers run a second or more
+    for i in range(3 * n):
+        stream.write(_record(i % 3, i // 3), partition=i % 3)
+    stream.seal()
+    victim = stream.info()["owners"][0]
+    pid = _pid(client, victim)
+    futs = stream.map_records(_work)
+    wait_until(lambda: stream.info()["groups"], timeout=20, what="consumers under way")
+    os.kill(pid, signal.SIGKILL)
+    got = client.gather(futs)
+    # Without a group of its own the re-run consumer starts from offset 0:
+    # the whole partition, in order, once.
+    assert got == [[_work(_record(p, i)) for i in range(n)] for p in range(3)]
+    aimss_dask.destroy_stream(name)
