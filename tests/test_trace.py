@@ -183,3 +183,22 @@ def test_tracing_is_off_unless_started_and_stops_once_per_start(tmp_path):
     assert tracer.stop() == a and tracer.on()
     assert tracer.stop() == a and not tracer.on()
     assert tracer.stop() is None
+
+
+def test_the_trace_key_of_the_config_traces_from_the_start(tmp_path):
+    folder = tmp_path / "from-config"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c, Client(c) as cl:
+        cl.register_plugin(aimss_dask.AIMSS(trace=str(folder)))
+        pids = set(cl.run(os.getpid).values())
+        s = aimss_dask.create_stream("configured", partitions=2)
+        for i in range(20):
+            s.write(i)
+        s.seal()
+        assert len(list(s.read())) == 20
+    # Closed with the cluster: every worker's file and the scheduler's.
+    files = sorted(str(p) for p in folder.glob("*/aimss-*.pfw.gz"))
+    assert {int(os.path.basename(os.path.dirname(f)).rsplit("-", 1)[1]) for f in files} >= pids
+    events = [e for f in files for e in _events(f)]
+    assert {"append", "seal", "read"} <= {e["name"] for e in events}
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="trace=42"):
+        aimss_dask.AIMSSConfig.load(trace=42)

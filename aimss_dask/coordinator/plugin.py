@@ -156,6 +156,12 @@ class AIMSS(SchedulerPlugin):
         handlers = self._handlers()
         for op, handler in handlers.items():
             scheduler.handlers[f"aimss_{op}"] = handler
+        if self.config.trace is not None and not self._tracing:
+            # aimss.trace: traced from the start; the workers read the folder
+            # from the scheduler's metadata at their setup.
+            self._tracing = True
+            await offload(trace.start, self.config.trace)
+            scheduler.set_metadata(keys=[TRACE_KEY], value=[self.config.trace, True])
         await scheduler.register_worker_plugin(
             None, dumps(AIMSSWorker(self.overrides)), name=PLUGIN_NAME, idempotent=True
         )

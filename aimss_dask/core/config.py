@@ -259,6 +259,7 @@ class AIMSSConfig:
     read_batch_size: int = 16 * 2**20
     transport: str = "auto"
     speculation: SpeculationConfig = SpeculationConfig()
+    trace: str | None = None
 
     @classmethod
     def load(cls, **overrides: Any) -> AIMSSConfig:
@@ -340,7 +341,11 @@ class AIMSSConfig:
         transport = d.get("transport", "auto")
         if transport not in ("auto", "dask"):
             raise _bad("transport", f"aimss transport={transport!r} is not one of 'auto', 'dask'")
+        trace = d.get("trace")
+        if trace is not None and (not isinstance(trace, (str, os.PathLike)) or not os.fspath(trace)):
+            raise _bad("trace", f"aimss trace={trace!r} must be a folder (made if missing) or null")
         return cls(
+            trace=None if trace is None else os.path.abspath(os.fspath(trace)),
             transport=transport,
             memory_limit=_bytes("memory-limit", d.get("memory_limit"), allow_none=True),
             memory_fraction=frac,
