@@ -882,7 +882,8 @@ def _as_sent(records: list[Any]) -> list[Any]:
     hands the wrapped, serialised records over as they are: stored like
     that, readers would get the wrappers instead of their records.
     """
-    if not any(type(r) is Serialized or type(r) is Serialize for r in records):
+    # A group comes from one producer's batch: wrapped all alike, or not at all.
+    if not records or (type(records[0]) is not Serialized and type(records[0]) is not Serialize):
         return records
     return [
         deserialize(r.header, r.frames) if type(r) is Serialized else r.data if type(r) is Serialize else r
