@@ -81,8 +81,8 @@ def _consume_partition(
     """The consumer of partition ``p``: results of ``func`` over its records, from the group's offset."""
     ep = current("map_records")
     start = ep.scheduler_op("offsets", name=name, group=group)["offsets"][p] if resume else 0
-    consumer = _Consumer(ep, name, p, group, func, args, kwargs, read)
-    results, offset = consumer.run(start)
+    consumer = _Consumer(ep, name, p, group, start, func, args, kwargs, read)
+    results, offset = consumer.run()
     if consumer.helpers:
         from distributed import worker_client
 
@@ -121,6 +121,7 @@ class _Consumer:
         name: str,
         p: int,
         group: str,
+        start: int,
         func: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -130,22 +131,21 @@ class _Consumer:
         self.name = name
         self.p = p
         self.group = group
+        self.start = start
         self.func = func
         self.args = args
         self.kwargs = kwargs
         self.read = read
         self.stop: int | None = None
         self.helpers: list[Any] = []
-        self.start = 0
         self.began = time.monotonic()
 
-    def run(self, start: int) -> tuple[list[Any], int]:
-        self.start, self.began = start, time.monotonic()
+    def run(self) -> tuple[list[Any], int]:
         # The first report: a consumer that starts on a worker found slow
         # hands its whole range over at once.
-        self.report(start)
-        records = self.read(self.name, partition=self.p, start=start)
-        return _apply(records, start, lambda: self.stop, self.func, self.args, self.kwargs, self.report)
+        self.report(self.start)
+        records = self.read(self.name, partition=self.p, start=self.start)
+        return _apply(records, self.start, lambda: self.stop, self.func, self.args, self.kwargs, self.report)
 
     def report(self, offset: int, done: bool = False) -> None:
         """Commit ``offset`` and say how fast it goes; start a helper if the coordinator says so.

@@ -44,7 +44,12 @@ from aimss_dask.core import metrics, trace
 from aimss_dask.core.config import AIMSSConfig, dask_memory_thresholds
 from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.metrics import Metric
-from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME, REGISTERED_KEY, TRACE_KEY
+from aimss_dask.core.names import (
+    HEARTBEAT_METRIC,
+    PLUGIN_NAME,
+    REGISTERED_KEY,
+    TRACE_KEY,
+)
 from aimss_dask.core.runs import OnLoss, RunState
 from aimss_dask.transport import dataplane
 from aimss_dask.transport.rpc import replies
@@ -156,12 +161,10 @@ class AIMSS(SchedulerPlugin):
         handlers = self._handlers()
         for op, handler in handlers.items():
             scheduler.handlers[f"aimss_{op}"] = handler
-        if self.config.trace is not None and not self._tracing:
+        if self.config.trace is not None:
             # aimss.trace: traced from the start; the workers read the folder
             # from the scheduler's metadata at their setup.
-            self._tracing = True
-            await offload(trace.start, self.config.trace)
-            scheduler.set_metadata(keys=[TRACE_KEY], value=[self.config.trace, True])
+            await self._trace_here(self.config.trace, True)
         await scheduler.register_worker_plugin(
             None, dumps(AIMSSWorker(self.overrides)), name=PLUGIN_NAME, idempotent=True
         )
@@ -475,20 +478,25 @@ class AIMSS(SchedulerPlugin):
         A worker that joins while a trace runs starts tracing at its setup
         (it reads the trace's folder from the scheduler's metadata).
         """
-        # Workers that join meanwhile look here at their setup.
-        assert self.scheduler is not None
-        self.scheduler.set_metadata(keys=[TRACE_KEY], value=None if folder is None else [folder, compress])
+        mine = await self._trace_here(folder, compress)
         replies = await self.ops.broadcast({"op": "aimss_trace", "folder": folder, "compress": compress})
         files = [r["file"] for r in replies.values() if isinstance(r, dict) and r.get("file")]
+        return {"files": sorted(set(files) | ({mine} if mine else set()))}
+
+    async def _trace_here(self, folder: str | None, compress: bool) -> str | None:
+        """Start (``folder``) or stop (None) tracing the scheduler's process; its file, if that changed.
+
+        Workers that join meanwhile read the folder from the scheduler's metadata at their setup.
+        """
+        assert self.scheduler is not None
+        self.scheduler.set_metadata(keys=[TRACE_KEY], value=None if folder is None else [folder, compress])
         if folder is not None and not self._tracing:
             self._tracing = True
-            files.append(await offload(trace.start, folder, compress=compress))
-        elif folder is None and self._tracing:
+            return await offload(trace.start, folder, compress=compress)
+        if folder is None and self._tracing:
             self._tracing = False
-            stopped = await offload(trace.stop)
-            if stopped:
-                files.append(stopped)
-        return {"files": sorted(set(files))}
+            return await offload(trace.stop)
+        return None
 
     @replies
     async def _h_copy_outcome(self, key: str, outcome: str) -> None:

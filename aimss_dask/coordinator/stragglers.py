@@ -651,6 +651,11 @@ class Stragglers:
         })
         return {"split": split, "dest": order["dest"], "key": list(key)}
 
+    def consumers_done(self, name: str, group: str, partitions: int) -> bool:
+        """Whether the consumers of every partition of ``group`` reported that they are done."""
+        ranges = [self.ranges.get((name, group, p)) for p in range(partitions)]
+        return all(r is not None and r["done"] for r in ranges)
+
     def _end_takeovers(self, now: float) -> None:
         """Forget helpers that are over (or never started): they no longer count against the cap."""
         assert self.scheduler is not None

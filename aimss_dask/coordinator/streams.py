@@ -328,12 +328,10 @@ class StreamHandlers:
             name, group, int(partition), int(offset), start=int(start), elapsed=float(elapsed),
             stop=None if stop is None else int(stop), done=bool(done), worker=worker,
         )
-        if done and group.startswith(MAP_GROUP_PREFIX):
+        if done and group.startswith(MAP_GROUP_PREFIX) and stragglers.consumers_done(name, group, len(offsets)):
             # The group a map_records call made for itself: forgotten once
             # every partition's consumer is done, or calls would pile groups up.
-            ranges = [stragglers.ranges.get((name, group, p)) for p in range(len(offsets))]
-            if all(r is not None and r["done"] for r in ranges):
-                self.coord.state.forget_group(name, group)
+            self.coord.state.forget_group(name, group)
         return {"offsets": offsets, **order}
 
     @replies

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import threading
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
@@ -377,11 +378,9 @@ class AIMSSWorker(WorkerPlugin):
                 # came over the network, and index its arrays.
                 if origin is not None and not self._admit(name, epoch, partition, Origin(*origin)):
                     continue
-                if trace.on():
-                    with trace.span("append", stream=name, partition=partition, records=len(records),
-                                    bytes=sum(sizes)):
-                        self.store.append(name, epoch, partition, records, sizes)
-                else:
+                # The span's sizes are summed only while tracing.
+                with (trace.span("append", stream=name, partition=partition, records=len(records),
+                                 bytes=sum(sizes)) if trace.on() else nullcontext()):
                     self.store.append(name, epoch, partition, records, sizes)
                 self.runs.on_append(name, partition, records)
             except AIMSSError as e:

@@ -187,11 +187,8 @@ class WriteBehind:
     def _write(self, target: ZarrTarget, run: _Run, job: Callable[[UnitWriter], int]) -> int:
         if target.run in self._aborted:
             return 0
-        if not trace.on():
-            return job(_run_put(target, run))
         with trace.span("sink-write", run=target.run, store=target.describe()) as args:
-            n = job(_run_put(target, run))
-            args["bytes"] = n
+            args["bytes"] = n = job(_run_put(target, run))
         return n
 
     def _done(self, run: _Run, fut: Future[int], n: int, rid: int) -> None:

@@ -434,16 +434,17 @@ class Producer:
         if error is None:
             took = time.monotonic() - batch[0].created
             self.latency.observe(took)
+            nbytes = sum(it.nbytes for it in batch)
             if trace.on():
                 first = batch[0]
                 trace.complete(
                     "push", time.time() - took, took, owner=link.owner, stream=first.name,
-                    partition=first.partition, records=len(batch), bytes=sum(it.nbytes for it in batch),
+                    partition=first.partition, records=len(batch), bytes=nbytes,
                 )
             with self._stored_lock:
                 counts = self.stored["remote"]
                 counts[0] += len(batch)
-                counts[1] += sum(it.nbytes for it in batch)
+                counts[1] += nbytes
         self.budget.release(sum(it.nbytes for it in batch_failed))
         self._settled_moved(batch_failed)
 
