@@ -843,8 +843,14 @@ class AIMSSWorker(WorkerPlugin):
         if folder is not None:
             if self._tracing:
                 return {"file": None}  # on already for this worker
-            path = await offload(trace.start, folder, compress=compress)
+            # Set before the first await: the broadcast's start and a late
+            # answer to _join_trace at setup may both arrive; only one starts.
             self._tracing = True
+            try:
+                path = await offload(trace.start, folder, compress=compress)
+            except BaseException:
+                self._tracing = False
+                raise
             return {"file": path}
         if not self._tracing:
             return {"file": None}
