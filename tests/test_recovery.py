@@ -357,3 +357,74 @@ def test_a_sealed_run_restarts_when_the_loss_took_what_it_needs():
     handlers, rec, scheduler, coord = _sealed_run(output_state="memory")
     coord.state.released["s-0"] = {0, 1}  # outputs done and kept: nothing to compute again
     assert handlers._untouched(rec, scheduler, {})
+
+
+# -- a worker lost while the barrier runs -------------------------------------------------
+
+
+def _kill_at_the_seal(pids: dict[str, int], dask_scheduler=None) -> None:
+    """Make the first seal request SIGKILL a worker whose finished pushes still buffer records.
+
+    The seal's own worker is spared; the request goes on once the scheduler
+    has removed the victim, as when a worker dies while the barrier task
+    runs but before it reaches the coordinator.
+    """
+    import asyncio
+
+    real = dask_scheduler.handlers["aimss_seal"]
+    state = {"done": False}
+
+    async def seal(*args, **kwargs):
+        if not state["done"]:
+            state["done"] = True
+            barrier = next(ts for k, ts in dask_scheduler.tasks.items() if str(k).startswith("aimss-seal-"))
+            here = barrier.processing_on.address if barrier.processing_on else None
+            pushed = {
+                ws.address for k, ts in dask_scheduler.tasks.items()
+                if isinstance(k, tuple) and str(k[0]).startswith("aimss-push-") for ws in ts.who_has or ()
+            }
+            victim = sorted(pushed - {here})[0]
+            dask_scheduler.log_event("aimss-test", {"victim": victim})
+            os.kill(pids[victim], signal.SIGKILL)
+            while victim in dask_scheduler.workers:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # the coordinator's hooks for the loss
+        return await real(*args, **kwargs)
+
+    dask_scheduler.handlers["aimss_seal"] = seal
+
+
+@pytest.mark.parametrize("op", ["shuffle", "rechunk"])
+def test_a_worker_lost_while_the_barrier_runs_sends_its_pushes_again(op):
+    """Records a finished push had not sent yet die with its worker after the barrier started.
+
+    Copies take over what the worker owned, so nothing is re-created; but
+    the barrier's execution must not seal before those pushes ran again
+    (it would end partitions short: rows missing from a shuffle, silently).
+    Producers here hold records until the seal flushes them, to make the
+    window as wide as a slow network makes it; a write that fails over to
+    the new owner sends what it queued for the dead one at once, not after
+    that linger (the run finishes well within it).
+    """
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
+        n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS(linger="60s", batch_size="64MiB"))
+        client.run_on_scheduler(_kill_at_the_seal, client.run(os.getpid))
+        if op == "shuffle":
+            meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
+            df = dd.from_map(_slow_frame, range(PARTS), meta=meta)
+            want = pd.concat([_slow_frame(i) for i in range(PARTS)])
+            out = aimss_dask.shuffle(df, "key", npartitions=PARTS, replication=2)
+            got = client.compute(
+                out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]}))
+            ).result(timeout=50)
+            assert int(got["n"].sum()) == len(want)
+            assert sum(int(k) for k in got["k"]) == int(want["key"].sum())
+        else:
+            a = np.arange(240 * 240, dtype="f8").reshape(240, 240)
+            y = aimss_dask.rechunk(da.from_array(a, chunks=(20, 240)), (240, 20), replication=2)
+            with dask.config.set({"optimization.fuse.active": False}):
+                np.testing.assert_array_equal(client.compute(y).result(timeout=50), a)
+        assert [m for _, m in client.get_events("aimss-test")], "the seal never killed a worker"
+        _wait_clean()

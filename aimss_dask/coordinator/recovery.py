@@ -109,6 +109,25 @@ class Recoveries:
         ps = self._refill.pop(key, None)
         return None if ps is None else sorted(ps)
 
+    def pushes_pending(self, stream: str) -> list[Any]:
+        """The barrier dependencies of ``stream``'s run that are not in memory: it must not be sealed yet.
+
+        A barrier task runs once every push is in memory. A worker that
+        leaves while it runs takes the results and the unsent records of
+        the pushes that finished there: Dask (or :meth:`_rerun_pushes`)
+        computes them again, and moves the barrier back to waiting, but
+        cannot stop the execution already under way. That execution must
+        not seal: the pushes' records are not all in.
+        """
+        scheduler = self.ops.scheduler
+        rec = self.coord.runs.for_stream(stream)
+        if scheduler is None or rec is None or rec.finished or rec.spec.barrier is None:
+            return []
+        barrier = scheduler.tasks.get(rec.spec.barrier)
+        if barrier is None:
+            return []
+        return [ts.key for ts in barrier.dependencies if ts.state != "memory"]
+
     # -- a worker left ------------------------------------------------------------------
 
     def eligible(self, rec: RunRecord) -> bool:

@@ -15,6 +15,7 @@ from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.state import StreamSpec
 from aimss_dask.core.errors import (
     PartitionLostError,
+    PushesPendingError,
     ReadTimeoutError,
     StreamNotFoundError,
     describe_lost,
@@ -143,6 +144,15 @@ class StreamHandlers:
             raise PartitionLostError(
                 f"stream {name!r} is re-creating partitions lost with a worker; seal it once that is done",
                 self.coord.state.lost.get(name, {}),
+            )
+        pending = self.coord.recoveries.pushes_pending(name)
+        if pending:
+            # Checked with no await before the sealing mark: a loss from
+            # here on sees the stream sealing and restarts its run instead.
+            raise PushesPendingError(
+                f"stream {name!r} cannot be sealed yet: {len(pending)} task(s) of its run "
+                f"(such as {pending[0]!r}) are being computed again after a worker left; "
+                "its barrier runs again once they are done"
             )
         self.sealing.add(name)
         try:

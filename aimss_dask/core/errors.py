@@ -127,6 +127,16 @@ class WriteOrderError(AIMSSError, RuntimeError):
     """
 
 
+class PushesPendingError(AIMSSError, RuntimeError):
+    """A run's stream cannot be sealed yet: pushes of its run are being computed again.
+
+    A worker left after the run's barrier task had started, taking records
+    that its finished pushes had not sent yet; Dask computes those pushes
+    again, and the barrier runs again once they are done. Sealing before
+    would end partitions without their records.
+    """
+
+
 class DuplicateOriginError(AIMSSError, RuntimeError):
     """Two different groups of records carry the same origin.
 
@@ -162,6 +172,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         MissingDependencyError,
         SpillCorruptionError,
         DuplicateOriginError,
+        PushesPendingError,
         ReplicaGapError,
         WriteOrderError,
     )

@@ -29,6 +29,7 @@ from aimss_dask.api.speculative import speculative
 from aimss_dask.core.errors import (
     DuplicateOriginError,
     PartitionLostError,
+    PushesPendingError,
     StreamNotFoundError,
     StreamSealedError,
 )
@@ -291,7 +292,13 @@ def seal(names: list[str], *pushed: int) -> int:
         if stale_create or got.get("stale", len(older)):
             raise Reschedule()
     for stream in streams:
-        stream.seal()
+        try:
+            stream.seal()
+        except PushesPendingError:
+            # This execution outlived its pushes: a worker left with records
+            # they had not sent, and Dask computes them again (and this
+            # barrier after them).
+            raise Reschedule() from None
     return sum(pushed)
 
 

@@ -595,6 +595,12 @@ class Producer:
                     link.pending_bytes -= sum(it.nbytes for it in stuck)
                     link.acked += len(stuck)
                     self._orphan(dead, stuck)
+                if link.pending:
+                    # Older writes of other partitions still queued for the
+                    # old owner hold this one back until they fail there:
+                    # send them now, not after the linger.
+                    link.flush_now = True
+                    self._cond.notify_all()
             deadline = time.monotonic() + FAILOVER_TIMEOUT
             # Only what was written to it so far: later writes of other
             # streams to a live old owner must not keep this one waiting.
