@@ -23,6 +23,7 @@ from aimss_dask.api.streams import (
     write_to,
 )
 from aimss_dask.api.tracing import Trace, trace
+from aimss_dask.coordinator import dashboard as _dashboard
 from aimss_dask.coordinator.plugin import AIMSS
 from aimss_dask.core.config import AIMSSConfig
 from aimss_dask.core.errors import (
@@ -35,6 +36,7 @@ from aimss_dask.core.errors import (
     NotRegisteredError,
     PartitionLostError,
     PartitionOutOfRangeError,
+    PushesPendingError,
     ReadTimeoutError,
     RecordNotSerializableError,
     RunNotFoundError,
@@ -54,6 +56,9 @@ from aimss_dask.source import from_zarr
 
 __version__ = "0.1.0"
 
+# Schedulers made in this process from now on show the AIMSS dashboard pages.
+_dashboard.enable()
+
 __all__ = [
     "AIMSS",
     "AIMSSConfig",
@@ -67,6 +72,7 @@ __all__ = [
     "NotRegisteredError",
     "PartitionLostError",
     "PartitionOutOfRangeError",
+    "PushesPendingError",
     "ReadTimeoutError",
     "RecordNotSerializableError",
     "RunNotFoundError",

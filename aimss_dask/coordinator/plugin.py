@@ -13,6 +13,7 @@ clients and workers that leave.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
@@ -23,8 +24,10 @@ from distributed.protocol.pickle import dumps
 from distributed.utils import offload
 from tornado.ioloop import PeriodicCallback
 
+from aimss_dask.coordinator import dashboard
 from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.metrics import coordinator_metrics
+from aimss_dask.coordinator.panels import Throughput
 from aimss_dask.coordinator.pinning import Pinner
 from aimss_dask.coordinator.recovery import Recoveries
 from aimss_dask.coordinator.registry import RunRegistry
@@ -64,6 +67,9 @@ logger = logging.getLogger("aimss_dask")
 #: How often the coordinator takes the workers' reported offsets (ms); about
 #: Dask's heartbeat interval on a small cluster.
 BOUNDS_INTERVAL_MS = 500
+
+#: How often the dashboard's throughput history takes a point (ms).
+THROUGHPUT_INTERVAL_MS = 1000
 
 
 class AIMSS(SchedulerPlugin):
@@ -115,6 +121,11 @@ class AIMSS(SchedulerPlugin):
         self.config = AIMSSConfig.load(**self.overrides)
         self.scheduler: Scheduler | None = None
         self._bounds_pc: PeriodicCallback | None = None
+        self._throughput_pc: PeriodicCallback | None = None
+        #: Bytes per second pushed and received, for the dashboard.
+        self.throughput = Throughput()
+        # The dashboard pages' own Bokeh application, where the dashboard lacked them.
+        self._dashboard: Any = None
         self.state = CoordinatorState()
         # Every operator run: its spec, policies, state and progress.
         self.runs = RunRegistry()
@@ -189,11 +200,24 @@ class AIMSS(SchedulerPlugin):
         # loss names the offsets it took.
         self._bounds_pc = PeriodicCallback(self._note_bounds, BOUNDS_INTERVAL_MS)
         self._bounds_pc.start()
+        self._throughput_pc = PeriodicCallback(self._sample_throughput, THROUGHPUT_INTERVAL_MS)
+        self._throughput_pc.start()
         self.stragglers.scheduler = scheduler
         self._stragglers_pc = PeriodicCallback(self.stragglers.check, self.config.speculation.interval * 1000)
         self._stragglers_pc.start()
         # aimss_ metrics on the scheduler's /metrics (where prometheus_client is installed).
         metrics.expose(self._metrics)
+        self._dashboard = dashboard.attach(scheduler)
+
+    def _sample_throughput(self) -> None:
+        """One point of the dashboard's throughput history, from the workers' latest heartbeats."""
+        try:
+            assert self.scheduler is not None
+            self.throughput.sample(
+                {a: ws.metrics.get(HEARTBEAT_METRIC) for a, ws in self.scheduler.workers.items()}, time.time()
+            )
+        except Exception:
+            logger.exception("aimss: sampling throughput failed")
 
     def _note_bounds(self) -> None:
         """Take the partition offsets of every worker's latest heartbeat into the state."""
@@ -257,11 +281,16 @@ class AIMSS(SchedulerPlugin):
 
     async def close(self) -> None:
         metrics.withdraw(self._metrics)
+        if self.scheduler is not None:
+            dashboard.detach(self.scheduler, self._dashboard)
+        self._dashboard = None
         if self._tracing:
             self._tracing = False
             trace.stop()
         if self._bounds_pc is not None:
             self._bounds_pc.stop()
+        if self._throughput_pc is not None:
+            self._throughput_pc.stop()
         if self._stragglers_pc is not None:
             self._stragglers_pc.stop()
         self.stragglers.clear()

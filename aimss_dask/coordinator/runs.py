@@ -398,11 +398,15 @@ class RunHandlers:
                 await drop_copies(self.ops, w, spec, sorted(p for p in arrived if owners[p] == w))
         logger.info("aimss: moved %d partition(s) of %s to balance sizes", len(arrived), group)
 
-    @replies
-    async def _h_runs(self) -> dict[str, Any]:
-        """Every run and stream, with progress from the workers' last heartbeats; no fan-out."""
+    def overview(self) -> dict[str, Any]:
+        """Every run and stream, with progress from the workers' last heartbeats (no fan-out); the loop's thread."""
         assert self.ops.scheduler is not None
         beats = {a: ws.metrics.get(HEARTBEAT_METRIC) for a, ws in self.ops.scheduler.workers.items()}
         out = overview.overview(self.coord.runs, self.coord.state.streams, self.coord.state.sealed, self.coord.state.lost, beats)
         out["stragglers"] = self.coord.stragglers.summary()
         return out
+
+    @replies
+    async def _h_runs(self) -> dict[str, Any]:
+        """Every run and stream (:meth:`overview`)."""
+        return self.overview()

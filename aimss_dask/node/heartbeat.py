@@ -11,7 +11,12 @@ Payload (plain data, msgpack-able)::
 
     {"runs": [[name, run_id or None, epoch, kind, {progress}], ...],
      "streams": {name: [records, memory bytes, disk bytes, epoch, [[p, start, end], ...]]},
+     "log": [memory bytes, disk bytes, budget, bytes spilled in all, bytes pushed from
+             here and stored, bytes received, bytes served to readers],
      "time": <worker's clock>}
+
+``log`` is what the dashboard's memory and throughput pages show: running
+totals, so the coordinator derives rates from two heartbeats.
 """
 
 from __future__ import annotations
@@ -31,4 +36,12 @@ def heartbeat(plugin: Any) -> dict[str, Any]:
         [name, p.pop("run_id", None), p.pop("epoch", 0), p.pop("kind", ""), p]
         for name, p in plugin.runs.progress().items()
     ]
-    return {"runs": runs, "streams": streams, "time": time.time()}
+    out: dict[str, Any] = {"runs": runs, "streams": streams, "time": time.time()}
+    producer = plugin.producer
+    if store is not None and not store.closed:
+        pushed = sum(v[1] for v in producer.stored.values()) if producer is not None else 0
+        out["log"] = [
+            store.memory_bytes, store.spilled_bytes, store.budget, store.spilled_total,
+            pushed, store.appended[1], store.served[1],
+        ]
+    return out
