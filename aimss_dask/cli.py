@@ -325,7 +325,7 @@ from them): remove only when no such cluster is left."""
 
 _DEMO_DESCRIPTION = """\
 Run three stages on a Dask cluster (a built-in LocalCluster unless
---scheduler is given), time them, and verify every output:
+--scheduler or --jobqueue is given), time them, and verify every output:
 
   stream   producer tasks write records into an AIMSS stream; consumer
            tasks on each partition's owner read and reduce them; every
@@ -341,7 +341,12 @@ Run three stages on a Dask cluster (a built-in LocalCluster unless
 
 The last line sums up: each stage's aimss time against Dask's, and whether
 every output verified. The exit status is 1 if any output did not verify.
-Sizes take bytes or units: 4096, 64KiB, 1MiB, 2GB."""
+Sizes take bytes or units: 4096, 64KiB, 1MiB, 2GB.
+
+--jobqueue slurm (or pbs) submits --workers batch jobs through dask-jobqueue,
+one single-threaded worker each with --job-memory, from this machine (a login
+node); the scheduler runs in this process. --interface names the network
+interface workers and scheduler use (e.g. ib0, or lo on one machine)."""
 
 
 def _version() -> str:
@@ -417,9 +422,21 @@ def _parser() -> argparse.ArgumentParser:
         help="address of a running cluster's scheduler, e.g. tcp://host:8786 (default: start a LocalCluster)",
     )
     demo.add_argument(
+        "--jobqueue", choices=sorted(_JOBQUEUES), default=None,
+        help="start the workers as batch jobs with dask-jobqueue (pip install 'aimss-dask[hpc]')",
+    )
+    demo.add_argument(
         "--workers", type=_count(1), default=2, metavar="N",
-        help="worker processes of the built-in LocalCluster, one thread each; "
-        "ignored with --scheduler (default: %(default)s)",
+        help="worker processes of the built-in LocalCluster (or batch jobs with --jobqueue), "
+        "one thread each; ignored with --scheduler (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--job-memory", type=_size(2**28), default="4GiB", metavar="SIZE",
+        help="with --jobqueue: memory of each job's worker (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--interface", default=None, metavar="NAME",
+        help="with --jobqueue: network interface of the scheduler and workers (default: dask-jobqueue's)",
     )
     demo.add_argument(
         "--producers", type=_count(1), default=8, metavar="N",
@@ -465,6 +482,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     clean.add_argument("--remove", action="store_true", help="remove what is listed (default: only list)")
     return parser
+
+
+#: The batch systems ``--jobqueue`` knows: dask-jobqueue's cluster class for each.
+_JOBQUEUES = {"slurm": "SLURMCluster", "pbs": "PBSCluster"}
+
+#: Seconds ``--jobqueue`` waits for its jobs' workers to join (a busy queue may hold them).
+JOB_START_TIMEOUT = 600
+
+
+def _jobqueue_cluster(kind: str, workers: int, memory: int, interface: str | None) -> Any:
+    """A dask-jobqueue cluster of one-thread, one-process jobs (not scaled yet)."""
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise SystemExit(
+            "aimss-dask demo --jobqueue needs dask-jobqueue: pip install 'aimss-dask[hpc]'"
+        ) from None
+    cls = getattr(dask_jobqueue, _JOBQUEUES[kind])
+    return cls(
+        cores=1, processes=1, memory=format_bytes(memory).replace(" ", ""), interface=interface,
+        walltime="01:00:00", python=sys.executable,
+    )
 
 
 def _default_spill_root() -> str:
@@ -535,9 +574,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             comparisons.append(run_sink_demo(client, nbytes=args.sink_size, directory=args.sink_dir))
         return stream, comparisons
 
+    if args.scheduler and args.jobqueue:
+        _parser().error("--scheduler and --jobqueue exclude each other: pick the cluster to use")
     with _quiet_dask_logs():
         if args.scheduler:
             with Client(args.scheduler) as client:
+                stream, comparisons = stages(client)
+        elif args.jobqueue:
+            with _jobqueue_cluster(args.jobqueue, args.workers, args.job_memory, args.interface) as cluster, \
+                    Client(cluster) as client:
+                cluster.scale(args.workers)
+                client.wait_for_workers(args.workers, timeout=JOB_START_TIMEOUT)
                 stream, comparisons = stages(client)
         else:
             # silence_logs applies in the worker processes too, where the

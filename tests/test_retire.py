@@ -176,3 +176,25 @@ def test_a_worker_closing_gracefully_at_the_end_of_its_lifetime_hands_over(clien
     assert s.info()["lost"] == []
     assert _values(s.read(partition=2)) == [2000 + i for i in range(4)]
 
+
+
+def test_a_worker_process_sent_sigterm_hands_over_before_it_exits(client):
+    """As a batch system ends a job: SIGTERM straight to the worker process (not through its nanny).
+
+    Without AIMSS the process dies at once with its partitions; with it, it
+    closes gracefully and moves them first. Its nanny starts a new worker.
+    """
+    import os
+    import signal
+
+    name = unique_name("sigterm")
+    s = _fill(name, partitions=3, per=4)
+    s.seal()
+    victim = s.info()["owners"][1]
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: victim not in s.info()["owners"], timeout=30, what="the new owner")
+    assert s.info()["lost"] == []
+    for p in range(3):
+        assert _values(s.read(partition=p)) == [p * 1000 + i for i in range(4)]
+    wait_until(lambda: len(client.scheduler_info()["workers"]) == 3, timeout=60, what="the nanny's new worker")

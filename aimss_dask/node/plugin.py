@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
@@ -109,6 +110,8 @@ class AIMSSWorker(WorkerPlugin):
         self._moves: set[asyncio.Future[Any]] = set()
         # Set while the coordinator moves this (retiring) worker's partitions.
         self._retiring: asyncio.Event | None = None
+        # SIGTERM closes the worker gracefully (see _catch_sigterm).
+        self._sigterm = False
         # Where copies of straggling speculative tasks here should run.
         self.copies = CopyMailbox()
         # This worker started its process's trace (aimss_dask.trace).
@@ -213,6 +216,35 @@ class AIMSSWorker(WorkerPlugin):
         metrics.expose(self._metrics)
         # A worker that joins while a trace runs is traced too.
         worker.loop.add_callback(self._join_trace)
+        self._catch_sigterm(worker)
+
+    def _catch_sigterm(self, worker: Worker) -> None:
+        """A nanny's worker process closes gracefully on SIGTERM, handing its partitions over first.
+
+        A batch system ends a job (``scancel``, ``qdel``, dask-jobqueue's
+        scale-down, the end of its walltime) with SIGTERM to every process
+        in it, and only later SIGKILL (Slurm's ``KillWait``, 30 s by
+        default). The nanny closes on it, but its worker process would die at
+        once, by default, with the partitions it owns: it closes instead, and
+        its teardown moves them away (see :meth:`_finish_moves`). Only in a
+        process of its own under a nanny (its main thread runs the loop);
+        elsewhere the process's signals are not ours to take.
+        """
+        if worker.nanny is None:
+            return
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._on_sigterm)
+            self._sigterm = True
+        except (RuntimeError, ValueError, NotImplementedError):
+            pass  # not the main thread, or a platform without loop signal handlers
+
+    def _on_sigterm(self) -> None:
+        w = self.worker
+        if w is None or w.status not in (Status.running, Status.paused):
+            return
+        logger.info("aimss: SIGTERM: closing this worker gracefully, its partitions handed over first")
+        # nanny=False: as before, the nanny decides whether a new worker starts.
+        w.loop.add_callback(w.close, reason="signal-15", nanny=False)
 
     async def _join_trace(self) -> None:
         try:
@@ -228,6 +260,9 @@ class AIMSSWorker(WorkerPlugin):
 
     async def teardown(self, worker: Worker) -> None:
         try:
+            if self._sigterm:
+                self._sigterm = False
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
             await self._finish_moves()
             worker.metrics.pop(HEARTBEAT_METRIC, None)
             metrics.withdraw(self._metrics)
