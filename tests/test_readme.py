@@ -48,7 +48,10 @@ BLOCK_TIMEOUT = 180
 #: Blocks that cannot run here, by id (the heading above the block), with why.
 SKIP: dict[str, str] = {
     "HPC: dask-jobqueue and clusters configured by files": (
-        "SLURMCluster needs dask-jobqueue and a SLURM batch system"
+        "SLURMCluster needs dask-jobqueue and a SLURM batch system (tests/test_slurm.py runs its like)"
+    ),
+    "Slurm and PBS, step by step": (
+        "SLURMCluster needs a SLURM batch system and an ib0 interface (tests/test_slurm.py runs its like)"
     ),
 }
 
