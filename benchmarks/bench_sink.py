@@ -44,6 +44,13 @@ Methods:
   costs the file system, which every Zarr v3 writer pays and ``plain`` does
   not.
 
+``--hosts 2`` runs the workers on two "hosts" (127.0.0.1 and 127.0.0.2)
+sharing this disk, as nodes share a parallel file system: ``aimss`` then
+declares ``shared_filesystem=True`` (rows written in place from both
+hosts), and ``aimss-push`` is the same call with ``shared_filesystem=False``
+(what a file system not known to be shared gets: units pushed to one writer
+each). Compare its ``aimss / plain`` with a ``--hosts 1`` run's.
+
 Each case runs with ``--codecs`` ``none`` (uncompressed) and ``default``
 (Zarr's default, zstd). Its title says what fraction of the rows must cross
 to another worker, given where Dask placed the persisted blocks: the least
@@ -64,9 +71,8 @@ import time
 from typing import Any
 
 import numpy as np
-from _common import GiB
+from _common import GiB, cpu_seconds, prefault, remove, settle
 from _common import finish as _finish
-from _common import cpu_seconds, prefault, remove, settle
 from _common import start as _start
 
 UNIT_ROWS = 1024
@@ -133,7 +139,7 @@ def _check(path: str, x: Any, rows: int) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import dask.array as da
-    from distributed import Client, LocalCluster, wait
+    from distributed import Client, wait
 
     import aimss_dask
 
@@ -142,10 +148,10 @@ def run(args: argparse.Namespace) -> None:
     rows = int(args.gib * GiB) // (8 * cols)
     rows -= rows % 4096
     nbytes = rows * cols * 8
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
+    with _cluster(args.hosts) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
         client.register_plugin(aimss_dask.AIMSS(memory_limit=args.memory_limit))
+        print(f"workers on {len({w['host'] for w in client.scheduler_info()['workers'].values()})} host(s)")
         summary: list[str] = []
         for case in args.cases.split(","):
             block_rows = 1000 if case == "misaligned" else UNIT_ROWS
@@ -162,8 +168,10 @@ def run(args: argparse.Namespace) -> None:
                 if shards:
                     zkw["shards"] = shards
 
-                def aimss_run(path: str) -> None:
-                    aimss_dask.to_zarr(x, path, **zkw)
+                def aimss_run(path: str, shared: bool | None = None) -> None:
+                    if shared is None and args.hosts > 1:
+                        shared = True  # nodes sharing a parallel file system
+                    aimss_dask.to_zarr(x, path, shared_filesystem=shared, **zkw)
 
                 def dask_run(path: str) -> None:
                     # mode="w" takes Dask's lock: needed for correctness when
@@ -201,9 +209,11 @@ def run(args: argparse.Namespace) -> None:
                     assert sum(client.gather(done)) == nbytes
 
                 def aimss_durable_run(path: str) -> None:
-                    aimss_dask.to_zarr(x, path, durable=True, **zkw)
+                    aimss_dask.to_zarr(x, path, durable=True, shared_filesystem=args.hosts > 1 or None, **zkw)
 
                 methods = {"aimss": aimss_run, "aimss-durable": aimss_durable_run, "dask": dask_run}
+                if args.hosts > 1:
+                    methods["aimss-push"] = lambda path: aimss_run(path, shared=False)
                 if case != "aligned":
                     methods["dask-rechunk"] = dask_rechunk_run
                 methods["plain"] = plain_run
@@ -244,6 +254,11 @@ def run(args: argparse.Namespace) -> None:
                         f"{med['plain']['t'] / layout:.0%}) "
                     )
                 line += f"(worker CPU {med['aimss']['cpu']:.2f} s vs plain {med['plain']['cpu']:.2f} s)"
+                if "aimss-push" in med:
+                    line += (
+                        f"; pushed (shared_filesystem=False) {nbytes / med['aimss-push']['t'] / 1e9:5.2f} GB/s, "
+                        f"aimss-push / plain {med['plain']['t'] / med['aimss-push']['t']:.0%}"
+                    )
                 if "aimss-durable" in med:
                     line += f"; durable=True costs {med['aimss-durable']['t'] / med['aimss']['t']:.2f}x"
                     if "plain-durable" in med:
@@ -258,6 +273,19 @@ def run(args: argparse.Namespace) -> None:
         print("\nSummary (medians of %d):" % args.reps)
         print("\n".join(summary))
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _cluster(hosts: int) -> Any:
+    """Two one-thread worker processes: on one host, or one each on 127.0.0.1 and 127.0.0.2."""
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+
+    if hosts == 1:
+        return LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    workers = {
+        f"w{i}": {"cls": Nanny, "options": {"host": f"127.0.0.{i + 1}", "nthreads": 1}} for i in range(hosts)
+    }
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
+    return SpecCluster(scheduler=scheduler, workers=workers)
 
 
 def _measure(
@@ -314,7 +342,7 @@ def _measure(
 
 
 #: Methods a run may leave out (aimss and plain are always run).
-SKIPPABLE = ("dask", "dask-rechunk", "plain-dirs", "aimss-durable", "plain-durable")
+SKIPPABLE = ("dask", "dask-rechunk", "plain-dirs", "aimss-durable", "plain-durable", "aimss-push")
 
 
 def main() -> None:
@@ -326,6 +354,10 @@ def main() -> None:
     ap.add_argument("--codecs", default="none,default")
     ap.add_argument("--dir", default=None, help="where the arrays are written (default: $TMPDIR)")
     ap.add_argument("--memory-limit", default=None, help="AIMSS budget per worker, e.g. 1GiB")
+    ap.add_argument(
+        "--hosts", type=int, choices=(1, 2), default=1,
+        help="run the two workers on one host, or on two (127.0.0.1 and 127.0.0.2) sharing this disk",
+    )
     ap.add_argument(
         "--settle", type=float, default=61.0,
         help="seconds between deleting outputs and timing new writes (0: no wait); see _common.settle",

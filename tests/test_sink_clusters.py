@@ -16,7 +16,8 @@ from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, wai
 from test_sink_array import _kind, _partials
 
 import aimss_dask
-from aimss_dask.sink import graphs
+from aimss_dask.sink import array as sink_array
+from aimss_dask.sink import fstype
 
 #: (blocks, to_zarr arguments, run) for each way of writing in place, and a push run.
 LAYOUTS = {
@@ -121,7 +122,7 @@ def test_writes_in_place_from_two_hosts_are_refused_at_the_commit(two_hosts, tmp
     aimss_dask.to_zarr(da.from_array(old, chunks=4096), path, **kw)
     before = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(path) for f in fs}
 
-    monkeypatch.setattr(graphs, "one_host", lambda: True)
+    monkeypatch.setattr(sink_array, "worker_hosts", lambda: 1)
     x = _spread(two_hosts, -old, blocks[0])
     delayed = aimss_dask.to_zarr(x, path, compute=False)  # into the array as it is
     assert _kind(delayed) == layout
@@ -130,3 +131,108 @@ def test_writes_in_place_from_two_hosts_are_refused_at_the_commit(two_hosts, tmp
     after = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(path) for f in fs}
     assert after == before
     np.testing.assert_array_equal(zarr.open_array(path, mode="r")[...], old)
+
+
+# -- two hosts sharing a parallel file system ---------------------------------------------
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("durable", [False, True])
+def test_two_hosts_on_a_shared_file_system_write_rows_in_place(two_hosts, tmp_path, caplog, layout, durable):
+    """``shared_filesystem=True`` (what Lustre, GPFS or BeeGFS would be found to be):
+    rows in place from both hosts; chunk appends (offsets not known ahead)
+    and the rest pushed, saying why. Every array is byte-equal to what Zarr
+    itself writes from the same data."""
+    blocks, kw = LAYOUTS[layout]
+    data = np.random.default_rng(5).random((16_384, 64))
+    x = _spread(two_hosts, data, blocks[0])
+    path, plain = str(tmp_path / "a.zarr"), str(tmp_path / "zarr.zarr")
+    with caplog.at_level("INFO", logger="aimss_dask"):
+        delayed = aimss_dask.to_zarr(x, path, compute=False, shared_filesystem=True, durable=durable, **kw)
+    want = {"rows": "rows", "chunks": "push", "chunks-raw": "push", "push": "push"}[layout]
+    assert _kind(delayed) == want
+    if layout.startswith("chunks"):
+        assert "offsets are not known ahead" in caplog.text
+    assert delayed.compute() == data.nbytes
+    z = zarr.create_array(plain, shape=data.shape, dtype=data.dtype, **{k: v for k, v in kw.items()})
+    z[...] = data
+    ours, theirs = zarr.open_array(path, mode="r"), zarr.open_array(plain, mode="r")
+    np.testing.assert_array_equal(ours[...], theirs[...])
+    assert ours.metadata == theirs.metadata
+    if layout == "rows":  # uncompressed: the unit files themselves are Zarr's, byte for byte
+        for root, _, files in os.walk(plain):
+            for f in files:
+                if f != "zarr.json":
+                    rel = os.path.relpath(os.path.join(root, f), plain)
+                    with open(os.path.join(plain, rel), "rb") as a, open(os.path.join(path, rel), "rb") as b:
+                        assert a.read() == b.read(), rel
+    assert not _partials(path)
+    assert_workers_clean(aimss_dask.status())
+
+
+def test_two_hosts_without_a_shared_file_system_push_and_say_why(two_hosts, tmp_path, caplog):
+    """Not known to be shared (this disk is no parallel file system) and not declared: pushed, logged once."""
+    blocks, kw = LAYOUTS["rows"]
+    data = np.random.default_rng(6).random((8192, 64))
+    x = _spread(two_hosts, data, blocks[0])
+    path = str(tmp_path / "a.zarr")
+    assert fstype.fs_kind(path) not in fstype.PARALLEL
+    with caplog.at_level("INFO", logger="aimss_dask"):
+        delayed = aimss_dask.to_zarr(x, path, compute=False, **kw)
+    assert _kind(delayed) == "push"
+    assert caplog.text.count("pass shared_filesystem=True") == 1
+    delayed.compute()
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[...], data)
+
+
+def test_the_config_key_declares_a_shared_file_system(two_hosts, tmp_path):
+    blocks, kw = LAYOUTS["rows"]
+    data = np.random.default_rng(7).random((8192, 64))
+    x = _spread(two_hosts, data, blocks[0])
+    with dask.config.set({"aimss.sink.shared-filesystem": True}):
+        delayed = aimss_dask.to_zarr(x, str(tmp_path / "a.zarr"), compute=False, **kw)
+    assert _kind(delayed) == "rows"
+    delayed.compute()
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[...], data)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"shared_filesystem='yes' must be True, False or None"):
+        aimss_dask.to_zarr(x, str(tmp_path / "b.zarr"), shared_filesystem="yes", **kw)
+    with dask.config.set({"aimss.sink.shared-filesystem": "yes"}), pytest.raises(
+        aimss_dask.InvalidArgumentError, match=r"sink.shared-filesystem='yes' must be true, false or null"
+    ):
+        aimss_dask.to_zarr(x, str(tmp_path / "c.zarr"), **kw)
+    assert not os.path.exists(tmp_path / "b.zarr")
+
+
+def test_file_system_kinds_decide_where_units_are_written():
+    assert fstype.decide(None, None, hosts=1) == (True, None)
+    for kind in ("lustre", "gpfs", "beegfs"):
+        assert fstype.decide(None, kind, hosts=4) == (True, None)
+    ok, why = fstype.decide(None, "nfs", hosts=2)
+    assert not ok and "NFS" in why
+    ok, why = fstype.decide(True, "nfs", hosts=2)  # a declaration never makes NFS shared
+    assert not ok and "NFS" in why
+    assert fstype.decide(True, None, hosts=2) == (True, None)
+    assert fstype.decide(False, "lustre", hosts=2)[0] is False
+    assert fstype.decide(None, None, hosts=2)[0] is False
+    assert fstype.kind_of(0x47504653) == "gpfs" and fstype.kind_of(0x19830326) == "beegfs"
+    # This machine's own disk: a known local kind or none, never a parallel one.
+    assert fstype.fs_kind(os.getcwd()) not in fstype.PARALLEL
+    assert fstype.fs_kind("s3://bucket/a.zarr") is None
+
+
+def test_fs_kind_reads_statfs_magic_of_the_nearest_existing_folder(tmp_path, monkeypatch):
+    seen = []
+
+    def fake(path):
+        seen.append(path)
+        return 0x0BD00BD0
+
+    monkeypatch.setattr(fstype, "_statfs_magic", fake)
+    assert fstype.fs_kind(str(tmp_path / "not" / "yet" / "a.zarr")) == "lustre"
+    assert seen == [str(tmp_path)]
+
+
+def test_fstype_docstring_examples():
+    import doctest
+
+    assert doctest.testmod(fstype).failed == 0

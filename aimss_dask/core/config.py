@@ -237,6 +237,46 @@ class SpeculationConfig:
 
 
 @dataclass(frozen=True)
+class SinkConfig:
+    """``aimss.sink``: how Zarr sinks write.
+
+    ``shared_filesystem``: whether the workers on several hosts share the
+    POSIX file system the arrays are written to, so that they may write
+    units in place there (``None``: found from the file system's type;
+    Lustre, GPFS and BeeGFS are shared, NFS is not used that way).
+
+    Examples
+    --------
+    >>> SinkConfig.parse({"shared-filesystem": True}).shared_filesystem
+    True
+    """
+
+    shared_filesystem: bool | None = None
+
+    @classmethod
+    def parse(cls, raw: Any) -> SinkConfig:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise _bad("sink", f"aimss sink={raw!r} must be a mapping such as {{'shared-filesystem': True}}")
+        d = {str(k).replace("-", "_"): v for k, v in raw.items()}
+        known = {f.name for f in fields(cls)}
+        typos = sorted(k for k in d if k not in known)
+        if typos:
+            raise _bad(
+                "sink",
+                f"unknown key(s) {typos} in aimss sink; known keys: {sorted(k.replace('_', '-') for k in known)}",
+            )
+        shared = d.get("shared_filesystem")
+        if shared is not None and not isinstance(shared, bool):
+            raise _bad(
+                "sink",
+                f"aimss sink.shared-filesystem={shared!r} must be true, false or null (found from the file system)",
+            )
+        return cls(shared_filesystem=shared)
+
+
+@dataclass(frozen=True)
 class AIMSSConfig:
     """Settings of one AIMSS deployment; every size is in bytes.
 
@@ -259,6 +299,7 @@ class AIMSSConfig:
     read_batch_size: int = 16 * 2**20
     transport: str = "auto"
     speculation: SpeculationConfig = SpeculationConfig()
+    sink: SinkConfig = SinkConfig()
     trace: str | None = None
 
     @classmethod
@@ -360,6 +401,7 @@ class AIMSSConfig:
             read_batch_size=_bytes("read-batch-size", d.get("read_batch_size", "16MiB"))
             or 0,
             speculation=SpeculationConfig.parse(d.get("speculation")),
+            sink=SinkConfig.parse(d.get("sink")),
         )
 
     def requested_budget(self, worker_memory_limit: int | None) -> int:

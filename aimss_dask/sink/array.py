@@ -32,6 +32,7 @@ from dask.delayed import Delayed
 
 from aimss_dask.api.progress import compute as progress_compute
 from aimss_dask.api.progress import wanted as progress_wanted
+from aimss_dask.core.config import AIMSSConfig
 from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
@@ -43,7 +44,8 @@ from aimss_dask.core.errors import (
 from aimss_dask.sink import _xarray as xr_sink
 from aimss_dask.sink.direct import in_place_writers
 from aimss_dask.sink.durable import sync_metadata, sync_units
-from aimss_dask.sink.graphs import write_graph
+from aimss_dask.sink.fstype import decide, fs_kind
+from aimss_dask.sink.graphs import worker_hosts, write_graph
 from aimss_dask.sink.tasks import abort
 from aimss_dask.sink.writer import ZarrTarget
 
@@ -66,6 +68,7 @@ def to_zarr(
     name: str | None = None,
     durable: bool = False,
     progress: bool | None = None,
+    shared_filesystem: bool | None = None,
     **array_kwargs: Any,
 ) -> Delayed | None:
     """Write ``x`` to Zarr, each shard (or chunk) of each array by exactly one writer.
@@ -134,6 +137,14 @@ def to_zarr(
         With ``compute=True``, Dask's progress bar while it writes: ``None``
         where someone watches (a terminal on stderr, a notebook), ``True``
         always, ``False`` never.
+    shared_filesystem
+        Whether workers on several hosts share the POSIX file system the
+        array is written to (a parallel file system), so that each writes
+        its rows of uncompressed units in place there, as on one host.
+        ``None`` (the default): ``aimss.sink.shared-filesystem``, else found
+        from the file system's type (Lustre, GPFS and BeeGFS are shared).
+        On NFS, and where it is not known to be shared, workers on several
+        hosts push units to one writer each (logged once per call).
     **array_kwargs
         Passed to :func:`zarr.create_array` for a new array: ``compressors``
         (``None`` for uncompressed), ``filters``, ``fill_value``,
@@ -169,13 +180,17 @@ def to_zarr(
         raise InvalidArgumentError(f"zarr_format={zarr_format!r}: use 3 (the default) or 2")
     if not isinstance(durable, bool):
         raise InvalidArgumentError(f"durable={durable!r} must be True or False")
+    if shared_filesystem is not None and not isinstance(shared_filesystem, bool):
+        raise InvalidArgumentError(
+            f"shared_filesystem={shared_filesystem!r} must be True, False or None (found from the file system)"
+        )
     if shards is not None and zarr_format == 2:
         raise InvalidArgumentError(f"shards={shards!r} need zarr_format=3; Zarr v2 has no shards")
     progress_wanted(progress)  # a bad value is refused before anything is written
     if xr_sink.is_xarray(x):
         return _xarray_to_zarr(
             x, store, component, chunks, shards, zarr_format, bool(overwrite), compute,
-            storage_options, dims, name, array_kwargs, durable, progress,
+            storage_options, dims, name, array_kwargs, durable, progress, shared_filesystem,
         )
     if not isinstance(x, da.Array):
         raise InvalidArgumentError(
@@ -201,7 +216,7 @@ def to_zarr(
     groups = xr_sink.groups_to_consolidate(store, path, storage_options, where) if named else []
     write = _plan(
         x, store, path, chunks, shards, zarr_format, bool(overwrite), array_kwargs, storage_options, dims,
-        durable,
+        durable, shared_filesystem,
     )
     _consolidate(store, groups, storage_options, where, durable)
     return _run([write], compute, progress)
@@ -222,6 +237,7 @@ def _xarray_to_zarr(
     array_kwargs: dict[str, Any],
     durable: bool = False,
     progress: bool | None = None,
+    shared_filesystem: bool | None = None,
 ) -> Delayed | None:
     """``to_zarr`` of a DataArray or Dataset: xarray writes the group, AIMSS the Dask variables."""
     if dims is not None:
@@ -263,7 +279,7 @@ def _xarray_to_zarr(
         raise InvalidArgumentError(f"xarray cannot create the group at {where}: {e}") from e
     writes = [
         _plan(data, store, posixpath.join(group, vname) if group else vname, None, None,
-              zarr_format, False, {}, storage_options, None, durable)
+              zarr_format, False, {}, storage_options, None, durable, shared_filesystem)
         for vname, data in prepared.arrays
     ]
     _consolidate(store, groups, storage_options, where, durable)
@@ -301,6 +317,7 @@ def _plan(
     storage_options: dict[str, Any] | None,
     dims: tuple[str, ...] | None,
     durable: bool = False,
+    shared_filesystem: bool | None = None,
 ) -> _Write:
     """Open or create the array at ``path``, and build the graph that writes ``x`` into it."""
     if storage_options:
@@ -310,10 +327,14 @@ def _plan(
         sync_metadata(arr)  # written here, by this process: synced here
     unit = tuple(arr.shards or arr.chunks) if zarr_format == 3 else tuple(arr.chunks)
     run = f"aimss-sink-{uuid.uuid4().hex[:16]}"
-    target = ZarrTarget(store, path, zarr_format, run, storage_options or None, durable)
+    hosts = worker_hosts()
+    declared = shared_filesystem if shared_filesystem is not None else AIMSSConfig.load().sink.shared_filesystem
+    in_place, why = decide(declared, fs_kind(store) if hosts > 1 else None, hosts)
+    target = ZarrTarget(store, path, zarr_format, run, storage_options or None, durable, shared=in_place and hosts > 1)
     rows, appender = in_place_writers(arr)
     hlg, finish_key = write_graph(
         x, unit, target, raw=rows is not None, inner=appender.inner if appender is not None else None,
+        hosts=hosts, in_place=in_place, why=why,
     )
     return _Write(Delayed(finish_key, hlg), arr, target)
 

@@ -176,6 +176,14 @@ class RowsInPlace:
         """``(extent in the array, byte offset of row 0, rows stored, bytes before row 0, bytes after the last row)``."""
         raise NotImplementedError
 
+    def sync_partial(self, coords: tuple[int, ...], token: str) -> None:
+        """fsync the run's partial file of unit ``coords``: what this process wrote there is on disk."""
+        fd = os.open(partial_path(os.path.join(self.root, self.key(coords)), token), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def write_rows(
         self, coords: tuple[int, ...], pieces: list[tuple[tuple[int, int], np.ndarray]], token: str
     ) -> int:
@@ -184,7 +192,8 @@ class RowsInPlace:
         Each piece is ``((lo, hi), data)``, ``data`` spanning the unit whole
         on every axis but the first, as far as the array goes. Those rows are
         one byte range of the file, so several writers (processes of one
-        host) fill one unit without moving its rows between them, and none
+        host, or of several on a shared parallel file system) fill one unit
+        without moving its rows between them, and none
         reads or rewrites another's bytes. Pieces that follow each other are
         written by one ``pwritev``. The file keeps its partial name until
         :meth:`commit` (a reader never sees a half-written unit). Padding past

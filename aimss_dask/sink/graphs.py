@@ -43,6 +43,7 @@ their chunks again (chunks; only the surviving task's copy is indexed).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -76,18 +77,29 @@ from aimss_dask.sink.tasks import (
 )
 from aimss_dask.sink.writer import ZarrTarget
 
+logger = logging.getLogger("aimss_dask")
+
 
 def write_graph(
     x: da.Array, unit: tuple[int, ...], target: ZarrTarget, raw: bool = False,
-    inner: tuple[int, ...] | None = None,
+    inner: tuple[int, ...] | None = None, hosts: int | None = None, in_place: bool | None = None,
+    why: str | None = None,
 ) -> tuple[HighLevelGraph, str]:
     """The run's graph and the key of its last task (which returns the bytes written).
 
     ``raw``: the direct writer can write rows of the target's units in
     place (uncompressed chunks, or shards of uncompressed full-width chunks).
     ``inner``: the inner chunk shape, where the direct writer can append
-    whole inner chunks to the target's shards.
+    whole inner chunks to the target's shards. ``hosts``: how many hosts
+    the workers run on (None: asked); ``in_place``: whether writers on all
+    of them may write units in place (None: only on one host), and ``why``
+    not, logged when that sends the run to the push path
+    (:mod:`aimss_dask.sink.fstype`). Chunk appends stay on one host: their
+    offsets are not known ahead, and only a local file system makes
+    ``O_APPEND`` atomic between writers.
     """
+    hosts = worker_hosts() if hosts is None else hosts
+    in_place = hosts <= 1 if in_place is None else in_place
     token = target.run[len("aimss-sink-") :]
     finish_key = f"aimss-sink-finish-{token}"
     # Writes where the blocks are register their run from a task of their
@@ -102,7 +114,7 @@ def write_graph(
             finish_key, finish, target, expected, None, List(*(TaskRef(k) for k in keys)),
             TaskRef(begin_key), target.run,
         )
-    elif (kind := in_place_kind(x, unit, raw, inner)) is not None and one_host():
+    elif (kind := in_place_kind(x, unit, raw, inner)) is not None and _in_place_here(kind, hosts, in_place, why, target):
         graph, dep, keys, njobs, grid = _in_place_graph(x, unit, inner, kind, target, token, groups)
         graph[begin_key] = begin_task
         graph[finish_key] = Task(
@@ -194,15 +206,28 @@ def _aligned_graph(
     return graph, x, list(graph), expected
 
 
-def one_host() -> bool:
-    """Whether every worker of the cluster (if any) runs on one host, so shares one page cache."""
+def worker_hosts() -> int:
+    """How many hosts the cluster's workers run on (1 without a cluster: a local scheduler)."""
     try:
         from distributed import default_client
 
         workers = default_client().scheduler_info()["workers"]
     except (ValueError, ImportError):
-        return True  # a local scheduler: one process
-    return len({w.get("host") for w in workers.values()}) <= 1
+        return 1  # a local scheduler: one process
+    return max(len({w.get("host") for w in workers.values()}), 1)
+
+
+def _in_place_here(kind: str, hosts: int, in_place: bool, why: str | None, target: ZarrTarget) -> bool:
+    """Whether a run that could write in place (``kind``) does, on this cluster; logs why not."""
+    if hosts <= 1:
+        return True
+    if in_place and kind == "rows":
+        return True
+    if in_place:  # chunk appends, on a shared file system
+        why = "chunks appended in place need one host (their offsets are not known ahead): units are pushed"
+    if why:
+        logger.info("aimss: to_zarr into %s from %d hosts: %s", target.describe(), hosts, why)
+    return False
 
 
 def _in_place_graph(

@@ -92,7 +92,12 @@ def write_rows(target: ZarrTarget, jobs: Jobs, blocks: list[np.ndarray], behind:
         def job(put: Any, coords: Any = coords, parts: Any = parts) -> int:
             if not hasattr(put, "write_rows"):
                 raise SinkError(_NOT_RAW)
-            return int(put.write_rows(coords, parts, token))
+            n = int(put.write_rows(coords, parts, token))
+            if target.shared and target.durable:
+                # Writers on several hosts: the last task's fsync would
+                # reach only its own host's cache.
+                put.sync_partial(coords, token)
+            return n
 
         if behind:
             wb.submit_job(target, jid, sum(int(p.nbytes) for _, p in parts), job)
@@ -221,8 +226,9 @@ def finish_rows(
     ``written`` is each task's result: its worker's address (``kind``
     "rows"), or the address and where its chunks landed in which shards
     ("chunks": appended in place), from which each shard's index is written
-    first. Writes in place are safe on one host only (checked when the
-    graph was built); a run whose writers turn out to span hosts (a
+    first. Writes in place are safe on one host, and rows on a shared
+    parallel file system (``target.shared``; checked when the graph was
+    built); a run whose writers turn out to span hosts otherwise (a
     cluster that grew) fails here instead of committing.
 
     Only when all ``njobs`` jobs are written does any unit of ``grid`` get
@@ -246,10 +252,11 @@ def finish_rows(
         writer = _in_place_writer(target, kind)
         _raise_for(target, errors, expected, done, "No chunk of the array was changed")
         hosts = _hosts(addresses)
-        if len(hosts) > 1:
+        if len(hosts) > 1 and not (target.shared and kind == "rows"):
             raise SinkError(
                 f"to_zarr into {target.store!r}: chunks were written in place from several hosts "
-                f"{sorted(hosts)}, which is safe on one host only (the cluster grew during the run). "
+                f"{sorted(hosts)}, which is safe on one host only (the cluster grew during the run), "
+                "or for rows on a shared parallel file system (shared_filesystem=True). "
                 "No chunk of the array was changed; write again."
             )
         units = list(np.ndindex(*grid))
@@ -267,8 +274,9 @@ def finish_rows(
             writer.discard(target.run)
         raise
     if target.durable:
-        # In place runs on one host only: syncing here flushes what every
-        # writer there wrote (one page cache), and the renames of the commit.
+        # On one host, syncing here flushes what every writer there wrote
+        # (one page cache); across hosts each writer synced its own. Then
+        # the renames of the commit.
         _sync_all(target)
     _end(run_id, begun)
     return nbytes

@@ -50,6 +50,10 @@ class ZarrTarget:
     #: Each writer fsyncs the units it wrote before its run's flush answers
     #: (:mod:`aimss_dask.sink.durable`).
     durable: bool = False
+    #: Writers on several hosts write units in place (a shared parallel file
+    #: system): each syncs what it wrote itself, as the last task's fsync
+    #: reaches only its own host's cache.
+    shared: bool = False
 
     def describe(self) -> str:
         """Where, for people (status views): the store as text, and the path."""
