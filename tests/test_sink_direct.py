@@ -416,6 +416,19 @@ def test_inner_chunks_appended_by_two_writers_read_back_identical(tmp_path_facto
     in any order, then each shard's index from their entries and a commit:
     Zarr reads back the data, the partial names are gone, and every stored
     chunk decodes to what Zarr itself would store."""
+    _two_writers(tmp_path_factory, case, reserved=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(chunk_layout())
+def test_inner_chunks_written_at_reserved_offsets_read_back_identical(tmp_path_factory, case):
+    """As above, with each job writing into the byte range of its shard
+    reserved for it (writers on several hosts): never past it, the same
+    stored chunks, whatever order the jobs run in."""
+    _two_writers(tmp_path_factory, case, reserved=True)
+
+
+def _two_writers(tmp_path_factory, case, reserved: bool) -> None:
     shape, inner, shards, dtype, fill, compressed, at_start, seed = case
     rng = np.random.default_rng(seed)
     x = (rng.random(shape) * 100).astype(dtype)
@@ -441,10 +454,19 @@ def test_inner_chunks_appended_by_two_writers_read_back_identical(tmp_path_facto
         cuts = sorted(set(rng.integers(0, len(chunks) + 1, size=2).tolist()) | {0, len(chunks)})
         for a, b in zip(cuts, cuts[1:]):
             jobs.append((int(rng.integers(2)), scoords, [chunks[i] for i in order[a:b]]))
+    ranges, ends = [], {}
+    for _, scoords, chunks in jobs:  # as the graph gives them, in job order
+        at = ends.get(scoords, writers[0].first_offset())
+        ranges.append((at, len(chunks) * writers[0].chunk_bound()))
+        ends[scoords] = at + ranges[-1][1]
     entries: dict = {}
     for j in rng.permutation(len(jobs)):
         w, scoords, chunks = jobs[j]
-        got = writers[w].append_chunks(scoords, chunks, "run1")
+        if reserved:
+            got = writers[w].write_chunks_at(scoords, chunks, "run1", *ranges[j], sync=bool(j % 2))
+            assert all(ranges[j][0] <= o and o + n <= sum(ranges[j]) for _, o, n in got)
+        else:
+            got = writers[w].append_chunks(scoords, chunks, "run1")
         assert sorted(e[0] for e in got) == sorted(int(np.ravel_multi_index(i, per_shard)) for i, _ in chunks)
         entries.setdefault(scoords, []).extend(got)
     sealed = writers[1].close_shards(entries, "run1")

@@ -83,20 +83,18 @@ logger = logging.getLogger("aimss_dask")
 def write_graph(
     x: da.Array, unit: tuple[int, ...], target: ZarrTarget, raw: bool = False,
     inner: tuple[int, ...] | None = None, hosts: int | None = None, in_place: bool | None = None,
-    why: str | None = None,
+    why: str | None = None, bound: tuple[int, int] | None = None,
 ) -> tuple[HighLevelGraph, str]:
     """The run's graph and the key of its last task (which returns the bytes written).
 
     ``raw``: the direct writer can write rows of the target's units in
     place (uncompressed chunks, or shards of uncompressed full-width chunks).
     ``inner``: the inner chunk shape, where the direct writer can append
-    whole inner chunks to the target's shards. ``hosts``: how many hosts
-    the workers run on (None: asked); ``in_place``: whether writers on all
-    of them may write units in place (None: only on one host), and ``why``
-    not, logged when that sends the run to the push path
-    (:mod:`aimss_dask.sink.fstype`). Chunk appends stay on one host: their
-    offsets are not known ahead, and only a local file system makes
-    ``O_APPEND`` atomic between writers.
+    whole inner chunks to the target's shards, and ``bound`` the most
+    bytes one takes encoded. ``hosts``: how many hosts the workers run on
+    (None: asked); ``in_place``: whether writers on all of them may write
+    units in place (None: only on one host), and ``why`` not, logged when
+    that sends the run to the push path (:mod:`aimss_dask.sink.fstype`).
     """
     hosts = worker_hosts() if hosts is None else hosts
     in_place = hosts <= 1 if in_place is None else in_place
@@ -114,8 +112,8 @@ def write_graph(
             finish_key, finish, target, expected, None, List(*(TaskRef(k) for k in keys)),
             TaskRef(begin_key), target.run,
         )
-    elif (kind := in_place_kind(x, unit, raw, inner)) is not None and _in_place_here(kind, hosts, in_place, why, target):
-        graph, dep, keys, njobs, grid = _in_place_graph(x, unit, inner, kind, target, token, groups)
+    elif (kind := in_place_kind(x, unit, raw, inner)) is not None and _in_place_here(hosts, in_place, why, target):
+        graph, dep, keys, njobs, grid = _in_place_graph(x, unit, inner, kind, target, token, groups, bound)
         graph[begin_key] = begin_task
         graph[finish_key] = Task(
             finish_key, finish_rows, target, njobs, grid, List(*(TaskRef(k) for k in keys)), kind,
@@ -217,14 +215,10 @@ def worker_hosts() -> int:
     return max(len({w.get("host") for w in workers.values()}), 1)
 
 
-def _in_place_here(kind: str, hosts: int, in_place: bool, why: str | None, target: ZarrTarget) -> bool:
-    """Whether a run that could write in place (``kind``) does, on this cluster; logs why not."""
-    if hosts <= 1:
+def _in_place_here(hosts: int, in_place: bool, why: str | None, target: ZarrTarget) -> bool:
+    """Whether a run that could write in place does, on this cluster; logs why not."""
+    if hosts <= 1 or in_place:
         return True
-    if in_place and kind == "rows":
-        return True
-    if in_place:  # chunk appends, on a shared file system
-        why = "chunks appended in place need one host (their offsets are not known ahead): units are pushed"
     if why:
         logger.info("aimss: to_zarr into %s from %d hosts: %s", target.describe(), hosts, why)
     return False
@@ -233,6 +227,7 @@ def _in_place_here(kind: str, hosts: int, in_place: bool, why: str | None, targe
 def _in_place_graph(
     x: da.Array, unit: tuple[int, ...], inner: tuple[int, ...] | None, kind: str,
     target: ZarrTarget, token: str, groups: list[list[tuple[int, ...]]] | None,
+    bound: tuple[int, int] | None = None,
 ) -> tuple[dict[Any, Any], Any, list[Any], int, tuple[int, ...]]:
     """Blocks written in place where they are held: nothing moves between workers.
 
@@ -247,6 +242,10 @@ def _in_place_graph(
     (:meth:`~aimss_dask.sink.shards.ShardWriter.append_chunks`); a task's
     chunks of one shard are one job (one append), and the tasks return where
     their chunks landed, from which the last task writes each shard's index.
+    Writers on several hosts (``target.shared``) cannot rely on
+    ``O_APPEND``: each job gets a byte range of its shard's file here,
+    ``bound = (first offset, most bytes of one encoded chunk)`` times its
+    chunks, and writes there.
 
     Either way the units get their Zarr keys at the end
     (:func:`finish_rows`), once every writer has written every piece; a push
@@ -275,6 +274,10 @@ def _in_place_graph(
     graph: dict[Any, Any] = {}
     n = 0
     groups, ref = _inputs(x, groups)
+    reserve = kind == "chunks" and target.shared
+    if reserve and bound is None:
+        raise ValueError("chunks written from several hosts need the bound of an encoded chunk")
+    ends: dict[tuple[int, ...], int] = {}  # per shard: the end of the ranges given so far
     for i, group in enumerate(groups):
         by_unit: dict[tuple[int, ...], list[Any]] = {}
         for j, idx in enumerate(group):
@@ -282,6 +285,14 @@ def _in_place_graph(
                 by_unit.setdefault(coords, []).append((j, src, sub))
         jobs, n = Jobs.pack(by_unit, n, x.ndim, nsub)
         key = (f"aimss-sink-{kind}-{token}", i)
+        if reserve:
+            assert bound is not None
+            ranges = []
+            for coords, pieces in by_unit.items():  # the jobs' order (Jobs.pack)
+                at = ends.get(coords, bound[0])
+                ranges.append((at, len(pieces) * bound[1]))
+                ends[coords] = at + len(pieces) * bound[1]
+            extra = (np.array(ranges, dtype=np.int64),)
         graph[key] = Task(key, func, target, jobs, List(*(ref(idx) for idx in group)), *extra)
     grid = tuple(-(-s // u) for s, u in zip(x.shape, unit))
     return graph, x, list(graph), n, grid

@@ -148,30 +148,8 @@ class ShardWriter(RowsInPlace):
         >>> w.append_chunks((2, 0), [((0, 0), a[8192:8448]), ((1, 0), a[8448:8704])], run)  # doctest: +SKIP
         [(0, 0, 1986512), (1, 1986512, 1986871)]
         """
-        encoded: list[tuple[int, list[Any], int]] = []  # (flat index, buffers, nbytes) per chunk
         into = arena()
-        into.reset()
-        for icoords, data in chunks:
-            if any(not 0 <= i < n for i, n in zip(icoords, self.per_shard)) or len(icoords) != len(self.per_shard):
-                raise ValueError(f"inner chunk {icoords} is not in a shard of {self.per_shard} chunks")
-            start = [s * u + i * c for s, u, i, c in zip(scoords, self.shards, icoords, self.inner)]
-            ext = tuple(min(c, n - a) for c, n, a in zip(self.inner, self.shape, start))
-            data = np.asarray(data, dtype=self.dtype)
-            if data.shape != ext or min(ext) <= 0:
-                raise ValueError(
-                    f"inner chunk {icoords} of shard {scoords} (extent {ext}) cannot hold data of shape {data.shape}"
-                )
-            whole = tuple(slice(0, n) for n in ext)
-            enc = [memoryview(e).cast("B") for e in self.encode(chunk_parts(data, whole, self.inner, self.fill), into)]
-            nbytes = sum(e.nbytes for e in enc)
-            if nbytes > APPEND_MAX:
-                raise ValueError(
-                    f"inner chunk {icoords} of shard {scoords} is {nbytes} bytes encoded, more than one "
-                    f"append writes ({APPEND_MAX}); use smaller inner chunks"
-                )
-            if len(enc) > IOV_MAX:
-                enc = [memoryview(b"".join(enc))]
-            encoded.append((int(np.ravel_multi_index(icoords, self.per_shard)), enc, nbytes))
+        encoded = self._encode(scoords, chunks, into)
         if not encoded:
             return []
         path = os.path.join(self.root, self.key(scoords))
@@ -206,6 +184,90 @@ class ShardWriter(RowsInPlace):
             os.close(fd)
             into.reset()  # let a large arena go now, not at this thread's next unit
         return out
+
+    def chunk_bound(self) -> int:
+        """The most bytes one inner chunk takes encoded (the direct writer's codecs: raw or zstd)."""
+        n = math.prod(self.inner) * self.dtype.itemsize
+        if self.encode is raw:
+            return n
+        # ZSTD_COMPRESSBOUND, and room for the frame's checksum.
+        return n + (n >> 8) + ((((128 << 10) - n) >> 11) if n < (128 << 10) else 0) + 16
+
+    def first_offset(self) -> int:
+        """Where chunks may start in a shard's file: after the index's room where it comes first."""
+        return self.index_size if self.at_start else 0
+
+    def write_chunks_at(
+        self, scoords: tuple[int, ...], chunks: list[tuple[tuple[int, ...], np.ndarray]], token: str,
+        offset: int, limit: int, sync: bool = False,
+    ) -> list[tuple[int, int, int]]:
+        """As :meth:`append_chunks`, into the byte range ``[offset, offset + limit)`` reserved for them.
+
+        For writers on several hosts of a shared file system, where
+        ``O_APPEND`` and ``flock`` do not keep writers apart: the run's graph
+        gave each job of a shard a range of its own, sized by
+        :meth:`chunk_bound`, so no byte is written twice by different jobs
+        and nothing is negotiated at run time. A job run again writes the
+        same bytes at the same place. Between ranges the file has holes
+        (sparse; the index says where each chunk is). ``sync``: fsync the
+        file before returning (the last task's fsync reaches only its host).
+        """
+        into = arena()
+        encoded = self._encode(scoords, chunks, into)
+        try:
+            total = sum(n for _, _, n in encoded)
+            if total > limit:
+                raise SinkError(
+                    f"inner chunks of shard {scoords} took {total} bytes encoded, more than the {limit} "
+                    "reserved for them; this is a bug, please report it"
+                )
+            if not encoded:
+                return []
+            path = os.path.join(self.root, self.key(scoords))
+            parent_dir(path, self.made)
+            fd = os.open(partial_path(path, token), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                pwrite_all(fd, [b for _, bufs, _ in encoded for b in bufs], offset)
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            out = []
+            for flat, _, nbytes in encoded:
+                out.append((flat, offset, nbytes))
+                offset += nbytes
+            return out
+        finally:
+            into.reset()
+
+    def _encode(
+        self, scoords: tuple[int, ...], chunks: list[tuple[tuple[int, ...], np.ndarray]], into: Any
+    ) -> list[tuple[int, list[Any], int]]:
+        """Each inner chunk encoded: ``(flat index in the shard, buffers, nbytes)``."""
+        encoded: list[tuple[int, list[Any], int]] = []  # (flat index, buffers, nbytes) per chunk
+        into.reset()
+        for icoords, data in chunks:
+            if any(not 0 <= i < n for i, n in zip(icoords, self.per_shard)) or len(icoords) != len(self.per_shard):
+                raise ValueError(f"inner chunk {icoords} is not in a shard of {self.per_shard} chunks")
+            start = [s * u + i * c for s, u, i, c in zip(scoords, self.shards, icoords, self.inner)]
+            ext = tuple(min(c, n - a) for c, n, a in zip(self.inner, self.shape, start))
+            data = np.asarray(data, dtype=self.dtype)
+            if data.shape != ext or min(ext) <= 0:
+                raise ValueError(
+                    f"inner chunk {icoords} of shard {scoords} (extent {ext}) cannot hold data of shape {data.shape}"
+                )
+            whole = tuple(slice(0, n) for n in ext)
+            enc = [memoryview(e).cast("B") for e in self.encode(chunk_parts(data, whole, self.inner, self.fill), into)]
+            nbytes = sum(e.nbytes for e in enc)
+            if nbytes > APPEND_MAX:
+                raise ValueError(
+                    f"inner chunk {icoords} of shard {scoords} is {nbytes} bytes encoded, more than one "
+                    f"append writes ({APPEND_MAX}); use smaller inner chunks"
+                )
+            if len(enc) > IOV_MAX:
+                enc = [memoryview(b"".join(enc))]
+            encoded.append((int(np.ravel_multi_index(icoords, self.per_shard)), enc, nbytes))
+        return encoded
 
     def _open_for_append(self, partial: str, scoords: tuple[int, ...]) -> int:
         """Open the run's partial file of shard ``scoords`` to append to, holding a shared lock until it is closed.

@@ -106,25 +106,35 @@ def write_rows(target: ZarrTarget, jobs: Jobs, blocks: list[np.ndarray], behind:
     return str(worker.address)
 
 
-def append_chunks(target: ZarrTarget, jobs: Jobs, blocks: list[np.ndarray]) -> tuple[str, list[Any]]:
+def append_chunks(
+    target: ZarrTarget, jobs: Jobs, blocks: list[np.ndarray], reserved: np.ndarray | None = None,
+) -> tuple[str, list[Any]]:
     """Append each job's inner chunks to its shard's file, now; where they landed.
 
     Now, on the task's thread, not behind: the entries are the task's
     result, which is how the last task learns them (and a recomputed task's
     result replaces the lost one's). Returns this worker's address and
-    ``(shard coords, entries)`` per job.
+    ``(shard coords, entries)`` per job. ``reserved``: writers on several
+    hosts (``target.shared``): ``(offset, limit)`` per job, in order, the
+    byte range of its shard's file it writes into instead of appending
+    (:meth:`~aimss_dask.sink.shards.ShardWriter.write_chunks_at`).
     """
     worker, plugin = _plugin()
     token = target.run
     wb = writer_for(plugin, target) if worker is not None else None
     out: list[Any] = []
-    for jid, scoords, chunks in jobs:
+    for k, (jid, scoords, chunks) in enumerate(jobs):
         parts = [(icoords, blocks[j][src]) for j, src, icoords in chunks]
+        at = None if reserved is None else (int(reserved[k, 0]), int(reserved[k, 1]))
 
-        def job(put: Any, scoords: Any = scoords, parts: Any = parts) -> int:
+        def job(put: Any, scoords: Any = scoords, parts: Any = parts, at: Any = at) -> int:
             if not hasattr(put, "append_chunks"):
                 raise SinkError(_NOT_SHARDS)
-            out.append((scoords, put.append_chunks(scoords, parts, token)))
+            if at is None:
+                out.append((scoords, put.append_chunks(scoords, parts, token)))
+            else:
+                sync = target.shared and target.durable
+                out.append((scoords, put.write_chunks_at(scoords, parts, token, at[0], at[1], sync=sync)))
             return sum(int(p.nbytes) for _, p in parts)
 
         if wb is None:  # a local scheduler
@@ -226,10 +236,11 @@ def finish_rows(
     ``written`` is each task's result: its worker's address (``kind``
     "rows"), or the address and where its chunks landed in which shards
     ("chunks": appended in place), from which each shard's index is written
-    first. Writes in place are safe on one host, and rows on a shared
-    parallel file system (``target.shared``; checked when the graph was
-    built); a run whose writers turn out to span hosts otherwise (a
-    cluster that grew) fails here instead of committing.
+    first. Writes in place are safe on one host, or on a shared parallel
+    file system (``target.shared``: rows, and chunks written at reserved
+    offsets; checked when the graph was built); a run whose writers turn out
+    to span hosts otherwise (a cluster that grew) fails here instead of
+    committing.
 
     Only when all ``njobs`` jobs are written does any unit of ``grid`` get
     its key, so a run whose writes fail changes no unit of the array; its
@@ -252,11 +263,11 @@ def finish_rows(
         writer = _in_place_writer(target, kind)
         _raise_for(target, errors, expected, done, "No chunk of the array was changed")
         hosts = _hosts(addresses)
-        if len(hosts) > 1 and not (target.shared and kind == "rows"):
+        if len(hosts) > 1 and not target.shared:
             raise SinkError(
                 f"to_zarr into {target.store!r}: chunks were written in place from several hosts "
                 f"{sorted(hosts)}, which is safe on one host only (the cluster grew during the run), "
-                "or for rows on a shared parallel file system (shared_filesystem=True). "
+                "or on a shared parallel file system (shared_filesystem=True). "
                 "No chunk of the array was changed; write again."
             )
         units = list(np.ndindex(*grid))
