@@ -35,6 +35,13 @@ pytest.importorskip("bokeh", reason="the dashboard needs bokeh (pip install 'aim
 PAGES = sorted(dashboard.PAGES)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _routes_configured():
+    """As right after ``import aimss_dask`` (other tests' ``dask.config.refresh()`` drops the route)."""
+    dashboard.enable()
+    yield
+
+
 def _get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
@@ -198,7 +205,7 @@ def test_panels_json_serves_every_page_s_columns(dash):
 
 
 def test_a_scheduler_made_before_aimss_configured_its_routes_still_serves_the_pages(monkeypatch):
-    """The plugin's start adds the pages; the menus, built at the scheduler's start, do not list them."""
+    """The plugin's start adds the pages and panels.json; the menus, built at the scheduler's start, do not list them."""
     import distributed.dashboard.scheduler as ds
 
     # As in a process where no scheduler has read the routes yet.
@@ -210,7 +217,9 @@ def test_a_scheduler_made_before_aimss_configured_its_routes_still_serves_the_pa
     ) as cluster, Client(cluster) as client:
         base = _base(cluster)
         assert _get(base + "/individual-aimss-streams")[0] == 404
+        assert _get(base + "/aimss/panels.json")[0] == 404  # no route at all (as after dask.config.refresh())
         client.register_plugin(aimss_dask.AIMSS())
+        wait_until(lambda: _get(base + "/aimss/panels.json")[0] == 200, timeout=10, what="panels.json")
         s = aimss_dask.create_stream("late", partitions=2)
         s.write(b"x", partition=0)
         s.flush()

@@ -94,13 +94,33 @@ def _bokeh_apps(scheduler: Any) -> list[Any]:
     return [a for a in apps if hasattr(a, "app_paths")]
 
 
-def attach(scheduler: Any) -> Any | None:
-    """Serve the pages on ``scheduler``'s dashboard if it does not yet; the Bokeh application added, or None.
+def _serves_panels(http: Any, path: str) -> bool:
+    """Whether ``http`` (a Tornado application) routes ``path`` to :class:`PanelsJSON`."""
+    from tornado.httputil import HTTPServerRequest
 
-    Never raises: a scheduler without a dashboard or without Bokeh gets no
-    pages, and the reason is logged.
+    handler = http.find_handler(HTTPServerRequest(method="GET", uri=path))
+    return getattr(handler, "handler_class", None) is PanelsJSON
+
+
+def attach(scheduler: Any) -> Any | None:
+    """Serve the pages and ``/aimss/panels.json`` on ``scheduler`` where it does not yet; the Bokeh application added, or None.
+
+    A scheduler made before :func:`enable`, or after the Dask config was
+    refreshed (which drops the route), misses them. Never raises: a
+    scheduler without a dashboard or without Bokeh gets no pages, and the
+    reason is logged.
     """
+    prefix = "/" + (dask.config.get("distributed.scheduler.http.prefix", default="") or "").strip("/")
+    http = getattr(scheduler, "http_application", None)
     try:
+        path = prefix.rstrip("/") + "/aimss/panels.json"
+        if http is not None and not _serves_panels(http, path):
+            http.add_handlers(r".*", [(path, PanelsJSON, {"dask_server": scheduler})])
+    except Exception as e:
+        logger.warning("aimss: no /aimss/panels.json (%r)", e)
+    try:
+        # Schedulers made later list them (this one's menus are built already).
+        _register_pages()
         bokehs = _bokeh_apps(scheduler)
         if not bokehs:
             logger.debug("aimss: the scheduler has no Bokeh dashboard; no AIMSS pages")
