@@ -168,6 +168,20 @@ def _duration(key: str, value: Any, *, positive: bool) -> float:
     return float(x)
 
 
+def _section_keys(cls: Any, section: str, raw: dict[Any, Any]) -> dict[str, Any]:
+    """A config section's keys as field names; an unknown key is an error naming the known ones."""
+    d = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    known = {f.name for f in fields(cls)}
+    typos = sorted(k for k in d if k not in known)
+    if typos:
+        raise _bad(
+            section,
+            f"unknown key(s) {typos} in aimss {section}; known keys: "
+            f"{sorted(k.replace('_', '-') for k in known)}",
+        )
+    return d
+
+
 @dataclass(frozen=True)
 class SpeculationConfig:
     """``aimss.speculation``: which tasks and consumers are stragglers, and how many copies may run.
@@ -205,15 +219,7 @@ class SpeculationConfig:
                 f"aimss speculation={raw!r} must be a mapping of options such as "
                 "{'enabled': True, 'multiplier': 2}",
             )
-        d = {str(k).replace("-", "_"): v for k, v in raw.items()}
-        known = {f.name for f in fields(cls)}
-        typos = sorted(k for k in d if k not in known)
-        if typos:
-            raise _bad(
-                "speculation",
-                f"unknown key(s) {typos} in aimss speculation; known keys: "
-                f"{sorted(k.replace('_', '-') for k in known)}",
-            )
+        d = _section_keys(cls, "speculation", raw)
         enabled = d.get("enabled", True)
         if not isinstance(enabled, bool):
             raise _bad("speculation", f"aimss speculation.enabled={enabled!r} must be true or false")
@@ -259,14 +265,7 @@ class SinkConfig:
             return cls()
         if not isinstance(raw, dict):
             raise _bad("sink", f"aimss sink={raw!r} must be a mapping such as {{'shared-filesystem': True}}")
-        d = {str(k).replace("-", "_"): v for k, v in raw.items()}
-        known = {f.name for f in fields(cls)}
-        typos = sorted(k for k in d if k not in known)
-        if typos:
-            raise _bad(
-                "sink",
-                f"unknown key(s) {typos} in aimss sink; known keys: {sorted(k.replace('_', '-') for k in known)}",
-            )
+        d = _section_keys(cls, "sink", raw)
         shared = d.get("shared_filesystem")
         if shared is not None and not isinstance(shared, bool):
             raise _bad(
