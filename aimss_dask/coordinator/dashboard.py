@@ -52,8 +52,9 @@ __all__ = ["PAGES", "attach", "detach", "enable"]
 #: This module, as the scheduler's HTTP routes config names it.
 ROUTES_MODULE = __name__
 
-#: Seconds between two refreshes of a page.
+#: Milliseconds between two refreshes of a page.
 INTERVAL_MS = 1000
+
 
 def enable() -> None:
     """List this module in ``distributed.scheduler.http.routes``: schedulers made from now on show the pages.
@@ -130,7 +131,6 @@ def attach(scheduler: Any) -> Any | None:
         from distributed.dashboard.core import BokehApplication
         from tornado.ioloop import IOLoop
 
-        prefix = dask.config.get("distributed.scheduler.http.prefix", default="") or ""
         app = BokehApplication(PAGES, scheduler, prefix=prefix)
         scheduler.http_application.add_application(app)
         app.initialize(IOLoop.current())
@@ -265,7 +265,7 @@ def memory_doc(scheduler: Any, extra: Any, doc: Any) -> None:
         fig.scatter(x="budget", y="worker", marker="dash", size=30, line_width=3, color="black", source=source)
 
         def update(coord: Any) -> None:
-            rows = _with_stack(panels.memory_rows(panels._beats(coord)))
+            rows = _with_stack(panels.memory_rows(panels.beats(coord)))
             fig.y_range.factors = list(rows["worker"])
             _set(source, rows)
 

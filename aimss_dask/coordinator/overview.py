@@ -17,7 +17,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from aimss_dask.core.names import HEARTBEAT_METRIC
+
 logger = logging.getLogger("aimss_dask")
+
+def heartbeats(scheduler: Any) -> dict[str, Any]:
+    """Each worker's latest heartbeat payload (None before its first), by address."""
+    return {a: ws.metrics.get(HEARTBEAT_METRIC) for a, ws in list(scheduler.workers.items())}
+
 
 def fold(payloads: Mapping[str, Any]) -> dict[str, Any]:
     """The heartbeats of every worker (address -> payload) as cluster-wide totals.

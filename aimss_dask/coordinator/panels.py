@@ -22,12 +22,13 @@ from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from aimss_dask.core.names import HEARTBEAT_METRIC
+from aimss_dask.coordinator.overview import heartbeats
 
 if TYPE_CHECKING:
     from aimss_dask.coordinator.plugin import AIMSS
 
 __all__ = [
+    "beats",
     "events_rows",
     "groups_rows",
     "log_totals",
@@ -62,11 +63,9 @@ def progress_of(done: int, total: int, finished: bool) -> float:
     return min(done / total, 1.0) if total > 0 else 0.0
 
 
-def _beats(coord: AIMSS) -> dict[str, Any]:
-    scheduler = coord.scheduler
-    if scheduler is None:
-        return {}
-    return {a: ws.metrics.get(HEARTBEAT_METRIC) for a, ws in list(scheduler.workers.items())}
+def beats(coord: AIMSS) -> dict[str, Any]:
+    """Each worker's latest heartbeat (none before the coordinator started)."""
+    return {} if coord.scheduler is None else heartbeats(coord.scheduler)
 
 
 def _run_tasks(coord: AIMSS, barrier_key: Any) -> tuple[int, int]:
@@ -75,7 +74,7 @@ def _run_tasks(coord: AIMSS, barrier_key: Any) -> tuple[int, int]:
     ts = scheduler.tasks.get(barrier_key) if scheduler is not None and barrier_key is not None else None
     if ts is None:
         return 0, 0
-    pushes = [d.state in ("memory",) for d in ts.dependencies]
+    pushes = [d.state == "memory" for d in ts.dependencies]
     sealed = ts.state == "memory"
     # An output released before it ran is still to do; after the barrier,
     # a released output was computed and handed on.
@@ -254,13 +253,13 @@ def panels(coord: AIMSS) -> dict[str, Any]:
     if scheduler is None:
         return {}
     snapshot = coord.run_ops.overview()
-    beats = _beats(coord)
+    latest = beats(coord)
     return {
         "time": time.time(),
         "runs": runs_rows(coord, snapshot),
         "streams": streams_rows(coord, snapshot),
-        "memory": memory_rows(beats),
-        "totals": log_totals(beats),
+        "memory": memory_rows(latest),
+        "totals": log_totals(latest),
         "groups": groups_rows(coord.state.groups, coord.state.bounds),
         "throughput": coord.throughput.rows(),
         "events": events_rows(scheduler.get_events("aimss")),

@@ -27,6 +27,7 @@ from tornado.ioloop import PeriodicCallback
 from aimss_dask.coordinator import dashboard
 from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.metrics import coordinator_metrics
+from aimss_dask.coordinator.overview import heartbeats
 from aimss_dask.coordinator.panels import Throughput
 from aimss_dask.coordinator.pinning import Pinner
 from aimss_dask.coordinator.recovery import Recoveries
@@ -48,7 +49,6 @@ from aimss_dask.core.config import AIMSSConfig, dask_memory_thresholds
 from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.metrics import Metric
 from aimss_dask.core.names import (
-    HEARTBEAT_METRIC,
     PLUGIN_NAME,
     REGISTERED_KEY,
     TRACE_KEY,
@@ -213,9 +213,7 @@ class AIMSS(SchedulerPlugin):
         """One point of the dashboard's throughput history, from the workers' latest heartbeats."""
         try:
             assert self.scheduler is not None
-            self.throughput.sample(
-                {a: ws.metrics.get(HEARTBEAT_METRIC) for a, ws in self.scheduler.workers.items()}, time.time()
-            )
+            self.throughput.sample(heartbeats(self.scheduler), time.time())
         except Exception:
             logger.exception("aimss: sampling throughput failed")
 
@@ -223,8 +221,7 @@ class AIMSS(SchedulerPlugin):
         """Take the partition offsets of every worker's latest heartbeat into the state."""
         try:
             assert self.scheduler is not None
-            for ws in self.scheduler.workers.values():
-                beat = ws.metrics.get(HEARTBEAT_METRIC)
+            for beat in heartbeats(self.scheduler).values():
                 if not isinstance(beat, dict):
                     continue
                 for name, entry in beat.get("streams", {}).items():

@@ -27,7 +27,6 @@ from aimss_dask.core.errors import (
     StreamExistsError,
     StreamNotFoundError,
 )
-from aimss_dask.core.names import HEARTBEAT_METRIC
 from aimss_dask.core.runs import RUNS_AGAIN, OnLoss, OnSeal, RunSpec, RunState
 from aimss_dask.transport.rpc import replies
 
@@ -401,7 +400,7 @@ class RunHandlers:
     def overview(self) -> dict[str, Any]:
         """Every run and stream, with progress from the workers' last heartbeats (no fan-out); the loop's thread."""
         assert self.ops.scheduler is not None
-        beats = {a: ws.metrics.get(HEARTBEAT_METRIC) for a, ws in self.ops.scheduler.workers.items()}
+        beats = overview.heartbeats(self.ops.scheduler)
         out = overview.overview(self.coord.runs, self.coord.state.streams, self.coord.state.sealed, self.coord.state.lost, beats)
         out["stragglers"] = self.coord.stragglers.summary()
         return out

@@ -334,7 +334,7 @@ def _plan(
     rows, appender = in_place_writers(arr)
     hlg, finish_key = write_graph(
         x, unit, target, raw=rows is not None, inner=appender.inner if appender is not None else None,
-        hosts=hosts, in_place=in_place, why=why,
+        in_place=in_place, why=why,
         bound=(appender.first_offset(), appender.chunk_bound()) if appender is not None else None,
     )
     return _Write(Delayed(finish_key, hlg), arr, target)

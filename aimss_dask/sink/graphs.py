@@ -82,8 +82,8 @@ logger = logging.getLogger("aimss_dask")
 
 def write_graph(
     x: da.Array, unit: tuple[int, ...], target: ZarrTarget, raw: bool = False,
-    inner: tuple[int, ...] | None = None, hosts: int | None = None, in_place: bool | None = None,
-    why: str | None = None, bound: tuple[int, int] | None = None,
+    inner: tuple[int, ...] | None = None, in_place: bool = True, why: str | None = None,
+    bound: tuple[int, int] | None = None,
 ) -> tuple[HighLevelGraph, str]:
     """The run's graph and the key of its last task (which returns the bytes written).
 
@@ -91,13 +91,11 @@ def write_graph(
     place (uncompressed chunks, or shards of uncompressed full-width chunks).
     ``inner``: the inner chunk shape, where the direct writer can append
     whole inner chunks to the target's shards, and ``bound`` the most
-    bytes one takes encoded. ``hosts``: how many hosts the workers run on
-    (None: asked); ``in_place``: whether writers on all of them may write
-    units in place (None: only on one host), and ``why`` not, logged when
-    that sends the run to the push path (:mod:`aimss_dask.sink.fstype`).
+    bytes one takes encoded. ``in_place``: whether the cluster's writers
+    may write units in place (one host, or a shared parallel file system:
+    :func:`aimss_dask.sink.fstype.decide`), and ``why`` not, logged when
+    that sends the run to the push path.
     """
-    hosts = worker_hosts() if hosts is None else hosts
-    in_place = hosts <= 1 if in_place is None else in_place
     token = target.run[len("aimss-sink-") :]
     finish_key = f"aimss-sink-finish-{token}"
     # Writes where the blocks are register their run from a task of their
@@ -112,7 +110,7 @@ def write_graph(
             finish_key, finish, target, expected, None, List(*(TaskRef(k) for k in keys)),
             TaskRef(begin_key), target.run,
         )
-    elif (kind := in_place_kind(x, unit, raw, inner)) is not None and _in_place_here(hosts, in_place, why, target):
+    elif (kind := in_place_kind(x, unit, raw, inner)) is not None and _in_place_here(in_place, why, target):
         graph, dep, keys, njobs, grid = _in_place_graph(x, unit, inner, kind, target, token, groups, bound)
         graph[begin_key] = begin_task
         graph[finish_key] = Task(
@@ -215,13 +213,11 @@ def worker_hosts() -> int:
     return max(len({w.get("host") for w in workers.values()}), 1)
 
 
-def _in_place_here(hosts: int, in_place: bool, why: str | None, target: ZarrTarget) -> bool:
+def _in_place_here(in_place: bool, why: str | None, target: ZarrTarget) -> bool:
     """Whether a run that could write in place does, on this cluster; logs why not."""
-    if hosts <= 1 or in_place:
-        return True
-    if why:
-        logger.info("aimss: to_zarr into %s from %d hosts: %s", target.describe(), hosts, why)
-    return False
+    if not in_place and why:
+        logger.info("aimss: to_zarr into %s: %s", target.describe(), why)
+    return in_place
 
 
 def _in_place_graph(
@@ -277,6 +273,7 @@ def _in_place_graph(
     reserve = kind == "chunks" and target.shared
     if reserve and bound is None:
         raise ValueError("chunks written from several hosts need the bound of an encoded chunk")
+    first, per_chunk = bound if bound is not None else (0, 0)
     ends: dict[tuple[int, ...], int] = {}  # per shard: the end of the ranges given so far
     for i, group in enumerate(groups):
         by_unit: dict[tuple[int, ...], list[Any]] = {}
@@ -286,12 +283,11 @@ def _in_place_graph(
         jobs, n = Jobs.pack(by_unit, n, x.ndim, nsub)
         key = (f"aimss-sink-{kind}-{token}", i)
         if reserve:
-            assert bound is not None
             ranges = []
             for coords, pieces in by_unit.items():  # the jobs' order (Jobs.pack)
-                at = ends.get(coords, bound[0])
-                ranges.append((at, len(pieces) * bound[1]))
-                ends[coords] = at + len(pieces) * bound[1]
+                at = ends.get(coords, first)
+                ranges.append((at, len(pieces) * per_chunk))
+                ends[coords] = at + len(pieces) * per_chunk
             extra = (np.array(ranges, dtype=np.int64),)
         graph[key] = Task(key, func, target, jobs, List(*(ref(idx) for idx in group)), *extra)
     grid = tuple(-(-s // u) for s, u in zip(x.shape, unit))
