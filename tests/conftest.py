@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from distributed import Client, LocalCluster
+from distributed.security import Security
 from hypothesis import strategies as hst
 
 import aimss_dask
@@ -104,9 +105,29 @@ def destroy_all_streams() -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with make_cluster(2) as cl:
+def cluster(request):
+    with make_cluster(2, **security_kwargs(getattr(request, "param", SECURITY))) as cl:
         yield cl
+
+
+#: The comms of the shared ``cluster`` fixture: ``tcp``, or ``tls`` (temporary
+#: certificates) with ``AIMSS_TEST_SECURITY=tls``.
+SECURITY = os.environ.get("AIMSS_TEST_SECURITY", "tcp")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A module with ``ALSO_TLS = True`` runs its tests on a TCP and on a TLS cluster.
+    if "cluster" in metafunc.fixturenames and getattr(metafunc.module, "ALSO_TLS", False):
+        metafunc.parametrize("cluster", ["tcp", "tls"], indirect=True, scope="module")
+
+
+def security_kwargs(kind: str) -> dict[str, Any]:
+    """``LocalCluster`` arguments for ``kind`` comms (a ``Client(cluster)`` takes the cluster's security)."""
+    if kind == "tls":
+        return {"security": Security.temporary()}
+    if kind != "tcp":
+        raise ValueError(f"AIMSS_TEST_SECURITY={kind!r}: use 'tcp' or 'tls'")
+    return {}
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import socket
 import threading
 
 import numpy as np
@@ -11,8 +10,16 @@ import pandas as pd
 import pytest
 
 from aimss_dask.log.records import encode
-from aimss_dask.transport import dataplane
+from aimss_dask.transport import dataplane, secure
 from aimss_dask.transport.dataplane import BufferPool, DataServer
+from aimss_dask.transport.secure import Credentials
+
+#: The cluster secret of these tests' servers and clients.
+CREDS = Credentials(secure.new_secret())
+
+
+def _connect(srv: DataServer):
+    return secure.connect(srv.address, CREDS, tls=False)
 
 
 def test_pool_reuses_a_buffer_only_when_nothing_refers_to_it():
@@ -94,7 +101,7 @@ def server():
             stored.extend(groups)
         return {g[0]: ("StreamSealedError", f"stream {g[0]!r} is sealed") for g in groups if g[0] == "sealed"}
 
-    srv = DataServer("127.0.0.1", handler, BufferPool(lambda: 1 << 30))
+    srv = DataServer("127.0.0.1", handler, BufferPool(lambda: 1 << 30), credentials=CREDS)
     yield srv, stored
     srv.close()
 
@@ -106,7 +113,7 @@ def _batch(name, records, partition=0, origin=None):
 
 def test_batches_round_trip_in_order_with_answers(server):
     srv, stored = server
-    sock = socket.create_connection(srv.address)
+    sock = _connect(srv)
     arrays = [np.arange(n, dtype="f8") for n in (0, 1, 1000, 300_000)]
     df = pd.DataFrame({"a": pd.array([1, None], dtype="Int64"), "b": ["x", "y"]})
     batches = [
@@ -130,7 +137,7 @@ def test_batches_round_trip_in_order_with_answers(server):
 
 def test_more_frames_than_one_sendmsg_takes(server):
     srv, stored = server
-    sock = socket.create_connection(srv.address)
+    sock = _connect(srv)
     records = [np.full(7, i, dtype="i2") for i in range(1500)]  # > IOV_MAX buffers
     dataplane.send_buffers(sock, dataplane.encode_batch(_batch("many", records)))
     assert dataplane.read_ack(sock) == {"errors": {}}
@@ -140,7 +147,7 @@ def test_more_frames_than_one_sendmsg_takes(server):
 
 def test_a_failing_store_is_answered_not_hung(server):
     srv, _ = server
-    sock = socket.create_connection(srv.address)
+    sock = _connect(srv)
     sock.settimeout(10)
     dataplane.send_buffers(sock, dataplane.encode_batch(_batch("bad", [np.ones(2)])))
     ack = dataplane.read_ack(sock)
@@ -151,16 +158,16 @@ def test_a_failing_store_is_answered_not_hung(server):
     sock.close()
 
 
-def test_only_plain_tcp_addresses_use_the_data_plane():
+def test_tcp_and_tls_addresses_use_the_data_plane():
     assert dataplane.carries("auto", "tcp://127.0.0.1:4000")
-    assert not dataplane.carries("auto", "tls://127.0.0.1:4000")
+    assert dataplane.carries("auto", "tls://127.0.0.1:4000")
     assert not dataplane.carries("auto", "ucx://10.0.0.1:4000")
     assert not dataplane.carries("dask", "tcp://127.0.0.1:4000")
 
 
 def test_close_drops_open_connections(server):
     srv, _ = server
-    sock = socket.create_connection(srv.address)
+    sock = _connect(srv)
     sock.settimeout(10)
     srv.close()
     srv.close()  # idempotent
@@ -181,9 +188,9 @@ def test_records_pin_the_receive_buffer_only_when_stored_as_views(copies):
         asked.append(n)
         return copies
 
-    srv = DataServer("127.0.0.1", lambda groups: stored.extend(groups) or {}, pool, own_copies)
+    srv = DataServer("127.0.0.1", lambda groups: stored.extend(groups) or {}, pool, own_copies, credentials=CREDS)
     try:
-        sock = socket.create_connection(srv.address)
+        sock = _connect(srv)
         arrays = [np.arange(1000, dtype="f8") * i for i in range(4)]
         df = pd.DataFrame({"a": [1.5, 2.5], "b": ["x", "y"]})
         dataplane.send_buffers(sock, dataplane.encode_batch(_batch("s", [*arrays, df])))
@@ -205,7 +212,7 @@ def test_records_pin_the_receive_buffer_only_when_stored_as_views(copies):
 def test_origins_travel_with_their_groups(server):
     """Each group's origin, an ``(input, attempt, seq)`` tuple or None, reaches the owner as sent."""
     srv, stored = server
-    sock = socket.create_connection(srv.address)
+    sock = _connect(srv)
     batch = [
         *_batch("o", [np.ones(2)], partition=0, origin=(3, 17, 0)),
         *_batch("o", [np.zeros(2)], partition=1, origin=None),

@@ -510,12 +510,12 @@ def test_catch_ups_are_paced_to_the_recovery_rate(tmp_path):
     from aimss_dask.node.replication import Replicator
 
     store = LogStore(budget=2**20, spill_root=str(tmp_path))
-    r = Replicator(store, loop=None, rpc=None, address="a", batch_size=2**20, data_plane=False, rate=100 * 2**20)
+    r = Replicator(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None, rate=100 * 2**20)
     t0 = time.monotonic()
     for _ in range(4):
         r._pace(10 * 2**20)  # 40 MiB at 100 MiB/s: the last chunk waits for 0.3 s of the budget
     assert 0.28 <= time.monotonic() - t0 < 2.0
-    free = Replicator(store, loop=None, rpc=None, address="a", batch_size=2**20, data_plane=False)
+    free = Replicator(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None)
     t0 = time.monotonic()
     for _ in range(4):
         free._pace(10 * 2**20)
@@ -551,7 +551,7 @@ def test_a_replica_that_has_not_heard_of_the_new_epoch_yet_is_sent_again_not_dro
                 r.shipped("s", 0, first, [i], [8])
         return r.wait("s", 2, 0, store.held("s", 2, 0))
 
-    r = Flaky(store, loop=None, rpc=None, address="a", batch_size=2**20, data_plane=False)
+    r = Flaky(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None)
     assert run(r)  # every copy confirmed, in order, after the refusals
     assert r.stats["replicas_dropped"] == 0 and r._parts[("s", 0)].insync == {"b": 3}
     sent = [at for batch in r.sent for at in batch]
@@ -561,7 +561,7 @@ def test_a_replica_that_has_not_heard_of_the_new_epoch_yet_is_sent_again_not_dro
     monkeypatch.setattr(replication, "NEW_EPOCH_GRACE", 0.1)
     store = LogStore(budget=2**20, spill_root=str(tmp_path / "2"))  # run() reads this one now
     store.open("s", 2, [0])
-    r = Flaky(store, loop=None, rpc=None, address="a", batch_size=2**20, data_plane=False)
+    r = Flaky(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None)
     r.refusals = 10**6
     assert run(r)  # readers see the records once the copy no longer counts
     assert r.stats["replicas_dropped"] == 1 and not r._parts[("s", 0)].has("b")

@@ -22,6 +22,9 @@ from aimss_dask.coordinator.placement import place_partitions
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.core.runs import RunSpec
 
+#: Every test here runs on a TCP and on a TLS cluster (conftest): the data plane is on both.
+ALSO_TLS = True
+
 NA = "<NA>"  # what a missing key value becomes in key sets (NaN != NaN in a set)
 
 

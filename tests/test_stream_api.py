@@ -21,6 +21,9 @@ from distributed import Client, get_worker
 import aimss_dask
 from aimss_dask.coordinator.placement import partition_for_key
 
+#: Every test here runs on a TCP and on a TLS cluster (conftest): the data plane is on both.
+ALSO_TLS = True
+
 N_PARTITIONS = 4
 
 

@@ -28,7 +28,9 @@ from aimss_dask.core.names import (
     REGISTERED_KEY,
     SEAL_PRODUCERS_TOPIC,
 )
+from aimss_dask.transport import dataplane
 from aimss_dask.transport.producer import Producer
+from aimss_dask.transport.secure import Credentials
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -151,7 +153,7 @@ def current(fn: str = "call") -> Endpoint:
                 batch_size=cfg.batch_size,
                 max_in_flight=cfg.max_in_flight,
                 linger=cfg.linger,
-                transport=cfg.transport,
+                credentials=_credentials(client, cfg.transport, reply.get("secret")),
                 resolve=functools.partial(_resolve, client),
             )
             _client_producers[client] = producer
@@ -177,6 +179,13 @@ def current(fn: str = "call") -> Endpoint:
         producer=producer,
         client_id=client.id,
     )
+
+
+def _credentials(client: Client, transport: str, secret: str | None) -> Credentials | None:
+    """This client's data-plane credentials (the cluster's secret, its TLS context); None: Dask's comms."""
+    if secret is None or not dataplane.carries(transport, client.scheduler.address):
+        return None
+    return Credentials.from_connection_args(secret, client.connection_args)
 
 
 def _resolve(client: Client, name: str) -> dict[str, Any]:

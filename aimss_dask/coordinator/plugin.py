@@ -51,10 +51,11 @@ from aimss_dask.core.metrics import Metric
 from aimss_dask.core.names import (
     PLUGIN_NAME,
     REGISTERED_KEY,
+    SECRET_KEY,
     TRACE_KEY,
 )
 from aimss_dask.core.runs import OnLoss, RunState
-from aimss_dask.transport import dataplane
+from aimss_dask.transport import dataplane, secure
 from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
@@ -142,6 +143,8 @@ class AIMSS(SchedulerPlugin):
         self._stragglers_pc: PeriodicCallback | None = None
         # The scheduler's process is traced (aimss_dask.trace) on this plugin's word.
         self._tracing = False
+        # The cluster's data-plane secret, made (or found) at start.
+        self.secret: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"overrides": self.overrides}
@@ -176,8 +179,12 @@ class AIMSS(SchedulerPlugin):
             # aimss.trace: traced from the start; the workers read the folder
             # from the scheduler's metadata at their setup.
             await self._trace_here(self.config.trace, True)
+        # Workers and clients prove they hold it before a data connection
+        # carries anything (transport/secure.py).
+        self.secret = scheduler.get_metadata(keys=[SECRET_KEY], default=None) or secure.new_secret()
+        scheduler.set_metadata(keys=[SECRET_KEY], value=self.secret)
         await scheduler.register_worker_plugin(
-            None, dumps(AIMSSWorker(self.overrides)), name=PLUGIN_NAME, idempotent=True
+            None, dumps(AIMSSWorker(self.overrides, self.secret)), name=PLUGIN_NAME, idempotent=True
         )
         failed = await self._setup_failures(scheduler)
         if failed:
@@ -494,8 +501,8 @@ class AIMSS(SchedulerPlugin):
 
     @replies
     async def _h_config(self) -> dict[str, Any]:
-        """The ``AIMSS(...)`` arguments, for the producers of client processes."""
-        return {"overrides": self.overrides}
+        """The ``AIMSS(...)`` arguments and the data-plane secret, for the producers of client processes."""
+        return {"overrides": self.overrides, "secret": self.secret}
 
     @replies
     async def _h_trace(self, folder: str | None = None, compress: bool = True) -> dict[str, Any]:

@@ -17,6 +17,11 @@ TRACE_KEY = "aimss-trace"
 #: Scheduler metadata key set while the plugin is registered.
 REGISTERED_KEY = "aimss-registered"
 
+#: Scheduler metadata key of the cluster's data-plane secret. It outlives a
+#: plugin's close: workers keep the worker plugin (and its secret) when the
+#: scheduler plugin is registered again.
+SECRET_KEY = "aimss-data-secret"
+
 #: The event topic on which the coordinator asks writing client processes to
 #: push what they buffer before a seal (``log_event`` / ``subscribe_topic``).
 SEAL_PRODUCERS_TOPIC = "aimss-seal-producers"

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
+from distributed.comm import get_address_host
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import (
@@ -50,6 +51,7 @@ from aimss_dask.transport import dataplane, speccache
 from aimss_dask.transport.dataplane import BufferPool, DataServer, Group
 from aimss_dask.transport.producer import Producer
 from aimss_dask.transport.rpc import replies
+from aimss_dask.transport.secure import Credentials
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -73,8 +75,10 @@ class AIMSSWorker(WorkerPlugin):
     name = PLUGIN_NAME
     idempotent = True
 
-    def __init__(self, overrides: dict[str, Any]) -> None:
+    def __init__(self, overrides: dict[str, Any], secret: str | None = None) -> None:
         self.overrides = overrides
+        # The cluster's data-plane secret (coordinator's); None: no data plane.
+        self.secret = secret
         self.worker: Worker | None = None
         self.config: AIMSSConfig | None = None
         self.store: LogStore | None = None
@@ -118,10 +122,10 @@ class AIMSSWorker(WorkerPlugin):
         self._tracing = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"overrides": self.overrides}
+        return {"overrides": self.overrides, "secret": self.secret}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["overrides"])  # type: ignore[misc]
+        self.__init__(state["overrides"], state.get("secret"))  # type: ignore[misc]
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -169,13 +173,14 @@ class AIMSSWorker(WorkerPlugin):
         # Now, not at the first spill: a folder that cannot be made fails
         # here, by name, before any record is accepted.
         self.store.prepare_spill_dir()
+        creds = self._credentials(worker)
         self.replicator = Replicator(
             self.store,
             loop=worker.loop,
             rpc=worker.rpc,
             address=worker.address,
             batch_size=self.config.batch_size,
-            data_plane=self.config.transport == "auto",
+            credentials=creds,
             writers=self.writers,
             tell=self._tell_replica_state,
             consumed=self._consumed if self.config.recovery == "offsets" else None,
@@ -187,7 +192,7 @@ class AIMSSWorker(WorkerPlugin):
             batch_size=self.config.batch_size,
             max_in_flight=self.config.max_in_flight,
             linger=self.config.linger,
-            transport=self.config.transport,
+            credentials=creds,
             address=worker.address,
             local=self.local_append,
             local_wait=self.replicator.wait_all,
@@ -197,17 +202,20 @@ class AIMSSWorker(WorkerPlugin):
         # Scratch space for operators (a shuffle's sorted copy of its input):
         # memory this worker has touched already, reused once unreferenced.
         self.scratch = BufferPool(lambda: min(SCRATCH_IDLE, store.budget // 8))
-        if dataplane.carries(self.config.transport, worker.address):
+        if creds is not None:
             store = self.store
             # Free receive buffers kept for reuse: never more than the budget
             # has room for, and at most a quarter of it (RSS is the contract).
             self.pool = BufferPool(
                 lambda: max(0, min(store.budget // 4, store.budget - store.memory_bytes))
             )
-            host = worker.address[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+            # Its own interface only, the one its Dask address names.
+            host = get_address_host(worker.address)
             # Views into receive buffers are only safe while nothing spills:
             # from half the budget on, records are stored as their own copies.
-            self.data_server = DataServer(host, self.store_batch, self.pool, own_copies=store.tight)
+            self.data_server = DataServer(
+                host, self.store_batch, self.pool, own_copies=store.tight, credentials=creds
+            )
         for op in _HANDLERS:
             worker.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
         # Progress rides the heartbeats: the coordinator never polls for it.
@@ -217,6 +225,18 @@ class AIMSSWorker(WorkerPlugin):
         # A worker that joins while a trace runs is traced too.
         worker.loop.add_callback(self._join_trace)
         self._catch_sigterm(worker)
+
+    def _credentials(self, worker: Worker) -> Credentials | None:
+        """This worker's data-plane credentials; None where pushes take Dask's comms.
+
+        The cluster's secret, and on a TLS cluster the worker's own ``ssl``
+        contexts from Dask's :class:`~distributed.security.Security`.
+        """
+        if self.secret is None or not dataplane.carries(self.config.transport, worker.address):
+            return None
+        return Credentials.from_connection_args(
+            self.secret, worker.connection_args, worker.security.get_listen_args("worker")
+        )
 
     def _catch_sigterm(self, worker: Worker) -> None:
         """A nanny's worker process closes gracefully on SIGTERM, handing its partitions over first.

@@ -28,7 +28,6 @@ here; the coordinator, which sees the worker leave, places another.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections import deque
@@ -43,8 +42,9 @@ from aimss_dask.core.specs import StreamSpec
 from aimss_dask.log import records as rec
 from aimss_dask.log.store import LogStore
 from aimss_dask.node.writers import WriterSeqs
-from aimss_dask.transport import dataplane
+from aimss_dask.transport import dataplane, secure
 from aimss_dask.transport.producer import ask_data_address
+from aimss_dask.transport.secure import Conn, Credentials
 
 logger = logging.getLogger("aimss_dask")
 
@@ -129,7 +129,7 @@ class Replicator:
         rpc: Any,
         address: str,
         batch_size: int,
-        data_plane: bool,
+        credentials: Credentials | None,
         writers: WriterSeqs | None = None,
         tell: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
         consumed: Callable[[str, int], int] | None = None,
@@ -149,7 +149,8 @@ class Replicator:
         self._rpc = rpc
         self.address = address
         self._batch_size = batch_size
-        self._data_plane = data_plane
+        # The cluster's data-plane credentials; None: copies go over Dask's comms.
+        self._credentials = credentials
         #: Held around an append to a replicated partition and its queueing,
         #: so queues keep the log's order.
         self.append_lock = threading.Lock()
@@ -340,7 +341,7 @@ class Replicator:
             return batch
 
     def _run(self, d: _Dest) -> None:
-        conn: socket.socket | None = None
+        conn: Conn | None = None
         try:
             while True:
                 work = self._next(d)
@@ -368,7 +369,7 @@ class Replicator:
             if self._reports:
                 self._send_reports()
 
-    def _send(self, d: _Dest, ships: list[_Ship], conn: socket.socket | None) -> socket.socket | None:
+    def _send(self, d: _Dest, ships: list[_Ship], conn: Conn | None) -> Conn | None:
         """Send groups to ``d``; the replicas that hold them count up to their end."""
         if not ships:
             return conn
@@ -419,7 +420,7 @@ class Replicator:
             time.sleep(0.02)
         return conn
 
-    def _sync(self, d: _Dest, part: _Part, conn: socket.socket | None) -> socket.socket | None:
+    def _sync(self, d: _Dest, part: _Part, conn: Conn | None) -> Conn | None:
         """Bring replica ``d`` of ``part`` up to what this owner holds, then count it."""
         name, p, epoch = part.name, part.p, part.epoch
         theirs = self._replica_end(d.address, name, p)
@@ -506,7 +507,7 @@ class Replicator:
         if start > now:
             time.sleep(start - now)
 
-    def _send_plain(self, d: _Dest, ship: _Ship, conn: socket.socket | None) -> socket.socket | None:
+    def _send_plain(self, d: _Dest, ship: _Ship, conn: Conn | None) -> Conn | None:
         sers = [rec.encode(r, ship.part.name)[0] for r in ship.records]
         group = (ship.part.name, ship.part.epoch, ship.part.p, sers, ship.sizes, None, None, ship.at)
         reply, conn = self._transmit(d, [group], conn)
@@ -517,15 +518,15 @@ class Replicator:
             self.stats["replica_records_sent"] += len(ship.records)
         return conn
 
-    def _transmit(self, d: _Dest, groups: list[Any], conn: socket.socket | None) -> tuple[dict[str, Any], socket.socket | None]:
-        if self._data_plane and d.address.startswith("tcp://"):
+    def _transmit(self, d: _Dest, groups: list[Any], conn: Conn | None) -> tuple[dict[str, Any], Conn | None]:
+        creds = self._credentials
+        if creds is not None and creds.serves(d.address):
             if conn is None:
                 addr = raise_from_wire(
                     sync(self._loop, ask_data_address, self._rpc, d.address), "aimss_data_address"
                 )
                 if addr.get("host"):
-                    conn = socket.create_connection((addr["host"], addr["port"]))
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    conn = secure.connect((addr["host"], addr["port"]), creds, tls=d.address.startswith("tls://"))
             if conn is not None:
                 dataplane.send_buffers(conn, dataplane.encode_batch(groups))
                 return dataplane.read_ack(conn), conn

@@ -1,4 +1,4 @@
-"""The data plane: batches of records over plain TCP into pooled buffers.
+"""The data plane: batches of records over a socket of their own into pooled buffers.
 
 Dask's comms allocate a fresh buffer for every frame they receive, and on
 this kind of VM the first write to fresh pages costs more than the copy
@@ -8,7 +8,9 @@ the owner receives them straight into buffers from a :class:`BufferPool`:
 memory the worker has already touched, handed back to the pool once no record
 (stored or being read) refers to it any more.
 
-Wire format of one batch, sender to owner::
+A connection first proves that both ends belong to the cluster (its secret,
+and TLS with its certificates on a TLS cluster: :mod:`aimss_dask.transport.secure`);
+nothing is parsed before. Then the wire format of one batch, sender to owner::
 
     !QQ (header bytes, payload bytes) | pickle(header) | payload frames ...
 
@@ -18,8 +20,8 @@ group, ``origin`` the group's ``(input, attempt, seq)`` tuple or ``None`` (a
 plain write; see :class:`~aimss_dask.core.specs.Origin`), and the two
 optional last fields those of a replicated stream (see :data:`Group`). The owner answers each batch, in
 order, with ``!Q`` + ``pickle({"errors": {stream: (class, message)}})``.
-Only plain ``tcp://`` clusters use it; TLS or other transports keep Dask's
-comms (see :class:`aimss_dask.transport.producer.Producer`).
+``tcp://`` and ``tls://`` clusters use it; other transports (UCX, in-process)
+keep Dask's comms (see :class:`aimss_dask.transport.producer.Producer`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ import numpy as np
 from distributed.protocol import deserialize
 from distributed.utils import ensure_memoryview
 
+from aimss_dask.transport import secure
+from aimss_dask.transport.secure import Conn, Credentials
+
 logger = logging.getLogger("aimss_dask")
 
 _BATCH = struct.Struct("!QQ")
@@ -45,6 +50,10 @@ _ACK = struct.Struct("!Q")
 _GRAIN = 2**20
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
 _MAX_IOV = 512
+#: A batch header larger than this is refused (a header names records, it does not hold them).
+MAX_HEADER = 256 * 2**20
+#: Over TLS (no sendmsg), buffers smaller than this are joined before they are sent.
+_COALESCE = 256 * 2**10
 
 #: One group of a batch: ``(stream, epoch, partition, records, record sizes,
 #: origin[, writer[, at]])``, ``origin`` an ``(input, attempt, seq)`` tuple or
@@ -64,13 +73,15 @@ BatchHandler = Callable[[list[Group]], dict[str, tuple[str, str]]]
 def carries(transport: str, address: str) -> bool:
     """Whether pushes to the worker at ``address`` travel over the data plane, ``aimss.transport`` being ``transport``.
 
-    Plain TCP only: TLS and other comms go over Dask's; ``"dask"`` turns
-    the data plane off.
+    TCP and TLS: other comms (UCX, in-process) go over Dask's; ``"dask"``
+    turns the data plane off.
 
     >>> carries("auto", "tcp://10.0.0.1:8786"), carries("auto", "tls://h:1"), carries("dask", "tcp://h:1")
-    (True, False, False)
+    (True, True, False)
+    >>> carries("auto", "inproc://10.0.0.1/1/2")
+    False
     """
-    return transport != "dask" and address.startswith("tcp://")
+    return transport != "dask" and address.startswith(("tcp://", "tls://"))
 
 
 class BufferPool:
@@ -175,7 +186,7 @@ class BufferPool:
             self._buffers.clear()
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+def _recv_exact(sock: Conn, view: memoryview) -> None:
     got = 0
     n = view.nbytes
     while got < n:
@@ -185,15 +196,18 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+def _recv_bytes(sock: Conn, n: int) -> bytes:
     buf = bytearray(n)
     _recv_exact(sock, memoryview(buf))
     return bytes(buf)
 
 
-def send_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> None:
-    """``sendall`` for a list of buffers, zero-copy (scatter/gather)."""
+def send_buffers(sock: Conn, buffers: Sequence[memoryview]) -> None:
+    """``sendall`` for a list of buffers, zero-copy (scatter/gather) on plain sockets."""
     views = [b for b in buffers if b.nbytes]
+    if not isinstance(sock, socket.socket):
+        _send_tls(sock, views)
+        return
     while views:
         chunk = views[:_MAX_IOV]
         sent = sock.sendmsg(chunk)
@@ -206,6 +220,26 @@ def send_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> None:
             else:
                 views[0] = head[sent:]
                 sent = 0
+
+
+def _send_tls(sock: Conn, views: list[memoryview]) -> None:
+    # TLS has no sendmsg: one sendall per large buffer (OpenSSL encrypts from
+    # it directly), small ones joined first so each is not a record of its own.
+    small: list[memoryview] = []
+    pending = 0
+    for v in views:
+        if v.nbytes < _COALESCE:
+            small.append(v)
+            pending += v.nbytes
+            if pending < _COALESCE:
+                continue
+        if small:
+            sock.sendall(b"".join(small))
+            small, pending = [], 0
+        if v.nbytes >= _COALESCE:
+            sock.sendall(v)
+    if small:
+        sock.sendall(b"".join(small))
 
 
 def encode_batch(groups: Sequence[Group]) -> list[memoryview]:
@@ -224,13 +258,20 @@ def encode_batch(groups: Sequence[Group]) -> list[memoryview]:
     return [memoryview(_BATCH.pack(len(head), payload)), memoryview(head), *frames]
 
 
-def read_ack(sock: socket.socket) -> dict[str, Any]:
+def read_ack(sock: Conn) -> dict[str, Any]:
     (n,) = _ACK.unpack(_recv_bytes(sock, _ACK.size))
     return pickle.loads(_recv_bytes(sock, n))
 
 
 class DataServer:
-    """A worker's listener for pushed batches: one thread per producer connection."""
+    """A worker's listener for pushed batches: one thread per producer connection.
+
+    It listens on ``host`` only (the worker's own interface), and a
+    connection carries batches only once its peer has proven, with
+    ``credentials``, that it belongs to the cluster (:func:`secure.accept`).
+    ``batches`` counts the batches received, ``refused`` the connections
+    turned away.
+    """
 
     def __init__(
         self,
@@ -238,8 +279,13 @@ class DataServer:
         handler: BatchHandler,
         pool: BufferPool,
         own_copies: Callable[[int], bool] | None = None,
+        *,
+        credentials: Credentials,
     ) -> None:
         self._handler = handler
+        self._credentials = credentials
+        self.batches = 0
+        self.refused = 0
         self._pool = pool
         # Asked per batch (with its payload size): store records as copies
         # of their own instead of views into the shared receive buffer.
@@ -258,7 +304,6 @@ class DataServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 if self._closed:
                     conn.close()
@@ -268,15 +313,40 @@ class DataServer:
                 target=self._serve, args=(conn,), name="aimss-data-recv", daemon=True
             ).start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _admit(self, conn: socket.socket) -> Conn | None:
+        """The connection to serve once its peer proved itself; None (logged) when it did not."""
         try:
-            while not self._closed:
-                head = conn.recv(_BATCH.size, socket.MSG_WAITALL)
-                if not head:
+            peer = conn.getpeername()
+        except OSError:
+            peer = ("?", 0)
+        try:
+            served = secure.accept(conn, self._credentials)
+        except (OSError, ValueError) as e:  # HandshakeError, SSLError, a timeout
+            with self._lock:
+                self.refused += 1
+            if not self._closed:
+                logger.warning(
+                    "aimss: refused a data connection from %s:%s: %s", peer[0], peer[1], str(e) or type(e).__name__
+                )
+            return None
+        served.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return served
+
+    def _serve(self, raw: socket.socket) -> None:
+        # ``raw`` stays in _conns: shutting it down ends a TLS channel over it too.
+        conn = self._admit(raw)
+        head = bytearray(_BATCH.size)
+        try:
+            while conn is not None and not self._closed:
+                k = conn.recv_into(head)
+                if not k:
                     return  # producer closed the connection between batches
-                if len(head) < _BATCH.size:
-                    head += _recv_bytes(conn, _BATCH.size - len(head))
+                if k < _BATCH.size:
+                    _recv_exact(conn, memoryview(head)[k:])
                 hlen, plen = _BATCH.unpack(head)
+                if hlen > MAX_HEADER:
+                    raise ConnectionError(f"a batch header of {hlen} bytes (at most {MAX_HEADER})")
+                # The peer proved it holds the cluster's secret: its header is trusted like Dask's comms.
                 header = pickle.loads(_recv_bytes(conn, hlen))
                 errors = self._receive(conn, header, plen)
                 reply = pickle.dumps({"errors": errors})
@@ -286,13 +356,14 @@ class DataServer:
                 logger.info("aimss: data connection closed: %s", e)
         finally:
             with self._lock:
-                self._conns.discard(conn)
-            conn.close()
+                self._conns.discard(raw)
+            (conn or raw).close()
 
-    def _receive(self, conn: socket.socket, header: list[Any], plen: int) -> dict[str, tuple[str, str]]:
+    def _receive(self, conn: Conn, header: list[Any], plen: int) -> dict[str, tuple[str, str]]:
         """Read one batch's payload into a pool buffer and store its records."""
         view = memoryview(self._pool.take(plen))[:plen]
         _recv_exact(conn, view)
+        self.batches += 1
         # A view pins its whole receive buffer: once the log may spill, a
         # spilled record would free nothing while any other record of its
         # batch stays in memory. Then each record gets memory of its own

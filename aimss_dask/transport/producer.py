@@ -5,7 +5,7 @@ threads, the user's thread). Each owner gets a sender thread that pushes
 batches in order over one connection, up to ``PIPELINE`` of them unanswered,
 so a producer's records keep their order while the next batch is already on
 the wire. Plain ``tcp://`` clusters use the raw data plane
-(:mod:`aimss_dask.transport.dataplane`); others (TLS, UCX, in-process) use
+(:mod:`aimss_dask.transport.dataplane`, TCP and TLS); others (UCX, in-process) use
 Dask's comms.
 
 A write may carry an :class:`~aimss_dask.core.specs.Origin` (a run's push
@@ -49,7 +49,8 @@ from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.core.stats import Histogram
 from aimss_dask.log import records
 from aimss_dask.log.budget import ByteBudget
-from aimss_dask.transport import dataplane
+from aimss_dask.transport import dataplane, secure
+from aimss_dask.transport.secure import Credentials
 
 logger = logging.getLogger("aimss_dask")
 
@@ -122,7 +123,7 @@ class Producer:
         batch_size: int,
         max_in_flight: int,
         linger: float,
-        transport: str = "auto",
+        credentials: Credentials | None = None,
         address: str | None = None,
         local: LocalAppend | None = None,
         local_wait: LocalWait | None = None,
@@ -132,7 +133,8 @@ class Producer:
         self._rpc = rpc
         self._batch_size = batch_size
         self._linger = linger
-        self._transport = transport
+        # The cluster's data-plane credentials; None: Dask's comms only.
+        self._credentials = credentials
         self._address = address
         self._local = local
         self.budget = ByteBudget(max_in_flight)
@@ -379,7 +381,8 @@ class Producer:
             conn.close()
 
     def _open(self, link: _Link) -> _Conn:
-        if dataplane.carries(self._transport, link.owner):
+        creds = self._credentials
+        if creds is not None and creds.serves(link.owner):
             # A worker's data address lives as long as the worker: ask once. A
             # dead owner then fails fast (connection refused) on reconnect.
             addr = self._data_addresses.get(link.owner)
@@ -738,7 +741,7 @@ class _Conn:
 
 
 class _DaskConn(_Conn):
-    """One request per batch over Dask's comms (TLS and other transports)."""
+    """One request per batch over Dask's comms (UCX, in-process, or no data plane)."""
 
     def __init__(self, producer: Producer, link: _Link) -> None:
         self.p = producer
@@ -776,8 +779,8 @@ class _RawConn(_Conn):
     def __init__(self, producer: Producer, link: _Link, address: tuple[str, int]) -> None:
         self.p = producer
         self.link = link
-        self.sock = socket.create_connection(address)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert producer._credentials is not None
+        self.sock = secure.connect(address, producer._credentials, tls=link.owner.startswith("tls://"))
         self.window = threading.Semaphore(PIPELINE)
         self.inflight: deque[list[_Item]] = deque()
         self.lock = threading.Lock()

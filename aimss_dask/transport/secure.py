@@ -1,0 +1,286 @@
+"""Who may use a worker's data plane: the cluster's secret, over TLS where the cluster has it.
+
+A worker's data plane is a socket of its own, outside Dask's comms, and the
+batches it receives carry serialised records. So nothing a peer sends is
+parsed before the peer has proven that it belongs to the cluster:
+
+1. On a TLS cluster the socket is wrapped first, server and client side, with
+   the very ``ssl`` contexts Dask's :class:`~distributed.security.Security`
+   gives the worker (or client): the cluster's certificates, verified both
+   ways. A peer without them fails the TLS handshake.
+2. Then, on every cluster, a challenge-response over the per-cluster secret
+   the coordinator hands the workers and its clients (HMAC-SHA256 over fresh
+   nonces from both ends): the connecting side proves it holds the secret,
+   then the listening side proves it too, so a producer never sends records
+   to a process that merely took over a worker's port.
+
+Wire format of the handshake (fixed sizes; nothing here is unpickled)::
+
+    server -> client: MAGIC | server nonce (32)
+    client -> server: MAGIC | client nonce (32) | HMAC(secret, b"client" | s | c)
+    server -> client: HMAC(secret, b"server" | c | s)
+
+A TLS connection is a :class:`TLSChannel`: OpenSSL forbids reading and
+writing one connection from two threads at once, and a producer sends
+batches from one thread while another reads their answers.
+
+The secret authenticates; it does not hide the records. On plain TCP anyone
+who can watch the network sees the data (as with Dask's own comms): use TLS
+(``security=True`` in dask-jobqueue) where that matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any, Union
+
+logger = logging.getLogger("aimss_dask")
+
+MAGIC = b"AIMSSDP1"
+NONCE = 32
+_MAC = hashlib.sha256().digest_size
+#: Longest a peer may take to prove itself (a silent connection holds a thread until then).
+HANDSHAKE_TIMEOUT = 10.0
+
+
+#: Plaintext bytes encrypted per step of a TLS send (the lock is held that long).
+_TLS_STEP = 1 << 20
+#: Ciphertext bytes read from the socket at once.
+_TLS_READ = 1 << 18
+
+
+class HandshakeError(ConnectionError):
+    """A data connection whose peer did not prove that it belongs to the cluster."""
+
+
+class TLSChannel:
+    """TLS over a blocking socket, safe for one thread that reads while another writes.
+
+    OpenSSL's connection objects must not be used from two threads at once
+    (an ``ssl.SSLSocket`` read in one thread and written in another can
+    fail or crash). Here OpenSSL only ever works on memory buffers, under a
+    lock, and the socket I/O happens outside it: the sender encrypts a step
+    and sends it while the reader waits on the socket. Offers the socket
+    methods the data plane uses.
+    """
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool, server_hostname: str | None = None) -> None:
+        self.sock = sock
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
+        self._ssl = threading.Lock()
+        # Held from encrypting to sending, so ciphertext leaves in the order made.
+        self._send = threading.Lock()
+        while True:
+            try:
+                with self._ssl:
+                    self._obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._feed()
+        self._flush()
+
+    def _flush(self) -> None:
+        with self._send:
+            with self._ssl:
+                data = self._out.read()
+            if data:
+                self.sock.sendall(data)
+
+    def _feed(self) -> bool:
+        """More ciphertext from the socket; False at its end."""
+        data = self.sock.recv(_TLS_READ)
+        with self._ssl:
+            if data:
+                self._in.write(data)
+            else:
+                self._in.write_eof()
+        return bool(data)
+
+    def sendall(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        with self._send:
+            while view.nbytes:
+                with self._ssl:
+                    n = self._obj.write(view[:_TLS_STEP])
+                    out = self._out.read()
+                self.sock.sendall(out)
+                view = view[n:]
+
+    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
+        view = memoryview(buffer).cast("B")
+        n = nbytes or view.nbytes
+        if not n:
+            return 0
+        while True:
+            with self._ssl:
+                try:
+                    got: int | None = self._obj.read(n, view)
+                except ssl.SSLWantReadError:
+                    got = None
+                except ssl.SSLZeroReturnError:
+                    got = 0  # the peer closed TLS cleanly
+                pending = self._out.pending
+            if pending:  # what reading made OpenSSL answer (a key update)
+                self._flush()
+            if got is not None:
+                return got
+            if not self._feed():
+                with self._ssl:
+                    try:
+                        return self._obj.read(n, view)
+                    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                        return 0
+
+    def recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        got = self.recv_into(buf)
+        return bytes(buf[:got])
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def setsockopt(self, *args: Any) -> None:
+        self.sock.setsockopt(*args)
+
+    def getpeername(self) -> Any:
+        return self.sock.getpeername()
+
+    def shutdown(self, how: int) -> None:
+        # The socket's, not TLS's: another thread may be inside a read.
+        self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+#: A data connection: a plain socket, or TLS over one.
+Conn = Union[socket.socket, TLSChannel]
+
+
+def new_secret() -> str:
+    """A fresh per-cluster secret (hex, so it travels in any message format).
+
+    >>> len(new_secret())
+    64
+    """
+    return secrets.token_hex(32)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What one process needs to use the data plane of its cluster.
+
+    ``secret``: the coordinator's per-cluster secret (hex). ``listen_ssl`` /
+    ``connect_ssl``: Dask's server and client ``ssl`` contexts on a TLS
+    cluster, None on plain TCP.
+
+    >>> c = Credentials(new_secret())
+    >>> c.serves("tcp://10.0.0.1:8786"), c.serves("tls://10.0.0.1:8786")
+    (True, False)
+    """
+
+    secret: str
+    listen_ssl: ssl.SSLContext | None = None
+    connect_ssl: ssl.SSLContext | None = None
+
+    def serves(self, address: str) -> bool:
+        """Whether a peer at ``address`` (a Dask address) can be reached on the data plane with these credentials."""
+        if address.startswith("tcp://"):
+            return True
+        return address.startswith("tls://") and self.connect_ssl is not None
+
+    @classmethod
+    def from_connection_args(cls, secret: str, connection_args: dict[str, Any], listen_args: dict[str, Any] | None = None) -> Credentials:
+        """Credentials from Dask's ``get_connection_args`` / ``get_listen_args`` dicts (``ssl_context`` keys)."""
+        return cls(
+            secret,
+            listen_ssl=(listen_args or {}).get("ssl_context"),
+            connect_ssl=connection_args.get("ssl_context"),
+        )
+
+    @property
+    def _key(self) -> bytes:
+        return bytes.fromhex(self.secret)
+
+
+def _mac(key: bytes, role: bytes, a: bytes, b: bytes) -> bytes:
+    return hmac.new(key, role + a + b, hashlib.sha256).digest()
+
+
+def _recv(sock: Conn, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        got = sock.recv(n - len(buf))
+        if not got:
+            raise HandshakeError(f"peer closed the connection after {len(buf)} of {n} handshake bytes")
+        buf += got
+    return bytes(buf)
+
+
+def accept(conn: socket.socket, creds: Credentials) -> Conn:
+    """The server side of a new connection: TLS (if the cluster has it), then the secret.
+
+    Returns the socket to use (the TLS one on a TLS cluster), blocking again.
+    Raises :class:`HandshakeError` (or ``ssl.SSLError``/``OSError``) for a
+    peer that did not prove itself; the caller closes ``conn`` then.
+    """
+    conn.settimeout(HANDSHAKE_TIMEOUT)
+    if creds.listen_ssl is not None:
+        conn = TLSChannel(conn, creds.listen_ssl, server_side=True)
+    ours = secrets.token_bytes(NONCE)
+    conn.sendall(MAGIC + ours)
+    hello = _recv(conn, len(MAGIC) + NONCE + _MAC)
+    if hello[: len(MAGIC)] != MAGIC:
+        raise HandshakeError("not an AIMSS data-plane client (wrong greeting)")
+    theirs = hello[len(MAGIC) : len(MAGIC) + NONCE]
+    if theirs == ours:
+        raise HandshakeError("the peer echoed our nonce")
+    key = creds._key
+    if not hmac.compare_digest(hello[len(MAGIC) + NONCE :], _mac(key, b"client", ours, theirs)):
+        raise HandshakeError("wrong cluster secret")
+    conn.sendall(_mac(key, b"server", theirs, ours))
+    conn.settimeout(None)
+    return conn
+
+
+def connect(address: tuple[str, int], creds: Credentials, tls: bool) -> Conn:
+    """A data connection to ``address``, authenticated both ways; ``tls``: the peer is on a TLS cluster.
+
+    Raises :class:`HandshakeError` when the listener does not prove that it
+    holds the cluster's secret (a stale address whose port another process
+    took), ``OSError`` when it cannot be reached.
+    """
+    if tls and creds.connect_ssl is None:
+        raise HandshakeError(f"{address[0]}:{address[1]} is on a TLS cluster and this process has no TLS context")
+    raw = socket.create_connection(address, timeout=HANDSHAKE_TIMEOUT)
+    sock: Conn = raw
+    try:
+        if tls:
+            assert creds.connect_ssl is not None
+            sock = TLSChannel(raw, creds.connect_ssl, server_side=False, server_hostname=address[0])
+        hello = _recv(sock, len(MAGIC) + NONCE)
+        if hello[: len(MAGIC)] != MAGIC:
+            raise HandshakeError(f"{address[0]}:{address[1]} is not an AIMSS data plane")
+        theirs = hello[len(MAGIC) :]
+        ours = secrets.token_bytes(NONCE)
+        key = creds._key
+        sock.sendall(MAGIC + ours + _mac(key, b"client", theirs, ours))
+        proof = _recv(sock, _MAC)
+        if not hmac.compare_digest(proof, _mac(key, b"server", ours, theirs)):
+            raise HandshakeError(f"{address[0]}:{address[1]} does not hold this cluster's secret")
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    except BaseException:
+        raw.close()
+        raise
