@@ -50,9 +50,12 @@ _MAC = hashlib.sha256().digest_size
 HANDSHAKE_TIMEOUT = 10.0
 
 
-#: Plaintext bytes encrypted per step of a TLS send (the lock is held that long).
-_TLS_STEP = 1 << 20
-#: Ciphertext bytes read from the socket at once.
+#: Plaintext bytes encrypted per step of a TLS send (the lock is held that
+#: long). Small enough that each step's ciphertext, a new bytes object, comes
+#: from the allocator's heap: larger ones are fresh pages every time, and
+#: faulting them in cost more than the encryption.
+_TLS_STEP = 1 << 16
+#: Ciphertext bytes read from the socket at once (into one reused buffer).
 _TLS_READ = 1 << 18
 
 
@@ -77,6 +80,7 @@ class TLSChannel:
         self._out = ssl.MemoryBIO()
         self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
         self._ssl = threading.Lock()
+        self._rbuf = memoryview(bytearray(_TLS_READ))
         # Held from encrypting to sending, so ciphertext leaves in the order made.
         self._send = threading.Lock()
         while True:
@@ -98,13 +102,13 @@ class TLSChannel:
 
     def _feed(self) -> bool:
         """More ciphertext from the socket; False at its end."""
-        data = self.sock.recv(_TLS_READ)
+        k = self.sock.recv_into(self._rbuf)
         with self._ssl:
-            if data:
-                self._in.write(data)
+            if k:
+                self._in.write(self._rbuf[:k])
             else:
                 self._in.write_eof()
-        return bool(data)
+        return bool(k)
 
     def sendall(self, data: Any) -> None:
         view = memoryview(data).cast("B")
@@ -122,13 +126,24 @@ class TLSChannel:
         if not n:
             return 0
         while True:
+            got: int | None = None
             with self._ssl:
-                try:
-                    got: int | None = self._obj.read(n, view)
-                except ssl.SSLWantReadError:
-                    got = None
-                except ssl.SSLZeroReturnError:
-                    got = 0  # the peer closed TLS cleanly
+                # As many records as are here, under one hold of the lock
+                # (OpenSSL returns one record, at most 16 KiB, per read).
+                done = 0
+                while done < n:
+                    try:
+                        k = self._obj.read(n - done, view[done:])
+                    except ssl.SSLWantReadError:
+                        break
+                    except ssl.SSLZeroReturnError:
+                        got = done  # the peer closed TLS cleanly
+                        break
+                    if not k:
+                        break
+                    done += k
+                if done:
+                    got = done
                 pending = self._out.pending
             if pending:  # what reading made OpenSSL answer (a key update)
                 self._flush()
