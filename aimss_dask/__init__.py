@@ -46,6 +46,7 @@ from aimss_dask.core.errors import (
     StoreReadOnlyError,
     StreamExistsError,
     StreamNotFoundError,
+    StreamPermissionError,
     StreamSealedError,
     WriteOrderError,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "SpillCorruptionError",
     "StoreNotFoundError",
     "StoreReadOnlyError",
+    "StreamPermissionError",
     "Stream",
     "StreamExistsError",
     "StreamNotFoundError",

@@ -121,7 +121,7 @@ def test_seal_from_another_client_pushes_every_writer_and_skips_one_that_left(
         sealer.register_plugin(aimss_dask.AIMSS())
         name = unique_name("cmulti")
         with sealer.as_current():
-            s = aimss_dask.create_stream(name, partitions=2)
+            s = aimss_dask.create_stream(name, partitions=2, share="write")  # the others write
         writer = Client(cluster, set_as_default=False)
         gone = Client(cluster, set_as_default=False)
         try:

@@ -401,12 +401,14 @@ def test_write_after_seal_from_another_client_fails_at_flush(client, cluster):
     """Another client learns of the seal from the owner: its flush() raises."""
     s, expected = fill()
     s.seal()
-    with Client(cluster, set_as_default=False) as c2, c2.as_current():
-        other = aimss_dask.get_stream(s.name)
-        with pytest.raises(aimss_dask.StreamSealedError, match=rf"stream {q(s.name)} is sealed") as ei:
-            other.write(b"late", partition=0)
-            other.flush()
-        assert isinstance(ei.value, RuntimeError)
+    with Client(cluster, set_as_default=False) as c2:
+        s.grant(c2, "write")  # another application that may write learns of the seal
+        with c2.as_current():
+            other = aimss_dask.get_stream(s.name)
+            with pytest.raises(aimss_dask.StreamSealedError, match=rf"stream {q(s.name)} is sealed") as ei:
+                other.write(b"late", partition=0)
+                other.flush()
+            assert isinstance(ei.value, RuntimeError)
     assert_intact(s, expected)
 
 

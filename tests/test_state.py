@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aimss_dask.coordinator.access import StreamAccess
 from aimss_dask.coordinator.placement import (
     owners_load,
     partition_for_key,
@@ -282,15 +283,23 @@ def test_lost_offsets_come_from_the_owners_reports(state):
     assert "a" not in state.bounds and "a" not in state.lost
 
 
-def test_owned_by_client_excludes_persist_and_others(state):
+def test_left_with_client_excludes_persist_and_others(state):
     state.create("b", 1, W, creator="c1")
     state.create("a", 1, W, creator="c1")
     state.create("kept", 1, W, creator="c1", persist=True)
     state.create("theirs", 1, W, creator="c2")
     state.create("nobody", 1, W)
-    assert state.owned_by_client("c1") == ["a", "b"]
-    assert state.owned_by_client("c2") == ["theirs"]
-    assert state.owned_by_client("c3") == []
+    assert state.left_with_client("c1", {"c2"}) == ["a", "b"]
+    assert state.left_with_client("c2", {"c1"}) == ["theirs"]
+    assert state.left_with_client("c3", {"c1", "c2"}) == []
+
+
+def test_a_shared_stream_outlives_its_client_while_another_reads_it(state):
+    state.create("shared", 1, W, creator="c1")
+    state.access["shared"] = StreamAccess(owner="c1", share="read")
+    state.access["shared"].check("c2", "read", "shared")  # c2 holds a handle
+    assert state.left_with_client("c1", {"c2"}) == []
+    assert state.left_with_client("c2", set()) == ["shared"]
 
 
 def test_clear_returns_everything(state):

@@ -328,7 +328,7 @@ def test_seal_stores_what_another_client_wrote_before(client, cluster):
     the first client seals. A long linger makes the window deterministic.
     """
     name = unique_name("seal2")
-    s = aimss_dask.create_stream(name, partitions=2)
+    s = aimss_dask.create_stream(name, partitions=2, share="write")  # c2 writes too
     c2 = Client(cluster, set_as_default=False)
     try:
         # c2's producer is made (reading the config) on its first write.
@@ -481,6 +481,7 @@ def test_streams_of_a_disconnected_client_are_destroyed_unless_persist(client, c
             k = aimss_dask.create_stream(kept, partitions=2, persist=True)
             k.write(np.arange(5), partition=1)
             k.flush()
+            token = k.token
             assert c2.submit(_create_in_task, by_task, pure=False).result() == by_task
     finally:
         c2.close()
@@ -494,7 +495,9 @@ def test_streams_of_a_disconnected_client_are_destroyed_unless_persist(client, c
 
     wait_until(lambda: destroyed(gone) and destroyed(by_task), timeout=5, what="cleanup of the client's streams")
     assert not any(gone in st["streams"] or by_task in st["streams"] for st in aimss_dask.status().values())
-    ks = aimss_dask.get_stream(kept)
+    with pytest.raises(aimss_dask.StreamPermissionError, match="ask the owner"):
+        aimss_dask.get_stream(kept)  # c2's, though c2 left
+    ks = aimss_dask.get_stream(kept, token=token)  # claimed: this client's now
     ks.seal()
     got = list(ks.read(partition=1))
     assert len(got) == 1

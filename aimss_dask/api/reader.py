@@ -160,7 +160,9 @@ class GroupCommitter:
         todo = [[p, o] for p, o in self.done.items() if self.sent.get(p) != o]
         self.last = time.monotonic()
         if todo:
-            self.ep.scheduler_op("commit", name=self.name, group=self.group, offsets=todo)
+            self.ep.scheduler_op(
+                "commit", name=self.name, group=self.group, offsets=todo, **self.ep.owner_kwargs()
+            )
             self.sent.update({p: o for p, o in todo})
 
 

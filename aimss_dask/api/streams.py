@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numbers
 import operator
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -114,8 +116,11 @@ class Stream:
     [3.0]
     """
 
-    def __init__(self, spec: StreamSpec) -> None:
+    def __init__(self, spec: StreamSpec, token: str | None = None) -> None:
         self.spec = spec
+        #: The owner's token, on the creator's handle only (never pickled):
+        #: ``get_stream(name, token=...)`` from another client makes it the owner.
+        self.token = token
 
     @property
     def name(self) -> str:
@@ -129,7 +134,7 @@ class Stream:
         return f"Stream({self.name!r}, partitions={self.partitions})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Stream, (self.spec,))
+        return (Stream, (self.spec,))  # not the token: tasks write with their application's access
 
     def write(self, record: Any, *, partition: int | None = None, key: Any = None) -> None:
         """Append ``record``; see :func:`write_to`."""
@@ -162,7 +167,39 @@ class Stream:
         """
         ep = current("seal")
         ep.producer.flush_blocking([self.name], epoch=self.spec.epoch)
-        remember(ep, ep.scheduler_op("seal", name=self.name, epoch=self.spec.epoch))
+        remember(ep, ep.scheduler_op("seal", name=self.name, epoch=self.spec.epoch, **ep.owner_kwargs()))
+
+    def grant(self, who: Any, mode: str) -> None:
+        """Let another application ``"read"`` or ``"write"`` (append and seal) this stream; owner only.
+
+        ``who``: a ``distributed.Client``, a client id, or a token: any string
+        the owner hands to the other application, which presents it with
+        ``get_stream(name, token=...)``. A grant replaces an earlier one.
+        :class:`StreamPermissionError` if the caller is not the owner.
+
+        Examples
+        --------
+        >>> s = aimss_dask.create_stream("frames", 4)      # doctest: +SKIP
+        >>> s.grant("viewer-7c1e", "read")                  # doctest: +SKIP
+        >>> # in the other application:
+        >>> aimss_dask.get_stream("frames", token="viewer-7c1e").read()  # doctest: +SKIP
+        """
+        if mode not in ("read", "write"):
+            raise InvalidArgumentError(f"mode={mode!r} is not 'read' or 'write'; to take access away use revoke(who)")
+        ep = current("grant")
+        ep.scheduler_op("grant", name=self.name, who=_principal(who), mode=mode, **ep.owner_kwargs())
+        _access_cache.clear()
+
+    def revoke(self, who: Any) -> bool:
+        """Take back what :meth:`grant` gave ``who``; whether it had a grant. Owner only.
+
+        Handles the other application holds stop working for writes within
+        :data:`ACCESS_TTL` seconds, and at once for reads, seals and commits.
+        """
+        ep = current("revoke")
+        reply = ep.scheduler_op("grant", name=self.name, who=_principal(who), mode=None, **ep.owner_kwargs())
+        _access_cache.clear()
+        return bool(reply.get("had"))
 
     def info(self) -> dict[str, Any]:
         """Placement, size and progress of the stream, as a plain dict.
@@ -268,6 +305,7 @@ def create_stream(
     exist_ok: bool = False,
     persist: bool = False,
     replication: int | None = None,
+    share: str | None = None,
 ) -> Stream:
     """``CreateStream``: create a stream and place its partitions on workers.
 
@@ -299,6 +337,13 @@ def create_stream(
         go on from their offsets, and writers send again what the dead
         owner had not stored. More copies than workers is an
         :class:`InvalidArgumentError`.
+    share
+        What other applications (Dask clients) may do: ``None`` (default,
+        private: only this client and its tasks), ``"read"``, or ``"write"``
+        (append and seal too). Destroying stays with the owner; see
+        :meth:`Stream.grant`. The handle's ``token`` lets another client claim
+        the stream (``get_stream(name, token=...)``), e.g. a ``persist=True``
+        stream after this client left.
 
     Examples
     --------
@@ -316,6 +361,10 @@ def create_stream(
             replication, "replication",
             f"give stream {name!r} a number of copies of each partition, an int >= 1",
         )
+    if share is not None and share not in ("read", "write"):
+        raise InvalidArgumentError(
+            f"share={share!r} for stream {name!r} is not one of None (private), 'read', 'write'"
+        )
     ep = current("create_stream")
     reply = ep.scheduler_op(
         "create",
@@ -325,11 +374,14 @@ def create_stream(
         exist_ok=bool(exist_ok),
         persist=bool(persist),
         replication=replication,
+        share=share,
         **ep.owner_kwargs(),
     )
     if reply.get("created"):
         speccache.forget(name)
-    return Stream(remember(ep, reply))
+    spec = remember(ep, reply)
+    _note_access(ep, spec, reply)
+    return Stream(spec, reply.get("token"))
 
 
 def release_partition(name: str, partition: int) -> None:
@@ -356,13 +408,65 @@ def operator_stream(name: str) -> Stream:
     return Stream(_spec(current("get_stream"), name))
 
 
-def get_stream(name: str) -> Stream:
-    """A handle on an existing stream; :class:`StreamNotFoundError` if none."""
+def get_stream(name: str, *, token: str | None = None) -> Stream:
+    """A handle on an existing stream; :class:`StreamNotFoundError` if none.
+
+    Another application's private stream raises
+    :class:`StreamPermissionError`. ``token``: one the owner granted
+    (:meth:`Stream.grant`), or the owner's own (``Stream.token``), which
+    makes this client the owner.
+    """
+    check_str_arg(name)
+    if token is not None and not isinstance(token, str):
+        raise InvalidTypeError(f"token={token!r} is {type_name(token)}, not a str")
     ep = current("get_stream")
-    return Stream(_spec(ep, name, refresh=True))
+    reply = ep.scheduler_op("get", name=name, token=token, **ep.owner_kwargs())
+    spec = remember(ep, reply)
+    _note_access(ep, spec, reply)
+    return Stream(spec)
+
+
+#: How long a process trusts the write access it was told (s): a revoke
+#: reaches writers within this.
+ACCESS_TTL = 2.0
+#: (stream, epoch, caller) -> (may write, when asked), caller a client id or a task key.
+_access_cache: dict[tuple[str, int, Any], tuple[bool, float]] = {}
+_access_lock = threading.Lock()
+
+
+def _principal(who: Any) -> str:
+    """A grant's subject: a ``Client``'s id, or a client id or token as given."""
+    ident = getattr(who, "id", who)
+    if not isinstance(ident, str) or not ident:
+        raise InvalidTypeError(
+            f"who={who!r} is {type_name(who)}; give a distributed.Client, a client id or a token (a non-empty str)"
+        )
+    return ident
+
+
+def _note_access(ep: Endpoint, spec: StreamSpec, reply: dict[str, Any]) -> None:
+    access = reply.get("access")
+    if access is not None:
+        with _access_lock:
+            if len(_access_cache) > 4096:
+                _access_cache.clear()
+            _access_cache[(spec.name, spec.epoch, ep.client_id or ep.task_key)] = (
+                access in ("write", "owner"), time.monotonic()
+            )
+
+
+def _check_write(ep: Endpoint, spec: StreamSpec) -> None:
+    """:class:`StreamPermissionError` unless the caller's application may write to ``spec``."""
+    key = (spec.name, spec.epoch, ep.client_id or ep.task_key)
+    hit = _access_cache.get(key)
+    if hit is not None and hit[0] and time.monotonic() - hit[1] < ACCESS_TTL:
+        return
+    reply = ep.scheduler_op("get", name=spec.name, need="write", **ep.owner_kwargs())
+    _note_access(ep, spec, reply)
 
 
 def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, key: Any) -> None:
+    _check_write(ep, spec)
     if partition is not None:
         p = _check_partition(spec, partition)
     elif key is not None:
@@ -462,7 +566,7 @@ def read_from(
     if group is not None:
         check_str_arg(group, "consumer group")
     ep = current("read_from")
-    got = ep.scheduler_op("get", name=name)
+    got = ep.scheduler_op("get", name=name, **ep.owner_kwargs())
     spec = remember(ep, got)
     parts = [_check_partition(spec, partition)] if partition is not None else list(range(spec.partitions))
     committer = None
@@ -511,7 +615,7 @@ def destroy_stream(name: str) -> None:
     check_str_arg(name)
     ep = current("destroy_stream")
     try:
-        reply = ep.scheduler_op("destroy", name=name)
+        reply = ep.scheduler_op("destroy", name=name, **ep.owner_kwargs())
     finally:
         speccache.forget(name)
     for n, epoch in zip(reply.get("destroyed", []), reply.get("epochs", [])):

@@ -439,7 +439,7 @@ class AIMSS(SchedulerPlugin):
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         try:
             self.seals.client_left(client)
-            names = self.state.owned_by_client(client)
+            names = self.state.left_with_client(client, set(scheduler.clients) - {client})
             if names:
                 self.ops.spawn(self.stream_ops.destroy_many(names))
             for run_id in self.runs.owned_by_client(client):

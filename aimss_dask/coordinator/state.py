@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from aimss_dask.coordinator.access import StreamAccess
 from aimss_dask.coordinator.placement import (
     add_replicas,
     owners_load,
@@ -53,6 +54,8 @@ class CoordinatorState:
     #: name -> partitions rebuilt from a dead owner's spill files only in
     #: part: readable up to their entry in :attr:`lost` (see :meth:`commit_salvage`).
     salvaged: dict[str, set[int]] = field(default_factory=dict)
+    #: Stream name -> its owner, share and grants (absent: not checked).
+    access: dict[str, StreamAccess] = field(default_factory=dict)
     #: Epoch of the newest stream made here. Epochs grow across every stream
     #: of the cluster, so "streams made before X" is "epoch <= last_epoch at X".
     last_epoch: int = 0
@@ -194,6 +197,7 @@ class CoordinatorState:
         self.released.pop(name, None)
         self.recreated.pop(name, None)
         self.salvaged.pop(name, None)
+        self.access.pop(name, None)
         self.replica_marks = {k: v for k, v in self.replica_marks.items() if k[0] != name}
         removed.append(spec)
         return removed
@@ -547,11 +551,20 @@ class CoordinatorState:
             self.lost.pop(old.name, None)
         return True
 
-    def owned_by_client(self, client: str) -> list[str]:
-        """Non-persistent streams created by ``client``."""
-        return sorted(
-            n for n, s in self.streams.items() if s.creator == client and not s.persist
-        )
+    def left_with_client(self, client: str, live: set[str]) -> list[str]:
+        """Non-persistent streams that go now that ``client`` left (``live``: the clients still here).
+
+        Those it owned, unless shared with another live application that
+        holds a handle on them (those go with the last of them); see
+        :meth:`StreamAccess.leave`.
+        """
+        out = []
+        for n, s in self.streams.items():
+            acc = self.access.get(n)
+            gone = acc.leave(client, live) if acc is not None else s.creator == client
+            if gone and not s.persist:
+                out.append(n)
+        return sorted(out)
 
     def clear(self) -> list[StreamSpec]:
         specs = list(self.streams.values())
@@ -563,4 +576,5 @@ class CoordinatorState:
         self.released.clear()
         self.recreated.clear()
         self.salvaged.clear()
+        self.access.clear()
         return specs

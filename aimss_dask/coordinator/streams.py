@@ -11,9 +11,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from aimss_dask.coordinator.access import StreamAccess, check_mode
 from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.state import StreamSpec
 from aimss_dask.core.errors import (
+    InvalidArgumentError,
     PartitionLostError,
     PushesPendingError,
     ReadTimeoutError,
@@ -57,7 +59,10 @@ class StreamHandlers:
         client: str | None = None,
         task: Any = None,
         replication: int | None = None,
+        share: str | None = None,
     ) -> dict[str, Any]:
+        check_mode(share)
+        who = self.ops.creator(client, task)
         spec, created = self.coord.state.create(
             name,
             partitions,
@@ -65,14 +70,28 @@ class StreamHandlers:
             parent=parent,
             exist_ok=exist_ok,
             persist=persist,
-            creator=self.ops.creator(client, task),
+            creator=who,
             replication=replication,
             default_replication=self.coord.config.replication,
             host_of=self.ops.hosts(),
         )
         if created:
+            acc = self.coord.state.access[name] = StreamAccess(owner=who, share=share)
             await self.open(spec)
-        return {**self.wire(spec), "created": created}
+            # The owner's token goes to the creator only.
+            return {**self.wire(spec), "created": True, "access": "owner", "token": acc.token}
+        return {**self.wire(spec), "created": False, "access": self.allow(name, client, task, "read")}
+
+    def allow(self, name: str, client: str | None, task: Any, op: str, group: str | None = None) -> str:
+        """The caller's access to ``name`` if it may do ``op``; :class:`StreamPermissionError` if not.
+
+        Callers that say who they are (``client`` or ``task``: the public
+        API) are checked; AIMSS's own requests, which do not, are not.
+        """
+        acc = self.coord.state.access.get(name)
+        if acc is None or (client is None and task is None):
+            return "owner"
+        return acc.check(self.ops.creator(client, task), op, name, group) or "owner"
 
     async def open(self, spec: StreamSpec, inputs: int = 0) -> None:
         """Open a new stream's partitions on their owners and pin its known readers.
@@ -122,12 +141,43 @@ class StreamHandlers:
                     logger.exception("aimss: cleanup of stream %r failed", name)
 
     @replies
-    async def _h_get(self, name: str) -> dict[str, Any]:
-        return self.wire(self.coord.state.get(name))
+    async def _h_get(
+        self,
+        name: str,
+        client: str | None = None,
+        task: Any = None,
+        token: str | None = None,
+        need: str = "read",
+    ) -> dict[str, Any]:
+        """A stream's spec; for a caller that says who it is, its ``access`` (and a ``token`` it presents)."""
+        spec = self.coord.state.get(name)
+        acc = self.coord.state.access.get(name)
+        if token is not None and acc is not None and (client is not None or task is not None):
+            acc.present(self.ops.creator(client, task), token, name)
+        return {**self.wire(spec), "access": self.allow(name, client, task, need)}
 
     @replies
-    async def _h_seal(self, name: str, epoch: int | None = None) -> dict[str, Any]:
+    async def _h_grant(self, name: str, who: str, mode: str | None, client: str | None = None, task: Any = None) -> dict[str, Any]:
+        """The owner grants ``who`` (a client id or a token) ``mode``; None revokes."""
+        self.coord.state.get(name)
+        acc = self.coord.state.access.get(name)
+        if acc is None or acc.owner is None:
+            raise InvalidArgumentError(
+                f"stream {name!r} belongs to no application (made by AIMSS or by a task of no "
+                "known client): every application may use it, there is nothing to grant"
+            )
+        self.allow(name, client, task, "grant" if mode is not None else "revoke")
+        if mode is None:
+            return {"had": acc.revoke(who)}
+        acc.grant(who, mode)
+        return {"had": True}
+
+    @replies
+    async def _h_seal(
+        self, name: str, epoch: int | None = None, client: str | None = None, task: Any = None
+    ) -> dict[str, Any]:
         """Seal stream ``name``; with ``epoch``, only if it is still the stream of that epoch."""
+        self.allow(name, client, task, "seal")
         # A replica taking over from a dead owner: seal the stream it owns.
         await self.coord.promotions.settled(name)
         spec = self.coord.state.get(name)
@@ -250,7 +300,9 @@ class StreamHandlers:
         return {"children": self.coord.state.children(parent)}
 
     @replies
-    async def _h_destroy(self, name: str) -> dict[str, Any]:
+    async def _h_destroy(self, name: str, client: str | None = None, task: Any = None) -> dict[str, Any]:
+        self.coord.state.get(name)
+        self.allow(name, client, task, "destroy")
         removed = await self.destroy(name)
         return {"destroyed": [s.name for s in removed], "epochs": [s.epoch for s in removed]}
 
@@ -312,7 +364,10 @@ class StreamHandlers:
         return {"offsets": self.coord.state.offsets(name, group)}
 
     @replies
-    async def _h_commit(self, name: str, group: str, offsets: list[list[int]]) -> dict[str, Any]:
+    async def _h_commit(
+        self, name: str, group: str, offsets: list[list[int]], client: str | None = None, task: Any = None
+    ) -> dict[str, Any]:
+        self.allow(name, client, task, "commit", group)
         return {"offsets": self.coord.state.commit(name, group, {int(p): int(o) for p, o in offsets})}
 
     @replies

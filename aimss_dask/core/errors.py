@@ -96,6 +96,10 @@ class StoreNotFoundError(AIMSSError, FileNotFoundError):
     """A Zarr store or array to read from does not exist."""
 
 
+class StreamPermissionError(AIMSSError, PermissionError):
+    """An application did something to a stream its owner has not allowed it (the data is left intact)."""
+
+
 class StoreReadOnlyError(AIMSSError, PermissionError):
     """A Zarr store to write to is read-only."""
 
@@ -168,6 +172,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         ReadTimeoutError,
         StoreNotFoundError,
         StoreReadOnlyError,
+        StreamPermissionError,
         SinkError,
         MissingDependencyError,
         SpillCorruptionError,
