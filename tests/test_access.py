@@ -68,6 +68,19 @@ def _do(client: Client, op: str, *args: Any) -> Any:
         name, who, mode = args
         aimss_dask.get_stream(name).grant(who, mode)
         return "ok"
+    if op == "publish":
+        name, n, nbytes = args
+        import numpy as np
+
+        s = aimss_dask.create_stream(name, partitions=2, share="read")
+        for i in range(n):
+            s.write(np.full(nbytes // 8, float(i)))
+        s.seal()
+        return "ok"
+    if op == "total":
+        name, = args
+        recs = list(aimss_dask.get_stream(name).read())
+        return len(recs), float(sum(r.sum() for r in recs))
     if op == "create":
         name, share, persist = args
         s = aimss_dask.create_stream(name, partitions=1, share=share, persist=persist)
@@ -167,7 +180,7 @@ def test_a_private_stream_refuses_every_other_application_and_stays_intact(clien
     aimss_dask.destroy_stream(name)
 
 
-def test_a_read_share_lets_others_read_and_commit_their_own_groups_only(client, other):
+def test_a_read_share_lets_others_read_with_groups_of_their_own(client, other):
     name = unique_name("readable")
     s = _filled(name, share="read")
     s.seal()
@@ -176,8 +189,10 @@ def test_a_read_share_lets_others_read_and_commit_their_own_groups_only(client, 
     mine = s.read(group="mine")
     assert [next(mine), next(mine), next(mine)] == [0, 1, 2]  # commits as it goes
     mine.close()
-    # Another application's group is not theirs to move.
-    assert "made it" in other.refused("consume", name, "mine")
+    # Groups are per application: the other's "mine" is its own, from offset 0,
+    # and leaves this one's where it was.
+    assert other("consume", name, "mine") == [0, 1, 2, 3]
+    assert list(s.read(group="mine")) == [2, 3]  # at least once: 2 was not yet passed
     for cmd in (("write", name, 9), ("seal", name), ("destroy", name)):
         other.refused(*cmd)
     assert sorted(s.read()) == [0, 1, 2, 3]
@@ -279,6 +294,30 @@ def test_a_client_that_leaves_takes_its_private_streams_not_those_others_still_r
         reader.close()
 
 
+def test_two_applications_read_what_a_third_published_and_memory_holds_one_copy(client, cluster, other):
+    name = unique_name("published")
+    n, nbytes = 16, 2**20
+    producer, reader = _App(cluster.scheduler_address), _App(cluster.scheduler_address)
+    try:
+        producer("publish", name, n, nbytes)
+
+        def held() -> int:
+            [st] = [st for st in aimss_dask.status().streams if st["name"] == name]
+            return st["memory_bytes"]
+
+        wait_until(lambda: held() == n * nbytes, what="the heartbeats report the stream")
+        want = (n, float(sum(i * (nbytes // 8) for i in range(n))))
+        assert other("total", name) == want
+        assert reader("total", name) == want
+        time.sleep(1.5)  # a heartbeat after the reads
+        assert held() == n * nbytes  # one copy in the cluster, however many read it
+        other.refused("destroy", name)
+        producer("destroy", name)
+    finally:
+        producer.close()
+        reader.close()
+
+
 # -- the rules' logic -----------------------------------------------------------------
 
 
@@ -303,9 +342,10 @@ def test_leaving_keeps_shared_streams_while_a_live_user_holds_them():
     assert StreamAccess(owner=None).leave("A", live=set()) is False
 
 
-def test_group_ownership_is_per_application():
-    a = StreamAccess(owner="A", share="read")
-    a.check("B", "commit", "s", group="gb")
-    with pytest.raises(StreamPermissionError, match="made it"):
-        a.check("C", "commit", "s", group="gb")
-    a.check("A", "commit", "s", group="gb")  # the owner may
+def test_groups_are_per_application_and_commits_need_read_access():
+    a = StreamAccess(owner="A", share=None)
+    with pytest.raises(StreamPermissionError, match="may not commit"):
+        a.check("B", "commit", "s")
+    a.share = "read"
+    assert a.check("B", "commit", "s") == "read"
+    assert {a.group_key(w, "g") for w in ("A", "B", "C")} == {"g", "B/g", "C/g"}

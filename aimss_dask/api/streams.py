@@ -571,7 +571,7 @@ def read_from(
     parts = [_check_partition(spec, partition)] if partition is not None else list(range(spec.partitions))
     committer = None
     if group is not None:
-        committed = ep.scheduler_op("offsets", name=name, group=group)["offsets"]
+        committed = ep.scheduler_op("offsets", name=name, group=group, **ep.owner_kwargs())["offsets"]
         starts = [committed[p] if start is None else start for p in parts]
         committer = reader.GroupCommitter(ep, name, group)
     else:

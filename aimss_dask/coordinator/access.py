@@ -5,14 +5,15 @@ made inside a task belongs to the client that wants the task. Its owner may
 do everything. Others may:
 
 ============  =========================================================
-``read``      get a handle, read, and commit *their own* consumer groups
+``read``      get a handle, read, and commit their consumer groups
 ``write``     also append and seal
 ============  =========================================================
 
 by the stream's ``share`` (for every application), or by a grant to their
 client id or to a token they present (``get_stream(name, token=...)``).
-Destroying, granting and revoking stay with the owner; so does committing a
-group another application made. The token returned at creation is the
+Destroying, granting and revoking stay with the owner. Consumer groups are
+per application: another application's group ``g`` is its own
+(:meth:`StreamAccess.group_key`), apart from the owner's ``g``. The token returned at creation is the
 owner's: presenting it makes the caller the owner (how a new client claims
 a ``persist=True`` stream after its creator left).
 
@@ -76,8 +77,6 @@ class StreamAccess:
     grants: dict[str, str] = field(default_factory=dict)
     #: Clients that presented a granted token -> that token.
     presented: dict[str, str] = field(default_factory=dict)
-    #: Consumer group -> the application that made it.
-    groups: dict[str, str | None] = field(default_factory=dict)
     #: Applications other than the owner that hold a handle on it.
     users: set[str] = field(default_factory=set)
 
@@ -91,22 +90,25 @@ class StreamAccess:
                 best = m
         return best
 
-    def check(self, who: str | None, op: str, name: str, group: str | None = None) -> str | None:
+    def group_key(self, who: str | None, group: str) -> str:
+        """Where ``who``'s consumer group ``group`` keeps its offsets: the owner's (and
+        unchecked callers') under its name, another application's under ``<client>/<group>``.
+
+        >>> a = StreamAccess(owner="A")
+        >>> a.group_key("A", "train"), a.group_key("B", "train"), a.group_key(None, "train")
+        ('train', 'B/train', 'train')
+        """
+        if self.owner is None or who is None or who == self.owner:
+            return group
+        return f"{who}/{group}"
+
+    def check(self, who: str | None, op: str, name: str) -> str | None:
         """``who``'s mode if it may do ``op``; else :class:`StreamPermissionError` naming all three."""
         mode = self.mode(who)
         need = NEEDS[op]
-        if op == "commit" and group is not None and mode != "owner":
-            made_by = self.groups.get(group, who)
-            if made_by is not None and made_by != who:
-                raise StreamPermissionError(
-                    f"{who} may not commit group {group!r} of stream {name!r}: application {made_by} "
-                    f"made it (owner: {self.owner}); use a group name of your own"
-                )
         if _RANK[mode] >= _RANK[need]:
             if op in ("read", "commit", "write") and who is not None and who != self.owner:
                 self.users.add(who)
-            if op == "commit" and group is not None:
-                self.groups.setdefault(group, who)
             return mode
         fix = (
             "only the owner may do that (or a client that claims the stream with its token)"

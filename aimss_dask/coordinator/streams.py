@@ -82,7 +82,7 @@ class StreamHandlers:
             return {**self.wire(spec), "created": True, "access": "owner", "token": acc.token}
         return {**self.wire(spec), "created": False, "access": self.allow(name, client, task, "read")}
 
-    def allow(self, name: str, client: str | None, task: Any, op: str, group: str | None = None) -> str:
+    def allow(self, name: str, client: str | None, task: Any, op: str) -> str:
         """The caller's access to ``name`` if it may do ``op``; :class:`StreamPermissionError` if not.
 
         Callers that say who they are (``client`` or ``task``: the public
@@ -91,7 +91,14 @@ class StreamHandlers:
         acc = self.coord.state.access.get(name)
         if acc is None or (client is None and task is None):
             return "owner"
-        return acc.check(self.ops.creator(client, task), op, name, group) or "owner"
+        return acc.check(self.ops.creator(client, task), op, name) or "owner"
+
+    def group_key(self, name: str, client: str | None, task: Any, group: str) -> str:
+        """Where the caller's consumer group ``group`` of ``name`` keeps its offsets (groups are per application)."""
+        acc = self.coord.state.access.get(name)
+        if acc is None or (client is None and task is None):
+            return group
+        return acc.group_key(self.ops.creator(client, task), group)
 
     async def open(self, spec: StreamSpec, inputs: int = 0) -> None:
         """Open a new stream's partitions on their owners and pin its known readers.
@@ -360,14 +367,16 @@ class StreamHandlers:
         return False
 
     @replies
-    async def _h_offsets(self, name: str, group: str) -> dict[str, Any]:
-        return {"offsets": self.coord.state.offsets(name, group)}
+    async def _h_offsets(self, name: str, group: str, client: str | None = None, task: Any = None) -> dict[str, Any]:
+        self.allow(name, client, task, "read")
+        return {"offsets": self.coord.state.offsets(name, self.group_key(name, client, task, group))}
 
     @replies
     async def _h_commit(
         self, name: str, group: str, offsets: list[list[int]], client: str | None = None, task: Any = None
     ) -> dict[str, Any]:
-        self.allow(name, client, task, "commit", group)
+        self.allow(name, client, task, "commit")
+        group = self.group_key(name, client, task, group)
         return {"offsets": self.coord.state.commit(name, group, {int(p): int(o) for p, o in offsets})}
 
     @replies
