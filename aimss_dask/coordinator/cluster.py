@@ -36,6 +36,11 @@ GONE_POLL = 0.05
 _CREATOR_SEARCH = 20_000
 
 
+def is_worker_client(client_id: str) -> bool:
+    """Whether ``client_id`` is a worker's own client (distributed names it ``"worker"``: ``Client-worker-<uuid>``)."""
+    return client_id.split("-", 2)[1:2] == ["worker"]
+
+
 class ClusterOps:
     """Broadcast to workers, run background work of hooks, look up task holders and owners.
 
@@ -169,6 +174,20 @@ class ClusterOps:
             seen.update(t.key for t in frontier)
             frontier = [d for t in frontier for d in t.dependents if d.key not in seen]
         return None
+
+    def application(self, client: str | None, task: Any) -> str | None:
+        """The application a caller acts for (for access checks): :meth:`creator`, but
+        None where that is a worker's own client.
+
+        A task submitted from a task (``get_client().submit``) is wanted by
+        the worker's client, which stands for no application: the caller is
+        then not known, and not checked.
+
+        >>> is_worker_client("Client-worker-1c2d"), is_worker_client("Client-1c2d")
+        (True, False)
+        """
+        who = self.creator(client, task)
+        return None if who is None or is_worker_client(who) else who
 
     def holders(self, keys: list[Any]) -> list[str | None]:
         """The worker holding each task result (``None`` where none is in memory)."""

@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator.access import StreamAccess, check_mode
-from aimss_dask.coordinator.cluster import ClusterOps
+from aimss_dask.coordinator.cluster import ClusterOps, is_worker_client
 from aimss_dask.coordinator.state import StreamSpec
 from aimss_dask.core.errors import (
     InvalidArgumentError,
@@ -76,7 +76,8 @@ class StreamHandlers:
             host_of=self.ops.hosts(),
         )
         if created:
-            acc = self.coord.state.access[name] = StreamAccess(owner=who, share=share)
+            owner = None if who is None or is_worker_client(who) else who
+            acc = self.coord.state.access[name] = StreamAccess(owner=owner, share=share)
             await self.open(spec)
             # The owner's token goes to the creator only.
             return {**self.wire(spec), "created": True, "access": "owner", "token": acc.token}
@@ -91,14 +92,14 @@ class StreamHandlers:
         acc = self.coord.state.access.get(name)
         if acc is None or (client is None and task is None):
             return "owner"
-        return acc.check(self.ops.creator(client, task), op, name) or "owner"
+        return acc.check(self.ops.application(client, task), op, name) or "owner"
 
     def group_key(self, name: str, client: str | None, task: Any, group: str) -> str:
         """Where the caller's consumer group ``group`` of ``name`` keeps its offsets (groups are per application)."""
         acc = self.coord.state.access.get(name)
         if acc is None or (client is None and task is None):
             return group
-        return acc.group_key(self.ops.creator(client, task), group)
+        return acc.group_key(self.ops.application(client, task), group)
 
     async def open(self, spec: StreamSpec, inputs: int = 0) -> None:
         """Open a new stream's partitions on their owners and pin its known readers.
@@ -160,7 +161,9 @@ class StreamHandlers:
         spec = self.coord.state.get(name)
         acc = self.coord.state.access.get(name)
         if token is not None and acc is not None and (client is not None or task is not None):
-            acc.present(self.ops.creator(client, task), token, name)
+            who = self.ops.application(client, task)
+            if who is not None:
+                acc.present(who, token, name)
         return {**self.wire(spec), "access": self.allow(name, client, task, need)}
 
     @replies
