@@ -72,7 +72,7 @@ class Endpoint:
         return self.call(self.ask_scheduler, op, **kwargs)
 
     def owner_kwargs(self) -> dict[str, Any]:
-        """Who a new stream belongs to, for cleanup when that client leaves."""
+        """Who the caller acts for: a new stream's owner, and whose access the coordinator checks."""
         return {"client": self.client_id, "task": self.task_key}
 
 
