@@ -131,7 +131,8 @@ class _App:
         return info.value.message
 
     def close(self) -> None:
-        self.inbox.put(None)
+        if self.proc.is_alive():
+            self.inbox.put(None)
         self.proc.join(60)
 
 
@@ -270,7 +271,7 @@ def test_a_persisted_stream_is_claimed_by_its_token(client, cluster):
     aimss_dask.destroy_stream(name)
 
 
-def test_a_client_that_leaves_takes_its_private_streams_not_those_others_still_read(client, cluster):
+def test_a_client_that_dies_takes_its_private_streams_not_those_others_still_read(client, cluster):
     private, shared = unique_name("mine"), unique_name("ours")
     maker = _App(cluster.scheduler_address)
     reader = _App(cluster.scheduler_address)
@@ -279,7 +280,7 @@ def test_a_client_that_leaves_takes_its_private_streams_not_those_others_still_r
         maker("create", shared, "read", False)
         maker("seal", shared)
         assert reader("read", shared) == [b"b0"]  # a live application holds a handle
-        maker.close()
+        maker.proc.kill()  # the application dies (SIGKILL), it does not say goodbye
 
         def names() -> set[str]:
             return {st["name"] for st in aimss_dask.status().streams}
