@@ -206,3 +206,47 @@ def _wait_for(predicate, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
+
+
+def test_a_tls_channel_sends_on_one_thread_while_another_reads():
+    """Full duplex over one TLS connection: what an SSLSocket must not do, a TLSChannel does."""
+    import hashlib
+
+    server_creds, client_creds, _ = _tls_pair()
+    listener = socket.create_server(("127.0.0.1", 0))
+    chunks, size = 48, 1 << 20
+    got = hashlib.sha256()
+
+    def serve():
+        raw, _ = listener.accept()
+        conn = secure.accept(raw, server_creds)
+        buf = memoryview(bytearray(size))
+        for i in range(chunks):
+            dataplane._recv_exact(conn, buf)
+            got.update(buf)
+            conn.sendall(i.to_bytes(4, "big"))  # an answer per chunk, read while the client still sends
+        conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    conn = secure.connect(listener.getsockname(), client_creds, tls=True)
+    answers: list[int] = []
+
+    def read_answers():
+        for _ in range(chunks):
+            answers.append(int.from_bytes(dataplane._recv_bytes(conn, 4), "big"))
+
+    reader = threading.Thread(target=read_answers)
+    reader.start()
+    sent = hashlib.sha256()
+    rng = np.random.default_rng(0)
+    for _ in range(chunks):
+        data = rng.integers(0, 255, size, dtype="u1")
+        sent.update(data)
+        conn.sendall(memoryview(data))
+    reader.join(60)
+    t.join(60)
+    conn.close()
+    listener.close()
+    assert answers == list(range(chunks))
+    assert got.digest() == sent.digest()

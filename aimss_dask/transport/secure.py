@@ -145,8 +145,17 @@ class TLSChannel:
                 if done:
                     got = done
                 pending = self._out.pending
-            if pending:  # what reading made OpenSSL answer (a key update)
-                self._flush()
+            # What reading made OpenSSL answer (a key update). Not waiting
+            # for a sender blocked on a full socket (its peer may be waiting
+            # for us to read): it sends these bytes with its next step.
+            if pending and self._send.acquire(blocking=False):
+                try:
+                    with self._ssl:
+                        data = self._out.read()
+                    if data:
+                        self.sock.sendall(data)
+                finally:
+                    self._send.release()
             if got is not None:
                 return got
             if not self._feed():
