@@ -185,6 +185,7 @@ def test_a_read_share_lets_others_read_with_groups_of_their_own(client, other):
     name = unique_name("readable")
     s = _filled(name, share="read")
     s.seal()
+    assert (s.info()["owner"], s.info()["share"]) == (client.id, "read")
     assert other("read", name) == [0, 1, 2, 3]
     assert other("consume", name, "theirs") == [0, 1, 2, 3]
     mine = s.read(group="mine")

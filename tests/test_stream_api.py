@@ -568,8 +568,9 @@ def test_info_and_status(client):
     assert set(info) == {
         "name", "partitions", "owners", "epoch", "parent", "persist", "sealed",
         "lost", "lost_offsets", "records", "bytes", "spilled_bytes", "groups",
-        "replicas", "in_sync", "replication",
+        "replicas", "in_sync", "replication", "owner", "share",
     }
+    assert info["owner"] == client.id and info["share"] is None
     assert info["name"] == name
     assert info["partitions"] == 2
     assert isinstance(info["owners"], list) and set(info["owners"]) == workers

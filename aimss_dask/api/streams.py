@@ -211,7 +211,9 @@ class Stream:
         for), ``replicas`` (per partition, the workers holding a copy other
         than its owner) and ``in_sync`` (those of them that hold every record
         readers may have seen, and so may take over if the owner dies; a copy
-        placed after a loss joins once it has caught up).
+        placed after a loss joins once it has caught up). Access: ``owner``
+        (the client id of the application it belongs to; None: every
+        application's) and ``share``.
         """
         return _plain(current("info").scheduler_op("info", name=self.name)["info"])
 

@@ -432,6 +432,7 @@ class StreamHandlers:
     @replies
     async def _h_info(self, name: str) -> dict[str, Any]:
         spec = self.coord.state.get(name)
+        acc = self.coord.state.access.get(name)
         lost = self.coord.state.lost.get(name, {})
         # A lost partition's count is unknown (None), never a quiet 0.
         records: list[int | None] = [None if p in lost else 0 for p in range(spec.partitions)]
@@ -447,7 +448,7 @@ class StreamHandlers:
             "info": {
                 "name": name,
                 "partitions": spec.partitions,
-                "owners": list(spec.owners),
+                "owners": list(spec.owners),  # the workers holding each partition
                 "replicas": [list(spec.replicas_of(p)) for p in range(spec.partitions)],
                 # The copies that may take over (Kafka's ISR): not those catching up.
                 "in_sync": [
@@ -465,5 +466,8 @@ class StreamHandlers:
                 "bytes": nbytes,
                 "spilled_bytes": spilled,
                 "groups": {g: list(o) for g, o in self.coord.state.groups.get(name, {}).items()},
+                # Who it belongs to and what others may do (no grants: tokens are secrets).
+                "owner": acc.owner if acc is not None else None,
+                "share": acc.share if acc is not None else None,
             }
         }
