@@ -243,6 +243,20 @@ def test_grant_by_token(client, other):
     aimss_dask.destroy_stream(name)
 
 
+def test_an_operators_streams_are_private_to_its_application(client, other):
+    from aimss_dask.api.runs import register_run
+    from aimss_dask.core.runs import RunSpec
+
+    [s] = register_run(RunSpec(run_id=unique_name("run"), streams=(unique_name("run-s"),)), 2).streams
+    s.write(1, partition=0)  # the run's application uses it
+    s.flush()
+    assert s.info()["owner"] == client.id
+    for cmd in (("get", s.name, None), ("read", s.name), ("write", s.name, 2), ("destroy", s.name)):
+        other.refused(*cmd)
+    s.seal()
+    assert list(s.read()) == [1]
+
+
 def test_only_the_owner_grants_and_bad_arguments_are_named(client, other):
     name = unique_name("rules")
     s = _filled(name, share="write", n=1)

@@ -18,7 +18,9 @@ owner's: presenting it makes the caller the owner (how a new client claims
 a ``persist=True`` stream after its creator left).
 
 Callers that do not say who they are (AIMSS's own internal requests), and a
-task whose client cannot be told, are not checked. Rules keep applications
+task whose client cannot be told, are not checked. An operator's streams
+are ``internal``: private to the application of their run for other
+clients; tasks (the run's own, whichever client wants them) are not checked. Rules keep applications
 from damaging each other's data by mistake; a Dask client can run code
 anywhere in its cluster, so they are no barrier against a hostile one (use
 separate clusters for that).
@@ -79,6 +81,8 @@ class StreamAccess:
     presented: dict[str, str] = field(default_factory=dict)
     #: Applications other than the owner that hold a handle on it.
     users: set[str] = field(default_factory=set)
+    #: An operator run's stream: only client callers are checked.
+    internal: bool = False
 
     def mode(self, who: str | None) -> str | None:
         """``who``'s access: ``"owner"``, ``"write"``, ``"read"`` or None."""

@@ -16,7 +16,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator import overview
-from aimss_dask.coordinator.cluster import ClusterOps, as_key
+from aimss_dask.coordinator.access import StreamAccess
+from aimss_dask.coordinator.cluster import ClusterOps, as_key, is_worker_client
 from aimss_dask.coordinator.moves import copy_group, drop_copies
 from aimss_dask.coordinator.placement import rebalance
 from aimss_dask.coordinator.registry import RunRecord
@@ -237,6 +238,9 @@ class RunHandlers:
                     host_of=self.ops.hosts(),
                 )
                 created.append(name)
+                # Private to the run's application for other clients.
+                owner = None if rec.client is None or is_worker_client(rec.client) else rec.client
+                self.coord.state.access[name] = StreamAccess(owner=owner, internal=True)
                 await self.coord.stream_ops.open(spec, view.inputs)
             self.coord.pinner.run_registered(rec.spec)
             self.coord.recoveries.watch(rec)

@@ -90,14 +90,14 @@ class StreamHandlers:
         API) are checked; AIMSS's own requests, which do not, are not.
         """
         acc = self.coord.state.access.get(name)
-        if acc is None or (client is None and task is None):
+        if acc is None or (client is None and (task is None or acc.internal)):
             return "owner"
         return acc.check(self.ops.application(client, task), op, name) or "owner"
 
     def group_key(self, name: str, client: str | None, task: Any, group: str) -> str:
         """Where the caller's consumer group ``group`` of ``name`` keeps its offsets (groups are per application)."""
         acc = self.coord.state.access.get(name)
-        if acc is None or (client is None and task is None):
+        if acc is None or (client is None and (task is None or acc.internal)):
             return group
         return acc.group_key(self.ops.application(client, task), group)
 
