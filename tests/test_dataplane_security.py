@@ -222,7 +222,7 @@ def test_a_tls_channel_sends_on_one_thread_while_another_reads():
         conn = secure.accept(raw, server_creds)
         buf = memoryview(bytearray(size))
         for i in range(chunks):
-            dataplane._recv_exact(conn, buf)
+            secure.recv_exact(conn, buf)
             got.update(buf)
             conn.sendall(i.to_bytes(4, "big"))  # an answer per chunk, read while the client still sends
         conn.close()
@@ -234,7 +234,7 @@ def test_a_tls_channel_sends_on_one_thread_while_another_reads():
 
     def read_answers():
         for _ in range(chunks):
-            answers.append(int.from_bytes(dataplane._recv_bytes(conn, 4), "big"))
+            answers.append(int.from_bytes(secure.recv_bytes(conn, 4), "big"))
 
     reader = threading.Thread(target=read_answers)
     reader.start()

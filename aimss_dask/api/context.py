@@ -30,7 +30,6 @@ from aimss_dask.core.names import (
 )
 from aimss_dask.transport import dataplane
 from aimss_dask.transport.producer import Producer
-from aimss_dask.transport.secure import Credentials
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -153,7 +152,9 @@ def current(fn: str = "call") -> Endpoint:
                 batch_size=cfg.batch_size,
                 max_in_flight=cfg.max_in_flight,
                 linger=cfg.linger,
-                credentials=_credentials(client, cfg.transport, reply.get("secret")),
+                credentials=dataplane.credentials(
+                    cfg.transport, client.scheduler.address, reply.get("secret"), client.connection_args
+                ),
                 resolve=functools.partial(_resolve, client),
             )
             _client_producers[client] = producer
@@ -179,13 +180,6 @@ def current(fn: str = "call") -> Endpoint:
         producer=producer,
         client_id=client.id,
     )
-
-
-def _credentials(client: Client, transport: str, secret: str | None) -> Credentials | None:
-    """This client's data-plane credentials (the cluster's secret, its TLS context); None: Dask's comms."""
-    if secret is None or not dataplane.carries(transport, client.scheduler.address):
-        return None
-    return Credentials.from_connection_args(secret, client.connection_args)
 
 
 def _resolve(client: Client, name: str) -> dict[str, Any]:

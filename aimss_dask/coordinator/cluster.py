@@ -41,6 +41,15 @@ def is_worker_client(client_id: str) -> bool:
     return client_id.split("-", 2)[1:2] == ["worker"]
 
 
+def as_application(client_id: str | None) -> str | None:
+    """``client_id`` as the application a stream belongs to: None for no client, or a worker's own.
+
+    >>> as_application("Client-1c2d"), as_application("Client-worker-1c2d"), as_application(None)
+    ('Client-1c2d', None, None)
+    """
+    return None if client_id is None or is_worker_client(client_id) else client_id
+
+
 class ClusterOps:
     """Broadcast to workers, run background work of hooks, look up task holders and owners.
 
@@ -182,12 +191,8 @@ class ClusterOps:
         A task submitted from a task (``get_client().submit``) is wanted by
         the worker's client, which stands for no application: the caller is
         then not known, and not checked.
-
-        >>> is_worker_client("Client-worker-1c2d"), is_worker_client("Client-1c2d")
-        (True, False)
         """
-        who = self.creator(client, task)
-        return None if who is None or is_worker_client(who) else who
+        return as_application(self.creator(client, task))
 
     def holders(self, keys: list[Any]) -> list[str | None]:
         """The worker holding each task result (``None`` where none is in memory)."""

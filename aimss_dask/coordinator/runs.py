@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator import overview
 from aimss_dask.coordinator.access import StreamAccess
-from aimss_dask.coordinator.cluster import ClusterOps, as_key, is_worker_client
+from aimss_dask.coordinator.cluster import ClusterOps, as_application, as_key
 from aimss_dask.coordinator.moves import copy_group, drop_copies
 from aimss_dask.coordinator.placement import rebalance
 from aimss_dask.coordinator.registry import RunRecord
@@ -239,8 +239,7 @@ class RunHandlers:
                 )
                 created.append(name)
                 # Private to the run's application for other clients.
-                owner = None if rec.client is None or is_worker_client(rec.client) else rec.client
-                self.coord.state.access[name] = StreamAccess(owner=owner, internal=True)
+                self.coord.state.access[name] = StreamAccess(owner=as_application(rec.client), internal=True)
                 await self.coord.stream_ops.open(spec, view.inputs)
             self.coord.pinner.run_registered(rec.spec)
             self.coord.recoveries.watch(rec)

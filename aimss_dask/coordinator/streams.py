@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator.access import StreamAccess, check_mode
-from aimss_dask.coordinator.cluster import ClusterOps, is_worker_client
+from aimss_dask.coordinator.cluster import ClusterOps, as_application
 from aimss_dask.coordinator.state import StreamSpec
 from aimss_dask.core.errors import (
     InvalidArgumentError,
@@ -76,30 +76,36 @@ class StreamHandlers:
             host_of=self.ops.hosts(),
         )
         if created:
-            owner = None if who is None or is_worker_client(who) else who
-            acc = self.coord.state.access[name] = StreamAccess(owner=owner, share=share)
+            acc = self.coord.state.access[name] = StreamAccess(owner=as_application(who), share=share)
             await self.open(spec)
             # The owner's token goes to the creator only.
             return {**self.wire(spec), "created": True, "access": "owner", "token": acc.token}
         return {**self.wire(spec), "created": False, "access": self.allow(name, client, task, "read")}
 
-    def allow(self, name: str, client: str | None, task: Any, op: str) -> str:
-        """The caller's access to ``name`` if it may do ``op``; :class:`StreamPermissionError` if not.
+    def _checked(self, name: str, client: str | None, task: Any) -> tuple[StreamAccess, str | None] | None:
+        """``name``'s access rules and the caller's application, if this call is checked.
 
         Callers that say who they are (``client`` or ``task``: the public
-        API) are checked; AIMSS's own requests, which do not, are not.
+        API) are checked, tasks not on an operator's stream; AIMSS's own
+        requests, which do not say, are not.
         """
         acc = self.coord.state.access.get(name)
         if acc is None or (client is None and (task is None or acc.internal)):
+            return None
+        return acc, self.ops.application(client, task)
+
+    def allow(self, name: str, client: str | None, task: Any, op: str) -> str:
+        """The caller's access to ``name`` if it may do ``op``; :class:`StreamPermissionError` if not."""
+        checked = self._checked(name, client, task)
+        if checked is None:
             return "owner"
-        return acc.check(self.ops.application(client, task), op, name) or "owner"
+        acc, who = checked
+        return acc.check(who, op, name) or "owner"
 
     def group_key(self, name: str, client: str | None, task: Any, group: str) -> str:
         """Where the caller's consumer group ``group`` of ``name`` keeps its offsets (groups are per application)."""
-        acc = self.coord.state.access.get(name)
-        if acc is None or (client is None and (task is None or acc.internal)):
-            return group
-        return acc.group_key(self.ops.application(client, task), group)
+        checked = self._checked(name, client, task)
+        return group if checked is None else checked[0].group_key(checked[1], group)
 
     async def open(self, spec: StreamSpec, inputs: int = 0) -> None:
         """Open a new stream's partitions on their owners and pin its known readers.

@@ -51,7 +51,6 @@ from aimss_dask.transport import dataplane, speccache
 from aimss_dask.transport.dataplane import BufferPool, DataServer, Group
 from aimss_dask.transport.producer import Producer
 from aimss_dask.transport.rpc import replies
-from aimss_dask.transport.secure import Credentials
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -173,7 +172,14 @@ class AIMSSWorker(WorkerPlugin):
         # Now, not at the first spill: a folder that cannot be made fails
         # here, by name, before any record is accepted.
         self.store.prepare_spill_dir()
-        creds = self._credentials(worker)
+        # The cluster's secret, and on a TLS cluster the worker's own ssl contexts.
+        creds = dataplane.credentials(
+            self.config.transport,
+            worker.address,
+            self.secret,
+            worker.connection_args,
+            worker.security.get_listen_args("worker"),
+        )
         self.replicator = Replicator(
             self.store,
             loop=worker.loop,
@@ -225,18 +231,6 @@ class AIMSSWorker(WorkerPlugin):
         # A worker that joins while a trace runs is traced too.
         worker.loop.add_callback(self._join_trace)
         self._catch_sigterm(worker)
-
-    def _credentials(self, worker: Worker) -> Credentials | None:
-        """This worker's data-plane credentials; None where pushes take Dask's comms.
-
-        The cluster's secret, and on a TLS cluster the worker's own ``ssl``
-        contexts from Dask's :class:`~distributed.security.Security`.
-        """
-        if self.secret is None or not dataplane.carries(self.config.transport, worker.address):
-            return None
-        return Credentials.from_connection_args(
-            self.secret, worker.connection_args, worker.security.get_listen_args("worker")
-        )
 
     def _catch_sigterm(self, worker: Worker) -> None:
         """A nanny's worker process closes gracefully on SIGTERM, handing its partitions over first.

@@ -40,7 +40,7 @@ from distributed.protocol import deserialize
 from distributed.utils import ensure_memoryview
 
 from aimss_dask.transport import secure
-from aimss_dask.transport.secure import Conn, Credentials
+from aimss_dask.transport.secure import Conn, Credentials, recv_bytes, recv_exact
 
 logger = logging.getLogger("aimss_dask")
 
@@ -82,6 +82,25 @@ def carries(transport: str, address: str) -> bool:
     False
     """
     return transport != "dask" and address.startswith(("tcp://", "tls://"))
+
+
+def credentials(
+    transport: str,
+    address: str,
+    secret: str | None,
+    connection_args: dict[str, Any],
+    listen_args: dict[str, Any] | None = None,
+) -> Credentials | None:
+    """A process's data-plane credentials; None where its pushes take Dask's comms.
+
+    ``address``: the process's own (a worker's) or its scheduler's (a
+    client's); ``connection_args``/``listen_args``: Dask's for it (the
+    ``ssl`` contexts on a TLS cluster). None without a secret (a worker
+    plugin pickled without one) or where the data plane does not carry.
+    """
+    if secret is None or not carries(transport, address):
+        return None
+    return Credentials.from_connection_args(secret, connection_args, listen_args)
 
 
 class BufferPool:
@@ -186,22 +205,6 @@ class BufferPool:
             self._buffers.clear()
 
 
-def _recv_exact(sock: Conn, view: memoryview) -> None:
-    got = 0
-    n = view.nbytes
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if not k:
-            raise ConnectionError("peer closed the data connection mid-batch")
-        got += k
-
-
-def _recv_bytes(sock: Conn, n: int) -> bytes:
-    buf = bytearray(n)
-    _recv_exact(sock, memoryview(buf))
-    return bytes(buf)
-
-
 def send_buffers(sock: Conn, buffers: Sequence[memoryview]) -> None:
     """``sendall`` for a list of buffers, zero-copy (scatter/gather) on plain sockets."""
     views = [b for b in buffers if b.nbytes]
@@ -259,8 +262,8 @@ def encode_batch(groups: Sequence[Group]) -> list[memoryview]:
 
 
 def read_ack(sock: Conn) -> dict[str, Any]:
-    (n,) = _ACK.unpack(_recv_bytes(sock, _ACK.size))
-    return pickle.loads(_recv_bytes(sock, n))
+    (n,) = _ACK.unpack(recv_bytes(sock, _ACK.size))
+    return pickle.loads(recv_bytes(sock, n))
 
 
 class DataServer:
@@ -342,12 +345,12 @@ class DataServer:
                 if not k:
                     return  # producer closed the connection between batches
                 if k < _BATCH.size:
-                    _recv_exact(conn, memoryview(head)[k:])
+                    recv_exact(conn, memoryview(head)[k:])
                 hlen, plen = _BATCH.unpack(head)
                 if hlen > MAX_HEADER:
                     raise ConnectionError(f"a batch header of {hlen} bytes (at most {MAX_HEADER})")
                 # The peer proved it holds the cluster's secret: its header is trusted like Dask's comms.
-                header = pickle.loads(_recv_bytes(conn, hlen))
+                header = pickle.loads(recv_bytes(conn, hlen))
                 errors = self._receive(conn, header, plen)
                 reply = pickle.dumps({"errors": errors})
                 conn.sendall(_ACK.pack(len(reply)) + reply)
@@ -362,8 +365,9 @@ class DataServer:
     def _receive(self, conn: Conn, header: list[Any], plen: int) -> dict[str, tuple[str, str]]:
         """Read one batch's payload into a pool buffer and store its records."""
         view = memoryview(self._pool.take(plen))[:plen]
-        _recv_exact(conn, view)
-        self.batches += 1
+        recv_exact(conn, view)
+        with self._lock:
+            self.batches += 1
         # A view pins its whole receive buffer: once the log may spill, a
         # spilled record would free nothing while any other record of its
         # batch stays in memory. Then each record gets memory of its own

@@ -241,14 +241,29 @@ def _mac(key: bytes, role: bytes, a: bytes, b: bytes) -> bytes:
     return hmac.new(key, role + a + b, hashlib.sha256).digest()
 
 
-def _recv(sock: Conn, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        got = sock.recv(n - len(buf))
-        if not got:
-            raise HandshakeError(f"peer closed the connection after {len(buf)} of {n} handshake bytes")
-        buf += got
+def recv_exact(sock: Conn, view: memoryview) -> None:
+    """Fill ``view`` from ``sock``; ``ConnectionError`` if the peer closes first."""
+    got = 0
+    n = view.nbytes
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise ConnectionError(f"peer closed the data connection after {got} of {n} bytes")
+        got += k
+
+
+def recv_bytes(sock: Conn, n: int) -> bytes:
+    """The next ``n`` bytes from ``sock``; ``ConnectionError`` if the peer closes first."""
+    buf = bytearray(n)
+    recv_exact(sock, memoryview(buf))
     return bytes(buf)
+
+
+def _recv(sock: Conn, n: int) -> bytes:
+    try:
+        return recv_bytes(sock, n)
+    except ConnectionError as e:
+        raise HandshakeError(f"during the handshake: {e}") from e
 
 
 def accept(conn: socket.socket, creds: Credentials) -> Conn:
