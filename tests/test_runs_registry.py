@@ -439,7 +439,7 @@ def test_snapshot_is_plain_data_listing_each_run_once(reg):
     assert snap[0] == {
         "run_id": "a", "kind": "run", "epoch": a.epoch, "state": "failed", "client": None,
         "started": 1.0, "streams": [], "reads": ["u"], "sealed": [], "on_seal": "keep",
-        "on_loss": "fail", "workers": ["tcp://w1"], "progress": {"tcp://w1": {"n": 1}},
+        "on_loss": "fail", "io_priority": 0, "workers": ["tcp://w1"], "progress": {"tcp://w1": {"n": 1}},
         "error": ["SinkError", "boom"], "version": a.version,
     }
     assert (snap[1]["epoch"], snap[1]["state"], snap[1]["on_seal"]) == (3, "registered", "rebalance")
@@ -599,6 +599,6 @@ def test_the_docstring_examples_hold():
 
 def test_aimss_runs_on_a_real_cluster_is_empty_until_operators_register(client):
     reply = client.sync(client.scheduler.aimss_runs)
-    assert reply["status"] == "OK" and list(reply["runs"]) == [] and set(reply) == {"status", "runs", "streams", "stragglers"}
+    assert reply["status"] == "OK" and list(reply["runs"]) == [] and set(reply) == {"status", "runs", "streams", "stragglers", "io"}
     kind = client.run_on_scheduler(lambda dask_scheduler: type(dask_scheduler.plugins["aimss"].runs).__name__)
     assert kind == "RunRegistry"

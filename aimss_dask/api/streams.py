@@ -650,13 +650,21 @@ class ClusterStatus(dict[str, dict[str, Any]]):
     ``slow worker``) with its ``bound``, ``estimate`` (time left, LATE),
     ``copy`` (where a copy or helper runs; a helper's report has the
     ``range`` it took over) and ``outcome``.
+
+    ``io``: the coordinated I/O scheduler (``aimss.io``): ``enabled``,
+    ``limit`` (writers per host and file system), ``grants`` so far and how
+    many of them ``waited``, and per ``resources`` (``host|file system``)
+    the writers ``writing`` and ``waiting`` by application and whose
+    ``turn`` it is.
     """
 
     def __init__(self, workers: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
-                 streams: list[dict[str, Any]], stragglers: dict[str, Any] | None = None) -> None:
+                 streams: list[dict[str, Any]], stragglers: dict[str, Any] | None = None,
+                 io: dict[str, Any] | None = None) -> None:
         super().__init__(workers)
         self.runs = runs
         self.streams = streams
+        self.io = io or {"enabled": False, "limit": 0, "grants": 0, "waited": 0, "resources": {}}
         self.stragglers = stragglers or {
             "tasks": [], "consumers": [], "slow_workers": [], "takeovers": [], "reports": [],
         }
@@ -679,4 +687,6 @@ def status() -> ClusterStatus:
     ep = current("status")
     workers = _plain(ep.scheduler_op("status")["workers"])
     overview = _plain(ep.scheduler_op("runs"))
-    return ClusterStatus(workers, overview["runs"], overview["streams"], overview.get("stragglers"))
+    return ClusterStatus(
+        workers, overview["runs"], overview["streams"], overview.get("stragglers"), overview.get("io")
+    )

@@ -25,7 +25,8 @@ from distributed.utils import offload
 from tornado.ioloop import PeriodicCallback
 
 from aimss_dask.coordinator import dashboard
-from aimss_dask.coordinator.cluster import ClusterOps
+from aimss_dask.coordinator.cluster import ClusterOps, as_application
+from aimss_dask.coordinator.io import IOHandlers
 from aimss_dask.coordinator.metrics import coordinator_metrics
 from aimss_dask.coordinator.overview import heartbeats
 from aimss_dask.coordinator.panels import Throughput
@@ -141,6 +142,8 @@ class AIMSS(SchedulerPlugin):
         self.salvages = Salvages(self, self.ops)
         self.stragglers = Stragglers(self.state, self.config.speculation, tell=self.ops.tell)
         self._stragglers_pc: PeriodicCallback | None = None
+        io = self.config.io
+        self.io = IOHandlers(io.max_concurrent_writes_per_node, io.turn, io.lease, io.enabled, self._io_app)
         # The scheduler's process is traced (aimss_dask.trace) on this plugin's word.
         self._tracing = False
         # The cluster's data-plane secret, made (or found) at start.
@@ -155,7 +158,7 @@ class AIMSS(SchedulerPlugin):
     def _handlers(self) -> dict[str, Any]:
         """RPC op -> handler: ``_h_<op>`` of this plugin and of its handler objects."""
         out: dict[str, Any] = {}
-        for owner in (self, self.stream_ops, self.run_ops, self.seals, self.evacuations):
+        for owner in (self, self.stream_ops, self.run_ops, self.seals, self.evacuations, self.io):
             for attr in dir(type(owner)):
                 if attr.startswith("_h_"):
                     out[attr[3:]] = getattr(owner, attr)
@@ -215,6 +218,13 @@ class AIMSS(SchedulerPlugin):
         # aimss_ metrics on the scheduler's /metrics (where prometheus_client is installed).
         metrics.expose(self._metrics)
         self._dashboard = dashboard.attach(scheduler)
+
+    def _io_app(self, run: str) -> tuple[str, int]:
+        """The application and I/O priority of run ``run``, for the I/O scheduler."""
+        rec = self.runs.find(run)
+        if rec is None:
+            return run, 0
+        return as_application(rec.client) or run, rec.spec.io_priority
 
     def _sample_throughput(self) -> None:
         """One point of the dashboard's throughput history, from the workers' latest heartbeats."""
@@ -412,6 +422,7 @@ class AIMSS(SchedulerPlugin):
             # Killed (not expected, not closing): its spill files are still on its node.
             killed = scheduler.status == Status.running and not kwargs.get("expected")
             self.salvages.on_worker_lost(worker, get_address_host(worker) if killed else None)
+            self.io.forget_worker(worker)
             # Readers of lost partitions that no restart re-creates (a user's
             # stream's map_partitions) must not wait for the dead worker.
             # Those of a run that recovers are pinned to the new owners.

@@ -89,6 +89,7 @@ class RunRecord:
             "sealed": sorted(self.sealed),
             "on_seal": self.spec.on_seal.value,
             "on_loss": self.spec.on_loss.value,
+            "io_priority": self.spec.io_priority,
             "workers": sorted(self.workers),
             "progress": {w: dict(p) for w, p in sorted(self.progress.items())},
             "error": None if self.error is None else list(self.error),

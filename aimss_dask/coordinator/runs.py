@@ -406,6 +406,7 @@ class RunHandlers:
         beats = overview.heartbeats(self.ops.scheduler)
         out = overview.overview(self.coord.runs, self.coord.state.streams, self.coord.state.sealed, self.coord.state.lost, beats)
         out["stragglers"] = self.coord.stragglers.summary()
+        out["io"] = self.coord.io.status()
         return out
 
     @replies

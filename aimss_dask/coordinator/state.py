@@ -556,7 +556,8 @@ class CoordinatorState:
 
         Those it owned, unless shared with another live application that
         holds a handle on them (those go with the last of them); see
-        :meth:`StreamAccess.leave`.
+        :meth:`StreamAccess.leave`. The consumer groups it kept on other
+        applications' streams go too (their offsets no longer hold records).
         """
         out = []
         for n, s in self.streams.items():
@@ -564,6 +565,13 @@ class CoordinatorState:
             gone = acc.leave(client, live) if acc is not None else s.creator == client
             if gone and not s.persist:
                 out.append(n)
+        # Another application's groups are kept under its client id, which a
+        # restarted application does not get back: they would hold retention
+        # (what sinks may trim, what a new copy must keep) for good.
+        prefix = f"{client}/"
+        for groups in self.groups.values():
+            for g in [g for g in groups if g.startswith(prefix)]:
+                del groups[g]
         return sorted(out)
 
     def clear(self) -> list[StreamSpec]:

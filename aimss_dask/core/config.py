@@ -243,6 +243,55 @@ class SpeculationConfig:
 
 
 @dataclass(frozen=True)
+class IOConfig:
+    """``aimss.io``: the coordinated I/O scheduler of file writes (Zarr sinks).
+
+    With ``enabled``, a worker asks the coordinator before it writes a
+    sink's units to a file system; the coordinator lets at most
+    ``max_concurrent_writes_per_node`` writers of one host write to one file
+    system at a time, higher ``io_priority`` first, and one application's
+    burst at a time: an application keeps the node for ``turn`` seconds
+    while others wait, then the one that waited longest gets it. A worker
+    holds what it was granted for up to ``lease`` seconds of back-to-back
+    writes, so it asks about once per lease, not once per chunk.
+
+    Examples
+    --------
+    >>> IOConfig.parse({"max-concurrent-writes-per-node": 2}).max_concurrent_writes_per_node
+    2
+    """
+
+    enabled: bool = True
+    max_concurrent_writes_per_node: int = 4
+    turn: float = 1.0
+    lease: float = 0.25
+
+    @classmethod
+    def parse(cls, raw: Any) -> IOConfig:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise _bad("io", f"aimss io={raw!r} must be a mapping such as {{'enabled': True}}")
+        d = _section_keys(cls, "io", raw)
+        enabled = d.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise _bad("io", f"aimss io.enabled={enabled!r} must be true or false")
+        n = d.get("max_concurrent_writes_per_node", 4)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise _bad(
+                "io",
+                f"aimss io.max-concurrent-writes-per-node={n!r} must be an int >= 1 "
+                "(writers of one host that may write to one file system at once)",
+            )
+        return cls(
+            enabled=enabled,
+            max_concurrent_writes_per_node=n,
+            turn=_duration("io.turn", d.get("turn", 1.0), positive=True),
+            lease=_duration("io.lease", d.get("lease", 0.25), positive=True),
+        )
+
+
+@dataclass(frozen=True)
 class SinkConfig:
     """``aimss.sink``: how Zarr sinks write.
 
@@ -299,6 +348,7 @@ class AIMSSConfig:
     transport: str = "auto"
     speculation: SpeculationConfig = SpeculationConfig()
     sink: SinkConfig = SinkConfig()
+    io: IOConfig = IOConfig()
     trace: str | None = None
 
     @classmethod
@@ -321,7 +371,7 @@ class AIMSSConfig:
                 )
             if v is None:
                 continue
-            if k == "speculation" and isinstance(v, dict) and isinstance(merged.get(k), dict):
+            if k in ("speculation", "io") and isinstance(v, dict) and isinstance(merged.get(k), dict):
                 # Options given here go over the configured ones, key by key.
                 v = {**merged[k], **{str(o).replace("_", "-"): x for o, x in v.items()}}
             merged[k] = v
@@ -401,6 +451,7 @@ class AIMSSConfig:
             or 0,
             speculation=SpeculationConfig.parse(d.get("speculation")),
             sink=SinkConfig.parse(d.get("sink")),
+            io=IOConfig.parse(d.get("io")),
         )
 
     def requested_budget(self, worker_memory_limit: int | None) -> int:

@@ -142,6 +142,7 @@ class RunWire(TypedDict):
     start_on_owners: bool
     watch_appends: bool
     inputs: int
+    io_priority: int
     kind: str
     payload: bytes
 
@@ -166,7 +167,10 @@ class RunSpec:
     ``replication``: copies of each partition of its streams (None: the
     ``aimss.replication`` default, as many as there are running workers at
     most); with 2 or more, a lost worker's partitions are taken over by
-    their copies instead of being computed again. A subclass's own ``__post_init__`` must call
+    their copies instead of being computed again. ``io_priority``: the
+    coordinated I/O scheduler serves the file writes of runs with a higher
+    priority first (:mod:`aimss_dask.coordinator.io`; 0 is everyone's
+    default). A subclass's own ``__post_init__`` must call
     ``super().__post_init__()``, which checks and normalises these fields.
 
     Examples
@@ -193,6 +197,7 @@ class RunSpec:
     watch_appends: bool = False
     inputs: int = 0
     replication: int | None = None
+    io_priority: int = 0
     kind: ClassVar[str] = "run"
 
     def __init_subclass__(cls, *, kind: str | None = None, **kwargs: Any) -> None:
@@ -244,6 +249,7 @@ class RunSpec:
                 f"replication={r!r} of run {self.run_id!r} must be an int >= 1, or None for "
                 "the aimss.replication default"
             )
+        object.__setattr__(self, "io_priority", check_io_priority(self.io_priority, f"run {self.run_id!r}"))
         if self.outputs is not None and self.outputs.stream not in self.streams:
             raise InvalidArgumentError(
                 f"outputs of run {self.run_id!r} read stream {self.outputs.stream!r}, which "
@@ -327,6 +333,7 @@ class RunSpec:
             "watch_appends": self.watch_appends,
             "inputs": self.inputs,
             "replication": self.replication,
+            "io_priority": self.io_priority,
             "kind": self.kind,
             # By reference to the class: unpickling imports the operator's
             # module, which is how operators "register" on a worker.
@@ -357,6 +364,23 @@ class RunSpec:
 _HOOKS = frozenset(
     {"output_key", "output_partition", "seal_action", "loss_action", "to_wire", "view_from_wire"}
 )
+
+
+def check_io_priority(value: object, of: str) -> int:
+    """``value`` as an I/O priority: an int (higher is served first), else a clear error.
+
+    >>> check_io_priority(2, "run 'x'")
+    2
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        import numbers
+
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        raise InvalidArgumentError(
+            f"io_priority={value!r} of {of} must be an int (higher is served first; 0 is the default)"
+        )
+    return value
 
 
 def _pickle(spec: RunSpec) -> bytes:

@@ -42,6 +42,7 @@ from aimss_dask.log.store import LogStore
 from aimss_dask.node import heartbeat
 from aimss_dask.node.copies import CopyMailbox
 from aimss_dask.node.dedup import OriginFilter
+from aimss_dask.node.iogate import IOGate
 from aimss_dask.node.metrics import worker_metrics
 from aimss_dask.node.replication import Replicator
 from aimss_dask.node.runs import RunFactory, RunManager
@@ -81,6 +82,8 @@ class AIMSSWorker(WorkerPlugin):
         self.worker: Worker | None = None
         self.config: AIMSSConfig | None = None
         self.store: LogStore | None = None
+        #: Grants of the coordinated I/O scheduler held here (ungated until setup).
+        self.io_gate = IOGate(None)
         self.producer: Producer | None = None
         self.data_server: DataServer | None = None
         self.pool: BufferPool | None = None
@@ -204,6 +207,7 @@ class AIMSSWorker(WorkerPlugin):
             local_wait=self.replicator.wait_all,
             resolve=self._resolve,
         )
+        self.io_gate = IOGate(worker, self.config.io.enabled)
         store = self.store
         # Scratch space for operators (a shuffle's sorted copy of its input):
         # memory this worker has touched already, reused once unreferenced.
@@ -285,6 +289,7 @@ class AIMSSWorker(WorkerPlugin):
                 # Dask log "no handler" tracebacks.
                 worker.handlers[f"aimss_{op}"] = _torn_down
             self.runs.close_all()
+            self.io_gate.close()
             if self._tracing:
                 self._tracing = False
                 trace.stop()
@@ -926,6 +931,7 @@ class AIMSSWorker(WorkerPlugin):
             st.update(self.replicator.stats)
         st["runs"] = self.runs.progress()
         st.update(self.runs.shared_statistics())
+        st.update(self.io_gate.statistics())
         return {"status": st}
 
 

@@ -144,6 +144,7 @@ class SinkRun:
         try:
             self._set(state="running")
             self.listed.start(self._progress())
+            self._hold()
             if self._loop():
                 self._set(state="done")
         except BaseException as e:  # noqa: BLE001 -- reported by wait()
@@ -175,6 +176,26 @@ class SinkRun:
     def _commit(self, **changes: Any) -> None:
         assert self._committed is not None
         self._set(committed=self._array.commit(self._committed, **changes))
+        self._hold()
+
+    def _hold(self) -> None:
+        """Keep the stream's records from the durable offsets on, for this sink.
+
+        Its consumer group (named by the array) holds them: another
+        application's sink of the same stream trims only what every group
+        has passed (:meth:`_trim_targets`), so it never trims records this
+        one has still to write. The group stays when the sink stops early:
+        a sink that resumes the array needs them, and goes on with the same
+        group (offsets only move forward).
+        """
+        c = self._committed
+        offsets = [[p, c.offsets[p][0] if c else 0] for p in range(self.spec.partitions)]
+        self._owners.hold(self.hold_group, offsets)
+
+    @property
+    def hold_group(self) -> str:
+        """The consumer group that holds this sink's records (see :meth:`_hold`)."""
+        return f"aimss-sink:{self.target.where}"
 
     def _loop(self) -> bool:
         """Rounds until complete (True) or stopped (False)."""

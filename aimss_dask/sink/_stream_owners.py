@@ -58,6 +58,13 @@ class Owners:
         self._check_lost(info["lost"], ())
         return info
 
+    def hold(self, group: str, offsets: list[list[int]]) -> None:
+        """Commit ``offsets`` (``[partition, offset]`` pairs) as consumer group ``group``."""
+        try:
+            self.ep.scheduler_op("commit", name=self.spec.name, group=group, offsets=offsets)
+        except StreamNotFoundError as e:
+            raise SinkError(f"stream {self.spec.name!r} was destroyed while its sink was running") from e
+
     def _ask(self, op: str) -> dict[str, Any]:
         """The coordinator's answer to ``op`` about the stream; a named error once it is destroyed."""
         try:

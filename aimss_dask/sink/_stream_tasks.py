@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from distributed.comm import get_address_host
 
 from aimss_dask.core.errors import SinkError, StreamNotFoundError
 from aimss_dask.core.names import PLUGIN_NAME
 from aimss_dask.sink._stream_plan import Position, Template, advance, cut
 from aimss_dask.sink.durable import sync_units
+from aimss_dask.sink.ioresource import io_resource
 from aimss_dask.sink.units import unit_writer, whole_region
 
 #: Bytes of records fetched from the log per read (references, not copies,
@@ -110,6 +112,14 @@ def _local_log(stream: str, epoch: int, p: int) -> Any:
     return store
 
 
+def _gate() -> tuple[Any, str]:
+    """This worker's I/O gate (coordinated I/O) and host."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    return worker.plugins[PLUGIN_NAME].io_gate, get_address_host(worker.address)
+
+
 def _records(store: Any, job: OwnerJob, start: int, rows: int) -> tuple[list[Any], list[int]]:
     """Records from ``start`` until ``rows`` rows are covered (after ``job.position``'s row)."""
     records: list[Any] = []
@@ -158,7 +168,9 @@ def _write(store: Any, job: OwnerJob) -> Position:
         start = job.start + k * job.chunk_rows
         # Whole chunks (or the array's edge): one unit, written once.
         region = whole_region(block.shape, job.axis, start, block.shape[job.axis])
-        unit_writer(arr)(region, block)
+        gate, host = _gate()
+        with gate.writing(f"zarr-sink-{job.target.run}", io_resource(arr, host)):
+            unit_writer(arr)(region, block)
         written.append(region)
     if job.target.durable and arr is not None:
         # On disk before the driver commits offsets that cover them; each

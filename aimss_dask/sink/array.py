@@ -33,6 +33,7 @@ from dask.delayed import Delayed
 from aimss_dask.api.progress import compute as progress_compute
 from aimss_dask.api.progress import wanted as progress_wanted
 from aimss_dask.core.config import AIMSSConfig
+from aimss_dask.core.runs import check_io_priority
 from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
@@ -69,6 +70,7 @@ def to_zarr(
     durable: bool = False,
     progress: bool | None = None,
     shared_filesystem: bool | None = None,
+    io_priority: int = 0,
     **array_kwargs: Any,
 ) -> Delayed | None:
     """Write ``x`` to Zarr, each shard (or chunk) of each array by exactly one writer.
@@ -145,6 +147,11 @@ def to_zarr(
         from the file system's type (Lustre, GPFS and BeeGFS are shared).
         On NFS, and where it is not known to be shared, workers on several
         hosts push units to one writer each (logged once per call).
+    io_priority
+        The coordinated I/O scheduler (``aimss.io``) serves the file writes
+        of a higher priority first when applications write to one node's
+        file system at once; equal priorities take turns. An int, 0 by
+        default.
     **array_kwargs
         Passed to :func:`zarr.create_array` for a new array: ``compressors``
         (``None`` for uncompressed), ``filters``, ``fill_value``,
@@ -187,10 +194,11 @@ def to_zarr(
     if shards is not None and zarr_format == 2:
         raise InvalidArgumentError(f"shards={shards!r} need zarr_format=3; Zarr v2 has no shards")
     progress_wanted(progress)  # a bad value is refused before anything is written
+    io_priority = check_io_priority(io_priority, "to_zarr")
     if xr_sink.is_xarray(x):
         return _xarray_to_zarr(
             x, store, component, chunks, shards, zarr_format, bool(overwrite), compute,
-            storage_options, dims, name, array_kwargs, durable, progress, shared_filesystem,
+            storage_options, dims, name, array_kwargs, durable, progress, shared_filesystem, io_priority,
         )
     if not isinstance(x, da.Array):
         raise InvalidArgumentError(
@@ -216,7 +224,7 @@ def to_zarr(
     groups = xr_sink.groups_to_consolidate(store, path, storage_options, where) if named else []
     write = _plan(
         x, store, path, chunks, shards, zarr_format, bool(overwrite), array_kwargs, storage_options, dims,
-        durable, shared_filesystem,
+        durable, shared_filesystem, io_priority,
     )
     _consolidate(store, groups, storage_options, where, durable)
     return _run([write], compute, progress)
@@ -238,6 +246,7 @@ def _xarray_to_zarr(
     durable: bool = False,
     progress: bool | None = None,
     shared_filesystem: bool | None = None,
+    io_priority: int = 0,
 ) -> Delayed | None:
     """``to_zarr`` of a DataArray or Dataset: xarray writes the group, AIMSS the Dask variables."""
     if dims is not None:
@@ -279,7 +288,7 @@ def _xarray_to_zarr(
         raise InvalidArgumentError(f"xarray cannot create the group at {where}: {e}") from e
     writes = [
         _plan(data, store, posixpath.join(group, vname) if group else vname, None, None,
-              zarr_format, False, {}, storage_options, None, durable, shared_filesystem)
+              zarr_format, False, {}, storage_options, None, durable, shared_filesystem, io_priority)
         for vname, data in prepared.arrays
     ]
     _consolidate(store, groups, storage_options, where, durable)
@@ -318,6 +327,7 @@ def _plan(
     dims: tuple[str, ...] | None,
     durable: bool = False,
     shared_filesystem: bool | None = None,
+    io_priority: int = 0,
 ) -> _Write:
     """Open or create the array at ``path``, and build the graph that writes ``x`` into it."""
     if storage_options:
@@ -330,7 +340,10 @@ def _plan(
     hosts = worker_hosts()
     declared = shared_filesystem if shared_filesystem is not None else AIMSSConfig.load().sink.shared_filesystem
     in_place, why = decide(declared, fs_kind(store) if hosts > 1 else None, hosts)
-    target = ZarrTarget(store, path, zarr_format, run, storage_options or None, durable, shared=in_place and hosts > 1)
+    target = ZarrTarget(
+        store, path, zarr_format, run, storage_options or None, durable, shared=in_place and hosts > 1,
+        io_priority=io_priority,
+    )
     rows, appender = in_place_writers(arr)
     hlg, finish_key = write_graph(
         x, unit, target, raw=rows is not None, inner=appender.inner if appender is not None else None,

@@ -42,7 +42,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _root(array: Any) -> str | None:
+def array_root(array: Any) -> str | None:
     """The folder of ``array`` on a file system, or None (an object store, memory)."""
     import zarr
 
@@ -66,7 +66,7 @@ def sync_units(array: Any, regions: Iterable[tuple[slice, ...]]) -> int:
     >>> sync_units(z, [(slice(0, 4), slice(0, 2))])
     2
     """
-    root = _root(array)
+    root = array_root(array)
     if root is None:
         return 0
     unit = tuple(array.shards or array.chunks)
@@ -94,7 +94,7 @@ def sync_metadata(array: Any) -> bool:
     atomic replace, so a reader never sees half of it); this flushes the
     document and the rename.
     """
-    root = _root(array)
+    root = array_root(array)
     if root is None:
         return False
     names = ("zarr.json",) if array.metadata.zarr_format == 3 else (".zarray", ".zgroup", ".zattrs", ".zmetadata")

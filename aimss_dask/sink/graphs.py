@@ -101,7 +101,9 @@ def write_graph(
     # Writes where the blocks are register their run from a task of their
     # own (a push run's create task registers it): writes need not wait for it.
     begin_key = f"aimss-create-{token}"
-    begin_task = Task(begin_key, begin, ZarrWriteSpec(run_id=target.run, on_loss=OnLoss.RERUN, target=target.describe()))
+    begin_task = Task(begin_key, begin, ZarrWriteSpec(
+        run_id=target.run, on_loss=OnLoss.RERUN, target=target.describe(), io_priority=target.io_priority,
+    ))
     groups = held_groups(x)
     if aligned(x.chunks, unit):
         graph, dep, keys, expected = _aligned_graph(x, target, token, groups)
@@ -310,7 +312,7 @@ def _push_graph(
     pieces = {idx: partition_pieces(idx, x.chunks, new, grid) for idx in keys}
     # Each block's pieces carry its flat index as their origin (a task
     # pushes several blocks, so not the task's index): the run's inputs.
-    spec = push_write_spec(token, name, target.describe(), inputs=math.prod(x.numblocks))
+    spec = push_write_spec(token, name, target.describe(), inputs=math.prod(x.numblocks), io_priority=target.io_priority)
     graph: dict[Any, Any] = {
         create_key: Task(
             create_key, create, spec, int(np.prod(grid)),

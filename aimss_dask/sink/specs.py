@@ -28,7 +28,9 @@ class StreamSinkSpec(RunSpec, kind="zarr-sink"):
     target: str = ""
 
 
-def push_write_spec(token: str, name: str, target: str = "", inputs: int = 0) -> ZarrWriteSpec:
+def push_write_spec(
+    token: str, name: str, target: str = "", inputs: int = 0, io_priority: int = 0
+) -> ZarrWriteSpec:
     """A ``to_zarr`` push run over stream ``name``: its owners write each unit where it
     completes, so partitions never move at seal nor are freed for want of read tasks.
 
@@ -48,4 +50,5 @@ def push_write_spec(token: str, name: str, target: str = "", inputs: int = 0) ->
         # One copy: a lost worker restarts the write (its units are rewritten
         # whole), so copies of the pieces would cost memory and buy nothing.
         replication=1,
+        io_priority=io_priority,
     )

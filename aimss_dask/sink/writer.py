@@ -24,11 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from distributed.comm import get_address_host
 from distributed.utils import offload
 
 from aimss_dask.core import trace
+from aimss_dask.node.iogate import IOGate
 from aimss_dask.node.runs import Run
 from aimss_dask.sink.durable import sync_units
+from aimss_dask.sink.ioresource import io_resource
 from aimss_dask.sink.units import UnitWriter, unit_writer
 
 logger = logging.getLogger("aimss_dask")
@@ -54,6 +57,8 @@ class ZarrTarget:
     #: system): each syncs what it wrote itself, as the last task's fsync
     #: reaches only its own host's cache.
     shared: bool = False
+    #: The run's ``io_priority`` (coordinated I/O).
+    io_priority: int = 0
 
     def describe(self) -> str:
         """Where, for people (status views): the store as text, and the path."""
@@ -78,6 +83,7 @@ class _Run:
     put: Any = None
     active: int = 0  # write_now calls under way
     array: Any = None  # the open array, for durable runs
+    resource: str | None = None  # the file system it writes to, as the I/O scheduler names it
     regions: list[tuple[slice, ...]] = field(default_factory=list)  # written, for durable runs
 
 
@@ -95,8 +101,11 @@ class WriteBehind:
     {'written': [0], 'bytes': 8388608, 'errors': []}
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, gate: IOGate | None = None, host: str = "") -> None:
         self.max_bytes = max(1, int(max_bytes))
+        # Each unit write holds a grant of the coordinated I/O scheduler.
+        self.gate = gate or IOGate(None)
+        self.host = host
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimss-sink")
         self._cond = threading.Condition()
         self._queued = 0
@@ -158,7 +167,9 @@ class WriteBehind:
             run = self._runs.setdefault(target.run, _Run())
             run.active += 1
         try:
-            n = int(job(_run_put(target, run)) or 0)
+            put = _run_put(target, run, self.host)
+            with self.gate.writing(target.run, run.resource):
+                n = int(job(put) or 0)
         finally:
             with self._cond:
                 run.active -= 1
@@ -182,7 +193,7 @@ class WriteBehind:
 
         def job() -> None:
             try:
-                _run_put(target, run).prepare(regions)
+                _run_put(target, run, self.host).prepare(regions)
             except Exception:
                 logger.debug("aimss: making the directories of %s ahead failed", target.run, exc_info=True)
 
@@ -191,8 +202,10 @@ class WriteBehind:
     def _write(self, target: ZarrTarget, run: _Run, job: Callable[[UnitWriter], int]) -> int:
         if target.run in self._aborted:
             return 0
-        with trace.span("sink-write", run=target.run, store=target.describe()) as args:
-            args["bytes"] = n = job(_run_put(target, run))
+        put = _run_put(target, run, self.host)
+        with self.gate.writing(target.run, run.resource):
+            with trace.span("sink-write", run=target.run, store=target.describe()) as args:
+                args["bytes"] = n = job(put)
         return n
 
     def _done(self, run: _Run, fut: Future[int], n: int, rid: int) -> None:
@@ -268,14 +281,16 @@ class WriteBehind:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
 
-def _run_put(target: ZarrTarget, run: _Run) -> UnitWriter:
+def _run_put(target: ZarrTarget, run: _Run, host: str) -> UnitWriter:
     """The run's writer of whole units, opened on first use (on the writer thread).
 
     One handle per run and worker: the shape of a to_zarr target is fixed
-    for the run, so a cached handle cannot go stale.
+    for the run, so a cached handle cannot go stale. ``host``: where this
+    writes from, for the name of the file system it writes to.
     """
     if run.put is None:
         array = target.open()
+        run.resource = io_resource(array, host)
         put = unit_writer(array)
         if target.durable:
             run.array = array
@@ -314,7 +329,10 @@ def write_behind(plugin: Any) -> WriteBehind:
     the budget, so log + queue stay near the budget.
     """
     store = plugin.store
-    return plugin.runs.shared(SHARED_KEY, lambda: WriteBehind(max(64 * 2**20, store.budget // 4)))
+    host = get_address_host(plugin.worker.address) if plugin.worker is not None else ""
+    return plugin.runs.shared(
+        SHARED_KEY, lambda: WriteBehind(max(64 * 2**20, store.budget // 4), plugin.io_gate, host)
+    )
 
 
 class WriteRun(Run):

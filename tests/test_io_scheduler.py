@@ -1,0 +1,271 @@
+"""Coordinated I/O: the scheduler's rules (pure) and the gate on a real cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import threading
+import time
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from conftest import make_cluster, wait_until
+from distributed import Client
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import aimss_dask
+from aimss_dask.coordinator.io import IOHandlers, IOScheduler
+from aimss_dask.core.config import AIMSSConfig
+from aimss_dask.core.errors import InvalidArgumentError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# -- the rules ------------------------------------------------------------------------------
+
+
+def test_at_most_limit_writers_hold_a_resource_and_a_release_lets_the_next_in():
+    s = IOScheduler(limit=2, turn=1.0, clock=Clock())
+    a = s.request("h|fs", "A", 0, "w1")
+    b = s.request("h|fs", "B", 0, "w2")
+    c = s.request("h|fs", "C", 0, "w3")
+    assert (a[1], b[1], c[1]) == (True, True, False)
+    assert s.snapshot()["h|fs"]["waiting"] == {"C": 1}
+    assert s.release(a[0]) == [c[0]]
+    assert s.holds(c[0]) and not s.holds(a[0])
+    # Another resource (another file system, or host) has slots of its own.
+    assert s.request("h|other", "D", 0, "w1")[1]
+
+
+def test_higher_priority_goes_first_whatever_waited_longer():
+    clock = Clock()
+    s = IOScheduler(limit=1, turn=1.0, clock=clock)
+    held, _ = s.request("r", "A", 0, "w1")
+    clock.t = 0.1
+    low, _ = s.request("r", "B", 0, "w2")
+    clock.t = 0.2
+    high, _ = s.request("r", "C", 5, "w3")
+    assert s.release(held) == [high]
+    assert s.release(high) == [low]
+
+
+def test_bursts_are_served_one_after_the_other_each_for_its_turn():
+    clock = Clock()
+    s = IOScheduler(limit=1, turn=1.0, clock=clock)
+    a1, _ = s.request("r", "A", 0, "w1")
+    clock.t = 0.1
+    b1, _ = s.request("r", "B", 0, "w2")  # B waits ...
+    a2, _ = s.request("r", "A", 0, "w1")
+    clock.t = 0.5
+    # ... while A's turn lasts, A's next write goes before B's older one:
+    # its burst is not interleaved with B's.
+    assert s.release(a1) == [a2]
+    a3, _ = s.request("r", "A", 0, "w1")
+    clock.t = 1.2
+    # A has had its turn and B waits: B's turn now, though A asks too.
+    assert s.release(a2) == [b1]
+    assert s.snapshot()["r"]["turn"] == "B"
+    b2, _ = s.request("r", "B", 0, "w2")
+    clock.t = 1.3
+    assert s.release(b1) == [b2]  # B's turn lasts, A waits
+    clock.t = 2.3
+    assert s.release(b2) == [a3]
+    assert s.snapshot()["r"]["served"] == {"A": 3, "B": 2}
+
+
+def test_a_slot_the_turns_application_leaves_free_goes_to_another_without_the_turn():
+    clock = Clock()
+    s = IOScheduler(limit=2, turn=1.0, clock=clock)
+    a1, _ = s.request("r", "A", 0, "w1")
+    b1, now = s.request("r", "B", 0, "w2")
+    assert now  # work-conserving
+    assert s.snapshot()["r"]["turn"] == "A"
+    # The turn passes once its application is done here.
+    b2, _ = s.request("r", "B", 0, "w2")
+    a2, _ = s.request("r", "A", 0, "w1")
+    assert s.release(a1) == [a2]  # A's turn: A first
+    s.release(a2)
+    assert s.holds(b2) and s.snapshot()["r"]["turn"] == "B"
+    assert s.snapshot()["r"]["peak"] == 2
+
+
+def test_a_worker_that_leaves_gives_back_what_it_held_and_waited_for():
+    s = IOScheduler(limit=1, turn=1.0, clock=Clock())
+    a, _ = s.request("r", "A", 0, "w1")
+    a2, _ = s.request("r", "A", 0, "w1")
+    b, _ = s.request("r", "B", 0, "w2")
+    dropped, granted = s.forget_worker("w1")
+    assert sorted(dropped) == sorted([a, a2]) and granted == [b]
+    assert s.release(12345) == []  # unknown: nothing happens
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    limit=st.integers(1, 3),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["ask", "release", "tick", "leave"]), st.integers(0, 3), st.integers(0, 2)),
+        max_size=60,
+    ),
+)
+def test_slots_are_never_overbooked_nor_left_idle_and_everyone_is_served_in_the_end(limit, ops):
+    clock = Clock()
+    s = IOScheduler(limit=limit, turn=0.5, clock=clock)
+    tickets: list[int] = []
+    for op, who, prio in ops:
+        if op == "ask":
+            tickets.append(s.request("r", f"app{who}", prio, f"w{who}")[0])
+        elif op == "release" and tickets:
+            s.release(tickets.pop(who % len(tickets)))
+        elif op == "tick":
+            clock.t += 0.3
+        elif op == "leave":
+            gone = set(s.forget_worker(f"w{who}")[0])
+            tickets = [t for t in tickets if t not in gone]
+        for res in s.snapshot().values():
+            writing = sum(res["writing"].values())
+            assert writing <= limit
+            assert not res["waiting"] or writing == limit  # no slot idle while someone waits
+    # Whoever waits gets in once the holders are done: no one starves.
+    while tickets:
+        held = [t for t in tickets if s.holds(t)]
+        assert held
+        for t in held:
+            s.release(t)
+            tickets.remove(t)
+        clock.t += 0.3
+
+
+def test_handlers_wait_for_a_grant_and_a_disabled_scheduler_waits_for_nothing():
+    async def main() -> None:
+        h = IOHandlers(1, 1.0, 0.25, True, lambda run: (run.split("-")[0], 0))
+        first = await h._h_io_acquire("w1", "r", "A-1")
+        second = asyncio.ensure_future(h._h_io_acquire("w2", "r", "B-1"))
+        await asyncio.sleep(0.05)
+        assert not second.done()
+        await h._h_io_release(first["ticket"])
+        got = await asyncio.wait_for(second, 1)
+        assert got["ticket"] != first["ticket"] and got["lease"] == 0.25
+        assert (h.grants, h.waited) == (2, 1)
+        # A worker that leaves while waiting: its call ends, its place goes.
+        third = asyncio.ensure_future(h._h_io_acquire("w3", "r", "C-1"))
+        await asyncio.sleep(0.01)
+        h.forget_worker("w3")
+        with pytest.raises(asyncio.CancelledError):
+            await third
+        off = IOHandlers(1, 1.0, 0.25, False, lambda run: (run, 0))
+        assert (await off._h_io_acquire("w1", "r", "x"))["ticket"] == 0
+        assert off.status()["grants"] == 0
+
+    asyncio.run(main())
+
+
+def test_config_refuses_a_bad_limit_by_name():
+    with pytest.raises(InvalidArgumentError, match="max-concurrent-writes-per-node=0"):
+        AIMSSConfig.load(io={"max-concurrent-writes-per-node": 0})
+    with pytest.raises(InvalidArgumentError, match="io.enabled='yes'"):
+        AIMSSConfig.load(io={"enabled": "yes"})
+    assert AIMSSConfig.load(io={"turn": "2s"}).io.turn == 2.0
+
+
+# -- on a real cluster ----------------------------------------------------------------------
+
+
+def _resource(path: str) -> str:
+    return f"127.0.0.1|dev:{os.stat(path).st_dev}"
+
+
+def _expected(rows: int, cols: int) -> np.ndarray:
+    return np.arange(rows * cols, dtype="f8").reshape(rows, cols)
+
+
+def _source(rows: int, cols: int) -> da.Array:
+    return da.arange(rows * cols, dtype="f8", chunks=64 * cols).reshape(rows, cols)
+
+
+def test_writers_wait_while_another_application_holds_the_node_and_write_everything_after(tmp_path):
+    rows, cols = 4096, 256
+    with make_cluster(2) as cl, Client(cl) as client:
+        client.register_plugin(aimss_dask.AIMSS(io={"max-concurrent-writes-per-node": 1}))
+        # Another application's burst holds the node's one slot (asked the way workers ask).
+        holder = client.sync(
+            client.scheduler.aimss_io_acquire, worker="someone", resource=_resource(str(tmp_path)), run="other-app"
+        )
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                aimss_dask.to_zarr(_source(rows, cols), str(tmp_path / "a.zarr"), chunks=(64, cols), io_priority=2)
+            except BaseException as e:  # noqa: BLE001 -- asserted below
+                errors.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=write, daemon=True).start()
+        waiting = wait_until(
+            lambda: sum(r["waiting"].get(client.id, 0) for r in aimss_dask.status().io["resources"].values()),
+            timeout=60, what="a writer waiting for the node",
+        )
+        assert waiting >= 1
+        time.sleep(0.5)
+        assert not done.is_set()  # nothing written while the node is held
+        client.sync(client.scheduler.aimss_io_release, ticket=holder["ticket"])
+        assert done.wait(120) and not errors, errors
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"))[:], _expected(rows, cols))
+        st = aimss_dask.status()
+        res = st.io["resources"][_resource(str(tmp_path))]
+        assert res["peak"] == 1 and res["served"][client.id] >= 1
+        assert st.io["waited"] >= 1
+        assert [r["io_priority"] for r in st.run("to_zarr")] == [2]
+        # Leases: the workers wrote 64 chunks on far fewer grants.
+        writes = sum(w.get("io_writes", 0) for w in st.values())
+        assert writes == rows // 64 and res["granted"] <= writes // 4
+
+
+def _app_write(address: str, path: str, rows: int, cols: int) -> None:
+    with Client(address) as client:  # noqa: F841 -- the current client of to_zarr
+        aimss_dask.to_zarr(_source(rows, cols), path, chunks=(64, cols))
+
+
+def test_two_applications_writing_at_once_share_the_node_one_writer_at_a_time(tmp_path):
+    rows, cols = 8192, 512
+    with make_cluster(2) as cl, Client(cl) as client:
+        client.register_plugin(aimss_dask.AIMSS(io={"max-concurrent-writes-per-node": 1}))
+        ctx = multiprocessing.get_context("spawn")
+        other = ctx.Process(target=_app_write, args=(cl.scheduler_address, str(tmp_path / "b.zarr"), rows, cols))
+        other.start()
+        aimss_dask.to_zarr(_source(rows, cols), str(tmp_path / "a.zarr"), chunks=(64, cols))
+        other.join(180)
+        assert other.exitcode == 0
+        for name in ("a.zarr", "b.zarr"):
+            np.testing.assert_array_equal(zarr.open_array(str(tmp_path / name))[:], _expected(rows, cols))
+        res = aimss_dask.status().io["resources"][_resource(str(tmp_path))]
+        assert res["peak"] == 1
+        assert len(res["served"]) == 2  # both applications, each its own
+
+
+def test_with_the_scheduler_off_nobody_asks(tmp_path):
+    with make_cluster(2) as cl, Client(cl) as client:
+        client.register_plugin(aimss_dask.AIMSS(io={"enabled": False}))
+        aimss_dask.to_zarr(_source(1024, 64), str(tmp_path / "a.zarr"), chunks=(64, 64))
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"))[:], _expected(1024, 64))
+        st = aimss_dask.status()
+        assert st.io["enabled"] is False and st.io["grants"] == 0 and st.io["resources"] == {}
+
+
+def test_a_bad_io_priority_is_refused_before_anything_is_written(tmp_path):
+    with make_cluster(1) as cl, Client(cl) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        with pytest.raises(InvalidArgumentError, match="io_priority='high'"):
+            aimss_dask.to_zarr(_source(128, 8), str(tmp_path / "a.zarr"), io_priority="high")
+        assert not (tmp_path / "a.zarr").exists()
