@@ -269,3 +269,30 @@ def test_a_bad_io_priority_is_refused_before_anything_is_written(tmp_path):
         with pytest.raises(InvalidArgumentError, match="io_priority='high'"):
             aimss_dask.to_zarr(_source(128, 8), str(tmp_path / "a.zarr"), io_priority="high")
         assert not (tmp_path / "a.zarr").exists()
+
+
+def test_a_streams_sink_writes_through_the_scheduler_at_the_streams_priority(tmp_path):
+    with make_cluster(2) as cl, Client(cl) as client:
+        client.register_plugin(aimss_dask.AIMSS(io={"max-concurrent-writes-per-node": 1}))
+        with pytest.raises(InvalidArgumentError, match="io_priority=1.5"):
+            aimss_dask.create_stream("io-bad", partitions=1, io_priority=1.5)
+        s = aimss_dask.create_stream("io-frames", partitions=2, io_priority=4)
+        assert s.info()["io_priority"] == 4
+        for i in range(64):
+            s.write(np.full((16, 8), i, dtype="f8"), partition=i % 2)
+        sink = s.to_zarr(str(tmp_path / "f.zarr"), chunks=64)
+        s.seal()
+        sink.wait(timeout=60)
+        got = zarr.open_array(str(tmp_path / "f.zarr"))[:]
+        assert got.shape == (64 * 16, 8)
+        assert sorted(got[::16, 0].tolist()) == list(range(64))  # every record once
+        st = aimss_dask.status()
+        assert [r["io_priority"] for r in st.run("zarr-sink")] == [4]
+        res = st.io["resources"][_resource(str(tmp_path))]
+        assert res["served"][client.id] >= 1 and res["peak"] == 1
+        # An explicit priority wins over the stream's.
+        s2 = aimss_dask.create_stream("io-frames-2", partitions=1, io_priority=4)
+        s2.write(np.zeros((16, 8)), partition=0)
+        s2.seal()
+        s2.to_zarr(str(tmp_path / "g.zarr"), io_priority=-1).wait(timeout=60)
+        assert [r["io_priority"] for r in aimss_dask.status().run("zarr-sink")][-1] == -1

@@ -371,6 +371,28 @@ def test_retention_keeps_what_a_consumer_group_has_not_read(client, tmp_path):
     destroy_stream(s.name)
 
 
+def test_a_sink_holds_the_records_it_has_still_to_write_from_another_sinks_trim(client, tmp_path):
+    s = create_stream(unique_name("sink"), partitions=1)
+    late = s.to_zarr(str(tmp_path / "late.zarr"), chunks=C)
+    hold = wait_until(
+        lambda: next((g for g in s.info()["groups"] if g.startswith("aimss-sink:")), None), what="the sink's hold"
+    )
+    late.close()  # stopped before it wrote anything: its hold stays, for a resumed sink
+    assert s.info()["groups"][hold] == [0]
+    _write(s, 1, 0, 10)
+    s.seal()
+    s.to_zarr(str(tmp_path / "early.zarr"), chunks=C).wait(timeout=30)
+    # The first sink's records were kept for the late one: nothing trimmed.
+    assert [int(r[0, 0]) for r in s.read(partition=0, start=0)] == list(range(10))
+    # It resumes under the same hold, writes everything, and then the log is empty.
+    s.to_zarr(str(tmp_path / "late.zarr")).wait(timeout=30)
+    _verify(str(tmp_path / "late.zarr"), 1, 10)
+    _verify(str(tmp_path / "early.zarr"), 1, 10)
+    assert s.info()["groups"][hold] == [10]
+    wait_until(lambda: all(st["memory_bytes"] == 0 for st in aimss_dask.status().values()), what="trimmed")
+    destroy_stream(s.name)
+
+
 def test_a_destroyed_stream_fails_the_sink(client, tmp_path):
     s = create_stream(unique_name("sink"), partitions=1)
     sink = s.to_zarr(str(tmp_path / "d.zarr"), chunks=C)

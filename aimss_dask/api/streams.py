@@ -38,6 +38,7 @@ from aimss_dask.core.errors import (
     lost_ranges,
 )
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
+from aimss_dask.core.runs import check_io_priority
 from aimss_dask.core.specs import (
     StreamSpec,
     check_name,
@@ -308,6 +309,7 @@ def create_stream(
     persist: bool = False,
     replication: int | None = None,
     share: str | None = None,
+    io_priority: int = 0,
 ) -> Stream:
     """``CreateStream``: create a stream and place its partitions on workers.
 
@@ -346,6 +348,11 @@ def create_stream(
         :meth:`Stream.grant`. The handle's ``token`` lets another client claim
         the stream (``get_stream(name, token=...)``), e.g. a ``persist=True``
         stream after this client left.
+    io_priority
+        The priority of the file writes of sinks of this stream
+        (``to_zarr(stream, ...)``) with the coordinated I/O scheduler
+        (``aimss.io``): higher is served first when applications write to
+        one node's file system at once. An int, 0 by default.
 
     Examples
     --------
@@ -367,6 +374,7 @@ def create_stream(
         raise InvalidArgumentError(
             f"share={share!r} for stream {name!r} is not one of None (private), 'read', 'write'"
         )
+    io_priority = check_io_priority(io_priority, f"stream {name!r}")
     ep = current("create_stream")
     reply = ep.scheduler_op(
         "create",
@@ -377,6 +385,7 @@ def create_stream(
         persist=bool(persist),
         replication=replication,
         share=share,
+        io_priority=io_priority,
         **ep.owner_kwargs(),
     )
     if reply.get("created"):

@@ -83,6 +83,8 @@ class StreamAccess:
     users: set[str] = field(default_factory=set)
     #: An operator run's stream: only client callers are checked.
     internal: bool = False
+    #: The default ``io_priority`` of its sinks (coordinated I/O).
+    io_priority: int = 0
 
     def mode(self, who: str | None) -> str | None:
         """``who``'s access: ``"owner"``, ``"write"``, ``"read"`` or None."""

@@ -25,7 +25,7 @@ from aimss_dask.core.errors import (
     lost_to_wire,
 )
 from aimss_dask.core.names import MAP_GROUP_PREFIX
-from aimss_dask.core.runs import RunState
+from aimss_dask.core.runs import RunState, check_io_priority
 from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
@@ -60,8 +60,10 @@ class StreamHandlers:
         task: Any = None,
         replication: int | None = None,
         share: str | None = None,
+        io_priority: int = 0,
     ) -> dict[str, Any]:
         check_mode(share)
+        io_priority = check_io_priority(io_priority, f"stream {name!r}")
         who = self.ops.creator(client, task)
         spec, created = self.coord.state.create(
             name,
@@ -76,7 +78,9 @@ class StreamHandlers:
             host_of=self.ops.hosts(),
         )
         if created:
-            acc = self.coord.state.access[name] = StreamAccess(owner=as_application(who), share=share)
+            acc = self.coord.state.access[name] = StreamAccess(
+                owner=as_application(who), share=share, io_priority=io_priority
+            )
             await self.open(spec)
             # The owner's token goes to the creator only.
             return {**self.wire(spec), "created": True, "access": "owner", "token": acc.token}
@@ -475,5 +479,6 @@ class StreamHandlers:
                 # Who it belongs to and what others may do (no grants: tokens are secrets).
                 "owner": acc.owner if acc is not None else None,
                 "share": acc.share if acc is not None else None,
+                "io_priority": acc.io_priority if acc is not None else 0,
             }
         }

@@ -69,6 +69,7 @@ class SinkRun:
         named: bool = False,
         zarr_format: int = 3,
         groups: tuple[str, ...] = (),
+        io_priority: int = 0,
     ) -> None:
         self.spec = spec
         self.target = target
@@ -107,7 +108,8 @@ class SinkRun:
         # The sink as the coordinator lists it: reads the stream, fails if it is lost.
         self.listed = run_api.ListedRun(
             StreamSinkSpec(
-                run_id=f"zarr-sink-{target.run}", reads=(spec.name,), on_loss=OnLoss.FAIL, target=target.where
+                run_id=f"zarr-sink-{target.run}", reads=(spec.name,), on_loss=OnLoss.FAIL, target=target.where,
+                io_priority=io_priority,
             ),
             ep,
             REPORT_EVERY,

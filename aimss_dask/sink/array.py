@@ -33,7 +33,6 @@ from dask.delayed import Delayed
 from aimss_dask.api.progress import compute as progress_compute
 from aimss_dask.api.progress import wanted as progress_wanted
 from aimss_dask.core.config import AIMSSConfig
-from aimss_dask.core.runs import check_io_priority
 from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
@@ -42,6 +41,7 @@ from aimss_dask.core.errors import (
     StoreNotFoundError,
     StoreReadOnlyError,
 )
+from aimss_dask.core.runs import check_io_priority
 from aimss_dask.sink import _xarray as xr_sink
 from aimss_dask.sink.direct import in_place_writers
 from aimss_dask.sink.durable import sync_metadata, sync_units

@@ -104,6 +104,7 @@ from aimss_dask.api.extensions import register_extension
 from aimss_dask.api.progress import Bar
 from aimss_dask.api.progress import wanted as progress_wanted
 from aimss_dask.core.errors import InvalidArgumentError, StoreReadOnlyError
+from aimss_dask.core.runs import check_io_priority
 from aimss_dask.sink import _stream_plan as plan
 from aimss_dask.sink import _xarray as xr_sink
 from aimss_dask.sink._stream_driver import SinkRun
@@ -125,6 +126,7 @@ def stream_to_zarr(
     name: str | None = None,
     zarr_format: int = 3,
     durable: bool = True,
+    io_priority: int | None = None,
 ) -> Sink:
     """Drain ``stream`` into a Zarr array growing along ``axis``; returns a running :class:`Sink`.
 
@@ -164,6 +166,10 @@ def stream_to_zarr(
         durable when it completes), so a crash of the node loses nothing
         that was committed. ``False``: committed once written (a crash of
         the node may lose the last rounds; a crash of a process does not).
+    io_priority
+        Priority of the sink's file writes with the coordinated I/O
+        scheduler (``aimss.io``; higher first); ``None``: the stream's own
+        (``create_stream(..., io_priority=)``).
 
     Examples
     --------
@@ -200,13 +206,16 @@ def stream_to_zarr(
     spec = remember(ep, ep.scheduler_op("get", name=stream.name))
     if not isinstance(durable, bool):
         raise InvalidArgumentError(f"durable={durable!r} must be True or False")
+    if io_priority is None:
+        io_priority = int(stream.info().get("io_priority", 0))
+    io_priority = check_io_priority(io_priority, f"the sink of stream {stream.name!r}")
     target = Target(store, component, uuid.uuid4().hex, _where(store, component), durable)
     groups = tuple(xr_sink.groups_to_consolidate(store, component or "", None, target.where)) if named else ()
     existing = _inspect(target, spec.partitions, axis, chunks, dims)
     return Sink(
         SinkRun(
             spec, target, axis, chunks, existing, get_client(), ep,
-            dims=dims, named=named, zarr_format=zarr_format, groups=groups,
+            dims=dims, named=named, zarr_format=zarr_format, groups=groups, io_priority=io_priority,
         )
     )
 
