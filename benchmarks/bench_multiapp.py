@@ -23,12 +23,46 @@ both (AIMSS's pool; Dask's allocator), so the first run of each is reported
 apart (a user's first transfer).
 
     python benchmarks/bench_multiapp.py --part tls --gib 1 --reps 5
+
+Part ``apps`` (``--part apps``, the default): three applications, each a
+client in a process of its own, on one LocalCluster of 4 nanny workers (one
+thread each), AIMSS registered with its defaults:
+
+- ``S1`` and ``S2`` each write a ``--sink-gib`` GiB float64 array, computed
+  block by block (``--chunk-mib`` MiB chunks, uncompressed), to a Zarr
+  array of their own: ``aimss_dask.to_zarr`` (AIMSS) or ``da.to_zarr``
+  (Dask);
+- ``L`` reads a shared ``--stream-gib`` GiB dataset of 4 MiB records with a
+  DLIO-style loader: a thread prefetches ``--prefetch`` batches of
+  ``--batch`` records while the consumer "trains" ``--compute`` seconds per
+  batch. AIMSS: a stream the benchmark made with ``share="read"``, which L
+  opens with ``get_stream`` and reads; Dask: a persisted array published
+  with ``publish_dataset``, which L pulls batch by batch with ``x[i:j].compute()``.
+
+Each round runs, interleaved (the order turns every round): S alone and L
+alone with AIMSS and with Dask, then all three at once (started at one
+instant) with the coordinated I/O scheduler on (``coordinated``), with it
+off (``uncoordinated``: the coordinator grants every write at once), and
+with plain Dask. Reported: medians of each application's time, aggregate
+GB/s (bytes written and read / the last one's finish), each application's
+slowdown against its alone-time with the same system, and L's AU (compute
+time / wall time). The arrays are deleted after each run (not timed, no
+settling: every run starts as a user's would, with the previous run's
+writes still being written back); round 0 is reported apart as the first.
+
+    python benchmarks/bench_multiapp.py --part apps --sink-gib 2 --stream-gib 1 --reps 3
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import queue
+import shutil
 import statistics
+import tempfile
+import threading
 import time
 import uuid
 from typing import Any
@@ -126,16 +160,260 @@ def tls(args: argparse.Namespace) -> None:
         print(f"{kind:4s} aimss data plane / Dask's comms: {med['dask'] / med['aimss']:.2f}x faster")
 
 
+# -- part apps: three applications at once ------------------------------------------------
+
+RECORD = 4 * 2**20  # bytes per record of the shared dataset
+SHARED_STREAM = "bench-multiapp-shared"
+SHARED_DATASET = "bench_multiapp_shared"
+
+
+def _block(block_info: Any = None) -> np.ndarray:
+    """A sink's block, computed: its first row's index in every element."""
+    info = block_info[None]
+    (r0, r1), (c0, c1) = info["array-location"]
+    return np.full((r1 - r0, c1 - c0), float(r0))
+
+
+def _sink_array(gib: float, chunk_mib: int) -> Any:
+    import dask.array as da
+
+    cols = 1024
+    rows_per_chunk = max(1, chunk_mib * 2**20 // (cols * 8))
+    rows = max(rows_per_chunk, int(gib * GiB) // (cols * 8) // rows_per_chunk * rows_per_chunk)
+    return da.map_blocks(_block, chunks=((rows_per_chunk,) * (rows // rows_per_chunk), (cols,)), dtype="f8")
+
+
+def _sink(system: str, path: str, args: argparse.Namespace) -> int:
+    import dask.array as da
+    import zarr
+
+    x = _sink_array(args.sink_gib, args.chunk_mib)
+    if system == "aimss":
+        aimss_dask.to_zarr(x, path, chunks=x.chunksize, compressors=None)
+    else:
+        z = zarr.create_array(path, shape=x.shape, chunks=x.chunksize, dtype=x.dtype, compressors=None)
+        da.to_zarr(x, z)
+    return int(x.nbytes)
+
+
+def _load(system: str, client: Client, args: argparse.Namespace) -> tuple[int, float]:
+    """One epoch of the shared dataset; bytes read and the seconds of compute."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=args.prefetch)
+    errors: list[BaseException] = []
+
+    def prefetch() -> None:
+        try:
+            if system == "aimss":
+                batch: list[np.ndarray] = []
+                for rec in aimss_dask.get_stream(SHARED_STREAM).read(start=0):
+                    batch.append(rec)
+                    if len(batch) == args.batch:
+                        q.put(batch)
+                        batch = []
+                if batch:
+                    q.put(batch)
+            else:
+                x = client.get_dataset(SHARED_DATASET)
+                step = args.batch * x.chunksize[0]
+                for i in range(0, x.shape[0], step):
+                    q.put([x[i:i + step].compute()])
+        except BaseException as e:  # noqa: BLE001 -- reported by the consumer
+            errors.append(e)
+        finally:
+            q.put(None)
+
+    threading.Thread(target=prefetch, daemon=True).start()
+    nbytes, computed = 0, 0.0
+    while (batch := q.get()) is not None:
+        nbytes += sum(int(a.nbytes) for a in batch)
+        time.sleep(args.compute)  # the training step
+        computed += args.compute
+    if errors:
+        raise errors[0]
+    return nbytes, computed
+
+
+def _app(address: str, role: str, args: argparse.Namespace, inbox: Any, outbox: Any) -> None:
+    """One application: a client of its own; runs what it is told at the time it is told."""
+    with Client(address) as client:
+        outbox.put((role, client.id))
+        while (cmd := inbox.get()) is not None:
+            system, at, path = cmd
+            time.sleep(max(0.0, at - time.time()))
+            t0 = time.perf_counter()
+            try:
+                if role == "L":
+                    nbytes, computed = _load(system, client, args)
+                else:
+                    nbytes, computed = _sink(system, path, args), 0.0
+                outbox.put((role, time.perf_counter() - t0, nbytes, computed, None))
+            except Exception as e:
+                outbox.put((role, time.perf_counter() - t0, 0, 0.0, f"{type(e).__name__}: {e}"))
+
+
+def _set_io(enabled: bool, dask_scheduler: Any = None) -> bool:
+    """Turn the coordinator's I/O scheduler on or off (a benchmark's switch, not an API)."""
+    plugin = dask_scheduler.plugins["aimss"]
+    plugin.io.enabled = enabled
+    return plugin.io.enabled
+
+
+def _fill_shared(i: int, n_parts: int) -> int:
+    s = aimss_dask.get_stream(SHARED_STREAM)
+    s.write(np.full(RECORD // 8, float(i)), partition=i % n_parts)
+    s.flush()
+    return RECORD
+
+
+def _check_sink(path: str, args: argparse.Namespace) -> None:
+    """The array is there, whole: a few chunks hold what their blocks computed."""
+    import zarr
+
+    x = _sink_array(args.sink_gib, args.chunk_mib)
+    z = zarr.open_array(path, mode="r")
+    assert z.shape == x.shape, (path, z.shape, x.shape)
+    rows = x.chunksize[0]
+    for r0 in (0, (x.shape[0] // rows // 2) * rows, x.shape[0] - rows):
+        got = z[r0:r0 + rows]
+        assert (got == float(r0)).all(), (path, r0)
+
+
+def apps(args: argparse.Namespace) -> None:
+    import dask.array as da
+
+    workdir = tempfile.mkdtemp(prefix="bench-multiapp-", dir=args.dir)
+    ctx = multiprocessing.get_context("spawn")
+    procs: dict[str, Any] = {}
+    try:
+        with LocalCluster(
+            n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster, Client(cluster) as client:
+            client.register_plugin(aimss_dask.AIMSS())
+            n_records = max(1, int(args.stream_gib * GiB) // RECORD)
+            stream_bytes = n_records * RECORD
+            shared = aimss_dask.create_stream(SHARED_STREAM, partitions=4, share="read")
+            assert sum(client.gather(client.map(_fill_shared, range(n_records), n_parts=4))) == stream_bytes
+            shared.seal()
+            x = da.random.random((n_records * (RECORD // 8 // 512), 512), chunks=(RECORD // 8 // 512, 512)).persist()
+            wait(x)
+            client.publish_dataset(**{SHARED_DATASET: x})
+            sink_bytes = _sink_array(args.sink_gib, args.chunk_mib).nbytes
+            outbox = ctx.Queue()
+            inboxes = {}
+            for role in ("S1", "S2", "L"):
+                inboxes[role] = ctx.Queue()
+                procs[role] = ctx.Process(target=_app, args=(cluster.scheduler_address, role, args, inboxes[role], outbox))
+                procs[role].start()
+            ids = dict(outbox.get(timeout=180) for _ in procs)
+            print(f"applications: {ids}", flush=True)
+            runs = [
+                ("alone", "aimss", ("S1",)), ("alone", "aimss", ("L",)),
+                ("alone", "dask", ("S1",)), ("alone", "dask", ("L",)),
+                ("coordinated", "aimss", ("S1", "S2", "L")),
+                ("uncoordinated", "aimss", ("S1", "S2", "L")),
+                ("dask", "dask", ("S1", "S2", "L")),
+            ]
+            times: dict[str, dict[str, list[float]]] = {}
+            first: dict[str, dict[str, float]] = {}
+            for rep in range(args.reps + 1):
+                k = rep % len(runs)
+                for mode, system, roles in runs[k:] + runs[:k]:
+                    on = client.run_on_scheduler(_set_io, mode != "uncoordinated")
+                    assert on == (mode != "uncoordinated")
+                    label = mode if mode != "alone" else f"{system}-alone-{roles[0][0]}"
+                    paths = {r: os.path.join(workdir, f"{label}-{rep}-{r}.zarr") for r in roles}
+                    at = time.time() + 1.0
+                    for r in roles:
+                        inboxes[r].put((system, at, paths.get(r)))
+                    res = {}
+                    for _ in roles:
+                        role, dt, nbytes, computed, err = outbox.get(timeout=1800)
+                        if err:
+                            raise RuntimeError(f"{label}: {role} failed: {err}")
+                        res[role] = (dt, nbytes, computed)
+                    for r in roles:
+                        if r != "L":
+                            _check_sink(paths[r], args)
+                    assert res.get("L", (0, stream_bytes))[1] == stream_bytes
+                    makespan = max(dt for dt, _, _ in res.values())
+                    moved = sum(nb for _, nb, _ in res.values())
+                    line = {r: dt for r, (dt, _, _) in res.items()}
+                    line["aggregate"] = moved / makespan / 1e9
+                    if "L" in res:
+                        line["au"] = res["L"][2] / res["L"][0]
+                    print(f"  round {rep} {label:18s} " + "  ".join(
+                        f"{kk} {v:6.2f}" for kk, v in line.items()), flush=True)
+                    for p in paths.values():
+                        shutil.rmtree(p, ignore_errors=True)
+                    if rep == 0:
+                        first[label] = line
+                    else:
+                        for kk, v in line.items():
+                            times.setdefault(label, {}).setdefault(kk, []).append(v)
+            for q_ in inboxes.values():
+                q_.put(None)
+            for proc in procs.values():
+                proc.join(60)
+            aimss_dask.destroy_stream(SHARED_STREAM)
+    finally:
+        for proc in procs.values():
+            if proc.is_alive():
+                proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+    _report_apps(times, first, args, sink_bytes, stream_bytes)
+
+
+def _report_apps(
+    times: dict[str, dict[str, list[float]]], first: dict[str, dict[str, float]],
+    args: argparse.Namespace, sink_bytes: int, stream_bytes: int,
+) -> None:
+    med = {label: {k: statistics.median(v) for k, v in d.items()} for label, d in times.items()}
+    print(
+        f"\nthree applications on 4 workers: S1, S2 sink {sink_bytes / GiB:.2f} GiB each, L reads "
+        f"{stream_bytes / GiB:.2f} GiB ({args.batch} x 4 MiB per batch, {args.compute} s compute); "
+        f"medians of {args.reps} rounds (round 0, the first, apart)"
+    )
+    for system in ("aimss", "dask"):
+        for r in ("S", "L"):
+            label = f"{system}-alone-{r}"
+            extra = f"  AU {med[label]['au']:.2f}" if r == "L" else ""
+            print(f"{label:18s} {med[label][r + ('1' if r == 'S' else '')]:6.2f} s{extra}"
+                  f"   (first {first[label][r + ('1' if r == 'S' else '')]:6.2f} s)")
+    for mode, system in (("coordinated", "aimss"), ("uncoordinated", "aimss"), ("dask", "dask")):
+        m = med[mode]
+        alone_s = med[f"{system}-alone-S"]["S1"]
+        alone_l = med[f"{system}-alone-L"]["L"]
+        print(
+            f"{mode:14s} aggregate {m['aggregate']:5.2f} GB/s (first {first[mode]['aggregate']:5.2f})  "
+            f"S1 {m['S1']:6.2f} s ({m['S1'] / alone_s:4.2f}x alone)  "
+            f"S2 {m['S2']:6.2f} s ({m['S2'] / alone_s:4.2f}x alone)  "
+            f"L {m['L']:6.2f} s ({m['L'] / alone_l:4.2f}x alone, AU {m['au']:.2f})"
+        )
+    print(
+        f"coordinated / uncoordinated aggregate: {med['coordinated']['aggregate'] / med['uncoordinated']['aggregate']:.2f}x; "
+        f"coordinated / dask: {med['coordinated']['aggregate'] / med['dask']['aggregate']:.2f}x"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["tls"], default="tls")
-    ap.add_argument("--gib", type=float, default=1.0)
-    ap.add_argument("--record-mib", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--kinds", default="tls,tcp", help="comms kinds to measure, of tls,tcp")
+    ap.add_argument("--part", choices=["apps", "tls"], default="apps")
+    ap.add_argument("--gib", type=float, default=1.0, help="tls: GiB moved")
+    ap.add_argument("--record-mib", type=int, default=4, help="tls: MiB per record")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--kinds", default="tls,tcp", help="tls: comms kinds to measure, of tls,tcp")
+    ap.add_argument("--sink-gib", type=float, default=2.0, help="apps: GiB each sink writes")
+    ap.add_argument("--stream-gib", type=float, default=1.0, help="apps: GiB of the shared dataset")
+    ap.add_argument("--chunk-mib", type=int, default=8, help="apps: MiB per chunk of the sinks' arrays")
+    ap.add_argument("--batch", type=int, default=4, help="apps: 4 MiB records per loader batch")
+    ap.add_argument("--compute", type=float, default=0.05, help="apps: seconds of compute per batch")
+    ap.add_argument("--prefetch", type=int, default=4, help="apps: batches the loader reads ahead")
+    ap.add_argument("--dir", default=None, help="apps: where the arrays go (default: the temp folder)")
     args = ap.parse_args()
     if args.part == "tls":
         tls(args)
+    else:
+        apps(args)
 
 
 if __name__ == "__main__":

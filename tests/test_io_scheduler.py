@@ -21,6 +21,7 @@ import aimss_dask
 from aimss_dask.coordinator.io import IOHandlers, IOScheduler
 from aimss_dask.core.config import AIMSSConfig
 from aimss_dask.core.errors import InvalidArgumentError
+from aimss_dask.node.iogate import IOGate
 
 
 class Clock:
@@ -163,10 +164,82 @@ def test_handlers_wait_for_a_grant_and_a_disabled_scheduler_waits_for_nothing():
         with pytest.raises(asyncio.CancelledError):
             await third
         off = IOHandlers(1, 1.0, 0.25, False, lambda run: (run, 0))
-        assert (await off._h_io_acquire("w1", "r", "x"))["ticket"] == 0
+        assert await off._h_io_acquire("w1", "r", "x") == {"ticket": 0, "lease": 1.0}
         assert off.status()["grants"] == 0
 
     asyncio.run(main())
+
+
+class _Worker:
+    """What the gate uses of a Dask worker: a loop in a thread, and the scheduler's two ops."""
+
+    def __init__(self, handlers: IOHandlers) -> None:
+        from tornado.ioloop import IOLoop
+
+        ready = threading.Event()
+        box: dict[str, IOLoop] = {}
+
+        def run() -> None:
+            asyncio.set_event_loop(asyncio.new_event_loop())
+            box["loop"] = IOLoop.current()
+            ready.set()
+            box["loop"].start()
+
+        threading.Thread(target=run, daemon=True).start()
+        ready.wait()
+        self.loop = box["loop"]
+        self.address = "tcp://127.0.0.1:1"
+        self.asks = 0
+        outer = self
+
+        class Scheduler:
+            async def aimss_io_acquire(self, **kw):
+                outer.asks += 1
+                return await handlers._h_io_acquire(**kw)
+
+            async def aimss_io_release(self, ticket):
+                await handlers._h_io_release(ticket)
+
+        self.scheduler = Scheduler()
+
+    def stop(self) -> None:
+        self.loop.add_callback(self.loop.stop)
+
+
+def test_the_gate_holds_a_grant_across_back_to_back_writes_and_gives_it_back_when_they_pause():
+    handlers = IOHandlers(1, 1.0, 5.0, True, lambda run: (run, 0))
+    worker = _Worker(handlers)
+    try:
+        gate = IOGate(worker, linger=0.05)
+        for _ in range(10):
+            with gate.writing("A", "r"):
+                pass
+        assert worker.asks == 1
+        # Another run here: the idle grant of A goes back first, or this
+        # writer would wait behind itself (the node has one slot).
+        with gate.writing("B", "r"):
+            pass
+        assert worker.asks == 2
+        wait_until(lambda: handlers.sched.snapshot()["r"]["writing"] == {}, what="the grant back after the pause")
+        assert handlers.sched.snapshot()["r"]["served"] == {"A": 1, "B": 1}
+        with gate.writing("C", None):  # not a file system: nothing asked
+            pass
+        assert worker.asks == 2 and gate.statistics()["io_writes"] == 11
+    finally:
+        worker.stop()
+
+
+def test_the_gate_stops_asking_a_coordinator_that_does_not_schedule():
+    handlers = IOHandlers(1, 1.0, 5.0, False, lambda run: (run, 0))
+    worker = _Worker(handlers)
+    try:
+        gate = IOGate(worker)
+        for run in ("A", "B", "A", "B"):
+            with gate.writing(run, "r"):
+                pass
+        assert worker.asks == 1
+    finally:
+        worker.stop()
 
 
 def test_config_refuses_a_bad_limit_by_name():
@@ -233,7 +306,7 @@ def test_writers_wait_while_another_application_holds_the_node_and_write_everyth
 
 
 def _app_write(address: str, path: str, rows: int, cols: int) -> None:
-    with Client(address) as client:  # noqa: F841 -- the current client of to_zarr
+    with Client(address):  # the current client of to_zarr
         aimss_dask.to_zarr(_source(rows, cols), path, chunks=(64, cols))
 
 

@@ -60,6 +60,9 @@ class IOGate:
         self._lock = threading.Lock()
         self._leases: dict[tuple[str, str], _Lease] = {}
         self._warned = False
+        # Until then, write without asking: the coordinator said it does not
+        # schedule (aimss.io.enabled false there); asked again after that.
+        self._ungated_until = 0.0
         #: Writes that went through the gate, and seconds spent waiting for grants.
         self.writes = 0
         self.waited = 0.0
@@ -79,10 +82,25 @@ class IOGate:
         now = time.monotonic()
         with self._lock:
             self.writes += 1
+            if now < self._ungated_until:
+                return None
             lease = self._leases.get(key)
             if lease is not None and not lease.done and now < lease.until:
                 lease.users += 1
                 return lease
+        # An idle grant of another run here on the same resource goes back
+        # first: this writer would otherwise count twice against the node's
+        # limit, and wait behind its own idle grant.
+        with self._lock:
+            idle = [
+                (k, lease) for k, lease in self._leases.items()
+                if k[1] == resource and k != key and not lease.users and not lease.done
+            ]
+            for k, lease in idle:
+                lease.done = True
+                del self._leases[k]
+        for _, lease in idle:
+            self._send_release(lease.ticket)
         t0 = time.monotonic()
         try:
             reply = sync(
@@ -95,6 +113,10 @@ class IOGate:
                 logger.warning("aimss: could not ask the coordinator before writing (%r); writing ungated", e)
             return None
         now = time.monotonic()
+        if not reply["ticket"]:
+            with self._lock:
+                self._ungated_until = now + float(reply["lease"])
+            return None
         lease = _Lease(int(reply["ticket"]), now + float(reply["lease"]), users=1, last=now)
         with self._lock:
             self.waited += now - t0
@@ -142,8 +164,6 @@ class IOGate:
         self.worker.loop.add_callback(self._release, ticket)
 
     async def _release(self, ticket: int) -> None:
-        if not ticket:
-            return  # the coordinator does not schedule (aimss.io.enabled false there)
         try:
             await self.worker.scheduler.aimss_io_release(ticket=ticket)
         except Exception as e:
