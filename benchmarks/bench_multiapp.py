@@ -49,6 +49,12 @@ slowdown against its alone-time with the same system, and L's AU (compute
 time / wall time). The arrays are deleted after each run (not timed, no
 settling: every run starts as a user's would, with the previous run's
 writes still being written back); round 0 is reported apart as the first.
+Before each run the benchmark touches and frees as much memory as the run's
+page cache will take (``--no-prefault``: not, as for a user): a VM that
+hands freed pages back to its host makes whichever run comes first after a
+pause fault fresh memory, several times slower, which otherwise decides the
+comparison more than the methods do. The order of the runs turns every round
+and reverses every other one.
 
     python benchmarks/bench_multiapp.py --part apps --sink-gib 2 --stream-gib 1 --reps 3
 """
@@ -68,6 +74,7 @@ import uuid
 from typing import Any
 
 import numpy as np
+from _common import prefault
 from distributed import Client, LocalCluster, wait
 from distributed.security import Security
 
@@ -288,7 +295,8 @@ def apps(args: argparse.Namespace) -> None:
         with LocalCluster(
             n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster, Client(cluster) as client:
-            client.register_plugin(aimss_dask.AIMSS())
+            io = {"max-concurrent-writes-per-node": args.limit} if args.limit else None
+            client.register_plugin(aimss_dask.AIMSS(io=io))
             n_records = max(1, int(args.stream_gib * GiB) // RECORD)
             stream_bytes = n_records * RECORD
             shared = aimss_dask.create_stream(SHARED_STREAM, partitions=4, share="read")
@@ -309,18 +317,26 @@ def apps(args: argparse.Namespace) -> None:
             runs = [
                 ("alone", "aimss", ("S1",)), ("alone", "aimss", ("L",)),
                 ("alone", "dask", ("S1",)), ("alone", "dask", ("L",)),
-                ("coordinated", "aimss", ("S1", "S2", "L")),
                 ("uncoordinated", "aimss", ("S1", "S2", "L")),
+                ("coordinated", "aimss", ("S1", "S2", "L")),
                 ("dask", "dask", ("S1", "S2", "L")),
             ]
             times: dict[str, dict[str, list[float]]] = {}
+            last_io: tuple[int, int, float] = (0, 0, 0.0)
             first: dict[str, dict[str, float]] = {}
             for rep in range(args.reps + 1):
+                # Turned, and reversed every other round: no method always
+                # follows the same one (a run after another's deletion of
+                # gigabytes reuses the pages it freed; one after a pause
+                # faults fresh ones).
                 k = rep % len(runs)
-                for mode, system, roles in runs[k:] + runs[:k]:
+                order = runs[k:] + runs[:k]
+                for mode, system, roles in order[::-1] if rep % 2 else order:
                     on = client.run_on_scheduler(_set_io, mode != "uncoordinated")
                     assert on == (mode != "uncoordinated")
                     label = mode if mode != "alone" else f"{system}-alone-{roles[0][0]}"
+                    if args.prefault:
+                        prefault(int(len(roles) * args.sink_gib * GiB))
                     paths = {r: os.path.join(workdir, f"{label}-{rep}-{r}.zarr") for r in roles}
                     at = time.time() + 1.0
                     for r in roles:
@@ -343,6 +359,13 @@ def apps(args: argparse.Namespace) -> None:
                         line["au"] = res["L"][2] / res["L"][0]
                     print(f"  round {rep} {label:18s} " + "  ".join(
                         f"{kk} {v:6.2f}" for kk, v in line.items()), flush=True)
+                    if system == "aimss":
+                        st = aimss_dask.status()
+                        io = (st.io["grants"], st.io["waited"], sum(w.get("io_wait_seconds", 0) for w in st.values()))
+                        if io != last_io:
+                            print(f"      I/O scheduler: {io[0] - last_io[0]} grants, {io[1] - last_io[1]} waited, "
+                                  f"workers waited {io[2] - last_io[2]:.2f} s in all", flush=True)
+                        last_io = io
                     for p in paths.values():
                         shutil.rmtree(p, ignore_errors=True)
                     if rep == 0:
@@ -367,6 +390,8 @@ def _report_apps(
     times: dict[str, dict[str, list[float]]], first: dict[str, dict[str, float]],
     args: argparse.Namespace, sink_bytes: int, stream_bytes: int,
 ) -> None:
+    if not times:
+        return  # the first round only
     med = {label: {k: statistics.median(v) for k, v in d.items()} for label, d in times.items()}
     print(
         f"\nthree applications on 4 workers: S1, S2 sink {sink_bytes / GiB:.2f} GiB each, L reads "
@@ -409,6 +434,15 @@ def main() -> None:
     ap.add_argument("--compute", type=float, default=0.05, help="apps: seconds of compute per batch")
     ap.add_argument("--prefetch", type=int, default=4, help="apps: batches the loader reads ahead")
     ap.add_argument("--dir", default=None, help="apps: where the arrays go (default: the temp folder)")
+    ap.add_argument(
+        "--limit", type=int, default=None,
+        help="apps: aimss.io.max-concurrent-writes-per-node (default: the configured one)",
+    )
+    ap.add_argument(
+        "--prefault", action=argparse.BooleanOptionalAction, default=True,
+        help="apps: touch and free the memory a run's page cache will take, before each run "
+        "(--no-prefault: as a user's runs, which fault it fresh)",
+    )
     args = ap.parse_args()
     if args.part == "tls":
         tls(args)

@@ -30,7 +30,7 @@ RECORDS = 400
 NBYTES = 1024
 
 #: The only labels an aimss_ metric may carry, and so their values stay few.
-ALLOWED_LABELS = {"where", "path", "kind", "state", "how", "action", "le"}
+ALLOWED_LABELS = {"where", "path", "kind", "state", "how", "action", "le", "waited"}
 
 
 def _scrape(port: int) -> dict[str, list[Any]]:
@@ -141,6 +141,20 @@ def test_runs_are_counted_by_kind_and_state(cluster):
     for kind, state in kinds:
         assert _value(page, "aimss_runs", kind=kind, state=state) >= 1
     assert sum(s.value for s in page["aimss_runs"]) == len(runs)
+
+
+def test_sink_writes_show_as_grants_of_the_io_scheduler(cluster, tmp_path):
+    import dask.array as da
+
+    cluster, client = cluster
+    sched_port, _ = _ports(cluster, client)
+    before = _scrape(sched_port)
+    aimss_dask.to_zarr(da.ones((512, 64), chunks=(64, 64)), str(tmp_path / "m.zarr"))
+    page = _scrape(sched_port)
+    io = aimss_dask.status().io
+    granted = _value(page, "aimss_io_grants_total", waited="no") + _value(page, "aimss_io_grants_total", waited="yes")
+    assert granted == io["grants"] > _value(before, "aimss_io_grants_total", waited="no")
+    assert _value(page, "aimss_io_writers", state="waiting") == 0
 
 
 def test_histogram_and_merge_examples_hold():

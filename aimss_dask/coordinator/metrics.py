@@ -3,7 +3,8 @@
 Runs by kind and state, streams, consumer groups and their lag (records
 committed behind each partition's end, summed), the logs' bytes over the
 cluster as the workers' last heartbeats tell them, and running totals of
-stragglers, copies, takeovers, slow workers, recoveries and other events.
+stragglers, copies, takeovers, slow workers, recoveries and other events,
+and the coordinated I/O scheduler's grants and writers.
 See :mod:`aimss_dask.core.metrics`.
 """
 
@@ -52,6 +53,10 @@ def coordinator_metrics(coord: AIMSS) -> list[Metric]:
     events = dict(coord.ops.event_counts)
     reports = dict(coord.stragglers.counts)
     recoveries = {how: events.get(action, 0) for action, how in RECOVERY_ACTIONS.items()}
+    io = coord.io
+    resources = io.sched.snapshot().values()
+    writing = sum(sum(r["writing"].values()) for r in resources)
+    waiting = sum(sum(r["waiting"].values()) for r in resources)
     return [
         Metric("runs", "gauge", "Operator runs listed by the coordinator, by kind and state.",
                [({"kind": k, "state": s}, n) for (k, s), n in sorted(coord.runs.counts().items())]),
@@ -74,4 +79,9 @@ def coordinator_metrics(coord: AIMSS) -> list[Metric]:
         Metric("recoveries", "counter", "Runs and partitions recovered after a worker was lost, by how.",
                counts(recoveries, "how")),
         Metric("events", "counter", "Events on the aimss topic, by action.", counts(events, "action")),
+        Metric("io_grants", "counter",
+               "Grants of the coordinated I/O scheduler to sink writers, by whether they waited for a slot.",
+               [({"waited": "no"}, io.grants - io.waited), ({"waited": "yes"}, io.waited)]),
+        Metric("io_writers", "gauge", "Sink writers holding or waiting for a host's file system now, by state.",
+               [({"state": "writing"}, writing), ({"state": "waiting"}, waiting)]),
     ]
