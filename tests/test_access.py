@@ -310,6 +310,23 @@ def test_a_client_that_dies_takes_its_private_streams_not_those_others_still_rea
         reader.close()
 
 
+def test_an_application_that_leaves_takes_its_consumer_groups_on_others_streams(client, cluster):
+    s = _filled(unique_name("groups-left"), share="read")
+    s.seal()
+    assert list(s.read(group="mine")) == [0, 1, 2, 3]
+    app = _App(cluster.scheduler_address)
+    try:
+        assert app("consume", s.name, "train") == [0, 1, 2, 3]
+        assert set(s.info()["groups"]) == {"mine", f"{app.id}/train"}
+        app.close()
+        # Its group held records for a client id no application gets back.
+        wait_until(lambda: set(s.info()["groups"]) == {"mine"}, what="its group dropped")
+        assert list(s.read(partition=0, start=0)) == [0, 1, 2, 3]  # the stream itself intact
+    finally:
+        app.close()
+        aimss_dask.destroy_stream(s.name)
+
+
 def test_two_applications_read_what_a_third_published_and_memory_holds_one_copy(client, cluster, other):
     name = unique_name("published")
     n, nbytes = 16, 2**20
