@@ -568,9 +568,9 @@ def test_info_and_status(client):
     assert set(info) == {
         "name", "partitions", "owners", "epoch", "parent", "persist", "sealed",
         "lost", "lost_offsets", "records", "bytes", "spilled_bytes", "groups",
-        "replicas", "in_sync", "replication", "owner", "share",
+        "replicas", "in_sync", "replication", "owner", "share", "io_priority",
     }
-    assert info["owner"] == client.id and info["share"] is None
+    assert info["owner"] == client.id and info["share"] is None and info["io_priority"] == 0
     assert info["name"] == name
     assert info["partitions"] == 2
     assert isinstance(info["owners"], list) and set(info["owners"]) == workers

@@ -214,7 +214,8 @@ class Stream:
         readers may have seen, and so may take over if the owner dies; a copy
         placed after a loss joins once it has caught up). Access: ``owner``
         (the client id of the application it belongs to; None: every
-        application's) and ``share``.
+        application's) and ``share``; ``io_priority``, the default of its
+        sinks with the coordinated I/O scheduler.
         """
         return _plain(current("info").scheduler_op("info", name=self.name)["info"])
 
