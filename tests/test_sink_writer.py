@@ -92,20 +92,26 @@ def test_abort_waits_for_a_write_under_way_on_a_task_thread(target):
         wb.close()
 
 
-def test_two_runs_queued_at_once_are_written_in_bursts_each_in_its_own_order(target):
-    wb = WriteBehind(max_bytes=2**20, burst=60.0)
+def _busy(wb: WriteBehind, target: ZarrTarget) -> threading.Event:
+    """Keep ``wb``'s writer busy (as region 99 of ``target``) until the returned event is set."""
     started, release = threading.Event(), threading.Event()
-    order: list[tuple[str, int]] = []
 
     def blocking(put):
         started.set()
         release.wait(10)
         return 1
 
+    wb.submit_job(target, 99, 1, blocking)
+    started.wait(10)
+    return release
+
+
+def test_two_runs_queued_at_once_are_written_in_bursts_each_in_its_own_order(target):
+    wb = WriteBehind(max_bytes=2**20, burst=60.0)
+    order: list[tuple[str, int]] = []
     other = ZarrTarget(target.store, "", 3, "aimss-sink-other")
     try:
-        wb.submit_job(target, 99, 1, blocking)  # the writer is busy: the rest queue up
-        started.wait(10)
+        release = _busy(wb, target)  # the rest queue up meanwhile
         for i in range(4):  # interleaved, as two applications' tasks hand them in
             for t in (target, other):
                 wb.submit_job(t, i, 1, lambda put, t=t, i=i: order.append((t.run, i)) or 1)
@@ -120,18 +126,10 @@ def test_two_runs_queued_at_once_are_written_in_bursts_each_in_its_own_order(tar
 
 def test_a_burst_ends_after_its_time_when_another_run_waits(target):
     wb = WriteBehind(max_bytes=2**20, burst=0.0)
-    started, release = threading.Event(), threading.Event()
     order: list[str] = []
-
-    def blocking(put):
-        started.set()
-        release.wait(10)
-        return 1
-
     other = ZarrTarget(target.store, "", 3, "aimss-sink-other")
     try:
-        wb.submit_job(target, 99, 1, blocking)
-        started.wait(10)
+        release = _busy(wb, target)
         for i in range(3):
             for t in (target, other):
                 wb.submit_job(t, i, 1, lambda put, t=t: order.append(t.run) or 1)

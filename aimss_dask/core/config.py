@@ -168,6 +168,21 @@ def _duration(key: str, value: Any, *, positive: bool) -> float:
     return float(x)
 
 
+def _section(cls: Any, section: str, raw: Any, example: str) -> dict[str, Any] | None:
+    """A config section's keys as field names; None if it is not set; a clear error if it is not a mapping."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise _bad(section, f"aimss {section}={raw!r} must be a mapping of options such as {example}")
+    return _section_keys(cls, section, raw)
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(key.split(".")[0], f"aimss {key}={value!r} must be true or false")
+    return value
+
+
 def _section_keys(cls: Any, section: str, raw: dict[Any, Any]) -> dict[str, Any]:
     """A config section's keys as field names; an unknown key is an error naming the known ones."""
     d = {str(k).replace("-", "_"): v for k, v in raw.items()}
@@ -211,20 +226,11 @@ class SpeculationConfig:
 
     @classmethod
     def parse(cls, raw: Any) -> SpeculationConfig:
-        if raw is None:
+        d = _section(cls, "speculation", raw, "{'enabled': True, 'multiplier': 2}")
+        if d is None:
             return cls()
-        if not isinstance(raw, dict):
-            raise _bad(
-                "speculation",
-                f"aimss speculation={raw!r} must be a mapping of options such as "
-                "{'enabled': True, 'multiplier': 2}",
-            )
-        d = _section_keys(cls, "speculation", raw)
-        enabled = d.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise _bad("speculation", f"aimss speculation.enabled={enabled!r} must be true or false")
         return cls(
-            enabled=enabled,
+            enabled=_flag("speculation.enabled", d.get("enabled", True)),
             quantile=_number(
                 "speculation.quantile", d.get("quantile", 0.75), 0.0, 1.0, low_open=True,
                 what="the fraction of a task group that must be done before its stragglers are judged",
@@ -268,14 +274,9 @@ class IOConfig:
 
     @classmethod
     def parse(cls, raw: Any) -> IOConfig:
-        if raw is None:
+        d = _section(cls, "io", raw, "{'enabled': True, 'max-concurrent-writes-per-node': 4}")
+        if d is None:
             return cls()
-        if not isinstance(raw, dict):
-            raise _bad("io", f"aimss io={raw!r} must be a mapping such as {{'enabled': True}}")
-        d = _section_keys(cls, "io", raw)
-        enabled = d.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise _bad("io", f"aimss io.enabled={enabled!r} must be true or false")
         n = d.get("max_concurrent_writes_per_node", 4)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise _bad(
@@ -284,7 +285,7 @@ class IOConfig:
                 "(writers of one host that may write to one file system at once)",
             )
         return cls(
-            enabled=enabled,
+            enabled=_flag("io.enabled", d.get("enabled", True)),
             max_concurrent_writes_per_node=n,
             turn=_duration("io.turn", d.get("turn", 1.0), positive=True),
             lease=_duration("io.lease", d.get("lease", 0.25), positive=True),
@@ -310,11 +311,9 @@ class SinkConfig:
 
     @classmethod
     def parse(cls, raw: Any) -> SinkConfig:
-        if raw is None:
+        d = _section(cls, "sink", raw, "{'shared-filesystem': True}")
+        if d is None:
             return cls()
-        if not isinstance(raw, dict):
-            raise _bad("sink", f"aimss sink={raw!r} must be a mapping such as {{'shared-filesystem': True}}")
-        d = _section_keys(cls, "sink", raw)
         shared = d.get("shared_filesystem")
         if shared is not None and not isinstance(shared, bool):
             raise _bad(

@@ -83,8 +83,12 @@ moment: run one sink per array at a time.
 **Retention.** Records that are durable (below the committed ``offset``) and
 that every consumer group of the stream has committed past are trimmed from
 the owner's log by the next round's task, and once more when the sink
-completes; a long stream never fills the workers' memory. Plain readers
-without a group are not tracked: read before the sink passes, or from Zarr.
+completes; a long stream never fills the workers' memory. The sink's own
+durable offsets are such a group (``aimss-sink:<array>``), so a second sink
+of the stream (another array, another application) never trims what this
+one has still to write, and a resumed sink of the array takes it over.
+Plain readers without a group are not tracked: read before the sink
+passes, or from Zarr.
 
 **Never blocking the loop.** The driver is a plain thread (it uses the
 blocking client API, never the event loop); owner tasks run in worker
