@@ -141,7 +141,7 @@ class IOGate:
         if over:
             self._send_release(lease.ticket)
         else:
-            self.worker.loop.add_callback(self._linger, key, lease)
+            self._on_loop(self._linger, key, lease)
 
     async def _linger(self, key: tuple[str, str], lease: _Lease) -> None:
         await asyncio.sleep(self.linger)
@@ -161,7 +161,14 @@ class IOGate:
         self._send_release(lease.ticket)
 
     def _send_release(self, ticket: int) -> None:
-        self.worker.loop.add_callback(self._release, ticket)
+        self._on_loop(self._release, ticket)
+
+    def _on_loop(self, func: Any, *args: Any) -> None:
+        """Run ``func(*args)`` on the worker's loop; nothing if the loop is gone (the worker closed)."""
+        try:
+            self.worker.loop.add_callback(func, *args)
+        except RuntimeError as e:  # the write itself succeeded: never fail it here
+            logger.debug("aimss: could not give an I/O grant back (%r)", e)
 
     async def _release(self, ticket: int) -> None:
         try:

@@ -133,6 +133,8 @@ def _on_restart(func: Any, rerun: bool) -> Any:
                     wait = 0.0 if isinstance(e, StreamSealedError) else RESTART_WAIT
                     news = _restarted(used, wait=wait)
                     if news == "same" or (news == "gone" and not lost and not used):
+                        # What the task found, for whoever reads the error.
+                        e.add_note(f"aimss: the streams this task used ({used}) were {news} when it gave up")
                         raise
                     # Newer streams: run against them. None used yet and lost:
                     # a create whose streams a restart took while it registered.
