@@ -229,6 +229,25 @@ def test_the_gate_holds_a_grant_across_back_to_back_writes_and_gives_it_back_whe
         worker.stop()
 
 
+def test_the_gate_writes_ungated_when_the_coordinator_cannot_be_asked_and_does_not_ask_every_time():
+    handlers = IOHandlers(1, 1.0, 5.0, True, lambda run: (run, 0))
+    worker = _Worker(handlers)
+
+    async def broken(**kw):
+        worker.asks += 1
+        raise OSError("no such handler")
+
+    worker.scheduler.aimss_io_acquire = broken
+    try:
+        gate = IOGate(worker)
+        for run in ("A", "B", "A"):
+            with gate.writing(run, "r"):
+                pass  # the writes go ahead
+        assert worker.asks == 1
+    finally:
+        worker.stop()
+
+
 def test_the_gate_stops_asking_a_coordinator_that_does_not_schedule():
     handlers = IOHandlers(1, 1.0, 5.0, False, lambda run: (run, 0))
     worker = _Worker(handlers)

@@ -36,6 +36,8 @@ logger = logging.getLogger("aimss_dask")
 
 #: How long a held grant waits for the next write before it goes back.
 LINGER = 0.02
+#: Seconds of ungated writes after the coordinator could not be asked.
+RETRY_AFTER = 10.0
 
 
 @dataclass
@@ -111,6 +113,8 @@ class IOGate:
             if not self._warned:
                 self._warned = True
                 logger.warning("aimss: could not ask the coordinator before writing (%r); writing ungated", e)
+            with self._lock:  # nor ask again before every write
+                self._ungated_until = time.monotonic() + RETRY_AFTER
             return None
         now = time.monotonic()
         if not reply["ticket"]:
