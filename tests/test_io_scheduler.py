@@ -100,6 +100,28 @@ def test_a_slot_the_turns_application_leaves_free_goes_to_another_without_the_tu
     assert s.snapshot()["r"]["peak"] == 2
 
 
+def test_an_application_holding_its_share_goes_after_the_others_but_never_leaves_a_slot_idle():
+    clock = Clock()
+    s = IOScheduler(limit=2, turn=10.0, clock=clock, share=0.5)
+    a1, _ = s.request("r", "A", 0, "w1")
+    a2, now = s.request("r", "A", 0, "w2")
+    assert now  # nobody else waits: a free slot is A's all the same
+    a3, _ = s.request("r", "A", 0, "w1")
+    b1, _ = s.request("r", "B", 0, "w3")
+    # A holds 2 (over its share of 1) and it is A's turn, yet B goes first.
+    assert s.release(a1) == [b1]
+    assert s.release(a2) == [a3]
+    # Without a share, the turn's application would have gone first.
+    t = IOScheduler(limit=2, turn=10.0, clock=clock)
+    x1, _ = t.request("r", "A", 0, "w1")
+    t.request("r", "A", 0, "w2")
+    x3, _ = t.request("r", "A", 0, "w1")
+    t.request("r", "B", 0, "w3")
+    assert t.release(x1) == [x3]
+    with pytest.raises(ValueError, match="share=0"):
+        IOScheduler(limit=2, turn=1.0, share=0)
+
+
 def test_a_worker_that_leaves_gives_back_what_it_held_and_waited_for():
     s = IOScheduler(limit=1, turn=1.0, clock=Clock())
     a, _ = s.request("r", "A", 0, "w1")
@@ -113,14 +135,15 @@ def test_a_worker_that_leaves_gives_back_what_it_held_and_waited_for():
 @settings(max_examples=200, deadline=None)
 @given(
     limit=st.integers(1, 3),
+    share=st.sampled_from([1.0, 0.5, 0.34]),
     ops=st.lists(
         st.tuples(st.sampled_from(["ask", "release", "tick", "leave"]), st.integers(0, 3), st.integers(0, 2)),
         max_size=60,
     ),
 )
-def test_slots_are_never_overbooked_nor_left_idle_and_everyone_is_served_in_the_end(limit, ops):
+def test_slots_are_never_overbooked_nor_left_idle_and_everyone_is_served_in_the_end(limit, share, ops):
     clock = Clock()
-    s = IOScheduler(limit=limit, turn=0.5, clock=clock)
+    s = IOScheduler(limit=limit, turn=0.5, clock=clock, share=share)
     tickets: list[int] = []
     for op, who, prio in ops:
         if op == "ask":
@@ -267,6 +290,8 @@ def test_config_refuses_a_bad_limit_by_name():
     with pytest.raises(InvalidArgumentError, match="io.enabled='yes'"):
         AIMSSConfig.load(io={"enabled": "yes"})
     assert AIMSSConfig.load(io={"turn": "2s"}).io.turn == 2.0
+    with pytest.raises(InvalidArgumentError, match="io.share"):
+        AIMSSConfig.load(io={"share": 0})
 
 
 # -- on a real cluster ----------------------------------------------------------------------

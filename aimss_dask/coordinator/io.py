@@ -16,6 +16,10 @@ coordinator sees every run, so it orders the bursts instead:
   other, each for a share of the node's time, instead of interleaved. The
   order is work-conserving: a slot the turn's application does not use goes
   to the next one.
+- ``share`` (``aimss.io.share``, a fraction of ``limit``): an application
+  that holds that many of a resource's slots goes after every other
+  waiting one, whatever its turn. 1.0 (the default) lets a burst take the
+  whole node for its turn; 0.5 splits a node between two applications.
 - A worker keeps a grant for a *lease* of back-to-back writes
   (:mod:`aimss_dask.node.iogate`) and gives it back when its writes pause
   or the lease ends; a worker that leaves gives back everything it held.
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import logging
 import time
 from collections.abc import Callable
@@ -79,11 +84,17 @@ class IOScheduler:
     an application keeps a resource's turn while another waits.
     """
 
-    def __init__(self, limit: int, turn: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, limit: int, turn: float, clock: Callable[[], float] = time.monotonic, share: float = 1.0
+    ) -> None:
         if limit < 1:
             raise ValueError(f"limit={limit!r} must be >= 1")
+        if not 0 < share <= 1:
+            raise ValueError(f"share={share!r} must be in (0, 1]")
         self.limit = int(limit)
         self.turn = float(turn)
+        #: Slots one application may hold while another waits (at least one).
+        self.cap = max(1, math.floor(self.limit * share))
         self.clock = clock
         self._ids = itertools.count(1)
         self._resources: dict[str, _Resource] = {}
@@ -127,7 +138,10 @@ class IOScheduler:
         while res.waiting and len(res.holders) < self.limit:
             now = self.clock()
             over = self._turn_over(res, now)
-            t = min(res.waiting.values(), key=lambda t: self._order(res, t, now, over))
+            # Those over their share go after the others; a slot nobody
+            # else wants is theirs all the same (work-conserving).
+            pool = [t for t in res.waiting.values() if self._under_share(res, t.app)] or res.waiting.values()
+            t = min(pool, key=lambda t: self._order(res, t, now, over))
             del res.waiting[t.id]
             t.granted = now
             res.holders[t.id] = t
@@ -144,6 +158,11 @@ class IOScheduler:
     def _order(self, res: _Resource, t: _Ticket, now: float, over: bool) -> tuple[Any, ...]:
         mine = t.app == res.turn_app and not over
         return (-t.priority, 0 if mine else 1, self._waiting_since(res, t.app), t.id)
+
+    def _under_share(self, res: _Resource, app: str) -> bool:
+        """Whether ``app`` may take one more slot of ``res``: below its share, or nobody else waits."""
+        held = sum(1 for h in res.holders.values() if h.app == app)
+        return held < self.cap or all(w.app == app for w in res.waiting.values())
 
     def _turn_over(self, res: _Resource, now: float) -> bool:
         """The turn's application has had the resource for ``turn`` seconds and another waits."""
@@ -187,9 +206,9 @@ class IOHandlers:
 
     def __init__(
         self, limit: int, turn: float, lease: float, enabled: bool,
-        app_of: Callable[[str], tuple[str, int]],
+        app_of: Callable[[str], tuple[str, int]], share: float = 1.0,
     ) -> None:
-        self.sched = IOScheduler(limit, turn)
+        self.sched = IOScheduler(limit, turn, share=share)
         self.lease = lease
         self.enabled = enabled
         self.app_of = app_of

@@ -143,7 +143,9 @@ class AIMSS(SchedulerPlugin):
         self.stragglers = Stragglers(self.state, self.config.speculation, tell=self.ops.tell)
         self._stragglers_pc: PeriodicCallback | None = None
         io = self.config.io
-        self.io = IOHandlers(io.max_concurrent_writes_per_node, io.turn, io.lease, io.enabled, self._io_app)
+        self.io = IOHandlers(
+            io.max_concurrent_writes_per_node, io.turn, io.lease, io.enabled, self._io_app, share=io.share
+        )
         # The scheduler's process is traced (aimss_dask.trace) on this plugin's word.
         self._tracing = False
         # The cluster's data-plane secret, made (or found) at start.

@@ -257,7 +257,8 @@ class IOConfig:
     ``max_concurrent_writes_per_node`` writers of one host write to one file
     system at a time, higher ``io_priority`` first, and one application's
     burst at a time: an application keeps the node for ``turn`` seconds
-    while others wait, then the one that waited longest gets it. A worker
+    while others wait, then the one that waited longest gets it; one that
+    holds ``share`` of the node's writers goes after the others. A worker
     holds what it was granted for up to ``lease`` seconds of back-to-back
     writes, so it asks about once per lease, not once per chunk.
 
@@ -271,6 +272,7 @@ class IOConfig:
     max_concurrent_writes_per_node: int = 4
     turn: float = 1.0
     lease: float = 0.25
+    share: float = 1.0
 
     @classmethod
     def parse(cls, raw: Any) -> IOConfig:
@@ -289,6 +291,10 @@ class IOConfig:
             max_concurrent_writes_per_node=n,
             turn=_duration("io.turn", d.get("turn", 1.0), positive=True),
             lease=_duration("io.lease", d.get("lease", 0.25), positive=True),
+            share=_number(
+                "io.share", d.get("share", 1.0), 0.0, 1.0, low_open=True,
+                what="the fraction of a node's writers one application may hold while another waits",
+            ),
         )
 
 
