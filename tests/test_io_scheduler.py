@@ -122,6 +122,17 @@ def test_an_application_holding_its_share_goes_after_the_others_but_never_leaves
         IOScheduler(limit=2, turn=1.0, share=0)
 
 
+def test_the_count_of_grants_per_application_stays_bounded():
+    from aimss_dask.coordinator import io
+
+    s = IOScheduler(limit=1, turn=1.0, clock=Clock())
+    for i in range(io.SERVED_KEPT + 10):
+        ticket, _ = s.request("r", f"app{i}", 0, "w1")
+        s.release(ticket)
+    assert len(s.snapshot()["r"]["served"]) == io.SERVED_KEPT
+    assert f"app{io.SERVED_KEPT + 9}" in s.snapshot()["r"]["served"]  # the newest is kept
+
+
 def test_a_worker_that_leaves_gives_back_what_it_held_and_waited_for():
     s = IOScheduler(limit=1, turn=1.0, clock=Clock())
     a, _ = s.request("r", "A", 0, "w1")

@@ -54,6 +54,9 @@ from typing import Any
 
 logger = logging.getLogger("aimss_dask")
 
+#: Applications whose grants a resource counts (``served``); the least served go first past it.
+SERVED_KEPT = 64
+
 
 @dataclass
 class _Ticket:
@@ -148,6 +151,8 @@ class IOScheduler:
             res.granted += 1
             res.peak = max(res.peak, len(res.holders))
             res.served[t.app] = res.served.get(t.app, 0) + 1
+            if len(res.served) > SERVED_KEPT:  # a long-lived cluster sees many applications
+                del res.served[min(res.served, key=res.served.__getitem__)]
             # The turn passes when its application is done here or has had
             # its time; a spare slot lent to another does not pass it.
             if t.app != res.turn_app and (over or not self._busy(res, res.turn_app)):
