@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -25,6 +25,7 @@ Examples
 
 from __future__ import annotations
 
+import numbers
 import pickle
 from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass, fields
@@ -372,15 +373,11 @@ def check_io_priority(value: object, of: str) -> int:
     >>> check_io_priority(2, "run 'x'")
     2
     """
-    if isinstance(value, bool) or not isinstance(value, int):
-        import numbers
-
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # NumPy ints too
         raise InvalidArgumentError(
             f"io_priority={value!r} of {of} must be an int (higher is served first; 0 is the default)"
         )
-    return value
+    return int(value)
 
 
 def _pickle(spec: RunSpec) -> bytes:

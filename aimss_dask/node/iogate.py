@@ -90,17 +90,16 @@ class IOGate:
             if lease is not None and not lease.done and now < lease.until:
                 lease.users += 1
                 return lease
-        # An idle grant of another run here on the same resource goes back
-        # first: this writer would otherwise count twice against the node's
-        # limit, and wait behind its own idle grant.
+        # An idle grant here on the same resource (of another run, or this
+        # one's, over) goes back first: this writer would otherwise count
+        # twice against the node's limit, and wait behind its own idle grant.
         with self._lock:
             idle = [
                 (k, lease) for k, lease in self._leases.items()
-                if k[1] == resource and k != key and not lease.users and not lease.done
+                if k[1] == resource and not lease.users and not lease.done
             ]
             for k, lease in idle:
-                lease.done = True
-                del self._leases[k]
+                self._retire_locked(k, lease)
         for _, lease in idle:
             self._send_release(lease.ticket)
         t0 = time.monotonic()
@@ -124,10 +123,8 @@ class IOGate:
         lease = _Lease(int(reply["ticket"]), now + float(reply["lease"]), users=1, last=now)
         with self._lock:
             self.waited += now - t0
-            old = self._leases.get(key)
+            # One still in use (over) goes back when its last user ends (_exit).
             self._leases[key] = lease
-        if old is not None and not old.done and old.users == 0:
-            self._give_back(old)
         return lease
 
     def _exit(self, key: tuple[str, str], lease: _Lease) -> None:
@@ -139,9 +136,7 @@ class IOGate:
                 return
             over = now >= lease.until or self._leases.get(key) is not lease
             if over:
-                lease.done = True
-                if self._leases.get(key) is lease:
-                    del self._leases[key]
+                self._retire_locked(key, lease)
         if over:
             self._send_release(lease.ticket)
         else:
@@ -152,17 +147,15 @@ class IOGate:
         with self._lock:
             if lease.done or lease.users or time.monotonic() - lease.last < self.linger * 0.9:
                 return  # in use again (its last user's own linger gives it back)
-            lease.done = True
-            if self._leases.get(key) is lease:
-                del self._leases[key]
+            self._retire_locked(key, lease)
         await self._release(lease.ticket)
 
-    def _give_back(self, lease: _Lease) -> None:
-        with self._lock:
-            if lease.done or lease.users:
-                return
-            lease.done = True
-        self._send_release(lease.ticket)
+    def _retire_locked(self, key: tuple[str, str], lease: _Lease) -> None:
+        """Mark ``lease`` given back; drop it if it is still ``key``'s. The caller holds the
+        lock, and sends the release."""
+        lease.done = True
+        if self._leases.get(key) is lease:
+            del self._leases[key]
 
     def _send_release(self, ticket: int) -> None:
         self._on_loop(self._release, ticket)

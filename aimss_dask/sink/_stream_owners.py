@@ -60,15 +60,12 @@ class Owners:
 
     def hold(self, group: str, offsets: list[list[int]]) -> None:
         """Commit ``offsets`` (``[partition, offset]`` pairs) as consumer group ``group``."""
-        try:
-            self.ep.scheduler_op("commit", name=self.spec.name, group=group, offsets=offsets)
-        except StreamNotFoundError as e:
-            raise SinkError(f"stream {self.spec.name!r} was destroyed while its sink was running") from e
+        self._ask("commit", group=group, offsets=offsets)
 
-    def _ask(self, op: str) -> dict[str, Any]:
+    def _ask(self, op: str, **kwargs: Any) -> dict[str, Any]:
         """The coordinator's answer to ``op`` about the stream; a named error once it is destroyed."""
         try:
-            return self.ep.scheduler_op(op, name=self.spec.name)
+            return self.ep.scheduler_op(op, name=self.spec.name, **kwargs)
         except StreamNotFoundError as e:
             raise SinkError(f"stream {self.spec.name!r} was destroyed while its sink was running") from e
 

@@ -157,6 +157,8 @@ def _write(store: Any, job: OwnerJob) -> Position:
     records, lengths = _records(store, job, o, r + job.nrows)
     arr = None
     written = []
+    gate, host = _gate()
+    resource: str | None = None  # the same for every chunk of the array: looked up once
     for k, pieces in enumerate(cut(job.position, lengths, job.nrows, job.chunk_rows)):
         block = _rows(records, pieces, job.axis)
         # Opened per chunk: a fresh shape (the driver resized before this
@@ -168,8 +170,9 @@ def _write(store: Any, job: OwnerJob) -> Position:
         start = job.start + k * job.chunk_rows
         # Whole chunks (or the array's edge): one unit, written once.
         region = whole_region(block.shape, job.axis, start, block.shape[job.axis])
-        gate, host = _gate()
-        with gate.writing(f"zarr-sink-{job.target.run}", io_resource(arr, host)):
+        if k == 0:
+            resource = io_resource(arr, host)
+        with gate.writing(f"zarr-sink-{job.target.run}", resource):
             unit_writer(arr)(region, block)
         written.append(region)
     if job.target.durable and arr is not None:
