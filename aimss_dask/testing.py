@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from aimss_dask.core.errors import InvalidArgumentError
 
@@ -64,3 +65,45 @@ def throttled(pid: int, share: float, period: float = 0.04) -> Iterator[None]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
 
+
+
+@contextlib.contextmanager
+def slow_writes(client: Any, worker: str, delay: float) -> Iterator[None]:
+    """Every sink unit write on ``worker`` waits ``delay`` seconds first: a slow disk on one node.
+
+    The wait is taken inside the worker's I/O gate (``plugin.io_gate``),
+    which every AIMSS sink write passes through, so only that worker's
+    writes slow down, not its tasks or comms. Undone on exit.
+
+    Examples
+    --------
+    >>> with slow_writes(client, slow, 0.2):               # doctest: +SKIP
+    ...     aimss_dask.to_zarr(x, "out.zarr")               # that worker's chunks are late
+    """
+    if not delay >= 0:
+        raise InvalidArgumentError(f"delay={delay!r} must be a number of seconds, 0 or more")
+    client.run(_slow_gate, delay, workers=[worker])
+    try:
+        yield
+    finally:
+        client.run(_slow_gate, None, workers=[worker])
+
+
+def _slow_gate(delay: float | None, dask_worker: Any = None) -> None:
+    import time
+
+    from aimss_dask.core.names import PLUGIN_NAME
+
+    gate = dask_worker.plugins[PLUGIN_NAME].io_gate
+    if delay is None:
+        gate.__dict__.pop("writing", None)  # the class's method again
+        return
+    inner = type(gate).writing.__get__(gate)
+
+    @contextlib.contextmanager
+    def writing(run: str, resource: str | None) -> Iterator[None]:
+        time.sleep(delay)
+        with inner(run, resource):
+            yield
+
+    gate.writing = writing

@@ -138,3 +138,81 @@ def test_a_burst_ends_after_its_time_when_another_run_waits(target):
         assert order == [target.run, other.run] * 3  # no burst: oldest first
     finally:
         wb.close()
+
+
+def test_a_hand_over_takes_the_last_queued_regions_and_each_is_written_once(target):
+    wb = WriteBehind(max_bytes=2**20, burst=60.0)
+    here: list[int] = []
+    shipped: list[tuple[slice, ...]] = []
+    freed: list[int] = []
+    try:
+        release = _busy(wb, target)  # the rest queue up meanwhile
+        for i in range(6):
+            region = (slice(i, i + 1),)
+            wb.submit_job(
+                target, i, 0, lambda put, i=i: here.append(i) or 8, size=8,
+                portable=lambda i=i, region=region: (region, i, lambda: freed.append(i)),
+            )
+        wb.submit_job(target, 6, 0, lambda put: here.append(6) or 8, size=8)  # only this writer can write it
+        assert wb.run_progress(target.run)["left"] == 7 * 8
+        # 20 bytes: the last portable regions (5, 4, 3), not region 6.
+        assert wb.hand_over(target.run, 20, lambda t, region, data: shipped.append(region) or 8) == 3
+        assert wb.run_progress(target.run)["left"] == 4 * 8
+        release.set()
+        report = wb.flush(target.run)
+        assert sorted(report["written"]) == [0, 1, 2, 3, 4, 5, 6, 99]
+        assert report["bytes"] == 8 * 7 + 1 and report["errors"] == []
+        assert sorted(here) == [0, 1, 2, 6]  # never the regions handed over
+        assert sorted(r[0].start for r in shipped) == [3, 4, 5]
+        assert sorted(freed) == [3, 4, 5]  # each freed once stored elsewhere
+    finally:
+        wb.close()
+
+
+def test_regions_a_helper_fails_to_store_are_written_here(target):
+    wb = WriteBehind(max_bytes=2**20, burst=60.0)
+    here: list[int] = []
+    calls: list[int] = []
+
+    def broken(t, region, data):
+        calls.append(data)
+        raise ConnectionError("helper gone")
+
+    try:
+        release = _busy(wb, target)
+        for i in range(4):
+            wb.submit_job(target, i, 0, lambda put, i=i: here.append(i) or 8, size=8,
+                          portable=lambda i=i: ((slice(i, i + 1),), i, None))
+        assert wb.hand_over(target.run, 100, broken) == 4
+        release.set()
+        report = wb.flush(target.run)
+        assert sorted(report["written"]) == [0, 1, 2, 3, 99] and report["errors"] == []
+        assert sorted(here) == [0, 1, 2, 3]
+        assert len(calls) == 1  # the helper is not asked again after it failed
+        # Flushed, its last progress stays until the run stops here (abort).
+        progress = wb.run_progress(target.run)
+        assert (progress["written"], progress["taken_back"], progress["handed"], progress["left"]) == (5, 4, 0, 0)
+        wb.abort(target.run)
+        assert wb.run_progress(target.run) == {"queued": 0, "written": 0, "bytes": 0}
+    finally:
+        wb.close()
+
+
+def test_progress_counts_hand_overs_and_a_run_with_nothing_portable_hands_nothing(target):
+    wb = WriteBehind(max_bytes=2**20, burst=60.0)
+    try:
+        release = _busy(wb, target)
+        wb.submit_job(target, 0, 0, lambda put: 8, size=8)
+        assert wb.hand_over(target.run, 100, lambda *a: 8) == 0
+        assert wb.hand_over("no-such-run", 100, lambda *a: 8) == 0
+        assert wb.hand_over_to(target.run, "tcp://x:1", 100) == 0  # no shipper: nothing leaves
+        wb.submit_job(target, 1, 0, lambda put: 8, size=8, portable=lambda: ((slice(0, 1),), 0, None))
+        gate = threading.Event()
+        assert wb.hand_over(target.run, 100, lambda *a: gate.wait(10) and 8) == 1
+        progress = wb.run_progress(target.run)
+        assert progress["handing"] == 1 and progress["left"] == 8
+        gate.set()
+        release.set()
+        assert sorted(wb.flush(target.run)["written"]) == [0, 1, 99]
+    finally:
+        wb.close()

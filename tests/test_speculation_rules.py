@@ -290,6 +290,7 @@ class _Worker:
     def __init__(self, address: str) -> None:
         self.address, self.executing, self.last_seen = address, {}, 0.0
         self.nthreads, self.processing, self.memory_limit, self.nbytes = 2, set(), 0, 0
+        self.metrics: dict = {}
         self.status = type("Status", (), {"name": "running"})()
 
 
@@ -554,3 +555,86 @@ def test_a_consumer_that_has_nothing_worth_handing_over_gets_no_helper():
     _progress(tracker, 0, 99, 99.0, worker="b")
     tracker.check()
     assert tracker.orders == {} and _copies(sched) == []
+
+
+# -- sink writers: judged from heartbeats, their queues handed over -----------------------------
+
+
+def _writers(enabled: bool = True, slow_left: int = 800):
+    """A tracker whose workers a, b write run "r" fast and c slowly, with ``slow_left`` bytes queued on c."""
+    from aimss_dask.core.names import HEARTBEAT_METRIC
+
+    told: list = []
+    tracker, sched, _, a, b = _tracker(enabled=enabled, told=told)
+    c = _Worker("c")
+    sched.workers["c"] = c
+
+    def beat(w, written, busy, left, **more):
+        w.metrics = {HEARTBEAT_METRIC: {"runs": [
+            ["r/writes", None, 0, "WriteRun", {"bytes": written, "busy": busy, "left": left, **more}],
+            ["other", None, 0, "AssemblerRun", {"busy": 99.0}],  # not a writer: ignored
+        ]}}
+
+    beat(a, 1000, 1.0, 0)
+    beat(b, 900, 1.0, 100)
+    beat(c, 100, 1.0, slow_left)
+    return tracker, sched, told, beat, c
+
+
+def test_a_slow_sink_writer_hands_part_of_its_queue_to_a_fast_worker():
+    from aimss_dask.coordinator.sinkwriters import HANDOVER_STARTUP
+
+    tracker, sched, told, beat, c = _writers()
+    tracker.check()
+    [(worker, msg)] = told
+    assert worker == "c" and msg["op"] == "aimss_sink_handover" and msg["run"] == "r"
+    assert msg["dest"] in ("a", "b")
+    # Split so that both finish together: c keeps its share at 100 B/s.
+    keep = split_point(0, 800, 100.0, 950.0, HANDOVER_STARTUP)
+    assert msg["nbytes"] == 800 - keep
+    kinds = [(m["action"], m["kind"]) for _, m in sched.events]
+    assert kinds == [("straggler", "sink-writer"), ("copy", "sink-writer")]
+    assert tracker.summary()["sink_writers"][0]["handover"] == msg["dest"]
+    # The cap (1 of 6 threads at 0.25) counts it: one hand-over at a time, none told again.
+    tracker.check()
+    assert len(told) == 1
+    # The writer's heartbeats show it under way, then over: the report ends with how it went.
+    beat(c, 150, 1.5, 100, handing=2)
+    tracker.check()
+    assert tracker.sinks.handovers
+    beat(c, 150, 1.5, 0, handing=0, handed=7)
+    tracker.check()
+    assert not tracker.sinks.handovers and not tracker.sinks.current
+    ended = [m for _, m in sched.events if m["action"] == "straggler" and m["outcome"] != "running"]
+    assert ended[-1]["outcome"] == f"helper on {msg['dest']} wrote 7 regions"
+
+
+def test_sink_writers_are_reported_but_never_handed_over_with_speculation_off():
+    tracker, sched, told, _, _ = _writers(enabled=False)
+    tracker.check()
+    assert told == []
+    assert [m["action"] for _, m in sched.events] == ["straggler"]
+
+
+def test_writers_at_equal_speed_or_with_little_left_are_left_alone():
+    tracker, sched, told, beat, c = _writers()
+    beat(c, 1000, 1.0, 100)  # as fast as its peers
+    tracker.check()
+    assert told == [] and sched.events == []
+    tracker, sched, told, beat, c = _writers(slow_left=1)  # slow, but nothing worth handing over
+    tracker.check()
+    assert told == []
+
+
+def test_a_hand_over_that_never_shows_in_the_heartbeats_expires():
+    from aimss_dask.coordinator import sinkwriters
+
+    tracker, sched, told, beat, c = _writers()
+    tracker.check()
+    assert len(told) == 1
+    tracker.sinks.handovers["r@c"]["since"] -= sinkwriters.HANDOVER_APPEAR + 1
+    beat(c, 1000, 1.0, 0)  # its queue drained before the word came: nothing was handed
+    tracker.check()
+    assert not tracker.sinks.handovers
+    ended = [m for _, m in sched.events if m["action"] == "straggler" and m["outcome"] != "running"]
+    assert ended[-1]["outcome"] == "nothing left to hand over"

@@ -45,6 +45,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator.pinning import calls_in
+from aimss_dask.coordinator.sinkwriters import SinkWriters
 from aimss_dask.coordinator.speculation import (
     Progress,
     Running,
@@ -286,6 +287,8 @@ class Stragglers:
         self.orders: dict[tuple[str, str, int], dict[str, Any]] = {}
         #: Helpers told to start and not yet over: key text -> what they took over.
         self.takeovers: dict[str, dict[str, Any]] = {}
+        #: Sink writers behind their peers, and their hand-overs.
+        self.sinks = SinkWriters(self)
 
     # -- hooks (O(1)) ----------------------------------------------------------------------
 
@@ -331,6 +334,7 @@ class Stragglers:
         self.ranges.clear()
         self.orders.clear()
         self.takeovers.clear()
+        self.sinks.clear()
 
     # -- the periodic check -----------------------------------------------------------------
 
@@ -344,7 +348,7 @@ class Stragglers:
             tasks = self._task_stragglers(now)
             self._speculate(tasks)
             self._end_takeovers(now)
-            found = tasks + self._consumer_stragglers(now)
+            found = tasks + self._consumer_stragglers(now) + self.sinks.check(now)
             self._note_slow_workers(now, found)
         except Exception:
             logger.exception("aimss: straggler check failed")
@@ -438,8 +442,8 @@ class Stragglers:
         }
 
     def _copies_running(self) -> int:
-        """Copies and takeover helpers under way or decided: what counts against the cap."""
-        return len(self.copies) + len(self.takeovers) + len(self.orders)
+        """Copies, takeover helpers and sink hand-overs under way or decided: what counts against the cap."""
+        return len(self.copies) + len(self.takeovers) + len(self.orders) + len(self.sinks.handovers)
 
     def _free_in(self, ws: Any) -> float:
         """Seconds until ``ws`` should have a free thread: its running tasks' shortest typical time left."""
@@ -726,13 +730,18 @@ class Stragglers:
             self.counts[what] = self.counts.get(what, 0) + 1
         if report["action"] == "slow-worker":
             logger.warning("aimss: worker %s is slow (%s)", report["worker"], report["why"])
+        elif report["action"] == "copy" and report.get("kind") == "sink-writer":
+            logger.warning(
+                "aimss: sink writer %s (on %s, %.1f s writing) hands %d bytes of its queue over to %s",
+                report["key"], report["worker"], report["elapsed"], report["bytes"], report["dest"],
+            )
         elif report["action"] == "copy":
             logger.warning(
                 "aimss: a copy of straggler %s (on %s, %.1f s running) starts on %s",
                 report["key"], report["worker"], report["elapsed"], report["dest"],
             )
         elif report["outcome"] == "running":
-            what = "task" if report["kind"] == "task" else "consumer"
+            what = {"task": "task", "sink-writer": "sink writer"}.get(report["kind"], "consumer")
             logger.warning(
                 "aimss: %s %s on %s is a straggler: %.1f s running (%s rule: %s %.1f s)",
                 what, report["key"], report["worker"], report["elapsed"], report["rule"],
@@ -764,5 +773,6 @@ class Stragglers:
             "takeovers": [
                 {"consumer": t["cid"], "dest": t["dest"], "range": list(t["range"])} for t in self.takeovers.values()
             ],
+            "sink_writers": self.sinks.summary(),
             "reports": [dict(r) for r in self.reports],
         }

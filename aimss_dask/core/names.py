@@ -45,6 +45,11 @@ PARTITION_READ = "__aimss_partition_read__"
 #: ``WorkerState.metrics`` on the scheduler).
 HEARTBEAT_METRIC = "aimss"
 
+#: Key of a worker's sink write-behind queue among its shared resources
+#: (``RunManager.shared``): the worker plugin finds it there to hand a slow
+#: writer's queue over (``aimss_sink_handover``) without importing the sink.
+SINK_WRITER_KEY = "sink"
+
 #: The attribute (set to True) of a function the user declared idempotent
 #: (:func:`aimss_dask.speculative`): a straggling call of it may get a copy on
 #: another worker, and the first result wins.

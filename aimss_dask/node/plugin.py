@@ -36,7 +36,13 @@ from aimss_dask.core.errors import (
     raise_from_wire,
 )
 from aimss_dask.core.metrics import Metric
-from aimss_dask.core.names import HEARTBEAT_METRIC, PLUGIN_NAME, TRACE_KEY, key_text
+from aimss_dask.core.names import (
+    HEARTBEAT_METRIC,
+    PLUGIN_NAME,
+    SINK_WRITER_KEY,
+    TRACE_KEY,
+    key_text,
+)
 from aimss_dask.core.specs import Origin, StreamSpec
 from aimss_dask.log.store import LogStore
 from aimss_dask.node import heartbeat
@@ -138,6 +144,7 @@ class AIMSSWorker(WorkerPlugin):
         # "close" of a retirement; an unknown op there would break the stream.
         worker.stream_handlers["aimss_retiring"] = self._s_retiring
         worker.stream_handlers["aimss_speculate"] = self._s_speculate
+        worker.stream_handlers["aimss_sink_handover"] = self._s_sink_handover
         try:
             self._setup(worker)
         except Exception as e:
@@ -349,6 +356,18 @@ class AIMSSWorker(WorkerPlugin):
         # call ended must not start a copy of a later run of the same key.
         if key and dest and self.worker is not None and any(key_text(k) == key for k in self.worker.active_keys):
             self.copies.put(key, dest)
+
+    def _s_sink_handover(self, run: str = "", dest: str = "", nbytes: int = 0, **kwargs: Any) -> None:
+        """Hand ``nbytes`` of sink run ``run``'s queued regions here over to a helper on ``dest``."""
+        writer = self.runs.peek_shared(SINK_WRITER_KEY)
+        if writer is None or not run or not dest:
+            return
+        try:
+            n = writer.hand_over_to(run, dest, int(nbytes))
+        except Exception:  # a stream handler must not raise: the writer goes on alone
+            logger.exception("aimss: handing sink run %s over to %s failed", run, dest)
+            return
+        logger.info("aimss: %d regions of sink run %s handed over to %s", n, run, dest)
 
     @replies
     async def _h_retired(self) -> None:

@@ -98,19 +98,25 @@ def attach(
     def ready(p: int) -> None:
         # On the appending thread: queue only. Its bytes are in the log
         # (under the budget) until the job reads them, so it holds none.
-        wb.submit_job(target, p, 0, lambda put: _unit_job(p, put))
+        wb.submit_job(
+            target, p, 0, lambda put: _unit_job(p, put),
+            size=expected[p] * dtype.itemsize, portable=lambda: _portable(p),
+        )
+
+    def _unit(p: int, scratch: bool) -> Any:
+        records, _, _ = plugin.store.read(name, epoch, p, 0, None)
+        # Pieces cut along the first axis only are written as they are;
+        # anything else is assembled into one array first.
+        out = row_slabs(records, shapes[p], dtype)
+        if out is None:
+            out = plugin.scratch.array(shapes[p], dtype) if scratch else np.empty(shapes[p], dtype)
+            if assemble(records, out) != out.size:
+                raise SinkError(f"unit {p} of {name!r} is incomplete; this is a bug, please report it")
+        return out
 
     def _unit_job(p: int, put: Any) -> int:
         try:
-            records, _, _ = plugin.store.read(name, epoch, p, 0, None)
-            # Pieces cut along the first axis only are written as they are;
-            # anything else is assembled into one array first.
-            out = row_slabs(records, shapes[p], dtype)
-            if out is None:
-                out = plugin.scratch.array(shapes[p], dtype)
-                if assemble(records, out) != out.size:
-                    raise SinkError(f"unit {p} of {name!r} is incomplete; this is a bug, please report it")
-            del records
+            out = _unit(p, True)
             nbytes = put(regions[p], out)
             del out  # views into the log's records: let them go before the trim
             plugin.store.trim(name, epoch, p)  # durable: free its memory now
@@ -119,6 +125,12 @@ def attach(
                 return 0  # a run that restarted (or was dropped): the new run rewrites it
             raise
         return int(nbytes)
+
+    def _portable(p: int) -> tuple[tuple[slice, ...], Any, Any]:
+        # Handed over to a helper (a fresh array: it is serialised while
+        # the writer's own jobs reuse the scratch pool); the unit's records
+        # are freed once the helper stored it.
+        return regions[p], _unit(p, False), lambda: plugin.store.trim(name, epoch, p)
 
     asm = UnitAssembler(epoch, expected, ready)
     if expected:  # units will be written here (and flushed): make their directories now

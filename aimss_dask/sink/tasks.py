@@ -346,32 +346,47 @@ async def _abort_run(run: str, dask_worker: Any = None) -> int:
 
 
 def _flush(target: ZarrTarget, addresses: set[str]) -> tuple[list[int], int, list[str]]:
-    """Wait for the run's writers on ``addresses``: regions written, bytes, errors."""
+    """Wait for the run's writers on ``addresses``, all at once: regions written, bytes, errors.
+
+    Every writer is flushed before any is stopped: a writer that finished
+    early stays registered (and in its worker's heartbeats) while a slow
+    one drains, so the coordinator still sees its rate to judge the slow one by.
+    """
+    import asyncio
+
     from aimss_dask.api.context import current
 
     ep = current("to_zarr")
+    order = sorted(addresses)
+    name = WriteRun.key(target.run)
+
+    async def flush_all() -> list[Any]:
+        return await asyncio.gather(*(
+            ep.ask_worker(a, "run_call", name=name, operation="flush", kwargs={"durable": target.durable})
+            for a in order
+        ), return_exceptions=True)
+
+    async def stop_all(flushed: list[str]) -> None:
+        # Flushed: the workers forget the run (a late write is refused).
+        # One leaving takes its runs with it: nothing to do there.
+        await asyncio.gather(*(ep.ask_worker(a, "run_stop", name=name) for a in flushed), return_exceptions=True)
+
+    replies = ep.call(flush_all)
     done: list[int] = []
     errors: list[str] = []
     nbytes = 0
-    for addr in sorted(addresses):
-        try:
-            reply = ep.call(
-                ep.ask_worker, addr, "run_call", name=WriteRun.key(target.run), operation="flush",
-                kwargs={"durable": target.durable},
-            )
-        except StreamNotFoundError:
+    flushed: list[str] = []
+    for addr, reply in zip(order, replies):
+        if isinstance(reply, StreamNotFoundError):
             continue  # no WriteRun there: this run wrote nothing on that worker
-        except Exception as e:  # a writer lost with its queue
-            errors.append(f"{addr}: {type(e).__name__}: {e}")
+        if isinstance(reply, BaseException):  # a writer lost with its queue
+            errors.append(f"{addr}: {type(reply).__name__}: {reply}")
             continue
-        try:
-            # Flushed: the worker forgets the run (a late write is refused).
-            ep.call(ep.ask_worker, addr, "run_stop", name=WriteRun.key(target.run))
-        except Exception:  # leaving: its runs go with it
-            pass
+        flushed.append(addr)
         done.extend(reply["written"])
         nbytes += reply["bytes"]
         errors.extend(f"{addr}: {m}" for m in reply["errors"])
+    ep.call(stop_all, flushed)
     return done, nbytes, errors
 
 

@@ -31,9 +31,11 @@ from distributed.comm import get_address_host
 from distributed.utils import offload
 
 from aimss_dask.core import trace
+from aimss_dask.core.names import SINK_WRITER_KEY
 from aimss_dask.node.iogate import IOGate
 from aimss_dask.node.runs import Run
 from aimss_dask.sink.durable import sync_units
+from aimss_dask.sink.handover import Shipper
 from aimss_dask.sink.ioresource import io_resource
 from aimss_dask.sink.units import UnitWriter, unit_writer
 
@@ -41,6 +43,9 @@ logger = logging.getLogger("aimss_dask")
 
 #: Longest burst of one run's regions while another run's wait (seconds).
 BURST = 0.25
+
+#: Flushed runs whose last progress a writer keeps until the run stops here.
+FLUSHED_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,32 @@ class _Run:
     array: Any = None  # the open array, for durable runs
     resource: str | None = None  # the file system it writes to, as the I/O scheduler names it
     regions: list[tuple[slice, ...]] = field(default_factory=list)  # written, for durable runs
+    queued_size: int = 0  # bytes the queued regions will write (what is left here)
+    busy: float = 0.0  # seconds spent writing (the rate the coordinator judges)
+    handing: int = 0  # regions handed over to a helper and not yet written there
+    handed: int = 0  # regions a helper wrote
+    taken_back: int = 0  # regions handed over, then written here (the helper failed)
+
+
+#: A queued region's portable form, for a hand-over to another worker:
+#: ``() -> (region, data, after)``, ``after`` (or None) called once the
+#: region is stored elsewhere (a push run frees the unit's records).
+Portable = Callable[[], tuple[tuple[slice, ...], Any, Callable[[], None] | None]]
+
+
+#: Stores one region on a helper: ``(target, region, data) -> bytes written``.
+Ship = Callable[["ZarrTarget", tuple[slice, ...], Any], int]
+
+
+@dataclass(eq=False)
+class _Job:
+    seq: int
+    target: ZarrTarget
+    run: _Run
+    job: Callable[[UnitWriter], int]
+    fut: Future[int]
+    size: int
+    portable: Portable | None = None
 
 
 class WriteBehind:
@@ -114,16 +145,25 @@ class WriteBehind:
     {'written': [0], 'bytes': 8388608, 'errors': []}
     """
 
-    def __init__(self, max_bytes: int, gate: IOGate | None = None, host: str = "", burst: float = BURST) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        gate: IOGate | None = None,
+        host: str = "",
+        burst: float = BURST,
+        shipper: Callable[[str], Ship] | None = None,
+    ) -> None:
         self.max_bytes = max(1, int(max_bytes))
+        # dest -> how regions are written on that worker (hand-overs).
+        self._shipper = shipper
         # Each unit write holds a grant of the coordinated I/O scheduler.
         self.gate = gate or IOGate(None)
         self.host = host
         self.burst = burst
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimss-sink")
-        # Regions waiting, per run: (seq, target, run, job, future); the
-        # pool runs one _next per region queued, which picks what to write.
-        self._queues: dict[str, deque[tuple[int, ZarrTarget, _Run, Callable[[UnitWriter], int], Future[int]]]] = {}
+        # Regions waiting, per run; the pool runs one _next per region
+        # queued, which picks what to write.
+        self._queues: dict[str, deque[_Job]] = {}
         self._seq = itertools.count()
         self._current: str | None = None
         self._burst_since = 0.0
@@ -131,6 +171,7 @@ class WriteBehind:
         self._queued = 0
         self._runs: dict[str, _Run] = {}
         self._aborted: dict[str, None] = {}  # runs whose writes are refused, oldest first
+        self._flushed: dict[str, dict[str, Any]] = {}  # run -> its progress when flushed, until it stops
         self.peak_queued = 0
 
     def submit(
@@ -144,19 +185,31 @@ class WriteBehind:
         def job(put: Any) -> int:
             return put(region, data)
 
-        self.submit_job(target, rid, int(data.nbytes), job)
+        self.submit_job(target, rid, int(data.nbytes), job, portable=lambda: (region, data, None))
 
     def submit_job(
-        self, target: ZarrTarget, rid: int, nbytes: int, job: Callable[[UnitWriter], int]
+        self,
+        target: ZarrTarget,
+        rid: int,
+        nbytes: int,
+        job: Callable[[UnitWriter], int],
+        *,
+        portable: Portable | None = None,
+        size: int | None = None,
     ) -> None:
         """Queue ``job(put) -> bytes written`` as region ``rid``; ``nbytes`` it holds meanwhile.
 
         ``put(region, data) -> bytes`` stores a region made of whole units.
 
         A job whose data is still counted elsewhere (in the log) passes
-        ``nbytes=0`` and never waits.
+        ``nbytes=0`` and never waits; ``size`` is then what it will write
+        (default ``nbytes``), the work left that the coordinator judges.
+        ``portable``: the job as ``(region, data, after)``, which a helper
+        on another worker can write instead (:meth:`hand_over`); None: only
+        this worker can write it.
         """
         n = int(nbytes)
+        size = n if size is None else int(size)
         with self._cond:
             if target.run in self._aborted:
                 return
@@ -170,7 +223,9 @@ class WriteBehind:
             run = self._runs.setdefault(target.run, _Run())
             fut: Future[int] = Future()
             run.pending.add(fut)
-            self._queues.setdefault(target.run, deque()).append((next(self._seq), target, run, job, fut))
+            run.queued_size += size
+            entry = _Job(next(self._seq), target, run, job, fut, size, portable)
+            self._queues.setdefault(target.run, deque()).append(entry)
         fut.add_done_callback(lambda f: self._done(run, f, n, rid))
         self._pool.submit(self._next)
 
@@ -181,7 +236,7 @@ class WriteBehind:
                 now = time.monotonic()
                 q = self._queues.get(self._current) if self._current is not None else None
                 if not q or now - self._burst_since >= self.burst:
-                    heads = [(dq[0][0], name) for name, dq in self._queues.items() if dq]
+                    heads = [(dq[0].seq, name) for name, dq in self._queues.items() if dq]
                     if not heads:
                         return  # written already (an earlier _next took more than one, or an abort dropped them)
                     name = min(heads)[1]
@@ -190,16 +245,21 @@ class WriteBehind:
                     elif now - self._burst_since >= self.burst:
                         self._burst_since = now
                     q = self._queues[name]
-                _, target, run, job, fut = q.popleft()
+                entry = q.popleft()
+                entry.run.queued_size -= entry.size
                 if not q:
-                    del self._queues[target.run]
-            if not fut.set_running_or_notify_cancel():
+                    del self._queues[entry.target.run]
+            if not entry.fut.set_running_or_notify_cancel():
                 continue  # dropped by abort(): take the next
-            try:
-                fut.set_result(self._write(target, run, job))
-            except BaseException as e:  # noqa: BLE001 -- the region's error, reported by flush
-                fut.set_exception(e)
+            self._run_job(entry)
             return
+
+    def _run_job(self, entry: _Job) -> None:
+        """Write a region taken off the queue (running) here; its future gets the outcome."""
+        try:
+            entry.fut.set_result(self._write(entry.target, entry.run, entry.job))
+        except BaseException as e:  # noqa: BLE001 -- the region's error, reported by flush
+            entry.fut.set_exception(e)
 
     def write_now(self, target: ZarrTarget, rid: int, job: Callable[[UnitWriter], int]) -> int:
         """Run ``job(put) -> bytes written`` on the calling thread, as region ``rid`` of the run.
@@ -215,12 +275,14 @@ class WriteBehind:
                 return 0
             run = self._runs.setdefault(target.run, _Run())
             run.active += 1
+        t0 = time.monotonic()
         try:
             put = _run_put(target, run, self.host)
             with self.gate.writing(target.run, run.resource):
                 n = int(job(put) or 0)
         finally:
             with self._cond:
+                run.busy += time.monotonic() - t0
                 run.active -= 1
                 if not run.active:
                     self._cond.notify_all()  # an abort may wait for it
@@ -251,11 +313,94 @@ class WriteBehind:
     def _write(self, target: ZarrTarget, run: _Run, job: Callable[[UnitWriter], int]) -> int:
         if target.run in self._aborted:
             return 0
-        put = _run_put(target, run, self.host)
-        with self.gate.writing(target.run, run.resource):
-            with trace.span("sink-write", run=target.run, store=target.describe()) as args:
-                args["bytes"] = n = job(put)
+        t0 = time.monotonic()
+        try:
+            put = _run_put(target, run, self.host)
+            with self.gate.writing(target.run, run.resource):
+                with trace.span("sink-write", run=target.run, store=target.describe()) as args:
+                    args["bytes"] = n = job(put)
+        finally:
+            with self._cond:
+                run.busy += time.monotonic() - t0
         return n
+
+    def hand_over_to(self, run_id: str, dest: str, nbytes: int) -> int:
+        """:meth:`hand_over` to worker ``dest``, through the shipper this writer was made with (0 without one)."""
+        if self._shipper is None:
+            return 0
+        return self.hand_over(run_id, nbytes, self._shipper(dest))
+
+    def hand_over(self, run_id: str, nbytes: int, ship: Ship) -> int:
+        """Have ``ship`` write up to ``nbytes`` of ``run_id``'s queued regions elsewhere; how many regions.
+
+        The regions queued last (the ones this writer would reach last) that
+        can be written elsewhere leave the queue at once: this writer never
+        writes them, so each region is still written once. A thread of
+        their own ships them one by one, while this writer goes on from the
+        head of the queue; ``ship(target, region, data) -> bytes`` stores
+        one on a helper. A region the helper fails to store is written here
+        after all, so a hand-over never loses one (nor reports it twice:
+        its future ends once). ``flush`` waits for handed regions too.
+        """
+        taken: list[_Job] = []
+        with self._cond:
+            q = self._queues.get(run_id)
+            if not q or run_id in self._aborted:
+                return 0
+            left = int(nbytes)
+            keep: list[_Job] = []
+            while q and left > 0:
+                entry = q.pop()
+                if entry.portable is None:
+                    keep.append(entry)
+                    continue
+                if not entry.fut.set_running_or_notify_cancel():
+                    continue  # dropped by abort()
+                entry.run.queued_size -= entry.size
+                entry.run.handing += 1
+                left -= entry.size
+                taken.append(entry)
+            q.extend(reversed(keep))
+            if not q:
+                del self._queues[run_id]
+        if taken:
+            threading.Thread(
+                target=self._ship_all, args=(taken, ship), name="aimss-sink-handover", daemon=True
+            ).start()
+        return len(taken)
+
+    def _ship_all(self, taken: list[_Job], ship: Ship) -> None:
+        failed = False
+        for entry in taken:
+            n = None
+            if not failed and entry.target.run not in self._aborted:
+                try:
+                    region, data, after = entry.portable()  # type: ignore[misc]
+                    n = int(ship(entry.target, region, data))
+                    del data
+                    if after is not None:
+                        after()
+                except Exception:
+                    # Written here instead; the helper is not asked again
+                    # for this hand-over (it, or the way to it, is broken).
+                    logger.warning(
+                        "aimss: a helper failed to write a region of %s; writing it here", entry.target.run,
+                        exc_info=True,
+                    )
+                    failed = True
+            if n is None:
+                self._run_job(entry)
+            else:
+                entry.fut.set_result(n)
+            with self._cond:
+                entry.run.handing -= 1
+                if n is None:
+                    entry.run.taken_back += 1
+                else:
+                    entry.run.handed += 1
+        close = getattr(ship, "close", None)
+        if close is not None:
+            close()
 
     def _done(self, run: _Run, fut: Future[int], n: int, rid: int) -> None:
         with self._cond:
@@ -283,6 +428,11 @@ class WriteBehind:
         with self._cond:
             ok = self._cond.wait_for(lambda: not self._runs.get(run_id, _Run()).pending, timeout)
             run = self._runs.pop(run_id, _Run())
+            # What it did stays visible until the run stops here: its rate is
+            # what a slower writer of the run is judged against.
+            self._flushed[run_id] = self._progress(run)
+            while len(self._flushed) > FLUSHED_KEPT:
+                del self._flushed[next(iter(self._flushed))]
         errors = list(run.errors)
         if not ok:
             errors.append(f"writes still pending after {timeout} s")
@@ -302,6 +452,7 @@ class WriteBehind:
         disk can be removed. Returns how many queued writes were dropped.
         """
         with self._cond:
+            self._flushed.pop(run_id, None)
             self._aborted[run_id] = None
             while len(self._aborted) > 1000:  # a bound on what failed runs leave here
                 del self._aborted[next(iter(self._aborted))]
@@ -314,13 +465,27 @@ class WriteBehind:
                 self._cond.wait_for(lambda: not run.active, timeout)
         return dropped
 
-    def run_progress(self, run_id: str) -> dict[str, int]:
-        """Regions of ``run_id`` queued and written so far, and their bytes."""
+    def run_progress(self, run_id: str) -> dict[str, Any]:
+        """Regions of ``run_id`` queued and written so far, and their bytes.
+
+        Also what the coordinator judges this writer by: ``left`` (bytes the
+        queued regions will write), ``busy`` (seconds spent writing), and its
+        hand-overs: regions ``handing`` (on a helper now), ``handed``
+        (written there) and ``taken_back`` (written here after a helper failed).
+        """
         with self._cond:
             run = self._runs.get(run_id)
             if run is None:
-                return {"queued": 0, "written": 0, "bytes": 0}
-            return {"queued": len(run.pending), "written": len(run.written), "bytes": run.nbytes}
+                return dict(self._flushed.get(run_id) or {"queued": 0, "written": 0, "bytes": 0})
+            return self._progress(run)
+
+    @staticmethod
+    def _progress(run: _Run) -> dict[str, Any]:
+        return {
+            "queued": len(run.pending), "written": len(run.written), "bytes": run.nbytes,
+            "left": run.queued_size, "busy": round(run.busy, 3), "handing": run.handing,
+            "handed": run.handed, "taken_back": run.taken_back,
+        }
 
     def statistics(self) -> dict[str, int]:
         with self._cond:
@@ -368,7 +533,7 @@ class _Recording:
 
 #: Key of the worker's write-behind queue among its shared resources; its
 #: statistics show in ``aimss_dask.status()`` as ``sink_*``.
-SHARED_KEY = "sink"
+SHARED_KEY = SINK_WRITER_KEY
 
 
 def write_behind(plugin: Any) -> WriteBehind:
@@ -380,7 +545,10 @@ def write_behind(plugin: Any) -> WriteBehind:
     store = plugin.store
     host = get_address_host(plugin.worker.address) if plugin.worker is not None else ""
     return plugin.runs.shared(
-        SHARED_KEY, lambda: WriteBehind(max(64 * 2**20, store.budget // 4), plugin.io_gate, host)
+        SHARED_KEY,
+        lambda: WriteBehind(
+            max(64 * 2**20, store.budget // 4), plugin.io_gate, host, shipper=lambda dest: Shipper(plugin, dest)
+        ),
     )
 
 
