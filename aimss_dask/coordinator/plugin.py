@@ -550,6 +550,18 @@ class AIMSS(SchedulerPlugin):
         self.stragglers.copy_outcome(key, outcome)
 
     @replies
+    async def _h_speculation_view(self) -> dict[str, Any]:
+        """A loader's view of speculation: settings, the copy cap, slow workers."""
+        return self.stragglers.view()
+
+    @replies
+    async def _h_loader_copies(
+        self, stream: str, owner: str, dest: str, copies: int, won: int, elapsed: float, rule: str
+    ) -> None:
+        """A loader says how many late reads of an owner it backed up, and how they went."""
+        self.stragglers.loader_copies(stream, owner, dest, copies, won, elapsed, rule)
+
+    @replies
     async def _h_status(self) -> dict[str, Any]:
         replies = await self.ops.broadcast({"op": "aimss_worker_status"})
         return {

@@ -51,6 +51,7 @@ from aimss_dask.coordinator.speculation import (
     Running,
     Straggler,
     WorkerView,
+    copy_cap,
     late_rule,
     place_copies,
     quantile_rule,
@@ -655,6 +656,25 @@ class Stragglers:
         })
         return {"split": split, "dest": order["dest"], "key": list(key)}
 
+    def view(self) -> dict[str, Any]:
+        """What a loader needs to back up late reads (:mod:`aimss_dask.source.hedge`): settings, cap, slow workers."""
+        cfg = self.config
+        threads = sum(ws.nthreads for ws in self.scheduler.workers.values()) if self.scheduler is not None else 0
+        return {
+            "enabled": cfg.enabled, "multiplier": cfg.multiplier, "min_runtime": cfg.min_runtime,
+            "cap": copy_cap(threads, cfg.max_fraction), "slow": sorted(self.slow),
+        }
+
+    def loader_copies(
+        self, stream: str, owner: str, dest: str, copies: int, won: int, elapsed: float, rule: str
+    ) -> None:
+        """A loader backed up ``copies`` late takes of ``owner`` on ``dest``; ``won``: the backup answered first."""
+        self._report({
+            "action": "copy", "kind": "loader", "key": f"{stream}@{owner}", "stream": stream, "worker": owner,
+            "dest": dest, "elapsed": round(float(elapsed), 3), "rule": rule, "copies": int(copies),
+            "outcome": f"copy won {int(won)} of {int(copies)}", "found": time.time(),
+        })
+
     def consumers_done(self, name: str, group: str, partitions: int) -> bool:
         """Whether the consumers of every partition of ``group`` reported that they are done."""
         ranges = [self.ranges.get((name, group, p)) for p in range(partitions)]
@@ -734,6 +754,11 @@ class Stragglers:
             logger.warning(
                 "aimss: sink writer %s (on %s, %.1f s writing) hands %d bytes of its queue over to %s",
                 report["key"], report["worker"], report["elapsed"], report["bytes"], report["dest"],
+            )
+        elif report["action"] == "copy" and report.get("kind") == "loader":
+            logger.warning(
+                "aimss: a loader of %s backed up %d late reads of %s on %s (%s)",
+                report["stream"], report["copies"], report["worker"], report["dest"], report["outcome"],
             )
         elif report["action"] == "copy":
             logger.warning(

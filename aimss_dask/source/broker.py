@@ -136,7 +136,9 @@ class SourceRun(Run):
     """The brokers of one source stream on one worker: a run (``node/runs.py``).
 
     Its operations (``aimss_run_call``): ``take`` (samples for a loader),
-    ``control`` (attach, advance, detach a loader) and ``status``.
+    ``backup`` (the same, of any partition, read straight from Zarr: a
+    loader's backup of another owner's late take), ``control`` (attach,
+    advance, detach a loader) and ``status``.
     """
 
     def __init__(self, plugin: Any, spec: StreamSpec, source: dict[str, Any], parts: list[int]) -> None:
@@ -189,6 +191,8 @@ class SourceRun(Run):
     async def call(self, op: str, **kwargs: Any) -> dict[str, Any]:
         if op == "take":
             return await self.take(kwargs["takes"])
+        if op == "backup":
+            return await self.backup(kwargs["takes"])
         if op == "control":
             return self.control(
                 kwargs["action"], kwargs.get("key"), kwargs.get("mode"), kwargs.get("offsets")
@@ -432,6 +436,31 @@ class SourceRun(Run):
                 await self._appended.wait()
         self._check()
         return await asyncio.get_running_loop().run_in_executor(_executor(), self._take, takes, ahead)
+
+    async def backup(self, takes: list[list[Any]]) -> dict[str, Any]:
+        """What :meth:`take` answers, for records of any partition, read straight from Zarr.
+
+        A loader's backup of a take that another owner is late with
+        (:mod:`aimss_dask.source.hedge`): nothing goes through this
+        worker's log, and its brokers are left as they are.
+        """
+        self._check()
+        wanted = sorted({(int(p), int(offset)) for p, offset, _ in takes})
+        for p, offset in wanted:
+            if not 0 <= p < self.spec.partitions:
+                raise PartitionOutOfRangeError(
+                    f"partition {p!r} of stream {self.spec.name!r} does not exist: it has "
+                    f"{self.spec.partitions} partition(s)"
+                )
+            if not 0 <= offset < self.layout.records(p):
+                raise InvalidOffsetError(
+                    f"offset {offset!r} of stream {self.spec.name!r} partition {p} is out "
+                    f"of range: the partition holds {self.layout.records(p)} record(s)"
+                )
+        loop = asyncio.get_running_loop()
+        reads = [loop.run_in_executor(_executor(early=True), self._read, p, offset) for p, offset in wanted]
+        ahead = dict(zip(wanted, await asyncio.gather(*reads)))
+        return await loop.run_in_executor(_executor(), self._take, takes, ahead)
 
     def _early_busy(self) -> bool:
         return any(not f.done() for st in self.parts.values() for f in st.early.values())

@@ -12,8 +12,9 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -23,6 +24,7 @@ from distributed.protocol import to_serialize
 
 from aimss_dask.api.context import Endpoint
 from aimss_dask.core.errors import AIMSSError, PartitionLostError, StreamNotFoundError
+from aimss_dask.source.hedge import Hedger, race
 from aimss_dask.source.layout import (
     Take,
     batch_plan,
@@ -163,6 +165,8 @@ class Fetcher:
         self.windowed = windowed
         self.committer = committer
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_BATCHES)
+        # Backups of late takes, by the coordinator's speculation settings.
+        self.hedger = Hedger(list(info.spec.owners), _view(ep))
         self.stopped = threading.Event()
         # The thread holds this object, never the iterator, so an abandoned
         # iterator is collected and its __del__ stops the thread.
@@ -217,6 +221,7 @@ class Fetcher:
             while inflight:
                 if not self._deliver(inflight.popleft()):
                     return
+            self.ep.loop.add_callback(self._hedger_chores, True)
             self._put(END)
         except BaseException as e:
             for *_, fut in inflight:
@@ -255,20 +260,38 @@ class Fetcher:
         for t in takes:
             by_owner[spec.owners[t.partition]].append(t)
 
-        async def ask() -> list[Any]:
-            replies = await asyncio.gather(
-                *(
-                    ask_source(
-                        self.ep, w, spec, "take", takes=[[t.partition, t.offset, _rows_wire(t)] for t in ts]
-                    )
-                    for w, ts in by_owner.items()
-                )
+        def one(w: str, ts: list[Take]) -> Awaitable[dict[str, Any]]:
+            wire = [[t.partition, t.offset, _rows_wire(t)] for t in ts]
+            return race(
+                self.hedger, w,
+                lambda: ask_source(self.ep, w, spec, "take", takes=wire),
+                lambda dest: ask_source(self.ep, dest, spec, "backup", takes=wire),
             )
+
+        async def ask() -> list[Any]:
+            self._hedger_chores()
+            replies = await asyncio.gather(*(one(w, ts) for w, ts in by_owner.items()))
             parts = {w: _unpack(ts, r) for (w, ts), r in zip(by_owner.items(), replies)}
             # Back in the order of ``takes``.
             return [next(parts[spec.owners[t.partition]]) for t in takes]
 
         return asyncio.run_coroutine_threadsafe(ask(), self.ep.loop.asyncio_loop)
+
+    def _hedger_chores(self, last: bool = False) -> None:
+        """On the loop: refresh the coordinator's view when stale; send the backups' reports due."""
+        h = self.hedger
+        if h.stale() and not last:
+            h.seen = time.monotonic()  # one refresh at a time
+
+            async def refresh() -> None:
+                try:
+                    h.update(await self.ep.ask_scheduler("speculation_view"))
+                except Exception:  # keep the last view: backups are an optimisation
+                    logger.debug("aimss: reading the speculation settings failed", exc_info=True)
+
+            asyncio.ensure_future(refresh())
+        for report in h.due_reports(force=last):
+            asyncio.ensure_future(_report(self.ep, self.info.spec.name, report))
 
     def _deliver(self, item: tuple[int, list[Take], int, Future[list[Any]]]) -> bool:
         """Wait for one batch's parts, assemble it, queue it; False once stopped."""
@@ -286,6 +309,22 @@ class Fetcher:
         for t, part in zip(takes, parts):
             batch[t.positions] = part
         return self._put((position, batch))
+
+
+def _view(ep: Endpoint) -> dict[str, Any]:
+    """The coordinator's speculation settings and slow workers; backups off if it cannot tell."""
+    try:
+        return ep.scheduler_op("speculation_view")
+    except Exception:
+        logger.debug("aimss: reading the speculation settings failed; no backup reads", exc_info=True)
+        return {"enabled": False}
+
+
+async def _report(ep: Endpoint, stream: str, report: dict[str, Any]) -> None:
+    try:
+        await ep.ask_scheduler("loader_copies", stream=stream, **report)
+    except Exception:  # a report lost is no reason to fail the loader
+        logger.debug("aimss: reporting backup reads failed", exc_info=True)
 
 
 def _unpack(takes: list[Take], reply: dict[str, Any]) -> Iterator[np.ndarray]:
