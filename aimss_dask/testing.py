@@ -69,11 +69,15 @@ def throttled(pid: int, share: float, period: float = 0.04) -> Iterator[None]:
 
 @contextlib.contextmanager
 def slow_writes(client: Any, worker: str, delay: float) -> Iterator[None]:
-    """Every sink unit write on ``worker`` waits ``delay`` seconds first: a slow disk on one node.
+    """Every chunk written on ``worker`` waits ``delay`` seconds first: a slow disk on one node.
 
-    The wait is taken inside the worker's I/O gate (``plugin.io_gate``),
-    which every AIMSS sink write passes through, so only that worker's
-    writes slow down, not its tasks or comms. Undone on exit.
+    The wait is taken where AIMSS's sinks write (the worker's I/O gate,
+    ``plugin.io_gate``, which every unit write passes through) and where
+    Zarr writes a local store's keys (``zarr.storage.LocalStore.set``, the
+    path of Dask's own ``to_zarr``), so only that worker's writes slow down,
+    not its tasks or comms, whoever writes. Undone on exit. (An AIMSS sink
+    writing through Zarr's own path, for layouts its direct writer does not
+    handle, waits twice per chunk.)
 
     Examples
     --------
@@ -82,21 +86,28 @@ def slow_writes(client: Any, worker: str, delay: float) -> Iterator[None]:
     """
     if not delay >= 0:
         raise InvalidArgumentError(f"delay={delay!r} must be a number of seconds, 0 or more")
-    client.run(_slow_gate, delay, workers=[worker])
+    client.run(_slow_disk, delay, workers=[worker])
     try:
         yield
     finally:
-        client.run(_slow_gate, None, workers=[worker])
+        client.run(_slow_disk, None, workers=[worker])
 
 
-def _slow_gate(delay: float | None, dask_worker: Any = None) -> None:
+def _slow_disk(delay: float | None, dask_worker: Any = None) -> None:
+    import asyncio
     import time
+
+    from zarr.storage import LocalStore
 
     from aimss_dask.core.names import PLUGIN_NAME
 
     gate = dask_worker.plugins[PLUGIN_NAME].io_gate
     if delay is None:
         gate.__dict__.pop("writing", None)  # the class's method again
+        original = getattr(LocalStore, "_aimss_set", None)
+        if original is not None:
+            LocalStore.set = original
+            del LocalStore._aimss_set
         return
     inner = type(gate).writing.__get__(gate)
 
@@ -107,3 +118,13 @@ def _slow_gate(delay: float | None, dask_worker: Any = None) -> None:
             yield
 
     gate.writing = writing
+    LocalStore._aimss_delay = delay
+    if not hasattr(LocalStore, "_aimss_set"):
+        LocalStore._aimss_set = original = LocalStore.set
+
+        async def set(self: Any, key: str, value: Any) -> None:
+            if not key.endswith(("zarr.json", ".zarray", ".zattrs", ".zgroup")):
+                await asyncio.sleep(LocalStore._aimss_delay)  # a chunk, not metadata
+            await original(self, key, value)
+
+        LocalStore.set = set

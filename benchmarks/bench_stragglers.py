@@ -62,6 +62,15 @@ sample of it against the input, and deletes it.
 
     python benchmarks/bench_stragglers.py --part zarr --zarr-gib 2 --share 0.15 --reps 3
 
+With ``--slow disk`` the slow worker's CPU is not limited; its disk is slow
+instead: every chunk it writes waits ``--disk-delay`` seconds first
+(``aimss_dask.testing.slow_writes``: AIMSS's sink writes and Zarr's own
+``LocalStore`` writes alike, so plain Dask's chunks written there wait too).
+A slow writer of aimss's is then helped by a hand-over of its queue to a
+fast worker (speculation on).
+
+    python benchmarks/bench_stragglers.py --part zarr --zarr-gib 2 --slow disk --disk-delay 0.75 --reps 3
+
 Part ``consumers`` (``--part consumers``): a stream of ``--stream-partitions``
 partitions of ``--records`` records each (1 KiB arrays), written once and
 sealed, consumed by one consumer per partition doing ``--work-ms`` ms of CPU
@@ -92,7 +101,7 @@ import pandas as pd
 from distributed import get_worker
 
 import aimss_dask
-from aimss_dask.testing import throttled
+from aimss_dask.testing import slow_writes, throttled
 
 
 def _work(i: int, slow: str | None, seconds: float, factor: float) -> int:
@@ -126,6 +135,9 @@ def main() -> None:
     ap.add_argument("--zarr-gib", type=float, default=2.0, help="to_zarr array size")
     ap.add_argument("--partitions", type=int, default=32, help="shuffle input partitions, to_zarr input blocks")
     ap.add_argument("--share", type=float, default=0.15, help="the slow worker's share of time (shuffle)")
+    ap.add_argument("--slow", choices=("cpu", "disk"), default="cpu",
+                    help="zarr: what is slow on the slow worker: its CPU (--share), or its disk (--disk-delay)")
+    ap.add_argument("--disk-delay", type=float, default=0.75, help="zarr --slow disk: seconds each chunk write waits")
     ap.add_argument("--stream-partitions", type=int, default=8, help="consumers: stream partitions")
     ap.add_argument("--records", type=int, default=1000, help="consumers: records per partition")
     ap.add_argument("--work-ms", type=float, default=2.0, help="consumers: CPU ms per record")
@@ -245,7 +257,7 @@ def _interleave(
             for method in order:
                 flag = known()
                 t0, w0 = time.perf_counter(), time.time()
-                with throttled(pid, args.share) if setting == "slow" else nullcontext():
+                with _slowdown(client, slow, pid, args) if setting == "slow" else nullcontext():
                     run(method)
                 dt = time.perf_counter() - t0
                 time.sleep(0.5)  # copies' reports reach the event log
@@ -262,6 +274,19 @@ def _interleave(
     print(f"spec-on / spec-off (even): {med['spec-on/even'] / med['spec-off/even']:.2f}x (overhead: target < 1.05x)")
     print(f"slow / even, spec-on: {med['spec-on/slow'] / med['spec-on/even']:.2f}x; "
           f"spec-off: {med['spec-off/slow'] / med['spec-off/even']:.2f}x")
+
+
+def _slowdown(client: Any, slow: str, pid: int, args: argparse.Namespace) -> Any:
+    """The slow worker's handicap: a CPU share (``--slow cpu``), or a slow disk (``--slow disk``)."""
+    if args.slow == "disk":
+        return slow_writes(client, slow, args.disk_delay)
+    return throttled(pid, args.share)
+
+
+def _what_slow(args: argparse.Namespace) -> str:
+    if args.slow == "disk":
+        return f"its every chunk write waits {args.disk_delay:g} s"
+    return f"it runs {args.share:g} of the time"
 
 
 def _cluster(args: argparse.Namespace) -> Any:
@@ -341,7 +366,7 @@ def zarr(args: argparse.Namespace) -> None:
 
             print(
                 f"\nto_zarr of {args.zarr_gib:g} GiB ({args.partitions} blocks, Zarr chunks of "
-                f"{zchunks[0]} rows) on {args.workers} workers (one slow: it runs {args.share:g} of the time)",
+                f"{zchunks[0]} rows) on {args.workers} workers (one slow: {_what_slow(args)})",
                 flush=True,
             )
             _interleave(client, slow, pid, ["spec-on", "spec-off", "dask"], run, args, baseline="dask")

@@ -130,3 +130,22 @@ def test_a_loader_over_owners_at_equal_speed_backs_nothing_up(client, tmp_path):
         aimss_dask.destroy_stream(s.name)
     time.sleep(0.5)  # reports are sent after the last batch
     assert not [m for m in _events(client, t0) if m.get("kind") == "loader"], _events(client, t0)
+
+
+def _timed_zarr_write(path: str) -> float:
+    t0 = time.perf_counter()
+    zarr.open_array(path, mode="r+")[:] = 1.0  # two chunks
+    return time.perf_counter() - t0
+
+
+def test_slow_writes_slows_chunk_writes_on_one_worker_only_and_is_undone(client, tmp_path):
+    path = str(tmp_path / "timed.zarr")
+    zarr.create_array(store=path, shape=(20,), chunks=(10,), dtype="f8")
+    slow, fast = sorted(client.scheduler_info()["workers"])[-1], sorted(client.scheduler_info()["workers"])[0]
+    with slow_writes(client, slow, 0.3):
+        took = client.run(_timed_zarr_write, path, workers=[slow, fast])
+        assert took[slow] >= 0.3 and took[fast] < 0.3, took  # Zarr writes the two at once
+    assert client.run(_timed_zarr_write, path, workers=[slow])[slow] < 0.3
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="delay=-1"):
+        with slow_writes(client, slow, -1):
+            pass
