@@ -209,6 +209,14 @@ def _push_copies(client: Any, since: float) -> int:
     )
 
 
+def _sink_copies(client: Any, since: float) -> str:
+    """Push copies and sink writers' hand-overs a to_zarr run started: "pushes+hand-overs"."""
+    events = [m for t, m in client.get_events("aimss-straggler") if t >= since and isinstance(m, dict)]
+    pushes = sum(1 for m in events if m.get("action") == "copy" and "aimss-push-" in str(m.get("key")))
+    handovers = sum(1 for m in events if m.get("action") == "copy" and m.get("kind") == "sink-writer")
+    return f"{pushes}+{handovers}"
+
+
 def _speculation(dask_scheduler: Any, enabled: bool) -> None:
     """The benchmark's switch: speculation on or off on the running coordinator (not an API)."""
     from aimss_dask.core.names import PLUGIN_NAME
@@ -235,7 +243,7 @@ def _consumer_helpers(client: Any, since: float) -> int:
 
 def _interleave(
     client: Any, slow: str, pid: int, methods: list[str], run: Callable[[str], None], args: argparse.Namespace,
-    baseline: str, copies_of: Callable[[Any, float], int] = _push_copies, what: str = "push copies",
+    baseline: str, copies_of: Callable[[Any, float], Any] = _push_copies, what: str = "push copies",
 ) -> None:
     """Run ``methods`` interleaved, with no slow worker then with one; print runs, medians, ratios.
 
@@ -248,7 +256,7 @@ def _interleave(
         return "  (slow worker known)" if slow in aimss_dask.status().stragglers["slow_workers"] else ""
 
     times: dict[str, list[float]] = {}
-    copies: dict[str, list[int]] = {}
+    copies: dict[str, list[Any]] = {}
     # No slow worker first (the overhead, before any worker is found
     # slow), then the slow worker.
     for setting in ("even", "slow"):
@@ -369,7 +377,10 @@ def zarr(args: argparse.Namespace) -> None:
                 f"{zchunks[0]} rows) on {args.workers} workers (one slow: {_what_slow(args)})",
                 flush=True,
             )
-            _interleave(client, slow, pid, ["spec-on", "spec-off", "dask"], run, args, baseline="dask")
+            _interleave(
+                client, slow, pid, ["spec-on", "spec-off", "dask"], run, args, baseline="dask",
+                copies_of=_sink_copies, what="push copies+hand-overs",
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)  # the folder this benchmark made
 

@@ -638,3 +638,23 @@ def test_a_hand_over_that_never_shows_in_the_heartbeats_expires():
     assert not tracker.sinks.handovers
     ended = [m for _, m in sched.events if m["action"] == "straggler" and m["outcome"] != "running"]
     assert ended[-1]["outcome"] == "nothing left to hand over"
+
+
+def test_a_worker_found_slow_by_its_stragglers_is_not_cleared_by_its_tasks_times():
+    import time
+
+    tracker, sched, g, a, b = _tracker()
+    for i in range(3, 6):  # b's tasks take what a's do: by its tasks, b is not slow
+        sched.tasks[("work-abc", i)] = _Task(("work-abc", i), g)
+        tracker.task_ended(("work-abc", i), "processing", "memory", {
+            "worker": "b", "startstops": [{"action": "compute", "start": 10.0, "stop": 11.0}],
+        })
+    now = time.time()
+    # Its sink writes (a slow disk) made it a straggler twice: it stays slow.
+    tracker.slow["b"] = {"action": "slow-worker", "worker": "b", "seen": now, "by": "stragglers"}
+    tracker.check()
+    assert "b" in tracker.slow
+    # Found slow by its tasks' times, the same times clear it.
+    tracker.slow["b"]["by"] = "tasks"
+    tracker.check()
+    assert "b" not in tracker.slow

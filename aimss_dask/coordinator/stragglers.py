@@ -716,6 +716,7 @@ class Stragglers:
         now_slow = slowness(durations, floor)
         for w in slow - set(self.slow):
             x = now_slow.get(w, 0.0)
+            by_tasks = x > self.config.multiplier
             report = {
                 "action": "slow-worker", "worker": w, "stragglers": counts.get(w, 0),
                 "why": (
@@ -724,17 +725,20 @@ class Stragglers:
                 ),
                 "found": now,
             }
-            self.slow[w] = {**report, "seen": now}
+            self.slow[w] = {**report, "seen": now, "by": "tasks" if by_tasks else "stragglers"}
             self._report(report)
-        # A slow worker stays flagged until its recent tasks show it is fast
-        # again: typically under halfway between 1x and multiplier x (a
-        # margin, or a worker near the bound would flip at every check and
-        # runs placed meanwhile would land on it), or for SLOW_WINDOW without
-        # any sign either way, or until it leaves.
+        # A worker found slow by its tasks stays flagged until its recent
+        # tasks show it is fast again: typically under halfway between 1x and
+        # multiplier x (a margin, or a worker near the bound would flip at
+        # every check and runs placed meanwhile would land on it). One found
+        # slow by its stragglers (a slow disk shows in its sink writers, not
+        # in its tasks' times) stays flagged while that evidence lasts. Either
+        # way, for SLOW_WINDOW at most without any sign, or until it leaves.
         fast_again = (1.0 + self.config.multiplier) / 2
         for w in set(self.slow) - slow:
+            by_tasks = self.slow[w].get("by") == "tasks"
             if (
-                now_slow.get(w, fast_again) < fast_again
+                (by_tasks and now_slow.get(w, fast_again) < fast_again)
                 or now - self.slow[w]["seen"] > SLOW_WINDOW
                 or w not in self.scheduler.workers
             ):
