@@ -113,8 +113,8 @@ def _slow_disk(delay: float | None, dask_worker: Any = None) -> None:
 
     @contextlib.contextmanager
     def writing(run: str, resource: str | None) -> Iterator[None]:
-        time.sleep(delay)
-        with inner(run, resource):
+        with inner(run, resource):  # a slow disk is slow while the write holds its grant
+            time.sleep(delay)
             yield
 
     gate.writing = writing

@@ -1,4 +1,4 @@
-"""Benchmark of speculation (issue: stragglers): ordinary tasks, a shuffle and a to_zarr, with one slow worker.
+"""Benchmark of speculation (issue: stragglers): tasks, a shuffle, a to_zarr, consumers and a loader, with one slow worker.
 
 Part ``tasks`` (``--part tasks``):
 
@@ -84,6 +84,17 @@ Dask: the same records as one list per partition in Dask's memory,
 per run: consumer helpers started.
 
     python benchmarks/bench_stragglers.py --part consumers --records 1000 --work-ms 2 --share 0.15 --reps 3
+
+Part ``loader`` (``--part loader``): a ``--loader-gib`` GiB float32 Zarr array
+(slabs of 1024 rows, written once into a temporary folder this benchmark
+made) read in order by ``Stream.batches`` over ``aimss_dask.source.from_zarr``
+with ``--stream-partitions`` partitions, a batch being one slab of every
+partition, so every batch waits for every owner: speculation on (a take the
+slow owner is late with is read again by a fast owner, from Zarr) and off,
+against plain Dask (``da.from_zarr(path)[i:j].compute()`` per batch).
+Reported per run: backups that answered first / backups started.
+
+    python benchmarks/bench_stragglers.py --part loader --loader-gib 1 --share 0.15 --reps 3
 """
 
 from __future__ import annotations
@@ -126,7 +137,7 @@ def _copies(client: Any, since: float) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("tasks", "shuffle", "zarr", "consumers", "all"), default="all")
+    ap.add_argument("--part", choices=("tasks", "shuffle", "zarr", "consumers", "loader", "all"), default="all")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--tasks", type=int, default=24)
     ap.add_argument("--seconds", type=float, default=1.2, help="a task's time on a normal worker")
@@ -137,6 +148,7 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.15, help="the slow worker's share of time (shuffle)")
     ap.add_argument("--slow", choices=("cpu", "disk"), default="cpu",
                     help="zarr: what is slow on the slow worker: its CPU (--share), or its disk (--disk-delay)")
+    ap.add_argument("--loader-gib", type=float, default=1.0, help="loader: the Zarr source's size")
     ap.add_argument("--disk-delay", type=float, default=0.75, help="zarr --slow disk: seconds each chunk write waits")
     ap.add_argument("--stream-partitions", type=int, default=8, help="consumers: stream partitions")
     ap.add_argument("--records", type=int, default=1000, help="consumers: records per partition")
@@ -151,6 +163,8 @@ def main() -> None:
         zarr(args)
     if args.part in ("consumers", "all"):
         consumers(args)
+    if args.part in ("loader", "all"):
+        loader(args)
 
 
 def tasks(args: argparse.Namespace) -> None:
@@ -440,6 +454,74 @@ def consumers(args: argparse.Namespace) -> None:
         _interleave(client, slow, pid, ["spec-on", "spec-off", "dask"], run, args, baseline="dask",
                     copies_of=_consumer_helpers, what="consumer helpers")
         aimss_dask.destroy_stream(name)
+
+
+def _loader_copies(client: Any, since: float) -> str:
+    """Late takes a run's loader backed up, and how many the backup won: "won/copies"."""
+    events = [
+        m for t, m in client.get_events("aimss-straggler")
+        if t >= since and isinstance(m, dict) and m.get("action") == "copy" and m.get("kind") == "loader"
+    ]
+    copies = sum(int(m["copies"]) for m in events)
+    won = sum(int(m["outcome"].split()[2]) for m in events)  # "copy won k of n"
+    return f"{won}/{copies}"
+
+
+def loader(args: argparse.Namespace) -> None:
+    import shutil
+    import tempfile
+
+    import dask.array as da
+    import zarr as zarr_lib
+    from distributed import Client
+
+    from aimss_dask.source import from_zarr
+
+    cols = 1024
+    slab = 1024  # rows per Zarr chunk: 4 MiB of float32
+    rows = int(args.loader_gib * 2**30) // 4 // cols // slab * slab
+    batch = slab * args.stream_partitions  # one slab of every partition per batch
+    root = tempfile.mkdtemp(prefix="aimss-bench-loader-")
+    try:
+        path = os.path.join(root, "source.zarr")
+        src = zarr_lib.create_array(store=path, shape=(rows, cols), chunks=(slab, cols), dtype="f4")
+        rng = np.random.default_rng(2)
+        for i in range(0, rows, slab * 16):
+            src[i : i + slab * 16] = rng.random((min(slab * 16, rows - i), cols), dtype=np.float32)
+        want = float(np.asarray(src[::509]).astype(np.float64).sum())
+        with _cluster(args) as cluster, Client(cluster) as client:
+            client.register_plugin(aimss_dask.AIMSS())
+            slow, pid = _slow_worker(client)
+            runs = iter(range(10**6))
+
+            def run(method: str) -> None:
+                got = 0.0
+                if method == "dask":
+                    x = da.from_zarr(path)
+                    for i in range(0, rows, batch):
+                        b = x[i : i + batch].compute()
+                        got += float(b[(-i) % 509 :: 509].astype(np.float64).sum())
+                else:
+                    client.run_on_scheduler(_speculation, enabled=method == "spec-on")
+                    s = from_zarr(path, partitions=args.stream_partitions, name=f"bench-loader-{next(runs)}")
+                    try:
+                        i = 0
+                        for b in s.batches(batch):
+                            got += float(b[(-i) % 509 :: 509].astype(np.float64).sum())
+                            i += len(b)
+                    finally:
+                        aimss_dask.destroy_stream(s.name)
+                assert abs(got - want) <= 1e-6 * abs(want), (method, got, want)
+
+            print(
+                f"\nloader over {rows * cols * 4 / 2**30:.2f} GiB of Zarr ({rows // slab} slabs, "
+                f"{args.stream_partitions} partitions, batches of {batch} rows) on {args.workers} workers "
+                f"(one slow: it runs {args.share:g} of the time)", flush=True,
+            )
+            _interleave(client, slow, pid, ["spec-on", "spec-off", "dask"], run, args, baseline="dask",
+                        copies_of=_loader_copies, what="backups won/started")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # the folder this benchmark made
 
 
 if __name__ == "__main__":

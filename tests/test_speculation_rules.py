@@ -658,3 +658,18 @@ def test_a_worker_found_slow_by_its_stragglers_is_not_cleared_by_its_tasks_times
     tracker.slow["b"]["by"] = "tasks"
     tracker.check()
     assert "b" not in tracker.slow
+
+
+def test_a_writer_whose_run_stopped_on_its_worker_stays_a_peer_while_others_write():
+    tracker, sched, told, beat, c = _writers()
+    a, b = sched.workers["a"], sched.workers["b"]
+    tracker.check()  # seen once
+    told.clear()
+    tracker.sinks.handovers.clear()
+    a.metrics = b.metrics = {}  # a and b are done: their runs stopped there
+    tracker.sinks.current.clear()
+    tracker.check()
+    assert [m["run"] for _, m in told] == ["r"]  # still judged against a and b
+    c.metrics = {}
+    tracker.check()  # no writer of "r" left: forgotten
+    assert "r" not in tracker.sinks._last

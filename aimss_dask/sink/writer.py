@@ -313,6 +313,9 @@ class WriteBehind:
     def _write(self, target: ZarrTarget, run: _Run, job: Callable[[UnitWriter], int]) -> int:
         if target.run in self._aborted:
             return 0
+        # ``busy`` counts the wait for an I/O grant too: a writer held back
+        # on a congested node is late for its run, and a helper on another
+        # node is what helps it.
         t0 = time.monotonic()
         try:
             put = _run_put(target, run, self.host)
@@ -373,13 +376,12 @@ class WriteBehind:
         failed = False
         for entry in taken:
             n = None
+            after = None
             if not failed and entry.target.run not in self._aborted:
                 try:
                     region, data, after = entry.portable()  # type: ignore[misc]
                     n = int(ship(entry.target, region, data))
                     del data
-                    if after is not None:
-                        after()
                 except Exception:
                     # Written here instead; the helper is not asked again
                     # for this hand-over (it, or the way to it, is broken).
@@ -388,16 +390,24 @@ class WriteBehind:
                         exc_info=True,
                     )
                     failed = True
-            if n is None:
-                self._run_job(entry)
-            else:
-                entry.fut.set_result(n)
+            # Counted before the region's future ends: a flush it completes
+            # keeps the run's last progress, which must include it.
             with self._cond:
                 entry.run.handing -= 1
                 if n is None:
                     entry.run.taken_back += 1
                 else:
                     entry.run.handed += 1
+            if n is None:
+                self._run_job(entry)
+                continue
+            if after is not None:
+                try:
+                    after()
+                except Exception:  # stored already: only its memory stays until the run ends
+                    logger.warning("aimss: freeing a region of %s after its hand-over failed",
+                                   entry.target.run, exc_info=True)
+            entry.fut.set_result(n)
         close = getattr(ship, "close", None)
         if close is not None:
             close()

@@ -9,10 +9,13 @@ from Zarr (``SourceRun.backup``, past its own log); the first answer is the
 batch's, the other is dropped (the Tail at Scale's hedged request, with
 LATE's rules for when and where).
 
-When: a take is backed up once it has waited longer than
-``max(min_runtime, multiplier x)`` the median latency of the takes that
-the other owners answered lately; for an owner the coordinator found slow,
-once it has waited as long as that median (it will most likely be late).
+When: a take is backed up once it has waited longer than ``multiplier``
+times the median latency of the takes that the other owners answered
+lately (and at least :data:`FLOOR`); for an owner the coordinator found
+slow, once it has waited as long as that median (it will most likely be
+late). ``min-runtime`` does not apply: it stands for how coarsely the
+scheduler learns a task's elapsed time (heartbeats), while the loader times
+its own takes exactly, and a take is far shorter than a task.
 Where: the owner whose takes answered fastest lately, never a slow one.
 At most :meth:`Hedger.cap` backups are in flight at once, the loader's
 share of ``max-fraction``. The coordinator's settings and slow workers are
@@ -40,6 +43,9 @@ MIN_SAMPLES = 3
 VIEW_EVERY = 2.0
 #: Seconds between two reports of backups to the coordinator, per owner.
 REPORT_EVERY = 2.0
+#: Seconds a take may always wait before it is backed up: below it, owners
+#: differ by noise (a thread switch, a garbage collection).
+FLOOR = 0.05
 
 
 @dataclass
@@ -57,12 +63,12 @@ class Hedger:
     """When to back a take up, where, and what to report.
 
     ``view``: the coordinator's ``speculation_view`` answer: ``enabled``,
-    ``multiplier``, ``min_runtime``, ``cap`` (copies the cluster's threads
-    allow at once) and ``slow`` (workers found slow).
+    ``multiplier``, ``cap`` (copies the cluster's threads allow at once) and
+    ``slow`` (workers found slow).
 
     Examples
     --------
-    >>> h = Hedger(["a", "b", "c"], {"enabled": True, "multiplier": 2, "min_runtime": 1.0, "cap": 1, "slow": []})
+    >>> h = Hedger(["a", "b", "c"], {"enabled": True, "multiplier": 2, "cap": 1, "slow": []})
     >>> for w in ("b", "c"):
     ...     for _ in range(3):
     ...         h.answered(w, 0.5)
@@ -108,8 +114,8 @@ class Hedger:
         if typical is None:
             return None
         if owner in self.view.get("slow", ()):
-            return typical  # a slow worker's take will most likely be late
-        return max(float(self.view.get("min_runtime", 1.0)), float(self.view.get("multiplier", 2.0)) * typical)
+            return max(FLOOR, typical)  # a slow worker's take will most likely be late
+        return max(FLOOR, float(self.view.get("multiplier", 2.0)) * typical)
 
     def helper(self, owner: str) -> str | None:
         """Where ``owner``'s late take is read again: the fastest other owner lately, never a slow one."""
