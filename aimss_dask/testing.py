@@ -123,8 +123,58 @@ def _slow_disk(delay: float | None, dask_worker: Any = None) -> None:
         LocalStore._aimss_set = original = LocalStore.set
 
         async def set(self: Any, key: str, value: Any) -> None:
-            if not key.endswith(("zarr.json", ".zarray", ".zattrs", ".zgroup")):
+            if not key.endswith(_METADATA):
                 await asyncio.sleep(LocalStore._aimss_delay)  # a chunk, not metadata
             await original(self, key, value)
 
         LocalStore.set = set
+
+
+#: Zarr keys that are metadata, not chunks: never slowed.
+_METADATA = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
+
+
+@contextlib.contextmanager
+def slow_reads(client: Any, worker: str, delay: float) -> Iterator[None]:
+    """Every chunk read from a local Zarr store on ``worker`` waits ``delay`` seconds first.
+
+    A slow disk (or a congested network file system) on one node, for
+    readers: ``zarr.storage.LocalStore.get`` waits before each chunk key,
+    whoever reads (an AIMSS source's broker, or a Dask task of
+    ``da.from_zarr``). Undone on exit.
+
+    Examples
+    --------
+    >>> with slow_reads(client, slow, 0.1):                # doctest: +SKIP
+    ...     batches = list(stream.batches(1024))            # that owner's slabs are late
+    """
+    if not delay >= 0:
+        raise InvalidArgumentError(f"delay={delay!r} must be a number of seconds, 0 or more")
+    client.run(_slow_get, delay, workers=[worker])
+    try:
+        yield
+    finally:
+        client.run(_slow_get, None, workers=[worker])
+
+
+def _slow_get(delay: float | None) -> None:
+    import asyncio
+
+    from zarr.storage import LocalStore
+
+    if delay is None:
+        original = getattr(LocalStore, "_aimss_get", None)
+        if original is not None:
+            LocalStore.get = original
+            del LocalStore._aimss_get
+        return
+    LocalStore._aimss_get_delay = delay
+    if not hasattr(LocalStore, "_aimss_get"):
+        LocalStore._aimss_get = original = LocalStore.get
+
+        async def get(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+            if not key.endswith(_METADATA):
+                await asyncio.sleep(LocalStore._aimss_get_delay)  # a chunk, not metadata
+            return await original(self, key, *args, **kwargs)
+
+        LocalStore.get = get

@@ -95,6 +95,12 @@ against plain Dask (``da.from_zarr(path)[i:j].compute()`` per batch).
 Reported per run: backups that answered first / backups started.
 
     python benchmarks/bench_stragglers.py --part loader --loader-gib 1 --share 0.15 --reps 3
+
+With ``--slow disk`` the slow worker's chunk reads wait ``--disk-delay``
+seconds each instead (``aimss_dask.testing.slow_reads``, for any reader of a
+local Zarr store in that process: its brokers and Dask's tasks alike).
+
+    python benchmarks/bench_stragglers.py --part loader --loader-gib 1 --slow disk --disk-delay 0.1 --reps 3
 """
 
 from __future__ import annotations
@@ -112,7 +118,7 @@ import pandas as pd
 from distributed import get_worker
 
 import aimss_dask
-from aimss_dask.testing import slow_writes, throttled
+from aimss_dask.testing import slow_reads, slow_writes, throttled
 
 
 def _work(i: int, slow: str | None, seconds: float, factor: float) -> int:
@@ -147,9 +153,10 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=32, help="shuffle input partitions, to_zarr input blocks")
     ap.add_argument("--share", type=float, default=0.15, help="the slow worker's share of time (shuffle)")
     ap.add_argument("--slow", choices=("cpu", "disk"), default="cpu",
-                    help="zarr: what is slow on the slow worker: its CPU (--share), or its disk (--disk-delay)")
+                    help="zarr, loader: what is slow on the slow worker: its CPU (--share), or its disk (--disk-delay)")
     ap.add_argument("--loader-gib", type=float, default=1.0, help="loader: the Zarr source's size")
-    ap.add_argument("--disk-delay", type=float, default=0.75, help="zarr --slow disk: seconds each chunk write waits")
+    ap.add_argument("--disk-delay", type=float, default=0.75,
+                    help="--slow disk: seconds each chunk write (zarr) or read (loader) waits")
     ap.add_argument("--stream-partitions", type=int, default=8, help="consumers: stream partitions")
     ap.add_argument("--records", type=int, default=1000, help="consumers: records per partition")
     ap.add_argument("--work-ms", type=float, default=2.0, help="consumers: CPU ms per record")
@@ -299,15 +306,16 @@ def _interleave(
 
 
 def _slowdown(client: Any, slow: str, pid: int, args: argparse.Namespace) -> Any:
-    """The slow worker's handicap: a CPU share (``--slow cpu``), or a slow disk (``--slow disk``)."""
+    """The slow worker's handicap: a CPU share (``--slow cpu``), or a slow disk (``--slow disk``:
+    its chunk writes, or for the loader its chunk reads, wait ``--disk-delay`` each)."""
     if args.slow == "disk":
-        return slow_writes(client, slow, args.disk_delay)
+        return (slow_reads if args.part == "loader" else slow_writes)(client, slow, args.disk_delay)
     return throttled(pid, args.share)
 
 
 def _what_slow(args: argparse.Namespace) -> str:
     if args.slow == "disk":
-        return f"its every chunk write waits {args.disk_delay:g} s"
+        return f"its every chunk {'read' if args.part == 'loader' else 'write'} waits {args.disk_delay:g} s"
     return f"it runs {args.share:g} of the time"
 
 
@@ -516,7 +524,7 @@ def loader(args: argparse.Namespace) -> None:
             print(
                 f"\nloader over {rows * cols * 4 / 2**30:.2f} GiB of Zarr ({rows // slab} slabs, "
                 f"{args.stream_partitions} partitions, batches of {batch} rows) on {args.workers} workers "
-                f"(one slow: it runs {args.share:g} of the time)", flush=True,
+                f"(one slow: {_what_slow(args)})", flush=True,
             )
             _interleave(client, slow, pid, ["spec-on", "spec-off", "dask"], run, args, baseline="dask",
                         copies_of=_loader_copies, what="backups won/started")
