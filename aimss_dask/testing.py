@@ -84,13 +84,8 @@ def slow_writes(client: Any, worker: str, delay: float) -> Iterator[None]:
     >>> with slow_writes(client, slow, 0.2):               # doctest: +SKIP
     ...     aimss_dask.to_zarr(x, "out.zarr")               # that worker's chunks are late
     """
-    if not delay >= 0:
-        raise InvalidArgumentError(f"delay={delay!r} must be a number of seconds, 0 or more")
-    client.run(_slow_disk, delay, workers=[worker])
-    try:
+    with _patched(client, worker, _slow_disk, delay):
         yield
-    finally:
-        client.run(_slow_disk, None, workers=[worker])
 
 
 def _slow_disk(delay: float | None, dask_worker: Any = None) -> None:
@@ -148,13 +143,20 @@ def slow_reads(client: Any, worker: str, delay: float) -> Iterator[None]:
     >>> with slow_reads(client, slow, 0.1):                # doctest: +SKIP
     ...     batches = list(stream.batches(1024))            # that owner's slabs are late
     """
+    with _patched(client, worker, _slow_get, delay):
+        yield
+
+
+@contextlib.contextmanager
+def _patched(client: Any, worker: str, patch: Any, delay: float) -> Iterator[None]:
+    """``patch(delay)`` on ``worker`` for the block, ``patch(None)`` after (undone)."""
     if not delay >= 0:
         raise InvalidArgumentError(f"delay={delay!r} must be a number of seconds, 0 or more")
-    client.run(_slow_get, delay, workers=[worker])
+    client.run(patch, delay, workers=[worker])
     try:
         yield
     finally:
-        client.run(_slow_get, None, workers=[worker])
+        client.run(patch, None, workers=[worker])
 
 
 def _slow_get(delay: float | None) -> None:

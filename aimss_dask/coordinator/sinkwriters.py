@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from aimss_dask.coordinator.speculation import (
     Progress,
     Straggler,
+    late_report,
     late_rule,
     place_copies,
     split_point,
@@ -136,12 +137,7 @@ class SinkWriters:
                 found.append(s)
                 flagged.add(s.key)
                 if s.key not in self.current:
-                    report = {
-                        "action": "straggler", "kind": "sink-writer", "key": s.key, "run": run,
-                        "worker": s.worker, "elapsed": round(s.elapsed, 3), "rule": s.rule,
-                        "bound": round(s.bound, 3), "estimate": round(s.estimate or 0.0, 3), "copy": None,
-                        "outcome": "running", "found": now,
-                    }
+                    report = late_report(s, "sink-writer", now, run=run)
                     self.current[s.key] = report
                     self.s._report(report)
                 others = [v for k, v in speeds.items() if k != s.key and v > 0]

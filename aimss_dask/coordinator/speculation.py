@@ -27,6 +27,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "RECENT_GROUPS",
@@ -37,6 +38,7 @@ __all__ = [
     "Straggler",
     "WorkerView",
     "copy_cap",
+    "late_report",
     "late_rule",
     "place_copies",
     "quantile_rule",
@@ -167,6 +169,19 @@ def late_rule(peers: Sequence[Progress], *, multiplier: float, min_runtime: floa
         if p.left > 0 and p.speed < slow_below and p.time_left > bound
     ]
     return sorted(out, key=lambda s: (-(s.estimate or 0.0), s.key))
+
+
+def late_report(s: Straggler, kind: str, now: float, **where: Any) -> dict[str, Any]:
+    """The report of a new straggler found by :func:`late_rule` (``where``: its stream, group or run).
+
+    >>> late_report(Straggler("c", "w", 2.0, "late", 1.0, 3.0), "consumer", 0.0, stream="s")["outcome"]
+    'running'
+    """
+    return {
+        "action": "straggler", "kind": kind, "key": s.key, **where, "worker": s.worker,
+        "elapsed": round(s.elapsed, 3), "rule": s.rule, "bound": round(s.bound, 3),
+        "estimate": round(s.estimate or 0.0, 3), "copy": None, "outcome": "running", "found": now,
+    }
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:

@@ -52,6 +52,7 @@ from aimss_dask.coordinator.speculation import (
     Straggler,
     WorkerView,
     copy_cap,
+    late_report,
     late_rule,
     place_copies,
     quantile_rule,
@@ -510,12 +511,7 @@ class Stragglers:
                 found.append(s)
                 flagged.add(s.key)
                 if s.key not in self.consumers:
-                    report = {
-                        "action": "straggler", "kind": "consumer", "key": s.key, "stream": name,
-                        "group": group, "worker": s.worker, "elapsed": round(s.elapsed, 3), "rule": s.rule,
-                        "bound": round(s.bound, 3), "estimate": round(s.estimate or 0.0, 3), "copy": None,
-                        "outcome": "running", "found": now,
-                    }
+                    report = late_report(s, "consumer", now, stream=name, group=group)
                     self.consumers[s.key] = report
                     self._report(report)
             self._take_over(late, work, ids, now)
