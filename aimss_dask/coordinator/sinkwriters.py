@@ -145,7 +145,7 @@ class SinkWriters:
                     able.append((s, run, by_worker[s.worker], statistics.median(others)))
         for key in [k for k in self.current if k not in flagged and k not in self.handovers]:
             report = self.current.pop(key)
-            self.s._report({**report, "outcome": report.get("ended_by") or "caught up", "ended": now})
+            self.s._report({**report, "outcome": "caught up", "ended": now})
         self._hand_over(able, now)
         return found
 
@@ -189,21 +189,21 @@ class SinkWriters:
         """Forget hand-overs that are over; the writer's report says how it went."""
         for key, h in list(self.handovers.items()):
             progress = runs.get(h["run"], {}).get(h["worker"])
-            if progress is None:
-                outcome = "run finished"
-            else:
-                handing = int(progress.get("handing", 0))
-                over = int(progress.get("handed", 0)) + int(progress.get("taken_back", 0)) - h["before"]
-                h["seen"] = h["seen"] or handing > 0 or over > 0
-                waiting = not h["seen"] and now - h["since"] <= HANDOVER_APPEAR
-                if now - h["since"] <= HANDOVER_TTL and (handing or waiting):
-                    continue
-                back = int(progress.get("taken_back", 0))
-                outcome = (
-                    f"helper on {h['dest']} wrote {int(progress.get('handed', 0))} regions"
-                    + (f", {back} written here after it failed" if back else "")
-                    if h["seen"] else "nothing left to hand over"
-                )
+            if progress is None:  # its run stopped there: what it said last
+                progress = {**self._last.get(h["run"], {}).get(h["worker"], {}), "handing": 0}
+                h["seen"] = True
+            handing = int(progress.get("handing", 0))
+            over = int(progress.get("handed", 0)) + int(progress.get("taken_back", 0)) - h["before"]
+            h["seen"] = h["seen"] or handing > 0 or over > 0
+            waiting = not h["seen"] and now - h["since"] <= HANDOVER_APPEAR
+            if now - h["since"] <= HANDOVER_TTL and (handing or waiting):
+                continue
+            back = int(progress.get("taken_back", 0))
+            outcome = (
+                f"helper on {h['dest']} wrote {int(progress.get('handed', 0))} regions"
+                + (f", {back} written here after it failed" if back else "")
+                if h["seen"] else "nothing left to hand over"
+            )
             del self.handovers[key]
             report = self.current.pop(key, None)
             if report is not None:

@@ -167,6 +167,7 @@ class Fetcher:
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_BATCHES)
         # Backups of late takes, by the coordinator's speculation settings.
         self.hedger = Hedger(list(info.spec.owners), _view(ep))
+        self._chores: set[asyncio.Future[Any]] = set()  # its reports and refreshes under way
         self.stopped = threading.Event()
         # The thread holds this object, never the iterator, so an abandoned
         # iterator is collected and its __del__ stops the thread.
@@ -289,9 +290,15 @@ class Fetcher:
                 except Exception:  # keep the last view: backups are an optimisation
                     logger.debug("aimss: reading the speculation settings failed", exc_info=True)
 
-            asyncio.ensure_future(refresh())
+            self._spawn(refresh())
         for report in h.due_reports(force=last):
-            asyncio.ensure_future(_report(self.ep, self.info.spec.name, report))
+            self._spawn(_report(self.ep, self.info.spec.name, report))
+
+    def _spawn(self, coro: Any) -> None:
+        # The loop keeps only weak references to tasks: hold them until done.
+        task = asyncio.ensure_future(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     def _deliver(self, item: tuple[int, list[Take], int, Future[list[Any]]]) -> bool:
         """Wait for one batch's parts, assemble it, queue it; False once stopped."""
