@@ -673,3 +673,15 @@ def test_a_writer_whose_run_stopped_on_its_worker_stays_a_peer_while_others_writ
     c.metrics = {}
     tracker.check()  # no writer of "r" left: forgotten
     assert "r" not in tracker.sinks._last
+
+
+def test_a_hand_over_whose_run_ended_between_heartbeats_says_so():
+    tracker, sched, told, beat, c = _writers()
+    tracker.check()
+    assert len(told) == 1
+    for w in sched.workers.values():
+        w.metrics = {}  # the run ended on every worker before a heartbeat showed the hand-over
+    tracker.check()
+    assert not tracker.sinks.handovers
+    ended = [m for _, m in sched.events if m["action"] == "straggler" and m["outcome"] != "running"]
+    assert ended[-1]["outcome"].endswith("the run ended before the writer's count was seen")

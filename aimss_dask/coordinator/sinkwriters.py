@@ -189,7 +189,8 @@ class SinkWriters:
         """Forget hand-overs that are over; the writer's report says how it went."""
         for key, h in list(self.handovers.items()):
             progress = runs.get(h["run"], {}).get(h["worker"])
-            if progress is None:  # its run stopped there: what it said last
+            gone = progress is None
+            if gone:  # its run stopped there: what it said last
                 progress = {**self._last.get(h["run"], {}).get(h["worker"], {}), "handing": 0}
                 h["seen"] = True
             handing = int(progress.get("handing", 0))
@@ -198,12 +199,16 @@ class SinkWriters:
             waiting = not h["seen"] and now - h["since"] <= HANDOVER_APPEAR
             if now - h["since"] <= HANDOVER_TTL and (handing or waiting):
                 continue
-            back = int(progress.get("taken_back", 0))
-            outcome = (
-                f"helper on {h['dest']} wrote {int(progress.get('handed', 0))} regions"
-                + (f", {back} written here after it failed" if back else "")
-                if h["seen"] else "nothing left to hand over"
-            )
+            back, handed = int(progress.get("taken_back", 0)), int(progress.get("handed", 0))
+            if not h["seen"]:
+                outcome = "nothing left to hand over"
+            elif gone and handed <= h["before"]:
+                # Heartbeats are coarser than a short hand-over.
+                outcome = f"helper on {h['dest']} took over; the run ended before the writer's count was seen"
+            else:
+                outcome = f"helper on {h['dest']} wrote {handed} regions" + (
+                    f", {back} written here after it failed" if back else ""
+                )
             del self.handovers[key]
             report = self.current.pop(key, None)
             if report is not None:

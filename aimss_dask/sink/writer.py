@@ -173,6 +173,8 @@ class WriteBehind:
         self._aborted: dict[str, None] = {}  # runs whose writes are refused, oldest first
         self._flushed: dict[str, dict[str, Any]] = {}  # run -> its progress when flushed, until it stops
         self.peak_queued = 0
+        self.handed_total = 0
+        self.taken_back_total = 0
 
     def submit(
         self, target: ZarrTarget, region: tuple[slice, ...], data: np.ndarray, rid: int
@@ -396,8 +398,10 @@ class WriteBehind:
                 entry.run.handing -= 1
                 if n is None:
                     entry.run.taken_back += 1
+                    self.taken_back_total += 1
                 else:
                     entry.run.handed += 1
+                    self.handed_total += 1
             if n is None:
                 self._run_job(entry)
                 continue
@@ -498,8 +502,13 @@ class WriteBehind:
         }
 
     def statistics(self) -> dict[str, int]:
+        """Bytes queued now and at most; regions handed over to helpers and stored there, and
+        those written here after all (their helper failed), since this writer started."""
         with self._cond:
-            return {"queued_bytes": self._queued, "peak_queued_bytes": self.peak_queued}
+            return {
+                "queued_bytes": self._queued, "peak_queued_bytes": self.peak_queued,
+                "handed_regions": self.handed_total, "taken_back_regions": self.taken_back_total,
+            }
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
