@@ -74,6 +74,12 @@ SCRATCH_IDLE = 256 * 2**20
 #: Longest a closing worker waits for its partition moves to finish (s).
 MOVE_TIMEOUT = 600.0
 
+#: Seconds a worker whose log emptied keeps its idle receive and scratch
+#: buffers (within their idle limits, a fraction of the unused budget)
+#: before giving them back to the OS: back-to-back runs reuse memory already
+#: touched instead of faulting it afresh.
+IDLE_RELEASE_DELAY = 5.0
+
 
 class AIMSSWorker(WorkerPlugin):
     """Installed on every worker by :class:`aimss_dask.AIMSS`; not used directly."""
@@ -785,6 +791,21 @@ class AIMSSWorker(WorkerPlugin):
         # Remote readers waiting on the stream must find out now, not at
         # their next poll.
         self._bump()
+        if self.store.empty:
+            # The last stream is gone: idle buffers are memory nobody uses
+            # until the next run. Given back unless a run starts meanwhile.
+            asyncio.get_running_loop().call_later(IDLE_RELEASE_DELAY, self._release_if_idle)
+
+    def _release_if_idle(self) -> None:
+        """Give idle receive and scratch buffers back to the OS, if the log is still empty."""
+        try:
+            if self.store is None or self.store.closed or not self.store.empty:
+                return
+            for pool in (self.pool, self.scratch):
+                if pool is not None:
+                    pool.release_idle()
+        except Exception:  # a timer callback: never raise into the loop
+            logger.debug("aimss: releasing idle buffers failed", exc_info=True)
 
     # -- runs: operators' worker-side objects (node/runs.py) -------------------------
 
@@ -830,12 +851,6 @@ class AIMSSWorker(WorkerPlugin):
             except AIMSSError:
                 return  # a newer stream of the same name: not ours to drop
         self.store.drop(name)
-        if self.store.empty:
-            # The last stream is gone: idle receive and scratch buffers are
-            # memory nobody uses until the next run; give it back.
-            for pool in (self.pool, self.scratch):
-                if pool is not None:
-                    pool.release_idle()
 
     @replies
     async def _h_move(self, spec: dict[str, Any], partitions: list[int], drop: bool = True) -> dict[str, Any]:
