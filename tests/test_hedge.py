@@ -87,3 +87,11 @@ def test_a_failed_backup_leaves_the_answer_to_the_owner_and_a_failed_owner_to_th
     with pytest.raises(OSError, match="own failed"):  # both failed: the owner's error
         asyncio.run(race(h, "c", lambda: _answer("own", 0.1, fail=True), lambda d: _answer("b", 0.0, fail=True)))
     assert [r["won"] for r in h.due_reports()] == [1]
+
+
+def test_an_owner_not_known_at_start_is_learned_not_a_failure():
+    h = _hedger()
+    h.answered("d", 0.01)  # took a partition over after its owner died
+    h.backed_up("d", "a", 0.3, True)
+    assert "d" in h.owners and h.due_reports()[0]["owner"] == "d"
+    assert h.helper("a") in {"b", "c", "d"}

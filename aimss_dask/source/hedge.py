@@ -97,9 +97,15 @@ class Hedger:
 
     def answered(self, owner: str, seconds: float) -> None:
         """``owner`` answered a take (its own) after ``seconds``."""
+        self._owner(owner).latencies.append(float(seconds))
+
+    def _owner(self, owner: str) -> _Owner:
+        # An owner not known at start took a partition over (its owner died).
         st = self._owners.get(owner)
-        if st is not None:
-            st.latencies.append(float(seconds))
+        if st is None:
+            st = self._owners[owner] = _Owner()
+            self.owners = sorted(self._owners)
+        return st
 
     def _typical(self, owner: str) -> float | None:
         """The median latency of the other owners' recent takes, or None with too few."""
@@ -133,7 +139,7 @@ class Hedger:
 
     def backed_up(self, owner: str, dest: str, waited: float, copy_won: bool) -> None:
         """A backup of ``owner``'s take on ``dest`` ended; ``copy_won``: it answered first."""
-        st = self._owners[owner]
+        st = self._owner(owner)
         st.copies += 1
         st.won += int(copy_won)
         st.slowest = max(st.slowest, waited)
