@@ -45,6 +45,19 @@ def client():
         yield c
 
 
+def _forget_slow(dask_scheduler: Any = None) -> None:
+    from aimss_dask.core.names import PLUGIN_NAME
+
+    dask_scheduler.plugins[PLUGIN_NAME].stragglers.slow.clear()
+
+
+@pytest.fixture(autouse=True)
+def no_slow_workers(client):
+    """Each test starts with no worker found slow: a loaded machine's first tasks vary, and a
+    worker flagged by that noise would get no unit (nor help) in these runs."""
+    client.run_on_scheduler(_forget_slow)
+
+
 def _events(client: Client, since: float) -> list[dict[str, Any]]:
     return [m for t, m in client.get_events(STRAGGLER_TOPIC) if t >= since and isinstance(m, dict)]
 
