@@ -223,19 +223,22 @@ def _make(i: int, rows: int) -> pd.DataFrame:
     return pd.DataFrame({"id": np.arange(i * rows, (i + 1) * rows), "k": rng.integers(0, 100_000, rows), "v": rng.random(rows)})
 
 
+def _copy_events(client: Any, since: float, kind: str | None = None, key_part: str | None = None) -> list[dict[str, Any]]:
+    """The copy events since ``since``: of ``kind``, or whose key holds ``key_part``."""
+    return [
+        m for t, m in client.get_events("aimss-straggler")
+        if t >= since and isinstance(m, dict) and m.get("action") == "copy"
+        and (kind is None or m.get("kind") == kind) and (key_part is None or key_part in str(m.get("key")))
+    ]
+
+
 def _push_copies(client: Any, since: float) -> int:
-    return sum(
-        1 for t, m in client.get_events("aimss-straggler")
-        if t >= since and isinstance(m, dict) and m.get("action") == "copy" and "aimss-push-" in str(m.get("key"))
-    )
+    return len(_copy_events(client, since, key_part="aimss-push-"))
 
 
 def _sink_copies(client: Any, since: float) -> str:
     """Push copies and sink writers' hand-overs a to_zarr run started: "pushes+hand-overs"."""
-    events = [m for t, m in client.get_events("aimss-straggler") if t >= since and isinstance(m, dict)]
-    pushes = sum(1 for m in events if m.get("action") == "copy" and "aimss-push-" in str(m.get("key")))
-    handovers = sum(1 for m in events if m.get("action") == "copy" and m.get("kind") == "sink-writer")
-    return f"{pushes}+{handovers}"
+    return f"{_push_copies(client, since)}+{len(_copy_events(client, since, kind='sink-writer'))}"
 
 
 def _speculation(dask_scheduler: Any, enabled: bool) -> None:
@@ -256,10 +259,7 @@ def _medians(times: dict[str, list[float]], copies: dict[str, list[Any]], what: 
 
 
 def _consumer_helpers(client: Any, since: float) -> int:
-    return sum(
-        1 for t, m in client.get_events("aimss-straggler")
-        if t >= since and isinstance(m, dict) and m.get("action") == "copy" and m.get("kind") == "consumer"
-    )
+    return len(_copy_events(client, since, kind="consumer"))
 
 
 def _interleave(
@@ -466,10 +466,7 @@ def consumers(args: argparse.Namespace) -> None:
 
 def _loader_copies(client: Any, since: float) -> str:
     """Late takes a run's loader backed up, and how many the backup won: "won/copies"."""
-    events = [
-        m for t, m in client.get_events("aimss-straggler")
-        if t >= since and isinstance(m, dict) and m.get("action") == "copy" and m.get("kind") == "loader"
-    ]
+    events = _copy_events(client, since, kind="loader")
     copies = sum(int(m["copies"]) for m in events)
     won = sum(int(m["outcome"].split()[2]) for m in events)  # "copy won k of n"
     return f"{won}/{copies}"
