@@ -685,3 +685,23 @@ def test_a_hand_over_whose_run_ended_between_heartbeats_says_so():
     assert not tracker.sinks.handovers
     ended = [m for _, m in sched.events if m["action"] == "straggler" and m["outcome"] != "running"]
     assert ended[-1]["outcome"].endswith("the run ended before the writer's count was seen")
+
+
+def test_a_majority_of_workers_is_never_flagged_slow_only_the_slowest_of_them():
+    from aimss_dask.coordinator import stragglers
+
+    assert [stragglers.max_slow(n) for n in (1, 2, 3, 5)] == [0, 1, 1, 2]
+    tracker, sched, g, a, b = _tracker()
+    c = _Worker("c")
+    sched.workers["c"] = c
+    # a ran many quick tasks (a warm cache); b and c each ran theirs 3x and 4x slower.
+    runs = [("a", 1.0)] * 6 + [("b", 3.0), ("b", 3.0), ("c", 4.0), ("c", 4.0)]
+    for i, (w, took) in enumerate(runs, start=10):
+        sched.tasks[("work-abc", i)] = _Task(("work-abc", i), g)
+        tracker.task_ended(("work-abc", i), "processing", "memory", {
+            "worker": w, "startstops": [{"action": "compute", "start": 10.0, "stop": 10.0 + took}],
+        })
+    tracker.check()
+    assert set(tracker.slow) == {"c"}  # one of three, the slowest
+    tracker.check()
+    assert set(tracker.slow) == {"c"}  # b is not added later either

@@ -125,6 +125,15 @@ RANGE_STALE = 300.0
 MAX_REPORTS = 200
 
 
+def max_slow(workers: int) -> int:
+    """How many of ``workers`` may be flagged slow at once: fewer than half, and one of two.
+
+    >>> [max_slow(n) for n in (1, 2, 3, 4, 5, 9)]
+    [0, 1, 1, 1, 2, 4]
+    """
+    return 0 if workers < 2 else max(1, (workers - 1) // 2)
+
+
 class _Group:
     """The finished durations of one task group, in all and per worker."""
 
@@ -710,7 +719,13 @@ class Stragglers:
         for w in slow & set(self.slow):
             self.slow[w]["seen"] = now
         now_slow = slowness(durations, floor)
-        for w in slow - set(self.slow):
+        # Slow is slower than most: never a majority of the workers. Where
+        # most look slow, the "typical" time is the odd one (a worker whose
+        # tasks hit a warm cache, say); flagging them would leave new runs
+        # one worker and copies no helper. The slowest come first.
+        room = max_slow(len(self.scheduler.workers)) - len(self.slow)
+        new = sorted(slow - set(self.slow), key=lambda w: -now_slow.get(w, 0.0))[:max(room, 0)]
+        for w in new:
             x = now_slow.get(w, 0.0)
             by_tasks = x > self.config.multiplier
             report = {
