@@ -215,6 +215,47 @@ def test_a_replicated_shuffle_on_a_tls_cluster_loses_an_owner():
         _replicated_run_loses_an_owner(client, "shuffle")
 
 
+def _refuse_the_next_recover(dask_worker=None) -> None:
+    """This worker answers the next ``aimss_recover`` sent to every worker with an error (then it behaves).
+
+    Not one that opens new copies here (it names ``partitions``): a
+    promotion logs and skips those.
+    """
+    from aimss_dask.core.errors import AIMSSError, error_to_wire
+
+    handler = dask_worker.handlers["aimss_recover"]
+    left = [1]
+
+    async def once(*args, **kwargs):
+        if left[0] and not kwargs.get("partitions"):
+            left[0] -= 1
+            return error_to_wire(AIMSSError("refused once by the test"))
+        return await handler(*args, **kwargs)
+
+    dask_worker.handlers["aimss_recover"] = once
+
+
+def test_a_replicated_run_whose_promotion_fails_recovers_what_was_lost(cluster3):
+    """The copies could not take over (a survivor refused the new epoch): the run re-creates and refills what was lost.
+
+    The loss first looked handled (copies were to take over), so the run
+    went on; it must still get the partitions back once the promotion fails,
+    not leave its pushes waiting for a new epoch that never comes.
+    """
+    client = cluster3
+    a = np.arange(240 * 240, dtype="f8").reshape(240, 240)
+    y = aimss_dask.rechunk(da.from_array(a, chunks=(20, 240)).map_blocks(_slow_block), (240, 20), replication=2)
+    client.run(_refuse_the_next_recover)
+    with dask.config.set({"optimization.fuse.active": False}):
+        fut = client.compute(y)
+    victim = _kill_an_owner_while_pushing(client, 12)
+    np.testing.assert_array_equal(fut.result(timeout=240), a)
+    events = _events(client)
+    assert not any(e.get("action") == "replicas-promoted" and e["worker"] == victim for e in events), events
+    assert any(e.get("action") in ("run-recovered", "run-restarted") for e in events), events
+    _wait_clean()
+
+
 def _replicated_run_loses_an_owner(client: Client, op: str) -> None:
     if op == "shuffle":
         meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})

@@ -163,8 +163,10 @@ def test_a_worker_that_joins_while_a_promotion_is_under_way_still_gets_its_copie
 
 
 def _fake_coordinator(st: CoordinatorState) -> SimpleNamespace:
+    lost_late: list[tuple[str, str]] = []
     return SimpleNamespace(
-        state=st, runs=SimpleNamespace(for_stream=lambda name: None), pinner=SimpleNamespace(repin=lambda names: None)
+        state=st, runs=SimpleNamespace(for_stream=lambda name: None), pinner=SimpleNamespace(repin=lambda names: None),
+        lost_late=lost_late, lost_after_all=lambda worker, name: lost_late.append((worker, name)),
     )
 
 
@@ -174,7 +176,8 @@ def test_a_promotion_planned_from_one_that_failed_is_planned_again():
     s, _ = st.create("s", 2, ["a", "b", "c"], replication=3)
     assert s.owners == ("a", "b")
     ops = _FakeOps(["b", "c"], failing_broadcasts=1)
-    promotions = Promotions(_fake_coordinator(st), ops)
+    coord = _fake_coordinator(st)
+    promotions = Promotions(coord, ops)
 
     async def scenario() -> None:
         promotions.on_worker_lost("a")
@@ -187,6 +190,8 @@ def test_a_promotion_planned_from_one_that_failed_is_planned_again():
     # a's promotion failed: what a owned is lost, named; b's partition went to c.
     assert sorted(st.lost["s"]) == [0]
     assert st.get("s").owners[1] == "c"
+    # Its loss first looked handled: the coordinator hears that it is not (its runs recover).
+    assert coord.lost_late == [("a", "s")]
 
 
 def _kill(client: Client, address: str) -> None:

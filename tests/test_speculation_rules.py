@@ -705,3 +705,11 @@ def test_a_majority_of_workers_is_never_flagged_slow_only_the_slowest_of_them():
     assert set(tracker.slow) == {"c"}  # one of three, the slowest
     tracker.check()
     assert set(tracker.slow) == {"c"}  # b is not added later either
+    # b's next tasks make it the slowest: it takes c's place (flagged by its tasks).
+    for i in range(20, 24):
+        sched.tasks[("work-abc", i)] = _Task(("work-abc", i), g)
+        tracker.task_ended(("work-abc", i), "processing", "memory", {
+            "worker": "b", "startstops": [{"action": "compute", "start": 10.0, "stop": 19.0}],
+        })
+    tracker.check()
+    assert set(tracker.slow) == {"b"}

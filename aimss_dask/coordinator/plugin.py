@@ -419,35 +419,61 @@ class AIMSS(SchedulerPlugin):
                 ))
                 self.seals.owner_lost(worker, self.state.last_epoch)
             stimulus_id = kwargs.get("stimulus_id", "aimss-worker-lost")
-            if scheduler.status == Status.running:
-                self.run_ops.restart_runs(scheduler, stimulus_id, worker, lost_parts)
             # Killed (not expected, not closing): its spill files are still on its node.
             killed = scheduler.status == Status.running and not kwargs.get("expected")
             self.salvages.on_worker_lost(worker, get_address_host(worker) if killed else None)
             self.io.forget_worker(worker)
-            # Readers of lost partitions that no restart re-creates (a user's
-            # stream's map_partitions) must not wait for the dead worker.
-            # Those of a run that recovers are pinned to the new owners.
-            if self.pinner is not None:
-                self.pinner.unpin_lost(
-                    {
-                        n: ps
-                        for n, ps in lost_parts.items()
-                        if n in self.state.streams and n not in self.recoveries.recovering
-                    },
-                    stimulus_id,
-                )
-            # Runs that cannot recover what was lost (a loader or a streaming
-            # sink on a user's stream) fail, named; they raise too.
-            for rec, action, _ in self.runs.on_worker_lost(worker, lost_parts):
-                if action is OnLoss.RESTART:  # nothing left to run again: see restart_runs
-                    self.runs.finish(rec.run_id, rec.epoch, RunState.FAILED, (
-                        "PartitionLostError",
-                        f"run {rec.run_id!r} lost partitions with worker {worker} after its "
-                        "graph was done; it cannot run again",
-                    ))
+            self._partitions_lost(scheduler, worker, lost_parts, stimulus_id)
         except Exception:
             logger.exception("aimss: remove_worker hook failed")
+
+    def _partitions_lost(
+        self, scheduler: Scheduler, worker: str, lost_parts: dict[str, set[int]], stimulus_id: str
+    ) -> None:
+        """The runs and readers of ``lost_parts`` (stream -> partitions ``worker`` took along) react."""
+        if scheduler.status == Status.running:
+            self.run_ops.restart_runs(scheduler, stimulus_id, worker, lost_parts)
+        # Readers of lost partitions that no restart re-creates (a user's
+        # stream's map_partitions) must not wait for the dead worker.
+        # Those of a run that recovers are pinned to the new owners.
+        if self.pinner is not None:
+            self.pinner.unpin_lost(
+                {
+                    n: ps
+                    for n, ps in lost_parts.items()
+                    if n in self.state.streams and n not in self.recoveries.recovering
+                },
+                stimulus_id,
+            )
+        # Runs that cannot recover what was lost (a loader or a streaming
+        # sink on a user's stream) fail, named; they raise too.
+        for rec, action, _ in self.runs.on_worker_lost(worker, lost_parts):
+            if action is OnLoss.RESTART:  # nothing left to run again: see restart_runs
+                self.runs.finish(rec.run_id, rec.epoch, RunState.FAILED, (
+                    "PartitionLostError",
+                    f"run {rec.run_id!r} lost partitions with worker {worker} after its "
+                    "graph was done; it cannot run again",
+                ))
+
+    def lost_after_all(self, worker: str, name: str) -> None:
+        """A promotion planned for ``worker``'s loss did not hold: its partitions of ``name`` are lost after all.
+
+        ``worker``'s removal found them taken over, so its runs went on; now
+        they recover or restart, and readers are unpinned, as for partitions
+        lost at once. Without this the run's pushes waited for a new epoch
+        that never came, and failed.
+        """
+        try:
+            scheduler = self.ops.scheduler
+            spec = self.state.streams.get(name)
+            if scheduler is None or spec is None:
+                return
+            parts = {p for p in self.state.lost.get(name, {}) if spec.owners[p] == worker}
+            if parts:
+                logger.warning("aimss: partitions %s of %s are lost with %s after all", sorted(parts), name, worker)
+                self._partitions_lost(scheduler, worker, {name: parts}, "aimss-promotion-failed")
+        except Exception:
+            logger.exception("aimss: handling partitions of %s lost with %s failed", name, worker)
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         try:

@@ -137,6 +137,7 @@ class Promotions:
                 # Planned after another loss not yet applied, with no copy in
                 # sync left: lost, named, as the loss itself would have.
                 state.worker_lost(worker)
+                self.coord.lost_after_all(worker, old.name)
         except Exception as e:
             if worker is None:
                 # The stream goes on with the copies it had; a later join tries again.
@@ -145,6 +146,7 @@ class Promotions:
             logger.warning("aimss: replicas of stream %r could not take over (%r); its partitions there are lost", old.name, e)
             if state.streams.get(old.name) is old:
                 state.worker_lost(worker)
+                self.coord.lost_after_all(worker, old.name)
             return
         finally:
             if self.pending.get(old.name) is mine:

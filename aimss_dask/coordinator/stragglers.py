@@ -722,10 +722,18 @@ class Stragglers:
         # Slow is slower than most: never a majority of the workers. Where
         # most look slow, the "typical" time is the odd one (a worker whose
         # tasks hit a warm cache, say); flagging them would leave new runs
-        # one worker and copies no helper. The slowest come first.
-        room = max_slow(len(self.scheduler.workers)) - len(self.slow)
-        new = sorted(slow - set(self.slow), key=lambda w: -now_slow.get(w, 0.0))[:max(room, 0)]
-        for w in new:
+        # one worker and copies no helper. The slowest come first, and one
+        # slower than a worker flagged by its tasks takes its place.
+        room = max_slow(len(self.scheduler.workers))
+        for w in sorted(slow - set(self.slow), key=lambda w: -now_slow.get(w, 0.0)):
+            if sum(v in self.scheduler.workers for v in self.slow) >= room:
+                weakest = min(
+                    (v for v in self.slow if self.slow[v].get("by") == "tasks" and v in self.scheduler.workers),
+                    key=lambda v: now_slow.get(v, 0.0), default=None,
+                )
+                if weakest is None or now_slow.get(weakest, 0.0) >= now_slow.get(w, 0.0):
+                    break
+                del self.slow[weakest]
             x = now_slow.get(w, 0.0)
             by_tasks = x > self.config.multiplier
             report = {
