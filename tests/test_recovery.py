@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 import dask
 import dask.array as da
@@ -97,6 +98,77 @@ def test_recovery_replaces_only_the_lost_partitions():
     assert not st.commit_recovery(a, new_a)  # a stale recovery changes nothing
     st.note_bounds("a", a.epoch, [(0, 0, 7)])  # an owner's report under the old epoch counts
     assert st.bounds["a"][0] == (0, 7)
+
+
+def test_a_recovery_sends_the_new_epoch_only_once_its_stream_is_open_on_every_owner():
+    """A loss during a run's registration: the owner still being opened must not hear of the new epoch first.
+
+    It would ignore it (it holds no such stream yet), then open the old
+    epoch only, and refuse every write of the recovered run.
+    """
+    import asyncio
+
+    st, spec, sent, restarted, scenario = _recovery_during_open(held_by_b=True)
+    asyncio.run(scenario())
+    ops_sent = [op for op, _ in sent if op != "event"]
+    assert ops_sent[:2] == ["aimss_open", "aimss_open"] and "aimss_recover" in ops_sent[2:], sent
+    assert st.get("s").epoch > spec.epoch and "s" not in st.lost  # recovered, once b held the stream
+    assert restarted == []
+    # An owner of a surviving partition that says it does not hold the
+    # stream would refuse the new epoch's writes: the run restarts instead.
+    st, spec, sent, restarted, scenario = _recovery_during_open(held_by_b=False)
+    asyncio.run(scenario())
+    assert restarted == ["r"] and st.get("s") is spec, sent
+
+
+def _recovery_during_open(held_by_b: bool):
+    """A stream of owners a and b; a dies while b's open is still on its way, and its run recovers."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aimss_dask.coordinator.recovery import Recoveries
+    from aimss_dask.coordinator.streams import StreamHandlers
+
+    st = CoordinatorState()
+    spec, _ = st.create("s", 2, ["a", "b"])
+    sent: list[tuple[str, Any]] = []
+    restarted: list[str] = []
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+
+        async def broadcast(msg, workers=None):
+            sent.append((msg["op"], workers))
+            if msg["op"] == "aimss_open" and workers == ["b"]:
+                await gate.wait()  # b is slow to answer its open
+            if msg["op"] == "aimss_recover":
+                return {"b": {"status": "OK", "held": held_by_b}, "c": {"status": "OK", "held": False}}
+            return {}
+
+        async def ask(worker, msg):
+            sent.append((msg["op"], [worker]))
+
+        ops = SimpleNamespace(
+            broadcast=broadcast, ask=ask, running=lambda: ["b", "c"], event=lambda e: sent.append(("event", e)),
+            scheduler=SimpleNamespace(tasks={}),
+        )
+        coord = SimpleNamespace(
+            state=st, pinner=SimpleNamespace(repin=lambda names: None),
+            run_ops=SimpleNamespace(restart=lambda rec, scheduler, stimulus_id: restarted.append(rec.run_id)),
+        )
+        coord.stream_ops = StreamHandlers(coord, ops)
+        recoveries = Recoveries(coord, ops)
+        opening = asyncio.ensure_future(coord.stream_ops.open(spec))
+        await asyncio.sleep(0.01)
+        st.worker_lost("a")  # a dies while b's open is on its way
+        rec = SimpleNamespace(run_id="r", kind="shuffle", spec=SimpleNamespace(streams=["s"], inputs=0, barrier=None))
+        recovering = asyncio.ensure_future(recoveries._recover(rec, {"s": {0}}, set(), "test"))
+        await asyncio.sleep(0.05)
+        assert not any(op == "aimss_recover" for op, _ in sent), sent
+        gate.set()
+        await asyncio.gather(opening, recovering)
+
+    return st, spec, sent, restarted, scenario
 
 
 # -- real clusters ------------------------------------------------------------------------

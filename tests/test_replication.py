@@ -167,7 +167,12 @@ def _fake_coordinator(st: CoordinatorState) -> SimpleNamespace:
     return SimpleNamespace(
         state=st, runs=SimpleNamespace(for_stream=lambda name: None), pinner=SimpleNamespace(repin=lambda names: None),
         lost_late=lost_late, lost_after_all=lambda worker, name: lost_late.append((worker, name)),
+        stream_ops=SimpleNamespace(opened=_nothing_to_wait_for),
     )
+
+
+async def _nothing_to_wait_for(name: str) -> None:
+    return None
 
 
 def test_a_promotion_planned_from_one_that_failed_is_planned_again():

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from aimss_dask.coordinator.cluster import ClusterOps
 from aimss_dask.coordinator.placement import owners_load, place_partitions
 from aimss_dask.coordinator.registry import RunRecord
+from aimss_dask.core.errors import AIMSSError
 from aimss_dask.core.runs import OnLoss, RunState
 
 if TYPE_CHECKING:
@@ -170,6 +171,12 @@ class Recoveries:
         # worker): their lost partitions are the same.
         parts = sorted(set().union(*hit.values()))
         try:
+            # A stream still being opened (the loss came during its run's
+            # registration) gets its new epoch once every owner holds it.
+            for n in names:
+                await self.coord.stream_ops.opened(n)
+            if not all(state.streams.get(o.name) is o for o in olds):
+                return  # its open failed: the stream is gone, and so is this run's attempt
             load = owners_load([s.owners for s in state.streams.values()], self.ops.running())
             placed = place_partitions(len(parts), load)
             news = [state.recovered(o.name, parts, placed) for o in olds]
@@ -177,7 +184,14 @@ class Recoveries:
                 msg = {"op": "aimss_recover", "spec": new.to_wire(), "since": new.first_epoch, "inputs": rec.spec.inputs}
                 # Everyone: holders of surviving partitions answer to the new
                 # epoch too, and every process forgets the spec it cached.
-                await self.ops.broadcast(msg)
+                replies = await self.ops.broadcast(msg)
+                deaf = sorted({
+                    w for p, w in enumerate(new.owners)
+                    if p not in parts and not (isinstance(replies.get(w), dict) and replies[w].get("held"))
+                })
+                if deaf:
+                    # Its writes at the new epoch would be refused there.
+                    raise AIMSSError(f"owners {deaf} of surviving partitions of {new.name!r} did not take epoch {new.epoch}")
                 by_owner: dict[str, list[int]] = {}
                 for p in parts:
                     by_owner.setdefault(new.owners[p], []).append(p)

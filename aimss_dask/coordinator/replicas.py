@@ -111,6 +111,8 @@ class Promotions:
         try:
             if before is not None:
                 await before.wait()
+            # Not before the stream is open on its owners (see StreamHandlers.opened).
+            await self.coord.stream_ops.opened(old.name)
             rec = self.coord.runs.for_stream(old.name)
             inputs = rec.spec.inputs if rec is not None and not rec.finished else 0
             msg = {"op": "aimss_recover", "spec": new.to_wire(), "since": new.first_epoch, "inputs": inputs}

@@ -44,6 +44,8 @@ class StreamHandlers:
         self.sealed_changed: asyncio.Condition | None = None
         #: Streams a seal is under way for (a recovery waits for the next loss).
         self.sealing: set[str] = set()
+        #: Streams whose partitions are being opened on their owners: set once all are.
+        self.opening: dict[str, asyncio.Event] = {}
 
     def start(self) -> None:
         self.sealed_changed = asyncio.Condition()
@@ -125,6 +127,7 @@ class StreamHandlers:
         for p in range(spec.partitions):
             for w in spec.holders(p):  # replicas too
                 by_owner.setdefault(w, []).append(p)
+        done = self.opening[spec.name] = asyncio.Event()
         try:
             for w, ps in by_owner.items():
                 await self.ops.broadcast(
@@ -134,6 +137,22 @@ class StreamHandlers:
             self.coord.state.destroy(spec.name)
             await self.ops.broadcast({"op": "aimss_drop", "name": spec.name, "epoch": spec.epoch})
             raise
+        finally:
+            if self.opening.get(spec.name) is done:
+                del self.opening[spec.name]
+            done.set()
+
+    async def opened(self, name: str) -> None:
+        """Wait until stream ``name`` is open on all its owners (at once if it is, or is no stream).
+
+        A new epoch (a recovery, a promotion) must reach an owner after its
+        open: one that hears of the new epoch first does not hold the stream
+        yet and ignores it, then opens the old epoch only, and refuses the
+        writes of the new one.
+        """
+        ev = self.opening.get(name)
+        if ev is not None:
+            await ev.wait()
 
     def wire(self, spec: StreamSpec) -> dict[str, Any]:
         lost = self.coord.state.lost.get(spec.name, {})
