@@ -20,7 +20,14 @@ Both include one task's scheduling; the stream is destroyed and the arrays
 released between runs. Reported: medians of wall time and GB/s,
 and aimss/dask per comms kind. Receive buffers are reused across runs by
 both (AIMSS's pool; Dask's allocator), so the first run of each is reported
-apart (a user's first transfer).
+apart (a user's first transfer), and so are, apart, the runs that came right
+after a run of the same method (warm receive memory, as in a job that moves
+data all along) and those that came after the other's (which took that memory).
+
+For reference, on TLS: the ceiling of Python's ``ssl`` on this machine, one
+TLS connection between two processes (the cluster's certificates, no Dask,
+no AIMSS) carrying the same bytes in ``--record-mib`` writes into one reused
+buffer. No data plane written in Python moves more over one connection.
 
     python benchmarks/bench_multiapp.py --part tls --gib 1 --reps 5
 
@@ -120,6 +127,7 @@ def transfer(kind: str, args: argparse.Namespace) -> dict[str, list[float]]:
         nbytes = args.record_mib * 2**20
         n = max(1, int(args.gib * GiB) // nbytes)
         total = n * nbytes
+        prev = None
         for rep in range(args.reps + 1):
             for method in ("aimss", "dask") if rep % 2 == 0 else ("dask", "aimss"):
                 # Fresh arrays on A each run: B holds no copy of them yet.
@@ -148,9 +156,70 @@ def transfer(kind: str, args: argparse.Namespace) -> dict[str, list[float]]:
                 print(f"  {kind} {label:6s} {method:6s} {dt:6.2f} s  {total / dt / 1e9:5.2f} GB/s", flush=True)
                 if rep:
                     times[method].append(dt)
+                    times.setdefault(f"{method}-{'warm' if prev == method else 'after-other'}", []).append(dt)
                 else:
                     times[f"{method}-first"] = [dt]
+                prev = method
+        if kind == "tls":
+            times["ssl-ceiling"] = [_ssl_ceiling(security, total, nbytes) for _ in range(3)]
     return times
+
+
+def _ssl_receive(port: Any, certs: tuple[str, str, str], total: int, record: int) -> None:
+    import socket
+    import ssl
+
+    cert, key, ca = certs
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port.put(srv.getsockname()[1])
+        raw, _ = srv.accept()
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            view = memoryview(bytearray(record))
+            got = 0
+            while got < total:
+                n = conn.recv_into(view)
+                if not n:
+                    raise ConnectionError(f"the sender closed after {got} of {total} bytes")
+                got += n
+            conn.sendall(b"k")
+
+
+def _ssl_ceiling(security: Security, total: int, record: int) -> float:
+    """Seconds Python's ``ssl`` takes to move ``total`` bytes over one TLS connection to another process."""
+    import socket
+    import ssl
+
+    folder = tempfile.mkdtemp(prefix="bench-ssl-")
+    try:
+        certs = []
+        for name, pem in (("cert", security.tls_worker_cert), ("key", security.tls_worker_key), ("ca", security.tls_ca_file)):
+            path = os.path.join(folder, f"{name}.pem")
+            with open(path, "w") as f:
+                f.write(pem)
+            certs.append(path)
+        ctx = multiprocessing.get_context("spawn")
+        port = ctx.Queue()
+        proc = ctx.Process(target=_ssl_receive, args=(port, tuple(certs), total, record))
+        proc.start()
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.load_cert_chain(certs[0], certs[1])
+        client.load_verify_locations(certs[2])
+        client.check_hostname = False
+        data = memoryview(np.random.default_rng(0).bytes(record))
+        with client.wrap_socket(socket.create_connection(("127.0.0.1", port.get(timeout=60)))) as conn:
+            t0 = time.perf_counter()
+            for _ in range(total // record):
+                conn.sendall(data)
+            conn.recv(1)
+            dt = time.perf_counter() - t0
+        proc.join(60)
+        return dt
+    finally:
+        shutil.rmtree(folder)  # the benchmark's own mkdtemp folder
 
 
 def tls(args: argparse.Namespace) -> None:
@@ -165,6 +234,13 @@ def tls(args: argparse.Namespace) -> None:
                 f"   (first run {times[m + '-first'][0]:5.2f} s)"
             )
         print(f"{kind:4s} aimss data plane / Dask's comms: {med['dask'] / med['aimss']:.2f}x faster")
+        for when in ("warm", "after-other"):
+            if f"aimss-{when}" in med and f"dask-{when}" in med:
+                a, d = med[f"aimss-{when}"], med[f"dask-{when}"]
+                print(f"{kind:4s}   runs {when:11s}: aimss {a:5.2f} s, dask {d:5.2f} s ({d / a:.2f}x)")
+        if "ssl-ceiling" in med:
+            c = med["ssl-ceiling"]
+            print(f"{kind:4s} Python ssl alone, one connection: {c:5.2f} s  {total / c / 1e9:5.2f} GB/s (the ceiling)")
 
 
 # -- part apps: three applications at once ------------------------------------------------
