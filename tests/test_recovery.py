@@ -541,3 +541,30 @@ def test_a_worker_lost_while_the_barrier_runs_sends_its_pushes_again(op):
                 np.testing.assert_array_equal(client.compute(y).result(timeout=50), a)
         assert [m for _, m in client.get_events("aimss-test")], "the seal never killed a worker"
         _wait_clean()
+
+
+def test_partitions_found_lost_later_touch_only_the_runs_of_their_stream():
+    """A promotion that failed after the worker's removal was handled: the other runs had their turn then."""
+    from types import SimpleNamespace
+
+    from aimss_dask.coordinator.cluster import ClusterOps
+    from aimss_dask.coordinator.runs import RunHandlers
+    from aimss_dask.core.runs import OnLoss, RunState
+
+    def run(run_id, streams, reads=()):
+        spec = SimpleNamespace(on_loss=OnLoss.RECOVER, streams=streams, reads=reads)
+        return SimpleNamespace(run_id=run_id, state=RunState.RUNNING, finished=False, spec=spec)
+
+    recs = [run("writes-s", ("s",)), run("reads-s", ("u",), ("s",)), run("other", ("t",))]
+    coord = SimpleNamespace(
+        runs=SimpleNamespace(restartable=lambda: recs), recoveries=SimpleNamespace(eligible=lambda rec: False),
+    )
+    handlers = RunHandlers(coord, ClusterOps())
+    restarted: list[str] = []
+    handlers.restart = lambda rec, scheduler, stimulus_id: restarted.append(rec.run_id)
+    handlers._untouched = lambda rec, scheduler, lost: False
+    handlers.restart_runs(None, "test", "w", {"s": {0}}, only_lost=True)
+    assert restarted == ["writes-s", "reads-s"]
+    restarted.clear()
+    handlers.restart_runs(None, "test", "w", {"s": {0}})  # the removal itself: every run in flight
+    assert restarted == ["writes-s", "reads-s", "other"]

@@ -428,11 +428,15 @@ class AIMSS(SchedulerPlugin):
             logger.exception("aimss: remove_worker hook failed")
 
     def _partitions_lost(
-        self, scheduler: Scheduler, worker: str, lost_parts: dict[str, set[int]], stimulus_id: str
+        self, scheduler: Scheduler, worker: str, lost_parts: dict[str, set[int]], stimulus_id: str, later: bool = False
     ) -> None:
-        """The runs and readers of ``lost_parts`` (stream -> partitions ``worker`` took along) react."""
+        """The runs and readers of ``lost_parts`` (stream -> partitions ``worker`` took along) react.
+
+        ``later``: found lost after the worker's removal was handled; only
+        the runs of those streams react (the others did then).
+        """
         if scheduler.status == Status.running:
-            self.run_ops.restart_runs(scheduler, stimulus_id, worker, lost_parts)
+            self.run_ops.restart_runs(scheduler, stimulus_id, worker, lost_parts, only_lost=later)
         # Readers of lost partitions that no restart re-creates (a user's
         # stream's map_partitions) must not wait for the dead worker.
         # Those of a run that recovers are pinned to the new owners.
@@ -471,7 +475,7 @@ class AIMSS(SchedulerPlugin):
             parts = {p for p in self.state.lost.get(name, {}) if spec.owners[p] == worker}
             if parts:
                 logger.warning("aimss: partitions %s of %s are lost with %s after all", sorted(parts), name, worker)
-                self._partitions_lost(scheduler, worker, {name: parts}, "aimss-promotion-failed")
+                self._partitions_lost(scheduler, worker, {name: parts}, "aimss-promotion-failed", later=True)
         except Exception:
             logger.exception("aimss: handling partitions of %s lost with %s failed", name, worker)
 

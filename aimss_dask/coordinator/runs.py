@@ -59,8 +59,13 @@ class RunHandlers:
         stimulus_id: str,
         worker: str | None = None,
         lost: Mapping[str, Collection[int]] | None = None,
+        only_lost: bool = False,
     ) -> None:
         """After losing ``worker`` (``lost``: its partitions, by stream): recover or restart the runs in flight.
+
+        ``only_lost``: only the runs that own or read a stream in ``lost``
+        (partitions found lost later, after the worker's removal was
+        handled: the other runs had their turn then).
 
         A run that recovers (:mod:`~aimss_dask.coordinator.recovery`) and
         whose streams are still being written keeps what survived; one
@@ -73,6 +78,8 @@ class RunHandlers:
         for rec in self.coord.runs.restartable():
             spec = rec.spec
             if spec.on_loss not in RUNS_AGAIN or rec.state is RunState.RESTARTING:
+                continue
+            if only_lost and not any(n in (lost or {}) for n in (*spec.streams, *spec.reads)):
                 continue
             if worker is not None and self.coord.recoveries.eligible(rec):
                 self.coord.recoveries.keep(rec, worker, lost or {}, stimulus_id)
