@@ -5,7 +5,7 @@ a CPU-share limit): its pushes straggle, the coordinator starts copies on
 fast workers, the first copy of each record to reach its owner wins, and the
 outputs are exactly-once: a shuffle has every row once, a rechunk and a Zarr
 array equal the input. Once found slow, the worker gets no partitions of the
-runs that follow.
+runs that follow, and none of their pushes.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ SHARE = 0.025
 def client():
     # Short pushes: judge them after 0.2 s, once half of them are done,
     # and look often; one copy at a time on 3 threads.
+    with speculation_client(min_runtime=0.2, interval="100ms", max_fraction=0.34, quantile=0.5) as c:
+        yield c
+
+
+@pytest.fixture
+def fresh():
+    """A cluster of its own: no worker found slow yet, whatever the module's tests did."""
     with speculation_client(min_runtime=0.2, interval="100ms", max_fraction=0.34, quantile=0.5) as c:
         yield c
 
@@ -96,20 +103,32 @@ def test_a_shuffles_straggling_pushes_get_copies_and_every_row_arrives_once(clie
     assert {r["outcome"] for r in ends} <= {"copy won", "original won"}, ends
 
 
-def test_a_slow_worker_owns_no_partition_of_the_next_run(client, slow):
+def test_a_slow_worker_owns_no_partition_of_the_next_run_and_runs_none_of_its_pushes(client, slow):
     wait_until(lambda: slow in aimss_dask.status().stragglers["slow_workers"], timeout=20,
                what="the throttled worker flagged slow")
-    df = _frame(nparts=6, rows=10_000).persist()
+    # The inputs on the slow worker: Dask would run their pushes there.
+    df = client.persist(_frame(nparts=6, rows=10_000), workers=[slow])
+    wait(df)
+    t0 = time.time()
     with throttled(_pid(client, slow), SHARE), get_task_stream() as stream:
         out = aimss_dask.shuffle(df, on="k", npartitions=6).persist()
         wait(out)
     # Each partition is read where it lives (the read is pinned to its owner).
     reads = {str(t["key"]): t["worker"] for t in stream.data if "aimss-partition-" in str(t["key"])}
     assert len(reads) == 6 and slow not in reads.values(), reads
-    assert len(out.compute()) == 60_000
+    # The pushes were placed elsewhere before they started: their inputs moved.
+    pushes = {str(t["key"]): t["worker"] for t in stream.data if "aimss-push-" in str(t["key"])}
+    assert len(pushes) == 6 and slow not in pushes.values(), pushes
+    steered = [m for m in _events(client, t0) if m["action"] == "steer"]
+    assert steered and all(list(m["avoid"]) == [slow] for m in steered) and sum(m["tasks"] for m in steered) >= 6
+    assert sorted(out.compute()["id"]) == list(range(60_000))
 
 
-def test_a_rechunk_and_a_zarr_write_with_copied_pushes_equal_their_input(client, slow, tmp_path):
+def test_a_rechunk_and_a_zarr_write_with_copied_pushes_equal_their_input(fresh, tmp_path):
+    # A worker that turns slow while its pushes are placed there already:
+    # only copies can help (once known slow, it would get none).
+    client = fresh
+    slow = sorted(client.scheduler_info()["workers"])[-1]
     # The blocks on the slow worker: it surely runs pushes of its own.
     x = client.persist(da.random.default_rng(7).random((9600, 2400), chunks=(800, 2400)), workers=[slow])
     wait(x)

@@ -24,6 +24,7 @@ from aimss_dask.coordinator.speculation import (
     slow_workers,
     slowness,
     split_point,
+    steer_off,
 )
 
 durations = st.floats(min_value=0.01, max_value=100, allow_nan=False)
@@ -252,6 +253,17 @@ def test_copies_stay_under_the_cap_and_off_stragglers_and_slow_workers(
         assert list(got.values()).count(dest) <= max(w.threads - w.busy, 1)
 
 
+@settings(max_examples=200, deadline=None)
+@given(slow=st.sets(addresses, max_size=4), workers=st.lists(addresses, max_size=6, unique=True))
+def test_steering_keeps_new_work_off_slow_workers_and_never_leaves_none(slow, workers):
+    got = steer_off(slow, workers)
+    fast = [w for w in workers if w not in slow]
+    if not fast or len(fast) == len(workers):
+        assert got is None  # nothing to avoid, or nowhere else to go: Dask decides
+    else:
+        assert got == sorted(fast) and not set(got) & slow
+
+
 def test_copies_prefer_free_threads_then_free_memory():
     ws = {
         "busy": WorkerView(2, 2, 100),
@@ -280,10 +292,12 @@ class _Group:
 
 
 class _Task:
-    def __init__(self, key, group, ws=None, func=None) -> None:
+    def __init__(self, key, group, ws=None, func=None, state=None) -> None:
         self.key, self.group, self.processing_on = key, group, ws
-        self.state = "processing" if ws is not None else "memory"
+        self.state = state or ("processing" if ws is not None else "memory")
         self.run_spec = Task(key, func) if func is not None else None
+        self.worker_restrictions = self.host_restrictions = self.resource_restrictions = None
+        self.loose_restrictions = False
 
 
 class _Worker:
@@ -299,9 +313,14 @@ class _Scheduler:
         self.workers = {w.address: w for w in workers}
         self.tasks: dict = {}
         self.events: list = []
+        self.unrunnable: dict = {}
+        self.transitioned: list = []
 
     def log_event(self, topic, msg) -> None:
         self.events.append((topic, msg))
+
+    def transitions(self, recs, stimulus_id) -> None:
+        self.transitioned.append(dict(recs))
 
 
 def _tracker(enabled: bool = True, told: list | None = None):
@@ -424,6 +443,56 @@ def test_new_partitions_avoid_slow_workers_only_when_speculation_is_on():
         assert tracker.avoid(["a", "b"]) == expect
         # Never none at all: a cluster of slow workers still places its partitions.
         assert tracker.avoid(["b"]) == ["b"]
+
+
+def test_new_pushes_run_off_slow_workers_only_when_speculation_is_on():
+    import aimss_dask
+    from aimss_dask.ops.pushrun import copyable
+
+    marked, plain = copyable(len), len
+    for enabled in (True, False):
+        tracker, sched, g, a, b = _tracker(enabled=enabled, told=[])
+        c = _Worker("c")
+        sched.workers["c"] = c
+        new = {
+            "push": _Task("push", g, func=marked, state="released"),
+            "plain": _Task("plain", g, func=plain, state="released"),
+            # Declared idempotent by its user: copies only, never steered.
+            "user": _Task("user", g, func=aimss_dask.speculative(len), state="released"),
+            "pinned": _Task("pinned", g, func=marked, state="released"),
+            "started": _Task("started", g, b, func=marked),
+        }
+        new["pinned"].worker_restrictions = {"b"}
+        sched.tasks.update(new)
+        assert tracker.steer(list(new)) == 0  # no worker is slow yet
+        assert new["push"].worker_restrictions is None
+        tracker.slow = {"b": {"seen": 0.0}}
+        steered = tracker.steer(list(new))
+        if not enabled:
+            assert steered == 0 and new["push"].worker_restrictions is None
+            continue
+        # Only the marked task still to be placed, without restrictions of its own.
+        assert steered == 1
+        # Strict: Dask's stealing would hand loose ones to the idle slow worker.
+        assert new["push"].worker_restrictions == {"a", "c"} and not new["push"].loose_restrictions
+        assert new["plain"].worker_restrictions is None and new["user"].worker_restrictions is None
+        assert new["pinned"].worker_restrictions == {"b"} and not new["pinned"].loose_restrictions
+        assert new["started"].worker_restrictions is None
+        [(topic, msg)] = [e for e in sched.events if e[1]["action"] == "steer"]
+        assert msg["tasks"] == 1 and msg["avoid"] == ["b"]
+        # With every running worker slow there is nowhere else: left to Dask.
+        tracker.slow = {"a": {}, "b": {}, "c": {}}
+        new["again"] = sched.tasks["again"] = _Task("again", g, func=marked, state="released")
+        assert tracker.steer(["again"]) == 0 and new["again"].worker_restrictions is None
+        # The fast workers left before the push ran (Dask: no-worker): the
+        # next check lets any worker run it.
+        new["push"].state = "no-worker"
+        sched.unrunnable = {new["push"]: 0.0}
+        tracker.check()
+        assert new["push"].worker_restrictions is None
+        assert sched.transitioned == [{"push": "processing"}]
+        tracker.check()
+        assert sched.transitioned == [{"push": "processing"}]  # once
 
 
 def test_only_tasks_annotated_speculative_are_wrapped_and_they_compute_the_same():

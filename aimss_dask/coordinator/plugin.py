@@ -531,7 +531,7 @@ class AIMSS(SchedulerPlugin):
             logger.exception("aimss: transition hook failed")
 
     def update_graph(self, scheduler: Scheduler, *, tasks: list[Any], **kwargs: Any) -> None:
-        """Pin partition tasks to the worker that owns their partition; wrap the tasks annotated speculative."""
+        """Pin partition tasks to their partitions' owners; wrap the tasks annotated speculative; steer pushes off slow workers."""
         try:
             if self.pinner is not None:
                 self.pinner.update_graph(tasks)
@@ -541,6 +541,10 @@ class AIMSS(SchedulerPlugin):
             mark_annotated(scheduler, kwargs.get("annotations"))
         except Exception:
             logger.exception("aimss: update_graph hook failed to mark speculative tasks")
+        try:
+            self.stragglers.steer(tasks)
+        except Exception:
+            logger.exception("aimss: update_graph hook failed to steer pushes off slow workers")
 
     @replies
     async def _h_config(self) -> dict[str, Any]:

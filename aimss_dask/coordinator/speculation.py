@@ -45,6 +45,7 @@ __all__ = [
     "slow_workers",
     "slowness",
     "split_point",
+    "steer_off",
 ]
 
 #: LATE's SlowTaskThreshold: only work whose rate is below this quantile of
@@ -314,6 +315,25 @@ def copy_cap(threads: int, max_fraction: float) -> int:
     (1, 0, 10)
     """
     return math.floor(max_fraction * threads + 1e-9)
+
+
+def steer_off(slow: Iterable[str], workers: Iterable[str]) -> list[str] | None:
+    """Where a new push should run: ``workers`` that are not ``slow``.
+
+    None: leave it to Dask (no worker is slow, or none but slow ones run).
+    LATE never gives a slow node a copy; by the same reasoning a node known
+    to be slow gets no new push, which can run anywhere, rather than each of
+    its pushes straggling before a copy wins back part of the time lost.
+
+    >>> steer_off({"b"}, ["a", "b", "c"]), steer_off(set(), ["a"]), steer_off({"a"}, ["a"])
+    (['a', 'c'], None, None)
+    """
+    slow = set(slow)
+    workers = list(workers)
+    fast = sorted(w for w in workers if w not in slow)
+    if not fast or len(fast) == len(workers):
+        return None
+    return fast
 
 
 def place_copies(

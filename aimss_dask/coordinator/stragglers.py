@@ -59,9 +59,11 @@ from aimss_dask.coordinator.speculation import (
     slow_workers,
     slowness,
     split_point,
+    steer_off,
 )
 from aimss_dask.core.config import SpeculationConfig
 from aimss_dask.core.names import (
+    RUN_PUSH,
     SPECULATIVE,
     SPECULATIVE_ANNOTATION,
     STRAGGLER_TOPIC,
@@ -123,6 +125,10 @@ RANGE_STALE = 300.0
 
 #: Reports kept for ``status()``.
 MAX_REPORTS = 200
+
+#: Pushes remembered as steered off slow workers: past this many, those
+#: the scheduler has forgotten (a graph cancelled before they ran) go.
+MAX_STEERED = 100_000
 
 
 def max_slow(workers: int) -> int:
@@ -208,15 +214,15 @@ def _running_on(ws: Any) -> list[tuple[Any, float]]:
     return [(ts, e) for ts, e in ws.executing.items() if ts.state == "processing" and ts.processing_on is ws]
 
 
-def calls_marked(spec: Any) -> bool:
-    """Whether task spec ``spec`` calls a function marked speculative, even fused into another task.
+def calls_marked(spec: Any, mark: str = SPECULATIVE) -> bool:
+    """Whether task spec ``spec`` calls a function marked speculative (or ``mark``), even fused into another task.
 
     A speculative function (:func:`aimss_dask.speculative`, an operator's
     push) races a copy only from inside its call, so a task qualifies when
     that call is in it anywhere: Dask may have fused the push with the task
     that made its input.
     """
-    return any(getattr(call.func, SPECULATIVE, False) for call in calls_in(spec))
+    return any(getattr(call.func, mark, False) for call in calls_in(spec))
 
 
 def mark_annotated(scheduler: Any, annotations: dict[str, dict[Any, Any]] | None) -> int:
@@ -300,6 +306,8 @@ class Stragglers:
         self.takeovers: dict[str, dict[str, Any]] = {}
         #: Sink writers behind their peers, and their hand-overs.
         self.sinks = SinkWriters(self)
+        #: Keys of pushes given restrictions by :meth:`steer`, not yet run.
+        self._steered: set[Any] = set()
 
     # -- hooks (O(1)) ----------------------------------------------------------------------
 
@@ -307,6 +315,7 @@ class Stragglers:
         """A task left ``processing``: note its duration if it finished; close its report if flagged."""
         if start != "processing":
             return
+        self._steered.discard(key)
         if finish == "memory":
             seconds = _compute_seconds(kwargs.get("startstops"))
             ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
@@ -328,6 +337,61 @@ class Stragglers:
                 outcome = copy.get("outcome") or ("original won" if finish == "memory" else outcome)
             self._report({**report, "outcome": outcome, "ended": time.time()})
 
+    def steer(self, keys: list[Any]) -> int:
+        """Keep new pushes of AIMSS operators off the workers found slow; how many were steered.
+
+        Called from the ``update_graph`` hook, before Dask places them. A
+        push (:data:`~aimss_dask.core.names.RUN_PUSH`) may run anywhere: its
+        output is exactly-once wherever it runs. While a worker is flagged
+        slow and speculation is on, a new push gets the other running
+        workers as its restrictions: Dask moves its input off the slow
+        worker instead of queueing the push there (where it would straggle
+        and a copy would read and push its input again). Not loose ones:
+        Dask's work stealing would hand them to the slow worker as soon as
+        it sits idle. Should every worker allowed leave, :meth:`check`
+        lifts them (:meth:`_unstick`). Pushes with restrictions of
+        their own are left alone, and so are the user's tasks, even those
+        declared speculative: they get copies when they straggle, nothing
+        more (a flag that outlives a worker's slowness would cost them a
+        worker).
+        """
+        if not self.config.enabled or not self.slow or self.scheduler is None:
+            return 0
+        running = [a for a, ws in self.scheduler.workers.items() if ws.status.name == "running"]
+        fast = steer_off(self.slow, running)
+        if fast is None:
+            return 0
+        n = 0
+        for key in keys:
+            ts = self.scheduler.tasks.get(key)
+            if (
+                ts is None or ts.state not in ("released", "waiting")
+                or ts.worker_restrictions or ts.host_restrictions or ts.resource_restrictions
+                or not calls_marked(ts.run_spec, RUN_PUSH)
+            ):
+                continue
+            ts.worker_restrictions = set(fast)
+            self._steered.add(key)
+            n += 1
+        if len(self._steered) > MAX_STEERED:
+            self._steered = {k for k in self._steered if k in self.scheduler.tasks}
+        if n:
+            self._report({
+                "action": "steer", "tasks": n, "avoid": sorted(set(running) - set(fast)), "found": time.time(),
+            })
+        return n
+
+    def _unstick(self) -> None:
+        """Steered pushes that no worker they may use is left for (``no-worker``): any may run them now."""
+        assert self.scheduler is not None
+        stuck = {ts.key: "processing" for ts in self.scheduler.unrunnable if ts.key in self._steered}
+        for key in stuck:
+            self.scheduler.tasks[key].worker_restrictions = None
+            self._steered.discard(key)
+        if stuck:
+            logger.info("aimss: %d push task(s) kept off slow workers may run on them again: no other is left", len(stuck))
+            self.scheduler.transitions(stuck, stimulus_id=f"aimss-unsteer-{time.time()}")
+
     def copy_outcome(self, key: str, outcome: str) -> None:
         """How the race between a straggler and its copy ended, from the straggler's call."""
         copy = self.copies.get(key)
@@ -346,6 +410,7 @@ class Stragglers:
         self.orders.clear()
         self.takeovers.clear()
         self.sinks.clear()
+        self._steered.clear()
 
     # -- the periodic check -----------------------------------------------------------------
 
@@ -356,6 +421,8 @@ class Stragglers:
                 return
             now = time.time()
             self.checks += 1
+            if self._steered:
+                self._unstick()
             tasks = self._task_stragglers(now)
             self._speculate(tasks)
             self._end_takeovers(now)
@@ -773,6 +840,11 @@ class Stragglers:
             self.counts[what] = self.counts.get(what, 0) + 1
         if report["action"] == "slow-worker":
             logger.warning("aimss: worker %s is slow (%s)", report["worker"], report["why"])
+        elif report["action"] == "steer":
+            logger.info(
+                "aimss: %d new push task(s) run off slow worker(s) %s",
+                report["tasks"], report["avoid"],
+            )
         elif report["action"] == "copy" and report.get("kind") == "sink-writer":
             logger.warning(
                 "aimss: sink writer %s (on %s, %.1f s writing) hands %d bytes of its queue over to %s",

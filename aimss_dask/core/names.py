@@ -55,6 +55,11 @@ SINK_WRITER_KEY = "sink"
 #: another worker, and the first result wins.
 SPECULATIVE = "__aimss_speculative__"
 
+#: The attribute (set to True) of an AIMSS operator's push task function
+#: (:func:`aimss_dask.ops.pushrun.copyable`): speculative, and placed by the
+#: coordinator off workers found slow (its inputs move instead).
+RUN_PUSH = "__aimss_run_push__"
+
 #: The Dask annotation that declares a graph's tasks idempotent, like
 #: :func:`aimss_dask.speculative` does a function:
 #: ``with dask.annotate(aimss_speculative=True): ...``.

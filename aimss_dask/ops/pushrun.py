@@ -33,6 +33,7 @@ from aimss_dask.core.errors import (
     StreamNotFoundError,
     StreamSealedError,
 )
+from aimss_dask.core.names import RUN_PUSH
 from aimss_dask.core.race import Speculative, check_race, task_key
 from aimss_dask.core.runs import RunSpec
 from aimss_dask.core.specs import Origin, StreamSpec
@@ -85,9 +86,13 @@ def copyable(func: Any) -> Speculative:
     exactly-once, and no user has to declare anything. The coordinator
     starts a copy only under ``aimss.speculation`` (on by default); see
     :func:`aimss_dask.speculative` for the race, and :class:`RunWriter` for
-    how the losing execution stops at its next write.
+    how the losing execution stops at its next write. Marked
+    :data:`~aimss_dask.core.names.RUN_PUSH`: a push submitted while a worker
+    is found slow runs elsewhere.
     """
-    return speculative(rerun_on_restart(func))
+    marked = speculative(rerun_on_restart(func))
+    setattr(marked, RUN_PUSH, True)
+    return marked
 
 
 #: Seconds a task that lost a partition (or found no log) waits for the coordinator to restart or recover its run.
