@@ -101,6 +101,10 @@ def test_a_shuffles_straggling_pushes_get_copies_and_every_row_arrives_once(clie
     ends = [r for r in _events(client, t0) if r["action"] == "straggler" and r["key"] in {c["key"] for c in copies}
             and r["outcome"] != "running"]
     assert {r["outcome"] for r in ends} <= {"copy won", "original won"}, ends
+    # Once found slow, the pushes still queued there (not started) may move
+    # to the others: only off the slow worker, and every row still once.
+    moved = [m for m in _events(client, t0) if m["action"] == "steer" and m.get("moved")]
+    assert all(list(m["avoid"]) == [slow] and 1 <= m["tasks"] <= 18 for m in moved), moved
 
 
 def test_a_slow_worker_owns_no_partition_of_the_next_run_and_runs_none_of_its_pushes(client, slow):

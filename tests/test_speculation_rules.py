@@ -304,6 +304,7 @@ class _Worker:
     def __init__(self, address: str) -> None:
         self.address, self.executing, self.last_seen = address, {}, 0.0
         self.nthreads, self.processing, self.memory_limit, self.nbytes = 2, set(), 0, 0
+        self.occupancy = 0.0
         self.metrics: dict = {}
         self.status = type("Status", (), {"name": "running"})()
 
@@ -315,6 +316,7 @@ class _Scheduler:
         self.events: list = []
         self.unrunnable: dict = {}
         self.transitioned: list = []
+        self.extensions: dict = {}
 
     def log_event(self, topic, msg) -> None:
         self.events.append((topic, msg))
@@ -493,6 +495,47 @@ def test_new_pushes_run_off_slow_workers_only_when_speculation_is_on():
         assert sched.transitioned == [{"push": "processing"}]
         tracker.check()
         assert sched.transitioned == [{"push": "processing"}]  # once
+
+
+class _Stealing:
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def move_task_request(self, ts, victim, thief) -> str:
+        self.requests.append((ts.key, victim.address, thief.address))
+        return "steal-1"
+
+
+def test_a_worker_found_slow_has_its_queued_pushes_moved_but_not_the_running_one():
+    from aimss_dask.ops.pushrun import copyable
+
+    push = copyable(len)
+    for enabled in (True, False):
+        tracker, sched, g, a, b = _tracker(enabled=enabled, told=[])
+        c = _Worker("c")
+        sched.workers["c"] = c
+        a.occupancy = 5.0  # busier than c
+        stealing = sched.extensions["stealing"] = _Stealing()
+        running = _Task("running", g, b, func=push)
+        queued = [_Task(f"queued-{i}", g, b, func=push) for i in range(3)]
+        plain = _Task("plain", g, b, func=len)
+        b.processing = {running, plain, *queued}
+        b.executing = {running: 0.5}
+        tracker.slow = {"b": {"seen": 0.0}}
+        moved = tracker._move_queued("b")
+        if not enabled:
+            assert moved == 0 and stealing.requests == []
+            continue
+        # Only the pushes not started, each to the least busy fast worker
+        # (c first: a has 5 s queued; each move adds the group's median, 1 s).
+        assert moved == 3
+        assert sorted(k for k, _, _ in stealing.requests) == ["queued-0", "queued-1", "queued-2"]
+        assert [t for _, _, t in stealing.requests] == ["c", "c", "c"]
+        assert all(v == "b" for _, v, _ in stealing.requests)
+        assert all(q.worker_restrictions == {"a", "c"} for q in queued)
+        assert running.worker_restrictions is None and plain.worker_restrictions is None
+        [(_, msg)] = [e for e in sched.events if e[1]["action"] == "steer"]
+        assert msg["tasks"] == 3 and msg["moved"] and msg["avoid"] == ["b"]
 
 
 def test_only_tasks_annotated_speculative_are_wrapped_and_they_compute_the_same():

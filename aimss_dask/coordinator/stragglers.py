@@ -381,6 +381,46 @@ class Stragglers:
             })
         return n
 
+    def _move_queued(self, worker: str) -> int:
+        """Pushes queued on ``worker``, just found slow, that have not started: moved to fast workers; how many.
+
+        Dask's work stealing moves them (``move_task_request``): the slow
+        worker gives a task up only if it has not started it, so nothing
+        runs twice; one that has started may get a copy instead. They are
+        steered like new pushes, so that stealing never hands them back.
+        """
+        assert self.scheduler is not None
+        stealing = self.scheduler.extensions.get("stealing")
+        victim = self.scheduler.workers.get(worker)
+        if not self.config.enabled or stealing is None or victim is None:
+            return 0
+        running = {a: ws for a, ws in self.scheduler.workers.items() if ws.status.name == "running"}
+        fast = steer_off(self.slow, running)
+        if fast is None:
+            return 0
+        # The least busy first, each move counted at its group's typical time.
+        load = {a: float(running[a].occupancy) / max(running[a].nthreads, 1) for a in fast}
+        n = 0
+        for ts in list(victim.processing):
+            if (
+                ts in victim.executing or ts.worker_restrictions or ts.host_restrictions
+                or ts.resource_restrictions or not calls_marked(ts.run_spec, RUN_PUSH)
+            ):
+                continue
+            thief = min(fast, key=lambda a: (load[a], a))
+            ts.worker_restrictions = set(fast)
+            self._steered.add(ts.key)
+            if stealing.move_task_request(ts, victim, running[thief]) in ("in-flight", "comm-closed"):
+                continue
+            g = self._groups.get(ts.group.name)
+            load[thief] += (statistics.median(g.durations) if g is not None and g.durations else 1.0) / max(
+                running[thief].nthreads, 1
+            )
+            n += 1
+        if n:
+            self._report({"action": "steer", "tasks": n, "avoid": [worker], "moved": True, "found": time.time()})
+        return n
+
     def _unstick(self) -> None:
         """Steered pushes that no worker they may use is left for (``no-worker``): any may run them now."""
         assert self.scheduler is not None
@@ -813,6 +853,7 @@ class Stragglers:
             }
             self.slow[w] = {**report, "seen": now, "by": "tasks" if by_tasks else "stragglers"}
             self._report(report)
+            self._move_queued(w)
         # A worker found slow by its tasks stays flagged until its recent
         # tasks show it is fast again: typically under halfway between 1x and
         # multiplier x (a margin, or a worker near the bound would flip at
@@ -842,8 +883,8 @@ class Stragglers:
             logger.warning("aimss: worker %s is slow (%s)", report["worker"], report["why"])
         elif report["action"] == "steer":
             logger.info(
-                "aimss: %d new push task(s) run off slow worker(s) %s",
-                report["tasks"], report["avoid"],
+                "aimss: %d %s push task(s) run off slow worker(s) %s",
+                report["tasks"], "queued" if report.get("moved") else "new", report["avoid"],
             )
         elif report["action"] == "copy" and report.get("kind") == "sink-writer":
             logger.warning(
