@@ -8,7 +8,12 @@ function, each taking ``--seconds`` on a normal worker and ``--factor``
 times that on the slow one (the first worker by address). The work is a
 sleep: a task whose time goes to I/O, a remote service or a device, so
 that the copies' CPU does not compete with the measurement on a small
-machine. Methods, interleaved, medians over ``--reps`` after a warm-up:
+machine. Methods, interleaved (the order turns each round and runs
+backwards every other round, so that no method always follows the same
+one; in the other parts, plain Dask ends every round, the others take turns
+right after it, and the workers collect garbage and wait ``SETTLE``
+seconds before each run: use an even ``--reps`` there), medians over
+``--reps`` after a warm-up:
 
 - ``speculative``: the function declared idempotent
   (``aimss_dask.speculative``): a straggling call gets a copy on a fast
@@ -41,16 +46,17 @@ whether the coordinator knew the slow worker when the run started,
 medians and ratios.
 
 With speculation on, AIMSS copies straggling pushes (the first copy of each
-record wins at its owner) and places no partition of a run on a worker found
-slow, so the output phase never waits for it; off, the slow worker keeps its
-share of the partitions. On a machine with fewer cores than workers, the
+record wins at its owner), places no partition of a run on a worker found
+slow, so the output phase never waits for it, and runs none of the pushes
+of a run submitted while it is known slow there (their inputs move); off,
+the slow worker keeps its share of the partitions and pushes its own inputs. On a machine with fewer cores than workers, the
 slow worker's lost CPU goes to the others: with 4 CPU-bound workers on 2
 cores, the others get ``(2 - share) / 3`` of a core each, so the default
 share 0.15 makes the slow worker about 4x slower than the others (not
 ``1 / share``). The time with no slow worker bounds what speculation can
 win back.
 
-    python benchmarks/bench_stragglers.py --part shuffle --gib 1 --share 0.15 --reps 3
+    python benchmarks/bench_stragglers.py --part shuffle --gib 1 --share 0.15 --reps 6
 
 Part ``zarr`` (``--part zarr``): the same comparison for a ``--zarr-gib`` GiB
 float64 array (``--partitions`` persisted row blocks) written to Zarr with
@@ -60,7 +66,7 @@ complete) against plain Dask (``x.rechunk(chunks).to_zarr(path)``). Each run
 writes a new array in a temporary folder this benchmark made, checks a
 sample of it against the input, and deletes it.
 
-    python benchmarks/bench_stragglers.py --part zarr --zarr-gib 2 --share 0.15 --reps 3
+    python benchmarks/bench_stragglers.py --part zarr --zarr-gib 2 --share 0.15 --reps 6
 
 With ``--slow disk`` the slow worker's CPU is not limited; its disk is slow
 instead: every chunk it writes waits ``--disk-delay`` seconds first
@@ -69,7 +75,7 @@ instead: every chunk it writes waits ``--disk-delay`` seconds first
 A slow writer of aimss's is then helped by a hand-over of its queue to a
 fast worker (speculation on).
 
-    python benchmarks/bench_stragglers.py --part zarr --zarr-gib 2 --slow disk --disk-delay 0.75 --reps 3
+    python benchmarks/bench_stragglers.py --part zarr --zarr-gib 2 --slow disk --disk-delay 0.75 --reps 6
 
 Part ``consumers`` (``--part consumers``): a stream of ``--stream-partitions``
 partitions of ``--records`` records each (1 KiB arrays), written once and
@@ -83,7 +89,7 @@ Dask: the same records as one list per partition in Dask's memory,
 ``client.map`` of a function that does the same work on each list. Reported
 per run: consumer helpers started.
 
-    python benchmarks/bench_stragglers.py --part consumers --records 1000 --work-ms 2 --share 0.15 --reps 3
+    python benchmarks/bench_stragglers.py --part consumers --records 1000 --work-ms 2 --share 0.15 --reps 6
 
 Part ``loader`` (``--part loader``): a ``--loader-gib`` GiB float32 Zarr array
 (slabs of 1024 rows, written once into a temporary folder this benchmark
@@ -94,18 +100,19 @@ slow owner is late with is read again by a fast owner, from Zarr) and off,
 against plain Dask (``da.from_zarr(path)[i:j].compute()`` per batch).
 Reported per run: backups that answered first / backups started.
 
-    python benchmarks/bench_stragglers.py --part loader --loader-gib 1 --share 0.15 --reps 3
+    python benchmarks/bench_stragglers.py --part loader --loader-gib 1 --share 0.15 --reps 6
 
 With ``--slow disk`` the slow worker's chunk reads wait ``--disk-delay``
 seconds each instead (``aimss_dask.testing.slow_reads``, for any reader of a
 local Zarr store in that process: its brokers and Dask's tasks alike).
 
-    python benchmarks/bench_stragglers.py --part loader --loader-gib 1 --slow disk --disk-delay 0.1 --reps 3
+    python benchmarks/bench_stragglers.py --part loader --loader-gib 1 --slow disk --disk-delay 0.1 --reps 6
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -119,6 +126,34 @@ from distributed import get_worker
 
 import aimss_dask
 from aimss_dask.testing import slow_reads, slow_writes, throttled
+
+
+def _order(methods: list[Any], rep: int, last: Any = None) -> list[Any]:
+    """The order of round ``rep``: turned by one each round; ``last`` (the peer), if given, ends every round.
+
+    Without ``last``, backwards every other round too, so that no method
+    always follows the same one. With it, the methods compared with each
+    other take turns right after the peer (a run after Dask's P2P shuffle
+    pays for the memory P2P frees meanwhile): with an even number of rounds,
+    each follows it equally often.
+    """
+    rest = [m for m in methods if m != last]
+    k = rep % len(rest)
+    order = rest[k:] + rest[:k]
+    if last is not None:
+        return order + [last]
+    return order[::-1] if rep % 2 else order
+
+
+#: Seconds each run waits, after collecting garbage on the workers, before
+#: it starts: what the run before it freed (a P2P shuffle's buffers, say)
+#: is given back first, so that no method pays for the one before it.
+SETTLE = 1.0
+
+
+def _settle(client: Any) -> None:
+    client.run(gc.collect)
+    time.sleep(SETTLE)
 
 
 def _work(i: int, slow: str | None, seconds: float, factor: float) -> int:
@@ -191,7 +226,7 @@ def tasks(args: argparse.Namespace) -> None:
             f"the slow one {args.factor:g}x slower", flush=True,
         )
         for rep in range(args.reps + 1):
-            order = methods[rep % len(methods):] + methods[: rep % len(methods)]
+            order = _order(methods, rep)
             for fn, setting in order:
                 slow = slow_worker if setting == "slow" else None
                 t0, w0 = time.perf_counter(), time.time()
@@ -282,8 +317,9 @@ def _interleave(
     # slow), then the slow worker.
     for setting in ("even", "slow"):
         for rep in range(args.reps + 1):
-            order = methods[rep % len(methods):] + methods[: rep % len(methods)]
+            order = _order(methods, rep, last=baseline)
             for method in order:
+                _settle(client)
                 flag = known()
                 t0, w0 = time.perf_counter(), time.time()
                 with _slowdown(client, slow, pid, args) if setting == "slow" else nullcontext():
