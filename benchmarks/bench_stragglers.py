@@ -49,8 +49,9 @@ With speculation on, AIMSS copies straggling pushes (the first copy of each
 record wins at its owner), places no partition of a run on a worker found
 slow, so the output phase never waits for it, and runs none of the pushes
 of a run submitted while it is known slow there (their inputs move); off,
-the slow worker keeps its share of the partitions and pushes its own inputs. On a machine with fewer cores than workers, the
-slow worker's lost CPU goes to the others: with 4 CPU-bound workers on 2
+the slow worker keeps its share of the partitions and pushes its own
+inputs. On a machine with fewer cores than workers, the slow worker's lost
+CPU goes to the others: with 4 CPU-bound workers on 2
 cores, the others get ``(2 - share) / 3`` of a core each, so the default
 share 0.15 makes the slow worker about 4x slower than the others (not
 ``1 / share``). The time with no slow worker bounds what speculation can

@@ -131,8 +131,8 @@ def test_a_slow_worker_owns_no_partition_of_the_next_run_and_runs_none_of_its_pu
 def test_a_rechunk_and_a_zarr_write_whose_pushes_are_copied_or_moved_equal_their_input(fresh, tmp_path):
     # A worker that turns slow while its pushes are placed there already:
     # the running ones get copies, the queued ones move once it is found
-    # slow (which comes first depends on which evidence does), and the
-    # to_zarr submitted after that runs no push there.
+    # slow (which comes first depends on which evidence does); a run
+    # submitted once it is known slow places no push there.
     client = fresh
     slow = sorted(client.scheduler_info()["workers"])[-1]
     # The blocks on the slow worker: it surely runs pushes of its own.

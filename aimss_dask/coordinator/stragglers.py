@@ -355,24 +355,17 @@ class Stragglers:
         more (a flag that outlives a worker's slowness would cost them a
         worker).
         """
-        if not self.config.enabled or not self.slow or self.scheduler is None:
+        if not self.slow or self.scheduler is None:
             return 0
-        running = [a for a, ws in self.scheduler.workers.items() if ws.status.name == "running"]
-        fast = steer_off(self.slow, running)
-        if fast is None:
+        where = self._fast_workers()
+        if where is None:
             return 0
+        running, fast = where
         n = 0
         for key in keys:
             ts = self.scheduler.tasks.get(key)
-            if (
-                ts is None or ts.state not in ("released", "waiting")
-                or ts.worker_restrictions or ts.host_restrictions or ts.resource_restrictions
-                or not calls_marked(ts.run_spec, RUN_PUSH)
-            ):
-                continue
-            ts.worker_restrictions = set(fast)
-            self._steered.add(key)
-            n += 1
+            if ts is not None and ts.state in ("released", "waiting") and self._restrict(ts, fast):
+                n += 1
         if len(self._steered) > MAX_STEERED:
             self._steered = {k for k in self._steered if k in self.scheduler.tasks}
         if n:
@@ -392,24 +385,17 @@ class Stragglers:
         assert self.scheduler is not None
         stealing = self.scheduler.extensions.get("stealing")
         victim = self.scheduler.workers.get(worker)
-        if not self.config.enabled or stealing is None or victim is None:
+        where = self._fast_workers()
+        if stealing is None or victim is None or where is None:
             return 0
-        running = {a: ws for a, ws in self.scheduler.workers.items() if ws.status.name == "running"}
-        fast = steer_off(self.slow, running)
-        if fast is None:
-            return 0
+        running, fast = where
         # The least busy first, each move counted at its group's typical time.
         load = {a: float(running[a].occupancy) / max(running[a].nthreads, 1) for a in fast}
         n = 0
         for ts in list(victim.processing):
-            if (
-                ts in victim.executing or ts.worker_restrictions or ts.host_restrictions
-                or ts.resource_restrictions or not calls_marked(ts.run_spec, RUN_PUSH)
-            ):
+            if ts in victim.executing or not self._restrict(ts, fast):
                 continue
             thief = min(fast, key=lambda a: (load[a], a))
-            ts.worker_restrictions = set(fast)
-            self._steered.add(ts.key)
             if stealing.move_task_request(ts, victim, running[thief]) in ("in-flight", "comm-closed"):
                 continue
             g = self._groups.get(ts.group.name)
@@ -420,6 +406,26 @@ class Stragglers:
         if n:
             self._report({"action": "steer", "tasks": n, "avoid": [worker], "moved": True, "found": time.time()})
         return n
+
+    def _fast_workers(self) -> tuple[dict[str, Any], list[str]] | None:
+        """The running workers by address, and those not found slow; None: speculation off, or nothing to avoid."""
+        assert self.scheduler is not None
+        if not self.config.enabled:
+            return None
+        running = {a: ws for a, ws in self.scheduler.workers.items() if ws.status.name == "running"}
+        fast = steer_off(self.slow, running)
+        return None if fast is None else (running, fast)
+
+    def _restrict(self, ts: Any, fast: list[str]) -> bool:
+        """Restrict push ``ts`` to ``fast`` and remember it; False (untouched) for a task that is no push or has restrictions of its own."""
+        if (
+            ts.worker_restrictions or ts.host_restrictions or ts.resource_restrictions
+            or not calls_marked(ts.run_spec, RUN_PUSH)
+        ):
+            return False
+        ts.worker_restrictions = set(fast)
+        self._steered.add(ts.key)
+        return True
 
     def _unstick(self) -> None:
         """Steered pushes that no worker they may use is left for (``no-worker``): any may run them now."""
