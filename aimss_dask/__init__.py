@@ -48,6 +48,7 @@ from aimss_dask.core.errors import (
     StreamNotFoundError,
     StreamPermissionError,
     StreamSealedError,
+    WorkerClosingError,
     WriteOrderError,
 )
 from aimss_dask.shuffle import merge, rechunk, shuffle
@@ -88,6 +89,7 @@ __all__ = [
     "StreamNotFoundError",
     "StreamSealedError",
     "Trace",
+    "WorkerClosingError",
     "WriteOrderError",
     "create_stream",
     "destroy_stream",

@@ -9,6 +9,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import aimss_dask
+from aimss_dask.core.errors import error_to_wire
 
 
 def test_restart_forgets_streams_and_keeps_working():
@@ -63,6 +64,8 @@ def test_worker_teardown_removes_its_spill_files():
     [
         (OSError("in <TCP (closed)>: Stream is closed"), "INFO"),  # CommClosedError is one
         (RuntimeError("handler raised"), "WARNING"),
+        # A closing worker's torn-down plugin answers instead of its comm.
+        (error_to_wire(aimss_dask.WorkerClosingError("torn down")), "INFO"),
     ],
 )
 def test_a_broadcast_to_a_worker_that_is_leaving_too_is_not_a_warning(caplog, reply, level):
@@ -83,9 +86,34 @@ def test_a_broadcast_to_a_worker_that_is_leaving_too_is_not_a_warning(caplog, re
     ops = ClusterOps()
     ops.scheduler = _Scheduler()
     with caplog.at_level(logging.INFO, logger="aimss_dask"):
-        asyncio.run(ops.broadcast({"op": "aimss_owner_lost", "address": "tcp://b:2"}))
+        replies = asyncio.run(ops.broadcast({"op": "aimss_owner_lost", "address": "tcp://b:2"}))
     [record] = [r for r in caplog.records if "aimss_owner_lost failed" in r.getMessage()]
     assert record.levelname == level
+    # Callers read a leaving worker's reply as an exception, never as an answer.
+    assert isinstance(replies["tcp://a:1"], BaseException)
+
+
+def test_a_worker_listed_after_its_teardown_does_not_fail_destroy_or_status():
+    """Dask lists a closing worker (its plugin already torn down) until its comm closes: a
+    drop or a status request sent to every worker meanwhile still succeeds."""
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        s = aimss_dask.create_stream("closing", partitions=2)
+        for i in range(10):
+            s.write(i, partition=i % 2)
+        s.flush()
+        a, b = sorted(client.scheduler_info()["workers"])
+
+        async def teardown(dask_worker):
+            await dask_worker.plugin_remove("aimss")
+
+        client.run(teardown, workers=[b])
+        assert list(aimss_dask.status()) == [a]
+        aimss_dask.destroy_stream("closing")
+        with pytest.raises(aimss_dask.StreamNotFoundError, match="'closing'"):
+            aimss_dask.get_stream("closing")
 
 
 def _slow_frame(i: int):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.core import Status
 
 from aimss_dask.core import trace
-from aimss_dask.core.errors import raise_from_wire
+from aimss_dask.core.errors import WorkerClosingError, raise_from_wire
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -107,13 +107,17 @@ class ClusterOps:
             return {}
         replies = dict(zip(targets, await asyncio.gather(*(self._until_gone(w, msg) for w in targets))))
         for addr, reply in replies.items():
+            if not isinstance(reply, BaseException):
+                try:
+                    raise_from_wire(reply, msg["op"])
+                except WorkerClosingError as e:
+                    # Listed until it is gone, its log already closed: as if gone.
+                    reply = replies[addr] = e
             if isinstance(reply, BaseException):
                 # A closed comm (an OSError) means that worker is leaving
                 # too (a cluster shutting down): its removal cleans up.
                 log = logger.info if isinstance(reply, OSError) else logger.warning
                 log("aimss: %s failed on %s: %r", msg["op"], addr, reply)
-            else:
-                raise_from_wire(reply, msg["op"])
         return replies
 
     async def _until_gone(self, worker: str, msg: dict[str, Any]) -> Any:

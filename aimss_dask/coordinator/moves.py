@@ -138,8 +138,9 @@ async def _arrived(
             return set()
         have: dict[int, int] = {}
         for w, ps in by_target.items():
-            replies = await ops.broadcast({"op": "aimss_stream_stats", "name": spec.name}, [w])
-            for p, st in replies.get(w, {}).get("partitions", []):
+            reply = (await ops.broadcast({"op": "aimss_stream_stats", "name": spec.name}, [w])).get(w)
+            # Not a dict: that worker is leaving (its error logged); nothing arrived there.
+            for p, st in reply.get("partitions", []) if isinstance(reply, dict) else ():
                 if p in ps:
                     have[p] = st["records"]
         done = {p for p, end in ends.items() if have.get(p) == end}

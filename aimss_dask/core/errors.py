@@ -141,6 +141,16 @@ class PushesPendingError(AIMSSError, RuntimeError):
     """
 
 
+class WorkerClosingError(AIMSSError, ConnectionError):
+    """The worker asked is closing: its AIMSS plugin is torn down and its log closed.
+
+    Dask lists a closing worker until its connection to the scheduler ends,
+    so a message sent to every worker can reach one. It is a
+    ``ConnectionError`` (an ``OSError``), like the comm's error a moment
+    later: whoever handles a worker leaving handles this one too.
+    """
+
+
 class DuplicateOriginError(AIMSSError, RuntimeError):
     """Two different groups of records carry the same origin.
 
@@ -180,6 +190,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         PushesPendingError,
         ReplicaGapError,
         WriteOrderError,
+        WorkerClosingError,
     )
 }
 

@@ -32,6 +32,7 @@ from aimss_dask.core.config import AIMSSConfig
 from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
+    WorkerClosingError,
     error_to_wire,
     raise_from_wire,
 )
@@ -986,7 +987,7 @@ def _as_sent(records: list[Any]) -> list[Any]:
 
 
 async def _torn_down(**kwargs: Any) -> dict[str, Any]:
-    return error_to_wire(AIMSSError("the AIMSS plugin on this worker was torn down"))
+    return error_to_wire(WorkerClosingError("this worker is closing: its AIMSS plugin was torn down"))
 
 
 _HANDLERS = (
