@@ -497,6 +497,46 @@ def test_new_pushes_run_off_slow_workers_only_when_speculation_is_on():
         assert sched.transitioned == [{"push": "processing"}]  # once
 
 
+def test_a_worker_slow_only_at_writing_keeps_its_pushes_until_it_is_slow_at_computing():
+    """A slow disk shows in a worker's sink writers, not in its tasks' times: its pushes (CPU)
+    stay there. Slow at computing too (a task straggles there), or with no timed task to tell,
+    new pushes avoid it."""
+    import time
+
+    from aimss_dask.coordinator.speculation import Straggler
+    from aimss_dask.ops.pushrun import copyable
+
+    def writers_straggle(tracker, worker: str) -> None:
+        found = [Straggler(f"r/writes@{worker}#{i}", worker, 9.0, "late", 1.0) for i in range(2)]
+        tracker._note_slow_workers(time.time(), found, {s.key for s in found})
+
+    for timed in (True, False):
+        tracker, sched, g, a, b = _tracker()
+        sched.workers["c"] = _Worker("c")
+        if timed:  # c's tasks take what a's take
+            for i in range(3, 6):
+                sched.tasks[("work-abc", i)] = _Task(("work-abc", i), g)
+                tracker.task_ended(("work-abc", i), "processing", "memory", {
+                    "worker": "c", "startstops": [{"action": "compute", "start": 10.0, "stop": 11.0}],
+                })
+        push = sched.tasks["push"] = _Task("push", g, func=copyable(len), state="released")
+        writers_straggle(tracker, "c")
+        assert "c" in tracker.slow
+        if not timed:
+            # Nothing says its CPU is fine: treated as slow at everything.
+            assert tracker.summary()["slow_at_writing"] == []
+            assert tracker.steer(["push"]) == 1 and push.worker_restrictions == {"a", "b"}
+            continue
+        assert tracker.summary()["slow_at_writing"] == ["c"]
+        assert tracker.steer(["push"]) == 0 and push.worker_restrictions is None
+        # Its run's partitions still go elsewhere: its sink writers would write them.
+        assert tracker.avoid(["a", "c"]) == ["a"]
+        # A task of c's straggles: slow at computing now.
+        tracker._note_slow_workers(time.time(), [Straggler("t@c", "c", 5.0, "quantile", 2.0)], set())
+        assert tracker.summary()["slow_at_writing"] == []
+        assert tracker.steer(["push"]) == 1 and push.worker_restrictions == {"a", "b"}
+
+
 class _Stealing:
     def __init__(self) -> None:
         self.requests: list = []

@@ -290,7 +290,8 @@ class Stragglers:
         self.consumers: dict[str, dict[str, Any]] = {}
         self.slow: dict[str, dict[str, Any]] = {}
         self.reports: deque[dict[str, Any]] = deque(maxlen=MAX_REPORTS)
-        self._seen: deque[tuple[float, str, str]] = deque()  # (when, worker, straggler id)
+        #: (when, worker, straggler id, whether it was a sink writer's)
+        self._seen: deque[tuple[float, str, str, bool]] = deque()
         self._consumed: dict[tuple[str, str, int], _Consumer] = {}  # (stream, group, partition) -> it
         self.checks = 0
         self._running: dict[str, Any] = {}  # key text -> TaskState, of the last check
@@ -413,7 +414,7 @@ class Stragglers:
         if not self.config.enabled:
             return None
         running = {a: ws for a, ws in self.scheduler.workers.items() if ws.status.name == "running"}
-        fast = steer_off(self.slow, running)
+        fast = steer_off([w for w, entry in self.slow.items() if not entry.get("io")], running)
         return None if fast is None else (running, fast)
 
     def _restrict(self, ts: Any, fast: list[str]) -> bool:
@@ -472,8 +473,9 @@ class Stragglers:
             tasks = self._task_stragglers(now)
             self._speculate(tasks)
             self._end_takeovers(now)
-            found = tasks + self._consumer_stragglers(now) + self.sinks.check(now)
-            self._note_slow_workers(now, found)
+            writers = self.sinks.check(now)
+            found = tasks + self._consumer_stragglers(now) + writers
+            self._note_slow_workers(now, found, {s.key for s in writers})
         except Exception:
             logger.exception("aimss: straggler check failed")
 
@@ -812,16 +814,20 @@ class Stragglers:
                 continue
             del self.takeovers[text]
 
-    def _note_slow_workers(self, now: float, found: list[Straggler]) -> None:
-        seen_ids = {(w, k) for _, w, k in self._seen}
+    def _note_slow_workers(self, now: float, found: list[Straggler], writers: set[str] = frozenset()) -> None:
+        """Flag workers slow, or fast again, from ``found`` and recent task times; ``writers``: sink writers' keys."""
+        seen_ids = {(w, k) for _, w, k, _ in self._seen}
         for s in found:
             if (s.worker, s.key) not in seen_ids:
-                self._seen.append((now, s.worker, s.key))
+                self._seen.append((now, s.worker, s.key, s.key in writers))
         while self._seen and now - self._seen[0][0] > SLOW_WINDOW:
             self._seen.popleft()
         counts: dict[str, int] = {}
-        for _, w, _ in self._seen:
+        computing: set[str] = set()  # workers with a straggler other than a sink writer
+        for _, w, _, at_writing in self._seen:
             counts[w] = counts.get(w, 0) + 1
+            if not at_writing:
+                computing.add(w)
         recent = list(self._groups.items())[-SLOW_GROUPS:][::-1]  # newest first
         durations = {name: {w: list(ds) for w, ds in g.by_worker.items()} for name, g in recent}
         assert self.scheduler is not None
@@ -838,6 +844,7 @@ class Stragglers:
         # one worker and copies no helper. The slowest come first, and one
         # slower than a worker flagged by its tasks takes its place.
         room = max_slow(len(self.scheduler.workers))
+        moved = {w for w, entry in self.slow.items() if not entry.get("io")}  # queued pushes moved already
         for w in sorted(slow - set(self.slow), key=lambda w: -now_slow.get(w, 0.0)):
             if sum(v in self.scheduler.workers for v in self.slow) >= room:
                 weakest = min(
@@ -859,7 +866,19 @@ class Stragglers:
             }
             self.slow[w] = {**report, "seen": now, "by": "tasks" if by_tasks else "stragglers"}
             self._report(report)
-            self._move_queued(w)
+        fast_again = (1.0 + self.config.multiplier) / 2
+        for w, entry in self.slow.items():
+            # Slow only at writing: its sink writers straggle while its tasks
+            # run as fast as anyone's (a slow disk). Its pushes stay: they
+            # are computing, and steering them off would cost its CPU. Without
+            # timed tasks of its own it may be slow at computing: not this.
+            entry["io"] = (
+                entry.get("by") != "tasks" and w not in computing
+                and now_slow.get(w, fast_again) < fast_again
+            )
+            if w not in moved and not entry["io"]:
+                moved.add(w)
+                self._move_queued(w)
         # A worker found slow by its tasks stays flagged until its recent
         # tasks show it is fast again: typically under halfway between 1x and
         # multiplier x (a margin, or a worker near the bound would flip at
@@ -867,7 +886,6 @@ class Stragglers:
         # slow by its stragglers (a slow disk shows in its sink writers, not
         # in its tasks' times) stays flagged while that evidence lasts. Either
         # way, for SLOW_WINDOW at most without any sign, or until it leaves.
-        fast_again = (1.0 + self.config.multiplier) / 2
         for w in set(self.slow) - slow:
             by_tasks = self.slow[w].get("by") == "tasks"
             if (
@@ -937,6 +955,8 @@ class Stragglers:
             "tasks": [dict(r) for r in self.current.values()],
             "consumers": [dict(r) for r in self.consumers.values()],
             "slow_workers": sorted(self.slow),
+            # Of those, the ones slow only at writing (they still run pushes).
+            "slow_at_writing": sorted(w for w, entry in self.slow.items() if entry.get("io")),
             "takeovers": [
                 {"consumer": t["cid"], "dest": t["dest"], "range": list(t["range"])} for t in self.takeovers.values()
             ],
