@@ -499,30 +499,37 @@ def test_new_pushes_run_off_slow_workers_only_when_speculation_is_on():
 
 def test_a_worker_slow_only_at_writing_keeps_its_pushes_until_it_is_slow_at_computing():
     """A slow disk shows in a worker's sink writers, not in its tasks' times: its pushes (CPU)
-    stay there. Slow at computing too (a task straggles there), or with no timed task to tell,
-    new pushes avoid it."""
+    stay there. Once its tasks take longer than others', or with no timed task to tell, or
+    with a consumer behind there, new pushes avoid it."""
     import time
 
     from aimss_dask.coordinator.speculation import Straggler
     from aimss_dask.ops.pushrun import copyable
 
-    def writers_straggle(tracker, worker: str) -> None:
-        found = [Straggler(f"r/writes@{worker}#{i}", worker, 9.0, "late", 1.0) for i in range(2)]
-        tracker._note_slow_workers(time.time(), found, {s.key for s in found})
+    def ran(tracker, sched, g, worker: str, seconds: float, first: int) -> None:
+        for i in range(first, first + 3):
+            sched.tasks[("work-abc", i)] = _Task(("work-abc", i), g)
+            tracker.task_ended(("work-abc", i), "processing", "memory", {
+                "worker": worker, "startstops": [{"action": "compute", "start": 10.0, "stop": 10.0 + seconds}],
+            })
 
-    for timed in (True, False):
+    def straggle(tracker, worker: str, kind: str) -> None:
+        found = [Straggler(f"{kind}@{worker}#{i}", worker, 9.0, "late", 1.0) for i in range(2)]
+        tracker._note_slow_workers(time.time(), found, {s.key: kind for s in found})
+
+    for case in ("disk", "untimed", "consumer"):
         tracker, sched, g, a, b = _tracker()
         sched.workers["c"] = _Worker("c")
-        if timed:  # c's tasks take what a's take
-            for i in range(3, 6):
-                sched.tasks[("work-abc", i)] = _Task(("work-abc", i), g)
-                tracker.task_ended(("work-abc", i), "processing", "memory", {
-                    "worker": "c", "startstops": [{"action": "compute", "start": 10.0, "stop": 11.0}],
-                })
+        if case != "untimed":
+            ran(tracker, sched, g, "c", 1.0, 3)  # as long as a's
         push = sched.tasks["push"] = _Task("push", g, func=copyable(len), state="released")
-        writers_straggle(tracker, "c")
+        straggle(tracker, "c", "writer")
+        # A task that waits for c's writes straggles too; its times still look typical.
+        tracker._note_slow_workers(time.time(), [Straggler("finish@c", "c", 5.0, "slow worker", 1.0)])
+        if case == "consumer":
+            straggle(tracker, "c", "consumer")
         assert "c" in tracker.slow
-        if not timed:
+        if case != "disk":
             # Nothing says its CPU is fine: treated as slow at everything.
             assert tracker.summary()["slow_at_writing"] == []
             assert tracker.steer(["push"]) == 1 and push.worker_restrictions == {"a", "b"}
@@ -531,8 +538,9 @@ def test_a_worker_slow_only_at_writing_keeps_its_pushes_until_it_is_slow_at_comp
         assert tracker.steer(["push"]) == 0 and push.worker_restrictions is None
         # Its run's partitions still go elsewhere: its sink writers would write them.
         assert tracker.avoid(["a", "c"]) == ["a"]
-        # A task of c's straggles: slow at computing now.
-        tracker._note_slow_workers(time.time(), [Straggler("t@c", "c", 5.0, "quantile", 2.0)], set())
+        # Its tasks turn slow (3x a's): slow at computing now.
+        ran(tracker, sched, g, "c", 6.0, 6)
+        tracker._note_slow_workers(time.time(), [])
         assert tracker.summary()["slow_at_writing"] == []
         assert tracker.steer(["push"]) == 1 and push.worker_restrictions == {"a", "b"}
 

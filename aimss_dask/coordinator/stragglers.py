@@ -40,7 +40,7 @@ import statistics
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -290,8 +290,8 @@ class Stragglers:
         self.consumers: dict[str, dict[str, Any]] = {}
         self.slow: dict[str, dict[str, Any]] = {}
         self.reports: deque[dict[str, Any]] = deque(maxlen=MAX_REPORTS)
-        #: (when, worker, straggler id, whether it was a sink writer's)
-        self._seen: deque[tuple[float, str, str, bool]] = deque()
+        #: (when, worker, straggler id, "task" | "consumer" | "writer")
+        self._seen: deque[tuple[float, str, str, str]] = deque()
         self._consumed: dict[tuple[str, str, int], _Consumer] = {}  # (stream, group, partition) -> it
         self.checks = 0
         self._running: dict[str, Any] = {}  # key text -> TaskState, of the last check
@@ -473,9 +473,10 @@ class Stragglers:
             tasks = self._task_stragglers(now)
             self._speculate(tasks)
             self._end_takeovers(now)
+            consumers = self._consumer_stragglers(now)
             writers = self.sinks.check(now)
-            found = tasks + self._consumer_stragglers(now) + writers
-            self._note_slow_workers(now, found, {s.key for s in writers})
+            kinds = {s.key: "consumer" for s in consumers} | {s.key: "writer" for s in writers}
+            self._note_slow_workers(now, tasks + consumers + writers, kinds)
         except Exception:
             logger.exception("aimss: straggler check failed")
 
@@ -814,20 +815,25 @@ class Stragglers:
                 continue
             del self.takeovers[text]
 
-    def _note_slow_workers(self, now: float, found: list[Straggler], writers: set[str] = frozenset()) -> None:
-        """Flag workers slow, or fast again, from ``found`` and recent task times; ``writers``: sink writers' keys."""
+    def _note_slow_workers(self, now: float, found: list[Straggler], kinds: Mapping[str, str] | None = None) -> None:
+        """Flag workers slow, or fast again, from stragglers ``found`` and recent task times.
+
+        ``kinds``: straggler key -> ``"consumer"`` or ``"writer"`` (a sink
+        writer); any other is a task's.
+        """
+        kinds = kinds or {}
         seen_ids = {(w, k) for _, w, k, _ in self._seen}
         for s in found:
             if (s.worker, s.key) not in seen_ids:
-                self._seen.append((now, s.worker, s.key, s.key in writers))
+                self._seen.append((now, s.worker, s.key, kinds.get(s.key, "task")))
         while self._seen and now - self._seen[0][0] > SLOW_WINDOW:
             self._seen.popleft()
         counts: dict[str, int] = {}
-        computing: set[str] = set()  # workers with a straggler other than a sink writer
-        for _, w, _, at_writing in self._seen:
+        consuming: set[str] = set()  # workers where a consumer straggled
+        for _, w, _, kind in self._seen:
             counts[w] = counts.get(w, 0) + 1
-            if not at_writing:
-                computing.add(w)
+            if kind == "consumer":
+                consuming.add(w)
         recent = list(self._groups.items())[-SLOW_GROUPS:][::-1]  # newest first
         durations = {name: {w: list(ds) for w, ds in g.by_worker.items()} for name, g in recent}
         assert self.scheduler is not None
@@ -869,11 +875,14 @@ class Stragglers:
         fast_again = (1.0 + self.config.multiplier) / 2
         for w, entry in self.slow.items():
             # Slow only at writing: its sink writers straggle while its tasks
-            # run as fast as anyone's (a slow disk). Its pushes stay: they
-            # are computing, and steering them off would cost its CPU. Without
-            # timed tasks of its own it may be slow at computing: not this.
+            # take as long as anyone's (a slow disk). Its pushes stay: they
+            # are computing, and steering them off would cost its CPU. Its
+            # tasks' times decide, not their stragglers: a task that waits
+            # for its writes (a sink's finish) straggles on a slow disk too.
+            # Without timed tasks of its own, or with a consumer behind, it
+            # may be slow at computing: not this.
             entry["io"] = (
-                entry.get("by") != "tasks" and w not in computing
+                entry.get("by") != "tasks" and w not in consuming
                 and now_slow.get(w, fast_again) < fast_again
             )
             if w not in moved and not entry["io"]:
