@@ -97,9 +97,10 @@ def _bokeh_apps(scheduler: Any) -> list[Any]:
 
 def _serves_panels(http: Any, path: str) -> bool:
     """Whether ``http`` (a Tornado application) routes ``path`` to :class:`PanelsJSON`."""
-    from tornado.httputil import HTTPServerRequest
+    from tornado.httputil import HTTPServerRequest, RequestStartLine
 
-    handler = http.find_handler(HTTPServerRequest(method="GET", uri=path))
+    # HTTP/1.0: no Host header needed to ask the router.
+    handler = http.find_handler(HTTPServerRequest(start_line=RequestStartLine("GET", path, "HTTP/1.0")))
     return getattr(handler, "handler_class", None) is PanelsJSON
 
 
