@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from aimss_dask.api.context import Endpoint
-from aimss_dask.core.errors import AIMSSError, PartitionLostError, ReadTimeoutError
+from aimss_dask.core.errors import AIMSSError, InvalidArgumentError, PartitionLostError, ReadTimeoutError
 from aimss_dask.core.specs import StreamSpec
 from aimss_dask.transport import speccache
 
@@ -115,7 +115,12 @@ def _moved_to(ep: Endpoint, spec: StreamSpec, p: int, owner: str, error: BaseExc
     the owner: ask again for up to :data:`MOVE_WAIT`
     seconds, until the partition has a new owner, or is lost, or gone.
     """
-    if isinstance(error, ReadTimeoutError) or (isinstance(error, PartitionLostError) and not spec.replicas):
+    # The owner's answer about the request itself (an offset trimmed or out of
+    # range, a read not allowed) is final where it holds the partition: no
+    # other owner would answer otherwise, so waiting for one only delays it.
+    if isinstance(error, (ReadTimeoutError, InvalidArgumentError, PermissionError)) or (
+        isinstance(error, PartitionLostError) and not spec.replicas
+    ):
         return None
     deadline = time.monotonic() + MOVE_WAIT
     while True:
