@@ -508,10 +508,13 @@ def test_a_killed_owner_fails_the_loader_by_name_and_leaves_the_survivors_clean(
             except Exception as e:  # what the loader raised
                 got.append(e)
 
+        t0 = time.monotonic()
         t = threading.Thread(target=drain, daemon=True)
         t.start()
         t.join(120)
         assert not t.is_alive(), "the loader hung after its broker's worker died"
+        # Promptly: closing does not wait out a connect to the dead owner (Dask's 30 s).
+        assert time.monotonic() - t0 < 15
         err = got[-1]
         assert isinstance(err, aimss_dask.PartitionLostError), err
         assert s.name in str(err)

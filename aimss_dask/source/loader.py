@@ -61,6 +61,9 @@ logger = logging.getLogger("aimss_dask")
 #: Least time between two progress reports of a loader to the coordinator.
 REPORT_EVERY = 0.5
 
+#: Longest a closing loader waits for one owner to release its broker, s.
+DETACH_WAIT = 5.0
+
 
 def batches(
     stream: Any,
@@ -204,6 +207,25 @@ class BatchIterator(Iterator[np.ndarray]):
     def _control(self, op: str, **kwargs: Any) -> list[dict[str, Any]]:
         return self._ep.call(self._control_async, op, **kwargs)
 
+    async def _detach_async(self) -> None:
+        """Release the brokers, each owner's as far as it answers within :data:`DETACH_WAIT` s.
+
+        Best effort: an owner that died (the loss this loader fails with)
+        takes its broker with it, and connecting to it would retry for
+        Dask's whole connect timeout before the loader's error is raised.
+        """
+        ep, spec = self._ep, self._spec
+
+        async def one(worker: str) -> None:
+            try:
+                await asyncio.wait_for(
+                    ask_source(ep, worker, spec, "control", action="detach", key=self._key), DETACH_WAIT
+                )
+            except Exception as e:  # gone, closing, or the stream destroyed: nothing to release
+                logger.debug("aimss: loader not detached from %s: %r", worker, e)
+
+        await asyncio.gather(*(one(w) for w in sorted(set(spec.owners))))
+
     def __len__(self) -> int:
         return self._len
 
@@ -286,9 +308,9 @@ class BatchIterator(Iterator[np.ndarray]):
         finally:
             if self.windowed:
                 try:
-                    self._control("detach")
+                    self._ep.call(self._detach_async)
                 except Exception:
-                    pass  # the stream is gone: nothing left to release
+                    pass  # the cluster connection is gone: nothing left to release
 
     def __enter__(self) -> BatchIterator:
         return self
