@@ -456,3 +456,49 @@ def test_not_registered():
             s.seal()
             assert list(s.read()) == [b"x"]
             aimss_dask.destroy_stream(name)
+
+
+def test_a_call_to_a_worker_the_scheduler_no_longer_lists_fails_at_once_not_after_the_connect_timeout():
+    """Dask retries a refused connect for 30 s; once the coordinator says the worker left, the call fails
+    with an OSError (what callers treat as a lost worker), and a connect that succeeds goes on as before."""
+    import asyncio
+    import time
+
+    from aimss_dask.api.context import CONNECT_GRACE, Endpoint
+
+    class _Pool:
+        def __init__(self, connects: bool) -> None:
+            self.connects, self.reused = connects, []
+
+        async def connect(self, addr):
+            await asyncio.sleep(CONNECT_GRACE * 1.5 if self.connects else 60)
+            return f"comm-to-{addr}"
+
+        def reuse(self, addr, comm) -> None:
+            self.reused.append((addr, comm))
+
+        def __call__(self, addr):
+            class _Call:
+                async def aimss_read(self, **kwargs):
+                    return {"records": [], "sealed": True, "asked": kwargs}
+            return _Call()
+
+    class _Scheduler:
+        def __init__(self, listed: bool) -> None:
+            self.listed, self.asked = listed, 0
+
+        async def aimss_listed(self, address):
+            self.asked += 1
+            return {"listed": self.listed}
+
+    # Left: an OSError soon after the grace period.
+    ep = Endpoint(loop=None, scheduler=_Scheduler(False), rpc=_Pool(False), producer=None)
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="tcp://gone:1 left the cluster"):
+        asyncio.run(ep.ask_worker("tcp://gone:1", "read", start=0))
+    assert time.monotonic() - t0 < CONNECT_GRACE + 2 and ep.scheduler.asked == 1
+    # Still listed, and the connect completes: the call goes through on that connection.
+    pool = _Pool(True)
+    ep = Endpoint(loop=None, scheduler=_Scheduler(True), rpc=pool, producer=None)
+    assert asyncio.run(ep.ask_worker("tcp://slow:2", "read", start=3))["asked"] == {"start": 3}
+    assert pool.reused == [("tcp://slow:2", "comm-to-tcp://slow:2")] and ep.scheduler.asked >= 1

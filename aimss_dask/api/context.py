@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: A connect to a worker pending this long (s) makes the caller ask whether the worker is still listed.
+CONNECT_GRACE = 1.0
+#: How often (s) it asks again while the connect is pending.
+CONNECT_POLL = 0.5
+
 logger = logging.getLogger("aimss_dask")
 
 
@@ -64,8 +69,34 @@ class Endpoint:
         return raise_from_wire(reply, f"aimss_{op}")
 
     async def ask_worker(self, addr: str, op: str, **kwargs: Any) -> dict[str, Any]:
+        await self._connected(addr)
         reply = await getattr(self.rpc(addr), f"aimss_{op}")(**kwargs)
         return raise_from_wire(reply, f"aimss_{op}")
+
+    async def _connected(self, addr: str) -> None:
+        """An open connection to ``addr`` in the pool; ``OSError`` once the scheduler no longer lists it.
+
+        Dask retries a refused connect for its whole connect timeout (30 s
+        by default): a worker that died takes that long to fail a call,
+        and a reader or loader that would follow its partition to a copy
+        waits as long. A connect still pending after :data:`CONNECT_GRACE`
+        asks the coordinator whether the worker is still there.
+        """
+        task = asyncio.ensure_future(self.rpc.connect(addr))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=CONNECT_GRACE)
+            while not done:
+                try:
+                    listed = (await self.ask_scheduler("listed", address=addr))["listed"]
+                except Exception:
+                    listed = True  # no answer: Dask's own timeout decides
+                if not listed:
+                    raise OSError(f"worker {addr} left the cluster (no connection to it)")
+                done, _ = await asyncio.wait({task}, timeout=CONNECT_POLL)
+            self.rpc.reuse(addr, task.result())
+        finally:
+            if not task.done():
+                task.cancel()
 
     def scheduler_op(self, op: str, **kwargs: Any) -> dict[str, Any]:
         return self.call(self.ask_scheduler, op, **kwargs)

@@ -596,6 +596,12 @@ class AIMSS(SchedulerPlugin):
         self.stragglers.loader_copies(stream, owner, dest, copies, won, elapsed, rule)
 
     @replies
+    async def _h_listed(self, address: str) -> dict[str, Any]:
+        """Whether the scheduler lists worker ``address``: a caller's connect to it is worth waiting for."""
+        assert self.scheduler is not None
+        return {"listed": address in self.scheduler.workers}
+
+    @replies
     async def _h_status(self) -> dict[str, Any]:
         replies = await self.ops.broadcast({"op": "aimss_worker_status"})
         return {
