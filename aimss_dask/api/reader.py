@@ -7,7 +7,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from aimss_dask.api.context import Endpoint
-from aimss_dask.core.errors import AIMSSError, InvalidArgumentError, PartitionLostError, ReadTimeoutError
+from aimss_dask.core.errors import (
+    AIMSSError,
+    InvalidArgumentError,
+    PartitionLostError,
+    ReadTimeoutError,
+)
 from aimss_dask.core.specs import StreamSpec
 from aimss_dask.transport import speccache
 
