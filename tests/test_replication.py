@@ -358,12 +358,18 @@ async def _drop_late(name: str, epoch: int, dask_worker=None) -> None:
     await dask_worker.handlers["aimss_drop"](name=name, epoch=epoch)
 
 
-def test_a_late_drop_of_an_old_stream_leaves_the_new_one_of_its_name_whole(cluster3):
+def test_a_late_drop_of_an_old_stream_leaves_the_new_one_of_its_name_whole():
     """A restarted run makes its stream again under the same name, and the old one's drop travels
     on another connection: it may reach a worker after that worker wrote to the new one. The new
     stream's copies and its writers' numbering must not be reset: the owners would then drop the
     records that follow as ones they already hold."""
-    client = cluster3
+    # A cluster of its own: not one still bringing back the workers an earlier test killed.
+    with make_cluster(3) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        _late_drop(client)
+
+
+def _late_drop(client: Client) -> None:
     old = _stream_of_ints(client, "late-drop", 3, 30, replication=2)
     aimss_dask.destroy_stream("late-drop")
     new = aimss_dask.create_stream("late-drop", 3, replication=2)
