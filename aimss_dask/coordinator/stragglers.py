@@ -850,7 +850,6 @@ class Stragglers:
         # one worker and copies no helper. The slowest come first, and one
         # slower than a worker flagged by its tasks takes its place.
         room = max_slow(len(self.scheduler.workers))
-        moved = {w for w, entry in self.slow.items() if not entry.get("io")}  # queued pushes moved already
         for w in sorted(slow - set(self.slow), key=lambda w: -now_slow.get(w, 0.0)):
             if sum(v in self.scheduler.workers for v in self.slow) >= room:
                 weakest = min(
@@ -881,12 +880,12 @@ class Stragglers:
             # for its writes (a sink's finish) straggles on a slow disk too.
             # Without timed tasks of its own, or with a consumer behind, it
             # may be slow at computing: not this.
+            moved = not entry.get("io", True)  # found slow at computing before: its queue moved then
             entry["io"] = (
                 entry.get("by") != "tasks" and w not in consuming
                 and now_slow.get(w, fast_again) < fast_again
             )
-            if w not in moved and not entry["io"]:
-                moved.add(w)
+            if not moved and not entry["io"]:
                 self._move_queued(w)
         # A worker found slow by its tasks stays flagged until its recent
         # tasks show it is fast again: typically under halfway between 1x and

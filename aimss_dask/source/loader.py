@@ -181,7 +181,7 @@ class BatchIterator(Iterator[np.ndarray]):
         except BaseException:
             if self.windowed:
                 try:
-                    self._control("detach")
+                    self._ep.call(self._detach_async)
                 except Exception:
                     pass  # the original error matters more
             raise
@@ -328,7 +328,7 @@ class BatchIterator(Iterator[np.ndarray]):
                 # Fire and forget (add_callback is thread-safe): the brokers
                 # stop holding records back for this loader.
                 try:
-                    self._ep.loop.add_callback(_quietly, self._control_async, "detach")
+                    self._ep.loop.add_callback(self._detach_async)
                 except Exception:
                     pass  # the loop is closed: so is the cluster connection
 
@@ -342,13 +342,6 @@ def _listed(ep: Endpoint, stream: str, key: str, group: str | None) -> tuple[str
         logger.debug("aimss: loader of %r not listed: %r", stream, e)
         return None
     return handle.run_id, handle.epoch
-
-
-async def _quietly(fn: Any, *args: Any) -> None:
-    try:
-        await fn(*args)
-    except Exception:
-        pass  # a finaliser's courtesy: the stream may be gone already
 
 
 def _count(rows: int, batch_size: int, start: int, stop: int) -> int:
