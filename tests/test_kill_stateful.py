@@ -83,9 +83,12 @@ class KillMachine(RuleBasedStateMachine):
         wait_until(lambda: len(self.client.scheduler_info()["workers"]) == self.size, timeout=60, what="a joined worker")
         # The scheduler lists the new worker before its nanny has finished
         # starting it: wait for the nanny too, so that a kill never lands in
-        # the middle of a start (what Dask does then is not what this checks).
+        # the middle of a start (the nanny then gives up, and no worker comes
+        # back: Dask's behaviour, not what this checks). The cluster adds the
+        # new nanny to ``workers`` only once it started: count them too.
         wait_until(
-            lambda: all(n.status == Status.running for n in self.cluster.workers.values()),
+            lambda: len(self.cluster.workers) == self.size
+            and all(n.status == Status.running for n in self.cluster.workers.values()),
             timeout=60, what="the joined worker's nanny running",
         )
 
