@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from aimss_dask.log.records import encode
+from aimss_dask.node.plugin import receive_idle_limit
 from aimss_dask.transport import dataplane, secure
 from aimss_dask.transport.dataplane import BufferPool, DataServer
 from aimss_dask.transport.secure import Credentials
@@ -78,6 +79,15 @@ def test_pool_trim_keeps_only_its_idle_limit_of_free_buffers():
     assert pool.statistics() == {"pool_bytes": 4 * 2**20, "pool_free_bytes": 0}
     c[:] = 1  # the buffer in use is untouched
     assert int(c.sum()) == 4 * 2**20
+
+
+def test_a_workers_idle_receive_buffers_stay_within_what_its_log_leaves_of_the_budget():
+    budget = 3 * 2**30
+    assert receive_idle_limit(budget, 0) == budget // 2  # room for a replicated run's pushes and copies
+    assert receive_idle_limit(budget, 2 * 2**30) == 2**30
+    assert receive_idle_limit(budget, budget + 1) == 0  # a log over its budget: nothing kept idle
+    for log in range(0, 2 * budget, budget // 7):
+        assert 0 <= receive_idle_limit(budget, log) <= max(0, budget - log)
 
 
 def test_pool_prefers_the_smallest_free_buffer_that_fits():

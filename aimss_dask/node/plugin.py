@@ -82,6 +82,21 @@ MOVE_TIMEOUT = 600.0
 IDLE_RELEASE_DELAY = 5.0
 
 
+def receive_idle_limit(budget: int, log_bytes: int) -> int:
+    """Bytes of free receive buffers a worker keeps for reuse, with ``log_bytes`` in its log.
+
+    Never more than the budget has room for beside the log (the log and the
+    idle buffers together stay within it: RSS is the contract), and at most
+    half the budget: an operator with a second copy (``replication=2``)
+    receives as much again as its pushes, and back-to-back runs should reuse
+    all of it rather than fault part of it afresh each time.
+
+    >>> receive_idle_limit(4 * 2**30, 3 * 2**30) == 2**30
+    True
+    """
+    return max(0, min(budget // 2, budget - log_bytes))
+
+
 class AIMSSWorker(WorkerPlugin):
     """Installed on every worker by :class:`aimss_dask.AIMSS`; not used directly."""
 
@@ -228,11 +243,7 @@ class AIMSSWorker(WorkerPlugin):
         self.scratch = BufferPool(lambda: min(SCRATCH_IDLE, store.budget // 8))
         if creds is not None:
             store = self.store
-            # Free receive buffers kept for reuse: never more than the budget
-            # has room for, and at most a quarter of it (RSS is the contract).
-            self.pool = BufferPool(
-                lambda: max(0, min(store.budget // 4, store.budget - store.memory_bytes))
-            )
+            self.pool = BufferPool(lambda: receive_idle_limit(store.budget, store.memory_bytes))
             # Its own interface only, the one its Dask address names.
             host = get_address_host(worker.address)
             # Views into receive buffers are only safe while nothing spills:
