@@ -220,7 +220,8 @@ def run_operators(args: argparse.Namespace) -> None:
             "aimss-r2": (aimss_run(2), ("aimss-push-",)),
             "p2p": (p2p_run, ("shuffle-transfer-",)),
         }
-        methods = [(k, kill) for k in kinds for kill in (False, True)]
+        methods = [(k, kill) for k in kinds for kill in (False, True)
+                   if args.methods is None or k + ("+kill" if kill else "") in args.methods]
         times: dict[str, list[float]] = {}
         cpus: dict[str, list[float]] = {}
         first: dict[str, float] = {}
@@ -571,6 +572,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--memory-limit", default=None, help="AIMSS budget per worker, e.g. 1GiB")
     ap.add_argument("--single-budget", default="128MiB", help="part (1b): AIMSS budget per worker")
+    ap.add_argument(
+        "--methods", default=None, type=lambda s: s.split(","),
+        help="part (2): only these, e.g. aimss,aimss+kill (default: aimss, aimss-r2, p2p, each with and without a kill)",
+    )
     args = ap.parse_args()
     if args.part in ("streams", "both"):
         run_streams(args)
