@@ -46,7 +46,10 @@ A DataFrame shuffle (int64 key + 6 float64 columns, ``--partitions`` in and
 out) on a LocalCluster of ``--workers`` nanny processes with 1 thread each;
 the input is generated and persisted first. The timed part is the shuffle
 plus ``len`` of every output partition, checked against the input's row
-count. Methods, interleaved (each round starts with the next), after a
+count. Methods, interleaved in a shuffled order each round (seeded by the
+round, so the same in every run of the benchmark: a fixed rotation had each
+method always follow the same other one, and a run right after a kill meets
+a freshly started worker with none of its memory touched yet), after a
 warm-up round, medians over ``--reps``:
 
 - ``aimss``: ``aimss_dask.shuffle``, ``replication=1``: a run that loses
@@ -85,6 +88,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import signal
 import statistics
 import time
@@ -231,7 +235,7 @@ def run_operators(args: argparse.Namespace) -> None:
             flush=True,
         )
         for rep in range(args.reps + 1):  # the first round warms up
-            order = methods[rep % len(methods):] + methods[: rep % len(methods)]
+            order = random.Random(rep).sample(methods, len(methods))
             for kind, kill in order:
                 fn, prefixes = kinds[kind]
                 client.wait_for_workers(args.workers, timeout=120)
