@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import dask
 import pytest
 from distributed import Client, LocalCluster
 from distributed.security import Security
@@ -23,6 +24,15 @@ from hypothesis import strategies as hst
 import aimss_dask
 
 _names = itertools.count()
+
+# A LocalCluster closes a worker's nanny for good when, ``lost-worker-timeout``
+# (15 s) after that worker left, no worker of its name is listed: a check of
+# that one instant. A test that kills the same worker again meanwhile (its
+# nanny restarting it just then) loses the nanny, and the worker never comes
+# back (reproduced without AIMSS: two workers SIGKILLed every 3 s, one round
+# in 5 to 10). Tests that kill workers need them back (the chaos test and
+# the recovery benchmark set the same).
+dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"})
 
 
 def unique_name(prefix: str = "s") -> str:
