@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from types import SimpleNamespace
 
@@ -585,6 +586,45 @@ def test_a_replica_that_has_not_heard_of_the_new_epoch_yet_is_sent_again_not_dro
     assert run(r)  # readers see the records once the copy no longer counts
     assert r.stats["replicas_dropped"] == 1 and not r._parts[("s", 0)].has("b")
     r.close()
+
+
+def test_a_catch_up_cut_short_by_a_destroy_is_not_a_warning_and_one_that_fails_otherwise_is(tmp_path, caplog):
+    """A copy catching up when its stream is destroyed fails there: expected, so not logged as a problem."""
+    import logging
+
+    from aimss_dask.core.errors import StreamNotFoundError
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.node.replication import Replicator
+
+    class Refused(Replicator):
+        """The copy refuses the catch-up, once the test says so (``go``)."""
+
+        go: threading.Event
+
+        def _sync(self, d, part, conn):
+            assert self.go.wait(10)
+            raise StreamNotFoundError(f"stream {part.name!r} has no log on this worker")
+
+    def catch_up_fails(dropped: bool) -> list[logging.LogRecord]:
+        store = LogStore(budget=2**20, spill_root=str(tmp_path / str(dropped)))
+        store.open("s", 1, [0])
+        r = Refused(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None)
+        r.go = threading.Event()
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="aimss_dask"):
+            r.configure(StreamSpec(name="s", partitions=1, owners=("a",), epoch=1, replicas=(("b",),),
+                                   replication=2))  # "b" is new: it catches up first
+            if dropped:
+                store.drop("s")  # destroyed while the copy catches up
+            r.go.set()
+            wait_until(lambda: not r._parts[("s", 0)].has("b"), timeout=10, what="the copy dropped")
+        r.close()
+        return [x for x in caplog.records if "catching up replica b" in x.getMessage()]
+
+    (kept,) = catch_up_fails(dropped=False)
+    assert kept.levelno == logging.WARNING
+    (gone,) = catch_up_fails(dropped=True)
+    assert gone.levelno == logging.DEBUG
 
 
 def test_retiring_a_worker_of_a_replicated_stream_hands_over_to_its_copies(cluster4):

@@ -351,7 +351,9 @@ class Replicator:
                     try:
                         conn = self._sync(d, work.part, conn)
                     except AIMSSError as e:  # about this stream only (dropped there, say)
-                        logger.warning(
+                        # A stream destroyed meanwhile (dropped here too) is
+                        # not news: its copies are gone on purpose.
+                        (logger.debug if self._dropped_here(work.part) else logger.warning)(
                             "aimss: catching up replica %s of %r partition %d failed (%s); "
                             "it no longer counts as a copy", d.address, work.part.name, work.part.p, e,
                         )
@@ -368,6 +370,14 @@ class Replicator:
                 conn.close()
             if self._reports:
                 self._send_reports()
+
+    def _dropped_here(self, part: _Part) -> bool:
+        """Whether this worker's log no longer holds ``part`` (its stream was destroyed)."""
+        try:
+            self.store.held(part.name, part.epoch, part.p)
+        except AIMSSError:
+            return True
+        return False
 
     def _send(self, d: _Dest, ships: list[_Ship], conn: Conn | None) -> Conn | None:
         """Send groups to ``d``; the replicas that hold them count up to their end."""
