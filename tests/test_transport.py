@@ -81,3 +81,45 @@ def test_spec_tracking_notes_the_first_epoch_used_and_nests():
         speccache.used(a2)  # the first epoch seen is the one the task wrote to
     assert inner == {"b": 5, "a": 2}
     assert outer == {"a": 1, "b": 5}
+
+
+def test_a_replicated_write_whose_live_owner_could_not_be_reached_for_a_moment_is_sent_to_it_again(monkeypatch):
+    """The owner is still the coordinator's and nobody said it left: no copy will take over, so retry it."""
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.transport import producer as prod
+
+    monkeypatch.setattr(prod, "SAME_OWNER_RETRY", 0.05)
+    monkeypatch.setattr(prod, "FAILOVER_TIMEOUT", 5.0)
+    spec = StreamSpec(name="s", partitions=1, owners=("tcp://b:1",), epoch=1, replicas=(("tcp://c:1",),),
+                      replication=2)
+    stored: list[int] = []
+    attempts = []
+
+    class ResetOnce(prod._Conn):
+        """The owner's connection is reset on the first batch, then it answers."""
+
+        def __init__(self, p: prod.Producer, link) -> None:
+            self.p, self.link = p, link
+
+        def send(self, batch) -> None:
+            attempts.append([it.seq for it in batch])
+            if len(attempts) == 1:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            stored.extend(it.seq for it in batch if it.seq not in stored)  # the owner drops what it holds
+            self.p._settle(self.link, batch, {"errors": {}})
+
+    class Stand(prod.Producer):
+        def _open(self, link):
+            assert link.owner == "tcp://b:1"  # never another worker: nobody took over
+            return ResetOnce(self, link)
+
+    p = Stand(None, None, batch_size=2**20, max_in_flight=2**30, linger=0.0,
+              resolve=lambda name: {"spec": spec.to_wire(), "lost": []})
+    try:
+        for i in range(3):
+            p.write(spec, 0, np.full(4, i))
+        p.flush_blocking(["s"])  # raised PartitionLostError after FAILOVER_TIMEOUT before
+        assert stored == [0, 1, 2]
+        assert len(attempts) >= 2
+    finally:
+        p.close()

@@ -64,6 +64,11 @@ PIPELINE = 4
 #: coordinator to name the replica that takes over (s).
 FAILOVER_TIMEOUT = 60.0
 
+#: How long writes to a replicated partition whose owner could not be reached
+#: wait before they are sent to it again, while the coordinator still names
+#: it and nobody said it left (s): a live owner unreachable for a moment.
+SAME_OWNER_RETRY = 2.0
+
 #: ``(stream name) -> the coordinator's reply about it`` (``aimss_get``): a blocking call.
 Resolve = Callable[[str], dict[str, Any]]
 
@@ -86,6 +91,9 @@ class _Item:
     rerouted: bool = False
     #: ``time.monotonic()`` at ``write``: the push latency runs from there to the owner's answer.
     created: float = 0.0
+    #: When its owner could first not be reached, and when it may next be sent to that owner again.
+    orphaned: float = 0.0
+    retry_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -368,12 +376,22 @@ class Producer:
                 if conn is not None and generation != link.generation:
                     conn.close()  # to a process that is gone
                     conn = None
-                if conn is None or conn.broken:
+                if conn is not None and conn.broken:
+                    # Its answers stopped (batches on the wire failed over):
+                    # this one must not overtake them on a new connection.
+                    raise ConnectionError(f"the connection to {link.owner} broke")
+                if conn is None:
                     generation = link.generation
                     conn = self._open(link)
                 conn.send(batch)
             except Exception as e:
                 self._settle(link, batch, None, _lost(link.owner, e), failover=True)
+                with self._cond:
+                    if not self.closed:
+                        # What is queued behind it for this owner waits with
+                        # it, to be sent again in the writer's order (an
+                        # owner refuses a number past the next it expects).
+                        self._orphan_queued(link, lambda it: True)
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -465,9 +483,23 @@ class Producer:
         """``items`` sent (or queued) to ``dead`` wait for the owner that takes over (hold ``_cond``)."""
         self._orphans.extend((dead, it) for it in items)
         self._rerouting += sum(1 for it in items if not it.rerouted)
+        now = time.monotonic()
+        for it in items:
+            it.orphaned = it.orphaned or now
+            it.retry_at = now + SAME_OWNER_RETRY
         if self._rerouter is None:
             self._rerouter = threading.Thread(target=self._reroute, name="aimss-push-failover", daemon=True)
             self._rerouter.start()
+
+    def _orphan_queued(self, link: _Link, match: Callable[[_Item], bool]) -> None:
+        """Queued writes to replicated partitions (``match``) wait with ``link``'s orphans (hold ``_cond``)."""
+        stuck = [it for it in link.pending if it.seq is not None and match(it)]
+        if stuck:
+            ids = {id(it) for it in stuck}
+            link.pending = deque(it for it in link.pending if id(it) not in ids)
+            link.pending_bytes -= sum(it.nbytes for it in stuck)
+            link.acked += len(stuck)
+            self._orphan(link.owner, stuck)
 
     def _reroute(self) -> None:
         """Send writes whose owner died to the replica that took over, in their order.
@@ -475,6 +507,8 @@ class Producer:
         Asks the coordinator (``resolve``) until the stream names another
         owner for the partition, or says the partition is lost (no copy
         survived: the writes fail as before), or ``FAILOVER_TIMEOUT`` passes.
+        While it still names the same owner and nobody said that owner left,
+        the writes go to it again every ``SAME_OWNER_RETRY`` seconds.
         """
         deadline: dict[str, float] = {}
         while True:
@@ -501,10 +535,13 @@ class Producer:
                     key=lambda o: (o[1].partition, o[1].seq or 0),
                 )
                 spec, lost, unsure = self._ask_spec(name)
-                first = deadline.setdefault(name, time.monotonic() + FAILOVER_TIMEOUT)
-                late = time.monotonic() > first
+                now = time.monotonic()
+                first = deadline.setdefault(name, now + FAILOVER_TIMEOUT)
                 for dead, it in mine:
                     p = it.partition
+                    # Sent to the same owner again, an item may come back here:
+                    # its own first orphaning bounds the wait too.
+                    late = now > first or now > it.orphaned + FAILOVER_TIMEOUT
                     if spec is not None and p not in lost and spec.owners[p] != dead and it.epoch >= spec.first_epoch:
                         self._resend(spec, it)
                     elif unsure and not late:
@@ -513,6 +550,14 @@ class Producer:
                         left.append((dead, it))
                     elif spec is None or p in lost or it.epoch < spec.first_epoch or late:
                         self._fail_moved(dead, it, spec, lost)
+                    elif now >= it.retry_at and it.epoch > self._dead.get(dead, 0):
+                        # The coordinator still names the owner and nobody
+                        # said it left: it was unreachable for a moment (a
+                        # reset connection, a timeout), not dead, and no copy
+                        # will take over. Send to it again; it drops what it
+                        # stored already (the writer's sequence numbers).
+                        it.retry_at = now + SAME_OWNER_RETRY
+                        self._resend(spec, it)
                     else:
                         left.append((dead, it))
             with self._cond:
@@ -551,7 +596,8 @@ class Producer:
         return spec, set(reply.get("lost") or ()), False
 
     def _resend(self, spec: StreamSpec, it: _Item) -> None:
-        """Queue ``it`` first for the partition's new owner (its older records go before newer ones)."""
+        """Queue ``it`` first for the partition's owner now: a copy that took over, or the same one
+        again (its older records go before newer ones)."""
         owner = spec.owners[it.partition]
         with self._cond:
             if not it.rerouted:
@@ -591,13 +637,7 @@ class Producer:
         with self._cond:
             link = self._links.get(dead) if dead is not None else None
             if link is not None:
-                stuck = [it for it in link.pending if it.name == name and it.partition == partition and it.seq is not None]
-                if stuck:
-                    ids = {id(it) for it in stuck}
-                    link.pending = deque(it for it in link.pending if id(it) not in ids)
-                    link.pending_bytes -= sum(it.nbytes for it in stuck)
-                    link.acked += len(stuck)
-                    self._orphan(dead, stuck)
+                self._orphan_queued(link, lambda it: it.name == name and it.partition == partition)
                 if link.pending:
                     # Older writes of other partitions still queued for the
                     # old owner hold this one back until they fail there:
