@@ -537,12 +537,15 @@ class Producer:
                 spec, lost, unsure = self._ask_spec(name)
                 now = time.monotonic()
                 first = deadline.setdefault(name, now + FAILOVER_TIMEOUT)
+                waiting: set[int] = set()  # partitions with an older write still waiting
                 for dead, it in mine:
                     p = it.partition
                     # Sent to the same owner again, an item may come back here:
                     # its own first orphaning bounds the wait too.
                     late = now > first or now > it.orphaned + FAILOVER_TIMEOUT
-                    if spec is not None and p not in lost and spec.owners[p] != dead and it.epoch >= spec.first_epoch:
+                    if p in waiting and not late:
+                        left.append((dead, it))  # never ahead of an older write of its partition
+                    elif spec is not None and p not in lost and spec.owners[p] != dead and it.epoch >= spec.first_epoch:
                         self._resend(spec, it)
                     elif unsure and not late:
                         # The coordinator did not answer (busy with the very
@@ -560,6 +563,8 @@ class Producer:
                         self._resend(spec, it)
                     else:
                         left.append((dead, it))
+                    if left and left[-1][1] is it:
+                        waiting.add(p)
             with self._cond:
                 taken = {id(o) for o in orphans}
                 self._orphans = left + [o for o in self._orphans if id(o) not in taken]
