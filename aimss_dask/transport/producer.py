@@ -559,7 +559,7 @@ class Producer:
                         # reset connection, a timeout), not dead, and no copy
                         # will take over. Send to it again; it drops what it
                         # stored already (the writer's sequence numbers).
-                        it.retry_at = now + SAME_OWNER_RETRY
+                        # Should it fail again, _orphan sets its next retry.
                         self._resend(spec, it)
                     else:
                         left.append((dead, it))
