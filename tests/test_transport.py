@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -83,7 +84,7 @@ def test_spec_tracking_notes_the_first_epoch_used_and_nests():
     assert outer == {"a": 1, "b": 5}
 
 
-def test_a_replicated_write_whose_live_owner_could_not_be_reached_for_a_moment_is_sent_to_it_again(monkeypatch):
+def test_a_replicated_write_whose_live_owner_could_not_be_reached_for_a_moment_is_sent_to_it_again(monkeypatch, caplog):
     """The owner is still the coordinator's and nobody said it left: no copy will take over, so retry it."""
     from aimss_dask.core.specs import StreamSpec
     from aimss_dask.transport import producer as prod
@@ -118,8 +119,13 @@ def test_a_replicated_write_whose_live_owner_could_not_be_reached_for_a_moment_i
     try:
         for i in range(3):
             p.write(spec, 0, np.full(4, i))
-        p.flush_blocking(["s"])  # raised PartitionLostError after FAILOVER_TIMEOUT before
+        with caplog.at_level(logging.DEBUG, logger="aimss_dask"):
+            p.flush_blocking(["s"])  # raised PartitionLostError after FAILOVER_TIMEOUT before
         assert stored == [0, 1, 2]
         assert len(attempts) >= 2
+        # A live owner that could not be reached is worth a warning naming the cause.
+        said = [r for r in caplog.records if "failed over" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.WARNING, said
+        assert "tcp://b:1" in said[0].getMessage() and "Connection reset by peer" in said[0].getMessage()
     finally:
         p.close()

@@ -69,6 +69,9 @@ FAILOVER_TIMEOUT = 60.0
 #: it and nobody said it left (s): a live owner unreachable for a moment.
 SAME_OWNER_RETRY = 2.0
 
+#: At most one line per owner in this many seconds says why writes failed over.
+FAILOVER_LOG_EVERY = 10.0
+
 #: ``(stream name) -> the coordinator's reply about it`` (``aimss_get``): a blocking call.
 Resolve = Callable[[str], dict[str, Any]]
 
@@ -160,6 +163,9 @@ class Producer:
         # grow cluster-wide: streams made later (on a worker that came back
         # at the same address) write there as to any worker.
         self._dead: dict[str, int] = {}
+        # owner -> when a failover from it was last logged (one line per
+        # owner and burst: a broken connection fails every batch in flight).
+        self._failover_logged: dict[str, float] = {}
         self._local_wait = local_wait
         self._resolve = resolve
         #: This producer's id in the writer tags of replicated streams.
@@ -435,6 +441,7 @@ class Producer:
         with self._cond:
             moved = [it for it in batch if it.seq is not None] if failover and not self.closed else []
             if moved:
+                self._log_failover(link.owner, moved, error)
                 self._orphan(link.owner, moved)
                 kept = {id(it) for it in moved}
                 batch_failed = [it for it in batch if id(it) not in kept]
@@ -478,6 +485,27 @@ class Producer:
                 self._cond.notify_all()
 
     # -- failover of replicated partitions --------------------------------------------------
+
+    def _log_failover(self, owner: str, items: list[_Item], error: Exception | None) -> None:
+        """Say why writes to ``owner`` fail over (hold ``_cond``).
+
+        An owner reported dead is the expected case (DEBUG); one that was
+        not is a live worker that could not be reached, which deserves a
+        WARNING naming the cause: such writes are sent again to it.
+        """
+        now = time.monotonic()
+        if now - self._failover_logged.get(owner, -FAILOVER_LOG_EVERY) < FAILOVER_LOG_EVERY:
+            return
+        self._failover_logged[owner] = now
+        first = items[0]
+        expected = max(it.epoch for it in items) <= self._dead.get(owner, 0)
+        logger.log(
+            logging.DEBUG if expected else logging.WARNING,
+            "aimss: %d write(s) to %s (first: stream %r partition %d) failed over %s: %r",
+            len(items), owner, first.name, first.partition,
+            "after it left the cluster" if expected else "though it was not reported lost; they are sent again",
+            error,
+        )
 
     def _orphan(self, dead: str, items: list[_Item]) -> None:
         """``items`` sent (or queued) to ``dead`` wait for the owner that takes over (hold ``_cond``)."""
