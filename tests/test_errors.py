@@ -464,7 +464,8 @@ def test_a_call_to_a_worker_the_scheduler_no_longer_lists_fails_at_once_not_afte
     import asyncio
     import time
 
-    from aimss_dask.api.context import CONNECT_GRACE, Endpoint
+    from aimss_dask.api.context import Endpoint
+    from aimss_dask.transport.rpc import CONNECT_GRACE
 
     class _Pool:
         def __init__(self, connects: bool) -> None:
@@ -502,3 +503,31 @@ def test_a_call_to_a_worker_the_scheduler_no_longer_lists_fails_at_once_not_afte
     ep = Endpoint(loop=None, scheduler=_Scheduler(True), rpc=pool, producer=None)
     assert asyncio.run(ep.ask_worker("tcp://slow:2", "read", start=3))["asked"] == {"start": 3}
     assert pool.reused == [("tcp://slow:2", "comm-to-tcp://slow:2")] and ep.scheduler.asked >= 1
+
+
+def test_a_writer_asking_a_dead_owner_for_its_data_address_fails_at_once_not_after_the_connect_timeout():
+    """A producer that never connected to an owner asks it for its data-plane address first: once the
+    scheduler no longer lists that worker, the ask fails with an OSError (its writes then fail over)."""
+    import asyncio
+    import time
+
+    from aimss_dask.transport.producer import ask_data_address
+    from aimss_dask.transport.rpc import CONNECT_GRACE
+
+    class _Pool:
+        asked = 0
+
+        async def connect(self, addr):
+            await asyncio.sleep(60)  # Dask's retries of a refused connect
+
+        def __call__(self, addr):
+            raise AssertionError("never called once the owner is known gone")
+
+    async def listed(address: str) -> bool:
+        _Pool.asked += 1
+        return address != "tcp://gone:1"
+
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="tcp://gone:1 left the cluster"):
+        asyncio.run(ask_data_address(_Pool(), "tcp://gone:1", listed))
+    assert time.monotonic() - t0 < CONNECT_GRACE + 2 and _Pool.asked == 1

@@ -30,6 +30,7 @@ from aimss_dask.core.names import (
 )
 from aimss_dask.transport import dataplane
 from aimss_dask.transport.producer import Producer
+from aimss_dask.transport.rpc import connect_listed, listed_by
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -38,11 +39,6 @@ if TYPE_CHECKING:
     from aimss_dask.node.plugin import AIMSSWorker
 
 T = TypeVar("T")
-
-#: A connect to a worker pending this long (s) makes the caller ask whether the worker is still listed.
-CONNECT_GRACE = 1.0
-#: How often (s) it asks again while the connect is pending.
-CONNECT_POLL = 0.5
 
 logger = logging.getLogger("aimss_dask")
 
@@ -74,29 +70,8 @@ class Endpoint:
         return raise_from_wire(reply, f"aimss_{op}")
 
     async def _connected(self, addr: str) -> None:
-        """An open connection to ``addr`` in the pool; ``OSError`` once the scheduler no longer lists it.
-
-        Dask retries a refused connect for its whole connect timeout (30 s
-        by default): a worker that died takes that long to fail a call,
-        and a reader or loader that would follow its partition to a copy
-        waits as long. A connect still pending after :data:`CONNECT_GRACE`
-        asks the coordinator whether the worker is still there.
-        """
-        task = asyncio.ensure_future(self.rpc.connect(addr))
-        try:
-            done, _ = await asyncio.wait({task}, timeout=CONNECT_GRACE)
-            while not done:
-                try:
-                    listed = (await self.ask_scheduler("listed", address=addr))["listed"]
-                except Exception:
-                    listed = True  # no answer: Dask's own timeout decides
-                if not listed:
-                    raise OSError(f"worker {addr} left the cluster (no connection to it)")
-                done, _ = await asyncio.wait({task}, timeout=CONNECT_POLL)
-            self.rpc.reuse(addr, task.result())
-        finally:
-            if not task.done():
-                task.cancel()
+        """An open connection to ``addr``, failing fast once the scheduler no longer lists it."""
+        await connect_listed(self.rpc, addr, listed_by(self.scheduler))
 
     def scheduler_op(self, op: str, **kwargs: Any) -> dict[str, Any]:
         return self.call(self.ask_scheduler, op, **kwargs)
@@ -187,6 +162,7 @@ def current(fn: str = "call") -> Endpoint:
                     cfg.transport, client.scheduler.address, reply.get("secret"), client.connection_args
                 ),
                 resolve=functools.partial(_resolve, client),
+                listed=listed_by(client.scheduler),
             )
             _client_producers[client] = producer
             # Seals must also push what this client has buffered: the

@@ -58,7 +58,7 @@ from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import dataplane, speccache
 from aimss_dask.transport.dataplane import BufferPool, DataServer, Group
 from aimss_dask.transport.producer import Producer
-from aimss_dask.transport.rpc import replies
+from aimss_dask.transport.rpc import listed_by, replies
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -223,6 +223,7 @@ class AIMSSWorker(WorkerPlugin):
             tell=self._tell_replica_state,
             consumed=self._consumed if self.config.recovery == "offsets" else None,
             rate=self.config.recovery_rate,
+            listed=listed_by(worker.scheduler),
         )
         self.producer = Producer(
             worker.loop,
@@ -235,6 +236,7 @@ class AIMSSWorker(WorkerPlugin):
             local=self.local_append,
             local_wait=self.replicator.wait_all,
             resolve=self._resolve,
+            listed=listed_by(worker.scheduler),
         )
         self.io_gate = IOGate(worker, self.config.io.enabled)
         store = self.store

@@ -44,6 +44,7 @@ from aimss_dask.log.store import LogStore
 from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import dataplane, secure
 from aimss_dask.transport.producer import ask_data_address
+from aimss_dask.transport.rpc import Listed
 from aimss_dask.transport.secure import Conn, Credentials
 
 logger = logging.getLogger("aimss_dask")
@@ -134,8 +135,10 @@ class Replicator:
         tell: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
         consumed: Callable[[str, int], int] | None = None,
         rate: int | None = None,
+        listed: Listed | None = None,
     ) -> None:
         self.store = store
+        self._listed = listed
         self._consumed = consumed
         self._rate = rate
         self._rate_lock = threading.Lock()
@@ -533,7 +536,7 @@ class Replicator:
         if creds is not None and creds.serves(d.address):
             if conn is None:
                 addr = raise_from_wire(
-                    sync(self._loop, ask_data_address, self._rpc, d.address), "aimss_data_address"
+                    sync(self._loop, ask_data_address, self._rpc, d.address, self._listed), "aimss_data_address"
                 )
                 if addr.get("host"):
                     conn = secure.connect((addr["host"], addr["port"]), creds, tls=d.address.startswith("tls://"))

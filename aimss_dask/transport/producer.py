@@ -50,6 +50,7 @@ from aimss_dask.core.stats import Histogram
 from aimss_dask.log import records
 from aimss_dask.log.budget import ByteBudget
 from aimss_dask.transport import dataplane, secure
+from aimss_dask.transport.rpc import Listed, connect_listed
 from aimss_dask.transport.secure import Credentials
 
 logger = logging.getLogger("aimss_dask")
@@ -139,9 +140,13 @@ class Producer:
         local: LocalAppend | None = None,
         local_wait: LocalWait | None = None,
         resolve: Resolve | None = None,
+        listed: Listed | None = None,
     ) -> None:
         self._loop = loop
         self._rpc = rpc
+        # Whether the scheduler still lists a worker: a connect to an owner
+        # that died fails in about a second instead of Dask's connect timeout.
+        self._listed = listed
         self._batch_size = batch_size
         self._linger = linger
         # The cluster's data-plane credentials; None: Dask's comms only.
@@ -412,7 +417,7 @@ class Producer:
             addr = self._data_addresses.get(link.owner)
             if addr is None:
                 reply = raise_from_wire(
-                    sync(self._loop, ask_data_address, self._rpc, link.owner),
+                    sync(self._loop, ask_data_address, self._rpc, link.owner, self._listed),
                     "aimss_data_address",
                 )
                 addr = self._data_addresses[link.owner] = (reply.get("host"), reply.get("port"))
@@ -489,9 +494,10 @@ class Producer:
     def _log_failover(self, owner: str, items: list[_Item], error: Exception | None) -> None:
         """Say why writes to ``owner`` fail over (hold ``_cond``).
 
-        An owner reported dead is the expected case (DEBUG); one that was
-        not is a live worker that could not be reached, which deserves a
-        WARNING naming the cause: such writes are sent again to it.
+        An owner reported dead is the expected case (DEBUG). One that was
+        not deserves a WARNING naming the cause: a live worker that could
+        not be reached (its writes go to it again), or news of a death that
+        has not arrived yet.
         """
         now = time.monotonic()
         if now - self._failover_logged.get(owner, -FAILOVER_LOG_EVERY) < FAILOVER_LOG_EVERY:
@@ -503,7 +509,8 @@ class Producer:
             logging.DEBUG if expected else logging.WARNING,
             "aimss: %d write(s) to %s (first: stream %r partition %d) failed over %s: %r",
             len(items), owner, first.name, first.partition,
-            "after it left the cluster" if expected else "though it was not reported lost; they are sent again",
+            "after it left the cluster" if expected
+            else "before anyone reported it lost; they go again to whoever owns the partition then",
             error,
         )
 
@@ -911,11 +918,22 @@ class _RawConn(_Conn):
         self.sock.close()
 
 
-async def ask_data_address(rpc: Any, owner: str) -> Any:
-    """``{"host", "port"}`` of ``owner``'s data plane (None, None: it has none)."""
+async def ask_data_address(rpc: Any, owner: str, listed: Listed | None = None) -> Any:
+    """``{"host", "port"}`` of ``owner``'s data plane (None, None: it has none).
+
+    ``listed``: how to ask whether the scheduler still lists ``owner``; an
+    owner that died then fails in about a second (see
+    :func:`~aimss_dask.transport.rpc.connect_listed`).
+    """
+
+    async def ask() -> Any:
+        if listed is not None:
+            await connect_listed(rpc, owner, listed)
+        return await rpc(owner).aimss_data_address()
+
     # Dask retries a refused connection for its whole connect timeout (30 s by
     # default); an owner that does not answer in 10 s is as good as lost.
-    return await asyncio.wait_for(rpc(owner).aimss_data_address(), 10)
+    return await asyncio.wait_for(ask(), 10)
 
 
 def _lost(owner: str, e: Exception) -> Exception:
