@@ -221,6 +221,24 @@ def test_gpu_stack_is_imported_lazily():
     assert r.returncode == 0, r.stderr
 
 
+
+def test_import_leaves_the_array_and_frame_stacks_to_the_operators_that_use_them():
+    """Every worker imports aimss_dask when the plugin reaches it (at start, and after each restart):
+    pandas, dask.array/dataframe, xarray and zarr load only when an operator needs them."""
+    heavy = ("pandas", "dask.array", "dask.dataframe", "xarray", "zarr")
+    code = (
+        "import sys, aimss_dask, aimss_dask.node.plugin, aimss_dask.shuffle._tasks; "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+    # ...and the operators still find them.
+    code = "import aimss_dask, dask.array as da; print(aimss_dask.rechunk(da.ones((4, 4), chunks=(1, 4)), (4, 1)).chunks)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0 and r.stdout.strip() == "((4,), (1, 1, 1, 1))", (r.stdout, r.stderr)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(gpu.optional_import("cupy") is None or gpu.gpu_count() == 0, reason="needs CuPy and a CUDA GPU")
 def test_cupy_records_round_trip():

@@ -11,16 +11,18 @@ run shares (create, seal, and the rechunk's ``push_pieces``) are in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from aimss_dask.api import streams as api
 from aimss_dask.core.names import PARTITION_READ
 from aimss_dask.ops import local
 from aimss_dask.ops.pushrun import RunWriter, copyable, restartable
 from aimss_dask.shuffle import partitioning
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @copyable

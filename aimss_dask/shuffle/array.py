@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 from dask.task_spec import Task, TaskRef
@@ -15,6 +14,11 @@ from aimss_dask.ops import pushrun
 from aimss_dask.ops.pieces import main_inputs, partition_pieces
 from aimss_dask.shuffle import _tasks
 from aimss_dask.shuffle.specs import RechunkSpec, push_spec
+
+if TYPE_CHECKING:
+    # Imported by rechunk itself, not with aimss_dask (which every worker
+    # imports at start).
+    import dask.array as da
 
 
 def rechunk(x: da.Array, chunks: Any, *, replication: int | None = None) -> da.Array:
@@ -30,6 +34,8 @@ def rechunk(x: da.Array, chunks: Any, *, replication: int | None = None) -> da.A
     --------
     >>> y = aimss_dask.rechunk(x, (x.shape[0], 256))  # row chunks to column chunks  # doctest: +SKIP
     """
+    import dask.array as da
+
     if not isinstance(x, da.Array):
         raise InvalidArgumentError(f"rechunk needs a dask.array.Array, got {type(x).__name__}")
     if x.ndim == 0:

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
-import dask.dataframe as dd
 import numpy as np
-import pandas as pd
-from dask.dataframe.utils import make_meta
 
 from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.ops import pushrun
 from aimss_dask.shuffle import _tasks, partitioning
 from aimss_dask.shuffle.specs import MergeSpec, ShuffleSpec, push_spec
+
+if TYPE_CHECKING:
+    # Imported by the operators that take frames, not with aimss_dask (which
+    # every worker imports at start).
+    import dask.dataframe as dd
 
 
 def _npartitions(n: int | None, default: int) -> int:
@@ -119,6 +121,9 @@ def shuffle(
     >>> out = aimss_dask.shuffle(df, on="id", npartitions=64)  # doctest: +SKIP
     >>> safe = aimss_dask.shuffle(df, on="id", replication=2)  # doctest: +SKIP
     """
+    import dask.dataframe as dd
+    from dask.dataframe.utils import make_meta
+
     if not isinstance(df, dd.DataFrame):
         raise InvalidArgumentError(
             f"shuffle needs a dask.dataframe.DataFrame, got {type(df).__name__}"
@@ -162,6 +167,9 @@ def merge(
     --------
     >>> joined = aimss_dask.merge(orders, customers, on="customer_id", how="left")  # doctest: +SKIP
     """
+    import dask.dataframe as dd
+    from dask.dataframe.utils import make_meta
+
     if how not in _HOWS:
         raise InvalidArgumentError(f"how={how!r} is not one of {_HOWS}")
     for side, frame in (("left", left), ("right", right)):
@@ -212,6 +220,8 @@ def merge(
 def _common_dtype(a: Any, b: Any, lk: str, rk: str) -> str:
     # pandas' own promotion: Int64 with int64 is Int64, which np.result_type
     # (NumPy dtypes only) cannot tell.
+    import pandas as pd
+
     common = pd.concat([pd.Series([], dtype=a), pd.Series([], dtype=b)]).dtype
     if common == object and not (a == object or b == object):
         raise InvalidArgumentError(

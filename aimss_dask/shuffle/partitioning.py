@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-from dask.dataframe.dispatch import concat
-from dask.dataframe.shuffle import partitioning_index
 
 from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.ops.local import Alloc
+
+if TYPE_CHECKING:
+    # pandas and dask.dataframe are imported where a frame is handled, not
+    # with aimss_dask: every worker imports aimss_dask at start.
+    import pandas as pd
 
 
 def check_columns(columns: Sequence[str], on: str | Sequence[str], what: str = "on") -> list[str]:
@@ -61,6 +63,8 @@ def partition_index(
     keys = df[on]
     if cast:
         keys = keys.astype(cast)
+    from dask.dataframe.shuffle import partitioning_index
+
     # Dask returns the smallest int dtype that fits, which lets the stable
     # argsort in split() use a radix sort: keep it.
     return np.asarray(partitioning_index(keys, npartitions))
@@ -98,6 +102,8 @@ def combine(shards: list[pd.DataFrame], meta: pd.DataFrame) -> pd.DataFrame:
         return meta
     if len(shards) == 1:
         return shards[0].copy()  # a read-only view from the log: hand out our own
+    from dask.dataframe.dispatch import concat
+
     return concat(shards)
 
 
@@ -111,6 +117,8 @@ def combine(shards: list[pd.DataFrame], meta: pd.DataFrame) -> pd.DataFrame:
 
 def packable(meta: pd.DataFrame) -> bool:
     """Whether frames like ``meta`` can take the packed path."""
+    import pandas as pd
+
     if isinstance(meta.index, pd.MultiIndex) or not meta.columns.is_unique:
         return False
     dtypes = [*meta.dtypes, meta.index.dtype]
@@ -166,6 +174,8 @@ def split_packed(
     n = len(order)
     if not n:
         return []
+    import pandas as pd
+
     ranged = isinstance(df.index, pd.RangeIndex)
     columns = [df.iloc[:, i].to_numpy().view(np.uint64) for i in range(k)]
     if not ranged:
@@ -262,6 +272,8 @@ class PackedOutput:
 
     def frame(self) -> pd.DataFrame:
         """The rows added so far, as a DataFrame with ``meta``'s dtypes."""
+        import pandas as pd
+
         n = self.filled
         meta = self.meta
         parts = [

@@ -28,12 +28,14 @@ import posixpath
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
 
 from aimss_dask.core.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 #: In-memory (NumPy) variables up to this size are written by the client
 #: directly with Zarr, as ``xarray.Dataset.to_zarr`` does (coordinates,
@@ -251,6 +253,7 @@ def prepare(
     Everything that can be refused is refused here, before anything is
     written: the whole write is rehearsed in a Zarr ``MemoryStore``.
     """
+    import dask.array as da
     import xarray as xr
 
     if isinstance(obj, xr.DataArray):

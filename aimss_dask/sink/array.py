@@ -23,10 +23,9 @@ import errno
 import os
 import posixpath
 import uuid
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import dask
-import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
@@ -49,6 +48,11 @@ from aimss_dask.sink.fstype import decide, fs_kind
 from aimss_dask.sink.graphs import worker_hosts, write_graph
 from aimss_dask.sink.tasks import abort
 from aimss_dask.sink.writer import ZarrTarget
+
+if TYPE_CHECKING:
+    # Imported by to_zarr itself, not with aimss_dask (which every worker
+    # imports at start).
+    import dask.array as da
 
 #: fsspec protocols whose package an extra of aimss-dask installs.
 _EXTRAS = {"s3": "s3", "s3a": "s3"}
@@ -200,6 +204,8 @@ def to_zarr(
             x, store, component, chunks, shards, zarr_format, bool(overwrite), compute,
             storage_options, dims, name, array_kwargs, durable, progress, shared_filesystem, io_priority,
         )
+    import dask.array as da
+
     if not isinstance(x, da.Array):
         raise InvalidArgumentError(
             f"to_zarr needs a dask.array.Array or an xarray DataArray/Dataset, got "

@@ -45,9 +45,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 from dask.task_spec import List, Task, TaskRef
@@ -76,6 +75,9 @@ from aimss_dask.sink.tasks import (
     write_rows,
 )
 from aimss_dask.sink.writer import ZarrTarget
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 logger = logging.getLogger("aimss_dask")
 
@@ -300,7 +302,9 @@ def _push_graph(
     x: da.Array, unit: tuple[int, ...], target: ZarrTarget, token: str,
     groups: list[list[tuple[int, ...]]] | None,
 ) -> tuple[dict[Any, Any], Any, str, list[int], str]:
-    new = da.core.normalize_chunks(unit, x.shape, dtype=x.dtype)
+    from dask.array.core import normalize_chunks
+
+    new = normalize_chunks(unit, x.shape, dtype=x.dtype)
     grid = tuple(len(c) for c in new)
     name = f"aimss-sink-{token}"
     barrier = f"aimss-seal-{token}"

@@ -10,10 +10,12 @@ tasks (:mod:`.tasks`) act on these plans.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 
 def aligned(x_chunks: tuple[tuple[int, ...], ...], unit: tuple[int, ...]) -> bool:
