@@ -61,7 +61,18 @@ def speculation_client(**speculation: Any) -> Iterator[Client]:
     with make_cluster(3) as cluster, Client(cluster) as client:
         client.register_plugin(aimss_dask.AIMSS(speculation=speculation))
         client.wait_for_workers(3)
+        # aimss_dask leaves pandas and dask's collections to the first task
+        # that needs them: loaded there, they would make the first tasks of
+        # each worker look slow to rules that compare tasks' times.
+        client.run(_load_stacks)
         yield client
+
+
+def _load_stacks() -> None:
+    import importlib
+
+    for name in ("pandas", "dask.array", "dask.dataframe"):
+        importlib.import_module(name)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
