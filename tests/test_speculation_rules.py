@@ -486,8 +486,11 @@ def test_new_pushes_run_off_slow_workers_only_when_speculation_is_on():
         tracker.slow = {"a": {}, "b": {}, "c": {}}
         new["again"] = sched.tasks["again"] = _Task("again", g, func=marked, state="released")
         assert tracker.steer(["again"]) == 0 and new["again"].worker_restrictions is None
-        # The fast workers left before the push ran (Dask: no-worker): the
-        # next check lets any worker run it.
+        # It was sent to a fast worker, which died before running it: Dask
+        # takes it back (processing -> released) and, the other fast one
+        # gone too, it waits for a worker it may use (no-worker): the next
+        # check lets any worker run it.
+        tracker.task_ended("push", "processing", "released", {})
         new["push"].state = "no-worker"
         sched.unrunnable = {new["push"]: 0.0}
         tracker.check()

@@ -316,7 +316,11 @@ class Stragglers:
         """A task left ``processing``: note its duration if it finished; close its report if flagged."""
         if start != "processing":
             return
-        self._steered.discard(key)
+        if finish in ("memory", "erred"):
+            # Not on a way back to waiting (its worker died, or it was
+            # rescheduled): it keeps its restrictions there, and if every
+            # worker they name is gone, check() must still lift them.
+            self._steered.discard(key)
         if finish == "memory":
             seconds = _compute_seconds(kwargs.get("startstops"))
             ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
