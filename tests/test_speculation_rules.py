@@ -498,6 +498,13 @@ def test_new_pushes_run_off_slow_workers_only_when_speculation_is_on():
         assert sched.transitioned == [{"push": "processing"}]
         tracker.check()
         assert sched.transitioned == [{"push": "processing"}]  # once
+        # A steered push that ran keeps no restriction: computed again
+        # after its worker died, it may run on any worker left.
+        again = sched.tasks["ran"] = _Task("ran", g, func=marked, state="released")
+        tracker.slow = {"b": {"seen": 0.0}}
+        assert tracker.steer(["ran"]) == 1 and again.worker_restrictions == {"a", "c"}
+        tracker.task_ended("ran", "processing", "memory", {})
+        assert again.worker_restrictions is None
 
 
 def test_a_worker_slow_only_at_writing_keeps_its_pushes_until_it_is_slow_at_computing():

@@ -316,11 +316,16 @@ class Stragglers:
         """A task left ``processing``: note its duration if it finished; close its report if flagged."""
         if start != "processing":
             return
-        if finish in ("memory", "erred"):
-            # Not on a way back to waiting (its worker died, or it was
-            # rescheduled): it keeps its restrictions there, and if every
-            # worker they name is gone, check() must still lift them.
+        if finish in ("memory", "erred") and key in self._steered:
+            # Its restrictions placed it; they must not outlive that: should
+            # its worker die, Dask computes it again, and by then the
+            # workers they name may all be gone (no-worker for good). On a
+            # way back to waiting instead (its worker died before it ended),
+            # it stays steered: check() lifts them if none is left.
             self._steered.discard(key)
+            ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
+            if ts is not None:
+                ts.worker_restrictions = None
         if finish == "memory":
             seconds = _compute_seconds(kwargs.get("startstops"))
             ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
