@@ -236,6 +236,11 @@ def run_operators(args: argparse.Namespace) -> None:
             f"partitions) on {args.workers} workers; a kill at half of the map tasks",
             flush=True,
         )
+        def ready() -> None:
+            """Every worker back, and the inputs lost with an earlier kill computed again."""
+            client.wait_for_workers(args.workers, timeout=120)
+            wait(ddf)
+
         calm = [m for m in methods if not m[1]]
         kills = [m for m in methods if m[1]]
         for rep in range(args.reps + 1):  # the first round warms up
@@ -245,15 +250,13 @@ def run_operators(args: argparse.Namespace) -> None:
                 # The round's first undisturbed method once, not counted, so
                 # that no undisturbed run comes right after a kill (a fresh
                 # worker, none of its memory touched yet).
-                client.wait_for_workers(args.workers, timeout=120)
-                wait(ddf)
+                ready()
                 t0 = time.perf_counter()
-                kinds[order[0][0]][0]()
+                assert kinds[order[0][0]][0]() == total, f"{order[0][0]}: a settling run lost rows"
                 print(f"  rep {rep} {order[0][0]:13s} {time.perf_counter() - t0:7.2f} s  (settles: not counted)", flush=True)
             for kind, kill in order:
                 fn, prefixes = kinds[kind]
-                client.wait_for_workers(args.workers, timeout=120)
-                wait(ddf)  # inputs lost with an earlier kill are back
+                ready()
                 if kill:
                     pids = client.run(os.getpid)
                     victim = pids[sorted(pids)[-1]]

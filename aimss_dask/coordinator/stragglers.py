@@ -316,6 +316,7 @@ class Stragglers:
         """A task left ``processing``: note its duration if it finished; close its report if flagged."""
         if start != "processing":
             return
+        ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
         if finish in ("memory", "erred") and key in self._steered:
             # Its restrictions placed it; they must not outlive that: should
             # its worker die, Dask computes it again, and by then the
@@ -323,12 +324,10 @@ class Stragglers:
             # way back to waiting instead (its worker died before it ended),
             # it stays steered: check() lifts them if none is left.
             self._steered.discard(key)
-            ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
             if ts is not None:
                 ts.worker_restrictions = None
         if finish == "memory":
             seconds = _compute_seconds(kwargs.get("startstops"))
-            ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
             if seconds is not None and ts is not None:
                 name = ts.group.name
                 g = self._groups.get(name)

@@ -212,6 +212,8 @@ class AIMSSWorker(WorkerPlugin):
             worker.connection_args,
             worker.security.get_listen_args("worker"),
         )
+        # Whether the scheduler still lists a worker: connects to dead ones fail fast.
+        listed = listed_by(worker.scheduler)
         self.replicator = Replicator(
             self.store,
             loop=worker.loop,
@@ -223,7 +225,7 @@ class AIMSSWorker(WorkerPlugin):
             tell=self._tell_replica_state,
             consumed=self._consumed if self.config.recovery == "offsets" else None,
             rate=self.config.recovery_rate,
-            listed=listed_by(worker.scheduler),
+            listed=listed,
         )
         self.producer = Producer(
             worker.loop,
@@ -236,7 +238,7 @@ class AIMSSWorker(WorkerPlugin):
             local=self.local_append,
             local_wait=self.replicator.wait_all,
             resolve=self._resolve,
-            listed=listed_by(worker.scheduler),
+            listed=listed,
         )
         self.io_gate = IOGate(worker, self.config.io.enabled)
         store = self.store

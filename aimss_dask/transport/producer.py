@@ -379,7 +379,7 @@ class Producer:
             if batch is None:
                 break
             try:
-                if max(it.epoch for it in batch) <= self._dead.get(link.owner, 0):
+                if self._reported_dead(link.owner, batch):
                     # Taken from the queue just before the owner was reported
                     # lost: no connection to it (asking a dead worker for its
                     # data address, Dask's connect retries for its timeout).
@@ -491,6 +491,10 @@ class Producer:
 
     # -- failover of replicated partitions --------------------------------------------------
 
+    def _reported_dead(self, owner: str, items: list[_Item]) -> bool:
+        """Whether ``owner`` was reported lost with the streams ``items`` write to (or later ones)."""
+        return max(it.epoch for it in items) <= self._dead.get(owner, 0)
+
     def _log_failover(self, owner: str, items: list[_Item], error: Exception | None) -> None:
         """Say why writes to ``owner`` fail over (hold ``_cond``).
 
@@ -504,7 +508,7 @@ class Producer:
             return
         self._failover_logged[owner] = now
         first = items[0]
-        expected = max(it.epoch for it in items) <= self._dead.get(owner, 0)
+        expected = self._reported_dead(owner, items)
         logger.log(
             logging.DEBUG if expected else logging.WARNING,
             "aimss: %d write(s) to %s (first: stream %r partition %d) failed over %s: %r",
