@@ -171,6 +171,79 @@ def _recovery_during_open(held_by_b: bool):
     return st, spec, sent, restarted, scenario
 
 
+def test_a_push_that_finished_on_the_dead_worker_writes_only_what_some_copy_lacks():
+    """The coordinator's answer to such a push: partitions where its input is not on every copy, and re-created ones."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aimss_dask.coordinator.recovery import Recoveries
+
+    st = CoordinatorState()
+    spec, _ = st.create("s", 4, ["a", "b"], replication=2)
+    # Which inputs each worker holds of each partition (bit i: input i).
+    holds = {w: {p: bytes([0b0110]) for p in range(4)} for w in ("a", "b")}
+    holds[spec.replicas[1][0]][1] = bytes([0b0100])  # partition 1: a copy lacks input 1
+    asked: list[str] = []
+    events: list[dict] = []
+    silent: set[str] = set()
+
+    async def ask(worker, msg):
+        asked.append(worker)
+        await asyncio.sleep(0.01)
+        if worker in silent:
+            raise OSError("no answer")
+        assert msg["op"] == "aimss_held_inputs" and msg["inputs"] == 8
+        return {"held": [[p, holds[worker][p]] for p in msg["partitions"]]}
+
+    ops = SimpleNamespace(ask=ask, event=events.append, scheduler=None)
+    rec = SimpleNamespace(run_id="r", spec=SimpleNamespace(inputs=8))
+    coord = SimpleNamespace(state=st, runs=SimpleNamespace(for_stream=lambda name: rec, find=lambda r: rec))
+    r = Recoveries(coord, ops)
+    for key in ("x", "y", "z", "w"):
+        r._push_of[key] = "r"
+    r._probe["x"] = {3}  # finished on the dead worker; partition 3 re-created
+    r._probe["y"] = set()
+    r._probe["w"] = set()
+    r._refill["z"] = {3}  # finished on a worker that stayed
+
+    async def scenario():
+        got_x = await r.refill("x", "s", spec.epoch, 1)
+        got_y = await r.refill("y", "s", spec.epoch, 2)
+        return got_x, got_y, await r.refill("x", "s", spec.epoch, 1), await r.refill("z", "s", spec.epoch, 1)
+
+    x, y, x_again, z = asyncio.run(scenario())
+    assert x == [1, 3]  # 1: a copy lacks input 1; 3: re-created
+    assert y == []  # input 2 is on every copy of every partition
+    assert x_again is None and z == [3]  # an answer is consumed; a push that stayed writes the re-created ones
+    assert sorted(asked) == ["a", "b"]  # one snapshot for the stream's epoch, shared
+    assert [(e["key"], e["written"]) for e in events] == [("x", 2), ("y", 0)]
+
+    # A copy that does not answer holds nothing, as far as anyone knows.
+    silent.add(spec.replicas[0][0])
+    spec2, _ = st.create("t", 4, ["a", "b"], replication=2)
+    holds_t = {p: bytes([0b0110]) for p in range(4)}
+    for w in ("a", "b"):
+        holds[w] = holds_t
+    r._probe["w"] = set()
+    got = asyncio.run(r.refill("w", "t", spec2.epoch, 1))
+    assert got == [p for p in range(4) if silent & {spec2.owners[p], *spec2.replicas[p]}], got
+    assert got  # the silent worker holds a copy of some partition
+
+    # The stream moved on (recovered) while the answer came: write everything.
+    r._probe["y"] = set()
+
+    r._held.clear()  # a fresh snapshot, still on its way when the stream moves on
+
+    async def moved():
+        task = asyncio.ensure_future(r.refill("y", "t", spec2.epoch, 1))
+        await asyncio.sleep(0.001)
+        assert not task.done()
+        st.streams["t"] = spec2.recovered(spec2.epoch + 100, spec2.owners)
+        return await task
+
+    assert asyncio.run(moved()) is None
+
+
 # -- real clusters ------------------------------------------------------------------------
 
 PARTS = 24
@@ -248,10 +321,8 @@ def test_a_shuffle_that_loses_a_worker_keeps_what_survived(cluster3, op):
     assert not any(e.get("action") == "run-restarted" for e in events), events
     # Pushes done on the workers that stayed wrote only the re-created partitions.
     assert sum(e["pushes_refill"] for e in recovered) > 0, recovered
-    # The survivors kept their partitions: the pushes that ran again sent
-    # them copies, which they dropped.
-    st = aimss_dask.status()
-    assert sum(w["reads"]["duplicates"] for w in st.values()) > 0, st
+    # The survivors kept their partitions: only the dead worker's were re-created.
+    assert all(len(e["partitions"]) < PARTS for e in recovered), recovered
     _wait_clean()
 
 
@@ -285,6 +356,74 @@ def test_a_replicated_shuffle_on_a_tls_cluster_loses_an_owner():
     ) as cluster, Client(cluster, security=sec) as client:
         client.register_plugin(aimss_dask.AIMSS())
         _replicated_run_loses_an_owner(client, "shuffle")
+
+
+class _KillAfterPushes:
+    """A scheduler plugin that SIGKILLs the worker that first finishes ``n`` pushes, from that very transition."""
+
+    name = "test-kill-after-pushes"
+
+    def __init__(self, scheduler: Any, n: int) -> None:
+        self.scheduler = scheduler
+        self.n = n
+        self.done: dict[str, int] = {}
+        self.victim: str | None = None
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if self.victim is not None or finish != "memory" or not str(key[0] if isinstance(key, tuple) else key).startswith("aimss-push-"):
+            return
+        ws = self.scheduler.tasks[key].who_has
+        worker = next(iter(ws)).address if ws else None
+        if worker is None:
+            return
+        self.done[worker] = self.done.get(worker, 0) + 1
+        if self.done[worker] >= self.n:
+            self.victim = worker
+            os.kill(self.scheduler.workers[worker].pid, signal.SIGKILL)
+
+
+def _arm_kill_after_pushes(dask_scheduler, n: int) -> None:
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    plugin = type("KillAfterPushes", (_KillAfterPushes, SchedulerPlugin), {})(dask_scheduler, n)
+    dask_scheduler.add_plugin(plugin, name=_KillAfterPushes.name)
+
+
+def _kill_victim(dask_scheduler) -> str | None:
+    plugin = dask_scheduler.plugins.pop(_KillAfterPushes.name, None)
+    return None if plugin is None else plugin.victim
+
+
+@pytest.mark.parametrize("replication", [1, 2])
+def test_the_dead_workers_finished_pushes_resend_only_what_no_copy_holds(cluster3, replication):
+    """Pushes that had finished on the dead worker run again and write only the partitions that lack their input.
+
+    The worker is killed right as its third push finishes: the first two
+    sent their records long before, and the owners (and their copies) say
+    so. With one copy, the re-created partitions are written too.
+    """
+    client = cluster3
+    meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
+    df = dd.from_map(_slow_frame, range(PARTS), meta=meta)
+    want = pd.concat([_slow_frame(i) for i in range(PARTS)])
+    out = aimss_dask.shuffle(df, "key", npartitions=PARTS, replication=replication)
+    client.run_on_scheduler(_arm_kill_after_pushes, n=3)
+    got = client.compute(out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]})))
+    got = got.result(timeout=240)
+    victim = client.run_on_scheduler(_kill_victim)
+    assert victim is not None, "no worker finished three pushes"
+    assert int(got["n"].sum()) == len(want) and sum(int(k) for k in got["k"]) == int(want["key"].sum())
+    events = _events(client)
+    refilled = [e for e in events if e.get("action") == "push-refilled"]
+    # At least the two pushes that finished before the last one asked, and
+    # together they wrote less than everything.
+    assert len(refilled) >= 2, events
+    assert sum(e["written"] for e in refilled) < sum(e["partitions"] for e in refilled), refilled
+    if replication == 1:
+        (recovered,) = [e for e in events if e.get("action") == "run-recovered"]
+        # Every one of them wrote at least the re-created partitions.
+        assert all(e["written"] >= len(recovered["partitions"]) for e in refilled), (refilled, recovered)
+    _wait_clean()
 
 
 def _refuse_the_next_recover(dask_worker=None) -> None:

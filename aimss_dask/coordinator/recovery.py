@@ -18,8 +18,15 @@ when a worker dies does not start over:
 - A push that finished on a worker that is still there sent its records
   to the surviving partitions already (or they are in that worker's send
   buffers, and a write that fails there fails the seal): it runs again
-  for the re-created partitions only (``aimss_run_refill``). One that ever
-  finished on the dead worker writes everything again.
+  for the re-created partitions only (``aimss_run_refill``).
+- A push that finished on the dead worker may have died with records in
+  its send buffers, to any partition. Dask runs it again (its result died
+  too); that execution asks the owners of every partition, and their
+  copies, which inputs they hold (:meth:`~aimss_dask.node.dedup.OriginFilter.held`,
+  one snapshot per stream and epoch) and writes only the partitions that
+  lack its own on some copy. A record counts as held only where every copy
+  holds it, so a copy that takes over later has it too; where anything is
+  unknown (no answer, a newer epoch meanwhile) it writes everything.
 
 Anything else (a stream already sealed or being sealed, a recovery that
 fails) falls back to restarting the run from its create task
@@ -28,6 +35,7 @@ fails) falls back to restarting the run from its create task
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
@@ -46,6 +54,20 @@ logger = logging.getLogger("aimss_dask")
 #: Scheduler states of a barrier whose seal has not ended the stream yet.
 _BEFORE_SEAL = frozenset({"waiting", "no-worker", "queued", "processing", "released"})
 
+#: How long a push run again waits for the owners' word on what they hold
+#: before it writes everything instead.
+HELD_TIMEOUT = 10.0
+
+
+def _has(bitmap: bytes | None, i: int) -> bool:
+    """Whether bit ``i`` of ``bitmap`` (see :meth:`~aimss_dask.node.dedup.OriginFilter.held`) is set."""
+    return bitmap is not None and i >> 3 < len(bitmap) and bool(bitmap[i >> 3] >> (i & 7) & 1)
+
+
+def _both(a: bytes, b: bytes) -> bytes:
+    """The bits set in both bitmaps."""
+    return bytes(x & y for x, y in zip(a, b))
+
 
 class Recoveries:
     """Which worker finished each push of a run, and the recoveries under way, of one coordinator ``coord``."""
@@ -61,6 +83,12 @@ class Recoveries:
         self._ran_on: dict[str, dict[str, set[Any]]] = {}
         # push key -> the only partitions its next execution must write.
         self._refill: dict[Any, set[int]] = {}
+        # push key that finished on a worker that died -> partitions its next
+        # execution writes besides those lacking its input (re-created ones).
+        self._probe: dict[Any, set[int]] = {}
+        # (stream, epoch) -> the owners' and copies' word on the inputs each
+        # partition holds (see held()).
+        self._held: dict[tuple[str, int], asyncio.Task[dict[int, bytes]]] = {}
 
     # -- bookkeeping (hooks: O(1)) ------------------------------------------------------
 
@@ -95,10 +123,17 @@ class Recoveries:
             del self._ran_on[r]
         self._push_of = {k: r for k, r in self._push_of.items() if r not in gone}
         self._refill = {k: ps for k, ps in self._refill.items() if k in self._push_of}
+        self._probe = {k: ps for k, ps in self._probe.items() if k in self._push_of}
+        streams = self.coord.state.streams
+        for k in [k for k in self._held if k[0] not in streams or streams[k[0]].epoch != k[1]]:
+            self._held.pop(k).cancel()
 
-    def refill(self, key: Any, stream: str, epoch: int) -> list[int] | None:
-        """The partitions push ``key`` must write to ``stream`` at ``epoch``: all (None), or those a recovery re-created.
+    async def refill(self, key: Any, stream: str, epoch: int, input_id: int | None = None) -> list[int] | None:
+        """The partitions push ``key`` (of input ``input_id``) must write to ``stream`` at ``epoch``; None: all.
 
+        Those a recovery re-created, for a push that finished on a worker
+        still there; for one that finished on a worker that died, those
+        and the ones where some copy lacks its input (:meth:`held`).
         Asked once per execution, which consumes the answer: any later
         execution writes everything. An execution that holds an older
         ``epoch`` than the stream's writes everything (and is found stale
@@ -108,7 +143,70 @@ class Recoveries:
         if spec is None or spec.epoch != epoch or self._push_of.get(key) is None:
             return None
         ps = self._refill.pop(key, None)
-        return None if ps is None else sorted(ps)
+        extra = self._probe.pop(key, None)
+        if extra is None:
+            return None if ps is None else sorted(ps)
+        if input_id is None:
+            return None
+        held = await self.held(stream, epoch)
+        if self.coord.state.streams.get(stream) is not spec:
+            return None  # recovered or replaced meanwhile: the answer is of an older epoch
+        out = [p for p in range(spec.partitions) if p in extra or not _has(held.get(p), input_id)]
+        self.ops.event({
+            "action": "push-refilled", "stream": stream, "key": str(key), "input": input_id,
+            "written": len(out), "partitions": spec.partitions,
+        })
+        return out
+
+    async def held(self, stream: str, epoch: int) -> dict[int, bytes]:
+        """Partition -> bitmap of the inputs that every copy of it holds (one snapshot per ``stream`` and ``epoch``).
+
+        A partition whose owner or a copy did not answer in
+        :data:`HELD_TIMEOUT` is absent (holds nothing, as far as anyone
+        knows).
+        """
+        task = self._held.get((stream, epoch))
+        if task is None:
+            task = self._held[(stream, epoch)] = asyncio.ensure_future(self._ask_held(stream, epoch))
+        try:
+            return await asyncio.shield(task)
+        except Exception as e:  # noqa: BLE001 - any failure means "nothing known"
+            logger.info("aimss: no word on what %r holds (%r): its pushes write everything", stream, e)
+            return {}
+
+    async def _ask_held(self, stream: str, epoch: int) -> dict[int, bytes]:
+        spec = self.coord.state.streams[stream]
+        rec = self.coord.runs.for_stream(stream)
+        inputs = rec.spec.inputs if rec is not None else 0
+        if not inputs:
+            return {}
+        copies: dict[int, list[str]] = {
+            p: [spec.owners[p], *(spec.replicas[p] if spec.replicas else ())] for p in range(spec.partitions)
+        }
+        asked: dict[str, list[int]] = {}
+        for p, ws in copies.items():
+            for w in ws:
+                asked.setdefault(w, []).append(p)
+
+        async def one(w: str, ps: list[int]) -> dict[int, bytes]:
+            msg = {"op": "aimss_held_inputs", "name": stream, "epoch": epoch, "partitions": ps, "inputs": inputs}
+            try:
+                reply = await asyncio.wait_for(self.ops.ask(w, msg), HELD_TIMEOUT)
+            except Exception:  # noqa: BLE001 - a copy that does not answer holds nothing, as far as we know
+                return {}
+            return {int(p): bytes(b) for p, b in reply.get("held") or ()}
+
+        workers = list(asked)
+        got = dict(zip(workers, await asyncio.gather(*(one(w, asked[w]) for w in workers))))
+        out: dict[int, bytes] = {}
+        for p, ws in copies.items():
+            maps = [got[w].get(p) for w in ws]
+            if all(m is not None for m in maps):
+                acc = maps[0]
+                for m in maps[1:]:
+                    acc = _both(acc, m)
+                out[p] = acc
+        return out
 
     def pushes_pending(self, stream: str) -> list[Any]:
         """The barrier dependencies of ``stream``'s run that are not in memory: it must not be sealed yet.
@@ -233,9 +331,11 @@ class Recoveries:
     ) -> list[Any]:
         """Release ``rec``'s pushes in memory (only those in ``only``, if given); Dask runs them again. Their keys.
 
-        Those in ``full`` write everything again; the others only
-        ``parts`` (re-created partitions), and so do pushes yet to run again
-        that a recovery before this one released.
+        Those in ``full`` (they finished on the worker that died) write
+        ``parts`` and whatever some copy lacks of theirs (see
+        :meth:`refill`); the others only ``parts`` (re-created partitions),
+        and so do pushes yet to run again that a recovery before this one
+        released.
         """
         scheduler = self.ops.scheduler
         spec = rec.spec
@@ -251,6 +351,9 @@ class Recoveries:
                 continue
             if key in full:
                 self._refill.pop(key, None)
+                self._probe[key] = set(parts or ())
+            elif parts is not None and key in self._probe:
+                self._probe[key] |= parts  # yet to ask: a later recovery's partitions too
             elif parts is not None and ts.state == "memory":
                 self._refill[key] = set(parts)
             elif parts is not None and key in self._refill:
@@ -270,3 +373,7 @@ class Recoveries:
         self._push_of.clear()
         self._ran_on.clear()
         self._refill.clear()
+        self._probe.clear()
+        for task in self._held.values():
+            task.cancel()
+        self._held.clear()

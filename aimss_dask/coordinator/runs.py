@@ -275,9 +275,9 @@ class RunHandlers:
         }
 
     @replies
-    async def _h_run_refill(self, key: Any, stream: str, epoch: int) -> dict[str, Any]:
-        """Which partitions of ``stream`` push ``key`` writes in this execution (see :mod:`~aimss_dask.coordinator.recovery`)."""
-        return {"partitions": self.coord.recoveries.refill(as_key(key), stream, epoch)}
+    async def _h_run_refill(self, key: Any, stream: str, epoch: int, input: int | None = None) -> dict[str, Any]:
+        """Which partitions of ``stream`` push ``key`` (of ``input``) writes in this execution (see :mod:`~aimss_dask.coordinator.recovery`)."""
+        return {"partitions": await self.coord.recoveries.refill(as_key(key), stream, epoch, input)}
 
     @replies
     async def _h_run_stale(

@@ -317,6 +317,47 @@ class OriginFilter:
             del self._streams[stream]
             return True
 
+    def held(self, stream: str, epoch: int, partitions: list[int], inputs: int) -> dict[int, bytes] | None:
+        """Which of inputs ``0 .. inputs-1`` each of ``partitions`` holds a group of, as bitmaps.
+
+        Bit ``i`` of ``out[p]`` (byte ``i // 8``, bit ``i % 8``) is set when
+        a group of input ``i`` (seq 0) was admitted to ``p``, by any
+        attempt. ``None`` when ``stream`` is not filtered here at ``epoch``:
+        nothing is known. A push run again asks this of the owners to skip
+        the partitions that hold its records already (see
+        :mod:`aimss_dask.coordinator.recovery`); a set bit is only ever
+        added, never removed, so an answer can be late but not wrong.
+
+        Examples
+        --------
+        >>> f = OriginFilter()
+        >>> _ = f.track("s", 1, inputs=4)
+        >>> _ = f.admit("s", 1, 0, Origin(2, attempt=1))
+        >>> f.held("s", 1, [0, 1], inputs=4)
+        {0: b'\\x04', 1: b'\\x00'}
+        """
+        import numpy as np
+
+        size = (inputs + 7) // 8
+        with self._lock:
+            st = self._streams.get(stream)
+            if st is None or not st.since <= epoch <= st.epoch:
+                return None
+            out: dict[int, bytes] = {}
+            for p in partitions:
+                part = st.parts.get(p)
+                if part is None:
+                    out[p] = bytes(size)
+                    continue
+                flags = np.zeros(inputs, dtype=bool)
+                dense = np.frombuffer(part.dense, dtype=np.int64)[:inputs]
+                flags[: len(dense)] = dense != 0
+                for k, v in part.sparse.items():
+                    if type(k) is int and k < inputs and v != 0:
+                        flags[k] = True
+                out[p] = np.packbits(flags, bitorder="little").tobytes()
+            return out
+
     def clear(self) -> None:
         """Forget every stream (the worker closes)."""
         with self._lock:

@@ -733,6 +733,17 @@ class AIMSSWorker(WorkerPlugin):
         return {"held": True}
 
     @replies
+    async def _h_held_inputs(self, name: str, epoch: int, partitions: list[int], inputs: int) -> dict[str, Any]:
+        """Which inputs each of ``partitions`` of ``name`` holds here: ``[[p, bitmap], ...]``, or ``None`` (unknown).
+
+        Asked for a push run again after a recovery: it skips the
+        partitions that hold its records already on every copy (see
+        :meth:`aimss_dask.node.dedup.OriginFilter.held`).
+        """
+        held = self.origins.held(name, epoch, partitions, inputs)
+        return {"held": None if held is None else [[p, b] for p, b in held.items()]}
+
+    @replies
     async def _h_replica_start(self, name: str, epoch: int, partition: int, start: int) -> None:
         """The empty copy here of a partition whose owner trimmed its head starts where the owner's log does."""
         assert self.store is not None
@@ -1010,6 +1021,7 @@ _HANDLERS = (
     "salvage",
     "open",
     "recover",
+    "held_inputs",
     "replica_start",
     "replica_writers",
     "truncate",

@@ -342,7 +342,7 @@ class RunWriter:
         self._written: set[int] = set()
         # The stream was recovered: this execution may owe only the
         # partitions the recovery re-created (aimss_dask.coordinator.recovery).
-        self._only = _refill(self.spec) if self.spec.since and self.origin is not None else None
+        self._only = _refill(self.spec, self.origin.input) if self.spec.since and self.origin is not None else None
 
     @property
     def only(self) -> frozenset[int] | None:
@@ -377,14 +377,15 @@ class RunWriter:
             raise
 
 
-def _refill(spec: StreamSpec) -> frozenset[int] | None:
-    """The partitions of recovered ``spec`` the push running here must write; None: all of them."""
+def _refill(spec: StreamSpec, input_id: int) -> frozenset[int] | None:
+    """The partitions of recovered ``spec`` the push of input ``input_id`` running here must write; None: all of them."""
     try:
         key = task_key()
     except ValueError:
         return None  # not in a Dask task
     reply = current("write_to").scheduler_op(
-        "run_refill", key=list(key) if isinstance(key, tuple) else key, stream=spec.name, epoch=spec.epoch
+        "run_refill", key=list(key) if isinstance(key, tuple) else key, stream=spec.name, epoch=spec.epoch,
+        input=input_id,
     )
     ps = reply.get("partitions")
     return None if ps is None else frozenset(ps)
