@@ -183,6 +183,8 @@ def test_a_push_that_finished_on_the_dead_worker_writes_only_what_some_copy_lack
     # Which inputs each worker holds of each partition (bit i: input i).
     holds = {w: {p: bytes([0b0110]) for p in range(4)} for w in ("a", "b")}
     holds[spec.replicas[1][0]][1] = bytes([0b0100])  # partition 1: a copy lacks input 1
+    holds[spec.replicas[2][0]][2] = bytes([0b0100])  # partition 2 too, but that copy is catching up
+    st.replica_marks[("s", 2, spec.replicas[2][0])] = (spec.epoch, -1, False)
     asked: list[str] = []
     events: list[dict] = []
     silent: set[str] = set()
@@ -212,7 +214,7 @@ def test_a_push_that_finished_on_the_dead_worker_writes_only_what_some_copy_lack
         return got_x, got_y, await r.refill("x", "s", spec.epoch, 1), await r.refill("z", "s", spec.epoch, 1)
 
     x, y, x_again, z = asyncio.run(scenario())
-    assert x == [1, 3]  # 1: a copy lacks input 1; 3: re-created
+    assert x == [1, 3]  # 1: a copy in sync lacks input 1 (2: only one catching up); 3: re-created
     assert y == []  # input 2 is on every copy of every partition
     assert x_again is None and z == [3]  # an answer is consumed; a push that stayed writes the re-created ones
     assert sorted(asked) == ["a", "b"]  # one snapshot for the stream's epoch, shared
@@ -424,6 +426,92 @@ def test_the_dead_workers_finished_pushes_resend_only_what_no_copy_holds(cluster
         # Every one of them wrote at least the re-created partitions.
         assert all(e["written"] >= len(recovered["partitions"]) for e in refilled), (refilled, recovered)
     _wait_clean()
+
+
+def _gated_frame(i: int, gate: str, open_below: int) -> pd.DataFrame:
+    """Input ``i``; from ``open_below`` on, only once the file ``gate`` exists (the test holds the map phase)."""
+    if i >= open_below and not os.path.exists(gate):
+        from distributed import rejoin, secede
+
+        secede()  # out of the worker's thread pool while it waits: the other inputs run meanwhile
+        deadline = time.monotonic() + 120
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        rejoin()
+    rng = np.random.default_rng(i)
+    return pd.DataFrame({"key": rng.integers(0, 1 << 40, ROWS), "v": rng.random(ROWS)})
+
+
+def _copies(dask_scheduler, prefix: str) -> dict | None:
+    """Owners, copies and copies in sync of the stream whose name starts with ``prefix``."""
+    state = dask_scheduler.plugins["aimss"].state
+    names = [n for n in state.streams if n.startswith(prefix)]
+    if not names:
+        return None
+    spec = state.streams[names[0]]
+    return {
+        "name": names[0],
+        "owners": list(spec.owners),
+        "replicas": [list(spec.replicas_of(p)) for p in range(spec.partitions)],
+        "in_sync": [[w for w in spec.replicas_of(p) if state.in_sync(spec.name, p, w)] for p in range(spec.partitions)],
+    }
+
+
+def test_a_copy_that_caught_up_then_takes_over_drops_what_its_owner_held(tmp_path):
+    """Kill an owner, let a new copy of its partitions catch up, then kill the owner those partitions moved to.
+
+    The new copy got its records from a catch-up, which carries no
+    origins; it must still know them (the owner hands its filter over), or
+    the pushes that had finished on the second victim, run again, would be
+    stored twice there once it takes over: rows counted twice.
+    """
+    gate = str(tmp_path / "gate")
+    open_below = PARTS // 2
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
+        n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
+        df = dd.from_map(_gated_frame, range(PARTS), gate=gate, open_below=open_below, meta=meta)
+        want = pd.concat([_gated_frame(i, gate, PARTS) for i in range(PARTS)])
+        out = aimss_dask.shuffle(df, "key", npartitions=PARTS, replication=2)
+        fut = client.compute(out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]})))
+        deadline = time.monotonic() + 60
+        while client.run_on_scheduler(_pushes_done) < open_below:
+            assert time.monotonic() < deadline, "the ungated pushes never finished"
+            time.sleep(0.05)
+        first = client.run_on_scheduler(_copies, prefix="aimss-shuffle-")
+        pids = client.run(os.getpid)
+        v1 = first["owners"][0]
+        os.kill(pids[v1], signal.SIGKILL)
+        # Its partitions now belong to their copies, and new copies of them catch up.
+        moved = [p for p, w in enumerate(first["owners"]) if w == v1]
+        deadline = time.monotonic() + 60
+        while True:
+            now = client.run_on_scheduler(_copies, prefix="aimss-shuffle-")
+            fresh = [p for p in moved if now["owners"][p] != v1 and any(
+                w not in first["replicas"][p] and w != v1 for w in now["in_sync"][p])]
+            # Every partition whole again (a copy in sync that is not v1):
+            # the second loss then is a promotion only.
+            whole = all(c and v1 not in c for c in now["in_sync"]) and v1 not in now["owners"]
+            if fresh and whole:
+                break
+            assert time.monotonic() < deadline, f"no new copy of {moved} caught up: {now}"
+            time.sleep(0.05)
+        v2 = now["owners"][fresh[0]]
+        pids = client.run(os.getpid)
+        os.kill(pids[v2], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while v2 in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.workers)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.run_on_scheduler(_pushes_done) < PARTS, "the map phase ended before the second kill"
+        open(gate, "w").close()
+        got = fut.result(timeout=240)
+        assert int(got["n"].sum()) == len(want), (int(got["n"].sum()), len(want))
+        assert sum(int(k) for k in got["k"]) == int(want["key"].sum())
+        events = _events(client)
+        assert any(e.get("action") == "replicas-promoted" and e["worker"] == v2 for e in events), events
 
 
 def _refuse_the_next_recover(dask_worker=None) -> None:

@@ -588,6 +588,96 @@ def test_a_replica_that_has_not_heard_of_the_new_epoch_yet_is_sent_again_not_dro
     r.close()
 
 
+def test_a_new_copy_counts_only_once_it_holds_what_came_while_it_caught_up(tmp_path):
+    """Records appended during a catch-up were answered without the new copy: it holds them before it counts.
+
+    And the owner's filters (writer numbers, origins) are handed over as
+    they stand where the copy ends, or the copy, become owner, would refuse
+    the writer's next records as a gap or keep a second copy of an input.
+    """
+    from aimss_dask.core.specs import Origin, StreamSpec
+    from aimss_dask.node.dedup import OriginFilter
+    from aimss_dask.node.replication import Replicator
+    from aimss_dask.node.writers import WriterSeqs
+
+    class Catching(Replicator):
+        def _replica_end(self, dest, name, p):
+            return 0
+
+        def _ask(self, dest, op, **kwargs):
+            self.asks.append((op, kwargs))
+            return {}
+
+        def _transmit(self, d, groups, conn):
+            for g in groups:
+                self.sent.append((g[7], len(g[3]), g[6]))
+            if self.during:
+                self.during.pop(0)()
+            return {"errors": {}}, conn
+
+    store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    store.open("s", 1, [0])
+    writers, origins = WriterSeqs(), OriginFilter()
+    origins.track("s", 1, inputs=8)
+    r = Catching(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None,
+                 writers=writers, origins=origins)
+    r.sent, r.asks, r.during = [], [], []
+
+    def append(i: int) -> None:
+        with r.append_lock:
+            writers.admit("s", 1, 0, (7, i), 1)
+            assert origins.admit("s", 1, 0, Origin(i, attempt=1))
+            first = store.append("s", 1, 0, [i], [8])
+            r.shipped("s", 0, first, [i], [8], (i, 1, 0), (7, i))
+
+    for i in range(3):
+        append(i)
+    # While the first chunk goes, record 3 comes, and while the tables go, record 4.
+    r.during = [lambda: append(3)]
+    real_ask = r._ask
+
+    def ask(dest, op, **kwargs):
+        if op == "aimss_replica_writers" and len(r.asks) == 0:
+            append(4)
+        return real_ask(dest, op, **kwargs)
+
+    r._ask = ask
+    r.configure(StreamSpec(name="s", partitions=1, owners=("a",), epoch=1, replicas=(("b",),), replication=2))
+    wait_until(lambda: "b" in r._parts[("s", 0)].insync, timeout=10, what="the copy in sync")
+    assert r._parts[("s", 0)].insync["b"] == 5  # it counts from where it holds everything
+    plain = [(at, n) for at, n, writer in r.sent if writer is None]
+    assert plain == [(0, 3), (3, 1), (4, 1)], r.sent  # the catch-up copied 3 and 4 too
+    tables = [kw["table"] for op, kw in r.asks if op == "aimss_replica_writers"]
+    found = [kw["origins"] for op, kw in r.asks if op == "aimss_replica_origins"]
+    assert tables[-1] == [(7, 5)] and sorted(found[-1]) == [[i, 0, 1] for i in range(5)], r.asks
+    r.close()
+
+
+def test_a_copy_learns_the_writer_numbers_of_a_group_its_owner_dropped_as_a_second_copy(tmp_path):
+    """A marker (no records, a writer tag) moves a copy's writer numbers on, and stores nothing."""
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.node.replication import Replicator
+
+    class Recording(Replicator):
+        def _transmit(self, d, groups, conn):
+            self.sent.extend(groups)
+            return {"errors": {}}, conn
+
+    store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    store.open("s", 1, [0])
+    r = Recording(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None)
+    r.sent = []
+    r.configure(StreamSpec(name="s", partitions=1, owners=("a",), epoch=1, replicas=(("b",),), replication=2),
+                fresh=True)
+    with r.append_lock:
+        r.shipped("s", 0, 0, [], [], None, None)  # nothing, no writer: nothing to send
+        r.shipped("s", 0, 0, [], [], None, (7, 4))
+    wait_until(lambda: r.sent, timeout=10, what="the marker sent")
+    ((name, epoch, p, records, sizes, origin, writer, at),) = r.sent
+    assert (records, writer, at) == ([], (7, 4), 0)
+    r.close()
+
+
 def test_a_catch_up_cut_short_by_a_destroy_is_not_a_warning_and_one_that_fails_otherwise_is(tmp_path, caplog):
     """A copy catching up when its stream is destroyed fails there: expected, so not logged as a problem."""
     import logging

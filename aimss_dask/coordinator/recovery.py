@@ -22,11 +22,13 @@ when a worker dies does not start over:
 - A push that finished on the dead worker may have died with records in
   its send buffers, to any partition. Dask runs it again (its result died
   too); that execution asks the owners of every partition, and their
-  copies, which inputs they hold (:meth:`~aimss_dask.node.dedup.OriginFilter.held`,
-  one snapshot per stream and epoch) and writes only the partitions that
-  lack its own on some copy. A record counts as held only where every copy
-  holds it, so a copy that takes over later has it too; where anything is
-  unknown (no answer, a newer epoch meanwhile) it writes everything.
+  copies in sync, which inputs they hold
+  (:meth:`~aimss_dask.node.dedup.OriginFilter.held`, one snapshot per
+  stream and epoch) and writes only the partitions that lack its own on
+  one of them. A record counts as held only where every copy that may take
+  over holds it, so whichever does has it too (a copy still catching up
+  gets the owner's whole log); where anything is unknown (no answer, a
+  newer epoch meanwhile) it writes everything.
 
 Anything else (a stream already sealed or being sealed, a recovery that
 fails) falls back to restarting the run from its create task
@@ -180,8 +182,14 @@ class Recoveries:
         inputs = rec.spec.inputs if rec is not None else 0
         if not inputs:
             return {}
+        # The owner and the copies that may take over from it. One still
+        # catching up gets the owner's whole log; should the owner die
+        # first, the partition is lost and re-created, and whatever skipped
+        # it is written again (stale at the seal, or refilled).
+        state = self.coord.state
         copies: dict[int, list[str]] = {
-            p: [spec.owners[p], *(spec.replicas[p] if spec.replicas else ())] for p in range(spec.partitions)
+            p: [spec.owners[p], *(w for w in (spec.replicas[p] if spec.replicas else ()) if state.in_sync(stream, p, w))]
+            for p in range(spec.partitions)
         }
         asked: dict[str, list[int]] = {}
         for p, ws in copies.items():

@@ -317,6 +317,87 @@ class OriginFilter:
             del self._streams[stream]
             return True
 
+    def learn(self, stream: str, epoch: int, partition: int, origin: Origin) -> bool:
+        """Note that the owner kept ``origin`` in ``partition`` (a copy here follows it); False if it disagrees.
+
+        A replica learns what its owner's filter admitted, so that it drops
+        what the owner would have once it takes over. Unlike :meth:`admit`
+        it never raises: the same origin may arrive twice, once with a
+        catch-up's :meth:`merge` and once with the copy of its record.
+        False: this filter holds another attempt for that origin.
+
+        Examples
+        --------
+        >>> f = OriginFilter()
+        >>> _ = f.track("s", 1)
+        >>> f.learn("s", 1, 0, Origin(3, 5)), f.learn("s", 1, 0, Origin(3, 5)), f.learn("s", 1, 0, Origin(3, 6))
+        (True, True, False)
+        """
+        with self._lock:
+            st = self._streams.get(stream)
+            if st is None or not st.since <= epoch <= st.epoch:
+                return True
+            part = st.parts.get(partition)
+            if part is None:
+                part = st.parts[partition] = _Partition(st.inputs)
+            won = self._slot(part, origin)
+            a = origin.attempt + 1
+            if won == 0:
+                part.set(origin, a)
+                st.kept += 1
+                return True
+            return won == a or won == _CONFLICT
+
+    @staticmethod
+    def _slot(part: _Partition, origin: Origin) -> int:
+        i = origin.input
+        if origin.seq == 0 and i < len(part.dense):
+            return part.dense[i]
+        if origin.seq == 0 and part.grow(i):
+            return part.dense[i]
+        return part.sparse.get(i if origin.seq == 0 else (i, origin.seq), 0)
+
+    def export(self, stream: str, epoch: int, partition: int) -> list[tuple[int, int, int]] | None:
+        """Every origin ``partition`` holds, as ``(input, seq, attempt)``; None if not filtered here at ``epoch``.
+
+        An owner hands these to a copy that catches up (its copies of the
+        records carry no origins): see :meth:`merge`.
+
+        Examples
+        --------
+        >>> f = OriginFilter()
+        >>> _ = f.track("s", 1, inputs=4)
+        >>> _ = f.admit("s", 1, 0, Origin(2, attempt=7))
+        >>> f.export("s", 1, 0), f.export("s", 1, 1), f.export("t", 1, 0)
+        ([(2, 0, 7)], [], None)
+        """
+        with self._lock:
+            st = self._streams.get(stream)
+            if st is None or not st.since <= epoch <= st.epoch:
+                return None
+            part = st.parts.get(partition)
+            if part is None:
+                return []
+            out = [(i, 0, v - 1) for i, v in enumerate(part.dense) if v > 0]
+            for k, v in part.sparse.items():
+                if v > 0:
+                    i, seq = (k, 0) if type(k) is int else k
+                    out.append((int(i), int(seq), v - 1))
+            return out
+
+    def merge(self, stream: str, epoch: int, partition: int, origins: list[tuple[int, int, int]]) -> int:
+        """:meth:`learn` each of ``origins`` (from :meth:`export`); how many this filter held otherwise.
+
+        Examples
+        --------
+        >>> f, g = OriginFilter(), OriginFilter()
+        >>> _ = f.track("s", 1), g.track("s", 1)
+        >>> _ = f.admit("s", 1, 0, Origin(2, attempt=7))
+        >>> g.merge("s", 1, 0, f.export("s", 1, 0)), g.admit("s", 1, 0, Origin(2, attempt=8))
+        (0, False)
+        """
+        return sum(not self.learn(stream, epoch, partition, Origin(int(i), int(a), int(q))) for i, q, a in origins)
+
     def held(self, stream: str, epoch: int, partitions: list[int], inputs: int) -> dict[int, bytes] | None:
         """Which of inputs ``0 .. inputs-1`` each of ``partitions`` holds a group of, as bitmaps.
 

@@ -222,6 +222,7 @@ class AIMSSWorker(WorkerPlugin):
             batch_size=self.config.batch_size,
             credentials=creds,
             writers=self.writers,
+            origins=self.origins,
             tell=self._tell_replica_state,
             consumed=self._consumed if self.config.recovery == "offsets" else None,
             rate=self.config.recovery_rate,
@@ -531,7 +532,15 @@ class AIMSSWorker(WorkerPlugin):
                 if not records:
                     return None
             if origin is not None and not self._admit(name, epoch, partition, Origin(*origin)):
-                return None
+                if writer is None:
+                    return None
+                # The writer's numbers moved on here, for records this log
+                # holds from another attempt: the copies learn it too, or
+                # the one that takes over would refuse the writer's next
+                # numbers as a gap.
+                end = self.store.held(name, epoch, partition)
+                self.replicator.shipped(name, partition, end, [], [], None, (writer[0], writer[1] + len(records)))
+                return end
             first = self.store.append(name, epoch, partition, records, sizes)
             self.replicator.shipped(name, partition, first, records, sizes, origin, writer)
         self.runs.on_append(name, partition, records)
@@ -553,6 +562,9 @@ class AIMSSWorker(WorkerPlugin):
         with self.replicator.append_lock:
             held = self.store.held(name, epoch, partition)
             skip = held - at
+            if not records and writer is not None and skip >= 0:
+                # A marker (see Replicator.shipped): the writer goes on from writer[1].
+                self.writers.admit(name, self.store.since(name, epoch), partition, (int(writer[0]), int(writer[1])), 0, strict=False)
             if 0 <= skip < len(records):
                 # The owner's filters passed these: the same filters here
                 # must hold the same state, so that this copy, if it becomes
@@ -562,7 +574,7 @@ class AIMSSWorker(WorkerPlugin):
                         name, self.store.since(name, epoch), partition,
                         (int(writer[0]), int(writer[1] + skip)), len(records) - skip, strict=False,
                     )
-                if origin is not None and not self.origins.admit(name, epoch, partition, Origin(*origin)):
+                if origin is not None and not self.origins.learn(name, epoch, partition, Origin(*origin)):
                     logger.warning(
                         "aimss: the copy of %r partition %d here disagrees with its owner on origin %s",
                         name, partition, origin,
@@ -755,6 +767,18 @@ class AIMSSWorker(WorkerPlugin):
         assert self.replicator is not None and self.store is not None
         with self.replicator.append_lock:
             self.writers.merge(name, self.store.since(name, epoch), partition, dict(table))
+
+    @replies
+    async def _h_replica_origins(self, name: str, epoch: int, partition: int, origins: list[list[int]]) -> None:
+        """What the owner's origin filter knew when this copy caught up (its copies carried no origins)."""
+        assert self.replicator is not None
+        with self.replicator.append_lock:
+            disagree = self.origins.merge(name, epoch, partition, [tuple(o) for o in origins])
+        if disagree:
+            logger.warning(
+                "aimss: the copy of %r partition %d here disagrees with its owner on %d origin(s)",
+                name, partition, disagree,
+            )
 
     @replies
     async def _h_truncate(self, name: str, epoch: int, partition: int, end: int) -> dict[str, Any]:
@@ -1024,6 +1048,7 @@ _HANDLERS = (
     "held_inputs",
     "replica_start",
     "replica_writers",
+    "replica_origins",
     "truncate",
     "data_address",
     "append",

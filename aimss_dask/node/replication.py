@@ -41,6 +41,7 @@ from aimss_dask.core.errors import AIMSSError, raise_from_wire
 from aimss_dask.core.specs import StreamSpec
 from aimss_dask.log import records as rec
 from aimss_dask.log.store import LogStore
+from aimss_dask.node.dedup import OriginFilter
 from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import dataplane, secure
 from aimss_dask.transport.producer import ask_data_address
@@ -132,6 +133,7 @@ class Replicator:
         batch_size: int,
         credentials: Credentials | None,
         writers: WriterSeqs | None = None,
+        origins: OriginFilter | None = None,
         tell: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
         consumed: Callable[[str, int], int] | None = None,
         rate: int | None = None,
@@ -144,6 +146,7 @@ class Replicator:
         self._rate_lock = threading.Lock()
         self._rate_free = 0.0  # when the paced catch-up traffic may send next (time.monotonic)
         self._writers = writers
+        self._origins = origins
         self._tell = tell
         # Words for the coordinator on which copies may take over, oldest first.
         self._reports: list[tuple[_Part, str, bool, int, int]] = []
@@ -269,10 +272,15 @@ class Replicator:
     ) -> None:
         """``records`` were appended at ``first``: queue them for the partition's replicas.
 
+        No ``records`` but a ``writer``: a marker, that the writer's numbers
+        go on from ``writer[1]`` (its group was a second copy of an input,
+        dropped here: the copies must not take the skipped numbers for lost
+        records once one of them owns the partition).
+
         Call with :attr:`append_lock` held since before the append.
         """
         part = self._parts.get((name, p))
-        if part is None or not records:
+        if part is None or (not records and writer is None):
             return
         with self._cond:
             ship = _Ship(part, first, list(records), list(sizes), origin, writer)
@@ -445,11 +453,9 @@ class Replicator:
         with self.append_lock:
             try:
                 start, held = self.store.bounds(name, part.epoch, p)[0], self.store.held(name, part.epoch, p)
-                sealed = self.store.bounds(name, part.epoch, p)[2]
                 since = self.store.since(name, part.epoch)
             except AIMSSError:
                 return conn
-            table = self._writers.table(name, since, p) if self._writers is not None else {}
         if theirs > held:
             # It holds records the owner that died copied to it but not to
             # us; no reader saw them (they were not on every copy).
@@ -468,36 +474,70 @@ class Replicator:
                     self.stats["replica_sync_records_skipped"] += floor - max(theirs, start)
                 theirs = floor
         offset = theirs
-        while offset < held:
-            records, _, _ = self.store.read(name, part.epoch, p, offset, SYNC_CHUNK, upto=held)
-            if not records:
-                break
-            sizes = [rec.encode(r, name)[1] for r in records]
-            self._pace(sum(sizes))
-            ship = _Ship(part, offset, records, sizes, None, None)
-            conn = self._send_plain(d, ship, conn)
-            offset += len(records)
-            with self._cond:
-                self.stats["replica_sync_bytes"] += sum(sizes)
-        if table:
-            # The catch-up copies carry no writer tags: without this, the
-            # copy, become owner, would store a writer's re-sent records twice.
-            self._ask(
-                d.address, "aimss_replica_writers", name=name, epoch=part.epoch, partition=p,
-                table=sorted(table.items()),
-            )
-        if sealed:
-            self._ask(d.address, "aimss_seal_partitions", name=name, epoch=part.epoch, partitions=[p])
-        with self._cond:
-            if d.address in part.joining:
-                part.joining.discard(d.address)
-                part.insync[d.address] = held
-                self._note(part, d.address, True, epoch)
-                self._advance(part)
-                self._closed_if_done(part)
-            self.stats["replica_syncs"] += 1
-            self._cond.notify_all()
-        return conn
+        paced = True  # the bulk; what came meanwhile goes at once, or a busy partition never converges
+        while True:
+            while offset < held:
+                records, _, _ = self.store.read(name, part.epoch, p, offset, SYNC_CHUNK, upto=held)
+                if not records:
+                    break
+                sizes = [rec.encode(r, name)[1] for r in records]
+                if paced:
+                    self._pace(sum(sizes))
+                ship = _Ship(part, offset, records, sizes, None, None)
+                conn = self._send_plain(d, ship, conn)
+                offset += len(records)
+                with self._cond:
+                    self.stats["replica_sync_bytes"] += sum(sizes)
+            # Records appended meanwhile were acknowledged without this copy
+            # (it did not count yet): it holds them before it counts, or a
+            # promotion would lose them. The filters' state (the copies
+            # carry no writer tags and no origins) is taken where the copy
+            # ends, and handed over before it counts: without it, the copy,
+            # become owner, would store a writer's re-sent records twice,
+            # or a second copy of an input a push run again sends.
+            with self.append_lock:
+                try:
+                    now = self.store.held(name, part.epoch, p)
+                    sealed = self.store.bounds(name, part.epoch, p)[2]
+                except AIMSSError:
+                    return conn
+                if now > offset:
+                    held, paced = now, False
+                    continue
+                table = self._writers.table(name, since, p) if self._writers is not None else {}
+                origins = self._origins.export(name, part.epoch, p) if self._origins is not None else None
+            if table:
+                self._ask(
+                    d.address, "aimss_replica_writers", name=name, epoch=part.epoch, partition=p,
+                    table=sorted(table.items()),
+                )
+            if origins:
+                self._ask(
+                    d.address, "aimss_replica_origins", name=name, epoch=part.epoch, partition=p,
+                    origins=[list(o) for o in origins],
+                )
+            if sealed:
+                self._ask(d.address, "aimss_seal_partitions", name=name, epoch=part.epoch, partitions=[p])
+            # It counts from here: appends wait for it. None may come between
+            # the last look and this (the lock), or it would count short.
+            with self.append_lock:
+                try:
+                    now = self.store.held(name, part.epoch, p)
+                except AIMSSError:
+                    return conn
+                if now > offset:
+                    held, paced = now, False
+                    continue  # more came while the tables went: copy those, then the tables again
+                with self._cond:
+                    if d.address in part.joining:
+                        part.joining.discard(d.address)
+                        part.insync[d.address] = offset
+                        self._note(part, d.address, True, epoch)
+                        self._advance(part)
+                        self._closed_if_done(part)
+                    self.stats["replica_syncs"] += 1
+                    self._cond.notify_all()
+            return conn
 
     def _group_floor(self, name: str, p: int) -> int:
         """Where consumer groups stand in partition ``p`` of ``name`` (0 if unknown: copy everything)."""
