@@ -63,7 +63,8 @@ rotation had each method always follow the same other one. The methods:
   on another worker, stored before a push is acknowledged; a lost owner's
   partitions are taken over by their copies, and only the pushes that had
   finished on the dead worker run again (their unsent records died with
-  it). Each kill's line says what the coordinator did (its events);
+  it), each writing only the partitions where a copy lacks its input. Each
+  kill's line says what the coordinator did (its events);
 - ``p2p``: ``df.shuffle(shuffle_method="p2p")``, which restarts likewise;
 - each ``+kill``: the same, with one worker SIGKILLed once half of the map
   tasks are done (``aimss-push-*`` / ``shuffle-transfer-*`` in memory),
@@ -169,13 +170,16 @@ def _what_recovery_did(client: Any, since: float) -> str:
     """The coordinator's recoveries and restarts since ``since`` (``time.perf_counter``), in words."""
     wall = time.time() - (time.perf_counter() - since)
     out = []
+    refilled = []
     for t, msg in client.get_events("aimss"):
         if t < wall or not isinstance(msg, dict):
             continue
+        if msg.get("action") == "push-refilled":
+            refilled.append(msg)
         if msg.get("action") == "run-recovered":
             out.append(
                 f"recovered {len(msg['partitions'])} partitions; {msg['pushes_refill']} finished pushes "
-                f"re-sent only those, {msg['pushes_rerun'] - msg['pushes_refill']} re-sent everything"
+                f"re-sent only those, {msg['pushes_rerun'] - msg['pushes_refill']} had finished on the dead worker"
             )
         elif msg.get("action") == "replicas-promoted" and msg["stream"].startswith("aimss-shuffle-"):
             out.append(f"copies took over {len(msg['partitions'])} partitions")
@@ -188,6 +192,11 @@ def _what_recovery_did(client: Any, since: float) -> str:
             out.append(f"{msg['released']} stale pushes ran again")
         elif msg.get("action") == "run-restarted":
             out.append("restarted")
+    if refilled:
+        out.append(
+            f"{len(refilled)} pushes that had finished on the dead worker wrote "
+            f"{sum(m['written'] for m in refilled)} of {sum(m['partitions'] for m in refilled)} partitions"
+        )
     return "  (" + "; ".join(out or ["no recovery event"]) + ")"
 
 

@@ -152,8 +152,11 @@ def _recovery_during_open(held_by_b: bool):
             broadcast=broadcast, ask=ask, running=lambda: ["b", "c"], event=lambda e: sent.append(("event", e)),
             scheduler=SimpleNamespace(tasks={}),
         )
+        async def settled(name):
+            return None
+
         coord = SimpleNamespace(
-            state=st, pinner=SimpleNamespace(repin=lambda names: None),
+            state=st, pinner=SimpleNamespace(repin=lambda names: None), promotions=SimpleNamespace(settled=settled),
             run_ops=SimpleNamespace(restart=lambda rec, scheduler, stimulus_id: restarted.append(rec.run_id)),
         )
         coord.stream_ops = StreamHandlers(coord, ops)
@@ -512,6 +515,59 @@ def test_a_copy_that_caught_up_then_takes_over_drops_what_its_owner_held(tmp_pat
         assert sum(int(k) for k in got["k"]) == int(want["key"].sum())
         events = _events(client)
         assert any(e.get("action") == "replicas-promoted" and e["worker"] == v2 for e in events), events
+
+
+def test_an_owner_lost_while_its_new_copies_catch_up_restarts_the_run_exactly(tmp_path):
+    """The second owner of a partition dies before the partition's new copy caught up: the run starts over.
+
+    Its copy still catching up cannot take over, so the partition is lost,
+    with partial copies of it on other workers. Re-creating it there was
+    seen to lose and to duplicate rows; the run restarts instead, and its
+    result is exact.
+    """
+    gate = str(tmp_path / "gate")
+    open_below = PARTS // 2
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
+        n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        # Catch-ups slow enough to kill in the middle of one.
+        client.register_plugin(aimss_dask.AIMSS(recovery_rate="64KiB"))
+        meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
+        df = dd.from_map(_gated_frame, range(PARTS), gate=gate, open_below=open_below, meta=meta)
+        want = pd.concat([_gated_frame(i, gate, PARTS) for i in range(PARTS)])
+        out = aimss_dask.shuffle(df, "key", npartitions=PARTS, replication=2)
+        fut = client.compute(out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]})))
+        deadline = time.monotonic() + 60
+        while client.run_on_scheduler(_pushes_done) < open_below:
+            assert time.monotonic() < deadline, "the ungated pushes never finished"
+            time.sleep(0.05)
+        first = client.run_on_scheduler(_copies, prefix="aimss-shuffle-")
+        pids = client.run(os.getpid)
+        v1 = first["owners"][0]
+        os.kill(pids[v1], signal.SIGKILL)
+        moved = [p for p, w in enumerate(first["owners"]) if w == v1]
+        deadline = time.monotonic() + 60
+        while True:
+            now = client.run_on_scheduler(_copies, prefix="aimss-shuffle-")
+            if all(now["owners"][p] != v1 for p in moved):
+                break
+            assert time.monotonic() < deadline, f"the copies of {moved} never took over: {now}"
+            time.sleep(0.02)
+        behind = [p for p in moved if not now["in_sync"][p]]
+        assert behind, f"every new copy caught up already: {now}"
+        v2 = now["owners"][behind[0]]
+        os.kill(pids[v2], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while v2 in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.workers)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        open(gate, "w").close()
+        got = fut.result(timeout=240)
+        assert int(got["n"].sum()) == len(want), (int(got["n"].sum()), len(want))
+        assert sum(int(k) for k in got["k"]) == int(want["key"].sum())
+        events = _events(client)
+        assert any(e.get("action") == "run-restarted" for e in events), events
+        assert not any(e.get("action") == "run-recovered" for e in events), events
 
 
 def _refuse_the_next_recover(dask_worker=None) -> None:

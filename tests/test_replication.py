@@ -167,7 +167,7 @@ def _fake_coordinator(st: CoordinatorState) -> SimpleNamespace:
     lost_late: list[tuple[str, str]] = []
     return SimpleNamespace(
         state=st, runs=SimpleNamespace(for_stream=lambda name: None), pinner=SimpleNamespace(repin=lambda names: None),
-        lost_late=lost_late, lost_after_all=lambda worker, name: lost_late.append((worker, name)),
+        lost_late=lost_late, lost_after_all=lambda worker, name, parts: lost_late.append((worker, name, sorted(parts))),
         stream_ops=SimpleNamespace(opened=_nothing_to_wait_for),
     )
 
@@ -197,7 +197,7 @@ def test_a_promotion_planned_from_one_that_failed_is_planned_again():
     assert sorted(st.lost["s"]) == [0]
     assert st.get("s").owners[1] == "c"
     # Its loss first looked handled: the coordinator hears that it is not (its runs recover).
-    assert coord.lost_late == [("a", "s")]
+    assert coord.lost_late == [("a", "s", [0])]
 
 
 def _kill(client: Client, address: str) -> None:

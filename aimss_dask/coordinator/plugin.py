@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
@@ -459,8 +460,8 @@ class AIMSS(SchedulerPlugin):
                     "graph was done; it cannot run again",
                 ))
 
-    def lost_after_all(self, worker: str, name: str) -> None:
-        """A promotion planned for ``worker``'s loss did not hold: its partitions of ``name`` are lost after all.
+    def lost_after_all(self, worker: str, name: str, parts: Collection[int]) -> None:
+        """A promotion planned for ``worker``'s loss did not hold: ``parts`` of ``name`` are lost after all.
 
         ``worker``'s removal found them taken over, so its runs went on; now
         they recover or restart, and readers are unpinned, as for partitions
@@ -472,7 +473,7 @@ class AIMSS(SchedulerPlugin):
             spec = self.state.streams.get(name)
             if scheduler is None or spec is None:
                 return
-            parts = {p for p in self.state.lost.get(name, {}) if spec.owners[p] == worker}
+            parts = {p for p in self.state.lost.get(name, {}) if spec.owners[p] == worker and p in parts}
             if parts:
                 logger.warning("aimss: partitions %s of %s are lost with %s after all", sorted(parts), name, worker)
                 self._partitions_lost(scheduler, worker, {name: parts}, "aimss-promotion-failed", later=True)

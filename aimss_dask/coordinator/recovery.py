@@ -266,12 +266,31 @@ class Recoveries:
                 "pushes_rerun": len(again),
             })
             return
+        state = self.coord.state
+        if any(state.streams[n].replicas for n in hit if n in state.streams):
+            # Copies, but none in sync (a second loss while new copies caught
+            # up): their partial logs and filters would meet the refills on
+            # the workers the lost partitions are re-created on, a path not
+            # proven to keep every record exactly once. Start over.
+            logger.warning(
+                "aimss: %s run %s lost partitions with no copy in sync left; restarting it", rec.kind, rec.run_id
+            )
+            assert self.ops.scheduler is not None
+            self.coord.run_ops.restart(rec, self.ops.scheduler, stimulus_id)
+            return
         self.recovering.update(rec.spec.streams)
         self.ops.spawn(self._recover(rec, hit, ran_there, stimulus_id))
 
     async def _recover(self, rec: RunRecord, hit: dict[str, set[int]], ran_there: set[Any], stimulus_id: str) -> None:
         state = self.coord.state
         names = list(rec.spec.streams)
+        # A promotion for the same loss (new copies where the worker held
+        # one) makes a new epoch too: recover from what it made, not race it.
+        for n in names:
+            await self.coord.promotions.settled(n)
+        if any(n not in state.streams for n in names):
+            self.recovering.difference_update(names)
+            return  # destroyed meanwhile (its run restarted, its graph released)
         olds = [state.streams[n] for n in names]
         # Streams of a run are placed alike (a join reads both sides on one
         # worker): their lost partitions are the same.

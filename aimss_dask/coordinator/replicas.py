@@ -58,22 +58,26 @@ class Promotions:
             took = {p for p in range(old.partitions) if old.owners[p] == worker and new.owners[p] != worker}
             if took:
                 kept[old.name] = took
-            self._start(worker, old, new)
+            self._start(worker, old, new, frozenset(took))
         return kept
 
-    def _start(self, worker: str | None, old: StreamSpec, new: StreamSpec) -> None:
-        """Apply ``old -> new`` in the background, after the promotion of that stream under way, if any."""
+    def _start(self, worker: str | None, old: StreamSpec, new: StreamSpec, kept: frozenset[int] = frozenset()) -> None:
+        """Apply ``old -> new`` in the background, after the promotion of that stream under way, if any.
+
+        ``kept``: the partitions ``worker``'s removal was told a copy takes
+        over (the others it named lost then).
+        """
         before = self.pending.get(old.name)
         mine = self.pending[old.name] = asyncio.Event()
         self.planned[old.name] = new
-        self.ops.spawn(self._apply(worker, old, new, mine, before))
+        self.ops.spawn(self._apply(worker, old, new, mine, before, kept))
 
-    def _replan(self, worker: str, name: str) -> None:
+    def _replan(self, worker: str, name: str, kept: frozenset[int]) -> None:
         """Plan the loss of ``worker`` again for stream ``name``, from its committed spec."""
         planned = {n: s for n, s in self.planned.items() if n != name}
         running = [w for w in self.ops.running() if w != worker]
         for old, new in self.coord.state.promote(worker, running, self.ops.hosts(), planned=planned, names=[name]):
-            self._start(worker, old, new)
+            self._start(worker, old, new, kept)
 
     def fill(self) -> int:
         """Place new copies of partitions left short by an earlier loss (a worker joined); streams changed."""
@@ -96,6 +100,7 @@ class Promotions:
         new: StreamSpec,
         mine: asyncio.Event,
         before: asyncio.Event | None = None,
+        kept: frozenset[int] = frozenset(),
     ) -> None:
         """Open the new copies, then switch every process to ``new``; ``worker``: the one lost (None: copies added).
 
@@ -133,13 +138,15 @@ class Promotions:
                     # Planned from a promotion that did not apply: planned
                     # again from what holds, or ``worker``'s partitions
                     # would be neither taken over nor named lost.
-                    self._replan(worker, old.name)
+                    self._replan(worker, old.name, kept)
                 return  # else destroyed meanwhile: its drop took these logs too
-            if worker is not None and worker in new.owners:
+            after_all = frozenset(p for p in kept if new.owners[p] == worker)
+            if worker is not None and after_all:
                 # Planned after another loss not yet applied, with no copy in
-                # sync left: lost, named, as the loss itself would have.
+                # sync left: lost, named, as the loss itself would have. Not
+                # those it named lost already: their runs are recovering.
                 state.worker_lost(worker)
-                self.coord.lost_after_all(worker, old.name)
+                self.coord.lost_after_all(worker, old.name, after_all)
         except Exception as e:
             if worker is None:
                 # The stream goes on with the copies it had; a later join tries again.
@@ -148,7 +155,8 @@ class Promotions:
             logger.warning("aimss: replicas of stream %r could not take over (%r); its partitions there are lost", old.name, e)
             if state.streams.get(old.name) is old:
                 state.worker_lost(worker)
-                self.coord.lost_after_all(worker, old.name)
+                if kept:
+                    self.coord.lost_after_all(worker, old.name, kept)
             return
         finally:
             if self.pending.get(old.name) is mine:
