@@ -7,9 +7,11 @@ process SIGKILLed while a shuffle, a merge and a rechunk push.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import dask
@@ -460,6 +462,51 @@ def _copies(dask_scheduler, prefix: str) -> dict | None:
     }
 
 
+@contextlib.contextmanager
+def _nannies4() -> Iterator[Client]:
+    """4 one-thread nanny workers; a nanny whose worker dies twice is not given up on."""
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
+        n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def _gated_shuffle_losing_an_owner(client: Client, gate: str) -> tuple[Any, pd.DataFrame, dict, str]:
+    """A replicated shuffle held at half its inputs (until ``gate`` exists), one owner SIGKILLed there.
+
+    Returns the result's future, the input, the copies before the kill
+    (:func:`_copies`) and the worker killed.
+    """
+    open_below = PARTS // 2
+    meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
+    df = dd.from_map(_gated_frame, range(PARTS), gate=gate, open_below=open_below, meta=meta)
+    want = pd.concat([_gated_frame(i, gate, PARTS) for i in range(PARTS)])
+    out = aimss_dask.shuffle(df, "key", npartitions=PARTS, replication=2)
+    fut = client.compute(out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]})))
+    deadline = time.monotonic() + 60
+    while client.run_on_scheduler(_pushes_done) < open_below:
+        assert time.monotonic() < deadline, "the ungated pushes never finished"
+        time.sleep(0.05)
+    first = client.run_on_scheduler(_copies, prefix="aimss-shuffle-")
+    v1 = first["owners"][0]
+    os.kill(client.run(os.getpid)[v1], signal.SIGKILL)
+    return fut, want, first, v1
+
+
+def _kill_then_finish(client: Client, victim: str, gate: str, fut: Any, want: pd.DataFrame) -> None:
+    """SIGKILL ``victim`` while the map phase is held, open ``gate``, and check the result is exact."""
+    os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while victim in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.workers)):
+        assert time.monotonic() < deadline, f"{victim} is still listed"
+        time.sleep(0.05)
+    assert client.run_on_scheduler(_pushes_done) < PARTS, "the map phase ended before the second kill"
+    open(gate, "w").close()
+    got = fut.result(timeout=240)
+    assert int(got["n"].sum()) == len(want), (int(got["n"].sum()), len(want))
+    assert sum(int(k) for k in got["k"]) == int(want["key"].sum())
+
+
 def test_a_copy_that_caught_up_then_takes_over_drops_what_its_owner_held(tmp_path):
     """Kill an owner, let a new copy of its partitions catch up, then kill the owner those partitions moved to.
 
@@ -469,24 +516,9 @@ def test_a_copy_that_caught_up_then_takes_over_drops_what_its_owner_held(tmp_pat
     stored twice there once it takes over: rows counted twice.
     """
     gate = str(tmp_path / "gate")
-    open_below = PARTS // 2
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
-        n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
+    with _nannies4() as client:
         client.register_plugin(aimss_dask.AIMSS())
-        meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
-        df = dd.from_map(_gated_frame, range(PARTS), gate=gate, open_below=open_below, meta=meta)
-        want = pd.concat([_gated_frame(i, gate, PARTS) for i in range(PARTS)])
-        out = aimss_dask.shuffle(df, "key", npartitions=PARTS, replication=2)
-        fut = client.compute(out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]})))
-        deadline = time.monotonic() + 60
-        while client.run_on_scheduler(_pushes_done) < open_below:
-            assert time.monotonic() < deadline, "the ungated pushes never finished"
-            time.sleep(0.05)
-        first = client.run_on_scheduler(_copies, prefix="aimss-shuffle-")
-        pids = client.run(os.getpid)
-        v1 = first["owners"][0]
-        os.kill(pids[v1], signal.SIGKILL)
+        fut, want, first, v1 = _gated_shuffle_losing_an_owner(client, gate)
         # Its partitions now belong to their copies, and new copies of them catch up.
         moved = [p for p, w in enumerate(first["owners"]) if w == v1]
         deadline = time.monotonic() + 60
@@ -502,17 +534,7 @@ def test_a_copy_that_caught_up_then_takes_over_drops_what_its_owner_held(tmp_pat
             assert time.monotonic() < deadline, f"no new copy of {moved} caught up: {now}"
             time.sleep(0.05)
         v2 = now["owners"][fresh[0]]
-        pids = client.run(os.getpid)
-        os.kill(pids[v2], signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while v2 in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.workers)):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert client.run_on_scheduler(_pushes_done) < PARTS, "the map phase ended before the second kill"
-        open(gate, "w").close()
-        got = fut.result(timeout=240)
-        assert int(got["n"].sum()) == len(want), (int(got["n"].sum()), len(want))
-        assert sum(int(k) for k in got["k"]) == int(want["key"].sum())
+        _kill_then_finish(client, v2, gate, fut, want)
         events = _events(client)
         assert any(e.get("action") == "replicas-promoted" and e["worker"] == v2 for e in events), events
 
@@ -526,25 +548,10 @@ def test_an_owner_lost_while_its_new_copies_catch_up_restarts_the_run_exactly(tm
     result is exact.
     """
     gate = str(tmp_path / "gate")
-    open_below = PARTS // 2
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
-        n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
+    with _nannies4() as client:
         # Catch-ups slow enough to kill in the middle of one.
         client.register_plugin(aimss_dask.AIMSS(recovery_rate="64KiB"))
-        meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
-        df = dd.from_map(_gated_frame, range(PARTS), gate=gate, open_below=open_below, meta=meta)
-        want = pd.concat([_gated_frame(i, gate, PARTS) for i in range(PARTS)])
-        out = aimss_dask.shuffle(df, "key", npartitions=PARTS, replication=2)
-        fut = client.compute(out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]})))
-        deadline = time.monotonic() + 60
-        while client.run_on_scheduler(_pushes_done) < open_below:
-            assert time.monotonic() < deadline, "the ungated pushes never finished"
-            time.sleep(0.05)
-        first = client.run_on_scheduler(_copies, prefix="aimss-shuffle-")
-        pids = client.run(os.getpid)
-        v1 = first["owners"][0]
-        os.kill(pids[v1], signal.SIGKILL)
+        fut, want, first, v1 = _gated_shuffle_losing_an_owner(client, gate)
         moved = [p for p, w in enumerate(first["owners"]) if w == v1]
         deadline = time.monotonic() + 60
         while True:
@@ -556,15 +563,7 @@ def test_an_owner_lost_while_its_new_copies_catch_up_restarts_the_run_exactly(tm
         behind = [p for p in moved if not now["in_sync"][p]]
         assert behind, f"every new copy caught up already: {now}"
         v2 = now["owners"][behind[0]]
-        os.kill(pids[v2], signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while v2 in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.workers)):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        open(gate, "w").close()
-        got = fut.result(timeout=240)
-        assert int(got["n"].sum()) == len(want), (int(got["n"].sum()), len(want))
-        assert sum(int(k) for k in got["k"]) == int(want["key"].sum())
+        _kill_then_finish(client, v2, gate, fut, want)
         events = _events(client)
         assert any(e.get("action") == "run-restarted" for e in events), events
         assert not any(e.get("action") == "run-recovered" for e in events), events

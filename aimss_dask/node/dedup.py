@@ -334,8 +334,8 @@ class OriginFilter:
         (True, True, False)
         """
         with self._lock:
-            st = self._streams.get(stream)
-            if st is None or not st.since <= epoch <= st.epoch:
+            st = self._at(stream, epoch)
+            if st is None:
                 return True
             part = st.parts.get(partition)
             if part is None:
@@ -347,6 +347,11 @@ class OriginFilter:
                 st.kept += 1
                 return True
             return won == a or won == _CONFLICT
+
+    def _at(self, stream: str, epoch: int) -> _Stream | None:
+        """``stream``'s state if it answers ``epoch`` (hold the lock)."""
+        st = self._streams.get(stream)
+        return st if st is not None and st.since <= epoch <= st.epoch else None
 
     @staticmethod
     def _slot(part: _Partition, origin: Origin) -> int:
@@ -372,8 +377,8 @@ class OriginFilter:
         ([(2, 0, 7)], [], None)
         """
         with self._lock:
-            st = self._streams.get(stream)
-            if st is None or not st.since <= epoch <= st.epoch:
+            st = self._at(stream, epoch)
+            if st is None:
                 return None
             part = st.parts.get(partition)
             if part is None:
@@ -421,8 +426,8 @@ class OriginFilter:
 
         size = (inputs + 7) // 8
         with self._lock:
-            st = self._streams.get(stream)
-            if st is None or not st.since <= epoch <= st.epoch:
+            st = self._at(stream, epoch)
+            if st is None:
                 return None
             out: dict[int, bytes] = {}
             for p in partitions:
