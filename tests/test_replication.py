@@ -669,10 +669,27 @@ def test_a_copy_learns_the_writer_numbers_of_a_group_its_owner_dropped_as_a_seco
     r.sent = []
     r.configure(StreamSpec(name="s", partitions=1, owners=("a",), epoch=1, replicas=(("b",),), replication=2),
                 fresh=True)
+    hold = threading.Event()
+    real = r._transmit
+
+    def held_back(d, groups, conn):
+        assert hold.wait(10)
+        return real(d, groups, conn)
+
+    r._transmit = held_back
     with r.append_lock:
-        r.shipped("s", 0, 0, [], [], None, None)  # nothing, no writer: nothing to send
-        r.shipped("s", 0, 0, [], [], None, (7, 4))
-    wait_until(lambda: r.sent, timeout=10, what="the marker sent")
+        assert r.shipped("s", 0, 0, [], [], None, None) == 0  # nothing, no writer: nothing to send
+        mark = r.shipped("s", 0, 0, [], [], None, (7, 4))
+    assert mark == 1
+    # The writer is answered only once every copy in sync has the marker.
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(r.wait_marker("s", 0, mark)))
+    waiter.start()
+    time.sleep(0.2)
+    assert not waited
+    hold.set()
+    waiter.join(10)
+    assert waited == [True]
     ((name, epoch, p, records, sizes, origin, writer, at),) = r.sent
     assert (records, writer, at) == ([], (7, 4), 0)
     r.close()

@@ -453,7 +453,7 @@ class AIMSSWorker(WorkerPlugin):
         """Store ``groups`` (see :meth:`store_batch`); errors by stream, and the ends replicas must confirm."""
         assert self.store is not None and self.replicator is not None
         errors: dict[str, tuple[str, str]] = {}
-        waits: list[tuple[str, int, int, int]] = []
+        waits: list[tuple[str, int, int, int, int]] = []
         for group in groups:
             name, epoch, partition, records, sizes, origin = group[:6]
             records = _as_sent(records)
@@ -466,9 +466,9 @@ class AIMSSWorker(WorkerPlugin):
                     self._store_copy(name, epoch, partition, records, sizes, origin, writer, at)
                     continue
                 if writer is not None or self.replicator.tracks(name):
-                    end = self._store_replicated(name, epoch, partition, records, sizes, origin, writer)
-                    if end is not None:
-                        waits.append((name, epoch, partition, end))
+                    stored = self._store_replicated(name, epoch, partition, records, sizes, origin, writer)
+                    if stored is not None:
+                        waits.append((name, epoch, partition, *stored))
                     continue
                 # The filter checks the fields (Origin's constructor): they
                 # came over the network, and index its arrays.
@@ -489,12 +489,16 @@ class AIMSSWorker(WorkerPlugin):
         return errors, waits
 
     def _confirm_copies(
-        self, errors: dict[str, tuple[str, str]], waits: list[tuple[str, int, int, int]]
+        self, errors: dict[str, tuple[str, str]], waits: list[tuple[str, int, int, int, int]]
     ) -> dict[str, tuple[str, str]]:
         """Wait until the replicas hold what :meth:`_store_groups` stored; ``errors`` with those that did not."""
         assert self.replicator is not None
-        for name, epoch, partition, end in waits:
-            if name not in errors and not self.replicator.wait(name, epoch, partition, end):
+        for name, epoch, partition, end, mark in waits:
+            if name in errors:
+                continue
+            if not self.replicator.wait(name, epoch, partition, end) or (
+                mark and not self.replicator.wait_marker(name, partition, mark)
+            ):
                 errors[name] = (
                     "AIMSSError",
                     f"the replicas of stream {name!r} partition {partition} did not confirm "
@@ -511,12 +515,14 @@ class AIMSSWorker(WorkerPlugin):
         sizes: list[int],
         origin: tuple[int, int, int] | None,
         writer: tuple[int, int] | None,
-    ) -> int | None:
+    ) -> tuple[int, int] | None:
         """Append a group to a replicated partition owned here and queue it for the replicas.
 
-        Returns the end offset the writer's answer must wait for; None if
-        the whole group was stored already (a writer's second send, a
-        second copy of an input).
+        Returns what the writer's answer must wait for: the end offset the
+        replicas must hold, and a marker they must have (0: none; see
+        :meth:`~aimss_dask.node.replication.Replicator.shipped`). None: a
+        second copy of an input from a write without a writer tag (nothing
+        to wait for).
         """
         assert self.store is not None and self.replicator is not None
         with self.replicator.append_lock:
@@ -530,7 +536,9 @@ class AIMSSWorker(WorkerPlugin):
                     records, sizes = records[skip:], sizes[skip:]
                     writer = (writer[0], writer[1] + skip)
                 if not records:
-                    return None
+                    # Stored already (a writer's second send, after an answer
+                    # that did not reach it): answered once the copies hold it too.
+                    return self.store.held(name, epoch, partition), 0
             if origin is not None and not self._admit(name, epoch, partition, Origin(*origin)):
                 if writer is None:
                     return None
@@ -539,12 +547,12 @@ class AIMSSWorker(WorkerPlugin):
                 # the one that takes over would refuse the writer's next
                 # numbers as a gap.
                 end = self.store.held(name, epoch, partition)
-                self.replicator.shipped(name, partition, end, [], [], None, (writer[0], writer[1] + len(records)))
-                return end
+                mark = self.replicator.shipped(name, partition, end, [], [], None, (writer[0], writer[1] + len(records)))
+                return end, mark
             first = self.store.append(name, epoch, partition, records, sizes)
             self.replicator.shipped(name, partition, first, records, sizes, origin, writer)
         self.runs.on_append(name, partition, records)
-        return first + len(records)
+        return first + len(records), 0
 
     def _store_copy(
         self,

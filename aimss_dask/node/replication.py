@@ -81,6 +81,9 @@ class _Part:
     dropping: dict[str, int] = field(default_factory=dict)
     #: Sealed here while copies were still catching up: forgotten once they have.
     closing: bool = False
+    #: Markers queued (see :meth:`Replicator.shipped`), and the last each replica confirmed.
+    marks: int = 0
+    marked: dict[str, int] = field(default_factory=dict)
 
     def has(self, dest: str) -> bool:
         return dest in self.insync or dest in self.joining
@@ -94,6 +97,8 @@ class _Ship:
     sizes: list[int]
     origin: tuple[int, int, int] | None
     writer: tuple[int, int] | None
+    #: A marker's number (0: records).
+    mark: int = 0
 
 
 @dataclass(eq=False)
@@ -269,27 +274,49 @@ class Replicator:
         sizes: list[int],
         origin: tuple[int, int, int] | None = None,
         writer: tuple[int, int] | None = None,
-    ) -> None:
+    ) -> int:
         """``records`` were appended at ``first``: queue them for the partition's replicas.
 
         No ``records`` but a ``writer``: a marker, that the writer's numbers
         go on from ``writer[1]`` (its group was a second copy of an input,
         dropped here: the copies must not take the skipped numbers for lost
-        records once one of them owns the partition).
+        records once one of them owns the partition). Returns its number,
+        for :meth:`wait_marker` (0: records, or nothing to tell).
 
         Call with :attr:`append_lock` held since before the append.
         """
         part = self._parts.get((name, p))
         if part is None or (not records and writer is None):
-            return
+            return 0
         with self._cond:
             ship = _Ship(part, first, list(records), list(sizes), origin, writer)
+            if not records:
+                part.marks += 1
+                ship.mark = part.marks
             dests = list(part.insync) + list(part.joining)
             for dest in dests:
                 self._queue(dest).append(ship)
             if not part.insync:
                 self._advance(part)
             self._cond.notify_all()
+            return ship.mark
+
+    def wait_marker(self, name: str, p: int, mark: int) -> bool:
+        """Block until every replica in sync of ``p`` has marker ``mark`` (see :meth:`shipped`); False on timeout.
+
+        The writer is answered only then: should this owner die first, the
+        copy that takes over knows where the writer's numbers stand.
+        """
+        deadline = time.monotonic() + ACK_TIMEOUT
+        with self._cond:
+            while True:
+                part = self._parts.get((name, p))
+                if part is None or all(part.marked.get(d, 0) >= mark for d in part.insync):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
 
     def wait(self, name: str, epoch: int | None, p: int, end: int) -> bool:
         """Block until readers of ``p`` may see up to ``end`` (every copy holds it); False on timeout."""
@@ -408,6 +435,8 @@ class Replicator:
                 key = (part.name, part.p, d.address)
                 if err is None:
                     self._refused.pop(key, None)
+                    if s.mark:
+                        part.marked[d.address] = max(part.marked.get(d.address, 0), s.mark)
                     if d.address in part.insync:
                         part.insync[d.address] = max(part.insync[d.address], s.at + len(s.records))
                     self._advance(part)
@@ -519,13 +548,16 @@ class Replicator:
             if sealed:
                 self._ask(d.address, "aimss_seal_partitions", name=name, epoch=part.epoch, partitions=[p])
             # It counts from here: appends wait for it. None may come between
-            # the last look and this (the lock), or it would count short.
+            # the last look and this (the lock), or it would count short; nor
+            # may a writer's numbers move on (a second copy of an input,
+            # dropped here: its marker is queued behind this catch-up).
             with self.append_lock:
                 try:
                     now = self.store.held(name, part.epoch, p)
                 except AIMSSError:
                     return conn
-                if now > offset:
+                moved = self._writers is not None and self._writers.table(name, since, p) != table
+                if now > offset or moved:
                     held, paced = now, False
                     continue  # more came while the tables went: copy those, then the tables again
                 with self._cond:
