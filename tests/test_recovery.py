@@ -154,11 +154,8 @@ def _recovery_during_open(held_by_b: bool):
             broadcast=broadcast, ask=ask, running=lambda: ["b", "c"], event=lambda e: sent.append(("event", e)),
             scheduler=SimpleNamespace(tasks={}),
         )
-        async def settled(name):
-            return None
-
         coord = SimpleNamespace(
-            state=st, pinner=SimpleNamespace(repin=lambda names: None), promotions=SimpleNamespace(settled=settled),
+            state=st, pinner=SimpleNamespace(repin=lambda names: None),
             run_ops=SimpleNamespace(restart=lambda rec, scheduler, stimulus_id: restarted.append(rec.run_id)),
         )
         coord.stream_ops = StreamHandlers(coord, ops)

@@ -188,7 +188,7 @@ class Recoveries:
         # it is written again (stale at the seal, or refilled).
         state = self.coord.state
         copies: dict[int, list[str]] = {
-            p: [spec.owners[p], *(w for w in (spec.replicas[p] if spec.replicas else ()) if state.in_sync(stream, p, w))]
+            p: [spec.owners[p], *(w for w in spec.replicas_of(p) if state.in_sync(stream, p, w))]
             for p in range(spec.partitions)
         }
         asked: dict[str, list[int]] = {}
@@ -284,13 +284,6 @@ class Recoveries:
     async def _recover(self, rec: RunRecord, hit: dict[str, set[int]], ran_there: set[Any], stimulus_id: str) -> None:
         state = self.coord.state
         names = list(rec.spec.streams)
-        # A promotion for the same loss (new copies where the worker held
-        # one) makes a new epoch too: recover from what it made, not race it.
-        for n in names:
-            await self.coord.promotions.settled(n)
-        if any(n not in state.streams for n in names):
-            self.recovering.difference_update(names)
-            return  # destroyed meanwhile (its run restarted, its graph released)
         olds = [state.streams[n] for n in names]
         # Streams of a run are placed alike (a join reads both sides on one
         # worker): their lost partitions are the same.
