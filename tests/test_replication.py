@@ -653,6 +653,76 @@ def test_a_new_copy_counts_only_once_it_holds_what_came_while_it_caught_up(tmp_p
     r.close()
 
 
+def test_a_copy_cut_back_to_its_new_owner_forgets_what_its_filters_knew_of_the_records_cut(tmp_path):
+    """A copy ahead of the replica that took over is cut back, and its filters with it.
+
+    The owner that died shipped records 3 and 4 to this copy but not to the
+    replica promoted in its place. The copy's writer numbers and origins
+    named them: left so, the copy, promoted in turn, would drop the writer's
+    re-send of 3 and 4 (and a re-run push's copy of inputs 3 and 4) as
+    stored already, a silent loss. A real owner (its replicator) catches up
+    a real copy (its follower), linked in-process.
+    """
+    from distributed.protocol import deserialize
+
+    from aimss_dask.core.specs import Origin, StreamSpec
+    from aimss_dask.node.dedup import OriginFilter
+    from aimss_dask.node.follower import Follower
+    from aimss_dask.node.replication import Replicator
+    from aimss_dask.node.writers import WriterSeqs
+
+    copy_store = LogStore(budget=2**20, spill_root=str(tmp_path / "copy"))
+    copy_store.open("s", 1, [0])
+    copy_writers, copy_origins = WriterSeqs(), OriginFilter()
+    copy_origins.track("s", 1, inputs=8)
+    follower = Follower(copy_store, copy_writers, copy_origins, threading.Lock())
+    for i in range(5):  # what the dead owner shipped here: (input i, attempt 1), writer 7's number i
+        follower.append("s", 1, 0, [i], [8], (i, 1, 0), (7, i), at=i)
+
+    class Linked(Replicator):
+        def _replica_end(self, dest, name, p):
+            return copy_store.held(name, 1, p)
+
+        def _ask(self, dest, op, **kw):
+            where = (kw["name"], kw["epoch"], kw["partition"]) if "partition" in kw else None
+            if op == "aimss_truncate":
+                self.cut.append(follower.truncate(*where, kw["end"]))
+            elif op == "aimss_replica_writers":
+                follower.learn_writers(*where, dict(kw["table"]))
+            elif op == "aimss_replica_origins":
+                follower.learn_origins(*where, [tuple(o) for o in kw["origins"]])
+            return {}
+
+        def _transmit(self, d, groups, conn):
+            for name, epoch, p, sers, sizes, origin, writer, at in groups:
+                records = [deserialize(x.header, x.frames) for x in sers]
+                follower.append(name, epoch, p, records, sizes, origin, writer, at)
+            return {"errors": {}}, conn
+
+    owner_store = LogStore(budget=2**20, spill_root=str(tmp_path / "owner"))
+    owner_store.open("s", 1, [0])
+    writers, origins = WriterSeqs(), OriginFilter()
+    origins.track("s", 1, inputs=8)
+    for i in range(3):  # the replica promoted holds 0 to 2
+        writers.admit("s", 1, 0, (7, i), 1)
+        assert origins.admit("s", 1, 0, Origin(i, attempt=1))
+        owner_store.append("s", 1, 0, [i], [8])
+    r = Linked(owner_store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None,
+               writers=writers, origins=origins)
+    r.cut = []
+    r.configure(StreamSpec(name="s", partitions=1, owners=("a",), epoch=1, replicas=(("b",),), replication=2))
+    wait_until(lambda: "b" in r._parts[("s", 0)].insync, timeout=10, what="the copy in sync")
+    r.close()
+    assert r.cut == [2] and copy_store.held("s", 1, 0) == 3
+    assert copy_store.read("s", 1, 0, 0, None)[0] == [0, 1, 2]
+    assert copy_writers.table("s", 1, 0) == {7: 3}
+    assert sorted(copy_origins.export("s", 1, 0)) == [(0, 0, 1), (1, 0, 1), (2, 0, 1)]
+    # Promoted, the copy stores the writer's re-send of 3 and 4, and a re-run's copy of input 3.
+    assert copy_writers.admit("s", 1, 0, (7, 3), 2) == 0
+    assert copy_origins.admit("s", 1, 0, Origin(3, attempt=2))
+    assert not copy_origins.admit("s", 1, 0, Origin(2, attempt=2))  # what it holds is still a duplicate
+
+
 def test_a_copy_learns_the_writer_numbers_of_a_group_its_owner_dropped_as_a_second_copy(tmp_path):
     """A marker (no records, a writer tag) moves a copy's writer numbers on, and stores nothing."""
     from aimss_dask.core.specs import StreamSpec

@@ -317,6 +317,23 @@ class OriginFilter:
             del self._streams[stream]
             return True
 
+    def forget_partition(self, stream: str, epoch: int, partition: int) -> None:
+        """Forget what ``partition`` holds (a copy cut back: its state may name records it no longer holds).
+
+        Examples
+        --------
+        >>> f = OriginFilter()
+        >>> _ = f.track("s", 1)
+        >>> f.admit("s", 1, 0, Origin(2, attempt=7))
+        True
+        >>> f.forget_partition("s", 1, 0); f.admit("s", 1, 0, Origin(2, attempt=8))
+        True
+        """
+        with self._lock:
+            st = self._at(stream, epoch)
+            if st is not None:
+                st.parts.pop(partition, None)
+
     def learn(self, stream: str, epoch: int, partition: int, origin: Origin) -> bool:
         """Note that the owner kept ``origin`` in ``partition`` (a copy here follows it); False if it disagrees.
 
@@ -411,8 +428,9 @@ class OriginFilter:
         attempt. ``None`` when ``stream`` is not filtered here at ``epoch``:
         nothing is known. A push run again asks this of the owners to skip
         the partitions that hold its records already (see
-        :mod:`aimss_dask.coordinator.recovery`); a set bit is only ever
-        added, never removed, so an answer can be late but not wrong.
+        :mod:`aimss_dask.coordinator.recovery`); a set bit is removed only by
+        :meth:`forget_partition` (a copy cut back), which makes an answer say
+        less, never more: it can be late or short, never wrong the unsafe way.
 
         Examples
         --------

@@ -49,6 +49,7 @@ from aimss_dask.log.store import LogStore
 from aimss_dask.node import heartbeat
 from aimss_dask.node.copies import CopyMailbox
 from aimss_dask.node.dedup import OriginFilter
+from aimss_dask.node.follower import Follower
 from aimss_dask.node.iogate import IOGate
 from aimss_dask.node.metrics import worker_metrics
 from aimss_dask.node.replication import Replicator
@@ -136,6 +137,8 @@ class AIMSSWorker(WorkerPlugin):
         # partitions owned here on other workers.
         self.writers = WriterSeqs()
         self.replicator: Replicator | None = None
+        # The copies held here of partitions owned elsewhere.
+        self.follower: Follower | None = None
         # Drops are counted from receiver and task threads at once (rare: a lock).
         self._duplicates_lock = threading.Lock()
         # Operators' run objects on this worker, and resources they share.
@@ -228,6 +231,7 @@ class AIMSSWorker(WorkerPlugin):
             rate=self.config.recovery_rate,
             listed=listed,
         )
+        self.follower = Follower(self.store, self.writers, self.origins, self.replicator.append_lock)
         self.producer = Producer(
             worker.loop,
             worker.rpc,
@@ -463,7 +467,8 @@ class AIMSSWorker(WorkerPlugin):
                 continue
             try:
                 if at is not None:
-                    self._store_copy(name, epoch, partition, records, sizes, origin, writer, at)
+                    assert self.follower is not None
+                    self.follower.append(name, epoch, partition, records, sizes, origin, writer, at)
                     continue
                 if writer is not None or self.replicator.tracks(name):
                     stored = self._store_replicated(name, epoch, partition, records, sizes, origin, writer)
@@ -553,41 +558,6 @@ class AIMSSWorker(WorkerPlugin):
             self.replicator.shipped(name, partition, first, records, sizes, origin, writer)
         self.runs.on_append(name, partition, records)
         return first + len(records), 0
-
-    def _store_copy(
-        self,
-        name: str,
-        epoch: int,
-        partition: int,
-        records: list[Any],
-        sizes: list[int],
-        origin: tuple[int, int, int] | None,
-        writer: tuple[int, int] | None,
-        at: int,
-    ) -> None:
-        """A replica here: append the owner's copy at its offsets, and learn what its filters learned."""
-        assert self.store is not None and self.replicator is not None
-        with self.replicator.append_lock:
-            held = self.store.held(name, epoch, partition)
-            skip = held - at
-            if not records and writer is not None and skip >= 0:
-                # A marker (see Replicator.shipped): the writer goes on from writer[1].
-                self.writers.admit(name, self.store.since(name, epoch), partition, (int(writer[0]), int(writer[1])), 0, strict=False)
-            if 0 <= skip < len(records):
-                # The owner's filters passed these: the same filters here
-                # must hold the same state, so that this copy, if it becomes
-                # the owner, drops what the old one would have.
-                if writer is not None:
-                    self.writers.admit(
-                        name, self.store.since(name, epoch), partition,
-                        (int(writer[0]), int(writer[1] + skip)), len(records) - skip, strict=False,
-                    )
-                if origin is not None and not self.origins.learn(name, epoch, partition, Origin(*origin)):
-                    logger.warning(
-                        "aimss: the copy of %r partition %d here disagrees with its owner on origin %s",
-                        name, partition, origin,
-                    )
-            self.store.append_at(name, epoch, partition, int(at), records, sizes)
 
     def _admit(self, name: str, epoch: int, partition: int, origin: Origin) -> bool:
         """Whether to append a group with ``origin`` (False: a duplicate, counted)."""
@@ -772,16 +742,14 @@ class AIMSSWorker(WorkerPlugin):
     @replies
     async def _h_replica_writers(self, name: str, epoch: int, partition: int, table: list[tuple[int, int]]) -> None:
         """What the owner's writer filter knew when this copy caught up (its copies carried no writer tags)."""
-        assert self.replicator is not None and self.store is not None
-        with self.replicator.append_lock:
-            self.writers.merge(name, self.store.since(name, epoch), partition, dict(table))
+        assert self.follower is not None
+        self.follower.learn_writers(name, epoch, partition, dict(table))
 
     @replies
     async def _h_replica_origins(self, name: str, epoch: int, partition: int, origins: list[list[int]]) -> None:
         """What the owner's origin filter knew when this copy caught up (its copies carried no origins)."""
-        assert self.replicator is not None
-        with self.replicator.append_lock:
-            disagree = self.origins.merge(name, epoch, partition, [tuple(o) for o in origins])
+        assert self.follower is not None
+        disagree = self.follower.learn_origins(name, epoch, partition, [tuple(o) for o in origins])
         if disagree:
             logger.warning(
                 "aimss: the copy of %r partition %d here disagrees with its owner on %d origin(s)",
@@ -790,10 +758,9 @@ class AIMSSWorker(WorkerPlugin):
 
     @replies
     async def _h_truncate(self, name: str, epoch: int, partition: int, end: int) -> dict[str, Any]:
-        """The copy here holds records the new owner lacks (no reader saw them): forget them."""
-        assert self.store is not None
-        store = self.store
-        return {"dropped": await offload(store.truncate, name, epoch, partition, end)}
+        """The copy here holds records the new owner lacks (no reader saw them): forget them, and what the filters knew of them."""
+        assert self.follower is not None
+        return {"dropped": await offload(self.follower.truncate, name, epoch, partition, end)}
 
     @replies
     async def _h_seal_producers(self, name: str, epoch: int, since: int | None = None) -> dict[str, Any]:

@@ -91,6 +91,21 @@ class WriterSeqs:
         for wid, nxt in table.items():
             seqs[int(wid)] = max(seqs.get(int(wid), 0), int(nxt))
 
+    def forget_partition(self, name: str, since: int, partition: int) -> None:
+        """Forget one partition's numbers (a copy cut back: they may count records it no longer holds).
+
+        Examples
+        --------
+        >>> w = WriterSeqs()
+        >>> w.admit("s", 1, 0, (7, 0), 3)
+        0
+        >>> w.forget_partition("s", 1, 0); w.table("s", 1, 0)
+        {}
+        """
+        line = self._next.get((name, since))
+        if line is not None:
+            line.pop(partition, None)
+
     def forget(self, name: str, epoch: int) -> None:
         """Stream ``name`` up to ``epoch`` was destroyed; a newer one of the name keeps its numbers."""
         for key in [k for k in self._next if k[0] == name and k[1] <= epoch]:
