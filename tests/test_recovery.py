@@ -129,6 +129,7 @@ def _recovery_during_open(held_by_b: bool):
     from types import SimpleNamespace
 
     from aimss_dask.coordinator.recovery import Recoveries
+    from aimss_dask.coordinator.replicas import Promotions
     from aimss_dask.coordinator.streams import StreamHandlers
 
     st = CoordinatorState()
@@ -159,6 +160,7 @@ def _recovery_during_open(held_by_b: bool):
             run_ops=SimpleNamespace(restart=lambda rec, scheduler, stimulus_id: restarted.append(rec.run_id)),
         )
         coord.stream_ops = StreamHandlers(coord, ops)
+        coord.promotions = Promotions(coord, ops)
         recoveries = Recoveries(coord, ops)
         opening = asyncio.ensure_future(coord.stream_ops.open(spec))
         await asyncio.sleep(0.01)
@@ -536,13 +538,15 @@ def test_a_copy_that_caught_up_then_takes_over_drops_what_its_owner_held(tmp_pat
         assert any(e.get("action") == "replicas-promoted" and e["worker"] == v2 for e in events), events
 
 
-def test_an_owner_lost_while_its_new_copies_catch_up_restarts_the_run_exactly(tmp_path):
-    """The second owner of a partition dies before the partition's new copy caught up: the run starts over.
+def test_an_owner_lost_while_its_new_copies_catch_up_is_re_created_exactly(tmp_path):
+    """The second owner of a partition dies before the partition's new copy caught up: only it is re-created.
 
     Its copy still catching up cannot take over, so the partition is lost,
-    with partial copies of it on other workers. Re-creating it there was
-    seen to lose and to duplicate rows; the run restarts instead, and its
-    result is exact.
+    with partial copies of it (records, and filters that name them) on
+    other workers. It is re-created empty, off those copies where a worker
+    is free (a copy there is dropped first); the copies are cut back and
+    caught up again; the pushes refill it. Before the copies were cut with
+    their filters, this lost and duplicated rows; the result is exact.
     """
     gate = str(tmp_path / "gate")
     with _nannies4() as client:
@@ -562,8 +566,10 @@ def test_an_owner_lost_while_its_new_copies_catch_up_restarts_the_run_exactly(tm
         v2 = now["owners"][behind[0]]
         _kill_then_finish(client, v2, gate, fut, want)
         events = _events(client)
-        assert any(e.get("action") == "run-restarted" for e in events), events
-        assert not any(e.get("action") == "run-recovered" for e in events), events
+        # (A copy may finish catching up between the look and the kill: its
+        # partition is then taken over, and others are re-created.)
+        assert any(e.get("action") == "run-recovered" for e in events), events
+        assert not any(e.get("action") == "run-restarted" for e in events), events
 
 
 def _refuse_the_next_recover(dask_worker=None) -> None:

@@ -588,6 +588,40 @@ def test_a_replica_that_has_not_heard_of_the_new_epoch_yet_is_sent_again_not_dro
     r.close()
 
 
+def test_a_copy_that_has_not_heard_of_the_new_epoch_is_caught_up_again_not_dropped(tmp_path):
+    """The coordinator tells every worker of a new epoch at once: a new owner may start a catch-up first.
+
+    The copy refuses it as a stream it does not know, twice; the owner tries
+    again (within ``NEW_EPOCH_GRACE``) and the copy counts, instead of being
+    dropped for good and leaving the partition a copy short.
+    """
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.node.replication import Replicator
+
+    class Late(Replicator):
+        def _replica_end(self, dest, name, p):
+            return 0
+
+        def _ask(self, dest, op, **kwargs):
+            return {}
+
+        def _transmit(self, d, groups, conn):
+            self.tries += 1
+            if self.tries <= 2:
+                return {"errors": {"s": ("StreamNotFoundError", "stream 's' has no log here (asked for epoch 2)")}}, conn
+            return {"errors": {}}, conn
+
+    store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    store.open("s", 2, [0])
+    store.append("s", 2, 0, [1, 2], [8, 8])
+    r = Late(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None)
+    r.tries = 0
+    r.configure(StreamSpec(name="s", partitions=1, owners=("a",), epoch=2, replicas=(("b",),), replication=2))
+    wait_until(lambda: "b" in r._parts[("s", 0)].insync, timeout=10, what="the copy in sync")
+    assert r.tries == 3 and r.stats["replicas_dropped"] == 0
+    r.close()
+
+
 def test_a_new_copy_counts_only_once_it_holds_what_came_while_it_caught_up(tmp_path):
     """Records appended during a catch-up were answered without the new copy: it holds them before it counts.
 
@@ -723,6 +757,36 @@ def test_a_copy_cut_back_to_its_new_owner_forgets_what_its_filters_knew_of_the_r
     assert not copy_origins.admit("s", 1, 0, Origin(2, attempt=2))  # what it holds is still a duplicate
 
 
+def test_copies_of_re_created_partitions_are_emptied_with_their_filters(tmp_path):
+    """A recovery re-creates partitions 0 and 1: every copy of them held here starts again, empty.
+
+    A copy that stays one (0) is opened again, empty, at the new epoch; one
+    that does not (1) is gone; a partition not re-created (2) keeps its
+    records and filters; nothing is opened that was not held (3).
+    """
+    from aimss_dask.core.specs import Origin
+    from aimss_dask.node.dedup import OriginFilter
+    from aimss_dask.node.follower import Follower
+    from aimss_dask.node.writers import WriterSeqs
+
+    store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    store.open("s", 1, [0, 1, 2])
+    writers, origins = WriterSeqs(), OriginFilter()
+    origins.track("s", 1, inputs=4)
+    f = Follower(store, writers, origins, threading.Lock())
+    for p in (0, 1, 2):
+        f.append("s", 1, p, [p, p], [8, 8], (5, 1, 0), (7, 0), at=0)
+    origins.track("s", 3, inputs=4, since=1)  # the recovery's epoch 3 continues epoch 1
+    store.open("s", 3, [], since=1)
+    assert f.reset("s", 3, 1, [0, 1, 3], keep=[0, 3]) == [0, 1]
+    assert store.held("s", 3, 0) == 0 and store.partition_stats("s", 1) is None
+    assert store.partition_stats("s", 3) is None
+    assert store.read("s", 3, 2, 0, None)[0] == [2, 2]
+    assert writers.table("s", 1, 0) == {} and writers.table("s", 1, 2) == {7: 2}
+    assert origins.admit("s", 3, 0, Origin(5, attempt=2))  # a re-run's copy is the first one now
+    assert not origins.admit("s", 3, 2, Origin(5, attempt=2))  # still held
+
+
 def test_a_copy_learns_the_writer_numbers_of_a_group_its_owner_dropped_as_a_second_copy(tmp_path):
     """A marker (no records, a writer tag) moves a copy's writer numbers on, and stores nothing."""
     from aimss_dask.core.specs import StreamSpec
@@ -769,7 +833,7 @@ def test_a_catch_up_cut_short_by_a_destroy_is_not_a_warning_and_one_that_fails_o
     """A copy catching up when its stream is destroyed fails there: expected, so not logged as a problem."""
     import logging
 
-    from aimss_dask.core.errors import StreamNotFoundError
+    from aimss_dask.core.errors import StreamSealedError
     from aimss_dask.core.specs import StreamSpec
     from aimss_dask.node.replication import Replicator
 
@@ -780,7 +844,7 @@ def test_a_catch_up_cut_short_by_a_destroy_is_not_a_warning_and_one_that_fails_o
 
         def _sync(self, d, part, conn):
             assert self.go.wait(10)
-            raise StreamNotFoundError(f"stream {part.name!r} has no log on this worker")
+            raise StreamSealedError(f"stream {part.name!r} is sealed on this worker")
 
     def catch_up_fails(dropped: bool) -> list[logging.LogRecord]:
         store = LogStore(budget=2**20, spill_root=str(tmp_path / str(dropped)))

@@ -129,3 +129,48 @@ def test_a_replicated_write_whose_live_owner_could_not_be_reached_for_a_moment_i
         assert "tcp://b:1" in said[0].getMessage() and "Connection reset by peer" in said[0].getMessage()
     finally:
         p.close()
+
+
+def test_a_write_lost_with_the_copy_that_took_over_is_forgiven_once_the_partition_is_re_created(monkeypatch):
+    """Sent to owner b, which died; its copy c took over and died too before the write reached it.
+
+    The partition is lost with c; a recovery re-creates it and writes it
+    again, and the seal asks the producer (``failure(since=)``) whether a
+    write it believes stored failed: the write lost with c (c's loss known)
+    is forgiven, not held against b, which the producer never heard of as
+    lost (its partitions were taken over). Held against b, the seal failed
+    a run that had recovered.
+    """
+    from aimss_dask.core.errors import PartitionLostError
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.transport import producer as prod
+
+    monkeypatch.setattr(prod, "FAILOVER_TIMEOUT", 5.0)
+    first = StreamSpec(name="s", partitions=1, owners=("tcp://b:1",), epoch=1, replicas=(("tcp://c:1",),),
+                       replication=2)
+    # As the coordinator has it once c died too: the copy had taken over (epoch 2), now lost there.
+    lost = StreamSpec(name="s", partitions=1, owners=("tcp://c:1",), epoch=3, since=1, replicas=((),),
+                      replication=2)
+
+    class Dead(prod._Conn):
+        def __init__(self, p: prod.Producer, link) -> None:
+            self.p, self.link = p, link
+
+        def send(self, batch) -> None:
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    class Stand(prod.Producer):
+        def _open(self, link):
+            return Dead(self, link)
+
+    p = Stand(None, None, batch_size=2**20, max_in_flight=2**30, linger=0.0,
+              resolve=lambda name: {"spec": lost.to_wire(), "lost": [0]})
+    try:
+        p.write(first, 0, np.arange(4))
+        with pytest.raises(PartitionLostError):
+            p.flush_blocking(["s"])
+        assert p.failure("s", 4, since=1) is not None  # not forgiven while c's loss is not known
+        p.owner_lost("tcp://c:1", 3)
+        assert p.failure("s", 4, since=1) is None  # re-created at epoch 4: written again
+    finally:
+        p.close()

@@ -43,7 +43,7 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator.cluster import ClusterOps
-from aimss_dask.coordinator.placement import owners_load, place_partitions
+from aimss_dask.coordinator.placement import owners_load
 from aimss_dask.coordinator.registry import RunRecord
 from aimss_dask.core.errors import AIMSSError
 from aimss_dask.core.runs import OnLoss, RunState
@@ -69,6 +69,30 @@ def _has(bitmap: bytes | None, i: int) -> bool:
 def _both(a: bytes, b: bytes) -> bytes:
     """The bits set in both bitmaps."""
     return bytes(x & y for x, y in zip(a, b))
+
+
+def _place_recreated(parts: list[int], specs: list[Any], load: dict[str, int]) -> list[str]:
+    """Owners for the lost ``parts`` of ``specs`` (placed alike): least loaded, not a worker holding a copy of it.
+
+    A copy there is one still catching up (an in-sync one would have taken
+    over): re-created on another worker, it stays a copy, cut back and
+    caught up again. ``load`` is updated.
+
+    Examples
+    --------
+    >>> from aimss_dask.core.specs import StreamSpec
+    >>> s = StreamSpec(name="s", partitions=2, owners=("x", "x"), epoch=2, replicas=(("a",), ("b",)), replication=2)
+    >>> _place_recreated([0, 1], [s], {"a": 0, "b": 0, "c": 5})
+    ['b', 'a']
+    """
+    out = []
+    for p in parts:
+        copies = {w for s in specs for w in s.replicas_of(p)}
+        free = [w for w in load if w not in copies] or list(load)
+        w = min(free, key=lambda a: (load[a], a))
+        load[w] += 1
+        out.append(w)
+    return out
 
 
 class Recoveries:
@@ -252,8 +276,14 @@ class Recoveries:
         barrier = scheduler.tasks.get(spec.barrier)
         return barrier is not None and barrier.state in _BEFORE_SEAL
 
-    def keep(self, rec: RunRecord, worker: str, lost: Mapping[str, Collection[int]], stimulus_id: str) -> None:
-        """Recover ``rec`` from the loss of ``worker`` (``lost``: its partitions there, by stream)."""
+    def keep(
+        self, rec: RunRecord, worker: str, lost: Mapping[str, Collection[int]], stimulus_id: str, later: bool = False
+    ) -> None:
+        """Recover ``rec`` from the loss of ``worker`` (``lost``: its partitions there, by stream).
+
+        ``later``: found lost after the worker's removal was handled (a
+        promotion planned then failed).
+        """
         ran_there = self._ran_on.get(rec.run_id, {}).pop(worker, set())
         hit = {n: set(lost[n]) for n in rec.spec.streams if lost.get(n)}
         if not hit:
@@ -267,13 +297,14 @@ class Recoveries:
             })
             return
         state = self.coord.state
-        if any(state.streams[n].replicas for n in hit if n in state.streams):
-            # Copies, but none in sync (a second loss while new copies caught
-            # up): their partial logs and filters would meet the refills on
-            # the workers the lost partitions are re-created on, a path not
-            # proven to keep every record exactly once. Start over.
+        if later and any(state.streams[n].replicas for n in hit if n in state.streams):
+            # A promotion that failed part-way: some workers may have taken
+            # the promoted epoch (a copy acting as owner) that the
+            # coordinator never committed, a state recovery is not proven
+            # against (a second copy of an input was seen stored). Start over.
             logger.warning(
-                "aimss: %s run %s lost partitions with no copy in sync left; restarting it", rec.kind, rec.run_id
+                "aimss: %s run %s lost partitions its copies could not take over; restarting it",
+                rec.kind, rec.run_id,
             )
             assert self.ops.scheduler is not None
             self.coord.run_ops.restart(rec, self.ops.scheduler, stimulus_id)
@@ -284,6 +315,14 @@ class Recoveries:
     async def _recover(self, rec: RunRecord, hit: dict[str, set[int]], ran_there: set[Any], stimulus_id: str) -> None:
         state = self.coord.state
         names = list(rec.spec.streams)
+        # A promotion for the same loss (copies took over the partitions
+        # that had one in sync; new copies placed) makes a new epoch too:
+        # recover from what it made, not race it.
+        for n in names:
+            await self.coord.promotions.settled(n)
+        if any(n not in state.streams for n in names):
+            self.recovering.difference_update(names)
+            return  # destroyed meanwhile (its run restarted, its graph released)
         olds = [state.streams[n] for n in names]
         # Streams of a run are placed alike (a join reads both sides on one
         # worker): their lost partitions are the same.
@@ -293,13 +332,16 @@ class Recoveries:
             # registration) gets its new epoch once every owner holds it.
             for n in names:
                 await self.coord.stream_ops.opened(n)
-            if not all(state.streams.get(o.name) is o for o in olds):
-                return  # its open failed: the stream is gone, and so is this run's attempt
+            if not self._unchanged(rec, olds, stimulus_id):
+                return
             load = owners_load([s.owners for s in state.streams.values()], self.ops.running())
-            placed = place_partitions(len(parts), load)
+            placed = _place_recreated(parts, olds, load)
             news = [state.recovered(o.name, parts, placed) for o in olds]
             for new in news:
-                msg = {"op": "aimss_recover", "spec": new.to_wire(), "since": new.first_epoch, "inputs": rec.spec.inputs}
+                msg = {
+                    "op": "aimss_recover", "spec": new.to_wire(), "since": new.first_epoch,
+                    "inputs": rec.spec.inputs, "recreated": parts,
+                }
                 # Everyone: holders of surviving partitions answer to the new
                 # epoch too, and every process forgets the spec it cached.
                 replies = await self.ops.broadcast(msg)
@@ -315,9 +357,7 @@ class Recoveries:
                     by_owner.setdefault(new.owners[p], []).append(p)
                 for w, ps in by_owner.items():
                     await self.ops.ask(w, {**msg, "partitions": ps})
-            if not all(state.streams.get(o.name) is o for o in olds):
-                # Destroyed meanwhile (its run restarted, its graph released):
-                # their drops of the old epoch took these logs too.
+            if not self._unchanged(rec, olds, stimulus_id):
                 return
             for old, new in zip(olds, news):
                 state.commit_recovery(old, new)
@@ -340,6 +380,22 @@ class Recoveries:
             "action": "run-recovered", "run": rec.run_id, "kind": rec.kind, "partitions": parts,
             "pushes_rerun": len(again), "pushes_refill": sum(k not in ran_there for k in again),
         })
+
+    def _unchanged(self, rec: RunRecord, olds: list[Any], stimulus_id: str) -> bool:
+        """Whether the streams are still ``olds``; if not, the run restarts unless they are gone.
+
+        Gone: destroyed meanwhile (the run restarted, its graph released),
+        and their drops took the logs this recovery made. Changed: another
+        loss made a new epoch meanwhile (a promotion, or a recovery, planned
+        from a spec this one did not see): start over rather than guess.
+        """
+        state = self.coord.state
+        if all(state.streams.get(o.name) is o for o in olds):
+            return True
+        if all(o.name in state.streams for o in olds) and self.ops.scheduler is not None:
+            logger.warning("aimss: %s run %s changed hands during its recovery; restarting it", rec.kind, rec.run_id)
+            self.coord.run_ops.restart(rec, self.ops.scheduler, stimulus_id)
+        return False
 
     def _rerun_pushes(
         self,

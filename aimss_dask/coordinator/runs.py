@@ -82,7 +82,7 @@ class RunHandlers:
             if only_lost and not any(n in (lost or {}) for n in (*spec.streams, *spec.reads)):
                 continue
             if worker is not None and self.coord.recoveries.eligible(rec):
-                self.coord.recoveries.keep(rec, worker, lost or {}, stimulus_id)
+                self.coord.recoveries.keep(rec, worker, lost or {}, stimulus_id, later=only_lost)
                 continue
             if worker is not None and not rec.finished and self._untouched(rec, scheduler, lost or {}):
                 continue

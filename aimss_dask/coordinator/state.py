@@ -484,7 +484,14 @@ class CoordinatorState:
         for p, w in zip(partitions, owners, strict=True):
             check_partition(spec, p)
             owners_now[p] = w
-        return spec.recovered(self._next_epoch(), tuple(owners_now))
+        replicas = None
+        if spec.replicas:
+            # A partition re-created on a worker that held a copy of it (one
+            # still catching up: it drops that first) has one copy fewer.
+            replicas = tuple(
+                tuple(w for w in spec.replicas_of(p) if w != owners_now[p]) for p in range(spec.partitions)
+            )
+        return spec.recovered(self._next_epoch(), tuple(owners_now), replicas)
 
     def commit_recovery(self, old: StreamSpec, new: StreamSpec) -> bool:
         """Replace ``old`` by its recovery ``new``: the partitions that moved are no longer lost.

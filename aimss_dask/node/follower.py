@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from typing import Any
 
 from aimss_dask.core.specs import Origin
@@ -119,6 +120,30 @@ class Follower:
                 self.writers.forget_partition(name, self.log.since(name, epoch), partition)
                 self.origins.forget_partition(name, epoch, partition)
             return dropped
+
+    def reset(self, name: str, epoch: int, since: int, partitions: list[int], keep: Collection[int] = ()) -> list[int]:
+        """Empty what this worker holds of ``partitions`` of ``name``: they were lost and are re-created.
+
+        ``name`` was created at ``since`` and is recovered at ``epoch``. A
+        copy here (one still catching up when the owner died, or one the
+        coordinator could not promote) holds records of the lost log, and
+        filters that name them: the re-created partition starts empty and
+        is written again, so those go. Cut back to the new owner's length
+        instead, a copy would keep the old log's records under offsets the
+        new log fills with others. The partitions of ``keep`` this worker
+        holds are opened again, empty (it stays a copy, or is the new
+        owner). Returns the partitions that were held here.
+        """
+        with self.lock:
+            held = [p for p in partitions if self.log.partition_stats(name, p) is not None]
+            for p in partitions:
+                self.log.drop_partition(name, since, p)
+                self.writers.forget_partition(name, since, p)
+                self.origins.forget_partition(name, epoch, p)
+            again = [p for p in held if p in keep]
+            if again:
+                self.log.open(name, epoch, again, since=since)
+            return held
 
     def learn_writers(self, name: str, epoch: int, partition: int, table: dict[int, int]) -> None:
         """The owner's writer numbers as its catch-up of this copy ended (the copies carried no writer tags)."""

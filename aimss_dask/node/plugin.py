@@ -698,14 +698,21 @@ class AIMSSWorker(WorkerPlugin):
 
     @replies
     async def _h_recover(
-        self, spec: dict[str, Any], since: int, partitions: list[int] | None = None, inputs: int = 0
+        self,
+        spec: dict[str, Any],
+        since: int,
+        partitions: list[int] | None = None,
+        inputs: int = 0,
+        recreated: list[int] | None = None,
     ) -> dict[str, Any]:
         """Stream ``spec`` continues, recovered, under a newer epoch (see :mod:`aimss_dask.coordinator.recovery`).
 
         Logs and filter state held here of an epoch from ``since`` on are
         kept and answer to the new epoch too; ``partitions``: lost ones
-        re-created here, empty. Every process forgets the spec it cached.
-        Returns whether this worker holds the stream.
+        re-created here, empty. ``recreated``: every partition re-created
+        (told to all): a copy of one held here is emptied (see
+        :meth:`~aimss_dask.node.follower.Follower.reset`). Every process
+        forgets the spec it cached. Returns whether this worker holds the stream.
         """
         assert self.store is not None
         s = StreamSpec.from_wire(spec)
@@ -715,6 +722,15 @@ class AIMSSWorker(WorkerPlugin):
         if inputs:
             self.origins.track(s.name, s.epoch, inputs, since=since)
         with trace.span("recover", stream=s.name, epoch=s.epoch, recreated=sorted(partitions or [])):
+            # Told to everyone first, then to each new owner for its own.
+            gone = partitions or recreated or []
+            if gone and self.follower is not None:
+                # Copies of the lost logs held here go first (the new owner's
+                # too): the partitions start empty, filters too, and are
+                # written again; a copy stays one, empty, and catches up.
+                assert self.worker is not None
+                copies = [p for p in gone if self.worker.address in s.replicas_of(p)]
+                self.follower.reset(s.name, s.epoch, since, gone, keep=copies)
             self.store.open(s.name, s.epoch, partitions or [], since=since)
         if self.replicator is not None and (s.replicas or self.replicator.tracks(s.name)):
             # A replica here may own its partition now (its owner died), and

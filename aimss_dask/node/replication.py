@@ -37,7 +37,12 @@ from typing import Any
 
 from distributed.utils import sync
 
-from aimss_dask.core.errors import AIMSSError, raise_from_wire
+from aimss_dask.core.errors import (
+    AIMSSError,
+    StreamNotFoundError,
+    error_from_wire,
+    raise_from_wire,
+)
 from aimss_dask.core.specs import StreamSpec
 from aimss_dask.log import records as rec
 from aimss_dask.log.store import LogStore
@@ -205,9 +210,15 @@ class Replicator:
                         self.store.commit(spec.name, None, p, None)
                     continue
                 if part is None:
+                    try:
+                        self.store.hold_back(spec.name, spec.epoch, [p])
+                    except AIMSSError:
+                        # Not opened here yet (a lost partition re-created
+                        # here: the coordinator tells every worker of the
+                        # new epoch first): configured when it is opened.
+                        continue
                     part = self._parts[key] = _Part(spec.name, spec.epoch, p)
                     self._names[spec.name] = self._names.get(spec.name, 0) + 1
-                    self.store.hold_back(spec.name, spec.epoch, [p])
                 part.epoch = max(part.epoch, spec.epoch)
                 for dest in list(part.insync) + list(part.joining) + list(part.dropping):
                     if dest not in want:
@@ -388,15 +399,19 @@ class Replicator:
                 if isinstance(work, _Sync):
                     try:
                         conn = self._sync(d, work.part, conn)
-                    except AIMSSError as e:  # about this stream only (dropped there, say)
-                        # A stream destroyed meanwhile (dropped here too) is
-                        # not news: its copies are gone on purpose.
-                        (logger.debug if self._dropped_here(work.part) else logger.warning)(
-                            "aimss: catching up replica %s of %r partition %d failed (%s); "
-                            "it no longer counts as a copy", d.address, work.part.name, work.part.p, e,
-                        )
                         with self._cond:
-                            self._drop(work.part, d.address)
+                            self._refused.pop((work.part.name, work.part.p, d.address), None)
+                    except StreamNotFoundError as e:
+                        if self._not_heard_yet(d, work.part):
+                            # The replica has not heard of the stream's new
+                            # epoch yet (told to every worker at once): again.
+                            with self._cond:
+                                d.queue.appendleft(work)
+                            time.sleep(0.05)
+                            continue
+                        self._sync_failed(d, work.part, e)
+                    except AIMSSError as e:  # about this stream only (dropped there, say)
+                        self._sync_failed(d, work.part, e)
                 else:
                     conn = self._send(d, [s for s in work if s.part.has(d.address)], conn)
                 if self._reports:
@@ -408,6 +423,27 @@ class Replicator:
                 conn.close()
             if self._reports:
                 self._send_reports()
+
+    def _not_heard_yet(self, d: _Dest, part: _Part) -> bool:
+        """Whether ``d`` may still refuse ``part``'s epoch as unknown (within :data:`NEW_EPOCH_GRACE`)."""
+        key = (part.name, part.p, d.address)
+        if self._dropped_here(part):
+            return False  # destroyed here too: the copy is gone on purpose
+        with self._cond:
+            if not part.has(d.address) or self._parts.get((part.name, part.p)) is not part:
+                return False
+            return time.monotonic() - self._refused.setdefault(key, time.monotonic()) < NEW_EPOCH_GRACE
+
+    def _sync_failed(self, d: _Dest, part: _Part, e: Exception) -> None:
+        """Catching up ``d`` failed for this stream only: it no longer counts as a copy."""
+        # A stream destroyed meanwhile (dropped here too) is not news: its
+        # copies are gone on purpose.
+        (logger.debug if self._dropped_here(part) else logger.warning)(
+            "aimss: catching up replica %s of %r partition %d failed (%s); "
+            "it no longer counts as a copy", d.address, part.name, part.p, e,
+        )
+        with self._cond:
+            self._drop(part, d.address)
 
     def _dropped_here(self, part: _Part) -> bool:
         """Whether this worker's log no longer holds ``part`` (its stream was destroyed)."""
@@ -598,7 +634,8 @@ class Replicator:
         reply, conn = self._transmit(d, [group], conn)
         err = (reply.get("errors") or {}).get(ship.part.name)
         if err is not None:
-            raise AIMSSError(f"replica {d.address} refused a catch-up copy: {err[0]}: {err[1]}")
+            cls = type(error_from_wire(*err))
+            raise cls(f"replica {d.address} refused a catch-up copy: {err[0]}: {err[1]}")
         with self._cond:
             self.stats["replica_records_sent"] += len(ship.records)
         return conn
@@ -712,7 +749,7 @@ class Replicator:
         with self._cond:
             if self._dests.get(d.address) is d:
                 del self._dests[d.address]
-            for part in self._parts.values():
+            for part in list(self._parts.values()):  # a drop may forget a closing partition
                 if part.has(d.address):
                     self._drop(part, d.address)
             self._cond.notify_all()

@@ -662,9 +662,14 @@ class Producer:
             "stored these records, and no replica took over"
             + (" in time" if spec is not None and it.partition not in lost else "")
         )
+        # Counted against the owner the partition was lost with: a copy may
+        # have taken over from ``dead`` and died in turn before this write
+        # reached it. A recovery that re-creates the partition writes it
+        # again, and forgives the writes lost with that owner (failure()).
+        where = spec.owners[it.partition] if spec is not None and it.partition in lost else dead
         with self._cond:
             self._errors.setdefault(it.name, (it.epoch, err))
-            self._failed.setdefault(it.name, {}).setdefault(dead, (it.epoch, err))
+            self._failed.setdefault(it.name, {}).setdefault(where, (it.epoch, err))
             self._rerouting -= 1
             self._cond.notify_all()
         self.budget.release(it.nbytes)
