@@ -75,8 +75,9 @@ def _place_recreated(parts: list[int], specs: list[Any], load: dict[str, int]) -
     """Owners for the lost ``parts`` of ``specs`` (placed alike): least loaded, not a worker holding a copy of it.
 
     A copy there is one still catching up (an in-sync one would have taken
-    over): re-created on another worker, it stays a copy, cut back and
-    caught up again. ``load`` is updated.
+    over): re-created on another worker, it stays a copy (emptied, then
+    caught up from the new log), and the partition keeps its factor.
+    ``load`` is updated.
 
     Examples
     --------
