@@ -495,15 +495,24 @@ def test_streams_of_a_disconnected_client_are_destroyed_unless_persist(client, c
             return False  # still there, c2's: the scheduler has not seen c2 leave yet
         return False
 
-    wait_until(lambda: destroyed(gone) and destroyed(by_task), timeout=5, what="cleanup of the client's streams")
-    assert not any(gone in st["streams"] or by_task in st["streams"] for st in aimss_dask.status().values())
-    with pytest.raises(aimss_dask.StreamPermissionError, match="ask the owner"):
-        aimss_dask.get_stream(kept)  # c2's, though c2 left
-    ks = aimss_dask.get_stream(kept, token=token)  # claimed: this client's now
-    ks.seal()
-    got = list(ks.read(partition=1))
-    assert len(got) == 1
-    np.testing.assert_array_equal(got[0], np.arange(5))
+    def dropped_everywhere() -> bool:
+        # The coordinator forgets them first; each worker drops its logs when its word arrives.
+        return not any(gone in st["streams"] or by_task in st["streams"] for st in aimss_dask.status().values())
+
+    try:
+        wait_until(lambda: destroyed(gone) and destroyed(by_task), timeout=5, what="cleanup of the client's streams")
+        wait_until(dropped_everywhere, timeout=10, what="the workers' logs of those streams dropped")
+        with pytest.raises(aimss_dask.StreamPermissionError, match="ask the owner"):
+            aimss_dask.get_stream(kept)  # c2's, though c2 left
+        ks = aimss_dask.get_stream(kept, token=token)  # claimed: this client's now
+        ks.seal()
+        got = list(ks.read(partition=1))
+        assert len(got) == 1
+        np.testing.assert_array_equal(got[0], np.arange(5))
+    finally:
+        # Whatever failed above, the persisted stream is not left to the next tests (nobody else may destroy it).
+        aimss_dask.get_stream(kept, token=token)  # claimed (again): this client may destroy it
+        aimss_dask.destroy_stream(kept)
 
 
 # -- workers that join later, repeated registration ------------------------------------------
