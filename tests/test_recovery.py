@@ -544,9 +544,9 @@ def test_an_owner_lost_while_its_new_copies_catch_up_is_re_created_exactly(tmp_p
     Its copy still catching up cannot take over, so the partition is lost,
     with partial copies of it (records, and filters that name them) on
     other workers. It is re-created empty, off those copies where a worker
-    is free (a copy there is dropped first); the copies are cut back and
-    caught up again; the pushes refill it. Before the copies were cut with
-    their filters, this lost and duplicated rows; the result is exact.
+    is free; every copy of it is emptied and catches up from the new log;
+    the pushes refill it. With the partial copies left in place, this lost
+    and duplicated rows; the result is exact, and the run is not restarted.
     """
     gate = str(tmp_path / "gate")
     with _nannies4() as client:
