@@ -302,6 +302,12 @@ class RunHandlers:
                 k for k, used in zip(keys, epochs)
                 if not all(n in state.streams and state.same_records(n, e) for n, e in used.items())
             ]
+        if logger.isEnabledFor(logging.DEBUG):
+            spec = state.streams.get(stream)
+            logger.debug(
+                "aimss: stale results of %r: %d keys; stream at epoch %s (first %s, re-created at %s); create stale: %s",
+                stream, len(keys), spec and spec.epoch, spec and spec.first_epoch, state.recreated.get(stream), create,
+            )
         wanted = [as_key(k) for k in keys]
         if create and rec is not None and rec.spec.create is not None:
             wanted.append(rec.spec.create)
