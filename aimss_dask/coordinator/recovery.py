@@ -43,7 +43,7 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aimss_dask.coordinator.cluster import ClusterOps
-from aimss_dask.coordinator.placement import owners_load
+from aimss_dask.coordinator.placement import add_replicas, owners_load
 from aimss_dask.coordinator.registry import RunRecord
 from aimss_dask.core.errors import AIMSSError
 from aimss_dask.core.runs import OnLoss, RunState
@@ -88,11 +88,9 @@ def _place_recreated(parts: list[int], specs: list[Any], load: dict[str, int]) -
     """
     out = []
     for p in parts:
-        copies = {w for s in specs for w in s.replicas_of(p)}
-        free = [w for w in load if w not in copies] or list(load)
-        w = min(free, key=lambda a: (load[a], a))
-        load[w] += 1
-        out.append(w)
+        # Placed as a copy would be (least loaded, not a holder), or anywhere when every worker holds one.
+        copies = [w for s in specs for w in s.replicas_of(p)]
+        out.append((add_replicas(copies, 1, load) or add_replicas([], 1, load))[0])
     return out
 
 

@@ -425,14 +425,23 @@ class Replicator:
                 self._send_reports()
 
     def _not_heard_yet(self, d: _Dest, part: _Part) -> bool:
-        """Whether ``d`` may still refuse ``part``'s epoch as unknown (within :data:`NEW_EPOCH_GRACE`)."""
-        key = (part.name, part.p, d.address)
+        """Whether ``d`` may still refuse ``part``'s epoch as unknown (a catch-up; see :meth:`_in_grace`)."""
         if self._dropped_here(part):
             return False  # destroyed here too: the copy is gone on purpose
         with self._cond:
-            if not part.has(d.address) or self._parts.get((part.name, part.p)) is not part:
-                return False
-            return time.monotonic() - self._refused.setdefault(key, time.monotonic()) < NEW_EPOCH_GRACE
+            return self._in_grace(part, d.address)
+
+    def _in_grace(self, part: _Part, dest: str) -> bool:
+        """Whether ``dest``, still a copy of ``part``, may refuse its epoch as unknown a while longer (hold ``_cond``).
+
+        Within :data:`NEW_EPOCH_GRACE` of its first refusal: after a loss the
+        coordinator tells every worker of the new epoch at once, and this
+        owner may hear first.
+        """
+        if not part.has(dest) or self._parts.get((part.name, part.p)) is not part:
+            return False
+        key = (part.name, part.p, dest)
+        return time.monotonic() - self._refused.setdefault(key, time.monotonic()) < NEW_EPOCH_GRACE
 
     def _sync_failed(self, d: _Dest, part: _Part, e: Exception) -> None:
         """Catching up ``d`` failed for this stream only: it no longer counts as a copy."""
@@ -476,11 +485,7 @@ class Replicator:
                     if d.address in part.insync:
                         part.insync[d.address] = max(part.insync[d.address], s.at + len(s.records))
                     self._advance(part)
-                elif (
-                    err[0] == "StreamNotFoundError" and part.has(d.address)
-                    and self._parts.get((part.name, part.p)) is part
-                    and time.monotonic() - self._refused.setdefault(key, time.monotonic()) < NEW_EPOCH_GRACE
-                ):
+                elif err[0] == "StreamNotFoundError" and self._in_grace(part, d.address):
                     # The replica has not heard of the stream's new epoch yet
                     # (the coordinator tells every worker at once, and this
                     # owner heard first): send again shortly, in order.
@@ -634,8 +639,7 @@ class Replicator:
         reply, conn = self._transmit(d, [group], conn)
         err = (reply.get("errors") or {}).get(ship.part.name)
         if err is not None:
-            cls = type(error_from_wire(*err))
-            raise cls(f"replica {d.address} refused a catch-up copy: {err[0]}: {err[1]}")
+            raise error_from_wire(err[0], f"replica {d.address} refused a catch-up copy: {err[0]}: {err[1]}")
         with self._cond:
             self.stats["replica_records_sent"] += len(ship.records)
         return conn
