@@ -283,9 +283,16 @@ class Producer:
                 seq = self._seq.get(line, 0)
                 self._seq[line] = seq + 1
                 self._sent_to[line] = owner
-            link.pending.append(
-                _Item(spec.name, spec.epoch, partition, ser, nbytes, origin, seq, created=time.monotonic())
-            )
+            item = _Item(spec.name, spec.epoch, partition, ser, nbytes, origin, seq, created=time.monotonic())
+            if seq is not None and self._waits_to_resend(spec.name, partition):
+                # An older write of the partition failed after the wait above
+                # (_behind_resent) let this one through: queued now, it would
+                # overtake it, and an owner that never saw this writer would
+                # take this number and drop the older one as a duplicate.
+                # It waits with it instead, sent next in the writer's order.
+                self._orphan(owner, [item], retry=False)
+                return
+            link.pending.append(item)
             link.pending_bytes += nbytes
             link.written += 1
             self._cond.notify_all()
@@ -518,14 +525,19 @@ class Producer:
             error,
         )
 
-    def _orphan(self, dead: str, items: list[_Item]) -> None:
-        """``items`` sent (or queued) to ``dead`` wait for the owner that takes over (hold ``_cond``)."""
+    def _orphan(self, dead: str, items: list[_Item], retry: bool = True) -> None:
+        """``items`` sent (or queued) to ``dead`` wait for the owner that takes over (hold ``_cond``).
+
+        ``retry`` False: they never failed, they only wait behind older
+        writes of their partition; sent to ``dead`` again, they go with them,
+        not ``SAME_OWNER_RETRY`` later.
+        """
         self._orphans.extend((dead, it) for it in items)
         self._rerouting += sum(1 for it in items if not it.rerouted)
         now = time.monotonic()
         for it in items:
             it.orphaned = it.orphaned or now
-            it.retry_at = now + SAME_OWNER_RETRY
+            it.retry_at = now + SAME_OWNER_RETRY if retry else now
         if self._rerouter is None:
             self._rerouter = threading.Thread(target=self._reroute, name="aimss-push-failover", daemon=True)
             self._rerouter.start()
@@ -559,8 +571,10 @@ class Producer:
                 # partition waits behind them (_behind_resent). Batches still
                 # on the wire to a dead owner may be older than its orphans
                 # (a pipelined connection fails them in another thread): its
-                # orphans wait until they have joined them.
-                orphans = [o for o in self._orphans if self._in_flight(o[0]) <= 0]
+                # orphans wait until they have joined them; and so do newer
+                # writes of their partitions waiting for another owner.
+                held = {(it.name, it.partition) for o, it in self._orphans if self._in_flight(o) > 0}
+                orphans = [o for o in self._orphans if (o[1].name, o[1].partition) not in held]
                 if not orphans:
                     self._cond.wait(0.05)
                     continue
@@ -610,6 +624,12 @@ class Producer:
                 self._cond.notify_all()
                 if left:
                     self._cond.wait(0.1)
+
+    def _waits_to_resend(self, name: str, partition: int) -> bool:
+        """Whether a write of ``name``'s ``partition`` waits to be sent again (hold ``_cond``)."""
+        return bool(self._orphans) and any(
+            it.name == name and it.partition == partition for _, it in self._orphans
+        )
 
     def _in_flight(self, owner: str) -> int:
         """Writes sent to ``owner`` and not settled yet (hold ``_cond``)."""
@@ -699,7 +719,7 @@ class Producer:
             sent = link.written if link is not None else 0
 
             def older_pending() -> bool:
-                if any(it.name == name and it.partition == partition for _, it in self._orphans):
+                if self._waits_to_resend(name, partition):
                     return True
                 lk = self._links.get(dead) if dead is not None else None
                 return lk is not None and lk.acked < sent  # in flight to the old owner
