@@ -11,6 +11,7 @@ failed round (``cut_back``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,9 @@ LOST_CHECK = 1.0
 #: How long a failed round waits for its other tasks before cutting the array
 #: back (a task still writing must not land after the cut).
 FAIL_GRACE = 30.0
+#: How long a task whose result died with its worker may stay so before the
+#: round fails, when the coordinator does not say its partition was lost.
+LOST_RESULT_GRACE = 30.0
 
 
 class Owners:
@@ -90,11 +94,25 @@ class Owners:
         from distributed import wait
 
         results: dict[int, Any] = {}
+        died: dict[int, float] = {}  # partition -> when its task's result was first seen lost
         try:
             while True:
                 progress = False
                 for p, f in futures.items():
                     if p in results:
+                        continue
+                    if f.status == "lost" and not self.client_closed():
+                        # Its result died with its worker before it reached
+                        # here. Dask runs the task again, pinned to that
+                        # worker: never, if the partition died with it. The
+                        # coordinator says whether it did (the named error).
+                        self._check_lost(self._ask("get").get("lost"), futures)
+                        if time.monotonic() - died.setdefault(p, time.monotonic()) > LOST_RESULT_GRACE:
+                            raise SinkError(
+                                f"the sink task of stream {self.spec.name!r} partition {p} lost its "
+                                f"result with worker {self.spec.owners[p]}, and did not run again "
+                                f"in {LOST_RESULT_GRACE:g} s"
+                            )
                         continue
                     if f.status == "error":
                         try:
@@ -115,7 +133,8 @@ class Owners:
                             pass
                 if len(results) == len(futures):
                     return results
-                pending = [f for p, f in futures.items() if p not in results and f.status == "pending"]
+                # A lost result's event is cleared until it runs again: waited on like a pending one.
+                pending = [f for p, f in futures.items() if p not in results and f.status in ("pending", "lost")]
                 if pending and not progress:
                     try:
                         wait(pending, timeout=LOST_CHECK, return_when="FIRST_COMPLETED")
