@@ -91,6 +91,8 @@ class _Item:
     origin: Origin | None = None
     #: Sequence number within (this producer, stream, partition): replicated streams only.
     seq: int | None = None
+    #: ``(stream, its first epoch, partition)``: the line ``seq`` numbers (None: no number).
+    line: tuple[str, int, int] | None = None
     #: Sent again to the replica that took over from a dead owner.
     rerouted: bool = False
     #: ``time.monotonic()`` at ``write``: the push latency runs from there to the owner's answer.
@@ -183,6 +185,12 @@ class Producer:
         # replicated write for: when the owner changes, older writes still
         # on their way to that one go first.
         self._sent_to: dict[tuple[str, int, int], str] = {}
+        # (stream, its first epoch, partition) -> owner -> replicated writes
+        # queued for, or on the wire to, that owner and not answered yet.
+        self._unsettled: dict[tuple[str, int, int], dict[str, int]] = {}
+        # (stream, its first epoch, partition) -> how many of its replicated
+        # writes failed over so far (see _resend).
+        self._failures: dict[tuple[str, int, int], int] = {}
         # stream -> the newest spec learned after an owner died (writes with
         # an older handle go to the owner it names).
         self._routes: dict[str, StreamSpec] = {}
@@ -237,23 +245,9 @@ class Producer:
                 "new stream for new data"
             )
         owner = spec.owners[partition]
+        line = (spec.name, spec.first_epoch, partition)
         if spec.replicas:
-            route = self._routes.get(spec.name)
-            if route is not None and route.epoch > spec.epoch and route.first_epoch == spec.first_epoch:
-                owner = route.owners[partition]  # a replica took over from a dead owner
-            if spec.epoch <= self._dead.get(owner, 0):
-                owner = self._route(spec, partition)
-            line = (spec.name, spec.first_epoch, partition)
-            before = self._sent_to.get(line, spec.owners[partition])
-            if owner != before:
-                # The owner changed since this producer's last write there:
-                # what is queued for, or still on the wire to, the one before
-                # (a request over Dask's comms may take long to fail) goes first.
-                self._behind_resent(before, spec.name, partition)
-            elif owner != spec.owners[partition]:
-                self._behind_resent(spec.owners[partition], spec.name, partition)
-            elif self._orphans:
-                self._behind_resent(None, spec.name, partition)  # a handle that names the new owner
+            owner = self._replicated_owner(spec, partition)
         if spec.epoch <= self._dead.get(owner, 0) and not spec.replicas:
             raise PartitionLostError(
                 f"partition {partition} of stream {spec.name!r} was lost with its "
@@ -263,7 +257,11 @@ class Producer:
             # Same process as the owner: no serialisation, no copy, no comm.
             if spec.replicas:
                 with self._cond:
-                    self._sent_to[(spec.name, spec.first_epoch, partition)] = owner
+                    self._sent_to[line] = owner
+                    # Stored at once, it must not overtake older writes of the
+                    # partition still on their way here (sent to the owner
+                    # this process took over from).
+                    self._cond.wait_for(lambda: self.closed or self._clear(line, None), FAILOVER_TIMEOUT)
             local = records.local_nbytes(record)
             if local is None:
                 local = records.encode(record, spec.name)[1]  # still must serialise
@@ -279,23 +277,95 @@ class Producer:
             link = self._link(owner)
             seq = None
             if spec.replicas:
-                line = (spec.name, spec.first_epoch, partition)
                 seq = self._seq.get(line, 0)
                 self._seq[line] = seq + 1
                 self._sent_to[line] = owner
-            item = _Item(spec.name, spec.epoch, partition, ser, nbytes, origin, seq, created=time.monotonic())
-            if seq is not None and self._waits_to_resend(spec.name, partition):
-                # An older write of the partition failed after the wait above
-                # (_behind_resent) let this one through: queued now, it would
-                # overtake it, and an owner that never saw this writer would
-                # take this number and drop the older one as a duplicate.
-                # It waits with it instead, sent next in the writer's order.
+            item = _Item(
+                spec.name, spec.epoch, partition, ser, nbytes, origin, seq,
+                line=line if seq is not None else None, created=time.monotonic(),
+            )
+            if seq is not None and not self._clear(line, owner):
+                # An older write of the partition waits to be sent again, or
+                # is still on its way to another owner (the waits above
+                # return before a failure that comes later, and other threads
+                # write with other handles): queued now, this one could
+                # overtake it, and an owner that never saw this writer takes
+                # any first number and would drop the older records then as
+                # stored already. It waits with them, sent in the writer's order.
                 self._orphan(owner, [item], retry=False)
                 return
             link.pending.append(item)
             link.pending_bytes += nbytes
             link.written += 1
+            self._queued(owner, item)
             self._cond.notify_all()
+
+    def _replicated_owner(self, spec: StreamSpec, partition: int) -> str:
+        """Where a write to ``partition`` of a replicated ``spec`` goes now.
+
+        The copy that took over from a dead owner, once the coordinator
+        names it. A writer whose owner changed first waits for its older
+        writes of the partition to be sent again (back-pressure; the order
+        itself is kept where the write is queued, see :meth:`_clear`).
+        """
+        owner = self._current_owner(spec, partition)
+        line = (spec.name, spec.first_epoch, partition)
+        before = self._sent_to.get(line, spec.owners[partition])
+        if owner != before:
+            # The owner changed since this producer's last write there:
+            # what is queued for, or still on the wire to, the one before
+            # (a request over Dask's comms may take long to fail) goes first.
+            self._behind_resent(before, spec.name, partition)
+        elif owner != spec.owners[partition]:
+            self._behind_resent(spec.owners[partition], spec.name, partition)
+        elif self._orphans:
+            self._behind_resent(None, spec.name, partition)  # a handle that names the new owner
+        else:
+            return owner
+        # The world may have changed while this writer waited (an owner died).
+        return self._current_owner(spec, partition)
+
+    def _current_owner(self, spec: StreamSpec, partition: int) -> str:
+        """The owner of ``partition`` of a replicated ``spec`` as this producer knows it now."""
+        owner = spec.owners[partition]
+        route = self._routes.get(spec.name)
+        if route is not None and route.epoch > spec.epoch and route.first_epoch == spec.first_epoch:
+            owner = route.owners[partition]  # a replica took over from a dead owner
+        if spec.epoch <= self._dead.get(owner, 0):
+            owner = self._route(spec, partition)
+        return owner
+
+    def _clear(self, line: tuple[str, int, int], owner: str | None) -> bool:
+        """Whether a write of ``line`` may be queued for ``owner`` now (hold ``_cond``).
+
+        No older write of it waits to be sent again, and none is queued for
+        or on the wire to another owner (``None``: to any). Writes on one
+        link keep their order (one connection, answered in order; a broken
+        one fails all it carried, and they are sent again in order).
+        """
+        if self._orphans and any(it.line == line for _, it in self._orphans):
+            return False
+        return all(o == owner for o in self._unsettled.get(line, ()))
+
+    def _queued(self, owner: str, it: _Item) -> None:
+        """``it`` is queued for ``owner`` (hold ``_cond``): see :meth:`_clear`."""
+        if it.line is not None:
+            per = self._unsettled.setdefault(it.line, {})
+            per[owner] = per.get(owner, 0) + 1
+
+    def _unqueued(self, owner: str, items: list[_Item]) -> None:
+        """``items`` queued for ``owner`` were answered, failed, or taken back (hold ``_cond``)."""
+        for it in items:
+            per = self._unsettled.get(it.line) if it.line is not None else None
+            if per is None:
+                continue
+            n = per.get(owner, 0) - 1
+            if n > 0:
+                per[owner] = n
+            else:
+                per.pop(owner, None)
+                if not per:
+                    del self._unsettled[it.line]  # type: ignore[arg-type]
 
     def flush_blocking(
         self,
@@ -451,6 +521,7 @@ class Producer:
             except Exception as e:
                 error = e
         with self._cond:
+            self._unqueued(link.owner, batch)
             moved = [it for it in batch if it.seq is not None] if failover and not self.closed else []
             if moved:
                 self._log_failover(link.owner, moved, error)
@@ -538,6 +609,8 @@ class Producer:
         for it in items:
             it.orphaned = it.orphaned or now
             it.retry_at = now + SAME_OWNER_RETRY if retry else now
+            if retry and it.line is not None:
+                self._failures[it.line] = self._failures.get(it.line, 0) + 1
         if self._rerouter is None:
             self._rerouter = threading.Thread(target=self._reroute, name="aimss-push-failover", daemon=True)
             self._rerouter.start()
@@ -550,6 +623,7 @@ class Producer:
             link.pending = deque(it for it in link.pending if id(it) not in ids)
             link.pending_bytes -= sum(it.nbytes for it in stuck)
             link.acked += len(stuck)
+            self._unqueued(link.owner, stuck)
             self._orphan(link.owner, stuck)
 
     def _reroute(self) -> None:
@@ -568,13 +642,15 @@ class Producer:
                     self._rerouter = None
                     return
                 # Left in place while resolved: a newer write of their
-                # partition waits behind them (_behind_resent). Batches still
-                # on the wire to a dead owner may be older than its orphans
-                # (a pipelined connection fails them in another thread): its
-                # orphans wait until they have joined them; and so do newer
-                # writes of their partitions waiting for another owner.
-                held = {(it.name, it.partition) for o, it in self._orphans if self._in_flight(o) > 0}
-                orphans = [o for o in self._orphans if (o[1].name, o[1].partition) not in held]
+                # partition waits behind them (_clear). Writes of their
+                # partition still queued or on the wire may be older (a
+                # pipelined connection fails them in another thread): the
+                # partition's orphans wait until those have joined them.
+                orphans = [o for o in self._orphans if o[1].line not in self._unsettled]
+                # Writes this round sends again may fail again before it is
+                # through (a connection that breaks once more): newer ones of
+                # their partition must then not follow them.
+                failures = {it.line: self._failures.get(it.line, 0) for _, it in orphans}
                 if not orphans:
                     self._cond.wait(0.05)
                     continue
@@ -599,7 +675,8 @@ class Producer:
                     if p in waiting and not late:
                         left.append((dead, it))  # never ahead of an older write of its partition
                     elif spec is not None and p not in lost and spec.owners[p] != dead and it.epoch >= spec.first_epoch:
-                        self._resend(spec, it)
+                        if not self._resend(spec, it, failures.get(it.line, 0)):
+                            left.append((dead, it))
                     elif unsure and not late:
                         # The coordinator did not answer (busy with the very
                         # loss this waits on): ask again, not a lost write.
@@ -613,7 +690,8 @@ class Producer:
                         # will take over. Send to it again; it drops what it
                         # stored already (the writer's sequence numbers).
                         # Should it fail again, _orphan sets its next retry.
-                        self._resend(spec, it)
+                        if not self._resend(spec, it, failures.get(it.line, 0)):
+                            left.append((dead, it))
                     else:
                         left.append((dead, it))
                     if left and left[-1][1] is it:
@@ -624,17 +702,6 @@ class Producer:
                 self._cond.notify_all()
                 if left:
                     self._cond.wait(0.1)
-
-    def _waits_to_resend(self, name: str, partition: int) -> bool:
-        """Whether a write of ``name``'s ``partition`` waits to be sent again (hold ``_cond``)."""
-        return bool(self._orphans) and any(
-            it.name == name and it.partition == partition for _, it in self._orphans
-        )
-
-    def _in_flight(self, owner: str) -> int:
-        """Writes sent to ``owner`` and not settled yet (hold ``_cond``)."""
-        link = self._links.get(owner)
-        return link.written - link.acked - len(link.pending) if link is not None else 0
 
     def _ask_spec(self, name: str) -> tuple[StreamSpec | None, set[int], bool]:
         """Stream ``name`` as the coordinator has it now, its lost partitions, and whether it failed to say.
@@ -659,11 +726,18 @@ class Producer:
                 self._routes[name] = spec
         return spec, set(reply.get("lost") or ()), False
 
-    def _resend(self, spec: StreamSpec, it: _Item) -> None:
+    def _resend(self, spec: StreamSpec, it: _Item, failures: int) -> bool:
         """Queue ``it`` first for the partition's owner now: a copy that took over, or the same one
-        again (its older records go before newer ones)."""
+        again (its older records go before newer ones).
+
+        False, and nothing queued: a write of its partition failed over
+        since the rerouter's round began (``failures``, see ``_failures``):
+        it may be older than ``it`` and go again next round, before ``it``.
+        """
         owner = spec.owners[it.partition]
         with self._cond:
+            if self._failures.get(it.line, 0) != failures:  # type: ignore[arg-type]
+                return False
             if not it.rerouted:
                 it.rerouted = True
             link = self._link(owner)
@@ -673,8 +747,10 @@ class Producer:
             link.pending.insert(i, it)
             link.pending_bytes += it.nbytes
             link.written += 1
+            self._queued(owner, it)
             link.flush_now = True
             self._cond.notify_all()
+        return True
 
     def _fail_moved(self, dead: str, it: _Item, spec: StreamSpec | None, lost: set[int]) -> None:
         err = PartitionLostError(
@@ -719,7 +795,7 @@ class Producer:
             sent = link.written if link is not None else 0
 
             def older_pending() -> bool:
-                if self._waits_to_resend(name, partition):
+                if any(it.name == name and it.partition == partition for _, it in self._orphans):
                     return True
                 lk = self._links.get(dead) if dead is not None else None
                 return lk is not None and lk.acked < sent  # in flight to the old owner
@@ -831,6 +907,9 @@ class Producer:
                 del self._seq[key]
             for key in [k for k in self._sent_to if k[0] == name and k[1] <= epoch]:
                 del self._sent_to[key]
+            for table in (self._failures, self._unsettled):
+                for key in [k for k in table if k[0] == name and k[1] <= epoch]:
+                    del table[key]
             self._sealed = {s for s in self._sealed if s[0] != name or s[1] > epoch}
 
     def close(self) -> None:
