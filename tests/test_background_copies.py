@@ -140,8 +140,14 @@ def test_a_loader_backs_up_the_late_reads_of_a_slow_owner_and_every_batch_is_rig
     copies = wait_until(lambda: [
         m for m in _events(client, t0) if m["action"] == "copy" and m.get("kind") == "loader"
     ], timeout=10, what="the loader's backups reported")
-    assert all(c["worker"] == slow and c["dest"] != slow and c["copies"] >= 1 for c in copies), copies
-    assert sum(int(c["outcome"].split()[2]) for c in copies) >= 1, copies  # "copy won k of n"
+    assert all(c["dest"] != c["worker"] and c["copies"] >= 1 for c in copies), copies
+    # The slow owner's reads are the ones backed up. A machine busy with
+    # other work may make another owner late once or twice too (a backup is
+    # then right to go, and harmless): most, not all.
+    of_slow = sum(c["copies"] for c in copies if c["worker"] == slow)
+    assert of_slow >= 0.8 * sum(c["copies"] for c in copies), copies
+    won = sum(int(c["outcome"].split()[2]) for c in copies if c["worker"] == slow)  # "copy won k of n"
+    assert won >= 1, copies
 
 
 def test_a_loader_over_owners_at_equal_speed_backs_nothing_up(client, tmp_path):
