@@ -521,7 +521,8 @@ class Producer:
             except Exception as e:
                 error = e
         with self._cond:
-            self._unqueued(link.owner, batch)
+            if self._unsettled:  # replicated writes on their way (else nothing to count: no loop per record)
+                self._unqueued(link.owner, batch)
             moved = [it for it in batch if it.seq is not None] if failover and not self.closed else []
             if moved:
                 self._log_failover(link.owner, moved, error)
