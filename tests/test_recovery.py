@@ -424,7 +424,9 @@ def test_the_dead_workers_finished_pushes_resend_only_what_no_copy_holds(cluster
     # At least the two pushes that finished before the last one asked, and
     # together they wrote less than everything.
     assert len(refilled) >= 2, events
-    assert sum(e["written"] for e in refilled) < sum(e["partitions"] for e in refilled), refilled
+    # (input, partitions written, of, partitions whose copies all answered): short enough to survive pytest's cut.
+    brief = [(e["input"], e["written"], e["partitions"], e.get("known")) for e in refilled]
+    assert sum(e["written"] for e in refilled) < sum(e["partitions"] for e in refilled), brief
     if replication == 1:
         (recovered,) = [e for e in events if e.get("action") == "run-recovered"]
         # Every one of them wrote at least the re-created partitions.

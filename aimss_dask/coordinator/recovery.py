@@ -180,6 +180,8 @@ class Recoveries:
         self.ops.event({
             "action": "push-refilled", "stream": stream, "key": str(key), "input": input_id,
             "written": len(out), "partitions": spec.partitions,
+            # Partitions whose every copy answered (the rest count as holding nothing).
+            "known": len(held),
         })
         return out
 
