@@ -105,8 +105,7 @@ class Owners:
                         # Its result died with its worker before it reached
                         # here. Dask runs the task again, pinned to that
                         # worker: never, if the partition died with it. The
-                        # coordinator says whether it did (the named error).
-                        self._check_lost(self._ask("get").get("lost"), futures)
+                        # look at the lost partitions below names that.
                         if time.monotonic() - died.setdefault(p, time.monotonic()) > LOST_RESULT_GRACE:
                             raise SinkError(
                                 f"the sink task of stream {self.spec.name!r} partition {p} lost its "
