@@ -187,3 +187,56 @@ def count_fsyncs(dask_worker=None, reset: bool = True) -> list[str]:
     if reset:
         durable._test_synced.clear()
     return out
+
+
+def linked_replicator(follower: Any, copy_store: Any, epoch: int = 1) -> type:
+    """A :class:`~aimss_dask.node.replication.Replicator` class whose one copy is ``follower``, in this process.
+
+    The owner's questions and copies reach the copy's real
+    :class:`~aimss_dask.node.follower.Follower` (over ``copy_store``, the
+    stream at ``epoch``) as a worker's handlers would pass them on. ``cut``:
+    what each ``aimss_truncate`` cut. ``deliver(groups)``: apply shipped
+    groups, a copy's errors by stream as a worker answers them; a test that
+    breaks the link overrides ``_transmit`` around it.
+    """
+    from distributed.protocol import deserialize
+
+    from aimss_dask.core.errors import AIMSSError
+    from aimss_dask.node.replication import Replicator
+
+    class Linked(Replicator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.cut: list[int] = []
+
+        def _replica_end(self, dest: str, name: str, p: int) -> int:
+            return copy_store.held(name, epoch, p)
+
+        def _ask(self, dest: str, op: str, **kw: Any) -> dict:
+            where = (kw["name"], kw["epoch"], kw["partition"]) if "partition" in kw else None
+            if op == "aimss_truncate":
+                self.cut.append(follower.truncate(*where, kw["end"]))
+            elif op == "aimss_replica_writers":
+                follower.learn_writers(*where, dict(kw["table"]))
+            elif op == "aimss_replica_origins":
+                follower.learn_origins(*where, [tuple(o) for o in kw["origins"]])
+            else:
+                raise AssertionError(f"not expected here: {op}")
+            return {}
+
+        def deliver(self, groups: list[Any]) -> dict[str, tuple[str, str]]:
+            errors: dict[str, tuple[str, str]] = {}
+            for name, ep, p, sers, sizes, origin, writer, at in groups:
+                if name in errors:
+                    continue  # as a worker does: one error per stream and batch
+                try:
+                    records = [deserialize(x.header, x.frames) for x in sers]
+                    follower.append(name, ep, p, records, sizes, origin, writer, at)
+                except AIMSSError as e:
+                    errors[name] = (type(e).__name__, str(e))
+            return errors
+
+        def _transmit(self, d: Any, groups: list[Any], conn: Any) -> tuple[dict[str, Any], Any]:
+            return {"errors": self.deliver(groups)}, conn
+
+    return Linked

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import make_cluster, wait_until
+from conftest import linked_replicator, make_cluster, wait_until
 from distributed import Client, wait
 
 import aimss_dask
@@ -697,12 +697,9 @@ def test_a_copy_cut_back_to_its_new_owner_forgets_what_its_filters_knew_of_the_r
     stored already, a silent loss. A real owner (its replicator) catches up
     a real copy (its follower), linked in-process.
     """
-    from distributed.protocol import deserialize
-
     from aimss_dask.core.specs import Origin, StreamSpec
     from aimss_dask.node.dedup import OriginFilter
     from aimss_dask.node.follower import Follower
-    from aimss_dask.node.replication import Replicator
     from aimss_dask.node.writers import WriterSeqs
 
     copy_store = LogStore(budget=2**20, spill_root=str(tmp_path / "copy"))
@@ -713,25 +710,7 @@ def test_a_copy_cut_back_to_its_new_owner_forgets_what_its_filters_knew_of_the_r
     for i in range(5):  # what the dead owner shipped here: (input i, attempt 1), writer 7's number i
         follower.append("s", 1, 0, [i], [8], (i, 1, 0), (7, i), at=i)
 
-    class Linked(Replicator):
-        def _replica_end(self, dest, name, p):
-            return copy_store.held(name, 1, p)
-
-        def _ask(self, dest, op, **kw):
-            where = (kw["name"], kw["epoch"], kw["partition"]) if "partition" in kw else None
-            if op == "aimss_truncate":
-                self.cut.append(follower.truncate(*where, kw["end"]))
-            elif op == "aimss_replica_writers":
-                follower.learn_writers(*where, dict(kw["table"]))
-            elif op == "aimss_replica_origins":
-                follower.learn_origins(*where, [tuple(o) for o in kw["origins"]])
-            return {}
-
-        def _transmit(self, d, groups, conn):
-            for name, epoch, p, sers, sizes, origin, writer, at in groups:
-                records = [deserialize(x.header, x.frames) for x in sers]
-                follower.append(name, epoch, p, records, sizes, origin, writer, at)
-            return {"errors": {}}, conn
+    Linked = linked_replicator(follower, copy_store)
 
     owner_store = LogStore(budget=2**20, spill_root=str(tmp_path / "owner"))
     owner_store.open("s", 1, [0])
@@ -743,7 +722,6 @@ def test_a_copy_cut_back_to_its_new_owner_forgets_what_its_filters_knew_of_the_r
         owner_store.append("s", 1, 0, [i], [8])
     r = Linked(owner_store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None,
                writers=writers, origins=origins)
-    r.cut = []
     r.configure(StreamSpec(name="s", partitions=1, owners=("a",), epoch=1, replicas=(("b",),), replication=2))
     wait_until(lambda: "b" in r._parts[("s", 0)].insync, timeout=10, what="the copy in sync")
     r.close()

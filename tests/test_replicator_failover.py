@@ -23,15 +23,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import wait_until
-from distributed.protocol import deserialize
+from conftest import linked_replicator, wait_until
 
-from aimss_dask.core.errors import AIMSSError
 from aimss_dask.core.specs import StreamSpec
 from aimss_dask.log.store import LogStore
 from aimss_dask.node.dedup import OriginFilter
 from aimss_dask.node.follower import Follower
-from aimss_dask.node.replication import Replicator
 from aimss_dask.node.writers import WriterSeqs
 
 PARTITIONS = 2
@@ -56,35 +53,14 @@ def _trial(seed: int, root: str, writes: int = 400) -> None:
         with dice:
             return rng.random()
 
-    class Linked(Replicator):
-        def _replica_end(self, dest, name, p):
-            return copy.held(name, 1, p)
-
-        def _ask(self, dest, op, **kw):
-            where = (kw["name"], kw["epoch"], kw["partition"]) if "partition" in kw else None
-            if op == "aimss_truncate":
-                follower.truncate(*where, kw["end"])
-            elif op == "aimss_replica_writers":
-                follower.learn_writers(*where, dict(kw["table"]))
-            elif op != "aimss_replica_origins":
-                raise AssertionError(f"not expected here: {op}")
-            return {}
-
+    class Linked(linked_replicator(follower, copy)):
         def _transmit(self, d, groups, conn):
             fate = roll()
             if fate < 0.06:
                 breaks[0] += 1
                 # The connection breaks: before the batch, or after the copy stored part of it.
                 groups = groups[: int(fate / 0.06 * (len(groups) + 1))] if fate > 0.03 else []
-            errors: dict = {}
-            for name, epoch, p, sers, sizes, origin, writer, at in groups:
-                if name in errors:
-                    continue  # as a worker does: one error per stream and batch
-                try:
-                    follower.append(name, epoch, p, [deserialize(x.header, x.frames) for x in sers], sizes,
-                                    origin, writer, at)
-                except AIMSSError as e:
-                    errors[name] = (type(e).__name__, str(e))
+            errors = self.deliver(groups)
             while copy.over_budget and copy.spill():
                 pass
             if fate < 0.06:
