@@ -217,7 +217,7 @@ def linked_replicator(follower: Any, copy_store: Any, epoch: int = 1) -> type:
             if op == "aimss_truncate":
                 self.cut.append(follower.truncate(*where, kw["end"]))
             elif op == "aimss_replica_writers":
-                follower.learn_writers(*where, dict(kw["table"]))
+                follower.learn_writers(*where, dict(kw["table"]), kw["whole"])
             elif op == "aimss_replica_origins":
                 follower.learn_origins(*where, [tuple(o) for o in kw["origins"]])
             else:

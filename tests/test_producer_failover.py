@@ -11,10 +11,11 @@ Owners are killed too: a copy in sync takes over holding everything
 answered and any part of the rest, as a real copy may.
 
 Whatever happens, each partition must end with exactly the records
-written to it, in the writer's order, once each. A reordering a real
-owner would accept silently (one that never saw the writer takes any first
-number, and drops older records then as held) shows up as a missing or
-misplaced record here.
+written to it, in the writer's order, once each, and no write may be
+refused. The owners held every partition from its creation, so a writer
+they have not seen must start at 0 there: a reordering is refused as a gap
+(an owner that lost that knowledge, a copy cut back, would take it
+silently and drop the older records then as held).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class _World:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.owners = {w: _Owner() for w in WORKERS}
+        for owner in self.owners.values():  # every log opened as the stream is created: writers start at 0
+            for p in range(PARTITIONS):
+                owner.seqs.begin(NAME, 1, p)
         self.spec = StreamSpec(
             name=NAME, partitions=PARTITIONS, owners=WORKERS[:PARTITIONS], epoch=1,
             replicas=tuple((WORKERS[(p + 1) % len(WORKERS)],) for p in range(PARTITIONS)), replication=2,
@@ -118,9 +122,11 @@ class _World:
                 new = self.owners[heir]
                 new.logs[p] = list(held)
                 new.answered[p] = len(held)
+                # Its table is the records it holds, and it held the partition from its creation.
                 new.seqs.forget_partition(NAME, 1, p)
+                new.seqs.begin(NAME, 1, p)
                 if held:
-                    new.seqs.merge(NAME, 1, p, {producer.id: max(s for s, _ in held) + 1})
+                    new.seqs.merge(NAME, 1, p, {producer.id: max(s for s, _ in held) + 1}, whole=True)
                 owners[p] = heir
             old = self.spec.epoch
             self.spec = StreamSpec(

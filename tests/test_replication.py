@@ -807,6 +807,90 @@ def test_a_copy_learns_the_writer_numbers_of_a_group_its_owner_dropped_as_a_seco
     r.close()
 
 
+@pytest.mark.parametrize("owner_whole", [True, False])
+def test_a_copy_refuses_an_unseen_writer_mid_way_only_while_every_writer_of_its_partition_is_known(
+    tmp_path, owner_whole
+):
+    """A writer not seen before must start at 0 on a partition held since its creation, anywhere elsewhere.
+
+    Held since its creation, a partition knows every writer that stored a
+    record in it: an unseen one starting above 0 lost records on the way,
+    and taking it would drop them later as stored (a silent loss), so it is
+    refused. A copy caught up by an owner that cannot say so (it was cut
+    back, or re-created) gets records without writer tags: a writer it does
+    not know may have stored some, and goes on from where it was.
+    """
+    from aimss_dask.core.errors import WriteOrderError
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.node.dedup import OriginFilter
+    from aimss_dask.node.follower import Follower
+    from aimss_dask.node.writers import WriterSeqs
+
+    copy_store = LogStore(budget=2**20, spill_root=str(tmp_path / "copy"))
+    copy_store.open("s", 1, [0])
+    copy_writers = WriterSeqs()
+    copy_writers.begin("s", 1, 0)  # a copy from the stream's creation that fell behind
+    follower = Follower(copy_store, copy_writers, OriginFilter(), threading.Lock())
+    owner_store = LogStore(budget=2**20, spill_root=str(tmp_path / "owner"))
+    owner_store.open("s", 1, [0])
+    writers = WriterSeqs()
+    if owner_whole:
+        writers.begin("s", 1, 0)
+        for i in range(3):
+            assert writers.admit("s", 1, 0, (7, i), 1) == 0
+    else:
+        # A promoted copy that was cut back: it holds writer 8's records and forgot their numbers.
+        writers.admit("s", 1, 0, (7, 0), 3)
+        writers.forget_partition("s", 1, 0)
+    owner_store.append("s", 1, 0, [0, 1, 2], [8, 8, 8])
+    r = linked_replicator(follower, copy_store)(
+        owner_store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None, writers=writers
+    )
+    r.configure(StreamSpec(name="s", partitions=1, owners=("a",), epoch=1, replicas=(("b",),), replication=2))
+    wait_until(lambda: "b" in r._parts[("s", 0)].insync, timeout=10, what="the copy in sync")
+    r.close()
+    assert copy_store.read("s", 1, 0, 0, None)[0] == [0, 1, 2]
+    assert copy_writers.whole("s", 1, 0) is owner_whole
+    # Promoted: a writer it knows goes on; one it does not know...
+    assert copy_writers.admit("s", 1, 0, (7, 3), 1) == 0 if owner_whole else True
+    if owner_whole:
+        with pytest.raises(WriteOrderError, match=r"writer 8 .* from sequence number 2, but it stored none here"):
+            copy_writers.admit("s", 1, 0, (8, 2), 1)
+        assert copy_writers.table("s", 1, 0) == {7: 4}  # refused: nothing changed
+        assert copy_writers.admit("s", 1, 0, (8, 0), 1) == 0
+    else:
+        assert copy_writers.admit("s", 1, 0, (8, 2), 1) == 0
+
+
+def test_a_producer_that_skipped_sequence_numbers_is_refused_not_stored(cluster3):
+    """The owner of a partition held since its creation refuses a writer whose first number is not 0.
+
+    Stands in for a bug in the producer's order (records 0 to 2 lost on the
+    way): taken, the owner would drop those records as stored when they
+    came, silently. Refused, the writer fails loudly and the partition keeps
+    what it held.
+    """
+    from aimss_dask.api.context import _client_producers
+    from aimss_dask.core.errors import WriteOrderError
+
+    client = cluster3
+    with client.as_current():  # a module fixture of this file may have made another client the default
+        wait_until(lambda: _running(client) == 3, timeout=30, what="3 workers running")
+        s = aimss_dask.create_stream("rep-skip", 2, replication=2)
+        for i in range(5):
+            s.write(i, partition=0)
+        s.flush()
+        producer = _client_producers[client]
+        with producer._cond:
+            # Its first write to partition 1: numbers 0 to 2 "lost on the way".
+            producer._seq[("rep-skip", s.spec.first_epoch, 1)] = 3
+        s.write(100, partition=1)
+        with pytest.raises(WriteOrderError, match=r"'rep-skip' partition 1 from sequence number 3, but it stored none"):
+            s.flush()
+        assert s.info()["records"] == [5, 0]
+        aimss_dask.destroy_stream("rep-skip")
+
+
 def test_a_catch_up_cut_short_by_a_destroy_is_not_a_warning_and_one_that_fails_otherwise_is(tmp_path, caplog):
     """A copy catching up when its stream is destroyed fails there: expected, so not logged as a problem."""
     import logging

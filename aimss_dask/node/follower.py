@@ -145,10 +145,14 @@ class Follower:
                 self.log.open(name, epoch, again, since=since)
             return held
 
-    def learn_writers(self, name: str, epoch: int, partition: int, table: dict[int, int]) -> None:
-        """The owner's writer numbers as its catch-up of this copy ended (the copies carried no writer tags)."""
+    def learn_writers(self, name: str, epoch: int, partition: int, table: dict[int, int], whole: bool) -> None:
+        """The owner's writer numbers as its catch-up of this copy ended (the copies carried no writer tags).
+
+        ``whole``: the owner held the partition since its creation (see
+        :meth:`~aimss_dask.node.writers.WriterSeqs.begin`).
+        """
         with self.lock:
-            self.writers.merge(name, self.log.since(name, epoch), partition, table)
+            self.writers.merge(name, self.log.since(name, epoch), partition, table, whole)
 
     def learn_origins(self, name: str, epoch: int, partition: int, origins: list[tuple[int, int, int]]) -> int:
         """The owner's origins as its catch-up ended; how many this copy's filter holds otherwise."""

@@ -629,7 +629,19 @@ class AIMSSWorker(WorkerPlugin):
         s = StreamSpec.from_wire(spec)
         if inputs:
             self.origins.track(s.name, s.epoch, inputs)
+        # Created now (not moved here, nor a late repeat for partitions held
+        # already): every writer of these starts at 0 (see WriterSeqs.begin).
+        # No append can come between the look and the open (none before it).
+        created = (
+            [p for p in partitions if self.store.partition_stats(s.name, p) is None]
+            if s.replicas and starts is None and s.epoch == s.first_epoch
+            else []
+        )
         self.store.open(s.name, s.epoch, partitions, {int(p): int(o) for p, o in starts or ()})
+        if created and self.replicator is not None:
+            with self.replicator.append_lock:  # the writers' table is the appends'
+                for p in created:
+                    self.writers.begin(s.name, s.epoch, p)
         if s.replicas and self.replicator is not None and self.worker is not None:
             # The coordinator opened the replicas before it returns the
             # stream to anyone: they start in sync, empty like this log.
@@ -756,10 +768,12 @@ class AIMSSWorker(WorkerPlugin):
         self.store.rebase(name, epoch, partition, start)
 
     @replies
-    async def _h_replica_writers(self, name: str, epoch: int, partition: int, table: list[tuple[int, int]]) -> None:
+    async def _h_replica_writers(
+        self, name: str, epoch: int, partition: int, table: list[tuple[int, int]], whole: bool = False
+    ) -> None:
         """What the owner's writer filter knew when this copy caught up (its copies carried no writer tags)."""
         assert self.follower is not None
-        self.follower.learn_writers(name, epoch, partition, dict(table))
+        self.follower.learn_writers(name, epoch, partition, dict(table), bool(whole))
 
     @replies
     async def _h_replica_origins(self, name: str, epoch: int, partition: int, origins: list[list[int]]) -> None:
@@ -824,7 +838,8 @@ class AIMSSWorker(WorkerPlugin):
         self.origins.forget(name, epoch)
         if self.replicator is not None:
             self.replicator.forget(name, epoch=epoch)
-        self.writers.forget(name, epoch)
+            with self.replicator.append_lock:  # appends on other threads add to the table
+                self.writers.forget(name, epoch)
         # Runs first (a source's brokers), so none appends while it is dropped.
         self.runs.stop(name, epoch)
         self.producer.forget(name, epoch)

@@ -575,11 +575,14 @@ class Replicator:
                     held, paced = now, False
                     continue
                 table = self._writers.table(name, since, p) if self._writers is not None else {}
+                whole = self._writers is None or self._writers.whole(name, since, p)
                 origins = self._origins.export(name, part.epoch, p) if self._origins is not None else None
-            if table:
+            if table or not whole:
+                # Not whole here: the copy's table may lack writers of the
+                # records it just got, so it is not either (WriterSeqs.merge).
                 self._ask(
                     d.address, "aimss_replica_writers", name=name, epoch=part.epoch, partition=p,
-                    table=sorted(table.items()),
+                    table=sorted(table.items()), whole=whole,
                 )
             if origins:
                 self._ask(
