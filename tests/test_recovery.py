@@ -365,15 +365,24 @@ def test_a_replicated_shuffle_on_a_tls_cluster_loses_an_owner():
 
 
 class _KillAfterPushes:
-    """A scheduler plugin that SIGKILLs the worker that first finishes ``n`` pushes, from that very transition."""
+    """A scheduler plugin that SIGKILLs a worker as a push finishes there, from that very transition.
+
+    The first worker that has finished ``n`` pushes, the first of them at
+    least ``age`` seconds ago: long enough for its records to have left
+    (pushes do not flush; the producer sends within its linger). A
+    worker's first pushes often finish together, as the stream's creation
+    lets them all go at once, and then were still in its buffers.
+    """
 
     name = "test-kill-after-pushes"
 
-    def __init__(self, scheduler: Any, n: int) -> None:
+    def __init__(self, scheduler: Any, n: int, age: float) -> None:
         self.scheduler = scheduler
         self.n = n
-        self.done: dict[str, int] = {}
+        self.age = age
         self.victim: str | None = None
+        #: Each worker's finished pushes: (key, time.monotonic()), to tell how long before the kill.
+        self.finished: dict[str, list[tuple[str, float]]] = {}
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
         if self.victim is not None or finish != "memory" or not str(key[0] if isinstance(key, tuple) else key).startswith("aimss-push-"):
@@ -382,41 +391,48 @@ class _KillAfterPushes:
         worker = next(iter(ws)).address if ws else None
         if worker is None:
             return
-        self.done[worker] = self.done.get(worker, 0) + 1
-        if self.done[worker] >= self.n:
+        now = time.monotonic()
+        done = self.finished.setdefault(worker, [])
+        done.append((str(key), now))
+        if len(done) >= self.n and now - done[0][1] >= self.age:
             self.victim = worker
             os.kill(self.scheduler.workers[worker].pid, signal.SIGKILL)
 
 
-def _arm_kill_after_pushes(dask_scheduler, n: int) -> None:
+def _arm_kill_after_pushes(dask_scheduler, n: int, age: float) -> None:
     from distributed.diagnostics.plugin import SchedulerPlugin
 
-    plugin = type("KillAfterPushes", (_KillAfterPushes, SchedulerPlugin), {})(dask_scheduler, n)
+    plugin = type("KillAfterPushes", (_KillAfterPushes, SchedulerPlugin), {})(dask_scheduler, n, age)
     dask_scheduler.add_plugin(plugin, name=_KillAfterPushes.name)
 
 
-def _kill_victim(dask_scheduler) -> str | None:
+def _kill_victim(dask_scheduler) -> tuple[str | None, list[tuple[str, float]]]:
+    """The worker killed, and its pushes that finished: (key, seconds before the kill)."""
     plugin = dask_scheduler.plugins.pop(_KillAfterPushes.name, None)
-    return None if plugin is None else plugin.victim
+    if plugin is None or plugin.victim is None:
+        return None, []
+    done = plugin.finished[plugin.victim]
+    return plugin.victim, [(k, round(done[-1][1] - t, 3)) for k, t in done]
 
 
 @pytest.mark.parametrize("replication", [1, 2])
 def test_the_dead_workers_finished_pushes_resend_only_what_no_copy_holds(cluster3, replication):
     """Pushes that had finished on the dead worker run again and write only the partitions that lack their input.
 
-    The worker is killed right as its third push finishes: the first two
-    sent their records long before, and the owners (and their copies) say
-    so. With one copy, the re-created partitions are written too.
+    The worker is killed right as a push finishes there, once it finished
+    three and the first of them 0.3 s before (sixty times the producer's
+    linger): that one's records were sent, and the owners (and their
+    copies) say so. With one copy, the re-created partitions are written too.
     """
     client = cluster3
     meta = pd.DataFrame({"key": pd.Series([], dtype="int64"), "v": pd.Series([], dtype="float64")})
     df = dd.from_map(_slow_frame, range(PARTS), meta=meta)
     want = pd.concat([_slow_frame(i) for i in range(PARTS)])
     out = aimss_dask.shuffle(df, "key", npartitions=PARTS, replication=replication)
-    client.run_on_scheduler(_arm_kill_after_pushes, n=3)
+    client.run_on_scheduler(_arm_kill_after_pushes, n=3, age=0.3)
     got = client.compute(out.map_partitions(lambda f: pd.DataFrame({"n": [len(f)], "k": [int(f["key"].sum())]})))
     got = got.result(timeout=240)
-    victim = client.run_on_scheduler(_kill_victim)
+    victim, before = client.run_on_scheduler(_kill_victim)
     assert victim is not None, "no worker finished three pushes"
     assert int(got["n"].sum()) == len(want) and sum(int(k) for k in got["k"]) == int(want["key"].sum())
     events = _events(client)
@@ -425,7 +441,7 @@ def test_the_dead_workers_finished_pushes_resend_only_what_no_copy_holds(cluster
     # together they wrote less than everything.
     assert len(refilled) >= 2, events
     # (input, partitions written, of, partitions whose copies all answered): short enough to survive pytest's cut.
-    brief = [(e["input"], e["written"], e["partitions"], e.get("known")) for e in refilled]
+    brief = [(e["input"], e["written"], e["partitions"], e.get("known")) for e in refilled], before
     assert sum(e["written"] for e in refilled) < sum(e["partitions"] for e in refilled), brief
     if replication == 1:
         (recovered,) = [e for e in events if e.get("action") == "run-recovered"]
