@@ -231,3 +231,49 @@ def test_a_write_lost_with_the_copy_that_took_over_is_forgiven_once_the_partitio
         assert p.failure("s", 4, since=1) is None  # re-created at epoch 4: written again
     finally:
         p.close()
+
+
+def test_a_loss_told_at_a_later_write_to_another_partition_names_the_partition_lost():
+    """A batch to partition 0's owner failed; the error surfaces at a write to partition 1, naming 0, not 1.
+
+    ``PartitionLostError.lost`` is what a caller acts on (which partitions
+    to write again): the write that happens to be told of the loss is not it.
+    """
+    from aimss_dask.core.errors import PartitionLostError
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.transport import producer as prod
+
+    spec = StreamSpec(name="s", partitions=2, owners=("tcp://b:1", "tcp://c:1"), epoch=1)
+
+    class Conn(prod._Conn):
+        def __init__(self, p: prod.Producer, link) -> None:
+            self.p, self.link = p, link
+
+        def send(self, batch) -> None:
+            if self.link.owner == "tcp://b:1":
+                raise ConnectionResetError(104, "Connection reset by peer")
+            self.p._settle(self.link, batch, {"errors": {}})
+
+    class Stand(prod.Producer):
+        def _open(self, link):
+            return Conn(self, link)
+
+    p = Stand(None, None, batch_size=2**20, max_in_flight=2**30, linger=0.0,
+              resolve=lambda name: {"spec": spec.to_wire(), "lost": []})
+    try:
+        p.write(spec, 0, np.arange(4))
+        p.flush_blocking(["s"], raise_errors=False)  # settled, failed; the error waits for the writer
+        with pytest.raises(PartitionLostError, match="tcp://b:1 could not be reached") as e:
+            p.write(spec, 1, np.arange(4))
+        assert e.value.lost == {0: (0, None)}
+    finally:
+        p.close()
+
+
+def test_docstring_examples():
+    import doctest
+
+    from aimss_dask.transport import producer
+
+    result = doctest.testmod(producer, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -495,17 +495,19 @@ def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, k
 
 
 def _named_loss(ep: Endpoint, name: str, e: PartitionLostError, partition: int | None = None) -> PartitionLostError:
-    """``e`` with ``.lost`` filled from the coordinator, if the producer could not name the offsets.
+    """``e`` with the offsets of ``.lost`` as the coordinator knows them.
 
     A producer that learned of the loss by a failed send (a client's, which
-    no broadcast reaches) knows the owner, not the offsets; the coordinator
-    does. ``partition``: the one written to; None: every lost partition of
-    the stream (a flush).
+    no broadcast reaches) knows the partitions, not the offsets; the
+    coordinator does. The partitions are those ``e`` names: a write's own,
+    or an earlier write's to another partition, told at this call. Where
+    it names none: ``partition``, the one written to, or (None, a flush)
+    every lost partition of the stream.
     """
-    if e.lost:
-        return e
     ranges = lost_ranges(ep.scheduler_op("get", name=name).get("lost_offsets"))
-    if partition is not None:
+    if e.lost:
+        ranges = {p: ranges.get(p, r) for p, r in e.lost.items()}
+    elif partition is not None:
         ranges = {partition: ranges.get(partition, (0, None))}
     return PartitionLostError(str(e), ranges)
 

@@ -66,9 +66,11 @@ class PartitionLostError(AIMSSError, RuntimeError):
     ``lost``: ``{partition: (first_offset, end_offset)}``, the offsets that
     are gone, as far as the coordinator knows them. ``end_offset`` is None
     for a partition that was open: everything from ``first_offset`` on is
-    lost, including records written after its owner's last report. Empty
-    where the error names no range (a write's owner unreachable before the
-    coordinator heard of the loss).
+    lost, including records written after its owner's last report. A
+    write's error names the partitions whose writes failed, which may not be
+    the one that call wrote to (an earlier write's failure is told at the
+    next call); ``(0, None)`` where the coordinator had not heard of the
+    loss yet.
 
     Examples
     --------

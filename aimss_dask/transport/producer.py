@@ -251,7 +251,8 @@ class Producer:
         if spec.epoch <= self._dead.get(owner, 0) and not spec.replicas:
             raise PartitionLostError(
                 f"partition {partition} of stream {spec.name!r} was lost with its "
-                f"worker {owner}; destroy the stream and write it again"
+                f"worker {owner}; destroy the stream and write it again",
+                {partition: (0, None)},
             )
         if self._local is not None and owner == self._address:
             # Same process as the owner: no serialisation, no copy, no comm.
@@ -532,9 +533,13 @@ class Producer:
             else:
                 batch_failed = batch
             if error is not None:
+                parts: dict[str, set[int]] = {}
                 for it in batch_failed:
-                    self._errors.setdefault(it.name, (it.epoch, error))
-                    self._failed.setdefault(it.name, {}).setdefault(link.owner, (it.epoch, error))
+                    parts.setdefault(it.name, set()).add(it.partition)
+                told = {name: _naming(error, ps) for name, ps in parts.items()}
+                for it in batch_failed:
+                    self._errors.setdefault(it.name, (it.epoch, told[it.name]))
+                    self._failed.setdefault(it.name, {}).setdefault(link.owner, (it.epoch, told[it.name]))
             else:
                 epochs = {it.name: it.epoch for it in batch}
                 for name, (kind, msg) in (reply.get("errors") or {}).items():
@@ -757,7 +762,8 @@ class Producer:
         err = PartitionLostError(
             f"partition {it.partition} of stream {it.name!r}: its owner {dead} died before it "
             "stored these records, and no replica took over"
-            + (" in time" if spec is not None and it.partition not in lost else "")
+            + (" in time" if spec is not None and it.partition not in lost else ""),
+            {it.partition: (0, None)},
         )
         # Counted against the owner the partition was lost with: a copy may
         # have taken over from ``dead`` and died in turn before this write
@@ -1043,6 +1049,23 @@ async def ask_data_address(rpc: Any, owner: str, listed: Listed | None = None) -
     # Dask retries a refused connection for its whole connect timeout (30 s by
     # default); an owner that does not answer in 10 s is as good as lost.
     return await asyncio.wait_for(ask(), 10)
+
+
+def _naming(error: Exception, partitions: Iterable[int]) -> Exception:
+    """``error`` as told to a stream whose writes to ``partitions`` it failed.
+
+    A loss names those partitions (from offset 0: the offsets lost are the
+    coordinator's to say), since it may surface at a later write to another
+    partition, or at a flush.
+
+    Examples
+    --------
+    >>> _naming(PartitionLostError("owner x could not be reached"), [3, 1, 3]).lost
+    {1: (0, None), 3: (0, None)}
+    """
+    if isinstance(error, PartitionLostError) and not error.lost:
+        return PartitionLostError(str(error), {p: (0, None) for p in sorted(set(partitions))})
+    return error
 
 
 def _lost(owner: str, e: Exception) -> Exception:
