@@ -33,6 +33,7 @@ import random
 import signal
 import threading
 import time
+from typing import Any
 
 import dask
 import numpy as np
@@ -115,8 +116,29 @@ def _first_difference(got: list, want: list) -> tuple:
     return n, len(got), len(want), got[max(0, n - 2):n + 3], want[max(0, n - 2):n + 3]
 
 
-def _trial(seed: int, kills: int, hurried: bool) -> None:
-    """``hurried``: kills 0 to 0.4 s apart, records of 64 KiB (longer catch-ups), no group readers."""
+def _marks(dask_scheduler: Any, name: str) -> dict[str, Any]:
+    """The coordinator's word on each copy of ``name``: ``"p@worker"`` -> (epoch, seq, in sync)."""
+    marks = dask_scheduler.plugins["aimss"].state.replica_marks
+    return {f"{p}@{w}": m for (n, p, w), m in marks.items() if n == name}
+
+
+def _replicas_here(dask_worker: Any, name: str) -> dict[int, Any]:
+    """What this worker's replicator holds of ``name``'s partitions it owns: epoch, copies in sync, joining."""
+    r = next(p for p in dask_worker.plugins.values() if hasattr(p, "replicator")).replicator
+    if r is None:
+        return {}
+    with r._cond:
+        return {
+            p: (part.epoch, dict(part.insync), sorted(part.joining))
+            for (n, p), part in r._parts.items() if n == name
+        }
+
+
+def _trial(seed: int, kills: int, hurried: bool, pause: tuple[float, float] = (0.3, 1.5)) -> None:
+    """``hurried``: kills 0 to 0.4 s apart, records of 64 KiB (longer catch-ups), no group readers.
+
+    Otherwise each kill waits for the copies to be whole again, then ``pause`` (a range, in seconds).
+    """
     rng = random.Random(seed)
     size = 8192 if hurried else 2
     # A nanny whose worker dies twice is not given up on.
@@ -157,14 +179,24 @@ def _trial(seed: int, kills: int, hurried: bool) -> None:
         killed = []
         try:
             for _ in range(kills):
-                time.sleep(rng.uniform(0.0, 0.4) if hurried else rng.uniform(0.3, 1.5))
+                time.sleep(rng.uniform(0.0, 0.4) if hurried else rng.uniform(*pause))
                 live = set(client.scheduler_info()["workers"])
                 owners = sorted(set(s.info()["owners"]) & live - {keeper})
                 victim = rng.choice(owners or sorted(live - {keeper}))
                 os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
                 killed.append(victim)
                 if not hurried:
-                    wait_until(lambda v=victim: _whole_again(s, v), timeout=90, what=f"{name}: whole again after a kill")
+                    try:
+                        wait_until(lambda v=victim: _whole_again(s, v), timeout=90, what="whole again")
+                    except AssertionError:
+                        info = s.info()
+                        state = {k: info[k] for k in ("epoch", "owners", "replicas", "in_sync", "lost")}
+                        marks = client.run_on_scheduler(_marks, name=name)
+                        here = client.run(_replicas_here, name=name)
+                        raise AssertionError(
+                            f"{name} not whole again 90 s after killing {victim}: {state}; the coordinator's "
+                            f"marks {marks}; the owners' replicators {here}"
+                        ) from None
         finally:
             for t in threads:
                 t.join(seconds + 120)

@@ -516,9 +516,12 @@ class Replicator:
         name, p, epoch = part.name, part.p, part.epoch
         theirs = self._replica_end(d.address, name, p)
         if theirs is None:
-            with self._cond:
-                self._drop(part, d.address)
-            return conn
+            # No log of it there (yet: the coordinator opens new copies
+            # before it tells the owners, but a copy may hear of its epoch
+            # late). Asked again within the grace, then dropped, and said
+            # (see _run): dropped without a word, the coordinator kept
+            # listing a copy that nobody would ever catch up.
+            raise StreamNotFoundError(f"replica {d.address} holds no log of {name!r} partition {p} to catch up")
         # What we hold now; queued ships (already past it or not) follow.
         with self.append_lock:
             try:
