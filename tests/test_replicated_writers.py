@@ -50,16 +50,16 @@ CLIENT_WRITERS = 2
 TASK_WRITER = 9
 
 
-def _write_for(name: str, writer: int, seconds: float, seed: int, size: int, log: list | None = None) -> tuple:
+def _write_for(name: str, writer: int, seconds: float, seed: int, size: int) -> tuple:
     """Write records ``[writer, i, ...]`` (``size`` int64) to random partitions of ``name`` for ``seconds``.
 
-    ``log`` (returned) gets ``(partition, stored)`` per write, ``stored``
-    False where the write raised; a failed write does not stop the writer.
-    Returns ``(log, whether the final flush returned, the errors raised)``.
+    Returns ``(log, whether the final flush returned, the errors raised)``:
+    ``log`` has ``(partition, stored)`` per write, ``stored`` False where the
+    write raised (a failed write does not stop the writer).
     """
     rng = random.Random(seed)
     s = aimss_dask.get_stream(name)
-    log = [] if log is None else log
+    log: list[tuple[int, bool]] = []
     errors: list[BaseException] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -153,14 +153,13 @@ def _trial(seed: int, kills: int, hurried: bool, pause: tuple[float, float] = (0
         keeper = rng.choice(workers)  # runs the task writer; never killed
         seconds = 6.0 if hurried else 2.0 + 4.0 * kills
         task = client.submit(_write_for, name, TASK_WRITER, seconds, seed, size, workers=[keeper], pure=False)
-        logs: dict[int, list] = {w: [] for w in range(CLIENT_WRITERS)}
         outcomes: dict[int, tuple] = {}
         reads: dict[str, tuple[list[tuple[int, int]], int]] = {}
         failures: list[str] = []
 
         def client_writer(w: int) -> None:
             try:
-                outcomes[w] = _write_for(name, w, seconds, seed * 100 + w, size, logs[w])
+                outcomes[w] = _write_for(name, w, seconds, seed * 100 + w, size)
             except Exception as e:  # noqa: BLE001 - reported by the test
                 failures.append(f"client writer {w}: {e!r}")
 

@@ -100,7 +100,7 @@ class WriterSeqs:
         wid, first = writer
         seqs = self._seqs(name, since, partition)
         expected = seqs.get(wid)
-        if strict and expected is None and first > 0 and partition in self._whole.get((name, since), ()):
+        if strict and expected is None and first > 0 and self.whole(name, since, partition):
             raise WriteOrderError(
                 f"writer {wid} sent records of {name!r} partition {partition} from sequence "
                 f"number {first}, but it stored none here, and this partition was held here "
