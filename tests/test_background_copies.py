@@ -101,12 +101,18 @@ def test_a_slow_writer_hands_its_queue_over_and_every_unit_is_written_once(clien
     after = aimss_dask.status()[slow]
     assert after.get("sink_handed_regions", 0) > before.get("sink_handed_regions", 0), after
     assert after.get("sink_taken_back_regions", 0) == before.get("sink_taken_back_regions", 0), after
-    # The report closes (its outcome says what the last heartbeat showed).
-    ends = wait_until(lambda: [
-        m for m in _events(client, t0)
-        if m["action"] == "straggler" and m["kind"] == "sink-writer" and m["outcome"] != "running"
-    ], timeout=10, what="the slow writer's report closed")
-    assert all(e["worker"] == slow and e["outcome"].startswith("helper on ") for e in ends), ends
+    # The report of the hand-over closes (its outcome says what the last
+    # heartbeat showed). The writer, still slow, may be found late again
+    # after it: such a report closes without a helper.
+    def ends() -> list[dict[str, Any]]:
+        return [
+            m for m in _events(client, t0)
+            if m["action"] == "straggler" and m["kind"] == "sink-writer" and m["outcome"] != "running"
+        ]
+
+    wait_until(lambda: any(e["outcome"].startswith("helper on ") for e in ends()), timeout=10,
+               what="the slow writer's report closed with its helper")
+    assert all(e["worker"] == slow for e in ends()), ends()
 
 
 def test_writers_at_equal_speed_hand_nothing_over(client, tmp_path):

@@ -211,6 +211,24 @@ def _running(client: Client) -> int:
     )
 
 
+def _workers_seen(dask_scheduler) -> list[tuple[str, str, float]]:
+    """Each listed worker: address, status, seconds since the scheduler last heard from it."""
+    now = time.time()
+    return [(a, ws.status.name, round(now - ws.last_seen, 1)) for a, ws in dask_scheduler.workers.items()]
+
+
+def _wait_running(client: Client, n: int) -> None:
+    """Until ``n`` workers run (nannies restart the ones earlier tests killed).
+
+    Generous: restarts after a kill may queue behind other processes' work
+    on a loaded machine. On failure, says what the scheduler lists.
+    """
+    try:
+        wait_until(lambda: _running(client) == n, timeout=60, what=f"{n} workers running")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the scheduler lists {client.run_on_scheduler(_workers_seen)}") from None
+
+
 @pytest.fixture(scope="module")
 def cluster3():
     with make_cluster(3) as cluster, Client(cluster) as client:
@@ -279,7 +297,7 @@ def _sorted_ints(records) -> list[int]:
 
 def _stream_of_ints(client: Client, name: str, partitions: int, n: int, replication: int) -> aimss_dask.Stream:
     """Once 3 workers run: ``name`` holding ``0..n-1``, record ``i`` in partition ``i % partitions``, stored."""
-    wait_until(lambda: _running(client) == 3, timeout=30, what="3 workers running")
+    _wait_running(client, 3)
     s = aimss_dask.create_stream(name, partitions, replication=replication)
     for i in range(n):
         s.write(i, partition=i % partitions)
@@ -452,7 +470,7 @@ def test_a_killed_replica_is_replaced_and_the_new_copy_takes_over_from_the_owner
 def test_an_owner_killed_while_its_new_copy_catches_up_is_lost_loudly_or_taken_over_whole(cluster4):
     """Whichever the kill lands on, never a copy shorter than what was written."""
     client = cluster4
-    wait_until(lambda: _running(client) == 4, timeout=30, what="4 workers running")
+    _wait_running(client, 4)
     s = aimss_dask.create_stream("rep-race", 1, replication=2)
     for i in range(64):
         s.write(np.full(2**17, i), partition=0)  # 1 MiB each: the catch-up takes a while
@@ -482,7 +500,7 @@ def test_an_owner_killed_while_its_new_copy_catches_up_is_lost_loudly_or_taken_o
 def test_a_new_copy_starts_where_the_consumer_groups_stand(cluster4):
     """``aimss.recovery: offsets``: records every group committed past are not copied; the groups go on."""
     client = cluster4
-    wait_until(lambda: _running(client) == 4, timeout=30, what="4 workers running")
+    _wait_running(client, 4)
     s = aimss_dask.create_stream("rep-offsets", 1, replication=2)
     for i in range(400):
         s.write(np.full(1000, i), partition=0)
@@ -875,7 +893,7 @@ def test_a_producer_that_skipped_sequence_numbers_is_refused_not_stored(cluster3
 
     client = cluster3
     with client.as_current():  # a module fixture of this file may have made another client the default
-        wait_until(lambda: _running(client) == 3, timeout=30, what="3 workers running")
+        _wait_running(client, 3)
         s = aimss_dask.create_stream("rep-skip", 2, replication=2)
         for i in range(5):
             s.write(i, partition=0)
@@ -933,7 +951,7 @@ def test_a_catch_up_cut_short_by_a_destroy_is_not_a_warning_and_one_that_fails_o
 def test_retiring_a_worker_of_a_replicated_stream_hands_over_to_its_copies(cluster4):
     """Open or sealed, a replicated stream loses nothing when a worker retires; its copies are rebuilt."""
     client = cluster4
-    wait_until(lambda: _running(client) == 4, timeout=30, what="4 workers running")
+    _wait_running(client, 4)
     s = aimss_dask.create_stream("rep-retire", 4, replication=2)
     done = aimss_dask.create_stream("rep-retire-sealed", 4, replication=2)
     for i in range(200):
