@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["frame_blocks", "task_attempt"]
+__all__ = ["frame_blocks", "listed_workers", "task_attempt"]
 
 
 def task_attempt() -> int | None:
@@ -71,3 +71,17 @@ def frame_blocks(frame: Any) -> list[Any] | None:
         return [b.values for b in frame._mgr.blocks]
     except Exception:
         return None
+
+
+def listed_workers(client: Any) -> dict[str, dict[str, Any]]:
+    """Every worker the scheduler of ``client`` (synchronous) lists now: address -> its identity (``host``, ...).
+
+    Not ``client.scheduler_info()["workers"]``: in recent distributed
+    releases (2026.8, for one) that fetches every worker into the client's
+    cached identity and returns the cache, which the client's periodic
+    refresh replaces with one that lists no worker; when that refresh lands
+    in between, the cluster looks empty (two hosts were counted as one).
+    The scheduler's ``identity`` call, asked directly, lists every worker.
+    """
+    return dict(client.sync(client.scheduler.identity)["workers"])
+

@@ -58,9 +58,10 @@ def run_demo(
     from distributed import progress, wait
 
     import aimss_dask
+    from aimss_dask._compat import listed_workers
 
     client.register_plugin(aimss_dask.AIMSS())
-    nworkers = len(client.scheduler_info()["workers"])
+    nworkers = len(listed_workers(client))
     if partitions is None:
         partitions = 2 * max(nworkers, 1)
     name = f"aimss-demo-{uuid.uuid4().hex[:8]}"

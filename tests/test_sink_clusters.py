@@ -5,6 +5,7 @@ workers on two hosts (two loopback addresses of this machine)."""
 from __future__ import annotations
 
 import os
+import threading
 
 import dask
 import dask.array as da
@@ -171,6 +172,31 @@ def test_two_hosts_on_a_shared_file_system_write_rows_in_place(two_hosts, tmp_pa
                         assert a.read() == b.read(), rel
     assert not _partials(path)
     assert_workers_clean(aimss_dask.status())
+
+
+def test_the_hosts_are_counted_from_the_scheduler_not_the_clients_cache(two_hosts):
+    """The client refreshes its cached identity without workers now and then: the count must not see that.
+
+    Counted from ``scheduler_info()``, a refresh landing between its fetch
+    and its return made two hosts look like one, and writes in place from
+    both were then refused at the commit.
+    """
+    from aimss_dask.sink.graphs import worker_hosts
+
+    stop = threading.Event()
+
+    def refresh() -> None:  # what the client's periodic callback does, often
+        while not stop.is_set():
+            two_hosts.sync(two_hosts._update_scheduler_info)
+
+    t = threading.Thread(target=refresh, daemon=True)
+    t.start()
+    try:
+        counts = [worker_hosts() for _ in range(200)]
+    finally:
+        stop.set()
+        t.join(10)
+    assert set(counts) == {2}
 
 
 def test_two_hosts_without_a_shared_file_system_push_and_say_why(two_hosts, tmp_path, caplog):

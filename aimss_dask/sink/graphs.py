@@ -51,6 +51,7 @@ import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 from dask.task_spec import List, Task, TaskRef
 
+from aimss_dask._compat import listed_workers
 from aimss_dask.core.runs import OnLoss
 from aimss_dask.ops import pushrun
 from aimss_dask.ops.pieces import chunk_bounds, main_inputs, partition_pieces
@@ -160,7 +161,7 @@ def held_groups(x: da.Array) -> list[list[tuple[int, ...]]] | None:
     if not futures or {f.key for f in futures} != set(keys.values()):
         return None
     who = client.who_has(futures)
-    info = client.scheduler_info().get("workers", {})
+    info = listed_workers(client)
     itemsize = x.dtype.itemsize
     held: dict[str, list[tuple[tuple[int, ...], int]]] = {}
     for idx, key in keys.items():
@@ -211,7 +212,7 @@ def worker_hosts() -> int:
     try:
         from distributed import default_client
 
-        workers = default_client().scheduler_info()["workers"]
+        workers = listed_workers(default_client())
     except (ValueError, ImportError):
         return 1  # a local scheduler: one process
     return max(len({w.get("host") for w in workers.values()}), 1)
