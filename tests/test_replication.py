@@ -20,6 +20,7 @@ from aimss_dask.coordinator.placement import place_replicas
 from aimss_dask.coordinator.replicas import Promotions
 from aimss_dask.coordinator.state import CoordinatorState
 from aimss_dask.core.errors import InvalidArgumentError, ReplicaGapError
+from aimss_dask.core.names import PLUGIN_NAME
 from aimss_dask.core.runs import RunSpec
 from aimss_dask.log.store import LogStore
 
@@ -544,6 +545,54 @@ def test_a_new_copy_starts_where_the_consumer_groups_stand(cluster4):
     aimss_dask.destroy_stream("rep-offsets")
 
 
+def _lose_copy(name: str, epoch: int, partition: int, dask_worker=None) -> None:
+    """The copy here of ``partition`` loses its log; the worker lives on (stands in for a copy that broke)."""
+    dask_worker.plugins[PLUGIN_NAME].store.drop_partition(name, epoch, partition)
+
+
+def _holds(name: str, partition: int, dask_worker=None) -> bool:
+    return dask_worker.plugins[PLUGIN_NAME].store.partition_stats(name, partition) is not None
+
+
+def test_a_copy_its_owner_gave_up_on_is_replaced_and_the_new_one_takes_over(cluster4):
+    """A copy on a live worker that refuses its owner's records is not silently forgotten.
+
+    Its owner gives up on it; the coordinator stops listing it (the stream
+    would look whole on one copy) and places a new one, which catches up
+    and takes over when the owner dies. Before, the stream ran on one copy
+    until a worker joined, and losing the owner lost the partition.
+    """
+    client = cluster4
+    _wait_running(client, 4)
+    s = aimss_dask.create_stream("rep-given-up", 1, replication=2)
+    for i in range(50):
+        s.write(i, partition=0)
+    s.flush()
+    owner, (replica,) = s.spec.owners[0], s.spec.replicas_of(0)
+    client.run(_lose_copy, s.name, s.spec.epoch, 0, workers=[replica])
+    for i in range(50, 100):  # the broken copy refuses these: its owner gives up on it
+        s.write(i, partition=0)
+    s.flush()
+    info = wait_until(
+        lambda: (i := s.info())["in_sync"][0] and replica not in i["replicas"][0] and i,
+        timeout=30, what="a new copy of partition 0 in sync",
+    )
+    (new,) = info["in_sync"][0]
+    assert new not in (owner, replica)  # a worker that did not fail, while one is free
+    (entry,) = [x for x in aimss_dask.status().streams if x["name"] == s.name]
+    assert entry["under_replicated"] == []
+    given_up = [e for _, e in client.get_events("aimss")
+                if e.get("action") == "replicas-given-up" and e.get("stream") == s.name]
+    assert [[list(c) for c in e["copies"]] for e in given_up] == [[[0, replica]]]
+    assert not client.run(_holds, s.name, 0, workers=[replica])[replica]  # no memory held for nothing
+    _kill(client, owner)  # the new copy holds every record: it takes over
+    wait_until(lambda: s.info()["owners"] == [new], timeout=30, what="the new copy owning partition 0")
+    s.seal()
+    assert s.info()["lost"] == []
+    assert sorted(aimss_dask.read_from(s.name)) == list(range(100))
+    aimss_dask.destroy_stream(s.name)
+
+
 def test_catch_ups_are_paced_to_the_recovery_rate(tmp_path):
     from aimss_dask.node.replication import Replicator
 
@@ -946,6 +995,53 @@ def test_a_catch_up_cut_short_by_a_destroy_is_not_a_warning_and_one_that_fails_o
     assert kept.levelno == logging.WARNING
     (gone,) = catch_up_fails(dropped=True)
     assert gone.levelno == logging.DEBUG
+
+
+def test_an_owner_tells_the_coordinator_of_each_copy_it_gives_up_on(tmp_path):
+    """A copy given up on is reported ``dropped``, in sync or still catching up: the coordinator places another."""
+    from distributed.utils import LoopRunner
+
+    from aimss_dask.core.errors import StreamSealedError
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.node.replication import Replicator
+
+    class Refused(Replicator):
+        def _sync(self, d, part, conn):
+            raise StreamSealedError(f"stream {part.name!r} is sealed on this worker")
+
+        def _transmit(self, d, groups, conn):
+            raise OSError(f"no route to {d.address}")
+
+    told: list[dict] = []
+
+    async def tell(msg: dict) -> dict:
+        told.append(msg)
+        return {}
+
+    runner = LoopRunner(asynchronous=False)
+    runner.start()
+    store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    store.open("s", 1, [0, 1])
+    r = Refused(store, loop=runner.loop, rpc=None, address="a", batch_size=2**20, credentials=None, tell=tell)
+    try:
+        # Partition 0's copy catches up (and fails); partition 1's is in sync, then unreachable.
+        r.configure(StreamSpec(name="s", partitions=2, owners=("a", "a"), epoch=1, replicas=(("b",), ()),
+                               replication=2))
+        wait_until(lambda: any(m["replica"] == "b" for m in told), timeout=10, what="b reported")
+        r.configure(StreamSpec(name="s", partitions=2, owners=("a", "a"), epoch=1, replicas=(("b",), ("c",)),
+                               replication=2), fresh=True)
+        with r.append_lock:
+            r.shipped("s", 1, store.append("s", 1, 1, [b"x"], [1]), [b"x"], [1])
+        wait_until(lambda: any(m["replica"] == "c" for m in told), timeout=10, what="c reported")
+    finally:
+        r.close()
+        runner.stop()
+    # b again each time the owner hears the copy is still listed (it tries once more).
+    b = [m for m in told if m["replica"] == "b"]
+    assert b and all({**m, "seq": 0} == {"name": "s", "epoch": 1, "partition": 0, "replica": "b", "seq": 0,
+                                         "in_sync": False, "dropped": True} for m in b), b
+    c = [m for m in told if m["replica"] == "c"]
+    assert [(m["partition"], m["in_sync"], m.get("dropped")) for m in c] == [(1, False, True)]
 
 
 def test_retiring_a_worker_of_a_replicated_stream_hands_over_to_its_copies(cluster4):

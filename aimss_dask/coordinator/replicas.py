@@ -18,12 +18,18 @@ A partition whose every copy died is lost, as without replication. When
 fewer workers are left than a stream's factor, the stream goes on with
 fewer copies: a warning event (topic ``"aimss"``, ``under-replicated``) and
 ``status()["under_replicated"]`` say so; nothing fails.
+
+An owner may also give up on a copy on a live worker (its catch-up failed,
+it refused records, it could not be reached for a while): the stream stops
+listing that copy and places a new, empty one that catches up
+(:meth:`Promotions.copy_given_up`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from aimss_dask.coordinator.cluster import ClusterOps
@@ -33,6 +39,17 @@ if TYPE_CHECKING:
     from aimss_dask.coordinator.plugin import AIMSS
 
 logger = logging.getLogger("aimss_dask")
+
+#: A worker whose copies of one stream its owners gave up on this many
+#: times within :data:`GIVE_UP_WINDOW` seconds gets no new copy of it: a
+#: copy that fails at once every time would otherwise be placed again and
+#: again. It may get one again once the window has passed.
+GIVE_UP_LIMIT = 3
+GIVE_UP_WINDOW = 300.0
+#: Seconds a copy given up on waits to be replaced: an owner gives up on
+#: the copies of a worker killed a moment ago too, and the scheduler's
+#: removal of that worker (which promotes and places copies) comes first.
+GIVE_UP_DELAY = 2.0
 
 
 class Promotions:
@@ -46,6 +63,11 @@ class Promotions:
         #: stream -> the spec its last planned promotion makes (until applied):
         #: a second loss plans from it, and applies after it.
         self.planned: dict[str, StreamSpec] = {}
+        #: stream -> ``(partition, replica)`` copies its owners gave up on,
+        #: to replace once no promotion of it is under way.
+        self.given_up: dict[str, set[tuple[int, str]]] = {}
+        #: ``(stream, worker)`` -> when owners gave up on its copies lately.
+        self._give_ups: dict[tuple[str, str], list[float]] = {}
 
     def on_worker_lost(self, worker: str) -> dict[str, set[int]]:
         """Plan and start the promotions for ``worker``'s copies; the partitions a replica takes over, by stream."""
@@ -61,16 +83,24 @@ class Promotions:
             self._start(worker, old, new, frozenset(took))
         return kept
 
-    def _start(self, worker: str | None, old: StreamSpec, new: StreamSpec, kept: frozenset[int] = frozenset()) -> None:
+    def _start(
+        self,
+        worker: str | None,
+        old: StreamSpec,
+        new: StreamSpec,
+        kept: frozenset[int] = frozenset(),
+        renew: frozenset[tuple[int, str]] = frozenset(),
+    ) -> None:
         """Apply ``old -> new`` in the background, after the promotion of that stream under way, if any.
 
         ``kept``: the partitions ``worker``'s removal was told a copy takes
-        over (the others it named lost then).
+        over (the others it named lost then). ``renew``: ``(partition,
+        replica)`` copies ``old`` lists too that start again, empty.
         """
         before = self.pending.get(old.name)
         mine = self.pending[old.name] = asyncio.Event()
         self.planned[old.name] = new
-        self.ops.spawn(self._apply(worker, old, new, mine, before, kept))
+        self.ops.spawn(self._apply(worker, old, new, mine, before, kept, renew))
 
     def _replan(self, worker: str, name: str, kept: frozenset[int]) -> None:
         """Plan the loss of ``worker`` again for stream ``name``, from its committed spec."""
@@ -78,6 +108,51 @@ class Promotions:
         running = [w for w in self.ops.running() if w != worker]
         for old, new in self.coord.state.promote(worker, running, self.ops.hosts(), planned=planned, names=[name]):
             self._start(worker, old, new, kept)
+
+    def copy_given_up(self, name: str, epoch: int, p: int, replica: str) -> None:
+        """The owner of partition ``p`` of ``name`` (at ``epoch``) gave up on its copy on ``replica``: replace it.
+
+        Ignored when ``replica`` left (its removal places copies) or the
+        word is older than the stream's epoch (an owner that hears of a
+        newer one tries the copies it lists again by itself).
+        """
+        spec = self.coord.state.streams.get(name)
+        if spec is None or epoch < spec.epoch or replica not in self.ops.running():
+            return
+        self.given_up.setdefault(name, set()).add((p, replica))
+
+        async def later() -> None:
+            await asyncio.sleep(GIVE_UP_DELAY)
+            self.replace_given_up()
+
+        self.ops.spawn(later())
+
+    def replace_given_up(self) -> None:
+        """Replace the copies owners gave up on, in streams that no promotion is changing now."""
+        state = self.coord.state
+        now = time.monotonic()
+        self._give_ups = {k: v for k, v in self._give_ups.items() if k[0] in state.streams}
+        running = self.ops.running()
+        for name in [n for n in self.given_up if n not in self.pending]:
+            pairs = {(p, w) for p, w in self.given_up.pop(name) if w in running}
+            if not pairs:
+                continue
+            for w in {w for _, w in pairs}:
+                self._give_ups[(name, w)] = [t for t in self._give_ups.get((name, w), []) if now - t < GIVE_UP_WINDOW]
+                self._give_ups[(name, w)].append(now)
+            avoid = [w for (n, w), ts in self._give_ups.items() if n == name and len(ts) >= GIVE_UP_LIMIT]
+            plan = state.replace_copies(name, pairs, running, self.ops.hosts(), avoid=avoid)
+            if plan is None:
+                continue
+            old, new = plan
+            renew = frozenset((p, w) for p, w in pairs if w in new.replicas_of(p))
+            copies = sorted([p, w] for p, w in pairs if w in old.replicas_of(p))
+            logger.warning(
+                "aimss: stream %r: owners gave up on the copies %s (partition, worker); new copies %s",
+                name, copies, [list(new.replicas_of(p)) for p, _ in copies],
+            )
+            self.ops.event({"action": "replicas-given-up", "stream": name, "copies": copies, "avoided": sorted(avoid)})
+            self._start(None, old, new, renew=renew)
 
     def fill(self) -> int:
         """Place new copies of partitions left short by an earlier loss (a worker joined); streams changed."""
@@ -101,6 +176,7 @@ class Promotions:
         mine: asyncio.Event,
         before: asyncio.Event | None = None,
         kept: frozenset[int] = frozenset(),
+        renew: frozenset[tuple[int, str]] = frozenset(),
     ) -> None:
         """Open the new copies, then switch every process to ``new``; ``worker``: the one lost (None: copies added).
 
@@ -111,7 +187,7 @@ class Promotions:
         fresh: dict[str, list[int]] = {}  # worker -> partitions it gets a new copy of
         for p in range(new.partitions):
             for w in new.replicas_of(p):
-                if w not in old.holders(p):
+                if w not in old.holders(p) or (p, w) in renew:
                     fresh.setdefault(w, []).append(p)
         try:
             if before is not None:
@@ -147,6 +223,18 @@ class Promotions:
                 # those it named lost already: their runs are recovering.
                 state.worker_lost(worker)
                 self.coord.lost_after_all(worker, old.name, after_all)
+            # Copies no longer listed on workers still here (given up on):
+            # their logs would hold memory that nothing reads.
+            running = set(self.ops.running())
+            unlisted: dict[str, list[int]] = {}
+            for p in range(new.partitions):
+                for w in old.replicas_of(p):
+                    if w in running and w not in new.holders(p):
+                        unlisted.setdefault(w, []).append(p)
+            for w, ps in unlisted.items():
+                await self.ops.broadcast(
+                    {"op": "aimss_drop", "name": new.name, "epoch": new.epoch, "partitions": ps}, [w]
+                )
         except Exception as e:
             if worker is None:
                 # The stream goes on with the copies it had; a later join tries again.
@@ -164,6 +252,11 @@ class Promotions:
             if self.planned.get(old.name) is new:
                 del self.planned[old.name]
             mine.set()
+            if old.name in self.given_up:
+                try:  # those that came while this was under way
+                    self.replace_given_up()
+                except Exception:
+                    logger.exception("aimss: replacing the copies given up on of %r failed", old.name)
         if worker is not None:
             # A worker that joined while this was under way was skipped by
             # its own fill (this stream was pending): partitions left short
@@ -172,8 +265,19 @@ class Promotions:
         assert self.coord.pinner is not None
         placed = sorted(fresh)
         if worker is None:
-            logger.info("aimss: stream %r gets new copies on %s", old.name, placed)
-            self.ops.event({"action": "replicas-added", "stream": old.name, "workers": placed})
+            if placed:
+                logger.info("aimss: stream %r gets new copies on %s", old.name, placed)
+                self.ops.event({"action": "replicas-added", "stream": old.name, "workers": placed})
+            # Copies given up on with no worker free for new ones.
+            short = sorted(
+                p for p in range(new.partitions) if len(new.holders(p)) < min(len(old.holders(p)), old.replication)
+            )
+            if short:
+                logger.warning("aimss: stream %r has fewer than %d copies of partitions %s", old.name, old.replication, short)
+                self.ops.event({
+                    "action": "under-replicated", "stream": old.name, "partitions": short,
+                    "copies": old.replication, "workers": len(self.ops.running()),
+                })
             return
         self.coord.pinner.repin([new.name])
         took = sorted(p for p in range(old.partitions) if old.owners[p] == worker and new.owners[p] != worker)
@@ -206,3 +310,5 @@ class Promotions:
             ev.set()
         self.pending.clear()
         self.planned.clear()
+        self.given_up.clear()
+        self._give_ups.clear()

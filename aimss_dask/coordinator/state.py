@@ -388,6 +388,66 @@ class CoordinatorState:
                 out.append((spec, spec.recovered(epoch, spec.owners, tuple(replicas))))
         return out
 
+    def replace_copies(
+        self,
+        name: str,
+        given_up: Iterable[tuple[int, str]],
+        workers: Sequence[str],
+        host_of: Mapping[str, str] | None = None,
+        avoid: Iterable[str] = (),
+    ) -> tuple[StreamSpec, StreamSpec] | None:
+        """Stream ``name`` without the copies its owners gave up on, with new ones placed on ``workers``.
+
+        ``given_up``: ``(partition, replica)`` pairs whose owner could not
+        keep that copy up to date (its catch-up failed, it refused records).
+        Such a copy no longer counts, so the stream must not list it: it
+        would look whole while it runs on fewer copies. Each gets a new,
+        empty copy that catches up: on another worker where one is free,
+        else on the same one again; never on ``avoid`` (workers that gave
+        up on that partition too often). With none, the partition is short
+        (``under_replicated``) until a worker joins (:meth:`fill`). None
+        when no pair is still listed. Not applied: :meth:`commit_promotion`
+        does, once the workers hold it.
+
+        Examples
+        --------
+        >>> st = CoordinatorState()
+        >>> s, _ = st.create("s", 2, ["a", "b", "c"], replication=2)
+        >>> s.replicas
+        (('c',), ('a',))
+        >>> _, new = st.replace_copies("s", [(0, "c")], ["a", "b", "c"])
+        >>> new.replicas, st.in_sync("s", 0, "b")
+        ((('b',), ('a',)), False)
+        >>> st.replace_copies("s", [(0, "c")], ["a", "c"])[1].replicas  # none free: c again, empty
+        (('c',), ('a',))
+        >>> st.replace_copies("s", [(0, "c")], ["a", "c"], avoid=["c"])[1].replicas  # short
+        ((), ('a',))
+        >>> st.replace_copies("s", [(0, "b")], ["a", "b", "c"]) is None  # not a copy of 0
+        True
+        """
+        spec = self.streams.get(name)
+        if spec is None or not spec.replicas:
+            return None
+        drop: dict[int, set[str]] = {}
+        for p, w in given_up:
+            if 0 <= p < spec.partitions and w in spec.replicas_of(p) and p not in self.lost.get(name, {}):
+                drop.setdefault(p, set()).add(w)
+        if not drop:
+            return None
+        epoch = self._next_epoch()
+        barred = set(avoid)
+        load = self._copies_load([w for w in workers if w not in barred])
+        replicas = list(spec.replicas)
+        for p, gone in sorted(drop.items()):
+            kept = [w for w in spec.replicas_of(p) if w not in gone]
+            held = [spec.owners[p], *kept]
+            new = add_replicas(held + sorted(gone), spec.replication - len(held), load, host_of)
+            new += add_replicas(held + new, spec.replication - len(held) - len(new), load, host_of)
+            for w in new:
+                self.replica_marks[(name, p, w)] = (epoch, -1, False)
+            replicas[p] = (*kept, *new)
+        return spec, spec.recovered(epoch, spec.owners, tuple(replicas))
+
     def _copies_load(self, workers: Sequence[str], *more: Sequence[str]) -> dict[str, int]:
         """Partitions each of ``workers`` holds, owned or copied, over every stream (and ``more`` owner lists)."""
         held = [s.owners for s in self.streams.values()] + list(more)

@@ -447,15 +447,18 @@ class StreamHandlers:
 
     @replies
     async def _h_replica_state(
-        self, name: str, epoch: int, partition: int, replica: str, seq: int, in_sync: bool
+        self, name: str, epoch: int, partition: int, replica: str, seq: int, in_sync: bool, dropped: bool = False
     ) -> dict[str, Any]:
         """An owner says whether a replica holds what it holds (:meth:`CoordinatorState.replica_state`).
 
         An owner that drops a copy waits for this answer before it lets
         readers see past that copy's end: a copy that may miss records
-        readers saw is never promoted.
+        readers saw is never promoted. ``dropped``: the owner gave up on
+        that copy; another is placed (:meth:`Promotions.copy_given_up`).
         """
         self.coord.state.replica_state(name, epoch, partition, replica, seq, in_sync)
+        if dropped:
+            self.coord.promotions.copy_given_up(name, epoch, partition, replica)
         return {}
 
     @replies

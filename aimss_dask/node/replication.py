@@ -159,7 +159,7 @@ class Replicator:
         self._origins = origins
         self._tell = tell
         # Words for the coordinator on which copies may take over, oldest first.
-        self._reports: list[tuple[_Part, str, bool, int, int]] = []
+        self._reports: list[tuple[_Part, str, bool, int, int, bool]] = []
         self._report_seq = 0
         self._loop = loop
         self._rpc = rpc
@@ -680,9 +680,13 @@ class Replicator:
         return raise_from_wire(sync(self._loop, call), op)
 
     def _drop(self, part: _Part, dest: str) -> None:
-        """``dest`` no longer holds a copy of ``part`` (hold ``_cond``)."""
+        """``dest`` no longer holds a copy of ``part`` (hold ``_cond``); the coordinator places another.
+
+        Not said, it would go on listing the copy: the stream would look
+        whole while it runs on fewer copies.
+        """
         self._refused.pop((part.name, part.p, dest), None)
-        self._out_of_sync(part, dest)
+        self._out_of_sync(part, dest, dropped=True)
         part.joining.discard(dest)
         self.stats["replicas_dropped"] += 1
         self._advance(part)
@@ -694,25 +698,26 @@ class Replicator:
         if part.closing and not part.joining and self._parts.get(key) is part:
             self._untrack(key)
 
-    def _out_of_sync(self, part: _Part, dest: str) -> None:
-        """``dest`` stops counting as a copy in sync (hold ``_cond``).
+    def _out_of_sync(self, part: _Part, dest: str, dropped: bool = False) -> None:
+        """``dest`` stops counting as a copy in sync (hold ``_cond``); ``dropped``: given up on, too.
 
         Readers may already have seen up to its end, and the coordinator
         could promote it: until the coordinator knows it is behind, the
         watermark stays at its end (Kafka shrinks its ISR the same way).
         """
         end = part.insync.pop(dest, None)
-        if end is None or self._tell is None:
+        if self._tell is None or (end is None and not dropped):
             return
-        part.dropping[dest] = min(end, part.dropping.get(dest, end))
-        self._note(part, dest, False, part.epoch)
+        if end is not None:
+            part.dropping[dest] = min(end, part.dropping.get(dest, end))
+        self._note(part, dest, False, part.epoch, dropped)
 
-    def _note(self, part: _Part, dest: str, in_sync: bool, epoch: int) -> None:
+    def _note(self, part: _Part, dest: str, in_sync: bool, epoch: int, dropped: bool = False) -> None:
         """Queue a word for the coordinator on ``dest``'s copy of ``part`` (hold ``_cond``)."""
         if self._tell is None:
             return
         self._report_seq += 1
-        self._reports.append((part, dest, in_sync, epoch, self._report_seq))
+        self._reports.append((part, dest, in_sync, epoch, self._report_seq, dropped))
 
     def _send_reports(self) -> None:
         """Tell the coordinator what :meth:`_note` queued (a sender thread, no lock held).
@@ -728,9 +733,11 @@ class Replicator:
             with self._cond:
                 if not self._reports:
                     return
-                part, dest, in_sync, epoch, seq = self._reports.pop(0)
+                part, dest, in_sync, epoch, seq, dropped = self._reports.pop(0)
             msg = {"name": part.name, "epoch": epoch, "partition": part.p, "replica": dest,
                    "seq": seq, "in_sync": in_sync}
+            if dropped:
+                msg["dropped"] = True
             told = False
             for attempt in range(REPORT_TRIES):
                 try:
