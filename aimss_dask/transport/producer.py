@@ -470,6 +470,9 @@ class Producer:
                     # this one must not overtake them on a new connection.
                     raise ConnectionError(f"the connection to {link.owner} broke")
                 if conn is None:
+                    batch = self._behind_old_connection(link, batch)
+                    if not batch:
+                        continue
                     generation = link.generation
                     conn = self._open(link)
                 conn.send(batch)
@@ -486,6 +489,31 @@ class Producer:
                 conn = None
         if conn is not None:
             conn.close()
+
+    def _behind_old_connection(self, link: _Link, batch: list[_Item]) -> list[_Item]:
+        """What of ``batch`` may go on a new connection to ``link``'s owner now; the rest waits with older writes.
+
+        A connection that broke fails the batches it carried in another
+        thread (its reader), one by one. A write queued meanwhile behind
+        them, for the same owner, was clear to go; on a new connection it
+        would overtake them, and the owner refuses a number past the next
+        it expects. So a new connection waits until the old one's batches
+        have all failed over, and a write of a partition with older writes
+        waiting to be sent again waits with them (sent in the writer's order).
+        """
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self.closed or link.written - link.acked - len(link.pending) <= len(batch), FAILOVER_TIMEOUT
+            )
+            held = [it for it in batch if it.line is not None and any(o.line == it.line for _, o in self._orphans)]
+            if not held or self.closed:
+                return batch
+            ids = {id(it) for it in held}
+            link.acked += len(held)
+            self._unqueued(link.owner, held)
+            self._orphan(link.owner, held, retry=False)
+            self._cond.notify_all()
+        return [it for it in batch if id(it) not in ids]
 
     def _open(self, link: _Link) -> _Conn:
         creds = self._credentials
