@@ -556,6 +556,11 @@ class Producer:
             if moved:
                 self._log_failover(link.owner, moved, error)
                 self._orphan(link.owner, moved)
+                # Writes of their partitions queued behind them (clear to go
+                # while these were on the wire to the same owner) wait with
+                # them now, or they would overtake them.
+                lines = {it.line for it in moved}
+                self._orphan_queued(link, lambda it: it.line in lines)
                 kept = {id(it) for it in moved}
                 batch_failed = [it for it in batch if id(it) not in kept]
             else:
