@@ -272,12 +272,7 @@ class Promotions:
             short = sorted(
                 p for p in range(new.partitions) if len(new.holders(p)) < min(len(old.holders(p)), old.replication)
             )
-            if short:
-                logger.warning("aimss: stream %r has fewer than %d copies of partitions %s", old.name, old.replication, short)
-                self.ops.event({
-                    "action": "under-replicated", "stream": old.name, "partitions": short,
-                    "copies": old.replication, "workers": len(self.ops.running()),
-                })
+            self._say_short(old, short)
             return
         self.coord.pinner.repin([new.name])
         took = sorted(p for p in range(old.partitions) if old.owners[p] == worker and new.owners[p] != worker)
@@ -287,6 +282,10 @@ class Promotions:
             old.name, worker, took, placed,
         )
         self.ops.event({"action": "replicas-promoted", "stream": old.name, "worker": worker, "partitions": took})
+        self._say_short(old, short)
+
+    def _say_short(self, old: StreamSpec, short: list[int]) -> None:
+        """Warn (log and event) that stream ``old`` holds fewer copies than its factor of ``short`` partitions."""
         if short:
             logger.warning("aimss: stream %r has fewer than %d copies of partitions %s", old.name, old.replication, short)
             self.ops.event({

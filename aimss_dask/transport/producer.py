@@ -344,9 +344,13 @@ class Producer:
         link keep their order (one connection, answered in order; a broken
         one fails all it carried, and they are sent again in order).
         """
-        if self._orphans and any(it.line == line for _, it in self._orphans):
+        if self._waits_behind(line):
             return False
         return all(o == owner for o in self._unsettled.get(line, ()))
+
+    def _waits_behind(self, line: tuple[str, int, int]) -> bool:
+        """Whether a write of ``line`` waits to be sent again (hold ``_cond``): newer ones wait behind it."""
+        return bool(self._orphans) and any(it.line == line for _, it in self._orphans)
 
     def _queued(self, owner: str, it: _Item) -> None:
         """``it`` is queued for ``owner`` (hold ``_cond``): see :meth:`_clear`."""
@@ -505,14 +509,12 @@ class Producer:
             self._cond.wait_for(
                 lambda: self.closed or link.written - link.acked - len(link.pending) <= len(batch), FAILOVER_TIMEOUT
             )
-            held = [it for it in batch if it.line is not None and any(o.line == it.line for _, o in self._orphans)]
+            held = [it for it in batch if it.line is not None and self._waits_behind(it.line)]
             if not held or self.closed:
                 return batch
-            ids = {id(it) for it in held}
-            link.acked += len(held)
-            self._unqueued(link.owner, held)
-            self._orphan(link.owner, held, retry=False)
+            self._take_back(link, held, retry=False)
             self._cond.notify_all()
+        ids = {id(it) for it in held}
         return [it for it in batch if id(it) not in ids]
 
     def _open(self, link: _Link) -> _Conn:
@@ -661,9 +663,17 @@ class Producer:
             ids = {id(it) for it in stuck}
             link.pending = deque(it for it in link.pending if id(it) not in ids)
             link.pending_bytes -= sum(it.nbytes for it in stuck)
-            link.acked += len(stuck)
-            self._unqueued(link.owner, stuck)
-            self._orphan(link.owner, stuck)
+            self._take_back(link, stuck)
+
+    def _take_back(self, link: _Link, items: list[_Item], retry: bool = True) -> None:
+        """``items``, taken off ``link`` (queued, or held by its sender), wait with the orphans (hold ``_cond``).
+
+        They count as answered on ``link`` (flushes and :meth:`_clear` see
+        them leave it); see :meth:`_orphan` for ``retry``.
+        """
+        link.acked += len(items)
+        self._unqueued(link.owner, items)
+        self._orphan(link.owner, items, retry)
 
     def _reroute(self) -> None:
         """Send writes whose owner died to the replica that took over, in their order.
