@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,18 @@ def _produce(name: str, producer: int, n: int) -> int:
         aimss_dask.write_to(name, np.array([producer, i, *range(1000)], dtype="i8"), key=i)
     aimss_dask.get_stream(name).flush()
     return n
+
+
+def _stand_in(conn: Any, spec: Any, lost_partitions: tuple[int, ...] = ()) -> Any:
+    """A producer whose connections are ``conn(producer, link)``; its coordinator names ``spec`` (and ``lost_partitions``)."""
+    from aimss_dask.transport import producer as prod
+
+    class Stand(prod.Producer):
+        def _open(self, link):
+            return conn(self, link)
+
+    return Stand(None, None, batch_size=2**20, max_in_flight=2**30, linger=0.0,
+                 resolve=lambda name: {"spec": spec.to_wire(), "lost": list(lost_partitions)})
 
 
 @pytest.mark.parametrize("transport", ["auto", "dask"])
@@ -110,13 +123,11 @@ def test_a_replicated_write_whose_live_owner_could_not_be_reached_for_a_moment_i
             stored.extend(it.seq for it in batch if it.seq not in stored)  # the owner drops what it holds
             self.p._settle(self.link, batch, {"errors": {}})
 
-    class Stand(prod.Producer):
-        def _open(self, link):
-            assert link.owner == "tcp://b:1"  # never another worker: nobody took over
-            return ResetOnce(self, link)
+    def connect(p: prod.Producer, link) -> ResetOnce:
+        assert link.owner == "tcp://b:1"  # never another worker: nobody took over
+        return ResetOnce(p, link)
 
-    p = Stand(None, None, batch_size=2**20, max_in_flight=2**30, linger=0.0,
-              resolve=lambda name: {"spec": spec.to_wire(), "lost": []})
+    p = _stand_in(connect, spec)
     try:
         for i in range(3):
             p.write(spec, 0, np.full(4, i))
@@ -166,12 +177,7 @@ def test_a_write_let_through_just_before_an_older_one_failed_is_not_sent_ahead_o
             stored.extend(it.seq for it in batch[skip:])
             self.p._settle(self.link, batch, {"errors": {}})
 
-    class Stand(prod.Producer):
-        def _open(self, link):
-            return ResetOnce(self, link)
-
-    p = Stand(None, None, batch_size=2**20, max_in_flight=2**30, linger=0.0,
-              resolve=lambda name: {"spec": spec.to_wire(), "lost": []})
+    p = _stand_in(ResetOnce, spec)
     try:
         p.write(spec, 0, np.full(4, 0))
         deadline = time.monotonic() + 5
@@ -240,12 +246,7 @@ def test_a_write_queued_behind_a_batch_on_a_broken_connection_does_not_overtake_
                     errors["s"] = ("WriteOrderError", str(e))
             self.p._settle(self.link, batch, {"errors": errors})
 
-    class Stand(prod.Producer):
-        def _open(self, link):
-            return Pipelined(self, link)
-
-    p = Stand(None, None, batch_size=2**20, max_in_flight=2**30, linger=0.0,
-              resolve=lambda name: {"spec": spec.to_wire(), "lost": []})
+    p = _stand_in(Pipelined, spec)
     try:
         p.write(spec, 0, np.full(4, 0))
         wait_until(lambda: carried, timeout=5, what="write 0 on the wire")
@@ -294,12 +295,7 @@ def test_a_write_lost_with_the_copy_that_took_over_is_forgiven_once_the_partitio
         def send(self, batch) -> None:
             raise ConnectionResetError(104, "Connection reset by peer")
 
-    class Stand(prod.Producer):
-        def _open(self, link):
-            return Dead(self, link)
-
-    p = Stand(None, None, batch_size=2**20, max_in_flight=2**30, linger=0.0,
-              resolve=lambda name: {"spec": lost.to_wire(), "lost": [0]})
+    p = _stand_in(Dead, lost, lost_partitions=(0,))
     try:
         p.write(first, 0, np.arange(4))
         with pytest.raises(PartitionLostError):
@@ -332,12 +328,7 @@ def test_a_loss_told_at_a_later_write_to_another_partition_names_the_partition_l
                 raise ConnectionResetError(104, "Connection reset by peer")
             self.p._settle(self.link, batch, {"errors": {}})
 
-    class Stand(prod.Producer):
-        def _open(self, link):
-            return Conn(self, link)
-
-    p = Stand(None, None, batch_size=2**20, max_in_flight=2**30, linger=0.0,
-              resolve=lambda name: {"spec": spec.to_wire(), "lost": []})
+    p = _stand_in(Conn, spec)
     try:
         p.write(spec, 0, np.arange(4))
         p.flush_blocking(["s"], raise_errors=False)  # settled, failed; the error waits for the writer
