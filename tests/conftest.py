@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import dask
+import psutil
 import pytest
 from distributed import Client, LocalCluster
 from distributed.security import Security
@@ -33,6 +36,58 @@ _names = itertools.count()
 # in 5 to 10). Tests that kill workers need them back (the chaos test and
 # the recovery benchmark set the same).
 dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"})
+
+
+# A test that hangs is worth its worker processes' stacks, and a worker
+# whose event loop is blocked cannot answer ``client.run``. Processes
+# started from here (nanny workers) run with faulthandler on, which prints
+# every thread's stack to stderr (captured with the test) when SIGABRT kills
+# the process: ``_abort_workers`` does that shortly before the timeout.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+#: Seconds before a test's timeout at which its worker processes are aborted.
+DUMP_BEFORE_TIMEOUT = 20.0
+
+
+def _timeout_of(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    try:
+        return float(item.config.getini("timeout") or 0)
+    except ValueError:
+        return 0.0
+
+
+def _abort_workers(fired: list[float]) -> None:
+    """SIGABRT every multiprocessing child of this process (nanny workers): faulthandler prints their stacks."""
+    fired.append(time.monotonic())
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any("spawn_main" in part for part in child.cmdline()):
+                print(f"conftest: the test hung; aborting worker process {child.pid} for its stacks", flush=True)
+                child.send_signal(signal.SIGABRT)
+        except psutil.Error:
+            pass  # gone meanwhile
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    limit = _timeout_of(item)
+    if limit <= DUMP_BEFORE_TIMEOUT:
+        return (yield)
+    fired: list[float] = []
+    timer = threading.Timer(limit - DUMP_BEFORE_TIMEOUT, _abort_workers, args=(fired,))
+    timer.daemon = True
+    timer.start()
+    try:
+        result = yield
+    finally:
+        timer.cancel()
+    if fired:
+        # Aborted workers come back (nannies), and the test may then pass:
+        # a hang must not.
+        pytest.fail(f"the test ran past {limit - DUMP_BEFORE_TIMEOUT:.0f} s; its workers' stacks are in its stderr")
+    return result
 
 
 def unique_name(prefix: str = "s") -> str:

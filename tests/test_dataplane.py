@@ -188,6 +188,19 @@ def test_close_drops_open_connections(server):
     sock.close()
 
 
+def test_a_closed_server_stops_listening_and_its_accept_thread_ends(server):
+    """Closing the socket alone left the accept thread blocked, and the port kept accepting (one thread and socket leaked per in-process worker)."""
+    import socket
+
+    srv, _ = server
+    accepter = srv._thread
+    srv.close()
+    accepter.join(timeout=5)
+    assert not accepter.is_alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(srv.address, timeout=5).close()
+
+
 @pytest.mark.parametrize("copies", [False, True])
 def test_records_pin_the_receive_buffer_only_when_stored_as_views(copies):
     stored: list = []

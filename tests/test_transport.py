@@ -79,6 +79,35 @@ def test_transport_delivers_everything_in_order(transport):
             )
 
 
+def test_a_closed_client_keeps_no_sender_thread_and_is_freed(monkeypatch):
+    """Its producer's senders end once idle, and hold the client by weak reference only."""
+    import gc
+    import weakref
+
+    from aimss_dask.transport import producer as prod
+
+    monkeypatch.setattr(prod, "IDLE_EXIT", 0.5)
+
+    def senders(workers) -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name in {f"aimss-push-{w}" for w in workers}]
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            client.register_plugin(aimss_dask.AIMSS())
+            workers = list(client.scheduler_info()["workers"])
+            s = aimss_dask.create_stream("c", partitions=4)
+            for i in range(20):
+                s.write(np.arange(100), key=i)
+            s.flush()
+            assert len(senders(workers)) == 2
+            aimss_dask.destroy_stream("c")
+        ref = weakref.ref(client)
+        del client, s
+        wait_until(lambda: not senders(workers), timeout=10, what="the closed client's senders end")
+        gc.collect()
+        assert ref() is None, gc.get_referrers(ref())
+
+
 def test_spec_tracking_notes_the_first_epoch_used_and_nests():
     """A task body records the specs it used; a body inside another reports to both."""
     from aimss_dask.core.specs import StreamSpec
@@ -263,6 +292,46 @@ def test_a_write_queued_behind_a_batch_on_a_broken_connection_does_not_overtake_
         p._settle(link, carried[0], None, prod._lost(owner, ConnectionResetError(104, "reset")), failover=True)
         p.flush_blocking(["s"])
         assert stored == {0: [0, 1], 1: [0]}
+    finally:
+        p.close()
+
+
+def test_an_idle_sender_closes_its_connection_and_ends_and_the_next_write_starts_another(monkeypatch):
+    """A process that wrote to the workers of many clusters kept a thread and a socket per worker, forever."""
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.transport import producer as prod
+
+    monkeypatch.setattr(prod, "IDLE_EXIT", 0.3)
+    owner = "tcp://b:1"
+    spec = StreamSpec(name="s", partitions=1, owners=(owner,), epoch=1)
+    stored: list[int] = []
+    conns: list = []
+
+    class Answering(prod._Conn):
+        def __init__(self, p: prod.Producer, link) -> None:
+            self.p, self.link, self.closed = p, link, False
+            conns.append(self)
+
+        def send(self, batch) -> None:
+            stored.extend(it.seq or 0 for it in batch)
+            self.p._settle(self.link, batch, {"errors": {}})
+
+        def close(self) -> None:
+            self.closed = True
+
+    def senders() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == f"aimss-push-{owner}"]
+
+    p = _stand_in(Answering, spec)
+    try:
+        p.write(spec, 0, np.arange(4))
+        p.flush_blocking(["s"])
+        assert len(senders()) == 1
+        wait_until(lambda: not senders(), timeout=10, what="the idle sender's end")
+        assert [c.closed for c in conns] == [True] and p._links[owner].thread is None
+        p.write(spec, 0, np.arange(4))
+        p.flush_blocking(["s"])
+        assert len(stored) == 2 and len(conns) == 2 and not conns[1].closed
     finally:
         p.close()
 

@@ -161,7 +161,9 @@ def current(fn: str = "call") -> Endpoint:
                 credentials=dataplane.credentials(
                     cfg.transport, client.scheduler.address, reply.get("secret"), client.connection_args
                 ),
-                resolve=functools.partial(_resolve, client),
+                # By weak reference: the producer's threads must not keep a
+                # closed client (and, through it, this very entry) alive.
+                resolve=functools.partial(_resolve, weakref.ref(client)),
                 listed=listed_by(client.scheduler),
             )
             _client_producers[client] = producer
@@ -189,8 +191,11 @@ def current(fn: str = "call") -> Endpoint:
     )
 
 
-def _resolve(client: Client, name: str) -> dict[str, Any]:
+def _resolve(ref: weakref.ref[Client], name: str) -> dict[str, Any]:
     """The coordinator's reply about stream ``name`` (the producer's failover asks, from its thread)."""
+    client = ref()
+    if client is None:
+        raise AIMSSError(f"the client that wrote to stream {name!r} is gone")
     return sync(client.loop, client.scheduler.aimss_get, name=name)
 
 

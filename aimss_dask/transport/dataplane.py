@@ -395,9 +395,17 @@ class DataServer:
         """Stop accepting and drop every connection; safe to call twice."""
         self._closed = True
         try:
+            # Closing alone leaves a thread blocked in accept() there, and the
+            # kernel's listening socket with it: shutting it down wakes it.
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self._sock.close()
         except OSError:
             pass
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
         with self._lock:
             conns, self._conns = list(self._conns), set()
         for c in conns:

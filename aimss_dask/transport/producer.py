@@ -70,6 +70,13 @@ FAILOVER_TIMEOUT = 60.0
 #: it and nobody said it left (s): a live owner unreachable for a moment.
 SAME_OWNER_RETRY = 2.0
 
+#: A sender thread with nothing to send, and nothing unanswered, for this
+#: long (s) closes its connection and ends; the next write starts another.
+#: A long-lived process (a notebook's client) writes to the workers of many
+#: clusters in turn, and would otherwise keep a thread and a socket per
+#: worker it ever wrote to.
+IDLE_EXIT = 60.0
+
 #: At most one line per owner in this many seconds says why writes failed over.
 FAILOVER_LOG_EVERY = 10.0
 
@@ -431,9 +438,15 @@ class Producer:
         return link
 
     def _next_batch(self, link: _Link) -> list[_Item] | None:
-        """Wait for a full batch, a flush or the linger time; None when closed."""
+        """Wait for a full batch, a flush or the linger time; None when closed, or idle (see ``IDLE_EXIT``)."""
         with self._cond:
-            self._cond.wait_for(lambda: self.closed or bool(link.pending))
+            while not self._cond.wait_for(lambda: self.closed or bool(link.pending), IDLE_EXIT):
+                if link.acked >= link.written:
+                    # Idle, every batch answered: nothing on the connection
+                    # to fail over. Under the lock writers take to queue, so
+                    # the next write finds no thread and starts one.
+                    link.thread = None
+                    return None
             if self.closed:
                 return None
             if link.pending_bytes < self._batch_size and not link.flush_now and self._linger > 0:
