@@ -336,6 +336,57 @@ def test_an_idle_sender_closes_its_connection_and_ends_and_the_next_write_starts
         p.close()
 
 
+def test_writes_refused_after_an_earlier_one_failed_for_good_say_so_not_that_it_is_a_bug(monkeypatch):
+    """A replicated write fails for good (no copy took over in time, the owner alive): its number is burned.
+
+    The owner refuses this writer's later writes to the partition as a gap
+    (stored, they would look like writes that overtook a lost one). Its
+    message called that a bug in aimss_dask; the writer knows better.
+    """
+    from aimss_dask.core.errors import PartitionLostError, WriteOrderError
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.node.writers import WriterSeqs
+    from aimss_dask.transport import producer as prod
+
+    monkeypatch.setattr(prod, "SAME_OWNER_RETRY", 30.0)
+    monkeypatch.setattr(prod, "FAILOVER_TIMEOUT", 0.3)
+    spec = StreamSpec(name="s", partitions=1, owners=("tcp://b:1",), epoch=1, replicas=(("tcp://c:1",),),
+                      replication=2)
+    seqs = WriterSeqs()  # a real owner's check, on a log held from the stream's creation
+    seqs.begin("s", 1, 0)
+    conns: list = []
+
+    class ResetFirst(prod._Conn):
+        def __init__(self, p: prod.Producer, link) -> None:
+            self.p, self.link = p, link
+            conns.append(self)
+
+        def send(self, batch) -> None:
+            if self is conns[0]:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            errors = {}
+            try:
+                seqs.admit("s", 1, 0, (self.p.id, batch[0].seq), len(batch))
+            except WriteOrderError as e:
+                errors["s"] = ("WriteOrderError", str(e))
+            self.p._settle(self.link, batch, {"errors": errors})
+
+    p = _stand_in(ResetFirst, spec)
+    try:
+        p.write(spec, 0, np.arange(4))
+        with pytest.raises(PartitionLostError, match="no replica took over in time"):
+            p.flush_blocking(["s"])
+        p.write(spec, 0, np.arange(4))
+        with pytest.raises(WriteOrderError) as refused:
+            p.flush_blocking(["s"])
+        said = str(refused.value)
+        assert "a write from this process failed earlier (PartitionLostError" in said
+        assert "past the failed write's (0)" in said and "bug" not in said
+        assert seqs.table("s", 1, 0) == {}  # nothing stored out of order
+    finally:
+        p.close()
+
+
 def test_a_write_lost_with_the_copy_that_took_over_is_forgiven_once_the_partition_is_re_created(monkeypatch):
     """Sent to owner b, which died; its copy c took over and died too before the write reached it.
 

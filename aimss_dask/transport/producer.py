@@ -42,6 +42,7 @@ from aimss_dask.core.errors import (
     PartitionLostError,
     StreamNotFoundError,
     StreamSealedError,
+    WriteOrderError,
     error_from_wire,
     raise_from_wire,
 )
@@ -198,6 +199,10 @@ class Producer:
         # (stream, its first epoch, partition) -> how many of its replicated
         # writes failed over so far (see _resend).
         self._failures: dict[tuple[str, int, int], int] = {}
+        # (stream, its first epoch, partition) -> the sequence number and the
+        # error of the first of its replicated writes that failed for good:
+        # the owner then refuses the later ones as a gap (_explain_refusal).
+        self._gave_up: dict[tuple[str, int, int], tuple[int, Exception]] = {}
         # stream -> the newest spec learned after an owner died (writes with
         # an older handle go to the owner it names).
         self._routes: dict[str, StreamSpec] = {}
@@ -588,10 +593,17 @@ class Producer:
                 for it in batch_failed:
                     self._errors.setdefault(it.name, (it.epoch, told[it.name]))
                     self._failed.setdefault(it.name, {}).setdefault(link.owner, (it.epoch, told[it.name]))
+                    self._give_up(it, told[it.name])
             else:
                 epochs = {it.name: it.epoch for it in batch}
                 for name, (kind, msg) in (reply.get("errors") or {}).items():
                     err = error_from_wire(kind, msg)
+                    if isinstance(err, WriteOrderError):
+                        err = self._explain_refusal(name, batch, err)
+                    else:
+                        for it in batch:
+                            if it.name == name:
+                                self._give_up(it, err)
                     self._errors.setdefault(name, (epochs.get(name, -1), err))
                     self._failed.setdefault(name, {}).setdefault(link.owner, (epochs.get(name, -1), err))
             link.acked += len(batch)
@@ -612,6 +624,31 @@ class Producer:
                 counts[1] += nbytes
         self.budget.release(sum(it.nbytes for it in batch_failed))
         self._settled_moved(batch_failed)
+
+    def _give_up(self, it: _Item, error: Exception) -> None:
+        """``it`` failed for good (hold ``_cond``): remember the first such write of its partition."""
+        if it.line is not None and it.seq is not None:
+            self._gave_up.setdefault(it.line, (it.seq, error))
+
+    def _explain_refusal(self, name: str, batch: list[_Item], refusal: WriteOrderError) -> WriteOrderError:
+        """The owner refused writes of ``name`` as a gap: why, if an earlier write of theirs failed (hold ``_cond``).
+
+        Their sequence numbers skip the failed write's, so the owner takes
+        them for writes that overtook a lost one (as in Kafka's idempotent
+        producer, the writer must start over). Without such a failure a gap
+        is a bug, and ``refusal`` says so.
+        """
+        for it in batch:
+            if it.name == name and it.line in self._gave_up:
+                seq, error = self._gave_up[it.line]  # type: ignore[index]
+                return WriteOrderError(
+                    f"stream {name!r} partition {it.partition}: a write from this process failed earlier "
+                    f"({type(error).__name__}: {error}), so its owner refuses the later ones: their "
+                    f"sequence numbers go on past the failed write's ({seq}), and stored they would look "
+                    "like writes that overtook a lost one. Write the records again to a new stream, or "
+                    "destroy this one and write it again"
+                )
+        return refusal
 
     def _settled_moved(self, batch: list[_Item]) -> None:
         """Items sent again after a failover are settled: flushes stop waiting for them."""
@@ -827,6 +864,7 @@ class Producer:
         # again, and forgives the writes lost with that owner (failure()).
         where = spec.owners[it.partition] if spec is not None and it.partition in lost else dead
         with self._cond:
+            self._give_up(it, err)
             self._errors.setdefault(it.name, (it.epoch, err))
             self._failed.setdefault(it.name, {}).setdefault(where, (it.epoch, err))
             self._rerouting -= 1
@@ -970,7 +1008,7 @@ class Producer:
                 del self._seq[key]
             for key in [k for k in self._sent_to if k[0] == name and k[1] <= epoch]:
                 del self._sent_to[key]
-            for table in (self._failures, self._unsettled):
+            for table in (self._failures, self._unsettled, self._gave_up):
                 for key in [k for k in table if k[0] == name and k[1] <= epoch]:
                     del table[key]
             self._sealed = {s for s in self._sealed if s[0] != name or s[1] > epoch}
