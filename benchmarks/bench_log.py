@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from aimss_dask._compat import listed_workers
+
 MiB = 2**20
 
 
@@ -180,7 +182,7 @@ def bench_push(reps: int, total: int) -> dict[str, float]:
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster, Client(cluster) as client:
         client.register_plugin(aimss_dask.AIMSS(memory_limit=4 * total))
-        a, b = sorted(client.scheduler_info()["workers"])
+        a, b = sorted(listed_workers(client))
         times: dict[str, list[float]] = {"aimss": [], "aimss_in_task": [], "dask": [], "socket": []}
 
         def one_aimss(record: bool) -> None:

@@ -86,6 +86,7 @@ from distributed import Client, LocalCluster, wait
 from distributed.security import Security
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 
 GiB = 2**30
 
@@ -122,7 +123,7 @@ def transfer(kind: str, args: argparse.Namespace) -> dict[str, list[float]]:
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", security=security
     ) as cluster, Client(cluster) as client:
         client.register_plugin(aimss_dask.AIMSS())
-        a, b = sorted(client.scheduler_info()["workers"])
+        a, b = sorted(listed_workers(client))
         assert a.startswith(f"{kind}://"), a
         nbytes = args.record_mib * 2**20
         n = max(1, int(args.gib * GiB) // nbytes)

@@ -75,6 +75,8 @@ from _common import GiB, cpu_seconds, prefault, remove, settle
 from _common import finish as _finish
 from _common import start as _start
 
+from aimss_dask._compat import listed_workers
+
 UNIT_ROWS = 1024
 
 
@@ -151,7 +153,7 @@ def run(args: argparse.Namespace) -> None:
     with _cluster(args.hosts) as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
         client.register_plugin(aimss_dask.AIMSS(memory_limit=args.memory_limit))
-        print(f"workers on {len({w['host'] for w in client.scheduler_info()['workers'].values()})} host(s)")
+        print(f"workers on {len({w['host'] for w in listed_workers(client).values()})} host(s)")
         summary: list[str] = []
         for case in args.cases.split(","):
             block_rows = 1000 if case == "misaligned" else UNIT_ROWS

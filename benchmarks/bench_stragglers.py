@@ -126,6 +126,7 @@ import pandas as pd
 from distributed import get_worker
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.testing import slow_reads, slow_writes, throttled
 
 
@@ -217,7 +218,7 @@ def tasks(args: argparse.Namespace) -> None:
         n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster, Client(cluster) as client:
         client.register_plugin(aimss_dask.AIMSS())
-        slow_worker = sorted(client.scheduler_info()["workers"])[0]
+        slow_worker = sorted(listed_workers(client))[0]
         fns = {"speculative": _speculative_work, "plain": _work}
         methods = [(f, s) for s in ("slow", "even") for f in fns]
         times: dict[str, list[float]] = {}
@@ -364,7 +365,7 @@ def _cluster(args: argparse.Namespace) -> Any:
 
 def _slow_worker(client: Any) -> tuple[str, int]:
     """The worker to slow down (the first by address) and its process id."""
-    slow = sorted(client.scheduler_info()["workers"])[0]
+    slow = sorted(listed_workers(client))[0]
     return slow, client.run(os.getpid, workers=[slow])[slow]
 
 

@@ -25,6 +25,7 @@ from distributed.security import Security
 from hypothesis import strategies as hst
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 
 _names = itertools.count()
 
@@ -215,7 +216,7 @@ def client(cluster):
         destroy_all_streams()
         # destroy_stream returns once every worker dropped the logs and files.
         status = aimss_dask.status()
-        assert set(status) == set(c.scheduler_info(n_workers=-1)["workers"])
+        assert set(status) == set(listed_workers(c))
         assert_workers_clean(status)
 
 

@@ -27,6 +27,7 @@ from conftest import speculation_client, wait_until
 from distributed import Client, wait
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.core.names import STRAGGLER_TOPIC
 from aimss_dask.source import from_zarr
 from aimss_dask.testing import slow_writes, throttled
@@ -179,7 +180,7 @@ def _timed_zarr_write(path: str) -> float:
 def test_slow_writes_slows_chunk_writes_on_one_worker_only_and_is_undone(client, tmp_path):
     path = str(tmp_path / "timed.zarr")
     zarr.create_array(store=path, shape=(20,), chunks=(10,), dtype="f8")
-    slow, fast = sorted(client.scheduler_info()["workers"])[-1], sorted(client.scheduler_info()["workers"])[0]
+    slow, fast = sorted(listed_workers(client))[-1], sorted(listed_workers(client))[0]
     with slow_writes(client, slow, 0.3):
         took = client.run(_timed_zarr_write, path, workers=[slow, fast])
         assert took[slow] >= 0.3 and took[fast] < 0.3, took  # Zarr writes the two at once

@@ -27,6 +27,7 @@ from distributed import Client, LocalCluster
 from distributed.chaos import KillWorker
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 
 LARGE = os.environ.get("AIMSS_TEST_LARGE") == "1"
 SHUFFLES = int(os.environ.get("AIMSS_CHAOS_SHUFFLES", 50 if LARGE else 2))
@@ -183,7 +184,7 @@ def test_chaos_shuffles_and_rechunks_finish_exactly(chaos_cluster, replication):
     order = ["shuffle"] * SHUFFLES + ["rechunk"] * RECHUNKS
     rng.shuffle(order)
     for i, kind in enumerate(order):
-        wait_until(lambda: len(client.scheduler_info()["workers"]) == 3, timeout=60, what="3 workers back")
+        wait_until(lambda: len(listed_workers(client)) == 3, timeout=60, what="3 workers back")
         if kind == "shuffle":
             def make():
                 return _shuffle(replication)

@@ -28,6 +28,7 @@ from conftest import wait_until
 from distributed import Client, LocalCluster
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.coordinator import dashboard, panels
 
 pytest.importorskip("bokeh", reason="the dashboard needs bokeh (pip install 'aimss-dask[dashboard]')")
@@ -149,7 +150,7 @@ def test_each_page_renders_with_the_clusters_data(dash, page):
     code, html = _get(_base(cluster) + page)
     assert code == 200 and "bokeh" in html.lower()
     sources = _pull(_base(cluster) + page)
-    workers = sorted(client.scheduler_info()["workers"])
+    workers = sorted(listed_workers(client))
     if page.endswith("streams"):
         streams = sources["aimss-streams"]
         row = streams["name"].index("dash-demo")

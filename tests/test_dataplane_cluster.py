@@ -11,6 +11,7 @@ from conftest import unique_name, wait_until
 from distributed import Client
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.core.names import SECRET_KEY
 from aimss_dask.transport import dataplane, secure
 from aimss_dask.transport.secure import Credentials, HandshakeError
@@ -67,7 +68,7 @@ def _records(name: str) -> list[int]:
 
 
 def test_pushes_travel_the_data_plane_from_workers_and_the_client(client: Client):
-    scheme = next(iter(client.scheduler_info()["workers"])).split("://")[0]
+    scheme = next(iter(listed_workers(client))).split("://")[0]
     name = unique_name("dp")
     s = aimss_dask.create_stream(name, partitions=2)
     before = client.run(_data_server)

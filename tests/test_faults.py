@@ -11,6 +11,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def test_killed_owner_makes_writes_and_reads_fail_loudly(client):
     s.flush()
     pids = client.run(os.getpid)
     os.kill(pids[victim], signal.SIGKILL)
-    assert _wait_for(lambda: victim not in client.scheduler_info()["workers"])
+    assert _wait_for(lambda: victim not in listed_workers(client))
 
     # The coordinator knows the partition is gone ...
     assert _wait_for(lambda: s.info()["lost"] == [0])

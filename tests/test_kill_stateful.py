@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 
 LARGE = os.environ.get("AIMSS_TEST_LARGE") == "1"
 WORKERS = 3
@@ -80,7 +81,7 @@ class KillMachine(RuleBasedStateMachine):
         """A worker joins: streams made before keep their placement; later ones may use it."""
         self.size += 1
         self.cluster.scale(self.size)
-        wait_until(lambda: len(self.client.scheduler_info()["workers"]) == self.size, timeout=60, what="a joined worker")
+        wait_until(lambda: len(listed_workers(self.client)) == self.size, timeout=60, what="a joined worker")
         # The scheduler lists the new worker before its nanny has finished
         # starting it: wait for the nanny too, so that a kill never lands in
         # the middle of a start (the nanny then gives up, and no worker comes
@@ -127,13 +128,13 @@ class KillMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def kill(self, data: st.DataObject) -> None:
         owners = sorted({w for m in self.streams.values() for w in m.stream.info()["owners"]})
-        live = set(self.client.scheduler_info()["workers"])
+        live = set(listed_workers(self.client))
         victim = data.draw(st.sampled_from(sorted(live & set(owners)) or sorted(live)))
         pid = self.client.run(os.getpid, workers=[victim])[victim]
         os.kill(pid, signal.SIGKILL)
         self.kills += 1
         event(f"kill {self.kills}")
-        wait_until(lambda: victim not in self.client.scheduler_info()["workers"], timeout=60, what="the kill seen")
+        wait_until(lambda: victim not in listed_workers(self.client), timeout=60, what="the kill seen")
         for model in self.streams.values():
             info = model.stream.info()
             gone = {p for p, w in enumerate(info["owners"]) if w == victim}
@@ -141,7 +142,7 @@ class KillMachine(RuleBasedStateMachine):
                 model.lost_sealed |= gone - model.lost
             model.lost |= gone
         # The nanny brings a new process back: later streams are placed on it.
-        wait_until(lambda: len(self.client.scheduler_info()["workers"]) == self.size, timeout=60, what="a new worker")
+        wait_until(lambda: len(listed_workers(self.client)) == self.size, timeout=60, what="a new worker")
 
     @precondition(lambda self: self.streams)
     @rule(data=st.data())
@@ -180,14 +181,14 @@ class ReplicatedKillMachine(KillMachine):
     @precondition(lambda self: self.kills < MAX_KILLS and self.streams)
     @rule(data=st.data())
     def kill(self, data: st.DataObject) -> None:
-        live = sorted(self.client.scheduler_info()["workers"])
+        live = sorted(listed_workers(self.client))
         victim = data.draw(st.sampled_from(live))
         pid = self.client.run(os.getpid, workers=[victim])[victim]
         os.kill(pid, signal.SIGKILL)
         self.kills += 1
         event(f"kill {self.kills}")
-        wait_until(lambda: victim not in self.client.scheduler_info()["workers"], timeout=60, what="the kill seen")
-        wait_until(lambda: len(self.client.scheduler_info()["workers"]) == self.size, timeout=60, what="a new worker")
+        wait_until(lambda: victim not in listed_workers(self.client), timeout=60, what="the kill seen")
+        wait_until(lambda: len(listed_workers(self.client)) == self.size, timeout=60, what="a new worker")
         for model in self.streams.values():
             # A copy took over whatever the victim owned, and the nanny's new
             # worker (or another) holds a fresh copy, caught up, before the next kill.

@@ -9,6 +9,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.core.errors import error_to_wire
 
 
@@ -104,7 +105,7 @@ def test_a_worker_listed_after_its_teardown_does_not_fail_destroy_or_status():
         for i in range(10):
             s.write(i, partition=i % 2)
         s.flush()
-        a, b = sorted(client.scheduler_info()["workers"])
+        a, b = sorted(listed_workers(client))
 
         async def teardown(dask_worker):
             await dask_worker.plugin_remove("aimss")

@@ -19,6 +19,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.core import metrics as core_metrics
 from aimss_dask.core import stats
 from aimss_dask.core.metrics import Metric, merge
@@ -71,7 +72,7 @@ def cluster():
 
 
 def _ports(cluster: LocalCluster, client: Client) -> tuple[int, list[int]]:
-    workers = client.scheduler_info()["workers"]
+    workers = listed_workers(client)
     return cluster.scheduler.http_server.port, [w["services"]["dashboard"] for w in workers.values()]
 
 
@@ -82,7 +83,7 @@ def test_workers_and_the_scheduler_serve_aimss_metrics_that_match_what_was_writt
     stream = aimss_dask.create_stream("metrics-demo", partitions=2)
     # Written from a task on each worker: half of each one's records go to
     # its own partition (local), half to the other worker's (pushed).
-    workers = sorted(client.scheduler_info()["workers"])
+    workers = sorted(listed_workers(client))
     futs = [client.submit(_write, stream.name, RECORDS // 2, workers=[w], pure=False) for w in workers]
     assert sum(client.gather(futs)) == RECORDS
     stream.seal()

@@ -25,6 +25,7 @@ from conftest import speculation_client, wait_until
 from distributed import Client, get_task_stream, wait
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.core.names import STRAGGLER_TOPIC
 from aimss_dask.testing import throttled
 
@@ -52,7 +53,7 @@ def fresh():
 @pytest.fixture
 def slow(client):
     """The throttled worker's address; throttle it with ``throttled(pid(slow), SHARE)``."""
-    return sorted(client.scheduler_info()["workers"])[-1]
+    return sorted(listed_workers(client))[-1]
 
 
 def _pid(client: Client, worker: str) -> int:
@@ -134,7 +135,7 @@ def test_a_rechunk_and_a_zarr_write_whose_pushes_are_copied_or_moved_equal_their
     # slow (which comes first depends on which evidence does); a run
     # submitted once it is known slow places no push there.
     client = fresh
-    slow = sorted(client.scheduler_info()["workers"])[-1]
+    slow = sorted(listed_workers(client))[-1]
     # The blocks on the slow worker: it surely runs pushes of its own.
     x = client.persist(da.random.default_rng(7).random((9600, 2400), chunks=(800, 2400)), workers=[slow])
     wait(x)

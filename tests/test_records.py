@@ -10,6 +10,7 @@ from conftest import assert_workers_clean, make_cluster, unique_name
 from distributed import Client, get_worker
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +218,7 @@ def test_records_survive_spill_to_disk():
         assert info["records"] == [len(expected)]
         assert info["spilled_bytes"] > 0
         check_all(list(s.read()), expected)
-        (w,) = c.scheduler_info()["workers"]
+        (w,) = listed_workers(c)
         addr, n, read_only = c.submit(_read_and_check, name, 0, workers=[w], pure=False).result()
         assert n == len(expected)
         assert read_only == [what for what, r in expected if isinstance(r, np.ndarray)]

@@ -16,6 +16,7 @@ from distributed import Client, LocalCluster
 
 import aimss_dask
 from aimss_dask import InvalidArgumentError, NotRegisteredError
+from aimss_dask._compat import listed_workers
 
 GiB = 2**30
 WORKER_LIMIT = "1GiB"
@@ -51,7 +52,7 @@ def test_a_budget_no_worker_can_hold_is_refused_at_registration(caplog):
                 aimss_dask.create_stream("s", partitions=2)
         assert not [r for r in caplog.records if "No handler" in r.getMessage()]
         assert client.run(lambda dask_worker: "aimss" in dask_worker.plugins) == {
-            w: False for w in client.scheduler_info()["workers"]
+            w: False for w in listed_workers(client)
         }
 
         # The fraction route is refused too.

@@ -42,6 +42,7 @@ from conftest import make_cluster, wait_until
 from distributed import Client
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 
 LARGE = os.environ.get("AIMSS_TEST_LARGE") == "1"
 PARTITIONS = 4
@@ -149,7 +150,7 @@ def _trial(seed: int, kills: int, hurried: bool, pause: tuple[float, float] = (0
         client.wait_for_workers(4)
         name = f"rw-{seed}"
         s = aimss_dask.create_stream(name, PARTITIONS, replication=2)
-        workers = sorted(client.scheduler_info()["workers"])
+        workers = sorted(listed_workers(client))
         keeper = rng.choice(workers)  # runs the task writer; never killed
         seconds = 6.0 if hurried else 2.0 + 4.0 * kills
         task = client.submit(_write_for, name, TASK_WRITER, seconds, seed, size, workers=[keeper], pure=False)
@@ -179,7 +180,7 @@ def _trial(seed: int, kills: int, hurried: bool, pause: tuple[float, float] = (0
         try:
             for _ in range(kills):
                 time.sleep(rng.uniform(0.0, 0.4) if hurried else rng.uniform(*pause))
-                live = set(client.scheduler_info()["workers"])
+                live = set(listed_workers(client))
                 owners = sorted(set(s.info()["owners"]) & live - {keeper})
                 victim = rng.choice(owners or sorted(live - {keeper}))
                 os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)

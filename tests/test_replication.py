@@ -16,6 +16,7 @@ from conftest import linked_replicator, make_cluster, wait_until
 from distributed import Client, wait
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.coordinator.placement import place_replicas
 from aimss_dask.coordinator.replicas import Promotions
 from aimss_dask.coordinator.state import CoordinatorState
@@ -250,7 +251,7 @@ def test_a_replica_takes_over_on_a_tls_cluster():
 
     sec = Security.temporary()
     with make_cluster(3, security=sec) as cluster, Client(cluster, security=sec) as client:
-        assert all(a.startswith("tls://") for a in client.scheduler_info()["workers"])
+        assert all(a.startswith("tls://") for a in listed_workers(client))
         client.register_plugin(aimss_dask.AIMSS())
         _replica_takes_over(client)
 
@@ -1073,7 +1074,7 @@ def test_retiring_a_worker_of_a_replicated_stream_hands_over_to_its_copies(clust
     for p in range(4):
         assert {s.spec.owners[p], *s.spec.replicas[p]} - set(close)
     client.retire_workers([leaving])
-    wait_until(lambda: leaving not in client.scheduler_info()["workers"], timeout=30, what="the worker gone")
+    wait_until(lambda: leaving not in listed_workers(client), timeout=30, what="the worker gone")
     for i in range(200, 240):
         s.write(np.full(100, i), partition=i % 4)
     s.seal()

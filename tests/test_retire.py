@@ -8,6 +8,7 @@ from conftest import unique_name, wait_until
 from distributed import Client, Event, LocalCluster, get_worker
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.log.store import LogStore
 
 
@@ -63,7 +64,7 @@ def test_retire_workers_moves_sealed_partitions_and_their_readers(client):
 
     retired = client.retire_workers([victim])
     assert victim in retired
-    wait_until(lambda: victim not in client.scheduler_info()["workers"], timeout=30, what="retirement")
+    wait_until(lambda: victim not in listed_workers(client), timeout=30, what="retirement")
     go.set()
 
     info = s.info()
@@ -99,7 +100,7 @@ def test_retiring_an_owner_of_an_open_stream_names_the_loss(client):
     owners = s.info()["owners"]
     victim = owners[1]
     client.retire_workers([victim])
-    wait_until(lambda: victim not in client.scheduler_info()["workers"], timeout=30, what="retirement")
+    wait_until(lambda: victim not in listed_workers(client), timeout=30, what="retirement")
     # Open partitions cannot move while written: the loss is named, never a gap.
     wait_until(lambda: s.info()["lost"] == [1], timeout=10, what="the loss of partition 1")
     with pytest.raises(aimss_dask.PartitionLostError, match=r"partition\(s\) \[1\]"):
@@ -120,8 +121,8 @@ def test_scale_down_spares_owners_of_open_streams_and_takes_them_once_sealed(cli
     picked = to_close()
     assert len(picked) == 2
     client.retire_workers(picked)
-    wait_until(lambda: len(client.scheduler_info()["workers"]) == 1, timeout=30, what="scale-down")
-    (last,) = client.scheduler_info()["workers"]
+    wait_until(lambda: len(listed_workers(client)) == 1, timeout=30, what="scale-down")
+    (last,) = listed_workers(client)
     info = s.info()
     assert info["owners"] == [last] * 3, info
     for p in range(3):
@@ -152,8 +153,8 @@ def test_cluster_scale_down_keeps_every_sealed_record():
         s = _fill(name, partitions=6, per=5)
         s.seal()
         cluster.scale(1)
-        wait_until(lambda: len(c.scheduler_info()["workers"]) == 1, timeout=60, what="scale(1)")
-        (last,) = c.scheduler_info()["workers"]
+        wait_until(lambda: len(listed_workers(c)) == 1, timeout=60, what="scale(1)")
+        (last,) = listed_workers(c)
         info = s.info()
         assert info["owners"] == [last] * 6 and info["lost"] == []
         for p in range(6):
@@ -171,7 +172,7 @@ def test_a_worker_closing_gracefully_at_the_end_of_its_lifetime_hands_over(clien
         await dask_worker.close_gracefully(reason="lifetime")
 
     client.run(close_gracefully, workers=[victim], wait=False)
-    wait_until(lambda: victim not in client.scheduler_info()["workers"], timeout=30, what="the worker to leave")
+    wait_until(lambda: victim not in listed_workers(client), timeout=30, what="the worker to leave")
     wait_until(lambda: victim not in s.info()["owners"], timeout=10, what="the new owner")
     assert s.info()["lost"] == []
     assert _values(s.read(partition=2)) == [2000 + i for i in range(4)]
@@ -197,4 +198,4 @@ def test_a_worker_process_sent_sigterm_hands_over_before_it_exits(client):
     assert s.info()["lost"] == []
     for p in range(3):
         assert _values(s.read(partition=p)) == [p * 1000 + i for i in range(4)]
-    wait_until(lambda: len(client.scheduler_info()["workers"]) == 3, timeout=60, what="the nanny's new worker")
+    wait_until(lambda: len(listed_workers(client)) == 3, timeout=60, what="the nanny's new worker")

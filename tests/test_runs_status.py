@@ -18,6 +18,7 @@ from conftest import unique_name, wait_until
 from distributed import Client, Event, LocalCluster
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.api.runs import register_run
 from aimss_dask.core.errors import StreamExistsError
 from aimss_dask.core.runs import RunSpec
@@ -110,7 +111,7 @@ def test_status_lists_every_operator_running_at_once_with_progress(client, tmp_p
     assert listed[s.name]["run"] is None
     assert listed[source.name]["run"] == runs["zarr-source"]["run_id"]
     # The per-worker view is still the mapping it was.
-    assert set(st) == set(client.scheduler_info(n_workers=-1)["workers"])
+    assert set(st) == set(listed_workers(client))
 
     go.set()
     out = shuffled.result()

@@ -24,6 +24,7 @@ from distributed import Client, LocalCluster
 
 import aimss_dask
 from aimss_dask import cli
+from aimss_dask._compat import listed_workers
 from aimss_dask.core.errors import (
     InvalidOffsetError,
     PartitionLostError,
@@ -295,7 +296,7 @@ def test_killed_owner_partition_comes_back_from_its_spill_files_from_the_consume
     assert [int(r[0]) for r in s.read(partition=1)] == [-1]
     # The dead worker's folder is gone; the live workers' are not.
     assert victim not in _owners(root)
-    assert set(_owners(root)) == set(client.scheduler_info()["workers"])
+    assert set(_owners(root)) == set(listed_workers(client))
     aimss_dask.destroy_stream("kept")
 
 
@@ -358,5 +359,5 @@ def test_a_lone_worker_restarted_by_its_nanny_takes_back_its_own_spill_files(tmp
         ev = _kill_and_salvage(client, victim, "alone", timeout=90)
         assert ev["partitions"] == {0: [0, 3], 1: [0, 3]} and ev["lost"] == {}
         assert [int(r[0]) for r in s.read()] == [0, 2, 4, 1, 3, 5]
-        assert _owners(tmp_path) == list(client.scheduler_info()["workers"])  # the new worker's own
+        assert _owners(tmp_path) == list(listed_workers(client))  # the new worker's own
         aimss_dask.destroy_stream("alone")

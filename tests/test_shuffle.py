@@ -17,6 +17,7 @@ from conftest import assert_workers_clean, unique_name
 from distributed import get_task_stream
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.api.runs import register_run
 from aimss_dask.coordinator.placement import place_partitions
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
@@ -375,7 +376,7 @@ def _skew_placement(client) -> tuple[list[str], dict[str, int]]:
     first, second = register_run(
         RunSpec(run_id=unique_name("helper"), streams=(unique_name("helper"), unique_name("helper"))), 1
     ).streams
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = sorted(listed_workers(client))
     load = {w: 0 for w in workers}
     for s in (first, second):
         for w in s.info()["owners"]:

@@ -19,6 +19,7 @@ from conftest import spill_files
 from distributed import Client, LocalCluster
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 
 LARGE = os.environ.get("AIMSS_TEST_LARGE") == "1"
 GiB = 2**30
@@ -75,7 +76,7 @@ def test_shuffle_larger_than_the_budget_spills_and_frees():
         memory_limit=WORKER_LIMIT,
     ) as cluster, Client(cluster) as client:
         client.register_plugin(aimss_dask.AIMSS(memory_limit=BUDGET))
-        workers_before = set(client.scheduler_info()["workers"])
+        workers_before = set(listed_workers(client))
         df = dd.from_map(_make, range(PARTS), meta=_make(0).iloc[:0])
         out = aimss_dask.shuffle(df, "key", npartitions=PARTS)
         client.run(_start)
@@ -99,7 +100,7 @@ def test_shuffle_larger_than_the_budget_spills_and_frees():
         # (an eighth of the budget) has gone back to the OS.
         assert int(got["scratch"].max()) <= budget // 8, got["scratch"].max()
         # ... no worker was restarted and none came near its Dask memory limit ...
-        assert set(client.scheduler_info()["workers"]) == workers_before
+        assert set(listed_workers(client)) == workers_before
         for addr, peak in peaks.items():
             assert peak < 0.8 * dask_bytes(WORKER_LIMIT), (addr, peak / GiB)
         # ... and the memory and spill files are freed afterwards.

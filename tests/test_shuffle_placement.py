@@ -8,6 +8,7 @@ import pandas as pd
 from distributed import get_task_stream
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.coordinator.placement import place_partitions, rebalance
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 
@@ -55,7 +56,7 @@ def test_skewed_keys_are_balanced_across_workers(client):
     }
     sizes = [int(p.memory_usage(index=True).sum()) for p in parts]
     assert sum(len(p) for p in parts) == rows
-    workers = sorted(client.scheduler_info()["workers"])
+    workers = sorted(listed_workers(client))
     held = {w: sum(s for p, s in enumerate(sizes) if ran[p] == w) for w in workers}
     bound = max(max(sizes), 1.25 * sum(sizes) / len(workers))
     assert max(held.values()) <= bound, (held, bound)

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.sink.plan import aligned as _aligned
 
 
@@ -280,7 +281,7 @@ def test_worker_killed_mid_write_still_writes_everything(tmp_path):
         import time
 
         time.sleep(1.0)
-        victim = sorted(client.scheduler_info()["workers"])[0]
+        victim = sorted(listed_workers(client))[0]
         pid = client.run(os.getpid, workers=[victim])[victim]
         os.kill(pid, signal.SIGKILL)
         fut.result(timeout=120)

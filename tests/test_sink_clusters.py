@@ -17,6 +17,7 @@ from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, wai
 from test_sink_array import _kind, _partials
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.sink import array as sink_array
 from aimss_dask.sink import fstype
 
@@ -78,7 +79,7 @@ def two_hosts():
 
 def _spread(client, data, rows):
     """``data`` as a Dask array of ``rows``-row blocks held alternately by the two workers."""
-    addrs = sorted(client.scheduler_info()["workers"])
+    addrs = sorted(listed_workers(client))
     parts = [
         client.scatter(data[i : i + rows], workers=[addrs[(i // rows) % 2]], broadcast=False)
         for i in range(0, len(data), rows)
@@ -97,7 +98,7 @@ def _spread(client, data, rows):
 def test_two_hosts_get_a_push_run_not_writes_in_place(two_hosts, tmp_path):
     """Appends are atomic on one host's file system only: with workers on two
     hosts, blocks of whole inner chunks are pushed to each shard's owner."""
-    hosts = {w["host"] for w in two_hosts.scheduler_info()["workers"].values()}
+    hosts = {w["host"] for w in listed_workers(two_hosts).values()}
     assert hosts == {"127.0.0.1", "127.0.0.2"}
     data = np.random.default_rng(1).random((16_384, 8))
     x = _spread(two_hosts, data, 1024)

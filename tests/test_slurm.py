@@ -23,6 +23,7 @@ from conftest import wait_until
 from distributed import Client
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 
 dask_jobqueue = pytest.importorskip("dask_jobqueue", reason="needs dask-jobqueue (pip install 'aimss-dask[hpc]')")
 
@@ -106,7 +107,7 @@ def test_slurm_workers_get_the_plugin_and_run_streams_shuffles_and_sinks(slurm, 
         owners = aimss_dask.get_stream("hpc").spec.owners
         victim = max(set(owners), key=owners.count)
         client.retire_workers([victim], close_workers=True)
-        wait_until(lambda: victim not in client.scheduler_info()["workers"], timeout=60, what="the retirement")
+        wait_until(lambda: victim not in listed_workers(client), timeout=60, what="the retirement")
         moved = aimss_dask.get_stream("hpc").spec.owners
         assert victim not in moved
         got = sorted(r for p in range(6) for r in aimss_dask.get_stream("hpc").read(partition=p))
@@ -115,8 +116,8 @@ def test_slurm_workers_get_the_plugin_and_run_streams_shuffles_and_sinks(slurm, 
         # processes) that owns partitions: they move before it goes.
         before = set(aimss_dask.get_stream("hpc").spec.owners)
         cluster.scale(1)
-        wait_until(lambda: len(client.scheduler_info()["workers"]) == 1, timeout=60, what="scale(1)")
-        left = set(client.scheduler_info()["workers"])
+        wait_until(lambda: len(listed_workers(client)) == 1, timeout=60, what="scale(1)")
+        left = set(listed_workers(client))
         assert before - left, f"the job that ended owned no partition: {before} {left}"
         assert set(aimss_dask.get_stream("hpc").spec.owners) <= left
         got = sorted(r for p in range(6) for r in aimss_dask.get_stream("hpc").read(partition=p))

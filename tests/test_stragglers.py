@@ -19,6 +19,7 @@ from conftest import speculation_client, unique_name, wait_until
 from distributed import Client, get_worker
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.core.names import STRAGGLER_TOPIC
 
 BASE = 0.25
@@ -71,7 +72,7 @@ def _reports(client: Client, since: float) -> list[dict[str, Any]]:
 
 
 def test_a_slow_workers_tasks_are_reported_and_the_worker_flagged(client):
-    slow = sorted(client.scheduler_info()["workers"])[-1]
+    slow = sorted(listed_workers(client))[-1]
     t0 = time.time()
     for round_ in range(2):  # two groups: two stragglers on the slow worker
         tag = unique_name("slowtask")
@@ -155,7 +156,7 @@ def test_a_consumer_far_behind_its_groups_peers_is_reported(client):
 
 
 def test_a_straggling_call_of_a_speculative_function_is_won_by_its_copy(client):
-    slow = sorted(client.scheduler_info()["workers"])[-1]
+    slow = sorted(listed_workers(client))[-1]
     t0 = time.time()
     tag = unique_name("marked")
     futs = client.map(_marked, range(12), slow=slow, tag=tag, key=[f"{tag}-{i}" for i in range(12)])
@@ -181,7 +182,7 @@ def test_a_straggling_call_of_a_speculative_function_is_won_by_its_copy(client):
 
 
 def test_tasks_annotated_speculative_get_copies_like_a_declared_function(client):
-    slow = sorted(client.scheduler_info()["workers"])[-1]
+    slow = sorted(listed_workers(client))[-1]
     t0 = time.time()
     tag = unique_name("annotated")
     with dask.annotate(aimss_speculative=True):
@@ -211,7 +212,7 @@ def test_speculative_marks_a_function_and_calls_it_plainly_outside_a_task():
 
 
 def test_a_failed_copy_leaves_the_result_to_the_original(client):
-    slow = sorted(client.scheduler_info()["workers"])[-1]
+    slow = sorted(listed_workers(client))[-1]
     t0 = time.time()
     tag = unique_name("fails")
     futs = client.map(_fails_elsewhere, range(12), slow=slow, tag=tag, key=[f"{tag}-{i}" for i in range(12)])

@@ -19,6 +19,7 @@ from conftest import (
 from distributed import Client, get_worker
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.coordinator.placement import partition_for_key
 
 #: Every test here runs on a TCP and on a TLS cluster (conftest): the data plane is on both.
@@ -449,7 +450,7 @@ def test_map_partitions_runs_on_partition_owners(client):
     name = unique_name("mp")
     s = aimss_dask.create_stream(name, partitions=6)
     owners = s.info()["owners"]
-    workers = set(client.scheduler_info()["workers"])
+    workers = set(listed_workers(client))
     assert set(owners) == workers and len(workers) == 2
     assert sorted(owners.count(w) for w in workers) == [3, 3]
     for p in range(6):
@@ -521,11 +522,11 @@ def test_streams_of_a_disconnected_client_are_destroyed_unless_persist(client, c
 def test_plugin_reaches_a_worker_added_later():
     with make_cluster(1) as cl, Client(cl) as c:
         c.register_plugin(aimss_dask.AIMSS())
-        first = set(c.scheduler_info()["workers"])
+        first = set(listed_workers(c))
         assert set(aimss_dask.status()) == first
         cl.scale(2)
         c.wait_for_workers(2)
-        new = set(c.scheduler_info()["workers"]) - first
+        new = set(listed_workers(c)) - first
         assert len(new) == 1
         (new_worker,) = new
         wait_until(lambda: set(aimss_dask.status()) == first | new, timeout=10, what="status() listing the new worker")
@@ -575,7 +576,7 @@ def test_info_and_status(client):
     name = unique_name("info")
     s = aimss_dask.create_stream(name, partitions=2)
     info = s.info()
-    workers = set(client.scheduler_info()["workers"])
+    workers = set(listed_workers(client))
     assert set(info) == {
         "name", "partitions", "owners", "epoch", "parent", "persist", "sealed",
         "lost", "lost_offsets", "records", "bytes", "spilled_bytes", "groups",

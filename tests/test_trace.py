@@ -22,6 +22,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.core import trace as tracer
 
 FIELDS = {"id", "name", "cat", "pid", "tid", "ts", "dur", "ph", "args"}
@@ -67,7 +68,7 @@ def test_a_trace_of_streams_a_shuffle_and_zarr_holds_their_events_on_every_proce
         src = aimss_dask.from_zarr(str(tmp_path / "a.zarr"))
         assert sum(len(r) for r in src.read()) == 800
     assert t.files == sorted(t.files)
-    workers = client.scheduler_info()["workers"]
+    workers = listed_workers(client)
     # Every worker and this process (the scheduler's too, here) wrote one file,
     # each in a folder of its own under the trace's folder.
     assert len(t.files) == len(workers) + 1
@@ -108,11 +109,11 @@ def test_a_worker_that_joins_during_a_trace_is_traced_too(client, tmp_path):
     from conftest import wait_until
 
     cluster = client.cluster
-    before = set(client.scheduler_info()["workers"])
+    before = set(listed_workers(client))
     with aimss_dask.trace(tmp_path / "joined", compress=False) as t:
         cluster.scale(len(before) + 1)
         client.wait_for_workers(len(before) + 1)
-        [new] = set(client.scheduler_info()["workers"]) - before
+        [new] = set(listed_workers(client)) - before
         pid = client.run(os.getpid, workers=[new])[new]
         wait_until(lambda: any(d.endswith(f"-{pid}") for d in os.listdir(tmp_path / "joined")), timeout=20,
                    what="the new worker's trace folder")
@@ -123,7 +124,7 @@ def test_a_worker_that_joins_during_a_trace_is_traced_too(client, tmp_path):
     mine = [f for f in t.files if os.path.basename(os.path.dirname(f)).endswith(f"-{pid}")]
     assert len(mine) == 1 and any(e["name"] == "append" for e in _events(mine[0]))
     cluster.scale(len(before))
-    wait_until(lambda: len(client.scheduler_info()["workers"]) == len(before), timeout=30, what="scaled back")
+    wait_until(lambda: len(listed_workers(client)) == len(before), timeout=30, what="scaled back")
 
 
 def test_a_second_trace_into_the_same_folder_keeps_the_first(client, tmp_path):

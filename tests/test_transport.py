@@ -13,6 +13,7 @@ from conftest import wait_until
 from distributed import Client, LocalCluster
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.node.plugin import IDLE_RELEASE_DELAY
 
 
@@ -94,7 +95,7 @@ def test_a_closed_client_keeps_no_sender_thread_and_is_freed(monkeypatch):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             client.register_plugin(aimss_dask.AIMSS())
-            workers = list(client.scheduler_info()["workers"])
+            workers = list(listed_workers(client))
             s = aimss_dask.create_stream("c", partitions=4)
             for i in range(20):
                 s.write(np.arange(100), key=i)

@@ -20,6 +20,7 @@ from conftest import unique_name, wait_until
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.api.streams import create_stream, destroy_stream, get_stream, write_to
 from aimss_dask.core.errors import PartitionLostError
 
@@ -56,7 +57,7 @@ def fixed_port_cluster():
 
 def _back(client: Client, address: str, old_pid: int) -> bool:
     """A new process listens at ``address``, with the AIMSS plugin set up."""
-    if address not in client.scheduler_info()["workers"]:
+    if address not in listed_workers(client):
         return False
     try:  # the old process may still be on the scheduler's books: a run fails
         pid = client.run(_pid, workers=[address]).get(address)
@@ -68,7 +69,7 @@ def _back(client: Client, address: str, old_pid: int) -> bool:
 
 def test_a_worker_back_at_the_same_address_serves_new_streams(fixed_port_cluster):
     client, fixed = fixed_port_cluster
-    other = next(w for w in client.scheduler_info()["workers"] if w != fixed)
+    other = next(w for w in listed_workers(client) if w != fixed)
     old = create_stream(unique_name("old"), partitions=2)
     on_fixed = old.spec.owners.index(fixed)
     on_other = 1 - on_fixed
