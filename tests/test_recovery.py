@@ -437,11 +437,16 @@ def test_the_dead_workers_finished_pushes_resend_only_what_no_copy_holds(cluster
     assert int(got["n"].sum()) == len(want) and sum(int(k) for k in got["k"]) == int(want["key"].sum())
     events = _events(client)
     refilled = [e for e in events if e.get("action") == "push-refilled"]
-    # At least the two pushes that finished before the last one asked, and
-    # together they wrote less than everything. (Short, to survive pytest's
-    # cut: what happened, in order, and when the victim's pushes finished.)
+    # The victim's finished pushes asked, and together they wrote less than
+    # everything. Not each of them: Dask reschedules a dead worker's tasks
+    # before scheduler plugins hear of the loss, and an execution that starts
+    # on a worker that has not heard of the recovery yet (its stream handle
+    # names no recovery) writes everything, which the owners drop as copies
+    # (one run in the whole suite of 2026-12-06 re-ran two of three so).
+    # (Short, to survive pytest's cut: what happened, in order, and when the
+    # victim's pushes finished.)
     story = [(e.get("action"), e.get("key") or e.get("partitions") or e.get("worker")) for e in events]
-    assert len(refilled) >= 2, (story, before)
+    assert refilled, (story, before)
     # (input, partitions written, of, partitions whose copies all answered): short enough to survive pytest's cut.
     brief = [(e["input"], e["written"], e["partitions"], e.get("known")) for e in refilled], before
     assert sum(e["written"] for e in refilled) < sum(e["partitions"] for e in refilled), brief
