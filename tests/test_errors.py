@@ -531,3 +531,42 @@ def test_a_writer_asking_a_dead_owner_for_its_data_address_fails_at_once_not_aft
     with pytest.raises(OSError, match="tcp://gone:1 left the cluster"):
         asyncio.run(ask_data_address(_Pool(), "tcp://gone:1", listed))
     assert time.monotonic() - t0 < CONNECT_GRACE + 2 and _Pool.asked == 1
+
+
+def test_the_blocking_api_refuses_its_own_loop_and_a_reader_closed_there_commits_without_waiting():
+    """Waiting on an event loop for that very loop waits for ever: a worker whose loop did that
+    stopped answering, heartbeats included. A group reader freed on the loop (a failed task's
+    traceback held it) commits there; it now sends the commit without waiting."""
+    import asyncio
+
+    from tornado.ioloop import IOLoop
+
+    from aimss_dask.api.context import Endpoint
+    from aimss_dask.api.reader import GroupCommitter
+
+    class _Scheduler:
+        def __init__(self) -> None:
+            self.commits: list[list[list[int]]] = []
+
+        async def aimss_commit(self, name, group, offsets, client=None, task=None):
+            self.commits.append(offsets)
+            return {}
+
+    async def main() -> _Scheduler:
+        scheduler = _Scheduler()
+        ep = Endpoint(loop=IOLoop.current(), scheduler=scheduler, rpc=None, producer=None)
+        assert ep.on_loop()
+        with pytest.raises(aimss_dask.AIMSSError, match="would wait on the event loop for that very loop"):
+            ep.scheduler_op("get", name="s")
+        committer = GroupCommitter(ep, "s", "g")
+        committer.done = {0: 5}
+        committer.commit()  # on the loop: must return at once
+        await asyncio.sleep(0.2)
+        assert scheduler.commits == [[[0, 5]]]
+        # From a thread, it waits for the answer as before.
+        committer.done = {0: 7}
+        await asyncio.get_running_loop().run_in_executor(None, committer.commit)
+        assert scheduler.commits[-1] == [[0, 7]]
+        return scheduler
+
+    asyncio.run(asyncio.wait_for(main(), 20))

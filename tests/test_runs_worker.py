@@ -125,6 +125,53 @@ def test_shared_resources_are_made_once_and_closed_with_the_runs():
     assert run.closed == 1
 
 
+def test_a_close_that_waits_for_the_loop_runs_in_a_thread_and_the_others_on_the_loop():
+    """A sink's write under way may wait for the coordinator's answer on the worker's loop (an I/O
+    grant): closed on that loop (the worker's teardown), its run waited for ever, and the worker
+    stopped answering. A source's brokers are asyncio tasks: their run closes on the loop."""
+    import asyncio
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def wait_for_the_loop(holder: Any) -> None:
+        assert loop is not None
+        holder.got = asyncio.run_coroutine_threadsafe(asyncio.sleep(0, "answered"), loop).result(timeout=5)
+
+    class Waits(Run):
+        blocking_close = True
+        got = None
+
+        def close(self) -> None:
+            wait_for_the_loop(self)
+
+    class OnLoop(Run):
+        thread = None
+
+        def close(self) -> None:
+            self.thread = threading.get_ident()
+
+    class Res:
+        got = None
+
+        def close(self) -> None:
+            wait_for_the_loop(self)
+
+    async def main() -> tuple[Any, ...]:
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        m = RunManager()
+        stopped, kept, on_loop = m.start(Waits("a", 1)), m.start(Waits("b", 1)), m.start(OnLoop("c", 1))
+        res = m.shared("r", Res)
+        assert await m.astop("a") and not await m.astop("a")
+        await m.aclose_all()
+        assert m.names() == []
+        return stopped, kept, on_loop, res, threading.get_ident()
+
+    stopped, kept, on_loop, res, loop_thread = asyncio.run(main())
+    assert (stopped.got, kept.got, res.got) == ("answered",) * 3
+    assert on_loop.thread == loop_thread
+
+
 def test_unknown_operation_is_a_clear_error():
     import asyncio
 

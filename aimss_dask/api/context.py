@@ -57,8 +57,26 @@ class Endpoint:
     task_key: Any = None
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """Run coroutine function ``fn`` on the loop and wait for it."""
+        """Run coroutine function ``fn`` on the loop and wait for it.
+
+        Never on the loop itself: waiting there for the loop would wait
+        forever (a worker that stops answering, heartbeats included), so
+        that raises :class:`AIMSSError` instead.
+        """
+        if self.on_loop():
+            raise AIMSSError(
+                f"aimss_dask: {getattr(fn, '__name__', fn)} would wait on the event loop for that very "
+                "loop; call the blocking API from a task or a plain thread"
+            )
         return sync(self.loop, fn, *args, **kwargs)
+
+    def on_loop(self) -> bool:
+        """Whether the calling thread runs this endpoint's event loop."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return running is getattr(self.loop, "asyncio_loop", self.loop)
 
     async def ask_scheduler(self, op: str, **kwargs: Any) -> dict[str, Any]:
         reply = await getattr(self.scheduler, f"aimss_{op}")(**kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -15,6 +17,8 @@ from aimss_dask.core.errors import (
 )
 from aimss_dask.core.specs import StreamSpec
 from aimss_dask.transport import speccache
+
+logger = logging.getLogger("aimss_dask")
 
 #: Group offsets are sent to the coordinator at most this often while reading
 #: (and always when a partition ends or the iterator is closed). Delivery is
@@ -169,11 +173,29 @@ class GroupCommitter:
     def commit(self) -> None:
         todo = [[p, o] for p, o in self.done.items() if self.sent.get(p) != o]
         self.last = time.monotonic()
-        if todo:
-            self.ep.scheduler_op(
-                "commit", name=self.name, group=self.group, offsets=todo, **self.ep.owner_kwargs()
-            )
-            self.sent.update({p: o for p, o in todo})
+        if not todo:
+            return
+        kwargs = dict(name=self.name, group=self.group, offsets=todo, **self.ep.owner_kwargs())
+        if self.ep.on_loop():
+            # A reader freed on the event loop (a failed task's traceback
+            # held it, released there): waiting there for the loop would
+            # block the worker for good. Sent without waiting.
+            task = asyncio.ensure_future(_commit_later(self.ep, kwargs))
+            _commits.add(task)  # the loop holds tasks weakly
+            task.add_done_callback(_commits.discard)
+        else:
+            self.ep.scheduler_op("commit", **kwargs)
+        self.sent.update({p: o for p, o in todo})
+
+
+_commits: set[asyncio.Future[None]] = set()
+
+
+async def _commit_later(ep: Endpoint, kwargs: dict[str, Any]) -> None:
+    try:
+        await ep.ask_scheduler("commit", **kwargs)
+    except Exception as e:  # the records are delivered again (at-least-once)
+        logger.info("aimss: a consumer group's commit failed: %r", e)
 
 
 def read_records(

@@ -322,7 +322,7 @@ class AIMSSWorker(WorkerPlugin):
                 # Answer late messages (a closing cluster) instead of letting
                 # Dask log "no handler" tracebacks.
                 worker.handlers[f"aimss_{op}"] = _torn_down
-            self.runs.close_all()
+            await self.runs.aclose_all()
             self.io_gate.close()
             if self._tracing:
                 self._tracing = False
@@ -841,7 +841,7 @@ class AIMSSWorker(WorkerPlugin):
             with self.replicator.append_lock:  # appends on other threads add to the table
                 self.writers.forget(name, epoch)
         # Runs first (a source's brokers), so none appends while it is dropped.
-        self.runs.stop(name, epoch)
+        await self.runs.astop(name, epoch)
         self.producer.forget(name, epoch)
         # Removing spill files is disk I/O: not on the loop.
         await offload(self._drop, name, epoch)
@@ -896,8 +896,9 @@ class AIMSSWorker(WorkerPlugin):
 
     @replies
     async def _h_run_stop(self, name: str, epoch: int | None = None) -> dict[str, Any]:
-        # Closing may wait for writes under way (a sink's): not on the loop.
-        return {"stopped": await offload(self.runs.stop, name, epoch)}
+        # Closing may wait for writes under way (a sink's): not on the loop;
+        # a source's brokers are asyncio tasks: on it (Run.close).
+        return {"stopped": await self.runs.astop(name, epoch)}
 
     def _drop(self, name: str, epoch: int) -> None:
         assert self.store is not None

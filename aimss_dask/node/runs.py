@@ -33,6 +33,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from distributed.utils import offload
+
 from aimss_dask.core.errors import InvalidArgumentError, StreamNotFoundError
 
 logger = logging.getLogger("aimss_dask")
@@ -51,12 +53,16 @@ class Run:
     - :meth:`call`: an operator RPC (``aimss_run_call``) on the event loop;
     - :meth:`progress`: a plain-data snapshot, from any thread;
     - :meth:`close`: the stream was dropped or the worker closes; idempotent.
+      On the event loop (a run of asyncio tasks cancels them there), unless
+      ``blocking_close``: a close that waits for threads (writes under way)
+      runs in a thread, since those threads may wait for the loop in turn.
 
     ``run_id``: the id its run is registered under, where that is not the
     run that owns stream ``name`` (the coordinator finds that one by name).
     """
 
     run_id: str | None = None
+    blocking_close = False
 
     def __init__(self, name: str, epoch: int) -> None:
         self.name = name
@@ -157,15 +163,30 @@ class RunManager:
         """Close and forget the run of ``name`` (only of ``epoch`` or older, if given).
 
         Older too: dropping a stream's epoch ends whatever ran on its
-        predecessors; a newer run of the name is left alone.
+        predecessors; a newer run of the name is left alone. Not on the
+        event loop (see :meth:`astop`).
         """
+        run = self._detach(name, epoch)
+        if run is None:
+            return False
+        _close(run)
+        return True
+
+    async def astop(self, name: str, epoch: int | None = None) -> bool:
+        """:meth:`stop` on the event loop: each run closes where :meth:`Run.close` says."""
+        run = self._detach(name, epoch)
+        if run is None:
+            return False
+        await _aclose(run)
+        return True
+
+    def _detach(self, name: str, epoch: int | None) -> Run | None:
         with self._lock:
             run = self._runs.get(name)
             if run is None or (epoch is not None and run.epoch > epoch):
-                return False
+                return None
             del self._runs[name]
-        _close(run)
-        return True
+        return run
 
     def names(self) -> list[str]:
         with self._lock:
@@ -213,21 +234,33 @@ class RunManager:
         return out
 
     def close_all(self) -> None:
-        """Close every run, then every shared resource; safe to call twice."""
+        """Close every run, then every shared resource; safe to call twice. Not on the event loop (see :meth:`aclose_all`)."""
+        runs, shared = self._detach_all()
+        for run in runs:
+            _close(run)
+        _close_shared(shared)
+
+    async def aclose_all(self) -> None:
+        """:meth:`close_all` on the event loop (a worker's teardown).
+
+        Runs close where :meth:`Run.close` says, shared resources in a
+        thread (a write-behind queue waits for its writes). A write may wait
+        for the coordinator's answer on this very loop (an I/O grant):
+        waiting for it on the loop would wait forever.
+        """
+        runs, shared = self._detach_all()
+        for run in runs:
+            await _aclose(run)
+        if shared:
+            await offload(_close_shared, shared)
+
+    def _detach_all(self) -> tuple[list[Run], list[Any]]:
         with self._lock:
             runs = list(self._runs.values())
             self._runs.clear()
             shared = list(self._shared.values())
             self._shared.clear()
-        for run in runs:
-            _close(run)
-        for res in shared:
-            close = getattr(res, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    logger.exception("aimss: closing a shared worker resource failed")
+        return runs, shared
 
 
 def _close(run: Run) -> None:
@@ -235,3 +268,20 @@ def _close(run: Run) -> None:
         run.close()
     except Exception:
         logger.exception("aimss: closing the run of stream %r failed", run.name)
+
+
+async def _aclose(run: Run) -> None:
+    if run.blocking_close:
+        await offload(_close, run)
+    else:
+        _close(run)
+
+
+def _close_shared(shared: list[Any]) -> None:
+    for res in shared:
+        close = getattr(res, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                logger.exception("aimss: closing a shared worker resource failed")

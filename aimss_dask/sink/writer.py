@@ -579,6 +579,9 @@ class WriteRun(Run):
     refuses later writes, as :meth:`WriteBehind.abort` does.
     """
 
+    #: Closing waits for the run's write under way, which may wait for an I/O grant on the loop.
+    blocking_close = True
+
     def __init__(self, run_id: str, writer: WriteBehind) -> None:
         super().__init__(self.key(run_id), 0)
         self.run_id = run_id
