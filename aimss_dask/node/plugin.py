@@ -827,8 +827,9 @@ class AIMSSWorker(WorkerPlugin):
         """Free stream ``name`` at ``epoch`` here; only ``partitions`` of it, if given (a failed move's)."""
         assert self.store is not None and self.producer is not None
         if partitions is not None:
-            for p in partitions:
-                self.store.drop_partition(name, epoch, p)
+            store = self.store
+            # Removing spill files is disk I/O: not on the loop.
+            await offload(lambda: [store.drop_partition(name, epoch, p) for p in partitions])
             return
         speccache.forget(name)
         # First: a late open of this stream (a retry, an execution Dask gave

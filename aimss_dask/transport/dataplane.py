@@ -404,8 +404,6 @@ class DataServer:
             self._sock.close()
         except OSError:
             pass
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
         with self._lock:
             conns, self._conns = list(self._conns), set()
         for c in conns:
