@@ -91,8 +91,10 @@ def test_a_shuffles_straggling_pushes_get_copies_and_every_row_arrives_once(clie
     assert got["id"].is_unique and len(got) == len(want)
     pd.testing.assert_frame_equal(got, want)
     copies = _push_copies(client, t0)
-    assert copies, _events(client, t0)
-    assert all(c["worker"] == slow and c["dest"] != slow for c in copies)
+    assert any(c["worker"] == slow for c in copies), _events(client, t0)
+    # Copies of other workers' stragglers may come too, where a busy machine
+    # slows another worker: each runs elsewhere than its original.
+    assert all(c["dest"] != c["worker"] for c in copies), copies
     # Each copied push's report closes with who won.
     wait_until(lambda: all(
         any(r["action"] == "straggler" and r["key"] == c["key"] and r["outcome"] != "running"
@@ -103,9 +105,14 @@ def test_a_shuffles_straggling_pushes_get_copies_and_every_row_arrives_once(clie
             and r["outcome"] != "running"]
     assert {r["outcome"] for r in ends} <= {"copy won", "original won"}, ends
     # Once found slow, the pushes still queued there (not started) may move
-    # to the others: only off the slow worker, and every row still once.
-    moved = [m for m in _events(client, t0) if m["action"] == "steer" and m.get("moved")]
-    assert all(list(m["avoid"]) == [slow] and 1 <= m["tasks"] <= 18 for m in moved), moved
+    # to the others: only off a worker the coordinator said is slow (the
+    # throttled one; on a busy machine another may be found slow too), and
+    # every row still once.
+    events = _events(client, t0)
+    moved = [m for m in events if m["action"] == "steer" and m.get("moved")]
+    flagged = {m["worker"] for m in events if m["action"] == "slow-worker"}
+    assert all(len(m["avoid"]) == 1 and m["avoid"][0] in flagged and 1 <= m["tasks"] <= 18 for m in moved), (
+        moved, flagged)
 
 
 def test_a_slow_worker_owns_no_partition_of_the_next_run_and_runs_none_of_its_pushes(client, slow):
