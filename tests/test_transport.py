@@ -36,6 +36,18 @@ def _stand_in(conn: Any, spec: Any, lost_partitions: tuple[int, ...] = ()) -> An
                  resolve=lambda name: {"spec": spec.to_wire(), "lost": list(lost_partitions)})
 
 
+def _recorded(conns: list) -> type:
+    """A base of stand-in connections: each one made (its producer ``p`` and ``link`` kept) joins ``conns``."""
+    from aimss_dask.transport import producer as prod
+
+    class Recorded(prod._Conn):
+        def __init__(self, p: prod.Producer, link: Any) -> None:
+            self.p, self.link = p, link
+            conns.append(self)
+
+    return Recorded
+
+
 @pytest.mark.parametrize("transport", ["auto", "dask"])
 def test_transport_delivers_everything_in_order(transport):
     with LocalCluster(
@@ -256,11 +268,7 @@ def test_a_write_queued_behind_a_batch_on_a_broken_connection_does_not_overtake_
     carried: list = []  # batches on the first connection, never answered
     conns: list = []
 
-    class Pipelined(prod._Conn):
-        def __init__(self, p: prod.Producer, link) -> None:
-            self.p, self.link = p, link
-            conns.append(self)
-
+    class Pipelined(_recorded(conns)):
         def send(self, batch) -> None:
             if self.broken:
                 raise ConnectionResetError(104, "Connection reset by peer")
@@ -308,10 +316,8 @@ def test_an_idle_sender_closes_its_connection_and_ends_and_the_next_write_starts
     stored: list[int] = []
     conns: list = []
 
-    class Answering(prod._Conn):
-        def __init__(self, p: prod.Producer, link) -> None:
-            self.p, self.link, self.closed = p, link, False
-            conns.append(self)
+    class Answering(_recorded(conns)):
+        closed = False
 
         def send(self, batch) -> None:
             stored.extend(it.seq or 0 for it in batch)
@@ -357,11 +363,7 @@ def test_writes_refused_after_an_earlier_one_failed_for_good_say_so_not_that_it_
     seqs.begin("s", 1, 0)
     conns: list = []
 
-    class ResetFirst(prod._Conn):
-        def __init__(self, p: prod.Producer, link) -> None:
-            self.p, self.link = p, link
-            conns.append(self)
-
+    class ResetFirst(_recorded(conns)):
         def send(self, batch) -> None:
             if self is conns[0]:
                 raise ConnectionResetError(104, "Connection reset by peer")
