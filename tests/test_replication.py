@@ -202,6 +202,35 @@ def test_a_promotion_planned_from_one_that_failed_is_planned_again():
     assert coord.lost_late == [("a", "s", [0])]
 
 
+def test_a_partition_a_pending_promotion_hands_to_a_worker_that_dies_before_it_applies_is_named_lost():
+    """a dies: its partition goes to its copy on c. c dies before that promotion applies: c's removal looks at
+    the committed spec, where a still owns it, and neither hands it over nor names it lost. Writers then wrote
+    to the dead c until their failover gave up (seen in CI: three owners SIGKILLed in quick succession)."""
+    st = CoordinatorState()
+    s, _ = st.create("s", 2, ["a", "b", "c"], replication=2)
+    assert s.owners == ("a", "b") and s.replicas == (("c",), ("a",))
+    ops = _FakeOps(["b", "c"])  # a was killed
+    coord = _fake_coordinator(st)
+    promotions = Promotions(coord, ops)
+
+    async def scenario() -> None:
+        # What the coordinator's remove_worker does, twice in a row.
+        kept = promotions.on_worker_lost("a")
+        assert kept == {"s": {0}}  # c takes partition 0 over
+        st.worker_lost("a", keep=kept)
+        ops.workers.remove("c")  # c dies before a's promotion is applied
+        kept = promotions.on_worker_lost("c")
+        assert kept == {}  # planned from a's promotion: partition 0's only other copy (new, on b) is not in sync
+        assert st.worker_lost("c", keep=kept) == []  # the committed spec: c owns nothing there
+        while ops.tasks:
+            await ops.tasks.pop(0)
+
+    asyncio.run(scenario())
+    assert st.get("s").owners == ("c", "b")
+    assert sorted(st.lost["s"]) == [0]
+    assert coord.lost_late == [("c", "s", [0])]
+
+
 def _kill(client: Client, address: str) -> None:
     os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
 

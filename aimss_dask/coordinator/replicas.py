@@ -216,11 +216,18 @@ class Promotions:
                     # would be neither taken over nor named lost.
                     self._replan(worker, old.name, kept)
                 return  # else destroyed meanwhile: its drop took these logs too
-            after_all = frozenset(p for p in kept if new.owners[p] == worker)
+            # Left on ``worker``, no copy in sync to take over: lost, named, as
+            # the loss itself would have. Those its removal was told a copy
+            # takes over (planned after another loss not yet applied), and
+            # those that loss's promotion, not applied when ``worker`` left,
+            # had just made ``worker``'s: its removal looked at the committed
+            # spec, where another owned them, and named neither. Not those it
+            # named lost already: their runs are recovering.
+            named = set(state.lost.get(old.name, {}))
+            after_all = frozenset(
+                p for p in range(new.partitions) if new.owners[p] == worker and (p in kept or p not in named)
+            )
             if worker is not None and after_all:
-                # Planned after another loss not yet applied, with no copy in
-                # sync left: lost, named, as the loss itself would have. Not
-                # those it named lost already: their runs are recovering.
                 state.worker_lost(worker)
                 self.coord.lost_after_all(worker, old.name, after_all)
             # Copies no longer listed on workers still here (given up on):
