@@ -48,6 +48,12 @@ def _recorded(conns: list) -> type:
     return Recorded
 
 
+def _senders(owners: list[str]) -> list[str]:
+    """The producer sender threads of this process that push to ``owners``."""
+    names = {f"aimss-push-{w}" for w in owners}
+    return [t.name for t in threading.enumerate() if t.name in names]
+
+
 @pytest.mark.parametrize("transport", ["auto", "dask"])
 def test_transport_delivers_everything_in_order(transport):
     with LocalCluster(
@@ -101,9 +107,6 @@ def test_a_closed_client_keeps_no_sender_thread_and_is_freed(monkeypatch):
 
     monkeypatch.setattr(prod, "IDLE_EXIT", 0.5)
 
-    def senders(workers) -> list[str]:
-        return [t.name for t in threading.enumerate() if t.name in {f"aimss-push-{w}" for w in workers}]
-
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             client.register_plugin(aimss_dask.AIMSS())
@@ -112,11 +115,11 @@ def test_a_closed_client_keeps_no_sender_thread_and_is_freed(monkeypatch):
             for i in range(20):
                 s.write(np.arange(100), key=i)
             s.flush()
-            assert len(senders(workers)) == 2
+            assert len(_senders(workers)) == 2
             aimss_dask.destroy_stream("c")
         ref = weakref.ref(client)
         del client, s
-        wait_until(lambda: not senders(workers), timeout=10, what="the closed client's senders end")
+        wait_until(lambda: not _senders(workers), timeout=10, what="the closed client's senders end")
         gc.collect()
         assert ref() is None, gc.get_referrers(ref())
 
@@ -326,15 +329,12 @@ def test_an_idle_sender_closes_its_connection_and_ends_and_the_next_write_starts
         def close(self) -> None:
             self.closed = True
 
-    def senders() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name == f"aimss-push-{owner}"]
-
     p = _stand_in(Answering, spec)
     try:
         p.write(spec, 0, np.arange(4))
         p.flush_blocking(["s"])
-        assert len(senders()) == 1
-        wait_until(lambda: not senders(), timeout=10, what="the idle sender's end")
+        assert len(_senders([owner])) == 1
+        wait_until(lambda: not _senders([owner]), timeout=10, what="the idle sender's end")
         assert [c.closed for c in conns] == [True] and p._links[owner].thread is None
         p.write(spec, 0, np.arange(4))
         p.flush_blocking(["s"])
