@@ -22,6 +22,7 @@ import psutil
 import pytest
 from distributed import Client, LocalCluster
 from distributed.security import Security
+from distributed.utils import get_mp_context
 from hypothesis import strategies as hst
 
 import aimss_dask
@@ -36,7 +37,34 @@ _names = itertools.count()
 # back (reproduced without AIMSS: two workers SIGKILLed every 3 s, one round
 # in 5 to 10). Tests that kill workers need them back (the chaos test and
 # the recovery benchmark set the same).
-dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"})
+#
+# Worker processes fork from a server that has imported the stack once, as
+# in Dask's own test suite: a spawned worker imports numpy, pandas,
+# distributed and aimss_dask afresh (about a CPU-second), and the suite starts
+# hundreds of them. Users' default (spawn) stays covered: the README's blocks,
+# the demo and the entry points run in processes of their own, with Dask's
+# defaults. ``AIMSS_TEST_START=spawn`` runs the suite's workers as users' are.
+START = os.environ.get("AIMSS_TEST_START", "forkserver")
+if START not in ("forkserver", "spawn"):
+    raise ValueError(f"AIMSS_TEST_START={START!r}: use 'forkserver' or 'spawn'")
+#: Dask settings of the whole suite (``_suite_config`` keeps them).
+SUITE_CONFIG: dict[str, Any] = {
+    "distributed.deploy.lost-worker-timeout": "600s",
+    "distributed.worker.multiprocessing-method": START,
+}
+dask.config.set(SUITE_CONFIG)
+if START == "forkserver":
+    get_mp_context().set_forkserver_preload(
+        ["distributed", "numpy", "pandas", "dask.array", "dask.dataframe", "aimss_dask", "aimss_dask.node.plugin"]
+    )
+
+
+@pytest.fixture(autouse=True)
+def _suite_config() -> Iterator[None]:
+    """Puts :data:`SUITE_CONFIG` back after a test whose ``dask.config.refresh()`` dropped it (it drops every ``set``)."""
+    yield
+    if any(dask.config.get(key, None) != value for key, value in SUITE_CONFIG.items()):
+        dask.config.set(SUITE_CONFIG)
 
 
 # A test that hangs is worth its worker processes' stacks, and a worker
@@ -59,12 +87,20 @@ def _timeout_of(item: pytest.Item) -> float:
         return 0.0
 
 
+def _is_worker_process(proc: psutil.Process) -> bool:
+    """A process that multiprocessing started for a nanny: spawned, or forked by the fork server (not the server itself)."""
+    cmdline = " ".join(proc.cmdline())
+    if "spawn_main" in cmdline:
+        return True
+    return "forkserver" in cmdline and proc.ppid() != os.getpid()
+
+
 def _abort_workers(fired: list[float]) -> None:
     """SIGABRT every multiprocessing child of this process (nanny workers): faulthandler prints their stacks."""
     fired.append(time.monotonic())
     for child in psutil.Process().children(recursive=True):
         try:
-            if any("spawn_main" in part for part in child.cmdline()):
+            if _is_worker_process(child):
                 print(f"conftest: the test hung; aborting worker process {child.pid} for its stacks", flush=True)
                 child.send_signal(signal.SIGABRT)
         except psutil.Error:
