@@ -13,6 +13,7 @@ import socket
 import ssl
 import threading
 
+import dask
 import numpy as np
 import pytest
 from distributed.security import Security
@@ -253,3 +254,57 @@ def test_a_tls_channel_sends_on_one_thread_while_another_reads():
     listener.close()
     assert answers == list(range(chunks))
     assert got.digest() == sent.digest()
+
+
+def _pair(server_creds: Credentials, client_creds: Credentials, tls: bool) -> tuple[secure.Conn, secure.Conn]:
+    """Both ends of one data connection, made by the real ``accept`` and ``connect``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list = []
+    thread = threading.Thread(target=lambda: accepted.append(secure.accept(listener.accept()[0], server_creds)))
+    thread.start()
+    try:
+        client = secure.connect(listener.getsockname()[:2], client_creds, tls)
+    finally:
+        thread.join(timeout=15)
+        listener.close()
+    return accepted[0], client
+
+
+def _raw(conn: secure.Conn) -> socket.socket:
+    return conn.sock if isinstance(conn, secure.TLSChannel) else conn
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_both_ends_of_a_data_connection_give_up_on_a_peer_silent_past_dasks_tcp_timeout(tls):
+    """A host that vanishes sends no reset: the kernel must fail the connection, after Dask's own timeout."""
+    if tls:
+        server_creds, client_creds, _ = _tls_pair()
+    else:
+        server_creds = client_creds = Credentials(secure.new_secret())
+    with dask.config.set({"distributed.comm.timeouts.tcp": "20s"}):
+        ends = _pair(server_creds, client_creds, tls)
+    try:
+        for end in map(_raw, ends):
+            assert end.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: unacknowledged sends fail after it
+                assert end.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 20_000
+            if hasattr(socket, "TCP_KEEPIDLE"):  # the probes of an idle connection end within it too
+                idle = end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+                interval = end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
+                probes = end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+                assert idle + interval * probes == 20, (idle, interval, probes)
+        # The options change nothing for a live peer.
+        ends[1].sendall(b"ping")
+        assert secure.recv_bytes(ends[0], 4) == b"ping"
+    finally:
+        for end in ends:
+            end.close()
+
+
+def test_a_timeout_of_zero_leaves_the_connection_as_the_platform_made_it():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with socket.create_connection(listener.getsockname()[:2]) as sock:
+            secure.watch_peer(sock, 0)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+            secure.watch_peer(sock, 30)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1

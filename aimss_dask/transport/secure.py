@@ -41,6 +41,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Union
 
+import dask
+from dask.utils import parse_timedelta
+
 logger = logging.getLogger("aimss_dask")
 
 MAGIC = b"AIMSSDP1"
@@ -266,6 +269,46 @@ def _recv(sock: Conn, n: int) -> bytes:
         raise HandshakeError(f"during the handshake: {e}") from e
 
 
+def tcp_timeout() -> float:
+    """Seconds after which a silent peer counts as gone: Dask's ``distributed.comm.timeouts.tcp`` (30 s)."""
+    return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.tcp", "30s"), default="seconds") or 0)
+
+
+def watch_peer(sock: Conn, timeout: float | None = None) -> None:
+    """Make the kernel fail ``sock`` once its peer has been silent ``timeout`` seconds (default :func:`tcp_timeout`).
+
+    A data connection blocks without a timeout (a batch may wait long for
+    its receiver's budget), and a peer whose host vanished (power, network:
+    no reset ever comes) would hold a sender or a server thread for good.
+    As Dask does on its own comms: keep-alive probes find a silent peer of
+    an idle connection, and ``TCP_USER_TIMEOUT`` fails a send that stays
+    unacknowledged. A live receiver that reads slowly still answers the
+    probes, so back-pressure never counts as silence. Options the platform
+    lacks are left out; a timeout of 0 or less changes nothing.
+    """
+    timeout = tcp_timeout() if timeout is None else timeout
+    if timeout <= 0:
+        return
+    t = max(2, int(timeout))
+    probes = min(10, t // 2)
+    interval = max(1, (t - max(1, t // 4)) // probes)
+    idle = max(1, t - interval * probes)
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), interval),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), probes),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), t * 1000),
+    ]
+    for level, option, value in options:
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError as e:  # an option this kernel refuses: the others still help
+            logger.debug("data connection: could not set socket option %s=%s: %s", option, value, e)
+
+
 def accept(conn: socket.socket, creds: Credentials) -> Conn:
     """The server side of a new connection: TLS (if the cluster has it), then the secret.
 
@@ -289,6 +332,7 @@ def accept(conn: socket.socket, creds: Credentials) -> Conn:
         raise HandshakeError("wrong cluster secret")
     conn.sendall(_mac(key, b"server", theirs, ours))
     conn.settimeout(None)
+    watch_peer(conn)
     return conn
 
 
@@ -319,6 +363,7 @@ def connect(address: tuple[str, int], creds: Credentials, tls: bool) -> Conn:
             raise HandshakeError(f"{address[0]}:{address[1]} does not hold this cluster's secret")
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        watch_peer(sock)
         return sock
     except BaseException:
         raw.close()
