@@ -83,6 +83,13 @@ Memory is not prefaulted and nothing waits for the file system: every
 round is what a user sees. The warm-up round (rep 0, not in the medians) is
 a user's first run on a fresh cluster, and is printed apart.
 
+``--start forkserver`` has the nannies fork their workers from a server
+that imported Dask's stack once (Dask's
+``distributed.worker.multiprocessing-method``; ``spawn``, the default,
+starts each worker, the restarted one too, as a fresh interpreter that
+imports numpy, pandas and distributed again): what a kill costs when the
+restart is cheap.
+
     python benchmarks/bench_recovery.py --part operators --gib 2 --workers 4 --reps 3
 """
 
@@ -208,7 +215,9 @@ def run_operators(args: argparse.Namespace) -> None:
     import aimss_dask
 
     # A nanny that dies more than once must not be given up on.
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}), LocalCluster(
+    with dask.config.set(
+        {"distributed.deploy.lost-worker-timeout": "600s", "distributed.worker.multiprocessing-method": args.start}
+    ), LocalCluster(
         n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster, Client(cluster) as client:
         client.register_plugin(aimss_dask.AIMSS(memory_limit=args.memory_limit))
@@ -242,7 +251,7 @@ def run_operators(args: argparse.Namespace) -> None:
         first: dict[str, float] = {}
         print(
             f"shuffle of {nbytes / GiB:g} GiB ({total} rows, {args.partitions} -> {args.partitions} "
-            f"partitions) on {args.workers} workers; a kill at half of the map tasks",
+            f"partitions) on {args.workers} workers ({args.start}); a kill at half of the map tasks",
             flush=True,
         )
         def ready() -> None:
@@ -605,6 +614,10 @@ def main() -> None:
     ap.add_argument(
         "--methods", default=None, type=lambda s: s.split(","),
         help="part (2): only these, e.g. aimss,aimss+kill (default: aimss, aimss-r2, p2p, each with and without a kill)",
+    )
+    ap.add_argument(
+        "--start", choices=["spawn", "forkserver"], default="spawn",
+        help="part (2): how nannies start workers (Dask's distributed.worker.multiprocessing-method)",
     )
     args = ap.parse_args()
     if args.part in ("streams", "both"):
