@@ -212,28 +212,39 @@ def _wait_for(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def _connected(server_creds: Credentials, client_creds: Credentials, tls: bool) -> tuple[secure.Conn, secure.Conn]:
+    """Both ends of one data connection, made by the real ``accept`` and ``connect``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list = []
+    thread = threading.Thread(target=lambda: accepted.append(secure.accept(listener.accept()[0], server_creds)))
+    thread.start()
+    try:
+        client = secure.connect(listener.getsockname()[:2], client_creds, tls)
+    finally:
+        thread.join(timeout=15)
+        listener.close()
+    return accepted[0], client
+
+
 def test_a_tls_channel_sends_on_one_thread_while_another_reads():
     """Full duplex over one TLS connection: what an SSLSocket must not do, a TLSChannel does."""
     import hashlib
 
     server_creds, client_creds, _ = _tls_pair()
-    listener = socket.create_server(("127.0.0.1", 0))
+    served, conn = _connected(server_creds, client_creds, tls=True)
     chunks, size = 48, 1 << 20
     got = hashlib.sha256()
 
     def serve():
-        raw, _ = listener.accept()
-        conn = secure.accept(raw, server_creds)
         buf = memoryview(bytearray(size))
         for i in range(chunks):
-            secure.recv_exact(conn, buf)
+            secure.recv_exact(served, buf)
             got.update(buf)
-            conn.sendall(i.to_bytes(4, "big"))  # an answer per chunk, read while the client still sends
-        conn.close()
+            served.sendall(i.to_bytes(4, "big"))  # an answer per chunk, read while the client still sends
+        served.close()
 
     t = threading.Thread(target=serve)
     t.start()
-    conn = secure.connect(listener.getsockname(), client_creds, tls=True)
     answers: list[int] = []
 
     def read_answers():
@@ -251,23 +262,8 @@ def test_a_tls_channel_sends_on_one_thread_while_another_reads():
     reader.join(60)
     t.join(60)
     conn.close()
-    listener.close()
     assert answers == list(range(chunks))
     assert got.digest() == sent.digest()
-
-
-def _pair(server_creds: Credentials, client_creds: Credentials, tls: bool) -> tuple[secure.Conn, secure.Conn]:
-    """Both ends of one data connection, made by the real ``accept`` and ``connect``."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list = []
-    thread = threading.Thread(target=lambda: accepted.append(secure.accept(listener.accept()[0], server_creds)))
-    thread.start()
-    try:
-        client = secure.connect(listener.getsockname()[:2], client_creds, tls)
-    finally:
-        thread.join(timeout=15)
-        listener.close()
-    return accepted[0], client
 
 
 def _raw(conn: secure.Conn) -> socket.socket:
@@ -282,7 +278,7 @@ def test_both_ends_of_a_data_connection_give_up_on_a_peer_silent_past_dasks_tcp_
     else:
         server_creds = client_creds = Credentials(secure.new_secret())
     with dask.config.set({"distributed.comm.timeouts.tcp": "20s"}):
-        ends = _pair(server_creds, client_creds, tls)
+        ends = _connected(server_creds, client_creds, tls)
     try:
         for end in map(_raw, ends):
             assert end.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
