@@ -20,10 +20,11 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_workers_clean
+from conftest import assert_workers_clean, unique_name
 from distributed import Client, LocalCluster
 
 import aimss_dask
+from aimss_dask._compat import listed_workers
 from aimss_dask.coordinator.state import CoordinatorState
 from aimss_dask.core.errors import StreamNotFoundError
 from aimss_dask.core.specs import Origin
@@ -597,6 +598,41 @@ def test_an_owner_lost_while_its_new_copies_catch_up_is_re_created_exactly(tmp_p
         assert not any(e.get("action") == "run-restarted" for e in events), events
 
 
+async def _recover_then_answer_late(spec: dict, since: int, old: dict, dask_worker=None) -> list:
+    """Tell this worker of a recovery through its real handler, then cache a lookup answered before it."""
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.transport import speccache
+
+    held = await dask_worker.handlers["aimss_recover"](spec=spec, since=since)
+    speccache.remember(StreamSpec.from_wire(old))
+    late = speccache.get(spec["name"])
+    speccache.remember(StreamSpec.from_wire(spec))
+    now = speccache.get(spec["name"])
+    return [held, None if late is None else late.epoch, now.epoch]
+
+
+def test_a_worker_told_of_a_recovery_never_caches_the_older_epoch_again(cluster3):
+    """A lookup answered before the recovery and cached after it would have this worker's pushes write under the old epoch.
+
+    Where a write under it still lands (a replicated write fails over to
+    the owner of the moment), its results look older than the partitions
+    the recovery re-created, so each seal has them computed again, and
+    again. A run was once seen looping so (thousands of "came from before
+    its restart" warnings, one push each round); this is one way there.
+    """
+    from aimss_dask.core.specs import StreamSpec
+
+    old = StreamSpec(name=unique_name("late"), partitions=2, owners=("a", "b"), epoch=3)
+    new = old.recovered(5, ("a", "c"))
+    worker = sorted(listed_workers(cluster3))[0]
+    held, late, now = cluster3.run(
+        _recover_then_answer_late, new.to_wire(), old.first_epoch, old.to_wire(), workers=[worker]
+    )[worker]
+    assert held.get("held") is False  # not held here: the worker only forgot what it had cached
+    assert late is None, f"the worker cached epoch {late} of a stream it was told continues under epoch 5"
+    assert now == new.epoch
+
+
 def _refuse_the_next_recover(dask_worker=None) -> None:
     """This worker answers the next ``aimss_recover`` sent to every worker with an error (then it behaves).
 
@@ -740,6 +776,7 @@ class _Task:
 
     def __init__(self, key, state, dependents=()):
         self.key, self.state, self.dependents = key, state, list(dependents)
+        self.who_has: set[Any] = set()
 
 
 def _sealed_run(barrier_state="memory", output_state="waiting"):
@@ -782,6 +819,51 @@ def test_a_sealed_run_restarts_when_the_loss_took_what_it_needs():
     assert handlers._untouched(rec, scheduler, {})
 
 
+def test_a_push_whose_every_new_result_is_stale_again_fails_the_run_instead_of_looping():
+    """Each stale result is released and computed again; one that comes back stale for ever must not hold the seal for ever."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aimss_dask.coordinator.cluster import ClusterOps
+    from aimss_dask.coordinator.runs import MAX_STALE_ROUNDS, RunHandlers
+
+    state = CoordinatorState()
+    old, _ = state.create("s-0", 2, ["w1", "w2"])
+    state.worker_lost("w2")
+    assert state.commit_recovery(old, state.recovered("s-0", [1], ["w3"]))  # partition 1 re-created
+    push, fresh = ("aimss-push-tok", 0), ("aimss-push-tok", 1)
+    tasks = {push: _Task(push, "memory"), fresh: _Task(fresh, "memory")}
+    released: list[Any] = []
+
+    def transitions(recs, stimulus_id):
+        released.extend(recs)  # Dask computes it again: the new result is in memory at once
+
+    ops = ClusterOps()
+    ops.scheduler = SimpleNamespace(tasks=tasks, transitions=transitions, log_event=lambda *a: None)
+    rec = SimpleNamespace(run_id="run-tok", spec=SimpleNamespace(create=None))
+    coord = SimpleNamespace(state=state, runs=SimpleNamespace(for_stream=lambda name: rec, find=lambda r: rec))
+    handlers = RunHandlers(coord, ops)
+
+    def stale(**kwargs):
+        return asyncio.run(handlers._h_run_stale(stream="s-0", **kwargs))
+
+    now = state.get("s-0").epoch
+    # Only the push that wrote under the epoch before the re-creation is stale.
+    for _ in range(MAX_STALE_ROUNDS):
+        reply = stale(keys=[list(push), list(fresh)], epochs=[{"s-0": old.epoch}, {"s-0": now}])
+        assert reply == {"status": "OK", "released": 1, "stale": 1}, reply
+    assert released == [push] * MAX_STALE_ROUNDS
+    reply = stale(keys=[list(push)], epochs=[{"s-0": old.epoch}])
+    assert reply["status"] == "aimss-error", reply
+    assert "run-tok" in reply["message"] and f"{MAX_STALE_ROUNDS} times" in reply["message"], reply
+    assert f"'s-0': ({old.epoch}, {now})" in reply["message"], reply
+    assert len(released) == MAX_STALE_ROUNDS  # not released again: the seal fails, it does not seal short
+    # Another run's push of the same key starts counting afresh.
+    rec.run_id = "run-other"
+    reply = stale(keys=[list(push)], epochs=[{"s-0": old.epoch}])
+    assert reply["released"] == 1, reply
+
+
 # -- a worker lost while the barrier runs -------------------------------------------------
 
 
@@ -794,18 +876,28 @@ def _kill_at_the_seal(pids: dict[str, int], dask_scheduler=None) -> None:
     """
     import asyncio
 
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
     real = dask_scheduler.handlers["aimss_seal"]
     state = {"done": False}
+    # Where pushes finished, as they finish: not who holds their results at
+    # the seal. The barrier's worker fetched them all, and Dask's active
+    # memory manager may since have dropped every other copy.
+    pushed: set[str] = set()
+
+    class PushesRan(SchedulerPlugin):
+        def transition(self, key, start, finish, *args, **kwargs) -> None:
+            if finish == "memory" and isinstance(key, tuple) and str(key[0]).startswith("aimss-push-"):
+                pushed.update(ws.address for ws in dask_scheduler.tasks[key].who_has or ())
+
+    dask_scheduler.add_plugin(PushesRan(), name="test-pushes-ran")
 
     async def seal(*args, **kwargs):
         if not state["done"]:
             state["done"] = True
             barrier = next(ts for k, ts in dask_scheduler.tasks.items() if str(k).startswith("aimss-seal-"))
             here = barrier.processing_on.address if barrier.processing_on else None
-            pushed = {
-                ws.address for k, ts in dask_scheduler.tasks.items()
-                if isinstance(k, tuple) and str(k[0]).startswith("aimss-push-") for ws in ts.who_has or ()
-            }
+            assert pushed - {here}, f"every push ran on the seal's worker {here}: {pushed}"
             victim = sorted(pushed - {here})[0]
             dask_scheduler.log_event("aimss-test", {"victim": victim})
             os.kill(pids[victim], signal.SIGKILL)

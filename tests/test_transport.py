@@ -143,6 +143,32 @@ def test_spec_tracking_notes_the_first_epoch_used_and_nests():
     assert outer == {"a": 1, "b": 5}
 
 
+def test_a_lookup_answered_before_a_recovery_does_not_bring_its_older_epoch_back():
+    """A recovered stream's logs still take the older epoch: a late lookup must not make a process write under it for good."""
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.transport import speccache
+
+    old = StreamSpec(name="late-r", partitions=2, owners=("w", "v"), epoch=3)
+    new = old.recovered(5, ("w", "x"))
+    speccache.remember(old)
+    speccache.supersede("late-r", new.epoch)  # the recovery reaches this process ...
+    assert speccache.get("late-r") is None
+    speccache.remember(old)  # ... before a lookup it had sent earlier is answered
+    assert speccache.get("late-r") is None
+    speccache.forget("late-r")  # "ask again": the floor stays
+    speccache.remember(old)
+    assert speccache.get("late-r") is None
+    speccache.remember(new)
+    assert speccache.get("late-r") is new
+    speccache.forget("late-r", destroyed=4)  # an older epoch destroyed: the floor stays
+    speccache.remember(old)
+    assert speccache.get("late-r") is None
+    speccache.forget("late-r", destroyed=new.epoch)  # destroyed: a new stream of the name may start anywhere
+    speccache.remember(old)
+    assert speccache.get("late-r") is old
+    speccache.forget("late-r", destroyed=old.epoch)
+
+
 def test_a_replicated_write_whose_live_owner_could_not_be_reached_for_a_moment_is_sent_to_it_again(monkeypatch, caplog):
     """The owner is still the coordinator's and nobody said it left: no copy will take over, so retry it."""
     from aimss_dask.core.specs import StreamSpec

@@ -633,7 +633,7 @@ def destroy_stream(name: str) -> None:
     finally:
         speccache.forget(name)
     for n, epoch in zip(reply.get("destroyed", []), reply.get("epochs", [])):
-        speccache.forget(n)
+        speccache.forget(n, destroyed=epoch)
         ep.producer.forget(n, epoch)
 
 

@@ -23,6 +23,7 @@ from aimss_dask.coordinator.placement import rebalance
 from aimss_dask.coordinator.registry import RunRecord
 from aimss_dask.coordinator.state import StreamSpec
 from aimss_dask.core.errors import (
+    AIMSSError,
     InvalidArgumentError,
     PartitionLostError,
     StreamExistsError,
@@ -40,6 +41,10 @@ logger = logging.getLogger("aimss_dask")
 
 #: Scheduler states of a task that is to be computed (again).
 _WANTED = frozenset({"waiting", "processing", "no-worker", "queued"})
+#: Most times one task of a run is computed again for a stale result (see
+#: ``_h_run_stale``): each loss or restart explains one; far more is a loop
+#: that would never seal.
+MAX_STALE_ROUNDS = 20
 
 
 class RunHandlers:
@@ -48,6 +53,8 @@ class RunHandlers:
     def __init__(self, coord: AIMSS, ops: ClusterOps) -> None:
         self.coord = coord
         self.ops = ops
+        # (run id, task key) -> how often the task was computed again for a stale result.
+        self._stale_rounds: dict[tuple[str, Any], int] = {}
 
     def spec_of_run(self, run_id: str) -> RunSpec | None:
         rec = self.coord.runs.find(run_id)
@@ -297,30 +304,60 @@ class RunHandlers:
         assert self.ops.scheduler is not None
         rec = self.coord.runs.for_stream(stream)
         state = self.coord.state
+        used_by: dict[Any, dict[str, int]] = {}
         if epochs is not None:
-            keys = [
-                k for k, used in zip(keys, epochs)
+            used_by = {
+                as_key(k): used for k, used in zip(keys, epochs)
                 if not all(n in state.streams and state.same_records(n, e) for n, e in used.items())
-            ]
-        if logger.isEnabledFor(logging.DEBUG):
-            spec = state.streams.get(stream)
-            logger.debug(
-                "aimss: stale results of %r: %d keys; stream at epoch %s (first %s, re-created at %s); create stale: %s",
-                stream, len(keys), spec and spec.epoch, spec and spec.first_epoch, state.recreated.get(stream), create,
-            )
+            }
+            keys = [k for k in keys if as_key(k) in used_by]
         wanted = [as_key(k) for k in keys]
         if create and rec is not None and rec.spec.create is not None:
             wanted.append(rec.spec.create)
         tasks = self.ops.scheduler.tasks
         recs = {k: "released" for k in wanted if k in tasks and tasks[k].state == "memory"}
         if recs:
+            self._count_stale_rounds(rec.run_id if rec is not None else stream, recs, used_by)
+            # What the first one wrote, and where: enough to tell a loop from a restart.
+            first = next(iter(recs))
+            spec = state.streams.get(stream)
             logger.warning(
-                "aimss: %d result(s) of run %s came from before its restart; computing them again",
-                len(recs), rec.run_id if rec is not None else stream,
+                "aimss: %d result(s) of run %s came from before its restart; computing them again "
+                "(first: %r on %s wrote epochs %s; stream %r at epoch %s, first %s, re-created at %s; create stale: %s)",
+                len(recs), rec.run_id if rec is not None else stream, first,
+                sorted(ws.address for ws in tasks[first].who_has or ()), used_by.get(first),
+                stream, spec and spec.epoch, spec and spec.first_epoch, state.recreated.get(stream), create,
             )
             self.ops.scheduler.transitions(recs, stimulus_id="aimss-run-stale")
             self.ops.event({"action": "run-stale", "run": rec.run_id if rec is not None else stream, "released": len(recs)})
         return {"released": len(recs), "stale": len(keys)}
+
+    def _count_stale_rounds(self, run: str, keys: Collection[Any], used_by: Mapping[Any, dict[str, int]]) -> None:
+        """Count one more round for each of ``keys`` of ``run``; an error past :data:`MAX_STALE_ROUNDS`.
+
+        A task whose every new execution is stale again (it keeps writing
+        under an epoch older than a re-creation) would hold the seal in a
+        loop for ever: failing the run says so, and seals nothing short.
+        """
+        if len(self._stale_rounds) > 10_000:  # forget the runs that ended
+            self._stale_rounds = {
+                (r, k): n for (r, k), n in self._stale_rounds.items()
+                if (found := self.coord.runs.find(r)) is not None and not found.finished
+            }
+        for k in keys:
+            n = self._stale_rounds[(run, k)] = self._stale_rounds.get((run, k), 0) + 1
+            if n > MAX_STALE_ROUNDS:
+                used = used_by.get(k) or {}
+                epochs = {
+                    name: (e, self.coord.state.recreated.get(name)) for name, e in used.items()
+                }
+                raise AIMSSError(
+                    f"run {run}: task {k!r} was computed again {n - 1} times, and each result was "
+                    f"still written under an older epoch than the partitions its run re-created "
+                    f"(stream: (epoch written, epoch re-created) = {epochs}); giving up rather than "
+                    "sealing partitions short. This is a bug in aimss_dask: please report it with the "
+                    "workers' logs"
+                )
 
     @replies
     async def _h_run_report(

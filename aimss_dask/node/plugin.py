@@ -724,11 +724,12 @@ class AIMSSWorker(WorkerPlugin):
         re-created here, empty. ``recreated``: every partition re-created
         (told to all): a copy of one held here is emptied (see
         :meth:`~aimss_dask.node.follower.Follower.reset`). Every process
-        forgets the spec it cached. Returns whether this worker holds the stream.
+        forgets the spec it cached and caches no older epoch from then on
+        (``speccache.supersede``). Returns whether this worker holds the stream.
         """
         assert self.store is not None
         s = StreamSpec.from_wire(spec)
-        speccache.forget(s.name)
+        speccache.supersede(s.name, s.epoch)
         if not partitions and not self.store.has(s.name):
             return {"held": False}
         if inputs:
@@ -831,7 +832,7 @@ class AIMSSWorker(WorkerPlugin):
             # Removing spill files is disk I/O: not on the loop.
             await offload(lambda: [store.drop_partition(name, epoch, p) for p in partitions])
             return
-        speccache.forget(name)
+        speccache.forget(name, destroyed=epoch)
         # First: a late open of this stream (a retry, an execution Dask gave
         # up on) must not bring back logs that nothing would drop again.
         self.store.tombstone(name, epoch)
