@@ -186,6 +186,47 @@ def test_tracing_is_off_unless_started_and_stops_once_per_start(tmp_path):
     assert tracer.stop() is None
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_full_buffers_are_written_by_the_writer_thread_not_the_caller(tmp_path, monkeypatch, compress):
+    """An event added on the event loop must not wait for the disk or for gzip."""
+    import threading
+
+    path = tracer.start(str(tmp_path), compress=compress)
+    writers: list[str] = []
+    real = tracer._current._file.write
+
+    def write(data):
+        writers.append(threading.current_thread().name)
+        return real(data)
+
+    monkeypatch.setattr(tracer._current._file, "write", write)
+    try:
+        for i in range(3 * tracer.BUFFER_LINES + 7):
+            tracer.complete("push", 1.7e9 + i, 0.001, n=i)
+    finally:
+        assert tracer.stop() == path
+    assert len(writers) >= 3 and set(writers) == {"aimss-trace-writer"}, writers
+    events = _events(path)
+    assert [e["args"]["n"] for e in events] == list(range(3 * tracer.BUFFER_LINES + 7))
+
+
+def test_a_trace_whose_disk_fails_drops_events_says_so_once_and_never_raises(tmp_path, monkeypatch, caplog):
+    path = tracer.start(str(tmp_path), compress=False)
+
+    def full(data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tracer._current._file, "write", full)
+    try:
+        for i in range(2 * tracer.BUFFER_LINES):
+            tracer.complete("push", 1.7e9 + i, 0.001)  # never raises in the caller
+    finally:
+        assert tracer.stop() == path
+    said = [r.getMessage() for r in caplog.records if "stopped growing" in r.getMessage()]
+    assert len(said) == 1 and path in said[0] and "No space left" in said[0], said
+    assert not tracer.on()
+
+
 def test_the_trace_key_of_the_config_traces_from_the_start(tmp_path):
     folder = tmp_path / "from-config"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c, Client(c) as cl:

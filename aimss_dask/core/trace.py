@@ -10,7 +10,8 @@ Each process writes its own file, in a folder of its own under the trace's
 folder (``<host>-<pid>``), created with exclusive creation: a trace never
 overwrites or deletes a file. Tracing is off unless :func:`start` was
 called: a call site pays one global lookup (:func:`on`). Events are
-buffered and written by whichever thread fills the buffer, under a lock.
+buffered; a full buffer goes to the process's writer thread, so that an
+event added on the event loop never waits for the disk or for gzip.
 
 Examples
 --------
@@ -28,7 +29,9 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -37,6 +40,8 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 __all__ = ["CATEGORY", "complete", "on", "span", "start", "stop"]
+
+logger = logging.getLogger("aimss_dask")
 
 #: The category of every AIMSS event.
 CATEGORY = "aimss"
@@ -68,6 +73,10 @@ class _Tracer:
         self._lock = threading.Lock()
         self.pid = os.getpid()
         self.users = 1
+        # Full buffers, encoded; None: the trace stopped.
+        self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._drain, name="aimss-trace-writer", daemon=True)
+        self._writer.start()
 
     def add(self, name: str, cat: str, ts: float, dur: float, args: dict[str, Any]) -> None:
         line = json.dumps(
@@ -81,18 +90,35 @@ class _Tracer:
         with self._lock:
             self._lines.append(line)
             if len(self._lines) >= BUFFER_LINES:
-                self._write()
+                self._hand_off()
 
-    def _write(self) -> None:
+    def _hand_off(self) -> None:
+        """Queue the buffered lines for the writer thread (hold ``_lock``)."""
         if self._lines:
-            self._file.write(("\n".join(self._lines) + "\n").encode())
+            self._chunks.put(("\n".join(self._lines) + "\n").encode())
             self._lines = []
+
+    def _drain(self) -> None:
+        """The writer thread: write each chunk until the trace stops; a failed write drops the rest, said once."""
+        failed = False
+        while (chunk := self._chunks.get()) is not None:
+            if failed:
+                continue  # keep taking chunks: they must not pile up in memory
+            try:
+                self._file.write(chunk)
+            except OSError as e:
+                failed = True
+                logger.warning("aimss: trace %s stopped growing: %r; later events are dropped", self.path, e)
 
     def close(self) -> None:
         with self._lock:
             self._lines.append("]")
-            self._write()
+            self._hand_off()
+            self._chunks.put(None)
+        self._writer.join()
+        try:
             self._file.close()
+        finally:
             if self._raw is not self._file:
                 self._raw.close()
 
