@@ -71,6 +71,39 @@ def test_a_newer_epoch_replaces_and_an_older_one_is_refused():
     assert m.names() == []
 
 
+def test_a_run_replaced_on_the_event_loop_closes_off_it_when_its_close_blocks():
+    """A start on the loop that replaces a run waiting for its writers must not hold the loop for that wait."""
+    import asyncio
+    import threading
+
+    closed_on: dict[str, str] = {}
+
+    class Blocking(Run):
+        blocking_close = True
+
+        def close(self):
+            closed_on[f"{self.name}-{self.epoch}"] = threading.current_thread().name
+
+    class Tasks(Run):  # cancels asyncio tasks: closes on the loop
+        def close(self):
+            asyncio.get_running_loop()  # raises off the loop
+            closed_on[f"{self.name}-{self.epoch}"] = threading.current_thread().name
+
+    async def main():
+        m = RunManager()
+        await m.start_async(Blocking("w", 1))
+        held = await m.start_async(Blocking("w", 2))
+        assert m.get("w") is held and held.epoch == 2
+        await m.start_async(Tasks("t", 1))
+        await m.start_async(Tasks("t", 2))
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(main())
+    assert closed_on["w-1"] != loop_thread, closed_on
+    assert closed_on["t-1"] == loop_thread, closed_on
+    assert "w-2" not in closed_on and "t-2" not in closed_on
+
+
 def test_a_repeated_start_keeps_the_run_there_and_a_drop_ends_older_epochs():
     m = RunManager()
     first = m.start(Counting("s", 3))

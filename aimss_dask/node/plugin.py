@@ -877,7 +877,7 @@ class AIMSSWorker(WorkerPlugin):
                 f"aimss_run_start got a {type(made).__name__}, which has no make_run(host)"
             )
         new = made.make_run(self)
-        run = self.runs.start(new)
+        run = await self.runs.start_async(new)
         # A repeated start (same epoch) keeps the run that is there, running.
         started = await run.start() if run is new else None
         return {"name": run.name, "epoch": run.epoch, "started": started}

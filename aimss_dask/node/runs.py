@@ -115,8 +115,23 @@ class RunManager:
         same epoch and type is kept (a repeated start is idempotent) and
         ``run``, never started, is dropped. A run of an *older* epoch than
         the one held is refused (a late message of a restarted run):
-        :class:`StreamNotFoundError`.
+        :class:`StreamNotFoundError`. From a thread; on the event loop,
+        :meth:`start_async`.
         """
+        held, replaced = self._swap(run)
+        if replaced is not None:
+            _close(replaced)
+        return held
+
+    async def start_async(self, run: Run) -> Run:
+        """:meth:`start` on the event loop: a replaced run whose close blocks closes in a thread."""
+        held, replaced = self._swap(run)
+        if replaced is not None:
+            await _aclose(replaced)
+        return held
+
+    def _swap(self, run: Run) -> tuple[Run, Run | None]:
+        """The run held once ``run`` is offered (see :meth:`start`), and the one it replaced, still open."""
         with self._lock:
             old = self._runs.get(run.name)
             if old is not None and old.epoch > run.epoch:
@@ -125,11 +140,9 @@ class RunManager:
                     f"{old.epoch} started: the stream was re-created meanwhile"
                 )
             if old is not None and old.epoch == run.epoch and type(old) is type(run):
-                return old
+                return old, None
             self._runs[run.name] = run
-        if old is not None and old is not run:
-            _close(old)
-        return run
+        return run, (old if old is not run else None)
 
     def get(self, name: str, epoch: int | None = None) -> Run | None:
         """The run of stream ``name`` (of ``epoch``, if given), or None."""
