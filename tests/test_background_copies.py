@@ -47,13 +47,13 @@ def client():
 
 
 def _forget_slow(dask_scheduler: Any = None) -> None:
-    """No worker found slow, and none of the task times that found one: else the next check flags it again."""
+    """No worker found slow, and none of the task times that found one (else the next check flags it again).
+
+    Between runs: what the coordinator forgets when the scheduler restarts.
+    """
     from aimss_dask.core.names import PLUGIN_NAME
 
-    stragglers = dask_scheduler.plugins[PLUGIN_NAME].stragglers
-    stragglers.slow.clear()
-    stragglers._groups.clear()
-    stragglers._seen.clear()
+    dask_scheduler.plugins[PLUGIN_NAME].stragglers.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,7 @@ import dask.array as da
 import numpy as np
 import pytest
 from conftest import assert_workers_clean as _clean
-from conftest import chunking, make_cluster
-from distributed import Client
+from conftest import chunking, speculation_client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -119,9 +118,7 @@ def client_without_speculation():
     It then places runs' partitions and pushes off that worker, and every
     piece here would be local: nothing left to compare.
     """
-    with make_cluster(2) as cluster, Client(cluster) as c:
-        c.register_plugin(aimss_dask.AIMSS(speculation={"enabled": False}))
-        c.wait_for_workers(2)
+    with speculation_client(enabled=False) as c:
         yield c
 
 

@@ -317,19 +317,21 @@ class RunHandlers:
         tasks = self.ops.scheduler.tasks
         recs = {k: "released" for k in wanted if k in tasks and tasks[k].state == "memory"}
         if recs:
-            self._count_stale_rounds(rec.run_id if rec is not None else stream, recs, used_by)
-            # What the first one wrote, and where: enough to tell a loop from a restart.
+            run = rec.run_id if rec is not None else stream
+            self._count_stale_rounds(run, recs, used_by)
+            # What the first one wrote, and who holds it: enough to tell a loop from a restart.
             first = next(iter(recs))
             spec = state.streams.get(stream)
             logger.warning(
                 "aimss: %d result(s) of run %s came from before its restart; computing them again "
-                "(first: %r on %s wrote epochs %s; stream %r at epoch %s, first %s, re-created at %s; create stale: %s)",
-                len(recs), rec.run_id if rec is not None else stream, first,
+                "(first: %r, held by %s, wrote epochs %s; stream %r at epoch %s, first %s, re-created at %s; "
+                "create stale: %s)",
+                len(recs), run, first,
                 sorted(ws.address for ws in tasks[first].who_has or ()), used_by.get(first),
                 stream, spec and spec.epoch, spec and spec.first_epoch, state.recreated.get(stream), create,
             )
             self.ops.scheduler.transitions(recs, stimulus_id="aimss-run-stale")
-            self.ops.event({"action": "run-stale", "run": rec.run_id if rec is not None else stream, "released": len(recs)})
+            self.ops.event({"action": "run-stale", "run": run, "released": len(recs)})
         return {"released": len(recs), "stale": len(keys)}
 
     def _count_stale_rounds(self, run: str, keys: Collection[Any], used_by: Mapping[Any, dict[str, int]]) -> None:
