@@ -243,11 +243,24 @@ def security_kwargs(kind: str) -> dict[str, Any]:
     return {}
 
 
+def forget_slow_workers(dask_scheduler: Any = None) -> None:
+    """The coordinator forgets every worker it found slow, and the task times that found them (``client.run_on_scheduler``).
+
+    What it forgets when the scheduler restarts. Tests sharing a cluster call
+    it between them: a worker flagged by one test's noise on a loaded machine
+    would otherwise get no partitions, units or copies in the next test's runs.
+    """
+    from aimss_dask.core.names import PLUGIN_NAME
+
+    dask_scheduler.plugins[PLUGIN_NAME].stragglers.clear()
+
+
 @pytest.fixture
 def client(cluster):
     with Client(cluster) as c:
         c.register_plugin(aimss_dask.AIMSS())
         c.wait_for_workers(len(cluster.workers))
+        c.run_on_scheduler(forget_slow_workers)
         yield c
         destroy_all_streams()
         # destroy_stream returns once every worker dropped the logs and files.

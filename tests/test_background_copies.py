@@ -23,7 +23,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from conftest import speculation_client, wait_until
+from conftest import forget_slow_workers, speculation_client, wait_until
 from distributed import Client, wait
 
 import aimss_dask
@@ -46,21 +46,11 @@ def client():
         yield c
 
 
-def _forget_slow(dask_scheduler: Any = None) -> None:
-    """No worker found slow, and none of the task times that found one (else the next check flags it again).
-
-    Between runs: what the coordinator forgets when the scheduler restarts.
-    """
-    from aimss_dask.core.names import PLUGIN_NAME
-
-    dask_scheduler.plugins[PLUGIN_NAME].stragglers.clear()
-
-
 @pytest.fixture(autouse=True)
 def no_slow_workers(client):
     """Each test starts with no worker found slow: a loaded machine's first tasks vary, and a
     worker flagged by that noise would get no unit (nor help) in these runs."""
-    client.run_on_scheduler(_forget_slow)
+    client.run_on_scheduler(forget_slow_workers)
 
 
 def _events(client: Client, since: float) -> list[dict[str, Any]]:
@@ -90,7 +80,7 @@ def test_a_slow_writer_hands_its_queue_over_and_every_unit_is_written_once(clien
     # The times of the tasks that made x may flag a worker on a loaded
     # machine; the run must be placed with none flagged (a worker flagged by
     # those would own no unit, and have no queue to hand over).
-    client.run_on_scheduler(_forget_slow)
+    client.run_on_scheduler(forget_slow_workers)
     flagged = set(aimss_dask.status().stragglers["slow_workers"])
     held = Counter(w for ws in client.who_has(x).values() for w in ws if w not in flagged)
     slow = max(sorted(held), key=held.__getitem__)
