@@ -495,3 +495,75 @@ def test_docstring_examples():
 
     result = doctest.testmod(producer, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+class _Waiter:
+    """A stand-in connection for :class:`Liveness`: waits on its peer from ``since``, or on nothing (None)."""
+
+    def __init__(self, address: str, since: float | None) -> None:
+        self.address = address
+        self.since = since
+        self.aborted: list[str] = []
+
+    def waiting_since(self) -> float | None:
+        return self.since
+
+    def abort(self, reason: str) -> None:
+        self.aborted.append(reason)
+
+
+def test_liveness_cuts_only_connections_that_wait_on_a_worker_the_scheduler_no_longer_lists():
+    import asyncio
+
+    from aimss_dask.transport.liveness import Liveness
+
+    asked: list[str] = []
+
+    async def listed(address: str) -> bool:
+        asked.append(address)
+        if address == "tcp://unsure:1":
+            raise OSError("the scheduler did not answer")
+        return address == "tcp://alive:1"
+
+    class Loop:  # what Liveness needs of Dask's IOLoop
+        def add_callback(self, fn: Any) -> None:
+            asyncio.get_running_loop().create_task(fn())
+
+    async def main() -> None:
+        live = Liveness(Loop(), listed, every=0.05)
+        long_ago = time.monotonic() - 60
+        slow = _Waiter("tcp://alive:1", long_ago)  # listed: a slow peer is waited on
+        idle = _Waiter("tcp://gone:1", None)  # waits on nothing: nothing to cut
+        stuck = [_Waiter("tcp://gone:1", long_ago) for _ in range(2)]
+        unsure = _Waiter("tcp://unsure:1", long_ago)  # no answer is not a loss
+        fresh = _Waiter("tcp://gone:2", time.monotonic() + 3600)  # has not waited long yet
+        for c in (slow, idle, *stuck, unsure, fresh):
+            live.watch(c)
+        await asyncio.sleep(0.3)
+        assert [c.aborted for c in stuck] == [["worker tcp://gone:1 stopped answering and left the cluster"]] * 2
+        assert slow.aborted == idle.aborted == unsure.aborted == fresh.aborted == []
+        assert live.aborted == 2
+        assert "tcp://gone:2" not in asked and asked.count("tcp://gone:1") == 1  # cut once, then no longer watched
+        for c in (slow, idle, unsure, fresh):
+            live.unwatch(c)
+        await asyncio.sleep(0.15)
+        n = len(asked)
+        await asyncio.sleep(0.15)
+        assert len(asked) == n and not live._patrolling  # nothing watched: the patrol ended
+        live.watch(_Waiter("tcp://gone:3", long_ago))  # and starts again with the next
+        await asyncio.sleep(0.2)
+        assert live.aborted == 3
+
+    asyncio.run(main())
+
+
+def test_liveness_without_a_scheduler_to_ask_watches_nothing():
+    from aimss_dask.transport.liveness import Liveness
+
+    class Loop:
+        def add_callback(self, fn: Any) -> None:
+            raise AssertionError("no patrol without a scheduler to ask")
+
+    live = Liveness(Loop(), None)
+    live.watch(_Waiter("tcp://gone:1", 0.0))
+    assert live.aborted == 0

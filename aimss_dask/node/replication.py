@@ -49,6 +49,7 @@ from aimss_dask.log.store import LogStore
 from aimss_dask.node.dedup import OriginFilter
 from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import dataplane, secure
+from aimss_dask.transport.liveness import Liveness
 from aimss_dask.transport.producer import ask_data_address
 from aimss_dask.transport.rpc import Listed
 from aimss_dask.transport.secure import Conn, Credentials
@@ -162,6 +163,9 @@ class Replicator:
         self._reports: list[tuple[_Part, str, bool, int, int, bool]] = []
         self._report_seq = 0
         self._loop = loop
+        # Cuts a copy's connection when its replica stopped answering without
+        # dying and the scheduler removed it (see liveness): the copy is lost.
+        self._liveness = Liveness(loop, listed)
         self._rpc = rpc
         self.address = address
         self._batch_size = batch_size
@@ -660,8 +664,9 @@ class Replicator:
                 if addr.get("host"):
                     conn = secure.connect((addr["host"], addr["port"]), creds, tls=d.address.startswith("tls://"))
             if conn is not None:
-                dataplane.send_buffers(conn, dataplane.encode_batch(groups))
-                return dataplane.read_ack(conn), conn
+                with self._liveness.exchange(conn, d.address):
+                    dataplane.send_buffers(conn, dataplane.encode_batch(groups))
+                    return dataplane.read_ack(conn), conn
         reply = sync(self._loop, lambda: self._rpc(d.address).aimss_append(items=groups))
         return raise_from_wire(reply, "aimss_append"), conn
 

@@ -26,7 +26,6 @@ import asyncio
 import functools
 import logging
 import random
-import socket
 import threading
 import time
 from collections import deque
@@ -51,6 +50,7 @@ from aimss_dask.core.stats import Histogram
 from aimss_dask.log import records
 from aimss_dask.log.budget import ByteBudget
 from aimss_dask.transport import dataplane, secure
+from aimss_dask.transport.liveness import Liveness, shut_down
 from aimss_dask.transport.rpc import Listed, connect_listed
 from aimss_dask.transport.secure import Credentials
 
@@ -157,6 +157,9 @@ class Producer:
         # Whether the scheduler still lists a worker: a connect to an owner
         # that died fails in about a second instead of Dask's connect timeout.
         self._listed = listed
+        # ... and cuts data connections to an owner that stopped answering
+        # without dying once the scheduler removed it (see liveness).
+        self.liveness = Liveness(loop, listed)
         self._batch_size = batch_size
         self._linger = linger
         # The cluster's data-plane credentials; None: Dask's comms only.
@@ -1069,12 +1072,25 @@ class _RawConn(_Conn):
         self.p = producer
         self.link = link
         assert producer._credentials is not None
+        self.address = link.owner
         self.sock = secure.connect(address, producer._credentials, tls=link.owner.startswith("tls://"))
         self.window = threading.Semaphore(PIPELINE)
         self.inflight: deque[list[_Item]] = deque()
+        # Since when the owner has answered nothing while batches wait on it.
+        self._since: float | None = None
         self.lock = threading.Lock()
         self.reader = threading.Thread(target=self._acks, name="aimss-push-acks", daemon=True)
         self.reader.start()
+        producer.liveness.watch(self)
+
+    def waiting_since(self) -> float | None:
+        return self._since if self.inflight else None
+
+    def abort(self, reason: str) -> None:
+        # Only wakes the sender and the ack reader (their calls fail); they
+        # fail over what is in flight and close the socket, as on a crash.
+        self.broken = True
+        shut_down(self.sock)
 
     def send(self, batch: list[_Item]) -> None:
         self.window.acquire()
@@ -1083,6 +1099,8 @@ class _RawConn(_Conn):
             # fail what is in flight: a batch is settled by one of us, once.
             if self.broken:
                 raise ConnectionError("data connection broke")
+            if not self.inflight:
+                self._since = time.monotonic()
             self.inflight.append(batch)
         try:
             dataplane.send_buffers(self.sock, dataplane.encode_batch(_group(batch, self.p.id)))
@@ -1107,6 +1125,7 @@ class _RawConn(_Conn):
                 reply = dataplane.read_ack(self.sock)
                 with self.lock:
                     batch = self.inflight.popleft()
+                    self._since = time.monotonic()  # it answers: the wait starts again
                 self.p._settle(self.link, batch, reply)
                 self.window.release()
         except Exception as e:
@@ -1120,10 +1139,8 @@ class _RawConn(_Conn):
 
     def close(self) -> None:
         self.broken = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self.p.liveness.unwatch(self)
+        shut_down(self.sock)
         self.sock.close()
 
 

@@ -1,0 +1,199 @@
+"""A worker that stops answering without dying: what waited on it fails over once the scheduler removes it.
+
+The worker's process is stopped (``SIGSTOP``), as a hung one would be; its
+host's kernel still acknowledges what arrives and answers keep-alive probes,
+so no connection to it breaks by itself. Dask removes such a worker once it
+has missed heartbeats for ``distributed.scheduler.worker-ttl`` (minutes by
+default, and its nanny's kill, if it has one and it answers, comes first);
+these tests remove it as that path ends, with ``Scheduler.remove_worker``,
+instead of waiting that long. Until then, waiting is right: the tests check
+that writers still wait on a stopped worker the scheduler lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import make_cluster, security_kwargs, unique_name, wait_until
+from distributed import Client
+
+import aimss_dask
+from aimss_dask._compat import listed_workers
+from aimss_dask.transport.liveness import EVERY
+
+#: 8 KiB: the few records written to the stopped worker fit in its socket's
+#: receive window, so its kernel acknowledges them all. (Past the window,
+#: the sender's kernel would give up after ``TCP_USER_TIMEOUT``, see
+#: :func:`aimss_dask.transport.secure.watch_peer`; within it, nothing does.)
+RECORD = np.ones(2**10)
+IN_FLIGHT = 4
+
+
+@pytest.fixture(scope="module")
+def client3() -> Iterator[Client]:
+    with make_cluster(3) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        yield client
+
+
+@contextlib.contextmanager
+def _frozen(client: Client, address: str) -> Iterator[None]:
+    """``address``'s process stopped while the block runs; killed after (its nanny starts another)."""
+    pid = client.run(os.getpid, workers=[address])[address]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        client.wait_for_workers(3, timeout=60)
+
+
+async def _remove(address: str, dask_scheduler: Any = None) -> None:
+    """What the scheduler does with a worker that missed its heartbeats (and whose nanny did not answer)."""
+    await dask_scheduler.remove_worker(address=address, stimulus_id="test-frozen-worker")
+
+
+def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def _waits_then_ends_after_removal(client: Client, victim: str, thread: threading.Thread, out: dict[str, Any]) -> float:
+    """``thread`` waits while ``victim`` is stopped and listed; it ends once the scheduler removed it. Seconds it took then."""
+    thread.join(2 * EVERY)
+    assert thread.is_alive(), f"the writer stopped waiting on a stopped worker the scheduler still lists: {out}"
+    client.run_on_scheduler(_remove, victim)
+    t0 = time.monotonic()
+    thread.join(3 * EVERY + 20)
+    assert not thread.is_alive(), f"the writer still waits on {victim}, which the scheduler removed"
+    return time.monotonic() - t0
+
+
+def test_a_flush_waiting_on_a_stopped_owner_fails_named_once_it_is_removed(client3):
+    _flush_fails_named(client3)
+
+
+def test_the_same_on_a_tls_cluster():
+    """TLS: the data connections run over TLS (their own channel on memory buffers); cutting one works the same."""
+    with make_cluster(3, **security_kwargs("tls")) as cluster, Client(cluster) as client:
+        assert all(a.startswith("tls://") for a in listed_workers(client))
+        client.register_plugin(aimss_dask.AIMSS())
+        _flush_fails_named(client)
+
+
+def _flush_fails_named(client: Client) -> None:
+    name = unique_name("frozen")
+    s = aimss_dask.create_stream(name, partitions=3)
+    victim = s.spec.owners[0]
+    for p in range(3):
+        s.write(RECORD, partition=p)
+    s.flush()  # the data connections are up
+
+    def write_and_flush() -> None:
+        for _ in range(IN_FLIGHT):
+            s.write(RECORD, partition=0)
+        s.flush()
+
+    with _frozen(client, victim):
+        thread, out = _in_thread(write_and_flush)
+        _waits_then_ends_after_removal(client, victim, thread, out)
+        err = out.get("error")
+        assert isinstance(err, aimss_dask.PartitionLostError), f"expected the loss of partition 0, got {out}"
+        assert 0 in err.lost
+    # The seal seals the others, and says partition 0 is lost; they are whole.
+    with pytest.raises(aimss_dask.PartitionLostError, match="partition 0"):
+        s.seal()
+    for p in (1, 2):
+        assert [r.nbytes for r in s.read(partition=p)] == [RECORD.nbytes]
+    aimss_dask.destroy_stream(name)
+
+
+def test_a_task_writing_to_a_stopped_owner_fails_named_once_it_is_removed(client3):
+    """The same from a task on another worker: its producer is the worker's, not the client's."""
+    name = unique_name("frozen-task")
+    s = aimss_dask.create_stream(name, partitions=3)
+    victim = s.spec.owners[0]
+    writer = s.spec.owners[1]
+    s.write(RECORD, partition=0)
+    s.flush()
+
+    def task() -> str:
+        stream = aimss_dask.get_stream(name)
+        for _ in range(IN_FLIGHT):
+            aimss_dask.write_to(name, RECORD, partition=0)
+        stream.flush()
+        return "stored"
+
+    with _frozen(client3, victim):
+        fut = client3.submit(task, workers=[writer], pure=False)
+        thread, out = _in_thread(lambda: fut.result())
+        _waits_then_ends_after_removal(client3, victim, thread, out)
+        assert isinstance(out.get("error"), aimss_dask.PartitionLostError), out
+    aimss_dask.destroy_stream(name)
+
+
+def test_a_replicated_write_to_a_stopped_owner_fails_over_and_loses_nothing(client3):
+    name = unique_name("frozen-rep")
+    s = aimss_dask.create_stream(name, partitions=3, replication=2)
+    victim = s.spec.owners[0]
+    for i in range(30):
+        s.write(np.full(1000, i), partition=i % 3)
+    s.flush()
+
+    def write_and_flush() -> None:
+        for i in range(30, 60):
+            s.write(np.full(2**9, i), partition=i % 3)  # 4 KiB each
+        s.flush()
+
+    with _frozen(client3, victim):
+        thread, out = _in_thread(write_and_flush)
+        took = _waits_then_ends_after_removal(client3, victim, thread, out)
+        assert "error" not in out, f"a replicated write failed: {out['error']!r}"
+        assert took < 2 * EVERY + 15, f"the failover took {took:.1f} s after the removal"
+    s.seal()
+    info = s.info()
+    assert info["lost"] == [] and info["records"] == [20, 20, 20]
+    assert victim not in info["owners"]
+    got = sorted(int(r[0]) for r in aimss_dask.read_from(name))
+    assert got == list(range(60)), "records lost or stored twice"
+    aimss_dask.destroy_stream(name)
+
+
+def test_an_owner_stops_waiting_on_a_stopped_replica_once_it_is_removed(client3):
+    name = unique_name("frozen-copy")
+    s = aimss_dask.create_stream(name, partitions=1, replication=2)
+    owner, (replica,) = s.spec.owners[0], s.spec.replicas[0]
+    s.write(np.full(1000, 0), partition=0)
+    s.flush()
+
+    def write_and_flush() -> None:
+        for i in range(1, 10):
+            s.write(np.full(2**9, i), partition=0)
+        s.flush()
+
+    with _frozen(client3, replica):
+        thread, out = _in_thread(write_and_flush)
+        _waits_then_ends_after_removal(client3, replica, thread, out)
+        assert "error" not in out, f"the writes failed with their owner alive: {out['error']!r}"
+    wait_until(lambda: replica not in s.info()["replicas"][0], timeout=30, what="the removed copy dropped")
+    s.seal()
+    assert s.info()["owners"] == [owner]
+    assert [int(r[0]) for r in aimss_dask.read_from(name, partition=0)] == list(range(10))
+    aimss_dask.destroy_stream(name)
