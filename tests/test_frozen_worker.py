@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import dask
 import numpy as np
 import pytest
 from conftest import make_cluster, security_kwargs, unique_name, wait_until
@@ -197,3 +198,43 @@ def test_an_owner_stops_waiting_on_a_stopped_replica_once_it_is_removed(client3)
     assert s.info()["owners"] == [owner]
     assert [int(r[0]) for r in aimss_dask.read_from(name, partition=0)] == list(range(10))
     aimss_dask.destroy_stream(name)
+
+
+def test_an_owner_that_reads_nothing_for_longer_than_the_tcp_timeout_is_waited_on():
+    """Back-pressure is not silence: an owner stopped past ``distributed.comm.timeouts.tcp`` and resumed loses nothing.
+
+    Its socket's receive window fills and stays shut; the writers' kernels
+    probe it and get answers. Nothing may fail the writes (a stream without
+    copies could only call them lost): the scheduler still lists the owner,
+    and it answers once it runs again.
+    """
+    name = unique_name("stalled")
+    # Dask's least (its comms set 10 keep-alive probes of a second or more).
+    with dask.config.set({"distributed.comm.timeouts.tcp": "11s"}):
+        with make_cluster(2) as cluster, Client(cluster) as client:
+            client.register_plugin(aimss_dask.AIMSS())
+            s = aimss_dask.create_stream(name, partitions=2)
+            victim = s.spec.owners[0]
+            for p in range(2):
+                s.write(RECORD, partition=p)
+            s.flush()
+            big = np.ones(2**17)  # 1 MiB: 16 of them fill the stopped owner's window and more
+
+            def write_and_flush() -> None:
+                for _ in range(16):
+                    s.write(big, partition=0)
+                s.flush()
+
+            pid = client.run(os.getpid, workers=[victim])[victim]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                thread, out = _in_thread(write_and_flush)
+                thread.join(16)
+                assert thread.is_alive(), f"the writer stopped waiting on a stopped owner the scheduler lists: {out}"
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            thread.join(60)
+            assert not thread.is_alive() and out == {"value": None}, out
+            s.seal()
+            assert s.info()["records"] == [17, 1]
+            assert sum(r.nbytes for r in s.read(partition=0)) == RECORD.nbytes + 16 * big.nbytes

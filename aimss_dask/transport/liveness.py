@@ -4,20 +4,22 @@ A worker process that stops answering while its host's kernel still does
 (stopped, hung in C code with the GIL held, paging itself to death) keeps its
 connections open: its kernel acknowledges what arrives, answers keep-alive
 probes, and a thread blocked sending to it, or waiting for its answer, waits
-for ever. Neither a crash (the kernel closes a dead process's sockets) nor a
-vanished host (keep-alive fails the connection, see
-:func:`~aimss_dask.transport.secure.watch_peer`) does this.
+for ever. A host that vanished (power, network) answers nothing, and a send
+to it waits for the kernel's retransmissions (minutes). Only a crash breaks
+connections at once (the kernel closes a dead process's sockets). Neither
+case may be cut on a timeout of its own: a live owner whose budget is full,
+or that is stopped for a while, reads nothing either, and waiting on it is
+right (see :func:`~aimss_dask.transport.secure.watch_peer`).
 
-Dask acts once such a worker has missed heartbeats for
-``distributed.scheduler.worker-ttl``: its nanny kills it (its connections
-then close as on a crash) or, without a nanny or with one that does not
-answer either, the scheduler removes it. From then on nobody will answer
-on its connections: a :class:`Liveness` asks the scheduler,
-every ``every`` seconds, about the peers of the connections it watches that
-have waited that long, and shuts down the sockets of peers it no longer
-lists. Their blocked calls then fail, and what they carried fails over as
-after a crash. A peer that is slow but listed (a full memory budget, a busy
-disk) is left alone: waiting on it is right.
+Dask decides: a vanished host's comms with the scheduler fail, and a worker
+that missed heartbeats for ``distributed.scheduler.worker-ttl`` is killed by
+its nanny (its connections then close as on a crash) or, without a nanny or
+with one that does not answer either, removed. From then on nobody will
+answer on its connections: a :class:`Liveness` asks the scheduler, every
+``every`` seconds, about the peers of the connections it watches that have
+waited that long, and shuts down the sockets of peers it no longer lists.
+Their blocked calls then fail, and what they carried fails over as after a
+crash. A peer the scheduler still lists is left alone.
 """
 
 from __future__ import annotations

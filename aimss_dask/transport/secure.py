@@ -275,16 +275,24 @@ def tcp_timeout() -> float:
 
 
 def watch_peer(sock: Conn, timeout: float | None = None) -> None:
-    """Make the kernel fail ``sock`` once its peer has been silent ``timeout`` seconds (default :func:`tcp_timeout`).
+    """Make the kernel fail ``sock`` once its peer's host has been silent ``timeout`` seconds (default :func:`tcp_timeout`).
 
     A data connection blocks without a timeout (a batch may wait long for
     its receiver's budget), and a peer whose host vanished (power, network:
-    no reset ever comes) would hold a sender or a server thread for good.
-    As Dask does on its own comms: keep-alive probes find a silent peer of
-    an idle connection, and ``TCP_USER_TIMEOUT`` fails a send that stays
-    unacknowledged. A live receiver that reads slowly still answers the
-    probes, so back-pressure never counts as silence. Options the platform
-    lacks are left out; a timeout of 0 or less changes nothing.
+    no reset ever comes) would hold a thread reading from it for good.
+    Keep-alive probes, timed as Dask times its comms', find a silent host
+    behind an idle connection (one with data unanswered fails after the
+    kernel's retransmissions, minutes).
+
+    Unlike Dask's comms, no ``TCP_USER_TIMEOUT``: with it, the kernel also
+    fails a connection whose receiver has read nothing for that long, its
+    window shut while its host answers every probe. That is back-pressure,
+    or an owner stopped for a while (a long pause, a task holding the GIL):
+    waiting on it is right, and failing would call records lost that the
+    owner stores once it runs again. A sender waiting on a host that
+    vanished is freed once the scheduler removes the worker
+    (:mod:`aimss_dask.transport.liveness`). Options the platform lacks are
+    left out; a timeout of 0 or less changes nothing.
     """
     timeout = tcp_timeout() if timeout is None else timeout
     if timeout <= 0:
@@ -298,7 +306,6 @@ def watch_peer(sock: Conn, timeout: float | None = None) -> None:
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), interval),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), probes),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), t * 1000),
     ]
     for level, option, value in options:
         if option is None:
