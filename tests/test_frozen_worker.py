@@ -77,13 +77,14 @@ def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
 
 
 def _waits_then_ends_after_removal(client: Client, victim: str, thread: threading.Thread, out: dict[str, Any]) -> float:
-    """``thread`` waits while ``victim`` is stopped and listed; it ends once the scheduler removed it. Seconds it took then."""
+    """``thread`` (a writer or reader) waits while ``victim`` is stopped and listed, and ends once the
+    scheduler removed it; how many seconds it took then."""
     thread.join(2 * EVERY)
-    assert thread.is_alive(), f"the writer stopped waiting on a stopped worker the scheduler still lists: {out}"
+    assert thread.is_alive(), f"the call stopped waiting on a stopped worker the scheduler still lists: {out}"
     client.run_on_scheduler(_remove, victim)
     t0 = time.monotonic()
     thread.join(3 * EVERY + 20)
-    assert not thread.is_alive(), f"the writer still waits on {victim}, which the scheduler removed"
+    assert not thread.is_alive(), f"the call still waits on {victim}, which the scheduler removed"
     return time.monotonic() - t0
 
 
@@ -197,6 +198,38 @@ def test_an_owner_stops_waiting_on_a_stopped_replica_once_it_is_removed(client3)
     s.seal()
     assert s.info()["owners"] == [owner]
     assert [int(r[0]) for r in aimss_dask.read_from(name, partition=0)] == list(range(10))
+    aimss_dask.destroy_stream(name)
+
+
+def test_a_reader_waiting_on_a_stopped_owner_fails_named_once_it_is_removed(client3):
+    name = unique_name("frozen-read")
+    s = aimss_dask.create_stream(name, partitions=2)
+    victim = s.spec.owners[0]
+    for p in range(2):
+        for _ in range(3):
+            s.write(RECORD, partition=p)
+    s.seal()
+    with _frozen(client3, victim):
+        thread, out = _in_thread(lambda: list(s.read(partition=0)))
+        _waits_then_ends_after_removal(client3, victim, thread, out)
+        err = out.get("error")
+        assert isinstance(err, aimss_dask.PartitionLostError), f"expected the loss of partition 0, got {out}"
+        assert err.lost == {0: (0, 3)}
+    assert len(list(s.read(partition=1))) == 3
+    aimss_dask.destroy_stream(name)
+
+
+def test_a_reader_of_a_replicated_partition_follows_it_from_a_stopped_owner_to_its_copy(client3):
+    name = unique_name("frozen-read-rep")
+    s = aimss_dask.create_stream(name, partitions=1, replication=2)
+    victim = s.spec.owners[0]
+    for i in range(5):
+        s.write(np.full(16, i), partition=0)
+    s.seal()
+    with _frozen(client3, victim):
+        thread, out = _in_thread(lambda: [int(r[0]) for r in s.read(partition=0)])
+        _waits_then_ends_after_removal(client3, victim, thread, out)
+        assert out == {"value": [0, 1, 2, 3, 4]}, out
     aimss_dask.destroy_stream(name)
 
 

@@ -567,3 +567,47 @@ def test_liveness_without_a_scheduler_to_ask_watches_nothing():
     live = Liveness(Loop(), None)
     live.watch(_Waiter("tcp://gone:1", 0.0))
     assert live.aborted == 0
+
+
+def test_a_call_to_a_worker_gives_up_only_once_the_scheduler_no_longer_lists_it():
+    import asyncio
+
+    from aimss_dask.transport.liveness import call_listed
+
+    answers = {"tcp://alive:1": [True, True, True], "tcp://gone:1": [True, False], "tcp://unsure:1": [None, None]}
+    asked: list[str] = []
+
+    async def listed(address: str) -> bool:
+        asked.append(address)
+        answer = answers[address].pop(0) if answers[address] else True
+        if answer is None:
+            raise OSError("the scheduler did not answer")
+        return answer
+
+    async def slow(seconds: float, cancelled: list[bool]) -> str:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return "answer"
+
+    async def main() -> None:
+        # Answered within the grace: nobody asked.
+        assert await call_listed(slow(0.01, []), "tcp://gone:1", listed, grace=0.2, every=0.05) == "answer"
+        assert asked == []
+        # Slow but listed: waited on, however long it takes.
+        assert await call_listed(slow(0.3, []), "tcp://alive:1", listed, grace=0.05, every=0.05) == "answer"
+        assert asked.count("tcp://alive:1") >= 3
+        # No answer from the scheduler is no news: still waited on.
+        assert await call_listed(slow(0.2, []), "tcp://unsure:1", listed, grace=0.05, every=0.05) == "answer"
+        # Removed: the call is given up (and cancelled) at the next look.
+        cancelled: list[bool] = []
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError, match="worker tcp://gone:1 stopped answering and left the cluster"):
+            await call_listed(slow(30, cancelled), "tcp://gone:1", listed, grace=0.05, every=0.05)
+        assert time.monotonic() - t0 < 5
+        await asyncio.sleep(0)
+        assert cancelled == [True]
+
+    asyncio.run(main())

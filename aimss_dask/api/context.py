@@ -29,6 +29,7 @@ from aimss_dask.core.names import (
     SEAL_PRODUCERS_TOPIC,
 )
 from aimss_dask.transport import dataplane
+from aimss_dask.transport.liveness import call_listed
 from aimss_dask.transport.producer import Producer
 from aimss_dask.transport.rpc import connect_listed, listed_by
 
@@ -83,13 +84,16 @@ class Endpoint:
         return raise_from_wire(reply, f"aimss_{op}")
 
     async def ask_worker(self, addr: str, op: str, **kwargs: Any) -> dict[str, Any]:
-        await self._connected(addr)
-        reply = await getattr(self.rpc(addr), f"aimss_{op}")(**kwargs)
-        return raise_from_wire(reply, f"aimss_{op}")
+        """Call ``aimss_<op>`` on worker ``addr``; ``OSError`` once the scheduler no longer lists it.
 
-    async def _connected(self, addr: str) -> None:
-        """An open connection to ``addr``, failing fast once the scheduler no longer lists it."""
-        await connect_listed(self.rpc, addr, listed_by(self.scheduler))
+        Both the connect and the answer give up on a worker the scheduler
+        removed: one that died, and one stopped or hung whose connection
+        stays up (see :func:`~aimss_dask.transport.liveness.call_listed`).
+        """
+        listed = listed_by(self.scheduler)
+        await connect_listed(self.rpc, addr, listed)
+        reply = await call_listed(getattr(self.rpc(addr), f"aimss_{op}")(**kwargs), addr, listed)
+        return raise_from_wire(reply, f"aimss_{op}")
 
     def scheduler_op(self, op: str, **kwargs: Any) -> dict[str, Any]:
         return self.call(self.ask_scheduler, op, **kwargs)

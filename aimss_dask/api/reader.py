@@ -14,6 +14,8 @@ from aimss_dask.core.errors import (
     InvalidArgumentError,
     PartitionLostError,
     ReadTimeoutError,
+    describe_lost,
+    lost_ranges,
 )
 from aimss_dask.core.specs import StreamSpec
 from aimss_dask.transport import speccache
@@ -61,10 +63,11 @@ def iter_partition(
                 moved = _moved_to(ep, spec, p, owner, e)
                 if moved is None:
                     if isinstance(e, OSError):
+                        lost = _lost_from(ep, spec, p, offset)
                         raise PartitionLostError(
                             f"owner {owner} of stream {spec.name!r} partition {p} could not "
-                            f"be reached ({e}); the partition is lost from offset {offset} on",
-                            {p: (offset, None)},
+                            f"be reached ({e}); the partition is lost: {describe_lost(lost)}",
+                            lost,
                         ) from e
                     raise
                 owner = moved
@@ -108,6 +111,17 @@ def _fetch(
         wait=wait,
     )
     return list(reply["records"]), reply["sealed"]
+
+
+def _lost_from(ep: Endpoint, spec: StreamSpec, p: int, offset: int) -> dict[int, tuple[int, int | None]]:
+    """What of partition ``p`` is lost from ``offset`` on: up to its sealed end where the coordinator knows it."""
+    try:
+        known = lost_ranges(ep.scheduler_op("get", name=spec.name).get("lost_offsets")).get(p)
+    except AIMSSError:
+        known = None
+    if known is None or (known[1] is not None and known[1] <= offset):
+        return {p: (offset, None)}
+    return {p: (offset, known[1])}
 
 
 #: Longest a reader waits for the coordinator to name a partition's new

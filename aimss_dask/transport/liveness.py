@@ -30,13 +30,15 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Awaitable, Iterator
+from typing import Any, Protocol, TypeVar
 
 from aimss_dask.transport.rpc import Listed
 from aimss_dask.transport.secure import Conn
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Seconds a connection waits on its peer before the scheduler is asked
 #: whether the peer is still there, and between asks.
@@ -137,6 +139,42 @@ class Liveness:
         except Exception as e:  # the scheduler did not answer: no news is not a loss
             logger.debug("aimss: could not ask whether %s is listed: %s", address, e)
             return False
+
+
+async def call_listed(
+    call: Awaitable[T], address: str, listed: Listed, grace: float = 2 * EVERY, every: float = EVERY
+) -> T:
+    """Await ``call``, a request to worker ``address``; ``ConnectionError`` once the scheduler no longer lists it.
+
+    The request-and-answer twin of :class:`Liveness`: Dask's rpc waits for
+    an answer for ever, and a worker stopped or hung with its kernel alive
+    never answers nor breaks the connection. A call still pending after
+    ``grace`` seconds (longer than a handler's own waits, such as a read's
+    wait for records) asks ``listed`` every ``every`` seconds; once the
+    worker is gone, the call is cancelled and the caller fails over (a
+    reader follows its partition to a copy, or names it lost). Without an
+    answer from the scheduler, the call goes on waiting.
+
+    Examples
+    --------
+    >>> reply = await call_listed(rpc(addr).aimss_read(**kw), addr, listed)  # doctest: +SKIP
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        while not done:
+            try:
+                still = await listed(address)
+            except Exception as e:  # no news is not a loss
+                logger.debug("aimss: could not ask whether %s is listed: %s", address, e)
+                still = True
+            if not still:
+                raise ConnectionError(f"worker {address} stopped answering and left the cluster")
+            done, _ = await asyncio.wait({task}, timeout=every)
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()  # Dask closes the call's connection; nobody waits for that
 
 
 def _waited(conn: Watched, now: float) -> float:

@@ -1087,8 +1087,9 @@ class _RawConn(_Conn):
         return self._since if self.inflight else None
 
     def abort(self, reason: str) -> None:
-        # Only wakes the sender and the ack reader (their calls fail); they
-        # fail over what is in flight and close the socket, as on a crash.
+        # Only wakes the sender and the ack reader (their calls fail): the
+        # reader fails over what is in flight, as on a crash, and the
+        # sender's thread closes the socket.
         self.broken = True
         shut_down(self.sock)
 
