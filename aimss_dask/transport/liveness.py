@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 from aimss_dask.transport.rpc import Listed
 from aimss_dask.transport.secure import Conn
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("aimss_dask")
 
 T = TypeVar("T")
 
