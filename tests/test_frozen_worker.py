@@ -7,7 +7,7 @@ has missed heartbeats for ``distributed.scheduler.worker-ttl`` (minutes by
 default, and its nanny's kill, if it has one and it answers, comes first);
 these tests remove it as that path ends, with ``Scheduler.remove_worker``,
 instead of waiting that long. Until then, waiting is right: the tests check
-that writers still wait on a stopped worker the scheduler lists.
+that writers and readers still wait on a stopped worker the scheduler lists.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from aimss_dask._compat import listed_workers
 from aimss_dask.transport.liveness import EVERY
 
 #: 8 KiB: the few records written to the stopped worker fit in its socket's
-#: receive window, so its kernel acknowledges them all. (Past the window,
-#: the sender's kernel would give up after ``TCP_USER_TIMEOUT``, see
-#: :func:`aimss_dask.transport.secure.watch_peer`; within it, nothing does.)
+#: receive window, so its kernel acknowledges them all: nothing but the
+#: worker's own answers is missing (the last test fills the window).
 RECORD = np.ones(2**10)
 IN_FLIGHT = 4
 
