@@ -53,6 +53,7 @@ def _frozen(client: Client, address: str) -> Iterator[None]:
         yield
     finally:
         os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: address not in listed_workers(client), timeout=60, what=f"{address} gone")
         client.wait_for_workers(3, timeout=60)
 
 
@@ -230,6 +231,19 @@ def test_a_reader_of_a_replicated_partition_follows_it_from_a_stopped_owner_to_i
         _waits_then_ends_after_removal(client3, victim, thread, out)
         assert out == {"value": [0, 1, 2, 3, 4]}, out
     aimss_dask.destroy_stream(name)
+
+
+def test_status_names_a_stopped_worker_instead_of_waiting_for_it(client3):
+    victim = sorted(listed_workers(client3))[0]
+    with _frozen(client3, victim):
+        t0 = time.monotonic()
+        st = aimss_dask.status()
+        took = time.monotonic() - t0
+        assert st.silent == [victim]
+        assert set(st) == set(listed_workers(client3)) - {victim}
+        assert took < 30, f"status() took {took:.1f} s with a stopped worker"
+    st = aimss_dask.status()
+    assert st.silent == [] and set(st) == set(listed_workers(client3))
 
 
 def test_an_owner_that_reads_nothing_for_longer_than_the_tcp_timeout_is_waited_on():

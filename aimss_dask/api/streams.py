@@ -668,12 +668,16 @@ class ClusterStatus(dict[str, dict[str, Any]]):
     many of them ``waited``, and per ``resources`` (``host|file system``)
     the writers ``writing`` and ``waiting`` by application and whose
     ``turn`` it is.
+
+    ``silent``: workers the scheduler lists that did not answer within 10 s
+    (stopped, hung, or holding the GIL in a long call); they have no entry.
     """
 
     def __init__(self, workers: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
                  streams: list[dict[str, Any]], stragglers: dict[str, Any] | None = None,
-                 io: dict[str, Any] | None = None) -> None:
+                 io: dict[str, Any] | None = None, silent: list[str] | None = None) -> None:
         super().__init__(workers)
+        self.silent = silent or []
         self.runs = runs
         self.streams = streams
         self.io = io or {"enabled": False, "limit": 0, "grants": 0, "waited": 0, "resources": {}}
@@ -697,8 +701,9 @@ def status() -> ClusterStatus:
     [('shuffle', 'running'), ('loader', 'running')]
     """
     ep = current("status")
-    workers = _plain(ep.scheduler_op("status")["workers"])
+    reply = _plain(ep.scheduler_op("status"))
     overview = _plain(ep.scheduler_op("runs"))
     return ClusterStatus(
-        workers, overview["runs"], overview["streams"], overview.get("stragglers"), overview.get("io")
+        reply["workers"], overview["runs"], overview["streams"], overview.get("stragglers"), overview.get("io"),
+        reply.get("silent"),
     )

@@ -99,13 +99,20 @@ class ClusterOps:
         assert self.scheduler is not None
         return {a: ws.host for a, ws in self.scheduler.workers.items()}
 
-    async def broadcast(self, msg: dict[str, Any], workers: list[str] | None = None) -> dict[str, Any]:
+    async def broadcast(
+        self, msg: dict[str, Any], workers: list[str] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """``msg`` to ``workers`` (all listed ones by default): worker -> its reply, or the exception it got.
+
+        A worker that leaves meanwhile gets an ``OSError``; with ``timeout``,
+        one that has not answered after that many seconds a ``TimeoutError``.
+        """
         assert self.scheduler is not None
         live = set(self.workers())
         targets = [w for w in (workers if workers is not None else live) if w in live]
         if not targets:
             return {}
-        replies = dict(zip(targets, await asyncio.gather(*(self._until_gone(w, msg) for w in targets))))
+        replies = dict(zip(targets, await asyncio.gather(*(self._until_gone(w, msg, timeout) for w in targets))))
         for addr, reply in replies.items():
             if not isinstance(reply, BaseException):
                 try:
@@ -120,15 +127,17 @@ class ClusterOps:
                 log("aimss: %s failed on %s: %r", msg["op"], addr, reply)
         return replies
 
-    async def _until_gone(self, worker: str, msg: dict[str, Any]) -> Any:
+    async def _until_gone(self, worker: str, msg: dict[str, Any], timeout: float | None = None) -> Any:
         """``msg`` to ``worker``: its reply, or an ``OSError`` once the scheduler no longer lists it.
 
         A worker killed a moment ago is listed until the scheduler notices,
         and connecting to it retries for Dask's whole connect timeout: a
-        promotion must not wait that long for a worker already gone.
+        promotion must not wait that long for a worker already gone. With
+        ``timeout``: a ``TimeoutError`` once it has not answered for that long.
         """
         assert self.scheduler is not None
         task = asyncio.ensure_future(self.scheduler.broadcast(msg=msg, workers=[worker], on_error="return"))
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             done, _ = await asyncio.wait({task}, timeout=GONE_POLL)
             if done:
@@ -136,6 +145,9 @@ class ClusterOps:
             if worker not in self.scheduler.workers:
                 task.cancel()
                 return OSError(f"worker {worker} left while {msg['op']} was on its way")
+            if deadline is not None and time.monotonic() > deadline:
+                task.cancel()
+                return TimeoutError(f"worker {worker} did not answer {msg['op']} within {timeout:g} s")
 
     async def ask(self, worker: str, msg: dict[str, Any]) -> Any:
         """``msg`` to ``worker`` even if the scheduler no longer lists it (it is closing); its reply.

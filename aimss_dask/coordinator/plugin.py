@@ -74,6 +74,10 @@ BOUNDS_INTERVAL_MS = 500
 #: How often the dashboard's throughput history takes a point (ms).
 THROUGHPUT_INTERVAL_MS = 1000
 
+#: How long ``status()`` waits for a worker's answer (s); a listed worker
+#: that has not answered by then is reported silent.
+STATUS_WAIT = 10.0
+
 
 class AIMSS(SchedulerPlugin):
     """Turn a Dask cluster's workers into an in-memory stream store.
@@ -604,9 +608,12 @@ class AIMSS(SchedulerPlugin):
 
     @replies
     async def _h_status(self) -> dict[str, Any]:
-        replies = await self.ops.broadcast({"op": "aimss_worker_status"})
+        # A worker stopped or hung, but listed, never answers: status() is
+        # what a user calls to find out why a job hangs, so it names it.
+        replies = await self.ops.broadcast({"op": "aimss_worker_status"}, timeout=STATUS_WAIT)
         return {
             "workers": {
                 addr: r["status"] for addr, r in replies.items() if isinstance(r, dict)
-            }
+            },
+            "silent": sorted(addr for addr, r in replies.items() if isinstance(r, TimeoutError)),
         }
