@@ -152,6 +152,22 @@ def test_a_task_writing_to_a_stopped_owner_fails_named_once_it_is_removed(client
 
 
 def test_a_replicated_write_to_a_stopped_owner_fails_over_and_loses_nothing(client3):
+    _replicated_write_fails_over(client3)
+
+
+def test_an_owner_stops_waiting_on_a_stopped_replica_once_it_is_removed(client3):
+    _copy_given_up(client3)
+
+
+def test_the_same_over_dasks_comms():
+    """``aimss.transport: dask`` (UCX clusters take it too): writes and copies are Dask requests, given up alike."""
+    with make_cluster(3) as cluster, Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS(transport="dask"))
+        _replicated_write_fails_over(client)
+        _copy_given_up(client)
+
+
+def _replicated_write_fails_over(client: Client) -> None:
     name = unique_name("frozen-rep")
     s = aimss_dask.create_stream(name, partitions=3, replication=2)
     victim = s.spec.owners[0]
@@ -164,9 +180,9 @@ def test_a_replicated_write_to_a_stopped_owner_fails_over_and_loses_nothing(clie
             s.write(np.full(2**9, i), partition=i % 3)  # 4 KiB each
         s.flush()
 
-    with _frozen(client3, victim):
+    with _frozen(client, victim):
         thread, out = _in_thread(write_and_flush)
-        took = _waits_then_ends_after_removal(client3, victim, thread, out)
+        took = _waits_then_ends_after_removal(client, victim, thread, out)
         assert "error" not in out, f"a replicated write failed: {out['error']!r}"
         assert took < 2 * EVERY + 15, f"the failover took {took:.1f} s after the removal"
     s.seal()
@@ -178,7 +194,12 @@ def test_a_replicated_write_to_a_stopped_owner_fails_over_and_loses_nothing(clie
     aimss_dask.destroy_stream(name)
 
 
-def test_an_owner_stops_waiting_on_a_stopped_replica_once_it_is_removed(client3):
+def _copying_to(dest: str) -> list[str]:
+    """The replicator threads of this worker that copy to ``dest``."""
+    return [t.name for t in threading.enumerate() if t.name == f"aimss-replicate-{dest}"]
+
+
+def _copy_given_up(client: Client) -> None:
     name = unique_name("frozen-copy")
     s = aimss_dask.create_stream(name, partitions=1, replication=2)
     owner, (replica,) = s.spec.owners[0], s.spec.replicas[0]
@@ -190,10 +211,15 @@ def test_an_owner_stops_waiting_on_a_stopped_replica_once_it_is_removed(client3)
             s.write(np.full(2**9, i), partition=0)
         s.flush()
 
-    with _frozen(client3, replica):
+    with _frozen(client, replica):
         thread, out = _in_thread(write_and_flush)
-        _waits_then_ends_after_removal(client3, replica, thread, out)
+        _waits_then_ends_after_removal(client, replica, thread, out)
         assert "error" not in out, f"the writes failed with their owner alive: {out['error']!r}"
+        # Nor is the owner's thread that copied to it left blocked on it.
+        wait_until(
+            lambda: not client.run(_copying_to, replica, workers=[owner])[owner], timeout=3 * EVERY + 10,
+            what=f"the owner's copying thread to {replica} gone",
+        )
     wait_until(lambda: replica not in s.info()["replicas"][0], timeout=30, what="the removed copy dropped")
     s.seal()
     assert s.info()["owners"] == [owner]

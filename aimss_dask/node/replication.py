@@ -49,7 +49,7 @@ from aimss_dask.log.store import LogStore
 from aimss_dask.node.dedup import OriginFilter
 from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import dataplane, secure
-from aimss_dask.transport.liveness import Liveness
+from aimss_dask.transport.liveness import Liveness, call_listed
 from aimss_dask.transport.producer import ask_data_address
 from aimss_dask.transport.rpc import Listed
 from aimss_dask.transport.secure import Conn, Credentials
@@ -667,8 +667,7 @@ class Replicator:
                 with self._liveness.exchange(conn, d.address):
                     dataplane.send_buffers(conn, dataplane.encode_batch(groups))
                     return dataplane.read_ack(conn), conn
-        reply = sync(self._loop, lambda: self._rpc(d.address).aimss_append(items=groups))
-        return raise_from_wire(reply, "aimss_append"), conn
+        return self._ask(d.address, "aimss_append", items=groups), conn
 
     def _replica_end(self, dest: str, name: str, p: int) -> int | None:
         """The end of ``dest``'s copy of partition ``p`` of ``name``; None if it holds none."""
@@ -679,8 +678,12 @@ class Replicator:
         return None
 
     def _ask(self, dest: str, op: str, **kwargs: Any) -> Any:
+        """``op`` on replica ``dest`` over Dask's comms; given up once the scheduler removed ``dest``."""
+
         async def call() -> Any:
-            return await getattr(self._rpc(dest), op)(**kwargs)
+            request = getattr(self._rpc(dest), op)(**kwargs)
+            # A replica stopped or hung never answers, nor breaks the connection.
+            return await (request if self._listed is None else call_listed(request, dest, self._listed))
 
         return raise_from_wire(sync(self._loop, call), op)
 

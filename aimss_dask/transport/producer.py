@@ -50,7 +50,7 @@ from aimss_dask.core.stats import Histogram
 from aimss_dask.log import records
 from aimss_dask.log.budget import ByteBudget
 from aimss_dask.transport import dataplane, secure
-from aimss_dask.transport.liveness import Liveness, shut_down
+from aimss_dask.transport.liveness import Liveness, call_listed, shut_down
 from aimss_dask.transport.rpc import Listed, connect_listed
 from aimss_dask.transport.secure import Credentials
 
@@ -1053,7 +1053,11 @@ class _DaskConn(_Conn):
                     # The news came (on this loop) after the sender thread
                     # looked: with it, owner_lost found nothing to cancel.
                     raise ConnectionError(f"worker {owner} left the cluster")
-                return await self.p._rpc(owner).aimss_append(items=items)
+                request = self.p._rpc(owner).aimss_append(items=items)
+                listed = self.p._listed
+                # The owner-lost word cancels this (aborts) where the coordinator
+                # sends it; an owner stopped or hung is given up once removed.
+                return await (request if listed is None else call_listed(request, owner, listed))
             except asyncio.CancelledError:
                 # Producer.owner_lost: the batch fails over like any other
                 # whose owner could not be reached.
