@@ -275,7 +275,7 @@ def tcp_timeout() -> float:
 
 
 def watch_peer(sock: Conn, timeout: float | None = None) -> None:
-    """Make the kernel fail ``sock`` once its peer's host has been silent ``timeout`` seconds (default :func:`tcp_timeout`).
+    """Make the kernel fail ``sock`` once its peer's host is silent ``timeout`` s (default :func:`tcp_timeout`).
 
     A data connection blocks without a timeout (a batch may wait long for
     its receiver's budget), and a peer whose host vanished (power, network:
