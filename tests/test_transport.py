@@ -611,3 +611,12 @@ def test_a_call_to_a_worker_gives_up_only_once_the_scheduler_no_longer_lists_it(
         assert cancelled == [True]
 
     asyncio.run(main())
+
+
+def test_a_request_is_not_looked_into_before_the_longest_wait_a_handler_is_asked_for():
+    from aimss_dask.node.plugin import MAX_READ_WAIT
+    from aimss_dask.transport import liveness
+
+    # A reader's long poll (the owner waits up to MAX_READ_WAIT for records)
+    # must never cost an ask of the scheduler while the owner is healthy.
+    assert liveness.GRACE > MAX_READ_WAIT + 1

@@ -41,8 +41,14 @@ logger = logging.getLogger("aimss_dask")
 T = TypeVar("T")
 
 #: Seconds a connection waits on its peer before the scheduler is asked
-#: whether the peer is still there, and between asks.
-EVERY = 5.0
+#: whether the peer is still there, and between asks. One ask per peer and
+#: process, and only while something waits on it: cheap for the scheduler.
+EVERY = 2.0
+
+#: Seconds a request to a worker may take before :func:`call_listed` asks:
+#: longer than any wait a handler is asked for (a read waits up to 5 s for
+#: records), so that a healthy long poll never asks.
+GRACE = 8.0
 
 
 class Watched(Protocol):
@@ -142,7 +148,7 @@ class Liveness:
 
 
 async def call_listed(
-    call: Awaitable[T], address: str, listed: Listed, grace: float = 2 * EVERY, every: float = EVERY
+    call: Awaitable[T], address: str, listed: Listed, grace: float = GRACE, every: float = EVERY
 ) -> T:
     """Await ``call``, a request to worker ``address``; ``ConnectionError`` once the scheduler no longer lists it.
 
