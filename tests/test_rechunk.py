@@ -113,10 +113,9 @@ def _force_tight(on: bool) -> None:
 
 @pytest.fixture
 def client_without_speculation():
-    """A client of its own cluster: the shared one's coordinator may have found a worker slow in an earlier test.
-
-    It then places runs' partitions and pushes off that worker, and every
-    piece here would be local: nothing left to compare.
+    """A client of its own cluster, speculation off: a worker found slow (this test's own input tasks on a
+    loaded machine may flag one) gets no partitions and no pushes, and every piece here would be local:
+    nothing left to compare. (The shared cluster forgets earlier tests' findings, not this test's.)
     """
     with speculation_client(enabled=False) as c:
         yield c

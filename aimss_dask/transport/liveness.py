@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Iterator
 from typing import Any, Protocol, TypeVar
 
-from aimss_dask.transport.rpc import Listed
+from aimss_dask.transport.rpc import Listed, still_listed, until_unlisted
 from aimss_dask.transport.secure import Conn
 
 logger = logging.getLogger("aimss_dask")
@@ -140,11 +140,7 @@ class Liveness:
 
     async def _gone(self, address: str) -> bool:
         assert self._listed is not None
-        try:
-            return not await self._listed(address)
-        except Exception as e:  # the scheduler did not answer: no news is not a loss
-            logger.debug("aimss: could not ask whether %s is listed: %s", address, e)
-            return False
+        return not await still_listed(self._listed, address)
 
 
 async def call_listed(
@@ -165,22 +161,7 @@ async def call_listed(
     --------
     >>> reply = await call_listed(rpc(addr).aimss_read(**kw), addr, listed)  # doctest: +SKIP
     """
-    task = asyncio.ensure_future(call)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=grace)
-        while not done:
-            try:
-                still = await listed(address)
-            except Exception as e:  # no news is not a loss
-                logger.debug("aimss: could not ask whether %s is listed: %s", address, e)
-                still = True
-            if not still:
-                raise ConnectionError(f"worker {address} stopped answering and left the cluster")
-            done, _ = await asyncio.wait({task}, timeout=every)
-        return task.result()
-    finally:
-        if not task.done():
-            task.cancel()  # Dask closes the call's connection; nobody waits for that
+    return await until_unlisted(call, address, listed, grace, every, "stopped answering and left the cluster")
 
 
 def _waited(conn: Watched, now: float) -> float:

@@ -6,11 +6,13 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aimss_dask.core.errors import AIMSSError, error_to_wire, raise_from_wire
 
 logger = logging.getLogger("aimss_dask")
+
+T = TypeVar("T")
 
 #: A connect to a worker pending this long (s) makes the caller ask whether the worker is still listed.
 CONNECT_GRACE = 1.0
@@ -50,6 +52,35 @@ def listed_by(scheduler: Any) -> Listed:
     return listed
 
 
+async def still_listed(listed: Listed, address: str) -> bool:
+    """Whether the scheduler lists ``address``; True when it does not answer (no news is not a loss)."""
+    try:
+        return await listed(address)
+    except Exception as e:
+        logger.debug("aimss: could not ask whether %s is listed: %s", address, e)
+        return True
+
+
+async def until_unlisted(call: Awaitable[T], address: str, listed: Listed, grace: float, every: float, gone: str) -> T:
+    """Await ``call``, on worker ``address``; ``ConnectionError("worker <address> <gone>")`` once it is not listed.
+
+    Still pending after ``grace`` seconds, the call asks ``listed`` whether
+    the worker is there, every ``every`` seconds after that; once it is
+    not, the call is cancelled. Without an answer, the call goes on.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        while not done:
+            if not await still_listed(listed, address):
+                raise ConnectionError(f"worker {address} {gone}")
+            done, _ = await asyncio.wait({task}, timeout=every)
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()  # Dask closes the call's connection; nobody waits for that
+
+
 async def connect_listed(rpc: Any, addr: str, listed: Listed) -> None:
     """An open connection to ``addr`` in ``rpc``'s pool; ``OSError`` once the scheduler no longer lists it.
 
@@ -61,18 +92,7 @@ async def connect_listed(rpc: Any, addr: str, listed: Listed) -> None:
     :data:`CONNECT_POLL` after that; with no answer, Dask's own timeout
     decides.
     """
-    task = asyncio.ensure_future(rpc.connect(addr))
-    try:
-        done, _ = await asyncio.wait({task}, timeout=CONNECT_GRACE)
-        while not done:
-            try:
-                still = await listed(addr)
-            except Exception:
-                still = True
-            if not still:
-                raise OSError(f"worker {addr} left the cluster (no connection to it)")
-            done, _ = await asyncio.wait({task}, timeout=CONNECT_POLL)
-        rpc.reuse(addr, task.result())
-    finally:
-        if not task.done():
-            task.cancel()
+    comm = await until_unlisted(
+        rpc.connect(addr), addr, listed, CONNECT_GRACE, CONNECT_POLL, "left the cluster (no connection to it)"
+    )
+    rpc.reuse(addr, comm)
