@@ -620,3 +620,55 @@ def test_a_request_is_not_looked_into_before_the_longest_wait_a_handler_is_asked
     # A reader's long poll (the owner waits up to MAX_READ_WAIT for records)
     # must never cost an ask of the scheduler while the owner is healthy.
     assert liveness.GRACE > MAX_READ_WAIT + 1
+
+
+def test_callers_waiting_on_one_worker_share_one_ask_of_the_scheduler():
+    """Thousands of readers pending on one stopped worker each ask whether it is listed: one request
+    goes to the scheduler per address and interval, its answer (or its failure) reaches every caller,
+    a caller that gives up does not cancel it, and an answer older than LISTED_FRESH is asked again."""
+    import asyncio
+
+    from aimss_dask.transport import rpc
+
+    class _Scheduler:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+            self.fail = False
+
+        async def aimss_listed(self, address: str) -> dict:
+            self.asked.append(address)
+            await asyncio.sleep(0.05)
+            if self.fail:
+                raise OSError("the scheduler did not answer")
+            return {"status": "OK", "listed": address != "tcp://gone:1"}
+
+    scheduler = _Scheduler()
+    listed = rpc.listed_by(scheduler)
+    assert rpc.listed_by(scheduler) is listed  # one per scheduler: every Endpoint of the process shares it
+    assert rpc.listed_by(_Scheduler()) is not listed
+
+    async def main() -> None:
+        answers = await asyncio.gather(*(listed("tcp://gone:1") for _ in range(500)))
+        assert answers == [False] * 500 and scheduler.asked == ["tcp://gone:1"]
+        # Fresh answers serve at once; other addresses are asked on their own.
+        assert await listed("tcp://gone:1") is False and await listed("tcp://alive:1") is True
+        assert scheduler.asked == ["tcp://gone:1", "tcp://alive:1"]
+        # A caller that gives up leaves the ask to the others.
+        await asyncio.sleep(rpc.LISTED_FRESH + 0.01)
+        first = asyncio.ensure_future(listed("tcp://alive:1"))
+        second = asyncio.ensure_future(listed("tcp://alive:1"))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        assert await second is True and scheduler.asked.count("tcp://alive:1") == 2
+        # A failed ask reaches every caller (still_listed: no news) and is not remembered.
+        await asyncio.sleep(rpc.LISTED_FRESH + 0.01)
+        scheduler.fail = True
+        failed = await asyncio.gather(*(listed("tcp://gone:1") for _ in range(3)), return_exceptions=True)
+        assert [type(e) for e in failed] == [OSError] * 3 and scheduler.asked.count("tcp://gone:1") == 2
+        assert await rpc.still_listed(listed, "tcp://gone:1") is True
+        scheduler.fail = False
+        assert await listed("tcp://gone:1") is False and scheduler.asked.count("tcp://gone:1") == 4
+
+    asyncio.run(main())
+    # A later event loop of the same process is served too (no future of a closed loop awaited).
+    asyncio.run(asyncio.wait_for(listed("tcp://new:1"), 5))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,6 +20,13 @@ T = TypeVar("T")
 CONNECT_GRACE = 1.0
 #: How often (s) it asks again while the connect is pending.
 CONNECT_POLL = 0.5
+
+#: How long (s) an answer to "is this worker listed?" serves every caller of
+#: the process that asks the same scheduler: many readers and writers waiting
+#: on one stopped worker then make one ask per interval, not one each. No
+#: longer than the quickest poll (:data:`CONNECT_POLL`), so no failover waits
+#: on an old answer more than it would wait on its own next ask.
+LISTED_FRESH = CONNECT_POLL
 
 #: ``(worker address) -> whether the scheduler still lists that worker``.
 Listed = Callable[[str], Awaitable[bool]]
@@ -43,13 +52,69 @@ def replies(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
 
 
 def listed_by(scheduler: Any) -> Listed:
-    """:data:`Listed` through ``scheduler`` (an rpc to it): the coordinator's ``aimss_listed``."""
+    """:data:`Listed` through ``scheduler`` (an rpc to it): the coordinator's ``aimss_listed``.
 
-    async def listed(address: str) -> bool:
+    One per ``scheduler`` object, shared by its callers: concurrent asks
+    about one address make a single request, and its answer serves for
+    :data:`LISTED_FRESH` seconds.
+    """
+    try:
+        return _answers[scheduler]
+    except KeyError:
+        return _answers.setdefault(scheduler, _Answers(scheduler, LISTED_FRESH))
+    except TypeError:  # not weakly referable: answers for this caller alone
+        return _Answers(scheduler, LISTED_FRESH)
+
+
+class _Answers:
+    """Whether workers are listed, asked of one scheduler and shared by everyone who asks it."""
+
+    #: Past this many addresses known, answers too old to serve are dropped.
+    KEEP = 1024
+
+    def __init__(self, scheduler: Any, fresh: float) -> None:
+        # By weak reference: the entry of ``_answers`` must not keep its own key alive.
+        self._scheduler = weakref.ref(scheduler)
+        self._fresh = fresh
+        self._known: dict[str, tuple[float, bool]] = {}
+        # Futures belong to one event loop: a process may run several (a client's and a worker's).
+        self._asking: dict[tuple[int, str], asyncio.Future[bool]] = {}
+        self.asked = 0
+
+    async def __call__(self, address: str) -> bool:
+        hit = self._known.get(address)
+        if hit is not None and time.monotonic() - hit[0] < self._fresh:
+            return hit[1]
+        loop = asyncio.get_running_loop()
+        key = (id(loop), address)
+        pending = self._asking.get(key)
+        if pending is None or pending.get_loop() is not loop:  # none, or one of a closed loop with the same id
+            pending = self._asking[key] = asyncio.ensure_future(self._ask(address))
+            pending.add_done_callback(functools.partial(self._done, key))
+        # Shielded: a caller that gives up does not cancel the others' answer.
+        return await asyncio.shield(pending)
+
+    async def _ask(self, address: str) -> bool:
+        scheduler = self._scheduler()
+        if scheduler is None:
+            raise ConnectionError("the rpc to the scheduler was closed")
+        self.asked += 1
         reply = await scheduler.aimss_listed(address=address)
-        return bool(raise_from_wire(reply, "aimss_listed")["listed"])
+        listed = bool(raise_from_wire(reply, "aimss_listed")["listed"])
+        now = time.monotonic()
+        if len(self._known) >= self.KEEP:
+            self._known = {a: k for a, k in self._known.items() if now - k[0] < self._fresh}
+        self._known[address] = (now, listed)
+        return listed
 
-    return listed
+    def _done(self, key: tuple[int, str], future: asyncio.Future[bool]) -> None:
+        if self._asking.get(key) is future:
+            del self._asking[key]
+        if not future.cancelled():
+            future.exception()  # retrieved: every caller may have given up
+
+
+_answers: weakref.WeakKeyDictionary[Any, _Answers] = weakref.WeakKeyDictionary()
 
 
 async def still_listed(listed: Listed, address: str) -> bool:
