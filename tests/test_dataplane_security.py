@@ -280,12 +280,15 @@ def test_both_ends_of_a_data_connection_give_up_on_a_peer_silent_past_dasks_tcp_
     with dask.config.set({"distributed.comm.timeouts.tcp": "20s"}):
         ends = _connected(server_creds, client_creds, tls)
     try:
-        for end in map(_raw, ends):
+        for end, user_timeout in zip(map(_raw, ends), [20_000, 0]):
             assert end.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
             if hasattr(socket, "TCP_USER_TIMEOUT"):
-                # Not set: with it, a receiver that reads nothing for that long
-                # (back-pressure, a stopped owner) would fail its writers.
-                assert end.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
+                # Not on the writer's end: with it, a receiver that reads
+                # nothing for that long (back-pressure, a stopped owner) would
+                # fail its writers. On the server's end, which sends only
+                # acks, it frees a thread whose writer's node vanished just
+                # after an ack (a send unanswered, so keep-alive is off).
+                assert end.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == user_timeout
             if hasattr(socket, "TCP_KEEPIDLE"):  # the probes of an idle connection end within it too
                 idle = end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
                 interval = end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
@@ -306,3 +309,33 @@ def test_a_timeout_of_zero_leaves_the_connection_as_the_platform_made_it():
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
             secure.watch_peer(sock, 30)
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_a_writer_that_reads_no_acks_for_longer_than_the_timeout_keeps_its_connection(tls):
+    """The server's end fails once its acks go unacknowledged past the timeout: a writer paused
+    that long (its kernel still acknowledging) must not lose its connection for that."""
+    import time
+
+    if tls:
+        server_creds, client_creds, _ = _tls_pair()
+    else:
+        server_creds = client_creds = Credentials(secure.new_secret())
+    with dask.config.set({"distributed.comm.timeouts.tcp": "2s"}):
+        served, writer = _connected(server_creds, client_creds, tls)
+    try:
+        # Many more acks than a producer ever leaves unread (max_in_flight per connection).
+        for i in range(64):
+            writer.sendall(i.to_bytes(4, "big"))
+            assert int.from_bytes(secure.recv_bytes(served, 4), "big") == i
+            served.sendall(b"ack:" + i.to_bytes(4, "big"))
+        time.sleep(4)  # twice the timeout with every ack unread
+        for i in range(64):
+            assert secure.recv_bytes(writer, 8) == b"ack:" + i.to_bytes(4, "big")
+        writer.sendall(b"more")
+        assert secure.recv_bytes(served, 4) == b"more"
+        served.sendall(b"done")
+        assert secure.recv_bytes(writer, 4) == b"done"
+    finally:
+        served.close()
+        writer.close()

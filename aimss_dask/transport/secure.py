@@ -274,7 +274,7 @@ def tcp_timeout() -> float:
     return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.tcp", "30s"), default="seconds") or 0)
 
 
-def watch_peer(sock: Conn, timeout: float | None = None) -> None:
+def watch_peer(sock: Conn, timeout: float | None = None, *, answers_only: bool = False) -> None:
     """Make the kernel fail ``sock`` once its peer's host is silent ``timeout`` s (default :func:`tcp_timeout`).
 
     A data connection blocks without a timeout (a batch may wait long for
@@ -291,8 +291,15 @@ def watch_peer(sock: Conn, timeout: float | None = None) -> None:
     waiting on it is right, and failing would call records lost that the
     owner stores once it runs again. A sender waiting on a host that
     vanished is freed once the scheduler removes the worker
-    (:mod:`aimss_dask.transport.liveness`). Options the platform lacks are
-    left out; a timeout of 0 or less changes nothing.
+    (:mod:`aimss_dask.transport.liveness`).
+
+    ``answers_only``: ``sock`` sends nothing but short answers its peer
+    always reads (a data server's acks), so its peer's window never shuts
+    and ``TCP_USER_TIMEOUT`` only fails it once the peer's host stopped
+    acknowledging: an answer sent just before a producer's node vanished
+    then fails the server thread after ``timeout`` instead of the kernel's
+    retransmissions (minutes), which keep-alive does not shorten. Options
+    the platform lacks are left out; a timeout of 0 or less changes nothing.
     """
     timeout = tcp_timeout() if timeout is None else timeout
     if timeout <= 0:
@@ -307,6 +314,8 @@ def watch_peer(sock: Conn, timeout: float | None = None) -> None:
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), interval),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), probes),
     ]
+    if answers_only:
+        options.append((socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(timeout * 1000)))
     for level, option, value in options:
         if option is None:
             continue
@@ -339,7 +348,7 @@ def accept(conn: socket.socket, creds: Credentials) -> Conn:
         raise HandshakeError("wrong cluster secret")
     conn.sendall(_mac(key, b"server", theirs, ours))
     conn.settimeout(None)
-    watch_peer(conn)
+    watch_peer(conn, answers_only=True)  # a data server sends acks alone
     return conn
 
 
