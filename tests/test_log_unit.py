@@ -12,6 +12,7 @@ from aimss_dask.core.errors import (
     InvalidOffsetError,
     PartitionOutOfRangeError,
     SpillCorruptionError,
+    SpillError,
     StreamNotFoundError,
     StreamSealedError,
 )
@@ -450,6 +451,68 @@ def test_a_failed_spill_write_leaves_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_segment_that_cannot_be_written_stays_in_memory_and_the_others_spill(spill_dir, caplog):
+    """A record that does not serialise (stored as is by a task on its owner) must not stop the log from
+    spilling: its segment stays in memory, said once, and every later spill takes the next segments."""
+    import threading as th
+
+    s = LogStore(budget=1000, spill_root=spill_dir, segment_size=100)
+    s.open("a", 1, [0, 1, 2])
+    bad = {"lock": th.Lock()}  # pickle refuses it
+    s.append("a", 1, 0, [bad], [100])
+    s.append("a", 1, 1, [np.arange(12)], [100])
+    s.append("a", 1, 2, [b"x" * 100], [100])
+    with caplog.at_level("ERROR", logger="aimss_dask"):
+        assert s.spill(0) == 200  # the two others
+        assert s.spill(0) == 0  # not tried again
+    assert s.memory_bytes == 100 and s.spilled_bytes == 200
+    said = [r.getMessage() for r in caplog.records if "could not spill" in r.getMessage()]
+    assert len(said) == 1 and "records 0 to 0 of stream 'a' partition 0" in said[0], said
+    assert "cannot be written to disk" in said[0]
+    assert s.read("a", 1, 0, 0)[0][0] is bad  # still there, the same object
+    assert np.array_equal(s.read("a", 1, 1, 0)[0][0], np.arange(12))
+    assert s.read("a", 1, 2, 0)[0][0] == b"x" * 100
+    s.close()
+
+
+def test_a_full_spill_folder_refuses_new_writes_before_storing_them_and_heals(spill_dir, monkeypatch, caplog):
+    """A spill that fails for the disk's sake leaves the records stored and raises nothing; while the log
+    stays past its budget, check_room refuses what would come next (nothing stored, so a retry is safe),
+    and once spilling works again it spills and lets writes through."""
+    import errno
+
+    from aimss_dask.log import store as store_mod
+
+    s = LogStore(budget=450, spill_root=spill_dir, segment_size=100)
+    s.open("a", 1, range(4))
+    real = spillfile.dump
+
+    def full(records, path, seg):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(spillfile, "dump", full)
+    for p in range(4):
+        s.append("a", 1, p, [bytes([p]) * 100], [100])
+    s.check_room()  # not past the budget yet: nothing to do
+    s.append("a", 1, 0, [b"z" * 100], [100])
+    assert s.over_budget and s.spill() == 0  # failed, silently for the writer
+    with caplog.at_level("ERROR", logger="aimss_dask"), pytest.raises(
+        SpillError, match=r"holds 500 bytes, past its budget of 450, and cannot spill .*No space left"
+    ):
+        s.check_room()
+    assert len([r for r in caplog.records if "could not spill" in r.getMessage()]) == 1  # one spell, one word
+    assert [s.bounds("a", 1, p)[:2] for p in range(4)] == [(0, 2), (0, 1), (0, 1), (0, 1)]
+    # Space again: segments that failed are tried once SPILL_RETRY has passed.
+    monkeypatch.setattr(spillfile, "dump", real)
+    monkeypatch.setattr(store_mod, "SPILL_RETRY", 0.0)
+    s.check_room()
+    assert not s.over_budget and s.spill_failure is None and s.spilled_bytes == 100  # down to 90% of the budget
+    assert [r for p in range(4) for r in s.read("a", 1, p, 0)[0]] == [
+        b"\0" * 100, b"z" * 100, b"\1" * 100, b"\2" * 100, b"\3" * 100,
+    ]
+    s.close()
+
+
 def test_the_store_refuses_a_spill_file_changed_on_disk(store):
     """Through the store: a corrupted segment is an error on read, never data."""
     store.append("a", 1, 0, [np.arange(50.0), np.arange(50.0) + 1], [400, 400])
@@ -520,3 +583,23 @@ def test_a_late_open_of_a_destroyed_stream_leaves_nothing():
     assert not store.has("s")
     store.open("s", 4, [0])  # a new stream of the name
     assert store.has("s")
+
+
+def test_a_record_stored_on_its_owner_counts_every_byte_it_holds():
+    """A task's write on the owner is sized without pickling: every part of a tuple counts (long strings,
+    nested pieces), or a log of such records outgrows its budget and never spills."""
+    import sys
+
+    from aimss_dask.log.records import encode, local_nbytes
+
+    text = "x" * 10**6
+    piece = np.zeros(10**5)
+    assert local_nbytes(("name", text)) >= len(text)
+    assert local_nbytes(((1, (piece,)),)) >= piece.nbytes
+    assert local_nbytes(((0, 1), piece)) >= piece.nbytes  # coordinates and a piece, as operators write
+    assert local_nbytes(("k", text)) == sys.getsizeof("k") + sys.getsizeof(text)
+    # Within reach of what the wire carries for the same record (pickled once, the remote path).
+    for record in [("name", text), ((1, (piece,)),), ((0, 1), piece), piece, b"y" * 1000]:
+        assert local_nbytes(record) >= 0.9 * encode(record)[1], record
+    # Unknown parts are not guessed: the caller serialises (and so sizes and checks) them.
+    assert local_nbytes(("a", object())) is None

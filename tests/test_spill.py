@@ -191,3 +191,66 @@ def test_workers_sharing_a_spill_directory_read_back_exactly_their_own_records(t
     # Shut down: each worker removed its own folder and nothing else.
     assert sorted(os.listdir(scratch)) == ["results.csv"]
     assert (scratch / "results.csv").read_text() == "the user's own data\n"
+
+
+# -- a spill folder that cannot be written ----------------------------------------------
+
+
+def _block_spill(dask_worker) -> str:
+    """Put a file where the worker's spill folder is: every spill fails (ENOTDIR), as on a full disk."""
+    store = dask_worker.plugins["aimss"].store
+    d = store.prepare_spill_dir()
+    os.rename(d, d + ".aside")
+    open(d, "w").close()
+    return d
+
+
+def _unblock_spill(dask_worker) -> None:
+    from aimss_dask.log import store as store_mod
+
+    store_mod.SPILL_RETRY = 0.0  # segments that failed are tried again at once
+    d = dask_worker.plugins["aimss"].store.spill_dir
+    os.unlink(d)
+    os.rename(d + ".aside", d)
+
+
+def test_a_worker_that_cannot_spill_refuses_writes_before_storing_them_and_loses_nothing(client):
+    """Past its budget with its spill folder unwritable, an owner refuses new writes with SpillError before
+    storing anything of them: what it holds is a prefix of what was written, each record once, and writing
+    the refused ones again once the folder is back gives every record exactly once, in order."""
+    name = "cannot-spill"
+    stream = aimss_dask.create_stream(name, partitions=1)
+    owner = stream.info()["owners"][0]
+    n = 2 * BUDGET // RECORD
+    blocked = False
+    try:
+        client.run(_block_spill, workers=[owner])
+        blocked = True
+        refused = None
+        for i in range(n):
+            try:
+                stream.write(np.full(RECORD // 8, float(i)), partition=0)
+                if i % 8 == 7:
+                    stream.flush()
+            except aimss_dask.SpillError as e:
+                refused = (i, e)
+                break
+        assert refused is not None, "the owner stored twice its budget without spilling"
+        assert "past its budget" in str(refused[1]) and "were not stored" in str(refused[1])
+        st = aimss_dask.status()[owner]
+        assert BUDGET < st["memory_bytes"] <= BUDGET + 16 * RECORD, st["memory_bytes"]
+        held = stream.info()["records"][0]
+        assert held <= refused[0] + 1
+        client.run(_unblock_spill, workers=[owner])
+        blocked = False
+        for i in range(held, n):
+            stream.write(np.full(RECORD // 8, float(i)), partition=0)
+        stream.flush()
+        stream.seal()
+        tags = client.gather(stream.map_partitions(lambda rs: [float(r[0]) for r in rs]))[0]
+        assert tags == [float(i) for i in range(n)]
+        assert aimss_dask.status()[owner]["spilled_bytes"] > 0
+    finally:
+        if blocked:
+            client.run(_unblock_spill, workers=[owner])
+        aimss_dask.destroy_stream(name)

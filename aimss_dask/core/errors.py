@@ -118,6 +118,10 @@ class SpillCorruptionError(AIMSSError, OSError):
     """A spilled segment read back from disk is not what the log wrote there."""
 
 
+class SpillError(AIMSSError, OSError):
+    """A worker's log is past its memory budget and cannot spill (its folder full or unwritable): writes are refused, not stored."""
+
+
 class ReplicaGapError(AIMSSError, RuntimeError):
     """A copy of a partition was sent from an offset past the replica's end (it missed records)."""
 
@@ -188,6 +192,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         SinkError,
         MissingDependencyError,
         SpillCorruptionError,
+        SpillError,
         DuplicateOriginError,
         PushesPendingError,
         ReplicaGapError,

@@ -7,6 +7,7 @@ out-of-band buffers, anything else as (cloud)pickle.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -48,14 +49,16 @@ def local_nbytes(record: Any) -> int | None:
     if isinstance(record, (bytes, bytearray)):
         return len(record)
     if isinstance(record, tuple) and len(record) <= 8:
-        # An operator's (coordinates, array piece): small plain parts plus
-        # known records, sized without pickling the piece.
+        # An operator's (coordinates, array piece): plain parts plus known
+        # records, sized without pickling the piece. Every part counts,
+        # nested ones too: a budget that undercounts lets the log outgrow it.
         total = 0
         for part in record:
-            if isinstance(part, (int, float, str, type(None))) or (
-                isinstance(part, tuple) and all(isinstance(v, (int, tuple)) for v in part)
-            ):
-                total += 64
+            if isinstance(part, (int, float, bool, type(None))):
+                total += 32
+                continue
+            if isinstance(part, str):
+                total += sys.getsizeof(part)
                 continue
             n = local_nbytes(part)
             if n is None:

@@ -29,6 +29,9 @@ class Segment:
     path: str | None = None  # spill file, once spilled
     index: SpillIndex | None = None  # where each record lies in it, and its checksum
     spilled_as: SegmentId | None = None  # what the file must say it holds
+    #: ``time.monotonic()`` of its last failed spill (None: none); ``inf``:
+    #: its records cannot be written at all (a record that does not serialise).
+    spill_failed: float | None = None
 
     @property
     def end(self) -> int:

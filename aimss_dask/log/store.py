@@ -27,6 +27,7 @@ from aimss_dask.core.errors import (
     PartitionLostError,
     PartitionOutOfRangeError,
     ReplicaGapError,
+    SpillError,
     StreamNotFoundError,
     StreamSealedError,
 )
@@ -38,6 +39,10 @@ logger = logging.getLogger("aimss_dask")
 
 #: Destroyed stream names a store remembers, to refuse late opens of them.
 TOMBSTONES = 10_000
+
+#: Seconds before a segment whose spill failed on an OSError (a full disk, a
+#: folder gone) is tried again; spilling goes on with other segments meanwhile.
+SPILL_RETRY = 10.0
 
 
 @dataclass(eq=False)
@@ -116,6 +121,8 @@ class LogStore:
         self.appended = [0, 0]
         self.served = [0, 0]
         self.spilled_total = 0
+        #: The last spill that failed: ``(time.monotonic(), what failed)``; None once one succeeds.
+        self.spill_failure: tuple[float, str] | None = None
         self.closed = False
 
     # -- streams -----------------------------------------------------------------
@@ -712,10 +719,17 @@ class LogStore:
                         break
                     seg_id, seg = victim
                     records = list(seg.records or [])
-                self._make_spill_dir()
                 path = os.path.join(self.spill_dir, f"segment-{next(self._files)}.bin")
                 t0 = time.time()
-                index = spillfile.dump(records, path, seg_id)
+                try:
+                    self._make_spill_dir()
+                    index = spillfile.dump(records, path, seg_id)
+                except Exception as e:
+                    # The records are stored already: a failed spill must not
+                    # fail the write that stored them (its writer would send
+                    # them again), nor stop other segments from spilling.
+                    self._spill_failed(seg, seg_id, e)
+                    continue
                 trace.complete("spill", t0, time.time() - t0, stream=seg_id.stream, partition=seg_id.partition,
                                records=len(records), bytes=seg.nbytes)
                 with self._lock:
@@ -725,11 +739,50 @@ class LogStore:
                         continue
                     seg.path, seg.index, seg.spilled_as = path, index, seg_id
                     seg.records = None
+                    seg.spill_failed = None
+                    self.spill_failure = None
                     self.memory_bytes -= seg.nbytes
                     self.spilled_bytes += seg.nbytes
                     self.spilled_total += seg.nbytes
                     spilled += seg.nbytes
         return spilled
+
+    def _spill_failed(self, seg: Segment, seg_id: spillfile.SegmentId, e: Exception) -> None:
+        """Spilling ``seg`` failed: left in memory, skipped for a while (for good if its records cannot be written)."""
+        written = isinstance(e, OSError)  # the disk's fault; a record that does not serialise is the record's
+        what = (
+            f"records {seg_id.base} to {seg.end - 1} of stream {seg_id.stream!r} partition "
+            f"{seg_id.partition} stay in memory: {type(e).__name__}: {e}"
+        )
+        with self._lock:
+            # Said once per segment that cannot be written, and once per
+            # spell of a failing disk (not once per segment then).
+            first = (self.spill_failure is None) if written else seg.spill_failed is None
+            seg.spill_failed = time.monotonic() if written else float("inf")
+            self.spill_failure = (time.monotonic(), what)
+        (logger.error if first else logger.debug)(
+            "aimss: could not spill to %s (%s); %s", self.spill_dir,
+            "tried again later" if written else "they cannot be written to disk", what,
+        )
+
+    def check_room(self) -> None:
+        """Before storing more: spill if past the budget; :class:`SpillError` if the log stays past it.
+
+        Only while spilling fails (a full or unwritable spill folder, records
+        that cannot be written): the records about to come are then refused
+        before they are stored, so that writing them again later is safe.
+        Blocking, like :meth:`spill`.
+        """
+        if not self.over_budget:
+            return
+        self.spill()
+        failure = self.spill_failure
+        if self.over_budget and failure is not None:
+            raise SpillError(
+                f"the log of this worker holds {self.memory_bytes} bytes, past its budget of "
+                f"{self.budget}, and cannot spill to {self.spill_dir} ({failure[1]}); these records "
+                "were not stored: free space there (or read and trim the stream), then write them again"
+            )
 
     def prepare_spill_dir(self) -> str:
         """Create this store's spill folder now, so a bad ``spill_root`` fails early.
@@ -760,10 +813,13 @@ class LogStore:
         self, keep: set[int] | None = None
     ) -> tuple[spillfile.SegmentId, Segment] | None:
         best: tuple[spillfile.SegmentId, Segment] | None = None
+        now = time.monotonic()
         for name, logs in self._streams.items():
             for p, log in logs.partitions.items():
                 for seg in log.segments:
                     if keep and id(seg) in keep:
+                        continue
+                    if seg.spill_failed is not None and now - seg.spill_failed < SPILL_RETRY:
                         continue
                     if seg.in_memory and seg.nbytes > 0 and (best is None or seg.seq < best[1].seq):
                         best = (spillfile.SegmentId(name, logs.epoch, p, seg.base), seg)

@@ -32,6 +32,7 @@ from aimss_dask.core.config import AIMSSConfig
 from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
+    SpillError,
     WorkerClosingError,
     error_to_wire,
     raise_from_wire,
@@ -417,6 +418,7 @@ class AIMSSWorker(WorkerPlugin):
         ``origin``: see :meth:`store_batch`; a second copy is dropped here too.
         """
         assert self.store is not None and self.replicator is not None
+        self.store.check_room()  # refused before it is stored, not after: a write again is safe
         if self.replicator.tracks(spec.name):
             with self.replicator.append_lock:
                 if origin is not None and not self._admit(spec.name, spec.epoch, partition, origin):
@@ -458,6 +460,11 @@ class AIMSSWorker(WorkerPlugin):
         assert self.store is not None and self.replicator is not None
         errors: dict[str, tuple[str, str]] = {}
         waits: list[tuple[str, int, int, int, int]] = []
+        try:
+            self.store.check_room()
+        except SpillError as e:  # nothing of the batch stored: its writers may send it again
+            wire = error_to_wire(e)
+            return {g[0]: (wire["type"], wire["message"]) for g in groups}, waits
         for group in groups:
             name, epoch, partition, records, sizes, origin = group[:6]
             records = _as_sent(records)
