@@ -200,6 +200,35 @@ def test_mismatch_with_existing_array_overwrites_nothing(client, tmp_path, shape
     assert_workers_clean()
 
 
+def test_an_existing_array_of_the_other_zarr_format_is_not_shadowed_by_a_new_one(client, tmp_path):
+    """A v2 array at the path is not "nothing" to a v3 write: creating a v3 array beside it would leave
+    readers a second array of fill values, and the shape and dtype checks skipped."""
+    path = str(tmp_path / "v2.zarr")
+    old = _data((40, 4), "f8", seed=3)
+    zarr.create_array(path, shape=(40, 4), chunks=(10, 4), dtype="f8", zarr_format=2)[:] = old
+    with pytest.raises(aimss_dask.InvalidArgumentError, match="holds a Zarr v2 array, and zarr_format=3.*zarr_format=2"):
+        aimss_dask.to_zarr(da.zeros((40, 4), chunks=10), path)
+    assert "zarr.json" not in os.listdir(path)  # no v3 array beside it
+    np.testing.assert_array_equal(zarr.open_array(path)[:], old)
+    data = _data((40, 4), "f8")
+    aimss_dask.to_zarr(da.from_array(data, chunks=(7, 4)), path, zarr_format=2)
+    np.testing.assert_array_equal(zarr.open_array(path, zarr_format=2)[:], data)
+
+
+def test_a_relative_path_is_the_callers_not_each_workers(client, tmp_path, monkeypatch):
+    """Workers need not share the client's working directory (an SSH or batch cluster starts them
+    elsewhere): a relative path is made absolute where the caller gave it."""
+    workdir = tmp_path / "mine"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    assert client.run(os.getcwd) != {a: str(workdir) for a in client.run(os.getcwd)}  # elsewhere
+    data = _data((20, 3), "f8")
+    aimss_dask.to_zarr(da.from_array(data, chunks=(6, 3)), "rel.zarr")
+    np.testing.assert_array_equal(zarr.open_array(str(workdir / "rel.zarr"), mode="r")[:], data)
+    for cwd in set(client.run(os.getcwd).values()):
+        assert not os.path.exists(os.path.join(cwd, "rel.zarr"))
+
+
 def test_overwrite_replaces_an_array_of_another_shape(client, tmp_path):
     path = str(tmp_path / "a.zarr")
     zarr.create_array(path, shape=(3,), chunks=(3,), dtype="i1")

@@ -405,15 +405,55 @@ def test_a_destroyed_stream_fails_the_sink(client, tmp_path):
 
 def test_resume_refuses_another_partitioning(client, tmp_path):
     path = str(tmp_path / "p.zarr")
+    name = unique_name("sink")
+    s = create_stream(name, partitions=2)
+    _write(s, 2, 0, 3)
+    s.seal()
+    s.to_zarr(path, chunks=C).wait(timeout=30)
+    with pytest.raises(InvalidArgumentError, match="grown along axis 0 .*pass axis=0"):
+        s.to_zarr(path, axis=1)
+    destroy_stream(name)
+    t = create_stream(name, partitions=3)  # the same name, re-created otherwise
+    with pytest.raises(InvalidArgumentError, match="stream with 2 partition.*this stream has 3"):
+        t.to_zarr(path)
+    destroy_stream(name)
+
+
+def test_a_sink_of_another_stream_does_not_take_its_offsets_for_its_own(client, tmp_path):
+    """The array's committed offsets are one stream's: another stream sunk into it would have its first
+    records dropped as "already durable". Refused (the array untouched), and the way out the message names
+    (delete the attribute) appends the other stream after the rows already there."""
+    path = str(tmp_path / "o.zarr")
     s = create_stream(unique_name("sink"), partitions=2)
     _write(s, 2, 0, 3)
     s.seal()
     s.to_zarr(path, chunks=C).wait(timeout=30)
-    t = create_stream(unique_name("sink"), partitions=3)
-    with pytest.raises(InvalidArgumentError, match="stream with 2 partition.*this stream has 3"):
+    before = zarr.open_array(path, mode="r")
+    rows, doc = before[:], before.attrs.asdict()
+    t = create_stream(unique_name("other"), partitions=2)
+    _write(t, 2, 0, 5)
+    t.seal()
+    with pytest.raises(InvalidArgumentError, match=f"holds what stream '{s.name}' sank into it .*not stream '{t.name}'"):
         t.to_zarr(path)
-    with pytest.raises(InvalidArgumentError, match="grown along axis 0 .*pass axis=0"):
-        s.to_zarr(path, axis=1)
+    after = zarr.open_array(path, mode="r")
+    assert np.array_equal(after[:], rows) and after.attrs.asdict() == doc
+    # Shrunk by hand below what its sink committed: refused too.
+    arr = zarr.open_array(path, mode="r+")
+    arr.resize((C, 2))
+    with pytest.raises(InvalidArgumentError, match=f"has {C} rows along axis 0, fewer than the"):
+        s.to_zarr(path)
+    arr.resize(rows.shape)
+    arr[:] = rows
+    # Without the attribute: an array of the user's, appended to from its last whole chunk on.
+    del arr.attrs["aimss"]
+    if rows.shape[0] % C:
+        arr.resize((rows.shape[0] // C * C, 2))
+    kept = arr[:]
+    t.to_zarr(path).wait(timeout=30)
+    x = zarr.open_array(path, mode="r")[:]
+    assert np.array_equal(x[: len(kept)], kept)
+    want = sorted(tuple(r) for p in range(2) for o in range(5) for r in _record(p, o).tolist())
+    assert sorted(map(tuple, x[len(kept) :].tolist())) == want
     destroy_stream(s.name)
     destroy_stream(t.name)
 

@@ -397,11 +397,13 @@ def _check_store(store: Any, storage_options: dict[str, Any] | None = None) -> A
             f"storage_options={storage_options!r} apply to fsspec URLs only, not to {store!r}"
         )
     if isinstance(store, os.PathLike):
-        return os.fspath(store)
+        store = os.fspath(store)
     if isinstance(store, str):
         if "://" in store:
             check_fsspec_protocol(store)
-        return store
+            return store
+        # Absolute: the workers need not share this process's directory.
+        return os.path.abspath(store)
     if isinstance(store, zarr.storage.MemoryStore):
         raise InvalidArgumentError(
             "a zarr MemoryStore lives in this process, where the workers cannot write to it: "
@@ -531,7 +533,9 @@ def _open_or_create(
     opts = {"storage_options": array_kwargs["storage_options"]} if "storage_options" in array_kwargs else {}
     if not overwrite:
         try:
-            existing = zarr.open_array(store, path=path, mode="r", zarr_format=zarr_format, **opts)
+            # Either format: one of the other format there is not "nothing"
+            # (creating ours beside it would leave readers two arrays).
+            existing = zarr.open_array(store, path=path, mode="r", **opts)
         except (FileNotFoundError, KeyError):
             existing = None
         except Exception as e:  # a group there, or unreadable metadata
@@ -541,6 +545,12 @@ def _open_or_create(
                     "pass overwrite=True to replace it"
                 ) from None
     if existing is not None:
+        if existing.metadata.zarr_format != zarr_format:
+            raise InvalidArgumentError(
+                f"{where} holds a Zarr v{existing.metadata.zarr_format} array, and zarr_format="
+                f"{zarr_format}: nothing was written; pass zarr_format={existing.metadata.zarr_format} "
+                "to write into it, overwrite=True to replace it, or write to another path"
+            )
         if existing.shape != x.shape or existing.dtype != x.dtype:
             raise InvalidArgumentError(
                 f"{where} holds an array of shape {existing.shape} and dtype {existing.dtype}, "

@@ -215,7 +215,7 @@ def stream_to_zarr(
     io_priority = check_io_priority(io_priority, f"the sink of stream {stream.name!r}")
     target = Target(store, component, uuid.uuid4().hex, _where(store, component), durable)
     groups = tuple(xr_sink.groups_to_consolidate(store, component or "", None, target.where)) if named else ()
-    existing = _inspect(target, spec.partitions, axis, chunks, dims)
+    existing = _inspect(target, spec.partitions, axis, chunks, dims, stream.name)
     return Sink(
         SinkRun(
             spec, target, axis, chunks, existing, get_client(), ep,
@@ -262,9 +262,17 @@ def _check_store(store: Any) -> Any:
 
 
 def _inspect(
-    target: Target, partitions: int, axis: int, chunks: Any, dims: tuple[str, ...] | None = None
+    target: Target,
+    partitions: int,
+    axis: int,
+    chunks: Any,
+    dims: tuple[str, ...] | None = None,
+    stream: str | None = None,
 ) -> tuple[Template, int, Committed] | None:
     """``(template, chunk_rows, committed)`` of an existing array; None if there is none.
+
+    ``stream``: the name of the stream to sink; an array whose committed
+    offsets are another stream's is refused (they would skip its records).
 
     Every check that can fail on an existing array happens here, in the
     caller's thread, before anything is written.
@@ -310,10 +318,24 @@ def _inspect(
             )
         return template, chunk_rows, Committed.fresh(partitions, rows, chunk_rows, ax)
     committed = plan.parse_doc(doc, where)
+    if stream is not None and committed.stream is not None and committed.stream != stream:
+        # Its offsets say how far *that* stream is durable: taken for this
+        # one's, they would drop as many of its records without a word.
+        raise InvalidArgumentError(
+            f"{where} holds what stream {committed.stream!r} sank into it (offsets "
+            f"{[o for o, _ in committed.offsets]}), not stream {stream!r}: a sink resumes only the "
+            f"stream it was writing. Sink {committed.stream!r} to resume it, sink into a new array, "
+            "or delete the array's 'aimss' attribute to append this stream after its rows"
+        )
     if committed.axis != ax:
         raise InvalidArgumentError(
             f"{where} was grown along axis {committed.axis} by an earlier sink, not axis "
             f"{axis}; pass axis={committed.axis}"
+        )
+    if int(arr.shape[ax]) < committed.rows:
+        raise InvalidArgumentError(
+            f"{where} has {arr.shape[ax]} rows along axis {ax}, fewer than the {committed.rows} its "
+            "sink committed: the array was shrunk by hand; sink into a new array"
         )
     if len(committed.offsets) != partitions:
         raise InvalidArgumentError(
