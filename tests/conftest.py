@@ -273,21 +273,27 @@ def count_fsyncs(dask_worker=None, reset: bool = True) -> list[str]:
     """Install (once) a recorder of the files :mod:`aimss_dask.sink.durable` syncs; what it recorded.
 
     Run it on the workers (``client.run(count_fsyncs)``) and here; the
-    recorder then lists every file each process fsynced since the last call.
+    recorder then lists every file each process fsynced since the last call,
+    and every folder, with a trailing separator.
     """
     import os
 
     from aimss_dask.sink import durable
 
     if not hasattr(durable, "_test_synced"):
-        real = durable.fsync_file
+        real_file, real_dir = durable.fsync_file, durable.fsync_dir
         durable._test_synced = []
 
         def recording(path):
             durable._test_synced.append(os.path.realpath(path))
-            real(path)
+            real_file(path)
+
+        def recording_dir(path):
+            durable._test_synced.append(os.path.join(os.path.realpath(path), ""))
+            real_dir(path)
 
         durable.fsync_file = recording
+        durable.fsync_dir = recording_dir
     out = list(durable._test_synced)
     if reset:
         durable._test_synced.clear()

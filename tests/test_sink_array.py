@@ -625,11 +625,14 @@ def test_durable_to_zarr_syncs_every_unit_it_wrote(client, tmp_path, blocks, zch
     units = {os.path.realpath(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(root, "c")) for f in fs}
     assert units, "no unit file written"
     meta = os.path.join(root, "zarr.json")
+    # Every folder the run made is a new entry of its parent, up to the store's own folder.
+    folders = {os.path.join(d, "") for d, _, _ in os.walk(root)} | {os.path.join(os.path.dirname(root), "")}
     if durable:
         assert units <= synced, f"not synced: {sorted(units - synced)[:3]}"
         assert meta in synced
+        assert folders <= synced, f"folders not synced: {sorted(folders - synced)[:3]}"
     else:
-        assert not synced & (units | {meta})
+        assert not synced & (units | {meta} | folders)
 
 
 def test_durable_to_zarr_of_a_dataset_syncs_its_coordinates(client, tmp_path):

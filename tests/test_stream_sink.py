@@ -629,12 +629,15 @@ def test_a_durable_sink_syncs_every_chunk_before_committing_it(client, tmp_path,
         for d, _, fs in os.walk(os.path.join(root, "c")) for f in fs
     }
     assert chunks, "the sink wrote no chunk file"
+    # The folders the sink made (the array's, c/, c/0/...) are entries of their parents.
+    folders = {os.path.join(d, "") for d, _, _ in os.walk(root)} | {os.path.join(os.path.dirname(root), "")}
     if durable:
         # Every chunk the commit covers is on disk, and so is the commit itself.
         assert chunks <= synced, f"not synced: {sorted(chunks - synced)[:3]}"
         assert os.path.join(root, "zarr.json") in synced
+        assert folders <= synced, f"folders not synced: {sorted(folders - synced)[:3]}"
     else:
-        assert not synced & (chunks | {os.path.join(root, "zarr.json")})
+        assert not synced & (chunks | {os.path.join(root, "zarr.json")} | folders)
     destroy_stream(s.name)
 
 

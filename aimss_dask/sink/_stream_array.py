@@ -110,6 +110,8 @@ class SinkArray:
                 f"{self.target.where} was created by someone else while the sink started; "
                 "run one sink per array at a time"
             ) from e
+        if self.target.durable:
+            sync_metadata(self._arr, created=True)  # its folders are new entries of their parents
 
     def write_tail(self, template: Template, start: int, tail: np.ndarray) -> int:
         """Grow the array by ``tail`` at row ``start`` (a chunk edge); rows written.

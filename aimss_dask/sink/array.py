@@ -340,7 +340,7 @@ def _plan(
         array_kwargs = {**array_kwargs, "storage_options": storage_options}
     arr = _open_or_create(x, store, path, chunks, shards, zarr_format, overwrite, array_kwargs, dims)
     if durable:
-        sync_metadata(arr)  # written here, by this process: synced here
+        sync_metadata(arr, created=True)  # written here, by this process: synced here
     unit = tuple(arr.shards or arr.chunks) if zarr_format == 3 else tuple(arr.chunks)
     run = f"aimss-sink-{uuid.uuid4().hex[:16]}"
     hosts = worker_hosts()
@@ -380,7 +380,7 @@ def _consolidate(
         for group in groups if durable else ():
             node = xr_sink.open_node(store, group, storage_options)
             if node is not None:
-                sync_metadata(node)
+                sync_metadata(node, created=True)
     except OSError as e:
         raise _os_error(e, where) from e
 
