@@ -73,6 +73,32 @@ def test_a_recovery_of_a_destroyed_stream_opens_nothing(tmp_path):
     store.close()
 
 
+def test_an_open_of_a_recovered_stream_that_comes_before_its_recovery_keeps_what_is_held(tmp_path):
+    """A partition moved here under a recovered stream's new epoch may be opened before this worker
+    hears of the recovery (two messages, two connections): the logs and filters it holds of the
+    stream's older epoch are the same stream's and stay. Opened as a new stream, they were dropped."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.node.dedup import OriginFilter
+    from aimss_dask.node.plugin import AIMSSWorker
+
+    store = LogStore(budget=2**20, spill_root=str(tmp_path), segment_size=2**16)
+    store.open("s", 3, [0])
+    store.append("s", 3, 0, [b"kept"], [4])
+    origins = OriginFilter()
+    origins.track("s", 3, inputs=2)
+    assert origins.admit("s", 3, 0, Origin(1, attempt=1))
+    spec = StreamSpec("s", 2, ("me", "gone"), epoch=3).recovered(5, ("me", "me"))
+    here = SimpleNamespace(store=store, origins=origins, replicator=None, worker=None, writers=None)
+    reply = asyncio.run(AIMSSWorker._h_open(here, spec=spec.to_wire(), partitions=[1], inputs=2))
+    assert reply["status"] == "OK", reply
+    assert store.read("s", 5, 0, 0)[0] == [b"kept"] and store.bounds("s", 5, 1)[:2] == (0, 0)
+    assert not origins.admit("s", 5, 0, Origin(1, attempt=2))  # input 1's copy is still known
+    store.close()
+
+
 def test_a_recovered_filter_still_drops_copies_of_what_survived():
     f = OriginFilter()
     f.track("s", 3, inputs=4)

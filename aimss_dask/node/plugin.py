@@ -634,8 +634,11 @@ class AIMSSWorker(WorkerPlugin):
         """
         assert self.store is not None
         s = StreamSpec.from_wire(spec)
+        # ``since``: an open of a recovered stream (a partition moved here)
+        # may come before this worker heard of the recovery; what it holds
+        # of the stream's older epochs is the same stream, and stays.
         if inputs:
-            self.origins.track(s.name, s.epoch, inputs)
+            self.origins.track(s.name, s.epoch, inputs, since=s.first_epoch)
         # Created now (not moved here, nor a late repeat for partitions held
         # already): every writer of these starts at 0 (see WriterSeqs.begin).
         # No append can come between the look and the open (none before it).
@@ -644,7 +647,7 @@ class AIMSSWorker(WorkerPlugin):
             if s.replicas and starts is None and s.epoch == s.first_epoch
             else []
         )
-        self.store.open(s.name, s.epoch, partitions, {int(p): int(o) for p, o in starts or ()})
+        self.store.open(s.name, s.epoch, partitions, {int(p): int(o) for p, o in starts or ()}, since=s.first_epoch)
         if created and self.replicator is not None:
             with self.replicator.append_lock:  # the writers' table is the appends'
                 for p in created:
