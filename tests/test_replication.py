@@ -867,6 +867,30 @@ def test_copies_of_re_created_partitions_are_emptied_with_their_filters(tmp_path
     assert not origins.admit("s", 3, 2, Origin(5, attempt=2))  # still held
 
 
+def test_a_copy_that_refuses_a_group_learns_nothing_of_it(tmp_path):
+    """A sealed copy refuses a late group: its filters must not name the group's writer numbers or
+    origin, or the writer's send of them again, once this copy owns the partition, would be dropped."""
+    from aimss_dask.core.errors import StreamSealedError
+    from aimss_dask.core.specs import Origin
+    from aimss_dask.node.dedup import OriginFilter
+    from aimss_dask.node.follower import Follower
+    from aimss_dask.node.writers import WriterSeqs
+
+    store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    store.open("s", 1, [0])
+    writers, origins = WriterSeqs(), OriginFilter()
+    origins.track("s", 1, inputs=4)
+    f = Follower(store, writers, origins, threading.Lock())
+    f.append("s", 1, 0, [b"a"], [1], (2, 1, 0), (7, 0), at=0)
+    store.seal("s", 1, [0])
+    with pytest.raises(StreamSealedError):
+        f.append("s", 1, 0, [b"b"], [1], (3, 1, 0), (7, 1), at=1)
+    assert store.read("s", 1, 0, 0)[0] == [b"a"]
+    assert writers.table("s", 1, 0) == {7: 1}  # the refused group's number is not taken
+    assert origins.admit("s", 1, 0, Origin(3, attempt=2))  # nor its input: a send again is stored
+    assert not origins.admit("s", 1, 0, Origin(2, attempt=2))
+
+
 def test_a_copy_learns_the_writer_numbers_of_a_group_its_owner_dropped_as_a_second_copy(tmp_path):
     """A marker (no records, a writer tag) moves a copy's writer numbers on, and stores nothing."""
     from aimss_dask.core.specs import StreamSpec

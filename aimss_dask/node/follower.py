@@ -88,6 +88,10 @@ class Follower:
             held = self.log.held(name, epoch, partition)
             skip = held - at
             since = self.log.since(name, epoch)
+            # Stored first: a copy that refuses the records (sealed, a gap)
+            # must not have filters naming them, or a writer's send of them
+            # again, once this copy owns the partition, would be dropped.
+            self.log.append_at(name, epoch, partition, int(at), records, sizes)
             if not records and writer is not None and skip >= 0:
                 self.writers.admit(name, since, partition, (int(writer[0]), int(writer[1])), 0, strict=False)
             if 0 <= skip < len(records):
@@ -104,7 +108,6 @@ class Follower:
                         "aimss: the copy of %r partition %d here disagrees with its owner on origin %s",
                         name, partition, origin,
                     )
-            self.log.append_at(name, epoch, partition, int(at), records, sizes)
 
     def truncate(self, name: str, epoch: int, partition: int, end: int) -> int:
         """Cut the copy at ``end`` (the new owner holds no more); how many records were cut.
