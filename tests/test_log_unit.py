@@ -603,3 +603,14 @@ def test_a_record_stored_on_its_owner_counts_every_byte_it_holds():
         assert local_nbytes(record) >= 0.9 * encode(record)[1], record
     # Unknown parts are not guessed: the caller serialises (and so sizes and checks) them.
     assert local_nbytes(("a", object())) is None
+
+
+def test_a_spill_file_removed_behind_the_stores_back_is_named_lost_not_destroyed(store):
+    """A scratch cleaner deleting a spilled segment is lost data, said as such (offsets and file), not the
+    "stream destroyed" of a read racing the store's own drop."""
+    store.append("a", 1, 0, [np.arange(50.0), np.arange(50.0) + 1], [400, 400])
+    store.spill(0)
+    os.unlink(os.path.join(store.spill_dir, "segment-1.bin"))  # offset 1
+    assert np.array_equal(store.read("a", 1, 0, 0, max_bytes=400)[0][0], np.arange(50.0))
+    with pytest.raises(SpillCorruptionError, match=r"segment-1.bin of stream 'a' partition 0 \(offsets 1 to 1\) is gone"):
+        store.read("a", 1, 0, 1)

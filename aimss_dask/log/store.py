@@ -27,6 +27,7 @@ from aimss_dask.core.errors import (
     PartitionLostError,
     PartitionOutOfRangeError,
     ReplicaGapError,
+    SpillCorruptionError,
     SpillError,
     StreamNotFoundError,
     StreamSealedError,
@@ -254,7 +255,7 @@ class LogStore:
                 _unlink(seg.path)
         seg.nbytes = 0
         seg.records = None
-        seg.path = None
+        seg.path = None  # freed by us: a reader that then finds no file knows why
 
     # -- write ---------------------------------------------------------------------
 
@@ -554,6 +555,14 @@ class LogStore:
                 raise FileNotFoundError
             return spillfile.load(path, spilled_as, index, lo, hi)
         except FileNotFoundError:
+            with self._lock:
+                freed = seg.path is None
+            if not freed:  # the store still holds it: removed behind its back
+                raise SpillCorruptionError(
+                    f"the spill file {path} of stream {name!r} partition {spilled_as.partition if spilled_as else '?'} "
+                    f"(offsets {seg.base + lo} to {seg.base + hi - 1}) is gone from disk: something other than "
+                    "aimss removed it (a scratch cleaner?), and those records are lost"
+                ) from None
             raise StreamNotFoundError(
                 f"stream {name!r} was destroyed while it was being read"
             ) from None
