@@ -29,6 +29,7 @@ from aimss_dask.core.errors import (
     InvalidOffsetError,
     PartitionLostError,
     SpillCorruptionError,
+    StreamNotFoundError,
 )
 from aimss_dask.log import salvage, spillfile
 from aimss_dask.log.store import LogStore
@@ -205,6 +206,28 @@ def test_a_rebuilt_log_reads_to_its_end_then_names_what_is_lost(tmp_path):
     assert not salvage.discard(str(dead)) and os.listdir(dead) == ["notes.txt"]
     store.close()
     assert not os.path.exists(store.spill_dir)
+
+
+def test_files_taken_over_for_a_stream_destroyed_meanwhile_are_removed_not_leaked(tmp_path):
+    """The stream went between the take-over's open and its adopt: the files already moved into this
+    store's folder are its own now, and go; the folder closes clean (no "files aimss did not write")."""
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    files = [_found(dead, spillfile.SegmentId("s", 5, 0, 0), 4)]
+    store = LogStore(budget=MiB, spill_root=str(tmp_path / "root"), owner={"worker": "me"})
+    store.open("s", 7, [0], since=5)
+    store.tombstone("s", 7)
+    store.drop("s")
+    with pytest.raises(StreamNotFoundError):
+        store.adopt("s", 7, 0, 0, files, upto=4)
+    assert sorted(os.listdir(store.spill_dir)) == [salvage.OWNER_FILE]
+    store.close()
+    assert not os.path.exists(store.spill_dir)
+    # A closed store takes nothing over (nor makes its folder again).
+    more = [_found(dead, spillfile.SegmentId("s", 5, 0, 0), 4)]
+    with pytest.raises(StreamNotFoundError, match="closed"):
+        store.adopt("s", 7, 0, 0, more, upto=4)
+    assert os.path.exists(more[0].path) and not os.path.exists(store.spill_dir)
 
 
 # -- real workers killed ---------------------------------------------------------------

@@ -435,6 +435,8 @@ class LogStore:
                 f"spill files of stream {name!r} partition {p} do not hold offsets {start} on without a hole"
             )
         with self._spill_lock:
+            if self.closed:
+                raise StreamNotFoundError(f"stream {name!r} cannot be rebuilt here: this worker's log is closed")
             self._make_spill_dir()
             moved = []
             try:
@@ -447,7 +449,12 @@ class LogStore:
                     os.rename(dest, f.path)
                 raise
         with self._lock:
-            log = self._log(name, epoch, p)
+            try:
+                log = self._log(name, epoch, p)
+            except Exception:  # destroyed (or moved on) meanwhile: the files moved here are ours to remove
+                for dest, _ in moved:
+                    _unlink(dest)
+                raise
             if log.segments or log.end != log.start:
                 for dest, _ in moved:
                     _unlink(dest)
