@@ -357,6 +357,57 @@ def test_worker_killed_mid_rows_run_still_writes_everything(tmp_path, kind):
         assert _unindexed_bytes(path, per_shard=4096 // 256) > 0
 
 
+class _DieInCommit:
+    """Stands in for ``os`` in :mod:`aimss_dask.sink.chunkfiles`: the first process of the cluster to give a
+    run's second unit its key dies right there (``os._exit``), as a worker killed mid-commit."""
+
+    def __init__(self, flag: str) -> None:
+        self._flag, self._renamed = flag, 0
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def replace(self, src, dst):
+        if ".aimss-sink-" in str(src) and str(src).endswith(".partial") and not str(dst).endswith((".partial", ".json")):
+            self._renamed += 1
+            if self._renamed == 2:
+                try:
+                    os.close(os.open(self._flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    pass  # another process died already: this one goes on
+                else:
+                    os._exit(1)
+        return os.replace(src, dst)
+
+
+def _die_in_commit(flag: str) -> None:
+    from aimss_dask.sink import chunkfiles
+
+    chunkfiles.os = _DieInCommit(flag)
+
+
+@pytest.mark.parametrize("kind", sorted(IN_PLACE))
+def test_a_last_task_killed_between_two_renames_is_finished_by_its_next_attempt(tmp_path, kind):
+    """The run's last task dies after giving one unit its key: its next attempt (Dask runs it again, with
+    the write tasks whose results died with it) finishes that commit from what it wrote down, and no
+    unit is left old, or replaced by a partial file a write task made again. Before, the next attempt
+    found its writers gone, called it a bug and deleted the partial files the array still needed."""
+    blocks, kwargs = IN_PLACE[kind]
+    flag = str(tmp_path / "died")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
+        client.register_plugin(aimss_dask.AIMSS())
+        client.run(_die_in_commit, flag)
+        path = str(tmp_path / "a.zarr")
+        x = da.arange(40 * 1000, chunks=blocks)
+        delayed = aimss_dask.to_zarr(x, path, compute=False, **kwargs)
+        assert _kind(delayed) == kind
+        assert client.compute(delayed).result(timeout=120) == 40_000 * 8
+        assert os.path.exists(flag), "no worker died in the commit"
+        np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], np.arange(40_000))
+        assert not _partials(path)
+        assert not [f for f in os.listdir(path) if f.startswith(".aimss-commit-")]
+
+
 def _write_tasks_held(prefix, dask_scheduler=None):
     """The finished write tasks of a run (keys starting ``prefix``) by the worker holding them."""
     out: dict[str, list[str]] = {}

@@ -103,6 +103,37 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 SEALED_SUFFIX = "-sealed"
 
 
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def commit_marker(root: str, token: str) -> str:
+    """The file that lists the units a commit of ``token`` renames, in the array's folder, while it runs."""
+    return os.path.join(root, f".aimss-commit-{token}.json")
+
+
+def _write_json(path: str, doc: Any, durable: bool) -> None:
+    """``doc`` at ``path``, whole or not at all (written aside, then renamed); on disk if ``durable``."""
+    import json
+
+    tmp = f"{_private(path)}.partial"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 #: Most bytes one append writes (Linux writes at most ~2 GiB per call).
 APPEND_MAX = 2**30
 
@@ -252,11 +283,67 @@ class RowsInPlace:
             os.close(fd)
         return int(written)
 
-    def commit(self, coords: list[tuple[int, ...]], token: str) -> None:
-        """Give each unit's partial file (see :meth:`write_rows`) its Zarr key, atomically."""
-        for c in coords:
-            path = os.path.join(self.root, self.key(c))
-            os.replace(partial_path(path, token), path)
+    def commit(self, coords: list[tuple[int, ...]], token: str, durable: bool = False, nbytes: int = 0) -> None:
+        """Give each unit's partial file (see :meth:`write_rows`) its Zarr key, atomically.
+
+        The units to commit, with their checked partial files' inode
+        numbers, are written down first (:func:`commit_marker`), so that a
+        commit cut short (its worker died between two renames) is finished
+        by the task's next attempt (:meth:`resume_commit`) instead of
+        leaving the array half old and half new. ``nbytes``: what the run
+        wrote, for that attempt to report.
+        """
+        paths = [os.path.join(self.root, self.key(c)) for c in coords]
+        inodes = [os.stat(partial_path(p, token)).st_ino for p in paths]
+        marker = commit_marker(self.root, token)
+        units = [[*c, i] for c, i in zip(coords, inodes)]
+        _write_json(marker, {"token": token, "units": units, "nbytes": int(nbytes)}, durable)
+        for n, path in enumerate(paths):
+            try:
+                os.replace(partial_path(path, token), path)
+            except Exception as e:  # not a crash: nobody will finish it, say what it left
+                os.unlink(marker)
+                raise OSError(
+                    f"committing the run's units into the array at {self.root} failed after {n} of "
+                    f"{len(paths)} ({type(e).__name__}: {e}): the array holds both old and new units; "
+                    "write it again"
+                ) from e
+        os.unlink(marker)
+
+    def resume_commit(self, run: str) -> tuple[int, int] | None:
+        """Finish a commit of run ``run`` that was cut short: ``(units renamed now, bytes the run wrote)``; None if none was begun.
+
+        A unit is done when its key names the partial file the commit
+        checked (the same inode); otherwise that partial file gets the
+        key. A partial file made after the commit began (a write task Dask
+        ran again, into a unit already committed) is never committed: the
+        caller discards it. A unit with neither file is lost: raised.
+        """
+        import json
+
+        for token in (run, f"{run}{SEALED_SUFFIX}"):
+            marker = commit_marker(self.root, token)
+            try:
+                with open(marker, "rb") as f:
+                    doc = json.load(f)
+            except FileNotFoundError:
+                continue
+            done = 0
+            for *c, inode in doc["units"]:
+                path = os.path.join(self.root, self.key(tuple(c)))
+                if _inode(path) == inode:
+                    continue  # renamed before the cut
+                partial = partial_path(path, doc["token"])
+                if _inode(partial) != inode:
+                    raise FileNotFoundError(
+                        f"unit {tuple(c)} of the array at {self.root} lost its checked partial file "
+                        f"{partial} while its commit was cut short: the array holds both old and new units"
+                    )
+                os.replace(partial, path)
+                done += 1
+            os.unlink(marker)
+            return done, int(doc.get("nbytes", 0))
+        return None
 
     def discard(self, token: str) -> int:
         """Remove the partial files run ``token`` left; the units themselves stay as they were.

@@ -7,6 +7,7 @@ wires them is built in :mod:`.graphs`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -219,10 +220,10 @@ def finish(
             _sync_all(target)
         _end(run_id, begun)
         return 0
-    done, nbytes, errors = _flush(target, addresses)
+    done, nbytes, errors, norun = _flush(target, addresses)
     if stream is not None:
         api.destroy_stream(stream)
-    _raise_for(target, errors, expected, done, "Regions already written are complete")
+    _raise_for(target, errors, expected, done, "Regions already written are complete", norun)
     _end(run_id, begun)
     return nbytes
 
@@ -257,11 +258,27 @@ def finish_rows(
             for scoords, ents in w[1]:
                 entries.setdefault(tuple(scoords), []).extend(ents)
     addresses.discard("local")
-    done, nbytes, errors = _flush(target, addresses) if addresses else (list(expected), 0, [])
+    done, nbytes, errors, norun = _flush(target, addresses) if addresses else (list(expected), 0, [], [])
+    resumed = _resume_commit(target, kind)
+    if resumed is not None:
+        renamed, nbytes = resumed
+        # This task ran before and died while it renamed the units: its
+        # writers had been flushed and checked then, and what Dask ran
+        # again since (write tasks whose results died with that worker)
+        # wrote the same bytes, or new partial files that go now.
+        logger.warning(
+            "aimss: to_zarr into %s: finished a commit of run %s cut short (%d units renamed now)",
+            target.store, target.run, renamed,
+        )
+        _in_place_writer(target, kind).discard(target.run)
+        if target.durable:
+            _sync_all(target)
+        _end(run_id, begun)
+        return nbytes
     writer = None
     try:
         writer = _in_place_writer(target, kind)
-        _raise_for(target, errors, expected, done, "No chunk of the array was changed")
+        _raise_for(target, errors, expected, done, "No chunk of the array was changed", norun)
         hosts = _hosts(addresses)
         if len(hosts) > 1 and not target.shared:
             raise SinkError(
@@ -276,10 +293,10 @@ def finish_rows(
                 missing = sorted(set(units) - set(entries))[:5]
                 raise SinkError(f"to_zarr: no chunk of shards {missing} was written; this is a bug, please report it")
             sealed = writer.close_shards(entries, target.run)
-            writer.commit(units, sealed)
+            writer.commit(units, sealed, target.durable, nbytes)
             writer.discard(target.run)  # partial files of late appends, if any: never committed
         else:
-            writer.commit(units, target.run)
+            writer.commit(units, target.run, target.durable, nbytes)
     except Exception:
         if writer is not None:
             writer.discard(target.run)
@@ -291,6 +308,15 @@ def finish_rows(
         _sync_all(target)
     _end(run_id, begun)
     return nbytes
+
+
+def _resume_commit(target: ZarrTarget, kind: str) -> tuple[int, int] | None:
+    """Finish a commit of ``target``'s run cut short (see ``RowsInPlace.resume_commit``); None: none begun."""
+    try:
+        writer = _in_place_writer(target, kind)
+    except SinkError:
+        return None  # not an array written in place: the checks that follow say so
+    return writer.resume_commit(target.run)
 
 
 def _sync_all(target: ZarrTarget) -> None:
@@ -345,8 +371,8 @@ async def _abort_run(run: str, dask_worker: Any = None) -> int:
     return dropped
 
 
-def _flush(target: ZarrTarget, addresses: set[str]) -> tuple[list[int], int, list[str]]:
-    """Wait for the run's writers on ``addresses``, all at once: regions written, bytes, errors.
+def _flush(target: ZarrTarget, addresses: set[str]) -> tuple[list[int], int, list[str], list[str]]:
+    """Wait for the run's writers on ``addresses``, all at once: regions written, bytes, errors, workers without the run.
 
     Every writer is flushed before any is stopped: a writer that finished
     early stays registered (and in its worker's heartbeats) while a slow
@@ -376,9 +402,11 @@ def _flush(target: ZarrTarget, addresses: set[str]) -> tuple[list[int], int, lis
     errors: list[str] = []
     nbytes = 0
     flushed: list[str] = []
+    norun: list[str] = []
     for addr, reply in zip(order, replies):
         if isinstance(reply, StreamNotFoundError):
-            continue  # no WriteRun there: this run wrote nothing on that worker
+            norun.append(addr)  # no WriteRun there (any more): nothing to wait for
+            continue
         if isinstance(reply, BaseException):  # a writer lost with its queue
             errors.append(f"{addr}: {type(reply).__name__}: {reply}")
             continue
@@ -387,10 +415,12 @@ def _flush(target: ZarrTarget, addresses: set[str]) -> tuple[list[int], int, lis
         nbytes += reply["bytes"]
         errors.extend(f"{addr}: {m}" for m in reply["errors"])
     ep.call(stop_all, flushed)
-    return done, nbytes, errors
+    return done, nbytes, errors, norun
 
 
-def _raise_for(target: ZarrTarget, errors: list[str], expected: list[int], done: list[int], kept: str) -> None:
+def _raise_for(
+    target: ZarrTarget, errors: list[str], expected: list[int], done: list[int], kept: str, norun: Sequence[str] = ()
+) -> None:
     if errors:
         raise SinkError(
             f"to_zarr into {target.store!r} (component {target.path!r}) failed: "
@@ -399,6 +429,13 @@ def _raise_for(target: ZarrTarget, errors: list[str], expected: list[int], done:
             + f". {kept}; fix the cause and write again."
         )
     missing = sorted(set(expected) - set(done))
+    if missing and norun:
+        raise SinkError(
+            f"to_zarr into {target.store!r}: regions {missing[:10]} ({len(missing)} of {len(expected)}) "
+            f"cannot be confirmed: workers {sorted(norun)[:5]}, where tasks wrote, hold no writer of this "
+            "run (a worker restarted, or this last task ran before and had stopped them, then died). "
+            f"{kept}; write again."
+        )
     if missing:
         raise SinkError(
             f"to_zarr into {target.store!r}: regions {missing[:10]} were never written "
