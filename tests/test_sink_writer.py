@@ -216,3 +216,45 @@ def test_progress_counts_hand_overs_and_a_run_with_nothing_portable_hands_nothin
         assert sorted(wb.flush(target.run)["written"]) == [0, 1, 99]
     finally:
         wb.close()
+
+
+def test_a_hand_over_stopped_while_its_write_waits_for_its_turn_writes_nothing(target):
+    """The writer gave up on the helper (it waited too long) and writes the region itself: the helper's
+    write, still waiting for its I/O turn, must not land later (perhaps over a newer run's data)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from aimss_dask.core.errors import SinkError
+    from aimss_dask.sink.handover import HandoverRun
+
+    turn = threading.Event()
+
+    class Gate:
+        @contextlib.contextmanager
+        def writing(self, run, resource):
+            assert turn.wait(10)
+            yield
+
+    run = HandoverRun(target, "tcp://writer:1", SimpleNamespace(worker=None, io_gate=Gate()))
+    region = (slice(0, 8),)
+    out: list = []
+
+    def write() -> None:
+        try:
+            out.append(run._write(region, np.full(8, 7.0)))
+        except Exception as e:
+            out.append(e)
+
+    t = threading.Thread(target=write)
+    t.start()
+    run.close()  # what run_stop does on the helper
+    turn.set()
+    t.join(10)
+    assert len(out) == 1 and isinstance(out[0], SinkError) and "writes the region itself" in str(out[0])
+    assert not zarr.open_array(target.store, mode="r")[:].any()  # nothing landed
+    # A hand-over that goes on writes as before.
+    live = HandoverRun(target, "tcp://writer:2", SimpleNamespace(worker=None, io_gate=Gate()))
+    assert live._write(region, np.full(8, 7.0)) > 0
+    assert (zarr.open_array(target.store, mode="r")[:] == 7.0).all()

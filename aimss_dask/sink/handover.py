@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from distributed.comm import get_address_host
 from distributed.protocol import to_serialize
 from distributed.utils import sync
 
-from aimss_dask.core.errors import raise_from_wire
+from aimss_dask.core.errors import SinkError, raise_from_wire
 from aimss_dask.node.runs import Run
 from aimss_dask.sink.durable import sync_units
 from aimss_dask.sink.ioresource import io_resource
@@ -42,6 +43,10 @@ logger = logging.getLogger("aimss_dask")
 #: Seconds one region's write on the helper may take before the writer gives
 #: up on the helper and writes the region itself.
 SHIP_TIMEOUT = 120.0
+
+#: Seconds the writer waits for the helper to stop its hand-over (a helper
+#: that does not answer that soon has its writes fenced by nothing more).
+STOP_TIMEOUT = 10.0
 
 
 def _wire(region: tuple[slice, ...]) -> list[list[int]]:
@@ -63,6 +68,10 @@ class HandoverRun(Run):
         self._array: Any = None
         self._resource: str | None = None
         self.written = 0
+        # Set by run_stop: the writer took its regions back (it gave up
+        # waiting), so a write still queued here must not land later,
+        # perhaps over a newer run's data.
+        self._stopped = threading.Event()
 
     @staticmethod
     def key(run_id: str, sender: str) -> str:
@@ -85,6 +94,10 @@ class HandoverRun(Run):
             self._resource = io_resource(self._array, get_address_host(worker.address) if worker else "")
             self._put = unit_writer(self._array)
         with self.plugin.io_gate.writing(self.target.run, self._resource):
+            if self._stopped.is_set():
+                raise SinkError(
+                    f"the hand-over of {self.target.run} was stopped: its writer writes the region itself"
+                )
             n = int(self._put(region, data))
         if self.target.durable:
             # The run's flush syncs only the writers' own regions: this one
@@ -95,6 +108,9 @@ class HandoverRun(Run):
 
     def progress(self) -> dict[str, Any]:
         return {"written": self.written}
+
+    def close(self) -> None:
+        self._stopped.set()
 
 
 @dataclass(frozen=True)
@@ -120,14 +136,14 @@ class Shipper:
         self.dest = dest
         self._started: ZarrTarget | None = None
 
-    def _ask(self, op: str, **kwargs: Any) -> dict[str, Any]:
+    def _ask(self, op: str, timeout: float = SHIP_TIMEOUT, **kwargs: Any) -> dict[str, Any]:
         worker = self.plugin.worker
 
         async def ask() -> dict[str, Any]:
             reply = await getattr(worker.rpc(self.dest), f"aimss_{op}")(**kwargs)
             return raise_from_wire(reply, f"aimss_{op}")
 
-        return sync(worker.loop, ask, callback_timeout=SHIP_TIMEOUT)
+        return sync(worker.loop, ask, callback_timeout=timeout)
 
     def __call__(self, target: ZarrTarget, region: tuple[slice, ...], data: Any) -> int:
         import pickle
@@ -137,17 +153,24 @@ class Shipper:
             factory = pickle.dumps(HandoverFactory(target, self.plugin.worker.address))
             self._ask("run_start", factory=factory)
             self._started = target
-        reply = self._ask(
-            "run_call", name=name, operation="write",
-            kwargs={"region": _wire(region), "data": to_serialize(data)},
-        )
+        try:
+            reply = self._ask(
+                "run_call", name=name, operation="write",
+                kwargs={"region": _wire(region), "data": to_serialize(data)},
+            )
+        except Exception:
+            # The caller writes the region itself now: the helper's write,
+            # if still waiting (for its I/O turn), must not land after it.
+            self.close()
+            raise
         return int(reply["bytes"])
 
     def close(self) -> None:
         if self._started is None:
             return
+        started, self._started = self._started, None
         try:
-            self._ask("run_stop", name=HandoverRun.key(self._started.run, self.plugin.worker.address))
+            self._ask("run_stop", STOP_TIMEOUT, name=HandoverRun.key(started.run, self.plugin.worker.address))
         except Exception:  # the helper left: its runs went with it
             logger.debug("aimss: stopping the hand-over run on %s failed", self.dest, exc_info=True)
 
