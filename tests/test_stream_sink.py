@@ -647,3 +647,43 @@ def test_durable_must_be_a_bool(client, tmp_path):
         s.to_zarr(str(tmp_path / "x.zarr"), durable="yes")
     assert not os.path.exists(tmp_path / "x.zarr")
     destroy_stream(s.name)
+
+
+def test_a_sink_that_lost_the_array_to_another_neither_rolls_it_back_nor_overwrites_its_document(tmp_path):
+    """Two sinks of one array at once (the docs forbid it; the fence is for when it happens anyway): one
+    that looked before the other committed must not take the array over with the older document (that
+    cuts away the other's rows), and one whose array was taken over must not write its shape and document
+    back over the new owner's."""
+    from dataclasses import replace
+
+    from aimss_dask.core.errors import SinkError
+    from aimss_dask.sink._stream_array import SinkArray
+    from aimss_dask.sink._stream_plan import Committed, Template, parse_doc
+    from aimss_dask.sink._stream_tasks import Target
+
+    path = str(tmp_path / "two.zarr")
+    template = Template.of(np.dtype("int64"), (1, 2), 0)
+    a = SinkArray(Target(path, None, "run-a", path, durable=False), "s")
+    start = replace(Committed.fresh(1, 0, C, 0), run="run-a", stream="s")
+    a.create(template, (C, 2), 3, {"attributes": {"aimss": start.to_doc()}})
+    a.resize(template, C)
+    zarr.open_array(path, mode="r+")[:C] = 1
+    seen = a.commit(start, offsets=((4, 0),), rows=C, layout=((0, 0, 0, 0, C),))
+    b = SinkArray(Target(path, None, "run-b", path, durable=False), "s")
+    looked = parse_doc(zarr.open_array(path, mode="r").attrs["aimss"], path)  # what b's start saw
+    a.resize(template, 2 * C)
+    zarr.open_array(path, mode="r+")[C:] = 2
+    a.commit(seen, offsets=((8, 0),), rows=2 * C, layout=((0, 0, 0, 0, 2 * C),))
+    with pytest.raises(SinkError, match="another sink, run 'run-a', committed into it"):
+        b.activate(looked)
+    arr = zarr.open_array(path, mode="r")
+    assert arr.shape == (2 * C, 2) and arr.attrs["aimss"]["rows"] == 2 * C and (arr[C:] == 2).all()
+    # b starting from what is there now takes over; a is fenced out of every metadata write.
+    now = parse_doc(arr.attrs["aimss"], path)
+    b.activate(now)
+    with pytest.raises(SinkError, match="took over"):
+        a.resize(template, 3 * C)
+    with pytest.raises(SinkError, match="took over"):
+        a.commit(now, rows=3 * C)
+    arr = zarr.open_array(path, mode="r")
+    assert arr.shape == (2 * C, 2) and arr.attrs["aimss"]["run"] == "run-b"

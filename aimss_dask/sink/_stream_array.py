@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from aimss_dask.core.errors import SinkError
+from aimss_dask.sink import _stream_plan as plan
 from aimss_dask.sink import _xarray as xr_sink
 from aimss_dask.sink._stream_plan import Committed, Template
 from aimss_dask.sink._stream_tasks import Target
@@ -49,7 +50,20 @@ class SinkArray:
         """
         if self._arr is not None:
             return committed
-        self._arr = self.target.open()
+        arr = self.target.open()
+        doc = arr.attrs.get("aimss")
+        now = None if doc is None else plan.parse_doc(doc, self.target.where)
+        seen = committed if committed.run is not None else None  # None: the array had no document
+        if now != seen:
+            # Another sink committed since this one looked: taking the array
+            # over with the older document would cut away rows it committed.
+            raise SinkError(
+                f"{self.target.where} changed since this sink started ("
+                + (f"another sink, run {now.run!r}, committed into it" if now is not None
+                   else "its 'aimss' attribute was removed")
+                + "); nothing was written: run one sink per array at a time"
+            )
+        self._arr = arr
         new = self.commit(committed, replace_run=True)
         self.truncate(new)
         return new
@@ -68,13 +82,9 @@ class SinkArray:
         """Write the ``aimss`` attribute (one metadata write); returns what is now committed."""
         assert self._arr is not None
         if not replace_run:
-            fresh = self.target.open(mode="r").attrs.get("aimss")
-            run = fresh.get("run") if isinstance(fresh, dict) else None
-            if run != self.target.run:
-                raise SinkError(
-                    f"another sink (run {run!r}) took over {self.target.where}; this one "
-                    "stops without committing. Run one sink per array at a time"
-                )
+            # Fresh from the store: the document written goes with the shape
+            # and attributes there now, never with this handle's older ones.
+            self._arr = self.target.open_fenced()
         new = replace(committed, run=self.target.run, stream=self.stream, **changes)
         self._arr.update_attributes({"aimss": new.to_doc()})
         if self.target.durable:
@@ -83,6 +93,8 @@ class SinkArray:
         return new
 
     def resize(self, template: Template, rows: int) -> None:
+        """Grow the array to ``rows``, if this run still owns it (a resize writes all of ``zarr.json``)."""
+        self._arr = self.target.open_fenced()
         self._arr.resize(template.array_shape(rows))
 
     def create(
