@@ -614,3 +614,47 @@ def test_a_spill_file_removed_behind_the_stores_back_is_named_lost_not_destroyed
     assert np.array_equal(store.read("a", 1, 0, 0, max_bytes=400)[0][0], np.arange(50.0))
     with pytest.raises(SpillCorruptionError, match=r"segment-1.bin of stream 'a' partition 0 \(offsets 1 to 1\) is gone"):
         store.read("a", 1, 0, 1)
+
+
+def test_spill_files_of_a_dropped_stream_are_removed_without_holding_the_log(spill_dir, monkeypatch):
+    """Removing thousands of spill files takes seconds on a parallel file system: appends and reads of
+    other streams go on meanwhile, and an event loop that drops a stream does not wait for them."""
+    import asyncio
+
+    from aimss_dask.log import store as store_mod
+
+    s = LogStore(budget=10**6, spill_root=spill_dir, segment_size=100)
+    s.open("big", 1, [0])
+    s.open("other", 1, [0])
+    s.append("big", 1, 0, [bytes(100)] * 20, [100] * 20)
+    s.spill(0)
+    assert len(_segment_files(spill_dir)) == 20
+    real = store_mod._unlink
+    others: list[bool] = []
+
+    def slow_unlink(path):
+        # Another thread appends while this one removes files: it must not wait for the log's lock.
+        t = threading.Thread(target=lambda: others.append(s.append("other", 1, 0, [b"x"], [1]) >= 0))
+        t.start()
+        t.join(2)
+        real(path)
+
+    monkeypatch.setattr(store_mod, "_unlink", slow_unlink)
+    assert s.drop("big")  # a task thread: returns once the files are gone
+    assert _segment_files(spill_dir) == [] and others == [True] * 20
+    # On an event loop, many files go on a thread: the loop does not wait for them.
+    s.open("big", 2, [0])
+    s.append("big", 2, 0, [bytes(100)] * 20, [100] * 20)
+    s.spill(0)
+    before = len(_segment_files(spill_dir))  # 20 of "big", and "other"'s
+    gate = threading.Event()
+    monkeypatch.setattr(store_mod, "_unlink", lambda path: (gate.wait(10), real(path)))
+
+    async def drop_on_the_loop() -> int:
+        s.drop("big")
+        return len(_segment_files(spill_dir))
+
+    assert asyncio.run(drop_on_the_loop()) == before  # still there: a thread removes them
+    gate.set()
+    s.close()  # waits for that thread, then removes the folder
+    assert not os.path.exists(s.spill_dir)

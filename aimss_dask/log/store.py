@@ -8,6 +8,8 @@ disk reads and writes happen outside it, so the loop never waits on I/O.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -19,7 +21,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aimss_dask.core import trace
 from aimss_dask.core.errors import (
@@ -38,12 +40,30 @@ from aimss_dask.log.segment import PartitionLog, Segment
 
 logger = logging.getLogger("aimss_dask")
 
+T = TypeVar("T")
+
 #: Destroyed stream names a store remembers, to refuse late opens of them.
 TOMBSTONES = 10_000
+
+#: Spill files of freed segments an event loop removes itself; more go on a thread.
+REAP_INLINE = 8
 
 #: Seconds before a segment whose spill failed on an OSError (a full disk, a
 #: folder gone) is tried again; spilling goes on with other segments meanwhile.
 SPILL_RETRY = 10.0
+
+
+def _reaps(method: Callable[..., T]) -> Callable[..., T]:
+    """A :class:`LogStore` method that may free segments: their files go once it returns (:meth:`LogStore._reap`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: LogStore, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._reap()
+
+    return wrapper
 
 
 @dataclass(eq=False)
@@ -124,10 +144,15 @@ class LogStore:
         self.spilled_total = 0
         #: The last spill that failed: ``(time.monotonic(), what failed)``; None once one succeeds.
         self.spill_failure: tuple[float, str] | None = None
+        # Spill files of freed segments, removed outside the lock (_reap),
+        # and the threads removing many of them.
+        self._doomed: list[str] = []
+        self._reapers: set[threading.Thread] = set()
         self.closed = False
 
     # -- streams -----------------------------------------------------------------
 
+    @_reaps
     def open(
         self,
         name: str,
@@ -217,6 +242,7 @@ class LogStore:
         with self._lock:
             return not self._streams
 
+    @_reaps
     def drop(self, name: str) -> bool:
         """Free the memory and spill files of ``name``; False if unknown."""
         with self._lock:
@@ -234,6 +260,7 @@ class LogStore:
         self._changed.notify_all()
         return True
 
+    @_reaps
     def drop_partition(self, name: str, epoch: int | None, p: int) -> None:
         """Forget one partition of ``name`` (it moved to another worker)."""
         with self._lock:
@@ -247,12 +274,13 @@ class LogStore:
             self._changed.notify_all()
 
     def _free(self, seg: Segment) -> None:
+        """Forget ``seg`` (hold the lock); its spill file goes once the lock is released (:meth:`_reap`)."""
         if seg.in_memory:
             self.memory_bytes -= seg.nbytes
         else:
             self.spilled_bytes -= seg.nbytes
             if seg.path:
-                _unlink(seg.path)
+                self._doomed.append(seg.path)
         seg.nbytes = 0
         seg.records = None
         seg.path = None  # freed by us: a reader that then finds no file knows why
@@ -348,6 +376,7 @@ class LogStore:
                 )
             log.start = log.end = start
 
+    @_reaps
     def truncate(self, name: str, epoch: int | None, p: int, end: int) -> int:
         """Forget records from offset ``end`` on: a replica ahead of the copy that became owner.
 
@@ -649,6 +678,7 @@ class LogStore:
 
     # -- retention -----------------------------------------------------------------
 
+    @_reaps
     def trim(self, name: str, epoch: int | None, p: int, upto: int | None = None) -> int:
         """Forget offsets below ``upto`` (everyone has read them); bytes freed.
 
@@ -897,6 +927,36 @@ class LogStore:
                 "streams": sorted(self._streams),
             }
 
+    def _reap(self) -> None:
+        """Remove the spill files of the segments freed so far; call without the lock.
+
+        Not under the lock: a stream of thousands of spilled segments
+        dropped would stall every append and read meanwhile (seconds on a
+        parallel file system). Removed by the caller, which returns once
+        they are gone, unless it runs an event loop and there are many:
+        those go on a thread of their own.
+        """
+        with self._lock:
+            paths, self._doomed = self._doomed, []
+        if len(paths) <= REAP_INLINE or not _on_event_loop():
+            for path in paths:
+                _unlink(path)
+            return
+        t = threading.Thread(target=self._unlink_all, args=(paths,), name="aimss-spill-reap", daemon=True)
+        with self._lock:
+            self._reapers.add(t)
+        t.start()
+
+    def _unlink_all(self, paths: list[str]) -> None:
+        try:
+            for path in paths:
+                _unlink(path)
+        except OSError:  # a folder gone or unreadable: close() says what is left
+            logger.warning("aimss: could not remove spill files of %s", self.spill_dir, exc_info=True)
+        finally:
+            with self._lock:
+                self._reapers.discard(threading.current_thread())
+
     def close(self) -> None:
         """Drop every log and remove the spill files; safe to call twice.
 
@@ -908,6 +968,12 @@ class LogStore:
             self.closed = True
             for name in list(self._streams):
                 self._drop_locked(name)
+            paths, self._doomed = self._doomed, []
+            reapers = list(self._reapers)
+        for path in paths:
+            _unlink(path)
+        for t in reapers:
+            t.join()
         with self._spill_lock:  # a spill under way finishes (and is dropped) first
             if self._spill_dir_made:
                 salvage.remove_owner(self.spill_dir)
@@ -926,6 +992,14 @@ def _gap_error(name: str, p: int, gap: tuple[int, int | None]) -> PartitionLostE
         "files); write them again to a new stream",
         {p: gap},
     )
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _unlink(path: str) -> None:
