@@ -258,3 +258,41 @@ def test_a_hand_over_stopped_while_its_write_waits_for_its_turn_writes_nothing(t
     live = HandoverRun(target, "tcp://writer:2", SimpleNamespace(worker=None, io_gate=Gate()))
     assert live._write(region, np.full(8, 7.0)) > 0
     assert (zarr.open_array(target.store, mode="r")[:] == 7.0).all()
+
+
+def test_a_flush_waiting_for_its_queue_leaves_dasks_offload_thread_free(target):
+    """Dask (de)serialises large messages on its one offload thread: a run's flush, which waits for the
+    whole write-behind queue and its fsyncs, must not hold that thread meanwhile."""
+    import asyncio
+    import time
+
+    from distributed.utils import offload
+
+    from aimss_dask.sink.writer import WriteRun
+
+    wb = WriteBehind(max_bytes=2**20)
+    started, release = threading.Event(), threading.Event()
+
+    def slow(put):
+        started.set()
+        release.wait(10)
+        return 1
+
+    async def main() -> tuple[float, dict]:
+        wb.submit_job(target, 0, 100, slow)
+        assert started.wait(10)
+        flushing = asyncio.ensure_future(WriteRun(target.run, wb).call("flush"))
+        await asyncio.sleep(0.1)  # the flush waits now
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(offload(lambda: 42), 5) == 42
+        took = time.monotonic() - t0
+        release.set()
+        return took, await flushing
+
+    try:
+        took, report = asyncio.run(main())
+        assert took < 1, f"offload() waited {took:.1f} s behind a flush"
+        assert report["written"] == [0]
+    finally:
+        release.set()
+        wb.close()

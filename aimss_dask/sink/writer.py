@@ -10,12 +10,13 @@ so the run's last task can fail loudly instead of losing data quietly.
 
 Pure threads: tasks call ``submit`` from their own thread. On a worker the
 queue is one of its shared resources (``plugin.runs.shared``), and each
-to_zarr run that writes there is a :class:`WriteRun` (its ``flush`` runs
-through ``offload``).
+to_zarr run that writes there is a :class:`WriteRun` (its ``flush`` waits
+on a thread of the loop's default executor).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -28,7 +29,6 @@ from typing import Any
 
 import numpy as np
 from distributed.comm import get_address_host
-from distributed.utils import offload
 
 from aimss_dask.core import trace
 from aimss_dask.core.names import SINK_WRITER_KEY
@@ -595,7 +595,13 @@ class WriteRun(Run):
 
     async def call(self, op: str, **kwargs: Any) -> dict[str, Any]:
         if op == "flush":
-            return await offload(self.writer.flush, self.run_id, None, bool(kwargs.get("durable")))
+            # Not offload(): its one thread is the process's, and Dask
+            # (de)serialises large messages there; a flush waits for the
+            # whole queue (and its fsyncs), so they would wait as long.
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                None, self.writer.flush, self.run_id, None, bool(kwargs.get("durable"))
+            )
         return await super().call(op, **kwargs)
 
     def progress(self) -> dict[str, Any]:
