@@ -64,6 +64,9 @@ def _do(client: Client, op: str, *args: Any) -> Any:
     if op == "consume":
         name, group = args
         return sorted(aimss_dask.read_from(name, group=group))
+    if op == "map":
+        name, group = args
+        return client.gather(aimss_dask.get_stream(name).map_records(lambda r: r, group=group))
     if op == "grant":
         name, who, mode = args
         aimss_dask.get_stream(name).grant(who, mode)
@@ -194,6 +197,9 @@ def test_a_read_share_lets_others_read_with_groups_of_their_own(client, other):
     # Groups are per application: the other's "mine" is its own, from offset 0,
     # and leaves this one's where it was.
     assert other("consume", name, "mine") == [0, 1, 2, 3]
+    assert other("map", name, "mine") == [[]]  # the other's "mine", which it consumed to the end
+    assert other("map", name, "theirs2") == [[0, 1, 2, 3]]
+    assert set(s.info()["groups"]) == {"mine", f"{other.id}/mine", f"{other.id}/theirs", f"{other.id}/theirs2"}
     assert list(s.read(group="mine")) == [2, 3]  # at least once: 2 was not yet passed
     for cmd in (("write", name, 9), ("seal", name), ("destroy", name)):
         other.refused(*cmd)

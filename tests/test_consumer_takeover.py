@@ -138,10 +138,30 @@ def test_a_consumer_whose_worker_is_killed_runs_again_and_every_record_is_consum
     victim = stream.info()["owners"][0]
     pid = _pid(client, victim)
     futs = stream.map_records(_work)
-    wait_until(lambda: stream.info()["groups"], timeout=20, what="consumers under way")
+    wait_until(lambda: client.run_on_scheduler(_consuming, name), timeout=20, what="consumers under way")
     os.kill(pid, signal.SIGKILL)
     got = client.gather(futs)
     # Without a group of its own the re-run consumer starts from offset 0:
     # the whole partition, in order, once.
     assert got == [[_work(_record(p, i)) for i in range(n)] for p in range(3)]
+    # With a group: the re-run starts where the call started, not where the
+    # killed consumer had got to (its results died with it), and the group
+    # is committed to the ends once the results are the tasks'.
+    client.wait_for_workers(3, timeout=60)
+    pid = _pid(client, stream.info()["owners"][1])
+    futs = stream.map_records(_work, group="kept")
+    wait_until(lambda: client.run_on_scheduler(_consuming, name, 1), timeout=20, what="consumers past their start")
+    assert stream.info()["groups"].get("kept", [0, 0, 0]) == [0, 0, 0]  # nothing committed before the results
+    os.kill(pid, signal.SIGKILL)
+    got = client.gather(futs)
+    assert got == [[_work(_record(p, i)) for i in range(n)] for p in range(3)]
+    assert stream.info()["groups"]["kept"] == [n] * 3
     aimss_dask.destroy_stream(name)
+
+
+def _consuming(name: str, past: int = 0, dask_scheduler=None) -> bool:
+    """Whether a consumer of ``name`` reported an offset past ``past`` records from its start."""
+    from aimss_dask.core.names import PLUGIN_NAME
+
+    ranges = dask_scheduler.plugins[PLUGIN_NAME].stragglers.ranges
+    return any(k[0] == name and r["offset"] - r["start"] >= past and not r["done"] for k, r in ranges.items())

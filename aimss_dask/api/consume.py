@@ -1,8 +1,8 @@
 """``Stream.map_records``: a consumer per partition that can hand the rest of its range to a helper.
 
 Each partition's consumer is a task on the partition's owner that applies a
-function to every record in offset order and reports its progress (its
-consumer group's committed offset) every ``COMMIT_INTERVAL``. The
+function to every record in offset order and reports its progress every
+``COMMIT_INTERVAL``; its consumer group's offset is committed once it is done. The
 coordinator's LATE rule compares those rates; when one consumer falls far
 behind its peers (its worker is slow, or its records cost more), the answer
 to its next report tells it where to stop and on which fast worker to start
@@ -11,9 +11,10 @@ helper itself, since only it holds the function, and a split at its own
 current offset is exact: each record is consumed once, by the consumer or by
 one helper, and the partition's result lists them in offset order.
 
-A helper never commits: the group's offset moves past the handed-over range
-only once the consumer has gathered its helpers' results, so a crash in
-between re-delivers those records (at-least-once), never skips them.
+Only a consumer that is done commits: its results live in the task until
+it returns, so a task run again starts where the first run started (the
+group's offset when ``map_records`` was called) and re-delivers those
+records (at-least-once), never skips them.
 """
 
 from __future__ import annotations
@@ -53,14 +54,20 @@ def map_records(
         )
     token = uuid.uuid4().hex
     # Without a group of its own, a call consumes every record from offset 0
-    # under a group of its own, so that its progress is seen (and a retry of
-    # a task gives the whole partition again).
-    resume = group is not None
+    # under a group of its own, so that its progress is seen. With one, from
+    # the group's offsets as they are now: taken here, not in the task, so
+    # that a task run again (its worker died, or its result did) gives the
+    # same records again, never only those after what the first run had
+    # passed while its results died with it.
     name = group if group is not None else f"{MAP_GROUP_PREFIX}{token}"
+    starts = [0] * spec.partitions
+    if group is not None:
+        ep = current("map_records")
+        starts = ep.scheduler_op("offsets", name=spec.name, group=group, **ep.owner_kwargs())["offsets"]
     client = get_client()
     return [
         client.submit(
-            _consume_partition, spec.name, p, name, resume, func, args, kwargs, read,
+            _consume_partition, spec.name, p, name, int(starts[p]), func, args, kwargs, read,
             key=(f"{PARTITION_TASK_PREFIX}{token}", spec.name, p),
             pure=False,
         )
@@ -72,15 +79,14 @@ def _consume_partition(
     name: str,
     p: int,
     group: str,
-    resume: bool,
+    start: int,
     func: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     read: Callable[..., Iterator[Any]],
 ) -> list[Any]:
-    """The consumer of partition ``p``: results of ``func`` over its records, from the group's offset."""
+    """The consumer of partition ``p``: results of ``func`` over its records from ``start`` (the group's offset then)."""
     ep = current("map_records")
-    start = ep.scheduler_op("offsets", name=name, group=group)["offsets"][p] if resume else 0
     consumer = _Consumer(ep, name, p, group, start, func, args, kwargs, read)
     results, offset = consumer.run()
     if consumer.helpers:
@@ -148,14 +154,15 @@ class _Consumer:
         return _apply(records, self.start, lambda: self.stop, self.func, self.args, self.kwargs, self.report)
 
     def report(self, offset: int, done: bool = False) -> None:
-        """Commit ``offset`` and say how fast it goes; start a helper if the coordinator says so.
+        """Say how far and how fast it goes; start a helper if the coordinator says so.
 
-        Once done, its time is the partition's, its helpers' included.
+        Once done, ``offset`` is committed (the results are the task's
+        then) and its time is the partition's, its helpers' included.
         """
         reply = self.ep.scheduler_op(
             "consume_progress", name=self.name, group=self.group, partition=self.p, offset=offset,
             start=self.start, elapsed=time.monotonic() - self.began, stop=self.stop, done=done,
-            worker=self.ep.address,
+            worker=self.ep.address, **self.ep.owner_kwargs(),
         )
         split = reply.get("split")
         if done or split is None:

@@ -423,12 +423,22 @@ class StreamHandlers:
         stop: int | None = None,
         done: bool = False,
         worker: str | None = None,
+        client: str | None = None,
+        task: Any = None,
     ) -> dict[str, Any]:
-        """A consumer of ``Stream.map_records`` commits ``offset`` and learns whether to hand over.
+        """A consumer of ``Stream.map_records`` says how far it is, and learns whether to hand over.
 
-        See :meth:`~aimss_dask.coordinator.stragglers.Stragglers.consumer_progress`.
+        Once ``done``, ``offset`` is committed (its results are the task's
+        then; committed earlier, a task run again would start past records
+        whose results died with the first run). See
+        :meth:`~aimss_dask.coordinator.stragglers.Stragglers.consumer_progress`.
         """
-        offsets = self.coord.state.commit(name, group, {int(partition): int(offset)})
+        self.allow(name, client, task, "commit")
+        group = self.group_key(name, client, task, group)
+        if done:
+            offsets = self.coord.state.commit(name, group, {int(partition): int(offset)})
+        else:
+            offsets = self.coord.state.offsets(name, group)
         stragglers = self.coord.stragglers
         order = stragglers.consumer_progress(
             name, group, int(partition), int(offset), start=int(start), elapsed=float(elapsed),

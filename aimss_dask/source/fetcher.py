@@ -110,7 +110,9 @@ class Committer:
         if self.group is not None:
             # Position first: if the record offsets went first and we died in
             # between, a resumed loader could ask for slabs already trimmed.
-            await ep.ask_scheduler("commit", name=spec.name, group=position_group(self.group), offsets=[[0, pos]])
+            await ep.ask_scheduler(
+                "commit", name=spec.name, group=position_group(self.group), offsets=[[0, pos]], **ep.owner_kwargs()
+            )
         if not self.windowed:
             return None
         recs = self.info.layout.records_consumed(pos)
@@ -120,7 +122,8 @@ class Committer:
             return recs  # still inside the same slabs: nothing new to trim
         if self.group is not None:
             await ep.ask_scheduler(
-                "commit", name=spec.name, group=self.group, offsets=[[p, o] for p, o in enumerate(recs)]
+                "commit", name=spec.name, group=self.group, offsets=[[p, o] for p, o in enumerate(recs)],
+                **ep.owner_kwargs(),
             )
         # Straight to the brokers too, so the window slides now, not at their next poll.
         await asyncio.gather(

@@ -169,7 +169,9 @@ class BatchIterator(Iterator[np.ndarray]):
             rows = info.layout.rows
             start = 0
             if group is not None:
-                start = ep.scheduler_op("offsets", name=spec.name, group=position_group(group))["offsets"][0]
+                start = ep.scheduler_op(
+                    "offsets", name=spec.name, group=position_group(group), **ep.owner_kwargs()
+                )["offsets"][0]
             stop = epochs * rows
             start = min(start, stop)
             self.position = start
