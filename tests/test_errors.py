@@ -570,3 +570,33 @@ def test_the_blocking_api_refuses_its_own_loop_and_a_reader_closed_there_commits
         return scheduler
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_reader_follows_a_partition_its_live_old_owner_no_longer_holds():
+    """A retirement (or a seal's rebalance) moved a sealed partition while its old owner lives on: that
+    owner answers "not held by this worker", and the reader asks the coordinator where it went instead of
+    failing. A partition number out of range stays a final answer."""
+    from types import SimpleNamespace
+
+    from aimss_dask.api.reader import _moved_to
+    from aimss_dask.core.errors import PartitionNotHeldError, PartitionOutOfRangeError
+    from aimss_dask.core.specs import StreamSpec
+
+    spec = StreamSpec("s", 2, ("a", "b"), epoch=3)
+    now = StreamSpec("s", 2, ("a", "c"), epoch=3)
+    asked: list[str] = []
+
+    def scheduler_op(op, **kwargs):
+        asked.append(op)
+        return {"spec": now.to_wire(), "sealed": True, "lost": []}
+
+    ep = SimpleNamespace(scheduler_op=scheduler_op)
+    gone = PartitionNotHeldError("partition 1 of stream 's' is not held by this worker")
+    assert _moved_to(ep, spec, 1, "b", gone) == "c" and asked == ["get"]
+    assert _moved_to(ep, spec, 1, "b", PartitionOutOfRangeError("partition 7 does not exist")) is None
+    assert asked == ["get"]  # a final answer: nobody asked
+    # Over the wire, the owner's error keeps its class.
+    from aimss_dask.core.errors import error_from_wire, error_to_wire
+
+    wire = error_to_wire(gone)
+    assert isinstance(error_from_wire(wire["type"], wire["message"]), PartitionNotHeldError)

@@ -422,6 +422,22 @@ def test_store_removed_while_loading_raises_on_read(client, tmp):
         aimss_dask.destroy_stream(s.name)
 
 
+def test_an_array_of_a_group_removed_while_loading_raises_on_read_not_zeros(client, tmp):
+    """The group's folder stays, the array's goes: Zarr would read its chunks as fill values."""
+    import shutil
+
+    x = _array((40, 4), "f8") + 1.0  # no zero anywhere: zeros would be the fill value
+    group = zarr.open_group(os.path.join(tmp, "g.zarr"), mode="w")
+    group.create_array("train", shape=x.shape, chunks=(2, 4), dtype="f8")[:] = x
+    s = from_zarr(os.path.join(tmp, "g.zarr"), component="train", partitions=1, prefetch=1)
+    try:
+        shutil.rmtree(os.path.join(tmp, "g.zarr", "train"))
+        with pytest.raises(aimss_dask.StoreNotFoundError, match="train"):
+            list(s.batches(4))
+    finally:
+        aimss_dask.destroy_stream(s.name)
+
+
 def test_the_store_counts_threads_parked_in_wait(tmp):
     """``LogStore.waiting``: the public count the brokers read as "a reader waits".
 

@@ -13,6 +13,7 @@ from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
     PartitionLostError,
+    PartitionNotHeldError,
     ReadTimeoutError,
     describe_lost,
     lost_ranges,
@@ -141,7 +142,11 @@ def _moved_to(ep: Endpoint, spec: StreamSpec, p: int, owner: str, error: BaseExc
     # The owner's answer about the request itself (an offset trimmed or out of
     # range, a read not allowed) is final where it holds the partition: no
     # other owner would answer otherwise, so waiting for one only delays it.
-    if isinstance(error, (ReadTimeoutError, InvalidArgumentError, PermissionError)) or (
+    # One that no longer holds it (a retirement, or a seal's rebalance, moved
+    # it while it lives on) is not: the coordinator says where it went.
+    if isinstance(error, PartitionNotHeldError):
+        pass
+    elif isinstance(error, (ReadTimeoutError, InvalidArgumentError, PermissionError)) or (
         isinstance(error, PartitionLostError) and not spec.replicas
     ):
         return None

@@ -48,6 +48,10 @@ class PartitionOutOfRangeError(InvalidArgumentError):
     """A partition number outside ``0 .. partitions - 1``."""
 
 
+class PartitionNotHeldError(PartitionOutOfRangeError):
+    """A worker asked for a partition it does not hold (any more): it moved, and the coordinator knows where."""
+
+
 class InvalidOffsetError(InvalidArgumentError):
     """A negative offset, or one below what the log still retains."""
 
@@ -181,6 +185,7 @@ _BY_NAME: dict[str, type[AIMSSError]] = {
         InvalidArgumentError,
         InvalidTypeError,
         PartitionOutOfRangeError,
+        PartitionNotHeldError,
         InvalidOffsetError,
         RecordNotSerializableError,
         StreamSealedError,

@@ -27,6 +27,7 @@ from aimss_dask.core import trace
 from aimss_dask.core.errors import (
     InvalidOffsetError,
     PartitionLostError,
+    PartitionNotHeldError,
     PartitionOutOfRangeError,
     ReplicaGapError,
     SpillCorruptionError,
@@ -217,7 +218,7 @@ class LogStore:
         try:
             return logs.partitions[p]
         except KeyError:
-            raise PartitionOutOfRangeError(
+            raise PartitionNotHeldError(
                 f"partition {p!r} of stream {name!r} is not held by this worker"
             ) from None
 

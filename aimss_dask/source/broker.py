@@ -68,6 +68,7 @@ from aimss_dask.core.errors import (
     AIMSSError,
     InvalidArgumentError,
     InvalidOffsetError,
+    PartitionNotHeldError,
     PartitionOutOfRangeError,
     StoreNotFoundError,
     StreamNotFoundError,
@@ -374,14 +375,17 @@ class SourceRun(Run):
         slab = self.layout.slab_at(p, offset)
         lo, hi = self.layout.slab_bounds(slab)
         try:
-            root = self.source.get("local_root")
-            if root is not None and not os.path.exists(root):
-                # Zarr reads a missing chunk as its fill value: without this
-                # check a removed store would stream zeros.
-                raise FileNotFoundError(f"{root!r} no longer exists")
+            # The array's metadata file, where it is on a file system: Zarr
+            # reads a missing chunk as its fill value, so without this check
+            # an array removed before (or while) it is read would stream zeros.
+            meta = self.source.get("local_root")
+            if meta is not None and not os.path.exists(meta):
+                raise FileNotFoundError(f"{meta!r} no longer exists")
             with trace.span("source-read", stream=self.spec.name, partition=p, rows=[lo, hi]) as args:
                 data = np.ascontiguousarray(self._open()[lo:hi])
                 args["bytes"] = data.nbytes
+            if meta is not None and not os.path.exists(meta):
+                raise FileNotFoundError(f"{meta!r} was removed while its rows were read")
             return data
         except FileNotFoundError as e:
             raise StoreNotFoundError(
@@ -410,7 +414,7 @@ class SourceRun(Run):
         for p, offset, _ in takes:
             st = self.parts.get(p)
             if st is None:
-                raise PartitionOutOfRangeError(
+                raise PartitionNotHeldError(
                     f"partition {p!r} of stream {self.spec.name!r} is not held by this worker"
                 )
             if not 0 <= offset < st.n:

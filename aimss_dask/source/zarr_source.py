@@ -192,9 +192,18 @@ def open_array(store: Any, component: str | None) -> tuple[Any, str, str | None]
 
 
 def _local_root(arr: Any) -> str | None:
+    """The array's own metadata file on a local file system (None: another store).
+
+    Zarr reads a chunk that is not there as the fill value: the brokers
+    check that this file still exists around each read, or an array
+    removed (its group's folder, or the array alone) would stream zeros.
+    """
     from zarr.storage import LocalStore
 
-    return str(arr.store.root) if isinstance(arr.store, LocalStore) else None
+    if not isinstance(arr.store, LocalStore):
+        return None
+    name = "zarr.json" if arr.metadata.zarr_format == 3 else ".zarray"
+    return os.path.join(str(arr.store.root), arr.path, name) if arr.path else os.path.join(str(arr.store.root), name)
 
 
 #: Arrays a group error lists by name; a larger hierarchy is summarised.
