@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -71,6 +72,30 @@ def test_chunks_that_do_not_fit_the_shape(client, chunks):
     with pytest.raises(aimss_dask.InvalidArgumentError, match=r"do not|chunks") as info:
         aimss_dask.rechunk(x, chunks)
     assert isinstance(info.value, ValueError)
+    assert_workers_clean()
+
+
+def test_a_rechunk_to_one_chunk_keeps_its_barrier_through_dasks_fusion():
+    """One output chunk: the barrier's one dependent would be fused with it under another key, and the
+    coordinator, which follows the run by its barrier's key, could not recover or restart it."""
+    x = da.ones((4, 4), chunks=2)
+    y = aimss_dask.rechunk(x, (4, 4))
+    (opt,) = dask.optimize(y)
+    seals = [k for k in dict(opt.__dask_graph__()) if "seal" in str(k)]
+    assert len(seals) == 1 and isinstance(seals[0], str) and seals[0].startswith("aimss-seal-"), seals
+
+
+def test_rechunk_of_object_arrays_and_refusal_of_other_block_types(client):
+    a = np.empty((6, 4), dtype=object)
+    for i in range(6):
+        for j in range(4):
+            a[i, j] = {"cell": (i, j)}
+    # Rows to columns: pieces for other workers are column slices, copied.
+    got = aimss_dask.rechunk(da.from_array(a, chunks=(2, 4)), (6, 1)).compute()
+    assert got.dtype == object and got.tolist() == a.tolist()
+    masked = da.ma.masked_array(da.arange(8, chunks=4), mask=np.arange(8) % 2 == 0)
+    with pytest.raises(aimss_dask.InvalidArgumentError, match=r"numpy.ma.*MaskedArray.*x.rechunk"):
+        aimss_dask.rechunk(masked, 8)
     assert_workers_clean()
 
 

@@ -426,7 +426,10 @@ def push_pieces(
     strided = sum(
         block[src].size for _, src, _, is_local in cuts if not is_local and not block[src].flags.c_contiguous
     )
-    flat = local.scratch()[1]((strided,), block.dtype) if strided else None
+    # Scratch memory is raw bytes: an array of references (object dtype)
+    # cannot live there, and gets memory of its own.
+    alloc = np.empty if block.dtype.hasobject else local.scratch()[1]
+    flat = alloc((strided,), block.dtype) if strided else None
     pos = 0
     for p, src, dst, is_local in cuts:
         view = block[src]

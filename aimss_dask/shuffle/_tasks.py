@@ -34,17 +34,20 @@ def push(
     npartitions: int,
     cast: dict[str, str] | None,
     input_id: int | None = None,
+    layout: tuple[Any, ...] | None = None,
 ) -> int:
     """Split one input partition by key hash and push every shard; rows pushed.
 
     ``input_id``: the input partition's index within its side, the shards'
     origin: a second execution of this push is dropped by the owners
     (:class:`~aimss_dask.ops.pushrun.RunWriter`). ``None``: no origin.
+    ``layout``: the side's meta's :func:`~aimss_dask.shuffle.partitioning.pack_signature`;
+    shards are packed only when this partition's is the same.
     """
     writer = RunWriter(names[side], input_id)
     here, alloc = local.scratch()
     index = partitioning.partition_index(df, on, npartitions, cast, alloc)
-    if partitioning.packable(df):
+    if layout is not None and partitioning.pack_signature(df) == layout:
         tight = local.memory_tight()
         # The packed gather needs two copies of the input's rows in scratch,
         # the lean one one: lean whenever both would not fit beside the log
@@ -83,7 +86,7 @@ def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataF
     if filling is not None and not rest and filling.filled == rows:
         out = filling.frame()
         plugin.reads["streamed"] += 1
-    elif filling is None and rest and isinstance(rest[0], np.ndarray):
+    elif filling is None and rest and all(isinstance(r, np.ndarray) for r in rest):
         out = partitioning.unpack(rest, meta)
     else:
         head = [filling.frame()] if filling is not None and filling.filled else []
@@ -150,7 +153,7 @@ def _before_read(name: str, partition: int) -> None:
 
 
 @restartable
-def read_block(name: str, partition: int, shape: tuple[int, ...], dtype: Any, sealed: int) -> np.ndarray:
+def read_block(name: str, partition: int, shape: tuple[int, ...], dtype: Any, sealed: Any) -> np.ndarray:
     """One output chunk, assembled from its pieces in the local log."""
     _before_read(name, partition)
     out = np.empty(shape, dtype=dtype)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
-from dask.task_spec import Task, TaskRef
+from dask.task_spec import List, Task, TaskRef
 
 from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.ops import pushrun
@@ -35,11 +35,20 @@ def rechunk(x: da.Array, chunks: Any, *, replication: int | None = None) -> da.A
     >>> y = aimss_dask.rechunk(x, (x.shape[0], 256))  # row chunks to column chunks  # doctest: +SKIP
     """
     import dask.array as da
+    from dask.array.utils import meta_from_array
 
     if not isinstance(x, da.Array):
         raise InvalidArgumentError(f"rechunk needs a dask.array.Array, got {type(x).__name__}")
     if x.ndim == 0:
         raise InvalidArgumentError("rechunk of a 0-d array: there is nothing to rechunk")
+    meta = meta_from_array(x)
+    if type(meta) is not np.ndarray:
+        # The output chunks are NumPy arrays filled from the pieces: a masked
+        # array would lose its mask without a word, a device array fail late.
+        raise InvalidArgumentError(
+            f"aimss_dask.rechunk moves NumPy blocks; the blocks of this array are "
+            f"{type(meta).__module__}.{type(meta).__name__}: use x.rechunk(...), Dask's own"
+        )
     try:
         new = da.core.normalize_chunks(chunks, x.shape, dtype=x.dtype, previous_chunks=x.chunks)
     except (ValueError, TypeError) as e:
@@ -66,7 +75,8 @@ def push_run(
     Returns the graph and the name of its output tasks, one per chunk of
     ``new``, keyed ``(name, *index)``: each calls ``final(stream, partition,
     shape, *args, sealed)`` on the worker that owns the
-    chunk's partition (the coordinator pins it), after the barrier.
+    chunk's partition (the coordinator pins it), after the barrier
+    (``sealed``: the barrier's and the create task's results).
 
     Each map task gets only its own pieces, cut on the client, so no task
     carries (or the scheduler scans) the chunk tuples of whole arrays.
@@ -97,11 +107,15 @@ def push_run(
     # The output tasks are keyed (PARTITION_TASK_PREFIX + token, *chunk
     # index): the coordinator pins each to the owner of partition
     # ravel(index) of the run's stream.
+    # Each also depends on the create task, besides the barrier: with one
+    # output chunk, a barrier with one dependent would be fused into it
+    # (Dask's linear fusion) under another key, and the coordinator, which
+    # follows the run by its barrier's key, could not recover or restart it.
     for idx in np.ndindex(*grid):
         p = int(np.ravel_multi_index(idx, grid))
         shape = tuple(new[a][i] for a, i in enumerate(idx))
         graph[(out_name, *idx)] = Task(
-            (out_name, *idx), final, name, p, shape, *args, TaskRef(barrier)
+            (out_name, *idx), final, name, p, shape, *args, List(TaskRef(barrier), TaskRef(create_key))
         )
     deps = [blocks.flat[0]] if blocks.size else []
     return HighLevelGraph.from_collections(out_name, graph, dependencies=deps), out_name

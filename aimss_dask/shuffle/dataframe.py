@@ -75,6 +75,8 @@ def _run(
     side (each side pushes into its own stream), so the run declares the
     larger side's partition count as its ``inputs``.
     """
+    from dask.dataframe.utils import make_meta
+
     token = uuid.uuid4().hex[:16]
     names = [f"aimss-shuffle-{token}-{i}" for i in range(len(frames))]
     parts = [_partitions(frame) for frame in frames]
@@ -86,10 +88,11 @@ def _run(
     created = dask.delayed(pushrun.create, pure=False)(spec, npartitions, dask_key_name=spec.create)
     pushed = []
     for side, (sides, on, cast) in enumerate(zip(parts, ons, casts)):
+        layout = partitioning.pack_signature(make_meta(frames[side]))
         for i, part in enumerate(sides):
             pushed.append(
                 dask.delayed(_tasks.push, pure=False)(
-                    part, created, side, on, npartitions, cast, i,
+                    part, created, side, on, npartitions, cast, i, layout,
                     dask_key_name=(f"aimss-push-{token}", side, i),
                 )
             )
@@ -138,7 +141,7 @@ def shuffle(
         )
         for j in range(n)
     ]
-    return dd.from_delayed(parts, meta=meta, verify_meta=False)
+    return _from_parts(parts, meta)
 
 
 _HOWS = ("inner", "left", "right", "outer")
@@ -214,7 +217,7 @@ def merge(
         )
         for j in range(n)
     ]
-    return dd.from_delayed(parts, meta=meta, verify_meta=False)
+    return _from_parts(parts, meta)
 
 
 def _common_dtype(a: Any, b: Any, lk: str, rk: str) -> str:
@@ -229,3 +232,16 @@ def _common_dtype(a: Any, b: Any, lk: str, rk: str) -> str:
             "compared; cast one side first"
         )
     return str(common)
+
+
+def _from_parts(parts: list[Any], meta: Any) -> dd.DataFrame:
+    """The output collection, of ``meta``'s dtypes as they are.
+
+    Not converted: with ``dataframe.convert-string`` on (Dask's default),
+    ``from_delayed`` would turn every object column into strings (a
+    ``Decimal`` into ``'1.5'``), where Dask's own shuffle keeps them.
+    """
+    import dask.dataframe as dd
+
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_delayed(parts, meta=meta, verify_meta=False)

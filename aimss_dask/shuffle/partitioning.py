@@ -125,6 +125,19 @@ def packable(meta: pd.DataFrame) -> bool:
     return all(isinstance(d, np.dtype) and d.kind in "iufMm" and d.itemsize == 8 for d in dtypes)
 
 
+def pack_signature(frame: pd.DataFrame) -> tuple[Any, ...] | None:
+    """What a packed shard's reader must agree on with its writer: columns, dtypes, index dtype; None if not packable.
+
+    A packed shard carries raw 8-byte values and no dtypes: it is read as
+    the run's meta says. A partition that differs from its meta (a column
+    float where meta says int, columns in another order: Dask allows it)
+    goes as a frame instead, or its values would be read as other numbers.
+    """
+    if not packable(frame):
+        return None
+    return (tuple(frame.columns), tuple(str(d) for d in frame.dtypes), str(frame.index.dtype))
+
+
 def packed_row_bytes(meta: pd.DataFrame) -> int:
     """Bytes of one row of a packed shard: a uint64 per column, plus the index."""
     return (meta.shape[1] + 1) * 8

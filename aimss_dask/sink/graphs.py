@@ -124,7 +124,13 @@ def write_graph(
         )
     else:
         graph, dep, barrier, expected, name = _push_graph(x, unit, target, token, groups)
-        graph[finish_key] = Task(finish_key, finish, target, expected, name, List(TaskRef(barrier)))
+        # The create task too: a barrier whose one dependent is the finish
+        # would be fused into it where Dask fuses delayed graphs
+        # (``optimization.fuse.delayed``), and the coordinator follows the
+        # run by its barrier's key.
+        graph[finish_key] = Task(
+            finish_key, finish, target, expected, name, List(TaskRef(barrier), TaskRef(_create_key(token)))
+        )
     return HighLevelGraph.from_collections(finish_key, graph, dependencies=[dep]), finish_key
 
 
@@ -309,7 +315,7 @@ def _push_graph(
     grid = tuple(len(c) for c in new)
     name = f"aimss-sink-{token}"
     barrier = f"aimss-seal-{token}"
-    create_key = f"aimss-create-{token}"
+    create_key = _create_key(token)
     keys = _block_keys(x)
     blocks = np.empty(x.numblocks, dtype=object)
     for idx, key in keys.items():
@@ -339,6 +345,10 @@ def _push_graph(
         p for p, idx in enumerate(np.ndindex(*grid)) if all(c[i] for c, i in zip(new, idx))
     ]
     return graph, x, barrier, expected, name
+
+
+def _create_key(token: str) -> str:
+    return f"aimss-create-{token}"
 
 
 class _Keyed:
