@@ -99,6 +99,50 @@ def test_an_open_of_a_recovered_stream_that_comes_before_its_recovery_keeps_what
     store.close()
 
 
+def test_a_seal_whose_owner_did_not_answer_is_not_a_seal():
+    """An owner that did not seal its partition (leaving, hung, not yet removed) may hold records past what
+    the coordinator last heard: the stream stays unsealed (PartitionLostError naming those partitions, which
+    a run's barrier takes as "seal again later"), instead of sealed as if complete. Once the partition is
+    known lost, the seal goes through and names it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aimss_dask.coordinator.streams import StreamHandlers
+    from aimss_dask.core.errors import PartitionLostError
+
+    st = CoordinatorState()
+    spec, _ = st.create("s", 2, ["a", "b"])
+    answers = {"a": {"status": "OK", "bounds": [[0, 0, 5]]}, "b": OSError("connection closed")}
+
+    async def broadcast(msg, workers=None):
+        if msg["op"] == "aimss_seal_partitions":
+            return {w: answers[w] for w in workers}
+        return {}
+
+    async def seal_clients(name, epoch):
+        return {}
+
+    ops = SimpleNamespace(broadcast=broadcast, running=lambda: ["a", "b"], event=lambda e: None)
+    coord = SimpleNamespace(
+        state=st, seals=SimpleNamespace(seal_clients=seal_clients),
+        runs=SimpleNamespace(on_seal=lambda name: None),
+    )
+    handlers = StreamHandlers(coord, ops)
+    handlers.sealed_changed = asyncio.Condition()
+
+    async def seal() -> None:
+        await handlers._seal("s", spec)
+
+    with pytest.raises(PartitionLostError, match=r"not sealed: the owners \['b'\] of partitions \[1\].*OSError") as e:
+        asyncio.run(seal())
+    assert e.value.lost == {1: (0, None)} and "s" not in st.sealed
+    # b is gone now: its partition is named lost, and the seal ends the stream.
+    st.worker_lost("b")
+    with pytest.raises(PartitionLostError, match="is sealed, but partition 1"):
+        asyncio.run(seal())
+    assert "s" in st.sealed
+
+
 def test_a_recovered_filter_still_drops_copies_of_what_survived():
     f = OriginFilter()
     f.track("s", 3, inputs=4)

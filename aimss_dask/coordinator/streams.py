@@ -273,10 +273,28 @@ class StreamHandlers:
         )):
             sealed.update(part)
         for addr, r in sealed.items():
-            if isinstance(r, dict):
+            if _answered(r):
                 # Each partition's end as its owner reports it (a replica's is the same).
                 bounds = [b for b in r.get("bounds", ()) if spec.owners[b[0]] == addr]
                 self.coord.state.note_bounds(name, spec.epoch, bounds)
+        # Every partition's owner sealed it, or the partition is known lost:
+        # one whose owner did not answer (it is leaving, or hung, and not yet
+        # removed: a retirement still moving, a host gone silent) may hold
+        # records past what the coordinator last heard. Sealed now, it would
+        # be taken for complete, or its lost range end too early.
+        lost = self.coord.state.lost.get(name, {})
+        unsealed = [
+            p for p in range(spec.partitions) if p not in lost and not _answered(sealed.get(spec.owners[p]))
+        ]
+        if unsealed and self.coord.state.streams.get(name) is spec:
+            owners = sorted({spec.owners[p] for p in unsealed})
+            why = "; ".join(f"{w}: {_why(sealed.get(w))}" for w in owners[:3])
+            raise PartitionLostError(
+                f"stream {name!r} is not sealed: the owners {owners} of partitions {unsealed[:10]} did not "
+                f"seal them ({why}); they are leaving or stopped answering. Seal again once the cluster "
+                "has settled: their partitions are then either sealed or named lost",
+                {p: (0, None) for p in unsealed},
+            )
         if self.coord.state.streams.get(name) is not spec:
             # Destroyed while it was sealed (its run restarted, with a new
             # stream of this name): the new one is not sealed.
@@ -514,3 +532,16 @@ class StreamHandlers:
                 "io_priority": acc.io_priority if acc is not None else 0,
             }
         }
+
+
+def _answered(reply: Any) -> bool:
+    """Whether a worker's reply to a broadcast is an answer (not an exception, an error, or missing)."""
+    return isinstance(reply, dict) and reply.get("status", "OK") == "OK"
+
+
+def _why(reply: Any) -> str:
+    if reply is None:
+        return "no longer listed"
+    if isinstance(reply, BaseException):
+        return f"{type(reply).__name__}: {reply}"
+    return f"{reply.get('type', 'error')}: {reply.get('message', reply)}"
