@@ -230,6 +230,60 @@ def test_files_taken_over_for_a_stream_destroyed_meanwhile_are_removed_not_leake
     assert os.path.exists(more[0].path) and not os.path.exists(store.spill_dir)
 
 
+def test_two_dead_workers_salvaged_at_once_onto_one_worker_both_come_back():
+    """A node lost two workers, each the only owner of a partition of one stream; a new worker there takes
+    both folders over at once. The second commit finds the stream changed by the first: it goes on the
+    stream as it is now (its partition is still lost where it was), instead of dropping the whole stream
+    on that worker, what the first salvage had just rebuilt included."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aimss_dask.coordinator.salvage import Salvages
+    from aimss_dask.coordinator.state import CoordinatorState
+
+    st = CoordinatorState()
+    spec, _ = st.create("s", 2, ["d1", "d2"])
+    st.note_bounds("s", spec.epoch, [(0, 0, 10), (1, 0, 20)])
+    st.sealed.add("s")
+    st.worker_lost("d1")
+    st.worker_lost("d2")
+    sent: list[dict] = []
+    gate = asyncio.Event()
+
+    async def ask(worker, msg):
+        (stream,) = msg["streams"]
+        parts = stream["parts"]
+        if msg["dead"] == "d1":
+            await gate.wait()  # d1's answer comes after d2's commit
+        return {"folders": 1, "streams": {"s": [[p, need, end, 100] for p, need, end in parts]}}
+
+    async def broadcast(msg, workers=None):
+        sent.append(msg)
+        return {}
+
+    ops = SimpleNamespace(
+        ask=ask, broadcast=broadcast, hosts=lambda: {"w": "h"}, running=lambda: ["w"],
+        event=lambda e: None, spawn=lambda c: None,
+    )
+    coord = SimpleNamespace(
+        state=st, config=SimpleNamespace(recovery="full"), recoveries=SimpleNamespace(recovering=set()),
+        runs=SimpleNamespace(for_stream=lambda name: None), pinner=SimpleNamespace(repin=lambda names: None),
+    )
+    salvages = Salvages(coord, ops)
+    salvages.waiting.update({"d1": "h", "d2": "h"})
+
+    async def main() -> None:
+        first = asyncio.ensure_future(salvages._take_over("d1", "w"))
+        await asyncio.sleep(0.01)
+        await salvages._take_over("d2", "w")
+        gate.set()
+        await first
+
+    asyncio.run(main())
+    assert "s" not in st.lost and st.get("s").owners == ("w", "w")
+    assert not [m for m in sent if m["op"] == "aimss_drop"], sent
+
+
 # -- real workers killed ---------------------------------------------------------------
 
 

@@ -154,9 +154,28 @@ class Salvages:
             owners = tuple(worker if p in rebuilt else o for p, o in enumerate(old.owners))
             new = old.recovered(epochs[name], owners)
             if not state.commit_salvage(old, new, rebuilt):
-                # Destroyed (or changed) meanwhile: free what it opened.
-                await self.ops.broadcast({"op": "aimss_drop", "name": name, "epoch": new.epoch}, [worker])
-                continue
+                # Changed meanwhile (another salvage of the stream, a move,
+                # committed first): on the stream as it is now, if these
+                # partitions are still lost where they were. The worker's
+                # logs move to the newer epoch with the recovery's word.
+                cur = state.streams.get(name)
+                still_lost = cur is not None and cur.first_epoch == old.first_epoch and all(
+                    p in state.lost.get(name, {}) and cur.owners[p] == dead for p in rebuilt
+                )
+                if still_lost:
+                    assert cur is not None
+                    owners = tuple(worker if p in rebuilt else o for p, o in enumerate(cur.owners))
+                    new = cur.recovered(state.next_epoch(), owners)
+                    still_lost = state.commit_salvage(cur, new, rebuilt)
+                if not still_lost:
+                    # Destroyed: free what it opened (its epoch and older,
+                    # never a newer stream of the name). Taken care of
+                    # otherwise: free what it rebuilt, and only that (the
+                    # worker may own or copy other partitions of the stream).
+                    gone = cur is None or cur.first_epoch != old.first_epoch
+                    only = {} if gone else {"partitions": sorted(rebuilt)}
+                    await self.ops.broadcast({"op": "aimss_drop", "name": name, "epoch": epochs[name], **only}, [worker])
+                    continue
             # Every process forgets the spec it cached; holders answer to the new epoch.
             await self.ops.broadcast({"op": "aimss_recover", "spec": new.to_wire(), "since": new.first_epoch})
             assert self.coord.pinner is not None
