@@ -482,3 +482,29 @@ def test_create_places_partitions_with_their_main_input(state):
     spec, _ = state.create("s", 6, W, prefer=["tcp://w3", None, "tcp://w3", None, None, None])
     assert spec.owners[0] == spec.owners[2] == "tcp://w3"
     assert sorted(spec.owners) == sorted(W * 2)
+
+
+def test_a_loss_named_for_one_stream_leaves_the_others_on_that_worker_alone():
+    """A promotion of one stream that cannot take over names that stream's partitions lost, not every
+    stream with a partition on the worker (another's promotion may take over its partitions once applied)."""
+    from aimss_dask.coordinator.state import CoordinatorState
+
+    st = CoordinatorState()
+    st.create("s", 2, ["w", "x"])
+    st.create("t", 2, ["w", "x"])
+    assert st.worker_lost("w", only={"s": None}) == ["s"]
+    assert st.lost == {"s": {0: (0, None)}}
+    assert st.worker_lost("w", only={"t": [1]}) == []  # t's partition 1 is not w's
+    assert st.worker_lost("w") == ["s", "t"] and st.lost["t"] == {0: (0, None)}
+
+
+def test_a_partition_re_created_on_a_worker_back_at_its_dead_owners_address_is_no_longer_lost():
+    """A nanny on a fixed port brings a worker back at the dead one's address, and recovery may place the
+    re-created partition there: it is re-created all the same (the owner did not change by address)."""
+    from aimss_dask.coordinator.state import CoordinatorState
+
+    st = CoordinatorState()
+    s, _ = st.create("s", 2, ["a", "b"])
+    st.worker_lost("b")
+    new = st.recovered("s", [1], ["b"])
+    assert st.commit_recovery(s, new, [1]) and "s" not in st.lost

@@ -361,7 +361,7 @@ class Recoveries:
             if not self._unchanged(rec, olds, stimulus_id):
                 return
             for old, new in zip(olds, news):
-                state.commit_recovery(old, new)
+                state.commit_recovery(old, new, parts)
         except Exception as e:
             logger.warning("aimss: recovery of %s run %s failed (%r); restarting it", rec.kind, rec.run_id, e)
             if self.ops.scheduler is not None and all(state.streams.get(o.name) is o for o in olds):

@@ -228,7 +228,7 @@ class Promotions:
                 p for p in range(new.partitions) if new.owners[p] == worker and (p in kept or p not in named)
             )
             if worker is not None and after_all:
-                state.worker_lost(worker)
+                state.worker_lost(worker, only={old.name: after_all})
                 self.coord.lost_after_all(worker, old.name, after_all)
             # Copies no longer listed on workers still here (given up on):
             # their logs would hold memory that nothing reads.
@@ -249,7 +249,7 @@ class Promotions:
                 return
             logger.warning("aimss: replicas of stream %r could not take over (%r); its partitions there are lost", old.name, e)
             if state.streams.get(old.name) is old:
-                state.worker_lost(worker)
+                state.worker_lost(worker, only={old.name: None})
                 if kept:
                     self.coord.lost_after_all(worker, old.name, kept)
             return

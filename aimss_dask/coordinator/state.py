@@ -493,18 +493,32 @@ class CoordinatorState:
         self.streams[old.name] = new
         return True
 
-    def worker_lost(self, address: str, keep: Mapping[str, Iterable[int]] | None = None) -> list[str]:
+    def worker_lost(
+        self,
+        address: str,
+        keep: Mapping[str, Iterable[int]] | None = None,
+        only: Mapping[str, Iterable[int] | None] | None = None,
+    ) -> list[str]:
         """Mark the partitions ``address`` owned as lost, with their offsets; names affected.
 
         A sealed partition's range is exact (its end was reported at seal);
         an open one's end is None: records may have arrived after the
         owner's last report. ``keep``: partitions by stream that a replica
-        takes over (:meth:`promote`), not lost.
+        takes over (:meth:`promote`), not lost. ``only``: just these streams
+        (and of each, these partitions; None: all it owned), not every
+        stream with a partition there: another stream's may be taken over
+        by a promotion not yet applied, or belong to a stream made since.
         """
         hit = []
         for name, spec in self.streams.items():
+            if only is not None and name not in only:
+                continue
             kept = set((keep or {}).get(name, ()))
-            ps = [p for p, w in enumerate(spec.owners) if w == address and p not in kept]
+            wanted = None if only is None or only[name] is None else set(only[name])  # type: ignore[arg-type]
+            ps = [
+                p for p, w in enumerate(spec.owners)
+                if w == address and p not in kept and (wanted is None or p in wanted)
+            ]
             if not ps:
                 continue
             known = self.bounds.get(name, {})
@@ -553,17 +567,21 @@ class CoordinatorState:
             )
         return spec.recovered(self._next_epoch(), tuple(owners_now), replicas)
 
-    def commit_recovery(self, old: StreamSpec, new: StreamSpec) -> bool:
-        """Replace ``old`` by its recovery ``new``: the partitions that moved are no longer lost.
+    def commit_recovery(self, old: StreamSpec, new: StreamSpec, parts: Iterable[int] | None = None) -> bool:
+        """Replace ``old`` by its recovery ``new``: the partitions re-created (``parts``) are no longer lost.
 
-        False (nothing changed) if ``old`` is no longer the stream of its
-        name (destroyed, or recovered again meanwhile).
+        ``parts`` None: those whose owner changed. Named, a partition placed
+        on a worker that came back at its dead owner's address (a nanny on
+        a fixed port) counts too. False (nothing changed) if ``old`` is no
+        longer the stream of its name (destroyed, or recovered again meanwhile).
         """
         if self.streams.get(old.name) is not old:
             return False
         self.streams[old.name] = new
         self.recreated[old.name] = new.epoch
-        moved = {p for p in range(new.partitions) if new.owners[p] != old.owners[p]}
+        moved = (
+            {p for p in range(new.partitions) if new.owners[p] != old.owners[p]} if parts is None else set(parts)
+        )
         for p in moved:
             # The copies hold what the dead owner had: they catch up (and cut
             # back) from the re-created log before they count.
