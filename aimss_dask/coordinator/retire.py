@@ -194,10 +194,15 @@ class Evacuations:
         left_open: list[str] = []
         try:
             for group in self._groups(worker):
-                if not all(n in self.coord.state.sealed for n in group):
-                    left_open.extend(group)
+                # As they are now: a stream of the group destroyed during an
+                # earlier move is no reason to leave the others' partitions.
+                live = [n for n in group if n in self.coord.state.streams]
+                if not live:
                     continue
-                moved += await self._move_group(worker, group)
+                if not all(n in self.coord.state.sealed for n in live):
+                    left_open.extend(live)
+                    continue
+                moved += await self._move_group(worker, live)
         finally:
             try:
                 await self.ops.ask(worker, {"op": "aimss_retired"})
@@ -256,6 +261,11 @@ class Evacuations:
         arrived = await copy_group(
             self.ops, specs, owners, parts, alive=lambda: all(streams.get(s.name) is s for s in specs)
         )
+        # Only to targets still here: one that died during the copy is the
+        # owner of nothing (its removal looked at the old owners), and the
+        # source's copy must stay.
+        running = set(self.ops.running())
+        arrived = {p for p in arrived if owners[p] in running}
         done = sorted(arrived)
         for spec in specs:
             current = state.streams.get(spec.name)
