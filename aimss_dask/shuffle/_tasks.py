@@ -72,8 +72,8 @@ def push(
 
 
 @restartable
-def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataFrame:
-    """One output partition, read from the local log, then released."""
+def read(name: str, partition: int, meta: pd.DataFrame, sealed: int, release: bool = True) -> pd.DataFrame:
+    """One output partition, read from the local log, then released (unless ``release`` is False)."""
     _before_read(name, partition)
     plugin = local.here()[1]
     rows = _packed_rows(getattr(plugin, "store", None), name, partition, meta)
@@ -96,7 +96,8 @@ def read(name: str, partition: int, meta: pd.DataFrame, sealed: int) -> pd.DataF
     # Views into receive buffers: let go of them before the release, which
     # may drop the stream and hand idle buffers back to the OS.
     del rest, filling
-    api.release_partition(name, partition)
+    if release:
+        api.release_partition(name, partition)
     return out
 
 
@@ -124,9 +125,16 @@ def join(
     merge_kwargs: dict[str, Any],
     sealed: int,
 ) -> pd.DataFrame:
-    """Hash join of one co-located partition pair."""
-    left = read(names[0], partition, metas[0], sealed)
-    right = read(names[1], partition, metas[1], sealed)
+    """Hash join of one co-located partition pair.
+
+    Both sides are read before either is released: a task run again after
+    the right side's read handed it back (a loss) finds the left one still
+    there, not trimmed away.
+    """
+    left = read(names[0], partition, metas[0], sealed, release=False)
+    right = read(names[1], partition, metas[1], sealed, release=False)
+    for name in names:
+        api.release_partition(name, partition)
     return left.merge(right, **merge_kwargs)
 
 
