@@ -193,7 +193,7 @@ def test_a_merge_push_run_twice_equals_pandas(client):
     assert_workers_clean(aimss_dask.status())
 
 
-def _partial_push(df, names, side, on, npartitions, cast, input_id, keep) -> int:
+def _partial_push(df, names, side, on, npartitions, cast, input_id, layout, keep) -> int:
     """A push that stopped half-way: only the shards of partitions in ``keep`` got out."""
     writer = RunWriter(names[side], input_id)
     index = partitioning.partition_index(df, on, npartitions, cast, np.empty)
