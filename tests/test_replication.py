@@ -837,6 +837,44 @@ def test_a_copy_cut_back_to_its_new_owner_forgets_what_its_filters_knew_of_the_r
     assert not copy_origins.admit("s", 1, 0, Origin(2, attempt=2))  # what it holds is still a duplicate
 
 
+def test_a_copy_ahead_of_a_promoted_owner_is_cut_where_it_took_over_not_where_it_is_now(tmp_path):
+    """Three copies, the owner dies: the copy promoted held offsets 0-2, another 0-4 (the dead owner's
+    3 and 4, never on every copy). Writers' sends reach the new owner before its catch-up of the other
+    starts, and fill 3-5 with other records: the other copy must be cut at 3 (where the new owner took
+    over), not at 6 (its end now), or it keeps the dead owner's 3 and 4 where the owner holds others."""
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.node.dedup import OriginFilter
+    from aimss_dask.node.follower import Follower
+    from aimss_dask.node.writers import WriterSeqs
+
+    copy_store = LogStore(budget=2**20, spill_root=str(tmp_path / "copy"))
+    copy_store.open("s", 1, [0])
+    follower = Follower(copy_store, WriterSeqs(), OriginFilter(), threading.Lock())
+    for i in range(5):
+        follower.append("s", 1, 0, [i], [8], None, None, at=i)
+    go = threading.Event()
+
+    class Held(linked_replicator(follower, copy_store)):
+        def _replica_end(self, dest, name, p):
+            assert go.wait(10)  # the catch-up starts once the writers' sends are in
+            return super()._replica_end(dest, name, p)
+
+    owner_store = LogStore(budget=2**20, spill_root=str(tmp_path / "owner"))
+    owner_store.open("s", 1, [0])
+    owner_store.append("s", 1, 0, [0, 1, 2], [8, 8, 8])
+    r = Held(owner_store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None)
+    r.configure(StreamSpec(name="s", partitions=1, owners=("a",), epoch=1, replicas=(("b",),), replication=2))
+    with r.append_lock:  # a writer's sends of its records, now at the new owner
+        first = owner_store.append("s", 1, 0, [100, 101, 102], [8, 8, 8])
+        r.shipped("s", 0, first, [100, 101, 102], [8, 8, 8])
+    go.set()
+    wait_until(lambda: "b" in r._parts[("s", 0)].insync, timeout=10, what="the copy in sync")
+    r.close()
+    assert r.cut == [2]  # offsets 3 and 4 of the dead owner
+    assert copy_store.read("s", 1, 0, 0, None)[0] == owner_store.read("s", 1, 0, 0, None, upto=6)[0]
+    assert copy_store.read("s", 1, 0, 0, None)[0] == [0, 1, 2, 100, 101, 102]
+
+
 def test_copies_of_re_created_partitions_are_emptied_with_their_filters(tmp_path):
     """A recovery re-creates partitions 0 and 1: every copy of them held here starts again, empty.
 

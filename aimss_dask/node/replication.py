@@ -90,6 +90,8 @@ class _Part:
     #: Markers queued (see :meth:`Replicator.shipped`), and the last each replica confirmed.
     marks: int = 0
     marked: dict[str, int] = field(default_factory=dict)
+    #: This log's end when the partition began to be tracked here (None: unknown).
+    taken_at: int | None = None
 
     def has(self, dest: str) -> bool:
         return dest in self.insync or dest in self.joining
@@ -208,6 +210,12 @@ class Replicator:
                 part = self._parts.get(key)
                 mine = spec.owners[p] == self.address
                 want = set(spec.replicas_of(p)) if mine else set()
+                if part is not None and part.epoch < spec.first_epoch:
+                    # An older stream of the name, destroyed while a copy
+                    # of it caught up: not this one's.
+                    self._untrack(key)
+                    self._unqueue(part)
+                    part = None
                 if not want:
                     if part is not None:
                         self._untrack(key)
@@ -222,6 +230,11 @@ class Replicator:
                         # new epoch first): configured when it is opened.
                         continue
                     part = self._parts[key] = _Part(spec.name, spec.epoch, p)
+                    # Where this log ended when it began to count here (a copy
+                    # promoted to owner ends where it took over): a copy past
+                    # that holds records of the owner that died, which writers
+                    # send again here, perhaps otherwise (see _sync).
+                    part.taken_at = self.store.held(spec.name, spec.epoch, p)
                     self._names[spec.name] = self._names.get(spec.name, 0) + 1
                 part.epoch = max(part.epoch, spec.epoch)
                 for dest in list(part.insync) + list(part.joining) + list(part.dropping):
@@ -405,6 +418,11 @@ class Replicator:
                         conn = self._sync(d, work.part, conn)
                         with self._cond:
                             self._refused.pop((work.part.name, work.part.p, d.address), None)
+                        if self._dropped_here(work.part):
+                            # Destroyed while this copy caught up: a part
+                            # left tracked would hold back, or stop, a new
+                            # stream of the name placed here.
+                            self._untrack_part(work.part)
                     except StreamNotFoundError as e:
                         if self._not_heard_yet(d, work.part):
                             # The replica has not heard of the stream's new
@@ -457,6 +475,18 @@ class Replicator:
         )
         with self._cond:
             self._drop(part, d.address)
+
+    def _untrack_part(self, part: _Part) -> None:
+        """Forget ``part`` if it is still the one tracked under its key."""
+        with self.append_lock, self._cond:
+            if self._parts.get((part.name, part.p)) is part:
+                self._untrack((part.name, part.p))
+            self._unqueue(part)
+
+    def _unqueue(self, part: _Part) -> None:
+        """Drop what is queued for ``part`` (hold ``_cond``)."""
+        for d in self._dests.values():
+            d.queue = deque(e for e in d.queue if e.part is not part)
 
     def _dropped_here(self, part: _Part) -> bool:
         """Whether this worker's log no longer holds ``part`` (its stream was destroyed)."""
@@ -533,11 +563,15 @@ class Replicator:
                 since = self.store.since(name, part.epoch)
             except AIMSSError:
                 return conn
-        if theirs > held:
+        # Cut at where this owner took over, not at what it holds now:
+        # writers' sends since may have filled those offsets with other
+        # records than the copy holds there.
+        cut = held if part.taken_at is None else min(held, part.taken_at)
+        if theirs > cut:
             # It holds records the owner that died copied to it but not to
             # us; no reader saw them (they were not on every copy).
-            self._ask(d.address, "aimss_truncate", name=name, epoch=part.epoch, partition=p, end=held)
-            theirs = held
+            self._ask(d.address, "aimss_truncate", name=name, epoch=part.epoch, partition=p, end=cut)
+            theirs = cut
         floor = start
         if theirs < start or (theirs == 0 and self._consumed is not None):
             # An empty copy starts where this log starts (this owner trimmed
@@ -605,10 +639,13 @@ class Replicator:
             with self.append_lock:
                 try:
                     now = self.store.held(name, part.epoch, p)
+                    sealed_now = self.store.bounds(name, part.epoch, p)[2]
                 except AIMSSError:
                     return conn
                 moved = self._writers is not None and self._writers.table(name, since, p) != table
-                if now > offset or moved:
+                # Sealed meanwhile too: the coordinator skipped this copy (not
+                # yet in sync), so it is sealed here, or never.
+                if now > offset or moved or sealed_now != sealed:
                     held, paced = now, False
                     continue  # more came while the tables went: copy those, then the tables again
                 with self._cond:
