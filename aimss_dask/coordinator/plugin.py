@@ -387,8 +387,12 @@ class AIMSS(SchedulerPlugin):
         return None
 
     async def _remove_after_moves(self, scheduler: Scheduler, worker: str, kwargs: dict[str, Any]) -> None:
-        await self.evacuations.wait(worker)
-        self._worker_gone(scheduler, worker, kwargs)
+        try:
+            await self.evacuations.wait(worker)
+        except Exception:  # its losses must be named all the same
+            logger.exception("aimss: waiting for the moves off %s failed", worker)
+        finally:
+            self._worker_gone(scheduler, worker, kwargs)
 
     def _worker_gone(self, scheduler: Scheduler, worker: str, kwargs: dict[str, Any]) -> None:
         """``worker`` left: name what it took, restart the runs that need it, free its readers."""

@@ -394,11 +394,15 @@ class StreamHandlers:
         replies = await self.ops.broadcast(
             {"op": "aimss_stream_stats", "name": spec.name}, list(set(spec.owners))
         )
+        # Each owner reports the copies it holds of others' partitions too:
+        # only the owner's own count (a copy may be catching up, or start
+        # past a trimmed head).
         return {
             p: st
-            for r in replies.values()
+            for addr, r in replies.items()
             if isinstance(r, dict)
             for p, st in r.get("partitions", [])
+            if spec.owners[p] == addr
         }
 
     async def release(self, spec: StreamSpec, partitions: list[int], trim: bool = True) -> bool:

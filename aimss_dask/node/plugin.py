@@ -693,17 +693,20 @@ class AIMSSWorker(WorkerPlugin):
         deadline = asyncio.get_running_loop().time() + wait
         while True:
             ev = self._changed
-            lo, end, sealed = self.store.bounds(name, epoch, partition)
-            if end > start or sealed or start < lo:
-                break
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return {"records": [], "sealed": False, "end": end, "next": start}
+            # Counted before the look: an append on another thread right
+            # after it must see a waiter and wake this read (see _bump).
             self._waiters += 1
             try:
-                await asyncio.wait_for(ev.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
+                lo, end, sealed = self.store.bounds(name, epoch, partition)
+                if end > start or sealed or start < lo:
+                    break
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    return {"records": [], "sealed": False, "end": end, "next": start}
+                try:
+                    await asyncio.wait_for(ev.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
             finally:
                 self._waiters -= 1
         max_bytes = max_bytes or (self.config.read_batch_size if self.config else None)
