@@ -261,11 +261,12 @@ class Evacuations:
         arrived = await copy_group(
             self.ops, specs, owners, parts, alive=lambda: all(streams.get(s.name) is s for s in specs)
         )
-        # Only to targets still here: one that died during the copy is the
+        # Only to targets still listed: one that died during the copy is the
         # owner of nothing (its removal looked at the old owners), and the
-        # source's copy must stay.
-        running = set(self.ops.running())
-        arrived = {p for p in arrived if owners[p] in running}
+        # source's copy must stay. (One that is retiring in turn is still
+        # listed, and hands them on.)
+        listed = set(self.ops.workers())
+        arrived = {p for p in arrived if owners[p] in listed}
         done = sorted(arrived)
         for spec in specs:
             current = state.streams.get(spec.name)
