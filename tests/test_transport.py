@@ -672,3 +672,59 @@ def test_callers_waiting_on_one_worker_share_one_ask_of_the_scheduler():
     asyncio.run(main())
     # A later event loop of the same process is served too (no future of a closed loop awaited).
     asyncio.run(asyncio.wait_for(listed("tcp://new:1"), 5))
+
+
+def test_a_failed_write_is_raised_to_the_writer_that_wrote_it_and_the_seal_sees_it_until_then():
+    """Two writers of one stream in one process: the owner refuses a batch of writer A's records. Writer
+    B's flush must not take (and swallow) A's error: B did nothing wrong, and A, or the seal once A has
+    ended without a flush, must still hear of it. Before, the first writer to flush took it."""
+    from aimss_dask.core.errors import SpillError
+    from aimss_dask.core.specs import StreamSpec
+
+    spec = StreamSpec(name="s", partitions=1, owners=("tcp://b:1",), epoch=1)
+    conns: list = []
+    refuse = threading.Event()
+
+    class Answering(_recorded(conns)):
+        def send(self, batch) -> None:
+            errors = {"s": ("SpillError", "these records were not stored")} if refuse.is_set() else {}
+            self.p._settle(self.link, batch, {"errors": errors})
+
+    p = _stand_in(Answering, spec)
+    out: dict[str, object] = {}
+
+    def writer(name: str, fail: bool) -> None:
+        if fail:
+            refuse.set()
+        p.write(spec, 0, np.arange(4))
+        try:
+            p.flush_blocking(["s"])
+            out[name] = "ok"
+        except Exception as e:
+            out[name] = e
+        finally:
+            refuse.clear()
+
+    try:
+        a = threading.Thread(target=writer, args=("a", True))
+        a.start()
+        a.join(10)
+        # A's error is A's: nobody else's flush raises it, and the seal still sees it ...
+        b = threading.Thread(target=writer, args=("b", False))
+        b.start()
+        b.join(10)
+        assert isinstance(out["a"], SpillError) and out["b"] == "ok", out
+        assert p.failure("s", 1) is None  # A was told (its flush raised): its task fails, not the seal
+        # ... and one nobody was told is the seal's.
+        c = threading.Thread(target=lambda: (refuse.set(), p.write(spec, 0, np.arange(4))))
+        c.start()
+        c.join(10)
+        p.flush_blocking(["s"], raise_errors=False)
+        refuse.clear()
+        d = threading.Thread(target=writer, args=("d", False))
+        d.start()
+        d.join(10)
+        assert out["d"] == "ok"
+        assert p.failure("s", 1) == ("SpillError", "these records were not stored")
+    finally:
+        p.close()

@@ -955,7 +955,6 @@ class AIMSSWorker(WorkerPlugin):
         # Dask's one offload thread, which their answers to this worker's
         # peers may need (two workers retiring at once over TLS).
         moved, ends = await asyncio.get_running_loop().run_in_executor(None, self._send_partitions, spec, partitions)
-        await self.producer.flush([spec.name], epoch=spec.epoch)
         for p, _ in ends if drop else ():
             self.store.drop_partition(spec.name, spec.epoch, p)
         return {"records": moved, "ends": ends}
@@ -978,6 +977,8 @@ class AIMSSWorker(WorkerPlugin):
                 offset += len(records)
                 moved += len(records)
             ends.append([p, offset])
+        # Flushed by the thread that wrote: its writes' errors are raised to it alone.
+        self.producer.flush_blocking([spec.name], epoch=spec.epoch)
         return moved, ends
 
     @replies

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import random
 import threading
@@ -108,6 +109,8 @@ class _Item:
     #: When its owner could first not be reached, and when it may next be sent to that owner again.
     orphaned: float = 0.0
     retry_at: float = 0.0
+    #: Who wrote it (:func:`writer_id`): its failure is raised to that writer alone.
+    writer: Any = None
 
 
 @dataclass(eq=False)
@@ -171,7 +174,10 @@ class Producer:
         self._links: dict[str, _Link] = {}
         # stream name -> (epoch, first error): a destroyed stream's errors must
         # not surface on a new stream of the same name.
-        self._errors: dict[str, tuple[int, Exception]] = {}
+        # stream -> writer (writer_id()) -> (epoch, error): a failed write's
+        # error goes to the writer that wrote it, never to another writer of
+        # the stream (which would take it, and the seal then see none).
+        self._errors: dict[str, dict[Any, tuple[int, Exception]]] = {}
         # stream name -> owner -> (epoch, first error): what failed, kept for
         # the seal of a recovered stream (see failure()).
         self._failed: dict[str, dict[str, tuple[int, Exception]]] = {}
@@ -225,13 +231,21 @@ class Producer:
 
     # -- writers (any thread but the event loop's) -----------------------------------------
 
-    def _pop_error(self, name: str, epoch: int | None) -> Exception | None:
-        """The stream's pending error (caller holds the lock); stale ones dropped."""
-        entry = self._errors.get(name)
+    def _pop_error(self, name: str, epoch: int | None, writer: Any = None) -> Exception | None:
+        """``writer``'s (None: the caller's) pending error on the stream (hold the lock); stale ones dropped."""
+        mine = self._errors.get(name, {})
+        me = writer_id() if writer is None else writer
+        entry = mine.get(me)
         if entry is None or (epoch is not None and entry[0] > epoch):
             return None  # none, or a newer stream's: not the caller's to take
-        del self._errors[name]
+        del mine[me]
+        if not mine:
+            self._errors.pop(name, None)
         return entry[1] if epoch is None or entry[0] == epoch else None
+
+    def _set_error(self, it: _Item, err: Exception) -> None:
+        """``it`` failed with ``err``: its writer's error, unless it has one already (hold ``_cond``)."""
+        self._errors.setdefault(it.name, {}).setdefault(it.writer, (it.epoch, err))
 
     def write(
         self,
@@ -298,7 +312,7 @@ class Producer:
                 self._sent_to[line] = owner
             item = _Item(
                 spec.name, spec.epoch, partition, ser, nbytes, origin, seq,
-                line=line if seq is not None else None, created=time.monotonic(),
+                line=line if seq is not None else None, created=time.monotonic(), writer=writer_id(),
             )
             if seq is not None and not self._clear(line, owner):
                 # An older write of the partition waits to be sent again, or
@@ -392,11 +406,15 @@ class Producer:
         names: Iterable[str] | None = None,
         raise_errors: bool = True,
         epoch: int | None = None,
+        writer: Any = None,
     ) -> None:
         """Push everything written so far and wait until the owners stored it.
 
         Then raise the first error of a write to ``names`` (all streams if
         None) that failed; with ``epoch``, only errors of that incarnation.
+        Only the errors of ``writer``'s writes (None: the caller's, see
+        :func:`writer_id`): another writer's are its own to raise, and the
+        seal's to see until then.
         """
         with self._cond:
             targets = {o: link.written for o, link in self._links.items()}
@@ -416,18 +434,19 @@ class Producer:
             if not raise_errors:
                 return
             wanted = list(self._errors) if names is None else list(names)
-            errs = [e for n in wanted if (e := self._pop_error(n, epoch)) is not None]
+            me = writer_id() if writer is None else writer
+            errs = [e for n in wanted if (e := self._pop_error(n, epoch, me)) is not None]
         if errs:
             raise errs[0]
 
     async def flush(
         self, names: Iterable[str] | None = None, raise_errors: bool = True, epoch: int | None = None
     ) -> None:
-        """:meth:`flush_blocking` for the event loop (waits in a thread)."""
+        """:meth:`flush_blocking` for the event loop (waits in a thread), for the caller's writes."""
         await asyncio.get_running_loop().run_in_executor(
             None,
             functools.partial(
-                self.flush_blocking, list(names) if names else None, raise_errors, epoch
+                self.flush_blocking, list(names) if names else None, raise_errors, epoch, writer_id()
             ),
         )
 
@@ -594,7 +613,7 @@ class Producer:
                     parts.setdefault(it.name, set()).add(it.partition)
                 told = {name: _naming(error, ps) for name, ps in parts.items()}
                 for it in batch_failed:
-                    self._errors.setdefault(it.name, (it.epoch, told[it.name]))
+                    self._set_error(it, told[it.name])
                     self._failed.setdefault(it.name, {}).setdefault(link.owner, (it.epoch, told[it.name]))
                     self._give_up(it, told[it.name])
             else:
@@ -607,7 +626,9 @@ class Producer:
                         for it in batch:
                             if it.name == name:
                                 self._give_up(it, err)
-                    self._errors.setdefault(name, (epochs.get(name, -1), err))
+                    for it in batch:
+                        if it.name == name:
+                            self._set_error(it, err)
                     self._failed.setdefault(name, {}).setdefault(link.owner, (epochs.get(name, -1), err))
             link.acked += len(batch)
             self._cond.notify_all()
@@ -868,7 +889,7 @@ class Producer:
         where = spec.owners[it.partition] if spec is not None and it.partition in lost else dead
         with self._cond:
             self._give_up(it, err)
-            self._errors.setdefault(it.name, (it.epoch, err))
+            self._set_error(it, err)
             self._failed.setdefault(it.name, {}).setdefault(where, (it.epoch, err))
             self._rerouting -= 1
             self._cond.notify_all()
@@ -948,9 +969,11 @@ class Producer:
         them that failed must fail the seal.
         """
         with self._cond:
-            entry = self._errors.get(name)
-            if entry is not None and entry[0] == epoch:
-                return type(entry[1]).__name__, str(entry[1])
+            # Any writer's: one that was raised its error took it (its task
+            # failed); one still here was never raised to anyone.
+            for ep, err in self._errors.get(name, {}).values():
+                if ep == epoch:
+                    return type(err).__name__, str(err)
             if since is None:
                 return None
             for owner, (ep, err) in sorted(self._failed.get(name, {}).items()):
@@ -1000,8 +1023,9 @@ class Producer:
         come before this late word) keeps its own.
         """
         with self._cond:
-            if name in self._errors and self._errors[name][0] <= epoch:
-                del self._errors[name]
+            mine = {w: e for w, e in self._errors.pop(name, {}).items() if e[0] > epoch}
+            if mine:
+                self._errors[name] = mine
             failed = {o: e for o, e in self._failed.pop(name, {}).items() if e[0] > epoch}
             if failed:
                 self._failed[name] = failed
@@ -1226,3 +1250,31 @@ def _group(batch: list[_Item], producer_id: int = 0) -> list[dataplane.Group]:
         else:
             groups.append((it.name, it.epoch, it.partition, [it.record], [it.nbytes], None, (producer_id, it.seq)))
     return groups
+
+
+def writer_id() -> Any:
+    """Who writes from here: the Dask task running on this thread, else the thread.
+
+    Failed writes are raised to the writer that wrote them (at its next
+    write or flush). A task's, not its thread's: the next task on that
+    thread is another writer, and the seal must still see the error of a
+    task that ended without flushing.
+    """
+    try:
+        from distributed import get_worker
+
+        key = get_worker().get_current_task()
+    except Exception:  # not in a worker, or not on a task's thread
+        key = None
+    if key is not None:
+        return ("task", key)
+    # Not the thread's ident: the system hands it to the next thread once
+    # this one ends, and that one is another writer.
+    token = getattr(_writers, "token", None)
+    if token is None:
+        token = _writers.token = next(_thread_tokens)
+    return ("thread", token)
+
+
+_writers = threading.local()
+_thread_tokens = itertools.count()
