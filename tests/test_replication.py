@@ -1180,3 +1180,36 @@ def test_retiring_a_worker_of_a_replicated_stream_hands_over_to_its_copies(clust
     assert sorted(int(r[0]) for r in aimss_dask.read_from("rep-retire-sealed")) == list(range(200))
     aimss_dask.destroy_stream("rep-retire")
     aimss_dask.destroy_stream("rep-retire-sealed")
+
+
+def test_a_flush_of_local_writes_fails_when_the_copies_do_not_confirm_in_time(tmp_path, monkeypatch):
+    """A task on the owner writes locally; its flush waits for the copies (wait_all). A copy alive but
+    stuck past ACK_TIMEOUT: the flush must fail, as a remote writer's does, not return as if every copy
+    held the records."""
+    from aimss_dask.core.errors import AIMSSError
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.node import replication
+    from aimss_dask.node.replication import Replicator
+
+    monkeypatch.setattr(replication, "ACK_TIMEOUT", 0.3)
+    stuck = threading.Event()
+
+    class Stuck(Replicator):
+        def _transmit(self, d, groups, conn):
+            stuck.wait(10)
+            return {"errors": {}}, conn
+
+    store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    store.open("s", 1, [0, 1])
+    r = Stuck(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None)
+    r.configure(StreamSpec(name="s", partitions=2, owners=("a", "x"), epoch=1, replicas=(("b",), ()), replication=2),
+                fresh=True)
+    try:
+        with r.append_lock:
+            first = store.append("s", 1, 0, [b"r"], [1])
+            r.shipped("s", 0, first, [b"r"], [1])
+        with pytest.raises(AIMSSError, match=r"replicas of stream 's' partitions \[0\] did not confirm"):
+            r.wait_all(["s"])
+    finally:
+        stuck.set()
+        r.close()

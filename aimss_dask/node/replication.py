@@ -351,19 +351,33 @@ class Replicator:
         return self.store.wait(name, epoch, p, end - 1, ACK_TIMEOUT)
 
     def wait_all(self, names: list[str] | None = None) -> None:
-        """Block until every record stored here so far in partitions of ``names`` (None: all) is on every copy."""
+        """Block until every record stored here so far in partitions of ``names`` (None: all) is on every copy.
+
+        Raises :class:`AIMSSError` naming the partitions whose copies did not
+        hold them after :data:`ACK_TIMEOUT`, as a writer from another process
+        is answered: a flush that returned would promise copies that a
+        promotion would not find.
+        """
         with self._cond:
             todo = [
                 (part.name, part.epoch, part.p)
                 for part in self._parts.values()
                 if names is None or part.name in names
             ]
+        short: dict[str, list[int]] = {}
         for name, epoch, p in todo:
             try:
                 end = self.store.held(name, epoch, p)
             except AIMSSError:
                 continue  # dropped meanwhile
-            self.wait(name, epoch, p, end)
+            if not self.wait(name, epoch, p, end):
+                short.setdefault(name, []).append(p)
+        if short:
+            name, parts = sorted(short.items())[0]
+            raise AIMSSError(
+                f"the replicas of stream {name!r} partitions {parts} did not confirm the records "
+                f"written here in time ({ACK_TIMEOUT:.0f} s): they are stored here, not on every copy"
+            )
 
     # -- senders (one thread per replica worker) -------------------------------------------
 
