@@ -168,6 +168,33 @@ def test_a_failing_store_is_answered_not_hung(server):
     sock.close()
 
 
+def _unreadable():
+    raise ImportError("No module named 'only_on_the_writer'")
+
+
+class _OnlyOnTheWriter:
+    """Pickles fine where it is written; reading it back fails (its module is missing on the owner)."""
+
+    def __reduce__(self):
+        return (_unreadable, ())
+
+
+def test_a_record_the_owner_cannot_read_back_refuses_its_stream_and_keeps_the_connection(server):
+    srv, stored = server
+    sock = _connect(srv)
+    sock.settimeout(10)
+    batch = _batch("s", [np.ones(2)]) + _batch("odd", [np.ones(1), _OnlyOnTheWriter()], partition=1)
+    dataplane.send_buffers(sock, dataplane.encode_batch(batch))
+    ack = dataplane.read_ack(sock)
+    assert list(ack["errors"]) == ["odd"] and ack["errors"]["odd"][0] == "RecordNotSerializableError"
+    assert "only_on_the_writer" in ack["errors"]["odd"][1] and "not stored" in ack["errors"]["odd"][1]
+    assert [g[0] for g in stored] == ["s"]  # none of the stream's records, the other stream's all
+    # The connection still works afterwards: batches pipelined behind it are not lost.
+    dataplane.send_buffers(sock, dataplane.encode_batch(_batch("ok", [np.ones(2)])))
+    assert dataplane.read_ack(sock) == {"errors": {}}
+    sock.close()
+
+
 def test_tcp_and_tls_addresses_use_the_data_plane():
     assert dataplane.carries("auto", "tcp://127.0.0.1:4000")
     assert dataplane.carries("auto", "tls://127.0.0.1:4000")

@@ -374,6 +374,7 @@ class DataServer:
         # (one copy), and the buffer is free again as soon as we return.
         copy = self._own_copies is not None and self._own_copies(plen)
         groups = []
+        refused: dict[str, tuple[str, str]] = {}
         pos = 0
         for name, epoch, partition, recs, sizes, origin, *rest in header:
             records = []
@@ -383,13 +384,25 @@ class DataServer:
                     frame = view[pos : pos + n]
                     frames.append(memoryview(bytearray(frame)) if copy else frame)
                     pos += n
-                records.append(deserialize(rheader, frames))
-            groups.append((name, epoch, partition, records, sizes, origin, *rest))
+                try:
+                    records.append(deserialize(rheader, frames))
+                except Exception as e:
+                    # A record this worker cannot read back (its type's module
+                    # is missing here): that stream's writes are refused, not
+                    # stored, and the batch's others go on; the connection stays.
+                    refused.setdefault(name, (
+                        "RecordNotSerializableError",
+                        f"a record of stream {name!r} could not be read back on its owner "
+                        f"({type(e).__name__}: {e}); the records were not stored",
+                    ))
+            if name not in refused:
+                groups.append((name, epoch, partition, records, sizes, origin, *rest))
+        groups = [g for g in groups if g[0] not in refused]
         try:
-            return self._handler(groups)
+            return {**self._handler(groups), **refused}
         except Exception as e:  # a bug: answer anyway, so the producer never hangs
             logger.exception("aimss: storing a pushed batch failed")
-            return {g[0]: ("AIMSSError", f"{type(e).__name__}: {e}") for g in groups}
+            return {**{g[0]: ("AIMSSError", f"{type(e).__name__}: {e}") for g in groups}, **refused}
 
     def close(self) -> None:
         """Stop accepting and drop every connection; safe to call twice."""
