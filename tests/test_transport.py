@@ -728,3 +728,40 @@ def test_a_failed_write_is_raised_to_the_writer_that_wrote_it_and_the_seal_sees_
         assert p.failure("s", 1) == ("SpillError", "these records were not stored")
     finally:
         p.close()
+
+
+def test_a_replicated_write_answered_by_a_closing_owner_fails_over_not_out(monkeypatch):
+    """Over Dask's comms a closing owner answers (WorkerClosingError) where the data plane just closes: the
+    write goes on where the partition is owned next, as after any unreachable owner, not failed for good."""
+    from aimss_dask.core.errors import WorkerClosingError, error_to_wire
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.transport import producer as prod
+
+    monkeypatch.setattr(prod, "SAME_OWNER_RETRY", 0.05)
+    monkeypatch.setattr(prod, "FAILOVER_TIMEOUT", 5.0)
+    spec = StreamSpec(name="s", partitions=1, owners=("tcp://b:1",), epoch=1, replicas=(("tcp://c:1",),),
+                      replication=2)
+    stored: list[int] = []
+    answers: list[str] = []
+
+    class ClosingOnce(prod._Conn):
+        def __init__(self, p: prod.Producer, link) -> None:
+            self.p, self.link = p, link
+
+        def send(self, batch) -> None:
+            if not answers:
+                answers.append("closing")
+                self.p._settle(self.link, batch, error_to_wire(WorkerClosingError("this worker is closing")))
+                return
+            answers.append("stored")
+            stored.extend(it.seq for it in batch if it.seq not in stored)
+            self.p._settle(self.link, batch, {"errors": {}})
+
+    p = _stand_in(ClosingOnce, spec)
+    try:
+        for i in range(3):
+            p.write(spec, 0, np.full(4, i))
+        p.flush_blocking(["s"])  # raised WorkerClosingError before
+        assert stored == [0, 1, 2] and answers[0] == "closing" and "stored" in answers
+    finally:
+        p.close()

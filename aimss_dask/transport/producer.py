@@ -42,6 +42,7 @@ from aimss_dask.core.errors import (
     PartitionLostError,
     StreamNotFoundError,
     StreamSealedError,
+    WorkerClosingError,
     WriteOrderError,
     error_from_wire,
     raise_from_wire,
@@ -591,6 +592,10 @@ class Producer:
                 reply = raise_from_wire(reply, "aimss_append")
             except Exception as e:
                 error = e
+        if isinstance(error, WorkerClosingError):
+            # The owner answered that it is closing (Dask's comms carry that
+            # answer; the data plane just closes): as unreachable as one gone.
+            failover = True
         with self._cond:
             if self._unsettled:  # replicated writes on their way (else nothing to count: no loop per record)
                 self._unqueued(link.owner, batch)
