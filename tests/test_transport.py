@@ -765,3 +765,42 @@ def test_a_replicated_write_answered_by_a_closing_owner_fails_over_not_out(monke
         assert stored == [0, 1, 2] and answers[0] == "closing" and "stored" in answers
     finally:
         p.close()
+
+
+def test_a_producer_closed_under_its_writers_says_so_instead_of_dropping_their_records():
+    """A client or worker closing closes its producer: a flush waiting on records nobody will answer for,
+    and a write after it, raise WorkerClosingError; they returned (or queued) as if stored."""
+    from aimss_dask.core.errors import WorkerClosingError
+    from aimss_dask.core.specs import StreamSpec
+
+    spec = StreamSpec(name="s", partitions=1, owners=("tcp://b:1",), epoch=1)
+    conns: list = []
+    release = threading.Event()
+
+    class Silent(_recorded(conns)):
+        def send(self, batch) -> None:
+            release.wait(10)  # the owner never answers before the close
+
+    p = _stand_in(Silent, spec)
+    out: list = []
+
+    def flush() -> None:
+        try:
+            p.flush_blocking(["s"])
+            out.append("returned")
+        except Exception as e:
+            out.append(e)
+
+    try:
+        p.write(spec, 0, np.arange(4))
+        t = threading.Thread(target=flush)
+        t.start()
+        time.sleep(0.2)
+        p.close()
+        t.join(10)
+        assert len(out) == 1 and isinstance(out[0], WorkerClosingError), out
+        with pytest.raises(WorkerClosingError, match="producer is closed"):
+            p.write(spec, 0, np.arange(4))
+    finally:
+        release.set()
+        p.close()

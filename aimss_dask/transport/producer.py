@@ -267,8 +267,15 @@ class Producer:
         """
         with self._cond:
             err = self._pop_error(spec.name, spec.epoch)
+            closed = self.closed
         if err is not None:
             raise err
+        if closed:
+            # Queued now, nothing would ever send it: said, not dropped.
+            raise WorkerClosingError(
+                f"cannot write to stream {spec.name!r}: this process's AIMSS producer is closed "
+                "(its client or worker is closing)"
+            )
         if not moving and (spec.name, spec.epoch) in self._sealed:
             raise StreamSealedError(
                 f"stream {spec.name!r} is sealed and takes no more writes; create a "
@@ -428,6 +435,14 @@ class Producer:
                     all(self._links[o].acked >= n for o, n in targets.items())
                     and not self._rerouting
                 )
+            )
+            short = self.closed and (
+                any(self._links[o].acked < n for o, n in targets.items()) or self._rerouting
+            )
+        if short and raise_errors:
+            raise WorkerClosingError(
+                "this process's AIMSS producer closed (its client or worker is closing) before the "
+                "owners answered for every record written: those were not all stored"
             )
         if self._local_wait is not None and not self.closed:
             self._local_wait(list(names) if names is not None else None)
