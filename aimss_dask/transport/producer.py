@@ -173,11 +173,10 @@ class Producer:
         self.budget = ByteBudget(max_in_flight)
         self._cond = threading.Condition()
         self._links: dict[str, _Link] = {}
-        # stream name -> (epoch, first error): a destroyed stream's errors must
-        # not surface on a new stream of the same name.
-        # stream -> writer (writer_id()) -> (epoch, error): a failed write's
-        # error goes to the writer that wrote it, never to another writer of
-        # the stream (which would take it, and the seal then see none).
+        # stream -> writer (writer_id()) -> (epoch, first error): a failed
+        # write's error goes to the writer that wrote it, never to another
+        # writer of the stream (which would take it, and the seal then see
+        # none); epochs keep a destroyed stream's off a new one of the name.
         self._errors: dict[str, dict[Any, tuple[int, Exception]]] = {}
         # stream name -> owner -> (epoch, first error): what failed, kept for
         # the seal of a recovered stream (see failure()).
