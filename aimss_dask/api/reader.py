@@ -144,9 +144,8 @@ def _moved_to(ep: Endpoint, spec: StreamSpec, p: int, owner: str, error: BaseExc
     # other owner would answer otherwise, so waiting for one only delays it.
     # One that no longer holds it (a retirement, or a seal's rebalance, moved
     # it while it lives on) is not: the coordinator says where it went.
-    if isinstance(error, PartitionNotHeldError):
-        pass
-    elif isinstance(error, (ReadTimeoutError, InvalidArgumentError, PermissionError)) or (
+    final = isinstance(error, (ReadTimeoutError, InvalidArgumentError, PermissionError))
+    if (final and not isinstance(error, PartitionNotHeldError)) or (
         isinstance(error, PartitionLostError) and not spec.replicas
     ):
         return None

@@ -480,17 +480,16 @@ class LogStore:
                 raise
         with self._lock:
             try:
-                log = self._log(name, epoch, p)
-            except Exception:  # destroyed (or moved on) meanwhile: the files moved here are ours to remove
+                log = self._log(name, epoch, p)  # destroyed (or moved on) meanwhile: raises
+                if log.segments or log.end != log.start:
+                    raise InvalidOffsetError(
+                        f"cannot rebuild stream {name!r} partition {p} here: its log holds offsets "
+                        f"{log.start} to {log.end}"
+                    )
+            except Exception:  # the files moved here are ours to remove
                 for dest, _ in moved:
                     _unlink(dest)
                 raise
-            if log.segments or log.end != log.start:
-                for dest, _ in moved:
-                    _unlink(dest)
-                raise InvalidOffsetError(
-                    f"cannot rebuild stream {name!r} partition {p} here: its log holds offsets {log.start} to {log.end}"
-                )
             for dest, f in moved:
                 sizes = [n for _, n in f.index.spans]
                 seg = Segment(

@@ -213,8 +213,7 @@ class Replicator:
                 if part is not None and part.epoch < spec.first_epoch:
                     # An older stream of the name, destroyed while a copy
                     # of it caught up: not this one's.
-                    self._untrack(key)
-                    self._unqueue(part)
+                    self._forget_part(part)
                     part = None
                 if not want:
                     if part is not None:
@@ -273,8 +272,7 @@ class Replicator:
                     continue
                 parts.add(id(part))
                 self._untrack(key)
-            for d in self._dests.values():
-                d.queue = deque(e for e in d.queue if id(e.part) not in parts)
+            self._unqueue(parts)
 
     def _untrack(self, key: tuple[str, int]) -> None:
         del self._parts[key]
@@ -491,16 +489,20 @@ class Replicator:
             self._drop(part, d.address)
 
     def _untrack_part(self, part: _Part) -> None:
-        """Forget ``part`` if it is still the one tracked under its key."""
+        """:meth:`_forget_part`, from a sender thread."""
         with self.append_lock, self._cond:
-            if self._parts.get((part.name, part.p)) is part:
-                self._untrack((part.name, part.p))
-            self._unqueue(part)
+            self._forget_part(part)
 
-    def _unqueue(self, part: _Part) -> None:
-        """Drop what is queued for ``part`` (hold ``_cond``)."""
+    def _forget_part(self, part: _Part) -> None:
+        """Forget ``part`` if it is still the one tracked under its key, and what is queued for it (hold both locks)."""
+        if self._parts.get((part.name, part.p)) is part:
+            self._untrack((part.name, part.p))
+        self._unqueue({id(part)})
+
+    def _unqueue(self, parts: set[int]) -> None:
+        """Drop what is queued for the parts of these ids (hold ``_cond``)."""
         for d in self._dests.values():
-            d.queue = deque(e for e in d.queue if e.part is not part)
+            d.queue = deque(e for e in d.queue if id(e.part) not in parts)
 
     def _dropped_here(self, part: _Part) -> bool:
         """Whether this worker's log no longer holds ``part`` (its stream was destroyed)."""

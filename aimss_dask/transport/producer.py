@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from distributed import get_worker
 from distributed.protocol import Serialized
 from distributed.utils import sync
 
@@ -639,14 +640,13 @@ class Producer:
                 epochs = {it.name: it.epoch for it in batch}
                 for name, (kind, msg) in (reply.get("errors") or {}).items():
                     err = error_from_wire(kind, msg)
-                    if isinstance(err, WriteOrderError):
+                    refused = isinstance(err, WriteOrderError)
+                    if refused:
                         err = self._explain_refusal(name, batch, err)
-                    else:
-                        for it in batch:
-                            if it.name == name:
-                                self._give_up(it, err)
                     for it in batch:
                         if it.name == name:
+                            if not refused:
+                                self._give_up(it, err)
                             self._set_error(it, err)
                     self._failed.setdefault(name, {}).setdefault(link.owner, (epochs.get(name, -1), err))
             link.acked += len(batch)
@@ -1280,8 +1280,6 @@ def writer_id() -> Any:
     task that ended without flushing.
     """
     try:
-        from distributed import get_worker
-
         key = get_worker().get_current_task()
     except Exception:  # not in a worker, or not on a task's thread
         key = None

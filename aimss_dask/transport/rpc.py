@@ -79,7 +79,6 @@ class _Answers:
         self._known: dict[str, tuple[float, bool]] = {}
         # Futures belong to one event loop: a process may run several (a client's and a worker's).
         self._asking: dict[tuple[int, str], asyncio.Future[bool]] = {}
-        self.asked = 0
 
     async def __call__(self, address: str) -> bool:
         hit = self._known.get(address)
@@ -98,7 +97,6 @@ class _Answers:
         scheduler = self._scheduler()
         if scheduler is None:
             raise ConnectionError("the rpc to the scheduler was closed")
-        self.asked += 1
         reply = await scheduler.aimss_listed(address=address)
         listed = bool(raise_from_wire(reply, "aimss_listed")["listed"])
         now = time.monotonic()
