@@ -717,6 +717,29 @@ def test_a_consumer_that_starts_on_a_slow_worker_hands_everything_over_at_once()
         assert _progress(tracker, 3, 7, 1.0, worker="b") == {}
 
 
+def test_consumers_of_a_group_not_committed_yet_are_judged_from_their_reports():
+    # A map_records call commits once a consumer is done: before that its
+    # group exists only in its consumers' reports, and a straggler among
+    # them must be found all the same (not only after a peer finished).
+    tracker, sched = _consumers()
+
+    def report(p, offset, worker):
+        return tracker.consumer_progress("s", "m", p, offset, start=0, elapsed=5.0, stop=None, done=False,
+                                         worker=worker)
+
+    for p, offset, worker in ((1, 80, "a"), (2, 80, "a"), (3, 80, "b"), (0, 5, "b")):
+        assert report(p, offset, worker) == {}
+    assert "m" not in tracker.state.groups.get("s", {})
+    tracker.check()
+    assert ("s", "m", 0) in tracker.orders, tracker.reports
+    assert report(0, 6, "b")["dest"] == "a"
+    # Once the call is over its reports go, and its group is judged no more.
+    tracker.forget_group("s", "m")
+    assert not [k for k in tracker.ranges if k[1] == "m"] and not tracker.orders
+    tracker.check()
+    assert not [k for k in tracker.ranges if k[1] == "m"]
+
+
 def test_a_consumer_that_has_nothing_worth_handing_over_gets_no_helper():
     tracker, sched = _consumers()
     _progress(tracker, 1, 100, 1.0, worker="a", done=True)

@@ -598,7 +598,15 @@ class Stragglers:
         peers: dict[tuple[str, str], list[Progress]] = {}
         ids: dict[str, tuple[str, str, int]] = {}
         live: set[tuple[str, str, int]] = set()
-        for name, groups in self.state.groups.items():
+        # A group is committed only when its first consumer is done: until
+        # then its consumers are known by their reports alone, and are
+        # judged as well (a map_records call's consumers from their start).
+        known: dict[str, dict[str, list[int]]] = {n: dict(gs) for n, gs in self.state.groups.items()}
+        for name, group, _ in self.ranges:
+            spec = self.state.streams.get(name)
+            if spec is not None and group not in known.setdefault(name, {}):
+                known[name][group] = [0] * spec.partitions
+        for name, groups in known.items():
             spec = self.state.streams.get(name)
             if spec is None:
                 continue
@@ -803,6 +811,12 @@ class Stragglers:
             "dest": dest, "elapsed": round(float(elapsed), 3), "rule": rule, "copies": int(copies),
             "outcome": f"copy won {int(won)} of {int(copies)}", "found": time.time(),
         })
+
+    def forget_group(self, name: str, group: str) -> None:
+        """Group ``group`` of ``name`` is over (a map_records call's own): forget its consumers' reports."""
+        for k in [k for k in self.ranges if k[0] == name and k[1] == group]:
+            del self.ranges[k]
+            self.orders.pop(k, None)
 
     def consumers_done(self, name: str, group: str, partitions: int) -> bool:
         """Whether the consumers of every partition of ``group`` reported that they are done."""

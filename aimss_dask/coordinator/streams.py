@@ -470,6 +470,7 @@ class StreamHandlers:
             # The group a map_records call made for itself: forgotten once
             # every partition's consumer is done, or calls would pile groups up.
             self.coord.state.forget_group(name, group)
+            stragglers.forget_group(name, group)
         return {"offsets": offsets, **order}
 
     @replies
