@@ -438,6 +438,36 @@ def test_an_array_of_a_group_removed_while_loading_raises_on_read_not_zeros(clie
         aimss_dask.destroy_stream(s.name)
 
 
+def test_an_array_removed_from_a_store_that_is_not_a_local_folder_raises_not_zeros(client, tmp):
+    """An fsspec store (as on an object store): its chunks gone, Zarr reads fill values; the source refuses."""
+    import shutil
+
+    import fsspec
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+    from zarr.storage import FsspecStore
+
+    x = _array((40, 4), "f8") + 1.0  # no zero anywhere: zeros would be the fill value
+    path = os.path.join(tmp, "remote.zarr")
+    fs = AsyncFileSystemWrapper(fsspec.filesystem("file", auto_mkdir=True), asynchronous=True)
+    store = FsspecStore(fs, path=path)
+    arr = zarr.create_array(store, shape=x.shape, chunks=(2, 4), dtype="f8")
+    arr[:] = x
+    # Read whole while it is there ...
+    s = from_zarr(arr, partitions=1, prefetch=1)
+    try:
+        np.testing.assert_array_equal(np.concatenate(list(s.batches(4))), x)
+    finally:
+        aimss_dask.destroy_stream(s.name)
+    # ... and refused once it is gone.
+    s = from_zarr(arr, partitions=1, prefetch=1)
+    try:
+        shutil.rmtree(path)
+        with pytest.raises(aimss_dask.StoreNotFoundError, match="is gone from"):
+            list(s.batches(4))
+    finally:
+        aimss_dask.destroy_stream(s.name)
+
+
 def test_the_store_counts_threads_parked_in_wait(tmp):
     """``LogStore.waiting``: the public count the brokers read as "a reader waits".
 

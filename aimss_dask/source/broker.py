@@ -375,17 +375,22 @@ class SourceRun(Run):
         slab = self.layout.slab_at(p, offset)
         lo, hi = self.layout.slab_bounds(slab)
         try:
-            # The array's metadata file, where it is on a file system: Zarr
-            # reads a missing chunk as its fill value, so without this check
-            # an array removed before (or while) it is read would stream zeros.
+            # Zarr reads a missing chunk as its fill value: without these
+            # checks an array removed before (or while) it is read would
+            # stream zeros. On a file system its metadata file is looked at
+            # before and after; in another store (an object store) the
+            # array's metadata is read again after (one small request).
             meta = self.source.get("local_root")
             if meta is not None and not os.path.exists(meta):
                 raise FileNotFoundError(f"{meta!r} no longer exists")
             with trace.span("source-read", stream=self.spec.name, partition=p, rows=[lo, hi]) as args:
-                data = np.ascontiguousarray(self._open()[lo:hi])
+                arr = self._open()
+                data = np.ascontiguousarray(arr[lo:hi])
                 args["bytes"] = data.nbytes
             if meta is not None and not os.path.exists(meta):
                 raise FileNotFoundError(f"{meta!r} was removed while its rows were read")
+            if meta is None:
+                _still_there(arr)
             return data
         except FileNotFoundError as e:
             raise StoreNotFoundError(
@@ -620,3 +625,13 @@ class SourceFactory:
             raise StreamNotFoundError(f"stream {s.name!r} has no log on this worker; it was destroyed")
         parts = [p for p, w in enumerate(s.owners) if w == plugin.worker.address]
         return SourceRun(plugin, s, self.source, parts)
+
+
+def _still_there(arr: Any) -> None:
+    """``FileNotFoundError`` if ``arr``'s metadata is gone from its store (the array was removed)."""
+    import zarr
+
+    try:
+        zarr.open_array(store=arr.store, path=arr.path, mode="r")
+    except FileNotFoundError as e:  # zarr's ArrayNotFoundError is one
+        raise FileNotFoundError(f"the array {arr.path or '/'!r} is gone from {arr.store} ({e})") from None
