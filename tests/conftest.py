@@ -48,9 +48,13 @@ START = os.environ.get("AIMSS_TEST_START", "forkserver")
 if START not in ("forkserver", "spawn"):
     raise ValueError(f"AIMSS_TEST_START={START!r}: use 'forkserver' or 'spawn'")
 #: Dask settings of the whole suite (``_suite_config`` keeps them).
+#: ``aimss.liveness-interval`` of the suite's clusters (2 s by default): the
+#: tests that stop a worker wait a few of these before and after its removal.
+LIVENESS_INTERVAL = 0.5
 SUITE_CONFIG: dict[str, Any] = {
     "distributed.deploy.lost-worker-timeout": "600s",
     "distributed.worker.multiprocessing-method": START,
+    "aimss.liveness-interval": f"{LIVENESS_INTERVAL}s",
 }
 dask.config.set(SUITE_CONFIG)
 if START == "forkserver":
@@ -229,9 +233,16 @@ SECURITY = os.environ.get("AIMSS_TEST_SECURITY", "tcp")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    # A module with ``ALSO_TLS = True`` runs its tests on a TCP and on a TLS cluster.
-    if "cluster" in metafunc.fixturenames and getattr(metafunc.module, "ALSO_TLS", False):
-        metafunc.parametrize("cluster", ["tcp", "tls"], indirect=True, scope="module")
+    # A module with ``ALSO_TLS = True`` runs its tests on a TCP and on a TLS
+    # cluster; with ``ALSO_TLS`` a collection of test names, only those (the
+    # others on the TCP cluster, which they share).
+    also = getattr(metafunc.module, "ALSO_TLS", False)
+    if also is not True and also:
+        missing = [n for n in also if not callable(getattr(metafunc.module, n, None))]
+        assert not missing, f"ALSO_TLS of {metafunc.module.__name__} names no test {missing}"
+    if "cluster" in metafunc.fixturenames and also:
+        both = also is True or metafunc.function.__name__ in also
+        metafunc.parametrize("cluster", ["tcp", "tls"] if both else ["tcp"], indirect=True, scope="module")
 
 
 def security_kwargs(kind: str) -> dict[str, Any]:

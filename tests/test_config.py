@@ -55,6 +55,7 @@ def test_defaults_come_from_the_shipped_yaml():
         max_in_flight=64 * MiB,
         read_batch_size=16 * MiB,
         transport="auto",
+        liveness_interval=2.0,
     )
     # The dataclass defaults and the YAML agree, so code that builds an
     # AIMSSConfig() directly behaves like a deployment with no config at all.
@@ -115,6 +116,7 @@ def test_sizes_and_durations_parse():
     assert cfg.max_in_flight == GiB
     assert cfg.read_batch_size == MiB
     assert cfg.linger == pytest.approx(0.02)
+    assert AIMSSConfig.load(liveness_interval="250ms").liveness_interval == pytest.approx(0.25)
     assert cfg.spill_directory == "/tmp/x" and isinstance(cfg.spill_directory, str)
     assert AIMSSConfig.load(linger=0).linger == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -141,6 +143,8 @@ def test_sizes_and_durations_parse():
         ({"transport": "tcp"}, r"aimss transport='tcp' is not one of 'auto', 'dask'"),
         ({"recovery": "fast"}, r"aimss recovery='fast' is not one of 'offsets' \(copy only"),
         ({"recovery_rate": 0}, r"aimss recovery-rate=0 must be a positive size"),
+        ({"liveness_interval": 0}, r"aimss liveness-interval=0 is not a positive duration"),
+        ({"liveness_interval": "soon"}, r"aimss liveness-interval='soon' is not a positive duration"),
         ({"colour": "blue"}, r"unknown AIMSS option 'colour'; known options: \['batch_size'"),
     ],
 )

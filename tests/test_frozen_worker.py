@@ -23,12 +23,12 @@ from typing import Any
 import dask
 import numpy as np
 import pytest
+from conftest import LIVENESS_INTERVAL as EVERY
 from conftest import make_cluster, security_kwargs, unique_name, wait_until
 from distributed import Client
 
 import aimss_dask
 from aimss_dask._compat import listed_workers
-from aimss_dask.transport.liveness import EVERY
 
 #: 8 KiB: the few records written to the stopped worker fit in its socket's
 #: receive window, so its kernel acknowledges them all: nothing but the
@@ -301,7 +301,7 @@ def test_an_owner_that_reads_nothing_for_longer_than_the_tcp_timeout_is_waited_o
             os.kill(pid, signal.SIGSTOP)
             try:
                 thread, out = _in_thread(write_and_flush)
-                thread.join(16)
+                thread.join(14)  # past the 11 s: Dask's keep-alive would have cut it by now
                 assert thread.is_alive(), f"the writer stopped waiting on a stopped owner the scheduler lists: {out}"
             finally:
                 os.kill(pid, signal.SIGCONT)

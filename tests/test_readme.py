@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import importlib.util
 import os
 import re
@@ -299,6 +300,7 @@ def test_streaming_sink_attributes_are_named_as_the_readme_says():
 # -- bash blocks: checked, not run ------------------------------------------------------------
 
 
+@functools.cache
 def _help(*args: str) -> str:
     r = subprocess.run([sys.executable, *args, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -23,8 +23,17 @@ from aimss_dask.coordinator.placement import place_partitions
 from aimss_dask.core.names import PARTITION_TASK_PREFIX
 from aimss_dask.core.runs import RunSpec
 
-#: Every test here runs on a TCP and on a TLS cluster (conftest): the data plane is on both.
-ALSO_TLS = True
+#: These also run on a TLS cluster (conftest), the others on TCP only: the
+#: data plane under TLS is the same code whatever the frame holds, so a
+#: sample covers it (every column type, each join, empty inputs, placement).
+ALSO_TLS = (
+    "test_shuffle_column_types",
+    "test_merge_how",
+    "test_merge_with_empty_partitions_and_empty_side",
+    "test_shuffle_with_empty_input_partitions",
+    "test_read_tasks_run_on_partition_owners",
+    "test_shuffle_streams_are_gone_after_compute",
+)
 
 NA = "<NA>"  # what a missing key value becomes in key sets (NaN != NaN in a set)
 

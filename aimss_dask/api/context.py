@@ -92,7 +92,9 @@ class Endpoint:
         """
         listed = listed_by(self.scheduler)
         await connect_listed(self.rpc, addr, listed)
-        reply = await call_listed(getattr(self.rpc(addr), f"aimss_{op}")(**kwargs), addr, listed)
+        reply = await call_listed(
+            getattr(self.rpc(addr), f"aimss_{op}")(**kwargs), addr, listed, every=self.producer.liveness.every
+        )
         return raise_from_wire(reply, f"aimss_{op}")
 
     def scheduler_op(self, op: str, **kwargs: Any) -> dict[str, Any]:
@@ -187,6 +189,7 @@ def current(fn: str = "call") -> Endpoint:
                 # closed client (and, through it, this very entry) alive.
                 resolve=functools.partial(_resolve, weakref.ref(client)),
                 listed=listed_by(client.scheduler),
+                liveness_interval=cfg.liveness_interval,
             )
             _client_producers[client] = producer
             # Seals must also push what this client has buffered: the

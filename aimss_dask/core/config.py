@@ -355,6 +355,7 @@ class AIMSSConfig:
     sink: SinkConfig = SinkConfig()
     io: IOConfig = IOConfig()
     trace: str | None = None
+    liveness_interval: float = 2.0
 
     @classmethod
     def load(cls, **overrides: Any) -> AIMSSConfig:
@@ -440,6 +441,7 @@ class AIMSSConfig:
         if trace is not None and (not isinstance(trace, (str, os.PathLike)) or not os.fspath(trace)):
             raise _bad("trace", f"aimss trace={trace!r} must be a folder (made if missing) or null")
         return cls(
+            liveness_interval=_duration("liveness-interval", d.get("liveness_interval", 2.0), positive=True),
             trace=None if trace is None else os.path.abspath(os.fspath(trace)),
             transport=transport,
             memory_limit=_bytes("memory-limit", d.get("memory_limit"), allow_none=True),

@@ -231,6 +231,7 @@ class AIMSSWorker(WorkerPlugin):
             consumed=self._consumed if self.config.recovery == "offsets" else None,
             rate=self.config.recovery_rate,
             listed=listed,
+            liveness_interval=self.config.liveness_interval,
         )
         self.follower = Follower(self.store, self.writers, self.origins, self.replicator.append_lock)
         self.producer = Producer(
@@ -245,6 +246,7 @@ class AIMSSWorker(WorkerPlugin):
             local_wait=self.replicator.wait_all,
             resolve=self._resolve,
             listed=listed,
+            liveness_interval=self.config.liveness_interval,
         )
         self.io_gate = IOGate(worker, self.config.io.enabled)
         store = self.store

@@ -49,7 +49,7 @@ from aimss_dask.log.store import LogStore
 from aimss_dask.node.dedup import OriginFilter
 from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import dataplane, secure
-from aimss_dask.transport.liveness import Liveness, call_listed
+from aimss_dask.transport.liveness import EVERY, Liveness, call_listed
 from aimss_dask.transport.producer import ask_data_address
 from aimss_dask.transport.rpc import Listed
 from aimss_dask.transport.secure import Conn, Credentials
@@ -151,6 +151,7 @@ class Replicator:
         consumed: Callable[[str, int], int] | None = None,
         rate: int | None = None,
         listed: Listed | None = None,
+        liveness_interval: float = EVERY,
     ) -> None:
         self.store = store
         self._listed = listed
@@ -167,7 +168,7 @@ class Replicator:
         self._loop = loop
         # Cuts a copy's connection when its replica stopped answering without
         # dying and the scheduler removed it (see liveness): the copy is lost.
-        self._liveness = Liveness(loop, listed)
+        self._liveness = Liveness(loop, listed, liveness_interval)
         self._rpc = rpc
         self.address = address
         self._batch_size = batch_size
@@ -736,7 +737,10 @@ class Replicator:
         async def call() -> Any:
             request = getattr(self._rpc(dest), op)(**kwargs)
             # A replica stopped or hung never answers, nor breaks the connection.
-            return await (request if self._listed is None else call_listed(request, dest, self._listed))
+            return await (
+                request if self._listed is None
+                else call_listed(request, dest, self._listed, every=self._liveness.every)
+            )
 
         return raise_from_wire(sync(self._loop, call), op)
 

@@ -41,8 +41,9 @@ logger = logging.getLogger("aimss_dask")
 T = TypeVar("T")
 
 #: Seconds a connection waits on its peer before the scheduler is asked
-#: whether the peer is still there, and between asks. One ask per peer and
-#: process, and only while something waits on it: cheap for the scheduler.
+#: whether the peer is still there, and between asks (the default of
+#: ``aimss.liveness-interval``). One ask per peer and process, and only while
+#: something waits on it: cheap for the scheduler.
 EVERY = 2.0
 
 #: Seconds a request to a worker may take before :func:`call_listed` asks:
@@ -80,7 +81,9 @@ class Liveness:
     def __init__(self, loop: Any, listed: Listed | None, every: float = EVERY) -> None:
         self._loop = loop
         self._listed = listed
-        self._every = every
+        #: Seconds between asks (``aimss.liveness-interval``); also what
+        #: :func:`call_listed` is given by the holder of this watcher.
+        self.every = every
         self._lock = threading.Lock()
         self._watched: set[Watched] = set()
         self._patrolling = False
@@ -114,13 +117,13 @@ class Liveness:
     async def _patrol(self) -> None:
         try:
             while True:
-                await asyncio.sleep(self._every)
+                await asyncio.sleep(self.every)
                 with self._lock:
                     if not self._watched:
                         self._patrolling = False
                         return
                     now = time.monotonic()
-                    waiting = [c for c in self._watched if _waited(c, now) >= self._every]
+                    waiting = [c for c in self._watched if _waited(c, now) >= self.every]
                 for address in sorted({c.address for c in waiting}):
                     if not await self._gone(address):
                         continue

@@ -53,7 +53,7 @@ from aimss_dask.core.stats import Histogram
 from aimss_dask.log import records
 from aimss_dask.log.budget import ByteBudget
 from aimss_dask.transport import dataplane, secure
-from aimss_dask.transport.liveness import Liveness, call_listed, shut_down
+from aimss_dask.transport.liveness import EVERY, Liveness, call_listed, shut_down
 from aimss_dask.transport.rpc import Listed, connect_listed
 from aimss_dask.transport.secure import Credentials
 
@@ -156,6 +156,7 @@ class Producer:
         local_wait: LocalWait | None = None,
         resolve: Resolve | None = None,
         listed: Listed | None = None,
+        liveness_interval: float = EVERY,
     ) -> None:
         self._loop = loop
         self._rpc = rpc
@@ -164,7 +165,7 @@ class Producer:
         self._listed = listed
         # ... and cuts data connections to an owner that stopped answering
         # without dying once the scheduler removed it (see liveness).
-        self.liveness = Liveness(loop, listed)
+        self.liveness = Liveness(loop, listed, liveness_interval)
         self._batch_size = batch_size
         self._linger = linger
         # The cluster's data-plane credentials; None: Dask's comms only.
@@ -1100,7 +1101,10 @@ class _DaskConn(_Conn):
                 listed = self.p._listed
                 # The owner-lost word cancels this (aborts) where the coordinator
                 # sends it; an owner stopped or hung is given up once removed.
-                return await (request if listed is None else call_listed(request, owner, listed))
+                return await (
+                    request if listed is None
+                    else call_listed(request, owner, listed, every=self.p.liveness.every)
+                )
             except asyncio.CancelledError:
                 # Producer.owner_lost: the batch fails over like any other
                 # whose owner could not be reached.
