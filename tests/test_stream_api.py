@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import defaultdict
@@ -601,7 +602,11 @@ def test_info_and_status(client):
     assert info["spilled_bytes"] == 0
 
     st = aimss_dask.status()
-    assert set(st) == workers
+    assert set(st) == workers and st.silent == []
+    for bad, error in ((0, aimss_dask.InvalidArgumentError), (float("nan"), aimss_dask.InvalidArgumentError),
+                       ("2s", aimss_dask.InvalidTypeError), (None, aimss_dask.InvalidTypeError)):
+        with pytest.raises(error, match=re.escape(f"status(timeout={bad!r})")):
+            aimss_dask.status(timeout=bad)
     for addr, w in st.items():
         assert {"budget", "memory_bytes", "spilled_bytes", "peak_memory", "streams", "spill_directory"} <= set(w)
         assert w["streams"] == [name]

@@ -690,18 +690,31 @@ class ClusterStatus(dict[str, dict[str, Any]]):
         return [r for r in self.runs if r["kind"] == kind]
 
 
-def status() -> ClusterStatus:
+def status(timeout: float = 10.0) -> ClusterStatus:
     """Per worker: log memory, budget, peak, spilled bytes and the streams held;
     and ``.runs`` / ``.streams``: every run and stream of the cluster.
+
+    ``timeout``: seconds to wait for each worker's answer; a listed worker
+    that has not answered by then (stopped, or hung) is named in
+    ``.silent`` instead.
 
     Examples
     --------
     >>> st = aimss_dask.status()                                   # doctest: +SKIP
     >>> [(r["kind"], r["state"]) for r in st.runs]                 # doctest: +SKIP
     [('shuffle', 'running'), ('loader', 'running')]
+    >>> aimss_dask.status(timeout=2).silent                        # doctest: +SKIP
+    []
     """
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
+        raise InvalidTypeError(
+            f"status(timeout={timeout!r}): {type_name(timeout)} is not a number; give the seconds "
+            "to wait for each worker's answer"
+        )
+    if not timeout > 0:  # NaN fails this too
+        raise InvalidArgumentError(f"status(timeout={timeout!r}): the seconds to wait for each worker must be > 0")
     ep = current("status")
-    reply = _plain(ep.scheduler_op("status"))
+    reply = _plain(ep.scheduler_op("status", timeout=float(timeout)))
     overview = _plain(ep.scheduler_op("runs"))
     return ClusterStatus(
         reply["workers"], overview["runs"], overview["streams"], overview.get("stragglers"), overview.get("io"),

@@ -74,8 +74,8 @@ BOUNDS_INTERVAL_MS = 500
 #: How often the dashboard's throughput history takes a point (ms).
 THROUGHPUT_INTERVAL_MS = 1000
 
-#: How long ``status()`` waits for a worker's answer (s); a listed worker
-#: that has not answered by then is reported silent.
+#: How long ``status()`` waits for a worker's answer by default (s); a
+#: listed worker that has not answered by then is reported silent.
 STATUS_WAIT = 10.0
 
 
@@ -611,10 +611,10 @@ class AIMSS(SchedulerPlugin):
         return {"listed": address in self.scheduler.workers}
 
     @replies
-    async def _h_status(self) -> dict[str, Any]:
+    async def _h_status(self, timeout: float = STATUS_WAIT) -> dict[str, Any]:
         # A worker stopped or hung, but listed, never answers: status() is
         # what a user calls to find out why a job hangs, so it names it.
-        replies = await self.ops.broadcast({"op": "aimss_worker_status"}, timeout=STATUS_WAIT)
+        replies = await self.ops.broadcast({"op": "aimss_worker_status"}, timeout=float(timeout))
         return {
             "workers": {
                 addr: r["status"] for addr, r in replies.items() if isinstance(r, dict)
