@@ -48,13 +48,9 @@ START = os.environ.get("AIMSS_TEST_START", "forkserver")
 if START not in ("forkserver", "spawn"):
     raise ValueError(f"AIMSS_TEST_START={START!r}: use 'forkserver' or 'spawn'")
 #: Dask settings of the whole suite (``_suite_config`` keeps them).
-#: ``aimss.liveness-interval`` of the suite's clusters (2 s by default): the
-#: tests that stop a worker wait a few of these before and after its removal.
-LIVENESS_INTERVAL = 0.5
 SUITE_CONFIG: dict[str, Any] = {
     "distributed.deploy.lost-worker-timeout": "600s",
     "distributed.worker.multiprocessing-method": START,
-    "aimss.liveness-interval": f"{LIVENESS_INTERVAL}s",
 }
 dask.config.set(SUITE_CONFIG)
 if START == "forkserver":

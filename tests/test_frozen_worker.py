@@ -23,7 +23,6 @@ from typing import Any
 import dask
 import numpy as np
 import pytest
-from conftest import LIVENESS_INTERVAL as EVERY
 from conftest import make_cluster, security_kwargs, unique_name, wait_until
 from distributed import Client
 
@@ -35,6 +34,18 @@ from aimss_dask._compat import listed_workers
 #: worker's own answers is missing (the last test fills the window).
 RECORD = np.ones(2**10)
 IN_FLIGHT = 4
+
+
+#: ``aimss.liveness-interval`` of this module's clusters and clients (2 s by
+#: default): each test waits a few of these before and after a removal.
+EVERY = 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _liveness_interval() -> Iterator[None]:
+    """Set before the module's clusters start (autouse fixtures come first): their nannies pass it on."""
+    with dask.config.set({"aimss.liveness-interval": f"{EVERY}s"}):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,11 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -265,23 +268,60 @@ def test_shutdown_noise_is_cut_and_nothing_else():
     )
 
 
-@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[b.id for b in PYTHON_BLOCKS])
-def test_python_block_runs(block: Block, tmp_path: Path):
-    if block.id in SKIP:
-        pytest.skip(f"README block {block.id!r} (line {block.line}): {SKIP[block.id]}")
+def block_script(block: Block) -> str:
+    """What runs for ``block``: itself as pasted, or the prelude, the block, its check and the epilogue."""
     free = free_names(block.code)
     if not free:
-        script = block.code  # self-contained: exactly as pasted
-    else:
-        unknown = free - PRELUDE_NAMES
-        assert not unknown, (
-            f"README block {block.id!r} (line {block.line}) uses {sorted(unknown)}, which neither it "
-            "nor the prelude defines: define them in PRELUDE and name them in the README's prelude sentence"
-        )
-        check = textwrap.dedent(CHECKS.get(block.id, ""))
-        script = PRELUDE + textwrap.indent(block.code + check + EPILOGUE, "    ")
-    (tmp_path / "block.py").write_text(script)
-    r = run_python(tmp_path / "block.py", tmp_path)
+        return block.code  # self-contained: exactly as pasted
+    unknown = free - PRELUDE_NAMES
+    assert not unknown, (
+        f"README block {block.id!r} (line {block.line}) uses {sorted(unknown)}, which neither it "
+        "nor the prelude defines: define them in PRELUDE and name them in the README's prelude sentence"
+    )
+    check = textwrap.dedent(CHECKS.get(block.id, ""))
+    return PRELUDE + textwrap.indent(block.code + check + EPILOGUE, "    ")
+
+
+#: Blocks run at once, each in its own processes and folder: a block's
+#: cluster mostly waits (process starts, its few tasks), so two overlap well.
+BLOCKS_AT_ONCE = 2
+
+
+@pytest.fixture(scope="module")
+def block_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Block id -> ``(script, future of its run)``, for the blocks this session runs, started in README order."""
+    selected = {
+        item.callspec.params["block"].id
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_python_block_runs" and hasattr(item, "callspec")
+    }
+    runs: dict[str, Any] = {}
+    with ThreadPoolExecutor(BLOCKS_AT_ONCE) as pool:
+        for block in PYTHON_BLOCKS:
+            if block.id not in selected or block.id in SKIP:
+                continue
+            try:
+                script = block_script(block)
+            except AssertionError as e:
+                runs[block.id] = (None, e)  # the block's test reports it
+                continue
+            folder = tmp_path_factory.mktemp("block")
+            (folder / "block.py").write_text(script)
+            runs[block.id] = (script, pool.submit(run_python, folder / "block.py", folder))
+        yield runs
+        for _, run in runs.values():
+            if isinstance(run, Future):
+                run.cancel()
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[b.id for b in PYTHON_BLOCKS])
+def test_python_block_runs(block: Block, block_runs: dict[str, Any]):
+    if block.id in SKIP:
+        pytest.skip(f"README block {block.id!r} (line {block.line}): {SKIP[block.id]}")
+    script, run = block_runs[block.id]
+    if isinstance(run, AssertionError):
+        raise run
+    r = run.result()
     report = f"README block {block.id!r} (line {block.line}):\n{script}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
     assert r.returncode == 0, report
     assert "Traceback" not in _SHUTDOWN_NOISE.sub("", r.stderr), report

@@ -29,7 +29,7 @@ from aimss_dask.core.names import (
     SEAL_PRODUCERS_TOPIC,
 )
 from aimss_dask.transport import dataplane
-from aimss_dask.transport.liveness import call_listed
+from aimss_dask.transport.liveness import EVERY, call_listed
 from aimss_dask.transport.producer import Producer
 from aimss_dask.transport.rpc import connect_listed, listed_by
 
@@ -92,9 +92,9 @@ class Endpoint:
         """
         listed = listed_by(self.scheduler)
         await connect_listed(self.rpc, addr, listed)
-        reply = await call_listed(
-            getattr(self.rpc(addr), f"aimss_{op}")(**kwargs), addr, listed, every=self.producer.liveness.every
-        )
+        # The producer's interval: this process's ``aimss.liveness-interval``.
+        every = self.producer.liveness.every if self.producer is not None else EVERY
+        reply = await call_listed(getattr(self.rpc(addr), f"aimss_{op}")(**kwargs), addr, listed, every=every)
         return raise_from_wire(reply, f"aimss_{op}")
 
     def scheduler_op(self, op: str, **kwargs: Any) -> dict[str, Any]:
