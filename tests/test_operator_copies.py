@@ -73,7 +73,7 @@ def _part(i: int, n: int) -> pd.DataFrame:
     return pd.DataFrame({"id": np.arange(i * n, (i + 1) * n), "k": rng.integers(0, 500, n), "v": rng.random(n)})
 
 
-def _frame(nparts: int = 18, rows: int = 150_000) -> dd.DataFrame:
+def _frame(nparts: int = 18, rows: int = 100_000) -> dd.DataFrame:
     return dd.from_delayed([dask.delayed(_part)(i, rows) for i in range(nparts)], meta=_part(0, 1))
 
 
@@ -82,7 +82,7 @@ def test_a_shuffles_straggling_pushes_get_copies_and_every_row_arrives_once(clie
     # steals queued ones for the others, never the running one).
     df = client.persist(_frame(), workers=[slow])
     wait(df)
-    want = pd.concat([_part(i, 150_000) for i in range(18)]).sort_values("id").reset_index(drop=True)
+    want = pd.concat([_part(i, 100_000) for i in range(18)]).sort_values("id").reset_index(drop=True)
     t0 = time.time()
     with throttled(_pid(client, slow), SHARE):
         got = aimss_dask.shuffle(df, on="k").compute()
@@ -144,14 +144,14 @@ def test_a_rechunk_and_a_zarr_write_whose_pushes_are_copied_or_moved_equal_their
     client = fresh
     slow = sorted(listed_workers(client))[-1]
     # The blocks on the slow worker: it surely runs pushes of its own.
-    x = client.persist(da.random.default_rng(7).random((9600, 2400), chunks=(800, 2400)), workers=[slow])
+    x = client.persist(da.random.default_rng(7).random((4800, 2400), chunks=(400, 2400)), workers=[slow])
     wait(x)
     want = x.compute()
     t0 = time.time()
     with throttled(_pid(client, slow), SHARE):
-        y = aimss_dask.rechunk(x, (9600, 200)).compute()
+        y = aimss_dask.rechunk(x, (4800, 200)).compute()
         path = str(tmp_path / "a.zarr")
-        aimss_dask.to_zarr(x, path, chunks=(1000, 2400))
+        aimss_dask.to_zarr(x, path, chunks=(500, 2400))
     np.testing.assert_array_equal(y, want)
     np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], want)
     events = _events(client, t0)
