@@ -624,6 +624,39 @@ def test_info_and_status(client):
     assert info["epoch"] == s.spec.epoch
 
 
+def _write_views_on_the_owner(name: str) -> dict[str, bool]:
+    """On partition 0's owner: write a whole array, a small slice of it, and a slice of a frame; which pin ``big``."""
+    import pandas as pd
+
+    big = np.arange(2**20, dtype="f8")  # 8 MiB
+    frame = pd.DataFrame({"a": big, "b": big + 1})
+    s = aimss_dask.get_stream(name)
+    s.write(big, partition=0)
+    s.write(big[:10], partition=0)
+    s.write(frame.iloc[:5], partition=0)
+    s.seal()
+    whole, piece, rows = aimss_dask.read_from(name, partition=0)  # local: the stored objects themselves
+    np.testing.assert_array_equal(piece, big[:10])
+    pd.testing.assert_frame_equal(rows, frame.iloc[:5])
+    return {
+        "whole": bool(np.shares_memory(whole, big)),
+        "piece": bool(np.shares_memory(piece, big)),
+        "rows": any(np.shares_memory(rows[c].to_numpy(), frame[c].to_numpy()) for c in rows),
+    }
+
+
+def test_a_small_view_written_on_its_owner_is_stored_as_a_copy_not_pinning_its_array(client):
+    # Stored as it is, big[:10] would keep all 8 MiB alive while the log counts 80 bytes.
+    name = unique_name("views")
+    s = aimss_dask.create_stream(name, partitions=1)
+    owner = s.spec.owners[0]
+    pinned = client.submit(_write_views_on_the_owner, name, workers=[owner], pure=False).result()
+    # The whole array is stored without a copy; the slices own their bytes.
+    assert pinned == {"whole": True, "piece": False, "rows": False}
+    assert s.info()["bytes"][0] < 8 * 2**20 + 2**16
+    aimss_dask.destroy_stream(name)
+
+
 def test_spill_shows_in_info_and_status_and_is_cleaned_up():
     with make_cluster(1) as cl, Client(cl) as c:
         c.register_plugin(aimss_dask.AIMSS(memory_limit="1MiB", segment_size="128KiB"))

@@ -45,6 +45,7 @@ from aimss_dask.core.specs import (
     check_partition,
     partition_for_key,
 )
+from aimss_dask.log import records
 from aimss_dask.transport import speccache
 
 
@@ -485,6 +486,9 @@ def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, k
         p = partition_for_key(key, spec.partitions)
     else:
         p = speccache.next_partition(spec)
+    # A small view of a large array would pin all of it where it is stored
+    # as it is (on its owner), while the budget counts the view alone.
+    record = records.owned(record)
     try:
         ep.producer.write(spec, p, record)
     except StreamNotFoundError:
@@ -518,7 +522,9 @@ def write_to(name: str, record: Any, *, partition: int | None = None, key: Any =
     The partition is ``partition`` if given, else a stable hash of ``key``,
     else round-robin. Records are pushed to the owner in batches (call
     :meth:`Stream.flush` to wait for them). AIMSS stores arrays without a
-    copy: do not modify an array after writing it.
+    copy: do not modify an array after writing it. (A small view of a much
+    larger array, such as ``big[:10]``, is copied: stored as it is, it would
+    keep all of ``big`` in memory while the log counts ten elements.)
 
     Examples
     --------

@@ -79,6 +79,58 @@ def local_nbytes(record: Any) -> int | None:
     return None
 
 
+#: A view is copied once its buffer holds this many bytes more than itself
+#: (and over twice its size): below that, what it pins hardly counts.
+PIN_SLACK = 64 * 2**10
+
+
+def _buffer_nbytes(arr: np.ndarray) -> int | None:
+    """Bytes of the buffer a NumPy view keeps alive (None: not known)."""
+    base = arr.base
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, np.ndarray):
+        return int(base.nbytes)
+    try:
+        return memoryview(base).nbytes  # bytes, bytearray, mmap, other buffers
+    except TypeError:
+        return None
+
+
+def _pins_more(arr: Any) -> bool:
+    """Whether ``arr`` is a view whose buffer is much larger than itself."""
+    if not isinstance(arr, np.ndarray) or arr.base is None:
+        return False
+    held = _buffer_nbytes(arr)
+    return held is not None and held > 2 * arr.nbytes and held - arr.nbytes > PIN_SLACK
+
+
+def owned(record: Any) -> Any:
+    """``record``, or a copy of it where it is a small view of a large buffer.
+
+    A record its owner's process writes is stored as it is and counted by
+    its own bytes: a slice of a large array (``big[:10]``, ``df.iloc[:5]``)
+    would keep the whole array alive while the log counts the slice, and
+    the memory budget would not hold. Such a view is copied; arrays that
+    own their data, and views of most of their buffer, are not.
+
+    >>> big = np.zeros(2**20)
+    >>> owned(big) is big, owned(big[:10]).base is None, owned(big[1:]) .base is big
+    (True, True, True)
+    """
+    if isinstance(record, np.ndarray):
+        return record.copy() if _pins_more(record) else record
+    pd = sys.modules.get("pandas")  # a pandas object means pandas is imported
+    if pd is not None and isinstance(record, pd.DataFrame):
+        blocks = frame_blocks(record)
+        if blocks is not None and any(_pins_more(b) for b in blocks):
+            return record.copy(deep=True)
+    elif pd is not None and isinstance(record, pd.Series) and isinstance(record.dtype, np.dtype):
+        if _pins_more(record.to_numpy(copy=False)):  # a NumPy dtype: its own buffer, no copy
+            return record.copy(deep=True)
+    return record
+
+
 def freeze(record: Any) -> Any:
     """Return what the log stores for ``record``: arrays as read-only views.
 
