@@ -276,3 +276,86 @@ def test_replicated_writes_survive_resets_and_takeovers_exactly_and_in_order(see
     monkeypatch.setattr(prod, "SAME_OWNER_RETRY", 0.02)
     monkeypatch.setattr(prod, "FAILOVER_TIMEOUT", 20.0)
     _trial(seed, writers=3, per_writer=300, kills=2)
+
+
+class _Held(prod._Conn):
+    """A connection whose owner answers nothing until ``release``; then it breaks (what it carried fails over)."""
+
+    def __init__(self, p: prod.Producer, link: prod._Link) -> None:
+        self.p, self.link, self.address = p, link, link.owner
+        self.carried: list[list[prod._Item]] = []
+        self.released = threading.Event()
+
+    def send(self, batch: list[prod._Item]) -> None:
+        if self.broken:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        self.carried.append(batch)
+
+    def release(self) -> None:
+        self.broken = True
+        err = ConnectionResetError(104, "Connection reset by peer")
+        for b in self.carried:
+            self.p._settle(self.link, b, None, prod._lost(self.address, err), failover=True)
+
+
+class _Stores(prod._Conn):
+    """A connection to a stand-in owner that stores and answers every batch at once."""
+
+    def __init__(self, world: _World, p: prod.Producer, link: prod._Link) -> None:
+        self.world, self.p, self.link, self.address = world, p, link, link.owner
+
+    def send(self, batch: list[prod._Item]) -> None:
+        with self.world.lock:
+            stored = self.world.store(self.address, self.p.id, batch)
+            self.world.answer(self.address)
+        self.p._settle(self.link, batch, stored)
+
+
+def test_a_write_stored_on_its_own_process_after_the_wait_still_comes_after_older_writes(monkeypatch):
+    """The owner of a partition moved to the writer's own process while an older write hangs on the old owner.
+
+    The new write would be stored at once, locally; it waits for the older
+    one instead, and past ``FAILOVER_TIMEOUT`` goes the way remote writes go,
+    queued behind it: stored locally then, it came first, and the older
+    record, failed over later, after it.
+    """
+    monkeypatch.setattr(prod, "FAILOVER_TIMEOUT", 0.3)
+    world = _World(0)
+    me = world.spec.replicas[0][0]  # the copy of partition 0: this producer's process takes it over
+    held: list[_Held] = []
+
+    def local(spec, partition, record, nbytes, origin=None):
+        with world.lock:
+            world.owners[me].logs.setdefault(partition, []).append((-1, (int(record[0]), int(record[1]))))
+
+    class P(_Producer):
+        def _open(self, link: prod._Link) -> prod._Conn:
+            if link.owner == world.spec.owners[0] and not held:
+                held.append(_Held(self, link))
+                return held[0]
+            return _Stores(world, self, link)
+
+    p = P(None, None, batch_size=1, max_in_flight=2**30, linger=0.0, resolve=world.resolve, address=me, local=local)
+    p.world = world
+    try:
+        old = world.spec
+        p.write(old, 0, np.array([0, 0]))  # to the first owner, which holds it unanswered
+        deadline = time.monotonic() + 10
+        while not (held and held[0].carried):
+            assert time.monotonic() < deadline, "the first write was never sent"
+            time.sleep(0.01)
+        with world.lock:  # the coordinator's new spec: partition 0 is this process's now
+            world.spec = StreamSpec(
+                name=NAME, partitions=PARTITIONS, owners=(me,) + old.owners[1:], epoch=2, since=1,
+                replicas=((old.owners[0],),) + old.replicas[1:], replication=2,
+            )
+        t0 = time.monotonic()
+        p.write(world.spec, 0, np.array([0, 1]))  # waits for the first, then queues behind it
+        assert time.monotonic() - t0 >= 0.3
+        held[0].release()  # the first owner is gone: its write fails over to this process
+        p.flush_blocking([NAME])
+    finally:
+        p.close()
+    with world.lock:
+        got = [v for _, v in world.owners[me].logs.get(0, [])]
+    assert got == [(0, 0), (0, 1)], got
