@@ -700,9 +700,9 @@ def status(timeout: float = 10.0) -> ClusterStatus:
     """Per worker: log memory, budget, peak, spilled bytes and the streams held;
     and ``.runs`` / ``.streams``: every run and stream of the cluster.
 
-    ``timeout``: seconds to wait for each worker's answer; a listed worker
-    that has not answered by then (stopped, or hung) is named in
-    ``.silent`` instead.
+    ``timeout``: seconds to wait for each worker's answer (at most 600); a
+    listed worker that has not answered by then (stopped, or hung) is named
+    in ``.silent`` instead.
 
     Examples
     --------

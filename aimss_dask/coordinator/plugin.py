@@ -614,7 +614,9 @@ class AIMSS(SchedulerPlugin):
     async def _h_status(self, timeout: float = STATUS_WAIT) -> dict[str, Any]:
         # A worker stopped or hung, but listed, never answers: status() is
         # what a user calls to find out why a job hangs, so it names it.
-        replies = await self.ops.broadcast({"op": "aimss_worker_status"}, timeout=float(timeout))
+        # status() checks the caller's timeout; bounded here all the same.
+        wait = min(max(float(timeout), 0.1), 600.0)
+        replies = await self.ops.broadcast({"op": "aimss_worker_status"}, timeout=wait)
         return {
             "workers": {
                 addr: r["status"] for addr, r in replies.items() if isinstance(r, dict)

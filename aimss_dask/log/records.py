@@ -115,7 +115,7 @@ def owned(record: Any) -> Any:
     own their data, and views of most of their buffer, are not.
 
     >>> big = np.zeros(2**20)
-    >>> owned(big) is big, owned(big[:10]).base is None, owned(big[1:]) .base is big
+    >>> owned(big) is big, owned(big[:10]).base is None, owned(big[1:]).base is big
     (True, True, True)
     """
     if isinstance(record, np.ndarray):
