@@ -45,7 +45,6 @@ from aimss_dask.core.specs import (
     check_partition,
     partition_for_key,
 )
-from aimss_dask.log import records
 from aimss_dask.transport import speccache
 
 
@@ -486,11 +485,10 @@ def _write(ep: Endpoint, spec: StreamSpec, record: Any, partition: int | None, k
         p = partition_for_key(key, spec.partitions)
     else:
         p = speccache.next_partition(spec)
-    # A small view of a large array would pin all of it where it is stored
-    # as it is (on its owner), while the budget counts the view alone.
-    record = records.owned(record)
     try:
-        ep.producer.write(spec, p, record)
+        # own: a small view of a large array would pin all of it where it is
+        # stored as it is (on its owner), while the budget counts the view.
+        ep.producer.write(spec, p, record, own=True)
     except StreamNotFoundError:
         speccache.forget(spec.name)
         raise

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from aimss_dask.sink.assembler import RowSlabs
+from aimss_dask.sink.fsync import fsync_dir, fsync_file
 from aimss_dask.sink.zstd_into import Arena, arena
 
 try:
@@ -127,11 +128,7 @@ def _write_json(path: str, doc: Any, durable: bool) -> None:
             os.fsync(f.fileno())
     os.replace(tmp, path)
     if durable:
-        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(os.path.dirname(path) or ".")
 
 
 #: Most bytes one append writes (Linux writes at most ~2 GiB per call).
@@ -209,11 +206,7 @@ class RowsInPlace:
 
     def sync_partial(self, coords: tuple[int, ...], token: str) -> None:
         """fsync the run's partial file of unit ``coords``: what this process wrote there is on disk."""
-        fd = os.open(partial_path(os.path.join(self.root, self.key(coords)), token), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(partial_path(os.path.join(self.root, self.key(coords)), token))
 
     def write_rows(
         self, coords: tuple[int, ...], pieces: list[tuple[tuple[int, int], np.ndarray]], token: str

@@ -21,27 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from aimss_dask.sink.chunkfiles import unit_coords
-
-
-def fsync_file(path: str) -> None:
-    """Flush ``path``'s data to disk (opened read-only: fsync flushes the file, not the handle)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str) -> None:
-    """Flush ``path``'s entries (new names, renames) to disk; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return  # not POSIX (folders cannot be opened): rename is as durable as it gets
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from aimss_dask.sink.fsync import fsync_dir, fsync_file
 
 
 def array_root(array: Any) -> str | None:

@@ -257,6 +257,7 @@ class Producer:
         *,
         moving: bool = False,
         origin: Origin | None = None,
+        own: bool = False,
     ) -> None:
         """Queue (or, on the owner itself, store) one record.
 
@@ -265,7 +266,12 @@ class Producer:
         ``origin``: the input and attempt the record comes from (a run's push
         task); the owner drops it if another attempt's copy of that origin is
         already stored there. ``None`` (a plain write): always stored.
+        ``own``: a small view of a large buffer is copied first
+        (:func:`~aimss_dask.log.records.owned`): a user's write. Operators
+        keep their views, and copy where the log is tight themselves.
         """
+        if own:
+            record = records.owned(record)
         with self._cond:
             err = self._pop_error(spec.name, spec.epoch)
             closed = self.closed
