@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -306,6 +307,46 @@ def test_budget_acquire_blocks_until_another_thread_releases():
     assert stats.peak == 80
     assert stats.waits == 1
     assert stats.waited_seconds > 0
+
+
+def test_budget_serves_waiters_in_the_order_they_came():
+    """A large request waits for room; small ones that come after it wait behind it, not past it."""
+    b = ByteBudget(100)
+    b.acquire(60)
+    order: list[str] = []
+
+    def take(name: str, n: int) -> None:
+        assert b.acquire(n, timeout=30) is True
+        order.append(name)
+
+    big = threading.Thread(target=take, args=("big", 90))
+    big.start()
+    deadline = time.monotonic() + 30
+    while b.statistics().waits < 1:  # the large one is in line
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    small = threading.Thread(target=take, args=("small", 30))  # 60 + 30 fits: it would go first
+    small.start()
+    while b.statistics().waits < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert order == []
+    with pytest.raises(BudgetExhausted, match=r"2 request\(s\) waiting"):  # nor does one that would not wait
+        b.acquire_nowait(10)
+    b.release(60)  # room for the large one: it goes, and the small one after it has room
+    big.join(30)
+    assert order[0] == "big"
+    b.release(90)
+    small.join(30)
+    assert order == ["big", "small"] and b.statistics().used == 30
+
+
+def test_a_request_that_times_out_in_line_lets_the_next_one_go():
+    b = ByteBudget(100)
+    b.acquire(60)
+    assert b.acquire(90, timeout=0.05) is False  # gave up: no longer in line
+    assert b.acquire(30, timeout=0) is True
+    assert b.statistics().used == 90
 
 
 def test_budget_acquire_times_out_without_taking_anything():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -25,7 +26,9 @@ class ByteBudget:
 
     A single request larger than the whole budget is let through when nothing
     else is held, so an oversized record slows its writer instead of
-    deadlocking it.
+    deadlocking it. Waiters are served in the order they came: a large
+    request is not starved by a stream of small ones that keep fitting
+    into what each release frees.
 
     Examples
     --------
@@ -44,17 +47,25 @@ class ByteBudget:
         self._waits = 0
         self._waited = 0.0
         self._cond = threading.Condition()
+        #: Tickets of the waiting requests, first come first.
+        self._queue: deque[object] = deque()
 
     def _fits(self, n: int) -> bool:
         return self._used == 0 or self._used + n <= self.limit
 
     def acquire(self, n: int, timeout: float | None = None) -> bool:
-        """Take ``n`` bytes, waiting for them; False if ``timeout`` ran out."""
+        """Take ``n`` bytes, waiting for them (after those who waited first); False if ``timeout`` ran out."""
         with self._cond:
-            if not self._fits(n):
+            if self._queue or not self._fits(n):
                 self._waits += 1
+                ticket = object()
+                self._queue.append(ticket)
                 t0 = time.perf_counter()
-                ok = self._cond.wait_for(lambda: self._fits(n), timeout)
+                try:
+                    ok = self._cond.wait_for(lambda: self._queue[0] is ticket and self._fits(n), timeout)
+                finally:
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()  # the next in line may fit now
                 self._waited += time.perf_counter() - t0
                 if not ok:
                     return False
@@ -64,9 +75,10 @@ class ByteBudget:
 
     def acquire_nowait(self, n: int) -> None:
         with self._cond:
-            if not self._fits(n):
+            if self._queue or not self._fits(n):
                 raise BudgetExhausted(
                     f"{n} bytes do not fit: {self._used} of {self.limit} in use"
+                    + (f", {len(self._queue)} request(s) waiting before it" if self._queue else "")
                 )
             self._used += n
             self._peak = max(self._peak, self._used)
