@@ -281,6 +281,15 @@ def test_stats_and_peak(store):
     assert store.over_budget is False
 
 
+def test_records_docstring_examples():
+    import doctest
+
+    from aimss_dask.log import records
+
+    result = doctest.testmod(records)
+    assert result.attempted > 0 and result.failed == 0
+
+
 # -- ByteBudget -------------------------------------------------------------------
 
 

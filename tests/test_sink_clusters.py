@@ -266,3 +266,12 @@ def test_fstype_docstring_examples():
     import doctest
 
     assert doctest.testmod(fstype).failed == 0
+
+
+def test_fsync_docstring_examples():
+    import doctest
+
+    from aimss_dask.sink import fsync
+
+    result = doctest.testmod(fsync)
+    assert result.attempted > 0 and result.failed == 0

@@ -13,7 +13,10 @@ import os
 def fsync_file(path: str) -> None:
     """Flush ``path``'s data to disk (opened read-only: fsync flushes the file, not the handle).
 
-    >>> import tempfile; fsync_file(tempfile.mkstemp()[1])
+    >>> import os, tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     open(os.path.join(folder, "unit"), "wb").close()
+    ...     fsync_file(os.path.join(folder, "unit"))
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -25,7 +28,9 @@ def fsync_file(path: str) -> None:
 def fsync_dir(path: str) -> None:
     """Flush ``path``'s entries (new names, renames) to disk; a no-op where folders cannot be opened.
 
-    >>> import tempfile; fsync_dir(tempfile.mkdtemp())
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     fsync_dir(folder)
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
