@@ -395,8 +395,8 @@ class DataServer:
                         f"a record of stream {name!r} could not be read back on its owner "
                         f"({type(e).__name__}: {e}); the records were not stored",
                     ))
-            if name not in refused:
-                groups.append((name, epoch, partition, records, sizes, origin, *rest))
+            groups.append((name, epoch, partition, records, sizes, origin, *rest))
+        # A stream refused in any group of the batch is refused in all of them.
         groups = [g for g in groups if g[0] not in refused]
         try:
             return {**self._handler(groups), **refused}

@@ -298,8 +298,9 @@ class Producer:
                 f"worker {owner}; destroy the stream and write it again",
                 {partition: (0, None)},
             )
+        here = self._local is not None and owner == self._address
         settled = True
-        if self._local is not None and owner == self._address and spec.replicas:
+        if here and spec.replicas:
             with self._cond:
                 self._sent_to[line] = owner
                 # Stored at once, it must not overtake older writes of the
@@ -307,7 +308,7 @@ class Producer:
                 # process took over from). Still unsettled after the wait,
                 # it goes the way remote writes go: queued behind them.
                 settled = self._cond.wait_for(lambda: self.closed or self._clear(line, None), FAILOVER_TIMEOUT)
-        if self._local is not None and owner == self._address and settled:
+        if here and settled:
             # Same process as the owner: no serialisation, no copy, no comm.
             local = records.local_nbytes(record)
             if local is None:
