@@ -578,3 +578,49 @@ def test_a_killed_owner_fails_the_loader_by_name_and_leaves_the_survivors_clean(
         aimss_dask.destroy_stream(s.name)
         wait_until(lambda: not any(c.run(_worker_runs).values()), what="runs forgotten")
         assert_workers_clean(aimss_dask.status())
+
+
+def test_a_loader_asking_to_retain_while_a_trim_runs_is_refused():
+    """The broker counts records trimmed from the moment it starts the trim.
+
+    The trim runs in a thread while the loop goes on: a loader attaching in
+    ``retain`` mode meanwhile was told every record is kept, then found
+    the trimmed ones gone when it read them.
+    """
+    import threading
+
+    from aimss_dask.core.errors import InvalidOffsetError
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.source.broker import SourceRun
+
+    started, go = threading.Event(), threading.Event()
+    trims: list[tuple[int, int]] = []
+
+    class Store:
+        budget = 2**30
+
+        def trim(self, name, epoch, p, upto):
+            started.set()
+            assert go.wait(10), "the test never let the trim finish"
+            trims.append((p, upto))
+
+    class Plugin:
+        store = Store()
+
+    spec = StreamSpec(name="src", partitions=1, owners=("tcp://a:1",), epoch=1)
+    source = {"where": "/nowhere", "rows": 40, "slab_rows": 4, "slab_nbytes": 32}
+    run = SourceRun(Plugin(), spec, source, [0])
+    st = run.parts[0]
+    st.end, st.low = 6, 4  # six slabs appended, every consumer past four
+
+    async def main():
+        trim = asyncio.ensure_future(run._trim(st))
+        assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        with pytest.raises(InvalidOffsetError, match=r"partition 0 was already trimmed below offset 4"):
+            run.control("attach", None, "retain", None)
+        assert not run.retain
+        go.set()
+        await trim
+
+    asyncio.run(main())
+    assert trims == [(0, 4)] and st.start == 4

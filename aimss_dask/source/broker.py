@@ -300,11 +300,14 @@ class SourceRun(Run):
         if self.retain or upto <= st.start:
             return
         store = self.plugin.store
+        # Counted as trimmed before the trim runs: a loader that asks to
+        # retain meanwhile (``control``) is refused, not told every record
+        # is kept while the ones below ``upto`` go.
+        st.start = upto
         # Trimming unlinks spill files: disk I/O, not on the loop.
         await asyncio.get_running_loop().run_in_executor(
             _executor(), store.trim, self.spec.name, self.spec.epoch, st.p, upto
         )
-        st.start = upto
 
     async def _observe(self, st: _Part) -> None:
         """Nothing to do: learn of consumer progress, or of a reader stuck at the end."""
