@@ -70,8 +70,12 @@ rotation had each method always follow the same other one. The methods:
   tasks are done (``aimss-push-*`` / ``shuffle-transfer-*`` in memory),
   killed from the scheduler's transition hook at that very transition (a
   scheduler plugin: nothing polls during the run). Its nanny restarts it; the persisted
-  input partitions it held are computed again, for every method alike.
-  The next round waits for every worker to be back.
+  input partitions it held are computed again, for every method alike
+  (``--inputs single``, the default), or were held by another worker too
+  (``--inputs replicated``: Dask's ``client.replicate``, two copies of each,
+  restored before each run): the cost of the shuffle's own recovery, without
+  Dask recomputing a quarter of the input. The next round waits for every
+  worker to be back.
 
 Reported: wall time per method, with the CPU seconds the whole machine was
 busy meanwhile (every process; ``psutil``): what a kill adds in work, which
@@ -215,9 +219,14 @@ def run_operators(args: argparse.Namespace) -> None:
     import aimss_dask
 
     # A nanny that dies more than once must not be given up on.
-    with dask.config.set(
-        {"distributed.deploy.lost-worker-timeout": "600s", "distributed.worker.multiprocessing-method": args.start}
-    ), LocalCluster(
+    conf: dict[str, Any] = {
+        "distributed.deploy.lost-worker-timeout": "600s",
+        "distributed.worker.multiprocessing-method": args.start,
+    }
+    if args.inputs == "replicated":
+        # The active memory manager drops the replicas client.replicate makes.
+        conf["distributed.scheduler.active-memory-manager.start"] = False
+    with dask.config.set(conf), LocalCluster(
         n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster, Client(cluster) as client:
         client.register_plugin(aimss_dask.AIMSS(memory_limit=args.memory_limit))
@@ -228,6 +237,8 @@ def run_operators(args: argparse.Namespace) -> None:
             _make, range(args.partitions), rows=rows, nkeys=10 * total, meta=_make(0, 0, 1)
         ).persist()
         wait(ddf)
+        if args.inputs == "replicated":
+            client.replicate(ddf, n=2)
 
         def aimss_run(replication: int) -> Any:
             def go() -> int:
@@ -251,13 +262,16 @@ def run_operators(args: argparse.Namespace) -> None:
         first: dict[str, float] = {}
         print(
             f"shuffle of {nbytes / GiB:g} GiB ({total} rows, {args.partitions} -> {args.partitions} "
-            f"partitions) on {args.workers} workers ({args.start}); a kill at half of the map tasks",
+            f"partitions) on {args.workers} workers ({args.start}, inputs {args.inputs}); "
+            "a kill at half of the map tasks",
             flush=True,
         )
         def ready() -> None:
             """Every worker back, and the inputs lost with an earlier kill computed again."""
             client.wait_for_workers(args.workers, timeout=120)
             wait(ddf)
+            if args.inputs == "replicated":
+                client.replicate(ddf, n=2)  # the copies a kill took
 
         calm = [m for m in methods if not m[1]]
         kills = [m for m in methods if m[1]]
@@ -614,6 +628,11 @@ def main() -> None:
     ap.add_argument(
         "--methods", default=None, type=lambda s: s.split(","),
         help="part (2): only these, e.g. aimss,aimss+kill (default: aimss, aimss-r2, p2p, each with and without a kill)",
+    )
+    ap.add_argument(
+        "--inputs", choices=["single", "replicated"], default="single",
+        help="part (2): the persisted input partitions in one copy (a kill loses a quarter of them, "
+        "which Dask computes again for every method), or in two (client.replicate: a kill loses none)",
     )
     ap.add_argument(
         "--start", choices=["spawn", "forkserver"], default="spawn",
