@@ -13,10 +13,12 @@ clients and workers that leave.
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+import dask
 from dask.utils import format_bytes
 from distributed.comm import get_address_host
 from distributed.core import Status
@@ -46,7 +48,7 @@ from aimss_dask.coordinator.sealing import (
 from aimss_dask.coordinator.state import CoordinatorState
 from aimss_dask.coordinator.stragglers import Stragglers, mark_annotated
 from aimss_dask.coordinator.streams import StreamHandlers
-from aimss_dask.core import metrics, trace
+from aimss_dask.core import metrics, threads, trace
 from aimss_dask.core.config import AIMSSConfig, dask_memory_thresholds
 from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.core.metrics import Metric
@@ -178,6 +180,14 @@ class AIMSS(SchedulerPlugin):
         # cluster as it was (Dask adds the plugin only if start succeeds).
         self._check_budget_fits(scheduler)
         self.scheduler = self.ops.scheduler = scheduler
+        if threads.frames_deadlock_risk() and dask.config.get("distributed.worker.profile.enabled", True):
+            logger.warning(
+                "aimss: Python %s can hang a Dask worker for good: its profiler's sys._current_frames "
+                "deadlocks against a thread that starts or ends (CPython gh-106883, fixed in 3.11.9). "
+                "AIMSS reuses its threads, which makes it rare, not impossible; use Python 3.11.9 or "
+                "later, or set distributed.worker.profile.enabled: false",
+                platform.python_version(),
+            )
         self.pinner = Pinner(
             scheduler, self.state.streams, self.run_ops.spec_of_run, lambda: [r.spec for r in self.runs.unfinished()]
         )

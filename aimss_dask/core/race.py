@@ -30,6 +30,7 @@ import sys
 import threading
 from typing import Any, Callable
 
+from aimss_dask.core import threads
 from aimss_dask.core.names import COPY_TASK_PREFIX, PLUGIN_NAME, SPECULATIVE, key_text
 
 logger = logging.getLogger("aimss_dask")
@@ -175,7 +176,8 @@ def _race(spec: Speculative, args: tuple[Any, ...], kwargs: dict[str, Any], work
             done.set()
 
     ctx = contextvars.copy_context()
-    threading.Thread(target=ctx.run, args=(original,), name=f"aimss-original-{text}"[:64], daemon=True).start()
+    # A reused thread, not one per call: see aimss_dask.core.threads.
+    threads.start(functools.partial(ctx.run, original), f"aimss-original-{text}"[:64])
     twin: Any = None
     while not done.wait(POLL):
         if twin is None:
