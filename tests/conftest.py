@@ -27,6 +27,7 @@ from hypothesis import strategies as hst
 
 import aimss_dask
 from aimss_dask._compat import listed_workers
+from aimss_dask.core import threads
 
 _names = itertools.count()
 
@@ -52,6 +53,13 @@ SUITE_CONFIG: dict[str, Any] = {
     "distributed.deploy.lost-worker-timeout": "600s",
     "distributed.worker.multiprocessing-method": START,
 }
+# On CPython before 3.11.9, Dask's worker profiler (sys._current_frames every
+# 10 ms) deadlocks against a thread that starts or ends (gh-106883): a worker
+# hangs for good, with or without AIMSS. The README tells users to upgrade or
+# turn the profiler off; the suite does the latter there, so that a test
+# never waits on that CPython bug (tests/test_threads.py covers ours).
+if threads.frames_deadlock_risk():
+    SUITE_CONFIG["distributed.worker.profile.enabled"] = False
 dask.config.set(SUITE_CONFIG)
 if START == "forkserver":
     get_mp_context().set_forkserver_preload(
