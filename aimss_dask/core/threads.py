@@ -1,7 +1,7 @@
 """Daemon threads that are reused, for work started once per task.
 
 Starting or ending a thread takes the interpreter's thread-list lock while
-holding the GIL. On CPython before 3.11.9 (and 3.10), ``sys._current_frames``
+holding the GIL. On CPython 3.11 before 3.11.9, ``sys._current_frames``
 holds that lock and can run the garbage collector, whose callbacks and
 finalizers may hand the GIL to another thread: if that thread is starting
 or ending, the process deadlocks for good (CPython gh-106883). A Dask
