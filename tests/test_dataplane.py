@@ -275,6 +275,33 @@ def test_origins_travel_with_their_groups(server):
     np.testing.assert_array_equal(stored[1][3][0], np.zeros(2))
 
 
+def test_a_replicated_streams_groups_keep_their_wire_form_and_copies_stay_serialised(server):
+    """A writer's group of a replicated stream reaches the owner with its records' wire
+    forms (forwarded to replicas as they are); an owner's copy (``at`` given) is not decoded."""
+    from distributed.protocol import Serialized
+
+    srv, stored = server
+    sock = _connect(srv)
+    arr = np.arange(4, dtype="f8")
+    (g,) = _batch("r", [arr, b"two"])
+    batch = [(*g, (7, 0)), (*_batch("c", [arr])[0], None, 12)]
+    dataplane.send_buffers(sock, dataplane.encode_batch(batch))
+    assert dataplane.read_ack(sock) == {"errors": {}}
+    sock.close()
+    written, copy = stored
+    assert len(written) == 9 and written[6] == (7, 0) and written[7] is None
+    np.testing.assert_array_equal(written[3][0], arr)
+    assert [type(w) for w in written[8]] == [Serialized, Serialized]
+    # The wire form is the very bytes received, and decodes to the record.
+    from distributed.protocol import deserialize
+
+    assert deserialize(written[8][1].header, written[8][1].frames) == b"two"
+    assert len(copy) == 8 and copy[7] == 12
+    (rec,) = copy[3]
+    assert type(rec) is Serialized
+    np.testing.assert_array_equal(deserialize(rec.header, rec.frames), arr)
+
+
 def test_records_with_an_origin_never_share_a_group():
     """Plain records of one partition are grouped; one with an origin is a group of its own,
     so that a second write under the same origin reaches the owner's filter as a group."""

@@ -59,6 +59,50 @@ def test_read_of_in_memory_array_is_zero_copy_and_read_only(store):
     assert np.shares_memory(again, got)
 
 
+def test_a_copy_stored_serialised_is_decoded_once_on_first_read(store):
+    """A replica keeps its owner's copies as they arrived; the first read decodes and keeps them."""
+    import pandas as pd
+    from distributed.protocol import Serialized
+
+    from aimss_dask.log.records import encode
+
+    arr = np.arange(6, dtype="f8")
+    df = pd.DataFrame({"k": [1, 2, 3], "x": [0.5, 1.5, 2.5]})
+    sers = [encode(arr)[0], encode(df)[0]]
+    store.append("a", 1, 0, sers, [arr.nbytes, 48])
+    assert all(type(r) is Serialized for r in store._log("a", 1, 0).segments[0].records)
+
+    (got_arr, got_df), _, _ = store.read("a", 1, 0, 0)
+    np.testing.assert_array_equal(got_arr, arr)
+    assert got_arr.flags.writeable is False  # frozen like a record stored decoded
+    pd.testing.assert_frame_equal(got_df, df)
+    # Kept decoded: a second reader gets the very same objects, no second decode.
+    (again_arr, again_df), _, _ = store.read("a", 1, 0, 0)
+    assert again_arr is got_arr and again_df is got_df
+
+
+def test_a_copy_stored_serialised_spills_and_reads_back(store):
+    from aimss_dask.log.records import encode
+
+    arr = np.arange(10, dtype="i8")
+    store.append("a", 1, 0, [encode(arr)[0]], [arr.nbytes])
+    assert store.spill(0) == arr.nbytes
+    (got,), _, _ = store.read("a", 1, 0, 0)
+    np.testing.assert_array_equal(got, arr)
+
+
+def test_a_copy_that_cannot_be_decoded_names_its_record(store):
+    from distributed.protocol import Serialized
+
+    from aimss_dask.core.errors import RecordNotSerializableError
+
+    store.append("a", 1, 1, [b"ok", Serialized({"serializer": "pickle"}, [b"not a pickle"])], [2, 12])
+    with pytest.raises(RecordNotSerializableError, match=r"record 1 of stream 'a' partition 1"):
+        store.read("a", 1, 1, 0)
+    # The good record before it still reads.
+    assert store.read("a", 1, 1, 0, max_bytes=1)[0] == [b"ok"]
+
+
 def test_already_read_only_array_is_stored_as_is(store):
     arr = np.arange(5)
     arr.flags.writeable = False

@@ -690,6 +690,41 @@ def test_a_replica_that_has_not_heard_of_the_new_epoch_yet_is_sent_again_not_dro
     r.close()
 
 
+def test_an_owner_forwards_the_wire_forms_it_received_and_encodes_only_its_own_writes(tmp_path, monkeypatch):
+    """Records pushed from another worker go to the replicas in the form they arrived, not pickled again."""
+    from aimss_dask.core.specs import StreamSpec
+    from aimss_dask.log import records
+    from aimss_dask.node import replication
+    from aimss_dask.node.replication import Replicator
+
+    class Recording(Replicator):
+        def _transmit(self, d, groups, conn):
+            self.sent.extend(groups)
+            return {"errors": {}}, conn
+
+    encoded: list = []
+    real_encode = records.encode
+    monkeypatch.setattr(replication.rec, "encode", lambda r, name="?": encoded.append(r) or real_encode(r, name))
+    store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    spec = StreamSpec(name="s", partitions=1, owners=("a",), epoch=1, since=1, replicas=(("b",),), replication=2)
+    store.open("s", 1, [0])
+    r = Recording(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None)
+    r.sent = []
+    r.configure(spec, fresh=True)
+    pushed = np.arange(3.0)
+    wire = [real_encode(pushed)[0]]
+    with r.append_lock:
+        first = store.append("s", 1, 0, [pushed], [24])
+        r.shipped("s", 0, first, [pushed], [24], wire=wire)  # arrived over the data plane
+        first = store.append("s", 1, 0, [b"local"], [5])
+        r.shipped("s", 0, first, [b"local"], [5])  # written on this worker: no wire form
+    assert r.wait("s", 1, 0, store.held("s", 1, 0))
+    sent = [ser for g in r.sent for ser in g[3]]
+    assert sent[0] is wire[0]
+    assert encoded == [b"local"]  # only the record without a wire form was encoded
+    r.close()
+
+
 def test_a_copy_that_has_not_heard_of_the_new_epoch_is_caught_up_again_not_dropped(tmp_path):
     """The coordinator tells every worker of a new epoch at once: a new owner may start a catch-up first.
 

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 import numpy as np
-from distributed.protocol import Serialized, serialize
+from distributed.protocol import Serialized, deserialize, serialize
 
 from aimss_dask._compat import frame_blocks
 from aimss_dask.core.errors import RecordNotSerializableError
@@ -129,6 +129,38 @@ def owned(record: Any) -> Any:
         if _pins_more(record.to_numpy(copy=False)):  # a NumPy dtype: its own buffer, no copy
             return record.copy(deep=True)
     return record
+
+
+def decoded(records: list[Any], lo: int, hi: int, stream: str = "?", p: int = -1, base: int = 0) -> list[Any]:
+    """``records[lo:hi]`` of a segment, those stored serialised decoded (once: kept decoded).
+
+    A replica stores the copies its owner sends as they arrived
+    (``Serialized``): most are never read, since readers go to the owner.
+    The first read after it took over decodes them; the list keeps the
+    result, so later reads, and other readers, share it as they would a
+    record stored decoded. ``stream``, ``p`` and ``base`` (the segment's
+    first offset) name a record that cannot be decoded.
+
+    >>> from distributed.protocol import serialize
+    >>> stored = [Serialized(*serialize(b"abc")), b"def"]
+    >>> decoded(stored, 0, 2), type(stored[0]).__name__
+    ([b'abc', b'def'], 'bytes')
+    """
+    out = records[lo:hi]
+    for i, r in enumerate(out):
+        if type(r) is Serialized:
+            try:
+                value = freeze(deserialize(r.header, r.frames))
+            except Exception as e:
+                raise RecordNotSerializableError(
+                    f"record {base + lo + i} of stream {stream!r} partition {p} could not be read back here "
+                    f"({type(e).__name__}: {e}); install the modules its type needs on every worker"
+                ) from e
+            # One item of the list, replaced in place: a reader holding the
+            # list sees either form, and both read the same. A list a trim
+            # or a spill has swapped out meanwhile is simply not read again.
+            out[i] = records[lo + i] = value
+    return out
 
 
 def freeze(record: Any) -> Any:

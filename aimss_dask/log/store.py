@@ -575,7 +575,7 @@ class LogStore:
         disk = 0
         for seg, records, lo, hi in plan:
             if records is not None:
-                out.extend(records[lo:hi])
+                out.extend(rec.decoded(records, lo, hi, name, p, seg.base))
             else:
                 out.extend(self._load(name, seg, lo, hi))
                 disk += hi - lo

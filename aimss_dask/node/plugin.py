@@ -469,9 +469,12 @@ class AIMSSWorker(WorkerPlugin):
             return {g[0]: (wire["type"], wire["message"]) for g in groups}, waits
         for group in groups:
             name, epoch, partition, records, sizes, origin = group[:6]
-            records = _as_sent(records)
             writer = group[6] if len(group) > 6 else None
             at = group[7] if len(group) > 7 else None
+            wire = group[8] if len(group) > 8 else None
+            # A copy's records may stay serialised: the log decodes them
+            # when they are first read (see LogStore.read).
+            records = _as_sent(records) if at is None else records
             if name in errors:
                 continue
             try:
@@ -480,7 +483,7 @@ class AIMSSWorker(WorkerPlugin):
                     self.follower.append(name, epoch, partition, records, sizes, origin, writer, at)
                     continue
                 if writer is not None or self.replicator.tracks(name):
-                    stored = self._store_replicated(name, epoch, partition, records, sizes, origin, writer)
+                    stored = self._store_replicated(name, epoch, partition, records, sizes, origin, writer, wire)
                     if stored is not None:
                         waits.append((name, epoch, partition, *stored))
                     continue
@@ -529,8 +532,12 @@ class AIMSSWorker(WorkerPlugin):
         sizes: list[int],
         origin: tuple[int, int, int] | None,
         writer: tuple[int, int] | None,
+        wire: list[Any] | None = None,
     ) -> tuple[int, int] | None:
         """Append a group to a replicated partition owned here and queue it for the replicas.
+
+        ``wire``: the records' ``Serialized`` forms as they arrived, sent to
+        the replicas as they are (None: encoded again for them).
 
         Returns what the writer's answer must wait for: the end offset the
         replicas must hold, and a marker they must have (0: none; see
@@ -548,6 +555,7 @@ class AIMSSWorker(WorkerPlugin):
                     with self._duplicates_lock:
                         self.reads["duplicates"] += 1
                     records, sizes = records[skip:], sizes[skip:]
+                    wire = wire[skip:] if wire is not None else None
                     writer = (writer[0], writer[1] + skip)
                 if not records:
                     # Stored already (a writer's second send, after an answer
@@ -564,7 +572,7 @@ class AIMSSWorker(WorkerPlugin):
                 mark = self.replicator.shipped(name, partition, end, [], [], None, (writer[0], writer[1] + len(records)))
                 return end, mark
             first = self.store.append(name, epoch, partition, records, sizes)
-            self.replicator.shipped(name, partition, first, records, sizes, origin, writer)
+            self.replicator.shipped(name, partition, first, records, sizes, origin, writer, wire)
         self.runs.on_append(name, partition, records)
         return first + len(records), 0
 

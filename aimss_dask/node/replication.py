@@ -107,6 +107,14 @@ class _Ship:
     writer: tuple[int, int] | None
     #: A marker's number (0: records).
     mark: int = 0
+    #: The records' ``Serialized`` forms as a writer sent them (None: encode them).
+    wire: list[Any] | None = None
+
+    def encoded(self) -> list[Any]:
+        """The records as they go to a replica: their wire forms, or encoded now."""
+        if self.wire is not None:
+            return self.wire
+        return [rec.encode(r, self.part.name)[0] for r in self.records]
 
 
 @dataclass(eq=False)
@@ -301,8 +309,13 @@ class Replicator:
         sizes: list[int],
         origin: tuple[int, int, int] | None = None,
         writer: tuple[int, int] | None = None,
+        wire: list[Any] | None = None,
     ) -> int:
         """``records`` were appended at ``first``: queue them for the partition's replicas.
+
+        ``wire``: their ``Serialized`` forms as they arrived from a writer,
+        forwarded as they are (an owner that encoded each record again would
+        pay for a second pickling of every record it copies).
 
         No ``records`` but a ``writer``: a marker, that the writer's numbers
         go on from ``writer[1]`` (its group was a second copy of an input,
@@ -316,7 +329,10 @@ class Replicator:
         if part is None or (not records and writer is None):
             return 0
         with self._cond:
-            ship = _Ship(part, first, list(records), list(sizes), origin, writer)
+            ship = _Ship(
+                part, first, list(records), list(sizes), origin, writer,
+                wire=list(wire) if wire is not None and len(wire) == len(records) else None,
+            )
             if not records:
                 part.marks += 1
                 ship.mark = part.marks
@@ -519,8 +535,7 @@ class Replicator:
             return conn
         groups = []
         for s in ships:
-            sers = [rec.encode(r, s.part.name)[0] for r in s.records]
-            groups.append((s.part.name, s.part.epoch, s.part.p, sers, s.sizes, s.origin, s.writer, s.at))
+            groups.append((s.part.name, s.part.epoch, s.part.p, s.encoded(), s.sizes, s.origin, s.writer, s.at))
         reply, conn = self._transmit(d, groups, conn)
         errors = reply.get("errors") or {}
         again: list[_Ship] = []
@@ -698,8 +713,7 @@ class Replicator:
             time.sleep(start - now)
 
     def _send_plain(self, d: _Dest, ship: _Ship, conn: Conn | None) -> Conn | None:
-        sers = [rec.encode(r, ship.part.name)[0] for r in ship.records]
-        group = (ship.part.name, ship.part.epoch, ship.part.p, sers, ship.sizes, None, None, ship.at)
+        group = (ship.part.name, ship.part.epoch, ship.part.p, ship.encoded(), ship.sizes, None, None, ship.at)
         reply, conn = self._transmit(d, [group], conn)
         err = (reply.get("errors") or {}).get(ship.part.name)
         if err is not None:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from distributed.protocol import deserialize
+from distributed.protocol import Serialized, deserialize
 from distributed.utils import ensure_memoryview
 
 from aimss_dask.transport import secure
@@ -63,7 +63,11 @@ _COALESCE = 256 * 2**10
 #: ``writer``, ``(producer id, sequence number of the first record)``, lets an
 #: owner drop records a writer sends again after their first owner died
 #: (:mod:`aimss_dask.node.writers`); ``at``, the offset of the first record on
-#: the owner, marks a copy the owner sends to a replica.
+#: the owner, marks a copy the owner sends to a replica. On the receiving
+#: side only: a copy's records arrive as ``Serialized`` (the log decodes
+#: them when first read), and a replicated stream's group from a writer
+#: gets a ninth field, the records' ``Serialized`` wire forms, which its
+#: owner forwards to the replicas without encoding them again.
 Group = tuple[Any, ...]
 
 #: ``(groups) -> {stream: (error class, message)}``: store one decoded batch.
@@ -377,6 +381,13 @@ class DataServer:
         refused: dict[str, tuple[str, str]] = {}
         pos = 0
         for name, epoch, partition, recs, sizes, origin, *rest in header:
+            # A copy from a partition's owner (``at`` given) is stored as it
+            # came: a replica's records are read only once it takes over,
+            # which is rare, so decoding each on arrival is wasted work.
+            # Groups of a replicated stream keep their wire form next to
+            # their records: the owner forwards it to the replicas as it is.
+            as_sent = len(rest) > 1 and rest[1] is not None
+            wire: list[Serialized] | None = [] if rest and not as_sent else None
             records = []
             for rheader, lengths in recs:
                 frames = []
@@ -384,6 +395,11 @@ class DataServer:
                     frame = view[pos : pos + n]
                     frames.append(memoryview(bytearray(frame)) if copy else frame)
                     pos += n
+                if as_sent:
+                    records.append(Serialized(rheader, frames))
+                    continue
+                if wire is not None:
+                    wire.append(Serialized(rheader, frames))
                 try:
                     records.append(deserialize(rheader, frames))
                 except Exception as e:
@@ -395,6 +411,8 @@ class DataServer:
                         f"a record of stream {name!r} could not be read back on its owner "
                         f"({type(e).__name__}: {e}); the records were not stored",
                     ))
+            if wire is not None:
+                rest = [rest[0], None, wire]
             groups.append((name, epoch, partition, records, sizes, origin, *rest))
         # A stream refused in any group of the batch is refused in all of them.
         groups = [g for g in groups if g[0] not in refused]
