@@ -906,3 +906,41 @@ def test_a_majority_of_workers_is_never_flagged_slow_only_the_slowest_of_them():
         })
     tracker.check()
     assert set(tracker.slow) == {"b"}
+
+
+def test_two_stragglers_among_many_tasks_do_not_make_a_worker_slow_but_among_few_they_do():
+    """A cold first run scatters a few stragglers; a slow worker's tasks straggle as a rule."""
+    import time
+
+    from aimss_dask.coordinator.speculation import Straggler
+    from aimss_dask.coordinator.stragglers import SLOW_SHARE
+
+    tracker, sched, g, a, b = _tracker()
+    c = _Worker("c")
+    sched.workers["c"] = c
+
+    def finish(worker, n, start):
+        for i in range(start, start + n):
+            sched.tasks[("work-abc", i)] = _Task(("work-abc", i), g)
+            tracker.task_ended(("work-abc", i), "processing", "memory", {
+                "worker": worker, "startstops": [{"action": "compute", "start": 10.0, "stop": 11.0}],
+            })
+
+    finish("b", 16, 100)  # b ran sixteen tasks, two of them stragglers: an eighth
+    assert 2 < SLOW_SHARE * 16
+    now = time.time()
+    tracker._note_slow_workers(now, [Straggler("k1", "b", 3.0, "quantile", 2.0), Straggler("k2", "b", 3.0, "quantile", 2.0)])
+    assert "b" not in tracker.slow
+    finish("c", 4, 200)  # c ran four, two of them stragglers: half
+    tracker._note_slow_workers(now, [Straggler("k3", "c", 3.0, "quantile", 2.0), Straggler("k4", "c", 3.0, "quantile", 2.0)])
+    assert set(tracker.slow) == {"c"}
+    assert tracker.slow["c"]["why"] == "2 stragglers in 120 s, more than most workers"
+    # Consumers' stragglers count whatever the worker's tasks: b, behind on two reads, is flagged.
+    tracker, sched, g, a, b = _tracker()
+    sched.workers["c"] = c
+    finish("b", 16, 300)
+    tracker._note_slow_workers(
+        now, [Straggler("cons1", "b", 3.0, "rate", 1.0), Straggler("cons2", "b", 3.0, "rate", 1.0)],
+        {"cons1": "consumer", "cons2": "consumer"},
+    )
+    assert "b" in tracker.slow

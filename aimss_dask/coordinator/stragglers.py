@@ -100,6 +100,13 @@ SLOW_WINDOW = 120.0
 #: Task groups, the most recently finished, whose durations per worker can make a worker slow.
 SLOW_GROUPS = 32
 
+#: Share of a worker's tasks in :data:`SLOW_WINDOW` that must have straggled
+#: for its task stragglers to count toward calling it slow: a slow worker's
+#: tasks straggle as a rule, while a couple among many (a cold first run, a
+#: busy moment on a shared machine) say nothing of the worker, and a flag
+#: keeps new runs off it for the whole window.
+SLOW_SHARE = 0.25
+
 #: Fraction of ``min-runtime`` a worker's median duration in a group must
 #: exceed for that group to make it slow: shorter tasks differ by noise.
 SLOW_FLOOR = 0.1
@@ -292,6 +299,8 @@ class Stragglers:
         self.reports: deque[dict[str, Any]] = deque(maxlen=MAX_REPORTS)
         #: (when, worker, straggler id, "task" | "consumer" | "writer")
         self._seen: deque[tuple[float, str, str, str]] = deque()
+        #: (when, worker) of each task finished within SLOW_WINDOW, oldest first.
+        self._finished: deque[tuple[float, str]] = deque()
         self._consumed: dict[tuple[str, str, int], _Consumer] = {}  # (stream, group, partition) -> it
         self.checks = 0
         self._running: dict[str, Any] = {}  # key text -> TaskState, of the last check
@@ -338,6 +347,8 @@ class Stragglers:
                 else:
                     self._groups.move_to_end(name)
                 g.add(kwargs.get("worker"), seconds)
+            if kwargs.get("worker") is not None:
+                self._finished.append((time.time(), kwargs["worker"]))
         report = self.current.pop(key, None)
         copy = self.copies.pop(key_text(key), None) if self.copies else None
         if report is not None:
@@ -459,6 +470,7 @@ class Stragglers:
         self.consumers.clear()
         self.slow.clear()
         self._seen.clear()
+        self._finished.clear()
         self.copies.clear()
         self._consumed.clear()
         self.ranges.clear()
@@ -850,12 +862,25 @@ class Stragglers:
                 self._seen.append((now, s.worker, s.key, kinds.get(s.key, "task")))
         while self._seen and now - self._seen[0][0] > SLOW_WINDOW:
             self._seen.popleft()
+        while self._finished and now - self._finished[0][0] > SLOW_WINDOW:
+            self._finished.popleft()
         counts: dict[str, int] = {}
+        tasks: dict[str, int] = {}  # task stragglers per worker
         consuming: set[str] = set()  # workers where a consumer straggled
         for _, w, _, kind in self._seen:
             counts[w] = counts.get(w, 0) + 1
             if kind == "consumer":
                 consuming.add(w)
+            elif kind == "task":
+                tasks[w] = tasks.get(w, 0) + 1
+        finished: dict[str, int] = {}
+        for _, w in self._finished:
+            finished[w] = finished.get(w, 0) + 1
+        for w, n in tasks.items():
+            # A few task stragglers among many tasks are no sign (see SLOW_SHARE);
+            # consumers' and sink writers' stragglers count as they are.
+            if n < SLOW_SHARE * max(finished.get(w, 0), n):
+                counts[w] -= n
         recent = list(self._groups.items())[-SLOW_GROUPS:][::-1]  # newest first
         durations = {name: {w: list(ds) for w, ds in g.by_worker.items()} for name, g in recent}
         assert self.scheduler is not None
