@@ -52,7 +52,10 @@ group in a shuffled order (seeded by the round, so the same in every run of
 the benchmark), and from the second round on it starts with one run, not
 counted, of its first undisturbed method: a run right after a kill meets a
 freshly started worker with none of its memory touched, and a fixed
-rotation had each method always follow the same other one. The methods:
+rotation had each method always follow the same other one. Before each run
+the coordinator forgets any worker it found slow (``--keep-slow-flags``
+keeps them): a cold run can flag one, and new runs would then avoid it for
+minutes, running on three workers of four. The methods:
 
 - ``aimss``: ``aimss_dask.shuffle``, ``replication=1``: a run that loses
   a worker in its map phase keeps the partitions that survive, re-creates
@@ -177,6 +180,16 @@ def _disarm(dask_scheduler: Any) -> bool:
     return bool(plugin.killed)
 
 
+def _forget_slow(dask_scheduler: Any) -> list[str]:
+    """The coordinator forgets the workers it found slow (and the task times that found them); those it had."""
+    from aimss_dask.core.names import PLUGIN_NAME
+
+    stragglers = dask_scheduler.plugins[PLUGIN_NAME].stragglers
+    flagged = sorted(stragglers.slow)
+    stragglers.clear()
+    return flagged
+
+
 def _what_recovery_did(client: Any, since: float) -> str:
     """The coordinator's recoveries and restarts since ``since`` (``time.perf_counter``), in words."""
     wall = time.time() - (time.perf_counter() - since)
@@ -267,11 +280,19 @@ def run_operators(args: argparse.Namespace) -> None:
             flush=True,
         )
         def ready() -> None:
-            """Every worker back, and the inputs lost with an earlier kill computed again."""
+            """Every worker back, the inputs lost with an earlier kill computed again, no worker flagged slow."""
             client.wait_for_workers(args.workers, timeout=120)
             wait(ddf)
             if args.inputs == "replicated":
                 client.replicate(ddf, n=2)  # the copies a kill took
+            if not args.keep_slow_flags:
+                # A cold run (the first, or one on a worker just restarted)
+                # can flag a worker slow; new runs would then avoid it for
+                # minutes and run on the others. That is the stragglers'
+                # feature (bench_stragglers.py), not what this one measures.
+                flagged = client.run_on_scheduler(_forget_slow)
+                if flagged:
+                    print(f"  (workers found slow by the run before, forgotten: {flagged})", flush=True)
 
         calm = [m for m in methods if not m[1]]
         kills = [m for m in methods if m[1]]
@@ -625,6 +646,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--memory-limit", default=None, help="AIMSS budget per worker, e.g. 1GiB")
     ap.add_argument("--single-budget", default="128MiB", help="part (1b): AIMSS budget per worker")
+    ap.add_argument(
+        "--keep-slow-flags", action="store_true",
+        help="part (2): keep AIMSS's slow-worker flags between runs (default: forgotten before each run, "
+        "so that every run has all the workers)",
+    )
     ap.add_argument(
         "--methods", default=None, type=lambda s: s.split(","),
         help="part (2): only these, e.g. aimss,aimss+kill (default: aimss, aimss-r2, p2p, each with and without a kill)",
