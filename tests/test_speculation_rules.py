@@ -944,3 +944,28 @@ def test_two_stragglers_among_many_tasks_do_not_make_a_worker_slow_but_among_few
         {"cons1": "consumer", "cons2": "consumer"},
     )
     assert "b" in tracker.slow
+
+
+def test_a_worker_flagged_by_its_tasks_times_is_cleared_once_those_times_are_older_than_the_window():
+    """Kept off new runs, a flagged worker makes no new times: its old ones must not keep it flagged."""
+    import time
+
+    from aimss_dask.coordinator import stragglers
+
+    tracker, sched, g, a, b = _tracker()
+    c = _Worker("c")
+    sched.workers["c"] = c
+    runs = [("a", 1.0)] * 4 + [("b", 1.0)] * 4 + [("c", 4.0)] * 4  # c took 4x the others: slow
+    for i, (w, took) in enumerate(runs, start=10):
+        sched.tasks[("work-abc", i)] = _Task(("work-abc", i), g)
+        tracker.task_ended(("work-abc", i), "processing", "memory", {
+            "worker": w, "startstops": [{"action": "compute", "start": 10.0, "stop": 10.0 + took}],
+        })
+    tracker.check()
+    assert set(tracker.slow) == {"c"} and tracker.slow["c"]["by"] == "tasks"
+    tracker.check()  # the same times, still in the window: still flagged
+    assert "c" in tracker.slow
+    # No task of c since (it was kept off new runs): once those times are
+    # older than the window, they no longer renew the flag, and it goes.
+    tracker._note_slow_workers(time.time() + stragglers.SLOW_WINDOW + 1, [])
+    assert "c" not in tracker.slow

@@ -150,13 +150,16 @@ def max_slow(workers: int) -> int:
 class _Group:
     """The finished durations of one task group, in all and per worker."""
 
-    __slots__ = ("durations", "by_worker")
+    __slots__ = ("durations", "by_worker", "last")
 
     def __init__(self) -> None:
         self.durations: deque[float] = deque(maxlen=MAX_DURATIONS)
         self.by_worker: dict[str, deque[float]] = {}
+        #: ``time.time()`` when its last task finished.
+        self.last = 0.0
 
     def add(self, worker: str | None, seconds: float) -> None:
+        self.last = time.time()
         self.durations.append(seconds)
         if worker is not None:
             mine = self.by_worker.get(worker)
@@ -881,7 +884,13 @@ class Stragglers:
             # consumers' and sink writers' stragglers count as they are.
             if n < SLOW_SHARE * max(finished.get(w, 0), n):
                 counts[w] -= n
-        recent = list(self._groups.items())[-SLOW_GROUPS:][::-1]  # newest first
+        # Groups that ran within the window only: a worker flagged by its
+        # tasks' times gets no new runs' work, so its old times would
+        # otherwise keep it flagged until other groups pushed them out.
+        recent = [
+            (name, g) for name, g in list(self._groups.items())[-SLOW_GROUPS:][::-1]  # newest first
+            if now - g.last <= SLOW_WINDOW
+        ]
         durations = {name: {w: list(ds) for w, ds in g.by_worker.items()} for name, g in recent}
         assert self.scheduler is not None
         floor = SLOW_FLOOR * self.config.min_runtime
