@@ -90,6 +90,82 @@ def test_a_workers_idle_receive_buffers_stay_within_what_its_log_leaves_of_the_b
         assert 0 <= receive_idle_limit(budget, log) <= max(0, budget - log)
 
 
+def _base(view: memoryview) -> int:
+    """The address a view starts at."""
+    return np.frombuffer(view, dtype="u1").__array_interface__["data"][0]
+
+
+def test_a_connections_batches_fill_one_chunk_after_another_and_reuse_it_once_free():
+    pool = BufferPool(lambda: 1 << 30, chunk=2**20)
+    a = pool.take_for("c1", 300_000)
+    b = pool.take_for("c1", 300_000)
+    # Right after the first, at the next 64-byte boundary, in the same chunk.
+    assert _base(b) - _base(a) == 300_032
+    c = pool.take_for("c1", 500_000)  # no room left there: another chunk
+    assert pool.statistics()["pool_bytes"] == 2 * 2**20
+    first, second = _base(a), _base(c)
+    del a, b
+    gc.collect()
+    # Its first chunk is free again, but the connection goes on in the one it fills now.
+    d = pool.take_for("c1", 100_000)
+    assert _base(d) == second + 500_032
+    del c, d
+    gc.collect()
+    # Nothing refers to that one any more: it starts over at its beginning.
+    e = pool.take_for("c1", 300_000)
+    assert _base(e) == second and pool.statistics()["pool_bytes"] == 2 * 2**20
+    # A batch over half a chunk gets a buffer of its own: here the free first chunk, whole.
+    big = pool.take_for("c1", 600_000)
+    assert _base(big) == first and pool.statistics()["pool_bytes"] == 2 * 2**20
+    pool.forget("c1")
+    del e, big
+
+
+def test_a_chunk_handed_to_another_user_is_never_filled_on_by_its_first_connection():
+    pool = BufferPool(lambda: 1 << 30, chunk=2**20)
+    a = pool.take_for("c1", 1000)
+    start = _base(a)
+    del a
+    gc.collect()
+    other = pool.take(2**20)  # the chunk is free: handed to someone else whole
+    assert _base(memoryview(other)) == start
+    b = pool.take_for("c1", 1000)
+    assert not np.shares_memory(np.frombuffer(b, dtype="u1"), other)
+    del other, b
+
+
+def test_live_batches_never_share_memory_whatever_the_order_of_takes_and_releases():
+    """The safety property: a region handed out is never handed out again while anything refers to it."""
+    import random
+
+    rng = random.Random(7)
+    pool = BufferPool(lambda: rng.choice([0, 2**20, 1 << 30]), chunk=2**20)
+    live: list[tuple[int, int, memoryview]] = []
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.5 or not live:
+            key = rng.choice(["a", "b", "c"])
+            n = rng.choice([1, 64, 1000, 100_000, 400_000, 600_000, 2**20])
+            # take() hands out a whole buffer: all of it counts as in use.
+            v = pool.take_for(key, n) if op < 0.4 else memoryview(pool.take(n))
+            lo, n = _base(v), v.nbytes
+            for other_lo, other_n, _ in live:
+                assert lo + n <= other_lo or other_lo + other_n <= lo, f"step {step}: overlap"
+            np.frombuffer(v, dtype="u1")[:] = step % 251
+            live.append((lo, n, v))
+        elif op < 0.95:
+            live.pop(rng.randrange(len(live)))
+        else:
+            pool.forget(rng.choice(["a", "b", "c"]))
+            pool.trim()
+        if step % 500 == 0:
+            gc.collect()
+    # Every live region still holds what was written to it.
+    for lo, n, v in live:
+        arr = np.frombuffer(v, dtype="u1")
+        assert (arr == arr[0]).all()
+
+
 def test_pool_prefers_the_smallest_free_buffer_that_fits():
     pool = BufferPool(lambda: 1 << 30)
     big = pool.take(8 * 2**20)

@@ -58,7 +58,7 @@ from aimss_dask.node.runs import RunFactory, RunManager
 from aimss_dask.node.salvager import take_over
 from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import dataplane, speccache
-from aimss_dask.transport.dataplane import BufferPool, DataServer, Group
+from aimss_dask.transport.dataplane import CHUNK, BufferPool, DataServer, Group
 from aimss_dask.transport.producer import Producer
 from aimss_dask.transport.rpc import listed_by, replies
 
@@ -255,7 +255,12 @@ class AIMSSWorker(WorkerPlugin):
         self.scratch = BufferPool(lambda: min(SCRATCH_IDLE, store.budget // 8))
         if creds is not None:
             store = self.store
-            self.pool = BufferPool(lambda: receive_idle_limit(store.budget, store.memory_bytes))
+            # Chunks that hold two full batches: every batch a producer
+            # sends fills one after the other (see BufferPool.take_for).
+            self.pool = BufferPool(
+                lambda: receive_idle_limit(store.budget, store.memory_bytes),
+                chunk=max(CHUNK, 2 * self.config.batch_size),
+            )
             # Its own interface only, the one its Dask address names.
             host = get_address_host(worker.address)
             # Views into receive buffers are only safe while nothing spills:
