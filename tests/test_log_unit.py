@@ -81,6 +81,19 @@ def test_a_copy_stored_serialised_is_decoded_once_on_first_read(store):
     assert again_arr is got_arr and again_df is got_df
 
 
+def test_a_reader_that_sends_records_on_gets_a_copy_as_stored(store):
+    """A promoted copy catching a new one up sends what it holds serialised as it is."""
+    from distributed.protocol import Serialized
+
+    from aimss_dask.log.records import encode
+
+    ser = encode(np.arange(4))[0]
+    store.append("a", 1, 0, [ser, b"plain"], [32, 5])
+    got, _, _ = store.read("a", 1, 0, 0, decode=False)
+    assert got[0] is ser and got[1] == b"plain"
+    assert type(store._log("a", 1, 0).segments[0].records[0]) is Serialized  # left as stored
+
+
 def test_a_copy_stored_serialised_spills_and_reads_back(store):
     from aimss_dask.log.records import encode
 

@@ -519,6 +519,7 @@ class LogStore:
         start: int,
         max_bytes: int | None = None,
         upto: int | None = None,
+        decode: bool = True,
     ) -> tuple[list[Any], bool, int]:
         """Records from ``start`` on, up to ``max_bytes`` (at least one).
 
@@ -526,6 +527,8 @@ class LogStore:
         from disk outside the lock. ``upto``: read records stored up to that
         offset, whether readers may see them yet or not (an owner copying
         its log to a replica); by default, only what they may see.
+        ``decode=False``: records stored serialised (a replica's copies)
+        come as they are, for a reader that sends them on.
         """
         if start < 0:
             raise InvalidOffsetError(
@@ -575,7 +578,7 @@ class LogStore:
         disk = 0
         for seg, records, lo, hi in plan:
             if records is not None:
-                out.extend(rec.decoded(records, lo, hi, name, p, seg.base))
+                out.extend(rec.decoded(records, lo, hi, name, p, seg.base) if decode else records[lo:hi])
             else:
                 out.extend(self._load(name, seg, lo, hi))
                 disk += hi - lo

@@ -620,13 +620,16 @@ class Replicator:
         paced = True  # the bulk; what came meanwhile goes at once, or a busy partition never converges
         while True:
             while offset < held:
-                records, _, _ = self.store.read(name, part.epoch, p, offset, SYNC_CHUNK, upto=held)
+                # As stored: a copy this worker held before it took over
+                # goes on serialised, as it came (encoding passes it through).
+                records, _, _ = self.store.read(name, part.epoch, p, offset, SYNC_CHUNK, upto=held, decode=False)
                 if not records:
                     break
-                sizes = [rec.encode(r, name)[1] for r in records]
+                encoded = [rec.encode(r, name) for r in records]
+                sizes = [n for _, n in encoded]
                 if paced:
                     self._pace(sum(sizes))
-                ship = _Ship(part, offset, records, sizes, None, None)
+                ship = _Ship(part, offset, records, sizes, None, None, wire=[ser for ser, _ in encoded])
                 conn = self._send_plain(d, ship, conn)
                 offset += len(records)
                 with self._cond:
