@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks of AIMSS on a real cluster: a worker made slow on purpose.
+"""Helpers for tests and benchmarks of AIMSS on a real cluster: a worker made slow on purpose, and slow flags forgotten.
 
 Not part of the user API (like ``distributed.utils_test``); the test suite
 and ``benchmarks/`` share them.
@@ -14,6 +14,26 @@ from collections.abc import Iterator
 from typing import Any
 
 from aimss_dask.core.errors import InvalidArgumentError
+
+
+def forget_slow_workers(dask_scheduler: Any = None) -> list[str]:
+    """The coordinator forgets every worker it found slow, and the task times that found them; those it had.
+
+    For ``client.run_on_scheduler``. What it forgets when the scheduler
+    restarts. Tests sharing a cluster call it between them, and benchmarks
+    between runs: a worker flagged by one run's noise on a loaded machine
+    (a cold first run) would otherwise get no partitions, units or copies
+    in the next runs.
+
+    >>> client.run_on_scheduler(forget_slow_workers)  # doctest: +SKIP
+    []
+    """
+    from aimss_dask.core.names import PLUGIN_NAME
+
+    stragglers = dask_scheduler.plugins[PLUGIN_NAME].stragglers
+    flagged = sorted(stragglers.slow)
+    stragglers.clear()
+    return flagged
 
 
 @contextlib.contextmanager

@@ -180,16 +180,6 @@ def _disarm(dask_scheduler: Any) -> bool:
     return bool(plugin.killed)
 
 
-def _forget_slow(dask_scheduler: Any) -> list[str]:
-    """The coordinator forgets the workers it found slow (and the task times that found them); those it had."""
-    from aimss_dask.core.names import PLUGIN_NAME
-
-    stragglers = dask_scheduler.plugins[PLUGIN_NAME].stragglers
-    flagged = sorted(stragglers.slow)
-    stragglers.clear()
-    return flagged
-
-
 def _what_recovery_did(client: Any, since: float) -> str:
     """The coordinator's recoveries and restarts since ``since`` (``time.perf_counter``), in words."""
     wall = time.time() - (time.perf_counter() - since)
@@ -230,6 +220,7 @@ def run_operators(args: argparse.Namespace) -> None:
     from distributed import Client, LocalCluster, wait
 
     import aimss_dask
+    from aimss_dask.testing import forget_slow_workers
 
     # A nanny that dies more than once must not be given up on.
     conf: dict[str, Any] = {
@@ -290,7 +281,7 @@ def run_operators(args: argparse.Namespace) -> None:
                 # can flag a worker slow; new runs would then avoid it for
                 # minutes and run on the others. That is the stragglers'
                 # feature (bench_stragglers.py), not what this one measures.
-                flagged = client.run_on_scheduler(_forget_slow)
+                flagged = client.run_on_scheduler(forget_slow_workers)
                 if flagged:
                     print(f"  (workers found slow by the run before, forgotten: {flagged})", flush=True)
 

@@ -28,6 +28,7 @@ from hypothesis import strategies as hst
 import aimss_dask
 from aimss_dask._compat import listed_workers
 from aimss_dask.core import threads
+from aimss_dask.testing import forget_slow_workers
 
 _names = itertools.count()
 
@@ -256,18 +257,6 @@ def security_kwargs(kind: str) -> dict[str, Any]:
     if kind != "tcp":
         raise ValueError(f"AIMSS_TEST_SECURITY={kind!r}: use 'tcp' or 'tls'")
     return {}
-
-
-def forget_slow_workers(dask_scheduler: Any = None) -> None:
-    """The coordinator forgets every worker it found slow, and the task times that found them (``client.run_on_scheduler``).
-
-    What it forgets when the scheduler restarts. Tests sharing a cluster call
-    it between them: a worker flagged by one test's noise on a loaded machine
-    would otherwise get no partitions, units or copies in the next test's runs.
-    """
-    from aimss_dask.core.names import PLUGIN_NAME
-
-    dask_scheduler.plugins[PLUGIN_NAME].stragglers.clear()
 
 
 @pytest.fixture
