@@ -158,8 +158,8 @@ class _Group:
         #: ``time.time()`` when its last task finished.
         self.last = 0.0
 
-    def add(self, worker: str | None, seconds: float) -> None:
-        self.last = time.time()
+    def add(self, worker: str | None, seconds: float, now: float) -> None:
+        self.last = now
         self.durations.append(seconds)
         if worker is not None:
             mine = self.by_worker.get(worker)
@@ -339,6 +339,7 @@ class Stragglers:
             if ts is not None:
                 ts.worker_restrictions = None
         if finish == "memory":
+            now = time.time()
             seconds = _compute_seconds(kwargs.get("startstops"))
             if seconds is not None and ts is not None:
                 name = ts.group.name
@@ -349,9 +350,9 @@ class Stragglers:
                         self._groups.popitem(last=False)
                 else:
                     self._groups.move_to_end(name)
-                g.add(kwargs.get("worker"), seconds)
+                g.add(kwargs.get("worker"), seconds, now)
             if kwargs.get("worker") is not None:
-                self._finished.append((time.time(), kwargs["worker"]))
+                self._finished.append((now, kwargs["worker"]))
         report = self.current.pop(key, None)
         copy = self.copies.pop(key_text(key), None) if self.copies else None
         if report is not None:
