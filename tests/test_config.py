@@ -56,6 +56,7 @@ def test_defaults_come_from_the_shipped_yaml():
         read_batch_size=16 * MiB,
         transport="auto",
         liveness_interval=2.0,
+        keep_idle_buffers=60.0,
     )
     # The dataclass defaults and the YAML agree, so code that builds an
     # AIMSSConfig() directly behaves like a deployment with no config at all.
@@ -117,6 +118,8 @@ def test_sizes_and_durations_parse():
     assert cfg.read_batch_size == MiB
     assert cfg.linger == pytest.approx(0.02)
     assert AIMSSConfig.load(liveness_interval="250ms").liveness_interval == pytest.approx(0.25)
+    assert AIMSSConfig.load(keep_idle_buffers="2 minutes").keep_idle_buffers == 120.0
+    assert AIMSSConfig.load(keep_idle_buffers=0).keep_idle_buffers == 0.0
     assert cfg.spill_directory == "/tmp/x" and isinstance(cfg.spill_directory, str)
     assert AIMSSConfig.load(linger=0).linger == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -145,6 +148,8 @@ def test_sizes_and_durations_parse():
         ({"recovery_rate": 0}, r"aimss recovery-rate=0 must be a positive size"),
         ({"liveness_interval": 0}, r"aimss liveness-interval=0 is not a positive duration"),
         ({"liveness_interval": "soon"}, r"aimss liveness-interval='soon' is not a positive duration"),
+        ({"keep_idle_buffers": -1}, r"aimss keep-idle-buffers=-1 is not a non-negative duration"),
+        ({"keep_idle_buffers": "a while"}, r"aimss keep-idle-buffers='a while' is not a non-negative"),
         ({"colour": "blue"}, r"unknown AIMSS option 'colour'; known options: \['batch_size'"),
     ],
 )

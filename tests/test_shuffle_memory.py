@@ -75,7 +75,8 @@ def test_shuffle_larger_than_the_budget_spills_and_frees():
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
         memory_limit=WORKER_LIMIT,
     ) as cluster, Client(cluster) as client:
-        client.register_plugin(aimss_dask.AIMSS(memory_limit=BUDGET))
+        # keep-idle-buffers 0: the free buffers go with the last stream (checked at the end).
+        client.register_plugin(aimss_dask.AIMSS(memory_limit=BUDGET, keep_idle_buffers=0))
         workers_before = set(listed_workers(client))
         df = dd.from_map(_make, range(PARTS), meta=_make(0).iloc[:0])
         out = aimss_dask.shuffle(df, "key", npartitions=PARTS)
@@ -108,8 +109,9 @@ def test_shuffle_larger_than_the_budget_spills_and_frees():
             assert w["streams"] == [] and w["memory_bytes"] == 0 and w["spilled_bytes"] == 0
             d = w["spill_directory"]
             assert spill_files(d) == []
-        # Idle receive buffers go back to the OS with the last stream (the
-        # drop finishes on the worker just after the stream is forgotten).
+        # Idle receive buffers go back to the OS with the last stream
+        # (keep-idle-buffers 0; the drop finishes on the worker just after
+        # the stream is forgotten).
         deadline = time.monotonic() + 10
         while any(w.get("pool_bytes", 0) for w in st.values()) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -356,6 +356,7 @@ class AIMSSConfig:
     io: IOConfig = IOConfig()
     trace: str | None = None
     liveness_interval: float = 2.0
+    keep_idle_buffers: float = 60.0
 
     @classmethod
     def load(cls, **overrides: Any) -> AIMSSConfig:
@@ -442,6 +443,7 @@ class AIMSSConfig:
             raise _bad("trace", f"aimss trace={trace!r} must be a folder (made if missing) or null")
         return cls(
             liveness_interval=_duration("liveness-interval", d.get("liveness_interval", 2.0), positive=True),
+            keep_idle_buffers=_duration("keep-idle-buffers", d.get("keep_idle_buffers", 60.0), positive=False),
             trace=None if trace is None else os.path.abspath(os.fspath(trace)),
             transport=transport,
             memory_limit=_bytes("memory-limit", d.get("memory_limit"), allow_none=True),

@@ -14,6 +14,7 @@ import threading
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
+import psutil
 from dask.utils import format_bytes
 from distributed.comm import get_address_host
 from distributed.core import Status
@@ -51,6 +52,7 @@ from aimss_dask.node import heartbeat
 from aimss_dask.node.copies import CopyMailbox
 from aimss_dask.node.dedup import OriginFilter
 from aimss_dask.node.follower import Follower
+from aimss_dask.node.idle import IdleRelease, Memory
 from aimss_dask.node.iogate import IOGate
 from aimss_dask.node.metrics import worker_metrics
 from aimss_dask.node.replication import Replicator
@@ -76,13 +78,6 @@ SCRATCH_IDLE = 256 * 2**20
 
 #: Longest a closing worker waits for its partition moves to finish (s).
 MOVE_TIMEOUT = 600.0
-
-#: Seconds a worker whose log emptied keeps its idle receive and scratch
-#: buffers (within their idle limits, a fraction of the unused budget)
-#: before giving them back to the OS: back-to-back runs reuse memory already
-#: touched instead of faulting it afresh.
-IDLE_RELEASE_DELAY = 5.0
-
 
 def receive_idle_limit(budget: int, log_bytes: int) -> int:
     """Bytes of free receive buffers a worker keeps for reuse, with ``log_bytes`` in its log.
@@ -122,6 +117,7 @@ class AIMSSWorker(WorkerPlugin):
         self.setup_error: str | None = None
         self.budget_warning: str | None = None
         self.scratch: BufferPool | None = None
+        self.idle_release: IdleRelease | None = None
         # Partitions read by tasks here: from this worker's log, or remotely.
         # Partition reads from this worker's log / another's; "streamed": shuffle
         # reads that filled their output batch by batch (shuffle._tasks.read);
@@ -268,6 +264,15 @@ class AIMSSWorker(WorkerPlugin):
             self.data_server = DataServer(
                 host, self.store_batch, self.pool, own_copies=store.tight, credentials=creds
             )
+        # Free buffers outlive the runs that filled them (aimss.keep-idle-buffers).
+        self.idle_release = IdleRelease(
+            self.config.keep_idle_buffers,
+            empty=lambda: self.store is not None and not self.store.closed and self.store.empty,
+            held=lambda: self._pools_bytes("pool_bytes"),
+            idle=lambda: self._pools_bytes("pool_free_bytes"),
+            release=self._release_idle,
+            memory=self._memory,
+        )
         for op in _HANDLERS:
             worker.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
         # Progress rides the heartbeats: the coordinator never polls for it.
@@ -343,6 +348,8 @@ class AIMSSWorker(WorkerPlugin):
                 self.producer.close()
             if self.store is not None:
                 self.store.close()
+            if self.idle_release is not None:
+                self.idle_release.close()
             if self.pool is not None:
                 self.pool.clear()
             if self.scratch is not None:
@@ -878,21 +885,34 @@ class AIMSSWorker(WorkerPlugin):
         # Remote readers waiting on the stream must find out now, not at
         # their next poll.
         self._bump()
-        if self.store.empty:
-            # The last stream is gone: idle buffers are memory nobody uses
-            # until the next run. Given back unless a run starts meanwhile.
-            asyncio.get_running_loop().call_later(IDLE_RELEASE_DELAY, self._release_if_idle)
+        if self.store.empty and self.idle_release is not None:
+            # The last stream is gone: its free buffers wait a while for the
+            # next run, unless the worker's memory is wanted meanwhile.
+            self.idle_release.emptied()
 
-    def _release_if_idle(self) -> None:
-        """Give idle receive and scratch buffers back to the OS, if the log is still empty."""
-        try:
-            if self.store is None or self.store.closed or not self.store.empty:
-                return
-            for pool in (self.pool, self.scratch):
-                if pool is not None:
-                    pool.release_idle()
-        except Exception:  # a timer callback: never raise into the loop
-            logger.debug("aimss: releasing idle buffers failed", exc_info=True)
+    def _pools_bytes(self, key: str) -> int:
+        """``pool_bytes`` or ``pool_free_bytes`` of the receive and scratch pools together."""
+        return sum(p.statistics()[key] for p in (self.pool, self.scratch) if p is not None)
+
+    def _release_idle(self) -> None:
+        """Give free receive and scratch buffers back to the OS."""
+        for pool in (self.pool, self.scratch):
+            if pool is not None:
+                pool.release_idle()
+
+    def _memory(self) -> Memory:
+        """This worker's memory against Dask's target for it, and the node's."""
+        assert self.worker is not None
+        mm = self.worker.memory_manager
+        fraction = mm.memory_target_fraction or mm.memory_spill_fraction
+        limit = mm.memory_limit
+        vm = psutil.virtual_memory()
+        return Memory(
+            process=self.worker.monitor.get_process_memory(),
+            target=int(limit * fraction) if limit and fraction else None,
+            available=vm.available,
+            total=vm.total,
+        )
 
     # -- runs: operators' worker-side objects (node/runs.py) -------------------------
 
