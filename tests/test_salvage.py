@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -284,6 +285,116 @@ def test_two_dead_workers_salvaged_at_once_onto_one_worker_both_come_back():
     assert not [m for m in sent if m["op"] == "aimss_drop"], sent
 
 
+def _salvage_harness(recovery: str, lost: dict[int, int], answer=None):
+    """A coordinator's Salvages over a stream ``s`` whose partitions ``lost`` (partition -> records) died with ``d``.
+
+    Returns ``(salvages, state, asks)``: ``asks`` collects what the worker
+    ``w`` is asked for, ``(partitions, last)`` per round; ``answer(msg)`` may
+    run before each answer (a reader asking meanwhile).
+    """
+    from types import SimpleNamespace
+
+    from aimss_dask.coordinator.demand import ReadDemand
+    from aimss_dask.coordinator.salvage import Salvages
+    from aimss_dask.coordinator.state import CoordinatorState
+
+    st = CoordinatorState()
+    n = max(lost) + 2
+    spec, _ = st.create("s", n, ["d" if p in lost else "w" for p in range(n)])
+    st.note_bounds("s", spec.epoch, [(p, 0, lost.get(p, 1)) for p in range(n)])
+    st.sealed.add("s")
+    st.worker_lost("d")
+    asks: list[tuple[list[int], bool]] = []
+
+    async def ask(worker, msg):
+        if answer is not None:
+            answer(msg)
+        parts = [part for stream in msg["streams"] for part in stream["parts"]]
+        asks.append(([p for p, _, _ in parts], msg["last"]))
+        return {"folders": 1, "streams": {"s": [[p, need, end, 100] for p, need, end in parts]}}
+
+    async def broadcast(msg, workers=None):
+        return {}
+
+    ops = SimpleNamespace(
+        ask=ask, broadcast=broadcast, hosts=lambda: {"w": "h", "d": "h"}, running=lambda: ["w"],
+        event=lambda e: None, spawn=lambda c: c.close(),
+    )
+    clock = iter(range(10**6))  # every reading later than the one before
+    coord = SimpleNamespace(
+        state=st, config=SimpleNamespace(recovery=recovery), recoveries=SimpleNamespace(recovering=set()),
+        runs=SimpleNamespace(for_stream=lambda name: None), pinner=SimpleNamespace(repin=lambda names: None),
+        demand=ReadDemand(clock=lambda: float(next(clock))),
+    )
+    return Salvages(coord, ops), st, asks
+
+
+def _salvage(salvages) -> None:
+    import asyncio
+
+    salvages.on_worker_lost("d", "h")
+    asyncio.run(salvages._take_over("d", "w"))
+
+
+def test_offsets_recovery_brings_back_first_the_partitions_readers_wait_on():
+    salvages, st, asks = _salvage_harness("offsets", {0: 10, 2: 10, 4: 10})
+    salvages.coord.demand.note("s", [2])  # asked before it died: not waiting
+    salvages.on_worker_lost("d", "h")
+    salvages.coord.demand.note("s", [4])  # a reader asks after: it waits on 4
+    import asyncio
+
+    asyncio.run(salvages._take_over("d", "w"))
+    assert asks == [([4], False), ([0, 2], True)]
+    assert "s" not in st.lost and st.get("s").owners[:5] == ("w",) * 5
+
+
+def test_without_a_waiting_reader_the_partition_asked_for_last_comes_first_then_the_rest():
+    salvages, _, asks = _salvage_harness("offsets", {0: 10, 2: 10, 4: 10})
+    salvages.coord.demand.note("s", [2])  # the last ask, just before the coordinator heard
+    _salvage(salvages)
+    assert asks == [([2], False), ([0, 4], True)]
+    salvages, _, asks = _salvage_harness("offsets", {0: 10, 2: 10, 4: 10})
+    _salvage(salvages)
+    assert asks == [([0], False), ([2, 4], True)]  # nobody asked: the first
+
+
+def test_a_reader_that_asks_during_a_round_is_next():
+    def answer(msg):
+        if not asks_seen:
+            salvages.coord.demand.note("s", [4])  # while the first round runs
+        asks_seen.append(msg)
+
+    asks_seen: list = []
+    salvages, _, asks = _salvage_harness("offsets", {0: 10, 2: 10, 4: 10, 6: 10}, answer)
+    _salvage(salvages)
+    assert asks == [([0], False), ([4], False), ([2, 6], True)]
+
+
+def test_full_recovery_brings_everything_back_in_one_round():
+    salvages, st, asks = _salvage_harness("full", {0: 10, 2: 10, 4: 10})
+    salvages.coord.demand.note("s", [4])
+    _salvage(salvages)
+    assert asks == [([0, 2, 4], True)]
+    assert "s" not in st.lost
+
+
+def test_read_demand_keeps_the_latest_ask_for_a_while():
+    from aimss_dask.coordinator import demand as dm
+
+    now = [100.0]
+    d = dm.ReadDemand(clock=lambda: now[0])
+    d.note("a", [0, 1])
+    now[0] += 1
+    d.note("a", [2])
+    d.note("b", [0])
+    assert d.wanted("a", range(3)) == [2, 0, 1] and d.wanted("b", [0, 1]) == [0]
+    assert d.wanted("a", range(3), since=100.5) == [2]
+    now[0] += dm.RECENT
+    assert d.wanted("a", range(3)) == [2] and d.asked_at("a", 0) is None  # the first asks aged out
+    d.clear()
+    assert d.wanted("a", range(3)) == []
+
+
 # -- real workers killed ---------------------------------------------------------------
 
 
@@ -302,12 +413,13 @@ def _salvaged(client: Client, name: str) -> list[dict]:
     ]
 
 
-def _kill_and_salvage(client: Client, victim: str, name: str, timeout: float = 60) -> dict:
-    """SIGKILL ``victim``; the one ``partitions-salvaged`` event of stream ``name`` that follows."""
+def _kill_and_salvage(client: Client, victim: str, name: str, timeout: float = 60, rounds: int = 1) -> Any:
+    """SIGKILL ``victim``; the ``partitions-salvaged`` event of stream ``name`` that follows (a list of ``rounds`` of them)."""
     os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
-    wait_until(lambda: _salvaged(client, name), timeout=timeout, what=f"partitions of {name!r} rebuilt")
-    (ev,) = _salvaged(client, name)
-    return ev
+    wait_until(lambda: len(_salvaged(client, name)) >= rounds, timeout=timeout, what=f"partitions of {name!r} rebuilt")
+    evs = _salvaged(client, name)
+    assert len(evs) == rounds, evs
+    return evs[0] if rounds == 1 else evs
 
 
 def _spill_all(dask_worker) -> int:
@@ -371,8 +483,8 @@ def test_killed_owner_partition_comes_back_from_its_spill_files_from_the_consume
         list(s.read(partition=0, start=0))
     # and the other partition never noticed.
     assert [int(r[0]) for r in s.read(partition=1)] == [-1]
-    # The dead worker's folder is gone; the live workers' are not.
-    assert victim not in _owners(root)
+    # The dead worker's folder is gone (just after the answer); the live workers' are not.
+    wait_until(lambda: victim not in _owners(root), timeout=10, what="the dead worker's folder removed")
     assert set(_owners(root)) == set(listed_workers(client))
     aimss_dask.destroy_stream("kept")
 
@@ -421,6 +533,37 @@ def test_an_open_partition_comes_back_up_to_its_spilled_end_and_refuses_writes(p
     aimss_dask.destroy_stream("open")
 
 
+def test_the_partition_a_reader_waits_on_comes_back_first(pair):
+    """``recovery: offsets``: of a killed owner's partitions, the one a reader waits on is rebuilt first, on its own."""
+    client, _ = pair
+    s = aimss_dask.create_stream("waited", partitions=6)
+    victim = s.spec.owners[0]
+    mine = [p for p in range(6) if s.spec.owners[p] == victim]
+    assert len(mine) >= 2, s.spec.owners
+    for i in range(6 * 4):
+        s.write(_record(i), partition=i % 6)
+    s.seal()
+    client.run(_spill_all)
+    waited = mine[-1]  # not the first: the order comes from the reader
+    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+    got = None
+    deadline = time.monotonic() + 60
+    while got is None:  # a reader of the victim's last partition asks until it is back
+        try:
+            got = [int(r[0]) for r in s.read(partition=waited)]
+        except PartitionLostError:
+            assert time.monotonic() < deadline, "the partition did not come back"
+            time.sleep(0.01)
+    assert got == list(range(waited, 24, 6))
+    wait_until(lambda: sum(len(e["partitions"]) for e in _salvaged(client, "waited")) == len(mine), timeout=60,
+               what="every partition of the victim rebuilt")
+    first, *rest = _salvaged(client, "waited")
+    assert first["partitions"] == {waited: [0, 4]}, first
+    assert sorted(p for e in rest for p in e["partitions"]) == mine[:-1]
+    assert [int(r[0]) for r in s.read()] == [i for p in range(6) for i in range(p, 24, 6)]
+    aimss_dask.destroy_stream("waited")
+
+
 def test_a_lone_worker_restarted_by_its_nanny_takes_back_its_own_spill_files(tmp_path):
     with LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="1GiB"
@@ -432,9 +575,12 @@ def test_a_lone_worker_restarted_by_its_nanny_takes_back_its_own_spill_files(tmp
         s.seal()
         victim = s.spec.owners[0]
         client.run(_spill_all)
-        # No other worker on the node: the restarted one does it as it starts.
-        ev = _kill_and_salvage(client, victim, "alone", timeout=90)
-        assert ev["partitions"] == {0: [0, 3], 1: [0, 3]} and ev["lost"] == {}
+        # No other worker on the node: the restarted one does it as it starts,
+        # one partition first (no reader asked for any: the first), then the rest.
+        first, rest = _kill_and_salvage(client, victim, "alone", timeout=90, rounds=2)
+        assert first["partitions"] == {0: [0, 3]} and rest["partitions"] == {1: [0, 3]}
+        assert first["lost"] == rest["lost"] == {}
         assert [int(r[0]) for r in s.read()] == [0, 2, 4, 1, 3, 5]
-        assert _owners(tmp_path) == list(listed_workers(client))  # the new worker's own
+        wait_until(lambda: _owners(tmp_path) == list(listed_workers(client)), timeout=10,
+                   what="only the new worker's own folder left")
         aimss_dask.destroy_stream("alone")

@@ -117,7 +117,8 @@ def _fetch(
 def _lost_from(ep: Endpoint, spec: StreamSpec, p: int, offset: int) -> dict[int, tuple[int, int | None]]:
     """What of partition ``p`` is lost from ``offset`` on: up to its sealed end where the coordinator knows it."""
     try:
-        known = lost_ranges(ep.scheduler_op("get", name=spec.name).get("lost_offsets")).get(p)
+        # Saying which partition: recovery brings it back first.
+        known = lost_ranges(ep.scheduler_op("get", name=spec.name, partition=p).get("lost_offsets")).get(p)
     except AIMSSError:
         known = None
     if known is None or (known[1] is not None and known[1] <= offset):

@@ -584,7 +584,9 @@ def read_from(
     if group is not None:
         check_str_arg(group, "consumer group")
     ep = current("read_from")
-    got = ep.scheduler_op("get", name=name, **ep.owner_kwargs())
+    # The partition asked for comes back first should it be lost.
+    wants = {} if partition is None else {"partition": partition}
+    got = ep.scheduler_op("get", name=name, **wants, **ep.owner_kwargs())
     spec = remember(ep, got)
     parts = [_check_partition(spec, partition)] if partition is not None else list(range(spec.partitions))
     committer = None

@@ -29,6 +29,7 @@ from tornado.ioloop import PeriodicCallback
 
 from aimss_dask.coordinator import dashboard
 from aimss_dask.coordinator.cluster import ClusterOps, as_application
+from aimss_dask.coordinator.demand import ReadDemand
 from aimss_dask.coordinator.io import IOHandlers
 from aimss_dask.coordinator.metrics import coordinator_metrics
 from aimss_dask.coordinator.overview import heartbeats
@@ -147,6 +148,8 @@ class AIMSS(SchedulerPlugin):
         self.recoveries = Recoveries(self, self.ops)
         self.promotions = Promotions(self, self.ops)
         self.salvages = Salvages(self, self.ops)
+        #: Partitions readers asked for lately: recovered first.
+        self.demand = ReadDemand()
         self.stragglers = Stragglers(self.state, self.config.speculation, tell=self.ops.tell)
         self._stragglers_pc: PeriodicCallback | None = None
         io = self.config.io
@@ -346,6 +349,7 @@ class AIMSS(SchedulerPlugin):
             self.recoveries.clear()
             self.promotions.clear()
             self.salvages.clear()
+            self.demand.clear()
             self.stragglers.clear()
             if self.pinner is not None:
                 self.pinner.clear()

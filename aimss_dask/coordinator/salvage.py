@@ -20,10 +20,16 @@ it takes:
   stays lost from the end of the files on, by offsets, and readers that
   reach that point (and writers) get ``PartitionLostError`` naming them.
 
+With ``recovery: offsets``, partitions readers asked for lately
+(:mod:`~aimss_dask.coordinator.demand`) come back first, each round
+committed as it is done; ``full`` brings all back in one round.
+
 One attempt per dead worker: the files it does not need are removed with
-its folder afterwards. Event ``partitions-salvaged`` (topic ``"aimss"``)
-says what came back: the partitions and their offsets, what stays lost,
-and the bytes read back and checked.
+its folder afterwards, once the last round has answered. Event
+``partitions-salvaged`` (topic ``"aimss"``), one per stream and round that
+brought something back, says what came back: the partitions and their
+offsets, what stays lost, the bytes read back and checked, the ``round``
+(from 1) and whether it was the ``last``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ class Salvages:
         self.ops = ops
         #: dead worker -> its host, until a worker there took its files over.
         self.waiting: dict[str, str] = {}
+        #: dead worker -> when the coordinator heard (ReadDemand's clock):
+        #: readers that asked since then wait on its partitions.
+        self._died: dict[str, float] = {}
         #: Workers that said they are closing: they remove their own folders.
         self._closing: set[str] = set()
 
@@ -69,8 +78,11 @@ class Salvages:
         if host is None:
             return
         self.waiting[worker] = host
+        self._died[worker] = self.coord.demand.now()
         while len(self.waiting) > MAX_WAITING:
-            del self.waiting[next(iter(self.waiting))]
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]
+            self._died.pop(oldest, None)
         self.ops.spawn(self._try(worker))
 
     def on_worker_running(self, address: str) -> None:
@@ -120,8 +132,69 @@ class Salvages:
             if not here:
                 return  # the next worker to start on that host tries
             worker = here[0]
-        wanted = self._wanted(dead)
         del self.waiting[dead]  # one attempt: the worker removes the files it leaves
+        died = self._died.pop(dead, None)
+        asked: set[tuple[str, int]] = set()
+        first = True
+        rounds = 0
+        while True:
+            left = {
+                name: [part for part in parts if (name, part[0]) not in asked]
+                for name, parts in self._wanted(dead).items()
+            }
+            wanted, last = self._next_round({name: parts for name, parts in left.items() if parts}, first, died)
+            asked.update((name, part[0]) for name, parts in wanted.items() for part in parts)
+            rounds += 1
+            if not await self._round(dead, worker, wanted, last, rounds) or last:
+                return
+            first = False
+
+    def _next_round(
+        self, left: dict[str, list[list[Any]]], first: bool, died: float | None
+    ) -> tuple[dict[str, list[list[Any]]], bool]:
+        """What of ``left`` to ask for next, and whether that is the last round.
+
+        ``recovery: full`` brings everything back in one round. With
+        ``offsets``, partitions readers asked for since their owner ``died``
+        come first, in a round of their own, whenever there are any (a
+        waiting reader asks again); a first round with none takes the one
+        asked for last (a reader may have asked just before the coordinator
+        heard), else the first; then the rest, at once.
+        """
+        if self.coord.config.recovery != "offsets" or not left:
+            return left, True
+        demand = self.coord.demand
+        now: dict[str, list[list[Any]]] = {}
+        for name, parts in left.items():
+            by_p = {part[0]: part for part in parts}
+            waiting = demand.wanted(name, by_p, since=died)
+            if waiting:
+                now[name] = [by_p[p] for p in waiting]
+        if not now and first:
+            best: tuple[float, str, list[Any]] | None = None
+            for name, parts in sorted(left.items()):
+                for part in parts:
+                    t = demand.asked_at(name, part[0])
+                    if t is not None and (best is None or t > best[0]):
+                        best = (t, name, part)
+            if best is None:
+                name = min(left)
+                now = {name: left[name][:1]}
+            else:
+                now = {best[1]: [best[2]]}
+        if not now:
+            return left, True
+        rest = sum(len(parts) for parts in left.values()) - sum(len(parts) for parts in now.values())
+        return now, rest == 0
+
+    async def _round(
+        self, dead: str, worker: str, wanted: dict[str, list[list[Any]]], last: bool, round_: int
+    ) -> bool:
+        """Ask ``worker`` to rebuild ``wanted`` from ``dead``'s files, and commit what it did; False: it did not answer.
+
+        ``last``: the worker then removes what is left of the folder(s).
+        ``round_``: this round's number (from 1), for the event.
+        """
         state = self.coord.state
         olds = {name: state.streams[name] for name in wanted}
         # Each stream's new epoch, under which the worker opens what it rebuilds.
@@ -137,10 +210,12 @@ class Salvages:
                 "parts": parts,
             })
         try:
-            reply = await self.ops.ask(worker, {"op": "aimss_salvage", "dead": dead, "streams": msg_streams})
+            reply = await self.ops.ask(
+                worker, {"op": "aimss_salvage", "dead": dead, "streams": msg_streams, "last": last}
+            )
         except Exception as e:
             logger.warning("aimss: %s could not take over the spill files of %s (%r)", worker, dead, e)
-            return
+            return False
         logger.info(
             "aimss: %s took over %d spill folder(s) of %s; rebuilt %s",
             worker, (reply or {}).get("folders", 0), dead, sorted((reply or {}).get("streams", {})),
@@ -190,8 +265,11 @@ class Salvages:
                 "partitions": {p: list(r) for p, r in sorted(rebuilt.items())},
                 "lost": {p: list(r) for p, r in sorted(still.items())},
                 "bytes": sum(int(g[3]) for g in got),
+                "round": round_, "last": last,
             })
+        return True
 
     def clear(self) -> None:
         self.waiting.clear()
+        self._died.clear()
         self._closing.clear()

@@ -185,9 +185,17 @@ class StreamHandlers:
         task: Any = None,
         token: str | None = None,
         need: str = "read",
+        partition: int | None = None,
     ) -> dict[str, Any]:
-        """A stream's spec; for a caller that says who it is, its ``access`` (and a ``token`` it presents)."""
+        """A stream's spec; for a caller that says who it is, its ``access`` (and a ``token`` it presents).
+
+        ``partition``: the one a reader is about to read (recovery brings
+        it back first, should it be lost: :mod:`~aimss_dask.coordinator.demand`).
+        """
         spec = self.coord.state.get(name)
+        # Only a partition of the stream (read_from checks what it was given after this).
+        if isinstance(partition, int) and not isinstance(partition, bool) and 0 <= partition < spec.partitions:
+            self.coord.demand.note(name, [partition])
         acc = self.coord.state.access.get(name)
         if token is not None and acc is not None and (client is not None or task is not None):
             who = self.ops.application(client, task)

@@ -57,7 +57,7 @@ from aimss_dask.node.iogate import IOGate
 from aimss_dask.node.metrics import worker_metrics
 from aimss_dask.node.replication import Replicator
 from aimss_dask.node.runs import RunFactory, RunManager
-from aimss_dask.node.salvager import take_over
+from aimss_dask.node.salvager import discard_leftovers, take_over
 from aimss_dask.node.writers import WriterSeqs
 from aimss_dask.transport import dataplane, speccache
 from aimss_dask.transport.dataplane import CHUNK, BufferPool, DataServer, Group
@@ -118,6 +118,8 @@ class AIMSSWorker(WorkerPlugin):
         self.budget_warning: str | None = None
         self.scratch: BufferPool | None = None
         self.idle_release: IdleRelease | None = None
+        #: Work started by a handler that outlives its answer (held: the loop keeps weak references).
+        self._background: set[asyncio.Future[Any]] = set()
         # Partitions read by tasks here: from this worker's log, or remotely.
         # Partition reads from this worker's log / another's; "streamed": shuffle
         # reads that filled their output batch by batch (shuffle._tasks.read);
@@ -1024,10 +1026,28 @@ class AIMSSWorker(WorkerPlugin):
         await offload(lambda: [store.trim(name, epoch, p) for p in partitions])
 
     @replies
-    async def _h_salvage(self, dead: str, streams: list[dict[str, Any]]) -> dict[str, Any]:
-        """Rebuild lost partitions from the spill files ``dead`` left on this node (see :mod:`aimss_dask.node.salvager`)."""
+    async def _h_salvage(self, dead: str, streams: list[dict[str, Any]], last: bool = True) -> dict[str, Any]:
+        """Rebuild lost partitions from the spill files ``dead`` left on this node (see :mod:`aimss_dask.node.salvager`).
+
+        ``last``: nothing more is asked of those files; what is left of them
+        is removed after the answer (deleting is disk work no reader needs
+        to wait for).
+        """
         assert self.store is not None
-        return await offload(take_over, self.store, dead, streams)
+        # Not on Dask's one offload thread: reads of the partitions rebuilt in
+        # an earlier round (a reader waits on them) go there meanwhile.
+        loop = asyncio.get_running_loop()
+        reply = await loop.run_in_executor(None, take_over, self.store, dead, streams)
+        if last:
+            task = loop.run_in_executor(None, discard_leftovers, self.store, dead)
+            self._background.add(task)
+            task.add_done_callback(self._background_done)
+        return reply
+
+    def _background_done(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("aimss: background work failed: %r", task.exception())
 
     @replies
     async def _h_owner_lost(self, address: str, epoch: int) -> None:

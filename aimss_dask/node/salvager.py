@@ -20,7 +20,7 @@ logger = logging.getLogger("aimss_dask")
 
 
 def take_over(store: LogStore, dead: str, streams: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Rebuild the partitions asked for from ``dead``'s spill folder(s) here; then remove the folder(s).
+    """Rebuild the partitions asked for from ``dead``'s spill folder(s) here (:func:`discard_leftovers` removes the rest).
 
     ``streams``: ``{"spec": wire of the stream under its new epoch, with
     this worker as the owner of the partitions asked for, "epochs": [first,
@@ -46,6 +46,9 @@ def take_over(store: LogStore, dead: str, streams: Sequence[dict[str, Any]]) -> 
                 logger.warning("aimss: could not rebuild stream %r partition %d from %s's spill files: %r", spec.name, p, dead, e)
                 continue
             out.setdefault(spec.name, []).append([p, need, got, sum(f.index.nbytes for f in files)])
-    for folder in folders:
-        salvage.discard(folder)
     return {"streams": out, "folders": len(folders)}
+
+
+def discard_leftovers(store: LogStore, dead: str) -> int:
+    """Remove what is left of ``dead``'s spill folder(s) once nothing more is taken from them; the folders gone."""
+    return sum(salvage.discard(folder) for folder in salvage.orphans(store.spill_root, dead))

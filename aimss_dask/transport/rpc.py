@@ -17,7 +17,7 @@ logger = logging.getLogger("aimss_dask")
 T = TypeVar("T")
 
 #: A connect to a worker pending this long (s) makes the caller ask whether the worker is still listed.
-CONNECT_GRACE = 1.0
+CONNECT_GRACE = 0.2
 #: How often (s) it asks again while the connect is pending.
 CONNECT_POLL = 0.5
 
