@@ -584,8 +584,10 @@ def read_from(
     if group is not None:
         check_str_arg(group, "consumer group")
     ep = current("read_from")
-    # The partition asked for comes back first should it be lost.
-    wants = {} if partition is None else {"partition": partition}
+    # The partition asked for comes back first should it be lost (checked
+    # below, with the spec: only a plain integer goes along).
+    ok = isinstance(partition, numbers.Integral) and not isinstance(partition, bool)
+    wants = {"partition": int(partition)} if ok else {}
     got = ep.scheduler_op("get", name=name, **wants, **ep.owner_kwargs())
     spec = remember(ep, got)
     parts = [_check_partition(spec, partition)] if partition is not None else list(range(spec.partitions))

@@ -79,6 +79,7 @@ SCRATCH_IDLE = 256 * 2**20
 #: Longest a closing worker waits for its partition moves to finish (s).
 MOVE_TIMEOUT = 600.0
 
+
 def receive_idle_limit(budget: int, log_bytes: int) -> int:
     """Bytes of free receive buffers a worker keeps for reuse, with ``log_bytes`` in its log.
 

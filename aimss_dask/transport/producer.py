@@ -161,7 +161,8 @@ class Producer:
         self._loop = loop
         self._rpc = rpc
         # Whether the scheduler still lists a worker: a connect to an owner
-        # that died fails in about a second instead of Dask's connect timeout.
+        # that died fails within a fraction of a second (rpc.CONNECT_GRACE)
+        # instead of Dask's connect timeout.
         self._listed = listed
         # ... and cuts data connections to an owner that stopped answering
         # without dying once the scheduler removed it (see liveness).
@@ -1209,7 +1210,7 @@ async def ask_data_address(rpc: Any, owner: str, listed: Listed | None = None) -
     """``{"host", "port"}`` of ``owner``'s data plane (None, None: it has none).
 
     ``listed``: how to ask whether the scheduler still lists ``owner``; an
-    owner that died then fails in about a second (see
+    owner that died then fails within a fraction of a second (see
     :func:`~aimss_dask.transport.rpc.connect_listed`).
     """
 

@@ -17,6 +17,8 @@ logger = logging.getLogger("aimss_dask")
 T = TypeVar("T")
 
 #: A connect to a worker pending this long (s) makes the caller ask whether the worker is still listed.
+#: Dask retries a refused connect in silence: a reader waiting on an owner
+#: that died waits this long at least before it follows its partition.
 CONNECT_GRACE = 0.2
 #: How often (s) it asks again while the connect is pending.
 CONNECT_POLL = 0.5
