@@ -97,7 +97,7 @@ class IdleRelease:
         self._check_every = check
         self._since = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        #: Why the last release happened ("kept", "memory"); for status and tests.
+        #: Why the last release happened ("kept", "memory"), for whoever looks (tests do).
         self.last_reason: str | None = None
 
     def emptied(self) -> None:
