@@ -629,19 +629,57 @@ def test_a_copy_its_owner_gave_up_on_is_replaced_and_the_new_one_takes_over(clus
 
 
 def test_catch_ups_are_paced_to_the_recovery_rate(tmp_path):
-    from aimss_dask.node.replication import Replicator
+    from aimss_dask.node.replication import Replicator, _Dest, _Part
 
     store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    d, part = _Dest("b"), _Part("s", 1, 0, joining={"b"})
     r = Replicator(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None, rate=100 * 2**20)
     t0 = time.monotonic()
     for _ in range(4):
-        r._pace(10 * 2**20)  # 40 MiB at 100 MiB/s: the last chunk waits for 0.3 s of the budget
+        r._pace(10 * 2**20, d, part, None)  # 40 MiB at 100 MiB/s: the last chunk waits for 0.3 s of the budget
     assert 0.28 <= time.monotonic() - t0 < 2.0
     free = Replicator(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None)
     t0 = time.monotonic()
     for _ in range(4):
-        free._pace(10 * 2**20)
+        free._pace(10 * 2**20, d, part, None)
     assert time.monotonic() - t0 < 0.05
+
+
+def test_live_copies_go_while_a_catch_up_waits_for_its_pace(tmp_path):
+    """Copies of live writes to a replica do not wait behind a paced catch-up to it (their writers wait on
+    them): they go while it waits, except those of the partition caught up, or of one whose catch-up is
+    queued before them (that copy needs its records in order)."""
+    from aimss_dask.node.replication import Replicator, _Dest, _Part, _Ship, _Sync
+
+    class Recorded(Replicator):
+        def _transmit(self, d, groups, conn):
+            self.sent.append((time.monotonic(), [g[2] for g in groups]))
+            return {"errors": {}}, conn
+
+    store = LogStore(budget=2**20, spill_root=str(tmp_path))
+    r = Recorded(store, loop=None, rpc=None, address="a", batch_size=2**20, credentials=None, rate=10 * 2**20)
+    r.sent = []
+    d = _Dest("b")
+    syncing, live, queued = (_Part("s", 1, 0, joining={"b"}), _Part("s", 1, 1, insync={"b": 0}),
+                             _Part("s", 1, 2, joining={"b"}))
+    waiting = [_Sync(queued), _Ship(syncing, 0, [b"y"], [1], None, None), _Ship(queued, 0, [b"z"], [1], None, None)]
+    d.queue.extend([waiting[0], _Ship(live, 0, [b"x"], [1], None, None), *waiting[1:]])
+    r._rate_free = time.monotonic() + 0.5  # the catch-up's chunk may go in 0.5 s
+    t0 = time.monotonic()
+    r._pace(2**20, d, syncing, None)
+    assert time.monotonic() - t0 >= 0.45  # it still waited its turn ...
+    (sent_at, parts), = r.sent
+    assert parts == [1] and sent_at - t0 < 0.2  # ... and the live copy went at once
+    assert list(d.queue) == waiting  # the others keep their places
+    # A live copy queued while it waits goes too.
+    r.sent = []
+    r._rate_free = time.monotonic() + 0.5
+    threading.Timer(0.2, lambda: (d.queue.append(_Ship(live, 1, [b"w"], [1], None, None)),
+                                  r._cond.acquire(), r._cond.notify_all(), r._cond.release())).start()
+    t0 = time.monotonic()
+    r._pace(2**20, d, syncing, None)
+    (sent_at, parts), = r.sent
+    assert parts == [1] and 0.15 <= sent_at - t0 < 0.45  # as it came, before the catch-up's turn
 
 
 def test_a_replica_that_has_not_heard_of_the_new_epoch_yet_is_sent_again_not_dropped(tmp_path, monkeypatch):

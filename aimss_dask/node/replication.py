@@ -435,6 +435,31 @@ class Replicator:
                 size += sum(ship.sizes)
             return batch
 
+    def _live(self, d: _Dest, syncing: _Part | None = None) -> list[_Ship]:
+        """Take a batch of live copies queued for ``d`` that may go ahead of catch-ups (hold ``_cond``).
+
+        Not those of ``syncing`` (being caught up now) or of a partition
+        with a catch-up queued before them: that copy needs its records in
+        order.
+        """
+        blocked = set() if syncing is None else {id(syncing)}
+        batch: list[_Ship] = []
+        size = 0
+        for item in d.queue:
+            if isinstance(item, _Sync):
+                blocked.add(id(item.part))
+                continue
+            if id(item.part) in blocked:
+                continue
+            if batch and size + sum(item.sizes) > self._batch_size:
+                break
+            batch.append(item)
+            size += sum(item.sizes)
+        if batch:
+            taken = {id(s) for s in batch}
+            d.queue = deque(e for e in d.queue if id(e) not in taken)
+        return batch
+
     def _run(self, d: _Dest) -> None:
         conn: Conn | None = None
         try:
@@ -628,7 +653,7 @@ class Replicator:
                 encoded = [rec.encode(r, name) for r in records]
                 sizes = [n for _, n in encoded]
                 if paced:
-                    self._pace(sum(sizes))
+                    conn = self._pace(sum(sizes), d, part, conn)
                 ship = _Ship(part, offset, records, sizes, None, None, wire=[ser for ser, _ in encoded])
                 conn = self._send_plain(d, ship, conn)
                 offset += len(records)
@@ -704,16 +729,31 @@ class Replicator:
             logger.info("aimss: no consumer offsets for %r partition %d (%r); copying all of it", name, p, e)
             return 0
 
-    def _pace(self, nbytes: int) -> None:
-        """Wait for this catch-up chunk's turn under :attr:`_rate` (shared by every sender thread)."""
+    def _pace(self, nbytes: int, d: _Dest, part: _Part, conn: Conn | None) -> Conn | None:
+        """Wait for this catch-up chunk's turn under :attr:`_rate` (shared by every sender thread).
+
+        Meanwhile live copies queued for ``d`` go (those of other partitions
+        than ``part``, the one caught up): behind a paced catch-up, their
+        writers' acknowledgements would wait for it, and re-replication
+        would starve the live writes.
+        """
         if not self._rate:
-            return
+            return conn
         with self._rate_lock:
             now = time.monotonic()
             start = max(self._rate_free, now)
             self._rate_free = start + nbytes / self._rate
-        if start > now:
-            time.sleep(start - now)
+        while True:
+            with self._cond:
+                left = start - time.monotonic()
+                batch = self._live(d, part) if not self.closed else []
+                if not batch:
+                    if left <= 0 or self.closed:
+                        return conn
+                    # Woken by a new copy queued (shipped() notifies).
+                    self._cond.wait(left)
+                    continue
+            conn = self._send(d, [s for s in batch if s.part.has(d.address)], conn)
 
     def _send_plain(self, d: _Dest, ship: _Ship, conn: Conn | None) -> Conn | None:
         group = (ship.part.name, ship.part.epoch, ship.part.p, ship.encoded(), ship.sizes, None, None, ship.at)
