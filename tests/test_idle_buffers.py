@@ -40,7 +40,7 @@ class Pools:
 
     def watch(self, keep: float) -> IdleRelease:
         return IdleRelease(
-            keep, lambda: self.empty, lambda: self.held, lambda: self.free, self.release,
+            keep, lambda: self.empty, lambda: (self.held, self.free), self.release,
             lambda: self.memory, check=0.02,
         )
 
@@ -131,7 +131,7 @@ def test_a_failing_memory_reading_never_raises_into_the_loop():
         pools = Pools()
         errors: list[BaseException] = []
         asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx.get("exception")))
-        watch = IdleRelease(0.2, lambda: True, lambda: pools.held, lambda: pools.free, pools.release,
+        watch = IdleRelease(0.2, lambda: True, lambda: (pools.held, pools.free), pools.release,
                             lambda: (_ for _ in ()).throw(OSError("no /proc")), check=0.02)
         watch.emptied()
         await asyncio.sleep(0.1)

@@ -59,16 +59,16 @@ class IdleRelease:
     """Gives a worker's idle buffers back ``keep`` seconds after its log empties, or once memory is wanted.
 
     ``empty``: whether the log is empty (a new run stops the watch: it
-    reuses the buffers); ``held``: the bytes of buffers held, free or not
+    reuses the buffers); ``pools``: the bytes of buffers held, free or not
     (the watch goes on while there are any: one a task result refers to is
-    free later); ``idle``: those free; ``release``: gives the free ones
-    back; ``memory``: a :class:`Memory` reading.
+    free later), and of those free, in one reading; ``release``: gives the
+    free ones back; ``memory``: a :class:`Memory` reading.
     Every callable runs on the event loop, and is cheap.
 
     >>> import asyncio
     >>> async def demo() -> list[str]:
     ...     done: list[str] = []
-    ...     watch = IdleRelease(0.0, lambda: True, lambda: 1, lambda: 1,
+    ...     watch = IdleRelease(0.0, lambda: True, lambda: (1, 1),
     ...                         lambda: done.append("released"), lambda: Memory(0, None, 1, 1))
     ...     watch.emptied()
     ...     await asyncio.sleep(0.01)
@@ -82,16 +82,14 @@ class IdleRelease:
         self,
         keep: float,
         empty: Callable[[], bool],
-        held: Callable[[], int],
-        idle: Callable[[], int],
+        pools: Callable[[], tuple[int, int]],
         release: Callable[[], object],
         memory: Callable[[], Memory],
         check: float = IDLE_CHECK,
     ) -> None:
         self.keep = keep
         self._empty = empty
-        self._held = held
-        self._idle = idle
+        self._pools = pools
         self._release = release
         self._memory = memory
         self._check_every = check
@@ -123,9 +121,12 @@ class IdleRelease:
     def _check(self) -> None:
         self._timer = None
         try:
-            if not self._empty() or not self._held():
-                return  # a run reuses them, or there is nothing left to give back
-            if self._idle():
+            if not self._empty():
+                return  # a run reuses them
+            held, free = self._pools()
+            if not held:
+                return  # nothing left to give back
+            if free:
                 # Buffers a reader or a task result still refers to go on
                 # being watched: they become free later.
                 if time.monotonic() - self._since >= self.keep:
@@ -136,7 +137,7 @@ class IdleRelease:
                     self._release()
             left = self.keep - (time.monotonic() - self._since)
             self._timer = asyncio.get_running_loop().call_later(
-                max(0.0, min(self._check_every, left)) if left > 0 else self._check_every, self._check
+                min(self._check_every, left) if left > 0 else self._check_every, self._check
             )
         except Exception:  # a timer callback: never raise into the loop
             logger.debug("aimss: releasing idle buffers failed", exc_info=True)

@@ -271,8 +271,7 @@ class AIMSSWorker(WorkerPlugin):
         self.idle_release = IdleRelease(
             self.config.keep_idle_buffers,
             empty=lambda: self.store is not None and not self.store.closed and self.store.empty,
-            held=lambda: self._pools_bytes("pool_bytes"),
-            idle=lambda: self._pools_bytes("pool_free_bytes"),
+            pools=self._pools_bytes,
             release=self._release_idle,
             memory=self._memory,
         )
@@ -893,9 +892,10 @@ class AIMSSWorker(WorkerPlugin):
             # next run, unless the worker's memory is wanted meanwhile.
             self.idle_release.emptied()
 
-    def _pools_bytes(self, key: str) -> int:
-        """``pool_bytes`` or ``pool_free_bytes`` of the receive and scratch pools together."""
-        return sum(p.statistics()[key] for p in (self.pool, self.scratch) if p is not None)
+    def _pools_bytes(self) -> tuple[int, int]:
+        """Bytes of the receive and scratch pools together: all their buffers, and those free."""
+        stats = [p.statistics() for p in (self.pool, self.scratch) if p is not None]
+        return sum(st["pool_bytes"] for st in stats), sum(st["pool_free_bytes"] for st in stats)
 
     def _release_idle(self) -> None:
         """Give free receive and scratch buffers back to the OS."""
