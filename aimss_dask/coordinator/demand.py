@@ -61,11 +61,10 @@ class ReadDemand:
 
     def wanted(self, name: str, partitions: Iterable[int], since: float | None = None) -> list[int]:
         """Those of ``partitions`` asked for within :data:`RECENT` seconds (and at ``since`` or later), the latest ask first."""
-        now = self._clock()
         asked = []
         for p in partitions:
-            t = self._asked.get((name, p))
-            if t is not None and now - t <= RECENT and (since is None or t >= since):
+            t = self.asked_at(name, p)
+            if t is not None and (since is None or t >= since):
                 asked.append((t, p))
         return [p for _, p in sorted(asked, key=lambda tp: (-tp[0], tp[1]))]
 
