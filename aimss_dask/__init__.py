@@ -10,6 +10,7 @@ Register the plugin once and the workers become in-memory stream stores::
     s = aimss_dask.create_stream("events", partitions=4)
 """
 
+from aimss_dask.api.filling import Filler, fill, sync_phase
 from aimss_dask.api.speculative import speculative
 from aimss_dask.api.streams import (
     ClusterStatus,
@@ -69,6 +70,7 @@ __all__ = [
     "AIMSSError",
     "ClusterStatus",
     "DuplicateOriginError",
+    "Filler",
     "InvalidArgumentError",
     "InvalidOffsetError",
     "InvalidTypeError",
@@ -97,6 +99,7 @@ __all__ = [
     "WriteOrderError",
     "create_stream",
     "destroy_stream",
+    "fill",
     "from_zarr",
     "get_stream",
     "merge",
@@ -107,6 +110,7 @@ __all__ = [
     "trace",
     "speculative",
     "status",
+    "sync_phase",
     "to_zarr",
     "write_to",
 ]

@@ -222,10 +222,12 @@ LAYERS: dict[str, set[str]] = {
     # _compat: the one place that reads another library's internals.
     "log": {"core", "_compat"},
     "transport": {"core", "log"},
-    "node": {"core", "log", "transport"},
+    # Pure power and filling policy (and lazy GPU imports): what any layer may plan with.
+    "power": {"core"},
+    "node": {"core", "log", "transport", "power"},
     # The coordinator installs the worker plugin on every worker.
-    "coordinator": {"core", "transport", "node"},
-    "api": {"core", "transport"},
+    "coordinator": {"core", "transport", "node", "power"},
+    "api": {"core", "transport", "power"},
     "ops": {"core", "transport", "api", "_compat"},
     "shuffle": {"core", "api", "ops", "node", "_compat"},
     "sink": {"core", "api", "ops", "node", "_compat"},

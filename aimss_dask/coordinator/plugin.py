@@ -30,6 +30,7 @@ from tornado.ioloop import PeriodicCallback
 from aimss_dask.coordinator import dashboard
 from aimss_dask.coordinator.cluster import ClusterOps, as_application
 from aimss_dask.coordinator.demand import ReadDemand
+from aimss_dask.coordinator.filling import FillHandlers
 from aimss_dask.coordinator.io import IOHandlers
 from aimss_dask.coordinator.metrics import coordinator_metrics
 from aimss_dask.coordinator.overview import heartbeats
@@ -156,6 +157,8 @@ class AIMSS(SchedulerPlugin):
         self.io = IOHandlers(
             io.max_concurrent_writes_per_node, io.turn, io.lease, io.enabled, self._io_app, share=io.share
         )
+        # Sync phases and the idle-filling queue (aimss_dask.sync_phase, aimss_dask.fill).
+        self.fill = FillHandlers(self.ops, self.config.fill)
         # The scheduler's process is traced (aimss_dask.trace) on this plugin's word.
         self._tracing = False
         # The cluster's data-plane secret, made (or found) at start.
@@ -170,7 +173,7 @@ class AIMSS(SchedulerPlugin):
     def _handlers(self) -> dict[str, Any]:
         """RPC op -> handler: ``_h_<op>`` of this plugin and of its handler objects."""
         out: dict[str, Any] = {}
-        for owner in (self, self.stream_ops, self.run_ops, self.seals, self.evacuations, self.io):
+        for owner in (self, self.stream_ops, self.run_ops, self.seals, self.evacuations, self.io, self.fill):
             for attr in dir(type(owner)):
                 if attr.startswith("_h_"):
                     out[attr[3:]] = getattr(owner, attr)
@@ -235,6 +238,7 @@ class AIMSS(SchedulerPlugin):
         self.stragglers.scheduler = scheduler
         self._stragglers_pc = PeriodicCallback(self.stragglers.check, self.config.speculation.interval * 1000)
         self._stragglers_pc.start()
+        self.fill.start()
         # aimss_ metrics on the scheduler's /metrics (where prometheus_client is installed).
         metrics.expose(self._metrics)
         self._dashboard = dashboard.attach(scheduler)
@@ -327,6 +331,7 @@ class AIMSS(SchedulerPlugin):
             self._throughput_pc.stop()
         if self._stragglers_pc is not None:
             self._stragglers_pc.stop()
+        self.fill.stop()
         self.stragglers.clear()
         self.ops.cancel_background()
         self.state.clear()
@@ -392,6 +397,10 @@ class AIMSS(SchedulerPlugin):
             return workers
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> Any:
+        try:
+            self.fill.worker_left(worker)
+        except Exception:
+            logger.exception("aimss: remove_worker hook failed (idle filling)")
         if worker in self.evacuations.pending or worker in self.evacuations.moved:
             # Retiring: its partitions are on their way to other workers
             # (the worker finishes sending them as it closes). What did not
@@ -504,6 +513,7 @@ class AIMSS(SchedulerPlugin):
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         try:
+            self.fill.client_left(client)
             self.seals.client_left(client)
             names = self.state.left_with_client(client, set(scheduler.clients) - {client})
             if names:

@@ -330,6 +330,104 @@ class SinkConfig:
 
 
 @dataclass(frozen=True)
+class FillConfig:
+    """``aimss.fill``: idle filling (:func:`aimss_dask.fill`).
+
+    While fillers wait, the coordinator looks for places every ``tick``
+    seconds (and at once when a sync phase opens or a slice ends). A GPU
+    below ``util_threshold`` utilisation for ``dip_after`` seconds, or task
+    threads idle that long, is in a dip and gets slices of ``dip_slice``
+    seconds; in a sync phase a slice gets the phase's expected time left
+    less ``safety`` of it. Windows under ``min_slice`` are not filled, and a
+    GPU slice never takes more than its device's free memory less
+    ``memory_reserve`` of it.
+
+    Examples
+    --------
+    >>> FillConfig.parse({"dip-slice": "100ms"}).dip_slice
+    0.1
+    """
+
+    tick: float = 0.1
+    util_threshold: float = 0.3
+    dip_after: float = 0.2
+    dip_slice: float = 0.25
+    safety: float = 0.1
+    min_slice: float = 0.01
+    memory_reserve: float = 0.1
+
+    @classmethod
+    def parse(cls, raw: Any) -> FillConfig:
+        d = _section(cls, "fill", raw, "{'tick': '100ms', 'dip-slice': '250ms'}")
+        if d is None:
+            return cls()
+
+        def share(key: str, default: float, what: str) -> float:
+            x = _number(f"fill.{key}", d.get(key.replace("-", "_"), default), 0.0, 1.0, what=what)
+            if x >= 1.0:
+                raise _bad("fill", f"aimss fill.{key}={x!r} must be below 1 ({what})")
+            return x
+
+        return cls(
+            tick=_duration("fill.tick", d.get("tick", 0.1), positive=True),
+            util_threshold=share("util-threshold", 0.3, "the GPU utilisation below which a GPU is idle"),
+            dip_after=_duration("fill.dip-after", d.get("dip_after", 0.2), positive=False),
+            dip_slice=_duration("fill.dip-slice", d.get("dip_slice", 0.25), positive=True),
+            safety=share("safety", 0.1, "the share of a phase's time left that no slice takes"),
+            min_slice=_duration("fill.min-slice", d.get("min_slice", 0.01), positive=False),
+            memory_reserve=share("memory-reserve", 0.1, "the share of a GPU's free memory no slice takes"),
+        )
+
+
+@dataclass(frozen=True)
+class PowerConfig:
+    """``aimss.power``: GPU power sampling, and sync phases.
+
+    Workers with a GPU (and NVML, the ``gpu`` extra) sample power, energy,
+    utilisation, memory and SM clock every ``interval`` seconds into a ring
+    of ``keep`` samples per GPU. With ``auto_phases`` AIMSS opens sync
+    phases of its own around its barriers (a shuffle's seal). With
+    ``target_floor`` (W per GPU) the coordinator fills GPUs below it in a
+    sync phase first; ``max_ramp_w_per_s`` is the ramp the power report
+    flags as exceeded.
+
+    Examples
+    --------
+    >>> PowerConfig.parse({"interval": "20ms"}).interval
+    0.02
+    """
+
+    interval: float = 0.05
+    keep: int = 12000
+    auto_phases: bool = True
+    target_floor: float | None = None
+    max_ramp_w_per_s: float | None = None
+
+    @classmethod
+    def parse(cls, raw: Any) -> PowerConfig:
+        d = _section(cls, "power", raw, "{'interval': '50ms'}")
+        if d is None:
+            return cls()
+        keep = d.get("keep", 12000)
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 2:
+            raise _bad("power", f"aimss power.keep={keep!r} must be an int >= 2 (samples kept per GPU)")
+
+        def watts(key: str) -> float | None:
+            v = d.get(key.replace("-", "_"))
+            if v is None:
+                return None
+            return _number(f"power.{key}", v, 0.0, 1e9, low_open=True, what="watts (null: off)")
+
+        return cls(
+            interval=_duration("power.interval", d.get("interval", 0.05), positive=True),
+            keep=keep,
+            auto_phases=_flag("power.auto-phases", d.get("auto_phases", True)),
+            target_floor=watts("target-floor"),
+            max_ramp_w_per_s=watts("max-ramp-w-per-s"),
+        )
+
+
+@dataclass(frozen=True)
 class AIMSSConfig:
     """Settings of one AIMSS deployment; every size is in bytes.
 
@@ -354,6 +452,8 @@ class AIMSSConfig:
     speculation: SpeculationConfig = SpeculationConfig()
     sink: SinkConfig = SinkConfig()
     io: IOConfig = IOConfig()
+    fill: FillConfig = FillConfig()
+    power: PowerConfig = PowerConfig()
     trace: str | None = None
     liveness_interval: float = 2.0
     keep_idle_buffers: float = 60.0
@@ -378,7 +478,7 @@ class AIMSSConfig:
                 )
             if v is None:
                 continue
-            if k in ("speculation", "io") and isinstance(v, dict) and isinstance(merged.get(k), dict):
+            if k in ("speculation", "io", "fill", "power") and isinstance(v, dict) and isinstance(merged.get(k), dict):
                 # Options given here go over the configured ones, key by key.
                 v = {**merged[k], **{str(o).replace("_", "-"): x for o, x in v.items()}}
             merged[k] = v
@@ -461,6 +561,8 @@ class AIMSSConfig:
             speculation=SpeculationConfig.parse(d.get("speculation")),
             sink=SinkConfig.parse(d.get("sink")),
             io=IOConfig.parse(d.get("io")),
+            fill=FillConfig.parse(d.get("fill")),
+            power=PowerConfig.parse(d.get("power")),
         )
 
     def requested_budget(self, worker_memory_limit: int | None) -> int:

@@ -51,6 +51,7 @@ from aimss_dask.log.store import LogStore
 from aimss_dask.node import heartbeat
 from aimss_dask.node.copies import CopyMailbox
 from aimss_dask.node.dedup import OriginFilter
+from aimss_dask.node.filling import FillerRunner
 from aimss_dask.node.follower import Follower
 from aimss_dask.node.idle import IdleRelease, Memory
 from aimss_dask.node.iogate import IOGate
@@ -151,6 +152,8 @@ class AIMSSWorker(WorkerPlugin):
         self._sigterm = False
         # Where copies of straggling speculative tasks here should run.
         self.copies = CopyMailbox()
+        # Idle-filling slices the coordinator sends (aimss_dask.fill).
+        self.fillers: FillerRunner | None = None
         # This worker started its process's trace (aimss_dask.trace).
         self._tracing = False
 
@@ -275,6 +278,7 @@ class AIMSSWorker(WorkerPlugin):
             release=self._release_idle,
             memory=self._memory,
         )
+        self.fillers = FillerRunner(worker.state.nthreads)
         for op in _HANDLERS:
             worker.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
         # Progress rides the heartbeats: the coordinator never polls for it.
@@ -352,6 +356,8 @@ class AIMSSWorker(WorkerPlugin):
                 self.store.close()
             if self.idle_release is not None:
                 self.idle_release.close()
+            if self.fillers is not None:
+                self.fillers.close()
             if self.pool is not None:
                 self.pool.clear()
             if self.scratch is not None:
@@ -1076,6 +1082,11 @@ class AIMSSWorker(WorkerPlugin):
         return {"file": await offload(trace.stop)}
 
     @replies
+    async def _h_fill_slice(self, key: str, payload: bytes, budget_s: float, gpu: bool) -> dict[str, Any]:
+        """One slice of an idle filler, on this worker's filler threads (:mod:`aimss_dask.node.filling`)."""
+        assert self.fillers is not None
+        return await self.fillers.run(key, payload, budget_s, gpu)
+
     async def _h_stream_stats(self, name: str) -> dict[str, Any]:
         assert self.store is not None
         return {"partitions": sorted(self.store.stream_stats(name).items())}
@@ -1145,4 +1156,5 @@ _HANDLERS = (
     "run_start",
     "run_call",
     "run_stop",
+    "fill_slice",
 )

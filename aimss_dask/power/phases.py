@@ -122,6 +122,20 @@ class PhaseHistory:
         q = xs[lo] + (xs[hi] - xs[lo]) * frac
         return np.maximum(np.where(m > 0, q, elapsed), elapsed + self.overdue_s)
 
+    def end_of(self, phase: Phase, now: float) -> float | None:
+        """When ``phase``, open at ``now``, is expected to end; ``None``: nothing known yet.
+
+        The announced length while the phase is within it; past it, or
+        without one, what :meth:`expected` says for the time it has lasted.
+        """
+        elapsed = now - phase.start
+        if phase.expected_s is not None and elapsed < phase.expected_s:
+            return phase.start + phase.expected_s
+        got = self.expected(phase.name, elapsed)
+        if got is None:
+            return None if phase.expected_s is None else now + self.overdue_s
+        return phase.start + got
+
     def lengths(self, name: str) -> list[float]:
         """The recent lengths of ``name``, oldest first."""
         return list(self._lengths.get(name, ()))

@@ -1,0 +1,378 @@
+"""Sync phases and idle filling, on the coordinator.
+
+The application says when a worker is about to wait
+(:func:`aimss_dask.sync_phase`: a checkpoint, a collective), AIMSS says it
+around its own barriers, and the coordinator keeps a queue of filler work
+(:func:`aimss_dask.fill`). Whenever a phase opens, a slice ends, a filler
+arrives, and every ``aimss.fill.tick`` while fillers wait, it takes a
+snapshot of each worker -- what Dask has running and queued there, which
+of its tasks are in a phase, how long its threads have been idle, its GPU's
+utilisation and free memory -- and asks the pure policy
+(:func:`aimss_dask.power.policy.plan`) where slices go and for how long.
+A slice runs on the worker's low-priority filler threads
+(:mod:`aimss_dask.node.filling`) and reports back; the coordinator never
+waits for one on its event loop.
+
+Feeding stops where a phase ends or main-job tasks are ready: those
+workers simply get no next slice, and a running slice is bounded by its
+budget. A filler's exception is recorded, logged as an event and shown
+in its status; it never reaches the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tornado.ioloop import PeriodicCallback
+
+from aimss_dask.coordinator.cluster import as_key
+from aimss_dask.core.config import FillConfig
+from aimss_dask.core.errors import InvalidArgumentError
+from aimss_dask.power.phases import Phase, PhaseHistory, check_expected
+from aimss_dask.power.policy import FillerView, FillPolicy, WorkerView, plan
+
+if TYPE_CHECKING:
+    from aimss_dask.coordinator.cluster import ClusterOps
+
+logger = logging.getLogger("aimss_dask")
+
+#: Finished fillers kept for their status (the oldest go first).
+FINISHED_KEPT = 256
+#: Phases kept per name for the history (and names at most).
+HISTORY_KEEP = 32
+
+
+def fill_policy(cfg: FillConfig) -> FillPolicy:
+    """The policy's knobs from ``aimss.fill``."""
+    return FillPolicy(
+        util_threshold=cfg.util_threshold,
+        dip_after_s=cfg.dip_after,
+        dip_slice_s=cfg.dip_slice,
+        safety=cfg.safety,
+        min_slice_s=cfg.min_slice,
+        memory_reserve=cfg.memory_reserve,
+    )
+
+
+@dataclass
+class OpenPhase:
+    """A sync phase open on ``workers`` (a task's: its worker; a client's: all it named)."""
+
+    token: str
+    name: str
+    workers: frozenset[str]
+    start: float
+    expected_s: float | None
+    task: Any = None
+    client: str | None = None
+
+    def phase(self, worker: str) -> Phase:
+        return Phase(self.name, worker, self.start, self.expected_s, self.token)
+
+
+@dataclass
+class Filler:
+    """One queued filler and what it has done."""
+
+    key: str
+    payload: bytes
+    gpu: bool
+    max_s: float
+    concurrency: int
+    memory: int
+    order: int
+    client: str | None
+    submitted: float
+    state: str = "queued"  # queued -> running -> done | failed | cancelled
+    running: dict[str, float] = field(default_factory=dict)  # worker -> when its slice started
+    slices: int = 0
+    seconds: float = 0.0
+    over_budget: int = 0
+    in_phase: int = 0
+    workers: set[str] = field(default_factory=set)
+    error: str | None = None
+    traceback: str | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return self.state in ("queued", "running") and len(self.running) < self.concurrency
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "key": self.key, "state": self.state, "gpu": self.gpu, "slices": self.slices,
+            "seconds": round(self.seconds, 6), "running": sorted(self.running), "over_budget": self.over_budget,
+            "in_phase": self.in_phase, "workers": sorted(self.workers), "error": self.error,
+            "traceback": self.traceback,
+        }
+
+
+class FillHandlers:
+    """The ``aimss_phase_*`` and ``aimss_fill_*`` ops, and the dispatch loop."""
+
+    def __init__(
+        self, ops: ClusterOps, cfg: FillConfig, *, gpu_view: Callable[[str, float], dict[str, Any] | None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ops = ops
+        self.cfg = cfg
+        self.policy = fill_policy(cfg)
+        self.clock = clock
+        self.history = PhaseHistory(keep=HISTORY_KEEP)
+        self.phases: dict[str, OpenPhase] = {}
+        self.fillers: dict[str, Filler] = {}
+        #: Each worker's GPU as the sampler saw it last: free bytes, utilisation, power, time below threshold.
+        self.gpu_view = gpu_view or (lambda worker, now: None)
+        self._order = itertools.count()
+        self._free_since: dict[str, float] = {}
+        self._kicked = False
+        self._pc: PeriodicCallback | None = None
+        self._slices: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._pc = PeriodicCallback(self._tick, self.cfg.tick * 1000)
+        self._pc.start()
+
+    def stop(self) -> None:
+        if self._pc is not None:
+            self._pc.stop()
+            self._pc = None
+        for t in list(self._slices):
+            t.cancel()
+        self.phases.clear()
+        for f in self.fillers.values():
+            if f.state in ("queued", "running"):
+                f.state = "cancelled"
+
+    def worker_left(self, worker: str) -> None:
+        """``worker`` is gone: its phases no longer cover it (its slices end with their calls)."""
+        self._free_since.pop(worker, None)
+        for token, p in list(self.phases.items()):
+            if worker in p.workers:
+                rest = p.workers - {worker}
+                if rest:
+                    p.workers = rest
+                else:
+                    del self.phases[token]
+
+    def client_left(self, client: str) -> None:
+        """Fillers and phases of a client that disconnected end with it."""
+        for f in self.fillers.values():
+            if f.client == client and f.state in ("queued", "running"):
+                f.state = "cancelled"
+        for token, p in list(self.phases.items()):
+            if p.client == client:
+                del self.phases[token]
+
+    # -- phases ------------------------------------------------------------------------
+
+    async def _h_phase_open(
+        self, name: str, workers: list[str] | None = None, expected_s: float | None = None, task: Any = None,
+        client: str | None = None,
+    ) -> dict[str, Any]:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"a sync phase needs a name (a non-empty str), got {name!r}")
+        expected = check_expected(expected_s)
+        live = set(self.ops.workers())
+        if workers is None:
+            covered = frozenset(live)
+        else:
+            unknown = sorted(set(workers) - live)
+            if unknown:
+                raise InvalidArgumentError(
+                    f"sync phase {name!r}: {unknown} are not workers of this cluster; name workers by "
+                    "the addresses client.scheduler_info()['workers'] lists"
+                )
+            covered = frozenset(workers)
+        token = uuid.uuid4().hex
+        self.phases[token] = OpenPhase(
+            token, name, covered, self.clock(), expected, as_key(task) if task is not None else None, client
+        )
+        self.kick()
+        return {"token": token, "workers": sorted(covered)}
+
+    async def _h_phase_close(self, token: str) -> dict[str, Any]:
+        p = self.phases.pop(token, None)
+        if p is None:
+            return {"closed": False}
+        seconds = self.clock() - p.start
+        self.history.record(p.name, seconds)
+        return {"closed": True, "seconds": seconds}
+
+    async def _h_phase_status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "open": [
+                {"name": p.name, "workers": sorted(p.workers), "elapsed": now - p.start, "expected_s": p.expected_s}
+                for p in self.phases.values()
+            ],
+            "expected": {n: self.history.expected(n) for n in self.history.names()},
+        }
+
+    # -- fillers -----------------------------------------------------------------------
+
+    async def _h_fill_submit(
+        self, key: str, payload: bytes, gpu: bool, max_s: float, concurrency: int = 1, memory: int = 0,
+        client: str | None = None,
+    ) -> dict[str, Any]:
+        old = self.fillers.get(key)
+        if old is not None and old.state in ("queued", "running"):
+            raise InvalidArgumentError(
+                f"a filler with key {key!r} is already queued; give another key, or cancel that one first"
+            )
+        self.fillers[key] = Filler(
+            key, payload, bool(gpu), float(max_s), int(concurrency), int(memory), next(self._order), client,
+            self.clock(),
+        )
+        self._forget_finished()
+        self.kick()
+        return {"key": key}
+
+    async def _h_fill_status(self, key: str | None = None) -> dict[str, Any]:
+        if key is None:
+            return {"fillers": [f.status() for f in self.fillers.values()]}
+        f = self.fillers.get(key)
+        if f is None:
+            raise InvalidArgumentError(f"no filler {key!r} is known here (never submitted, or long finished)")
+        return f.status()
+
+    async def _h_fill_cancel(self, key: str) -> dict[str, Any]:
+        f = self.fillers.get(key)
+        if f is None:
+            return {"cancelled": False}
+        if f.state in ("queued", "running"):
+            f.state = "cancelled"
+        return {"cancelled": f.state == "cancelled", "running": sorted(f.running)}
+
+    def _forget_finished(self) -> None:
+        done = [k for k, f in self.fillers.items() if f.state in ("done", "failed", "cancelled") and not f.running]
+        for k in done[: max(0, len(done) - FINISHED_KEPT)]:
+            del self.fillers[k]
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Look for places soon (once, however many things asked)."""
+        if self._kicked:
+            return
+        self._kicked = True
+        asyncio.get_running_loop().call_soon(self._dispatch_now)
+
+    def _tick(self) -> None:
+        if any(f.waiting for f in self.fillers.values()):
+            self._dispatch_now()
+
+    def _dispatch_now(self) -> None:
+        self._kicked = False
+        try:
+            self.dispatch()
+        except Exception:  # a hook's work: never out of the event loop
+            logger.exception("aimss: idle-filling dispatch failed")
+
+    def views(self, now: float) -> list[WorkerView]:
+        """A snapshot of every running worker, as the policy sees it."""
+        sched = self.ops.scheduler
+        assert sched is not None
+        by_worker: dict[str, list[OpenPhase]] = {}
+        for p in self.phases.values():
+            for w in p.workers:
+                by_worker.setdefault(w, []).append(p)
+        gpu_running: dict[str, int] = {}
+        cpu_running: dict[str, int] = {}
+        for f in self.fillers.values():
+            for w in f.running:
+                (gpu_running if f.gpu else cpu_running)[w] = (gpu_running if f.gpu else cpu_running).get(w, 0) + 1
+        queued = len(sched.queued)
+        out = []
+        for addr in self.ops.workers():
+            ws = sched.workers.get(addr)
+            if ws is None:
+                continue
+            phases = by_worker.get(addr, [])
+            phase_tasks = {p.task for p in phases if p.task is not None}
+            in_phase = sum(1 for ts in ws.processing if ts.key in phase_tasks) if phase_tasks else 0
+            main = len(ws.processing) - in_phase
+            free = ws.nthreads - main
+            client_phase = any(p.task is None for p in phases)
+            if free > in_phase:
+                self._free_since.setdefault(addr, now)
+            else:
+                self._free_since.pop(addr, None)
+            idle_long = now - self._free_since.get(addr, now) >= self.policy.dip_after_s
+            # Threads whose task waits in a phase are idle now; free ones once
+            # they have been for dip_after (or at once in a client's phase).
+            idle = in_phase + (max(0, free - in_phase) if (client_phase or idle_long) else 0)
+            ready = max(0, main - ws.nthreads) + (queued if free > in_phase else 0)
+            ends = [e for e in (self.history.end_of(p.phase(addr), now) for p in phases) if e is not None]
+            gpu = self.gpu_view(addr, now)
+            out.append(WorkerView(
+                addr, now=now, phase_end=min(ends) if ends else None, ready_tasks=ready, idle_threads=idle,
+                dip_s=gpu["dip_s"] if gpu else 0.0, gpu_free=gpu["free"] if gpu else None,
+                power_w=gpu.get("power_w") if gpu else None,
+                gpu_fillers=gpu_running.get(addr, 0), cpu_fillers=cpu_running.get(addr, 0),
+            ))
+        return out
+
+    def dispatch(self) -> list[Any]:
+        """Start the slices the policy places now; the decisions."""
+        waiting = [f for f in self.fillers.values() if f.waiting]
+        if not waiting or self.ops.scheduler is None:
+            return []
+        now = self.clock()
+        views = self.views(now)
+        fv = [
+            FillerView(f.key, gpu=f.gpu, max_s=f.max_s, slots=f.concurrency - len(f.running), mem_bytes=f.memory,
+                       order=f.order)
+            for f in waiting
+        ]
+        # A worker already running a slice of a filler gets no second one of it.
+        ds = [d for d in plan(views, fv, self.policy) if d.worker not in self.fillers[d.key].running]
+        for d in ds:
+            f = self.fillers[d.key]
+            f.running[d.worker] = now
+            f.state = "running"
+            task = asyncio.ensure_future(self._slice(f, d.worker, d.budget_s, d.in_phase))
+            self._slices.add(task)
+            task.add_done_callback(self._slices.discard)
+        return ds
+
+    async def _slice(self, f: Filler, worker: str, budget: float, in_phase: bool) -> None:
+        try:
+            msg = {"op": "aimss_fill_slice", "key": f.key, "payload": f.payload, "budget_s": budget, "gpu": f.gpu}
+            # A worker that left answers an OSError here: the filler goes on elsewhere.
+            reply = (await self.ops.broadcast(msg, workers=[worker])).get(worker)
+        finally:
+            f.running.pop(worker, None)
+        try:
+            self._note(f, worker, budget, in_phase, reply)
+        except Exception:  # bookkeeping of a background task: logged, never lost silently
+            logger.exception("aimss: the end of a slice of filler %r could not be noted", f.key)
+        self.kick()
+
+    def _note(self, f: Filler, worker: str, budget: float, in_phase: bool, reply: Any) -> None:
+        if isinstance(reply, dict):
+            f.slices += 1
+            f.in_phase += int(in_phase)
+            f.workers.add(worker)
+            sec = float(reply.get("seconds", 0.0))
+            f.seconds += sec
+            # A slice is the filler's promise to stop within its budget; a
+            # broken promise delays the job, so it is counted for all to see.
+            if sec > budget * 1.5 + 0.005:
+                f.over_budget += 1
+            if reply.get("error"):
+                if f.state != "cancelled":
+                    f.state = "failed"
+                f.error, f.traceback = reply["error"], reply.get("traceback")
+                self.ops.event({"action": "filler-failed", "key": f.key, "worker": worker, "error": f.error})
+            elif not reply.get("more") and f.state == "running":
+                f.state = "done"
+                self.ops.event({"action": "filler-done", "key": f.key, "slices": f.slices, "busy_s": f.seconds})

@@ -1,0 +1,186 @@
+"""Idle filling on a real cluster, with CPU fillers (``gpu=False``): the path CI can run.
+
+Each filler slice writes one line -- its process, start, end and budget --
+to a file of its own process under the test's folder, and the tests check
+those times against the phases and the job's own tasks (Dask's task
+stream): slices run in phases and idle dips, end before a phase announced
+to end, never start while the job's tasks run there, stop when cancelled
+or when the phase closes, and a failing filler is reported, not raised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import pytest
+from conftest import make_cluster, wait_until
+from distributed import Client, get_task_stream, get_worker
+
+import aimss_dask
+from aimss_dask import InvalidArgumentError, InvalidTypeError
+
+#: The coordinator looks often; idle threads count after 0.1 s.
+FILL = {"tick": "30ms", "dip-after": "100ms", "dip-slice": "150ms"}
+
+
+@pytest.fixture(scope="module")
+def client():
+    with make_cluster(2) as cluster, Client(cluster) as c:
+        c.register_plugin(aimss_dask.AIMSS(fill=FILL))
+        c.wait_for_workers(2)
+        yield c
+
+
+def _slices(folder: pathlib.Path) -> list[dict[str, Any]]:
+    out = []
+    for f in folder.glob("*.jsonl"):
+        out += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return sorted(out, key=lambda r: r["start"])
+
+
+def record_slice(folder: str, budget_s: float, *, limit: int = 10_000, work: float = 1.0) -> bool:
+    """A filler: spins for ``work`` of its budget, notes the slice, has more until ``limit`` slices."""
+    start = time.time()
+    end = time.monotonic() + budget_s * work
+    while time.monotonic() < end:
+        pass
+    path = pathlib.Path(folder) / f"{os.getpid()}.jsonl"
+    with open(path, "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "start": start, "end": time.time(), "budget": budget_s}) + "\n")
+    return len(path.read_text().splitlines()) < limit
+
+
+def fails(budget_s: float) -> bool:
+    raise ValueError("the filler broke on purpose")
+
+
+def _in_phase(seconds: float, expected: float | None) -> dict[str, float]:
+    """A task that waits ``seconds`` in a sync phase; when it opened and closed, and where."""
+    with aimss_dask.sync_phase("test-ckpt", expected_s=expected):
+        t0 = time.time()
+        time.sleep(seconds)
+        t1 = time.time()
+    return {"open": t0, "close": t1, "pid": os.getpid(), "worker": get_worker().address}
+
+
+def _busy(i: int, seconds: float) -> int:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return i * i
+
+
+def test_slices_fill_a_phase_and_end_before_it_does(client, tmp_path):
+    """Both workers busy with the job; one task opens a phase: its worker is filled, then not."""
+    addrs = sorted(client.scheduler_info()["workers"])
+    f = aimss_dask.fill(record_slice, str(tmp_path), gpu=False, max_s=0.3)
+    try:
+        # The other worker runs the job's tasks back to back meanwhile: no
+        # slice may start there.
+        with get_task_stream(client) as ts:
+            busy = client.map(_busy, range(12), seconds=0.15, workers=[addrs[1]], pure=False)
+            phase = client.submit(_in_phase, 1.5, 1.5, workers=[addrs[0]], pure=False).result()
+            assert client.gather(busy) == [i * i for i in range(12)]
+    finally:
+        # Idle now, both workers would be filled for ever.
+        f.cancel()
+    wait_until(lambda: not f.status()["running"], what="slices ended")
+    slices = _slices(tmp_path)
+    here = [s for s in slices if s["pid"] == phase["pid"]]
+    in_phase = [s for s in here if phase["open"] - 0.05 <= s["start"] <= phase["close"]]
+    assert len(in_phase) >= 4, f"too few slices in the 1.5 s phase: {in_phase}"
+    # Sized to the announced end (less a safety share): none runs past it.
+    assert all(s["end"] <= phase["close"] + 0.05 for s in in_phase), in_phase
+    assert sum(s["end"] - s["start"] for s in in_phase) > 0.8
+    # The busy worker: no slice starts while one of the job's tasks runs there.
+    runs = [(t["startstops"][0]["start"], t["startstops"][0]["stop"]) for t in ts.data
+            if t["worker"] == addrs[1] and "_busy" in str(t["key"])]
+    assert len(runs) == 12
+    other = [s for s in slices if s["pid"] != phase["pid"]]
+    for s in other:
+        assert not any(a + 0.03 < s["start"] < b for a, b in runs), f"slice {s} started during a task {runs}"
+    st = f.status()
+    assert st["slices"] >= len(in_phase) and st["in_phase"] >= 4 and st["error"] is None
+
+
+def record_five(folder: str, budget_s: float) -> bool:
+    return record_slice(folder, budget_s, limit=5)
+
+
+def test_idle_workers_are_filled_until_the_filler_is_done(client, tmp_path):
+    f = aimss_dask.fill(record_five, str(tmp_path), gpu=False, max_s=0.1, concurrency=2, key="idle-test")
+    st = f.wait(timeout=30)
+    # Each process's fifth slice returns False: the filler is done then.
+    assert st["state"] == "done" and st["error"] is None and 5 <= st["slices"] <= 10
+    slices = _slices(tmp_path)
+    assert len(slices) == st["slices"]
+    per_pid: dict[int, int] = {}
+    for s in slices:
+        per_pid[s["pid"]] = per_pid.get(s["pid"], 0) + 1
+    assert max(per_pid.values()) == 5
+    # Idle dips get dip-slice (0.15 s) windows, capped by max_s.
+    assert all(s["budget"] <= 0.1 + 1e-9 for s in slices)
+    assert "filler-done" in {e["action"] for _, e in client.get_events("aimss") if e.get("key") == "idle-test"}
+
+
+def test_a_failing_filler_is_reported_never_raised(client):
+    f = aimss_dask.fill(fails, gpu=False, max_s=0.1, key="broken-filler")
+    st = f.wait(timeout=30)
+    assert st["state"] == "failed"
+    assert "ValueError: the filler broke on purpose" in st["error"]
+    assert "fails" in st["traceback"]
+    events = [e for _, e in client.get_events("aimss") if e.get("action") == "filler-failed"]
+    assert any(e["key"] == "broken-filler" for e in events)
+    # The job goes on as if nothing happened.
+    assert client.submit(_busy, 3, 0.01, pure=False).result() == 9
+
+
+def test_cancel_stops_new_slices(client, tmp_path):
+    f = aimss_dask.fill(record_slice, str(tmp_path), gpu=False, max_s=0.05)
+    wait_until(lambda: len(_slices(tmp_path)) >= 3, timeout=20, what="three slices")
+    assert f.cancel()
+    wait_until(lambda: not f.status()["running"], what="the running slice ended")
+    n = len(_slices(tmp_path))
+    time.sleep(0.5)
+    assert len(_slices(tmp_path)) == n
+    assert f.status()["state"] == "cancelled"
+
+
+def test_phase_lengths_are_learned_and_the_gpu_queue_waits_without_a_gpu(client, tmp_path):
+    for seconds in (0.2, 0.25, 0.3):
+        with aimss_dask.sync_phase("learned"):
+            time.sleep(seconds)
+    st = client.sync(client.scheduler.aimss_phase_status)
+    assert 0.2 <= st["expected"]["learned"] <= 0.3
+    # A GPU filler never runs on workers without a GPU, in a phase or not.
+    g = aimss_dask.fill(record_slice, str(tmp_path), gpu=True, max_s=0.1)
+    with aimss_dask.sync_phase("learned", expected_s=0.5):
+        time.sleep(0.5)
+    assert g.status()["slices"] == 0 and g.status()["state"] == "queued"
+    g.cancel()
+    assert _slices(tmp_path) == []
+
+
+def test_bad_arguments_are_refused_by_name(client):
+    with pytest.raises(InvalidArgumentError, match="max_s=0"):
+        aimss_dask.fill(record_slice, "x", max_s=0)
+    with pytest.raises(InvalidArgumentError, match="concurrency=0"):
+        aimss_dask.fill(record_slice, "x", concurrency=0)
+    with pytest.raises(InvalidTypeError, match="function"):
+        aimss_dask.fill("not callable")
+    with pytest.raises(InvalidArgumentError, match="expected_s=-1"):
+        with aimss_dask.sync_phase("x", expected_s=-1):
+            pass
+    with pytest.raises(InvalidArgumentError, match="not workers of this cluster"):
+        with aimss_dask.sync_phase("x", workers=["tcp://10.255.0.1:1"]):
+            pass
+    f = aimss_dask.fill(record_slice, "unused", gpu=True, key="twice")
+    try:
+        with pytest.raises(InvalidArgumentError, match="already queued"):
+            aimss_dask.fill(record_slice, "unused", gpu=True, key="twice")
+    finally:
+        f.cancel()
