@@ -11,6 +11,7 @@ Register the plugin once and the workers become in-memory stream stores::
 """
 
 from aimss_dask.api.filling import Filler, fill, sync_phase
+from aimss_dask.api.power import PowerReport, power_report
 from aimss_dask.api.speculative import speculative
 from aimss_dask.api.streams import (
     ClusterStatus,
@@ -79,6 +80,7 @@ __all__ = [
     "PartitionLostError",
     "PartitionNotHeldError",
     "PartitionOutOfRangeError",
+    "PowerReport",
     "PushesPendingError",
     "ReadTimeoutError",
     "RecordNotSerializableError",
@@ -103,6 +105,7 @@ __all__ = [
     "from_zarr",
     "get_stream",
     "merge",
+    "power_report",
     "read_from",
     "rechunk",
     "shuffle",

@@ -26,6 +26,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,8 @@ logger = logging.getLogger("aimss_dask")
 FINISHED_KEPT = 256
 #: Phases kept per name for the history (and names at most).
 HISTORY_KEEP = 32
+#: Closed phases kept for power reports (their shading), the most recent.
+PHASE_LOG = 4096
 
 
 def fill_policy(cfg: FillConfig) -> FillPolicy:
@@ -118,17 +121,22 @@ class FillHandlers:
 
     def __init__(
         self, ops: ClusterOps, cfg: FillConfig, *, gpu_view: Callable[[str, float], dict[str, Any] | None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, ramp_limit: float | None = None,
     ) -> None:
         self.ops = ops
+        #: aimss.power.max-ramp-w-per-s, for power reports.
+        self.ramp_limit = ramp_limit
         self.cfg = cfg
         self.policy = fill_policy(cfg)
         self.clock = clock
         self.history = PhaseHistory(keep=HISTORY_KEEP)
         self.phases: dict[str, OpenPhase] = {}
         self.fillers: dict[str, Filler] = {}
-        #: Each worker's GPU as the sampler saw it last: free bytes, utilisation, power, time below threshold.
-        self.gpu_view = gpu_view or (lambda worker, now: None)
+        #: Each worker's GPU as its sampler reported it last (free bytes, utilisation, power, time in a dip).
+        self.gpus: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.gpu_view = gpu_view or self._gpu_view
+        #: Closed phases, wall clock: (name, workers, start, end), for power reports.
+        self.phase_log: deque[tuple[str, list[str], float, float]] = deque(maxlen=PHASE_LOG)
         self._order = itertools.count()
         self._free_since: dict[str, float] = {}
         self._kicked = False
@@ -155,6 +163,7 @@ class FillHandlers:
     def worker_left(self, worker: str) -> None:
         """``worker`` is gone: its phases no longer cover it (its slices end with their calls)."""
         self._free_since.pop(worker, None)
+        self.gpus.pop(worker, None)
         for token, p in list(self.phases.items()):
             if worker in p.workers:
                 rest = p.workers - {worker}
@@ -205,6 +214,8 @@ class FillHandlers:
             return {"closed": False}
         seconds = self.clock() - p.start
         self.history.record(p.name, seconds)
+        end = time.time()
+        self.phase_log.append((p.name, sorted(p.workers), end - seconds, end))
         return {"closed": True, "seconds": seconds}
 
     async def _h_phase_status(self) -> dict[str, Any]:
@@ -216,6 +227,47 @@ class FillHandlers:
             ],
             "expected": {n: self.history.expected(n) for n in self.history.names()},
         }
+
+    def phases_since(self, since: float) -> list[dict[str, Any]]:
+        """Phases closed after ``since`` and those open (``end`` None), wall clock."""
+        now_wall, now = time.time(), self.clock()
+        out = [{"name": n, "workers": w, "start": a, "end": b} for n, w, a, b in self.phase_log if b >= since]
+        out += [
+            {"name": p.name, "workers": sorted(p.workers), "start": now_wall - (now - p.start), "end": None}
+            for p in self.phases.values()
+        ]
+        return out
+
+    # -- GPUs ----------------------------------------------------------------------------
+
+    async def _h_gpu_state(
+        self, worker: str, free: int | None = None, util: float | None = None, power_w: float | None = None,
+        low: bool = False, dip_s: float = 0.0,
+    ) -> None:
+        if free is None:
+            return  # a GPU whose memory NVML does not report gets no GPU slices
+        self.gpus[worker] = (
+            self.clock(), {"free": int(free), "util": util, "power_w": power_w, "low": bool(low), "dip_s": float(dip_s)}
+        )
+        if low:
+            self.kick()
+
+    def _gpu_view(self, worker: str, now: float) -> dict[str, Any] | None:
+        got = self.gpus.get(worker)
+        if got is None:
+            return None
+        at, g = got
+        # A dip goes on between reports (a crossing back is reported at once).
+        return {**g, "dip_s": g["dip_s"] + (now - at) if g["low"] else 0.0}
+
+    async def _h_power_timelines(self, since: float = 0.0, timeout: float = 10.0) -> dict[str, Any]:
+        """Every worker's GPU samples since ``since`` (wall clock), and the sync phases then."""
+        replies = await self.ops.broadcast({"op": "aimss_power_samples", "since": since}, timeout=timeout)
+        workers = {
+            w: (r if isinstance(r, dict) else {"state": f"off: no answer ({type(r).__name__}: {r})", "columns": {}})
+            for w, r in replies.items()
+        }
+        return {"workers": workers, "phases": self.phases_since(since), "max_ramp_w_per_s": self.ramp_limit}
 
     # -- fillers -----------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from aimss_dask.node import heartbeat
 from aimss_dask.node.copies import CopyMailbox
 from aimss_dask.node.dedup import OriginFilter
 from aimss_dask.node.filling import FillerRunner
+from aimss_dask.node.gpupower import GpuSampler
 from aimss_dask.node.follower import Follower
 from aimss_dask.node.idle import IdleRelease, Memory
 from aimss_dask.node.iogate import IOGate
@@ -79,6 +80,8 @@ SCRATCH_IDLE = 256 * 2**20
 
 #: Longest a closing worker waits for its partition moves to finish (s).
 MOVE_TIMEOUT = 600.0
+#: Seconds between two reports of the GPU's state to the coordinator (a threshold crossing goes at once).
+GPU_STATE_EVERY = 0.2
 
 
 def receive_idle_limit(budget: int, log_bytes: int) -> int:
@@ -154,6 +157,10 @@ class AIMSSWorker(WorkerPlugin):
         self.copies = CopyMailbox()
         # Idle-filling slices the coordinator sends (aimss_dask.fill).
         self.fillers: FillerRunner | None = None
+        # NVML samples of this worker's GPUs (off without NVML or a GPU).
+        self.gpu_sampler: GpuSampler | None = None
+        self._gpu_sent = 0.0
+        self._gpu_low_since: float | None = None
         # This worker started its process's trace (aimss_dask.trace).
         self._tracing = False
 
@@ -279,6 +286,8 @@ class AIMSSWorker(WorkerPlugin):
             memory=self._memory,
         )
         self.fillers = FillerRunner(worker.state.nthreads)
+        self.gpu_sampler = GpuSampler(self.config.power.interval, self.config.power.keep, on_sample=self._gpu_sampled)
+        self.gpu_sampler.start()
         for op in _HANDLERS:
             worker.handlers[f"aimss_{op}"] = getattr(self, f"_h_{op}")
         # Progress rides the heartbeats: the coordinator never polls for it.
@@ -358,6 +367,8 @@ class AIMSSWorker(WorkerPlugin):
                 self.idle_release.close()
             if self.fillers is not None:
                 self.fillers.close()
+            if self.gpu_sampler is not None:
+                self.gpu_sampler.close()
             if self.pool is not None:
                 self.pool.clear()
             if self.scratch is not None:
@@ -1087,6 +1098,44 @@ class AIMSSWorker(WorkerPlugin):
         assert self.fillers is not None
         return await self.fillers.run(key, payload, budget_s, gpu)
 
+    async def _h_power_samples(self, since: float = 0.0) -> dict[str, Any]:
+        """This worker's GPU samples since ``since`` (wall clock), and the sampler's state."""
+        if self.gpu_sampler is None:
+            return {"state": "off: AIMSS is not set up on this worker", "columns": {}, "power_samples": {}}
+        return self.gpu_sampler.timeline(since)
+
+    def _gpu_sampled(self, rows: list[tuple[Any, ...]]) -> None:
+        """On the sampling thread: tell the coordinator what idle filling needs of this worker's GPU.
+
+        Its first GPU's free memory, utilisation and power, and how long it
+        has been below the fill threshold: at once when it crosses it, and
+        at most every 0.2 s otherwise.
+        """
+        if not rows or self.worker is None:
+            return
+        t, _gpu, power_w, _e, util, _used, free, _clock = rows[0]
+        low = util is not None and util < self.config.fill.util_threshold
+        crossed = low != (self._gpu_low_since is not None)
+        if low and self._gpu_low_since is None:
+            self._gpu_low_since = t
+        elif not low:
+            self._gpu_low_since = None
+        if not crossed and t - self._gpu_sent < GPU_STATE_EVERY:
+            return
+        self._gpu_sent = t
+        dip_s = 0.0 if self._gpu_low_since is None else t - self._gpu_low_since
+        state = {
+            "worker": self.worker.address, "free": free, "util": util, "power_w": power_w, "low": low, "dip_s": dip_s,
+        }
+        self.worker.loop.add_callback(self._send_gpu_state, state)
+
+    async def _send_gpu_state(self, state: dict[str, Any]) -> None:
+        try:
+            assert self.worker is not None
+            await self.worker.scheduler.aimss_gpu_state(**state)
+        except Exception as e:  # a missed update is made good by the next one
+            logger.debug("aimss: GPU state not sent: %r", e)
+
     async def _h_stream_stats(self, name: str) -> dict[str, Any]:
         assert self.store is not None
         return {"partitions": sorted(self.store.stream_stats(name).items())}
@@ -1157,4 +1206,5 @@ _HANDLERS = (
     "run_call",
     "run_stop",
     "fill_slice",
+    "power_samples",
 )
