@@ -52,8 +52,8 @@ from aimss_dask.node import heartbeat
 from aimss_dask.node.copies import CopyMailbox
 from aimss_dask.node.dedup import OriginFilter
 from aimss_dask.node.filling import FillerRunner
-from aimss_dask.node.gpupower import GpuSampler
 from aimss_dask.node.follower import Follower
+from aimss_dask.node.gpupower import GpuSampler
 from aimss_dask.node.idle import IdleRelease, Memory
 from aimss_dask.node.iogate import IOGate
 from aimss_dask.node.metrics import worker_metrics
