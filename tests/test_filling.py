@@ -184,3 +184,31 @@ def test_bad_arguments_are_refused_by_name(client):
             aimss_dask.fill(record_slice, "unused", gpu=True, key="twice")
     finally:
         f.cancel()
+
+
+def test_a_shuffle_seal_is_a_sync_phase_of_the_idle_workers(client):
+    import dask.dataframe as dd
+    import pandas as pd
+
+    t0 = time.time()
+    df = pd.DataFrame({"k": range(1000), "v": range(1000)})
+    out = aimss_dask.shuffle(dd.from_pandas(df, npartitions=4), "k", npartitions=4).compute()
+    assert sorted(out["v"]) == list(range(1000))
+    phases = client.sync(client.scheduler.aimss_power_timelines, since=t0)["phases"]
+    seals = [p for p in phases if p["name"] == "aimss-seal"]
+    assert seals and all(p["end"] is not None and p["end"] >= p["start"] for p in seals)
+    assert set(seals[0]["workers"]) <= set(client.scheduler_info()["workers"]) and seals[0]["workers"]
+    st = client.sync(client.scheduler.aimss_phase_status)
+    assert st["expected"]["aimss-seal"] is not None
+
+
+def test_auto_phases_can_be_turned_off():
+    import dask.dataframe as dd
+    import pandas as pd
+
+    with make_cluster(1) as cluster, Client(cluster) as c:
+        c.register_plugin(aimss_dask.AIMSS(power={"auto-phases": False}))
+        df = pd.DataFrame({"k": range(100), "v": range(100)})
+        assert len(aimss_dask.shuffle(dd.from_pandas(df, npartitions=2), "k").compute()) == 100
+        st = c.sync(c.scheduler.aimss_phase_status)
+        assert "aimss-seal" not in st["expected"] and not st["open"]

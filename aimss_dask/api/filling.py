@@ -10,6 +10,7 @@ a time (:mod:`aimss_dask.coordinator.filling`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import numbers
 import time
 import uuid
@@ -21,6 +22,8 @@ from distributed.protocol.pickle import dumps
 from aimss_dask.api.context import current
 from aimss_dask.core.errors import InvalidArgumentError, InvalidTypeError
 from aimss_dask.power.phases import check_expected
+
+logger = logging.getLogger("aimss_dask")
 
 #: How often :meth:`Filler.wait` asks for the filler's state.
 WAIT_POLL = 0.05
@@ -65,6 +68,32 @@ def sync_phase(name: str, expected_s: float | None = None, workers: list[str] | 
         yield token
     finally:
         ep.scheduler_op("phase_close", token=token)
+
+
+@contextlib.contextmanager
+def barrier_phase(name: str) -> Iterator[str | None]:
+    """AIMSS's own barrier (a shuffle's seal), from the task that waits on it, as a sync phase.
+
+    It covers every worker with nothing else to run meanwhile (the
+    coordinator decides), where ``aimss.power.auto-phases`` is on. It never
+    fails the barrier: a phase that cannot be opened or closed is skipped.
+    """
+    token: str | None = None
+    ep = None
+    try:
+        ep = current(name)
+        task = list(ep.task_key) if isinstance(ep.task_key, tuple) else ep.task_key
+        token = ep.scheduler_op("phase_open", name=name, workers=None, task=task, auto=True)["token"]
+    except Exception as e:  # the barrier matters, its phase does not
+        logger.debug("aimss: no sync phase for %s: %r", name, e)
+    try:
+        yield token
+    finally:
+        if token is not None and ep is not None:
+            try:
+                ep.scheduler_op("phase_close", token=token)
+            except Exception as e:
+                logger.debug("aimss: sync phase %s not closed: %r", name, e)
 
 
 class Filler:

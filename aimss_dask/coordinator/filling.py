@@ -121,9 +121,11 @@ class FillHandlers:
 
     def __init__(
         self, ops: ClusterOps, cfg: FillConfig, *, gpu_view: Callable[[str, float], dict[str, Any] | None] | None = None,
-        clock: Callable[[], float] = time.monotonic, ramp_limit: float | None = None,
+        clock: Callable[[], float] = time.monotonic, ramp_limit: float | None = None, auto_phases: bool = True,
     ) -> None:
         self.ops = ops
+        #: aimss.power.auto-phases: AIMSS's own barriers open phases.
+        self.auto_phases = auto_phases
         #: aimss.power.max-ramp-w-per-s, for power reports.
         self.ramp_limit = ramp_limit
         self.cfg = cfg
@@ -185,8 +187,10 @@ class FillHandlers:
 
     async def _h_phase_open(
         self, name: str, workers: list[str] | None = None, expected_s: float | None = None, task: Any = None,
-        client: str | None = None,
+        client: str | None = None, auto: bool = False,
     ) -> dict[str, Any]:
+        if auto and not self.auto_phases:
+            return {"token": None, "workers": []}
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"a sync phase needs a name (a non-empty str), got {name!r}")
         expected = check_expected(expected_s)
@@ -201,10 +205,20 @@ class FillHandlers:
                     "the addresses client.scheduler_info()['workers'] lists"
                 )
             covered = frozenset(workers)
+        key = as_key(task) if task is not None else None
+        if auto:
+            # AIMSS's own barrier: the workers that wait on it are those with
+            # nothing else to run (a worker busy with other tasks is not idle).
+            sched = self.ops.scheduler
+            assert sched is not None
+            covered = frozenset(
+                w for w in covered
+                if w in sched.workers and all(ts.key == key for ts in sched.workers[w].processing)
+            )
+            if not covered:
+                return {"token": None, "workers": []}
         token = uuid.uuid4().hex
-        self.phases[token] = OpenPhase(
-            token, name, covered, self.clock(), expected, as_key(task) if task is not None else None, client
-        )
+        self.phases[token] = OpenPhase(token, name, covered, self.clock(), expected, key, client)
         self.kick()
         return {"token": token, "workers": sorted(covered)}
 

@@ -158,7 +158,10 @@ class AIMSS(SchedulerPlugin):
             io.max_concurrent_writes_per_node, io.turn, io.lease, io.enabled, self._io_app, share=io.share
         )
         # Sync phases and the idle-filling queue (aimss_dask.sync_phase, aimss_dask.fill).
-        self.fill = FillHandlers(self.ops, self.config.fill, ramp_limit=self.config.power.max_ramp_w_per_s)
+        self.fill = FillHandlers(
+            self.ops, self.config.fill, ramp_limit=self.config.power.max_ramp_w_per_s,
+            auto_phases=self.config.power.auto_phases,
+        )
         # The scheduler's process is traced (aimss_dask.trace) on this plugin's word.
         self._tracing = False
         # The cluster's data-plane secret, made (or found) at start.

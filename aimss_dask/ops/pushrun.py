@@ -24,6 +24,7 @@ import numpy as np
 from aimss_dask._compat import task_attempt
 from aimss_dask.api import streams as api
 from aimss_dask.api.context import current
+from aimss_dask.api.filling import barrier_phase
 from aimss_dask.api.runs import register_run
 from aimss_dask.api.speculative import speculative
 from aimss_dask.core.errors import (
@@ -298,14 +299,17 @@ def seal(names: list[str], *pushed: int) -> int:
         )
         if stale_create or got.get("stale", len(older)):
             raise Reschedule()
-    for stream in streams:
-        try:
-            stream.seal()
-        except PushesPendingError:
-            # This execution outlived its pushes: a worker left with records
-            # they had not sent, and Dask computes them again (and this
-            # barrier after them).
-            raise Reschedule() from None
+    # The whole cluster waits on this barrier: a sync phase, which idle
+    # fillers may use (aimss.power.auto-phases).
+    with barrier_phase("aimss-seal"):
+        for stream in streams:
+            try:
+                stream.seal()
+            except PushesPendingError:
+                # This execution outlived its pushes: a worker left with records
+                # they had not sent, and Dask computes them again (and this
+                # barrier after them).
+                raise Reschedule() from None
     return sum(pushed)
 
 
