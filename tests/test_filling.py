@@ -212,3 +212,29 @@ def test_auto_phases_can_be_turned_off():
         assert len(aimss_dask.shuffle(dd.from_pandas(df, npartitions=2), "k").compute()) == 100
         st = c.sync(c.scheduler.aimss_phase_status)
         assert "aimss-seal" not in st["expected"] and not st["open"]
+
+
+def _step_or_wait(i: int, wait: float) -> int:
+    """A group of tasks where every fourth waits in a sync phase, as a collective does."""
+    if i % 4 == 3:
+        with aimss_dask.sync_phase("test-allreduce"):
+            time.sleep(wait)
+    else:
+        time.sleep(0.1)
+    return i
+
+
+def test_a_wait_in_a_sync_phase_is_not_a_straggler():
+    from conftest import speculation_client
+
+    from aimss_dask.core.names import STRAGGLER_TOPIC
+
+    with speculation_client(min_runtime=0.2, interval="100ms") as c:
+        since = time.time()
+        got = c.gather(c.map(_step_or_wait, range(24), wait=1.2, pure=False))
+        assert got == list(range(24))
+        reports = [m for t, m in c.get_events(STRAGGLER_TOPIC) if t >= since and isinstance(m, dict)]
+        # Without the phase these waits are 12x their group's median: they
+        # would be flagged, and their workers found slow.
+        assert reports == []
+        assert not c.sync(c.scheduler.aimss_speculation_view)["slow"]

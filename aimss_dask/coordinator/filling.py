@@ -26,7 +26,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,6 +50,9 @@ FINISHED_KEPT = 256
 HISTORY_KEEP = 32
 #: Closed phases kept for power reports (their shading), the most recent.
 PHASE_LOG = 4096
+#: Tasks that waited in a sync phase, remembered (the most recent) so that
+#: straggler rules do not take their wait for slowness.
+SYNCED_KEPT = 65536
 
 
 def fill_policy(cfg: FillConfig) -> FillPolicy:
@@ -139,6 +142,8 @@ class FillHandlers:
         self.gpu_view = gpu_view or self._gpu_view
         #: Closed phases, wall clock: (name, workers, start, end), for power reports.
         self.phase_log: deque[tuple[str, list[str], float, float]] = deque(maxlen=PHASE_LOG)
+        #: Keys of tasks that opened a sync phase: their time is partly a wait for others.
+        self.synced: OrderedDict[Any, None] = OrderedDict()
         self._order = itertools.count()
         self._free_since: dict[str, float] = {}
         self._kicked = False
@@ -219,6 +224,10 @@ class FillHandlers:
                 return {"token": None, "workers": []}
         token = uuid.uuid4().hex
         self.phases[token] = OpenPhase(token, name, covered, self.clock(), expected, key, client)
+        if key is not None:
+            self.synced[key] = None
+            if len(self.synced) > SYNCED_KEPT:
+                self.synced.popitem(last=False)
         self.kick()
         return {"token": token, "workers": sorted(covered)}
 

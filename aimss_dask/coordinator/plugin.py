@@ -162,6 +162,8 @@ class AIMSS(SchedulerPlugin):
             self.ops, self.config.fill, ramp_limit=self.config.power.max_ramp_w_per_s,
             auto_phases=self.config.power.auto_phases,
         )
+        # A task that waits in a sync phase is not a straggler for that wait.
+        self.stragglers.synced = self.fill.synced
         # The scheduler's process is traced (aimss_dask.trace) on this plugin's word.
         self._tracing = False
         # The cluster's data-plane secret, made (or found) at start.

@@ -40,7 +40,7 @@ import statistics
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -321,6 +321,10 @@ class Stragglers:
         self.sinks = SinkWriters(self)
         #: Keys of pushes given restrictions by :meth:`steer`, not yet run.
         self._steered: set[Any] = set()
+        #: Keys of tasks that waited in a sync phase (a collective, a
+        #: checkpoint): part of their time is a wait for others, by design,
+        #: so they are neither judged nor counted in their group's times.
+        self.synced: Container[Any] = ()
 
     # -- hooks (O(1)) ----------------------------------------------------------------------
 
@@ -338,7 +342,7 @@ class Stragglers:
             self._steered.discard(key)
             if ts is not None:
                 ts.worker_restrictions = None
-        if finish == "memory":
+        if finish == "memory" and key not in self.synced:
             now = time.time()
             seconds = _compute_seconds(kwargs.get("startstops"))
             if seconds is not None and ts is not None:
@@ -512,6 +516,8 @@ class Stragglers:
         for ws in self.scheduler.workers.values():
             since_beat = max(now - ws.last_seen, 0.0)
             for ts, elapsed in _running_on(ws):
+                if ts.key in self.synced:
+                    continue
                 text = key_text(ts.key)
                 tasks[text] = ts
                 running.setdefault(ts.group.name, []).append(Running(text, ws.address, float(elapsed) + since_beat))
