@@ -389,7 +389,8 @@ class FillHandlers:
             ends = [e for e in (self.history.end_of(p.phase(addr), now) for p in phases) if e is not None]
             gpu = self.gpu_view(addr, now)
             out.append(WorkerView(
-                addr, now=now, phase_end=min(ends) if ends else None, ready_tasks=ready, idle_threads=idle,
+                addr, now=now, phase_end=min(ends) if ends else None, in_phase=bool(phases), ready_tasks=ready,
+                idle_threads=idle,
                 dip_s=gpu["dip_s"] if gpu else 0.0, gpu_free=gpu["free"] if gpu else None,
                 power_w=gpu.get("power_w") if gpu else None,
                 gpu_fillers=gpu_running.get(addr, 0), cpu_fillers=cpu_running.get(addr, 0),

@@ -8,8 +8,9 @@ its promises are checked by property tests, not by hoping:
 - nothing goes to a worker that has main-job tasks ready (a filler never
   delays the job's own work);
 - nothing goes where there is neither a sync phase nor an idle dip;
-- a slice never runs past the phase's expected end (less a safety share)
-  nor past the filler's own ``max_s``;
+- a slice never runs past the phase's expected end (less a safety share),
+  nor past ``dip_slice_s`` where no end is known, nor past the filler's
+  own ``max_s``;
 - a GPU slice never takes more than the device's free memory, less a
   reserve, counting the other slices placed there in the same plan;
 - no filler gets more slices at once than it allows (``concurrency``).
@@ -64,7 +65,8 @@ class WorkerView:
     """What the coordinator knows of one worker at ``now`` (its clock).
 
     ``phase_end``: the expected end of the sync phase the worker is in, or
-    ``None``; ``ready_tasks``: main-job tasks ready for it (queued on it or
+    ``None``; ``in_phase``: it is in one whose end nobody knows yet (a first
+    phase of its name, unannounced); ``ready_tasks``: main-job tasks ready for it (queued on it or
     waiting for a slot it could give); ``idle_threads``: task threads with
     nothing to run; ``dip_s``: how long its GPU has been below the
     utilisation threshold (0: not in a dip) and ``gpu_free``: its device's
@@ -75,6 +77,7 @@ class WorkerView:
     address: str
     now: float
     phase_end: float | None = None
+    in_phase: bool = False
     ready_tasks: int = 0
     idle_threads: int = 0
     dip_s: float = 0.0
@@ -123,6 +126,12 @@ def window(view: WorkerView, policy: FillPolicy, *, gpu: bool) -> tuple[float, b
         if left >= policy.min_slice_s and left > 0:
             return left, True
         return None
+    if view.in_phase:
+        # Idle by the application's word, for a time nobody knows: dip-sized
+        # slices at once, rather than waiting to see a dip.
+        if policy.dip_slice_s >= policy.min_slice_s and policy.dip_slice_s > 0:
+            return policy.dip_slice_s, True
+        return None
     if gpu:
         in_dip = view.dip_s >= policy.dip_after_s and view.dip_s > 0
     else:
@@ -150,7 +159,7 @@ def plan(
     queue = sorted(fillers, key=lambda f: f.order)
     offers: list[tuple[tuple[int, float, str], WorkerView]] = []
     for v in workers:
-        phase = v.phase_end is not None
+        phase = v.phase_end is not None or v.in_phase
         offers.append(((0 if phase else 1, v.power_w if v.power_w is not None else 0.0, v.address), v))
     offers.sort(key=lambda o: o[0])
     out: list[Dispatch] = []

@@ -13,8 +13,9 @@ slice ends (one ``message_s`` later), or at its next utilisation sample
 coordinator calls -- which idle GPUs get a filler slice and for how long,
 from what a coordinator could know at that tick: the phase's expected end
 (announced, or learned from the phases before by
-:class:`~aimss_dask.power.phases.PhaseHistory`), how long each GPU has been
-idle, its free memory. A slice that outlives its phase slows the job's next
+:class:`~aimss_dask.power.phases.PhaseHistory`; a first phase nobody
+announced gets dip-sized slices), how long each GPU has been idle, its
+free memory. A slice that outlives its phase slows the job's next
 steps on that GPU by ``overlap_cost`` of the overlap (it runs on a
 low-priority stream: the job goes first, but not for free), and the next
 sync waits for the slowest GPU, so the slowdown reported is the job's.
@@ -56,7 +57,7 @@ class Workload:
 
     ``hint``: the application announces each phase's length (``expected_s``);
     otherwise the coordinator learns it from the phases that ended, and the
-    first phase is filled as an idle dip. ``dispatch_s``: the coordinator's
+    first phase gets dip-sized slices, whose last may outlive it. ``dispatch_s``: the coordinator's
     tick, at which it samples utilisation; ``message_s``: one message between
     a worker and the coordinator (a phase's opening, a slice's end). ``overlap_cost``: the share of a slice's
     overlap with the job's work that the job loses. ``filler_gpu_s``: the
@@ -178,9 +179,10 @@ class _Trace:
         w = np.zeros(n)
         u = np.zeros(n)
         if self.at:
-            idx = np.clip(np.ceil(np.concatenate(self.at) / grid_s).astype(np.int64), 0, n - 1)
-            np.add.at(w, idx, np.concatenate(self.dw))
-            np.add.at(u, idx, np.concatenate(self.du))
+            idx = np.maximum(np.ceil(np.concatenate(self.at) / grid_s - 1e-9).astype(np.int64), 0)
+            inside = idx < n  # a change at the end or later is past the grid
+            np.add.at(w, idx[inside], np.concatenate(self.dw)[inside])
+            np.add.at(u, idx[inside], np.concatenate(self.du)[inside])
         return t, base_w + np.cumsum(w), np.cumsum(u)
 
 
@@ -212,17 +214,12 @@ def _run(
         barrier = float(arrive.max())
         end = barrier + float(sync[r])
         delay = np.zeros(n)
-        # Each GPU's sync phase runs from its arrival to the common end.
+        # Each GPU's sync phase runs from its arrival to the common end; its
+        # opening reaches the coordinator in one message.
         known = work.hint or history.expected("sync") is not None
         if fill:
             idle_since = arrive.copy()
-            if known:
-                # The phase's opening reaches the coordinator in one message.
-                due = arrive + q
-            else:
-                # No phase is known yet: the coordinator sees a dip in its
-                # utilisation samples (one per tick).
-                due = np.ceil((arrive + policy.dip_after_s) / work.dispatch_s) * work.dispatch_s
+            due = arrive + q
             while budget_left > 0:
                 now = float(due.min())
                 if now >= end:
@@ -239,7 +236,7 @@ def _run(
                 views = [
                     WorkerView(
                         names[i], now=now, phase_end=None if phase_end is None else float(phase_end[j]),
-                        dip_s=now - idle_since[i], gpu_free=gpu.memory, power_w=gpu.idle_w,
+                        in_phase=True, dip_s=now - idle_since[i], gpu_free=gpu.memory, power_w=gpu.idle_w,
                     )
                     for j, i in enumerate(batch)
                 ]
@@ -262,10 +259,9 @@ def _run(
                     # job's next steps (counted as busy power there).
                     delay[idx] = np.maximum(delay[idx], np.maximum(0.0, s1 - end) * work.overlap_cost)
                     idle_since[idx] = s1
-                    # In a phase, the worker asks for its next slice one
-                    # message before this one ends; a dip shows again only
-                    # once the GPU has been idle for dip_after_s.
-                    due[idx] = s1 if known else s1 + policy.dip_after_s
+                    # The worker asks for its next slice one message before
+                    # this one ends.
+                    due[idx] = s1
                     used = float(b.sum())
                     filled += used
                     budget_left -= used
