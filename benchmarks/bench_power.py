@@ -193,7 +193,7 @@ def run_cpu(args: argparse.Namespace) -> None:
 
 
 def run_sim(args: argparse.Namespace) -> None:
-    from aimss_dask.power.simulate import Workload, simulate
+    from aimss_dask.power import Workload, simulate
 
     for hint in (False, True):
         t0 = time.perf_counter()

@@ -10,18 +10,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import aimss_dask.power as power_pkg
 import aimss_dask.power.metrics as metrics_mod
 import aimss_dask.power.phases as phases_mod
 import aimss_dask.power.policy as policy_mod
-import aimss_dask.power.simulate as simulate_mod
+import aimss_dask.power.sim as simulate_mod
 from aimss_dask import InvalidArgumentError
 from aimss_dask.power.metrics import aggregate, resample, summarize, window_swings
 from aimss_dask.power.phases import PhaseHistory, check_expected
 from aimss_dask.power.policy import FillerView, FillPolicy, WorkerView, plan, window
-from aimss_dask.power.simulate import GpuModel, Workload, simulate
+from aimss_dask.power.sim import GpuModel, Workload, simulate
 
 
-@pytest.mark.parametrize("mod", [metrics_mod, phases_mod, policy_mod, simulate_mod])
+@pytest.mark.parametrize("mod", [power_pkg, metrics_mod, phases_mod, policy_mod, simulate_mod])
 def test_examples_in_docstrings_hold(mod):
     failed, tried = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert tried > 0 and failed == 0
