@@ -28,11 +28,21 @@ medians of ``--reps`` after a warm-up round. Reported: the main loop's
 time (the slowdown is the ratio), the filler's busy seconds and work
 units, and the machine's CPU busy share sampled every 50 ms (``psutil``):
 its swing per period and its mean, the CPU's stand-in for power.
-Without a GPU this is what the benchmark runs, and it says so; on a GPU
-machine the GPU part is ``tests/gpu/run_gpu_checks.sh``'s to run.
+Part ``gpu`` (``--part gpu``, where NVML sees a GPU; it skips, saying so,
+elsewhere): the issue's training-like CuPy loop in one task on a GPU
+worker: steps of about 100 ms of ``--n`` fp32 matmuls, and every 10 steps
+a checkpoint phase that copies ``--state-mib`` of state to the host and
+writes it through an AIMSS stream (a streaming sink drains it to Zarr)
+while the GPU would sit idle; without and with a GPU filler (``--fill-n``
+matmuls on a low-priority stream), interleaved. Reported from NVML
+(``power_report``, 20 ms samples): the checkpoint swing per window, the
+largest ramp, energy; the loop's slowdown; filler throughput; and the
+power traces as PNGs (``--out``). ``tests/gpu/run_gpu_checks.sh`` runs it
+with the GPU tests on a lent GPU machine.
 
     python benchmarks/bench_power.py --part sim
     python benchmarks/bench_power.py --part cpu --reps 3
+    python benchmarks/bench_power.py --part gpu --reps 3 --out power-traces
 """
 
 from __future__ import annotations
@@ -192,6 +202,160 @@ def run_cpu(args: argparse.Namespace) -> None:
         print(f"first runs (rep 0): plain {first['plain']['loop_s']:.2f} s, filled {first['filled']['loop_s']:.2f} s")
 
 
+# -- part gpu: a CuPy training loop with checkpoints, on a GPU worker ------------------------
+
+_FILL_CACHE: dict[int, Any] = {}
+
+
+def _gpu_train(steps: int, every: int, n: int, k: int, state_mib: int, stream_name: str) -> dict[str, Any]:
+    """The main loop, one task on the GPU worker: ``k`` n x n matmuls a step, a checkpoint every ``every``."""
+    import cupy as cp
+
+    import aimss_dask
+
+    a = cp.random.default_rng(0).random((n, n), dtype=cp.float32)
+    state = cp.random.default_rng(1).random((state_mib * 2**20 // 4 // 1024, 1024), dtype=cp.float32)
+    stream = aimss_dask.get_stream(stream_name)
+    steps_s, phases_s = [], []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        ts = time.perf_counter()
+        b = a
+        for _ in range(k):
+            b = a @ b
+            b /= float(n)
+        cp.cuda.Device().synchronize()
+        steps_s.append(time.perf_counter() - ts)
+        if (step + 1) % every == 0:
+            tp = time.perf_counter()
+            with aimss_dask.sync_phase("checkpoint"):
+                host = cp.asnumpy(state)
+                for slab in np.array_split(host, 8):
+                    stream.write(slab)
+                stream.flush()
+            phases_s.append(time.perf_counter() - tp)
+    return {"loop_s": time.perf_counter() - t0, "steps_s": steps_s, "phases_s": phases_s}
+
+
+def _gpu_filler(n: int, budget_s: float) -> bool:
+    """Useful-looking batch work on the GPU: matmuls on the current (low-priority) stream, within the budget."""
+    import cupy as cp
+
+    m = _FILL_CACHE.get(n)
+    if m is None:
+        m = _FILL_CACHE[n] = cp.random.default_rng(2).random((n, n), dtype=cp.float32)
+    end = time.perf_counter() + budget_s
+    units = 0
+    stream = cp.cuda.get_current_stream()
+    while True:
+        t = time.perf_counter()
+        r = m @ m
+        r /= float(n)
+        stream.synchronize()
+        units += 1
+        if time.perf_counter() + (time.perf_counter() - t) > end:
+            break
+    _FILL_CACHE[-1] = _FILL_CACHE.get(-1, 0) + units
+    return True
+
+
+def _filler_units() -> int:
+    return int(_FILL_CACHE.get(-1, 0))
+
+
+def _calibrate(n: int) -> float:
+    import cupy as cp
+
+    a = cp.random.default_rng(0).random((n, n), dtype=cp.float32)
+    (a @ a).sum()
+    cp.cuda.Device().synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    cp.cuda.Device().synchronize()
+    return (time.perf_counter() - t) / 5
+
+
+def run_gpu(args: argparse.Namespace) -> None:
+    import shutil
+    import tempfile
+
+    from distributed import Client, LocalCluster
+
+    import aimss_dask
+    from aimss_dask.power.gpu import gpu_count
+
+    if gpu_count() == 0:
+        print("part gpu: no GPU visible to NVML here; skipped (the simulation and the CPU variant run without one)")
+        return
+    out = args.out or tempfile.mkdtemp(prefix="aimss-bench-power-")
+    os.makedirs(out, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="aimss-bench-power-zarr-")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(aimss_dask.AIMSS(power={"interval": "20ms"}))
+        per = client.run(_calibrate, args.n)
+        t1 = max(per.values())
+        k = max(1, round(STEP_S / t1))
+        print(f"GPU: {args.n}x{args.n} fp32 matmul {t1 * 1000:.1f} ms; {k} per step of ~{k * t1 * 1000:.0f} ms; "
+              f"{args.steps} steps, a checkpoint of {args.state_mib} MiB every 10 through an AIMSS stream to Zarr",
+              flush=True)
+        stream = aimss_dask.create_stream("bench-power-ckpt", partitions=1)
+        sink = stream.to_zarr(os.path.join(folder, "ckpt.zarr"), axis=0, chunks=(4096, 1024))
+        results: dict[str, list[dict[str, Any]]] = {"plain": [], "filled": []}
+        last_png: dict[str, str] = {}
+        try:
+            for rep in range(args.reps + 1):
+                for m in (["plain", "filled"] if rep % 2 == 0 else ["filled", "plain"]):
+                    f = None
+                    units0 = sum(client.run(_filler_units).values())
+                    if m == "filled":
+                        f = aimss_dask.fill(_gpu_filler, args.fill_n, gpu=True, max_s=0.5,
+                                            memory=3 * args.fill_n * args.fill_n * 4)
+                    t0 = time.time()
+                    r = client.submit(_gpu_train, args.steps, 10, args.n, k, args.state_mib, stream.name,
+                                      pure=False).result()
+                    busy = 0.0
+                    if f is not None:
+                        f.cancel()
+                        st = f.wait(timeout=60)
+                        busy = st["seconds"]
+                        if st["error"]:
+                            print("  filler failed:", st["error"])
+                    units = sum(client.run(_filler_units).values()) - units0
+                    rep_ = aimss_dask.power_report(since=t0, window_s=10 * STEP_S + 1.5)
+                    mt = rep_.metrics()
+                    png = os.path.join(out, f"power-{m}.png")
+                    rep_.png(png)
+                    last_png[m] = png
+                    row = {"loop_s": r["loop_s"], "filler_s": busy, "units": units,
+                           "phase_s": statistics.median(r["phases_s"]) if r["phases_s"] else 0.0,
+                           "swing_w": mt.get("median_swing_w", float("nan")),
+                           "swing_max_w": mt.get("swing_w", float("nan")),
+                           "ramp": mt.get("max_ramp_w_per_s", float("nan")), "energy_j": mt.get("energy_j", 0.0)}
+                    print(f"  rep {rep} {m:7s} loop {row['loop_s']:6.2f} s  checkpoint {row['phase_s']:.2f} s  "
+                          f"filler {busy:5.2f} s ({units} units)  swing median {row['swing_w']:.0f} W "
+                          f"max {row['swing_max_w']:.0f} W  ramp {row['ramp']:.0f} W/s  energy {row['energy_j']:.0f} J"
+                          + ("  (warm-up)" if rep == 0 else ""), flush=True)
+                    if rep:
+                        results[m].append(row)
+            stream.seal()
+            sink.wait(timeout=120)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        med = {m: {c: statistics.median(x[c] for x in rs) for c in rs[0]} for m, rs in results.items() if rs}
+        if len(med) == 2:
+            p, f_ = med["plain"], med["filled"]
+            print(f"\nmedians of {args.reps}: loop {p['loop_s']:.2f} s -> {f_['loop_s']:.2f} s "
+                  f"(slowdown {100 * (f_['loop_s'] / p['loop_s'] - 1):+.2f}%, target < 2%)")
+            print(f"  checkpoint swing (median window) {p['swing_w']:.0f} W -> {f_['swing_w']:.0f} W "
+                  f"({100 * (1 - f_['swing_w'] / p['swing_w']) if p['swing_w'] else 0:.0f}% less, target >= 50%); "
+                  f"largest ramp {p['ramp']:.0f} -> {f_['ramp']:.0f} W/s")
+            print(f"  filler throughput {f_['units'] / f_['loop_s']:.1f} matmuls/s of {args.fill_n}x{args.fill_n}; "
+                  f"{f_['filler_s']:.2f} s of slices; energy {p['energy_j']:.0f} -> {f_['energy_j']:.0f} J")
+        print(f"power traces: {last_png}")
+
+
 def run_sim(args: argparse.Namespace) -> None:
     from aimss_dask.power import Workload, simulate
 
@@ -215,7 +379,8 @@ def run_sim(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["sim", "cpu", "both"], default="both")
+    ap.add_argument("--part", choices=["sim", "cpu", "gpu", "both", "all"], default="both",
+                    help="both: sim and cpu; all: sim, cpu and gpu (gpu skips, saying so, without a GPU)")
     ap.add_argument("--gpus", type=int, default=16384)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
@@ -223,11 +388,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--phase", type=float, default=1.0, help="part cpu: seconds of each sync phase")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--n", type=int, default=8192, help="part gpu: the main loop's matrix size")
+    ap.add_argument("--fill-n", type=int, default=4096, help="part gpu: the fillers' matrix size")
+    ap.add_argument("--state-mib", type=int, default=2048, help="part gpu: the checkpointed state")
+    ap.add_argument("--out", default=None, help="part gpu: folder for the power-trace PNGs")
     args = ap.parse_args()
-    if args.part in ("sim", "both"):
+    if args.part in ("sim", "both", "all"):
         run_sim(args)
-    if args.part in ("cpu", "both"):
+    if args.part in ("cpu", "both", "all"):
         run_cpu(args)
+    if args.part in ("gpu", "all"):
+        run_gpu(args)
 
 
 if __name__ == "__main__":

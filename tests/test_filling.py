@@ -238,3 +238,32 @@ def test_a_wait_in_a_sync_phase_is_not_a_straggler():
         # would be flagged, and their workers found slow.
         assert reports == []
         assert not c.sync(c.scheduler.aimss_speculation_view)["slow"]
+
+
+def _cupy_filler(n: int, budget_s: float) -> bool:
+    """A GPU filler: records the current stream's priority and does one matmul."""
+    import cupy as cp
+
+    stream = cp.cuda.get_current_stream()
+    m = cp.ones((n, n), dtype=cp.float32)
+    (m @ m).sum()
+    stream.synchronize()
+    lowest, _ = cp.cuda.runtime.deviceGetStreamPriorityRange()
+    assert stream.priority == lowest, (stream.priority, lowest)
+    return False
+
+
+@pytest.mark.gpu
+def test_gpu_fillers_run_on_a_low_priority_stream_in_a_phase():
+    from aimss_dask.power.gpu import gpu_count, optional_import
+
+    if gpu_count() == 0 or optional_import("cupy") is None:
+        pytest.skip("needs a GPU with CuPy")
+    with make_cluster(1) as cluster, Client(cluster) as c:
+        c.register_plugin(aimss_dask.AIMSS(power={"interval": "20ms"}))
+        time.sleep(0.5)  # the sampler's first report: the GPU's free memory
+        f = aimss_dask.fill(_cupy_filler, 1024, gpu=True, max_s=0.5, memory=16 << 20)
+        with aimss_dask.sync_phase("gpu-test", expected_s=1.0):
+            time.sleep(1.0)
+        st = f.wait(timeout=30)
+        assert st["state"] == "done" and st["error"] is None and st["slices"] == 1, st
