@@ -267,3 +267,22 @@ def test_gpu_fillers_run_on_a_low_priority_stream_in_a_phase():
             time.sleep(1.0)
         st = f.wait(timeout=30)
         assert st["state"] == "done" and st["error"] is None and st["slices"] == 1, st
+
+
+def test_waiting_for_a_sink_is_a_sync_phase(client, tmp_path):
+    import numpy as np
+    from conftest import unique_name
+
+    t0 = time.time()
+    stream = aimss_dask.create_stream(unique_name("sinkwait"), partitions=2)
+    try:
+        sink = stream.to_zarr(str(tmp_path / "a.zarr"), axis=0, chunks=(64, 8))
+        for _ in range(8):
+            stream.write(np.ones((64, 8)))
+        stream.seal()
+        sink.wait(timeout=60)
+    finally:
+        aimss_dask.destroy_stream(stream.name)
+    phases = client.sync(client.scheduler.aimss_power_timelines, since=t0)["phases"]
+    waits = [p for p in phases if p["name"] == "aimss-sink-wait"]
+    assert len(waits) == 1 and waits[0]["end"] is not None and waits[0]["workers"]

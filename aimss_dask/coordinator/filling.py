@@ -38,6 +38,7 @@ from aimss_dask.core.config import FillConfig
 from aimss_dask.core.errors import InvalidArgumentError
 from aimss_dask.power.phases import Phase, PhaseHistory, check_expected
 from aimss_dask.power.policy import FillerView, FillPolicy, WorkerView, plan
+from aimss_dask.transport.rpc import replies
 
 if TYPE_CHECKING:
     from aimss_dask.coordinator.cluster import ClusterOps
@@ -190,6 +191,7 @@ class FillHandlers:
 
     # -- phases ------------------------------------------------------------------------
 
+    @replies
     async def _h_phase_open(
         self, name: str, workers: list[str] | None = None, expected_s: float | None = None, task: Any = None,
         client: str | None = None, auto: bool = False,
@@ -231,6 +233,7 @@ class FillHandlers:
         self.kick()
         return {"token": token, "workers": sorted(covered)}
 
+    @replies
     async def _h_phase_close(self, token: str) -> dict[str, Any]:
         p = self.phases.pop(token, None)
         if p is None:
@@ -241,6 +244,7 @@ class FillHandlers:
         self.phase_log.append((p.name, sorted(p.workers), end - seconds, end))
         return {"closed": True, "seconds": seconds}
 
+    @replies
     async def _h_phase_status(self) -> dict[str, Any]:
         now = self.clock()
         return {
@@ -263,6 +267,7 @@ class FillHandlers:
 
     # -- GPUs ----------------------------------------------------------------------------
 
+    @replies
     async def _h_gpu_state(
         self, worker: str, free: int | None = None, util: float | None = None, power_w: float | None = None,
         low: bool = False, dip_s: float = 0.0,
@@ -283,6 +288,7 @@ class FillHandlers:
         # A dip goes on between reports (a crossing back is reported at once).
         return {**g, "dip_s": g["dip_s"] + (now - at) if g["low"] else 0.0}
 
+    @replies
     async def _h_power_timelines(self, since: float = 0.0, timeout: float = 10.0) -> dict[str, Any]:
         """Every worker's GPU samples since ``since`` (wall clock), and the sync phases then."""
         replies = await self.ops.broadcast({"op": "aimss_power_samples", "since": since}, timeout=timeout)
@@ -294,6 +300,7 @@ class FillHandlers:
 
     # -- fillers -----------------------------------------------------------------------
 
+    @replies
     async def _h_fill_submit(
         self, key: str, payload: bytes, gpu: bool, max_s: float, concurrency: int = 1, memory: int = 0,
         client: str | None = None,
@@ -311,6 +318,7 @@ class FillHandlers:
         self.kick()
         return {"key": key}
 
+    @replies
     async def _h_fill_status(self, key: str | None = None) -> dict[str, Any]:
         if key is None:
             return {"fillers": [f.status() for f in self.fillers.values()]}
@@ -319,6 +327,7 @@ class FillHandlers:
             raise InvalidArgumentError(f"no filler {key!r} is known here (never submitted, or long finished)")
         return f.status()
 
+    @replies
     async def _h_fill_cancel(self, key: str) -> dict[str, Any]:
         f = self.fillers.get(key)
         if f is None:

@@ -98,6 +98,7 @@ threads. The thread stops when the sink completes or fails, on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -105,6 +106,7 @@ import uuid
 from typing import Any
 
 from aimss_dask.api.extensions import register_extension
+from aimss_dask.api.filling import barrier_phase
 from aimss_dask.api.progress import Bar
 from aimss_dask.api.progress import wanted as progress_wanted
 from aimss_dask.core.errors import InvalidArgumentError, StoreReadOnlyError
@@ -377,10 +379,14 @@ class Sink:
         ``progress``: the durable rows as a bar on stderr (``None``: where
         someone watches, a terminal or a notebook).
         """
-        if progress_wanted(progress):
-            self._wait_showing(timeout)
-        else:
-            self._thread.join(timeout)
+        # The application waits for its data to be durable (a checkpoint
+        # stream's end): a sync phase of the workers idle meanwhile
+        # (aimss.power.auto-phases), which idle fillers may use.
+        with barrier_phase("aimss-sink-wait") if self._thread.is_alive() else contextlib.nullcontext():
+            if progress_wanted(progress):
+                self._wait_showing(timeout)
+            else:
+                self._thread.join(timeout)
         if self._thread.is_alive():
             info = self.info()
             raise TimeoutError(
