@@ -286,3 +286,39 @@ def test_waiting_for_a_sink_is_a_sync_phase(client, tmp_path):
     phases = client.sync(client.scheduler.aimss_power_timelines, since=t0)["phases"]
     waits = [p for p in phases if p["name"] == "aimss-sink-wait"]
     assert len(waits) == 1 and waits[0]["end"] is not None and waits[0]["workers"]
+
+
+def test_a_worker_killed_during_a_slice_leaves_the_filler_going(tmp_path):
+    import signal
+
+    with make_cluster(2) as cluster, Client(cluster) as c:
+        c.register_plugin(aimss_dask.AIMSS(fill=FILL))
+        c.wait_for_workers(2)
+        f = aimss_dask.fill(record_slice, str(tmp_path), gpu=False, max_s=0.5, concurrency=2, key="survives")
+        wait_until(lambda: len(f.status()["running"]) == 2, timeout=20, what="slices on both workers")
+        pids = c.run(os.getpid)
+        victim = sorted(pids)[0]
+        os.kill(pids[victim], signal.SIGKILL)
+        # The dead worker's slice ends without an answer; the other goes on,
+        # and so do new slices, on whoever is there.
+        wait_until(lambda: victim not in c.scheduler_info()["workers"], timeout=30, what="the kill seen")
+        before = f.status()["slices"]
+        wait_until(lambda: f.status()["slices"] >= before + 3, timeout=30, what="slices after the kill")
+        st = f.status()
+        assert st["state"] == "running" and st["error"] is None and victim not in st["running"]
+        f.cancel()
+
+
+def test_a_clients_fillers_and_phases_end_with_it(client, tmp_path):
+    other = Client(client.scheduler.address, set_as_default=False)
+    try:
+        with other.as_current():
+            f = aimss_dask.fill(record_slice, str(tmp_path), gpu=True, max_s=0.1, key="left-behind")
+            token = aimss_dask.sync_phase("left-open").__enter__()  # never closed by this client
+        assert token
+        assert f.status()["state"] == "queued"
+    finally:
+        other.close()
+    wait_until(lambda: f.status()["state"] == "cancelled", what="the filler cancelled")
+    st = client.sync(client.scheduler.aimss_phase_status)
+    assert not [p for p in st["open"] if p["name"] == "left-open"]
