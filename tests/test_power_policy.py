@@ -40,6 +40,7 @@ workers_st = st.lists(
         phase_end=st.one_of(st.none(), st.floats(99.0, 103.0)),
         in_phase=st.booleans(),
         ready_tasks=st.integers(0, 2),
+        running_tasks=st.integers(0, 2),
         idle_threads=st.integers(0, 3),
         dip_s=st.floats(0.0, 1.0),
         gpu_free=st.one_of(st.none(), st.integers(0, 16 * GiB)),
@@ -103,6 +104,8 @@ def test_plan_keeps_its_promises(workers, fillers, policy):
         per_filler[f.key] = per_filler.get(f.key, 0) + 1
         if f.gpu:
             assert w.gpu_free is not None and w.gpu_fillers == 0
+            # The job's running tasks keep their GPU, unless it is seen idle.
+            assert w.running_tasks == 0 or (w.dip_s >= policy.dip_after_s and w.dip_s > 0)
             gpu_mem[w.address] = gpu_mem.get(w.address, 0) + f.mem_bytes
             gpu_n[w.address] = gpu_n.get(w.address, 0) + 1
         else:
@@ -249,7 +252,12 @@ def test_window_swings_and_resample_and_aggregate():
     t = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 2.6])
     w = np.array([1.0, 5.0, 2.0, 2.5, 9.0, 0.0])
     starts, swings = window_swings(t, w, 1.0)
-    assert starts.tolist() == [0.0, 1.0, 2.0] and swings.tolist() == [4.0, 0.5, 9.0]
+    # Each window counts the reading held from before it: 5 W into [1, 2), 2.5 W into [2, 3).
+    assert starts.tolist() == [0.0, 1.0, 2.0] and swings.tolist() == [4.0, 3.0, 9.0]
+    # Samples as sparse as the windows: every window still sees the change.
+    t2 = np.arange(0.0, 6.0, 1.0)
+    _, sw2 = window_swings(t2, np.where(np.arange(6) % 2 == 0, 100.0, 700.0), 1.0)
+    assert sw2[1:].tolist() == [600.0] * 5
     g, gw = resample(np.array([0.0, 1.0, 3.0]), np.array([1.0, 2.0, 3.0]), 1.0)
     assert g.tolist() == [0.0, 1.0, 2.0, 3.0] and gw.tolist() == [1.0, 2.0, 2.0, 3.0]
     # Two devices: summed over the span both cover, each held to its next sample.
@@ -307,7 +315,9 @@ def test_simulation_with_no_filler_work_is_the_job_alone():
     r = simulate(n_gpus=16, workload=Workload(rounds=3, filler_gpu_s=0.0))
     assert np.array_equal(r.with_fill.watts, r.without.watts) and r.with_fill.filled_gpu_s == 0.0
     limited = simulate(n_gpus=16, workload=Workload(rounds=3, filler_gpu_s=5.0))
-    assert 0 < limited.with_fill.filled_gpu_s < 5.0 + 16 * 2.0
+    assert limited.with_fill.filled_gpu_s == pytest.approx(5.0)
+    tiny = simulate(n_gpus=16, workload=Workload(rounds=3, filler_gpu_s=0.5))
+    assert tiny.with_fill.filled_gpu_s == pytest.approx(0.5)
 
 
 def test_simulation_power_is_within_the_model():

@@ -82,7 +82,7 @@ def test_sampler_reads_each_metric_and_leaves_out_what_is_unsupported():
         assert rows[1][4] is None and s.unsupported()["GPU-0001"] == ["util"]
         for _ in range(10):
             s.sample_once()
-        assert len(s.samples) == 5  # a ring
+        assert [len(r) for r in s.samples.values()] == [5, 5]  # a ring per GPU
         tl = s.timeline()
         assert tl["columns"]["gpu"][-2:] == ["GPU-0000", "GPU-0001"]
         # The driver's finer samples: three per read, each once.
@@ -122,10 +122,10 @@ def test_sampler_thread_samples_and_stops():
     s.start()
     time.sleep(0.2)
     s.close()
-    n = len(s.samples)
+    n = sum(len(r) for r in s.samples.values())
     assert n >= 10 and len(seen) >= 5
     time.sleep(0.05)
-    assert len(s.samples) == n
+    assert sum(len(r) for r in s.samples.values()) == n
 
 
 def _report(rows: list[tuple], phases: list[dict], window_s: float = 1.0) -> PowerReport:
@@ -166,7 +166,7 @@ def test_power_report_on_a_cluster_without_gpus(tmp_path):
             assert all(s.startswith("off:") for s in r.states.values()), r.states
             assert r.frame.empty and r.summary is None and r.metrics() == {"states": r.states}
         assert list(r.phases["name"]) == ["ckpt"]
-        assert r.phases["end"][0] - r.phases["start"][0] == pytest.approx(0.2, abs=0.1)
+        assert 0.2 <= r.phases["end"][0] - r.phases["start"][0] < 1.0
         path = tmp_path / "power.png"
         assert r.png(str(path))[:4] == b"\x89PNG" and path.stat().st_size > 1000
         with pytest.raises(InvalidArgumentError, match="window_s=0"):

@@ -11,7 +11,7 @@ import numpy as np
 
 from aimss_dask.api.context import current
 from aimss_dask.core.errors import InvalidArgumentError, MissingDependencyError
-from aimss_dask.power.metrics import PowerSummary, aggregate, summarize
+from aimss_dask.power.metrics import PowerSummary, aggregate, held, summarize
 
 
 @dataclass
@@ -35,7 +35,11 @@ class PowerReport:
     fine: Any = field(default=None, repr=False)
 
     def aggregate(self, grid_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The cluster's power (sum over GPUs) on one grid, over the span every GPU covers."""
+        """The cluster's power (sum over GPUs) on one grid, over the span every GPU covers.
+
+        A GPU whose samples stop (its worker left) ends that span: pass
+        ``since`` to :func:`power_report` to look at a stretch they all cover.
+        """
         f = self.frame.dropna(subset=["power_w"])
         if f.empty:
             return np.empty(0), np.empty(0)
@@ -54,11 +58,10 @@ class PowerReport:
         util = None
         f = self.frame.dropna(subset=["util"])
         if not f.empty:
-            # The cluster's utilisation at each grid point: the mean of each GPU's last reading.
-            lines = {g: (d["t"].to_numpy(), d["util"].to_numpy()) for g, d in f.sort_values("t").groupby("gpu")}
-            gu, u = aggregate(lines, float(t[1] - t[0]) if t.size > 1 else 1.0)
-            if gu.size == t.size:
-                util = u / len(lines)
+            # The cluster's utilisation at each point of the power's grid: the
+            # mean of each GPU's reading in force then.
+            per = [held(d["t"].to_numpy(), d["util"].to_numpy(), t) for _, d in f.sort_values("t").groupby("gpu")]
+            util = np.mean(per, axis=0)
         return summarize(t, w, util, window_s=self.window_s, grid_s=float(t[1] - t[0]))
 
     def metrics(self) -> dict[str, Any]:

@@ -51,6 +51,8 @@ FINISHED_KEPT = 256
 HISTORY_KEEP = 32
 #: Closed phases kept for power reports (their shading), the most recent.
 PHASE_LOG = 4096
+#: Sync phases open at once, at most (each is closed by whoever opened it).
+MAX_OPEN_PHASES = 65536
 #: Tasks that waited in a sync phase, remembered (the most recent) so that
 #: straggler rules do not take their wait for slowness.
 SYNCED_KEPT = 65536
@@ -224,6 +226,12 @@ class FillHandlers:
             )
             if not covered:
                 return {"token": None, "workers": []}
+        if len(self.phases) >= MAX_OPEN_PHASES:
+            # Phases are closed by whoever opened them; this many open is a leak
+            # somewhere, and the oldest go first rather than the coordinator's memory.
+            oldest = min(self.phases.values(), key=lambda p: p.start)
+            logger.warning("aimss: %d sync phases open; the oldest (%r) is dropped", len(self.phases), oldest.name)
+            del self.phases[oldest.token]
         token = uuid.uuid4().hex
         self.phases[token] = OpenPhase(token, name, covered, self.clock(), expected, key, client)
         if key is not None:
@@ -272,8 +280,8 @@ class FillHandlers:
         self, worker: str, free: int | None = None, util: float | None = None, power_w: float | None = None,
         low: bool = False, dip_s: float = 0.0,
     ) -> None:
-        if free is None:
-            return  # a GPU whose memory NVML does not report gets no GPU slices
+        if free is None or self.ops.scheduler is None or worker not in self.ops.scheduler.workers:
+            return  # a GPU whose memory NVML does not report gets no GPU slices; a worker gone, nothing
         self.gpus[worker] = (
             self.clock(), {"free": int(free), "util": util, "power_w": power_w, "low": bool(low), "dip_s": float(dip_s)}
         )
@@ -306,9 +314,10 @@ class FillHandlers:
         client: str | None = None,
     ) -> dict[str, Any]:
         old = self.fillers.get(key)
-        if old is not None and old.state in ("queued", "running"):
+        if old is not None and (old.state in ("queued", "running") or old.running):
             raise InvalidArgumentError(
-                f"a filler with key {key!r} is already queued; give another key, or cancel that one first"
+                f"a filler with key {key!r} is already queued or has a slice running; give another key, "
+                "or cancel that one and wait for it (Filler.wait) first"
             )
         self.fillers[key] = Filler(
             key, payload, bool(gpu), float(max_s), int(concurrency), int(memory), next(self._order), client,
@@ -321,11 +330,23 @@ class FillHandlers:
     @replies
     async def _h_fill_status(self, key: str | None = None) -> dict[str, Any]:
         if key is None:
-            return {"fillers": [f.status() for f in self.fillers.values()]}
+            return {"fillers": [self._status(f) for f in self.fillers.values()]}
         f = self.fillers.get(key)
         if f is None:
             raise InvalidArgumentError(f"no filler {key!r} is known here (never submitted, or long finished)")
-        return f.status()
+        return self._status(f)
+
+    def _status(self, f: Filler) -> dict[str, Any]:
+        st = f.status()
+        if f.gpu and f.waiting:
+            fits = [w for w, (_, g) in self.gpus.items() if g["free"] * (1 - self.policy.memory_reserve) >= f.memory]
+            if not self.gpus:
+                st["note"] = "no worker has reported a GPU (NVML, the gpu extra): a GPU filler waits for one"
+            elif not fits:
+                st["note"] = (
+                    f"no GPU has {f.memory} bytes free (less the reserve): this filler waits until one has"
+                )
+        return st
 
     @replies
     async def _h_fill_cancel(self, key: str) -> dict[str, Any]:
@@ -351,8 +372,24 @@ class FillHandlers:
         asyncio.get_running_loop().call_soon(self._dispatch_now)
 
     def _tick(self) -> None:
+        try:
+            self._expire_phases()
+        except Exception:
+            logger.exception("aimss: sync-phase expiry failed")
         if any(f.waiting for f in self.fillers.values()):
             self._dispatch_now()
+
+    def _expire_phases(self) -> None:
+        """A task's phase ends with its task (a close that never came: the task was cancelled, its client left)."""
+        sched = self.ops.scheduler
+        if sched is None or not self.phases:
+            return
+        for token, p in list(self.phases.items()):
+            if p.task is None:
+                continue
+            ts = sched.tasks.get(p.task)
+            if ts is None or ts.state != "processing":
+                del self.phases[token]
 
     def _dispatch_now(self) -> None:
         self._kicked = False
@@ -399,7 +436,7 @@ class FillHandlers:
             gpu = self.gpu_view(addr, now)
             out.append(WorkerView(
                 addr, now=now, phase_end=min(ends) if ends else None, in_phase=bool(phases), ready_tasks=ready,
-                idle_threads=idle,
+                running_tasks=max(0, main), idle_threads=idle,
                 dip_s=gpu["dip_s"] if gpu else 0.0, gpu_free=gpu["free"] if gpu else None,
                 power_w=gpu.get("power_w") if gpu else None,
                 gpu_fillers=gpu_running.get(addr, 0), cpu_fillers=cpu_running.get(addr, 0),
@@ -430,10 +467,15 @@ class FillHandlers:
         return ds
 
     async def _slice(self, f: Filler, worker: str, budget: float, in_phase: bool) -> None:
+        reply: Any = None
         try:
             msg = {"op": "aimss_fill_slice", "key": f.key, "payload": f.payload, "budget_s": budget, "gpu": f.gpu}
             # A worker that left answers an OSError here: the filler goes on elsewhere.
             reply = (await self.ops.broadcast(msg, workers=[worker])).get(worker)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the worker refused: counted as a failed slice, never lost
+            reply = {"seconds": 0.0, "error": f"the worker could not run the slice: {type(e).__name__}: {e}"}
         finally:
             f.running.pop(worker, None)
         try:

@@ -4,8 +4,12 @@ The coordinator (:mod:`aimss_dask.coordinator.filling`) sends one slice at
 a time: a filler function, its arguments and a budget in seconds. It runs
 on threads of its own, started once and reused, whose OS scheduling
 priority is the lowest (``nice`` 19): on a busy CPU the job's task threads
-go first. A GPU filler runs with a low-priority CUDA stream of CuPy as the
-current stream, so the job's kernels are scheduled before its kernels.
+go first. A GPU filler runs with a non-blocking CuPy stream of the lowest
+priority as the current stream: it never waits on (or holds up) the legacy
+default stream, and the job's kernels go before its kernels wherever the
+job runs on streams of higher priority (CUDA's default priority is also the
+lowest, so kernels of the job on default streams share the GPU evenly with
+it; slices are short and stop at their budget).
 
 A filler is ``func(*args, budget_s=...)``: it does at most ``budget_s``
 seconds of work and returns ``True`` while it has more to do. Whatever it
@@ -72,6 +76,8 @@ class FillerRunner:
         self._lock = threading.Lock()
         self.slices = 0
         self.seconds = 0.0
+        #: GPU slices running now (the GPU's utilisation is then the filler's, not the job's).
+        self.gpu_running = 0
 
     def _load(self, key: str, payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         digest = hashlib.blake2b(payload, digest_size=16).hexdigest()
@@ -90,6 +96,9 @@ class FillerRunner:
     def run_slice(self, key: str, payload: bytes, budget_s: float, gpu: bool) -> dict[str, Any]:
         """One slice, on the calling (filler) thread: its time, whether it has more, or its error."""
         t0 = time.perf_counter()
+        if gpu:
+            with self._lock:
+                self.gpu_running += 1
         try:
             func, args = self._load(key, payload)
             with _low_priority_stream() if gpu else contextlib.nullcontext():
@@ -101,6 +110,10 @@ class FillerRunner:
                 "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc()[-4000:],
             }
+        finally:
+            if gpu:
+                with self._lock:
+                    self.gpu_running -= 1
         out["seconds"] = time.perf_counter() - t0
         self.slices += 1
         self.seconds += out["seconds"]

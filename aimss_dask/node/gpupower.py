@@ -87,9 +87,10 @@ class GpuSampler:
         self.environ = environ
         self.clock = clock
         self.devices: list[_Device] = []
-        self.samples: deque[tuple[Any, ...]] = deque(maxlen=keep)
-        #: Driver power samples: (t, gpu, watts), finer than ``interval`` where supported.
-        self.power_samples: deque[tuple[float, str, float]] = deque(maxlen=keep * 4)
+        #: Per GPU, its last ``keep`` samples.
+        self.samples: dict[str, deque[tuple[Any, ...]]] = {}
+        #: Per GPU, the driver's power samples (t, gpu, watts), finer than ``interval`` where supported.
+        self.power_samples: dict[str, deque[tuple[float, str, float]]] = {}
         self.state = "off: not started"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -167,7 +168,10 @@ class GpuSampler:
                 None if clock is None else int(clock),
             )
             got.append(row)
-            self.samples.append(row)
+            ring = self.samples.get(d.uuid)
+            if ring is None:
+                ring = self.samples[d.uuid] = deque(maxlen=self.keep)
+            ring.append(row)
             self._drain_power_samples(d, t)
         return got
 
@@ -187,11 +191,14 @@ class GpuSampler:
         if not samples:
             return
         newest = max(int(s.timeStamp) for s in samples)
+        ring = self.power_samples.get(d.uuid)
+        if ring is None:
+            ring = self.power_samples[d.uuid] = deque(maxlen=self.keep * 4)
         for s in sorted(samples, key=lambda s: int(s.timeStamp)):
             ts = int(s.timeStamp)
             if ts <= d.last_sample_us:
                 continue
-            self.power_samples.append((now - (newest - ts) / 1e6, d.uuid, getattr(s.sampleValue, field) / 1000.0))
+            ring.append((now - (newest - ts) / 1e6, d.uuid, getattr(s.sampleValue, field) / 1000.0))
         d.last_sample_us = max(d.last_sample_us, newest)
 
     def _loop(self) -> None:
@@ -211,8 +218,10 @@ class GpuSampler:
 
     def timeline(self, since: float = 0.0) -> dict[str, Any]:
         """The samples taken at or after ``since`` (wall clock), as columns, and the state."""
-        rows = [r for r in list(self.samples) if r[0] >= since]
-        fine = [r for r in list(self.power_samples) if r[0] >= since]
+        rows = sorted((r for ring in list(self.samples.values()) for r in list(ring) if r[0] >= since),
+                      key=lambda r: r[0])
+        fine = sorted((r for ring in list(self.power_samples.values()) for r in list(ring) if r[0] >= since),
+                      key=lambda r: r[0])
         return {
             "state": self.state,
             "columns": {c: [r[i] for r in rows] for i, c in enumerate(COLUMNS)},
@@ -231,6 +240,11 @@ class GpuSampler:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=max(1.0, 2 * self.interval))
+            # At most one sampling round to wait for; a thread still inside
+            # NVML after that keeps it (shut down at the process's exit).
+            self._thread.join(timeout=2 * self.interval + 0.1)
+            alive = self._thread.is_alive()
             self._thread = None
+            if alive:
+                return
         self._shutdown()

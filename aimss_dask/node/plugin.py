@@ -1115,6 +1115,9 @@ class AIMSSWorker(WorkerPlugin):
             return
         t, _gpu, power_w, _e, util, _used, free, _clock = rows[0]
         low = util is not None and util < self.config.fill.util_threshold
+        if self.fillers is not None and self.fillers.gpu_running and self._gpu_low_since is not None:
+            # The filler's own kernels keep the GPU busy: the dip they fill goes on.
+            low = True
         crossed = low != (self._gpu_low_since is not None)
         if low and self._gpu_low_since is None:
             self._gpu_low_since = t

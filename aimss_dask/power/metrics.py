@@ -86,18 +86,24 @@ def resample(t: np.ndarray, w: np.ndarray, grid_s: float) -> tuple[np.ndarray, n
 
 
 def window_swings(t: np.ndarray, w: np.ndarray, window_s: float) -> tuple[np.ndarray, np.ndarray]:
-    """Each window's start and its peak-to-trough swing (consecutive windows of ``window_s``)."""
+    """Each window's start and its peak-to-trough swing (consecutive windows of ``window_s``).
+
+    A window holds its own samples and the reading in force as it starts
+    (the last sample before it): a meter's reading holds until the next, so
+    a swing across a window's edge is that window's too.
+    """
     t, w = _check(t, w)
     if window_s <= 0:
         raise InvalidArgumentError(f"window_s={window_s!r} must be positive")
     if t.size == 0:
         return t, w
-    which = np.floor((t - t[0]) / window_s).astype(np.int64)
+    which = np.floor((t - t[0]) / window_s + 1e-9).astype(np.int64)
     starts = t[0] + window_s * np.unique(which)
-    bounds = np.flatnonzero(np.diff(which)) + 1
-    peaks = np.maximum.reduceat(w, np.r_[0, bounds])
-    troughs = np.minimum.reduceat(w, np.r_[0, bounds])
-    return starts, peaks - troughs
+    first = np.r_[0, np.flatnonzero(np.diff(which)) + 1]
+    peaks = np.maximum.reduceat(w, first)
+    troughs = np.minimum.reduceat(w, first)
+    held = w[np.maximum(first - 1, 0)]
+    return starts, np.maximum(peaks, held) - np.minimum(troughs, held)
 
 
 def summarize(
@@ -127,6 +133,9 @@ def summarize(
     g, gw = resample(t, w, grid_s)
     ramp = float(np.max(np.abs(np.diff(gw))) / grid_s) if gw.size > 1 else 0.0
     _, swings = window_swings(t, w, window_s)
+    # The last window is cut short by the end of the samples: it counts for
+    # the largest swing, not for the typical one.
+    typical = swings[:-1] if swings.size > 1 else swings
     u = None
     if util is not None:
         ut = np.asarray(util, dtype=np.float64)
@@ -140,12 +149,19 @@ def summarize(
         peak_w=float(w.max()),
         trough_w=float(w.min()),
         swing_w=float(swings.max()),
-        median_swing_w=float(np.median(swings)),
+        median_swing_w=float(np.median(typical)),
         max_ramp_w_per_s=ramp,
         utilisation=u,
         window_s=float(window_s),
         grid_s=float(grid_s),
     )
+
+
+def held(t: np.ndarray, v: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """``v`` as read at each time of ``grid``: each sample held until the next (the first before it starts)."""
+    t, v = _check(t, v)
+    idx = np.searchsorted(t, np.asarray(grid, dtype=np.float64) + 1e-12, side="right") - 1
+    return v[np.clip(idx, 0, t.size - 1)]
 
 
 def aggregate(timelines: Mapping[Any, tuple[np.ndarray, np.ndarray]], grid_s: float) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +182,5 @@ def aggregate(timelines: Mapping[Any, tuple[np.ndarray, np.ndarray]], grid_s: fl
     grid = start + grid_s * np.arange(n)
     total = np.zeros(n)
     for t, w in spans:
-        idx = np.searchsorted(t, grid + 1e-12, side="right") - 1
-        total += w[np.clip(idx, 0, t.size - 1)]
+        total += held(t, w, grid)
     return grid, total

@@ -6,7 +6,8 @@ on modelled GPUs. It sees plain snapshots and returns plain decisions, so
 its promises are checked by property tests, not by hoping:
 
 - nothing goes to a worker that has main-job tasks ready (a filler never
-  delays the job's own work);
+  delays the job's own work), and no GPU slice goes where the job's tasks
+  run unless the GPU's utilisation shows a dip;
 - nothing goes where there is neither a sync phase nor an idle dip;
 - a slice never runs past the phase's expected end (less a safety share),
   nor past ``dip_slice_s`` where no end is known, nor past the filler's
@@ -67,7 +68,8 @@ class WorkerView:
     ``phase_end``: the expected end of the sync phase the worker is in, or
     ``None``; ``in_phase``: it is in one whose end nobody knows yet (a first
     phase of its name, unannounced); ``ready_tasks``: main-job tasks ready for it (queued on it or
-    waiting for a slot it could give); ``idle_threads``: task threads with
+    waiting for a slot it could give); ``running_tasks``: main-job tasks running there, besides
+    those waiting in a phase (they may be using its GPU); ``idle_threads``: task threads with
     nothing to run; ``dip_s``: how long its GPU has been below the
     utilisation threshold (0: not in a dip) and ``gpu_free``: its device's
     free bytes (``None``: no GPU); ``power_w``: its latest power draw, if
@@ -79,6 +81,7 @@ class WorkerView:
     phase_end: float | None = None
     in_phase: bool = False
     ready_tasks: int = 0
+    running_tasks: int = 0
     idle_threads: int = 0
     dip_s: float = 0.0
     gpu_free: int | None = None
@@ -119,6 +122,10 @@ def window(view: WorkerView, policy: FillPolicy, *, gpu: bool) -> tuple[float, b
         return None
     if gpu and view.gpu_fillers > 0:
         return None  # one slice per device: two would compete with each other, and with the job
+    if gpu and view.running_tasks > 0 and not (view.dip_s >= policy.dip_after_s and view.dip_s > 0):
+        # The job's own tasks run there: its GPU is theirs unless its
+        # utilisation shows they leave it idle.
+        return None
     if not gpu and view.idle_threads - view.cpu_fillers <= 0:
         return None
     if view.phase_end is not None:

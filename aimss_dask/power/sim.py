@@ -250,9 +250,16 @@ def _run(
                 due[batch] = now + work.dispatch_s
                 if phase_end is not None:
                     due[batch] = np.minimum(due[batch], np.maximum(phase_end, now) + q)
+                if ds and not math.isinf(budget_left):
+                    # Filler work that is finite runs out: the last slices get what is left.
+                    b_all = np.array([d.budget_s for d in ds])
+                    keep = np.cumsum(b_all) - b_all < budget_left
+                    ds = [d for d, k in zip(ds, keep) if k]
                 if ds:
                     idx = np.array([int(d.worker[4:]) for d in ds])
                     b = np.array([d.budget_s for d in ds])
+                    if not math.isinf(budget_left):
+                        b = np.minimum(b, np.maximum(budget_left - (np.cumsum(b) - b), 0.0))
                     s1 = now + b
                     tr.add(np.full(idx.size, now), np.minimum(s1, end), gpu.fill_w - gpu.idle_w)
                     # A slice that outlives the phase shares the GPU with the
