@@ -348,3 +348,26 @@ def test_a_gpu_filler_without_a_gpu_says_what_it_waits_for(client):
         assert "no worker has reported a GPU" in f.status()["note"]
     finally:
         f.cancel()
+
+
+def test_status_and_metrics_show_fillers_and_phases(client, tmp_path):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    f = aimss_dask.fill(record_five, str(tmp_path), gpu=False, max_s=0.05, key="shown")
+    st = f.wait(timeout=30)
+    with aimss_dask.sync_phase("shown-phase", expected_s=5.0):
+        fill = aimss_dask.status().fill
+        assert any(p["name"] == "shown-phase" for p in fill["phases"])
+    shown = [x for x in fill["fillers"] if x["key"] == "shown"]
+    assert shown and shown[0]["state"] == "done" and shown[0]["slices"] == st["slices"]
+    port = client.cluster.scheduler.http_server.port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("aimss_fill_slices_total", (("kind", "cpu"),))] >= st["slices"]
+    assert samples[("aimss_fill_seconds_total", (("kind", "cpu"),))] > 0
+    assert samples[("aimss_sync_phases_total", ())] >= 1
+    assert ("aimss_sync_phases_open", ()) in samples

@@ -677,14 +677,21 @@ class ClusterStatus(dict[str, dict[str, Any]]):
     the writers ``writing`` and ``waiting`` by application and whose
     ``turn`` it is.
 
+    ``fill``: idle filling (:func:`aimss_dask.fill`): the ``fillers`` with
+    their state, slices and seconds (and a ``note`` where one waits for a
+    GPU), the sync ``phases`` open, the length ``expected`` of each phase
+    name, and the workers whose ``gpus`` report to the coordinator.
+
     ``silent``: workers the scheduler lists that did not answer within 10 s
     (stopped, hung, or holding the GIL in a long call); they have no entry.
     """
 
     def __init__(self, workers: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
                  streams: list[dict[str, Any]], stragglers: dict[str, Any] | None = None,
-                 io: dict[str, Any] | None = None, silent: list[str] | None = None) -> None:
+                 io: dict[str, Any] | None = None, silent: list[str] | None = None,
+                 fill: dict[str, Any] | None = None) -> None:
         super().__init__(workers)
+        self.fill = fill or {"fillers": [], "phases": [], "expected": {}, "gpus": []}
         self.silent = silent or []
         self.runs = runs
         self.streams = streams
@@ -726,5 +733,5 @@ def status(timeout: float = 10.0) -> ClusterStatus:
     overview = _plain(ep.scheduler_op("runs"))
     return ClusterStatus(
         reply["workers"], overview["runs"], overview["streams"], overview.get("stragglers"), overview.get("io"),
-        reply.get("silent"),
+        reply.get("silent"), overview.get("fill"),
     )

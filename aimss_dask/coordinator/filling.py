@@ -148,6 +148,10 @@ class FillHandlers:
         #: Keys of tasks that opened a sync phase: their time is partly a wait for others.
         self.synced: OrderedDict[Any, None] = OrderedDict()
         self._order = itertools.count()
+        #: Running totals for the metrics: slices and their seconds by kind, phases closed.
+        self.slices_total: dict[str, int] = {"gpu": 0, "cpu": 0}
+        self.seconds_total: dict[str, float] = {"gpu": 0.0, "cpu": 0.0}
+        self.phases_closed = 0
         self._free_since: dict[str, float] = {}
         self._kicked = False
         self._pc: PeriodicCallback | None = None
@@ -248,6 +252,7 @@ class FillHandlers:
             return {"closed": False}
         seconds = self.clock() - p.start
         self.history.record(p.name, seconds)
+        self.phases_closed += 1
         end = time.time()
         self.phase_log.append((p.name, sorted(p.workers), end - seconds, end))
         return {"closed": True, "seconds": seconds}
@@ -272,6 +277,20 @@ class FillHandlers:
             for p in self.phases.values()
         ]
         return out
+
+    def summary(self) -> dict[str, Any]:
+        """For ``status()``: the fillers, the phases open, the lengths expected."""
+        now = self.clock()
+        return {
+            "fillers": [self._status(f) for f in self.fillers.values()],
+            "phases": [
+                {"name": p.name, "workers": sorted(p.workers), "elapsed": round(now - p.start, 3),
+                 "expected_s": p.expected_s}
+                for p in self.phases.values()
+            ],
+            "expected": {n: self.history.expected(n) for n in self.history.names()},
+            "gpus": sorted(self.gpus),
+        }
 
     # -- GPUs ----------------------------------------------------------------------------
 
@@ -491,6 +510,9 @@ class FillHandlers:
             f.workers.add(worker)
             sec = float(reply.get("seconds", 0.0))
             f.seconds += sec
+            kind = "gpu" if f.gpu else "cpu"
+            self.slices_total[kind] += 1
+            self.seconds_total[kind] += sec
             # A slice is the filler's promise to stop within its budget; a
             # broken promise delays the job, so it is counted for all to see.
             if sec > budget * 1.5 + 0.005:

@@ -4,7 +4,8 @@ Runs by kind and state, streams, consumer groups and their lag (records
 committed behind each partition's end, summed), the logs' bytes over the
 cluster as the workers' last heartbeats tell them, and running totals of
 stragglers, copies, takeovers, slow workers, recoveries and other events,
-and the coordinated I/O scheduler's grants and writers.
+and the coordinated I/O scheduler's grants and writers; idle filling's
+slices, fillers and sync phases.
 See :mod:`aimss_dask.core.metrics`.
 """
 
@@ -56,6 +57,10 @@ def coordinator_metrics(coord: AIMSS) -> list[Metric]:
     io = coord.io
     resources = io.sched.snapshot().values()
     writing = sum(sum(r["writing"].values()) for r in resources)
+    fill = coord.fill
+    fillers: dict[str, int] = {}
+    for f in list(fill.fillers.values()):
+        fillers[f.state] = fillers.get(f.state, 0) + 1
     waiting = sum(sum(r["waiting"].values()) for r in resources)
     return [
         Metric("runs", "gauge", "Operator runs listed by the coordinator, by kind and state.",
@@ -84,4 +89,12 @@ def coordinator_metrics(coord: AIMSS) -> list[Metric]:
                [({"waited": "no"}, io.grants - io.waited), ({"waited": "yes"}, io.waited)]),
         Metric("io_writers", "gauge", "Sink writers holding or waiting for a host's file system now, by state.",
                [({"state": "writing"}, writing), ({"state": "waiting"}, waiting)]),
+        Metric("fill_slices", "counter", "Idle-filling slices run, by kind (gpu or cpu).",
+               counts(dict(fill.slices_total), "kind")),
+        Metric("fill_seconds", "counter", "Seconds of idle-filling slices, by kind (gpu or cpu).",
+               counts(dict(fill.seconds_total), "kind")),
+        Metric("fillers", "gauge", "Idle fillers known to the coordinator, by state.",
+               counts(fillers, "state")),
+        Metric("sync_phases_open", "gauge", "Sync phases open now.", [({}, len(fill.phases))]),
+        Metric("sync_phases", "counter", "Sync phases closed.", [({}, fill.phases_closed)]),
     ]

@@ -459,6 +459,7 @@ class RunHandlers:
         out = overview.overview(self.coord.runs, self.coord.state.streams, self.coord.state.sealed, self.coord.state.lost, beats)
         out["stragglers"] = self.coord.stragglers.summary()
         out["io"] = self.coord.io.status()
+        out["fill"] = self.coord.fill.summary()
         return out
 
     @replies
