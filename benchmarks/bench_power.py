@@ -11,7 +11,11 @@ coordinator learns (the first phase is then filled as an idle dip, late)
 and once announced by the application (``expected_s``). Reported: the
 aggregate swing, peak to trough, in the largest window and in the median
 window (one window per step-and-phase period), the largest ramp, energy,
-utilisation, the job's slowdown and the filler GPU-seconds.
+utilisation, the job's slowdown and the filler GPU-seconds. Then with
+filler work for only a quarter of the phases' idle time, without and with
+``aimss.power.target-floor`` (200 W): without, the work is spent on the
+first phases and the later ones swing fully; with it, every phase keeps
+the share of GPUs filled that holds the floor.
 
 Part ``cpu`` (``--part cpu``): the CPU-filler variant, on a real
 ``LocalCluster`` of ``--workers`` nanny workers (one thread each). A
@@ -357,7 +361,7 @@ def run_gpu(args: argparse.Namespace) -> None:
 
 
 def run_sim(args: argparse.Namespace) -> None:
-    from aimss_dask.power import Workload, simulate
+    from aimss_dask.power import FillPolicy, Workload, simulate
 
     for hint in (False, True):
         t0 = time.perf_counter()
@@ -375,6 +379,18 @@ def run_sim(args: argparse.Namespace) -> None:
               f"utilisation {w['utilisation']:.2f} -> {f['utilisation']:.2f}")
         print(f"  job {w['job_s']:.2f} s -> {f['job_s']:.2f} s (slowdown {100 * r.slowdown:.2f}%); "
               f"filler work {f['filled_gpu_s'] / 3600:.1f} GPU-hours")
+    # Filler work for a quarter of the phases' idle time: spent on the first
+    # phases, or rationed over all of them by a power floor.
+    work = Workload(rounds=args.rounds, filler_gpu_s=0.25 * args.gpus * 1.5 * args.rounds)
+    print(f"simulated {args.gpus} GPUs, filler work for a quarter of the phases' idle time:")
+    for floor in (None, 200.0):
+        r = simulate(n_gpus=args.gpus, workload=work, policy=FillPolicy(floor_w=floor), seed=args.seed)
+        d = r.as_dict()
+        w, f = d["without"], d["with"]
+        how = f"target-floor {floor:g} W" if floor else "no floor"
+        print(f"  {how:18s} swing, largest window {w['swing_mw']:.2f} -> {f['swing_mw']:.2f} MW, median "
+              f"{w['median_swing_mw']:.2f} -> {f['median_swing_mw']:.2f} MW; ramp {f['max_ramp_mw_per_s']:.1f} MW/s; "
+              f"slowdown {100 * r.slowdown:.2f}%; {f['filled_gpu_s'] / 3600:.1f} GPU-hours")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -75,8 +76,17 @@ policy_st = st.builds(
 )
 
 
+floor_policy_st = st.builds(
+    FillPolicy,
+    dip_after_s=st.floats(0.0, 0.5),
+    floor_w=st.one_of(st.none(), st.floats(50.0, 800.0)),
+    idle_w=st.one_of(st.none(), st.floats(50.0, 200.0)),
+    fill_w=st.one_of(st.none(), st.floats(100.0, 700.0)),
+)
+
+
 @settings(max_examples=400, deadline=None)
-@given(workers=workers_st, fillers=fillers_st, policy=policy_st)
+@given(workers=workers_st, fillers=fillers_st, policy=st.one_of(policy_st, floor_policy_st))
 def test_plan_keeps_its_promises(workers, fillers, policy):
     ds = plan(workers, fillers, policy)
     by_worker = {w.address: w for w in workers}
@@ -300,7 +310,7 @@ def test_simulation_fills_the_phases_without_slowing_the_job():
 def test_simulation_runs_the_real_policy(monkeypatch):
     calls = []
 
-    def nothing(workers, fillers, policy):
+    def nothing(workers, fillers, policy, fleet=None):
         calls.append(len(list(workers)))
         return []
 
@@ -336,3 +346,36 @@ def test_simulation_power_is_within_the_model():
 def test_simulation_refuses_bad_arguments(kw, match):
     with pytest.raises(InvalidArgumentError, match=match):
         simulate(**kw)
+
+
+def test_a_floor_fills_only_the_share_of_phase_gpus_it_takes():
+    gpus = [WorkerView(f"g{i}", now=0.0, phase_end=2.0, gpu_free=8 * GiB, power_w=100.0 + i) for i in range(10)]
+    # 100 W idle, 600 W filling: 30% of the GPUs hold 250 W on average.
+    p = FillPolicy(floor_w=250.0, idle_w=100.0, fill_w=600.0)
+    got = plan(gpus, [FillerView("f", gpu=True, max_s=5.0, slots=10)], p)
+    assert [d.worker for d in got] == ["g0", "g1", "g2"]  # the lowest-drawing first
+    # Two already filling: one more.
+    busy = [replace(g, gpu_fillers=1) for g in gpus[:2]] + gpus[2:]
+    assert len(plan(busy, [FillerView("f", gpu=True, max_s=5.0, slots=10)], p)) == 1
+    # Without the draws known, nor seen: every idle GPU, as without a floor.
+    assert len(plan(gpus, [FillerView("f", gpu=True, max_s=5.0, slots=10)], FillPolicy(floor_w=250.0))) == 10
+    # Seen: idle GPUs at 100 W, filling ones at 600 W.
+    seen = [replace(g, power_w=600.0, gpu_fillers=1) if i < 1 else g for i, g in enumerate(gpus)]
+    assert len(plan(seen, [FillerView("f", gpu=True, max_s=5.0, slots=10)], FillPolicy(floor_w=250.0))) == 2
+    with pytest.raises(InvalidArgumentError, match="floor_w=-1"):
+        FillPolicy(floor_w=-1)
+
+
+def test_a_floor_makes_limited_filler_work_last_every_phase():
+    n, rounds = 256, 8
+    budget = 0.25 * n * 1.5 * rounds  # a quarter of the phases' idle GPU time
+    work = Workload(rounds=rounds, filler_gpu_s=budget)
+    plain = simulate(n_gpus=n, workload=work, seed=2)
+    floor = simulate(n_gpus=n, workload=work, policy=FillPolicy(floor_w=200.0), seed=2)
+    full = n * (700 - 100)
+    # Without a floor the work is spent on the first phases: later ones swing fully.
+    assert plain.with_fill.summary.swing_w == pytest.approx(full, rel=0.01)
+    # With one, every phase keeps a fifth of its GPUs filled: no window swings fully.
+    assert floor.with_fill.summary.swing_w < 0.9 * full
+    assert floor.with_fill.summary.max_ramp_w_per_s < plain.with_fill.summary.max_ramp_w_per_s
+    assert floor.with_fill.filled_gpu_s <= budget + 1e-6 and floor.slowdown < 0.02

@@ -58,9 +58,10 @@ MAX_OPEN_PHASES = 65536
 SYNCED_KEPT = 65536
 
 
-def fill_policy(cfg: FillConfig) -> FillPolicy:
-    """The policy's knobs from ``aimss.fill``."""
+def fill_policy(cfg: FillConfig, floor_w: float | None = None) -> FillPolicy:
+    """The policy's knobs from ``aimss.fill`` (and ``aimss.power.target-floor``)."""
     return FillPolicy(
+        floor_w=floor_w,
         util_threshold=cfg.util_threshold,
         dip_after_s=cfg.dip_after,
         dip_slice_s=cfg.dip_slice,
@@ -128,6 +129,7 @@ class FillHandlers:
     def __init__(
         self, ops: ClusterOps, cfg: FillConfig, *, gpu_view: Callable[[str, float], dict[str, Any] | None] | None = None,
         clock: Callable[[], float] = time.monotonic, ramp_limit: float | None = None, auto_phases: bool = True,
+        floor_w: float | None = None,
     ) -> None:
         self.ops = ops
         #: aimss.power.auto-phases: AIMSS's own barriers open phases.
@@ -135,7 +137,7 @@ class FillHandlers:
         #: aimss.power.max-ramp-w-per-s, for power reports.
         self.ramp_limit = ramp_limit
         self.cfg = cfg
-        self.policy = fill_policy(cfg)
+        self.policy = fill_policy(cfg, floor_w)
         self.clock = clock
         self.history = PhaseHistory(keep=HISTORY_KEEP)
         self.phases: dict[str, OpenPhase] = {}

@@ -160,7 +160,7 @@ class AIMSS(SchedulerPlugin):
         # Sync phases and the idle-filling queue (aimss_dask.sync_phase, aimss_dask.fill).
         self.fill = FillHandlers(
             self.ops, self.config.fill, ramp_limit=self.config.power.max_ramp_w_per_s,
-            auto_phases=self.config.power.auto_phases,
+            auto_phases=self.config.power.auto_phases, floor_w=self.config.power.target_floor,
         )
         # A task that waits in a sync phase is not a straggler for that wait.
         self.stragglers.synced = self.fill.synced

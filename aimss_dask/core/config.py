@@ -386,10 +386,11 @@ class PowerConfig:
     Workers with a GPU (and NVML, the ``gpu`` extra) sample power, energy,
     utilisation, memory and SM clock every ``interval`` seconds into a ring
     of ``keep`` samples per GPU. With ``auto_phases`` AIMSS opens sync
-    phases of its own around its barriers (a shuffle's seal). With
-    ``target_floor`` (W per GPU) the coordinator fills GPUs below it in a
-    sync phase first; ``max_ramp_w_per_s`` is the ramp the power report
-    flags as exceeded.
+    phases of its own around its barriers (a shuffle's seal, a wait for a
+    sink). With ``target_floor`` (W per GPU) the coordinator fills only as
+    many GPUs in sync phases as it takes to hold that power on average
+    over them (see :class:`aimss_dask.power.policy.FillPolicy`);
+    ``max_ramp_w_per_s`` is the ramp the power report flags as exceeded.
 
     Examples
     --------

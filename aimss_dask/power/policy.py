@@ -24,6 +24,7 @@ power smoothing, in software).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +42,14 @@ class FillPolicy:
     phase's remaining time left unfilled, against phases that end early;
     ``min_slice_s``: shorter windows are not filled; ``memory_reserve``: the
     share of a GPU's free memory no slice may take.
+
+    ``floor_w`` (``aimss.power.target-floor``): the power, per GPU in a sync
+    phase, that filling holds on average over those GPUs, filling only as
+    many of them as that takes (the lowest-drawing first), so that filler
+    work lasts the whole phase instead of running out in the middle of it
+    and dropping the power all at once; ``None``: fill every idle GPU.
+    ``idle_w`` and ``fill_w``: a GPU's draw idle and running a filler, to
+    size that share; ``None``: estimated from the GPUs' sampled power.
     """
 
     util_threshold: float = 0.3
@@ -49,8 +58,15 @@ class FillPolicy:
     safety: float = 0.1
     min_slice_s: float = 0.01
     memory_reserve: float = 0.1
+    floor_w: float | None = None
+    idle_w: float | None = None
+    fill_w: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("floor_w", "idle_w", "fill_w"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise InvalidArgumentError(f"fill policy {name}={v!r} must be a positive number of watts, or None")
         for name in ("dip_after_s", "dip_slice_s", "min_slice_s"):
             v = getattr(self, name)
             if not v >= 0:
@@ -150,8 +166,35 @@ def window(view: WorkerView, policy: FillPolicy, *, gpu: bool) -> tuple[float, b
     return None
 
 
+def _floor_room(workers: list[WorkerView], policy: FillPolicy, fleet: tuple[int, int] | None) -> int | None:
+    """How many more GPUs in a phase may start a slice under ``policy.floor_w``; None: no limit.
+
+    ``fleet``: (GPUs in a phase, of which filling), where ``workers`` is not
+    every worker (the simulation plans for those whose turn it is).
+    """
+    if policy.floor_w is None:
+        return None
+    in_phase = [v for v in workers if v.gpu_free is not None and (v.phase_end is not None or v.in_phase)]
+    if fleet is None:
+        fleet = (len(in_phase), sum(1 for v in in_phase if v.gpu_fillers > 0))
+    idle = policy.idle_w
+    fill = policy.fill_w
+    if idle is None or fill is None:
+        drawn = [(v.power_w, v.gpu_fillers > 0) for v in in_phase if v.power_w is not None]
+        seen_idle = sorted(p for p, f in drawn if not f)
+        seen_fill = sorted(p for p, f in drawn if f)
+        idle = idle if idle is not None else (seen_idle[len(seen_idle) // 2] if seen_idle else None)
+        fill = fill if fill is not None else (seen_fill[len(seen_fill) // 2] if seen_fill else None)
+    if idle is None or fill is None or fill <= idle:
+        return None  # nothing to size the share by yet: fill every idle GPU
+    share = min(1.0, max(0.0, (policy.floor_w - idle) / (fill - idle)))
+    want = math.ceil(share * fleet[0] - 1e-9)
+    return max(0, want - fleet[1])
+
+
 def plan(
-    workers: Iterable[WorkerView], fillers: Sequence[FillerView], policy: FillPolicy = FillPolicy()
+    workers: Iterable[WorkerView], fillers: Sequence[FillerView], policy: FillPolicy = FillPolicy(),
+    fleet: tuple[int, int] | None = None,
 ) -> list[Dispatch]:
     """The slices to start now: at most one filler slice per free place, in queue order.
 
@@ -162,8 +205,10 @@ def plan(
     >>> plan(w, [FillerView("f", gpu=True, max_s=5.0, slots=2)])
     [Dispatch(key='f', worker='a', budget_s=1.8, in_phase=True)]
     """
+    workers = list(workers)
     slots = {f.key: f.slots for f in fillers}
     queue = sorted(fillers, key=lambda f: f.order)
+    gpu_phase_room = _floor_room(workers, policy, fleet)
     offers: list[tuple[tuple[int, float, str], WorkerView]] = []
     for v in workers:
         phase = v.phase_end is not None or v.in_phase
@@ -185,6 +230,8 @@ def plan(
                 if kind_gpu:
                     if gpu_placed or mem_left is None or f.mem_bytes > mem_left:
                         continue
+                    if in_phase and gpu_phase_room is not None and gpu_phase_room <= 0:
+                        break  # the floor is held: the rest of the work waits for later in the phase
                 elif cpu_free <= 0:
                     break
                 budget = min(left, f.max_s)
@@ -195,6 +242,8 @@ def plan(
                 if kind_gpu:
                     gpu_placed = True
                     mem_left = (mem_left or 0) - f.mem_bytes
+                    if in_phase and gpu_phase_room is not None:
+                        gpu_phase_room -= 1
                     break
                 cpu_free -= 1
     return out

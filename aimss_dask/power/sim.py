@@ -28,7 +28,7 @@ report the same :class:`~aimss_dask.power.metrics.PowerSummary` that
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -219,6 +219,7 @@ def _run(
         known = work.hint or history.expected("sync") is not None
         if fill:
             idle_since = arrive.copy()
+            slice_end = np.full(n, -math.inf)
             due = arrive + q
             while budget_left > 0:
                 now = float(due.min())
@@ -243,8 +244,9 @@ def _run(
                 slots = batch.size if math.isinf(budget_left) else int(
                     min(batch.size, max(1, math.ceil(budget_left / max(policy.min_slice_s, 1e-3))))
                 )
+                fleet = (int(np.count_nonzero(arrive <= now)), int(np.count_nonzero(slice_end > now)))
                 ds = plan(views, [FillerView("fill", gpu=True, max_s=work.filler_max_s, slots=slots,
-                                             mem_bytes=work.filler_mem)], policy)
+                                             mem_bytes=work.filler_mem)], policy, fleet=fleet)
                 # Not dispatched: ask again at the next tick, or when the
                 # phase is due to end (it is then asked about as overdue).
                 due[batch] = now + work.dispatch_s
@@ -266,6 +268,7 @@ def _run(
                     # job's next steps (counted as busy power there).
                     delay[idx] = np.maximum(delay[idx], np.maximum(0.0, s1 - end) * work.overlap_cost)
                     idle_since[idx] = s1
+                    slice_end[idx] = s1
                     # The worker asks for its next slice one message before
                     # this one ends.
                     due[idx] = s1
@@ -314,6 +317,9 @@ def simulate(
     gpu = gpu or GpuModel()
     work = workload or Workload()
     policy = policy or FillPolicy()
+    if policy.floor_w is not None:
+        # The model's draws, where the policy does not name its own.
+        policy = replace(policy, idle_w=policy.idle_w or gpu.idle_w, fill_w=policy.fill_w or gpu.fill_w)
     if not isinstance(n_gpus, int) or n_gpus < 1:
         raise InvalidArgumentError(f"n_gpus={n_gpus!r} must be a positive integer")
     if work.rounds < 1 or work.sync_every < 1:
