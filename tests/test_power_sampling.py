@@ -185,3 +185,16 @@ def test_real_nvml_is_sampled_on_a_gpu_worker():
         assert len(r.frame) >= 20
         assert np.nanmax(r.frame["power_w"].to_numpy(dtype=float)) > 0
         assert r.summary is not None and r.summary.energy_j > 0
+
+
+def test_report_prefers_the_drivers_finer_samples():
+    rows = [(100.0 + k, "w", "A", 300.0, 0.0, 0.5, 0, 0, 1400) for k in range(5)]
+    r = _report(rows, [])
+    t, w = r.aggregate(grid_s=1.0)
+    assert set(w.tolist()) == {300.0}
+    # The driver saw a 50 ms spike the 1 s samples average away.
+    ft = np.arange(100.0, 104.0, 0.01)
+    fw = np.where((ft >= 102.0) & (ft < 102.05), 700.0, 300.0)
+    r.fine = pd.DataFrame({"t": ft, "worker": "w", "gpu": "A", "power_w": fw})
+    t, w = r.aggregate()
+    assert w.max() == 700.0 and r.metrics()["swing_w"] == 400.0

@@ -37,12 +37,18 @@ class PowerReport:
     def aggregate(self, grid_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The cluster's power (sum over GPUs) on one grid, over the span every GPU covers.
 
-        A GPU whose samples stop (its worker left) ends that span: pass
-        ``since`` to :func:`power_report` to look at a stretch they all cover.
+        From the driver's own power samples where every GPU has them (finer
+        than the sampling interval, and not NVML's one-second average of
+        newer GPUs), else from the sampled power. A GPU whose samples stop
+        (its worker left) ends that span: pass ``since`` to
+        :func:`power_report` to look at a stretch they all cover.
         """
         f = self.frame.dropna(subset=["power_w"])
         if f.empty:
             return np.empty(0), np.empty(0)
+        fine = self.fine
+        if fine is not None and not fine.empty and set(fine["gpu"]) >= set(f["gpu"]):
+            f = fine
         if grid_s is None:
             per = f.groupby("gpu")["t"].apply(lambda t: np.median(np.diff(np.sort(t.to_numpy()))) if len(t) > 1 else 1.0)
             grid_s = float(per.median()) or 1.0
