@@ -371,3 +371,28 @@ def test_status_and_metrics_show_fillers_and_phases(client, tmp_path):
     assert samples[("aimss_fill_seconds_total", (("kind", "cpu"),))] > 0
     assert samples[("aimss_sync_phases_total", ())] >= 1
     assert ("aimss_sync_phases_open", ()) in samples
+
+
+def _fake_gpu(dask_worker, free: int) -> None:
+    """Make this worker's plugin report a GPU in a dip, as its NVML sampler would."""
+    plugin = dask_worker.plugins["aimss"]
+    plugin.gpu_state = {"worker": dask_worker.address, "free": free, "util": 0.0, "power_w": 90.0,
+                        "low": True, "dip_s": 1.0, "t": time.time()}
+
+
+def test_gpu_fillers_go_where_a_gpu_reports_a_dip_with_room(client, tmp_path):
+    """The coordinator's GPU path end to end (heartbeat -> snapshot -> plan -> slice), with a reported GPU."""
+    addrs = sorted(client.scheduler_info()["workers"])
+    client.run(_fake_gpu, free=8 << 30, workers=[addrs[0]])
+    big = aimss_dask.fill(record_slice, str(tmp_path / "none"), gpu=True, max_s=0.05, memory=9 << 30, key="too-big")
+    (tmp_path / "none").mkdir()
+    f = aimss_dask.fill(record_five, str(tmp_path), gpu=True, max_s=0.05, memory=1 << 30, key="fits")
+    try:
+        st = f.wait(timeout=30)
+        assert st["state"] == "done" and list(st["workers"]) == [addrs[0]] and st["slices"] == 5
+        # One slice at a time on a GPU, never on the worker without one.
+        assert st["over_budget"] == 0
+        assert big.status()["slices"] == 0 and "bytes free" in big.status()["note"]
+    finally:
+        big.cancel()
+        client.run(lambda dask_worker: setattr(dask_worker.plugins["aimss"], "gpu_state", None), workers=[addrs[0]])

@@ -36,6 +36,7 @@ from tornado.ioloop import PeriodicCallback
 from aimss_dask.coordinator.cluster import as_key
 from aimss_dask.core.config import FillConfig
 from aimss_dask.core.errors import InvalidArgumentError
+from aimss_dask.core.names import HEARTBEAT_METRIC
 from aimss_dask.power.phases import Phase, PhaseHistory, check_expected
 from aimss_dask.power.policy import FillerView, FillPolicy, WorkerView, plan
 from aimss_dask.transport.rpc import replies
@@ -51,6 +52,8 @@ FINISHED_KEPT = 256
 HISTORY_KEEP = 32
 #: Closed phases kept for power reports (their shading), the most recent.
 PHASE_LOG = 4096
+#: Seconds after which a GPU whose heartbeats stopped carrying its state is forgotten.
+GPU_STALE = 5.0
 #: Sync phases open at once, at most (each is closed by whoever opened it).
 MAX_OPEN_PHASES = 65536
 #: Tasks that waited in a sync phase, remembered (the most recent) so that
@@ -299,23 +302,39 @@ class FillHandlers:
     @replies
     async def _h_gpu_state(
         self, worker: str, free: int | None = None, util: float | None = None, power_w: float | None = None,
-        low: bool = False, dip_s: float = 0.0,
+        low: bool = False, dip_s: float = 0.0, t: float | None = None,
     ) -> None:
-        if free is None or self.ops.scheduler is None or worker not in self.ops.scheduler.workers:
-            return  # a GPU whose memory NVML does not report gets no GPU slices; a worker gone, nothing
-        self.gpus[worker] = (
-            self.clock(), {"free": int(free), "util": util, "power_w": power_w, "low": bool(low), "dip_s": float(dip_s)}
-        )
+        self._note_gpu(worker, {"free": free, "util": util, "power_w": power_w, "low": low, "dip_s": dip_s, "t": t})
         if low:
             self.kick()
 
+    def _note_gpu(self, worker: str, g: dict[str, Any]) -> None:
+        if g.get("free") is None or self.ops.scheduler is None or worker not in self.ops.scheduler.workers:
+            return  # a GPU whose memory NVML does not report gets no GPU slices; a worker gone, nothing
+        t = float(g.get("t") or time.time())
+        old = self.gpus.get(worker)
+        if old is not None and old[0] >= t:
+            return  # an older reading (a heartbeat after a crossing told at once)
+        self.gpus[worker] = (t, {"free": int(g["free"]), "util": g.get("util"), "power_w": g.get("power_w"),
+                                 "low": bool(g.get("low")), "dip_s": float(g.get("dip_s") or 0.0)})
+
     def _gpu_view(self, worker: str, now: float) -> dict[str, Any] | None:
+        sched = self.ops.scheduler
+        ws = sched.workers.get(worker) if sched is not None else None
+        beat = ws.metrics.get(HEARTBEAT_METRIC) if ws is not None else None
+        if isinstance(beat, dict) and isinstance(beat.get("gpu"), dict):
+            self._note_gpu(worker, beat["gpu"])
         got = self.gpus.get(worker)
         if got is None:
             return None
         at, g = got
-        # A dip goes on between reports (a crossing back is reported at once).
-        return {**g, "dip_s": g["dip_s"] + (now - at) if g["low"] else 0.0}
+        if isinstance(beat, dict) and beat.get("gpu") is None and time.time() - at > GPU_STALE:
+            # Its sampler stopped (or never ran): no GPU to fill there.
+            del self.gpus[worker]
+            return None
+        # A dip goes on between reports (a crossing back is reported at once);
+        # the readings carry the worker's wall clock.
+        return {**g, "dip_s": g["dip_s"] + max(0.0, time.time() - at) if g["low"] else 0.0}
 
     @replies
     async def _h_power_timelines(self, since: float = 0.0, timeout: float = 10.0) -> dict[str, Any]:

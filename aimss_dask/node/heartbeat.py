@@ -37,6 +37,10 @@ def heartbeat(plugin: Any) -> dict[str, Any]:
         for name, p in plugin.runs.progress().items()
     ]
     out: dict[str, Any] = {"runs": runs, "streams": streams, "time": time.time()}
+    gpu = getattr(plugin, "gpu_state", None)
+    if gpu is not None:
+        # Idle filling's view of this worker's GPU (crossings go at once, apart).
+        out["gpu"] = dict(gpu)
     producer = plugin.producer
     if store is not None and not store.closed:
         pushed = sum(v[1] for v in producer.stored.values()) if producer is not None else 0

@@ -80,8 +80,8 @@ SCRATCH_IDLE = 256 * 2**20
 
 #: Longest a closing worker waits for its partition moves to finish (s).
 MOVE_TIMEOUT = 600.0
-#: Seconds between two reports of the GPU's state to the coordinator (a threshold crossing goes at once).
-GPU_STATE_EVERY = 0.2
+#: Seconds between two reports, besides the heartbeats, of a GPU in a dip (a crossing goes at once).
+GPU_STATE_EVERY = 0.5
 
 
 def receive_idle_limit(budget: int, log_bytes: int) -> int:
@@ -161,6 +161,8 @@ class AIMSSWorker(WorkerPlugin):
         self.gpu_sampler: GpuSampler | None = None
         self._gpu_sent = 0.0
         self._gpu_low_since: float | None = None
+        #: The GPU's state as last sampled, for the heartbeats.
+        self.gpu_state: dict[str, Any] | None = None
         # This worker started its process's trace (aimss_dask.trace).
         self._tracing = False
 
@@ -1105,11 +1107,13 @@ class AIMSSWorker(WorkerPlugin):
         return self.gpu_sampler.timeline(since)
 
     def _gpu_sampled(self, rows: list[tuple[Any, ...]]) -> None:
-        """On the sampling thread: tell the coordinator what idle filling needs of this worker's GPU.
+        """On the sampling thread: what idle filling needs of this worker's GPU.
 
         Its first GPU's free memory, utilisation and power, and how long it
-        has been below the fill threshold: at once when it crosses it, and
-        at most every 0.2 s otherwise.
+        has been below the fill threshold. It rides the heartbeats (whose
+        pace Dask scales with the cluster); a crossing of the threshold is
+        told to the coordinator at once, so that a dip is filled without
+        waiting for the next heartbeat.
         """
         if not rows or self.worker is None:
             return
@@ -1123,14 +1127,15 @@ class AIMSSWorker(WorkerPlugin):
             self._gpu_low_since = t
         elif not low:
             self._gpu_low_since = None
-        if not crossed and t - self._gpu_sent < GPU_STATE_EVERY:
-            return
-        self._gpu_sent = t
         dip_s = 0.0 if self._gpu_low_since is None else t - self._gpu_low_since
         state = {
-            "worker": self.worker.address, "free": free, "util": util, "power_w": power_w, "low": low, "dip_s": dip_s,
+            "worker": self.worker.address, "free": free, "util": util, "power_w": power_w, "low": low,
+            "dip_s": dip_s, "t": t,
         }
-        self.worker.loop.add_callback(self._send_gpu_state, state)
+        self.gpu_state = state
+        if crossed or (low and t - self._gpu_sent >= GPU_STATE_EVERY):
+            self._gpu_sent = t
+            self.worker.loop.add_callback(self._send_gpu_state, state)
 
     async def _send_gpu_state(self, state: dict[str, Any]) -> None:
         try:
