@@ -1100,6 +1100,7 @@ class AIMSSWorker(WorkerPlugin):
         assert self.fillers is not None
         return await self.fillers.run(key, payload, budget_s, gpu)
 
+    @replies
     async def _h_power_samples(self, since: float = 0.0) -> dict[str, Any]:
         """This worker's GPU samples since ``since`` (wall clock), and the sampler's state."""
         if self.gpu_sampler is None:
@@ -1144,6 +1145,7 @@ class AIMSSWorker(WorkerPlugin):
         except Exception as e:  # a missed update is made good by the next one
             logger.debug("aimss: GPU state not sent: %r", e)
 
+    @replies
     async def _h_stream_stats(self, name: str) -> dict[str, Any]:
         assert self.store is not None
         return {"partitions": sorted(self.store.stream_stats(name).items())}
