@@ -105,7 +105,8 @@ def test_slices_fill_a_phase_and_end_before_it_does(client, tmp_path):
     for s in other:
         assert not any(a + 0.03 < s["start"] < b for a, b in runs), f"slice {s} started during a task {runs}"
     st = f.status()
-    assert st["slices"] >= len(in_phase) and st["in_phase"] >= 4 and st["error"] is None
+    # Some of those may have started as idle-dip slices just before the phase opened.
+    assert st["slices"] >= len(in_phase) and st["in_phase"] >= 2 and st["error"] is None
 
 
 def record_five(folder: str, budget_s: float) -> bool:

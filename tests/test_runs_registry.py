@@ -599,6 +599,6 @@ def test_the_docstring_examples_hold():
 
 def test_aimss_runs_on_a_real_cluster_is_empty_until_operators_register(client):
     reply = client.sync(client.scheduler.aimss_runs)
-    assert reply["status"] == "OK" and list(reply["runs"]) == [] and set(reply) == {"status", "runs", "streams", "stragglers", "io"}
+    assert reply["status"] == "OK" and list(reply["runs"]) == [] and set(reply) == {"status", "runs", "streams", "stragglers", "io", "fill"}
     kind = client.run_on_scheduler(lambda dask_scheduler: type(dask_scheduler.plugins["aimss"].runs).__name__)
     assert kind == "RunRegistry"

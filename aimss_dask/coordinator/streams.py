@@ -33,6 +33,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("aimss_dask")
 
+#: Promotions a seal follows (an owner that dies while it seals, then another) before it gives up.
+SEAL_PROMOTIONS = 3
+
+
+class _Promoted(Exception):
+    """A seal met a promotion: the stream's owners changed under it, its records did not."""
+
 
 class StreamHandlers:
     """The ``aimss_*`` stream RPCs of one coordinator ``coord``."""
@@ -253,6 +260,14 @@ class StreamHandlers:
             )
         self.sealing.add(name)
         try:
+            for _ in range(SEAL_PROMOTIONS):
+                try:
+                    return await self._seal(name, spec)
+                except _Promoted:
+                    # A copy took over from an owner that died while this seal
+                    # was under way: same records, new owners; seal those.
+                    await self.coord.promotions.settled(name)
+                    spec = self.coord.state.get(name)
             return await self._seal(name, spec)
         finally:
             self.sealing.discard(name)
@@ -303,7 +318,12 @@ class StreamHandlers:
                 "has settled: their partitions are then either sealed or named lost",
                 {p: (0, None) for p in unsealed},
             )
-        if self.coord.state.streams.get(name) is not spec:
+        now = self.coord.state.streams.get(name)
+        if now is not spec and now is not None and now.epoch > spec.epoch and self.coord.state.same_records(
+            name, spec.epoch
+        ):
+            raise _Promoted()
+        if now is not spec:
             # Destroyed while it was sealed (its run restarted, with a new
             # stream of this name): the new one is not sealed.
             raise StreamNotFoundError(
