@@ -191,3 +191,37 @@ def test_a_client_answers_only_the_seals_that_name_it() -> None:
     asyncio.run(main())
     assert producer.sealed == [("s", 3)]
     assert client.scheduler.answers == [{"token": "t2", "client": "me", "failure": None}]
+
+
+def _promote_during_the_next_seal(dask_scheduler: Any) -> None:
+    """The next seal meets a promotion once (as when an owner dies while it seals), then seals."""
+    from aimss_dask.coordinator import streams as coordinator_streams
+    from aimss_dask.core.names import PLUGIN_NAME
+
+    ops = dask_scheduler.plugins[PLUGIN_NAME].stream_ops
+    real = ops._seal
+    calls: list[int] = []
+
+    async def once(name: str, spec: Any) -> Any:
+        calls.append(spec.epoch)
+        if len(calls) == 1:
+            raise coordinator_streams._Promoted()
+        ops._seal = real
+        return await real(name, spec)
+
+    ops._seal = once
+    dask_scheduler.aimss_test_seal_calls = calls
+
+
+def test_a_seal_that_meets_a_promotion_seals_the_new_owners(client):
+    name = unique_name("promoted-seal")
+    s = aimss_dask.create_stream(name, partitions=2)
+    for i in range(10):
+        s.write(i, partition=i % 2)
+    s.flush()
+    client.run_on_scheduler(_promote_during_the_next_seal)
+    s.seal()
+    calls = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.aimss_test_seal_calls))
+    assert len(calls) == 2
+    assert sorted(aimss_dask.read_from(name)) == list(range(10))
+    aimss_dask.destroy_stream(name)
