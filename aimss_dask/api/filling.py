@@ -60,10 +60,7 @@ def sync_phase(name: str, expected_s: float | None = None, workers: list[str] | 
         scope: list[str] | None = [ep.address]
     else:
         scope = None if workers is None else list(workers)
-    task = list(ep.task_key) if isinstance(ep.task_key, tuple) else ep.task_key
-    token = ep.scheduler_op(
-        "phase_open", name=name, workers=scope, expected_s=expected, task=task, client=ep.client_id
-    )["token"]
+    token = ep.scheduler_op("phase_open", name=name, workers=scope, expected_s=expected, **ep.owner_kwargs())["token"]
     try:
         yield token
     finally:
@@ -82,8 +79,7 @@ def barrier_phase(name: str) -> Iterator[str | None]:
     ep = None
     try:
         ep = current(name)
-        task = list(ep.task_key) if isinstance(ep.task_key, tuple) else ep.task_key
-        token = ep.scheduler_op("phase_open", name=name, workers=None, task=task, auto=True)["token"]
+        token = ep.scheduler_op("phase_open", name=name, workers=None, auto=True, **ep.owner_kwargs())["token"]
     except Exception as e:  # the barrier matters, its phase does not
         logger.debug("aimss: no sync phase for %s: %r", name, e)
     try:

@@ -264,14 +264,17 @@ class FillHandlers:
 
     @replies
     async def _h_phase_status(self) -> dict[str, Any]:
+        return {"open": self._open_phases(), "expected": self._expected()}
+
+    def _open_phases(self) -> list[dict[str, Any]]:
         now = self.clock()
-        return {
-            "open": [
-                {"name": p.name, "workers": sorted(p.workers), "elapsed": now - p.start, "expected_s": p.expected_s}
-                for p in self.phases.values()
-            ],
-            "expected": {n: self.history.expected(n) for n in self.history.names()},
-        }
+        return [
+            {"name": p.name, "workers": sorted(p.workers), "elapsed": round(now - p.start, 3), "expected_s": p.expected_s}
+            for p in self.phases.values()
+        ]
+
+    def _expected(self) -> dict[str, float | None]:
+        return {n: self.history.expected(n) for n in self.history.names()}
 
     def phases_since(self, since: float) -> list[dict[str, Any]]:
         """Phases closed after ``since`` and those open (``end`` None), wall clock."""
@@ -285,15 +288,10 @@ class FillHandlers:
 
     def summary(self) -> dict[str, Any]:
         """For ``status()``: the fillers, the phases open, the lengths expected."""
-        now = self.clock()
         return {
             "fillers": [self._status(f) for f in self.fillers.values()],
-            "phases": [
-                {"name": p.name, "workers": sorted(p.workers), "elapsed": round(now - p.start, 3),
-                 "expected_s": p.expected_s}
-                for p in self.phases.values()
-            ],
-            "expected": {n: self.history.expected(n) for n in self.history.names()},
+            "phases": self._open_phases(),
+            "expected": self._expected(),
             "gpus": sorted(self.gpus),
         }
 

@@ -362,20 +362,24 @@ class FillConfig:
         if d is None:
             return cls()
 
-        def share(key: str, default: float, what: str) -> float:
-            x = _number(f"fill.{key}", d.get(key.replace("-", "_"), default), 0.0, 1.0, what=what)
+        def get(key: str) -> Any:
+            name = key.replace("-", "_")
+            return d.get(name, getattr(cls, name))
+
+        def share(key: str, what: str) -> float:
+            x = _number(f"fill.{key}", get(key), 0.0, 1.0, what=what)
             if x >= 1.0:
                 raise _bad("fill", f"aimss fill.{key}={x!r} must be below 1 ({what})")
             return x
 
         return cls(
-            tick=_duration("fill.tick", d.get("tick", 0.1), positive=True),
-            util_threshold=share("util-threshold", 0.3, "the GPU utilisation below which a GPU is idle"),
-            dip_after=_duration("fill.dip-after", d.get("dip_after", 0.2), positive=False),
-            dip_slice=_duration("fill.dip-slice", d.get("dip_slice", 0.25), positive=True),
-            safety=share("safety", 0.1, "the share of a phase's time left that no slice takes"),
-            min_slice=_duration("fill.min-slice", d.get("min_slice", 0.01), positive=False),
-            memory_reserve=share("memory-reserve", 0.1, "the share of a GPU's free memory no slice takes"),
+            tick=_duration("fill.tick", get("tick"), positive=True),
+            util_threshold=share("util-threshold", "the GPU utilisation below which a GPU is idle"),
+            dip_after=_duration("fill.dip-after", get("dip-after"), positive=False),
+            dip_slice=_duration("fill.dip-slice", get("dip-slice"), positive=True),
+            safety=share("safety", "the share of a phase's time left that no slice takes"),
+            min_slice=_duration("fill.min-slice", get("min-slice"), positive=False),
+            memory_reserve=share("memory-reserve", "the share of a GPU's free memory no slice takes"),
         )
 
 
@@ -409,7 +413,7 @@ class PowerConfig:
         d = _section(cls, "power", raw, "{'interval': '50ms'}")
         if d is None:
             return cls()
-        keep = d.get("keep", 12000)
+        keep = d.get("keep", cls.keep)
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 2:
             raise _bad("power", f"aimss power.keep={keep!r} must be an int >= 2 (samples kept per GPU)")
 
@@ -420,9 +424,9 @@ class PowerConfig:
             return _number(f"power.{key}", v, 0.0, 1e9, low_open=True, what="watts (null: off)")
 
         return cls(
-            interval=_duration("power.interval", d.get("interval", 0.05), positive=True),
+            interval=_duration("power.interval", d.get("interval", cls.interval), positive=True),
             keep=keep,
-            auto_phases=_flag("power.auto-phases", d.get("auto_phases", True)),
+            auto_phases=_flag("power.auto-phases", d.get("auto_phases", cls.auto_phases)),
             target_floor=watts("target-floor"),
             max_ramp_w_per_s=watts("max-ramp-w-per-s"),
         )

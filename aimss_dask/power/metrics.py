@@ -81,8 +81,7 @@ def resample(t: np.ndarray, w: np.ndarray, grid_s: float) -> tuple[np.ndarray, n
         return t, w
     n = int(np.floor((t[-1] - t[0]) / grid_s + 1e-9)) + 1
     grid = t[0] + grid_s * np.arange(n)
-    idx = np.searchsorted(t, grid + 1e-12, side="right") - 1
-    return grid, w[np.clip(idx, 0, t.size - 1)]
+    return grid, held(t, w, grid)
 
 
 def window_swings(t: np.ndarray, w: np.ndarray, window_s: float) -> tuple[np.ndarray, np.ndarray]:
